@@ -1,0 +1,175 @@
+"""The balance-planning problem of one MoE layer in one step, and its solution type.
+
+A `BalanceProblem` holds what the planner knows before a layer runs: predicted tokens per
+(source rank, expert), where each expert lives, how many extra replicas each rank may take,
+and how long each rank can hide weight transfers. A `Plan` says which extra replicas go where
+(and from whom they are copied) and how many tokens of each (source, expert) run on each rank.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from probe.planner.cost import CostModel
+
+__all__ = ["BalanceProblem", "Plan", "SolveResult"]
+
+
+def _readonly(arr: np.ndarray) -> np.ndarray:
+    arr.setflags(write=False)
+    return arr
+
+
+@dataclass(frozen=True, eq=False)
+class BalanceProblem:
+    """One layer's planning instance. Validated on construction.
+
+    Attributes:
+        load: int64 [S, E], predicted tokens of expert e arriving from source rank s (S = G).
+        home: bool [G, E], static placement P' (every expert on at least one rank).
+        slots: int64 [G], extra replica slots per rank (an int is broadcast).
+        window: float64 [G], seconds of transfer each rank can hide (a number is broadcast).
+        cost: the CostModel (its G must match).
+
+    >>> import numpy as np
+    >>> from probe.placement import sharded_home
+    >>> cost = CostModel.uniform(2, alpha=0.0, beta=1.0, token_time=0.0, transfer_time=1.0)
+    >>> p = BalanceProblem(np.array([[6, 0], [2, 0]]), sharded_home(2, 2), slots=1,
+    ...                    window=1.0, cost=cost)
+    >>> p.num_ranks, p.num_experts, int(p.total_tokens)
+    (2, 2, 8)
+    """
+
+    load: np.ndarray
+    home: np.ndarray
+    slots: np.ndarray | int
+    window: np.ndarray | float
+    cost: CostModel
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.cost, CostModel):
+            raise TypeError(f"cost must be a CostModel, got {type(self.cost).__name__}")
+        load = np.asarray(self.load)
+        if load.ndim != 2:
+            raise ValueError(f"load must be a 2-D [S, E] array, got shape {load.shape}")
+        if load.dtype.kind == "f":
+            if not np.all(np.isfinite(load)):
+                raise ValueError("load contains NaN or infinite values")
+            if np.any(load != np.round(load)):
+                raise ValueError("load must hold whole token counts")
+        elif load.dtype.kind not in "iub":
+            raise TypeError(f"load must be numeric, got dtype {load.dtype}")
+        if np.any(load < 0):
+            s, e = np.argwhere(load < 0)[0]
+            raise ValueError(f"load has a negative count at source {s}, expert {e}")
+        home = np.asarray(self.home)
+        if home.ndim != 2:
+            raise ValueError(f"home must be a 2-D [G, E] array, got shape {home.shape}")
+        if home.dtype != bool:
+            if not np.all(np.isin(home, (0, 1))):
+                raise ValueError("home must be boolean (0/1)")
+            home = home.astype(bool)
+        num_ranks, num_experts = home.shape
+        if load.shape != (num_ranks, num_experts):
+            raise ValueError(f"load shape {load.shape} does not match home shape {home.shape} "
+                             "(load is [S, E] with S = G)")
+        homeless = np.flatnonzero(~home.any(axis=0))
+        if homeless.size:
+            raise ValueError(f"expert {homeless[0]} has no home rank "
+                             f"({homeless.size} homeless expert(s) in all)")
+        if self.cost.num_ranks != num_ranks:
+            raise ValueError(f"cost model is for {self.cost.num_ranks} ranks, problem has "
+                             f"{num_ranks}")
+        slots = np.broadcast_to(np.asarray(self.slots), (num_ranks,))
+        if slots.dtype.kind == "f" and np.any(slots != np.round(slots)):
+            raise ValueError("slots must be whole numbers")
+        if np.any(slots < 0):
+            raise ValueError("slots must be >= 0")
+        window = np.broadcast_to(np.asarray(self.window, dtype=np.float64), (num_ranks,))
+        if np.any(np.isnan(window)) or np.any(window < 0):
+            raise ValueError("window must be >= 0 seconds on every rank (no NaN)")
+        object.__setattr__(self, "load", _readonly(load.astype(np.int64)))
+        object.__setattr__(self, "home", _readonly(home.copy()))
+        object.__setattr__(self, "slots", _readonly(slots.astype(np.int64)))
+        object.__setattr__(self, "window", _readonly(window.copy()))
+
+    @property
+    def num_ranks(self) -> int:
+        return self.home.shape[0]
+
+    @property
+    def num_experts(self) -> int:
+        return self.home.shape[1]
+
+    @property
+    def total_tokens(self) -> int:
+        return int(self.load.sum())
+
+    def with_load(self, load: np.ndarray) -> BalanceProblem:
+        """The same placement, budgets and costs with another load (e.g. the true one)."""
+        return BalanceProblem(load, self.home, self.slots, self.window, self.cost)
+
+
+@dataclass(frozen=True, eq=False)
+class Plan:
+    """A solution: extra replicas, where each copy comes from, and the token assignment.
+
+    Attributes:
+        replicas: bool [G, E], extra copies of expert e placed on rank g (never where home is).
+        sources: int64 [G, E], the rank each replica is copied from (-1 where no replica).
+        assignment: int64 [S, E, G], tokens of (s, e) processed on rank g.
+    """
+
+    replicas: np.ndarray
+    sources: np.ndarray
+    assignment: np.ndarray
+
+    def __post_init__(self) -> None:
+        replicas = np.asarray(self.replicas)
+        sources = np.asarray(self.sources)
+        assignment = np.asarray(self.assignment)
+        if replicas.ndim != 2:
+            raise ValueError(f"replicas must be [G, E], got shape {replicas.shape}")
+        if sources.shape != replicas.shape:
+            raise ValueError(f"sources shape {sources.shape} != replicas shape {replicas.shape}")
+        num_ranks, num_experts = replicas.shape
+        if assignment.shape != (num_ranks, num_experts, num_ranks):
+            raise ValueError(f"assignment must be [S, E, G] = {(num_ranks, num_experts, num_ranks)}"
+                             f", got {assignment.shape}")
+        object.__setattr__(self, "replicas", _readonly(replicas.astype(bool)))
+        object.__setattr__(self, "sources", _readonly(sources.astype(np.int64)))
+        object.__setattr__(self, "assignment", _readonly(assignment.astype(np.int64)))
+
+    @property
+    def num_replicas(self) -> int:
+        return int(self.replicas.sum())
+
+    def tokens_per_rank_expert(self) -> np.ndarray:
+        """int64 [G, E]: tokens of expert e processed on rank g (summed over sources)."""
+        return self.assignment.sum(axis=0).T
+
+
+@dataclass(frozen=True, eq=False)
+class SolveResult:
+    """What every solver returns.
+
+    status: "optimal" (proven), "feasible" (a plan, optimality unproven), "timeout" (time
+    limit hit, best plan kept), or "error" (no plan; see message).
+    objective: eq. 8 value of `plan` in seconds; bound: a proven lower bound (or None);
+    gap: (objective - bound) / objective, or None.
+    """
+
+    status: str
+    plan: Plan | None
+    objective: float
+    bound: float | None
+    gap: float | None
+    wall_time: float
+    message: str = ""
+    method: str = ""
+
+    @property
+    def success(self) -> bool:
+        return self.plan is not None
