@@ -1,0 +1,2 @@
+"""MoE runtime: checkpoint-loading model (`model`, `checkpoint`, `families`) and routing recorder
+(`record`)."""
