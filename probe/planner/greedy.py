@@ -1,0 +1,498 @@
+"""The paper's greedy balance planner (Algorithm 1) on probe's cost model, compiled with Numba.
+
+Rank time T(g) = compute(g) + 2 * max(in(g), out(g)) as in cost.py. The plan starts from the
+locality-first static split (static.py) and makes at most k_max accepted moves. One move:
+
+1. r_src = the slowest rank (largest T; lowest index on ties); mean = sum(T) / G, summed in
+   rank order.
+2. Destinations: ranks g != r_src with T(g) < T(r_src), fastest first (ties: lowest index).
+3. Experts, for each destination: experts with tokens on r_src, heaviest first (tokens of the
+   expert processed on r_src; ties: lowest id).
+4. Pool of movable tokens of e on r_src: r_dst's own tokens first (they become local), then
+   every other source s != r_src in rank order whose tokens of e sit on r_src and that holds no
+   copy of e itself. Tokens that originate on r_src stay local. An empty pool skips e.
+5. If r_dst does not hold e, it needs a free slot and a home holder h that fits both window
+   budgets (received seconds on r_dst and sent seconds on h each stay <= their window); among
+   those the smallest (transfer_time[h, r_dst], seconds h already sends, h). No slot or no such
+   holder skips e (the pair (r_dst, e) is invalid for this move).
+6. Water-fill x tokens, taken from the pool in order: x_eq = the smallest x in [1, pool] with
+   T_src(x) <= T_dst(x), found by bisection (pool if none), moved back by one when that gives a
+   max(T_src, T_dst) no larger; x_mean = the smallest x with T_src(x) <= mean (bisection; pool
+   if none); x = min(x_eq, x_mean). Moving a token changes compute (alpha when an expert
+   appears or vanishes on a rank, beta per token) and traffic: in(r_src) falls, in(r_dst) rises
+   (or out(r_dst) falls for r_dst's own tokens), out(s) of a third-party source changes by
+   token_time[s, r_dst] - token_time[s, r_src].
+7. gain = T(r_src) - max(new times of r_src, r_dst and every source touched). The first
+   candidate in the order above with gain > epsilon is applied (so the maximum rank time never
+   rises); when no candidate qualifies, the greedy stops.
+
+`greedy_ref.py` implements the same rules with lists and loops, in the same floating-point order;
+tests require identical plans. The kernel runs in O(G * E) for the start plus, per move, one
+O(E) expert selection and O(G log T) per tried candidate; nothing depends on S * E * G.
+
+>>> import numpy as np
+>>> from probe.placement import sharded_home
+>>> from probe.planner.cost import CostModel
+>>> from probe.planner.problem import BalanceProblem
+>>> cost = CostModel.uniform(2, alpha=0.0, beta=1.0, token_time=0.0, transfer_time=1.0)
+>>> prob = BalanceProblem(np.array([[6, 0], [2, 0]]), sharded_home(2, 2), slots=1, window=1.0,
+...                       cost=cost)
+>>> plan = greedy_plan(prob)
+>>> plan.replicas.astype(int).tolist(), plan.tokens_per_rank_expert().tolist()
+([[0, 0], [1, 0]], [[6, 0], [2, 0]])
+
+Above, rank 1 takes a replica of expert 0 but only its own 2 tokens move there: source 0's 6
+tokens originate on rank 0 and stay local.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numba
+import numpy as np
+
+from probe.planner.problem import BalanceProblem, Plan, SolveResult
+from probe.planner.static import static_assignment
+
+__all__ = ["greedy_arrays", "greedy_plan", "solve_greedy", "solve_greedy_ref"]
+
+# Safety cap on moves when k_max is unlimited (0); the loop ends much earlier in practice.
+UNLIMITED_MOVES = 1_000_000
+
+
+@numba.njit(cache=True)
+def _static_share(load, home, hpos, hcount, s, e, g):
+    """Tokens of (s, e) on rank g in the static split (see static.py)."""
+    n = load[s, e]
+    if home[s, e]:
+        return n if g == s else 0
+    pos = hpos[g, e]
+    if pos < 0:
+        return 0
+    h = hcount[e]
+    q = n // h
+    r = n - q * h
+    return q + (1 if (pos + s) % h < r else 0)
+
+
+@numba.njit(cache=True)
+def _holds(home, rep_on, used, g, e):
+    if home[g, e]:
+        return True
+    for j in range(used[g]):  # noqa: SIM110 (a plain loop compiles in Numba)
+        if rep_on[g, j] == e:
+            return True
+    return False
+
+
+@numba.njit(cache=True)
+def _after(x, e, src, dst, npool, pool_s, pool_n, takes, tok, comp, t_in, t_out, alpha, beta,
+           tt, parts):
+    """Times of src and dst if x tokens of e move; fills takes[:npool] and parts[5]."""
+    left = x
+    for i in range(npool):
+        take = min(pool_n[i], left)
+        takes[i] = take
+        left -= take
+    comp_src = comp[src] - beta * x
+    if tok[src, e] == x:
+        comp_src -= alpha
+    comp_dst = comp[dst] + beta * x
+    if tok[dst, e] == 0:
+        comp_dst += alpha
+    d_in_src = 0.0
+    d_in_dst = 0.0
+    d_out_dst = 0.0
+    for i in range(npool):
+        s = pool_s[i]
+        take = takes[i]
+        d_in_src += take * tt[s, src]
+        if s == dst:
+            d_out_dst += take * tt[dst, src]
+        else:
+            d_in_dst += take * tt[s, dst]
+    t_src = comp_src + 2.0 * max(t_in[src] - d_in_src, t_out[src])
+    t_dst = comp_dst + 2.0 * max(t_in[dst] + d_in_dst, t_out[dst] - d_out_dst)
+    parts[0] = comp_src
+    parts[1] = comp_dst
+    parts[2] = d_in_src
+    parts[3] = d_in_dst
+    parts[4] = d_out_dst
+    return t_src, t_dst
+
+
+@numba.njit(cache=True)
+def greedy_arrays(load, home, slots, window, alpha, beta, token_time, transfer_time, k_max,
+                  epsilon):
+    """The greedy kernel: arrays in, arrays out (the low-level entry; see `greedy_plan`).
+
+    Args (exact dtypes: other dtypes compile another specialisation):
+        load: int64 [S, E]; home: bool [G, E] (S = G); slots: int64 [G]; window: float64 [G];
+        alpha, beta: float; token_time, transfer_time: float64 [G, G];
+        k_max: int, most moves (0 = until no move gains); epsilon: float, least gain (seconds).
+    Returns:
+        rep_rank, rep_expert, rep_source: int64 [n_rep], the replicas in the order they were made
+            (expert rep_expert[i] copied from rep_source[i] to rep_rank[i]);
+        blk_expert: int64 [n_blk], experts whose assignment changed;
+        blk_assign: int64 [n_blk, S, G], their final assignment (tokens of (s, blk_expert[b])
+            on g); every other expert keeps the static split;
+        num_moves: int, moves applied.
+    """
+    num_ranks, num_experts = home.shape
+    limit = k_max if k_max > 0 else UNLIMITED_MOVES
+
+    # Home holders of every expert, in rank order.
+    hcount = np.zeros(num_experts, np.int64)
+    hpos = np.empty((num_ranks, num_experts), np.int64)
+    hlist = np.empty((num_experts, num_ranks), np.int64)
+    for g in range(num_ranks):
+        for e in range(num_experts):
+            if home[g, e]:
+                hpos[g, e] = hcount[e]
+                hlist[e, hcount[e]] = g
+                hcount[e] += 1
+            else:
+                hpos[g, e] = -1
+
+    # Static split: tokens per (rank, expert) and per (source, rank).
+    tok = np.zeros((num_ranks, num_experts), np.int64)
+    flow = np.zeros((num_ranks, num_ranks), np.int64)
+    for s in range(num_ranks):
+        for e in range(num_experts):
+            n = load[s, e]
+            if n == 0:
+                continue
+            if home[s, e]:
+                tok[s, e] += n
+                flow[s, s] += n
+            else:
+                h = hcount[e]
+                q = n // h
+                r = n - q * h
+                for k in range(h):
+                    c = q + (1 if (k + s) % h < r else 0)
+                    g = hlist[e, k]
+                    tok[g, e] += c
+                    flow[s, g] += c
+
+    comp = np.zeros(num_ranks)
+    for g in range(num_ranks):
+        for e in range(num_experts):
+            if tok[g, e] > 0:
+                comp[g] += alpha + beta * tok[g, e]
+    t_in = np.zeros(num_ranks)
+    t_out = np.zeros(num_ranks)
+    for s in range(num_ranks):
+        for g in range(num_ranks):
+            t_in[g] += flow[s, g] * token_time[s, g]
+            t_out[s] += flow[s, g] * token_time[s, g]
+    times = np.empty(num_ranks)
+    for g in range(num_ranks):
+        times[g] = comp[g] + 2.0 * max(t_in[g], t_out[g])
+
+    # Replicas: per-rank lists and the output lists.
+    max_slots = 0
+    total_slots = 0
+    for g in range(num_ranks):
+        max_slots = max(max_slots, min(slots[g], num_experts))
+        total_slots += min(slots[g], num_experts)
+    cap_rep = min(total_slots, limit)
+    rep_on = np.empty((num_ranks, max(max_slots, 1)), np.int64)
+    used = np.zeros(num_ranks, np.int64)
+    recv = np.zeros(num_ranks)
+    send = np.zeros(num_ranks)
+    rep_rank = np.empty(cap_rep, np.int64)
+    rep_expert = np.empty(cap_rep, np.int64)
+    rep_source = np.empty(cap_rep, np.int64)
+    n_rep = 0
+
+    # Changed experts keep a dense [S, G] block each.
+    cap_blk = min(limit, num_experts)
+    blk_of = np.full(num_experts, -1, np.int64)
+    blk_expert = np.empty(cap_blk, np.int64)
+    blk_assign = np.empty((cap_blk, num_ranks, num_ranks), np.int64)
+    n_blk = 0
+
+    pool_s = np.empty(num_ranks, np.int64)
+    pool_n = np.empty(num_ranks, np.int64)
+    takes = np.empty(num_ranks, np.int64)
+    best_takes = np.empty(num_ranks, np.int64)
+    new_out = np.empty(num_ranks)
+    best_out = np.empty(num_ranks)
+    parts = np.empty(5)
+    best_parts = np.empty(5)
+    dst_tried = np.empty(num_ranks, np.bool_)
+    exp_taken = np.empty(num_experts, np.bool_)
+    exp_order = np.empty(num_experts, np.int64)
+
+    num_moves = 0
+    while num_moves < limit:
+        src = 0
+        for g in range(1, num_ranks):
+            if times[g] > times[src]:
+                src = g
+        total_time = 0.0
+        for g in range(num_ranks):
+            total_time += times[g]
+        mean = total_time / num_ranks
+        dst_tried[:] = False
+        exp_taken[:] = False
+        n_order = 0
+        found = False
+        best_e = -1
+        best_dst = -1
+        best_holder = -1
+        best_npool = 0
+        best_x = 0
+        best_tsrc = 0.0
+        best_tdst = 0.0
+        while not found:
+            dst = -1
+            for g in range(num_ranks):
+                if (g != src and not dst_tried[g] and times[g] < times[src]
+                        and (dst < 0 or times[g] < times[dst])):
+                    dst = g
+            if dst < 0:
+                break
+            dst_tried[dst] = True
+            j = 0
+            while True:
+                if j == n_order:  # extend the heaviest-first order lazily
+                    e = -1
+                    for c in range(num_experts):
+                        if not exp_taken[c] and tok[src, c] > 0 and (
+                                e < 0 or tok[src, c] > tok[src, e]):
+                            e = c
+                    if e < 0:
+                        break
+                    exp_taken[e] = True
+                    exp_order[n_order] = e
+                    n_order += 1
+                e = exp_order[j]
+                j += 1
+                b = blk_of[e]
+                # Pool: dst's own tokens first, then other sources holding no copy of e.
+                npool = 0
+                total = 0
+                a = (blk_assign[b, dst, src] if b >= 0
+                     else _static_share(load, home, hpos, hcount, dst, e, src))
+                if a > 0:
+                    pool_s[0] = dst
+                    pool_n[0] = a
+                    npool = 1
+                    total += a
+                for s in range(num_ranks):
+                    if s == src or s == dst:  # noqa: SIM109
+                        continue
+                    a = (blk_assign[b, s, src] if b >= 0
+                         else _static_share(load, home, hpos, hcount, s, e, src))
+                    if a > 0 and not _holds(home, rep_on, used, s, e):
+                        pool_s[npool] = s
+                        pool_n[npool] = a
+                        npool += 1
+                        total += a
+                if total == 0:
+                    continue
+                holder = -1
+                if not _holds(home, rep_on, used, dst, e):
+                    if used[dst] >= slots[dst]:
+                        continue
+                    best_t = 0.0
+                    best_send = 0.0
+                    for k in range(hcount[e]):
+                        h = hlist[e, k]
+                        t = transfer_time[h, dst]
+                        if recv[dst] + t <= window[dst] and send[h] + t <= window[h] and (
+                                holder < 0 or t < best_t
+                                or (t == best_t and send[h] < best_send)):
+                            holder = h
+                            best_t = t
+                            best_send = send[h]
+                    if holder < 0:
+                        continue
+                # Water-fill: x_eq by bisection, then x_mean, then x = min of the two.
+                t_src, t_dst = _after(total, e, src, dst, npool, pool_s, pool_n, takes, tok,
+                                      comp, t_in, t_out, alpha, beta, token_time, parts)
+                if not t_src <= t_dst:
+                    x_eq = total
+                else:
+                    lo = 1
+                    hi = total
+                    while lo < hi:
+                        mid = (lo + hi) // 2
+                        t_src, t_dst = _after(mid, e, src, dst, npool, pool_s, pool_n, takes,
+                                              tok, comp, t_in, t_out, alpha, beta, token_time,
+                                              parts)
+                        if t_src <= t_dst:
+                            hi = mid
+                        else:
+                            lo = mid + 1
+                    x_eq = lo
+                if x_eq > 1:
+                    a_src, a_dst = _after(x_eq - 1, e, src, dst, npool, pool_s, pool_n, takes,
+                                          tok, comp, t_in, t_out, alpha, beta, token_time, parts)
+                    b_src, b_dst = _after(x_eq, e, src, dst, npool, pool_s, pool_n, takes, tok,
+                                          comp, t_in, t_out, alpha, beta, token_time, parts)
+                    if max(a_src, a_dst) <= max(b_src, b_dst):
+                        x_eq -= 1
+                t_src, t_dst = _after(total, e, src, dst, npool, pool_s, pool_n, takes, tok,
+                                      comp, t_in, t_out, alpha, beta, token_time, parts)
+                if not t_src <= mean:
+                    x_mean = total
+                else:
+                    lo = 1
+                    hi = total
+                    while lo < hi:
+                        mid = (lo + hi) // 2
+                        t_src, t_dst = _after(mid, e, src, dst, npool, pool_s, pool_n, takes,
+                                              tok, comp, t_in, t_out, alpha, beta, token_time,
+                                              parts)
+                        if t_src <= mean:
+                            hi = mid
+                        else:
+                            lo = mid + 1
+                    x_mean = lo
+                x = min(x_eq, x_mean)
+                t_src, t_dst = _after(x, e, src, dst, npool, pool_s, pool_n, takes, tok, comp,
+                                      t_in, t_out, alpha, beta, token_time, parts)
+                worst = max(t_src, t_dst)
+                for i in range(npool):
+                    s = pool_s[i]
+                    if s != dst and takes[i] > 0:
+                        new_out[i] = t_out[s] + takes[i] * (token_time[s, dst]
+                                                            - token_time[s, src])
+                        worst = max(worst, comp[s] + 2.0 * max(t_in[s], new_out[i]))
+                if times[src] - worst > epsilon:
+                    found = True
+                    best_e = e
+                    best_dst = dst
+                    best_holder = holder
+                    best_npool = npool
+                    best_x = x
+                    best_tsrc = t_src
+                    best_tdst = t_dst
+                    for i in range(npool):
+                        best_takes[i] = takes[i]
+                        best_out[i] = new_out[i]
+                    for i in range(5):
+                        best_parts[i] = parts[i]
+                    break
+        if not found:
+            break
+
+        # Apply the move.
+        e = best_e
+        dst = best_dst
+        if best_holder >= 0:
+            rep_on[dst, used[dst]] = e
+            used[dst] += 1
+            rep_rank[n_rep] = dst
+            rep_expert[n_rep] = e
+            rep_source[n_rep] = best_holder
+            n_rep += 1
+            recv[dst] += transfer_time[best_holder, dst]
+            send[best_holder] += transfer_time[best_holder, dst]
+        b = blk_of[e]
+        if b < 0:
+            b = n_blk
+            n_blk += 1
+            blk_of[e] = b
+            blk_expert[b] = e
+            for s in range(num_ranks):
+                for g in range(num_ranks):
+                    blk_assign[b, s, g] = _static_share(load, home, hpos, hcount, s, e, g)
+        for i in range(best_npool):
+            s = pool_s[i]
+            blk_assign[b, s, src] -= best_takes[i]
+            blk_assign[b, s, dst] += best_takes[i]
+        tok[src, e] -= best_x
+        tok[dst, e] += best_x
+        comp[src] = best_parts[0]
+        comp[dst] = best_parts[1]
+        t_in[src] -= best_parts[2]
+        t_in[dst] += best_parts[3]
+        t_out[dst] -= best_parts[4]
+        times[src] = best_tsrc
+        times[dst] = best_tdst
+        for i in range(best_npool):
+            s = pool_s[i]
+            if s != dst and best_takes[i] > 0:
+                t_out[s] = best_out[i]
+                times[s] = comp[s] + 2.0 * max(t_in[s], t_out[s])
+        num_moves += 1
+
+    return (rep_rank[:n_rep], rep_expert[:n_rep], rep_source[:n_rep], blk_expert[:n_blk],
+            blk_assign[:n_blk], num_moves)
+
+
+def _kernel_args(problem: BalanceProblem, k_max: int | None, epsilon: float) -> tuple:
+    if k_max is None:
+        k_max = 0
+    if isinstance(k_max, bool) or not isinstance(k_max, (int, np.integer)) or k_max < 0:
+        raise ValueError(f"k_max must be a non-negative int or None (unlimited), got {k_max!r}")
+    epsilon = float(epsilon)
+    if not np.isfinite(epsilon) or epsilon < 0:
+        raise ValueError(f"epsilon must be finite and >= 0 seconds, got {epsilon!r}")
+    cost = problem.cost
+    return (np.ascontiguousarray(problem.load, dtype=np.int64),
+            np.ascontiguousarray(problem.home, dtype=np.bool_),
+            np.ascontiguousarray(problem.slots, dtype=np.int64),
+            np.ascontiguousarray(problem.window, dtype=np.float64),
+            float(cost.alpha), float(cost.beta),
+            np.ascontiguousarray(cost.token_time, dtype=np.float64),
+            np.ascontiguousarray(cost.transfer_time, dtype=np.float64),
+            int(k_max), epsilon)
+
+
+def plan_from_arrays(problem: BalanceProblem, rep_rank: np.ndarray, rep_expert: np.ndarray,
+                     rep_source: np.ndarray, blk_expert: np.ndarray,
+                     blk_assign: np.ndarray) -> Plan:
+    """Build the dense Plan from `greedy_arrays`' compact output."""
+    num_ranks, num_experts = problem.num_ranks, problem.num_experts
+    replicas = np.zeros((num_ranks, num_experts), bool)
+    sources = np.full((num_ranks, num_experts), -1, np.int64)
+    replicas[rep_rank, rep_expert] = True
+    sources[rep_rank, rep_expert] = rep_source
+    assignment = static_assignment(problem.load, problem.home)
+    if len(blk_expert):
+        assignment[:, blk_expert, :] = np.transpose(blk_assign, (1, 0, 2))
+    return Plan(replicas, sources, assignment)
+
+
+def greedy_plan(problem: BalanceProblem, *, k_max: int | None = 16,
+                epsilon: float = 0.0) -> Plan:
+    """The greedy plan of `problem` (Numba kernel; see the module docstring for the rules).
+
+    k_max: most moves (None or 0: until no move gains); epsilon: least gain in seconds.
+    """
+    out = greedy_arrays(*_kernel_args(problem, k_max, epsilon))
+    return plan_from_arrays(problem, *out[:5])
+
+
+def solve_greedy(problem: BalanceProblem, *, time_limit: float | None = None,
+                 k_max: int | None = 16, epsilon: float = 0.0) -> SolveResult:
+    """Backend for `solve(problem, "greedy")`. The kernel has no deadline check: it is bounded
+    by k_max moves; time_limit is only reported against."""
+    args = _kernel_args(problem, k_max, epsilon)
+    start = time.perf_counter()
+    out = greedy_arrays(*args)
+    plan = plan_from_arrays(problem, *out[:5])
+    wall = time.perf_counter() - start
+    status = "timeout" if time_limit is not None and wall > time_limit else "feasible"
+    return SolveResult(status, plan, float("nan"), None, None, wall,
+                       f"{out[5]} moves, {len(out[0])} replicas", "greedy")
+
+
+def solve_greedy_ref(problem: BalanceProblem, *, time_limit: float | None = None,
+                     k_max: int | None = 16, epsilon: float = 0.0) -> SolveResult:
+    """Backend for `solve(problem, "greedy_ref")`: the plain-Python twin."""
+    from probe.planner.greedy_ref import greedy_ref
+
+    _kernel_args(problem, k_max, epsilon)  # same validation
+    start = time.perf_counter()
+    plan = greedy_ref(problem, k_max=k_max, epsilon=epsilon)
+    wall = time.perf_counter() - start
+    status = "timeout" if time_limit is not None and wall > time_limit else "feasible"
+    return SolveResult(status, plan, float("nan"), None, None, wall,
+                       f"{plan.num_replicas} replicas", "greedy_ref")

@@ -1,0 +1,207 @@
+"""Plain-Python twin of the Numba greedy (greedy.py): the same algorithm, written the obvious way.
+
+Lists, loops and a dense assignment; no numpy in the algorithm itself. It follows the rules
+spelled out in greedy.py's docstring step by step, in the same floating-point order, so that
+tests can demand identical plans from both. Slow (milliseconds): use it to check, not to plan.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from probe.planner.problem import BalanceProblem, Plan
+from probe.planner.static import static_assignment
+
+__all__ = ["greedy_ref"]
+
+# Safety cap on moves when k_max is unlimited (the loop ends much earlier in practice).
+UNLIMITED_MOVES = 1_000_000
+
+
+def greedy_ref(problem: BalanceProblem, *, k_max: int | None = 16, epsilon: float = 0.0) -> Plan:
+    """The greedy plan of `problem`, computed slowly and obviously (see greedy.py)."""
+    num_ranks, num_experts = problem.num_ranks, problem.num_experts
+    home = problem.home.tolist()
+    slots = problem.slots.tolist()
+    window = problem.window.tolist()
+    alpha, beta = float(problem.cost.alpha), float(problem.cost.beta)
+    tt = problem.cost.token_time.tolist()
+    tx = problem.cost.transfer_time.tolist()
+    moves_left = UNLIMITED_MOVES if not k_max else int(k_max)
+
+    # assign[s][e][g]: tokens of (s, e) processed on g, starting from the static split.
+    assign = static_assignment(problem.load, problem.home).tolist()
+    replicas = [[] for _ in range(num_ranks)]  # replicas[g] = experts copied to g, in order
+    sources = {}  # (g, e) -> rank the copy comes from
+    recv = [0.0] * num_ranks
+    send = [0.0] * num_ranks
+
+    def holds(g: int, e: int) -> bool:
+        return home[g][e] or e in replicas[g]
+
+    tok = [[sum(assign[s][e][g] for s in range(num_ranks)) for e in range(num_experts)]
+           for g in range(num_ranks)]
+    comp = [0.0] * num_ranks
+    for g in range(num_ranks):
+        for e in range(num_experts):
+            if tok[g][e] > 0:
+                comp[g] += alpha + beta * tok[g][e]
+    flow = [[sum(assign[s][e][g] for e in range(num_experts)) for g in range(num_ranks)]
+            for s in range(num_ranks)]
+    t_in = [0.0] * num_ranks
+    t_out = [0.0] * num_ranks
+    for s in range(num_ranks):
+        for g in range(num_ranks):
+            t_in[g] += flow[s][g] * tt[s][g]
+            t_out[s] += flow[s][g] * tt[s][g]
+    times = [comp[g] + 2.0 * max(t_in[g], t_out[g]) for g in range(num_ranks)]
+
+    def after_move(e, src, dst, pool, x):
+        """Times of src and dst, and the takes per pool source, if x tokens of e move."""
+        takes = []
+        left = x
+        for _, avail in pool:
+            take = min(avail, left)
+            takes.append(take)
+            left -= take
+        comp_src = comp[src] - beta * x
+        if tok[src][e] == x:
+            comp_src -= alpha
+        comp_dst = comp[dst] + beta * x
+        if tok[dst][e] == 0:
+            comp_dst += alpha
+        d_in_src = 0.0
+        d_in_dst = 0.0
+        d_out_dst = 0.0
+        for (s, _), take in zip(pool, takes, strict=True):
+            d_in_src += take * tt[s][src]
+            if s == dst:
+                d_out_dst += take * tt[dst][src]
+            else:
+                d_in_dst += take * tt[s][dst]
+        t_src = comp_src + 2.0 * max(t_in[src] - d_in_src, t_out[src])
+        t_dst = comp_dst + 2.0 * max(t_in[dst] + d_in_dst, t_out[dst] - d_out_dst)
+        return t_src, t_dst, takes, (comp_src, comp_dst, d_in_src, d_in_dst, d_out_dst)
+
+    for _ in range(moves_left):
+        src = max(range(num_ranks), key=lambda g: (times[g], -g))
+        total_time = 0.0
+        for t in times:  # in rank order (the kernel's order; sum() may compensate)
+            total_time += t
+        mean = total_time / num_ranks
+        dst_order = sorted((g for g in range(num_ranks) if g != src and times[g] < times[src]),
+                           key=lambda g: (times[g], g))
+        expert_order = [e for e in sorted(range(num_experts), key=lambda e: (-tok[src][e], e))
+                        if tok[src][e] > 0]
+        move = None
+        for dst in dst_order:
+            for e in expert_order:
+                # The pool: tokens of e now on src from other sources holding no copy of e;
+                # dst's own tokens first (they become local), then sources in rank order.
+                order = [dst] + [s for s in range(num_ranks) if s != dst]
+                pool = [(s, assign[s][e][src]) for s in order
+                        if s != src and assign[s][e][src] > 0
+                        and (s == dst or not holds(s, e))]
+                total = sum(avail for _, avail in pool)
+                if total == 0:
+                    continue
+                holder = -1
+                if not holds(dst, e):
+                    if len(replicas[dst]) >= slots[dst]:
+                        continue
+                    best = None
+                    for h in range(num_ranks):
+                        if not home[h][e]:
+                            continue
+                        t = tx[h][dst]
+                        if recv[dst] + t <= window[dst] and send[h] + t <= window[h]:
+                            key = (t, send[h], h)
+                            if best is None or key < best:
+                                best = key
+                    if best is None:
+                        continue
+                    holder = best[2]
+                x = _amount(lambda x, e=e, s=src, d=dst, p=pool: after_move(e, s, d, p, x),
+                            total, mean)
+                t_src, t_dst, takes, parts = after_move(e, src, dst, pool, x)
+                worst = max(t_src, t_dst)
+                new_out = {}
+                for (s, _), take in zip(pool, takes, strict=True):
+                    if s != dst and take > 0:
+                        new_out[s] = t_out[s] + take * (tt[s][dst] - tt[s][src])
+                        worst = max(worst, comp[s] + 2.0 * max(t_in[s], new_out[s]))
+                if times[src] - worst > epsilon:
+                    move = (e, dst, holder, pool, x, takes, parts, new_out, t_src, t_dst)
+                    break
+            if move is not None:
+                break
+        if move is None:
+            break
+        e, dst, holder, pool, x, takes, parts, new_out, t_src, t_dst = move
+        if holder >= 0:
+            replicas[dst].append(e)
+            sources[dst, e] = holder
+            recv[dst] += tx[holder][dst]
+            send[holder] += tx[holder][dst]
+        for (s, _), take in zip(pool, takes, strict=True):
+            assign[s][e][src] -= take
+            assign[s][e][dst] += take
+        tok[src][e] -= x
+        tok[dst][e] += x
+        comp_src, comp_dst, d_in_src, d_in_dst, d_out_dst = parts
+        comp[src] = comp_src
+        comp[dst] = comp_dst
+        t_in[src] -= d_in_src
+        t_in[dst] += d_in_dst
+        t_out[dst] -= d_out_dst
+        times[src] = t_src
+        times[dst] = t_dst
+        for s, out in new_out.items():
+            t_out[s] = out
+            times[s] = comp[s] + 2.0 * max(t_in[s], t_out[s])
+
+    rep = [[False] * num_experts for _ in range(num_ranks)]
+    src_of = [[-1] * num_experts for _ in range(num_ranks)]
+    for (g, e), h in sources.items():
+        rep[g][e] = True
+        src_of[g][e] = h
+    return Plan(np.array(rep, dtype=bool).reshape(num_ranks, num_experts),
+                np.array(src_of, dtype=np.int64).reshape(num_ranks, num_experts),
+                np.array(assign, dtype=np.int64).reshape(num_ranks, num_experts, num_ranks))
+
+
+def _amount(after, total: int, mean: float) -> int:
+    """Tokens to move: the balance point of src and dst, no further than src reaching the mean.
+
+    after(x) -> (t_src, t_dst, ...). x_eq is the smallest x in [1, total] with
+    t_src(x) <= t_dst(x) (found by bisection; `total` if none), moved back by one when x_eq - 1
+    gives a max(t_src, t_dst) no larger; x_mean is the smallest x with t_src(x) <= mean
+    (bisection; `total` if none). The answer is min(x_eq, x_mean).
+    """
+
+    def crossed(x):
+        t_src, t_dst = after(x)[:2]
+        return t_src <= t_dst
+
+    x_eq = _first_true(crossed, total)
+    if x_eq > 1:
+        a = after(x_eq - 1)
+        b = after(x_eq)
+        if max(a[0], a[1]) <= max(b[0], b[1]):
+            x_eq -= 1
+    x_mean = _first_true(lambda x: after(x)[0] <= mean, total)
+    return min(x_eq, x_mean)
+
+
+def _first_true(pred, total: int) -> int:
+    """Bisection over x in [1, total] for the first pred(x); `total` when pred(total) fails."""
+    if not pred(total):
+        return total
+    lo, hi = 1, total
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if pred(mid):
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo
