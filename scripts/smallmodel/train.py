@@ -219,6 +219,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     args.out.mkdir(parents=True, exist_ok=True)
     rows = []
+    # Safety net: a step time misjudged by the warm-up must not run the device call past its limit.
+    hard_limit = None if args.minutes is None else 1.3 * args.minutes * 60
     t_start = time.time()
     ce_acc = torch.zeros((), device=device)
     aux_acc = torch.zeros((), device=device)
@@ -235,7 +237,10 @@ def main(argv: list[str] | None = None) -> dict:
         ce_acc += ce.detach()
         aux_acc += aux.detach()
         n_acc += 1
-        last = step == total_steps - 1
+        over_time = hard_limit is not None and time.time() - t_start > hard_limit
+        if over_time:
+            print(f"stopping at step {step + 1}: past the hard time limit", flush=True)
+        last = step == total_steps - 1 or over_time
         if (step + 1) % args.log_every == 0 or last:
             do_eval = (step + 1) % args.eval_every == 0 or last
             val_ce = eval_ce(model, val, autocast, args.batch) if do_eval else float("nan")
@@ -249,6 +254,8 @@ def main(argv: list[str] | None = None) -> dict:
             n_acc = 0
             print(f"step {row['step']:5d} {row['elapsed_s']:7.1f}s lr {lr:.2e} "
                   f"ce {row['train_ce']:.4f} aux {row['aux']:.4f} val {val_ce:.4f}", flush=True)
+        if over_time:
+            break
     train_s = time.time() - t_start
 
     with (args.out / "loss.csv").open("w", newline="") as fh:
@@ -265,9 +272,10 @@ def main(argv: list[str] | None = None) -> dict:
     summary = {
         "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "arch": arch, "experts_impl": impl, "impl_bench_s": bench, "params": n_params,
-        "steps": total_steps, "tokens": total_steps * args.batch * args.seq,
+        "steps": rows[-1]["step"], "planned_steps": total_steps,
+        "tokens": rows[-1]["tokens"],
         "train_seconds": round(train_s, 1),
-        "tokens_per_s": round(total_steps * args.batch * args.seq / train_s, 1),
+        "tokens_per_s": round(rows[-1]["tokens"] / train_s, 1),
         "final_train_ce": rows[-1]["train_ce"], "final_val_ce": rows[-1]["val_ce"],
         "val_ce_by_domain": domain_ce,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
