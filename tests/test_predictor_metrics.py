@@ -88,3 +88,25 @@ def test_history_prediction_last_step_and_moving_average():
     assert avg[3].tolist() == [[2, 6]]           # mean of [0,4] and [2,2] = [1,3] -> x2
     with pytest.raises(ValueError, match="window"):
         history_prediction(loads, window=0)
+
+
+def test_plan_quality_perfect_prediction_matches_truth_and_replay_conserves():
+    from probe.planner import BalanceProblem, CostModel
+    from probe.predictor.baselines import _solver, plan_quality, replay_plan
+
+    home = sharded_home(4, 2)
+    cost = CostModel.uniform(2, alpha=0.0, beta=1.0, token_time=0.0, transfer_time=1.0)
+    true = np.array([[30, 2, 1, 1], [20, 2, 1, 1]])
+    q = plan_quality(true, true, home=home, slots=1, window=1.0, cost=cost)
+    assert q.ir_pred == pytest.approx(q.ir_truth)
+    assert q.ir_static == pytest.approx(54 / 29)
+    assert q.ir_truth < q.ir_static
+    # A wrong prediction (hot expert 3 instead of 0) cannot beat the plan from the truth.
+    wrong = np.array([[1, 2, 1, 30], [1, 2, 1, 20]])
+    q2 = plan_quality(wrong, true, home=home, slots=1, window=1.0, cost=cost)
+    assert q2.ir_pred >= q.ir_truth - 1e-12
+    plan = _solver()(BalanceProblem(wrong, home, 1, 1.0, cost), method="greedy").plan
+    replayed = replay_plan(plan, true, home)
+    assert np.array_equal(replayed.assignment.sum(axis=2), true)
+    holds = home | replayed.replicas
+    assert not np.any((replayed.assignment > 0) & ~holds.T[None])
