@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import shutil
 
 import pytest
@@ -41,6 +42,14 @@ FAMILIES = {
     "olmoe": ("OlmoeConfig", "OlmoeForCausalLM", "OlmoeTopKRouter",
               dict(num_experts=6, intermediate_size=8, clip_qkv=0.8, norm_topk_prob=False,
                    pad_token_id=0, eos_token_id=1)),
+    "deepseek_v3": ("DeepseekV3Config", "DeepseekV3ForCausalLM", "DeepseekV3TopkRouter",
+                    dict(num_key_value_heads=4, n_routed_experts=6, n_shared_experts=1,
+                         intermediate_size=24, moe_intermediate_size=8, n_group=3, topk_group=2,
+                         first_k_dense_replace=1, kv_lora_rank=16, q_lora_rank=12,
+                         qk_rope_head_dim=4, qk_nope_head_dim=8, v_head_dim=6,
+                         rope_parameters=dict(rope_type="yarn", factor=4.0, mscale=1.0,
+                                              mscale_all_dim=1.0, rope_theta=10000.0,
+                                              original_max_position_embeddings=16))),
 }
 
 
@@ -53,6 +62,9 @@ def build_reference(family: str, seed: int = 0, **overrides):
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0.0, 0.3)
+        for name, b in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                b.normal_(0.0, 0.3)
     return model
 
 
@@ -95,7 +107,9 @@ def test_logits_and_router_choices_match_transformers(checkpoints, family):
     assert (out.logits - ref_logits).abs().max().item() <= 1e-5
     assert len(out.routing) == len(ref_routing) == model.cfg.num_moe_layers
     for ours, (their_logits, their_ids) in zip(out.routing, ref_routing, strict=True):
-        assert torch.equal(ours.topk_ids, their_ids.reshape(-1, model.cfg.top_k))
+        their_ids = their_ids.reshape(-1, model.cfg.top_k)
+        # DeepSeek's reference takes an unsorted top-k: compare the chosen sets.
+        assert torch.equal(ours.topk_ids.sort(-1).values, their_ids.sort(-1).values)
         assert (ours.logits - their_logits.reshape(ours.logits.shape)).abs().max() <= 1e-5
 
 
@@ -108,11 +122,15 @@ def test_family_options_are_read(checkpoints):
     assert oss.router_scoring == "topk_softmax" and oss.expert_bias and oss.router_bias
     olmoe = load_config(checkpoints["olmoe"][0])
     assert olmoe.clip_qkv == 0.8 and olmoe.qk_norm == "full"
+    ds = load_config(checkpoints["deepseek_v3"][0])
+    assert ds.attention == "mla" and ds.moe_layers == (1, 2) and ds.num_shared_experts == 1
+    assert ds.router_scoring == "sigmoid_group" and (ds.n_group, ds.topk_group) == (3, 2)
+    assert ds.attention_scale == pytest.approx(12 ** -0.5 * (0.1 * math.log(4.0) + 1) ** 2)
     with pytest.raises(dataclasses.FrozenInstanceError):
         qwen.top_k = 3
 
 
-@pytest.mark.parametrize("family", ["qwen3_moe", "gpt_oss"])
+@pytest.mark.parametrize("family", ["qwen3_moe", "gpt_oss", "deepseek_v3"])
 def test_kv_cache_and_ragged_batches_match_full_pass(checkpoints, family):
     model = load_model(checkpoints[family][0])
     ids = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(2))
@@ -336,6 +354,20 @@ def test_error_bad_arguments(checkpoints):
         model(torch.full((1, 3), VOCAB))
     with pytest.raises(ValueError, match="got 1 caches for 2 sequences"):
         model(torch.zeros(2, 3, dtype=torch.long), caches=[model.new_cache()])
+
+
+def test_deepseek_keeps_router_fp32_and_ignores_mtp_layers(checkpoints, tmp_path):
+    path = _copy_checkpoint(checkpoints["deepseek_v3"][0], tmp_path)
+    tensors = load_file(path / "model.safetensors")
+    tensors["model.layers.3.eh_proj.weight"] = torch.ones(2, 2)  # a multi-token-prediction layer
+    save_file(tensors, path / "model.safetensors")
+    model = load_model(path, dtype=torch.bfloat16)
+    block = model.moe_blocks[0]
+    assert block.router_weight.dtype == torch.float32 and block.w_gate_up.dtype == torch.bfloat16
+    assert block.router_correction_bias.dtype == torch.float32
+    with torch.no_grad():
+        logits = model(torch.tensor([[1, 2, 3]])).logits
+    assert torch.isfinite(logits.float()).all()
 
 
 def test_reader_reads_row_subsets(checkpoints):

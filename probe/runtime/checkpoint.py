@@ -20,7 +20,7 @@ import torch
 from safetensors import safe_open
 
 from probe.runtime.config import MoEConfig
-from probe.runtime.families import Recipe, checkpoint_plan, ignorable
+from probe.runtime.families import Recipe, checkpoint_plan, fp32_params, ignorable
 from probe.runtime.model import MoETransformer
 
 __all__ = ["CheckpointReader", "load_config", "load_model", "read_hf_config"]
@@ -197,7 +197,8 @@ def load_model(path: str | Path, *, dtype: torch.dtype = torch.float32,
     state = {}
     for recipe in plan:
         parts = [reader.read(s.name, s.rows) for s in recipe.sources]
-        state[recipe.target] = recipe.build(parts).to(device=device, dtype=dtype)
+        target_dtype = torch.float32 if fp32_params(cfg, recipe.target) else dtype
+        state[recipe.target] = recipe.build(parts).to(device=device, dtype=target_dtype)
     expected = set(model.state_dict())
     if set(state) != expected:  # a family plan out of step with the model: our bug
         raise RuntimeError(f"internal: plan/model mismatch: missing {_few(expected - set(state))}"

@@ -13,7 +13,8 @@ from typing import Any
 
 __all__ = ["MoEConfig", "RopeConfig"]
 
-ROUTER_SCORINGS = ("softmax_topk", "topk_softmax")
+ROUTER_SCORINGS = ("softmax_topk", "topk_softmax", "sigmoid_group")
+ATTENTIONS = ("gqa", "mla")
 EXPERT_ACTS = ("silu_glu", "clamped_swiglu")
 QK_NORMS = ("none", "head", "full")
 ROPE_KINDS = ("default", "linear", "yarn")
@@ -66,14 +67,27 @@ class MoEConfig:
         moe_intermediate_size: F, the intermediate width of one expert.
         dense_intermediate_size: intermediate width of the dense MLP layers (None if none).
         moe_layers: indices of the decoder layers whose MLP is an MoE block (the others are dense).
-        router_scoring: "softmax_topk" (softmax over E, then top-k; Qwen3-MoE, Mixtral, OLMoE) or
-            "topk_softmax" (top-k over logits, softmax over the K picked; GPT-OSS).
-        norm_topk_prob: renormalise the K picked probabilities to sum to 1 (softmax_topk only).
+        router_scoring: "softmax_topk" (softmax over E, then top-k; Qwen3-MoE, Mixtral, OLMoE),
+            "topk_softmax" (top-k over logits, softmax over the K picked; GPT-OSS) or
+            "sigmoid_group" (sigmoid scores plus a correction bias pick the top `topk_group` of
+            `n_group` expert groups, then top-k inside them; DeepSeek-V3).
+        norm_topk_prob: renormalise the K picked weights to sum to 1 (not for topk_softmax).
         router_bias: the router linear layer has a bias [E].
+        n_group, topk_group: expert groups and groups kept per token (sigmoid_group).
+        routed_scaling_factor: multiplies the K weights (sigmoid_group).
+        score_correction_bias: a bias [E] added to the scores for the choice only
+            (sigmoid_group; DeepSeek's e_score_correction_bias).
+        num_shared_experts: always-active experts, fused into one MLP of width
+            num_shared_experts * F whose output adds to the routed experts' output.
         expert_act: "silu_glu" (silu(gate) * up) or "clamped_swiglu" (GPT-OSS).
         expert_bias: experts carry biases on gate/up and down projections.
         swiglu_alpha, swiglu_limit: GPT-OSS clamped SwiGLU constants.
         attention_bias: q/k/v/o projections carry biases.
+        attention: "gqa" (grouped-query attention) or "mla" (DeepSeek multi-head latent
+            attention; then head_dim is the rotary part of a query/key head).
+        q_lora_rank, kv_lora_rank, qk_nope_head_dim, v_head_dim: MLA low-rank widths.
+        rope_interleave: rotary pairs are interleaved (x0, x1), (x2, x3), ... (MLA).
+        attention_scale: softmax scale; None means 1/sqrt(query-key head width).
         qk_norm: "none", "head" (RMSNorm over head_dim, Qwen3) or "full" (RMSNorm over all
             heads of q and of k, before the head split, OLMoE).
         clip_qkv: clamp q, k, v to [-clip, clip] after projection (OLMoE), or None.
@@ -102,11 +116,23 @@ class MoEConfig:
     router_scoring: str = "softmax_topk"
     norm_topk_prob: bool = False
     router_bias: bool = False
+    n_group: int = 1
+    topk_group: int = 1
+    routed_scaling_factor: float = 1.0
+    score_correction_bias: bool = False
+    num_shared_experts: int = 0
     expert_act: str = "silu_glu"
     expert_bias: bool = False
     swiglu_alpha: float = 1.702
     swiglu_limit: float = 7.0
     attention_bias: bool = False
+    attention: str = "gqa"
+    q_lora_rank: int | None = None
+    kv_lora_rank: int = 0
+    qk_nope_head_dim: int = 0
+    v_head_dim: int = 0
+    rope_interleave: bool = False
+    attention_scale: float | None = None
     qk_norm: str = "none"
     clip_qkv: float | None = None
     attention_sinks: bool = False
@@ -145,6 +171,19 @@ class MoEConfig:
             raise ValueError(f"config: router_scoring must be one of {ROUTER_SCORINGS}")
         if self.expert_act not in EXPERT_ACTS:
             raise ValueError(f"config: expert_act must be one of {EXPERT_ACTS}")
+        if self.router_scoring == "sigmoid_group" and (
+                self.n_group <= 0 or self.num_experts % self.n_group
+                or not 0 < self.topk_group <= self.n_group
+                or self.top_k > self.topk_group * (self.num_experts // self.n_group)):
+            raise ValueError(f"config: n_group ({self.n_group}) must divide num_experts "
+                             f"({self.num_experts}) and topk_group ({self.topk_group}) groups must "
+                             f"hold at least top-k ({self.top_k}) experts")
+        if self.attention not in ATTENTIONS:
+            raise ValueError(f"config: attention must be one of {ATTENTIONS}")
+        if self.attention == "mla" and (self.kv_lora_rank <= 0 or self.v_head_dim <= 0
+                                        or self.qk_nope_head_dim < 0):
+            raise ValueError("config: MLA needs kv_lora_rank > 0, v_head_dim > 0 and "
+                             "qk_nope_head_dim >= 0")
         if self.qk_norm not in QK_NORMS:
             raise ValueError(f"config: qk_norm must be one of {QK_NORMS}")
         if self.sliding_layers and not self.sliding_window:
@@ -165,6 +204,11 @@ class MoEConfig:
     def num_moe_layers(self) -> int:
         """L, the number of MoE layers."""
         return len(self.moe_layers)
+
+    @property
+    def qk_head_dim(self) -> int:
+        """Width of one query/key head (MLA: the non-rotary part plus the rotary part)."""
+        return self.qk_nope_head_dim + self.head_dim if self.attention == "mla" else self.head_dim
 
     @property
     def num_kv_groups(self) -> int:

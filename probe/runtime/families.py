@@ -9,6 +9,10 @@ Supported `model_type`s (see `SUPPORTED`):
                window on the layers typed "sliding_attention", yarn rope.
     mixtral    softmax -> top-k -> renorm, optional sliding window.
     olmoe      softmax -> top-k (optional renorm), RMSNorm over all q / all k heads, clip_qkv.
+    deepseek_v3  sigmoid scores + correction bias, group-limited top-k, routed scaling, shared
+               experts, first_k_dense_replace dense layers, multi-head latent attention (MLA)
+               with interleaved rope and yarn mscale; multi-token-prediction layers past
+               num_hidden_layers are ignored.
 
 A checkpoint plan is a list of `Recipe`s: each names the checkpoint tensors (with their expected
 shapes, from the config) that build one model parameter. `probe.runtime.checkpoint` checks the
@@ -29,7 +33,7 @@ from probe.runtime.config import MoEConfig, RopeConfig
 
 __all__ = ["SUPPORTED", "Recipe", "Source", "checkpoint_plan", "config_from_hf"]
 
-SUPPORTED = ("qwen3_moe", "gpt_oss", "mixtral", "olmoe")
+SUPPORTED = ("qwen3_moe", "gpt_oss", "mixtral", "olmoe", "deepseek_v3")
 
 _MISSING = object()
 
@@ -193,8 +197,46 @@ def _olmoe(d: dict[str, Any]) -> MoEConfig:
         clip_qkv=None if clip is None else float(clip))
 
 
+def _deepseek_v3(d: dict[str, Any]) -> MoEConfig:
+    _check_act(d)
+    rope_dim = _field(d, "qk_rope_head_dim", int)
+    c = _common({**d, "head_dim": rope_dim}, 10_000.0)
+    heads = c["num_heads"]
+    if c["num_kv_heads"] != heads:
+        raise ValueError(f"config.json: MLA needs num_key_value_heads == num_attention_heads "
+                         f"({heads}), got {c['num_kv_heads']}")
+    nope = _field(d, "qk_nope_head_dim", int)
+    scale = (nope + rope_dim) ** -0.5
+    params = d.get("rope_parameters") or d.get("rope_scaling") or {}
+    if params.get("rope_type", params.get("type", "default")) != "default" and params.get(
+            "mscale_all_dim"):
+        import math
+
+        factor = float(params["factor"])
+        mscale = 1.0 if factor <= 1 else 0.1 * params["mscale_all_dim"] * math.log(factor) + 1.0
+        scale *= mscale * mscale
+    first_dense = _field(d, "first_k_dense_replace", int, 0)
+    n_group = _field(d, "n_group", int, 1)
+    return MoEConfig(
+        **c, num_experts=_field(d, "n_routed_experts", int, alias="num_local_experts"),
+        moe_intermediate_size=_field(d, "moe_intermediate_size", int),
+        dense_intermediate_size=_field(d, "intermediate_size", int, None),
+        moe_layers=tuple(range(first_dense, c["num_layers"])), router_scoring="sigmoid_group",
+        norm_topk_prob=bool(d.get("norm_topk_prob", True)), n_group=n_group,
+        topk_group=_field(d, "topk_group", int, n_group),
+        routed_scaling_factor=_field(d, "routed_scaling_factor", float, 1.0),
+        score_correction_bias=True,
+        num_shared_experts=_field(d, "n_shared_experts", int, 0),
+        attention="mla", q_lora_rank=_field(d, "q_lora_rank", int, None),
+        kv_lora_rank=_field(d, "kv_lora_rank", int), qk_nope_head_dim=nope,
+        v_head_dim=_field(d, "v_head_dim", int),
+        rope_interleave=bool(d.get("rope_interleave", True)), attention_scale=scale,
+        attention_bias=bool(d.get("attention_bias", False)))
+
+
 _READERS: dict[str, Callable[[dict[str, Any]], MoEConfig]] = {
     "qwen3_moe": _qwen3_moe, "gpt_oss": _gpt_oss, "mixtral": _mixtral, "olmoe": _olmoe,
+    "deepseek_v3": _deepseek_v3,
 }
 
 
@@ -270,7 +312,33 @@ def _transpose_experts(parts: list[torch.Tensor]) -> torch.Tensor:
     return parts[0].transpose(1, 2).contiguous()  # [E_local, D, F]
 
 
+def _latent_attention(cfg: MoEConfig, i: int) -> list[Recipe]:
+    d, h, qk = cfg.hidden_size, cfg.num_heads, cfg.qk_head_dim
+    c, rot = cfg.kv_lora_rank, cfg.head_dim
+    src, dst = f"model.layers.{i}.self_attn", f"layers.{i}.attn"
+    weights = {"kv_a_proj": ("kv_a_proj_with_mqa", (c + rot, d)),
+               "kv_a_norm": ("kv_a_layernorm", (c,)),
+               "kv_b_proj": ("kv_b_proj", (h * (cfg.qk_nope_head_dim + cfg.v_head_dim), c)),
+               "o_proj": ("o_proj", (d, h * cfg.v_head_dim))}
+    if cfg.q_lora_rank is None:
+        weights["q_proj"] = ("q_proj", (h * qk, d))
+    else:
+        q = cfg.q_lora_rank
+        weights |= {"q_a_proj": ("q_a_proj", (q, d)), "q_a_norm": ("q_a_layernorm", (q,)),
+                    "q_b_proj": ("q_b_proj", (h * qk, q))}
+    out = [_copy(f"{dst}.{ours}.weight", f"{src}.{theirs}.weight", shape)
+           for ours, (theirs, shape) in weights.items()]
+    if cfg.attention_bias:
+        for ours in ("q_a_proj", "kv_a_proj", "o_proj"):
+            if ours in weights:
+                theirs, shape = weights[ours]
+                out.append(_copy(f"{dst}.{ours}.bias", f"{src}.{theirs}.bias", shape[:1]))
+    return out
+
+
 def _attention(cfg: MoEConfig, i: int) -> list[Recipe]:
+    if cfg.attention == "mla":
+        return _latent_attention(cfg, i)
     d, hd = cfg.hidden_size, cfg.head_dim
     q_out, kv_out = cfg.num_heads * hd, cfg.num_kv_heads * hd
     src, dst = f"model.layers.{i}.self_attn", f"layers.{i}.attn"
@@ -328,9 +396,10 @@ def _gpt_oss_experts(cfg: MoEConfig, i: int, ids: tuple[int, ...]) -> list[Recip
     ]
 
 
-def _dense_mlp(cfg: MoEConfig, i: int) -> list[Recipe]:
-    d, f = cfg.hidden_size, cfg.dense_intermediate_size
-    src, dst = f"model.layers.{i}.mlp", f"layers.{i}.mlp"
+def _dense_mlp(cfg: MoEConfig, i: int, src: str | None = None, dst: str | None = None,
+               f: int | None = None) -> list[Recipe]:
+    d, f = cfg.hidden_size, f or cfg.dense_intermediate_size
+    src, dst = src or f"model.layers.{i}.mlp", dst or f"layers.{i}.mlp"
     return [_copy(f"{dst}.gate_proj.weight", f"{src}.gate_proj.weight", (f, d)),
             _copy(f"{dst}.up_proj.weight", f"{src}.up_proj.weight", (f, d)),
             _copy(f"{dst}.down_proj.weight", f"{src}.down_proj.weight", (d, f))]
@@ -379,10 +448,27 @@ def checkpoint_plan(cfg: MoEConfig, names: set[str],
             leaves = ("w1", "w3", "w2") if prefix.endswith("block_sparse_moe") else (
                 "gate_proj", "up_proj", "down_proj")
             plan += _glu_experts(cfg, i, ids, f"{prefix}.experts", leaves, stacked)
+            if cfg.score_correction_bias:
+                plan.append(_copy(f"layers.{i}.moe.router_correction_bias",
+                                  f"{prefix}.gate.e_score_correction_bias", (cfg.num_experts,)))
+            if cfg.num_shared_experts:
+                plan += _dense_mlp(cfg, i, f"{prefix}.shared_experts", f"layers.{i}.moe.shared",
+                                   cfg.moe_intermediate_size * cfg.num_shared_experts)
     return plan
 
 
 def ignorable(cfg: MoEConfig, name: str) -> bool:
     """Checkpoint tensors that carry nothing the model needs."""
-    return name.endswith("rotary_emb.inv_freq") or (
-        cfg.tie_word_embeddings and name == "lm_head.weight")
+    if name.endswith("rotary_emb.inv_freq") or (
+            cfg.tie_word_embeddings and name == "lm_head.weight"):
+        return True
+    # DeepSeek's multi-token-prediction layers sit after the last decoder layer.
+    parts = name.split(".")
+    return (cfg.model_type == "deepseek_v3" and len(parts) > 2 and parts[:2] == ["model", "layers"]
+            and parts[2].isdigit() and int(parts[2]) >= cfg.num_layers)
+
+
+def fp32_params(cfg: MoEConfig, target: str) -> bool:
+    """Parameters kept in fp32 whatever the load dtype (DeepSeek's router, like the reference)."""
+    return cfg.router_scoring == "sigmoid_group" and target.endswith(
+        (".router_weight", ".router_correction_bias"))

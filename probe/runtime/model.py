@@ -34,7 +34,10 @@ from torch import nn
 from probe.runtime.config import MoEConfig, RopeConfig
 
 __all__ = [
+    "Attention",
     "DenseMLP",
+    "LatentAttention",
+    "attend",
     "KVCache",
     "LayerRouting",
     "MoEBlock",
@@ -141,6 +144,49 @@ class _Batch:
 # Attention
 
 
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: _Batch, *, layer: int,
+           sliding: bool, scale: float, sinks: torch.Tensor | None = None) -> torch.Tensor:
+    """Causal attention of each sequence of the batch against its own (cached) keys.
+
+    q [T, H, Dq], k [T, Hkv, Dq], v [T, Hkv, Dv] for the new tokens; each sequence's keys and
+    values are appended to its KVCache (if any) at `layer`. sinks [H] adds one extra logit per
+    head to the softmax. Returns [T, H * Dv].
+    """
+    n_tok, h, dq = q.shape
+    hkv, dv = k.shape[1], v.shape[2]
+    # Pad every sequence to [B, ., t_max | s_max, .]; the masks hide the padding.
+    n_seq = len(batch.seq_lens)
+    q_pad = q.new_zeros(n_seq * batch.t_max, h, dq)  # [B*t_max, H, Dq]
+    q_pad[batch.q_index] = q
+    q_pad = q_pad.view(n_seq, batch.t_max, hkv, h // hkv, dq).permute(0, 2, 3, 1, 4)
+    k_pad = k.new_zeros(n_seq, batch.s_max, hkv, dq)  # [B, s_max, Hkv, Dq]
+    v_pad = v.new_zeros(n_seq, batch.s_max, hkv, dv)  # [B, s_max, Hkv, Dv]
+    start = 0
+    for i, t in enumerate(batch.seq_lens):
+        k_i, v_i = k[start:start + t], v[start:start + t]  # [t, Hkv, .]
+        if batch.caches is not None:
+            k_i, v_i = batch.caches[i].append(layer, k_i, v_i)  # [s, Hkv, .]
+        k_pad[i, :k_i.shape[0]] = k_i
+        v_pad[i, :v_i.shape[0]] = v_i
+        start += t
+    k_pad = k_pad.permute(0, 2, 1, 3)[:, :, None]  # [B, Hkv, 1, s_max, Dq]
+    v_pad = v_pad.permute(0, 2, 1, 3)[:, :, None]  # [B, Hkv, 1, s_max, Dv]
+
+    scores = (q_pad @ k_pad.transpose(-1, -2)) * scale  # [B, Hkv, G, t_max, s_max]
+    allowed = batch.masks[sliding][:, None, None]  # [B, 1, 1, t_max, s_max]
+    scores = scores.float().masked_fill(~allowed, float("-inf"))
+    if sinks is not None:
+        sink = sinks.float().view(1, hkv, h // hkv, 1, 1)
+        sink = sink.expand(*scores.shape[:-1], 1)  # [B, Hkv, G, t_max, 1]
+        scores = torch.cat((scores, sink), dim=-1)  # [B, Hkv, G, t_max, s_max + 1]
+        probs = torch.softmax(scores, dim=-1)[..., :-1]  # [B, Hkv, G, t_max, s_max]
+    else:
+        probs = torch.softmax(scores, dim=-1)  # [B, Hkv, G, t_max, s_max]
+    out = probs.to(v_pad.dtype) @ v_pad  # [B, Hkv, G, t_max, Dv]
+    out = out.permute(0, 3, 1, 2, 4).reshape(n_seq * batch.t_max, h * dv)  # [B*t_max, H*Dv]
+    return out[batch.q_index]  # [T, H*Dv]
+
+
 class Attention(nn.Module):
     """Causal grouped-query attention with rotary embedding and the family options of MoEConfig."""
 
@@ -163,6 +209,7 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(hkv * hd, cfg.rms_norm_eps)
         if cfg.attention_sinks:
             self.sinks = nn.Parameter(torch.zeros(h))
+        self.scale = cfg.attention_scale or hd ** -0.5
 
     def forward(self, x: torch.Tensor, batch: _Batch) -> torch.Tensor:
         """x [T, D] -> [T, D]."""
@@ -182,38 +229,66 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q = apply_rope(q, batch.cos, batch.sin)  # [T, H, Hd]
         k = apply_rope(k, batch.cos, batch.sin)  # [T, Hkv, Hd]
+        out = attend(q, k, v, batch, layer=self.layer, sliding=self.sliding, scale=self.scale,
+                     sinks=self.sinks if cfg.attention_sinks else None)  # [T, H*Hd]
+        return self.o_proj(out)  # [T, D]
 
-        # Pad every sequence to [B, ., t_max | s_max, Hd]; the masks hide the padding.
-        n_seq = len(batch.seq_lens)
-        q_pad = q.new_zeros(n_seq * batch.t_max, h, hd)  # [B*t_max, H, Hd]
-        q_pad[batch.q_index] = q
-        q_pad = q_pad.view(n_seq, batch.t_max, hkv, h // hkv, hd).permute(0, 2, 3, 1, 4)
-        k_pad = k.new_zeros(n_seq, batch.s_max, hkv, hd)  # [B, s_max, Hkv, Hd]
-        v_pad = v.new_zeros(n_seq, batch.s_max, hkv, hd)  # [B, s_max, Hkv, Hd]
-        start = 0
-        for i, t in enumerate(batch.seq_lens):
-            k_i, v_i = k[start:start + t], v[start:start + t]  # [t, Hkv, Hd]
-            if batch.caches is not None:
-                k_i, v_i = batch.caches[i].append(self.layer, k_i, v_i)  # [s, Hkv, Hd]
-            k_pad[i, :k_i.shape[0]] = k_i
-            v_pad[i, :v_i.shape[0]] = v_i
-            start += t
-        k_pad = k_pad.permute(0, 2, 1, 3)[:, :, None]  # [B, Hkv, 1, s_max, Hd]
-        v_pad = v_pad.permute(0, 2, 1, 3)[:, :, None]  # [B, Hkv, 1, s_max, Hd]
 
-        scores = (q_pad @ k_pad.transpose(-1, -2)) * (hd ** -0.5)  # [B, Hkv, G, t_max, s_max]
-        allowed = batch.masks[self.sliding][:, None, None]  # [B, 1, 1, t_max, s_max]
-        scores = scores.float().masked_fill(~allowed, float("-inf"))
-        if cfg.attention_sinks:
-            sink = self.sinks.float().view(1, hkv, h // hkv, 1, 1)
-            sink = sink.expand(*scores.shape[:-1], 1)  # [B, Hkv, G, t_max, 1]
-            scores = torch.cat((scores, sink), dim=-1)  # [B, Hkv, G, t_max, s_max + 1]
-            probs = torch.softmax(scores, dim=-1)[..., :-1]  # [B, Hkv, G, t_max, s_max]
+class LatentAttention(nn.Module):
+    """DeepSeek multi-head latent attention (MLA). Extra legend: R rotary width (cfg.head_dim),
+    P non-rotary query/key width, Dv value width, C kv_lora_rank, Q q_lora_rank.
+
+    The cache holds the expanded per-head keys [s, H, P+R] and values [s, H, Dv]: simple, not
+    the compressed latent cache of production engines.
+    """
+
+    def __init__(self, cfg: MoEConfig, layer: int) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.layer = layer
+        self.sliding = layer in cfg.sliding_layers
+        d, h = cfg.hidden_size, cfg.num_heads
+        qk, c = cfg.qk_head_dim, cfg.kv_lora_rank
+        bias = cfg.attention_bias
+        if cfg.q_lora_rank is None:
+            self.q_proj = nn.Linear(d, h * qk, bias=False)
         else:
-            probs = torch.softmax(scores, dim=-1)  # [B, Hkv, G, t_max, s_max]
-        out = probs.to(v_pad.dtype) @ v_pad  # [B, Hkv, G, t_max, Hd]
-        out = out.permute(0, 3, 1, 2, 4).reshape(n_seq * batch.t_max, h * hd)  # [B*t_max, H*Hd]
-        return self.o_proj(out[batch.q_index])  # [T, D]
+            self.q_a_proj = nn.Linear(d, cfg.q_lora_rank, bias=bias)
+            self.q_a_norm = RMSNorm(cfg.q_lora_rank, 1e-6)
+            self.q_b_proj = nn.Linear(cfg.q_lora_rank, h * qk, bias=False)
+        self.kv_a_proj = nn.Linear(d, c + cfg.head_dim, bias=bias)
+        self.kv_a_norm = RMSNorm(c, 1e-6)
+        self.kv_b_proj = nn.Linear(c, h * (cfg.qk_nope_head_dim + cfg.v_head_dim), bias=False)
+        self.o_proj = nn.Linear(h * cfg.v_head_dim, d, bias=bias)
+        self.scale = cfg.attention_scale or qk ** -0.5
+
+    def _rope(self, x: torch.Tensor, batch: _Batch) -> torch.Tensor:
+        """x [T, h, R] -> [T, h, R]; interleaved pairs come out as halves (like the reference)."""
+        if self.cfg.rope_interleave:
+            x = torch.cat((x[..., 0::2], x[..., 1::2]), dim=-1)  # [T, h, R]
+        return apply_rope(x, batch.cos, batch.sin)
+
+    def forward(self, x: torch.Tensor, batch: _Batch) -> torch.Tensor:
+        """x [T, D] -> [T, D]."""
+        cfg = self.cfg
+        n_tok, h = x.shape[0], cfg.num_heads
+        nope, rot, dv, c = cfg.qk_nope_head_dim, cfg.head_dim, cfg.v_head_dim, cfg.kv_lora_rank
+        if cfg.q_lora_rank is None:
+            q = self.q_proj(x)  # [T, H*(P+R)]
+        else:
+            q = self.q_b_proj(self.q_a_norm(self.q_a_proj(x)))  # [T, H*(P+R)]
+        q = q.view(n_tok, h, nope + rot)  # [T, H, P+R]
+        q_nope, q_rot = q.split([nope, rot], dim=-1)  # [T, H, P], [T, H, R]
+        latent, k_rot = self.kv_a_proj(x).split([c, rot], dim=-1)  # [T, C], [T, R]
+        kv = self.kv_b_proj(self.kv_a_norm(latent)).view(n_tok, h, nope + dv)  # [T, H, P+Dv]
+        k_nope, v = kv.split([nope, dv], dim=-1)  # [T, H, P], [T, H, Dv]
+        q_rot = self._rope(q_rot, batch)  # [T, H, R]
+        k_rot = self._rope(k_rot.view(n_tok, 1, rot), batch)  # [T, 1, R]
+        q = torch.cat((q_nope, q_rot), dim=-1)  # [T, H, P+R]
+        k = torch.cat((k_nope, k_rot.expand(n_tok, h, rot)), dim=-1)  # [T, H, P+R]
+        out = attend(q, k, v.contiguous(), batch, layer=self.layer, sliding=self.sliding,
+                     scale=self.scale)  # [T, H*Dv]
+        return self.o_proj(out)  # [T, D]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -258,6 +333,8 @@ class MoEBlock(nn.Module):
 
     Parameters (E_local = len(expert_ids)):
         router_weight [E, D], router_bias [E] (if cfg.router_bias),
+        router_correction_bias [E] (if cfg.score_correction_bias), shared (a DenseMLP, if
+        cfg.num_shared_experts: its output adds to every token's routed output),
         w_gate_up [E_local, 2F, D], w_down [E_local, D, F],
         b_gate_up [E_local, 2F], b_down [E_local, D] (if cfg.expert_bias).
     """
@@ -274,6 +351,10 @@ class MoEBlock(nn.Module):
         self.router_weight = nn.Parameter(torch.empty(e_all, d))
         if cfg.router_bias:
             self.router_bias = nn.Parameter(torch.empty(e_all))
+        if cfg.score_correction_bias:
+            self.router_correction_bias = nn.Parameter(torch.empty(e_all))
+        if cfg.num_shared_experts:
+            self.shared = DenseMLP(d, f * cfg.num_shared_experts)
         self.w_gate_up = nn.Parameter(torch.empty(e_local, 2 * f, d))
         self.w_down = nn.Parameter(torch.empty(e_local, d, f))
         if cfg.expert_bias:
@@ -283,13 +364,17 @@ class MoEBlock(nn.Module):
     # -- routing -----------------------------------------------------------------------------
 
     def router(self, h: torch.Tensor) -> torch.Tensor:
-        """Router logits: h [T, D] -> [T, E] in h's dtype."""
+        """Router logits: h [T, D] -> [T, E] in h's dtype (fp32 for sigmoid_group routers)."""
         bias = self.router_bias if self.cfg.router_bias else None
+        if self.cfg.router_scoring == "sigmoid_group":
+            return F.linear(h.float(), self.router_weight.float())  # [T, E]
         return F.linear(h, self.router_weight, bias)  # [T, E]
 
     def select(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Top-k choice: logits [T, E] -> (topk_ids [T, K] int64, topk_weights [T, K] fp32)."""
         k = self.cfg.top_k
+        if self.cfg.router_scoring == "sigmoid_group":
+            return self._select_groups(logits)
         if self.cfg.router_scoring == "topk_softmax":
             top_logits, topk_ids = torch.topk(logits, k, dim=-1)  # [T, K]
             topk_weights = torch.softmax(top_logits.float(), dim=-1)  # [T, K]
@@ -299,6 +384,29 @@ class MoEBlock(nn.Module):
             if self.cfg.norm_topk_prob:
                 topk_weights = topk_weights / topk_weights.sum(dim=-1, keepdim=True)
         return topk_ids, topk_weights
+
+    def _select_groups(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """DeepSeek-V3 choice: best `topk_group` groups (by the sum of their top-2 biased
+        scores), then the top-k biased scores inside them; weights are the unbiased scores."""
+        cfg = self.cfg
+        n_tok = logits.shape[0]
+        scores = torch.sigmoid(logits.float())  # [T, E]
+        choice = scores
+        if cfg.score_correction_bias:
+            choice = scores + self.router_correction_bias.float()  # [T, E]
+        if cfg.n_group > 1:
+            per_group = cfg.num_experts // cfg.n_group
+            grouped = choice.view(n_tok, cfg.n_group, per_group)  # [T, groups, E/groups]
+            group_score = grouped.topk(min(2, per_group), dim=-1).values.sum(-1)  # [T, groups]
+            best = group_score.topk(cfg.topk_group, dim=-1).indices  # [T, topk_group]
+            keep = torch.zeros_like(group_score, dtype=torch.bool).scatter_(1, best, True)
+            keep = keep.repeat_interleave(per_group, dim=1)  # [T, E]
+            choice = choice.masked_fill(~keep, float("-inf"))
+        topk_ids = choice.topk(cfg.top_k, dim=-1).indices  # [T, K]
+        topk_weights = scores.gather(1, topk_ids)  # [T, K]
+        if cfg.norm_topk_prob:
+            topk_weights = topk_weights / (topk_weights.sum(dim=-1, keepdim=True) + 1e-20)
+        return topk_ids, topk_weights * cfg.routed_scaling_factor
 
     # -- experts -----------------------------------------------------------------------------
 
@@ -359,6 +467,8 @@ class MoEBlock(nn.Module):
         rows = h.repeat_interleave(k, dim=0)  # [T*K, D]
         y = self.grouped_forward(rows, topk_ids.reshape(-1)).view(n_tok, k, -1)  # [T, K, D]
         out = self.combine(y, topk_weights)  # [T, D]
+        if self.cfg.num_shared_experts:
+            out = out + self.shared(h)  # [T, D]
         return out, LayerRouting(self.layer, h, logits, topk_ids, topk_weights)
 
 
@@ -371,7 +481,7 @@ class DecoderLayer(nn.Module):
         super().__init__()
         self.layer = layer
         self.attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.attn = Attention(cfg, layer)
+        self.attn = LatentAttention(cfg, layer) if cfg.attention == "mla" else Attention(cfg, layer)
         self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.is_moe = layer in cfg.moe_layers
         if self.is_moe:
