@@ -1,0 +1,354 @@
+"""Inference engine: continuous batching, chunked prefill, decode, KV cache, sampling, metrics.
+
+One `Engine` per rank. Attention is data parallel, so every rank serves its own requests; the
+MoE layers run expert-parallel through an `EPRunner` (or locally when there is none). Every rank
+must run the same number of steps, because each step's MoE layers are collectives: `serve()`
+all-reduces "has work" each step, and a rank without tokens runs `EPRunner.idle_step()`.
+
+A step's batch: one decode token for every running request, then prefill chunks of waiting
+requests (first come, first served, at most `prefill_chunk` tokens of one request per step)
+until `max_batch_tokens`. Requests join at their `arrival_step` and leave when they reach
+`max_new_tokens` or emit a stop id. Each request has its own `KVCache`.
+
+Sampling: temperature 0 is greedy (argmax); otherwise softmax(logits / temperature), optionally
+restricted to the top_k logits, drawn with a per-request generator seeded by `seed` (so a run is
+reproducible whatever else is in the batch).
+
+Metrics per step (`StepRecord`): tokens, prefill and decode tokens, wall seconds, and the
+EPRunner's per-layer IR, bytes prefetched, exposed transfer time; per request: TTFT (arrival to
+first token, wall clock), decode tokens/s.
+"""
+
+from __future__ import annotations
+
+import time
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from probe.runtime.dist import DistContext, guarded
+
+__all__ = ["Engine", "Request", "RequestResult", "StepRecord", "random_model", "slice_experts"]
+
+
+@dataclass
+class Request:
+    """One generation request.
+
+    prompt: token ids (non-empty). max_new_tokens: >= 1. temperature: 0 for greedy.
+    top_k: sample among the top_k logits (0: all). seed: sampling seed.
+    arrival_step: the engine step at which the request joins. stop_ids: ids that end it.
+    """
+
+    rid: str
+    prompt: Sequence[int]
+    max_new_tokens: int = 16
+    temperature: float = 0.0
+    top_k: int = 0
+    seed: int = 0
+    arrival_step: int = 0
+    stop_ids: Sequence[int] = ()
+
+    def __post_init__(self) -> None:
+        if len(self.prompt) == 0:
+            raise ValueError(f"request {self.rid}: prompt is empty")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"request {self.rid}: max_new_tokens must be >= 1")
+        if self.temperature < 0:
+            raise ValueError(f"request {self.rid}: temperature must be >= 0")
+
+
+@dataclass
+class RequestResult:
+    rid: str
+    tokens: list[int]
+    ttft_s: float
+    decode_tokens_per_s: float
+    finish_step: int
+
+
+@dataclass
+class StepRecord:
+    step: int
+    tokens: int
+    prefill_tokens: int
+    decode_tokens: int
+    seconds: float
+    running: int
+    ep: dict = field(default_factory=dict)
+
+
+@dataclass
+class _Live:
+    req: Request
+    cache: object
+    done_prompt: int = 0
+    out: list[int] = field(default_factory=list)
+    t_arrive: float = 0.0
+    t_first: float | None = None
+    t_last: float = 0.0
+    generator: torch.Generator | None = None
+
+
+class Engine:
+    """Serves requests on this rank.
+
+    Args:
+        model: a `MoETransformer` (this rank's expert slice when `runner` is given).
+        runner: the `EPRunner` wrapping `model`, or None for single-process MoE.
+        ctx: the DistContext (None for single-process).
+        max_batch_tokens: tokens per step (decode + prefill).
+        prefill_chunk: prefill tokens of one request per step.
+        max_running: requests in flight at once.
+    """
+
+    def __init__(self, model, runner=None, ctx: DistContext | None = None, *,
+                 max_batch_tokens: int = 256, prefill_chunk: int = 64,
+                 max_running: int = 64) -> None:
+        if max_batch_tokens < 1 or prefill_chunk < 1 or max_running < 1:
+            raise ValueError("max_batch_tokens, prefill_chunk and max_running must be >= 1")
+        self.model = model
+        self.runner = runner
+        self.ctx = ctx
+        self.max_batch_tokens = max_batch_tokens
+        self.prefill_chunk = prefill_chunk
+        self.max_running = max_running
+        self.device = next(model.parameters()).device
+        self.pending: list[Request] = []
+        self.live: list[_Live] = []
+        self.results: dict[str, RequestResult] = {}
+        self.records: list[StepRecord] = []
+        self.step_index = 0
+
+    def submit(self, requests: Sequence[Request]) -> None:
+        vocab = self.model.cfg.vocab_size
+        for r in requests:
+            if min(r.prompt) < 0 or max(r.prompt) >= vocab:
+                raise ValueError(f"request {r.rid}: prompt ids must lie in [0, {vocab})")
+        self.pending.extend(requests)
+        self.pending.sort(key=lambda r: r.arrival_step)
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.pending or self.live)
+
+    def _admit(self) -> None:
+        now = time.perf_counter()
+        while (self.pending and self.pending[0].arrival_step <= self.step_index
+               and len(self.live) < self.max_running):
+            req = self.pending.pop(0)
+            gen = None
+            if req.temperature > 0:
+                gen = torch.Generator(device="cpu").manual_seed(int(req.seed))
+            self.live.append(_Live(req, self.model.new_cache(), t_arrive=now, generator=gen))
+
+    def _sample(self, live: _Live, logits: torch.Tensor) -> int:
+        req = live.req
+        if req.temperature == 0:
+            return int(torch.argmax(logits).item())
+        scores = logits.float().cpu() / req.temperature  # [V]
+        if req.top_k > 0:
+            kth = torch.topk(scores, min(req.top_k, scores.numel())).values[-1]
+            scores = scores.masked_fill(scores < kth, float("-inf"))
+        probs = torch.softmax(scores, dim=-1)
+        return int(torch.multinomial(probs, 1, generator=live.generator).item())
+
+    def step(self) -> StepRecord | None:
+        """Run one step on this rank (an idle step if it has no tokens). Returns its record."""
+        self._admit()
+        t0 = time.perf_counter()
+        ids: list[int] = []
+        seq_lens: list[int] = []
+        members: list[tuple[_Live, bool]] = []  # (request, produces a token this step)
+        budget = self.max_batch_tokens
+        n_decode = n_prefill = 0
+        for lv in self.live:  # decode first
+            if lv.done_prompt == len(lv.req.prompt) and budget > 0:
+                ids.append(lv.out[-1])
+                seq_lens.append(1)
+                members.append((lv, True))
+                budget -= 1
+                n_decode += 1
+        for lv in self.live:  # then prefill chunks
+            left = len(lv.req.prompt) - lv.done_prompt
+            if left > 0 and budget > 0:
+                n = min(left, self.prefill_chunk, budget)
+                ids.extend(lv.req.prompt[lv.done_prompt:lv.done_prompt + n])
+                seq_lens.append(n)
+                lv.done_prompt += n
+                members.append((lv, lv.done_prompt == len(lv.req.prompt)))
+                budget -= n
+                n_prefill += n
+        if self.runner is not None:
+            self.runner.begin_step()
+        if ids:
+            flat = torch.tensor(ids, dtype=torch.int64, device=self.device)
+            with torch.inference_mode():
+                logits = self.model(flat, seq_lens=seq_lens,
+                                    caches=[lv.cache for lv, _ in members],
+                                    last_only=True).logits  # [B, V]
+            now = time.perf_counter()
+            for i, (lv, produces) in enumerate(members):
+                if not produces:
+                    continue
+                tok = self._sample(lv, logits[i])
+                lv.out.append(tok)
+                if lv.t_first is None:
+                    lv.t_first = now
+                lv.t_last = now
+        elif self.runner is not None:
+            with torch.inference_mode():
+                self.runner.idle_step()
+        ep = self.runner.end_step().as_dict() if self.runner is not None else {}
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        rec = StepRecord(self.step_index, len(ids), n_prefill, n_decode,
+                         time.perf_counter() - t0, len(self.live), ep)
+        self.records.append(rec)
+        self._retire()
+        self.step_index += 1
+        return rec
+
+    def _retire(self) -> None:
+        keep = []
+        for lv in self.live:
+            req = lv.req
+            done = len(lv.out) >= req.max_new_tokens or (lv.out and lv.out[-1] in req.stop_ids)
+            if not done:
+                keep.append(lv)
+                continue
+            n_dec = len(lv.out) - 1
+            span = lv.t_last - lv.t_first if lv.t_first is not None else 0.0
+            self.results[req.rid] = RequestResult(
+                req.rid, list(lv.out), (lv.t_first or lv.t_arrive) - lv.t_arrive,
+                n_dec / span if span > 0 else float("nan"), self.step_index)
+        self.live = keep
+
+    def _any_work(self) -> bool:
+        flag = self.has_work
+        if self.ctx is None or self.ctx.group is None or self.ctx.world_size == 1:
+            return flag
+        t = torch.tensor([1 if flag else 0], dtype=torch.int64)
+        if self.ctx.backend == "nccl":
+            t = t.to(self.ctx.device)
+        with guarded("has-work all_reduce", self.ctx.rank, self.ctx.watchdog):
+            dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.ctx.group)
+        return bool(t.item())
+
+    def serve(self, requests: Sequence[Request] = (), *, max_steps: int = 100_000
+              ) -> dict[str, RequestResult]:
+        """Run steps until every rank's requests are done. Returns this rank's results."""
+        self.submit(requests)
+        while self._any_work():
+            if self.step_index >= max_steps:
+                raise RuntimeError(f"serve: still busy after {max_steps} steps")
+            self.step()
+        return self.results
+
+    def summary(self) -> dict:
+        """Aggregate metrics of this rank (prefill latency, decode throughput, IR, transfers)."""
+        recs = self.records
+        res = list(self.results.values())
+        decode_steps = [r for r in recs if r.decode_tokens > 0 and r.prefill_tokens == 0]
+        dec_tokens = sum(r.decode_tokens for r in decode_steps)
+        dec_time = sum(r.seconds for r in decode_steps)
+        prefill_steps = [r for r in recs if r.prefill_tokens > 0]
+        irs = [r.ep["mean_ir"] for r in recs if r.ep]
+        return {
+            "steps": len(recs),
+            "requests": len(res),
+            "ttft_s_mean": float(np.mean([r.ttft_s for r in res])) if res else None,
+            "prefill_step_s_mean": (float(np.mean([r.seconds for r in prefill_steps]))
+                                    if prefill_steps else None),
+            "prefill_tokens_per_s": (sum(r.prefill_tokens for r in prefill_steps)
+                                     / max(sum(r.seconds for r in prefill_steps), 1e-12)
+                                     if prefill_steps else None),
+            "decode_tokens_per_s": dec_tokens / dec_time if dec_time > 0 else None,
+            "mean_ir": float(np.mean(irs)) if irs else None,
+            "bytes_prefetched": float(sum(r.ep.get("bytes_prefetched", 0.0) for r in recs)),
+            "exposed_transfer_s": float(sum(r.ep.get("exposed_transfer_s", 0.0) for r in recs)),
+            "fallback_pairs": int(sum(sum(r.ep.get("fallback_pairs", [])) for r in recs)),
+        }
+
+
+def greedy_generate(model, prompt: Sequence[int], max_new_tokens: int) -> list[int]:
+    """Single-process greedy decoding of one prompt (the reference the engine must match)."""
+    cache = model.new_cache()
+    device = next(model.parameters()).device
+    out: list[int] = []
+    ids = torch.tensor(list(prompt), dtype=torch.int64, device=device)
+    with torch.inference_mode():
+        for _ in range(max_new_tokens):
+            logits = model(ids, caches=[cache], last_only=True).logits[0]  # [V]
+            tok = int(torch.argmax(logits).item())
+            out.append(tok)
+            ids = torch.tensor([tok], dtype=torch.int64, device=device)
+    return out
+
+
+# -- building models without a checkpoint -------------------------------------------------------
+
+def _seed_of(seed: int, name: str, expert: int = -1) -> int:
+    return (zlib.crc32(f"{seed}:{name}:{expert}".encode()) & 0x7FFFFFFF) or 1
+
+
+_EXPERT_PARAMS = ("w_gate_up", "w_down", "b_gate_up", "b_down")
+
+
+def random_model(cfg, *, seed: int = 0, dtype: torch.dtype = torch.float32,
+                 device: str | torch.device = "cpu", expert_ids: Sequence[int] | None = None,
+                 std: float = 0.02):
+    """A `MoETransformer` with random weights, identical on every rank for shared weights.
+
+    Every expert's weights come from a generator seeded by (seed, name, expert id), so a rank
+    that builds only `expert_ids` gets exactly the rows the full model has. Norm weights are 1.
+    """
+    from probe.runtime.model import MoETransformer
+
+    device = torch.device(device)
+    with torch.device("meta"):
+        model = MoETransformer(cfg, expert_ids)
+    model = model.to_empty(device=device).to(dtype)
+    ids = list(range(cfg.num_experts)) if expert_ids is None else list(expert_ids)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            leaf = name.rsplit(".", 1)[-1]
+            if "norm" in name.rsplit(".", 1)[0].rsplit(".", 1)[-1] and leaf == "weight":
+                p.fill_(1.0)
+                continue
+            if leaf in _EXPERT_PARAMS:
+                for i, e in enumerate(ids):
+                    g = torch.Generator(device=device).manual_seed(_seed_of(seed, name, e))
+                    tmp = torch.empty(p.shape[1:], dtype=torch.float32, device=device)
+                    p[i].copy_(tmp.normal_(0.0, std, generator=g))
+                continue
+            g = torch.Generator(device=device).manual_seed(_seed_of(seed, name))
+            tmp = torch.empty(p.shape, dtype=torch.float32, device=device)
+            p.copy_(tmp.normal_(0.0, std, generator=g))
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
+def slice_experts(model, expert_ids: Sequence[int]):
+    """A copy of `model` whose MoE blocks hold only `expert_ids` (rows taken from `model`)."""
+    from probe.runtime.model import MoETransformer
+
+    full_ids = model.moe_blocks[0].expert_ids
+    rows = torch.tensor([full_ids.index(int(e)) for e in expert_ids], dtype=torch.int64)
+    with torch.device("meta"):
+        part = MoETransformer(model.cfg, list(expert_ids))
+    state = {}
+    for name, t in model.state_dict().items():
+        if name.rsplit(".", 1)[-1] in _EXPERT_PARAMS:
+            state[name] = t.index_select(0, rows.to(t.device)).clone()
+        else:
+            state[name] = t
+    part.load_state_dict(state, strict=True, assign=True)
+    part.eval()
+    part.requires_grad_(False)
+    return part
