@@ -152,7 +152,7 @@ def stats_cmd(
         trace = RoutingTrace.load(path)
         home = sharded_home(trace.num_experts, ranks or trace.num_ranks)
     except (ValueError, FileNotFoundError) as exc:
-        console.print(f"[red]error:[/red] {exc}")
+        console.print(f"[red]error:[/red] {exc}", soft_wrap=True)
         raise typer.Exit(1) from None
     s = stats(trace, home, top=top)
     if as_json:
@@ -201,7 +201,7 @@ def convert_cmd(
             trace = trace_from_counts(counts, num_ranks=ranks, top_k=top_k,
                                       meta={"converted_from": str(src)})
     except (ValueError, TypeError, FileNotFoundError) as exc:
-        console.print(f"[red]error:[/red] {exc}")
+        console.print(f"[red]error:[/red] {exc}", soft_wrap=True)
         raise typer.Exit(1) from None
     trace.save(out)
     console.print(f"wrote {out}: {trace}")

@@ -27,7 +27,8 @@ Workloads (`WORKLOADS` holds their defaults):
     join with a domain drawn from an arrival mix that drifts (Ornstein-Uhlenbeck in log space,
     `drift`), so the hot experts move from step to step. A token takes another domain with
     probability `mix` (token-level domain mixture).
-  * shift: decode whose arrivals are `shift_from` (code) before `shift_step` and `shift_to`
+  * shift: decode whose arrivals are `shift_from` (code) before `shift_step` (default 200, or
+    num_steps // 2 when shorter) and `shift_to`
     (chinese) from then on; at the shift the whole batch is replaced (abrupt semantic shift).
   * repeat: decode over one duplicated prompt: every request has the same domain and preference,
     strong stickiness: extreme skew.
@@ -89,7 +90,7 @@ _DECODE = {
 WORKLOADS: dict[str, dict[str, Any]] = {
     "decode": {"phase": DECODE, "num_steps": 300, "tokens_per_step": 8192, **_DECODE},
     "shift": {"phase": DECODE, "num_steps": 400, "tokens_per_step": 8192, **_DECODE,
-              "shift_step": 200, "shift_from": "code", "shift_to": "chinese",
+              "shift_step": None, "shift_from": "code", "shift_to": "chinese",
               "shift_weight": 0.8},
     "repeat": {"phase": DECODE, "num_steps": 100, "tokens_per_step": 8192, **_DECODE,
                "domains": {"code": 1.0}, "stick": 0.95, "rho": 0.9, "mix": 0.0,
@@ -302,7 +303,10 @@ def _decode_tokens(rng: np.random.Generator, world: _World, params: dict, worklo
     base = params["domains"]
     shift_step = None
     if workload == "shift":
-        shift_step = int(params["shift_step"])
+        shift_step = params["shift_step"]
+        if shift_step is None:  # default: step 200, or half way through shorter traces
+            shift_step = min(200, num_steps // 2)
+        shift_step = int(shift_step)
         if not 0 <= shift_step <= num_steps:
             raise ValueError(f"shift_step must lie in [0, num_steps={num_steps}], "
                              f"got {shift_step}")
