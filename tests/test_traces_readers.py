@@ -61,7 +61,7 @@ def test_prompt_lens_replay_prefill_then_decode():
 
 
 def test_routed_experts_bad_inputs():
-    with pytest.raises(ValueError, match=r"arrays\[1\] must be \[tokens, layers, top_k\], got ndim"):
+    with pytest.raises(ValueError, match=r"arrays\[1\] must be \[tokens, layers, top_k\]"):
         from_routed_experts([requests([2])[0], np.zeros((3, 2), int)], num_experts=E,
                             num_ranks=2)
     bad = requests([3])
