@@ -61,22 +61,27 @@ __all__ = ["greedy_arrays", "greedy_plan", "solve_greedy", "solve_greedy_ref"]
 UNLIMITED_MOVES = 1_000_000
 
 
-@numba.njit(cache=True)
-def _static_share(load, home, hpos, hcount, s, e, g):
+@numba.njit(cache=True, inline="always")
+def _static_share(load, home, hlist, hcount, s, e, g):
     """Tokens of (s, e) on rank g in the static split (see static.py)."""
     n = load[s, e]
     if home[s, e]:
         return n if g == s else 0
-    pos = hpos[g, e]
+    h = hcount[e]
+    if h == 1:
+        return n if hlist[e, 0] == g else 0
+    pos = -1
+    for k in range(h):
+        if hlist[e, k] == g:
+            pos = k
     if pos < 0:
         return 0
-    h = hcount[e]
     q = n // h
     r = n - q * h
     return q + (1 if (pos + s) % h < r else 0)
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, inline="always")
 def _holds(home, rep_on, used, g, e):
     if home[g, e]:
         return True
@@ -86,15 +91,29 @@ def _holds(home, rep_on, used, g, e):
     return False
 
 
-@numba.njit(cache=True)
-def _after(x, e, src, dst, npool, pool_s, pool_n, takes, tok, comp, t_in, t_out, alpha, beta,
-           tt, parts):
-    """Times of src and dst if x tokens of e move; fills takes[:npool] and parts[5]."""
+@numba.njit(cache=True, inline="always")
+def _src_after(x, e, src, pool_s, pool_n, tok, comp, t_in, t_out, alpha, beta, tt):
+    """T_src of `_after` alone (the same operations, for the x_mean search)."""
     left = x
-    for i in range(npool):
+    comp_src = comp[src] - beta * x
+    if tok[src, e] == x:
+        comp_src -= alpha
+    d_in_src = 0.0
+    i = 0
+    while left > 0:
         take = min(pool_n[i], left)
-        takes[i] = take
         left -= take
+        d_in_src += take * tt[pool_s[i], src]
+        i += 1
+    return comp_src + 2.0 * max(t_in[src] - d_in_src, t_out[src])
+
+
+@numba.njit(cache=True, inline="always")
+def _after(x, e, src, dst, pool_s, pool_n, tok, comp, t_in, t_out, alpha, beta, tt, parts):
+    """Times of src and dst if x >= 1 tokens of e move, taken from the pool in order; fills
+    parts[5]. Sums run in pool order and stop at the last entry touched (the twin's later
+    entries add 0.0, which changes nothing)."""
+    left = x
     comp_src = comp[src] - beta * x
     if tok[src, e] == x:
         comp_src -= alpha
@@ -104,9 +123,12 @@ def _after(x, e, src, dst, npool, pool_s, pool_n, takes, tok, comp, t_in, t_out,
     d_in_src = 0.0
     d_in_dst = 0.0
     d_out_dst = 0.0
-    for i in range(npool):
+    i = 0
+    while left > 0:
         s = pool_s[i]
-        take = takes[i]
+        take = min(pool_n[i], left)
+        left -= take
+        i += 1
         d_in_src += take * tt[s, src]
         if s == dst:
             d_out_dst += take * tt[dst, src]
@@ -132,8 +154,8 @@ def greedy_arrays(load, home, slots, window, alpha, beta, token_time, transfer_t
         alpha, beta: float; token_time, transfer_time: float64 [G, G];
         k_max: int, most moves (0 = until no move gains); epsilon: float, least gain (seconds).
     Returns:
-        rep_rank, rep_expert, rep_source: int64 [n_rep], the replicas in the order they were made
-            (expert rep_expert[i] copied from rep_source[i] to rep_rank[i]);
+        replicas: int64 [n_rep, 3], rows (rank, expert, source) in the order they were made:
+            expert replicas[i, 1] is copied from rank replicas[i, 2] to rank replicas[i, 0];
         blk_expert: int64 [n_blk], experts whose assignment changed;
         blk_assign: int64 [n_blk, S, G], their final assignment (tokens of (s, blk_expert[b])
             on g); every other expert keeps the static split;
@@ -142,24 +164,39 @@ def greedy_arrays(load, home, slots, window, alpha, beta, token_time, transfer_t
     num_ranks, num_experts = home.shape
     limit = k_max if k_max > 0 else UNLIMITED_MOVES
 
-    # Home holders of every expert, in rank order.
+    # Home holders of every expert (hlist[e, :hcount[e]], rank order) and home experts of
+    # every rank (rank_home[g, :rank_nhome[g]], id order).
     hcount = np.zeros(num_experts, np.int64)
-    hpos = np.empty((num_ranks, num_experts), np.int64)
     hlist = np.empty((num_experts, num_ranks), np.int64)
+    rank_nhome = np.zeros(num_ranks, np.int64)
+    rank_home = np.empty((num_ranks, num_experts), np.int64)
     for g in range(num_ranks):
         for e in range(num_experts):
             if home[g, e]:
-                hpos[g, e] = hcount[e]
                 hlist[e, hcount[e]] = g
                 hcount[e] += 1
-            else:
-                hpos[g, e] = -1
+                rank_home[g, rank_nhome[g]] = e
+                rank_nhome[g] += 1
 
-    # Static split: tokens per (rank, expert) and per (source, rank).
+    # Static split, expert by expert: tokens per (rank, expert), per (source, rank), and the
+    # compute time per rank (each rank's terms still add up in expert order).
     tok = np.zeros((num_ranks, num_experts), np.int64)
     flow = np.zeros((num_ranks, num_ranks), np.int64)
-    for s in range(num_ranks):
-        for e in range(num_experts):
+    comp = np.zeros(num_ranks)
+    for e in range(num_experts):
+        h = hcount[e]
+        if h == 1:
+            o = hlist[e, 0]
+            total = 0
+            for s in range(num_ranks):
+                n = load[s, e]
+                total += n
+                flow[s, o] += n
+            tok[o, e] = total
+            if total > 0:
+                comp[o] += alpha + beta * total
+            continue
+        for s in range(num_ranks):
             n = load[s, e]
             if n == 0:
                 continue
@@ -167,7 +204,6 @@ def greedy_arrays(load, home, slots, window, alpha, beta, token_time, transfer_t
                 tok[s, e] += n
                 flow[s, s] += n
             else:
-                h = hcount[e]
                 q = n // h
                 r = n - q * h
                 for k in range(h):
@@ -175,10 +211,8 @@ def greedy_arrays(load, home, slots, window, alpha, beta, token_time, transfer_t
                     g = hlist[e, k]
                     tok[g, e] += c
                     flow[s, g] += c
-
-    comp = np.zeros(num_ranks)
-    for g in range(num_ranks):
-        for e in range(num_experts):
+        for k in range(h):
+            g = hlist[e, k]
             if tok[g, e] > 0:
                 comp[g] += alpha + beta * tok[g, e]
     t_in = np.zeros(num_ranks)
@@ -202,9 +236,7 @@ def greedy_arrays(load, home, slots, window, alpha, beta, token_time, transfer_t
     used = np.zeros(num_ranks, np.int64)
     recv = np.zeros(num_ranks)
     send = np.zeros(num_ranks)
-    rep_rank = np.empty(cap_rep, np.int64)
-    rep_expert = np.empty(cap_rep, np.int64)
-    rep_source = np.empty(cap_rep, np.int64)
+    rep = np.empty((cap_rep, 3), np.int64)
     n_rep = 0
 
     # Changed experts keep a dense [S, G] block each.
@@ -223,7 +255,7 @@ def greedy_arrays(load, home, slots, window, alpha, beta, token_time, transfer_t
     parts = np.empty(5)
     best_parts = np.empty(5)
     dst_tried = np.empty(num_ranks, np.bool_)
-    exp_taken = np.empty(num_experts, np.bool_)
+    taken_at = np.full(num_experts, -1, np.int64)  # move in which e joined the order
     exp_order = np.empty(num_experts, np.int64)
 
     num_moves = 0
@@ -237,7 +269,6 @@ def greedy_arrays(load, home, slots, window, alpha, beta, token_time, transfer_t
             total_time += times[g]
         mean = total_time / num_ranks
         dst_tried[:] = False
-        exp_taken[:] = False
         n_order = 0
         found = False
         best_e = -1
@@ -256,48 +287,50 @@ def greedy_arrays(load, home, slots, window, alpha, beta, token_time, transfer_t
             if dst < 0:
                 break
             dst_tried[dst] = True
+            # Pruning (kernel only; the twin tries everything and tests compare them): any
+            # move to dst leaves dst at >= comp + beta + 2 * in (+ alpha for a new expert).
+            floor = times[src] - epsilon
+            lb_dst = comp[dst] + beta + 2.0 * t_in[dst]
+            if lb_dst >= floor + 1e-9 * (abs(floor) + lb_dst):
+                continue
             j = 0
             while True:
                 if j == n_order:  # extend the heaviest-first order lazily
+                    # Only experts src holds can have tokens there: its home experts, then
+                    # its replicas (heaviest first, ties to the lowest id).
                     e = -1
-                    for c in range(num_experts):
-                        if not exp_taken[c] and tok[src, c] > 0 and (
-                                e < 0 or tok[src, c] > tok[src, e]):
+                    for i in range(rank_nhome[src] + used[src]):
+                        c = (rank_home[src, i] if i < rank_nhome[src]
+                             else rep_on[src, i - rank_nhome[src]])
+                        if taken_at[c] != num_moves and tok[src, c] > 0 and (
+                                e < 0 or tok[src, c] > tok[src, e]
+                                or (tok[src, c] == tok[src, e] and c < e)):
                             e = c
                     if e < 0:
                         break
-                    exp_taken[e] = True
+                    taken_at[e] = num_moves
                     exp_order[n_order] = e
                     n_order += 1
                 e = exp_order[j]
                 j += 1
-                b = blk_of[e]
-                # Pool: dst's own tokens first, then other sources holding no copy of e.
-                npool = 0
-                total = 0
-                a = (blk_assign[b, dst, src] if b >= 0
-                     else _static_share(load, home, hpos, hcount, dst, e, src))
-                if a > 0:
-                    pool_s[0] = dst
-                    pool_n[0] = a
-                    npool = 1
-                    total += a
-                for s in range(num_ranks):
-                    if s == src or s == dst:  # noqa: SIM109
-                        continue
-                    a = (blk_assign[b, s, src] if b >= 0
-                         else _static_share(load, home, hpos, hcount, s, e, src))
-                    if a > 0 and not _holds(home, rep_on, used, s, e):
-                        pool_s[npool] = s
-                        pool_n[npool] = a
-                        npool += 1
-                        total += a
-                if total == 0:
+                on_dst = _holds(home, rep_on, used, dst, e)
+                if not on_dst and used[dst] >= slots[dst]:
                     continue
+                b = blk_of[e]
+                own = (blk_assign[b, dst, src] if b >= 0
+                       else _static_share(load, home, hlist, hcount, dst, e, src))
+                # Lower bound on T_dst after any move: beta*x + 2*max(in, out - own_moved*tt)
+                # is at least max(beta + 2*in, 2*out + min over 1 <= x <= own of x*(beta-2tt)).
+                slope = beta - 2.0 * token_time[dst, src]
+                lb_out = 2.0 * t_out[dst] + (min(slope, own * slope) if own > 0 else beta)
+                lb = comp[dst] + max(beta + 2.0 * t_in[dst], lb_out)
+                if tok[dst, e] == 0:
+                    lb += alpha
+                if lb >= floor + 1e-9 * (abs(floor) + lb):
+                    continue
+                # Copy source (checked before the pool: it is cheaper).
                 holder = -1
-                if not _holds(home, rep_on, used, dst, e):
-                    if used[dst] >= slots[dst]:
-                        continue
+                if not on_dst:
                     best_t = 0.0
                     best_send = 0.0
                     for k in range(hcount[e]):
@@ -311,51 +344,66 @@ def greedy_arrays(load, home, slots, window, alpha, beta, token_time, transfer_t
                             best_send = send[h]
                     if holder < 0:
                         continue
+                # Pool: dst's own tokens first, then other sources holding no copy of e.
+                npool = 0
+                total = 0
+                a = own
+                if a > 0:
+                    pool_s[0] = dst
+                    pool_n[0] = a
+                    npool = 1
+                    total += a
+                for s in range(num_ranks):
+                    if s == src or s == dst:  # noqa: SIM109
+                        continue
+                    a = (blk_assign[b, s, src] if b >= 0
+                         else _static_share(load, home, hlist, hcount, s, e, src))
+                    if a > 0 and not _holds(home, rep_on, used, s, e):
+                        pool_s[npool] = s
+                        pool_n[npool] = a
+                        npool += 1
+                        total += a
+                if total == 0:
+                    continue
                 # Water-fill: x_eq by bisection, then x_mean, then x = min of the two.
-                t_src, t_dst = _after(total, e, src, dst, npool, pool_s, pool_n, takes, tok,
-                                      comp, t_in, t_out, alpha, beta, token_time, parts)
-                if not t_src <= t_dst:
-                    x_eq = total
-                else:
+                all_src, all_dst = _after(total, e, src, dst, pool_s, pool_n, tok, comp, t_in,
+                                      t_out, alpha, beta, token_time, parts)
+                x_eq = total
+                if all_src <= all_dst:
                     lo = 1
-                    hi = total
-                    while lo < hi:
-                        mid = (lo + hi) // 2
-                        t_src, t_dst = _after(mid, e, src, dst, npool, pool_s, pool_n, takes,
-                                              tok, comp, t_in, t_out, alpha, beta, token_time,
-                                              parts)
+                    while lo < x_eq:
+                        mid = (lo + x_eq) // 2
+                        t_src, t_dst = _after(mid, e, src, dst, pool_s, pool_n, tok, comp, t_in,
+                                      t_out, alpha, beta, token_time, parts)
                         if t_src <= t_dst:
-                            hi = mid
+                            x_eq = mid
                         else:
                             lo = mid + 1
-                    x_eq = lo
                 if x_eq > 1:
-                    a_src, a_dst = _after(x_eq - 1, e, src, dst, npool, pool_s, pool_n, takes,
-                                          tok, comp, t_in, t_out, alpha, beta, token_time, parts)
-                    b_src, b_dst = _after(x_eq, e, src, dst, npool, pool_s, pool_n, takes, tok,
-                                          comp, t_in, t_out, alpha, beta, token_time, parts)
+                    a_src, a_dst = _after(x_eq - 1, e, src, dst, pool_s, pool_n, tok, comp, t_in,
+                                      t_out, alpha, beta, token_time, parts)
+                    b_src, b_dst = _after(x_eq, e, src, dst, pool_s, pool_n, tok, comp, t_in,
+                                      t_out, alpha, beta, token_time, parts)
                     if max(a_src, a_dst) <= max(b_src, b_dst):
                         x_eq -= 1
-                t_src, t_dst = _after(total, e, src, dst, npool, pool_s, pool_n, takes, tok,
-                                      comp, t_in, t_out, alpha, beta, token_time, parts)
-                if not t_src <= mean:
-                    x_mean = total
-                else:
+                x_mean = total
+                if all_src <= mean:
                     lo = 1
-                    hi = total
-                    while lo < hi:
-                        mid = (lo + hi) // 2
-                        t_src, t_dst = _after(mid, e, src, dst, npool, pool_s, pool_n, takes,
-                                              tok, comp, t_in, t_out, alpha, beta, token_time,
-                                              parts)
-                        if t_src <= mean:
-                            hi = mid
+                    while lo < x_mean:
+                        mid = (lo + x_mean) // 2
+                        if _src_after(mid, e, src, pool_s, pool_n, tok, comp, t_in, t_out, alpha,
+                                      beta, token_time) <= mean:
+                            x_mean = mid
                         else:
                             lo = mid + 1
-                    x_mean = lo
                 x = min(x_eq, x_mean)
-                t_src, t_dst = _after(x, e, src, dst, npool, pool_s, pool_n, takes, tok, comp,
-                                      t_in, t_out, alpha, beta, token_time, parts)
+                t_src, t_dst = _after(x, e, src, dst, pool_s, pool_n, tok, comp, t_in,
+                                      t_out, alpha, beta, token_time, parts)
+                left = x
+                for i in range(npool):
+                    take = min(pool_n[i], left)
+                    takes[i] = take
+                    left -= take
                 worst = max(t_src, t_dst)
                 for i in range(npool):
                     s = pool_s[i]
@@ -387,9 +435,9 @@ def greedy_arrays(load, home, slots, window, alpha, beta, token_time, transfer_t
         if best_holder >= 0:
             rep_on[dst, used[dst]] = e
             used[dst] += 1
-            rep_rank[n_rep] = dst
-            rep_expert[n_rep] = e
-            rep_source[n_rep] = best_holder
+            rep[n_rep, 0] = dst
+            rep[n_rep, 1] = e
+            rep[n_rep, 2] = best_holder
             n_rep += 1
             recv[dst] += transfer_time[best_holder, dst]
             send[best_holder] += transfer_time[best_holder, dst]
@@ -401,7 +449,7 @@ def greedy_arrays(load, home, slots, window, alpha, beta, token_time, transfer_t
             blk_expert[b] = e
             for s in range(num_ranks):
                 for g in range(num_ranks):
-                    blk_assign[b, s, g] = _static_share(load, home, hpos, hcount, s, e, g)
+                    blk_assign[b, s, g] = _static_share(load, home, hlist, hcount, s, e, g)
         for i in range(best_npool):
             s = pool_s[i]
             blk_assign[b, s, src] -= best_takes[i]
@@ -422,8 +470,7 @@ def greedy_arrays(load, home, slots, window, alpha, beta, token_time, transfer_t
                 times[s] = comp[s] + 2.0 * max(t_in[s], t_out[s])
         num_moves += 1
 
-    return (rep_rank[:n_rep], rep_expert[:n_rep], rep_source[:n_rep], blk_expert[:n_blk],
-            blk_assign[:n_blk], num_moves)
+    return rep[:n_rep], blk_expert[:n_blk], blk_assign[:n_blk], num_moves
 
 
 def _kernel_args(problem: BalanceProblem, k_max: int | None, epsilon: float) -> tuple:
@@ -445,15 +492,14 @@ def _kernel_args(problem: BalanceProblem, k_max: int | None, epsilon: float) -> 
             int(k_max), epsilon)
 
 
-def plan_from_arrays(problem: BalanceProblem, rep_rank: np.ndarray, rep_expert: np.ndarray,
-                     rep_source: np.ndarray, blk_expert: np.ndarray,
+def plan_from_arrays(problem: BalanceProblem, rep: np.ndarray, blk_expert: np.ndarray,
                      blk_assign: np.ndarray) -> Plan:
     """Build the dense Plan from `greedy_arrays`' compact output."""
     num_ranks, num_experts = problem.num_ranks, problem.num_experts
     replicas = np.zeros((num_ranks, num_experts), bool)
     sources = np.full((num_ranks, num_experts), -1, np.int64)
-    replicas[rep_rank, rep_expert] = True
-    sources[rep_rank, rep_expert] = rep_source
+    replicas[rep[:, 0], rep[:, 1]] = True
+    sources[rep[:, 0], rep[:, 1]] = rep[:, 2]
     assignment = static_assignment(problem.load, problem.home)
     if len(blk_expert):
         assignment[:, blk_expert, :] = np.transpose(blk_assign, (1, 0, 2))
@@ -467,7 +513,7 @@ def greedy_plan(problem: BalanceProblem, *, k_max: int | None = 16,
     k_max: most moves (None or 0: until no move gains); epsilon: least gain in seconds.
     """
     out = greedy_arrays(*_kernel_args(problem, k_max, epsilon))
-    return plan_from_arrays(problem, *out[:5])
+    return plan_from_arrays(problem, *out[:3])
 
 
 def solve_greedy(problem: BalanceProblem, *, time_limit: float | None = None,
@@ -477,11 +523,11 @@ def solve_greedy(problem: BalanceProblem, *, time_limit: float | None = None,
     args = _kernel_args(problem, k_max, epsilon)
     start = time.perf_counter()
     out = greedy_arrays(*args)
-    plan = plan_from_arrays(problem, *out[:5])
+    plan = plan_from_arrays(problem, *out[:3])
     wall = time.perf_counter() - start
     status = "timeout" if time_limit is not None and wall > time_limit else "feasible"
     return SolveResult(status, plan, float("nan"), None, None, wall,
-                       f"{out[5]} moves, {len(out[0])} replicas", "greedy")
+                       f"{out[3]} moves, {len(out[0])} replicas", "greedy")
 
 
 def solve_greedy_ref(problem: BalanceProblem, *, time_limit: float | None = None,
