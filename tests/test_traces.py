@@ -260,3 +260,22 @@ def test_broken_files_are_rejected_with_the_problem_named(tmp_path, case, text):
 def test_missing_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="no such trace file"):
         RoutingTrace.load(tmp_path / "nope.trace")
+
+
+def test_partial_load_reads_a_step_window(tmp_path):
+    tr = small_trace(seed=9, num_steps=7)
+    tr.save(tmp_path / "w.trace")
+    for window in (slice(2, 5), slice(0, 7), slice(5, None), slice(3, 3), slice(-2, None)):
+        part = RoutingTrace.load(tmp_path / "w.trace", steps=window)
+        assert part == tr.select(window), window
+    with pytest.raises(ValueError, match="contiguous slice"):
+        RoutingTrace.load(tmp_path / "w.trace", steps=slice(0, 6, 2))
+    with pytest.raises(TypeError, match="slice or None"):
+        RoutingTrace.load(tmp_path / "w.trace", steps=[1, 2])
+    # A window still checks the ids it reads.
+    ex = tr.experts.copy()
+    ex[tr.step_offsets[3], 0, 0] = 50
+    write_raw(tmp_path / "bad.trace", tr, replace={"experts": ex})
+    assert RoutingTrace.load(tmp_path / "bad.trace", steps=slice(0, 2)).num_steps == 2
+    with pytest.raises(ValueError, match="field 'experts' holds ids"):
+        RoutingTrace.load(tmp_path / "bad.trace", steps=slice(3, 4))

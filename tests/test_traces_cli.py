@@ -77,3 +77,15 @@ def test_convert_routed_experts_and_vllm_eplb(tmp_path):
     res = runner.invoke(app, ["trace", "convert", str(tmp_path / "odd.json"),
                               str(tmp_path / "o.trace"), "--from", "vllm-eplb", "--top-k", "2"])
     assert res.exit_code == 1 and "multiple of top_k" in res.output
+
+
+def test_stats_reports_the_shift(tmp_path):
+    app = make_app()
+    out = tmp_path / "s.trace"
+    res = runner.invoke(app, ["trace", "gen", "shift", "--out", str(out), "--steps", "20",
+                              "--tokens", "2048", "--layers", "2"])
+    assert res.exit_code == 0, res.output
+    res = runner.invoke(app, ["trace", "stats", str(out)])
+    assert res.exit_code == 0, res.output
+    assert "Largest change at step 10" in res.output
+    assert "steps tagged 'code'" in res.output and "steps tagged 'chinese'" in res.output

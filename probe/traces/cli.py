@@ -125,6 +125,9 @@ def render_stats(s: dict, console: Console | None = None, *, title: str = "") ->
             p = s[f"ir_{phase}"]
             console.print(f"{phase} steps: IR mean {p['mean']:.2f}, p10 {p['p10']:.2f}, "
                           f"p90 {p['p90']:.2f}, max {p['max']:.2f}")
+    for tag, p in s.get("ir_by_tag", {}).items():
+        console.print(f"steps tagged {tag!r}: IR mean {p['mean']:.2f}, p10 {p['p10']:.2f}, "
+                      f"p90 {p['p90']:.2f}, max {p['max']:.2f}")
     console.print(f"share of (step, layer) with IR in [1.4, 2.3]: {s['frac_ir_in_1.4_2.3']:.0%};"
                   f" IR > 2.6: {s['frac_ir_above_2.6']:.1%}")
     console.print("Expert load / mean expert load, over all (step, layer, expert):")
@@ -135,6 +138,9 @@ def render_stats(s: dict, console: Console | None = None, *, title: str = "") ->
         console.print(f"  {label:>12} {c / total:6.1%} {_bar(c, peak)}", highlight=False)
     console.print(f"Hot-expert churn: mean Jaccard overlap of the top-{s['top']} experts between "
                   f"consecutive steps = {churn_all:.2f} (1 = same hot set)")
+    if "churn_min" in s:
+        console.print(f"Largest change at step {s['churn_min']['step']}: Jaccard "
+                      f"{s['churn_min']['jaccard']:.2f}")
 
 
 @trace_app.command("stats")

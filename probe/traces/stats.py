@@ -62,7 +62,9 @@ def stats(trace: RoutingTrace, home: np.ndarray | None = None, *, top: int = 8) 
     "ir_overall" and, per phase present, "ir_prefill"/"ir_decode" summaries;
     "frac_ir_in_1.4_2.3" and "frac_ir_above_2.6"; "load_hist" {"edges", "counts"} of per-expert
     load / mean expert load over all (step, layer, expert); "churn" float64 [N-1, L] Jaccard
-    overlap of top-`top` hot experts between consecutive steps and "churn_per_layer" means.
+    overlap of top-`top` hot experts between consecutive steps and "churn_per_layer" means;
+    "churn_min" {"step", "jaccard"}: the step whose hot sets changed most (mean over layers);
+    "ir_by_tag": IR summary per step tag when there are 2 to 16 distinct tags.
     """
     if not isinstance(trace, RoutingTrace):
         raise TypeError(f"trace must be a RoutingTrace, got {type(trace).__name__}")
@@ -99,6 +101,14 @@ def stats(trace: RoutingTrace, home: np.ndarray | None = None, *, top: int = 8) 
         "churn_per_layer": churn.mean(axis=0) if churn.size else np.zeros(trace.num_layers),
         "top": top,
     }
+    tags = sorted(set(trace.step_tags) - {""})
+    if 1 < len(tags) <= 16:  # e.g. before / after a semantic shift
+        tag_arr = np.array(trace.step_tags, dtype=object)
+        out["ir_by_tag"] = {t: ir_summary(ir[tag_arr == t]) for t in tags}
+    if churn.size:
+        step_churn = churn.mean(axis=1)  # [N-1]
+        worst = int(np.argmin(step_churn))
+        out["churn_min"] = {"step": worst + 1, "jaccard": float(step_churn[worst])}
     for name, code in (("prefill", PREFILL), ("decode", 1 - PREFILL)):
         mask = trace.phase == code
         if mask.any():

@@ -226,8 +226,13 @@ class RoutingTrace:
             chunk = steps[start:stop]
             lo, hi = self.step_offsets[chunk], self.step_offsets[chunk + 1]
             lengths = hi - lo
-            tok = _ranges(lo, hi)  # [T_c] token rows
-            if tok.size:
+            if np.all(np.diff(chunk) == 1):  # consecutive steps: slices, no gather
+                tok = slice(int(lo[0]), int(hi[-1]))
+                num_tok = tok.stop - tok.start
+            else:
+                tok = _ranges(lo, hi)  # [T_c] token rows
+                num_tok = tok.size
+            if num_tok:
                 local_step = np.repeat(np.arange(len(chunk), dtype=np.int64), lengths)  # [T_c]
                 base = local_step * (num_layers * cell)
                 if by_rank:
@@ -338,13 +343,20 @@ class RoutingTrace:
         save_file(tensors, str(path), metadata=header)
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> RoutingTrace:
-        """Read and validate a trace file; ValueError naming the file and the problem."""
+    def load(cls, path: str | os.PathLike, steps: slice | None = None) -> RoutingTrace:
+        """Read and validate a trace file; ValueError naming the file and the problem.
+
+        steps: optional contiguous range of steps, e.g. slice(100, 200): only those steps'
+            token rows are read from disk (the file is memory-mapped), so long traces can be
+            streamed window by window. Ids are range-checked on the rows read.
+        """
         from safetensors import safe_open
 
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"{path}: no such trace file")
+        if steps is not None and not isinstance(steps, slice):
+            raise TypeError(f"steps must be a slice or None, got {type(steps).__name__}")
         try:
             with safe_open(str(path), framework="numpy") as f:
                 header = f.metadata() or {}
@@ -365,7 +377,11 @@ class RoutingTrace:
                 extra = sorted(keys - set(_ARRAY_DTYPES))
                 if extra:
                     raise _FileProblem(f"unexpected field(s) {extra}")
-                arrays = {k: f.get_tensor(k) for k in keys}
+                if steps is None:
+                    arrays = {k: f.get_tensor(k) for k in keys}
+                    step_range = None
+                else:
+                    arrays, step_range = _read_steps(f, keys, steps)
         except _FileProblem as exc:
             raise ValueError(f"{path}: {exc}") from None
         except Exception as exc:  # safetensors raises its own error types for broken files
@@ -378,12 +394,44 @@ class RoutingTrace:
                                        f"expected {_ARRAY_DTYPES[name]}")
             ints = {k: _header_int(header, k) for k in ("num_experts", "num_ranks", "top_k")}
             step_tags = _header_json(header, "step_tags", list)
+            if step_range is not None:
+                start, stop, num_steps = step_range
+                if len(step_tags) != num_steps:
+                    raise _FileProblem(f"field 'step_tags' must be a list of {num_steps} "
+                                       f"strings (one per step), got {len(step_tags)}")
+                step_tags = step_tags[start:stop]
+                arrays["phase"] = arrays["phase"][start:stop]
             meta = _header_json(header, "meta", dict)
             return cls(step_offsets=arrays["step_offsets"], src_rank=arrays["src_rank"],
                        experts=arrays["experts"], gates=arrays.get("gates"),
                        phase=arrays["phase"], step_tags=step_tags, meta=meta, **ints)
         except (_FileProblem, ValueError, TypeError) as exc:
             raise ValueError(f"{path}: {exc}") from None
+
+
+def _read_steps(f: Any, keys: set, steps: slice) -> tuple[dict, tuple[int, int, int]]:
+    """Read the token rows of a contiguous step range from an open safetensors file."""
+    offsets = f.get_tensor("step_offsets")
+    if offsets.dtype != _ARRAY_DTYPES["step_offsets"] or offsets.ndim != 1 or len(offsets) < 1:
+        raise _FileProblem(f"field 'step_offsets' must be int64 [N+1], got {offsets.dtype} "
+                           f"{offsets.shape}")
+    num_tokens = f.get_slice("experts").get_shape()[0]
+    if offsets[0] != 0 or offsets[-1] != num_tokens or np.any(np.diff(offsets) < 0):
+        raise _FileProblem("field 'step_offsets' must start at 0, be non-decreasing and end at "
+                           f"the token count {num_tokens}")
+    start, stop, stride = steps.indices(len(offsets) - 1)
+    if stride != 1:
+        raise _FileProblem(f"steps must be a contiguous slice (step 1), got {steps}")
+    stop = max(stop, start)
+    lo, hi = int(offsets[start]), int(offsets[stop])
+    arrays = {"step_offsets": offsets[start:stop + 1] - lo, "phase": f.get_tensor("phase")}
+    for name in ("src_rank", "experts", "gates"):
+        if name in keys:
+            arrays[name] = f.get_slice(name)[lo:hi]
+    if len(arrays["phase"]) != len(offsets) - 1:
+        raise _FileProblem(f"field 'phase' has shape {arrays['phase'].shape}, expected "
+                           f"({len(offsets) - 1},) (one per step, matching 'step_offsets')")
+    return arrays, (start, stop, len(offsets) - 1)
 
 
 class _FileProblem(Exception):
