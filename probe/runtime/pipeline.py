@@ -387,6 +387,8 @@ class EPRunner:
         out, stats = self.layers[layer].forward(
             h, topk_ids, topk_weights, quota=quota, arrived=arrived,
             replica_params=replica_params, hooks=_ClockHooks(hooks, self.clock, layer))
+        if getattr(block.cfg, "num_shared_experts", 0):
+            out = out + block.shared(h)  # [T, D] shared experts run locally on every rank
         st.fallback = stats.pairs_fallback
         st.pairs = stats.pairs_processed
         if st.transfer is not None:
@@ -413,6 +415,24 @@ class EPRunner:
         h = torch.zeros((0, self.cfg.hidden_size), dtype=self.dtype, device=self.device)
         for i in range(len(self.blocks)):
             self.run_layer(i, h)
+
+    def breakdown(self) -> dict[str, float]:
+        """Seconds per phase summed over the MoE layers of the last step (call after the
+        device is synchronised): attention (and norms, dense MLPs) before each MoE layer,
+        router + prediction + planning, dispatch, expert compute, combine + drain."""
+        c = self.clock
+        out = {"attention": 0.0, "route_plan": 0.0, "dispatch": 0.0, "experts": 0.0,
+               "combine": 0.0}
+        for i in range(len(self.blocks)):
+            parts = {"attention": (f"end{i - 1}" if i else "begin", f"start{i}"),
+                     "route_plan": (f"start{i}", f"experts{i}"),
+                     "dispatch": (f"experts{i}", f"compute{i}"),
+                     "experts": (f"compute{i}", f"combine{i}"),
+                     "combine": (f"combine{i}", f"end{i}")}
+            for key, (a, b) in parts.items():
+                sec = c.seconds(a, b)
+                out[key] += sec or 0.0
+        return out
 
     def end_step(self) -> StepStats:
         """Close the step: history for the predictor, and group-wide stats (one all_gather)."""
@@ -446,6 +466,7 @@ class _ClockHooks(PhaseHooks):
         self.inner, self.clock, self.layer = inner, clock, layer
 
     def before_experts(self) -> None:
+        self.clock.mark(f"compute{self.layer}")
         self.inner.before_experts()
 
     def before_combine(self) -> None:

@@ -1,0 +1,247 @@
+"""torchrun entry point: serve synthetic or given prompts expert-parallel on N ranks.
+
+    torchrun --nproc-per-node N -m probe.runtime --model DIR [options]      # NCCL on GPUs
+    torchrun --nproc-per-node 2 -m probe.runtime --model DIR --device cpu   # gloo on CPU
+    python -m probe.runtime --random-config gpt-oss-like --layers 4         # one process
+
+Each rank loads only its home experts (static sharded placement) and serves its own requests
+(attention is data parallel). Rank 0 prints a summary table and writes `--out` (JSON).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+__all__ = ["build_parser", "gpt_oss_like_config", "main", "run"]
+
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def gpt_oss_like_config(num_layers: int = 4, *, vocab_size: int = 201088):
+    """MoEConfig with GPT-OSS-120B's layer sizes (hidden 2880, 128 experts, top-4, expert FFN
+    2880, 64 query / 8 kv heads of 64, attention sinks, alternating 128-token sliding window)."""
+    from probe.runtime.config import MoEConfig, RopeConfig
+
+    return MoEConfig(
+        model_type="gpt_oss", vocab_size=vocab_size, hidden_size=2880, num_layers=num_layers,
+        num_heads=64, num_kv_heads=8, head_dim=64, num_experts=128, top_k=4,
+        moe_intermediate_size=2880, rope=RopeConfig(theta=150000.0),
+        moe_layers=tuple(range(num_layers)), router_scoring="topk_softmax", router_bias=True,
+        expert_act="clamped_swiglu", expert_bias=True, attention_bias=True,
+        attention_sinks=True, sliding_window=128,
+        sliding_layers=tuple(range(0, num_layers, 2)), rms_norm_eps=1e-5)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m probe.runtime", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--model", help="Hugging Face checkpoint directory")
+    src.add_argument("--random-config", help="'gpt-oss-like' or a config.json path: random "
+                                             "weights with that architecture")
+    p.add_argument("--layers", type=int, default=4, help="layers of a gpt-oss-like model")
+    p.add_argument("--dtype", choices=sorted(_DTYPES), default=None,
+                   help="default bf16 on GPU, fp32 on CPU")
+    p.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
+    p.add_argument("--prompts", help="JSON lines file: {\"ids\": [...]} per request")
+    p.add_argument("--requests", type=int, default=8, help="synthetic requests per rank")
+    p.add_argument("--prompt-len", type=int, default=128)
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--stagger", type=int, default=1, help="steps between request arrivals")
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-batch-tokens", type=int, default=2048)
+    p.add_argument("--prefill-chunk", type=int, default=512)
+    p.add_argument("--balance", action=argparse.BooleanOptionalAction, default=True,
+                   help="PROBE balancing (replicas + plans); --no-balance: static EP")
+    p.add_argument("--slots", type=int, default=3, help="replica slots per rank per buffer")
+    p.add_argument("--predictor", default="history",
+                   help="history | router | path of a saved PredictorSet")
+    p.add_argument("--method", default="greedy", help="planner method (probe.planner.solve)")
+    p.add_argument("--hardware", default="h200x8", help="HardwareSpec preset for the planner")
+    p.add_argument("--timeout", type=float, default=120.0, help="seconds per collective")
+    p.add_argument("--profile", help="write a torch.profiler table of one prefill and one "
+                                     "decode step to this file (rank 0)")
+    p.add_argument("--warmup-steps", type=int, default=0,
+                   help="serve this many throw-away requests first (JIT, allocator)")
+    p.add_argument("--out", help="JSON summary (rank 0)")
+    return p
+
+
+def _load(args, ctx, device, dtype):
+    from probe.placement import sharded_home
+    from probe.runtime.engine import random_model
+
+    if args.model:
+        from probe.runtime.checkpoint import load_config, load_model
+
+        cfg = load_config(args.model)
+        ids = np.flatnonzero(sharded_home(cfg.num_experts, ctx.world_size)[ctx.rank]).tolist()
+        return load_model(args.model, dtype=dtype, device=device, expert_ids=ids)
+    if args.random_config == "gpt-oss-like":
+        cfg = gpt_oss_like_config(args.layers)
+    else:
+        from probe.runtime.config import MoEConfig
+
+        cfg = MoEConfig.from_hf(json.loads(Path(args.random_config).read_text()))
+    ids = np.flatnonzero(sharded_home(cfg.num_experts, ctx.world_size)[ctx.rank]).tolist()
+    return random_model(cfg, seed=args.seed, dtype=dtype, device=device, expert_ids=ids)
+
+
+def _requests(args, rank: int, world: int, vocab: int, *, tag: str = "r") -> list:
+    from probe.runtime.engine import Request
+
+    if args.prompts:
+        lines = [json.loads(x) for x in Path(args.prompts).read_text().splitlines() if x.strip()]
+        mine = [(i, d) for i, d in enumerate(lines) if i % world == rank]
+        return [Request(f"{tag}{i}", d["ids"], max_new_tokens=d.get("max_new_tokens",
+                                                                   args.max_new_tokens),
+                        temperature=args.temperature, top_k=args.top_k, seed=args.seed + i,
+                        arrival_step=j * args.stagger)
+                for j, (i, d) in enumerate(mine)]
+    g = torch.Generator().manual_seed(args.seed * 1000 + rank)
+    out = []
+    for j in range(args.requests):
+        n = max(1, int(args.prompt_len * (0.5 + torch.rand(1, generator=g).item())))
+        prompt = torch.randint(0, min(vocab, 256), (n,), generator=g).tolist()
+        out.append(Request(f"{tag}{rank}-{j}", prompt, max_new_tokens=args.max_new_tokens,
+                           temperature=args.temperature, top_k=args.top_k,
+                           seed=args.seed + 7919 * rank + j, arrival_step=j * args.stagger))
+    return out
+
+
+def _profile(engine, args, ctx, vocab: int) -> str:
+    """torch.profiler table of one prefill step and a few decode steps."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from probe.runtime.engine import Request
+
+    acts = [ProfilerActivity.CPU]
+    if engine.device.type == "cuda":
+        acts.append(ProfilerActivity.CUDA)
+    g = torch.Generator().manual_seed(99 + ctx.rank)
+    reqs = [Request(f"prof{ctx.rank}-{i}", torch.randint(0, min(vocab, 256), (args.prompt_len,),
+                                                         generator=g).tolist(),
+                    max_new_tokens=4, arrival_step=engine.step_index)
+            for i in range(max(1, args.requests))]
+    with profile(activities=acts, record_shapes=False) as prof:
+        engine.serve(reqs)
+    key = "self_cuda_time_total" if engine.device.type == "cuda" else "self_cpu_time_total"
+    return prof.key_averages().table(sort_by=key, row_limit=30)
+
+
+def run(args) -> dict | None:
+    """Serve per `args` on this process's rank. Returns the summary on rank 0."""
+    from probe.runtime.dist import DistContext, init_distributed, shutdown
+    from probe.runtime.engine import Engine
+    from probe.runtime.pipeline import EPRunner, PipelineOptions
+
+    use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+    import os
+
+    if "RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) >= 1 \
+            and "MASTER_ADDR" in os.environ:
+        ctx = init_distributed(backend="nccl" if use_cuda else "gloo", timeout_s=args.timeout)
+    else:  # plain `python -m probe.runtime`: one process, no process group
+        device = torch.device("cuda", 0) if use_cuda else torch.device("cpu")
+        if use_cuda:
+            torch.cuda.set_device(device)
+        ctx = DistContext(0, 1, None, None, device)
+    device = ctx.device
+    dtype = _DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if use_cuda else torch.float32)
+    t0 = time.perf_counter()
+    model = _load(args, ctx, device, dtype)
+    load_s = time.perf_counter() - t0
+    predictor = args.predictor
+    if predictor not in ("history", "router"):
+        from probe.predictor import PredictorSet
+
+        predictor = PredictorSet.load(predictor).to(device)
+    runner = EPRunner(model, ctx, PipelineOptions(
+        balance=args.balance and ctx.world_size > 1, num_slots=args.slots, predictor=predictor,
+        method=args.method, hardware=args.hardware))
+    engine = Engine(model, runner, ctx, max_batch_tokens=args.max_batch_tokens,
+                    prefill_chunk=args.prefill_chunk)
+    vocab = model.cfg.vocab_size
+    if args.warmup_steps:
+        warm = _requests(args, ctx.rank, ctx.world_size, vocab, tag="warm")[:1]
+        for r in warm:
+            r.max_new_tokens = max(1, args.warmup_steps)
+            r.prompt = r.prompt[:64]
+        engine.serve(warm)
+        engine = Engine(model, runner, ctx, max_batch_tokens=args.max_batch_tokens,
+                        prefill_chunk=args.prefill_chunk)
+    reqs = _requests(args, ctx.rank, ctx.world_size, vocab)
+    t1 = time.perf_counter()
+    results = engine.serve(reqs)
+    serve_s = time.perf_counter() - t1
+    summary = engine.summary()
+    summary.update({"rank": ctx.rank, "load_s": load_s, "serve_s": serve_s,
+                    "generated_tokens": sum(len(r.tokens) for r in results.values())})
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    summary["layer_breakdown_last_step_s"] = runner.breakdown()
+    prefill_recs = [r for r in engine.records if r.prefill_tokens > 0]
+    summary["first_prefill_step_s"] = prefill_recs[0].seconds if prefill_recs else None
+    if args.profile:
+        table = _profile(engine, args, ctx, vocab)
+        if ctx.rank == 0:
+            Path(args.profile).write_text(table)
+    summaries = [summary]
+    if ctx.group is not None and ctx.world_size > 1:
+        import torch.distributed as dist
+
+        summaries = [None] * ctx.world_size
+        dist.all_gather_object(summaries, summary, group=ctx.group)
+    out = None
+    if ctx.rank == 0:
+        out = {"world_size": ctx.world_size, "device": str(device), "dtype": str(dtype),
+               "model": args.model or args.random_config, "balance": args.balance,
+               "config": {k: v for k, v in vars(model.cfg).items() if k != "extra"},
+               "ranks": summaries,
+               "sample": {rid: r.tokens[:16] for rid, r in list(results.items())[:2]}}
+        _print_table(out)
+        if args.out:
+            Path(args.out).write_text(json.dumps(out, indent=2, default=str))
+    if ctx.group is not None:
+        shutdown(ctx)
+    return out
+
+
+def _print_table(out: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title=f"probe.runtime: {out['model']} on {out['world_size']} rank(s), "
+                    f"{out['device']}, {out['dtype']}")
+    for col in ("rank", "requests", "TTFT s", "prefill tok/s", "decode tok/s", "mean IR",
+                "MB prefetched", "exposed s"):
+        t.add_column(col)
+
+    def f(x, spec=".3g"):
+        return "-" if x is None else format(x, spec)
+
+    for s in out["ranks"]:
+        t.add_row(str(s["rank"]), str(s["requests"]), f(s["ttft_s_mean"]),
+                  f(s["prefill_tokens_per_s"], ".1f"), f(s["decode_tokens_per_s"], ".1f"),
+                  f(s["mean_ir"]), f(s["bytes_prefetched"] / 1e6, ".2f"),
+                  f(s["exposed_transfer_s"]))
+    Console().print(t)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    run(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
