@@ -418,8 +418,8 @@ class MoEBlock(nn.Module):
             raise ValueError(f"expert {expert_id} is not held by layer {self.layer} "
                              f"(held: {len(self.expert_ids)} experts)") from None
 
-    def _activate(self, gate_up: torch.Tensor) -> torch.Tensor:
-        """gate_up [n, 2F] -> [n, F]."""
+    def activate(self, gate_up: torch.Tensor) -> torch.Tensor:
+        """The expert nonlinearity: gate_up [n, 2F] (gate half first) -> [n, F]."""
         gate, up = gate_up.chunk(2, dim=-1)  # [n, F] each
         if self.cfg.expert_act == "clamped_swiglu":
             limit, alpha = self.cfg.swiglu_limit, self.cfg.swiglu_alpha
@@ -428,12 +428,19 @@ class MoEBlock(nn.Module):
             return (up + 1) * (gate * torch.sigmoid(gate * alpha))
         return F.silu(gate) * up
 
+    _activate = activate  # older name, kept for callers
+
+    def shared_forward(self, h: torch.Tensor) -> torch.Tensor | None:
+        """Shared experts' output h [T, D] -> [T, D] (None when the family has none); it adds
+        to the routed output of every token."""
+        return self.shared(h) if self.cfg.num_shared_experts else None
+
     def expert_forward(self, x: torch.Tensor, expert_id: int) -> torch.Tensor:
         """One expert, unweighted: x [n, D] -> [n, D]."""
         i = self.slot(expert_id)
         bias = self.cfg.expert_bias
         gate_up = F.linear(x, self.w_gate_up[i], self.b_gate_up[i] if bias else None)  # [n, 2F]
-        return F.linear(self._activate(gate_up), self.w_down[i],
+        return F.linear(self.activate(gate_up), self.w_down[i],
                         self.b_down[i] if bias else None)  # [n, D]
 
     def grouped_forward(self, x: torch.Tensor, expert_of_row: torch.Tensor) -> torch.Tensor:
@@ -467,8 +474,9 @@ class MoEBlock(nn.Module):
         rows = h.repeat_interleave(k, dim=0)  # [T*K, D]
         y = self.grouped_forward(rows, topk_ids.reshape(-1)).view(n_tok, k, -1)  # [T, K, D]
         out = self.combine(y, topk_weights)  # [T, D]
-        if self.cfg.num_shared_experts:
-            out = out + self.shared(h)  # [T, D]
+        shared = self.shared_forward(h)
+        if shared is not None:
+            out = out + shared  # [T, D]
         return out, LayerRouting(self.layer, h, logits, topk_ids, topk_weights)
 
 
