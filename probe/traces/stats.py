@@ -64,7 +64,7 @@ def stats(trace: RoutingTrace, home: np.ndarray | None = None, *, top: int = 8) 
     load / mean expert load over all (step, layer, expert); "churn" float64 [N-1, L] Jaccard
     overlap of top-`top` hot experts between consecutive steps and "churn_per_layer" means;
     "churn_min" {"step", "jaccard"}: the step whose hot sets changed most (mean over layers);
-    "ir_by_tag": IR summary per step tag when there are 2 to 16 distinct tags.
+    "ir_by_tag": IR summary per step tag when there are 2 to 8 distinct tags.
     """
     if not isinstance(trace, RoutingTrace):
         raise TypeError(f"trace must be a RoutingTrace, got {type(trace).__name__}")
@@ -102,7 +102,7 @@ def stats(trace: RoutingTrace, home: np.ndarray | None = None, *, top: int = 8) 
         "top": top,
     }
     tags = sorted(set(trace.step_tags) - {""})
-    if 1 < len(tags) <= 16:  # e.g. before / after a semantic shift
+    if 1 < len(tags) <= 8:  # e.g. before / after a semantic shift
         tag_arr = np.array(trace.step_tags, dtype=object)
         out["ir_by_tag"] = {t: ir_summary(ir[tag_arr == t]) for t in tags}
     if churn.size:
