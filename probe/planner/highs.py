@@ -25,14 +25,11 @@ def time_unit(objective: float) -> float:
     return objective / 1000.0 if objective > 0 else 1.0
 
 
-def highs_model(milp: Milp, problem: BalanceProblem, unit: float, *, integer: bool):
+def highs_model(milp: Milp, unit: float, *, integer: bool):
     """A highspy.HighsLp of `milp` (scaled as the module docstring says), minimising z.
 
     integer=False gives the LP relaxation.
     """
-    import highspy
-
-    inf = highspy.kHighsInf
     num_cols, num_rows = milp.num_cols, milp.num_rows
     row_scale = np.ones(num_rows)
     row_scale[milp.row_family == MAKESPAN] = 1.0 / unit
@@ -42,28 +39,42 @@ def highs_model(milp: Milp, problem: BalanceProblem, unit: float, *, integer: bo
     # z is itself measured in units, so its coefficient keeps its value (-1 or -G).
     is_z = milp.coef_col == milp.z_col
     vals[is_z] = milp.coef_val[is_z]
-    order = np.lexsort((milp.coef_row, milp.coef_col))
-    starts = np.zeros(num_cols + 1, np.int32)
-    np.cumsum(np.bincount(milp.coef_col, minlength=num_cols), out=starts[1:])
+    cost = np.zeros(num_cols)
+    cost[milp.z_col] = 1.0
+    integrality = milp.col_integer if integer else None
+    return lp_from_arrays(cost, milp.col_lower, milp.col_upper, milp.row_lower * row_scale,
+                          milp.row_upper * row_scale, milp.coef_row, milp.coef_col, vals,
+                          integrality)
 
+
+def lp_from_arrays(col_cost: np.ndarray, col_lower: np.ndarray, col_upper: np.ndarray,
+                   row_lower: np.ndarray, row_upper: np.ndarray, coef_row: np.ndarray,
+                   coef_col: np.ndarray, coef_val: np.ndarray,
+                   integrality: np.ndarray | None = None):
+    """A highspy.HighsLp (minimise) from numpy arrays: float [N] column data, float [M] row
+    bounds (+-inf allowed), coordinate coefficients [NNZ] without duplicates, and optionally
+    bool [N] integrality."""
+    import highspy
+
+    inf = highspy.kHighsInf
+    num_cols, num_rows = col_cost.size, row_lower.size
+    order = np.lexsort((coef_row, coef_col))
+    starts = np.zeros(num_cols + 1, np.int32)
+    np.cumsum(np.bincount(coef_col, minlength=num_cols), out=starts[1:])
     lp = highspy.HighsLp()
     lp.num_col_ = num_cols
     lp.num_row_ = num_rows
-    cost = np.zeros(num_cols)
-    cost[milp.z_col] = 1.0
-    lp.col_cost_ = cost
-    lp.col_lower_ = milp.col_lower
-    lp.col_upper_ = np.where(np.isinf(milp.col_upper), inf, milp.col_upper)
-    lower = milp.row_lower * row_scale
-    upper = milp.row_upper * row_scale
-    lp.row_lower_ = np.where(np.isneginf(lower), -inf, lower)
-    lp.row_upper_ = np.where(np.isposinf(upper), inf, upper)
+    lp.col_cost_ = col_cost
+    lp.col_lower_ = np.where(np.isneginf(col_lower), -inf, col_lower)
+    lp.col_upper_ = np.where(np.isposinf(col_upper), inf, col_upper)
+    lp.row_lower_ = np.where(np.isneginf(row_lower), -inf, row_lower)
+    lp.row_upper_ = np.where(np.isposinf(row_upper), inf, row_upper)
     lp.a_matrix_.format_ = highspy.MatrixFormat.kColwise
     lp.a_matrix_.start_ = starts
-    lp.a_matrix_.index_ = milp.coef_row[order].astype(np.int32)
-    lp.a_matrix_.value_ = vals[order]
-    if integer:
-        lp.integrality_ = np.where(milp.col_integer, highspy.HighsVarType.kInteger,
+    lp.a_matrix_.index_ = coef_row[order].astype(np.int32)
+    lp.a_matrix_.value_ = coef_val[order]
+    if integrality is not None:
+        lp.integrality_ = np.where(integrality, highspy.HighsVarType.kInteger,
                                    highspy.HighsVarType.kContinuous).tolist()
     return lp
 
@@ -113,7 +124,7 @@ def solve_highs(problem: BalanceProblem, *, time_limit: float | None = None,
         return finish_result(problem, "highs", start, "timeout", None, warm, warm_name, None,
                              "time limit reached before the MIP started")
     solver = new_highs(remaining, **options)
-    solver.passModel(highs_model(milp, problem, unit, integer=True))
+    solver.passModel(highs_model(milp, unit, integer=True))
     values = plan_to_values(milp, problem, warm)
     if values is not None:
         values[milp.z_col] = warm_obj / unit * (1 + 1e-9) + 1e-9

@@ -138,7 +138,7 @@ def _replica_candidates(problem: BalanceProblem, candidates: np.ndarray | None) 
 
 
 def build_milp(problem: BalanceProblem, *, candidates: np.ndarray | None = None,
-               per_source_activation: bool = True) -> Milp:
+               per_source_activation: bool = True, all_active: bool = False) -> Milp:
     """The MILP of `problem` (module docstring).
 
     candidates: optional bool [G, E], the (rank, expert) pairs where replicas may go (default:
@@ -146,6 +146,9 @@ def build_milp(problem: BalanceProblem, *, candidates: np.ndarray | None = None,
         model (used by the LP heuristic).
     per_source_activation: link a[s, e, g] <= load[s, e] * y[g, e] per source (tighter LP
         relaxation) rather than once per (g, e) with the expert's total load.
+    all_active: fix every y to 1, so each possible holder of a multi-holder expert pays alpha:
+        an upper-bound model whose LP is exact when every holder gets tokens (used to assign
+        tokens for a fixed placement).
     """
     if candidates is not None:
         candidates = np.asarray(candidates, dtype=bool)
@@ -193,6 +196,8 @@ def build_milp(problem: BalanceProblem, *, candidates: np.ndarray | None = None,
     col_upper = np.empty(num_cols)
     col_upper[offsets[0]:offsets[1]] = load[s_a, e_a]
     col_upper[offsets[1]:offsets[3]] = 1.0
+    if all_active:
+        col_lower[offsets[2]:offsets[3]] = 1.0
     col_lower[offsets[3]:offsets[4]] = fixed_flow.ravel()
     col_upper[offsets[3]:offsets[4]] = total
     col_upper[z_col] = np.inf
