@@ -1,0 +1,113 @@
+"""Helpers the simulator's policies share: applying a plan to another load, EPLB placement.
+
+Shape legend: S source ranks (= G), E experts, G ranks.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from probe.planner.problem import Plan
+from probe.planner.static import static_assignment
+
+__all__ = ["apply_plan", "eplb_placement", "rebalance_transfer"]
+
+
+def apply_plan(plan: Plan, true_load: np.ndarray, home: np.ndarray) -> Plan:
+    """The plan's replicas with the TRUE tokens assigned by the plan's per-(s, e) split.
+
+    plan: a Plan made for a predicted load (its assignment int [S, E, G] sums to that load).
+    true_load: int [S, E] the tokens that actually arrive. home: bool [G, E].
+    For every (s, e) the plan gave tokens to, the true tokens are split over the same ranks in
+    the same proportions (largest remainder rounding, so counts stay whole and conserved).
+    Where the plan expected no token of (s, e) the true tokens take the static locality-first
+    route over the HOME ranks (`static_assignment`), never a replica the plan did not size.
+    Replicas and their sources are kept, so transfer cost and feasibility do not change.
+    Returns a Plan whose assignment sums to true_load.
+
+    >>> home = np.array([[1, 0], [0, 1]], bool)
+    >>> plan = Plan(np.array([[0, 0], [1, 0]], bool), np.array([[-1, -1], [0, -1]]),
+    ...             np.array([[[2, 2], [0, 0]], [[0, 0], [0, 1]]]))
+    >>> apply_plan(plan, np.array([[5, 0], [1, 3]]), home).assignment.tolist()
+    [[[3, 2], [0, 0]], [[1, 0], [0, 3]]]
+    """
+    true_load = np.asarray(true_load, dtype=np.int64)
+    planned = plan.assignment  # [S, E, G]
+    predicted = planned.sum(axis=2)  # [S, E]
+    known = predicted > 0
+    with np.errstate(invalid="ignore", divide="ignore"):
+        frac = np.where(known[:, :, None], planned / np.where(known, predicted, 1)[:, :, None],
+                        0.0)  # [S, E, G]
+    target = true_load[:, :, None] * frac  # [S, E, G]
+    base = np.floor(target + 1e-9).astype(np.int64)
+    short = np.where(known, true_load - base.sum(axis=2), 0)  # [S, E]
+    rest = np.where(frac > 0, target - base, -1.0)  # never top up a rank with no share
+    order = np.argsort(-rest, axis=2, kind="stable")
+    position = np.empty_like(order)
+    np.put_along_axis(position, order, np.arange(order.shape[2])[None, None, :], axis=2)
+    base += (position < short[:, :, None]) & (frac > 0)
+    fallback = static_assignment(np.where(known, 0, true_load), home)
+    assignment = base + fallback
+    assert np.array_equal(assignment.sum(axis=2), true_load), "apply_plan lost tokens"
+    return Plan(plan.replicas, plan.sources, assignment)
+
+
+def eplb_placement(expert_load: np.ndarray, home: np.ndarray, slots: int
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """DeepSeek-EPLB-style redundant experts for one layer from historical load.
+
+    expert_load: float [E], mean tokens per expert over the history window. home: bool [G, E]
+    (one home per expert). slots: redundant slots per rank. Repeatedly give one more copy to
+    the expert with the largest load per copy, on the rank with the least expected load (load
+    per copy summed over the experts it holds) that has a free slot and no copy of it; stop when
+    the slots are full or no copy lowers the per-copy maximum. Copies come from the home rank.
+    Returns replicas bool [G, E] and sources int64 [G, E] (-1 where none).
+
+    >>> r, s = eplb_placement(np.array([9.0, 1.0, 1.0, 1.0]), np.eye(2, dtype=bool).repeat(2, 1),
+    ...                       slots=1)
+    >>> r.astype(int).tolist(), s.tolist()
+    ([[0, 0, 0, 0], [1, 0, 0, 0]], [[-1, -1, -1, -1], [0, -1, -1, -1]])
+    """
+    expert_load = np.asarray(expert_load, dtype=np.float64)
+    home = np.asarray(home, dtype=bool)
+    num_ranks, num_experts = home.shape
+    owner = np.argmax(home, axis=0)  # [E]
+    copies = home.sum(axis=0).astype(np.int64)  # [E]
+    holds = home.copy()
+    replicas = np.zeros_like(home)
+    sources = np.full(home.shape, -1, dtype=np.int64)
+    free = np.full(num_ranks, int(slots), dtype=np.int64)
+    for _ in range(int(slots) * num_ranks):
+        per_copy = expert_load / copies  # [E]
+        e = int(np.argmax(per_copy))
+        if per_copy[e] <= 0:
+            break
+        rank_load = (holds * per_copy[None, :]).sum(axis=1)  # [G]
+        ok = (free > 0) & ~holds[:, e]
+        if not ok.any():
+            break
+        g = int(np.flatnonzero(ok)[np.argmin(rank_load[ok])])
+        replicas[g, e] = holds[g, e] = True
+        sources[g, e] = owner[e]
+        copies[e] += 1
+        free[g] -= 1
+    return replicas, sources
+
+
+def rebalance_transfer(old: np.ndarray, new: np.ndarray, sources: np.ndarray,
+                       transfer_time: np.ndarray) -> tuple[float, int]:
+    """Seconds (max over ranks of max(received, sent)) and count of replicas that must move.
+
+    old, new: bool [G, E] replica placements before and after; sources: int [G, E] of `new`;
+    transfer_time: float [G, G] seconds per expert copied h -> g.
+    """
+    moved = np.argwhere(new & ~old)
+    num_ranks = new.shape[0]
+    recv = np.zeros(num_ranks)
+    send = np.zeros(num_ranks)
+    for g, e in moved:
+        h = int(sources[g, e])
+        recv[g] += transfer_time[h, g]
+        send[h] += transfer_time[h, g]
+    seconds = float(max(recv.max(initial=0.0), send.max(initial=0.0)))
+    return seconds, len(moved)
