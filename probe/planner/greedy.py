@@ -62,18 +62,16 @@ UNLIMITED_MOVES = 1_000_000
 
 
 @numba.njit(cache=True, inline="always")
-def _static_share(load, home, hlist, hcount, s, e, g):
-    """Tokens of (s, e) on rank g in the static split (see static.py)."""
+def _static_share(load, home, hpos, hcount, s, e, g):
+    """Tokens of (s, e) on rank g in the static split (see static.py); hpos[g, e] is g's
+    position among e's home holders, -1 if none."""
     n = load[s, e]
     if home[s, e]:
         return n if g == s else 0
     h = hcount[e]
     if h == 1:
-        return n if hlist[e, 0] == g else 0
-    pos = -1
-    for k in range(h):
-        if hlist[e, k] == g:
-            pos = k
+        return n if hpos[g, e] == 0 else 0
+    pos = hpos[g, e]
     if pos < 0:
         return 0
     q = n // h
@@ -164,46 +162,40 @@ def greedy_arrays(load, home, slots, window, alpha, beta, token_time, transfer_t
     num_ranks, num_experts = home.shape
     limit = k_max if k_max > 0 else UNLIMITED_MOVES
 
-    # Home holders of every expert (hlist[e, :hcount[e]], rank order) and home experts of
-    # every rank (rank_home[g, :rank_nhome[g]], id order).
+    # Home holders of every expert (hlist[e, :hcount[e]] in rank order; hpos[g, e] = g's
+    # position there or -1) and home experts of every rank (rank_home[g, :rank_nhome[g]]).
     hcount = np.zeros(num_experts, np.int64)
     hlist = np.empty((num_experts, num_ranks), np.int64)
     rank_nhome = np.zeros(num_ranks, np.int64)
     rank_home = np.empty((num_ranks, num_experts), np.int64)
+    hpos = np.empty((num_ranks, num_experts), np.int64)
     for g in range(num_ranks):
         for e in range(num_experts):
+            hpos[g, e] = hcount[e] if home[g, e] else -1
             if home[g, e]:
                 hlist[e, hcount[e]] = g
                 hcount[e] += 1
                 rank_home[g, rank_nhome[g]] = e
                 rank_nhome[g] += 1
 
-    # Static split, expert by expert: tokens per (rank, expert), per (source, rank), and the
-    # compute time per rank (each rank's terms still add up in expert order).
+    # Static split: tokens per (rank, expert) and per (source, rank); then compute per rank
+    # (in expert order, over its home experts: the only ones with static tokens).
     tok = np.zeros((num_ranks, num_experts), np.int64)
     flow = np.zeros((num_ranks, num_ranks), np.int64)
-    comp = np.zeros(num_ranks)
-    for e in range(num_experts):
-        h = hcount[e]
-        if h == 1:
-            o = hlist[e, 0]
-            total = 0
-            for s in range(num_ranks):
-                n = load[s, e]
-                total += n
-                flow[s, o] += n
-            tok[o, e] = total
-            if total > 0:
-                comp[o] += alpha + beta * total
-            continue
-        for s in range(num_ranks):
+    for s in range(num_ranks):
+        for e in range(num_experts):
             n = load[s, e]
             if n == 0:
                 continue
             if home[s, e]:
                 tok[s, e] += n
                 flow[s, s] += n
+            elif hcount[e] == 1:
+                g = hlist[e, 0]
+                tok[g, e] += n
+                flow[s, g] += n
             else:
+                h = hcount[e]
                 q = n // h
                 r = n - q * h
                 for k in range(h):
@@ -211,8 +203,10 @@ def greedy_arrays(load, home, slots, window, alpha, beta, token_time, transfer_t
                     g = hlist[e, k]
                     tok[g, e] += c
                     flow[s, g] += c
-        for k in range(h):
-            g = hlist[e, k]
+    comp = np.zeros(num_ranks)
+    for g in range(num_ranks):
+        for i in range(rank_nhome[g]):
+            e = rank_home[g, i]
             if tok[g, e] > 0:
                 comp[g] += alpha + beta * tok[g, e]
     t_in = np.zeros(num_ranks)
@@ -318,7 +312,7 @@ def greedy_arrays(load, home, slots, window, alpha, beta, token_time, transfer_t
                     continue
                 b = blk_of[e]
                 own = (blk_assign[b, dst, src] if b >= 0
-                       else _static_share(load, home, hlist, hcount, dst, e, src))
+                       else _static_share(load, home, hpos, hcount, dst, e, src))
                 # Lower bound on T_dst after any move: beta*x + 2*max(in, out - own_moved*tt)
                 # is at least max(beta + 2*in, 2*out + min over 1 <= x <= own of x*(beta-2tt)).
                 slope = beta - 2.0 * token_time[dst, src]
@@ -357,7 +351,7 @@ def greedy_arrays(load, home, slots, window, alpha, beta, token_time, transfer_t
                     if s == src or s == dst:  # noqa: SIM109
                         continue
                     a = (blk_assign[b, s, src] if b >= 0
-                         else _static_share(load, home, hlist, hcount, s, e, src))
+                         else _static_share(load, home, hpos, hcount, s, e, src))
                     if a > 0 and not _holds(home, rep_on, used, s, e):
                         pool_s[npool] = s
                         pool_n[npool] = a
@@ -449,7 +443,7 @@ def greedy_arrays(load, home, slots, window, alpha, beta, token_time, transfer_t
             blk_expert[b] = e
             for s in range(num_ranks):
                 for g in range(num_ranks):
-                    blk_assign[b, s, g] = _static_share(load, home, hlist, hcount, s, e, g)
+                    blk_assign[b, s, g] = _static_share(load, home, hpos, hcount, s, e, g)
         for i in range(best_npool):
             s = pool_s[i]
             blk_assign[b, s, src] -= best_takes[i]
