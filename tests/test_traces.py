@@ -5,6 +5,8 @@ import json
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from safetensors.numpy import save_file
 
 from probe.traces import DECODE, PREFILL, RoutingTrace, generate
@@ -279,3 +281,19 @@ def test_partial_load_reads_a_step_window(tmp_path):
     assert RoutingTrace.load(tmp_path / "bad.trace", steps=slice(0, 2)).num_steps == 2
     with pytest.raises(ValueError, match="field 'experts' holds ids"):
         RoutingTrace.load(tmp_path / "bad.trace", steps=slice(3, 4))
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 10_000), num_steps=st.integers(1, 6), num_ranks=st.integers(1, 4),
+       top_k=st.integers(1, 3), num_layers=st.integers(1, 3))
+def test_property_counts_select_concat(seed, num_steps, num_ranks, top_k, num_layers):
+    tr = small_trace(seed=seed, num_steps=max(num_steps, 2), num_ranks=num_ranks, top_k=top_k,
+                     num_layers=num_layers, gates=bool(seed % 2))
+    counts = tr.load_counts()
+    np.testing.assert_array_equal(counts, slow_load_counts(tr))
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(tr.num_steps)
+    shuffled = tr.select(order)
+    np.testing.assert_array_equal(shuffled.load_counts(), counts[order])
+    cut = int(rng.integers(0, tr.num_steps + 1))
+    assert RoutingTrace.concat([tr.select(slice(0, cut)), tr.select(slice(cut, None))]) == tr

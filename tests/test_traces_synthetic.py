@@ -138,3 +138,33 @@ def test_calibration_ir_at_ep8_top4_of_128():
     s = stats(generate("decode", num_steps=12, seed=11))
     np.testing.assert_allclose(s["ir"], decode)
     assert s["ir_overall"]["mean"] == pytest.approx(decode.mean())
+
+
+def test_sampler_matches_plackett_luce_inclusion_probabilities():
+    """_top_k_distinct (table look-up + redraws + exact fallback) against the closed form
+    P(e in top-2) = p_e + sum_{j != e} p_j p_e / (1 - p_j), on a very skewed distribution
+    that exercises the redraws."""
+    from probe.traces.synthetic import _quantise, _tables, _top_k_distinct
+
+    p = np.array([0.6, 0.25, 0.1, 0.04, 0.01])
+    counts = _quantise(p[None, :], 4096)  # [1, E]
+    q = counts[0] / 4096
+    table = _tables(counts).astype(np.int16)
+    rng = np.random.default_rng(0)
+    n = 200_000
+    got = _top_k_distinct(rng, table, q[None, :].astype(np.float32),
+                          np.zeros(n, dtype=np.int64), 2)
+    assert np.all(got[:, 0] != got[:, 1])
+    empirical = np.bincount(got.ravel(), minlength=5) / n
+    exact = np.array([q[e] + sum(q[j] * q[e] / (1 - q[j]) for j in range(5) if j != e)
+                      for e in range(5)])
+    np.testing.assert_allclose(empirical, exact, atol=4e-3)
+    # First draw follows p itself.
+    np.testing.assert_allclose(np.bincount(got[:, 0], minlength=5) / n, q, atol=4e-3)
+
+
+def test_top_k_close_to_num_experts_uses_the_fallback():
+    tr = generate("repeat", num_steps=2, tokens_per_step=256, num_layers=2, num_experts=8,
+                  top_k=7, num_ranks=2)
+    ex = np.sort(tr.experts, axis=-1)
+    assert not np.any(ex[..., 1:] == ex[..., :-1])
