@@ -50,6 +50,12 @@ def test_bad_arguments_raise():
         generate("decode", **{**SMALL, "top_k": 40})
     with pytest.raises(ValueError, match="unknown domain"):
         generate("decode", domains={"klingon": 1.0}, **SMALL)
+    with pytest.raises(ValueError, match=r"knob rho must lie in \[0, 1\]"):
+        generate("decode", rho=1.5, **SMALL)
+    with pytest.raises(ValueError, match="knob temperature must be > 0"):
+        generate("repeat", temperature=0, **SMALL)
+    with pytest.raises(ValueError, match="knob mix must be a number"):
+        generate("decode", mix="lots", **SMALL)
     with pytest.raises(ValueError, match="shift_step"):
         generate("shift", shift_step=99, **SMALL)
 

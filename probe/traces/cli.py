@@ -72,7 +72,7 @@ def gen_cmd(
     """Generate a seeded synthetic trace and write it to --out."""
     console = Console()
     knobs = _parse_knobs(knob or [])
-    if gates and workload != "uniform":
+    if gates:
         knobs["gates"] = True
     start = time.perf_counter()
     with Progress(TextColumn("[bold]generating {task.description}"), BarColumn(),

@@ -99,7 +99,7 @@ WORKLOADS: dict[str, dict[str, Any]] = {
                 "domains": {"chat": 0.3, "code": 0.25, "english": 0.2, "chinese": 0.15,
                             "math": 0.1},
                 "prompt_len": 65536, "topic_conc": 0.03, "mix": 0.0},
-    "uniform": {"phase": DECODE, "num_steps": 50, "tokens_per_step": 8192},
+    "uniform": {"phase": DECODE, "num_steps": 50, "tokens_per_step": 8192, "gates": False},
 }
 _STRUCTURAL = ("phase", "num_steps", "tokens_per_step")
 
@@ -148,6 +148,7 @@ def generate(
         raise ValueError(f"top_k ({top_k}) exceeds num_experts ({num_experts})")
     if num_ranks > tokens_per_step:
         raise ValueError(f"tokens_per_step ({tokens_per_step}) < num_ranks ({num_ranks})")
+    _check_knobs(params)
     meta_params = {k: (dict(v) if isinstance(v, dict) else v) for k, v in params.items()}
     if "domains" in params:
         params["domains"] = _domain_weights(params["domains"])
@@ -192,6 +193,28 @@ def generate(
         step_tags=tags,
         meta=meta,
     )
+
+
+_PROBABILITIES = ("shared", "cluster_weight", "rho", "mix", "stick", "shift_weight",
+                  "drift_revert")
+_NON_NEGATIVE = ("alpha", "alpha_spread", "drift")
+_POSITIVE = ("temperature", "topic_conc", "num_clusters", "cluster_size", "mean_len",
+             "prompt_len")
+
+
+def _check_knobs(params: dict) -> None:
+    """Range checks of numeric knobs; ValueError naming the knob."""
+    for name, value in params.items():
+        if name in ("domains", "shift_from", "shift_to", "shift_step", "model_seed", "gates"):
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float, np.number)):
+            raise ValueError(f"knob {name} must be a number, got {value!r}")
+        if name in _PROBABILITIES and not 0 <= value <= 1:
+            raise ValueError(f"knob {name} must lie in [0, 1], got {value}")
+        if name in _NON_NEGATIVE and value < 0:
+            raise ValueError(f"knob {name} must be >= 0, got {value}")
+        if name in _POSITIVE and value <= 0:
+            raise ValueError(f"knob {name} must be > 0, got {value}")
 
 
 # --------------------------------------------------------------------------------- the "model"
