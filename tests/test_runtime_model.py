@@ -233,6 +233,32 @@ def test_select_semantics_per_scoring():
     assert torch.allclose(w[0], torch.softmax(torch.tensor([2.0, 1.0]), -1))
 
 
+def test_hub_style_configs_are_read():
+    """Configs as published on the Hub: rope_theta / rope_scaling at top level, num_experts."""
+    qwen = MoEConfig.from_hf(dict(
+        model_type="qwen3_moe", vocab_size=151936, hidden_size=2048, num_hidden_layers=48,
+        num_attention_heads=32, num_key_value_heads=4, head_dim=128, num_experts=128,
+        num_experts_per_tok=8, moe_intermediate_size=768, intermediate_size=6144,
+        decoder_sparse_step=1, mlp_only_layers=[], norm_topk_prob=True, rope_theta=1000000.0,
+        rope_scaling=None, use_sliding_window=False, sliding_window=None, rms_norm_eps=1e-6))
+    assert qwen.rope.theta == 1e6 and qwen.num_moe_layers == 48 and qwen.head_dim == 128
+    oss = MoEConfig.from_hf(dict(
+        model_type="gpt_oss", vocab_size=201088, hidden_size=2880, num_hidden_layers=24,
+        num_attention_heads=64, num_key_value_heads=8, head_dim=64, num_local_experts=32,
+        num_experts_per_tok=4, intermediate_size=2880, sliding_window=128, rope_theta=150000,
+        rope_scaling=dict(rope_type="yarn", factor=32.0, beta_fast=32.0, beta_slow=1.0,
+                          original_max_position_embeddings=4096, truncate=False),
+        quantization_config={"quant_method": "mxfp4"}))
+    assert oss.rope == RopeConfig(150000.0, "yarn", factor=32.0, original_max_position=4096,
+                                  truncate=False)
+    assert oss.sliding_layers == tuple(range(0, 24, 2))
+    sparse = MoEConfig.from_hf(dict(
+        model_type="qwen3_moe", vocab_size=8, hidden_size=8, num_hidden_layers=4,
+        num_attention_heads=2, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=4,
+        intermediate_size=16, decoder_sparse_step=2, mlp_only_layers=[3]))
+    assert sparse.moe_layers == (1,) and sparse.dense_intermediate_size == 16
+
+
 def test_yarn_frequencies_match_transformers():
     cfg = transformers.GptOssConfig(**COMMON, num_local_experts=4, head_dim=16)
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
@@ -368,6 +394,49 @@ def test_deepseek_keeps_router_fp32_and_ignores_mtp_layers(checkpoints, tmp_path
     with torch.no_grad():
         logits = model(torch.tensor([[1, 2, 3]])).logits
     assert torch.isfinite(logits.float()).all()
+
+
+def test_gpt_oss_mxfp4_experts_dequantize_like_transformers(tmp_path):
+    """Released gpt-oss checkpoints store experts in MXFP4; ours must equal transformers'
+    dequantization, and the model must match transformers on the dequantized weights."""
+    from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+
+    ref = build_reference("gpt_oss", intermediate_size=32)
+    plain, packed = tmp_path / "plain", tmp_path / "packed"
+    ref.save_pretrained(plain)
+    tensors = load_file(plain / "model.safetensors")
+    gen = torch.Generator().manual_seed(8)
+    e, d, f = 6, 32, 32
+    packed_tensors = {}
+    for i in range(COMMON["num_hidden_layers"]):
+        p = f"model.layers.{i}.mlp.experts"
+        for proj, rows, cols in (("gate_up_proj", 2 * f, d), ("down_proj", d, f)):
+            blocks = torch.randint(0, 256, (e, rows, cols // 32, 16), generator=gen,
+                                   dtype=torch.int32).to(torch.uint8)
+            scales = torch.randint(122, 129, (e, rows, cols // 32), generator=gen,
+                                   dtype=torch.int32).to(torch.uint8)
+            tensors[f"{p}.{proj}"] = convert_moe_packed_tensors(blocks, scales,
+                                                                dtype=torch.float32)
+            packed_tensors[f"{p}.{proj}_blocks"] = blocks
+            packed_tensors[f"{p}.{proj}_scales"] = scales
+    save_file(tensors, plain / "model.safetensors")
+    packed.mkdir()
+    quantized = {k: v for k, v in tensors.items()
+                 if not k.endswith(("experts.gate_up_proj", "experts.down_proj"))}
+    save_file({**quantized, **packed_tensors}, packed / "model.safetensors")
+    cfg = json.loads((plain / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "mxfp4"}
+    (packed / "config.json").write_text(json.dumps(cfg))
+
+    ids = torch.randint(0, VOCAB, (1, 7), generator=gen)
+    theirs = transformers.GptOssForCausalLM.from_pretrained(plain).eval()
+    with torch.no_grad():
+        ref_logits = theirs(ids).logits
+        ours = load_model(packed)
+        assert (ours(ids).logits - ref_logits).abs().max() <= 1e-5
+    assert torch.equal(ours.moe_blocks[2].w_down, load_model(plain).moe_blocks[2].w_down)
+    part = load_model(packed, expert_ids=[5, 2])
+    assert torch.equal(part.moe_blocks[0].w_gate_up, ours.moe_blocks[0].w_gate_up[[5, 2]])
 
 
 def test_reader_reads_row_subsets(checkpoints):

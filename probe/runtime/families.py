@@ -6,7 +6,8 @@ Supported `model_type`s (see `SUPPORTED`):
                `mlp_only_layers` / `decoder_sparse_step`, optional sliding window on all layers.
     gpt_oss    top-k over logits -> softmax over K, router bias, experts with biases and a clamped
                SwiGLU (gate/up interleaved in the checkpoint), attention sinks and biases, sliding
-               window on the layers typed "sliding_attention", yarn rope.
+               window on the layers typed "sliding_attention", yarn rope. MXFP4 expert weights
+               (`*_blocks` / `*_scales`, as released) are dequantized on load.
     mixtral    softmax -> top-k -> renorm, optional sliding window.
     olmoe      softmax -> top-k (optional renorm), RMSNorm over all q / all k heads, clip_qkv.
     deepseek_v3  sigmoid scores + correction bias, group-limited top-k, routed scaling, shared
@@ -31,7 +32,8 @@ import torch
 
 from probe.runtime.config import MoEConfig, RopeConfig
 
-__all__ = ["SUPPORTED", "Recipe", "Source", "checkpoint_plan", "config_from_hf"]
+__all__ = ["SUPPORTED", "Recipe", "Source", "checkpoint_plan", "config_from_hf",
+           "dequantize_mxfp4"]
 
 SUPPORTED = ("qwen3_moe", "gpt_oss", "mixtral", "olmoe", "deepseek_v3")
 
@@ -251,6 +253,8 @@ def config_from_hf(config: dict[str, Any]) -> MoEConfig:
                          f"supported: {', '.join(SUPPORTED)}")
     if config.get("quantization_config"):
         method = config["quantization_config"].get("quant_method", "?")
+        if model_type == "gpt_oss" and method == "mxfp4":
+            return _READERS[model_type](config)  # experts are dequantized on load
         raise ValueError(f"quantized checkpoints ({method}) are not supported; "
                          "dequantize to bf16/fp32 safetensors first")
     return _READERS[model_type](config)
@@ -306,6 +310,34 @@ def _deinterleave_gate_up(parts: list[torch.Tensor]) -> torch.Tensor:
 def _deinterleave_bias(parts: list[torch.Tensor]) -> torch.Tensor:
     b = parts[0]  # [E_local, 2F], alternating gate, up
     return torch.cat((b[:, 0::2], b[:, 1::2]), dim=1).contiguous()  # [E_local, 2F]
+
+
+# MXFP4: 4-bit e2m1 values, two per byte (low nibble first), 32 per block sharing one power-of-2
+# scale stored as a biased exponent (uint8, bias 127).
+_FP4_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0,
+               -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
+
+
+def dequantize_mxfp4(blocks: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """blocks uint8 [..., G, 16], scales uint8 [..., G] -> fp32 [..., G * 32]."""
+    if blocks.shape[:-1] != scales.shape or blocks.shape[-1] != 16:
+        raise ValueError(f"mxfp4: blocks {list(blocks.shape)} do not fit scales "
+                         f"{list(scales.shape)}")
+    lut = torch.tensor(_FP4_VALUES, dtype=torch.float32)
+    b = blocks.to(torch.uint8)
+    values = torch.stack((lut[(b & 0x0F).long()], lut[(b >> 4).long()]), dim=-1)  # [..., G, 16, 2]
+    values = values.reshape(*b.shape[:-1], 32)  # [..., G, 32]
+    exponent = scales.to(torch.int32) - 127  # [..., G]
+    return torch.ldexp(values, exponent[..., None]).reshape(*b.shape[:-2], -1)  # [..., G*32]
+
+
+def _mxfp4_gate_up(parts: list[torch.Tensor]) -> torch.Tensor:
+    w = dequantize_mxfp4(parts[0], parts[1])  # [E_local, 2F, D], rows alternate gate, up
+    return torch.cat((w[:, 0::2], w[:, 1::2]), dim=1).contiguous()  # [E_local, 2F, D]
+
+
+def _mxfp4_down(parts: list[torch.Tensor]) -> torch.Tensor:
+    return dequantize_mxfp4(parts[0], parts[1])  # [E_local, D, F]
 
 
 def _transpose_experts(parts: list[torch.Tensor]) -> torch.Tensor:
@@ -378,21 +410,36 @@ def _glu_experts(cfg: MoEConfig, i: int, ids: tuple[int, ...], prefix: str,
             Recipe(f"{dst}.w_down", down_sources, _stack)]
 
 
-def _gpt_oss_experts(cfg: MoEConfig, i: int, ids: tuple[int, ...]) -> list[Recipe]:
+def _gpt_oss_experts(cfg: MoEConfig, i: int, ids: tuple[int, ...],
+                     names: set[str]) -> list[Recipe]:
     d, f, e_all = cfg.hidden_size, cfg.moe_intermediate_size, cfg.num_experts
     src, dst = f"model.layers.{i}.mlp", f"layers.{i}.moe"
+    exp = f"{src}.experts"
+    if f"{exp}.gate_up_proj_blocks" in names:  # MXFP4 (the released gpt-oss checkpoints)
+        weights = [
+            Recipe(f"{dst}.w_gate_up",
+                   (Source(f"{exp}.gate_up_proj_blocks", (e_all, 2 * f, d // 32, 16), ids),
+                    Source(f"{exp}.gate_up_proj_scales", (e_all, 2 * f, d // 32), ids)),
+                   _mxfp4_gate_up),
+            Recipe(f"{dst}.w_down",
+                   (Source(f"{exp}.down_proj_blocks", (e_all, d, f // 32, 16), ids),
+                    Source(f"{exp}.down_proj_scales", (e_all, d, f // 32), ids)),
+                   _mxfp4_down),
+        ]
+    else:
+        weights = [
+            Recipe(f"{dst}.w_gate_up", (Source(f"{exp}.gate_up_proj", (e_all, d, 2 * f), ids),),
+                   _deinterleave_gate_up),
+            Recipe(f"{dst}.w_down", (Source(f"{exp}.down_proj", (e_all, f, d), ids),),
+                   _transpose_experts),
+        ]
     return [
         _copy(f"{dst}.router_weight", f"{src}.router.weight", (e_all, d)),
         _copy(f"{dst}.router_bias", f"{src}.router.bias", (e_all,)),
-        Recipe(f"{dst}.w_gate_up",
-               (Source(f"{src}.experts.gate_up_proj", (e_all, d, 2 * f), ids),),
-               _deinterleave_gate_up),
+        *weights,
         Recipe(f"{dst}.b_gate_up",
-               (Source(f"{src}.experts.gate_up_proj_bias", (e_all, 2 * f), ids),),
-               _deinterleave_bias),
-        Recipe(f"{dst}.w_down", (Source(f"{src}.experts.down_proj", (e_all, f, d), ids),),
-               _transpose_experts),
-        Recipe(f"{dst}.b_down", (Source(f"{src}.experts.down_proj_bias", (e_all, d), ids),)),
+               (Source(f"{exp}.gate_up_proj_bias", (e_all, 2 * f), ids),), _deinterleave_bias),
+        Recipe(f"{dst}.b_down", (Source(f"{exp}.down_proj_bias", (e_all, d), ids),)),
     ]
 
 
@@ -440,7 +487,7 @@ def checkpoint_plan(cfg: MoEConfig, names: set[str],
         if i not in cfg.moe_layers:
             plan += _dense_mlp(cfg, i)
         elif cfg.model_type == "gpt_oss":
-            plan += _gpt_oss_experts(cfg, i, ids)
+            plan += _gpt_oss_experts(cfg, i, ids, names)
         else:
             prefix, stacked = _moe_prefix(cfg, i, names)
             plan.append(_copy(f"layers.{i}.moe.router_weight", f"{prefix}.gate.weight",
