@@ -1,0 +1,181 @@
+"""EPLB-style maps and baseline.
+
+`to_eplb_maps` exports any Plan in DeepSeek EPLB's map convention so that vLLM/SGLang users can
+consume it; `solve_eplb` is the EPLB-style baseline of DESIGN.md: replicas chosen from a moving
+window of past load, tokens split evenly over an expert's copies.
+
+Map convention (one layer; DeepSeek's `rebalance_experts` returns the same three maps with a
+leading layer axis, which `probe.planner.layers.stack_eplb_maps` adds):
+    Physical slots: rank g owns slots [g * P, (g + 1) * P), with P = max over ranks of home
+    experts + extra slots (capped at E). In each rank's block come its home experts in
+    increasing id, then its replicas in increasing id, then -1 for unused slots (DeepSeek fills
+    every slot; here a rank may leave extra slots empty).
+    phy2log: int64 [G * P], logical expert of each physical slot, -1 if empty.
+    log2phy: int64 [E, X], physical slots of each logical expert in increasing order, padded
+        with -1; X = max replica count.
+    logcnt: int64 [E], copies of each expert (home + replicas).
+
+>>> import numpy as np
+>>> from probe.placement import sharded_home
+>>> from probe.planner.cost import CostModel
+>>> from probe.planner.problem import BalanceProblem, Plan
+>>> cost = CostModel.uniform(2, alpha=0.0, beta=1.0, token_time=0.0, transfer_time=1.0)
+>>> prob = BalanceProblem(np.ones((2, 4), int), sharded_home(4, 2), slots=1, window=1.0,
+...                       cost=cost)
+>>> replicas = np.array([[0, 0, 1, 0], [0, 0, 0, 0]], bool)     # rank 0 gets a copy of 2
+>>> sources = np.where(replicas, 1, -1)
+>>> plan = Plan(replicas, sources, np.zeros((2, 4, 2), int))
+>>> phy2log, log2phy, logcnt = to_eplb_maps(prob, plan)
+>>> phy2log.tolist()                  # P = 3 slots per rank
+[0, 1, 2, 2, 3, -1]
+>>> log2phy.tolist(), logcnt.tolist()
+([[0, -1], [1, -1], [2, 3], [4, -1]], [1, 1, 2, 1])
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from probe.planner.problem import BalanceProblem, Plan, SolveResult
+
+__all__ = ["eplb_placement", "even_split", "solve_eplb", "to_eplb_maps"]
+
+
+def to_eplb_maps(problem: BalanceProblem, plan: Plan) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(phy2log [G*P], log2phy [E, X], logcnt [E]), int64, in the convention above."""
+    if not isinstance(plan, Plan):
+        raise TypeError(f"plan must be a Plan, got {type(plan).__name__}")
+    home, replicas = problem.home, plan.replicas
+    num_ranks, num_experts = home.shape
+    if replicas.shape != home.shape:
+        raise ValueError(f"plan.replicas shape {replicas.shape} != problem {home.shape}")
+    if np.any(replicas & home):
+        g, e = np.argwhere(replicas & home)[0]
+        raise ValueError(f"plan puts a replica of expert {e} on rank {g}, its home")
+    num_home = home.sum(axis=1)
+    per_rank = int(np.max(num_home + np.minimum(problem.slots, num_experts - num_home)))
+    per_rank = max(per_rank, int((home | replicas).sum(axis=1).max()))
+    phy2log = np.full(num_ranks * per_rank, -1, np.int64)
+    for g in range(num_ranks):
+        experts = np.concatenate([np.flatnonzero(home[g]), np.flatnonzero(replicas[g])])
+        phy2log[g * per_rank:g * per_rank + experts.size] = experts
+    logcnt = (home | replicas).sum(axis=0).astype(np.int64)
+    log2phy = np.full((num_experts, int(logcnt.max())), -1, np.int64)
+    filled = np.zeros(num_experts, np.int64)
+    for slot in np.flatnonzero(phy2log >= 0):  # increasing slot order
+        e = phy2log[slot]
+        log2phy[e, filled[e]] = slot
+        filled[e] += 1
+    return phy2log, log2phy, logcnt
+
+
+def even_split(load: np.ndarray, holds: np.ndarray) -> np.ndarray:
+    """Tokens of every (s, e) split evenly over e's holders, ignoring locality.
+
+    load: int [S, E]; holds: bool [G, E] (every expert held somewhere). Returns int64 [S, E, G].
+    The n % h leftover tokens go to holders at positions k with (k + s) % h < n % h, as in
+    static.py.
+    """
+    load = np.asarray(load, dtype=np.int64)
+    holds = np.asarray(holds, dtype=bool)
+    num_sources = load.shape[0]
+    count = holds.sum(axis=0)  # [E]
+    position = np.cumsum(holds, axis=0) - 1  # [G, E]
+    quota, left = np.divmod(load, count[None, :])  # [S, E]
+    src = np.arange(num_sources)[:, None, None]
+    rotated = (position.T[None, :, :] + src) % count[None, :, None]  # [S, E, G]
+    share = quota[:, :, None] + (rotated < left[:, :, None])
+    return np.where(holds.T[None, :, :], share, 0).astype(np.int64)
+
+
+def eplb_placement(weight: np.ndarray, problem: BalanceProblem) -> tuple[np.ndarray, np.ndarray]:
+    """EPLB-style replicas for expert weights `weight` float [E] (e.g. mean past load).
+
+    Replicas go one at a time to the expert with the largest weight per copy (ties: lowest id),
+    DeepSeek EPLB's rule; each lands on the rank with the smallest estimated load (sum over
+    held experts of weight / copies; ties: lowest rank) that has a free slot, does not hold the
+    expert, and can receive a copy within both window budgets (source: the home holder with
+    the smallest transfer time, then least already sent, then lowest rank). An expert whose
+    next copy fits nowhere gets no more copies. Returns (replicas bool [G, E], sources int64
+    [G, E]).
+    """
+    weight = np.asarray(weight, dtype=np.float64)
+    home = problem.home
+    num_ranks, num_experts = home.shape
+    if weight.shape != (num_experts,):
+        raise ValueError(f"weight must have shape ({num_experts},), got {weight.shape}")
+    tx = problem.cost.transfer_time
+    window = problem.window
+    replicas = np.zeros_like(home)
+    sources = np.full(home.shape, -1, np.int64)
+    free = problem.slots.copy()
+    recv = np.zeros(num_ranks)
+    send = np.zeros(num_ranks)
+    count = home.sum(axis=0).astype(np.float64)
+    blocked = np.zeros(num_experts, bool)
+    while np.any(free > 0):
+        per_copy = np.where(blocked, -np.inf, weight / count)
+        e = int(np.argmax(per_copy))
+        if not np.isfinite(per_copy[e]):
+            break
+        holds = home | replicas
+        est = (holds * (weight / count)[None, :]).sum(axis=1)
+        placed = False
+        for g in np.argsort(est, kind="stable"):
+            if free[g] <= 0 or holds[g, e]:
+                continue
+            holders = np.flatnonzero(home[:, e])
+            fits = [(tx[h, g], send[h], h) for h in holders
+                    if recv[g] + tx[h, g] <= window[g] and send[h] + tx[h, g] <= window[h]]
+            if not fits:
+                continue
+            _, _, h = min(fits)
+            replicas[g, e] = True
+            sources[g, e] = h
+            recv[g] += tx[h, g]
+            send[h] += tx[h, g]
+            free[g] -= 1
+            count[e] += 1
+            placed = True
+            break
+        if not placed:
+            blocked[e] = True
+    return replicas, sources
+
+
+def solve_eplb(problem: BalanceProblem, *, time_limit: float | None = None,
+               history: np.ndarray | None = None) -> SolveResult:
+    """Backend for `solve(problem, "eplb", history=...)`.
+
+    history: past loads of this layer, int [H, S, E] or [H, E] (a moving window of steps; the
+    caller chooses its length and how often to re-plan). None uses the problem's own load,
+    i.e. an oracle EPLB that knows the current step. Weight of expert e = its mean load over
+    the window. Replica copies are charged like any plan's: each must fit the windows (eq. 6),
+    so EPLB gets the same transfer budget as the other methods. Tokens are split evenly over
+    all copies (no locality). time_limit is accepted and ignored.
+    """
+    del time_limit
+    start = time.perf_counter()
+    num_experts = problem.num_experts
+    if history is None:
+        weight = problem.load.sum(axis=0).astype(np.float64)
+    else:
+        hist = np.asarray(history)
+        if hist.ndim == 3:
+            if hist.shape[2] != num_experts:
+                raise ValueError(f"history must be [H, S, E] or [H, E] with E = {num_experts}, "
+                                 f"got shape {hist.shape}")
+            hist = hist.sum(axis=1)
+        if hist.ndim != 2 or hist.shape[1] != num_experts or hist.shape[0] == 0:
+            raise ValueError(f"history must be [H, S, E] or [H, E] with H >= 1 and "
+                             f"E = {num_experts}, got shape {np.shape(history)}")
+        if not np.all(np.isfinite(hist)) or np.any(hist < 0):
+            raise ValueError("history must hold finite, non-negative loads")
+        weight = hist.mean(axis=0).astype(np.float64)
+    replicas, sources = eplb_placement(weight, problem)
+    assignment = even_split(problem.load, problem.home | replicas)
+    plan = Plan(replicas, sources, assignment)
+    return SolveResult("feasible", plan, float("nan"), None, None, time.perf_counter() - start,
+                       f"EPLB-style, {plan.num_replicas} replicas", "eplb")
