@@ -35,7 +35,7 @@ from probe.planner.problem import BalanceProblem, Plan, SolveResult
 __all__ = ["round_replicas", "solve_lp"]
 
 # HiGHS options for the two small LPs (measured fastest at ep=8; see results/exact_speed.md).
-LP_OPTIONS: dict[str, object] = {}
+LP_OPTIONS: dict[str, object] = {"presolve": "off"}
 
 
 def _start_plans(problem: BalanceProblem, time_limit: float | None) -> tuple[Plan, str, Plan]:

@@ -427,10 +427,11 @@ def _local_static_plan(problem: BalanceProblem) -> Plan:
                 np.full((num_ranks, num_experts), -1, np.int64), assignment)
 
 
-def warm_start(problem: BalanceProblem, *, time_limit: float | None = None) -> tuple[Plan, str]:
-    """The better of the greedy plan and the static plan, and the name of the one used.
+def warm_start(problem: BalanceProblem, *, time_limit: float | None = None,
+               use_lp: bool = True) -> tuple[Plan, str]:
+    """The best feasible plan of static, greedy and (use_lp) the LP heuristic, and its name.
 
-    Greedy lives in greedy.py (another module); while it is missing the static plan is used.
+    Greedy lives in greedy.py (another module); while it is missing, static and lp stand in.
     """
     candidates: list[tuple[str, Plan]] = []
     try:
@@ -449,12 +450,18 @@ def warm_start(problem: BalanceProblem, *, time_limit: float | None = None) -> t
         result = solve_greedy(problem, time_limit=time_limit)
         if result.plan is not None:
             candidates.append(("greedy", result.plan))
+    if use_lp:
+        from probe.planner.lp import solve_lp
+
+        result = solve_lp(problem, time_limit=time_limit)
+        if result.plan is not None and "kept" not in result.message:
+            candidates.append(("lp", result.plan))
     best_name, best_plan, best_obj = "", None, np.inf
     for name, plan in candidates:
         if check_plan(problem, plan):
             continue
         obj = evaluate_plan(problem, plan).objective
-        if obj < best_obj - 1e-15 or best_plan is None:
+        if obj < best_obj * (1 - 1e-12) or best_plan is None:
             best_name, best_plan, best_obj = name, plan, obj
     assert best_plan is not None, "the static plan is always feasible"
     return best_plan, best_name
