@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch.profiler import record_function
 
 from probe.placement import sharded_home
 from probe.runtime.dist import DistContext, guarded
@@ -250,6 +251,8 @@ class EPMoELayer:
             arrived = np.zeros((num_ranks, num_experts), dtype=bool)
         usable = self.home | np.asarray(arrived, dtype=bool)  # [G, E]
         stats = LayerStats()
+        dispatch_range = record_function("probe.ep.dispatch")
+        dispatch_range.__enter__()
         dest, stats.pairs_fallback = self.destinations(topk_ids, quota, usable)  # [P]
         flat_e = topk_ids.reshape(-1).to(torch.int64).cpu()  # [P]
 
@@ -275,44 +278,52 @@ class EPMoELayer:
             x_recv = x.new_empty((sum(out_splits), x.shape[1]))
             self._a2a(x_recv, x_send, out_splits, in_splits, "dispatch")
 
+        dispatch_range.__exit__(None, None, None)
         # Expert compute: rows of the same expert from all sources, source order then token.
         hooks.before_experts()
         t0 = time.perf_counter()
+        single_source = recv_counts.shape[0] == 1  # rows already grouped by expert
         row_expert = torch.repeat_interleave(
             torch.arange(num_experts).repeat(recv_counts.shape[0]), recv_counts.reshape(-1))
-        by_expert = torch.argsort(row_expert, stable=True)
         per_expert = torch.bincount(row_expert, minlength=num_experts).tolist()
+        by_expert = None if single_source else torch.argsort(row_expert, stable=True).to(device)
         y_recv = torch.empty_like(x_recv)
         pos = 0
-        for e, n in enumerate(per_expert):
-            if n == 0:
-                continue
-            rows = by_expert[pos:pos + n].to(device)
-            pos += n
-            if self.home[self.ctx.rank, e]:
-                params = self.experts.get(e)
-            else:
-                if replica_params is None or not arrived[self.ctx.rank, e]:
-                    raise RuntimeError(f"rank {self.ctx.rank} layer {self.layer}: received "
-                                       f"tokens of expert {e}, which it neither holds nor has "
-                                       "a replica of (ranks disagree on the plan)")
-                params = replica_params(e)
-                stats.pairs_on_replicas += n
-            y_recv[rows] = self.expert_fn(params, x_recv.index_select(0, rows))
+        with record_function("probe.ep.experts"):
+            for e, n in enumerate(per_expert):
+                if n == 0:
+                    continue
+                if self.home[self.ctx.rank, e]:
+                    params = self.experts.get(e)
+                else:
+                    if replica_params is None or not arrived[self.ctx.rank, e]:
+                        raise RuntimeError(
+                            f"rank {self.ctx.rank} layer {self.layer}: received tokens of "
+                            f"expert {e}, which it neither holds nor has a replica of (ranks "
+                            "disagree on the plan)")
+                    params = replica_params(e)
+                    stats.pairs_on_replicas += n
+                if single_source:
+                    y_recv[pos:pos + n] = self.expert_fn(params, x_recv[pos:pos + n])
+                else:
+                    rows = by_expert[pos:pos + n]
+                    y_recv[rows] = self.expert_fn(params, x_recv.index_select(0, rows))
+                pos += n
         stats.pairs_processed = int(x_recv.shape[0])
         stats.expert_seconds = time.perf_counter() - t0
 
         hooks.before_combine()
-        if self.ctx.group is None or num_ranks == 1:
-            y_send = y_recv
-        else:
-            y_send = y_recv.new_empty((x_send.shape[0], y_recv.shape[1]))
-            self._a2a(y_send, y_recv, in_splits, out_splits, "combine")
-        hooks.after_combine()
-
-        y_pairs = torch.empty_like(y_send)
-        y_pairs[send_order.to(device)] = y_send
-        out = self.combine(y_pairs.view(num_tokens, top_k, x.shape[1]), topk_weights)  # [T, D]
+        with record_function("probe.ep.combine"):
+            if self.ctx.group is None or num_ranks == 1:
+                y_send = y_recv
+            else:
+                y_send = y_recv.new_empty((x_send.shape[0], y_recv.shape[1]))
+                self._a2a(y_send, y_recv, in_splits, out_splits, "combine")
+            hooks.after_combine()
+            y_pairs = torch.empty_like(y_send)
+            y_pairs[send_order.to(device)] = y_send
+            out = self.combine(y_pairs.view(num_tokens, top_k, x.shape[1]),
+                               topk_weights)  # [T, D]
         return out, stats
 
 

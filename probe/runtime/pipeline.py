@@ -36,6 +36,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.profiler import record_function
 
 from probe.placement import imbalance_ratio, sharded_home
 from probe.planner import BalanceProblem, CostModel, Plan, evaluate_plan
@@ -344,51 +345,53 @@ class EPRunner:
         opts, st, E = self.opts, self.state[layer], self.num_experts
         block = self.blocks[layer]
         self.clock.mark(f"start{layer}")
-        logits = block.router(h)  # [T, E]
-        topk_ids, topk_weights = block.select(logits)  # [T, K] x2
-        st.this_load = torch.bincount(topk_ids.reshape(-1).cpu(), minlength=E).numpy()
-        num_layers = len(self.blocks)
-        hooks = _Hooks(None)
-        arrived = np.zeros((self.num_ranks, E), dtype=bool)
-        quota = None
-        if opts.balance:
-            arrived_local = (st.transfer.poll() if st.transfer is not None
-                             else np.zeros(E, dtype=bool))
-            nxt = layer + 1
-            has_next = nxt < num_layers
-            pred = self._predict(layer, h, nxt) if has_next else np.zeros(E)
-            window = self._window(nxt) if has_next else 0.0
-            gathered = self._all_gather(
-                np.concatenate([arrived_local.astype(np.float64), pred, [window]]),
-                f"plan all_gather (MoE layer {layer})")  # [G, 2E+1]
-            arrived = gathered[:, :E] > 0.5  # [G, E]
-            if st.transfer is not None:
-                st.transfer.wait_arrived(arrived[self.ctx.rank])
-            if st.plan is not None:
-                quota = st.plan.assignment[self.ctx.rank]  # [E, G]
-            if has_next:
-                t0 = time.perf_counter()
-                plan = self._plan(nxt, gathered[:, E:2 * E].round(), gathered[:, 2 * E])
-                self.plan_s += time.perf_counter() - t0
-                nst = self.state[nxt]
-                nst.plan = plan
-                hold = opts.hold_back(nxt, self.step) if opts.hold_back is not None else ()
-                ready = self._buffer_ready_event(nxt)
-                nst.transfer = SplitPhaseTransfer(
-                    nxt, plan.replicas, plan.sources, self.ctx.rank,
-                    self.layers[nxt].experts.get, self.pool, self.ctx.transfer_group,
-                    num_pieces=opts.num_pieces, stream=self.stream, ready_event=ready,
-                    hold_back=hold)
-                self.bytes_received += nst.transfer.stats.bytes_received
-                hooks = _Hooks(nst.transfer)
+        with record_function("probe.moe.route_predict_plan"):
+            logits = block.router(h)  # [T, E]
+            topk_ids, topk_weights = block.select(logits)  # [T, K] x2
+            st.this_load = torch.bincount(topk_ids.reshape(-1).cpu(), minlength=E).numpy()
+            num_layers = len(self.blocks)
+            hooks = _Hooks(None)
+            arrived = np.zeros((self.num_ranks, E), dtype=bool)
+            quota = None
+            if opts.balance:
+                arrived_local = (st.transfer.poll() if st.transfer is not None
+                                 else np.zeros(E, dtype=bool))
+                nxt = layer + 1
+                has_next = nxt < num_layers
+                pred = self._predict(layer, h, nxt) if has_next else np.zeros(E)
+                window = self._window(nxt) if has_next else 0.0
+                gathered = self._all_gather(
+                    np.concatenate([arrived_local.astype(np.float64), pred, [window]]),
+                    f"plan all_gather (MoE layer {layer})")  # [G, 2E+1]
+                arrived = gathered[:, :E] > 0.5  # [G, E]
+                if st.transfer is not None:
+                    st.transfer.wait_arrived(arrived[self.ctx.rank])
+                if st.plan is not None:
+                    quota = st.plan.assignment[self.ctx.rank]  # [E, G]
+                if has_next:
+                    t0 = time.perf_counter()
+                    plan = self._plan(nxt, gathered[:, E:2 * E].round(), gathered[:, 2 * E])
+                    self.plan_s += time.perf_counter() - t0
+                    nst = self.state[nxt]
+                    nst.plan = plan
+                    hold = opts.hold_back(nxt, self.step) if opts.hold_back is not None else ()
+                    ready = self._buffer_ready_event(nxt)
+                    nst.transfer = SplitPhaseTransfer(
+                        nxt, plan.replicas, plan.sources, self.ctx.rank,
+                        self.layers[nxt].experts.get, self.pool, self.ctx.transfer_group,
+                        num_pieces=opts.num_pieces, stream=self.stream, ready_event=ready,
+                        hold_back=hold)
+                    self.bytes_received += nst.transfer.stats.bytes_received
+                    hooks = _Hooks(nst.transfer)
         st.arrived = arrived
         replica_params = st.transfer.params if st.transfer is not None else None
         self.clock.mark(f"experts{layer}")
         out, stats = self.layers[layer].forward(
             h, topk_ids, topk_weights, quota=quota, arrived=arrived,
             replica_params=replica_params, hooks=_ClockHooks(hooks, self.clock, layer))
-        if getattr(block.cfg, "num_shared_experts", 0):
-            out = out + block.shared(h)  # [T, D] shared experts run locally on every rank
+        shared = block.shared_forward(h)  # [T, D] or None; shared experts run on every rank
+        if shared is not None:
+            out = out + shared
         st.fallback = stats.pairs_fallback
         st.pairs = stats.pairs_processed
         if st.transfer is not None:
@@ -491,7 +494,7 @@ def _expert_fn(block):
 
     def fn(params, x: torch.Tensor) -> torch.Tensor:
         gate_up = F.linear(x, params["w_gate_up"], params.get("b_gate_up"))  # [n, 2F]
-        return F.linear(block._activate(gate_up), params["w_down"],
+        return F.linear(block.activate(gate_up), params["w_down"],
                         params.get("b_down")).to(x.dtype)  # [n, D]
 
     return fn
