@@ -439,6 +439,26 @@ def test_gpt_oss_mxfp4_experts_dequantize_like_transformers(tmp_path):
     assert torch.equal(part.moe_blocks[0].w_gate_up, ours.moe_blocks[0].w_gate_up[[5, 2]])
 
 
+def test_verify_checkpoint_and_cli(checkpoints, tmp_path):
+    import typer
+    from typer.testing import CliRunner
+
+    from probe.runtime.checkpoint import verify_checkpoint
+    from probe.runtime.checkpoint_cli import register
+
+    path, _ = checkpoints["deepseek_v3"]
+    assert verify_checkpoint(path).model_type == "deepseek_v3"
+    app = typer.Typer()
+    register(app)
+    result = CliRunner().invoke(app, ["checkpoint", "info", str(path), "--run"])
+    assert result.exit_code == 0, result.output
+    assert "6 / 2" in result.output and "finite=True" in result.output
+    broken = _copy_checkpoint(checkpoints["olmoe"][0], tmp_path)
+    _edit_config(broken, intermediate_size=12)
+    result = CliRunner().invoke(app, ["checkpoint", "info", str(broken)])
+    assert result.exit_code == 1 and "does not match the tensors" in result.output
+
+
 def test_reader_reads_row_subsets(checkpoints):
     reader = CheckpointReader(checkpoints["gpt_oss"][0])
     name = "model.layers.0.mlp.experts.down_proj"

@@ -23,7 +23,8 @@ from probe.runtime.config import MoEConfig
 from probe.runtime.families import Recipe, checkpoint_plan, fp32_params, ignorable
 from probe.runtime.model import MoETransformer
 
-__all__ = ["CheckpointReader", "load_config", "load_model", "read_hf_config"]
+__all__ = ["CheckpointReader", "load_config", "load_model", "read_hf_config",
+           "verify_checkpoint"]
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _SHOW = 5  # names listed in an error message
@@ -168,6 +169,25 @@ def _verify(plan: list[Recipe], full_plan: list[Recipe], reader: CheckpointReade
                          + "; ".join(wrong[:_SHOW]) + more)
 
 
+def _prepare(path: str | Path, expert_ids: Sequence[int] | None
+             ) -> tuple[MoEConfig, tuple[int, ...] | None, CheckpointReader, list[Recipe]]:
+    cfg = load_config(path)
+    ids = _check_expert_ids(expert_ids, cfg.num_experts)
+    reader = CheckpointReader(path)
+    names = reader.names
+    plan = checkpoint_plan(cfg, names, ids)
+    full_plan = plan if ids is None else checkpoint_plan(cfg, names, None)
+    _verify(plan, full_plan, reader, cfg)
+    return cfg, ids, reader, plan
+
+
+def verify_checkpoint(path: str | Path, *, expert_ids: Sequence[int] | None = None
+                      ) -> MoEConfig:
+    """Check that checkpoint `path` loads (config, tensor names, shapes) without reading any
+    tensor data; return its MoEConfig. Raises the errors `load_model` would raise."""
+    return _prepare(path, expert_ids)[0]
+
+
 def load_model(path: str | Path, *, dtype: torch.dtype = torch.float32,
                device: str | torch.device = "cpu",
                expert_ids: Sequence[int] | None = None) -> MoETransformer:
@@ -184,14 +204,7 @@ def load_model(path: str | Path, *, dtype: torch.dtype = torch.float32,
     """
     if dtype not in _DTYPES:
         raise TypeError(f"dtype must be one of {_DTYPES}, got {dtype!r}")
-    cfg = load_config(path)
-    ids = _check_expert_ids(expert_ids, cfg.num_experts)
-    reader = CheckpointReader(path)
-    names = reader.names
-    plan = checkpoint_plan(cfg, names, ids)
-    full_plan = plan if ids is None else checkpoint_plan(cfg, names, None)
-    _verify(plan, full_plan, reader, cfg)
-
+    cfg, ids, reader, plan = _prepare(path, expert_ids)
     with torch.device("meta"):
         model = MoETransformer(cfg, ids)
     state = {}
