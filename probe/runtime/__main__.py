@@ -134,8 +134,15 @@ def _profile(engine, args, ctx, vocab: int) -> str:
             for i in range(max(1, args.requests))]
     with profile(activities=acts, record_shapes=False) as prof:
         engine.serve(reqs)
-    key = "self_cuda_time_total" if engine.device.type == "cuda" else "self_cpu_time_total"
-    return prof.key_averages().table(sort_by=key, row_limit=30)
+    averages = prof.key_averages()
+    if engine.device.type != "cuda":
+        return averages.table(sort_by="self_cpu_time_total", row_limit=30)
+    for key in ("self_device_time_total", "self_cuda_time_total"):
+        try:
+            return averages.table(sort_by=key, row_limit=30)
+        except (AttributeError, KeyError, ValueError):
+            continue
+    return averages.table(sort_by="self_cpu_time_total", row_limit=30)
 
 
 def run(args) -> dict | None:
