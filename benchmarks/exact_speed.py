@@ -4,8 +4,9 @@ For each instance (one decode step of one MoE layer; top-4 = gpt-oss-120b, top-8
 qwen3-235b-a22b, on the h200x8 preset; 768 tokens per rank; 3 replica slots per rank; a window
 of 3 expert transfers on every rank, both directions) it reports static, greedy and lp
 objectives, then CP-SAT and HiGHS MIP with a time limit (default 60 s): status, objective,
-proven bound, gap. Separately it times `lp` (median wall time over many steps, after warm-up)
-and reports the mean IR of static, greedy and lp over those steps.
+proven bound, gap. Separately it times `lp` (median wall time and process CPU time over many
+steps, after warm-up; on a shared machine the CPU time is the better estimate of an idle
+machine's wall time) and reports the mean IR of static, greedy and lp over those steps.
 
 Loads come from probe.traces.synthetic's "decode" workload (seed 0); if that module cannot be
 imported, from a seeded Zipf stand-in (the report says which).
@@ -104,12 +105,13 @@ def lp_timing(top_k: int, num_steps: int, repeats: int, seed: int) -> dict:
     loads, _ = decode_loads(top_k, num_steps, seed)
     problems = [make_problem(load, top_k) for load in loads]
     solve_lp(problems[0])  # warm-up (JIT of greedy, HiGHS load)
-    times, irs, objs = [], [], []
+    times, cpu_times, irs, objs = [], [], [], []
     for problem in problems:
         for _ in range(repeats):
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.process_time()
             result = solve_lp(problem)
             times.append(time.perf_counter() - start)
+            cpu_times.append(time.process_time() - cpu_start)
         greedy = evaluate_plan(problem, solve_greedy(problem).plan)
         static = evaluate_plan(problem, static_plan(problem))
         lp = evaluate_plan(problem, result.plan)
@@ -119,6 +121,8 @@ def lp_timing(top_k: int, num_steps: int, repeats: int, seed: int) -> dict:
     return {"top_k": top_k, "steps": num_steps, "repeats": repeats,
             "lp_median_ms": 1e3 * statistics.median(times),
             "lp_p90_ms": 1e3 * float(np.percentile(times, 90)),
+            "lp_cpu_median_ms": 1e3 * statistics.median(cpu_times),
+            "load_average": os.getloadavg()[0],
             "mean_ir": dict(zip(("static", "greedy", "lp"), irs_a.mean(axis=0).tolist(),
                                 strict=True)),
             "mean_objective_us": dict(zip(("static", "greedy", "lp"),
@@ -158,13 +162,15 @@ def write_markdown(path: Path, report: dict) -> None:
                       "-" if r["gap"] is None else f"{100 * r['gap']:.2f}%"]
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "## `lp` heuristic wall time and balance", "",
-              "| top-k | steps x repeats | median ms | p90 ms | mean IR static | greedy | lp "
-              "| mean objective us static | greedy | lp | steps lp < greedy |",
-              "|" + "---|" * 11]
+              "| top-k | steps x repeats | median ms (wall) | p90 ms | median ms (process CPU) "
+              "| load avg | mean IR static | greedy | lp | mean objective us static | greedy | lp "
+              "| steps lp < greedy |",
+              "|" + "---|" * 13]
     for t in report["lp_timing"]:
         ir, ob = t["mean_ir"], t["mean_objective_us"]
         lines.append(f"| {t['top_k']} | {t['steps']} x {t['repeats']} | {t['lp_median_ms']:.2f}"
-                     f" | {t['lp_p90_ms']:.2f} | {ir['static']:.3f} | {ir['greedy']:.3f} | "
+                     f" | {t['lp_p90_ms']:.2f} | {t['lp_cpu_median_ms']:.2f} | "
+                     f"{t['load_average']:.1f} | {ir['static']:.3f} | {ir['greedy']:.3f} | "
                      f"{ir['lp']:.3f} | {ob['static']:.1f} | {ob['greedy']:.1f} | "
                      f"{ob['lp']:.1f} | {t['lp_better_than_greedy']}/{t['steps']} |")
     lines += ["", "## Notes", ""] + [f"- {note}" for note in report["notes"]] + [""]
@@ -216,11 +222,12 @@ def main(argv: list[str] | None = None) -> None:
                       f"{row['greedy_us']:.1f}", f"{row['lp_us']:.1f}", *cells)
     console.print(table)
     timing = Table(title="lp heuristic")
-    for col in ("top-k", "median ms", "p90 ms", "mean IR static/greedy/lp"):
+    for col in ("top-k", "median ms", "p90 ms", "CPU median ms", "mean IR static/greedy/lp"):
         timing.add_column(col, justify="right")
     for t in report["lp_timing"]:
         ir = t["mean_ir"]
         timing.add_row(str(t["top_k"]), f"{t['lp_median_ms']:.2f}", f"{t['lp_p90_ms']:.2f}",
+                       f"{t['lp_cpu_median_ms']:.2f}",
                        f"{ir['static']:.3f} / {ir['greedy']:.3f} / {ir['lp']:.3f}")
     console.print(timing)
     out = Path(args.out)

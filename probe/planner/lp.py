@@ -14,10 +14,10 @@ Steps (the deadline is checked between them; past it the greedy plan comes back 
 3. rounding: the greedy replicas first, then (g, e) pairs in decreasing LP tokens, kept while
    rank g has a slot and a home holder h of e can still send it within both windows (the h with
    most send budget left); the placement is feasible by construction;
-4. assignment for that placement: the LP of milp.build_milp with the replicas made permanent,
-   no slots and every holder active (y = 1, an upper-bound model), rounded to integer tokens
-   per (source, expert) by largest remainder, which keeps conservation; replicas left without
-   tokens are dropped;
+4. assignment for that placement: the MILP's LP with the placement fixed, over a[s, e, g] of
+   the replicated experts (exact per-source traffic), every holder active (alpha paid by each,
+   an upper-bound model); rounded to integer tokens per (source, expert) by largest remainder,
+   which keeps conservation; replicas left without tokens are dropped;
 5. the better of this plan and greedy's, by evaluate_plan.
 """
 
@@ -28,8 +28,8 @@ import time
 import numpy as np
 
 from probe.planner.check import evaluate_plan, rank_times
-from probe.planner.highs import highs_model, lp_from_arrays, new_highs, time_unit
-from probe.planner.milp import build_milp, finish_result, plan_from_values
+from probe.planner.highs import lp_from_arrays, new_highs, time_unit
+from probe.planner.milp import finish_result, largest_remainder
 from probe.planner.problem import BalanceProblem, Plan, SolveResult
 
 __all__ = ["round_replicas", "solve_lp"]
@@ -218,21 +218,75 @@ def _relaxation_tokens(problem: BalanceProblem, static: Plan, experts: np.ndarra
     return tokens
 
 
-def _assignment(problem: BalanceProblem, replicas: np.ndarray, sources: np.ndarray,
-                unit: float, time_left: float | None) -> Plan | None:
-    """Integer assignment for a fixed placement (module docstring, step 4); None if unsolved."""
+def _assignment(problem: BalanceProblem, static: Plan, replicas: np.ndarray,
+                sources: np.ndarray, unit: float, time_left: float | None) -> Plan | None:
+    """Integer assignment for a fixed placement (module docstring, step 4); None if unsolved.
+
+    Columns a[s, e, g] for the replicated experts only (every holder g of e, every source s
+    with load); the other experts keep their static assignment, which is their only choice
+    when they have one home rank. Every holder of a replicated expert pays alpha (constant).
+    """
     import highspy
 
-    fixed = BalanceProblem(problem.load, problem.home | replicas, 0, problem.window,
-                           problem.cost)
-    milp = build_milp(fixed, per_source_activation=False, all_active=True)
+    load, cost = problem.load, problem.cost
+    num_ranks, num_experts = problem.home.shape
+    replicated = np.flatnonzero(replicas.any(axis=0))
+    holds = problem.home | replicas  # [G, E]
+    mask = np.zeros((num_ranks, num_experts, num_ranks), bool)  # [S, E, G]
+    mask[:, replicated, :] = (load[:, replicated] > 0)[:, :, None] & holds[:, replicated].T[None]
+    s_a, e_a, g_a = np.nonzero(mask)
+    num_a = s_a.size
+    z_col = num_a
+    rest = static.assignment.copy()
+    rest[:, replicated, :] = 0
+    comp_const, _ = rank_times(problem, rest)
+    comp_const = comp_const + cost.alpha * holds[:, replicated].sum(axis=1)
+    flow = rest.sum(axis=1).astype(np.float64)  # [S, G]
+    tt = cost.token_time
+    in_const = (flow * tt).sum(axis=0)
+    out_const = (flow * tt).sum(axis=1)
+
+    # Every token of (s, e) runs on one of e's holders.
+    se_key = s_a * num_experts + e_a
+    uniq, se_row = np.unique(se_key, return_inverse=True)
+    num_se = uniq.size
+    cons_rhs = load.ravel()[uniq].astype(np.float64)
+    # The makespan covers compute plus twice the traffic into (rows num_se + g) and out of
+    # (rows num_se + G + g) every rank.
+    remote = s_a != g_a
+    in_rows = num_se + g_a
+    out_rows = num_se + num_ranks + g_a
+    out_comm_rows = num_se + num_ranks + s_a[remote]
+    rank_ids = np.arange(num_ranks)
+    coef_row = np.concatenate([se_row, in_rows, out_rows, out_comm_rows,
+                               num_se + rank_ids, num_se + num_ranks + rank_ids])
+    coef_col = np.concatenate([np.arange(num_a)] * 3 + [np.flatnonzero(remote),
+                                                         np.full(2 * num_ranks, z_col)])
+    coef_val = np.concatenate([np.ones(num_a),
+                               (cost.beta + 2.0 * tt[s_a, g_a] * remote) / unit,
+                               np.full(num_a, cost.beta / unit),
+                               2.0 * tt[s_a[remote], g_a[remote]] / unit,
+                               -np.ones(2 * num_ranks)])
+    keep = coef_val != 0
+    row_upper = np.concatenate([cons_rhs, -(comp_const + 2.0 * in_const) / unit,
+                                -(comp_const + 2.0 * out_const) / unit])
+    row_lower = np.concatenate([cons_rhs, np.full(2 * num_ranks, -np.inf)])
+    col_cost = np.zeros(num_a + 1)
+    col_cost[z_col] = 1.0
+    col_upper = np.concatenate([load[s_a, e_a].astype(np.float64), [np.inf]])
     solver = new_highs(time_left, **LP_OPTIONS)
-    solver.passModel(highs_model(milp, unit, integer=False))
+    solver.passModel(lp_from_arrays(col_cost, np.zeros(num_a + 1), col_upper, row_lower,
+                                    row_upper, coef_row[keep], coef_col[keep], coef_val[keep]))
     solver.run()
     if solver.getModelStatus() != highspy.HighsModelStatus.kOptimal:
         return None
-    values = np.asarray(solver.getSolution().col_value)
-    assignment = plan_from_values(milp, fixed, values).assignment
+    values = np.asarray(solver.getSolution().col_value)[:num_a]
+    shares = np.zeros((num_se, num_ranks))
+    shares[se_row, g_a] = values
+    # Integer tokens per (s, e), summing to its load: largest remainder of the LP split.
+    rounded = largest_remainder(load.ravel()[uniq], shares)
+    assignment = rest
+    assignment[uniq // num_experts, uniq % num_experts, :] = rounded
     unused = replicas & (assignment.sum(axis=0).T == 0)
     return Plan(replicas & ~unused, np.where(unused, -1, sources), assignment)
 
@@ -282,7 +336,7 @@ def solve_lp(problem: BalanceProblem, *, time_limit: float | None = None,
                              "LP relaxation not solved to optimality")
     replicas, sources = round_replicas(problem, tokens, threshold=0.5,
                                        keep=(greedy.replicas, greedy.sources))
-    candidate = _assignment(problem, replicas, sources, unit, time_left())
+    candidate = _assignment(problem, static, replicas, sources, unit, time_left())
     if (late := stop("the assignment")) is not None:
         return late
     if candidate is None:
