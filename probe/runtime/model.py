@@ -172,16 +172,23 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: _Batch, *, 
     k_pad = k_pad.permute(0, 2, 1, 3)[:, :, None]  # [B, Hkv, 1, s_max, Dq]
     v_pad = v_pad.permute(0, 2, 1, 3)[:, :, None]  # [B, Hkv, 1, s_max, Dv]
 
-    scores = (q_pad @ k_pad.transpose(-1, -2)) * scale  # [B, Hkv, G, t_max, s_max]
     allowed = batch.masks[sliding][:, None, None]  # [B, 1, 1, t_max, s_max]
+    if sinks is None:
+        # Fused kernel (memory-efficient on GPU); kv heads expanded to the query heads.
+        g = h // hkv
+        out = F.scaled_dot_product_attention(
+            q_pad.reshape(n_seq, h, batch.t_max, dq),
+            k_pad.expand(-1, -1, g, -1, -1).reshape(n_seq, h, batch.s_max, dq),
+            v_pad.expand(-1, -1, g, -1, -1).reshape(n_seq, h, batch.s_max, dv),
+            attn_mask=allowed[:, 0], scale=scale)  # [B, H, t_max, Dv]
+        out = out.permute(0, 2, 1, 3).reshape(n_seq * batch.t_max, h * dv)  # [B*t_max, H*Dv]
+        return out[batch.q_index]  # [T, H*Dv]
+    scores = (q_pad @ k_pad.transpose(-1, -2)) * scale  # [B, Hkv, G, t_max, s_max]
     scores = scores.float().masked_fill(~allowed, float("-inf"))
-    if sinks is not None:
-        sink = sinks.float().view(1, hkv, h // hkv, 1, 1)
-        sink = sink.expand(*scores.shape[:-1], 1)  # [B, Hkv, G, t_max, 1]
-        scores = torch.cat((scores, sink), dim=-1)  # [B, Hkv, G, t_max, s_max + 1]
-        probs = torch.softmax(scores, dim=-1)[..., :-1]  # [B, Hkv, G, t_max, s_max]
-    else:
-        probs = torch.softmax(scores, dim=-1)  # [B, Hkv, G, t_max, s_max]
+    # Attention sinks: one learned logit per head joins the softmax, then is dropped.
+    sink = sinks.float().view(1, hkv, h // hkv, 1, 1).expand(*scores.shape[:-1], 1)
+    scores = torch.cat((scores, sink), dim=-1)  # [B, Hkv, G, t_max, s_max + 1]
+    probs = torch.softmax(scores, dim=-1)[..., :-1]  # [B, Hkv, G, t_max, s_max]
     out = probs.to(v_pad.dtype) @ v_pad  # [B, Hkv, G, t_max, Dv]
     out = out.permute(0, 3, 1, 2, 4).reshape(n_seq * batch.t_max, h * dv)  # [B*t_max, H*Dv]
     return out[batch.q_index]  # [T, H*Dv]
