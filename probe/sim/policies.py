@@ -32,22 +32,42 @@ def apply_plan(plan: Plan, true_load: np.ndarray, home: np.ndarray) -> Plan:
     [[[3, 2], [0, 0]], [[1, 0], [0, 3]]]
     """
     true_load = np.asarray(true_load, dtype=np.int64)
+    home = np.asarray(home, dtype=bool)
     planned = plan.assignment  # [S, E, G]
+    num_ranks = planned.shape[2]
     predicted = planned.sum(axis=2)  # [S, E]
     known = predicted > 0
-    with np.errstate(invalid="ignore", divide="ignore"):
-        frac = np.where(known[:, :, None], planned / np.where(known, predicted, 1)[:, :, None],
-                        0.0)  # [S, E, G]
-    target = true_load[:, :, None] * frac  # [S, E, G]
-    base = np.floor(target + 1e-9).astype(np.int64)
-    short = np.where(known, true_load - base.sum(axis=2), 0)  # [S, E]
-    rest = np.where(frac > 0, target - base, -1.0)  # never top up a rank with no share
-    order = np.argsort(-rest, axis=2, kind="stable")
-    position = np.empty_like(order)
-    np.put_along_axis(position, order, np.arange(order.shape[2])[None, None, :], axis=2)
-    base += (position < short[:, :, None]) & (frac > 0)
-    fallback = static_assignment(np.where(known, 0, true_load), home)
-    assignment = base + fallback
+    spread = (planned > 0).sum(axis=2)  # [S, E] ranks the plan used per (s, e)
+    assignment = np.zeros_like(planned)
+    # (s, e) the plan sent to one rank: all true tokens go there.
+    s1, e1 = np.nonzero(spread == 1)
+    g1 = np.argmax(planned[s1, e1] > 0, axis=1)
+    assignment[s1, e1, g1] = true_load[s1, e1]
+    # (s, e) the plan split: same fractions, largest remainder (rows [M, G]).
+    sm, em = np.nonzero(spread > 1)
+    if sm.size:
+        rows = planned[sm, em].astype(np.float64)  # [M, G]
+        frac = rows / rows.sum(axis=1, keepdims=True)
+        target = true_load[sm, em][:, None] * frac
+        base = np.floor(target + 1e-9).astype(np.int64)
+        short = true_load[sm, em] - base.sum(axis=1)  # [M]
+        rest = np.where(frac > 0, target - base, -1.0)  # never top up a rank with no share
+        order = np.argsort(-rest, axis=1, kind="stable")
+        position = np.empty_like(order)
+        np.put_along_axis(position, order, np.arange(num_ranks)[None, :], axis=1)
+        base += (position < short[:, None]) & (frac > 0)
+        assignment[sm, em] = base
+    # (s, e) the plan did not expect: the static route over the home ranks.
+    unseen = np.where(known, 0, true_load)
+    if unseen.any():
+        if np.all(home.sum(axis=0) == 1):
+            su, eu = np.nonzero(unseen)
+            owner = np.argmax(home, axis=0)  # [E]
+            local = home[su, eu] if home.shape[0] == planned.shape[0] else False
+            dest = np.where(local, su, owner[eu])
+            assignment[su, eu, dest] += unseen[su, eu]
+        else:
+            assignment += static_assignment(unseen, home)
     assert np.array_equal(assignment.sum(axis=2), true_load), "apply_plan lost tokens"
     return Plan(plan.replicas, plan.sources, assignment)
 
