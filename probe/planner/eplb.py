@@ -98,8 +98,8 @@ def eplb_placement(weight: np.ndarray, problem: BalanceProblem) -> tuple[np.ndar
     held experts of weight / copies; ties: lowest rank) that has a free slot, does not hold the
     expert, and can receive a copy within both window budgets (source: the home holder with
     the smallest transfer time, then least already sent, then lowest rank). An expert whose
-    next copy fits nowhere gets no more copies. Returns (replicas bool [G, E], sources int64
-    [G, E]).
+    next copy fits nowhere, or of weight 0, gets no more copies.
+    Returns (replicas bool [G, E], sources int64 [G, E]).
     """
     weight = np.asarray(weight, dtype=np.float64)
     home = problem.home
@@ -118,7 +118,7 @@ def eplb_placement(weight: np.ndarray, problem: BalanceProblem) -> tuple[np.ndar
     while np.any(free > 0):
         per_copy = np.where(blocked, -np.inf, weight / count)
         e = int(np.argmax(per_copy))
-        if not np.isfinite(per_copy[e]):
+        if not per_copy[e] > 0:  # only unplaceable or unused experts are left
             break
         holds = home | replicas
         est = (holds * (weight / count)[None, :]).sum(axis=1)
