@@ -77,5 +77,11 @@ def simulate_command(
         stem = trace.name.split(".")[0]
         write_csv(result, out / f"{stem}.csv")
         write_summary(result, out / f"{stem}.summary.json")
-        for path in plot_result(result, out, prefix=stem):
-            console.print(f"wrote {path}")
+        console.print(f"wrote {out / (stem + '.csv')} and {out / (stem + '.summary.json')}")
+        try:
+            paths = plot_result(result, out, prefix=stem)
+        except ImportError:
+            console.print("matplotlib is not installed (pip install probe-moe[plot]): no plot")
+        else:
+            for path in paths:
+                console.print(f"wrote {path}")
