@@ -1,0 +1,125 @@
+"""`probe plan`, `plan_step` and `plan_layers` on a small synthetic trace."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import typer
+from typer.testing import CliRunner
+
+from probe.placement import sharded_home
+from probe.planner.check import check_plan
+from probe.planner.cli import register
+from probe.planner.cost import CostModel
+from probe.planner.layers import attention_time, plan_layers, plan_step
+from probe.planner.problem import BalanceProblem
+from probe.planner.window import default_window
+from probe.specs import hardware_preset, model_preset
+from probe.traces import generate
+
+
+@pytest.fixture(scope="module")
+def trace():
+    return generate("decode", num_steps=3, tokens_per_step=512, num_layers=3, num_experts=16,
+                    top_k=2, num_ranks=4, seed=1)
+
+
+@pytest.fixture(scope="module")
+def trace_file(trace, tmp_path_factory):
+    path = tmp_path_factory.mktemp("plan") / "small.probe"
+    trace.save(path)
+    return path
+
+
+@pytest.fixture
+def app():
+    app = typer.Typer()
+
+    @app.callback()
+    def root() -> None:
+        """test app"""
+
+    register(app)
+    return app
+
+
+COST = CostModel.from_specs(model_preset("gpt-oss-120b"), hardware_preset("h200x8"), num_ranks=4)
+
+
+def test_plan_step_plans_every_layer_feasibly(trace):
+    results = plan_step(trace, 1, cost=COST, slots=2)
+    assert len(results) == trace.num_layers
+    loads = trace.load_counts(steps=[1])[0]
+    home = sharded_home(16, 4)
+    for load, result in zip(loads, results, strict=True):
+        problem = BalanceProblem(load, home, 2, default_window(load, home, COST), COST)
+        assert result.method == "greedy"
+        assert check_plan(problem, result.plan) == []
+        assert np.array_equal(result.plan.assignment.sum(axis=2), load)
+
+
+def test_plan_step_eplb_uses_previous_steps(trace):
+    results = plan_step(trace, 2, cost=COST, slots=1, window=1.0, method="eplb", eplb_history=2)
+    past = trace.load_counts(steps=[0, 1])  # [H, L, S, E]
+    for layer, result in enumerate(results):
+        weight = past[:, layer].sum(axis=1).mean(axis=0)
+        hottest = int(np.argmax(weight))
+        assert result.plan.replicas[:, hottest].any()
+
+
+def test_plan_step_errors(trace):
+    with pytest.raises(ValueError, match="step 7 out of range for a trace of 3 steps"):
+        plan_step(trace, 7, cost=COST)
+    with pytest.raises(ValueError, match="cost model is for 8 ranks, trace has 4"):
+        plan_step(trace, 0, cost=CostModel.from_specs(model_preset("gpt-oss-120b"),
+                                                     hardware_preset("h200x8")))
+    with pytest.raises(ValueError, match="window must be 'auto', seconds"):
+        plan_step(trace, 0, cost=COST, window="soon")
+
+
+def test_plan_layers_window_and_attention():
+    cost = CostModel.uniform(2, alpha=0.0, beta=1.0, token_time=0.0, transfer_time=1.0)
+    loads = np.array([[[0, 0], [8, 0]]])
+    # auto: rank 1 computes nothing under static EP, so it cannot receive a copy...
+    assert plan_layers(loads, cost=cost, slots=1)[0].plan.num_replicas == 0
+    # ...unless attention time opens its window.
+    assert plan_layers(loads, cost=cost, slots=1, attention_s=1.0)[0].plan.num_replicas == 1
+    with pytest.raises(ValueError, match=r"loads must be \[L, S, E\]"):
+        plan_layers(loads[0], cost=cost)
+    assert attention_time(model_preset("gpt-oss-120b"), hardware_preset("h200x8")) == (
+        pytest.approx(4 * 2880**2 * 2 / 4.8e12))
+
+
+def test_cli_all_layers(app, trace_file):
+    result = CliRunner().invoke(app, ["plan", str(trace_file), "--step", "1", "--slots", "2"],
+                                env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    assert "per layer" in result.output
+    assert "method greedy, 2 slots/rank, window auto" in result.output
+    assert result.output.count("feasible") == 3
+
+
+def test_cli_one_layer_shows_replicas_and_metrics(app, trace_file):
+    result = CliRunner().invoke(app, ["plan", str(trace_file), "--layer", "1", "--method",
+                                      "static", "--window", "0.001"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    assert "objective (eq. 8)" in result.output and "IR (tokens)" in result.output
+    assert "replicas (0); moved tokens 0" in result.output
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--method", "simplex"], "unknown method 'simplex'"),
+    (["--window", "soon"], "expected 'auto' or seconds"),
+    (["--layer", "9"], "layer 9 out of range"),
+    (["--step", "5"], "step 5 out of range"),
+])
+def test_cli_bad_arguments(app, trace_file, args, message):
+    result = CliRunner().invoke(app, ["plan", str(trace_file), *args], env={"COLUMNS": "200"})
+    assert result.exit_code != 0
+    assert message in result.output
+
+
+def test_cli_missing_file(app, tmp_path):
+    result = CliRunner().invoke(app, ["plan", str(tmp_path / "none.probe")])
+    assert result.exit_code == 1
+    assert "error" in result.output
