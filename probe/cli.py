@@ -24,11 +24,13 @@ def _root() -> None:
 
 def _register_all() -> None:
     from probe.predictor.cli import register as register_predictor
+    from probe.runtime.checkpoint_cli import register as register_checkpoint
     from probe.runtime.cli import register as register_runtime
     from probe.sim.cli import register as register_sim
     from probe.traces.cli import register as register_traces
 
-    for register in (register_traces, register_sim, register_predictor, register_runtime):
+    for register in (register_traces, register_sim, register_predictor, register_runtime,
+                     register_checkpoint):
         register(app)
 
 
