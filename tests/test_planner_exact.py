@@ -296,3 +296,15 @@ def test_registry_runs_the_backends():
         result = solve(problem, method, time_limit=10)
         assert result.plan is not None and check_plan(problem, result.plan) == []
         assert result.method == method
+
+
+def test_no_time_limit_means_the_default_and_inf_means_none():
+    from probe.planner.cpsat import DEFAULT_TIME_LIMIT
+
+    assert DEFAULT_TIME_LIMIT == 60.0
+    problem = small_problem(4)
+    default = solve_cpsat(problem, num_workers=1)
+    unlimited = solve_cpsat(problem, time_limit=float("inf"), num_workers=1)
+    highs = solve_highs(problem, time_limit=float("inf"))
+    assert default.status == unlimited.status == highs.status == "optimal"
+    assert unlimited.objective == pytest.approx(highs.objective, rel=1e-3)

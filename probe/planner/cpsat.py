@@ -28,7 +28,10 @@ from probe.planner.milp import EXACT, MAKESPAN, WINDOW, Milp, build_milp, finish
     plan_from_values, plan_to_values, warm_start
 from probe.planner.problem import BalanceProblem, Plan, SolveResult
 
-__all__ = ["scale_milp", "solve_cpsat", "time_quantum"]
+__all__ = ["DEFAULT_TIME_LIMIT", "scale_milp", "solve_cpsat", "time_quantum"]
+
+# Seconds a solve may take when the caller gives no time limit.
+DEFAULT_TIME_LIMIT = 60.0
 
 # Relative precision of the makespan quantum against the smallest positive time coefficient.
 _QUANTUM_DIVISOR = 1e4
@@ -87,7 +90,7 @@ def solve_cpsat(problem: BalanceProblem, *, time_limit: float | None = None,
                 relative_gap_limit: float = 0.0, log: bool = False) -> SolveResult:
     """Solve the balance MILP with CP-SAT.
 
-    time_limit: seconds for the search, or None (no limit: offline use only).
+    time_limit: seconds for the whole call (None: DEFAULT_TIME_LIMIT; math.inf: no limit).
     num_workers: CP-SAT search workers (default: CPU count, at most 8).
     warm: a feasible plan to hint (default: the better of greedy and static).
     relative_gap_limit: stop once CP-SAT's own relative gap is below this.
@@ -103,6 +106,8 @@ def solve_cpsat(problem: BalanceProblem, *, time_limit: float | None = None,
         num_workers = min(8, os.cpu_count() or 1)
     if not isinstance(num_workers, int) or num_workers < 1:
         raise ValueError(f"num_workers must be a positive int, got {num_workers!r}")
+    if time_limit is None:
+        time_limit = DEFAULT_TIME_LIMIT
     start = time.perf_counter()
     warm_name = "warm start"
     if warm is None:
@@ -163,7 +168,7 @@ def solve_cpsat(problem: BalanceProblem, *, time_limit: float | None = None,
     solver.parameters.num_workers = num_workers
     solver.parameters.log_search_progress = log
     solver.parameters.relative_gap_limit = float(relative_gap_limit)
-    if time_limit is not None:
+    if math.isfinite(time_limit):
         remaining = time_limit - (time.perf_counter() - start)
         if remaining <= 0:
             return finish_result(problem, "cpsat", start, "timeout", None, warm, warm_name,
@@ -182,7 +187,7 @@ def solve_cpsat(problem: BalanceProblem, *, time_limit: float | None = None,
         outcome = "optimal"
         message = f"CP-SAT proved the scaled model optimal (quantum {quantum:.3e} s)"
     elif code in (cp_model.FEASIBLE, cp_model.UNKNOWN):
-        outcome = "timeout" if time_limit is not None else "feasible"
+        outcome = "timeout" if math.isfinite(time_limit) else "feasible"
         message = f"CP-SAT stopped with status {status_name}; best incumbent kept"
     else:
         return SolveResult("error", None, float("nan"), None, None,

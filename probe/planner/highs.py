@@ -9,6 +9,7 @@ converted back to seconds; it is proven up to HiGHS's feasibility tolerances.
 
 from __future__ import annotations
 
+import math
 import time
 
 import numpy as np
@@ -17,7 +18,10 @@ from probe.planner.milp import MAKESPAN, WINDOW, Milp, build_milp, finish_result
     plan_from_values, plan_to_values, warm_start
 from probe.planner.problem import BalanceProblem, Plan, SolveResult
 
-__all__ = ["highs_model", "solve_highs"]
+__all__ = ["DEFAULT_TIME_LIMIT", "highs_model", "lp_from_arrays", "solve_highs"]
+
+# Seconds a solve may take when the caller gives no time limit.
+DEFAULT_TIME_LIMIT = 60.0
 
 
 def time_unit(objective: float) -> float:
@@ -97,7 +101,8 @@ def solve_highs(problem: BalanceProblem, *, time_limit: float | None = None,
                 threads: int | None = None) -> SolveResult:
     """Solve the balance MILP with HiGHS MIP.
 
-    time_limit: seconds for the whole call (warm start and model building included), or None.
+    time_limit: seconds for the whole call, warm start and model building included (None:
+        DEFAULT_TIME_LIMIT; math.inf: no limit).
     mip_rel_gap: HiGHS stops and reports "optimal" once its relative gap is below this.
     warm: a feasible plan to start from (default: the better of greedy and static).
     threads: HiGHS threads (HiGHS's MIP search is mostly serial; None keeps its default).
@@ -107,6 +112,8 @@ def solve_highs(problem: BalanceProblem, *, time_limit: float | None = None,
 
     if time_limit is not None and not time_limit > 0:
         raise ValueError(f"time_limit must be > 0 seconds or None, got {time_limit!r}")
+    if time_limit is None:
+        time_limit = DEFAULT_TIME_LIMIT
     start = time.perf_counter()
     warm_name = "warm start"
     if warm is None:
@@ -119,11 +126,11 @@ def solve_highs(problem: BalanceProblem, *, time_limit: float | None = None,
     options = {"mip_rel_gap": float(mip_rel_gap)}
     if threads is not None:
         options["threads"] = int(threads)
-    remaining = None if time_limit is None else time_limit - (time.perf_counter() - start)
-    if remaining is not None and remaining <= 0:
+    remaining = time_limit - (time.perf_counter() - start)
+    if remaining <= 0:
         return finish_result(problem, "highs", start, "timeout", None, warm, warm_name, None,
                              "time limit reached before the MIP started")
-    solver = new_highs(remaining, **options)
+    solver = new_highs(remaining if math.isfinite(remaining) else None, **options)
     solver.passModel(highs_model(milp, unit, integer=True))
     values = plan_to_values(milp, problem, warm)
     if values is not None:
