@@ -166,3 +166,20 @@ def test_bad_options(k_max, epsilon, message):
     problem = BalanceProblem(np.array([[1, 0], [1, 0]]), sharded_home(2, 2), 1, 1.0, cost)
     with pytest.raises(ValueError, match=message):
         greedy_plan(problem, k_max=k_max, epsilon=epsilon)
+
+
+@settings(max_examples=150, deadline=None)
+@given(instances())
+def test_static_assignment_matches_the_loop_definition(problem):
+    load, home = problem.load, problem.home
+    expected = np.zeros(load.shape + (problem.num_ranks,), np.int64)
+    for s in range(problem.num_ranks):
+        for e in range(problem.num_experts):
+            if home[s, e]:
+                expected[s, e, s] = load[s, e]
+                continue
+            holders = np.flatnonzero(home[:, e])
+            quota, left = divmod(int(load[s, e]), len(holders))
+            for k, g in enumerate(holders):
+                expected[s, e, g] = quota + ((k + s) % len(holders) < left)
+    assert np.array_equal(static_assignment(load, home), expected)

@@ -37,16 +37,26 @@ def static_assignment(load: np.ndarray, home: np.ndarray) -> np.ndarray:
     num_holders = home.sum(axis=0)  # [E]
     if np.any(num_holders == 0):
         raise ValueError(f"expert {int(np.flatnonzero(num_holders == 0)[0])} has no home rank")
-    position = np.cumsum(home, axis=0) - 1  # [G, E], position of g among e's holders
-    quota, left = np.divmod(load, num_holders[None, :])  # [S, E]
-    src = np.arange(num_sources)[:, None, None]  # [S, 1, 1]
-    rotated = (position.T[None, :, :] + src) % num_holders[None, :, None]  # [S, E, G]
-    share = quota[:, :, None] + (rotated < left[:, :, None])  # [S, E, G]
-    share = np.where(home.T[None, :, :], share, 0)
-    local = home[:num_sources, :]  # [S, E]: source s holds e at home (S = G)
-    assignment = np.where(local[:, :, None], 0, share).astype(np.int64)
-    s_idx, e_idx = np.nonzero(local)
-    assignment[s_idx, e_idx, s_idx] = load[s_idx, e_idx]
+    assignment = np.zeros((num_sources, num_experts, home.shape[0]), np.int64)
+    # Experts with one holder: every token goes there (locality holds trivially).
+    single = np.flatnonzero(num_holders == 1)
+    owner = np.argmax(home, axis=0)  # [E]
+    assignment[:, single, owner[single]] = load[:, single]
+    multi = np.flatnonzero(num_holders > 1)
+    if multi.size:
+        sub_home = home[:, multi]  # [G, M]
+        count = num_holders[multi]
+        position = np.cumsum(sub_home, axis=0) - 1  # [G, M], position of g among holders
+        quota, left = np.divmod(load[:, multi], count[None, :])  # [S, M]
+        src = np.arange(num_sources)[:, None, None]  # [S, 1, 1]
+        rotated = (position.T[None, :, :] + src) % count[None, :, None]  # [S, M, G]
+        share = quota[:, :, None] + (rotated < left[:, :, None])
+        share = np.where(sub_home.T[None, :, :], share, 0)
+        local = home[:num_sources, multi]  # [S, M]: source s holds e at home (S = G)
+        share = np.where(local[:, :, None], 0, share)
+        s_idx, m_idx = np.nonzero(local)
+        share[s_idx, m_idx, s_idx] = load[s_idx, multi[m_idx]]
+        assignment[:, multi, :] = share
     return assignment
 
 
