@@ -308,3 +308,20 @@ def test_no_time_limit_means_the_default_and_inf_means_none():
     highs = solve_highs(problem, time_limit=float("inf"))
     assert default.status == unlimited.status == highs.status == "optimal"
     assert unlimited.objective == pytest.approx(highs.objective, rel=1e-3)
+
+
+def test_backends_agree_with_non_uniform_links():
+    # Two "nodes": ranks 0-1 close, rank 2 far (slower tokens and copies).
+    token_time = np.array([[0.0, 0.1, 0.6], [0.1, 0.0, 0.6], [0.6, 0.6, 0.0]])
+    transfer = np.array([[0.0, 1.0, 3.0], [1.0, 0.0, 3.0], [3.0, 3.0, 0.0]])
+    cost = CostModel(alpha=1.0, beta=0.5, token_time=token_time, transfer_time=transfer)
+    problem = small_problem(11, 3, 6, slots=1, window=3.0, cost=cost)
+    cp = solve_cpsat(problem, time_limit=20, num_workers=2)
+    hi = solve_highs(problem, time_limit=20)
+    lp = solve_lp(problem)
+    reference = objective(problem, static_plan(problem))
+    for result in (cp, hi, lp):
+        assert_good(problem, result, reference)
+    assert cp.status == hi.status == "optimal"
+    assert cp.objective == pytest.approx(hi.objective, rel=1e-3)
+    assert hi.objective <= lp.objective * (1 + 1e-9)
