@@ -14,7 +14,9 @@ from probe.planner.problem import Plan
 from probe.sim import AttentionModel, make_predictor, resplit_load, simulate
 from probe.sim.calibration import calibrated_attention, calibrated_hardware
 from probe.sim.cli import register
-from probe.sim.policies import apply_plan, eplb_placement, rebalance_transfer
+from probe.planner.eplb import eplb_placement
+from probe.planner.problem import BalanceProblem
+from probe.sim.policies import apply_plan, rebalance_transfer
 from probe.specs import HardwareSpec, ModelSpec, hardware_preset, model_preset
 from probe.traces import generate
 from probe.traces.trace import RoutingTrace
@@ -159,15 +161,21 @@ def test_apply_plan_conserves_tokens_and_respects_placement():
         assert not np.any((out.assignment > 0) & ~holders.T[None])
 
 
-def test_eplb_placement_and_rebalance_transfer():
+def test_rebalance_transfer_of_eplb_placement():
     home = np.eye(4, dtype=bool).repeat(2, axis=1)
     load = np.array([100.0, 1, 1, 1, 1, 1, 1, 1])
-    replicas, sources = eplb_placement(load, home, slots=1)
+    cost = CostModel.uniform(4, alpha=0.0, beta=1.0, token_time=0.0, transfer_time=1.0)
+    problem = BalanceProblem(np.zeros((4, 8), int), home, 1, np.inf, cost)
+    replicas, sources = eplb_placement(load, problem)
     assert replicas[:, 0].sum() == 3 and not np.any(replicas & home)  # hot expert copied 3x
-    assert np.all(sources[replicas] == 0)
+    assert np.all(sources[replicas[:, 0], 0] == 0)
     tt = 1.0 - np.eye(4)
     seconds, moved = rebalance_transfer(np.zeros_like(replicas), replicas, sources, tt)
     assert moved == replicas.sum() and seconds == pytest.approx(3.0)  # rank 0 sends 3
+    only_hot = replicas.copy()
+    only_hot[:, 1:] = False
+    # Keeping the hot expert's copies, only the others move.
+    assert rebalance_transfer(only_hot, replicas, sources, tt)[1] == replicas.sum() - 3
     assert rebalance_transfer(replicas, replicas, sources, tt) == (0.0, 0)
 
 

@@ -23,9 +23,13 @@ scoring. Transfers that exceed the real window are charged as exposed time.
 Policies:
     static          sharded EP (probe.placement.sharded_home), no replicas, locality first.
     eplb            `eplb_slots` redundant experts per layer per rank, placed from the mean load
-                    of the last `eplb_window` steps (`eplb_placement`, DeepSeek-EPLB style),
-                    rebalanced every `eplb_interval` steps (first at step eplb_interval: static
-                    before); tokens locality-first, else split evenly over the expert's copies.
+                    of the last `eplb_window` steps (probe.planner.eplb.eplb_placement,
+                    DeepSeek-EPLB style, no window limit: the shuffle is blocking), rebalanced
+                    every `eplb_interval` steps (first at step eplb_interval: static before);
+                    tokens locality-first, else split evenly over the expert's copies (the
+                    planner's solve(..., "eplb") splits evenly over all copies, ignoring
+                    locality; locality first is what SGLang's static dispatch does and is kinder
+                    to the baseline).
                     Replicas persist between rebalances; the rebalance transfer of the new
                     copies is charged in full as exposed time at the rebalance step.
     probe           the planner (`planner`, default the paper's greedy) on the PREDICTED load,
@@ -58,7 +62,8 @@ from probe.planner.solve import solve
 from probe.planner.static import static_plan
 from probe.planner.window import default_window
 from probe.sim.attention import AttentionModel
-from probe.sim.policies import apply_plan, eplb_placement, rebalance_transfer
+from probe.planner.eplb import eplb_placement
+from probe.sim.policies import apply_plan, rebalance_transfer
 from probe.sim.predict import describe_predictor, make_predictor
 from probe.specs import HardwareSpec, ModelSpec
 from probe.traces.trace import RoutingTrace
@@ -246,6 +251,9 @@ def simulate(
     eplb_sources = np.full((num_layers, ep, model.num_experts), -1, dtype=np.int64)
     inf_window = np.full(ep, np.inf)
 
+    if {"probe", "probe-unbounded", "oracle"} & set(policies) and num_steps:
+        # Warm-up solve (JIT compilation, imports) so that planner times are steady-state.
+        solve(_problem(load[0, 0], home, slots, inf_window, cost), planner, **options)
     bar = _progress(progress, num_steps, f"simulate {model.name} ep={ep}")
     try:
         for n in range(num_steps):
@@ -282,7 +290,9 @@ def simulate(
                         if rebalance:
                             t0 = time.perf_counter()
                             hist = load[max(0, n - eplb_window):n, layer].sum(axis=1)  # [H, E]
-                            new, src = eplb_placement(hist.mean(axis=0), home, eplb_slots)
+                            new, src = eplb_placement(
+                                hist.mean(axis=0),
+                                _problem(true, home, eplb_slots, inf_window, cost))
                             planner_time = time.perf_counter() - t0
                             extra, moved = rebalance_transfer(eplb_replicas[layer], new, src,
                                                               cost.transfer_time)

@@ -194,21 +194,29 @@ def run_scale(out: Path, log, quick: bool) -> dict:
             t0 = time.perf_counter()
             res = simulate(trace, model=model, hardware=hw, attention=att, progress=False,
                            policies=("static", "probe", "probe-unbounded", "oracle"))
+            unlimited = simulate(trace, model=model, hardware=hw, attention=att, progress=False,
+                                 policies=("probe",), planner_options={"k_max": None})
             log(f"scale {name} ep={ep}: {time.perf_counter() - t0:.1f} s")
             s = {p: res.summary(p) for p in res.policies}
+            s["probe k_max=inf"] = unlimited.summary("probe")
+            thr_inf = s["probe k_max=inf"]["throughput_tok_s"]
             thr = {p: s[p]["throughput_tok_s"] for p in s}
             rows.append([name, ep, hw_name, f"{s['static']['ir_mean']:.2f}",
                          f"{s['probe']['ir_mean']:.2f}", f"{s['probe-unbounded']['ir_mean']:.2f}",
                          f"{thr['probe'] / thr['static']:.3f}",
                          f"{thr['probe-unbounded'] / thr['static']:.3f}",
+                         f"{s['probe k_max=inf']['ir_mean']:.2f}",
+                         f"{thr_inf / thr['static']:.3f}",
                          f"{s['probe']['replicas'] / ep:.2f}",
                          f"{s['probe-unbounded']['exposed_us']:.0f}",
-                         f"{s['probe']['planner_ms']:.2f}", f"{s['static']['moe_us']:.0f}",
-                         f"{s['probe']['attention_us']:.0f}"])
+                         f"{s['probe']['planner_ms']:.2f}",
+                         f"{s['probe k_max=inf']['planner_ms']:.2f}",
+                         f"{s['static']['moe_us']:.0f}", f"{s['probe']['attention_us']:.0f}"])
             data[f"{name}/{ep}"] = s
     table = _md_table(["model", "ep", "hardware", "IR static", "IR PROBE", "IR unbounded",
-                       "PROBE/static", "unbounded/static", "replicas/rank/layer",
-                       "unbounded exposed us", "planner ms/layer", "MoE us static", "attn us"],
+                       "PROBE/static", "unbounded/static", "IR k_max=inf",
+                       "k_max=inf/static", "replicas/rank/layer", "unbounded exposed us",
+                       "planner ms/layer", "planner ms k_max=inf", "MoE us static", "attn us"],
                       rows)
     return {"table": table, "data": data}
 

@@ -1,4 +1,4 @@
-"""Helpers the simulator's policies share: applying a plan to another load, EPLB placement.
+"""Helpers the simulator's policies share: applying a plan to another load, rebalance cost.
 
 Shape legend: S source ranks (= G), E experts, G ranks.
 """
@@ -10,7 +10,7 @@ import numpy as np
 from probe.planner.problem import Plan
 from probe.planner.static import static_assignment
 
-__all__ = ["apply_plan", "eplb_placement", "rebalance_transfer"]
+__all__ = ["apply_plan", "rebalance_transfer"]
 
 
 def apply_plan(plan: Plan, true_load: np.ndarray, home: np.ndarray) -> Plan:
@@ -70,48 +70,6 @@ def apply_plan(plan: Plan, true_load: np.ndarray, home: np.ndarray) -> Plan:
             assignment += static_assignment(unseen, home)
     assert np.array_equal(assignment.sum(axis=2), true_load), "apply_plan lost tokens"
     return Plan(plan.replicas, plan.sources, assignment)
-
-
-def eplb_placement(expert_load: np.ndarray, home: np.ndarray, slots: int
-                   ) -> tuple[np.ndarray, np.ndarray]:
-    """DeepSeek-EPLB-style redundant experts for one layer from historical load.
-
-    expert_load: float [E], mean tokens per expert over the history window. home: bool [G, E]
-    (one home per expert). slots: redundant slots per rank. Repeatedly give one more copy to
-    the expert with the largest load per copy, on the rank with the least expected load (load
-    per copy summed over the experts it holds) that has a free slot and no copy of it; stop when
-    the slots are full or no copy lowers the per-copy maximum. Copies come from the home rank.
-    Returns replicas bool [G, E] and sources int64 [G, E] (-1 where none).
-
-    >>> r, s = eplb_placement(np.array([9.0, 1.0, 1.0, 1.0]), np.eye(2, dtype=bool).repeat(2, 1),
-    ...                       slots=1)
-    >>> r.astype(int).tolist(), s.tolist()
-    ([[0, 0, 0, 0], [1, 0, 0, 0]], [[-1, -1, -1, -1], [0, -1, -1, -1]])
-    """
-    expert_load = np.asarray(expert_load, dtype=np.float64)
-    home = np.asarray(home, dtype=bool)
-    num_ranks, num_experts = home.shape
-    owner = np.argmax(home, axis=0)  # [E]
-    copies = home.sum(axis=0).astype(np.int64)  # [E]
-    holds = home.copy()
-    replicas = np.zeros_like(home)
-    sources = np.full(home.shape, -1, dtype=np.int64)
-    free = np.full(num_ranks, int(slots), dtype=np.int64)
-    for _ in range(int(slots) * num_ranks):
-        per_copy = expert_load / copies  # [E]
-        e = int(np.argmax(per_copy))
-        if per_copy[e] <= 0:
-            break
-        rank_load = (holds * per_copy[None, :]).sum(axis=1)  # [G]
-        ok = (free > 0) & ~holds[:, e]
-        if not ok.any():
-            break
-        g = int(np.flatnonzero(ok)[np.argmin(rank_load[ok])])
-        replicas[g, e] = holds[g, e] = True
-        sources[g, e] = owner[e]
-        copies[e] += 1
-        free[g] -= 1
-    return replicas, sources
 
 
 def rebalance_transfer(old: np.ndarray, new: np.ndarray, sources: np.ndarray,
