@@ -21,6 +21,7 @@ shuffled order) is held out; the record script draws its requests from the held-
 Output (data/smallmodel/, git-ignored):
     corpus.jsonl   one JSON object per document: id, domain, split ("train"/"heldout"), source,
                    text
+    heldout.jsonl  the held-out records alone (what scripts/smallmodel/record.py reads)
     stats.json     bytes and documents per domain and split, and the arguments used
 
 The corpus depends on what is installed, so it is reproducible on one machine image, not across
@@ -304,6 +305,12 @@ def build(out_dir: Path, *, seed: int = 0, budget_mb: dict[str, float] | None = 
             print(f"{domain:9s} files={n_files:5d} docs={n_docs:5d} bytes={used / 1e6:6.2f} MB "
                   f"heldout={n_held} (of {len(sources)} candidates)", file=sys.stderr)
     tmp.replace(out_dir / "corpus.jsonl")
+    # The held-out part alone, small enough to travel to a device machine for trace recording.
+    with (out_dir / "corpus.jsonl").open(encoding="utf-8") as src, \
+            (out_dir / "heldout.jsonl").open("w", encoding="utf-8") as dst:
+        for line in src:
+            if json.loads(line)["split"] == "heldout":
+                dst.write(line)
     stats["total_bytes"] = sum(d["bytes"] for d in stats["domains"].values())
     (out_dir / "stats.json").write_text(json.dumps(stats, indent=1) + "\n")
     return stats

@@ -3,6 +3,9 @@
 #
 # One device call (about 7 minutes on one H200, machine start included):
 #   run(command="bash scripts/smallmodel/device.sh", carry=["data/smallmodel"], timeout_s=600)
+# Recording traces from the trained checkpoint (a second call, about 4 minutes):
+#   run(command="STAGE=record bash scripts/smallmodel/device.sh",
+#       carry=["models/smallmodel", "data/smallmodel/heldout.jsonl"], timeout_s=300)
 # Needs data/smallmodel/corpus.jsonl (scripts/smallmodel/build_corpus.py) in the working tree.
 # Environment knobs: MINUTES (training budget, default 4.5), RECORD=1 to also record traces on
 # the GPU (off by default: scripts/smallmodel/record.py runs on CPU afterwards); DEVICE and
@@ -13,6 +16,21 @@
 set -uo pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH=.
 OUT=${OUT:-/tmp/smallmodel_out}
+mkdir -p "$OUT"
+
+if [ "${STAGE:-train}" = "record" ]; then
+  # Second call: record traces from the trained checkpoint on the GPU (the CPU of the
+  # development machine was too slow). Carry ["models/smallmodel", "data/smallmodel/heldout.jsonl"].
+  python3 -c 'import torch; print(torch.__version__, torch.cuda.get_device_name(0))' \
+    2>&1 | tee "$OUT/record.log"
+  python3 scripts/smallmodel/record.py --ckpt models/smallmodel \
+    --corpus data/smallmodel/heldout.jsonl --out "$OUT" --device "${DEVICE:-cuda}" \
+    --max-seconds "${MAX_SECONDS:-170}" ${RECORD_ARGS:-} 2>&1 | tee -a "$OUT/record.log"
+  status=${PIPESTATUS[0]}
+  ls -la "$OUT"
+  exit "$status"
+fi
+
 MINUTES=${MINUTES:-4.5}
 CKPT=/tmp/smallmodel_ckpt
 mkdir -p "$OUT" "$CKPT"
