@@ -10,7 +10,6 @@ from probe.planner.cost import CostModel, topology_graph
 from probe.planner.eplb import even_split, solve_eplb, to_eplb_maps
 from probe.planner.layers import (
     attention_time,
-    auto_window,
     plan_layers,
     plan_step,
     stack_eplb_maps,
@@ -18,6 +17,7 @@ from probe.planner.layers import (
 from probe.planner.problem import BalanceProblem, Plan, SolveResult
 from probe.planner.solve import METHODS, solve
 from probe.planner.static import static_assignment, static_plan
+from probe.planner.window import default_window
 
 # Names served lazily (they import Numba, which costs ~0.5 s).
 _LAZY = {
@@ -34,7 +34,7 @@ __all__ = [
     "PlanMetrics",
     "SolveResult",
     "attention_time",
-    "auto_window",
+    "default_window",
     "check_plan",
     "evaluate_plan",
     "even_split",

@@ -1,21 +1,19 @@
-"""Plan every MoE layer of one trace step, and the default hiding window.
+"""Plan every MoE layer of one trace step.
 
-Default window ("auto"): expert weights for a layer are copied while the ranks run the
-layer's non-communication kernels (PAPER.md section 4.4: the copy starts during the expert
-GEMM, pauses for the combine, and finishes during the next layer's attention). `auto_window`
-therefore gives every rank the static plan's largest per-rank compute time under the cost
-model (the GEMM phase lasts as long as its slowest rank) plus an attention estimate; by
-default the attention estimate is `attention_time(model, hardware)`, the time to read the
-attention projection weights (4 * D^2 weights) from HBM, a lower bound on attention. Pass
-an explicit number of seconds to override.
+Window "auto" is `probe.planner.window.default_window`: each rank hides transfers behind its
+own static expert-compute time under the cost model plus an attention time (PAPER.md section
+4.4: the copy starts during the expert GEMM, pauses for the combine, and finishes during the
+next layer's attention). `attention_time(model, hardware)` estimates the latter as the time to
+read the attention projection weights (4 * D^2) from HBM, a lower bound; the CLI passes it.
+Pass seconds (or a [G] array) to set the window explicitly.
 
 >>> import numpy as np
 >>> from probe.placement import sharded_home
 >>> from probe.planner.cost import CostModel
->>> cost = CostModel.uniform(2, alpha=1.0, beta=0.5, token_time=0.0, transfer_time=1.0)
->>> load = np.array([[4, 0], [2, 2]])
->>> auto_window(load, sharded_home(2, 2), cost, attention_s=0.25).tolist()   # 1 + 0.5 * 6
-[4.25, 4.25]
+>>> cost = CostModel.uniform(2, alpha=0.0, beta=1.0, token_time=0.1, transfer_time=1.0)
+>>> results = plan_layers(np.array([[[0, 0], [8, 0]]]), cost=cost, slots=1, window=1.0)
+>>> [(r.method, r.plan.num_replicas, round(r.objective, 2)) for r in results]
+[('greedy', 1, 4.8)]
 """
 
 from __future__ import annotations
@@ -25,12 +23,11 @@ from collections.abc import Sequence
 import numpy as np
 
 from probe.placement import sharded_home
-from probe.planner.check import rank_times
 from probe.planner.cost import CostModel
 from probe.planner.problem import BalanceProblem, Plan, SolveResult
-from probe.planner.static import static_assignment
+from probe.planner.window import default_window
 
-__all__ = ["attention_time", "auto_window", "plan_layers", "plan_step", "stack_eplb_maps"]
+__all__ = ["attention_time", "plan_layers", "plan_step", "stack_eplb_maps"]
 
 
 def attention_time(model, hardware) -> float:
@@ -38,24 +35,11 @@ def attention_time(model, hardware) -> float:
     return 4.0 * model.hidden ** 2 * model.bytes_per_weight / hardware.hbm_bw
 
 
-def auto_window(load: np.ndarray, home: np.ndarray, cost: CostModel, *,
-                attention_s: float = 0.0) -> np.ndarray:
-    """Default window float64 [G]: max per-rank static compute time + attention_s, every rank.
-
-    load: int [S, E]; home: bool [G, E].
-    """
-    if not (np.isfinite(attention_s) and attention_s >= 0):
-        raise ValueError(f"attention_s must be finite and >= 0, got {attention_s!r}")
-    base = BalanceProblem(load, home, 0, 0.0, cost)  # validates the inputs
-    compute, _ = rank_times(base, static_assignment(base.load, base.home))
-    return np.full(cost.num_ranks, float(compute.max()) + attention_s)
-
-
 def _window_for(window, load, home, cost, attention_s):
     if isinstance(window, str):
         if window != "auto":
             raise ValueError(f"window must be 'auto', seconds, or a [G] array, got {window!r}")
-        return auto_window(load, home, cost, attention_s=attention_s)
+        return default_window(load, home, cost, attention_time=attention_s)
     return window
 
 
