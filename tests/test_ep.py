@@ -132,7 +132,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
 
     # 4. PROBE plans: greedy on the previous step's load (history predictor) and on the
     #    frozen-router prior
-    for pred in ("history", "router"):
+    for pred in ("history", "router") if world == 2 else ("history",):
         runner = EPRunner(model, ctx, PipelineOptions(num_slots=SLOTS, predictor=pred,
                                                       method="greedy_ref",
                                                       default_window_s=1.0), cost=_cost(world))
@@ -205,7 +205,8 @@ def test_ep_matches_single_process(world, tmp_path):
     worst = {}
     for rank, out in enumerate(outs):
         checks = {"static": 0, "random0": 0, "random1": 1, "late0": 0}
-        checks.update({f"probe_{p}{s}": s for p in ("history", "router") for s in range(3)})
+        preds = ("history", "router") if world == 2 else ("history",)
+        checks.update({f"probe_{p}{s}": s for p in preds for s in range(3)})
         for key, step in checks.items():
             ref = _reference_logits(model, rank, step)
             diff = float((out[key] - ref).abs().max())
@@ -267,7 +268,7 @@ def _dead_worker(rank: int, world: int, port: int, out_dir: str, mode: str) -> N
     os._exit(0)
 
 
-@pytest.mark.parametrize("mode", ["exit", "hang"])
+@pytest.mark.parametrize("mode", ["exit", pytest.param("hang", marks=pytest.mark.slow)])
 def test_dead_rank_gives_clear_error(mode, tmp_path):
     port = _free_port()
     ctxs = mp.start_processes(_dead_worker, args=(2, port, str(tmp_path), mode), nprocs=2,

@@ -199,13 +199,13 @@ class EPMoELayer:
         with guarded(f"{name} (MoE layer {self.layer})", ctx.rank, ctx.watchdog):
             dist.all_to_all_single(out, inp, out_splits, in_splits, group=ctx.group)
 
-    def destinations(self, topk_ids: torch.Tensor, quota: np.ndarray | None,
+    def destinations(self, flat: torch.Tensor, quota: np.ndarray | None,
                      usable: np.ndarray) -> tuple[torch.Tensor, int]:
         """Rank that runs each pair: int64 [P] (pairs in token-major order), and fallbacks.
 
-        topk_ids: int64 [T, K]; quota: int [E, G] or None (static: all home); usable [G, E].
+        flat: int64 [P] expert of each pair (topk_ids [T, K] flattened, on the CPU);
+        quota: int [E, G] or None (static: all home); usable: bool [G, E].
         """
-        flat = topk_ids.reshape(-1).to(torch.int64).cpu()  # [P]
         num_experts = self.num_experts
         counts = torch.bincount(flat, minlength=num_experts).numpy()  # [E]
         owner = self.owner
@@ -253,8 +253,8 @@ class EPMoELayer:
         stats = LayerStats()
         dispatch_range = record_function("probe.ep.dispatch")
         dispatch_range.__enter__()
-        dest, stats.pairs_fallback = self.destinations(topk_ids, quota, usable)  # [P]
-        flat_e = topk_ids.reshape(-1).to(torch.int64).cpu()  # [P]
+        flat_e = topk_ids.reshape(-1).to(torch.int64).cpu()  # [P] (one host copy per layer)
+        dest, stats.pairs_fallback = self.destinations(flat_e, quota, usable)  # [P]
 
         # Order pairs by (destination, expert), token order inside: the wire layout.
         key = dest * num_experts + flat_e
