@@ -12,7 +12,8 @@ Experiments (ep = 8 on h200x8 with the measured H200 calibration unless said oth
   predictor   PROBE under other prediction-error models (decode b=768, shift workload);
   scale       ep = 8 .. 128 (gpt-oss-120b, calibrated) and 8 .. 256 (deepseek-v3, datasheet),
               h200x8-nN presets: gain, planner time, exposed transfer with an unbounded window;
-  smallmodel  any results/smallmodel/*.trace.safetensors (real small-model traces).
+  smallmodel  any results/smallmodel/*.trace.safetensors (real small-model traces);
+  plots       figures from the JSON written by prefill, decode and scale.
 Traces keep few layers (the trace's layers stand for all the model's layers: step time = mean
 layer time x model layers) and few steps, so that everything runs in minutes on 2 CPU cores.
 """
@@ -177,6 +178,30 @@ def run_predictor(out: Path, layers: int, log) -> dict:
     return {"table": table, "data": data}
 
 
+def _kernel_ms(load: np.ndarray, model, hw, k_max: int, repeats: int = 5) -> float:
+    """Median ms of the greedy kernel alone (probe.planner.greedy.greedy_arrays: compact
+    output, no dense [S, E, G] Plan) on one layer's load, window = static compute + attention."""
+    from probe.placement import sharded_home
+    from probe.planner.cost import CostModel
+    from probe.planner.greedy import greedy_arrays
+    from probe.planner.window import default_window
+
+    cost = CostModel.from_specs(model, hw)
+    home = sharded_home(model.num_experts, hw.num_ranks)
+    window = default_window(load, home, cost) + 1e-3
+    args = (np.ascontiguousarray(load, dtype=np.int64), home,
+            np.full(hw.num_ranks, 3, dtype=np.int64), window.astype(np.float64),
+            float(cost.alpha), float(cost.beta), np.ascontiguousarray(cost.token_time),
+            np.ascontiguousarray(cost.transfer_time), int(k_max), 0.0)
+    greedy_arrays(*args)  # compile / warm up
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        greedy_arrays(*args)
+        times.append(time.perf_counter() - t0)
+    return 1e3 * float(np.median(times))
+
+
 def run_scale(out: Path, log, quick: bool) -> dict:
     rows, data = [], {}
     configs = [("gpt-oss-120b", (8, 16, 32, 64, 128)), ("deepseek-v3", (8, 16, 32, 64, 128, 256))]
@@ -200,7 +225,11 @@ def run_scale(out: Path, log, quick: bool) -> dict:
             s = {p: res.summary(p) for p in res.policies}
             s["probe k_max=inf"] = unlimited.summary("probe")
             thr_inf = s["probe k_max=inf"]["throughput_tok_s"]
-            thr = {p: s[p]["throughput_tok_s"] for p in s}
+            first = trace.load_counts([0])[0, 0]
+            kernel = {k: _kernel_ms(first, model, hw.with_ranks(ep) if hw.num_ranks != ep
+                                    else hw, k) for k in (16, 0)}
+            s["kernel_ms"] = {"k_max=16": kernel[16], "k_max=inf": kernel[0]}
+            thr = {p: s[p]["throughput_tok_s"] for p in res.policies}
             rows.append([name, ep, hw_name, f"{s['static']['ir_mean']:.2f}",
                          f"{s['probe']['ir_mean']:.2f}", f"{s['probe-unbounded']['ir_mean']:.2f}",
                          f"{thr['probe'] / thr['static']:.3f}",
@@ -209,14 +238,15 @@ def run_scale(out: Path, log, quick: bool) -> dict:
                          f"{thr_inf / thr['static']:.3f}",
                          f"{s['probe']['replicas'] / ep:.2f}",
                          f"{s['probe-unbounded']['exposed_us']:.0f}",
-                         f"{s['probe']['planner_ms']:.2f}",
-                         f"{s['probe k_max=inf']['planner_ms']:.2f}",
+                         f"{kernel[16]:.2f}", f"{kernel[0]:.2f}",
+                         f"{s['probe']['planner_ms']:.1f}",
                          f"{s['static']['moe_us']:.0f}", f"{s['probe']['attention_us']:.0f}"])
             data[f"{name}/{ep}"] = s
     table = _md_table(["model", "ep", "hardware", "IR static", "IR PROBE", "IR unbounded",
                        "PROBE/static", "unbounded/static", "IR k_max=inf",
                        "k_max=inf/static", "replicas/rank/layer", "unbounded exposed us",
-                       "planner ms/layer", "planner ms k_max=inf", "MoE us static", "attn us"],
+                       "kernel ms k_max=16", "kernel ms k_max=inf", "solve() ms/layer",
+                       "MoE us static", "attn us"],
                       rows)
     return {"table": table, "data": data}
 
@@ -262,10 +292,94 @@ def run_smallmodel(out: Path, log) -> dict:
     return {"table": table, "data": data}
 
 
+def run_plots(out: Path, log) -> dict:
+    """Figures from the JSON the other experiments wrote (prefill, decode, scale)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    path = out / "prefill.json"
+    if path.exists():
+        data = json.loads(path.read_text())["data"]
+        fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+        for ax, name in zip(axes, PAPER_MODELS, strict=True):
+            for chunk, style in ((8192, "-"), (16384, "--")):
+                keys = sorted((int(k.split("/")[2]), k) for k in data
+                              if k.startswith(f"{name}/c{chunk}/"))
+                xs = [t / 1024 for t, _ in keys]
+                for policy in ("static", "probe", "oracle"):
+                    ys = [data[k]["latency_s"][policy] * 1e3 for _, k in keys]
+                    ax.plot(xs, ys, style, marker="o", label=f"{policy} {chunk // 1024}K/rank")
+            ax.set_title(name)
+            ax.set_xlabel("total input tokens (K)")
+            ax.set_ylabel("prefill latency (ms)")
+            ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(out / "prefill_latency.png", dpi=110)
+        plt.close(fig)
+        written.append("prefill_latency.png")
+    path = out / "decode.json"
+    if path.exists():
+        data = json.loads(path.read_text())["data"]
+        fig, axes = plt.subplots(2, 3, figsize=(13, 7))
+        for i, name in enumerate(PAPER_MODELS):
+            for j, workload in enumerate(("decode", "shift", "repeat")):
+                ax = axes[i, j]
+                batches = sorted(int(k.split("/")[2]) for k in data
+                                 if k.startswith(f"{name}/{workload}/"))
+                for policy in ("static", "eplb", "probe", "oracle"):
+                    ys = [data[f"{name}/{workload}/{b}"]["all"][policy]["throughput_tok_s"] / 1e3
+                          for b in batches]
+                    ax.plot(batches, ys, marker="o", label=policy)
+                ax.set_title(f"{name}, {workload}", fontsize=9)
+                ax.set_xlabel("per-rank batch")
+                ax.set_ylabel("k tok/s")
+                ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(out / "decode_throughput.png", dpi=110)
+        plt.close(fig)
+        written.append("decode_throughput.png")
+    path = out / "scale.json"
+    if path.exists():
+        data = json.loads(path.read_text())["data"]
+        fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+        for name in ("gpt-oss-120b", "deepseek-v3"):
+            eps = sorted(int(k.split("/")[1]) for k in data if k.startswith(f"{name}/"))
+            if not eps:
+                continue
+            for policy, style in (("probe", "-"), ("probe k_max=inf", ":"),
+                                  ("probe-unbounded", "--")):
+                gain = [data[f"{name}/{ep}"][policy]["throughput_tok_s"]
+                        / data[f"{name}/{ep}"]["static"]["throughput_tok_s"] for ep in eps]
+                axes[0].plot(eps, gain, style, marker="o", label=f"{name} {policy}")
+            axes[1].plot(eps, [data[f"{name}/{ep}"]["probe"]["planner_ms"] for ep in eps],
+                         marker="o", label=f"{name} k_max=16")
+            axes[1].plot(eps, [data[f"{name}/{ep}"]["probe k_max=inf"]["planner_ms"]
+                               for ep in eps], ":", marker="o", label=f"{name} k_max=inf")
+        axes[0].set_xscale("log", base=2)
+        axes[0].set_xlabel("ep")
+        axes[0].set_ylabel("throughput / static")
+        axes[0].legend(fontsize=7)
+        axes[1].set_xscale("log", base=2)
+        axes[1].set_yscale("log")
+        axes[1].set_xlabel("ep")
+        axes[1].set_ylabel("planner ms per layer (CPU, Numba)")
+        axes[1].legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(out / "scale.png", dpi=110)
+        plt.close(fig)
+        written.append("scale.png")
+    log(f"plots: {written}")
+    return {"table": "\n".join(f"![{w}]({w})" for w in written), "data": written}
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="results/sim")
-    parser.add_argument("--only", default="prefill,decode,shift,predictor,scale,smallmodel")
+    parser.add_argument("--only",
+                        default="prefill,decode,shift,predictor,scale,smallmodel,plots")
     parser.add_argument("--layers", type=int, default=8, help="MoE layers per trace")
     parser.add_argument("--decode-steps", type=int, default=300)
     parser.add_argument("--quick", action="store_true", help="tiny sizes (smoke test)")
@@ -286,6 +400,7 @@ def main(argv=None) -> int:
         "predictor": lambda: run_predictor(out, layers, log),
         "scale": lambda: run_scale(out, log, args.quick),
         "smallmodel": lambda: run_smallmodel(out, log),
+        "plots": lambda: run_plots(out, log),
     }
     for name in only:
         if name not in runners:
