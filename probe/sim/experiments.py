@@ -13,7 +13,8 @@ Experiments (ep = 8 on h200x8 with the measured H200 calibration unless said oth
   scale       ep = 8 .. 128 (gpt-oss-120b, calibrated) and 8 .. 256 (deepseek-v3, datasheet),
               h200x8-nN presets: gain, planner time, exposed transfer with an unbounded window;
   smallmodel  any results/smallmodel/*.trace.safetensors (real small-model traces);
-  plots       figures from the JSON written by prefill, decode and scale.
+  plots       figures from the JSON written by prefill, decode and scale;
+  headline    the paper's targets against our numbers (from the JSON above).
 Traces keep few layers (the trace's layers stand for all the model's layers: step time = mean
 layer time x model layers) and few steps, so that everything runs in minutes on 2 CPU cores.
 """
@@ -292,6 +293,53 @@ def run_smallmodel(out: Path, log) -> dict:
     return {"table": table, "data": data}
 
 
+def run_headline(out: Path, log) -> dict:
+    """The paper's targets against our numbers, from prefill.json / decode.json / shift.json."""
+    rows = []
+    path = out / "prefill.json"
+    if path.exists():
+        data = json.loads(path.read_text())["data"]
+        for name in PAPER_MODELS:
+            sp = [v["latency_s"]["static"] / v["latency_s"]["probe"]
+                  for k, v in data.items() if k.startswith(name + "/")]
+            ir = [v["ir"]["probe"] for k, v in data.items() if k.startswith(name + "/")]
+            rows.append([name, "prefill: static latency / PROBE latency", ">= 1.32",
+                         f"{min(sp):.2f} .. {max(sp):.2f}", "yes" if max(sp) >= 1.32 else "no"])
+            rows.append([name, "prefill: IR after PROBE", "<= 1.10",
+                         f"{min(ir):.2f} .. {max(ir):.2f}", "yes" if max(ir) <= 1.10 else "no"])
+    path = out / "decode.json"
+    if path.exists():
+        data = json.loads(path.read_text())["data"]
+        for name in PAPER_MODELS:
+            for workload in ("shift", "repeat", "decode"):
+                keys = [k for k in data if k.startswith(f"{name}/{workload}/")]
+                if not keys:
+                    continue
+                thr = [data[k]["all"]["probe"]["throughput_tok_s"]
+                       / data[k]["all"]["eplb"]["throughput_tok_s"] for k in keys]
+                warm = [data[k]["after_warmup"]["probe"]["throughput_tok_s"]
+                        / data[k]["after_warmup"]["eplb"]["throughput_tok_s"] for k in keys]
+                moe = [data[k]["all"]["eplb"]["moe_us"] / data[k]["all"]["probe"]["moe_us"]
+                       for k in keys]
+                ir = [data[k]["all"]["probe"]["ir_mean"] for k in keys]
+                target = ">= 1.26" if workload != "decode" else "(no target)"
+                met = ("yes" if max(thr) >= 1.26 else "no") if workload != "decode" else "-"
+                rows.append([name, f"decode {workload}: PROBE / EPLB throughput (all steps)",
+                             target, f"{min(thr):.2f} .. {max(thr):.2f}", met])
+                rows.append([name, f"decode {workload}: same, after EPLB's first rebalance",
+                             target, f"{min(warm):.2f} .. {max(warm):.2f}",
+                             ("yes" if max(warm) >= 1.26 else "no")
+                             if workload != "decode" else "-"])
+                rows.append([name, f"decode {workload}: EPLB MoE time / PROBE MoE time",
+                             "(MoE part only)", f"{min(moe):.2f} .. {max(moe):.2f}", "-"])
+                rows.append([name, f"decode {workload}: IR after PROBE (mean)", "<= 1.10",
+                             f"{min(ir):.2f} .. {max(ir):.2f}",
+                             "yes" if max(ir) <= 1.10 else "no"])
+    table = _md_table(["model", "metric", "paper / target", "ours (range over sizes)", "met"],
+                      rows)
+    return {"table": table, "data": rows}
+
+
 def run_plots(out: Path, log) -> dict:
     """Figures from the JSON the other experiments wrote (prefill, decode, scale)."""
     import matplotlib
@@ -379,7 +427,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="results/sim")
     parser.add_argument("--only",
-                        default="prefill,decode,shift,predictor,scale,smallmodel,plots")
+                        default="prefill,decode,shift,predictor,scale,smallmodel,plots,"
+                                "headline")
     parser.add_argument("--layers", type=int, default=8, help="MoE layers per trace")
     parser.add_argument("--decode-steps", type=int, default=300)
     parser.add_argument("--quick", action="store_true", help="tiny sizes (smoke test)")
@@ -401,6 +450,7 @@ def main(argv=None) -> int:
         "scale": lambda: run_scale(out, log, args.quick),
         "smallmodel": lambda: run_smallmodel(out, log),
         "plots": lambda: run_plots(out, log),
+        "headline": lambda: run_headline(out, log),
     }
     for name in only:
         if name not in runners:
