@@ -192,7 +192,8 @@ def run(args) -> dict | None:
     serve_s = time.perf_counter() - t1
     summary = engine.summary()
     summary.update({"rank": ctx.rank, "load_s": load_s, "serve_s": serve_s,
-                    "generated_tokens": sum(len(r.tokens) for r in results.values())})
+                    "generated_tokens": sum(len(r.tokens) for r in results.values()),
+                    "tokens": {rid: r.tokens for rid, r in results.items()}})
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     summary["layer_breakdown_last_step_s"] = runner.breakdown()
