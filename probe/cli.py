@@ -23,14 +23,15 @@ def _root() -> None:
 
 
 def _register_all() -> None:
+    from probe.planner.cli import register as register_planner
     from probe.predictor.cli import register as register_predictor
     from probe.runtime.checkpoint_cli import register as register_checkpoint
     from probe.runtime.cli import register as register_runtime
     from probe.sim.cli import register as register_sim
     from probe.traces.cli import register as register_traces
 
-    for register in (register_traces, register_sim, register_predictor, register_runtime,
-                     register_checkpoint):
+    for register in (register_traces, register_planner, register_sim, register_predictor,
+                     register_runtime, register_checkpoint):
         register(app)
 
 
@@ -49,8 +50,7 @@ def demo(
        and the exact CP-SAT MILP, each plan re-checked by the independent checker;
     3. greedy over every layer of every step: mean imbalance before and after.
     """
-    from probe.planner import BalanceProblem, CostModel, check_plan, evaluate_plan
-    from probe.planner.solve import solve
+    from probe.planner import BalanceProblem, CostModel, check_plan, evaluate_plan, solve
     from probe.planner.window import default_window
     from probe.placement import sharded_home
     from probe.specs import resolve_hardware, resolve_model

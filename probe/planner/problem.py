@@ -18,8 +18,19 @@ __all__ = ["BalanceProblem", "Plan", "SolveResult"]
 
 
 def _readonly(arr: np.ndarray) -> np.ndarray:
-    arr.setflags(write=False)
-    return arr
+    """A read-only view (the caller's own array stays writable)."""
+    view = arr.view()
+    view.setflags(write=False)
+    return view
+
+
+def _per_rank(name: str, value, num_ranks: int) -> np.ndarray:
+    """A scalar or a [G] array as a [G] array; ValueError naming `name` otherwise."""
+    arr = np.asarray(value)
+    if arr.ndim == 0 or arr.shape == (num_ranks,):
+        return np.broadcast_to(arr, (num_ranks,))
+    raise ValueError(f"{name} must be a number or a [G] array with G = {num_ranks}, "
+                     f"got shape {arr.shape}")
 
 
 @dataclass(frozen=True, eq=False)
@@ -82,12 +93,12 @@ class BalanceProblem:
         if self.cost.num_ranks != num_ranks:
             raise ValueError(f"cost model is for {self.cost.num_ranks} ranks, problem has "
                              f"{num_ranks}")
-        slots = np.broadcast_to(np.asarray(self.slots), (num_ranks,))
+        slots = _per_rank("slots", self.slots, num_ranks)
         if slots.dtype.kind == "f" and np.any(slots != np.round(slots)):
             raise ValueError("slots must be whole numbers")
         if np.any(slots < 0):
             raise ValueError("slots must be >= 0")
-        window = np.broadcast_to(np.asarray(self.window, dtype=np.float64), (num_ranks,))
+        window = _per_rank("window", np.asarray(self.window, dtype=np.float64), num_ranks)
         if np.any(np.isnan(window)) or np.any(window < 0):
             raise ValueError("window must be >= 0 seconds on every rank (no NaN)")
         object.__setattr__(self, "load", _readonly(load.astype(np.int64)))
@@ -138,9 +149,10 @@ class Plan:
         if assignment.shape != (num_ranks, num_experts, num_ranks):
             raise ValueError(f"assignment must be [S, E, G] = {(num_ranks, num_experts, num_ranks)}"
                              f", got {assignment.shape}")
-        object.__setattr__(self, "replicas", _readonly(replicas.astype(bool)))
-        object.__setattr__(self, "sources", _readonly(sources.astype(np.int64)))
-        object.__setattr__(self, "assignment", _readonly(assignment.astype(np.int64)))
+        object.__setattr__(self, "replicas", _readonly(replicas.astype(bool, copy=False)))
+        object.__setattr__(self, "sources", _readonly(sources.astype(np.int64, copy=False)))
+        object.__setattr__(self, "assignment",
+                           _readonly(assignment.astype(np.int64, copy=False)))
 
     @property
     def num_replicas(self) -> int:
