@@ -175,6 +175,11 @@ def init_distributed(*, backend: str | None = None, timeout_s: float = 120.0,
     dist.init_process_group(backend=backend, rank=rank, world_size=world_size,
                             timeout=datetime.timedelta(seconds=timeout_s), **kwargs)
     transfer_group = new_transfer_group(world_size, timeout_s)
+    # Initialise both communicators now, with every rank present: NCCL's first point-to-point
+    # batch on a group must otherwise be collective, and transfers involve only some ranks.
+    probe = torch.zeros(1, device=device)
+    dist.all_reduce(probe)
+    dist.all_reduce(probe, group=transfer_group)
     watchdog = Watchdog(watchdog_s or 1.5 * timeout_s, rank)
     return DistContext(rank=rank, world_size=world_size, group=dist.group.WORLD,
                        transfer_group=transfer_group, device=device, watchdog=watchdog)

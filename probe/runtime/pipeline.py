@@ -407,10 +407,14 @@ class EPRunner:
         return out, LayerRouting(block.layer, h, logits, topk_ids, topk_weights)
 
     def _buffer_ready_event(self, layer: int):
-        """CUDA event after which layer `layer`'s pool buffer is free (its last user is done)."""
-        prev = layer - self.pool.num_buffers
-        if self.device.type != "cuda" or prev < 0:
+        """CUDA event after which layer `layer`'s pool buffer is free: the end of the last
+        layer that used the same buffer (earlier in this step, or late in the previous one)."""
+        if self.device.type != "cuda":
             return None
+        nb = self.pool.num_buffers
+        prev = layer - nb
+        if prev < 0:  # the last layer of the previous step with the same buffer
+            prev = max(j for j in range(len(self.blocks)) if j % nb == layer % nb)
         return self.state[prev].done_event
 
     def idle_step(self) -> None:
