@@ -109,11 +109,14 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
     runner = EPRunner(model, ctx, PipelineOptions(balance=False, num_slots=SLOTS))
     out["static"] = _forward(runner, model, rank, 0)[0]
 
-    # 2. random feasible plans, replicas delivered by split-phase transfer
+    # 2. random feasible plans, replicas delivered by split-phase transfer; the runner waits
+    #    for them, so they are used whatever the machine's load
+    step_waits = True
     rng = np.random.default_rng(123)  # same on every rank -> same plans
     plans = {(layer, step): random_plan(rng, world) for layer in range(3) for step in range(2)}
     runner = EPRunner(model, ctx, PipelineOptions(
-        num_slots=SLOTS, plan_override=lambda layer, step: plans[(layer, step)]))
+        num_slots=SLOTS, plan_override=lambda layer, step: plans[(layer, step)],
+        wait_for_replicas=step_waits))
     stats = []
     for step in range(2):
         logits, st = _forward(runner, model, rank, step)

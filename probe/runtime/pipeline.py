@@ -87,6 +87,8 @@ class PipelineOptions:
     plan_override: optional function (moe layer, step) -> Plan | None forcing a plan (tests).
     hold_back: optional function (moe layer, step) -> [(g, e)] replicas made late on purpose.
     default_window_s: window before the first measurement.
+    wait_for_replicas: block until a layer's replicas are in instead of falling back (the
+        waiting counts as exposed transfer time); default False: late replicas are skipped.
     num_pieces: pieces per weight tensor (split-phase granularity).
     hardware: HardwareSpec preset for the cost model.
     """
@@ -99,6 +101,7 @@ class PipelineOptions:
     plan_override: Callable[[int, int], Plan | None] | None = None
     hold_back: Callable[[int, int], list[tuple[int, int]]] | None = None
     default_window_s: float = 1e-3
+    wait_for_replicas: bool = False
     num_pieces: int = 4
     hardware: str = "h200x8"
 
@@ -354,8 +357,14 @@ class EPRunner:
             arrived = np.zeros((self.num_ranks, E), dtype=bool)
             quota = None
             if opts.balance:
-                arrived_local = (st.transfer.poll() if st.transfer is not None
-                                 else np.zeros(E, dtype=bool))
+                if st.transfer is None:
+                    arrived_local = np.zeros(E, dtype=bool)
+                elif opts.wait_for_replicas:
+                    t0 = time.perf_counter()
+                    arrived_local = st.transfer.wait_posted()
+                    self.exposed_s += time.perf_counter() - t0
+                else:
+                    arrived_local = st.transfer.poll()
                 nxt = layer + 1
                 has_next = nxt < num_layers
                 pred = self._predict(layer, h, nxt) if has_next else np.zeros(E)

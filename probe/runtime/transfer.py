@@ -283,6 +283,25 @@ class SplitPhaseTransfer:
         self.stats.replicas_arrived = int(arrived.sum())
         return arrived
 
+    def wait_posted(self) -> np.ndarray:
+        """Post phases 1 and 2 and block until their pieces are in (the "wait" policy: the
+        transfer time is exposed instead of falling back). Returns bool [E] of replicas that
+        are complete; held-back replicas stay incomplete."""
+        self._post(0)
+        self._post(1)
+        if self._use_batch:
+            arrived = np.zeros(self.num_experts, dtype=bool)
+            for e, works in self._works.items():
+                if len(works) == self._expected[e]:
+                    for w in works:
+                        w.wait()
+                    arrived[e] = True
+            self.stats.replicas_arrived = int(arrived.sum())
+            return arrived
+        for thread in self._waiters:
+            thread.join()
+        return self.poll()
+
     def wait_arrived(self, arrived: np.ndarray) -> None:
         """Order this device's compute after the arrived replicas' receives (no host block
         under NCCL: `work.wait()` makes the current stream wait)."""
