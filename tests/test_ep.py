@@ -287,3 +287,17 @@ def test_dead_rank_gives_clear_error(mode, tmp_path):
     seconds, msg = text.split("\n", 1)
     assert "rank 0" in msg and "peer rank probably died" in msg, msg
     assert float(seconds) < 15.0
+
+
+def test_slot_pool_and_transfer_validation():
+    pool = SlotPool({"w": (4, 3)}, 2, dtype=torch.float32)
+    assert pool.assign(3, [5, 1]) == {5: 0, 1: 1}
+    assert pool.buffer_of(3) == 1 and pool.slot_expert[1].tolist() == [5, 1]
+    with pytest.raises(ValueError, match="3 replicas for layer 0 exceed the pool's 2 slots"):
+        pool.assign(0, [1, 2, 3])
+    replicas = np.array([[False, True], [False, False]])
+    with pytest.raises(ValueError, match="replica of expert 1 on rank 0 has invalid source 0"):
+        SplitPhaseTransfer(0, replicas, np.array([[-1, 0], [-1, -1]]), 0, None, pool, None)
+    with pytest.raises(ValueError, match="phase1_fraction"):
+        SplitPhaseTransfer(0, replicas, np.array([[-1, 1], [-1, -1]]), 0, None, pool, None,
+                           phase1_fraction=1.5)
