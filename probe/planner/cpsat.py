@@ -37,6 +37,9 @@ DEFAULT_TIME_LIMIT = 60.0
 _QUANTUM_DIVISOR = 1e4
 # Most quanta z may span (keeps products of coefficients and domains far from 2**63).
 _MAX_Z_QUANTA = 1e12
+# Full-problem workers, in order, when there are fewer than 8 (CP-SAT uses the first ones).
+_SMALL_PORTFOLIO = ("max_lp", "default_lp", "quick_restart", "reduced_costs", "pseudo_costs",
+                    "no_lp", "core")
 # Relative tolerance of the checker's window test (check.py), spent on window rounding.
 _WINDOW_REL = 1e-9
 
@@ -87,13 +90,18 @@ def scale_milp(milp: Milp, quantum: float) -> tuple[np.ndarray, np.ndarray, np.n
 
 def solve_cpsat(problem: BalanceProblem, *, time_limit: float | None = None,
                 num_workers: int | None = None, warm: Plan | None = None,
-                relative_gap_limit: float = 0.0, log: bool = False) -> SolveResult:
+                relative_gap_limit: float = 0.0, max_lp_first: bool = True,
+                log: bool = False) -> SolveResult:
     """Solve the balance MILP with CP-SAT.
 
     time_limit: seconds for the whole call (None: DEFAULT_TIME_LIMIT; math.inf: no limit).
     num_workers: CP-SAT search workers (default: CPU count, at most 8).
     warm: a feasible plan to hint (default: the better of greedy and static).
     relative_gap_limit: stop once CP-SAT's own relative gap is below this.
+    max_lp_first: with fewer than 8 workers, put CP-SAT's "max_lp" worker (full linearisation)
+        first in the portfolio. CP-SAT presolve turns a[s, e, g] <= load[s, e] * y[g, e] into
+        "y = 0 implies a = 0", which the default worker leaves out of its LP: its bound then
+        loses every alpha term (on ep=8 decode steps, 219 us instead of 459 us after 40 s).
     log: print CP-SAT's search log.
     Status "optimal" means CP-SAT proved the scaled model optimal; `gap` is recomputed from the
     exact objective and the bound, so it also shows what the scaling costs.
@@ -168,6 +176,8 @@ def solve_cpsat(problem: BalanceProblem, *, time_limit: float | None = None,
     solver.parameters.num_workers = num_workers
     solver.parameters.log_search_progress = log
     solver.parameters.relative_gap_limit = float(relative_gap_limit)
+    if max_lp_first and num_workers < 8:
+        solver.parameters.subsolvers.extend(_SMALL_PORTFOLIO)
     if math.isfinite(time_limit):
         remaining = time_limit - (time.perf_counter() - start)
         if remaining <= 0:
