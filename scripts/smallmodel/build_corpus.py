@@ -13,10 +13,12 @@ packages); nothing is downloaded. Each document is labelled with a domain:
               gettext catalogues (.mo) under /usr/share/locale
     cyrillic  Russian and Ukrainian, from the same two sources
 
-Selection is deterministic: candidate files are listed in sorted order, shuffled with a fixed
-seed, and taken until the domain's byte budget is used. Long files are cut into chunks of at most
-`--chunk-bytes` bytes (at line boundaries). Every `--heldout-every`-th chunk of a domain (in the
-shuffled order) is held out; the record script draws its requests from the held-out part.
+Selection is deterministic and stable: candidate files are ordered by a hash of (seed, domain,
+path) and taken in that order until the domain's byte budget is used, so installing or removing
+one file changes the selection only around that file (a seeded shuffle of the whole list would
+reshuffle everything). Long files are cut into chunks of at most `--chunk-bytes` bytes (at line
+boundaries). A file is held out, all its chunks, when the hash of (seed, path) falls in one
+`--heldout-every`-th of the range; the record script draws its requests from the held-out part.
 
 Output (data/smallmodel/, git-ignored):
     corpus.jsonl   one JSON object per document: id, domain, split ("train"/"heldout"), source,
@@ -33,8 +35,8 @@ from __future__ import annotations
 import argparse
 import gettext
 import gzip
+import hashlib
 import json
-import random
 import re
 import sys
 import sysconfig
@@ -59,6 +61,11 @@ CYRILLIC_LANGS = ("ru", "uk")
 MAX_FILE_BYTES = 400_000
 CJK_RE = re.compile("[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af]")
 CYR_RE = re.compile("[\u0400-\u04ff]")
+
+
+def _hash(key: str) -> int:
+    """A stable 64-bit hash of a string (Python's hash() is salted per process)."""
+    return int.from_bytes(hashlib.sha1(key.encode("utf-8")).digest()[:8], "big")
 
 
 def _files(roots: Iterable[Path], pattern: str, exclude: Callable[[Path], bool] | None = None
@@ -276,8 +283,7 @@ def build(out_dir: Path, *, seed: int = 0, budget_mb: dict[str, float] | None = 
             budget = int(budgets.get(domain, 0.0) * 1e6)
             if budget <= 0:
                 continue
-            sources = list(_sources(domain))
-            random.Random(f"{seed}:{domain}").shuffle(sources)
+            sources = sorted(_sources(domain), key=lambda s: _hash(f"{seed}:{domain}:{s[0]}"))
             used, n_docs, n_files, n_held, held_bytes = 0, 0, 0, 0, 0
             for src, load in sources:
                 if used >= budget:
@@ -286,11 +292,11 @@ def build(out_dir: Path, *, seed: int = 0, budget_mb: dict[str, float] | None = 
                 if not text or len(text.encode("utf-8")) < min_doc_bytes:
                     continue
                 n_files += 1
+                split = "heldout" if _hash(f"{seed}:{src}") % heldout_every == 0 else "train"
                 for piece in chunk_text(text, chunk_bytes):
                     nbytes = len(piece.encode("utf-8"))
                     if nbytes < min_doc_bytes:
                         continue
-                    split = "heldout" if n_docs % heldout_every == heldout_every - 1 else "train"
                     rec = {"id": f"{domain}/{n_docs:06d}", "domain": domain, "split": split,
                            "source": src, "text": piece}
                     fh.write(json.dumps(rec, ensure_ascii=False) + "\n")
