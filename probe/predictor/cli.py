@@ -147,7 +147,8 @@ def register(app: typer.Typer) -> None:
               cost_model: Annotated[str, typer.Option(
                   help="ModelSpec preset pricing experts and tokens")] = "gpt-oss-120b",
               hardware: str = "h200x8", tokens_per_rank: int = 512, seed: int = 0,
-              max_plan_steps: int = 48,
+              max_plan_steps: int = 48, held_out: _HeldOut = 0.25, block: _Block = 8,
+              batch_size: int = 512, online_lr: float = 1e-3,
               plan_layers: Annotated[str | None, typer.Option(
                   help="comma-separated layers for the plan study (default all)")] = None,
               ) -> None:
@@ -168,7 +169,8 @@ def register(app: typer.Typer) -> None:
         res = run_study(make, data, num_ranks=num_ranks, trace=tr, cost=cost, epochs=epochs,
                         lr=lr, seed=seed, tokens_per_rank=tokens_per_rank,
                         max_plan_steps=max_plan_steps, plan_layers=layers,
-                        log=_console.print)
+                        held_out=held_out, block=block, batch_size=batch_size,
+                        online_lr=online_lr, log=_console.print)
         out.mkdir(parents=True, exist_ok=True)
         res["predictors"].save(out / "predictors.safetensors")
         command = ("probe predictor study " + f"--samples {samples} --model {model} "
@@ -176,7 +178,8 @@ def register(app: typer.Typer) -> None:
                    f"--hidden {hidden} --lr {lr} --num-ranks {num_ranks} "
                    f"--cost-model {cost_model} --hardware {hardware} "
                    f"--tokens-per-rank {tokens_per_rank} --seed {seed} "
-                   f"--max-plan-steps {max_plan_steps}"
+                   f"--max-plan-steps {max_plan_steps} --held-out {held_out} "
+                   f"--block {block} --batch-size {batch_size} --online-lr {online_lr}"
                    + (f" --plan-layers {plan_layers}" if plan_layers else ""))
         text = write_report(res["results"], out, command=command)
         _console.print(text)
