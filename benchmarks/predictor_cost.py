@@ -127,7 +127,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--quick", action="store_true", help="fewer repeats (CPU smoke test)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=None, help="directory for json/csv")
+    ap.add_argument("--markdown", type=Path, default=None,
+                    help="print a Markdown table of an earlier run's JSON file and exit")
     args = ap.parse_args(argv)
+    if args.markdown is not None:
+        rows = json.loads(args.markdown.read_text())
+        print(markdown(rows))
+        return rows
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda but torch sees no GPU")
     device = torch.device(args.device)
@@ -173,6 +179,18 @@ def _one(args, pred, spec, hardware, hidden, tokens, gen, device, dtype, elem, r
     best = row["graph_us"] if args.device == "cuda" else row["eager_us"]
     row["fraction_of_dispatch"] = best / row["dispatch_us"]
     return row
+
+
+def markdown(rows: list[dict]) -> str:
+    """Rows of a run as a Markdown table (times in microseconds)."""
+    lines = ["| model | D | E | K | H | T | GFLOP | floor us | graph us | eager us | "
+             "dispatch us | graph / dispatch |", "|---" * 12 + "|"]
+    for r in rows:
+        lines.append(f"| {r['model']} | {r['D']} | {r['E']} | {r['K']} | {r['H']} | {r['T']} | "
+                     f"{r['flops'] / 1e9:.2f} | {r['floor_us']:.1f} | {r['graph_us']:.1f} | "
+                     f"{r['eager_us']:.1f} | {r['dispatch_us']:.1f} | "
+                     f"{r['fraction_of_dispatch']:.2f} |")
+    return "\n".join(lines)
 
 
 def _report(rows, args):
