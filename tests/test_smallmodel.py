@@ -265,3 +265,39 @@ def test_packed_home_balances_and_fills_slots():
     with pytest.raises(ValueError, match="divide"):
         analyze.packed_home(load[:7], 2)
     assert analyze.hot_set(np.array([1, 5, 5, 0]), top=2) == {1, 2}
+
+
+def _write_mo(path: Path, pairs: dict[str, str]) -> None:
+    """A minimal little-endian gettext .mo file (no hash table)."""
+    import struct
+
+    keys = sorted(pairs)
+    ids = [k.encode("utf-8") for k in keys]
+    strs = [pairs[k].encode("utf-8") for k in keys]
+    n = len(keys)
+    header = 7 * 4
+    orig_tab, trans_tab = header, header + 8 * n
+    data_start = trans_tab + 8 * n
+    blob, orig, trans = b"", [], []
+    for s in ids:
+        orig.append((len(s), data_start + len(blob)))
+        blob += s + b"\0"
+    for s in strs:
+        trans.append((len(s), data_start + len(blob)))
+        blob += s + b"\0"
+    out = struct.pack("<7I", 0x950412DE, 0, n, orig_tab, trans_tab, 0, 0)
+    out += b"".join(struct.pack("<2I", ln, off) for ln, off in orig)
+    out += b"".join(struct.pack("<2I", ln, off) for ln, off in trans)
+    path.write_bytes(out + blob)
+
+
+def test_mo_strings_returns_translations_and_script_filter(tmp_path):
+    mo = tmp_path / "x.mo"
+    _write_mo(mo, {"": "Content-Type: text/plain; charset=UTF-8\n",
+                   "File not found": "ファイルが見つかりません", "Quit": "終了"})
+    text = build_corpus.mo_strings(mo)
+    assert "ファイルが見つかりません" in text and "終了" in text
+    assert "Content-Type" not in text and "File not found" not in text
+    assert build_corpus._require_script(text, build_corpus.CJK_RE) == text
+    assert build_corpus._require_script("plain ascii words", build_corpus.CJK_RE) is None
+    assert build_corpus.mo_strings(tmp_path / "missing.mo") is None

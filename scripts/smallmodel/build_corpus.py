@@ -146,7 +146,7 @@ def mo_strings(path: Path) -> str | None:
     try:
         with path.open("rb") as fh:
             cat = gettext.GNUTranslations(fh)._catalog  # noqa: SLF001 (no public accessor)
-    except (OSError, UnicodeDecodeError, gettext.error, ValueError, KeyError):
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, IndexError):
         return None
     keys = sorted((k for k in cat if k), key=lambda k: (str(k[0]) if isinstance(k, tuple)
                                                         else str(k)))
