@@ -301,3 +301,11 @@ def test_mo_strings_returns_translations_and_script_filter(tmp_path):
     assert build_corpus._require_script(text, build_corpus.CJK_RE) == text
     assert build_corpus._require_script("plain ascii words", build_corpus.CJK_RE) is None
     assert build_corpus.mo_strings(tmp_path / "missing.mo") is None
+
+
+def test_topk_overlap_counts_shared_experts():
+    analyze = _script("analyze")
+    pred = np.array([[4.0, 3.0, 2.0, 1.0], [1.0, 2.0, 3.0, 4.0]])
+    true = np.array([[4.0, 1.0, 3.0, 0.0], [4.0, 3.0, 2.0, 1.0]])
+    assert analyze.topk_overlap(pred, true, 2).tolist() == [0.5, 0.0]
+    assert analyze.topk_overlap(pred, pred, 3).tolist() == [1.0, 1.0]

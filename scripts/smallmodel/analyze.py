@@ -181,6 +181,46 @@ def analyse(res: Path) -> dict:
         "skew_step_per_layer": [summary(expert_skew(pc_[:, layer]))
                                 for layer in range(pre.num_layers)],
     }
+    out["samples"] = sample_checks(res, dec.top_k)
+    return out
+
+
+def topk_overlap(pred: np.ndarray, true: np.ndarray, k: int) -> np.ndarray:
+    """|top-k(pred) & top-k(true)| / k per row; pred, true [n, E] -> float64 [n]."""
+    a = np.argsort(-pred, axis=-1, kind="stable")[:, :k]
+    b = np.argsort(-true, axis=-1, kind="stable")[:, :k]
+    hit = (a[:, :, None] == b[:, None, :]).any(axis=-1).sum(axis=-1)
+    return hit / k
+
+
+def sample_checks(res: Path, top_k: int) -> dict | None:
+    """Router-sample checks, if routers.safetensors (export_routers.py) is present.
+
+    same_layer: router_l(hidden_l) against the stored logits_l (fp16 rounding only: ~1.0).
+    frozen_next: router_l(hidden_{l-1}) against logits_l, the predictor's starting point
+    (the paper reports 70-80% top-k accuracy for it on its models).
+    """
+    path = res / "routers.safetensors"
+    if not path.is_file():
+        return None
+    from safetensors.numpy import load_file
+
+    from probe.runtime.record import load_samples
+
+    routers = load_file(str(path))
+    out = {}
+    for phase in ("decode", "prefill"):
+        smp = load_samples(res / f"{phase}.samples.safetensors")
+        h = smp.hidden.astype(np.float32)  # [n, L, D]
+        lg = smp.logits.astype(np.float32)  # [n, L, E]
+        same, nxt = [], []
+        for layer in range(h.shape[1]):
+            w = routers[f"router.{layer}"]  # [E, D]
+            same.append(float(topk_overlap(h[:, layer] @ w.T, lg[:, layer], top_k).mean()))
+            if layer:
+                nxt.append(float(topk_overlap(h[:, layer - 1] @ w.T, lg[:, layer],
+                                              top_k).mean()))
+        out[phase] = {"tokens": int(h.shape[0]), "same_layer": same, "frozen_next": nxt}
     return out
 
 
@@ -366,6 +406,7 @@ def report(res: Path, out: dict) -> str:
         "",
         f"![hot experts, layer {out.get('heatmap_layer', 0)}](decode_hot_experts.png)",
         "",
+        *samples_section(out.get("samples")),
         "## Compared with the paper",
         "",
         "| quantity | paper (Qwen3-235B / GPT-OSS-120B, 128 experts, ep=8) | this bench |",
@@ -389,6 +430,24 @@ def report(res: Path, out: dict) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def samples_section(smp: dict | None) -> list[str]:
+    if smp is None:
+        return []
+    lines = ["## Router samples", "",
+             "From the fp16 side files and routers.safetensors: top-k overlap |pred & true| / K "
+             "of a router applied to a sampled hidden state, against the recorded router logits.",
+             "",
+             "| samples | tokens | same layer (check, min over layers) | frozen next-layer "
+             "router, per MoE layer 1..L-1 | mean |",
+             "| --- | --- | --- | --- | --- |"]
+    for phase, v in smp.items():
+        lines.append(f"| {phase} | {v['tokens']} | {min(v['same_layer']):.3f} | "
+                     + " ".join(f"{x:.2f}" for x in v["frozen_next"])
+                     + f" | {np.mean(v['frozen_next']):.2f} |")
+    lines += ["", "The paper reports 70-80% for the frozen next-layer router on its models.", ""]
+    return lines
 
 
 def main(argv: list[str] | None = None) -> None:
