@@ -253,42 +253,49 @@ def run_scale(out: Path, log, quick: bool) -> dict:
 
 
 def run_smallmodel(out: Path, log) -> dict:
+    """Real routing recorded from the small Qwen3-MoE model (results/smallmodel), costed as if
+    its experts had GPT-OSS-120B's shape (the small model's own experts are too small to say
+    anything about an H200), with GPT-OSS's measured H200 numbers, at the trace's ep."""
     from probe.specs import ModelSpec
     from probe.traces.trace import RoutingTrace
 
     files = sorted(Path("results/smallmodel").glob("*.trace.safetensors"))
     rows, data = [], {}
+    base = model_preset("gpt-oss-120b")
+    hw = calibrated_hardware("h200x8", "gpt-oss-120b")
+    att = calibrated_attention("gpt-oss-120b")
     for path in files:
         trace = RoutingTrace.load(path)
-        meta_model = trace.meta.get("model", "")
-        if meta_model in ("gpt-oss-120b", "qwen3-235b-a22b", "olmoe-1b-7b", "mixtral-8x7b") \
-                and model_preset(meta_model).num_experts == trace.num_experts:
-            model = model_preset(meta_model)
-        else:
-            # The small model's own shape is not a preset: keep its routing, cost it as an
-            # expert of gpt-oss-120b's size (declared in the report).
-            base = model_preset("gpt-oss-120b")
-            model = ModelSpec(f"{meta_model or path.stem}-routing@gpt-oss-shape",
-                              num_layers=base.num_layers, num_experts=trace.num_experts,
-                              top_k=trace.top_k, hidden=base.hidden, expert_ffn=base.expert_ffn)
-        hw = calibrated_hardware("h200x8", "gpt-oss-120b")
-        att = calibrated_attention("gpt-oss-120b")
-        ep = trace.num_ranks if trace.num_ranks <= trace.num_experts else None
-        if ep is None or ep < 2:
-            ep = min(8, trace.num_experts)
-        res = simulate(trace, model=model, hardware=hw, attention=att, ep=ep, progress=False,
-                       policies=("static", "eplb", "probe", "oracle"),
-                       eplb_interval=max(1, trace.num_steps // 3),
-                       eplb_window=max(1, trace.num_steps // 3))
-        log(f"smallmodel {path.name}: done")
+        model = ModelSpec(f"smallmodel-routing@{base.name}-shape", num_layers=base.num_layers,
+                          num_experts=trace.num_experts, top_k=trace.top_k, hidden=base.hidden,
+                          expert_ffn=base.expert_ffn)
+        every = max(1, trace.num_steps // 4)
+        t0 = time.perf_counter()
+        res = simulate(trace, model=model, hardware=hw, attention=att, progress=False,
+                       policies=("static", "eplb", "probe", "oracle"), eplb_interval=every,
+                       eplb_window=every)
         s = {p: res.summary(p) for p in res.policies}
-        rows.append([path.name, trace.num_steps, trace.num_layers, trace.num_experts, ep,
-                     *[f"{s[p]['ir_mean']:.2f}" for p in res.policies],
-                     f"{s['probe']['throughput_tok_s'] / s['eplb']['throughput_tok_s']:.3f}",
-                     f"{s['probe']['throughput_tok_s'] / s['static']['throughput_tok_s']:.3f}"])
+        for spec in ("topk:0.69", "previous"):
+            other = simulate(trace, model=model, hardware=hw, attention=att, progress=False,
+                             policies=("probe",), predictor=spec, seed=1)
+            s[f"probe {spec}"] = other.summary("probe")
+            if path.name.startswith("decode"):
+                plot_result(res, out, prefix=f"smallmodel_{path.name.split('.')[0]}")
+        log(f"smallmodel {path.name}: {time.perf_counter() - t0:.1f} s")
+        st = s["static"]["step_time_ms"]
+        rows.append([path.name, trace.num_steps, int(trace.tokens_per_step[0] // trace.num_ranks),
+                     trace.num_ranks, *[f"{s[p]['ir_mean']:.2f}" for p in
+                                        ("static", "eplb", "probe", "oracle")],
+                     f"{st / s['probe']['step_time_ms']:.3f}",
+                     f"{s['eplb']['step_time_ms'] / s['probe']['step_time_ms']:.3f}",
+                     f"{st / s['oracle']['step_time_ms']:.3f}",
+                     f"{st / s['probe topk:0.69']['step_time_ms']:.3f}",
+                     f"{st / s['probe previous']['step_time_ms']:.3f}"])
         data[path.name] = s
-    table = _md_table(["trace", "steps", "layers", "experts", "ep", "IR static", "IR EPLB",
-                       "IR PROBE", "IR oracle", "PROBE/EPLB", "PROBE/static"], rows) \
+    table = _md_table(["trace", "steps", "tokens/rank", "ep", "IR static", "IR EPLB",
+                       "IR PROBE", "IR oracle", "PROBE speed-up vs static",
+                       "PROBE vs EPLB", "oracle vs static", "PROBE topk:0.69 vs static",
+                       "PROBE previous-step vs static"], rows) \
         if rows else "(no results/smallmodel/*.trace.safetensors found)"
     return {"table": table, "data": data}
 
