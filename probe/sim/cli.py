@@ -53,6 +53,8 @@ def simulate_command(
     from probe.traces.trace import RoutingTrace
 
     console = Console()
+    if console.width < 120:  # the table needs about 115 columns; wrap rather than truncate
+        console = Console(width=120)
     try:
         model_spec = resolve_model(model)
         hw = resolve_hardware(hardware)

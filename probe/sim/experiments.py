@@ -14,7 +14,9 @@ Experiments (ep = 8 on h200x8 with the measured H200 calibration unless said oth
               h200x8-nN presets: gain, planner time, exposed transfer with an unbounded window;
   smallmodel  any results/smallmodel/*.trace.safetensors (real small-model traces);
   plots       figures from the JSON written by prefill, decode and scale;
-  headline    the paper's targets against our numbers (from the JSON above).
+  headline    the paper's targets against our numbers (from the JSON above);
+  ablation    PROBE/EPLB in decode with half the attention time, a slower effective NVLink,
+              both, and no attention (why decode falls short of the paper's 1.26x).
 Traces keep few layers (the trace's layers stand for all the model's layers: step time = mean
 layer time x model layers) and few steps, so that everything runs in minutes on 2 CPU cores.
 """
@@ -300,6 +302,46 @@ def run_smallmodel(out: Path, log) -> dict:
     return {"table": table, "data": data}
 
 
+def run_ablation(out: Path, layers: int, log) -> dict:
+    """Why decode falls short of the paper's 1.26x over EPLB: PROBE/EPLB under declared
+    variations of the two things balancing cannot touch or that our model idealises."""
+    import dataclasses
+
+    rows, data = [], {}
+    for name in PAPER_MODELS:
+        model, hw, att = _setup(name)
+        half = AttentionModel(decode=tuple((b, t / 2) for b, t in att.decode),
+                              prefill=tuple((c, t / 2) for c, t in att.prefill),
+                              kv_len=att.kv_len, source=att.source + " x 0.5")
+        slow = dataclasses.replace(hw, intra_node_bw=150e9,
+                                   source=hw.source + "; NVLink 150 GB/s effective")
+        for workload in ("shift", "repeat"):
+            knobs = {"shift_step": 150} if workload == "shift" else {}
+            trace = generate(workload, num_steps=300, tokens_per_step=8 * 768,
+                             num_layers=layers, num_experts=model.num_experts,
+                             top_k=model.top_k, num_ranks=8, seed=SEED, **knobs)
+            variants = (("as measured", hw, att), ("attention x 0.5", hw, half),
+                        ("NVLink 150 GB/s", slow, att), ("both", slow, half),
+                        ("MoE only (no attention)", hw, AttentionModel.zero()))
+            for label, hw_v, att_v in variants:
+                t0 = time.perf_counter()
+                res = simulate(trace, model=model, hardware=hw_v, attention=att_v,
+                               progress=False, policies=("static", "eplb", "probe"),
+                               eplb_interval=100, eplb_window=100)
+                log(f"ablation {name} {workload} {label}: {time.perf_counter() - t0:.1f} s")
+                s = {p: res.summary(p) for p in res.policies}
+                after = {p: res.summary(p, slice(100, None)) for p in res.policies}
+                thr = {p: s[p]["throughput_tok_s"] for p in s}
+                thr_after = {p: after[p]["throughput_tok_s"] for p in after}
+                rows.append([name, workload, label, f"{thr['probe'] / thr['eplb']:.3f}",
+                             f"{thr_after['probe'] / thr_after['eplb']:.3f}",
+                             f"{thr['probe'] / thr['static']:.3f}"])
+                data[f"{name}/{workload}/{label}"] = {"all": s, "after_warmup": after}
+    table = _md_table(["model", "workload (b=768)", "variant", "PROBE/EPLB",
+                       "PROBE/EPLB steps>=100", "PROBE/static"], rows)
+    return {"table": table, "data": data}
+
+
 def run_headline(out: Path, log) -> dict:
     """The paper's targets against our numbers, from prefill.json / decode.json / shift.json."""
     rows = []
@@ -457,6 +499,7 @@ def main(argv=None) -> int:
         "smallmodel": lambda: run_smallmodel(out, log),
         "plots": lambda: run_plots(out, log),
         "headline": lambda: run_headline(out, log),
+        "ablation": lambda: run_ablation(out, layers, log),
     }
     for name in only:
         if name not in runners:

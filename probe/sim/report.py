@@ -24,7 +24,10 @@ def result_table(result: SimResult, title: str | None = None):
             "tok/s" if decode else "step ms", "IR mean", "IR p95", "GB moved/step",
             "exposed us", "planner ms"]
     for c in cols:
-        table.add_column(c, justify="left" if c == "policy" else "right")
+        if c == "policy":
+            table.add_column(c, justify="left", no_wrap=True)
+        else:
+            table.add_column(c, justify="right", no_wrap=True)
     base = None
     for policy in result.policies:
         s = result.summary(policy)
