@@ -271,3 +271,21 @@ def test_cli_simulate_writes_table_and_files(tmp_path):
     bad = CliRunner().invoke(app, ["simulate", str(path), "--policies", "nope",
                                    "--no-progress"])
     assert bad.exit_code == 2 and "policies" in bad.output
+
+
+def test_given_predictions_and_unbounded_window_across_nodes():
+    # Two nodes (ep = 16): copies across the 50 GB/s NIC do not fit the window. The bounded
+    # plan never exposes transfer; the unbounded one does, and pays for it.
+    model = model_preset("gpt-oss-120b")
+    trace = generate("repeat", num_steps=2, tokens_per_step=16 * 256, num_layers=1,
+                     num_experts=128, top_k=4, num_ranks=16, seed=5)
+    hw = hardware_preset("h200x8-n2")
+    att = AttentionModel.roofline(model, hw)
+    truth = trace.load_counts()
+    result = simulate(trace, model=model, hardware=hw, attention=att, progress=False,
+                      policies=("probe", "probe-unbounded", "oracle"), predictor=truth)
+    probe, unbounded = result.metrics["probe"], result.metrics["probe-unbounded"]
+    np.testing.assert_array_equal(probe["layer_time"], result.metrics["oracle"]["layer_time"])
+    assert probe["exposed"].max() == 0.0
+    assert unbounded["exposed"].min() > 0.0
+    assert np.all(unbounded["layer_time"] > probe["layer_time"])

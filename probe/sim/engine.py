@@ -191,9 +191,10 @@ def simulate(
     policies: names from POLICIES. ep: EP ranks (default trace.num_ranks; tokens re-split when
     different, see the module docstring); the hardware is resized with with_ranks(ep).
     slots: PROBE replica slots per rank per layer; eplb_*: the EPLB baseline's knobs.
-    predictor: a prediction-error model spec (probe.sim.predict) or predicted loads int
-    [N, L, S, E] aligned with the simulated steps. attention: an AttentionModel (default: no
-    attention time, AttentionModel.zero()). planner: solve() method for probe and oracle.
+    predictor: a prediction-error model spec (probe.sim.predict; None = "topk:0.9") or
+    predicted loads int [N, L, S, E] aligned with the simulated steps.
+    attention: an AttentionModel (default: no attention time, AttentionModel.zero()).
+    planner: solve() method for probe and oracle.
     steps: indices or a slice of the trace's steps (default all). progress: a rich progress bar.
     """
     if not isinstance(trace, RoutingTrace):
@@ -241,6 +242,7 @@ def simulate(
         def predict(true, previous, n, layer):
             return given[n, layer]
     else:
+        predictor = "topk:0.9" if predictor is None else predictor
         predict = make_predictor(predictor, seed=seed)
     options = dict(planner_options or {})
     tokens_per_rank = load[:, 0].sum(axis=2) // trace.top_k  # [N, G]
