@@ -55,9 +55,14 @@ def solvers_cmd(
                                               "OUT/results.jsonl")] = True,
     report_only: Annotated[bool, typer.Option(help="only rebuild the report from OUT")] = False,
     plots: Annotated[bool, typer.Option(help="draw PNG plots")] = True,
+    windows: Annotated[str | None, typer.Option(
+        help="comma-separated window kinds of the proof tier (default: all of "
+             "tight,1copy,x0.5,x1,x2,x4)")] = None,
+    max_minutes: Annotated[float | None, typer.Option(
+        help="stop after this many minutes, keeping what is done")] = None,
 ) -> None:
     """Heuristics vs exact solvers: gaps, times, tables and plots (docs/solvers_bench.md)."""
-    from solvers_bench.instances import sample_grid
+    from solvers_bench.instances import WINDOWS, sample_grid
     from solvers_bench.report import write_report
     from solvers_bench.run import machine_info, run_all
 
@@ -73,12 +78,16 @@ def solvers_cmd(
         raise typer.BadParameter("workers must be >= 1", param_hint="--workers")
     if not limit > 0:
         raise typer.BadParameter("time limit must be > 0", param_hint="--time-limit")
+    kinds = WINDOWS if windows is None else tuple(w.strip() for w in windows.split(","))
+    if not kinds or set(kinds) - set(WINDOWS):
+        raise typer.BadParameter(f"window kinds must come from {','.join(WINDOWS)}",
+                                 param_hint="--windows")
     out.mkdir(parents=True, exist_ok=True)
     jsonl = out / "results.jsonl"
     meta_path = out / "run_meta.json"
     if not report_only:
         specs = sample_grid(num_proof=num_proof, num_scale=num_scale, seed=seed,
-                            proof_sizes=proof_sizes, scale_sizes=scale_sizes)
+                            proof_sizes=proof_sizes, scale_sizes=scale_sizes, windows=kinds)
         meta = {"command": "python -m solvers_bench " + shlex.join(sys.argv[1:]),
                 "mode": mode, "num_instances": len(specs), "time_limit": limit,
                 "workers": workers, "seed": seed, "started": time.strftime(
@@ -99,7 +108,8 @@ def solvers_cmd(
                 progress.update(task, advance=1, note=f"anomalies {anomalies}")
 
             done = run_all(specs, jsonl, time_limit=limit, workers=workers, resume=resume,
-                           on_result=on_result)
+                           on_result=on_result,
+                           max_seconds=None if max_minutes is None else 60 * max_minutes)
             progress.update(task, completed=len(done))
         meta["finished"] = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
         meta["machine_end"] = machine_info()

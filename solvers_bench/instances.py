@@ -184,13 +184,17 @@ def _trace_step(family: str, rng: np.random.Generator, num_steps: int) -> int:
 
 def sample_grid(*, num_proof: int, num_scale: int, seed: int = 0,
                 real_root: Path = REAL_TRACE_DIR, proof_sizes=((4, 64), (8, 64), (8, 128)),
-                scale_sizes=((16, 128), (16, 256), (32, 256))) -> list[InstanceSpec]:
+                scale_sizes=((16, 128), (16, 256), (32, 256)),
+                windows: tuple[str, ...] = WINDOWS) -> list[InstanceSpec]:
     """A seeded sample: `num_proof` instances in the proof tier, `num_scale` in the scale tier.
 
     Families are cycled (synthetic ones twice as often as real ones); the other knobs are
     drawn uniformly.
-    Real-model traces (when present) keep their own ep, E and top-k.
+    Real-model traces (when present) keep their own ep, E and top-k. windows: the window
+    kinds the proof tier draws from.
     """
+    if not windows or set(windows) - set(WINDOWS):
+        raise ValueError(f"windows must be a non-empty subset of {WINDOWS}, got {windows!r}")
     for name, value in (("num_proof", num_proof), ("num_scale", num_scale)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise ValueError(f"{name} must be an int >= 0, got {value!r}")
@@ -214,7 +218,7 @@ def sample_grid(*, num_proof: int, num_scale: int, seed: int = 0,
         multi = ep == 8 and rng.random() < 0.25
         spec = InstanceSpec(
             family=family, ep=int(ep), num_experts=int(num_experts), top_k=int(top_k),
-            slots=int(rng.integers(1, 4)), window=str(rng.choice(WINDOWS)),
+            slots=int(rng.integers(1, 4)), window=str(rng.choice(list(windows))),
             hardware="h200x4-n2" if multi else "h200x8", model=str(rng.choice(MODELS)),
             step=_trace_step(family, rng, num_steps), layer=int(rng.integers(num_layers)),
             seed=int(rng.integers(4)), tier="proof")

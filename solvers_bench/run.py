@@ -271,12 +271,16 @@ def machine_info() -> dict:
 
 def run_all(specs: list[InstanceSpec], out_jsonl: Path, *, time_limit: float, workers: int = 1,
             methods: Iterable[str] = tuple(METHODS), resume: bool = True,
-            on_result: Callable[[dict], None] | None = None) -> list[dict]:
+            on_result: Callable[[dict], None] | None = None,
+            max_seconds: float | None = None) -> list[dict]:
     """Run `specs`, appending one line per finished instance to `out_jsonl`; returns all records.
 
     resume: keep records already in the file and skip their instances (an interrupted run
     continues where it stopped). on_result(record) is called after each instance.
+    max_seconds: stop taking results after this many seconds (the unfinished instances are
+    dropped; what is written stays).
     """
+    started = time.perf_counter()
     if not isinstance(workers, int) or workers < 1:
         raise ValueError(f"workers must be an int >= 1, got {workers!r}")
     if not time_limit > 0:
@@ -312,6 +316,8 @@ def run_all(specs: list[InstanceSpec], out_jsonl: Path, *, time_limit: float, wo
                 records.append(record)
                 if on_result is not None:
                     on_result(record)
+                if max_seconds is not None and time.perf_counter() - started > max_seconds:
+                    break
         finally:
             if pool is not None:
                 pool.terminate()
