@@ -162,17 +162,12 @@ def test_flat_rows_one_per_method():
 
 # --- Solver issues found by the benchmark (owned by helper "exact"; reproducers only). ---
 
-@pytest.mark.xfail(strict=True, reason="HiGHS backend: threads=1 makes HiGHS stop with model "
-                   "status 'Not Set' and return only the warm start (probe/planner/highs.py)")
 def test_highs_threads_option_runs_the_mip():
     problem, _ = build_problem(_spec(ep=4, window="x1", top_k=2))
     result = solve(problem, "highs", time_limit=1.0, threads=1)
     assert "Not Set" not in result.message
 
 
-@pytest.mark.xfail(strict=True, reason="HiGHS backend: status 'optimal' with bound 0.0 when "
-                   "presolve solves the model (e.g. no copy fits the window); the bound should "
-                   "equal the objective")
 def test_highs_optimal_reports_a_matching_bound():
     cost = CostModel.uniform(2, alpha=1.0, beta=1.0, token_time=0.0, transfer_time=10.0)
     from probe.placement import sharded_home

@@ -130,6 +130,10 @@ def solve_highs(problem: BalanceProblem, *, time_limit: float | None = None,
     if remaining <= 0:
         return finish_result(problem, "highs", start, "timeout", None, warm, warm_name, None,
                              "time limit reached before the MIP started")
+    if threads is not None:
+        # HiGHS keeps one thread scheduler per process, sized by the first solve (here often the
+        # warm start's LP); a different `threads` is refused at run time unless it is reset.
+        highspy.Highs.resetGlobalScheduler(True)
     solver = new_highs(remaining if math.isfinite(remaining) else None, **options)
     solver.passModel(highs_model(milp, unit, integer=True))
     values = plan_to_values(milp, problem, warm)
@@ -150,6 +154,10 @@ def solve_highs(problem: BalanceProblem, *, time_limit: float | None = None,
         candidate = plan_from_values(milp, problem, np.asarray(solver.getSolution().col_value))
     if status == highspy.HighsModelStatus.kOptimal:
         outcome, message = "optimal", f"HiGHS optimal within mip_rel_gap={mip_rel_gap:g}"
+        # When presolve solves the whole model HiGHS leaves mip_dual_bound at 0; "optimal"
+        # itself proves the optimum is within mip_rel_gap of the incumbent.
+        proven = float(info.objective_function_value) * unit * (1 - mip_rel_gap)
+        bound = proven if bound is None else max(bound, proven)
     elif status in (highspy.HighsModelStatus.kTimeLimit, highspy.HighsModelStatus.kInterrupt):
         outcome, message = "timeout", "HiGHS hit the time limit; best incumbent kept"
     else:
