@@ -110,3 +110,12 @@ def test_plan_quality_perfect_prediction_matches_truth_and_replay_conserves():
     assert np.array_equal(replayed.assignment.sum(axis=2), true)
     holds = home | replayed.replicas
     assert not np.any((replayed.assignment > 0) & ~holds.T[None])
+
+
+def test_report_segments_split_at_tag_changes_and_shift_window():
+    from probe.predictor.report import _segments
+
+    tags = ["a"] * 10 + ["b"] * 20
+    assert _segments(tags, shift_window=4, longest=8) == [
+        (0, 8), (8, 10), (10, 14), (14, 22), (22, 30)]
+    assert _segments(["x"] * 3) == [(0, 3)]

@@ -23,6 +23,21 @@ def _mean(values) -> float:
     return float(arr.mean()) if arr.size else float("nan")
 
 
+def _segments(tags: list[str], shift_window: int = 8, longest: int = 64
+              ) -> list[tuple[int, int]]:
+    """[start, stop) index ranges: a new one at every tag change, the first `shift_window`
+    steps after a change on their own, and none longer than `longest`."""
+    cuts = {0, len(tags)}
+    for i in range(1, len(tags)):
+        if tags[i] != tags[i - 1]:
+            cuts |= {i, min(len(tags), i + shift_window)}
+    bounds = sorted(cuts)
+    out = []
+    for a, b in zip(bounds, bounds[1:], strict=False):
+        out += [(s, min(b, s + longest)) for s in range(a, b, longest)]
+    return out
+
+
 def write_report(res: dict, out_dir: str | Path, *, command: str = "",
                  title: str = "Lookahead predictor on the small model") -> str:
     """Write results.json, fidelity.csv, plans.csv, online.csv and report.md; return the text."""
@@ -124,7 +139,9 @@ def write_report(res: dict, out_dir: str | Path, *, command: str = "",
             w = csv.writer(fh)
             w.writerow(["step", "tag", "samples", "mean_acc", "mean_prior_acc",
                         "mean_pred_load_err", "mean_last_step_load_err",
-                        "mean_same_step_share_load_err"])
+                        "mean_same_step_share_load_err", "plan_ratio_online",
+                        "plan_ratio_last_step", "plan_ratio_avg_8"])
+            ratio = online.get("plan_ratio") or {}
             for i, s in enumerate(steps):
                 tag = online["tags"][i] if online["tags"] else ""
                 w.writerow([s, tag, online["samples_per_step"][i],
@@ -132,7 +149,9 @@ def write_report(res: dict, out_dir: str | Path, *, command: str = "",
                             _mean(online["prior_acc"][la][i] for la in layers),
                             _mean(online["pred_load_err"][la][i] for la in layers),
                             _mean(online["last_step_load_err"][la][i] for la in layers),
-                            _mean(online["same_step_share_load_err"][la][i] for la in layers)])
+                            _mean(online["same_step_share_load_err"][la][i] for la in layers),
+                            *[_mean(ratio[n][la][i] for la in layers) if ratio else ""
+                              for n in ("online", "last_step", "avg_8")]])
         lines += ["## Online (prequential) distillation across the recording", "",
                   "Each step is predicted before the predictor learns from it (one update per "
                   "step, from the frozen prior). Means over layers, per segment of steps with "
@@ -143,12 +162,8 @@ def write_report(res: dict, out_dir: str | Path, *, command: str = "",
                   "load err (last step) | load err (same-step share) |",
                   "|---|---|---|---|---|---|---|"]
         tags = online["tags"] or [""] * len(steps)
-        segments = []
-        start = 0
-        for i in range(1, len(steps) + 1):
-            if i == len(steps) or tags[i] != tags[start] or i - start >= 64:
-                segments.append((start, i))
-                start = i
+        segments = _segments(tags)
+        ratio = online.get("plan_ratio")
         for a, b in segments:
             def seg(key, a=a, b=b):
                 return _mean(_mean(online[key][la][a:b]) for la in layers)
@@ -156,6 +171,24 @@ def write_report(res: dict, out_dir: str | Path, *, command: str = "",
                          f"{_fmt(seg('prior_acc'))} | {_fmt(seg('pred_load_err'))} | "
                          f"{_fmt(seg('last_step_load_err'))} | "
                          f"{_fmt(seg('same_step_share_load_err'))} |")
+        if ratio:
+            lines += ["", "Plan quality of the online predictor vs history, per segment: mean "
+                      "over steps and layers of IR(plan from the source) / IR(plan from the "
+                      "truth), greedy, same cost model and rescaling as above (1.000 = as good "
+                      "as knowing the true load).", "",
+                      "| steps | tag | online predictor | last step | avg of 8 steps |",
+                      "|---|---|---|---|---|"]
+            for a, b in segments:
+                cells = [_fmt(_mean(_mean(ratio[n][la][a:b]) for la in layers))
+                         for n in ("online", "last_step", "avg_8")]
+                lines.append(f"| {steps[a]}-{steps[b - 1]} | {tags[a]} | " + " | ".join(cells)
+                             + " |")
+            total = {n: _mean(_mean(ratio[n][la]) for la in layers) for n in ratio}
+            lines.append("| **all** | | " + " | ".join(
+                f"**{_fmt(total[n])}**" for n in ("online", "last_step", "avg_8")) + " |")
+            verdict.append(f"- online, whole recording (both domains and the shift): plan IR "
+                           f"ratio {total['online']:.3f} vs last step {total['last_step']:.3f}, "
+                           f"8-step average {total['avg_8']:.3f}")
         lines.append("")
 
     lines += ["## Targets", "", *verdict, ""]

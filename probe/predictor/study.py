@@ -44,7 +44,8 @@ def run_study(make_predictors: Callable[[], PredictorSet], samples: Samples, *,
               tokens_per_rank: int = 512, slots: int = 3, window: float | None = None,
               plan_layers: list[int] | None = None, max_plan_steps: int = 64,
               min_step_samples: int = 32, online_updates: int = 1,
-              online_lr: float = 1e-3, log: Callable[[str], None] = print) -> dict:
+              online_lr: float = 1e-3, online_plans: bool = True,
+              log: Callable[[str], None] = print) -> dict:
     """Run the whole study (see the module docstring); returns a JSON-serialisable dict.
 
     make_predictors: builds fresh, untrained predictors (called twice: offline and online).
@@ -92,8 +93,14 @@ def run_study(make_predictors: Callable[[], PredictorSet], samples: Samples, *,
                                   layers=plan_layers, max_steps=max_plan_steps,
                                   min_step_samples=min_step_samples, log=log)
     log("online (prequential) distillation over the recording in time order ...")
+    plan_kw = None
+    if cost is not None and online_plans:
+        plan_kw = {"home": home, "slots": slots, "cost": cost, "top_k": pset.top_k,
+                   "tokens_per_rank": tokens_per_rank,
+                   "window": slots * float(cost.transfer_time.max()) if window is None
+                   else window}
     out["online"] = _online_part(make_predictors(), samples, full, tags, num_ranks=num_ranks,
-                                 updates=online_updates, lr=online_lr)
+                                 updates=online_updates, lr=online_lr, plan_kw=plan_kw)
     return {"predictors": pset, "results": out}
 
 
@@ -167,8 +174,13 @@ def history_from_pair(seq: np.ndarray) -> np.ndarray:
 
 
 def _online_part(pset: PredictorSet, samples: Samples, full, all_tags, *, num_ranks: int,
-                 updates: int, lr: float) -> dict:
-    """Prequential accuracy per step: predict the step, then distil on it."""
+                 updates: int, lr: float, plan_kw: dict | None = None) -> dict:
+    """Prequential accuracy per step: predict the step, then distil on it.
+
+    With plan_kw (home, slots, window, cost, tokens_per_rank, top_k), every step and layer also
+    gets the IR ratio (vs the plan from the truth) of greedy plans from the online prediction
+    and from the last-step and 8-step-average history.
+    """
     distiller = OnlineDistiller(pset, lr)
     k = pset.top_k
     order = np.argsort(samples.step, kind="stable")
@@ -181,6 +193,9 @@ def _online_part(pset: PredictorSet, samples: Samples, full, all_tags, *, num_ra
     floor_err = {layer: [] for layer in pset.layers}
     pred_err = {layer: [] for layer in pset.layers}
     prev_load: dict[int, np.ndarray | None] = {layer: None for layer in pset.layers}
+    past: dict[int, list[np.ndarray]] = {layer: [] for layer in pset.layers}
+    plan_ratio: dict[str, dict[int, list[float]]] = {
+        name: {layer: [] for layer in pset.layers} for name in ("online", "last_step", "avg_8")}
     for i, _step in enumerate(steps):
         rows = order[bounds[i]:bounds[i + 1]]
         h = samples.hidden[rows]
@@ -204,6 +219,18 @@ def _online_part(pset: PredictorSet, samples: Samples, full, all_tags, *, num_ra
             whole = full[int(_step), layer] if full is not None else lt
             floor_err[layer].append(
                 expert_load_error(history_from_pair(np.stack([whole, lt])), lt))
+            if plan_kw is not None:
+                if past[layer]:
+                    last = history_from_pair(np.stack([past[layer][-1], lt]))
+                    avg = history_from_pair(np.stack([np.sum(past[layer][-8:], axis=0), lt]))
+                    res = plan_study(lt[None], {"online": lp[None], "last_step": last[None],
+                                                "avg_8": avg[None]}, **plan_kw)
+                    for name in plan_ratio:
+                        plan_ratio[name][layer].append(res[name]["ir_ratio"])
+                else:
+                    for name in plan_ratio:
+                        plan_ratio[name][layer].append(float("nan"))
+            past[layer].append(whole)
             prev_load[layer] = whole
         ht = torch.from_numpy(h).float()
         zt = torch.from_numpy(z).float()
@@ -215,4 +242,6 @@ def _online_part(pset: PredictorSet, samples: Samples, full, all_tags, *, num_ra
             "prior_acc": {str(la): v for la, v in prior_acc.items()},
             "pred_load_err": {str(la): v for la, v in pred_err.items()},
             "last_step_load_err": {str(la): v for la, v in hist_err.items()},
-            "same_step_share_load_err": {str(la): v for la, v in floor_err.items()}}
+            "same_step_share_load_err": {str(la): v for la, v in floor_err.items()},
+            "plan_ratio": None if plan_kw is None else {
+                name: {str(la): v for la, v in by.items()} for name, by in plan_ratio.items()}}
