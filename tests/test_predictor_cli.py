@@ -83,3 +83,21 @@ def test_cli_rejects_missing_checkpoint(tiny, tmp_path):
                                       str(tmp_path / "p.safetensors")])
     assert res.exit_code != 0
     assert "config.json" in res.output
+
+
+def test_from_model_reads_runtime_model(tiny):
+    import torch
+
+    from probe.predictor.model import PredictorSet
+    from probe.runtime.checkpoint import load_model
+
+    model = load_model(tiny["ckpt"])
+    pset = PredictorSet.from_model(model, hidden=8)
+    blocks = model.moe_blocks
+    assert pset.layers == list(range(1, len(blocks))) and pset.top_k == 2
+    h = torch.randn(6, blocks[0].router_weight.shape[1])
+    for layer in pset.layers:
+        assert torch.equal(pset[layer].router_weight, blocks[layer].router_weight.float())
+        # The runtime's own top-k rule picks the same ids as the cloned router.
+        ids = pset[layer].predict_topk(h)
+        assert torch.equal(ids, blocks[layer].select(blocks[layer].router(h))[0])
