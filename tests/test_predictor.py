@@ -170,3 +170,19 @@ def test_load_from_ids_numpy_matches_torch():
     assert out.tolist() == [[0, 1, 0, 1], [1, 0, 1, 2]]
     assert torch.equal(load_from_ids(torch.from_numpy(ids), torch.from_numpy(src), 2, 4),
                        torch.from_numpy(out))
+
+
+def test_fused_logits_match_forward_after_training_step():
+    weight, b = _router()
+    pred = LookaheadPredictor(weight, b, hidden=32, top_k=2)
+    with torch.no_grad():
+        pred.w2.weight.normal_()
+        pred.w2.bias.normal_()
+    with pytest.raises(RuntimeError, match="fuse"):
+        pred.fused_logits(torch.randn(2, 16))
+    pred.fuse()
+    h = torch.randn(64, 16)
+    torch.testing.assert_close(pred.fused_logits(h), pred(h), rtol=1e-5, atol=1e-5)
+    OnlineDistiller(pred, lr=1e-2).update(h, torch.randn(64, 8))
+    pred.fuse()  # refresh after the update
+    torch.testing.assert_close(pred.fused_logits(h), pred(h), rtol=1e-5, atol=1e-5)

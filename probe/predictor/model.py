@@ -126,6 +126,31 @@ class LookaheadPredictor(nn.Module):
             raise ValueError(f"src_rank must be [T] = [{h.shape[0]}], got {tuple(src_rank.shape)}")
         return load_from_ids(self.predict_topk(h), src_rank, num_ranks, self.num_experts)
 
+    @torch.no_grad()
+    def fuse(self) -> None:
+        """Precompute the two-GEMM inference form used by `fused_logits`.
+
+        Call again after any training step: the fused copy does not follow the parameters.
+        """
+        weight = torch.cat([self.router_weight, self.w1.weight])  # [E+H, D]
+        bias = torch.cat([self.router_bias + self.w2.bias, self.w1.bias])  # [E+H]
+        self._fused = (weight.t().contiguous(), bias, self.w2.weight.t().contiguous())
+
+    @torch.no_grad()
+    def fused_logits(self, h: torch.Tensor) -> torch.Tensor:
+        """`forward` in two GEMMs (router and W1 in one, W2 accumulated onto the prior).
+
+        Equal to `forward` up to float rounding. Needs `fuse()` first. Not yet timed on a GPU
+        against `forward` (results/predictor/report.md).
+        """
+        fused = getattr(self, "_fused", None)
+        if fused is None:
+            raise RuntimeError("call fuse() before fused_logits()")
+        weight_t, bias, w2_t = fused
+        y = torch.addmm(bias, h.to(weight_t.dtype), weight_t)  # [T, E+H]
+        prior, act = y[:, :self.num_experts], y[:, self.num_experts:]  # [T, E], [T, H]
+        return torch.addmm(prior, F.silu(act), w2_t)  # [T, E]
+
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [*self.w1.parameters(), *self.w2.parameters()]
 
