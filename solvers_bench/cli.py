@@ -58,6 +58,9 @@ def solvers_cmd(
     windows: Annotated[str | None, typer.Option(
         help="comma-separated window kinds of the proof tier (default: all of "
              "tight,1copy,x0.5,x1,x2,x4)")] = None,
+    proof_sizes: Annotated[str | None, typer.Option(
+        help="comma-separated GxE sizes of the proof tier, e.g. 4x64,8x64 (default: mode's)")]
+    = None,
     max_minutes: Annotated[float | None, typer.Option(
         help="stop after this many minutes, keeping what is done")] = None,
 ) -> None:
@@ -70,7 +73,7 @@ def solvers_cmd(
     if sum((quick, full, tiny)) > 1:
         raise typer.BadParameter("choose at most one of --quick, --full, --tiny")
     mode = "full" if full else "tiny" if tiny else "quick"
-    num_proof, num_scale, limit, proof_sizes, scale_sizes = MODES[mode]
+    num_proof, num_scale, limit, mode_proof_sizes, scale_sizes = MODES[mode]
     num_proof = num_proof if proof is None else proof
     num_scale = num_scale if scale is None else scale
     limit = limit if time_limit is None else time_limit
@@ -78,6 +81,17 @@ def solvers_cmd(
         raise typer.BadParameter("workers must be >= 1", param_hint="--workers")
     if not limit > 0:
         raise typer.BadParameter("time limit must be > 0", param_hint="--time-limit")
+    if proof_sizes is not None:
+        try:
+            proof_sizes = tuple(tuple(int(x) for x in item.lower().split("x"))
+                                for item in proof_sizes.split(","))
+        except ValueError:
+            raise typer.BadParameter("sizes look like 4x64,8x64",
+                                     param_hint="--proof-sizes") from None
+        if any(len(z) != 2 or min(z) < 1 for z in proof_sizes):
+            raise typer.BadParameter("sizes look like 4x64,8x64", param_hint="--proof-sizes")
+    else:
+        proof_sizes = mode_proof_sizes
     kinds = WINDOWS if windows is None else tuple(w.strip() for w in windows.split(","))
     if not kinds or set(kinds) - set(WINDOWS):
         raise typer.BadParameter(f"window kinds must come from {','.join(WINDOWS)}",

@@ -119,12 +119,14 @@ def summarize(records: list[dict]) -> dict:
                               "gap_inc": _gap_stats(rows, m, "gap_inc")} for m in methods}
         out[f"gaps_{label}"] = table
     out["targets"] = []
-    for method, stat, limit in TARGETS:
-        st = out["gaps_proven"]["all"].get(method, {}).get("gap", {})
-        value = st.get(stat)
-        out["targets"].append({"method": method, "stat": stat, "limit": limit, "value": value,
-                               "n": st.get("n", 0), "met": value is not None and value <= limit,
-                               "enough_instances": st.get("n", 0) >= 200})
+    for subset in ("proven", "proven_nontrivial", "certified"):
+        for method, stat, limit in TARGETS:
+            st = out[f"gaps_{subset}"]["all"].get(method, {}).get("gap", {})
+            value = st.get(stat)
+            out["targets"].append({"set": subset, "method": method, "stat": stat,
+                                   "limit": limit, "value": value, "n": st.get("n", 0),
+                                   "met": value is not None and value <= limit,
+                                   "enough_instances": st.get("n", 0) >= 200})
     # Times and proofs per size.
     sizes = sorted({(r["ep"], r["num_experts"]) for r in recs})
     per_size = {}
@@ -136,6 +138,9 @@ def summarize(records: list[dict]) -> dict:
             entry[f"{m}_median_s"] = _q(walls, 0.5)
             entry[f"{m}_p95_s"] = _q(walls, 0.95)
         for m in EXACT:
+            entry[f"{m}_proven_median_s"] = _q([
+                r["methods"][m].get("wall") for r in rows if r["window"] != "tight"
+                and r["methods"].get(m, {}).get("status") == "optimal"], 0.5)
             entry[f"{m}_proven_share"] = (sum(r["methods"].get(m, {}).get("status") == "optimal"
                                               for r in rows) / len(rows)) if rows else None
         nt = [r for r in rows if r["window"] != "tight"]
@@ -227,6 +232,7 @@ def _plots(records: list[dict], out: Path) -> list[str]:
             ax.boxplot(data, whis=(5, 95), showfliers=True, flierprops={"markersize": 2})
             ax.set_xticks(range(1, len(labels) + 1), labels, rotation=45, fontsize=7)
             ax.set_yscale("symlog", linthresh=1)
+            ax.set_ylim(bottom=0)
             ax.set_title(f"{fam} (n={len(rows)})", fontsize=9)
             ax.set_ylabel("gap to best bound, %")
             ax.axhline(3, color="gray", lw=0.6, ls="--")
@@ -352,15 +358,19 @@ def _render(summary: dict, records: list[dict], meta: dict, notes: str, plots: l
               f"{s['proven']} | {s['proven_nontrivial']} | {s['certified']} | {s['fatal']} |",
               "", "Non-trivial: static is not already optimal (a `tight` window, where no copy "
               "fits, makes static optimal and every planner exact).", ""]
-    lines += ["## Targets (issue 4), over instances with a proven optimum", "",
-              "| method | statistic | target | measured | instances | met | >= 200 proven |",
-              "|---|---|---|---|---|---|---|"]
+    lines += ["## Targets (issue 4)", "",
+              "The issue asks for them over >= 200 instances with a proven optimum. Shown over "
+              "all proven instances, over the non-trivial proven ones, and over the certified "
+              "ones (gap known within the certification level).", "",
+              "| instance set | method | statistic | target | measured | instances | met | "
+              ">= 200 instances |",
+              "|---|---|---|---|---|---|---|---|"]
     for t in s["targets"]:
-        lines.append(f"| {t['method']} | {t['stat']} gap | <= {_pct(t['limit'], 0)} | "
+        lines.append(f"| {t['set']} | {t['method']} | {t['stat']} gap | <= {_pct(t['limit'], 0)} | "
                      f"{_pct(t['value'])} | {t['n']} | {'yes' if t['met'] else 'NO'} | "
                      f"{'yes' if t['enough_instances'] else 'NO'} |")
     cert_all = s["gaps_certified"]["all"]
-    lines += ["", "The same statistics over the certified instances (gap to the best bound, "
+    lines += ["", "Every method over the certified instances (gap to the best bound, "
               "each known to within the certification level):", "",
               "| method | n | median gap | p95 gap | max gap | share <= 3% |",
               "|---|---|---|---|---|---|"]
@@ -383,11 +393,13 @@ def _render(summary: dict, records: list[dict], meta: dict, notes: str, plots: l
         lines.append(f"![{p}]({p})")
     lines += ["", "## Solve time per size (same run, medians)", "",
               "Exact backends stop at the time limit; 'proven' is the share of instances a "
-              "backend proved optimal within it.", "",
+              "backend proved optimal within it. Wall times on a shared 2-core machine; greedy "
+              "runs first on each fresh instance (cold caches), greedy_unl right after it, "
+              "which is why greedy_unl can look faster.", "",
               "| G x E | n | limit s | greedy | greedy_unl | lp | cpsat | highs | lp/greedy | "
               "cpsat/greedy | highs/greedy | cpsat proven | highs proven | proven (non-tight) "
-              "| certified gap med / p95 |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+              "| time to prove cpsat / highs (non-tight, median) | certified gap med / p95 |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
 
     def t(x):
         if x is None:
@@ -406,6 +418,7 @@ def _render(summary: dict, records: list[dict], meta: dict, notes: str, plots: l
             f"{ratio(e['cpsat_median_s'], g)} | {ratio(e['highs_median_s'], g)} | "
             f"{_pct(e['cpsat_proven_share'], 0)} | {_pct(e['highs_proven_share'], 0)} | "
             f"{_pct(e['proven_share_nontight'], 0)} of {e['n_nontight']} | "
+            f"{t(e['cpsat_proven_median_s'])} / {t(e['highs_proven_median_s'])} | "
             f"{_pct(e['certified_gap_median'])} / {_pct(e['certified_gap_p95'])} |")
     lines += ["", "## IR before (static) and after, median per family", "",
               "| family | " + " | ".join(methods) + " |", "|---|" + "---|" * len(methods)]
@@ -421,8 +434,9 @@ def _render(summary: dict, records: list[dict], meta: dict, notes: str, plots: l
               f"- Objectives below the best proven bound: "
               f"{len(s['anomalies'].get('bound_violated', []))}.",
               f"- HiGHS/CP-SAT reporting 'optimal' with a bound far below the objective: "
-              f"{len(s['anomalies'].get('optimal_without_bound', []))} "
-              "(seen on trivial instances; the objective is then used as the bound).",
+              f"{len(s['anomalies'].get('optimal_without_bound', []))}, "
+              f"{sum('-wtight-' in x for x in s['anomalies'].get('optimal_without_bound', []))} "
+              "of them with a tight window (the objective is then used as the bound).",
               f"- Exact/lp solves over 1.5x their time limit + 0.5 s: "
               f"{len(s['anomalies'].get('time_limit_overrun', []))}.",
               f"- Crashed backends or instances: {len(s['anomalies'].get('fatal', []))} fatal, "
@@ -522,11 +536,12 @@ def write_report(out: Path, *, plots: bool = True, analysis: bool = True) -> str
         summary["greedy_split"] = {k: v for k, v in split.items() if k != "rows"}
         (out / "summary.json").write_text(json.dumps(summary, indent=1))
     (out / "report.md").write_text(_render(summary, records, meta, notes, made, split))
-    g = summary["gaps_proven"]["all"].get("greedy", {}).get("gap", {})
-    lp = summary["gaps_proven"]["all"].get("lp", {}).get("gap", {})
+    g = summary["gaps_proven_nontrivial"]["all"].get("greedy", {}).get("gap", {})
+    lp = summary["gaps_proven_nontrivial"]["all"].get("lp", {}).get("gap", {})
     return (f"{summary['instances']} instances, {summary['proven']} proven optimal "
             f"({summary['proven_nontrivial']} non-trivial), {summary['certified']} certified; "
-            f"greedy median/p95 gap on proven {_pct(g.get('median'))}/{_pct(g.get('p95'))}, "
+            f"greedy median/p95 gap on non-trivial proven {_pct(g.get('median'))}/"
+            f"{_pct(g.get('p95'))}, "
             f"lp median {_pct(lp.get('median'))}; infeasible plans "
             f"{len(summary['anomalies'].get('infeasible', []))}, exact disagreements "
             f"{len(summary['anomalies'].get('exact_disagree', []))}; report: {out / 'report.md'}")
