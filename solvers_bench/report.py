@@ -391,7 +391,7 @@ def _render(summary: dict, records: list[dict], meta: dict, notes: str, plots: l
     lines.append("")
     for p in plots:
         lines.append(f"![{p}]({p})")
-    lines += ["", "## Solve time per size (same run, medians)", "",
+    lines += ["", "## Solve time per size (all methods on the same instances; medians)", "",
               "Exact backends stop at the time limit; 'proven' is the share of instances a "
               "backend proved optimal within it. Wall times on a shared 2-core machine; greedy "
               "runs first on each fresh instance (cold caches), greedy_unl right after it, "

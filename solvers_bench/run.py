@@ -19,6 +19,7 @@ import math
 import multiprocessing
 import os
 import platform
+import subprocess
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -265,8 +266,14 @@ def machine_info() -> dict:
     except OSError:
         pass
     load = os.getloadavg() if hasattr(os, "getloadavg") else (math.nan,) * 3
-    return {"cpu": cpu, "logical_cpus": os.cpu_count(), "python": platform.python_version(),
-            "platform": platform.platform(), "loadavg": [round(x, 2) for x in load]}
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                                text=True, timeout=5, check=False).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    return {"git_commit": commit, "cpu": cpu, "logical_cpus": os.cpu_count(),
+            "python": platform.python_version(), "platform": platform.platform(),
+            "loadavg": [round(x, 2) for x in load]}
 
 
 def run_all(specs: list[InstanceSpec], out_jsonl: Path, *, time_limit: float, workers: int = 1,
