@@ -223,9 +223,9 @@ def main(argv: list[str] | None = None) -> None:
         "a better one, and the gap is (objective - proven bound) / objective.",
         "CP-SAT solves times rounded down to a quantum (probe/planner/cpsat.py), so its bound "
         "is a true lower bound; HiGHS's bound holds up to its feasibility tolerances.",
-        f"Shared machine: load average {load_start:.1f} at start and {load_end:.1f} at the end "
-        f"on {os.cpu_count()} CPUs, so wall times are inflated by other jobs; the process-CPU "
-        "median of lp is the closer estimate of an idle machine's wall time.",
+        f"Load average {load_start:.1f} at start and {load_end:.1f} at the end on "
+        f"{os.cpu_count()} CPUs; where it is well above 0 other jobs inflate wall times and the "
+        "process-CPU median of lp is the closer estimate of an idle machine's wall time.",
     ]
     table = Table(title="exact backends (objective us / bound us / gap)")
     for col in ("top-k", "step", "static", "greedy", "lp", "CP-SAT", "HiGHS"):
