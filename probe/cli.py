@@ -29,9 +29,10 @@ def _register_all() -> None:
     from probe.runtime.cli import register as register_runtime
     from probe.sim.cli import register as register_sim
     from probe.traces.cli import register as register_traces
+    from solvers_bench.cli import register as register_bench
 
     for register in (register_traces, register_planner, register_sim, register_predictor,
-                     register_runtime, register_checkpoint):
+                     register_runtime, register_checkpoint, register_bench):
         register(app)
 
 
