@@ -23,9 +23,8 @@ import time
 
 import numpy as np
 
-from probe.planner.check import evaluate_plan
-from probe.planner.milp import EXACT, MAKESPAN, WINDOW, Milp, build_milp, finish_result, \
-    plan_from_values, plan_to_values, warm_start
+from probe.planner.milp import EXACT, MAKESPAN, WINDOW, Milp, finish_result, \
+    plan_from_values, plan_to_values, start_exact
 from probe.planner.problem import BalanceProblem, Plan, SolveResult
 
 __all__ = ["DEFAULT_TIME_LIMIT", "scale_milp", "solve_cpsat", "time_quantum"]
@@ -108,20 +107,13 @@ def solve_cpsat(problem: BalanceProblem, *, time_limit: float | None = None,
     """
     from ortools.sat.python import cp_model
 
-    if time_limit is not None and not time_limit > 0:
-        raise ValueError(f"time_limit must be > 0 seconds or None, got {time_limit!r}")
     if num_workers is None:
         num_workers = min(8, os.cpu_count() or 1)
     if not isinstance(num_workers, int) or num_workers < 1:
         raise ValueError(f"num_workers must be a positive int, got {num_workers!r}")
-    if time_limit is None:
-        time_limit = DEFAULT_TIME_LIMIT
-    start = time.perf_counter()
-    warm_name = "warm start"
-    if warm is None:
-        warm, warm_name = warm_start(problem, time_limit=time_limit)
-    warm_obj = evaluate_plan(problem, warm).objective
-    milp = build_milp(problem)
+    setup = start_exact(problem, time_limit, warm, DEFAULT_TIME_LIMIT)
+    start, time_limit, warm, warm_name = setup.start, setup.time_limit, setup.warm, setup.warm_name
+    warm_obj, milp = setup.warm_objective, setup.milp
     quantum = time_quantum(problem, warm_obj)
     coef, row_lower, row_upper = scale_milp(milp, quantum)
 

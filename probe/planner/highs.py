@@ -14,8 +14,8 @@ import time
 
 import numpy as np
 
-from probe.planner.milp import MAKESPAN, WINDOW, Milp, build_milp, finish_result, \
-    plan_from_values, plan_to_values, warm_start
+from probe.planner.milp import MAKESPAN, WINDOW, Milp, finish_result, \
+    plan_from_values, plan_to_values, start_exact
 from probe.planner.problem import BalanceProblem, Plan, SolveResult
 
 __all__ = ["DEFAULT_TIME_LIMIT", "highs_model", "lp_from_arrays", "solve_highs"]
@@ -110,18 +110,9 @@ def solve_highs(problem: BalanceProblem, *, time_limit: float | None = None,
     """
     import highspy
 
-    if time_limit is not None and not time_limit > 0:
-        raise ValueError(f"time_limit must be > 0 seconds or None, got {time_limit!r}")
-    if time_limit is None:
-        time_limit = DEFAULT_TIME_LIMIT
-    start = time.perf_counter()
-    warm_name = "warm start"
-    if warm is None:
-        warm, warm_name = warm_start(problem, time_limit=time_limit)
-    from probe.planner.check import evaluate_plan
-
-    warm_obj = evaluate_plan(problem, warm).objective
-    milp = build_milp(problem)
+    setup = start_exact(problem, time_limit, warm, DEFAULT_TIME_LIMIT)
+    start, time_limit, warm, warm_name = setup.start, setup.time_limit, setup.warm, setup.warm_name
+    warm_obj, milp = setup.warm_objective, setup.milp
     unit = time_unit(warm_obj)
     options = {"mip_rel_gap": float(mip_rel_gap)}
     if threads is not None:

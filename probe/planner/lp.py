@@ -39,22 +39,11 @@ LP_OPTIONS: dict[str, object] = {"presolve": "off"}
 
 
 def _start_plans(problem: BalanceProblem, time_limit: float | None) -> tuple[Plan, str, Plan]:
-    """(greedy plan, its name, static plan); greedy falls back to static while greedy.py is
-    missing."""
-    try:
-        from probe.planner.static import static_plan
-    except ModuleNotFoundError as exc:
-        if exc.name != "probe.planner.static":
-            raise
-        from probe.planner.milp import _local_static_plan as static_plan
-    static = static_plan(problem)
-    try:
-        from probe.planner.greedy import solve_greedy
-    except ModuleNotFoundError as exc:
-        if exc.name != "probe.planner.greedy":
-            raise
-        return static, "static", static
-    return solve_greedy(problem, time_limit=time_limit).plan, "greedy", static
+    """(greedy plan, its name, static plan)."""
+    from probe.planner.greedy import solve_greedy
+    from probe.planner.static import static_plan
+
+    return solve_greedy(problem, time_limit=time_limit).plan, "greedy", static_plan(problem)
 
 
 def round_replicas(problem: BalanceProblem, score: np.ndarray, *, threshold: float = 0.0,

@@ -413,43 +413,16 @@ def plan_from_values(milp: Milp, problem: BalanceProblem, values: np.ndarray) ->
     return Plan(replicas, sources, assignment)
 
 
-def _local_static_plan(problem: BalanceProblem) -> Plan:
-    """No replicas; tokens of each expert go to its first home rank (a fallback warm start)."""
-    num_ranks, num_experts = problem.num_ranks, problem.num_experts
-    owner = np.argmax(problem.home, axis=0)  # [E]
-    assignment = np.zeros((num_ranks, num_experts, num_ranks), np.int64)
-    assignment[:, np.arange(num_experts), owner] = problem.load
-    local = problem.home  # [S, E]: tokens stay on their source when it holds the expert
-    s_idx, e_idx = np.nonzero(local)
-    assignment[s_idx, e_idx, :] = 0
-    assignment[s_idx, e_idx, s_idx] = problem.load[s_idx, e_idx]
-    return Plan(np.zeros((num_ranks, num_experts), bool),
-                np.full((num_ranks, num_experts), -1, np.int64), assignment)
-
-
 def warm_start(problem: BalanceProblem, *, time_limit: float | None = None,
                use_lp: bool = True) -> tuple[Plan, str]:
-    """The best feasible plan of static, greedy and (use_lp) the LP heuristic, and its name.
+    """The best feasible plan of static, greedy and (use_lp) the LP heuristic, and its name."""
+    from probe.planner.greedy import solve_greedy
+    from probe.planner.static import static_plan
 
-    Greedy lives in greedy.py (another module); while it is missing, static and lp stand in.
-    """
-    candidates: list[tuple[str, Plan]] = []
-    try:
-        from probe.planner.static import static_plan
-        candidates.append(("static", static_plan(problem)))
-    except ModuleNotFoundError as exc:
-        if exc.name != "probe.planner.static":
-            raise
-        candidates.append(("static", _local_static_plan(problem)))
-    try:
-        from probe.planner.greedy import solve_greedy
-    except ModuleNotFoundError as exc:
-        if exc.name != "probe.planner.greedy":
-            raise
-    else:
-        result = solve_greedy(problem, time_limit=time_limit)
-        if result.plan is not None:
-            candidates.append(("greedy", result.plan))
+    candidates: list[tuple[str, Plan]] = [("static", static_plan(problem))]
+    result = solve_greedy(problem, time_limit=time_limit)
+    if result.plan is not None:
+        candidates.append(("greedy", result.plan))
     if use_lp:
         from probe.planner.lp import solve_lp
 
@@ -465,6 +438,37 @@ def warm_start(problem: BalanceProblem, *, time_limit: float | None = None,
             best_name, best_plan, best_obj = name, plan, obj
     assert best_plan is not None, "the static plan is always feasible"
     return best_plan, best_name
+
+
+@dataclass(frozen=True, eq=False)
+class ExactStart:
+    """What both exact backends start from: the clock, the time limit, the warm start, the MILP."""
+
+    start: float
+    time_limit: float
+    warm: Plan
+    warm_name: str
+    warm_objective: float
+    milp: Milp
+
+
+def start_exact(problem: BalanceProblem, time_limit: float | None, warm: Plan | None,
+                default_time_limit: float) -> ExactStart:
+    """Validate the time limit, start the clock, pick the warm start and build the MILP.
+
+    time_limit: seconds for the whole solve (None: default_time_limit; math.inf: no limit).
+    warm: a feasible plan to start from (None: the best of static, greedy and lp).
+    """
+    if time_limit is not None and not time_limit > 0:
+        raise ValueError(f"time_limit must be > 0 seconds or None, got {time_limit!r}")
+    if time_limit is None:
+        time_limit = default_time_limit
+    start = time.perf_counter()
+    warm_name = "warm start"
+    if warm is None:
+        warm, warm_name = warm_start(problem, time_limit=time_limit)
+    return ExactStart(start, time_limit, warm, warm_name, evaluate_plan(problem, warm).objective,
+                      build_milp(problem))
 
 
 def finish_result(problem: BalanceProblem, method: str, start: float, status: str,
