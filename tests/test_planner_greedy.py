@@ -28,6 +28,94 @@ def test_numba_kernel_equals_python_twin(problem, k_max, epsilon):
 
 
 @settings(max_examples=300, deadline=None)
+@given(instances(), st.sampled_from([None, 1, 16]), st.sampled_from([0.0, 0.01]),
+       st.sampled_from([(True, False), (False, True), (True, True)]))
+def test_numba_kernel_equals_python_twin_with_options(problem, k_max, epsilon, options):
+    move_local, evacuate = options
+    fast = greedy_plan(problem, k_max=k_max, epsilon=epsilon, move_local=move_local,
+                       evacuate=evacuate)
+    slow = greedy_ref(problem, k_max=k_max, epsilon=epsilon, move_local=move_local,
+                      evacuate=evacuate)
+    assert same_plan(fast, slow)
+
+
+@settings(max_examples=200, deadline=None)
+@given(instances(max_ranks=6, max_experts=14), st.booleans(), st.booleans())
+def test_greedy_options_feasible_and_never_worse_than_static(problem, move_local, evacuate):
+    plan = greedy_plan(problem, k_max=None, move_local=move_local, evacuate=evacuate)
+    assert check_plan(problem, plan) == []
+    assert np.array_equal(plan.assignment.sum(axis=2), problem.load)
+    static = evaluate_plan(problem, static_plan(problem)).objective
+    greedy = evaluate_plan(problem, plan).objective
+    assert greedy <= static * (1 + 1e-9) + TOL
+
+
+def test_move_local_moves_the_slow_ranks_own_tokens_last():
+    # The module doctest: T = [8, 0]; rank 1 copies expert 0 and takes its own 2 tokens, then
+    # (move_local) 2 of source 0's 6: T = 8 - x = x at x = 4, and x_mean = 4 too.
+    cost = CostModel.uniform(2, alpha=0.0, beta=1.0, token_time=0.0, transfer_time=1.0)
+    problem = BalanceProblem(np.array([[6, 0], [2, 0]]), sharded_home(2, 2), 1, 1.0, cost)
+    assert greedy_plan(problem).assignment[0, 0].tolist() == [6, 0]
+    plan = greedy_plan(problem, move_local=True)
+    assert plan.assignment[:, 0].tolist() == [[4, 2], [0, 2]]
+    assert evaluate_plan(problem, plan).objective == 4.0
+    assert same_plan(plan, greedy_ref(problem, move_local=True))
+
+
+def test_move_local_prices_the_outgoing_traffic():
+    # As above with 1 s per token between ranks: T = [8 + 2 * 2, 2 * 2] = [12, 4], mean 8.
+    # x <= 2 (rank 1's own): T0 = 12 - 3x, T1 = 4 - x. Then k = x - 2 of rank 0's own:
+    # T0 = 6 + k (beta saved, 2 * 1 s of dispatch added), T1 = 2 + 3k. Bisection: x_eq = 4
+    # (8 <= 8), moved back to 3 (max 7 <= 8); x_mean = pool (T0(8) = 12 > mean); x = 3, and no
+    # later move pays: T = [7, 5]. (The plain plan, x = 2, reaches [6, 2]: T_src is not
+    # monotone in x once r_src's own tokens add traffic, and the bisection assumes it is.)
+    cost = CostModel.uniform(2, alpha=0.0, beta=1.0, token_time=1.0, transfer_time=1.0)
+    problem = BalanceProblem(np.array([[6, 0], [2, 0]]), sharded_home(2, 2), 1, 1.0, cost)
+    plan = greedy_plan(problem, k_max=None, move_local=True)
+    assert plan.assignment[:, 0].tolist() == [[5, 1], [0, 2]]
+    assert evaluate_plan(problem, plan).objective == 7.0
+    assert evaluate_plan(problem, greedy_plan(problem, k_max=None)).objective == 6.0
+
+
+def test_evacuate_moves_every_token_to_drop_alpha():
+    # alpha = 1, beta = 1, no link cost. Rank 0: expert 0 with 4 tokens from source 1 and
+    # expert 1 with 5 local ones (T0 = 5 + 6 = 11); rank 1: expert 2, 1 token (T1 = 2);
+    # rank 2: expert 4, 10 tokens (T2 = 11). mean = 8. Moving x of expert 0 to rank 1:
+    # T0 = 11 - x (- 1 at x = 4), T1 = 3 + x. x_mean = 3 (T0 = 8, T1 = 6); x_eq = 4.
+    # Water-fill: x = 3, max 8. Evacuation: x = 4 gives T0 = 6, T1 = 7, max 7 < 8.
+    cost = CostModel.uniform(3, alpha=1.0, beta=1.0, token_time=0.0, transfer_time=1.0)
+    load = np.zeros((3, 6), np.int64)
+    load[1, 0] = 4
+    load[0, 1] = 5
+    load[1, 2] = 1
+    load[2, 4] = 10
+    problem = BalanceProblem(load, sharded_home(6, 3), 1, 1.0, cost)
+    plain = greedy_plan(problem, k_max=1)
+    assert plain.assignment[1, 0].tolist() == [1, 3, 0]
+    plan = greedy_plan(problem, k_max=1, evacuate=True)
+    assert plan.assignment[1, 0].tolist() == [0, 4, 0]
+    assert plan.sources[1, 0] == 0
+    from probe.planner.check import rank_times
+
+    compute, comm = rank_times(problem, plan.assignment)
+    assert (compute + comm).tolist() == [6.0, 7.0, 11.0]
+    assert same_plan(plan, greedy_ref(problem, k_max=1, evacuate=True))
+
+
+def test_solve_passes_the_options():
+    from probe.planner import solve
+
+    cost = CostModel.uniform(2, alpha=0.0, beta=1.0, token_time=0.0, transfer_time=1.0)
+    problem = BalanceProblem(np.array([[6, 0], [2, 0]]), sharded_home(2, 2), 1, 1.0, cost)
+    for method in ("greedy", "greedy_ref"):
+        result = solve(problem, method, move_local=True, evacuate=True)
+        assert result.objective == 4.0
+        assert solve(problem, method).objective == 6.0
+    with pytest.raises(TypeError, match="move_local must be a bool"):
+        greedy_plan(problem, move_local=1)
+
+
+@settings(max_examples=300, deadline=None)
 @given(instances(max_ranks=6, max_experts=14))
 def test_greedy_feasible_conserving_and_never_worse_than_static(problem):
     plan = greedy_plan(problem)

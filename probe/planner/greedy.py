@@ -10,7 +10,10 @@ locality-first static split (static.py) and makes at most k_max accepted moves. 
    expert processed on r_src; ties: lowest id).
 4. Pool of movable tokens of e on r_src: r_dst's own tokens first (they become local), then
    every other source s != r_src in rank order whose tokens of e sit on r_src and that holds no
-   copy of e itself. Tokens that originate on r_src stay local. An empty pool skips e.
+   copy of e itself. Tokens that originate on r_src stay local, unless the option move_local
+   is on: then r_src's own tokens of e join the pool last (after every other source), so they
+   move only when the others are exhausted; moving one adds token_time[r_src, r_dst] to
+   out(r_src) (and r_dst's in). An empty pool skips e.
 5. If r_dst does not hold e, it needs a free slot and a home holder h that fits both window
    budgets (received seconds on r_dst and sent seconds on h each stay <= their window); among
    those the smallest (transfer_time[h, r_dst], seconds h already sends, h). No slot or no such
@@ -18,7 +21,10 @@ locality-first static split (static.py) and makes at most k_max accepted moves. 
 6. Water-fill x tokens, taken from the pool in order: x_eq = the smallest x in [1, pool] with
    T_src(x) <= T_dst(x), found by bisection (pool if none), moved back by one when that gives a
    max(T_src, T_dst) no larger; x_mean = the smallest x with T_src(x) <= mean (bisection; pool
-   if none); x = min(x_eq, x_mean). Moving a token changes compute (alpha when an expert
+   if none); x = min(x_eq, x_mean). With the option evacuate, when the pool holds every token
+   of e on r_src and x < pool, x = pool (r_src no longer pays alpha for e) is also evaluated
+   and taken if its max over r_src, r_dst and the touched sources (rule 7's worst time) is
+   strictly lower than that of the x above. Moving a token changes compute (alpha when an expert
    appears or vanishes on a rank, beta per token) and traffic: in(r_src) falls, in(r_dst) rises
    (or out(r_dst) falls for r_dst's own tokens), out(s) of a third-party source changes by
    token_time[s, r_dst] - token_time[s, r_src].
@@ -42,7 +48,10 @@ O(E) expert selection and O(G log T) per tried candidate; nothing depends on S *
 ([[0, 0], [1, 0]], [[6, 0], [2, 0]])
 
 Above, rank 1 takes a replica of expert 0 but only its own 2 tokens move there: source 0's 6
-tokens originate on rank 0 and stay local.
+tokens originate on rank 0 and stay local. With move_local, rank 1 also takes 2 of them:
+
+>>> greedy_plan(prob, move_local=True).tokens_per_rank_expert().tolist()
+[[4, 0], [4, 0]]
 """
 
 from __future__ import annotations
@@ -90,26 +99,30 @@ def _holds(home, rep_on, used, g, e):
 
 
 @numba.njit(cache=True, inline="always")
-def _src_after(x, e, src, pool_s, pool_n, tok, comp, t_in, t_out, alpha, beta, tt):
+def _src_after(x, e, src, dst, pool_s, pool_n, tok, comp, t_in, t_out, alpha, beta, tt):
     """T_src of `_after` alone (the same operations, for the x_mean search)."""
     left = x
     comp_src = comp[src] - beta * x
     if tok[src, e] == x:
         comp_src -= alpha
     d_in_src = 0.0
+    d_out_src = 0.0
     i = 0
     while left > 0:
+        s = pool_s[i]
         take = min(pool_n[i], left)
         left -= take
-        d_in_src += take * tt[pool_s[i], src]
+        d_in_src += take * tt[s, src]
+        if s == src:
+            d_out_src += take * (tt[src, dst] - tt[src, src])
         i += 1
-    return comp_src + 2.0 * max(t_in[src] - d_in_src, t_out[src])
+    return comp_src + 2.0 * max(t_in[src] - d_in_src, t_out[src] + d_out_src)
 
 
 @numba.njit(cache=True, inline="always")
 def _after(x, e, src, dst, pool_s, pool_n, tok, comp, t_in, t_out, alpha, beta, tt, parts):
     """Times of src and dst if x >= 1 tokens of e move, taken from the pool in order; fills
-    parts[5]. Sums run in pool order and stop at the last entry touched (the twin's later
+    parts[6]. Sums run in pool order and stop at the last entry touched (the twin's later
     entries add 0.0, which changes nothing)."""
     left = x
     comp_src = comp[src] - beta * x
@@ -121,6 +134,7 @@ def _after(x, e, src, dst, pool_s, pool_n, tok, comp, t_in, t_out, alpha, beta, 
     d_in_src = 0.0
     d_in_dst = 0.0
     d_out_dst = 0.0
+    d_out_src = 0.0
     i = 0
     while left > 0:
         s = pool_s[i]
@@ -132,25 +146,48 @@ def _after(x, e, src, dst, pool_s, pool_n, tok, comp, t_in, t_out, alpha, beta, 
             d_out_dst += take * tt[dst, src]
         else:
             d_in_dst += take * tt[s, dst]
-    t_src = comp_src + 2.0 * max(t_in[src] - d_in_src, t_out[src])
+            if s == src:  # move_local: src's own tokens now leave it
+                d_out_src += take * (tt[src, dst] - tt[src, src])
+    t_src = comp_src + 2.0 * max(t_in[src] - d_in_src, t_out[src] + d_out_src)
     t_dst = comp_dst + 2.0 * max(t_in[dst] + d_in_dst, t_out[dst] - d_out_dst)
     parts[0] = comp_src
     parts[1] = comp_dst
     parts[2] = d_in_src
     parts[3] = d_in_dst
     parts[4] = d_out_dst
+    parts[5] = d_out_src
     return t_src, t_dst
+
+
+@numba.njit(cache=True, inline="always")
+def _worst(x, t_src, t_dst, src, dst, npool, pool_s, pool_n, comp, t_in, t_out, tt, takes,
+           new_out):
+    """max(t_src, t_dst, new times of the third-party sources touched) if x tokens move; fills
+    takes[:npool] and new_out (for the third-party entries)."""
+    left = x
+    for i in range(npool):
+        take = min(pool_n[i], left)
+        takes[i] = take
+        left -= take
+    worst = max(t_src, t_dst)
+    for i in range(npool):
+        s = pool_s[i]
+        if s != dst and s != src and takes[i] > 0:
+            new_out[i] = t_out[s] + takes[i] * (tt[s, dst] - tt[s, src])
+            worst = max(worst, comp[s] + 2.0 * max(t_in[s], new_out[i]))
+    return worst
 
 
 @numba.njit(cache=True)
 def greedy_arrays(load, home, slots, window, alpha, beta, token_time, transfer_time, k_max,
-                  epsilon):
+                  epsilon, move_local=False, evacuate=False):
     """The greedy kernel: arrays in, arrays out (the low-level entry; see `greedy_plan`).
 
     Args (exact dtypes: other dtypes compile another specialisation):
         load: int64 [S, E]; home: bool [G, E] (S = G); slots: int64 [G]; window: float64 [G];
         alpha, beta: float; token_time, transfer_time: float64 [G, G];
-        k_max: int, most moves (0 = until no move gains); epsilon: float, least gain (seconds).
+        k_max: int, most moves (0 = until no move gains); epsilon: float, least gain (seconds);
+        move_local, evacuate: bool, the options of rules 4 and 6 (default off).
     Returns:
         replicas: int64 [n_rep, 3], rows (rank, expert, source) in the order they were made:
             expert replicas[i, 1] is copied from rank replicas[i, 2] to rank replicas[i, 0];
@@ -246,8 +283,11 @@ def greedy_arrays(load, home, slots, window, alpha, beta, token_time, transfer_t
     best_takes = np.empty(num_ranks, np.int64)
     new_out = np.empty(num_ranks)
     best_out = np.empty(num_ranks)
-    parts = np.empty(5)
-    best_parts = np.empty(5)
+    parts = np.empty(6)
+    best_parts = np.empty(6)
+    ev_parts = np.empty(6)
+    ev_takes = np.empty(num_ranks, np.int64)
+    ev_out = np.empty(num_ranks)
     dst_tried = np.empty(num_ranks, np.bool_)
     taken_at = np.full(num_experts, -1, np.int64)  # move in which e joined the order
     exp_order = np.empty(num_experts, np.int64)
@@ -357,6 +397,14 @@ def greedy_arrays(load, home, slots, window, alpha, beta, token_time, transfer_t
                         pool_n[npool] = a
                         npool += 1
                         total += a
+                if move_local:  # src's own tokens last
+                    a = (blk_assign[b, src, src] if b >= 0
+                         else _static_share(load, home, hpos, hcount, src, e, src))
+                    if a > 0:
+                        pool_s[npool] = src
+                        pool_n[npool] = a
+                        npool += 1
+                        total += a
                 if total == 0:
                     continue
                 # Water-fill: x_eq by bisection, then x_mean, then x = min of the two.
@@ -385,26 +433,31 @@ def greedy_arrays(load, home, slots, window, alpha, beta, token_time, transfer_t
                     lo = 1
                     while lo < x_mean:
                         mid = (lo + x_mean) // 2
-                        if _src_after(mid, e, src, pool_s, pool_n, tok, comp, t_in, t_out, alpha,
-                                      beta, token_time) <= mean:
+                        if _src_after(mid, e, src, dst, pool_s, pool_n, tok, comp, t_in, t_out,
+                                      alpha, beta, token_time) <= mean:
                             x_mean = mid
                         else:
                             lo = mid + 1
                 x = min(x_eq, x_mean)
                 t_src, t_dst = _after(x, e, src, dst, pool_s, pool_n, tok, comp, t_in,
                                       t_out, alpha, beta, token_time, parts)
-                left = x
-                for i in range(npool):
-                    take = min(pool_n[i], left)
-                    takes[i] = take
-                    left -= take
-                worst = max(t_src, t_dst)
-                for i in range(npool):
-                    s = pool_s[i]
-                    if s != dst and takes[i] > 0:
-                        new_out[i] = t_out[s] + takes[i] * (token_time[s, dst]
-                                                            - token_time[s, src])
-                        worst = max(worst, comp[s] + 2.0 * max(t_in[s], new_out[i]))
+                worst = _worst(x, t_src, t_dst, src, dst, npool, pool_s, pool_n, comp, t_in,
+                               t_out, token_time, takes, new_out)
+                if evacuate and x < total and total == tok[src, e]:
+                    ev_src, ev_dst = _after(total, e, src, dst, pool_s, pool_n, tok, comp, t_in,
+                                            t_out, alpha, beta, token_time, ev_parts)
+                    ev_worst = _worst(total, ev_src, ev_dst, src, dst, npool, pool_s, pool_n,
+                                      comp, t_in, t_out, token_time, ev_takes, ev_out)
+                    if ev_worst < worst:
+                        x = total
+                        t_src = ev_src
+                        t_dst = ev_dst
+                        worst = ev_worst
+                        for i in range(npool):
+                            takes[i] = ev_takes[i]
+                            new_out[i] = ev_out[i]
+                        for i in range(6):
+                            parts[i] = ev_parts[i]
                 if times[src] - worst > epsilon:
                     found = True
                     best_e = e
@@ -417,7 +470,7 @@ def greedy_arrays(load, home, slots, window, alpha, beta, token_time, transfer_t
                     for i in range(npool):
                         best_takes[i] = takes[i]
                         best_out[i] = new_out[i]
-                    for i in range(5):
+                    for i in range(6):
                         best_parts[i] = parts[i]
                     break
         if not found:
@@ -455,11 +508,12 @@ def greedy_arrays(load, home, slots, window, alpha, beta, token_time, transfer_t
         t_in[src] -= best_parts[2]
         t_in[dst] += best_parts[3]
         t_out[dst] -= best_parts[4]
+        t_out[src] += best_parts[5]
         times[src] = best_tsrc
         times[dst] = best_tdst
         for i in range(best_npool):
             s = pool_s[i]
-            if s != dst and best_takes[i] > 0:
+            if s != dst and s != src and best_takes[i] > 0:
                 t_out[s] = best_out[i]
                 times[s] = comp[s] + 2.0 * max(t_in[s], t_out[s])
         num_moves += 1
@@ -467,7 +521,8 @@ def greedy_arrays(load, home, slots, window, alpha, beta, token_time, transfer_t
     return rep[:n_rep], blk_expert[:n_blk], blk_assign[:n_blk], num_moves
 
 
-def _kernel_args(problem: BalanceProblem, k_max: int | None, epsilon: float) -> tuple:
+def _kernel_args(problem: BalanceProblem, k_max: int | None, epsilon: float,
+                 move_local: bool = False, evacuate: bool = False) -> tuple:
     if k_max is None:
         k_max = 0
     if isinstance(k_max, bool) or not isinstance(k_max, (int, np.integer)) or k_max < 0:
@@ -475,6 +530,9 @@ def _kernel_args(problem: BalanceProblem, k_max: int | None, epsilon: float) -> 
     epsilon = float(epsilon)
     if not np.isfinite(epsilon) or epsilon < 0:
         raise ValueError(f"epsilon must be finite and >= 0 seconds, got {epsilon!r}")
+    for name, flag in (("move_local", move_local), ("evacuate", evacuate)):
+        if not isinstance(flag, (bool, np.bool_)):
+            raise TypeError(f"{name} must be a bool, got {flag!r}")
     cost = problem.cost
     return (np.ascontiguousarray(problem.load, dtype=np.int64),
             np.ascontiguousarray(problem.home, dtype=np.bool_),
@@ -483,7 +541,7 @@ def _kernel_args(problem: BalanceProblem, k_max: int | None, epsilon: float) -> 
             float(cost.alpha), float(cost.beta),
             np.ascontiguousarray(cost.token_time, dtype=np.float64),
             np.ascontiguousarray(cost.transfer_time, dtype=np.float64),
-            int(k_max), epsilon)
+            int(k_max), epsilon, bool(move_local), bool(evacuate))
 
 
 def plan_from_arrays(problem: BalanceProblem, rep: np.ndarray, blk_expert: np.ndarray,
@@ -500,21 +558,24 @@ def plan_from_arrays(problem: BalanceProblem, rep: np.ndarray, blk_expert: np.nd
     return Plan(replicas, sources, assignment)
 
 
-def greedy_plan(problem: BalanceProblem, *, k_max: int | None = 16,
-                epsilon: float = 0.0) -> Plan:
+def greedy_plan(problem: BalanceProblem, *, k_max: int | None = 16, epsilon: float = 0.0,
+                move_local: bool = False, evacuate: bool = False) -> Plan:
     """The greedy plan of `problem` (Numba kernel; see the module docstring for the rules).
 
-    k_max: most moves (None or 0: until no move gains); epsilon: least gain in seconds.
+    k_max: most moves (None or 0: until no move gains); epsilon: least gain in seconds;
+    move_local: r_src's own tokens join the pool, last (rule 4); evacuate: also try moving the
+    whole pool when it holds every token of the expert on r_src (rule 6).
     """
-    out = greedy_arrays(*_kernel_args(problem, k_max, epsilon))
+    out = greedy_arrays(*_kernel_args(problem, k_max, epsilon, move_local, evacuate))
     return plan_from_arrays(problem, *out[:3])
 
 
 def solve_greedy(problem: BalanceProblem, *, time_limit: float | None = None,
-                 k_max: int | None = 16, epsilon: float = 0.0) -> SolveResult:
-    """Backend for `solve(problem, "greedy")`. The kernel has no deadline check: it is bounded
-    by k_max moves; time_limit is only reported against."""
-    args = _kernel_args(problem, k_max, epsilon)
+                 k_max: int | None = 16, epsilon: float = 0.0, move_local: bool = False,
+                 evacuate: bool = False) -> SolveResult:
+    """Backend for `solve(problem, "greedy")` (options as in `greedy_plan`). The kernel has no
+    deadline check: it is bounded by k_max moves; time_limit is only reported against."""
+    args = _kernel_args(problem, k_max, epsilon, move_local, evacuate)
     start = time.perf_counter()
     out = greedy_arrays(*args)
     plan = plan_from_arrays(problem, *out[:3])
@@ -525,13 +586,15 @@ def solve_greedy(problem: BalanceProblem, *, time_limit: float | None = None,
 
 
 def solve_greedy_ref(problem: BalanceProblem, *, time_limit: float | None = None,
-                     k_max: int | None = 16, epsilon: float = 0.0) -> SolveResult:
+                     k_max: int | None = 16, epsilon: float = 0.0, move_local: bool = False,
+                     evacuate: bool = False) -> SolveResult:
     """Backend for `solve(problem, "greedy_ref")`: the plain-Python twin."""
     from probe.planner.greedy_ref import greedy_ref
 
-    _kernel_args(problem, k_max, epsilon)  # same validation
+    _kernel_args(problem, k_max, epsilon, move_local, evacuate)  # same validation
     start = time.perf_counter()
-    plan = greedy_ref(problem, k_max=k_max, epsilon=epsilon)
+    plan = greedy_ref(problem, k_max=k_max, epsilon=epsilon, move_local=move_local,
+                      evacuate=evacuate)
     wall = time.perf_counter() - start
     status = "timeout" if time_limit is not None and wall > time_limit else "feasible"
     return SolveResult(status, plan, float("nan"), None, None, wall,

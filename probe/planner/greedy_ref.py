@@ -18,8 +18,10 @@ __all__ = ["greedy_ref"]
 UNLIMITED_MOVES = 1_000_000
 
 
-def greedy_ref(problem: BalanceProblem, *, k_max: int | None = 16, epsilon: float = 0.0) -> Plan:
-    """The greedy plan of `problem`, computed slowly and obviously (see greedy.py)."""
+def greedy_ref(problem: BalanceProblem, *, k_max: int | None = 16, epsilon: float = 0.0,
+               move_local: bool = False, evacuate: bool = False) -> Plan:
+    """The greedy plan of `problem`, computed slowly and obviously (see greedy.py; move_local
+    and evacuate are the options of its rules 4 and 6)."""
     num_ranks, num_experts = problem.num_ranks, problem.num_experts
     home = problem.home.tolist()
     slots = problem.slots.tolist()
@@ -73,15 +75,31 @@ def greedy_ref(problem: BalanceProblem, *, k_max: int | None = 16, epsilon: floa
         d_in_src = 0.0
         d_in_dst = 0.0
         d_out_dst = 0.0
+        d_out_src = 0.0
         for (s, _), take in zip(pool, takes, strict=True):
             d_in_src += take * tt[s][src]
             if s == dst:
                 d_out_dst += take * tt[dst][src]
             else:
                 d_in_dst += take * tt[s][dst]
-        t_src = comp_src + 2.0 * max(t_in[src] - d_in_src, t_out[src])
+                if s == src:  # move_local: src's own tokens now leave it
+                    d_out_src += take * (tt[src][dst] - tt[src][src])
+        t_src = comp_src + 2.0 * max(t_in[src] - d_in_src, t_out[src] + d_out_src)
         t_dst = comp_dst + 2.0 * max(t_in[dst] + d_in_dst, t_out[dst] - d_out_dst)
-        return t_src, t_dst, takes, (comp_src, comp_dst, d_in_src, d_in_dst, d_out_dst)
+        return t_src, t_dst, takes, (comp_src, comp_dst, d_in_src, d_in_dst, d_out_dst,
+                                     d_out_src)
+
+    def worst_of(e, src, dst, pool, x):
+        """after_move plus the third-party sources: (worst time, t_src, t_dst, takes, parts,
+        new_out)."""
+        t_src, t_dst, takes, parts = after_move(e, src, dst, pool, x)
+        worst = max(t_src, t_dst)
+        new_out = {}
+        for (s, _), take in zip(pool, takes, strict=True):
+            if s != dst and s != src and take > 0:
+                new_out[s] = t_out[s] + take * (tt[s][dst] - tt[s][src])
+                worst = max(worst, comp[s] + 2.0 * max(t_in[s], new_out[s]))
+        return worst, t_src, t_dst, takes, parts, new_out
 
     for _ in range(moves_left):
         src = max(range(num_ranks), key=lambda g: (times[g], -g))
@@ -97,11 +115,14 @@ def greedy_ref(problem: BalanceProblem, *, k_max: int | None = 16, epsilon: floa
         for dst in dst_order:
             for e in expert_order:
                 # The pool: tokens of e now on src from other sources holding no copy of e;
-                # dst's own tokens first (they become local), then sources in rank order.
+                # dst's own tokens first (they become local), then sources in rank order,
+                # then (move_local) src's own.
                 order = [dst] + [s for s in range(num_ranks) if s != dst]
                 pool = [(s, assign[s][e][src]) for s in order
                         if s != src and assign[s][e][src] > 0
                         and (s == dst or not holds(s, e))]
+                if move_local and assign[src][e][src] > 0:
+                    pool.append((src, assign[src][e][src]))
                 total = sum(avail for _, avail in pool)
                 if total == 0:
                     continue
@@ -123,13 +144,12 @@ def greedy_ref(problem: BalanceProblem, *, k_max: int | None = 16, epsilon: floa
                     holder = best[2]
                 x = _amount(lambda x, e=e, s=src, d=dst, p=pool: after_move(e, s, d, p, x),
                             total, mean)
-                t_src, t_dst, takes, parts = after_move(e, src, dst, pool, x)
-                worst = max(t_src, t_dst)
-                new_out = {}
-                for (s, _), take in zip(pool, takes, strict=True):
-                    if s != dst and take > 0:
-                        new_out[s] = t_out[s] + take * (tt[s][dst] - tt[s][src])
-                        worst = max(worst, comp[s] + 2.0 * max(t_in[s], new_out[s]))
+                worst, t_src, t_dst, takes, parts, new_out = worst_of(e, src, dst, pool, x)
+                if evacuate and x < total and total == tok[src][e]:
+                    evac = worst_of(e, src, dst, pool, total)
+                    if evac[0] < worst:
+                        x = total
+                        worst, t_src, t_dst, takes, parts, new_out = evac
                 if times[src] - worst > epsilon:
                     move = (e, dst, holder, pool, x, takes, parts, new_out, t_src, t_dst)
                     break
@@ -148,12 +168,13 @@ def greedy_ref(problem: BalanceProblem, *, k_max: int | None = 16, epsilon: floa
             assign[s][e][dst] += take
         tok[src][e] -= x
         tok[dst][e] += x
-        comp_src, comp_dst, d_in_src, d_in_dst, d_out_dst = parts
+        comp_src, comp_dst, d_in_src, d_in_dst, d_out_dst, d_out_src = parts
         comp[src] = comp_src
         comp[dst] = comp_dst
         t_in[src] -= d_in_src
         t_in[dst] += d_in_dst
         t_out[dst] -= d_out_dst
+        t_out[src] += d_out_src
         times[src] = t_src
         times[dst] = t_dst
         for s, out in new_out.items():
