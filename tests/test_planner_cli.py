@@ -90,9 +90,10 @@ def test_plan_layers_window_and_attention():
         pytest.approx(4 * 2880**2 * 2 / 4.8e12))
 
 
-def test_cli_all_layers(app, trace_file):
-    result = CliRunner().invoke(app, ["plan", str(trace_file), "--step", "1", "--slots", "2"],
-                                env={"COLUMNS": "200"})
+@pytest.mark.parametrize("extra", [[], ["--move-local"]])
+def test_cli_all_layers(app, trace_file, extra):
+    result = CliRunner().invoke(app, ["plan", str(trace_file), "--step", "1", "--slots", "2",
+                                      *extra], env={"COLUMNS": "200"})
     assert result.exit_code == 0, result.output
     assert "per layer" in result.output
     assert "method greedy, 2 slots/rank, window auto" in result.output
