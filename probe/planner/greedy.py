@@ -178,6 +178,16 @@ def _worst(x, t_src, t_dst, src, dst, npool, pool_s, pool_n, comp, t_in, t_out, 
     return worst
 
 
+@numba.njit(cache=True, inline="always")
+def _keep_move(npool, takes, outs, parts, into_takes, into_outs, into_parts):
+    """Copy a candidate move's per-source takes and new out-times, and its 6 time parts."""
+    for i in range(npool):
+        into_takes[i] = takes[i]
+        into_outs[i] = outs[i]
+    for i in range(6):
+        into_parts[i] = parts[i]
+
+
 @numba.njit(cache=True)
 def greedy_arrays(load, home, slots, window, alpha, beta, token_time, transfer_time, k_max,
                   epsilon, move_local=False, evacuate=False):
@@ -453,11 +463,7 @@ def greedy_arrays(load, home, slots, window, alpha, beta, token_time, transfer_t
                         t_src = ev_src
                         t_dst = ev_dst
                         worst = ev_worst
-                        for i in range(npool):
-                            takes[i] = ev_takes[i]
-                            new_out[i] = ev_out[i]
-                        for i in range(6):
-                            parts[i] = ev_parts[i]
+                        _keep_move(npool, ev_takes, ev_out, ev_parts, takes, new_out, parts)
                 if times[src] - worst > epsilon:
                     found = True
                     best_e = e
@@ -467,11 +473,7 @@ def greedy_arrays(load, home, slots, window, alpha, beta, token_time, transfer_t
                     best_x = x
                     best_tsrc = t_src
                     best_tdst = t_dst
-                    for i in range(npool):
-                        best_takes[i] = takes[i]
-                        best_out[i] = new_out[i]
-                    for i in range(6):
-                        best_parts[i] = parts[i]
+                    _keep_move(npool, takes, new_out, parts, best_takes, best_out, best_parts)
                     break
         if not found:
             break
