@@ -323,9 +323,10 @@ def _render(summary: dict, records: list[dict], meta: dict, notes: str, plots: l
         lines += [f"Command: `{meta.get('command')}`  ",
                   f"Mode: {meta.get('mode')}, {meta.get('num_instances')} instances, exact "
                   f"time limit {meta.get('time_limit')} s per backend, {meta.get('workers')} "
-                  f"worker process(es), CP-SAT 1 search worker, HiGHS default threads  ",
-                  f"Machine: {mach.get('cpu')}, {mach.get('logical_cpus')} logical CPUs, shared "
-                  f"with other jobs (load average {mach.get('loadavg')} at start, "
+                  f"worker process(es), CP-SAT 1 search worker, HiGHS "
+                  f"{METHODS['highs'][1].get('threads', 'default')} thread(s)  ",
+                  f"Machine: {mach.get('cpu')}, {mach.get('logical_cpus')} logical CPUs "
+                  f"(load average {mach.get('loadavg')} at start, "
                   f"{meta.get('machine_end', {}).get('loadavg')} at the end), Python "
                   f"{mach.get('python')}  ",
                   f"Run: {meta.get('started')} to {meta.get('finished', '(unfinished)')}", ""]
@@ -393,7 +394,9 @@ def _render(summary: dict, records: list[dict], meta: dict, notes: str, plots: l
         lines.append(f"![{p}]({p})")
     lines += ["", "## Solve time per size (all methods on the same instances; medians)", "",
               "Exact backends stop at the time limit; 'proven' is the share of instances a "
-              "backend proved optimal within it. Wall times on a shared 2-core machine; greedy "
+              "backend proved optimal within it. Wall times with "
+              f"{meta.get('workers', '?')} worker process(es) on "
+              f"{meta.get('machine', {}).get('logical_cpus', '?')} logical CPUs; greedy "
               "runs first on each fresh instance (cold caches), greedy_unl right after it, "
               "which is why greedy_unl can look faster.", "",
               "| G x E | n | limit s | greedy | greedy_unl | lp | cpsat | highs | lp/greedy | "

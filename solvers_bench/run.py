@@ -42,7 +42,7 @@ METHODS: dict[str, tuple[str, dict]] = {
     "lp": ("lp", {}),
     "eplb": ("eplb", {}),
     "cpsat": ("cpsat", {"num_workers": 1}),
-    "highs": ("highs", {}),
+    "highs": ("highs", {"threads": 1}),
 }
 EXACT = ("cpsat", "highs")
 # Two "optimal" objectives agree when within this relative tolerance (CP-SAT rounds times to
@@ -284,8 +284,9 @@ def run_all(specs: list[InstanceSpec], out_jsonl: Path, *, time_limit: float, wo
 
     resume: keep records already in the file and skip their instances (an interrupted run
     continues where it stopped). on_result(record) is called after each instance.
-    max_seconds: stop taking results after this many seconds (the unfinished instances are
-    dropped; what is written stays).
+    max_seconds: stop after this many seconds, also while waiting for a slow solve (a solver
+    that overruns its time limit, say): the unfinished instances are dropped, the worker
+    processes are killed, what is written stays.
     """
     started = time.perf_counter()
     if not isinstance(workers, int) or workers < 1:
@@ -314,17 +315,25 @@ def run_all(specs: list[InstanceSpec], out_jsonl: Path, *, time_limit: float, wo
             results = map(_worker, todo)
             pool = None
         else:
+            _warm_up()  # compile once here: the forked workers inherit the compiled kernels
             pool = multiprocessing.get_context("fork").Pool(workers, initializer=_warm_up)
             results = pool.imap_unordered(_worker, todo, chunksize=1)
         try:
-            for record in results:
+            for _ in range(len(todo)):
+                left = None if max_seconds is None else max_seconds - (
+                    time.perf_counter() - started)
+                if left is not None and left <= 0:
+                    break
+                try:
+                    record = (next(results) if pool is None or left is None
+                              else results.next(timeout=left))
+                except multiprocessing.TimeoutError:
+                    break
                 f.write(json.dumps(record) + "\n")
                 f.flush()
                 records.append(record)
                 if on_result is not None:
                     on_result(record)
-                if max_seconds is not None and time.perf_counter() - started > max_seconds:
-                    break
         finally:
             if pool is not None:
                 pool.terminate()

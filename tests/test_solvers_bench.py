@@ -147,6 +147,23 @@ def test_cli_tiny_grid_writes_results_report_and_resumes(tmp_path):
     assert len((out / "results.jsonl").read_text().splitlines()) == 3
 
 
+def test_run_all_stops_at_the_deadline_while_a_solve_runs(tmp_path, monkeypatch):
+    """max_seconds cuts the run even while every worker is still inside a slow solve."""
+    import time
+
+    def slow(spec, time_limit, methods):
+        time.sleep(30)
+        raise AssertionError("the deadline should have stopped the run first")
+
+    monkeypatch.setattr(bench_run, "run_instance", slow)
+    specs = [_spec(seed=s) for s in range(4)]
+    start = time.perf_counter()
+    records = bench_run.run_all(specs, tmp_path / "r.jsonl", time_limit=1.0, workers=2,
+                                max_seconds=1.0)
+    assert records == []
+    assert time.perf_counter() - start < 15
+
+
 def test_load_results_skips_a_torn_last_line(tmp_path):
     path = tmp_path / "r.jsonl"
     path.write_text(json.dumps({"id": "a"}) + "\n" + '{"id": "b", "meth')
