@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -11,12 +13,15 @@ from test_planner_instances import instances, same_plan
 from probe.placement import sharded_home
 from probe.planner.check import check_plan, evaluate_plan
 from probe.planner.cost import CostModel
-from probe.planner.greedy import greedy_arrays, greedy_plan, plan_from_arrays
+from probe.planner.greedy import PAPER_OPTIONS, greedy_arrays, greedy_plan, plan_from_arrays
 from probe.planner.greedy_ref import greedy_ref
 from probe.planner.problem import BalanceProblem
 from probe.planner.static import static_assignment, static_plan
 
 TOL = 1e-12
+OPTION_NAMES = ("move_local", "evacuate", "two_phase", "mean_cap")
+ALL_OPTIONS = [dict(zip(OPTION_NAMES, flags, strict=True))
+               for flags in itertools.product((False, True), repeat=len(OPTION_NAMES))]
 
 
 @settings(max_examples=400, deadline=None)
@@ -27,22 +32,35 @@ def test_numba_kernel_equals_python_twin(problem, k_max, epsilon):
     assert same_plan(fast, slow)
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=400, deadline=None)
 @given(instances(), st.sampled_from([None, 1, 16]), st.sampled_from([0.0, 0.01]),
-       st.sampled_from([(True, False), (False, True), (True, True)]))
+       st.sampled_from(ALL_OPTIONS))
 def test_numba_kernel_equals_python_twin_with_options(problem, k_max, epsilon, options):
-    move_local, evacuate = options
-    fast = greedy_plan(problem, k_max=k_max, epsilon=epsilon, move_local=move_local,
-                       evacuate=evacuate)
-    slow = greedy_ref(problem, k_max=k_max, epsilon=epsilon, move_local=move_local,
-                      evacuate=evacuate)
+    fast = greedy_plan(problem, k_max=k_max, epsilon=epsilon, **options)
+    slow = greedy_ref(problem, k_max=k_max, epsilon=epsilon, **options)
     assert same_plan(fast, slow)
 
 
+def test_defaults_and_paper_options():
+    # The kernel, its twin and solve_greedy share the defaults; PAPER_OPTIONS flips them.
+    import inspect
+
+    from probe.planner.greedy import greedy_arrays as kernel
+    from probe.planner.greedy import solve_greedy, solve_greedy_ref
+
+    for fn in (greedy_plan, greedy_ref, solve_greedy, solve_greedy_ref, kernel.py_func):
+        params = inspect.signature(fn).parameters
+        defaults = {name: params[name].default for name in OPTION_NAMES}
+        assert defaults == {"move_local": True, "evacuate": False, "two_phase": True,
+                            "mean_cap": False}, fn
+    assert PAPER_OPTIONS == {"move_local": False, "evacuate": False, "two_phase": False,
+                             "mean_cap": True}
+
+
 @settings(max_examples=200, deadline=None)
-@given(instances(max_ranks=6, max_experts=14), st.booleans(), st.booleans())
-def test_greedy_options_feasible_and_never_worse_than_static(problem, move_local, evacuate):
-    plan = greedy_plan(problem, k_max=None, move_local=move_local, evacuate=evacuate)
+@given(instances(max_ranks=6, max_experts=14), st.sampled_from(ALL_OPTIONS))
+def test_greedy_options_feasible_and_never_worse_than_static(problem, options):
+    plan = greedy_plan(problem, k_max=None, **options)
     assert check_plan(problem, plan) == []
     assert np.array_equal(plan.assignment.sum(axis=2), problem.load)
     static = evaluate_plan(problem, static_plan(problem)).objective
@@ -55,11 +73,12 @@ def test_move_local_moves_the_slow_ranks_own_tokens_last():
     # (move_local) 2 of source 0's 6: T = 8 - x = x at x = 4, and x_mean = 4 too.
     cost = CostModel.uniform(2, alpha=0.0, beta=1.0, token_time=0.0, transfer_time=1.0)
     problem = BalanceProblem(np.array([[6, 0], [2, 0]]), sharded_home(2, 2), 1, 1.0, cost)
-    assert greedy_plan(problem).assignment[0, 0].tolist() == [6, 0]
-    plan = greedy_plan(problem, move_local=True)
-    assert plan.assignment[:, 0].tolist() == [[4, 2], [0, 2]]
-    assert evaluate_plan(problem, plan).objective == 4.0
-    assert same_plan(plan, greedy_ref(problem, move_local=True))
+    assert greedy_plan(problem, **PAPER_OPTIONS).assignment[0, 0].tolist() == [6, 0]
+    for plan in (greedy_plan(problem, move_local=True, two_phase=False, mean_cap=True),
+                 greedy_plan(problem)):  # the default: move_local, two-phase x search
+        assert plan.assignment[:, 0].tolist() == [[4, 2], [0, 2]]
+        assert evaluate_plan(problem, plan).objective == 4.0
+    assert same_plan(plan, greedy_ref(problem))
 
 
 def test_move_local_prices_the_outgoing_traffic():
@@ -67,14 +86,71 @@ def test_move_local_prices_the_outgoing_traffic():
     # x <= 2 (rank 1's own): T0 = 12 - 3x, T1 = 4 - x. Then k = x - 2 of rank 0's own:
     # T0 = 6 + k (beta saved, 2 * 1 s of dispatch added), T1 = 2 + 3k. Bisection: x_eq = 4
     # (8 <= 8), moved back to 3 (max 7 <= 8); x_mean = pool (T0(8) = 12 > mean); x = 3, and no
-    # later move pays: T = [7, 5]. (The plain plan, x = 2, reaches [6, 2]: T_src is not
+    # later move pays: T = [7, 5]. (The paper's plan, x = 2, reaches [6, 2]: T_src is not
     # monotone in x once r_src's own tokens add traffic, and the bisection assumes it is.)
     cost = CostModel.uniform(2, alpha=0.0, beta=1.0, token_time=1.0, transfer_time=1.0)
     problem = BalanceProblem(np.array([[6, 0], [2, 0]]), sharded_home(2, 2), 1, 1.0, cost)
-    plan = greedy_plan(problem, k_max=None, move_local=True)
+    plan = greedy_plan(problem, k_max=None, move_local=True, two_phase=False, mean_cap=True)
     assert plan.assignment[:, 0].tolist() == [[5, 1], [0, 2]]
     assert evaluate_plan(problem, plan).objective == 7.0
-    assert evaluate_plan(problem, greedy_plan(problem, k_max=None)).objective == 6.0
+    paper = greedy_plan(problem, k_max=None, **PAPER_OPTIONS)
+    assert evaluate_plan(problem, paper).objective == 6.0
+
+
+@pytest.mark.parametrize("mean_cap", [False, True])
+def test_two_phase_searches_the_slow_ranks_own_tokens_separately(mean_cap):
+    # The instance above with two_phase (the default). Phase 1 over rank 1's own 2 tokens:
+    # x = 2, T = [6, 2] (x_mean = 2 too: T0(2) = 6 <= mean 8). Without mean_cap phase 2 runs
+    # (6 > 2): f(x) = max(6 + k, 2 + 3k) rises from k = 1 on, so x2 = 3 with worst 7, not below
+    # phase 1's 6: x = 2. Next move: n_other = 0, f rises at once, no gain. T = [6, 2].
+    cost = CostModel.uniform(2, alpha=0.0, beta=1.0, token_time=1.0, transfer_time=1.0)
+    problem = BalanceProblem(np.array([[6, 0], [2, 0]]), sharded_home(2, 2), 1, 1.0, cost)
+    plan = greedy_plan(problem, k_max=None, mean_cap=mean_cap)
+    assert plan.assignment[:, 0].tolist() == [[6, 0], [0, 2]]
+    assert evaluate_plan(problem, plan).objective == 6.0
+    assert same_plan(plan, greedy_ref(problem, k_max=None, mean_cap=mean_cap))
+
+
+def test_two_phase_phase_two_finds_the_convex_minimum():
+    # alpha = 0, beta = 1, 1 s per token sent. Rank 0 holds experts 0 (8 local tokens) and 1
+    # (4 tokens from source 1): T0 = 12 + 2 * max(in 4, out 0) = 20, T1 = 2 * 4 = 8. Expert 0
+    # first (8 > 4 tokens), destination rank 1, pool = rank 0's own 8 tokens
+    # (n_other = 0, phase 2). Moving k: T0 = 12 - k + 2 * max(4, k), T1 = k + 2 * max(k, 4);
+    # f = max(T0, T1) = 19, 18, 17, 16, 17, 18 for k = 1..6: x = 4, T = [16, 12]. The single
+    # bisection (two_phase off) looks for T0 <= T1: x_eq = 6 (18 <= 18), moved back to 5
+    # (max 17 <= 18), and x_mean = pool (T0 never reaches the mean 14): x = 5, T = [17, 15].
+    cost = CostModel.uniform(2, alpha=0.0, beta=1.0, token_time=1.0, transfer_time=1.0)
+    load = np.array([[8, 0], [0, 4]])
+    home = np.array([[True, True], [False, False]])
+    problem = BalanceProblem(load, home, 1, 1.0, cost)
+    plan = greedy_plan(problem, k_max=1)
+    assert plan.assignment[0, 0].tolist() == [4, 4]
+    assert evaluate_plan(problem, plan).objective == 16.0
+    assert same_plan(plan, greedy_ref(problem, k_max=1))
+    single = greedy_plan(problem, k_max=1, two_phase=False, mean_cap=True)
+    assert single.assignment[0, 0].tolist() == [3, 5]
+    assert evaluate_plan(problem, single).objective == 17.0
+
+
+def test_no_mean_cap_fills_the_destination_to_the_balance_point():
+    # alpha = 0, beta = 1, free links, one slot and a one-copy window per rank. Rank 0: expert
+    # 0 with 12 tokens from source 1; rank 2: expert 2 with 10 local tokens. T = [12, 0, 10],
+    # mean 22/3. Move 1 copies expert 0 to rank 1 (rank 1's own tokens): x_eq = 6, x_mean = 5.
+    # With mean_cap x = 5, T = [7, 5, 10]; rank 1's slot is spent, so rank 2 can only copy to
+    # rank 0: x = 1 ([8, 5, 9]), then nothing gains: 9. Without (the default) x = 6,
+    # T = [6, 6, 10]; rank 2 copies to rank 0 (x = 2: [8, 6, 8]); rank 0 then gives 1 token of
+    # expert 0 to rank 1's replica ([7, 7, 8]); nothing else gains: 8.
+    cost = CostModel.uniform(3, alpha=0.0, beta=1.0, token_time=0.0, transfer_time=1.0)
+    load = np.zeros((3, 3), np.int64)
+    load[1, 0] = 12
+    load[2, 2] = 10
+    problem = BalanceProblem(load, sharded_home(3, 3), 1, 1.0, cost)
+    assert greedy_plan(problem, k_max=1).assignment[1, 0].tolist() == [6, 6, 0]
+    assert greedy_plan(problem, k_max=1, mean_cap=True).assignment[1, 0].tolist() == [7, 5, 0]
+    plan = greedy_plan(problem)
+    assert evaluate_plan(problem, plan).objective == 8.0
+    assert evaluate_plan(problem, greedy_plan(problem, mean_cap=True)).objective == 9.0
+    assert same_plan(plan, greedy_ref(problem))
 
 
 def test_evacuate_moves_every_token_to_drop_alpha():
@@ -90,16 +166,16 @@ def test_evacuate_moves_every_token_to_drop_alpha():
     load[1, 2] = 1
     load[2, 4] = 10
     problem = BalanceProblem(load, sharded_home(6, 3), 1, 1.0, cost)
-    plain = greedy_plan(problem, k_max=1)
+    plain = greedy_plan(problem, k_max=1, **PAPER_OPTIONS)
     assert plain.assignment[1, 0].tolist() == [1, 3, 0]
-    plan = greedy_plan(problem, k_max=1, evacuate=True)
+    plan = greedy_plan(problem, k_max=1, **{**PAPER_OPTIONS, "evacuate": True})
     assert plan.assignment[1, 0].tolist() == [0, 4, 0]
     assert plan.sources[1, 0] == 0
     from probe.planner.check import rank_times
 
     compute, comm = rank_times(problem, plan.assignment)
     assert (compute + comm).tolist() == [6.0, 7.0, 11.0]
-    assert same_plan(plan, greedy_ref(problem, k_max=1, evacuate=True))
+    assert same_plan(plan, greedy_ref(problem, k_max=1, **{**PAPER_OPTIONS, "evacuate": True}))
 
 
 def test_solve_passes_the_options():
@@ -110,7 +186,8 @@ def test_solve_passes_the_options():
     for method in ("greedy", "greedy_ref"):
         result = solve(problem, method, move_local=True, evacuate=True)
         assert result.objective == 4.0
-        assert solve(problem, method).objective == 6.0
+        assert solve(problem, method).objective == 4.0
+        assert solve(problem, method, **PAPER_OPTIONS).objective == 6.0
     with pytest.raises(TypeError, match="move_local must be a bool"):
         greedy_plan(problem, move_local=1)
 
@@ -172,11 +249,13 @@ def test_hot_expert_from_remote_sources_is_split_with_a_replica():
 
 
 def test_tokens_originating_on_the_slow_rank_stay_local():
+    # The paper's rule; by default (move_local) half of them leave for a replica.
     cost = CostModel.uniform(2, alpha=0.0, beta=1.0, token_time=0.0, transfer_time=1.0)
     problem = BalanceProblem(np.array([[10, 0], [0, 0]]), sharded_home(2, 2), 1, 1.0, cost)
-    plan = greedy_plan(problem)
+    plan = greedy_plan(problem, **PAPER_OPTIONS)
     assert plan.num_replicas == 0
     assert plan.assignment[0, 0].tolist() == [10, 0]
+    assert greedy_plan(problem).assignment[0, 0].tolist() == [5, 5]
 
 
 def test_window_blocks_copies_on_both_sides():

@@ -1,7 +1,12 @@
-"""The paper's greedy balance planner (Algorithm 1) on probe's cost model, compiled with Numba.
+"""The greedy balance planner (the paper's Algorithm 1, plus options) on probe's cost model,
+compiled with Numba.
 
 Rank time T(g) = compute(g) + 2 * max(in(g), out(g)) as in cost.py. The plan starts from the
-locality-first static split (static.py) and makes at most k_max accepted moves. One move:
+locality-first static split (static.py) and makes at most k_max accepted moves. The default
+rules are the paper's with three options flipped: move_local on (rule 4), two_phase on and
+mean_cap off (rule 6); `PAPER_OPTIONS` (move_local=False, two_phase=False, mean_cap=True,
+evacuate=False) gives Algorithm 1 itself. On solvers_bench's proven instances the defaults
+roughly halve the median gap to the optimum (results/greedy_variants.md). One move:
 
 1. r_src = the slowest rank (largest T; lowest index on ties); mean = sum(T) / G, summed in
    rank order.
@@ -10,18 +15,30 @@ locality-first static split (static.py) and makes at most k_max accepted moves. 
    expert processed on r_src; ties: lowest id).
 4. Pool of movable tokens of e on r_src: r_dst's own tokens first (they become local), then
    every other source s != r_src in rank order whose tokens of e sit on r_src and that holds no
-   copy of e itself. Tokens that originate on r_src stay local, unless the option move_local
-   is on: then r_src's own tokens of e join the pool last (after every other source), so they
-   move only when the others are exhausted; moving one adds token_time[r_src, r_dst] to
-   out(r_src) (and r_dst's in). An empty pool skips e.
+   copy of e itself. With the option move_local (default on) r_src's own tokens of e join the
+   pool last (after every other source), so they move only when the others are exhausted;
+   moving one adds token_time[r_src, r_dst] to out(r_src) (and r_dst's in). Off (the paper),
+   tokens that originate on r_src stay local. An empty pool skips e.
 5. If r_dst does not hold e, it needs a free slot and a home holder h that fits both window
    budgets (received seconds on r_dst and sent seconds on h each stay <= their window); among
    those the smallest (transfer_time[h, r_dst], seconds h already sends, h). No slot or no such
    holder skips e (the pair (r_dst, e) is invalid for this move).
 6. Water-fill x tokens, taken from the pool in order: x_eq = the smallest x in [1, pool] with
    T_src(x) <= T_dst(x), found by bisection (pool if none), moved back by one when that gives a
-   max(T_src, T_dst) no larger; x_mean = the smallest x with T_src(x) <= mean (bisection; pool
-   if none); x = min(x_eq, x_mean). With the option evacuate, when the pool holds every token
+   max(T_src, T_dst) no larger. With the option mean_cap (the paper's; default off), also
+   x_mean = the smallest x with T_src(x) <= mean (bisection; pool if none) and x = min(x_eq,
+   x_mean); off, x = x_eq (stopping at the mean leaves r_dst under-filled, and r_dst's slot and
+   window are then spent on a half move). The bisections assume T_src falls as x grows, which
+   r_src's own tokens break (they add outgoing traffic). With the options move_local and
+   two_phase (default on) and r_src's own tokens in the pool, x is searched in two phases:
+   phase 1 is the rule above over the other sources' tokens alone (n_other of them); phase 2
+   runs when n_other is 0, or when phase 1 took all n_other tokens and T_src(n_other) is still
+   above T_dst(n_other) (and above the mean with mean_cap): over x in [n_other + 1, hi] (hi =
+   pool, or pool - 1 when x = pool would empty r_src of e: its alpha drop breaks convexity)
+   f(x) = max(T_src, T_dst) is convex, so x2 = the first x with f(x + 1) >= f(x) (bisection;
+   hi if none); with mean_cap, when T_src(x2) <= mean, x2 = the first x >= n_other + 1 with
+   T_src(x) <= mean (bisection). x = x2 when n_other is 0 or x2's worst time (rule 7) is
+   strictly below n_other's, else n_other. With the option evacuate, when the pool holds every token
    of e on r_src and x < pool, x = pool (r_src no longer pays alpha for e) is also evaluated
    and taken if its max over r_src, r_dst and the touched sources (rule 7's worst time) is
    strictly lower than that of the x above. Moving a token changes compute (alpha when an expert
@@ -43,14 +60,15 @@ O(E) expert selection and O(G log T) per tried candidate; nothing depends on S *
 >>> cost = CostModel.uniform(2, alpha=0.0, beta=1.0, token_time=0.0, transfer_time=1.0)
 >>> prob = BalanceProblem(np.array([[6, 0], [2, 0]]), sharded_home(2, 2), slots=1, window=1.0,
 ...                       cost=cost)
->>> plan = greedy_plan(prob)
+>>> plan = greedy_plan(prob, **PAPER_OPTIONS)
 >>> plan.replicas.astype(int).tolist(), plan.tokens_per_rank_expert().tolist()
 ([[0, 0], [1, 0]], [[6, 0], [2, 0]])
 
-Above, rank 1 takes a replica of expert 0 but only its own 2 tokens move there: source 0's 6
-tokens originate on rank 0 and stay local. With move_local, rank 1 also takes 2 of them:
+Above (the paper's rules), rank 1 takes a replica of expert 0 but only its own 2 tokens move
+there: source 0's 6 tokens originate on rank 0 and stay local. With the defaults (move_local),
+rank 1 also takes 2 of them:
 
->>> greedy_plan(prob, move_local=True).tokens_per_rank_expert().tolist()
+>>> greedy_plan(prob).tokens_per_rank_expert().tolist()
 [[4, 0], [4, 0]]
 """
 
@@ -64,7 +82,10 @@ import numpy as np
 from probe.planner.problem import BalanceProblem, Plan, SolveResult
 from probe.planner.static import static_assignment
 
-__all__ = ["greedy_arrays", "greedy_plan", "solve_greedy", "solve_greedy_ref"]
+__all__ = ["PAPER_OPTIONS", "greedy_arrays", "greedy_plan", "solve_greedy", "solve_greedy_ref"]
+
+# The options that give the paper's Algorithm 1 (the defaults give probe's rules).
+PAPER_OPTIONS = {"move_local": False, "evacuate": False, "two_phase": False, "mean_cap": True}
 
 # Safety cap on moves when k_max is unlimited (0); the loop ends much earlier in practice.
 UNLIMITED_MOVES = 1_000_000
@@ -179,6 +200,44 @@ def _worst(x, t_src, t_dst, src, dst, npool, pool_s, pool_n, comp, t_in, t_out, 
 
 
 @numba.njit(cache=True, inline="always")
+def _water_fill(n, e, src, dst, pool_s, pool_n, tok, comp, t_in, t_out, alpha, beta, tt, parts,
+                cap):
+    """Rule 6's x over the first n pool tokens: min(x_eq, x_mean), x_mean measured against cap
+    (the mean, or -inf without mean_cap: then x = x_eq)."""
+    all_src, all_dst = _after(n, e, src, dst, pool_s, pool_n, tok, comp, t_in, t_out, alpha,
+                              beta, tt, parts)
+    x_eq = n
+    if all_src <= all_dst:
+        lo = 1
+        while lo < x_eq:
+            mid = (lo + x_eq) // 2
+            t_src, t_dst = _after(mid, e, src, dst, pool_s, pool_n, tok, comp, t_in, t_out,
+                                  alpha, beta, tt, parts)
+            if t_src <= t_dst:
+                x_eq = mid
+            else:
+                lo = mid + 1
+    if x_eq > 1:
+        a_src, a_dst = _after(x_eq - 1, e, src, dst, pool_s, pool_n, tok, comp, t_in, t_out,
+                              alpha, beta, tt, parts)
+        b_src, b_dst = _after(x_eq, e, src, dst, pool_s, pool_n, tok, comp, t_in, t_out,
+                              alpha, beta, tt, parts)
+        if max(a_src, a_dst) <= max(b_src, b_dst):
+            x_eq -= 1
+    x_mean = n
+    if all_src <= cap:
+        lo = 1
+        while lo < x_mean:
+            mid = (lo + x_mean) // 2
+            if _src_after(mid, e, src, dst, pool_s, pool_n, tok, comp, t_in, t_out, alpha, beta,
+                          tt) <= cap:
+                x_mean = mid
+            else:
+                lo = mid + 1
+    return min(x_eq, x_mean)
+
+
+@numba.njit(cache=True, inline="always")
 def _keep_move(npool, takes, outs, parts, into_takes, into_outs, into_parts):
     """Copy a candidate move's per-source takes and new out-times, and its 6 time parts."""
     for i in range(npool):
@@ -190,14 +249,15 @@ def _keep_move(npool, takes, outs, parts, into_takes, into_outs, into_parts):
 
 @numba.njit(cache=True)
 def greedy_arrays(load, home, slots, window, alpha, beta, token_time, transfer_time, k_max,
-                  epsilon, move_local=False, evacuate=False):
+                  epsilon, move_local=True, evacuate=False, two_phase=True, mean_cap=False):
     """The greedy kernel: arrays in, arrays out (the low-level entry; see `greedy_plan`).
 
     Args (exact dtypes: other dtypes compile another specialisation):
         load: int64 [S, E]; home: bool [G, E] (S = G); slots: int64 [G]; window: float64 [G];
         alpha, beta: float; token_time, transfer_time: float64 [G, G];
         k_max: int, most moves (0 = until no move gains); epsilon: float, least gain (seconds);
-        move_local, evacuate: bool, the options of rules 4 and 6 (default off).
+        move_local, evacuate, two_phase, mean_cap: bool, the options of rules 4 and 6
+            (defaults: the default rules; False, False, False, True: the paper's).
     Returns:
         replicas: int64 [n_rep, 3], rows (rank, expert, source) in the order they were made:
             expert replicas[i, 1] is copied from rank replicas[i, 2] to rank replicas[i, 0];
@@ -417,38 +477,61 @@ def greedy_arrays(load, home, slots, window, alpha, beta, token_time, transfer_t
                         total += a
                 if total == 0:
                     continue
-                # Water-fill: x_eq by bisection, then x_mean, then x = min of the two.
-                all_src, all_dst = _after(total, e, src, dst, pool_s, pool_n, tok, comp, t_in,
-                                      t_out, alpha, beta, token_time, parts)
-                x_eq = total
-                if all_src <= all_dst:
-                    lo = 1
-                    while lo < x_eq:
-                        mid = (lo + x_eq) // 2
-                        t_src, t_dst = _after(mid, e, src, dst, pool_s, pool_n, tok, comp, t_in,
-                                      t_out, alpha, beta, token_time, parts)
-                        if t_src <= t_dst:
-                            x_eq = mid
-                        else:
-                            lo = mid + 1
-                if x_eq > 1:
-                    a_src, a_dst = _after(x_eq - 1, e, src, dst, pool_s, pool_n, tok, comp, t_in,
-                                      t_out, alpha, beta, token_time, parts)
-                    b_src, b_dst = _after(x_eq, e, src, dst, pool_s, pool_n, tok, comp, t_in,
-                                      t_out, alpha, beta, token_time, parts)
-                    if max(a_src, a_dst) <= max(b_src, b_dst):
-                        x_eq -= 1
-                x_mean = total
-                if all_src <= mean:
-                    lo = 1
-                    while lo < x_mean:
-                        mid = (lo + x_mean) // 2
-                        if _src_after(mid, e, src, dst, pool_s, pool_n, tok, comp, t_in, t_out,
-                                      alpha, beta, token_time) <= mean:
-                            x_mean = mid
-                        else:
-                            lo = mid + 1
-                x = min(x_eq, x_mean)
+                cap = mean if mean_cap else -np.inf
+                own_src = 0
+                if move_local and pool_s[npool - 1] == src:
+                    own_src = pool_n[npool - 1]
+                if two_phase and own_src > 0:
+                    n_other = total - own_src
+                    second = True
+                    worst = 0.0
+                    x = 0
+                    if n_other > 0:  # phase 1: the other sources' tokens alone
+                        x = _water_fill(n_other, e, src, dst, pool_s, pool_n, tok, comp, t_in,
+                                        t_out, alpha, beta, token_time, parts, cap)
+                        t_src, t_dst = _after(x, e, src, dst, pool_s, pool_n, tok, comp, t_in,
+                                              t_out, alpha, beta, token_time, parts)
+                        worst = _worst(x, t_src, t_dst, src, dst, npool, pool_s, pool_n, comp,
+                                       t_in, t_out, token_time, ev_takes, ev_out)
+                        if x < n_other or t_src <= t_dst or t_src <= cap:
+                            second = False
+                    if second:  # phase 2: r_src's own tokens; max(T_src, T_dst) is convex
+                        lo = n_other + 1
+                        hi = total - 1 if total == tok[src, e] and total > lo else total
+                        while lo < hi:
+                            mid = (lo + hi) // 2
+                            a_src, a_dst = _after(mid, e, src, dst, pool_s, pool_n, tok, comp,
+                                                  t_in, t_out, alpha, beta, token_time, parts)
+                            b_src, b_dst = _after(mid + 1, e, src, dst, pool_s, pool_n, tok,
+                                                  comp, t_in, t_out, alpha, beta, token_time,
+                                                  parts)
+                            if max(b_src, b_dst) >= max(a_src, a_dst):
+                                hi = mid
+                            else:
+                                lo = mid + 1
+                        x2 = lo
+                        a_src, a_dst = _after(x2, e, src, dst, pool_s, pool_n, tok, comp, t_in,
+                                              t_out, alpha, beta, token_time, parts)
+                        if a_src <= cap:
+                            lo = n_other + 1
+                            hi = x2
+                            while lo < hi:
+                                mid = (lo + hi) // 2
+                                if _src_after(mid, e, src, dst, pool_s, pool_n, tok, comp, t_in,
+                                              t_out, alpha, beta, token_time) <= cap:
+                                    hi = mid
+                                else:
+                                    lo = mid + 1
+                            x2 = lo
+                        a_src, a_dst = _after(x2, e, src, dst, pool_s, pool_n, tok, comp, t_in,
+                                              t_out, alpha, beta, token_time, parts)
+                        w2 = _worst(x2, a_src, a_dst, src, dst, npool, pool_s, pool_n, comp,
+                                    t_in, t_out, token_time, ev_takes, ev_out)
+                        if n_other == 0 or w2 < worst:
+                            x = x2
+                else:
+                    x = _water_fill(total, e, src, dst, pool_s, pool_n, tok, comp, t_in, t_out,
+                                    alpha, beta, token_time, parts, cap)
                 t_src, t_dst = _after(x, e, src, dst, pool_s, pool_n, tok, comp, t_in,
                                       t_out, alpha, beta, token_time, parts)
                 worst = _worst(x, t_src, t_dst, src, dst, npool, pool_s, pool_n, comp, t_in,
@@ -524,7 +607,8 @@ def greedy_arrays(load, home, slots, window, alpha, beta, token_time, transfer_t
 
 
 def _kernel_args(problem: BalanceProblem, k_max: int | None, epsilon: float,
-                 move_local: bool = False, evacuate: bool = False) -> tuple:
+                 move_local: bool = True, evacuate: bool = False, two_phase: bool = True,
+                 mean_cap: bool = False) -> tuple:
     if k_max is None:
         k_max = 0
     if isinstance(k_max, bool) or not isinstance(k_max, (int, np.integer)) or k_max < 0:
@@ -532,7 +616,8 @@ def _kernel_args(problem: BalanceProblem, k_max: int | None, epsilon: float,
     epsilon = float(epsilon)
     if not np.isfinite(epsilon) or epsilon < 0:
         raise ValueError(f"epsilon must be finite and >= 0 seconds, got {epsilon!r}")
-    for name, flag in (("move_local", move_local), ("evacuate", evacuate)):
+    for name, flag in (("move_local", move_local), ("evacuate", evacuate),
+                       ("two_phase", two_phase), ("mean_cap", mean_cap)):
         if not isinstance(flag, (bool, np.bool_)):
             raise TypeError(f"{name} must be a bool, got {flag!r}")
     cost = problem.cost
@@ -543,7 +628,8 @@ def _kernel_args(problem: BalanceProblem, k_max: int | None, epsilon: float,
             float(cost.alpha), float(cost.beta),
             np.ascontiguousarray(cost.token_time, dtype=np.float64),
             np.ascontiguousarray(cost.transfer_time, dtype=np.float64),
-            int(k_max), epsilon, bool(move_local), bool(evacuate))
+            int(k_max), epsilon, bool(move_local), bool(evacuate), bool(two_phase),
+            bool(mean_cap))
 
 
 def plan_from_arrays(problem: BalanceProblem, rep: np.ndarray, blk_expert: np.ndarray,
@@ -561,23 +647,29 @@ def plan_from_arrays(problem: BalanceProblem, rep: np.ndarray, blk_expert: np.nd
 
 
 def greedy_plan(problem: BalanceProblem, *, k_max: int | None = 16, epsilon: float = 0.0,
-                move_local: bool = False, evacuate: bool = False) -> Plan:
+                move_local: bool = True, evacuate: bool = False, two_phase: bool = True,
+                mean_cap: bool = False) -> Plan:
     """The greedy plan of `problem` (Numba kernel; see the module docstring for the rules).
 
     k_max: most moves (None or 0: until no move gains); epsilon: least gain in seconds;
     move_local: r_src's own tokens join the pool, last (rule 4); evacuate: also try moving the
-    whole pool when it holds every token of the expert on r_src (rule 6).
+    whole pool when it holds every token of the expert on r_src (rule 6); two_phase: with
+    move_local, search x over the other sources' tokens, then over r_src's own (rule 6);
+    mean_cap: stop x where r_src reaches the mean (rule 6). The defaults are probe's rules;
+    `PAPER_OPTIONS` (move_local, two_phase and mean_cap flipped) gives the paper's Algorithm 1.
     """
-    out = greedy_arrays(*_kernel_args(problem, k_max, epsilon, move_local, evacuate))
+    out = greedy_arrays(*_kernel_args(problem, k_max, epsilon, move_local, evacuate, two_phase,
+                                      mean_cap))
     return plan_from_arrays(problem, *out[:3])
 
 
 def solve_greedy(problem: BalanceProblem, *, time_limit: float | None = None,
-                 k_max: int | None = 16, epsilon: float = 0.0, move_local: bool = False,
-                 evacuate: bool = False) -> SolveResult:
+                 k_max: int | None = 16, epsilon: float = 0.0, move_local: bool = True,
+                 evacuate: bool = False, two_phase: bool = True,
+                 mean_cap: bool = False) -> SolveResult:
     """Backend for `solve(problem, "greedy")` (options as in `greedy_plan`). The kernel has no
     deadline check: it is bounded by k_max moves; time_limit is only reported against."""
-    args = _kernel_args(problem, k_max, epsilon, move_local, evacuate)
+    args = _kernel_args(problem, k_max, epsilon, move_local, evacuate, two_phase, mean_cap)
     start = time.perf_counter()
     out = greedy_arrays(*args)
     plan = plan_from_arrays(problem, *out[:3])
@@ -588,15 +680,17 @@ def solve_greedy(problem: BalanceProblem, *, time_limit: float | None = None,
 
 
 def solve_greedy_ref(problem: BalanceProblem, *, time_limit: float | None = None,
-                     k_max: int | None = 16, epsilon: float = 0.0, move_local: bool = False,
-                     evacuate: bool = False) -> SolveResult:
+                     k_max: int | None = 16, epsilon: float = 0.0, move_local: bool = True,
+                     evacuate: bool = False, two_phase: bool = True,
+                     mean_cap: bool = False) -> SolveResult:
     """Backend for `solve(problem, "greedy_ref")`: the plain-Python twin."""
     from probe.planner.greedy_ref import greedy_ref
 
-    _kernel_args(problem, k_max, epsilon, move_local, evacuate)  # same validation
+    _kernel_args(problem, k_max, epsilon, move_local, evacuate, two_phase,
+                 mean_cap)  # same validation
     start = time.perf_counter()
     plan = greedy_ref(problem, k_max=k_max, epsilon=epsilon, move_local=move_local,
-                      evacuate=evacuate)
+                      evacuate=evacuate, two_phase=two_phase, mean_cap=mean_cap)
     wall = time.perf_counter() - start
     status = "timeout" if time_limit is not None and wall > time_limit else "feasible"
     return SolveResult(status, plan, float("nan"), None, None, wall,

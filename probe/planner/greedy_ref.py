@@ -19,9 +19,10 @@ UNLIMITED_MOVES = 1_000_000
 
 
 def greedy_ref(problem: BalanceProblem, *, k_max: int | None = 16, epsilon: float = 0.0,
-               move_local: bool = False, evacuate: bool = False) -> Plan:
-    """The greedy plan of `problem`, computed slowly and obviously (see greedy.py; move_local
-    and evacuate are the options of its rules 4 and 6)."""
+               move_local: bool = True, evacuate: bool = False, two_phase: bool = True,
+               mean_cap: bool = False) -> Plan:
+    """The greedy plan of `problem`, computed slowly and obviously (see greedy.py; move_local,
+    evacuate, two_phase and mean_cap are the options of its rules 4 and 6, with its defaults)."""
     num_ranks, num_experts = problem.num_ranks, problem.num_experts
     home = problem.home.tolist()
     slots = problem.slots.tolist()
@@ -107,6 +108,7 @@ def greedy_ref(problem: BalanceProblem, *, k_max: int | None = 16, epsilon: floa
         for t in times:  # in rank order (the kernel's order; sum() may compensate)
             total_time += t
         mean = total_time / num_ranks
+        cap = mean if mean_cap else float("-inf")  # x_mean's target (-inf: x = x_eq)
         dst_order = sorted((g for g in range(num_ranks) if g != src and times[g] < times[src]),
                            key=lambda g: (times[g], g))
         expert_order = [e for e in sorted(range(num_experts), key=lambda e: (-tok[src][e], e))
@@ -142,9 +144,15 @@ def greedy_ref(problem: BalanceProblem, *, k_max: int | None = 16, epsilon: floa
                     if best is None:
                         continue
                     holder = best[2]
-                x = _amount(lambda x, e=e, s=src, d=dst, p=pool: after_move(e, s, d, p, x),
-                            total, mean)
-                worst, t_src, t_dst, takes, parts, new_out = worst_of(e, src, dst, pool, x)
+                own_src = pool[-1][1] if move_local and pool[-1][0] == src else 0
+                if two_phase and own_src > 0:
+                    x, worst, t_src, t_dst, takes, parts, new_out = _two_phase(
+                        lambda x, e=e, s=src, d=dst, p=pool: worst_of(e, s, d, p, x),
+                        total - own_src, total, cap, total == tok[src][e])
+                else:
+                    x = _amount(lambda x, e=e, s=src, d=dst, p=pool: after_move(e, s, d, p, x),
+                                total, cap)
+                    worst, t_src, t_dst, takes, parts, new_out = worst_of(e, src, dst, pool, x)
                 if evacuate and x < total and total == tok[src][e]:
                     evac = worst_of(e, src, dst, pool, total)
                     if evac[0] < worst:
@@ -192,7 +200,8 @@ def greedy_ref(problem: BalanceProblem, *, k_max: int | None = 16, epsilon: floa
 
 
 def _amount(after, total: int, mean: float) -> int:
-    """Tokens to move: the balance point of src and dst, no further than src reaching the mean.
+    """Tokens to move: the balance point of src and dst, no further than src reaching the mean
+    (mean = -inf without mean_cap: then x_mean = total and the answer is x_eq).
 
     after(x) -> (t_src, t_dst, ...). x_eq is the smallest x in [1, total] with
     t_src(x) <= t_dst(x) (found by bisection; `total` if none), moved back by one when x_eq - 1
@@ -219,6 +228,55 @@ def _first_true(pred, total: int) -> int:
     if not pred(total):
         return total
     lo, hi = 1, total
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if pred(mid):
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo
+
+
+def _two_phase(worst_of, n_other: int, total: int, mean: float, drops_alpha: bool) -> tuple:
+    """Rule 6's two_phase option: x when the pool ends with r_src's own tokens (n_other
+    tokens of other sources before them).
+
+    worst_of(x) -> (worst, t_src, t_dst, ...). Phase 1 is `_amount` over the other sources'
+    tokens alone (x in [1, n_other], where T_src falls as x grows). Phase 2 runs when n_other is
+    0, or when phase 1 took all n_other tokens and T_src is still above both T_dst and the mean:
+    over x in [lo, hi] (lo = n_other + 1; hi = total, or total - 1 when x = total would empty
+    r_src of the expert, whose alpha drop breaks convexity) f(x) = max(T_src, T_dst) is convex;
+    x2
+    = the first x in [lo, hi - 1] with f(x + 1) >= f(x) (bisection; hi if none); then, when
+    T_src(x2) <= mean, x2 = the first x in [lo, x2] with T_src(x) <= mean (bisection). The answer
+    is x2 if n_other is 0 or x2's worst time is strictly below n_other's, else n_other.
+    Returns worst_of(answer) with the answer in front.
+    """
+    if n_other > 0:
+        x1 = _amount(lambda x: worst_of(x)[1:3], n_other, mean)
+        first = worst_of(x1)
+        if x1 < n_other or first[1] <= first[2] or first[1] <= mean:
+            return (x1, *first)
+    lo = n_other + 1
+    hi = total - 1 if drops_alpha and total > lo else total
+
+    def rising(x):
+        a = worst_of(x)
+        b = worst_of(x + 1)
+        return max(b[1], b[2]) >= max(a[1], a[2])
+
+    x2 = _bisect(rising, lo, hi)
+    if worst_of(x2)[1] <= mean:
+        x2 = _bisect(lambda x: worst_of(x)[1] <= mean, lo, x2)
+    second = worst_of(x2)
+    if n_other > 0 and not second[0] < first[0]:
+        return (n_other, *first)
+    return (x2, *second)
+
+
+def _bisect(pred, lo: int, hi: int) -> int:
+    """The first x in [lo, hi - 1] with pred(x) (pred monotone), else hi; pred(hi) is never
+    called."""
     while lo < hi:
         mid = (lo + hi) // 2
         if pred(mid):
