@@ -7,7 +7,8 @@ method's gap to the best bound (`gap`, an upper bound on its true gap) and to th
 found by any method (`gap_inc`, a lower bound), exact-backend agreement, and for greedy misses a
 diagnosis (`greedy_miss`, see `diagnose_greedy`).
 
-Methods (`METHODS`): static, greedy (k_max 16), greedy_unl (k_max unlimited), lp, eplb
+Methods (`METHODS`): static, greedy_paper (the paper's Algorithm 1: `PAPER_OPTIONS`, k_max 16),
+greedy (probe's default rules, k_max 16), greedy_unl (default rules, k_max unlimited), lp, eplb
 (history = the previous steps' loads of the layer), cpsat, highs. The exact backends run one
 thread each so that `--workers` processes share the CPUs predictably.
 """
@@ -26,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
+from probe.planner.greedy import PAPER_OPTIONS
 from probe.planner.check import check_plan, evaluate_plan, rank_times, transfer_times
 from probe.planner.problem import BalanceProblem, Plan
 from probe.planner.solve import solve
@@ -37,6 +39,7 @@ __all__ = ["EXACT", "METHODS", "diagnose_greedy", "load_results", "machine_info"
 # name -> (planner method, fixed options)
 METHODS: dict[str, tuple[str, dict]] = {
     "static": ("static", {}),
+    "greedy_paper": ("greedy", {"k_max": 16, **PAPER_OPTIONS}),
     "greedy": ("greedy", {"k_max": 16}),
     "greedy_unl": ("greedy", {"k_max": 0}),
     "lp": ("lp", {}),
