@@ -51,8 +51,9 @@ def solvers_cmd(
     scale: Annotated[int | None, typer.Option(help="scale-tier instances (default: mode's)")]
     = None,
     seed: Annotated[int, typer.Option(help="grid seed")] = 0,
-    resume: Annotated[bool, typer.Option(help="keep finished instances of an earlier run in "
-                                              "OUT/results.jsonl")] = True,
+    resume: Annotated[bool, typer.Option(help="skip instances already in OUT/results.jsonl "
+                                              "(--no-resume: stop if that file exists)")]
+    = True,
     report_only: Annotated[bool, typer.Option(help="only rebuild the report from OUT")] = False,
     plots: Annotated[bool, typer.Option(help="draw PNG plots")] = True,
     windows: Annotated[str | None, typer.Option(

@@ -285,8 +285,10 @@ def run_all(specs: list[InstanceSpec], out_jsonl: Path, *, time_limit: float, wo
             max_seconds: float | None = None) -> list[dict]:
     """Run `specs`, appending one line per finished instance to `out_jsonl`; returns all records.
 
-    resume: keep records already in the file and skip their instances (an interrupted run
-    continues where it stopped). on_result(record) is called after each instance.
+    resume: skip the instances already in the file (an interrupted run continues where it
+    stopped); off, an existing file is an error. Records of instances outside `specs` stay in
+    the file (a different grid run into the same folder adds to it, it never deletes) but are
+    not returned. on_result(record) is called after each instance.
     max_seconds: stop after this many seconds, also while waiting for a slow solve (a solver
     that overruns its time limit, say): the unfinished instances are dropped, the worker
     processes are killed, what is written stays.
@@ -302,15 +304,19 @@ def run_all(specs: list[InstanceSpec], out_jsonl: Path, *, time_limit: float, wo
         raise ValueError(f"unknown method(s) {unknown}; choose from {sorted(METHODS)}")
     out_jsonl = Path(out_jsonl)
     out_jsonl.parent.mkdir(parents=True, exist_ok=True)
-    done = load_results(out_jsonl) if resume else []
+    if out_jsonl.exists() and not resume:
+        raise FileExistsError(f"{out_jsonl} exists and resume is off: move it away or choose "
+                              "another output folder (nothing was overwritten)")
+    kept = load_results(out_jsonl)
     wanted = {s.id for s in specs}
-    done = [r for r in done if r.get("id") in wanted]
+    done = [r for r in kept if r.get("id") in wanted]
     done_ids = {r["id"] for r in done}
     todo = [(s.as_dict(), time_limit, methods) for s in specs if s.id not in done_ids]
     records = list(done)
-    # Rewrite the kept records first, so a torn last line of an interrupted run cannot stay.
+    # Rewrite the kept records (those of other grids too) first, so that a torn last line of
+    # an interrupted run cannot stay.
     with out_jsonl.open("w") as f:
-        for r in done:
+        for r in kept:
             f.write(json.dumps(r) + "\n")
     with out_jsonl.open("a") as f:
         if workers == 1:

@@ -164,6 +164,19 @@ def test_run_all_stops_at_the_deadline_while_a_solve_runs(tmp_path, monkeypatch)
     assert time.perf_counter() - start < 15
 
 
+def test_run_all_keeps_records_of_another_grid(tmp_path):
+    path = tmp_path / "r.jsonl"
+    other = {"id": "from-another-grid", "methods": {}}
+    path.write_text(json.dumps(other) + "\n" + '{"id": "torn')
+    spec = _spec(window="tight")
+    records = bench_run.run_all([spec], path, time_limit=0.5, methods=("static",))
+    assert [r["id"] for r in records] == [spec.id]
+    assert [r["id"] for r in bench_run.load_results(path)] == ["from-another-grid", spec.id]
+    with pytest.raises(FileExistsError, match="resume is off"):
+        bench_run.run_all([spec], path, time_limit=0.5, methods=("static",), resume=False)
+    assert len(bench_run.load_results(path)) == 2
+
+
 def test_load_results_skips_a_torn_last_line(tmp_path):
     path = tmp_path / "r.jsonl"
     path.write_text(json.dumps({"id": "a"}) + "\n" + '{"id": "b", "meth')
