@@ -41,6 +41,34 @@ def test_numba_kernel_equals_python_twin_with_options(problem, k_max, epsilon, o
     assert same_plan(fast, slow)
 
 
+def test_k_max_auto_scales_with_the_ranks():
+    from probe.planner.greedy import resolve_k_max
+
+    assert [resolve_k_max("auto", g) for g in (2, 8, 9, 32)] == [16, 16, 18, 64]
+    assert resolve_k_max(None, 4) == 0 and resolve_k_max(3, 4) == 3
+    # 20 ranks; all 20 experts live on rank 0 and rank s sends it 40 tokens of expert s. Each
+    # move copies one expert to its source (rank 0 may send 100 copies): draining rank 0 takes
+    # 19 moves, so 16 stop early and "auto" (40) does not.
+    num_ranks = 20
+    cost = CostModel.uniform(num_ranks, alpha=0.0, beta=1.0, token_time=0.0,
+                             transfer_time=1.0)
+    home = np.zeros((num_ranks, num_ranks), bool)
+    home[0, :] = True
+    load = np.zeros((num_ranks, num_ranks), np.int64)
+    for s in range(1, num_ranks):
+        load[s, s] = 40
+    window = np.ones(num_ranks)
+    window[0] = 100.0
+    problem = BalanceProblem(load, home, 1, window, cost)
+    auto = greedy_plan(problem)
+    assert same_plan(auto, greedy_plan(problem, k_max=40))
+    assert same_plan(auto, greedy_ref(problem))
+    assert greedy_plan(problem, k_max=16).num_replicas == 16
+    assert auto.num_replicas == num_ranks - 1
+    assert (evaluate_plan(problem, auto).objective
+            < evaluate_plan(problem, greedy_plan(problem, k_max=16)).objective)
+
+
 def test_defaults_and_paper_options():
     # The kernel, its twin and solve_greedy share the defaults; PAPER_OPTIONS flips them.
     import inspect
@@ -53,6 +81,8 @@ def test_defaults_and_paper_options():
         defaults = {name: params[name].default for name in OPTION_NAMES}
         assert defaults == {"move_local": True, "evacuate": False, "two_phase": True,
                             "mean_cap": False}, fn
+        if fn is not kernel.py_func:
+            assert params["k_max"].default == "auto", fn
     assert PAPER_OPTIONS == {"move_local": False, "evacuate": False, "two_phase": False,
                              "mean_cap": True}
 
@@ -323,8 +353,9 @@ def test_greedy_arrays_low_level_entry():
 
 
 @pytest.mark.parametrize(("k_max", "epsilon", "message"), [
-    (-1, 0.0, "k_max must be a non-negative int or None"),
-    (2.5, 0.0, "k_max must be a non-negative int or None"),
+    (-1, 0.0, "k_max must be a non-negative int, None"),
+    (2.5, 0.0, "k_max must be a non-negative int, None"),
+    ("many", 0.0, "k_max must be a non-negative int, None"),
     (16, -1.0, "epsilon must be finite and >= 0"),
     (16, float("nan"), "epsilon must be finite and >= 0"),
 ])

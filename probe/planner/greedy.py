@@ -2,7 +2,8 @@
 compiled with Numba.
 
 Rank time T(g) = compute(g) + 2 * max(in(g), out(g)) as in cost.py. The plan starts from the
-locality-first static split (static.py) and makes at most k_max accepted moves. The default
+locality-first static split (static.py) and makes at most k_max accepted moves (default "auto":
+max(16, 2G); the paper's Algorithm 1 has a fixed budget, 16 here). The default
 rules are the paper's with three options flipped: move_local on (rule 4), two_phase on and
 mean_cap off (rule 6); `PAPER_OPTIONS` (move_local=False, two_phase=False, mean_cap=True,
 evacuate=False) gives Algorithm 1 itself. On solvers_bench's proven instances the defaults
@@ -82,13 +83,19 @@ import numpy as np
 from probe.planner.problem import BalanceProblem, Plan, SolveResult
 from probe.planner.static import static_assignment
 
-__all__ = ["PAPER_OPTIONS", "greedy_arrays", "greedy_plan", "solve_greedy", "solve_greedy_ref"]
+__all__ = ["PAPER_OPTIONS", "greedy_arrays", "greedy_plan", "resolve_k_max", "solve_greedy",
+           "solve_greedy_ref"]
 
-# The options that give the paper's Algorithm 1 (the defaults give probe's rules).
+# The options that give the paper's Algorithm 1 (the defaults give probe's rules); its move
+# budget is k_max (16 in the paper's setting, "auto" gives the same up to G = 8).
 PAPER_OPTIONS = {"move_local": False, "evacuate": False, "two_phase": False, "mean_cap": True}
 
 # Safety cap on moves when k_max is unlimited (0); the loop ends much earlier in practice.
 UNLIMITED_MOVES = 1_000_000
+# k_max="auto": max(AUTO_MIN_MOVES, AUTO_MOVES_PER_RANK * G) moves. With more hot experts than
+# ranks to drain (ep 16-32), 16 moves stop early; 2G keeps ep=32, E=256 well under 1 ms.
+AUTO_MIN_MOVES = 16
+AUTO_MOVES_PER_RANK = 2
 
 
 @numba.njit(cache=True, inline="always")
@@ -606,13 +613,22 @@ def greedy_arrays(load, home, slots, window, alpha, beta, token_time, transfer_t
     return rep[:n_rep], blk_expert[:n_blk], blk_assign[:n_blk], num_moves
 
 
-def _kernel_args(problem: BalanceProblem, k_max: int | None, epsilon: float,
+def resolve_k_max(k_max: int | str | None, num_ranks: int) -> int:
+    """k_max as the kernel takes it (0 = unlimited); "auto" = max(16, 2G). Raises ValueError."""
+    if isinstance(k_max, str) and k_max == "auto":
+        return max(AUTO_MIN_MOVES, AUTO_MOVES_PER_RANK * num_ranks)
+    if k_max is None:
+        return 0
+    if isinstance(k_max, bool) or not isinstance(k_max, (int, np.integer)) or k_max < 0:
+        raise ValueError(f"k_max must be a non-negative int, None (unlimited) or 'auto', got "
+                         f"{k_max!r}")
+    return int(k_max)
+
+
+def _kernel_args(problem: BalanceProblem, k_max: int | str | None, epsilon: float,
                  move_local: bool = True, evacuate: bool = False, two_phase: bool = True,
                  mean_cap: bool = False) -> tuple:
-    if k_max is None:
-        k_max = 0
-    if isinstance(k_max, bool) or not isinstance(k_max, (int, np.integer)) or k_max < 0:
-        raise ValueError(f"k_max must be a non-negative int or None (unlimited), got {k_max!r}")
+    k_max = resolve_k_max(k_max, problem.num_ranks)
     epsilon = float(epsilon)
     if not np.isfinite(epsilon) or epsilon < 0:
         raise ValueError(f"epsilon must be finite and >= 0 seconds, got {epsilon!r}")
@@ -646,12 +662,14 @@ def plan_from_arrays(problem: BalanceProblem, rep: np.ndarray, blk_expert: np.nd
     return Plan(replicas, sources, assignment)
 
 
-def greedy_plan(problem: BalanceProblem, *, k_max: int | None = 16, epsilon: float = 0.0,
+def greedy_plan(problem: BalanceProblem, *, k_max: int | str | None = "auto",
+                epsilon: float = 0.0,
                 move_local: bool = True, evacuate: bool = False, two_phase: bool = True,
                 mean_cap: bool = False) -> Plan:
     """The greedy plan of `problem` (Numba kernel; see the module docstring for the rules).
 
-    k_max: most moves (None or 0: until no move gains); epsilon: least gain in seconds;
+    k_max: most moves ("auto": max(16, 2G); None or 0: until no move gains); epsilon: least
+    gain in seconds;
     move_local: r_src's own tokens join the pool, last (rule 4); evacuate: also try moving the
     whole pool when it holds every token of the expert on r_src (rule 6); two_phase: with
     move_local, search x over the other sources' tokens, then over r_src's own (rule 6);
@@ -664,8 +682,8 @@ def greedy_plan(problem: BalanceProblem, *, k_max: int | None = 16, epsilon: flo
 
 
 def solve_greedy(problem: BalanceProblem, *, time_limit: float | None = None,
-                 k_max: int | None = 16, epsilon: float = 0.0, move_local: bool = True,
-                 evacuate: bool = False, two_phase: bool = True,
+                 k_max: int | str | None = "auto", epsilon: float = 0.0,
+                 move_local: bool = True, evacuate: bool = False, two_phase: bool = True,
                  mean_cap: bool = False) -> SolveResult:
     """Backend for `solve(problem, "greedy")` (options as in `greedy_plan`). The kernel has no
     deadline check: it is bounded by k_max moves; time_limit is only reported against."""
@@ -680,8 +698,8 @@ def solve_greedy(problem: BalanceProblem, *, time_limit: float | None = None,
 
 
 def solve_greedy_ref(problem: BalanceProblem, *, time_limit: float | None = None,
-                     k_max: int | None = 16, epsilon: float = 0.0, move_local: bool = True,
-                     evacuate: bool = False, two_phase: bool = True,
+                     k_max: int | str | None = "auto", epsilon: float = 0.0,
+                     move_local: bool = True, evacuate: bool = False, two_phase: bool = True,
                      mean_cap: bool = False) -> SolveResult:
     """Backend for `solve(problem, "greedy_ref")`: the plain-Python twin."""
     from probe.planner.greedy_ref import greedy_ref

@@ -18,7 +18,8 @@ __all__ = ["greedy_ref"]
 UNLIMITED_MOVES = 1_000_000
 
 
-def greedy_ref(problem: BalanceProblem, *, k_max: int | None = 16, epsilon: float = 0.0,
+def greedy_ref(problem: BalanceProblem, *, k_max: int | str | None = "auto",
+               epsilon: float = 0.0,
                move_local: bool = True, evacuate: bool = False, two_phase: bool = True,
                mean_cap: bool = False) -> Plan:
     """The greedy plan of `problem`, computed slowly and obviously (see greedy.py; move_local,
@@ -30,6 +31,8 @@ def greedy_ref(problem: BalanceProblem, *, k_max: int | None = 16, epsilon: floa
     alpha, beta = float(problem.cost.alpha), float(problem.cost.beta)
     tt = problem.cost.token_time.tolist()
     tx = problem.cost.transfer_time.tolist()
+    if k_max == "auto":
+        k_max = max(16, 2 * num_ranks)
     moves_left = UNLIMITED_MOVES if not k_max else int(k_max)
 
     # assign[s][e][g]: tokens of (s, e) processed on g, starting from the static split.
