@@ -19,7 +19,7 @@ from probe.planner.problem import BalanceProblem
 from probe.planner.static import static_assignment, static_plan
 
 TOL = 1e-12
-OPTION_NAMES = ("move_local", "evacuate", "two_phase", "mean_cap")
+OPTION_NAMES = ("move_local", "evacuate", "two_phase", "mean_cap", "also_paper")
 ALL_OPTIONS = [dict(zip(OPTION_NAMES, flags, strict=True))
                for flags in itertools.product((False, True), repeat=len(OPTION_NAMES))]
 
@@ -80,11 +80,11 @@ def test_defaults_and_paper_options():
         params = inspect.signature(fn).parameters
         defaults = {name: params[name].default for name in OPTION_NAMES}
         assert defaults == {"move_local": True, "evacuate": False, "two_phase": True,
-                            "mean_cap": False}, fn
+                            "mean_cap": False, "also_paper": True}, fn
         if fn is not kernel.py_func:
             assert params["k_max"].default == "auto", fn
     assert PAPER_OPTIONS == {"move_local": False, "evacuate": False, "two_phase": False,
-                             "mean_cap": True}
+                             "mean_cap": True, "also_paper": False}
 
 
 @settings(max_examples=200, deadline=None)
@@ -120,11 +120,16 @@ def test_move_local_prices_the_outgoing_traffic():
     # monotone in x once r_src's own tokens add traffic, and the bisection assumes it is.)
     cost = CostModel.uniform(2, alpha=0.0, beta=1.0, token_time=1.0, transfer_time=1.0)
     problem = BalanceProblem(np.array([[6, 0], [2, 0]]), sharded_home(2, 2), 1, 1.0, cost)
-    plan = greedy_plan(problem, k_max=None, move_local=True, two_phase=False, mean_cap=True)
+    single = {"move_local": True, "two_phase": False, "mean_cap": True}
+    plan = greedy_plan(problem, k_max=None, also_paper=False, **single)
     assert plan.assignment[:, 0].tolist() == [[5, 1], [0, 2]]
     assert evaluate_plan(problem, plan).objective == 7.0
     paper = greedy_plan(problem, k_max=None, **PAPER_OPTIONS)
     assert evaluate_plan(problem, paper).objective == 6.0
+    # Rule 8 (also_paper, default on): the paper's run is strictly better here, so it is kept.
+    kept = greedy_plan(problem, k_max=None, **single)
+    assert same_plan(kept, paper)
+    assert same_plan(kept, greedy_ref(problem, k_max=None, **single))
 
 
 @pytest.mark.parametrize("mean_cap", [False, True])
@@ -149,15 +154,16 @@ def test_two_phase_phase_two_finds_the_convex_minimum():
     # f = max(T0, T1) = 19, 18, 17, 16, 17, 18 for k = 1..6: x = 4, T = [16, 12]. The single
     # bisection (two_phase off) looks for T0 <= T1: x_eq = 6 (18 <= 18), moved back to 5
     # (max 17 <= 18), and x_mean = pool (T0 never reaches the mean 14): x = 5, T = [17, 15].
+    # (also_paper off: the paper's first move, expert 1's 4 tokens to rank 1, does better.)
     cost = CostModel.uniform(2, alpha=0.0, beta=1.0, token_time=1.0, transfer_time=1.0)
     load = np.array([[8, 0], [0, 4]])
     home = np.array([[True, True], [False, False]])
     problem = BalanceProblem(load, home, 1, 1.0, cost)
-    plan = greedy_plan(problem, k_max=1)
+    plan = greedy_plan(problem, k_max=1, also_paper=False)
     assert plan.assignment[0, 0].tolist() == [4, 4]
     assert evaluate_plan(problem, plan).objective == 16.0
-    assert same_plan(plan, greedy_ref(problem, k_max=1))
-    single = greedy_plan(problem, k_max=1, two_phase=False, mean_cap=True)
+    assert same_plan(plan, greedy_ref(problem, k_max=1, also_paper=False))
+    single = greedy_plan(problem, k_max=1, two_phase=False, mean_cap=True, also_paper=False)
     assert single.assignment[0, 0].tolist() == [3, 5]
     assert evaluate_plan(problem, single).objective == 17.0
 
@@ -220,6 +226,14 @@ def test_solve_passes_the_options():
         assert solve(problem, method, **PAPER_OPTIONS).objective == 6.0
     with pytest.raises(TypeError, match="move_local must be a bool"):
         greedy_plan(problem, move_local=1)
+
+
+@settings(max_examples=200, deadline=None)
+@given(instances(max_ranks=6, max_experts=14), st.sampled_from([1, 16, None]))
+def test_default_never_worse_than_the_paper(problem, k_max):
+    default = evaluate_plan(problem, greedy_plan(problem, k_max=k_max)).objective
+    paper = evaluate_plan(problem, greedy_plan(problem, k_max=k_max, **PAPER_OPTIONS)).objective
+    assert default <= paper * (1 + 1e-9) + TOL
 
 
 @settings(max_examples=300, deadline=None)

@@ -3,11 +3,12 @@ compiled with Numba.
 
 Rank time T(g) = compute(g) + 2 * max(in(g), out(g)) as in cost.py. The plan starts from the
 locality-first static split (static.py) and makes at most k_max accepted moves (default "auto":
-max(16, 2G); the paper's Algorithm 1 has a fixed budget, 16 here). The default
-rules are the paper's with three options flipped: move_local on (rule 4), two_phase on and
-mean_cap off (rule 6); `PAPER_OPTIONS` (move_local=False, two_phase=False, mean_cap=True,
-evacuate=False) gives Algorithm 1 itself. On solvers_bench's proven instances the defaults
-roughly halve the median gap to the optimum (results/greedy_variants.md). One move:
+max(16, 2G); the paper's Algorithm 1 has a fixed budget, 16 here). The default rules are the
+paper's with four options flipped: move_local on (rule 4), two_phase on and mean_cap off
+(rule 6), also_paper on (rule 8); `PAPER_OPTIONS` (move_local=False, evacuate=False,
+two_phase=False, mean_cap=True, also_paper=False) gives Algorithm 1 itself. On solvers_bench's
+proven instances the defaults cut the median gap to the optimum about threefold
+(results/greedy_variants.md). One move:
 
 1. r_src = the slowest rank (largest T; lowest index on ties); mean = sum(T) / G, summed in
    rank order.
@@ -49,6 +50,11 @@ roughly halve the median gap to the optimum (results/greedy_variants.md). One mo
 7. gain = T(r_src) - max(new times of r_src, r_dst and every source touched). The first
    candidate in the order above with gain > epsilon is applied (so the maximum rank time never
    rises); when no candidate qualifies, the greedy stops.
+8. With the option also_paper (default on), when the options above are not the paper's, the
+   kernel also runs the paper's rules (its fixed budget: min(k_max, 16) moves, unlimited when
+   k_max is; same epsilon) and returns that plan instead when its maximum rank time (each
+   run's own bookkeeping) is strictly lower: the default is never worse than Algorithm 1 with
+   16 moves (or k_max if fewer), for at most about twice the time.
 
 `greedy_ref.py` implements the same rules with lists and loops, in the same floating-point order;
 tests require identical plans. The kernel runs in O(G * E) for the start plus, per move, one
@@ -88,7 +94,8 @@ __all__ = ["PAPER_OPTIONS", "greedy_arrays", "greedy_plan", "resolve_k_max", "so
 
 # The options that give the paper's Algorithm 1 (the defaults give probe's rules); its move
 # budget is k_max (16 in the paper's setting, "auto" gives the same up to G = 8).
-PAPER_OPTIONS = {"move_local": False, "evacuate": False, "two_phase": False, "mean_cap": True}
+PAPER_OPTIONS = {"move_local": False, "evacuate": False, "two_phase": False, "mean_cap": True,
+                 "also_paper": False}
 
 # Safety cap on moves when k_max is unlimited (0); the loop ends much earlier in practice.
 UNLIMITED_MOVES = 1_000_000
@@ -96,6 +103,8 @@ UNLIMITED_MOVES = 1_000_000
 # ranks to drain (ep 16-32), 16 moves stop early; 2G keeps ep=32, E=256 well under 1 ms.
 AUTO_MIN_MOVES = 16
 AUTO_MOVES_PER_RANK = 2
+# Rule 8's run of the paper's rules makes at most this many moves (the paper's fixed budget).
+PAPER_MOVES = 16
 
 
 @numba.njit(cache=True, inline="always")
@@ -256,16 +265,17 @@ def _keep_move(npool, takes, outs, parts, into_takes, into_outs, into_parts):
 
 @numba.njit(cache=True)
 def greedy_arrays(load, home, slots, window, alpha, beta, token_time, transfer_time, k_max,
-                  epsilon, move_local=True, evacuate=False, two_phase=True, mean_cap=False):
+                  epsilon, move_local=True, evacuate=False, two_phase=True, mean_cap=False,
+                  also_paper=True):
     """The greedy kernel: arrays in, arrays out (the low-level entry; see `greedy_plan`).
 
     Args (exact dtypes: other dtypes compile another specialisation):
         load: int64 [S, E]; home: bool [G, E] (S = G); slots: int64 [G]; window: float64 [G];
         alpha, beta: float; token_time, transfer_time: float64 [G, G];
         k_max: int, most moves (0 = until no move gains); epsilon: float, least gain (seconds);
-        move_local, evacuate, two_phase, mean_cap: bool, the options of rules 4 and 6
-            (defaults: the default rules; False, False, False, True: the paper's).
-    Returns:
+        move_local, evacuate, two_phase, mean_cap, also_paper: bool, the options of rules 4, 6
+            and 8 (defaults: the default rules; False, False, False, True, False: the paper's).
+    Returns (of the run kept by rule 8):
         replicas: int64 [n_rep, 3], rows (rank, expert, source) in the order they were made:
             expert replicas[i, 1] is copied from rank replicas[i, 2] to rank replicas[i, 0];
         blk_expert: int64 [n_blk], experts whose assignment changed;
@@ -273,6 +283,22 @@ def greedy_arrays(load, home, slots, window, alpha, beta, token_time, transfer_t
             on g); every other expert keeps the static split;
         num_moves: int, moves applied.
     """
+    out = _greedy_run(load, home, slots, window, alpha, beta, token_time, transfer_time, k_max,
+                      epsilon, move_local, evacuate, two_phase, mean_cap)
+    if also_paper and (move_local or evacuate or two_phase or not mean_cap):
+        paper_k_max = min(k_max, PAPER_MOVES) if k_max > 0 else 0
+        paper = _greedy_run(load, home, slots, window, alpha, beta, token_time, transfer_time,
+                            paper_k_max, epsilon, False, False, False, True)
+        if paper[4] < out[4]:
+            out = paper
+    return out[0], out[1], out[2], out[3]
+
+
+@numba.njit(cache=True)
+def _greedy_run(load, home, slots, window, alpha, beta, token_time, transfer_time, k_max,
+                epsilon, move_local, evacuate, two_phase, mean_cap):
+    """One run of rules 1-7 with the given options; greedy_arrays' outputs plus the final
+    maximum rank time (from the run's own bookkeeping)."""
     num_ranks, num_experts = home.shape
     limit = k_max if k_max > 0 else UNLIMITED_MOVES
 
@@ -610,7 +636,10 @@ def greedy_arrays(load, home, slots, window, alpha, beta, token_time, transfer_t
                 times[s] = comp[s] + 2.0 * max(t_in[s], t_out[s])
         num_moves += 1
 
-    return rep[:n_rep], blk_expert[:n_blk], blk_assign[:n_blk], num_moves
+    makespan = 0.0
+    for g in range(num_ranks):
+        makespan = max(makespan, times[g])
+    return rep[:n_rep], blk_expert[:n_blk], blk_assign[:n_blk], num_moves, makespan
 
 
 def resolve_k_max(k_max: int | str | None, num_ranks: int) -> int:
@@ -627,13 +656,14 @@ def resolve_k_max(k_max: int | str | None, num_ranks: int) -> int:
 
 def _kernel_args(problem: BalanceProblem, k_max: int | str | None, epsilon: float,
                  move_local: bool = True, evacuate: bool = False, two_phase: bool = True,
-                 mean_cap: bool = False) -> tuple:
+                 mean_cap: bool = False, also_paper: bool = True) -> tuple:
     k_max = resolve_k_max(k_max, problem.num_ranks)
     epsilon = float(epsilon)
     if not np.isfinite(epsilon) or epsilon < 0:
         raise ValueError(f"epsilon must be finite and >= 0 seconds, got {epsilon!r}")
     for name, flag in (("move_local", move_local), ("evacuate", evacuate),
-                       ("two_phase", two_phase), ("mean_cap", mean_cap)):
+                       ("two_phase", two_phase), ("mean_cap", mean_cap),
+                       ("also_paper", also_paper)):
         if not isinstance(flag, (bool, np.bool_)):
             raise TypeError(f"{name} must be a bool, got {flag!r}")
     cost = problem.cost
@@ -645,7 +675,7 @@ def _kernel_args(problem: BalanceProblem, k_max: int | str | None, epsilon: floa
             np.ascontiguousarray(cost.token_time, dtype=np.float64),
             np.ascontiguousarray(cost.transfer_time, dtype=np.float64),
             int(k_max), epsilon, bool(move_local), bool(evacuate), bool(two_phase),
-            bool(mean_cap))
+            bool(mean_cap), bool(also_paper))
 
 
 def plan_from_arrays(problem: BalanceProblem, rep: np.ndarray, blk_expert: np.ndarray,
@@ -663,9 +693,9 @@ def plan_from_arrays(problem: BalanceProblem, rep: np.ndarray, blk_expert: np.nd
 
 
 def greedy_plan(problem: BalanceProblem, *, k_max: int | str | None = "auto",
-                epsilon: float = 0.0,
-                move_local: bool = True, evacuate: bool = False, two_phase: bool = True,
-                mean_cap: bool = False) -> Plan:
+                epsilon: float = 0.0, move_local: bool = True, evacuate: bool = False,
+                two_phase: bool = True, mean_cap: bool = False,
+                also_paper: bool = True) -> Plan:
     """The greedy plan of `problem` (Numba kernel; see the module docstring for the rules).
 
     k_max: most moves ("auto": max(16, 2G); None or 0: until no move gains); epsilon: least
@@ -673,21 +703,23 @@ def greedy_plan(problem: BalanceProblem, *, k_max: int | str | None = "auto",
     move_local: r_src's own tokens join the pool, last (rule 4); evacuate: also try moving the
     whole pool when it holds every token of the expert on r_src (rule 6); two_phase: with
     move_local, search x over the other sources' tokens, then over r_src's own (rule 6);
-    mean_cap: stop x where r_src reaches the mean (rule 6). The defaults are probe's rules;
-    `PAPER_OPTIONS` (move_local, two_phase and mean_cap flipped) gives the paper's Algorithm 1.
+    mean_cap: stop x where r_src reaches the mean (rule 6); also_paper: also run the paper's
+    rules and keep the better plan (rule 8). The defaults are probe's rules; `PAPER_OPTIONS`
+    (move_local, two_phase, mean_cap and also_paper flipped) gives the paper's Algorithm 1.
     """
     out = greedy_arrays(*_kernel_args(problem, k_max, epsilon, move_local, evacuate, two_phase,
-                                      mean_cap))
+                                      mean_cap, also_paper))
     return plan_from_arrays(problem, *out[:3])
 
 
 def solve_greedy(problem: BalanceProblem, *, time_limit: float | None = None,
                  k_max: int | str | None = "auto", epsilon: float = 0.0,
                  move_local: bool = True, evacuate: bool = False, two_phase: bool = True,
-                 mean_cap: bool = False) -> SolveResult:
+                 mean_cap: bool = False, also_paper: bool = True) -> SolveResult:
     """Backend for `solve(problem, "greedy")` (options as in `greedy_plan`). The kernel has no
     deadline check: it is bounded by k_max moves; time_limit is only reported against."""
-    args = _kernel_args(problem, k_max, epsilon, move_local, evacuate, two_phase, mean_cap)
+    args = _kernel_args(problem, k_max, epsilon, move_local, evacuate, two_phase, mean_cap,
+                        also_paper)
     start = time.perf_counter()
     out = greedy_arrays(*args)
     plan = plan_from_arrays(problem, *out[:3])
@@ -700,15 +732,16 @@ def solve_greedy(problem: BalanceProblem, *, time_limit: float | None = None,
 def solve_greedy_ref(problem: BalanceProblem, *, time_limit: float | None = None,
                      k_max: int | str | None = "auto", epsilon: float = 0.0,
                      move_local: bool = True, evacuate: bool = False, two_phase: bool = True,
-                     mean_cap: bool = False) -> SolveResult:
+                     mean_cap: bool = False, also_paper: bool = True) -> SolveResult:
     """Backend for `solve(problem, "greedy_ref")`: the plain-Python twin."""
     from probe.planner.greedy_ref import greedy_ref
 
-    _kernel_args(problem, k_max, epsilon, move_local, evacuate, two_phase,
-                 mean_cap)  # same validation
+    _kernel_args(problem, k_max, epsilon, move_local, evacuate, two_phase, mean_cap,
+                 also_paper)  # same validation
     start = time.perf_counter()
     plan = greedy_ref(problem, k_max=k_max, epsilon=epsilon, move_local=move_local,
-                      evacuate=evacuate, two_phase=two_phase, mean_cap=mean_cap)
+                      evacuate=evacuate, two_phase=two_phase, mean_cap=mean_cap,
+                      also_paper=also_paper)
     wall = time.perf_counter() - start
     status = "timeout" if time_limit is not None and wall > time_limit else "feasible"
     return SolveResult(status, plan, float("nan"), None, None, wall,

@@ -19,11 +19,25 @@ UNLIMITED_MOVES = 1_000_000
 
 
 def greedy_ref(problem: BalanceProblem, *, k_max: int | str | None = "auto",
-               epsilon: float = 0.0,
-               move_local: bool = True, evacuate: bool = False, two_phase: bool = True,
-               mean_cap: bool = False) -> Plan:
+               epsilon: float = 0.0, move_local: bool = True, evacuate: bool = False,
+               two_phase: bool = True, mean_cap: bool = False, also_paper: bool = True) -> Plan:
     """The greedy plan of `problem`, computed slowly and obviously (see greedy.py; move_local,
-    evacuate, two_phase and mean_cap are the options of its rules 4 and 6, with its defaults)."""
+    evacuate, two_phase, mean_cap and also_paper are the options of its rules 4, 6 and 8, with
+    its defaults)."""
+    if k_max == "auto":
+        k_max = max(16, 2 * problem.num_ranks)
+    plan, makespan = _run(problem, k_max, epsilon, move_local, evacuate, two_phase, mean_cap)
+    if also_paper and (move_local or evacuate or two_phase or not mean_cap):
+        paper_k_max = min(int(k_max), 16) if k_max else None  # the paper's 16-move budget
+        paper, paper_makespan = _run(problem, paper_k_max, epsilon, False, False, False, True)
+        if paper_makespan < makespan:  # rule 8: the paper's plan only when strictly better
+            return paper
+    return plan
+
+
+def _run(problem: BalanceProblem, k_max: int | None, epsilon: float, move_local: bool,
+         evacuate: bool, two_phase: bool, mean_cap: bool) -> tuple[Plan, float]:
+    """One run of rules 1-7: the plan and its maximum rank time (the run's own bookkeeping)."""
     num_ranks, num_experts = problem.num_ranks, problem.num_experts
     home = problem.home.tolist()
     slots = problem.slots.tolist()
@@ -31,8 +45,6 @@ def greedy_ref(problem: BalanceProblem, *, k_max: int | str | None = "auto",
     alpha, beta = float(problem.cost.alpha), float(problem.cost.beta)
     tt = problem.cost.token_time.tolist()
     tx = problem.cost.transfer_time.tolist()
-    if k_max == "auto":
-        k_max = max(16, 2 * num_ranks)
     moves_left = UNLIMITED_MOVES if not k_max else int(k_max)
 
     # assign[s][e][g]: tokens of (s, e) processed on g, starting from the static split.
@@ -197,9 +209,13 @@ def greedy_ref(problem: BalanceProblem, *, k_max: int | str | None = "auto",
     for (g, e), h in sources.items():
         rep[g][e] = True
         src_of[g][e] = h
-    return Plan(np.array(rep, dtype=bool).reshape(num_ranks, num_experts),
+    makespan = 0.0
+    for t in times:
+        makespan = max(makespan, t)
+    plan = Plan(np.array(rep, dtype=bool).reshape(num_ranks, num_experts),
                 np.array(src_of, dtype=np.int64).reshape(num_ranks, num_experts),
                 np.array(assign, dtype=np.int64).reshape(num_ranks, num_experts, num_ranks))
+    return plan, makespan
 
 
 def _amount(after, total: int, mean: float) -> int:
