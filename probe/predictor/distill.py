@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from probe.predictor.model import LookaheadPredictor, PredictorSet
 
-__all__ = ["OnlineDistiller", "distill_loss", "train_offline"]
+__all__ = ["OnlineDistiller", "distill_loss", "topk_margin_loss", "train_offline"]
 
 
 def distill_loss(pred_logits: torch.Tensor, true_logits: torch.Tensor,
@@ -27,6 +27,24 @@ def distill_loss(pred_logits: torch.Tensor, true_logits: torch.Tensor,
     target = F.softmax(true_logits.float() / temperature, dim=-1)
     logp = F.log_softmax(pred_logits.float() / temperature, dim=-1)
     return -(target * logp).sum(dim=-1).mean()
+
+
+def topk_margin_loss(pred_logits: torch.Tensor, true_logits: torch.Tensor, k: int,
+                     margin: float = 1.0) -> torch.Tensor:
+    """Hinge on the true top-k set, mean over tokens and its k members. Both [T, E].
+
+    For each expert i of the true top-k: relu(margin - (pred_i - max_{j not in top-k} pred_j)),
+    so the loss is 0 once every true top-k expert's predicted logit beats the best other
+    expert's by `margin` (then the predicted top-k is exactly the true set).
+    """
+    if not isinstance(k, int) or not 0 < k < pred_logits.shape[-1]:
+        raise ValueError(f"k must be an int in [1, {pred_logits.shape[-1] - 1}], got {k!r}")
+    pred = pred_logits.float()
+    top = torch.topk(true_logits.float(), k, dim=-1).indices  # [T, k]
+    in_top = torch.zeros_like(pred, dtype=torch.bool).scatter_(1, top, True)  # [T, E]
+    best_other = pred.masked_fill(in_top, float("-inf")).amax(dim=-1, keepdim=True)  # [T, 1]
+    gap = pred.gather(1, top) - best_other  # [T, k]
+    return F.relu(margin - gap).mean()
 
 
 class OnlineDistiller:
@@ -38,11 +56,14 @@ class OnlineDistiller:
         weight_decay: AdamW weight decay on the residual.
         temperature: softmax temperature of the distillation loss.
         grad_clip: max gradient norm per layer update (None: no clipping).
+        margin_weight: weight of `topk_margin_loss` added to the soft cross-entropy (0: off).
+        margin: its margin, in logits.
     """
 
     def __init__(self, predictors: PredictorSet | LookaheadPredictor, lr: float = 1e-3, *,
                  weight_decay: float = 0.0, temperature: float = 1.0,
-                 grad_clip: float | None = 1.0) -> None:
+                 grad_clip: float | None = 1.0, margin_weight: float = 0.0,
+                 margin: float = 1.0) -> None:
         if isinstance(predictors, LookaheadPredictor):
             self._single = True
             self._by_layer = {None: predictors}
@@ -56,6 +77,9 @@ class OnlineDistiller:
             raise ValueError(f"lr must be > 0, got {lr!r}")
         if not temperature > 0:
             raise ValueError(f"temperature must be > 0, got {temperature!r}")
+        if not margin_weight >= 0:
+            raise ValueError(f"margin_weight must be >= 0, got {margin_weight!r}")
+        self.margin_weight, self.margin = float(margin_weight), float(margin)
         self.predictors = predictors
         self.temperature = temperature
         self.grad_clip = grad_clip
@@ -87,7 +111,12 @@ class OnlineDistiller:
         pred.train()
         opt = self.optimizers[key]
         opt.zero_grad(set_to_none=True)
-        loss = distill_loss(pred(h_prev.to(device)), true_logits.to(device), self.temperature)
+        true_logits = true_logits.to(device)
+        pred_logits = pred(h_prev.to(device))
+        loss = distill_loss(pred_logits, true_logits, self.temperature)
+        if self.margin_weight > 0:
+            loss = loss + self.margin_weight * topk_margin_loss(pred_logits, true_logits,
+                                                                pred.top_k, self.margin)
         loss.backward()
         if self.grad_clip is not None:
             torch.nn.utils.clip_grad_norm_(pred.trainable_parameters(), self.grad_clip)

@@ -39,8 +39,12 @@ def _segments(tags: list[str], shift_window: int = 8, longest: int = 64
 
 
 def write_report(res: dict, out_dir: str | Path, *, command: str = "",
-                 title: str = "Lookahead predictor on the small model") -> str:
-    """Write results.json, fidelity.csv, plans.csv, online.csv and report.md; return the text."""
+                 title: str = "Lookahead predictor on the small model",
+                 summary: str | None = None) -> str:
+    """Write results.json, fidelity.csv, plans.csv, online.csv and report.md; return the text.
+
+    summary: replaces the paragraph that describes the samples and the training run.
+    """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(res, indent=1, default=float) + "\n")
@@ -48,12 +52,15 @@ def write_report(res: dict, out_dir: str | Path, *, command: str = "",
     lines = [f"# {title}", ""]
     if command:
         lines += ["Command:", "", "```", command, "```", ""]
-    lines += [f"Samples: {cfg['num_samples']} tokens from {cfg['num_steps_sampled']} steps; "
-              f"held out {cfg['test_samples']} tokens (whole steps, blocks of {cfg['block']} "
-              f"steps, {cfg['held_out']:.0%} of blocks, seed {cfg['seed']}); trained on "
-              f"{cfg['train_samples']}. Predictor width H = {cfg['hidden']}, top-k K = "
-              f"{cfg['top_k']}, {cfg['epochs']} epochs, lr {cfg['lr']}, "
-              f"{res.get('train_seconds', 0):.0f} s of CPU training.", ""]
+    if summary is not None:
+        lines += [summary, ""]
+    else:
+        lines += [f"Samples: {cfg['num_samples']} tokens from {cfg['num_steps_sampled']} steps; "
+                  f"held out {cfg['test_samples']} tokens (whole steps, blocks of {cfg['block']} "
+                  f"steps, {cfg['held_out']:.0%} of blocks, seed {cfg['seed']}); trained on "
+                  f"{cfg['train_samples']}. Predictor width H = {cfg['hidden']}, top-k K = "
+                  f"{cfg['top_k']}, {cfg['epochs']} epochs, lr {cfg['lr']}, "
+                  f"{res.get('train_seconds', 0):.0f} s of CPU training.", ""]
 
     # ---- fidelity
     prior, dist = res["prior"], res["distilled"]
@@ -153,8 +160,9 @@ def write_report(res: dict, out_dir: str | Path, *, command: str = "",
                             *[_mean(ratio[n][la][i] for la in layers) if ratio else ""
                               for n in ("online", "last_step", "avg_8")]])
         lines += ["## Online (prequential) distillation across the recording", "",
-                  "Each step is predicted before the predictor learns from it (one update per "
-                  "step, from the frozen prior). Means over layers, per segment of steps with "
+                  "Each step is predicted before the predictor learns from it ("
+                  f"{online.get('note', 'one update per step, from the frozen prior')}). "
+                  "Means over layers, per segment of steps with "
                   "the same tag; load error is relative L1 on the sampled tokens' [S, E] load."
                   " `same-step share` is this step's full-batch shares rescaled to the sample: "
                   "the sampling-noise floor of any distribution-level guess.", "",
