@@ -8,7 +8,7 @@ found by any method (`gap_inc`, a lower bound), exact-backend agreement, and for
 diagnosis (`greedy_miss`, see `diagnose_greedy`).
 
 Methods (`METHODS`): static, greedy_paper (the paper's Algorithm 1: `PAPER_OPTIONS`, k_max 16),
-greedy (probe's default rules, k_max 16), greedy_unl (default rules, k_max unlimited), lp, eplb
+greedy (probe's default rules and k_max), greedy_unl (default rules, k_max unlimited), lp, eplb
 (history = the previous steps' loads of the layer), cpsat, highs. The exact backends run one
 thread each so that `--workers` processes share the CPUs predictably.
 """
@@ -40,7 +40,7 @@ __all__ = ["EXACT", "METHODS", "diagnose_greedy", "load_results", "machine_info"
 METHODS: dict[str, tuple[str, dict]] = {
     "static": ("static", {}),
     "greedy_paper": ("greedy", {"k_max": 16, **PAPER_OPTIONS}),
-    "greedy": ("greedy", {"k_max": 16}),
+    "greedy": ("greedy", {}),
     "greedy_unl": ("greedy", {"k_max": 0}),
     "lp": ("lp", {}),
     "eplb": ("eplb", {}),
