@@ -40,13 +40,13 @@ proven instances the defaults cut the median gap to the optimum about threefold
    f(x) = max(T_src, T_dst) is convex, so x2 = the first x with f(x + 1) >= f(x) (bisection;
    hi if none); with mean_cap, when T_src(x2) <= mean, x2 = the first x >= n_other + 1 with
    T_src(x) <= mean (bisection). x = x2 when n_other is 0 or x2's worst time (rule 7) is
-   strictly below n_other's, else n_other. With the option evacuate, when the pool holds every token
-   of e on r_src and x < pool, x = pool (r_src no longer pays alpha for e) is also evaluated
-   and taken if its max over r_src, r_dst and the touched sources (rule 7's worst time) is
-   strictly lower than that of the x above. Moving a token changes compute (alpha when an expert
-   appears or vanishes on a rank, beta per token) and traffic: in(r_src) falls, in(r_dst) rises
-   (or out(r_dst) falls for r_dst's own tokens), out(s) of a third-party source changes by
-   token_time[s, r_dst] - token_time[s, r_src].
+   strictly below n_other's, else n_other. With the option evacuate, when the pool holds
+   every token of e on r_src and x < pool, x = pool (r_src no longer pays alpha for e) is also
+   evaluated and taken if its max over r_src, r_dst and the touched sources (rule 7's worst
+   time) is strictly lower than that of the x above. Moving a token changes compute (alpha
+   when an expert appears or vanishes on a rank, beta per token) and traffic: in(r_src)
+   falls, in(r_dst) rises (or out(r_dst) falls for r_dst's own tokens), out(s) of a
+   third-party source changes by token_time[s, r_dst] - token_time[s, r_src].
 7. gain = T(r_src) - max(new times of r_src, r_dst and every source touched). The first
    candidate in the order above with gain > epsilon is applied (so the maximum rank time never
    rises); when no candidate qualifies, the greedy stops.
