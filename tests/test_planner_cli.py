@@ -90,7 +90,7 @@ def test_plan_layers_window_and_attention():
         pytest.approx(4 * 2880**2 * 2 / 4.8e12))
 
 
-@pytest.mark.parametrize("extra", [[], ["--move-local"]])
+@pytest.mark.parametrize("extra", [[], ["--paper"], ["--also-paper"]])
 def test_cli_all_layers(app, trace_file, extra):
     result = CliRunner().invoke(app, ["plan", str(trace_file), "--step", "1", "--slots", "2",
                                       *extra], env={"COLUMNS": "200"})

@@ -60,9 +60,10 @@ def test_k_max_auto_scales_with_the_ranks():
     window = np.ones(num_ranks)
     window[0] = 100.0
     problem = BalanceProblem(load, home, 1, window, cost)
-    auto = greedy_plan(problem)
+    auto = greedy_plan(problem, k_max="auto")
     assert same_plan(auto, greedy_plan(problem, k_max=40))
-    assert same_plan(auto, greedy_ref(problem))
+    assert same_plan(auto, greedy_ref(problem, k_max="auto"))
+    assert same_plan(greedy_plan(problem), greedy_plan(problem, k_max=16))  # the default
     assert greedy_plan(problem, k_max=16).num_replicas == 16
     assert auto.num_replicas == num_ranks - 1
     assert (evaluate_plan(problem, auto).objective
@@ -80,9 +81,9 @@ def test_defaults_and_paper_options():
         params = inspect.signature(fn).parameters
         defaults = {name: params[name].default for name in OPTION_NAMES}
         assert defaults == {"move_local": True, "evacuate": False, "two_phase": True,
-                            "mean_cap": False, "also_paper": True}, fn
+                            "mean_cap": False, "also_paper": False}, fn
         if fn is not kernel.py_func:
-            assert params["k_max"].default == "auto", fn
+            assert params["k_max"].default == 16, fn
     assert PAPER_OPTIONS == {"move_local": False, "evacuate": False, "two_phase": False,
                              "mean_cap": True, "also_paper": False}
 
@@ -126,10 +127,10 @@ def test_move_local_prices_the_outgoing_traffic():
     assert evaluate_plan(problem, plan).objective == 7.0
     paper = greedy_plan(problem, k_max=None, **PAPER_OPTIONS)
     assert evaluate_plan(problem, paper).objective == 6.0
-    # Rule 8 (also_paper, default on): the paper's run is strictly better here, so it is kept.
-    kept = greedy_plan(problem, k_max=None, **single)
+    # Rule 8 (also_paper): the paper's run is strictly better here, so it is kept.
+    kept = greedy_plan(problem, k_max=None, also_paper=True, **single)
     assert same_plan(kept, paper)
-    assert same_plan(kept, greedy_ref(problem, k_max=None, **single))
+    assert same_plan(kept, greedy_ref(problem, k_max=None, also_paper=True, **single))
 
 
 @pytest.mark.parametrize("mean_cap", [False, True])
@@ -230,8 +231,8 @@ def test_solve_passes_the_options():
 
 @settings(max_examples=200, deadline=None)
 @given(instances(max_ranks=6, max_experts=14), st.sampled_from([1, 16, None]))
-def test_default_never_worse_than_the_paper(problem, k_max):
-    default = evaluate_plan(problem, greedy_plan(problem, k_max=k_max)).objective
+def test_also_paper_never_worse_than_the_paper(problem, k_max):
+    default = evaluate_plan(problem, greedy_plan(problem, k_max=k_max, also_paper=True)).objective
     paper = evaluate_plan(problem, greedy_plan(problem, k_max=k_max, **PAPER_OPTIONS)).objective
     assert default <= paper * (1 + 1e-9) + TOL
 

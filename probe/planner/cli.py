@@ -67,8 +67,12 @@ def plan_cmd(
         help="attention time in the auto window, microseconds (default: estimated from the "
              "specs)")] = None,
     k_max: Annotated[int, typer.Option(help="greedy: most moves (0 = until no gain)")] = 16,
-    move_local: Annotated[bool, typer.Option(
-        help="greedy: the slowest rank's own tokens may move too (not the paper's rule)")] = False,
+    paper: Annotated[bool, typer.Option(
+        "--paper", help="greedy: the paper's Algorithm 1 rules instead of probe's defaults")]
+    = False,
+    also_paper: Annotated[bool, typer.Option(
+        "--also-paper", help="greedy: also run the paper's rules and keep the better plan "
+                             "(about twice the time)")] = False,
     time_limit: Annotated[float | None, typer.Option(help="seconds per layer solve")] = None,
 ) -> None:
     """Plan one step of TRACE with METHOD and print the replicas, moved tokens and metrics."""
@@ -99,8 +103,14 @@ def plan_cmd(
     attention_s = (attention_time(spec_model, spec_hw) if attention_us is None
                    else attention_us * 1e-6)
     home = sharded_home(routing.num_experts, routing.num_ranks)
-    options = ({"k_max": k_max, "move_local": move_local} if method in ("greedy", "greedy_ref")
-               else {})
+    if paper and also_paper:
+        raise typer.BadParameter("--paper and --also-paper exclude each other",
+                                 param_hint="--also-paper")
+    options = {}
+    if method in ("greedy", "greedy_ref"):
+        from probe.planner.greedy import PAPER_OPTIONS
+
+        options = {"k_max": k_max, **(PAPER_OPTIONS if paper else {"also_paper": also_paper})}
     results = plan_step(routing, step, cost=cost, home=home, slots=slots, window=win,
                         method=method, attention_s=attention_s, time_limit=time_limit,
                         **options)

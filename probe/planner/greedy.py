@@ -2,12 +2,13 @@
 compiled with Numba.
 
 Rank time T(g) = compute(g) + 2 * max(in(g), out(g)) as in cost.py. The plan starts from the
-locality-first static split (static.py) and makes at most k_max accepted moves (default "auto":
-max(16, 2G); the paper's Algorithm 1 has a fixed budget, 16 here). The default rules are the
-paper's with four options flipped: move_local on (rule 4), two_phase on and mean_cap off
-(rule 6), also_paper on (rule 8); `PAPER_OPTIONS` (move_local=False, evacuate=False,
-two_phase=False, mean_cap=True, also_paper=False) gives Algorithm 1 itself. On solvers_bench's
-proven instances the defaults cut the median gap to the optimum about threefold
+locality-first static split (static.py) and makes at most k_max accepted moves (default 16, the
+paper's fixed budget; "auto" = max(16, 2G) helps at ep >= 16). The default rules are the paper's
+with three options flipped: move_local on (rule 4), two_phase on and mean_cap off (rule 6);
+`PAPER_OPTIONS` (move_local=False, evacuate=False, two_phase=False, mean_cap=True,
+also_paper=False) gives Algorithm 1 itself. On solvers_bench's proven instances the defaults
+cut the median gap to the optimum about threefold at the paper's speed; also_paper=True
+(rule 8) makes the plan never worse than the paper's for about twice the time
 (results/greedy_variants.md). One move:
 
 1. r_src = the slowest rank (largest T; lowest index on ties); mean = sum(T) / G, summed in
@@ -50,11 +51,12 @@ proven instances the defaults cut the median gap to the optimum about threefold
 7. gain = T(r_src) - max(new times of r_src, r_dst and every source touched). The first
    candidate in the order above with gain > epsilon is applied (so the maximum rank time never
    rises); when no candidate qualifies, the greedy stops.
-8. With the option also_paper (default on), when the options above are not the paper's, the
+8. With the option also_paper (default off), when the options above are not the paper's, the
    kernel also runs the paper's rules (its fixed budget: min(k_max, 16) moves, unlimited when
    k_max is; same epsilon) and returns that plan instead when its maximum rank time (each
    run's own bookkeeping) is strictly lower: the default is never worse than Algorithm 1 with
-   16 moves (or k_max if fewer), for at most about twice the time.
+   16 moves (or k_max if fewer), for at most about twice the time. Off by default: it would
+   double the planning time the dispatch has to hide.
 
 `greedy_ref.py` implements the same rules with lists and loops, in the same floating-point order;
 tests require identical plans. The kernel runs in O(G * E) for the start plus, per move, one
@@ -93,7 +95,7 @@ __all__ = ["PAPER_OPTIONS", "greedy_arrays", "greedy_plan", "resolve_k_max", "so
            "solve_greedy_ref"]
 
 # The options that give the paper's Algorithm 1 (the defaults give probe's rules); its move
-# budget is k_max (16 in the paper's setting, "auto" gives the same up to G = 8).
+# budget is k_max (16 in the paper's setting and by default).
 PAPER_OPTIONS = {"move_local": False, "evacuate": False, "two_phase": False, "mean_cap": True,
                  "also_paper": False}
 
@@ -266,7 +268,7 @@ def _keep_move(npool, takes, outs, parts, into_takes, into_outs, into_parts):
 @numba.njit(cache=True)
 def greedy_arrays(load, home, slots, window, alpha, beta, token_time, transfer_time, k_max,
                   epsilon, move_local=True, evacuate=False, two_phase=True, mean_cap=False,
-                  also_paper=True):
+                  also_paper=False):
     """The greedy kernel: arrays in, arrays out (the low-level entry; see `greedy_plan`).
 
     Args (exact dtypes: other dtypes compile another specialisation):
@@ -656,7 +658,7 @@ def resolve_k_max(k_max: int | str | None, num_ranks: int) -> int:
 
 def _kernel_args(problem: BalanceProblem, k_max: int | str | None, epsilon: float,
                  move_local: bool = True, evacuate: bool = False, two_phase: bool = True,
-                 mean_cap: bool = False, also_paper: bool = True) -> tuple:
+                 mean_cap: bool = False, also_paper: bool = False) -> tuple:
     k_max = resolve_k_max(k_max, problem.num_ranks)
     epsilon = float(epsilon)
     if not np.isfinite(epsilon) or epsilon < 0:
@@ -692,20 +694,21 @@ def plan_from_arrays(problem: BalanceProblem, rep: np.ndarray, blk_expert: np.nd
     return Plan(replicas, sources, assignment)
 
 
-def greedy_plan(problem: BalanceProblem, *, k_max: int | str | None = "auto",
+def greedy_plan(problem: BalanceProblem, *, k_max: int | str | None = 16,
                 epsilon: float = 0.0, move_local: bool = True, evacuate: bool = False,
                 two_phase: bool = True, mean_cap: bool = False,
-                also_paper: bool = True) -> Plan:
+                also_paper: bool = False) -> Plan:
     """The greedy plan of `problem` (Numba kernel; see the module docstring for the rules).
 
-    k_max: most moves ("auto": max(16, 2G); None or 0: until no move gains); epsilon: least
-    gain in seconds;
+    k_max: most moves (default 16; "auto": max(16, 2G); None or 0: until no move gains);
+    epsilon: least gain in seconds;
     move_local: r_src's own tokens join the pool, last (rule 4); evacuate: also try moving the
     whole pool when it holds every token of the expert on r_src (rule 6); two_phase: with
     move_local, search x over the other sources' tokens, then over r_src's own (rule 6);
     mean_cap: stop x where r_src reaches the mean (rule 6); also_paper: also run the paper's
-    rules and keep the better plan (rule 8). The defaults are probe's rules; `PAPER_OPTIONS`
-    (move_local, two_phase, mean_cap and also_paper flipped) gives the paper's Algorithm 1.
+    rules and keep the better plan (rule 8; about twice the time). The defaults are probe's
+    rules; `PAPER_OPTIONS` (move_local, two_phase and mean_cap flipped, also_paper off) gives
+    the paper's Algorithm 1.
     """
     out = greedy_arrays(*_kernel_args(problem, k_max, epsilon, move_local, evacuate, two_phase,
                                       mean_cap, also_paper))
@@ -713,9 +716,9 @@ def greedy_plan(problem: BalanceProblem, *, k_max: int | str | None = "auto",
 
 
 def solve_greedy(problem: BalanceProblem, *, time_limit: float | None = None,
-                 k_max: int | str | None = "auto", epsilon: float = 0.0,
+                 k_max: int | str | None = 16, epsilon: float = 0.0,
                  move_local: bool = True, evacuate: bool = False, two_phase: bool = True,
-                 mean_cap: bool = False, also_paper: bool = True) -> SolveResult:
+                 mean_cap: bool = False, also_paper: bool = False) -> SolveResult:
     """Backend for `solve(problem, "greedy")` (options as in `greedy_plan`). The kernel has no
     deadline check: it is bounded by k_max moves; time_limit is only reported against."""
     args = _kernel_args(problem, k_max, epsilon, move_local, evacuate, two_phase, mean_cap,
@@ -730,9 +733,9 @@ def solve_greedy(problem: BalanceProblem, *, time_limit: float | None = None,
 
 
 def solve_greedy_ref(problem: BalanceProblem, *, time_limit: float | None = None,
-                     k_max: int | str | None = "auto", epsilon: float = 0.0,
+                     k_max: int | str | None = 16, epsilon: float = 0.0,
                      move_local: bool = True, evacuate: bool = False, two_phase: bool = True,
-                     mean_cap: bool = False, also_paper: bool = True) -> SolveResult:
+                     mean_cap: bool = False, also_paper: bool = False) -> SolveResult:
     """Backend for `solve(problem, "greedy_ref")`: the plain-Python twin."""
     from probe.planner.greedy_ref import greedy_ref
 

@@ -18,9 +18,9 @@ __all__ = ["greedy_ref"]
 UNLIMITED_MOVES = 1_000_000
 
 
-def greedy_ref(problem: BalanceProblem, *, k_max: int | str | None = "auto",
+def greedy_ref(problem: BalanceProblem, *, k_max: int | str | None = 16,
                epsilon: float = 0.0, move_local: bool = True, evacuate: bool = False,
-               two_phase: bool = True, mean_cap: bool = False, also_paper: bool = True) -> Plan:
+               two_phase: bool = True, mean_cap: bool = False, also_paper: bool = False) -> Plan:
     """The greedy plan of `problem`, computed slowly and obviously (see greedy.py; move_local,
     evacuate, two_phase, mean_cap and also_paper are the options of its rules 4, 6 and 8, with
     its defaults)."""
