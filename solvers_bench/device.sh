@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Run the solver benchmark on the 16 CPU cores of a lent device machine (one call), results
-# under $OUT/bench; the report (with plots) is then rebuilt here from the fetched results:
+# On the 16 CPU cores of a lent device machine, in one call: benchmarks/planner_speed.py (alone,
+# first), then the solver benchmark with one worker per core, results under $OUT/bench. The
+# report (with plots) is then rebuilt here from the fetched results:
 #     python -m solvers_bench --report-only --out results/solvers_bench
 #
 # The device's python3 (3.12) lacks ortools, highspy, typer and rich: they travel as one xz
@@ -16,7 +17,8 @@
 #     mkdir -p /tmp/site312 .site312 && for w in .whl/*.whl; do unzip -q -o "$w" -d /tmp/site312; done
 #     tar -C /tmp/site312 -cJf .site312/site.tar.xz .
 # Then: run(command="bash solvers_bench/device.sh", carry=[".site312"], timeout_s=600)
-# BENCH_ARGS overrides the benchmark's arguments; SITE=none skips the unpacking (local test).
+# BENCH_ARGS overrides the benchmark's arguments; SPEED=0 skips benchmarks/planner_speed.py (run
+# first, alone); SITE=none skips the unpacking (local test).
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/solvers_bench_out}
@@ -30,9 +32,17 @@ fi
 python3 -c 'import sys, os, numba, numpy, ortools, highspy; print(sys.version.split()[0], "numba",
 numba.__version__, "numpy", numpy.__version__, "ortools", ortools.__version__, "cpus",
 os.cpu_count())' 2>&1 | tee "$OUT/bench/env.txt"
+if [ "${SPEED:-1}" = "1" ]; then
+  # The planner speed benchmark first, alone on the idle machine (about a minute).
+  COLUMNS=160 python3 benchmarks/planner_speed.py --out "$OUT/planner_speed.json" \
+    > "$OUT/planner_speed.txt" 2>&1 || echo "planner_speed failed" >> "$OUT/bench/env.txt"
+fi
 WORKERS=${WORKERS:-$(nproc)}
 # shellcheck disable=SC2086
 python3 -m solvers_bench --full --workers "$WORKERS" --no-plots --out "$OUT/bench" \
   ${BENCH_ARGS:---proof 720 --proof-sizes 4x64,4x64,4x64,8x64,8x64,4x128,8x128 --max-minutes 8} \
   2>&1 | tail -60 | tee "$OUT/bench/console.txt"
-exit "${PIPESTATUS[0]}"
+status=${PIPESTATUS[0]}
+# At most 8 files come back: the report's files are rebuilt here from results.jsonl.
+rm -f "$OUT/bench/report.md" "$OUT/bench/results.csv" "$OUT/bench/summary.json"
+exit "$status"
