@@ -19,17 +19,16 @@ with status "timeout", at worst greedy's):
    free replica pair carries tokens or `MAX_RUNS` LP solves are spent (then the rest are
    placed by decreasing LP tokens while they fit). Two dives share one model: (a) from the
    relaxation as it is, (b) with greedy's replicas placed first. On more than `SMALL_G`
-   ranks only (b) runs, with `MAX_RUNS_LARGE` solves, to stay within a few times greedy's
-   cost in milliseconds;
-4. assignment for each distinct placement (greedy's own replicas and the dives' on up to
-   `SMALL_G` ranks, else dive (b)'s): the MILP's LP with the placement fixed, over a[s, e, g]
-   of the replicated experts (exact per-source traffic), every holder active (alpha paid by
-   each, an upper-bound model); rounded to integer tokens per (source, expert) (largest
-   remainder where the LP split is fractional), which keeps conservation; replicas left
-   without tokens are dropped. On up to `SMALL_G` ranks a dive's placement is also assigned
-   with the home holders the dive's last LP left idle switched off (alpha not paid there),
-   which the upper-bound model cannot find by itself. One HiGHS model holds the union of the
-   placements; each placement is a change of bounds and a warm re-solve;
+   ranks only (b) runs (or (a) when greedy placed nothing), with `MAX_RUNS_LARGE` solves, to
+   stay within about twice the earlier heuristic's time (results/lp_gap.md);
+4. assignment for each dive's placement: the MILP's LP with the placement fixed, over
+   a[s, e, g] of the replicated experts (exact per-source traffic); every holder pays alpha
+   (an upper-bound model) except the home holders the dive's last LP left without tokens,
+   which get none here either (alpha saved: an expert moved off its home, which the
+   upper-bound model cannot find by itself); rounded to integer tokens per (source, expert)
+   (largest remainder where the LP split is fractional), which keeps conservation; replicas
+   left without tokens are dropped. One HiGHS model holds the union of the placements; each
+   placement is a change of bounds and a warm re-solve;
 5. the best of these plans and greedy's, by evaluate_plan.
 
 `variant="round"` runs the earlier heuristic instead (kept for comparison): the same
@@ -55,15 +54,14 @@ __all__ = ["VARIANTS", "round_replicas", "solve_lp"]
 # HiGHS options for the small LPs (measured fastest at ep=8; see results/exact_speed.md).
 LP_OPTIONS: dict[str, object] = {"presolve": "off"}
 VARIANTS = ("dive", "round")
-# An LP value within this of 0 or 1 counts as whole.
-_EPS = 1e-6
 # Relative slack when a transfer is compared with the window left (as check_plan allows).
 _FIT = 1 + 1e-9
+# LP solves per dive (the root included) on up to SMALL_G ranks, and beyond.
 MAX_RUNS = 4
 MAX_RUNS_LARGE = 3
-SMALL_G = 8
-EVAC = True
-SKIP_SUPERSET = False
+SMALL_G = 4
+# Heaviest experts of each home rank added to the candidates (on up to SMALL_G ranks).
+PER_RANK = 2
 
 
 _CACHE = threading.local()
@@ -244,6 +242,18 @@ def _any_copy_fits(problem: BalanceProblem) -> bool:
     return bool((fits & (problem.slots > 0)[None, :]).any())
 
 
+def _alpha_share(problem: BalanceProblem) -> float:
+    """alpha / (alpha + beta x mean tokens of an expert with load): the share of an expert's
+    compute that is fixed cost (near 1 for small decode batches, near 0 for prefill)."""
+    expert_load = problem.load.sum(axis=0)
+    loaded = expert_load[expert_load > 0]
+    if loaded.size == 0:
+        return 1.0
+    cost = problem.cost
+    work = cost.alpha + cost.beta * float(loaded.mean())
+    return cost.alpha / work if work > 0 else 1.0
+
+
 def _copy_sources(problem: BalanceProblem, experts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """For candidate experts int [C]: copy source int [C, G] (the home holder with the cheapest
     transfer to g that fits both windows) and its transfer seconds float [C, G] (inf: none)."""
@@ -319,7 +329,7 @@ class _Relaxation:
 
 
 def _build_relaxation(problem: BalanceProblem, static: _Static, experts: np.ndarray, unit: float,
-                      time_left: float | None, *, local_all: bool = True) -> _Relaxation:
+                      *, local_all: bool = True) -> _Relaxation:
     """The step-2 relaxation (module docstring), ready to run.
 
     local_all=False counts as outgoing traffic only the local tokens of pairs in the model
@@ -670,7 +680,7 @@ def _assign(problem: BalanceProblem, model: _Assignment, replicas: np.ndarray,
 
 # ------------------------------------------------------------------------------------ solve
 def solve_lp(problem: BalanceProblem, *, time_limit: float | None = None,
-             num_candidates: int | None = None, per_rank: int = 2,
+             num_candidates: int | None = None, per_rank: int | None = None,
              variant: str = "dive") -> SolveResult:
     """LP-relaxation heuristic (module docstring), never worse than greedy.
 
@@ -679,7 +689,9 @@ def solve_lp(problem: BalanceProblem, *, time_limit: float | None = None,
     num_candidates: experts on slow ranks the relaxation may replicate, heaviest first
         (default: the total number of slots, at least G); experts greedy replicated are
         always included.
-    per_rank: also the `per_rank` heaviest experts homed on each rank (variant "dive").
+    per_rank: also the `per_rank` heaviest experts homed on each rank (variant "dive"; default
+        PER_RANK on up to SMALL_G ranks, else 0: on more ranks the many extra copies the
+        relaxation then spreads over cost more alpha than they save, measured at ep=8).
     variant: "dive" (default) or "round" (the earlier single rounding, for comparison).
     """
     if time_limit is not None and not time_limit > 0:
@@ -687,7 +699,8 @@ def solve_lp(problem: BalanceProblem, *, time_limit: float | None = None,
     if num_candidates is not None and (isinstance(num_candidates, bool) or not isinstance(
             num_candidates, (int, np.integer)) or num_candidates < 0):
         raise ValueError(f"num_candidates must be an int >= 0, got {num_candidates!r}")
-    if isinstance(per_rank, bool) or not isinstance(per_rank, (int, np.integer)) or per_rank < 0:
+    if per_rank is not None and (isinstance(per_rank, bool) or not isinstance(
+            per_rank, (int, np.integer)) or per_rank < 0):
         raise ValueError(f"per_rank must be an int >= 0, got {per_rank!r}")
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
@@ -701,6 +714,8 @@ def solve_lp(problem: BalanceProblem, *, time_limit: float | None = None,
         num_candidates = max(int(problem.slots.sum()), problem.num_ranks)
     if variant == "round":
         per_rank = 0
+    elif per_rank is None:
+        per_rank = PER_RANK if problem.num_ranks <= SMALL_G or _alpha_share(problem) < 0.2 else 0
     experts = _candidate_experts(problem, static, greedy, num_candidates, per_rank)
     if experts.size == 0 or not problem.slots.any() or (
             variant == "dive" and not _any_copy_fits(problem)):
@@ -720,11 +735,9 @@ def solve_lp(problem: BalanceProblem, *, time_limit: float | None = None,
         return finish_result(problem, "lp", clock.start, status, best, greedy, greedy_name, None,
                              message)
 
-    placements: list[tuple[str, np.ndarray, np.ndarray, np.ndarray | None]] = []
+    placements: list[tuple[str, np.ndarray, np.ndarray, np.ndarray]] = []
     small = problem.num_ranks <= SMALL_G
-    if small and greedy.replicas.any():
-        placements.append(("greedy's replicas", greedy.replicas, greedy.sources, None))
-    relax = _build_relaxation(problem, static, experts, unit, clock.left())
+    relax = _build_relaxation(problem, static, experts, unit)
     dive = _Dive(problem, relax)
     dives = [("dive after greedy", greedy)] if greedy.replicas.any() else []
     root = None
@@ -732,21 +745,14 @@ def solve_lp(problem: BalanceProblem, *, time_limit: float | None = None,
         dives.insert(0, ("dive", None))
         root = dive.root(clock)
     for name, keep in dives:
-        if SKIP_SUPERSET and keep is not None and any(
-                not (keep.replicas & ~r).any() for _, r, _, _ in placements[int(small):]):
-            continue
         dived = dive.run(keep, clock, MAX_RUNS if small else MAX_RUNS_LARGE, root)
         if clock.over():
             status, note = "timeout", f"time limit reached during the {name}; best plan kept"
             break
-        if dived is None:
-            continue
-        replicas, sources, idle = dived
-        if not any(np.array_equal(replicas, r) and np.array_equal(sources, s)
-                   for _, r, s, _ in placements):
-            placements.append((name, replicas, sources, None))
-        if EVAC and small and idle.any():
-            placements.append((name + ", idle homes off", replicas, sources, idle))
+        if dived is not None and not any(
+                np.array_equal(dived[0], r) and np.array_equal(dived[2], i)
+                for _, r, _, i in placements):
+            placements.append((name, *dived))
     if not placements or clock.over():
         if clock.over():
             status = "timeout"
@@ -774,7 +780,7 @@ def solve_lp(problem: BalanceProblem, *, time_limit: float | None = None,
 def _solve_round(problem: BalanceProblem, static: _Static, greedy: Plan, greedy_name: str,
                  experts: np.ndarray, unit: float, clock: _Clock) -> SolveResult:
     """variant "round": one relaxation (alpha per token), one rounding, one assignment."""
-    relax = _build_relaxation(problem, static, experts, unit, clock.left(), local_all=False)
+    relax = _build_relaxation(problem, static, experts, unit, local_all=False)
     values = _run(relax.solver, clock.left())
     tokens = None
     if values is not None:
