@@ -27,7 +27,9 @@ import argparse
 import json
 import os
 import platform
+import subprocess
 import time
+import types
 from pathlib import Path
 
 import numpy as np
@@ -41,6 +43,7 @@ from solvers_bench.report import CERTIFIED, _trivial
 
 SOURCES = ("results/solvers_bench/results.jsonl", "results/solvers_bench/extra/results.jsonl")
 METHODS = ("greedy", "lp_old", "lp_new")
+TIMED = METHODS + ("lp_base",)
 TITLES = {"greedy": "greedy", "lp_old": "lp old (variant round)", "lp_new": "lp new (dive)",
           "rec_greedy": "greedy, bench run", "rec_lp": "lp, bench run"}
 
@@ -82,7 +85,16 @@ def _timed(func, repeats: int) -> tuple[object, float, float]:
     return result, float(np.median(walls)), float(np.median(cpus))
 
 
-def run(records: list[dict], repeats: int) -> list[dict]:
+def _baseline(rev: str):
+    """solve_lp of probe/planner/lp.py as committed at git revision `rev` (for its time)."""
+    source = subprocess.run(["git", "show", f"{rev}:probe/planner/lp.py"], check=True,
+                            capture_output=True, text=True).stdout
+    module = types.ModuleType(f"lp_at_{rev}")
+    exec(compile(source, f"lp.py@{rev}", "exec"), module.__dict__)  # noqa: S102
+    return module.solve_lp
+
+
+def run(records: list[dict], repeats: int, base=None) -> list[dict]:
     rows = []
     solve_lp(build_problem(InstanceSpec.from_dict(records[0]))[0])  # JIT and import warm-up
     for rec in records:
@@ -90,11 +102,13 @@ def run(records: list[dict], repeats: int) -> list[dict]:
         calls = {"greedy": lambda p=problem: solve_greedy(p).plan,
                  "lp_old": lambda p=problem: solve_lp(p, variant="round").plan,
                  "lp_new": lambda p=problem: solve_lp(p).plan}
+        if base is not None:
+            calls["lp_base"] = lambda p=problem: base(p).plan
         bound = rec.get("best_bound")
         row = {"id": rec["id"], "size": f"{rec['ep']}x{rec['num_experts']}",
                "family": rec["family"], "proven": _proven(rec), "certified": _certified(rec),
                "nontrivial": _proven(rec) and not _trivial(rec), "bound": bound}
-        for name in METHODS:
+        for name in calls:
             plan, wall, cpu = _timed(calls[name], repeats)
             obj = evaluate_plan(problem, plan).objective
             row[name] = {"objective": obj, "gap": _gap(obj, bound), "wall": wall, "cpu": cpu,
@@ -126,11 +140,14 @@ def main() -> None:
     parser.add_argument("--out", default="results/lp_gap.md")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--sources", nargs="+", default=list(SOURCES))
+    parser.add_argument("--baseline", default=None,
+                        help="also time probe/planner/lp.py as committed at this git revision")
     args = parser.parse_args()
     records = _records(args.sources)
+    base = _baseline(args.baseline) if args.baseline else None
     load_start = os.getloadavg()
     start = time.time()
-    rows = run(records, args.repeats)
+    rows = run(records, args.repeats, base)
     elapsed = time.time() - start
     load_end = os.getloadavg()
 
@@ -162,12 +179,14 @@ def main() -> None:
             if not subset:
                 continue
             e = {"n": len(subset)}
-            for name in METHODS:
+            for name in (n for n in TIMED if n in subset[0]):
                 e[f"{name}_wall_ms"] = 1e3 * float(np.median([r[name]["wall"] for r in subset]))
                 e[f"{name}_cpu_ms"] = 1e3 * float(np.median([r[name]["cpu"] for r in subset]))
             rec_walls = [r["rec_lp"]["wall"] for r in subset if r["rec_lp"]["wall"] is not None]
             e["rec_lp_wall_ms"] = 1e3 * float(np.median(rec_walls)) if rec_walls else None
             e["ratio_new_old_wall"] = e["lp_new_wall_ms"] / e["lp_old_wall_ms"]
+            if "lp_base_wall_ms" in e:
+                e["ratio_new_base_wall"] = e["lp_new_wall_ms"] / e["lp_base_wall_ms"]
             entry[label] = e
         times[size] = entry
 
@@ -177,6 +196,7 @@ def main() -> None:
                "loadavg_end": [round(x, 2) for x in load_end]}
     command = (f"PYTHONPATH=. python benchmarks/lp_gap.py --out {args.out} "
                f"--repeats {args.repeats}"
+               + (f" --baseline {args.baseline}" if args.baseline else "")
                + (f" --sources {' '.join(args.sources)}" if args.sources != list(SOURCES)
                   else ""))
     lines = ["# lp heuristic: gap to proven optima, old vs new, and time per size", "",
@@ -209,20 +229,31 @@ def main() -> None:
                          f"{_pct(s['max'])} | {_pct(s['mean'])} | "
                          f"{100 * s['share_le_1pct']:.0f}% |")
         lines.append("")
+    has_base = base is not None
     lines += ["## Time per size (median ms per call)", "",
               f"Median over instances of the median of {args.repeats} calls; wall (process "
               "CPU). *bench lp* = the lp wall time stored in the records (bench run, 2 worker "
-              "processes on a shared machine).", "",
-              "| G x E | set | n | greedy | lp old | lp new | new / old (wall) | bench lp |",
-              "|---|---|---:|---:|---:|---:|---:|---:|"]
+              "processes on a shared machine)."
+              + (f" *lp at {args.baseline}* = lp.py as committed at {args.baseline} (the code "
+                 "before this change; variant round shares the new code's faster LP "
+                 "plumbing)." if has_base else ""), "",
+              "| G x E | set | n | greedy | lp old | lp new | new / old (wall) |"
+              + (f" lp at {args.baseline} | new / lp at {args.baseline} |" if has_base else "")
+              + " bench lp |",
+              "|---|---|---:|---:|---:|---:|---:|" + ("---:|---:|" if has_base else "")
+              + "---:|"]
     for size in sizes:
         for label, e in times[size].items():
             bench = "-" if e["rec_lp_wall_ms"] is None else f"{e['rec_lp_wall_ms']:.1f}"
+            extra = ""
+            if has_base:
+                extra = (f" {e['lp_base_wall_ms']:.1f} ({e['lp_base_cpu_ms']:.1f}) | "
+                         f"{e['ratio_new_base_wall']:.2f} |")
             lines.append(
                 f"| {size} | {label} | {e['n']} | {e['greedy_wall_ms']:.2f} "
                 f"({e['greedy_cpu_ms']:.2f}) | {e['lp_old_wall_ms']:.1f} "
                 f"({e['lp_old_cpu_ms']:.1f}) | {e['lp_new_wall_ms']:.1f} "
-                f"({e['lp_new_cpu_ms']:.1f}) | {e['ratio_new_old_wall']:.2f} | {bench} |")
+                f"({e['lp_new_cpu_ms']:.1f}) | {e['ratio_new_old_wall']:.2f} |{extra} {bench} |")
     lines += ["", "## Checks", "",
               f"- {checks['plans']} plans, {checks['infeasible']} infeasible (check_plan).",
               f"- lp new worse than greedy on {checks['lp_new_worse_than_greedy']} instances.",

@@ -6,7 +6,8 @@ with status "timeout", at worst greedy's):
 2. a compact LP relaxation (HiGHS) of the MILP over candidate experts: the heaviest experts
    homed on ranks slower than the mean under static EP (`num_candidates` of them), the
    `per_rank` heaviest experts homed on each rank (so that copies can form chains and cycles:
-   a rank that receives load may pass some of its own on), and those greedy replicated. Other
+   a rank that receives load may pass some of its own on; default rule in `solve_lp`), and
+   those greedy replicated. Other
    experts keep their static assignment (constants). The relaxation is aggregated over
    sources: per (candidate expert e, rank g) it has l[e, g] local tokens (<= load[g, e]) and
    r[e, g] tokens from other ranks; traffic is priced with each rank's mean token time, which
@@ -60,7 +61,8 @@ _FIT = 1 + 1e-9
 MAX_RUNS = 4
 MAX_RUNS_LARGE = 3
 SMALL_G = 4
-# Heaviest experts of each home rank added to the candidates (on up to SMALL_G ranks).
+# Heaviest experts of each home rank added to the candidates: on up to SMALL_G ranks, and on
+# more when alpha is under 20% of an expert's compute (prefill-like batches).
 PER_RANK = 2
 
 
@@ -690,8 +692,9 @@ def solve_lp(problem: BalanceProblem, *, time_limit: float | None = None,
         (default: the total number of slots, at least G); experts greedy replicated are
         always included.
     per_rank: also the `per_rank` heaviest experts homed on each rank (variant "dive"; default
-        PER_RANK on up to SMALL_G ranks, else 0: on more ranks the many extra copies the
-        relaxation then spreads over cost more alpha than they save, measured at ep=8).
+        PER_RANK on up to SMALL_G ranks, and on more when alpha is under 20% of an expert's
+        compute, else 0: there the many extra copies the relaxation then spreads cost more
+        alpha than they save, measured on ep=8 decode steps).
     variant: "dive" (default) or "round" (the earlier single rounding, for comparison).
     """
     if time_limit is not None and not time_limit > 0:
@@ -749,10 +752,16 @@ def solve_lp(problem: BalanceProblem, *, time_limit: float | None = None,
         if clock.over():
             status, note = "timeout", f"time limit reached during the {name}; best plan kept"
             break
-        if dived is not None and not any(
-                np.array_equal(dived[0], r) and np.array_equal(dived[2], i)
-                for _, r, _, i in placements):
-            placements.append((name, *dived))
+        if dived is None:
+            continue
+        replicas, sources, idle = dived
+        variants = [(name, idle)]
+        if not small and idle.any():  # on more ranks idle homes off can lose: try both
+            variants.append((name + ", every home active", np.zeros_like(idle)))
+        for label, off in variants:
+            if not any(np.array_equal(replicas, r) and np.array_equal(off, i)
+                       for _, r, _, i in placements):
+                placements.append((label, replicas, sources, off))
     if not placements or clock.over():
         if clock.over():
             status = "timeout"
