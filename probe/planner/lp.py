@@ -7,26 +7,28 @@ with status "timeout", at worst greedy's):
    homed on ranks slower than the mean under static EP (`num_candidates` of them), the
    `per_rank` heaviest experts homed on each rank (so that copies can form chains and cycles:
    a rank that receives load may pass some of its own on; default rule in `solve_lp`), and
-   those greedy replicated. Other
-   experts keep their static assignment (constants). The relaxation is aggregated over
-   sources: per (candidate expert e, rank g) it has l[e, g] local tokens (<= load[g, e]) and
-   r[e, g] tokens from other ranks; traffic is priced with each rank's mean token time, which
-   is exact when all links are equal (one node). A pair that is not a whole copy counts as
-   the fraction (l + r) / load[e] of a copy against the slots and both windows (copy source:
-   the cheapest home holder that fits), and alpha is charged per token (alpha / load[e]);
+   those greedy replicated. Other experts keep their static assignment (constants). The
+   relaxation is aggregated over sources: per (candidate expert e, rank g) it has l[e, g]
+   local tokens (<= load[g, e]) and r[e, g] tokens from other ranks; traffic is priced with
+   each rank's mean token time, which is exact when all links are equal (one node). A pair
+   that is not a whole copy counts as the fraction (l + r) / load[e] of a copy against the
+   slots and both windows (copy source: the cheapest home holder that fits), and alpha is
+   charged per token (alpha / load[e]);
 3. dives: solve, make the free copy pair that carries the most LP tokens a whole copy (its
    coefficients leave the slot and window rows, whose bounds fall by one copy), drop every
    free pair that no longer fits a slot or a window (token bounds 0), re-solve warm, until no
    free replica pair carries tokens or `MAX_RUNS` LP solves are spent (then the rest are
    placed by decreasing LP tokens while they fit). Two dives share one model: (a) from the
-   relaxation as it is, (b) with greedy's replicas placed first. On more than `SMALL_G`
-   ranks only (b) runs (or (a) when greedy placed nothing), with `MAX_RUNS_LARGE` solves, to
-   stay within about twice the earlier heuristic's time (results/lp_gap.md);
+   relaxation as it is, (b) with greedy's replicas placed first; on more than `TWO_DIVES_G`
+   ranks only (b) (or (a) when greedy placed nothing). Up to `SMALL_G` ranks a dive may use
+   `MAX_RUNS` LP solves, beyond `MAX_RUNS_LARGE`, to stay within about twice the earlier
+   heuristic's time (results/lp_gap.md);
 4. assignment for each dive's placement: the MILP's LP with the placement fixed, over
    a[s, e, g] of the replicated experts (exact per-source traffic); every holder pays alpha
    (an upper-bound model) except the home holders the dive's last LP left without tokens,
    which get none here either (alpha saved: an expert moved off its home, which the
-   upper-bound model cannot find by itself); rounded to integer tokens per (source, expert)
+   upper-bound model cannot find by itself; beyond `SMALL_G` ranks also with every home
+   active, as idle-off can lose there); rounded to integer tokens per (source, expert)
    (largest remainder where the LP split is fractional), which keeps conservation; replicas
    left without tokens are dropped. One HiGHS model holds the union of the placements; each
    placement is a change of bounds and a warm re-solve;
@@ -61,6 +63,8 @@ _FIT = 1 + 1e-9
 MAX_RUNS = 4
 MAX_RUNS_LARGE = 3
 SMALL_G = 4
+# Ranks up to which both dives run (beyond: only the dive after greedy's replicas).
+TWO_DIVES_G = 8
 # Heaviest experts of each home rank added to the candidates: on up to SMALL_G ranks, and on
 # more when alpha is under 20% of an expert's compute (prefill-like batches).
 PER_RANK = 2
@@ -744,7 +748,7 @@ def solve_lp(problem: BalanceProblem, *, time_limit: float | None = None,
     dive = _Dive(problem, relax)
     dives = [("dive after greedy", greedy)] if greedy.replicas.any() else []
     root = None
-    if small or not dives:
+    if problem.num_ranks <= TWO_DIVES_G or not dives:
         dives.insert(0, ("dive", None))
         root = dive.root(clock)
     for name, keep in dives:
