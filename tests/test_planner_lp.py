@@ -171,3 +171,16 @@ def test_registry_passes_options_through():
     old = solve(problem, "lp", variant="round")
     assert new.objective == solve_lp(problem).objective
     assert old.objective == solve_lp(problem, variant="round").objective
+
+
+def test_assignment_for_a_fixed_placement_is_feasible_and_keeps_its_replicas():
+    # The step-4 LP alone (solvers_bench.analysis re-assigns greedy's tokens with it).
+    from probe.planner.highs import time_unit
+    from probe.planner.static import static_plan
+
+    problem = ep8_problem(0)
+    greedy = solve_greedy(problem).plan
+    plan = lp_module._assignment(problem, static_plan(problem), greedy.replicas, greedy.sources,
+                                 time_unit(objective(problem, greedy)), None)
+    assert check_plan(problem, plan) == []
+    assert not (plan.replicas & ~greedy.replicas).any()

@@ -684,6 +684,15 @@ def _assign(problem: BalanceProblem, model: _Assignment, replicas: np.ndarray,
     return Plan(replicas & ~unused, np.where(unused, -1, sources), assignment)
 
 
+def _assignment(problem: BalanceProblem, static: Plan, replicas: np.ndarray,
+                sources: np.ndarray, unit: float, time_left: float | None) -> Plan | None:
+    """Step 4 for one placement (replicas bool [G, E], sources int [G, E]) given the static
+    plan, every holder active; None if the LP is not solved. (Kept with this signature for
+    solvers_bench.analysis, which re-assigns greedy's tokens with it.)"""
+    model = _build_assignment(problem, _static(problem, static), replicas, unit)
+    return _assign(problem, model, replicas, sources, time_left)
+
+
 # ------------------------------------------------------------------------------------ solve
 def solve_lp(problem: BalanceProblem, *, time_limit: float | None = None,
              num_candidates: int | None = None, per_rank: int | None = None,
