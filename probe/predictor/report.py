@@ -140,6 +140,7 @@ def write_report(res: dict, out_dir: str | Path, *, command: str = "",
     # ---- online
     online = res.get("online")
     if online:
+        name = online.get("name", "online")
         steps = online["steps"]
         layers = list(online["acc"])
         with (out / "online.csv").open("w", newline="") as fh:
@@ -166,7 +167,7 @@ def write_report(res: dict, out_dir: str | Path, *, command: str = "",
                   "the same tag; load error is relative L1 on the sampled tokens' [S, E] load."
                   " `same-step share` is this step's full-batch shares rescaled to the sample: "
                   "the sampling-noise floor of any distribution-level guess.", "",
-                  "| steps | tag | top-k acc (online) | top-k acc (prior) | load err (online) | "
+                  f"| steps | tag | top-k acc ({name}) | top-k acc (prior) | load err ({name}) | "
                   "load err (last step) | load err (same-step share) |",
                   "|---|---|---|---|---|---|---|"]
         tags = online["tags"] or [""] * len(steps)
@@ -184,7 +185,7 @@ def write_report(res: dict, out_dir: str | Path, *, command: str = "",
                       "over steps and layers of IR(plan from the source) / IR(plan from the "
                       "truth), greedy, same cost model and rescaling as above (1.000 = as good "
                       "as knowing the true load).", "",
-                      "| steps | tag | online predictor | last step | avg of 8 steps |",
+                      f"| steps | tag | {name} predictor | last step | avg of 8 steps |",
                       "|---|---|---|---|---|"]
             for a, b in segments:
                 cells = [_fmt(_mean(_mean(ratio[n][la][a:b]) for la in layers))
@@ -194,7 +195,7 @@ def write_report(res: dict, out_dir: str | Path, *, command: str = "",
             total = {n: _mean(_mean(ratio[n][la]) for la in layers) for n in ratio}
             lines.append("| **all** | | " + " | ".join(
                 f"**{_fmt(total[n])}**" for n in ("online", "last_step", "avg_8")) + " |")
-            verdict.append(f"- online, whole recording (both domains and the shift): plan IR "
+            verdict.append(f"- {name}, whole recording (both domains and the shift): plan IR "
                            f"ratio {total['online']:.3f} vs last step {total['last_step']:.3f}, "
                            f"8-step average {total['avg_8']:.3f}")
         lines.append("")

@@ -361,8 +361,11 @@ def cmd_train(args) -> None:
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    routers = load_model(args.ckpt, expert_ids=[0])
-    pset = PredictorSet.from_model(routers, hidden=args.hidden)
+    if args.init is not None:  # continue from saved predictors (e.g. only to fine-tune)
+        pset = PredictorSet.load(args.init)
+    else:
+        routers = load_model(args.ckpt, expert_ids=[0])
+        pset = PredictorSet.from_model(routers, hidden=args.hidden)
     if (args.pairs / "meta.json").is_file():
         pairs = PairFile(args.pairs)
         hidden, logits, meta, avail = pairs.hidden, pairs.logits, pairs.meta, len(pairs)
@@ -382,11 +385,13 @@ def cmd_train(args) -> None:
     def progress(seen, loss):
         print(f"  {seen:9d} tokens seen, loss {loss:.4f}", flush=True)
 
-    res = train_streaming(pset, hidden, logits, num_tokens=n, epochs=args.epochs,
-                          batch_size=args.batch_size, lr=args.lr, margin_weight=args.margin_weight,
-                          margin=args.margin, weight_decay=args.weight_decay, seed=args.seed,
-                          chunk=args.chunk, callback=progress,
-                          callback_every=max(1, n // args.batch_size // 4))
+    res = {"seconds": 0.0, "tokens_seen": 0, "loss": []}
+    if args.epochs > 0:
+        res = train_streaming(pset, hidden, logits, num_tokens=n, epochs=args.epochs,
+                              batch_size=args.batch_size, lr=args.lr,
+                              margin_weight=args.margin_weight, margin=args.margin,
+                              weight_decay=args.weight_decay, seed=args.seed, chunk=args.chunk,
+                              callback=progress, callback_every=max(1, n // args.batch_size // 4))
     if args.finetune_epochs:
         from probe.predictor.distill import train_offline
 
@@ -394,8 +399,9 @@ def cmd_train(args) -> None:
         train_offline(pset, torch.from_numpy(tr.hidden), torch.from_numpy(tr.logits),
                       epochs=args.finetune_epochs, batch_size=256, lr=args.finetune_lr,
                       seed=args.seed)
-    out = {"run": args.name, "tokens": n, "epochs": args.epochs, "hidden": args.hidden,
-           "lr": args.lr, "batch_size": args.batch_size, "margin_weight": args.margin_weight,
+    out = {"run": args.name, "init": str(args.init), "tokens": n, "epochs": args.epochs,
+           "hidden": pset.hidden, "lr": args.lr, "batch_size": args.batch_size,
+           "margin_weight": args.margin_weight,
            "margin": args.margin, "weight_decay": args.weight_decay,
            "finetune_epochs": args.finetune_epochs, "pairs": str(args.pairs),
            "sample": args.sample, "pairs_meta": {k: v for k, v in meta.items()
@@ -462,7 +468,10 @@ def main(argv=None) -> None:
     c.add_argument("--margin-weight", type=float, default=0.0)
     c.add_argument("--margin", type=float, default=1.0)
     c.add_argument("--weight-decay", type=float, default=0.0)
-    c.add_argument("--finetune-epochs", type=int, default=0)
+    c.add_argument("--init", type=Path, default=None,
+                   help="start from these saved predictors (with --epochs 0: fine-tune only)")
+    c.add_argument("--finetune-epochs", type=int, default=0,
+                   help="then this many epochs on the decode recording's training steps")
     c.add_argument("--finetune-lr", type=float, default=1e-3)
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--name", default="run")

@@ -93,6 +93,7 @@ def main(argv=None) -> None:
                       if args.online_updates == 0 else
                       f"{args.online_updates} AdamW update(s) of lr {args.online_lr} per step, "
                       "starting from the corpus-distilled predictors")
+    online["name"] = "fixed" if args.online_updates == 0 else "online"
     res["online"] = online
     print(f"online done ({time.time() - t0:.0f} s)", flush=True)
     command = "PYTHONPATH=. python scripts/predictor/plan_eval.py " + " ".join(
