@@ -16,7 +16,9 @@
 #       typing-inspection
 #     mkdir -p /tmp/site312 .site312 && for w in .whl/*.whl; do unzip -q -o "$w" -d /tmp/site312; done
 #     tar -C /tmp/site312 -cJf .site312/site.tar.xz .
-# Then: run(command="bash solvers_bench/device.sh", carry=[".site312"], timeout_s=600)
+# Then: run(command="PROBE_GIT_COMMIT=<git rev-parse --short HEAD here> bash solvers_bench/device.sh",
+#          carry=[".site312"], timeout_s=600)
+# (the copy's .git on the device can be stale, so the commit is named by the caller).
 # BENCH_ARGS overrides the benchmark's arguments; SPEED=0 skips benchmarks/planner_speed.py (run
 # first, alone); SITE=none skips the unpacking (local test).
 set -uo pipefail
@@ -40,7 +42,7 @@ fi
 WORKERS=${WORKERS:-$(nproc)}
 # shellcheck disable=SC2086
 python3 -m solvers_bench --full --workers "$WORKERS" --no-plots --out "$OUT/bench" \
-  ${BENCH_ARGS:---proof 720 --proof-sizes 4x64,4x64,4x64,8x64,8x64,4x128,8x128 --max-minutes 8} \
+  ${BENCH_ARGS:---proof 720 --proof-sizes 4x64,4x64,4x64,8x64,8x64,4x128,8x128 --max-minutes 7} \
   2>&1 | tail -60 | tee "$OUT/bench/console.txt"
 status=${PIPESTATUS[0]}
 # At most 8 files come back: the report's files are rebuilt here from results.jsonl.

@@ -269,9 +269,13 @@ def machine_info() -> dict:
     except OSError:
         pass
     load = os.getloadavg() if hasattr(os, "getloadavg") else (math.nan,) * 3
+    # PROBE_GIT_COMMIT names the commit where the tree's .git cannot be trusted (a copy sent
+    # to another machine, whose .git may be stale).
+    commit = os.environ.get("PROBE_GIT_COMMIT")
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                                text=True, timeout=5, check=False).stdout.strip() or None
+        commit = commit or subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,
+            check=False).stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         commit = None
     return {"git_commit": commit, "cpu": cpu, "logical_cpus": os.cpu_count(),
