@@ -47,8 +47,9 @@ def demo(
     """Generate the built-in decode workload and show what probe does with it.
 
     1. a synthetic decode trace (ep=8, top-4 of 128 experts) and its imbalance under static EP;
-    2. one layer of one step planned by static EP, the greedy (Algorithm 1), the LP heuristic
-       and the exact CP-SAT MILP, each plan re-checked by the independent checker;
+    2. one layer of one step planned by static EP, the greedy (Algorithm 1 with probe's rules),
+       the LP heuristic and the exact CP-SAT MILP, each plan re-checked by the independent
+       checker;
     3. greedy over every layer of every step: mean imbalance before and after.
     """
     from probe.planner import BalanceProblem, CostModel, check_plan, evaluate_plan, solve
