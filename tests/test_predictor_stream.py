@@ -211,3 +211,26 @@ def test_info_bound_skip_attention_features(tiny):
                 layer.attn.o_proj.bias.zero_()
     h, s, z = info_bound.collect(model, windows, min_pos=2)
     np.testing.assert_array_equal(h, s)
+
+
+def test_write_report_summary_and_fixed_predictor_labels(tmp_path):
+    from probe.predictor.report import write_report
+
+    row = {"layer": 1, "tokens": 4, "topk_acc": 0.5, "half_hit": 0.75, "recall_2k": 0.875,
+           "full_recall_2k": 0.5, "expert_load_err": 0.25}
+    online = {"steps": [0, 1], "tags": ["a", "a"], "samples_per_step": [2, 2],
+              "acc": {"1": [0.5, 0.7]}, "prior_acc": {"1": [0.4, 0.4]},
+              "pred_load_err": {"1": [0.3, 0.2]}, "last_step_load_err": {"1": [np.nan, 0.5]},
+              "same_step_share_load_err": {"1": [0.0, 0.0]},
+              "plan_ratio": {"online": {"1": [np.nan, 1.02]}, "last_step": {"1": [np.nan, 1.1]},
+                             "avg_8": {"1": [np.nan, 1.2]}},
+              "name": "fixed", "note": "no update"}
+    res = {"config": {"num_ranks": 2, "tokens_per_rank": 8}, "prior": [row],
+           "distilled": [dict(row, topk_acc=0.95)], "online": online}
+    text = write_report(res, tmp_path, summary="Predictors: made elsewhere.")
+    assert "Predictors: made elsewhere." in text and "Samples:" not in text
+    assert "## The fixed predictors across the recording" in text
+    assert "(no update)" in text and "top-k acc (fixed)" in text
+    assert "| 0-1 | a | 0.600 |" in text  # mean of the two steps' accuracy
+    assert "plan IR ratio 1.020 vs last step 1.100" in text
+    assert "- mean top-k accuracy: 0.950 vs target 0.90: met" in text

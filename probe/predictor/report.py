@@ -160,7 +160,9 @@ def write_report(res: dict, out_dir: str | Path, *, command: str = "",
                             _mean(online["same_step_share_load_err"][la][i] for la in layers),
                             *[_mean(ratio[n][la][i] for la in layers) if ratio else ""
                               for n in ("online", "last_step", "avg_8")]])
-        lines += ["## Online (prequential) distillation across the recording", "",
+        heading = ("Online (prequential) distillation" if name == "online"
+                   else f"The {name} predictors")
+        lines += [f"## {heading} across the recording", "",
                   "Each step is predicted before the predictor learns from it ("
                   f"{online.get('note', 'one update per step, from the frozen prior')}). "
                   "Means over layers, per segment of steps with "
@@ -181,7 +183,7 @@ def write_report(res: dict, out_dir: str | Path, *, command: str = "",
                          f"{_fmt(seg('last_step_load_err'))} | "
                          f"{_fmt(seg('same_step_share_load_err'))} |")
         if ratio:
-            lines += ["", "Plan quality of the online predictor vs history, per segment: mean "
+            lines += ["", f"Plan quality of the {name} predictor vs history, per segment: mean "
                       "over steps and layers of IR(plan from the source) / IR(plan from the "
                       "truth), greedy, same cost model and rescaling as above (1.000 = as good "
                       "as knowing the true load).", "",
