@@ -3,7 +3,7 @@ certified bounds, and their kernel time.
 
     PYTHONPATH=. python benchmarks/greedy_variants.py [--out results/greedy_variants.md] [--rev REV]
 
-Gap: every instance of results/solvers_bench/results.jsonl and extra/results.jsonl whose optimum
+Gap: every instance of results/solvers_bench/results.jsonl whose optimum
 is proven (cpsat or highs reported status "optimal"), and separately every record whose
 certified gap (best known objective vs best bound) is <= 0.5%, is rebuilt from its recipe
 (`solvers_bench.instances.build_problem`) and planned by the greedy with each variant
@@ -37,7 +37,7 @@ from probe.planner.greedy import PAPER_OPTIONS, _kernel_args, greedy_arrays, gre
 from solvers_bench.instances import InstanceSpec, build_problem
 from solvers_bench.report import _trivial
 
-SOURCES = ("results/solvers_bench/results.jsonl", "results/solvers_bench/extra/results.jsonl")
+SOURCES = ("results/solvers_bench/results.jsonl",)
 DEFAULT = {"move_local": True, "evacuate": False, "two_phase": True, "mean_cap": False,
            "also_paper": False}
 # (name, options): the default rules, the paper's, the slower also_paper variants, and one option
@@ -236,8 +236,9 @@ def main() -> None:
              f"Command: `{command}`  ", f"Machine: {machine['cpu']}, {machine['cpus']} CPUs, "
              f"{machine['platform']}, Python {machine['python']}, load average (1/5/15 min) "
              f"{machine['loadavg_1_5_15']}.", "",
-             "Instances: the solvers_bench records (main run and extra run) whose optimum is "
-             "proven (cpsat or highs status optimal), and those whose certified gap (best "
+             "Instances: the solvers_bench records (results/solvers_bench/results.jsonl) "
+             "whose optimum is proven (cpsat or highs status optimal), and those whose "
+             "certified gap (best "
              f"known objective vs best bound) is <= {100 * CERTIFIED_GAP:g}%, rebuilt from "
              "their recipes; k_max 16 (the default) except where a variant says \"auto\" "
              "(max(16, 2G): also 16 on these instances, G <= 8); gap = (objective - best "

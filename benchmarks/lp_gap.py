@@ -3,10 +3,11 @@ time per instance size.
 
     PYTHONPATH=. python benchmarks/lp_gap.py [--out results/lp_gap.md] [--repeats 3]
 
-Instances: every non-fatal record of the solvers_bench result files (default: the main run and
-the extra run) is rebuilt from its recipe (`solvers_bench.instances.build_problem`) and planned
-by greedy (default options), the previous lp heuristic (`solve_lp(..., variant="round")`) and
-the current one (`solve_lp(...)`), all with the code at HEAD.
+Instances: every non-fatal record of the solvers_bench result files (default:
+results/solvers_bench/results.jsonl) is rebuilt from its recipe
+(`solvers_bench.instances.build_problem`) and planned by greedy (default options), the
+previous lp heuristic (`solve_lp(..., variant="round")`) and the current one (`solve_lp(...)`),
+all with the code at HEAD.
 
 Gap = (objective - best bound) / objective with the record's best bound, over three sets (as in
 solvers_bench/report.py): proven (cpsat or highs reported "optimal"), non-trivial proven
@@ -41,7 +42,7 @@ from probe.planner.lp import solve_lp
 from solvers_bench.instances import InstanceSpec, build_problem
 from solvers_bench.report import CERTIFIED, _trivial
 
-SOURCES = ("results/solvers_bench/results.jsonl", "results/solvers_bench/extra/results.jsonl")
+SOURCES = ("results/solvers_bench/results.jsonl",)
 METHODS = ("greedy", "lp_old", "lp_new")
 TIMED = METHODS + ("lp_base",)
 TITLES = {"greedy": "greedy", "lp_old": "lp old (variant round)", "lp_new": "lp new (dive)",
