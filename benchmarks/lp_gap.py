@@ -233,8 +233,8 @@ def main() -> None:
     has_base = base is not None
     lines += ["## Time per size (median ms per call)", "",
               f"Median over instances of the median of {args.repeats} calls; wall (process "
-              "CPU). *bench lp* = the lp wall time stored in the records (bench run, 2 worker "
-              "processes on a shared machine)."
+              "CPU). *bench lp* = the lp wall time stored in the records (the bench run's own "
+              "timing, on the machine its report names)."
               + (f" *lp at {args.baseline}* = lp.py as committed at {args.baseline} (the code "
                  "before this change; variant round shares the new code's faster LP "
                  "plumbing)." if has_base else ""), "",
