@@ -63,8 +63,10 @@ _FIT = 1 + 1e-9
 MAX_RUNS = 4
 MAX_RUNS_LARGE = 3
 SMALL_G = 4
-# Ranks up to which both dives run (beyond: only the dive after greedy's replicas).
-TWO_DIVES_G = 8
+# Ranks up to which both dives run (beyond: only the dive after greedy's replicas). At 8 it
+# cost ep=8 decode 6.0 ms instead of 3.7 ms (results/lp_speed.md's setup, idle dev box) for
+# the same median and p95 gap on solvers_bench's non-trivial proven instances.
+TWO_DIVES_G = 4
 # Heaviest experts of each home rank added to the candidates: on up to SMALL_G ranks, and on
 # more when alpha is under 20% of an expert's compute (prefill-like batches).
 PER_RANK = 2
