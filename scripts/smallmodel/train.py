@@ -40,6 +40,11 @@ from probe.runtime.smallmodel import (
 )
 
 
+# Same width, experts and top-k as SMALL_ARCH but 2.5x the layers, to test whether the lookahead
+# predictor's accuracy ceiling (results/predictor/report.md) is a matter of depth (issue 6).
+DEEP_ARCH: dict = {**SMALL_ARCH, "num_hidden_layers": 20}
+
+
 def build_model(arch: dict, experts_impl: str | None, seed: int):
     from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
 
@@ -115,7 +120,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--corpus", type=Path, default=Path("data/smallmodel/corpus.jsonl"))
     ap.add_argument("--out", type=Path, default=Path("models/smallmodel"))
-    ap.add_argument("--arch", choices=("small", "tiny"), default="small")
+    ap.add_argument("--arch", choices=("small", "deep", "tiny"), default="small",
+                    help="small: 8 layers; deep: 20 layers, otherwise as small; tiny: CPU tests")
     ap.add_argument("--minutes", type=float, default=None,
                     help="training time budget; sets --steps from a timed warm-up")
     ap.add_argument("--steps", type=int, default=None)
@@ -141,7 +147,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     device = torch.device(args.device)
     autocast = device.type == "cuda"
-    arch = dict(SMALL_ARCH if args.arch == "small" else TINY_ARCH)
+    arch = dict({"small": SMALL_ARCH, "deep": DEEP_ARCH, "tiny": TINY_ARCH}[args.arch])
     if args.aux_coef is not None:
         arch["router_aux_loss_coef"] = args.aux_coef
     aux_coef = arch["router_aux_loss_coef"]
