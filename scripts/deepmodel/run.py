@@ -1,0 +1,190 @@
+"""Issue 6 depth test: train a deeper small MoE, distil lookahead predictors, score held out.
+
+One script for one GPU call: (1) train scripts/smallmodel/train.py --arch deep (20 layers,
+otherwise as the 8-layer "small" model) for --minutes; (2) teacher-forced (router input, router
+logits) pairs from random windows of the corpus' train split in the decode traffic's domain mix
+(scripts/predictor/distill_more.py's window draw, positions >= --min-pos of --window-byte
+windows); (3) distil a PredictorSet (probe.predictor) on them; (4) score the frozen prior and the
+distilled predictor per layer on teacher-forced windows of the held-out corpus (same mix, never
+trained on), plus the cosine similarity of consecutive router inputs. Writes summary.json and
+layers.csv to --out.
+
+  GPU: PYTHONPATH=. python scripts/deepmodel/run.py --minutes 4.5 --out $OUT
+  CPU smoke test (about a minute):
+  PYTHONPATH=. python scripts/deepmodel/run.py --arch tiny --steps 3 --device cpu \
+      --train-tokens 4000 --eval-tokens 2000 --window 128 --min-pos 16 --out /tmp/deep_out
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import importlib.util
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+from probe.predictor.evaluate import fidelity  # noqa: E402
+from probe.predictor.model import PredictorSet  # noqa: E402
+from probe.predictor.stream import router_pairs, train_streaming  # noqa: E402
+from probe.runtime.checkpoint import load_model  # noqa: E402
+from probe.runtime.smallmodel import encode, load_corpus  # noqa: E402
+
+
+def _distill_more():
+    spec = importlib.util.spec_from_file_location(
+        "distill_more", ROOT / "scripts" / "predictor" / "distill_more.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def collect(model, batches, tokens: int, min_pos: int, micro: int) -> tuple[np.ndarray, ...]:
+    """Pairs (hidden [n, L, D], logits [n, L, E]) from window batches until `tokens` rows."""
+    hs, ls, n = [], [], 0
+    for windows, *_ in batches:
+        for i in range(0, len(windows), micro):
+            h, lg = router_pairs(model, windows[i:i + micro], min_pos=min_pos)
+            hs.append(h)
+            ls.append(lg)
+            n += h.shape[0]
+        if n >= tokens:
+            break
+    return np.concatenate(hs)[:tokens], np.concatenate(ls)[:tokens]
+
+
+def heldout_batches(path: Path, mix: dict, window: int, min_pos: int, per_batch: int, seed: int):
+    """Random windows of the held-out file's documents, domains drawn by `mix`."""
+    docs: dict[str, list[np.ndarray]] = {}
+    for rec in load_corpus(path):
+        if rec["domain"] in mix:
+            docs.setdefault(rec["domain"], []).append(encode(rec["text"]))
+    domains = sorted(docs)
+    p = np.array([mix[d] for d in domains], np.float64)
+    p /= p.sum()
+    rng = np.random.default_rng(seed)
+    while True:
+        out = []
+        while len(out) < per_batch:
+            pool = docs[domains[int(rng.choice(len(domains), p=p))]]
+            doc = pool[int(rng.integers(len(pool)))]
+            if doc.shape[0] > window:
+                s = int(rng.integers(doc.shape[0] - window + 1))
+                doc = doc[s:s + window]
+            if doc.shape[0] > min_pos:
+                out.append(doc)
+        yield (out,)
+
+
+def consecutive_cosine(hidden: np.ndarray) -> list[float]:
+    """Mean cosine between router inputs of layers l-1 and l, l = 1..L-1. hidden [n, L, D]."""
+    h = torch.from_numpy(hidden).float()
+    return [float(torch.nn.functional.cosine_similarity(h[:, i - 1], h[:, i], dim=-1).mean())
+            for i in range(1, h.shape[1])]
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--arch", default="deep")
+    ap.add_argument("--minutes", type=float, default=None)
+    ap.add_argument("--steps", type=int, default=None)
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--corpus", type=Path, default=Path("data/smallmodel/corpus.jsonl"))
+    ap.add_argument("--heldout", type=Path, default=Path("data/smallmodel/heldout.jsonl"))
+    ap.add_argument("--ckpt", type=Path, default=Path("/tmp/deepmodel_ckpt"))
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--train-tokens", type=int, default=1_500_000)
+    ap.add_argument("--eval-tokens", type=int, default=200_000)
+    ap.add_argument("--window", type=int, default=640)
+    ap.add_argument("--min-pos", type=int, default=64)
+    ap.add_argument("--micro", type=int, default=32, help="windows per forward pass")
+    ap.add_argument("--hidden", type=int, default=1024, help="predictor residual MLP width")
+    ap.add_argument("--epochs", type=float, default=2.0)
+    ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--batch-size", type=int, default=4096, help="distillation minibatch")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--train-args", default="", help="extra train.py arguments")
+    args = ap.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    times = {}
+    t0 = time.time()
+    budget = (["--minutes", str(args.minutes)] if args.minutes is not None
+              else ["--steps", str(args.steps or 2000)])
+    cmd = [sys.executable, str(ROOT / "scripts/smallmodel/train.py"), "--arch", args.arch,
+           "--corpus", str(args.corpus), "--out", str(args.ckpt), "--device", args.device,
+           *budget, *args.train_args.split()]
+    print(" ".join(cmd), flush=True)
+    subprocess.run(cmd, check=True)
+    times["train_s"] = round(time.time() - t0, 1)
+    train_summary = json.loads((args.ckpt / "train_summary.json").read_text())
+
+    t1 = time.time()
+    dev = torch.device(args.device)
+    model = load_model(args.ckpt, device=dev).eval()
+    dm = _distill_more()
+    ns = argparse.Namespace(mix="decode", corpus=args.corpus, exclude_rec=None, exclude_k=32,
+                            seed=args.seed, batch_windows=args.micro * 8, window=args.window,
+                            min_pos=args.min_pos)
+    docs, domains, weights, doc_index, banned = dm._corpus_stream(ns)
+    batches = dm._window_batches(ns, docs, domains, weights, doc_index, banned)
+    h_tr, l_tr = collect(model, batches, args.train_tokens, args.min_pos, args.micro)
+    ho = heldout_batches(args.heldout, dm.DECODE_MIX, args.window, args.min_pos,
+                         args.micro * 8, args.seed + 1)
+    h_ev, l_ev = collect(model, ho, args.eval_tokens, args.min_pos, args.micro)
+    times["collect_s"] = round(time.time() - t1, 1)
+    print(f"pairs: train {h_tr.shape}, held-out {h_ev.shape} ({times['collect_s']} s)",
+          flush=True)
+
+    t2 = time.time()
+    torch.manual_seed(args.seed)
+    pset = PredictorSet.from_model(model, hidden=args.hidden).to(dev)
+    res = train_streaming(pset, h_tr, l_tr, epochs=args.epochs, lr=args.lr, seed=args.seed,
+                          batch_size=args.batch_size, chunk=max(65536, args.batch_size))
+    times["distill_s"] = round(time.time() - t2, 1)
+    n = h_ev.shape[0]
+    step, src = np.arange(n) // 128, (np.arange(n) % 128) // 16
+    rows = {}
+    for name, prior in (("frozen", True), ("distilled", False)):
+        rows[name] = fidelity(pset, h_ev, l_ev, step=step, src_rank=src, num_ranks=8,
+                              prior=prior)
+    cos = consecutive_cosine(h_ev[: min(n, 50_000)])
+    keys = ("topk_acc", "half_hit", "recall_2k")
+    summary = {
+        "arch": args.arch, "layers": int(h_ev.shape[1]), "params": train_summary["params"],
+        "train_steps": train_summary["steps"], "train_tokens": train_summary["tokens"],
+        "heldout_ce": train_summary["final_val_ce"],
+        "val_ce_by_domain": train_summary.get("val_ce_by_domain"),
+        "pairs_train": int(h_tr.shape[0]), "pairs_heldout": int(n),
+        "distill": {"epochs": args.epochs, "hidden": args.hidden, "lr": args.lr,
+                    "batch_size": args.batch_size,
+                    "tokens_seen": res["tokens_seen"], "loss": res["loss"]},
+        "mean": {nm: {k: float(np.mean([r[k] for r in rs])) for k in keys}
+                 for nm, rs in rows.items()},
+        "consecutive_cosine": cos, "mean_consecutive_cosine": float(np.mean(cos)),
+        "times": {**times, "total_s": round(time.time() - t0, 1)},
+        "device": train_summary.get("device"), "argv": sys.argv,
+    }
+    (args.out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    with (args.out / "layers.csv").open("w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["layer", "which", *keys, "expert_load_err", "cos_prev"])
+        for nm, rs in rows.items():
+            for r in rs:
+                w.writerow([r["layer"], nm, *(round(r[k], 4) for k in keys),
+                            round(r.get("expert_load_err", float("nan")), 4),
+                            round(cos[r["layer"] - 1], 4)])
+    print(json.dumps({k: summary[k] for k in ("layers", "heldout_ce", "mean",
+                                               "mean_consecutive_cosine", "times")}, indent=1))
+    return summary
+
+
+if __name__ == "__main__":
+    main()

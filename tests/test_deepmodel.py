@@ -1,0 +1,32 @@
+"""End-to-end CPU smoke test of scripts/deepmodel/run.py on the tiny arch."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+CORPUS = ROOT / "data/smallmodel/corpus.jsonl"
+HELDOUT = ROOT / "data/smallmodel/heldout.jsonl"
+
+
+@pytest.mark.skipif(not (CORPUS.is_file() and HELDOUT.is_file()), reason="no corpus")
+def test_run_tiny(tmp_path):
+    spec = importlib.util.spec_from_file_location("deep_run", ROOT / "scripts/deepmodel/run.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    s = mod.main(["--arch", "tiny", "--steps", "2", "--device", "cpu", "--train-tokens", "3000",
+                  "--eval-tokens", "1500", "--window", "128", "--min-pos", "16", "--micro", "4",
+                  "--hidden", "16", "--batch-size", "256", "--out", str(tmp_path / "out"),
+                  "--ckpt", str(tmp_path / "ckpt"), "--corpus", str(CORPUS),
+                  "--heldout", str(HELDOUT), "--train-args", "--batch 2 --seq 64 --eval-windows 2"])
+    assert s["pairs_train"] == 3000 and s["pairs_heldout"] == 1500
+    assert len(s["consecutive_cosine"]) == s["layers"] - 1
+    for which in ("frozen", "distilled"):
+        m = s["mean"][which]
+        assert 0.0 <= m["topk_acc"] <= m["recall_2k"] <= 1.0
+    saved = json.loads((tmp_path / "out/summary.json").read_text())
+    assert saved["heldout_ce"] == s["heldout_ce"]
+    rows = (tmp_path / "out/layers.csv").read_text().splitlines()
+    assert len(rows) == 1 + 2 * (s["layers"] - 1)
