@@ -16,7 +16,7 @@ from probe.planner.greedy import solve_greedy
 from probe.planner.highs import solve_highs
 from probe.planner.lp import solve_lp
 from probe.planner.problem import BalanceProblem
-from probe.specs import hardware_preset, model_preset
+from test_planner_exact import ep8_problem  # the same ep=8 decode step
 
 
 def objective(problem: BalanceProblem, plan) -> float:
@@ -58,20 +58,6 @@ def cycle_problem() -> BalanceProblem:
                      [1, 17, 15, 0, 13, 3, 3, 40]])
     cost = CostModel.uniform(4, alpha=1.0, beta=1.0, token_time=0.1, transfer_time=1.0)
     return BalanceProblem(load, sharded_home(8, 4), 1, 1.0, cost)
-
-
-def ep8_problem(seed: int = 0) -> BalanceProblem:
-    """ep=8, 128 experts, top-4 Zipf-skewed decode step of 768 tokens per rank (gpt-oss)."""
-    rng = np.random.default_rng(seed)
-    pop = (np.arange(128) + 1.0) ** -1.0
-    pop = pop[rng.permutation(128)]
-    load = np.zeros((8, 128), np.int64)
-    for s in range(8):
-        keys = np.log(pop)[None, :] + rng.gumbel(size=(768, 128))
-        top = np.argpartition(-keys, 4, axis=1)[:, :4]
-        load[s] = np.bincount(top.ravel(), minlength=128)
-    cost = CostModel.from_specs(model_preset("gpt-oss-120b"), hardware_preset("h200x8"))
-    return BalanceProblem(load, sharded_home(128, 8), 3, 3 * cost.transfer_time[0, 1], cost)
 
 
 @pytest.mark.parametrize("seed", range(24))
