@@ -112,6 +112,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--batch-size", type=int, default=4096, help="distillation minibatch")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--train-args", default="", help="extra train.py arguments")
+    ap.add_argument("--no-train", action="store_true",
+                    help="score the model already in --ckpt (e.g. models/smallmodel) instead")
     args = ap.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     times = {}
@@ -121,10 +123,16 @@ def main(argv=None) -> dict:
     cmd = [sys.executable, str(ROOT / "scripts/smallmodel/train.py"), "--arch", args.arch,
            "--corpus", str(args.corpus), "--out", str(args.ckpt), "--device", args.device,
            *budget, *args.train_args.split()]
-    print(" ".join(cmd), flush=True)
-    subprocess.run(cmd, check=True)
+    if args.no_train:
+        if not (args.ckpt / "train_summary.json").is_file():
+            raise SystemExit(f"--no-train: no trained model in {args.ckpt} (train_summary.json)")
+    else:
+        print(" ".join(cmd), flush=True)
+        subprocess.run(cmd, check=True)
     times["train_s"] = round(time.time() - t0, 1)
     train_summary = json.loads((args.ckpt / "train_summary.json").read_text())
+    # Kept in --out at once, so a later step running out of time still leaves the training run.
+    (args.out / "train_summary.json").write_text(json.dumps(train_summary, indent=1) + "\n")
 
     t1 = time.time()
     dev = torch.device(args.device)
@@ -158,7 +166,8 @@ def main(argv=None) -> dict:
     cos = consecutive_cosine(h_ev[: min(n, 50_000)])
     keys = ("topk_acc", "half_hit", "recall_2k")
     summary = {
-        "arch": args.arch, "layers": int(h_ev.shape[1]), "params": train_summary["params"],
+        "arch": train_summary.get("args", {}).get("arch", args.arch),
+        "layers": int(h_ev.shape[1]), "params": train_summary["params"],
         "train_steps": train_summary["steps"], "train_tokens": train_summary["tokens"],
         "heldout_ce": train_summary["final_val_ce"],
         "val_ce_by_domain": train_summary.get("val_ce_by_domain"),
