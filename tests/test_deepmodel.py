@@ -4,6 +4,7 @@ import importlib.util
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -20,7 +21,8 @@ def test_run_tiny(tmp_path):
                   "--eval-tokens", "1500", "--window", "128", "--min-pos", "16", "--micro", "4",
                   "--hidden", "16", "--batch-size", "256", "--out", str(tmp_path / "out"),
                   "--ckpt", str(tmp_path / "ckpt"), "--corpus", str(CORPUS),
-                  "--heldout", str(HELDOUT), "--train-args", "--batch 2 --seq 64 --eval-windows 2"])
+                  "--heldout", str(HELDOUT), "--decode-steps", "6", "--decode-pre", "16",
+                  "--per-rank", "3", "--train-args", "--batch 2 --seq 64 --eval-windows 2"])
     assert s["pairs_train"] == 3000 and s["pairs_heldout"] == 1500
     assert len(s["consecutive_cosine"]) == s["layers"] - 1
     for which in ("frozen", "distilled"):
@@ -30,3 +32,12 @@ def test_run_tiny(tmp_path):
     assert saved["heldout_ce"] == s["heldout_ce"]
     rows = (tmp_path / "out/layers.csv").read_text().splitlines()
     assert len(rows) == 1 + 2 * (s["layers"] - 1)
+    # decode-like loads: 2 phases x 6 steps, every token of 8 ranks x 3 requests counted
+    loads = np.load(tmp_path / "out/decode_loads.npz")
+    k = int(loads["top_k"])
+    assert int(loads["shift_step"]) == 6
+    for name in ("truth", "distilled", "prior"):
+        x = loads[name]
+        assert x.shape == (12, s["layers"] - 1, 8, x.shape[3])
+        assert (x.sum(axis=3) == 3 * k).all()  # per step, layer and source rank
+    assert s["decode_like"]["tokens"] == 12 * 8 * 3

@@ -32,7 +32,12 @@ import torch
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from probe.predictor.evaluate import fidelity  # noqa: E402
+from probe.predictor.evaluate import (  # noqa: E402
+    fidelity,
+    predicted_ids,
+    step_loads,
+    true_ids,
+)
 from probe.predictor.model import PredictorSet  # noqa: E402
 from probe.predictor.stream import router_pairs, train_streaming  # noqa: E402
 from probe.runtime.checkpoint import load_model  # noqa: E402
@@ -84,6 +89,61 @@ def heldout_batches(path: Path, mix: dict, window: int, min_pos: int, per_batch:
         yield (out,)
 
 
+def decode_phases(path: Path, *, phases, ranks: int, per_rank: int, pre: int, steps: int,
+                  seed: int) -> list[list[np.ndarray]]:
+    """Per phase, ranks * per_rank held-out windows of exactly pre + steps bytes, domains drawn
+    uniformly from the phase's domains (rank r holds windows r * per_rank ...)."""
+    out = []
+    for i, domains in enumerate(phases):
+        mix = {d: 1 for d in domains}
+        draw = heldout_batches(path, mix, pre + steps, pre, 4 * ranks * per_rank, seed + 100 + i)
+        chosen: list[np.ndarray] = []
+        while len(chosen) < ranks * per_rank:
+            (batch,) = next(draw)
+            chosen += [w for w in batch if w.shape[0] == pre + steps]
+        out.append(chosen[: ranks * per_rank])
+    return out
+
+
+@torch.no_grad()
+def decode_like_loads(model, pset: PredictorSet, phases: list[list[np.ndarray]], *,
+                      ranks: int, per_rank: int, pre: int, micro: int) -> dict:
+    """Teacher-forced decode-like traffic and its loads.
+
+    Each phase's ranks * per_rank windows advance together one byte per step after `pre` bytes
+    of context: step t of the phase is every window's byte pre + t, so consecutive steps are the
+    same requests one token on, and at a phase change every request is replaced (the abrupt
+    domain shift of scripts/smallmodel/record.py's decode recording). Every token of a step is
+    counted (no sampling). Returns {"truth", "distilled", "prior": int32 [n, L', S, E] over
+    pset.layers, "layers", "hidden", "logits", "step", "src_rank"}.
+    """
+    k, e = pset.top_k, pset.num_experts
+    hs, ls, steps, srcs, offset = [], [], [], [], 0
+    for windows in phases:
+        n_steps = windows[0].shape[0] - pre
+        h, lg = collect(model, [(windows,)], len(windows) * n_steps, pre, micro)
+        w = np.repeat(np.arange(len(windows)), n_steps)
+        hs.append(h)
+        ls.append(lg)
+        steps.append(offset + np.tile(np.arange(n_steps), len(windows)))
+        srcs.append(w // per_rank)
+        offset += n_steps
+    hidden, logits = np.concatenate(hs), np.concatenate(ls)
+    step, src = np.concatenate(steps), np.concatenate(srcs)
+    ids = range(offset)
+    loads = {"truth": [], "distilled": [], "prior": []}
+    for layer in pset.layers:
+        sel = pset[layer].select
+        loads["truth"].append(step_loads(true_ids(logits, layer, k, sel), step, src, ids,
+                                         ranks, e))
+        for name, prior in (("distilled", False), ("prior", True)):
+            loads[name].append(step_loads(predicted_ids(pset, hidden, layer, k, prior=prior),
+                                          step, src, ids, ranks, e))
+    out = {name: np.stack(v, axis=1).astype(np.int32) for name, v in loads.items()}
+    return {**out, "layers": np.asarray(pset.layers), "hidden": hidden, "logits": logits,
+            "step": step, "src_rank": src}
+
+
 def consecutive_cosine(hidden: np.ndarray) -> list[float]:
     """Mean cosine between router inputs of layers l-1 and l, l = 1..L-1. hidden [n, L, D]."""
     h = torch.from_numpy(hidden).float()
@@ -112,6 +172,11 @@ def main(argv=None) -> dict:
     ap.add_argument("--batch-size", type=int, default=4096, help="distillation minibatch")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--train-args", default="", help="extra train.py arguments")
+    ap.add_argument("--decode-steps", type=int, default=64,
+                    help="decode-like steps per phase (code, then prose_en + cjk)")
+    ap.add_argument("--decode-pre", type=int, default=64, help="context bytes before step 0")
+    ap.add_argument("--ranks", type=int, default=8)
+    ap.add_argument("--per-rank", type=int, default=32, help="requests per rank and step")
     ap.add_argument("--no-train", action="store_true",
                     help="score the model already in --ckpt (e.g. models/smallmodel) instead")
     args = ap.parse_args(argv)
@@ -191,7 +256,36 @@ def main(argv=None) -> dict:
                             round(r.get("expert_load_err", float("nan")), 4),
                             round(cos[r["layer"] - 1], 4)])
     print(json.dumps({k: summary[k] for k in ("layers", "heldout_ce", "mean",
-                                               "mean_consecutive_cosine", "times")}, indent=1))
+                                               "mean_consecutive_cosine", "times")}, indent=1),
+          flush=True)
+
+    # Decode-like held-out traffic: per-step loads for scripts/deepmodel/plans.py.
+    t3 = time.time()
+    rec = dm._record_module()
+    phases = decode_phases(args.heldout, phases=(rec.CODE_DOMAINS, rec.AFTER_SHIFT_DOMAINS),
+                           ranks=args.ranks, per_rank=args.per_rank, pre=args.decode_pre,
+                           steps=args.decode_steps, seed=args.seed)
+    dl = decode_like_loads(model, pset, phases, ranks=args.ranks, per_rank=args.per_rank,
+                           pre=args.decode_pre, micro=args.micro)
+    np.savez_compressed(args.out / "decode_loads.npz", truth=dl["truth"],
+                        distilled=dl["distilled"], prior=dl["prior"], layers=dl["layers"],
+                        shift_step=np.int64(args.decode_steps), top_k=np.int64(pset.top_k))
+    drows = {name: fidelity(pset, dl["hidden"], dl["logits"], step=dl["step"],
+                            src_rank=dl["src_rank"], num_ranks=args.ranks, prior=prior)
+             for name, prior in (("frozen", True), ("distilled", False))}
+    summary["decode_like"] = {
+        "steps": 2 * args.decode_steps, "shift_step": args.decode_steps,
+        "ranks": args.ranks, "per_rank": args.per_rank, "pre": args.decode_pre,
+        "tokens": int(dl["step"].size),
+        "mean": {nm: {k: float(np.mean([r[k] for r in rs])) for k in keys}
+                 for nm, rs in drows.items()},
+        "layers": {nm: [{k: round(r[k], 4) for k in ("layer", *keys)} for r in rs]
+                   for nm, rs in drows.items()}}
+    times["decode_like_s"] = round(time.time() - t3, 1)
+    summary["times"] = {**times, "total_s": round(time.time() - t0, 1)}
+    (args.out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    print(json.dumps({"decode_like": summary["decode_like"]["mean"],
+                      "times": summary["times"]}, indent=1))
     return summary
 
 
