@@ -61,44 +61,63 @@ def dispatch_us(model, hardware, tokens: int, num_ranks: int) -> float:
     return 1e6 * pairs_out * token_time
 
 
-def time_cuda(pred, inputs, src, num_ranks, repeats: int, iters: int) -> dict:
+def variants(pred, src, num_ranks, names: list[str]) -> dict:
+    """name -> fn(h) giving the [S, E] predicted load: "plain" (`predict_load`: router, W1, W2
+    as three products), "fused" (router and W1 in one product, W2 accumulated onto the prior:
+    `fuse()` + `predict_load(fused=True)`), "compiled" (the fused form through torch.compile)."""
+    out = {}
+    if "plain" in names:
+        out["plain"] = lambda h: pred.predict_load(h, src, num_ranks)
+    if "fused" in names or "compiled" in names:
+        pred.fuse()
+    if "fused" in names:
+        out["fused"] = lambda h: pred.predict_load(h, src, num_ranks, fused=True)
+    if "compiled" in names:
+        out["compiled"] = torch.compile(
+            lambda h: pred.predict_load(h, src, num_ranks, fused=True), dynamic=False)
+    return out
+
+
+def time_cuda(fn, inputs, tokens_k: int, repeats: int, iters: int) -> dict:
+    """CUDA-graph replay and eager times (us) of fn(h) -> [S, E] load over rotated inputs."""
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     outs = []
     with torch.cuda.stream(stream):
-        for h in inputs:  # warm-up: cuBLAS handles, kernels selected
+        for h in inputs:  # warm-up: cuBLAS handles, kernels selected, compilation
             for _ in range(3):
-                pred.predict_load(h, src, num_ranks)
+                fn(h)
     torch.cuda.current_stream().wait_stream(stream)
     torch.cuda.synchronize()
     graphs = []
     for h in inputs:
         g = torch.cuda.CUDAGraph()
         with torch.cuda.graph(g):
-            outs.append(pred.predict_load(h, src, num_ranks))
+            outs.append(fn(h))
         graphs.append(g)
     # Check the captured graph computes the same counts as eager.
     graphs[0].replay()
     torch.cuda.synchronize()
-    ref = pred.predict_load(inputs[0], src, num_ranks)
-    assert torch.equal(outs[0], ref), "graph replay differs from eager predict_load"
-    assert int(ref.sum()) == src.numel() * pred.top_k
+    ref = fn(inputs[0])
+    assert torch.equal(outs[0], ref), "graph replay differs from eager"
+    assert int(ref.sum()) == tokens_k
 
-    def run(fn):
+    def run(step):
         times = []
         for _ in range(repeats):
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
             for i in range(iters):
-                fn(i)
+                step(i)
             end.record()
             end.synchronize()
             times.append(start.elapsed_time(end) * 1e3 / iters)
         return statistics.median(times), min(times)
 
     graph_med, graph_min = run(lambda i: graphs[i % len(graphs)].replay())
-    eager_med, _ = run(lambda i: pred.predict_load(inputs[i % len(inputs)], src, num_ranks))
-    return {"graph_us": graph_med, "graph_min_us": graph_min, "eager_us": eager_med}
+    eager_med, _ = run(lambda i: fn(inputs[i % len(inputs)]))
+    return {"graph_us": graph_med, "graph_min_us": graph_min, "eager_us": eager_med,
+            "load": ref}
 
 
 def time_cpu(pred, inputs, src, num_ranks, repeats: int) -> dict:
@@ -124,6 +143,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--iters", type=int, default=50)
     ap.add_argument("--buffers", type=int, default=4, help="rotated input sets")
+    ap.add_argument("--variants", default="plain,fused",
+                    help="on CUDA: plain, fused, compiled (comma-separated; plain is the CPU one)")
     ap.add_argument("--quick", action="store_true", help="fewer repeats (CPU smoke test)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=None, help="directory for json/csv")
@@ -167,8 +188,22 @@ def _one(args, pred, spec, hardware, hidden, tokens, gen, device, dtype, elem, r
     inputs = [torch.randn(tokens, dim, generator=gen).to(device, dtype)
               for _ in range(args.buffers)]
     src = torch.randint(0, args.num_ranks, (tokens,), generator=gen).to(device)
+    timing: dict = {}
     if args.device == "cuda":
-        timing = time_cuda(pred, inputs, src, args.num_ranks, repeats, args.iters)
+        names = args.variants.split(",")
+        plain = None
+        for vname, fn in variants(pred, src, args.num_ranks, names).items():
+            try:
+                t = time_cuda(fn, inputs, tokens * top_k, repeats, args.iters)
+            except Exception as err:  # e.g. no compiler: keep the other variants
+                print(f"FAILED variant {vname} {name} H={hidden} T={tokens}: {err!r}")
+                continue
+            load = t.pop("load")
+            if plain is None:
+                plain = load
+            # bf16 rounding differs between the forms: share of token-expert pairs that agree
+            t["agree"] = 1.0 - float((load - plain).abs().sum()) / (2 * tokens * top_k)
+            timing.update({(k if vname == "plain" else f"{vname}_{k}"): v for k, v in t.items()})
     else:
         timing = time_cpu(pred, inputs, src, args.num_ranks, repeats)
     row = {"model": name, "D": dim, "E": num_experts, "K": top_k, "H": hidden,
@@ -176,37 +211,48 @@ def _one(args, pred, spec, hardware, hidden, tokens, gen, device, dtype, elem, r
            args.device == "cuda" else "cpu", "dtype": str(dtype).split(".")[-1],
            **analytic(dim, num_experts, hidden, tokens, top_k, elem), **timing,
            "dispatch_us": dispatch_us(spec, hardware, tokens, args.num_ranks)}
-    best = row["graph_us"] if args.device == "cuda" else row["eager_us"]
+    best = (min(v for k, v in row.items() if k.endswith("graph_us"))
+            if args.device == "cuda" else row["eager_us"])
+    row["best_us"] = best
     row["fraction_of_dispatch"] = best / row["dispatch_us"]
     return row
 
 
+GRAPH_COLS = (("graph_us", "plain"), ("fused_graph_us", "fused"),
+              ("compiled_graph_us", "compiled"))
+
+
 def markdown(rows: list[dict]) -> str:
-    """Rows of a run as a Markdown table (times in microseconds)."""
-    lines = ["| model | D | E | K | H | T | GFLOP | floor us | graph us | eager us | "
-             "dispatch us | graph / dispatch |", "|---" * 12 + "|"]
+    """Rows of a run as a Markdown table (times in microseconds; CUDA-graph replays)."""
+    nan = float("nan")
+    lines = ["| model | D | E | K | H | T | GFLOP | floor us | plain us | fused us | "
+             "compiled us | dispatch us | best / dispatch |", "|---" * 13 + "|"]
     for r in rows:
+        graph = " | ".join(f"{r.get(k, nan):.1f}" for k, _ in GRAPH_COLS)
         lines.append(f"| {r['model']} | {r['D']} | {r['E']} | {r['K']} | {r['H']} | {r['T']} | "
-                     f"{r['flops'] / 1e9:.2f} | {r['floor_us']:.1f} | {r['graph_us']:.1f} | "
-                     f"{r['eager_us']:.1f} | {r['dispatch_us']:.1f} | "
-                     f"{r['fraction_of_dispatch']:.2f} |")
+                     f"{r['flops'] / 1e9:.2f} | {r['floor_us']:.1f} | {graph} | "
+                     f"{r['dispatch_us']:.1f} | {r['fraction_of_dispatch']:.2f} |")
     return "\n".join(lines)
 
 
 def _report(rows, args):
-    header = (f"{'model':16s} {'H':>4s} {'T':>5s} {'GFLOP':>7s} {'floor us':>8s} "
-              f"{'graph us':>8s} {'eager us':>8s} {'dispatch us':>11s} {'pred/disp':>9s}")
-    print(header)
+    nan = float("nan")
+    print(f"{'model':16s} {'H':>4s} {'T':>5s} {'GFLOP':>7s} {'floor us':>8s} "
+          + " ".join(f"{label + ' us':>11s}" for _, label in GRAPH_COLS)
+          + f" {'eager us':>8s} {'dispatch us':>11s} {'best/disp':>9s}")
     for r in rows:
         print(f"{r['model']:16s} {r['H']:4d} {r['T']:5d} {r['flops'] / 1e9:7.3f} "
-              f"{r['floor_us']:8.2f} {r['graph_us']:8.2f} {r['eager_us']:8.2f} "
-              f"{r['dispatch_us']:11.1f} {r['fraction_of_dispatch']:9.3f}")
-    if args.out is not None:
+              f"{r['floor_us']:8.2f} "
+              + " ".join(f"{r.get(k, nan):11.2f}" for k, _ in GRAPH_COLS)
+              + f" {r['eager_us']:8.2f} {r['dispatch_us']:11.1f} "
+              f"{r['fraction_of_dispatch']:9.3f}")
+    if args.out is not None and rows:
         args.out.mkdir(parents=True, exist_ok=True)
         tag = args.device
         (args.out / f"predictor_cost_{tag}.json").write_text(json.dumps(rows, indent=1) + "\n")
+        fields = list(dict.fromkeys(k for r in rows for k in r))
         with (args.out / f"predictor_cost_{tag}.csv").open("w", newline="") as fh:
-            w = csv.DictWriter(fh, fieldnames=list(rows[0]))
+            w = csv.DictWriter(fh, fieldnames=fields, restval="")
             w.writeheader()
             w.writerows(rows)
 

@@ -111,20 +111,26 @@ class LookaheadPredictor(nn.Module):
         return torch.topk(logits, k, dim=-1).indices
 
     @torch.no_grad()
-    def predict_topk(self, h: torch.Tensor, k: int | None = None) -> torch.Tensor:
-        """Predicted expert ids int64 [T, k] (k = top_k by default), best first."""
-        return self._select(self(h), self.top_k if k is None else k)
+    def predict_topk(self, h: torch.Tensor, k: int | None = None, *,
+                     fused: bool = False) -> torch.Tensor:
+        """Predicted expert ids int64 [T, k] (k = top_k by default), best first.
+
+        fused=True computes the logits with `fused_logits` (needs `fuse()` first).
+        """
+        logits = self.fused_logits(h) if fused else self(h)
+        return self._select(logits, self.top_k if k is None else k)
 
     @torch.no_grad()
-    def predict_load(self, h: torch.Tensor, src_rank: torch.Tensor,
-                     num_ranks: int) -> torch.Tensor:
+    def predict_load(self, h: torch.Tensor, src_rank: torch.Tensor, num_ranks: int, *,
+                     fused: bool = False) -> torch.Tensor:
         """Predicted tokens per (source rank, expert), int64 [S, E].
 
-        h: [T, D]; src_rank: int [T] in [0, num_ranks).
+        h: [T, D]; src_rank: int [T] in [0, num_ranks); fused: as in `predict_topk`.
         """
         if src_rank.shape != (h.shape[0],):
             raise ValueError(f"src_rank must be [T] = [{h.shape[0]}], got {tuple(src_rank.shape)}")
-        return load_from_ids(self.predict_topk(h), src_rank, num_ranks, self.num_experts)
+        return load_from_ids(self.predict_topk(h, fused=fused), src_rank, num_ranks,
+                             self.num_experts)
 
     @torch.no_grad()
     def fuse(self) -> None:
@@ -140,8 +146,8 @@ class LookaheadPredictor(nn.Module):
     def fused_logits(self, h: torch.Tensor) -> torch.Tensor:
         """`forward` in two GEMMs (router and W1 in one, W2 accumulated onto the prior).
 
-        Equal to `forward` up to float rounding. Needs `fuse()` first. Not yet timed on a GPU
-        against `forward` (results/predictor/report.md).
+        Equal to `forward` up to float rounding. Needs `fuse()` first. Timed against `forward`
+        on the H200 by benchmarks/predictor_cost.py (results/predictor/report.md).
         """
         fused = getattr(self, "_fused", None)
         if fused is None:

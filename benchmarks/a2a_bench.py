@@ -1,0 +1,132 @@
+"""Dispatch-shaped all-to-all and point-to-point copy times between the GPUs of one host (NCCL).
+
+All-to-all: every rank holds T tokens routed to K experts each, spread evenly over the G ranks
+(uniform routing): it sends T K / G rows of D bf16 values to every rank (itself included) with
+one `all_to_all_single`, the shape of an expert-parallel dispatch. Timed with CUDA events over
+--iters back-to-back calls, median of --repeats; a configuration's time is the slowest rank's.
+Printed next to the planner cost model's bandwidth-only estimate for the same G
+(T K (G-1)/G rows x D x 2 bytes over the preset's link bandwidth, no latency term), which is the
+dispatch time benchmarks/predictor_cost.py compares the predictor with.
+
+Point-to-point: rank 0 sends --p2p-mb megabytes to rank 1 (batch_isend_irecv), the copy an
+expert replica prefetch makes; reported as GB/s.
+
+  torchrun --nproc-per-node 2 benchmarks/a2a_bench.py --out results/a2a
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from probe.specs import resolve_hardware, resolve_model
+
+
+def timed(fn, iters: int, repeats: int) -> float:
+    """Median over repeats of the mean microseconds per call of fn(), CUDA events."""
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeats):
+        dist.barrier()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(iters):
+            fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e3 / iters)
+    return statistics.median(times)
+
+
+def slowest(us: float) -> float:
+    t = torch.tensor([us], device="cuda")
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return float(t.item())
+
+
+def model_us(spec, hardware, tokens: int, world: int) -> float:
+    from probe.planner import CostModel
+
+    token_time = float(CostModel.from_specs(spec, hardware, num_ranks=world).token_time[0, 1])
+    return 1e6 * tokens * spec.top_k * (world - 1) / world * token_time
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", default="gpt-oss-120b,qwen3-235b-a22b")
+    ap.add_argument("--tokens", default="128,512,1024,8192", help="T, tokens per rank")
+    ap.add_argument("--p2p-mb", default="4,16,64,256")
+    ap.add_argument("--hardware", default="h200x8")
+    ap.add_argument("--iters", type=int, default=50)
+    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args(argv)
+    dist.init_process_group("nccl")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank)))
+    if world < 2:
+        raise SystemExit("needs at least 2 ranks (torchrun --nproc-per-node G, G >= 2)")
+    hardware = resolve_hardware(args.hardware)
+    rows = []
+    for name in args.models.split(","):
+        spec = resolve_model(name)
+        for tokens in (int(x) for x in args.tokens.split(",")):
+            per_peer = tokens * spec.top_k // world
+            inp = torch.randn(per_peer * world, spec.hidden, device="cuda", dtype=torch.bfloat16)
+            out = torch.empty_like(inp)
+            us = slowest(timed(lambda i=inp, o=out: dist.all_to_all_single(o, i),
+                               args.iters, args.repeats))
+            leaving = per_peer * (world - 1) * spec.hidden * 2
+            rows.append({"kind": "all_to_all", "model": name, "G": world, "T": tokens,
+                         "K": spec.top_k, "D": spec.hidden, "bytes_out_per_rank": leaving,
+                         "measured_us": us, "GBps_out": leaving / us / 1e3,
+                         "cost_model_us": model_us(spec, hardware, tokens, world)})
+    for mb in (int(x) for x in args.p2p_mb.split(",")):
+        buf = torch.empty(mb * 2**20, dtype=torch.uint8, device="cuda")
+
+        def copy(b=buf):
+            if rank == 0:
+                ops = [dist.P2POp(dist.isend, b, 1)]
+            elif rank == 1:
+                ops = [dist.P2POp(dist.irecv, b, 0)]
+            else:
+                return
+            for req in dist.batch_isend_irecv(ops):
+                req.wait()
+
+        us = slowest(timed(copy, max(5, args.iters // 5), args.repeats))
+        rows.append({"kind": "p2p", "G": world, "MB": mb, "measured_us": us,
+                     "GBps": mb * 2**20 / us / 1e3,
+                     "preset_GBps": hardware.link_bw(0, 1) / 1e9})
+    if rank == 0:
+        print(f"{torch.cuda.get_device_name()} x {world}, torch {torch.__version__}, "
+              f"NCCL {'.'.join(map(str, torch.cuda.nccl.version()))}")
+        for r in rows:
+            if r["kind"] == "all_to_all":
+                print(f"a2a {r['model']:16s} T={r['T']:5d} {r['bytes_out_per_rank'] / 1e6:7.2f}"
+                      f" MB out  {r['measured_us']:8.1f} us  ({r['GBps_out']:6.1f} GB/s)"
+                      f"  cost model {r['cost_model_us']:7.1f} us")
+            else:
+                print(f"p2p {r['MB']:4d} MB  {r['measured_us']:8.1f} us  {r['GBps']:6.1f} GB/s"
+                      f"  (preset {r['preset_GBps']:.0f} GB/s)")
+        if args.out is not None:
+            args.out.mkdir(parents=True, exist_ok=True)
+            meta = {"device": torch.cuda.get_device_name(), "world": world,
+                    "torch": torch.__version__,
+                    "nccl": ".".join(map(str, torch.cuda.nccl.version())), "args": vars(args)}
+            (args.out / "a2a.json").write_text(
+                json.dumps({"meta": {**meta, "out": str(args.out)}, "rows": rows},
+                           indent=1, default=str) + "\n")
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
