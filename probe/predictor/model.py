@@ -47,7 +47,9 @@ def load_from_ids(ids: torch.Tensor, src_rank: torch.Tensor, num_ranks: int,
     ids: int64 [T, K] expert ids; src_rank: int [T] rank each token comes from.
     Returns int64 [S, E]. Uses index_add_ (not bincount) so it can be captured in a CUDA graph.
     """
-    flat = (src_rank.to(torch.int64)[:, None] * num_experts + ids.to(torch.int64)).reshape(-1)
+    # ids + E * src in one kernel
+    flat = torch.add(ids.to(torch.int64), src_rank.to(torch.int64)[:, None],
+                     alpha=num_experts).reshape(-1)
     load = torch.zeros(num_ranks * num_experts, dtype=torch.int64, device=ids.device)
     load.index_add_(0, flat, torch.ones_like(flat))  # [S*E]
     return load.view(num_ranks, num_experts)
