@@ -64,14 +64,24 @@ def dispatch_us(model, hardware, tokens: int, num_ranks: int) -> float:
 def variants(pred, src, num_ranks, names: list[str]) -> dict:
     """name -> fn(h) giving the [S, E] predicted load: "plain" (`predict_load`: router, W1, W2
     as three products), "fused" (router and W1 in one product, W2 accumulated onto the prior:
-    `fuse()` + `predict_load(fused=True)`), "compiled" (the fused form through torch.compile)."""
+    `fuse()` + `predict_load(fused=True)`), "triton" (one GEMM + one Triton kernel for SiLU, W2,
+    top-k and counts: probe.predictor.fused_load), "compiled" (the fused form through
+    torch.compile)."""
     out = {}
     if "plain" in names:
         out["plain"] = lambda h: pred.predict_load(h, src, num_ranks)
-    if "fused" in names or "compiled" in names:
+    if {"fused", "compiled", "triton"} & set(names):
         pred.fuse()
     if "fused" in names:
         out["fused"] = lambda h: pred.predict_load(h, src, num_ranks, fused=True)
+    if "triton" in names:
+        from probe.predictor.fused_load import fused_available, fused_predict_load
+
+        why = fused_available(pred, src.device)
+        if why is None:
+            out["triton"] = lambda h: fused_predict_load(pred, h, src, num_ranks)
+        else:
+            print(f"variant triton skipped: {why}")
     if "compiled" in names:
         out["compiled"] = torch.compile(
             lambda h: pred.predict_load(h, src, num_ranks, fused=True), dynamic=False)
@@ -143,8 +153,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--iters", type=int, default=50)
     ap.add_argument("--buffers", type=int, default=4, help="rotated input sets")
-    ap.add_argument("--variants", default="plain,fused",
-                    help="on CUDA: plain, fused, compiled (comma-separated; plain is the CPU one)")
+    ap.add_argument("--variants", default="plain,fused,triton",
+                    help="on CUDA: plain, fused, triton, compiled (comma-separated; the CPU "
+                    "run times plain only)")
     ap.add_argument("--quick", action="store_true", help="fewer repeats (CPU smoke test)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=None, help="directory for json/csv")
@@ -202,7 +213,7 @@ def _one(args, pred, spec, hardware, hidden, tokens, gen, device, dtype, elem, r
             if plain is None:
                 plain = load
             # bf16 rounding differs between the forms: share of token-expert pairs that agree
-            t["agree"] = 1.0 - float((load - plain).abs().sum()) / (2 * tokens * top_k)
+            t["agree"] = 1.0 - float((load.long() - plain).abs().sum()) / (2 * tokens * top_k)
             timing.update({(k if vname == "plain" else f"{vname}_{k}"): v for k, v in t.items()})
     else:
         timing = time_cpu(pred, inputs, src, args.num_ranks, repeats)
@@ -219,14 +230,14 @@ def _one(args, pred, spec, hardware, hidden, tokens, gen, device, dtype, elem, r
 
 
 GRAPH_COLS = (("graph_us", "plain"), ("fused_graph_us", "fused"),
-              ("compiled_graph_us", "compiled"))
+              ("triton_graph_us", "triton"), ("compiled_graph_us", "compiled"))
 
 
 def markdown(rows: list[dict]) -> str:
     """Rows of a run as a Markdown table (times in microseconds; CUDA-graph replays)."""
     nan = float("nan")
     lines = ["| model | D | E | K | H | T | GFLOP | floor us | plain us | fused us | "
-             "compiled us | dispatch us | best / dispatch |", "|---" * 13 + "|"]
+             "triton us | compiled us | dispatch us | best / dispatch |", "|---" * 14 + "|"]
     for r in rows:
         graph = " | ".join(f"{r.get(k, nan):.1f}" for k, _ in GRAPH_COLS)
         lines.append(f"| {r['model']} | {r['D']} | {r['E']} | {r['K']} | {r['H']} | {r['T']} | "

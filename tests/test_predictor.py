@@ -186,3 +186,16 @@ def test_fused_logits_match_forward_after_training_step():
     OnlineDistiller(pred, lr=1e-2).update(h, torch.randn(64, 8))
     pred.fuse()  # refresh after the update
     torch.testing.assert_close(pred.fused_logits(h), pred(h), rtol=1e-5, atol=1e-5)
+
+
+def test_fused_load_refuses_what_it_cannot_run():
+    from probe.predictor.fused_load import fused_available, fused_predict_load
+
+    pred = LookaheadPredictor(torch.randn(16, 8), hidden=32, top_k=2)
+    pred.fuse()
+    assert "CUDA" in fused_available(pred, "cpu") or "Triton" in fused_available(pred, "cpu")
+    with pytest.raises(RuntimeError, match="fused_predict_load"):
+        fused_predict_load(pred, torch.randn(4, 8), torch.zeros(4, dtype=torch.long), 2)
+    odd = LookaheadPredictor(torch.randn(24, 8), hidden=32, top_k=2)
+    why = fused_available(odd, "cuda")
+    assert why is not None and ("E = 24" in why or "Triton" in why)
