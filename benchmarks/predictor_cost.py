@@ -22,6 +22,7 @@ Seeded and reproducible; prints a table and writes predictor_cost.{json,csv}.
 from __future__ import annotations
 
 import argparse
+import copy
 import csv
 import json
 import statistics
@@ -212,7 +213,11 @@ def _one(args, pred, spec, hardware, hidden, tokens, gen, device, dtype, elem, r
             load = t.pop("load")
             if plain is None:
                 plain = load
-            # bf16 rounding differs between the forms: share of token-expert pairs that agree
+                ref32 = copy.deepcopy(pred).float()  # the same predictor in float32
+                exact = ref32.predict_load(inputs[0].float(), src, args.num_ranks)
+            t["agree_fp32"] = 1.0 - float((load.long() - exact).abs().sum()) / (2 * tokens * top_k)
+            # bf16 rounding differs between the forms: 1 - (token-expert pairs that moved) / T K,
+            # counted on the [S, E] loads, against plain and against a float32 copy
             t["agree"] = 1.0 - float((load.long() - plain).abs().sum()) / (2 * tokens * top_k)
             timing.update({(k if vname == "plain" else f"{vname}_{k}"): v for k, v in t.items()})
     else:

@@ -48,19 +48,20 @@ if triton is not None:
     @triton.jit
     def _residual_topk_count(y_ptr, w2_ptr, src_ptr, out_ptr, num_tokens, stride_y,
                              E: tl.constexpr, H: tl.constexpr, K: tl.constexpr,
-                             BLOCK: tl.constexpr):
+                             BLOCK: tl.constexpr, CHUNK: tl.constexpr):
         rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         live = rows < num_tokens
         ce = tl.arange(0, E)
-        ch = tl.arange(0, H)
         # y = [prior logits (E) | W1 pre-activation (H)] per token, from one GEMM.
-        act = tl.load(y_ptr + rows[:, None] * stride_y + E + ch[None, :], mask=live[:, None],
-                      other=0.0).to(tl.float32)
-        z = act * tl.sigmoid(act)
-        w2 = tl.load(w2_ptr + ch[:, None] * E + ce[None, :])  # W2^T [H, E]
-        logits = tl.dot(z.to(w2.dtype), w2)  # [BLOCK, E], float32 accumulation
-        logits += tl.load(y_ptr + rows[:, None] * stride_y + ce[None, :], mask=live[:, None],
-                          other=0.0).to(tl.float32)
+        logits = tl.load(y_ptr + rows[:, None] * stride_y + ce[None, :], mask=live[:, None],
+                         other=0.0).to(tl.float32)  # [BLOCK, E]
+        for c in tl.static_range(0, H, CHUNK):  # residual W2 silu(.) in CHUNK-wide slices
+            ch = c + tl.arange(0, CHUNK)
+            act = tl.load(y_ptr + rows[:, None] * stride_y + E + ch[None, :],
+                          mask=live[:, None], other=0.0).to(tl.float32)
+            z = act * tl.sigmoid(act)
+            w2 = tl.load(w2_ptr + ch[:, None] * E + ce[None, :])  # W2^T rows [CHUNK, E]
+            logits += tl.dot(z.to(w2.dtype), w2)  # float32 accumulation
         src = tl.load(src_ptr + rows, mask=live, other=0).to(tl.int64)
         one = tl.full((BLOCK,), 1, tl.int32)
         for _ in tl.static_range(K):  # K rounds of (argmax, count, knock out)
@@ -71,7 +72,7 @@ if triton is not None:
 
 @torch.no_grad()
 def fused_predict_load(pred, h: torch.Tensor, src_rank: torch.Tensor, num_ranks: int, *,
-                       block: int = 32) -> torch.Tensor:
+                       block: int = 32, chunk: int = 64) -> torch.Tensor:
     """Predicted tokens per (source rank, expert), int32 [S, E]; see the module doc.
 
     pred: a LookaheadPredictor after `fuse()`; h: [T, D] on CUDA; src_rank: int [T].
@@ -90,5 +91,6 @@ def fused_predict_load(pred, h: torch.Tensor, src_rank: torch.Tensor, num_ranks:
     out = torch.zeros(num_ranks * num_experts, dtype=torch.int32, device=h.device)
     grid = (triton.cdiv(h.shape[0], block),)
     _residual_topk_count[grid](y, w2_t, src_rank, out, h.shape[0], y.stride(0),
-                               E=num_experts, H=pred.hidden, K=pred.top_k, BLOCK=block)
+                               E=num_experts, H=pred.hidden, K=pred.top_k, BLOCK=block,
+                               CHUNK=min(chunk, pred.hidden))
     return out.view(num_ranks, num_experts)
