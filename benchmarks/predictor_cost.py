@@ -62,7 +62,7 @@ def dispatch_us(model, hardware, tokens: int, num_ranks: int) -> float:
     return 1e6 * pairs_out * token_time
 
 
-def variants(pred, src, num_ranks, names: list[str]) -> dict:
+def variants(pred, src, num_ranks, names: list[str], triton_block: int | None = None) -> dict:
     """name -> fn(h) giving the [S, E] predicted load: "plain" (`predict_load`: router, W1, W2
     as three products), "fused" (router and W1 in one product, W2 accumulated onto the prior:
     `fuse()` + `predict_load(fused=True)`), "triton" (one GEMM + one Triton kernel for SiLU, W2,
@@ -80,7 +80,8 @@ def variants(pred, src, num_ranks, names: list[str]) -> dict:
 
         why = fused_available(pred, src.device)
         if why is None:
-            out["triton"] = lambda h: fused_predict_load(pred, h, src, num_ranks)
+            kw = {} if triton_block is None else {"block": triton_block}
+            out["triton"] = lambda h: fused_predict_load(pred, h, src, num_ranks, **kw)
         else:
             print(f"variant triton skipped: {why}")
     if "compiled" in names:
@@ -157,6 +158,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--variants", default="plain,fused,triton",
                     help="on CUDA: plain, fused, triton, compiled (comma-separated; the CPU "
                     "run times plain only)")
+    ap.add_argument("--triton-block", type=int, default=None,
+                    help="tokens per Triton program (default: fused_predict_load's)")
     ap.add_argument("--quick", action="store_true", help="fewer repeats (CPU smoke test)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=None, help="directory for json/csv")
@@ -204,7 +207,8 @@ def _one(args, pred, spec, hardware, hidden, tokens, gen, device, dtype, elem, r
     if args.device == "cuda":
         names = args.variants.split(",")
         plain = None
-        for vname, fn in variants(pred, src, args.num_ranks, names).items():
+        for vname, fn in variants(pred, src, args.num_ranks, names,
+                                  args.triton_block).items():
             try:
                 t = time_cuda(fn, inputs, tokens * top_k, repeats, args.iters)
             except Exception as err:  # e.g. no compiler: keep the other variants
