@@ -32,7 +32,7 @@ from probe.placement import sharded_home  # noqa: E402
 from probe.predictor.cli import _cost  # noqa: E402
 from probe.predictor.evaluate import history_loads, plan_study  # noqa: E402
 
-PREDICTORS = ("distilled", "prior", "last_step", "avg_8")
+HISTORY = ("last_step", "avg_8")
 AFTER_SHIFT = 8  # steps counted as "right after the shift"
 
 
@@ -41,9 +41,9 @@ def _layer(job: tuple) -> tuple[np.ndarray, dict]:
     truth, preds, kw = job
     res = plan_study(truth[1:], {name: p[1:] for name, p in preds.items()}, **kw)
     ratios = np.array([np.array(res[n]["ir_per_step"]) / np.array(res[n]["ir_truth_per_step"])
-                       for n in PREDICTORS])
-    means = {"ir_truth": res["distilled"]["ir_truth"], "ir_static": res["distilled"]["ir_static"],
-             **{f"ir_{n}": res[n]["ir"] for n in PREDICTORS}}
+                       for n in preds])
+    means = {"ir_truth": res["prior"]["ir_truth"], "ir_static": res["prior"]["ir_static"],
+             **{f"ir_{n}": res[n]["ir"] for n in preds}}
     return ratios, means
 
 
@@ -56,21 +56,26 @@ def study(loads: dict, *, cost_model: str, hardware: str, tokens_per_rank: int, 
     kw = {"home": sharded_home(num_experts, num_ranks), "slots": slots,
           "window": slots * float(cost.transfer_time.max()), "cost": cost,
           "tokens_per_rank": tokens_per_rank, "top_k": top_k}
+    # every distilled predictor in the file ("distilled", "distilled_h<H>"), then the baselines
+    names = [k for k in loads if k.startswith("distilled")] + ["prior"]
     jobs = []
     for j in range(num_layers):
         t = truth[:, j]
         hist = history_loads(t, (1, 8))
-        preds = {"distilled": loads["distilled"][:, j], "prior": loads["prior"][:, j],
-                 "last_step": hist["last_step"], "avg_8": hist["avg_8"]}
+        preds = {name: loads[name][:, j] for name in names}
+        preds.update({name: hist[name] for name in HISTORY})
         jobs.append((t, preds, kw))
-    with multiprocessing.get_context("spawn").Pool(processes) as pool:
-        out = pool.map(_layer, jobs)
+    if processes == 1:
+        out = [_layer(job) for job in jobs]
+    else:
+        with multiprocessing.get_context("spawn").Pool(processes) as pool:
+            out = pool.map(_layer, jobs)
     ratios = np.stack([r for r, _ in out], axis=1)  # [predictor, layer, step 1..n-1]
     steps = np.arange(1, n)
     parts = {"all": steps >= 1, "before_shift": steps < shift, "after_shift": steps >= shift,
              f"first_{AFTER_SHIFT}_after_shift": (steps >= shift) & (steps < shift + AFTER_SHIFT)}
     summary = {}
-    for i, name in enumerate(PREDICTORS):
+    for i, name in enumerate([*names, *HISTORY]):
         r = ratios[i]
         summary[name] = {part: float(r[:, m].mean()) for part, m in parts.items()}
         summary[name]["within_5pct"] = float((r <= 1.05 + 1e-12).mean())

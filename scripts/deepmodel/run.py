@@ -106,7 +106,7 @@ def decode_phases(path: Path, *, phases, ranks: int, per_rank: int, pre: int, st
 
 
 @torch.no_grad()
-def decode_like_loads(model, pset: PredictorSet, phases: list[list[np.ndarray]], *,
+def decode_like_loads(model, psets: dict[str, PredictorSet], phases: list[list[np.ndarray]], *,
                       ranks: int, per_rank: int, pre: int, micro: int) -> dict:
     """Teacher-forced decode-like traffic and its loads.
 
@@ -114,9 +114,11 @@ def decode_like_loads(model, pset: PredictorSet, phases: list[list[np.ndarray]],
     of context: step t of the phase is every window's byte pre + t, so consecutive steps are the
     same requests one token on, and at a phase change every request is replaced (the abrupt
     domain shift of scripts/smallmodel/record.py's decode recording). Every token of a step is
-    counted (no sampling). Returns {"truth", "distilled", "prior": int32 [n, L', S, E] over
-    pset.layers, "layers", "hidden", "logits", "step", "src_rank"}.
+    counted (no sampling). psets: name -> distilled PredictorSet (the first also gives the
+    frozen prior). Returns {"truth", "prior", each name: int32 [n, L', S, E] over the layers
+    predicted, "layers", "hidden", "logits", "step", "src_rank"}.
     """
+    pset = next(iter(psets.values()))
     k, e = pset.top_k, pset.num_experts
     hs, ls, steps, srcs, offset = [], [], [], [], 0
     for windows in phases:
@@ -131,13 +133,14 @@ def decode_like_loads(model, pset: PredictorSet, phases: list[list[np.ndarray]],
     hidden, logits = np.concatenate(hs), np.concatenate(ls)
     step, src = np.concatenate(steps), np.concatenate(srcs)
     ids = range(offset)
-    loads = {"truth": [], "distilled": [], "prior": []}
+    which = [("prior", pset, True), *((name, p, False) for name, p in psets.items())]
+    loads = {"truth": [], **{name: [] for name, _, _ in which}}
     for layer in pset.layers:
         sel = pset[layer].select
         loads["truth"].append(step_loads(true_ids(logits, layer, k, sel), step, src, ids,
                                          ranks, e))
-        for name, prior in (("distilled", False), ("prior", True)):
-            loads[name].append(step_loads(predicted_ids(pset, hidden, layer, k, prior=prior),
+        for name, p, prior in which:
+            loads[name].append(step_loads(predicted_ids(p, hidden, layer, k, prior=prior),
                                           step, src, ids, ranks, e))
     out = {name: np.stack(v, axis=1).astype(np.int32) for name, v in loads.items()}
     return {**out, "layers": np.asarray(pset.layers), "hidden": hidden, "logits": logits,
@@ -166,7 +169,10 @@ def main(argv=None) -> dict:
     ap.add_argument("--window", type=int, default=640)
     ap.add_argument("--min-pos", type=int, default=64)
     ap.add_argument("--micro", type=int, default=32, help="windows per forward pass")
-    ap.add_argument("--hidden", type=int, default=1024, help="predictor residual MLP width")
+    ap.add_argument("--hidden", default="1024",
+                    help="predictor residual MLP width(s), comma-separated: each is distilled "
+                    "on the same pairs; the first is reported as 'distilled', the others as "
+                    "'distilled_h<H>'")
     ap.add_argument("--epochs", type=float, default=2.0)
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--batch-size", type=int, default=4096, help="distillation minibatch")
@@ -216,18 +222,26 @@ def main(argv=None) -> dict:
     print(f"pairs: train {h_tr.shape}, held-out {h_ev.shape} ({times['collect_s']} s)",
           flush=True)
 
-    t2 = time.time()
-    torch.manual_seed(args.seed)
-    pset = PredictorSet.from_model(model, hidden=args.hidden).to(dev)
-    res = train_streaming(pset, h_tr, l_tr, epochs=args.epochs, lr=args.lr, seed=args.seed,
-                          batch_size=args.batch_size, chunk=max(65536, args.batch_size))
-    times["distill_s"] = round(time.time() - t2, 1)
+    psets: dict[str, PredictorSet] = {}
+    distill: dict[str, dict] = {}
+    for i, width in enumerate(int(x) for x in args.hidden.split(",")):
+        name = "distilled" if i == 0 else f"distilled_h{width}"
+        t2 = time.time()
+        torch.manual_seed(args.seed)
+        psets[name] = PredictorSet.from_model(model, hidden=width).to(dev)
+        res = train_streaming(psets[name], h_tr, l_tr, epochs=args.epochs, lr=args.lr,
+                              seed=args.seed, batch_size=args.batch_size,
+                              chunk=max(65536, args.batch_size))
+        times[f"{name}_s"] = round(time.time() - t2, 1)
+        distill[name] = {"epochs": args.epochs, "hidden": width, "lr": args.lr,
+                         "batch_size": args.batch_size, "tokens_seen": res["tokens_seen"],
+                         "loss": res["loss"]}
+    pset = psets["distilled"]
     n = h_ev.shape[0]
     step, src = np.arange(n) // 128, (np.arange(n) % 128) // 16
-    rows = {}
-    for name, prior in (("frozen", True), ("distilled", False)):
-        rows[name] = fidelity(pset, h_ev, l_ev, step=step, src_rank=src, num_ranks=8,
-                              prior=prior)
+    which = [("frozen", pset, True), *((name, p, False) for name, p in psets.items())]
+    rows = {name: fidelity(p, h_ev, l_ev, step=step, src_rank=src, num_ranks=8, prior=prior)
+            for name, p, prior in which}
     cos = consecutive_cosine(h_ev[: min(n, 50_000)])
     keys = ("topk_acc", "half_hit", "recall_2k")
     summary = {
@@ -237,9 +251,8 @@ def main(argv=None) -> dict:
         "heldout_ce": train_summary["final_val_ce"],
         "val_ce_by_domain": train_summary.get("val_ce_by_domain"),
         "pairs_train": int(h_tr.shape[0]), "pairs_heldout": int(n),
-        "distill": {"epochs": args.epochs, "hidden": args.hidden, "lr": args.lr,
-                    "batch_size": args.batch_size,
-                    "tokens_seen": res["tokens_seen"], "loss": res["loss"]},
+        "distill": distill["distilled"],
+        "distill_other_widths": {nm: d for nm, d in distill.items() if nm != "distilled"},
         "mean": {nm: {k: float(np.mean([r[k] for r in rs])) for k in keys}
                  for nm, rs in rows.items()},
         "consecutive_cosine": cos, "mean_consecutive_cosine": float(np.mean(cos)),
@@ -265,14 +278,14 @@ def main(argv=None) -> dict:
     phases = decode_phases(args.heldout, phases=(rec.CODE_DOMAINS, rec.AFTER_SHIFT_DOMAINS),
                            ranks=args.ranks, per_rank=args.per_rank, pre=args.decode_pre,
                            steps=args.decode_steps, seed=args.seed)
-    dl = decode_like_loads(model, pset, phases, ranks=args.ranks, per_rank=args.per_rank,
+    dl = decode_like_loads(model, psets, phases, ranks=args.ranks, per_rank=args.per_rank,
                            pre=args.decode_pre, micro=args.micro)
-    np.savez_compressed(args.out / "decode_loads.npz", truth=dl["truth"],
-                        distilled=dl["distilled"], prior=dl["prior"], layers=dl["layers"],
+    np.savez_compressed(args.out / "decode_loads.npz", truth=dl["truth"], prior=dl["prior"],
+                        **{name: dl[name] for name in psets}, layers=dl["layers"],
                         shift_step=np.int64(args.decode_steps), top_k=np.int64(pset.top_k))
-    drows = {name: fidelity(pset, dl["hidden"], dl["logits"], step=dl["step"],
+    drows = {name: fidelity(p, dl["hidden"], dl["logits"], step=dl["step"],
                             src_rank=dl["src_rank"], num_ranks=args.ranks, prior=prior)
-             for name, prior in (("frozen", True), ("distilled", False))}
+             for name, p, prior in which}
     summary["decode_like"] = {
         "steps": 2 * args.decode_steps, "shift_step": args.decode_steps,
         "ranks": args.ranks, "per_rank": args.per_rank, "pre": args.decode_pre,
