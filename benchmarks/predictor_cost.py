@@ -66,8 +66,8 @@ def variants(pred, src, num_ranks, names: list[str], triton_block: int | None = 
     """name -> fn(h) giving the [S, E] predicted load: "plain" (`predict_load`: router, W1, W2
     as three products), "fused" (router and W1 in one product, W2 accumulated onto the prior:
     `fuse()` + `predict_load(fused=True)`), "triton" (one GEMM + one Triton kernel for SiLU, W2,
-    top-k and counts: probe.predictor.fused_load), "compiled" (the fused form through
-    torch.compile)."""
+    top-k and counts: probe.predictor.fused_load), "triton_cublas" (the fused form's products,
+    then a Triton top-k/count kernel), "compiled" (the fused form through torch.compile)."""
     out = {}
     if "plain" in names:
         out["plain"] = lambda h: pred.predict_load(h, src, num_ranks)
@@ -75,13 +75,17 @@ def variants(pred, src, num_ranks, names: list[str], triton_block: int | None = 
         pred.fuse()
     if "fused" in names:
         out["fused"] = lambda h: pred.predict_load(h, src, num_ranks, fused=True)
-    if "triton" in names:
+    if "triton" in names or "triton_cublas" in names:
         from probe.predictor.fused_load import fused_available, fused_predict_load
 
         why = fused_available(pred, src.device)
         if why is None:
             kw = {} if triton_block is None else {"block": triton_block}
-            out["triton"] = lambda h: fused_predict_load(pred, h, src, num_ranks, **kw)
+            if "triton" in names:
+                out["triton"] = lambda h: fused_predict_load(pred, h, src, num_ranks, **kw)
+            if "triton_cublas" in names:
+                out["triton_cublas"] = lambda h: fused_predict_load(
+                    pred, h, src, num_ranks, residual="cublas", **kw)
         else:
             print(f"variant triton skipped: {why}")
     if "compiled" in names:
@@ -149,15 +153,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     ap.add_argument("--models", default="gpt-oss-120b,qwen3-235b-a22b")
     ap.add_argument("--tokens", default="512,1024,8192", help="T, tokens per rank")
-    ap.add_argument("--hidden", default="256,512", help="residual widths H")
+    ap.add_argument("--hidden", default="256,1024", help="residual widths H")
     ap.add_argument("--hardware", default="h200x8")
     ap.add_argument("--num-ranks", type=int, default=8)
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--iters", type=int, default=50)
     ap.add_argument("--buffers", type=int, default=4, help="rotated input sets")
-    ap.add_argument("--variants", default="plain,fused,triton",
-                    help="on CUDA: plain, fused, triton, compiled (comma-separated; the CPU "
-                    "run times plain only)")
+    ap.add_argument("--variants", default="plain,fused,triton,triton_cublas",
+                    help="on CUDA: plain, fused, triton, triton_cublas, compiled "
+                    "(comma-separated; the CPU run times plain only)")
     ap.add_argument("--triton-block", type=int, default=None,
                     help="tokens per Triton program (default: fused_predict_load's)")
     ap.add_argument("--quick", action="store_true", help="fewer repeats (CPU smoke test)")
@@ -239,14 +243,16 @@ def _one(args, pred, spec, hardware, hidden, tokens, gen, device, dtype, elem, r
 
 
 GRAPH_COLS = (("graph_us", "plain"), ("fused_graph_us", "fused"),
-              ("triton_graph_us", "triton"), ("compiled_graph_us", "compiled"))
+              ("triton_graph_us", "triton"), ("triton_cublas_graph_us", "triton_cublas"),
+              ("compiled_graph_us", "compiled"))
 
 
 def markdown(rows: list[dict]) -> str:
     """Rows of a run as a Markdown table (times in microseconds; CUDA-graph replays)."""
     nan = float("nan")
     lines = ["| model | D | E | K | H | T | GFLOP | floor us | plain us | fused us | "
-             "triton us | compiled us | dispatch us | best / dispatch |", "|---" * 14 + "|"]
+             "triton us | triton_cublas us | compiled us | dispatch us | best / dispatch |",
+             "|---" * 15 + "|"]
     for r in rows:
         graph = " | ".join(f"{r.get(k, nan):.1f}" for k, _ in GRAPH_COLS)
         lines.append(f"| {r['model']} | {r['D']} | {r['E']} | {r['K']} | {r['H']} | {r['T']} | "

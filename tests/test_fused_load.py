@@ -31,9 +31,11 @@ for seed, (E, D, H, K, T, G, bias, trained) in enumerate(cases):
             pred.w2.bias.normal_(0, 0.05)
     pred.fuse()
     h, src = torch.randn(T, D), torch.randint(0, G, (T,))
-    fast, slow = fused_predict_load(pred, h, src, G, block=16), pred.predict_load(h, src, G)
-    res.append({"shape": list(fast.shape), "want_shape": [G, E], "total": int(fast.sum()),
-                "want_total": T * K, "diff": int((fast.long() - slow).abs().sum())})
+    slow = pred.predict_load(h, src, G)
+    for residual in ("triton", "cublas"):
+        fast = fused_predict_load(pred, h, src, G, block=16, residual=residual)
+        res.append({"shape": list(fast.shape), "want_shape": [G, E], "total": int(fast.sum()),
+                    "want_total": T * K, "diff": int((fast.long() - slow).abs().sum())})
 print(json.dumps(res))
 """
 
@@ -44,7 +46,7 @@ def test_triton_kernel_equals_plain_twin():
                          text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     rows = json.loads(out.stdout.strip().splitlines()[-1])
-    assert len(rows) == 6
+    assert len(rows) == 12  # 6 cases x 2 residual forms
     for r in rows:
         assert r["shape"] == r["want_shape"]
         assert r["total"] == r["want_total"]  # every token counted K times

@@ -72,14 +72,35 @@ if triton is not None:
             tl.atomic_add(out_ptr + src * E + best, one, mask=live)
             logits = tl.where(ce[None, :] == best[:, None], float("-inf"), logits)
 
+    @triton.jit
+    def _topk_count(logits_ptr, src_ptr, out_ptr, num_tokens, stride,
+                    E: tl.constexpr, K: tl.constexpr, BLOCK: tl.constexpr):
+        rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        live = rows < num_tokens
+        ce = tl.arange(0, E)
+        logits = tl.load(logits_ptr + rows[:, None] * stride + ce[None, :], mask=live[:, None],
+                         other=0.0).to(tl.float32)
+        src = tl.load(src_ptr + rows, mask=live, other=0).to(tl.int64)
+        one = tl.full((BLOCK,), 1, tl.int32)
+        for _ in tl.static_range(K):
+            best = tl.argmax(logits, axis=1)
+            tl.atomic_add(out_ptr + src * E + best, one, mask=live)
+            logits = tl.where(ce[None, :] == best[:, None], float("-inf"), logits)
+
 
 @torch.no_grad()
 def fused_predict_load(pred, h: torch.Tensor, src_rank: torch.Tensor, num_ranks: int, *,
-                       block: int = 16, chunk: int = 64) -> torch.Tensor:
+                       block: int = 16, chunk: int = 64, residual: str = "triton"
+                       ) -> torch.Tensor:
     """Predicted tokens per (source rank, expert), int32 [S, E]; see the module doc.
 
     pred: a LookaheadPredictor after `fuse()`; h: [T, D] on CUDA; src_rank: int [T].
+    residual: "triton" (SiLU and the W2 product inside the kernel, CHUNK-wide slices of H) or
+    "cublas" (`pred.fused_logits`: SiLU and W2 as torch ops, then a Triton top-k/count kernel;
+    for wide residuals, where the kernel's loop over H is long).
     """
+    if residual not in ("triton", "cublas"):
+        raise ValueError(f"residual must be 'triton' or 'cublas', got {residual!r}")
     why = fused_available(pred, h.device)
     if why is not None:
         raise RuntimeError(f"fused_predict_load: {why}; use pred.predict_load")
@@ -93,8 +114,13 @@ def fused_predict_load(pred, h: torch.Tensor, src_rank: torch.Tensor, num_ranks:
     out = torch.zeros(num_ranks * num_experts, dtype=torch.int32, device=h.device)
     if h.shape[0] == 0:
         return out.view(num_ranks, num_experts)
-    y = torch.addmm(bias, h.to(weight_t.dtype), weight_t)  # [T, E+H]
     grid = (triton.cdiv(h.shape[0], block),)
+    if residual == "cublas":
+        logits = pred.fused_logits(h)  # [T, E]
+        _topk_count[grid](logits, src_rank, out, h.shape[0], logits.stride(0),
+                          E=num_experts, K=pred.top_k, BLOCK=block)
+        return out.view(num_ranks, num_experts)
+    y = torch.addmm(bias, h.to(weight_t.dtype), weight_t)  # [T, E+H]
     _residual_topk_count[grid](y, w2_t, src_rank, out, h.shape[0], y.stride(0),
                                E=num_experts, H=pred.hidden, K=pred.top_k, BLOCK=block,
                                CHUNK=min(chunk, pred.hidden))

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Issue 6 depth test on one GPU: train the 20-layer model, distil predictors, score held out.
-#   run(command="bash scripts/deepmodel/device.sh", carry=["data/smallmodel"], timeout_s=600)
-# Knobs: MINUTES (training budget, default 4.5), RUN_ARGS (extra run.py arguments).
+#   run(command="MINUTES=4 bash scripts/deepmodel/device.sh", carry=["data/smallmodel"],
+#       timeout_s=600)                 # made results/deepmodel/run1 and run2 (~480-550 s)
+# Knobs: MINUTES (training budget, default 4.5; 4 leaves room in a 600 s call), RUN_ARGS (extra
+# run.py arguments, e.g. RUN_ARGS='--hidden 1024,256' to score two residual widths, ~+60 s).
 set -uo pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH=.
 OUT=${OUT:-/tmp/deepmodel_out}
