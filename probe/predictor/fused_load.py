@@ -5,7 +5,9 @@
 side, from `pred.fuse()`), one memset, and one Triton kernel that applies the SiLU, the W2
 product, the top-k selection and the count per (source rank, expert) with atomic adds. The
 plain `predict_load` launches about ten kernels for the same work, and at decode batch sizes its
-time is launch overhead, not arithmetic (results/predictor/report.md).
+time is launch overhead, not arithmetic (results/predictor/report.md). With
+`residual="cublas"` the SiLU and the W2 product run as torch ops (`pred.fused_logits`) and the
+kernel only selects and counts: more launches, but no long loop over a wide H inside it.
 
 The plain form is the slow twin: benchmarks/predictor_cost.py checks on the GPU that every token
 adds exactly K counts and how many token-expert pairs agree with it. Both accumulate in float32
