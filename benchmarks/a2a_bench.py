@@ -12,6 +12,8 @@ Point-to-point: rank 0 sends --p2p-mb megabytes to rank 1 (batch_isend_irecv), t
 expert replica prefetch makes; reported as GB/s.
 
   torchrun --nproc-per-node 2 benchmarks/a2a_bench.py --out results/a2a
+  torchrun --nproc-per-node 2 benchmarks/a2a_bench.py --device cpu --tokens 16 --p2p-mb 1 \
+      --iters 2 --repeats 1        # gloo smoke test of the script itself (float32, wall clock)
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import argparse
 import json
 import os
 import statistics
+import time
 from pathlib import Path
 
 import torch
@@ -28,26 +31,34 @@ import torch.distributed as dist
 from probe.specs import resolve_hardware, resolve_model
 
 
-def timed(fn, iters: int, repeats: int) -> float:
-    """Median over repeats of the mean microseconds per call of fn(), CUDA events."""
+def timed(fn, iters: int, repeats: int, cuda: bool) -> float:
+    """Median over repeats of the mean microseconds per call of fn(): CUDA events on a GPU,
+    the wall clock on the CPU."""
     for _ in range(3):
         fn()
-    torch.cuda.synchronize()
+    if cuda:
+        torch.cuda.synchronize()
     times = []
     for _ in range(repeats):
         dist.barrier()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
+        if cuda:
+            start = torch.cuda.Event(enable_timing=True)
+            end = torch.cuda.Event(enable_timing=True)
+            start.record()
+        t0 = time.perf_counter()
         for _ in range(iters):
             fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3 / iters)
+        if cuda:
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) * 1e3 / iters)
+        else:
+            times.append((time.perf_counter() - t0) * 1e6 / iters)
     return statistics.median(times)
 
 
-def slowest(us: float) -> float:
-    t = torch.tensor([us], device="cuda")
+def slowest(us: float, device: str) -> float:
+    t = torch.tensor([us], device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return float(t.item())
 
@@ -67,11 +78,18 @@ def main(argv=None) -> None:
     ap.add_argument("--hardware", default="h200x8")
     ap.add_argument("--iters", type=int, default=50)
     ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
+                    help="cuda: NCCL, bf16; cpu: gloo, float32 (a smoke test of this script)")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
-    dist.init_process_group("nccl")
+    cuda = args.device == "cuda"
+    if cuda and not torch.cuda.is_available():
+        raise SystemExit("--device cuda but torch sees no GPU (use --device cpu for gloo)")
+    dist.init_process_group("nccl" if cuda else "gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
-    torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank)))
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank)))
+    dtype = torch.bfloat16 if cuda else torch.float32
     if world < 2:
         raise SystemExit("needs at least 2 ranks (torchrun --nproc-per-node G, G >= 2)")
     hardware = resolve_hardware(args.hardware)
@@ -80,17 +98,17 @@ def main(argv=None) -> None:
         spec = resolve_model(name)
         for tokens in (int(x) for x in args.tokens.split(",")):
             per_peer = tokens * spec.top_k // world
-            inp = torch.randn(per_peer * world, spec.hidden, device="cuda", dtype=torch.bfloat16)
+            inp = torch.randn(per_peer * world, spec.hidden, device=args.device, dtype=dtype)
             out = torch.empty_like(inp)
             us = slowest(timed(lambda i=inp, o=out: dist.all_to_all_single(o, i),
-                               args.iters, args.repeats))
-            leaving = per_peer * (world - 1) * spec.hidden * 2
+                               args.iters, args.repeats, cuda), args.device)
+            leaving = per_peer * (world - 1) * spec.hidden * inp.element_size()
             rows.append({"kind": "all_to_all", "model": name, "G": world, "T": tokens,
                          "K": spec.top_k, "D": spec.hidden, "bytes_out_per_rank": leaving,
                          "measured_us": us, "GBps_out": leaving / us / 1e3,
                          "cost_model_us": model_us(spec, hardware, tokens, world)})
     for mb in (int(x) for x in args.p2p_mb.split(",")):
-        buf = torch.empty(mb * 2**20, dtype=torch.uint8, device="cuda")
+        buf = torch.empty(mb * 2**20, dtype=torch.uint8, device=args.device)
 
         def copy(b=buf):
             if rank == 0:
@@ -102,13 +120,14 @@ def main(argv=None) -> None:
             for req in dist.batch_isend_irecv(ops):
                 req.wait()
 
-        us = slowest(timed(copy, max(5, args.iters // 5), args.repeats))
+        us = slowest(timed(copy, max(1, args.iters // 5), args.repeats, cuda), args.device)
         rows.append({"kind": "p2p", "G": world, "MB": mb, "measured_us": us,
                      "GBps": mb * 2**20 / us / 1e3,
                      "preset_GBps": hardware.link_bw(0, 1) / 1e9})
     if rank == 0:
-        print(f"{torch.cuda.get_device_name()} x {world}, torch {torch.__version__}, "
-              f"NCCL {'.'.join(map(str, torch.cuda.nccl.version()))}")
+        name = torch.cuda.get_device_name() if cuda else "cpu (gloo)"
+        comm = ("NCCL " + ".".join(map(str, torch.cuda.nccl.version()))) if cuda else "gloo"
+        print(f"{name} x {world}, torch {torch.__version__}, {comm}")
         for r in rows:
             if r["kind"] == "all_to_all":
                 print(f"a2a {r['model']:16s} T={r['T']:5d} {r['bytes_out_per_rank'] / 1e6:7.2f}"
@@ -119,9 +138,8 @@ def main(argv=None) -> None:
                       f"  (preset {r['preset_GBps']:.0f} GB/s)")
         if args.out is not None:
             args.out.mkdir(parents=True, exist_ok=True)
-            meta = {"device": torch.cuda.get_device_name(), "world": world,
-                    "torch": torch.__version__,
-                    "nccl": ".".join(map(str, torch.cuda.nccl.version())), "args": vars(args)}
+            meta = {"device": name, "world": world, "torch": torch.__version__,
+                    "comm": comm, "args": vars(args)}
             (args.out / "a2a.json").write_text(
                 json.dumps({"meta": {**meta, "out": str(args.out)}, "rows": rows},
                            indent=1, default=str) + "\n")
