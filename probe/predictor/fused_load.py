@@ -50,6 +50,17 @@ def fused_available(pred, device: torch.device | str) -> str | None:
 
 if triton is not None:
 
+    # Adds 1 to out[src * E + e] for each of the K largest logits e of every live row.
+    @triton.jit
+    def _count_top_k(logits, src, live, out_ptr, E: tl.constexpr, K: tl.constexpr,
+                     BLOCK: tl.constexpr):
+        ce = tl.arange(0, E)
+        one = tl.full((BLOCK,), 1, tl.int32)
+        for _ in tl.static_range(K):  # K rounds of (argmax, count, knock out)
+            best = tl.argmax(logits, axis=1)
+            tl.atomic_add(out_ptr + src * E + best, one, mask=live)
+            logits = tl.where(ce[None, :] == best[:, None], float("-inf"), logits)
+
     @triton.jit
     def _residual_topk_count(y_ptr, w2_ptr, src_ptr, out_ptr, num_tokens, stride_y,
                              E: tl.constexpr, H: tl.constexpr, K: tl.constexpr,
@@ -68,11 +79,7 @@ if triton is not None:
             w2 = tl.load(w2_ptr + ch[:, None] * E + ce[None, :])  # W2^T rows [CHUNK, E]
             logits += tl.dot(z.to(w2.dtype), w2)  # float32 accumulation
         src = tl.load(src_ptr + rows, mask=live, other=0).to(tl.int64)
-        one = tl.full((BLOCK,), 1, tl.int32)
-        for _ in tl.static_range(K):  # K rounds of (argmax, count, knock out)
-            best = tl.argmax(logits, axis=1)
-            tl.atomic_add(out_ptr + src * E + best, one, mask=live)
-            logits = tl.where(ce[None, :] == best[:, None], float("-inf"), logits)
+        _count_top_k(logits, src, live, out_ptr, E, K, BLOCK)
 
     @triton.jit
     def _topk_count(logits_ptr, src_ptr, out_ptr, num_tokens, stride,
@@ -83,11 +90,7 @@ if triton is not None:
         logits = tl.load(logits_ptr + rows[:, None] * stride + ce[None, :], mask=live[:, None],
                          other=0.0).to(tl.float32)
         src = tl.load(src_ptr + rows, mask=live, other=0).to(tl.int64)
-        one = tl.full((BLOCK,), 1, tl.int32)
-        for _ in tl.static_range(K):
-            best = tl.argmax(logits, axis=1)
-            tl.atomic_add(out_ptr + src * E + best, one, mask=live)
-            logits = tl.where(ce[None, :] == best[:, None], float("-inf"), logits)
+        _count_top_k(logits, src, live, out_ptr, E, K, BLOCK)
 
 
 @torch.no_grad()
