@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One call on a lent multi-GPU kind (any G >= 2): link times, predictor cost variants, and the
-# runtime at ep = G with balancing off and on. Writes everything under $OUT:
+# runtime at ep = G with balancing off and on (compare the two JSONs' sample tokens: balancing
+# must not change the output). Writes everything under $OUT (7 files at most):
 #   run(command="bash scripts/device_multigpu.sh", kind="nvidia-h200-x2", timeout_s=450)
 # Steps are independent; each is time-boxed so a slow one does not cost the others.
 set -uo pipefail
@@ -21,9 +22,9 @@ step "1. all-to-all and p2p times, G=$G"
 timeout 90 python3 -m torch.distributed.run --nproc-per-node "$G" benchmarks/a2a_bench.py \
   --out "$OUT" 2>&1 | tee -a "$LOG"
 
-step "2. predictor cost: plain vs fused, CUDA graphs, one GPU"
-timeout 120 python3 benchmarks/predictor_cost.py --device cuda --variants plain,fused \
-  --iters 100 --out "$OUT" 2>&1 | tee -a "$LOG"
+step "2. predictor cost: plain vs the Triton forms, CUDA graphs, one GPU"
+timeout 150 python3 benchmarks/predictor_cost.py --device cuda \
+  --variants plain,triton,triton_cublas --iters 100 --out "$OUT" 2>&1 | tee -a "$LOG"
 
 RT="--random-config gpt-oss-like --layers 4 --dtype bf16 --requests 32 --prompt-len 512
     --max-new-tokens 32 --stagger 0 --max-batch-tokens 8192 --prefill-chunk 1024
@@ -35,8 +36,5 @@ step "4. runtime ep=$G, PROBE balancing"
 timeout 100 python3 -m torch.distributed.run --nproc-per-node "$G" -m probe.runtime $RT \
   --balance --out "$OUT/rt_probe.json" 2>&1 | tee -a "$LOG"
 
-step "5. predictor cost through torch.compile (decode sizes only)"
-timeout 80 python3 benchmarks/predictor_cost.py --device cuda --variants plain,fused,compiled \
-  --tokens 512,1024 --hidden 256 --iters 100 --out "$OUT/compiled" 2>&1 | tee -a "$LOG"
 step "done"
-ls -la "$OUT" "$OUT/compiled" 2>&1 | tee -a "$LOG"
+ls -la "$OUT" 2>&1 | tee -a "$LOG"
