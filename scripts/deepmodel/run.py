@@ -98,9 +98,14 @@ def decode_phases(path: Path, *, phases, ranks: int, per_rank: int, pre: int, st
         mix = {d: 1 for d in domains}
         draw = heldout_batches(path, mix, pre + steps, pre, 4 * ranks * per_rank, seed + 100 + i)
         chosen: list[np.ndarray] = []
-        while len(chosen) < ranks * per_rank:
+        for _ in range(100):
+            if len(chosen) >= ranks * per_rank:
+                break
             (batch,) = next(draw)
             chosen += [w for w in batch if w.shape[0] == pre + steps]
+        if len(chosen) < ranks * per_rank:
+            raise SystemExit(f"too few held-out {'/'.join(domains)} documents longer than "
+                             f"{pre + steps} bytes for {ranks * per_rank} requests")
         out.append(chosen[: ranks * per_rank])
     return out
 
