@@ -95,14 +95,17 @@ if triton is not None:
 
 @torch.no_grad()
 def fused_predict_load(pred, h: torch.Tensor, src_rank: torch.Tensor, num_ranks: int, *,
-                       block: int = 16, chunk: int = 64, residual: str = "triton"
-                       ) -> torch.Tensor:
+                       block: int = 16, chunk: int = 64, residual: str = "triton",
+                       num_warps: int = 4) -> torch.Tensor:
     """Predicted tokens per (source rank, expert), int32 [S, E]; see the module doc.
 
     pred: a LookaheadPredictor after `fuse()`; h: [T, D] on CUDA; src_rank: int [T].
     residual: "triton" (SiLU and the W2 product inside the kernel, CHUNK-wide slices of H) or
     "cublas" (`pred.fused_logits`: SiLU and W2 as torch ops, then a Triton top-k/count kernel;
     for wide residuals, where the kernel's loop over H is long).
+    block (tokens per program), chunk (H slice per W2 product) and num_warps shape the launch;
+    they can change only the order of float32 sums, so at most a near tie
+    (benchmarks/predictor_profile.py reports whether the counts match the default shape's).
     """
     if residual not in ("triton", "cublas"):
         raise ValueError(f"residual must be 'triton' or 'cublas', got {residual!r}")
@@ -123,10 +126,10 @@ def fused_predict_load(pred, h: torch.Tensor, src_rank: torch.Tensor, num_ranks:
     if residual == "cublas":
         logits = pred.fused_logits(h)  # [T, E]
         _topk_count[grid](logits, src_rank, out, h.shape[0], logits.stride(0),
-                          E=num_experts, K=pred.top_k, BLOCK=block)
+                          E=num_experts, K=pred.top_k, BLOCK=block, num_warps=num_warps)
         return out.view(num_ranks, num_experts)
     y = torch.addmm(bias, h.to(weight_t.dtype), weight_t)  # [T, E+H]
     _residual_topk_count[grid](y, w2_t, src_rank, out, h.shape[0], y.stride(0),
                                E=num_experts, H=pred.hidden, K=pred.top_k, BLOCK=block,
-                               CHUNK=min(chunk, pred.hidden))
+                               CHUNK=min(chunk, pred.hidden), num_warps=num_warps)
     return out.view(num_ranks, num_experts)
