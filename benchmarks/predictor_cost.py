@@ -94,6 +94,20 @@ def variants(pred, src, num_ranks, names: list[str], triton_block: int | None = 
     return out
 
 
+def event_times_us(step, repeats: int, iters: int) -> list[float]:
+    """Per-step times (us), one per repeat: `iters` calls step(i) between two CUDA events."""
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for i in range(iters):
+            step(i)
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e3 / iters)
+    return times
+
+
 def time_cuda(fn, inputs, tokens_k: int, repeats: int, iters: int) -> dict:
     """CUDA-graph replay and eager times (us) of fn(h) -> [S, E] load over rotated inputs."""
     stream = torch.cuda.Stream()
@@ -118,20 +132,10 @@ def time_cuda(fn, inputs, tokens_k: int, repeats: int, iters: int) -> dict:
     assert torch.equal(outs[0], ref), "graph replay differs from eager"
     assert int(ref.sum()) == tokens_k
 
-    def run(step):
-        times = []
-        for _ in range(repeats):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            for i in range(iters):
-                step(i)
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end) * 1e3 / iters)
-        return statistics.median(times), min(times)
-
-    graph_med, graph_min = run(lambda i: graphs[i % len(graphs)].replay())
-    eager_med, _ = run(lambda i: fn(inputs[i % len(inputs)]))
+    graph_times = event_times_us(lambda i: graphs[i % len(graphs)].replay(), repeats, iters)
+    graph_med, graph_min = statistics.median(graph_times), min(graph_times)
+    eager_med = statistics.median(event_times_us(lambda i: fn(inputs[i % len(inputs)]),
+                                                 repeats, iters))
     return {"graph_us": graph_med, "graph_min_us": graph_min, "eager_us": eager_med,
             "load": ref}
 

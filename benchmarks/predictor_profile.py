@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.predictor_cost import event_times_us
 from probe.predictor.model import LookaheadPredictor
 from probe.specs import resolve_model
 
@@ -43,16 +44,7 @@ def graph_us(fn, repeats: int = 7, iters: int = 100, calls: int = 1) -> float:
     with torch.cuda.graph(g):
         for _ in range(calls):
             fn()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(iters):
-            g.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3 / (iters * calls))
-    return statistics.median(times)
+    return statistics.median(event_times_us(lambda _: g.replay(), repeats, iters)) / calls
 
 
 def profile_one(pred, spec, tokens: int, num_ranks: int, shapes, gen) -> list[dict]:
@@ -71,7 +63,7 @@ def profile_one(pred, spec, tokens: int, num_ranks: int, shapes, gen) -> list[di
     ref = fl.fused_predict_load(pred, h, src, num_ranks)
 
     def launch(block, chunk, warps):
-        grid = (triton_cdiv(tokens, block),)
+        grid = (fl.triton.cdiv(tokens, block),)
         fl._residual_topk_count[grid](y, w2_t, src, out, tokens, y.stride(0), E=num_experts,
                                       H=hidden, K=top_k, BLOCK=block,
                                       CHUNK=min(chunk, hidden), num_warps=warps)
@@ -96,10 +88,6 @@ def profile_one(pred, spec, tokens: int, num_ranks: int, shapes, gen) -> list[di
     rows.append({**base, "part": "whole_default_in10", "us": graph_us(
         lambda: fl.fused_predict_load(pred, h, src, num_ranks), iters=20, calls=10)})
     return rows
-
-
-def triton_cdiv(a: int, b: int) -> int:
-    return -(-a // b)
 
 
 def main(argv=None) -> list[dict]:
