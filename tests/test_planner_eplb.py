@@ -162,7 +162,8 @@ def assert_rebalance_consistent(weight, num_replicas, num_groups, num_nodes, num
     slots_per_node = num_replicas // num_nodes
     for layer in range(num_layers):
         row = phy2log[layer]
-        assert row.min() >= 0 and row.max() < num_experts  # every slot of every GPU is used
+        per_gpu = row.reshape(num_gpus, num_replicas // num_gpus)  # R / G slots a GPU
+        assert per_gpu.min() >= 0 and per_gpu.max() < num_experts  # every slot is used
         assert logcnt[layer].min() >= 1 and logcnt[layer].sum() == num_replicas
         assert np.bincount(row, minlength=num_experts).tolist() == logcnt[layer].tolist()
         for e in range(num_experts):

@@ -133,14 +133,14 @@ def replicate_experts(weight: np.ndarray,
     ([0, 1, 2, 0, 0], [0, 0, 0, 1, 2], [3, 1, 1])
     """
     num_experts = weight.shape[0]
-    expert = np.concatenate([np.arange(num_experts), np.zeros(num_slots - num_experts, int)])
+    expert = np.arange(num_slots, dtype=np.int64)  # slots >= n are overwritten below
     rank = np.zeros(num_slots, np.int64)
     count = np.ones(num_experts, np.int64)
     for slot in range(num_experts, num_slots):
         e = int(np.argmax(weight / count))
         expert[slot], rank[slot] = e, count[e]
         count[e] += 1
-    return expert.astype(np.int64), rank, count
+    return expert, rank, count
 
 
 def _rebalance_layer(weight: np.ndarray, num_replicas: int, num_groups: int, num_nodes: int,
