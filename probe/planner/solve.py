@@ -79,7 +79,7 @@ def solve(problem: BalanceProblem, method: str = "greedy", *, time_limit: float 
     wall = result.wall_time if math.isfinite(result.wall_time) else time.perf_counter() - start
     if result.plan is None:
         return SolveResult(result.status, None, math.inf, result.bound, None, wall,
-                           result.message, method)
+                           result.message, method, fallback=result.fallback)
     if check:
         violations = check_plan(problem, result.plan)
         if violations:
@@ -94,4 +94,4 @@ def solve(problem: BalanceProblem, method: str = "greedy", *, time_limit: float 
         gap = (objective - bound) / objective if objective > 0 else 0.0
         gap = max(gap, 0.0)
     return SolveResult(result.status, result.plan, objective, bound, gap, wall, result.message,
-                       method)
+                       method, fallback=result.fallback)
