@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from hypothesis import given, settings
-from test_planner_instances import instances
+from helpers import instances
 
 from probe.placement import sharded_home
 from probe.planner.check import check_plan, evaluate_plan
