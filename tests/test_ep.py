@@ -19,6 +19,7 @@ import torch.multiprocessing as mp
 
 from probe.placement import sharded_home
 from probe.planner import CostModel, Plan
+from probe.predictor import router_prior
 from probe.runtime.config import MoEConfig, RopeConfig
 from probe.runtime.dist import DistContext, RankFailure, Watchdog
 from probe.runtime.engine import Engine, Request, greedy_generate, random_model, slice_experts
@@ -104,6 +105,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
     ctx = _init(rank, world, port)
     out: dict = {}
     model = _rank_model(rank, world)
+    prior = router_prior(model)  # the frozen router prior, read before a runner wraps the model
 
     # 1. static (balancing off)
     runner = EPRunner(model, ctx, PipelineOptions(balance=False, num_slots=SLOTS))
@@ -136,7 +138,8 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
     # 4. PROBE plans: greedy on the previous step's load (history predictor) and on the
     #    frozen-router prior
     for pred in ("history", "router") if world == 2 else ("history",):
-        runner = EPRunner(model, ctx, PipelineOptions(num_slots=SLOTS, predictor=pred,
+        predictor = prior if pred == "router" else pred
+        runner = EPRunner(model, ctx, PipelineOptions(num_slots=SLOTS, predictor=predictor,
                                                       method="greedy_ref",
                                                       default_window_s=1.0), cost=_cost(world))
         for step in range(3):
