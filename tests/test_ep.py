@@ -204,6 +204,7 @@ def _reference_logits(model, rank: int, step: int) -> torch.Tensor:
         return model(ids, seq_lens=lens).logits
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("world", [2, 4])
 def test_ep_matches_single_process(world, tmp_path):
     outs = _run(world, tmp_path)
@@ -274,7 +275,8 @@ def _dead_worker(rank: int, world: int, port: int, out_dir: str, mode: str) -> N
     os._exit(0)
 
 
-@pytest.mark.parametrize("mode", ["exit", pytest.param("hang", marks=pytest.mark.slow)])
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["exit", "hang"])
 def test_dead_rank_gives_clear_error(mode, tmp_path):
     port = _free_port()
     ctxs = mp.start_processes(_dead_worker, args=(2, port, str(tmp_path), mode), nprocs=2,

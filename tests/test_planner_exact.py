@@ -218,6 +218,7 @@ def test_tiny_time_limit_keeps_the_warm_start(ep8_problem):
     assert_good(problem, result, warm_obj)
 
 
+@pytest.mark.slow
 def test_cpsat_hint_is_used_on_a_short_run(ep8_problem):
     problem = ep8_problem(2)
     warm, _ = warm_start(problem)

@@ -115,6 +115,7 @@ def _mean_loss(pset, hidden, logits):
                               for la in pset.layers]))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("margin_weight", [0.0, 0.5])
 def test_train_streaming_lowers_loss_and_counts_tokens(margin_weight):
     hidden, logits, routers = _teacher()
