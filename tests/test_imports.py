@@ -10,6 +10,7 @@ against the importing module's package.
 from __future__ import annotations
 
 import ast
+import functools
 import os
 import subprocess
 import sys
@@ -73,10 +74,13 @@ def _deepest_known(dotted: str, modules: set[str]) -> str | None:
     return None
 
 
-def import_graph() -> dict[str, set[str]]:
+@functools.cache
+def import_graph() -> dict[str, frozenset[str]]:
+    """probe's module graph (read once per session; callers must not change it)."""
     files = module_files()
     names = set(files)
-    return {name: imported_modules(name, path, names) for name, path in files.items()}
+    return {name: frozenset(imported_modules(name, path, names))
+            for name, path in files.items()}
 
 
 def find_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
