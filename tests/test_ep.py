@@ -306,3 +306,14 @@ def test_slot_pool_and_transfer_validation():
     with pytest.raises(ValueError, match="phase1_fraction"):
         SplitPhaseTransfer(0, replicas, np.array([[-1, 1], [-1, -1]]), 0, None, pool, None,
                            phase1_fraction=1.5)
+
+
+def test_runner_takes_history_or_a_load_predictor():
+    ctx = DistContext(0, 1, None, None, torch.device("cpu"))
+    with pytest.raises(ValueError, match=r"predictor must be 'history' or a LoadPredictor .*"
+                                         r"router_prior\(model\)\), got 'router'"):
+        EPRunner(full_model(), ctx, PipelineOptions(predictor="router"))
+    model = full_model()
+    prior = router_prior(model)
+    runner = EPRunner(model, ctx, PipelineOptions(predictor=prior))
+    assert runner.predictors is prior
