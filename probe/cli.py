@@ -22,18 +22,26 @@ def _root() -> None:
     """PROBE: predictive expert balancing for MoE inference under expert parallelism."""
 
 
+# Installed packages add sub-commands under this entry-point group: each entry is a
+# `register(app)` function (solvers_bench's `bench solvers` is one, see pyproject.toml).
+COMMANDS_GROUP = "probe.commands"
+
+
 def _register_all() -> None:
+    from importlib.metadata import entry_points
+
     from probe.planner.cli import register as register_planner
     from probe.predictor.cli import register as register_predictor
     from probe.runtime.checkpoint_cli import register as register_checkpoint
     from probe.runtime.cli import register as register_runtime
     from probe.sim.cli import register as register_sim
     from probe.traces.cli import register as register_traces
-    from solvers_bench.cli import register as register_bench
 
     for register in (register_traces, register_planner, register_sim, register_predictor,
-                     register_runtime, register_checkpoint, register_bench):
+                     register_runtime, register_checkpoint):
         register(app)
+    for entry in sorted(entry_points(group=COMMANDS_GROUP), key=lambda e: e.name):
+        entry.load()(app)
 
 
 @app.command()

@@ -1,6 +1,8 @@
-"""Command line of the solver benchmark: `python -m solvers_bench` and `probe bench solvers`.
+"""Command line of the solver benchmark: `python -m solvers_bench` (or `probe-solvers-bench`)
+and `probe bench solvers`.
 
-`register(app)` adds a `bench` sub-app with the `solvers` command to the main `probe` app.
+`register(app)` adds a `bench` sub-app with the `solvers` command to the main `probe` app;
+probe finds it through the "probe.commands" entry point that pyproject.toml declares.
 """
 
 from __future__ import annotations

@@ -105,6 +105,7 @@ def test_cli_generate_and_serve(tmp_path):
     assert summary["ranks"][0]["generated_tokens"] == 6
 
 
+@pytest.mark.slow
 def test_torchrun_two_cpu_ranks(tmp_path):
     out = tmp_path / "ep.json"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",

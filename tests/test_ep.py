@@ -19,6 +19,7 @@ import torch.multiprocessing as mp
 
 from probe.placement import sharded_home
 from probe.planner import CostModel, Plan
+from probe.predictor import router_prior
 from probe.runtime.config import MoEConfig, RopeConfig
 from probe.runtime.dist import DistContext, RankFailure, Watchdog
 from probe.runtime.engine import Engine, Request, greedy_generate, random_model, slice_experts
@@ -104,6 +105,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
     ctx = _init(rank, world, port)
     out: dict = {}
     model = _rank_model(rank, world)
+    prior = router_prior(model)  # the frozen router prior, read before a runner wraps the model
 
     # 1. static (balancing off)
     runner = EPRunner(model, ctx, PipelineOptions(balance=False, num_slots=SLOTS))
@@ -136,7 +138,8 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
     # 4. PROBE plans: greedy on the previous step's load (history predictor) and on the
     #    frozen-router prior
     for pred in ("history", "router") if world == 2 else ("history",):
-        runner = EPRunner(model, ctx, PipelineOptions(num_slots=SLOTS, predictor=pred,
+        predictor = prior if pred == "router" else pred
+        runner = EPRunner(model, ctx, PipelineOptions(num_slots=SLOTS, predictor=predictor,
                                                       method="greedy_ref",
                                                       default_window_s=1.0), cost=_cost(world))
         for step in range(3):
@@ -201,6 +204,7 @@ def _reference_logits(model, rank: int, step: int) -> torch.Tensor:
         return model(ids, seq_lens=lens).logits
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("world", [2, 4])
 def test_ep_matches_single_process(world, tmp_path):
     outs = _run(world, tmp_path)
@@ -271,7 +275,8 @@ def _dead_worker(rank: int, world: int, port: int, out_dir: str, mode: str) -> N
     os._exit(0)
 
 
-@pytest.mark.parametrize("mode", ["exit", pytest.param("hang", marks=pytest.mark.slow)])
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["exit", "hang"])
 def test_dead_rank_gives_clear_error(mode, tmp_path):
     port = _free_port()
     ctxs = mp.start_processes(_dead_worker, args=(2, port, str(tmp_path), mode), nprocs=2,
@@ -301,3 +306,14 @@ def test_slot_pool_and_transfer_validation():
     with pytest.raises(ValueError, match="phase1_fraction"):
         SplitPhaseTransfer(0, replicas, np.array([[-1, 1], [-1, -1]]), 0, None, pool, None,
                            phase1_fraction=1.5)
+
+
+def test_runner_takes_history_or_a_load_predictor():
+    ctx = DistContext(0, 1, None, None, torch.device("cpu"))
+    with pytest.raises(ValueError, match=r"predictor must be 'history' or a LoadPredictor .*"
+                                         r"router_prior\(model\)\), got 'router'"):
+        EPRunner(full_model(), ctx, PipelineOptions(predictor="router"))
+    model = full_model()
+    prior = router_prior(model)
+    runner = EPRunner(model, ctx, PipelineOptions(predictor=prior))
+    assert runner.predictors is prior

@@ -40,6 +40,7 @@ print(json.dumps(res))
 """
 
 
+@pytest.mark.slow
 def test_triton_kernel_equals_plain_twin():
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
     out = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True,

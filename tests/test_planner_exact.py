@@ -17,7 +17,6 @@ from probe.planner.milp import EXACT, MAKESPAN, build_milp, plan_from_values, pl
 from probe.planner.problem import BalanceProblem, Plan
 from probe.planner.result import largest_remainder
 from probe.planner.warmstart import warm_start
-from probe.specs import hardware_preset, model_preset
 
 REL = 1e-6
 
@@ -41,20 +40,6 @@ def small_problem(seed: int, num_ranks: int = 3, num_experts: int = 6, *, slots:
         cost = CostModel.uniform(num_ranks, alpha=2.0, beta=1.0, token_time=0.25,
                                  transfer_time=1.0)
     return BalanceProblem(load, sharded_home(num_experts, num_ranks), slots, window, cost)
-
-
-def ep8_problem(seed: int = 0) -> BalanceProblem:
-    """ep=8, 128 experts, top-4 Zipf-skewed decode step of 768 tokens per rank (gpt-oss)."""
-    rng = np.random.default_rng(seed)
-    pop = (np.arange(128) + 1.0) ** -1.0
-    pop = pop[rng.permutation(128)]
-    load = np.zeros((8, 128), np.int64)
-    for s in range(8):
-        keys = np.log(pop)[None, :] + rng.gumbel(size=(768, 128))
-        top = np.argpartition(-keys, 4, axis=1)[:, :4]
-        load[s] = np.bincount(top.ravel(), minlength=128)
-    cost = CostModel.from_specs(model_preset("gpt-oss-120b"), hardware_preset("h200x8"))
-    return BalanceProblem(load, sharded_home(128, 8), 3, 3 * cost.transfer_time[0, 1], cost)
 
 
 def objective(problem: BalanceProblem, plan: Plan) -> float:
@@ -211,7 +196,7 @@ def test_exact_backends_on_degenerate_instances(case):
             assert result.objective == 0.0
 
 
-def test_tiny_time_limit_keeps_the_warm_start():
+def test_tiny_time_limit_keeps_the_warm_start(ep8_problem):
     problem = ep8_problem(1)
     # Under a 1 ms limit the lp heuristic inside warm_start times out, so the reference is
     # the best of static and greedy (the lp plan found without a limit may be better).
@@ -227,7 +212,8 @@ def test_tiny_time_limit_keeps_the_warm_start():
     assert_good(problem, result, warm_obj)
 
 
-def test_cpsat_hint_is_used_on_a_short_run():
+@pytest.mark.slow
+def test_cpsat_hint_is_used_on_a_short_run(ep8_problem):
     problem = ep8_problem(2)
     warm, _ = warm_start(problem)
     result = solve_cpsat(problem, time_limit=3, num_workers=2)
@@ -251,7 +237,7 @@ def test_bad_options_are_rejected():
 
 # ------------------------------------------------------------------------- the LP heuristic
 @pytest.mark.parametrize("seed", range(3))
-def test_lp_is_feasible_and_never_worse_than_greedy(seed):
+def test_lp_is_feasible_and_never_worse_than_greedy(seed, ep8_problem):
     problem = ep8_problem(seed)
     warm, _ = warm_start(problem, use_lp=False)
     result = solve_lp(problem)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_planner_instances import instances, same_plan
+from helpers import instances, same_plan
 
 from probe.placement import sharded_home
 from probe.planner.check import check_plan, evaluate_plan

@@ -16,7 +16,6 @@ from probe.planner.greedy import solve_greedy
 from probe.planner.highs import solve_highs
 from probe.planner.lp import solve_lp
 from probe.planner.problem import BalanceProblem
-from test_planner_exact import ep8_problem  # the same ep=8 decode step
 
 
 def objective(problem: BalanceProblem, plan) -> float:
@@ -88,7 +87,7 @@ def test_dive_finds_the_cycle_of_copies_that_single_rounding_misses():
     assert new.objective <= best.objective * 1.01
 
 
-def test_lp_beats_greedy_on_a_decode_step():
+def test_lp_beats_greedy_on_a_decode_step(ep8_problem):
     problem = ep8_problem(0)
     greedy = objective(problem, solve_greedy(problem).plan)
     result = solve_lp(problem)
@@ -96,7 +95,7 @@ def test_lp_beats_greedy_on_a_decode_step():
     assert result.objective < greedy
 
 
-def test_tiny_time_limit_returns_greedy_with_status_timeout():
+def test_tiny_time_limit_returns_greedy_with_status_timeout(ep8_problem):
     problem = ep8_problem(0)
     greedy = objective(problem, solve_greedy(problem).plan)
     result = solve_lp(problem, time_limit=1e-6)
@@ -106,7 +105,7 @@ def test_tiny_time_limit_returns_greedy_with_status_timeout():
     assert result.objective <= greedy * (1 + 1e-12)
 
 
-def test_deadline_during_the_dives_keeps_the_best_plan_so_far(monkeypatch):
+def test_deadline_during_the_dives_keeps_the_best_plan_so_far(monkeypatch, ep8_problem):
     # Every LP solve takes 30 ms more: any two solves (a dive and an assignment at least)
     # pass the 50 ms limit.
     run = lp_module._run
@@ -162,7 +161,7 @@ def test_registry_passes_options_through():
     assert narrow.objective == solve_lp(problem, per_rank=0, num_candidates=1).objective
 
 
-def test_assignment_for_a_fixed_placement_is_feasible_and_keeps_its_replicas():
+def test_assignment_for_a_fixed_placement_is_feasible_and_keeps_its_replicas(ep8_problem):
     # The step-4 LP alone (solvers_bench.analysis re-assigns greedy's tokens with it).
     from probe.planner.highs_base import time_unit
     from probe.planner.static import static_plan

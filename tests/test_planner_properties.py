@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 from hypothesis import HealthCheck, given, settings
-from test_planner_instances import instances
+from helpers import instances
 
 from probe.planner import check_plan, evaluate_plan, solve
 

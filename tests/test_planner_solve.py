@@ -9,7 +9,7 @@ import types
 import numpy as np
 import pytest
 from hypothesis import given, settings
-from test_planner_instances import instances, same_plan
+from helpers import instances, same_plan
 
 from probe.placement import sharded_home
 

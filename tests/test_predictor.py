@@ -69,6 +69,7 @@ def _teacher_data(num_tokens=512, dim=16, num_experts=8, seed=1):
     return h, h_next @ w_next.T, w_next
 
 
+@pytest.mark.slow
 def test_distillation_lowers_loss_on_fixed_dataset():
     h, logits, w_next = _teacher_data()
     pred = LookaheadPredictor(w_next, None, hidden=64, top_k=2)

@@ -42,6 +42,7 @@ def test_split_steps_holds_out_whole_steps():
         split_steps(steps, held_out=1.5)
 
 
+@pytest.mark.slow
 def test_cli_train_eval_study(tiny, tmp_path):
     runner = CliRunner()
     app = _app()

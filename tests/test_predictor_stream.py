@@ -26,19 +26,9 @@ VOCAB = 272
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
+def tiny(tiny_qwen3_moe):
     """A tiny byte-vocabulary Qwen3-MoE checkpoint (3 MoE layers) loaded in probe.runtime."""
-    cfg = transformers.Qwen3MoeConfig(
-        vocab_size=VOCAB, hidden_size=32, intermediate_size=24, moe_intermediate_size=8,
-        num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
-        num_experts=8, num_experts_per_tok=2, max_position_embeddings=256)
-    torch.manual_seed(0)
-    ref = transformers.Qwen3MoeForCausalLM(cfg).eval()
-    with torch.no_grad():
-        for p in ref.parameters():
-            p.normal_(0.0, 0.3)
-    path = tmp_path_factory.mktemp("tiny_moe")
-    ref.save_pretrained(path)
+    path, _ = tiny_qwen3_moe(vocab_size=VOCAB, num_layers=3, top_k=2, max_positions=256)
     return path, load_model(path)
 
 
@@ -125,6 +115,7 @@ def _mean_loss(pset, hidden, logits):
                               for la in pset.layers]))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("margin_weight", [0.0, 0.5])
 def test_train_streaming_lowers_loss_and_counts_tokens(margin_weight):
     hidden, logits, routers = _teacher()

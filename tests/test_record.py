@@ -16,19 +16,10 @@ VOCAB = 53
 
 
 @pytest.fixture(scope="module")
-def qwen(tmp_path_factory):
+def qwen(tiny_qwen3_moe):
     """(our model, transformers' model) of one tiny Qwen3-MoE checkpoint with a dense layer."""
-    cfg = transformers.Qwen3MoeConfig(
-        vocab_size=VOCAB, hidden_size=32, intermediate_size=24, moe_intermediate_size=8,
-        num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
-        num_experts=8, num_experts_per_tok=3, mlp_only_layers=[1], max_position_embeddings=64)
-    torch.manual_seed(0)
-    ref = transformers.Qwen3MoeForCausalLM(cfg).eval()
-    with torch.no_grad():
-        for p in ref.parameters():
-            p.normal_(0.0, 0.3)
-    path = tmp_path_factory.mktemp("qwen3_moe")
-    ref.save_pretrained(path)
+    path, ref = tiny_qwen3_moe(vocab_size=VOCAB, num_layers=4, top_k=3, max_positions=64,
+                               mlp_only_layers=(1,))
     return load_model(path), ref
 
 

@@ -241,6 +241,7 @@ def test_calibrated_hardware_reproduces_fit(tmp_path):
         calibrated_hardware("h100x8", "gpt-oss-120b", path=path)
 
 
+@pytest.mark.slow
 def test_cli_simulate_writes_table_and_files(tmp_path):
     trace = generate("decode", num_steps=4, tokens_per_step=8 * 64, num_layers=2,
                      num_experts=128, top_k=4, num_ranks=8, seed=1)

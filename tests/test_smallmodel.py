@@ -177,6 +177,7 @@ def tiny_run(tmp_path_factory):
     return base, summary
 
 
+@pytest.mark.slow
 def test_train_writes_loss_curve_and_a_checkpoint_our_loader_reads(tiny_run):
     import torch
     from transformers import Qwen3MoeForCausalLM
@@ -207,6 +208,7 @@ def test_lr_schedule_warms_up_then_decays():
     assert lrs[-1] == pytest.approx(0.1, abs=0.01)
 
 
+@pytest.mark.slow
 def test_record_writes_traces_with_shift_and_ranks(tiny_run):
     from probe.runtime.record import load_samples
     from probe.traces import RoutingTrace
@@ -235,6 +237,7 @@ def test_record_writes_traces_with_shift_and_ranks(tiny_run):
     assert 0 < smp.hidden.shape[0] < 48
 
 
+@pytest.mark.slow
 def test_analyze_runs_on_recorded_traces(tiny_run, tmp_path):
     import shutil
 

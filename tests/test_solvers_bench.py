@@ -116,6 +116,7 @@ def test_run_instance_gaps_are_consistent():
         assert check_plan(problem, solve(problem, bench_run.METHODS[name][0]).plan) == []
 
 
+@pytest.mark.slow
 def test_cli_tiny_grid_writes_results_report_and_resumes(tmp_path):
     app = typer.Typer()
     register(app)

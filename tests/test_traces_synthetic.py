@@ -121,6 +121,7 @@ def test_decode_hot_experts_drift_and_shift_is_abrupt():
     assert overlap < 0.8
 
 
+@pytest.mark.slow
 def test_calibration_ir_at_ep8_top4_of_128():
     """The issue's must-show on a reduced but representative config (full E, K, G, L and
     tokens per step; fewer steps). Defaults are in WORKLOADS."""

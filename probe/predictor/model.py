@@ -33,7 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["FORMAT_VERSION", "LookaheadPredictor", "PredictorSet", "load_from_ids"]
+__all__ = ["FORMAT_VERSION", "LookaheadPredictor", "PredictorSet", "load_from_ids",
+           "router_prior"]
 
 FORMAT_VERSION = 1
 
@@ -277,6 +278,21 @@ class PredictorSet(nn.Module):
         out = cls(preds, meta["num_layers"])
         out.load_state_dict(state, strict=True)
         return out
+
+
+def router_prior(model) -> PredictorSet | None:
+    """The frozen router prior of a probe.runtime model, to drive its expert-parallel runner.
+
+    A `PredictorSet.from_model(model)` on the dtype and device of the model's expert weights
+    (untrained, so layer l's prediction is layer l's router applied to h_{l-1}); None when the
+    model has fewer than 2 MoE layers (nothing to predict from: the runner's history predictor
+    applies). `probe.runtime` takes it as a `LoadPredictor`; build it before an `EPRunner`
+    wraps the model's MoE blocks.
+    """
+    if model.cfg.num_moe_layers < 2:
+        return None
+    first_w = model.moe_blocks[0].w_gate_up
+    return PredictorSet.from_model(model, dtype=first_w.dtype).to(first_w.device)
 
 
 def routers_of(model) -> tuple[list[torch.Tensor], list[torch.Tensor | None], int,

@@ -168,7 +168,13 @@ def run(args) -> dict | None:
     model = _load(args, ctx, device, dtype)
     load_s = time.perf_counter() - t0
     predictor = args.predictor
-    if predictor not in ("history", "router"):
+    if predictor == "router":  # the frozen router prior; history if there is nothing to predict
+        from probe.predictor import router_prior
+
+        predictor = router_prior(model)
+        if predictor is None:
+            predictor = "history"
+    elif predictor != "history":
         from probe.predictor import PredictorSet
 
         predictor = PredictorSet.load(predictor).to(device)

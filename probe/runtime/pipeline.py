@@ -14,11 +14,11 @@ layer l and step (PAPER.md section 4.4):
     pause                                        | combine all_to_all of l
     resume (phase 2); drain l's stragglers       | layer l+1's attention runs next
 
-Prediction: with a `probe.predictor.PredictorSet` (`predictor="router"` builds the frozen
-router prior, or pass one), layer l+1's load is the top-k of the predictor's logits on h_l;
-with `predictor="history"` it is the TRUE load this rank saw at layer l+1 in the previous step
-(zero in the first step). Layer 0 has no earlier layer in the step: it always runs static
-(everything home), which is also the state before any plan exists.
+Prediction: with a `LoadPredictor` (e.g. a `probe.predictor.PredictorSet`; the frozen router
+prior is `probe.predictor.router_prior(model)`), layer l+1's load is the top-k of the
+predictor's logits on h_l; with `predictor="history"` it is the TRUE load this rank saw at layer
+l+1 in the previous step (zero in the first step). Layer 0 has no earlier layer in the step: it
+always runs static (everything home), which is also the state before any plan exists.
 
 Window: the seconds rank g can hide layer l+1's transfer = expert compute of layer l plus the
 non-MoE work before layer l+1's MoE (attention, norms), both measured in the previous step
@@ -31,6 +31,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -44,7 +45,8 @@ from probe.runtime.dist import DistContext, guarded
 from probe.runtime.ep import EPMoELayer, LayerExperts, PhaseHooks
 from probe.runtime.transfer import SlotPool, SplitPhaseTransfer
 
-__all__ = ["EPRunner", "PipelineOptions", "StepStats", "cost_model_for", "solve_plan"]
+__all__ = ["EPRunner", "LoadPredictor", "PipelineOptions", "StepStats", "cost_model_for",
+           "solve_plan"]
 
 
 def solve_plan(problem: BalanceProblem, method: str = "greedy") -> Plan:
@@ -75,13 +77,23 @@ def cost_model_for(cfg, world_size: int, dtype: torch.dtype,
     return CostModel.from_specs(spec, hw)
 
 
+class LoadPredictor(Protocol):
+    """What the runner asks of a predictor (`probe.predictor.PredictorSet` is one)."""
+
+    def __call__(self, layer: int, h_prev: torch.Tensor) -> torch.Tensor:
+        """Predicted router logits [T, E] of MoE layer `layer` from h_prev [T, D], the router
+        input of MoE layer `layer` - 1."""
+        ...
+
+
 @dataclass
 class PipelineOptions:
     """How the runner balances.
 
     balance: plan and prefetch replicas (False: static sharded EP, no extra collectives).
     num_slots: R, replica slots per rank per buffer (two buffers).
-    predictor: "history", "router", or a PredictorSet.
+    predictor: "history" or a LoadPredictor (e.g. a PredictorSet, or the frozen router prior
+        `probe.predictor.router_prior(model)`).
     method: planner method for `probe.planner.solve` ("greedy"; "greedy_ref" avoids the JIT).
     planner: optional function BalanceProblem -> Plan replacing `method` (tests).
     plan_override: optional function (moe layer, step) -> Plan | None forcing a plan (tests).
@@ -95,7 +107,7 @@ class PipelineOptions:
 
     balance: bool = True
     num_slots: int = 3
-    predictor: object = "history"
+    predictor: str | LoadPredictor = "history"
     method: str = "greedy"
     planner: Callable[[BalanceProblem], Plan] | None = None
     plan_override: Callable[[int, int], Plan | None] | None = None
@@ -239,18 +251,12 @@ class EPRunner:
         for layer in model.layers:  # a model wrapped by an earlier runner: unwrap first
             if layer.is_moe and isinstance(layer.moe, _EPBlock):
                 layer.moe = layer.moe.block
-        self.predictors = None
-        if self.opts.predictor == "router":
-            from probe.predictor import PredictorSet
-
-            if cfg.num_moe_layers > 1:
-                first_w = model.moe_blocks[0].w_gate_up
-                self.predictors = PredictorSet.from_model(model, dtype=first_w.dtype).to(
-                    first_w.device)
-        elif not isinstance(self.opts.predictor, str):
+        self.predictors: LoadPredictor | None = None
+        if not isinstance(self.opts.predictor, str):
             self.predictors = self.opts.predictor
         elif self.opts.predictor != "history":
-            raise ValueError(f"predictor must be 'history', 'router' or a PredictorSet, got "
+            raise ValueError(f"predictor must be 'history' or a LoadPredictor (the frozen router "
+                             f"prior: probe.predictor.router_prior(model)), got "
                              f"{self.opts.predictor!r}")
         self.blocks = []
         decoder_layers = [layer for layer in model.layers if layer.is_moe]
