@@ -248,3 +248,8 @@ def test_missing_folder_config_and_weights(tiny, tmp_path):
     (tmp_path / "config.json").write_text("{")
     assert_one_line_error(invoke("checkpoint", "info", tmp_path),
                           str(tmp_path / "config.json"), "not valid JSON")
+
+
+def test_generate_names_a_missing_checkpoint(tmp_path):
+    assert_one_line_error(invoke("generate", "--model", tmp_path / "nope", "--ids", "1,2"),
+                          f"checkpoint directory not found: {tmp_path / 'nope'}")
