@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import re
 
 import pytest
@@ -31,7 +32,7 @@ def assert_whole(output: str, *words: str) -> None:
 
 
 def _render(renderable, width: int) -> str:
-    console = Console(width=width, color_system=None, record=True, file=open("/dev/null", "w"))
+    console = Console(width=width, color_system=None, record=True, file=io.StringIO())
     console.print(renderable)
     return console.export_text()
 
