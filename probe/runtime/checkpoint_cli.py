@@ -116,8 +116,7 @@ def register(app: typer.Typer) -> None:
         """Write a small random-weight checkpoint of a named architecture (config.json +
         model.safetensors, the Hugging Face layout) that probe and transformers load.
 
-        The weights are random: generated text is noise, but the runtime (expert parallelism,
-        routing, balancing) runs on it as on a trained model, on CPU in seconds.
+        Random weights: the text is noise, but EP, routing and balancing run as on a real model.
         """
         from probe.runtime.checkpoint import verify_checkpoint
         from probe.runtime.random_checkpoint import RandomCheckpointSpec, write_random_checkpoint
