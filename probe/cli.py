@@ -9,6 +9,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from probe.tables import fit_table
+
 app = typer.Typer(
     help="PROBE: predictive expert balancing for MoE inference under expert parallelism.",
     no_args_is_help=True,
@@ -93,8 +95,8 @@ def demo(
     console.print(f"\n[bold]2. One layer[/bold] (step {step}, layer {layer}, the most imbalanced): "
                   f"{model_spec.name} on {hw.name}, {slots} replica slots per rank, hiding window "
                   f"{window.max() * 1e6:.0f} us")
-    table = Table("method", "status", "layer us", "IR", "skew", "replicas", "moved MB", "gap",
-                  "solve time", "ok")
+    table = Table("method", "status", "layer\nus", "IR", "skew", "repl", "moved\nMB", "gap",
+                  "solve\ntime", "ok")
     solve(problem, "greedy")  # compile the Numba kernel before timing anything
     exact_limit = 5.0 if quick else 20.0
     for method, limit in (("static", None), ("greedy", None), ("lp", 1.0), ("cpsat", exact_limit)):
@@ -106,7 +108,7 @@ def demo(
                       f"{metrics.imbalance:.3f}", f"{metrics.compute_skew:.3f}",
                       str(metrics.num_replicas), f"{metrics.bytes_moved / 1e6:.0f}", gap,
                       _fmt_seconds(result.wall_time), feasible)
-    console.print(table)
+    console.print(fit_table(table))
 
     console.print(f"\n[bold]3. Every layer of every step[/bold] ({trace.num_steps} x "
                   f"{trace.num_layers} plans):")

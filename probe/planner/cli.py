@@ -21,6 +21,7 @@ from probe.planner.problem import BalanceProblem, Plan, SolveResult
 from probe.planner.solve import METHODS
 from probe.planner.static import static_plan
 from probe.planner.window import default_window
+from probe.tables import fit_table
 
 __all__ = ["plan_cmd", "register"]
 
@@ -124,12 +125,12 @@ def plan_cmd(
                   f"{routing.num_experts} experts, top-{routing.top_k}; {spec_model.name} on "
                   f"{spec_hw.name}; method {method}, {slots} slots/rank, window {window}")
     if layer is None:
-        console.print(_layers_table(problems, results))
+        console.print(fit_table(_layers_table(problems, results)))
     else:
         problem, result = problems[layer], results[layer]
-        console.print(_metrics_table(problem, result, layer))
+        console.print(fit_table(_metrics_table(problem, result, layer)))
         if result.plan is not None:
-            console.print(_replicas_table(problem, result.plan))
+            console.print(fit_table(_replicas_table(problem, result.plan)))
         if result.message:
             console.print(f"{result.status}: {result.message}")
 

@@ -20,6 +20,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from probe.tables import fit_table
+
 __all__ = ["register"]
 
 _console = Console()
@@ -106,8 +108,8 @@ def register(app: typer.Typer) -> None:
                           f"epoch {e + 1}/{n}: mean loss {np.mean(list(losses.values())):.4f}"))
         pset.save(out)
         rows = fidelity(pset, test_s.hidden, test_s.logits, **args)
-        _console.print(_fidelity_table("held-out fidelity",
-                                       {"prior": prior, "distilled": rows}))
+        _console.print(fit_table(_fidelity_table("held-out fidelity",
+                                                 {"prior": prior, "distilled": rows})))
         _console.print(f"wrote {out}")
 
     @sub.command("eval")
@@ -134,7 +136,7 @@ def register(app: typer.Typer) -> None:
         args = dict(step=data.step, src_rank=data.src_rank, num_ranks=num_ranks, home=home)
         rows = {"prior": fidelity(pset, data.hidden, data.logits, prior=True, **args),
                 "distilled": fidelity(pset, data.hidden, data.logits, **args)}
-        _console.print(_fidelity_table(f"fidelity on {data.step.size} tokens", rows))
+        _console.print(fit_table(_fidelity_table(f"fidelity on {data.step.size} tokens", rows)))
         if json_out is not None:
             json_out.write_text(json.dumps(rows, indent=1) + "\n")
 

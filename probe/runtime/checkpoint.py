@@ -23,7 +23,7 @@ from probe.runtime.config import MoEConfig
 from probe.runtime.families import Recipe, checkpoint_plan, fp32_params, ignorable
 from probe.runtime.model import MoETransformer
 
-__all__ = ["CheckpointReader", "load_config", "load_model", "read_hf_config",
+__all__ = ["CheckpointError", "CheckpointReader", "load_config", "load_model", "read_hf_config",
            "verify_checkpoint"]
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -55,72 +55,137 @@ def load_config(path: str | Path) -> MoEConfig:
     return MoEConfig.from_hf(read_hf_config(path))
 
 
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be used; the message names the file and what is wrong
+    (truncated, bad header, missing tensor, wrong shape). `path` is that file."""
+
+    def __init__(self, path: str | Path, problem: str) -> None:
+        self.path = Path(path)
+        self.problem = problem
+        super().__init__(f"{self.path}: {problem}")
+
+
+def _safetensors_problem(file: Path) -> str | None:
+    """What is wrong with safetensors file `file`, read from its size and header; None when
+    the header looks sound (then the safetensors library's own message is all there is)."""
+    size = file.stat().st_size
+    with file.open("rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            return f"truncated: {size} bytes, too short for a safetensors header"
+        header_len = int.from_bytes(head, "little")
+        if 8 + header_len > size:
+            return (f"truncated or not a safetensors file: its header length ({header_len} "
+                    f"bytes) runs past the end of the file ({size} bytes)")
+        raw = f.read(header_len)
+    try:
+        header = json.loads(raw)
+        ends = [int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"]
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError, RecursionError) as err:
+        return f"bad header: not a safetensors JSON header ({type(err).__name__}: {err})"
+    expected = 8 + header_len + max(ends, default=0)
+    if size < expected:
+        return (f"truncated: {size} bytes, but its header describes {expected} bytes "
+                f"({expected - size} missing)")
+    if size > expected:
+        return (f"bad file size: {size - expected} bytes past the last tensor its header "
+                f"describes ({expected} bytes)")
+    return None
+
+
+def _open_safetensors(file: Path) -> Any:
+    """safe_open(file), with a CheckpointError naming the file and the problem on failure."""
+    try:
+        return safe_open(file, framework="pt")
+    except Exception as err:  # safetensors raises its own SafetensorError (not a ValueError)
+        if not file.is_file():
+            raise FileNotFoundError(f"checkpoint file not found: {file}") from None
+        problem = _safetensors_problem(file) or f"not a readable safetensors file ({err})"
+        raise CheckpointError(file, problem) from None
+
+
 class CheckpointReader:
     """Tensor names, shapes and data of a safetensors checkpoint (one file or an index + shards).
 
-    Files are opened lazily and memory-mapped; `read` touches only the requested tensor (rows).
+    Every file's header is read (and checked) when the reader is made; the files are
+    memory-mapped and `read` touches only the requested tensor (rows). Broken files raise
+    `CheckpointError` naming the file.
     """
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         index = self.path / "model.safetensors.index.json"
         single = self.path / "model.safetensors"
+        self._open: dict[Path, Any] = {}
+        self._shapes: dict[str, tuple[int, ...]] = {}
+        self.listing = index if index.is_file() else single  # the file that lists the tensors
         if index.is_file():
-            weight_map = json.loads(index.read_text()).get("weight_map")
+            try:
+                weight_map = json.loads(index.read_text()).get("weight_map")
+            except (ValueError, AttributeError) as err:
+                raise CheckpointError(index, f"bad index: not a JSON object ({err})") from None
             if not isinstance(weight_map, dict) or not weight_map:
-                raise ValueError(f"{index}: no weight_map")
+                raise CheckpointError(index, "bad index: no weight_map")
             self.file_of = {name: self.path / file for name, file in weight_map.items()}
             missing = sorted({str(f) for f in self.file_of.values() if not f.is_file()})
             if missing:
                 raise FileNotFoundError(f"{index} lists shard files that do not exist: "
                                         f"{_few(missing)}")
+            for file in sorted(set(self.file_of.values())):
+                held = set(self._handle_of(file).keys())
+                absent = [n for n, f in self.file_of.items() if f == file and n not in held]
+                if absent:
+                    raise CheckpointError(file, f"missing tensor: {index.name} puts "
+                                          f"{len(absent)} tensor(s) in this shard that it does "
+                                          f"not hold: {_few(absent)}")
         elif single.is_file():
-            self.file_of = {}
-            with safe_open(single, framework="pt") as f:
-                for name in f.keys():  # noqa: SIM118 (safe_open has no __iter__)
-                    self.file_of[name] = single
+            self.file_of = dict.fromkeys(self._handle_of(single).keys(), single)
         else:
             raise FileNotFoundError(
                 f"no weights in {self.path}: expected model.safetensors or "
                 "model.safetensors.index.json")
-        self._open: dict[Path, Any] = {}
-        self._shapes: dict[str, tuple[int, ...]] = {}
 
     @property
     def names(self) -> set[str]:
         return set(self.file_of)
 
-    def _handle(self, name: str) -> Any:
-        file = self.file_of[name]
+    def _handle_of(self, file: Path) -> Any:
         if file not in self._open:
-            self._open[file] = safe_open(file, framework="pt")
+            self._open[file] = _open_safetensors(file)
         return self._open[file]
+
+    def _handle(self, name: str) -> Any:
+        return self._handle_of(self.file_of[name])
 
     def shape(self, name: str) -> tuple[int, ...]:
         """Shape stored in the file header for tensor `name`."""
         if name not in self._shapes:
             try:
                 self._shapes[name] = tuple(self._handle(name).get_slice(name).get_shape())
-            except Exception as err:  # a shard listed in the index but lacking the tensor
-                raise ValueError(f"{self.file_of[name]}: cannot read tensor {name} ({err})"
-                                 ) from None
+            except Exception as err:  # noqa: BLE001 - safetensors' own error type
+                raise CheckpointError(self.file_of[name],
+                                      f"cannot read tensor {name} ({err})") from None
         return self._shapes[name]
 
     def read(self, name: str, rows: Sequence[int] | None = None) -> torch.Tensor:
         """Tensor `name`, or only its dim-0 `rows` (in the given order)."""
         handle = self._handle(name)
-        if rows is None:
-            return handle.get_tensor(name)
-        part = handle.get_slice(name)
-        # Read maximal runs of consecutive rows, one slice each.
-        pieces, start = [], 0
-        rows = list(rows)
-        while start < len(rows):
-            end = start + 1
-            while end < len(rows) and rows[end] == rows[end - 1] + 1:
-                end += 1
-            pieces.append(part[rows[start]:rows[end - 1] + 1])
-            start = end
+        try:
+            if rows is None:
+                return handle.get_tensor(name)
+            part = handle.get_slice(name)
+            # Read maximal runs of consecutive rows, one slice each.
+            pieces, start = [], 0
+            rows = list(rows)
+            while start < len(rows):
+                end = start + 1
+                while end < len(rows) and rows[end] == rows[end - 1] + 1:
+                    end += 1
+                pieces.append(part[rows[start]:rows[end - 1] + 1])
+                start = end
+        except Exception as err:  # noqa: BLE001 - safetensors' own error type
+            raise CheckpointError(self.file_of[name],
+                                  f"cannot read tensor {name} ({err})") from None
         return torch.cat(pieces) if len(pieces) > 1 else pieces[0]
 
 
@@ -143,30 +208,32 @@ def _check_expert_ids(expert_ids: Sequence[int] | None, num_experts: int) -> tup
 
 def _verify(plan: list[Recipe], full_plan: list[Recipe], reader: CheckpointReader,
             cfg: MoEConfig) -> None:
-    """Raise a ValueError naming a few tensors when the checkpoint does not fit the plan."""
+    """Raise a CheckpointError naming a few tensors when the checkpoint does not fit the plan."""
     present = reader.names
     needed = {s.name for r in plan for s in r.sources}
     missing = needed - present
     if missing:
-        raise ValueError(
-            f"checkpoint {reader.path} is missing {len(missing)} tensor(s) that a "
-            f"{cfg.model_type} model with this config needs: {_few(missing)}")
+        raise CheckpointError(reader.listing, (
+            f"missing {len(missing)} tensor(s) that a {cfg.model_type} model with this config "
+            f"needs: {_few(missing)}"))
     known = {s.name for r in full_plan for s in r.sources}
     unexpected = {n for n in present - known if not ignorable(cfg, n)}
     if unexpected:
-        raise ValueError(
-            f"checkpoint {reader.path} has {len(unexpected)} tensor(s) that a {cfg.model_type} "
-            f"model with this config does not use: {_few(unexpected)}")
+        raise CheckpointError(reader.listing, (
+            f"has {len(unexpected)} tensor(s) that a {cfg.model_type} model with this config "
+            f"does not use: {_few(unexpected)}"))
     wrong = []
     for recipe in plan:
         for s in recipe.sources:
             found = reader.shape(s.name)
             if found != s.shape:
-                wrong.append(f"{s.name} has shape {list(found)}, config implies {list(s.shape)}")
+                wrong.append(f"{s.name} has shape {list(found)}, config implies {list(s.shape)} "
+                             f"(in {reader.file_of[s.name].name})")
     if wrong:
         more = f" (and {len(wrong) - _SHOW} more)" if len(wrong) > _SHOW else ""
-        raise ValueError(f"config.json does not match the tensors of {reader.path}: "
-                         + "; ".join(wrong[:_SHOW]) + more)
+        raise CheckpointError(reader.path / "config.json",
+                              "shape mismatch: config.json does not match the tensors: "
+                              + "; ".join(wrong[:_SHOW]) + more)
 
 
 def _prepare(path: str | Path, expert_ids: Sequence[int] | None

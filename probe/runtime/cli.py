@@ -89,7 +89,11 @@ def register(app: typer.Typer) -> None:
         if model is not None:
             from probe.runtime.checkpoint import load_model
 
-            net = load_model(model, dtype=torch_dtype, device=device)
+            try:
+                net = load_model(model, dtype=torch_dtype, device=device)
+            except (OSError, ValueError) as err:  # names the file and the problem
+                typer.echo(f"error: {err}", err=True)
+                raise typer.Exit(1) from None
         else:
             import json
 

@@ -50,11 +50,10 @@ def simulate_command(
     from probe.sim.engine import simulate
     from probe.sim.report import plot_result, result_table, write_csv, write_summary
     from probe.specs import resolve_hardware, resolve_model
+    from probe.tables import fit_table
     from probe.traces.trace import RoutingTrace
 
     console = Console()
-    if console.width < 120:  # the table needs about 115 columns; wrap rather than truncate
-        console = Console(width=120)
     try:
         model_spec = resolve_model(model)
         hw = resolve_hardware(hardware)
@@ -71,7 +70,7 @@ def simulate_command(
     except (ValueError, TypeError, FileNotFoundError) as err:
         console.print(f"[red]error:[/red] {err}")
         raise typer.Exit(code=2) from None
-    console.print(result_table(result))
+    console.print(fit_table(result_table(result)))
     console.print(f"hardware: {result.meta['hardware_source']}")
     console.print(f"attention: {result.meta['attention']}; predictor: {result.meta['predictor']}")
     if out is not None:

@@ -19,6 +19,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from probe.placement import sharded_home
+from probe.tables import fit_table
 from probe.traces.readers import (
     from_routed_experts,
     read_routed_experts_npy,
@@ -119,7 +120,7 @@ def render_stats(s: dict, console: Console | None = None, *, title: str = "") ->
     churn_all = float(np.mean(s["churn"])) if len(s["churn"]) else float("nan")
     table.add_row("all", *(f"{overall[k]:.2f}" for k in ("mean", "median", "p10", "p90", "max")),
                   f"{churn_all:.2f}", style="bold")
-    console.print(table)
+    console.print(fit_table(table))
     for phase in ("prefill", "decode"):
         if f"ir_{phase}" in s:
             p = s[f"ir_{phase}"]
