@@ -13,11 +13,11 @@ Measures, with device events, warm-up and medians over random (never zero) input
 Fits T_expert(n) = alpha + beta * n (least squares, relative error, n >= 64) and reports
 eta(n) = n * F / (T_expert(n) * peak) with peak the measured matmul rate.
 
-Writes calibration.json to --out. Shape legend: E_loc local experts, n tokens per expert,
-D hidden, F expert FFN width, b decode batch, c prefill chunk, H heads, d head dim.
+Writes calibration.json and manifest.json to --out. Shape legend: E_loc local experts, n tokens
+per expert, D hidden, F expert FFN width, b decode batch, c prefill chunk, H heads, d head dim.
 
-    python3 benchmarks/calibrate_h200.py --device cuda --out "$OUT"     # on the H200
-    python benchmarks/calibrate_h200.py --device cpu --tiny --out /tmp/cal   # smoke test here
+    python3 -m experiments.calibration.calibrate_h200 --device cuda --out "$OUT"   # on the H200
+    python -m experiments.calibration.calibrate_h200 --device cpu --tiny --out /tmp/cal   # here
 """
 
 from __future__ import annotations
@@ -33,6 +33,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F  # noqa: N812
+
+from experiments.manifest import Manifest
 
 # Expert and attention shapes of the two paper models (published Hugging Face configs).
 MODELS = {
@@ -226,6 +228,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num-local", type=int, default=16, help="local experts per rank")
     parser.add_argument("--kv-len", type=int, default=2048, help="decode KV length")
     args = parser.parse_args(argv)
+    run = Manifest.start("experiments.calibration.calibrate_h200", argv)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         print("CUDA not available", file=sys.stderr)
@@ -247,7 +250,8 @@ def main(argv: list[str] | None = None) -> int:
         timer = Timer(device, warmup=3, repeats=15)
     t_start = time.perf_counter()
     result: dict = {
-        "command": " ".join(["python3", "benchmarks/calibrate_h200.py", *(argv or sys.argv[1:])]),
+        "command": " ".join(["python3", "-m", "experiments.calibration.calibrate_h200",
+                             *(argv or sys.argv[1:])]),
         "device": torch.cuda.get_device_name(0) if device.type == "cuda" else platform.processor(),
         "torch": torch.__version__, "dtype": "bfloat16", "tiny": args.tiny,
         "num_local_experts": num_local,
@@ -267,6 +271,7 @@ def main(argv: list[str] | None = None) -> int:
     def write() -> None:
         result["elapsed_s"] = time.perf_counter() - t_start
         (out / "calibration.json").write_text(json.dumps(result, indent=1) + "\n")
+        run.write(out, [out / "calibration.json"])
 
     write()
     for name, cfg in models.items():

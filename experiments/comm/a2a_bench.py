@@ -6,14 +6,15 @@ one `all_to_all_single`, the shape of an expert-parallel dispatch. Timed with CU
 --iters back-to-back calls, median of --repeats; a configuration's time is the slowest rank's.
 Printed next to the planner cost model's bandwidth-only estimate for the same G
 (T K (G-1)/G rows x D x 2 bytes over the preset's link bandwidth, no latency term), which is the
-dispatch time benchmarks/predictor_cost.py compares the predictor with.
+dispatch time experiments/predictor/predictor_cost.py compares the predictor with.
 
 Point-to-point: rank 0 sends --p2p-mb megabytes to rank 1 (batch_isend_irecv), the copy an
 expert replica prefetch makes; reported as GB/s.
 
-  torchrun --nproc-per-node 2 benchmarks/a2a_bench.py --out results/a2a
-  torchrun --nproc-per-node 2 benchmarks/a2a_bench.py --device cpu --tokens 16 --p2p-mb 1 \
-      --iters 2 --repeats 1        # gloo smoke test of the script itself (float32, wall clock)
+  torchrun --nproc-per-node 2 -m experiments.comm.a2a_bench --out results/a2a
+  torchrun --nproc-per-node 2 -m experiments.comm.a2a_bench --device cpu --tokens 16 \
+      --p2p-mb 1 --iters 2 --repeats 1   # gloo smoke test of the script (float32, wall clock)
+With --out, rank 0 writes a2a.json and a2a.manifest.json there.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from experiments.manifest import Manifest
 from probe.specs import resolve_hardware, resolve_model
 
 
@@ -82,6 +84,7 @@ def main(argv=None) -> None:
                     help="cuda: NCCL, bf16; cpu: gloo, float32 (a smoke test of this script)")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
+    run = Manifest.start("experiments.comm.a2a_bench", argv)
     cuda = args.device == "cuda"
     if cuda and not torch.cuda.is_available():
         raise SystemExit("--device cuda but torch sees no GPU (use --device cpu for gloo)")
@@ -143,6 +146,7 @@ def main(argv=None) -> None:
             (args.out / "a2a.json").write_text(
                 json.dumps({"meta": {**meta, "out": str(args.out)}, "rows": rows},
                            indent=1, default=str) + "\n")
+            run.write(args.out, [args.out / "a2a.json"], name="a2a.manifest.json")
     dist.destroy_process_group()
 
 

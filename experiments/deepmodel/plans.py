@@ -1,17 +1,18 @@
-"""Plan quality from the decode-like loads that scripts/deepmodel/run.py saves (CPU, no model).
+"""Plan quality from the decode-like loads that experiments/deepmodel/run.py saves (CPU, no model).
 
 For every MoE layer and every step after the first, greedy plans are made from each prediction
 (the distilled predictor, the frozen prior, and two history baselines: last step's load and the
 mean of the last 8 steps) and from the true load, all scored on the true load (probe.predictor.
 evaluate.plan_study: loads rescaled to --tokens-per-rank tokens per rank, the gpt-oss-120b
 expert cost with the recorded model's E and K, 8 x H200, 3 replica slots, a window of 3 transfers,
-as scripts/predictor/plan_eval.py). Reported per predictor: the mean over layers and steps of
+as experiments/predictor/plan_eval.py). Reported per predictor: the mean over layers and steps of
 IR(plan from prediction) / IR(plan from truth), overall, per phase (code before the shift,
 prose_en + cjk after it) and for the first 8 steps after the shift, and the share of
 (layer, step) pairs within 5% of the truth's IR.
 
-  PYTHONPATH=. python scripts/deepmodel/plans.py results/deepmodel/run2/decode_loads.npz \
+  python -m experiments.deepmodel.plans results/deepmodel/run2/decode_loads.npz \
       --out results/deepmodel/run2/plans.json
+Writes --out and its manifest (--out with .manifest.json).
 """
 
 from __future__ import annotations
@@ -25,12 +26,10 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT))
-
-from probe.placement import sharded_home  # noqa: E402
-from probe.predictor.cli import _cost  # noqa: E402
-from probe.predictor.evaluate import history_loads, plan_study  # noqa: E402
+from experiments.manifest import Manifest
+from probe.placement import sharded_home
+from probe.predictor.cli import _cost
+from probe.predictor.evaluate import history_loads, plan_study
 
 HISTORY = ("last_step", "avg_8")
 AFTER_SHIFT = 8  # steps counted as "right after the shift"
@@ -90,7 +89,7 @@ def study(loads: dict, *, cost_model: str, hardware: str, tokens_per_rank: int, 
 
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("loads", type=Path, help="decode_loads.npz from scripts/deepmodel/run.py")
+    ap.add_argument("loads", type=Path, help="decode_loads.npz from experiments/deepmodel/run.py")
     ap.add_argument("--out", type=Path, required=True, help="JSON file to write")
     ap.add_argument("--cost-model", default="gpt-oss-120b")
     ap.add_argument("--hardware", default="h200x8")
@@ -98,6 +97,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--slots", type=int, default=3)
     ap.add_argument("--processes", type=int, default=None)
     args = ap.parse_args(argv)
+    run = Manifest.start("experiments.deepmodel.plans", argv)
     if not args.loads.is_file():
         raise SystemExit(f"no such loads file: {args.loads}")
     with np.load(args.loads) as f:
@@ -107,10 +107,11 @@ def main(argv=None) -> dict:
                 tokens_per_rank=args.tokens_per_rank, slots=args.slots,
                 processes=args.processes)
     res["seconds"] = round(time.time() - t0, 1)
-    res["command"] = "PYTHONPATH=. python scripts/deepmodel/plans.py " + " ".join(
+    res["command"] = "python -m experiments.deepmodel.plans " + " ".join(
         argv if argv is not None else sys.argv[1:])
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(res, indent=1) + "\n")
+    run.write(args.out.parent, [args.out], name=args.out.with_suffix(".manifest.json").name)
     cols = ("all", "before_shift", "after_shift", f"first_{AFTER_SHIFT}_after_shift",
             "within_5pct")
     print("| prediction | " + " | ".join(cols) + " |")

@@ -1,17 +1,17 @@
-"""Issue 6 depth test: train a deeper small MoE, distil lookahead predictors, score held out.
+"""Depth test: train a deeper small MoE, distil lookahead predictors, score held out.
 
-One script for one GPU call: (1) train scripts/smallmodel/train.py --arch deep (20 layers,
+One script for one GPU call: (1) train experiments/smallmodel/train.py --arch deep (20 layers,
 otherwise as the 8-layer "small" model) for --minutes; (2) teacher-forced (router input, router
 logits) pairs from random windows of the corpus' train split in the decode traffic's domain mix
-(scripts/predictor/distill_more.py's window draw, positions >= --min-pos of --window-byte
+(experiments/predictor/distill_more.py's window draw, positions >= --min-pos of --window-byte
 windows); (3) distil a PredictorSet (probe.predictor) on them; (4) score the frozen prior and the
 distilled predictor per layer on teacher-forced windows of the held-out corpus (same mix, never
-trained on), plus the cosine similarity of consecutive router inputs. Writes summary.json and
-layers.csv to --out.
+trained on), plus the cosine similarity of consecutive router inputs. Writes summary.json,
+layers.csv, decode_loads.npz, train_summary.json and manifest.json to --out.
 
-  GPU: PYTHONPATH=. python scripts/deepmodel/run.py --minutes 4.5 --out $OUT
+  GPU: python -m experiments.deepmodel.run --minutes 4.5 --out $OUT
   CPU smoke test (about a minute):
-  PYTHONPATH=. python scripts/deepmodel/run.py --arch tiny --steps 3 --device cpu \
+  python -m experiments.deepmodel.run --arch tiny --steps 3 --device cpu \
       --train-tokens 4000 --eval-tokens 2000 --window 128 --min-pos 16 --out /tmp/deep_out
 """
 
@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import argparse
 import csv
-import importlib.util
 import json
+import os
 import subprocess
 import sys
 import time
@@ -29,27 +29,20 @@ from pathlib import Path
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT))
-
-from probe.predictor.evaluate import (  # noqa: E402
+from experiments.manifest import Manifest
+from experiments.predictor import distill_more
+from probe.predictor.evaluate import (
     fidelity,
     predicted_ids,
     step_loads,
     true_ids,
 )
-from probe.predictor.model import PredictorSet  # noqa: E402
-from probe.predictor.stream import router_pairs, train_streaming  # noqa: E402
-from probe.runtime.checkpoint import load_model  # noqa: E402
-from probe.runtime.smallmodel import encode, load_corpus  # noqa: E402
+from probe.predictor.model import PredictorSet
+from probe.predictor.stream import router_pairs, train_streaming
+from probe.runtime.checkpoint import load_model
+from probe.runtime.smallmodel import encode, load_corpus
 
-
-def _distill_more():
-    spec = importlib.util.spec_from_file_location(
-        "distill_more", ROOT / "scripts" / "predictor" / "distill_more.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def collect(model, batches, tokens: int, min_pos: int, micro: int) -> tuple[np.ndarray, ...]:
@@ -118,7 +111,7 @@ def decode_like_loads(model, psets: dict[str, PredictorSet], phases: list[list[n
     Each phase's ranks * per_rank windows advance together one byte per step after `pre` bytes
     of context: step t of the phase is every window's byte pre + t, so consecutive steps are the
     same requests one token on, and at a phase change every request is replaced (the abrupt
-    domain shift of scripts/smallmodel/record.py's decode recording). Every token of a step is
+    domain shift of experiments/smallmodel/record.py's decode recording). Every token of a step is
     counted (no sampling). psets: name -> distilled PredictorSet (the first also gives the
     frozen prior). Returns {"truth", "prior", each name: int32 [n, L', S, E] over the layers
     predicted, "layers", "hidden", "logits", "step", "src_rank"}.
@@ -191,12 +184,13 @@ def main(argv=None) -> dict:
     ap.add_argument("--no-train", action="store_true",
                     help="score the model already in --ckpt (e.g. models/smallmodel) instead")
     args = ap.parse_args(argv)
+    run = Manifest.start("experiments.deepmodel.run", argv)
     args.out.mkdir(parents=True, exist_ok=True)
     times = {}
     t0 = time.time()
     budget = (["--minutes", str(args.minutes)] if args.minutes is not None
               else ["--steps", str(args.steps or 2000)])
-    cmd = [sys.executable, str(ROOT / "scripts/smallmodel/train.py"), "--arch", args.arch,
+    cmd = [sys.executable, "-m", "experiments.smallmodel.train", "--arch", args.arch,
            "--corpus", str(args.corpus), "--out", str(args.ckpt), "--device", args.device,
            *budget, *args.train_args.split()]
     if args.no_train:
@@ -204,7 +198,8 @@ def main(argv=None) -> dict:
             raise SystemExit(f"--no-train: no trained model in {args.ckpt} (train_summary.json)")
     else:
         print(" ".join(cmd), flush=True)
-        subprocess.run(cmd, check=True)
+        path = os.pathsep.join(filter(None, (str(ROOT), os.environ.get("PYTHONPATH"))))
+        subprocess.run(cmd, check=True, env={**os.environ, "PYTHONPATH": path})
     times["train_s"] = round(time.time() - t0, 1)
     train_summary = json.loads((args.ckpt / "train_summary.json").read_text())
     # Kept in --out at once, so a later step running out of time still leaves the training run.
@@ -213,7 +208,7 @@ def main(argv=None) -> dict:
     t1 = time.time()
     dev = torch.device(args.device)
     model = load_model(args.ckpt, device=dev).eval()
-    dm = _distill_more()
+    dm = distill_more
     ns = argparse.Namespace(mix="decode", corpus=args.corpus, exclude_rec=None, exclude_k=32,
                             seed=args.seed, batch_windows=args.micro * 8, window=args.window,
                             min_pos=args.min_pos)
@@ -277,7 +272,7 @@ def main(argv=None) -> dict:
                                                "mean_consecutive_cosine", "times")}, indent=1),
           flush=True)
 
-    # Decode-like held-out traffic: per-step loads for scripts/deepmodel/plans.py.
+    # Decode-like held-out traffic: per-step loads for experiments/deepmodel/plans.py.
     t3 = time.time()
     rec = dm._record_module()
     phases = decode_phases(args.heldout, phases=(rec.CODE_DOMAINS, rec.AFTER_SHIFT_DOMAINS),
@@ -304,6 +299,8 @@ def main(argv=None) -> dict:
     (args.out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     print(json.dumps({"decode_like": summary["decode_like"]["mean"],
                       "times": summary["times"]}, indent=1))
+    run.write(args.out, [args.out / name for name in ("train_summary.json", "summary.json",
+                                                      "layers.csv", "decode_loads.npz")])
     return summary
 
 

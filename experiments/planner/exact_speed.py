@@ -11,9 +11,9 @@ machine's wall time) and reports the mean IR of static, greedy and lp over those
 Loads come from probe.traces.synthetic's "decode" workload (seed 0); if that module cannot be
 imported, from a seeded Zipf stand-in (the report says which).
 
-Run:  PYTHONPATH=. python benchmarks/exact_speed.py                  # 1 instance per top-k
-      PYTHONPATH=. python benchmarks/exact_speed.py --instances 3 --time-limit 60 --workers 2
-Writes results/exact_speed.{json,md}; prints a table.
+Run:  python -m experiments.planner.exact_speed                  # 1 instance per top-k
+      python -m experiments.planner.exact_speed --instances 3 --time-limit 60 --workers 2
+Writes results/exact_speed.{json,md} and results/exact_speed.manifest.json; prints a table.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
+from experiments.manifest import Manifest
 from probe.placement import sharded_home
 from probe.planner.check import evaluate_plan
 from probe.planner.cost import CostModel
@@ -193,10 +194,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", default="results/exact_speed")
     parser.add_argument("--note", action="append", default=[], help="extra note for the report")
     args = parser.parse_args(argv)
+    run = Manifest.start("experiments.planner.exact_speed", argv)
     console = Console()
     load_start = os.getloadavg()[0]
     top_ks = [int(k) for k in args.top_k.split(",")]
-    report = {"command": "PYTHONPATH=. python benchmarks/exact_speed.py " + " ".join(
+    report = {"command": "python -m experiments.planner.exact_speed " + " ".join(
                   sys.argv[1:] if argv is None else argv),
               "machine": machine(), "time_limit": args.time_limit, "workers": args.workers,
               "setup": f"G={NUM_RANKS}, E={NUM_EXPERTS}, {TOKENS_PER_RANK} tokens per rank, "
@@ -251,6 +253,8 @@ def main(argv: list[str] | None = None) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(report, indent=2))
     write_markdown(out.with_suffix(".md"), report)
+    run.write(out.parent, [out.with_suffix(".json"), out.with_suffix(".md")],
+              name=out.with_suffix(".manifest.json").name)
     console.print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.md')}")
 
 

@@ -1,7 +1,7 @@
 """Greedy rules (the default, the paper's Algorithm 1, and options) against proven optima and
 certified bounds, and their kernel time.
 
-    PYTHONPATH=. python benchmarks/greedy_variants.py [--out results/greedy_variants.md] [--rev REV]
+    python -m experiments.planner.greedy_variants [--out results/greedy_variants.md] [--rev REV]
 
 Gap: every instance of results/solvers_bench/results.jsonl whose optimum
 is proven (cpsat or highs reported status "optimal"), and separately every record whose
@@ -13,10 +13,10 @@ objective is compared with the paper's objective stored in the record (method gr
 greedy in records made before the default rules changed).
 
 Time: median of `greedy_arrays` calls (the kernel, after JIT warm-up) per variant on the
-synthetic decode loads of benchmarks/planner_speed.py at ep=8, E=128, top-8 (qwen3-235b-a22b
-on h200x8, 768 tokens per rank, 3 slots per rank, window "auto"; 10 steps x 8 layers), and
-for three variants at ep=32, E=256, top-8 (deepseek-v3 on h200x8-n4; 4 x 4).
-Writes OUT (markdown) and OUT with .json.
+synthetic decode loads of experiments/planner/planner_speed.py at ep=8, E=128, top-8
+(qwen3-235b-a22b on h200x8, 768 tokens per rank, 3 slots per rank, window "auto"; 10 steps x 8
+layers), and for three variants at ep=32, E=256, top-8 (deepseek-v3 on h200x8-n4; 4 x 4).
+Writes OUT (markdown), OUT with .json and OUT with .manifest.json.
 """
 
 from __future__ import annotations
@@ -31,7 +31,8 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.planner_speed import _cpu_name, _problems
+from experiments.manifest import Manifest
+from experiments.planner.planner_speed import _cpu_name, _problems
 from probe.planner import evaluate_plan
 from probe.planner.greedy import PAPER_OPTIONS, _kernel_args, greedy_arrays, greedy_plan
 from solvers_bench.instances import InstanceSpec, build_problem
@@ -196,14 +197,15 @@ def timings(repeats: int) -> dict:
     return out
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="results/greedy_variants.md")
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--rev", default=None,
                         help="read the records as committed at this git revision (default: "
                              "the working tree's files)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    run = Manifest.start("experiments.planner.greedy_variants", argv)
     all_records = _records(args.rev)
     records = [r for r in all_records if _proven(r) or _certified(r)]
     scale = scale_tier(all_records)
@@ -226,7 +228,7 @@ def main() -> None:
     machine = {"platform": platform.platform(), "python": platform.python_version(),
                "cpu": _cpu_name(), "cpus": os.cpu_count(),
                "loadavg_1_5_15": [round(x, 2) for x in load]}
-    command = (f"PYTHONPATH=. python benchmarks/greedy_variants.py --out {args.out} "
+    command = (f"python -m experiments.planner.greedy_variants --out {args.out} "
                f"--repeats {args.repeats}" + (f" --rev {args.rev}" if args.rev else ""))
 
     def fmt(options: dict) -> str:
@@ -296,6 +298,8 @@ def main() -> None:
          "scale_tier": scale,
          "times": times, "rows": rows},
         indent=2) + "\n")
+    run.write(out.parent, [out, out.with_suffix(".json")],
+              name=out.with_suffix(".manifest.json").name)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """The lp heuristic's gap to proven optima, old (variant "round") against new (default), and its
 time per instance size.
 
-    PYTHONPATH=. python benchmarks/lp_gap.py [--out results/lp_gap.md] [--repeats 3]
+    python -m experiments.planner.lp_gap [--out results/lp_gap.md] [--repeats 3]
 
 Instances: every non-fatal record of the solvers_bench result files (default:
 results/solvers_bench/results.jsonl) is rebuilt from its recipe
@@ -19,7 +19,7 @@ Time: wall time of each call, the median of `--repeats` calls per instance, then
 size G x E over all instances of that size (every record, proven or not) and over the
 non-trivial proven ones; process CPU time alongside, as the machine may be shared (the load
 average is printed). Every plan is checked with check_plan, and lp against greedy.
-Writes OUT (markdown) and OUT with .json.
+Writes OUT (markdown), OUT with .json and OUT with .manifest.json.
 """
 
 from __future__ import annotations
@@ -35,7 +35,8 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.planner_speed import _cpu_name
+from experiments.manifest import Manifest
+from experiments.planner.planner_speed import _cpu_name
 from probe.planner import check_plan, evaluate_plan
 from probe.planner.greedy import solve_greedy
 from probe.planner.lp import solve_lp
@@ -136,14 +137,15 @@ def _pct(x: float | None) -> str:
     return "-" if x is None else f"{100 * x:.2f}%"
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="results/lp_gap.md")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--sources", nargs="+", default=list(SOURCES))
     parser.add_argument("--baseline", default=None,
                         help="also time probe/planner/lp.py as committed at this git revision")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    run_manifest = Manifest.start("experiments.planner.lp_gap", argv)
     records = _records(args.sources)
     base = _baseline(args.baseline) if args.baseline else None
     load_start = os.getloadavg()
@@ -195,7 +197,7 @@ def main() -> None:
                "cpu": _cpu_name(), "cpus": os.cpu_count(),
                "loadavg_start": [round(x, 2) for x in load_start],
                "loadavg_end": [round(x, 2) for x in load_end]}
-    command = (f"PYTHONPATH=. python benchmarks/lp_gap.py --out {args.out} "
+    command = (f"python -m experiments.planner.lp_gap --out {args.out} "
                f"--repeats {args.repeats}"
                + (f" --baseline {args.baseline}" if args.baseline else "")
                + (f" --sources {' '.join(args.sources)}" if args.sources != list(SOURCES)
@@ -269,6 +271,8 @@ def main() -> None:
     out.with_suffix(".json").write_text(json.dumps(
         {"command": command, "machine": machine, "elapsed_s": elapsed, "stats": stats,
          "times": times, "checks": checks, "rows": rows}, indent=2) + "\n")
+    run_manifest.write(out.parent, [out, out.with_suffix(".json")],
+                       name=out.with_suffix(".manifest.json").name)
 
 
 if __name__ == "__main__":

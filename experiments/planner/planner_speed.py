@@ -1,8 +1,9 @@
 """Greedy planner: speed (Numba kernel vs its Python twin) and balance on the decode workload.
 
-Seeded and reproducible; prints tables and writes JSON (default results/planner_speed.json).
+Seeded and reproducible; prints tables and writes JSON (default results/planner_speed.json)
+and its manifest (OUT with .manifest.json).
 
-    PYTHONPATH=. python benchmarks/planner_speed.py [--quick] [--out results/planner_speed.json]
+    python -m experiments.planner.planner_speed [--quick] [--out results/planner_speed.json]
 
 Speed: one layer's `greedy_arrays` call (the kernel: arrays in, arrays out), after JIT warm-up,
 on synthetic decode loads (768 tokens per rank, top-8, 3 slots per rank, window "auto" =
@@ -30,6 +31,7 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
+from experiments.manifest import Manifest
 from probe.placement import sharded_home
 from probe.planner import BalanceProblem, CostModel, evaluate_plan, solve, static_plan
 from probe.planner.greedy import _kernel_args, greedy_arrays, greedy_plan
@@ -131,11 +133,12 @@ def balance(name: str, knobs: dict, *, steps: int, layers: int, window: str | fl
     return out
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer instances and repeats")
     parser.add_argument("--out", default="results/planner_speed.json")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    run = Manifest.start("experiments.planner.planner_speed", argv)
     console = Console()
     quick = args.quick
 
@@ -185,6 +188,7 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"machine": machine, "speed": speed_rows,
                                "balance": balance_rows}, indent=2, default=str) + "\n")
+    run.write(out.parent, [out], name=out.with_suffix(".manifest.json").name)
     console.print(f"wrote {out}")
 
 

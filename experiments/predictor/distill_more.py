@@ -4,7 +4,7 @@ Three subcommands (CPU is enough: a batched pass of the small model runs at 5-9 
 2 cores, a training step of all 7 predictors at 10-20 k tokens/s):
 
   check    replay the decode recording's requests from its RNG (the same draws as
-           scripts/smallmodel/record.py), confirm the replay against decode_requests.json,
+           experiments/smallmodel/record.py), confirm the replay against decode_requests.json,
            confirm that a teacher-forced prefill pass over a replayed request reproduces the
            recorded decode samples, and check by text that no evaluated request occurs in the
            predictor training text (the corpus' train split).
@@ -16,37 +16,36 @@ Three subcommands (CPU is enough: a batched pass of the small model runs at 5-9 
            held-out steps (the report's test set) and the training steps (never trained on
            here, so a validation set for choosing settings). Appends one JSON line per run.
 
-  PYTHONPATH=. python scripts/predictor/distill_more.py check
-  PYTHONPATH=. python scripts/predictor/distill_more.py collect --tokens 2000000 --out /tmp/pairs
-  PYTHONPATH=. python scripts/predictor/distill_more.py train --pairs /tmp/pairs \
+  python -m experiments.predictor.distill_more check
+  python -m experiments.predictor.distill_more collect --tokens 2000000 --out /tmp/pairs
+  python -m experiments.predictor.distill_more train --pairs /tmp/pairs \
       --tokens 1000000 --hidden 1024 --epochs 2 --out-weights W.safetensors --log runs.jsonl
+
+collect and finalize write manifest.json into --out; train writes its manifest beside --log
+(runs.jsonl -> runs.manifest.json), or beside --out-weights without --log; check only prints.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT))
-
-from probe.predictor.evaluate import fidelity  # noqa: E402
-from probe.predictor.model import PredictorSet  # noqa: E402
-from probe.predictor.samples import load_samples, split_steps  # noqa: E402
-from probe.predictor.stream import (  # noqa: E402
+from experiments.manifest import Manifest
+from probe.predictor.evaluate import fidelity
+from probe.predictor.model import PredictorSet
+from probe.predictor.samples import load_samples, split_steps
+from probe.predictor.stream import (
     PairFile,
     PairWriter,
     router_pairs,
     train_streaming,
 )
-from probe.runtime.smallmodel import encode, load_corpus  # noqa: E402
+from probe.runtime.smallmodel import encode, load_corpus
 
 # Token shares of the decode recording: steps 0-79 code (4 code domains drawn uniformly), steps
 # 80-159 prose_en and cjk (drawn uniformly).
@@ -54,12 +53,9 @@ DECODE_MIX = {"code_py": 1, "code_c": 1, "code_js": 1, "code_sh": 1, "prose_en":
 
 
 def _record_module():
-    path = ROOT / "scripts" / "smallmodel" / "record.py"
-    spec = importlib.util.spec_from_file_location("smallmodel_record", path)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod  # dataclasses look their module up there
-    spec.loader.exec_module(mod)
-    return mod
+    from experiments.smallmodel import record
+
+    return record
 
 
 # ---- check ------------------------------------------------------------------------------------
@@ -478,8 +474,15 @@ def main(argv=None) -> None:
     c.add_argument("--log", type=Path, default=None)
     c.add_argument("--out-weights", type=Path, default=None)
     args = ap.parse_args(argv)
+    run = Manifest.start("experiments.predictor.distill_more", argv)
     {"check": cmd_check, "collect": cmd_collect, "finalize": cmd_finalize,
      "train": cmd_train}[args.cmd](args)
+    if args.cmd in ("collect", "finalize"):
+        run.write(args.out, [args.out])
+    elif args.cmd == "train" and (args.log or args.out_weights):
+        first = args.log or args.out_weights
+        run.write(first.parent, [p for p in (args.log, args.out_weights) if p is not None],
+                  name=first.with_suffix(".manifest.json").name)
 
 
 if __name__ == "__main__":

@@ -19,26 +19,24 @@ windows of the corpus' train split, as distill_more.py collect; a separate valid
 principle, otherwise), but it measures how much routing information layer L's attention adds
 on top of everything the token's own residual stream carries.
 
-  PYTHONPATH=. python scripts/predictor/info_bound.py --train-tokens 200000 --out J.json
+  python -m experiments.predictor.info_bound --train-tokens 200000 --out J.json
+Writes --out and its manifest (--out with .manifest.json).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT))
-
-from probe.predictor.metrics import topk_accuracy  # noqa: E402
-from probe.predictor.model import PredictorSet  # noqa: E402
-from probe.predictor.stream import train_streaming  # noqa: E402
+from experiments.manifest import Manifest
+from probe.predictor.metrics import topk_accuracy
+from probe.predictor.model import PredictorSet
+from probe.predictor.stream import train_streaming
 
 
 def collect(model, windows, min_pos):
@@ -98,6 +96,7 @@ def main(argv=None) -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args(argv)
+    manifest = Manifest.start("experiments.predictor.info_bound", argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
 
@@ -153,6 +152,7 @@ def main(argv=None) -> None:
     res["mean"] = {key: float(np.mean([v[key] for v in res["layers"].values()]))
                    for key in next(iter(res["layers"].values()))}
     args.out.write_text(json.dumps(res, indent=1) + "\n")
+    manifest.write(args.out.parent, [args.out], name=args.out.with_suffix(".manifest.json").name)
     print(json.dumps(res["mean"], indent=1))
 
 

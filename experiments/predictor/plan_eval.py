@@ -1,6 +1,6 @@
 """Plan-quality study of already-trained predictors on the decode recording (no training).
 
-Takes a predictor file (e.g. distilled on corpus text by scripts/predictor/distill_more.py, so
+Takes a predictor file (e.g. distilled on corpus text by experiments/predictor/distill_more.py, so
 never trained on the recording) and writes the study's report (probe.predictor.report) for it:
 
 - fidelity of the frozen prior and of the predictors on the held-out steps (the study's split);
@@ -10,32 +10,30 @@ never trained on the recording) and writes the study's report (probe.predictor.r
   any update: with --online-updates 0 the predictors stay fixed (all 160 steps are then unseen
   traffic for corpus-trained predictors), with 1 they also adapt online after each step.
 
-  PYTHONPATH=. python scripts/predictor/plan_eval.py --predictors W.safetensors \
+  python -m experiments.predictor.plan_eval --predictors W.safetensors \
       --out results/predictor/decode_more --online-updates 0
+Writes the report's files (probe.predictor.report.write_report) and manifest.json to --out.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT))
-
-from probe.placement import sharded_home  # noqa: E402
-from probe.predictor.cli import _cost  # noqa: E402
-from probe.predictor.evaluate import fidelity  # noqa: E402
-from probe.predictor.model import PredictorSet  # noqa: E402
-from probe.predictor.report import write_report  # noqa: E402
-from probe.predictor.samples import load_samples, split_steps  # noqa: E402
-from probe.predictor.study import _online_part, _plan_part  # noqa: E402
-from probe.traces.trace import RoutingTrace  # noqa: E402
+from experiments.manifest import Manifest
+from probe.placement import sharded_home
+from probe.predictor.cli import _cost
+from probe.predictor.evaluate import fidelity
+from probe.predictor.model import PredictorSet
+from probe.predictor.report import write_report
+from probe.predictor.samples import load_samples, split_steps
+from probe.predictor.study import _online_part, _plan_part
+from probe.traces.trace import RoutingTrace
 
 
 def main(argv=None) -> None:
@@ -55,6 +53,7 @@ def main(argv=None) -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--summary", default=None, help="text of the report's first paragraph")
     args = ap.parse_args(argv)
+    run = Manifest.start("experiments.predictor.plan_eval", argv)
     torch.set_num_threads(args.threads)
 
     pset = PredictorSet.load(args.predictors)
@@ -96,12 +95,15 @@ def main(argv=None) -> None:
     online["name"] = "fixed" if args.online_updates == 0 else "online"
     res["online"] = online
     print(f"online done ({time.time() - t0:.0f} s)", flush=True)
-    command = "PYTHONPATH=. python scripts/predictor/plan_eval.py " + " ".join(
+    command = "python -m experiments.predictor.plan_eval " + " ".join(
         f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()
         if k not in ("summary", "threads"))
     write_report(res, args.out, command=command,
                  title="Corpus-distilled lookahead predictor on the small model's decode",
                  summary=args.summary)
+    run.write(args.out, [args.out / name for name in ("results.json", "fidelity.csv",
+                                                      "plans.csv", "online.csv", "report.md")
+                         if (args.out / name).is_file()])
     print(f"wrote {args.out}/report.md")
 
 

@@ -14,9 +14,10 @@ For each model preset (D, E, K), batch size T (tokens per rank) and residual wid
   costing token_time = D * bytes / link bandwidth; the predictor runs on the compute units
   while this network-bound phase runs, so it is hidden if it is shorter.
 
-Run:  PYTHONPATH=. python benchmarks/predictor_cost.py --device cpu --tokens 64,128 --quick
-      PYTHONPATH=. python benchmarks/predictor_cost.py --device cuda --out results/predictor
-Seeded and reproducible; prints a table and writes predictor_cost.{json,csv}.
+Run:  python -m experiments.predictor.predictor_cost --device cpu --tokens 64,128 --quick
+      python -m experiments.predictor.predictor_cost --device cuda --out results/predictor
+Seeded and reproducible; prints a table and writes predictor_cost_{device}.{json,csv} and
+predictor_cost_{device}.manifest.json to --out.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from pathlib import Path
 
 import torch
 
+from experiments.manifest import Manifest
 from probe.predictor.model import LookaheadPredictor
 from probe.specs import resolve_hardware, resolve_model
 
@@ -174,6 +176,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--markdown", type=Path, default=None,
                     help="print a Markdown table of an earlier run's JSON file and exit")
     args = ap.parse_args(argv)
+    run = Manifest.start("experiments.predictor.predictor_cost", argv)
     if args.markdown is not None:
         rows = json.loads(args.markdown.read_text())
         print(markdown(rows))
@@ -202,7 +205,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                                      dtype, elem, repeats))
                 except Exception as err:  # keep the other configurations' numbers
                     print(f"FAILED {name} H={hidden} T={tokens}: {err!r}")
-    _report(rows, args)
+    _report(rows, args, run)
     return rows
 
 
@@ -265,7 +268,7 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def _report(rows, args):
+def _report(rows, args, run):
     nan = float("nan")
     print(f"{'model':16s} {'H':>4s} {'T':>5s} {'GFLOP':>7s} {'floor us':>8s} "
           + " ".join(f"{label + ' us':>11s}" for _, label in GRAPH_COLS)
@@ -285,6 +288,8 @@ def _report(rows, args):
             w = csv.DictWriter(fh, fieldnames=fields, restval="")
             w.writeheader()
             w.writerows(rows)
+        run.write(args.out, [args.out / f"predictor_cost_{tag}.{ext}" for ext in ("json", "csv")],
+                  name=f"predictor_cost_{tag}.manifest.json")
 
 
 if __name__ == "__main__":

@@ -10,8 +10,8 @@ For each model preset, residual width H and batch T it times, as CUDA-graph repl
   launch cost spread, as when the predictor is one part of a layer's graph).
 Every kernel shape is first checked to give the same counts as the default shape.
 
-Run:  PYTHONPATH=. python3 benchmarks/predictor_profile.py --out $OUT
-Prints a table and writes predictor_profile.{json,csv}.
+Run:  python3 -m experiments.predictor.predictor_profile --out $OUT
+Prints a table and writes predictor_profile.{json,csv} and manifest.json to --out.
 """
 
 from __future__ import annotations
@@ -25,7 +25,8 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.predictor_cost import event_times_us
+from experiments.manifest import Manifest
+from experiments.predictor.predictor_cost import event_times_us
 from probe.predictor.model import LookaheadPredictor
 from probe.specs import resolve_model
 
@@ -102,6 +103,7 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
+    run = Manifest.start("experiments.predictor.predictor_profile", argv)
     if not torch.cuda.is_available():
         raise SystemExit("predictor_profile needs a CUDA GPU")
     ints = lambda s: [int(x) for x in s.split(",")]  # noqa: E731
@@ -130,6 +132,8 @@ def main(argv=None) -> list[dict]:
                       f"{by['whole_default_in10']['us']:6.2f}", flush=True)
                 if args.out:  # after every configuration: a timeout keeps what was measured
                     write(args.out, rows)
+                    run.write(args.out, [args.out / "predictor_profile.json",
+                                         args.out / "predictor_profile.csv"])
     return rows
 
 

@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # End-to-end runtime on one H200 (ep=1): the small real model and a random-init model with
 # GPT-OSS-120B layer sizes (fewer layers). Writes JSON summaries, torch.profiler tables and a
-# log under $OUT (default ./out_runtime). Usage: OUT=dir bash scripts/device_runtime.sh
+# log and a manifest.json under $OUT (default ./out_runtime).
+# Usage: OUT=dir bash experiments/runtime/device.sh
 set -uo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
+START=$(date -u +%FT%TZ)
 OUT=${OUT:-out_runtime}
 mkdir -p "$OUT"
 export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
@@ -34,3 +36,5 @@ python3 -m probe.runtime --random-config gpt-oss-like --layers 4 --device cuda -
   --prefill-chunk 1024 --warmup-steps 4 --profile "$OUT/gptoss_profile.txt" \
   --out "$OUT/gptoss.json" 2>&1 | tee -a "$LOG"
 date -u | tee -a "$LOG"
+python3 -m experiments.manifest "$OUT" --command "bash experiments/runtime/device.sh" \
+  --started "$START" --fold

@@ -1,7 +1,7 @@
 """The paper-style evaluation in simulation: writes CSV, JSON, Markdown tables and plots.
 
-    PYTHONPATH=. python -m probe.sim.experiments --out results/sim            # everything
-    PYTHONPATH=. python -m probe.sim.experiments --out results/sim --only decode,shift
+    python -m experiments.sim.study --out results/sim            # everything
+    python -m experiments.sim.study --out results/sim --only decode,shift
 
 Experiments (ep = 8 on h200x8 with the measured H200 calibration unless said otherwise):
   prefill     prefill latency vs total input tokens, chunks of 8K and 16K tokens per rank,
@@ -12,13 +12,14 @@ Experiments (ep = 8 on h200x8 with the measured H200 calibration unless said oth
   predictor   PROBE under other prediction-error models (decode b=768, shift workload);
   scale       ep = 8 .. 128 (gpt-oss-120b, calibrated) and 8 .. 256 (deepseek-v3, datasheet),
               h200x8-nN presets: gain, planner time, exposed transfer with an unbounded window;
-  smallmodel  any results/smallmodel/*.trace.safetensors (real small-model traces);
+  smallmodel  any data/recorded/smallmodel/*.trace.safetensors (real small-model traces);
   plots       figures from the JSON written by prefill, decode and scale;
   headline    the paper's targets against our numbers (from the JSON above);
   ablation    PROBE/EPLB in decode with half the attention time, a slower effective NVLink,
               both, and no attention (why decode falls short of the paper's 1.26x).
 Traces keep few layers (the trace's layers stand for all the model's layers: step time = mean
 layer time x model layers) and few steps, so that everything runs in minutes on 2 CPU cores.
+Each experiment NAME writes NAME.md, NAME.json (and its CSV/PNG files) and NAME.manifest.json.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
+from experiments.manifest import Manifest
 from probe.sim.attention import AttentionModel
 from probe.sim.calibration import calibrated_attention, calibrated_hardware, has_calibration
 from probe.sim.engine import simulate
@@ -39,6 +41,7 @@ from probe.traces import generate
 
 PAPER_MODELS = ("gpt-oss-120b", "qwen3-235b-a22b")
 SEED = 0
+RECORDED = Path("data/recorded/smallmodel")  # the small model's recorded traces
 
 
 def _setup(model_name: str, hw_name: str = "h200x8"):
@@ -255,13 +258,13 @@ def run_scale(out: Path, log, quick: bool) -> dict:
 
 
 def run_smallmodel(out: Path, log) -> dict:
-    """Real routing recorded from the small Qwen3-MoE model (results/smallmodel), costed as if
+    """Real routing recorded from the small Qwen3-MoE model (data/recorded/smallmodel), costed as if
     its experts had GPT-OSS-120B's shape (the small model's own experts are too small to say
     anything about an H200), with GPT-OSS's measured H200 numbers, at the trace's ep."""
     from probe.specs import ModelSpec
     from probe.traces.trace import RoutingTrace
 
-    files = sorted(Path("results/smallmodel").glob("*.trace.safetensors"))
+    files = sorted(RECORDED.glob("*.trace.safetensors"))
     rows, data = [], {}
     base = model_preset("gpt-oss-120b")
     hw = calibrated_hardware("h200x8", "gpt-oss-120b")
@@ -298,7 +301,7 @@ def run_smallmodel(out: Path, log) -> dict:
                        "IR PROBE", "IR oracle", "PROBE speed-up vs static",
                        "PROBE vs EPLB", "oracle vs static", "PROBE topk:0.69 vs static",
                        "PROBE previous-step vs static"], rows) \
-        if rows else "(no results/smallmodel/*.trace.safetensors found)"
+        if rows else f"(no {RECORDED}/*.trace.safetensors found)"
     return {"table": table, "data": data}
 
 
@@ -481,6 +484,7 @@ def main(argv=None) -> int:
     parser.add_argument("--decode-steps", type=int, default=300)
     parser.add_argument("--quick", action="store_true", help="tiny sizes (smoke test)")
     args = parser.parse_args(argv)
+    run = Manifest.start("experiments.sim.study", argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     only = [x.strip() for x in args.only.split(",") if x.strip()]
@@ -505,8 +509,9 @@ def main(argv=None) -> int:
         if name not in runners:
             raise SystemExit(f"unknown experiment {name!r}; choose from {sorted(runners)}")
         t0 = time.perf_counter()
+        before = _stamps(out)
         result = runners[name]()
-        cmd = f"PYTHONPATH=. python -m probe.sim.experiments --out {args.out} --only {name}"
+        cmd = f"python -m experiments.sim.study --out {args.out} --only {name}"
         if args.layers != 8:
             cmd += f" --layers {args.layers}"
         if args.decode_steps != 300 and name == "decode":
@@ -519,8 +524,16 @@ def main(argv=None) -> int:
         (out / f"{name}.json").write_text(json.dumps(
             {"command": cmd, **{k: v for k, v in result.items() if k != "table"}},
             indent=1, default=_jsonable) + "\n")
+        written = [out / f for f, stamp in _stamps(out).items()
+                   if before.get(f) != stamp and not f.endswith(".manifest.json")]
+        run.write(out, written, name=f"{name}.manifest.json")
         log(result["table"])
     return 0
+
+
+def _stamps(folder: Path) -> dict[str, int]:
+    """File name -> modification time (ns) of the files in `folder`."""
+    return {p.name: p.stat().st_mtime_ns for p in sorted(folder.iterdir()) if p.is_file()}
 
 
 def _jsonable(obj):

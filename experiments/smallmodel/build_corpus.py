@@ -23,11 +23,12 @@ boundaries). A file is held out, all its chunks, when the hash of (seed, path) f
 Output (data/smallmodel/, git-ignored):
     corpus.jsonl   one JSON object per document: id, domain, split ("train"/"heldout"), source,
                    text
-    heldout.jsonl  the held-out records alone (what scripts/smallmodel/record.py reads)
+    heldout.jsonl  the held-out records alone (what experiments/smallmodel/record.py reads)
     stats.json     bytes and documents per domain and split, and the arguments used
+    manifest.json  the command, code revision, machine and files
 
 The corpus depends on what is installed, so it is reproducible on one machine image, not across
-images. Run: PYTHONPATH=. python scripts/smallmodel/build_corpus.py
+images. Run: python -m experiments.smallmodel.build_corpus
 """
 
 from __future__ import annotations
@@ -42,6 +43,8 @@ import sys
 import sysconfig
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
+
+from experiments.manifest import Manifest
 
 DOMAINS = ("code_py", "code_c", "code_js", "code_sh", "prose_en", "cjk", "cyrillic")
 
@@ -331,11 +334,14 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--chunk-bytes", type=int, default=16_384)
     ap.add_argument("--heldout-every", type=int, default=20)
     args = ap.parse_args(argv)
+    run = Manifest.start("experiments.smallmodel.build_corpus", argv)
     if args.scale <= 0:
         raise SystemExit("--scale must be positive")
     budgets = {k: v * args.scale for k, v in DEFAULT_BUDGET_MB.items()}
     stats = build(args.out, seed=args.seed, budget_mb=budgets, chunk_bytes=args.chunk_bytes,
                   heldout_every=args.heldout_every)
+    run.write(args.out, [args.out / name for name in ("corpus.jsonl", "heldout.jsonl",
+                                                      "stats.json")])
     print(f"total {stats['total_bytes'] / 1e6:.2f} MB -> {args.out / 'corpus.jsonl'}")
 
 

@@ -2,17 +2,18 @@
 # Train the small MoE test-bench model on one GPU and pack what comes back into $OUT.
 #
 # One device call (about 7 minutes on one H200, machine start included):
-#   run(command="bash scripts/smallmodel/device.sh", carry=["data/smallmodel"], timeout_s=600)
+#   run(command="bash experiments/smallmodel/device.sh", carry=["data/smallmodel"], timeout_s=600)
 # Recording traces from the trained checkpoint (a second call, about 4 minutes):
-#   run(command="STAGE=record bash scripts/smallmodel/device.sh",
+#   run(command="STAGE=record bash experiments/smallmodel/device.sh",
 #       carry=["models/smallmodel", "data/smallmodel/heldout.jsonl"], timeout_s=300)
-# Needs data/smallmodel/corpus.jsonl (scripts/smallmodel/build_corpus.py) in the working tree.
+# Needs data/smallmodel/corpus.jsonl (python -m experiments.smallmodel.build_corpus) in the
+# working tree. The recording's files (and its manifest.json) then go to data/recorded/smallmodel/.
 # Environment knobs: MINUTES (training budget, default 4.5), RECORD=1 to also record traces on
-# the GPU (off by default: scripts/smallmodel/record.py runs on CPU afterwards); DEVICE and
+# the GPU (off by default: experiments/smallmodel/record.py runs on CPU afterwards); DEVICE and
 # TRAIN_ARGS (extra train.py arguments) for a CPU smoke test of this script.
 #
 # $OUT receives at most 8 files, each under 16 MiB: the safetensors shards (15 MB each) and
-# meta.tar (config, index, loss.csv, train_summary.json, train.log, env.txt).
+# meta.tar (config, index, loss.csv, train_summary.json, manifest.json, train.log, env.txt).
 set -uo pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH=.
 OUT=${OUT:-/tmp/smallmodel_out}
@@ -23,7 +24,7 @@ if [ "${STAGE:-train}" = "record" ]; then
   # development machine was too slow). Carry ["models/smallmodel", "data/smallmodel/heldout.jsonl"].
   python3 -c 'import torch; print(torch.__version__, torch.cuda.get_device_name(0))' \
     2>&1 | tee "$OUT/record.log"
-  python3 scripts/smallmodel/record.py --ckpt models/smallmodel \
+  python3 -m experiments.smallmodel.record --ckpt models/smallmodel \
     --corpus data/smallmodel/heldout.jsonl --out "$OUT" --device "${DEVICE:-cuda}" \
     --max-seconds "${MAX_SECONDS:-170}" ${RECORD_ARGS:-} 2>&1 | tee -a "$OUT/record.log"
   status=${PIPESTATUS[0]}
@@ -44,13 +45,13 @@ torch.__version__, transformers.__version__, safetensors.__version__, torch.cuda
 } > "$OUT/env.txt" 2>&1
 cat "$OUT/env.txt"
 
-python3 scripts/smallmodel/train.py --corpus data/smallmodel/corpus.jsonl --out "$CKPT" \
+python3 -m experiments.smallmodel.train --corpus data/smallmodel/corpus.jsonl --out "$CKPT" \
   --minutes "$MINUTES" --device "${DEVICE:-cuda}" ${TRAIN_ARGS:-} 2>&1 | tee "$LOG"
 status=${PIPESTATUS[0]}
 echo "train.py exit status $status" | tee -a "$LOG"
 
 if [ "$status" -eq 0 ] && [ "${RECORD:-0}" = "1" ]; then
-  python3 scripts/smallmodel/record.py --ckpt "$CKPT" --out "$CKPT/traces" --device cuda \
+  python3 -m experiments.smallmodel.record --ckpt "$CKPT" --out "$CKPT/traces" --device cuda \
     2>&1 | tee -a "$LOG" || echo "record.py failed (non-fatal)" | tee -a "$LOG"
 fi
 

@@ -22,9 +22,11 @@ as if the model had sampled exactly that byte); with --decode-input sample it is
 model's own next-byte distribution (--temperature). Trace gates are not stored (smaller files);
 a fraction of the tokens (--*-sample-rate) is kept with every MoE layer's router input and logits
 (fp16) in *.samples.safetensors for predictor training. decode_requests.json lists, per step, the
-number of live requests per domain and the joins and leaves.
+number of live requests per domain and the joins and leaves; record_info.json the arguments and
+sizes; manifest.json the command, code revision, machine and files. The committed recording is
+in data/recorded/smallmodel/ (the default --out; made on one H200, docs/smallmodel.md).
 
-Run: PYTHONPATH=. python scripts/smallmodel/record.py   (CPU, about 10 minutes on 2 cores)
+Run: python -m experiments.smallmodel.record   (CPU, about 10 minutes on 2 cores)
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from experiments.manifest import Manifest
 from probe.runtime.checkpoint import load_model
 from probe.runtime.record import Recorder, record_step, token_ranks
 from probe.runtime.smallmodel import encode, load_corpus
@@ -223,7 +226,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--ckpt", type=Path, default=Path("models/smallmodel"))
     ap.add_argument("--corpus", type=Path, default=Path("data/smallmodel/heldout.jsonl"),
                     help="corpus.jsonl or heldout.jsonl (only held-out records are used)")
-    ap.add_argument("--out", type=Path, default=Path("results/smallmodel"))
+    ap.add_argument("--out", type=Path, default=Path("data/recorded/smallmodel"))
     ap.add_argument("--ranks", type=int, default=8, help="source ranks G (ep)")
     ap.add_argument("--prefill-steps", type=int, default=16)
     ap.add_argument("--prefill-tokens-per-rank", type=int, default=1024)
@@ -241,6 +244,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--max-seconds", type=float, default=None,
                     help="stop the decode loop (keeping what it recorded) after this long")
     args = ap.parse_args(argv)
+    run = Manifest.start("experiments.smallmodel.record", argv)
     for name in ("ranks", "decode_steps", "per_rank", "prefill_tokens_per_rank"):
         if getattr(args, name) <= 0:
             ap.error(f"--{name.replace('_', '-')} must be positive")
@@ -271,6 +275,11 @@ def main(argv: list[str] | None = None) -> None:
                       "samples": rec.num_samples, "seconds": round(time.time() - t1, 1)}
     (args.out / "decode_requests.json").write_text(json.dumps(log, separators=(",", ":")) + "\n")
     (args.out / "record_info.json").write_text(json.dumps(info, indent=1) + "\n")
+    written = ["decode.trace.safetensors", "decode.samples.safetensors", "decode_requests.json",
+               "record_info.json"]
+    if not args.skip_prefill:
+        written += ["prefill.trace.safetensors", "prefill.samples.safetensors"]
+    run.write(args.out, [args.out / name for name in written])
     print(json.dumps(info, indent=1))
 
 

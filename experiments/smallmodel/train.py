@@ -12,8 +12,9 @@ schedule is a plain function of the step. Writes to --out:
     config.json, model*.safetensors   the checkpoint (bf16, sharded at --max-shard)
     loss.csv                          step, tokens, elapsed_s, lr, train_ce, aux, val_ce
     train_summary.json                arguments, sizes, throughput, final losses per domain
+    manifest.json                     the command, code revision, machine and files
 
-Run (GPU): PYTHONPATH=. python scripts/smallmodel/train.py --minutes 4.5
+Run (GPU): python -m experiments.smallmodel.train --minutes 4.5
 Run (CPU smoke test): ... --arch tiny --steps 5 --batch 2 --seq 64 --device cpu
 """
 
@@ -31,6 +32,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from experiments.manifest import Manifest
 from probe.runtime.smallmodel import (
     SMALL_ARCH,
     TINY_ARCH,
@@ -41,7 +43,8 @@ from probe.runtime.smallmodel import (
 
 
 # Same width, experts and top-k as SMALL_ARCH but 2.5x the layers, to test whether the lookahead
-# predictor's accuracy ceiling (results/predictor/report.md) is a matter of depth (issue 6).
+# predictor's accuracy ceiling (results/predictor/report.md) is a matter of depth
+# (results/deepmodel/report.md).
 DEEP_ARCH: dict = {**SMALL_ARCH, "num_hidden_layers": 20}
 
 
@@ -142,6 +145,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--max-shard", default="15MB")
     args = ap.parse_args(argv)
+    run = Manifest.start("experiments.smallmodel.train", argv)
     if (args.minutes is None) == (args.steps is None):
         ap.error("give exactly one of --minutes and --steps")
 
@@ -289,6 +293,7 @@ def main(argv: list[str] | None = None) -> dict:
         "python": sys.version.split()[0],
     }
     (args.out / "train_summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    run.write(args.out, [args.out])
     print(f"saved checkpoint to {args.out} ({train_s:.0f} s of training)", flush=True)
     return summary
 

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# On the 16 CPU cores of a lent device machine, in one call: benchmarks/planner_speed.py (alone,
-# first), then the solver benchmark with one worker per core, results under $OUT/bench. The
-# report (with plots) is then rebuilt here from the fetched results:
+# On the 16 CPU cores of a lent device machine, in one call: experiments.planner.planner_speed
+# (alone, first), then the solver benchmark with one worker per core, results under $OUT/bench,
+# and $OUT/manifest.json (planner_speed's own manifest folded in). The report (with plots) is
+# then rebuilt here from the fetched results:
 #     python -m solvers_bench --report-only --out results/solvers_bench
 #
 # The device's python3 (3.12) lacks ortools, highspy, typer and rich: they travel as one xz
@@ -16,12 +17,13 @@
 #       typing-inspection
 #     mkdir -p /tmp/site312 .site312 && for w in .whl/*.whl; do unzip -q -o "$w" -d /tmp/site312; done
 #     tar -C /tmp/site312 -cJf .site312/site.tar.xz .
-# Then: run(command="PROBE_GIT_COMMIT=<git rev-parse --short HEAD here> bash solvers_bench/device.sh",
-#          carry=[".site312"], timeout_s=600)
+# Then: run(command="PROBE_GIT_COMMIT=<git rev-parse --short HEAD here> bash
+#          experiments/solvers_bench/device.sh", carry=[".site312"], timeout_s=600)
 # (the copy's .git on the device can be stale, so the commit is named by the caller).
-# BENCH_ARGS overrides the benchmark's arguments; SPEED=0 skips benchmarks/planner_speed.py (run
+# BENCH_ARGS overrides the benchmark's arguments; SPEED=0 skips planner_speed (run
 # first, alone); SITE=none skips the unpacking (local test).
 set -uo pipefail
+START=$(date -u +%FT%TZ)
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/solvers_bench_out}
 mkdir -p "$OUT/bench"
@@ -36,7 +38,7 @@ numba.__version__, "numpy", numpy.__version__, "ortools", ortools.__version__, "
 os.cpu_count())' 2>&1 | tee "$OUT/bench/env.txt"
 if [ "${SPEED:-1}" = "1" ]; then
   # The planner speed benchmark first, alone on the idle machine (about a minute).
-  COLUMNS=160 python3 benchmarks/planner_speed.py --out "$OUT/planner_speed.json" \
+  COLUMNS=160 python3 -m experiments.planner.planner_speed --out "$OUT/planner_speed.json" \
     > "$OUT/planner_speed.txt" 2>&1 || echo "planner_speed failed" >> "$OUT/bench/env.txt"
 fi
 WORKERS=${WORKERS:-$(nproc)}
@@ -47,4 +49,6 @@ python3 -m solvers_bench --full --workers "$WORKERS" --no-plots --out "$OUT/benc
 status=${PIPESTATUS[0]}
 # At most 8 files come back: the report's files are rebuilt here from results.jsonl.
 rm -f "$OUT/bench/report.md" "$OUT/bench/results.csv" "$OUT/bench/summary.json"
+python3 -m experiments.manifest "$OUT" --started "$START" --fold \
+  --command "bash experiments/solvers_bench/device.sh${BENCH_ARGS:+ (BENCH_ARGS=$BENCH_ARGS)}"
 exit "$status"
