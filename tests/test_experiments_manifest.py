@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -72,3 +73,14 @@ def test_command_line_folds_the_producers_manifests(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main([str(tmp_path / "nope"), "--command", "x"])
     assert "is not a folder" in capsys.readouterr().err
+
+
+def test_library_code_never_imports_experiments():
+    """Imports point one way: probe/ and solvers_bench/ are libraries that experiments use."""
+    offenders = []
+    for package in ("probe", "solvers_bench"):
+        for path in sorted((ROOT / package).rglob("*.py")):
+            text = path.read_text()
+            if re.search(r"^\s*(from|import)\s+experiments\b", text, flags=re.M):
+                offenders.append(str(path.relative_to(ROOT)))
+    assert offenders == []
