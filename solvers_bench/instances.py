@@ -9,7 +9,7 @@ Grid (`sample_grid`): two tiers.
     (ep 4-8, E 64-128); these carry the gap statistics.
   * "scale": larger instances (ep 16-32, E 128-256, multi-node) for the solve-time table.
 Each instance picks a workload family (decode, prefill, shift, repeat, and "real-decode" /
-"real-prefill" when results/smallmodel/*.trace.safetensors exist), top-k, replica slots, a
+"real-prefill" when data/recorded/smallmodel/*.trace.safetensors exist), top-k, replica slots, a
 window, a model cost (gpt-oss-120b, qwen3-235b-a22b), and one (step, layer) of the trace.
 Token counts are the workloads' real per-rank batch sizes (decode 1024 tokens per rank,
 prefill 8192).
@@ -50,7 +50,7 @@ TRACE_STEPS = 6
 TRACE_LAYERS = 2
 # Steps of history EPLB sees (the steps before the planned one).
 HISTORY_STEPS = 4
-REAL_TRACE_DIR = Path("results/smallmodel")
+REAL_TRACE_DIR = Path("data/recorded/smallmodel")
 
 
 @dataclass(frozen=True)

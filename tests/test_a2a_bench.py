@@ -1,4 +1,4 @@
-"""benchmarks/a2a_bench.py end to end on 2 CPU ranks (gloo): the script a multi-GPU run uses."""
+"""experiments/comm/a2a_bench.py end to end on 2 CPU ranks (gloo): what a multi-GPU run uses."""
 
 import json
 import subprocess
@@ -10,7 +10,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_a2a_bench_gloo_two_ranks(tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           str(ROOT / "benchmarks/a2a_bench.py"), "--device", "cpu", "--tokens", "8,16",
+           "-m", "experiments.comm.a2a_bench", "--device", "cpu", "--tokens", "8,16",
            "--models", "gpt-oss-120b", "--p2p-mb", "1", "--iters", "2", "--repeats", "1",
            "--out", str(tmp_path)]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)

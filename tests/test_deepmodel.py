@@ -1,29 +1,57 @@
-"""End-to-end CPU smoke test of scripts/deepmodel/run.py on the tiny arch."""
+"""End-to-end CPU smoke test of experiments/deepmodel/run.py on the tiny arch, on a tiny
+generated corpus (the real one, data/smallmodel/, is built per machine and not tracked)."""
 
-import importlib.util
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-CORPUS = ROOT / "data/smallmodel/corpus.jsonl"
-HELDOUT = ROOT / "data/smallmodel/heldout.jsonl"
+from experiments.deepmodel import plans, run
+from experiments.smallmodel.record import AFTER_SHIFT_DOMAINS, CODE_DOMAINS
+
+pytest.importorskip("transformers")
+
+# One line of text per domain; documents repeat it with numbered variations.
+DOMAIN_LINES = {
+    "code_py": "def f{i}(a, b):\n    return a * {i} + b  # py\n",
+    "code_c": "static int f{i}(int a) {{ return a << {i}; }}\n",
+    "code_js": "const f{i} = (a) => a.map((x) => x + {i});\n",
+    "code_sh": "for f in *.{i}; do echo \"$f\" | wc -c; done\n",
+    "prose_en": "The {i}th river ran quietly past the old mill at dawn.\n",
+    "cjk": "第{i}章：これは日本語の文章です。中文句子。한국어 {i}.\n",
+}
 
 
-@pytest.mark.skipif(not (CORPUS.is_file() and HELDOUT.is_file()), reason="no corpus")
+def _tiny_corpus(folder: Path) -> tuple[Path, Path]:
+    """corpus.jsonl (6 train + 2 held-out documents of ~1 KB per domain) and heldout.jsonl, in
+    build_corpus's format: one JSON object per document (id, domain, split, source, text)."""
+    assert set(CODE_DOMAINS) | set(AFTER_SHIFT_DOMAINS) <= set(DOMAIN_LINES)
+    records = []
+    for dom, line in DOMAIN_LINES.items():
+        for doc in range(8):
+            text = "".join(line.format(i=doc * 100 + k) for k in range(20))
+            records.append({"id": f"{dom}/{doc}", "domain": dom,
+                            "split": "heldout" if doc >= 6 else "train",
+                            "source": "generated", "text": text})
+    folder.mkdir(parents=True, exist_ok=True)
+    corpus, heldout = folder / "corpus.jsonl", folder / "heldout.jsonl"
+    corpus.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+    heldout.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records
+                               if r["split"] == "heldout"))
+    return corpus, heldout
+
+
+@pytest.mark.slow
 def test_run_tiny(tmp_path):
-    spec = importlib.util.spec_from_file_location("deep_run", ROOT / "scripts/deepmodel/run.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    s = mod.main(["--arch", "tiny", "--steps", "2", "--device", "cpu", "--train-tokens", "3000",
+    corpus, heldout = _tiny_corpus(tmp_path / "corpus")
+    s = run.main(["--arch", "tiny", "--steps", "2", "--device", "cpu", "--train-tokens", "3000",
                   "--eval-tokens", "1500", "--window", "128", "--min-pos", "16", "--micro", "4",
                   "--batch-size", "256", "--out", str(tmp_path / "out"),
-                  "--ckpt", str(tmp_path / "ckpt"), "--corpus", str(CORPUS),
-                  "--heldout", str(HELDOUT), "--decode-steps", "6", "--decode-pre", "16",
+                  "--ckpt", str(tmp_path / "ckpt"), "--corpus", str(corpus),
+                  "--heldout", str(heldout), "--decode-steps", "6", "--decode-pre", "16",
                   "--per-rank", "3", "--hidden", "16,8",
-                  "--train-args", "--batch 2 --seq 64 --eval-windows 2"])
+                  "--train-args", "--batch 2 --seq 64 --eval-windows 2 --experts-impl eager"])
     assert s["pairs_train"] == 3000 and s["pairs_heldout"] == 1500
     assert len(s["consecutive_cosine"]) == s["layers"] - 1
     assert s["distill"]["hidden"] == 16 and s["distill_other_widths"]["distilled_h8"]["hidden"] == 8
@@ -43,13 +71,16 @@ def test_run_tiny(tmp_path):
         assert x.shape == (12, s["layers"] - 1, 8, x.shape[3])
         assert (x.sum(axis=3) == 3 * k).all()  # per step, layer and source rank
     assert s["decode_like"]["tokens"] == 12 * 8 * 3
+    manifest = json.loads((tmp_path / "out/manifest.json").read_text())
+    assert manifest["command"].startswith("python -m experiments.deepmodel.run --arch tiny")
+    assert {o["path"] for o in manifest["outputs"]} == {
+        "train_summary.json", "summary.json", "layers.csv", "decode_loads.npz"}
 
     # plan quality from those loads: every predictor and baseline scored, ratios >= ~1
-    spec = importlib.util.spec_from_file_location("deep_plans", ROOT / "scripts/deepmodel/plans.py")
-    plans = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(plans)
     res = plans.main([str(tmp_path / "out/decode_loads.npz"), "--out", str(tmp_path / "p.json"),
                       "--processes", "1"])
     assert set(res["ir_ratio"]) == {"distilled", "distilled_h8", "prior", "last_step", "avg_8"}
     for row in res["ir_ratio"].values():
         assert row["all"] > 0.9 and 0.0 <= row["within_5pct"] <= 1.0
+    manifest = json.loads((tmp_path / "p.manifest.json").read_text())
+    assert [o["path"] for o in manifest["outputs"]] == ["p.json"]

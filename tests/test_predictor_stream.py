@@ -1,11 +1,10 @@
 """probe.predictor.stream (teacher-forced pairs, pair files, streaming distillation), the top-k
-margin loss, and the decode-request replay of scripts/predictor/distill_more.py."""
+margin loss, and the decode-request replay of experiments/predictor/distill_more.py."""
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import json
-import sys
 from argparse import Namespace
 from pathlib import Path
 
@@ -145,19 +144,15 @@ def test_train_streaming_validates_arguments():
         OnlineDistiller(pset, 1e-3, margin_weight=-1.0)
 
 
-def _load_script(name, rel):
-    spec = importlib.util.spec_from_file_location(name, ROOT / rel)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[name] = mod
-    spec.loader.exec_module(mod)
-    return mod
+def _load_script(name):
+    return importlib.import_module(name)
 
 
 def test_replay_decode_reproduces_record_py_requests(tiny, tmp_path):
-    """The replay (no model) draws the same requests as scripts/smallmodel/record.py."""
+    """The replay (no model) draws the same requests as experiments/smallmodel/record.py."""
     _, model = tiny
-    record = _load_script("smallmodel_record_t", "scripts/smallmodel/record.py")
-    distill_more = _load_script("distill_more_t", "scripts/predictor/distill_more.py")
+    record = _load_script("experiments.smallmodel.record")
+    distill_more = _load_script("experiments.predictor.distill_more")
     rng = np.random.default_rng(5)
     corpus = tmp_path / "heldout.jsonl"
     with corpus.open("w") as fh:
@@ -189,7 +184,7 @@ def test_info_bound_skip_attention_features(tiny):
     """With layer attentions switched off, mlp_norm_L(x_L) is exactly layer L's router input;
     with them on, it is not (the feature leaves layer L's attention out)."""
     path, _ = tiny
-    info_bound = _load_script("info_bound_t", "scripts/predictor/info_bound.py")
+    info_bound = _load_script("experiments.predictor.info_bound")
     model = load_model(path)
     windows = [np.arange(10) + 40, np.arange(7) + 90]
     h, s, z = info_bound.collect(model, windows, min_pos=2)

@@ -6,9 +6,8 @@ Everything runs on CPU with a tiny config and a synthetic corpus (a few seconds 
 from __future__ import annotations
 
 import csv
-import importlib.util
+import importlib
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -30,12 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _script(name: str):
-    path = ROOT / "scripts" / "smallmodel" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(f"smallmodel_{name}", path)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
-    return mod
+    return importlib.import_module(f"experiments.smallmodel.{name}")
 
 
 build_corpus = _script("build_corpus")
@@ -247,7 +241,7 @@ def test_analyze_runs_on_recorded_traces(tiny_run, tmp_path):
     shutil.copy(base / "ckpt" / "loss.csv", res / "loss.csv")
     shutil.copy(base / "ckpt" / "train_summary.json", res / "train_summary.json")
     analyze = _script("analyze")
-    analyze.main(["--results", str(res), "--no-plots"])
+    analyze.main(["--results", str(res), "--recorded", str(res), "--no-plots"])
     out = json.loads((res / "analysis.json").read_text())
     assert out["sizes"]["decode_steps"] == 8 and out["sizes"]["shift_step"] == 4
     ir = out["decode"]["ir_all"]

@@ -9,7 +9,7 @@ time is launch overhead, not arithmetic (results/predictor/report.md). With
 `residual="cublas"` the SiLU and the W2 product run as torch ops (`pred.fused_logits`) and the
 kernel only selects and counts: more launches, but no long loop over a wide H inside it.
 
-The plain form is the slow twin: benchmarks/predictor_cost.py checks on the GPU that every token
+The plain form is the slow twin: the predictor_cost experiment checks on the GPU that every token
 adds exactly K counts and how many token-expert pairs agree with it. Both accumulate in float32
 but round differently (the plain form rounds the prior and the residual to the model dtype
 before adding them), so a near tie can go the other way.
@@ -105,7 +105,7 @@ def fused_predict_load(pred, h: torch.Tensor, src_rank: torch.Tensor, num_ranks:
     for wide residuals, where the kernel's loop over H is long).
     block (tokens per program), chunk (H slice per W2 product) and num_warps shape the launch;
     they can change only the order of float32 sums, so at most a near tie
-    (benchmarks/predictor_profile.py reports whether the counts match the default shape's).
+    (experiments.predictor.predictor_profile reports whether the counts match the default shape's).
     """
     if residual not in ("triton", "cublas"):
         raise ValueError(f"residual must be 'triton' or 'cublas', got {residual!r}")

@@ -150,7 +150,7 @@ class LookaheadPredictor(nn.Module):
         """`forward` in two GEMMs (router and W1 in one, W2 accumulated onto the prior).
 
         Equal to `forward` up to float rounding. Needs `fuse()` first. Timed against `forward`
-        on the H200 by benchmarks/predictor_cost.py (results/predictor/report.md).
+        on the H200 by experiments/predictor/predictor_cost.py (results/predictor/report.md).
         """
         fused = getattr(self, "_fused", None)
         if fused is None:

@@ -1,6 +1,6 @@
 """Byte-level tokenizer, corpus reader and architecture of the small MoE test-bench model.
 
-The small model (scripts/smallmodel/, docs/smallmodel.md) is a Qwen3-MoE checkpoint trained on a
+The small model (experiments/smallmodel/, docs/smallmodel.md) is a Qwen3-MoE checkpoint trained on a
 mixed-domain corpus built from text that ships on the machine. This module holds the parts that
 the training, recording and predictor code share; it needs only numpy (no torch, no transformers).
 
@@ -115,7 +115,7 @@ def decode(ids: Sequence[int] | np.ndarray) -> str:
 
 def load_corpus(path: str | Path, *, split: str | None = None,
                 domains: Iterable[str] | None = None) -> list[dict]:
-    """Read corpus.jsonl (written by scripts/smallmodel/build_corpus.py).
+    """Read corpus.jsonl (written by experiments/smallmodel/build_corpus.py).
 
     split: "train", "heldout" or None for both; domains: keep only these (None: all).
     Returns the records (dicts with id, domain, split, source, text) in file order.
@@ -125,7 +125,7 @@ def load_corpus(path: str | Path, *, split: str | None = None,
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"corpus file {path} does not exist; run "
-                         "scripts/smallmodel/build_corpus.py first")
+                         "python -m experiments.smallmodel.build_corpus first")
     wanted = None if domains is None else set(domains)
     out = []
     with path.open(encoding="utf-8") as fh:

@@ -6,7 +6,7 @@ points linearly (and extrapolates the end segments linearly, never below zero):
   * decode: (per-rank batch b, seconds) at one KV length (`kv_len`), one query token per request;
   * prefill: (chunk c, seconds) for one causal chunk of c tokens (attention to earlier chunks'
     KV is not modelled: an under-estimate for long prompts).
-Both include the q/k/v and o projections (benchmarks/calibrate_h200.py).
+Both include the q/k/v and o projections (experiments/calibration/calibrate_h200.py).
 
 >>> att = AttentionModel(decode=((512, 1e-4), (1024, 2e-4)), prefill=((8192, 1e-3),))
 >>> round(att.seconds(768, 1) * 1e6, 1), round(att.seconds(4096, 0) * 1e6, 1)

@@ -1,4 +1,4 @@
-"""Measured H200 numbers (benchmarks/calibrate_h200.py) turned into specs the simulator uses.
+"""Measured H200 numbers (experiments/calibration/) turned into specs the simulator uses.
 
 The calibration JSON (written by the device script; the committed copy is
 probe/sim/h200_calibration.json, identical to results/calibration/h200.json) holds the copy
@@ -41,7 +41,7 @@ def _read(path: str) -> dict:
         data = json.loads(p.read_text())
     except FileNotFoundError:
         raise FileNotFoundError(f"calibration file not found: {p} (run "
-                                "scripts/device_calibrate.sh on an H200)") from None
+                                "experiments/calibration/device.sh on an H200)") from None
     except json.JSONDecodeError as err:
         raise ValueError(f"{p}: not valid JSON ({err})") from None
     for key in ("copy", "matmul", "models", "command"):

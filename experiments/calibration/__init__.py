@@ -1,0 +1,1 @@
+"""Calibration of the simulator's cost model on one H200."""

@@ -1,0 +1,1 @@
+"""Communication: all-to-all and point-to-point copy times between GPUs."""

@@ -1,0 +1,1 @@
+"""Planner benchmarks: greedy speed and balance, exact backends, greedy rules, lp gap."""

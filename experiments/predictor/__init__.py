@@ -1,0 +1,1 @@
+"""Predictor studies: cost on the GPU, kernel profile, distillation on more tokens, plan quality."""

@@ -1,0 +1,1 @@
+"""End-to-end runtime runs on the device machine (probe.runtime)."""

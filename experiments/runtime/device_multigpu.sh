@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# One call on a lent multi-GPU kind (any G >= 2): link times, predictor cost variants, and the
+# runtime at ep = G with balancing off and on (compare the two JSONs' sample tokens: balancing
+# must not change the output). Writes everything under $OUT (7 files at most, manifest.json
+# included: the producers' own manifests are folded into it):
+#   run(command="bash experiments/runtime/device_multigpu.sh", kind="nvidia-h200-x2",
+#       timeout_s=450)
+# Steps are independent; each is time-boxed so a slow one does not cost the others.
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+START=$(date -u +%FT%TZ)
+OUT=${OUT:-out_multigpu}
+mkdir -p "$OUT"
+export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 OMP_NUM_THREADS=4
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+G=$(nvidia-smi -L | wc -l)
+LOG="$OUT/log.txt"
+{ date -u; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+  nvidia-smi topo -m
+  python3 -c 'import torch; print("torch", torch.__version__, "nccl", torch.cuda.nccl.version())'
+} 2>&1 | tee "$LOG"
+step() { echo "== $1 ($(date -u +%T))" | tee -a "$LOG"; }
+
+step "1. all-to-all and p2p times, G=$G"
+timeout 90 python3 -m torch.distributed.run --nproc-per-node "$G" -m experiments.comm.a2a_bench \
+  --out "$OUT" 2>&1 | tee -a "$LOG"
+
+step "2. predictor cost: plain vs the Triton forms, CUDA graphs, one GPU"
+timeout 150 python3 -m experiments.predictor.predictor_cost --device cuda \
+  --variants plain,triton,triton_cublas --iters 100 --out "$OUT" 2>&1 | tee -a "$LOG"
+
+RT="--random-config gpt-oss-like --layers 4 --dtype bf16 --requests 32 --prompt-len 512
+    --max-new-tokens 32 --stagger 0 --max-batch-tokens 8192 --prefill-chunk 1024
+    --warmup-steps 2 --timeout 60"
+step "3. runtime ep=$G, static (no balancing)"
+timeout 100 python3 -m torch.distributed.run --nproc-per-node "$G" -m probe.runtime $RT \
+  --no-balance --out "$OUT/rt_static.json" 2>&1 | tee -a "$LOG"
+step "4. runtime ep=$G, PROBE balancing"
+timeout 100 python3 -m torch.distributed.run --nproc-per-node "$G" -m probe.runtime $RT \
+  --balance --out "$OUT/rt_probe.json" 2>&1 | tee -a "$LOG"
+
+step "done"
+ls -la "$OUT" 2>&1 | tee -a "$LOG"
+python3 -m experiments.manifest "$OUT" --command "bash experiments/runtime/device_multigpu.sh" \
+  --started "$START" --fold

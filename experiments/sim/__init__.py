@@ -1,0 +1,1 @@
+"""The paper-style evaluation in simulation (probe.sim)."""

@@ -1,0 +1,1 @@
+"""The small MoE test-bench model: corpus, training, recording, analysis."""
