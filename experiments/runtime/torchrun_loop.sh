@@ -2,7 +2,8 @@
 # Runs the two-rank CPU/gloo torchrun job of tests/test_engine.py::test_torchrun_two_cpu_ranks
 # N times (default 50) and counts the runs that did not exit 0 (e.g. a rank aborting at exit).
 # Usage (from the repository root): experiments/runtime/torchrun_loop.sh [N] [RESULT_FILE]
-# Prints one line per failure (exit code, last stderr lines) and a summary line; with
+# Prints one line per failure (exit code, last stderr lines; PYTHONFAULTHANDLER=1 adds the
+# Python stacks of an aborting rank) and a summary line; with
 # RESULT_FILE also writes the summary (N, failures, date, machine) there.
 set -u
 N=${1:-50}
@@ -21,7 +22,7 @@ JSON
 fail=0
 t0=$(date +%s)
 for i in $(seq 1 "$N"); do
-    PYTHONPATH="$ROOT" OMP_NUM_THREADS=1 python -m torch.distributed.run --nproc-per-node 2 \
+    PYTHONFAULTHANDLER=1 PYTHONPATH="$ROOT" OMP_NUM_THREADS=1 python -m torch.distributed.run --nproc-per-node 2 \
         -m probe.runtime --random-config "$WORK/config.json" --device cpu --requests 2 \
         --prompt-len 10 --max-new-tokens 4 --method greedy_ref --timeout 30 --quiet \
         --out "$WORK/ep.json" >"$WORK/stdout" 2>"$WORK/stderr"
