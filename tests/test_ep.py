@@ -2,6 +2,13 @@
 
 One spawn per world size runs every scenario in the ranks and saves what they computed; the
 test process recomputes the references with the full single-process model and compares.
+
+The test model is fp64, and EP logits must match within EP_TOL = 1e-10. An expert GEMM sees
+a different number of rows under EP than in the single-process model, and BLAS picks its kernel
+by row count, so the two differ by a few ULPs (fp32: up to ~1e-6 on some CPUs, which made an
+fp32 bound machine-dependent); in fp64 those ULPs are ~1e-15, far below the bound, while any
+logic error (a lost token, a wrong gate weight, a wrong expert) moves logits by ~1e-2. Two
+deliberately broken runs check that the same comparison catches such errors.
 """
 
 from __future__ import annotations
@@ -30,6 +37,8 @@ from probe.runtime.transfer import SlotPool, SplitPhaseTransfer
 SEED = 7
 NUM_EXPERTS = 8
 SLOTS = 2
+DTYPE = torch.float64
+EP_TOL = 1e-10  # max abs logit difference, EP vs the single-process model (fp64)
 
 
 def tiny_config() -> MoEConfig:
@@ -40,7 +49,7 @@ def tiny_config() -> MoEConfig:
 
 
 def full_model():
-    return random_model(tiny_config(), seed=SEED, std=0.15)
+    return random_model(tiny_config(), seed=SEED, std=0.15, dtype=DTYPE)
 
 
 def batch_of(rank: int, step: int) -> tuple[torch.Tensor, list[int]]:
@@ -135,6 +144,38 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
     out["late0"] = logits
     out["late_stats"] = st.as_dict()
 
+    # 3b. some replicas late (the first of each plan held back), the others waited for:
+    #     bytes prefetched count only the replicas that arrived
+    runner = EPRunner(model, ctx, PipelineOptions(
+        num_slots=SLOTS, plan_override=lambda layer, step: plans[(layer, step)],
+        wait_for_replicas=True,
+        hold_back=lambda layer, step: [tuple(x) for x in np.argwhere(
+            plans[(layer, step)].replicas)[:1]]))
+    logits, st = _forward(runner, model, rank, 0)
+    out["partial_late0"] = logits
+    out["partial_late_stats"] = st.as_dict()
+    out["replica_bytes"] = runner.replica_bytes
+
+    # 3c. deliberate logic errors, to show that the comparison catches them: (a) the combine
+    #     uses the wrong gate weights (k order reversed); (b) tokens run on replicas are lost
+    #     (their expert output is zero)
+    runner = EPRunner(model, ctx, PipelineOptions(
+        num_slots=SLOTS, plan_override=lambda layer, step: plans[(layer, step)],
+        wait_for_replicas=True))
+    for layer in runner.layers:
+        layer.combine = lambda y, w, _c=layer.combine: _c(y, w.flip(-1))
+    out["broken_gate0"] = _forward(runner, model, rank, 0)[0]
+    runner = EPRunner(model, ctx, PipelineOptions(
+        num_slots=SLOTS, plan_override=lambda layer, step: plans[(layer, step)],
+        wait_for_replicas=True))
+    real_params = SplitPhaseTransfer.params
+    SplitPhaseTransfer.params = lambda self, e: {
+        k: torch.zeros_like(v) for k, v in real_params(self, e).items()}
+    try:
+        out["dropped_replica0"] = _forward(runner, model, rank, 0)[0]
+    finally:
+        SplitPhaseTransfer.params = real_params
+
     # 4. PROBE plans: greedy on the previous step's load (history predictor) and on the
     #    frozen-router prior
     for pred in ("history", "router") if world == 2 else ("history",):
@@ -150,7 +191,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
     # 5. replica weights equal home weights after a transfer
     plan = plans[(1, 0)]
     blocks = runner.blocks
-    pool = SlotPool(runner.layers[1].experts.shapes(), SLOTS, dtype=torch.float32)
+    pool = SlotPool(runner.layers[1].experts.shapes(), SLOTS, dtype=DTYPE)
     tr = SplitPhaseTransfer(1, plan.replicas, plan.sources, rank, runner.layers[1].experts.get,
                             pool, ctx.transfer_group, num_pieces=3)
     tr.start()
@@ -204,6 +245,11 @@ def _reference_logits(model, rank: int, step: int) -> torch.Tensor:
         return model(ids, seq_lens=lens).logits
 
 
+def _max_diff(got: torch.Tensor, want: torch.Tensor) -> float:
+    assert got.dtype == want.dtype == DTYPE
+    return float((got - want).abs().max())
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("world", [2, 4])
 def test_ep_matches_single_process(world, tmp_path):
@@ -211,17 +257,34 @@ def test_ep_matches_single_process(world, tmp_path):
     model = full_model()
     worst = {}
     for rank, out in enumerate(outs):
-        checks = {"static": 0, "random0": 0, "random1": 1, "late0": 0}
+        checks = {"static": 0, "random0": 0, "random1": 1, "late0": 0, "partial_late0": 0}
         preds = ("history", "router") if world == 2 else ("history",)
         checks.update({f"probe_{p}{s}": s for p in preds for s in range(3)})
         for key, step in checks.items():
             ref = _reference_logits(model, rank, step)
-            diff = float((out[key] - ref).abs().max())
+            diff = _max_diff(out[key], ref)
             worst[key] = max(worst.get(key, 0.0), diff)
             print(f"world {world} rank {rank} {key}: max abs diff {diff:.2e}, "
                   f"max |logit| {float(ref.abs().max()):.2f}")
-            assert diff <= 1e-6, f"rank {rank} {key}: max abs diff {diff}"
+            assert diff <= EP_TOL, f"rank {rank} {key}: max abs diff {diff}"
         assert max(out["replica_weight_diffs"], default=0.0) == 0.0
+    # The same comparison fails on the deliberately broken runs (on some rank).
+    ref0 = [_reference_logits(model, rank, 0) for rank in range(world)]
+    for key in ("broken_gate0", "dropped_replica0"):
+        diff = max(_max_diff(out[key], ref0[rank]) for rank, out in enumerate(outs))
+        print(f"world {world} {key} (deliberate error): max abs diff {diff:.2e}")
+        assert diff > 1e3 * EP_TOL, f"{key}: a logic error went unnoticed (diff {diff})"
+    # Bytes prefetched count the replicas that arrived (not the planned or late ones), once
+    # per rank; the group total is their sum, the same on every rank.
+    part = outs[0]["partial_late_stats"]
+    planned, arrived = sum(part["replicas_planned"]), sum(part["replicas_arrived"])
+    assert 0 < arrived < planned and sum(part["replicas_late"]) == planned - arrived
+    assert part["bytes_prefetched"] == arrived * outs[0]["replica_bytes"] > 0
+    assert sum(part["bytes_prefetched_per_rank"]) == part["bytes_prefetched"]
+    assert all(o["partial_late_stats"]["bytes_prefetched_per_rank"]
+               == part["bytes_prefetched_per_rank"] for o in outs)
+    assert sum(outs[0]["late_stats"]["replicas_arrived"]) == 0
+    assert outs[0]["late_stats"]["bytes_prefetched"] == 0
     # Replicas were really moved and used, and late ones really fell back.
     random_stats = outs[0]["random_stats"]
     assert sum(sum(s["replicas_arrived"]) for s in random_stats) > 0

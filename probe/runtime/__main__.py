@@ -5,7 +5,10 @@
     python -m probe.runtime --random-config gpt-oss-like --layers 4         # one process
 
 Each rank loads only its home experts (static sharded placement) and serves its own requests
-(attention is data parallel). Rank 0 prints a summary table and writes `--out` (JSON).
+(attention is data parallel). Rank 0 prints a progress line to stderr every --progress-every
+steps (--quiet: none), then a summary table, and writes `--out` (JSON). A bad request (empty
+prompt, ids outside the vocabulary, prompt + max new tokens beyond the model's positions) is
+rejected alone with a message; the summary lists it with the reason.
 """
 
 from __future__ import annotations
@@ -19,9 +22,27 @@ from pathlib import Path
 import numpy as np
 import torch
 
-__all__ = ["build_parser", "gpt_oss_like_config", "main", "run"]
+__all__ = ["DeviceUnavailable", "build_parser", "check_device", "gpt_oss_like_config", "main",
+           "run"]
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class DeviceUnavailable(RuntimeError):
+    """The requested device cannot be used by this torch (the CLI exits with code 2)."""
+
+
+def check_device(device: str) -> None:
+    """Raise `DeviceUnavailable` with one clear line if `device` ("cuda", "cuda:N", "cpu",
+    "auto") cannot be used here; before any torch call that would fail deep inside torch."""
+    if not str(device).startswith("cuda"):
+        return
+    if torch.version.cuda is None and getattr(torch.version, "hip", None) is None:
+        raise DeviceUnavailable(f"--device {device}: this torch build ({torch.__version__}) has "
+                                "no CUDA support; use --device cpu or install a CUDA build")
+    if not torch.cuda.is_available():
+        raise DeviceUnavailable(f"--device {device}: torch has CUDA but no GPU is visible "
+                                "(check CUDA_VISIBLE_DEVICES and the driver)")
 
 
 def gpt_oss_like_config(num_layers: int = 4, *, vocab_size: int = 201088):
@@ -73,6 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup-steps", type=int, default=0,
                    help="serve this many throw-away requests first (JIT, allocator)")
     p.add_argument("--out", help="JSON summary (rank 0)")
+    p.add_argument("--progress-every", type=int, default=10, metavar="N",
+                   help="rank 0 prints steps done, tokens/s and IR to stderr every N steps")
+    p.add_argument("--quiet", action="store_true", help="no progress lines")
     return p
 
 
@@ -96,17 +120,47 @@ def _load(args, ctx, device, dtype):
     return random_model(cfg, seed=args.seed, dtype=dtype, device=device, expert_ids=ids)
 
 
-def _requests(args, rank: int, world: int, vocab: int, *, tag: str = "r") -> list:
+def _prompt_request(args, text: str, i: int, j: int, tag: str):
+    """The request of line i of --prompts (arriving j-th on its rank), or the reason it is
+    refused: (Request, None) or (None, reason)."""
+    from probe.runtime.engine import Request
+
+    try:
+        d = json.loads(text)
+    except json.JSONDecodeError as exc:
+        return None, f"line {i + 1} is not valid JSON ({exc.msg})"
+    ids = d.get("ids") if isinstance(d, dict) else None
+    if not isinstance(ids, list) or not all(isinstance(t, int) and not isinstance(t, bool)
+                                            for t in ids):
+        return None, f'line {i + 1}: "ids" must be a list of integer token ids'
+    max_new = d.get("max_new_tokens", args.max_new_tokens)
+    if not isinstance(max_new, int) or isinstance(max_new, bool):
+        return None, f'line {i + 1}: "max_new_tokens" must be an integer'
+    try:
+        return Request(f"{tag}{i}", ids, max_new_tokens=max_new, temperature=args.temperature,
+                       top_k=args.top_k, seed=args.seed + i,
+                       arrival_step=j * args.stagger), None
+    except ValueError as exc:
+        return None, str(exc).removeprefix(f"request {tag}{i}: ")
+
+
+def _requests(args, rank: int, world: int, vocab: int, *, tag: str = "r",
+              rejected: dict | None = None) -> list:
+    """This rank's requests: --prompts lines i with i % world == rank, or synthetic ones.
+    Lines that make no valid request go to `rejected` (request id -> reason)."""
     from probe.runtime.engine import Request
 
     if args.prompts:
-        lines = [json.loads(x) for x in Path(args.prompts).read_text().splitlines() if x.strip()]
-        mine = [(i, d) for i, d in enumerate(lines) if i % world == rank]
-        return [Request(f"{tag}{i}", d["ids"], max_new_tokens=d.get("max_new_tokens",
-                                                                   args.max_new_tokens),
-                        temperature=args.temperature, top_k=args.top_k, seed=args.seed + i,
-                        arrival_step=j * args.stagger)
-                for j, (i, d) in enumerate(mine)]
+        lines = [x for x in Path(args.prompts).read_text().splitlines() if x.strip()]
+        mine = [(i, x) for i, x in enumerate(lines) if i % world == rank]
+        out = []
+        for j, (i, text) in enumerate(mine):
+            req, reason = _prompt_request(args, text, i, j, tag)
+            if req is not None:
+                out.append(req)
+            elif rejected is not None:
+                rejected[f"{tag}{i}"] = reason
+        return out
     g = torch.Generator().manual_seed(args.seed * 1000 + rank)
     out = []
     for j in range(args.requests):
@@ -151,6 +205,7 @@ def run(args) -> dict | None:
     from probe.runtime.engine import Engine
     from probe.runtime.pipeline import EPRunner, PipelineOptions
 
+    check_device(args.device)
     use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
     import os
 
@@ -192,12 +247,17 @@ def run(args) -> dict | None:
         engine.serve(warm)
         engine = Engine(model, runner, ctx, max_batch_tokens=args.max_batch_tokens,
                         prefill_chunk=args.prefill_chunk)
-    reqs = _requests(args, ctx.rank, ctx.world_size, vocab)
+    reqs = _requests(args, ctx.rank, ctx.world_size, vocab, rejected=engine.rejected)
+    show = ctx.rank == 0 and not args.quiet and args.progress_every > 0
     t1 = time.perf_counter()
-    results = engine.serve(reqs)
+    results = engine.serve(reqs, reject_invalid=True,
+                           on_step=_Progress(engine, args.progress_every) if show else None)
     serve_s = time.perf_counter() - t1
+    for rid, reason in engine.rejected.items():
+        sys.stderr.write(f"probe.runtime: rank {ctx.rank}: request {rid} rejected: {reason}\n")
     summary = engine.summary()
     summary.update({"rank": ctx.rank, "load_s": load_s, "serve_s": serve_s,
+                    "planner_warmup_s": runner.planner_warmup_s,
                     "generated_tokens": sum(len(r.tokens) for r in results.values()),
                     "tokens": {rid: r.tokens for rid, r in results.items()}})
     if device.type == "cuda":
@@ -217,43 +277,106 @@ def run(args) -> dict | None:
         dist.all_gather_object(summaries, summary, group=ctx.group)
     out = None
     if ctx.rank == 0:
+        first = summaries[0]
         out = {"world_size": ctx.world_size, "device": str(device), "dtype": str(dtype),
                "model": args.model or args.random_config, "balance": args.balance,
                "config": {k: v for k, v in vars(model.cfg).items() if k != "extra"},
+               # group-wide: prefetched bytes counted once (replicas that arrived in time,
+               # summed over ranks), replicas, planner time (max over ranks per step)
+               "bytes_prefetched_total": float(sum(s["bytes_prefetched"] for s in summaries)),
+               "replicas_planned": first["replicas_planned"],
+               "replicas_arrived": first["replicas_arrived"],
+               "replicas_late": first["replicas_late"],
+               "plan_s_total": first["plan_s_total"],
+               "planner_warmup_s": max(s["planner_warmup_s"] for s in summaries),
+               "rejected": sorted((r for s in summaries for r in s["rejected"]),
+                                  key=lambda r: r["rid"]),
                "ranks": summaries,
                "sample": {rid: r.tokens[:16] for rid, r in list(results.items())[:2]}}
         _print_table(out)
         if args.out:
             Path(args.out).write_text(json.dumps(out, indent=2, default=str))
+    runner.close()
     if ctx.group is not None:
         shutdown(ctx)
     return out
 
 
-def _print_table(out: dict) -> None:
+class _Progress:
+    """Rank 0's progress line on stderr every `every` steps: steps, requests, tokens, tokens/s
+    since the first step, the step's mean IR and planner time."""
+
+    def __init__(self, engine, every: int) -> None:
+        self.engine, self.every = engine, every
+        self.t0 = time.perf_counter()
+        self.tokens = 0
+
+    def __call__(self, rec) -> None:
+        self.tokens += rec.tokens
+        steps = len(self.engine.records)
+        if steps % self.every:
+            return
+        rate = self.tokens / max(time.perf_counter() - self.t0, 1e-9)
+        ir = rec.ep.get("mean_ir")
+        plan = rec.ep.get("plan_seconds")
+        sys.stderr.write(
+            f"probe.runtime: step {steps}: {rec.running} running, "
+            f"{len(self.engine.pending)} waiting, {len(self.engine.results)} done, "
+            f"{self.tokens} tokens, {rate:.1f} tok/s (rank 0)"
+            + (f", IR {ir:.3f}" if ir is not None else "")
+            + (f", planner {plan * 1e3:.1f} ms" if plan is not None else "") + "\n")
+        sys.stderr.flush()
+
+
+def _print_table(out: dict, console=None) -> None:
+    """Two tables that fit 80 columns: one row per rank, then the group's totals."""
     from rich.console import Console
     from rich.table import Table
-
-    t = Table(title=f"probe.runtime: {out['model']} on {out['world_size']} rank(s), "
-                    f"{out['device']}, {out['dtype']}")
-    for col in ("rank", "requests", "TTFT s", "prefill tok/s", "decode tok/s", "mean IR",
-                "MB prefetched", "exposed s"):
-        t.add_column(col)
 
     def f(x, spec=".3g"):
         return "-" if x is None else format(x, spec)
 
+    console = console or Console()
+    console.print(f"probe.runtime: {out['model']} on {out['world_size']} rank(s), "
+                  f"{out['device']}, {out['dtype']}", overflow="fold")
+    t = Table(title="per rank")
+    for col in ("rank", "requests", "TTFT s", "prefill tok/s", "decode tok/s", "MB in"):
+        t.add_column(col, justify="right", no_wrap=True)
     for s in out["ranks"]:
         t.add_row(str(s["rank"]), str(s["requests"]), f(s["ttft_s_mean"]),
                   f(s["prefill_tokens_per_s"], ".1f"), f(s["decode_tokens_per_s"], ".1f"),
-                  f(s["mean_ir"]), f(s["bytes_prefetched"] / 1e6, ".2f"),
-                  f(s["exposed_transfer_s"]))
-    Console().print(t)
+                  f(s["bytes_prefetched"] / 1e6, ".2f"))
+    console.print(t)
+    first = out["ranks"][0]
+    g = Table(title="group")
+    g.add_column("metric", no_wrap=True)
+    g.add_column("value", justify="right", no_wrap=True)
+    rows = [
+        ("mean IR", f(first["mean_ir"])),
+        ("replicas planned / in time / late",
+         f"{out['replicas_planned']} / {out['replicas_arrived']} / {out['replicas_late']}"),
+        ("MB prefetched (arrived, all ranks)", f(out["bytes_prefetched_total"] / 1e6, ".2f")),
+        ("exposed transfer s", f(first["exposed_transfer_s"])),
+        ("planner s (all steps)", f(out["plan_s_total"])),
+        ("planner warm-up s (start-up)", f(out["planner_warmup_s"])),
+        ("requests rejected", str(len(out["rejected"]))),
+    ]
+    for row in rows:
+        g.add_row(*row)
+    console.print(g)
+    for r in out["rejected"]:
+        console.print(f"rejected {r['rid']}: {r['reason']}", overflow="fold")
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    run(args)
+    if args.progress_every < 1:
+        build_parser().error("--progress-every must be >= 1")
+    try:
+        run(args)
+    except DeviceUnavailable as exc:
+        sys.stderr.write(f"probe.runtime: error: {exc}\n")
+        return 2
     return 0
 
 

@@ -41,6 +41,27 @@ def _tokenizer(model_dir: Path | None, vocab_size: int):
     return None
 
 
+def _device_arg(args: list[str]) -> str:
+    """The value of --device among pass-through options ("auto" when absent)."""
+    for i, a in enumerate(args):
+        if a == "--device" and i + 1 < len(args):
+            return args[i + 1]
+        if a.startswith("--device="):
+            return a.split("=", 1)[1]
+    return "auto"
+
+
+def _require_device(device: str) -> None:
+    """Exit 2 with one line when `device` cannot be used by this torch (no deep traceback)."""
+    from probe.runtime.__main__ import DeviceUnavailable, check_device
+
+    try:
+        check_device(device)
+    except DeviceUnavailable as exc:
+        typer.echo(f"Error: {exc}", err=True)
+        raise typer.Exit(2) from None
+
+
 def register(app: typer.Typer) -> None:
     """Add `serve` and `generate` to the `probe` app."""
 
@@ -54,6 +75,7 @@ def register(app: typer.Typer) -> None:
         if nproc < 1:
             raise typer.BadParameter("--nproc must be >= 1")
         args = list(ctx.args)
+        _require_device(_device_arg(args))
         if nproc == 1:
             from probe.runtime.__main__ import main
 
@@ -85,6 +107,7 @@ def register(app: typer.Typer) -> None:
             raise typer.BadParameter("give exactly one of --model and --random-config")
         if dtype not in _DTYPES:
             raise typer.BadParameter(f"--dtype must be one of {sorted(_DTYPES)}")
+        _require_device(device)
         torch_dtype = _DTYPES[dtype]
         if model is not None:
             from probe.runtime.checkpoint import load_model

@@ -13,12 +13,20 @@ Failure handling: a rank that dies or hangs must not leave its peers waiting for
    This is the backstop for backends whose collectives can block in C code beyond their timeout.
 3. `guarded(...)` turns any exception raised inside a collective into a `RankFailure` whose
    message names the rank, the collective and the likely cause.
+
+Shutdown (`shutdown`): every rank waits for the others (a barrier), then the transfer group and
+the main group are destroyed in that order, the context drops its references to them and
+garbage is collected, all while the interpreter is fully alive. The backends' C++ objects
+(gloo's worker threads and the work objects they hold) are released there, not during
+interpreter finalization, where tearing them down can abort the process ("terminate called
+without an active exception") after its work is done.
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime
+import gc
 import os
 import sys
 import threading
@@ -185,10 +193,26 @@ def init_distributed(*, backend: str | None = None, timeout_s: float = 120.0,
                        transfer_group=transfer_group, device=device, watchdog=watchdog)
 
 
-def shutdown(ctx: DistContext) -> None:
-    """Stop the watchdog and leave the process group (safe to call twice)."""
+def shutdown(ctx: DistContext, *, barrier: bool = True) -> None:
+    """Leave the process groups cleanly (safe to call twice; see the module doc).
+
+    With `barrier` (a collective: every rank must call it) the ranks first wait for each other,
+    under the watchdog, so that none tears its connections down while a peer still works.
+    Then the watchdog stops, the transfer group and the main group are destroyed (in that
+    order), `ctx` forgets both, and a garbage collection frees their C++ objects now.
+    Objects that still hold a group elsewhere (an `EPRunner`: call its `close()` first) would
+    keep it alive until interpreter exit.
+    """
+    if barrier and ctx.group is not None and dist.is_initialized() and ctx.world_size > 1:
+        with guarded("shutdown barrier", ctx.rank, ctx.watchdog):
+            dist.barrier(group=ctx.group)
     if ctx.watchdog is not None:
         ctx.watchdog.stop()
         ctx.watchdog = None
     if dist.is_initialized():
+        if ctx.transfer_group is not None:
+            dist.destroy_process_group(ctx.transfer_group)
         dist.destroy_process_group()
+    ctx.group = None
+    ctx.transfer_group = None
+    gc.collect()

@@ -14,16 +14,22 @@ Sampling: temperature 0 is greedy (argmax); otherwise softmax(logits / temperatu
 restricted to the top_k logits, drawn with a per-request generator seeded by `seed` (so a run is
 reproducible whatever else is in the batch).
 
+Admission: `submit` checks every request against the model: prompt ids in [0, vocab) and
+prompt length + max_new_tokens <= the model's `max_position_embeddings` (requests that would run
+past the positions are REJECTED, not clamped). By default a bad request raises `ValueError`;
+with `reject_invalid=True` it is left out alone, with its reason in `Engine.rejected`, and the
+other requests are served (a multi-rank job must not die for one bad prompt).
+
 Metrics per step (`StepRecord`): tokens, prefill and decode tokens, wall seconds, and the
-EPRunner's per-layer IR, bytes prefetched, exposed transfer time; per request: TTFT (arrival to
-first token, wall clock), decode tokens/s.
+EPRunner's per-layer IR, replicas planned and arrived, bytes prefetched, exposed transfer time,
+planner time; per request: TTFT (arrival to first token, wall clock), decode tokens/s.
 """
 
 from __future__ import annotations
 
 import time
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -122,14 +128,37 @@ class Engine:
         self.live: list[_Live] = []
         self.results: dict[str, RequestResult] = {}
         self.records: list[StepRecord] = []
+        self.rejected: dict[str, str] = {}  # request id -> why it was not served
         self.step_index = 0
 
-    def submit(self, requests: Sequence[Request]) -> None:
-        vocab = self.model.cfg.vocab_size
+    def check(self, request: Request) -> str | None:
+        """Why this model cannot serve `request` (None if it can): ids outside the vocabulary,
+        or prompt + max_new_tokens beyond the model's positions."""
+        cfg = self.model.cfg
+        vocab = cfg.vocab_size
+        if min(request.prompt) < 0 or max(request.prompt) >= vocab:
+            bad = next(int(t) for t in request.prompt if not 0 <= t < vocab)
+            return f"prompt ids must lie in [0, {vocab}) (got {bad})"
+        need = len(request.prompt) + request.max_new_tokens
+        if need > cfg.max_position_embeddings:
+            return (f"prompt ({len(request.prompt)} tokens) + max_new_tokens "
+                    f"({request.max_new_tokens}) = {need} exceeds the model's "
+                    f"{cfg.max_position_embeddings} positions (max_position_embeddings)")
+        return None
+
+    def submit(self, requests: Sequence[Request], *, reject_invalid: bool = False) -> None:
+        """Queue `requests`. A request `check` refuses raises ValueError, or, with
+        `reject_invalid`, is left out and recorded in `self.rejected` (the others are queued)."""
+        ok = []
         for r in requests:
-            if min(r.prompt) < 0 or max(r.prompt) >= vocab:
-                raise ValueError(f"request {r.rid}: prompt ids must lie in [0, {vocab})")
-        self.pending.extend(requests)
+            reason = self.check(r)
+            if reason is None:
+                ok.append(r)
+            elif reject_invalid:
+                self.rejected[r.rid] = reason
+            else:
+                raise ValueError(f"request {r.rid}: {reason}")
+        self.pending.extend(ok)
         self.pending.sort(key=lambda r: r.arrival_step)
 
     @property
@@ -239,14 +268,20 @@ class Engine:
             dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.ctx.group)
         return bool(t.item())
 
-    def serve(self, requests: Sequence[Request] = (), *, max_steps: int = 100_000
-              ) -> dict[str, RequestResult]:
-        """Run steps until every rank's requests are done. Returns this rank's results."""
-        self.submit(requests)
+    def serve(self, requests: Sequence[Request] = (), *, max_steps: int = 100_000,
+              reject_invalid: bool = False,
+              on_step: Callable[[StepRecord], None] | None = None) -> dict[str, RequestResult]:
+        """Run steps until every rank's requests are done. Returns this rank's results.
+
+        reject_invalid: see `submit`. on_step: called with every step's record (progress).
+        """
+        self.submit(requests, reject_invalid=reject_invalid)
         while self._any_work():
             if self.step_index >= max_steps:
                 raise RuntimeError(f"serve: still busy after {max_steps} steps")
-            self.step()
+            rec = self.step()
+            if on_step is not None:
+                on_step(rec)
         return self.results
 
     def summary(self) -> dict:
@@ -258,6 +293,8 @@ class Engine:
         dec_time = sum(r.seconds for r in decode_steps)
         prefill_steps = [r for r in recs if r.prefill_tokens > 0]
         irs = [r.ep["mean_ir"] for r in recs if r.ep]
+        eps = [r.ep for r in recs if r.ep]
+        rank = self.ctx.rank if self.ctx is not None else 0
         return {
             "steps": len(recs),
             "requests": len(res),
@@ -269,9 +306,19 @@ class Engine:
                                      if prefill_steps else None),
             "decode_tokens_per_s": dec_tokens / dec_time if dec_time > 0 else None,
             "mean_ir": float(np.mean(irs)) if irs else None,
-            "bytes_prefetched": float(sum(r.ep.get("bytes_prefetched", 0.0) for r in recs)),
-            "exposed_transfer_s": float(sum(r.ep.get("exposed_transfer_s", 0.0) for r in recs)),
-            "fallback_pairs": int(sum(sum(r.ep.get("fallback_pairs", [])) for r in recs)),
+            # replicas that arrived in time on THIS rank (bytes_prefetched_group: all ranks)
+            "bytes_prefetched": float(sum(ep["bytes_prefetched_per_rank"][rank] for ep in eps)),
+            "bytes_prefetched_group": float(sum(ep["bytes_prefetched"] for ep in eps)),
+            "exposed_transfer_s": float(sum(ep["exposed_transfer_s"] for ep in eps)),
+            "fallback_pairs": int(sum(sum(ep["fallback_pairs"]) for ep in eps)),
+            # group-wide (identical on every rank): replicas planned, arrived in time, late
+            "replicas_planned": int(sum(sum(ep["replicas_planned"]) for ep in eps)),
+            "replicas_arrived": int(sum(sum(ep["replicas_arrived"]) for ep in eps)),
+            "replicas_late": int(sum(sum(ep["replicas_late"]) for ep in eps)),
+            # planner wall time per step (max over ranks, summed over layers)
+            "plan_s_per_step": [float(ep["plan_seconds"]) for ep in eps],
+            "plan_s_total": float(sum(ep["plan_seconds"] for ep in eps)),
+            "rejected": [{"rid": rid, "reason": why} for rid, why in self.rejected.items()],
         }
 
 

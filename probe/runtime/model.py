@@ -51,8 +51,14 @@ __all__ = [
 # Small pieces
 
 
+def _wide(x: torch.Tensor) -> torch.Tensor:
+    """x in at least fp32 (fp16/bf16 -> fp32; fp32 and fp64 unchanged): the precision of norms,
+    softmaxes and the combine, so that an fp64 model computes in fp64 throughout."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 class RMSNorm(nn.Module):
-    """RMSNorm computed in fp32; the weight is applied in fp32 before casting back."""
+    """RMSNorm computed in at least fp32; the weight is applied before casting back."""
 
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
@@ -60,9 +66,9 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
+        x32 = _wide(x)
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (self.weight.float() * x32).to(x.dtype)
+        return (self.weight.to(x32.dtype) * x32).to(x.dtype)
 
 
 def rope_frequencies(rope: RopeConfig, head_dim: int) -> tuple[torch.Tensor, float]:
@@ -184,9 +190,9 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: _Batch, *, 
         out = out.permute(0, 2, 1, 3).reshape(n_seq * batch.t_max, h * dv)  # [B*t_max, H*Dv]
         return out[batch.q_index]  # [T, H*Dv]
     scores = (q_pad @ k_pad.transpose(-1, -2)) * scale  # [B, Hkv, G, t_max, s_max]
-    scores = scores.float().masked_fill(~allowed, float("-inf"))
+    scores = _wide(scores).masked_fill(~allowed, float("-inf"))
     # Attention sinks: one learned logit per head joins the softmax, then is dropped.
-    sink = sinks.float().view(1, hkv, h // hkv, 1, 1).expand(*scores.shape[:-1], 1)
+    sink = sinks.to(scores.dtype).view(1, hkv, h // hkv, 1, 1).expand(*scores.shape[:-1], 1)
     scores = torch.cat((scores, sink), dim=-1)  # [B, Hkv, G, t_max, s_max + 1]
     probs = torch.softmax(scores, dim=-1)[..., :-1]  # [B, Hkv, G, t_max, s_max]
     out = probs.to(v_pad.dtype) @ v_pad  # [B, Hkv, G, t_max, Dv]
@@ -374,19 +380,20 @@ class MoEBlock(nn.Module):
         """Router logits: h [T, D] -> [T, E] in h's dtype (fp32 for sigmoid_group routers)."""
         bias = self.router_bias if self.cfg.router_bias else None
         if self.cfg.router_scoring == "sigmoid_group":
-            return F.linear(h.float(), self.router_weight.float())  # [T, E]
+            return F.linear(_wide(h), self.router_weight.to(_wide(h).dtype))  # [T, E]
         return F.linear(h, self.router_weight, bias)  # [T, E]
 
     def select(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Top-k choice: logits [T, E] -> (topk_ids [T, K] int64, topk_weights [T, K] fp32)."""
+        """Top-k choice: logits [T, E] -> (topk_ids [T, K] int64, topk_weights [T, K] in at
+        least fp32)."""
         k = self.cfg.top_k
         if self.cfg.router_scoring == "sigmoid_group":
             return self._select_groups(logits)
         if self.cfg.router_scoring == "topk_softmax":
             top_logits, topk_ids = torch.topk(logits, k, dim=-1)  # [T, K]
-            topk_weights = torch.softmax(top_logits.float(), dim=-1)  # [T, K]
+            topk_weights = torch.softmax(_wide(top_logits), dim=-1)  # [T, K]
         else:
-            probs = torch.softmax(logits.float(), dim=-1)  # [T, E]
+            probs = torch.softmax(_wide(logits), dim=-1)  # [T, E]
             topk_weights, topk_ids = torch.topk(probs, k, dim=-1)  # [T, K]
             if self.cfg.norm_topk_prob:
                 topk_weights = topk_weights / topk_weights.sum(dim=-1, keepdim=True)
@@ -397,10 +404,10 @@ class MoEBlock(nn.Module):
         scores), then the top-k biased scores inside them; weights are the unbiased scores."""
         cfg = self.cfg
         n_tok = logits.shape[0]
-        scores = torch.sigmoid(logits.float())  # [T, E]
+        scores = torch.sigmoid(_wide(logits))  # [T, E]
         choice = scores
         if cfg.score_correction_bias:
-            choice = scores + self.router_correction_bias.float()  # [T, E]
+            choice = scores + self.router_correction_bias.to(scores.dtype)  # [T, E]
         if cfg.n_group > 1:
             per_group = cfg.num_experts // cfg.n_group
             grouped = choice.view(n_tok, cfg.n_group, per_group)  # [T, groups, E/groups]
@@ -471,7 +478,8 @@ class MoEBlock(nn.Module):
     @staticmethod
     def combine(y: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
         """Weighted sum over the K expert outputs: y [T, K, D], topk_weights [T, K] -> [T, D]."""
-        return (y.float() * topk_weights.float()[..., None]).sum(dim=1).to(y.dtype)  # [T, D]
+        y32 = _wide(y)
+        return (y32 * topk_weights.to(y32.dtype)[..., None]).sum(dim=1).to(y.dtype)  # [T, D]
 
     def forward(self, h: torch.Tensor) -> tuple[torch.Tensor, LayerRouting]:
         """h [T, D] (router input) -> (output [T, D], routing). Needs every routed expert held."""

@@ -28,6 +28,7 @@ The gathered windows are identical on every rank, so every rank solves the same 
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -124,9 +125,12 @@ class StepStats:
 
     layer_ir: float [L], IR of pairs processed per rank (eq. 1) at every MoE layer.
     pairs_per_rank: int [L, G].
-    replicas_planned / replicas_arrived: int [L], summed over ranks.
+    replicas_planned / replicas_arrived: int [L], summed over ranks; a planned replica that
+        did not arrive in time (before its layer's MoE) is late: planned - arrived.
     fallback_pairs: int [L], pairs sent home because their replica had not arrived.
-    bytes_prefetched: replica bytes received, all ranks.
+    bytes_prefetched_per_rank: float [G], weight bytes of the replicas that ARRIVED in time on
+        each rank (late replicas, drained after their layer, are not counted).
+    bytes_prefetched: their sum over ranks (the group's total, counted once).
     exposed_transfer_s: max over ranks of host time blocked waiting for transfers.
     planned_exposed_s: max over layers of the plan's modelled exposed transfer (eq. 6).
     plan_seconds: planner wall time summed over layers (max over ranks).
@@ -137,6 +141,7 @@ class StepStats:
     replicas_planned: np.ndarray
     replicas_arrived: np.ndarray
     fallback_pairs: np.ndarray
+    bytes_prefetched_per_rank: np.ndarray
     bytes_prefetched: float
     exposed_transfer_s: float
     planned_exposed_s: float
@@ -147,7 +152,9 @@ class StepStats:
                 "mean_ir": float(self.layer_ir.mean()) if self.layer_ir.size else 1.0,
                 "replicas_planned": self.replicas_planned.tolist(),
                 "replicas_arrived": self.replicas_arrived.tolist(),
+                "replicas_late": (self.replicas_planned - self.replicas_arrived).tolist(),
                 "fallback_pairs": self.fallback_pairs.tolist(),
+                "bytes_prefetched_per_rank": self.bytes_prefetched_per_rank.tolist(),
                 "bytes_prefetched": self.bytes_prefetched,
                 "exposed_transfer_s": self.exposed_transfer_s,
                 "planned_exposed_s": self.planned_exposed_s,
@@ -277,20 +284,44 @@ class EPRunner:
         self.pool = SlotPool(shapes, self.opts.num_slots, dtype=self.dtype, device=self.device)
         self.cost = cost if cost is not None else cost_model_for(cfg, ctx.world_size, self.dtype,
                                                                  self.opts.hardware)
+        self.replica_bytes = sum(math.prod(shape) for shape in shapes.values()) \
+            * self.pool.storage[next(iter(shapes))].element_size()  # W: one replica's bytes
         self.stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         self.step = 0
         self.clock = _Clock(self.device)
         self.prev_clock: _Clock | None = None
         self.exposed_s = 0.0
         self.plan_s = 0.0
-        self.bytes_received = 0
+        self.bytes_arrived = 0
+        self.planner_warmup_s = 0.0
+        if self.opts.balance:
+            self.warm_up_planner()
+
+    def warm_up_planner(self) -> float:
+        """Plan one synthetic problem of the real shapes and dtypes now, so that the planner's
+        one-time cost (loading or compiling its Numba code, about 1.5 s for "greedy") is paid
+        at start-up and not inside the first measured step. Returns (and keeps in
+        `planner_warmup_s`) the seconds it took; the plan is thrown away."""
+        num_ranks, num_experts = self.num_ranks, self.num_experts
+        load = np.zeros((num_ranks, num_experts), dtype=np.int64)  # [S, E]
+        load[:, 0] = 4 * num_experts  # one hot expert, so that the planner adds replicas
+        load[:, 1:] = 1
+        window = np.full(num_ranks, self.opts.default_window_s)  # [G]
+        t0 = time.perf_counter()
+        problem = self._problem(load, window)
+        if self.opts.planner is not None:
+            self.opts.planner(problem)
+        else:
+            solve_plan(problem, self.opts.method)
+        self.planner_warmup_s = time.perf_counter() - t0
+        return self.planner_warmup_s
 
     # -- step bookkeeping ----------------------------------------------------------------------
     def begin_step(self) -> None:
         self.prev_clock, self.clock = self.clock, _Clock(self.device)
         self.exposed_s = 0.0
         self.plan_s = 0.0
-        self.bytes_received = 0
+        self.bytes_arrived = 0
         for st in self.state:
             st.fallback = 0
             st.pairs = 0
@@ -322,9 +353,13 @@ class EPRunner:
             dist.all_gather(out, local, group=self.ctx.group)
         return torch.stack(out).cpu().numpy()
 
+    def _problem(self, load: np.ndarray, window: np.ndarray) -> BalanceProblem:
+        """The planning instance of one layer: load [S, E] (whole counts), window [G]."""
+        return BalanceProblem(load.astype(np.int64), self.home, slots=self.opts.num_slots,
+                              window=window, cost=self.cost)
+
     def _plan(self, layer: int, load: np.ndarray, window: np.ndarray) -> Plan:
-        problem = BalanceProblem(load.astype(np.int64), self.home, slots=self.opts.num_slots,
-                                 window=window, cost=self.cost)
+        problem = self._problem(load, window)
         plan = None
         if self.opts.plan_override is not None:
             plan = self.opts.plan_override(layer, self.step)
@@ -379,6 +414,7 @@ class EPRunner:
                     np.concatenate([arrived_local.astype(np.float64), pred, [window]]),
                     f"plan all_gather (MoE layer {layer})")  # [G, 2E+1]
                 arrived = gathered[:, :E] > 0.5  # [G, E]
+                self.bytes_arrived += int(arrived[self.ctx.rank].sum()) * self.replica_bytes
                 if st.transfer is not None:
                     st.transfer.wait_arrived(arrived[self.ctx.rank])
                 if st.plan is not None:
@@ -396,7 +432,6 @@ class EPRunner:
                         self.layers[nxt].experts.get, self.pool, self.ctx.transfer_group,
                         num_pieces=opts.num_pieces, stream=self.stream, ready_event=ready,
                         hold_back=hold)
-                    self.bytes_received += nst.transfer.stats.bytes_received
                     hooks = _Hooks(nst.transfer)
         st.arrived = arrived
         replica_params = st.transfer.params if st.transfer is not None else None
@@ -431,6 +466,22 @@ class EPRunner:
         if prev < 0:  # the last layer of the previous step with the same buffer
             prev = max(j for j in range(len(self.blocks)) if j % nb == layer % nb)
         return self.state[prev].done_event
+
+    def close(self) -> None:
+        """Give the model its own MoE blocks back and drop transfers and the pool (safe to call
+        twice). The wrapped model and the runner reference each other; closing breaks that
+        cycle, so the runner (and the process groups it holds through `ctx`) is freed at once,
+        not by a later garbage collection, e.g. during interpreter exit."""
+        for layer in self.model.layers:
+            if layer.is_moe and isinstance(layer.moe, _EPBlock):
+                layer.moe = layer.moe.block
+        for st in self.state:
+            if st.transfer is not None:
+                st.transfer.drain()
+            st.transfer = None
+            st.plan = None
+            st.done_event = None
+        self.layers = []
 
     def idle_step(self) -> None:
         """Take part in every MoE layer's collectives with no tokens of this rank."""
@@ -467,7 +518,7 @@ class EPRunner:
             [0 if st.arrived is None else int(st.arrived[self.ctx.rank].sum())
              for st in self.state],
             [st.planned_exposed for st in self.state],
-            [self.bytes_received, self.exposed_s, self.plan_s]]).astype(np.float64)
+            [self.bytes_arrived, self.exposed_s, self.plan_s]]).astype(np.float64)
         g = self._all_gather(local, "step stats all_gather")  # [G, 4L+3]
         pairs = g[:, :L].T  # [L, G]
         self.step += 1
@@ -477,6 +528,7 @@ class EPRunner:
             replicas_planned=np.array([st.num_planned for st in self.state], dtype=np.int64),
             replicas_arrived=g[:, 2 * L:3 * L].sum(axis=0).astype(np.int64),
             fallback_pairs=g[:, L:2 * L].sum(axis=0).astype(np.int64),
+            bytes_prefetched_per_rank=g[:, 4 * L].copy(),
             bytes_prefetched=float(g[:, 4 * L].sum()),
             exposed_transfer_s=float(g[:, 4 * L + 1].max()),
             planned_exposed_s=float(g[:, 3 * L:4 * L].max()),
