@@ -5,12 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from hypothesis import given, settings
-<<<<<<< HEAD
 from hypothesis import strategies as st
-from test_planner_instances import instances
-=======
+
 from helpers import instances
->>>>>>> h3-tests
 
 from probe.placement import imbalance_ratio, sharded_home
 from probe.planner.check import check_plan, evaluate_plan
