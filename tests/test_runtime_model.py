@@ -17,6 +17,7 @@ from safetensors.torch import load_file, save_file
 
 from probe.runtime.checkpoint import CheckpointReader, load_config, load_model
 from probe.runtime.config import MoEConfig, RopeConfig
+from probe.runtime.families import config_from_hf
 from probe.runtime.model import MoEBlock, rope_frequencies
 
 transformers = pytest.importorskip("transformers")
@@ -235,14 +236,14 @@ def test_select_semantics_per_scoring():
 
 def test_hub_style_configs_are_read():
     """Configs as published on the Hub: rope_theta / rope_scaling at top level, num_experts."""
-    qwen = MoEConfig.from_hf(dict(
+    qwen = config_from_hf(dict(
         model_type="qwen3_moe", vocab_size=151936, hidden_size=2048, num_hidden_layers=48,
         num_attention_heads=32, num_key_value_heads=4, head_dim=128, num_experts=128,
         num_experts_per_tok=8, moe_intermediate_size=768, intermediate_size=6144,
         decoder_sparse_step=1, mlp_only_layers=[], norm_topk_prob=True, rope_theta=1000000.0,
         rope_scaling=None, use_sliding_window=False, sliding_window=None, rms_norm_eps=1e-6))
     assert qwen.rope.theta == 1e6 and qwen.num_moe_layers == 48 and qwen.head_dim == 128
-    oss = MoEConfig.from_hf(dict(
+    oss = config_from_hf(dict(
         model_type="gpt_oss", vocab_size=201088, hidden_size=2880, num_hidden_layers=24,
         num_attention_heads=64, num_key_value_heads=8, head_dim=64, num_local_experts=32,
         num_experts_per_tok=4, intermediate_size=2880, sliding_window=128, rope_theta=150000,
@@ -252,7 +253,7 @@ def test_hub_style_configs_are_read():
     assert oss.rope == RopeConfig(150000.0, "yarn", factor=32.0, original_max_position=4096,
                                   truncate=False)
     assert oss.sliding_layers == tuple(range(0, 24, 2))
-    sparse = MoEConfig.from_hf(dict(
+    sparse = config_from_hf(dict(
         model_type="qwen3_moe", vocab_size=8, hidden_size=8, num_hidden_layers=4,
         num_attention_heads=2, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=4,
         intermediate_size=16, decoder_sparse_step=2, mlp_only_layers=[3]))
@@ -264,7 +265,7 @@ def test_yarn_frequencies_match_transformers():
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
     theirs, their_scale = ROPE_INIT_FUNCTIONS["yarn"](cfg, "cpu")
-    ours, scale = rope_frequencies(MoEConfig.from_hf(cfg.to_dict()).rope, 16)
+    ours, scale = rope_frequencies(config_from_hf(cfg.to_dict()).rope, 16)
     assert torch.allclose(ours, theirs) and scale == pytest.approx(their_scale)
 
 

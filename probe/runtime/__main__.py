@@ -113,9 +113,9 @@ def _load(args, ctx, device, dtype):
     if args.random_config == "gpt-oss-like":
         cfg = gpt_oss_like_config(args.layers)
     else:
-        from probe.runtime.config import MoEConfig
+        from probe.runtime.families import config_from_hf
 
-        cfg = MoEConfig.from_hf(json.loads(Path(args.random_config).read_text()))
+        cfg = config_from_hf(json.loads(Path(args.random_config).read_text()))
     ids = np.flatnonzero(sharded_home(cfg.num_experts, ctx.world_size)[ctx.rank]).tolist()
     return random_model(cfg, seed=args.seed, dtype=dtype, device=device, expert_ids=ids)
 

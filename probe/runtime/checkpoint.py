@@ -20,7 +20,7 @@ import torch
 from safetensors import safe_open
 
 from probe.runtime.config import MoEConfig
-from probe.runtime.families import Recipe, checkpoint_plan, fp32_params, ignorable
+from probe.runtime.families import Recipe, checkpoint_plan, config_from_hf, fp32_params, ignorable
 from probe.runtime.model import MoETransformer
 
 __all__ = ["CheckpointError", "CheckpointReader", "load_config", "load_model", "read_hf_config",
@@ -52,7 +52,7 @@ def read_hf_config(path: str | Path) -> dict[str, Any]:
 
 def load_config(path: str | Path) -> MoEConfig:
     """MoEConfig of checkpoint directory `path`."""
-    return MoEConfig.from_hf(read_hf_config(path))
+    return config_from_hf(read_hf_config(path))
 
 
 class CheckpointError(ValueError):

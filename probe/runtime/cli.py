@@ -120,10 +120,10 @@ def register(app: typer.Typer) -> None:
         else:
             import json
 
-            from probe.runtime.config import MoEConfig
+            from probe.runtime.families import config_from_hf
 
             cfg = (gpt_oss_like_config(2) if random_config == "gpt-oss-like"
-                   else MoEConfig.from_hf(json.loads(Path(random_config).read_text())))
+                   else config_from_hf(json.loads(Path(random_config).read_text())))
             net = random_model(cfg, seed=seed, dtype=torch_dtype, device=device)
         tok = _tokenizer(model, net.cfg.vocab_size)
         if ids is not None:

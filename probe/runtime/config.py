@@ -1,8 +1,8 @@
 """`MoEConfig`: the one frozen description of an MoE decoder that `probe.runtime.model` builds.
 
-Built from a Hugging Face `config.json` dict with `MoEConfig.from_hf(d)`; the per-family readers
-live in `probe.runtime.families`. Names follow the glossary: D hidden, E experts, K top-k,
-F expert intermediate width, L MoE layers.
+Built from a Hugging Face `config.json` dict by `probe.runtime.families.config_from_hf(d)`, where
+the per-family readers live (this module imports nothing from them). Names follow the glossary:
+D hidden, E experts, K top-k, F expert intermediate width, L MoE layers.
 """
 
 from __future__ import annotations
@@ -192,13 +192,6 @@ class MoEConfig:
             raise ValueError(f"config: sliding_window must be > 0, got {self.sliding_window}")
         if not (self.rms_norm_eps > 0 and math.isfinite(self.rms_norm_eps)):
             raise ValueError(f"config: rms_norm_eps must be > 0, got {self.rms_norm_eps}")
-
-    @classmethod
-    def from_hf(cls, config: dict[str, Any]) -> MoEConfig:
-        """Read a Hugging Face `config.json` dict (see `probe.runtime.families.SUPPORTED`)."""
-        from probe.runtime.families import config_from_hf
-
-        return config_from_hf(config)
 
     @property
     def num_moe_layers(self) -> int:
