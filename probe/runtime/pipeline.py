@@ -317,8 +317,8 @@ class EPRunner:
         return torch.stack(out).cpu().numpy()
 
     def _plan(self, layer: int, load: np.ndarray, window: np.ndarray) -> Plan:
-        problem = BalanceProblem(load.astype(np.int64), self.home, slots=self.opts.num_slots,
-                                 window=window, cost=self.cost)
+        problem = BalanceProblem.from_load(load.astype(np.int64), self.cost,
+                                           self.opts.num_slots, window, self.home)
         plan = None
         if self.opts.plan_override is not None:
             plan = self.opts.plan_override(layer, self.step)
