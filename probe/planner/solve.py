@@ -63,8 +63,8 @@ def solve(problem: BalanceProblem, method: str = "greedy", *, time_limit: float 
     problem: the BalanceProblem. method: one of METHODS. time_limit: seconds (None: the
     backend's default); a backend that hits it returns status "timeout" with its best plan.
     check: re-check the plan with `check_plan` (a plan that fails becomes status "error",
-    plan None, with the violations in `message`). options: passed to the backend (e.g. k_max
-    and epsilon for greedy, history for eplb).
+    plan None, with the violations in `message`). options: passed to the backend (e.g.
+    rules=GreedyRules(...) for greedy and greedy_ref, history for eplb).
     """
     if not isinstance(problem, BalanceProblem):
         raise TypeError(f"problem must be a BalanceProblem, got {type(problem).__name__}")
