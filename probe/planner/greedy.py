@@ -12,12 +12,10 @@ tests require identical plans. The kernel runs in O(G * E) for the start plus, p
 O(E) expert selection and O(G log T) per tried candidate; nothing depends on S * E * G.
 
 >>> import numpy as np
->>> from probe.placement import sharded_home
 >>> from probe.planner.cost import CostModel
 >>> from probe.planner.problem import BalanceProblem
 >>> cost = CostModel.uniform(2, alpha=0.0, beta=1.0, token_time=0.0, transfer_time=1.0)
->>> prob = BalanceProblem(np.array([[6, 0], [2, 0]]), sharded_home(2, 2), slots=1, window=1.0,
-...                       cost=cost)
+>>> prob = BalanceProblem.from_load(np.array([[6, 0], [2, 0]]), cost, slots=1, window=1.0)
 >>> plan = greedy_plan(prob, GreedyRules.paper())
 >>> plan.replicas.astype(int).tolist(), plan.tokens_per_rank_expert().tolist()
 ([[0, 0], [1, 0]], [[6, 0], [2, 0]])

@@ -56,7 +56,7 @@ class GreedyRules:
         mean_cap: stop a move where the slowest rank reaches the mean rank time (rule 6). On
             in the paper, off by default.
         also_paper: also run the paper's rules and keep that plan when strictly better (rule 8;
-            about twice the time). Off by default and in the paper.
+            the greedy runs twice). Off by default and in the paper.
     """
 
     k_max: int | str | None = 16
