@@ -13,7 +13,8 @@ window (eq. 6).
 alpha is the fixed cost of an active expert (its weight read from HBM plus launch and tile
 overhead), beta the per-token cost at the grouped GEMM's large-batch efficiency: the
 hardware-aware linear reading of T(n) = n F / (eta(n) F_peak). Token deduplication (lambda) is
-taken as 1: counts are token-expert pairs, so traffic is an upper bound.
+taken as 1: counts are token-expert pairs, so traffic is an upper bound. docs/planner.md
+sets these costs in the whole planning problem.
 
 >>> from probe.specs import hardware_preset, model_preset
 >>> cost = CostModel.from_specs(model_preset("gpt-oss-120b"), hardware_preset("h200x8"))

@@ -4,6 +4,7 @@ A `BalanceProblem` holds what the planner knows before a layer runs: predicted t
 (source rank, expert), where each expert lives, how many extra replicas each rank may take,
 and how long each rank can hide weight transfers. A `Plan` says which extra replicas go where
 (and from whom they are copied) and how many tokens of each (source, expert) run on each rank.
+docs/planner.md states the objective and constraints a plan is judged by.
 """
 
 from __future__ import annotations
