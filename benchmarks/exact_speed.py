@@ -36,7 +36,7 @@ from probe.planner.cost import CostModel
 from probe.planner.cpsat import solve_cpsat
 from probe.planner.highs import solve_highs
 from probe.planner.lp import solve_lp
-from probe.planner.milp import warm_start
+from probe.planner.warmstart import warm_start
 from probe.planner.problem import BalanceProblem
 from probe.specs import hardware_preset, model_preset
 

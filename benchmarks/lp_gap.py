@@ -1,13 +1,15 @@
-"""The lp heuristic's gap to proven optima, old (variant "round") against new (default), and its
-time per instance size.
+"""The lp heuristic's gap to proven optima, against greedy's, and its time per instance size.
 
     PYTHONPATH=. python benchmarks/lp_gap.py [--out results/lp_gap.md] [--repeats 3]
 
 Instances: every non-fatal record of the solvers_bench result files (default:
 results/solvers_bench/results.jsonl) is rebuilt from its recipe
-(`solvers_bench.instances.build_problem`) and planned by greedy (default options), the
-previous lp heuristic (`solve_lp(..., variant="round")`) and the current one (`solve_lp(...)`),
-all with the code at HEAD.
+(`solvers_bench.instances.build_problem`) and planned by greedy (default options) and the lp
+heuristic (`solve_lp(...)`), both with the code at HEAD. The earlier single-rounding lp
+heuristic (`variant="round"`, since removed; results/lp_gap.md compares it with the dives) is
+compared by checking out an older revision that still has it and running this script there;
+`--baseline REV` times lp.py as committed at REV alongside (REV's lp.py must import against the
+planner modules at HEAD).
 
 Gap = (objective - best bound) / objective with the record's best bound, over three sets (as in
 solvers_bench/report.py): proven (cpsat or highs reported "optimal"), non-trivial proven
@@ -43,10 +45,10 @@ from solvers_bench.instances import InstanceSpec, build_problem
 from solvers_bench.report import CERTIFIED, _trivial
 
 SOURCES = ("results/solvers_bench/results.jsonl",)
-METHODS = ("greedy", "lp_old", "lp_new")
+METHODS = ("greedy", "lp")
 TIMED = METHODS + ("lp_base",)
-TITLES = {"greedy": "greedy", "lp_old": "lp old (variant round)", "lp_new": "lp new (dive)",
-          "rec_greedy": "greedy, bench run", "rec_lp": "lp, bench run"}
+TITLES = {"greedy": "greedy", "lp": "lp (dive)", "rec_greedy": "greedy, bench run",
+          "rec_lp": "lp, bench run"}
 
 
 def _records(paths: list[str]) -> list[dict]:
@@ -101,8 +103,7 @@ def run(records: list[dict], repeats: int, base=None) -> list[dict]:
     for rec in records:
         problem, _ = build_problem(InstanceSpec.from_dict(rec))
         calls = {"greedy": lambda p=problem: solve_greedy(p).plan,
-                 "lp_old": lambda p=problem: solve_lp(p, variant="round").plan,
-                 "lp_new": lambda p=problem: solve_lp(p).plan}
+                 "lp": lambda p=problem: solve_lp(p).plan}
         if base is not None:
             calls["lp_base"] = lambda p=problem: base(p).plan
         bound = rec.get("best_bound")
@@ -155,20 +156,16 @@ def main() -> None:
     sets = {"proven_nontrivial": [r for r in rows if r["nontrivial"]],
             "proven": [r for r in rows if r["proven"]],
             "certified": [r for r in rows if r["certified"]]}
-    names = ("rec_greedy", "rec_lp", "greedy", "lp_old", "lp_new")
+    names = ("rec_greedy", "rec_lp", "greedy", "lp")
     stats = {label: {name: _stats(subset, name) for name in names}
              for label, subset in sets.items()}
     checks = {
         "plans": len(rows) * len(METHODS),
         "infeasible": sum(not r[m]["feasible"] for r in rows for m in METHODS),
-        "lp_new_worse_than_greedy": sum(r["lp_new"]["objective"] > r["greedy"]["objective"]
-                                        * (1 + 1e-12) for r in rows),
-        "lp_new_better_than_old": sum(r["lp_new"]["objective"] < r["lp_old"]["objective"]
-                                      * (1 - 1e-9) for r in rows),
-        "lp_new_worse_than_old": sum(r["lp_new"]["objective"] > r["lp_old"]["objective"]
-                                     * (1 + 1e-9) for r in rows),
-        "max_new_over_old": max(r["lp_new"]["objective"] / r["lp_old"]["objective"] - 1
-                                for r in rows if r["lp_old"]["objective"] > 0),
+        "lp_worse_than_greedy": sum(r["lp"]["objective"] > r["greedy"]["objective"]
+                                    * (1 + 1e-12) for r in rows),
+        "lp_better_than_greedy": sum(r["lp"]["objective"] < r["greedy"]["objective"]
+                                     * (1 - 1e-9) for r in rows),
     }
     sizes = sorted({r["size"] for r in rows}, key=lambda s: tuple(map(int, s.split("x"))))
     times = {}
@@ -185,9 +182,8 @@ def main() -> None:
                 e[f"{name}_cpu_ms"] = 1e3 * float(np.median([r[name]["cpu"] for r in subset]))
             rec_walls = [r["rec_lp"]["wall"] for r in subset if r["rec_lp"]["wall"] is not None]
             e["rec_lp_wall_ms"] = 1e3 * float(np.median(rec_walls)) if rec_walls else None
-            e["ratio_new_old_wall"] = e["lp_new_wall_ms"] / e["lp_old_wall_ms"]
             if "lp_base_wall_ms" in e:
-                e["ratio_new_base_wall"] = e["lp_new_wall_ms"] / e["lp_base_wall_ms"]
+                e["ratio_lp_base_wall"] = e["lp_wall_ms"] / e["lp_base_wall_ms"]
             entry[label] = e
         times[size] = entry
 
@@ -200,17 +196,16 @@ def main() -> None:
                + (f" --baseline {args.baseline}" if args.baseline else "")
                + (f" --sources {' '.join(args.sources)}" if args.sources != list(SOURCES)
                   else ""))
-    lines = ["# lp heuristic: gap to proven optima, old vs new, and time per size", "",
+    lines = ["# lp heuristic: gap to proven optima and time per size", "",
              f"Command: `{command}`  ",
              f"Machine: {machine['cpu']}, {machine['cpus']} CPUs, Python {machine['python']}; "
              f"load average (1/5/15 min) {machine['loadavg_start']} at start, "
              f"{machine['loadavg_end']} at the end; {elapsed:.0f} s.", "",
              f"Instances: {len(rows)} solvers_bench records ({', '.join(args.sources)}), "
-             "rebuilt from their recipes. *lp old* = `solve_lp(problem, variant=\"round\")` (the "
-             "previous heuristic: one relaxation, one rounding after greedy's replicas, one "
-             "assignment LP); *lp new* = `solve_lp(problem)` (dives over the relaxation, "
-             "per-rank candidate experts, assignment LP per placement, best of); greedy with "
-             "its default options; all at HEAD. *bench run* = objectives stored in the "
+             "rebuilt from their recipes. *lp* = `solve_lp(problem)` (dives over the "
+             "relaxation, per-rank candidate experts, assignment LP per placement, best of); "
+             "greedy with its default options; both at HEAD. *bench run* = objectives stored "
+             "in the "
              "records (the code of the bench run). Gap = (objective - best bound) / objective; "
              "non-trivial: static is not already optimal; certified: the run's best plan was "
              f"within {100 * CERTIFIED:g}% of its best bound.", ""]
@@ -218,7 +213,7 @@ def main() -> None:
                          ("proven", "All proven instances"),
                          ("certified", f"Certified instances (gap known within "
                                        f"{100 * CERTIFIED:g}%)")):
-        n = stats[label]["lp_new"]["n"]
+        n = stats[label]["lp"]["n"]
         lines += [f"## {title} (n = {n})", "",
                   "| method | median gap | p95 gap | max gap | mean gap | share <= 1% |",
                   "|---|---:|---:|---:|---:|---:|"]
@@ -235,32 +230,27 @@ def main() -> None:
               f"Median over instances of the median of {args.repeats} calls; wall (process "
               "CPU). *bench lp* = the lp wall time stored in the records (the bench run's own "
               "timing, on the machine its report names)."
-              + (f" *lp at {args.baseline}* = lp.py as committed at {args.baseline} (the code "
-                 "before this change; variant round shares the new code's faster LP "
-                 "plumbing)." if has_base else ""), "",
-              "| G x E | set | n | greedy | lp old | lp new | new / old (wall) |"
-              + (f" lp at {args.baseline} | new / lp at {args.baseline} |" if has_base else "")
+              + (f" *lp at {args.baseline}* = lp.py as committed at {args.baseline}."
+                 if has_base else ""), "",
+              "| G x E | set | n | greedy | lp |"
+              + (f" lp at {args.baseline} | lp / lp at {args.baseline} |" if has_base else "")
               + " bench lp |",
-              "|---|---|---:|---:|---:|---:|---:|" + ("---:|---:|" if has_base else "")
-              + "---:|"]
+              "|---|---|---:|---:|---:|" + ("---:|---:|" if has_base else "") + "---:|"]
     for size in sizes:
         for label, e in times[size].items():
             bench = "-" if e["rec_lp_wall_ms"] is None else f"{e['rec_lp_wall_ms']:.1f}"
             extra = ""
             if has_base:
                 extra = (f" {e['lp_base_wall_ms']:.1f} ({e['lp_base_cpu_ms']:.1f}) | "
-                         f"{e['ratio_new_base_wall']:.2f} |")
+                         f"{e['ratio_lp_base_wall']:.2f} |")
             lines.append(
                 f"| {size} | {label} | {e['n']} | {e['greedy_wall_ms']:.2f} "
-                f"({e['greedy_cpu_ms']:.2f}) | {e['lp_old_wall_ms']:.1f} "
-                f"({e['lp_old_cpu_ms']:.1f}) | {e['lp_new_wall_ms']:.1f} "
-                f"({e['lp_new_cpu_ms']:.1f}) | {e['ratio_new_old_wall']:.2f} |{extra} {bench} |")
+                f"({e['greedy_cpu_ms']:.2f}) | {e['lp_wall_ms']:.1f} "
+                f"({e['lp_cpu_ms']:.1f}) |{extra} {bench} |")
     lines += ["", "## Checks", "",
               f"- {checks['plans']} plans, {checks['infeasible']} infeasible (check_plan).",
-              f"- lp new worse than greedy on {checks['lp_new_worse_than_greedy']} instances.",
-              f"- lp new better than lp old on {checks['lp_new_better_than_old']}, worse on "
-              f"{checks['lp_new_worse_than_old']} (at most "
-              f"{100 * checks['max_new_over_old']:.2f}% worse).", ""]
+              f"- lp worse than greedy on {checks['lp_worse_than_greedy']} instances, better "
+              f"on {checks['lp_better_than_greedy']}.", ""]
     text = "\n".join(lines) + "\n"
     print(text)
     out = Path(args.out)

@@ -26,7 +26,7 @@ def reassign_greedy(problem: BalanceProblem, plan: Plan) -> Plan:
 
     Uses `probe.planner.lp._assignment`, the lp heuristic's last step, as a measuring tool.
     """
-    from probe.planner.highs import time_unit
+    from probe.planner.highs_base import time_unit
     from probe.planner.lp import _assignment
     from probe.planner.static import static_plan
 

@@ -12,17 +12,11 @@ from probe.planner.check import check_plan, evaluate_plan
 from probe.planner.cost import CostModel
 from probe.planner.cpsat import solve_cpsat
 from probe.planner.highs import solve_highs
-from probe.planner.lp import round_replicas, solve_lp
-from probe.planner.milp import (
-    EXACT,
-    MAKESPAN,
-    build_milp,
-    largest_remainder,
-    plan_from_values,
-    plan_to_values,
-    warm_start,
-)
+from probe.planner.lp import solve_lp
+from probe.planner.milp import EXACT, MAKESPAN, build_milp, plan_from_values, plan_to_values
 from probe.planner.problem import BalanceProblem, Plan
+from probe.planner.result import largest_remainder
+from probe.planner.warmstart import warm_start
 from probe.specs import hardware_preset, model_preset
 
 REL = 1e-6
@@ -274,22 +268,6 @@ def test_lp_on_small_instances_stays_above_the_exact_optimum():
     assert hi.objective <= lp.objective * (1 + 1e-9)
 
 
-def test_round_replicas_respects_slots_and_both_windows():
-    cost = CostModel.uniform(3, alpha=0.0, beta=1.0, token_time=0.0, transfer_time=1.0)
-    problem = BalanceProblem(np.ones((3, 6), int), sharded_home(6, 3), 2, 1.0, cost)
-    score = np.arange(18, dtype=float).reshape(3, 6)
-    replicas, sources = round_replicas(problem, score)
-    plan = Plan(replicas, sources, np.zeros((3, 6, 3), int))
-    assert not [v for v in check_plan(problem, plan) if not v.startswith("conservation")]
-    # Window 1.0 = one copy: every rank receives at most one and sends at most one.
-    assert replicas.sum(axis=1).max() <= 1
-    assert np.bincount(sources[replicas], minlength=3).max() <= 1
-    # Highest scores first: (2, 3) copied from 1, then (1, 5) from 2; rank 0 then finds no
-    # sender with window left (rank 0 cannot copy from itself).
-    assert np.argwhere(replicas).tolist() == [[1, 5], [2, 3]]
-    assert sources[1, 5] == 2 and sources[2, 3] == 1
-
-
 def test_registry_runs_the_backends():
     from probe.planner.solve import solve
 
@@ -327,3 +305,125 @@ def test_backends_agree_with_non_uniform_links():
     assert cp.status == hi.status == "optimal"
     assert cp.objective == pytest.approx(hi.objective, rel=1e-3)
     assert hi.objective <= lp.objective * (1 + 1e-9)
+
+
+# ------------------------------------------------------------ the window's edge, failures
+def two_copy_problem(window: float) -> BalanceProblem:
+    """Three ranks; rank 0's two experts are hot, so copies of both pay off; a copy takes 1 s."""
+    cost = CostModel.uniform(3, alpha=1.0, beta=1.0, token_time=0.0, transfer_time=1.0)
+    return BalanceProblem(np.array([[30, 30, 1, 1, 1, 1]] * 3), sharded_home(6, 3), 2, window,
+                          cost)
+
+
+def test_highs_keeps_its_own_plan_when_a_window_is_just_under_whole_copies():
+    # Two copies take 2 s: 1e-8 over this window, within HiGHS's default tolerances but not
+    # the checker's. HiGHS must not take them (its plan would be rejected and the warm start
+    # returned in its place).
+    problem = two_copy_problem(2.0 * (1 - 1e-8))
+    hi = solve_highs(problem, time_limit=30)
+    cp = solve_cpsat(problem, time_limit=30, num_workers=1)
+    assert hi.status == "optimal" and hi.fallback is None, hi.message
+    assert check_plan(problem, hi.plan) == []
+    assert hi.objective == pytest.approx(cp.objective, rel=1e-9)
+    assert np.bincount(hi.plan.sources[hi.plan.replicas], minlength=3).max() <= 1
+
+
+def test_a_copy_within_the_checker_slack_is_in_the_model():
+    # The copy takes 1 s, the window is 1 s less a relative 5e-10: check_plan accepts the
+    # copy, so the MILP must have its column and no backend may prove a bound above it.
+    cost = CostModel.uniform(2, alpha=0.0, beta=1.0, token_time=0.0, transfer_time=1.0)
+    problem = BalanceProblem(np.array([[8, 0], [8, 0]]), sharded_home(2, 2), 1,
+                             1.0 / (1 + 5e-10), cost)
+    replicas = np.array([[False, False], [True, False]])
+    sources = np.array([[-1, -1], [0, -1]])
+    assignment = np.zeros((2, 2, 2), np.int64)
+    assignment[0, 0, 0] = assignment[1, 0, 1] = 8  # every token stays local
+    plan = Plan(replicas, sources, assignment)
+    assert check_plan(problem, plan) == []
+    best = objective(problem, plan)  # 8 s, against 16 s without the copy
+    assert build_milp(problem).u_col[0, 0, 1] >= 0
+    for result in (solve_highs(problem, time_limit=30),
+                   solve_cpsat(problem, time_limit=30, num_workers=1), solve_lp(problem)):
+        assert_good(problem, result, best)
+        assert result.objective == pytest.approx(best, rel=1e-12), result.method
+    for result in (solve_highs(problem, time_limit=30),
+                   solve_cpsat(problem, time_limit=30, num_workers=1)):
+        assert result.status == "optimal" and result.bound <= best * (1 + 1e-12)
+
+
+def huge_load_problem() -> BalanceProblem:
+    """G = 2, E = 2 with 2**60 tokens per source: CP-SAT's domains overflow int64."""
+    cost = CostModel.uniform(2, alpha=0.0, beta=1.0, token_time=0.0, transfer_time=1.0)
+    return BalanceProblem(np.array([[2**60, 0], [2**60, 0]], np.int64), sharded_home(2, 2), 1,
+                          1.0, cost)
+
+
+def test_cpsat_failure_on_huge_loads_keeps_the_warm_start():
+    from probe.planner.solve import solve
+
+    problem = huge_load_problem()
+    warm, warm_name = warm_start(problem)
+    for result in (solve_cpsat(problem, time_limit=10, num_workers=1),
+                   solve(problem, "cpsat", time_limit=10, num_workers=1)):
+        assert result.status == "feasible", result.message
+        assert result.fallback == warm_name
+        assert "CP-SAT failed" in result.message and "MODEL_INVALID" in result.message
+        assert_good(problem, result, objective(problem, warm))
+    result = solve_highs(problem, time_limit=10)
+    assert result.plan is not None and result.fallback is not None, result.message
+    assert_good(problem, result, objective(problem, warm))
+
+
+@pytest.mark.parametrize("method", ["cpsat", "highs"])
+def test_a_solver_exception_keeps_the_warm_start(monkeypatch, method):
+    import probe.planner.cpsat as cpsat_module
+    import probe.planner.highs as highs_module
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("solver broke")
+
+    if method == "cpsat":
+        monkeypatch.setattr(cpsat_module, "scale_milp", broken)
+        result = solve_cpsat(small_problem(0), time_limit=10, num_workers=1)
+    else:
+        monkeypatch.setattr(highs_module, "highs_model", broken)
+        result = solve_highs(small_problem(0), time_limit=10)
+    warm, warm_name = warm_start(small_problem(0))
+    assert result.status == "feasible" and result.fallback == warm_name
+    assert "solver broke" in result.message
+    assert_good(small_problem(0), result, objective(small_problem(0), warm))
+
+
+# ------------------------------------------------------------------------- solver output
+def test_lp_and_highs_print_nothing_unless_verbose(capfd):
+    problem = small_problem(3)
+    capfd.readouterr()
+    solve_lp(problem)
+    solve_highs(problem, time_limit=10)
+    out, err = capfd.readouterr()
+    assert out == "" and err == ""
+    solve_highs(problem, time_limit=10, verbose=True)
+    solve_lp(problem, verbose=True)
+    out, _ = capfd.readouterr()
+    assert "HiGHS" in out
+    solve_lp(problem)  # the cached LP instances are silent again
+    assert capfd.readouterr() == ("", "")
+
+
+def test_a_fresh_process_prints_no_highs_banner():
+    # HiGHS prints its banner from the first highspy.Highs() of a process only.
+    import subprocess
+    import sys
+
+    code = ("import numpy as np\n"
+            "from probe.placement import sharded_home\n"
+            "from probe.planner.cost import CostModel\n"
+            "from probe.planner.problem import BalanceProblem\n"
+            "from probe.planner.solve import solve\n"
+            "cost = CostModel.uniform(2, alpha=1.0, beta=1.0, token_time=0.1, transfer_time=1.0)\n"
+            "p = BalanceProblem(np.array([[9, 1], [7, 0]]), sharded_home(2, 2), 1, 1.0, cost)\n"
+            "for m in ('lp', 'highs'):\n"
+            "    assert solve(p, m, time_limit=10).plan is not None\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "" and done.stderr == ""

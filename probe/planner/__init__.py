@@ -1,9 +1,9 @@
 """Balance planning: problem, plan, cost model, feasibility checker and solvers (numpy only).
 
-`solve(problem, method)` runs any backend ("static", "greedy", "greedy_ref", "eplb", "lp",
-"cpsat", "highs"); backends and Numba are imported on first use, so importing this package
-stays light and a missing optional solver never breaks it. docs/planner.md describes the
-problem, every solver and the greedy's rules (`GreedyRules`).
+`solve(problem, method)` runs any backend ("static", "greedy", "greedy_ref", "eplb",
+"deepseek_eplb", "lp", "cpsat", "highs"); backends and Numba are imported on first use, so
+importing this package stays light and a missing optional solver never breaks it.
+docs/planner.md describes the problem, every solver and the greedy's rules (`GreedyRules`).
 """
 
 from probe.planner.check import PlanMetrics, check_plan, evaluate_plan

@@ -12,12 +12,9 @@ import numpy as np
 
 from probe.placement import imbalance_ratio
 from probe.planner.problem import BalanceProblem, Plan
+from probe.planner.tolerance import fits_window
 
 __all__ = ["PlanMetrics", "check_plan", "evaluate_plan", "transfer_times"]
-
-# Relative slack for floating-point sums compared with a window.
-_TIME_TOL = 1e-9
-
 
 def transfer_times(problem: BalanceProblem, plan: Plan) -> tuple[np.ndarray, np.ndarray]:
     """Seconds each rank spends receiving and sending replica weights: two float64 [G]."""
@@ -83,11 +80,10 @@ def check_plan(problem: BalanceProblem, plan: Plan) -> list[str]:
                         f"{s} sent to rank {g}, which does not hold it")
 
     recv, send = transfer_times(problem, plan)
-    limit = problem.window * (1 + _TIME_TOL) + 1e-15
     problems += [f"window: rank {g} receives for {recv[g]:.3e} s > window {problem.window[g]:.3e}"
-                 for g in np.flatnonzero(recv > limit)]
+                 for g in np.flatnonzero(~fits_window(recv, problem.window))]
     problems += [f"window: rank {g} sends for {send[g]:.3e} s > window {problem.window[g]:.3e}"
-                 for g in np.flatnonzero(send > limit)]
+                 for g in np.flatnonzero(~fits_window(send, problem.window))]
     return problems
 
 

@@ -1,15 +1,19 @@
-"""EPLB-style maps and baseline.
+"""EPLB maps and the EPLB-style add-copies baseline.
 
 `to_eplb_maps` exports any Plan in DeepSeek EPLB's map convention so that vLLM/SGLang users can
-consume it; `solve_eplb` is the EPLB-style baseline of DESIGN.md: replicas chosen from a moving
-window of past load, tokens split evenly over an expert's copies.
+consume it; `solve_eplb` (method "eplb") is the EPLB-style baseline of the simulator and the
+solver benchmark: it keeps the problem's home layout and adds replicas chosen from a moving
+window of past load with EPLB's "highest load per copy" rule, tokens split evenly over an
+expert's copies. DeepSeek's EPLB proper re-packs every expert, home copies too, over the
+physical slots; that algorithm is `probe.planner.deepseek_eplb` (method "deepseek_eplb").
 
 Map convention (one layer; DeepSeek's `rebalance_experts` returns the same three maps with a
 leading layer axis, which `probe.planner.layers.stack_eplb_maps` adds):
     Physical slots: rank g owns slots [g * P, (g + 1) * P), with P = max over ranks of home
     experts + extra slots (capped at E). In each rank's block come its home experts in
-    increasing id, then its replicas in increasing id, then -1 for unused slots (DeepSeek fills
-    every slot; here a rank may leave extra slots empty).
+    increasing id (an expert with c copies on the rank, as `copies` may say, c times), then its
+    replicas in increasing id, then -1 for unused slots (DeepSeek fills every slot; here a rank
+    may leave extra slots empty).
     phy2log: int64 [G * P], logical expert of each physical slot, -1 if empty.
     log2phy: int64 [E, X], physical slots of each logical expert in increasing order, padded
         with -1; X = max replica count.
@@ -40,11 +44,18 @@ import numpy as np
 
 from probe.planner.problem import BalanceProblem, Plan, SolveResult
 
-__all__ = ["eplb_placement", "even_split", "solve_eplb", "to_eplb_maps"]
+__all__ = ["eplb_placement", "even_split", "history_weight", "solve_eplb", "to_eplb_maps"]
 
 
-def to_eplb_maps(problem: BalanceProblem, plan: Plan) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(phy2log [G*P], log2phy [E, X], logcnt [E]), int64, in the convention above."""
+def to_eplb_maps(problem: BalanceProblem, plan: Plan, copies: np.ndarray | None = None,
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(phy2log [G*P], log2phy [E, X], logcnt [E]), int64, in the convention above.
+
+    copies: int [G, E], physical copies of each home expert per rank (> 0 exactly where
+    problem.home is), for a home that holds an expert twice on one rank as DeepSeek EPLB's
+    layouts may (`probe.planner.deepseek_eplb.eplb_problem`); each copy is a slot of its own.
+    None: one copy per home holder.
+    """
     if not isinstance(plan, Plan):
         raise TypeError(f"plan must be a Plan, got {type(plan).__name__}")
     home, replicas = problem.home, plan.replicas
@@ -54,14 +65,25 @@ def to_eplb_maps(problem: BalanceProblem, plan: Plan) -> tuple[np.ndarray, np.nd
     if np.any(replicas & home):
         g, e = np.argwhere(replicas & home)[0]
         raise ValueError(f"plan puts a replica of expert {e} on rank {g}, its home")
-    num_home = home.sum(axis=1)
-    per_rank = int(np.max(num_home + np.minimum(problem.slots, num_experts - num_home)))
-    per_rank = max(per_rank, int((home | replicas).sum(axis=1).max()))
+    if copies is None:
+        copies = home.astype(np.int64)
+    else:
+        copies = np.asarray(copies)
+        if copies.shape != home.shape or copies.dtype.kind not in "iu" or np.any(copies < 0) \
+                or not np.array_equal(copies > 0, home):
+            raise ValueError(f"copies must be an int [G, E] array of shape {home.shape}, > 0 "
+                             "exactly where problem.home is True")
+        copies = copies.astype(np.int64)
+    num_home = copies.sum(axis=1)
+    distinct = home.sum(axis=1)
+    per_rank = int(np.max(num_home + np.minimum(problem.slots, num_experts - distinct)))
+    per_rank = max(per_rank, int((num_home + replicas.sum(axis=1)).max()))
     phy2log = np.full(num_ranks * per_rank, -1, np.int64)
     for g in range(num_ranks):
-        experts = np.concatenate([np.flatnonzero(home[g]), np.flatnonzero(replicas[g])])
+        experts = np.concatenate([np.repeat(np.arange(num_experts), copies[g]),
+                                  np.flatnonzero(replicas[g])])
         phy2log[g * per_rank:g * per_rank + experts.size] = experts
-    logcnt = (home | replicas).sum(axis=0).astype(np.int64)
+    logcnt = (copies + replicas).sum(axis=0).astype(np.int64)
     log2phy = np.full((num_experts, int(logcnt.max())), -1, np.int64)
     filled = np.zeros(num_experts, np.int64)
     for slot in np.flatnonzero(phy2log >= 0):  # increasing slot order
@@ -72,22 +94,28 @@ def to_eplb_maps(problem: BalanceProblem, plan: Plan) -> tuple[np.ndarray, np.nd
 
 
 def even_split(load: np.ndarray, holds: np.ndarray) -> np.ndarray:
-    """Tokens of every (s, e) split evenly over e's holders, ignoring locality.
+    """Tokens of every (s, e) split evenly over e's copies, ignoring locality.
 
-    load: int [S, E]; holds: bool [G, E] (every expert held somewhere). Returns int64 [S, E, G].
-    The n % h leftover tokens go to holders at positions k with (k + s) % h < n % h, as in
-    static.py.
+    load: int [S, E]; holds: bool [G, E], or int [G, E] physical copies per rank (every
+    expert held somewhere). Returns int64 [S, E, G]. With c copies of e, numbered k = 0..c-1
+    rank by rank, each copy gets n // c tokens and the n % c leftover tokens go to the copies
+    with (k + s) % c < n % c, as in static.py; a rank gets the sum over its copies.
     """
     load = np.asarray(load, dtype=np.int64)
-    holds = np.asarray(holds, dtype=bool)
+    copies = np.asarray(holds).astype(np.int64)
     num_sources = load.shape[0]
-    count = holds.sum(axis=0)  # [E]
-    position = np.cumsum(holds, axis=0) - 1  # [G, E]
+    count = copies.sum(axis=0)  # [E]
+    first = np.cumsum(copies, axis=0) - copies  # [G, E], number of g's first copy
     quota, left = np.divmod(load, count[None, :])  # [S, E]
+
+    def lucky(k):  # copies numbered below k, counted from source s, that get a leftover token
+        c = count[None, :, None]
+        return (k // c) * left[:, :, None] + np.minimum(k % c, left[:, :, None])
+
     src = np.arange(num_sources)[:, None, None]
-    rotated = (position.T[None, :, :] + src) % count[None, :, None]  # [S, E, G]
-    share = quota[:, :, None] + (rotated < left[:, :, None])
-    return np.where(holds.T[None, :, :], share, 0).astype(np.int64)
+    start = first.T[None, :, :] + src  # [S, E, G]
+    extra = lucky(start + copies.T[None, :, :]) - lucky(start)
+    return (quota[:, :, None] * copies.T[None, :, :] + extra).astype(np.int64)
 
 
 def eplb_placement(weight: np.ndarray, problem: BalanceProblem) -> tuple[np.ndarray, np.ndarray]:
@@ -145,6 +173,29 @@ def eplb_placement(weight: np.ndarray, problem: BalanceProblem) -> tuple[np.ndar
     return replicas, sources
 
 
+def history_weight(problem: BalanceProblem, history: np.ndarray | None) -> np.ndarray:
+    """Expert weights float64 [E] for EPLB: mean load over `history`, summed over sources.
+
+    history: past loads of this layer, int [H, S, E] or [H, E]; None uses the problem's own
+    load (an oracle that knows the current step).
+    """
+    num_experts = problem.num_experts
+    if history is None:
+        return problem.load.sum(axis=0).astype(np.float64)
+    hist = np.asarray(history)
+    if hist.ndim == 3:
+        if hist.shape[2] != num_experts:
+            raise ValueError(f"history must be [H, S, E] or [H, E] with E = {num_experts}, "
+                             f"got shape {hist.shape}")
+        hist = hist.sum(axis=1)
+    if hist.ndim != 2 or hist.shape[1] != num_experts or hist.shape[0] == 0:
+        raise ValueError(f"history must be [H, S, E] or [H, E] with H >= 1 and "
+                         f"E = {num_experts}, got shape {np.shape(history)}")
+    if not np.all(np.isfinite(hist)) or np.any(hist < 0):
+        raise ValueError("history must hold finite, non-negative loads")
+    return hist.mean(axis=0).astype(np.float64)
+
+
 def solve_eplb(problem: BalanceProblem, *, time_limit: float | None = None,
                history: np.ndarray | None = None) -> SolveResult:
     """Backend for `solve(problem, "eplb", history=...)`.
@@ -158,22 +209,7 @@ def solve_eplb(problem: BalanceProblem, *, time_limit: float | None = None,
     """
     del time_limit
     start = time.perf_counter()
-    num_experts = problem.num_experts
-    if history is None:
-        weight = problem.load.sum(axis=0).astype(np.float64)
-    else:
-        hist = np.asarray(history)
-        if hist.ndim == 3:
-            if hist.shape[2] != num_experts:
-                raise ValueError(f"history must be [H, S, E] or [H, E] with E = {num_experts}, "
-                                 f"got shape {hist.shape}")
-            hist = hist.sum(axis=1)
-        if hist.ndim != 2 or hist.shape[1] != num_experts or hist.shape[0] == 0:
-            raise ValueError(f"history must be [H, S, E] or [H, E] with H >= 1 and "
-                             f"E = {num_experts}, got shape {np.shape(history)}")
-        if not np.all(np.isfinite(hist)) or np.any(hist < 0):
-            raise ValueError("history must hold finite, non-negative loads")
-        weight = hist.mean(axis=0).astype(np.float64)
+    weight = history_weight(problem, history)
     replicas, sources = eplb_placement(weight, problem)
     assignment = even_split(problem.load, problem.home | replicas)
     plan = Plan(replicas, sources, assignment)

@@ -21,8 +21,8 @@ with status "timeout", at worst greedy's):
    placed by decreasing LP tokens while they fit). Two dives share one model: (a) from the
    relaxation as it is, (b) with greedy's replicas placed first; on more than `TWO_DIVES_G`
    ranks only (b) (or (a) when greedy placed nothing). Up to `SMALL_G` ranks a dive may use
-   `MAX_RUNS` LP solves, beyond `MAX_RUNS_LARGE`, to stay within about twice the earlier
-   heuristic's time (results/lp_gap.md);
+   `MAX_RUNS` LP solves, beyond `MAX_RUNS_LARGE`, to stay within about twice the time of the
+   earlier single-rounding heuristic (results/lp_gap.md);
 4. assignment for each dive's placement: the MILP's LP with the placement fixed, over
    a[s, e, g] of the replicated experts (exact per-source traffic); every holder pays alpha
    (an upper-bound model) except the home holders the dive's last LP left without tokens,
@@ -34,9 +34,7 @@ with status "timeout", at worst greedy's):
    placement is a change of bounds and a warm re-solve;
 5. the best of these plans and greedy's, by evaluate_plan.
 
-`variant="round"` runs the earlier heuristic instead (kept for comparison): the same
-relaxation (but out-traffic counting only the local tokens of pairs in the model, as before)
-solved once, LP tokens rounded after greedy's replicas (`round_replicas`), one assignment.
+A copy fits a window when tolerance.fits_window says so (the checker's own test).
 """
 
 from __future__ import annotations
@@ -48,24 +46,22 @@ from dataclasses import dataclass
 import numpy as np
 
 from probe.planner.check import rank_times
-from probe.planner.highs import new_highs, time_unit
-from probe.planner.milp import finish_result, largest_remainder
+from probe.planner.highs_base import Rows, highs_lp, new_highs, time_unit
 from probe.planner.problem import BalanceProblem, Plan, SolveResult
+from probe.planner.result import finish_result, largest_remainder
+from probe.planner.tolerance import fits_window
 
-__all__ = ["VARIANTS", "round_replicas", "solve_lp"]
+__all__ = ["solve_lp"]
 
-# HiGHS options for the small LPs (measured fastest at ep=8; see results/exact_speed.md).
+# HiGHS options for the small LPs (presolve costs more than it saves on them).
 LP_OPTIONS: dict[str, object] = {"presolve": "off"}
-VARIANTS = ("dive", "round")
-# Relative slack when a transfer is compared with the window left (as check_plan allows).
-_FIT = 1 + 1e-9
 # LP solves per dive (the root included) on up to SMALL_G ranks, and beyond.
 MAX_RUNS = 4
 MAX_RUNS_LARGE = 3
 SMALL_G = 4
-# Ranks up to which both dives run (beyond: only the dive after greedy's replicas). At 8 it
-# cost ep=8 decode 6.0 ms instead of 3.7 ms (results/lp_speed.md's setup, idle dev box) for
-# the same median and p95 gap on solvers_bench's non-trivial proven instances.
+# Ranks up to which both dives run (beyond: only the dive after greedy's replicas). At 8 the
+# second dive made ep=8 decode steps (results/lp_speed.md's setup) markedly slower for the same
+# median and p95 gap on solvers_bench's non-trivial proven instances.
 TWO_DIVES_G = 4
 # Heaviest experts of each home rank added to the candidates: on up to SMALL_G ranks, and on
 # more when alpha is under 20% of an expert's compute (prefill-like batches).
@@ -75,47 +71,20 @@ PER_RANK = 2
 _CACHE = threading.local()
 
 
-def _solver(slot: str, model):
-    """A HiGHS instance of this thread for `slot` ("relax" or "assign") holding `model`.
+def _solver(slot: str, model, verbose: bool = False):
+    """A HiGHS instance of this thread for `slot` ("relax" or "assign") holding `model`,
+    printing its log only if verbose.
 
-    Creating a highspy.Highs costs about 0.1 ms, a large share of a small solve, so each
-    thread keeps one per slot; passModel replaces the model (and drops the old basis).
+    Creating a highspy.Highs is a large share of a small solve, so each thread keeps one per
+    slot; passModel replaces the model (and drops the old basis).
     """
     solver = getattr(_CACHE, slot, None)
     if solver is None:
         solver = new_highs(None, **LP_OPTIONS)
         setattr(_CACHE, slot, solver)
+    solver.setOptionValue("output_flag", bool(verbose))
     solver.passModel(model)
     return solver
-
-
-def _highs_lp(col_cost: np.ndarray, col_upper: np.ndarray, row_lower: np.ndarray,
-              row_upper: np.ndarray, coef_row: np.ndarray, coef_col: np.ndarray,
-              coef_val: np.ndarray):
-    """A highspy.HighsLp (minimise, columns >= 0) from float [N] column data, float [M] row
-    bounds (+-inf allowed) and coordinate coefficients [NNZ] (no duplicates; zeros dropped)."""
-    import highspy
-
-    inf = highspy.kHighsInf
-    keep = coef_val != 0
-    coef_row, coef_col, coef_val = coef_row[keep], coef_col[keep], coef_val[keep]
-    order = np.argsort(coef_col, kind="stable")
-    num_cols = col_cost.size
-    starts = np.zeros(num_cols + 1, np.int32)
-    np.cumsum(np.bincount(coef_col, minlength=num_cols), out=starts[1:])
-    lp = highspy.HighsLp()
-    lp.num_col_ = num_cols
-    lp.num_row_ = row_lower.size
-    lp.col_cost_ = col_cost
-    lp.col_lower_ = np.zeros(num_cols)
-    lp.col_upper_ = np.minimum(col_upper, inf)
-    lp.row_lower_ = np.maximum(row_lower, -inf)
-    lp.row_upper_ = np.minimum(row_upper, inf)
-    lp.a_matrix_.format_ = highspy.MatrixFormat.kColwise
-    lp.a_matrix_.start_ = starts
-    lp.a_matrix_.index_ = coef_row[order].astype(np.int32)
-    lp.a_matrix_.value_ = coef_val[order]
-    return lp
 
 
 class _Clock:
@@ -145,50 +114,6 @@ def _start_plans(problem: BalanceProblem, time_limit: float | None) -> tuple[Pla
     from probe.planner.static import static_plan
 
     return solve_greedy(problem, time_limit=time_limit).plan, "greedy", static_plan(problem)
-
-
-def round_replicas(problem: BalanceProblem, score: np.ndarray, *, threshold: float = 0.0,
-                   keep: tuple[np.ndarray, np.ndarray] | None = None
-                   ) -> tuple[np.ndarray, np.ndarray]:
-    """Feasible replicas from fractional scores float [G, E] (e.g. LP tokens per pair).
-
-    keep: replicas bool [G, E] and sources int [G, E] of a feasible plan, placed first.
-    Then pairs are taken in decreasing score (> threshold) while slots and both windows allow.
-    Returns replicas bool [G, E] and sources int64 [G, E] (-1 where none).
-    """
-    home, cost = problem.home, problem.cost
-    num_ranks, num_experts = home.shape
-    replicas = np.zeros((num_ranks, num_experts), bool)
-    sources = np.full((num_ranks, num_experts), -1, np.int64)
-    slots_left = problem.slots.astype(np.int64).copy()
-    recv_left = problem.window.astype(np.float64).copy()
-    send_left = recv_left.copy()
-    if keep is not None:
-        for g, e in np.argwhere(keep[0]).tolist():
-            h = int(keep[1][g, e])
-            replicas[g, e], sources[g, e] = True, h
-            slots_left[g] -= 1
-            recv_left[g] -= cost.transfer_time[h, g]
-            send_left[h] -= cost.transfer_time[h, g]
-    score = np.where(home | replicas, 0.0, score)
-    flat = np.flatnonzero(score.ravel() > threshold)
-    for idx in flat[np.argsort(-score.ravel()[flat], kind="stable")].tolist():
-        g, e = divmod(idx, num_experts)
-        if slots_left[g] <= 0:
-            continue
-        holders = np.flatnonzero(home[:, e])
-        t = cost.transfer_time[holders, g]
-        ok = (t <= recv_left[g]) & (t <= send_left[holders])
-        if not ok.any():
-            continue
-        pick = np.flatnonzero(ok)
-        h_i = pick[np.argmax(send_left[holders[pick]] - t[pick])]
-        h = int(holders[h_i])
-        replicas[g, e], sources[g, e] = True, h
-        slots_left[g] -= 1
-        recv_left[g] -= t[h_i]
-        send_left[h] -= t[h_i]
-    return replicas, sources
 
 
 @dataclass(eq=False)
@@ -245,7 +170,7 @@ def _candidate_experts(problem: BalanceProblem, static: _Static, greedy: Plan,
 def _any_copy_fits(problem: BalanceProblem) -> bool:
     """Whether some rank with a slot can receive a copy from another rank within both windows."""
     t = problem.cost.transfer_time
-    fits = (t <= problem.window[None, :]) & (t <= problem.window[:, None])  # [H, G]
+    fits = fits_window(t, problem.window[None, :]) & fits_window(t, problem.window[:, None])
     np.fill_diagonal(fits, False)
     return bool((fits & (problem.slots > 0)[None, :]).any())
 
@@ -266,8 +191,8 @@ def _copy_sources(problem: BalanceProblem, experts: np.ndarray) -> tuple[np.ndar
     """For candidate experts int [C]: copy source int [C, G] (the home holder with the cheapest
     transfer to g that fits both windows) and its transfer seconds float [C, G] (inf: none)."""
     cost, home = problem.cost, problem.home
-    fits = ((cost.transfer_time <= problem.window[None, :])
-            & (cost.transfer_time <= problem.window[:, None]))  # [H, G]
+    fits = (fits_window(cost.transfer_time, problem.window[None, :])
+            & fits_window(cost.transfer_time, problem.window[:, None]))  # [H, G]
     np.fill_diagonal(fits, False)
     t_copy = np.where(fits[:, None, :] & home[:, experts, None], cost.transfer_time[:, None, :],
                       np.inf)  # [H, C, G]
@@ -281,33 +206,6 @@ def _mean_token_times(problem: BalanceProblem) -> tuple[np.ndarray, np.ndarray]:
     off = ~np.eye(num_ranks, dtype=bool)
     return (np.where(off, tt, 0).sum(axis=0) / max(num_ranks - 1, 1),
             np.where(off, tt, 0).sum(axis=1) / max(num_ranks - 1, 1))
-
-
-class _Rows:
-    """Coordinate-form rows collected in blocks."""
-
-    def __init__(self) -> None:
-        self.rows: list[np.ndarray] = []
-        self.cols: list[np.ndarray] = []
-        self.vals: list[np.ndarray] = []
-        self.lower: list[np.ndarray] = []
-        self.upper: list[np.ndarray] = []
-        self.count = 0
-
-    def add(self, row_ids, col_ids, values, lower, upper) -> None:
-        """Rows numbered 0.. within this block; lower/upper have one entry per block row."""
-        lower = np.atleast_1d(np.asarray(lower, np.float64))
-        self.rows.append(np.asarray(row_ids) + self.count)
-        self.cols.append(np.asarray(col_ids))
-        self.vals.append(np.asarray(values, np.float64))
-        self.lower.append(lower)
-        self.upper.append(np.atleast_1d(np.asarray(upper, np.float64)))
-        self.count += lower.size
-
-    def lp(self, col_cost, col_upper):
-        return _highs_lp(col_cost, col_upper, np.concatenate(self.lower),
-                         np.concatenate(self.upper), np.concatenate(self.rows),
-                         np.concatenate(self.cols), np.concatenate(self.vals))
 
 
 # ----------------------------------------------------------------------- relaxation and dives
@@ -337,12 +235,8 @@ class _Relaxation:
 
 
 def _build_relaxation(problem: BalanceProblem, static: _Static, experts: np.ndarray, unit: float,
-                      *, local_all: bool = True) -> _Relaxation:
-    """The step-2 relaxation (module docstring), ready to run.
-
-    local_all=False counts as outgoing traffic only the local tokens of pairs in the model
-    (variant "round", as it was); True counts every local token of a candidate expert.
-    """
+                      *, verbose: bool = False) -> _Relaxation:
+    """The step-2 relaxation (module docstring), ready to run (HiGHS logs only if verbose)."""
     load, home, cost = problem.load, problem.home, problem.cost
     num_ranks = problem.num_ranks
     expert_load = load.sum(axis=0).astype(np.float64)  # [E]
@@ -361,7 +255,7 @@ def _build_relaxation(problem: BalanceProblem, static: _Static, experts: np.ndar
     col_upper = np.concatenate([load[g_idx, e_idx], expert_load[e_idx] - load[g_idx, e_idx]]
                                ).astype(np.float64)
     share = 1.0 / expert_load[e_idx]  # fraction of the expert per token
-    rows = _Rows()
+    rows = Rows()
     both_cols = np.concatenate([l_col, r_col])
     both = np.concatenate([np.arange(num_pairs)] * 2)  # pair of each column in both_cols
     # Every token of a candidate expert runs somewhere.
@@ -386,11 +280,7 @@ def _build_relaxation(problem: BalanceProblem, static: _Static, experts: np.ndar
     # twice the traffic in (resp. out) of every rank. in: remote tokens r arrive at g;
     # out: every token of g not kept local (l) leaves it.
     work = (cost.alpha * share + cost.beta) / unit  # seconds per token, in units
-    if local_all:
-        local_total = load[:, experts].sum(axis=1).astype(np.float64)  # [G]
-    else:
-        local_total = np.zeros(num_ranks)
-        np.add.at(local_total, g_idx, load[g_idx, e_idx])
+    local_total = load[:, experts].sum(axis=1).astype(np.float64)  # [G]
     rhs_in = -(comp_const + 2.0 * in_const) / unit
     rhs_out = -(comp_const + 2.0 * out_const + 2.0 * tt_out * local_total) / unit
     for l_val, r_val, rhs in ((work, work + 2.0 * tt_in[g_idx] / unit, rhs_in),
@@ -401,17 +291,24 @@ def _build_relaxation(problem: BalanceProblem, static: _Static, experts: np.ndar
                  np.full(num_ranks, -np.inf), rhs)
     col_cost = np.zeros(z_col + 1)
     col_cost[z_col] = 1.0
-    solver = _solver("relax", rows.lp(col_cost, np.append(col_upper, np.inf)))
+    solver = _solver("relax", rows.lp(col_cost, np.zeros(col_cost.size),
+                                      np.append(col_upper, np.inf)), verbose)
     return _Relaxation(solver, g_idx, e_idx, src_pair, t_pair, replica, windowed, share,
                        col_upper, slot_row, num_pairs)
 
 
 def _run(solver, time_left: float | None) -> np.ndarray | None:
-    """Run a HiGHS instance; its column values, or None unless solved to optimality."""
+    """Run a HiGHS instance for at most time_left seconds (None: no limit); its column values,
+    or None unless solved to optimality.
+
+    HiGHS compares time_limit with the run time its instance has accumulated over all its runs
+    (getRunTime), not with this run's: the instances are reused (`_solver`), so the limit is
+    that total plus the time left.
+    """
     import highspy
 
     solver.setOptionValue("time_limit", np.inf if time_left is None
-                          else max(float(time_left), 1e-3))
+                          else solver.getRunTime() + max(float(time_left), 1e-3))
     solver.run()
     if solver.getModelStatus() != highspy.HighsModelStatus.kOptimal:
         return None
@@ -490,24 +387,25 @@ class _Dive:
         problem, relax = self.problem, self.relax
         cost, solver = problem.cost, relax.solver
         self.reset()
+        window = problem.window.astype(np.float64)
         slots_left = problem.slots.astype(np.int64).copy()
-        recv_left = problem.window.astype(np.float64).copy()
-        send_left = recv_left.copy()
+        recv_used = np.zeros(problem.num_ranks)  # transfer seconds placed so far
+        send_used = np.zeros(problem.num_ranks)
         replicas = np.zeros(problem.home.shape, bool)
         sources = np.full(problem.home.shape, -1, np.int64)
         free = relax.replica.copy()  # pairs neither whole nor dropped
 
         def fits(p: int) -> bool:
             g, h, t = relax.g_idx[p], relax.src[p], relax.t_copy[p]
-            return bool(slots_left[g] >= 1 and t <= recv_left[g] * _FIT
-                        and t <= send_left[h] * _FIT)
+            return bool(slots_left[g] >= 1 and fits_window(recv_used[g] + t, window[g])
+                        and fits_window(send_used[h] + t, window[h]))
 
         def place(g: int, e: int, h: int, p: int | None) -> None:
             t = cost.transfer_time[h, g]
             replicas[g, e], sources[g, e] = True, h
             slots_left[g] -= 1
-            recv_left[g] -= t
-            send_left[h] -= t
+            recv_used[g] += t
+            send_used[h] += t
             if p is not None:
                 free[p] = False
                 self._coeffs(p, whole=True)
@@ -517,8 +415,8 @@ class _Dive:
             """Drop every free pair that no longer fits; row bounds = what is left."""
             idx = np.flatnonzero(free)
             g, h, t = relax.g_idx[idx], relax.src[idx], relax.t_copy[idx]
-            out = idx[(slots_left[g] < 1) | (t > recv_left[g] * _FIT)
-                      | (t > send_left[h] * _FIT)]
+            out = idx[(slots_left[g] < 1) | ~fits_window(recv_used[g] + t, window[g])
+                      | ~fits_window(send_used[h] + t, window[h])]
             if out.size:
                 free[out] = False
                 self.dropped[out] = True
@@ -526,9 +424,10 @@ class _Dive:
                 solver.changeColsBounds(cols.size, cols, np.zeros(cols.size),
                                         np.zeros(cols.size))
             with np.errstate(invalid="ignore"):
-                upper = np.concatenate([slots_left.astype(np.float64),
-                                        np.where(self.scale > 0, recv_left * self.scale, 1.0),
-                                        np.where(self.scale > 0, send_left * self.scale, 1.0)])
+                upper = np.concatenate([
+                    slots_left.astype(np.float64),
+                    np.where(self.scale > 0, (window - recv_used) * self.scale, 1.0),
+                    np.where(self.scale > 0, (window - send_used) * self.scale, 1.0)])
             rows = self.rank_rows
             solver.changeRowsBounds(rows.size, rows, np.full(rows.size, -np.inf),
                                     np.maximum(upper, 0.0))
@@ -590,9 +489,10 @@ class _Assignment:
     unit: float
 
 
-def _build_assignment(problem: BalanceProblem, static: _Static, union: np.ndarray, unit: float
-                      ) -> _Assignment:
-    """Step 4's LP for every holder in home | union (bool [G, E]); no placement chosen yet.
+def _build_assignment(problem: BalanceProblem, static: _Static, union: np.ndarray, unit: float,
+                      *, verbose: bool = False) -> _Assignment:
+    """Step 4's LP for every holder in home | union (bool [G, E]); no placement chosen yet
+    (HiGHS logs only if verbose).
 
     Columns a[s, e, g] for the replicated experts only (every holder g of e, every source s
     with load); the other experts keep their static assignment, which is their only choice
@@ -638,9 +538,10 @@ def _build_assignment(problem: BalanceProblem, static: _Static, union: np.ndarra
     col_cost = np.zeros(num_a + 1)
     col_cost[z_col] = 1.0
     col_upper = np.append(load[s_a, e_a].astype(np.float64), np.inf)
-    solver = _solver("assign", _highs_lp(
-        col_cost, col_upper, np.concatenate([cons_rhs, np.full(2 * num_ranks, -np.inf)]),
-        np.concatenate([cons_rhs, rhs_in, rhs_out]), coef_row, coef_col, coef_val))
+    solver = _solver("assign", highs_lp(
+        col_cost, np.zeros(num_a + 1), col_upper,
+        np.concatenate([cons_rhs, np.full(2 * num_ranks, -np.inf)]),
+        np.concatenate([cons_rhs, rhs_in, rhs_out]), coef_row, coef_col, coef_val), verbose)
     return _Assignment(solver, s_a, e_a, g_a, uniq, se_row, replicated, rest, rhs_in, rhs_out,
                        unit)
 
@@ -698,7 +599,7 @@ def _assignment(problem: BalanceProblem, static: Plan, replicas: np.ndarray,
 # ------------------------------------------------------------------------------------ solve
 def solve_lp(problem: BalanceProblem, *, time_limit: float | None = None,
              num_candidates: int | None = None, per_rank: int | None = None,
-             variant: str = "dive") -> SolveResult:
+             verbose: bool = False) -> SolveResult:
     """LP-relaxation heuristic (module docstring), never worse than greedy.
 
     time_limit: seconds for the whole call; past it the best plan found so far (at least
@@ -706,11 +607,12 @@ def solve_lp(problem: BalanceProblem, *, time_limit: float | None = None,
     num_candidates: experts on slow ranks the relaxation may replicate, heaviest first
         (default: the total number of slots, at least G); experts greedy replicated are
         always included.
-    per_rank: also the `per_rank` heaviest experts homed on each rank (variant "dive"; default
-        PER_RANK on up to SMALL_G ranks, and on more when alpha is under 20% of an expert's
-        compute, else 0: there the many extra copies the relaxation then spreads cost more
-        alpha than they save, measured on ep=8 decode steps).
-    variant: "dive" (default) or "round" (the earlier single rounding, for comparison).
+    per_rank: also the `per_rank` heaviest experts homed on each rank (default PER_RANK on
+        up to SMALL_G ranks, and on more when alpha is under 20% of an expert's compute, else
+        0: there the many extra copies the relaxation then spreads cost more alpha than they
+        save, measured on ep=8 decode steps).
+    verbose: let HiGHS print the log of each LP solve (default: silent).
+    The result's `fallback` is "greedy" when greedy's plan comes back (nothing better found).
     """
     if time_limit is not None and not time_limit > 0:
         raise ValueError(f"time_limit must be > 0 seconds or None, got {time_limit!r}")
@@ -720,8 +622,6 @@ def solve_lp(problem: BalanceProblem, *, time_limit: float | None = None,
     if per_rank is not None and (isinstance(per_rank, bool) or not isinstance(
             per_rank, (int, np.integer)) or per_rank < 0):
         raise ValueError(f"per_rank must be an int >= 0, got {per_rank!r}")
-    if variant not in VARIANTS:
-        raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
     clock = _Clock(time_limit)
     greedy, greedy_name, static_plan = _start_plans(problem, time_limit)
     static = _static(problem, static_plan)
@@ -730,18 +630,13 @@ def solve_lp(problem: BalanceProblem, *, time_limit: float | None = None,
                              None, "time limit reached during greedy; greedy plan kept")
     if num_candidates is None:
         num_candidates = max(int(problem.slots.sum()), problem.num_ranks)
-    if variant == "round":
-        per_rank = 0
-    elif per_rank is None:
+    if per_rank is None:
         per_rank = PER_RANK if problem.num_ranks <= SMALL_G or _alpha_share(problem) < 0.2 else 0
     experts = _candidate_experts(problem, static, greedy, num_candidates, per_rank)
-    if experts.size == 0 or not problem.slots.any() or (
-            variant == "dive" and not _any_copy_fits(problem)):
+    if experts.size == 0 or not problem.slots.any() or not _any_copy_fits(problem):
         return finish_result(problem, "lp", clock.start, "feasible", None, greedy, greedy_name,
                              None, "nothing to replicate")
     unit = time_unit(_objective(problem, greedy))
-    if variant == "round":
-        return _solve_round(problem, static, greedy, greedy_name, experts, unit, clock)
 
     best: Plan | None = None
     best_obj = np.inf
@@ -755,7 +650,7 @@ def solve_lp(problem: BalanceProblem, *, time_limit: float | None = None,
 
     placements: list[tuple[str, np.ndarray, np.ndarray, np.ndarray]] = []
     small = problem.num_ranks <= SMALL_G
-    relax = _build_relaxation(problem, static, experts, unit)
+    relax = _build_relaxation(problem, static, experts, unit, verbose=verbose)
     dive = _Dive(problem, relax)
     dives = [("dive after greedy", greedy)] if greedy.replicas.any() else []
     root = None
@@ -785,7 +680,7 @@ def solve_lp(problem: BalanceProblem, *, time_limit: float | None = None,
     union = np.zeros(problem.home.shape, bool)
     for _, replicas, _, _ in placements:
         union |= replicas
-    model = _build_assignment(problem, static, union, unit)
+    model = _build_assignment(problem, static, union, unit, verbose=verbose)
     for name, replicas, sources, off in placements:
         if clock.over():
             status, note = "timeout", "time limit reached during the assignments; best plan kept"
@@ -799,32 +694,3 @@ def solve_lp(problem: BalanceProblem, *, time_limit: float | None = None,
     if status == "feasible" and clock.over():
         status, note = "timeout", "time limit reached during the assignments; best plan kept"
     return result()
-
-
-def _solve_round(problem: BalanceProblem, static: _Static, greedy: Plan, greedy_name: str,
-                 experts: np.ndarray, unit: float, clock: _Clock) -> SolveResult:
-    """variant "round": one relaxation (alpha per token), one rounding, one assignment."""
-    relax = _build_relaxation(problem, static, experts, unit, local_all=False)
-    values = _run(relax.solver, clock.left())
-    tokens = None
-    if values is not None:
-        tokens = np.zeros(problem.home.shape)
-        tokens[relax.g_idx, relax.e_idx] = relax.tokens(values)
-    if clock.over():
-        return finish_result(problem, "lp", clock.start, "timeout", None, greedy, greedy_name,
-                             None, "time limit reached during the relaxation; greedy plan kept")
-    if tokens is None:
-        return finish_result(problem, "lp", clock.start, "feasible", None, greedy, greedy_name,
-                             None, "LP relaxation not solved to optimality")
-    replicas, sources = round_replicas(problem, tokens, threshold=0.5,
-                                       keep=(greedy.replicas, greedy.sources))
-    model = _build_assignment(problem, static, replicas, unit)
-    candidate = _assign(problem, model, replicas, sources, clock.left())
-    if clock.over():
-        return finish_result(problem, "lp", clock.start, "timeout", None, greedy, greedy_name,
-                             None, "time limit reached during the assignment; greedy plan kept")
-    if candidate is None:
-        return finish_result(problem, "lp", clock.start, "feasible", None, greedy, greedy_name,
-                             None, "assignment LP not solved to optimality")
-    return finish_result(problem, "lp", clock.start, "feasible", candidate, greedy, greedy_name,
-                         None, f"LP rounding placed {candidate.num_replicas} replicas")

@@ -1,4 +1,4 @@
-"""The balance-planning MILP (DESIGN.md "Balance planning problem"), written once for all backends.
+"""The balance-planning MILP (docs/planner.md, "The problem"), written once for all backends.
 
 `build_milp(problem)` returns a `Milp`: columns, rows in coordinate form and index maps, with
 every time in seconds. The CP-SAT backend (cpsat.py) scales it to integers, the HiGHS backends
@@ -12,29 +12,33 @@ Variables (columns):
     y[g, e]     binary: expert e is active on g (pays alpha).
     f[s, g]     tokens sent from s to g (f[g, g] counts local tokens), a sum of integers.
     z           the makespan, in seconds.
-The replica indicator x[g, e] of DESIGN.md is the expression sum_h u[h, e, g], not a column.
+The replica indicator x[g, e] of docs/planner.md is the expression sum_h u[h, e, g], not a column.
 Experts with load whose only possible holder is a single home rank ("fixed" experts) have no
 columns: their tokens and alpha enter as constants (flow lower bounds, row constants).
 
 Minimise z subject to the row families built in `build_milp` (each preceded by one sentence).
 Rows carry a family tag, because backends round them differently:
     EXACT     integer coefficients and bounds (counting rows);
-    WINDOW    replica transfer seconds against a rank's window;
+    WINDOW    replica transfer seconds against a rank's window limit (tolerance.window_limit:
+              the checker's own test, so the model admits exactly the plans check_plan accepts);
     MAKESPAN  time terms (seconds) minus a multiple of z, upper bound = -(constant seconds).
+The objective z is the paper's eq. 8.
 """
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 
 import numpy as np
 
-from probe.planner.check import check_plan, evaluate_plan
-from probe.planner.problem import BalanceProblem, Plan, SolveResult
+from probe.planner.check import evaluate_plan
+from probe.planner.highs_base import Rows
+from probe.planner.problem import BalanceProblem, Plan
+from probe.planner.result import largest_remainder
+from probe.planner.tolerance import fits_window, window_limit
 
-__all__ = ["EXACT", "MAKESPAN", "WINDOW", "Milp", "build_milp", "finish_result",
-           "largest_remainder", "plan_from_values", "plan_to_values", "warm_start"]
+__all__ = ["EXACT", "MAKESPAN", "WINDOW", "Milp", "build_milp", "plan_from_values",
+           "plan_to_values"]
 
 EXACT, WINDOW, MAKESPAN = 0, 1, 2
 
@@ -88,48 +92,12 @@ class Milp:
         return names
 
 
-class _Rows:
-    """Accumulates row families in coordinate form (internal to build_milp)."""
-
-    def __init__(self) -> None:
-        self.lower: list[np.ndarray] = []
-        self.upper: list[np.ndarray] = []
-        self.family: list[np.ndarray] = []
-        self.rows: list[np.ndarray] = []
-        self.cols: list[np.ndarray] = []
-        self.vals: list[np.ndarray] = []
-        self.count = 0
-
-    def add(self, family: int, lower, upper, row: np.ndarray, col: np.ndarray, val) -> None:
-        """Add rows: `row` holds local row ids 0..k-1 (k = len of lower/upper after broadcast)."""
-        lower = np.atleast_1d(np.asarray(lower, dtype=np.float64))
-        upper = np.atleast_1d(np.asarray(upper, dtype=np.float64))
-        k = max(lower.size, upper.size)
-        if k == 0:
-            return
-        self.lower.append(np.broadcast_to(lower, (k,)))
-        self.upper.append(np.broadcast_to(upper, (k,)))
-        self.family.append(np.full(k, family, np.int8))
-        self.rows.append(np.asarray(row, np.int64) + self.count)
-        self.cols.append(np.asarray(col, np.int64))
-        self.vals.append(np.broadcast_to(np.asarray(val, np.float64), np.shape(col)))
-        self.count += k
-
-    def arrays(self):
-        def cat(parts, dtype):
-            return np.concatenate(parts).astype(dtype) if parts else np.zeros(0, dtype)
-
-        return (cat(self.lower, np.float64), cat(self.upper, np.float64),
-                cat(self.family, np.int8), cat(self.rows, np.int64), cat(self.cols, np.int64),
-                cat(self.vals, np.float64))
-
-
 def _replica_candidates(problem: BalanceProblem, candidates: np.ndarray | None) -> np.ndarray:
     """bool [G(h), E, G(g)]: copies h -> g of e that the model may choose."""
     home, cost = problem.home, problem.cost
     expert_load = problem.load.sum(axis=0)  # [E]
-    fits = ((cost.transfer_time <= problem.window[None, :])
-            & (cost.transfer_time <= problem.window[:, None]))  # [H, G]
+    fits = (fits_window(cost.transfer_time, problem.window[None, :])
+            & fits_window(cost.transfer_time, problem.window[:, None]))  # [H, G]
     np.fill_diagonal(fits, False)
     target = ~home & (problem.slots[:, None] > 0) & (expert_load[None, :] > 0)  # [G, E]
     if candidates is not None:
@@ -205,28 +173,28 @@ def build_milp(problem: BalanceProblem, *, candidates: np.ndarray | None = None,
     col_integer[offsets[3]:] = False  # f is implied integer, z is continuous
     col_kind = np.repeat(np.arange(5, dtype=np.int8), counts)
 
-    rows = _Rows()
+    rows = Rows()
     # Every token of (s, e) is processed somewhere: sum_g a[s, e, g] = load[s, e].
     se_ids = np.flatnonzero((load > 0) & free[None, :])  # flat s * E + e
     se_row = np.full(num_ranks * num_experts, -1, np.int64)
     se_row[se_ids] = np.arange(se_ids.size)
     rhs = load.ravel()[se_ids]
-    rows.add(EXACT, rhs, rhs, se_row[s_a * num_experts + e_a], a_col[a_mask], 1.0)
+    rows.add(se_row[s_a * num_experts + e_a], a_col[a_mask], 1.0, rhs, rhs, family=EXACT)
 
     # Tokens run only where the expert is active: a[s, e, g] <= load[s, e] * y[g, e].
     if per_source_activation:
         k = s_a.size
-        rows.add(EXACT, np.full(k, -np.inf), np.zeros(k),
-                 np.concatenate([np.arange(k), np.arange(k)]),
+        rows.add(np.concatenate([np.arange(k), np.arange(k)]),
                  np.concatenate([a_col[a_mask], y_col[g_a, e_a]]),
-                 np.concatenate([np.ones(k), -load[s_a, e_a].astype(np.float64)]))
+                 np.concatenate([np.ones(k), -load[s_a, e_a].astype(np.float64)]),
+                 np.full(k, -np.inf), np.zeros(k), family=EXACT)
     else:
         ge_row = np.full(y_mask.shape, -1, np.int64)
         ge_row[y_mask] = np.arange(g_y.size)
-        rows.add(EXACT, np.full(g_y.size, -np.inf), np.zeros(g_y.size),
-                 np.concatenate([ge_row[g_a, e_a], np.arange(g_y.size)]),
+        rows.add(np.concatenate([ge_row[g_a, e_a], np.arange(g_y.size)]),
                  np.concatenate([a_col[a_mask], y_col[y_mask]]),
-                 np.concatenate([np.ones(s_a.size), -expert_load[e_y].astype(np.float64)]))
+                 np.concatenate([np.ones(s_a.size), -expert_load[e_y].astype(np.float64)]),
+                 np.full(g_y.size, -np.inf), np.zeros(g_y.size), family=EXACT)
 
     # An expert is active off its home ranks only where a replica was copied:
     # y[g, e] <= sum_h u[h, e, g].
@@ -234,10 +202,10 @@ def build_milp(problem: BalanceProblem, *, candidates: np.ndarray | None = None,
     ge_row = np.full(rep_ge.shape, -1, np.int64)
     ge_row[rep_ge] = np.arange(int(rep_ge.sum()))
     g_r, e_r = np.nonzero(rep_ge)
-    rows.add(EXACT, np.full(g_r.size, -np.inf), np.zeros(g_r.size),
-             np.concatenate([ge_row[g_r, e_r], ge_row[g_u, e_u]]),
+    rows.add(np.concatenate([ge_row[g_r, e_r], ge_row[g_u, e_u]]),
              np.concatenate([y_col[g_r, e_r], u_col[u_mask]]),
-             np.concatenate([np.ones(g_r.size), -np.ones(h_u.size)]))
+             np.concatenate([np.ones(g_r.size), -np.ones(h_u.size)]),
+             np.full(g_r.size, -np.inf), np.zeros(g_r.size), family=EXACT)
 
     # A rank receives at most one copy of an expert: sum_h u[h, e, g] <= 1 (only needed when e
     # has several home holders).
@@ -247,8 +215,8 @@ def build_milp(problem: BalanceProblem, *, candidates: np.ndarray | None = None,
         eg_row = np.full(multi.shape, -1, np.int64)
         eg_row[multi] = np.arange(int(multi.sum()))
         pick = multi[e_u, g_u]
-        rows.add(EXACT, np.full(int(multi.sum()), -np.inf), np.ones(int(multi.sum())),
-                 eg_row[e_u[pick], g_u[pick]], u_col[u_mask][pick], 1.0)
+        rows.add(eg_row[e_u[pick], g_u[pick]], u_col[u_mask][pick], 1.0,
+                 np.full(int(multi.sum()), -np.inf), np.ones(int(multi.sum())), family=EXACT)
 
     # Each rank holds at most slots[g] extra replicas (rows that cannot bind are left out).
     incoming = u_mask.sum(axis=(0, 1))  # [G]
@@ -256,27 +224,28 @@ def build_milp(problem: BalanceProblem, *, candidates: np.ndarray | None = None,
     g_row = np.full(num_ranks, -1, np.int64)
     g_row[tight] = np.arange(tight.size)
     pick = incoming[g_u] > problem.slots[g_u]
-    rows.add(EXACT, np.full(tight.size, -np.inf), problem.slots[tight].astype(np.float64),
-             g_row[g_u[pick]], u_col[u_mask][pick], 1.0)
+    rows.add(g_row[g_u[pick]], u_col[u_mask][pick], 1.0,
+             np.full(tight.size, -np.inf), problem.slots[tight].astype(np.float64), family=EXACT)
 
-    # Weight copies fit each rank's window, receiving and sending (eq. 6); rows that cannot
-    # bind (every candidate copy together fits) are left out.
+    # Weight copies fit each rank's window, receiving and sending (eq. 6), up to the checker's
+    # slack (tolerance.window_limit); rows that cannot bind (every candidate copy together
+    # fits) are left out.
     t_u = cost.transfer_time[h_u, g_u]  # [U]
     for side in (g_u, h_u):
         need = np.bincount(side, weights=t_u, minlength=num_ranks)
-        tight = np.flatnonzero((need > problem.window) & np.isfinite(problem.window))
+        tight = np.flatnonzero(~fits_window(need, problem.window) & np.isfinite(problem.window))
         g_row = np.full(num_ranks, -1, np.int64)
         g_row[tight] = np.arange(tight.size)
         pick = (g_row[side] >= 0) & (t_u > 0)
-        rows.add(WINDOW, np.full(tight.size, -np.inf), problem.window[tight],
-                 g_row[side[pick]], u_col[u_mask][pick], t_u[pick])
+        rows.add(g_row[side[pick]], u_col[u_mask][pick], t_u[pick],
+                 np.full(tight.size, -np.inf), window_limit(problem.window[tight]), family=WINDOW)
 
     # Flows add up the assignment: f[s, g] - sum_e a[s, e, g] = tokens of fixed experts s -> g.
     rhs = fixed_flow.ravel().astype(np.float64)
-    rows.add(EXACT, rhs, rhs,
-             np.concatenate([np.arange(num_ranks * num_ranks), s_a * num_ranks + g_a]),
+    rows.add(np.concatenate([np.arange(num_ranks * num_ranks), s_a * num_ranks + g_a]),
              np.concatenate([f_col.ravel(), a_col[a_mask]]),
-             np.concatenate([np.ones(num_ranks * num_ranks), -np.ones(s_a.size)]))
+             np.concatenate([np.ones(num_ranks * num_ranks), -np.ones(s_a.size)]),
+             rhs, rhs, family=EXACT)
 
     # The makespan covers compute plus twice the dispatch time into and out of every rank:
     # alpha * active(g) + beta * sum_s f[s, g] + 2 * comm_in(g) <= z, and the same with comm_out.
@@ -292,26 +261,26 @@ def build_milp(problem: BalanceProblem, *, candidates: np.ndarray | None = None,
             f_rows = np.concatenate([g_f, s_f[pick]])
             f_cols = np.concatenate([f_col[s_f, g_f], f_col[s_f[pick], g_f[pick]]])
             f_vals = np.concatenate([np.full(s_f.size, cost.beta), comm[pick]])
-        rows.add(MAKESPAN, np.full(num_ranks, -np.inf), -cost.alpha * fixed_active,
-                 np.concatenate([g_y, f_rows, np.arange(num_ranks)]),
+        rows.add(np.concatenate([g_y, f_rows, np.arange(num_ranks)]),
                  np.concatenate([y_col[y_mask], f_cols, np.full(num_ranks, z_col)]),
                  np.concatenate([np.full(g_y.size, cost.alpha), f_vals,
-                                 np.full(num_ranks, -1.0)]))
+                                 np.full(num_ranks, -1.0)]),
+                 np.full(num_ranks, -np.inf), -cost.alpha * fixed_active, family=MAKESPAN)
 
     # Redundant, kept to tighten the relaxation: every expert with load is active somewhere.
     e_row = np.full(num_experts, -1, np.int64)
     free_e = np.flatnonzero(free)
     e_row[free_e] = np.arange(free_e.size)
-    rows.add(EXACT, np.ones(free_e.size), np.full(free_e.size, np.inf),
-             e_row[e_y], y_col[y_mask], 1.0)
+    rows.add(e_row[e_y], y_col[y_mask], 1.0, np.ones(free_e.size), np.full(free_e.size, np.inf),
+             family=EXACT)
 
     # Redundant, kept to tighten the relaxation: the makespan is at least the mean compute,
     # alpha * (active pairs) + beta * (all tokens) <= G * z.
-    rows.add(MAKESPAN, -np.inf, -cost.alpha * float(fixed_active.sum()),
-             np.zeros(g_y.size + num_ranks * num_ranks + 1, np.int64),
+    rows.add(np.zeros(g_y.size + num_ranks * num_ranks + 1, np.int64),
              np.concatenate([y_col[y_mask], f_col.ravel(), [z_col]]),
              np.concatenate([np.full(g_y.size, cost.alpha),
-                             np.full(num_ranks * num_ranks, cost.beta), [-float(num_ranks)]]))
+                             np.full(num_ranks * num_ranks, cost.beta), [-float(num_ranks)]]),
+             -np.inf, -cost.alpha * float(fixed_active.sum()), family=MAKESPAN)
 
     row_lower, row_upper, row_family, coef_row, coef_col, coef_val = rows.arrays()
     keep = coef_val != 0
@@ -349,36 +318,6 @@ def plan_to_values(milp: Milp, problem: BalanceProblem, plan: Plan) -> np.ndarra
     return values
 
 
-def largest_remainder(target: np.ndarray, shares: np.ndarray) -> np.ndarray:
-    """Round shares float [K, G] to ints whose rows sum to target int [K], largest remainder first.
-
-    Negative shares are treated as 0; a row whose shares are all 0 puts its tokens on the
-    column with the largest share index (callers avoid that case).
-    """
-    shares = np.maximum(np.asarray(shares, dtype=np.float64), 0.0)
-    target = np.asarray(target, dtype=np.int64)
-    sums = shares.sum(axis=1, keepdims=True)
-    scaled = np.where(sums > 0, shares * (target[:, None] / np.where(sums > 0, sums, 1.0)),
-                      0.0)
-    base = np.floor(scaled + 1e-9).astype(np.int64)
-    base = np.minimum(base, target[:, None])
-    short = target - base.sum(axis=1)
-    remainder = scaled - base
-    order = np.argsort(-remainder, axis=1, kind="stable")  # [K, G]
-    rank = np.empty_like(order)
-    np.put_along_axis(rank, order, np.arange(shares.shape[1])[None, :].repeat(len(order), 0),
-                      axis=1)
-    extra = rank < short[:, None]
-    # Rows that still fall short (all shares 0, or short larger than G) take the rest on the
-    # column with the largest share.
-    result = base + extra
-    rest = target - result.sum(axis=1)
-    if np.any(rest != 0):
-        idx = np.flatnonzero(rest)
-        result[idx, np.argmax(shares[idx], axis=1)] += rest[idx]
-    return result
-
-
 def plan_from_values(milp: Milp, problem: BalanceProblem, values: np.ndarray) -> Plan:
     """The plan of solver column values (rounded; conservation restored by largest remainder).
 
@@ -411,94 +350,3 @@ def plan_from_values(milp: Milp, problem: BalanceProblem, values: np.ndarray) ->
     replicas &= ~unused
     sources[unused] = -1
     return Plan(replicas, sources, assignment)
-
-
-def warm_start(problem: BalanceProblem, *, time_limit: float | None = None,
-               use_lp: bool = True) -> tuple[Plan, str]:
-    """The best feasible plan of static, greedy and (use_lp) the LP heuristic, and its name."""
-    from probe.planner.greedy import solve_greedy
-    from probe.planner.static import static_plan
-
-    candidates: list[tuple[str, Plan]] = [("static", static_plan(problem))]
-    result = solve_greedy(problem, time_limit=time_limit)
-    if result.plan is not None:
-        candidates.append(("greedy", result.plan))
-    if use_lp:
-        from probe.planner.lp import solve_lp
-
-        result = solve_lp(problem, time_limit=time_limit)
-        if result.plan is not None and "kept" not in result.message:
-            candidates.append(("lp", result.plan))
-    best_name, best_plan, best_obj = "", None, np.inf
-    for name, plan in candidates:
-        if check_plan(problem, plan):
-            continue
-        obj = evaluate_plan(problem, plan).objective
-        if obj < best_obj * (1 - 1e-12) or best_plan is None:
-            best_name, best_plan, best_obj = name, plan, obj
-    assert best_plan is not None, "the static plan is always feasible"
-    return best_plan, best_name
-
-
-@dataclass(frozen=True, eq=False)
-class ExactStart:
-    """What both exact backends start from: the clock, the time limit, the warm start, the MILP."""
-
-    start: float
-    time_limit: float
-    warm: Plan
-    warm_name: str
-    warm_objective: float
-    milp: Milp
-
-
-def start_exact(problem: BalanceProblem, time_limit: float | None, warm: Plan | None,
-                default_time_limit: float) -> ExactStart:
-    """Validate the time limit, start the clock, pick the warm start and build the MILP.
-
-    time_limit: seconds for the whole solve (None: default_time_limit; math.inf: no limit).
-    warm: a feasible plan to start from (None: the best of static, greedy and lp).
-    """
-    if time_limit is not None and not time_limit > 0:
-        raise ValueError(f"time_limit must be > 0 seconds or None, got {time_limit!r}")
-    if time_limit is None:
-        time_limit = default_time_limit
-    start = time.perf_counter()
-    warm_name = "warm start"
-    if warm is None:
-        warm, warm_name = warm_start(problem, time_limit=time_limit)
-    return ExactStart(start, time_limit, warm, warm_name, evaluate_plan(problem, warm).objective,
-                      build_milp(problem))
-
-
-def finish_result(problem: BalanceProblem, method: str, start: float, status: str,
-                  candidate: Plan | None, fallback: Plan, fallback_name: str,
-                  bound: float | None, message: str) -> SolveResult:
-    """Judge `candidate` with check_plan, keep the better of it and `fallback`, fill a result.
-
-    bound (seconds) is clipped to the returned objective; gap = (objective - bound) / objective.
-    """
-    plan, notes = fallback, [message] if message else []
-    objective = evaluate_plan(problem, fallback).objective
-    if candidate is not None:
-        violations = check_plan(problem, candidate)
-        if violations:
-            notes.append(f"solver plan rejected ({violations[0]}); kept the {fallback_name} plan")
-            if status == "optimal":
-                status = "feasible"
-        else:
-            cand_obj = evaluate_plan(problem, candidate).objective
-            if cand_obj <= objective:
-                plan, objective = candidate, cand_obj
-            else:
-                notes.append(f"the {fallback_name} plan is better after exact evaluation; kept")
-    else:
-        notes.append(f"no solver plan; kept the {fallback_name} plan")
-    gap = None
-    if bound is not None:
-        if bound > objective * (1 + 1e-6):
-            notes.append(f"solver bound {bound:.6e} exceeded the objective; clipped")
-        bound = min(float(bound), objective)
-        gap = (objective - bound) / objective if objective > 0 else 0.0
-    return SolveResult(status, plan, objective, bound, gap, time.perf_counter() - start,
-                       "; ".join(notes), method)

@@ -246,9 +246,14 @@ class SolveResult:
     """What every solver returns.
 
     status: "optimal" (proven), "feasible" (a plan, optimality unproven), "timeout" (time
-    limit hit, best plan kept), or "error" (no plan; see message).
+    limit hit, best plan kept), or "error" (no plan; see message). A backend whose own solver
+    fails (an invalid model, a numerical breakdown) still returns its best plan so far, with
+    status "feasible", `fallback` set and the failure in `message`.
     objective: eq. 8 value of `plan` in seconds; bound: a proven lower bound (or None);
     gap: (objective - bound) / objective, or None.
+    fallback: None when `plan` is the backend's own; else the name of the fallback or
+    warm-start plan returned instead (e.g. "greedy", "static", "lp": the solver found none, or
+    none better, or its plan failed the checker).
     """
 
     status: str
@@ -259,6 +264,7 @@ class SolveResult:
     wall_time: float
     message: str = ""
     method: str = ""
+    fallback: str | None = None
 
     @property
     def success(self) -> bool:

@@ -19,7 +19,7 @@ objective (eq. 8) from `evaluate_plan`, so every backend is scored the same way.
 >>> solve(prob, "simplex")  # doctest: +ELLIPSIS
 Traceback (most recent call last):
 ...
-ValueError: unknown method 'simplex'; choose one of: cpsat, eplb, greedy, greedy_ref, highs, ...
+ValueError: unknown method 'simplex'; choose one of: cpsat, deepseek_eplb, eplb, greedy, ...
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ METHODS: dict[str, tuple[str, str]] = {
     "greedy": ("probe.planner.greedy", "solve_greedy"),
     "greedy_ref": ("probe.planner.greedy", "solve_greedy_ref"),
     "eplb": ("probe.planner.eplb", "solve_eplb"),
+    "deepseek_eplb": ("probe.planner.deepseek_eplb", "solve_deepseek_eplb"),
     "lp": ("probe.planner.lp", "solve_lp"),
     "cpsat": ("probe.planner.cpsat", "solve_cpsat"),
     "highs": ("probe.planner.highs", "solve_highs"),
@@ -65,7 +66,8 @@ def solve(problem: BalanceProblem, method: str = "greedy", *, time_limit: float 
     backend's default); a backend that hits it returns status "timeout" with its best plan.
     check: re-check the plan with `check_plan` (a plan that fails becomes status "error",
     plan None, with the violations in `message`). options: passed to the backend (e.g.
-    rules=GreedyRules(...) for greedy and greedy_ref, history for eplb).
+    rules=GreedyRules(...) for greedy and greedy_ref, history for eplb, copies for
+    deepseek_eplb).
     """
     if not isinstance(problem, BalanceProblem):
         raise TypeError(f"problem must be a BalanceProblem, got {type(problem).__name__}")
@@ -79,7 +81,7 @@ def solve(problem: BalanceProblem, method: str = "greedy", *, time_limit: float 
     wall = result.wall_time if math.isfinite(result.wall_time) else time.perf_counter() - start
     if result.plan is None:
         return SolveResult(result.status, None, math.inf, result.bound, None, wall,
-                           result.message, method)
+                           result.message, method, fallback=result.fallback)
     if check:
         violations = check_plan(problem, result.plan)
         if violations:
@@ -94,4 +96,4 @@ def solve(problem: BalanceProblem, method: str = "greedy", *, time_limit: float 
         gap = (objective - bound) / objective if objective > 0 else 0.0
         gap = max(gap, 0.0)
     return SolveResult(result.status, result.plan, objective, bound, gap, wall, result.message,
-                       method)
+                       method, fallback=result.fallback)
