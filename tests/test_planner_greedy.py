@@ -433,3 +433,17 @@ def test_rules_are_one_validated_frozen_object():
                  lambda: solve(problem, "greedy_ref", rules={"k_max": 3})):
         with pytest.raises(TypeError, match="rules must be a GreedyRules, got dict"):
             call()
+
+
+def test_huge_loads_kernel_equals_twin():
+    # Loads up to MAX_TOKENS (2**62 in total) are accepted; kernel and twin agree on them.
+    cost = CostModel.uniform(4, alpha=10.0, beta=1e-6, token_time=1e-7, transfer_time=1.0)
+    rng = np.random.default_rng(0)
+    load = rng.integers(0, 2**55, size=(4, 8)).astype(np.int64)
+    load[1, 0] = 2**61
+    problem = BalanceProblem(load, sharded_home(8, 4), 2, 3.0, cost)
+    for rules in (GreedyRules(), GreedyRules.paper(), GreedyRules(k_max=0, also_paper=True)):
+        plan = greedy_plan(problem, rules)
+        assert check_plan(problem, plan) == []
+        assert plan.num_replicas > 0
+        assert same_plan(plan, greedy_ref(problem, rules))

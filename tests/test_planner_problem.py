@@ -148,18 +148,18 @@ def test_compute_time_is_the_linearised_cost():
 
 @pytest.mark.parametrize("load", [
     np.array([[2**61] + [0] * 7] * 4, dtype=np.int64),  # the totals overflow int64
-    np.array([[2**52 + 1, 2**52], [0, 0]], dtype=np.int64),  # the total passes 2**53
+    np.array([[2**61 + 1, 2**61], [0, 0]], dtype=np.int64),  # the total passes 2**62
     np.array([[2**63, 0], [0, 0]], dtype=np.uint64),  # does not fit int64 at all
     np.array([[1e300, 0.0], [0.0, 0.0]]),  # finite, but no token count
-    np.array([[2.0**53 + 2, 0.0], [0.0, 0.0]]),
+    np.array([[2.0**62 + 2.0**53, 0.0], [0.0, 0.0]]),
 ])
 def test_load_totals_must_fit_float64_exactly(load):
     num_ranks, num_experts = load.shape
     cost = CostModel.uniform(num_ranks, alpha=1e-5, beta=1e-8, token_time=1e-9,
                              transfer_time=1e-4)
-    with pytest.raises(ValueError, match=r"MAX_TOKENS = 2\*\*53"):
+    with pytest.raises(ValueError, match=r"MAX_TOKENS = 2\*\*62"):
         BalanceProblem(load, sharded_home(num_experts, num_ranks), 1, 1.0, cost)
-    with pytest.raises(ValueError, match=r"MAX_TOKENS = 2\*\*53"):
+    with pytest.raises(ValueError, match=r"MAX_TOKENS = 2\*\*62"):
         BalanceProblem.from_load(load, cost, 1)
 
 
@@ -172,7 +172,7 @@ def test_largest_load_is_accepted_and_exact():
     assert problem.total_tokens == MAX_TOKENS
     plan = static_plan(problem)
     assert check_plan(problem, plan) == []
-    assert evaluate_plan(problem, plan).objective == 2.0**53
+    assert evaluate_plan(problem, plan).objective == 2.0**62
 
 
 @pytest.mark.parametrize(("costs", "load"), [

@@ -17,9 +17,10 @@ from probe.planner.cost import CostModel
 
 __all__ = ["MAX_TOKENS", "BalanceProblem", "Plan", "SolveResult"]
 
-# Token counts and their totals must stay at or below this: float64 (which the cost model and
-# every solver compute in) holds each integer up to 2**53 exactly.
-MAX_TOKENS = 2**53
+# Token counts and their totals must stay at or below this, so that any total, and the sum of
+# two (a bisection's lo + hi), fits int64. (Past 2**53 float64 times round the counts, the same
+# way in every solver and in the checker.)
+MAX_TOKENS = 2**62
 
 
 def _readonly(arr: np.ndarray) -> np.ndarray:
@@ -39,8 +40,8 @@ def _per_rank(name: str, value, num_ranks: int) -> np.ndarray:
 
 
 def _checked_load(value) -> np.ndarray:
-    """`value` as an int64 [S, E] load: whole, non-negative counts whose totals float64 holds
-    exactly (MAX_TOKENS). ValueError/TypeError naming the problem otherwise."""
+    """`value` as an int64 [S, E] load: whole, non-negative counts whose total is at most
+    MAX_TOKENS. ValueError/TypeError naming the problem otherwise."""
     load = np.asarray(value)
     if load.ndim != 2:
         raise ValueError(f"load must be a 2-D [S, E] array, got shape {load.shape}")
@@ -57,20 +58,21 @@ def _checked_load(value) -> np.ndarray:
     if load.size and load.max() > MAX_TOKENS:
         s, e = np.unravel_index(np.argmax(load), load.shape)
         raise ValueError(f"load has {load[s, e]} tokens at source {s}, expert {e}: more than "
-                         f"MAX_TOKENS = 2**53 = {MAX_TOKENS}, the largest count float64 holds "
-                         "exactly")
-    # Every entry is <= 2**53 now, so an int64 sum is exact unless the float estimate is
-    # near 2**63; the total bounds every partial sum (per expert, per source, per rank).
-    if float(load.sum(dtype=np.float64)) > 2.0**62:
+                         f"MAX_TOKENS = 2**62 = {MAX_TOKENS} (token counts, their totals and "
+                         "the sum of two totals must fit int64)")
+    # Every entry is <= 2**62 now. The float64 sum is within a tiny relative error of the true
+    # total: far above MAX_TOKENS it is over for sure; otherwise the int64 sum cannot overflow
+    # and is exact. The total bounds every partial sum (per expert, per source, per rank).
+    if float(load.sum(dtype=np.float64)) > 1.5 * MAX_TOKENS:
         total = "more than 2**62"
     else:
         load = load.astype(np.int64)
         total = int(load.sum())
         if total <= MAX_TOKENS:
             return load
-    raise ValueError(f"load totals {total} tokens: more than MAX_TOKENS = 2**53 = {MAX_TOKENS}, "
-                     "the largest count float64 holds exactly (per-expert, per-source and "
-                     "per-rank token sums must stay below it too)")
+    raise ValueError(f"load totals {total} tokens: more than MAX_TOKENS = 2**62 = {MAX_TOKENS} "
+                     "(token counts, their totals and the sum of two totals must fit int64; "
+                     "per-expert, per-source and per-rank sums are bounded by the total)")
 
 
 def _check_times_finite(load: np.ndarray, cost: CostModel) -> None:
