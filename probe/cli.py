@@ -17,6 +17,8 @@ app = typer.Typer(
     add_completion=False,
 )
 console = Console()
+# Experts of the demo's synthetic trace (top-4 of 128).
+DEMO_EXPERTS = 128
 
 
 @app.callback()
@@ -51,8 +53,8 @@ def demo(
     quick: bool = typer.Option(False, "--quick", help="Smaller trace and shorter exact solve."),
     model: str = typer.Option("gpt-oss-120b", help="ModelSpec preset or JSON file."),
     hardware: str = typer.Option("h200x8", help="HardwareSpec preset or JSON file."),
-    slots: int = typer.Option(3, help="Extra replica slots per rank."),
-    seed: int = typer.Option(0, help="Seed of the synthetic workload."),
+    slots: int = typer.Option(3, min=0, help="Extra replica slots per rank."),
+    seed: int = typer.Option(0, min=0, help="Seed of the synthetic workload."),
 ) -> None:
     """Generate the built-in decode workload and show what probe does with it.
 
@@ -63,17 +65,20 @@ def demo(
     3. greedy over every layer of every step: mean imbalance before and after.
     """
     from probe.planner import BalanceProblem, CostModel, check_plan, evaluate_plan, solve
-    from probe.planner.window import default_window
-    from probe.placement import sharded_home
+    from probe.planner.cli import resolve_spec_option
     from probe.specs import resolve_hardware, resolve_model
     from probe.traces import generate, stats
 
-    model_spec = resolve_model(model)
-    hw = resolve_hardware(hardware)
+    model_spec = resolve_spec_option(resolve_model, model, "--model")
+    hw = resolve_spec_option(resolve_hardware, hardware, "--hardware")
+    if hw.num_ranks > DEMO_EXPERTS:
+        raise typer.BadParameter(f"{hw.name} has {hw.num_ranks} ranks; the demo's trace has "
+                                 f"{DEMO_EXPERTS} experts, so at most {DEMO_EXPERTS} ranks",
+                                 param_hint="--hardware")
     num_steps = 12 if quick else 40
     start = time.perf_counter()
     trace = generate("decode", num_steps=num_steps, num_layers=4 if quick else 8,
-                     num_experts=128, top_k=4, num_ranks=hw.num_ranks, seed=seed)
+                     num_experts=DEMO_EXPERTS, top_k=4, num_ranks=hw.num_ranks, seed=seed)
     summary = stats(trace)
     console.print(
         f"[bold]1. Trace[/bold]: synthetic decode, {trace.num_steps} steps x "
@@ -86,15 +91,12 @@ def demo(
                   f"p10 {ir['p10']:.2f}, p90 {ir['p90']:.2f}, max {ir['max']:.2f}")
 
     cost = CostModel.from_specs(model_spec, hw)
-    home = sharded_home(trace.num_experts, hw.num_ranks)
     counts = trace.load_counts()  # [N, L, S, E]
     step, layer = np.unravel_index(np.argmax(summary["ir"]), summary["ir"].shape)
-    load = counts[step, layer]
-    window = default_window(load, home, cost)
-    problem = BalanceProblem(load, home, slots=slots, window=window, cost=cost)
+    problem = BalanceProblem.from_load(counts[step, layer], cost, slots)  # window "auto"
     console.print(f"\n[bold]2. One layer[/bold] (step {step}, layer {layer}, the most imbalanced): "
                   f"{model_spec.name} on {hw.name}, {slots} replica slots per rank, hiding window "
-                  f"{window.max() * 1e6:.0f} us")
+                  f"{problem.window.max() * 1e6:.0f} us")
     table = Table("method", "status", "layer\nus", "IR", "skew", "repl", "moved\nMB", "gap",
                   "solve\ntime", "ok")
     solve(problem, "greedy")  # compile the Numba kernel before timing anything
@@ -115,8 +117,7 @@ def demo(
     before, after, objective_ratio, wall = [], [], [], []
     for n in range(trace.num_steps):
         for ly in range(trace.num_layers):
-            prob = BalanceProblem(counts[n, ly], home, slots=slots,
-                                  window=default_window(counts[n, ly], home, cost), cost=cost)
+            prob = BalanceProblem.from_load(counts[n, ly], cost, slots)
             base = evaluate_plan(prob, solve(prob, "static").plan)
             result = solve(prob, "greedy")
             metrics = evaluate_plan(prob, result.plan)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import numpy as np
 
 from probe.planner.check import check_plan, evaluate_plan
+from probe.planner.greedy_rules import GreedyRules
 from probe.planner.problem import BalanceProblem, Plan
 from probe.planner.solve import solve
 from solvers_bench.instances import InstanceSpec, build_problem
@@ -54,7 +55,7 @@ def split_greedy_gaps(records: list[dict], *, max_gap_unknown: float = 0.005) ->
             continue
         spec = InstanceSpec.from_dict(rec)
         problem, _ = build_problem(spec)
-        greedy = solve(problem, "greedy", k_max=16).plan
+        greedy = solve(problem, "greedy", rules=GreedyRules(k_max=16)).plan
         obj = evaluate_plan(problem, greedy).objective
         fixed = evaluate_plan(problem, reassign_greedy(problem, greedy)).objective
         bound = rec["best_bound"]

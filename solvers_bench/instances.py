@@ -172,7 +172,7 @@ def build_problem(spec: InstanceSpec, *, real_root: Path = REAL_TRACE_DIR
         window = float(spec.window[1:]) * default_window(load, home, cost)
     else:
         raise ValueError(f"unknown window kind {spec.window!r}; choose one of {WINDOWS}")
-    return BalanceProblem(load, home, spec.slots, window, cost), history
+    return BalanceProblem.from_load(load, cost, spec.slots, window, home), history
 
 
 def _trace_step(family: str, rng: np.random.Generator, num_steps: int) -> int:

@@ -7,10 +7,10 @@ method's gap to the best bound (`gap`, an upper bound on its true gap) and to th
 found by any method (`gap_inc`, a lower bound), exact-backend agreement, and for greedy misses a
 diagnosis (`greedy_miss`, see `diagnose_greedy`).
 
-Methods (`METHODS`): static, greedy_paper (the paper's Algorithm 1: `PAPER_OPTIONS`, k_max 16),
-greedy (probe's default rules and k_max), greedy_unl (default rules, k_max unlimited), lp, eplb
-(history = the previous steps' loads of the layer), cpsat, highs. The exact backends run one
-thread each so that `--workers` processes share the CPUs predictably.
+Methods (`METHODS`): static, greedy_paper (the paper's Algorithm 1: `GreedyRules.paper()`,
+k_max 16), greedy (probe's default rules and k_max), greedy_unl (default rules, k_max
+unlimited), lp, eplb (history = the previous steps' loads of the layer), cpsat, highs. The
+exact backends run one thread each so that `--workers` processes share the CPUs predictably.
 """
 
 from __future__ import annotations
@@ -27,8 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
-from probe.planner.greedy import PAPER_OPTIONS
 from probe.planner.check import check_plan, evaluate_plan, rank_times, transfer_times
+from probe.planner.greedy_rules import GreedyRules
 from probe.planner.problem import BalanceProblem, Plan
 from probe.planner.solve import solve
 from solvers_bench.instances import InstanceSpec, build_problem
@@ -39,9 +39,9 @@ __all__ = ["EXACT", "METHODS", "diagnose_greedy", "load_results", "machine_info"
 # name -> (planner method, fixed options)
 METHODS: dict[str, tuple[str, dict]] = {
     "static": ("static", {}),
-    "greedy_paper": ("greedy", {"k_max": 16, **PAPER_OPTIONS}),
+    "greedy_paper": ("greedy", {"rules": GreedyRules.paper(k_max=16)}),
     "greedy": ("greedy", {}),
-    "greedy_unl": ("greedy", {"k_max": 0}),
+    "greedy_unl": ("greedy", {"rules": GreedyRules(k_max=0)}),
     "lp": ("lp", {}),
     "eplb": ("eplb", {}),
     "cpsat": ("cpsat", {"num_workers": 1}),
@@ -59,11 +59,10 @@ MISS_GAP = 0.03
 
 def _warm_up() -> None:
     """JIT-compile the greedy kernel once per process, before anything is timed."""
-    from probe.placement import sharded_home
     from probe.planner.cost import CostModel
 
     cost = CostModel.uniform(2, alpha=0.0, beta=1.0, token_time=0.0, transfer_time=1.0)
-    prob = BalanceProblem(np.array([[6, 0], [2, 0]]), sharded_home(2, 2), 1, 1.0, cost)
+    prob = BalanceProblem.from_load(np.array([[6, 0], [2, 0]]), cost, slots=1, window=1.0)
     solve(prob, "greedy")
     solve(prob, "lp")
 

@@ -124,3 +124,50 @@ def test_cli_missing_file(app, tmp_path):
     result = CliRunner().invoke(app, ["plan", str(tmp_path / "none.probe")])
     assert result.exit_code == 1
     assert "error" in result.output
+
+
+@pytest.mark.parametrize(("args", "option", "message"), [
+    (["--method", "simplex"], "--method", "unknown method 'simplex'"),
+    (["--window", "soon"], "--window", "expected 'auto' or seconds"),
+    (["--window", "-1"], "--window", "window must be >= 0 seconds"),
+    (["--window", "nan"], "--window", "window must be >= 0 seconds"),
+    (["--layer", "9"], "--layer", "layer 9 out of range"),
+    (["--layer", "-1"], "--layer", "layer -1 out of range"),
+    (["--step", "5"], "--step", "step 5 out of range"),
+    (["--step", "-4"], "--step", "step -4 out of range"),
+    (["--slots", "-1"], "--slots", "Invalid value for '--slots'"),
+    (["--k-max", "-3"], "--k-max", "Invalid value for '--k-max'"),
+    (["--time-limit", "0"], "--time-limit", "must be > 0, got 0.0"),
+    (["--time-limit", "-1"], "--time-limit", "must be > 0, got -1.0"),
+    (["--time-limit", "nan"], "--time-limit", "must be > 0, got nan"),
+    (["--method", "cpsat", "--time-limit", "0"], "--time-limit", "must be > 0"),
+    (["--attention-us", "-5"], "--attention-us", "must be >= 0, got -5.0"),
+    (["--attention-us", "nan"], "--attention-us", "must be >= 0, got nan"),
+    (["--model", "gpt-5"], "--model", "unknown model preset 'gpt-5'"),
+    (["--hardware", "tpu"], "--hardware", "unknown hardware preset 'tpu'"),
+    (["--hardware", "missing.json"], "--hardware", "spec file not found: missing.json"),
+    (["--paper", "--also-paper"], "--also-paper", "--paper and --also-paper exclude each other"),
+])
+def test_cli_every_bad_option_is_a_usage_error(app, trace_file, args, option, message):
+    # Exit code 2 (click's usage error) with one line naming the option; never a traceback.
+    result = CliRunner().invoke(app, ["plan", str(trace_file), *args], env={"COLUMNS": "200"})
+    assert result.exit_code == 2, result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+    assert "Traceback" not in result.output
+    assert option in result.output and message in result.output
+
+
+@pytest.mark.parametrize(("args", "option", "message"), [
+    (["--slots", "-1"], "--slots", "Invalid value for '--slots'"),
+    (["--seed", "-2"], "--seed", "Invalid value for '--seed'"),
+    (["--model", "gpt-5"], "--model", "unknown model preset 'gpt-5'"),
+    (["--hardware", "tpu"], "--hardware", "unknown hardware preset 'tpu'"),
+    (["--hardware", "h200x8-n32"], "--hardware", "at most 128 ranks"),
+])
+def test_demo_bad_option_is_a_usage_error(args, option, message):
+    from probe.cli import app as main_app
+
+    result = CliRunner().invoke(main_app, ["demo", *args], env={"COLUMNS": "200"})
+    assert result.exit_code == 2, result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+    assert option in result.output and message in result.output

@@ -13,7 +13,7 @@ from helpers import instances, same_plan
 from probe.placement import sharded_home
 from probe.planner.check import check_plan, evaluate_plan
 from probe.planner.cost import CostModel
-from probe.planner.greedy import PAPER_OPTIONS, greedy_arrays, greedy_plan, plan_from_arrays
+from probe.planner.greedy import GreedyRules, greedy_arrays, greedy_plan, plan_from_arrays
 from probe.planner.greedy_ref import greedy_ref
 from probe.planner.problem import BalanceProblem
 from probe.planner.static import static_assignment, static_plan
@@ -27,8 +27,9 @@ ALL_OPTIONS = [dict(zip(OPTION_NAMES, flags, strict=True))
 @settings(max_examples=400, deadline=None)
 @given(instances(), st.sampled_from([None, 0, 1, 2, 16]), st.sampled_from([0.0, 0.01, 1.0]))
 def test_numba_kernel_equals_python_twin(problem, k_max, epsilon):
-    fast = greedy_plan(problem, k_max=k_max, epsilon=epsilon)
-    slow = greedy_ref(problem, k_max=k_max, epsilon=epsilon)
+    rules = GreedyRules(k_max=k_max, epsilon=epsilon)
+    fast = greedy_plan(problem, rules)
+    slow = greedy_ref(problem, rules)
     assert same_plan(fast, slow)
 
 
@@ -36,16 +37,15 @@ def test_numba_kernel_equals_python_twin(problem, k_max, epsilon):
 @given(instances(), st.sampled_from([None, 1, 16]), st.sampled_from([0.0, 0.01]),
        st.sampled_from(ALL_OPTIONS))
 def test_numba_kernel_equals_python_twin_with_options(problem, k_max, epsilon, options):
-    fast = greedy_plan(problem, k_max=k_max, epsilon=epsilon, **options)
-    slow = greedy_ref(problem, k_max=k_max, epsilon=epsilon, **options)
+    rules = GreedyRules(k_max=k_max, epsilon=epsilon, **options)
+    fast = greedy_plan(problem, rules)
+    slow = greedy_ref(problem, rules)
     assert same_plan(fast, slow)
 
 
 def test_k_max_auto_scales_with_the_ranks():
-    from probe.planner.greedy import resolve_k_max
-
-    assert [resolve_k_max("auto", g) for g in (2, 8, 9, 32)] == [16, 16, 18, 64]
-    assert resolve_k_max(None, 4) == 0 and resolve_k_max(3, 4) == 3
+    assert [GreedyRules(k_max="auto").max_moves(g) for g in (2, 8, 9, 32)] == [16, 16, 18, 64]
+    assert GreedyRules(k_max=None).max_moves(4) == 0 and GreedyRules(k_max=3).max_moves(4) == 3
     # 20 ranks; all 20 experts live on rank 0 and rank s sends it 40 tokens of expert s. Each
     # move copies one expert to its source (rank 0 may send 100 copies): draining rank 0 takes
     # 19 moves, so 16 stop early and "auto" (40) does not.
@@ -60,38 +60,42 @@ def test_k_max_auto_scales_with_the_ranks():
     window = np.ones(num_ranks)
     window[0] = 100.0
     problem = BalanceProblem(load, home, 1, window, cost)
-    auto = greedy_plan(problem, k_max="auto")
-    assert same_plan(auto, greedy_plan(problem, k_max=40))
-    assert same_plan(auto, greedy_ref(problem, k_max="auto"))
-    assert same_plan(greedy_plan(problem), greedy_plan(problem, k_max=16))  # the default
-    assert greedy_plan(problem, k_max=16).num_replicas == 16
+    auto = greedy_plan(problem, GreedyRules(k_max="auto"))
+    assert same_plan(auto, greedy_plan(problem, GreedyRules(k_max=40)))
+    assert same_plan(auto, greedy_ref(problem, GreedyRules(k_max="auto")))
+    assert same_plan(greedy_plan(problem), greedy_plan(problem, GreedyRules(k_max=16)))  # default
+    assert greedy_plan(problem, GreedyRules(k_max=16)).num_replicas == 16
     assert auto.num_replicas == num_ranks - 1
     assert (evaluate_plan(problem, auto).objective
-            < evaluate_plan(problem, greedy_plan(problem, k_max=16)).objective)
+            < evaluate_plan(problem, greedy_plan(problem, GreedyRules(k_max=16))).objective)
 
 
 def test_defaults_and_paper_options():
-    # The kernel, its twin and solve_greedy share the defaults; PAPER_OPTIONS flips them.
+    # The kernel and GreedyRules share the defaults; GreedyRules.paper() flips them. Every
+    # Python entry takes one GreedyRules (None: the defaults).
     import inspect
 
     from probe.planner.greedy import greedy_arrays as kernel
     from probe.planner.greedy import solve_greedy, solve_greedy_ref
 
-    for fn in (greedy_plan, greedy_ref, solve_greedy, solve_greedy_ref, kernel.py_func):
-        params = inspect.signature(fn).parameters
-        defaults = {name: params[name].default for name in OPTION_NAMES}
+    params = inspect.signature(kernel.py_func).parameters
+    for defaults in ({name: params[name].default for name in OPTION_NAMES},
+                     GreedyRules().flags):
         assert defaults == {"move_local": True, "evacuate": False, "two_phase": True,
-                            "mean_cap": False, "also_paper": False}, fn
-        if fn is not kernel.py_func:
-            assert params["k_max"].default == 16, fn
-    assert PAPER_OPTIONS == {"move_local": False, "evacuate": False, "two_phase": False,
-                             "mean_cap": True, "also_paper": False}
+                            "mean_cap": False, "also_paper": False}
+    assert GreedyRules().k_max == 16
+    for fn in (greedy_plan, greedy_ref, solve_greedy, solve_greedy_ref):
+        assert inspect.signature(fn).parameters["rules"].default is None, fn
+    assert GreedyRules.paper().flags == {"move_local": False, "evacuate": False,
+                                         "two_phase": False, "mean_cap": True,
+                                         "also_paper": False}
+    assert GreedyRules.paper().k_max == 16
 
 
 @settings(max_examples=200, deadline=None)
 @given(instances(max_ranks=6, max_experts=14), st.sampled_from(ALL_OPTIONS))
 def test_greedy_options_feasible_and_never_worse_than_static(problem, options):
-    plan = greedy_plan(problem, k_max=None, **options)
+    plan = greedy_plan(problem, GreedyRules(k_max=None, **options))
     assert check_plan(problem, plan) == []
     assert np.array_equal(plan.assignment.sum(axis=2), problem.load)
     static = evaluate_plan(problem, static_plan(problem)).objective
@@ -104,8 +108,8 @@ def test_move_local_moves_the_slow_ranks_own_tokens_last():
     # (move_local) 2 of source 0's 6: T = 8 - x = x at x = 4, and x_mean = 4 too.
     cost = CostModel.uniform(2, alpha=0.0, beta=1.0, token_time=0.0, transfer_time=1.0)
     problem = BalanceProblem(np.array([[6, 0], [2, 0]]), sharded_home(2, 2), 1, 1.0, cost)
-    assert greedy_plan(problem, **PAPER_OPTIONS).assignment[0, 0].tolist() == [6, 0]
-    for plan in (greedy_plan(problem, move_local=True, two_phase=False, mean_cap=True),
+    assert greedy_plan(problem, GreedyRules.paper()).assignment[0, 0].tolist() == [6, 0]
+    for plan in (greedy_plan(problem, GreedyRules(move_local=True, two_phase=False, mean_cap=True)),
                  greedy_plan(problem)):  # the default: move_local, two-phase x search
         assert plan.assignment[:, 0].tolist() == [[4, 2], [0, 2]]
         assert evaluate_plan(problem, plan).objective == 4.0
@@ -122,15 +126,15 @@ def test_move_local_prices_the_outgoing_traffic():
     cost = CostModel.uniform(2, alpha=0.0, beta=1.0, token_time=1.0, transfer_time=1.0)
     problem = BalanceProblem(np.array([[6, 0], [2, 0]]), sharded_home(2, 2), 1, 1.0, cost)
     single = {"move_local": True, "two_phase": False, "mean_cap": True}
-    plan = greedy_plan(problem, k_max=None, also_paper=False, **single)
+    plan = greedy_plan(problem, GreedyRules(k_max=None, also_paper=False, **single))
     assert plan.assignment[:, 0].tolist() == [[5, 1], [0, 2]]
     assert evaluate_plan(problem, plan).objective == 7.0
-    paper = greedy_plan(problem, k_max=None, **PAPER_OPTIONS)
+    paper = greedy_plan(problem, GreedyRules.paper(k_max=None))
     assert evaluate_plan(problem, paper).objective == 6.0
     # Rule 8 (also_paper): the paper's run is strictly better here, so it is kept.
-    kept = greedy_plan(problem, k_max=None, also_paper=True, **single)
+    kept = greedy_plan(problem, GreedyRules(k_max=None, also_paper=True, **single))
     assert same_plan(kept, paper)
-    assert same_plan(kept, greedy_ref(problem, k_max=None, also_paper=True, **single))
+    assert same_plan(kept, greedy_ref(problem, GreedyRules(k_max=None, also_paper=True, **single)))
 
 
 @pytest.mark.parametrize("mean_cap", [False, True])
@@ -141,10 +145,10 @@ def test_two_phase_searches_the_slow_ranks_own_tokens_separately(mean_cap):
     # phase 1's 6: x = 2. Next move: n_other = 0, f rises at once, no gain. T = [6, 2].
     cost = CostModel.uniform(2, alpha=0.0, beta=1.0, token_time=1.0, transfer_time=1.0)
     problem = BalanceProblem(np.array([[6, 0], [2, 0]]), sharded_home(2, 2), 1, 1.0, cost)
-    plan = greedy_plan(problem, k_max=None, mean_cap=mean_cap)
+    plan = greedy_plan(problem, GreedyRules(k_max=None, mean_cap=mean_cap))
     assert plan.assignment[:, 0].tolist() == [[6, 0], [0, 2]]
     assert evaluate_plan(problem, plan).objective == 6.0
-    assert same_plan(plan, greedy_ref(problem, k_max=None, mean_cap=mean_cap))
+    assert same_plan(plan, greedy_ref(problem, GreedyRules(k_max=None, mean_cap=mean_cap)))
 
 
 def test_two_phase_phase_two_finds_the_convex_minimum():
@@ -160,11 +164,12 @@ def test_two_phase_phase_two_finds_the_convex_minimum():
     load = np.array([[8, 0], [0, 4]])
     home = np.array([[True, True], [False, False]])
     problem = BalanceProblem(load, home, 1, 1.0, cost)
-    plan = greedy_plan(problem, k_max=1, also_paper=False)
+    plan = greedy_plan(problem, GreedyRules(k_max=1, also_paper=False))
     assert plan.assignment[0, 0].tolist() == [4, 4]
     assert evaluate_plan(problem, plan).objective == 16.0
-    assert same_plan(plan, greedy_ref(problem, k_max=1, also_paper=False))
-    single = greedy_plan(problem, k_max=1, two_phase=False, mean_cap=True, also_paper=False)
+    assert same_plan(plan, greedy_ref(problem, GreedyRules(k_max=1, also_paper=False)))
+    single = greedy_plan(problem, GreedyRules(k_max=1, two_phase=False, mean_cap=True,
+                                              also_paper=False))
     assert single.assignment[0, 0].tolist() == [3, 5]
     assert evaluate_plan(problem, single).objective == 17.0
 
@@ -182,11 +187,12 @@ def test_no_mean_cap_fills_the_destination_to_the_balance_point():
     load[1, 0] = 12
     load[2, 2] = 10
     problem = BalanceProblem(load, sharded_home(3, 3), 1, 1.0, cost)
-    assert greedy_plan(problem, k_max=1).assignment[1, 0].tolist() == [6, 6, 0]
-    assert greedy_plan(problem, k_max=1, mean_cap=True).assignment[1, 0].tolist() == [7, 5, 0]
+    assert greedy_plan(problem, GreedyRules(k_max=1)).assignment[1, 0].tolist() == [6, 6, 0]
+    capped = greedy_plan(problem, GreedyRules(k_max=1, mean_cap=True))
+    assert capped.assignment[1, 0].tolist() == [7, 5, 0]
     plan = greedy_plan(problem)
     assert evaluate_plan(problem, plan).objective == 8.0
-    assert evaluate_plan(problem, greedy_plan(problem, mean_cap=True)).objective == 9.0
+    assert evaluate_plan(problem, greedy_plan(problem, GreedyRules(mean_cap=True))).objective == 9.0
     assert same_plan(plan, greedy_ref(problem))
 
 
@@ -203,16 +209,16 @@ def test_evacuate_moves_every_token_to_drop_alpha():
     load[1, 2] = 1
     load[2, 4] = 10
     problem = BalanceProblem(load, sharded_home(6, 3), 1, 1.0, cost)
-    plain = greedy_plan(problem, k_max=1, **PAPER_OPTIONS)
+    plain = greedy_plan(problem, GreedyRules.paper(k_max=1))
     assert plain.assignment[1, 0].tolist() == [1, 3, 0]
-    plan = greedy_plan(problem, k_max=1, **{**PAPER_OPTIONS, "evacuate": True})
+    plan = greedy_plan(problem, GreedyRules.paper(k_max=1, evacuate=True))
     assert plan.assignment[1, 0].tolist() == [0, 4, 0]
     assert plan.sources[1, 0] == 0
     from probe.planner.check import rank_times
 
     compute, comm = rank_times(problem, plan.assignment)
     assert (compute + comm).tolist() == [6.0, 7.0, 11.0]
-    assert same_plan(plan, greedy_ref(problem, k_max=1, **{**PAPER_OPTIONS, "evacuate": True}))
+    assert same_plan(plan, greedy_ref(problem, GreedyRules.paper(k_max=1, evacuate=True)))
 
 
 def test_solve_passes_the_options():
@@ -221,19 +227,20 @@ def test_solve_passes_the_options():
     cost = CostModel.uniform(2, alpha=0.0, beta=1.0, token_time=0.0, transfer_time=1.0)
     problem = BalanceProblem(np.array([[6, 0], [2, 0]]), sharded_home(2, 2), 1, 1.0, cost)
     for method in ("greedy", "greedy_ref"):
-        result = solve(problem, method, move_local=True, evacuate=True)
+        result = solve(problem, method, rules=GreedyRules(move_local=True, evacuate=True))
         assert result.objective == 4.0
         assert solve(problem, method).objective == 4.0
-        assert solve(problem, method, **PAPER_OPTIONS).objective == 6.0
+        assert solve(problem, method, rules=GreedyRules.paper()).objective == 6.0
     with pytest.raises(TypeError, match="move_local must be a bool"):
-        greedy_plan(problem, move_local=1)
+        greedy_plan(problem, GreedyRules(move_local=1))
 
 
 @settings(max_examples=200, deadline=None)
 @given(instances(max_ranks=6, max_experts=14), st.sampled_from([1, 16, None]))
 def test_also_paper_never_worse_than_the_paper(problem, k_max):
-    default = evaluate_plan(problem, greedy_plan(problem, k_max=k_max, also_paper=True)).objective
-    paper = evaluate_plan(problem, greedy_plan(problem, k_max=k_max, **PAPER_OPTIONS)).objective
+    both = GreedyRules(k_max=k_max, also_paper=True)
+    default = evaluate_plan(problem, greedy_plan(problem, both)).objective
+    paper = evaluate_plan(problem, greedy_plan(problem, GreedyRules.paper(k_max=k_max))).objective
     assert default <= paper * (1 + 1e-9) + TOL
 
 
@@ -253,7 +260,7 @@ def test_greedy_feasible_conserving_and_never_worse_than_static(problem):
 @given(instances())
 def test_more_moves_never_hurt(problem):
     # The first k moves are shared, and a move never raises the maximum rank time.
-    objective = [evaluate_plan(problem, greedy_plan(problem, k_max=k)).objective
+    objective = [evaluate_plan(problem, greedy_plan(problem, GreedyRules(k_max=k))).objective
                  for k in (1, 4, 16, None)]
     for before, after in zip(objective, objective[1:], strict=False):
         assert after <= before * (1 + 1e-9) + TOL
@@ -262,8 +269,8 @@ def test_more_moves_never_hurt(problem):
 @settings(max_examples=100, deadline=None)
 @given(instances())
 def test_k_max_bounds_replicas(problem):
-    assert greedy_plan(problem, k_max=1).num_replicas <= 1
-    assert greedy_plan(problem, k_max=2).num_replicas <= 2
+    assert greedy_plan(problem, GreedyRules(k_max=1)).num_replicas <= 1
+    assert greedy_plan(problem, GreedyRules(k_max=2)).num_replicas <= 2
 
 
 def test_static_assignment_is_locality_first():
@@ -297,7 +304,7 @@ def test_tokens_originating_on_the_slow_rank_stay_local():
     # The paper's rule; by default (move_local) half of them leave for a replica.
     cost = CostModel.uniform(2, alpha=0.0, beta=1.0, token_time=0.0, transfer_time=1.0)
     problem = BalanceProblem(np.array([[10, 0], [0, 0]]), sharded_home(2, 2), 1, 1.0, cost)
-    plan = greedy_plan(problem, **PAPER_OPTIONS)
+    plan = greedy_plan(problem, GreedyRules.paper())
     assert plan.num_replicas == 0
     assert plan.assignment[0, 0].tolist() == [10, 0]
     assert greedy_plan(problem).assignment[0, 0].tolist() == [5, 5]
@@ -349,7 +356,7 @@ def test_communication_is_part_of_the_rank_time():
         cost = CostModel.uniform(2, alpha=0.0, beta=1.0, token_time=token_time,
                                  transfer_time=1.0)
         problem = BalanceProblem(np.array([[0, 0], [8, 0]]), sharded_home(2, 2), 1, 1.0, cost)
-        plan = greedy_plan(problem, k_max=None)
+        plan = greedy_plan(problem, GreedyRules(k_max=None))
         assert plan.assignment[1, 0].tolist() == [4, 4]
         assert evaluate_plan(problem, plan).objective == pytest.approx(expected)
 
@@ -378,7 +385,7 @@ def test_bad_options(k_max, epsilon, message):
     cost = CostModel.uniform(2, alpha=0.0, beta=1.0, token_time=0.0, transfer_time=1.0)
     problem = BalanceProblem(np.array([[1, 0], [1, 0]]), sharded_home(2, 2), 1, 1.0, cost)
     with pytest.raises(ValueError, match=message):
-        greedy_plan(problem, k_max=k_max, epsilon=epsilon)
+        greedy_plan(problem, GreedyRules(k_max=k_max, epsilon=epsilon))
 
 
 @settings(max_examples=150, deadline=None)
@@ -396,3 +403,47 @@ def test_static_assignment_matches_the_loop_definition(problem):
             for k, g in enumerate(holders):
                 expected[s, e, g] = quota + ((k + s) % len(holders) < left)
     assert np.array_equal(static_assignment(load, home), expected)
+
+
+def test_rules_are_one_validated_frozen_object():
+    import dataclasses
+
+    from probe.planner import solve
+
+    rules = GreedyRules(k_max=np.int64(4), epsilon=1, move_local=np.bool_(False))
+    assert (rules.k_max, rules.epsilon, rules.move_local) == (4, 1.0, False)
+    assert type(rules.k_max) is int and type(rules.move_local) is bool
+    assert GreedyRules(k_max=None) == GreedyRules(k_max=0)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        rules.k_max = 5
+    assert GreedyRules.paper(also_paper=True).is_paper and not GreedyRules().is_paper
+    with pytest.raises(TypeError, match="GreedyRules.epsilon must be a number"):
+        GreedyRules(epsilon="small")
+    with pytest.raises(ValueError, match="GreedyRules.k_max must be a non-negative int"):
+        GreedyRules(k_max=True)
+    with pytest.raises(TypeError, match="GreedyRules.also_paper must be a bool"):
+        GreedyRules(also_paper="yes")
+    with pytest.raises(TypeError, match="unexpected keyword argument 'kmax'"):
+        GreedyRules.paper(kmax=3)
+    cost = CostModel.uniform(2, alpha=0.0, beta=1.0, token_time=0.0, transfer_time=1.0)
+    problem = BalanceProblem(np.array([[6, 0], [2, 0]]), sharded_home(2, 2), 1, 1.0, cost)
+    for call in (lambda: greedy_plan(problem, {"k_max": 3}),
+                 lambda: greedy_ref(problem, {"k_max": 3}),
+                 lambda: solve(problem, "greedy", rules={"k_max": 3}),
+                 lambda: solve(problem, "greedy_ref", rules={"k_max": 3})):
+        with pytest.raises(TypeError, match="rules must be a GreedyRules, got dict"):
+            call()
+
+
+def test_huge_loads_kernel_equals_twin():
+    # Loads up to MAX_TOKENS (2**62 in total) are accepted; kernel and twin agree on them.
+    cost = CostModel.uniform(4, alpha=10.0, beta=1e-6, token_time=1e-7, transfer_time=1.0)
+    rng = np.random.default_rng(0)
+    load = rng.integers(0, 2**55, size=(4, 8)).astype(np.int64)
+    load[1, 0] = 2**61
+    problem = BalanceProblem(load, sharded_home(8, 4), 2, 3.0, cost)
+    for rules in (GreedyRules(), GreedyRules.paper(), GreedyRules(k_max=0, also_paper=True)):
+        plan = greedy_plan(problem, rules)
+        assert check_plan(problem, plan) == []
+        assert plan.num_replicas > 0
+        assert same_plan(plan, greedy_ref(problem, rules))

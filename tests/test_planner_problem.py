@@ -106,3 +106,87 @@ def test_checker_accepts_static_and_metrics_are_consistent():
     assert metrics.imbalance == pytest.approx(8 / 5)
     assert metrics.num_replicas == 0
     assert metrics.exposed_transfer == 0.0
+
+
+def test_from_load_defaults_to_static_sharding_and_the_auto_window():
+    from probe.planner.window import default_window
+
+    cost = CostModel.uniform(4, alpha=1.0, beta=0.5, token_time=0.1, transfer_time=1.0)
+    load = np.arange(32).reshape(4, 8)
+    home = sharded_home(8, 4)
+    auto = BalanceProblem.from_load(load, cost, slots=2)
+    assert np.array_equal(auto.home, home) and auto.slots.tolist() == [2] * 4
+    assert np.array_equal(auto.window, default_window(load, home, cost))
+    attention = np.array([0.0, 1.0, 2.0, 3.0])
+    per_rank = BalanceProblem.from_load(load, cost, 2, "auto", attention_time=attention)
+    assert np.array_equal(per_rank.window, default_window(load, home, cost) + attention)
+    assert BalanceProblem.from_load(load, cost, 2, 0.5).window.tolist() == [0.5] * 4
+    other = np.roll(home, 1, axis=0)
+    given = BalanceProblem.from_load(load, cost, 1, np.ones(4), home=other)
+    assert np.array_equal(given.home, other) and given.window.tolist() == [1.0] * 4
+    with pytest.raises(ValueError, match="window must be 'auto', seconds, or a"):
+        BalanceProblem.from_load(load, cost, 1, "soon")
+    with pytest.raises(ValueError, match="attention_time must be a number or a"):
+        BalanceProblem.from_load(load, cost, 1, attention_time=np.ones(3))
+    with pytest.raises(ValueError, match="attention_time must be finite and >= 0"):
+        BalanceProblem.from_load(load, cost, 1, attention_time=-1.0)
+    with pytest.raises(TypeError, match="cost must be a CostModel"):
+        BalanceProblem.from_load(load, "fast", 1)
+    with pytest.raises(ValueError, match=r"load must be a 2-D \[S, E\] array"):
+        BalanceProblem.from_load(load[0], cost, 1)
+
+
+def test_compute_time_is_the_linearised_cost():
+    cost = CostModel.uniform(2, alpha=3.0, beta=0.5, token_time=0.0, transfer_time=1.0)
+    tokens = np.array([[0, 4, 1], [2, 0, 0]])  # [G, E]
+    # Rank 0: experts 1 and 2 active: (3 + 2) + (3 + 0.5); rank 1: expert 0: 3 + 1.
+    assert cost.compute_time(tokens).tolist() == [8.5, 4.0]
+    assert cost.compute_time(tokens.astype(float) / 2).tolist() == [7.25, 3.5]
+    with pytest.raises(ValueError, match=r"tokens must be a \[G, E\] array"):
+        cost.compute_time(np.ones(3))
+
+
+@pytest.mark.parametrize("load", [
+    np.array([[2**61] + [0] * 7] * 4, dtype=np.int64),  # the totals overflow int64
+    np.array([[2**61 + 1, 2**61], [0, 0]], dtype=np.int64),  # the total passes 2**62
+    np.array([[2**63, 0], [0, 0]], dtype=np.uint64),  # does not fit int64 at all
+    np.array([[1e300, 0.0], [0.0, 0.0]]),  # finite, but no token count
+    np.array([[2.0**62 + 2.0**53, 0.0], [0.0, 0.0]]),
+])
+def test_load_totals_must_fit_float64_exactly(load):
+    num_ranks, num_experts = load.shape
+    cost = CostModel.uniform(num_ranks, alpha=1e-5, beta=1e-8, token_time=1e-9,
+                             transfer_time=1e-4)
+    with pytest.raises(ValueError, match=r"MAX_TOKENS = 2\*\*62"):
+        BalanceProblem(load, sharded_home(num_experts, num_ranks), 1, 1.0, cost)
+    with pytest.raises(ValueError, match=r"MAX_TOKENS = 2\*\*62"):
+        BalanceProblem.from_load(load, cost, 1)
+
+
+def test_largest_load_is_accepted_and_exact():
+    from probe.planner.problem import MAX_TOKENS
+
+    cost = CostModel.uniform(2, alpha=0.0, beta=1.0, token_time=0.0, transfer_time=1.0)
+    load = np.array([[MAX_TOKENS - 8, 0], [8, 0]], dtype=np.int64)
+    problem = BalanceProblem(load, HOME, 1, 1.0, cost)
+    assert problem.total_tokens == MAX_TOKENS
+    plan = static_plan(problem)
+    assert check_plan(problem, plan) == []
+    assert evaluate_plan(problem, plan).objective == 2.0**62
+
+
+@pytest.mark.parametrize(("costs", "load"), [
+    ({"alpha": 0.0, "beta": 1e300, "token_time": 0.0}, [[10**9, 0], [0, 0]]),
+    ({"alpha": 0.0, "beta": 1.0, "token_time": 1e300}, [[0, 10**9], [0, 0]]),
+    ({"alpha": 1e308, "beta": 0.0, "token_time": 0.0}, [[1, 1], [1, 1]]),
+])
+def test_rank_times_must_stay_finite(costs, load):
+    cost = CostModel.uniform(2, transfer_time=1.0, **costs)
+    with pytest.raises(ValueError, match="overflow float64"):
+        BalanceProblem(np.array(load), HOME, 1, 1.0, cost)
+
+
+def test_huge_transfer_times_are_rejected():
+    cost = CostModel.uniform(2, alpha=0.0, beta=1.0, token_time=0.0, transfer_time=1e308)
+    with pytest.raises(ValueError, match="overflow float64"):
+        BalanceProblem(np.ones((2, 2), int), HOME, 1, np.inf, cost)

@@ -15,6 +15,7 @@ from probe.placement import sharded_home
 
 from probe.planner.check import check_plan, evaluate_plan
 from probe.planner.cost import CostModel
+from probe.planner.greedy_rules import GreedyRules
 from probe.planner.problem import BalanceProblem, Plan, SolveResult
 from probe.planner.solve import METHODS, backend, solve
 
@@ -64,7 +65,7 @@ def test_unknown_option_reaches_the_backend():
 
 
 def test_greedy_result_fields():
-    result = solve(PROBLEM, "greedy", k_max=4)
+    result = solve(PROBLEM, "greedy", rules=GreedyRules(k_max=4))
     assert result.status == "feasible" and result.success
     assert result.objective == 5.0
     assert result.bound is None and result.gap is None

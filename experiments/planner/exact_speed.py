@@ -32,7 +32,6 @@ from rich.console import Console
 from rich.table import Table
 
 from experiments.manifest import Manifest
-from probe.placement import sharded_home
 from probe.planner.check import evaluate_plan
 from probe.planner.cost import CostModel
 from probe.planner.cpsat import solve_cpsat
@@ -71,7 +70,7 @@ def decode_loads(top_k: int, num_steps: int, seed: int) -> tuple[np.ndarray, str
 def make_problem(load: np.ndarray, top_k: int) -> BalanceProblem:
     cost = CostModel.from_specs(model_preset(MODELS[top_k]), hardware_preset("h200x8"))
     window = WINDOW_COPIES * float(cost.transfer_time[0, 1])
-    return BalanceProblem(load, sharded_home(NUM_EXPERTS, NUM_RANKS), SLOTS, window, cost)
+    return BalanceProblem.from_load(load, cost, SLOTS, window)
 
 
 def exact_row(problem: BalanceProblem, step: int, top_k: int, time_limit: float,

@@ -34,26 +34,22 @@ import numpy as np
 from experiments.manifest import Manifest
 from experiments.planner.planner_speed import _cpu_name, _problems
 from probe.planner import evaluate_plan
-from probe.planner.greedy import PAPER_OPTIONS, _kernel_args, greedy_arrays, greedy_plan
+from probe.planner.greedy import GreedyRules, _kernel_args, greedy_arrays, greedy_plan
 from solvers_bench.instances import InstanceSpec, build_problem
 from solvers_bench.report import _trivial
 
 SOURCES = ("results/solvers_bench/results.jsonl",)
-DEFAULT = {"move_local": True, "evacuate": False, "two_phase": True, "mean_cap": False,
-           "also_paper": False}
-# (name, options): the default rules, the paper's, the slower also_paper variants, and one option
-# flipped from either.
-VARIANTS = (("default", DEFAULT),
-            ("paper", PAPER_OPTIONS),
-            ("default+also_paper", {**DEFAULT, "also_paper": True}),
-            ("default+also_paper, k_max auto", {**DEFAULT, "also_paper": True}),
-            ("paper+move_local", {**PAPER_OPTIONS, "move_local": True}),
-            ("default, two_phase off", {**DEFAULT, "two_phase": False}),
-            ("default+mean_cap", {**DEFAULT, "mean_cap": True}),
-            ("default+evacuate", {**DEFAULT, "evacuate": True}))
+# (name, rules): the default rules, the paper's, the slower also_paper variants, and one rule
+# flipped from either. k_max is 16 (the paper's fixed budget and the default) unless named.
+VARIANTS = (("default", GreedyRules()),
+            ("paper", GreedyRules.paper()),
+            ("default+also_paper", GreedyRules(also_paper=True)),
+            ("default+also_paper, k_max auto", GreedyRules(k_max="auto", also_paper=True)),
+            ("paper+move_local", GreedyRules.paper(move_local=True)),
+            ("default, two_phase off", GreedyRules(two_phase=False)),
+            ("default+mean_cap", GreedyRules(mean_cap=True)),
+            ("default+evacuate", GreedyRules(evacuate=True)))
 BASE = "paper"  # better/worse counts are against this variant
-# k_max per variant: 16 (the paper's fixed budget and the default) unless named here.
-K_MAX = {"default+also_paper, k_max auto": "auto"}
 
 
 NOTES = """
@@ -76,8 +72,6 @@ NOTES = """
 """
 
 
-def _k_max(name: str) -> int | str:
-    return K_MAX.get(name, 16)
 CERTIFIED_GAP = 0.005
 
 
@@ -115,8 +109,7 @@ def gaps(records: list[dict]) -> dict:
                                                      rec["methods"]["greedy"])["objective"]}
         row["proven"] = _proven(rec)
         row["certified"] = _certified(rec)
-        plans = {name: greedy_plan(problem, k_max=_k_max(name), **options)
-                 for name, options in VARIANTS}
+        plans = {name: greedy_plan(problem, rules) for name, rules in VARIANTS}
         base = plans[BASE]
         for name, plan in plans.items():
             obj = evaluate_plan(problem, plan).objective
@@ -147,11 +140,11 @@ def scale_tier(records: list[dict]) -> dict:
         if not rec["id"].startswith("scale") or rec.get("fatal"):
             continue
         problem, _ = build_problem(InstanceSpec.from_dict(rec))
-        paper = evaluate_plan(problem, greedy_plan(problem, k_max=16, **PAPER_OPTIONS)).objective
-        for name, options in (("default", {}),
-                              ("default+also_paper, k_max auto",
-                               {"k_max": "auto", "also_paper": True})):
-            obj = evaluate_plan(problem, greedy_plan(problem, **options)).objective
+        paper = evaluate_plan(problem, greedy_plan(problem, GreedyRules.paper())).objective
+        for name, rules in (("default", GreedyRules()),
+                            ("default+also_paper, k_max auto",
+                             GreedyRules(k_max="auto", also_paper=True))):
+            obj = evaluate_plan(problem, greedy_plan(problem, rules)).objective
             ratios[name].append(obj / paper)
     out = {"n": len(ratios["default"]), "variants": {}}
     for name, r in ratios.items():
@@ -171,7 +164,7 @@ SPEED_CONFIGS = (  # (label, model, hardware, G, E, steps, layers, variants time
 
 def timings(repeats: int) -> dict:
     out = {}
-    options = dict(VARIANTS)
+    variants = dict(VARIANTS)
     for label, model, hardware, ranks, experts, steps, layers, names in SPEED_CONFIGS:
         problems, _ = _problems({}, model=model, hardware=hardware, num_ranks=ranks,
                                 num_experts=experts, top_k=8, steps=steps, layers=layers,
@@ -179,7 +172,7 @@ def timings(repeats: int) -> dict:
         flat = [p for row in problems for p in row]
         out[label] = {}
         for name in names:
-            args = [_kernel_args(p, _k_max(name), 0.0, **options[name]) for p in flat]
+            args = [_kernel_args(p, variants[name]) for p in flat]
             greedy_arrays(*args[0])  # JIT warm-up
             samples = []
             moves = []
@@ -231,8 +224,8 @@ def main(argv: list[str] | None = None) -> None:
     command = (f"python -m experiments.planner.greedy_variants --out {args.out} "
                f"--repeats {args.repeats}" + (f" --rev {args.rev}" if args.rev else ""))
 
-    def fmt(options: dict) -> str:
-        return ", ".join(f"{k}={'on' if v else 'off'}" for k, v in options.items())
+    def fmt(rules: GreedyRules) -> str:
+        return ", ".join(f"{k}={'on' if v else 'off'}" for k, v in rules.flags.items())
 
     lines = ["# Greedy rules: the default against the paper's Algorithm 1", "",
              f"Command: `{command}`  ", f"Machine: {machine['cpu']}, {machine['cpus']} CPUs, "
@@ -249,7 +242,7 @@ def main(argv: list[str] | None = None) -> None:
              f"definition). Check: the paper variant reproduces the recorded greedy objective "
              f"on {same} of {len(rows)} instances.", "",
              "Variants (probe.planner.greedy options): "
-             + "; ".join(f"**{name}**: {fmt(options)}" for name, options in VARIANTS)
+             + "; ".join(f"**{name}**: {fmt(rules)}" for name, rules in VARIANTS)
              + ". Better/worse: objective against the paper variant's on the same instance.",
              ""]
     for label, title, subset in subsets:
@@ -293,8 +286,9 @@ def main(argv: list[str] | None = None) -> None:
     out.write_text(text)
     out.with_suffix(".json").write_text(json.dumps(
         {"command": command, "machine": machine,
-         "k_max": {name: _k_max(name) for name, _ in VARIANTS},
-         "variants": dict(VARIANTS), "paper_matches_recorded": same, "stats": stats,
+         "k_max": {name: rules.k_max for name, rules in VARIANTS},
+         "variants": {name: rules.flags for name, rules in VARIANTS},
+         "paper_matches_recorded": same, "stats": stats,
          "scale_tier": scale,
          "times": times, "rows": rows},
         indent=2) + "\n")

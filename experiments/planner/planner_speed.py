@@ -32,12 +32,17 @@ from rich.console import Console
 from rich.table import Table
 
 from experiments.manifest import Manifest
-from probe.placement import sharded_home
-from probe.planner import BalanceProblem, CostModel, evaluate_plan, solve, static_plan
+from probe.planner import (
+    BalanceProblem,
+    CostModel,
+    GreedyRules,
+    evaluate_plan,
+    solve,
+    static_plan,
+)
 from probe.planner.greedy import _kernel_args, greedy_arrays, greedy_plan
 from probe.planner.greedy_ref import greedy_ref
 from probe.planner.layers import attention_time
-from probe.planner.window import default_window
 from probe.specs import hardware_preset, model_preset
 from probe.traces import generate
 
@@ -50,7 +55,6 @@ def _problems(workload_knobs: dict, *, model: str, hardware: str, num_ranks: int
     spec_model, spec_hw = model_preset(model), hardware_preset(hardware)
     cost = CostModel.from_specs(spec_model, spec_hw, num_ranks=num_ranks)
     attention = attention_time(spec_model, spec_hw)
-    home = sharded_home(num_experts, num_ranks)
     tokens = None if tokens_per_rank is None else tokens_per_rank * num_ranks
     trace = generate("decode", num_steps=steps, tokens_per_step=tokens, num_layers=layers,
                      num_experts=num_experts, top_k=top_k, num_ranks=num_ranks, seed=seed,
@@ -60,10 +64,8 @@ def _problems(workload_knobs: dict, *, model: str, hardware: str, num_ranks: int
     for step in range(loads.shape[0]):
         row = []
         for layer in range(loads.shape[1]):
-            load = loads[step, layer]
-            win = (default_window(load, home, cost, attention_time=attention)
-                   if window == "auto" else window)
-            row.append(BalanceProblem(load, home, SLOTS, win, cost))
+            row.append(BalanceProblem.from_load(loads[step, layer], cost, SLOTS, window,
+                                                attention_time=attention))
         problems.append(row)
     return problems, loads
 
@@ -78,7 +80,7 @@ def _timed(fn, repeats: int) -> list[float]:
 
 
 def speed(name: str, problems: list[BalanceProblem], *, repeats: int, twin: int) -> dict:
-    args = [_kernel_args(p, 16, 0.0) for p in problems]
+    args = [_kernel_args(p, GreedyRules()) for p in problems]
     greedy_arrays(*args[0])  # JIT warm-up (loads the on-disk cache or compiles)
     kernel = []
     moves = []
@@ -119,7 +121,7 @@ def balance(name: str, knobs: dict, *, steps: int, layers: int, window: str | fl
         for layer, problem in enumerate(row):
             history = loads[max(0, step - 16):step, layer] if step > 0 else None
             rows["static"].append(evaluate_plan(problem, static_plan(problem)))
-            plan = greedy_plan(problem, k_max=k_max)
+            plan = greedy_plan(problem, GreedyRules(k_max=k_max))
             rows["greedy"].append(evaluate_plan(problem, plan))
             replicas.append(plan.num_replicas)
             rows["eplb"].append(evaluate_plan(problem, solve(problem, "eplb",

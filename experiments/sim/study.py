@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from experiments.manifest import Manifest
+from probe.planner.greedy_rules import GreedyRules
 from probe.sim.attention import AttentionModel
 from probe.sim.calibration import calibrated_attention, calibrated_hardware, has_calibration
 from probe.sim.engine import simulate
@@ -187,18 +188,12 @@ def run_predictor(out: Path, layers: int, log) -> dict:
 def _kernel_ms(load: np.ndarray, model, hw, k_max: int, repeats: int = 5) -> float:
     """Median ms of the greedy kernel alone (probe.planner.greedy.greedy_arrays: compact
     output, no dense [S, E, G] Plan) on one layer's load, window = static compute + attention."""
-    from probe.placement import sharded_home
-    from probe.planner.cost import CostModel
-    from probe.planner.greedy import greedy_arrays
-    from probe.planner.window import default_window
+    from probe.planner import BalanceProblem, CostModel, GreedyRules
+    from probe.planner.greedy import _kernel_args, greedy_arrays
 
     cost = CostModel.from_specs(model, hw)
-    home = sharded_home(model.num_experts, hw.num_ranks)
-    window = default_window(load, home, cost) + 1e-3
-    args = (np.ascontiguousarray(load, dtype=np.int64), home,
-            np.full(hw.num_ranks, 3, dtype=np.int64), window.astype(np.float64),
-            float(cost.alpha), float(cost.beta), np.ascontiguousarray(cost.token_time),
-            np.ascontiguousarray(cost.transfer_time), int(k_max), 0.0)
+    problem = BalanceProblem.from_load(load, cost, slots=3, attention_time=1e-3)
+    args = _kernel_args(problem, GreedyRules(k_max=k_max))
     greedy_arrays(*args)  # compile / warm up
     times = []
     for _ in range(repeats):
@@ -226,7 +221,8 @@ def run_scale(out: Path, log, quick: bool) -> dict:
             res = simulate(trace, model=model, hardware=hw, attention=att, progress=False,
                            policies=("static", "probe", "probe-unbounded", "oracle"))
             unlimited = simulate(trace, model=model, hardware=hw, attention=att, progress=False,
-                                 policies=("probe",), planner_options={"k_max": None})
+                                 policies=("probe",),
+                                 planner_options={"rules": GreedyRules(k_max=0)})
             log(f"scale {name} ep={ep}: {time.perf_counter() - t0:.1f} s")
             s = {p: res.summary(p) for p in res.policies}
             s["probe k_max=inf"] = unlimited.summary("probe")

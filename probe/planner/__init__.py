@@ -3,11 +3,13 @@
 `solve(problem, method)` runs any backend ("static", "greedy", "greedy_ref", "eplb",
 "deepseek_eplb", "lp", "cpsat", "highs"); backends and Numba are imported on first use, so
 importing this package stays light and a missing optional solver never breaks it.
+docs/planner.md describes the problem, every solver and the greedy's rules (`GreedyRules`).
 """
 
 from probe.planner.check import PlanMetrics, check_plan, evaluate_plan
 from probe.planner.cost import CostModel, topology_graph
 from probe.planner.eplb import even_split, solve_eplb, to_eplb_maps
+from probe.planner.greedy_rules import GreedyRules
 from probe.planner.layers import (
     attention_time,
     plan_layers,
@@ -30,6 +32,7 @@ __all__ = [
     "METHODS",
     "BalanceProblem",
     "CostModel",
+    "GreedyRules",
     "Plan",
     "PlanMetrics",
     "SolveResult",

@@ -117,7 +117,7 @@ def rank_times(problem: BalanceProblem, assignment: np.ndarray) -> tuple[np.ndar
     """Per-rank compute and communication seconds of an assignment int [S, E, G]: two [G]."""
     cost = problem.cost
     tokens = assignment.sum(axis=0).T.astype(np.float64)  # [G, E]
-    compute = ((tokens > 0) * (cost.alpha + cost.beta * tokens)).sum(axis=1)
+    compute = cost.compute_time(tokens)
     flow = assignment.sum(axis=1).astype(np.float64)  # [S, G] tokens sent s -> g
     time_in = (flow * cost.token_time).sum(axis=0)
     time_out = (flow * cost.token_time).sum(axis=1)

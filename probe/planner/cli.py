@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Annotated
 
@@ -16,14 +17,15 @@ from rich.table import Table
 from probe.placement import sharded_home
 from probe.planner.check import evaluate_plan
 from probe.planner.cost import CostModel
+from probe.planner.greedy_rules import GreedyRules
 from probe.planner.layers import attention_time, plan_step
 from probe.planner.problem import BalanceProblem, Plan, SolveResult
 from probe.planner.solve import METHODS
 from probe.planner.static import static_plan
-from probe.planner.window import default_window
+from probe.specs import resolve_hardware, resolve_model
 from probe.tables import fit_table
 
-__all__ = ["plan_cmd", "register"]
+__all__ = ["plan_cmd", "register", "resolve_spec_option"]
 
 
 def register(app: typer.Typer) -> None:
@@ -45,6 +47,16 @@ def _parse_window(text: str) -> str | float:
     return value
 
 
+def _check_seconds(value: float | None, option: str, *, positive: bool) -> None:
+    """BadParameter naming `option` unless value is None or a number >= 0 (> 0 if positive;
+    NaN never)."""
+    if value is None:
+        return
+    if math.isnan(value) or value < 0 or (positive and value == 0):
+        bound = "> 0" if positive else ">= 0"
+        raise typer.BadParameter(f"must be {bound}, got {value}", param_hint=option)
+
+
 def moved_tokens(problem: BalanceProblem, plan: Plan) -> int:
     """Tokens processed somewhere other than in the static plan."""
     diff = plan.assignment - static_plan(problem).assignment
@@ -61,23 +73,24 @@ def plan_cmd(
     model: Annotated[str, typer.Option(help="ModelSpec preset or JSON file")] = "gpt-oss-120b",
     hardware: Annotated[str, typer.Option(help="HardwareSpec preset or JSON file (resized to "
                                                "the trace's ranks)")] = "h200x8",
-    slots: Annotated[int, typer.Option(help="extra replica slots per rank")] = 3,
+    slots: Annotated[int, typer.Option(min=0, help="extra replica slots per rank")] = 3,
     window: Annotated[str, typer.Option(help="'auto' (each rank's static expert compute + "
                                              "attention) or seconds")] = "auto",
     attention_us: Annotated[float | None, typer.Option(
-        help="attention time in the auto window, microseconds (default: estimated from the "
-             "specs)")] = None,
-    k_max: Annotated[int, typer.Option(help="greedy: most moves (0 = until no gain)")] = 16,
+        help="attention time in the auto window, microseconds, >= 0 (default: estimated from "
+             "the specs)")] = None,
+    k_max: Annotated[int, typer.Option(min=0, help="greedy: most moves (0 = until no gain)")]
+    = 16,
     paper: Annotated[bool, typer.Option(
         "--paper", help="greedy: the paper's Algorithm 1 rules instead of probe's defaults")]
     = False,
     also_paper: Annotated[bool, typer.Option(
         "--also-paper", help="greedy: also run the paper's rules and keep the better plan "
                              "(about twice the time)")] = False,
-    time_limit: Annotated[float | None, typer.Option(help="seconds per layer solve")] = None,
+    time_limit: Annotated[float | None, typer.Option(help="seconds per layer solve, > 0")]
+    = None,
 ) -> None:
     """Plan one step of TRACE with METHOD and print the replicas, moved tokens and metrics."""
-    from probe.specs import resolve_hardware, resolve_model
     from probe.traces.trace import RoutingTrace
 
     console = Console()
@@ -85,11 +98,14 @@ def plan_cmd(
         raise typer.BadParameter(f"unknown method {method!r}; choose one of: "
                                  f"{', '.join(sorted(METHODS))}", param_hint="--method")
     win = _parse_window(window)
-    if slots < 0:
-        raise typer.BadParameter("slots must be >= 0", param_hint="--slots")
+    _check_seconds(attention_us, "--attention-us", positive=False)
+    _check_seconds(time_limit, "--time-limit", positive=True)
+    if paper and also_paper:
+        raise typer.BadParameter("--paper and --also-paper exclude each other",
+                                 param_hint="--also-paper")
+    spec_model = resolve_spec_option(resolve_model, model, "--model")
+    spec_hw = resolve_spec_option(resolve_hardware, hardware, "--hardware")
     try:
-        spec_model = resolve_model(model)
-        spec_hw = resolve_hardware(hardware)
         routing = RoutingTrace.load(trace)
     except (ValueError, FileNotFoundError, OSError) as err:
         console.print(f"[red]error:[/red] {err}")
@@ -104,22 +120,16 @@ def plan_cmd(
     attention_s = (attention_time(spec_model, spec_hw) if attention_us is None
                    else attention_us * 1e-6)
     home = sharded_home(routing.num_experts, routing.num_ranks)
-    if paper and also_paper:
-        raise typer.BadParameter("--paper and --also-paper exclude each other",
-                                 param_hint="--also-paper")
     options = {}
     if method in ("greedy", "greedy_ref"):
-        from probe.planner.greedy import PAPER_OPTIONS
-
-        options = {"k_max": k_max, **(PAPER_OPTIONS if paper else {"also_paper": also_paper})}
+        options["rules"] = (GreedyRules.paper(k_max=k_max) if paper
+                            else GreedyRules(k_max=k_max, also_paper=also_paper))
     results = plan_step(routing, step, cost=cost, home=home, slots=slots, window=win,
                         method=method, attention_s=attention_s, time_limit=time_limit,
                         **options)
     loads = routing.load_counts(steps=[step])[0]  # [L, S, E]
-    problems = []
-    for load in loads:
-        w = default_window(load, home, cost, attention_time=attention_s) if win == "auto" else win
-        problems.append(BalanceProblem(load, home, slots, w, cost))
+    problems = [BalanceProblem.from_load(load, cost, slots, win, home, attention_time=attention_s)
+                for load in loads]
 
     console.print(f"[bold]{trace.name}[/bold] step {step}: {routing.num_ranks} ranks, "
                   f"{routing.num_experts} experts, top-{routing.top_k}; {spec_model.name} on "
@@ -133,6 +143,16 @@ def plan_cmd(
             console.print(fit_table(_replicas_table(problem, result.plan)))
         if result.message:
             console.print(f"{result.status}: {result.message}")
+
+
+def resolve_spec_option(resolve, name: str, option: str):
+    """resolve(name) (resolve_model or resolve_hardware: a preset name or a JSON file), with any
+    error turned into a usage error (typer.BadParameter) naming `option`."""
+    try:
+        return resolve(name)
+    except (ValueError, TypeError, KeyError, OSError) as err:
+        raise typer.BadParameter(str(err).splitlines()[0] if str(err) else repr(err),
+                                 param_hint=option) from None
 
 
 def _us(seconds: float) -> str:

@@ -1,4 +1,4 @@
-"""The cost model of one MoE layer under expert parallelism (PAPER.md section 3, linearised).
+"""The cost model of one MoE layer under expert parallelism (the paper's section 3, linearised).
 
 Per rank g, with n[e, g] tokens of expert e processed on g (summed over source ranks):
     T_comp(g) = sum over experts active on g (n[e, g] > 0) of (alpha + beta * n[e, g])
@@ -13,7 +13,8 @@ window (eq. 6).
 alpha is the fixed cost of an active expert (its weight read from HBM plus launch and tile
 overhead), beta the per-token cost at the grouped GEMM's large-batch efficiency: the
 hardware-aware linear reading of T(n) = n F / (eta(n) F_peak). Token deduplication (lambda) is
-taken as 1: counts are token-expert pairs, so traffic is an upper bound.
+taken as 1: counts are token-expert pairs, so traffic is an upper bound. docs/planner.md
+sets these costs in the whole planning problem.
 
 >>> from probe.specs import hardware_preset, model_preset
 >>> cost = CostModel.from_specs(model_preset("gpt-oss-120b"), hardware_preset("h200x8"))
@@ -109,6 +110,19 @@ class CostModel:
     @property
     def num_ranks(self) -> int:
         return self.token_time.shape[0]
+
+    def compute_time(self, tokens: np.ndarray) -> np.ndarray:
+        """float64 [G]: expert-compute seconds of each rank, the sum over experts active on
+        rank g (tokens[g, e] > 0) of alpha + beta * tokens[g, e].
+
+        tokens: [G, E] tokens of expert e processed on rank g, int (a plan) or float (an even
+        split's fractional shares). The greedy kernels keep this formula as inline loops (they
+        must stay compiled); everything else calls this method.
+        """
+        tokens = np.asarray(tokens, dtype=np.float64)
+        if tokens.ndim != 2:
+            raise ValueError(f"tokens must be a [G, E] array, got shape {tokens.shape}")
+        return ((tokens > 0) * (self.alpha + self.beta * tokens)).sum(axis=1)
 
     @classmethod
     def from_specs(cls, model: ModelSpec, hardware: HardwareSpec,

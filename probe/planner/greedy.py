@@ -1,75 +1,22 @@
-"""The greedy balance planner (the paper's Algorithm 1, plus options) on probe's cost model,
-compiled with Numba.
+"""The greedy balance planner (the paper's Algorithm 1, plus probe's rules), compiled with Numba.
 
 Rank time T(g) = compute(g) + 2 * max(in(g), out(g)) as in cost.py. The plan starts from the
-locality-first static split (static.py) and makes at most k_max accepted moves (default 16, the
-paper's fixed budget; "auto" = max(16, 2G) helps at ep >= 16). The default rules are the paper's
-with three options flipped: move_local on (rule 4), two_phase on and mean_cap off (rule 6);
-`PAPER_OPTIONS` (move_local=False, evacuate=False, two_phase=False, mean_cap=True,
-also_paper=False) gives Algorithm 1 itself. On solvers_bench's proven instances the defaults
-cut the median gap to the optimum about threefold at the paper's speed; also_paper=True
-(rule 8) makes the plan never worse than the paper's for about twice the time
-(results/greedy_variants.md). One move:
-
-1. r_src = the slowest rank (largest T; lowest index on ties); mean = sum(T) / G, summed in
-   rank order.
-2. Destinations: ranks g != r_src with T(g) < T(r_src), fastest first (ties: lowest index).
-3. Experts, for each destination: experts with tokens on r_src, heaviest first (tokens of the
-   expert processed on r_src; ties: lowest id).
-4. Pool of movable tokens of e on r_src: r_dst's own tokens first (they become local), then
-   every other source s != r_src in rank order whose tokens of e sit on r_src and that holds no
-   copy of e itself. With the option move_local (default on) r_src's own tokens of e join the
-   pool last (after every other source), so they move only when the others are exhausted;
-   moving one adds token_time[r_src, r_dst] to out(r_src) (and r_dst's in). Off (the paper),
-   tokens that originate on r_src stay local. An empty pool skips e.
-5. If r_dst does not hold e, it needs a free slot and a home holder h that fits both window
-   budgets (received seconds on r_dst and sent seconds on h each stay <= their window); among
-   those the smallest (transfer_time[h, r_dst], seconds h already sends, h). No slot or no such
-   holder skips e (the pair (r_dst, e) is invalid for this move).
-6. Water-fill x tokens, taken from the pool in order: x_eq = the smallest x in [1, pool] with
-   T_src(x) <= T_dst(x), found by bisection (pool if none), moved back by one when that gives a
-   max(T_src, T_dst) no larger. With the option mean_cap (the paper's; default off), also
-   x_mean = the smallest x with T_src(x) <= mean (bisection; pool if none) and x = min(x_eq,
-   x_mean); off, x = x_eq (stopping at the mean leaves r_dst under-filled, and r_dst's slot and
-   window are then spent on a half move). The bisections assume T_src falls as x grows, which
-   r_src's own tokens break (they add outgoing traffic). With the options move_local and
-   two_phase (default on) and r_src's own tokens in the pool, x is searched in two phases:
-   phase 1 is the rule above over the other sources' tokens alone (n_other of them); phase 2
-   runs when n_other is 0, or when phase 1 took all n_other tokens and T_src(n_other) is still
-   above T_dst(n_other) (and above the mean with mean_cap): over x in [n_other + 1, hi] (hi =
-   pool, or pool - 1 when x = pool would empty r_src of e: its alpha drop breaks convexity)
-   f(x) = max(T_src, T_dst) is convex, so x2 = the first x with f(x + 1) >= f(x) (bisection;
-   hi if none); with mean_cap, when T_src(x2) <= mean, x2 = the first x >= n_other + 1 with
-   T_src(x) <= mean (bisection). x = x2 when n_other is 0 or x2's worst time (rule 7) is
-   strictly below n_other's, else n_other. With the option evacuate, when the pool holds
-   every token of e on r_src and x < pool, x = pool (r_src no longer pays alpha for e) is also
-   evaluated and taken if its max over r_src, r_dst and the touched sources (rule 7's worst
-   time) is strictly lower than that of the x above. Moving a token changes compute (alpha
-   when an expert appears or vanishes on a rank, beta per token) and traffic: in(r_src)
-   falls, in(r_dst) rises (or out(r_dst) falls for r_dst's own tokens), out(s) of a
-   third-party source changes by token_time[s, r_dst] - token_time[s, r_src].
-7. gain = T(r_src) - max(new times of r_src, r_dst and every source touched). The first
-   candidate in the order above with gain > epsilon is applied (so the maximum rank time never
-   rises); when no candidate qualifies, the greedy stops.
-8. With the option also_paper (default off), when the options above are not the paper's, the
-   kernel also runs the paper's rules (its fixed budget: min(k_max, 16) moves, unlimited when
-   k_max is; same epsilon) and returns that plan instead when its maximum rank time (each
-   run's own bookkeeping) is strictly lower: the default is never worse than Algorithm 1 with
-   16 moves (or k_max if fewer), for at most about twice the time. Off by default: it would
-   double the planning time the dispatch has to hide.
+locality-first static split (static.py) and makes at most k_max moves; each move takes tokens
+of one expert from the slowest rank to a faster one (copying the expert there if needed) when
+that lowers the largest rank time. The rules are numbered 1-8 in docs/planner.md ("The
+greedy's rules"), which also says why probe's defaults (`GreedyRules()`) differ from the
+paper's (`GreedyRules.paper()`); the comments below refer to those numbers.
 
 `greedy_ref.py` implements the same rules with lists and loops, in the same floating-point order;
 tests require identical plans. The kernel runs in O(G * E) for the start plus, per move, one
 O(E) expert selection and O(G log T) per tried candidate; nothing depends on S * E * G.
 
 >>> import numpy as np
->>> from probe.placement import sharded_home
 >>> from probe.planner.cost import CostModel
 >>> from probe.planner.problem import BalanceProblem
 >>> cost = CostModel.uniform(2, alpha=0.0, beta=1.0, token_time=0.0, transfer_time=1.0)
->>> prob = BalanceProblem(np.array([[6, 0], [2, 0]]), sharded_home(2, 2), slots=1, window=1.0,
-...                       cost=cost)
->>> plan = greedy_plan(prob, **PAPER_OPTIONS)
+>>> prob = BalanceProblem.from_load(np.array([[6, 0], [2, 0]]), cost, slots=1, window=1.0)
+>>> plan = greedy_plan(prob, GreedyRules.paper())
 >>> plan.replicas.astype(int).tolist(), plan.tokens_per_rank_expert().tolist()
 ([[0, 0], [1, 0]], [[6, 0], [2, 0]])
 
@@ -88,23 +35,14 @@ import time
 import numba
 import numpy as np
 
+from probe.planner.greedy_rules import GreedyRules
 from probe.planner.problem import BalanceProblem, Plan, SolveResult
 from probe.planner.static import static_assignment
 
-__all__ = ["PAPER_OPTIONS", "greedy_arrays", "greedy_plan", "resolve_k_max", "solve_greedy",
-           "solve_greedy_ref"]
-
-# The options that give the paper's Algorithm 1 (the defaults give probe's rules); its move
-# budget is k_max (16 in the paper's setting and by default).
-PAPER_OPTIONS = {"move_local": False, "evacuate": False, "two_phase": False, "mean_cap": True,
-                 "also_paper": False}
+__all__ = ["GreedyRules", "greedy_arrays", "greedy_plan", "solve_greedy", "solve_greedy_ref"]
 
 # Safety cap on moves when k_max is unlimited (0); the loop ends much earlier in practice.
 UNLIMITED_MOVES = 1_000_000
-# k_max="auto": max(AUTO_MIN_MOVES, AUTO_MOVES_PER_RANK * G) moves. With more hot experts than
-# ranks to drain (ep 16-32), 16 moves stop early; 2G keeps ep=32, E=256 well under 1 ms.
-AUTO_MIN_MOVES = 16
-AUTO_MOVES_PER_RANK = 2
 # Rule 8's run of the paper's rules makes at most this many moves (the paper's fixed budget).
 PAPER_MOVES = 16
 
@@ -275,8 +213,9 @@ def greedy_arrays(load, home, slots, window, alpha, beta, token_time, transfer_t
         load: int64 [S, E]; home: bool [G, E] (S = G); slots: int64 [G]; window: float64 [G];
         alpha, beta: float; token_time, transfer_time: float64 [G, G];
         k_max: int, most moves (0 = until no move gains); epsilon: float, least gain (seconds);
-        move_local, evacuate, two_phase, mean_cap, also_paper: bool, the options of rules 4, 6
-            and 8 (defaults: the default rules; False, False, False, True, False: the paper's).
+        move_local, evacuate, two_phase, mean_cap, also_paper: bool, the flags of rules 4, 6
+            and 8. The kernel takes GreedyRules' fields as scalars (`_kernel_args` unpacks
+            them); its defaults are GreedyRules()'s, and tests keep the two equal.
     Returns (of the run kept by rule 8):
         replicas: int64 [n_rep, 3], rows (rank, expert, source) in the order they were made:
             expert replicas[i, 1] is copied from rank replicas[i, 2] to rank replicas[i, 0];
@@ -345,6 +284,7 @@ def _greedy_run(load, home, slots, window, alpha, beta, token_time, transfer_tim
                     g = hlist[e, k]
                     tok[g, e] += c
                     flow[s, g] += c
+    # (CostModel.compute_time's formula, written as a loop so that it stays compiled.)
     comp = np.zeros(num_ranks)
     for g in range(num_ranks):
         for i in range(rank_nhome[g]):
@@ -644,30 +584,9 @@ def _greedy_run(load, home, slots, window, alpha, beta, token_time, transfer_tim
     return rep[:n_rep], blk_expert[:n_blk], blk_assign[:n_blk], num_moves, makespan
 
 
-def resolve_k_max(k_max: int | str | None, num_ranks: int) -> int:
-    """k_max as the kernel takes it (0 = unlimited); "auto" = max(16, 2G). Raises ValueError."""
-    if isinstance(k_max, str) and k_max == "auto":
-        return max(AUTO_MIN_MOVES, AUTO_MOVES_PER_RANK * num_ranks)
-    if k_max is None:
-        return 0
-    if isinstance(k_max, bool) or not isinstance(k_max, (int, np.integer)) or k_max < 0:
-        raise ValueError(f"k_max must be a non-negative int, None (unlimited) or 'auto', got "
-                         f"{k_max!r}")
-    return int(k_max)
-
-
-def _kernel_args(problem: BalanceProblem, k_max: int | str | None, epsilon: float,
-                 move_local: bool = True, evacuate: bool = False, two_phase: bool = True,
-                 mean_cap: bool = False, also_paper: bool = False) -> tuple:
-    k_max = resolve_k_max(k_max, problem.num_ranks)
-    epsilon = float(epsilon)
-    if not np.isfinite(epsilon) or epsilon < 0:
-        raise ValueError(f"epsilon must be finite and >= 0 seconds, got {epsilon!r}")
-    for name, flag in (("move_local", move_local), ("evacuate", evacuate),
-                       ("two_phase", two_phase), ("mean_cap", mean_cap),
-                       ("also_paper", also_paper)):
-        if not isinstance(flag, (bool, np.bool_)):
-            raise TypeError(f"{name} must be a bool, got {flag!r}")
+def _kernel_args(problem: BalanceProblem, rules: GreedyRules | None) -> tuple:
+    """`greedy_arrays`' arguments for `problem` under `rules` (None: GreedyRules())."""
+    rules = _rules(rules)
     cost = problem.cost
     return (np.ascontiguousarray(problem.load, dtype=np.int64),
             np.ascontiguousarray(problem.home, dtype=np.bool_),
@@ -676,8 +595,16 @@ def _kernel_args(problem: BalanceProblem, k_max: int | str | None, epsilon: floa
             float(cost.alpha), float(cost.beta),
             np.ascontiguousarray(cost.token_time, dtype=np.float64),
             np.ascontiguousarray(cost.transfer_time, dtype=np.float64),
-            int(k_max), epsilon, bool(move_local), bool(evacuate), bool(two_phase),
-            bool(mean_cap), bool(also_paper))
+            rules.max_moves(problem.num_ranks), rules.epsilon, *rules.flags.values())
+
+
+def _rules(rules: GreedyRules | None) -> GreedyRules:
+    """`rules`, or the defaults for None; TypeError for anything else."""
+    if rules is None:
+        return GreedyRules()
+    if not isinstance(rules, GreedyRules):
+        raise TypeError(f"rules must be a GreedyRules, got {type(rules).__name__}")
+    return rules
 
 
 def plan_from_arrays(problem: BalanceProblem, rep: np.ndarray, blk_expert: np.ndarray,
@@ -694,35 +621,19 @@ def plan_from_arrays(problem: BalanceProblem, rep: np.ndarray, blk_expert: np.nd
     return Plan(replicas, sources, assignment)
 
 
-def greedy_plan(problem: BalanceProblem, *, k_max: int | str | None = 16,
-                epsilon: float = 0.0, move_local: bool = True, evacuate: bool = False,
-                two_phase: bool = True, mean_cap: bool = False,
-                also_paper: bool = False) -> Plan:
-    """The greedy plan of `problem` (Numba kernel; see the module docstring for the rules).
-
-    k_max: most moves (default 16; "auto": max(16, 2G); None or 0: until no move gains);
-    epsilon: least gain in seconds;
-    move_local: r_src's own tokens join the pool, last (rule 4); evacuate: also try moving the
-    whole pool when it holds every token of the expert on r_src (rule 6); two_phase: with
-    move_local, search x over the other sources' tokens, then over r_src's own (rule 6);
-    mean_cap: stop x where r_src reaches the mean (rule 6); also_paper: also run the paper's
-    rules and keep the better plan (rule 8; about twice the time). The defaults are probe's
-    rules; `PAPER_OPTIONS` (move_local, two_phase and mean_cap flipped, also_paper off) gives
-    the paper's Algorithm 1.
-    """
-    out = greedy_arrays(*_kernel_args(problem, k_max, epsilon, move_local, evacuate, two_phase,
-                                      mean_cap, also_paper))
+def greedy_plan(problem: BalanceProblem, rules: GreedyRules | None = None) -> Plan:
+    """The greedy plan of `problem` under `rules` (default: `GreedyRules()`, probe's rules;
+    `GreedyRules.paper()` is the paper's Algorithm 1). Numba kernel; docs/planner.md has the
+    rules."""
+    out = greedy_arrays(*_kernel_args(problem, rules))
     return plan_from_arrays(problem, *out[:3])
 
 
 def solve_greedy(problem: BalanceProblem, *, time_limit: float | None = None,
-                 k_max: int | str | None = 16, epsilon: float = 0.0,
-                 move_local: bool = True, evacuate: bool = False, two_phase: bool = True,
-                 mean_cap: bool = False, also_paper: bool = False) -> SolveResult:
-    """Backend for `solve(problem, "greedy")` (options as in `greedy_plan`). The kernel has no
-    deadline check: it is bounded by k_max moves; time_limit is only reported against."""
-    args = _kernel_args(problem, k_max, epsilon, move_local, evacuate, two_phase, mean_cap,
-                        also_paper)
+                 rules: GreedyRules | None = None) -> SolveResult:
+    """Backend for `solve(problem, "greedy", rules=...)` (rules as in `greedy_plan`). The kernel
+    has no deadline check: it is bounded by k_max moves; time_limit is only reported against."""
+    args = _kernel_args(problem, rules)
     start = time.perf_counter()
     out = greedy_arrays(*args)
     plan = plan_from_arrays(problem, *out[:3])
@@ -733,18 +644,13 @@ def solve_greedy(problem: BalanceProblem, *, time_limit: float | None = None,
 
 
 def solve_greedy_ref(problem: BalanceProblem, *, time_limit: float | None = None,
-                     k_max: int | str | None = 16, epsilon: float = 0.0,
-                     move_local: bool = True, evacuate: bool = False, two_phase: bool = True,
-                     mean_cap: bool = False, also_paper: bool = False) -> SolveResult:
-    """Backend for `solve(problem, "greedy_ref")`: the plain-Python twin."""
+                     rules: GreedyRules | None = None) -> SolveResult:
+    """Backend for `solve(problem, "greedy_ref", rules=...)`: the plain-Python twin."""
     from probe.planner.greedy_ref import greedy_ref
 
-    _kernel_args(problem, k_max, epsilon, move_local, evacuate, two_phase, mean_cap,
-                 also_paper)  # same validation
+    rules = _rules(rules)
     start = time.perf_counter()
-    plan = greedy_ref(problem, k_max=k_max, epsilon=epsilon, move_local=move_local,
-                      evacuate=evacuate, two_phase=two_phase, mean_cap=mean_cap,
-                      also_paper=also_paper)
+    plan = greedy_ref(problem, rules)
     wall = time.perf_counter() - start
     status = "timeout" if time_limit is not None and wall > time_limit else "feasible"
     return SolveResult(status, plan, float("nan"), None, None, wall,

@@ -1,14 +1,15 @@
 """Plain-Python twin of the Numba greedy (greedy.py): the same algorithm, written the obvious way.
 
-Lists, loops and a dense assignment; no numpy in the algorithm itself. It follows the rules
-spelled out in greedy.py's docstring step by step, in the same floating-point order, so that
-tests can demand identical plans from both. Slow (milliseconds): use it to check, not to plan.
+Lists, loops and a dense assignment; no numpy in the algorithm itself. It follows the rules of
+docs/planner.md ("The greedy's rules") step by step, in the same floating-point order as the
+kernel, so that tests can demand identical plans from both. Slow: use it to check, not to plan.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
+from probe.planner.greedy_rules import GreedyRules
 from probe.planner.problem import BalanceProblem, Plan
 from probe.planner.static import static_assignment
 
@@ -16,26 +17,30 @@ __all__ = ["greedy_ref"]
 
 # Safety cap on moves when k_max is unlimited (the loop ends much earlier in practice).
 UNLIMITED_MOVES = 1_000_000
+# Rule 8 runs the paper's rules with at most this many moves (the paper's fixed budget).
+PAPER_MOVES = 16
 
 
-def greedy_ref(problem: BalanceProblem, *, k_max: int | str | None = 16,
-               epsilon: float = 0.0, move_local: bool = True, evacuate: bool = False,
-               two_phase: bool = True, mean_cap: bool = False, also_paper: bool = False) -> Plan:
-    """The greedy plan of `problem`, computed slowly and obviously (see greedy.py; move_local,
-    evacuate, two_phase, mean_cap and also_paper are the options of its rules 4, 6 and 8, with
-    its defaults)."""
-    if k_max == "auto":
-        k_max = max(16, 2 * problem.num_ranks)
-    plan, makespan = _run(problem, k_max, epsilon, move_local, evacuate, two_phase, mean_cap)
-    if also_paper and (move_local or evacuate or two_phase or not mean_cap):
-        paper_k_max = min(int(k_max), 16) if k_max else None  # the paper's 16-move budget
-        paper, paper_makespan = _run(problem, paper_k_max, epsilon, False, False, False, True)
+def greedy_ref(problem: BalanceProblem, rules: GreedyRules | None = None) -> Plan:
+    """The greedy plan of `problem` under `rules` (default `GreedyRules()`), computed slowly and
+    obviously."""
+    if rules is None:
+        rules = GreedyRules()
+    if not isinstance(rules, GreedyRules):
+        raise TypeError(f"rules must be a GreedyRules, got {type(rules).__name__}")
+    k_max = rules.max_moves(problem.num_ranks)  # 0: unlimited
+    plan, makespan = _run(problem, k_max, rules.epsilon, rules.move_local, rules.evacuate,
+                          rules.two_phase, rules.mean_cap)
+    if rules.also_paper and not rules.is_paper:
+        paper_k_max = min(k_max, PAPER_MOVES) if k_max else 0
+        paper, paper_makespan = _run(problem, paper_k_max, rules.epsilon, False, False, False,
+                                     True)
         if paper_makespan < makespan:  # rule 8: the paper's plan only when strictly better
             return paper
     return plan
 
 
-def _run(problem: BalanceProblem, k_max: int | None, epsilon: float, move_local: bool,
+def _run(problem: BalanceProblem, k_max: int, epsilon: float, move_local: bool,
          evacuate: bool, two_phase: bool, mean_cap: bool) -> tuple[Plan, float]:
     """One run of rules 1-7: the plan and its maximum rank time (the run's own bookkeeping)."""
     num_ranks, num_experts = problem.num_ranks, problem.num_experts
@@ -59,6 +64,7 @@ def _run(problem: BalanceProblem, k_max: int | None, epsilon: float, move_local:
 
     tok = [[sum(assign[s][e][g] for s in range(num_ranks)) for e in range(num_experts)]
            for g in range(num_ranks)]
+    # CostModel.compute_time's formula, summed in the kernel's order (expert by expert).
     comp = [0.0] * num_ranks
     for g in range(num_ranks):
         for e in range(num_experts):

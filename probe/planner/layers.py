@@ -1,14 +1,13 @@
 """Plan every MoE layer of one trace step.
 
 Window "auto" is `probe.planner.window.default_window`: each rank hides transfers behind its
-own static expert-compute time under the cost model plus an attention time (PAPER.md section
-4.4: the copy starts during the expert GEMM, pauses for the combine, and finishes during the
-next layer's attention). `attention_time(model, hardware)` estimates the latter as the time to
-read the attention projection weights (4 * D^2) from HBM, a lower bound; the CLI passes it.
-Pass seconds (or a [G] array) to set the window explicitly.
+own static expert-compute time under the cost model plus an attention time (the paper's
+section 4.4: the copy starts during the expert GEMM, pauses for the combine, and finishes
+during the next layer's attention). `attention_time(model, hardware)` estimates the latter as
+the time to read the attention projection weights (4 * D^2) from HBM, a lower bound; the CLI
+passes it. Pass seconds (or a [G] array) to set the window explicitly.
 
 >>> import numpy as np
->>> from probe.placement import sharded_home
 >>> from probe.planner.cost import CostModel
 >>> cost = CostModel.uniform(2, alpha=0.0, beta=1.0, token_time=0.1, transfer_time=1.0)
 >>> results = plan_layers(np.array([[[0, 0], [8, 0]]]), cost=cost, slots=1, window=1.0)
@@ -22,10 +21,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from probe.placement import sharded_home
 from probe.planner.cost import CostModel
 from probe.planner.problem import BalanceProblem, Plan, SolveResult
-from probe.planner.window import default_window
 
 __all__ = ["attention_time", "plan_layers", "plan_step", "stack_eplb_maps"]
 
@@ -33,14 +30,6 @@ __all__ = ["attention_time", "plan_layers", "plan_step", "stack_eplb_maps"]
 def attention_time(model, hardware) -> float:
     """Seconds to read one layer's attention projections (4 x hidden^2 weights) from HBM."""
     return 4.0 * model.hidden ** 2 * model.bytes_per_weight / hardware.hbm_bw
-
-
-def _window_for(window, load, home, cost, attention_s):
-    if isinstance(window, str):
-        if window != "auto":
-            raise ValueError(f"window must be 'auto', seconds, or a [G] array, got {window!r}")
-        return default_window(load, home, cost, attention_time=attention_s)
-    return window
 
 
 def plan_layers(loads: np.ndarray, *, cost: CostModel, home: np.ndarray | None = None,
@@ -51,22 +40,18 @@ def plan_layers(loads: np.ndarray, *, cost: CostModel, home: np.ndarray | None =
 
     loads: int [L, S, E]; home: bool [G, E] (default: static sharding); slots: per rank (int
     or [G]); window: "auto" (see module docstring), seconds, or float [G]; method and options
-    go to `solve`. histories: per-layer `history` for method "eplb" (None entries use the
-    current load).
+    go to `solve` (e.g. rules=GreedyRules.paper() for the greedy methods). histories:
+    per-layer `history` for method "eplb" (None entries use the current load).
     """
     from probe.planner.solve import solve
 
     loads = np.asarray(loads)
     if loads.ndim != 3:
         raise ValueError(f"loads must be [L, S, E], got shape {loads.shape}")
-    num_layers, num_sources, num_experts = loads.shape
-    if home is None:
-        home = sharded_home(num_experts, num_sources)
     results = []
-    for layer in range(num_layers):
-        load = loads[layer]
-        win = _window_for(window, load, home, cost, attention_s)
-        problem = BalanceProblem(load, home, slots, win, cost)
+    for layer in range(loads.shape[0]):
+        problem = BalanceProblem.from_load(loads[layer], cost, slots, window, home,
+                                           attention_time=attention_s)
         extra = dict(options)
         if method == "eplb" and histories is not None and histories[layer] is not None:
             extra["history"] = histories[layer]

@@ -4,6 +4,7 @@ A `BalanceProblem` holds what the planner knows before a layer runs: predicted t
 (source rank, expert), where each expert lives, how many extra replicas each rank may take,
 and how long each rank can hide weight transfers. A `Plan` says which extra replicas go where
 (and from whom they are copied) and how many tokens of each (source, expert) run on each rank.
+docs/planner.md states the objective and constraints a plan is judged by.
 """
 
 from __future__ import annotations
@@ -14,7 +15,12 @@ import numpy as np
 
 from probe.planner.cost import CostModel
 
-__all__ = ["BalanceProblem", "Plan", "SolveResult"]
+__all__ = ["MAX_TOKENS", "BalanceProblem", "Plan", "SolveResult"]
+
+# Token counts and their totals must stay at or below this, so that any total, and the sum of
+# two (a bisection's lo + hi), fits int64. (Past 2**53 float64 times round the counts, the same
+# way in every solver and in the checker.)
+MAX_TOKENS = 2**62
 
 
 def _readonly(arr: np.ndarray) -> np.ndarray:
@@ -31,6 +37,59 @@ def _per_rank(name: str, value, num_ranks: int) -> np.ndarray:
         return np.broadcast_to(arr, (num_ranks,))
     raise ValueError(f"{name} must be a number or a [G] array with G = {num_ranks}, "
                      f"got shape {arr.shape}")
+
+
+def _checked_load(value) -> np.ndarray:
+    """`value` as an int64 [S, E] load: whole, non-negative counts whose total is at most
+    MAX_TOKENS. ValueError/TypeError naming the problem otherwise."""
+    load = np.asarray(value)
+    if load.ndim != 2:
+        raise ValueError(f"load must be a 2-D [S, E] array, got shape {load.shape}")
+    if load.dtype.kind == "f":
+        if not np.all(np.isfinite(load)):
+            raise ValueError("load contains NaN or infinite values")
+        if np.any(load != np.round(load)):
+            raise ValueError("load must hold whole token counts")
+    elif load.dtype.kind not in "iub":
+        raise TypeError(f"load must be numeric, got dtype {load.dtype}")
+    if np.any(load < 0):
+        s, e = np.argwhere(load < 0)[0]
+        raise ValueError(f"load has a negative count at source {s}, expert {e}")
+    if load.size and load.max() > MAX_TOKENS:
+        s, e = np.unravel_index(np.argmax(load), load.shape)
+        raise ValueError(f"load has {load[s, e]} tokens at source {s}, expert {e}: more than "
+                         f"MAX_TOKENS = 2**62 = {MAX_TOKENS} (token counts, their totals and "
+                         "the sum of two totals must fit int64)")
+    # Every entry is <= 2**62 now. The float64 sum is within a tiny relative error of the true
+    # total: far above MAX_TOKENS it is over for sure; otherwise the int64 sum cannot overflow
+    # and is exact. The total bounds every partial sum (per expert, per source, per rank).
+    if float(load.sum(dtype=np.float64)) > 1.5 * MAX_TOKENS:
+        total = "more than 2**62"
+    else:
+        load = load.astype(np.int64)
+        total = int(load.sum())
+        if total <= MAX_TOKENS:
+            return load
+    raise ValueError(f"load totals {total} tokens: more than MAX_TOKENS = 2**62 = {MAX_TOKENS} "
+                     "(token counts, their totals and the sum of two totals must fit int64; "
+                     "per-expert, per-source and per-rank sums are bounded by the total)")
+
+
+def _check_times_finite(load: np.ndarray, cost: CostModel) -> None:
+    """ValueError when some time the planner or the checker forms could overflow float64: the
+    sum over G ranks of (E * alpha + (beta + 2 * max token_time) * total tokens), or all
+    G * E possible replica copies at the largest transfer time."""
+    num_ranks, num_experts = load.shape
+    total = float(load.sum())
+    with np.errstate(over="ignore", invalid="ignore"):
+        rank_bound = (num_experts * cost.alpha
+                      + (cost.beta + 2.0 * float(cost.token_time.max(initial=0.0))) * total)
+        times = num_ranks * rank_bound
+        copies = num_ranks * num_experts * float(cost.transfer_time.max(initial=0.0))
+    if not (np.isfinite(times) and np.isfinite(copies)):
+        raise ValueError(f"rank times of this load under this cost model overflow float64 "
+                         f"(bound {times:.3g} s over {num_ranks} ranks, {copies:.3g} s of "
+                         "copies): use smaller loads or costs")
 
 
 @dataclass(frozen=True, eq=False)
@@ -62,19 +121,7 @@ class BalanceProblem:
     def __post_init__(self) -> None:
         if not isinstance(self.cost, CostModel):
             raise TypeError(f"cost must be a CostModel, got {type(self.cost).__name__}")
-        load = np.asarray(self.load)
-        if load.ndim != 2:
-            raise ValueError(f"load must be a 2-D [S, E] array, got shape {load.shape}")
-        if load.dtype.kind == "f":
-            if not np.all(np.isfinite(load)):
-                raise ValueError("load contains NaN or infinite values")
-            if np.any(load != np.round(load)):
-                raise ValueError("load must hold whole token counts")
-        elif load.dtype.kind not in "iub":
-            raise TypeError(f"load must be numeric, got dtype {load.dtype}")
-        if np.any(load < 0):
-            s, e = np.argwhere(load < 0)[0]
-            raise ValueError(f"load has a negative count at source {s}, expert {e}")
+        load = _checked_load(self.load)
         home = np.asarray(self.home)
         if home.ndim != 2:
             raise ValueError(f"home must be a 2-D [G, E] array, got shape {home.shape}")
@@ -101,7 +148,8 @@ class BalanceProblem:
         window = _per_rank("window", np.asarray(self.window, dtype=np.float64), num_ranks)
         if np.any(np.isnan(window)) or np.any(window < 0):
             raise ValueError("window must be >= 0 seconds on every rank (no NaN)")
-        object.__setattr__(self, "load", _readonly(load.astype(np.int64)))
+        _check_times_finite(load, self.cost)
+        object.__setattr__(self, "load", _readonly(load))
         object.__setattr__(self, "home", _readonly(home.copy()))
         object.__setattr__(self, "slots", _readonly(slots.astype(np.int64)))
         object.__setattr__(self, "window", _readonly(window.copy()))
@@ -117,6 +165,38 @@ class BalanceProblem:
     @property
     def total_tokens(self) -> int:
         return int(self.load.sum())
+
+    @classmethod
+    def from_load(cls, load: np.ndarray, cost: CostModel, slots: np.ndarray | int,
+                  window: str | float | np.ndarray = "auto", home: np.ndarray | None = None, *,
+                  attention_time: float | np.ndarray = 0.0) -> BalanceProblem:
+        """The problem of `load` under `cost`: how every caller builds one from a load.
+
+        load: int [S, E] tokens per source rank and expert. cost: the CostModel (its G ranks).
+        slots: extra replica slots per rank (int or int [G]). window: "auto" (each rank's
+        expert compute under static EP plus `attention_time`, see `default_window`), seconds,
+        or float [G]. home: bool [G, E] placement (None: `sharded_home(E, S)`, static EP).
+        attention_time: seconds (a number or float [G]) added to the "auto" window only.
+
+        >>> cost = CostModel.uniform(2, alpha=1.0, beta=0.5, token_time=0.0, transfer_time=1.0)
+        >>> p = BalanceProblem.from_load(np.array([[4, 0], [4, 2]]), cost, slots=1)
+        >>> p.home.astype(int).tolist(), p.window.tolist()
+        ([[1, 0], [0, 1]], [5.0, 2.0])
+        """
+        from probe.placement import sharded_home
+        from probe.planner.window import default_window
+
+        if not isinstance(cost, CostModel):
+            raise TypeError(f"cost must be a CostModel, got {type(cost).__name__}")
+        load = _checked_load(load)
+        if home is None:
+            home = sharded_home(load.shape[1], load.shape[0])
+        if isinstance(window, str):
+            if window != "auto":
+                raise ValueError(f"window must be 'auto', seconds, or a [G] array, got "
+                                 f"{window!r}")
+            window = default_window(load, home, cost, attention_time=attention_time)
+        return cls(load, home, slots, window, cost)
 
     def with_load(self, load: np.ndarray) -> BalanceProblem:
         """The same placement, budgets and costs with another load (e.g. the true one)."""

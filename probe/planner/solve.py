@@ -7,14 +7,15 @@ method name, runs the backend, re-checks the plan with the independent checker a
 objective (eq. 8) from `evaluate_plan`, so every backend is scored the same way.
 
 >>> import numpy as np
->>> from probe.placement import sharded_home
 >>> from probe.planner.cost import CostModel
+>>> from probe.planner.greedy_rules import GreedyRules
 >>> from probe.planner.problem import BalanceProblem
 >>> cost = CostModel.uniform(2, alpha=0.0, beta=1.0, token_time=0.0, transfer_time=1.0)
->>> prob = BalanceProblem(np.array([[0, 0], [8, 0]]), sharded_home(2, 2), slots=1, window=1.0,
-...                       cost=cost)
+>>> prob = BalanceProblem.from_load(np.array([[0, 0], [8, 0]]), cost, slots=1, window=1.0)
 >>> solve(prob, "static").objective, solve(prob, "greedy").objective
 (8.0, 4.0)
+>>> solve(prob, "greedy", rules=GreedyRules.paper(k_max=1)).plan.num_replicas
+1
 >>> solve(prob, "simplex")  # doctest: +ELLIPSIS
 Traceback (most recent call last):
 ...
@@ -64,8 +65,9 @@ def solve(problem: BalanceProblem, method: str = "greedy", *, time_limit: float 
     problem: the BalanceProblem. method: one of METHODS. time_limit: seconds (None: the
     backend's default); a backend that hits it returns status "timeout" with its best plan.
     check: re-check the plan with `check_plan` (a plan that fails becomes status "error",
-    plan None, with the violations in `message`). options: passed to the backend (e.g. k_max
-    and epsilon for greedy, history for eplb, copies for deepseek_eplb).
+    plan None, with the violations in `message`). options: passed to the backend (e.g.
+    rules=GreedyRules(...) for greedy and greedy_ref, history for eplb, copies for
+    deepseek_eplb).
     """
     if not isinstance(problem, BalanceProblem):
         raise TypeError(f"problem must be a BalanceProblem, got {type(problem).__name__}")

@@ -142,7 +142,7 @@ def plan_quality(pred_load: np.ndarray, true_load: np.ndarray, *, home: np.ndarr
     from probe.planner import BalanceProblem, Plan, evaluate_plan
 
     solve = _solver()
-    truth = BalanceProblem(np.asarray(true_load, np.int64), home, slots, window, cost)
+    truth = BalanceProblem.from_load(np.asarray(true_load, np.int64), cost, slots, window, home)
     predicted = truth.with_load(np.asarray(pred_load, np.int64))
     res_truth = solve(truth, method=method)
     res_pred = solve(predicted, method=method)

@@ -355,8 +355,8 @@ class EPRunner:
 
     def _problem(self, load: np.ndarray, window: np.ndarray) -> BalanceProblem:
         """The planning instance of one layer: load [S, E] (whole counts), window [G]."""
-        return BalanceProblem(load.astype(np.int64), self.home, slots=self.opts.num_slots,
-                              window=window, cost=self.cost)
+        return BalanceProblem.from_load(load.astype(np.int64), self.cost, self.opts.num_slots,
+                                        window, self.home)
 
     def _plan(self, layer: int, load: np.ndarray, window: np.ndarray) -> Plan:
         problem = self._problem(load, window)

@@ -32,11 +32,12 @@ Policies:
                     to the baseline).
                     Replicas persist between rebalances; the rebalance transfer of the new
                     copies is charged in full as exposed time at the rebalance step.
-    probe           the planner (`planner`, default the paper's greedy) on the PREDICTED load,
-                    `slots` replicas per rank, hiding-window constraint; the plan is applied to
-                    the true load with `apply_plan` (same replicas, same per-(s, e) split
-                    fractions, unseen (s, e) go home) and checked with check_plan on the true
-                    load. Replicas are fetched every step (slots are shared by layers).
+    probe           the planner (`planner`, default the greedy with probe's rules) on the
+                    PREDICTED load, `slots` replicas per rank, hiding-window constraint; the
+                    plan is applied to the true load with `apply_plan` (same replicas, same
+                    per-(s, e) split fractions, unseen (s, e) go home) and checked with
+                    check_plan on the true load. Replicas are fetched every step (slots are
+                    shared by layers).
     probe-unbounded as probe, planned with an unlimited window: shows what the window costs
                     (its transfer beyond the real window is exposed).
     oracle          the planner on the TRUE load (same planner, so "oracle" means perfect
@@ -50,7 +51,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, is_dataclass
 
 import numpy as np
 
@@ -60,7 +61,6 @@ from probe.planner.cost import CostModel
 from probe.planner.problem import BalanceProblem, Plan
 from probe.planner.solve import solve
 from probe.planner.static import static_plan
-from probe.planner.window import default_window
 from probe.sim.attention import AttentionModel
 from probe.planner.eplb import eplb_placement
 from probe.sim.policies import apply_plan, rebalance_transfer
@@ -162,10 +162,6 @@ class SimResult:
         }
 
 
-def _problem(load, home, slots, window, cost) -> BalanceProblem:
-    return BalanceProblem(load, home, slots, window, cost)
-
-
 def simulate(
     trace: RoutingTrace,
     *,
@@ -194,7 +190,8 @@ def simulate(
     predictor: a prediction-error model spec (probe.sim.predict; None = "topk:0.9") or
     predicted loads int [N, L, S, E] aligned with the simulated steps.
     attention: an AttentionModel (default: no attention time, AttentionModel.zero()).
-    planner: solve() method for probe and oracle.
+    planner: solve() method for probe and oracle; planner_options: its keyword options (e.g.
+    rules=GreedyRules(k_max=0) for the greedy; default: probe's rules).
     steps: indices or a slice of the trace's steps (default all). progress: a rich progress bar.
     """
     if not isinstance(trace, RoutingTrace):
@@ -255,7 +252,8 @@ def simulate(
 
     if {"probe", "probe-unbounded", "oracle"} & set(policies) and num_steps:
         # Warm-up solve (JIT compilation, imports) so that planner times are steady-state.
-        solve(_problem(load[0, 0], home, slots, inf_window, cost), planner, **options)
+        solve(BalanceProblem.from_load(load[0, 0], cost, slots, inf_window, home), planner,
+              **options)
     bar = _progress(progress, num_steps, f"simulate {model.name} ep={ep}")
     try:
         for n in range(num_steps):
@@ -264,8 +262,9 @@ def simulate(
                 true = load[n, layer]  # [S, E]
                 attn_rank = attention.seconds_per_rank(tokens_per_rank[n], int(phase[n]))  # [G]
                 attn = float(attn_rank.max())
-                real_window = default_window(true, home, cost) + attn_rank  # [G]
-                scored = _problem(true, home, slots, real_window, cost)
+                # Scored with the real window: static expert compute + attention, per rank.
+                scored = BalanceProblem.from_load(true, cost, slots, "auto", home,
+                                                  attention_time=attn_rank)
                 previous = load[n - 1, layer] if n > 0 else None
                 pred = None
                 for policy in policies:
@@ -278,9 +277,9 @@ def simulate(
                     elif policy in ("probe", "probe-unbounded"):
                         if pred is None:
                             pred = np.asarray(predict(true, previous, n, layer), np.int64)
-                        planned_window = (default_window(pred, home, cost) + attn_rank
-                                          if policy == "probe" else inf_window)
-                        planned = _problem(pred, home, slots, planned_window, cost)
+                        planned = BalanceProblem.from_load(
+                            pred, cost, slots, "auto" if policy == "probe" else inf_window,
+                            home, attention_time=attn_rank)
                         result = solve(planned, planner, **options)
                         plan = apply_plan(_plan_of(result, policy), true, home)
                         planner_time = result.wall_time
@@ -294,14 +293,16 @@ def simulate(
                             hist = load[max(0, n - eplb_window):n, layer].sum(axis=1)  # [H, E]
                             new, src = eplb_placement(
                                 hist.mean(axis=0),
-                                _problem(true, home, eplb_slots, inf_window, cost))
+                                BalanceProblem.from_load(true, cost, eplb_slots, inf_window,
+                                                         home))
                             planner_time = time.perf_counter() - t0
                             extra, moved = rebalance_transfer(eplb_replicas[layer], new, src,
                                                               cost.transfer_time)
                             metrics[policy]["bytes_moved"][n, layer] = moved * cost.expert_bytes
                             eplb_replicas[layer], eplb_sources[layer] = new, src
                         plan = _eplb_plan(true, home, eplb_replicas[layer], eplb_sources[layer])
-                        scored_eplb = _problem(true, home, eplb_slots, inf_window, cost)
+                        scored_eplb = BalanceProblem.from_load(true, cost, eplb_slots,
+                                                               inf_window, home)
                         mets = evaluate_plan(scored_eplb, plan)
                         _record(metrics[policy], n, layer, attn, mets, extra, planner_time,
                                 scored_eplb, plan, count_bytes=False)
@@ -319,7 +320,9 @@ def simulate(
         "model": model.name, "hardware": hardware.name, "hardware_source": hardware.source,
         "ep": ep, "slots": slots, "eplb_slots": eplb_slots, "eplb_interval": eplb_interval,
         "eplb_window": eplb_window, "predictor": describe_predictor(predictor),
-        "attention": attention.source, "planner": planner, "planner_options": options,
+        "attention": attention.source, "planner": planner,
+        "planner_options": {name: asdict(value) if is_dataclass(value) else value
+                            for name, value in options.items()},
         "trace_layers": num_layers, "model_layers": model.num_layers,
         "trace_ranks": trace.num_ranks, "trace_meta": trace.meta, "seed": seed,
         "alpha": cost.alpha, "beta": cost.beta,
