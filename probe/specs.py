@@ -9,7 +9,7 @@ Glossary used across probe (docstrings, comments and names alike):
 Both specs are frozen dataclasses; derived values are properties. Presets live in two
 registries, `MODEL_PRESETS` and `HARDWARE_PRESETS`, looked up with `model_preset(name)` and
 `hardware_preset(name)`. Figures are the models' published configs and the GPUs' datasheets;
-measured calibration (issue: simulator) replaces the datasheet efficiency curve when present.
+measured calibration (probe.sim.calibration) replaces the datasheet efficiency curve when present.
 
 >>> m = model_preset("gpt-oss-120b")
 >>> (m.num_experts, m.top_k, m.num_layers, m.expert_bytes)

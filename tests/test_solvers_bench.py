@@ -191,7 +191,7 @@ def test_flat_rows_one_per_method():
     assert all(r["feasible"] and math.isfinite(r["objective_us"]) for r in rows)
 
 
-# --- Solver issues found by the benchmark (owned by helper "exact"; reproducers only). ---
+# --- Solver problems found by the benchmark (reproducers). ---
 
 def test_highs_threads_option_runs_the_mip():
     problem, _ = build_problem(_spec(ep=4, window="x1", top_k=2))

@@ -1,5 +1,5 @@
 """Synthetic generators: seeding, structure (distinct top-k, gates, churn, shift, inter-layer
-correlation) and the calibration the issue asks for (IR at ep=8, top-4 of 128)."""
+correlation) and the calibration the workloads are built to match (IR at ep=8, top-4 of 128)."""
 
 import numpy as np
 import pytest
@@ -123,8 +123,8 @@ def test_decode_hot_experts_drift_and_shift_is_abrupt():
 
 @pytest.mark.slow
 def test_calibration_ir_at_ep8_top4_of_128():
-    """The issue's must-show on a reduced but representative config (full E, K, G, L and
-    tokens per step; fewer steps). Defaults are in WORKLOADS."""
+    """The calibration targets (docs/traces.md) on a reduced but representative config (full E,
+    K, G, L and tokens per step; fewer steps). Defaults are in WORKLOADS."""
     home = sharded_home(128, 8)
 
     def ir(workload, steps, **kw):

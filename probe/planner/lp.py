@@ -128,8 +128,7 @@ class _Static:
 
 def _static(problem: BalanceProblem, plan: Plan) -> _Static:
     tokens = plan.assignment.sum(axis=0).T.astype(np.float64)
-    cost = problem.cost
-    compute = ((tokens > 0) * (cost.alpha + cost.beta * tokens)).sum(axis=1)
+    compute = problem.cost.compute_time(tokens)
     return _Static(plan, tokens, compute, plan.assignment.sum(axis=1).astype(np.float64))
 
 
@@ -138,7 +137,7 @@ def _static_rest(problem: BalanceProblem, static: _Static, experts: np.ndarray):
     token seconds into and out of each rank [G]."""
     cost = problem.cost
     tokens = static.tokens[:, experts]
-    compute = static.compute - ((tokens > 0) * (cost.alpha + cost.beta * tokens)).sum(axis=1)
+    compute = static.compute - cost.compute_time(tokens)
     flow = static.flow - static.plan.assignment[:, experts, :].sum(axis=1)  # [S, G]
     tt = cost.token_time
     return compute, (flow * tt).sum(axis=0), (flow * tt).sum(axis=1)

@@ -104,23 +104,6 @@ def replay_plan(plan, true_load: np.ndarray, home: np.ndarray):
     return Plan(plan.replicas, plan.sources, new)
 
 
-def _solver():
-    """probe.planner.solve, or its greedy backend while the entry point is not exported."""
-    try:
-        from probe.planner.solve import solve
-    except ImportError:
-        try:
-            from probe.planner.greedy import solve_greedy
-        except ImportError as err:  # pragma: no cover - depends on the planner issue
-            raise ImportError("plan quality needs probe.planner.solve (planner issue)") from err
-
-        def solve(problem, method="greedy"):
-            if method != "greedy":
-                raise ValueError(f"only 'greedy' is available, got {method!r}")
-            return solve_greedy(problem)
-    return solve
-
-
 @dataclass(frozen=True)
 class PlanQuality:
     """IR (eq. 1) and objective (eq. 8, seconds) of three plans, all scored on the true load."""
@@ -139,9 +122,8 @@ class PlanQuality:
 def plan_quality(pred_load: np.ndarray, true_load: np.ndarray, *, home: np.ndarray, slots,
                  window, cost, method: str = "greedy") -> PlanQuality:
     """Plan from pred_load [S, E] and from true_load [S, E], both scored on the true load."""
-    from probe.planner import BalanceProblem, Plan, evaluate_plan
+    from probe.planner import BalanceProblem, Plan, evaluate_plan, solve
 
-    solve = _solver()
     truth = BalanceProblem.from_load(np.asarray(true_load, np.int64), cost, slots, window, home)
     predicted = truth.with_load(np.asarray(pred_load, np.int64))
     res_truth = solve(truth, method=method)

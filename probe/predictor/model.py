@@ -307,8 +307,8 @@ def routers_of(model) -> tuple[list[torch.Tensor], list[torch.Tensor | None], in
     if not moe:
         raise TypeError(
             f"cannot find MoE routers in a {type(model).__name__}: pass probe.runtime's model "
-            "(issue: runtime model loader) or a transformers MoE model, or build predictors "
-            "with PredictorSet.from_routers(weights, biases, top_k=...)")
+            "(probe.runtime.checkpoint.load_model) or a transformers MoE model, or build "
+            "predictors with PredictorSet.from_routers(weights, biases, top_k=...)")
     weights, biases = [], []
     for block in moe:
         router = _router_module(block)

@@ -2,7 +2,7 @@
 
 `EPRunner` turns a loaded `MoETransformer` (this rank's slice of experts) into an
 expert-parallel one: it replaces every MoE block's forward with `_EPBlock`, which runs, per
-layer l and step (PAPER.md section 4.4):
+layer l and step (the paper's section 4.4):
 
     router(h_l) -> true top-k ids and gate weights            (the plan never changes these)
     poll: which replicas of layer l arrived (non-blocking)

@@ -1,4 +1,4 @@
-"""Replica slot pool and split-phase expert-weight transfer (PAPER.md section 4.4).
+"""Replica slot pool and split-phase expert-weight transfer (the paper's section 4.4).
 
 Each rank owns a fixed pool of R replica slots per buffer, and two buffers: the replicas of MoE
 layer l live in buffer l % 2, so the slots of layer l+1 are filled while layer l's are in use.
