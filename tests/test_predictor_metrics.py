@@ -91,8 +91,8 @@ def test_history_prediction_last_step_and_moving_average():
 
 
 def test_plan_quality_perfect_prediction_matches_truth_and_replay_conserves():
-    from probe.planner import BalanceProblem, CostModel
-    from probe.predictor.baselines import _solver, plan_quality, replay_plan
+    from probe.planner import BalanceProblem, CostModel, solve
+    from probe.predictor.baselines import plan_quality, replay_plan
 
     home = sharded_home(4, 2)
     cost = CostModel.uniform(2, alpha=0.0, beta=1.0, token_time=0.0, transfer_time=1.0)
@@ -105,7 +105,7 @@ def test_plan_quality_perfect_prediction_matches_truth_and_replay_conserves():
     wrong = np.array([[1, 2, 1, 30], [1, 2, 1, 20]])
     q2 = plan_quality(wrong, true, home=home, slots=1, window=1.0, cost=cost)
     assert q2.ir_pred >= q.ir_truth - 1e-12
-    plan = _solver()(BalanceProblem(wrong, home, 1, 1.0, cost), method="greedy").plan
+    plan = solve(BalanceProblem(wrong, home, 1, 1.0, cost), method="greedy").plan
     replayed = replay_plan(plan, true, home)
     assert np.array_equal(replayed.assignment.sum(axis=2), true)
     holds = home | replayed.replicas
