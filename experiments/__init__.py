@@ -1,0 +1,1 @@
+"""Experiments that sit on top of probe (imports point one way: probe -> experiments)."""
