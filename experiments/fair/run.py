@@ -37,6 +37,9 @@ MODELS = ("gpt-oss-120b", "qwen3-235b-a22b")
 WORKLOADS = ("decode", "shift", "repeat")
 BATCHES = (256, 768, 1536)
 SLOTS = (1, 2, 3, 4)
+# Below this oracle gain over the best baseline the captured fraction divides by noise; target
+# T2 is also reported on the cases at or above it (T2b).
+MEANINGFUL_GAIN = 1.02
 
 
 def rule_combo(slots: int) -> tuple[int, int]:
@@ -112,8 +115,13 @@ def analyse(results: list[dict]) -> dict:
             def captured(x, best=best, oracle=oracle):
                 return (x - best) / (oracle - best) if oracle > best else float("nan")
 
+            lp_free = pol["eplb_lp"]["host"]["throughput_solve_free_tok_s"]
             per_k[int(k)] = {
                 "best_baseline": best_name, "best_baseline_tok_s": best,
+                "eplb_lp_free_ratio": lp_free / best,
+                "ratio_vs_lp_free": {q: {"host": thr[q] / max(best, lp_free),
+                                         "side": thr_side[q] / max(best, lp_free)}
+                                     for q in ("probe_paper", rule, best_combo, "oracle")},
                 "oracle_gain": oracle / best,
                 "rule_combo": rule, "best_combo_post_hoc": best_combo,
                 "ratio": {q: {"host": thr[q] / best, "side": thr_side[q] / best}
@@ -142,7 +150,7 @@ def targets(findings: list[dict]) -> dict:
     """The four targets, per overhead mode, with the cases that miss them."""
     out = {}
     for mode in ("host", "side"):
-        t1, t2, t3, t4 = [], [], [], []
+        t1, t2, t2m, t3, t4 = [], [], [], [], []
         for f in findings:
             tag = f"{f['model']} {f['workload']} b={f['batch_per_rank']}"
             for k, v in f["per_slots"].items():
@@ -151,8 +159,9 @@ def targets(findings: list[dict]) -> dict:
                 t1.append((tag, k, ratio, ratio >= 1.0))
                 if f["workload"] in ("shift", "repeat"):
                     cap = v["captured"][rule][mode]
-                    ok = v["oracle_gain"] <= 1.0 + 1e-9 or cap >= 0.8
-                    t2.append((tag, k, cap, ok))
+                    t2.append((tag, k, cap, cap >= 0.8))
+                    if v["oracle_gain"] >= MEANINGFUL_GAIN:
+                        t2m.append((tag, k, cap, cap >= 0.8))
                 if v["oracle_gain"] >= 1.15:
                     t3.append((tag, k, ratio, ratio >= 1.10))
             if f["workload"] == "shift":
@@ -167,6 +176,7 @@ def targets(findings: list[dict]) -> dict:
                             "cases": len(rows), "missed": [x for x in rows if not x[3]]}
                      for name, rows in (("T1_never_below_best_baseline", t1),
                                         ("T2_80pct_of_oracle_gain_shift_repeat", t2),
+                                        ("T2b_same_where_oracle_gain_2pct", t2m),
                                         ("T3_1.10x_where_oracle_1.15x", t3),
                                         ("T4_tenth_of_eplb_lp_memory_on_shift", t4))}
     return out

@@ -137,33 +137,39 @@ def _frac_from(holds: np.ndarray, x: dict) -> np.ndarray:
     return frac
 
 
-def _waterfill_kernel(fixed, order, holds, total, alpha, beta):  # pragma: no cover (numba)
-    """x float [E, G]: water-filling of each expert in `order` over its holders (see below)."""
+def _waterfill_kernel(fixed, order, holds, total, alpha, beta, passes):  # pragma: no cover
+    """x float [E, G]: water-filling of each expert in `order` over its holders, repeated
+    `passes` times (each pass takes every expert out and fills it again: coordinate descent
+    on the largest rank level). Numba-compiled by `_waterfill_jit`."""
     num_ranks = holds.shape[0]
     level = fixed.copy()
     x = np.zeros((holds.shape[1], num_ranks))
     base = np.empty(num_ranks)
-    for e in order:
-        m = 0
-        for g in range(num_ranks):
-            if holds[g, e] > 0:
-                base[m] = level[g] + alpha
-                m += 1
-        srt = np.sort(base[:m])
-        w = srt[m - 1]
-        cum = 0.0
-        for j in range(m):
-            cum += srt[j]
-            cand = (total[e] * beta + cum) / (j + 1)
-            if j == m - 1 or cand <= srt[j + 1]:
-                w = cand
-                break
-        for g in range(num_ranks):
-            if holds[g, e] > 0:
-                share = max(w - level[g] - alpha, 0.0) / beta
-                x[e, g] = share
-                if share > 0:
-                    level[g] += alpha + share * beta
+    for _ in range(passes):
+        for e in order:
+            m = 0
+            for g in range(num_ranks):
+                if holds[g, e] > 0:
+                    if x[e, g] > 0:  # take e out of its ranks
+                        level[g] -= alpha + x[e, g] * beta
+                        x[e, g] = 0.0
+                    base[m] = level[g] + alpha
+                    m += 1
+            srt = np.sort(base[:m])
+            w = srt[m - 1]
+            cum = 0.0
+            for j in range(m):
+                cum += srt[j]
+                cand = (total[e] * beta + cum) / (j + 1)
+                if j == m - 1 or cand <= srt[j + 1]:
+                    w = cand
+                    break
+            for g in range(num_ranks):
+                if holds[g, e] > 0:
+                    share = max(w - level[g] - alpha, 0.0) / beta
+                    x[e, g] = share
+                    if share > 0:
+                        level[g] += alpha + share * beta
     return x
 
 
@@ -179,12 +185,13 @@ def _waterfill_jit():
 
 
 def waterfill_split(load: np.ndarray, holds: np.ndarray, costs: FairCosts,
-                    timing: list | None = None) -> np.ndarray:
+                    timing: list | None = None, passes: int = 4) -> np.ndarray:
     """int64 [S, E, G]: tokens over the copies present, multi-copy experts by water-filling.
 
     holds: int [G, E] copies per rank. Heaviest multi-copy expert first, its tokens raise the
     lowest rank levels among its holders (level = rank time in the planner's linear model:
-    table time of fixed experts + alpha + beta per token) to a common level (a Numba kernel).
+    table time of fixed experts + alpha + beta per token) to a common level; `passes` rounds
+    of taking each expert out and filling it again bring it close to the LP (a Numba kernel).
     timing: a list to which the kernel's seconds are appended (the numpy bookkeeping around
     it is not timed, as for lp_split).
     """
@@ -194,7 +201,7 @@ def waterfill_split(load: np.ndarray, holds: np.ndarray, costs: FairCosts,
     kernel = _waterfill_jit()
     holds64 = np.ascontiguousarray(holds, np.int64)
     t0 = time.perf_counter()
-    x = kernel(fixed, order, holds64, total, float(cost.alpha), float(cost.beta))
+    x = kernel(fixed, order, holds64, total, float(cost.alpha), float(cost.beta), passes)
     if timing is not None:
         timing.append(time.perf_counter() - t0)
     rows = {int(e): x[e] for e in order}
@@ -299,8 +306,11 @@ class FairResult:
 
     def summary(self, policy: str, mode: str = "host") -> dict:
         m = self.metrics[policy]
+        num_model_layers = self.meta["model_layers"]
+        solve_free = self.step_time(policy, mode) - num_model_layers * m["solve"].mean(axis=1)
         return {
             "throughput_tok_s": self.throughput(policy, mode),
+            "throughput_solve_free_tok_s": float(self.tokens_per_step.sum() / solve_free.sum()),
             "step_ms": 1e3 * float(self.step_time(policy, mode).mean()),
             "moe_us": 1e6 * float(m["moe"].mean()),
             "ir": float(m["imbalance"].mean()),
