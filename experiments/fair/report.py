@@ -31,6 +31,58 @@ def _breakdown(entry: dict, rule: str, best: str, mode: str) -> str:
             f"attention {entry['attention_us']:.0f} us per layer")
 
 
+def _summary(analysis: dict) -> list[str]:
+    """Ranges of the headline ratios per workload, side mode (host in the targets section)."""
+    rows = ["| workload | cases | best baseline | EPLB+LP (measured LP) | EPLB+LP (LP free) | "
+            "PROBE paper | PROBE-on-EPLB (rule) | oracle |", "|---|---:|---|---|---|---|---|---|"]
+    families = sorted({f["workload"] for f in analysis["findings"]},
+                      key=["decode", "shift", "repeat", "prefill"].index)
+    for w in families:
+        per = [v for f in analysis["findings"] if f["workload"] == w
+               for v in f["per_slots"].values()]
+        best = sorted({v["best_baseline"] for v in per})
+
+        def rng(values):
+            return f"{min(values):.3f}-{max(values):.3f}"
+
+        rows.append(
+            f"| {w} | {len(per)} | {', '.join(best)} | "
+            f"{rng([v['ratio']['eplb_lp']['host'] for v in per])} | "
+            f"{rng([v['eplb_lp_free_ratio'] for v in per])} | "
+            f"{rng([v['ratio']['probe_paper']['side'] for v in per])} | "
+            f"{rng([v['ratio'][v['rule_combo']]['side'] for v in per])} | "
+            f"{rng([v['ratio']['oracle']['host'] for v in per])} |")
+    return rows
+
+
+def _terms(results: list[dict], analysis: dict) -> list[str]:
+    """Mean per-layer microseconds: what the oracle saves over the best baseline, and what
+    PROBE-on-EPLB (rule, side mode) loses to the oracle, term by term."""
+    rows = ["| workload | oracle saves vs best baseline | PROBE MoE above oracle "
+            "(misprediction + heuristic) | predictor + planner exposed (side) | "
+            "water-filling | replica transfer exposed | PROBE net vs best baseline |",
+            "|---|---:|---:|---:|---:|---:|---:|"]
+    acc: dict[str, list] = {}
+    for r, f in zip(results, analysis["findings"], strict=True):
+        for k, entry in r["slots"].items():
+            v = f["per_slots"][int(k)]
+            pol = entry["policies"]
+            layers = entry["meta"]["model_layers"]
+            b = pol[v["best_baseline"]]["host"]
+            o = pol["oracle"]["host"]
+            p = pol[v["rule_combo"]]["side"]
+            base = b["moe_us"] + b["solve_us"] + 1e3 * b["stall_ms_per_step"] / layers
+            over = p["side_exposed_us"] + p["solve_us"] + p["transfer_us"]
+            acc.setdefault(r["workload"], []).append(
+                (base - o["moe_us"], p["moe_us"] - o["moe_us"], p["side_exposed_us"],
+                 p["solve_us"], p["transfer_us"], base - p["moe_us"] - over))
+    for w, vals in acc.items():
+        m = [sum(x[i] for x in vals) / len(vals) for i in range(6)]
+        rows.append(f"| {w} | {m[0]:.1f} | {m[1]:.1f} | {m[2]:.1f} | {m[3]:.1f} | {m[4]:.1f} | "
+                    f"{m[5]:+.1f} |")
+    return rows
+
+
 def write_report(results: list[dict], analysis: dict, manifest: dict, path: Path) -> None:
     by_key = {(r["model"], r["workload"], r["batch_per_rank"]): r for r in results}
     s = manifest["settings"]
@@ -43,11 +95,18 @@ def write_report(results: list[dict], analysis: dict, manifest: dict, path: Path
         "is a simulation on calibrated H200 costs, not a measurement on GPUs. Full tables: "
         "tables.md (and tables.json); plot: fair_memory.png; manifest.json.",
         "",
+        "## Summary (throughput / best baseline, min-max over models, batch sizes and 1-4 slots; "
+        "PROBE in the side-stream mode; prefill: chunk-latency speed-up)",
+        "",
+        *_summary(analysis),
+        "",
         "## Setup",
         "",
-        f"* Traces: probe.traces.generate (decode, shift, repeat), ep = 8, {s['layers']} MoE "
+        f"* Traces: probe.traces.generate (decode, shift, repeat at 256/768/1536 tokens per "
+        f"rank; chunked prefill at 8K/16K tokens per rank), ep = 8, {s['layers']} MoE "
         f"layers per trace standing for all of the model's layers, {s['prior']} history steps "
-        f"then {s['steps']} measured steps; predictions from the error model "
+        f"then {s['steps']} measured decode steps ({s.get('prefill_steps')} prefill steps); "
+        "the shift happens a third into the measured steps; predictions from the error model "
         f"`{s['predictor']}` (probe/sim/predict.py). The small model's recorded traces were not "
         "used in this run.",
         f"* Slots: {s['slots']} extra expert slots per rank for every policy. EPLB's are "
@@ -121,6 +180,10 @@ def write_report(results: list[dict], analysis: dict, manifest: dict, path: Path
         lines.append(f"| {f['model']} | {f['workload']} | {f['batch_per_rank']} | "
                      f"{cell('eplb_async/host')} | {cell('eplb_lp/host')} | "
                      f"{cell('probe_paper/side')} | {combo_cell} |")
+    lines += ["", "## Where the time goes (mean us per MoE layer over models, batches and "
+              "slots)", "", *_terms(results, analysis), "",
+              "The oracle's saving is the most any balancer can gain over the best baseline; "
+              "PROBE-on-EPLB keeps it minus the next four columns (net: the last).", ""]
     lines += ["", "## Targets", ""]
     for mode in ("side", "host"):
         lines += [f"### PROBE overheads in the {mode} mode", ""]

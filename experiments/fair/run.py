@@ -2,8 +2,9 @@
 
     PYTHONPATH=. python -m experiments.fair.run --out results/fair [--quick]
 
-Replays seeded synthetic decode traces (probe.traces.generate: decode, shift, repeat) of
-gpt-oss-120b and qwen3-235b-a22b at ep = 8 through probe.sim.fair.simulate_fair at 1-4 extra
+Replays seeded synthetic traces (probe.traces.generate: decode, shift and repeat at 256 / 768 /
+1536 tokens per rank, chunked prefill at 8K / 16K tokens per rank) of gpt-oss-120b and
+qwen3-235b-a22b at ep = 8 through probe.sim.fair.simulate_fair at 1-4 extra
 slots per rank, and writes tables.json (every policy x config x slots), tables.md (the full
 tables), report.md (targets, headline numbers), fair_memory.png (MoE time against replica
 memory per rank) and manifest.json (command, revision, machine, date).
@@ -36,6 +37,7 @@ BASELINES = ("static", "eplb_stw", "eplb_async", "eplb_lp")
 MODELS = ("gpt-oss-120b", "qwen3-235b-a22b")
 WORKLOADS = ("decode", "shift", "repeat")
 BATCHES = (256, 768, 1536)
+CHUNKS = (8192, 16384)  # chunked prefill: tokens per rank per step
 SLOTS = (1, 2, 3, 4)
 # Below this oracle gain over the best baseline the captured fraction divides by noise; target
 # T2 is also reported on the cases at or above it (T2b).
@@ -56,6 +58,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--quick", action="store_true",
                     help="one model, one workload, one batch, slots 1-2, few steps (< 30 s)")
     ap.add_argument("--steps", type=int, default=24, help="measured decode steps per trace")
+    ap.add_argument("--prefill-steps", type=int, default=16,
+                    help="measured chunked-prefill steps per trace")
     ap.add_argument("--prior", type=int, default=12,
                     help="history steps before the measured ones (EPLB window = interval)")
     ap.add_argument("--layers", type=int, default=4, help="MoE layers in each trace")
@@ -67,13 +71,17 @@ def parse_args(argv=None) -> argparse.Namespace:
 def configs(args):
     if args.quick:
         return [("gpt-oss-120b", "shift", 256)], (1, 2)
-    return [(m, w, b) for m in MODELS for w in WORKLOADS for b in BATCHES], SLOTS
+    cases = [(m, w, b) for m in MODELS for w in WORKLOADS for b in BATCHES]
+    cases += [(m, "prefill", c) for m in MODELS for c in CHUNKS]
+    return cases, SLOTS
 
 
 def run_config(model: str, workload: str, batch: int, slots_list, args) -> dict:
     costs = FairCosts.for_model(model, 8)
     spec = costs.model
-    total = args.prior + args.steps
+    phase = "prefill" if workload == "prefill" else "decode"
+    steps = args.prefill_steps if phase == "prefill" else args.steps
+    total = args.prior + steps
     knobs = {"shift_step": args.prior + args.steps // 3} if workload == "shift" else {}
     trace = generate(workload, num_steps=total, tokens_per_step=batch * 8,
                      num_layers=args.layers, num_experts=spec.num_experts, top_k=spec.top_k,
@@ -82,7 +90,8 @@ def run_config(model: str, workload: str, batch: int, slots_list, args) -> dict:
     out = {"model": model, "workload": workload, "batch_per_rank": batch, "slots": {}}
     for k in slots_list:
         res = simulate_fair(load, costs, slots=k, prior=args.prior, window=args.prior,
-                            interval=args.prior, predictor=args.predictor, seed=args.seed)
+                            interval=args.prior, predictor=args.predictor, seed=args.seed,
+                            phase=phase)
         rows = {}
         for policy in res.policies:
             rows[policy] = {"host": res.summary(policy, "host"),
@@ -293,7 +302,8 @@ def main(argv=None) -> int:
                     "cpus": os.cpu_count()},
         "date_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "elapsed_s": round(elapsed, 1),
-        "settings": {"steps": args.steps, "prior": args.prior, "layers": args.layers,
+        "settings": {"steps": args.steps, "prefill_steps": args.prefill_steps,
+                     "prior": args.prior, "layers": args.layers,
                      "predictor": args.predictor, "seed": args.seed, "slots": list(slots_list),
                      "eplb_window": args.prior, "eplb_interval": args.prior},
         "outputs": ["report.md", "tables.md", "tables.json", "fair_memory.png"],

@@ -29,7 +29,9 @@ their sources; `FairCosts.constants_table()` prints them for reports):
   (probe.specs has no layer-type field; the model card's layout is half and half). A sliding
   layer is approximated as the measured time minus the KV read that the window saves:
   b x (2048 - 128) x kv_bytes_per_token / HBM bandwidth (kv bytes = 2 x kv_heads x head_dim x 2).
-  The model's mean attention per layer is then the mean of the two layer types.
+  The model's mean attention per layer is then the mean of the two layer types. Chunked
+  prefill uses the measured (chunk, seconds) points (attention within the chunk only); a
+  sliding layer there is taken as linear in the chunk at the 1024-token point's rate.
 * Weight movement: one expert's bytes over the NVLink rate of probe's hardware preset (450 GB/s
   per direction, datasheet).
 * Predictor (per layer, on the H200): results/predictor/report.md "Cost per layer", triton
@@ -101,6 +103,18 @@ def predictor_seconds(model: str, tokens_per_rank: float) -> float:
     return 1e-6 * float(np.interp(tokens_per_rank, xs, ys))
 
 
+def _interp(points, x: float) -> float:
+    """Piecewise linear through (x, t) points; proportional below the first, the last
+    segment extended above the last."""
+    xs = [p[0] for p in points]
+    ys = [p[1] for p in points]
+    if x < xs[0]:
+        return ys[0] * x / xs[0]
+    if x > xs[-1]:
+        return ys[-1] + (ys[-1] - ys[-2]) / (xs[-1] - xs[-2]) * (x - xs[-1])
+    return float(np.interp(x, xs, ys))
+
+
 @dataclass(frozen=True)
 class ExpertTimeTable:
     """Seconds of one expert's grouped GEMM vs its tokens, from measured points.
@@ -157,6 +171,7 @@ class FairCosts:
     num_ranks: int
     experts: ExpertTimeTable
     attention_points: tuple[tuple[float, float], ...]  # (per-rank batch, seconds), full attn
+    prefill_points: tuple[tuple[float, float], ...]  # (chunk tokens, seconds), full attn
     kv_len: int
     sliding_fraction: float  # share of layers with sliding-window attention
     sliding_window: int
@@ -184,6 +199,8 @@ class FairCosts:
                    experts=ExpertTimeTable.from_calibration(name, calibration),
                    attention_points=tuple((float(r["batch"]), float(r["seconds"]))
                                           for r in att),
+                   prefill_points=tuple((float(r["chunk"]), float(r["seconds"]))
+                                        for r in entry["attention"]["prefill"]),
                    kv_len=int(att[0]["kv_len"]), sliding_fraction=sliding,
                    sliding_window=int(CONSTANTS["sliding_window"]["value"]),
                    kv_bytes_per_token=kv_bytes, hbm_bw=float(data["copy"]["bandwidth"]),
@@ -205,17 +222,26 @@ class FairCosts:
     def expert_transfer_s(self) -> float:
         return self.expert_bytes / self.link_bandwidth
 
-    def attention_seconds(self, batch: float) -> float:
-        """Mean attention seconds per layer on a rank with `batch` decode requests."""
-        xs = [p[0] for p in self.attention_points]
-        ys = [p[1] for p in self.attention_points]
-        full = float(np.interp(batch, xs, ys)) if batch <= xs[-1] else \
-            ys[-1] + (ys[-1] - ys[-2]) / (xs[-1] - xs[-2]) * (batch - xs[-1])
-        if batch < xs[0]:
-            full = ys[0] * batch / xs[0]
-        saved = batch * max(self.kv_len - self.sliding_window, 0) * self.kv_bytes_per_token \
-            / self.hbm_bw
-        sliding = max(full - saved, 0.0)
+    def attention_seconds(self, tokens: float, phase: str = "decode") -> float:
+        """Mean attention seconds per layer on a rank: `tokens` decode requests (phase
+        "decode") or a prefill chunk of `tokens` tokens (phase "prefill").
+
+        Decode: a sliding layer is the measured full-attention time minus the KV read the
+        window saves. Prefill: a sliding layer is taken as linear in the chunk at the smallest
+        measured chunk's rate (1024 tokens, where the causal part is small), capped by the
+        full-attention time; the measured points attend within the chunk only.
+        """
+        if phase not in ("decode", "prefill"):
+            raise ValueError(f"phase must be 'decode' or 'prefill', got {phase!r}")
+        points = self.attention_points if phase == "decode" else self.prefill_points
+        full = _interp(points, tokens)
+        if phase == "decode":
+            saved = tokens * max(self.kv_len - self.sliding_window, 0) \
+                * self.kv_bytes_per_token / self.hbm_bw
+            sliding = max(full - saved, 0.0)
+        else:
+            x0, t0 = points[0]
+            sliding = min(full, t0 * tokens / x0)
         return (1 - self.sliding_fraction) * full + self.sliding_fraction * sliding
 
     def predictor_s(self, tokens_per_rank: float) -> float:

@@ -331,7 +331,7 @@ _METRICS = ("moe", "compute", "comm", "imbalance", "transfer", "pred", "plan_hos
 
 def simulate_fair(load: np.ndarray, costs: FairCosts, *, slots: int, prior: int, window: int,
                   interval: int, predictor="topk:0.9", seed: int = 0, check: bool = True,
-                  solve_time: dict | None = None) -> FairResult:
+                  solve_time: dict | None = None, phase: str = "decode") -> FairResult:
     """Replay `load` int [N_all, L, S, E] (first `prior` steps: history only) at `slots` extra
     slots per rank under every policy of `policy_names(slots)` (module docstring).
 
@@ -340,7 +340,8 @@ def simulate_fair(load: np.ndarray, costs: FairCosts, *, slots: int, prior: int,
     predictor: an error-model spec (probe.sim.predict) or predicted loads int [N, L, S, E] of
     the measured steps. check: check_plan every policy's plan on the true load (RuntimeError
     on a violation). solve_time: {"lp": s, "waterfill": s} to charge fixed dispatch-solve times
-    instead of the measured wall time (None: measured).
+    instead of the measured wall time (None: measured). phase: "decode" (tokens per rank are
+    requests) or "prefill" (tokens per rank are one chunk) for the attention time.
     """
     load = np.asarray(load)
     if load.ndim != 4:
@@ -380,7 +381,7 @@ def simulate_fair(load: np.ndarray, costs: FairCosts, *, slots: int, prior: int,
     moved = {p: np.zeros(num_steps) for p in policies}
     tokens_per_rank = load[prior:, 0].sum(axis=2).mean(axis=1) / model.top_k  # [N]
     batch = float(tokens_per_rank.mean())
-    attention = costs.attention_seconds(batch)
+    attention = costs.attention_seconds(batch, phase)
     expert_bytes = costs.expert_bytes
     fixed_solve = solve_time or {}
 
@@ -553,7 +554,7 @@ def simulate_fair(load: np.ndarray, costs: FairCosts, *, slots: int, prior: int,
     meta = {"model": model.name, "model_layers": model.num_layers, "trace_layers": num_layers,
             "slots": slots, "prior": prior, "window": window, "interval": interval,
             "predictor": predictor if isinstance(predictor, str) else "given",
-            "batch_per_rank": batch, "seed": seed}
+            "batch_per_rank": batch, "seed": seed, "phase": phase}
     return FairResult(policies=policies, metrics=metrics, stall=stall, moved=moved,
                       attention=attention, tokens_per_step=load[prior:, 0].sum(axis=(1, 2))
                       / model.top_k, layer_scale=layer_scale, memory=memory, meta=meta)
