@@ -71,6 +71,16 @@ def test_attention_sliding_layers_cost_less(costs):
     assert full.attention_seconds(256) == pytest.approx(dict(full.attention_points)[256.0])
 
 
+def test_prefill_attention(costs):
+    full = FairCosts.for_model("qwen3-235b-a22b", 8)
+    assert full.attention_seconds(8192, "prefill") == pytest.approx(
+        dict(full.prefill_points)[8192.0])
+    measured = dict(costs.prefill_points)[16384.0]
+    assert 0.5 * measured < costs.attention_seconds(16384, "prefill") < measured
+    with pytest.raises(ValueError, match="phase"):
+        costs.attention_seconds(1024, "train")
+
+
 def test_predictor_cost_matches_measured_points():
     assert predictor_seconds("gpt-oss-120b", 512) == pytest.approx(18.8e-6)
     assert predictor_seconds("qwen3-235b-a22b", 1024) == pytest.approx(28.1e-6)

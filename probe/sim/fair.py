@@ -140,22 +140,27 @@ def _frac_from(holds: np.ndarray, x: dict) -> np.ndarray:
 def _waterfill_kernel(fixed, order, holds, total, alpha, beta, passes):  # pragma: no cover
     """x float [E, G]: water-filling of each expert in `order` over its holders, repeated
     `passes` times (each pass takes every expert out and fills it again: coordinate descent
-    on the largest rank level). Numba-compiled by `_waterfill_jit`."""
+    on the largest rank level; stops early once a pass moves no level by more than 1 ns).
+    Numba-compiled by `_waterfill_jit`; no allocation inside the loops."""
     num_ranks = holds.shape[0]
     level = fixed.copy()
     x = np.zeros((holds.shape[1], num_ranks))
-    base = np.empty(num_ranks)
+    srt = np.empty(num_ranks)
     for _ in range(passes):
+        moved = 0.0
         for e in order:
             m = 0
             for g in range(num_ranks):
                 if holds[g, e] > 0:
                     if x[e, g] > 0:  # take e out of its ranks
                         level[g] -= alpha + x[e, g] * beta
-                        x[e, g] = 0.0
-                    base[m] = level[g] + alpha
+                    value = level[g] + alpha  # insertion sort into srt[:m + 1]
+                    j = m
+                    while j > 0 and srt[j - 1] > value:
+                        srt[j] = srt[j - 1]
+                        j -= 1
+                    srt[j] = value
                     m += 1
-            srt = np.sort(base[:m])
             w = srt[m - 1]
             cum = 0.0
             for j in range(m):
@@ -167,9 +172,12 @@ def _waterfill_kernel(fixed, order, holds, total, alpha, beta, passes):  # pragm
             for g in range(num_ranks):
                 if holds[g, e] > 0:
                     share = max(w - level[g] - alpha, 0.0) / beta
+                    moved = max(moved, abs(share - x[e, g]) * beta)
                     x[e, g] = share
                     if share > 0:
                         level[g] += alpha + share * beta
+        if moved < 1e-9:
+            break
     return x
 
 
