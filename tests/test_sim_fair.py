@@ -213,3 +213,8 @@ def test_quick_run_writes_report_and_manifest(tmp_path):
     tables = json.loads((tmp_path / "tables.json").read_text())
     assert tables["results"][0]["model"] == MODEL
     assert (tmp_path / "fair_memory.png").stat().st_size > 0
+    # The report re-renders from tables.json + manifest.json to the same text.
+    from experiments.fair.report import main as render
+
+    assert render([str(tmp_path)]) == 0
+    assert (tmp_path / "report.md").read_text() == report

@@ -123,6 +123,9 @@ def write_report(results: list[dict], analysis: dict, manifest: dict, path: Path
         "* Throughput = measured tokens / (model layers x mean layer time + stop-the-world "
         "stalls); dense layers, embedding and LM head are not modelled, so ratios are of the "
         "attention + MoE part of a step.",
+        "* Not modelled: replica and re-plan transfers contending with dispatch/combine traffic "
+        "on NVLink; attention to earlier chunks' KV in prefill; the host round trip of the "
+        "dispatch-time water-filling (its Numba kernel time is charged).",
         "* The oracle is the best of every policy's plan and of greedy plans on the true load "
         "(a heuristic upper reference, zero cost), not a proven optimum.",
         "",
@@ -213,3 +216,25 @@ def write_report(results: list[dict], analysis: dict, manifest: dict, path: Path
                 lines.append(f"  - ... {len(t['missed']) - 8} more in tables.json.")
         lines.append("")
     path.write_text("\n".join(lines) + "\n")
+
+
+def main(argv=None) -> int:
+    """Re-render report.md from a run's tables.json and manifest.json (same numbers)."""
+    import argparse
+    import json
+
+    ap = argparse.ArgumentParser(prog="python -m experiments.fair.report")
+    ap.add_argument("folder", type=Path, help="a folder written by experiments.fair.run")
+    args = ap.parse_args(argv)
+    tables = json.loads((args.folder / "tables.json").read_text())
+    for r in tables["results"]:  # JSON object keys come back as strings
+        r["slots"] = {int(k): v for k, v in r["slots"].items()}
+    for f in tables["analysis"]["findings"]:
+        f["per_slots"] = {int(k): v for k, v in f["per_slots"].items()}
+    manifest = json.loads((args.folder / "manifest.json").read_text())
+    write_report(tables["results"], tables["analysis"], manifest, args.folder / "report.md")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
