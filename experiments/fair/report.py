@@ -83,7 +83,10 @@ def _terms(results: list[dict], analysis: dict) -> list[str]:
     return rows
 
 
-def write_report(results: list[dict], analysis: dict, manifest: dict, path: Path) -> None:
+def write_report(results: list[dict], analysis: dict, manifest: dict, path: Path,
+                 sensitivity: dict | None = None) -> None:
+    """report.md; sensitivity: {"label", "folder", "analysis"} of a second run (e.g. with a
+    perfect predictor) whose summary is added for comparison."""
     by_key = {(r["model"], r["workload"], r["batch_per_rank"]): r for r in results}
     s = manifest["settings"]
     lines = [
@@ -183,6 +186,9 @@ def write_report(results: list[dict], analysis: dict, manifest: dict, path: Path
         lines.append(f"| {f['model']} | {f['workload']} | {f['batch_per_rank']} | "
                      f"{cell('eplb_async/host')} | {cell('eplb_lp/host')} | "
                      f"{cell('probe_paper/side')} | {combo_cell} |")
+    if sensitivity is not None:
+        lines += ["", f"### Sensitivity: {sensitivity['label']} ({sensitivity['folder']})", "",
+                  *_summary(sensitivity["analysis"])]
     lines += ["", "## Where the time goes (mean us per MoE layer over models, batches and "
               "slots)", "", *_terms(results, analysis), "",
               "The oracle's saving is the most any balancer can gain over the best baseline; "
@@ -225,6 +231,8 @@ def main(argv=None) -> int:
 
     ap = argparse.ArgumentParser(prog="python -m experiments.fair.report")
     ap.add_argument("folder", type=Path, help="a folder written by experiments.fair.run")
+    ap.add_argument("--sensitivity", type=Path, default=None,
+                    help="another run's folder whose summary is added")
     args = ap.parse_args(argv)
     tables = json.loads((args.folder / "tables.json").read_text())
     for r in tables["results"]:  # JSON object keys come back as strings
@@ -232,8 +240,21 @@ def main(argv=None) -> int:
     for f in tables["analysis"]["findings"]:
         f["per_slots"] = {int(k): v for k, v in f["per_slots"].items()}
     manifest = json.loads((args.folder / "manifest.json").read_text())
-    write_report(tables["results"], tables["analysis"], manifest, args.folder / "report.md")
+    write_report(tables["results"], tables["analysis"], manifest, args.folder / "report.md",
+                 load_sensitivity(args.sensitivity))
     return 0
+
+
+def load_sensitivity(folder: Path | None) -> dict | None:
+    """{"label", "folder", "analysis"} of the run in `folder` (None: None)."""
+    if folder is None:
+        return None
+    import json
+
+    tables = json.loads((folder / "tables.json").read_text())
+    manifest = json.loads((folder / "manifest.json").read_text())
+    return {"label": f"predictor {manifest['settings']['predictor']}", "folder": str(folder),
+            "analysis": tables["analysis"]}
 
 
 if __name__ == "__main__":

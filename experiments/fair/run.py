@@ -65,6 +65,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--layers", type=int, default=4, help="MoE layers in each trace")
     ap.add_argument("--predictor", default="topk:0.9", help="prediction error model")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--sensitivity", type=Path, default=None,
+                    help="folder of another run (e.g. --predictor perfect) whose summary the "
+                         "report adds")
     return ap.parse_args(argv)
 
 
@@ -268,7 +271,8 @@ def git_revision() -> str:
     try:
         rev = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
                              check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain"], capture_output=True,
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True,
                                text=True, check=True).stdout.strip()
         return rev + ("-dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
@@ -309,9 +313,10 @@ def main(argv=None) -> int:
         "outputs": ["report.md", "tables.md", "tables.json", "fair_memory.png"],
     }
     (args.out / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
-    from experiments.fair.report import write_report
+    from experiments.fair.report import load_sensitivity, write_report
 
-    write_report(results, analysis, manifest, args.out / "report.md")
+    write_report(results, analysis, manifest, args.out / "report.md",
+                 load_sensitivity(args.sensitivity))
     print(f"wrote {args.out} in {elapsed:.1f} s")
     return 0
 
