@@ -225,7 +225,7 @@ def write_report(results: list[dict], analysis: dict, manifest: dict, path: Path
 
 
 def main(argv=None) -> int:
-    """Re-render report.md from a run's tables.json and manifest.json (same numbers)."""
+    """Re-render report.md and fair_memory.png from a run's tables.json and manifest.json."""
     import argparse
     import json
 
@@ -242,6 +242,9 @@ def main(argv=None) -> int:
     manifest = json.loads((args.folder / "manifest.json").read_text())
     write_report(tables["results"], tables["analysis"], manifest, args.folder / "report.md",
                  load_sensitivity(args.sensitivity))
+    from experiments.fair.run import plot_memory
+
+    plot_memory(tables["results"], args.folder / "fair_memory.png")
     return 0
 
 
