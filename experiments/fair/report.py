@@ -55,13 +55,9 @@ def _summary(analysis: dict) -> list[str]:
     return rows
 
 
-def _terms(results: list[dict], analysis: dict) -> list[str]:
-    """Mean per-layer microseconds: what the oracle saves over the best baseline, and what
-    PROBE-on-EPLB (rule, side mode) loses to the oracle, term by term."""
-    rows = ["| workload | oracle saves vs best baseline | PROBE MoE above oracle "
-            "(misprediction + heuristic) | predictor + planner exposed (side) | "
-            "water-filling | replica transfer exposed | PROBE net vs best baseline |",
-            "|---|---:|---:|---:|---:|---:|---:|"]
+def _term_means(results: list[dict], analysis: dict) -> dict[str, list[float]]:
+    """workload -> mean us per layer: [oracle saving over the best baseline, PROBE-on-EPLB
+    (rule, side) MoE above the oracle, side-stream exposure, water-filling, transfer, net]."""
     acc: dict[str, list] = {}
     for r, f in zip(results, analysis["findings"], strict=True):
         for k, entry in r["slots"].items():
@@ -76,8 +72,58 @@ def _terms(results: list[dict], analysis: dict) -> list[str]:
             acc.setdefault(r["workload"], []).append(
                 (base - o["moe_us"], p["moe_us"] - o["moe_us"], p["side_exposed_us"],
                  p["solve_us"], p["transfer_us"], base - p["moe_us"] - over))
-    for w, vals in acc.items():
-        m = [sum(x[i] for x in vals) / len(vals) for i in range(6)]
+    return {w: [sum(x[i] for x in vals) / len(vals) for i in range(6)]
+            for w, vals in acc.items()}
+
+
+def _verdict(results: list[dict], analysis: dict, sensitivity: dict | None) -> list[str]:
+    """Computed sentences: each target's count and the terms that decide it."""
+    t = analysis["targets"]
+    means = _term_means(results, analysis)
+    lines = []
+    for mode in ("side", "host"):
+        parts = []
+        for name, v in t[mode].items():
+            status = "n/a" if v["met"] is None else ("met" if v["met"] else "missed")
+            parts.append(f"{name.split('_')[0]} {status} ({v['cases'] - len(v['missed'])}/"
+                         f"{v['cases']} cases pass)")
+        lines.append(f"* {mode} mode: " + "; ".join(parts) + ".")
+    for w, m in means.items():
+        lines.append(
+            f"* {w}: the oracle saves {m[0]:.1f} us per MoE layer over the best baseline; "
+            f"PROBE-on-EPLB's MoE time sits {m[1]:.1f} us above the oracle's, and it exposes "
+            f"{m[2]:.1f} us of predictor + planner (side stream), {m[3]:.1f} us of "
+            f"water-filling and {m[4]:.1f} us of transfer: net {m[5]:+.1f} us per layer.")
+    host = [f["per_slots"][k]["ratio"][f["per_slots"][k]["rule_combo"]]["host"]
+            for f in analysis["findings"] for k in f["per_slots"]]
+    side = [f["per_slots"][k]["ratio"][f["per_slots"][k]["rule_combo"]]["side"]
+            for f in analysis["findings"] for k in f["per_slots"]]
+    lines.append(f"* Host mode costs PROBE-on-EPLB {100 * (1 - sum(host) / sum(side)):.1f}% "
+                 "of throughput on average against the side-stream mode (predictor + 1.5 x "
+                 "the greedy kernel in series).")
+    if sensitivity is not None:
+        other = [f["per_slots"][k]["ratio"][f["per_slots"][k]["rule_combo"]]["side"]
+                 for f in sensitivity["analysis"]["findings"] for k in f["per_slots"]]
+        if len(other) == len(side):
+            diff = max(abs(a - b) for a, b in zip(other, side, strict=True))
+            lines.append(f"* With {sensitivity['label']}, PROBE-on-EPLB's ratio moves by at "
+                         f"most {diff:.3f}: the gap to the oracle comes from the plan itself "
+                         "(which replicas the paper's greedy picks on its linear alpha + beta "
+                         "n model, while the measured table is flat up to ~200 tokens per "
+                         "expert, and the fixed b/p split; the oracle takes the best of "
+                         "several layouts and splits on the truth), not from the prediction "
+                         "error.")
+    return lines
+
+
+def _terms(results: list[dict], analysis: dict) -> list[str]:
+    """Mean per-layer microseconds: what the oracle saves over the best baseline, and what
+    PROBE-on-EPLB (rule, side mode) loses to the oracle, term by term."""
+    rows = ["| workload | oracle saves vs best baseline | PROBE MoE above oracle "
+            "(misprediction + heuristic) | predictor + planner exposed (side) | "
+            "water-filling | replica transfer exposed | PROBE net vs best baseline |",
+            "|---|---:|---:|---:|---:|---:|---:|"]
+    for w, m in _term_means(results, analysis).items():
         rows.append(f"| {w} | {m[0]:.1f} | {m[1]:.1f} | {m[2]:.1f} | {m[3]:.1f} | {m[4]:.1f} | "
                     f"{m[5]:+.1f} |")
     return rows
@@ -97,6 +143,10 @@ def write_report(results: list[dict], analysis: dict, manifest: dict, path: Path
         f"CPUs ({manifest['machine']['platform']}), {manifest['elapsed_s']} s. Everything here "
         "is a simulation on calibrated H200 costs, not a measurement on GPUs. Full tables: "
         "tables.md (and tables.json); plot: fair_memory.png; manifest.json.",
+        "",
+        "## Verdict (computed from the tables below)",
+        "",
+        *_verdict(results, analysis, sensitivity),
         "",
         "## Summary (throughput / best baseline, min-max over models, batch sizes and 1-4 slots; "
         "PROBE in the side-stream mode; prefill: chunk-latency speed-up)",
