@@ -36,7 +36,7 @@ def _summary(analysis: dict) -> list[str]:
     rows = ["| workload | cases | best baseline | EPLB+LP (measured LP) | EPLB+LP (LP free) | "
             "PROBE paper | PROBE-on-EPLB (rule) | oracle |", "|---|---:|---|---|---|---|---|---|"]
     families = sorted({f["workload"] for f in analysis["findings"]},
-                      key=["decode", "shift", "repeat", "prefill"].index)
+                      key=["decode", "shift", "repeat", "prefill", "recorded"].index)
     for w in families:
         per = [v for f in analysis["findings"] if f["workload"] == w
                for v in f["per_slots"].values()]
@@ -159,9 +159,12 @@ def write_report(results: list[dict], analysis: dict, manifest: dict, path: Path
         f"rank; chunked prefill at 8K/16K tokens per rank), ep = 8, {s['layers']} MoE "
         f"layers per trace standing for all of the model's layers, {s['prior']} history steps "
         f"then {s['steps']} measured decode steps ({s.get('prefill_steps')} prefill steps); "
-        "the shift happens a third into the measured steps; predictions from the error model "
-        f"`{s['predictor']}` (probe/sim/predict.py). The small model's recorded traces were not "
-        "used in this run.",
+        "the shift happens a third into the measured steps. 'recorded': "
+        f"{', '.join(s.get('recorded') or []) or 'none in this run'} (real routing of the "
+        "small model, its experts costed with gpt-oss-120b's numbers, "
+        f"{s.get('recorded_steps')} measured steps centred on its shift). Predictions "
+        f"from the error model `{s['predictor']}` (probe/sim/predict.py) for every trace, "
+        "recorded ones included: the small model's own predictor output is not replayed.",
         f"* Slots: {s['slots']} extra expert slots per rank for every policy. EPLB's are "
         "resident in every layer (k x layers x expert bytes per rank); PROBE's per-step slots "
         "are double-buffered for the layers in flight (2 x p x expert bytes). PROBE-on-EPLB "

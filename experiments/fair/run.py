@@ -31,6 +31,7 @@ import numpy as np
 
 from probe.sim.costs import FairCosts
 from probe.sim.fair import simulate_fair
+from probe.specs import ModelSpec
 from probe.traces.synthetic import generate
 
 BASELINES = ("static", "eplb_stw", "eplb_async", "eplb_lp")
@@ -65,6 +66,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--layers", type=int, default=4, help="MoE layers in each trace")
     ap.add_argument("--predictor", default="topk:0.9", help="prediction error model")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--recorded", type=Path, action="append", default=[],
+                    help="a recorded RoutingTrace at 8 ranks (e.g. results/smallmodel/"
+                         "decode.trace.safetensors), costed with gpt-oss-120b's numbers; "
+                         "repeatable")
+    ap.add_argument("--recorded-steps", type=int, default=48,
+                    help="measured steps of each recorded trace, centred on its shift")
     ap.add_argument("--sensitivity", type=Path, default=None,
                     help="folder of another run (e.g. --predictor perfect) whose summary the "
                          "report adds")
@@ -79,18 +86,58 @@ def configs(args):
     return cases, SLOTS
 
 
-def run_config(model: str, workload: str, batch: int, slots_list, args) -> dict:
+def recorded_cases(args) -> list[tuple]:
+    """(model, "recorded", tokens per rank, path) per --recorded trace."""
+    from probe.traces.trace import RoutingTrace
+
+    out = []
+    for path in args.recorded:
+        trace = RoutingTrace.load(path)
+        per_rank = int(trace.tokens_per_step[0] // trace.num_ranks)
+        out.append(("gpt-oss-120b", "recorded", per_rank, path))
+    return out
+
+
+def recorded_load(path: Path, args) -> tuple[np.ndarray, object]:
+    """int64 [prior + steps, L, 8, E] of a recorded trace: the steps centred on its shift
+    (meta "shift_step", else the middle), and the trace."""
+    from probe.traces.trace import RoutingTrace
+
+    trace = RoutingTrace.load(path)
+    if trace.num_ranks != 8:
+        raise ValueError(f"{path}: recorded at {trace.num_ranks} ranks, the study uses 8")
+    centre = int((trace.meta or {}).get("shift_step") or trace.num_steps // 2)
+    start = max(0, min(centre - args.prior - args.recorded_steps // 2,
+                       trace.num_steps - args.prior - args.recorded_steps))
+    stop = min(trace.num_steps, start + args.prior + args.recorded_steps)
+    return trace.load_counts(slice(start, stop)).astype(np.int64), trace
+
+
+def run_config(model: str, workload: str, batch: int, slots_list, args,
+               path: Path | None = None) -> dict:
     costs = FairCosts.for_model(model, 8)
-    spec = costs.model
     phase = "prefill" if workload == "prefill" else "decode"
-    steps = args.prefill_steps if phase == "prefill" else args.steps
-    total = args.prior + steps
-    knobs = {"shift_step": args.prior + args.steps // 3} if workload == "shift" else {}
-    trace = generate(workload, num_steps=total, tokens_per_step=batch * 8,
-                     num_layers=args.layers, num_experts=spec.num_experts, top_k=spec.top_k,
-                     num_ranks=8, seed=args.seed, **knobs)
-    load = trace.load_counts().astype(np.int64)  # [N, L, S, E]
+    if path is not None:  # a recorded trace, its experts costed with `model`'s numbers
+        load, trace = recorded_load(path, args)
+        base = costs.model
+        routing = ModelSpec(f"{path.name.split('.')[0]}-routing@{model}-shape",
+                            num_layers=base.num_layers, num_experts=trace.num_experts,
+                            top_k=trace.top_k, hidden=base.hidden, expert_ffn=base.expert_ffn)
+        costs = FairCosts.for_model(model, 8, routing=routing)
+    else:
+        spec = costs.model
+        steps = args.prefill_steps if phase == "prefill" else args.steps
+        total = args.prior + steps
+        knobs = {"shift_step": args.prior + args.steps // 3} if workload == "shift" else {}
+        trace = generate(workload, num_steps=total, tokens_per_step=batch * 8,
+                         num_layers=args.layers, num_experts=spec.num_experts,
+                         top_k=spec.top_k, num_ranks=8, seed=args.seed, **knobs)
+        load = trace.load_counts().astype(np.int64)  # [N, L, S, E]
     out = {"model": model, "workload": workload, "batch_per_rank": batch, "slots": {}}
+    if path is not None:
+        out["trace"] = {"path": str(path), "num_experts": int(load.shape[-1]),
+                        "top_k": int(costs.model.top_k), "layers": int(load.shape[1]),
+                        "steps": int(load.shape[0])}
     for k in slots_list:
         res = simulate_fair(load, costs, slots=k, prior=args.prior, window=args.prior,
                             interval=args.prior, predictor=args.predictor, seed=args.seed,
@@ -290,9 +337,10 @@ def main(argv=None) -> int:
     if args.quick:
         args.steps, args.prior, args.layers = 6, 3, 2
     results = []
-    for model, workload, batch in cases:
+    cases = [(*c, None) for c in cases] + recorded_cases(args)
+    for model, workload, batch, path in cases:
         t0 = time.time()
-        results.append(run_config(model, workload, batch, slots_list, args))
+        results.append(run_config(model, workload, batch, slots_list, args, path))
         print(f"{model} {workload} {batch} tok/rank: {time.time() - t0:.1f} s", flush=True)
     analysis = analyse(results)
     elapsed = time.time() - start
@@ -310,6 +358,8 @@ def main(argv=None) -> int:
         "date_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "elapsed_s": round(elapsed, 1),
         "settings": {"steps": args.steps, "prefill_steps": args.prefill_steps,
+                     "recorded": [str(p) for p in args.recorded],
+                     "recorded_steps": args.recorded_steps,
                      "prior": args.prior, "layers": args.layers,
                      "predictor": args.predictor, "seed": args.seed, "slots": list(slots_list),
                      "eplb_window": args.prior, "eplb_interval": args.prior},

@@ -183,10 +183,14 @@ class FairCosts:
     planner_kernel_s: float = CONSTANTS["planner_kernel_s"]["value"]
     planner_host_factor: float = CONSTANTS["planner_host_factor"]["value"]
     planner_gpu_s: float = CONSTANTS["planner_gpu_s"]["value"]
+    calibrated_as: str = ""  # the calibrated model whose costs these are ("": model.name)
 
     @classmethod
-    def for_model(cls, name: str, num_ranks: int = 8, calibration=None, **overrides):
-        model = model_preset(name)
+    def for_model(cls, name: str, num_ranks: int = 8, calibration=None, *,
+                  routing: ModelSpec | None = None, **overrides):
+        """Costs of preset `name` at `num_ranks` ranks. routing: another ModelSpec (e.g. a
+        small recorded model's experts and top-k) costed with `name`'s calibrated numbers."""
+        model = model_preset(name) if routing is None else routing
         data = load_calibration(calibration)
         entry = data["models"].get(name)
         if not entry or "attention" not in entry:
@@ -204,14 +208,18 @@ class FairCosts:
                    kv_len=int(att[0]["kv_len"]), sliding_fraction=sliding,
                    sliding_window=int(CONSTANTS["sliding_window"]["value"]),
                    kv_bytes_per_token=kv_bytes, hbm_bw=float(data["copy"]["bandwidth"]),
-                   **overrides)
+                   calibrated_as=name, **overrides)
+
+    @property
+    def cost_name(self) -> str:
+        return self.calibrated_as or self.model.name
 
     @cached_property
     def planner_cost(self):
         """The planner's linear CostModel (calibrated alpha, beta; datasheet links)."""
         from probe.planner.cost import CostModel
 
-        hw = calibrated_hardware("h200x8", self.model.name).with_ranks(self.num_ranks)
+        hw = calibrated_hardware("h200x8", self.cost_name).with_ranks(self.num_ranks)
         return CostModel.from_specs(self.model, hw)
 
     @property
@@ -245,7 +253,7 @@ class FairCosts:
         return (1 - self.sliding_fraction) * full + self.sliding_fraction * sliding
 
     def predictor_s(self, tokens_per_rank: float) -> float:
-        return predictor_seconds(self.model.name, tokens_per_rank)
+        return predictor_seconds(self.cost_name, tokens_per_rank)
 
     def compute_per_rank(self, tokens: np.ndarray, copies: np.ndarray) -> np.ndarray:
         """float64 [G]: expert seconds per rank; tokens int [G, E] per rank and expert, split
@@ -279,7 +287,7 @@ class FairCosts:
         rows.append({"name": "expert_time_table", "value": f"{self.experts.tokens.size} points",
                      "unit": "tokens -> s",
                      "source": "probe/sim/h200_calibration.json models[m].experts"})
-        rows.append({"name": "predictor_us", "value": str(_PREDICTOR_US.get(self.model.name)),
+        rows.append({"name": "predictor_us", "value": str(_PREDICTOR_US.get(self.cost_name)),
                      "unit": "(T, us)",
                      "source": "results/predictor/report.md 'Cost per layer', triton, H=256"})
         return rows
