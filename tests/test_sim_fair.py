@@ -218,3 +218,19 @@ def test_quick_run_writes_report_and_manifest(tmp_path):
 
     assert render([str(tmp_path)]) == 0
     assert (tmp_path / "report.md").read_text() == report
+
+
+def test_recorded_trace_is_costed_with_the_calibrated_model(tmp_path):
+    from experiments.fair.run import parse_args, run_config
+
+    trace = generate("shift", num_steps=12, tokens_per_step=8 * 32, num_layers=2,
+                     num_experts=32, top_k=4, num_ranks=8, seed=5, shift_step=6)
+    path = tmp_path / "rec.trace.safetensors"
+    trace.save(path)
+    args = parse_args(["--recorded", str(path), "--prior", "3", "--recorded-steps", "6"])
+    out = run_config("gpt-oss-120b", "recorded", 32, (1,), args, path)
+    assert out["trace"]["num_experts"] == 32 and out["trace"]["steps"] == 9
+    meta = out["slots"][1]["meta"]
+    assert meta["model_layers"] == 36  # gpt-oss-120b's layers stand behind the trace
+    pol = out["slots"][1]["policies"]
+    assert pol["oracle"]["host"]["moe_us"] <= pol["static"]["host"]["moe_us"]
