@@ -347,9 +347,11 @@ def simulate_fair(load: np.ndarray, costs: FairCosts, *, slots: int, prior: int,
     is planned from the `window` steps before the first measured step, so window <= prior).
     predictor: an error-model spec (probe.sim.predict) or predicted loads int [N, L, S, E] of
     the measured steps. check: check_plan every policy's plan on the true load (RuntimeError
-    on a violation). solve_time: {"lp": s, "waterfill": s} to charge fixed dispatch-solve times
-    instead of the measured wall time (None: measured). phase: "decode" (tokens per rank are
-    requests) or "prefill" (tokens per rank are one chunk) for the attention time.
+    on a violation), with the hiding window the plan was made for (transfer beyond the real
+    window is charged as exposed time, not refused). solve_time: {"lp": s, "waterfill": s}
+    to charge fixed dispatch-solve times instead of the measured wall time (None: measured).
+    phase: "decode" (tokens per rank are requests) or "prefill" (tokens per rank are one
+    chunk) for the attention time.
     """
     load = np.asarray(load)
     if load.ndim != 4:
@@ -499,8 +501,8 @@ def simulate_fair(load: np.ndarray, costs: FairCosts, *, slots: int, prior: int,
             planned = BalanceProblem(pred, home, slots, win, planner_cost)
             result = solve(planned, "greedy", check=False, **options)
             plan = apply_plan(_plan(result), true, home)
-            truth = BalanceProblem(true, home, slots, real_window, planner_cost)
-            checked("probe_paper", truth, plan)
+            truth = planned.with_load(true)  # the window it was planned for; beyond the
+            checked("probe_paper", truth, plan)  # real window is charged as exposed
             record("probe_paper", plan.assignment, home_int + plan.replicas,
                    transfer=exposed_transfer(truth, plan), probe=True,
                    replicas=plan.num_replicas)
@@ -518,7 +520,7 @@ def simulate_fair(load: np.ndarray, costs: FairCosts, *, slots: int, prior: int,
                 assign = waterfill_split(true, holds, costs, wf_timing)
                 wf_s = wf_timing[0]
                 plan = Plan(replicas, _plan(result).sources, assign)
-                truth = BalanceProblem(true, base, p, real_window, planner_cost)
+                truth = BalanceProblem(true, base, p, win, planner_cost)
                 checked(policy, truth, plan)
                 record(policy, assign, holds, transfer=exposed_transfer(truth, plan),
                        probe=True, solve_s=fixed_solve.get("waterfill", wf_s),
