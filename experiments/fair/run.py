@@ -317,13 +317,16 @@ def plot_memory(results, path: Path) -> None:
     plt.close(fig)
 
 
-def git_revision() -> str:
+def git_revision(outputs: Path | None = None) -> str:
+    """HEAD, with "-dirty" when tracked files outside `outputs` (this run's folder, which the
+    run itself rewrites) differ from it."""
     try:
         rev = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
                              check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True,
-                               text=True, check=True).stdout.strip()
+        cmd = ["git", "status", "--porcelain", "--untracked-files=no", "--", "."]
+        if outputs is not None:
+            cmd.append(f":(exclude){outputs}")
+        dirty = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip()
         return rev + ("-dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
@@ -351,7 +354,7 @@ def main(argv=None) -> int:
     manifest = {
         "command": "python -m experiments.fair.run " + " ".join(argv if argv is not None
                                                                  else sys.argv[1:]),
-        "git_revision": git_revision(),
+        "git_revision": git_revision(args.out),
         "machine": {"platform": platform.platform(), "python": platform.python_version(),
                     "processor": platform.processor() or platform.machine(),
                     "cpus": os.cpu_count()},
