@@ -1,0 +1,322 @@
+"""report.md of the fair comparison: setup, constants, headline ratios, targets with numbers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from probe.sim.fair import __doc__ as FAIR_DOC
+
+TARGET_TEXT = {
+    "T1_never_below_best_baseline": "PROBE-on-EPLB never below 1.00x the best baseline "
+                                    "(static, EPLB stop-the-world, EPLB async, EPLB + LP)",
+    "T2_80pct_of_oracle_gain_shift_repeat": "on shift and repeat, at least 80% of the oracle's "
+                                            "gain over the best baseline",
+    "T2b_same_where_oracle_gain_2pct": "the same, only where the oracle gains at least 2% "
+                                       "(below that the captured fraction divides by noise)",
+    "T3_1.10x_where_oracle_1.15x": "at least 1.10x the best baseline wherever the oracle "
+                                   "reaches 1.15x",
+    "T4_tenth_of_eplb_lp_memory_on_shift": "on shift, at most a tenth of EPLB + LP's replica "
+                                           "memory to come within 2% of the oracle",
+}
+
+
+def _breakdown(entry: dict, rule: str, best: str, mode: str) -> str:
+    pol = entry["policies"]
+    p, b, o = pol[rule][mode], pol[best]["host"], pol["oracle"]["host"]
+    over = (p["predictor_us"] + p["planner_us"]) if mode == "host" else p["side_exposed_us"]
+    return (f"MoE {p['moe_us']:.1f} us vs best baseline {b['moe_us']:.1f} (+ its LP "
+            f"{b['solve_us']:.1f}, stall {b['stall_ms_per_step']:.2f} ms/step) and oracle "
+            f"{o['moe_us']:.1f}; PROBE's exposed predictor + planner {over:.1f} us, "
+            f"water-filling {p['solve_us']:.1f} us, transfer {p['transfer_us']:.1f} us, "
+            f"attention {entry['attention_us']:.0f} us per layer")
+
+
+def _summary(analysis: dict) -> list[str]:
+    """Ranges of the headline ratios per workload, side mode (host in the targets section)."""
+    rows = ["| workload | cases | best baseline | EPLB+LP (measured LP) | EPLB+LP (LP free) | "
+            "PROBE paper | PROBE-on-EPLB (rule) | oracle |", "|---|---:|---|---|---|---|---|---|"]
+    families = sorted({f["workload"] for f in analysis["findings"]},
+                      key=["decode", "shift", "repeat", "prefill", "recorded"].index)
+    for w in families:
+        per = [v for f in analysis["findings"] if f["workload"] == w
+               for v in f["per_slots"].values()]
+        best = sorted({v["best_baseline"] for v in per})
+
+        def rng(values):
+            return f"{min(values):.3f}-{max(values):.3f}"
+
+        rows.append(
+            f"| {w} | {len(per)} | {', '.join(best)} | "
+            f"{rng([v['ratio']['eplb_lp']['host'] for v in per])} | "
+            f"{rng([v['eplb_lp_free_ratio'] for v in per])} | "
+            f"{rng([v['ratio']['probe_paper']['side'] for v in per])} | "
+            f"{rng([v['ratio'][v['rule_combo']]['side'] for v in per])} | "
+            f"{rng([v['ratio']['oracle']['host'] for v in per])} |")
+    return rows
+
+
+def _term_means(results: list[dict], analysis: dict) -> dict[str, list[float]]:
+    """workload -> mean us per layer: [oracle saving over the best baseline, PROBE-on-EPLB
+    (rule, side) MoE above the oracle, side-stream exposure, water-filling, transfer, net]."""
+    acc: dict[str, list] = {}
+    for r, f in zip(results, analysis["findings"], strict=True):
+        for k, entry in r["slots"].items():
+            v = f["per_slots"][int(k)]
+            pol = entry["policies"]
+            layers = entry["meta"]["model_layers"]
+            b = pol[v["best_baseline"]]["host"]
+            o = pol["oracle"]["host"]
+            p = pol[v["rule_combo"]]["side"]
+            base = b["moe_us"] + b["solve_us"] + 1e3 * b["stall_ms_per_step"] / layers
+            over = p["side_exposed_us"] + p["solve_us"] + p["transfer_us"]
+            acc.setdefault(r["workload"], []).append(
+                (base - o["moe_us"], p["moe_us"] - o["moe_us"], p["side_exposed_us"],
+                 p["solve_us"], p["transfer_us"], base - p["moe_us"] - over))
+    return {w: [sum(x[i] for x in vals) / len(vals) for i in range(6)]
+            for w, vals in acc.items()}
+
+
+def _verdict(results: list[dict], analysis: dict, sensitivity: dict | None) -> list[str]:
+    """Computed sentences: each target's count and the terms that decide it."""
+    t = analysis["targets"]
+    means = _term_means(results, analysis)
+    lines = []
+    for mode in ("side", "host"):
+        parts = []
+        for name, v in t[mode].items():
+            status = "n/a" if v["met"] is None else ("met" if v["met"] else "missed")
+            parts.append(f"{name.split('_')[0]} {status} ({v['cases'] - len(v['missed'])}/"
+                         f"{v['cases']} cases pass)")
+        lines.append(f"* {mode} mode: " + "; ".join(parts) + ".")
+    for w, m in means.items():
+        lines.append(
+            f"* {w}: the oracle saves {m[0]:.1f} us per MoE layer over the best baseline; "
+            f"PROBE-on-EPLB's MoE time sits {m[1]:.1f} us above the oracle's, and it exposes "
+            f"{m[2]:.1f} us of predictor + planner (side stream), {m[3]:.1f} us of "
+            f"water-filling and {m[4]:.1f} us of transfer: net {m[5]:+.1f} us per layer.")
+    host = [f["per_slots"][k]["ratio"][f["per_slots"][k]["rule_combo"]]["host"]
+            for f in analysis["findings"] for k in f["per_slots"]]
+    side = [f["per_slots"][k]["ratio"][f["per_slots"][k]["rule_combo"]]["side"]
+            for f in analysis["findings"] for k in f["per_slots"]]
+    lines.append(f"* Host mode costs PROBE-on-EPLB {100 * (1 - sum(host) / sum(side)):.1f}% "
+                 "of throughput on average against the side-stream mode (predictor + 1.5 x "
+                 "the greedy kernel in series).")
+    if sensitivity is not None:
+        other = [f["per_slots"][k]["ratio"][f["per_slots"][k]["rule_combo"]]["side"]
+                 for f in sensitivity["analysis"]["findings"] for k in f["per_slots"]]
+        if len(other) == len(side):
+            diff = max(abs(a - b) for a, b in zip(other, side, strict=True))
+            lines.append(f"* With {sensitivity['label']}, PROBE-on-EPLB's ratio moves by at "
+                         f"most {diff:.3f}: the gap to the oracle comes from the plan itself "
+                         "(which replicas the paper's greedy picks on its linear alpha + beta "
+                         "n model, while the measured table is flat up to ~200 tokens per "
+                         "expert, and the fixed b/p split; the oracle takes the best of "
+                         "several layouts and splits on the truth), not from the prediction "
+                         "error.")
+    return lines
+
+
+def _terms(results: list[dict], analysis: dict) -> list[str]:
+    """Mean per-layer microseconds: what the oracle saves over the best baseline, and what
+    PROBE-on-EPLB (rule, side mode) loses to the oracle, term by term."""
+    rows = ["| workload | oracle saves vs best baseline | PROBE MoE above oracle "
+            "(misprediction + heuristic) | predictor + planner exposed (side) | "
+            "water-filling | replica transfer exposed | PROBE net vs best baseline |",
+            "|---|---:|---:|---:|---:|---:|---:|"]
+    for w, m in _term_means(results, analysis).items():
+        rows.append(f"| {w} | {m[0]:.1f} | {m[1]:.1f} | {m[2]:.1f} | {m[3]:.1f} | {m[4]:.1f} | "
+                    f"{m[5]:+.1f} |")
+    return rows
+
+
+def _revision(git: dict) -> str:
+    """The manifest's git revision, marked -dirty when tracked files differed from it."""
+    return f"{git.get('revision')}{'-dirty' if git.get('dirty') else ''}"
+
+
+def write_report(results: list[dict], analysis: dict, manifest: dict, path: Path,
+                 sensitivity: dict | None = None) -> None:
+    """report.md; sensitivity: {"label", "folder", "analysis"} of a second run (e.g. with a
+    perfect predictor) whose summary is added for comparison."""
+    by_key = {(r["model"], r["workload"], r["batch_per_rank"]): r for r in results}
+    s = manifest["settings"]
+    lines = [
+        "# Fair comparison: EPLB, EPLB + LP, PROBE and an oracle at equal extra slots",
+        "",
+        f"Command: `{manifest['command']}` (PYTHONPATH = the repository root), revision "
+        f"{_revision(manifest['git'])}, {manifest['started_utc']}, {manifest['machine']['cpus']} "
+        f"CPUs ({manifest['machine']['platform']}), {manifest['elapsed_s']} s. Everything here "
+        "is a simulation on calibrated H200 costs, not a measurement on GPUs. Full tables: "
+        "tables.md (and tables.json); plot: fair_memory.png; manifest.json.",
+        "",
+        "## Verdict (computed from the tables below)",
+        "",
+        *_verdict(results, analysis, sensitivity),
+        "",
+        "## Summary (throughput / best baseline, min-max over models, batch sizes and 1-4 slots; "
+        "PROBE in the side-stream mode; prefill: chunk-latency speed-up)",
+        "",
+        *_summary(analysis),
+        "",
+        "## Setup",
+        "",
+        f"* Traces: probe.traces.generate (decode, shift, repeat at 256/768/1536 tokens per "
+        f"rank; chunked prefill at 8K/16K tokens per rank), ep = 8, {s['layers']} MoE "
+        f"layers per trace standing for all of the model's layers, {s['prior']} history steps "
+        f"then {s['steps']} measured decode steps ({s.get('prefill_steps')} prefill steps); "
+        "the shift happens a third into the measured steps. 'recorded': "
+        f"{', '.join(s.get('recorded') or []) or 'none in this run'} (real routing of the "
+        "small model, its experts costed with gpt-oss-120b's numbers, "
+        f"{s.get('recorded_steps')} measured steps centred on its shift). Predictions "
+        f"from the error model `{s['predictor']}` (probe/sim/predict.py) for every trace, "
+        "recorded ones included: the small model's own predictor output is not replayed.",
+        f"* Slots: {s['slots']} extra expert slots per rank for every policy. EPLB's are "
+        "resident in every layer (k x layers x expert bytes per rank); PROBE's per-step slots "
+        "are double-buffered for the layers in flight (2 x p x expert bytes). PROBE-on-EPLB "
+        "splits k = b resident + p per-step; the split used for the targets was fixed before "
+        "the run: p = max(1, k // 2). tables.md lists every split; the best split per case "
+        "(picked after the run) is shown separately and not used for the targets.",
+        f"* EPLB scaling: vLLM uses a 1000-step window and a 3000-step interval, SGLang "
+        f"re-plans every 1000 iterations; the traces are far shorter, so window = interval = "
+        f"{s['eplb_window']} steps (factor {s['eplb_window'] / 1000:.3f} of SGLang's), the first "
+        "layout planned on the window before the measured steps (steady state). Warm-up (no "
+        "layout yet) is static's row.",
+        "* Throughput = measured tokens / (model layers x mean layer time + stop-the-world "
+        "stalls); dense layers, embedding and LM head are not modelled, so ratios are of the "
+        "attention + MoE part of a step.",
+        "* Not modelled: replica and re-plan transfers contending with dispatch/combine traffic "
+        "on NVLink; attention to earlier chunks' KV in prefill; the host round trip of the "
+        "dispatch-time water-filling (its Numba kernel time is charged).",
+        "* The oracle is the best of every policy's plan and of greedy plans on the true load "
+        "(a heuristic upper reference, zero cost), not a proven optimum.",
+        "",
+        "Policies and charging, from probe/sim/fair.py:",
+        "",
+        "```",
+        FAIR_DOC.strip(),
+        "```",
+        "",
+        "## Constants (probe/sim/costs.py)",
+        "",
+        "| name | value | unit | source |",
+        "|---|---|---|---|",
+    ]
+    for row in results[0]["constants"]:
+        value = row["value"]
+        value = f"{value:.4g}" if isinstance(value, float) else value
+        lines.append(f"| {row['name']} | {value} | {row['unit']} | {row['source']} |")
+    lines += ["", "## Headline: throughput / best baseline (side-stream mode for PROBE; host "
+              "mode in parentheses)", "",
+              "| model | workload | tok/rank | k | best baseline | EPLB+LP | EPLB+LP, LP free | "
+              "PROBE paper | PROBE-on-EPLB (rule) | PROBE-on-EPLB (best split, post hoc) | "
+              "oracle | captured (rule, side) |",
+              "|---|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for f in analysis["findings"]:
+        for k, v in sorted(f["per_slots"].items()):
+            r = v["ratio"]
+            rule = v["rule_combo"]
+            combo = v["best_combo_post_hoc"]
+            cap = v["captured"][rule]["side"]
+            lines.append(
+                f"| {f['model']} | {f['workload']} | {f['batch_per_rank']} | {k} | "
+                f"{v['best_baseline']} | {r['eplb_lp']['host']:.3f} | "
+                f"{v['eplb_lp_free_ratio']:.3f} | "
+                f"{r['probe_paper']['side']:.3f} ({r['probe_paper']['host']:.3f}) | "
+                f"{r[rule]['side']:.3f} ({r[rule]['host']:.3f}) | "
+                f"{r[combo]['side']:.3f} ({combo.removeprefix('probe_on_eplb_')}) | "
+                f"{r['oracle']['host']:.3f} | {cap:.2f} |")
+    lines += ["", "Fewest extra slots within 2% of the oracle's best throughput (slots, GB per "
+              "rank; '-' = not reached at 4):", "",
+              "| model | workload | tok/rank | eplb_async | eplb_lp | probe_paper (side) | "
+              "best probe_on_eplb split (side) |", "|---|---|---:|---|---|---|---|"]
+    for f in analysis["findings"]:
+        w = f["within_2pct"]
+
+        def cell(key, w=w):
+            hit = w.get(key)
+            return "-" if not hit else f"{hit[0]} ({hit[1]:.2f} GB)"
+
+        combos = [(key, hit) for key, hit in w.items()
+                  if key.startswith("probe_on_eplb") and key.endswith("/side") and hit]
+        combo = min(combos, key=lambda x: x[1][1]) if combos else None
+        combo_cell = "-" if combo is None else \
+            f"{combo[0].split('/')[0]}: {combo[1][0]} ({combo[1][1]:.2f} GB)"
+        lines.append(f"| {f['model']} | {f['workload']} | {f['batch_per_rank']} | "
+                     f"{cell('eplb_async/host')} | {cell('eplb_lp/host')} | "
+                     f"{cell('probe_paper/side')} | {combo_cell} |")
+    if sensitivity is not None:
+        lines += ["", f"### Sensitivity: {sensitivity['label']} ({sensitivity['folder']})", "",
+                  *_summary(sensitivity["analysis"])]
+    lines += ["", "## Where the time goes (mean us per MoE layer over models, batches and "
+              "slots)", "", *_terms(results, analysis), "",
+              "The oracle's saving is the most any balancer can gain over the best baseline; "
+              "PROBE-on-EPLB keeps it minus the next four columns (net: the last).", ""]
+    lines += ["", "## Targets", ""]
+    for mode in ("side", "host"):
+        lines += [f"### PROBE overheads in the {mode} mode", ""]
+        for name, t in analysis["targets"][mode].items():
+            met = {True: "**met**", False: "**missed**", None: "not applicable"}[t["met"]]
+            lines.append(f"* {TARGET_TEXT[name]}: {met} ({t['cases']} cases, "
+                         f"{len(t['missed'])} missed).")
+            for tag, k, value, _ in t["missed"][:8]:
+                if name.startswith("T4"):
+                    def gb(x):
+                        return "not within 2% at <= 4 slots" if x is None else f"{x:.2f} GB"
+
+                    lines.append(f"  - {tag}: PROBE (best of its policies) "
+                                 f"{gb(value['probe_gb'])}, EPLB + LP {gb(value['eplb_lp_gb'])} "
+                                 "per rank.")
+                    continue
+                model, workload, batch = tag.split(" ")
+                r = by_key[(model, workload, int(batch[2:]))]
+                entry = r["slots"][k] if k in r["slots"] else r["slots"][str(k)]
+                f = next(x for x in analysis["findings"]
+                         if (x["model"], x["workload"], x["batch_per_rank"])
+                         == (model, workload, int(batch[2:])))
+                v = f["per_slots"][int(k)]
+                lines.append(f"  - {tag}, k={k}: {value:.3f}; "
+                             + _breakdown(entry, v["rule_combo"], v["best_baseline"], mode))
+            if len(t["missed"]) > 8:
+                lines.append(f"  - ... {len(t['missed']) - 8} more in tables.json.")
+        lines.append("")
+    path.write_text("\n".join(lines) + "\n")
+
+
+def main(argv=None) -> int:
+    """Re-render report.md and fair_memory.png from a run's tables.json and manifest.json."""
+    import argparse
+    import json
+
+    ap = argparse.ArgumentParser(prog="python -m experiments.fair.report")
+    ap.add_argument("folder", type=Path, help="a folder written by experiments.fair.run")
+    ap.add_argument("--sensitivity", type=Path, default=None,
+                    help="another run's folder whose summary is added")
+    args = ap.parse_args(argv)
+    tables = json.loads((args.folder / "tables.json").read_text())
+    for r in tables["results"]:  # JSON object keys come back as strings
+        r["slots"] = {int(k): v for k, v in r["slots"].items()}
+    for f in tables["analysis"]["findings"]:
+        f["per_slots"] = {int(k): v for k, v in f["per_slots"].items()}
+    manifest = json.loads((args.folder / "manifest.json").read_text())
+    write_report(tables["results"], tables["analysis"], manifest, args.folder / "report.md",
+                 load_sensitivity(args.sensitivity))
+    from experiments.fair.run import plot_memory
+
+    plot_memory(tables["results"], args.folder / "fair_memory.png")
+    return 0
+
+
+def load_sensitivity(folder: Path | None) -> dict | None:
+    """{"label", "folder", "analysis"} of the run in `folder` (None: None)."""
+    if folder is None:
+        return None
+    import json
+
+    tables = json.loads((folder / "tables.json").read_text())
+    manifest = json.loads((folder / "manifest.json").read_text())
+    return {"label": f"predictor {manifest['settings']['predictor']}", "folder": str(folder),
+            "analysis": tables["analysis"]}
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,293 @@
+"""Calibrated costs for the fair comparison (probe.sim.fair): one place for every constant.
+
+Shape legend: S source ranks (= G), E experts, G ranks.
+
+What a layer costs here, and where each number comes from (`CONSTANTS` holds the figures with
+their sources; `FairCosts.constants_table()` prints them for reports):
+
+* Expert compute: the MEASURED grouped-GEMM table of probe/sim/h200_calibration.json
+  (`models[m].experts[*]`: tokens per expert -> seconds per expert, bf16, torch._grouped_mm,
+  16 local experts, one H200), linearly interpolated between measured points, proportional to
+  the first point below it and extrapolated along the last segment above it. A copy with no
+  token costs nothing (its GEMM group is empty). A rank's compute is the sum over its physical
+  copies of table(tokens of the copy). This replaces the planner's alpha + beta n line, which
+  over-states small batches' slope: decode sits on the flat part of the table (about 20 us per
+  expert up to ~200 tokens for gpt-oss-120b).
+* Dispatch / combine (all-to-all): per collective, `a2a_latency_s` + (largest per-rank
+  max(in, out) bytes) / `a2a_bandwidth`. The bandwidth is DeepEP V1's published intranode EP8
+  normal-kernel bottleneck bandwidth (README, "Normal kernels with NVLink and RDMA
+  forwarding" table: dispatch 153 GB/s, combine 158 GB/s on H800, ~160 GB/s NVLink), i.e. ~96%
+  of the link, scaled here to the H200's 450 GB/s per direction (0.96 x 450 = 430 GB/s). The
+  latency term is NOT a published intranode figure: DeepEP V1's low-latency table (EP8, 128
+  tokens, hidden 7168, top-8, pure RDMA) gives 77 us dispatch and 114 us combine, nearly all of
+  it bandwidth (98 / 127 GB/s); we take 10 us per collective as an assumption for the fixed
+  part of one NVLink all-to-all (kernel launch + barrier), and say so in the report. Ranks
+  synchronise at both collectives, so a layer's MoE time is dispatch + max-rank compute +
+  combine. Token-expert pairs are counted (no deduplication), like probe's cost model.
+* Attention: the measured per-layer decode points of the calibration (KV length 2048, full
+  attention). GPT-OSS alternates sliding-window (128 tokens) and full-attention layers
+  (probe.specs has no layer-type field; the model card's layout is half and half). A sliding
+  layer is approximated as the measured time minus the KV read that the window saves:
+  b x (2048 - 128) x kv_bytes_per_token / HBM bandwidth (kv bytes = 2 x kv_heads x head_dim x 2).
+  The model's mean attention per layer is then the mean of the two layer types. Chunked
+  prefill uses the measured (chunk, seconds) points (attention within the chunk only); a
+  sliding layer there is taken as linear in the chunk at the 1024-token point's rate.
+* Weight movement: one expert's bytes over the NVLink rate of probe's hardware preset (450 GB/s
+  per direction, datasheet).
+* Predictor (per layer, on the H200): results/predictor/report.md "Cost per layer", triton
+  form at H = 256: gpt-oss-120b 18.8 / 22.5 / 46.6 us at T = 512 / 1024 / 8192 tokens per
+  rank, qwen3-235b-a22b 23.9 / 28.1 / 60.2 us; interpolated linearly in T.
+* Planner: the greedy kernel, 19.7 us per layer at ep = 8 (results/planner_speed.md, CPU, one
+  core); the lean host path (inputs in, plan out) is taken as 1.5x the kernel. A GPU kernel is
+  not measured: `planner_gpu_s` is a parameter (default: the CPU kernel's 19.7 us).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+
+import numpy as np
+
+from probe.sim.calibration import calibrated_hardware, load_calibration
+from probe.specs import ModelSpec, model_preset
+
+__all__ = ["CONSTANTS", "ExpertTimeTable", "FairCosts", "predictor_seconds"]
+
+# Every constant the fair comparison charges, with its source.
+CONSTANTS: dict[str, dict] = {
+    "a2a_bandwidth": {"value": 0.96 * 450e9, "unit": "B/s",
+                      "source": "DeepEP V1 README, intranode EP8 normal kernels: 153/158 GB/s "
+                                "dispatch/combine on H800 (~160 GB/s NVLink), i.e. ~96% of "
+                                "the link; scaled to H200's 450 GB/s per direction"},
+    "a2a_latency_s": {"value": 10e-6, "unit": "s",
+                      "source": "ASSUMED fixed part of one intranode all-to-all (launch + "
+                                "barrier); DeepEP V1 low-latency EP8 figures (77 us dispatch, "
+                                "114 us combine at 128 tokens, RDMA) are bandwidth-dominated"},
+    "link_bandwidth": {"value": 450e9, "unit": "B/s",
+                       "source": "probe.specs h200x8 preset (NVLink 4, 900 GB/s bidirectional)"},
+    "planner_kernel_s": {"value": 19.7e-6, "unit": "s",
+                         "source": "results/planner_speed.md: greedy kernel median, ep=8, "
+                                   "E=128, 3 slots (CPU, one core)"},
+    "planner_host_factor": {"value": 1.5, "unit": "x",
+                            "source": "lean host path ~1.5x the kernel (results/planner_speed"
+                                      ".md: greedy_plan and solve() wrappers cost more; a lean "
+                                      "path is assumed at 1.5x)"},
+    "planner_gpu_s": {"value": 19.7e-6, "unit": "s",
+                      "source": "NOT MEASURED: a GPU planner kernel is taken as fast as the "
+                                "CPU kernel (parameter)"},
+    "sliding_window": {"value": 128, "unit": "tokens",
+                       "source": "gpt-oss model card: alternating 128-token sliding-window "
+                                 "and full-attention layers"},
+}
+
+# results/predictor/report.md, "Cost per layer", triton form, H = 256 (tokens per rank, us).
+_PREDICTOR_US = {
+    "gpt-oss-120b": ((512, 18.8), (1024, 22.5), (8192, 46.6)),
+    "qwen3-235b-a22b": ((512, 23.9), (1024, 28.1), (8192, 60.2)),
+}
+
+
+def predictor_seconds(model: str, tokens_per_rank: float) -> float:
+    """Seconds of the predictor per layer on the H200 (linear in tokens between measured T;
+    proportional below the first point would be optimistic, so the first point is a floor)."""
+    if model not in _PREDICTOR_US:
+        raise ValueError(f"no measured predictor cost for model {model!r}; known: "
+                         f"{sorted(_PREDICTOR_US)}")
+    pts = _PREDICTOR_US[model]
+    xs = [p[0] for p in pts]
+    ys = [p[1] for p in pts]
+    if tokens_per_rank >= xs[-1]:
+        slope = (ys[-1] - ys[-2]) / (xs[-1] - xs[-2])
+        return 1e-6 * (ys[-1] + slope * (tokens_per_rank - xs[-1]))
+    return 1e-6 * float(np.interp(tokens_per_rank, xs, ys))
+
+
+def _interp(points, x: float) -> float:
+    """Piecewise linear through (x, t) points; proportional below the first, the last
+    segment extended above the last."""
+    xs = [p[0] for p in points]
+    ys = [p[1] for p in points]
+    if x < xs[0]:
+        return ys[0] * x / xs[0]
+    if x > xs[-1]:
+        return ys[-1] + (ys[-1] - ys[-2]) / (xs[-1] - xs[-2]) * (x - xs[-1])
+    return float(np.interp(x, xs, ys))
+
+
+@dataclass(frozen=True)
+class ExpertTimeTable:
+    """Seconds of one expert's grouped GEMM vs its tokens, from measured points.
+
+    tokens: float64 [P] strictly increasing (> 0); seconds: float64 [P] (>= 0).
+
+    >>> t = ExpertTimeTable(np.array([1.0, 2.0, 4.0]), np.array([1e-5, 1e-5, 2e-5]))
+    >>> t(np.array([0, 1, 3, 4, 6])).round(8).tolist()
+    [0.0, 1e-05, 1.5e-05, 2e-05, 3e-05]
+    """
+
+    tokens: np.ndarray
+    seconds: np.ndarray
+
+    def __post_init__(self) -> None:
+        tokens = np.asarray(self.tokens, dtype=np.float64)
+        seconds = np.asarray(self.seconds, dtype=np.float64)
+        if tokens.ndim != 1 or tokens.shape != seconds.shape or tokens.size < 2:
+            raise ValueError("tokens and seconds must be 1-D arrays of the same length >= 2")
+        if np.any(tokens <= 0) or np.any(np.diff(tokens) <= 0):
+            raise ValueError("tokens must be positive and strictly increasing")
+        if np.any(seconds < 0) or not np.all(np.isfinite(seconds)):
+            raise ValueError("seconds must be finite and >= 0")
+        object.__setattr__(self, "tokens", tokens)
+        object.__setattr__(self, "seconds", seconds)
+
+    def __call__(self, n: np.ndarray) -> np.ndarray:
+        """float64 like `n`: seconds for n tokens (0 for n <= 0)."""
+        n = np.asarray(n, dtype=np.float64)
+        xs, ys = self.tokens, self.seconds
+        out = np.interp(n, xs, ys)
+        below = n < xs[0]
+        out = np.where(below, ys[0] * n / xs[0], out)
+        slope = (ys[-1] - ys[-2]) / (xs[-1] - xs[-2])
+        out = np.where(n > xs[-1], ys[-1] + slope * (n - xs[-1]), out)
+        return np.where(n > 0, out, 0.0)
+
+    @classmethod
+    def from_calibration(cls, model: str, path=None) -> ExpertTimeTable:
+        data = load_calibration(path)
+        entry = data["models"].get(model)
+        if not entry or "experts" not in entry:
+            raise ValueError(f"no measured expert table for model {model!r}")
+        rows = sorted(entry["experts"], key=lambda r: r["tokens_per_expert"])
+        return cls(np.array([r["tokens_per_expert"] for r in rows], dtype=np.float64),
+                   np.array([r["seconds_per_expert"] for r in rows], dtype=np.float64))
+
+
+@dataclass(frozen=True)
+class FairCosts:
+    """All costs of one model at ep = G on H200s (module docstring)."""
+
+    model: ModelSpec
+    num_ranks: int
+    experts: ExpertTimeTable
+    attention_points: tuple[tuple[float, float], ...]  # (per-rank batch, seconds), full attn
+    prefill_points: tuple[tuple[float, float], ...]  # (chunk tokens, seconds), full attn
+    kv_len: int
+    sliding_fraction: float  # share of layers with sliding-window attention
+    sliding_window: int
+    kv_bytes_per_token: int
+    hbm_bw: float
+    a2a_bandwidth: float = CONSTANTS["a2a_bandwidth"]["value"]
+    a2a_latency_s: float = CONSTANTS["a2a_latency_s"]["value"]
+    link_bandwidth: float = CONSTANTS["link_bandwidth"]["value"]
+    planner_kernel_s: float = CONSTANTS["planner_kernel_s"]["value"]
+    planner_host_factor: float = CONSTANTS["planner_host_factor"]["value"]
+    planner_gpu_s: float = CONSTANTS["planner_gpu_s"]["value"]
+    calibrated_as: str = ""  # the calibrated model whose costs these are ("": model.name)
+
+    @classmethod
+    def for_model(cls, name: str, num_ranks: int = 8, calibration=None, *,
+                  routing: ModelSpec | None = None, **overrides):
+        """Costs of preset `name` at `num_ranks` ranks. routing: another ModelSpec (e.g. a
+        small recorded model's experts and top-k) costed with `name`'s calibrated numbers."""
+        model = model_preset(name) if routing is None else routing
+        data = load_calibration(calibration)
+        entry = data["models"].get(name)
+        if not entry or "attention" not in entry:
+            raise ValueError(f"no calibration for model {name!r}")
+        shape = entry["shape"]
+        att = entry["attention"]["decode"]
+        kv_bytes = 2 * int(shape["num_kv_heads"]) * int(shape["head_dim"]) * 2
+        sliding = 0.5 if name.startswith("gpt-oss") else 0.0
+        return cls(model=model, num_ranks=num_ranks,
+                   experts=ExpertTimeTable.from_calibration(name, calibration),
+                   attention_points=tuple((float(r["batch"]), float(r["seconds"]))
+                                          for r in att),
+                   prefill_points=tuple((float(r["chunk"]), float(r["seconds"]))
+                                        for r in entry["attention"]["prefill"]),
+                   kv_len=int(att[0]["kv_len"]), sliding_fraction=sliding,
+                   sliding_window=int(CONSTANTS["sliding_window"]["value"]),
+                   kv_bytes_per_token=kv_bytes, hbm_bw=float(data["copy"]["bandwidth"]),
+                   calibrated_as=name, **overrides)
+
+    @property
+    def cost_name(self) -> str:
+        return self.calibrated_as or self.model.name
+
+    @cached_property
+    def planner_cost(self):
+        """The planner's linear CostModel (calibrated alpha, beta; datasheet links)."""
+        from probe.planner.cost import CostModel
+
+        hw = calibrated_hardware("h200x8", self.cost_name).with_ranks(self.num_ranks)
+        return CostModel.from_specs(self.model, hw)
+
+    @property
+    def expert_bytes(self) -> int:
+        return self.model.expert_bytes
+
+    @property
+    def expert_transfer_s(self) -> float:
+        return self.expert_bytes / self.link_bandwidth
+
+    def attention_seconds(self, tokens: float, phase: str = "decode") -> float:
+        """Mean attention seconds per layer on a rank: `tokens` decode requests (phase
+        "decode") or a prefill chunk of `tokens` tokens (phase "prefill").
+
+        Decode: a sliding layer is the measured full-attention time minus the KV read the
+        window saves. Prefill: a sliding layer is taken as linear in the chunk at the smallest
+        measured chunk's rate (1024 tokens, where the causal part is small), capped by the
+        full-attention time; the measured points attend within the chunk only.
+        """
+        if phase not in ("decode", "prefill"):
+            raise ValueError(f"phase must be 'decode' or 'prefill', got {phase!r}")
+        points = self.attention_points if phase == "decode" else self.prefill_points
+        full = _interp(points, tokens)
+        if phase == "decode":
+            saved = tokens * max(self.kv_len - self.sliding_window, 0) \
+                * self.kv_bytes_per_token / self.hbm_bw
+            sliding = max(full - saved, 0.0)
+        else:
+            x0, t0 = points[0]
+            sliding = min(full, t0 * tokens / x0)
+        return (1 - self.sliding_fraction) * full + self.sliding_fraction * sliding
+
+    def predictor_s(self, tokens_per_rank: float) -> float:
+        return predictor_seconds(self.cost_name, tokens_per_rank)
+
+    def compute_per_rank(self, tokens: np.ndarray, copies: np.ndarray) -> np.ndarray:
+        """float64 [G]: expert seconds per rank; tokens int [G, E] per rank and expert, split
+        evenly over the rank's `copies` int [G, E] of each expert (>= 1 where tokens > 0)."""
+        c = np.maximum(copies, 1)
+        per_copy = self.experts(tokens / c) * c
+        return np.where(tokens > 0, per_copy, 0.0).sum(axis=1)
+
+    def a2a_seconds(self, assignment: np.ndarray) -> tuple[float, float]:
+        """(dispatch, combine) seconds of an assignment int [S, E, G]."""
+        flow = assignment.sum(axis=1).astype(np.float64)  # [S, G]
+        np.fill_diagonal(flow, 0.0)
+        worst = float(np.maximum(flow.sum(axis=0), flow.sum(axis=1)).max())
+        volume = worst * self.model.token_bytes / self.a2a_bandwidth
+        return self.a2a_latency_s + volume, self.a2a_latency_s + volume
+
+    def moe_seconds(self, assignment: np.ndarray, copies: np.ndarray) -> dict:
+        """MoE time of a layer: dispatch + max-rank compute + combine, with its parts."""
+        tokens = assignment.sum(axis=0).T  # [G, E]
+        compute = self.compute_per_rank(tokens, copies)
+        dispatch, combine = self.a2a_seconds(assignment)
+        per_rank = assignment.sum(axis=(0, 1)).astype(np.float64)
+        mean = per_rank.mean()
+        return {"moe": dispatch + float(compute.max()) + combine,
+                "compute": float(compute.max()), "dispatch": dispatch, "combine": combine,
+                "imbalance": float(per_rank.max() / mean) if mean > 0 else 1.0}
+
+    def constants_table(self) -> list[dict]:
+        rows = [{"name": k, "value": v["value"], "unit": v["unit"], "source": v["source"]}
+                for k, v in CONSTANTS.items()]
+        rows.append({"name": "expert_time_table", "value": f"{self.experts.tokens.size} points",
+                     "unit": "tokens -> s",
+                     "source": "probe/sim/h200_calibration.json models[m].experts"})
+        rows.append({"name": "predictor_us", "value": str(_PREDICTOR_US.get(self.cost_name)),
+                     "unit": "(T, us)",
+                     "source": "results/predictor/report.md 'Cost per layer', triton, H=256"})
+        return rows

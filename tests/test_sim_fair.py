@@ -1,0 +1,236 @@
+"""The fair comparison (probe.sim.fair, probe.sim.costs, experiments.fair.run)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+
+from probe.planner.check import check_plan
+from probe.planner.eplb import even_split
+from probe.planner.problem import BalanceProblem, Plan
+from probe.sim.calibration import load_calibration
+from probe.sim.costs import ExpertTimeTable, FairCosts, predictor_seconds
+from probe.sim.fair import (
+    eplb_copies,
+    lp_split,
+    policy_names,
+    simulate_fair,
+    split_by_fractions,
+    waterfill_split,
+)
+from probe.traces.synthetic import generate
+
+MODEL = "gpt-oss-120b"
+
+
+@pytest.fixture(scope="module")
+def costs():
+    return FairCosts.for_model(MODEL, 8)
+
+
+@pytest.fixture(scope="module")
+def load():
+    trace = generate("shift", num_steps=9, tokens_per_step=8 * 256, num_layers=2,
+                     num_experts=128, top_k=4, num_ranks=8, seed=3, shift_step=6)
+    return trace.load_counts().astype(np.int64)  # [9, 2, 8, 128]
+
+
+@pytest.fixture(scope="module")
+def result(load, costs):
+    # check=True: every policy's plan is re-checked with check_plan on the true load inside.
+    return simulate_fair(load, costs, slots=2, prior=4, window=4, interval=3, seed=1,
+                         check=True)
+
+
+@pytest.mark.parametrize("model", ["gpt-oss-120b", "qwen3-235b-a22b"])
+def test_expert_table_is_exact_at_measured_points(model):
+    rows = load_calibration()["models"][model]["experts"]
+    table = ExpertTimeTable.from_calibration(model)
+    tokens = np.array([r["tokens_per_expert"] for r in rows], float)
+    seconds = np.array([r["seconds_per_expert"] for r in rows])
+    np.testing.assert_array_equal(table(tokens), seconds)
+    mid = (tokens[5] + tokens[6]) / 2
+    assert table(np.array([mid]))[0] == pytest.approx((seconds[5] + seconds[6]) / 2)
+    assert table(np.array([0]))[0] == 0.0
+
+
+def test_expert_table_rejects_bad_points():
+    with pytest.raises(ValueError, match="strictly increasing"):
+        ExpertTimeTable(np.array([2.0, 1.0]), np.array([1.0, 1.0]))
+
+
+def test_attention_sliding_layers_cost_less(costs):
+    full = FairCosts.for_model("qwen3-235b-a22b", 8)
+    assert full.sliding_fraction == 0.0 and costs.sliding_fraction == 0.5
+    measured = dict(costs.attention_points)[256.0]
+    # Half the layers read 128 of 2048 KV entries: mean below the measured full-attention time.
+    assert 0.5 * measured < costs.attention_seconds(256) < measured
+    assert full.attention_seconds(256) == pytest.approx(dict(full.attention_points)[256.0])
+
+
+def test_prefill_attention(costs):
+    full = FairCosts.for_model("qwen3-235b-a22b", 8)
+    assert full.attention_seconds(8192, "prefill") == pytest.approx(
+        dict(full.prefill_points)[8192.0])
+    measured = dict(costs.prefill_points)[16384.0]
+    assert 0.5 * measured < costs.attention_seconds(16384, "prefill") < measured
+    with pytest.raises(ValueError, match="phase"):
+        costs.attention_seconds(1024, "train")
+
+
+def test_predictor_cost_matches_measured_points():
+    assert predictor_seconds("gpt-oss-120b", 512) == pytest.approx(18.8e-6)
+    assert predictor_seconds("qwen3-235b-a22b", 1024) == pytest.approx(28.1e-6)
+    with pytest.raises(ValueError, match="no measured predictor cost"):
+        predictor_seconds("mixtral-8x7b", 512)
+
+
+def test_equal_slots(result, load, costs):
+    num_experts = load.shape[-1]
+    for b in range(4):
+        copies = eplb_copies(load[:4].sum(axis=2).mean(axis=0), b, 8)  # [L, G, E]
+        assert np.all(copies.sum(axis=2) == num_experts // 8 + b)  # physical slots per rank
+        assert np.all(copies.sum(axis=1) >= 1)  # every expert somewhere
+    for slots in (1, 2, 3, 4):
+        combos = [p for p in policy_names(slots) if p.startswith("probe_on_eplb")]
+        assert len(combos) == slots
+        for name in combos:
+            b, p = name.removeprefix("probe_on_eplb_b").split("p")
+            assert int(b) + int(p) == slots and int(p) >= 1
+    # Per-step replicas never exceed the slots (replicas are counted over all ranks).
+    assert result.metrics["probe_paper"]["replicas"].max() <= 2 * 8
+    assert result.metrics["probe_on_eplb_b1p1"]["replicas"].max() <= 1 * 8
+    # Memory: EPLB resident in every model layer, PROBE's per-step slots double-buffered.
+    w = costs.expert_bytes
+    assert result.memory["eplb_lp"] == 2 * costs.model.num_layers * w
+    assert result.memory["probe_paper"] == 2 * 2 * w
+    assert result.memory["probe_on_eplb_b1p1"] == costs.model.num_layers * w + 2 * w
+
+
+def test_oracle_never_worse_on_moe_time(result):
+    oracle = result.metrics["oracle"]["moe"]
+    for policy in result.policies:
+        assert np.all(oracle <= result.metrics[policy]["moe"] + 1e-15), policy
+
+
+def test_eplb_lp_never_worse_than_even_split(result):
+    # Same layout (the async one), LP split vs DeepSeek's even split, scored on the truth.
+    assert np.all(result.metrics["eplb_lp"]["moe"]
+                  <= result.metrics["eplb_async"]["moe"] + 1e-15)
+    assert result.metrics["eplb_lp"]["moe"].mean() < result.metrics["eplb_async"]["moe"].mean()
+
+
+def test_lp_split_beats_even_split_in_its_own_model(load, costs):
+    cost = costs.planner_cost
+    copies = eplb_copies(load[:4].sum(axis=2).mean(axis=0), 2, 8)[0]
+    true = load[6, 0]
+
+    def linear_max(assign):  # the LP's objective, evaluated on the rounded assignment
+        tokens = assign.sum(axis=0).T  # [G, E]
+        multi = (copies > 0).sum(axis=0) > 1
+        single_tokens = np.where(~multi[None, :], tokens, 0)
+        fixed = costs.compute_per_rank(single_tokens, copies)
+        held = (copies > 0) & multi[None, :]
+        return (fixed + (held * (cost.alpha + cost.beta * tokens)).sum(axis=1)).max()
+
+    lp = lp_split(true, copies, costs)
+    even = even_split(true, copies)
+    assert np.array_equal(lp.sum(axis=2), true)
+    # Rounding moves at most one token per (source, expert) and rank: S tokens of beta each.
+    assert linear_max(lp) <= linear_max(even) + 8 * 8 * cost.beta + 1e-12
+    prob = BalanceProblem(true, copies > 0, 0, 0.0, cost)
+    assert check_plan(prob, Plan(np.zeros((8, 128), bool), np.full((8, 128), -1), lp)) == []
+
+
+def test_waterfill_levels_two_ranks(costs):
+    # Expert 0 on both ranks, expert 1 only on rank 0: water-filling puts expert 0 mostly on 1.
+    home = np.zeros((8, 16), np.int64)
+    home[np.arange(16) % 8, np.arange(16)] = 1
+    home[1, 0] = 1
+    true = np.zeros((8, 16), np.int64)
+    true[0, 0], true[0, 8] = 800, 2000  # expert 8 lives on rank 0
+    assign = waterfill_split(true, home, costs)
+    assert np.array_equal(assign.sum(axis=2), true)
+    assert assign[0, 0, 1] > assign[0, 0, 0]
+
+
+def test_split_by_fractions_conserves():
+    load = np.array([[5, 3], [1, 0]])
+    frac = np.array([[0.5, 0.5], [0.0, 1.0]])
+    out = split_by_fractions(load, frac)
+    assert np.array_equal(out.sum(axis=2), load)
+    assert out[:, 1, 0].sum() == 0
+
+
+def test_overheads_are_charged_exactly(load, costs):
+    free = dataclasses.replace(costs, planner_kernel_s=0.0)
+    kwargs = {"slots": 1, "prior": 4, "window": 4, "interval": 3, "seed": 1, "check": False}
+    charged = simulate_fair(load, costs, solve_time={"lp": 1e-4, "waterfill": 2e-5}, **kwargs)
+    zero = simulate_fair(load, free, solve_time={"lp": 0.0, "waterfill": 0.0}, **kwargs)
+    layers = costs.model.num_layers
+    plan_host = costs.planner_kernel_s * costs.planner_host_factor
+    np.testing.assert_allclose(charged.step_time("probe_paper"),
+                               zero.step_time("probe_paper") + layers * plan_host)
+    np.testing.assert_allclose(charged.step_time("eplb_lp"),
+                               zero.step_time("eplb_lp") + layers * 1e-4)
+    np.testing.assert_allclose(charged.step_time("probe_on_eplb_b0p1"),
+                               zero.step_time("probe_on_eplb_b0p1") + layers * (plan_host + 2e-5))
+    # Baselines and MoE times do not depend on the charged overheads.
+    np.testing.assert_array_equal(charged.step_time("eplb_stw"), zero.step_time("eplb_stw"))
+    np.testing.assert_array_equal(charged.metrics["probe_paper"]["moe"],
+                                  zero.metrics["probe_paper"]["moe"])
+    # Side-stream mode exposes at most predictor + GPU planner, never more than the host mode.
+    m = charged.metrics["probe_paper"]
+    assert np.all(m["side"] <= m["pred"] + costs.planner_gpu_s + 1e-15)
+
+
+def test_stop_the_world_stall_only_at_replans(result):
+    stall = result.stall["eplb_stw"]
+    assert np.all(stall[[n for n in range(len(stall)) if n % 3 != 0 or n == 0]] == 0)
+    assert result.stall["static"].sum() == 0
+
+
+def test_bad_arguments(load, costs):
+    with pytest.raises(ValueError, match="slots"):
+        simulate_fair(load, costs, slots=0, prior=4, window=4, interval=3)
+    with pytest.raises(ValueError, match="window"):
+        simulate_fair(load, costs, slots=1, prior=2, window=4, interval=3)
+    with pytest.raises(ValueError, match="load must be"):
+        simulate_fair(load[0], costs, slots=1, prior=2, window=2, interval=3)
+
+
+def test_quick_run_writes_report_and_manifest(tmp_path):
+    from experiments.fair.run import main
+
+    assert main(["--out", str(tmp_path), "--quick"]) == 0
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert {"command", "git_revision", "machine", "date_utc"} <= set(manifest)
+    report = (tmp_path / "report.md").read_text()
+    assert "## Targets" in report and "eplb_async" in report
+    tables = json.loads((tmp_path / "tables.json").read_text())
+    assert tables["results"][0]["model"] == MODEL
+    assert (tmp_path / "fair_memory.png").stat().st_size > 0
+    # The report re-renders from tables.json + manifest.json to the same text.
+    from experiments.fair.report import main as render
+
+    assert render([str(tmp_path)]) == 0
+    assert (tmp_path / "report.md").read_text() == report
+
+
+def test_recorded_trace_is_costed_with_the_calibrated_model(tmp_path):
+    from experiments.fair.run import parse_args, run_config
+
+    trace = generate("shift", num_steps=12, tokens_per_step=8 * 32, num_layers=2,
+                     num_experts=32, top_k=4, num_ranks=8, seed=5, shift_step=6)
+    path = tmp_path / "rec.trace.safetensors"
+    trace.save(path)
+    args = parse_args(["--recorded", str(path), "--prior", "3", "--recorded-steps", "6"])
+    out = run_config("gpt-oss-120b", "recorded", 32, (1,), args, path)
+    assert out["trace"]["num_experts"] == 32 and out["trace"]["steps"] == 9
+    meta = out["slots"][1]["meta"]
+    assert meta["model_layers"] == 36  # gpt-oss-120b's layers stand behind the trace
+    pol = out["slots"][1]["policies"]
+    assert pol["oracle"]["host"]["moe_us"] <= pol["static"]["host"]["moe_us"]
