@@ -207,7 +207,8 @@ def test_quick_run_writes_report_and_manifest(tmp_path):
 
     assert main(["--out", str(tmp_path), "--quick"]) == 0
     manifest = json.loads((tmp_path / "manifest.json").read_text())
-    assert {"command", "git_revision", "machine", "date_utc"} <= set(manifest)
+    assert {"command", "git", "machine", "started_utc", "outputs"} <= set(manifest)
+    assert manifest["command"].startswith("python -m experiments.fair.run")
     report = (tmp_path / "report.md").read_text()
     assert "## Targets" in report and "eplb_async" in report
     tables = json.loads((tmp_path / "tables.json").read_text())
