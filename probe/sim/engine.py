@@ -64,7 +64,7 @@ from probe.planner.static import static_plan
 from probe.sim.attention import AttentionModel
 from probe.planner.eplb import eplb_placement
 from probe.sim.policies import apply_plan, rebalance_transfer
-from probe.sim.predict import describe_predictor, make_predictor
+from probe.sim.predict import describe_predictor, make_predictor, replay_predictor
 from probe.specs import HardwareSpec, ModelSpec
 from probe.traces.trace import RoutingTrace
 
@@ -231,13 +231,7 @@ def simulate(
     load = resplit_load(trace, ep, step_idx)  # [N, L, S, E]
     num_steps, num_layers = load.shape[:2]
     if isinstance(predictor, np.ndarray):
-        if predictor.shape != load.shape:
-            raise ValueError(f"predicted loads must have shape {load.shape} [N, L, S, E], got "
-                             f"{predictor.shape}")
-        given = predictor.astype(np.int64)
-
-        def predict(true, previous, n, layer):
-            return given[n, layer]
+        predict = replay_predictor(predictor, load.shape)
     else:
         predictor = "topk:0.9" if predictor is None else predictor
         predict = make_predictor(predictor, seed=seed)

@@ -69,7 +69,7 @@ from probe.planner.static import static_assignment
 from probe.planner.window import default_window
 from probe.sim.costs import FairCosts
 from probe.sim.policies import apply_plan
-from probe.sim.predict import make_predictor
+from probe.sim.predict import make_predictor, replay_predictor
 
 __all__ = ["FairResult", "eplb_copies", "lp_split", "policy_names", "simulate_fair",
            "split_by_fractions", "waterfill_split"]
@@ -368,13 +368,7 @@ def simulate_fair(load: np.ndarray, costs: FairCosts, *, slots: int, prior: int,
         raise ValueError(f"prior ({prior}) leaves no measured step of {num_all}")
     num_steps = num_all - prior
     if isinstance(predictor, np.ndarray):
-        if predictor.shape != (num_steps, *load.shape[1:]):
-            raise ValueError(f"predicted loads must have shape {(num_steps, *load.shape[1:])}, "
-                             f"got {predictor.shape}")
-        given = predictor.astype(np.int64)
-
-        def predict(true, previous, n, layer):
-            return given[n, layer]
+        predict = replay_predictor(predictor, (num_steps, *load.shape[1:]))
     else:
         predict = make_predictor(predictor, seed=seed)
     model = costs.model

@@ -33,7 +33,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-__all__ = ["Predictor", "describe_predictor", "make_predictor"]
+__all__ = ["Predictor", "describe_predictor", "make_predictor", "replay_predictor"]
 
 Predictor = Callable[[np.ndarray, "np.ndarray | None", int, int], np.ndarray]
 
@@ -90,6 +90,20 @@ def _noise(sigma: float, seed: int):
         true = np.asarray(true, dtype=np.int64)
         rng = _rng(seed, step, layer)
         return np.rint(true * np.exp(sigma * rng.standard_normal(true.shape))).astype(np.int64)
+    return predict
+
+
+def replay_predictor(loads: np.ndarray, shape: tuple[int, ...]) -> Predictor:
+    """A predictor that replays given predicted loads int [N, L, S, E] (e.g. a real
+    predictor's output); ValueError unless their shape is `shape`."""
+    if loads.shape != tuple(shape):
+        raise ValueError(f"predicted loads must have shape {tuple(shape)} [N, L, S, E], got "
+                         f"{loads.shape}")
+    given = loads.astype(np.int64)
+
+    def predict(true, previous, step, layer):
+        return given[step, layer]
+
     return predict
 
 
