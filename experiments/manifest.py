@@ -57,13 +57,18 @@ def _git(*args: str) -> str | None:
     return out.stdout.strip()
 
 
-def git_state() -> dict:
-    """{"revision": str | None, "dirty": bool | None, "source": str}."""
+def git_state(exclude: Path | str | None = None) -> dict:
+    """{"revision": str | None, "dirty": bool | None, "source": str}. exclude: a folder whose
+    tracked files do not count as changes (a run's own output folder, which re-running the
+    producer rewrites)."""
     named = os.environ.get("PROBE_GIT_COMMIT")
     if named:
         return {"revision": named, "dirty": None, "source": "PROBE_GIT_COMMIT"}
     revision = _git("rev-parse", "HEAD")
-    status = _git("status", "--porcelain", "--untracked-files=no")
+    args = ["status", "--porcelain", "--untracked-files=no"]
+    if exclude is not None:
+        args += ["--", ".", f":(exclude){Path(exclude).resolve()}"]
+    status = _git(*args)
     return {"revision": revision, "dirty": None if status is None else bool(status),
             "source": "git"}
 
@@ -124,13 +129,15 @@ class Manifest:
     extra: dict = field(default_factory=dict)
 
     @classmethod
-    def start(cls, module: str, argv: Sequence[str] | None = None) -> Manifest:
-        """`module`: the producer's dotted name; `argv`: its arguments (default sys.argv[1:])."""
+    def start(cls, module: str, argv: Sequence[str] | None = None, *,
+              out: Path | str | None = None) -> Manifest:
+        """`module`: the producer's dotted name; `argv`: its arguments (default sys.argv[1:]);
+        `out`: the run's output folder, left out of the dirty check (see git_state)."""
         if not isinstance(module, str) or not module:
             raise TypeError(f"module must be a non-empty dotted name, got {module!r}")
         args = list(sys.argv[1:] if argv is None else argv)
         return cls(command=shlex.join(["python", "-m", module, *map(str, args)]),
-                   git=git_state(), started_utc=_utc())
+                   git=git_state(out), started_utc=_utc())
 
     def write(self, where: Path | str, outputs: Iterable[Path | str], *,
               name: str = "manifest.json") -> Path:

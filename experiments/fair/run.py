@@ -315,7 +315,7 @@ def plot_memory(results, path: Path) -> None:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    run = Manifest.start("experiments.fair.run", argv)
+    run = Manifest.start("experiments.fair.run", argv, out=args.out)
     args.out.mkdir(parents=True, exist_ok=True)
     start = time.time()
     cases, slots_list = configs(args)

@@ -64,6 +64,7 @@ from probe.planner.deepseek_eplb import rebalance_experts
 from probe.planner.eplb import even_split
 from probe.planner.problem import BalanceProblem, Plan
 from probe.planner.greedy_rules import GreedyRules
+from probe.planner.highs_base import new_highs
 from probe.planner.solve import solve
 from probe.planner.static import static_assignment
 from probe.planner.window import default_window
@@ -259,8 +260,7 @@ def lp_split(load: np.ndarray, holds: np.ndarray, costs: FairCosts,
     lp.a_matrix_.start_ = starts
     lp.a_matrix_.index_ = coef_row[order].astype(np.int32)
     lp.a_matrix_.value_ = coef_val[order]
-    h = highspy.Highs()
-    h.setOptionValue("output_flag", False)
+    h = new_highs()  # silent: HiGHS's banner and log stay off
     h.passModel(lp)
     t0 = time.perf_counter()
     h.run()
