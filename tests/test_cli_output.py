@@ -62,6 +62,7 @@ def test_fit_table_transposes_then_stacks_when_narrow():
         fit_table("not a table")
 
 
+@pytest.mark.slow
 def test_demo_table_at_80_columns():
     out = invoke("demo", "--quick")
     assert_whole(out, "method", "static", "greedy", "lp", "cpsat", "feasible", "repl")

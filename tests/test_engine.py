@@ -173,6 +173,7 @@ def _prompts_file(tmp_path) -> str:
     return str(path)
 
 
+@pytest.mark.slow
 def test_torchrun_bad_prompts_rejected_alone_and_planner_warm(tmp_path):
     """Bad prompts on both ranks are rejected with their reason, the others are served; the
     "greedy" planner (Numba) is warmed up at start-up, so no measured step pays its load."""
@@ -321,6 +322,7 @@ def _shutdown_worker(rank: int, world: int, port: int, out_dir: str) -> None:
         json.dump(result, f)
 
 
+@pytest.mark.slow
 def test_shutdown_frees_process_groups_before_exit(tmp_path):
     """`EPRunner.close` + `shutdown` free the runner and the transfer group, destroy both
     groups and leave only the main thread on every rank: none of it is torn down at
