@@ -1,0 +1,514 @@
+"""Dispatch-time token assignment: split the TRUE load over the expert copies present.
+
+When a layer's dispatch all-to-all starts, the routing counts are known and the replicas have
+arrived; what remains is to send each (source rank, expert)'s tokens to the expert's copies so
+that the slowest rank finishes first. A misprediction then costs only the replica choice,
+never the token split.
+
+Shape legend: S source ranks (= G), E experts, G ranks.
+
+`assign_tokens(load, copies, cost)` works in two stages, the same for both methods:
+
+1. Per-rank totals (the objective). Choose x[e, g] >= 0, the tokens of expert e processed on
+   rank g, with sum_g x[e, g] = n_e (the expert's total) and x[e, g] = 0 where g holds no copy,
+   to minimise the largest compute term of eq. 8:
+       C(g) = sum over experts e with x[e, g] > 0 of (alpha + beta * x[e, g]).
+   A rank that receives no tokens of an expert pays no alpha for it. Several copies of one
+   expert on one rank count as one (as in `CostModel.compute_time`). Experts with one holder
+   are fixed; the others are
+     "waterfill": water-filled, heaviest first: an expert's tokens raise the lowest levels
+        among its holders (level = C(g) without this expert, plus alpha) to one common level;
+        then `passes` rounds of taking every expert out and filling it again (coordinate
+        descent on the levels; stops early when no level moves by 1 ns). A Numba kernel, with
+        a plain-Python twin (`assign_tokens_ref`) that gives identical integers.
+     "lp": the LP relaxation with every present copy ACTIVE (HiGHS):
+            min z  s.t.  sum_g x[e, g] = n_e,  x >= 0,
+                         fixed(g) + sum over multi-copy e held on g of (alpha + beta x[e, g]) <= z,
+        i.e. the alpha of every copy of a multi-copy expert is charged whether or not it gets
+        tokens. Its optimum z* is the exact optimum of that relaxation; water-filling can beat it
+        by leaving a copy idle (and saving its alpha), and can lose to it only by stopping short
+        of the optimum of the continuous problem.
+2. Integer split, shared by both methods (so their comparison isolates stage 1): each expert's
+   totals are rounded by largest remainder (onto ranks with x > 0 only), then every source
+   first keeps its own tokens on its own rank where that rank has a quota, and sends the rest
+   to the holders in order of token_time[s, g] (ties: lower rank first). This locality-first
+   rule is how the traffic term 2 * max(in, out) of eq. 8 enters: it is not optimised jointly
+   with compute. With equal links (one node) every rank's in and out then depend only on what
+   stays local, so the order among remote holders does not matter; across nodes it is a
+   greedy, not an optimum.
+
+`probe.planner.check.evaluate_plan` scores the result as for any plan (docs/planner.md,
+"Dispatch-time assignment").
+
+>>> from probe.planner.cost import CostModel
+>>> cost = CostModel.uniform(2, alpha=1.0, beta=1.0, token_time=0.0, transfer_time=1.0)
+>>> load = np.array([[6, 2], [4, 0]])       # expert 0: 10 tokens, expert 1: 2 tokens
+>>> copies = np.array([[1, 1], [1, 0]])     # expert 0 on both ranks, expert 1 on rank 0
+>>> a = assign_tokens(load, copies, cost)   # rank 0: 1 + 2 for expert 1, so 4 of expert 0
+>>> a.sum(axis=0).tolist()                  # [E, G] tokens of expert e on rank g
+[[4, 6], [2, 0]]
+>>> (a == assign_tokens_ref(load, copies, cost)).all()
+np.True_
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+
+from probe.planner.cost import CostModel
+
+__all__ = ["assign_tokens", "assign_tokens_ref", "lp_totals"]
+
+METHODS = ("waterfill", "lp")
+
+
+def _validated(load, copies, cost) -> tuple[np.ndarray, np.ndarray]:
+    """load int64 [S, E] and holds bool [G, E]; ValueError/TypeError naming the argument."""
+    if not isinstance(cost, CostModel):
+        raise TypeError(f"cost must be a CostModel, got {type(cost).__name__}")
+    load = np.asarray(load)
+    if load.ndim != 2:
+        raise ValueError(f"load must be a 2-D [S, E] array, got shape {load.shape}")
+    if load.dtype.kind == "f":
+        if not np.all(np.isfinite(load)):
+            raise ValueError("load contains NaN or infinite values")
+        if np.any(load != np.round(load)):
+            raise ValueError("load must hold whole token counts")
+    elif load.dtype.kind not in "iub":
+        raise TypeError(f"load must be numeric, got dtype {load.dtype}")
+    if np.any(load < 0):
+        s, e = np.argwhere(load < 0)[0]
+        raise ValueError(f"load has a negative count at source {s}, expert {e}")
+    copies = np.asarray(copies)
+    if copies.ndim != 2:
+        raise ValueError(f"copies must be a 2-D [G, E] array, got shape {copies.shape}")
+    if copies.dtype.kind not in "iub":
+        raise TypeError(f"copies must be int or bool, got dtype {copies.dtype}")
+    if np.any(copies < 0):
+        raise ValueError("copies must be >= 0")
+    num_ranks = cost.num_ranks
+    if copies.shape[0] != num_ranks:
+        raise ValueError(f"copies has {copies.shape[0]} ranks, the cost model {num_ranks}")
+    if load.shape != copies.shape:
+        raise ValueError(f"load shape {load.shape} does not match copies shape {copies.shape} "
+                         "(load is [S, E] with S = G)")
+    if not cost.beta > 0:
+        raise ValueError(f"cost.beta must be > 0 to split tokens, got {cost.beta!r}")
+    load = load.astype(np.int64)
+    holds = copies > 0
+    orphan = np.flatnonzero((load.sum(axis=0) > 0) & ~holds.any(axis=0))
+    if orphan.size:
+        e = orphan[0]
+        raise ValueError(f"copies: expert {e} has {int(load[:, e].sum())} tokens but no copy "
+                         f"({orphan.size} such expert(s) in all)")
+    return load, holds
+
+
+def _fixed_levels(load, holds, alpha, beta):
+    """Stage-1 inputs: C(g) of the single-holder experts float [G], totals float [E], and the
+    multi-holder experts with tokens, heaviest first (stable), int64 [M]."""
+    total = load.sum(axis=0)  # [E] int64
+    num_holders = holds.sum(axis=0)
+    single = (num_holders == 1) & (total > 0)
+    fixed = (holds[:, single] * (alpha + beta * total[single].astype(np.float64))).sum(axis=1)
+    multi = np.flatnonzero((num_holders > 1) & (total > 0))
+    order = multi[np.argsort(-total[multi], kind="stable")].astype(np.int64)
+    return fixed, total.astype(np.float64), order
+
+
+# --- the Numba kernel (stage 1 water-filling + stage 2 split) ---------------------------------
+
+@numba.njit(cache=True)
+def _waterfill(fixed, order, holds, total, alpha, beta, passes, start):  # pragma: no cover
+    """x float [E, G] of the multi-holder experts in `order` (other rows 0), descending from
+    the split `start` float [E, G] (zeros: fill from empty). No allocation in the loops;
+    `srt` holds the sorted holder levels of the expert being filled."""
+    num_ranks = holds.shape[0]
+    level = fixed.copy()
+    x = start.copy()
+    for e in order:
+        for g in range(num_ranks):
+            if holds[g, e] and x[e, g] > 0:
+                level[g] += alpha + x[e, g] * beta
+    srt = np.empty(num_ranks)
+    for _ in range(passes):
+        moved = 0.0
+        for e in order:
+            m = 0
+            for g in range(num_ranks):
+                if holds[g, e]:
+                    if x[e, g] > 0:  # take e out of rank g
+                        level[g] -= alpha + x[e, g] * beta
+                    value = level[g] + alpha  # insertion sort into srt[:m + 1]
+                    j = m
+                    while j > 0 and srt[j - 1] > value:
+                        srt[j] = srt[j - 1]
+                        j -= 1
+                    srt[j] = value
+                    m += 1
+            # The water level w: the lowest j + 1 holders share total * beta.
+            w = srt[m - 1]
+            cum = 0.0
+            for j in range(m):
+                cum += srt[j]
+                cand = (total[e] * beta + cum) / (j + 1)
+                if j == m - 1 or cand <= srt[j + 1]:
+                    w = cand
+                    break
+            for g in range(num_ranks):
+                if holds[g, e]:
+                    share = max(w - level[g] - alpha, 0.0) / beta
+                    moved = max(moved, abs(share - x[e, g]) * beta)
+                    x[e, g] = share
+                    if share > 0:
+                        level[g] += alpha + share * beta
+        if moved < 1e-9:
+            break
+    return x
+
+
+@numba.njit(cache=True)
+def _split(x, load, holds, token_time, alpha, beta):  # pragma: no cover - compiled
+    """Stage 2: (int64 [S, E, G], its eq. 8 objective) from the totals x float [E, G]
+    (single-holder rows are filled here). Largest-remainder rounding per expert, then local
+    first, then by token_time."""
+    num_sources, num_experts = load.shape
+    num_ranks = holds.shape[0]
+    out = np.zeros((num_sources, num_experts, num_ranks), np.int64)
+    comp = np.zeros(num_ranks)
+    flow = np.zeros((num_sources, num_ranks))
+    quota = np.zeros(num_ranks, np.int64)
+    rem = np.zeros(num_ranks)
+    cand = np.empty(num_ranks, np.int64)
+    left = np.zeros(num_sources, np.int64)
+    for e in range(num_experts):
+        total = 0
+        for s in range(num_sources):
+            total += load[s, e]
+        if total == 0:
+            continue
+        # Largest-remainder rounding of x[e] (a single holder takes everything).
+        m = 0
+        base = 0
+        for g in range(num_ranks):
+            quota[g] = 0
+            if holds[g, e] and x[e, g] > 0:
+                f = np.floor(x[e, g] + 1e-9)
+                quota[g] = min(np.int64(f), total)
+                rem[g] = x[e, g] - f
+                base += quota[g]
+                value = rem[g]  # stable insertion sort of candidates by remainder, descending
+                j = m
+                while j > 0 and rem[cand[j - 1]] < value:
+                    cand[j] = cand[j - 1]
+                    j -= 1
+                cand[j] = g
+                m += 1
+        if m == 0:  # a single holder (or no water): the first holder takes it all
+            for g in range(num_ranks):
+                if holds[g, e]:
+                    quota[g] = total
+                    break
+        else:
+            short = total - base
+            k = 0
+            while short > 0:
+                quota[cand[k % m]] += 1
+                short -= 1
+                k += 1
+            k = m - 1
+            while short < 0:  # floors above the total (float error): take from the smallest
+                g = cand[k % m]
+                if quota[g] > 0:
+                    quota[g] -= 1
+                    short += 1
+                k = k - 1 if k > 0 else m - 1
+        for g in range(num_ranks):
+            if quota[g] > 0:
+                comp[g] += alpha + beta * quota[g]
+        # Each source keeps what it can on its own rank ...
+        for s in range(num_sources):
+            left[s] = load[s, e]
+            if s < num_ranks and quota[s] > 0 and left[s] > 0:
+                k = min(left[s], quota[s])
+                out[s, e, s] += k
+                quota[s] -= k
+                left[s] -= k
+        # ... and sends the rest to the holders with quota, cheapest link first.
+        for s in range(num_sources):
+            while left[s] > 0:
+                best = -1
+                for g in range(num_ranks):
+                    if quota[g] > 0 and (best < 0 or token_time[s, g] < token_time[s, best]):
+                        best = g
+                k = min(left[s], quota[best])
+                out[s, e, best] += k
+                flow[s, best] += k
+                quota[best] -= k
+                left[s] -= k
+    worst = 0.0
+    for g in range(num_ranks):
+        t_in = 0.0
+        t_out = 0.0
+        for s in range(num_sources):
+            t_in += flow[s, g] * token_time[s, g]
+            t_out += flow[g, s] * token_time[g, s]
+        worst = max(worst, comp[g] + 2.0 * max(t_in, t_out))
+    return out, worst
+
+
+@numba.njit(cache=True)
+def _best(fixed, order, holds, total, alpha, beta, load, token_time, starts,
+          start_passes):  # pragma: no cover - compiled
+    """The candidate with the lowest eq. 8 objective (the first on ties): candidate k
+    descends `start_passes[k]` passes from `starts[k]` and is split by stage 2."""
+    best = np.zeros((1, 1, 1), np.int64)
+    best_obj = np.inf
+    for k in range(starts.shape[0]):
+        x = _waterfill(fixed, order, holds, total, alpha, beta, start_passes[k], starts[k])
+        out, obj = _split(x, load, holds, token_time, alpha, beta)
+        if obj < best_obj:
+            best, best_obj = out, obj
+    return best, best_obj
+
+
+def _starts(load, holds, total, order, home, passes):
+    """Candidate starts float [K, E, G] and their pass counts int64 [K]: fill from empty
+    (`passes`), the even split over all copies (as is, and descended), and with `home` the
+    home-only split (as is, and descended). Rows outside `order` are 0."""
+    num_ranks, num_experts = holds.shape
+    even = np.zeros((num_experts, num_ranks))
+    share = holds[:, order].T.astype(np.float64)  # [M, G]
+    even[order] = total[order, None] * share / share.sum(axis=1, keepdims=True)
+    starts, start_passes = [np.zeros((num_experts, num_ranks)), even, even], [passes, 0, passes]
+    if home is not None:
+        at_home = (home & holds)[:, order].T.astype(np.float64)  # [M, G]
+        at_home[at_home.sum(axis=1) == 0] = share[at_home.sum(axis=1) == 0]
+        local = np.zeros((num_experts, num_ranks))
+        local[order] = total[order, None] * at_home / at_home.sum(axis=1, keepdims=True)
+        starts += [local, local]
+        start_passes += [0, passes]
+    return np.stack(starts), np.array(start_passes, np.int64)
+
+
+def _checked_home(home, holds):
+    if home is None:
+        return None
+    home = np.asarray(home)
+    if home.shape != holds.shape:
+        raise ValueError(f"home must be a [G, E] array like copies {holds.shape}, got shape "
+                         f"{home.shape}")
+    return home.astype(bool)
+
+
+def kernel_args(load, copies, cost: CostModel, *, passes: int = 8, home=None) -> tuple:
+    """Validated arguments of the compiled kernel `_best`, for timing it alone."""
+    load, holds = _validated(load, copies, cost)
+    home = _checked_home(home, holds)
+    alpha, beta = float(cost.alpha), float(cost.beta)
+    fixed, total, order = _fixed_levels(load, holds, alpha, beta)
+    starts, start_passes = _starts(load, holds, total, order, home, passes)
+    return (fixed, order, holds, total, alpha, beta, load, cost.token_time, starts,
+            start_passes)
+
+
+def lp_totals(load, copies, cost: CostModel) -> tuple[np.ndarray, float]:
+    """Stage 1 by the LP (module docstring): totals x float [E, G] of the multi-holder
+    experts (other rows 0) and the LP optimum z* (seconds; max fixed level when none)."""
+    import highspy
+
+    load, holds = _validated(load, copies, cost)
+    fixed, total, multi = _fixed_levels(load, holds, cost.alpha, cost.beta)
+    num_ranks, num_experts = holds.shape
+    x = np.zeros((num_experts, num_ranks))
+    if multi.size == 0:
+        return x, float(fixed.max(initial=0.0))
+    pair_g, pair_m = np.nonzero(holds[:, multi])  # (rank, index into multi) of each copy
+    num_pairs = pair_g.size
+    inf = highspy.kHighsInf
+    # Columns: x[pair] (cost 0), then z (cost 1).
+    # Rows: one conservation row per multi-holder expert (= its tokens), then one rank-time
+    # row per rank: beta * x - z <= -fixed - alpha * (multi-holder copies on the rank).
+    cols = np.arange(num_pairs)
+    coef_row = np.concatenate([pair_m, multi.size + pair_g, multi.size + np.arange(num_ranks)])
+    coef_col = np.concatenate([cols, cols, np.full(num_ranks, num_pairs)])
+    coef_val = np.concatenate([np.ones(num_pairs), np.full(num_pairs, cost.beta),
+                               -np.ones(num_ranks)])
+    by_col = np.argsort(coef_col, kind="stable")
+    starts = np.zeros(num_pairs + 2, np.int32)
+    np.cumsum(np.bincount(coef_col, minlength=num_pairs + 1), out=starts[1:])
+    active = np.bincount(pair_g, minlength=num_ranks)
+    lp = highspy.HighsLp()
+    lp.num_col_ = num_pairs + 1
+    lp.num_row_ = multi.size + num_ranks
+    lp.col_cost_ = np.concatenate([np.zeros(num_pairs), [1.0]])
+    lp.col_lower_ = np.zeros(num_pairs + 1)
+    lp.col_upper_ = np.full(num_pairs + 1, inf)
+    lp.row_lower_ = np.concatenate([total[multi], np.full(num_ranks, -inf)])
+    lp.row_upper_ = np.concatenate([total[multi], -(fixed + cost.alpha * active)])
+    lp.a_matrix_.format_ = highspy.MatrixFormat.kColwise
+    lp.a_matrix_.start_ = starts
+    lp.a_matrix_.index_ = coef_row[by_col].astype(np.int32)
+    lp.a_matrix_.value_ = coef_val[by_col]
+    solver = highspy.Highs()
+    solver.setOptionValue("output_flag", False)
+    solver.passModel(lp)
+    solver.run()
+    if solver.getModelStatus() != highspy.HighsModelStatus.kOptimal:
+        raise RuntimeError(f"HiGHS did not solve the assignment LP: {solver.getModelStatus()}")
+    sol = np.maximum(np.asarray(solver.getSolution().col_value), 0.0)
+    x[multi[pair_m], pair_g] = sol[:num_pairs]
+    return x, float(sol[num_pairs])
+
+
+def assign_tokens(load, copies, cost: CostModel, *, method: str = "waterfill",
+                  passes: int = 8, home=None) -> np.ndarray:
+    """int64 [S, E, G]: tokens of (source s, expert e) processed on rank g.
+
+    load: int [S, E] true tokens per source rank and expert (S = G, whole, >= 0).
+    copies: int or bool [G, E], copies of expert e on rank g (> 0: present); every expert
+        with tokens needs at least one.
+    cost: the CostModel (alpha, beta, token_time) of eq. 8.
+    method: "waterfill" (Numba kernel) or "lp" (HiGHS, the relaxation in the module
+        docstring); both share the integer split of stage 2.
+    passes: water-filling rounds (>= 1; the kernel stops early once the levels settle).
+    home: optional bool [G, E], the base layout (copies present before any replica arrived):
+        "waterfill" then also tries the home-only split, so it is never worse than it.
+
+    Every (s, e)'s tokens are conserved and land only on ranks with copies[g, e] > 0.
+    "waterfill" returns the best, by eq. 8 on the integer split, of these candidates: filling
+    from empty, the even split over all copies as it is and descended from, and (with `home`)
+    the home-only split as it is and descended from. Descending never raises the compute term.
+    """
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if isinstance(passes, bool) or not isinstance(passes, (int, np.integer)) or passes < 1:
+        raise ValueError(f"passes must be an int >= 1, got {passes!r}")
+    if method == "lp":
+        load, holds = _validated(load, copies, cost)
+        _checked_home(home, holds)
+        x, _ = lp_totals(load, holds, cost)
+        out, _ = _split(x, load, holds, cost.token_time, float(cost.alpha), float(cost.beta))
+        return out
+    out, _ = _best(*kernel_args(load, copies, cost, passes=passes, home=home))
+    return out
+
+
+# --- the plain-Python twin ---------------------------------------------------------------------
+
+def assign_tokens_ref(load, copies, cost: CostModel, *, passes: int = 8,
+                      home=None) -> np.ndarray:
+    """Plain-Python twin of `assign_tokens(..., method="waterfill")`: the same arithmetic in
+    the same order, written for reading; tests require identical output."""
+    load, holds = _validated(load, copies, cost)
+    home = _checked_home(home, holds)
+    alpha, beta = float(cost.alpha), float(cost.beta)
+    fixed, total, order = _fixed_levels(load, holds, alpha, beta)
+    starts, start_passes = _starts(load, holds, total, order, home, passes)
+    best, best_obj = None, np.inf
+    for start, rounds in zip(starts, start_passes, strict=True):
+        x = _waterfill_ref(fixed, order, holds, total, alpha, beta, int(rounds), start)
+        out, obj = _split_ref(x, load, holds, cost.token_time, alpha, beta)
+        if obj < best_obj:
+            best, best_obj = out, obj
+    return best
+
+
+def _waterfill_ref(fixed, order, holds, total, alpha, beta, passes, start) -> np.ndarray:
+    """Plain-Python twin of stage 1 (`_waterfill`)."""
+    num_ranks, num_experts = holds.shape
+    x = [[float(v) for v in row] for row in start]
+    level = [float(v) for v in fixed]
+    experts = [int(v) for v in order]
+    for e in experts:  # the start's levels
+        for g in range(num_ranks):
+            if holds[g, e] and x[e][g] > 0:
+                level[g] += alpha + x[e][g] * beta
+    for _ in range(passes):
+        moved = 0.0
+        for e in experts:
+            holders = [g for g in range(num_ranks) if holds[g, e]]
+            for g in holders:  # take e out
+                if x[e][g] > 0:
+                    level[g] -= alpha + x[e][g] * beta
+            srt = sorted(level[g] + alpha for g in holders)
+            # Fill the lowest j + 1 holders to a common level w until w <= the next holder.
+            cum = 0.0
+            w = srt[-1]
+            for j, value in enumerate(srt):
+                cum += value
+                cand = (float(total[e]) * beta + cum) / (j + 1)
+                if j == len(srt) - 1 or cand <= srt[j + 1]:
+                    w = cand
+                    break
+            for g in holders:
+                share = max(w - level[g] - alpha, 0.0) / beta
+                moved = max(moved, abs(share - x[e][g]) * beta)
+                x[e][g] = share
+                if share > 0:
+                    level[g] += alpha + share * beta
+        if moved < 1e-9:
+            break
+    return np.array(x).reshape(num_experts, num_ranks)
+
+
+def _split_ref(x, load, holds, token_time, alpha, beta) -> tuple[np.ndarray, float]:
+    """Plain-Python twin of stage 2 (`_split`)."""
+    num_sources, num_experts = load.shape
+    num_ranks = holds.shape[0]
+    out = np.zeros((num_sources, num_experts, num_ranks), np.int64)
+    comp = [0.0] * num_ranks
+    flow = [[0.0] * num_ranks for _ in range(num_sources)]
+    for e in range(num_experts):
+        total = int(load[:, e].sum())
+        if total == 0:
+            continue
+        quota = [0] * num_ranks
+        rem = {}
+        for g in range(num_ranks):
+            if holds[g, e] and x[e, g] > 0:
+                f = np.floor(x[e, g] + 1e-9)
+                quota[g] = min(int(f), total)
+                rem[g] = x[e, g] - f
+        if not rem:
+            quota[int(np.flatnonzero(holds[:, e])[0])] = total
+        else:
+            by_rem = sorted(rem, key=lambda g: -rem[g])  # stable: lower rank first on ties
+            short = total - sum(quota)
+            for k in range(max(short, 0)):
+                quota[by_rem[k % len(by_rem)]] += 1
+            k = len(by_rem) - 1
+            while short < 0:
+                g = by_rem[k]
+                if quota[g] > 0:
+                    quota[g] -= 1
+                    short += 1
+                k = k - 1 if k > 0 else len(by_rem) - 1
+        for g in range(num_ranks):
+            if quota[g] > 0:
+                comp[g] += alpha + beta * quota[g]
+        left = [int(v) for v in load[:, e]]
+        for s in range(min(num_sources, num_ranks)):  # local first
+            k = min(left[s], quota[s])
+            out[s, e, s] += k
+            quota[s] -= k
+            left[s] -= k
+        for s in range(num_sources):  # then the cheapest link with quota left
+            while left[s] > 0:
+                best = min((g for g in range(num_ranks) if quota[g] > 0),
+                           key=lambda g, s=s: token_time[s, g])
+                k = min(left[s], quota[best])
+                out[s, e, best] += k
+                flow[s][best] += k
+                quota[best] -= k
+                left[s] -= k
+    worst = 0.0
+    for g in range(num_ranks):
+        t_in = 0.0
+        t_out = 0.0
+        for s in range(num_sources):
+            t_in += flow[s][g] * token_time[s, g]
+            t_out += flow[g][s] * token_time[g, s]
+        worst = max(worst, comp[g] + 2.0 * max(t_in, t_out))
+    return out, worst
