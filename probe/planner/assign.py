@@ -105,13 +105,24 @@ def _validated(load, copies, cost) -> tuple[np.ndarray, np.ndarray]:
     return load, holds
 
 
-def _fixed_levels(load, holds, alpha, beta):
-    """Stage-1 inputs: C(g) of the single-holder experts float [G], totals float [E], and the
-    multi-holder experts with tokens, heaviest first (stable), int64 [M]."""
+def remote_cost(cost: CostModel) -> np.ndarray:
+    """float64 [G]: hop[g], seconds a token from another rank adds to rank g's level in
+    stage 1: twice (dispatch + combine) the mean token_time into g from the other ranks."""
+    num_ranks = cost.num_ranks
+    if num_ranks == 1:
+        return np.zeros(1)
+    return 2.0 * cost.token_time.sum(axis=0) / (num_ranks - 1)
+
+
+def _fixed_levels(load, holds, alpha, beta, hop):
+    """Stage-1 inputs: levels float [G] of the single-holder experts, totals float [E], and
+    the multi-holder experts with tokens, heaviest first (stable), int64 [M]."""
     total = load.sum(axis=0)  # [E] int64
     num_holders = holds.sum(axis=0)
     single = (num_holders == 1) & (total > 0)
-    fixed = (holds[:, single] * (alpha + beta * total[single].astype(np.float64))).sum(axis=1)
+    tot = total[single].astype(np.float64)
+    remote = tot[None, :] - load[:, single]  # [G, single] tokens from other ranks
+    fixed = (holds[:, single] * (alpha + beta * tot[None, :] + hop[:, None] * remote)).sum(axis=1)
     multi = np.flatnonzero((num_holders > 1) & (total > 0))
     order = multi[np.argsort(-total[multi], kind="stable")].astype(np.int64)
     return fixed, total.astype(np.float64), order
@@ -120,18 +131,36 @@ def _fixed_levels(load, holds, alpha, beta):
 # --- the Numba kernel (stage 1 water-filling + stage 2 split) ---------------------------------
 
 @numba.njit(cache=True)
-def _waterfill(fixed, order, holds, total, alpha, beta, passes, start):  # pragma: no cover
+def _level_of(x, local, alpha, beta, hop):  # pragma: no cover - compiled
+    """What x > 0 tokens of one expert add to a rank's level, `local` of them its own."""
+    return alpha + beta * x + hop * max(x - local, 0.0)
+
+
+@numba.njit(cache=True)
+def _tokens_at(w, a, b, local, beta, hop):  # pragma: no cover - compiled
+    """Tokens a holder takes at water level w: none below a (its level + alpha), 1 / beta
+    per second up to b (its own tokens used up), 1 / (beta + hop) above."""
+    if w <= a:
+        return 0.0
+    if w <= b:
+        return (w - a) / beta
+    return local + (w - b) / (beta + hop)
+
+
+@numba.njit(cache=True)
+def _waterfill(fixed, order, holds, total, load, hop, alpha, beta, passes,
+               start):  # pragma: no cover - compiled
     """x float [E, G] of the multi-holder experts in `order` (other rows 0), descending from
     the split `start` float [E, G] (zeros: fill from empty). No allocation in the loops;
-    `srt` holds the sorted holder levels of the expert being filled."""
+    `srt` holds the sorted breakpoints of the expert being filled."""
     num_ranks = holds.shape[0]
     level = fixed.copy()
     x = start.copy()
     for e in order:
         for g in range(num_ranks):
             if holds[g, e] and x[e, g] > 0:
-                level[g] += alpha + x[e, g] * beta
-    srt = np.empty(num_ranks)
+                level[g] += _level_of(x[e, g], load[g, e], alpha, beta, hop[g])
+    srt = np.empty(2 * num_ranks)
     for _ in range(passes):
         moved = 0.0
         for e in order:
@@ -139,30 +168,48 @@ def _waterfill(fixed, order, holds, total, alpha, beta, passes, start):  # pragm
             for g in range(num_ranks):
                 if holds[g, e]:
                     if x[e, g] > 0:  # take e out of rank g
-                        level[g] -= alpha + x[e, g] * beta
-                    value = level[g] + alpha  # insertion sort into srt[:m + 1]
-                    j = m
-                    while j > 0 and srt[j - 1] > value:
-                        srt[j] = srt[j - 1]
-                        j -= 1
-                    srt[j] = value
-                    m += 1
-            # The water level w: the lowest j + 1 holders share total * beta.
-            w = srt[m - 1]
-            cum = 0.0
-            for j in range(m):
-                cum += srt[j]
-                cand = (total[e] * beta + cum) / (j + 1)
-                if j == m - 1 or cand <= srt[j + 1]:
-                    w = cand
+                        level[g] -= _level_of(x[e, g], load[g, e], alpha, beta, hop[g])
+                    for value in (level[g] + alpha, level[g] + alpha + beta * load[g, e]):
+                        j = m  # insertion sort into srt[:m + 1]
+                        while j > 0 and srt[j - 1] > value:
+                            srt[j] = srt[j - 1]
+                            j -= 1
+                        srt[j] = value
+                        m += 1
+            # The water level w: past the last breakpoint where the holders take < total.
+            lo = srt[m - 1]
+            for k in range(m):
+                taken = 0.0
+                for g in range(num_ranks):
+                    if holds[g, e]:
+                        a = level[g] + alpha
+                        taken += _tokens_at(srt[k], a, a + beta * load[g, e], load[g, e],
+                                            beta, hop[g])
+                if taken >= total[e]:
+                    lo = srt[k - 1] if k > 0 else srt[0]
                     break
+            # Between breakpoints the holders take C + S w tokens.
+            c_sum = 0.0
+            s_sum = 0.0
             for g in range(num_ranks):
                 if holds[g, e]:
-                    share = max(w - level[g] - alpha, 0.0) / beta
+                    a = level[g] + alpha
+                    b = a + beta * load[g, e]
+                    if lo >= b:
+                        c_sum += load[g, e] - b / (beta + hop[g])
+                        s_sum += 1.0 / (beta + hop[g])
+                    elif lo >= a:
+                        c_sum -= a / beta
+                        s_sum += 1.0 / beta
+            w = (total[e] - c_sum) / s_sum
+            for g in range(num_ranks):
+                if holds[g, e]:
+                    a = level[g] + alpha
+                    share = _tokens_at(w, a, a + beta * load[g, e], load[g, e], beta, hop[g])
                     moved = max(moved, abs(share - x[e, g]) * beta)
                     x[e, g] = share
                     if share > 0:
-                        level[g] += alpha + share * beta
+                        level[g] += _level_of(share, load[g, e], alpha, beta, hop[g])
         if moved < 1e-9:
             break
     return x
@@ -259,14 +306,15 @@ def _split(x, load, holds, token_time, alpha, beta):  # pragma: no cover - compi
 
 
 @numba.njit(cache=True)
-def _best(fixed, order, holds, total, alpha, beta, load, token_time, starts,
+def _best(fixed, order, holds, total, alpha, beta, load, token_time, hop, starts,
           start_passes):  # pragma: no cover - compiled
     """The candidate with the lowest eq. 8 objective (the first on ties): candidate k
     descends `start_passes[k]` passes from `starts[k]` and is split by stage 2."""
     best = np.zeros((1, 1, 1), np.int64)
     best_obj = np.inf
     for k in range(starts.shape[0]):
-        x = _waterfill(fixed, order, holds, total, alpha, beta, start_passes[k], starts[k])
+        x = _waterfill(fixed, order, holds, total, load, hop, alpha, beta, start_passes[k],
+                       starts[k])
         out, obj = _split(x, load, holds, token_time, alpha, beta)
         if obj < best_obj:
             best, best_obj = out, obj
@@ -307,9 +355,10 @@ def kernel_args(load, copies, cost: CostModel, *, passes: int = 8, home=None) ->
     load, holds = _validated(load, copies, cost)
     home = _checked_home(home, holds)
     alpha, beta = float(cost.alpha), float(cost.beta)
-    fixed, total, order = _fixed_levels(load, holds, alpha, beta)
+    hop = remote_cost(cost)
+    fixed, total, order = _fixed_levels(load, holds, alpha, beta, hop)
     starts, start_passes = _starts(load, holds, total, order, home, passes)
-    return (fixed, order, holds, total, alpha, beta, load, cost.token_time, starts,
+    return (fixed, order, holds, total, alpha, beta, load, cost.token_time, hop, starts,
             start_passes)
 
 
@@ -319,34 +368,42 @@ def lp_totals(load, copies, cost: CostModel) -> tuple[np.ndarray, float]:
     import highspy
 
     load, holds = _validated(load, copies, cost)
-    fixed, total, multi = _fixed_levels(load, holds, cost.alpha, cost.beta)
+    hop = remote_cost(cost)
+    fixed, total, multi = _fixed_levels(load, holds, cost.alpha, cost.beta, hop)
     num_ranks, num_experts = holds.shape
     x = np.zeros((num_experts, num_ranks))
     if multi.size == 0:
         return x, float(fixed.max(initial=0.0))
     pair_g, pair_m = np.nonzero(holds[:, multi])  # (rank, index into multi) of each copy
-    num_pairs = pair_g.size
+    num_pairs, num_multi = pair_g.size, multi.size
+    local = load[pair_g, multi[pair_m]].astype(np.float64)  # [P] the rank's own tokens
     inf = highspy.kHighsInf
-    # Columns: x[pair] (cost 0), then z (cost 1).
-    # Rows: one conservation row per multi-holder expert (= its tokens), then one rank-time
-    # row per rank: beta * x - z <= -fixed - alpha * (multi-holder copies on the rank).
-    cols = np.arange(num_pairs)
-    coef_row = np.concatenate([pair_m, multi.size + pair_g, multi.size + np.arange(num_ranks)])
-    coef_col = np.concatenate([cols, cols, np.full(num_ranks, num_pairs)])
-    coef_val = np.concatenate([np.ones(num_pairs), np.full(num_pairs, cost.beta),
-                               -np.ones(num_ranks)])
+    # Columns: x[pair], then r[pair] (tokens of the pair from other ranks), then z (cost 1).
+    # Rows: conservation per multi-holder expert (= its tokens); one level row per rank,
+    # beta x + hop r - z <= -fixed - alpha * (multi-holder copies on the rank); one row per
+    # pair, x - r <= local (r >= x - local, r >= 0).
+    pairs = np.arange(num_pairs)
+    col_x, col_r, col_z = pairs, num_pairs + pairs, 2 * num_pairs
+    row_rank = num_multi + np.arange(num_ranks)
+    row_pair = num_multi + num_ranks + pairs
+    coef_row = np.concatenate([pair_m, num_multi + pair_g, num_multi + pair_g, row_rank,
+                               row_pair, row_pair])
+    coef_col = np.concatenate([col_x, col_x, col_r, np.full(num_ranks, col_z), col_x, col_r])
+    coef_val = np.concatenate([np.ones(num_pairs), np.full(num_pairs, cost.beta), hop[pair_g],
+                               -np.ones(num_ranks), np.ones(num_pairs), -np.ones(num_pairs)])
     by_col = np.argsort(coef_col, kind="stable")
-    starts = np.zeros(num_pairs + 2, np.int32)
-    np.cumsum(np.bincount(coef_col, minlength=num_pairs + 1), out=starts[1:])
+    num_cols = 2 * num_pairs + 1
+    starts = np.zeros(num_cols + 1, np.int32)
+    np.cumsum(np.bincount(coef_col, minlength=num_cols), out=starts[1:])
     active = np.bincount(pair_g, minlength=num_ranks)
     lp = highspy.HighsLp()
-    lp.num_col_ = num_pairs + 1
-    lp.num_row_ = multi.size + num_ranks
-    lp.col_cost_ = np.concatenate([np.zeros(num_pairs), [1.0]])
-    lp.col_lower_ = np.zeros(num_pairs + 1)
-    lp.col_upper_ = np.full(num_pairs + 1, inf)
-    lp.row_lower_ = np.concatenate([total[multi], np.full(num_ranks, -inf)])
-    lp.row_upper_ = np.concatenate([total[multi], -(fixed + cost.alpha * active)])
+    lp.num_col_ = num_cols
+    lp.num_row_ = num_multi + num_ranks + num_pairs
+    lp.col_cost_ = np.concatenate([np.zeros(2 * num_pairs), [1.0]])
+    lp.col_lower_ = np.zeros(num_cols)
+    lp.col_upper_ = np.full(num_cols, inf)
+    lp.row_lower_ = np.concatenate([total[multi], np.full(num_ranks + num_pairs, -inf)])
+    lp.row_upper_ = np.concatenate([total[multi], -(fixed + cost.alpha * active), local])
     lp.a_matrix_.format_ = highspy.MatrixFormat.kColwise
     lp.a_matrix_.start_ = starts
     lp.a_matrix_.index_ = coef_row[by_col].astype(np.int32)
@@ -359,7 +416,7 @@ def lp_totals(load, copies, cost: CostModel) -> tuple[np.ndarray, float]:
         raise RuntimeError(f"HiGHS did not solve the assignment LP: {solver.getModelStatus()}")
     sol = np.maximum(np.asarray(solver.getSolution().col_value), 0.0)
     x[multi[pair_m], pair_g] = sol[:num_pairs]
-    return x, float(sol[num_pairs])
+    return x, float(sol[col_z])
 
 
 def assign_tokens(load, copies, cost: CostModel, *, method: str = "waterfill",
@@ -404,50 +461,80 @@ def assign_tokens_ref(load, copies, cost: CostModel, *, passes: int = 8,
     load, holds = _validated(load, copies, cost)
     home = _checked_home(home, holds)
     alpha, beta = float(cost.alpha), float(cost.beta)
-    fixed, total, order = _fixed_levels(load, holds, alpha, beta)
+    hop = remote_cost(cost)
+    fixed, total, order = _fixed_levels(load, holds, alpha, beta, hop)
     starts, start_passes = _starts(load, holds, total, order, home, passes)
     best, best_obj = None, np.inf
     for start, rounds in zip(starts, start_passes, strict=True):
-        x = _waterfill_ref(fixed, order, holds, total, alpha, beta, int(rounds), start)
+        x = _waterfill_ref(fixed, order, holds, total, load, hop, alpha, beta, int(rounds),
+                           start)
         out, obj = _split_ref(x, load, holds, cost.token_time, alpha, beta)
         if obj < best_obj:
             best, best_obj = out, obj
     return best
 
 
-def _waterfill_ref(fixed, order, holds, total, alpha, beta, passes, start) -> np.ndarray:
+def _waterfill_ref(fixed, order, holds, total, load, hop, alpha, beta, passes,
+                   start) -> np.ndarray:
     """Plain-Python twin of stage 1 (`_waterfill`)."""
     num_ranks, num_experts = holds.shape
     x = [[float(v) for v in row] for row in start]
     level = [float(v) for v in fixed]
     experts = [int(v) for v in order]
+
+    def adds(share, g, e):  # what `share` tokens of e add to rank g's level
+        return alpha + beta * share + hop[g] * max(share - load[g, e], 0.0)
+
+    def takes(w, g, e):  # tokens rank g takes at water level w
+        opened = level[g] + alpha
+        own = opened + beta * load[g, e]
+        if w <= opened:
+            return 0.0
+        if w <= own:
+            return (w - opened) / beta
+        return load[g, e] + (w - own) / (beta + hop[g])
+
     for e in experts:  # the start's levels
         for g in range(num_ranks):
             if holds[g, e] and x[e][g] > 0:
-                level[g] += alpha + x[e][g] * beta
+                level[g] += adds(x[e][g], g, e)
     for _ in range(passes):
         moved = 0.0
         for e in experts:
             holders = [g for g in range(num_ranks) if holds[g, e]]
             for g in holders:  # take e out
                 if x[e][g] > 0:
-                    level[g] -= alpha + x[e][g] * beta
-            srt = sorted(level[g] + alpha for g in holders)
-            # Fill the lowest j + 1 holders to a common level w until w <= the next holder.
-            cum = 0.0
-            w = srt[-1]
-            for j, value in enumerate(srt):
-                cum += value
-                cand = (float(total[e]) * beta + cum) / (j + 1)
-                if j == len(srt) - 1 or cand <= srt[j + 1]:
-                    w = cand
+                    level[g] -= adds(x[e][g], g, e)
+            points = sorted([level[g] + alpha for g in holders]
+                            + [level[g] + alpha + beta * load[g, e] for g in holders])
+            # w lies past the last breakpoint at which the holders take fewer than total[e].
+            lo = points[-1]
+            for k, point in enumerate(points):
+                taken = 0.0
+                for g in holders:
+                    taken += takes(point, g, e)
+                if taken >= total[e]:
+                    lo = points[k - 1] if k > 0 else points[0]
                     break
+            # Past lo the holders take C + S w tokens, linear up to the next breakpoint.
+            c_sum = 0.0
+            s_sum = 0.0
             for g in holders:
-                share = max(w - level[g] - alpha, 0.0) / beta
+                opened = level[g] + alpha
+                own = opened + beta * load[g, e]
+                if lo >= own:
+                    c_sum += load[g, e] - own / (beta + hop[g])
+                    s_sum += 1.0 / (beta + hop[g])
+                elif lo >= opened:
+                    c_sum -= opened / beta
+                    s_sum += 1.0 / beta
+            w = (total[e] - c_sum) / s_sum
+            shares = [takes(w, g, e) for g in holders]
+            for g, share in zip(holders, shares, strict=True):
                 moved = max(moved, abs(share - x[e][g]) * beta)
                 x[e][g] = share
                 if share > 0:
-                    level[g] += alpha + share * beta
+                    level[g] += adds(share, g, e)
         if moved < 1e-9:
             break
     return np.array(x).reshape(num_experts, num_ranks)
