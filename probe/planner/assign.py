@@ -9,33 +9,39 @@ Shape legend: S source ranks (= G), E experts, G ranks.
 
 `assign_tokens(load, copies, cost)` works in two stages, the same for both methods:
 
-1. Per-rank totals (the objective). Choose x[e, g] >= 0, the tokens of expert e processed on
-   rank g, with sum_g x[e, g] = n_e (the expert's total) and x[e, g] = 0 where g holds no copy,
-   to minimise the largest compute term of eq. 8:
-       C(g) = sum over experts e with x[e, g] > 0 of (alpha + beta * x[e, g]).
-   A rank that receives no tokens of an expert pays no alpha for it. Several copies of one
-   expert on one rank count as one (as in `CostModel.compute_time`). Experts with one holder
-   are fixed; the others are
+1. Per-rank totals (the stage-1 objective). Choose x[e, g] >= 0, the tokens of expert e
+   processed on rank g, with sum_g x[e, g] = n_e (the expert's total) and x[e, g] = 0 where g
+   holds no copy, to minimise the largest level
+       L(g) = sum over experts e with x[e, g] > 0 of
+              (alpha + beta * x[e, g] + hop[g] * max(x[e, g] - load[g, e], 0)),
+   the compute term of eq. 8 plus its dispatch-in traffic: tokens beyond rank g's own
+   load[g, e] come from other ranks, each costing hop[g] = 2 x the mean token_time into g
+   (dispatch + combine). A rank that receives no tokens of an expert pays no alpha for it.
+   Several copies of one expert on one rank count as one (as in `CostModel.compute_time`).
+   Eq. 8's out-traffic and its max(in, out) are NOT in L: L is exact for compute and, on
+   equal links, for the in-traffic of the locality-first split of stage 2.
+   Experts with one holder are fixed; the others are
      "waterfill": water-filled, heaviest first: an expert's tokens raise the lowest levels
-        among its holders (level = C(g) without this expert, plus alpha) to one common level;
-        then `passes` rounds of taking every expert out and filling it again (coordinate
-        descent on the levels; stops early when no level moves by 1 ns). A Numba kernel, with
-        a plain-Python twin (`assign_tokens_ref`) that gives identical integers.
+        among its holders to one common level (each holder's level rises at beta per token
+        while it uses its own tokens, beta + hop[g] after, and only once the level passes its
+        level + alpha); then `passes` rounds of taking every expert out and filling it again
+        (coordinate descent; stops early when no level moves by 1 ns). A Numba kernel, with a
+        plain-Python twin (`assign_tokens_ref`) that gives identical integers. The descent
+        runs from several starts (below) and the best by eq. 8 is kept.
      "lp": the LP relaxation with every present copy ACTIVE (HiGHS):
-            min z  s.t.  sum_g x[e, g] = n_e,  x >= 0,
-                         fixed(g) + sum over multi-copy e held on g of (alpha + beta x[e, g]) <= z,
-        i.e. the alpha of every copy of a multi-copy expert is charged whether or not it gets
-        tokens. Its optimum z* is the exact optimum of that relaxation; water-filling can beat it
-        by leaving a copy idle (and saving its alpha), and can lose to it only by stopping short
-        of the optimum of the continuous problem.
+            min z  s.t.  sum_g x[e, g] = n_e,  x >= 0,  r[e, g] >= x[e, g] - load[g, e], r >= 0,
+                         fixed(g) + sum over multi-copy e held on g of
+                             (alpha + beta x[e, g] + hop[g] r[e, g]) <= z,
+        i.e. L with the alpha of every copy of a multi-copy expert charged whether or not it
+        gets tokens. Its optimum z* is the exact optimum of that relaxation; water-filling can
+        beat it by leaving a copy idle (saving its alpha), and lose to it by stopping in a
+        local optimum of the non-convex (alpha) problem.
 2. Integer split, shared by both methods (so their comparison isolates stage 1): each expert's
    totals are rounded by largest remainder (onto ranks with x > 0 only), then every source
    first keeps its own tokens on its own rank where that rank has a quota, and sends the rest
-   to the holders in order of token_time[s, g] (ties: lower rank first). This locality-first
-   rule is how the traffic term 2 * max(in, out) of eq. 8 enters: it is not optimised jointly
-   with compute. With equal links (one node) every rank's in and out then depend only on what
-   stays local, so the order among remote holders does not matter; across nodes it is a
-   greedy, not an optimum.
+   to the holders in order of token_time[s, g] (ties: lower rank first). With equal links
+   every rank's in and out traffic then depend only on what stays local; across nodes the
+   order among remote holders is a greedy, not an optimum.
 
 `probe.planner.check.evaluate_plan` scores the result as for any plan (docs/planner.md,
 "Dispatch-time assignment").
@@ -216,109 +222,185 @@ def _waterfill(fixed, order, holds, total, load, hop, alpha, beta, passes,
 
 
 @numba.njit(cache=True)
-def _split(x, load, holds, token_time, alpha, beta):  # pragma: no cover - compiled
-    """Stage 2: (int64 [S, E, G], its eq. 8 objective) from the totals x float [E, G]
-    (single-holder rows are filled here). Largest-remainder rounding per expert, then local
-    first, then by token_time."""
+def _quotas(x, load, holds):  # pragma: no cover - compiled
+    """int64 [E, G]: x float [E, G] rounded per expert by largest remainder (ties: lower
+    rank), onto ranks with x > 0 only; a single holder (or no water) takes everything."""
     num_sources, num_experts = load.shape
     num_ranks = holds.shape[0]
-    out = np.zeros((num_sources, num_experts, num_ranks), np.int64)
-    comp = np.zeros(num_ranks)
-    flow = np.zeros((num_sources, num_ranks))
-    quota = np.zeros(num_ranks, np.int64)
+    quota = np.zeros((num_experts, num_ranks), np.int64)
     rem = np.zeros(num_ranks)
     cand = np.empty(num_ranks, np.int64)
-    left = np.zeros(num_sources, np.int64)
     for e in range(num_experts):
         total = 0
         for s in range(num_sources):
             total += load[s, e]
         if total == 0:
             continue
-        # Largest-remainder rounding of x[e] (a single holder takes everything).
         m = 0
         base = 0
         for g in range(num_ranks):
-            quota[g] = 0
             if holds[g, e] and x[e, g] > 0:
                 f = np.floor(x[e, g] + 1e-9)
-                quota[g] = min(np.int64(f), total)
+                quota[e, g] = min(np.int64(f), total)
                 rem[g] = x[e, g] - f
-                base += quota[g]
-                value = rem[g]  # stable insertion sort of candidates by remainder, descending
-                j = m
-                while j > 0 and rem[cand[j - 1]] < value:
+                base += quota[e, g]
+                j = m  # stable insertion sort of the candidates by remainder, descending
+                while j > 0 and rem[cand[j - 1]] < rem[g]:
                     cand[j] = cand[j - 1]
                     j -= 1
                 cand[j] = g
                 m += 1
-        if m == 0:  # a single holder (or no water): the first holder takes it all
+        if m == 0:
             for g in range(num_ranks):
                 if holds[g, e]:
-                    quota[g] = total
+                    quota[e, g] = total
                     break
-        else:
-            short = total - base
-            k = 0
-            while short > 0:
-                quota[cand[k % m]] += 1
-                short -= 1
-                k += 1
-            k = m - 1
-            while short < 0:  # floors above the total (float error): take from the smallest
-                g = cand[k % m]
-                if quota[g] > 0:
-                    quota[g] -= 1
-                    short += 1
-                k = k - 1 if k > 0 else m - 1
+            continue
+        short = total - base
+        k = 0
+        while short > 0:
+            quota[e, cand[k % m]] += 1
+            short -= 1
+            k += 1
+        k = m - 1
+        while short < 0:  # floors above the total (float error): take from the smallest
+            g = cand[k]
+            if quota[e, g] > 0:
+                quota[e, g] -= 1
+                short += 1
+            k = k - 1 if k > 0 else m - 1
+    return quota
+
+
+@numba.njit(cache=True)
+def _route(quota, load, holds, token_time, write):  # pragma: no cover - compiled
+    """Tokens of each (s, e) onto the quotas int64 [E, G]: every source first keeps what it
+    can on its own rank, then sends the rest to the holder with quota left over the cheapest
+    link (ties: lower rank). Returns (flow float [S, G] tokens sent s -> g, the assignment
+    int64 [S, E, G] when `write`, else a [1, 1, 1] placeholder)."""
+    num_sources, num_experts = load.shape
+    num_ranks = holds.shape[0]
+    flow = np.zeros((num_sources, num_ranks))
+    if write:
+        out = np.zeros((num_sources, num_experts, num_ranks), np.int64)
+    else:
+        out = np.zeros((1, 1, 1), np.int64)
+    left = np.zeros(num_ranks, np.int64)  # quota left per rank
+    hold = np.empty(num_ranks, np.int64)
+    for e in range(num_experts):
+        m = 0
         for g in range(num_ranks):
-            if quota[g] > 0:
-                comp[g] += alpha + beta * quota[g]
-        # Each source keeps what it can on its own rank ...
-        for s in range(num_sources):
-            left[s] = load[s, e]
-            if s < num_ranks and quota[s] > 0 and left[s] > 0:
-                k = min(left[s], quota[s])
-                out[s, e, s] += k
-                quota[s] -= k
+            left[g] = quota[e, g]
+            if left[g] > 0:
+                hold[m] = g
+                m += 1
+        for s in range(num_sources):  # local first
+            k = min(load[s, e], left[s])
+            if k > 0:
                 left[s] -= k
-        # ... and sends the rest to the holders with quota, cheapest link first.
+                flow[s, s] += k
+                if write:
+                    out[s, e, s] += k
         for s in range(num_sources):
-            while left[s] > 0:
+            rest = load[s, e] - min(load[s, e], quota[e, s])
+            while rest > 0:
                 best = -1
-                for g in range(num_ranks):
-                    if quota[g] > 0 and (best < 0 or token_time[s, g] < token_time[s, best]):
+                for i in range(m):
+                    g = hold[i]
+                    if left[g] > 0 and (best < 0 or token_time[s, g] < token_time[s, best]):
                         best = g
-                k = min(left[s], quota[best])
-                out[s, e, best] += k
+                k = min(rest, left[best])
+                left[best] -= k
+                rest -= k
                 flow[s, best] += k
-                quota[best] -= k
-                left[s] -= k
+                if write:
+                    out[s, e, best] += k
+    return flow, out
+
+
+@numba.njit(cache=True)
+def _even(load, copies, write):  # pragma: no cover - compiled
+    """DeepSeek's even split (probe.planner.eplb.even_split): per (s, e), n // c tokens to
+    each of e's c copies (numbered rank by rank) and the n % c leftover to the copies k with
+    (k + s) % c < n % c. Returns (rank totals int64 [E, G], flow float [S, G], assignment
+    int64 [S, E, G] when `write`, else a placeholder)."""
+    num_sources, num_experts = load.shape
+    num_ranks = copies.shape[0]
+    tokens = np.zeros((num_experts, num_ranks), np.int64)
+    flow = np.zeros((num_sources, num_ranks))
+    if write:
+        out = np.zeros((num_sources, num_experts, num_ranks), np.int64)
+    else:
+        out = np.zeros((1, 1, 1), np.int64)
+    for e in range(num_experts):
+        count = 0
+        for g in range(num_ranks):
+            count += copies[g, e]
+        if count == 0:
+            continue
+        for s in range(num_sources):
+            n = load[s, e]
+            if n == 0:
+                continue
+            quota, leftover = n // count, n % count
+            k = 0
+            for g in range(num_ranks):
+                got = 0
+                for _ in range(copies[g, e]):
+                    got += quota + (1 if (k + s) % count < leftover else 0)
+                    k += 1
+                if got > 0:
+                    tokens[e, g] += got
+                    flow[s, g] += got
+                    if write:
+                        out[s, e, g] = got
+    return tokens, flow, out
+
+
+@numba.njit(cache=True)
+def _objective(tokens, flow, token_time, alpha, beta):  # pragma: no cover - compiled
+    """eq. 8 of rank totals int64 [E, G] and flows float [S, G], as evaluate_plan."""
+    num_experts, num_ranks = tokens.shape
+    comp = np.zeros(num_ranks)
+    for e in range(num_experts):
+        for g in range(num_ranks):
+            if tokens[e, g] > 0:
+                comp[g] += alpha + beta * tokens[e, g]
     worst = 0.0
     for g in range(num_ranks):
         t_in = 0.0
         t_out = 0.0
-        for s in range(num_sources):
-            t_in += flow[s, g] * token_time[s, g]
-            t_out += flow[g, s] * token_time[g, s]
+        for s in range(flow.shape[0]):
+            if s != g:
+                t_in += flow[s, g] * token_time[s, g]
+                t_out += flow[g, s] * token_time[g, s]
         worst = max(worst, comp[g] + 2.0 * max(t_in, t_out))
-    return out, worst
+    return worst
 
 
 @numba.njit(cache=True)
-def _best(fixed, order, holds, total, alpha, beta, load, token_time, hop, starts,
+def _best(fixed, order, holds, copies, total, alpha, beta, load, token_time, hop, starts,
           start_passes):  # pragma: no cover - compiled
-    """The candidate with the lowest eq. 8 objective (the first on ties): candidate k
-    descends `start_passes[k]` passes from `starts[k]` and is split by stage 2."""
-    best = np.zeros((1, 1, 1), np.int64)
-    best_obj = np.inf
+    """The assignment with the lowest eq. 8 objective (the first on ties) among DeepSeek's
+    even split and, for each k, the descent of `start_passes[k]` passes from `starts[k]`,
+    rounded and routed. Returns (assignment int64 [S, E, G], its objective)."""
+    tokens, flow, _ = _even(load, copies, False)
+    best_obj = _objective(tokens, flow, token_time, alpha, beta)
+    best_quota = tokens
+    from_even = True
     for k in range(starts.shape[0]):
         x = _waterfill(fixed, order, holds, total, load, hop, alpha, beta, start_passes[k],
                        starts[k])
-        out, obj = _split(x, load, holds, token_time, alpha, beta)
+        quota = _quotas(x, load, holds)
+        flow, _ = _route(quota, load, holds, token_time, False)
+        obj = _objective(quota, flow, token_time, alpha, beta)
         if obj < best_obj:
-            best, best_obj = out, obj
-    return best, best_obj
+            best_obj, best_quota, from_even = obj, quota, False
+    if from_even:
+        _, _, out = _even(load, copies, True)
+    else:
+        _, out = _route(best_quota, load, holds, token_time, True)
+    return out, best_obj
 
 
 def _starts(load, holds, total, order, home, passes):
@@ -358,7 +440,8 @@ def kernel_args(load, copies, cost: CostModel, *, passes: int = 8, home=None) ->
     hop = remote_cost(cost)
     fixed, total, order = _fixed_levels(load, holds, alpha, beta, hop)
     starts, start_passes = _starts(load, holds, total, order, home, passes)
-    return (fixed, order, holds, total, alpha, beta, load, cost.token_time, hop, starts,
+    counts = np.ascontiguousarray(np.asarray(copies), dtype=np.int64)
+    return (fixed, order, holds, counts, total, alpha, beta, load, cost.token_time, hop, starts,
             start_passes)
 
 
@@ -446,7 +529,7 @@ def assign_tokens(load, copies, cost: CostModel, *, method: str = "waterfill",
         load, holds = _validated(load, copies, cost)
         _checked_home(home, holds)
         x, _ = lp_totals(load, holds, cost)
-        out, _ = _split(x, load, holds, cost.token_time, float(cost.alpha), float(cost.beta))
+        _, out = _route(_quotas(x, load, holds), load, holds, cost.token_time, True)
         return out
     out, _ = _best(*kernel_args(load, copies, cost, passes=passes, home=home))
     return out
@@ -458,20 +541,41 @@ def assign_tokens_ref(load, copies, cost: CostModel, *, passes: int = 8,
                       home=None) -> np.ndarray:
     """Plain-Python twin of `assign_tokens(..., method="waterfill")`: the same arithmetic in
     the same order, written for reading; tests require identical output."""
+    from probe.planner.eplb import even_split
+
     load, holds = _validated(load, copies, cost)
     home = _checked_home(home, holds)
     alpha, beta = float(cost.alpha), float(cost.beta)
     hop = remote_cost(cost)
     fixed, total, order = _fixed_levels(load, holds, alpha, beta, hop)
     starts, start_passes = _starts(load, holds, total, order, home, passes)
-    best, best_obj = None, np.inf
+    best = even_split(load, np.asarray(copies).astype(np.int64))
+    best_obj = _objective_ref(best, cost.token_time, alpha, beta)
     for start, rounds in zip(starts, start_passes, strict=True):
         x = _waterfill_ref(fixed, order, holds, total, load, hop, alpha, beta, int(rounds),
                            start)
-        out, obj = _split_ref(x, load, holds, cost.token_time, alpha, beta)
+        out = _split_ref(x, load, holds, cost.token_time)
+        obj = _objective_ref(out, cost.token_time, alpha, beta)
         if obj < best_obj:
             best, best_obj = out, obj
     return best
+
+
+def _objective_ref(assignment, token_time, alpha, beta) -> float:
+    """eq. 8 of an assignment int [S, E, G], summed in the kernel's order."""
+    num_sources, num_experts, num_ranks = assignment.shape
+    tokens = assignment.sum(axis=0)  # [E, G]
+    flow = assignment.sum(axis=1)  # [S, G]
+    worst = 0.0
+    for g in range(num_ranks):
+        comp = 0.0
+        for e in range(num_experts):
+            if tokens[e, g] > 0:
+                comp += alpha + beta * int(tokens[e, g])
+        t_in = sum(float(flow[s, g]) * token_time[s, g] for s in range(num_sources) if s != g)
+        t_out = sum(float(flow[g, s]) * token_time[g, s] for s in range(num_sources) if s != g)
+        worst = max(worst, comp + 2.0 * max(t_in, t_out))
+    return worst
 
 
 def _waterfill_ref(fixed, order, holds, total, load, hop, alpha, beta, passes,
@@ -540,13 +644,11 @@ def _waterfill_ref(fixed, order, holds, total, load, hop, alpha, beta, passes,
     return np.array(x).reshape(num_experts, num_ranks)
 
 
-def _split_ref(x, load, holds, token_time, alpha, beta) -> tuple[np.ndarray, float]:
-    """Plain-Python twin of stage 2 (`_split`)."""
+def _split_ref(x, load, holds, token_time) -> np.ndarray:
+    """Plain-Python twin of stage 2 (`_quotas`, then `_route`)."""
     num_sources, num_experts = load.shape
     num_ranks = holds.shape[0]
     out = np.zeros((num_sources, num_experts, num_ranks), np.int64)
-    comp = [0.0] * num_ranks
-    flow = [[0.0] * num_ranks for _ in range(num_sources)]
     for e in range(num_experts):
         total = int(load[:, e].sum())
         if total == 0:
@@ -572,30 +674,19 @@ def _split_ref(x, load, holds, token_time, alpha, beta) -> tuple[np.ndarray, flo
                     quota[g] -= 1
                     short += 1
                 k = k - 1 if k > 0 else len(by_rem) - 1
-        for g in range(num_ranks):
-            if quota[g] > 0:
-                comp[g] += alpha + beta * quota[g]
+        holders = [g for g in range(num_ranks) if quota[g] > 0]
         left = [int(v) for v in load[:, e]]
-        for s in range(min(num_sources, num_ranks)):  # local first
+        for s in range(num_sources):  # local first
             k = min(left[s], quota[s])
             out[s, e, s] += k
             quota[s] -= k
             left[s] -= k
         for s in range(num_sources):  # then the cheapest link with quota left
             while left[s] > 0:
-                best = min((g for g in range(num_ranks) if quota[g] > 0),
+                best = min((g for g in holders if quota[g] > 0),
                            key=lambda g, s=s: token_time[s, g])
                 k = min(left[s], quota[best])
                 out[s, e, best] += k
-                flow[s][best] += k
                 quota[best] -= k
                 left[s] -= k
-    worst = 0.0
-    for g in range(num_ranks):
-        t_in = 0.0
-        t_out = 0.0
-        for s in range(num_sources):
-            t_in += flow[s][g] * token_time[s, g]
-            t_out += flow[g][s] * token_time[g, s]
-        worst = max(worst, comp[g] + 2.0 * max(t_in, t_out))
-    return out, worst
+    return out
