@@ -332,10 +332,15 @@ def _even(load, copies, write):  # pragma: no cover - compiled
         out = np.zeros((num_sources, num_experts, num_ranks), np.int64)
     else:
         out = np.zeros((1, 1, 1), np.int64)
+    hold = np.empty(num_ranks, np.int64)
     for e in range(num_experts):
         count = 0
+        m = 0
         for g in range(num_ranks):
-            count += copies[g, e]
+            if copies[g, e] > 0:
+                count += copies[g, e]
+                hold[m] = g
+                m += 1
         if count == 0:
             continue
         for s in range(num_sources):
@@ -344,7 +349,8 @@ def _even(load, copies, write):  # pragma: no cover - compiled
                 continue
             quota, leftover = n // count, n % count
             k = 0
-            for g in range(num_ranks):
+            for i in range(m):
+                g = hold[i]
                 got = 0
                 for _ in range(copies[g, e]):
                     got += quota + (1 if (k + s) % count < leftover else 0)
@@ -380,10 +386,12 @@ def _objective(tokens, flow, token_time, alpha, beta):  # pragma: no cover - com
 
 @numba.njit(cache=True)
 def _best(fixed, order, holds, copies, total, alpha, beta, load, token_time, hop, starts,
-          start_passes):  # pragma: no cover - compiled
+          start_passes, dense=True):  # pragma: no cover - compiled
     """The assignment with the lowest eq. 8 objective (the first on ties) among DeepSeek's
     even split and, for each k, the descent of `start_passes[k]` passes from `starts[k]`,
-    rounded and routed. Returns (assignment int64 [S, E, G], its objective)."""
+    rounded and routed. Returns (assignment int64 [S, E, G], its objective); with
+    dense=False only the objective (and a [1, 1, 1] placeholder): the decision without
+    writing the dense array, for timing."""
     tokens, flow, _ = _even(load, copies, False)
     best_obj = _objective(tokens, flow, token_time, alpha, beta)
     best_quota = tokens
@@ -397,9 +405,9 @@ def _best(fixed, order, holds, copies, total, alpha, beta, load, token_time, hop
         if obj < best_obj:
             best_obj, best_quota, from_even = obj, quota, False
     if from_even:
-        _, _, out = _even(load, copies, True)
+        _, _, out = _even(load, copies, dense)
     else:
-        _, out = _route(best_quota, load, holds, token_time, True)
+        _, out = _route(best_quota, load, holds, token_time, dense)
     return out, best_obj
 
 
