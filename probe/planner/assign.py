@@ -27,7 +27,7 @@ Shape legend: S source ranks (= G), E experts, G ranks.
         level + alpha); then `passes` rounds of taking every expert out and filling it again
         (coordinate descent; stops early when no level moves by 1 ns). A Numba kernel, with a
         plain-Python twin (`assign_tokens_ref`) that gives identical integers. The descent
-        runs from several starts (below) and the best by eq. 8 is kept.
+        runs from several starts (see `assign_tokens`) and the best by eq. 8 is kept.
      "lp": the LP relaxation with every present copy ACTIVE (HiGHS):
             min z  s.t.  sum_g x[e, g] = n_e,  x >= 0,  r[e, g] >= x[e, g] - load[g, e], r >= 0,
                          fixed(g) + sum over multi-copy e held on g of
@@ -525,9 +525,11 @@ def assign_tokens(load, copies, cost: CostModel, *, method: str = "waterfill",
         "waterfill" then also tries the home-only split, so it is never worse than it.
 
     Every (s, e)'s tokens are conserved and land only on ranks with copies[g, e] > 0.
-    "waterfill" returns the best, by eq. 8 on the integer split, of these candidates: filling
-    from empty, the even split over all copies as it is and descended from, and (with `home`)
-    the home-only split as it is and descended from. Descending never raises the compute term.
+    "waterfill" returns the best, by eq. 8 on the integer split, of these candidates:
+    DeepSeek's even split (`probe.planner.eplb.even_split`), filling from empty, the even
+    split over all copies as it is and descended from, and (with `home`) the home-only split
+    as it is and descended from. So it is never worse than the even split, nor, given
+    `home`, than the home-only split.
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
