@@ -1,0 +1,702 @@
+"""Dispatch-time token assignment: split the TRUE load over the expert copies present.
+
+When a layer's dispatch all-to-all starts, the routing counts are known and the replicas have
+arrived; what remains is to send each (source rank, expert)'s tokens to the expert's copies so
+that the slowest rank finishes first. A misprediction then costs only the replica choice,
+never the token split.
+
+Shape legend: S source ranks (= G), E experts, G ranks.
+
+`assign_tokens(load, copies, cost)` works in two stages, the same for both methods:
+
+1. Per-rank totals (the stage-1 objective). Choose x[e, g] >= 0, the tokens of expert e
+   processed on rank g, with sum_g x[e, g] = n_e (the expert's total) and x[e, g] = 0 where g
+   holds no copy, to minimise the largest level
+       L(g) = sum over experts e with x[e, g] > 0 of
+              (alpha + beta * x[e, g] + hop[g] * max(x[e, g] - load[g, e], 0)),
+   the compute term of eq. 8 plus its dispatch-in traffic: tokens beyond rank g's own
+   load[g, e] come from other ranks, each costing hop[g] = 2 x the mean token_time into g
+   (dispatch + combine). A rank that receives no tokens of an expert pays no alpha for it.
+   Several copies of one expert on one rank count as one (as in `CostModel.compute_time`).
+   Eq. 8's out-traffic and its max(in, out) are NOT in L: L is exact for compute and, on
+   equal links, for the in-traffic of the locality-first split of stage 2.
+   Experts with one holder are fixed; the others are
+     "waterfill": water-filled, heaviest first: an expert's tokens raise the lowest levels
+        among its holders to one common level (each holder's level rises at beta per token
+        while it uses its own tokens, beta + hop[g] after, and only once the level passes its
+        level + alpha); then `passes` rounds of taking every expert out and filling it again
+        (coordinate descent; stops early when no level moves by 1 ns). A Numba kernel, with a
+        plain-Python twin (`assign_tokens_ref`) that gives identical integers. The descent
+        runs from several starts (see `assign_tokens`) and the best by eq. 8 is kept.
+     "lp": the LP relaxation with every present copy ACTIVE (HiGHS):
+            min z  s.t.  sum_g x[e, g] = n_e,  x >= 0,  r[e, g] >= x[e, g] - load[g, e], r >= 0,
+                         fixed(g) + sum over multi-copy e held on g of
+                             (alpha + beta x[e, g] + hop[g] r[e, g]) <= z,
+        i.e. L with the alpha of every copy of a multi-copy expert charged whether or not it
+        gets tokens. Its optimum z* is the exact optimum of that relaxation; water-filling can
+        beat it by leaving a copy idle (saving its alpha), and lose to it by stopping in a
+        local optimum of the non-convex (alpha) problem.
+2. Integer split, shared by both methods (so their comparison isolates stage 1): each expert's
+   totals are rounded by largest remainder (onto ranks with x > 0 only), then every source
+   first keeps its own tokens on its own rank where that rank has a quota, and sends the rest
+   to the holders in order of token_time[s, g] (ties: lower rank first). With equal links
+   every rank's in and out traffic then depend only on what stays local; across nodes the
+   order among remote holders is a greedy, not an optimum.
+
+`probe.planner.check.evaluate_plan` scores the result as for any plan (docs/planner.md,
+"Dispatch-time assignment").
+
+>>> from probe.planner.cost import CostModel
+>>> cost = CostModel.uniform(2, alpha=1.0, beta=1.0, token_time=0.0, transfer_time=1.0)
+>>> load = np.array([[6, 2], [4, 0]])       # expert 0: 10 tokens, expert 1: 2 tokens
+>>> copies = np.array([[1, 1], [1, 0]])     # expert 0 on both ranks, expert 1 on rank 0
+>>> a = assign_tokens(load, copies, cost)   # rank 0: 1 + 2 for expert 1, so 4 of expert 0
+>>> a.sum(axis=0).tolist()                  # [E, G] tokens of expert e on rank g
+[[4, 6], [2, 0]]
+>>> (a == assign_tokens_ref(load, copies, cost)).all()
+np.True_
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+
+from probe.planner.cost import CostModel
+
+__all__ = ["assign_tokens", "assign_tokens_ref", "lp_totals"]
+
+METHODS = ("waterfill", "lp")
+
+
+def _validated(load, copies, cost) -> tuple[np.ndarray, np.ndarray]:
+    """load int64 [S, E] and holds bool [G, E]; ValueError/TypeError naming the argument."""
+    if not isinstance(cost, CostModel):
+        raise TypeError(f"cost must be a CostModel, got {type(cost).__name__}")
+    load = np.asarray(load)
+    if load.ndim != 2:
+        raise ValueError(f"load must be a 2-D [S, E] array, got shape {load.shape}")
+    if load.dtype.kind == "f":
+        if not np.all(np.isfinite(load)):
+            raise ValueError("load contains NaN or infinite values")
+        if np.any(load != np.round(load)):
+            raise ValueError("load must hold whole token counts")
+    elif load.dtype.kind not in "iub":
+        raise TypeError(f"load must be numeric, got dtype {load.dtype}")
+    if np.any(load < 0):
+        s, e = np.argwhere(load < 0)[0]
+        raise ValueError(f"load has a negative count at source {s}, expert {e}")
+    copies = np.asarray(copies)
+    if copies.ndim != 2:
+        raise ValueError(f"copies must be a 2-D [G, E] array, got shape {copies.shape}")
+    if copies.dtype.kind not in "iub":
+        raise TypeError(f"copies must be int or bool, got dtype {copies.dtype}")
+    if np.any(copies < 0):
+        raise ValueError("copies must be >= 0")
+    num_ranks = cost.num_ranks
+    if copies.shape[0] != num_ranks:
+        raise ValueError(f"copies has {copies.shape[0]} ranks, the cost model {num_ranks}")
+    if load.shape != copies.shape:
+        raise ValueError(f"load shape {load.shape} does not match copies shape {copies.shape} "
+                         "(load is [S, E] with S = G)")
+    if not cost.beta > 0:
+        raise ValueError(f"cost.beta must be > 0 to split tokens, got {cost.beta!r}")
+    load = load.astype(np.int64)
+    holds = copies > 0
+    orphan = np.flatnonzero((load.sum(axis=0) > 0) & ~holds.any(axis=0))
+    if orphan.size:
+        e = orphan[0]
+        raise ValueError(f"copies: expert {e} has {int(load[:, e].sum())} tokens but no copy "
+                         f"({orphan.size} such expert(s) in all)")
+    return load, holds
+
+
+def remote_cost(cost: CostModel) -> np.ndarray:
+    """float64 [G]: hop[g], seconds a token from another rank adds to rank g's level in
+    stage 1: twice (dispatch + combine) the mean token_time into g from the other ranks."""
+    num_ranks = cost.num_ranks
+    if num_ranks == 1:
+        return np.zeros(1)
+    return 2.0 * cost.token_time.sum(axis=0) / (num_ranks - 1)
+
+
+def _fixed_levels(load, holds, alpha, beta, hop):
+    """Stage-1 inputs: levels float [G] of the single-holder experts, totals float [E], and
+    the multi-holder experts with tokens, heaviest first (stable), int64 [M]."""
+    total = load.sum(axis=0)  # [E] int64
+    num_holders = holds.sum(axis=0)
+    single = (num_holders == 1) & (total > 0)
+    tot = total[single].astype(np.float64)
+    remote = tot[None, :] - load[:, single]  # [G, single] tokens from other ranks
+    fixed = (holds[:, single] * (alpha + beta * tot[None, :] + hop[:, None] * remote)).sum(axis=1)
+    multi = np.flatnonzero((num_holders > 1) & (total > 0))
+    order = multi[np.argsort(-total[multi], kind="stable")].astype(np.int64)
+    return fixed, total.astype(np.float64), order
+
+
+# --- the Numba kernel (stage 1 water-filling + stage 2 split) ---------------------------------
+
+@numba.njit(cache=True)
+def _level_of(x, local, alpha, beta, hop):  # pragma: no cover - compiled
+    """What x > 0 tokens of one expert add to a rank's level, `local` of them its own."""
+    return alpha + beta * x + hop * max(x - local, 0.0)
+
+
+@numba.njit(cache=True)
+def _tokens_at(w, a, b, local, beta, hop):  # pragma: no cover - compiled
+    """Tokens a holder takes at water level w: none below a (its level + alpha), 1 / beta
+    per second up to b (its own tokens used up), 1 / (beta + hop) above."""
+    if w <= a:
+        return 0.0
+    if w <= b:
+        return (w - a) / beta
+    return local + (w - b) / (beta + hop)
+
+
+@numba.njit(cache=True)
+def _waterfill(fixed, order, holds, total, load, hop, alpha, beta, passes,
+               start):  # pragma: no cover - compiled
+    """x float [E, G] of the multi-holder experts in `order` (other rows 0), descending from
+    the split `start` float [E, G] (zeros: fill from empty). No allocation in the loops;
+    `srt` holds the sorted breakpoints of the expert being filled."""
+    num_ranks = holds.shape[0]
+    level = fixed.copy()
+    x = start.copy()
+    for e in order:
+        for g in range(num_ranks):
+            if holds[g, e] and x[e, g] > 0:
+                level[g] += _level_of(x[e, g], load[g, e], alpha, beta, hop[g])
+    srt = np.empty(2 * num_ranks)
+    for _ in range(passes):
+        moved = 0.0
+        for e in order:
+            m = 0
+            for g in range(num_ranks):
+                if holds[g, e]:
+                    if x[e, g] > 0:  # take e out of rank g
+                        level[g] -= _level_of(x[e, g], load[g, e], alpha, beta, hop[g])
+                    for value in (level[g] + alpha, level[g] + alpha + beta * load[g, e]):
+                        j = m  # insertion sort into srt[:m + 1]
+                        while j > 0 and srt[j - 1] > value:
+                            srt[j] = srt[j - 1]
+                            j -= 1
+                        srt[j] = value
+                        m += 1
+            # The water level w: past the last breakpoint where the holders take < total.
+            lo = srt[m - 1]
+            for k in range(m):
+                taken = 0.0
+                for g in range(num_ranks):
+                    if holds[g, e]:
+                        a = level[g] + alpha
+                        taken += _tokens_at(srt[k], a, a + beta * load[g, e], load[g, e],
+                                            beta, hop[g])
+                if taken >= total[e]:
+                    lo = srt[k - 1] if k > 0 else srt[0]
+                    break
+            # Between breakpoints the holders take C + S w tokens.
+            c_sum = 0.0
+            s_sum = 0.0
+            for g in range(num_ranks):
+                if holds[g, e]:
+                    a = level[g] + alpha
+                    b = a + beta * load[g, e]
+                    if lo >= b:
+                        c_sum += load[g, e] - b / (beta + hop[g])
+                        s_sum += 1.0 / (beta + hop[g])
+                    elif lo >= a:
+                        c_sum -= a / beta
+                        s_sum += 1.0 / beta
+            w = (total[e] - c_sum) / s_sum
+            for g in range(num_ranks):
+                if holds[g, e]:
+                    a = level[g] + alpha
+                    share = _tokens_at(w, a, a + beta * load[g, e], load[g, e], beta, hop[g])
+                    moved = max(moved, abs(share - x[e, g]) * beta)
+                    x[e, g] = share
+                    if share > 0:
+                        level[g] += _level_of(share, load[g, e], alpha, beta, hop[g])
+        if moved < 1e-9:
+            break
+    return x
+
+
+@numba.njit(cache=True)
+def _quotas(x, load, holds):  # pragma: no cover - compiled
+    """int64 [E, G]: x float [E, G] rounded per expert by largest remainder (ties: lower
+    rank), onto ranks with x > 0 only; a single holder (or no water) takes everything."""
+    num_sources, num_experts = load.shape
+    num_ranks = holds.shape[0]
+    quota = np.zeros((num_experts, num_ranks), np.int64)
+    rem = np.zeros(num_ranks)
+    cand = np.empty(num_ranks, np.int64)
+    for e in range(num_experts):
+        total = 0
+        for s in range(num_sources):
+            total += load[s, e]
+        if total == 0:
+            continue
+        m = 0
+        base = 0
+        for g in range(num_ranks):
+            if holds[g, e] and x[e, g] > 0:
+                f = np.floor(x[e, g] + 1e-9)
+                quota[e, g] = min(np.int64(f), total)
+                rem[g] = x[e, g] - f
+                base += quota[e, g]
+                j = m  # stable insertion sort of the candidates by remainder, descending
+                while j > 0 and rem[cand[j - 1]] < rem[g]:
+                    cand[j] = cand[j - 1]
+                    j -= 1
+                cand[j] = g
+                m += 1
+        if m == 0:
+            for g in range(num_ranks):
+                if holds[g, e]:
+                    quota[e, g] = total
+                    break
+            continue
+        short = total - base
+        k = 0
+        while short > 0:
+            quota[e, cand[k % m]] += 1
+            short -= 1
+            k += 1
+        k = m - 1
+        while short < 0:  # floors above the total (float error): take from the smallest
+            g = cand[k]
+            if quota[e, g] > 0:
+                quota[e, g] -= 1
+                short += 1
+            k = k - 1 if k > 0 else m - 1
+    return quota
+
+
+@numba.njit(cache=True)
+def _route(quota, load, holds, token_time, write):  # pragma: no cover - compiled
+    """Tokens of each (s, e) onto the quotas int64 [E, G]: every source first keeps what it
+    can on its own rank, then sends the rest to the holder with quota left over the cheapest
+    link (ties: lower rank). Returns (flow float [S, G] tokens sent s -> g, the assignment
+    int64 [S, E, G] when `write`, else a [1, 1, 1] placeholder)."""
+    num_sources, num_experts = load.shape
+    num_ranks = holds.shape[0]
+    flow = np.zeros((num_sources, num_ranks))
+    if write:
+        out = np.zeros((num_sources, num_experts, num_ranks), np.int64)
+    else:
+        out = np.zeros((1, 1, 1), np.int64)
+    left = np.zeros(num_ranks, np.int64)  # quota left per rank
+    hold = np.empty(num_ranks, np.int64)
+    for e in range(num_experts):
+        m = 0
+        for g in range(num_ranks):
+            left[g] = quota[e, g]
+            if left[g] > 0:
+                hold[m] = g
+                m += 1
+        for s in range(num_sources):  # local first
+            k = min(load[s, e], left[s])
+            if k > 0:
+                left[s] -= k
+                flow[s, s] += k
+                if write:
+                    out[s, e, s] += k
+        for s in range(num_sources):
+            rest = load[s, e] - min(load[s, e], quota[e, s])
+            while rest > 0:
+                best = -1
+                for i in range(m):
+                    g = hold[i]
+                    if left[g] > 0 and (best < 0 or token_time[s, g] < token_time[s, best]):
+                        best = g
+                k = min(rest, left[best])
+                left[best] -= k
+                rest -= k
+                flow[s, best] += k
+                if write:
+                    out[s, e, best] += k
+    return flow, out
+
+
+@numba.njit(cache=True)
+def _even(load, copies, write):  # pragma: no cover - compiled
+    """DeepSeek's even split (probe.planner.eplb.even_split): per (s, e), n // c tokens to
+    each of e's c copies (numbered rank by rank) and the n % c leftover to the copies k with
+    (k + s) % c < n % c. Returns (rank totals int64 [E, G], flow float [S, G], assignment
+    int64 [S, E, G] when `write`, else a placeholder)."""
+    num_sources, num_experts = load.shape
+    num_ranks = copies.shape[0]
+    tokens = np.zeros((num_experts, num_ranks), np.int64)
+    flow = np.zeros((num_sources, num_ranks))
+    if write:
+        out = np.zeros((num_sources, num_experts, num_ranks), np.int64)
+    else:
+        out = np.zeros((1, 1, 1), np.int64)
+    hold = np.empty(num_ranks, np.int64)
+    for e in range(num_experts):
+        count = 0
+        m = 0
+        for g in range(num_ranks):
+            if copies[g, e] > 0:
+                count += copies[g, e]
+                hold[m] = g
+                m += 1
+        if count == 0:
+            continue
+        for s in range(num_sources):
+            n = load[s, e]
+            if n == 0:
+                continue
+            quota, leftover = n // count, n % count
+            k = 0
+            for i in range(m):
+                g = hold[i]
+                got = 0
+                for _ in range(copies[g, e]):
+                    got += quota + (1 if (k + s) % count < leftover else 0)
+                    k += 1
+                if got > 0:
+                    tokens[e, g] += got
+                    flow[s, g] += got
+                    if write:
+                        out[s, e, g] = got
+    return tokens, flow, out
+
+
+@numba.njit(cache=True)
+def _objective(tokens, flow, token_time, alpha, beta):  # pragma: no cover - compiled
+    """eq. 8 of rank totals int64 [E, G] and flows float [S, G], as evaluate_plan."""
+    num_experts, num_ranks = tokens.shape
+    comp = np.zeros(num_ranks)
+    for e in range(num_experts):
+        for g in range(num_ranks):
+            if tokens[e, g] > 0:
+                comp[g] += alpha + beta * tokens[e, g]
+    worst = 0.0
+    for g in range(num_ranks):
+        t_in = 0.0
+        t_out = 0.0
+        for s in range(flow.shape[0]):
+            if s != g:
+                t_in += flow[s, g] * token_time[s, g]
+                t_out += flow[g, s] * token_time[g, s]
+        worst = max(worst, comp[g] + 2.0 * max(t_in, t_out))
+    return worst
+
+
+@numba.njit(cache=True)
+def _best(fixed, order, holds, copies, total, alpha, beta, load, token_time, hop, starts,
+          start_passes, dense=True):  # pragma: no cover - compiled
+    """The assignment with the lowest eq. 8 objective (the first on ties) among DeepSeek's
+    even split and, for each k, the descent of `start_passes[k]` passes from `starts[k]`,
+    rounded and routed. Returns (assignment int64 [S, E, G], its objective); with
+    dense=False only the objective (and a [1, 1, 1] placeholder): the decision without
+    writing the dense array, for timing."""
+    tokens, flow, _ = _even(load, copies, False)
+    best_obj = _objective(tokens, flow, token_time, alpha, beta)
+    best_quota = tokens
+    from_even = True
+    for k in range(starts.shape[0]):
+        x = _waterfill(fixed, order, holds, total, load, hop, alpha, beta, start_passes[k],
+                       starts[k])
+        quota = _quotas(x, load, holds)
+        flow, _ = _route(quota, load, holds, token_time, False)
+        obj = _objective(quota, flow, token_time, alpha, beta)
+        if obj < best_obj:
+            best_obj, best_quota, from_even = obj, quota, False
+    if from_even:
+        _, _, out = _even(load, copies, dense)
+    else:
+        _, out = _route(best_quota, load, holds, token_time, dense)
+    return out, best_obj
+
+
+def _starts(load, holds, total, order, home, passes):
+    """Candidate starts float [K, E, G] and their pass counts int64 [K]: fill from empty
+    (`passes`), the even split over all copies (as is, and descended), and with `home` the
+    home-only split (as is, and descended). Rows outside `order` are 0."""
+    num_ranks, num_experts = holds.shape
+    even = np.zeros((num_experts, num_ranks))
+    share = holds[:, order].T.astype(np.float64)  # [M, G]
+    even[order] = total[order, None] * share / share.sum(axis=1, keepdims=True)
+    starts, start_passes = [np.zeros((num_experts, num_ranks)), even, even], [passes, 0, passes]
+    if home is not None:
+        at_home = (home & holds)[:, order].T.astype(np.float64)  # [M, G]
+        at_home[at_home.sum(axis=1) == 0] = share[at_home.sum(axis=1) == 0]
+        local = np.zeros((num_experts, num_ranks))
+        local[order] = total[order, None] * at_home / at_home.sum(axis=1, keepdims=True)
+        starts += [local, local]
+        start_passes += [0, passes]
+    return np.stack(starts), np.array(start_passes, np.int64)
+
+
+def _checked_home(home, holds):
+    if home is None:
+        return None
+    home = np.asarray(home)
+    if home.shape != holds.shape:
+        raise ValueError(f"home must be a [G, E] array like copies {holds.shape}, got shape "
+                         f"{home.shape}")
+    return home.astype(bool)
+
+
+def kernel_args(load, copies, cost: CostModel, *, passes: int = 8, home=None) -> tuple:
+    """Validated arguments of the compiled kernel `_best`, for timing it alone."""
+    load, holds = _validated(load, copies, cost)
+    home = _checked_home(home, holds)
+    alpha, beta = float(cost.alpha), float(cost.beta)
+    hop = remote_cost(cost)
+    fixed, total, order = _fixed_levels(load, holds, alpha, beta, hop)
+    starts, start_passes = _starts(load, holds, total, order, home, passes)
+    counts = np.ascontiguousarray(np.asarray(copies), dtype=np.int64)
+    return (fixed, order, holds, counts, total, alpha, beta, load, cost.token_time, hop, starts,
+            start_passes)
+
+
+def lp_totals(load, copies, cost: CostModel) -> tuple[np.ndarray, float]:
+    """Stage 1 by the LP (module docstring): totals x float [E, G] of the multi-holder
+    experts (other rows 0) and the LP optimum z* (seconds; max fixed level when none)."""
+    import highspy
+
+    load, holds = _validated(load, copies, cost)
+    hop = remote_cost(cost)
+    fixed, total, multi = _fixed_levels(load, holds, cost.alpha, cost.beta, hop)
+    num_ranks, num_experts = holds.shape
+    x = np.zeros((num_experts, num_ranks))
+    if multi.size == 0:
+        return x, float(fixed.max(initial=0.0))
+    pair_g, pair_m = np.nonzero(holds[:, multi])  # (rank, index into multi) of each copy
+    num_pairs, num_multi = pair_g.size, multi.size
+    local = load[pair_g, multi[pair_m]].astype(np.float64)  # [P] the rank's own tokens
+    inf = highspy.kHighsInf
+    # Columns: x[pair], then r[pair] (tokens of the pair from other ranks), then z (cost 1).
+    # Rows: conservation per multi-holder expert (= its tokens); one level row per rank,
+    # beta x + hop r - z <= -fixed - alpha * (multi-holder copies on the rank); one row per
+    # pair, x - r <= local (r >= x - local, r >= 0).
+    pairs = np.arange(num_pairs)
+    col_x, col_r, col_z = pairs, num_pairs + pairs, 2 * num_pairs
+    row_rank = num_multi + np.arange(num_ranks)
+    row_pair = num_multi + num_ranks + pairs
+    coef_row = np.concatenate([pair_m, num_multi + pair_g, num_multi + pair_g, row_rank,
+                               row_pair, row_pair])
+    coef_col = np.concatenate([col_x, col_x, col_r, np.full(num_ranks, col_z), col_x, col_r])
+    coef_val = np.concatenate([np.ones(num_pairs), np.full(num_pairs, cost.beta), hop[pair_g],
+                               -np.ones(num_ranks), np.ones(num_pairs), -np.ones(num_pairs)])
+    by_col = np.argsort(coef_col, kind="stable")
+    num_cols = 2 * num_pairs + 1
+    starts = np.zeros(num_cols + 1, np.int32)
+    np.cumsum(np.bincount(coef_col, minlength=num_cols), out=starts[1:])
+    active = np.bincount(pair_g, minlength=num_ranks)
+    lp = highspy.HighsLp()
+    lp.num_col_ = num_cols
+    lp.num_row_ = num_multi + num_ranks + num_pairs
+    lp.col_cost_ = np.concatenate([np.zeros(2 * num_pairs), [1.0]])
+    lp.col_lower_ = np.zeros(num_cols)
+    lp.col_upper_ = np.full(num_cols, inf)
+    lp.row_lower_ = np.concatenate([total[multi], np.full(num_ranks + num_pairs, -inf)])
+    lp.row_upper_ = np.concatenate([total[multi], -(fixed + cost.alpha * active), local])
+    lp.a_matrix_.format_ = highspy.MatrixFormat.kColwise
+    lp.a_matrix_.start_ = starts
+    lp.a_matrix_.index_ = coef_row[by_col].astype(np.int32)
+    lp.a_matrix_.value_ = coef_val[by_col]
+    solver = highspy.Highs()
+    solver.setOptionValue("output_flag", False)
+    solver.passModel(lp)
+    solver.run()
+    if solver.getModelStatus() != highspy.HighsModelStatus.kOptimal:
+        raise RuntimeError(f"HiGHS did not solve the assignment LP: {solver.getModelStatus()}")
+    sol = np.maximum(np.asarray(solver.getSolution().col_value), 0.0)
+    x[multi[pair_m], pair_g] = sol[:num_pairs]
+    return x, float(sol[col_z])
+
+
+def assign_tokens(load, copies, cost: CostModel, *, method: str = "waterfill",
+                  passes: int = 8, home=None) -> np.ndarray:
+    """int64 [S, E, G]: tokens of (source s, expert e) processed on rank g.
+
+    load: int [S, E] true tokens per source rank and expert (S = G, whole, >= 0).
+    copies: int or bool [G, E], copies of expert e on rank g (> 0: present); every expert
+        with tokens needs at least one.
+    cost: the CostModel (alpha, beta, token_time) of eq. 8.
+    method: "waterfill" (Numba kernel) or "lp" (HiGHS, the relaxation in the module
+        docstring); both share the integer split of stage 2.
+    passes: water-filling rounds (>= 1; the kernel stops early once the levels settle).
+    home: optional bool [G, E], the base layout (copies present before any replica arrived):
+        "waterfill" then also tries the home-only split, so it is never worse than it.
+
+    Every (s, e)'s tokens are conserved and land only on ranks with copies[g, e] > 0.
+    "waterfill" returns the best, by eq. 8 on the integer split, of these candidates:
+    DeepSeek's even split (`probe.planner.eplb.even_split`), filling from empty, the even
+    split over all copies as it is and descended from, and (with `home`) the home-only split
+    as it is and descended from. So it is never worse than the even split, nor, given
+    `home`, than the home-only split.
+    """
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if isinstance(passes, bool) or not isinstance(passes, (int, np.integer)) or passes < 1:
+        raise ValueError(f"passes must be an int >= 1, got {passes!r}")
+    if method == "lp":
+        load, holds = _validated(load, copies, cost)
+        _checked_home(home, holds)
+        x, _ = lp_totals(load, holds, cost)
+        _, out = _route(_quotas(x, load, holds), load, holds, cost.token_time, True)
+        return out
+    out, _ = _best(*kernel_args(load, copies, cost, passes=passes, home=home))
+    return out
+
+
+# --- the plain-Python twin ---------------------------------------------------------------------
+
+def assign_tokens_ref(load, copies, cost: CostModel, *, passes: int = 8,
+                      home=None) -> np.ndarray:
+    """Plain-Python twin of `assign_tokens(..., method="waterfill")`: the same arithmetic in
+    the same order, written for reading; tests require identical output."""
+    from probe.planner.eplb import even_split
+
+    load, holds = _validated(load, copies, cost)
+    home = _checked_home(home, holds)
+    alpha, beta = float(cost.alpha), float(cost.beta)
+    hop = remote_cost(cost)
+    fixed, total, order = _fixed_levels(load, holds, alpha, beta, hop)
+    starts, start_passes = _starts(load, holds, total, order, home, passes)
+    best = even_split(load, np.asarray(copies).astype(np.int64))
+    best_obj = _objective_ref(best, cost.token_time, alpha, beta)
+    for start, rounds in zip(starts, start_passes, strict=True):
+        x = _waterfill_ref(fixed, order, holds, total, load, hop, alpha, beta, int(rounds),
+                           start)
+        out = _split_ref(x, load, holds, cost.token_time)
+        obj = _objective_ref(out, cost.token_time, alpha, beta)
+        if obj < best_obj:
+            best, best_obj = out, obj
+    return best
+
+
+def _objective_ref(assignment, token_time, alpha, beta) -> float:
+    """eq. 8 of an assignment int [S, E, G], summed in the kernel's order."""
+    num_sources, num_experts, num_ranks = assignment.shape
+    tokens = assignment.sum(axis=0)  # [E, G]
+    flow = assignment.sum(axis=1)  # [S, G]
+    worst = 0.0
+    for g in range(num_ranks):
+        comp = 0.0
+        for e in range(num_experts):
+            if tokens[e, g] > 0:
+                comp += alpha + beta * int(tokens[e, g])
+        t_in = sum(float(flow[s, g]) * token_time[s, g] for s in range(num_sources) if s != g)
+        t_out = sum(float(flow[g, s]) * token_time[g, s] for s in range(num_sources) if s != g)
+        worst = max(worst, comp + 2.0 * max(t_in, t_out))
+    return worst
+
+
+def _waterfill_ref(fixed, order, holds, total, load, hop, alpha, beta, passes,
+                   start) -> np.ndarray:
+    """Plain-Python twin of stage 1 (`_waterfill`)."""
+    num_ranks, num_experts = holds.shape
+    x = [[float(v) for v in row] for row in start]
+    level = [float(v) for v in fixed]
+    experts = [int(v) for v in order]
+
+    def adds(share, g, e):  # what `share` tokens of e add to rank g's level
+        return alpha + beta * share + hop[g] * max(share - load[g, e], 0.0)
+
+    def takes(w, g, e):  # tokens rank g takes at water level w
+        opened = level[g] + alpha
+        own = opened + beta * load[g, e]
+        if w <= opened:
+            return 0.0
+        if w <= own:
+            return (w - opened) / beta
+        return load[g, e] + (w - own) / (beta + hop[g])
+
+    for e in experts:  # the start's levels
+        for g in range(num_ranks):
+            if holds[g, e] and x[e][g] > 0:
+                level[g] += adds(x[e][g], g, e)
+    for _ in range(passes):
+        moved = 0.0
+        for e in experts:
+            holders = [g for g in range(num_ranks) if holds[g, e]]
+            for g in holders:  # take e out
+                if x[e][g] > 0:
+                    level[g] -= adds(x[e][g], g, e)
+            points = sorted([level[g] + alpha for g in holders]
+                            + [level[g] + alpha + beta * load[g, e] for g in holders])
+            # w lies past the last breakpoint at which the holders take fewer than total[e].
+            lo = points[-1]
+            for k, point in enumerate(points):
+                taken = 0.0
+                for g in holders:
+                    taken += takes(point, g, e)
+                if taken >= total[e]:
+                    lo = points[k - 1] if k > 0 else points[0]
+                    break
+            # Past lo the holders take C + S w tokens, linear up to the next breakpoint.
+            c_sum = 0.0
+            s_sum = 0.0
+            for g in holders:
+                opened = level[g] + alpha
+                own = opened + beta * load[g, e]
+                if lo >= own:
+                    c_sum += load[g, e] - own / (beta + hop[g])
+                    s_sum += 1.0 / (beta + hop[g])
+                elif lo >= opened:
+                    c_sum -= opened / beta
+                    s_sum += 1.0 / beta
+            w = (total[e] - c_sum) / s_sum
+            shares = [takes(w, g, e) for g in holders]
+            for g, share in zip(holders, shares, strict=True):
+                moved = max(moved, abs(share - x[e][g]) * beta)
+                x[e][g] = share
+                if share > 0:
+                    level[g] += adds(share, g, e)
+        if moved < 1e-9:
+            break
+    return np.array(x).reshape(num_experts, num_ranks)
+
+
+def _split_ref(x, load, holds, token_time) -> np.ndarray:
+    """Plain-Python twin of stage 2 (`_quotas`, then `_route`)."""
+    num_sources, num_experts = load.shape
+    num_ranks = holds.shape[0]
+    out = np.zeros((num_sources, num_experts, num_ranks), np.int64)
+    for e in range(num_experts):
+        total = int(load[:, e].sum())
+        if total == 0:
+            continue
+        quota = [0] * num_ranks
+        rem = {}
+        for g in range(num_ranks):
+            if holds[g, e] and x[e, g] > 0:
+                f = np.floor(x[e, g] + 1e-9)
+                quota[g] = min(int(f), total)
+                rem[g] = x[e, g] - f
+        if not rem:
+            quota[int(np.flatnonzero(holds[:, e])[0])] = total
+        else:
+            by_rem = sorted(rem, key=lambda g: -rem[g])  # stable: lower rank first on ties
+            short = total - sum(quota)
+            for k in range(max(short, 0)):
+                quota[by_rem[k % len(by_rem)]] += 1
+            k = len(by_rem) - 1
+            while short < 0:
+                g = by_rem[k]
+                if quota[g] > 0:
+                    quota[g] -= 1
+                    short += 1
+                k = k - 1 if k > 0 else len(by_rem) - 1
+        holders = [g for g in range(num_ranks) if quota[g] > 0]
+        left = [int(v) for v in load[:, e]]
+        for s in range(num_sources):  # local first
+            k = min(left[s], quota[s])
+            out[s, e, s] += k
+            quota[s] -= k
+            left[s] -= k
+        for s in range(num_sources):  # then the cheapest link with quota left
+            while left[s] > 0:
+                best = min((g for g in holders if quota[g] > 0),
+                           key=lambda g, s=s: token_time[s, g])
+                k = min(left[s], quota[best])
+                out[s, e, best] += k
+                quota[best] -= k
+                left[s] -= k
+    return out

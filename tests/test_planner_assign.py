@@ -1,0 +1,202 @@
+"""Dispatch-time token assignment (probe.planner.assign): twin equality, feasibility checked
+independently, objective against the LP, the even split and the home-only split."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from probe.planner.assign import assign_tokens, assign_tokens_ref, lp_totals
+from probe.planner.check import check_plan, evaluate_plan
+from probe.planner.cost import CostModel
+from probe.planner.eplb import even_split
+from probe.planner.problem import BalanceProblem, Plan
+
+
+def random_instance(rng: np.random.Generator):
+    """(load int [S, E], copies int [G, E], home rank int [E], cost): a sharded home plus
+    0-3 extra copies per rank (sometimes two copies on one rank), skewed loads, random
+    costs with alpha from 0 to a few hundred tokens' worth."""
+    num_ranks = int(rng.integers(2, 9))
+    num_experts = num_ranks * int(rng.integers(1, 5))
+    home = np.arange(num_experts) // (num_experts // num_ranks)  # [E]
+    copies = np.zeros((num_ranks, num_experts), np.int64)
+    copies[home, np.arange(num_experts)] = 1
+    for g in range(num_ranks):
+        for e in rng.choice(num_experts, size=int(rng.integers(0, 4)), replace=True):
+            copies[g, e] += 1
+    weight = rng.pareto(1.2, num_experts) + 0.05
+    weight *= rng.random(num_experts) < 0.9  # some experts idle
+    if weight.sum() > 0:
+        load = np.stack([rng.multinomial(int(rng.integers(0, 400)), weight / weight.sum())
+                         for _ in range(num_ranks)])
+    else:
+        load = np.zeros((num_ranks, num_experts), np.int64)
+    beta = float(rng.uniform(0.5, 2.0))
+    cost = CostModel.uniform(num_ranks, alpha=beta * float(rng.choice([0.0, 5.0, 50.0, 300.0])),
+                             beta=beta, token_time=beta * float(rng.choice([0.0, 0.1, 0.4])),
+                             transfer_time=1.0)
+    if rng.random() < 0.3:  # unequal links
+        token_time = cost.token_time * rng.uniform(0.5, 2.0, (num_ranks, num_ranks))
+        cost = CostModel(cost.alpha, cost.beta, token_time, cost.transfer_time)
+    return load, copies, home, cost
+
+
+def objective(load, copies, cost, assignment) -> float:
+    """eq. 8 of `assignment` by the planner's scorer, on the layout copies > 0 as home."""
+    problem = BalanceProblem(load, copies > 0, 0, 0.0, cost)
+    g, e = problem.home.shape
+    plan = Plan(np.zeros((g, e), bool), -np.ones((g, e), np.int64), assignment)
+    assert check_plan(problem, plan) == []
+    return evaluate_plan(problem, plan).objective
+
+
+def assert_feasible(load, copies, assignment):
+    """Conservation and placement, checked directly."""
+    assert assignment.dtype == np.int64
+    assert assignment.shape == (*load.shape, copies.shape[0])
+    assert np.all(assignment >= 0)
+    np.testing.assert_array_equal(assignment.sum(axis=2), load)
+    assert not np.any((assignment > 0) & (copies.T[None] == 0))
+
+
+def home_mask(home, num_ranks):
+    """bool [G, E] of the home rank int [E]."""
+    return np.arange(num_ranks)[:, None] == home[None, :]
+
+
+def home_only(load, home, num_ranks):
+    out = np.zeros((*load.shape, num_ranks), np.int64)
+    out[:, np.arange(load.shape[1]), home] = load
+    return out
+
+
+def test_docstring_example_by_hand():
+    cost = CostModel.uniform(2, alpha=1.0, beta=1.0, token_time=0.0, transfer_time=1.0)
+    load = np.array([[6, 2], [4, 0]])
+    copies = np.array([[1, 1], [1, 0]])
+    a = assign_tokens(load, copies, cost)
+    # Rank 0: expert 1 (1 + 2) plus 4 of expert 0 (1 + 4) = 8; rank 1: 6 of expert 0 = 7.
+    assert a.sum(axis=0).tolist() == [[4, 6], [2, 0]]
+    assert a[0, 0].tolist() == [4, 2] and a[1, 0].tolist() == [0, 4]  # locality first
+    assert objective(load, copies, cost, a) == 8.0
+
+
+def test_idle_copy_pays_no_alpha():
+    # alpha = 10: rank 1 already runs expert 1 (10 + 3), so opening its copy of expert 0 is
+    # not worth it; the LP, which charges every present copy, must pay 10 + 13 on rank 1.
+    cost = CostModel.uniform(2, alpha=10.0, beta=1.0, token_time=0.0, transfer_time=1.0)
+    load = np.array([[4, 0], [0, 3]])
+    copies = np.array([[1, 0], [1, 1]])
+    a = assign_tokens(load, copies, cost)
+    assert a[0, 0].tolist() == [4, 0]
+    assert objective(load, copies, cost, a) == 14.0
+    _, z = lp_totals(load, copies, cost)
+    assert z == pytest.approx(23.0)
+    # Without expert 1 the two copies share the 4 tokens: 10 + 2 on each rank beats 10 + 4.
+    a = assign_tokens(np.array([[4, 0], [0, 0]]), copies, cost)
+    assert a[0, 0].tolist() == [2, 2]
+
+
+@pytest.mark.parametrize("seed", range(60))
+def test_kernel_equals_python_twin(seed):
+    rng = np.random.default_rng(seed)
+    load, copies, home, cost = random_instance(rng)
+    passes = int(rng.integers(1, 9))
+    base = home_mask(home, copies.shape[0]) if seed % 2 else None
+    fast = assign_tokens(load, copies, cost, passes=passes, home=base)
+    slow = assign_tokens_ref(load, copies, cost, passes=passes, home=base)
+    np.testing.assert_array_equal(fast, slow)
+    assert_feasible(load, copies, fast)
+
+
+def _compare(num_instances: int, seed: int) -> np.ndarray:
+    """Relative gap (waterfill - lp) / lp of eq. 8 over random instances; also checks
+    feasibility and the even / home-only bounds on each."""
+    rng = np.random.default_rng(seed)
+    gaps = []
+    for _ in range(num_instances):
+        load, copies, home, cost = random_instance(rng)
+        wf = assign_tokens(load, copies, cost, home=home_mask(home, copies.shape[0]))
+        lp = assign_tokens(load, copies, cost, method="lp")
+        assert_feasible(load, copies, wf)
+        assert_feasible(load, copies, lp)
+        ours = objective(load, copies, cost, wf)
+        ref = objective(load, copies, cost, lp)
+        even = objective(load, copies, cost, even_split(load, copies))
+        local = objective(load, copies, cost, home_only(load, home, copies.shape[0]))
+        tol = 1e-9 * max(1.0, ours)
+        assert ours <= even + tol, (ours, even)
+        assert ours <= local + tol, (ours, local)
+        gaps.append((ours - ref) / ref if ref > 0 else 0.0)
+    return np.array(gaps)
+
+
+# Both methods optimise the same stage-1 objective, but water-filling is a descent that can stop
+# in a local optimum (alpha makes the problem non-convex) and eq. 8's out-traffic is outside
+# stage 1, so a few instances land more than 1% above the LP (results/assign_speed.md has the
+# distribution: 99.1% within 1%, worst +5.3% on the same generator and seed). The bounds below
+# leave a little margin on these seeded samples.
+def test_objective_near_lp_small_sample():
+    gaps = _compare(100, seed=1)
+    assert np.mean(gaps <= 0.01) >= 0.97, np.sort(gaps)[-5:]
+    assert gaps.max() <= 0.05, gaps.max()
+
+
+def test_objective_near_lp_1000_instances():
+    gaps = _compare(1000, seed=2)
+    assert np.mean(gaps <= 0.01) >= 0.985, np.sort(gaps)[-20:]
+    assert np.median(gaps) <= 0.0
+    assert gaps.max() <= 0.08, gaps.max()
+
+
+def test_lp_method_and_single_holders():
+    # Every expert on one rank: both methods give the home-only split.
+    cost = CostModel.uniform(3, alpha=1.0, beta=1.0, token_time=0.5, transfer_time=1.0)
+    load = np.array([[1, 2, 3], [4, 5, 6], [0, 0, 7]])
+    copies = np.eye(3, dtype=np.int64)
+    for method in ("waterfill", "lp"):
+        a = assign_tokens(load, copies, cost, method=method)
+        np.testing.assert_array_equal(a, home_only(load, np.arange(3), 3))
+
+
+@pytest.mark.parametrize("load, copies, match", [
+    (np.zeros((2, 2, 1)), np.ones((2, 2)), "load must be a 2-D"),
+    (np.array([[1.0, np.nan], [0, 0]]), np.ones((2, 2)), "NaN"),
+    (np.array([[1.5, 0], [0, 0]]), np.ones((2, 2)), "whole"),
+    (np.array([[1, -1], [0, 0]]), np.ones((2, 2)), "negative count at source 0, expert 1"),
+    (np.zeros((2, 2)), np.ones(2), "copies must be a 2-D"),
+    (np.zeros((2, 2)), -np.ones((2, 2), int), "copies must be >= 0"),
+    (np.zeros((2, 2)), np.ones((3, 2), int), "copies has 3 ranks"),
+    (np.zeros((2, 3)), np.ones((2, 2), int), "load shape"),
+    (np.array([[0, 5], [0, 0]]), np.array([[1, 0], [1, 0]]), "expert 1 has 5 tokens but no"),
+])
+def test_bad_input(load, copies, match):
+    cost = CostModel.uniform(2, alpha=1.0, beta=1.0, token_time=0.0, transfer_time=1.0)
+    with pytest.raises(ValueError, match=match):
+        assign_tokens(load, copies, cost)
+
+
+def test_bad_options():
+    cost = CostModel.uniform(2, alpha=1.0, beta=1.0, token_time=0.0, transfer_time=1.0)
+    load, copies = np.ones((2, 2), int), np.ones((2, 2), int)
+    with pytest.raises(ValueError, match="method must be one of"):
+        assign_tokens(load, copies, cost, method="greedy")
+    with pytest.raises(ValueError, match="passes must be an int >= 1"):
+        assign_tokens(load, copies, cost, passes=0)
+    with pytest.raises(TypeError, match="cost must be a CostModel"):
+        assign_tokens(load, copies, "h200")
+    with pytest.raises(TypeError, match="copies must be int or bool"):
+        assign_tokens(load, copies * 1.0, cost)
+    flat = CostModel.uniform(2, alpha=1.0, beta=0.0, token_time=0.0, transfer_time=1.0)
+    with pytest.raises(ValueError, match="cost.beta must be > 0"):
+        assign_tokens(load, copies, flat)
+
+
+def test_idle_experts_without_copies_are_fine():
+    cost = CostModel.uniform(2, alpha=1.0, beta=1.0, token_time=0.0, transfer_time=1.0)
+    load = np.array([[3, 0], [1, 0]])
+    copies = np.array([[1, 0], [1, 0]])
+    a = assign_tokens(load, copies, cost)
+    assert_feasible(load, copies, a)
+    assert a[:, 1].sum() == 0
