@@ -1,0 +1,139 @@
+"""A cheap lower bound on eq. 8's optimum: the online gap certificate of every planned layer.
+
+`lower_bound(problem)` is at most the objective (eq. 8, as `evaluate_plan` computes it) of EVERY
+feasible plan of `problem`, so `(objective - bound) / objective` bounds how far a plan (the
+greedy's) can be from the optimum. It is the largest of three bounds; each uses only that a
+plan's rank times are compute + 2 * max(in, out) with every term >= 0 (cost.py):
+
+  mean:   max_g T(g) >= mean_g T(g). Summed over ranks, compute is beta * (all tokens) plus
+          alpha per active (rank, expert) pair, and every expert with tokens is active on at
+          least one rank. Communication: a token of (s, e) stays on s only if s holds e, at home
+          or as a replica; s has at most slots[s] replicas, each of an expert that some home
+          holder h != s can copy to s within both windows. So at least M_s tokens leave s:
+          all its tokens of experts it does not hold at home, less its slots[s] largest such
+          loads among the experts it could copy. A token sent s -> g adds token_time[s, g] to
+          both out(s) and in(g), and 2 * max(in, out) >= in + out, so the ranks' communication
+          adds up to at least 2 * sum_s M_s * min_{g != s} token_time[s, g].
+  source: T(s) >= 2 * out(s) >= 2 * M_s * min_{g != s} token_time[s, g] for each s.
+  expert: expert e's n_e tokens run on at most c_e ranks: its home holders plus every rank
+          that has a slot and could receive a copy within the windows; some rank runs at least
+          ceil(n_e / c_e) of them (token counts are whole), so T >= alpha + beta * ceil(n_e / c_e).
+
+The result is scaled by (1 - BOUND_SLACK) so that floating-point summation order can never
+lift it above an objective equal to it in exact arithmetic. `bound_arrays` is the Numba kernel
+(the lean path calls it per layer, see lean.py); docs/planner.md ("The gap certificate") has
+how tight it measured.
+
+>>> import numpy as np
+>>> from probe.planner.cost import CostModel
+>>> from probe.planner.problem import BalanceProblem
+>>> cost = CostModel.uniform(2, alpha=0.0, beta=1.0, token_time=0.0, transfer_time=1.0)
+>>> prob = BalanceProblem.from_load(np.array([[0, 0], [8, 0]]), cost, slots=1, window=1.0)
+>>> round(lower_bound(prob), 9)   # 8 tokens of expert 0 over at most 2 copies (greedy: 4.0)
+4.0
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+
+from probe.planner.problem import BalanceProblem
+from probe.planner.tolerance import WINDOW_ABS, WINDOW_REL
+
+__all__ = ["BOUND_SLACK", "bound_args", "bound_arrays", "bound_parts", "lower_bound"]
+
+# Relative slack taken off the bound (floating-point order of the objective's sums).
+BOUND_SLACK = 1e-12
+
+
+@numba.njit(cache=True)
+def bound_arrays(load, home, slots, window, alpha, beta, token_time, transfer_time):
+    """The three bounds (mean, source, expert) of lower_bound, unscaled; exact dtypes as in
+    `greedy_arrays` (load int64 [S, E], home bool [G, E], slots int64 [G], window float64 [G],
+    token_time and transfer_time float64 [G, G])."""
+    num_ranks, num_experts = home.shape
+    # can_copy[g, e]: g may hold a replica of e (a slot, not at home, a home holder h != g
+    # whose copy to g fits both windows, as tolerance.fits_window judges it).
+    can_copy = np.zeros((num_ranks, num_experts), np.bool_)
+    for g in range(num_ranks):
+        if slots[g] <= 0:
+            continue
+        limit_g = window[g] * (1 + WINDOW_REL) + WINDOW_ABS
+        for e in range(num_experts):
+            if home[g, e]:
+                continue
+            for h in range(num_ranks):
+                if h != g and home[h, e]:
+                    t = transfer_time[h, g]
+                    if t <= limit_g and t <= window[h] * (1 + WINDOW_REL) + WINDOW_ABS:
+                        can_copy[g, e] = True
+                        break
+    total_tokens = 0.0
+    active = 0
+    expert_bound = 0.0
+    for e in range(num_experts):
+        n = 0
+        copies = 0
+        for g in range(num_ranks):
+            n += load[g, e]
+            if home[g, e] or can_copy[g, e]:
+                copies += 1
+        if n > 0:
+            active += 1
+            total_tokens += n
+            per_copy = (n + copies - 1) // copies
+            expert_bound = max(expert_bound, alpha + beta * per_copy)
+    comm = 0.0
+    source_bound = 0.0
+    kept = np.empty(num_experts, np.int64)
+    for s in range(num_ranks):
+        cheapest = np.inf
+        for g in range(num_ranks):
+            if g != s:
+                cheapest = min(cheapest, token_time[s, g])
+        if num_ranks == 1 or cheapest == 0.0:
+            continue
+        away = 0
+        nk = 0
+        for e in range(num_experts):
+            if not home[s, e]:
+                away += load[s, e]
+                if can_copy[s, e] and load[s, e] > 0:
+                    kept[nk] = load[s, e]
+                    nk += 1
+        if nk > 0 and slots[s] > 0:
+            top = np.sort(kept[:nk])
+            for i in range(min(slots[s], nk)):
+                away -= top[nk - 1 - i]
+        moved = away * cheapest
+        comm += moved
+        source_bound = max(source_bound, 2.0 * moved)
+    mean_bound = (beta * total_tokens + alpha * active + 2.0 * comm) / num_ranks
+    return mean_bound, source_bound, expert_bound
+
+
+def bound_args(problem: BalanceProblem) -> tuple:
+    """`bound_arrays`' arguments for `problem` (its validated arrays, exact dtypes)."""
+    cost = problem.cost
+    return (np.ascontiguousarray(problem.load, dtype=np.int64),
+            np.ascontiguousarray(problem.home, dtype=np.bool_),
+            np.ascontiguousarray(problem.slots, dtype=np.int64),
+            np.ascontiguousarray(problem.window, dtype=np.float64),
+            float(cost.alpha), float(cost.beta),
+            np.ascontiguousarray(cost.token_time, dtype=np.float64),
+            np.ascontiguousarray(cost.transfer_time, dtype=np.float64))
+
+
+def bound_parts(problem: BalanceProblem) -> dict[str, float]:
+    """The three bounds by name ("mean", "source", "expert"), scaled as `lower_bound`."""
+    if not isinstance(problem, BalanceProblem):
+        raise TypeError(f"problem must be a BalanceProblem, got {type(problem).__name__}")
+    parts = bound_arrays(*bound_args(problem))
+    return {name: float(v) * (1 - BOUND_SLACK)
+            for name, v in zip(("mean", "source", "expert"), parts, strict=True)}
+
+
+def lower_bound(problem: BalanceProblem) -> float:
+    """A lower bound (seconds) on the eq. 8 objective of every feasible plan of `problem`."""
+    return max(bound_parts(problem).values())
