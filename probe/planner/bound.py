@@ -20,9 +20,9 @@ plan's rank times are compute + 2 * max(in, out) with every term >= 0 (cost.py):
           ceil(n_e / c_e) of them (token counts are whole), so T >= alpha + beta * ceil(n_e / c_e).
 
 The result is scaled by (1 - BOUND_SLACK) so that floating-point summation order can never
-lift it above an objective equal to it in exact arithmetic. `bound_arrays` is the Numba kernel
-(the lean path calls it per layer, see lean.py); docs/planner.md ("The gap certificate") has
-how tight it measured.
+lift it above an objective equal to it in exact arithmetic. The Numba kernel `bound_arrays`
+lives in greedy.py (beside the kernel the lean path compiles it into, LeanGreedy computes it per
+layer); docs/planner.md ("The gap certificate") has how tight it measured.
 
 >>> import numpy as np
 >>> from probe.planner.cost import CostModel
@@ -35,83 +35,12 @@ how tight it measured.
 
 from __future__ import annotations
 
-import numba
 import numpy as np
 
+from probe.planner.greedy import BOUND_SLACK, bound_arrays
 from probe.planner.problem import BalanceProblem
-from probe.planner.tolerance import WINDOW_ABS, WINDOW_REL
 
 __all__ = ["BOUND_SLACK", "bound_args", "bound_arrays", "bound_parts", "lower_bound"]
-
-# Relative slack taken off the bound (floating-point order of the objective's sums).
-BOUND_SLACK = 1e-12
-
-
-@numba.njit(cache=True)
-def bound_arrays(load, home, slots, window, alpha, beta, token_time, transfer_time):
-    """The three bounds (mean, source, expert) of lower_bound, unscaled; exact dtypes as in
-    `greedy_arrays` (load int64 [S, E], home bool [G, E], slots int64 [G], window float64 [G],
-    token_time and transfer_time float64 [G, G])."""
-    num_ranks, num_experts = home.shape
-    # can_copy[g, e]: g may hold a replica of e (a slot, not at home, a home holder h != g
-    # whose copy to g fits both windows, as tolerance.fits_window judges it).
-    can_copy = np.zeros((num_ranks, num_experts), np.bool_)
-    for g in range(num_ranks):
-        if slots[g] <= 0:
-            continue
-        limit_g = window[g] * (1 + WINDOW_REL) + WINDOW_ABS
-        for e in range(num_experts):
-            if home[g, e]:
-                continue
-            for h in range(num_ranks):
-                if h != g and home[h, e]:
-                    t = transfer_time[h, g]
-                    if t <= limit_g and t <= window[h] * (1 + WINDOW_REL) + WINDOW_ABS:
-                        can_copy[g, e] = True
-                        break
-    total_tokens = 0.0
-    active = 0
-    expert_bound = 0.0
-    for e in range(num_experts):
-        n = 0
-        copies = 0
-        for g in range(num_ranks):
-            n += load[g, e]
-            if home[g, e] or can_copy[g, e]:
-                copies += 1
-        if n > 0:
-            active += 1
-            total_tokens += n
-            per_copy = (n + copies - 1) // copies
-            expert_bound = max(expert_bound, alpha + beta * per_copy)
-    comm = 0.0
-    source_bound = 0.0
-    kept = np.empty(num_experts, np.int64)
-    for s in range(num_ranks):
-        cheapest = np.inf
-        for g in range(num_ranks):
-            if g != s:
-                cheapest = min(cheapest, token_time[s, g])
-        if num_ranks == 1 or cheapest == 0.0:
-            continue
-        away = 0
-        nk = 0
-        for e in range(num_experts):
-            if not home[s, e]:
-                away += load[s, e]
-                if can_copy[s, e] and load[s, e] > 0:
-                    kept[nk] = load[s, e]
-                    nk += 1
-        if nk > 0 and slots[s] > 0:
-            top = np.sort(kept[:nk])
-            for i in range(min(slots[s], nk)):
-                away -= top[nk - 1 - i]
-        moved = away * cheapest
-        comm += moved
-        source_bound = max(source_bound, 2.0 * moved)
-    mean_bound = (beta * total_tokens + alpha * active + 2.0 * comm) / num_ranks
-    return mean_bound, source_bound, expert_bound
-
 
 def bound_args(problem: BalanceProblem) -> tuple:
     """`bound_arrays`' arguments for `problem` (its validated arrays, exact dtypes)."""

@@ -36,10 +36,12 @@ import numba
 import numpy as np
 
 from probe.planner.greedy_rules import GreedyRules
-from probe.planner.problem import BalanceProblem, Plan, SolveResult
+from probe.planner.problem import MAX_TOKENS, BalanceProblem, Plan, SolveResult
 from probe.planner.static import static_assignment
+from probe.planner.tolerance import WINDOW_ABS, WINDOW_REL
 
-__all__ = ["GreedyRules", "greedy_arrays", "greedy_plan", "solve_greedy", "solve_greedy_ref"]
+__all__ = ["GreedyRules", "bound_arrays", "greedy_arrays", "greedy_plan", "solve_greedy",
+           "solve_greedy_ref"]
 
 # Safety cap on moves when k_max is unlimited (0); the loop ends much earlier in practice.
 UNLIMITED_MOVES = 1_000_000
@@ -655,3 +657,135 @@ def solve_greedy_ref(problem: BalanceProblem, *, time_limit: float | None = None
     status = "timeout" if time_limit is not None and wall > time_limit else "feasible"
     return SolveResult(status, plan, float("nan"), None, None, wall,
                        f"{plan.num_replicas} replicas", "greedy_ref")
+
+
+# The lean path's kernels (lean.py, bound.py) live here, beside `_greedy_run` which they call:
+# Numba's on-disk cache is invalidated only when the file defining a function changes, so a
+# compiled caller in another module would keep a stale copy of this file's kernel.
+
+# Relative slack taken off the gap certificate (floating-point order of the objective's sums).
+BOUND_SLACK = 1e-12
+
+
+@numba.njit(cache=True)
+def bound_arrays(load, home, slots, window, alpha, beta, token_time, transfer_time):
+    """The three bounds (mean, source, expert) of lower_bound, unscaled; exact dtypes as in
+    `greedy_arrays` (load int64 [S, E], home bool [G, E], slots int64 [G], window float64 [G],
+    token_time and transfer_time float64 [G, G]). O(G * G * E) with contiguous inner loops."""
+    num_ranks, num_experts = home.shape
+    limit = np.empty(num_ranks)
+    for g in range(num_ranks):  # tolerance.window_limit, written out to stay compiled
+        limit[g] = window[g] * (1 + WINDOW_REL) + WINDOW_ABS
+    # can_copy[g, e]: g may hold a replica of e (a slot, not at home, and a home holder h != g
+    # whose copy to g fits both windows, as tolerance.fits_window judges it).
+    can_copy = np.zeros((num_ranks, num_experts), np.bool_)
+    for g in range(num_ranks):
+        if slots[g] <= 0:
+            continue
+        for h in range(num_ranks):
+            t = transfer_time[h, g]
+            if h == g or t > limit[g] or t > limit[h]:
+                continue
+            for e in range(num_experts):
+                if home[h, e]:
+                    can_copy[g, e] = True
+        for e in range(num_experts):
+            if home[g, e]:
+                can_copy[g, e] = False
+    tokens = np.zeros(num_experts, np.int64)
+    copies = np.zeros(num_experts, np.int64)
+    for g in range(num_ranks):
+        for e in range(num_experts):
+            tokens[e] += load[g, e]
+            if home[g, e] or can_copy[g, e]:
+                copies[e] += 1
+    total_tokens = 0.0
+    active = 0
+    expert_bound = 0.0
+    for e in range(num_experts):
+        n = tokens[e]
+        if n > 0:
+            active += 1
+            total_tokens += n
+            per_copy = (n + copies[e] - 1) // copies[e]
+            expert_bound = max(expert_bound, alpha + beta * per_copy)
+    comm = 0.0
+    source_bound = 0.0
+    top = np.empty(max(num_experts, 1), np.int64)  # the largest copyable loads, descending
+    for s in range(num_ranks):
+        cheapest = np.inf
+        for g in range(num_ranks):
+            if g != s:
+                cheapest = min(cheapest, token_time[s, g])
+        if num_ranks == 1 or cheapest == 0.0:
+            continue
+        keep = min(slots[s], num_experts)
+        nk = 0
+        away = 0
+        for e in range(num_experts):
+            n = load[s, e]
+            if home[s, e] or n == 0:
+                continue
+            away += n
+            if keep > 0 and can_copy[s, e] and (nk < keep or n > top[nk - 1]):
+                i = min(nk, keep - 1)  # insert n, dropping the smallest when full
+                while i > 0 and top[i - 1] < n:
+                    top[i] = top[i - 1]
+                    i -= 1
+                top[i] = n
+                nk = min(nk + 1, keep)
+        for i in range(nk):
+            away -= top[i]
+        moved = away * cheapest
+        comm += moved
+        source_bound = max(source_bound, 2.0 * moved)
+    mean_bound = (beta * total_tokens + alpha * active + 2.0 * comm) / num_ranks
+    return mean_bound, source_bound, expert_bound
+
+
+@numba.njit(cache=True)
+def _check_values(load, window, time_per_token, alpha_all):
+    """0 when load and window hold valid values, else a lean._ERRORS code. time_per_token:
+    G * (beta + 2 * max token_time); alpha_all: G * E * alpha (problem.py's overflow test)."""
+    total = 0
+    num_sources, num_experts = load.shape
+    for s in range(num_sources):
+        for e in range(num_experts):
+            n = load[s, e]
+            if n < 0:
+                return 1
+            if n > MAX_TOKENS - total:
+                return 2
+            total += n
+    if not np.isfinite(alpha_all + time_per_token * float(total)):
+        return 3
+    for g in range(window.shape[0]):
+        if not window[g] >= 0.0:
+            return 4
+    return 0
+
+
+@numba.njit(cache=True)
+def _lean_run(load, home, slots, window, alpha, beta, token_time, transfer_time, k_max,
+              epsilon, move_local, evacuate, two_phase, mean_cap, also_paper, with_bound,
+              time_per_token, alpha_all):
+    """_check_values, then greedy_arrays' rules (rule 8 included), then the bound: one call."""
+    code = _check_values(load, window, time_per_token, alpha_all)
+    if code != 0:
+        num_ranks = home.shape[0]
+        return (code, np.empty((0, 3), np.int64), np.empty(0, np.int64),
+                np.empty((0, num_ranks, num_ranks), np.int64), 0, np.nan, np.nan)
+    out = _greedy_run(load, home, slots, window, alpha, beta, token_time, transfer_time, k_max,
+                      epsilon, move_local, evacuate, two_phase, mean_cap)
+    if also_paper and (move_local or evacuate or two_phase or not mean_cap):
+        paper_k_max = min(k_max, PAPER_MOVES) if k_max > 0 else 0
+        paper = _greedy_run(load, home, slots, window, alpha, beta, token_time, transfer_time,
+                            paper_k_max, epsilon, False, False, False, True)
+        if paper[4] < out[4]:
+            out = paper
+    bound = np.nan
+    if with_bound:
+        mean_b, source_b, expert_b = bound_arrays(load, home, slots, window, alpha, beta,
+                                                  token_time, transfer_time)
+        bound = max(mean_b, source_b, expert_b) * (1 - BOUND_SLACK)
+    return 0, out[0], out[1], out[2], out[3], out[4], bound

@@ -42,15 +42,12 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-import numba
 import numpy as np
 
-from probe.planner.bound import BOUND_SLACK, bound_arrays
 from probe.planner.cost import CostModel
 from probe.planner.greedy import (
-    PAPER_MOVES,
-    _greedy_run,
     _kernel_args,
+    _lean_run,
     _rules,
     greedy_plan,
     plan_from_arrays,
@@ -79,54 +76,6 @@ class LeanPlan(NamedTuple):
     num_moves: int
     objective: float
     bound: float
-
-
-@numba.njit(cache=True)
-def _check_values(load, window, time_per_token, alpha_all):
-    """0 when load and window hold valid values, else an _ERRORS code. time_per_token:
-    G * (beta + 2 * max token_time); alpha_all: G * E * alpha (problem.py's overflow test)."""
-    total = 0
-    num_sources, num_experts = load.shape
-    for s in range(num_sources):
-        for e in range(num_experts):
-            n = load[s, e]
-            if n < 0:
-                return 1
-            if n > MAX_TOKENS - total:
-                return 2
-            total += n
-    if not np.isfinite(alpha_all + time_per_token * float(total)):
-        return 3
-    for g in range(window.shape[0]):
-        if not window[g] >= 0.0:
-            return 4
-    return 0
-
-
-@numba.njit(cache=True)
-def _lean_run(load, home, slots, window, alpha, beta, token_time, transfer_time, k_max,
-              epsilon, move_local, evacuate, two_phase, mean_cap, also_paper, with_bound,
-              time_per_token, alpha_all):
-    """_check_values, then greedy_arrays' rules (rule 8 included), then the bound: one call."""
-    code = _check_values(load, window, time_per_token, alpha_all)
-    if code != 0:
-        num_ranks = home.shape[0]
-        return (code, np.empty((0, 3), np.int64), np.empty(0, np.int64),
-                np.empty((0, num_ranks, num_ranks), np.int64), 0, np.nan, np.nan)
-    out = _greedy_run(load, home, slots, window, alpha, beta, token_time, transfer_time, k_max,
-                      epsilon, move_local, evacuate, two_phase, mean_cap)
-    if also_paper and (move_local or evacuate or two_phase or not mean_cap):
-        paper_k_max = min(k_max, PAPER_MOVES) if k_max > 0 else 0
-        paper = _greedy_run(load, home, slots, window, alpha, beta, token_time, transfer_time,
-                            paper_k_max, epsilon, False, False, False, True)
-        if paper[4] < out[4]:
-            out = paper
-    bound = np.nan
-    if with_bound:
-        mean_b, source_b, expert_b = bound_arrays(load, home, slots, window, alpha, beta,
-                                                  token_time, transfer_time)
-        bound = max(mean_b, source_b, expert_b) * (1 - BOUND_SLACK)
-    return 0, out[0], out[1], out[2], out[3], out[4], bound
 
 
 class LeanGreedy:
