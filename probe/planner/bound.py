@@ -11,10 +11,17 @@ plan's rank times are compute + 2 * max(in, out) with every term >= 0 (cost.py):
           or as a replica; s has at most slots[s] replicas, each of an expert that some home
           holder h != s can copy to s within both windows. So at least M_s tokens leave s:
           all its tokens of experts it does not hold at home, less its slots[s] largest such
-          loads among the experts it could copy. A token sent s -> g adds token_time[s, g] to
-          both out(s) and in(g), and 2 * max(in, out) >= in + out, so the ranks' communication
-          adds up to at least 2 * sum_s M_s * min_{g != s} token_time[s, g].
-  source: T(s) >= 2 * out(s) >= 2 * M_s * min_{g != s} token_time[s, g] for each s.
+          loads among the experts it could copy; each costs at least c_s = min_{g != s}
+          token_time[s, g]. Likewise for a group N of ranks (the ranks joined by their cheapest
+          links: a node of a multi-node machine): at least M_N tokens from N's sources leave N
+          (those of experts with no home holder in N, less the largest loads among the experts
+          N could copy, as many as N has slots), and each costs at least d_N more than c_s
+          (d_N: the least extra of a link out of N over the source's cheapest link). So moved
+          tokens cost W >= sum_s M_s c_s + sum_N M_N d_N in link time; a token sent s -> g adds
+          its link time to both out(s) and in(g), and 2 * max(in, out) >= in + out, so the
+          ranks' communication adds up to at least 2 W.
+  source: T(s) >= 2 * out(s) >= 2 * M_s * c_s for each s, and a group's sources send at least
+          sum_{s in N} M_s c_s + M_N d_N in all, so one of them T(s) >= 2 / |N| of that.
   expert: expert e's n_e tokens run on at most c_e ranks: its home holders plus every rank
           that has a slot and could receive a copy within the windows; some rank runs at least
           ceil(n_e / c_e) of them (token counts are whole), so T >= alpha + beta * ceil(n_e / c_e).

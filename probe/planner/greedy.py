@@ -709,16 +709,41 @@ def bound_arrays(load, home, slots, window, alpha, beta, token_time, transfer_ti
             total_tokens += n
             per_copy = (n + copies[e] - 1) // copies[e]
             expert_bound = max(expert_bound, alpha + beta * per_copy)
-    comm = 0.0
-    source_bound = 0.0
-    top = np.empty(max(num_experts, 1), np.int64)  # the largest copyable loads, descending
+    # Groups: ranks joined by each rank's cheapest links (the nodes of a multi-node machine);
+    # any partition gives a valid bound, this one makes the crossing term count.
+    cheapest = np.full(num_ranks, np.inf)  # min over g != s of token_time[s, g]
     for s in range(num_ranks):
-        cheapest = np.inf
         for g in range(num_ranks):
             if g != s:
-                cheapest = min(cheapest, token_time[s, g])
-        if num_ranks == 1 or cheapest == 0.0:
-            continue
+                cheapest[s] = min(cheapest[s], token_time[s, g])
+    group = np.arange(num_ranks)
+    for s in range(num_ranks):
+        for g in range(num_ranks):
+            if g != s and token_time[s, g] <= cheapest[s]:
+                a = s
+                while group[a] != a:
+                    a = group[a]
+                b = g
+                while group[b] != b:
+                    b = group[b]
+                group[max(a, b)] = min(a, b)
+    for s in range(num_ranks):
+        a = s
+        while group[a] != a:
+            a = group[a]
+        group[s] = a
+    # crossing[s]: min token_time from s to a rank outside its group, less cheapest[s].
+    crossing = np.full(num_ranks, np.inf)
+    for s in range(num_ranks):
+        for g in range(num_ranks):
+            if group[g] != group[s]:
+                crossing[s] = min(crossing[s], token_time[s, g] - cheapest[s])
+    # Per source: tokens that must leave it (M_s) and their least cost.
+    top = np.empty(max(num_experts, 1), np.int64)  # the largest copyable loads, descending
+    moved_cost = np.zeros(num_ranks)
+    for s in range(num_ranks):
+        if num_ranks == 1:
+            break
         keep = min(slots[s], num_experts)
         nk = 0
         away = 0
@@ -736,9 +761,68 @@ def bound_arrays(load, home, slots, window, alpha, beta, token_time, transfer_ti
                 nk = min(nk + 1, keep)
         for i in range(nk):
             away -= top[i]
-        moved = away * cheapest
-        comm += moved
-        source_bound = max(source_bound, 2.0 * moved)
+        moved_cost[s] = away * cheapest[s]
+    # Per group N: tokens from N's sources of experts N cannot hold (no home holder in N, and
+    # beyond the sum of N's slots among the experts N could copy) must cross to another group.
+    group_cost = np.zeros(num_ranks)  # indexed by the group's root rank
+    group_size = np.zeros(num_ranks, np.int64)
+    group_load = np.zeros(num_experts, np.int64)
+    homed = np.zeros(num_experts, np.bool_)
+    copyable = np.zeros(num_experts, np.bool_)
+    for root in range(num_ranks):
+        if group[root] != root:
+            continue
+        group_load[:] = 0
+        homed[:] = False
+        copyable[:] = False
+        keep = 0
+        delta = np.inf
+        for s in range(num_ranks):
+            if group[s] != root:
+                continue
+            group_size[root] += 1
+            keep += min(slots[s], num_experts)
+            delta = min(delta, crossing[s])
+            for e in range(num_experts):
+                group_load[e] += load[s, e]
+                homed[e] |= home[s, e]
+                copyable[e] |= can_copy[s, e]
+        if not np.isfinite(delta) or delta <= 0.0:
+            continue
+        keep = min(keep, num_experts)
+        nk = 0
+        away = 0
+        for e in range(num_experts):
+            n = group_load[e]
+            if homed[e] or n == 0:
+                continue
+            away += n
+            if keep > 0 and copyable[e] and (nk < keep or n > top[nk - 1]):
+                i = min(nk, keep - 1)
+                while i > 0 and top[i - 1] < n:
+                    top[i] = top[i - 1]
+                    i -= 1
+                top[i] = n
+                nk = min(nk + 1, keep)
+        for i in range(nk):
+            away -= top[i]
+        group_cost[root] = away * delta
+    # Every moved token adds its link time to one rank's out and another's in; the ranks'
+    # 2 * max(in, out) add up to at least in + out summed, twice the moved tokens' link times.
+    comm = 0.0
+    source_bound = 0.0
+    for s in range(num_ranks):
+        comm += moved_cost[s]
+        source_bound = max(source_bound, 2.0 * moved_cost[s])
+    for root in range(num_ranks):
+        if group[root] == root:
+            out_sum = group_cost[root]
+            for s in range(num_ranks):
+                if group[s] == root:
+                    out_sum += moved_cost[s]
+            comm += group_cost[root]
+            # A group's sources send at least out_sum in all: one of them 1/|N| of it.
+            source_bound = max(source_bound, 2.0 * out_sum / group_size[root])
     mean_bound = (beta * total_tokens + alpha * active + 2.0 * comm) / num_ranks
     return mean_bound, source_bound, expert_bound
 
