@@ -142,14 +142,15 @@ def test_bound_parts_hand_computed():
     assert parts["mean"] == pytest.approx(4.25)
     assert parts["expert"] == pytest.approx(4.5)
     assert parts["source"] == 0.0
-    # No slots: rank 1's 2 tokens must move (0.25 s each): mean (8.5 + 2 * 0.5) / 2 = 4.75;
-    # source: 2 * 0.5 = 1.0; expert: 0.5 + 8 = 8.5 (one copy), which is also the optimum.
+    # No slots: expert 0 is pinned to rank 0 (one copy possible). mean: rank 1's 2 tokens must
+    # move (0.25 s each): (8.5 + 2 * 0.5) / 2 = 4.75; expert: 0.5 + 8 = 8.5; source (the pinned
+    # rank bound): rank 0 runs all 8 tokens and receives 2: 8.5 + 2 * 0.5 = 9.5, the optimum.
     prob = BalanceProblem.from_load(np.array([[6, 0], [2, 0]]), cost, slots=0, window=1.0)
     parts = bound_parts(prob)
     assert parts["mean"] == pytest.approx(4.75)
-    assert parts["source"] == pytest.approx(1.0)
+    assert parts["source"] == pytest.approx(9.5)
     assert parts["expert"] == pytest.approx(8.5)
-    assert lower_bound(prob) <= solve(prob, "greedy").objective == pytest.approx(8.5 + 2 * 0.5)
+    assert lower_bound(prob) <= solve(prob, "greedy").objective == pytest.approx(9.5)
 
 
 def test_lower_bound_rejects_non_problems():

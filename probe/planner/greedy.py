@@ -709,6 +709,26 @@ def bound_arrays(load, home, slots, window, alpha, beta, token_time, transfer_ti
             total_tokens += n
             per_copy = (n + copies[e] - 1) // copies[e]
             expert_bound = max(expert_bound, alpha + beta * per_copy)
+    # Pinned experts: one copy possible (its only home holder pin[e], no replica fits). All
+    # their tokens run there: compute and the exact link times of those tokens are forced.
+    pin = np.full(num_experts, -1, np.int64)
+    for g in range(num_ranks):
+        for e in range(num_experts):
+            if copies[e] == 1 and home[g, e]:
+                pin[e] = g
+    pin_comp = np.zeros(num_ranks)
+    pin_in = np.zeros(num_ranks)
+    pin_out = np.zeros(num_ranks)
+    for e in range(num_experts):
+        h = pin[e]
+        if h >= 0 and tokens[e] > 0:
+            pin_comp[h] += alpha + beta * tokens[e]
+    for s in range(num_ranks):
+        for e in range(num_experts):
+            h = pin[e]
+            if h >= 0 and h != s and load[s, e] > 0:
+                pin_in[h] += load[s, e] * token_time[s, h]
+                pin_out[s] += load[s, e] * token_time[s, h]
     # Groups: ranks joined by each rank's cheapest links (the nodes of a multi-node machine);
     # any partition gives a valid bound, this one makes the crossing term count.
     cheapest = np.full(num_ranks, np.inf)  # min over g != s of token_time[s, g]
@@ -749,7 +769,7 @@ def bound_arrays(load, home, slots, window, alpha, beta, token_time, transfer_ti
         away = 0
         for e in range(num_experts):
             n = load[s, e]
-            if home[s, e] or n == 0:
+            if home[s, e] or n == 0 or pin[e] >= 0:  # pinned tokens: pin_out, exactly
                 continue
             away += n
             if keep > 0 and can_copy[s, e] and (nk < keep or n > top[nk - 1]):
@@ -761,7 +781,7 @@ def bound_arrays(load, home, slots, window, alpha, beta, token_time, transfer_ti
                 nk = min(nk + 1, keep)
         for i in range(nk):
             away -= top[i]
-        moved_cost[s] = away * cheapest[s]
+        moved_cost[s] = pin_out[s] + away * cheapest[s]
     # Per group N: tokens from N's sources of experts N cannot hold (no home holder in N, and
     # beyond the sum of N's slots among the experts N could copy) must cross to another group.
     group_cost = np.zeros(num_ranks)  # indexed by the group's root rank
@@ -794,7 +814,7 @@ def bound_arrays(load, home, slots, window, alpha, beta, token_time, transfer_ti
         away = 0
         for e in range(num_experts):
             n = group_load[e]
-            if homed[e] or n == 0:
+            if homed[e] or n == 0 or pin[e] >= 0:  # pinned crossings: already in pin_out
                 continue
             away += n
             if keep > 0 and copyable[e] and (nk < keep or n > top[nk - 1]):
@@ -824,6 +844,10 @@ def bound_arrays(load, home, slots, window, alpha, beta, token_time, transfer_ti
             # A group's sources send at least out_sum in all: one of them 1/|N| of it.
             source_bound = max(source_bound, 2.0 * out_sum / group_size[root])
     mean_bound = (beta * total_tokens + alpha * active + 2.0 * comm) / num_ranks
+    # Each rank: its pinned compute, and in/out at least the pinned tokens' (out: and M_s's).
+    for g in range(num_ranks):
+        source_bound = max(source_bound,
+                           pin_comp[g] + 2.0 * max(pin_in[g], moved_cost[g]))
     return mean_bound, source_bound, expert_bound
 
 
