@@ -679,19 +679,24 @@ def bound_arrays(load, home, slots, window, alpha, beta, token_time, transfer_ti
     # can_copy[g, e]: g may hold a replica of e (a slot, not at home, and a home holder h != g
     # whose copy to g fits both windows, as tolerance.fits_window judges it).
     can_copy = np.zeros((num_ranks, num_experts), np.bool_)
-    for g in range(num_ranks):
-        if slots[g] <= 0:
-            continue
-        for h in range(num_ranks):
+    link_ok = np.zeros((num_ranks, num_ranks), np.bool_)  # a copy h -> g fits both windows
+    for h in range(num_ranks):
+        for g in range(num_ranks):
             t = transfer_time[h, g]
-            if h == g or t > limit[g] or t > limit[h]:
-                continue
-            for e in range(num_experts):
-                if home[h, e]:
-                    can_copy[g, e] = True
-        for e in range(num_experts):
-            if home[g, e]:
-                can_copy[g, e] = False
+            link_ok[h, g] = h != g and slots[g] > 0 and t <= limit[g] and t <= limit[h]
+    holders = np.empty(num_ranks, np.int64)
+    for e in range(num_experts):
+        nh = 0
+        for h in range(num_ranks):
+            if home[h, e]:
+                holders[nh] = h
+                nh += 1
+        for g in range(num_ranks):
+            if not home[g, e]:
+                for k in range(nh):
+                    if link_ok[holders[k], g]:
+                        can_copy[g, e] = True
+                        break
     tokens = np.zeros(num_experts, np.int64)
     copies = np.zeros(num_experts, np.int64)
     for g in range(num_ranks):
