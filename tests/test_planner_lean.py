@@ -131,6 +131,24 @@ def test_bound_never_exceeds_the_proven_optimum(problem):
         assert lower_bound(problem) <= result.objective
 
 
+def test_bound_below_proven_optima_on_seeded_instances():
+    # Non-trivial tiny instances (random links, one slot, several windows): CP-SAT proves each.
+    rng = np.random.default_rng(0)
+    gaps = []
+    for _ in range(12):
+        cost = CostModel(alpha=0.3, beta=1.0, token_time=rng.random((3, 3)) * 0.3,
+                         transfer_time=rng.random((3, 3)) + 0.1)
+        window = float(rng.choice([0.5, 2.0, np.inf]))
+        problem = BalanceProblem.from_load(rng.integers(0, 12, (3, 4)), cost, 1, window)
+        result = solve(problem, "cpsat", time_limit=10.0, num_workers=1)
+        if result.status == "optimal":
+            bound = lower_bound(problem)
+            assert bound <= result.objective
+            gaps.append((result.objective - bound) / result.objective)
+    assert len(gaps) >= 10
+    assert max(gaps) > 0.0  # the instances are not all trivially tight
+
+
 def test_bound_parts_hand_computed():
     # Expert 0 (home on rank 0) gets 6 tokens from rank 0 and 2 from rank 1; one slot each,
     # window fits one copy. mean: (1*8 + 0.5*1 + 2*(2*0.25)) / 2 = 4.75 (rank 1's 2 tokens
