@@ -36,10 +36,12 @@ import numba
 import numpy as np
 
 from probe.planner.greedy_rules import GreedyRules
-from probe.planner.problem import BalanceProblem, Plan, SolveResult
+from probe.planner.problem import MAX_TOKENS, BalanceProblem, Plan, SolveResult
 from probe.planner.static import static_assignment
+from probe.planner.tolerance import WINDOW_ABS, WINDOW_REL
 
-__all__ = ["GreedyRules", "greedy_arrays", "greedy_plan", "solve_greedy", "solve_greedy_ref"]
+__all__ = ["GreedyRules", "bound_arrays", "greedy_arrays", "greedy_plan", "solve_greedy",
+           "solve_greedy_ref"]
 
 # Safety cap on moves when k_max is unlimited (0); the loop ends much earlier in practice.
 UNLIMITED_MOVES = 1_000_000
@@ -655,3 +657,248 @@ def solve_greedy_ref(problem: BalanceProblem, *, time_limit: float | None = None
     status = "timeout" if time_limit is not None and wall > time_limit else "feasible"
     return SolveResult(status, plan, float("nan"), None, None, wall,
                        f"{plan.num_replicas} replicas", "greedy_ref")
+
+
+# The lean path's kernels (lean.py, bound.py) live here, beside `_greedy_run` which they call:
+# Numba's on-disk cache is invalidated only when the file defining a function changes, so a
+# compiled caller in another module would keep a stale copy of this file's kernel.
+
+# Relative slack taken off the gap certificate (floating-point order of the objective's sums).
+BOUND_SLACK = 1e-12
+
+
+@numba.njit(cache=True)
+def bound_arrays(load, home, slots, window, alpha, beta, token_time, transfer_time):
+    """The three bounds (mean, source, expert) of lower_bound, unscaled; exact dtypes as in
+    `greedy_arrays` (load int64 [S, E], home bool [G, E], slots int64 [G], window float64 [G],
+    token_time and transfer_time float64 [G, G]). O(G * G * E) with contiguous inner loops."""
+    num_ranks, num_experts = home.shape
+    limit = np.empty(num_ranks)
+    for g in range(num_ranks):  # tolerance.window_limit, written out to stay compiled
+        limit[g] = window[g] * (1 + WINDOW_REL) + WINDOW_ABS
+    # can_copy[g, e]: g may hold a replica of e (a slot, not at home, and a home holder h != g
+    # whose copy to g fits both windows, as tolerance.fits_window judges it).
+    can_copy = np.zeros((num_ranks, num_experts), np.bool_)
+    link_ok = np.zeros((num_ranks, num_ranks), np.bool_)  # a copy h -> g fits both windows
+    for h in range(num_ranks):
+        for g in range(num_ranks):
+            t = transfer_time[h, g]
+            link_ok[h, g] = h != g and slots[g] > 0 and t <= limit[g] and t <= limit[h]
+    holders = np.empty(num_ranks, np.int64)
+    for e in range(num_experts):
+        nh = 0
+        for h in range(num_ranks):
+            if home[h, e]:
+                holders[nh] = h
+                nh += 1
+        for g in range(num_ranks):
+            if not home[g, e]:
+                for k in range(nh):
+                    if link_ok[holders[k], g]:
+                        can_copy[g, e] = True
+                        break
+    tokens = np.zeros(num_experts, np.int64)
+    copies = np.zeros(num_experts, np.int64)
+    for g in range(num_ranks):
+        for e in range(num_experts):
+            tokens[e] += load[g, e]
+            if home[g, e] or can_copy[g, e]:
+                copies[e] += 1
+    total_tokens = 0.0
+    active = 0
+    expert_bound = 0.0
+    for e in range(num_experts):
+        n = tokens[e]
+        if n > 0:
+            active += 1
+            total_tokens += n
+            per_copy = (n + copies[e] - 1) // copies[e]
+            expert_bound = max(expert_bound, alpha + beta * per_copy)
+    # Pinned experts: one copy possible (its only home holder pin[e], no replica fits). All
+    # their tokens run there: compute and the exact link times of those tokens are forced.
+    pin = np.full(num_experts, -1, np.int64)
+    for g in range(num_ranks):
+        for e in range(num_experts):
+            if copies[e] == 1 and home[g, e]:
+                pin[e] = g
+    pin_comp = np.zeros(num_ranks)
+    pin_in = np.zeros(num_ranks)
+    pin_out = np.zeros(num_ranks)
+    for e in range(num_experts):
+        h = pin[e]
+        if h >= 0 and tokens[e] > 0:
+            pin_comp[h] += alpha + beta * tokens[e]
+    for s in range(num_ranks):
+        for e in range(num_experts):
+            h = pin[e]
+            if h >= 0 and h != s and load[s, e] > 0:
+                pin_in[h] += load[s, e] * token_time[s, h]
+                pin_out[s] += load[s, e] * token_time[s, h]
+    # Groups: ranks joined by each rank's cheapest links (the nodes of a multi-node machine);
+    # any partition gives a valid bound, this one makes the crossing term count.
+    cheapest = np.full(num_ranks, np.inf)  # min over g != s of token_time[s, g]
+    for s in range(num_ranks):
+        for g in range(num_ranks):
+            if g != s:
+                cheapest[s] = min(cheapest[s], token_time[s, g])
+    group = np.arange(num_ranks)
+    for s in range(num_ranks):
+        for g in range(num_ranks):
+            if g != s and token_time[s, g] <= cheapest[s]:
+                a = s
+                while group[a] != a:
+                    a = group[a]
+                b = g
+                while group[b] != b:
+                    b = group[b]
+                group[max(a, b)] = min(a, b)
+    for s in range(num_ranks):
+        a = s
+        while group[a] != a:
+            a = group[a]
+        group[s] = a
+    # crossing[s]: min token_time from s to a rank outside its group, less cheapest[s].
+    crossing = np.full(num_ranks, np.inf)
+    for s in range(num_ranks):
+        for g in range(num_ranks):
+            if group[g] != group[s]:
+                crossing[s] = min(crossing[s], token_time[s, g] - cheapest[s])
+    # Per source: tokens that must leave it (M_s) and their least cost.
+    top = np.empty(max(num_experts, 1), np.int64)  # the largest copyable loads, descending
+    moved_cost = np.zeros(num_ranks)
+    for s in range(num_ranks):
+        if num_ranks == 1:
+            break
+        keep = min(slots[s], num_experts)
+        nk = 0
+        away = 0
+        for e in range(num_experts):
+            n = load[s, e]
+            if home[s, e] or n == 0 or pin[e] >= 0:  # pinned tokens: pin_out, exactly
+                continue
+            away += n
+            if keep > 0 and can_copy[s, e] and (nk < keep or n > top[nk - 1]):
+                i = min(nk, keep - 1)  # insert n, dropping the smallest when full
+                while i > 0 and top[i - 1] < n:
+                    top[i] = top[i - 1]
+                    i -= 1
+                top[i] = n
+                nk = min(nk + 1, keep)
+        for i in range(nk):
+            away -= top[i]
+        moved_cost[s] = pin_out[s] + away * cheapest[s]
+    # Per group N: tokens from N's sources of experts N cannot hold (no home holder in N, and
+    # beyond the sum of N's slots among the experts N could copy) must cross to another group.
+    group_cost = np.zeros(num_ranks)  # indexed by the group's root rank
+    group_size = np.zeros(num_ranks, np.int64)
+    group_load = np.zeros(num_experts, np.int64)
+    homed = np.zeros(num_experts, np.bool_)
+    copyable = np.zeros(num_experts, np.bool_)
+    for root in range(num_ranks):
+        if group[root] != root:
+            continue
+        group_load[:] = 0
+        homed[:] = False
+        copyable[:] = False
+        keep = 0
+        delta = np.inf
+        for s in range(num_ranks):
+            if group[s] != root:
+                continue
+            group_size[root] += 1
+            keep += min(slots[s], num_experts)
+            delta = min(delta, crossing[s])
+            for e in range(num_experts):
+                group_load[e] += load[s, e]
+                homed[e] |= home[s, e]
+                copyable[e] |= can_copy[s, e]
+        if not np.isfinite(delta) or delta <= 0.0:
+            continue
+        keep = min(keep, num_experts)
+        nk = 0
+        away = 0
+        for e in range(num_experts):
+            n = group_load[e]
+            if homed[e] or n == 0 or pin[e] >= 0:  # pinned crossings: already in pin_out
+                continue
+            away += n
+            if keep > 0 and copyable[e] and (nk < keep or n > top[nk - 1]):
+                i = min(nk, keep - 1)
+                while i > 0 and top[i - 1] < n:
+                    top[i] = top[i - 1]
+                    i -= 1
+                top[i] = n
+                nk = min(nk + 1, keep)
+        for i in range(nk):
+            away -= top[i]
+        group_cost[root] = away * delta
+    # Every moved token adds its link time to one rank's out and another's in; the ranks'
+    # 2 * max(in, out) add up to at least in + out summed, twice the moved tokens' link times.
+    comm = 0.0
+    source_bound = 0.0
+    for s in range(num_ranks):
+        comm += moved_cost[s]
+        source_bound = max(source_bound, 2.0 * moved_cost[s])
+    for root in range(num_ranks):
+        if group[root] == root:
+            out_sum = group_cost[root]
+            for s in range(num_ranks):
+                if group[s] == root:
+                    out_sum += moved_cost[s]
+            comm += group_cost[root]
+            # A group's sources send at least out_sum in all: one of them 1/|N| of it.
+            source_bound = max(source_bound, 2.0 * out_sum / group_size[root])
+    mean_bound = (beta * total_tokens + alpha * active + 2.0 * comm) / num_ranks
+    # Each rank: its pinned compute, and in/out at least the pinned tokens' (out: and M_s's).
+    for g in range(num_ranks):
+        source_bound = max(source_bound,
+                           pin_comp[g] + 2.0 * max(pin_in[g], moved_cost[g]))
+    return mean_bound, source_bound, expert_bound
+
+
+@numba.njit(cache=True)
+def _check_values(load, window, time_per_token, alpha_all):
+    """0 when load and window hold valid values, else a lean._ERRORS code. time_per_token:
+    G * (beta + 2 * max token_time); alpha_all: G * E * alpha (problem.py's overflow test)."""
+    total = 0
+    num_sources, num_experts = load.shape
+    for s in range(num_sources):
+        for e in range(num_experts):
+            n = load[s, e]
+            if n < 0:
+                return 1
+            if n > MAX_TOKENS - total:
+                return 2
+            total += n
+    if not np.isfinite(alpha_all + time_per_token * float(total)):
+        return 3
+    for g in range(window.shape[0]):
+        if not window[g] >= 0.0:
+            return 4
+    return 0
+
+
+@numba.njit(cache=True)
+def _lean_run(load, home, slots, window, alpha, beta, token_time, transfer_time, k_max,
+              epsilon, move_local, evacuate, two_phase, mean_cap, also_paper, with_bound,
+              time_per_token, alpha_all):
+    """_check_values, then greedy_arrays' rules (rule 8 included), then the bound: one call."""
+    code = _check_values(load, window, time_per_token, alpha_all)
+    if code != 0:
+        num_ranks = home.shape[0]
+        return (code, np.empty((0, 3), np.int64), np.empty(0, np.int64),
+                np.empty((0, num_ranks, num_ranks), np.int64), 0, np.nan, np.nan)
+    out = _greedy_run(load, home, slots, window, alpha, beta, token_time, transfer_time, k_max,
+                      epsilon, move_local, evacuate, two_phase, mean_cap)
+    if also_paper and (move_local or evacuate or two_phase or not mean_cap):
+        paper_k_max = min(k_max, PAPER_MOVES) if k_max > 0 else 0
+        paper = _greedy_run(load, home, slots, window, alpha, beta, token_time, transfer_time,
+                            paper_k_max, epsilon, False, False, False, True)
+        if paper[4] < out[4]:
+            out = paper
+    bound = np.nan
+    if with_bound:
+        mean_b, source_b, expert_b = bound_arrays(load, home, slots, window, alpha, beta,
+                                                  token_time, transfer_time)
+        bound = max(mean_b, source_b, expert_b) * (1 - BOUND_SLACK)
+    return 0, out[0], out[1], out[2], out[3], out[4], bound
