@@ -6,10 +6,10 @@ signature and return convention of DeepSeek's `rebalance_experts`
 layout with probe's planner. Per layer:
 
     1. home, one copy of every expert, as many per GPU as static EP's sharding gives
-       (E/G, or one more on the first E % G GPUs): home="packed" (default) packs the experts
-       heaviest first onto the lightest GPU with room; home="sharded" is static EP itself,
-       GPU g holding experts [g E/G, (g+1) E/G) (`sharded_home`);
-    2. the planner (`solve(BalanceProblem.from_load(...), method)`) plans the layer's weight
+       (E/G, rounded down or up as `sharded_home` spreads E % G): home="packed" (default)
+       packs the experts heaviest first onto the lightest GPU with room; home="sharded" is
+       static EP itself, GPU g holding experts [g E/G, (g+1) E/G) (`sharded_home`);
+    2. the planner (`solve(BalanceProblem(...), method)`) plans the layer's weight
        as a [S = G, E] load (each expert's load arriving at its home rank) with R/G - (home
        experts of g) extra slots on rank g, no transfer charge and an unlimited window: its
        replicas are the redundant copies;
@@ -178,9 +178,12 @@ def _layer_layout(weight: np.ndarray, num_gpus: int, per_gpu: int, cost: CostMod
 
 
 def _maps(phy2log: np.ndarray, num_experts: int) -> tuple[np.ndarray, np.ndarray]:
-    """(log2phy [L, E, R - E + 1] in increasing slot order, -1 padded; logcnt [L, E])."""
+    """(log2phy [L, E, X] in increasing slot order, -1 padded; logcnt [L, E]); X = R - E + 1,
+    or more when some expert has no slot (which `check_placement` then reports)."""
     num_layers, num_slots = phy2log.shape
-    log2phy = np.full((num_layers, num_experts, num_slots - num_experts + 1), -1, np.int64)
+    width = max(num_slots - num_experts + 1,
+                max(int(np.bincount(row).max()) for row in phy2log))
+    log2phy = np.full((num_layers, num_experts, width), -1, np.int64)
     logcnt = np.zeros((num_layers, num_experts), np.int64)
     for layer in range(num_layers):
         for slot, e in enumerate(phy2log[layer]):
@@ -197,9 +200,9 @@ def probe_rebalance_experts(weight: np.ndarray, num_replicas: int, num_groups: i
     """A layout of every layer chosen by probe's planner, in DeepSeek EPLB's convention.
 
     weight: float [L, E], load of each logical expert per layer (finite, >= 0).
-    num_replicas: R physical slots in all (E <= R, a multiple of num_gpus, and R / G at least
-    the home experts of the fullest GPU, ceil(E / G)). num_groups (divides E) and num_nodes
-    (divides num_gpus): validated, not used (see the module docstring). num_gpus: G <= E.
+    num_replicas: R physical slots in all (E <= R, a multiple of num_gpus). num_groups
+    (divides E) and num_nodes (divides num_gpus): validated, not used (see the module
+    docstring). num_gpus: G <= E.
     home: "packed" or "sharded", the layout the planner adds copies to.
     cost: the planner's CostModel for G ranks (None: pure compute balance, alpha = 0,
     beta = 1, free links). method: a planner method that adds replicas ("greedy", "lp",
@@ -228,11 +231,7 @@ def probe_rebalance_experts(weight: np.ndarray, num_replicas: int, num_groups: i
                          f"E = {num_experts}: the sharded home gives every GPU an expert")
     if home not in HOMES:
         raise ValueError(f"home must be one of {', '.join(HOMES)}, got {home!r}")
-    per_gpu = num_replicas // num_gpus
-    most = -(-num_experts // num_gpus)  # home experts of the fullest GPU
-    if per_gpu < most:
-        raise ValueError(f"num_replicas ({num_replicas}) gives {per_gpu} slots per GPU, fewer "
-                         f"than the {most} home experts of the fullest GPU")
+    per_gpu = num_replicas // num_gpus  # >= ceil(E / G), the fullest home, since R >= E
     if cost is None:
         cost = CostModel.uniform(num_gpus, alpha=0.0, beta=1.0, token_time=0.0,
                                  transfer_time=0.0)
