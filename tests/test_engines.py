@@ -230,3 +230,42 @@ def test_reader_checks_expected_expert_count(tmp_path):
     sg = write_placement(tmp_path / "s.json", *rebalance_experts(EXAMPLE, 16, 4, 2, 8))
     with pytest.raises(ValueError, match="R >= E"):
         read_placement(sg, num_experts=17)
+
+
+# ----------------------------------------------------------------- command line
+
+
+def test_cli_write_and_compare(tmp_path):
+    import typer
+    from typer.testing import CliRunner
+
+    from probe.engines_cli import register
+
+    app = typer.Typer()
+    register(app)
+    runner = CliRunner()
+    weights = tmp_path / "w.npy"
+    np.save(weights, EXAMPLE)
+    out = tmp_path / "placement.json"
+    result = runner.invoke(app, ["placement", "write", str(weights), "--out", str(out),
+                                 "--replicas", "16", "--gpus", "8", "--groups", "4",
+                                 "--nodes", "2", "--policy", "deepseek"])
+    assert result.exit_code == 0, result.output
+    assert "mean IR 1.225" in result.output  # (1.208 + 1.242) / 2, docs/eplb.md's layouts
+    phy2log, _, _ = read_placement(out)
+    assert np.array_equal(phy2log, rebalance_experts(EXAMPLE, 16, 4, 2, 8)[0])
+    history = tmp_path / "history.json"
+    history.write_text(json.dumps({"load_history": [
+        {"logical_expert_load": EXAMPLE.tolist()}]}))
+    result = runner.invoke(app, ["placement", "write", str(history), "--out", str(out),
+                                 "--replicas", "16", "--gpus", "8", "--engine", "json"])
+    assert result.exit_code == 0, result.output
+    assert len(read_placement(out)) == 3
+    result = runner.invoke(app, ["placement", "write", str(weights), "--out", str(out),
+                                 "--replicas", "15", "--gpus", "8"])
+    assert result.exit_code != 0 and "multiple of num_gpus" in result.output
+    result = runner.invoke(app, ["placement", "compare", "--experts", "16", "--gpus", "4",
+                                 "--replicas", "20", "--layers", "2"])
+    assert result.exit_code == 0, result.output
+    assert [line.split()[0] for line in result.output.splitlines()] == ["deepseek", "greedy",
+                                                                        "lp"]
