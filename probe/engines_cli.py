@@ -34,14 +34,14 @@ def _weights(path: Path) -> np.ndarray:
     return weight
 
 
-def _policy(name: str):
+def _policy(name: str, home: str = "packed"):
     from probe.engines import probe_rebalance_experts
     from probe.planner.deepseek_eplb import rebalance_experts
 
     if name == "deepseek":
         return rebalance_experts
     if name in ("greedy", "lp"):
-        return lambda *args: probe_rebalance_experts(*args, method=name)
+        return lambda *args: probe_rebalance_experts(*args, method=name, home=home)
     raise typer.BadParameter(f"expected deepseek, greedy or lp, got {name!r}",
                              param_hint="--policy")
 
@@ -86,6 +86,8 @@ def compare(
     skew: float = typer.Option(0.0, min=0.0, help="0: uniform random loads in [0, 1000); "
                                "> 0: Pareto loads with this shape (smaller = heavier tail)."),
     seed: int = typer.Option(0, min=0, help="Random seed."),
+    home: str = typer.Option("packed", help="Home layout of probe's policy: packed or "
+                             "sharded."),
 ) -> None:
     """IR (max GPU load / mean, even split over copies) of DeepSeek's EPLB vs probe's."""
     from probe.engines import placement_imbalance
@@ -98,7 +100,7 @@ def compare(
     base = None
     for name in ("deepseek", "greedy", "lp"):
         try:
-            maps = _policy(name)(weight, replicas, 1, 1, gpus)
+            maps = _policy(name, home)(weight, replicas, 1, 1, gpus)
         except (TypeError, ValueError) as exc:
             raise typer.BadParameter(str(exc)) from None
         ir = placement_imbalance(weight, maps[0], gpus)
