@@ -16,9 +16,13 @@ __all__ = ["imbalance_ratio", "rank_load", "sharded_home"]
 
 
 def sharded_home(num_experts: int, num_ranks: int) -> np.ndarray:
-    """Static EP sharding: rank g holds experts [g*E/G, (g+1)*E/G). Returns bool [G, E].
+    """Static EP sharding: expert e lives on rank e * G // E, so rank g holds the contiguous
+    experts [ceil(g*E/G), ceil((g+1)*E/G)). Returns bool [G, E].
 
-    E need not divide by G: the first E % G ranks hold one expert more.
+    E need not divide by G: E % G ranks, spread over the range, hold one expert more.
+
+    >>> sharded_home(5, 2).astype(int).tolist()
+    [[1, 1, 1, 0, 0], [0, 0, 0, 1, 1]]
     """
     if num_ranks <= 0 or num_experts <= 0:
         raise ValueError(f"need num_experts > 0 and num_ranks > 0, got {num_experts}, {num_ranks}")
