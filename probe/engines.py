@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import json
 import math
-import operator
 import os
 from pathlib import Path
 
@@ -52,6 +51,7 @@ import numpy as np
 
 from probe.placement import sharded_home
 from probe.planner.cost import CostModel
+from probe.planner.deepseek_eplb import check_count, check_rebalance_args
 from probe.planner.problem import BalanceProblem
 from probe.planner.solve import solve
 
@@ -74,26 +74,6 @@ PLACEMENT_VERSION = 1
 HOMES = ("packed", "sharded")
 # Float weights are scaled to integer token counts with this largest value for the planner.
 FLOAT_SCALE = 1 << 20
-
-
-def _count(name: str, value, low: int = 1) -> int:
-    """`value` as an int >= low; TypeError/ValueError naming `name` otherwise."""
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < low:
-        raise ValueError(f"{name} must be >= {low}, got {value}")
-    return operator.index(value)
-
-
-def _checked_weight(weight) -> np.ndarray:
-    weight = np.asarray(weight)
-    if weight.dtype.kind not in "iuf" or weight.ndim != 2 or weight.shape[1] == 0:
-        raise ValueError(f"weight must be a numeric [L, E] array with E >= 1, got shape "
-                         f"{weight.shape} and dtype {weight.dtype}")
-    weight = weight.astype(np.float64)
-    if not np.all(np.isfinite(weight)) or np.any(weight < 0):
-        raise ValueError("weight must hold finite, non-negative loads (no NaN)")
-    return weight
 
 
 def _token_counts(weight: np.ndarray) -> np.ndarray:
@@ -209,23 +189,9 @@ def probe_rebalance_experts(weight: np.ndarray, num_replicas: int, num_groups: i
     "cpsat", ...). time_limit: seconds per layer for the planner (None: its default).
     Returns (phy2log int64 [L, R], log2phy int64 [L, E, R - E + 1], logcnt int64 [L, E]).
     """
-    weight = _checked_weight(weight)
+    weight, num_replicas, num_groups, num_nodes, num_gpus = check_rebalance_args(
+        weight, num_replicas, num_groups, num_nodes, num_gpus)
     num_layers, num_experts = weight.shape
-    num_replicas = _count("num_replicas", num_replicas)
-    num_groups = _count("num_groups", num_groups)
-    num_nodes = _count("num_nodes", num_nodes)
-    num_gpus = _count("num_gpus", num_gpus)
-    if num_replicas < num_experts:
-        raise ValueError(f"num_replicas ({num_replicas}) must be >= the number of experts "
-                         f"E = {num_experts}")
-    if num_replicas % num_gpus:
-        raise ValueError(f"num_replicas ({num_replicas}) must be a multiple of num_gpus "
-                         f"({num_gpus})")
-    if num_gpus % num_nodes:
-        raise ValueError(f"num_gpus ({num_gpus}) must be a multiple of num_nodes ({num_nodes})")
-    if num_experts % num_groups:
-        raise ValueError(f"num_groups ({num_groups}) must divide the number of experts "
-                         f"E = {num_experts}")
     if num_gpus > num_experts:
         raise ValueError(f"num_gpus ({num_gpus}) must be <= the number of experts "
                          f"E = {num_experts}: the sharded home gives every GPU an expert")
@@ -379,7 +345,7 @@ def read_placement(path: str | os.PathLike, *, num_experts: int | None = None,
                              "ids >= 0")
         if num_experts is None:
             num_experts = int(phy2log.max()) + 1
-        num_experts = _count("num_experts", num_experts)
+        num_experts = check_count("num_experts", num_experts)
         if phy2log.max() >= num_experts or phy2log.shape[1] < num_experts:
             raise ValueError(f"{path}: physical_to_logical_map [L, R] = "
                              f"{list(phy2log.shape)} must hold ids < E = {num_experts} "

@@ -63,6 +63,7 @@ import numba
 import numpy as np
 
 from probe.planner.cost import CostModel
+from probe.planner.problem import checked_load
 
 __all__ = ["assign_tokens", "assign_tokens_ref", "lp_totals"]
 
@@ -73,19 +74,7 @@ def _validated(load, copies, cost) -> tuple[np.ndarray, np.ndarray]:
     """load int64 [S, E] and holds bool [G, E]; ValueError/TypeError naming the argument."""
     if not isinstance(cost, CostModel):
         raise TypeError(f"cost must be a CostModel, got {type(cost).__name__}")
-    load = np.asarray(load)
-    if load.ndim != 2:
-        raise ValueError(f"load must be a 2-D [S, E] array, got shape {load.shape}")
-    if load.dtype.kind == "f":
-        if not np.all(np.isfinite(load)):
-            raise ValueError("load contains NaN or infinite values")
-        if np.any(load != np.round(load)):
-            raise ValueError("load must hold whole token counts")
-    elif load.dtype.kind not in "iub":
-        raise TypeError(f"load must be numeric, got dtype {load.dtype}")
-    if np.any(load < 0):
-        s, e = np.argwhere(load < 0)[0]
-        raise ValueError(f"load has a negative count at source {s}, expert {e}")
+    load = checked_load(load)
     copies = np.asarray(copies)
     if copies.ndim != 2:
         raise ValueError(f"copies must be a 2-D [G, E] array, got shape {copies.shape}")

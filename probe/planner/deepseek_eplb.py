@@ -73,6 +73,8 @@ from probe.planner.problem import BalanceProblem, Plan, SolveResult
 
 __all__ = [
     "balanced_packing",
+    "check_count",
+    "check_rebalance_args",
     "eplb_layout",
     "eplb_problem",
     "rebalance_experts",
@@ -81,7 +83,7 @@ __all__ = [
 ]
 
 
-def _count(name: str, value, low: int = 1) -> int:
+def check_count(name: str, value, low: int = 1) -> int:
     """`value` as an int >= low; TypeError/ValueError naming `name` otherwise."""
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
@@ -169,17 +171,11 @@ def _rebalance_layer(weight: np.ndarray, num_replicas: int, num_groups: int, num
     return phy2log, phy_rank, logcnt
 
 
-def rebalance_experts(weight: np.ndarray, num_replicas: int, num_groups: int, num_nodes: int,
-                      num_gpus: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """DeepSeek EPLB layout of every layer (see the module docstring for the rules).
-
-    weight: float [L, E], load of each logical expert per layer (finite, >= 0).
-    num_replicas: R, physical expert slots in all (E <= R, a multiple of num_gpus).
-    num_groups: expert groups (divides E); num_nodes: server nodes (divides num_gpus);
-    num_gpus: G. The hierarchical policy runs when num_nodes divides num_groups, else the
-    global one. Returns (phy2log int64 [L, R], log2phy int64 [L, E, R - E + 1], logcnt int64
-    [L, E]).
-    """
+def check_rebalance_args(weight, num_replicas, num_groups, num_nodes, num_gpus,
+                         ) -> tuple[np.ndarray, int, int, int, int]:
+    """The arguments of a `rebalance_experts`-style policy, validated: weight as float64
+    [L, E] (finite, >= 0) and the four counts as ints; ValueError/TypeError naming the
+    argument otherwise. Shared by every policy with this signature (probe.engines too)."""
     weight = np.asarray(weight)
     if weight.dtype.kind not in "iuf" or weight.ndim != 2 or weight.shape[1] == 0:
         raise ValueError(f"weight must be a numeric [L, E] array with E >= 1, got shape "
@@ -187,11 +183,11 @@ def rebalance_experts(weight: np.ndarray, num_replicas: int, num_groups: int, nu
     weight = weight.astype(np.float64)
     if not np.all(np.isfinite(weight)) or np.any(weight < 0):
         raise ValueError("weight must hold finite, non-negative loads (no NaN)")
-    num_layers, num_experts = weight.shape
-    num_replicas = _count("num_replicas", num_replicas)
-    num_groups = _count("num_groups", num_groups)
-    num_nodes = _count("num_nodes", num_nodes)
-    num_gpus = _count("num_gpus", num_gpus)
+    num_experts = weight.shape[1]
+    num_replicas = check_count("num_replicas", num_replicas)
+    num_groups = check_count("num_groups", num_groups)
+    num_nodes = check_count("num_nodes", num_nodes)
+    num_gpus = check_count("num_gpus", num_gpus)
     if num_replicas < num_experts:
         raise ValueError(f"num_replicas ({num_replicas}) must be >= the number of experts "
                          f"E = {num_experts}")
@@ -203,6 +199,23 @@ def rebalance_experts(weight: np.ndarray, num_replicas: int, num_groups: int, nu
     if num_experts % num_groups:
         raise ValueError(f"num_groups ({num_groups}) must divide the number of experts "
                          f"E = {num_experts}")
+    return weight, num_replicas, num_groups, num_nodes, num_gpus
+
+
+def rebalance_experts(weight: np.ndarray, num_replicas: int, num_groups: int, num_nodes: int,
+                      num_gpus: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """DeepSeek EPLB layout of every layer (see the module docstring for the rules).
+
+    weight: float [L, E], load of each logical expert per layer (finite, >= 0).
+    num_replicas: R, physical expert slots in all (E <= R, a multiple of num_gpus).
+    num_groups: expert groups (divides E); num_nodes: server nodes (divides num_gpus);
+    num_gpus: G. The hierarchical policy runs when num_nodes divides num_groups, else the
+    global one. Returns (phy2log int64 [L, R], log2phy int64 [L, E, R - E + 1], logcnt int64
+    [L, E]).
+    """
+    weight, num_replicas, num_groups, num_nodes, num_gpus = check_rebalance_args(
+        weight, num_replicas, num_groups, num_nodes, num_gpus)
+    num_layers, num_experts = weight.shape
     if num_groups % num_nodes:  # global policy: one group, one node
         num_groups = num_nodes = 1
     phy2log = np.empty((num_layers, num_replicas), np.int64)
@@ -229,8 +242,8 @@ def eplb_layout(weight: np.ndarray, slots_per_gpu: int, num_groups: int, num_nod
     weight = np.asarray(weight)
     if weight.ndim != 1:
         raise ValueError(f"weight must be a 1-D [E] array, got shape {weight.shape}")
-    slots_per_gpu = _count("slots_per_gpu", slots_per_gpu)
-    num_gpus = _count("num_gpus", num_gpus)
+    slots_per_gpu = check_count("slots_per_gpu", slots_per_gpu)
+    num_gpus = check_count("num_gpus", num_gpus)
     phy2log, _, _ = rebalance_experts(weight[None, :], slots_per_gpu * num_gpus, num_groups,
                                       num_nodes, num_gpus)
     gpu = np.arange(slots_per_gpu * num_gpus) // slots_per_gpu

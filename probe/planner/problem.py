@@ -39,7 +39,7 @@ def _per_rank(name: str, value, num_ranks: int) -> np.ndarray:
                      f"got shape {arr.shape}")
 
 
-def _checked_load(value) -> np.ndarray:
+def checked_load(value) -> np.ndarray:
     """`value` as an int64 [S, E] load: whole, non-negative counts whose total is at most
     MAX_TOKENS. ValueError/TypeError naming the problem otherwise."""
     load = np.asarray(value)
@@ -121,7 +121,7 @@ class BalanceProblem:
     def __post_init__(self) -> None:
         if not isinstance(self.cost, CostModel):
             raise TypeError(f"cost must be a CostModel, got {type(self.cost).__name__}")
-        load = _checked_load(self.load)
+        load = checked_load(self.load)
         home = np.asarray(self.home)
         if home.ndim != 2:
             raise ValueError(f"home must be a 2-D [G, E] array, got shape {home.shape}")
@@ -188,7 +188,7 @@ class BalanceProblem:
 
         if not isinstance(cost, CostModel):
             raise TypeError(f"cost must be a CostModel, got {type(cost).__name__}")
-        load = _checked_load(load)
+        load = checked_load(load)
         if home is None:
             home = sharded_home(load.shape[1], load.shape[0])
         if isinstance(window, str):
