@@ -87,6 +87,17 @@ def machine() -> dict:
             "cpus": os.cpu_count(), "gpu": gpu}
 
 
+def cpu_name() -> str:
+    """The CPU's model name (Linux /proc/cpuinfo), else platform.processor()."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
 def versions() -> dict:
     out = {"python": platform.python_version()}
     for name in ("torch", "numpy"):

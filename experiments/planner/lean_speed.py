@@ -30,7 +30,7 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from experiments.manifest import Manifest
+from experiments.manifest import Manifest, cpu_name
 from probe.planner import BalanceProblem, CostModel, GreedyRules, solve
 from probe.planner.bound import bound_args
 from probe.planner.greedy import _kernel_args, bound_arrays, greedy_arrays
@@ -178,7 +178,7 @@ def main(argv: list[str] | None = None) -> None:
     console.print(f"load average before {load_before}, after {load_after}")
 
     machine = {"platform": platform.platform(), "python": platform.python_version(),
-               "cpu": _cpu_name(), "cpus": os.cpu_count(), "quick": args.quick,
+               "cpu": cpu_name(), "cpus": os.cpu_count(), "quick": args.quick,
                "load_before": list(load_before), "load_after": list(load_after),
                "utc": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     out = Path(args.out)
@@ -189,16 +189,6 @@ def main(argv: list[str] | None = None) -> None:
     md.write_text(_markdown(rows, machine, command))
     run.write(out.parent, [out, md], name=out.with_suffix(".manifest.json").name)
     console.print(f"wrote {out}, {md}")
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
 
 
 if __name__ == "__main__":

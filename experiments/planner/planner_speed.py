@@ -31,7 +31,7 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from experiments.manifest import Manifest
+from experiments.manifest import Manifest, cpu_name
 from probe.planner import (
     BalanceProblem,
     CostModel,
@@ -185,23 +185,13 @@ def main(argv: list[str] | None = None) -> None:
     console.print(table)
 
     machine = {"platform": platform.platform(), "python": platform.python_version(),
-               "cpu": _cpu_name(), "cpus": os.cpu_count(), "quick": quick}
+               "cpu": cpu_name(), "cpus": os.cpu_count(), "quick": quick}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"machine": machine, "speed": speed_rows,
                                "balance": balance_rows}, indent=2, default=str) + "\n")
     run.write(out.parent, [out], name=out.with_suffix(".manifest.json").name)
     console.print(f"wrote {out}")
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
 
 
 if __name__ == "__main__":
