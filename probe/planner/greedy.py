@@ -226,6 +226,17 @@ def greedy_arrays(load, home, slots, window, alpha, beta, token_time, transfer_t
             on g); every other expert keeps the static split;
         num_moves: int, moves applied.
     """
+    out = _rules_run(load, home, slots, window, alpha, beta, token_time, transfer_time, k_max,
+                     epsilon, move_local, evacuate, two_phase, mean_cap, also_paper)
+    return out[0], out[1], out[2], out[3]
+
+
+@numba.njit(cache=True)
+def _rules_run(load, home, slots, window, alpha, beta, token_time, transfer_time, k_max,
+               epsilon, move_local, evacuate, two_phase, mean_cap, also_paper):
+    """_greedy_run with the given rules, and rule 8: with also_paper (and rules other than the
+    paper's), also the paper's rules (at most PAPER_MOVES moves), keeping the run with the
+    lower maximum rank time. Returns that run's _greedy_run tuple."""
     out = _greedy_run(load, home, slots, window, alpha, beta, token_time, transfer_time, k_max,
                       epsilon, move_local, evacuate, two_phase, mean_cap)
     if also_paper and (move_local or evacuate or two_phase or not mean_cap):
@@ -234,7 +245,7 @@ def greedy_arrays(load, home, slots, window, alpha, beta, token_time, transfer_t
                             paper_k_max, epsilon, False, False, False, True)
         if paper[4] < out[4]:
             out = paper
-    return out[0], out[1], out[2], out[3]
+    return out
 
 
 @numba.njit(cache=True)
@@ -888,14 +899,8 @@ def _lean_run(load, home, slots, window, alpha, beta, token_time, transfer_time,
         num_ranks = home.shape[0]
         return (code, np.empty((0, 3), np.int64), np.empty(0, np.int64),
                 np.empty((0, num_ranks, num_ranks), np.int64), 0, np.nan, np.nan)
-    out = _greedy_run(load, home, slots, window, alpha, beta, token_time, transfer_time, k_max,
-                      epsilon, move_local, evacuate, two_phase, mean_cap)
-    if also_paper and (move_local or evacuate or two_phase or not mean_cap):
-        paper_k_max = min(k_max, PAPER_MOVES) if k_max > 0 else 0
-        paper = _greedy_run(load, home, slots, window, alpha, beta, token_time, transfer_time,
-                            paper_k_max, epsilon, False, False, False, True)
-        if paper[4] < out[4]:
-            out = paper
+    out = _rules_run(load, home, slots, window, alpha, beta, token_time, transfer_time, k_max,
+                     epsilon, move_local, evacuate, two_phase, mean_cap, also_paper)
     bound = np.nan
     if with_bound:
         mean_b, source_b, expert_b = bound_arrays(load, home, slots, window, alpha, beta,
