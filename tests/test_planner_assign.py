@@ -6,40 +6,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from experiments.planner.assign_speed import random_instance  # the benchmark's generator
 from probe.planner.assign import assign_tokens, assign_tokens_ref, lp_totals
 from probe.planner.check import check_plan, evaluate_plan
 from probe.planner.cost import CostModel
 from probe.planner.eplb import even_split
 from probe.planner.problem import BalanceProblem, Plan
-
-
-def random_instance(rng: np.random.Generator):
-    """(load int [S, E], copies int [G, E], home rank int [E], cost): a sharded home plus
-    0-3 extra copies per rank (sometimes two copies on one rank), skewed loads, random
-    costs with alpha from 0 to a few hundred tokens' worth."""
-    num_ranks = int(rng.integers(2, 9))
-    num_experts = num_ranks * int(rng.integers(1, 5))
-    home = np.arange(num_experts) // (num_experts // num_ranks)  # [E]
-    copies = np.zeros((num_ranks, num_experts), np.int64)
-    copies[home, np.arange(num_experts)] = 1
-    for g in range(num_ranks):
-        for e in rng.choice(num_experts, size=int(rng.integers(0, 4)), replace=True):
-            copies[g, e] += 1
-    weight = rng.pareto(1.2, num_experts) + 0.05
-    weight *= rng.random(num_experts) < 0.9  # some experts idle
-    if weight.sum() > 0:
-        load = np.stack([rng.multinomial(int(rng.integers(0, 400)), weight / weight.sum())
-                         for _ in range(num_ranks)])
-    else:
-        load = np.zeros((num_ranks, num_experts), np.int64)
-    beta = float(rng.uniform(0.5, 2.0))
-    cost = CostModel.uniform(num_ranks, alpha=beta * float(rng.choice([0.0, 5.0, 50.0, 300.0])),
-                             beta=beta, token_time=beta * float(rng.choice([0.0, 0.1, 0.4])),
-                             transfer_time=1.0)
-    if rng.random() < 0.3:  # unequal links
-        token_time = cost.token_time * rng.uniform(0.5, 2.0, (num_ranks, num_ranks))
-        cost = CostModel(cost.alpha, cost.beta, token_time, cost.transfer_time)
-    return load, copies, home, cost
 
 
 def objective(load, copies, cost, assignment) -> float:
@@ -60,14 +32,10 @@ def assert_feasible(load, copies, assignment):
     assert not np.any((assignment > 0) & (copies.T[None] == 0))
 
 
-def home_mask(home, num_ranks):
-    """bool [G, E] of the home rank int [E]."""
-    return np.arange(num_ranks)[:, None] == home[None, :]
-
-
-def home_only(load, home, num_ranks):
-    out = np.zeros((*load.shape, num_ranks), np.int64)
-    out[:, np.arange(load.shape[1]), home] = load
+def home_only(load, home):
+    """Every token on its expert's home rank (home bool [G, E], one holder per expert)."""
+    out = np.zeros((*load.shape, home.shape[0]), np.int64)
+    out[:, np.arange(load.shape[1]), np.argmax(home, axis=0)] = load
     return out
 
 
@@ -103,7 +71,7 @@ def test_kernel_equals_python_twin(seed):
     rng = np.random.default_rng(seed)
     load, copies, home, cost = random_instance(rng)
     passes = int(rng.integers(1, 9))
-    base = home_mask(home, copies.shape[0]) if seed % 2 else None
+    base = home if seed % 2 else None
     fast = assign_tokens(load, copies, cost, passes=passes, home=base)
     slow = assign_tokens_ref(load, copies, cost, passes=passes, home=base)
     np.testing.assert_array_equal(fast, slow)
@@ -117,14 +85,14 @@ def _compare(num_instances: int, seed: int) -> np.ndarray:
     gaps = []
     for _ in range(num_instances):
         load, copies, home, cost = random_instance(rng)
-        wf = assign_tokens(load, copies, cost, home=home_mask(home, copies.shape[0]))
+        wf = assign_tokens(load, copies, cost, home=home)
         lp = assign_tokens(load, copies, cost, method="lp")
         assert_feasible(load, copies, wf)
         assert_feasible(load, copies, lp)
         ours = objective(load, copies, cost, wf)
         ref = objective(load, copies, cost, lp)
         even = objective(load, copies, cost, even_split(load, copies))
-        local = objective(load, copies, cost, home_only(load, home, copies.shape[0]))
+        local = objective(load, copies, cost, home_only(load, home))
         tol = 1e-9 * max(1.0, ours)
         assert ours <= even + tol, (ours, even)
         assert ours <= local + tol, (ours, local)
@@ -157,7 +125,7 @@ def test_lp_method_and_single_holders():
     copies = np.eye(3, dtype=np.int64)
     for method in ("waterfill", "lp"):
         a = assign_tokens(load, copies, cost, method=method)
-        np.testing.assert_array_equal(a, home_only(load, np.arange(3), 3))
+        np.testing.assert_array_equal(a, home_only(load, copies > 0))
 
 
 @pytest.mark.parametrize("load, copies, match", [
