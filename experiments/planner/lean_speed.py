@@ -32,8 +32,7 @@ from rich.table import Table
 
 from experiments.manifest import Manifest, cpu_name
 from probe.planner import BalanceProblem, CostModel, GreedyRules, solve
-from probe.planner.bound import bound_args
-from probe.planner.greedy import _kernel_args, bound_arrays, greedy_arrays
+from probe.planner.greedy import _kernel_args, bound_arrays, greedy_arrays, problem_arrays
 from probe.planner.layers import attention_time
 from probe.planner.lean import LeanGreedy
 from probe.specs import hardware_preset, model_preset
@@ -70,7 +69,7 @@ def measure(name: str, problems: list[BalanceProblem], *, repeats: int,
     lean = LeanGreedy(first.home, first.slots, first.cost, GreedyRules())
     lean_nb = LeanGreedy(first.home, first.slots, first.cost, GreedyRules(), bound=False)
     kargs = [_kernel_args(p, GreedyRules()) for p in problems]
-    bargs = [bound_args(p) for p in problems]
+    bargs = [problem_arrays(p) for p in problems]
     inputs = [(np.ascontiguousarray(p.load, dtype=np.int64),
                np.ascontiguousarray(p.window, dtype=np.float64)) for p in problems]
     samples: dict[str, list[float]] = {k: [] for k in

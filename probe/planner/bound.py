@@ -42,30 +42,17 @@ layer); docs/planner.md ("The gap certificate") has how tight it measured.
 
 from __future__ import annotations
 
-import numpy as np
 
-from probe.planner.greedy import BOUND_SLACK, bound_arrays
+from probe.planner.greedy import BOUND_SLACK, bound_arrays, problem_arrays
 from probe.planner.problem import BalanceProblem
 
-__all__ = ["BOUND_SLACK", "bound_args", "bound_arrays", "bound_parts", "lower_bound"]
-
-def bound_args(problem: BalanceProblem) -> tuple:
-    """`bound_arrays`' arguments for `problem` (its validated arrays, exact dtypes)."""
-    cost = problem.cost
-    return (np.ascontiguousarray(problem.load, dtype=np.int64),
-            np.ascontiguousarray(problem.home, dtype=np.bool_),
-            np.ascontiguousarray(problem.slots, dtype=np.int64),
-            np.ascontiguousarray(problem.window, dtype=np.float64),
-            float(cost.alpha), float(cost.beta),
-            np.ascontiguousarray(cost.token_time, dtype=np.float64),
-            np.ascontiguousarray(cost.transfer_time, dtype=np.float64))
-
+__all__ = ["BOUND_SLACK", "bound_arrays", "bound_parts", "lower_bound"]
 
 def bound_parts(problem: BalanceProblem) -> dict[str, float]:
     """The three bounds by name ("mean", "source", "expert"), scaled as `lower_bound`."""
     if not isinstance(problem, BalanceProblem):
         raise TypeError(f"problem must be a BalanceProblem, got {type(problem).__name__}")
-    parts = bound_arrays(*bound_args(problem))
+    parts = bound_arrays(*problem_arrays(problem))
     return {name: float(v) * (1 - BOUND_SLACK)
             for name, v in zip(("mean", "source", "expert"), parts, strict=True)}
 

@@ -40,8 +40,8 @@ from probe.planner.problem import MAX_TOKENS, BalanceProblem, Plan, SolveResult
 from probe.planner.static import static_assignment
 from probe.planner.tolerance import WINDOW_ABS, WINDOW_REL
 
-__all__ = ["GreedyRules", "bound_arrays", "greedy_arrays", "greedy_plan", "solve_greedy",
-           "solve_greedy_ref"]
+__all__ = ["GreedyRules", "bound_arrays", "greedy_arrays", "greedy_plan", "problem_arrays",
+           "solve_greedy", "solve_greedy_ref"]
 
 # Safety cap on moves when k_max is unlimited (0); the loop ends much earlier in practice.
 UNLIMITED_MOVES = 1_000_000
@@ -597,9 +597,10 @@ def _greedy_run(load, home, slots, window, alpha, beta, token_time, transfer_tim
     return rep[:n_rep], blk_expert[:n_blk], blk_assign[:n_blk], num_moves, makespan
 
 
-def _kernel_args(problem: BalanceProblem, rules: GreedyRules | None) -> tuple:
-    """`greedy_arrays`' arguments for `problem` under `rules` (None: GreedyRules())."""
-    rules = _rules(rules)
+def problem_arrays(problem: BalanceProblem) -> tuple:
+    """The problem's arrays in the exact dtypes the kernels take: (load, home, slots, window,
+    alpha, beta, token_time, transfer_time), the leading arguments of `greedy_arrays` and
+    `bound_arrays` alike."""
     cost = problem.cost
     return (np.ascontiguousarray(problem.load, dtype=np.int64),
             np.ascontiguousarray(problem.home, dtype=np.bool_),
@@ -607,8 +608,14 @@ def _kernel_args(problem: BalanceProblem, rules: GreedyRules | None) -> tuple:
             np.ascontiguousarray(problem.window, dtype=np.float64),
             float(cost.alpha), float(cost.beta),
             np.ascontiguousarray(cost.token_time, dtype=np.float64),
-            np.ascontiguousarray(cost.transfer_time, dtype=np.float64),
-            rules.max_moves(problem.num_ranks), rules.epsilon, *rules.flags.values())
+            np.ascontiguousarray(cost.transfer_time, dtype=np.float64))
+
+
+def _kernel_args(problem: BalanceProblem, rules: GreedyRules | None) -> tuple:
+    """`greedy_arrays`' arguments for `problem` under `rules` (None: GreedyRules())."""
+    rules = _rules(rules)
+    return (*problem_arrays(problem), rules.max_moves(problem.num_ranks), rules.epsilon,
+            *rules.flags.values())
 
 
 def _rules(rules: GreedyRules | None) -> GreedyRules:
