@@ -685,6 +685,20 @@ def solve_greedy_ref(problem: BalanceProblem, *, time_limit: float | None = None
 BOUND_SLACK = 1e-12
 
 
+@numba.njit(cache=True, inline="always")
+def _keep_largest(top, nk, keep, n):
+    """top[:nk] holds the largest values seen so far, descending (at most keep of them): insert
+    n where it belongs, dropping the smallest when full; returns the new count."""
+    if nk == keep and n <= top[nk - 1]:
+        return nk
+    i = min(nk, keep - 1)
+    while i > 0 and top[i - 1] < n:
+        top[i] = top[i - 1]
+        i -= 1
+    top[i] = n
+    return min(nk + 1, keep)
+
+
 @numba.njit(cache=True)
 def bound_arrays(load, home, slots, window, alpha, beta, token_time, transfer_time):
     """The three bounds (mean, source, expert) of lower_bound, unscaled; exact dtypes as in
@@ -795,13 +809,8 @@ def bound_arrays(load, home, slots, window, alpha, beta, token_time, transfer_ti
             if home[s, e] or n == 0 or pin[e] >= 0:  # pinned tokens: pin_out, exactly
                 continue
             away += n
-            if keep > 0 and can_copy[s, e] and (nk < keep or n > top[nk - 1]):
-                i = min(nk, keep - 1)  # insert n, dropping the smallest when full
-                while i > 0 and top[i - 1] < n:
-                    top[i] = top[i - 1]
-                    i -= 1
-                top[i] = n
-                nk = min(nk + 1, keep)
+            if keep > 0 and can_copy[s, e]:
+                nk = _keep_largest(top, nk, keep, n)
         for i in range(nk):
             away -= top[i]
         moved_cost[s] = pin_out[s] + away * cheapest[s]
@@ -840,13 +849,8 @@ def bound_arrays(load, home, slots, window, alpha, beta, token_time, transfer_ti
             if homed[e] or n == 0 or pin[e] >= 0:  # pinned crossings: already in pin_out
                 continue
             away += n
-            if keep > 0 and copyable[e] and (nk < keep or n > top[nk - 1]):
-                i = min(nk, keep - 1)
-                while i > 0 and top[i - 1] < n:
-                    top[i] = top[i - 1]
-                    i -= 1
-                top[i] = n
-                nk = min(nk + 1, keep)
+            if keep > 0 and copyable[e]:
+                nk = _keep_largest(top, nk, keep, n)
         for i in range(nk):
             away -= top[i]
         group_cost[root] = away * delta
