@@ -63,6 +63,7 @@ import numba
 import numpy as np
 
 from probe.planner.cost import CostModel
+from probe.planner.highs_base import highs_lp, new_highs
 from probe.planner.problem import checked_load
 
 __all__ = ["assign_tokens", "assign_tokens_ref", "lp_totals"]
@@ -457,7 +458,6 @@ def lp_totals(load, copies, cost: CostModel) -> tuple[np.ndarray, float]:
     pair_g, pair_m = np.nonzero(holds[:, multi])  # (rank, index into multi) of each copy
     num_pairs, num_multi = pair_g.size, multi.size
     local = load[pair_g, multi[pair_m]].astype(np.float64)  # [P] the rank's own tokens
-    inf = highspy.kHighsInf
     # Columns: x[pair], then r[pair] (tokens of the pair from other ranks), then z (cost 1).
     # Rows: conservation per multi-holder expert (= its tokens); one level row per rank,
     # beta x + hop r - z <= -fixed - alpha * (multi-holder copies on the rank); one row per
@@ -471,25 +471,14 @@ def lp_totals(load, copies, cost: CostModel) -> tuple[np.ndarray, float]:
     coef_col = np.concatenate([col_x, col_x, col_r, np.full(num_ranks, col_z), col_x, col_r])
     coef_val = np.concatenate([np.ones(num_pairs), np.full(num_pairs, cost.beta), hop[pair_g],
                                -np.ones(num_ranks), np.ones(num_pairs), -np.ones(num_pairs)])
-    by_col = np.argsort(coef_col, kind="stable")
     num_cols = 2 * num_pairs + 1
-    starts = np.zeros(num_cols + 1, np.int32)
-    np.cumsum(np.bincount(coef_col, minlength=num_cols), out=starts[1:])
     active = np.bincount(pair_g, minlength=num_ranks)
-    lp = highspy.HighsLp()
-    lp.num_col_ = num_cols
-    lp.num_row_ = num_multi + num_ranks + num_pairs
-    lp.col_cost_ = np.concatenate([np.zeros(2 * num_pairs), [1.0]])
-    lp.col_lower_ = np.zeros(num_cols)
-    lp.col_upper_ = np.full(num_cols, inf)
-    lp.row_lower_ = np.concatenate([total[multi], np.full(num_ranks + num_pairs, -inf)])
-    lp.row_upper_ = np.concatenate([total[multi], -(fixed + cost.alpha * active), local])
-    lp.a_matrix_.format_ = highspy.MatrixFormat.kColwise
-    lp.a_matrix_.start_ = starts
-    lp.a_matrix_.index_ = coef_row[by_col].astype(np.int32)
-    lp.a_matrix_.value_ = coef_val[by_col]
-    solver = highspy.Highs()
-    solver.setOptionValue("output_flag", False)
+    lp = highs_lp(np.concatenate([np.zeros(2 * num_pairs), [1.0]]), np.zeros(num_cols),
+                  np.full(num_cols, np.inf),
+                  np.concatenate([total[multi], np.full(num_ranks + num_pairs, -np.inf)]),
+                  np.concatenate([total[multi], -(fixed + cost.alpha * active), local]),
+                  coef_row, coef_col, coef_val)
+    solver = new_highs()  # silent unless asked: no banner, no log
     solver.passModel(lp)
     solver.run()
     if solver.getModelStatus() != highspy.HighsModelStatus.kOptimal:

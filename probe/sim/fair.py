@@ -64,7 +64,7 @@ from probe.planner.deepseek_eplb import rebalance_experts
 from probe.planner.eplb import even_split
 from probe.planner.problem import BalanceProblem, Plan
 from probe.planner.greedy_rules import GreedyRules
-from probe.planner.highs_base import new_highs
+from probe.planner.highs_base import highs_lp, new_highs
 from probe.planner.solve import solve
 from probe.planner.static import static_assignment
 from probe.planner.window import default_window
@@ -224,7 +224,6 @@ def lp_split(load: np.ndarray, holds: np.ndarray, costs: FairCosts,
     timing: a list to which the seconds of HiGHS's run() (the solve, not the model build in
     numpy) are appended.
     """
-    import highspy
 
     cost = costs.planner_cost
     fixed, multi, total = _fixed_and_multi(load, holds, costs)
@@ -234,32 +233,19 @@ def lp_split(load: np.ndarray, holds: np.ndarray, costs: FairCosts,
         return split_by_fractions(load, _frac_from(holds, {}))
     pair_g, pair_e = np.nonzero(holds[:, multi] > 0)  # pairs (rank, index into multi)
     num_pairs, num_ranks = pair_g.size, holds.shape[0]
-    inf = highspy.kHighsInf
     # Columns: x[pair] (cost 0), then z (cost 1). Rows: one conservation row per multi-copy
     # expert (= its tokens), one rank-time row per rank (beta x - z <= -fixed - alpha copies).
     cols = np.arange(num_pairs)
-    rows_c = pair_e
-    rows_r = multi.size + pair_g
     copies_on = np.bincount(pair_g, minlength=num_ranks)
-    coef_row = np.concatenate([rows_c, rows_r, multi.size + np.arange(num_ranks)])
+    coef_row = np.concatenate([pair_e, multi.size + pair_g, multi.size + np.arange(num_ranks)])
     coef_col = np.concatenate([cols, cols, np.full(num_ranks, num_pairs)])
     coef_val = np.concatenate([np.ones(num_pairs), np.full(num_pairs, cost.beta),
                                -np.ones(num_ranks)])
-    order = np.argsort(coef_col, kind="stable")
-    starts = np.zeros(num_pairs + 2, np.int32)
-    np.cumsum(np.bincount(coef_col, minlength=num_pairs + 1), out=starts[1:])
-    lp = highspy.HighsLp()
-    lp.num_col_ = num_pairs + 1
-    lp.num_row_ = multi.size + num_ranks
-    lp.col_cost_ = np.concatenate([np.zeros(num_pairs), [1.0]])
-    lp.col_lower_ = np.zeros(num_pairs + 1)
-    lp.col_upper_ = np.full(num_pairs + 1, inf)
-    lp.row_lower_ = np.concatenate([total[multi], np.full(num_ranks, -inf)])
-    lp.row_upper_ = np.concatenate([total[multi], -(fixed + cost.alpha * copies_on)])
-    lp.a_matrix_.format_ = highspy.MatrixFormat.kColwise
-    lp.a_matrix_.start_ = starts
-    lp.a_matrix_.index_ = coef_row[order].astype(np.int32)
-    lp.a_matrix_.value_ = coef_val[order]
+    lp = highs_lp(np.concatenate([np.zeros(num_pairs), [1.0]]), np.zeros(num_pairs + 1),
+                  np.full(num_pairs + 1, np.inf),
+                  np.concatenate([total[multi], np.full(num_ranks, -np.inf)]),
+                  np.concatenate([total[multi], -(fixed + cost.alpha * copies_on)]),
+                  coef_row, coef_col, coef_val)
     h = new_highs()  # silent: HiGHS's banner and log stay off
     h.passModel(lp)
     t0 = time.perf_counter()
