@@ -39,6 +39,35 @@ __all__ = [
 ]
 
 
+# Storage formats of expert weights (probe.runtime.quant keeps tensors in them).
+WEIGHT_FORMATS = ("fp32", "bf16", "fp8_block", "mxfp4")
+MXFP4_BLOCK = 32  # weights sharing one MXFP4 scale, along a row
+FP8_BLOCK = 128  # side of the square tile sharing one block-scaled FP8 scale
+
+
+def check_weight_format(fmt: str) -> None:
+    if fmt not in WEIGHT_FORMATS:
+        raise ValueError(f"unknown weight format {fmt!r}; known: {', '.join(WEIGHT_FORMATS)}")
+
+
+def weight_bytes(fmt: str, rows: int, cols: int) -> int:
+    """Bytes of one [rows, cols] weight matrix stored in `fmt`, scales included: fp32 4 and
+    bf16 2 per weight; fp8_block 1 per weight plus one fp32 scale per 128 x 128 tile; mxfp4
+    half a byte per weight plus one uint8 exponent per 32 weights of a row (17/32 bytes)."""
+    check_weight_format(fmt)
+    if rows <= 0 or cols <= 0:
+        raise ValueError(f"matrix shape must be positive, got [{rows}, {cols}]")
+    if fmt == "fp32":
+        return 4 * rows * cols
+    if fmt == "bf16":
+        return 2 * rows * cols
+    if fmt == "fp8_block":
+        return rows * cols + 4 * math.ceil(rows / FP8_BLOCK) * math.ceil(cols / FP8_BLOCK)
+    if cols % MXFP4_BLOCK:
+        raise ValueError(f"mxfp4 needs cols divisible by {MXFP4_BLOCK}, got {cols}")
+    return rows * cols // 2 + rows * (cols // MXFP4_BLOCK)
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     """Shape of an MoE model, as far as expert placement cares.
@@ -54,6 +83,9 @@ class ModelSpec:
         bytes_per_activation: bytes per hidden element sent in dispatch and combine.
         num_matrices: weight matrices per expert (3 for gated SwiGLU: gate, up, down).
         num_shared_experts: always-active experts (not balanced, reported only).
+        weight_format: storage format of the expert weights (one of WEIGHT_FORMATS), when it
+            is not plain bytes_per_weight per weight: "mxfp4" (GPT-OSS as released) or
+            "fp8_block" (DeepSeek-V3) count their scales too. None: bytes_per_weight.
     """
 
     name: str
@@ -66,8 +98,11 @@ class ModelSpec:
     bytes_per_activation: int = 2
     num_matrices: int = 3
     num_shared_experts: int = 0
+    weight_format: str | None = None
 
     def __post_init__(self) -> None:
+        if self.weight_format is not None:
+            check_weight_format(self.weight_format)
         for name in ("num_layers", "num_experts", "top_k", "hidden", "expert_ffn",
                      "bytes_per_weight", "bytes_per_activation", "num_matrices"):
             value = getattr(self, name)
@@ -85,7 +120,9 @@ class ModelSpec:
     @property
     def expert_bytes(self) -> int:
         """W: bytes moved to replicate one expert."""
-        return self.expert_params * self.bytes_per_weight
+        if self.weight_format is None:
+            return self.expert_params * self.bytes_per_weight
+        return self.num_matrices * weight_bytes(self.weight_format, self.expert_ffn, self.hidden)
 
     @property
     def flops_per_token(self) -> int:

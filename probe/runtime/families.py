@@ -31,6 +31,7 @@ from typing import Any
 import torch
 
 from probe.runtime.config import MoEConfig, RopeConfig
+from probe.runtime.quant import dequantize_mxfp4
 
 __all__ = ["SUPPORTED", "Recipe", "Source", "checkpoint_plan", "config_from_hf",
            "dequantize_mxfp4"]
@@ -310,25 +311,6 @@ def _deinterleave_gate_up(parts: list[torch.Tensor]) -> torch.Tensor:
 def _deinterleave_bias(parts: list[torch.Tensor]) -> torch.Tensor:
     b = parts[0]  # [E_local, 2F], alternating gate, up
     return torch.cat((b[:, 0::2], b[:, 1::2]), dim=1).contiguous()  # [E_local, 2F]
-
-
-# MXFP4: 4-bit e2m1 values, two per byte (low nibble first), 32 per block sharing one power-of-2
-# scale stored as a biased exponent (uint8, bias 127).
-_FP4_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0,
-               -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
-
-
-def dequantize_mxfp4(blocks: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    """blocks uint8 [..., G, 16], scales uint8 [..., G] -> fp32 [..., G * 32]."""
-    if blocks.shape[:-1] != scales.shape or blocks.shape[-1] != 16:
-        raise ValueError(f"mxfp4: blocks {list(blocks.shape)} do not fit scales "
-                         f"{list(scales.shape)}")
-    lut = torch.tensor(_FP4_VALUES, dtype=torch.float32)
-    b = blocks.to(torch.uint8)
-    values = torch.stack((lut[(b & 0x0F).long()], lut[(b >> 4).long()]), dim=-1)  # [..., G, 16, 2]
-    values = values.reshape(*b.shape[:-1], 32)  # [..., G, 32]
-    exponent = scales.to(torch.int32) - 127  # [..., G]
-    return torch.ldexp(values, exponent[..., None]).reshape(*b.shape[:-2], -1)  # [..., G*32]
 
 
 def _mxfp4_gate_up(parts: list[torch.Tensor]) -> torch.Tensor:
