@@ -1,0 +1,226 @@
+"""MoE expert time with weights kept in MXFP4 / block-scaled FP8 against bf16, and the roofline
+of each format.
+
+    python3 -m experiments.runtime.quant_layer --device cuda --out DIR
+    python -m experiments.runtime.quant_layer --device cpu --quick --out DIR   (a smoke run)
+
+One MoE layer's experts on one GPU (all E experts local, as at ep = 1): T tokens routed top-k
+by a skewed random router (Zipf-like expert popularity), token rows gathered in expert order on
+the device, then gate/up GEMM, SwiGLU, down GEMM and the weighted scatter back to the tokens.
+Shapes: gpt-oss-120b (E 128, top-4, hidden 2880, expert width 2880; shipped in MXFP4) and
+deepseek-v3 (E 256, top-8, hidden 7168, width 2048; shipped in block-scaled FP8), at 256, 768
+and 1536 tokens. Variants: bf16 through torch._grouped_mm (where the build has it), and
+probe.runtime.quant_gemm's Triton kernel on bf16 and on the shipped format (weights never
+expanded in memory), each with the block sizes that timed best of a few.
+
+Roofline: the active experts' weight bytes in that format (read once) plus the activations
+(rows x hidden read and written per GEMM) over the HBM bandwidth measured here (a large
+device copy, bytes read plus written), and the FLOPs over the bf16 matmul rate measured here;
+the larger is the floor. Correctness first: each variant against the dequantized fp32 twin on
+fresh inputs (relative Frobenius error). Timing: CUDA events, median of repeats after warm-up,
+inputs rotated over several token sets.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from experiments.manifest import Manifest
+from probe.runtime.quant import PackedWeight
+from probe.runtime.quant_gemm import grouped_matmul, grouped_matmul_ref
+from probe.specs import weight_bytes
+
+SHAPES = {  # name: (experts, top_k, hidden, width, shipped format)
+    "gpt-oss-120b": (128, 4, 2880, 2880, "mxfp4"),
+    "deepseek-v3": (256, 8, 7168, 2048, "fp8_block"),
+}
+QUICK_SHAPES = {"tiny-mxfp4": (8, 2, 128, 64, "mxfp4"), "tiny-fp8": (8, 2, 128, 64, "fp8_block")}
+TOKENS = (256, 768, 1536)
+BLOCKS = ((16, 64, 64), (32, 64, 64), (64, 64, 64), (32, 128, 64), (64, 128, 64))
+
+
+def measure_ceilings(device: str) -> dict:
+    """HBM bandwidth (bytes read + written per second) and bf16 matmul FLOP/s, measured."""
+    if device != "cuda":
+        return {"hbm_bytes_per_s": float("nan"), "bf16_flops": float("nan")}
+    a = torch.empty(2 ** 30, dtype=torch.uint8, device=device)
+    b = torch.empty_like(a)
+    copy_ms = _time(lambda: b.copy_(a), repeats=20)
+    m = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+    mm_ms = _time(lambda: m @ m, repeats=10)
+    return {"hbm_bytes_per_s": 2 * a.numel() / (copy_ms * 1e-3),
+            "bf16_flops": 2 * 8192 ** 3 / (mm_ms * 1e-3)}
+
+
+def _time(fn, *, repeats: int, warmup: int = 3) -> float:
+    """Median milliseconds of fn() by CUDA events (host clock on CPU)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        if torch.cuda.is_available():
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t) * 1e3)
+    return statistics.median(times)
+
+
+def routed(tokens, experts, top_k, hidden, device, gen):
+    """(x bf16 [T, D], order int64 [T*K] token of each expert-sorted row, weights [T*K],
+    offsets int32 [E + 1]) from a skewed router."""
+    popularity = 1.0 / torch.arange(1, experts + 1, dtype=torch.float64) ** 0.8
+    popularity = popularity[torch.randperm(experts, generator=gen)]
+    choice = torch.multinomial(popularity.expand(tokens, -1), top_k, replacement=False,
+                               generator=gen)  # [T, K]
+    gates = torch.softmax(torch.randn(tokens, top_k, generator=gen), dim=-1)
+    flat = choice.reshape(-1)
+    perm = torch.argsort(flat, stable=True)
+    counts = torch.bincount(flat, minlength=experts)
+    offsets = torch.zeros(experts + 1, dtype=torch.int32)
+    offsets[1:] = counts.cumsum(0)
+    x = torch.randn(tokens, hidden, generator=gen).to(torch.bfloat16)
+    return (x.to(device), (perm // top_k).to(device), gates.reshape(-1)[perm].to(device),
+            offsets.to(device), int((counts > 0).sum()))
+
+
+def experts_layer(gemm, x, order, gates, offsets, gate_up, down):
+    """One MoE layer's expert part: gather, gate/up, SwiGLU, down, weighted scatter."""
+    rows = x.index_select(0, order)
+    h = gemm(rows, gate_up, offsets)
+    width = h.shape[1] // 2
+    h = (torch.nn.functional.silu(h[:, :width].float()) * h[:, width:].float()).to(x.dtype)
+    y = gemm(h, down, offsets)
+    out = torch.zeros_like(x, dtype=torch.float32)
+    out.index_add_(0, order, y.float() * gates[:, None])
+    return out
+
+
+def _rotating(gemm, sets, gate_up, down):
+    """A step that runs the layer on the next token set each call (inputs not cache-hot)."""
+    turns = itertools.cycle(sets)
+
+    def step():
+        experts_layer(gemm, *next(turns)[:4], gate_up, down)
+    return step
+
+
+def _grouped_mm_bf16(rows, weight, offsets):
+    return torch._grouped_mm(rows, weight.data[0].transpose(1, 2), offs=offsets[1:])
+
+
+def _triton(block):
+    bm, bn, bk = block
+    return lambda rows, weight, offsets: grouped_matmul(rows, weight, offsets, block_m=bm,
+                                                        block_n=bn, block_k=bk)
+
+
+def _twin(rows, weight, offsets):
+    return grouped_matmul_ref(rows, weight, offsets).to(torch.bfloat16)
+
+
+def run_shape(name, spec, tokens_list, device, ceilings, repeats, gen, blocks):
+    experts, top_k, hidden, width, shipped = spec
+    dense_gu = torch.randn(experts, 2 * width, hidden, generator=gen) * hidden ** -0.5
+    dense_dn = torch.randn(experts, hidden, width, generator=gen) * width ** -0.5
+    rows_out = []
+    for fmt in ("bf16", shipped):
+        gate_up = PackedWeight.pack(dense_gu, fmt).to(device)
+        down = PackedWeight.pack(dense_dn, fmt).to(device)
+        variants = {f"triton {fmt}": None}
+        if fmt == "bf16" and device == "cuda" and hasattr(torch, "_grouped_mm"):
+            variants["torch._grouped_mm bf16"] = _grouped_mm_bf16
+        for tokens in tokens_list:
+            sets = [routed(tokens, experts, top_k, hidden, device, gen) for _ in range(4)]
+            x, order, gates, offsets, active = sets[0]
+            # correctness on fresh inputs, against the fp32 twin of the same packed weights
+            ref = experts_layer(_twin, x, order, gates, offsets, gate_up, down)
+            for label, gemm in list(variants.items()):
+                candidates = [(b, _triton(b)) for b in blocks] if gemm is None else [(None, gemm)]
+                best = None
+                for block, fn in candidates:
+                    got = experts_layer(fn, x, order, gates, offsets, gate_up, down)
+                    err = float((got - ref).norm() / ref.norm())
+                    ms = _time(_rotating(fn, sets, gate_up, down), repeats=repeats)
+                    if best is None or ms < best[1]:
+                        best = (block, ms, err)
+                block, ms, err = best
+                weights = 3 * active * weight_bytes(fmt, width, hidden)
+                acts = 2 * top_k * tokens * (hidden + 2 * width) * 2
+                flops = 2 * top_k * tokens * 3 * hidden * width
+                floor_s = max((weights + acts) / ceilings["hbm_bytes_per_s"],
+                              flops / ceilings["bf16_flops"])
+                row = {"shape": name, "tokens": tokens, "variant": label, "format": fmt,
+                       "block": block, "median_us": ms * 1e3, "rel_error": err,
+                       "active_experts": active, "weight_bytes": weights,
+                       "roofline_us": floor_s * 1e6, "over_roofline": ms * 1e-3 / floor_s}
+                rows_out.append(row)
+                print(f"{name:13s} T={tokens:5d} {label:24s} block={block} "
+                      f"{ms * 1e3:9.1f} us  roofline {floor_s * 1e6:8.1f} us  "
+                      f"x{row['over_roofline']:.2f}  err {err:.1e}", flush=True)
+    return rows_out
+
+
+def write_md(path: Path, rows: list[dict], ceilings: dict, device_name: str) -> None:
+    lines = [f"# MoE expert time by weight format ({device_name})", "",
+             f"HBM {ceilings['hbm_bytes_per_s'] / 1e12:.2f} TB/s (read + write), bf16 matmul "
+             f"{ceilings['bf16_flops'] / 1e12:.0f} TFLOP/s, both measured in this run.", "",
+             "| shape | tokens | variant | block (m,n,k) | median us | roofline us | x roofline "
+             "| active experts | weight MB | rel. error |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['shape']} | {r['tokens']} | {r['variant']} | {r['block']} | "
+                     f"{r['median_us']:.1f} | {r['roofline_us']:.1f} | {r['over_roofline']:.2f} | "
+                     f"{r['active_experts']} | {r['weight_bytes'] / 1e6:.1f} | "
+                     f"{r['rel_error']:.1e} |")
+    path.write_text("\n".join(lines) + "\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--quick", action="store_true", help="tiny shapes, few repeats")
+    parser.add_argument("--repeats", type=int, default=30)
+    args = parser.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda but no CUDA device is visible")
+    args.out.mkdir(parents=True, exist_ok=True)
+    run = Manifest.start("experiments.runtime.quant_layer", argv, out=args.out)
+    gen = torch.Generator().manual_seed(0)
+    ceilings = measure_ceilings(args.device)
+    if args.device == "cpu":  # nominal H200 ceilings, only so the smoke run fills the table
+        ceilings = {"hbm_bytes_per_s": 4.8e12, "bf16_flops": 989e12}
+    shapes = QUICK_SHAPES if args.quick else SHAPES
+    tokens = (16,) if args.quick else TOKENS
+    blocks = BLOCKS[:1] if args.quick else BLOCKS
+    repeats = 2 if args.quick else args.repeats
+    rows = []
+    for name, spec in shapes.items():
+        rows += run_shape(name, spec, tokens, args.device, ceilings, repeats, gen, blocks)
+    device_name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
+    result = {"device": device_name, "ceilings": ceilings, "rows": rows}
+    json_path = args.out / "quant_layer.json"
+    json_path.write_text(json.dumps(result, indent=1) + "\n")
+    md_path = args.out / "quant_layer.md"
+    write_md(md_path, rows, ceilings, device_name)
+    run.write(args.out, [json_path, md_path], name="quant_layer.manifest.json")
+    print(md_path.read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,103 @@
+"""The Triton grouped GEMM over packed expert weights, against its slow twin, on CPU through
+Triton's interpreter (run in a subprocess: TRITON_INTERPRET must be set before the kernel is
+defined)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from probe.runtime.quant import PackedWeight  # noqa: E402
+from probe.runtime.quant_gemm import grouped_matmul_ref, tile_schedule  # noqa: E402
+
+_CHECK = r"""
+import json, sys, torch
+from probe.runtime.quant import PackedWeight
+from probe.runtime.quant_gemm import grouped_matmul, grouped_matmul_ref
+errors = []
+for seed in range(6):
+    g = torch.Generator().manual_seed(seed)
+    num_experts = int(torch.randint(1, 6, (1,), generator=g))
+    n = int(torch.randint(1, 5, (1,), generator=g)) * 24
+    k = int(torch.randint(1, 6, (1,), generator=g)) * 64
+    counts = torch.randint(0, 40, (num_experts,), generator=g)
+    counts[0] = 0 if seed % 2 else counts[0]  # an expert with no rows
+    offsets = torch.zeros(num_experts + 1, dtype=torch.int32)
+    offsets[1:] = counts.cumsum(0)
+    x = torch.randn(int(counts.sum()), k, generator=g).to(torch.bfloat16)
+    w = torch.randn(num_experts, n, k, generator=g) * 0.1
+    for fmt in ("bf16", "mxfp4", "fp8_block"):
+        packed = PackedWeight.pack(w, fmt)
+        out = torch.full((x.shape[0], n), float("nan"), dtype=torch.bfloat16)
+        grouped_matmul(x, packed, offsets, block_m=16, block_n=16, block_k=64, out=out)
+        # the twin on the weights as the kernel sees them (bf16), in fp32
+        bf = PackedWeight("fp32", packed.shape, (packed.dense().to(torch.bfloat16).float(),))
+        ref = grouped_matmul_ref(x, bf, offsets)
+        err = float((out.float() - ref).norm() / ref.norm().clamp_min(1e-30))
+        errors.append([seed, fmt, err, bool(torch.isnan(out).any())])
+json.dump(errors, sys.stdout)
+"""
+
+
+def test_kernel_matches_the_twin_in_every_format():
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    run = subprocess.run([sys.executable, "-c", _CHECK], env=env, capture_output=True,
+                         text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    errors = json.loads(run.stdout.strip().splitlines()[-1])
+    assert len(errors) == 18
+    for seed, fmt, err, has_nan in errors:
+        assert not has_nan, (seed, fmt)  # every output row written
+        # bf16 output rounding; fp8 weights are scaled then rounded to bf16 in the kernel,
+        # which the interpreter may truncate rather than round: twice the error at most
+        assert err < (1e-2 if fmt == "fp8_block" else 4e-3), (seed, fmt, err)
+
+
+def test_tile_schedule_covers_every_row_once():
+    offsets = torch.tensor([0, 0, 5, 70, 73, 200], dtype=torch.int32)
+    expert, row0 = tile_schedule(offsets, 200, 32)
+    assert expert.numel() == 7 + 5
+    covered = torch.zeros(200, dtype=torch.int64)
+    for e, r in zip(expert.tolist(), row0.tolist(), strict=True):
+        if e < 0:
+            continue
+        end = int(offsets[e + 1])
+        assert int(offsets[e]) <= r < end
+        covered[r:min(r + 32, end)] += 1
+    assert torch.equal(covered, torch.ones(200, dtype=torch.int64))
+
+
+def test_twin_dequantizes_each_format():
+    g = torch.Generator().manual_seed(9)
+    w = torch.randn(2, 8, 64, generator=g)
+    x = torch.randn(5, 64, generator=g)
+    offsets = torch.tensor([0, 2, 5], dtype=torch.int32)
+    for fmt in ("mxfp4", "fp8_block"):
+        packed = PackedWeight.pack(w, fmt)
+        y = grouped_matmul_ref(x, packed, offsets)
+        dense = packed.dense()
+        assert torch.allclose(y[:2], x[:2] @ dense[0].T)
+        assert torch.allclose(y[2:], x[2:] @ dense[1].T)
+    with pytest.raises(ValueError, match=r"offsets must be \[E \+ 1\]"):
+        grouped_matmul_ref(x, PackedWeight.pack(w, "bf16"), offsets[:2])
+    with pytest.raises(ValueError, match=r"x must be \[M, 64\]"):
+        grouped_matmul_ref(x[:, :32], PackedWeight.pack(w, "bf16"), offsets)
+
+
+def test_quant_layer_benchmark_runs_on_cpu(tmp_path):
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    run = subprocess.run([sys.executable, "-m", "experiments.runtime.quant_layer", "--device",
+                          "cpu", "--quick", "--out", str(tmp_path)], env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    rows = json.loads((tmp_path / "quant_layer.json").read_text())["rows"]
+    assert {r["variant"] for r in rows} == {"triton bf16", "triton mxfp4", "triton fp8_block"}
+    assert all(r["rel_error"] < 3e-2 for r in rows)
+    assert (tmp_path / "quant_layer.manifest.json").exists()
