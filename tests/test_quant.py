@@ -127,3 +127,65 @@ def test_model_spec_counts_the_bytes_of_its_weight_format(tmp_path):
     assert load_spec(path) == mx
     with pytest.raises(ValueError, match="unknown weight format"):
         dataclasses.replace(base, weight_format="fp4")
+
+
+@pytest.mark.parametrize("arch", ["gpt_oss", "deepseek_v3"])
+def test_shipped_format_checkpoint_loads_like_its_dequantized_twin(arch, tmp_path):
+    """A random checkpoint in the family's release format (MXFP4 experts / FP8 projections)
+    gives the same logits as a dense checkpoint written from its tensors dequantized here."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    from probe.runtime.checkpoint import load_model
+    from probe.runtime.random_checkpoint import RandomCheckpointSpec, write_random_checkpoint
+
+    spec = RandomCheckpointSpec(num_layers=2, num_experts=4, top_k=2, hidden_size=128,
+                                expert_width=64, num_heads=4, num_kv_heads=2)
+    packed = write_random_checkpoint(arch, tmp_path / "packed", spec, weights="shipped")
+    stored = load_file(packed / "model.safetensors")
+    config = json.loads((packed / "config.json").read_text())
+    dense = {}
+    if arch == "gpt_oss":
+        assert config["quantization_config"]["quant_method"] == "mxfp4"
+        for name, t in stored.items():
+            if name.endswith("_blocks"):
+                base = name.removesuffix("_blocks")
+                w = dequantize_mxfp4(t, stored[base + "_scales"])  # [E, rows, cols]
+                dense[base] = w.transpose(1, 2).contiguous()  # the dense release layout
+            elif not name.endswith("_scales"):
+                dense[name] = t
+        assert any(t.dtype == torch.uint8 for t in stored.values())
+    else:
+        assert config["quantization_config"]["weight_block_size"] == [128, 128]
+        for name, t in stored.items():
+            if t.dtype == torch.float8_e4m3fn:
+                dense[name] = dequantize_fp8_block(t, stored[name + "_scale_inv"])
+            elif not name.endswith("_scale_inv"):
+                dense[name] = t
+        assert sum(t.dtype == torch.float8_e4m3fn for t in stored.values()) >= 10
+    (tmp_path / "dense").mkdir()
+    save_file(dense, tmp_path / "dense" / "model.safetensors")
+    del config["quantization_config"]
+    (tmp_path / "dense" / "config.json").write_text(json.dumps(config))
+    ids = torch.randint(0, 200, (2, 12), generator=torch.Generator().manual_seed(0))
+    got = load_model(packed)(ids).logits
+    want = load_model(tmp_path / "dense")(ids).logits
+    assert torch.equal(got, want)
+
+
+def test_fp8_weight_without_its_scale_is_named(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from probe.runtime.checkpoint import CheckpointError, load_model
+    from probe.runtime.random_checkpoint import write_random_checkpoint
+
+    path = write_random_checkpoint("deepseek_v3", tmp_path / "ck", weights="shipped")
+    stored = load_file(path / "model.safetensors")
+    victim = next(n for n, t in stored.items() if t.dtype == torch.float8_e4m3fn)
+    del stored[victim + "_scale_inv"]
+    save_file(stored, path / "model.safetensors")
+    with pytest.raises(CheckpointError, match=f"{victim} has no {victim}_scale_inv"):
+        load_model(path)
+    with pytest.raises(ValueError, match="no quantized release format"):
+        write_random_checkpoint("qwen3_moe", tmp_path / "q", weights="shipped")

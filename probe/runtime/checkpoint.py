@@ -20,8 +20,17 @@ import torch
 from safetensors import safe_open
 
 from probe.runtime.config import MoEConfig
-from probe.runtime.families import Recipe, checkpoint_plan, config_from_hf, fp32_params, ignorable
+from probe.runtime.families import (
+    FP8_SCALE_SUFFIX,
+    Recipe,
+    Source,
+    checkpoint_plan,
+    config_from_hf,
+    fp32_params,
+    ignorable,
+)
 from probe.runtime.model import MoETransformer
+from probe.runtime.quant import dequantize_fp8_block
 
 __all__ = ["CheckpointError", "CheckpointReader", "load_config", "load_model", "read_hf_config",
            "verify_checkpoint"]
@@ -189,6 +198,22 @@ class CheckpointReader:
         return torch.cat(pieces) if len(pieces) > 1 else pieces[0]
 
 
+def _read_dense(reader: CheckpointReader, source: Source) -> torch.Tensor:
+    """A recipe source as a dense tensor: block-scaled FP8 weights (DeepSeek-V3's release) are
+    dequantized with their `<name>_scale_inv`."""
+    part = reader.read(source.name, source.rows)
+    if part.dtype != torch.float8_e4m3fn:
+        return part
+    scale = source.name + FP8_SCALE_SUFFIX
+    if scale not in reader.names:
+        raise CheckpointError(reader.file_of[source.name],
+                              f"fp8 tensor {source.name} has no {scale}")
+    try:
+        return dequantize_fp8_block(part, reader.read(scale, source.rows))
+    except ValueError as err:
+        raise CheckpointError(reader.file_of[scale], str(err)) from None
+
+
 def _check_expert_ids(expert_ids: Sequence[int] | None, num_experts: int) -> tuple[int, ...] | None:
     if expert_ids is None:
         return None
@@ -276,7 +301,7 @@ def load_model(path: str | Path, *, dtype: torch.dtype = torch.float32,
         model = MoETransformer(cfg, ids)
     state = {}
     for recipe in plan:
-        parts = [reader.read(s.name, s.rows) for s in recipe.sources]
+        parts = [_read_dense(reader, s) for s in recipe.sources]
         target_dtype = torch.float32 if fp32_params(cfg, recipe.target) else dtype
         state[recipe.target] = recipe.build(parts).to(device=device, dtype=target_dtype)
     expected = set(model.state_dict())

@@ -110,6 +110,9 @@ def register(app: typer.Typer) -> None:
                  "`probe generate --prompt` works.")] = 272,
         seed: Annotated[int, typer.Option(help="Seeds every tensor.")] = 0,
         dtype: Annotated[str, typer.Option(help="Stored dtype: fp32 or bf16.")] = "fp32",
+        weights: Annotated[str, typer.Option(
+            help="dense, or shipped: the family's release format (gpt_oss: MXFP4 experts; "
+                 "deepseek_v3: block-scaled FP8 projections).")] = "dense",
         force: Annotated[bool, typer.Option("--force", help="Write into a non-empty --out.")
                          ] = False,
     ) -> None:
@@ -127,14 +130,15 @@ def register(app: typer.Typer) -> None:
                 expert_width=expert_width, num_heads=heads, num_kv_heads=kv_heads,
                 vocab_size=vocab)
             path = write_random_checkpoint(arch, out, spec, seed=seed, dtype=dtype,
-                                           overwrite=force)
+                                           weights=weights, overwrite=force)
             cfg = verify_checkpoint(path)
         except (OSError, ValueError) as err:
             raise _fail(err) from None
         size_mb = (path / "model.safetensors").stat().st_size / 1e6
         typer.echo(f"wrote {path}: random {cfg.model_type}, {cfg.num_layers} layers "
                    f"({cfg.num_moe_layers} MoE), {cfg.num_experts} experts, top-{cfg.top_k}, "
-                   f"hidden {cfg.hidden_size}, vocabulary {cfg.vocab_size}, {dtype}, "
+                   f"hidden {cfg.hidden_size}, vocabulary {cfg.vocab_size}, {dtype}"
+                   f"{'' if weights == 'dense' else ' + shipped format'}, "
                    f"{size_mb:.1f} MB")
 
     app.add_typer(group, name="checkpoint")

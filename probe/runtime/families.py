@@ -31,7 +31,7 @@ from typing import Any
 import torch
 
 from probe.runtime.config import MoEConfig, RopeConfig
-from probe.runtime.quant import dequantize_mxfp4
+from probe.runtime.quant import FP8_BLOCK, dequantize_mxfp4
 
 __all__ = ["SUPPORTED", "Recipe", "Source", "checkpoint_plan", "config_from_hf",
            "dequantize_mxfp4"]
@@ -256,8 +256,14 @@ def config_from_hf(config: dict[str, Any]) -> MoEConfig:
         method = config["quantization_config"].get("quant_method", "?")
         if model_type == "gpt_oss" and method == "mxfp4":
             return _READERS[model_type](config)  # experts are dequantized on load
-        raise ValueError(f"quantized checkpoints ({method}) are not supported; "
-                         "dequantize to bf16/fp32 safetensors first")
+        if model_type == "deepseek_v3" and method == "fp8":
+            block = config["quantization_config"].get("weight_block_size", [128, 128])
+            if list(block) != [FP8_BLOCK, FP8_BLOCK]:
+                raise ValueError(f"fp8 checkpoints need weight_block_size [{FP8_BLOCK}, "
+                                 f"{FP8_BLOCK}], got {block}")
+            return _READERS[model_type](config)  # fp8 weights are dequantized on load
+        raise ValueError(f"quantized checkpoints ({method}) are not supported for "
+                         f"{model_type}; dequantize to bf16/fp32 safetensors first")
     return _READERS[model_type](config)
 
 
@@ -486,9 +492,13 @@ def checkpoint_plan(cfg: MoEConfig, names: set[str],
     return plan
 
 
+FP8_SCALE_SUFFIX = "_scale_inv"  # DeepSeek's FP8 release: W.weight has W.weight_scale_inv
+
+
 def ignorable(cfg: MoEConfig, name: str) -> bool:
-    """Checkpoint tensors that carry nothing the model needs."""
-    if name.endswith("rotary_emb.inv_freq") or (
+    """Checkpoint tensors that carry nothing the model needs (block-scaled FP8 scales are
+    read with their weight, not on their own)."""
+    if name.endswith(("rotary_emb.inv_freq", FP8_SCALE_SUFFIX)) or (
             cfg.tie_word_embeddings and name == "lm_head.weight"):
         return True
     # DeepSeek's multi-token-prediction layers sit after the last decoder layer.

@@ -109,7 +109,7 @@ def dequantize_fp8_block(weight: torch.Tensor, scale_inv: torch.Tensor) -> torch
     tiles, n, k = _tile_view(weight.to(torch.float32))
     out = tiles * scale_inv.to(torch.float32)[..., :, None, :, None]
     out = out.reshape(*weight.shape[:-2], out.shape[-4] * FP8_BLOCK, -1)
-    return out[..., :n, :k]
+    return out[..., :n, :k].contiguous()
 
 
 def quantize_fp8_block(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

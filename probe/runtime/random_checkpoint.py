@@ -28,7 +28,8 @@ import torch
 
 from probe.runtime import smallmodel
 from probe.runtime.config import MoEConfig
-from probe.runtime.families import checkpoint_plan, config_from_hf
+from probe.runtime.families import FP8_SCALE_SUFFIX, checkpoint_plan, config_from_hf
+from probe.runtime.quant import FP8_BLOCK, MXFP4_BLOCK, quantize_fp8_block, quantize_mxfp4
 
 __all__ = ["ARCHITECTURES", "RandomCheckpointSpec", "random_hf_config",
            "write_random_checkpoint"]
@@ -148,11 +149,41 @@ def random_hf_config(arch: str, spec: RandomCheckpointSpec | None = None) -> dic
             "num_nextn_predict_layers": 0}
 
 
-def _layout_hint(cfg: MoEConfig) -> set[str]:
+def _layout_hint(cfg: MoEConfig, shipped: bool) -> set[str]:
     """Tensor names that make `checkpoint_plan` pick the family's Hub layout."""
     if cfg.model_type == "mixtral":
         return {f"model.layers.{i}.block_sparse_moe.gate.weight" for i in cfg.moe_layers}
-    return set()  # per-expert tensors (GPT-OSS: its stacked, interleaved release layout)
+    if cfg.model_type == "gpt_oss" and shipped:  # MXFP4 experts, as released
+        return {f"model.layers.{i}.mlp.experts.gate_up_proj_blocks" for i in cfg.moe_layers}
+    return set()  # per-expert tensors (GPT-OSS: its stacked, interleaved dequantized layout)
+
+
+# The formats the families ship in (`weights="shipped"`): quantization_config and which tensors.
+_SHIPPED = {
+    "gpt_oss": {"quant_method": "mxfp4",
+                "modules_to_not_convert": ["model.layers.*.self_attn", "model.layers.*.mlp.router",
+                                           "model.embed_tokens", "lm_head"]},
+    "deepseek_v3": {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                    "weight_block_size": [FP8_BLOCK, FP8_BLOCK]},
+}
+
+
+def _shipped_tensors(arch: str, name: str, shape: tuple[int, ...], seed: int,
+                     std: float) -> dict[str, torch.Tensor] | None:
+    """The stored tensors of source `name` in the family's shipped format, or None when that
+    tensor ships in plain floats. MXFP4: `*_blocks` from a dense [..., rows, cols] draw
+    (its `*_scales` come with it); FP8: every projection matrix with its `_scale_inv`."""
+    if arch == "gpt_oss" and name.endswith("_blocks"):
+        dense = _random_tensor(name, (*shape[:-2], shape[-2] * MXFP4_BLOCK), seed, std)
+        blocks, scales = quantize_mxfp4(dense)
+        return {name: blocks, name.removesuffix("_blocks") + "_scales": scales}
+    if arch == "gpt_oss" and name.endswith("_scales"):
+        return {}  # written with its blocks
+    if arch == "deepseek_v3" and len(shape) == 2 and name.endswith(
+            ("_proj.weight", "_proj_with_mqa.weight")):
+        weight, scale_inv = quantize_fp8_block(_random_tensor(name, shape, seed, std))
+        return {name: weight, name + FP8_SCALE_SUFFIX: scale_inv}
+    return None
 
 
 def _seed_of(seed: int, name: str) -> int:
@@ -170,7 +201,7 @@ def _random_tensor(name: str, shape: tuple[int, ...], seed: int, std: float) -> 
 def write_random_checkpoint(arch: str, out: str | Path,
                             spec: RandomCheckpointSpec | None = None, *, seed: int = 0,
                             dtype: str = "fp32", std: float = 0.02,
-                            overwrite: bool = False) -> Path:
+                            weights: str = "dense", overwrite: bool = False) -> Path:
     """Write config.json and model.safetensors of a random `arch` model to directory `out`.
 
     Args:
@@ -182,6 +213,10 @@ def write_random_checkpoint(arch: str, out: str | Path,
         seed: seeds every tensor (with its name).
         dtype: "fp32" or "bf16", the stored dtype.
         std: standard deviation of the random weights (norm weights are 1).
+        weights: "dense" (every tensor in `dtype`) or "shipped": the format the family is
+            released in, with its quantization_config: GPT-OSS's experts in MXFP4
+            (`*_blocks`, `*_scales`), DeepSeek-V3's projection matrices in block-scaled FP8
+            (`weight_scale_inv` per 128 x 128 tile); other families have no such format.
     Returns:
         The checkpoint directory.
     """
@@ -197,12 +232,25 @@ def write_random_checkpoint(arch: str, out: str | Path,
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise FileExistsError(f"out directory {out} is not empty; choose a new one, or "
                               "overwrite its checkpoint files (--force)")
+    if weights not in ("dense", "shipped"):
+        raise ValueError(f"weights must be 'dense' or 'shipped'; got {weights!r}")
+    shipped = weights == "shipped"
+    if shipped and arch not in _SHIPPED:
+        raise ValueError(f"weights='shipped': {arch} has no quantized release format; "
+                         f"families with one: {', '.join(_SHIPPED)}")
     config = random_hf_config(arch, spec)
     config["torch_dtype"] = {"fp32": "float32", "bf16": "bfloat16"}[dtype]
+    if shipped:
+        config["quantization_config"] = dict(_SHIPPED[arch])
     cfg = config_from_hf(config)
     tensors = {}
-    for recipe in checkpoint_plan(cfg, _layout_hint(cfg)):
+    for recipe in checkpoint_plan(cfg, _layout_hint(cfg, shipped)):
         for source in recipe.sources:
+            packed = _shipped_tensors(arch, source.name, source.shape, seed, std) if shipped \
+                else None
+            if packed is not None:
+                tensors.update({k: v.contiguous() for k, v in packed.items()})
+                continue
             tensor = _random_tensor(source.name, source.shape, seed, std)
             tensors[source.name] = tensor.to(_DTYPES[dtype]).contiguous()
     from safetensors.torch import save_file
