@@ -79,6 +79,18 @@ def _time(fn, *, repeats: int, warmup: int = 3) -> float:
     return statistics.median(times)
 
 
+def random_packed(experts, rows, cols, fmt, device, *, seed) -> PackedWeight:
+    """Random expert weights [E, rows, cols] (std cols^-0.5) packed in `fmt` on `device`, drawn
+    and packed one expert at a time (a whole layer in fp32 would not fit in memory)."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    parts = []
+    for _ in range(experts):
+        w = torch.randn(1, rows, cols, generator=gen, device=device) * cols ** -0.5
+        parts.append(PackedWeight.pack(w, fmt).data)
+    data = tuple(torch.cat(group) for group in zip(*parts, strict=True))
+    return PackedWeight(fmt, (experts, rows, cols), data)
+
+
 def routed(tokens, experts, top_k, hidden, device, gen):
     """(x bf16 [T, D], order int64 [T*K] token of each expert-sorted row, weights [T*K],
     offsets int32 [E + 1]) from a skewed router."""
@@ -134,12 +146,10 @@ def _twin(rows, weight, offsets):
 
 def run_shape(name, spec, tokens_list, device, ceilings, repeats, gen, blocks):
     experts, top_k, hidden, width, shipped = spec
-    dense_gu = torch.randn(experts, 2 * width, hidden, generator=gen) * hidden ** -0.5
-    dense_dn = torch.randn(experts, hidden, width, generator=gen) * width ** -0.5
     rows_out = []
     for fmt in ("bf16", shipped):
-        gate_up = PackedWeight.pack(dense_gu, fmt).to(device)
-        down = PackedWeight.pack(dense_dn, fmt).to(device)
+        gate_up = random_packed(experts, 2 * width, hidden, fmt, device, seed=1)
+        down = random_packed(experts, hidden, width, fmt, device, seed=2)
         variants = {f"triton {fmt}": None}
         if fmt == "bf16" and device == "cuda" and hasattr(torch, "_grouped_mm"):
             variants["torch._grouped_mm bf16"] = _grouped_mm_bf16
