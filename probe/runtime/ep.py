@@ -35,6 +35,7 @@ from torch.profiler import record_function
 
 from probe.placement import sharded_home
 from probe.runtime.dist import DistContext, guarded
+from probe.runtime.experts import GroupedExperts, grouped_default
 
 __all__ = [
     "EPMoELayer",
@@ -174,10 +175,17 @@ class EPMoELayer:
         expert_fn: forward of one expert.
         combine: (expert_out [T, K, D], topk_weights [T, K]) -> [T, D]; the single-process
             model's own combine so that summation order matches.
+        activate: the experts' nonlinearity (`MoEBlock.activate`). Given, the home experts run
+            as one grouped GEMM per projection (`probe.runtime.experts.GroupedExperts`, params
+            named w_gate_up, w_down and optionally b_gate_up, b_down); replicas still run one
+            `expert_fn` call each. None: every expert runs through `expert_fn`.
+        grouped: with activate, use the grouped path (None: `grouped_default()`).
     """
 
     def __init__(self, ctx: DistContext, layer: int, num_experts: int, experts: LayerExperts,
-                 expert_fn: ExpertFn, combine: Callable = default_combine) -> None:
+                 expert_fn: ExpertFn, combine: Callable = default_combine, *,
+                 activate: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                 grouped: bool | None = None) -> None:
         self.ctx = ctx
         self.layer = int(layer)
         self.num_experts = int(num_experts)
@@ -192,8 +200,40 @@ class EPMoELayer:
         self.experts = experts
         self.expert_fn = expert_fn
         self.combine = combine
+        self.grouped: GroupedExperts | None = None
+        if activate is not None and (grouped_default() if grouped is None else grouped):
+            p = experts.params
+            missing = {"w_gate_up", "w_down"} - set(p)
+            if missing:
+                raise ValueError(f"grouped experts need params {sorted(missing)}; "
+                                 f"experts hold {sorted(p)}")
+            self.grouped = GroupedExperts(p["w_gate_up"], p["w_down"], activate,
+                                          b_gate_up=p.get("b_gate_up"), b_down=p.get("b_down"))
 
     # -------------------------------------------------------------------------------------
+    def _home_grouped(self, x_recv: torch.Tensor, y_recv: torch.Tensor, row_expert: torch.Tensor,
+                      by_expert: torch.Tensor | None, per_expert: list[int]) -> None:
+        """Rows of this rank's home experts through `self.grouped` (one grouped GEMM per
+        projection); writes their outputs into y_recv. row_expert [N] (host) is each received
+        row's expert, by_expert [N] (host) the rows sorted by expert (None: already sorted)."""
+        ids = self.experts.expert_ids  # [E_local]
+        counts = np.asarray(per_expert, dtype=np.int64)[ids]  # [E_local]
+        n_home = int(counts.sum())
+        if n_home == 0:
+            return
+        device = x_recv.device
+        offs = torch.as_tensor(np.cumsum(counts), dtype=torch.int32).to(device)  # [E_local]
+        slot_of = np.full(self.num_experts, -1, dtype=np.int64)
+        slot_of[ids] = np.arange(len(ids))
+        order = torch.arange(row_expert.numel()) if by_expert is None else by_expert  # [N]
+        slot_sorted = torch.as_tensor(slot_of)[row_expert[order]]  # [N], -1 on replicas
+        if n_home == row_expert.numel() and by_expert is None:  # all home, already grouped
+            y_recv.copy_(self.grouped.forward_sorted(x_recv, offs, slot_sorted.to(device)))
+            return
+        rows = order[slot_sorted >= 0].to(device)  # [n_home], grouped by expert
+        y_recv[rows] = self.grouped.forward_sorted(
+            x_recv.index_select(0, rows), offs, slot_sorted[slot_sorted >= 0].to(device))
+
     def _a2a(self, out: torch.Tensor, inp: torch.Tensor, out_splits, in_splits, name: str):
         ctx = self.ctx
         with guarded(f"{name} (MoE layer {self.layer})", ctx.rank, ctx.watchdog):
@@ -286,14 +326,20 @@ class EPMoELayer:
         row_expert = torch.repeat_interleave(
             torch.arange(num_experts).repeat(recv_counts.shape[0]), recv_counts.reshape(-1))
         per_expert = torch.bincount(row_expert, minlength=num_experts).tolist()
-        by_expert = None if single_source else torch.argsort(row_expert, stable=True).to(device)
+        by_expert_host = None if single_source else torch.argsort(row_expert, stable=True)
+        by_expert = None if single_source else by_expert_host.to(device)
         y_recv = torch.empty_like(x_recv)
         pos = 0
         with record_function("probe.ep.experts"):
+            if self.grouped is not None:  # all home experts in one grouped GEMM per projection
+                self._home_grouped(x_recv, y_recv, row_expert, by_expert_host, per_expert)
             for e, n in enumerate(per_expert):
                 if n == 0:
                     continue
                 if self.home[self.ctx.rank, e]:
+                    if self.grouped is not None:
+                        pos += n
+                        continue
                     params = self.experts.get(e)
                 else:
                     if replica_params is None or not arrived[self.ctx.rank, e]:
