@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from probe.placement import sharded_home
 from probe.runtime.config import MoEConfig, RopeConfig
 from probe.runtime.dist import DistContext
 from probe.runtime.ep import EPMoELayer, LayerExperts
@@ -200,3 +201,66 @@ def test_ep_layer_single_process_grouped_equals_loop(family):
                              .view(13, 2, -1), topk_w)
     assert _rel(outs[0], outs[1]) <= TOL[dtype]
     assert _rel(outs[0], want) <= TOL[dtype]
+
+
+def _dedup_worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    import datetime
+
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=world, timeout=datetime.timedelta(seconds=30))
+    ctx = DistContext(rank, world, dist.group.WORLD, None, torch.device("cpu"))
+    block = family_block("gpt_oss", torch.float64)  # biases and the clamp
+    x, topk_ids, topk_w = _dedup_inputs(rank)
+    out = {}
+    with torch.no_grad():
+        ids = np.flatnonzero(sharded_home(NUM_EXPERTS, world)[rank])
+        params = {n: t[torch.as_tensor(ids)] for n, t in _expert_params(block).items()}
+        for dedup in (True, False):
+            layer = EPMoELayer(ctx, 0, NUM_EXPERTS, LayerExperts(ids, params), _expert_fn(block),
+                               combine=block.combine, activate=block.activate, dedup=dedup)
+            y, stats = layer.forward(x, topk_ids, topk_w)
+            out[dedup] = (y, stats.pairs_sent, stats.rows_sent)
+    torch.save(out, f"{out_dir}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def _dedup_inputs(rank: int):
+    g = torch.Generator().manual_seed(40 + rank)
+    x = torch.randn(9, HIDDEN, generator=g, dtype=torch.float64) * 2
+    topk_ids = torch.stack([torch.randperm(NUM_EXPERTS, generator=g)[:2] for _ in range(9)])
+    topk_ids[:4] = torch.tensor([[0, 1], [1, 2], [4, 5], [5, 3]])  # both pairs on one rank
+    topk_w = torch.softmax(torch.randn(9, 2, generator=g, dtype=torch.float64), dim=-1)
+    return x, topk_ids, topk_w
+
+
+def test_dispatch_dedup_two_ranks(tmp_path):
+    """A token goes once to a rank that runs several of its experts; outputs are unchanged."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    mp.spawn(_dedup_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    block = family_block("gpt_oss", torch.float64)
+    for rank in range(2):
+        out = torch.load(tmp_path / f"rank{rank}.pt", weights_only=False)
+        x, topk_ids, topk_w = _dedup_inputs(rank)
+        with torch.no_grad():
+            want = block.combine(_loop(block, x.repeat_interleave(2, 0), topk_ids.reshape(-1))
+                                 .view(9, 2, -1), topk_w)
+        y_on, pairs_on, rows_on = out[True]
+        y_off, pairs_off, rows_off = out[False]
+        assert torch.equal(y_on, y_off)
+        assert float((y_on - want).abs().max()) <= 1e-12
+        assert pairs_on.tolist() == pairs_off.tolist() == rows_off.tolist()
+        assert pairs_on.sum() == 18
+        assert (rows_on <= pairs_on).all() and rows_on.sum() < pairs_on.sum()
+        # rows_sent counts distinct tokens per destination
+        home = np.argmax(sharded_home(NUM_EXPERTS, 2), axis=0)
+        dest = torch.as_tensor(home)[topk_ids]
+        want_rows = [len({t for t in range(9) if (dest[t] == g).any()}) for g in range(2)]
+        assert rows_on.tolist() == want_rows
