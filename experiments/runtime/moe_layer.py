@@ -118,10 +118,19 @@ def hf_experts(family: str, w: dict, e: int, k: int, d: int, f: int, dtype, devi
                                  num_experts_per_tok=k, num_hidden_layers=1, norm_topk_prob=True)
     except ImportError as err:
         return None, f"unavailable in the installed transformers ({err})"
-    with torch.device("meta"):
-        block = Block(cfg)
-    block = block.to(dtype).to_empty(device=device)
-    ex = block.experts
+    try:
+        with torch.device("meta"):
+            block = Block(cfg)
+        block = block.to(dtype).to_empty(device=device)
+        ex = block.experts
+        _load_hf(ex, family, w, f)
+    except (TypeError, AttributeError, ValueError, RuntimeError) as err:
+        return None, f"could not be built from the installed transformers ({err})"
+    return ex, "ok"
+
+
+def _load_hf(ex, family: str, w: dict, f: int) -> None:
+    """Our weights into transformers' experts module (its layout for the family)."""
     with torch.no_grad():
         if family == "gpt_oss":  # [E, D, 2F] with gate / up columns interleaved; [E, F, D]
             gu = w["w_gate_up"].transpose(1, 2)  # [E, D, 2F], gate half first
@@ -134,7 +143,6 @@ def hf_experts(family: str, w: dict, e: int, k: int, d: int, f: int, dtype, devi
         else:  # the same layout as ours
             ex.gate_up_proj.copy_(w["w_gate_up"])
             ex.down_proj.copy_(w["w_down"])
-    return ex, "ok"
 
 
 def hf_call(ex, impl: str):
