@@ -5,7 +5,7 @@ first, `w_down [E_local, D, F]`, optional `b_gate_up [E_local, 2F]`, `b_down [E_
 the family's nonlinearity `activate(gate_up [n, 2F]) -> [n, F]` (`MoEBlock.activate`: SiLU-GLU,
 or GPT-OSS's clamped SwiGLU). A forward pass over rows that each name a local expert slot:
 
-  1. permute on the device: `order = argsort(slot)` (stable), `counts = bincount(slot)`,
+  1. permute on the device: `order = argsort(slot)` (stable), `counts` per slot (scatter_add),
      `offs = cumsum(counts)` as int32 (the end row of every expert's group);
   2. `gate_up = grouped_mm(x[order], w_gate_up^T, offs)` (+ `b_gate_up[slot[order]]`),
      `h = activate(gate_up)`, `y = grouped_mm(h, w_down^T, offs)` (+ `b_down[slot[order]]`);
@@ -211,12 +211,12 @@ class GroupedExperts:
                              f"[{int(slot.min())}, {int(slot.max())}]")
         order = torch.argsort(slot, stable=True)  # [n]
         slot_sorted = slot.index_select(0, order)  # [n]
-        counts = torch.bincount(slot_sorted, minlength=self.num_experts)  # [E_local]
+        # scatter_add, not bincount: bincount on CUDA reads the largest id back to the host.
+        counts = torch.zeros(self.num_experts, dtype=torch.int64, device=x.device)
+        counts.scatter_add_(0, slot_sorted, torch.ones_like(slot_sorted))  # [E_local]
         offs = torch.cumsum(counts, 0).to(torch.int32)  # [E_local]
         y = self.forward_sorted(x.index_select(0, order), offs, slot_sorted)  # [n, D]
-        out = torch.empty_like(y)
-        out[order] = y  # un-permute
-        return out
+        return torch.empty_like(y).index_copy_(0, order, y)  # un-permute
 
     def moe(self, x: torch.Tensor, topk_slot: torch.Tensor, topk_weights: torch.Tensor,
             combine: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
