@@ -17,9 +17,15 @@ actual pairs (taken in token order, then k order),
   When the prediction was right (n == sum(q)) rank g gets exactly q[g] pairs.
 So a replica that has not arrived is never used: its pairs fall back to the home rank.
 
+Dispatch (dedup, the default): a token goes once to each rank that runs any of its pairs, in
+(destination, token) order, with one int64 per pair saying which of those rows it uses; the
+receiver expands the rows back to one per pair (source order, then expert, then token), so
+everything after dispatch is the same with dedup on or off.
+
 Combine: each executing rank returns expert outputs to the source in the order it received
-them; the source puts them back at their (token, k) position and sums over k with the gate
-weights with the model's own `combine` function, the one the single-process model uses.
+them (one row per pair); the source puts them back at their (token, k) position and sums over
+k with the gate weights with the model's own `combine` function, the one the single-process
+model uses.
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ from torch.profiler import record_function
 
 from probe.placement import sharded_home
 from probe.runtime.dist import DistContext, guarded
+from probe.runtime.experts import GroupedExperts, grouped_default
 
 __all__ = [
     "EPMoELayer",
@@ -137,6 +144,8 @@ class LayerStats:
     """What one EP layer call did on this rank.
 
     pairs_sent: int64 [G], pairs this rank dispatched to each rank.
+    rows_sent: int64 [G], token rows this rank dispatched to each rank (with dedup a token
+        goes once to a rank however many of its pairs run there; else rows_sent == pairs_sent).
     pairs_processed: pairs this rank ran (home + replicas).
     pairs_on_replicas: of those, pairs run on replica weights.
     pairs_fallback: pairs of this rank sent home because the planned rank could not run them.
@@ -144,6 +153,7 @@ class LayerStats:
     """
 
     pairs_sent: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    rows_sent: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
     pairs_processed: int = 0
     pairs_on_replicas: int = 0
     pairs_fallback: int = 0
@@ -174,10 +184,19 @@ class EPMoELayer:
         expert_fn: forward of one expert.
         combine: (expert_out [T, K, D], topk_weights [T, K]) -> [T, D]; the single-process
             model's own combine so that summation order matches.
+        activate: the experts' nonlinearity (`MoEBlock.activate`). Given, the home experts run
+            as one grouped GEMM per projection (`probe.runtime.experts.GroupedExperts`, params
+            named w_gate_up, w_down and optionally b_gate_up, b_down); replicas still run one
+            `expert_fn` call each. None: every expert runs through `expert_fn`.
+        grouped: with activate, use the grouped path (None: `grouped_default()`).
+        dedup: dispatch a token once per destination rank (with an index per pair), not once
+            per pair; the combine still returns one row per pair.
     """
 
     def __init__(self, ctx: DistContext, layer: int, num_experts: int, experts: LayerExperts,
-                 expert_fn: ExpertFn, combine: Callable = default_combine) -> None:
+                 expert_fn: ExpertFn, combine: Callable = default_combine, *,
+                 activate: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                 grouped: bool | None = None, dedup: bool = True) -> None:
         self.ctx = ctx
         self.layer = int(layer)
         self.num_experts = int(num_experts)
@@ -192,8 +211,41 @@ class EPMoELayer:
         self.experts = experts
         self.expert_fn = expert_fn
         self.combine = combine
+        self.dedup = bool(dedup)
+        self.grouped: GroupedExperts | None = None
+        if activate is not None and (grouped_default() if grouped is None else grouped):
+            p = experts.params
+            missing = {"w_gate_up", "w_down"} - set(p)
+            if missing:
+                raise ValueError(f"grouped experts need params {sorted(missing)}; "
+                                 f"experts hold {sorted(p)}")
+            self.grouped = GroupedExperts(p["w_gate_up"], p["w_down"], activate,
+                                          b_gate_up=p.get("b_gate_up"), b_down=p.get("b_down"))
 
     # -------------------------------------------------------------------------------------
+    def _home_grouped(self, x_recv: torch.Tensor, y_recv: torch.Tensor, row_expert: torch.Tensor,
+                      by_expert: torch.Tensor | None, per_expert: list[int]) -> None:
+        """Rows of this rank's home experts through `self.grouped` (one grouped GEMM per
+        projection); writes their outputs into y_recv. row_expert [N] (host) is each received
+        row's expert, by_expert [N] (host) the rows sorted by expert (None: already sorted)."""
+        ids = self.experts.expert_ids  # [E_local]
+        counts = np.asarray(per_expert, dtype=np.int64)[ids]  # [E_local]
+        n_home = int(counts.sum())
+        if n_home == 0:
+            return
+        device = x_recv.device
+        offs = torch.as_tensor(np.cumsum(counts), dtype=torch.int32).to(device)  # [E_local]
+        slot_of = np.full(self.num_experts, -1, dtype=np.int64)
+        slot_of[ids] = np.arange(len(ids))
+        order = torch.arange(row_expert.numel()) if by_expert is None else by_expert  # [N]
+        slot_sorted = torch.as_tensor(slot_of)[row_expert[order]]  # [N], -1 on replicas
+        if n_home == row_expert.numel() and by_expert is None:  # all home, already grouped
+            y_recv.copy_(self.grouped.forward_sorted(x_recv, offs, slot_sorted.to(device)))
+            return
+        rows = order[slot_sorted >= 0].to(device)  # [n_home], grouped by expert
+        y_recv[rows] = self.grouped.forward_sorted(
+            x_recv.index_select(0, rows), offs, slot_sorted[slot_sorted >= 0].to(device))
+
     def _a2a(self, out: torch.Tensor, inp: torch.Tensor, out_splits, in_splits, name: str):
         ctx = self.ctx
         with guarded(f"{name} (MoE layer {self.layer})", ctx.rank, ctx.watchdog):
@@ -263,12 +315,15 @@ class EPMoELayer:
         stats.pairs_sent = send_counts.view(num_ranks, num_experts).sum(dim=1).numpy()
         token_of_pair = send_order // top_k  # [P]
         device = x.device
-        x_send = x.index_select(0, token_of_pair.to(device))  # [P, D]
+        num_pairs = token_of_pair.numel()
 
         if self.ctx.group is None or num_ranks == 1:
             recv_counts = send_counts.view(1, num_experts)  # [S=1, E]
-            x_recv = x_send
-        else:
+            x_recv = x.index_select(0, token_of_pair.to(device))  # [P, D]
+            stats.rows_sent = stats.pairs_sent.copy()
+        elif not self.dedup:
+            x_send = x.index_select(0, token_of_pair.to(device))  # [P, D]
+            stats.rows_sent = stats.pairs_sent.copy()
             counts_dev = send_counts.to(device)
             recv_counts_dev = torch.empty_like(counts_dev)
             self._a2a(recv_counts_dev, counts_dev, None, None, "dispatch counts")
@@ -277,6 +332,37 @@ class EPMoELayer:
             out_splits = recv_counts.sum(dim=1).tolist()
             x_recv = x.new_empty((sum(out_splits), x.shape[1]))
             self._a2a(x_recv, x_send, out_splits, in_splits, "dispatch")
+        else:
+            # Each token goes once to each rank that runs any of its pairs: rows [U, D] in
+            # (destination, token) order, plus for every pair on the wire the index of its
+            # token's row within that destination's block.
+            stride = max(num_tokens, 1)
+            dest_tok = dest * stride + torch.arange(num_pairs) // top_k  # [P]
+            uniq, inverse = torch.unique(dest_tok, return_inverse=True)  # [U], [P]
+            rows_to = torch.bincount(uniq // stride, minlength=num_ranks)  # [G]
+            stats.rows_sent = rows_to.numpy()
+            first_row = torch.cumsum(rows_to, 0) - rows_to  # [G]
+            wire_index = inverse[send_order] - first_row[dest[send_order]]  # [P]
+            x_send = x.index_select(0, (uniq % stride).to(device))  # [U, D]
+            counts = torch.cat((send_counts.view(num_ranks, num_experts), rows_to[:, None]), 1)
+            counts_dev = counts.reshape(-1).to(device)  # [G * (E + 1)]
+            recv_counts_dev = torch.empty_like(counts_dev)
+            self._a2a(recv_counts_dev, counts_dev, None, None, "dispatch counts")
+            recv_all = recv_counts_dev.cpu().view(num_ranks, num_experts + 1)  # [S, E + 1]
+            recv_counts, rows_from = recv_all[:, :num_experts], recv_all[:, num_experts]
+            in_splits = stats.pairs_sent.tolist()
+            out_splits = recv_counts.sum(dim=1).tolist()
+            index_recv = torch.empty(sum(out_splits), dtype=torch.int64, device=device)
+            self._a2a(index_recv, wire_index.to(device), out_splits, in_splits,
+                      "dispatch index")
+            rows_recv = x.new_empty((int(rows_from.sum()), x.shape[1]))
+            self._a2a(rows_recv, x_send, rows_from.tolist(), stats.rows_sent.tolist(),
+                      "dispatch")
+            source_first = torch.cumsum(rows_from, 0) - rows_from  # [S]
+            source_of_pair = torch.repeat_interleave(torch.arange(num_ranks),
+                                                     torch.as_tensor(out_splits))
+            x_recv = rows_recv.index_select(
+                0, index_recv + source_first[source_of_pair].to(device))  # [N_recv, D]
 
         dispatch_range.__exit__(None, None, None)
         # Expert compute: rows of the same expert from all sources, source order then token.
@@ -286,14 +372,20 @@ class EPMoELayer:
         row_expert = torch.repeat_interleave(
             torch.arange(num_experts).repeat(recv_counts.shape[0]), recv_counts.reshape(-1))
         per_expert = torch.bincount(row_expert, minlength=num_experts).tolist()
-        by_expert = None if single_source else torch.argsort(row_expert, stable=True).to(device)
+        by_expert_host = None if single_source else torch.argsort(row_expert, stable=True)
+        by_expert = None if single_source else by_expert_host.to(device)
         y_recv = torch.empty_like(x_recv)
         pos = 0
         with record_function("probe.ep.experts"):
+            if self.grouped is not None:  # all home experts in one grouped GEMM per projection
+                self._home_grouped(x_recv, y_recv, row_expert, by_expert_host, per_expert)
             for e, n in enumerate(per_expert):
                 if n == 0:
                     continue
                 if self.home[self.ctx.rank, e]:
+                    if self.grouped is not None:
+                        pos += n
+                        continue
                     params = self.experts.get(e)
                 else:
                     if replica_params is None or not arrived[self.ctx.rank, e]:
@@ -317,7 +409,7 @@ class EPMoELayer:
             if self.ctx.group is None or num_ranks == 1:
                 y_send = y_recv
             else:
-                y_send = y_recv.new_empty((x_send.shape[0], y_recv.shape[1]))
+                y_send = y_recv.new_empty((num_pairs, y_recv.shape[1]))
                 self._a2a(y_send, y_recv, in_splits, out_splits, "combine")
             hooks.after_combine()
             y_pairs = torch.empty_like(y_send)

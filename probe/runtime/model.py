@@ -16,7 +16,9 @@ sequence apart, optionally against that sequence's `KVCache`.
 Each MoE block keeps its pieces callable on their own, for the expert-parallel runtime:
 `router(h) -> logits [T, E]`, `select(logits) -> (topk_ids [T, K], topk_weights [T, K])`,
 `expert_forward(x [n, D], expert_id) -> [n, D]`, `grouped_forward(x [n, D], expert_of_row [n])`,
-`combine(y [T, K, D], topk_weights [T, K]) -> [T, D]`. Expert weights are stacked:
+`combine(y [T, K, D], topk_weights [T, K]) -> [T, D]`. `grouped_forward` runs all experts as one
+grouped GEMM per projection (`probe.runtime.experts`) unless `block.grouped` is False (then a
+loop of `expert_forward`; `PROBE_GROUPED_EXPERTS=0` sets that default). Expert weights are stacked:
 `w_gate_up [E_local, 2F, D]` (gate rows first, then up rows), `w_down [E_local, D, F]`; a model
 loaded with `expert_ids` holds only those experts, in that order.
 """
@@ -32,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from probe.runtime.config import MoEConfig, RopeConfig
+from probe.runtime.experts import GroupedExperts, grouped_default
 
 __all__ = [
     "Attention",
@@ -356,9 +359,11 @@ class MoEBlock(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.layer = layer
+        self.grouped = grouped_default()  # experts as grouped GEMMs (False: a loop per expert)
         ids = tuple(range(cfg.num_experts)) if expert_ids is None else tuple(expert_ids)
         self.expert_ids = ids
         self._slot_of = {e: i for i, e in enumerate(ids)}
+        self._slot_lut: dict[torch.device, torch.Tensor] = {}
         e_all, e_local = cfg.num_experts, len(ids)
         d, f = cfg.hidden_size, cfg.moe_intermediate_size
         self.router_weight = nn.Parameter(torch.empty(e_all, d))
@@ -462,6 +467,8 @@ class MoEBlock(nn.Module):
 
         expert_of_row holds global expert ids, all of them held by this block.
         """
+        if self.grouped:
+            return self._experts_grouped(x, expert_of_row)
         out = torch.empty_like(x)  # [n, D]
         if x.shape[0] == 0:
             return out
@@ -474,6 +481,21 @@ class MoEBlock(nn.Module):
             out[rows] = self.expert_forward(x[rows], e).to(out.dtype)
             start += c
         return out
+
+    def _experts_grouped(self, x: torch.Tensor, expert_of_row: torch.Tensor) -> torch.Tensor:
+        """grouped_forward as one grouped GEMM per projection (`probe.runtime.experts`)."""
+        ids = torch.as_tensor(self.expert_ids, dtype=torch.int64)
+        if x.device.type == "cpu":
+            held = torch.isin(expert_of_row, ids)
+            if not bool(held.all()):
+                self.slot(int(expert_of_row[~held][0]))  # raises ValueError naming the expert
+        lut = self._slot_lut.get(x.device)  # global id -> local slot, cached per device
+        if lut is None:
+            lut = torch.full((self.cfg.num_experts,), -1, dtype=torch.int64)
+            lut[ids] = torch.arange(len(ids))
+            lut = self._slot_lut[x.device] = lut.to(x.device)
+        slot = lut.index_select(0, expert_of_row.to(x.device, torch.int64))
+        return GroupedExperts.from_block(self)(x, slot)
 
     @staticmethod
     def combine(y: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:

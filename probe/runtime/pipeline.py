@@ -278,7 +278,8 @@ class EPRunner:
         for i, block in enumerate(self.blocks):
             experts = LayerExperts(np.array(block.expert_ids), _expert_params(block))
             self.layers.append(EPMoELayer(ctx, i, cfg.num_experts, experts,
-                                          _expert_fn(block), combine=block.combine))
+                                          _expert_fn(block), combine=block.combine,
+                                          activate=block.activate, grouped=block.grouped))
         self.state = [_LayerState() for _ in self.blocks]
         shapes = self.layers[0].experts.shapes()
         self.pool = SlotPool(shapes, self.opts.num_slots, dtype=self.dtype, device=self.device)

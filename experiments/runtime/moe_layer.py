@@ -1,0 +1,296 @@
+"""One MoE layer's experts on one device: grouped GEMM, per-expert loop, transformers, roofline.
+
+For each shape (random bf16 weights; E experts, top-K, hidden D, expert intermediate F) and each
+token count T, with routing from a skewed random router (logits = noise + a Zipf-like bias per
+expert; top-K, softmax over the K), it times, with device events after warm-up, the median over
+rotating inputs of:
+  * grouped: `GroupedExperts.moe` (device permutation, one `torch._grouped_mm` per projection,
+    un-permutation, combine), what the runtime runs;
+  * loop: the same with one F.linear per expert (the runtime's per-expert loop, one host read);
+  * hf: transformers' own experts module of the family's sparse MoE block (Qwen3MoeSparseMoeBlock,
+    GptOssMLP) with the same weights and routing, in its default ("eager") implementation and,
+    where the installed transformers offers it, its "grouped_mm" implementation.
+The router is not timed (all paths get the same top-k ids and weights).
+
+Roofline: max(bytes / bandwidth, flops / matmul rate), where bytes are the weights of every
+ACTIVE expert (one that gets at least one token) read once, flops = 2 * T * K * 3 * D * F, the
+bandwidth is measured here with a large device copy (bytes read + written) and the matmul rate
+with a large bf16 matmul. The table reports time / roofline.
+
+Correctness first: on each shape's D and F with 8 experts and fresh random inputs, the grouped
+path on the device equals the CPU loop twin (`loop_experts`, float32 from the same bf16 weights),
+and on the full layer grouped, loop and hf agree.
+
+    python3 -m experiments.runtime.moe_layer --device cuda --out "$OUT"        # on the H200
+    python -m experiments.runtime.moe_layer --device cpu --quick --out /tmp/moe # here (tiny)
+
+Writes moe_layer.json, moe_layer.md and manifest.json into --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+
+from experiments.calibration.calibrate_h200 import Timer, measure_copy, measure_matmul, rand
+from experiments.manifest import Manifest
+from probe.runtime.experts import GroupedExperts, grouped_mm_available, loop_experts
+
+SHAPES = {  # name: (family, E, K, D, F)
+    "gpt-oss-120b": ("gpt_oss", 128, 4, 2880, 2880),
+    "qwen3-235b-a22b": ("qwen3_moe", 128, 8, 4096, 1536),
+    "small (trained)": ("qwen3_moe", 64, 4, 256, 64),
+}
+QUICK_SHAPES = {
+    "gpt-oss (tiny)": ("gpt_oss", 8, 2, 64, 32),
+    "qwen3 (tiny)": ("qwen3_moe", 8, 2, 64, 32),
+}
+TOKENS, QUICK_TOKENS = (256, 768, 1536), (16,)
+SWIGLU_ALPHA, SWIGLU_LIMIT = 1.702, 7.0
+ROTATE = 4  # different inputs cycled through the timed calls
+
+
+def activation(family: str):
+    """The family's expert nonlinearity on gate_up [n, 2F] (gate half first), as MoEBlock's."""
+    if family == "gpt_oss":
+        def act(gate_up):
+            gate, up = gate_up.chunk(2, dim=-1)
+            gate = gate.clamp(max=SWIGLU_LIMIT)
+            up = up.clamp(-SWIGLU_LIMIT, SWIGLU_LIMIT)
+            return (up + 1) * (gate * torch.sigmoid(gate * SWIGLU_ALPHA))
+        return act
+
+    def silu_glu(gate_up):
+        gate, up = gate_up.chunk(2, dim=-1)
+        return torch.nn.functional.silu(gate) * up
+    return silu_glu
+
+
+def combine(y: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
+    """MoEBlock.combine: weighted sum over K in float32, back to y's dtype."""
+    return (y.float() * topk_weights.float()[..., None]).sum(dim=1).to(y.dtype)
+
+
+def layer_weights(family: str, e: int, d: int, f: int, dtype, device) -> dict:
+    w = {"w_gate_up": rand((e, 2 * f, d), dtype, device, d ** -0.5),
+         "w_down": rand((e, d, f), dtype, device, f ** -0.5)}
+    if family == "gpt_oss":
+        w["b_gate_up"] = rand((e, 2 * f), dtype, device, 0.1)
+        w["b_down"] = rand((e, d), dtype, device, 0.1)
+    return w
+
+
+def experts_of(family: str, w: dict, grouped: bool) -> GroupedExperts:
+    return GroupedExperts(w["w_gate_up"], w["w_down"], activation(family),
+                          b_gate_up=w.get("b_gate_up"), b_down=w.get("b_down"), grouped=grouped)
+
+
+def skewed_routing(gen: torch.Generator, tokens: int, e: int, k: int, device):
+    """topk ids [T, K] and weights [T, K] fp32 from noise + a Zipf-like per-expert bias."""
+    bias = -1.2 * torch.log(torch.arange(1, e + 1, dtype=torch.float32))  # popular experts first
+    bias = bias[torch.randperm(e, generator=gen)]
+    logits = torch.randn(tokens, e, generator=gen) + bias
+    top, ids = torch.topk(logits, k, dim=-1)
+    return ids.to(device), torch.softmax(top, dim=-1).to(device)
+
+
+def hf_experts(family: str, w: dict, e: int, k: int, d: int, f: int, dtype, device):
+    """transformers' experts module of the family's sparse MoE block, loaded with w; or the
+    reason it is unavailable."""
+    try:
+        if family == "gpt_oss":
+            from transformers.models.gpt_oss.configuration_gpt_oss import GptOssConfig
+            from transformers.models.gpt_oss.modeling_gpt_oss import GptOssMLP as Block
+            cfg = GptOssConfig(hidden_size=d, intermediate_size=f, num_local_experts=e,
+                               num_experts_per_tok=k, num_hidden_layers=1,
+                               swiglu_limit=SWIGLU_LIMIT)
+        else:
+            from transformers.models.qwen3_moe.configuration_qwen3_moe import Qwen3MoeConfig
+            from transformers.models.qwen3_moe.modeling_qwen3_moe import (
+                Qwen3MoeSparseMoeBlock as Block,
+            )
+            cfg = Qwen3MoeConfig(hidden_size=d, moe_intermediate_size=f, num_experts=e,
+                                 num_experts_per_tok=k, num_hidden_layers=1, norm_topk_prob=True)
+    except ImportError as err:
+        return None, f"unavailable in the installed transformers ({err})"
+    try:
+        with torch.device("meta"):
+            block = Block(cfg)
+        block = block.to(dtype).to_empty(device=device)
+        ex = block.experts
+        _load_hf(ex, family, w, f)
+    except (TypeError, AttributeError, ValueError, RuntimeError) as err:
+        return None, f"could not be built from the installed transformers ({err})"
+    return ex, "ok"
+
+
+def _load_hf(ex, family: str, w: dict, f: int) -> None:
+    """Our weights into transformers' experts module (its layout for the family)."""
+    with torch.no_grad():
+        if family == "gpt_oss":  # [E, D, 2F] with gate / up columns interleaved; [E, F, D]
+            gu = w["w_gate_up"].transpose(1, 2)  # [E, D, 2F], gate half first
+            ex.gate_up_proj[:, :, 0::2] = gu[:, :, :f]
+            ex.gate_up_proj[:, :, 1::2] = gu[:, :, f:]
+            ex.gate_up_proj_bias[:, 0::2] = w["b_gate_up"][:, :f]
+            ex.gate_up_proj_bias[:, 1::2] = w["b_gate_up"][:, f:]
+            ex.down_proj.copy_(w["w_down"].transpose(1, 2))
+            ex.down_proj_bias.copy_(w["b_down"])
+        else:  # the same layout as ours
+            ex.gate_up_proj.copy_(w["w_gate_up"])
+            ex.down_proj.copy_(w["w_down"])
+
+
+def hf_call(ex, impl: str):
+    def call(x, ids, weights):
+        ex.config._experts_implementation = impl
+        return ex(x, ids, weights.to(x.dtype))
+    return call
+
+
+def _moe_call(experts: GroupedExperts):
+    return lambda x, ids, weights: experts.moe(x, ids, weights, combine)
+
+
+def _rotating(call, inputs: list):
+    """fn() for the timer: call on the next of `inputs` each time (cycling)."""
+    state = {"i": 0}
+
+    def fn():
+        state["i"] += 1
+        return call(*inputs[state["i"] % len(inputs)])
+    return fn
+
+
+def check_against_cpu_twin(family: str, d: int, f: int, k: int, device, dtype) -> float:
+    """Grouped on the device vs loop_experts on the CPU in float32, 8 experts, fresh inputs."""
+    gen = torch.Generator().manual_seed(11)
+    e = 8
+    w = layer_weights(family, e, d, f, dtype, device)
+    x = rand((40, d), dtype, device)
+    ids, weights = skewed_routing(gen, 40, e, k, device)
+    got = experts_of(family, w, True).moe(x, ids, weights, combine).float().cpu()
+    w32 = {n: t.float().cpu() for n, t in w.items()}
+    rows = loop_experts(x.float().cpu().repeat_interleave(k, 0), ids.cpu().reshape(-1),
+                        w32["w_gate_up"], w32["w_down"], activation(family),
+                        w32.get("b_gate_up"), w32.get("b_down"))
+    want = combine(rows.view(40, k, d), weights.cpu())
+    err = float((got - want).norm() / want.norm())
+    if err > 2e-2:
+        raise AssertionError(f"{family} D={d} F={f}: grouped on {device} vs CPU twin rel err {err}")
+    return err
+
+
+def bench_shape(name: str, spec, tokens, timer: Timer, device, dtype, hw: dict) -> list[dict]:
+    family, e, k, d, f = spec
+    twin_err = check_against_cpu_twin(family, d, f, k, device, dtype)
+    w = layer_weights(family, e, d, f, dtype, device)
+    paths = {"grouped": experts_of(family, w, True), "loop": experts_of(family, w, False)}
+    ex, hf_status = hf_experts(family, w, e, k, d, f, dtype, device)
+    calls = {p: _moe_call(g) for p, g in paths.items()}
+    if ex is not None:
+        calls["hf eager"] = hf_call(ex, "eager")
+        calls["hf grouped_mm"] = hf_call(ex, "grouped_mm")
+    rows = []
+    gen = torch.Generator().manual_seed(5)
+    expert_bytes = sum(t[0].numel() * t.element_size() for t in w.values())
+    for t in tokens:
+        inputs = [(rand((t, d), dtype, device), *skewed_routing(gen, t, e, k, device))
+                  for _ in range(ROTATE)]
+        active = sum(int(torch.unique(ids).numel()) for _, ids, _ in inputs) / ROTATE
+        flops = 2 * t * k * 3 * d * f
+        roof = max(active * expert_bytes / hw["bandwidth"], flops / hw["matmul_flops"])
+        row = {"shape": name, "family": family, "E": e, "K": k, "D": d, "F": f, "tokens": t,
+               "active_experts": active, "weight_bytes_read": active * expert_bytes,
+               "flops": flops, "roofline_s": roof, "hf": hf_status, "twin_rel_err": twin_err,
+               "grouped_mm_used": paths["grouped"].uses_grouped_mm(), "seconds": {},
+               "rel_err_vs_grouped": {}, "errors": {}}
+        with torch.no_grad():
+            ref = calls["grouped"](*inputs[0]).float()
+            for path, call in calls.items():
+                try:
+                    out = call(*inputs[0]).float()
+                except (RuntimeError, NotImplementedError, KeyError, ValueError) as err:
+                    row["errors"][path] = f"{type(err).__name__}: {str(err)[:160]}"
+                    continue
+                rel = float((out - ref).norm() / ref.norm())
+                row["rel_err_vs_grouped"][path] = rel
+                if rel > 2e-2:
+                    raise AssertionError(f"{name} T={t}: {path} differs from grouped ({rel})")
+                row["seconds"][path] = timer(_rotating(call, inputs))
+        row["vs_roofline"] = {p: s / roof for p, s in row["seconds"].items()}
+        rows.append(row)
+        times = "  ".join(f"{p} {s * 1e6:8.1f} us ({s / roof:5.2f}x)"
+                          for p, s in row["seconds"].items())
+        print(f"{name:16s} T={t:5d} active={active:6.1f} roofline {roof * 1e6:8.1f} us  {times}",
+              flush=True)
+    del w, paths, calls, ex
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return rows
+
+
+def markdown(rows: list[dict], hw: dict, meta: dict) -> str:
+    paths = sorted({p for r in rows for p in r["seconds"]},
+                   key=["grouped", "loop", "hf eager", "hf grouped_mm"].index)
+    lines = [f"MoE layer experts on {meta['device_name']} ({meta['dtype']}); measured bandwidth "
+             f"{hw['bandwidth'] / 1e9:.1f} GB/s (copy, read+write), matmul "
+             f"{hw['matmul_flops'] / 1e12:.0f} TFLOP/s; time in us (x roofline).", "",
+             "| shape | T | active E | roofline us | " + " | ".join(paths) + " |",
+             "|---|---|---|---|" + "---|" * len(paths)]
+    for r in rows:
+        cells = [f"{r['seconds'][p] * 1e6:.0f} ({r['vs_roofline'][p]:.2f}x)" if p in r["seconds"]
+                 else "n/a" for p in paths]
+        lines.append(f"| {r['shape']} | {r['tokens']} | {r['active_experts']:.1f} | "
+                     f"{r['roofline_s'] * 1e6:.0f} | " + " | ".join(cells) + " |")
+    notes = sorted({f"{r['shape']}: hf {r['hf']}" for r in rows if r["hf"] != "ok"}
+                   | {f"{r['shape']} {p}: {m}" for r in rows for p, m in r["errors"].items()})
+    return "\n".join(lines + ([""] + notes if notes else [])) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--quick", action="store_true", help="tiny shapes and token counts")
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    run = Manifest.start("experiments.runtime.moe_layer", argv, out=out)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device")
+    dtype = torch.bfloat16
+    torch.manual_seed(0)
+    t_start = time.perf_counter()
+    timer = Timer(device, warmup=1 if args.quick else 3, repeats=2 if args.quick else 10)
+    copy = measure_copy(timer, device, (1 << 22) if args.quick else (2 << 30))
+    mm = measure_matmul(timer, device, dtype, 256 if args.quick else 8192)
+    hw = {"bandwidth": copy["bandwidth"], "matmul_flops": mm["flops"], "copy": copy, "matmul": mm}
+    print(f"bandwidth {hw['bandwidth'] / 1e9:.1f} GB/s, bf16 matmul "
+          f"{hw['matmul_flops'] / 1e12:.1f} TFLOP/s, torch._grouped_mm on {device} bf16: "
+          f"{grouped_mm_available(dtype, device)}", flush=True)
+    shapes, tokens = (QUICK_SHAPES, QUICK_TOKENS) if args.quick else (SHAPES, TOKENS)
+    rows = []
+    for name, spec in shapes.items():
+        rows += bench_shape(name, spec, tokens, timer, device, dtype, hw)
+    meta = {"device": str(device), "dtype": str(dtype).removeprefix("torch."),
+            "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+            "torch": torch.__version__, "grouped_mm_bf16": grouped_mm_available(dtype, device),
+            "seconds_total": time.perf_counter() - t_start}
+    md = markdown(rows, hw, meta)
+    (out / "moe_layer.json").write_text(json.dumps({"meta": meta, "hardware": hw, "rows": rows},
+                                                   indent=1) + "\n")
+    (out / "moe_layer.md").write_text(md)
+    run.write(out, [out / "moe_layer.json", out / "moe_layer.md"])
+    print(md)
+    if not math.isfinite(meta["seconds_total"]):
+        raise SystemExit("timing failed")
+
+
+if __name__ == "__main__":
+    main()

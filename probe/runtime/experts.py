@@ -1,0 +1,248 @@
+"""One MoE layer's local experts run as one grouped GEMM per projection.
+
+`GroupedExperts` holds the experts' stacked weights (`w_gate_up [E_local, 2F, D]`, gate rows
+first, `w_down [E_local, D, F]`, optional `b_gate_up [E_local, 2F]`, `b_down [E_local, D]`) and
+the family's nonlinearity `activate(gate_up [n, 2F]) -> [n, F]` (`MoEBlock.activate`: SiLU-GLU,
+or GPT-OSS's clamped SwiGLU). A forward pass over rows that each name a local expert slot:
+
+  1. permute on the device: `order = argsort(slot)` (stable), `counts` per slot (scatter_add),
+     `offs = cumsum(counts)` as int32 (the end row of every expert's group);
+  2. `gate_up = grouped_mm(x[order], w_gate_up^T, offs)` (+ `b_gate_up[slot[order]]`),
+     `h = activate(gate_up)`, `y = grouped_mm(h, w_down^T, offs)` (+ `b_down[slot[order]]`);
+  3. un-permute: `out[order] = y`.
+No step reads a count back to the host, so the grouped path needs no synchronisation (and can be
+captured in a CUDA graph). An expert with no rows is an empty group.
+
+`torch._grouped_mm` is used where it exists and works for the dtype and device: whether it does
+is probed once per (device, dtype) on a small problem against a per-group matmul (torch 2.13 on
+CPU: float32, bfloat16 and float16 work, float64 does not; on CUDA, bf16 on Hopper). It also
+needs 16-byte aligned rows (D and F times the element size multiples of 16). Where it does not
+apply, `grouped_linear` runs one `F.linear` per non-empty group of the sorted rows (this reads
+the group sizes back to the host once).
+
+`loop_experts` is the slow, obviously correct twin: a Python loop of `F.linear` per expert, the
+way `MoEBlock.expert_forward` computes one expert.
+
+Switch: the runtime uses the grouped path unless the environment sets
+`PROBE_GROUPED_EXPERTS=0` (`grouped_default()`), or a caller passes `grouped=False`.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "GroupedExperts",
+    "grouped_default",
+    "grouped_linear",
+    "grouped_mm_available",
+    "loop_experts",
+]
+
+Activation = Callable[[torch.Tensor], torch.Tensor]
+"""The expert nonlinearity: gate_up [n, 2F] (gate half first) -> [n, F]."""
+
+_PROBED: dict[tuple[str, int | None, torch.dtype], bool] = {}
+
+
+def grouped_default() -> bool:
+    """The runtime's default: grouped experts on, unless PROBE_GROUPED_EXPERTS is 0/false/off."""
+    value = os.environ.get("PROBE_GROUPED_EXPERTS", "1").strip().lower()
+    if value not in ("1", "0", "true", "false", "on", "off", "yes", "no", ""):
+        raise ValueError(f"PROBE_GROUPED_EXPERTS must be 1 or 0, got {value!r}")
+    return value in ("1", "true", "on", "yes", "")
+
+
+def grouped_mm_available(dtype: torch.dtype, device: torch.device | str) -> bool:
+    """Whether `torch._grouped_mm` runs and is right for `dtype` on `device` (probed once).
+
+    The probe multiplies 11 rows in 3 groups (one empty) by a transposed weight view, the layout
+    `grouped_linear` uses, and compares with one matmul per group in float32.
+    """
+    device = torch.device(device)
+    key = (device.type, device.index, dtype)
+    if key in _PROBED:
+        return _PROBED[key]
+    ok = False
+    if hasattr(torch, "_grouped_mm"):
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(11, 16, generator=g)  # [n, K]
+        w = torch.randn(3, 24, 16, generator=g)  # [G, N, K]
+        ends = (4, 4, 11)
+        want = torch.cat([x[s:e] @ w[i].T for i, (s, e) in
+                          enumerate(zip((0, *ends[:-1]), ends, strict=True))])
+        try:
+            got = torch._grouped_mm(x.to(device, dtype), w.to(device, dtype).transpose(1, 2),
+                                    offs=torch.tensor(ends, dtype=torch.int32, device=device))
+            tol = 1e-4 if dtype == torch.float32 else 0.1
+            ok = bool((got.float().cpu() - want).abs().max() <= tol * want.abs().max())
+        except (RuntimeError, NotImplementedError, TypeError):
+            ok = False
+    _PROBED[key] = ok
+    return ok
+
+
+def _aligned(*tensors: torch.Tensor) -> bool:
+    """16-byte aligned base pointers and row strides (what `_grouped_mm` asks of its operands)."""
+    for t in tensors:
+        size = t.element_size()
+        if t.data_ptr() % 16 or any(s * size % 16 for s in t.stride()[-2:] if s != 1):
+            return False
+    return True
+
+
+def grouped_linear(x: torch.Tensor, weight: torch.Tensor, offs: torch.Tensor,
+                   bias: torch.Tensor | None = None, slot: torch.Tensor | None = None, *,
+                   use_grouped_mm: bool = True) -> torch.Tensor:
+    """Rows grouped by expert through their expert's linear map: x [n, K] -> [n, N].
+
+    Args:
+        x: [n, K], rows sorted by expert (group i is rows offs[i-1]:offs[i]).
+        weight: [G, N, K] (nn.Linear layout per expert).
+        offs: int32 [G], end row of each group (cumulative counts, offs[-1] == n).
+        bias: [G, N] or None; needs `slot`.
+        slot: int64 [n], the group of each row (sorted), for the bias gather.
+        use_grouped_mm: allow `torch._grouped_mm` (it is used only where it applies).
+    """
+    if bias is not None and slot is None:
+        raise ValueError("grouped_linear: bias needs slot (the group of each row)")
+    w_t = weight.transpose(1, 2)  # [G, K, N]
+    if (use_grouped_mm and x.dtype == weight.dtype and x.shape[0] > 0
+            and grouped_mm_available(x.dtype, x.device) and _aligned(x, w_t)
+            and weight.shape[1] * x.element_size() % 16 == 0):
+        y = torch._grouped_mm(x, w_t, offs=offs)  # [n, N]
+    else:
+        y = x.new_empty((x.shape[0], weight.shape[1]))
+        start = 0
+        for i, end in enumerate(offs.tolist()):
+            if end > start:
+                y[start:end] = F.linear(x[start:end], weight[i])
+            start = end
+    if bias is not None:
+        y = y + bias.index_select(0, slot)  # [n, N]
+    return y
+
+
+class GroupedExperts:
+    """One layer's local experts, stacked, run in one grouped GEMM per projection.
+
+    Args:
+        w_gate_up: [E_local, 2F, D], gate rows first, then up rows.
+        w_down: [E_local, D, F].
+        activate: the family's nonlinearity (`MoEBlock.activate`).
+        b_gate_up, b_down: [E_local, 2F] and [E_local, D], or None (no expert biases).
+        grouped: use `torch._grouped_mm` where it applies (None: `grouped_default()`).
+    The tensors are referenced, not copied.
+    """
+
+    def __init__(self, w_gate_up: torch.Tensor, w_down: torch.Tensor, activate: Activation, *,
+                 b_gate_up: torch.Tensor | None = None, b_down: torch.Tensor | None = None,
+                 grouped: bool | None = None) -> None:
+        if w_gate_up.dim() != 3 or w_down.dim() != 3:
+            raise ValueError(f"w_gate_up [E, 2F, D] and w_down [E, D, F] must be 3-d, got "
+                             f"{tuple(w_gate_up.shape)} and {tuple(w_down.shape)}")
+        e, two_f, d = w_gate_up.shape
+        if two_f % 2 or tuple(w_down.shape) != (e, d, two_f // 2):
+            raise ValueError(f"w_down {tuple(w_down.shape)} does not fit w_gate_up "
+                             f"{tuple(w_gate_up.shape)}: expected {(e, d, two_f // 2)}")
+        if (b_gate_up is None) != (b_down is None):
+            raise ValueError("b_gate_up and b_down go together (both or neither)")
+        if b_gate_up is not None and (tuple(b_gate_up.shape) != (e, two_f)
+                                      or tuple(b_down.shape) != (e, d)):
+            raise ValueError(f"b_gate_up {tuple(b_gate_up.shape)} / b_down "
+                             f"{tuple(b_down.shape)} must be {(e, two_f)} / {(e, d)}")
+        self.w_gate_up, self.w_down = w_gate_up, w_down
+        self.b_gate_up, self.b_down = b_gate_up, b_down
+        self.activate = activate
+        self.grouped = grouped_default() if grouped is None else bool(grouped)
+
+    @classmethod
+    def from_block(cls, block, grouped: bool | None = None) -> GroupedExperts:
+        """The experts of a `MoEBlock` (its parameters, referenced)."""
+        bias = block.cfg.expert_bias
+        return cls(block.w_gate_up, block.w_down, block.activate,
+                   b_gate_up=block.b_gate_up if bias else None,
+                   b_down=block.b_down if bias else None, grouped=grouped)
+
+    @property
+    def num_experts(self) -> int:
+        return self.w_gate_up.shape[0]
+
+    def uses_grouped_mm(self, dtype: torch.dtype | None = None) -> bool:
+        """Whether forward runs `torch._grouped_mm` (rather than one F.linear per expert)."""
+        w = self.w_gate_up
+        dtype = w.dtype if dtype is None else dtype
+        return (self.grouped and dtype == w.dtype and grouped_mm_available(dtype, w.device)
+                and _aligned(w.transpose(1, 2), self.w_down.transpose(1, 2))
+                and w.shape[1] * w.element_size() % 16 == 0)
+
+    def forward_sorted(self, x: torch.Tensor, offs: torch.Tensor,
+                       slot: torch.Tensor | None = None) -> torch.Tensor:
+        """Rows already grouped by expert: x [n, D], offs int32 [E_local] (group ends) ->
+        [n, D] unweighted expert outputs. slot int64 [n] (each row's expert) is needed only
+        with biases."""
+        if offs.shape != (self.num_experts,):
+            raise ValueError(f"offs must have one end per expert ({self.num_experts}), got "
+                             f"{tuple(offs.shape)}")
+        if self.b_gate_up is not None and slot is None:
+            raise ValueError("forward_sorted: experts with biases need slot")
+        gate_up = grouped_linear(x, self.w_gate_up, offs, self.b_gate_up, slot,
+                                 use_grouped_mm=self.grouped)  # [n, 2F]
+        h = self.activate(gate_up).to(x.dtype)  # [n, F]
+        return grouped_linear(h, self.w_down, offs, self.b_down, slot,
+                              use_grouped_mm=self.grouped).to(x.dtype)  # [n, D]
+
+    def __call__(self, x: torch.Tensor, slot: torch.Tensor) -> torch.Tensor:
+        """Each row through its expert, unweighted: x [n, D], slot int64 [n] (local expert
+        index, on x's device) -> [n, D]. Sorting and un-permuting stay on the device; on the
+        CPU an out-of-range slot is a ValueError (on an accelerator it is not checked, which
+        would need a host read)."""
+        if slot.shape != x.shape[:1]:
+            raise ValueError(f"slot {tuple(slot.shape)} must have one entry per row of x "
+                             f"{tuple(x.shape)}")
+        slot = slot.to(device=x.device, dtype=torch.int64)
+        if x.device.type == "cpu" and slot.numel() and (
+                int(slot.min()) < 0 or int(slot.max()) >= self.num_experts):
+            raise ValueError(f"slot must lie in [0, {self.num_experts}), got "
+                             f"[{int(slot.min())}, {int(slot.max())}]")
+        order = torch.argsort(slot, stable=True)  # [n]
+        slot_sorted = slot.index_select(0, order)  # [n]
+        # scatter_add, not bincount: bincount on CUDA reads the largest id back to the host.
+        counts = torch.zeros(self.num_experts, dtype=torch.int64, device=x.device)
+        counts.scatter_add_(0, slot_sorted, torch.ones_like(slot_sorted))  # [E_local]
+        offs = torch.cumsum(counts, 0).to(torch.int32)  # [E_local]
+        y = self.forward_sorted(x.index_select(0, order), offs, slot_sorted)  # [n, D]
+        return torch.empty_like(y).index_copy_(0, order, y)  # un-permute
+
+    def moe(self, x: torch.Tensor, topk_slot: torch.Tensor, topk_weights: torch.Tensor,
+            combine: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """A whole routed MoE: x [T, D], topk_slot [T, K], topk_weights [T, K] -> [T, D]:
+        every (token, k) pair through its expert, then `combine(y [T, K, D], topk_weights)`."""
+        n_tok, k = topk_slot.shape
+        rows = x.repeat_interleave(k, dim=0)  # [T*K, D]
+        y = self(rows, topk_slot.reshape(-1))  # [T*K, D]
+        return combine(y.view(n_tok, k, -1), topk_weights)
+
+
+def loop_experts(x: torch.Tensor, slot: torch.Tensor, w_gate_up: torch.Tensor,
+                 w_down: torch.Tensor, activate: Activation,
+                 b_gate_up: torch.Tensor | None = None,
+                 b_down: torch.Tensor | None = None) -> torch.Tensor:
+    """The slow twin of `GroupedExperts.__call__`: one F.linear pair per expert, in a Python loop.
+
+    x [n, D], slot int64 [n] (local expert index) -> [n, D] unweighted expert outputs.
+    """
+    out = torch.empty_like(x)
+    for i in range(w_gate_up.shape[0]):
+        rows = torch.nonzero(slot == i).flatten()  # [n_i]
+        if rows.numel() == 0:
+            continue
+        gate_up = F.linear(x[rows], w_gate_up[i],
+                           None if b_gate_up is None else b_gate_up[i])  # [n_i, 2F]
+        out[rows] = F.linear(activate(gate_up), w_down[i],
+                             None if b_down is None else b_down[i]).to(x.dtype)  # [n_i, D]
+    return out

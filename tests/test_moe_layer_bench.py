@@ -1,0 +1,24 @@
+"""experiments/runtime/moe_layer.py end to end on the CPU with tiny shapes (what the H200 runs)."""
+
+from __future__ import annotations
+
+import json
+
+from experiments.runtime.moe_layer import main
+
+
+def test_moe_layer_bench_cpu_quick(tmp_path):
+    main(["--device", "cpu", "--quick", "--out", str(tmp_path)])
+    result = json.loads((tmp_path / "moe_layer.json").read_text())
+    rows = result["rows"]
+    assert {r["family"] for r in rows} == {"gpt_oss", "qwen3_moe"}
+    for r in rows:
+        assert set(r["seconds"]) >= {"grouped", "loop"}
+        assert all(s > 0 for s in r["seconds"].values())
+        assert r["roofline_s"] > 0 and 0 < r["active_experts"] <= r["E"]
+        assert r["twin_rel_err"] < 2e-2
+        assert r["hf"] == "ok" and "hf eager" in r["seconds"]
+        assert all(e < 2e-2 for e in r["rel_err_vs_grouped"].values())
+    assert "| shape | T |" in (tmp_path / "moe_layer.md").read_text()
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert {o["path"] for o in manifest["outputs"]} >= {"moe_layer.json", "moe_layer.md"}
