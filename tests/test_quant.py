@@ -189,3 +189,27 @@ def test_fp8_weight_without_its_scale_is_named(tmp_path):
         load_model(path)
     with pytest.raises(ValueError, match="no quantized release format"):
         write_random_checkpoint("qwen3_moe", tmp_path / "q", weights="shipped")
+
+
+@pytest.mark.parametrize("fmt", ["mxfp4", "fp8_block"])
+def test_grouped_experts_take_packed_weights(fmt):
+    """Experts kept in a storage format compute what the same experts dequantized compute."""
+    from probe.runtime.experts import GroupedExperts, loop_experts
+
+    g = torch.Generator().manual_seed(5)
+    e, d, f = 6, 64, 32
+    gate_up = PackedWeight.pack(torch.randn(e, 2 * f, d, generator=g) * 0.1, fmt)
+    down = PackedWeight.pack(torch.randn(e, d, f, generator=g) * 0.1, fmt)
+
+    def activate(h):
+        return torch.nn.functional.silu(h[:, :f]) * h[:, f:]
+
+    x = torch.randn(40, d, generator=g)
+    slot = torch.randint(0, e - 1, (40,), generator=g)  # the last expert gets no rows
+    packed = GroupedExperts(gate_up, down, activate, grouped=True)
+    assert not packed.uses_grouped_mm()
+    got = packed(x, slot)
+    want = loop_experts(x, slot, gate_up.dense(), down.dense(), activate)
+    assert torch.allclose(got, want, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="both be tensors or both PackedWeight"):
+        GroupedExperts(gate_up, down.dense(), activate)

@@ -35,6 +35,10 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from probe.runtime import quant_gemm
+from probe.runtime.quant import PackedWeight
+from probe.runtime.quant_gemm import grouped_matmul
+
 __all__ = [
     "GroupedExperts",
     "grouped_default",
@@ -95,14 +99,23 @@ def _aligned(*tensors: torch.Tensor) -> bool:
     return True
 
 
-def grouped_linear(x: torch.Tensor, weight: torch.Tensor, offs: torch.Tensor,
+def packed_kernel_applies(x: torch.Tensor, weight: PackedWeight) -> bool:
+    """Whether `grouped_linear` runs packed weights through the Triton kernel
+    (probe.runtime.quant_gemm: bf16 rows on a CUDA device), rather than expanding them."""
+    return (x.is_cuda and x.dtype == torch.bfloat16 and quant_gemm.triton is not None
+            and weight.fmt in ("bf16", "mxfp4", "fp8_block"))
+
+
+def grouped_linear(x: torch.Tensor, weight: torch.Tensor | PackedWeight, offs: torch.Tensor,
                    bias: torch.Tensor | None = None, slot: torch.Tensor | None = None, *,
                    use_grouped_mm: bool = True) -> torch.Tensor:
     """Rows grouped by expert through their expert's linear map: x [n, K] -> [n, N].
 
     Args:
         x: [n, K], rows sorted by expert (group i is rows offs[i-1]:offs[i]).
-        weight: [G, N, K] (nn.Linear layout per expert).
+        weight: [G, N, K] (nn.Linear layout per expert), dense or a `PackedWeight` (kept in
+            MXFP4 / FP8: on a GPU the Triton kernel expands its tiles in registers; elsewhere
+            the layer is dequantized to x's dtype for the call).
         offs: int32 [G], end row of each group (cumulative counts, offs[-1] == n).
         bias: [G, N] or None; needs `slot`.
         slot: int64 [n], the group of each row (sorted), for the bias gather.
@@ -110,6 +123,12 @@ def grouped_linear(x: torch.Tensor, weight: torch.Tensor, offs: torch.Tensor,
     """
     if bias is not None and slot is None:
         raise ValueError("grouped_linear: bias needs slot (the group of each row)")
+    if isinstance(weight, PackedWeight):
+        if packed_kernel_applies(x, weight):
+            starts = torch.zeros(1, dtype=torch.int32, device=x.device)
+            y = grouped_matmul(x, weight, torch.cat((starts, offs.to(torch.int32))))
+            return y if bias is None else y + bias.index_select(0, slot)
+        weight = weight.dense(x.dtype)  # the twin: expand the whole layer, then as dense
     w_t = weight.transpose(1, 2)  # [G, K, N]
     if (use_grouped_mm and x.dtype == weight.dtype and x.shape[0] > 0
             and grouped_mm_available(x.dtype, x.device) and _aligned(x, w_t)
@@ -132,7 +151,8 @@ class GroupedExperts:
 
     Args:
         w_gate_up: [E_local, 2F, D], gate rows first, then up rows.
-        w_down: [E_local, D, F].
+        w_down: [E_local, D, F]. Both dense tensors, or both `PackedWeight`s (expert weights
+            kept in their storage format; see `grouped_linear`).
         activate: the family's nonlinearity (`MoEBlock.activate`).
         b_gate_up, b_down: [E_local, 2F] and [E_local, D], or None (no expert biases).
         grouped: use `torch._grouped_mm` where it applies (None: `grouped_default()`).
@@ -142,9 +162,11 @@ class GroupedExperts:
     def __init__(self, w_gate_up: torch.Tensor, w_down: torch.Tensor, activate: Activation, *,
                  b_gate_up: torch.Tensor | None = None, b_down: torch.Tensor | None = None,
                  grouped: bool | None = None) -> None:
-        if w_gate_up.dim() != 3 or w_down.dim() != 3:
+        if len(w_gate_up.shape) != 3 or len(w_down.shape) != 3:
             raise ValueError(f"w_gate_up [E, 2F, D] and w_down [E, D, F] must be 3-d, got "
                              f"{tuple(w_gate_up.shape)} and {tuple(w_down.shape)}")
+        if isinstance(w_gate_up, PackedWeight) != isinstance(w_down, PackedWeight):
+            raise ValueError("w_gate_up and w_down must both be tensors or both PackedWeight")
         e, two_f, d = w_gate_up.shape
         if two_f % 2 or tuple(w_down.shape) != (e, d, two_f // 2):
             raise ValueError(f"w_down {tuple(w_down.shape)} does not fit w_gate_up "
@@ -173,8 +195,11 @@ class GroupedExperts:
         return self.w_gate_up.shape[0]
 
     def uses_grouped_mm(self, dtype: torch.dtype | None = None) -> bool:
-        """Whether forward runs `torch._grouped_mm` (rather than one F.linear per expert)."""
+        """Whether forward runs `torch._grouped_mm` (rather than one F.linear per expert).
+        Packed weights never do (they run the Triton kernel or are expanded)."""
         w = self.w_gate_up
+        if isinstance(w, PackedWeight):
+            return False
         dtype = w.dtype if dtype is None else dtype
         return (self.grouped and dtype == w.dtype and grouped_mm_available(dtype, w.device)
                 and _aligned(w.transpose(1, 2), self.w_down.transpose(1, 2))
