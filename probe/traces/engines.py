@@ -203,8 +203,8 @@ def read_sglang_dump(path: str | os.PathLike, *, top_k: int | None = None,
     The mode is recognised from the keys (docs/traces.md has the exact layouts):
       * stat: {"logical_count": int [N, L, E] or [L, E], "rank"?: int}. Counts only, no
         source ranks: each step's tokens sit on one source rank (S = 1), or round robin
-        over num_ranks ranks (`trace_from_counts`); all-zero steps (an unfilled buffer) are dropped. top_k
-        is required.
+        over num_ranks ranks (`trace_from_counts`); all-zero steps (an unfilled buffer)
+        are dropped. top_k is required.
       * per_pass: {"records": [{"forward_pass_id": int, "rank": int,
         "global_physical_count" (or "physical_count"): int [L, R]}, ...],
         "last_physical_to_logical_map"?: int [L, R]}: one step per forward_pass_id, one
