@@ -324,7 +324,8 @@ def read_placement(path: str | os.PathLike, *, num_experts: int | None = None,
     Reads every format of `write_placement`. An SGLang file holds only phy2log: log2phy and
     logcnt are rebuilt from it (log2phy in increasing slot order, R - E + 1 columns), with
     E = num_experts (None: the largest expert id + 1). Probe's JSON is checked for
-    consistency, as is a vllm file. Malformed files raise ValueError naming the path and the problem.
+    consistency, as is a vllm file. Malformed files raise ValueError naming the path and
+    the problem.
     """
     path = Path(path)
     try:
