@@ -283,3 +283,25 @@ def test_dispatch_rejects_unknown_format_and_options(tmp_path):
         read_engine_trace(tmp_path, "csv")
     with pytest.raises(ValueError, match="format 'trtllm-stats' takes no num_ranks"):
         read_engine_trace(tmp_path, "trtllm-stats", num_ranks=2)
+
+
+def test_trace_convert_reads_engine_formats(tmp_path):
+    import typer
+    from typer.testing import CliRunner
+
+    from probe.traces.cli import register
+    from probe.traces.trace import RoutingTrace
+
+    app = typer.Typer()
+    register(app)
+    load = rank_load(seed=2)
+    write_trtllm(tmp_path / "stats", load)
+    out = tmp_path / "t.trace"
+    res = CliRunner().invoke(app, ["trace", "convert", str(tmp_path / "stats"), str(out),
+                                   "--from", "trtllm-stats"])
+    assert res.exit_code == 0, res.output
+    assert np.array_equal(RoutingTrace.load(out).load_counts(), load)
+    torch.save({"logical_count": torch.tensor(load.sum(axis=2))}, tmp_path / "d.pt")
+    res = CliRunner().invoke(app, ["trace", "convert", str(tmp_path / "d.pt"), str(out),
+                                   "--from", "sglang-dump"])
+    assert res.exit_code == 1 and "pass top_k" in res.output
