@@ -158,7 +158,8 @@ def test_routed_experts_in_every_container(tmp_path, suffix):
     else:
         save_file({"req_0": reqs[0], "req_1": reqs[1]}, str(path))
     got = read_routed_experts(path)
-    assert len(got) == len(reqs) and all(np.array_equal(a, b) for a, b in zip(got, reqs))
+    assert len(got) == len(reqs)
+    assert all(np.array_equal(a, b) for a, b in zip(got, reqs, strict=True))
     trace = read_vllm_routed_experts(path, num_experts=E, num_ranks=2)
     assert trace.num_tokens == sum(len(r) for r in reqs)
 
