@@ -187,6 +187,8 @@ def _plot(result, path: Path, console: Console) -> bool:
         right.plot(ks, [result.overall("static", k) / (u / 1e6) for k, u in zip(ks, us,
                                                                                  strict=True)],
                    style, marker="o", label=p)
+    for ax in (left, right):
+        ax.set_xticks(ks)
     left.set_xlabel("extra slots per GPU")
     left.set_ylabel("modelled MoE time per layer (us)")
     right.set_xlabel("extra slots per GPU")
