@@ -282,6 +282,8 @@ def test_trtllm_malformed(tmp_path):
 def test_dispatch_rejects_unknown_format_and_options(tmp_path):
     with pytest.raises(ValueError, match="fmt must be one of"):
         read_engine_trace(tmp_path, "csv")
+    with pytest.raises(ValueError, match="format 'probe' takes no top_k"):
+        read_engine_trace(tmp_path / "x.trace", "probe", top_k=2)
     with pytest.raises(ValueError, match="format 'trtllm-stats' takes no num_ranks"):
         read_engine_trace(tmp_path, "trtllm-stats", num_ranks=2)
 

@@ -565,6 +565,10 @@ def read_engine_trace(path: str | os.PathLike, fmt: str = "probe", **options) ->
     if fmt not in ENGINE_FORMATS:
         raise ValueError(f"fmt must be one of {', '.join(ENGINE_FORMATS)}, got {fmt!r}")
     if fmt == "probe":
+        given = sorted(k for k, v in options.items() if v is not None)
+        if given:
+            raise ValueError(f"format 'probe' takes no {', '.join(given)} (a probe trace "
+                             "carries them)")
         return RoutingTrace.load(path)
     readers = {"sglang-dump": read_sglang_dump, "routed-experts": read_vllm_routed_experts,
                "vllm-eplb": read_vllm_eplb, "megatron": read_megatron_routing,
