@@ -34,6 +34,7 @@ COMMANDS_GROUP = "probe.commands"
 def _register_all() -> None:
     from importlib.metadata import entry_points
 
+    from probe.advise_cli import register as register_advise
     from probe.engines_cli import register as register_placement
     from probe.planner.cli import register as register_planner
     from probe.predictor.cli import register as register_predictor
@@ -43,7 +44,8 @@ def _register_all() -> None:
     from probe.traces.cli import register as register_traces
 
     for register in (register_traces, register_planner, register_sim, register_predictor,
-                     register_runtime, register_checkpoint, register_placement):
+                     register_runtime, register_checkpoint, register_placement,
+                     register_advise):
         register(app)
     for entry in sorted(entry_points(group=COMMANDS_GROUP), key=lambda e: e.name):
         entry.load()(app)

@@ -65,8 +65,12 @@ __all__ = [
     "write_placement",
 ]
 
-# File formats `write_placement` knows: SGLang's --init-expert-location JSON, probe's JSON.
-ENGINES = ("sglang", "json")
+# File formats `write_placement` knows: SGLang's --init-expert-location JSON, the three maps
+# under vLLM's EPLB state names (vLLM has no start-up placement file: docs/engines.md), probe's
+# JSON.
+ENGINES = ("sglang", "vllm", "json")
+# Keys of the "vllm" file: the names of the maps in vLLM's EPLB state.
+VLLM_KEYS = ("physical_to_logical_map", "logical_to_physical_map", "logical_replica_count")
 # Format tag of probe's own placement JSON.
 PLACEMENT_FORMAT = "probe-placement"
 PLACEMENT_VERSION = 1
@@ -277,6 +281,9 @@ def write_placement(path: str | os.PathLike, phy2log, log2phy, logcnt, *,
 
     engine "sglang": JSON {"physical_to_logical_map": [L][R]} for SGLang's
     `--init-expert-location` (SGLang rebuilds the other maps from it and rejects extra keys).
+    engine "vllm": JSON {"physical_to_logical_map": [L][R], "logical_to_physical_map":
+    [L][E][X], "logical_replica_count": [L][E]}, the maps under the names of vLLM's EPLB
+    state; vLLM itself loads no placement file (docs/engines.md says how to use it).
     engine "json": probe's JSON {"format": "probe-placement", "version": 1,
     "physical_to_logical_map", "logical_to_physical_map", "logical_count"}.
     """
@@ -287,6 +294,9 @@ def write_placement(path: str | os.PathLike, phy2log, log2phy, logcnt, *,
     phy2log = np.asarray(phy2log).tolist()
     if engine == "sglang":
         data = {"physical_to_logical_map": phy2log}
+    elif engine == "vllm":
+        data = dict(zip(VLLM_KEYS, (phy2log, np.asarray(log2phy).tolist(),
+                                    np.asarray(logcnt).tolist()), strict=True))
     else:
         data = {"format": PLACEMENT_FORMAT, "version": PLACEMENT_VERSION,
                 "physical_to_logical_map": phy2log,
@@ -311,10 +321,11 @@ def read_placement(path: str | os.PathLike, *, num_experts: int | None = None,
                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(phy2log [L, R], log2phy [L, E, X], logcnt [L, E]) int64 from a placement file.
 
-    Reads both formats of `write_placement`. An SGLang file holds only phy2log: log2phy and
+    Reads every format of `write_placement`. An SGLang file holds only phy2log: log2phy and
     logcnt are rebuilt from it (log2phy in increasing slot order, R - E + 1 columns), with
     E = num_experts (None: the largest expert id + 1). Probe's JSON is checked for
-    consistency. Malformed files raise ValueError naming the path and the problem.
+    consistency, as is a vllm file. Malformed files raise ValueError naming the path and
+    the problem.
     """
     path = Path(path)
     try:
@@ -324,7 +335,12 @@ def read_placement(path: str | os.PathLike, *, num_experts: int | None = None,
     if not isinstance(data, dict) or "physical_to_logical_map" not in data:
         raise ValueError(f"{path}: expected a JSON object with 'physical_to_logical_map'")
     phy2log = _int_array(path, data, "physical_to_logical_map", 2)
-    if data.get("format") == PLACEMENT_FORMAT:
+    if set(data) == set(VLLM_KEYS):
+        log2phy = _int_array(path, data, "logical_to_physical_map", 3)
+        logcnt = _int_array(path, data, "logical_replica_count", 2)
+        if num_experts is not None and logcnt.shape[1] != num_experts:
+            raise ValueError(f"{path}: holds {logcnt.shape[1]} experts, expected {num_experts}")
+    elif data.get("format") == PLACEMENT_FORMAT:
         if data.get("version") != PLACEMENT_VERSION:
             raise ValueError(f"{path}: unsupported {PLACEMENT_FORMAT} version "
                              f"{data.get('version')!r} (this probe reads {PLACEMENT_VERSION})")

@@ -57,7 +57,8 @@ def write(
     nodes: int = typer.Option(1, min=1, help="Nodes (DeepSeek's num_nodes)."),
     policy: str = typer.Option("greedy", help="deepseek (DeepSeek's EPLB), greedy or lp "
                                "(probe's planner)."),
-    engine: str = typer.Option("sglang", help="sglang (--init-expert-location JSON) or json "
+    engine: str = typer.Option("sglang", help="sglang (--init-expert-location JSON), vllm (the "
+                               "three maps under vLLM's EPLB state names) or json "
                                "(probe's JSON with all three maps)."),
 ) -> None:
     """Plan a placement from expert loads and write it as an engine's start-up file."""

@@ -132,7 +132,7 @@ def test_imbalance_matches_the_documented_deepseek_example():
 # ----------------------------------------------------------------- placement files
 
 
-@pytest.mark.parametrize("engine", ["sglang", "json"])
+@pytest.mark.parametrize("engine", ["sglang", "vllm", "json"])
 def test_round_trip_of_probe_layout(tmp_path, engine):
     maps = probe_rebalance_experts(EXAMPLE, 16, 4, 2, 8)
     path = write_placement(tmp_path / "placement.json", *maps, engine=engine)
@@ -162,6 +162,22 @@ def test_probe_json_keeps_deepseek_replica_order(tmp_path):
         assert np.array_equal(a, b)
 
 
+def test_vllm_file_keeps_deepseek_order_under_vllm_names(tmp_path):
+    maps = rebalance_experts(EXAMPLE, 16, 4, 2, 8)
+    path = write_placement(tmp_path / "p.json", *maps, engine="vllm")
+    data = json.loads(path.read_text())
+    assert list(data) == ["physical_to_logical_map", "logical_to_physical_map",
+                          "logical_replica_count"]
+    for a, b in zip(maps, read_placement(path, num_experts=12), strict=True):
+        assert np.array_equal(a, b)
+    data["logical_replica_count"][0][0] += 1
+    path.write_text(json.dumps(data))
+    with pytest.raises(ValueError, match="logcnt"):
+        read_placement(path)
+    with pytest.raises(ValueError, match="holds 12 experts, expected 13"):
+        read_placement(write_placement(path, *maps, engine="vllm"), num_experts=13)
+
+
 def test_sglang_reader_needs_num_experts_for_an_unused_top_expert(tmp_path):
     path = tmp_path / "p.json"
     path.write_text(json.dumps({"physical_to_logical_map": [[0, 1, 2, 0]]}))
@@ -173,7 +189,7 @@ def test_sglang_reader_needs_num_experts_for_an_unused_top_expert(tmp_path):
 def test_write_rejects_bad_engine_and_inconsistent_maps(tmp_path):
     phy2log, log2phy, logcnt = rebalance_experts(EXAMPLE, 16, 4, 2, 8)
     with pytest.raises(ValueError, match="engine must be one of"):
-        write_placement(tmp_path / "p.json", phy2log, log2phy, logcnt, engine="vllm")
+        write_placement(tmp_path / "p.json", phy2log, log2phy, logcnt, engine="tensorrt")
     bad_count = logcnt.copy()
     bad_count[0, 0] += 1
     with pytest.raises(ValueError, match=r"logcnt\[0\] = 2 but phy2log has 1"):

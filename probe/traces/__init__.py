@@ -2,7 +2,8 @@
 
 `RoutingTrace` (trace.py) holds per-token expert choices per step and MoE layer and reads/writes
 one safetensors file; `generate` (synthetic.py) makes seeded synthetic workloads; readers.py
-converts what vLLM/SGLang users already have; `stats` summarises a trace (imbalance under
+converts what vLLM/SGLang users already have and engines.py reads the engines' own records
+(SGLang, vLLM, Megatron-Core, TensorRT-LLM); `stats` summarises a trace (imbalance under
 static placement, expert-load histogram, hot-expert churn).
 """
 

@@ -1,4 +1,4 @@
-"""`probe trace ...` commands: gen, stats, convert.
+"""`probe trace ...` commands: gen, stats, convert (engine records, probe.traces.engines).
 
 `register(app)` adds the `trace` sub-app to the main `probe` typer app; `python -m probe.traces`
 runs the same commands on their own (`python -m probe.traces trace stats FILE`).
@@ -20,13 +20,6 @@ from rich.table import Table
 
 from probe.placement import sharded_home
 from probe.tables import fit_table
-from probe.traces.readers import (
-    from_routed_experts,
-    read_routed_experts_npy,
-    read_routed_experts_npz,
-    read_vllm_eplb_load_history,
-    trace_from_counts,
-)
 from probe.traces.stats import stats
 from probe.traces.synthetic import WORKLOADS, generate
 from probe.traces.trace import RoutingTrace
@@ -176,37 +169,57 @@ def stats_cmd(
 class Source(str, Enum):
     routed_experts = "routed-experts"
     vllm_eplb = "vllm-eplb"
+    sglang_dump = "sglang-dump"
+    megatron = "megatron"
+    trtllm_stats = "trtllm-stats"
 
 
 @trace_app.command("convert")
 def convert_cmd(
-    src: Annotated[Path, typer.Argument(help="input file (.npy/.npz routed experts, or JSON)")],
+    src: Annotated[Path, typer.Argument(help="input file, or directory (trtllm-stats)")],
     out: Annotated[Path, typer.Argument(help="trace file to write")],
-    source: Annotated[Source, typer.Option("--from", help="input format")],
+    source: Annotated[Source, typer.Option(
+        "--from", help="input format: routed-experts (.npy/.npz/.pt/.safetensors [T, L, K]), "
+        "vllm-eplb (load-history JSON, or a load window .pt/.npy), sglang-dump (expert-"
+        "distribution recorder .pt: stat, per_pass or per_token), megatron (routing record "
+        ".pt), trtllm-stats (expert-statistics directory); docs/traces.md has the layouts")],
     experts: Annotated[int | None, typer.Option(
-        help="experts per layer E (routed-experts; default max id + 1)")] = None,
-    ranks: Annotated[int, typer.Option(help="source ranks S")] = 8,
+        help="experts per layer E (default: from the file, else max id + 1)")] = None,
+    ranks: Annotated[int | None, typer.Option(
+        help="source ranks S (routed-experts, megatron, vllm-eplb: default 8; sglang-dump "
+        "stat: default 1; per_pass/per_token and trtllm-stats take the file's ranks)")] = None,
     tokens_per_step: Annotated[int | None, typer.Option(
-        help="routed-experts: cut the tokens into steps of this size (default: one step)")
-                               ] = None,
-    top_k: Annotated[int, typer.Option("--top-k", help="vllm-eplb: experts per token K")] = 8,
+        help="routed-experts, megatron: cut the tokens into steps of this size (default: one "
+        "step)")] = None,
+    top_k: Annotated[int | None, typer.Option(
+        "--top-k", help="experts per token K of count-only inputs (vllm-eplb: default 8; "
+        "sglang-dump stat/per_pass: required; trtllm-stats: default from meta_info.json)")
+                     ] = None,
 ) -> None:
-    """Convert routed-experts arrays (.npy/.npz) or a vLLM EPLB load history to a trace."""
+    """Convert an engine's routing record (vLLM, SGLang, Megatron, TensorRT-LLM) to a trace."""
+    from probe.traces.engines import (
+        read_megatron_routing,
+        read_sglang_dump,
+        read_trtllm_expert_stats,
+        read_vllm_eplb,
+        read_vllm_routed_experts,
+    )
+
     console = Console()
     try:
         if source is Source.routed_experts:
-            if src.suffix == ".npz":
-                arrays = read_routed_experts_npz(src)
-            else:
-                arrays = read_routed_experts_npy(src)
-            num_experts = experts or int(max(int(a.max()) for a in arrays if a.size)) + 1
-            trace = from_routed_experts(arrays, num_experts=num_experts, num_ranks=ranks,
-                                        tokens_per_step=tokens_per_step,
-                                        meta={"converted_from": str(src)})
+            trace = read_vllm_routed_experts(src, num_experts=experts, num_ranks=ranks or 8,
+                                             tokens_per_step=tokens_per_step)
+        elif source is Source.vllm_eplb:
+            trace = read_vllm_eplb(src, top_k=top_k or 8, num_ranks=ranks or 8,
+                                   num_experts=experts)
+        elif source is Source.sglang_dump:
+            trace = read_sglang_dump(src, top_k=top_k, num_experts=experts, num_ranks=ranks)
+        elif source is Source.megatron:
+            trace = read_megatron_routing(src, num_experts=experts, num_ranks=ranks or 8,
+                                          tokens_per_step=tokens_per_step)
         else:
-            counts = read_vllm_eplb_load_history(src)
-            trace = trace_from_counts(counts, num_ranks=ranks, top_k=top_k,
-                                      meta={"converted_from": str(src)})
+            trace = read_trtllm_expert_stats(src, top_k=top_k)
     except (ValueError, TypeError, FileNotFoundError) as exc:
         console.print(f"[red]error:[/red] {exc}", soft_wrap=True)
         raise typer.Exit(1) from None
