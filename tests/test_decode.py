@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -187,3 +189,17 @@ def test_engine_static_decode_options():
         Engine(model, cuda_graphs=True)
     with pytest.raises(ValueError, match="max_seq_len"):
         Engine(model, static_decode=True, max_seq_len=0)
+
+
+def test_decode_graphs_experiment_runs_quick_on_cpu(tmp_path):
+    from experiments.runtime.decode_graphs import main
+
+    assert main(["--device", "cpu", "--quick", "--steps", "2", "--repeats", "1",
+                 "--out", str(tmp_path)]) == 0
+    record = json.loads((tmp_path / "decode_graphs.json").read_text())
+    (tiny,) = record["results"]
+    assert tiny["check"]["tokens_equal"] and tiny["check"]["hf_generate_tokens_equal"]
+    assert tiny["sync"] == {"eager_step": "no host sync"}
+    assert [row["batch"] for row in tiny["rows"]] == [1, 4]
+    assert all(row["static_tok_s"] > 0 and row["hf_generate_tok_s"] > 0 for row in tiny["rows"])
+    assert (tmp_path / "decode_graphs.md").is_file() and (tmp_path / "manifest.json").is_file()

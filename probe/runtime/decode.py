@@ -90,6 +90,10 @@ class StaticKVCache:
             raise ValueError(f"slot {slot} is not an allocated slot")
         self._free.append(slot)
 
+    def release_all(self) -> None:
+        """Every slot free again (the contents stay until overwritten)."""
+        self._free = list(range(self.num_slots - 1, -1, -1))
+
     def sequence(self, slot: int) -> SlotCache:
         """A `KVCache`-like view of `slot`, starting empty."""
         return SlotCache(self, slot)
@@ -177,7 +181,7 @@ def static_experts(block: MoEBlock, h: torch.Tensor, topk_ids: torch.Tensor) -> 
     bias = block.cfg.expert_bias
     if n_tok * k < e:
         ids = topk_ids.reshape(-1)  # [T*K]
-        x = h.repeat_interleave(k, dim=0)  # [T*K, D]
+        x = h[:, None, :].expand(n_tok, k, -1).reshape(n_tok * k, -1)  # [T*K, D]
         gate_up = torch.bmm(block.w_gate_up[ids], x[:, :, None])[..., 0]  # [T*K, 2F]
         if bias:
             gate_up = gate_up + block.b_gate_up[ids]

@@ -428,7 +428,7 @@ class MoEBlock(nn.Module):
             group_score = grouped.topk(min(2, per_group), dim=-1).values.sum(-1)  # [T, groups]
             best = group_score.topk(cfg.topk_group, dim=-1).indices  # [T, topk_group]
             keep = torch.zeros_like(group_score, dtype=torch.bool).scatter_(1, best, True)
-            keep = keep.repeat_interleave(per_group, dim=1)  # [T, E]
+            keep = keep[:, :, None].expand(-1, -1, per_group).reshape(n_tok, -1)  # [T, E]
             choice = choice.masked_fill(~keep, float("-inf"))
         topk_ids = choice.topk(cfg.top_k, dim=-1).indices  # [T, K]
         topk_weights = scores.gather(1, topk_ids)  # [T, K]
