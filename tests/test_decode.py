@@ -203,3 +203,28 @@ def test_decode_graphs_experiment_runs_quick_on_cpu(tmp_path):
     assert [row["batch"] for row in tiny["rows"]] == [1, 4]
     assert all(row["static_tok_s"] > 0 and row["hf_generate_tok_s"] > 0 for row in tiny["rows"])
     assert (tmp_path / "decode_graphs.md").is_file() and (tmp_path / "manifest.json").is_file()
+
+
+def test_cli_static_decode_on_cpu_equals_default(tmp_path):
+    """`--cuda-graphs` on the CPU runs the static step eagerly, without the EPRunner; the
+    tokens equal the default path's."""
+    from probe.runtime.__main__ import main as runtime_main
+
+    cfg = tmp_path / "config.json"
+    cfg.write_text(json.dumps({
+        "model_type": "qwen3_moe", "vocab_size": 80, "hidden_size": 32, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 8, "num_experts": 8,
+        "num_experts_per_tok": 2, "moe_intermediate_size": 16, "norm_topk_prob": True,
+        "max_position_embeddings": 64, "tie_word_embeddings": False}))
+    tokens = {}
+    for flag in ("--cuda-graphs", "--no-cuda-graphs"):
+        out = tmp_path / f"{flag}.json"
+        assert runtime_main(["--random-config", str(cfg), "--device", "cpu", "--requests", "3",
+                             "--prompt-len", "6", "--max-new-tokens", "4", "--max-seq-len", "16",
+                             "--quiet", "--out", str(out)]
+                            + [flag]) == 0
+        summary = json.loads(out.read_text())
+        tokens[flag] = summary["ranks"][0]["tokens"]
+        assert summary["ranks"][0]["cuda_graphs"] == (flag == "--cuda-graphs")
+    assert tokens["--cuda-graphs"] == tokens["--no-cuda-graphs"]
+    assert sum(len(t) for t in tokens["--cuda-graphs"].values()) == 12

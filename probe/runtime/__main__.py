@@ -99,8 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="serve this many throw-away requests first (JIT, allocator)")
     p.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None,
                    help="decode through the static KV cache and per-batch-size CUDA graphs "
-                        "(default: on for CUDA, off on CPU; one rank only: with more ranks "
-                        "the MoE layers run expert-parallel and decode stays eager)")
+                        "(default: on for CUDA, off on CPU, where it runs the same no-sync "
+                        "step eagerly; one rank only: with more ranks the MoE layers run "
+                        "expert-parallel and decode stays eager)")
     p.add_argument("--max-seq-len", type=int, default=None,
                    help="positions per request in the static KV cache of --cuda-graphs "
                         "(default: min(max_position_embeddings, 2048))")
@@ -218,6 +219,9 @@ def run(args) -> dict | None:
 
     check_device(args.device)
     use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+    # --cuda-graphs: the static no-sync decode step, replayed from CUDA graphs on CUDA (on the
+    # CPU the same step runs eagerly; there are no graphs to capture).
+    graphs = use_cuda if args.cuda_graphs is None else args.cuda_graphs
     import os
 
     if "RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) >= 1 \
@@ -244,9 +248,6 @@ def run(args) -> dict | None:
         from probe.predictor import PredictorSet
 
         predictor = PredictorSet.load(predictor).to(device)
-    graphs = use_cuda if args.cuda_graphs is None else args.cuda_graphs
-    if graphs and not use_cuda:
-        raise DeviceUnavailable("--cuda-graphs needs --device cuda")
     if graphs and ctx.world_size > 1:
         if args.cuda_graphs and ctx.rank == 0:
             sys.stderr.write("probe.runtime: --cuda-graphs is for one rank; decoding eagerly "
@@ -257,8 +258,8 @@ def run(args) -> dict | None:
         balance=args.balance and ctx.world_size > 1, num_slots=args.slots, predictor=predictor,
         method=args.method, hardware=args.hardware))
     engine_options = dict(max_batch_tokens=args.max_batch_tokens,
-                          prefill_chunk=args.prefill_chunk, cuda_graphs=graphs,
-                          max_seq_len=args.max_seq_len)
+                          prefill_chunk=args.prefill_chunk, static_decode=graphs,
+                          cuda_graphs=graphs and use_cuda, max_seq_len=args.max_seq_len)
     engine = Engine(model, runner, ctx, **engine_options)
     vocab = model.cfg.vocab_size
     if args.warmup_steps:

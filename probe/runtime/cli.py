@@ -99,7 +99,8 @@ def register(app: typer.Typer) -> None:
         dtype: Annotated[str, typer.Option(help="fp32, bf16 or fp16")] = "fp32",
         cuda_graphs: Annotated[bool | None, typer.Option(
             "--cuda-graphs/--no-cuda-graphs",
-            help="decode through a static KV cache and CUDA graphs (default: on for cuda)")
+            help="decode through a static KV cache and CUDA graphs (default: on for cuda; "
+                 "on cpu the same no-sync step runs eagerly)")
         ] = None,
     ) -> None:
         """Generate from one prompt in a single process (greedy by default)."""
@@ -113,8 +114,6 @@ def register(app: typer.Typer) -> None:
             raise typer.BadParameter(f"--dtype must be one of {sorted(_DTYPES)}")
         _require_device(device)
         graphs = device.startswith("cuda") if cuda_graphs is None else cuda_graphs
-        if graphs and not device.startswith("cuda"):
-            raise typer.BadParameter("--cuda-graphs needs --device cuda")
         torch_dtype = _DTYPES[dtype]
         if model is not None:
             from probe.runtime.checkpoint import load_model
@@ -143,7 +142,8 @@ def register(app: typer.Typer) -> None:
         else:
             raise typer.BadParameter("give --prompt or --ids")
         engine = Engine(net, max_batch_tokens=max(len(prompt_ids), 1) + 1,
-                        prefill_chunk=max(len(prompt_ids), 1), cuda_graphs=graphs,
+                        prefill_chunk=max(len(prompt_ids), 1), static_decode=graphs,
+                        cuda_graphs=graphs and device.startswith("cuda"),
                         max_seq_len=len(prompt_ids) + max_new_tokens if graphs else None)
         res = engine.serve([Request("cli", prompt_ids, max_new_tokens=max_new_tokens,
                                     temperature=temperature, top_k=top_k, seed=seed)])["cli"]
