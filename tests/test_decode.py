@@ -199,6 +199,7 @@ def test_decode_graphs_experiment_runs_quick_on_cpu(tmp_path):
     record = json.loads((tmp_path / "decode_graphs.json").read_text())
     (tiny,) = record["results"]
     assert tiny["check"]["tokens_equal"] and tiny["check"]["hf_generate_tokens_equal"]
+    assert tiny["check"]["engine_tokens_equal"]
     assert tiny["sync"] == {"eager_step": "no host sync"}
     assert [row["batch"] for row in tiny["rows"]] == [1, 4]
     assert all(row["static_tok_s"] > 0 and row["hf_generate_tok_s"] > 0 for row in tiny["rows"])

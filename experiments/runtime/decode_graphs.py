@@ -16,10 +16,11 @@ Correctness first, in fp32 on --device: for a batch of prompts, prefill, then 8 
 steps through (a) the default path (`MoETransformer.forward` with growing `KVCache`s), (b) the
 static no-sync step (`probe.runtime.decode`) eager and (c) replayed from CUDA graphs (CUDA only);
 tokens must be equal (also to transformers' greedy `generate`) and logits close, and the first
-step's logits must match the CPU twin (the same weights on the CPU). Then one eager static step
-and one graph step (input copy + replay) run under `torch.cuda.set_sync_debug_mode("error")`
-plus `probe.runtime.syncguard.no_host_sync` (CPU: the guard alone): any host sync raises and is
-reported.
+step's logits must match the CPU twin (the same weights on the CPU); and the Engine with static
+decode (graphs on CUDA) must serve staggered requests with the default Engine's tokens. Then
+one eager static step and one graph step (input copy + replay) run under
+`torch.cuda.set_sync_debug_mode("error")` plus `probe.runtime.syncguard.no_host_sync` (CPU: the
+guard alone): any host sync raises and is reported.
 
 Timing (model dtype: bf16 on CUDA, fp32 on CPU): batch 1/8/64 (--quick: 1/4), prompts of 32
 tokens, `--steps` decode steps after a warm-up, each step as the engine runs it (one host read
@@ -46,6 +47,7 @@ from experiments.manifest import Manifest
 from probe.runtime import smallmodel
 from probe.runtime.checkpoint import load_model
 from probe.runtime.decode import DecodeRunner, StaticKVCache, decode_forward
+from probe.runtime.engine import Engine, Request
 from probe.runtime.syncguard import no_host_sync
 
 TRAINED = Path("models/smallmodel")
@@ -169,11 +171,31 @@ def check(model, cpu_model, hf, paths: list[str], batch: int, device: torch.devi
     return {
         "batch": batch, "steps": steps,
         "tokens_equal": all(toks[p] == toks["default"] for p in paths),
+        "engine_tokens_equal": engine_check(model, device),
         "hf_generate_tokens_equal": hf_equal,
         "max_abs_logit_diff_vs_default": {p: float((first[p] - ref).abs().max()) for p in paths},
         "max_abs_logit_diff_vs_cpu_twin": float((ref - cpu_first).abs().max()),
         "logit_scale": float(ref.abs().max()),
     }
+
+
+def engine_check(model, device: torch.device) -> bool:
+    """The Engine with static decode (and graphs on CUDA) serves staggered requests of several
+    lengths with the same greedy tokens as the default Engine."""
+    g = torch.Generator().manual_seed(5)
+    vocab = min(model.cfg.vocab_size, 256)
+
+    def requests():
+        return [Request(f"r{i}", torch.randint(0, vocab, (3 + 5 * i,), generator=g).tolist(),
+                        max_new_tokens=4 + i, arrival_step=i) for i in range(6)]
+
+    g.manual_seed(5)
+    want = Engine(model, max_batch_tokens=32, prefill_chunk=16).serve(requests())
+    g.manual_seed(5)
+    got = Engine(model, max_batch_tokens=32, prefill_chunk=16, max_running=8,
+                 static_decode=True, cuda_graphs=device.type == "cuda",
+                 max_seq_len=64).serve(requests())
+    return all(got[rid].tokens == r.tokens for rid, r in want.items())
 
 
 def sync_check(model, device: torch.device) -> dict:
@@ -297,7 +319,8 @@ def _markdown(results: list[dict]) -> str:
     lines.append("")
     for r in results:
         lines.append(f"- {r['model']}: tokens equal across paths: "
-                     f"{r['check']['tokens_equal']}; equal to transformers generate: "
+                     f"{r['check']['tokens_equal']}; Engine static = default: "
+                     f"{r['check']['engine_tokens_equal']}; equal to transformers generate: "
                      f"{r['check']['hf_generate_tokens_equal']}; sync check: {r['sync']}"
                      + (f"; transformers failed: {r['hf_error']}" if r["hf_error"] else ""))
     return "\n".join(lines) + "\n"
@@ -355,8 +378,8 @@ def main(argv: list[str] | None = None) -> int:
         console.print(f"{r['model']} ({r['weights']}): check {r['check']}, sync {r['sync']}",
                       overflow="fold")
     console.print(_table(results))
-    ok = all(r["check"]["tokens_equal"] and all(v == "no host sync" for v in r["sync"].values())
-             for r in results)
+    ok = all(r["check"]["tokens_equal"] and r["check"]["engine_tokens_equal"]
+             and all(v == "no host sync" for v in r["sync"].values()) for r in results)
     return 0 if ok else 1
 
 
