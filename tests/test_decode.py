@@ -125,11 +125,16 @@ def test_runner_pads_to_buckets_and_matches_unpadded(model64):
     cache, slots, old = _prefilled(model64, prompts)
     runner = DecodeRunner(model64, cache, use_graphs=False)
     assert runner.buckets == [1, 2, 4, 8] and runner.bucket(3) == 4
-    with torch.inference_mode():
-        want = model64(torch.tensor([11, 12, 13]), seq_lens=[1, 1, 1], caches=old[:3],
-                       last_only=True).logits
-        got = runner([11, 12, 13], [s.slot for s in slots[:3]], [s.length for s in slots[:3]])
-    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+    assert [runner.kv_bucket(p) for p in (0, 15, 16, 31)] == [16, 16, 32, 32]  # max_len 32
+    with torch.inference_mode():  # 14 steps: kv length 16, then 32 (the cache's max_len)
+        for step in range(14):
+            toks = [11 + step, 12 + step, 13 + step]
+            want = model64(torch.tensor(toks), seq_lens=[1, 1, 1], caches=old[:3],
+                           last_only=True).logits
+            got = runner(toks, [s.slot for s in slots[:3]], [s.length for s in slots[:3]])
+            for s in slots[:3]:
+                s.length += 1
+            torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
     assert default_buckets(6) == [1, 2, 4, 6]
     with pytest.raises(ValueError, match="largest bucket"):
         runner.bucket(9)

@@ -12,11 +12,13 @@ F expert intermediate size.
   the `KVCache` interface (`length`, `append`), so eager prefill fills a slot through the
   model's own forward; decode writes one position per row with an index op.
 - `decode_forward` runs one token per row through the whole model with shapes fixed by Bp
-  alone: no `.item()`, `.tolist()`, `.cpu()`, `bool(tensor)`, `nonzero` or data-dependent shape
-  anywhere, so it can be captured in a CUDA graph. Attention reads the whole slot and masks
-  positions past the row's own; the MoE layers use `static_experts`.
-- `DecodeRunner` pads a decode batch to its bucket (1, 2, 4, ... up to N), copies the inputs
-  into static buffers and replays that bucket's CUDA graph (captured on first use), or runs
+  and a host-chosen kv length alone: no `.item()`, `.tolist()`, `.cpu()`, `bool(tensor)`,
+  `nonzero` or data-dependent shape anywhere, so it can be captured in a CUDA graph. Attention
+  reads the first kv-length positions of each slot and masks those past the row's own; the MoE
+  layers use `static_experts`.
+- `DecodeRunner` pads a decode batch to its bucket (1, 2, 4, ... up to N), picks the positions
+  attention reads (a power of two above the batch's largest position), copies the inputs into
+  static buffers and replays that pair's CUDA graph (captured on first use), or runs
   `decode_forward` eagerly when graphs are off.
 
 The MoE layers run locally (every expert held: expert parallelism of one rank). With more ranks
@@ -129,13 +131,15 @@ class SlotCache:
 
 def static_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: StaticKVCache, *,
                   layer: int, slots: torch.Tensor, positions: torch.Tensor, scale: float,
-                  window: int | None = None, sinks: torch.Tensor | None = None) -> torch.Tensor:
+                  window: int | None = None, sinks: torch.Tensor | None = None,
+                  kv_len: int | None = None) -> torch.Tensor:
     """One new token per row against its slot: q [B, H, Dq], k [B, Hkv, Dq], v [B, Hkv, Dv];
     slots [B] int64 (cache slot of each row), positions [B] int64 (position of the new token).
 
     Writes k, v at (slot, position) of `layer`, then attends to positions <= the row's own
-    (and > position - window when `window` is given). sinks [H]: one extra logit per head.
-    Returns [B, H * Dv].
+    (and > position - window when `window` is given), reading only the first `kv_len` positions
+    of each slot (default: all S; the caller guarantees every position < kv_len). sinks [H]:
+    one extra logit per head. Returns [B, H * Dv].
     """
     n_rows, h, dq = q.shape
     hkv, dv = k.shape[1], v.shape[2]
@@ -144,22 +148,24 @@ def static_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: Stat
     at = (slots[:, None], heads[None, :], positions[:, None])  # [B, Hkv] each after broadcast
     keys.index_put_(at, k.to(keys.dtype))
     values.index_put_(at, v.to(values.dtype))
-    k_all, v_all = keys[slots], values[slots]  # [B, Hkv, S, Dq], [B, Hkv, S, Dv]
-    k_pos = torch.arange(cache.max_len, device=q.device)  # [S]
-    allowed = k_pos[None, :] <= positions[:, None]  # [B, S]
+    kv_len = cache.max_len if kv_len is None else kv_len
+    k_all = keys[slots, :, :kv_len]  # [B, Hkv, s, Dq] (s = kv_len)
+    v_all = values[slots, :, :kv_len]  # [B, Hkv, s, Dv]
+    k_pos = torch.arange(kv_len, device=q.device)  # [s]
+    allowed = k_pos[None, :] <= positions[:, None]  # [B, s]
     if window is not None:
         allowed = allowed & (k_pos[None, :] > positions[:, None] - window)
     # The G query heads of one kv head act as G query rows against that head's keys.
     q_g = q.view(n_rows, hkv, h // hkv, dq)  # [B, Hkv, G, Dq]
-    mask = allowed[:, None, None, :]  # [B, 1, 1, S]
+    mask = allowed[:, None, None, :]  # [B, 1, 1, s]
     if sinks is None:
         out = F.scaled_dot_product_attention(q_g, k_all, v_all, attn_mask=mask,
                                              scale=scale)  # [B, Hkv, G, Dv]
         return out.reshape(n_rows, h * dv)
-    scores = _wide(q_g @ k_all.transpose(-1, -2) * scale)  # [B, Hkv, G, S]
+    scores = _wide(q_g @ k_all.transpose(-1, -2) * scale)  # [B, Hkv, G, s]
     scores = scores.masked_fill(~mask, float("-inf"))
     sink = sinks.to(scores.dtype).view(1, hkv, h // hkv, 1).expand(n_rows, -1, -1, 1)
-    probs = torch.softmax(torch.cat((scores, sink), dim=-1), dim=-1)[..., :-1]  # [B, Hkv, G, S]
+    probs = torch.softmax(torch.cat((scores, sink), dim=-1), dim=-1)[..., :-1]  # [B, Hkv, G, s]
     out = probs.to(v_all.dtype) @ v_all  # [B, Hkv, G, Dv]
     return out.reshape(n_rows, h * dv)
 
@@ -224,10 +230,12 @@ def _check_local(model: MoETransformer) -> None:
 
 
 def decode_forward(model: MoETransformer, cache: StaticKVCache, ids: torch.Tensor,
-                   slots: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+                   slots: torch.Tensor, positions: torch.Tensor, kv_len: int | None = None
+                   ) -> torch.Tensor:
     """One decode token per row, no host sync: ids, slots, positions [B] int64 on the model's
     device -> logits [B, V]. Writes each row's keys and values at (slot, position); the caller
-    advances its own lengths."""
+    advances its own lengths. kv_len: attention reads that many positions per slot (a bound on
+    every position + 1 that the host knows; default the cache's max_len)."""
     cfg = model.cfg
     x = model.embed(ids)  # [B, D]
     cos, sin = model._rope(positions, x.dtype)  # [B, Hd/2] x2
@@ -236,7 +244,8 @@ def decode_forward(model: MoETransformer, cache: StaticKVCache, ids: torch.Tenso
         q, k, v = attn.project(layer.attn_norm(x), cos, sin)
         out = static_attend(q, k, v, cache, layer=layer.layer, slots=slots, positions=positions,
                             scale=attn.scale, window=cfg.sliding_window if attn.sliding else None,
-                            sinks=getattr(attn, "sinks", None) if cfg.attention_sinks else None)
+                            sinks=getattr(attn, "sinks", None) if cfg.attention_sinks else None,
+                            kv_len=kv_len)
         x = x + attn.o_proj(out)  # [B, D]
         h = layer.mlp_norm(x)  # [B, D]
         x = x + (_moe(layer.moe, h) if layer.is_moe else layer.mlp(h))  # [B, D]
@@ -258,7 +267,10 @@ def default_buckets(max_batch: int) -> list[int]:
 
 class DecodeRunner:
     """Runs decode batches through `decode_forward`, padded to a bucket, replaying one CUDA
-    graph per bucket when `use_graphs` (captured on the bucket's first use).
+    graph per (batch bucket, kv-length bucket) when `use_graphs` (captured on first use).
+
+    The kv-length bucket is the next power of two (at least 16, at most the cache's max_len)
+    above the batch's largest position: attention reads only that many positions per slot.
 
     Args:
         model: a `MoETransformer` holding every expert (no EPRunner attached).
@@ -280,7 +292,8 @@ class DecodeRunner:
         if self.buckets[0] < 1:
             raise ValueError(f"buckets must be >= 1, got {self.buckets}")
         self._inputs: dict[int, torch.Tensor] = {}  # bucket -> [3, Bp] (ids, slots, positions)
-        self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        # (batch bucket, kv-length bucket) -> (graph, its logits [Bp, V])
+        self._graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self._pool = None
 
     def bucket(self, n_rows: int) -> int:
@@ -290,22 +303,27 @@ class DecodeRunner:
         raise ValueError(f"decode batch of {n_rows} rows exceeds the largest bucket "
                          f"{self.buckets[-1]}")
 
-    def _run(self, inputs: torch.Tensor) -> torch.Tensor:
-        return decode_forward(self.model, self.cache, inputs[0], inputs[1], inputs[2])
+    def kv_bucket(self, max_position: int) -> int:
+        """Positions attention reads for a batch whose largest position is `max_position`."""
+        need = max(16, max_position + 1)
+        return min(self.cache.max_len, 1 << (need - 1).bit_length())
 
-    def _capture(self, bucket: int) -> None:
+    def _run(self, inputs: torch.Tensor, kv_len: int) -> torch.Tensor:
+        return decode_forward(self.model, self.cache, inputs[0], inputs[1], inputs[2], kv_len)
+
+    def _capture(self, bucket: int, kv_len: int) -> None:
         inputs = self._inputs[bucket]
         stream = torch.cuda.Stream(self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(stream):  # warm up (lazy inits, autotuning) outside the graph
             for _ in range(2):
-                self._run(inputs)
+                self._run(inputs, kv_len)
         torch.cuda.current_stream(self.device).wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._pool):
-            logits = self._run(inputs)
+            logits = self._run(inputs, kv_len)
         self._pool = graph.pool()
-        self._graphs[bucket] = (graph, logits)
+        self._graphs[bucket, kv_len] = (graph, logits)
 
     def __call__(self, ids: Sequence[int], slots: Sequence[int], positions: Sequence[int]
                  ) -> torch.Tensor:
@@ -319,6 +337,7 @@ class DecodeRunner:
             raise ValueError(f"position {max(positions)} is past the cache's max_len "
                              f"{self.cache.max_len}")
         bucket = self.bucket(n_rows)
+        kv_len = self.kv_bucket(max(positions))
         pad = bucket - n_rows
         # Padded rows: token 0 at position 0 of the scratch slot.
         host = torch.tensor([[*ids, *[0] * pad], [*slots, *[self.cache.scratch] * pad],
@@ -327,15 +346,15 @@ class DecodeRunner:
             scratch = torch.tensor([[0], [self.cache.scratch], [0]], dtype=torch.int64)
             self._inputs[bucket] = scratch.expand(3, bucket).contiguous().to(self.device)
         inputs = self._inputs[bucket]
-        if self.use_graphs and bucket not in self._graphs:
-            self._capture(bucket)
+        if self.use_graphs and (bucket, kv_len) not in self._graphs:
+            self._capture(bucket, kv_len)
         if self.device.type == "cuda":  # an asynchronous copy from pinned memory
             inputs.copy_(host.pin_memory(), non_blocking=True)
         else:
             inputs.copy_(host)
         if self.use_graphs:
-            graph, logits = self._graphs[bucket]
+            graph, logits = self._graphs[bucket, kv_len]
             graph.replay()
         else:
-            logits = self._run(inputs)
+            logits = self._run(inputs, kv_len)
         return logits[:n_rows]
