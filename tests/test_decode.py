@@ -60,7 +60,7 @@ def _prefilled(model, prompts, max_len=32):
 
 
 @pytest.mark.parametrize("family", list(CONFIGS))
-@pytest.mark.parametrize("n_rows", [1, 3, 5])  # 1, 3 rows: weight gather; 5 rows: capacity GEMM
+@pytest.mark.parametrize("n_rows", [1, 3, 5])  # 1 row: weight gather; 3, 5 rows: capacity GEMM
 def test_static_step_matches_eager_and_never_syncs(family, n_rows):
     model = random_model(_cfg(family), seed=5, std=0.15, dtype=torch.float64)
     g = torch.Generator().manual_seed(n_rows)
@@ -112,7 +112,7 @@ def test_sync_guard_catches_each_entry_point_and_restores():
 def test_static_experts_formulations_agree(model64):
     block = model64.moe_blocks[0]
     g = torch.Generator().manual_seed(0)
-    for n_tok in (1, 3, 4, 9):  # T*K below and at/above E = 8
+    for n_tok in (1, 2, 3, 9):  # 3*T*K <= E = 8 (gather) for T = 1 only
         h = torch.randn(n_tok, 32, generator=g, dtype=torch.float64)
         ids = torch.stack([torch.randperm(8, generator=g)[:2] for _ in range(n_tok)])
         want = torch.stack([torch.stack([block.expert_forward(h[t:t + 1], int(e))[0]

@@ -175,8 +175,9 @@ def static_experts(block: MoEBlock, h: torch.Tensor, topk_ids: torch.Tensor) -> 
     [T, K] (global ids; the block must hold every expert) -> unweighted outputs [T, K, D].
 
     Two fixed-capacity formulations, chosen by shape only:
-    - T*K < E: gather the T*K chosen experts' weights and multiply row by row (reads T*K
-      experts' weights; exact compute);
+    - 3*T*K <= E: gather the T*K chosen experts' weights and multiply row by row (exact
+      compute; the gathered copy is written and read again, about three passes over T*K
+      experts' weights);
     - otherwise: every expert gets a buffer of capacity T (a token picks an expert at most
       once), filled by scatter, multiplied as one batched GEMM [E, T, D] and read back by
       gather (reads each expert's weights once; computes E*T rows, of which T*K are used).
@@ -185,7 +186,7 @@ def static_experts(block: MoEBlock, h: torch.Tensor, topk_ids: torch.Tensor) -> 
     n_tok, k = topk_ids.shape
     e = block.w_gate_up.shape[0]
     bias = block.cfg.expert_bias
-    if n_tok * k < e:
+    if 3 * n_tok * k <= e:
         ids = topk_ids.reshape(-1)  # [T*K]
         x = h[:, None, :].expand(n_tok, k, -1).reshape(n_tok * k, -1)  # [T*K, D]
         gate_up = torch.bmm(block.w_gate_up[ids], x[:, :, None])[..., 0]  # [T*K, 2F]
