@@ -9,6 +9,10 @@ Each rank loads only its home experts (static sharded placement) and serves its 
 steps (--quiet: none), then a summary table, and writes `--out` (JSON). A bad request (empty
 prompt, ids outside the vocabulary, prompt + max new tokens beyond the model's positions) is
 rejected alone with a message; the summary lists it with the reason.
+
+On one CUDA rank decode runs through a static KV cache and replays CUDA graphs captured per
+batch-size bucket (--cuda-graphs, the default there; the MoE layers then run locally, without
+the EPRunner); prefill stays eager.
 """
 
 from __future__ import annotations
@@ -93,6 +97,14 @@ def build_parser() -> argparse.ArgumentParser:
                                      "decode step to this file (rank 0)")
     p.add_argument("--warmup-steps", type=int, default=0,
                    help="serve this many throw-away requests first (JIT, allocator)")
+    p.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None,
+                   help="decode through the static KV cache and per-batch-size CUDA graphs "
+                        "(default: on for CUDA, off on CPU, where it runs the same no-sync "
+                        "step eagerly; one rank only: with more ranks the MoE layers run "
+                        "expert-parallel and decode stays eager)")
+    p.add_argument("--max-seq-len", type=int, default=None,
+                   help="positions per request in the static KV cache of --cuda-graphs "
+                        "(default: min(max_position_embeddings, 2048))")
     p.add_argument("--out", help="JSON summary (rank 0)")
     p.add_argument("--progress-every", type=int, default=10, metavar="N",
                    help="rank 0 prints steps done, tokens/s and IR to stderr every N steps")
@@ -207,6 +219,9 @@ def run(args) -> dict | None:
 
     check_device(args.device)
     use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+    # --cuda-graphs: the static no-sync decode step, replayed from CUDA graphs on CUDA (on the
+    # CPU the same step runs eagerly; there are no graphs to capture).
+    graphs = use_cuda if args.cuda_graphs is None else args.cuda_graphs
     import os
 
     if "RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) >= 1 \
@@ -233,11 +248,19 @@ def run(args) -> dict | None:
         from probe.predictor import PredictorSet
 
         predictor = PredictorSet.load(predictor).to(device)
-    runner = EPRunner(model, ctx, PipelineOptions(
+    if graphs and ctx.world_size > 1:
+        if args.cuda_graphs and ctx.rank == 0:
+            sys.stderr.write("probe.runtime: --cuda-graphs is for one rank; decoding eagerly "
+                             "expert-parallel\n")
+        graphs = False
+    # One rank with graphs: the MoE layers run locally inside the captured step (no EPRunner).
+    runner = None if graphs else EPRunner(model, ctx, PipelineOptions(
         balance=args.balance and ctx.world_size > 1, num_slots=args.slots, predictor=predictor,
         method=args.method, hardware=args.hardware))
-    engine = Engine(model, runner, ctx, max_batch_tokens=args.max_batch_tokens,
-                    prefill_chunk=args.prefill_chunk)
+    engine_options = dict(max_batch_tokens=args.max_batch_tokens,
+                          prefill_chunk=args.prefill_chunk, static_decode=graphs,
+                          cuda_graphs=graphs and use_cuda, max_seq_len=args.max_seq_len)
+    engine = Engine(model, runner, ctx, **engine_options)
     vocab = model.cfg.vocab_size
     if args.warmup_steps:
         warm = _requests(args, ctx.rank, ctx.world_size, vocab, tag="warm")[:1]
@@ -245,8 +268,7 @@ def run(args) -> dict | None:
             r.max_new_tokens = max(1, args.warmup_steps)
             r.prompt = r.prompt[:64]
         engine.serve(warm)
-        engine = Engine(model, runner, ctx, max_batch_tokens=args.max_batch_tokens,
-                        prefill_chunk=args.prefill_chunk)
+        engine = Engine(model, runner, ctx, **engine_options)
     reqs = _requests(args, ctx.rank, ctx.world_size, vocab, rejected=engine.rejected)
     show = ctx.rank == 0 and not args.quiet and args.progress_every > 0
     t1 = time.perf_counter()
@@ -257,12 +279,13 @@ def run(args) -> dict | None:
         sys.stderr.write(f"probe.runtime: rank {ctx.rank}: request {rid} rejected: {reason}\n")
     summary = engine.summary()
     summary.update({"rank": ctx.rank, "load_s": load_s, "serve_s": serve_s,
-                    "planner_warmup_s": runner.planner_warmup_s,
+                    "planner_warmup_s": runner.planner_warmup_s if runner else 0.0,
+                    "cuda_graphs": graphs,
                     "generated_tokens": sum(len(r.tokens) for r in results.values()),
                     "tokens": {rid: r.tokens for rid, r in results.items()}})
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    summary["layer_breakdown_last_step_s"] = runner.breakdown()
+    summary["layer_breakdown_last_step_s"] = runner.breakdown() if runner else {}
     prefill_recs = [r for r in engine.records if r.prefill_tokens > 0]
     summary["first_prefill_step_s"] = prefill_recs[0].seconds if prefill_recs else None
     if args.profile:
@@ -296,7 +319,8 @@ def run(args) -> dict | None:
         _print_table(out)
         if args.out:
             Path(args.out).write_text(json.dumps(out, indent=2, default=str))
-    runner.close()
+    if runner is not None:
+        runner.close()
     if ctx.group is not None:
         shutdown(ctx)
     return out

@@ -97,6 +97,11 @@ def register(app: typer.Typer) -> None:
         seed: int = 0,
         device: Annotated[str, typer.Option(help="cpu or cuda")] = "cpu",
         dtype: Annotated[str, typer.Option(help="fp32, bf16 or fp16")] = "fp32",
+        cuda_graphs: Annotated[bool | None, typer.Option(
+            "--cuda-graphs/--no-cuda-graphs",
+            help="decode through a static KV cache and CUDA graphs (default: on for cuda; "
+                 "on cpu the same no-sync step runs eagerly)")
+        ] = None,
     ) -> None:
         """Generate from one prompt in a single process (greedy by default)."""
 
@@ -108,6 +113,7 @@ def register(app: typer.Typer) -> None:
         if dtype not in _DTYPES:
             raise typer.BadParameter(f"--dtype must be one of {sorted(_DTYPES)}")
         _require_device(device)
+        graphs = device.startswith("cuda") if cuda_graphs is None else cuda_graphs
         torch_dtype = _DTYPES[dtype]
         if model is not None:
             from probe.runtime.checkpoint import load_model
@@ -136,7 +142,9 @@ def register(app: typer.Typer) -> None:
         else:
             raise typer.BadParameter("give --prompt or --ids")
         engine = Engine(net, max_batch_tokens=max(len(prompt_ids), 1) + 1,
-                        prefill_chunk=max(len(prompt_ids), 1))
+                        prefill_chunk=max(len(prompt_ids), 1), static_decode=graphs,
+                        cuda_graphs=graphs and device.startswith("cuda"),
+                        max_seq_len=len(prompt_ids) + max_new_tokens if graphs else None)
         res = engine.serve([Request("cli", prompt_ids, max_new_tokens=max_new_tokens,
                                     temperature=temperature, top_k=top_k, seed=seed)])["cli"]
         text = tok[1](res.tokens) if tok is not None else None

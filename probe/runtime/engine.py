@@ -20,6 +20,13 @@ past the positions are REJECTED, not clamped). By default a bad request raises `
 with `reject_invalid=True` it is left out alone, with its reason in `Engine.rejected`, and the
 other requests are served (a multi-rank job must not die for one bad prompt).
 
+Static decode (`static_decode=True`, single process, no EPRunner): every request gets a slot of
+one preallocated `StaticKVCache` (`max_seq_len` positions), prefill chunks fill it through the
+model's eager forward, and the step's decode tokens run as one separate batch through
+`probe.runtime.decode.DecodeRunner`, whose layers never synchronise with the host; with
+`cuda_graphs=True` that batch is padded to a bucket and replayed from a CUDA graph. Greedy
+tokens equal the default path's (the same arithmetic, batched differently).
+
 Metrics per step (`StepRecord`): tokens, prefill and decode tokens, wall seconds, and the
 EPRunner's per-layer IR, replicas planned and arrived, bytes prefetched, exposed transfer time,
 planner time; per request: TTFT (arrival to first token, wall clock), decode tokens/s.
@@ -110,13 +117,25 @@ class Engine:
         max_batch_tokens: tokens per step (decode + prefill).
         prefill_chunk: prefill tokens of one request per step.
         max_running: requests in flight at once.
+        static_decode: decode through the preallocated cache and the no-sync decode step
+            (needs runner=None: the MoE layers run locally).
+        cuda_graphs: replay the decode step from CUDA graphs (implies static_decode; CUDA only).
+        max_seq_len: positions per request in the static cache (prompt + max_new_tokens must
+            fit); default min(max_position_embeddings, 2048).
     """
 
     def __init__(self, model, runner=None, ctx: DistContext | None = None, *,
                  max_batch_tokens: int = 256, prefill_chunk: int = 64,
-                 max_running: int = 64) -> None:
+                 max_running: int = 64, static_decode: bool = False, cuda_graphs: bool = False,
+                 max_seq_len: int | None = None) -> None:
         if max_batch_tokens < 1 or prefill_chunk < 1 or max_running < 1:
             raise ValueError("max_batch_tokens, prefill_chunk and max_running must be >= 1")
+        static_decode = static_decode or cuda_graphs
+        if static_decode and runner is not None:
+            raise ValueError("static_decode/cuda_graphs run the MoE layers locally: "
+                             "give runner=None")
+        if max_seq_len is not None and max_seq_len < 1:
+            raise ValueError(f"max_seq_len must be >= 1, got {max_seq_len}")
         self.model = model
         self.runner = runner
         self.ctx = ctx
@@ -130,6 +149,17 @@ class Engine:
         self.records: list[StepRecord] = []
         self.rejected: dict[str, str] = {}  # request id -> why it was not served
         self.step_index = 0
+        self.kv = self.decoder = None
+        self.max_seq_len = None
+        if static_decode:
+            from probe.runtime.decode import DecodeRunner, StaticKVCache
+
+            cfg = model.cfg
+            self.max_seq_len = max_seq_len or min(cfg.max_position_embeddings, 2048)
+            dtype = next(model.parameters()).dtype
+            self.kv = StaticKVCache(cfg, max_running, self.max_seq_len, dtype=dtype,
+                                    device=self.device)
+            self.decoder = DecodeRunner(model, self.kv, use_graphs=cuda_graphs)
 
     def check(self, request: Request) -> str | None:
         """Why this model cannot serve `request` (None if it can): ids outside the vocabulary,
@@ -144,6 +174,10 @@ class Engine:
             return (f"prompt ({len(request.prompt)} tokens) + max_new_tokens "
                     f"({request.max_new_tokens}) = {need} exceeds the model's "
                     f"{cfg.max_position_embeddings} positions (max_position_embeddings)")
+        if self.max_seq_len is not None and need > self.max_seq_len:
+            return (f"prompt ({len(request.prompt)} tokens) + max_new_tokens "
+                    f"({request.max_new_tokens}) = {need} exceeds the static cache's "
+                    f"{self.max_seq_len} positions (max_seq_len)")
         return None
 
     def submit(self, requests: Sequence[Request], *, reject_invalid: bool = False) -> None:
@@ -173,7 +207,16 @@ class Engine:
             gen = None
             if req.temperature > 0:
                 gen = torch.Generator(device="cpu").manual_seed(int(req.seed))
-            self.live.append(_Live(req, self.model.new_cache(), t_arrive=now, generator=gen))
+            cache = (self.kv.sequence(self.kv.allocate()) if self.kv is not None
+                     else self.model.new_cache())
+            self.live.append(_Live(req, cache, t_arrive=now, generator=gen))
+
+    def _sample_rows(self, lives: Sequence[_Live], logits: torch.Tensor) -> list[int]:
+        """One token per row of logits [B, V]: greedy rows by one argmax over the batch (one
+        host read per step), the others by `_sample`."""
+        greedy = torch.argmax(logits, dim=-1).tolist()  # [B]
+        return [g if lv.req.temperature == 0 else self._sample(lv, logits[i])
+                for i, (lv, g) in enumerate(zip(lives, greedy, strict=True))]
 
     def _sample(self, live: _Live, logits: torch.Tensor) -> int:
         req = live.req
@@ -214,21 +257,16 @@ class Engine:
                 n_prefill += n
         if self.runner is not None:
             self.runner.begin_step()
-        if ids:
+        if ids and self.decoder is not None:
+            self._static_forward(ids, seq_lens, members, n_decode)
+        elif ids:
             flat = torch.tensor(ids, dtype=torch.int64, device=self.device)
             with torch.inference_mode():
                 logits = self.model(flat, seq_lens=seq_lens,
                                     caches=[lv.cache for lv, _ in members],
                                     last_only=True).logits  # [B, V]
-            now = time.perf_counter()
-            for i, (lv, produces) in enumerate(members):
-                if not produces:
-                    continue
-                tok = self._sample(lv, logits[i])
-                lv.out.append(tok)
-                if lv.t_first is None:
-                    lv.t_first = now
-                lv.t_last = now
+            self._emit([lv for lv, produces in members if produces],
+                       logits[[i for i, (_, produces) in enumerate(members) if produces]])
         elif self.runner is not None:
             with torch.inference_mode():
                 self.runner.idle_step()
@@ -242,6 +280,39 @@ class Engine:
         self.step_index += 1
         return rec
 
+    def _emit(self, lives: Sequence[_Live], logits: torch.Tensor) -> None:
+        """Sample one token for each of `lives` from logits [B, V]."""
+        if not lives:
+            return
+        toks = self._sample_rows(lives, logits)
+        now = time.perf_counter()
+        for lv, tok in zip(lives, toks, strict=True):
+            lv.out.append(tok)
+            if lv.t_first is None:
+                lv.t_first = now
+            lv.t_last = now
+
+    def _static_forward(self, ids: list[int], seq_lens: list[int],
+                        members: list[tuple[_Live, bool]], n_decode: int) -> None:
+        """The step with static decode: the first `n_decode` members (one token each) through
+        the DecodeRunner, then the prefill chunks through the model's eager forward."""
+        with torch.inference_mode():
+            if n_decode:
+                lives = [lv for lv, _ in members[:n_decode]]
+                logits = self.decoder(ids[:n_decode], [lv.cache.slot for lv in lives],
+                                      [lv.cache.length for lv in lives])  # [B, V]
+                for lv in lives:
+                    lv.cache.length += 1
+                self._emit(lives, logits)
+            if len(members) > n_decode:
+                flat = torch.tensor(ids[n_decode:], dtype=torch.int64, device=self.device)
+                prefill = members[n_decode:]
+                logits = self.model(flat, seq_lens=seq_lens[n_decode:],
+                                    caches=[lv.cache for lv, _ in prefill],
+                                    last_only=True).logits  # [B, V]
+                rows = [i for i, (_, produces) in enumerate(prefill) if produces]
+                self._emit([prefill[i][0] for i in rows], logits[rows])
+
     def _retire(self) -> None:
         keep = []
         for lv in self.live:
@@ -250,6 +321,8 @@ class Engine:
             if not done:
                 keep.append(lv)
                 continue
+            if self.kv is not None:
+                self.kv.release(lv.cache.slot)
             n_dec = len(lv.out) - 1
             span = lv.t_last - lv.t_first if lv.t_first is not None else 0.0
             self.results[req.rid] = RequestResult(

@@ -229,6 +229,15 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, batch: _Batch) -> torch.Tensor:
         """x [T, D] -> [T, D]."""
+        q, k, v = self.project(x, batch.cos, batch.sin)
+        out = attend(q, k, v, batch, layer=self.layer, sliding=self.sliding, scale=self.scale,
+                     sinks=self.sinks if self.cfg.attention_sinks else None)  # [T, H*Hd]
+        return self.o_proj(out)  # [T, D]
+
+    def project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Queries, keys and values of the new tokens, rotated: x [T, D], cos/sin [T, Hd/2] ->
+        q [T, H, Hd], k [T, Hkv, Hd], v [T, Hkv, Hd]."""
         cfg = self.cfg
         h, hkv, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         n_tok = x.shape[0]
@@ -243,11 +252,9 @@ class Attention(nn.Module):
         v = v.view(n_tok, hkv, hd)  # [T, Hkv, Hd]
         if cfg.qk_norm == "head":
             q, k = self.q_norm(q), self.k_norm(k)
-        q = apply_rope(q, batch.cos, batch.sin)  # [T, H, Hd]
-        k = apply_rope(k, batch.cos, batch.sin)  # [T, Hkv, Hd]
-        out = attend(q, k, v, batch, layer=self.layer, sliding=self.sliding, scale=self.scale,
-                     sinks=self.sinks if cfg.attention_sinks else None)  # [T, H*Hd]
-        return self.o_proj(out)  # [T, D]
+        q = apply_rope(q, cos, sin)  # [T, H, Hd]
+        k = apply_rope(k, cos, sin)  # [T, Hkv, Hd]
+        return q, k, v
 
 
 class LatentAttention(nn.Module):
@@ -278,14 +285,23 @@ class LatentAttention(nn.Module):
         self.o_proj = nn.Linear(h * cfg.v_head_dim, d, bias=bias)
         self.scale = cfg.attention_scale or qk ** -0.5
 
-    def _rope(self, x: torch.Tensor, batch: _Batch) -> torch.Tensor:
+    def _rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """x [T, h, R] -> [T, h, R]; interleaved pairs come out as halves (like the reference)."""
         if self.cfg.rope_interleave:
             x = torch.cat((x[..., 0::2], x[..., 1::2]), dim=-1)  # [T, h, R]
-        return apply_rope(x, batch.cos, batch.sin)
+        return apply_rope(x, cos, sin)
 
     def forward(self, x: torch.Tensor, batch: _Batch) -> torch.Tensor:
         """x [T, D] -> [T, D]."""
+        q, k, v = self.project(x, batch.cos, batch.sin)
+        out = attend(q, k, v, batch, layer=self.layer, sliding=self.sliding,
+                     scale=self.scale)  # [T, H*Dv]
+        return self.o_proj(out)  # [T, D]
+
+    def project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per-head queries, keys and values of the new tokens: x [T, D], cos/sin [T, R/2] ->
+        q [T, H, P+R], k [T, H, P+R], v [T, H, Dv] (contiguous)."""
         cfg = self.cfg
         n_tok, h = x.shape[0], cfg.num_heads
         nope, rot, dv, c = cfg.qk_nope_head_dim, cfg.head_dim, cfg.v_head_dim, cfg.kv_lora_rank
@@ -298,13 +314,11 @@ class LatentAttention(nn.Module):
         latent, k_rot = self.kv_a_proj(x).split([c, rot], dim=-1)  # [T, C], [T, R]
         kv = self.kv_b_proj(self.kv_a_norm(latent)).view(n_tok, h, nope + dv)  # [T, H, P+Dv]
         k_nope, v = kv.split([nope, dv], dim=-1)  # [T, H, P], [T, H, Dv]
-        q_rot = self._rope(q_rot, batch)  # [T, H, R]
-        k_rot = self._rope(k_rot.view(n_tok, 1, rot), batch)  # [T, 1, R]
+        q_rot = self._rope(q_rot, cos, sin)  # [T, H, R]
+        k_rot = self._rope(k_rot.view(n_tok, 1, rot), cos, sin)  # [T, 1, R]
         q = torch.cat((q_nope, q_rot), dim=-1)  # [T, H, P+R]
         k = torch.cat((k_nope, k_rot.expand(n_tok, h, rot)), dim=-1)  # [T, H, P+R]
-        out = attend(q, k, v.contiguous(), batch, layer=self.layer, sliding=self.sliding,
-                     scale=self.scale)  # [T, H*Dv]
-        return self.o_proj(out)  # [T, D]
+        return q, k, v.contiguous()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -419,7 +433,7 @@ class MoEBlock(nn.Module):
             group_score = grouped.topk(min(2, per_group), dim=-1).values.sum(-1)  # [T, groups]
             best = group_score.topk(cfg.topk_group, dim=-1).indices  # [T, topk_group]
             keep = torch.zeros_like(group_score, dtype=torch.bool).scatter_(1, best, True)
-            keep = keep.repeat_interleave(per_group, dim=1)  # [T, E]
+            keep = keep[:, :, None].expand(-1, -1, per_group).reshape(n_tok, -1)  # [T, E]
             choice = choice.masked_fill(~keep, float("-inf"))
         topk_ids = choice.topk(cfg.top_k, dim=-1).indices  # [T, K]
         topk_weights = scores.gather(1, topk_ids)  # [T, K]

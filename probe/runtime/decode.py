@@ -1,0 +1,361 @@
+"""Decode without host synchronisation: a preallocated KV cache, a static-shape decode step and
+its CUDA graphs.
+
+Shape legend (as in `probe.runtime.model`): B decode rows (one new token per sequence), Bp rows
+after padding to a bucket, N slots of the cache, S positions per slot, Hkv key/value heads, G
+query heads per kv head, Dq key width, Dv value width, D hidden, V vocabulary, E experts, K top-k,
+F expert intermediate size.
+
+- `StaticKVCache` holds the keys and values of N sequences, S positions each, per layer, in
+  buffers allocated once: keys[l] [N + 1, Hkv, S, Dq], values[l] [N + 1, Hkv, S, Dv]. The extra
+  slot N is scratch: padded rows of a bucket write there. `sequence(slot)` gives a view with
+  the `KVCache` interface (`length`, `append`), so eager prefill fills a slot through the
+  model's own forward; decode writes one position per row with an index op.
+- `decode_forward` runs one token per row through the whole model with shapes fixed by Bp
+  and a host-chosen kv length alone: no `.item()`, `.tolist()`, `.cpu()`, `bool(tensor)`,
+  `nonzero` or data-dependent shape anywhere, so it can be captured in a CUDA graph. Attention
+  reads the first kv-length positions of each slot and masks those past the row's own; the MoE
+  layers use `static_experts`.
+- `DecodeRunner` pads a decode batch to its bucket (1, 2, 4, ... up to N), picks the positions
+  attention reads (a power of two above the batch's largest position), copies the inputs into
+  static buffers and replays that pair's CUDA graph (captured on first use), or runs
+  `decode_forward` eagerly when graphs are off.
+
+The MoE layers run locally (every expert held: expert parallelism of one rank). With more ranks
+the dispatch and combine would need collectives whose sizes are fixed in the same way (rows
+padded to a capacity known to the host); that is not built here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from probe.runtime.model import MoEBlock, MoETransformer, _wide
+
+__all__ = [
+    "DecodeRunner",
+    "SlotCache",
+    "StaticKVCache",
+    "decode_forward",
+    "default_buckets",
+    "static_attend",
+    "static_experts",
+]
+
+
+def _kv_shape(cfg) -> tuple[int, int, int]:
+    """(Hkv, Dq, Dv) of the cached keys and values for `cfg`'s attention."""
+    if cfg.attention == "mla":  # expanded per-head keys and values (see LatentAttention)
+        return cfg.num_heads, cfg.qk_head_dim, cfg.v_head_dim
+    return cfg.num_kv_heads, cfg.head_dim, cfg.head_dim
+
+
+class StaticKVCache:
+    """Keys and values of `num_slots` sequences of at most `max_len` tokens, every layer,
+    allocated once.
+
+    keys[l] [N + 1, Hkv, S, Dq], values[l] [N + 1, Hkv, S, Dv] (slot N is scratch for padded
+    rows). `allocate()` hands out a free slot, `release(slot)` returns it.
+    """
+
+    def __init__(self, cfg, num_slots: int, max_len: int, *, dtype: torch.dtype,
+                 device: str | torch.device) -> None:
+        if num_slots < 1:
+            raise ValueError(f"num_slots must be >= 1, got {num_slots}")
+        if max_len < 1:
+            raise ValueError(f"max_len must be >= 1, got {max_len}")
+        hkv, dq, dv = _kv_shape(cfg)
+        self.num_slots = num_slots
+        self.max_len = max_len
+        self.scratch = num_slots
+        self.keys = [torch.zeros(num_slots + 1, hkv, max_len, dq, dtype=dtype, device=device)
+                     for _ in range(cfg.num_layers)]
+        self.values = [torch.zeros(num_slots + 1, hkv, max_len, dv, dtype=dtype, device=device)
+                       for _ in range(cfg.num_layers)]
+        self._free = list(range(num_slots - 1, -1, -1))
+
+    @property
+    def free_slots(self) -> int:
+        return len(self._free)
+
+    def allocate(self) -> int:
+        """A free slot (RuntimeError when all are taken)."""
+        if not self._free:
+            raise RuntimeError(f"StaticKVCache: all {self.num_slots} slots are in use")
+        return self._free.pop()
+
+    def release(self, slot: int) -> None:
+        if not 0 <= slot < self.num_slots or slot in self._free:
+            raise ValueError(f"slot {slot} is not an allocated slot")
+        self._free.append(slot)
+
+    def release_all(self) -> None:
+        """Every slot free again (the contents stay until overwritten)."""
+        self._free = list(range(self.num_slots - 1, -1, -1))
+
+    def sequence(self, slot: int) -> SlotCache:
+        """A `KVCache`-like view of `slot`, starting empty."""
+        return SlotCache(self, slot)
+
+
+class SlotCache:
+    """One slot of a `StaticKVCache` behind the `KVCache` interface of `probe.runtime.model`:
+    `length` tokens cached; `append(layer, k, v)` writes in place and returns views."""
+
+    def __init__(self, store: StaticKVCache, slot: int) -> None:
+        self.store = store
+        self.slot = slot
+        self.length = 0
+
+    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k [t, Hkv, Dq], v [t, Hkv, Dv] after the cached tokens of `layer`; return all
+        keys [s, Hkv, Dq] and values [s, Hkv, Dv] of the slot (views, no copy)."""
+        end = self.length + k.shape[0]
+        if end > self.store.max_len:
+            raise ValueError(f"sequence of {end} tokens exceeds the cache's max_len "
+                             f"{self.store.max_len}")
+        keys = self.store.keys[layer][self.slot]  # [Hkv, S, Dq]
+        values = self.store.values[layer][self.slot]  # [Hkv, S, Dv]
+        keys[:, self.length:end] = k.transpose(0, 1)
+        values[:, self.length:end] = v.transpose(0, 1)
+        return keys[:, :end].transpose(0, 1), values[:, :end].transpose(0, 1)
+
+
+# ---------------------------------------------------------------------------------------------
+# The static decode step
+
+
+def static_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: StaticKVCache, *,
+                  layer: int, slots: torch.Tensor, positions: torch.Tensor, scale: float,
+                  window: int | None = None, sinks: torch.Tensor | None = None,
+                  kv_len: int | None = None) -> torch.Tensor:
+    """One new token per row against its slot: q [B, H, Dq], k [B, Hkv, Dq], v [B, Hkv, Dv];
+    slots [B] int64 (cache slot of each row), positions [B] int64 (position of the new token).
+
+    Writes k, v at (slot, position) of `layer`, then attends to positions <= the row's own
+    (and > position - window when `window` is given), reading only the first `kv_len` positions
+    of each slot (default: all S; the caller guarantees every position < kv_len). sinks [H]:
+    one extra logit per head. Returns [B, H * Dv].
+    """
+    n_rows, h, dq = q.shape
+    hkv, dv = k.shape[1], v.shape[2]
+    keys, values = cache.keys[layer], cache.values[layer]  # [N+1, Hkv, S, .]
+    heads = torch.arange(hkv, device=q.device)  # [Hkv]
+    at = (slots[:, None], heads[None, :], positions[:, None])  # [B, Hkv] each after broadcast
+    keys.index_put_(at, k.to(keys.dtype))
+    values.index_put_(at, v.to(values.dtype))
+    kv_len = cache.max_len if kv_len is None else kv_len
+    k_all = keys[slots, :, :kv_len]  # [B, Hkv, s, Dq] (s = kv_len)
+    v_all = values[slots, :, :kv_len]  # [B, Hkv, s, Dv]
+    k_pos = torch.arange(kv_len, device=q.device)  # [s]
+    allowed = k_pos[None, :] <= positions[:, None]  # [B, s]
+    if window is not None:
+        allowed = allowed & (k_pos[None, :] > positions[:, None] - window)
+    # The G query heads of one kv head act as G query rows against that head's keys.
+    q_g = q.view(n_rows, hkv, h // hkv, dq)  # [B, Hkv, G, Dq]
+    mask = allowed[:, None, None, :]  # [B, 1, 1, s]
+    if sinks is None:
+        out = F.scaled_dot_product_attention(q_g, k_all, v_all, attn_mask=mask,
+                                             scale=scale)  # [B, Hkv, G, Dv]
+        return out.reshape(n_rows, h * dv)
+    scores = _wide(q_g @ k_all.transpose(-1, -2) * scale)  # [B, Hkv, G, s]
+    scores = scores.masked_fill(~mask, float("-inf"))
+    sink = sinks.to(scores.dtype).view(1, hkv, h // hkv, 1).expand(n_rows, -1, -1, 1)
+    probs = torch.softmax(torch.cat((scores, sink), dim=-1), dim=-1)[..., :-1]  # [B, Hkv, G, s]
+    out = probs.to(v_all.dtype) @ v_all  # [B, Hkv, G, Dv]
+    return out.reshape(n_rows, h * dv)
+
+
+def static_experts(block: MoEBlock, h: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
+    """Every token through its K experts with shapes fixed by T alone: h [T, D], topk_ids
+    [T, K] (global ids; the block must hold every expert) -> unweighted outputs [T, K, D].
+
+    Two fixed-capacity formulations, chosen by shape only:
+    - 3*T*K <= E: gather the T*K chosen experts' weights and multiply row by row (exact
+      compute; the gathered copy is written and read again, about three passes over T*K
+      experts' weights);
+    - otherwise: every expert gets a buffer of capacity T (a token picks an expert at most
+      once), filled by scatter, multiplied as one batched GEMM [E, T, D] and read back by
+      gather (reads each expert's weights once; computes E*T rows, of which T*K are used).
+    No expert count ever reaches the host.
+    """
+    n_tok, k = topk_ids.shape
+    e = block.w_gate_up.shape[0]
+    bias = block.cfg.expert_bias
+    if 3 * n_tok * k <= e:
+        ids = topk_ids.reshape(-1)  # [T*K]
+        x = h[:, None, :].expand(n_tok, k, -1).reshape(n_tok * k, -1)  # [T*K, D]
+        gate_up = torch.bmm(block.w_gate_up[ids], x[:, :, None])[..., 0]  # [T*K, 2F]
+        if bias:
+            gate_up = gate_up + block.b_gate_up[ids]
+        y = torch.bmm(block.w_down[ids], block.activate(gate_up)[:, :, None])[..., 0]  # [T*K, D]
+        if bias:
+            y = y + block.b_down[ids]
+        return y.view(n_tok, k, -1)  # [T, K, D]
+    tokens = torch.arange(n_tok, device=h.device)[:, None].expand(n_tok, k)  # [T, K]
+    buf = h.new_zeros(e, n_tok, h.shape[1])  # [E, T, D]
+    buf.index_put_((topk_ids, tokens), h[:, None, :].expand(n_tok, k, -1))
+    gate_up = torch.bmm(buf, block.w_gate_up.transpose(1, 2))  # [E, T, 2F]
+    if bias:
+        gate_up = gate_up + block.b_gate_up[:, None, :]
+    y = torch.bmm(block.activate(gate_up), block.w_down.transpose(1, 2))  # [E, T, D]
+    if bias:
+        y = y + block.b_down[:, None, :]
+    return y[topk_ids, tokens]  # [T, K, D]
+
+
+def _moe(block: MoEBlock, h: torch.Tensor) -> torch.Tensor:
+    """MoEBlock.forward's output without host sync: h [T, D] -> [T, D]."""
+    topk_ids, topk_weights = block.select(block.router(h))  # [T, K] x2
+    out = block.combine(static_experts(block, h, topk_ids), topk_weights)  # [T, D]
+    shared = block.shared_forward(h)
+    return out if shared is None else out + shared
+
+
+def _check_local(model: MoETransformer) -> None:
+    for layer in model.layers:
+        if not layer.is_moe:
+            continue
+        block = layer.moe
+        if not isinstance(block, MoEBlock):
+            raise TypeError(f"layer {layer.layer}: the static decode runs plain MoEBlocks, got "
+                            f"{type(block).__name__} (an EPRunner is attached?)")
+        if tuple(block.expert_ids) != tuple(range(model.cfg.num_experts)):
+            raise ValueError(f"layer {layer.layer}: the static decode needs every expert held "
+                             f"(this block holds {len(block.expert_ids)} of "
+                             f"{model.cfg.num_experts})")
+
+
+def decode_forward(model: MoETransformer, cache: StaticKVCache, ids: torch.Tensor,
+                   slots: torch.Tensor, positions: torch.Tensor, kv_len: int | None = None
+                   ) -> torch.Tensor:
+    """One decode token per row, no host sync: ids, slots, positions [B] int64 on the model's
+    device -> logits [B, V]. Writes each row's keys and values at (slot, position); the caller
+    advances its own lengths. kv_len: attention reads that many positions per slot (a bound on
+    every position + 1 that the host knows; default the cache's max_len)."""
+    cfg = model.cfg
+    x = model.embed(ids)  # [B, D]
+    cos, sin = model._rope(positions, x.dtype)  # [B, Hd/2] x2
+    for layer in model.layers:
+        attn = layer.attn
+        q, k, v = attn.project(layer.attn_norm(x), cos, sin)
+        out = static_attend(q, k, v, cache, layer=layer.layer, slots=slots, positions=positions,
+                            scale=attn.scale, window=cfg.sliding_window if attn.sliding else None,
+                            sinks=getattr(attn, "sinks", None) if cfg.attention_sinks else None,
+                            kv_len=kv_len)
+        x = x + attn.o_proj(out)  # [B, D]
+        h = layer.mlp_norm(x)  # [B, D]
+        x = x + (_moe(layer.moe, h) if layer.is_moe else layer.mlp(h))  # [B, D]
+    x = model.norm(x)
+    head = model.embed.weight if cfg.tie_word_embeddings else model.lm_head.weight
+    return F.linear(x, head)  # [B, V]
+
+
+def default_buckets(max_batch: int) -> list[int]:
+    """Powers of two below max_batch, then max_batch: 1, 2, 4, ..., max_batch."""
+    if max_batch < 1:
+        raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+    out, b = [], 1
+    while b < max_batch:
+        out.append(b)
+        b *= 2
+    return [*out, max_batch]
+
+
+class DecodeRunner:
+    """Runs decode batches through `decode_forward`, padded to a bucket, replaying one CUDA
+    graph per (batch bucket, kv-length bucket) when `use_graphs` (captured on first use).
+
+    The kv-length bucket is the next power of two (at least 16, at most the cache's max_len)
+    above the batch's largest position: attention reads only that many positions per slot.
+
+    Args:
+        model: a `MoETransformer` holding every expert (no EPRunner attached).
+        cache: the StaticKVCache the batches' slots belong to.
+        use_graphs: capture and replay CUDA graphs (the model must be on a CUDA device).
+        buckets: padded batch sizes (default `default_buckets(cache.num_slots)`).
+    """
+
+    def __init__(self, model: MoETransformer, cache: StaticKVCache, *, use_graphs: bool,
+                 buckets: Sequence[int] | None = None) -> None:
+        _check_local(model)
+        self.model = model
+        self.cache = cache
+        self.device = next(model.parameters()).device
+        if use_graphs and self.device.type != "cuda":
+            raise ValueError(f"CUDA graphs need a CUDA model, this one is on {self.device}")
+        self.use_graphs = use_graphs
+        self.buckets = sorted(set(buckets or default_buckets(cache.num_slots)))
+        if self.buckets[0] < 1:
+            raise ValueError(f"buckets must be >= 1, got {self.buckets}")
+        self._inputs: dict[int, torch.Tensor] = {}  # bucket -> [3, Bp] (ids, slots, positions)
+        # (batch bucket, kv-length bucket) -> (graph, its logits [Bp, V])
+        self._graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self._pool = None
+
+    def bucket(self, n_rows: int) -> int:
+        for b in self.buckets:
+            if b >= n_rows:
+                return b
+        raise ValueError(f"decode batch of {n_rows} rows exceeds the largest bucket "
+                         f"{self.buckets[-1]}")
+
+    def kv_bucket(self, max_position: int) -> int:
+        """Positions attention reads for a batch whose largest position is `max_position`."""
+        need = max(16, max_position + 1)
+        return min(self.cache.max_len, 1 << (need - 1).bit_length())
+
+    def _run(self, inputs: torch.Tensor, kv_len: int) -> torch.Tensor:
+        return decode_forward(self.model, self.cache, inputs[0], inputs[1], inputs[2], kv_len)
+
+    def _capture(self, bucket: int, kv_len: int) -> None:
+        inputs = self._inputs[bucket]
+        stream = torch.cuda.Stream(self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream):  # warm up (lazy inits, autotuning) outside the graph
+            for _ in range(2):
+                self._run(inputs, kv_len)
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool):
+            logits = self._run(inputs, kv_len)
+        self._pool = graph.pool()
+        self._graphs[bucket, kv_len] = (graph, logits)
+
+    def __call__(self, ids: Sequence[int], slots: Sequence[int], positions: Sequence[int]
+                 ) -> torch.Tensor:
+        """Decode one token for each row: ids, slots, positions (host ints, B each) ->
+        logits [B, V] on the device (a view of the bucket's output; read it before the next
+        call)."""
+        n_rows = len(ids)
+        if not n_rows == len(slots) == len(positions):
+            raise ValueError("ids, slots and positions must have the same length")
+        if max(positions, default=0) >= self.cache.max_len:
+            raise ValueError(f"position {max(positions)} is past the cache's max_len "
+                             f"{self.cache.max_len}")
+        bucket = self.bucket(n_rows)
+        kv_len = self.kv_bucket(max(positions))
+        pad = bucket - n_rows
+        # Padded rows: token 0 at position 0 of the scratch slot.
+        host = torch.tensor([[*ids, *[0] * pad], [*slots, *[self.cache.scratch] * pad],
+                             [*positions, *[0] * pad]], dtype=torch.int64)  # [3, Bp]
+        if bucket not in self._inputs:
+            scratch = torch.tensor([[0], [self.cache.scratch], [0]], dtype=torch.int64)
+            self._inputs[bucket] = scratch.expand(3, bucket).contiguous().to(self.device)
+        inputs = self._inputs[bucket]
+        if self.use_graphs and (bucket, kv_len) not in self._graphs:
+            self._capture(bucket, kv_len)
+        if self.device.type == "cuda":  # an asynchronous copy from pinned memory
+            inputs.copy_(host.pin_memory(), non_blocking=True)
+        else:
+            inputs.copy_(host)
+        if self.use_graphs:
+            graph, logits = self._graphs[bucket, kv_len]
+            graph.replay()
+        else:
+            logits = self._run(inputs, kv_len)
+        return logits[:n_rows]
