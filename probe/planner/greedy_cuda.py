@@ -263,7 +263,7 @@ def _candidate(e, src, dst, load, home, slots, window, alpha, beta, tt, xt, epsi
         npool = 1
         total += a
     for s in range(num_ranks):
-        if s == src or s == dst:
+        if s == src or s == dst:  # noqa: SIM109 (a plain comparison compiles for CUDA)
             continue
         a = (blk_assign[b, s, src] if b >= 0
              else _static_share(load, home, hpos, hcount, s, e, src))
@@ -694,7 +694,7 @@ class CudaGreedy:
     home: bool [G, E] (every layer) or [L, G, E] static placement; slots: int or int [G];
     cost: CostModel for G ranks; rules: GreedyRules (None: the defaults; also_paper is not
     supported); num_layers: L, the layers one `plan` call plans; threads: threads per block (a
-    multiple of 32, at most 1024). Validates all of it once; `plan` only checks its arrays'
+    multiple of 32, at most 1024; 1 for tests). Validates all of it once; `plan` only checks its arrays'
     shape, dtype and layout (host side, no synchronisation) and launches one kernel.
     """
 
@@ -704,12 +704,13 @@ class CudaGreedy:
         self.rules = _check_rules(rules)
         if not isinstance(cost, CostModel):
             raise TypeError(f"cost must be a CostModel, got {type(cost).__name__}")
-        if (isinstance(num_layers, (bool, np.bool_)) or not isinstance(num_layers, (int, np.integer))
-                or num_layers < 1):
+        if (isinstance(num_layers, (bool, np.bool_))
+                or not isinstance(num_layers, (int, np.integer)) or num_layers < 1):
             raise ValueError(f"num_layers must be an int >= 1, got {num_layers!r}")
         if (isinstance(threads, (bool, np.bool_)) or not isinstance(threads, (int, np.integer))
-                or threads < 32 or threads > 1024 or threads % 32):
-            raise ValueError(f"threads must be a multiple of 32 in [32, 1024], got {threads!r}")
+                or not (threads == 1 or (32 <= threads <= 1024 and threads % 32 == 0))):
+            raise ValueError(f"threads must be 1 or a multiple of 32 in [32, 1024], got "
+                             f"{threads!r}")
         home = np.asarray(home)
         if home.ndim == 2:
             home = np.broadcast_to(home, (num_layers, *home.shape))
