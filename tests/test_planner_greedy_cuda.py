@@ -12,6 +12,7 @@ Two ways to run the kernel here, without a GPU:
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -63,8 +64,8 @@ def run_sequential(*args, num_layers: int) -> None:
                                  blockIdx=types.SimpleNamespace(x=0),
                                  blockDim=types.SimpleNamespace(x=1), syncthreads=lambda: None,
                                  shared=_Array, local=_Array, atomic=_Atomic)
-    names = ("_static_share", "_src_after", "_after", "_worst", "_water_fill", "_keep_move",
-             "_candidate", "_greedy_kernel")
+    names = ("_max", "_min", "_static_share", "_src_after", "_after", "_worst", "_water_fill",
+             "_keep_move", "_candidate", "_greedy_kernel")
     env = dict(vars(greedy_cuda))
     env["cuda"] = fake
     env["_mul"] = lambda a, b: a * b
@@ -105,6 +106,7 @@ def _host_buffers(load, home, slots, window, alpha, beta, tt, xt, rules):
             np.zeros(L), np.zeros(L, i64))
 
 
+@pytest.mark.slow
 def test_sequential_kernel_equals_cpu_kernel_on_1000_layers():
     rng = np.random.default_rng(7)
     layers = 0
@@ -118,6 +120,7 @@ def test_sequential_kernel_equals_cpu_kernel_on_1000_layers():
             layers += 1
 
 
+@pytest.mark.slow
 def test_simulator_equals_cpu_kernel():
     """The kernel in Numba's CUDA simulator (a subprocess with NUMBA_ENABLE_CUDASIM=1):
     30 launches of 1-3 layers at 32 and 64 threads per block, identical plans."""
@@ -192,3 +195,19 @@ def test_sequential_flags_bad_values_per_layer():
     ref = greedy_arrays(load[0], home, np.ones(2, np.int64), window[0], 0.0, 1.0,
                         cost.token_time, cost.transfer_time, 16, 0.0)
     assert moves[0] == ref[3] == 1 and objective[0] == 4.0
+
+
+@pytest.mark.slow
+def test_gpu_greedy_script_runs_in_the_simulator(tmp_path):
+    """experiments.planner.gpu_greedy --device cpu --quick: its correctness part in the CUDA
+    simulator, and its outputs."""
+    env = {**os.environ, "NUMBA_ENABLE_CUDASIM": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-m", "experiments.planner.gpu_greedy", "--device",
+                           "cpu", "--quick", "--out", str(tmp_path)], env=env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((tmp_path / "gpu_greedy.json").read_text())
+    assert report["random_layers"] >= 3
+    assert report["rows"][0]["identical_layers"] == report["rows"][0]["layers"] == 1
+    assert (tmp_path / "gpu_greedy.md").exists()
+    assert (tmp_path / "gpu_greedy.manifest.json").exists()

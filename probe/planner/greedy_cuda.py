@@ -73,6 +73,19 @@ else:  # pragma: no cover (needs a GPU)
 
 
 @cuda.jit(device=True, inline=True)
+def _max(a, b):
+    """max(a, b) as Python and Numba's CPU target take it (a unless b > a); written out
+    because the builtin's overload does not compile for every numba.cuda version."""
+    return b if b > a else a
+
+
+@cuda.jit(device=True, inline=True)
+def _min(a, b):
+    """min(a, b): a unless b < a."""
+    return b if b < a else a
+
+
+@cuda.jit(device=True, inline=True)
 def _static_share(load, home, hpos, hcount, s, e, g):
     """greedy._static_share: tokens of (s, e) on rank g in the static split."""
     n = load[s, e]
@@ -101,13 +114,13 @@ def _src_after(x, e, src, dst, pool_s, pool_n, tok, comp, t_in, t_out, alpha, be
     i = 0
     while left > 0:
         s = pool_s[i]
-        take = min(pool_n[i], left)
+        take = _min(pool_n[i], left)
         left -= take
         d_in_src += _mul(take, tt[s, src])
         if s == src:
             d_out_src += _mul(take, tt[src, dst] - tt[src, src])
         i += 1
-    return comp_src + 2.0 * max(t_in[src] - d_in_src, t_out[src] + d_out_src)
+    return comp_src + 2.0 * _max(t_in[src] - d_in_src, t_out[src] + d_out_src)
 
 
 @cuda.jit(device=True)
@@ -127,7 +140,7 @@ def _after(x, e, src, dst, pool_s, pool_n, tok, comp, t_in, t_out, alpha, beta, 
     i = 0
     while left > 0:
         s = pool_s[i]
-        take = min(pool_n[i], left)
+        take = _min(pool_n[i], left)
         left -= take
         i += 1
         d_in_src += _mul(take, tt[s, src])
@@ -137,8 +150,8 @@ def _after(x, e, src, dst, pool_s, pool_n, tok, comp, t_in, t_out, alpha, beta, 
             d_in_dst += _mul(take, tt[s, dst])
             if s == src:
                 d_out_src += _mul(take, tt[src, dst] - tt[src, src])
-    t_src = comp_src + 2.0 * max(t_in[src] - d_in_src, t_out[src] + d_out_src)
-    t_dst = comp_dst + 2.0 * max(t_in[dst] + d_in_dst, t_out[dst] - d_out_dst)
+    t_src = comp_src + 2.0 * _max(t_in[src] - d_in_src, t_out[src] + d_out_src)
+    t_dst = comp_dst + 2.0 * _max(t_in[dst] + d_in_dst, t_out[dst] - d_out_dst)
     parts[0] = comp_src
     parts[1] = comp_dst
     parts[2] = d_in_src
@@ -155,15 +168,15 @@ def _worst(x, t_src, t_dst, src, dst, npool, pool_s, pool_n, comp, t_in, t_out, 
     touches; fills takes[:npool] and new_out."""
     left = x
     for i in range(npool):
-        take = min(pool_n[i], left)
+        take = _min(pool_n[i], left)
         takes[i] = take
         left -= take
-    worst = max(t_src, t_dst)
+    worst = _max(t_src, t_dst)
     for i in range(npool):
         s = pool_s[i]
         if s != dst and s != src and takes[i] > 0:
             new_out[i] = t_out[s] + _mul(takes[i], tt[s, dst] - tt[s, src])
-            worst = max(worst, comp[s] + 2.0 * max(t_in[s], new_out[i]))
+            worst = _max(worst, comp[s] + 2.0 * _max(t_in[s], new_out[i]))
     return worst
 
 
@@ -189,7 +202,7 @@ def _water_fill(n, e, src, dst, pool_s, pool_n, tok, comp, t_in, t_out, alpha, b
                               alpha, beta, tt, parts)
         b_src, b_dst = _after(x_eq, e, src, dst, pool_s, pool_n, tok, comp, t_in, t_out,
                               alpha, beta, tt, parts)
-        if max(a_src, a_dst) <= max(b_src, b_dst):
+        if _max(a_src, a_dst) <= _max(b_src, b_dst):
             x_eq -= 1
     x_mean = n
     if all_src <= cap:
@@ -201,7 +214,7 @@ def _water_fill(n, e, src, dst, pool_s, pool_n, tok, comp, t_in, t_out, alpha, b
                 x_mean = mid
             else:
                 lo = mid + 1
-    return min(x_eq, x_mean)
+    return _min(x_eq, x_mean)
 
 
 @cuda.jit(device=True)
@@ -233,8 +246,8 @@ def _candidate(e, src, dst, load, home, slots, window, alpha, beta, tt, xt, epsi
     own = (blk_assign[b, dst, src] if b >= 0
            else _static_share(load, home, hpos, hcount, dst, e, src))
     slope = beta - 2.0 * tt[dst, src]
-    lb_out = 2.0 * t_out[dst] + (min(slope, _mul(own, slope)) if own > 0 else beta)
-    lb = comp[dst] + max(beta + 2.0 * t_in[dst], lb_out)
+    lb_out = 2.0 * t_out[dst] + (_min(slope, _mul(own, slope)) if own > 0 else beta)
+    lb = comp[dst] + _max(beta + 2.0 * t_in[dst], lb_out)
     if tok[dst, e] == 0:
         lb += alpha
     if lb >= floor + _mul(1e-9, abs(floor) + lb):
@@ -286,56 +299,57 @@ def _candidate(e, src, dst, load, home, slots, window, alpha, beta, tt, xt, epsi
     own_src = 0
     if move_local and pool_s[npool - 1] == src:
         own_src = pool_n[npool - 1]
-    if two_phase and own_src > 0:
-        n_other = total - own_src
-        second = True
-        worst = 0.0
-        x = 0
-        if n_other > 0:
-            x = _water_fill(n_other, e, src, dst, pool_s, pool_n, tok, comp, t_in, t_out, alpha,
-                            beta, tt, parts, cap)
+    # greedy._greedy_run's two branches (two_phase with own tokens: phase 1 over the other
+    # sources' tokens, then phase 2; else one fill over the whole pool), with one _water_fill
+    # call site between them (the compiler inlines each site).
+    phase_one = two_phase and own_src > 0
+    n_other = total - own_src if phase_one else total
+    second = phase_one
+    worst = 0.0
+    x = 0
+    if n_other > 0:
+        x = _water_fill(n_other, e, src, dst, pool_s, pool_n, tok, comp, t_in, t_out, alpha,
+                        beta, tt, parts, cap)
+        if phase_one:
             t_src, t_dst = _after(x, e, src, dst, pool_s, pool_n, tok, comp, t_in, t_out, alpha,
                                   beta, tt, parts)
             worst = _worst(x, t_src, t_dst, src, dst, npool, pool_s, pool_n, comp, t_in, t_out,
                            tt, ev_takes, ev_out)
             if x < n_other or t_src <= t_dst or t_src <= cap:
                 second = False
-        if second:
+    if second:
+        lo = n_other + 1
+        hi = total - 1 if total == tok[src, e] and total > lo else total
+        while lo < hi:
+            mid = (lo + hi) // 2
+            a_src, a_dst = _after(mid, e, src, dst, pool_s, pool_n, tok, comp, t_in, t_out,
+                                  alpha, beta, tt, parts)
+            b_src, b_dst = _after(mid + 1, e, src, dst, pool_s, pool_n, tok, comp, t_in,
+                                  t_out, alpha, beta, tt, parts)
+            if _max(b_src, b_dst) >= _max(a_src, a_dst):
+                hi = mid
+            else:
+                lo = mid + 1
+        x2 = lo
+        a_src, a_dst = _after(x2, e, src, dst, pool_s, pool_n, tok, comp, t_in, t_out, alpha,
+                              beta, tt, parts)
+        if a_src <= cap:
             lo = n_other + 1
-            hi = total - 1 if total == tok[src, e] and total > lo else total
+            hi = x2
             while lo < hi:
                 mid = (lo + hi) // 2
-                a_src, a_dst = _after(mid, e, src, dst, pool_s, pool_n, tok, comp, t_in, t_out,
-                                      alpha, beta, tt, parts)
-                b_src, b_dst = _after(mid + 1, e, src, dst, pool_s, pool_n, tok, comp, t_in,
-                                      t_out, alpha, beta, tt, parts)
-                if max(b_src, b_dst) >= max(a_src, a_dst):
+                if _src_after(mid, e, src, dst, pool_s, pool_n, tok, comp, t_in, t_out,
+                              alpha, beta, tt) <= cap:
                     hi = mid
                 else:
                     lo = mid + 1
             x2 = lo
-            a_src, a_dst = _after(x2, e, src, dst, pool_s, pool_n, tok, comp, t_in, t_out, alpha,
-                                  beta, tt, parts)
-            if a_src <= cap:
-                lo = n_other + 1
-                hi = x2
-                while lo < hi:
-                    mid = (lo + hi) // 2
-                    if _src_after(mid, e, src, dst, pool_s, pool_n, tok, comp, t_in, t_out,
-                                  alpha, beta, tt) <= cap:
-                        hi = mid
-                    else:
-                        lo = mid + 1
-                x2 = lo
-            a_src, a_dst = _after(x2, e, src, dst, pool_s, pool_n, tok, comp, t_in, t_out, alpha,
-                                  beta, tt, parts)
-            w2 = _worst(x2, a_src, a_dst, src, dst, npool, pool_s, pool_n, comp, t_in, t_out, tt,
-                        ev_takes, ev_out)
-            if n_other == 0 or w2 < worst:
-                x = x2
-    else:
-        x = _water_fill(total, e, src, dst, pool_s, pool_n, tok, comp, t_in, t_out, alpha, beta,
-                        tt, parts, cap)
+        a_src, a_dst = _after(x2, e, src, dst, pool_s, pool_n, tok, comp, t_in, t_out, alpha,
+                              beta, tt, parts)
+        w2 = _worst(x2, a_src, a_dst, src, dst, npool, pool_s, pool_n, comp, t_in, t_out, tt,
+                    ev_takes, ev_out)
+        if n_other == 0 or w2 < worst:
+            x = x2
     t_src, t_dst = _after(x, e, src, dst, pool_s, pool_n, tok, comp, t_in, t_out, alpha, beta, tt,
                           parts)
     worst = _worst(x, t_src, t_dst, src, dst, npool, pool_s, pool_n, comp, t_in, t_out, tt,
@@ -483,7 +497,7 @@ def _greedy_kernel(load, home, slots, window, alpha, beta, tt, xt, limit, epsilo
             a_out += _mul(fl[g, h], tt[g, h])
         t_in[g] = a_in
         t_out[g] = a_out
-        times[g] = c + 2.0 * max(a_in, a_out)
+        times[g] = c + 2.0 * _max(a_in, a_out)
     cuda.syncthreads()
 
     while bad == 0:
@@ -634,14 +648,14 @@ def _greedy_kernel(load, home, slots, window, alpha, beta, tt, xt, limit, epsilo
                 s = best_s[i]
                 if s != dst and s != src and best_takes[i] > 0:
                     t_out[s] = best_out[i]
-                    times[s] = comp[s] + 2.0 * max(t_in[s], t_out[s])
+                    times[s] = comp[s] + 2.0 * _max(t_in[s], t_out[s])
             ints[_MOVES] += 1
         cuda.syncthreads()
 
     if tid == 0:
         makespan = 0.0
         for g in range(num_ranks):
-            makespan = max(makespan, times[g])
+            makespan = _max(makespan, times[g])
         n_rep_out[layer] = ints[_NREP]
         n_blk_out[layer] = ints[_NBLK]
         moves_out[layer] = ints[_MOVES]
@@ -694,8 +708,8 @@ class CudaGreedy:
     home: bool [G, E] (every layer) or [L, G, E] static placement; slots: int or int [G];
     cost: CostModel for G ranks; rules: GreedyRules (None: the defaults; also_paper is not
     supported); num_layers: L, the layers one `plan` call plans; threads: threads per block (a
-    multiple of 32, at most 1024; 1 for tests). Validates all of it once; `plan` only checks its arrays'
-    shape, dtype and layout (host side, no synchronisation) and launches one kernel.
+    multiple of 32, at most 1024; 1 for tests). Validates all of it once; `plan` only checks its
+    arrays' shape, dtype and layout (host side, no synchronisation) and launches one kernel.
     """
 
     def __init__(self, home: np.ndarray, slots: np.ndarray | int, cost: CostModel,
@@ -764,14 +778,15 @@ class CudaGreedy:
                 raise ValueError(f"{name} must be a contiguous CUDA torch.{str(want)[6:]} tensor "
                                  f"of shape {shape}, got {arr.dtype} {tuple(arr.shape)} on "
                                  f"{arr.device}")
-            return cuda.as_cuda_array(arr)
+            # sync=False: no stream synchronisation (the launch is ordered on the same stream).
+            return cuda.as_cuda_array(arr, sync=False)
         ok = (cuda.is_cuda_array(arr) if not SIMULATOR
               else hasattr(arr, "copy_to_host") or isinstance(arr, np.ndarray))
         if not ok:
             raise TypeError(f"{name} must be a CUDA array (a torch CUDA tensor or a numba "
                             f"device array), got {type(arr).__name__}")
-        arr = cuda.as_cuda_array(arr) if not SIMULATOR and not hasattr(arr, "copy_to_host") \
-            else arr
+        if not SIMULATOR and not hasattr(arr, "copy_to_host"):
+            arr = cuda.as_cuda_array(arr, sync=False)
         if arr.dtype != dtype or tuple(arr.shape) != shape or not _c_contiguous(arr):
             raise ValueError(f"{name} must be a C-contiguous {np.dtype(dtype)} array of shape "
                              f"{shape}, got {arr.dtype} {tuple(arr.shape)}")
