@@ -175,6 +175,10 @@ def test_bad_input_errors():
     with pytest.raises(ValueError, match="MAX_RANKS"):
         greedy_cuda.CudaGreedy(np.eye(greedy_cuda.MAX_RANKS + 1, dtype=bool), 1, big,
                                num_layers=1)
+    wide = np.zeros((2, greedy_cuda.MAX_EXPERTS + 1), bool)
+    wide[0] = True
+    with pytest.raises(ValueError, match="MAX_EXPERTS"):
+        greedy_cuda.CudaGreedy(wide, 1, cost, num_layers=1)
     with pytest.raises(ValueError, match="also_paper"):
         greedy_cuda.greedy_cuda_arrays(np.zeros((1, 2, 2), np.int64), home[None], 1,
                                        np.zeros((1, 2)), 0.0, 1.0, np.zeros((2, 2)),

@@ -11,8 +11,10 @@ loads (probe.traces.generate("decode"), 768 tokens per rank, top-8, 3 slots per 
 experts (deepseek-v3 on h200x8-n8), L = 32 layers (4 with --quick). Then, on those layers: the
 median per-layer GPU time (CUDA events around the launch, after warm-up; the host's launch
 overhead is inside when the GPU waits for it) with one layer per launch and L layers per launch
-(launch time / L); the launch captured in a torch.cuda.CUDAGraph on a side stream and replayed (replayed plan
-checked equal to the eager one, replays timed); the CPU kernel's median per layer beside them.
+(launch time / L); the L-layer launch captured in a torch.cuda.CUDAGraph on a side stream and
+replayed (the replayed plan checked equal to the eager one, then new loads written into the
+captured inputs checked to give their own eager plan; replays timed); the CPU kernel's median
+per layer beside them.
 A failed capture is caught and its exact error recorded. Targets: <= 10 us per layer at ep=8 /
 128 experts, <= 50 us at ep=64 / 256.
 
@@ -210,10 +212,19 @@ def time_gpu(batch, repeats: int) -> dict:
         graph.replay()
         torch.cuda.synchronize()
         same = all(torch.equal(a, b) for a, b in zip(every.torch_out(), eager, strict=True))
+        # New loads written into the captured input tensors: the replay plans them.
+        flipped_load, flipped_window = load_t.flip(0).contiguous(), window_t.flip(0).contiguous()
+        check = CudaGreedy(home, slots, cost, rules, num_layers=num_layers)
+        fresh = [t.clone() for t in check.plan(flipped_load, flipped_window)]
+        load_t.copy_(flipped_load)
+        window_t.copy_(flipped_window)
+        graph.replay()
+        torch.cuda.synchronize()
+        same_new = all(torch.equal(a, b) for a, b in zip(every.torch_out(), fresh, strict=True))
         replays = [t / num_layers for t in events(graph.replay, repeats)]
-        row.update(graph="captured", graph_same_plan=bool(same),
+        row.update(graph="captured", graph_same_plan=bool(same and same_new),
                    graph_replay_us=float(np.median(replays)))
-        if not same:
+        if not (same and same_new):
             raise AssertionError("replayed graph's plan differs from the eager launch's")
     except AssertionError:
         raise

@@ -19,8 +19,9 @@ applied by thread 0 (O(G) updates) and the threads together (a new dense [S, G] 
 Floating point: every value that decides a choice is float64, computed in the CPU kernel's order
 of operations. The products that feed a sum are rounded on their own (libdevice's dmul_rn):
 the CUDA compiler would otherwise fuse a * b + c into one FMA, which rounds once and can flip
-a tie. Shared memory per block: about 4 KB (rank arrays of MAX_RANKS entries); the [G, E] and
-[G, G] working arrays live in global scratch (preallocated per shape); each thread keeps its
+a tie. Shared memory per block: about 14 KB (rank arrays of MAX_RANKS entries, the slowest
+rank's token counts: MAX_EXPERTS entries); the [G, E] and [G, G] working arrays live in global
+scratch (preallocated per shape); each thread keeps its
 candidate's pool in local arrays of MAX_RANKS entries.
 
 Entry points:
@@ -46,10 +47,12 @@ from probe.planner.greedy import UNLIMITED_MOVES, _rules
 from probe.planner.greedy_rules import GreedyRules
 from probe.planner.problem import BalanceProblem
 
-__all__ = ["MAX_RANKS", "THREADS", "CudaGreedy", "CudaPlan", "greedy_cuda_arrays"]
+__all__ = ["MAX_EXPERTS", "MAX_RANKS", "THREADS", "CudaGreedy", "CudaPlan", "greedy_cuda_arrays"]
 
 # Most ranks a layer may have (the per-thread pool and the shared rank arrays are this long).
 MAX_RANKS = 64
+# Most experts a layer may have (the slowest rank's token counts are staged in shared memory).
+MAX_EXPERTS = 1024
 # Threads per block (one block per layer) unless the caller picks another multiple of 32.
 THREADS = 128
 # "No candidate gained yet" (larger than any candidate index: MAX_RANKS * experts < 2**40).
@@ -413,6 +416,7 @@ def _greedy_kernel(load, home, slots, window, alpha, beta, tt, xt, limit, epsilo
     best_takes = cuda.shared.array(MAX_RANKS, int64)
     best_out = cuda.shared.array(MAX_RANKS, float64)
     best_parts = cuda.shared.array(6, float64)
+    src_tok = cuda.shared.array(MAX_EXPERTS, int64)
     ints = cuda.shared.array(16, int64)
     flts = cuda.shared.array(4, float64)
 
@@ -519,7 +523,11 @@ def _greedy_kernel(load, home, slots, window, alpha, beta, tt, xt, limit, epsilo
         src = ints[_SRC]
         mean = flts[_MEAN]
         # Destinations fastest first (ties to the lowest rank), experts of src heaviest first
-        # (ties to the lowest id): each thread ranks its own entries.
+        # (ties to the lowest id): each thread ranks its own entries (src's counts staged in
+        # shared memory first).
+        for e in range(tid, num_experts, nt):
+            src_tok[e] = tk[src, e]
+        cuda.syncthreads()
         t_src = times[src]
         for g in range(tid, num_ranks, nt):
             if g != src and times[g] < t_src:
@@ -530,11 +538,11 @@ def _greedy_kernel(load, home, slots, window, alpha, beta, tt, xt, limit, epsilo
                         r += 1
                 dst_order[r] = g
         for e in range(tid, num_experts, nt):
-            n = tk[src, e]
+            n = src_tok[e]
             if n > 0:
                 r = 0
                 for f in range(num_experts):
-                    m = tk[src, f]
+                    m = src_tok[f]
                     if m > n or (m == n and f < e):
                         r += 1
                 eo[r] = e
@@ -739,6 +747,9 @@ class CudaGreedy:
         if num_ranks > MAX_RANKS:
             raise ValueError(f"greedy_cuda plans at most MAX_RANKS = {MAX_RANKS} ranks, got "
                              f"{num_ranks}")
+        if num_experts > MAX_EXPERTS:
+            raise ValueError(f"greedy_cuda plans at most MAX_EXPERTS = {MAX_EXPERTS} experts, "
+                             f"got {num_experts}")
         self.num_layers = int(num_layers)
         self.shape = (num_ranks, num_experts)
         self.threads = int(threads)
