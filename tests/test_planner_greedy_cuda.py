@@ -1,0 +1,217 @@
+"""The CUDA greedy (probe.planner.greedy_cuda) against the CPU kernel (greedy.greedy_arrays).
+
+Two ways to run the kernel here, without a GPU:
+- Numba's CUDA simulator (NUMBA_ENABLE_CUDASIM=1, in a subprocess: it must be set before
+  numba.cuda is first imported), 32-64 threads per block: the parallel candidate search, its
+  atomic minimum and the barriers, on a few dozen layers (one or several layers per launch).
+  The simulator runs each thread as a Python thread and costs about 0.5 s per layer.
+- `run_sequential`: the same kernel source run as plain Python with one thread per block
+  (the kernel's loops stride by the block size, so one thread does every thread's work, and
+  the first gaining candidate is the first one tried). Fast enough for 1,000 layers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from experiments.planner.gpu_greedy import random_batch, same_layer
+from probe.planner.cost import CostModel
+from probe.planner.greedy import greedy_arrays
+from probe.planner.greedy_rules import GreedyRules
+
+greedy_cuda = pytest.importorskip("probe.planner.greedy_cuda")
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _py(fn):
+    """The plain Python function behind a numba.cuda kernel or device function."""
+    return getattr(fn, "py_func", None) or fn.fn
+
+
+class _Array:
+    @staticmethod
+    def array(shape, dtype):
+        from numba.np.numpy_support import as_dtype
+
+        return np.zeros(shape, as_dtype(dtype))
+
+
+class _Atomic:
+    @staticmethod
+    def add(arr, idx, v):
+        arr[idx] += v
+
+    @staticmethod
+    def min(arr, idx, v):
+        arr[idx] = min(arr[idx], v)
+
+    @staticmethod
+    def max(arr, idx, v):
+        arr[idx] = max(arr[idx], v)
+
+
+def run_sequential(*args, num_layers: int) -> None:
+    """Run greedy_cuda's kernel on numpy arrays as plain Python, one thread per block."""
+    fake = types.SimpleNamespace(threadIdx=types.SimpleNamespace(x=0),
+                                 blockIdx=types.SimpleNamespace(x=0),
+                                 blockDim=types.SimpleNamespace(x=1), syncthreads=lambda: None,
+                                 shared=_Array, local=_Array, atomic=_Atomic)
+    names = ("_max", "_min", "_static_share", "_src_after", "_after", "_worst", "_water_fill",
+             "_keep_move", "_candidate", "_greedy_kernel")
+    env = dict(vars(greedy_cuda))
+    env["cuda"] = fake
+    env["_mul"] = lambda a, b: a * b
+    for name in names:
+        fn = _py(getattr(greedy_cuda, name))
+        env[name] = types.FunctionType(fn.__code__, env, name, fn.__defaults__)
+    for layer in range(num_layers):
+        fake.blockIdx.x = layer
+        env["_greedy_kernel"](*args)
+
+
+def sequential_arrays(load, home, slots, window, alpha, beta, tt, xt, rules: GreedyRules):
+    """greedy_cuda_arrays' per-layer tuples, the kernel run by run_sequential."""
+    num_layers, num_ranks, num_experts = load.shape
+    runner_args = _host_buffers(load, home, slots, window, alpha, beta, tt, xt, rules)
+    run_sequential(*runner_args, num_layers=num_layers)
+    out = runner_args[-8:]
+    rep, n_rep, blk_e, blk_a, n_blk, moves, objective, status = out
+    assert not status.any()
+    return [(rep[i, :n_rep[i]], blk_e[i, :n_blk[i]], blk_a[i, :n_blk[i]], int(moves[i]),
+             float(objective[i])) for i in range(num_layers)]
+
+
+def _host_buffers(load, home, slots, window, alpha, beta, tt, xt, rules):
+    L, G, E = load.shape  # noqa: N806
+    limit = rules.max_moves(G) or 1_000_000
+    cap_rep = max(min(int(np.minimum(slots, E).sum()), limit), 1)
+    cap_blk = max(min(limit, E), 1)
+    i64 = np.int64
+    return (load.astype(i64), home.astype(bool), slots.astype(i64), window.astype(float),
+            float(alpha), float(beta), tt, xt, limit, rules.epsilon, rules.move_local,
+            rules.evacuate, rules.two_phase, rules.mean_cap,
+            np.zeros((L, E), i64), np.zeros((L, E, G), i64), np.zeros((L, G, E), i64),
+            np.zeros((L, G, E), i64), np.zeros((L, G, G), i64), np.zeros((L, G, E), np.uint8),
+            np.zeros((L, E), i64), np.zeros((L, E), i64),
+            np.zeros((L, cap_rep, 3), i64), np.zeros(L, i64), np.zeros((L, cap_blk), i64),
+            np.zeros((L, cap_blk, G, G), i64), np.zeros(L, i64), np.zeros(L, i64),
+            np.zeros(L), np.zeros(L, i64))
+
+
+@pytest.mark.slow
+def test_sequential_kernel_equals_cpu_kernel_on_1000_layers():
+    rng = np.random.default_rng(7)
+    layers = 0
+    while layers < 1000:
+        batch = random_batch(rng, max_layers=4)
+        load, home, slots, window, cost, rules = batch
+        outs = sequential_arrays(load, home, slots, window, cost.alpha, cost.beta,
+                                 cost.token_time, cost.transfer_time, rules)
+        for layer, out in enumerate(outs):
+            assert same_layer(batch, layer, out), (layers, layer, rules)
+            layers += 1
+
+
+@pytest.mark.slow
+def test_simulator_equals_cpu_kernel():
+    """The kernel in Numba's CUDA simulator (a subprocess with NUMBA_ENABLE_CUDASIM=1):
+    30 launches of 1-3 layers at 32 and 64 threads per block, identical plans."""
+    env = {**os.environ, "NUMBA_ENABLE_CUDASIM": "1", "PYTHONPATH": str(ROOT)}
+    code = ("import numpy as np\n"
+            "from experiments.planner.gpu_greedy import compare_random\n"
+            "n = compare_random(np.random.default_rng(3), 30, max_layers=3, threads=(32, 64),"
+            " max_experts=16)\n"
+            "from probe.planner.cost import CostModel\n"
+            "from probe.planner.greedy_cuda import CudaGreedy\n"
+            "cost = CostModel.uniform(2, alpha=0.0, beta=1.0, token_time=0.0,"
+            " transfer_time=1.0)\n"
+            "runner = CudaGreedy(np.eye(2, dtype=bool), 1, cost, num_layers=1)\n"
+            "for load in (np.zeros((1, 2, 2), np.int32), [[1, 2]], np.zeros((2, 2), np.int64)):\n"
+            "    try:\n"
+            "        runner.plan(load, np.zeros((1, 2)))\n"
+            "    except (TypeError, ValueError) as exc:\n"
+            "        assert 'load' in str(exc), exc\n"
+            "    else:\n"
+            "        raise AssertionError('bad load accepted')\n"
+            "print('layers', n)\n")
+    proc = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "layers" in proc.stdout and int(proc.stdout.split()[-1]) >= 30
+
+
+def _small():
+    cost = CostModel.uniform(2, alpha=0.0, beta=1.0, token_time=0.0, transfer_time=1.0)
+    home = np.array([[True, False], [False, True]])
+    return cost, home
+
+
+def test_bad_input_errors():
+    cost, home = _small()
+    with pytest.raises(ValueError, match="also_paper"):
+        greedy_cuda.CudaGreedy(home, 1, cost, GreedyRules(also_paper=True), num_layers=1)
+    with pytest.raises(ValueError, match="num_layers"):
+        greedy_cuda.CudaGreedy(home, 1, cost, num_layers=0)
+    with pytest.raises(ValueError, match="threads"):
+        greedy_cuda.CudaGreedy(home, 1, cost, num_layers=1, threads=48)
+    with pytest.raises(TypeError, match="cost"):
+        greedy_cuda.CudaGreedy(home, 1, "cost", num_layers=1)
+    with pytest.raises(TypeError, match="rules"):
+        greedy_cuda.CudaGreedy(home, 1, cost, "paper", num_layers=1)
+    with pytest.raises(ValueError, match="home"):
+        greedy_cuda.CudaGreedy(np.zeros((2, 2, 2, 2), bool), 1, cost, num_layers=2)
+    with pytest.raises(ValueError):  # an expert with no home rank (BalanceProblem's check)
+        greedy_cuda.CudaGreedy(np.array([[True, False], [False, False]]), 1, cost, num_layers=1)
+    big = CostModel.uniform(greedy_cuda.MAX_RANKS + 1, alpha=0.0, beta=1.0, token_time=0.0,
+                            transfer_time=1.0)
+    with pytest.raises(ValueError, match="MAX_RANKS"):
+        greedy_cuda.CudaGreedy(np.eye(greedy_cuda.MAX_RANKS + 1, dtype=bool), 1, big,
+                               num_layers=1)
+    wide = np.zeros((2, greedy_cuda.MAX_EXPERTS + 1), bool)
+    wide[0] = True
+    with pytest.raises(ValueError, match="MAX_EXPERTS"):
+        greedy_cuda.CudaGreedy(wide, 1, cost, num_layers=1)
+    with pytest.raises(ValueError, match="also_paper"):
+        greedy_cuda.greedy_cuda_arrays(np.zeros((1, 2, 2), np.int64), home[None], 1,
+                                       np.zeros((1, 2)), 0.0, 1.0, np.zeros((2, 2)),
+                                       np.ones((2, 2)), 16, 0.0, also_paper=True)
+
+
+def test_sequential_flags_bad_values_per_layer():
+    cost, home = _small()
+    rules = GreedyRules()
+    load = np.array([[[0, 0], [8, 0]], [[0, -1], [8, 0]], [[0, 0], [8, 0]]])
+    window = np.array([[1.0, 1.0], [1.0, 1.0], [np.nan, 1.0]])
+    args = _host_buffers(load, np.stack([home] * 3), np.ones(2), window, 0.0, 1.0,
+                         cost.token_time, cost.transfer_time, rules)
+    run_sequential(*args, num_layers=3)
+    status, objective, moves = args[-1], args[-2], args[-3]
+    assert status.tolist() == [0, 1, 2]
+    assert np.isnan(objective[1:]).all() and moves[1:].tolist() == [0, 0]
+    ref = greedy_arrays(load[0], home, np.ones(2, np.int64), window[0], 0.0, 1.0,
+                        cost.token_time, cost.transfer_time, 16, 0.0)
+    assert moves[0] == ref[3] == 1 and objective[0] == 4.0
+
+
+@pytest.mark.slow
+def test_gpu_greedy_script_runs_in_the_simulator(tmp_path):
+    """experiments.planner.gpu_greedy --device cpu --quick: its correctness part in the CUDA
+    simulator, and its outputs."""
+    env = {**os.environ, "NUMBA_ENABLE_CUDASIM": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-m", "experiments.planner.gpu_greedy", "--device",
+                           "cpu", "--quick", "--out", str(tmp_path)], env=env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((tmp_path / "gpu_greedy.json").read_text())
+    assert report["random_layers"] >= 3
+    assert report["rows"][0]["identical_layers"] == report["rows"][0]["layers"] == 1
+    assert (tmp_path / "gpu_greedy.md").exists()
+    assert (tmp_path / "gpu_greedy.manifest.json").exists()
