@@ -40,11 +40,12 @@ import math
 from typing import NamedTuple
 
 import numpy as np
-from numba import config, cuda, float64, int32, int64
+from numba import config, float64, int32, int64
 
 from probe.planner.cost import CostModel
 from probe.planner.greedy import UNLIMITED_MOVES, _rules
 from probe.planner.greedy_rules import GreedyRules
+from probe.planner.numba_cuda import cuda
 from probe.planner.problem import BalanceProblem
 
 __all__ = ["MAX_EXPERTS", "MAX_RANKS", "THREADS", "CudaGreedy", "CudaPlan", "greedy_cuda_arrays"]
