@@ -25,9 +25,12 @@ the values on the device (that would synchronise): an expert with tokens and no 
 layer's `status` to 1 (the host kernel raises ValueError there) and its tokens are dropped.
 Under the simulator (NUMBA_ENABLE_CUDASIM=1) it takes numpy arrays.
 
->>> # needs a GPU or NUMBA_ENABLE_CUDASIM=1 set before numba.cuda is first imported
->>> # assigner = DeviceAssigner(cost, num_experts=E, num_layers=L)
->>> # out, objective, status = assigner(load [L, S, E], copies [L, G, E])
+Use (on a GPU, or with NUMBA_ENABLE_CUDASIM=1 set before Numba is first imported):
+
+    assigner = DeviceAssigner(cost, num_experts=E, num_layers=L)   # once
+    out, objective, status = assigner(load, copies)   # [L, S, E] and [L, G, E], every step
+
+experiments/planner/gpu_assign.py checks it against the host kernel and times it.
 """
 
 from __future__ import annotations
@@ -394,10 +397,10 @@ def _assign_kernel(load_all, copies_all, home_all, use_home, token_time, hop, al
         n = 0
         for e in range(num_experts):
             if nhold[e] == 1 and total[e] > 0:
-                tot = float(total[e])
+                tokens = float(total[e])
                 value = 0.0
                 if holds[g, e]:
-                    value = (alpha + beta * tot) + hop[g] * (tot - load[g, e])
+                    value = (alpha + beta * tokens) + hop[g] * (tokens - load[g, e])
                 terms[n] = value
                 n += 1
         fixed[g] = _np_sum(terms, 0, n)
@@ -513,6 +516,9 @@ class DeviceAssigner:
 
     def _check(self, name: str, value, shape: tuple, kinds: str) -> None:
         """Shape and dtype of one input, checked on the first call with its shape and dtype."""
+        if not hasattr(value, "shape") or not hasattr(value, "dtype"):
+            raise TypeError(f"{name} must be a CUDA array (torch CUDA tensor or numba device "
+                            f"array), got {type(value).__name__}")
         key = (name, tuple(value.shape), str(value.dtype))
         if key in self._checked:
             return
@@ -532,7 +538,10 @@ class DeviceAssigner:
             if isinstance(value, np.ndarray) or hasattr(value, "copy_to_host"):
                 return value
         elif hasattr(value, "__cuda_array_interface__"):
-            return cuda.as_cuda_array(value)
+            # sync=False: no wait on the producer's stream (the launch is on that stream
+            # already, and a synchronisation would break a CUDA graph capture).
+            return cuda.from_cuda_array_interface(value.__cuda_array_interface__, owner=value,
+                                                  sync=False)
         raise TypeError(f"expected a CUDA array (torch CUDA tensor or numba device array), got "
                         f"{type(value).__name__}")
 
@@ -566,7 +575,7 @@ class DeviceAssigner:
                    new((L, C, G), f64), new((L, C), f64))
         consts = (cuda.to_device(np.ascontiguousarray(self.cost.token_time, f64)),
                   cuda.to_device(np.ascontiguousarray(remote_cost(self.cost), f64)))
-        self._buffers[key] = (outs, [self._device(v) for v in scratch], consts)
+        self._buffers[key] = (outs, [self._device(v) for v in (*scratch, *outs)], consts)
         return self._buffers[key]
 
     def __call__(self, load, copies, home=None):
@@ -585,7 +594,7 @@ class DeviceAssigner:
         elif home is not None:
             raise ValueError("home given but the assigner was built with_home=False")
         torch_device = load.device if _is_torch(load) else None
-        outs, scratch, consts = self._alloc(torch_device)
+        outs, views, consts = self._alloc(torch_device)
         inputs = [self._device(v) for v in (load, copies, copies if home is None else home)]
         if torch_device is not None:
             import torch
@@ -595,5 +604,5 @@ class DeviceAssigner:
             stream = 0
         _assign_kernel[L, THREADS, stream](
             *inputs, self.with_home, *consts, float(self.cost.alpha), float(self.cost.beta),
-            self.passes, *scratch, *[self._device(v) for v in outs])
+            self.passes, *views)
         return outs
