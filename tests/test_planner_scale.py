@@ -151,3 +151,20 @@ def test_hierarchical_bad_arguments():
         hierarchical_plan(problem, 3, node_rules=16)
     with pytest.raises(TypeError, match="timings must be a dict"):
         hierarchical_plan(problem, 3, timings=[])
+
+
+def test_scale_study_quick(tmp_path):
+    import json
+
+    from experiments.planner.scale import PLANNERS, main
+
+    out = tmp_path / "scale.json"
+    main(["--quick", "--out", str(out)])
+    data = json.loads(out.read_text())
+    assert [r["ranks"] for r in data["results"]] == [8, 16, 16]
+    for res in data["results"]:
+        assert [row["planner"] for row in res["rows"]] == list(PLANNERS)
+        static, default = res["rows"][0], res["rows"][1]
+        assert default["ir"] < static["ir"]
+    assert "Against the target" in out.with_suffix(".md").read_text()
+    assert out.with_suffix(".manifest.json").exists()

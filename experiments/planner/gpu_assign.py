@@ -156,10 +156,12 @@ def speed(name, cost, instances, *, device: str, repeats: int) -> dict:
         cuda_graph.replay()
         torch.cuda.synchronize()
         graph = _event_median(cuda_graph.replay, repeats) / num_layers
-        want, _, _ = assigner(*args)
+        out = assigner(*args)[0]  # the buffer the graph writes too
+        want = out.clone()
+        out.zero_()
         cuda_graph.replay()
         torch.cuda.synchronize()
-        if not torch.equal(want, assigner(*args)[0]):
+        if not torch.equal(out, want):
             raise AssertionError(f"{name}: the replayed graph's assignment differs")
     kargs = [kernel_args(load, c, cost) for load, c in instances]
     _best(*kargs[0])
@@ -241,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
             checked += loads.shape[0]
             label = f"{name}, +{extra} slots/rank"
             rows.append(speed(label, cost, instances, device=args.device,
-                              repeats=3 if args.device == "cpu" else 50))
+                              repeats=3 if args.device == "cpu" else 20))
             gap = lp_gap(cost, instances, args.device)
             if gap is not None:
                 gaps[label] = gap

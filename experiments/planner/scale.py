@@ -14,9 +14,12 @@ NIC per GPU between nodes); static sharded home, 3 replica slots per rank, the d
 
 Planners: the static plan; the greedy with the default 16 moves, k_max="auto" (max(16, 2G))
 and k_max="scale" (max(16, 2G, G + E)); the hierarchical planner
-(probe.planner.hierarchical, 8 ranks per node, k_max="scale" in both stages). Per planner:
+(probe.planner.hierarchical, 8 ranks per node, k_max="scale" in both stages); and, to show
+what planning further ahead would give, k_max="scale" with every window 10 times the default.
+Per planner:
 IR = max rank time / mean rank time and eq. 8 (the max rank time), medians over the layers;
-kernel time (the compiled calls alone, median); and whether that time fits the window, taken
+kernel time (the compiled calls alone, the least of 3 repeats, median over the layers); and
+whether that time fits the window, taken
 as the smallest rank's window (the time planning one layer can hide in behind the previous
 layer's expert compute on every rank).
 """
@@ -45,11 +48,15 @@ from probe.traces import generate
 SLOTS = 3
 RANKS_PER_NODE = 8
 TARGET_IR = 1.15
+REPEATS = 3
 CONFIGS = [(ranks, experts) for ranks in (8, 16, 32, 64) for experts in (128, 256)]
 CONFIGS.append((256, 256))
 QUICK_CONFIGS = [(8, 128), (16, 128), (16, 256)]
 PLANNERS = ("static", "greedy k_max=16", "greedy k_max=auto", "greedy k_max=scale",
-            "hierarchical (scale)")
+            "hierarchical (scale)", "greedy k_max=scale, 10x window")
+# The last planner plans with every window 10 times the default (copies hidden behind 10
+# layers' compute: planning 10 layers ahead); it is scored, and its time judged, against that.
+WIDE = 10.0
 
 
 def instances(ranks: int, experts: int, count: int):
@@ -87,10 +94,17 @@ def study(ranks: int, experts: int, count: int) -> dict:
     window = float(np.median([p.window.min() for p in problems]))
     rows = []
     for name in PLANNERS:
-        plan_with(name, problems[0])  # JIT warm-up (each planner's first call compiles)
+        base = name.split(",")[0]  # the planner; ", 10x window" widens the problem
+        plan_with(base, problems[0])  # JIT warm-up (each planner's first call compiles)
         irs, objs, times, reps = [], [], [], []
+        factor = WIDE if name.endswith("10x window") else 1.0
         for problem in problems:
-            plan, seconds = plan_with(name, problem)
+            if factor != 1.0:
+                problem = BalanceProblem(problem.load, problem.home, problem.slots,
+                                         problem.window * factor, problem.cost)
+            plan, seconds = plan_with(base, problem)
+            for _ in range(REPEATS - 1):  # the least of the repeats: the dev box is shared
+                seconds = min(seconds, plan_with(base, problem)[1])
             problems_found = check_plan(problem, plan)
             if problems_found:
                 raise AssertionError(f"{name} at ep={ranks}: {problems_found[:3]}")
@@ -103,7 +117,7 @@ def study(ranks: int, experts: int, count: int) -> dict:
         kernel = float(np.median(times))
         rows.append({"planner": name, "ir": float(np.median(irs)), "ir_max": float(max(irs)),
                      "objective_us": float(np.median(objs)) * 1e6,
-                     "kernel_us": kernel * 1e6, "fits_window": kernel <= window,
+                     "kernel_us": kernel * 1e6, "fits_window": kernel <= window * factor,
                      "replicas": float(np.median(reps))})
     return {"ranks": ranks, "experts": experts, "model": model, "hardware": hardware,
             "layers": len(problems), "window_us": window * 1e6,
@@ -156,7 +170,9 @@ def markdown(results: list[dict], machine: dict) -> str:
              f"{machine['python']}. Default decode workload (768 tokens per rank, top-8), "
              f"static sharded home, {SLOTS} slots per rank, default window; IR = max rank time "
              "/ mean rank time (eq. 8's rank times), medians over the layers; kernel = the "
-             "compiled greedy calls alone; fits = kernel time <= the smallest rank's window. "
+             "compiled greedy calls alone (least of 3 repeats, median over layers; a shared "
+             "2-core box, so times carry contention); fits = kernel time <= the smallest "
+             "rank's window. "
              f"Target: IR <= {TARGET_IR} at ep=64 / 256 experts within the window.",
              "",
              "| ep | E | model, hardware | layers | window (us, min rank / median rank) | "
@@ -170,6 +186,21 @@ def markdown(results: list[dict], machine: dict) -> str:
                 f"{res['window_median_rank_us']:.0f} | {row['planner']} | {row['ir']:.3f} | "
                 f"{row['ir_max']:.3f} | {row['objective_us']:.0f} | {row['kernel_us']:.0f} | "
                 f"{'yes' if row['fits_window'] else 'no'} | {row['replicas']:.0f} |")
+    lines += ["", "Against the target (IR <= " f"{TARGET_IR} within the window):", ""]
+    for res in results:
+        rows = [r for r in res["rows"] if r["planner"] != "static"
+                and not r["planner"].endswith("10x window")]
+        wide = res["rows"][-1]
+        best = min(rows, key=lambda r: r["ir"])
+        fitting = [r for r in rows if r["fits_window"]]
+        best_fit = min(fitting, key=lambda r: r["ir"]) if fitting else None
+        lines.append(
+            f"- ep={res['ranks']}, E={res['experts']}: lowest IR {best['ir']:.3f} "
+            f"({best['planner']}, kernel {best['kernel_us']:.0f} us against a "
+            f"{res['window_us']:.0f} us window: {'fits' if best['fits_window'] else 'does not fit'}"
+            "); within the window: "
+            + (f"IR {best_fit['ir']:.3f} ({best_fit['planner']})" if best_fit else "no planner")
+            + f"; with 10x the window, IR {wide['ir']:.3f} in {wide['kernel_us']:.0f} us.")
     lines.append("")
     return "\n".join(lines)
 
