@@ -41,11 +41,11 @@ def test_every_local_method_returns_a_checked_plan(problem):
 
 def test_unknown_method_lists_the_methods():
     with pytest.raises(ValueError, match="unknown method 'simplex'; choose one of: cpsat, "
-                                         "deepseek_eplb, eplb, greedy, greedy_ref, highs, lp, "
-                                         "static"):
+                                         "deepseek_eplb, eplb, greedy, greedy_ref, "
+                                         "hierarchical, highs, lp, static"):
         solve(PROBLEM, "simplex")
     assert set(METHODS) == {"static", "greedy", "greedy_ref", "eplb", "deepseek_eplb", "lp",
-                            "cpsat", "highs"}
+                            "cpsat", "highs", "hierarchical"}
 
 
 @pytest.mark.parametrize("limit", [0, -1.0, float("nan"), "1s", True])

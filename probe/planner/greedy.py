@@ -614,8 +614,8 @@ def problem_arrays(problem: BalanceProblem) -> tuple:
 def _kernel_args(problem: BalanceProblem, rules: GreedyRules | None) -> tuple:
     """`greedy_arrays`' arguments for `problem` under `rules` (None: GreedyRules())."""
     rules = _rules(rules)
-    return (*problem_arrays(problem), rules.max_moves(problem.num_ranks), rules.epsilon,
-            *rules.flags.values())
+    return (*problem_arrays(problem), rules.max_moves(problem.num_ranks, problem.num_experts),
+            rules.epsilon, *rules.flags.values())
 
 
 def _rules(rules: GreedyRules | None) -> GreedyRules:

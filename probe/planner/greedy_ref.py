@@ -28,7 +28,7 @@ def greedy_ref(problem: BalanceProblem, rules: GreedyRules | None = None) -> Pla
         rules = GreedyRules()
     if not isinstance(rules, GreedyRules):
         raise TypeError(f"rules must be a GreedyRules, got {type(rules).__name__}")
-    k_max = rules.max_moves(problem.num_ranks)  # 0: unlimited
+    k_max = rules.max_moves(problem.num_ranks, problem.num_experts)  # 0: unlimited
     plan, makespan = _run(problem, k_max, rules.epsilon, rules.move_local, rules.evacuate,
                           rules.two_phase, rules.mean_cap)
     if rules.also_paper and not rules.is_paper:

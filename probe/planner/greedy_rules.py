@@ -13,10 +13,12 @@ does not import Numba.)
 (True, 1)
 >>> GreedyRules(k_max="auto").max_moves(num_ranks=32)
 64
->>> GreedyRules(k_max=-3)
+>>> GreedyRules(k_max="scale").max_moves(num_ranks=64, num_experts=256)
+320
+>>> GreedyRules(k_max=-3)  # doctest: +ELLIPSIS
 Traceback (most recent call last):
 ...
-ValueError: GreedyRules.k_max must be a non-negative int, None (unlimited) or 'auto', got -3
+ValueError: GreedyRules.k_max must be a non-negative int, None (unlimited), 'auto' or ...
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["FLAG_NAMES", "GreedyRules"]
+__all__ = ["BUDGETS", "FLAG_NAMES", "GreedyRules"]
 
 # The on/off rules, in the order the kernel takes them.
 FLAG_NAMES = ("move_local", "evacuate", "two_phase", "mean_cap", "also_paper")
@@ -37,6 +39,10 @@ _PAPER_FLAGS = {"move_local": False, "evacuate": False, "two_phase": False, "mea
 # ranks to drain (ep 16-32), 16 moves stop early (results/greedy_variants.md has the cost).
 AUTO_MIN_MOVES = 16
 AUTO_MOVES_PER_RANK = 2
+# k_max="scale": max(AUTO_MIN_MOVES, AUTO_MOVES_PER_RANK * G, G + E): a move per rank to drain
+# and a move per expert to split. At ep=64 / 256 experts the default decode load needs ~400
+# moves to converge and "auto"'s 128 stop at IR 1.10-1.18 (results/scale.md has the numbers).
+BUDGETS = ("auto", "scale")
 
 
 @dataclass(frozen=True)
@@ -44,8 +50,9 @@ class GreedyRules:
     """Which rules the greedy follows (docs/planner.md, "The greedy's rules").
 
     Attributes:
-        k_max: most moves: an int >= 0 (0: until no move gains; None is taken as 0) or "auto"
-            (max(16, 2G) for G ranks). Default 16, the paper's fixed budget.
+        k_max: most moves: an int >= 0 (0: until no move gains; None is taken as 0), "auto"
+            (max(16, 2G) for G ranks) or "scale" (max(16, 2G, G + E) for G ranks and E
+            experts: grows with the experts too). Default 16, the paper's fixed budget.
         epsilon: least gain of a move, seconds (finite, >= 0).
         move_local: the slowest rank's own tokens join the pool of movable tokens, last
             (rule 4). Off in the paper.
@@ -71,11 +78,11 @@ class GreedyRules:
         k_max = self.k_max
         if k_max is None:
             k_max = 0
-        elif not (isinstance(k_max, str) and k_max == "auto"):
+        elif not (isinstance(k_max, str) and k_max in BUDGETS):
             if (isinstance(k_max, (bool, np.bool_)) or not isinstance(k_max, (int, np.integer))
                     or k_max < 0):
                 raise ValueError(f"GreedyRules.k_max must be a non-negative int, None "
-                                 f"(unlimited) or 'auto', got {k_max!r}")
+                                 f"(unlimited), 'auto' or 'scale', got {k_max!r}")
             k_max = int(k_max)
         object.__setattr__(self, "k_max", k_max)
         epsilon = self.epsilon
@@ -110,8 +117,14 @@ class GreedyRules:
         return all(getattr(self, name) == flag for name, flag in _PAPER_FLAGS.items()
                    if name != "also_paper")
 
-    def max_moves(self, num_ranks: int) -> int:
-        """k_max as the kernel takes it for `num_ranks` ranks: 0 = unlimited, "auto" resolved."""
+    def max_moves(self, num_ranks: int, num_experts: int | None = None) -> int:
+        """k_max as the kernel takes it for `num_ranks` ranks and `num_experts` experts (needed
+        by "scale" only): 0 = unlimited, "auto" and "scale" resolved."""
         if self.k_max == "auto":
             return max(AUTO_MIN_MOVES, AUTO_MOVES_PER_RANK * int(num_ranks))
+        if self.k_max == "scale":
+            if num_experts is None:
+                raise ValueError("GreedyRules.max_moves: k_max='scale' needs num_experts")
+            return max(AUTO_MIN_MOVES, AUTO_MOVES_PER_RANK * int(num_ranks),
+                       int(num_ranks) + int(num_experts))
         return self.k_max

@@ -43,6 +43,7 @@ METHODS: dict[str, tuple[str, str]] = {
     "lp": ("probe.planner.lp", "solve_lp"),
     "cpsat": ("probe.planner.cpsat", "solve_cpsat"),
     "highs": ("probe.planner.highs", "solve_highs"),
+    "hierarchical": ("probe.planner.hierarchical", "solve_hierarchical"),
 }
 
 
@@ -67,7 +68,7 @@ def solve(problem: BalanceProblem, method: str = "greedy", *, time_limit: float 
     check: re-check the plan with `check_plan` (a plan that fails becomes status "error",
     plan None, with the violations in `message`). options: passed to the backend (e.g.
     rules=GreedyRules(...) for greedy and greedy_ref, history for eplb, copies for
-    deepseek_eplb).
+    deepseek_eplb, ranks_per_node, rules and node_rules for hierarchical).
     """
     if not isinstance(problem, BalanceProblem):
         raise TypeError(f"problem must be a BalanceProblem, got {type(problem).__name__}")

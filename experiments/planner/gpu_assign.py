@@ -1,0 +1,319 @@
+"""Dispatch-time assignment on the GPU (probe.planner.assign_cuda) against the host kernel.
+
+    python3 -m experiments.planner.gpu_assign --device cuda --out DIR
+    python3 -m experiments.planner.gpu_assign --device cpu --quick --out DIR   (simulator)
+
+1. Correctness: fresh random small instances (experiments.planner.assign_speed's generator,
+   seeded by --seed, default a fresh seed that is recorded), three layers each, with and
+   without the home, then every layer of the timing instances: the device assignment and
+   its eq. 8 objective must equal the host kernel's (`assign._best`) exactly.
+2. Speed: one launch assigns all layers of an instance set (assign_speed.py's instances: the
+   true decode load over EPLB layouts, ep=8 / 128 experts and ep=64 / 256 experts, +1 and +3
+   slots per rank); median time per layer of the launch timed with CUDA events after warm-up,
+   eagerly and as a replayed CUDA graph, beside the host kernel's median per layer.
+3. Objective gap against the exact LP, only where highspy is importable (it is not on the GPU
+   machine; results/assign_speed.* has the 1,000-instance gap).
+
+--device cpu runs the kernel under Numba's CUDA simulator (NUMBA_ENABLE_CUDASIM=1, set here
+before Numba is imported) on small shapes (ep=4 / 16 experts): a smoke test, not a timing.
+Writes gpu_assign.json, gpu_assign.md and gpu_assign.manifest.json into --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from experiments.manifest import Manifest
+
+CONFIGS = (("ep=8, E=128", "qwen3-235b-a22b", "h200x8", 8, 128),
+           ("ep=64, E=256", "deepseek-v3", "h200x8-n8", 64, 256))
+QUICK_CONFIGS = (("ep=4, E=16", "qwen3-235b-a22b", "h200x8", 4, 16),)
+
+
+def _to_host(value) -> np.ndarray:
+    if hasattr(value, "copy_to_host"):
+        return value.copy_to_host()
+    if hasattr(value, "cpu"):
+        return value.cpu().numpy()
+    return np.asarray(value)
+
+
+def _inputs(arrays, device: str):
+    """numpy arrays as the assigner takes them: torch CUDA tensors, or numpy (simulator)."""
+    if device == "cpu":
+        return [None if a is None else np.ascontiguousarray(a) for a in arrays]
+    import torch
+
+    return [None if a is None else torch.from_numpy(np.ascontiguousarray(a)).to(device)
+            for a in arrays]
+
+
+def compare(cost, loads, copies, home, *, passes: int, device: str) -> list[str]:
+    """Mismatches (empty when equal) of the device assigner against the host kernel on layers
+    loads int [L, S, E], copies int [L, G, E] (home bool [L, G, E] or None)."""
+    from probe.planner.assign import _best, kernel_args
+    from probe.planner.assign_cuda import DeviceAssigner
+
+    num_layers, _, num_experts = loads.shape
+    assigner = DeviceAssigner(cost, num_experts, num_layers, passes=passes,
+                              with_home=home is not None)
+    out, obj, status = assigner(*_inputs((loads, copies, home), device))
+    out, obj, status = _to_host(out), _to_host(obj), _to_host(status)
+    problems = []
+    for layer in range(num_layers):
+        ref, ref_obj = _best(*kernel_args(loads[layer], copies[layer], cost, passes=passes,
+                                          home=None if home is None else home[layer]))
+        if status[layer] != 0:
+            problems.append(f"layer {layer}: status {status[layer]}")
+        if not np.array_equal(ref, out[layer]):
+            problems.append(f"layer {layer}: assignment differs in "
+                            f"{int((ref != out[layer]).sum())} entries")
+        if ref_obj != obj[layer]:
+            problems.append(f"layer {layer}: objective {obj[layer]!r} != host {ref_obj!r}")
+    return problems
+
+
+def compare_random(count: int, seed: int, device: str = "cpu") -> list[str]:
+    """Mismatches over `count` random small instances, three layers each (the instance's load
+    and two reshuffles of it over the sources), half with the home."""
+    from experiments.planner.assign_speed import random_instance
+
+    rng = np.random.default_rng(seed)
+    problems = []
+    for i in range(count):
+        load, copies, home, cost = random_instance(rng)
+        passes = int(rng.integers(1, 9))
+        loads = np.stack([load, load[::-1], rng.permutation(load)])
+        with_home = i % 2 == 1
+        found = compare(cost, loads, np.stack([copies] * 3),
+                        np.stack([home] * 3) if with_home else None, passes=passes,
+                        device=device)
+        problems += [f"instance {i}: {p}" for p in found]
+    return problems
+
+
+def _stacked(instances):
+    loads = np.stack([load for load, _ in instances]).astype(np.int64)
+    copies = np.stack([c for _, c in instances]).astype(np.int64)
+    return loads, copies
+
+
+def _event_median(fn, repeats: int) -> float:
+    import torch
+
+    samples = []
+    for _ in range(repeats):
+        start = torch.cuda.Event(enable_timing=True)
+        stop = torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        stop.record()
+        stop.synchronize()
+        samples.append(start.elapsed_time(stop) / 1e3)
+    return float(np.median(samples))
+
+
+def speed(name, cost, instances, *, device: str, repeats: int) -> dict:
+    """Median seconds per layer: device eager, device graph-replayed, host kernel."""
+    from probe.planner.assign import _best, kernel_args
+    from probe.planner.assign_cuda import DeviceAssigner
+
+    loads, copies = _stacked(instances)
+    num_layers = loads.shape[0]
+    assigner = DeviceAssigner(cost, loads.shape[2], num_layers)
+    args = _inputs((loads, copies), device)
+    assigner(*args)  # compile and allocate
+    eager = graph = None
+    if device == "cpu":
+        samples = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            assigner(*args)
+            samples.append(time.perf_counter() - start)
+        eager = float(np.median(samples)) / num_layers
+    else:
+        import torch
+
+        torch.cuda.synchronize()
+        eager = _event_median(lambda: assigner(*args), repeats) / num_layers
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                assigner(*args)
+        torch.cuda.current_stream().wait_stream(side)
+        cuda_graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(cuda_graph):
+            assigner(*args)
+        cuda_graph.replay()
+        torch.cuda.synchronize()
+        graph = _event_median(cuda_graph.replay, repeats) / num_layers
+        out = assigner(*args)[0]  # the buffer the graph writes too
+        want = out.clone()
+        out.zero_()
+        cuda_graph.replay()
+        torch.cuda.synchronize()
+        if not torch.equal(out, want):
+            raise AssertionError(f"{name}: the replayed graph's assignment differs")
+    kargs = [kernel_args(load, c, cost) for load, c in instances]
+    _best(*kargs[0])
+    host = []
+    for a in kargs:
+        for _ in range(max(1, repeats // 4)):
+            start = time.perf_counter()
+            _best(*a)
+            host.append(time.perf_counter() - start)
+    return {"config": name, "layers_per_launch": num_layers, "repeats": repeats,
+            "device_eager_us": eager * 1e6,
+            "device_graph_us": None if graph is None else graph * 1e6,
+            "host_kernel_us": float(np.median(host)) * 1e6}
+
+
+def lp_gap(cost, instances, device: str) -> dict | None:
+    """(device - LP) / LP of eq. 8 on these layers, or None without highspy."""
+    try:
+        import highspy  # noqa: F401
+    except ImportError:
+        return None
+    from experiments.planner.assign_speed import objective
+    from probe.planner.assign import assign_tokens
+    from probe.planner.assign_cuda import DeviceAssigner
+
+    loads, copies = _stacked(instances)
+    out, _, _ = DeviceAssigner(cost, loads.shape[2], loads.shape[0])(
+        *_inputs((loads, copies), device))
+    out = _to_host(out)
+    gaps = []
+    for layer, (load, c) in enumerate(instances):
+        ref = objective(load, c, cost, assign_tokens(load, c, cost, method="lp"))
+        gaps.append((objective(load, c, cost, out[layer]) - ref) / ref)
+    return {"median": float(np.median(gaps)), "max": float(np.max(gaps))}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    parser.add_argument("--out", required=True, help="folder for gpu_assign.{json,md}")
+    parser.add_argument("--quick", action="store_true", help="fewer instances and repeats")
+    parser.add_argument("--seed", type=int, default=None,
+                        help="seed of the random correctness instances (default: fresh)")
+    args = parser.parse_args(argv)
+    if args.device == "cpu" and os.environ.get("NUMBA_ENABLE_CUDASIM") != "1":
+        if "numba" in sys.modules:
+            print("--device cpu needs NUMBA_ENABLE_CUDASIM=1 before Numba is imported",
+                  file=sys.stderr)
+            return 2
+        os.environ["NUMBA_ENABLE_CUDASIM"] = "1"
+    if args.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            print("CUDA not available", file=sys.stderr)
+            return 2
+    from experiments.planner.assign_speed import layer_instances
+
+    run = Manifest.start("experiments.planner.gpu_assign", argv)
+    wall = time.perf_counter()
+    seed = args.seed if args.seed is not None else int(np.random.SeedSequence().entropy % 2**31)
+    quick = args.quick or args.device == "cpu"
+    count = 6 if args.device == "cpu" else (20 if args.quick else 200)
+    problems = compare_random(count, seed, args.device)
+    print(f"random instances: {count} x 3 layers, seed {seed}: "
+          f"{'equal' if not problems else problems[:5]}", flush=True)
+
+    configs = QUICK_CONFIGS if args.device == "cpu" else CONFIGS
+    rows, gaps, checked = [], {}, 0
+    for name, model, hardware, ranks, experts in configs:
+        for extra in (1, 3):
+            cost, instances = layer_instances(model=model, hardware=hardware, num_ranks=ranks,
+                                              num_experts=experts, extra=extra,
+                                              steps=1 if quick else 6, layers=2 if quick else 4,
+                                              seed=1)
+            loads, copies = _stacked(instances)
+            found = compare(cost, loads, copies, None, passes=8, device=args.device)
+            problems += [f"{name} +{extra}: {p}" for p in found]
+            checked += loads.shape[0]
+            label = f"{name}, +{extra} slots/rank"
+            rows.append(speed(label, cost, instances, device=args.device,
+                              repeats=3 if args.device == "cpu" else 20))
+            gap = lp_gap(cost, instances, args.device)
+            if gap is not None:
+                gaps[label] = gap
+    print(f"timing instances: {checked} layers: {'equal' if not problems else problems[:5]}",
+          flush=True)
+
+    result = {"device": args.device, "quick": quick, "seed": seed,
+              "random_instances": count, "layers_checked": checked + 3 * count,
+              "mismatches": problems, "speed": rows,
+              "lp_gap": gaps or "skipped: highspy is not importable here",
+              "wall_s": time.perf_counter() - wall,
+              "machine": {"platform": platform.platform(), "python": platform.python_version()}}
+    if args.device == "cuda":
+        import torch
+
+        result["machine"]["gpu"] = torch.cuda.get_device_name(0)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    path, md = out / "gpu_assign.json", out / "gpu_assign.md"
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    md.write_text(markdown(result))
+    run.write(out, [path, md], name="gpu_assign.manifest.json")
+    print(table(result))
+    return 1 if problems else 0
+
+
+def _fmt(value) -> str:
+    return "n/a" if value is None else f"{value:.1f}"
+
+
+def table(result: dict) -> str:
+    lines = ["| config | layers / launch | device eager (us/layer) | device graph (us/layer) "
+             "| host kernel (us/layer) |", "|---|---:|---:|---:|---:|"]
+    lines += [f"| {r['config']} | {r['layers_per_launch']} | {_fmt(r['device_eager_us'])} | "
+              f"{_fmt(r['device_graph_us'])} | {_fmt(r['host_kernel_us'])} |"
+              for r in result["speed"]]
+    return "\n".join(lines)
+
+
+def markdown(result: dict) -> str:
+    gap = result["lp_gap"]
+    if isinstance(gap, dict):
+        gap_lines = [f"- {name}: median {g['median']:+.4%}, max {g['max']:+.4%}"
+                     for name, g in gap.items()]
+    else:
+        gap_lines = [f"- {gap} (results/assign_speed.md has the gap on 1,000 instances)"]
+    return "\n".join([
+        "# Dispatch-time assignment on the GPU",
+        "",
+        f"Made by `python3 -m experiments.planner.gpu_assign --device {result['device']}"
+        + (" --quick" if result["quick"] else "") + f"` (seed {result['seed']}); "
+        f"{result['machine'].get('gpu', result['machine']['platform'])}. "
+        + ("Under Numba's CUDA simulator: the times are not GPU times. "
+           if result["device"] == "cpu" else ""),
+        "",
+        f"Correctness: {result['layers_checked']} layers compared with the host kernel "
+        f"(assignment and eq. 8 objective exactly): "
+        + ("all equal." if not result["mismatches"]
+           else f"{len(result['mismatches'])} mismatches."),
+        "",
+        "Median time per layer, one launch for all the layers (CUDA events; host kernel: "
+        "`assign._best` per layer, dense output):",
+        "",
+        table(result),
+        "",
+        "Objective gap (device - LP) / LP:",
+        "",
+        *gap_lines,
+        ""])
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,89 @@
+"""The GPU dispatch-time assignment (probe.planner.assign_cuda) under Numba's CUDA simulator,
+against the host kernel. The simulator must be switched on before Numba is first imported,
+so the comparisons run in a fresh Python process."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from probe.planner.cost import CostModel
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_simulated(code: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "NUMBA_ENABLE_CUDASIM": "1",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    return subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=300)
+
+
+def test_device_kernel_equals_host_kernel_on_random_instances():
+    # 30 random instances x 3 layers, half given the home: the same integers and the same
+    # eq. 8 objective as assign._best, and an expert with tokens but no copy flags its layer.
+    code = """
+import json
+import numpy as np
+from experiments.planner.gpu_assign import compare_random
+from probe.planner.assign_cuda import DeviceAssigner
+from probe.planner.cost import CostModel
+problems = compare_random(30, seed=11)
+cost = CostModel.uniform(2, alpha=1.0, beta=1.0, token_time=0.1, transfer_time=1.0)
+load = np.array([[[3, 1], [2, 0]], [[3, 0], [2, 0]]])
+copies = np.array([[[1, 0], [1, 0]], [[1, 0], [1, 0]]])   # expert 1 has no copy
+out, obj, status = DeviceAssigner(cost, 2, 2)(load, copies)
+print(json.dumps({"problems": problems, "status": status.copy_to_host().tolist()}))
+"""
+    done = run_simulated(code)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["problems"] == []
+    assert result["status"] == [1, 0]
+
+
+def test_gpu_script_runs_on_cpu(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env.pop("NUMBA_ENABLE_CUDASIM", None)  # the script sets it for --device cpu
+    done = subprocess.run([sys.executable, "-m", "experiments.planner.gpu_assign", "--device",
+                           "cpu", "--quick", "--seed", "3", "--out", str(tmp_path)], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads((tmp_path / "gpu_assign.json").read_text())
+    assert result["mismatches"] == [] and result["layers_checked"] >= 20
+    assert all(row["device_eager_us"] > 0 for row in result["speed"])
+    assert (tmp_path / "gpu_assign.md").exists()
+    assert (tmp_path / "gpu_assign.manifest.json").exists()
+
+
+def test_bad_arguments():
+    from probe.planner.assign_cuda import DeviceAssigner
+
+    cost = CostModel.uniform(2, alpha=1.0, beta=1.0, token_time=0.1, transfer_time=1.0)
+    with pytest.raises(TypeError, match="cost"):
+        DeviceAssigner("cost", 2, 1)
+    with pytest.raises(ValueError, match="num_layers"):
+        DeviceAssigner(cost, 2, 0)
+    with pytest.raises(ValueError, match="passes"):
+        DeviceAssigner(cost, 2, 1, passes=0)
+    free = CostModel.uniform(2, alpha=1.0, beta=0.0, token_time=0.1, transfer_time=1.0)
+    with pytest.raises(ValueError, match="beta"):
+        DeviceAssigner(free, 2, 1)
+    assigner = DeviceAssigner(cost, 2, 1)
+    good = np.ones((1, 2, 2), np.int64)
+    with pytest.raises(ValueError, match="load must have shape"):
+        assigner(np.ones((1, 2, 3), np.int64), good)
+    with pytest.raises(TypeError, match="copies must have an integer"):
+        assigner(good, np.ones((1, 2, 2)))
+    with pytest.raises(ValueError, match="with_home=False"):
+        assigner(good, good, good)
+    with pytest.raises(ValueError, match="home is required"):
+        DeviceAssigner(cost, 2, 1, with_home=True)(good, good)
+    with pytest.raises(TypeError, match="CUDA array"):
+        assigner(good.tolist(), good)
