@@ -32,7 +32,7 @@ from probe.runtime.dist import DistContext, RankFailure, Watchdog
 from probe.runtime.engine import Engine, Request, greedy_generate, random_model, slice_experts
 from probe.runtime.ep import split_counts
 from probe.runtime.pipeline import EPRunner, PipelineOptions
-from probe.runtime.transfer import SlotPool, SplitPhaseTransfer
+from probe.runtime.transfer import IssueGate, SlotPool, SplitPhaseTransfer
 
 SEED = 7
 NUM_EXPERTS = 8
@@ -143,6 +143,24 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
     logits, st = _forward(runner, model, rank, 0)
     out["late0"] = logits
     out["late_stats"] = st.as_dict()
+
+    # 3a. the same, checked for waiting: the held-back pieces are posted only when the step
+    #     ends, so a forward that waited for a late replica anywhere (at dispatch or at the end
+    #     of a layer) could not return; it returns with those pieces still unposted
+    runner = EPRunner(model, ctx, PipelineOptions(
+        num_slots=SLOTS, plan_override=lambda layer, step: plans[(layer, step)],
+        hold_back=lambda layer, step: [tuple(x) for x in np.argwhere(
+            plans[(layer, step)].replicas)]))
+    ids, lens = batch_of(rank, 1)
+    runner.begin_step()
+    with torch.inference_mode():
+        out["late_nowait1"] = model(ids, seq_lens=lens).logits
+    held = runner.executor._held
+    out["late_unposted"] = sum(t.stats.bytes_received + t.stats.bytes_sent > 0
+                               and t.num_posted < len(t._pieces) for t in held)
+    out["late_nowait_stats"] = runner.end_step().as_dict()
+    runner.close()  # every held piece goes out now and completes
+    out["late_all_posted_after_close"] = all(t.num_posted == len(t._pieces) for t in held)
 
     # 3b. some replicas late (the first of each plan held back), the others waited for:
     #     bytes prefetched count only the replicas that arrived
@@ -257,7 +275,8 @@ def test_ep_matches_single_process(world, tmp_path):
     model = full_model()
     worst = {}
     for rank, out in enumerate(outs):
-        checks = {"static": 0, "random0": 0, "random1": 1, "late0": 0, "partial_late0": 0}
+        checks = {"static": 0, "random0": 0, "random1": 1, "late0": 0, "partial_late0": 0,
+                  "late_nowait1": 1}
         preds = ("history", "router") if world == 2 else ("history",)
         checks.update({f"probe_{p}{s}": s for p in preds for s in range(3)})
         for key, step in checks.items():
@@ -290,6 +309,18 @@ def test_ep_matches_single_process(world, tmp_path):
     assert sum(sum(s["replicas_arrived"]) for s in random_stats) > 0
     late = outs[0]["late_stats"]
     assert sum(late["replicas_arrived"]) == 0 and sum(late["fallback_pairs"]) > 0
+    # A forced late replica is skipped without waiting: the forward returned while its pieces
+    # were not even posted (on some rank), and it is counted late, not used.
+    assert sum(o["late_unposted"] for o in outs) > 0
+    nowait = outs[0]["late_nowait_stats"]
+    assert sum(nowait["replicas_late"]) == sum(nowait["replicas_planned"]) > 0
+    assert sum(nowait["replicas_used"]) == 0 and nowait["exposed_transfer_s"] == 0.0
+    assert all(o["late_all_posted_after_close"] for o in outs)
+    # Arrived replicas were used (pairs ran on them), and never more than arrived.
+    for s in random_stats:
+        assert all(u <= a for u, a in zip(s["replicas_used"], s["replicas_arrived"],
+                                          strict=True))
+    assert sum(sum(s["replicas_used"]) for s in random_stats) > 0
     assert sum(o["replicas_here"] for o in outs) > 0
     probe_planned = sum(sum(outs[0][f"probe_history_stats{s}"]["replicas_planned"])
                         for s in range(3))
@@ -299,6 +330,64 @@ def test_ep_matches_single_process(world, tmp_path):
         for req in _requests(rank):
             want = greedy_generate(model, req.prompt, req.max_new_tokens)
             assert out["generated"][req.rid] == want, req.rid
+
+
+def _pause_worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    """Rank 0 receives two replicas from rank 1; rank 0's gate is paused before the start."""
+    torch.set_num_threads(1)
+    ctx = _init(rank, world, port)
+    model = _rank_model(rank, world)
+    runner = EPRunner(model, ctx, PipelineOptions(balance=False))
+    layer = runner.layers[1]
+    home = sharded_home(NUM_EXPERTS, world)
+    replicas = np.zeros((world, NUM_EXPERTS), dtype=bool)
+    replicas[0, np.flatnonzero(home[1])[:2]] = True
+    sources = np.where(replicas, 1, -1)
+    pool = SlotPool(layer.experts.shapes(), SLOTS, dtype=DTYPE)
+    gate = IssueGate()
+    tr = SplitPhaseTransfer(1, replicas, sources, rank, layer.experts.get, pool,
+                            ctx.transfer_group, num_pieces=4, gate=gate, max_in_flight=1)
+    out = {"total": len(tr._pieces)}
+    if rank == 0:
+        tr.pause()
+    tr.start()
+    time.sleep(0.5)
+    out["posted_while_paused"] = tr.num_posted
+    out["arrived_while_paused"] = int(tr.arrived().sum())
+    dist.barrier()  # rank 0 reads its count before resuming
+    if rank == 0:
+        out["gate_posts_while_paused"] = gate.posts
+        tr.resume()  # phase 2 allowed too
+    else:
+        tr.resume()
+    tr.join()
+    out["posted_after"] = tr.num_posted
+    out["arrived_after"] = int(tr.arrived().sum())
+    if rank == 0:
+        ref = full_model().moe_blocks[1]
+        out["diff"] = max(float((tr.params(e)["w_down"] - ref.w_down[e]).abs().max())
+                          for e in tr.slot_of)
+    torch.save(out, os.path.join(out_dir, f"pause{rank}.pt"))
+    dist.barrier()
+    runner.close()
+    ctx.watchdog.stop()
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_pause_stops_issuing(tmp_path):
+    """While rank 0's gate is paused it posts no piece (phase 1 allowed, its peer waiting);
+    its peer posts at most max_in_flight = 1 piece, which cannot complete; after resume every
+    piece goes out and the replicas equal the home weights."""
+    port = _free_port()
+    mp.spawn(_pause_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    r0, r1 = (torch.load(tmp_path / f"pause{r}.pt", weights_only=False) for r in range(2))
+    assert r0["total"] > 2 and r0["total"] == r1["total"]
+    assert r0["posted_while_paused"] == 0 and r0["gate_posts_while_paused"] == 0
+    assert r0["arrived_while_paused"] == 0
+    assert r1["posted_while_paused"] == 1  # its first send, stuck until rank 0 resumes
+    assert r0["posted_after"] == r0["total"] and r1["posted_after"] == r1["total"]
+    assert r0["arrived_after"] == 2 and r0["diff"] == 0.0
 
 
 def test_split_counts_contract():
