@@ -109,15 +109,22 @@ def _cost(world: int) -> CostModel:
     return CostModel.uniform(world, alpha=0.0, beta=1e-6, token_time=0.0, transfer_time=1e-6)
 
 
+def _open(opened: list, *args, **kwargs) -> EPRunner:
+    runner = EPRunner(*args, **kwargs)
+    opened.append(runner)
+    return runner
+
+
 def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
     torch.set_num_threads(1)
     ctx = _init(rank, world, port)
     out: dict = {}
+    opened: list[EPRunner] = []  # closed at the end: their last transfers may still run
     model = _rank_model(rank, world)
     prior = router_prior(model)  # the frozen router prior, read before a runner wraps the model
 
     # 1. static (balancing off)
-    runner = EPRunner(model, ctx, PipelineOptions(balance=False, num_slots=SLOTS))
+    runner = _open(opened, model, ctx, PipelineOptions(balance=False, num_slots=SLOTS))
     out["static"] = _forward(runner, model, rank, 0)[0]
 
     # 2. random feasible plans, replicas delivered by split-phase transfer; the runner waits
@@ -125,7 +132,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
     step_waits = True
     rng = np.random.default_rng(123)  # same on every rank -> same plans
     plans = {(layer, step): random_plan(rng, world) for layer in range(3) for step in range(2)}
-    runner = EPRunner(model, ctx, PipelineOptions(
+    runner = _open(opened, model, ctx, PipelineOptions(
         num_slots=SLOTS, plan_override=lambda layer, step: plans[(layer, step)],
         wait_for_replicas=step_waits))
     stats = []
@@ -136,7 +143,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
     out["random_stats"] = [s.as_dict() for s in stats]
 
     # 3. the same plans, but every replica late: all its tokens fall back home
-    runner = EPRunner(model, ctx, PipelineOptions(
+    runner = _open(opened, model, ctx, PipelineOptions(
         num_slots=SLOTS, plan_override=lambda layer, step: plans[(layer, step)],
         hold_back=lambda layer, step: [tuple(x) for x in np.argwhere(
             plans[(layer, step)].replicas)]))
@@ -147,7 +154,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
     # 3a. the same, checked for waiting: the held-back pieces are posted only when the step
     #     ends, so a forward that waited for a late replica anywhere (at dispatch or at the end
     #     of a layer) could not return; it returns with those pieces still unposted
-    runner = EPRunner(model, ctx, PipelineOptions(
+    runner = _open(opened, model, ctx, PipelineOptions(
         num_slots=SLOTS, plan_override=lambda layer, step: plans[(layer, step)],
         hold_back=lambda layer, step: [tuple(x) for x in np.argwhere(
             plans[(layer, step)].replicas)]))
@@ -164,7 +171,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
 
     # 3b. some replicas late (the first of each plan held back), the others waited for:
     #     bytes prefetched count only the replicas that arrived
-    runner = EPRunner(model, ctx, PipelineOptions(
+    runner = _open(opened, model, ctx, PipelineOptions(
         num_slots=SLOTS, plan_override=lambda layer, step: plans[(layer, step)],
         wait_for_replicas=True,
         hold_back=lambda layer, step: [tuple(x) for x in np.argwhere(
@@ -177,13 +184,13 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
     # 3c. deliberate logic errors, to show that the comparison catches them: (a) the combine
     #     uses the wrong gate weights (k order reversed); (b) tokens run on replicas are lost
     #     (their expert output is zero)
-    runner = EPRunner(model, ctx, PipelineOptions(
+    runner = _open(opened, model, ctx, PipelineOptions(
         num_slots=SLOTS, plan_override=lambda layer, step: plans[(layer, step)],
         wait_for_replicas=True))
     for layer in runner.layers:
         layer.combine = lambda y, w, _c=layer.combine: _c(y, w.flip(-1))
     out["broken_gate0"] = _forward(runner, model, rank, 0)[0]
-    runner = EPRunner(model, ctx, PipelineOptions(
+    runner = _open(opened, model, ctx, PipelineOptions(
         num_slots=SLOTS, plan_override=lambda layer, step: plans[(layer, step)],
         wait_for_replicas=True))
     real_params = SplitPhaseTransfer.params
@@ -198,7 +205,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
     #    frozen-router prior
     for pred in ("history", "router") if world == 2 else ("history",):
         predictor = prior if pred == "router" else pred
-        runner = EPRunner(model, ctx, PipelineOptions(num_slots=SLOTS, predictor=predictor,
+        runner = _open(opened, model, ctx, PipelineOptions(num_slots=SLOTS, predictor=predictor,
                                                       method="greedy_ref",
                                                       default_window_s=1.0), cost=_cost(world))
         for step in range(3):
@@ -215,7 +222,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
     tr.start()
     tr.pause()
     tr.resume()
-    tr.drain()
+    tr.join()
     ref = full_model().moe_blocks[1]
     diffs = []
     for e, _slot in tr.slot_of.items():
@@ -227,7 +234,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
     del blocks
 
     # 6. continuous batching: staggered arrivals, chunked prefill, balancing on
-    runner = EPRunner(model, ctx, PipelineOptions(num_slots=SLOTS, method="greedy_ref",
+    runner = _open(opened, model, ctx, PipelineOptions(num_slots=SLOTS, method="greedy_ref",
                                                   default_window_s=1.0), cost=_cost(world))
     engine = Engine(model, runner, ctx, max_batch_tokens=12, prefill_chunk=5)
     reqs = _requests(rank)
@@ -235,6 +242,8 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
     out["generated"] = {rid: r.tokens for rid, r in results.items()}
     out["engine_summary"] = engine.summary()
     torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
+    for runner in opened:
+        runner.close()
     dist.barrier()
     ctx.watchdog.stop()
     dist.destroy_process_group()

@@ -404,7 +404,6 @@ class SplitPhaseTransfer:
         self.stats.replicas_arrived = int(out.sum())
         return out
 
-    poll = arrived
 
     def order_after(self, arrived: np.ndarray) -> None:
         """Order the current stream after the arrived replicas' pieces (GPU; the events have
@@ -450,7 +449,6 @@ class SplitPhaseTransfer:
         if self._errors:
             raise self._errors[0]
 
-    drain = join
 
     def params(self, expert: int) -> dict[str, torch.Tensor]:
         """Slot views holding replica `expert` on this rank."""
