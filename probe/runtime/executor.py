@@ -144,7 +144,7 @@ class Executor:
         thread). Held-back pieces are released at `end_step`."""
         self.plans.pop(layer, None)
         transfer = self.transfers.pop(layer, None)
-        if transfer is not None and transfer.stats.held_back:
+        if transfer is not None and transfer.holds_pieces:
             self._held.append(transfer)
         if self.stream is not None:
             event = torch.cuda.Event()

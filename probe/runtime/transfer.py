@@ -279,6 +279,7 @@ class SplitPhaseTransfer:
                 last[p.expert] = i
         self._pieces = [_Piece(p.phase, p.kind, p.tensor, p.peer, p.tag, p.expert,
                                last.get(p.expert) == i) for i, p in enumerate(pieces)]
+        self.holds_pieces = any(p.phase == 2 for p in self._pieces)  # held back, either end
         self._expected = {e: 0 for e in my_experts}
         for p in self._pieces:
             if p.kind == "recv":
