@@ -477,3 +477,30 @@ def test_runner_takes_history_or_a_load_predictor():
     prior = router_prior(model)
     runner = EPRunner(model, ctx, PipelineOptions(predictor=prior))
     assert runner.predictors is prior
+
+
+def test_balancer_decides_a_named_layer_plan():
+    """One process: the Balancer predicts, gathers and plans into named structures; the plan's
+    quota is the assignment row of the rank, the report's fields come back stacked [G, ...]."""
+    from probe.runtime.balancer import Balancer, LayerPlan, all_gather_fields
+
+    ctx = DistContext(0, 1, None, None, torch.device("cpu"))
+    got = all_gather_fields(ctx, {"a": np.arange(3.0), "w": np.array(2.5)}, "test")
+    assert got["a"].shape == (1, 3) and got["w"].shape == (1,) and got["w"][0] == 2.5
+    home = sharded_home(NUM_EXPERTS, 1)
+    forced = Plan(np.zeros((1, NUM_EXPERTS), bool), np.full((1, NUM_EXPERTS), -1),
+                  np.ones((1, NUM_EXPERTS, 1), dtype=np.int64))
+    balancer = Balancer(ctx, num_experts=NUM_EXPERTS, top_k=2, home=home, cost=_cost(1),
+                        num_slots=SLOTS, plan_override=lambda layer, step: forced)
+    balancer.observe(1, torch.tensor([[0, 1], [0, 2]]))
+    balancer.end_step()  # layer 1's true load becomes the history prediction
+    assert balancer.predict(1, torch.zeros(2, 4)).tolist() == [2, 1, 1, 0, 0, 0, 0, 0]
+    group, layer_plan = balancer.decide(0, 5, torch.zeros(2, 4), np.zeros(NUM_EXPERTS, bool),
+                                        0.25, has_next=True)
+    assert isinstance(layer_plan, LayerPlan) and layer_plan.plan is forced
+    assert (layer_plan.layer, layer_plan.step, layer_plan.num_replicas) == (1, 5, 0)
+    assert layer_plan.quota(0).shape == (NUM_EXPERTS, 1) and layer_plan.plan_s >= 0
+    assert group.predicted_load.tolist() == [[2, 1, 1, 0, 0, 0, 0, 0]]
+    assert group.window_s.tolist() == [0.25] and not group.arrived.any()
+    assert balancer.decide(2, 5, torch.zeros(2, 4), np.zeros(NUM_EXPERTS, bool), 0.25,
+                           has_next=False)[1] is None
