@@ -74,7 +74,7 @@ class Executor:
     """
 
     def __init__(self, ctx: DistContext, layers: list[EPMoELayer], pool: SlotPool, *,
-                 num_pieces: int = 4, max_in_flight: int = 2, wait_for_replicas: bool = False,
+                 num_pieces: int = 4, max_in_flight: int = 8, wait_for_replicas: bool = False,
                  stream: torch.cuda.Stream | None = None) -> None:
         self.ctx = ctx
         self.layers = layers

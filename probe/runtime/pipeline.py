@@ -101,7 +101,7 @@ class PipelineOptions:
     default_window_s: float = 1e-3
     wait_for_replicas: bool = False
     num_pieces: int = 4
-    max_in_flight: int = 2
+    max_in_flight: int = 8
     hardware: str = "h200x8"
 
 

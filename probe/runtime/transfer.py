@@ -24,7 +24,7 @@ issuing is allowed:
 Pause and resume act on an `IssueGate` that every live transfer of a runner shares, so no
 transfer (a late one of an earlier layer included) posts a piece while any combine runs. A
 piece posted before the pause may still be in flight during the combine; `max_in_flight`
-bounds how many (two pieces by default, i.e. at most 2/num_pieces of one weight tensor).
+bounds how many (8 pieces by default: two weight tensors' worth at `num_pieces` = 4).
 
 Arrival: a replica has arrived when every one of its pieces has completed. Under NCCL the issuer
 records a CUDA event on the transfer stream after each replica's last piece, and `arrived()`
@@ -216,7 +216,7 @@ class SplitPhaseTransfer:
                  hold_back: Iterable[tuple[int, int]] = (),
                  gate: IssueGate | None = None,
                  after: SplitPhaseTransfer | None = None,
-                 max_in_flight: int = 2) -> None:
+                 max_in_flight: int = 8) -> None:
         replicas = np.asarray(replicas, dtype=bool)
         sources = np.asarray(sources)
         if replicas.shape != sources.shape or replicas.ndim != 2:
