@@ -181,7 +181,8 @@ def test_torchrun_bad_prompts_rejected_alone_and_planner_warm(tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
            "-m", "probe.runtime", "--random-config", _config_file(tmp_path, 32),
            "--device", "cpu", "--prompts", _prompts_file(tmp_path), "--max-new-tokens", "4",
-           "--method", "greedy", "--timeout", "30", "--progress-every", "2", "--out", str(out)]
+           "--method", "greedy", "--timeout", "30", "--progress-every", "2", "--out", str(out),
+           "--metrics-file", str(tmp_path / "metrics.prom")]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240,
                           env=_subprocess_env())
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -206,6 +207,19 @@ def test_torchrun_bad_prompts_rejected_alone_and_planner_warm(tmp_path):
     assert summary["plan_s_total"] == pytest.approx(sum(per_step))
     assert summary["replicas_late"] == summary["replicas_planned"] - summary["replicas_arrived"]
     assert "replicas planned / in time / late" in proc.stdout
+    # Balancing metrics per layer and step: in the summary, the progress lines, Prometheus.
+    metrics = summary["metrics"]
+    assert len(metrics["steps"]) == ranks[0]["steps"]
+    totals = metrics["totals"]
+    assert totals["replicas_planned"] == summary["replicas_planned"]
+    assert totals["replicas_late"] == totals["replicas_planned"] - totals["replicas_arrived"]
+    assert totals["replicas_used"] <= totals["replicas_arrived"]
+    assert totals["plan_s"] == pytest.approx(summary["plan_s_total"])
+    assert len(metrics["layers"]["replicas_used"]) == metrics["num_layers"] == 2
+    assert summary["group_tokens_per_s"] > 0
+    assert "planned/arrived/used" in proc.stderr and "predictor" in proc.stderr
+    prom = (tmp_path / "metrics.prom").read_text()
+    assert f"probe_steps_total {float(ranks[0]['steps'])}" in prom
 
 
 def test_planner_warmed_up_before_the_first_step(model, monkeypatch):
@@ -243,8 +257,16 @@ def test_runtime_progress_table_and_device_errors(tmp_path, capsys):
     assert runtime_main([*args, "--progress-every", "2"]) == 0
     err = capsys.readouterr().err
     assert "probe.runtime: step 2: " in err and "tok/s (rank 0)" in err
-    assert runtime_main([*args, "--quiet"]) == 0
+    summary = json.loads((tmp_path / "one.json").read_text())
+    metrics = summary["metrics"]  # per layer and step (one process: static, no replicas)
+    assert len(metrics["steps"]) == summary["ranks"][0]["steps"]
+    assert metrics["num_layers"] == 2 and len(metrics["layers"]["ir_mean"]) == 2
+    assert metrics["totals"]["tokens_per_s"] > 0 and metrics["totals"]["replicas_planned"] == 0
+    assert runtime_main([*args, "--quiet", "--metrics-file", str(tmp_path / "m.prom")]) == 0
     assert "probe.runtime: step" not in capsys.readouterr().err
+    prom = (tmp_path / "m.prom").read_text()
+    assert "# TYPE probe_tokens_total counter" in prom
+    assert 'probe_layer_imbalance_ratio{layer="1"}' in prom
     if not torch.cuda.is_available():
         assert runtime_main(["--random-config", cfg, "--device", "cuda"]) == 2
         err = capsys.readouterr().err.strip().splitlines()

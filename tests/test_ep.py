@@ -32,7 +32,7 @@ from probe.runtime.dist import DistContext, RankFailure, Watchdog
 from probe.runtime.engine import Engine, Request, greedy_generate, random_model, slice_experts
 from probe.runtime.ep import split_counts
 from probe.runtime.pipeline import EPRunner, PipelineOptions
-from probe.runtime.transfer import SlotPool, SplitPhaseTransfer
+from probe.runtime.transfer import IssueGate, SlotPool, SplitPhaseTransfer
 
 SEED = 7
 NUM_EXPERTS = 8
@@ -109,15 +109,22 @@ def _cost(world: int) -> CostModel:
     return CostModel.uniform(world, alpha=0.0, beta=1e-6, token_time=0.0, transfer_time=1e-6)
 
 
+def _open(opened: list, *args, **kwargs) -> EPRunner:
+    runner = EPRunner(*args, **kwargs)
+    opened.append(runner)
+    return runner
+
+
 def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
     torch.set_num_threads(1)
     ctx = _init(rank, world, port)
     out: dict = {}
+    opened: list[EPRunner] = []  # closed at the end: their last transfers may still run
     model = _rank_model(rank, world)
     prior = router_prior(model)  # the frozen router prior, read before a runner wraps the model
 
     # 1. static (balancing off)
-    runner = EPRunner(model, ctx, PipelineOptions(balance=False, num_slots=SLOTS))
+    runner = _open(opened, model, ctx, PipelineOptions(balance=False, num_slots=SLOTS))
     out["static"] = _forward(runner, model, rank, 0)[0]
 
     # 2. random feasible plans, replicas delivered by split-phase transfer; the runner waits
@@ -125,7 +132,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
     step_waits = True
     rng = np.random.default_rng(123)  # same on every rank -> same plans
     plans = {(layer, step): random_plan(rng, world) for layer in range(3) for step in range(2)}
-    runner = EPRunner(model, ctx, PipelineOptions(
+    runner = _open(opened, model, ctx, PipelineOptions(
         num_slots=SLOTS, plan_override=lambda layer, step: plans[(layer, step)],
         wait_for_replicas=step_waits))
     stats = []
@@ -136,7 +143,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
     out["random_stats"] = [s.as_dict() for s in stats]
 
     # 3. the same plans, but every replica late: all its tokens fall back home
-    runner = EPRunner(model, ctx, PipelineOptions(
+    runner = _open(opened, model, ctx, PipelineOptions(
         num_slots=SLOTS, plan_override=lambda layer, step: plans[(layer, step)],
         hold_back=lambda layer, step: [tuple(x) for x in np.argwhere(
             plans[(layer, step)].replicas)]))
@@ -144,9 +151,26 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
     out["late0"] = logits
     out["late_stats"] = st.as_dict()
 
+    # 3a. the same, checked for waiting: the held-back pieces are posted only when the step
+    #     ends, so a forward that waited for a late replica anywhere (at dispatch or at the end
+    #     of a layer) could not return; it returns with those pieces still unposted
+    runner = _open(opened, model, ctx, PipelineOptions(
+        num_slots=SLOTS, plan_override=lambda layer, step: plans[(layer, step)],
+        hold_back=lambda layer, step: [tuple(x) for x in np.argwhere(
+            plans[(layer, step)].replicas)]))
+    ids, lens = batch_of(rank, 1)
+    runner.begin_step()
+    with torch.inference_mode():
+        out["late_nowait1"] = model(ids, seq_lens=lens).logits
+    held = runner.executor._held
+    out["late_unposted"] = sum(t.num_posted < len(t._pieces) for t in held)
+    out["late_nowait_stats"] = runner.end_step().as_dict()
+    runner.close()  # every held piece goes out now and completes
+    out["late_all_posted_after_close"] = all(t.num_posted == len(t._pieces) for t in held)
+
     # 3b. some replicas late (the first of each plan held back), the others waited for:
     #     bytes prefetched count only the replicas that arrived
-    runner = EPRunner(model, ctx, PipelineOptions(
+    runner = _open(opened, model, ctx, PipelineOptions(
         num_slots=SLOTS, plan_override=lambda layer, step: plans[(layer, step)],
         wait_for_replicas=True,
         hold_back=lambda layer, step: [tuple(x) for x in np.argwhere(
@@ -159,13 +183,13 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
     # 3c. deliberate logic errors, to show that the comparison catches them: (a) the combine
     #     uses the wrong gate weights (k order reversed); (b) tokens run on replicas are lost
     #     (their expert output is zero)
-    runner = EPRunner(model, ctx, PipelineOptions(
+    runner = _open(opened, model, ctx, PipelineOptions(
         num_slots=SLOTS, plan_override=lambda layer, step: plans[(layer, step)],
         wait_for_replicas=True))
     for layer in runner.layers:
         layer.combine = lambda y, w, _c=layer.combine: _c(y, w.flip(-1))
     out["broken_gate0"] = _forward(runner, model, rank, 0)[0]
-    runner = EPRunner(model, ctx, PipelineOptions(
+    runner = _open(opened, model, ctx, PipelineOptions(
         num_slots=SLOTS, plan_override=lambda layer, step: plans[(layer, step)],
         wait_for_replicas=True))
     real_params = SplitPhaseTransfer.params
@@ -180,7 +204,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
     #    frozen-router prior
     for pred in ("history", "router") if world == 2 else ("history",):
         predictor = prior if pred == "router" else pred
-        runner = EPRunner(model, ctx, PipelineOptions(num_slots=SLOTS, predictor=predictor,
+        runner = _open(opened, model, ctx, PipelineOptions(num_slots=SLOTS, predictor=predictor,
                                                       method="greedy_ref",
                                                       default_window_s=1.0), cost=_cost(world))
         for step in range(3):
@@ -197,7 +221,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
     tr.start()
     tr.pause()
     tr.resume()
-    tr.drain()
+    tr.join()
     ref = full_model().moe_blocks[1]
     diffs = []
     for e, _slot in tr.slot_of.items():
@@ -209,7 +233,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
     del blocks
 
     # 6. continuous batching: staggered arrivals, chunked prefill, balancing on
-    runner = EPRunner(model, ctx, PipelineOptions(num_slots=SLOTS, method="greedy_ref",
+    runner = _open(opened, model, ctx, PipelineOptions(num_slots=SLOTS, method="greedy_ref",
                                                   default_window_s=1.0), cost=_cost(world))
     engine = Engine(model, runner, ctx, max_batch_tokens=12, prefill_chunk=5)
     reqs = _requests(rank)
@@ -217,6 +241,8 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
     out["generated"] = {rid: r.tokens for rid, r in results.items()}
     out["engine_summary"] = engine.summary()
     torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
+    for runner in opened:
+        runner.close()
     dist.barrier()
     ctx.watchdog.stop()
     dist.destroy_process_group()
@@ -257,7 +283,8 @@ def test_ep_matches_single_process(world, tmp_path):
     model = full_model()
     worst = {}
     for rank, out in enumerate(outs):
-        checks = {"static": 0, "random0": 0, "random1": 1, "late0": 0, "partial_late0": 0}
+        checks = {"static": 0, "random0": 0, "random1": 1, "late0": 0, "partial_late0": 0,
+                  "late_nowait1": 1}
         preds = ("history", "router") if world == 2 else ("history",)
         checks.update({f"probe_{p}{s}": s for p in preds for s in range(3)})
         for key, step in checks.items():
@@ -290,6 +317,18 @@ def test_ep_matches_single_process(world, tmp_path):
     assert sum(sum(s["replicas_arrived"]) for s in random_stats) > 0
     late = outs[0]["late_stats"]
     assert sum(late["replicas_arrived"]) == 0 and sum(late["fallback_pairs"]) > 0
+    # A forced late replica is skipped without waiting: the forward returned while its pieces
+    # were not even posted (on some rank), and it is counted late, not used.
+    assert sum(o["late_unposted"] for o in outs) > 0
+    nowait = outs[0]["late_nowait_stats"]
+    assert sum(nowait["replicas_late"]) == sum(nowait["replicas_planned"]) > 0
+    assert sum(nowait["replicas_used"]) == 0 and nowait["exposed_transfer_s"] == 0.0
+    assert all(o["late_all_posted_after_close"] for o in outs)
+    # Arrived replicas were used (pairs ran on them), and never more than arrived.
+    for s in random_stats:
+        assert all(u <= a for u, a in zip(s["replicas_used"], s["replicas_arrived"],
+                                          strict=True))
+    assert sum(sum(s["replicas_used"]) for s in random_stats) > 0
     assert sum(o["replicas_here"] for o in outs) > 0
     probe_planned = sum(sum(outs[0][f"probe_history_stats{s}"]["replicas_planned"])
                         for s in range(3))
@@ -299,6 +338,64 @@ def test_ep_matches_single_process(world, tmp_path):
         for req in _requests(rank):
             want = greedy_generate(model, req.prompt, req.max_new_tokens)
             assert out["generated"][req.rid] == want, req.rid
+
+
+def _pause_worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    """Rank 0 receives two replicas from rank 1; rank 0's gate is paused before the start."""
+    torch.set_num_threads(1)
+    ctx = _init(rank, world, port)
+    model = _rank_model(rank, world)
+    runner = EPRunner(model, ctx, PipelineOptions(balance=False))
+    layer = runner.layers[1]
+    home = sharded_home(NUM_EXPERTS, world)
+    replicas = np.zeros((world, NUM_EXPERTS), dtype=bool)
+    replicas[0, np.flatnonzero(home[1])[:2]] = True
+    sources = np.where(replicas, 1, -1)
+    pool = SlotPool(layer.experts.shapes(), SLOTS, dtype=DTYPE)
+    gate = IssueGate()
+    tr = SplitPhaseTransfer(1, replicas, sources, rank, layer.experts.get, pool,
+                            ctx.transfer_group, num_pieces=4, gate=gate, max_in_flight=1)
+    out = {"total": len(tr._pieces)}
+    if rank == 0:
+        tr.pause()
+    tr.start()
+    time.sleep(0.5)
+    out["posted_while_paused"] = tr.num_posted
+    out["arrived_while_paused"] = int(tr.arrived().sum())
+    dist.barrier()  # rank 0 reads its count before resuming
+    if rank == 0:
+        out["gate_posts_while_paused"] = gate.posts
+        tr.resume()  # phase 2 allowed too
+    else:
+        tr.resume()
+    tr.join()
+    out["posted_after"] = tr.num_posted
+    out["arrived_after"] = int(tr.arrived().sum())
+    if rank == 0:
+        ref = full_model().moe_blocks[1]
+        out["diff"] = max(float((tr.params(e)["w_down"] - ref.w_down[e]).abs().max())
+                          for e in tr.slot_of)
+    torch.save(out, os.path.join(out_dir, f"pause{rank}.pt"))
+    dist.barrier()
+    runner.close()
+    ctx.watchdog.stop()
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_pause_stops_issuing(tmp_path):
+    """While rank 0's gate is paused it posts no piece (phase 1 allowed, its peer waiting);
+    its peer posts at most max_in_flight = 1 piece, which cannot complete; after resume every
+    piece goes out and the replicas equal the home weights."""
+    port = _free_port()
+    mp.spawn(_pause_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    r0, r1 = (torch.load(tmp_path / f"pause{r}.pt", weights_only=False) for r in range(2))
+    assert r0["total"] > 2 and r0["total"] == r1["total"]
+    assert r0["posted_while_paused"] == 0 and r0["gate_posts_while_paused"] == 0
+    assert r0["arrived_while_paused"] == 0
+    assert r1["posted_while_paused"] == 1  # its first send, stuck until rank 0 resumes
+    assert r0["posted_after"] == r0["total"] and r1["posted_after"] == r1["total"]
+    assert r0["arrived_after"] == 2 and r0["diff"] == 0.0
 
 
 def test_split_counts_contract():
@@ -380,3 +477,30 @@ def test_runner_takes_history_or_a_load_predictor():
     prior = router_prior(model)
     runner = EPRunner(model, ctx, PipelineOptions(predictor=prior))
     assert runner.predictors is prior
+
+
+def test_balancer_decides_a_named_layer_plan():
+    """One process: the Balancer predicts, gathers and plans into named structures; the plan's
+    quota is the assignment row of the rank, the report's fields come back stacked [G, ...]."""
+    from probe.runtime.balancer import Balancer, LayerPlan, all_gather_fields
+
+    ctx = DistContext(0, 1, None, None, torch.device("cpu"))
+    got = all_gather_fields(ctx, {"a": np.arange(3.0), "w": np.array(2.5)}, "test")
+    assert got["a"].shape == (1, 3) and got["w"].shape == (1,) and got["w"][0] == 2.5
+    home = sharded_home(NUM_EXPERTS, 1)
+    forced = Plan(np.zeros((1, NUM_EXPERTS), bool), np.full((1, NUM_EXPERTS), -1),
+                  np.ones((1, NUM_EXPERTS, 1), dtype=np.int64))
+    balancer = Balancer(ctx, num_experts=NUM_EXPERTS, top_k=2, home=home, cost=_cost(1),
+                        num_slots=SLOTS, plan_override=lambda layer, step: forced)
+    balancer.observe(1, torch.tensor([[0, 1], [0, 2]]))
+    balancer.end_step()  # layer 1's true load becomes the history prediction
+    assert balancer.predict(1, torch.zeros(2, 4)).tolist() == [2, 1, 1, 0, 0, 0, 0, 0]
+    group, layer_plan = balancer.decide(0, 5, torch.zeros(2, 4), np.zeros(NUM_EXPERTS, bool),
+                                        0.25, has_next=True)
+    assert isinstance(layer_plan, LayerPlan) and layer_plan.plan is forced
+    assert (layer_plan.layer, layer_plan.step, layer_plan.num_replicas) == (1, 5, 0)
+    assert layer_plan.quota(0).shape == (NUM_EXPERTS, 1) and layer_plan.plan_s >= 0
+    assert group.predicted_load.tolist() == [[2, 1, 1, 0, 0, 0, 0, 0]]
+    assert group.window_s.tolist() == [0.25] and not group.arrived.any()
+    assert balancer.decide(2, 5, torch.zeros(2, 4), np.zeros(NUM_EXPERTS, bool), 0.25,
+                           has_next=False)[1] is None

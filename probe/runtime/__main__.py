@@ -109,6 +109,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--progress-every", type=int, default=10, metavar="N",
                    help="rank 0 prints steps done, tokens/s and IR to stderr every N steps")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
+    p.add_argument("--metrics-file", metavar="PATH",
+                   help="rank 0 writes the balancing metrics in Prometheus text format here "
+                        "(refreshed with every progress line, and at the end)")
+    p.add_argument("--metrics-port", type=int, metavar="PORT",
+                   help="rank 0 serves the same text at http://127.0.0.1:PORT/metrics while "
+                        "it runs")
     return p
 
 
@@ -271,13 +277,21 @@ def run(args) -> dict | None:
         engine = Engine(model, runner, ctx, **engine_options)
     reqs = _requests(args, ctx.rank, ctx.world_size, vocab, rejected=engine.rejected)
     show = ctx.rank == 0 and not args.quiet and args.progress_every > 0
+    exporter = _MetricsExport(engine, args) if ctx.rank == 0 else None
+    progress = _Progress(engine, args.progress_every, show=show, exporter=exporter)
     t1 = time.perf_counter()
-    results = engine.serve(reqs, reject_invalid=True,
-                           on_step=_Progress(engine, args.progress_every) if show else None)
+    try:
+        results = engine.serve(reqs, reject_invalid=True, on_step=progress)
+    finally:
+        if exporter is not None:
+            exporter.close()
     serve_s = time.perf_counter() - t1
     for rid, reason in engine.rejected.items():
         sys.stderr.write(f"probe.runtime: rank {ctx.rank}: request {rid} rejected: {reason}\n")
+    from probe.runtime.metrics import run_metrics
+
     summary = engine.summary()
+    summary["metrics"] = run_metrics(engine.records)
     summary.update({"rank": ctx.rank, "load_s": load_s, "serve_s": serve_s,
                     "planner_warmup_s": runner.planner_warmup_s if runner else 0.0,
                     "cuda_graphs": graphs,
@@ -311,6 +325,11 @@ def run(args) -> dict | None:
                "replicas_arrived": first["replicas_arrived"],
                "replicas_late": first["replicas_late"],
                "plan_s_total": first["plan_s_total"],
+               # per layer and step (IR, replicas, exposed transfer, predictor and planner
+               # time are group-wide; tokens/s are rank 0's; each rank's under "ranks")
+               "metrics": first["metrics"],
+               "group_tokens_per_s": (sum(s["generated_tokens"] for s in summaries)
+                                      / max(serve_s, 1e-12)),
                "planner_warmup_s": max(s["planner_warmup_s"] for s in summaries),
                "rejected": sorted((r for s in summaries for r in s["rejected"]),
                                   key=lambda r: r["rid"]),
@@ -326,12 +345,39 @@ def run(args) -> dict | None:
     return out
 
 
+class _MetricsExport:
+    """Rank 0's Prometheus text: --metrics-file (rewritten on `refresh`) and --metrics-port."""
+
+    def __init__(self, engine, args) -> None:
+        self.engine, self.path, self.server = engine, args.metrics_file, None
+        if args.metrics_port is not None:
+            from probe.runtime.metrics import serve_metrics
+
+            self.server = serve_metrics(args.metrics_port, self.text)
+
+    def text(self) -> str:
+        from probe.runtime.metrics import prometheus_text, run_metrics
+
+        return prometheus_text(run_metrics(list(self.engine.records)))
+
+    def refresh(self) -> None:
+        if self.path:
+            Path(self.path).write_text(self.text())
+
+    def close(self) -> None:
+        self.refresh()
+        if self.server is not None:
+            self.server.shutdown()
+            self.server.server_close()
+
+
 class _Progress:
     """Rank 0's progress line on stderr every `every` steps: steps, requests, tokens, tokens/s
-    since the first step, the step's mean IR and planner time."""
+    since the first step, and the step's balancing metrics: mean IR, replicas planned /
+    arrived / used (late), exposed transfer, predictor and planner time."""
 
-    def __init__(self, engine, every: int) -> None:
-        self.engine, self.every = engine, every
+    def __init__(self, engine, every: int, *, show: bool = True, exporter=None) -> None:
+        self.engine, self.every, self.show, self.exporter = engine, every, show, exporter
         self.t0 = time.perf_counter()
         self.tokens = 0
 
@@ -340,15 +386,26 @@ class _Progress:
         steps = len(self.engine.records)
         if steps % self.every:
             return
+        if self.exporter is not None:
+            self.exporter.refresh()
+        if not self.show:
+            return
         rate = self.tokens / max(time.perf_counter() - self.t0, 1e-9)
         ir = rec.ep.get("mean_ir")
         plan = rec.ep.get("plan_seconds")
-        sys.stderr.write(
-            f"probe.runtime: step {steps}: {rec.running} running, "
-            f"{len(self.engine.pending)} waiting, {len(self.engine.results)} done, "
-            f"{self.tokens} tokens, {rate:.1f} tok/s (rank 0)"
-            + (f", IR {ir:.3f}" if ir is not None else "")
-            + (f", planner {plan * 1e3:.1f} ms" if plan is not None else "") + "\n")
+        line = (f"probe.runtime: step {steps}: {rec.running} running, "
+                f"{len(self.engine.pending)} waiting, {len(self.engine.results)} done, "
+                f"{self.tokens} tokens, {rate:.1f} tok/s (rank 0)"
+                + (f", IR {ir:.3f}" if ir is not None else ""))
+        if "replicas_planned" in rec.ep:
+            planned, arrived, used, late = (sum(rec.ep[f"replicas_{k}"])
+                                            for k in ("planned", "arrived", "used", "late"))
+            line += (f", replicas {planned}/{arrived}/{used} planned/arrived/used ({late} late)"
+                     f", exposed {rec.ep['exposed_transfer_s'] * 1e3:.1f} ms"
+                     f", predictor {rec.ep.get('predict_seconds', 0.0) * 1e3:.1f} ms")
+        if plan is not None:
+            line += f", planner {plan * 1e3:.1f} ms"
+        sys.stderr.write(line + "\n")
         sys.stderr.flush()
 
 

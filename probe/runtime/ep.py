@@ -149,6 +149,7 @@ class LayerStats:
     pairs_processed: pairs this rank ran (home + replicas).
     pairs_on_replicas: of those, pairs run on replica weights.
     pairs_fallback: pairs of this rank sent home because the planned rank could not run them.
+    replicas_used: replicas (not home experts) this rank ran at least one pair on.
     expert_seconds: time of the local expert compute (CPU clock; on GPU see pipeline timers).
     """
 
@@ -157,6 +158,7 @@ class LayerStats:
     pairs_processed: int = 0
     pairs_on_replicas: int = 0
     pairs_fallback: int = 0
+    replicas_used: int = 0
     expert_seconds: float = 0.0
 
 
@@ -364,6 +366,8 @@ class EPMoELayer:
             x_recv = rows_recv.index_select(
                 0, index_recv + source_first[source_of_pair].to(device))  # [N_recv, D]
 
+        received = recv_counts.sum(dim=0).numpy() > 0  # [E]
+        stats.replicas_used = int((received & ~self.home[self.ctx.rank]).sum())
         dispatch_range.__exit__(None, None, None)
         # Expert compute: rows of the same expert from all sources, source order then token.
         hooks.before_experts()

@@ -1,24 +1,26 @@
 """The continuous lookahead pipeline: at MoE layer l, predict l+1, all-gather, plan, prefetch.
 
 `EPRunner` turns a loaded `MoETransformer` (this rank's slice of experts) into an
-expert-parallel one: it replaces every MoE block's forward with `_EPBlock`, which runs, per
-layer l and step (the paper's section 4.4):
+expert-parallel one: it replaces every MoE block's forward with `_EPBlock`, whose
+`run_layer` composes two parts (the paper's section 4.4):
+
+    decide  (`probe.runtime.balancer.Balancer`):   predict l+1, gather, plan l+1 -> LayerPlan
+    execute (`probe.runtime.executor.Executor`):   transfer, dispatch, experts, combine
+
+Per MoE layer l and step:
 
     router(h_l) -> true top-k ids and gate weights            (the plan never changes these)
-    poll: which replicas of layer l arrived (non-blocking)
-    predict layer l+1's load from h_l, then ONE all_gather of
-        [arrived_l (E) | predicted load of l+1 (E) | window of l+1 (1)] per rank
-    plan layer l+1 (greedy by default) on the gathered [S, E] load; same plan on every rank
-    dispatch l (all_to_all_single), following plan_l and the arrived replicas
-    start transfer of l+1's replicas (phase 1)  | expert compute of l
-    pause                                        | combine all_to_all of l
-    resume (phase 2); drain l's stragglers       | layer l+1's attention runs next
+    executor.arrived(l): which of l's replicas are complete on this rank (non-blocking)
+    balancer.decide: predict l+1 from h_l, ONE all_gather of every rank's RankReport
+        (arrived bits of l, predicted load of l+1, window of l+1), plan l+1 -> LayerPlan
+    executor.prefetch(plan of l+1): a transfer whose pieces wait for the allowed phases
+    executor.run(l): dispatch following plan_l and the arrived replicas (late ones skipped,
+        their pairs go home) | l+1 phase 1 during expert compute | pause, combine | resume:
+        l+1 phase 2 during l+1's attention
+    executor.finish_layer(l): no wait; replicas still in flight are counted late
 
-Prediction: with a `LoadPredictor` (e.g. a `probe.predictor.PredictorSet`; the frozen router
-prior is `probe.predictor.router_prior(model)`), layer l+1's load is the top-k of the
-predictor's logits on h_l; with `predictor="history"` it is the TRUE load this rank saw at layer
-l+1 in the previous step (zero in the first step). Layer 0 has no earlier layer in the step: it
-always runs static (everything home), which is also the state before any plan exists.
+Layer 0 has no earlier layer in the step: it always runs static (everything home), which is
+also the state before any plan exists.
 
 Window: the seconds rank g can hide layer l+1's transfer = expert compute of layer l plus the
 non-MoE work before layer l+1's MoE (attention, norms), both measured in the previous step
@@ -32,34 +34,23 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from torch import nn
 from torch.profiler import record_function
 
 from probe.placement import imbalance_ratio, sharded_home
-from probe.planner import BalanceProblem, CostModel, Plan, evaluate_plan
-from probe.runtime.dist import DistContext, guarded
+from probe.planner import BalanceProblem, CostModel, Plan
+from probe.runtime.balancer import (Balancer, LayerPlan, LoadPredictor, all_gather_fields,
+                                    solve_plan)
+from probe.runtime.dist import DistContext
 from probe.runtime.ep import EPMoELayer, LayerExperts, PhaseHooks
-from probe.runtime.transfer import SlotPool, SplitPhaseTransfer
+from probe.runtime.executor import Executor
+from probe.runtime.transfer import SlotPool
 
-__all__ = ["EPRunner", "LoadPredictor", "PipelineOptions", "StepStats", "cost_model_for",
-           "solve_plan"]
-
-
-def solve_plan(problem: BalanceProblem, method: str = "greedy") -> Plan:
-    """Plan one layer with `probe.planner.solve` (falls back to static if it finds none)."""
-    from probe.planner.solve import solve
-
-    result = solve(problem, method, check=False)
-    if result.plan is None:
-        from probe.planner.static import static_plan
-
-        return static_plan(problem)
-    return result.plan
+__all__ = ["EPRunner", "LayerPlan", "LoadPredictor", "PipelineOptions", "StepStats",
+           "cost_model_for", "solve_plan"]
 
 
 def cost_model_for(cfg, world_size: int, dtype: torch.dtype,
@@ -78,15 +69,6 @@ def cost_model_for(cfg, world_size: int, dtype: torch.dtype,
     return CostModel.from_specs(spec, hw)
 
 
-class LoadPredictor(Protocol):
-    """What the runner asks of a predictor (`probe.predictor.PredictorSet` is one)."""
-
-    def __call__(self, layer: int, h_prev: torch.Tensor) -> torch.Tensor:
-        """Predicted router logits [T, E] of MoE layer `layer` from h_prev [T, D], the router
-        input of MoE layer `layer` - 1."""
-        ...
-
-
 @dataclass
 class PipelineOptions:
     """How the runner balances.
@@ -98,11 +80,14 @@ class PipelineOptions:
     method: planner method for `probe.planner.solve` ("greedy"; "greedy_ref" avoids the JIT).
     planner: optional function BalanceProblem -> Plan replacing `method` (tests).
     plan_override: optional function (moe layer, step) -> Plan | None forcing a plan (tests).
-    hold_back: optional function (moe layer, step) -> [(g, e)] replicas made late on purpose.
+    hold_back: optional function (moe layer, step) -> [(g, e)] replicas made late on purpose:
+        their phase-2 pieces are posted only when the step ends (tests).
     default_window_s: window before the first measurement.
     wait_for_replicas: block until a layer's replicas are in instead of falling back (the
         waiting counts as exposed transfer time); default False: late replicas are skipped.
     num_pieces: pieces per weight tensor (split-phase granularity).
+    max_in_flight: pieces one transfer has posted and not completed, at most (bounds what
+        can still be moving when a combine starts).
     hardware: HardwareSpec preset for the cost model.
     """
 
@@ -116,6 +101,7 @@ class PipelineOptions:
     default_window_s: float = 1e-3
     wait_for_replicas: bool = False
     num_pieces: int = 4
+    max_in_flight: int = 8
     hardware: str = "h200x8"
 
 
@@ -125,15 +111,21 @@ class StepStats:
 
     layer_ir: float [L], IR of pairs processed per rank (eq. 1) at every MoE layer.
     pairs_per_rank: int [L, G].
-    replicas_planned / replicas_arrived: int [L], summed over ranks; a planned replica that
-        did not arrive in time (before its layer's MoE) is late: planned - arrived.
+    replicas_planned / replicas_arrived / replicas_used: int [L], summed over ranks; a planned
+        replica that was not complete when its layer dispatched is late (planned - arrived)
+        and skipped; an arrived one is used when at least one pair ran on it.
     fallback_pairs: int [L], pairs sent home because their replica had not arrived.
     bytes_prefetched_per_rank: float [G], weight bytes of the replicas that ARRIVED in time on
-        each rank (late replicas, drained after their layer, are not counted).
+        each rank (late replicas are not counted).
     bytes_prefetched: their sum over ranks (the group's total, counted once).
-    exposed_transfer_s: max over ranks of host time blocked waiting for transfers.
+    exposed_transfer_s: max over ranks of the time the main thread waited for transfers
+        (only `wait_for_replicas` waits; 0 otherwise).
+    layer_exposed_s: float [L], the same per layer (max over ranks).
     planned_exposed_s: max over layers of the plan's modelled exposed transfer (eq. 6).
     plan_seconds: planner wall time summed over layers (max over ranks).
+    layer_plan_s / layer_predict_s: float [L], planner and predictor seconds spent on each
+        layer's plan (max over ranks; spent at the layer before).
+    predict_seconds: predictor wall time summed over layers (max over ranks).
     """
 
     layer_ir: np.ndarray
@@ -146,6 +138,11 @@ class StepStats:
     exposed_transfer_s: float
     planned_exposed_s: float
     plan_seconds: float
+    replicas_used: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    layer_exposed_s: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    layer_plan_s: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    layer_predict_s: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    predict_seconds: float = 0.0
 
     def as_dict(self) -> dict:
         return {"layer_ir": self.layer_ir.round(4).tolist(),
@@ -153,12 +150,17 @@ class StepStats:
                 "replicas_planned": self.replicas_planned.tolist(),
                 "replicas_arrived": self.replicas_arrived.tolist(),
                 "replicas_late": (self.replicas_planned - self.replicas_arrived).tolist(),
+                "replicas_used": self.replicas_used.tolist(),
                 "fallback_pairs": self.fallback_pairs.tolist(),
                 "bytes_prefetched_per_rank": self.bytes_prefetched_per_rank.tolist(),
                 "bytes_prefetched": self.bytes_prefetched,
                 "exposed_transfer_s": self.exposed_transfer_s,
+                "layer_exposed_s": self.layer_exposed_s.tolist(),
                 "planned_exposed_s": self.planned_exposed_s,
-                "plan_seconds": self.plan_seconds}
+                "plan_seconds": self.plan_seconds,
+                "layer_plan_s": self.layer_plan_s.tolist(),
+                "predict_seconds": self.predict_seconds,
+                "layer_predict_s": self.layer_predict_s.tolist()}
 
 
 class _Clock:
@@ -188,36 +190,31 @@ class _Clock:
 
 
 @dataclass
-class _LayerState:
-    plan: Plan | None = None
-    transfer: SplitPhaseTransfer | None = None
-    arrived: np.ndarray | None = None
-    fallback: int = 0
+class _LayerRecord:
+    """What this rank saw at one MoE layer in the current step."""
+
     pairs: int = 0
-    planned_exposed: float = 0.0
-    history_load: np.ndarray | None = None  # [E] this rank's true load last step
-    this_load: np.ndarray | None = None
-    window: float | None = None
-    num_planned: int = 0
-    done_event: object = None
-    extra: dict = field(default_factory=dict)
+    fallback: int = 0
+    arrived: int = 0  # replicas of this layer complete on this rank at dispatch
+    used: int = 0  # of those, replicas that ran at least one pair
+    planned: int = 0  # replicas of this layer's plan, all ranks
+    planned_exposed_s: float = 0.0
+    exposed_s: float = 0.0
+    plan_s: float = 0.0
+    predict_s: float = 0.0
 
 
-class _Hooks(PhaseHooks):
-    def __init__(self, transfer: SplitPhaseTransfer | None) -> None:
-        self.transfer = transfer
+class _Marks(PhaseHooks):
+    """Clock marks at the executor's phase points."""
+
+    def __init__(self, clock: _Clock, layer: int) -> None:
+        self.clock, self.layer = clock, layer
 
     def before_experts(self) -> None:
-        if self.transfer is not None:
-            self.transfer.start()
+        self.clock.mark(f"compute{self.layer}")
 
     def before_combine(self) -> None:
-        if self.transfer is not None:
-            self.transfer.pause()
-
-    def after_combine(self) -> None:
-        if self.transfer is not None:
-            self.transfer.resume()
+        self.clock.mark(f"combine{self.layer}")
 
 
 class _EPBlock(nn.Module):
@@ -243,6 +240,7 @@ class EPRunner:
         cost: CostModel for the planner (default: `cost_model_for(model.cfg, G, dtype)`).
     After construction the model's forward runs expert-parallel; call `begin_step()` before
     and `end_step()` after every forward (or `idle_step()` on a rank with no tokens).
+    `balancer` decides, `executor` executes; `run_layer` composes them.
     """
 
     def __init__(self, model: nn.Module, ctx: DistContext, options: PipelineOptions | None = None,
@@ -258,13 +256,12 @@ class EPRunner:
         for layer in model.layers:  # a model wrapped by an earlier runner: unwrap first
             if layer.is_moe and isinstance(layer.moe, _EPBlock):
                 layer.moe = layer.moe.block
-        self.predictors: LoadPredictor | None = None
-        if not isinstance(self.opts.predictor, str):
-            self.predictors = self.opts.predictor
-        elif self.opts.predictor != "history":
+        if isinstance(self.opts.predictor, str) and self.opts.predictor != "history":
             raise ValueError(f"predictor must be 'history' or a LoadPredictor (the frozen router "
                              f"prior: probe.predictor.router_prior(model)), got "
                              f"{self.opts.predictor!r}")
+        self.predictors: LoadPredictor | None = (None if isinstance(self.opts.predictor, str)
+                                                 else self.opts.predictor)
         self.blocks = []
         decoder_layers = [layer for layer in model.layers if layer.is_moe]
         for i, layer in enumerate(decoder_layers):
@@ -280,7 +277,6 @@ class EPRunner:
             self.layers.append(EPMoELayer(ctx, i, cfg.num_experts, experts,
                                           _expert_fn(block), combine=block.combine,
                                           activate=block.activate, grouped=block.grouped))
-        self.state = [_LayerState() for _ in self.blocks]
         shapes = self.layers[0].experts.shapes()
         self.pool = SlotPool(shapes, self.opts.num_slots, dtype=self.dtype, device=self.device)
         self.cost = cost if cost is not None else cost_model_for(cfg, ctx.world_size, self.dtype,
@@ -288,15 +284,28 @@ class EPRunner:
         self.replica_bytes = sum(math.prod(shape) for shape in shapes.values()) \
             * self.pool.storage[next(iter(shapes))].element_size()  # W: one replica's bytes
         self.stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        self.balancer = Balancer(
+            ctx, num_experts=cfg.num_experts, top_k=cfg.top_k, home=self.home, cost=self.cost,
+            num_slots=self.opts.num_slots, predictor=self.opts.predictor,
+            method=self.opts.method, planner=self._solve,
+            plan_override=self.opts.plan_override, hold_back=self.opts.hold_back,
+            dtype=self.dtype)
+        self.executor = Executor(ctx, self.layers, self.pool, num_pieces=self.opts.num_pieces,
+                                 max_in_flight=self.opts.max_in_flight,
+                                 wait_for_replicas=self.opts.wait_for_replicas,
+                                 stream=self.stream)
+        self.records = [_LayerRecord() for _ in self.blocks]
         self.step = 0
         self.clock = _Clock(self.device)
         self.prev_clock: _Clock | None = None
-        self.exposed_s = 0.0
-        self.plan_s = 0.0
-        self.bytes_arrived = 0
         self.planner_warmup_s = 0.0
         if self.opts.balance:
             self.warm_up_planner()
+
+    def _solve(self, problem: BalanceProblem) -> Plan:
+        if self.opts.planner is not None:
+            return self.opts.planner(problem)
+        return solve_plan(problem, self.opts.method)
 
     def warm_up_planner(self) -> float:
         """Plan one synthetic problem of the real shapes and dtypes now, so that the planner's
@@ -309,26 +318,14 @@ class EPRunner:
         load[:, 1:] = 1
         window = np.full(num_ranks, self.opts.default_window_s)  # [G]
         t0 = time.perf_counter()
-        problem = self._problem(load, window)
-        if self.opts.planner is not None:
-            self.opts.planner(problem)
-        else:
-            solve_plan(problem, self.opts.method)
+        self._solve(self.balancer.problem(load, window))
         self.planner_warmup_s = time.perf_counter() - t0
         return self.planner_warmup_s
 
     # -- step bookkeeping ----------------------------------------------------------------------
     def begin_step(self) -> None:
         self.prev_clock, self.clock = self.clock, _Clock(self.device)
-        self.exposed_s = 0.0
-        self.plan_s = 0.0
-        self.bytes_arrived = 0
-        for st in self.state:
-            st.fallback = 0
-            st.pairs = 0
-            st.planned_exposed = 0.0
-            st.num_planned = 0
-            st.arrived = None
+        self.records = [_LayerRecord() for _ in self.blocks]
         self.clock.mark("begin")
 
     def _window(self, layer: int) -> float:
@@ -342,147 +339,59 @@ class EPRunner:
             return self.opts.default_window_s
         return max(expert + attn, 0.0)
 
-    def _all_gather(self, vec: np.ndarray, name: str) -> np.ndarray:
-        """float64 [n] per rank -> [G, n]."""
-        if self.ctx.group is None or self.num_ranks == 1:
-            return vec[None, :]
-        local = torch.as_tensor(vec, dtype=torch.float64)
-        if self.ctx.backend == "nccl":
-            local = local.to(self.ctx.device)
-        out = [torch.empty_like(local) for _ in range(self.num_ranks)]
-        with guarded(name, self.ctx.rank, self.ctx.watchdog):
-            dist.all_gather(out, local, group=self.ctx.group)
-        return torch.stack(out).cpu().numpy()
-
-    def _problem(self, load: np.ndarray, window: np.ndarray) -> BalanceProblem:
-        """The planning instance of one layer: load [S, E] (whole counts), window [G]."""
-        return BalanceProblem.from_load(load.astype(np.int64), self.cost, self.opts.num_slots,
-                                        window, self.home)
-
-    def _plan(self, layer: int, load: np.ndarray, window: np.ndarray) -> Plan:
-        problem = self._problem(load, window)
-        plan = None
-        if self.opts.plan_override is not None:
-            plan = self.opts.plan_override(layer, self.step)
-        if plan is None:
-            plan = (self.opts.planner(problem) if self.opts.planner is not None
-                    else solve_plan(problem, self.opts.method))
-        self.state[layer].planned_exposed = evaluate_plan(problem, plan).exposed_transfer
-        self.state[layer].num_planned = plan.num_replicas
-        return plan
-
-    def _predict(self, layer: int, h: torch.Tensor, next_layer: int) -> np.ndarray:
-        """Predicted load [E] of this rank's tokens at `next_layer`."""
-        E = self.num_experts
-        if self.predictors is not None:
-            if h.shape[0] == 0:
-                return np.zeros(E)
-            logits = self.predictors(next_layer, h.to(self.dtype))  # [T, E]
-            ids = torch.topk(logits, self.cfg.top_k, dim=-1).indices
-            return torch.bincount(ids.reshape(-1).cpu(), minlength=E).numpy().astype(np.float64)
-        hist = self.state[next_layer].history_load
-        return np.zeros(E) if hist is None else hist.astype(np.float64)
-
     # -- one MoE layer -------------------------------------------------------------------------
     def run_layer(self, layer: int, h: torch.Tensor):
+        """Decide (balancer) then execute (executor) MoE layer `layer` on h [T, D]."""
         from probe.runtime.model import LayerRouting
 
-        opts, st, E = self.opts, self.state[layer], self.num_experts
-        block = self.blocks[layer]
+        rec, block = self.records[layer], self.blocks[layer]
         self.clock.mark(f"start{layer}")
+        arrived = np.zeros((self.num_ranks, self.num_experts), dtype=bool)  # [G, E]
+        next_transfer = None
         with record_function("probe.moe.route_predict_plan"):
             logits = block.router(h)  # [T, E]
             topk_ids, topk_weights = block.select(logits)  # [T, K] x2
-            st.this_load = torch.bincount(topk_ids.reshape(-1).cpu(), minlength=E).numpy()
-            num_layers = len(self.blocks)
-            hooks = _Hooks(None)
-            arrived = np.zeros((self.num_ranks, E), dtype=bool)
-            quota = None
-            if opts.balance:
-                if st.transfer is None:
-                    arrived_local = np.zeros(E, dtype=bool)
-                elif opts.wait_for_replicas:
-                    t0 = time.perf_counter()
-                    arrived_local = st.transfer.wait_posted()
-                    self.exposed_s += time.perf_counter() - t0
-                else:
-                    arrived_local = st.transfer.poll()
-                nxt = layer + 1
-                has_next = nxt < num_layers
-                pred = self._predict(layer, h, nxt) if has_next else np.zeros(E)
-                window = self._window(nxt) if has_next else 0.0
-                gathered = self._all_gather(
-                    np.concatenate([arrived_local.astype(np.float64), pred, [window]]),
-                    f"plan all_gather (MoE layer {layer})")  # [G, 2E+1]
-                arrived = gathered[:, :E] > 0.5  # [G, E]
-                self.bytes_arrived += int(arrived[self.ctx.rank].sum()) * self.replica_bytes
-                if st.transfer is not None:
-                    st.transfer.wait_arrived(arrived[self.ctx.rank])
-                if st.plan is not None:
-                    quota = st.plan.assignment[self.ctx.rank]  # [E, G]
-                if has_next:
-                    t0 = time.perf_counter()
-                    plan = self._plan(nxt, gathered[:, E:2 * E].round(), gathered[:, 2 * E])
-                    self.plan_s += time.perf_counter() - t0
-                    nst = self.state[nxt]
-                    nst.plan = plan
-                    hold = opts.hold_back(nxt, self.step) if opts.hold_back is not None else ()
-                    ready = self._buffer_ready_event(nxt)
-                    nst.transfer = SplitPhaseTransfer(
-                        nxt, plan.replicas, plan.sources, self.ctx.rank,
-                        self.layers[nxt].experts.get, self.pool, self.ctx.transfer_group,
-                        num_pieces=opts.num_pieces, stream=self.stream, ready_event=ready,
-                        hold_back=hold)
-                    hooks = _Hooks(nst.transfer)
-        st.arrived = arrived
-        replica_params = st.transfer.params if st.transfer is not None else None
+            self.balancer.observe(layer, topk_ids)
+            if self.opts.balance:
+                arrived_here, rec.exposed_s = self.executor.arrived(layer)  # [E]
+                has_next = layer + 1 < len(self.blocks)
+                group, next_plan = self.balancer.decide(
+                    layer, self.step, h, arrived_here,
+                    self._window(layer + 1) if has_next else 0.0, has_next=has_next)
+                arrived = group.arrived
+                rec.arrived = int(arrived[self.ctx.rank].sum())
+                if next_plan is not None:
+                    nrec = self.records[layer + 1]
+                    nrec.planned = next_plan.num_replicas
+                    nrec.planned_exposed_s = next_plan.planned_exposed_s
+                    nrec.plan_s, nrec.predict_s = next_plan.plan_s, next_plan.predict_s
+                    next_transfer = self.executor.prefetch(next_plan)
         self.clock.mark(f"experts{layer}")
-        out, stats = self.layers[layer].forward(
-            h, topk_ids, topk_weights, quota=quota, arrived=arrived,
-            replica_params=replica_params, hooks=_ClockHooks(hooks, self.clock, layer))
+        out, stats = self.executor.run(layer, h, topk_ids, topk_weights, arrived,
+                                       next_transfer=next_transfer,
+                                       marks=_Marks(self.clock, layer))
         shared = block.shared_forward(h)  # [T, D] or None; shared experts run on every rank
         if shared is not None:
             out = out + shared
-        st.fallback = stats.pairs_fallback
-        st.pairs = stats.pairs_processed
-        if st.transfer is not None:
-            t0 = time.perf_counter()
-            st.transfer.drain()
-            self.exposed_s += time.perf_counter() - t0
-            st.transfer = None
-            st.plan = None
-        if self.device.type == "cuda":
-            st.done_event = torch.cuda.Event()
-            st.done_event.record()
+        rec.fallback = stats.pairs_fallback
+        rec.pairs = stats.pairs_processed
+        rec.used = stats.replicas_used
+        self.executor.finish_layer(layer)
         self.clock.mark(f"end{layer}")
         return out, LayerRouting(block.layer, h, logits, topk_ids, topk_weights)
 
-    def _buffer_ready_event(self, layer: int):
-        """CUDA event after which layer `layer`'s pool buffer is free: the end of the last
-        layer that used the same buffer (earlier in this step, or late in the previous one)."""
-        if self.device.type != "cuda":
-            return None
-        nb = self.pool.num_buffers
-        prev = layer - nb
-        if prev < 0:  # the last layer of the previous step with the same buffer
-            prev = max(j for j in range(len(self.blocks)) if j % nb == layer % nb)
-        return self.state[prev].done_event
-
     def close(self) -> None:
-        """Give the model its own MoE blocks back and drop transfers and the pool (safe to call
-        twice). The wrapped model and the runner reference each other; closing breaks that
-        cycle, so the runner (and the process groups it holds through `ctx`) is freed at once,
-        not by a later garbage collection, e.g. during interpreter exit."""
+        """Give the model its own MoE blocks back, let the transfers finish and drop them and
+        the pool (safe to call twice). The wrapped model and the runner reference each other;
+        closing breaks that cycle, so the runner (and the process groups it holds through
+        `ctx`) is freed at once, not by a later garbage collection, e.g. during interpreter
+        exit."""
         for layer in self.model.layers:
             if layer.is_moe and isinstance(layer.moe, _EPBlock):
                 layer.moe = layer.moe.block
-        for st in self.state:
-            if st.transfer is not None:
-                st.transfer.drain()
-            st.transfer = None
-            st.plan = None
-            st.done_event = None
+        self.executor.close()
         self.layers = []
+        self.executor.layers = []
 
     def idle_step(self) -> None:
         """Take part in every MoE layer's collectives with no tokens of this rank."""
@@ -493,7 +402,7 @@ class EPRunner:
     def breakdown(self) -> dict[str, float]:
         """Seconds per phase summed over the MoE layers of the last step (call after the
         device is synchronised): attention (and norms, dense MLPs) before each MoE layer,
-        router + prediction + planning, dispatch, expert compute, combine + drain."""
+        router + prediction + planning, dispatch, expert compute, combine."""
         c = self.clock
         out = {"attention": 0.0, "route_plan": 0.0, "dispatch": 0.0, "experts": 0.0,
                "combine": 0.0}
@@ -509,47 +418,40 @@ class EPRunner:
         return out
 
     def end_step(self) -> StepStats:
-        """Close the step: history for the predictor, and group-wide stats (one all_gather)."""
-        for st in self.state:
-            st.history_load = st.this_load
-        L = len(self.blocks)
-        local = np.concatenate([
-            [st.pairs for st in self.state],
-            [st.fallback for st in self.state],
-            [0 if st.arrived is None else int(st.arrived[self.ctx.rank].sum())
-             for st in self.state],
-            [st.planned_exposed for st in self.state],
-            [self.bytes_arrived, self.exposed_s, self.plan_s]]).astype(np.float64)
-        g = self._all_gather(local, "step stats all_gather")  # [G, 4L+3]
-        pairs = g[:, :L].T  # [L, G]
+        """Close the step: history for the predictor, held-back pieces released, and
+        group-wide stats (one all_gather)."""
+        self.balancer.end_step()
+        self.executor.end_step()
+        recs = self.records
+        g = all_gather_fields(self.ctx, {
+            "pairs": np.array([r.pairs for r in recs]),
+            "fallback": np.array([r.fallback for r in recs]),
+            "arrived": np.array([r.arrived for r in recs]),
+            "used": np.array([r.used for r in recs]),
+            "planned_exposed_s": np.array([r.planned_exposed_s for r in recs]),
+            "exposed_s": np.array([r.exposed_s for r in recs]),
+            "plan_s": np.array([r.plan_s for r in recs]),
+            "predict_s": np.array([r.predict_s for r in recs]),
+            "bytes_arrived": np.array(sum(r.arrived for r in recs) * self.replica_bytes),
+        }, "step stats all_gather")  # each [G, L] (bytes_arrived [G])
+        pairs = g["pairs"].T  # [L, G]
         self.step += 1
         return StepStats(
             layer_ir=imbalance_ratio(pairs),
             pairs_per_rank=pairs.astype(np.int64),
-            replicas_planned=np.array([st.num_planned for st in self.state], dtype=np.int64),
-            replicas_arrived=g[:, 2 * L:3 * L].sum(axis=0).astype(np.int64),
-            fallback_pairs=g[:, L:2 * L].sum(axis=0).astype(np.int64),
-            bytes_prefetched_per_rank=g[:, 4 * L].copy(),
-            bytes_prefetched=float(g[:, 4 * L].sum()),
-            exposed_transfer_s=float(g[:, 4 * L + 1].max()),
-            planned_exposed_s=float(g[:, 3 * L:4 * L].max()),
-            plan_seconds=float(g[:, 4 * L + 2].max()))
-
-
-class _ClockHooks(PhaseHooks):
-    def __init__(self, inner: PhaseHooks, clock: _Clock, layer: int) -> None:
-        self.inner, self.clock, self.layer = inner, clock, layer
-
-    def before_experts(self) -> None:
-        self.clock.mark(f"compute{self.layer}")
-        self.inner.before_experts()
-
-    def before_combine(self) -> None:
-        self.clock.mark(f"combine{self.layer}")
-        self.inner.before_combine()
-
-    def after_combine(self) -> None:
-        self.inner.after_combine()
+            replicas_planned=np.array([r.planned for r in recs], dtype=np.int64),
+            replicas_arrived=g["arrived"].sum(axis=0).astype(np.int64),
+            replicas_used=g["used"].sum(axis=0).astype(np.int64),
+            fallback_pairs=g["fallback"].sum(axis=0).astype(np.int64),
+            bytes_prefetched_per_rank=g["bytes_arrived"].copy(),
+            bytes_prefetched=float(g["bytes_arrived"].sum()),
+            exposed_transfer_s=float(g["exposed_s"].sum(axis=1).max()),
+            layer_exposed_s=g["exposed_s"].max(axis=0),
+            planned_exposed_s=float(g["planned_exposed_s"].max()),
+            plan_seconds=float(g["plan_s"].sum(axis=1).max()),
+            layer_plan_s=g["plan_s"].max(axis=0),
+            predict_seconds=float(g["predict_s"].sum(axis=1).max()),
+            layer_predict_s=g["predict_s"].max(axis=0))
 
 
 def _expert_params(block) -> dict[str, torch.Tensor]:

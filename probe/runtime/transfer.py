@@ -1,34 +1,58 @@
 """Replica slot pool and split-phase expert-weight transfer (the paper's section 4.4).
 
 Each rank owns a fixed pool of R replica slots per buffer, and two buffers: the replicas of MoE
-layer l live in buffer l % 2, so the slots of layer l+1 are filled while layer l's are in use.
+layer l live in buffer l % 2, so every slot is double-buffered: while layer l reads its slots
+(buffer l % 2), layer l+1's transfer writes the other buffer. A transfer into a buffer starts
+only after the previous transfer into the same buffer (layer l-2's, late pieces included) has
+finished and, on GPUs, after the compute that read it (`ready_event`); that wait happens on the
+transfer's own issuer thread, never on the main thread or the main stream.
 
 A `SplitPhaseTransfer` copies the replicas a `Plan` asks for into the receiving ranks' slots,
 point-to-point from the holder named in `plan.sources`, on a separate process group (and, on
 GPUs, from a separate CUDA stream). Every expert's weights are cut into pieces along their first
-dimension; the pieces go out in phases:
+dimension. A background issuer thread posts the pieces in a fixed order, at most
+`max_in_flight` at a time (it waits for the oldest before posting another), and only while
+issuing is allowed:
 
-    start()   during layer l's expert compute:  phase-1 pieces posted
-    pause()   before layer l's combine:         nothing more posted (the combine runs alone)
-    resume()  after the combine:                phase-2 pieces posted; they finish during
-                                                layer l+1's attention
-    poll()    before layer l+1's MoE:           which replicas arrived (non-blocking)
-    drain()   after layer l+1's MoE:            wait for stragglers so buffers can be reused
+    start()   during layer l's expert compute:  phase-1 pieces may be posted
+    pause()   before layer l's combine:         no new piece is posted until resume()
+    resume()  after the combine:                phase-2 pieces may be posted too; they run
+                                                during layer l+1's attention
+    arrived() at layer l+1's dispatch:          which replicas are complete (non-blocking)
+    release_held()                              held-back pieces may be posted (tests)
 
-A replica counts as arrived only if every piece of it has completed when `poll()` runs (work
-objects' `is_completed()`: a host-side query of a CUDA event under NCCL, no device
-synchronisation). Replicas that did not arrive are simply not used: their tokens go to the home
-rank (see `probe.runtime.ep`). `hold_back` lets tests make chosen replicas late on purpose: their
-phase-2 pieces are withheld until `drain()`, so they are genuinely incomplete at `poll()`.
+Pause and resume act on an `IssueGate` that every live transfer of a runner shares, so no
+transfer (a late one of an earlier layer included) posts a piece while any combine runs. A
+piece posted before the pause may still be in flight during the combine; `max_in_flight`
+bounds how many (8 pieces by default: two weight tensors' worth at `num_pieces` = 4).
 
-Matching of point-to-point messages: every rank walks the plan's replicas in the same order
-(row-major over [G, E], then pieces in order), so a sender and its receiver post the same
-sequence between them; gloo additionally gets a distinct tag per piece.
+Arrival: a replica has arrived when every one of its pieces has completed. Under NCCL the issuer
+records a CUDA event on the transfer stream after each replica's last piece, and `arrived()`
+queries those events (`Event.query()`, a host-side check, no synchronisation). On gloo (CPU) a
+receive has completed when the issuer thread's `work.wait()` on it has returned, i.e. gloo has
+written the bytes into the slot; `arrived()` reads the issuer's per-replica count of completed
+receives under a lock. Either way `arrived()` never blocks, and a replica that is not complete
+is simply not used: its tokens go to the home rank (see `probe.runtime.ep`). `hold_back` lets
+tests make chosen replicas late on purpose: their phase-2 pieces are posted only after
+`release_held()` (the executor calls it when the step ends; the next transfer into the same
+buffer calls it when it starts), so they are genuinely incomplete when the layer dispatches.
+
+Matching of point-to-point messages: every rank orders its pieces by (phase, g, e, piece index)
+over the plan's replicas, so a sender and its receiver post the same sequence between them and
+the rank that posts the globally earliest unfinished piece always finds its peer there too (no
+deadlock with bounded posting). Transfers of different layers, steps and runners may overlap
+in time (nothing drains them), so on gloo every piece's tag also carries the transfer's
+sequence number: every rank creates the same transfers in the same order (one per planned
+layer, on every rank, whether or not it sends or receives), so a process-wide counter gives
+both ends the same number and a late piece of an old transfer can never match a receive of a
+new one.
 """
 
 from __future__ import annotations
 
+import itertools
 import threading
+import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
@@ -36,7 +60,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-__all__ = ["SlotPool", "SplitPhaseTransfer", "TransferStats"]
+__all__ = ["IssueGate", "SlotPool", "SplitPhaseTransfer", "TransferStats"]
+
+_SEQUENCE = itertools.count()  # transfers created by this process, in order
 
 
 class SlotPool:
@@ -93,6 +119,38 @@ class SlotPool:
         return sum(t.numel() * t.element_size() for t in self.storage.values())
 
 
+class IssueGate:
+    """Whether transfers may post new pieces now: `pause()` closes it, `resume()` opens it.
+
+    Shared by every transfer of a runner. After `pause()` returns no issuer posts a new piece
+    (an issuer checks the gate under the same lock immediately before each post) until
+    `resume()`. `posts` counts the pieces posted through this gate (tests read it).
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._paused = False
+        self.posts = 0
+
+    @property
+    def paused(self) -> bool:
+        return self._paused
+
+    def pause(self) -> None:
+        with self._cond:
+            self._paused = True
+
+    def resume(self) -> None:
+        with self._cond:
+            self._paused = False
+            self._cond.notify_all()
+
+    def notify(self) -> None:
+        """Wake issuers waiting for something other than the gate (a phase or a release)."""
+        with self._cond:
+            self._cond.notify_all()
+
+
 @dataclass
 class TransferStats:
     """Bytes and replicas this rank sent and received for one layer."""
@@ -102,6 +160,19 @@ class TransferStats:
     replicas_received: int = 0
     replicas_arrived: int = 0
     held_back: list[tuple[int, int]] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class _Piece:
+    """One point-to-point message: `kind` "send" or "recv" of `tensor` with `peer`."""
+
+    phase: int  # 0: phase 1, 1: phase 2, 2: held back until release_held()
+    kind: str
+    tensor: torch.Tensor
+    peer: int
+    tag: int
+    expert: int
+    last_of_expert: bool  # the replica's last piece on this rank (receives only)
 
 
 def _pieces(tensor: torch.Tensor, num_pieces: int) -> list[torch.Tensor]:
@@ -125,11 +196,16 @@ class SplitPhaseTransfer:
         pool: this rank's `SlotPool` (receives into layer `layer`'s buffer).
         group: the transfer process group.
         num_pieces: pieces per weight tensor (phase split granularity).
-        phase1_fraction: share of each expert's pieces posted by `start()`.
+        phase1_fraction: share of each expert's pieces allowed from `start()`.
         stream: CUDA stream to post from (None on CPU).
-        ready_event: CUDA event the stream waits on before writing slots (the previous user of
-            this buffer is done).
-        hold_back: (g, e) replicas whose phase-2 pieces are withheld until `drain()` (tests).
+        ready_event: CUDA event the stream waits on before writing slots (the previous reader
+            of this buffer is done).
+        hold_back: (g, e) replicas whose phase-2 pieces wait for `release_held()` (tests).
+        gate: the runner's shared `IssueGate` (default: a gate of this transfer alone).
+        after: the previous transfer into the same buffer; this one posts nothing before that
+            one has finished (waited on by the issuer thread).
+        max_in_flight: pieces posted and not yet complete, at most.
+    Construction starts the issuer thread; it posts nothing before `start()`.
     """
 
     def __init__(self, layer: int, replicas: np.ndarray, sources: np.ndarray, rank: int,
@@ -137,7 +213,10 @@ class SplitPhaseTransfer:
                  num_pieces: int = 4, phase1_fraction: float = 0.5,
                  stream: torch.cuda.Stream | None = None,
                  ready_event: torch.cuda.Event | None = None,
-                 hold_back: Iterable[tuple[int, int]] = ()) -> None:
+                 hold_back: Iterable[tuple[int, int]] = (),
+                 gate: IssueGate | None = None,
+                 after: SplitPhaseTransfer | None = None,
+                 max_in_flight: int = 8) -> None:
         replicas = np.asarray(replicas, dtype=bool)
         sources = np.asarray(sources)
         if replicas.shape != sources.shape or replicas.ndim != 2:
@@ -147,6 +226,8 @@ class SplitPhaseTransfer:
             raise ValueError(f"num_pieces must be >= 1, got {num_pieces}")
         if not 0.0 <= phase1_fraction <= 1.0:
             raise ValueError(f"phase1_fraction must be in [0, 1], got {phase1_fraction}")
+        if max_in_flight < 1:
+            raise ValueError(f"max_in_flight must be >= 1, got {max_in_flight}")
         self.layer = int(layer)
         self.rank = int(rank)
         self.group = group
@@ -155,14 +236,15 @@ class SplitPhaseTransfer:
         self.ready_event = ready_event
         self.num_experts = replicas.shape[1]
         self.stats = TransferStats()
+        self.gate = gate if gate is not None else IssueGate()
+        self.max_in_flight = int(max_in_flight)
+        self._after = after
         self._hold = {(int(g), int(e)) for g, e in hold_back}
-        self._use_batch = group is not None and dist.get_backend(group) == "nccl"
+        self._use_nccl = group is not None and dist.get_backend(group) == "nccl"
+        self.sequence = next(_SEQUENCE)  # the same on every rank (module doc: matching)
         my_experts = np.flatnonzero(replicas[rank]).tolist()
         self.slot_of = pool.assign(layer, my_experts)  # expert -> slot on this rank
-        self._works: dict[int, list] = {e: [] for e in my_experts}  # receive works per expert
-        self._send_works: list = []
-        # ops[phase] = list of (kind, tensor, peer, tag, expert)
-        self._ops: list[list[tuple[str, torch.Tensor, int, int, int]]] = [[], [], []]
+        pieces: list[_Piece] = []
         for g, e in np.argwhere(replicas):
             g, e = int(g), int(e)
             h = int(sources[g, e])
@@ -172,15 +254,15 @@ class SplitPhaseTransfer:
                 continue
             tensors = home_params(e) if rank == h else pool.params(layer, self.slot_of[e])
             names = sorted(tensors)
-            pieces = [p for name in names for p in _pieces(tensors[name], num_pieces)]
-            n1 = int(np.ceil(len(pieces) * phase1_fraction))
-            for i, piece in enumerate(pieces):
-                tag = (((self.layer * self.num_experts + e) * 64 + g) * 1024 + i) % (2 ** 31)
+            views = [p for name in names for p in _pieces(tensors[name], num_pieces)]
+            n1 = int(np.ceil(len(views) * phase1_fraction))
+            kind = "send" if rank == h else "recv"
+            for i, view in enumerate(views):
+                tag = (self.sequence % 2048) * 2 ** 20 + ((g * self.num_experts + e) * 64
+                                                           + i) % 2 ** 20
                 phase = 0 if i < n1 else (2 if (g, e) in self._hold else 1)
-                kind = "send" if rank == h else "recv"
-                peer = g if rank == h else h
-                self._ops[phase].append((kind, piece, peer, tag, e))
-                nbytes = piece.numel() * piece.element_size()
+                pieces.append(_Piece(phase, kind, view, g if rank == h else h, tag, e, False))
+                nbytes = view.numel() * view.element_size()
                 if kind == "send":
                     self.stats.bytes_sent += nbytes
                 else:
@@ -189,144 +271,185 @@ class SplitPhaseTransfer:
                 self.stats.replicas_received += 1
                 if (g, e) in self._hold:
                     self.stats.held_back.append((g, e))
-        self._posted = [False, False, False]
-        self.paused = False
+        # The global posting order (module doc): phase, then (g, e) row-major, then piece.
+        pieces.sort(key=lambda p: p.phase)  # stable: keeps (g, e, piece) order inside a phase
+        last = {}
+        for i, p in enumerate(pieces):
+            if p.kind == "recv":
+                last[p.expert] = i
+        self._pieces = [_Piece(p.phase, p.kind, p.tensor, p.peer, p.tag, p.expert,
+                               last.get(p.expert) == i) for i, p in enumerate(pieces)]
+        self.holds_pieces = any(p.phase == 2 for p in self._pieces)  # held back, either end
         self._expected = {e: 0 for e in my_experts}
-        for phase in self._ops:
-            for kind, _t, _p, _tag, e in phase:
-                if kind == "recv":
-                    self._expected[e] += 1
-        # gloo's Work.is_completed() stays False until wait() is called, so on gloo a waiter
-        # thread per posted phase waits on the receives and counts completed pieces.
-        self._completed = {e: 0 for e in my_experts}
-        self._lock = threading.Lock()
-        self._waiters: list[threading.Thread] = []
+        for p in self._pieces:
+            if p.kind == "recv":
+                self._expected[p.expert] += 1
+        self._allowed_phase = -1  # highest phase that may be posted (-1: none yet)
+        self._released = False
+        self._completed = {e: 0 for e in my_experts}  # completed receives per replica
+        self._events: dict[int, torch.cuda.Event] = {}  # NCCL: replica -> last piece's event
+        self.num_posted = 0
         self._errors: list[BaseException] = []
+        self._thread = None
+        if self._pieces:
+            self._thread = threading.Thread(target=self._issue_loop, daemon=True,
+                                            name=f"probe-transfer-l{self.layer}")
+            self._thread.start()
 
-    # -- phases -------------------------------------------------------------------------------
-    def _post(self, phase: int) -> None:
-        if self._posted[phase]:
-            return
-        self._posted[phase] = True
-        ops = self._ops[phase]
-        if not ops:
-            return
-        if self.stream is not None:
-            with torch.cuda.stream(self.stream):
-                if self.ready_event is not None:
-                    self.stream.wait_event(self.ready_event)
-                self._issue(ops)
-        else:
-            self._issue(ops)
+    # -- the issuer thread --------------------------------------------------------------------
+    def _may_post(self, piece: _Piece) -> bool:
+        if self.gate.paused:
+            return False
+        if piece.phase == 2:
+            return self._released and self._allowed_phase >= 1
+        return piece.phase <= self._allowed_phase
 
-    def _issue(self, ops) -> None:
-        if self._use_batch:
-            p2p = [dist.P2POp(dist.isend if kind == "send" else dist.irecv, t, peer, self.group)
-                   for kind, t, peer, _tag, _e in ops]
-            works = dist.batch_isend_irecv(p2p)
-            for (kind, _t, _p, _tag, e), work in zip(ops, works, strict=True):
-                (self._send_works if kind == "send" else self._works[e]).append(work)
-            return
-        recvs = []
-        for kind, t, peer, tag, e in ops:
-            if kind == "send":
-                self._send_works.append(dist.isend(t, dst=peer, group=self.group, tag=tag))
-            else:
-                work = dist.irecv(t, src=peer, group=self.group, tag=tag)
-                self._works[e].append(work)
-                recvs.append((e, work))
-        if recvs:
-            thread = threading.Thread(target=self._wait_all, args=(recvs,), daemon=True,
-                                      name=f"probe-transfer-l{self.layer}")
-            thread.start()
-            self._waiters.append(thread)
-
-    def _wait_all(self, recvs) -> None:
+    def _issue_loop(self) -> None:
         try:
-            for e, work in recvs:
-                work.wait()
-                with self._lock:
-                    self._completed[e] += 1
-        except BaseException as exc:  # surfaced by drain()
+            if self._after is not None:  # the previous transfer into this buffer must end:
+                self._after.release_held()  # its late pieces go now, if they still wait
+                if self._after._thread is not None:
+                    self._after._thread.join()
+            if self.stream is not None:
+                torch.cuda.set_device(self.stream.device)
+            in_flight: list[tuple[_Piece, object]] = []
+            cond = self.gate._cond
+            for piece in self._pieces:
+                while True:
+                    if len(in_flight) >= self.max_in_flight:
+                        self._finish(*in_flight.pop(0))
+                        continue
+                    with cond:  # the gate's lock: pause() cannot slip between check and post
+                        if self._may_post(piece):
+                            work = self._post(piece)
+                            self.num_posted += 1
+                            self.gate.posts += 1
+                            break
+                        if not in_flight:
+                            cond.wait(timeout=0.05)
+                            continue
+                    self._finish(*in_flight.pop(0))  # not allowed yet: finish older pieces
+                in_flight.append((piece, work))
+            while in_flight:
+                self._finish(*in_flight.pop(0))
+        except BaseException as exc:  # surfaced by join()
             self._errors.append(exc)
 
+    def _post(self, piece: _Piece):
+        """Post one piece (called under the gate's lock, so posts of all transfers are
+        serialised: NCCL calls on one communicator must not come from two threads at once)."""
+        op = dist.isend if piece.kind == "send" else dist.irecv
+        if self.stream is None:
+            if piece.kind == "send":
+                return dist.isend(piece.tensor, dst=piece.peer, group=self.group, tag=piece.tag)
+            return dist.irecv(piece.tensor, src=piece.peer, group=self.group, tag=piece.tag)
+        with torch.cuda.stream(self.stream):
+            if self.ready_event is not None and self.num_posted == 0:
+                self.stream.wait_event(self.ready_event)
+            works = dist.batch_isend_irecv([dist.P2POp(op, piece.tensor, piece.peer,
+                                                       self.group)])
+            return works[0]
+
+    def _finish(self, piece: _Piece, work) -> None:
+        """Wait (on this issuer thread) until `piece` is complete, and count it."""
+        if self.stream is None:
+            work.wait()  # gloo: blocks this thread until the bytes are in (or sent)
+        else:
+            done = torch.cuda.Event()
+            with torch.cuda.stream(self.stream):
+                work.wait()  # orders the transfer stream after the piece
+                done.record()
+            if piece.kind == "recv" and piece.last_of_expert:
+                self._events[piece.expert] = done  # published before the count below
+            done.synchronize()  # blocks this thread only
+        if piece.kind == "recv":
+            with self.gate._cond:
+                self._completed[piece.expert] += 1
+
+    # -- what the main thread calls -----------------------------------------------------------
+    def _allow(self, phase: int) -> None:
+        with self.gate._cond:
+            self._allowed_phase = max(self._allowed_phase, phase)
+            self.gate._cond.notify_all()
+
     def start(self) -> None:
-        """Post phase 1 (call during the current layer's expert compute)."""
-        self._post(0)
+        """Allow phase 1 (call during the current layer's expert compute)."""
+        self._allow(0)
 
     def pause(self) -> None:
-        """Post nothing more until `resume()` (call before the combine all-to-all)."""
-        self.paused = True
+        """Post no new piece until `resume()` (pauses the shared gate)."""
+        self.gate.pause()
 
     def resume(self) -> None:
-        """Post phase 2 (call after the combine)."""
-        self.paused = False
-        self._post(0)
-        self._post(1)
+        """Reopen the gate and allow phase 2 (call after the combine)."""
+        self._allow(1)
+        self.gate.resume()
 
-    def poll(self) -> np.ndarray:
-        """bool [E]: replicas on this rank whose every piece has completed (non-blocking).
+    def release_held(self) -> None:
+        """Let the held-back pieces be posted (after the layer that they were late for)."""
+        with self.gate._cond:
+            self._released = True
+            self.gate._cond.notify_all()
 
-        A replica counts only if all its pieces were posted (phases 1 and 2) and completed:
-        under NCCL `is_completed()` queries the work's CUDA event; on gloo the waiter threads'
-        counts are read.
-        """
-        arrived = np.zeros(self.num_experts, dtype=bool)
-        for e, works in self._works.items():
-            if len(works) != self._expected[e]:
-                continue  # some piece not even posted yet
-            if self._use_batch:
-                arrived[e] = all(w.is_completed() for w in works)
-            else:
-                with self._lock:
-                    arrived[e] = self._completed[e] == self._expected[e]
-        self.stats.replicas_arrived = int(arrived.sum())
-        return arrived
+    def arrived(self) -> np.ndarray:
+        """bool [E]: replicas on this rank whose every piece has completed (non-blocking; see
+        the module doc for what completed means under NCCL and gloo)."""
+        out = np.zeros(self.num_experts, dtype=bool)
+        with self.gate._cond:
+            for e, n in self._expected.items():
+                out[e] = n > 0 and self._completed[e] == n
+        if self._use_nccl:  # the issuer also checked the event; re-query, still non-blocking
+            for e in np.flatnonzero(out):
+                ev = self._events.get(int(e))
+                out[e] = ev is not None and ev.query()
+        self.stats.replicas_arrived = int(out.sum())
+        return out
+
+
+    def order_after(self, arrived: np.ndarray) -> None:
+        """Order the current stream after the arrived replicas' pieces (GPU; the events have
+        completed already, so this costs nothing; CPU: nothing to do)."""
+        if self.stream is None:
+            return
+        stream = torch.cuda.current_stream(self.stream.device)
+        for e in np.flatnonzero(arrived):
+            ev = self._events.get(int(e))
+            if ev is not None:
+                stream.wait_event(ev)
 
     def wait_posted(self) -> np.ndarray:
-        """Post phases 1 and 2 and block until their pieces are in (the "wait" policy: the
+        """Allow phases 1 and 2 and block until their pieces are in (the "wait" policy: the
         transfer time is exposed instead of falling back). Returns bool [E] of replicas that
         are complete; held-back replicas stay incomplete."""
-        self._post(0)
-        self._post(1)
-        if self._use_batch:
-            arrived = np.zeros(self.num_experts, dtype=bool)
-            for e, works in self._works.items():
-                if len(works) == self._expected[e]:
-                    for w in works:
-                        w.wait()
-                    arrived[e] = True
-            self.stats.replicas_arrived = int(arrived.sum())
-            return arrived
-        for thread in self._waiters:
-            thread.join()
-        return self.poll()
-
-    def wait_arrived(self, arrived: np.ndarray) -> None:
-        """Order this device's compute after the arrived replicas' receives (no host block
-        under NCCL: `work.wait()` makes the current stream wait)."""
-        if not self._use_batch:
-            return  # gloo: the waiter thread already waited on every arrived piece
-        for e in np.flatnonzero(arrived):
-            for w in self._works.get(int(e), ()):
-                w.wait()
-
-    def drain(self) -> None:
-        """Post anything withheld and wait for every piece (sent and received)."""
-        for phase in range(3):
-            self._post(phase)
-        for thread in self._waiters:
-            thread.join()
-        self._waiters = []
+        self._allow(1)
+        need = {e: sum(1 for p in self._pieces if p.kind == "recv" and p.expert == e
+                       and p.phase < 2) for e in self._expected}
+        while True:
+            with self.gate._cond:
+                done = all(self._completed[e] >= n for e, n in need.items())
+            if done or self._errors or (self._thread is not None
+                                        and not self._thread.is_alive()):
+                break
+            time.sleep(1e-4)
         if self._errors:
             raise self._errors[0]
-        if self._use_batch:
-            for works in self._works.values():
-                for w in works:
-                    w.wait()
-        for w in self._send_works:
-            w.wait()
-        self._send_works = []
+        return self.arrived()
+
+    @property
+    def done(self) -> bool:
+        """Every piece posted and complete (non-blocking)."""
+        return self._thread is None or not self._thread.is_alive()
+
+    def join(self, timeout: float | None = None) -> None:
+        """Block until the issuer has posted and completed every piece (held ones included:
+        they are released first). For shutdown and for the next transfer into this buffer."""
+        self.release_held()
+        self._allow(2)
+        if self._thread is not None:
+            self._thread.join(timeout)
+        if self._errors:
+            raise self._errors[0]
+
 
     def params(self, expert: int) -> dict[str, torch.Tensor]:
         """Slot views holding replica `expert` on this rank."""

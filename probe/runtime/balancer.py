@@ -1,0 +1,256 @@
+"""Deciding where experts run: predict, gather, plan (the paper's section 4.4, first half).
+
+A `Balancer` turns what one MoE layer saw into a `LayerPlan` for the next MoE layer. It never
+moves a weight nor a token; the `probe.runtime.executor.Executor` follows its plans.
+
+At MoE layer l of a step, on every rank:
+
+    predict   layer l+1's load of this rank's tokens            (LoadPredictor or history)
+    gather    ONE all_gather of a `RankReport` per rank         -> `GroupReport`
+    plan      layer l+1 on the gathered [S, E] load and [G] windows -> `LayerPlan`
+
+Every rank gathers the same reports and runs the same deterministic planner, so every rank
+holds the same plan without a second collective. The report also carries this rank's arrived
+bits for layer l (an execution fact the executor needs from every rank before dispatch; it
+rides on the same collective to save one).
+
+Prediction: with a `LoadPredictor` (e.g. a `probe.predictor.PredictorSet`; the frozen router
+prior is `probe.predictor.router_prior(model)`), layer l+1's load is the top-k of the
+predictor's logits on h_l; with `predictor="history"` it is the TRUE load this rank saw at layer
+l+1 in the previous step (zero in the first step).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
+from typing import Protocol
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from probe.planner import BalanceProblem, CostModel, Plan, evaluate_plan
+from probe.runtime.dist import DistContext, guarded
+
+__all__ = ["Balancer", "GroupReport", "LayerPlan", "LoadPredictor", "RankReport",
+           "all_gather_fields", "solve_plan"]
+
+
+class LoadPredictor(Protocol):
+    """What the balancer asks of a predictor (`probe.predictor.PredictorSet` is one)."""
+
+    def __call__(self, layer: int, h_prev: torch.Tensor) -> torch.Tensor:
+        """Predicted router logits [T, E] of MoE layer `layer` from h_prev [T, D], the router
+        input of MoE layer `layer` - 1."""
+        ...
+
+
+def solve_plan(problem: BalanceProblem, method: str = "greedy") -> Plan:
+    """Plan one layer with `probe.planner.solve` (falls back to static if it finds none)."""
+    from probe.planner.solve import solve
+
+    result = solve(problem, method, check=False)
+    if result.plan is None:
+        from probe.planner.static import static_plan
+
+        return static_plan(problem)
+    return result.plan
+
+
+def all_gather_fields(ctx: DistContext, fields: Mapping[str, np.ndarray],
+                      name: str) -> dict[str, np.ndarray]:
+    """All-gather named float64 arrays in one collective: {name: [*shape]} per rank ->
+    {name: [G, *shape]}. The wire layout is the fields in the order given, flattened; every
+    rank must pass the same names and shapes. A single process returns [1, *shape]."""
+    arrays = {k: np.asarray(v, dtype=np.float64) for k, v in fields.items()}
+    if ctx.group is None or ctx.world_size == 1:
+        return {k: v[None, ...].copy() for k, v in arrays.items()}
+    flat = np.concatenate([v.reshape(-1) for v in arrays.values()]) if arrays else np.zeros(0)
+    local = torch.as_tensor(flat, dtype=torch.float64)
+    if ctx.backend == "nccl":
+        local = local.to(ctx.device)
+    out = [torch.empty_like(local) for _ in range(ctx.world_size)]
+    with guarded(name, ctx.rank, ctx.watchdog):
+        dist.all_gather(out, local, group=ctx.group)
+    rows = torch.stack(out).cpu().numpy()  # [G, n]
+    result, pos = {}, 0
+    for key, v in arrays.items():
+        result[key] = rows[:, pos:pos + v.size].reshape((ctx.world_size, *v.shape))
+        pos += v.size
+    return result
+
+
+@dataclass(frozen=True)
+class RankReport:
+    """What one rank tells the others at MoE layer l.
+
+    arrived: bool [E], replicas of layer l complete on this rank (see `Executor.arrived`).
+    predicted_load: float64 [E], predicted pairs of this rank's tokens at layer l+1.
+    window_s: seconds this rank can hide layer l+1's transfer.
+    """
+
+    arrived: np.ndarray
+    predicted_load: np.ndarray
+    window_s: float
+
+
+@dataclass(frozen=True)
+class GroupReport:
+    """Every rank's `RankReport`, stacked (identical on every rank after the gather).
+
+    arrived: bool [G, E]. predicted_load: float64 [S, E]. window_s: float64 [G].
+    """
+
+    arrived: np.ndarray
+    predicted_load: np.ndarray
+    window_s: np.ndarray
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    """The balancer's decision for one MoE layer of one step (the same on every rank).
+
+    layer: the MoE layer it is for. step: the step.
+    plan: the planner's `Plan` (replicas bool [G, E], sources int64 [G, E], assignment int64
+        [S, E, G]).
+    hold_back: (g, e) replicas to make late on purpose (tests; empty in serving).
+    planned_exposed_s: the cost model's exposed transfer time of the plan (eq. 6).
+    predict_s: seconds this rank spent predicting this layer's load.
+    plan_s: seconds this rank spent planning this layer.
+    """
+
+    layer: int
+    step: int
+    plan: Plan
+    hold_back: tuple[tuple[int, int], ...] = ()
+    planned_exposed_s: float = 0.0
+    predict_s: float = 0.0
+    plan_s: float = 0.0
+
+    @property
+    def num_replicas(self) -> int:
+        return int(self.plan.replicas.sum())
+
+    def quota(self, rank: int) -> np.ndarray:
+        """int64 [E, G]: where rank `rank`'s pairs of each expert should run."""
+        return self.plan.assignment[rank]
+
+
+class Balancer:
+    """Predict, gather and plan, one MoE layer ahead.
+
+    Args:
+        ctx: process groups and rank (the gather runs on `ctx.group`).
+        num_experts: E. top_k: K.
+        home: bool [G, E], the static sharded placement.
+        cost: the planner's CostModel.
+        num_slots: R, replica slots per rank.
+        predictor: "history" or a `LoadPredictor`.
+        method: planner method for `probe.planner.solve`.
+        planner: optional function BalanceProblem -> Plan replacing `method`.
+        plan_override: optional function (moe layer, step) -> Plan | None forcing a plan.
+        hold_back: optional function (moe layer, step) -> [(g, e)] made late on purpose.
+        dtype: dtype the predictor is fed.
+    """
+
+    def __init__(self, ctx: DistContext, *, num_experts: int, top_k: int, home: np.ndarray,
+                 cost: CostModel, num_slots: int, predictor="history", method: str = "greedy",
+                 planner: Callable[[BalanceProblem], Plan] | None = None,
+                 plan_override: Callable[[int, int], Plan | None] | None = None,
+                 hold_back: Callable[[int, int], list[tuple[int, int]]] | None = None,
+                 dtype: torch.dtype = torch.float32) -> None:
+        if isinstance(predictor, str) and predictor != "history":
+            raise ValueError(f"predictor must be 'history' or a LoadPredictor (the frozen router "
+                             f"prior: probe.predictor.router_prior(model)), got {predictor!r}")
+        self.ctx = ctx
+        self.num_experts = int(num_experts)
+        self.top_k = int(top_k)
+        self.home = np.asarray(home, dtype=bool)
+        self.cost = cost
+        self.num_slots = int(num_slots)
+        self.predictor: LoadPredictor | None = None if isinstance(predictor, str) else predictor
+        self.method = method
+        self.planner = planner
+        self.plan_override = plan_override
+        self.hold_back = hold_back
+        self.dtype = dtype
+        self.history: dict[int, np.ndarray] = {}  # layer -> this rank's true load last step
+        self._this_step: dict[int, np.ndarray] = {}
+
+    # -- predict ------------------------------------------------------------------------------
+    def observe(self, layer: int, topk_ids: torch.Tensor) -> None:
+        """Record this rank's true load [E] at `layer` (the history predictor's next input)."""
+        self._this_step[layer] = torch.bincount(topk_ids.reshape(-1).cpu(),
+                                                minlength=self.num_experts).numpy()
+
+    def end_step(self) -> None:
+        """This step's true loads become the history of the next."""
+        self.history.update(self._this_step)
+        self._this_step = {}
+
+    def predict(self, next_layer: int, h: torch.Tensor) -> np.ndarray:
+        """float64 [E]: predicted pairs of this rank's tokens at `next_layer`, from h [T, D]
+        (the router input of the layer before)."""
+        num_experts = self.num_experts
+        if self.predictor is not None:
+            if h.shape[0] == 0:
+                return np.zeros(num_experts)
+            logits = self.predictor(next_layer, h.to(self.dtype))  # [T, E]
+            ids = torch.topk(logits, self.top_k, dim=-1).indices  # [T, K]
+            return torch.bincount(ids.reshape(-1).cpu(),
+                                  minlength=num_experts).numpy().astype(np.float64)
+        hist = self.history.get(next_layer)
+        return np.zeros(num_experts) if hist is None else hist.astype(np.float64)
+
+    # -- gather -------------------------------------------------------------------------------
+    def gather(self, layer: int, report: RankReport) -> GroupReport:
+        """One all_gather of every rank's report."""
+        got = all_gather_fields(self.ctx, {"arrived": report.arrived.astype(np.float64),
+                                           "predicted_load": report.predicted_load,
+                                           "window_s": np.array(report.window_s)},
+                                f"plan all_gather (MoE layer {layer})")
+        return GroupReport(arrived=got["arrived"] > 0.5, predicted_load=got["predicted_load"],
+                           window_s=got["window_s"])
+
+    # -- plan ---------------------------------------------------------------------------------
+    def problem(self, load: np.ndarray, window: np.ndarray) -> BalanceProblem:
+        """The planning instance of one layer: load [S, E] (whole counts), window [G]."""
+        return BalanceProblem.from_load(np.asarray(load).astype(np.int64), self.cost,
+                                        self.num_slots, np.asarray(window, dtype=np.float64),
+                                        self.home)
+
+    def solve(self, problem: BalanceProblem) -> Plan:
+        return self.planner(problem) if self.planner is not None \
+            else solve_plan(problem, self.method)
+
+    def plan(self, layer: int, step: int, group: GroupReport) -> tuple[LayerPlan, float]:
+        """The plan of MoE layer `layer` from the gathered reports. Returns it and the seconds
+        spent planning."""
+        t0 = time.perf_counter()
+        problem = self.problem(group.predicted_load.round(), group.window_s)
+        plan = self.plan_override(layer, step) if self.plan_override is not None else None
+        if plan is None:
+            plan = self.solve(problem)
+        exposed = evaluate_plan(problem, plan).exposed_transfer
+        hold = self.hold_back(layer, step) if self.hold_back is not None else ()
+        plan_s = time.perf_counter() - t0
+        return LayerPlan(layer=layer, step=step, plan=plan,
+                         hold_back=tuple((int(g), int(e)) for g, e in hold),
+                         planned_exposed_s=float(exposed), plan_s=plan_s), plan_s
+
+    def decide(self, layer: int, step: int, h: torch.Tensor, arrived: np.ndarray,
+               window_s: float, *, has_next: bool) -> tuple[GroupReport, LayerPlan | None]:
+        """At MoE layer `layer`: predict and plan layer `layer` + 1 (when `has_next`), and
+        gather every rank's arrived bits of `layer`. arrived: bool [E] of this rank."""
+        t0 = time.perf_counter()
+        pred = self.predict(layer + 1, h) if has_next else np.zeros(self.num_experts)
+        predict_s = time.perf_counter() - t0
+        group = self.gather(layer, RankReport(arrived=np.asarray(arrived, dtype=bool),
+                                              predicted_load=pred,
+                                              window_s=window_s if has_next else 0.0))
+        if not has_next:
+            return group, None
+        layer_plan, _ = self.plan(layer + 1, step, group)
+        return group, replace(layer_plan, predict_s=predict_s)
