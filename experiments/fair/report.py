@@ -31,14 +31,27 @@ def _breakdown(entry: dict, rule: str, best: str, mode: str) -> str:
             f"attention {entry['attention_us']:.0f} us per layer")
 
 
+ORDER = ["decode", "shift", "repeat", "prefill", "recorded", "recorded-predictor"]
+
+
+def family(f: dict) -> str:
+    """A finding's (or result's) row label: its workload, with the ep when not 8."""
+    ep = f.get("ep", 8)
+    return f["workload"] if ep == 8 else f"{f['workload']} ep{ep}"
+
+
+def _family_key(name: str):
+    workload, _, ep = name.partition(" ep")
+    return (int(ep or 8), ORDER.index(workload) if workload in ORDER else len(ORDER), name)
+
+
 def _summary(analysis: dict) -> list[str]:
     """Ranges of the headline ratios per workload, side mode (host in the targets section)."""
     rows = ["| workload | cases | best baseline | EPLB+LP (measured LP) | EPLB+LP (LP free) | "
             "PROBE paper | PROBE-on-EPLB (rule) | oracle |", "|---|---:|---|---|---|---|---|---|"]
-    families = sorted({f["workload"] for f in analysis["findings"]},
-                      key=["decode", "shift", "repeat", "prefill", "recorded"].index)
+    families = sorted({family(f) for f in analysis["findings"]}, key=_family_key)
     for w in families:
-        per = [v for f in analysis["findings"] if f["workload"] == w
+        per = [v for f in analysis["findings"] if family(f) == w
                for v in f["per_slots"].values()]
         best = sorted({v["best_baseline"] for v in per})
 
@@ -69,7 +82,7 @@ def _term_means(results: list[dict], analysis: dict) -> dict[str, list[float]]:
             p = pol[v["rule_combo"]]["side"]
             base = b["moe_us"] + b["solve_us"] + 1e3 * b["stall_ms_per_step"] / layers
             over = p["side_exposed_us"] + p["solve_us"] + p["transfer_us"]
-            acc.setdefault(r["workload"], []).append(
+            acc.setdefault(family(r), []).append(
                 (base - o["moe_us"], p["moe_us"] - o["moe_us"], p["side_exposed_us"],
                  p["solve_us"], p["transfer_us"], base - p["moe_us"] - over))
     return {w: [sum(x[i] for x in vals) / len(vals) for i in range(6)]

@@ -330,8 +330,10 @@ def simulate_fair(load: np.ndarray, costs: FairCosts, *, slots: int, prior: int,
 
     window, interval: EPLB's history window and re-plan interval in steps (the first layout
     is planned from the `window` steps before the first measured step, so window <= prior).
-    predictor: an error-model spec (probe.sim.predict) or predicted loads int [N, L, S, E] of
-    the measured steps. check: check_plan every policy's plan on the true load (RuntimeError
+    predictor: an error-model spec (probe.sim.predict), predicted loads int [N, L, S, E] of
+    the measured steps, or a callable predict(true, previous, step, layer) -> int [S, E] (step
+    counted from the first measured step; e.g. probe.sim.predict.confusion_predictor).
+    check: check_plan every policy's plan on the true load (RuntimeError
     on a violation), with the hiding window the plan was made for (transfer beyond the real
     window is charged as exposed time, not refused). solve_time: {"lp": s, "waterfill": s}
     to charge fixed dispatch-solve times instead of the measured wall time (None: measured).
@@ -355,6 +357,8 @@ def simulate_fair(load: np.ndarray, costs: FairCosts, *, slots: int, prior: int,
     num_steps = num_all - prior
     if isinstance(predictor, np.ndarray):
         predict = replay_predictor(predictor, (num_steps, *load.shape[1:]))
+    elif callable(predictor):
+        predict = predictor
     else:
         predict = make_predictor(predictor, seed=seed)
     model = costs.model
@@ -542,7 +546,8 @@ def simulate_fair(load: np.ndarray, costs: FairCosts, *, slots: int, prior: int,
         memory[f"probe_on_eplb_b{b}p{p}"] = b * layers_w + 2.0 * p * expert_bytes
     meta = {"model": model.name, "model_layers": model.num_layers, "trace_layers": num_layers,
             "slots": slots, "prior": prior, "window": window, "interval": interval,
-            "predictor": predictor if isinstance(predictor, str) else "given",
+            "predictor": predictor if isinstance(predictor, str) else
+            ("callable" if callable(predictor) else "given"),
             "batch_per_rank": batch, "seed": seed, "phase": phase}
     return FairResult(policies=policies, metrics=metrics, stall=stall, moved=moved,
                       attention=attention, tokens_per_step=load[prior:, 0].sum(axis=(1, 2))
