@@ -48,7 +48,8 @@ def _family_key(name: str):
 def _summary(analysis: dict) -> list[str]:
     """Ranges of the headline ratios per workload, side mode (host in the targets section)."""
     rows = ["| workload | cases | best baseline | EPLB+LP (measured LP) | EPLB+LP (LP free) | "
-            "PROBE paper | PROBE-on-EPLB (rule) | oracle |", "|---|---:|---|---|---|---|---|---|"]
+            "PROBE paper | PROBE-on-EPLB linear, fixed split | PROBE-on-EPLB (table fit, "
+            "history split) | oracle |", "|---|---:|---|---|---|---|---|---|---|"]
     families = sorted({family(f) for f in analysis["findings"]}, key=_family_key)
     for w in families:
         per = [v for f in analysis["findings"] if family(f) == w
@@ -58,11 +59,16 @@ def _summary(analysis: dict) -> list[str]:
         def rng(values):
             return f"{min(values):.3f}-{max(values):.3f}"
 
+        linear = "-"
+        if all("linear_combo" in v for v in per):
+            linear = rng([v["ratio"][v["linear_combo"]]["side"] for v in per])
+
         rows.append(
             f"| {w} | {len(per)} | {', '.join(best)} | "
             f"{rng([v['ratio']['eplb_lp']['host'] for v in per])} | "
             f"{rng([v['eplb_lp_free_ratio'] for v in per])} | "
             f"{rng([v['ratio']['probe_paper']['side'] for v in per])} | "
+            f"{linear} | "
             f"{rng([v['ratio'][v['rule_combo']]['side'] for v in per])} | "
             f"{rng([v['ratio']['oracle']['host'] for v in per])} |")
     return rows

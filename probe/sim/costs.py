@@ -274,6 +274,24 @@ class FairCosts:
         hw = calibrated_hardware("h200x8", self.cost_name).with_ranks(self.num_ranks)
         return CostModel.from_specs(self.model, hw)
 
+    def fitted_cost(self, max_tokens: float):
+        """The planner's CostModel with alpha, beta refitted to the measured expert table around
+        an operating point: least squares over the table's points up to the first point at or
+        above `max_tokens` tokens per copy (at least three points), alpha >= 0, beta at least
+        1e-3 of the datasheet fit's (water-filling divides by it). Cached per bracket."""
+        tokens = self.experts.tokens
+        last = max(2, int(np.searchsorted(tokens, max(float(max_tokens), 1.0))))
+        last = min(last, tokens.size - 1)
+        cache = self.__dict__.setdefault("_fits", {})
+        if last not in cache:
+            x, y = tokens[:last + 1], self.experts.seconds[:last + 1]
+            beta, alpha = np.polyfit(x, y, 1)
+            base = self.planner_cost
+            beta = max(float(beta), 1e-3 * base.beta)
+            alpha = max(float(alpha), 0.0)
+            cache[last] = dataclasses.replace(base, alpha=alpha, beta=beta)
+        return cache[last]
+
     @property
     def expert_bytes(self) -> int:
         return self.model.expert_bytes
