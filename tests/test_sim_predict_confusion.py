@@ -20,7 +20,8 @@ def test_confusion_rows_and_hits():
     assert c[2, 2] == pytest.approx(4 / 6 + 2 / 6 * 0.5)
     assert c[2, 3] == pytest.approx(2 / 6 * 0.5) and c[2, 0] == 0.0
     smooth = confusion_matrix(pred, true, 4, smoothing=8.0)
-    assert c[0, 0] != smooth[0, 0]
+    # row 1 (3 pairs) moves towards the layer row: 1/3 -> (1 + 8/6) / 11
+    assert smooth[1, 2] == pytest.approx((1 + 8 / 6) / 11)
     with pytest.raises(ValueError, match="pred_ids and true_ids"):
         confusion_matrix(pred, true[:2], 4)
 
