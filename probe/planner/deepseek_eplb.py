@@ -259,8 +259,8 @@ def eplb_problem(problem: BalanceProblem, *, history: np.ndarray | None = None,
 
     Each rank's physical slots are its home experts plus its extra slots (capped at E), which
     must be the same number P on every rank. The weights are the mean load of `history` (int
-    [H, S, E] or [H, E], as for method "eplb_addcopies") or, with None, the problem's own load summed
-    over sources. Returns (the problem with home = copies > 0 and no extra slots, copies
+    [H, S, E] or [H, E], as for method "eplb_addcopies") or, with None, the problem's own load
+    summed over sources. Returns (the problem with home = copies > 0 and no extra slots, copies
     int64 [G, E]); plan it with `solve(new_problem, "eplb", copies=copies)`.
 
     >>> from probe.placement import sharded_home
@@ -298,8 +298,8 @@ def solve_deepseek_eplb(problem: BalanceProblem, *, time_limit: float | None = N
     (`even_split`, no locality); no replicas are added. copies: int [G, E], physical copies
     per rank with copies > 0 exactly where problem.home is (as `eplb_problem` returns); None
     counts one copy per home holder (the problem's extra slots stay unused: method "eplb" does
-    not re-pack a raw problem; `plan_layers` / `plan_step` do it). Build the problem with `eplb_problem` to plan DeepSeek
-    EPLB end to end. time_limit is accepted and ignored.
+    not re-pack a raw problem; `plan_layers` / `plan_step` do it). Build the problem with
+    `eplb_problem` to plan DeepSeek EPLB end to end. time_limit is accepted and ignored.
     """
     del time_limit
     start = time.perf_counter()
