@@ -2,7 +2,8 @@
 
 `solve(problem, method)` runs any backend ("static", "greedy", "greedy_ref", "eplb" =
 DeepSeek's EPLB (alias "deepseek_eplb"), "eplb_addcopies", "lp", "cpsat", "highs"); backends
-and Numba are imported on first use, so importing this package stays light and a missing optional solver never breaks it.
+and Numba are imported on first use, so importing this package stays light and a missing
+optional solver never breaks it.
 docs/planner.md describes the problem, every solver and the greedy's rules (`GreedyRules`).
 """
 

@@ -35,7 +35,8 @@ def attention_time(model, hardware) -> float:
 def plan_layers(loads: np.ndarray, *, cost: CostModel, home: np.ndarray | None = None,
                 slots=3, window="auto", method: str = "greedy", attention_s: float = 0.0,
                 histories: Sequence[np.ndarray | None] | None = None,
-                time_limit: float | None = None, **options) -> list[SolveResult]:
+                time_limit: float | None = None, planned: list | None = None,
+                **options) -> list[SolveResult]:
     """Solve one problem per layer.
 
     loads: int [L, S, E]; home: bool [G, E] (default: static sharding); slots: per rank (int
@@ -45,7 +46,8 @@ def plan_layers(loads: np.ndarray, *, cost: CostModel, home: np.ndarray | None =
     load). Method "eplb" (DeepSeek's EPLB, alias "deepseek_eplb") is planned end to end: each
     layer's problem is rebuilt on DeepSeek's layout of its home + slots (`eplb_problem`, from
     the history's mean load) and its tokens routed over that layout; the returned results
-    refer to the rebuilt problems (home = the layout, no extra slots).
+    refer to the rebuilt problems (home = the layout, no extra slots). planned: a list to
+    which each layer's problem as solved is appended (the rebuilt one for "eplb").
     """
     from probe.planner.deepseek_eplb import eplb_problem
     from probe.planner.solve import solve
@@ -64,13 +66,15 @@ def plan_layers(loads: np.ndarray, *, cost: CostModel, home: np.ndarray | None =
         elif method == "eplb_addcopies" and history is not None:
             extra["history"] = history
         results.append(solve(problem, method, time_limit=time_limit, **extra))
+        if planned is not None:
+            planned.append(problem)
     return results
 
 
 def plan_step(trace, step: int, *, cost: CostModel, home: np.ndarray | None = None, slots=3,
               window="auto", method: str = "greedy", attention_s: float = 0.0,
               eplb_history: int = 16, time_limit: float | None = None,
-              **options) -> list[SolveResult]:
+              planned: list | None = None, **options) -> list[SolveResult]:
     """Plan every MoE layer of step `step` of a RoutingTrace; one SolveResult per layer.
 
     For methods "eplb" (DeepSeek's EPLB) and "eplb_addcopies" the history is the previous
@@ -94,7 +98,7 @@ def plan_step(trace, step: int, *, cost: CostModel, home: np.ndarray | None = No
         histories = [past[:, layer] for layer in range(loads.shape[0])]
     return plan_layers(loads, cost=cost, home=home, slots=slots, window=window, method=method,
                        attention_s=attention_s, histories=histories, time_limit=time_limit,
-                       **options)
+                       planned=planned, **options)
 
 
 def stack_eplb_maps(problems: Sequence[BalanceProblem], plans: Sequence[Plan]):
