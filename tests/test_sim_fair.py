@@ -286,3 +286,21 @@ def test_recorded_trace_is_costed_with_the_calibrated_model(tmp_path):
     assert meta["model_layers"] == 36  # gpt-oss-120b's layers stand behind the trace
     pol = out["slots"][1]["policies"]
     assert pol["oracle"]["host"]["moe_us"] <= pol["static"]["host"]["moe_us"]
+
+
+def test_recorded_predictor_replays_the_small_models_frozen_router():
+    from pathlib import Path
+
+    from experiments.fair.run import recorded_predictor
+
+    folder = Path(__file__).resolve().parents[1] / "data" / "recorded" / "smallmodel"
+    predict, info = recorded_predictor(folder, 4, seed=0)
+    # The frozen next-layer router's top-4 overlap on the small model's samples (docs: the
+    # paper reports 70-80% on its models); layers 1-7, layer 0 has no previous layer.
+    assert sorted(info["topk_accuracy"]) == list(range(1, 8))
+    assert 0.5 < info["mean_topk_accuracy"] < 0.9
+    true = np.random.default_rng(0).integers(0, 6, (8, 64))
+    pred = predict(true, None, 0, 3)
+    np.testing.assert_array_equal(pred.sum(axis=1), true.sum(axis=1))
+    wrong = np.abs(pred - true).sum() / (2 * true.sum())  # share of pairs moved
+    assert 0.1 < wrong < 0.6

@@ -127,11 +127,9 @@ def _verdict(results: list[dict], analysis: dict, sensitivity: dict | None) -> l
             diff = max(abs(a - b) for a, b in zip(other, side, strict=True))
             lines.append(f"* With {sensitivity['label']}, PROBE-on-EPLB's ratio moves by at "
                          f"most {diff:.3f}: the gap to the oracle comes from the plan itself "
-                         "(which replicas the paper's greedy picks on its linear alpha + beta "
-                         "n model, while the measured table is flat up to ~200 tokens per "
-                         "expert, and the fixed b/p split; the oracle takes the best of "
-                         "several layouts and splits on the truth), not from the prediction "
-                         "error.")
+                         "(which replicas the greedy picks and the b/p split; the oracle takes "
+                         "the best of several layouts and splits on the truth), not from the "
+                         "prediction error.")
     return lines
 
 
@@ -159,6 +157,23 @@ def write_report(results: list[dict], analysis: dict, manifest: dict, path: Path
     perfect predictor) whose summary is added for comparison."""
     by_key = {(r["model"], r["workload"], r["batch_per_rank"]): r for r in results}
     s = manifest["settings"]
+    mn = s.get("multinode")
+    multinode = ("none in this run" if not mn else
+                 f"DeepSeek-V3 (256 experts, top-8, 58 MoE layers) at ep = "
+                 f"{' and '.join(str(e) for e in mn['eps'])} (nodes of 8 H200s, RDMA between "
+                 f"them) on decode, shift and repeat at {mn['batch']} tokens per rank, "
+                 f"{mn['layers']} MoE layers per trace, {mn['prior']} history steps then "
+                 f"{mn['steps']} measured steps (fewer than at ep = 8 to keep the run on 2 "
+                 f"cores in minutes), slots {mn['slots']}; EPLB window = interval = "
+                 f"{mn['prior']} steps; costed from qwen3-235b-a22b's measurements "
+                 "(probe/sim/costs.py: expert table scaled by DeepSeek-V3's expert bytes and "
+                 "FLOPs, qwen3's attention and predictor; no DeepSeek-V3 table was measured)")
+    predictor_info = [r.get("predictor") for r in results if r.get("predictor")]
+    replayed = ("" if not predictor_info else
+                " Measured top-k accuracy of that predictor on the samples, layers 1-7: "
+                + ", ".join(f"{v:.2f}" for v in predictor_info[0]["topk_accuracy"].values())
+                + f" (mean {predictor_info[0]['mean_topk_accuracy']:.2f}, "
+                f"{predictor_info[0]['samples']} sampled tokens).")
     lines = [
         "# Fair comparison: EPLB, EPLB + LP, PROBE and an oracle at equal extra slots",
         "",
@@ -188,13 +203,25 @@ def write_report(results: list[dict], analysis: dict, manifest: dict, path: Path
         "small model, its experts costed with gpt-oss-120b's numbers, "
         f"{s.get('recorded_steps')} measured steps centred on its shift). Predictions "
         f"from the error model `{s['predictor']}` (probe/sim/predict.py) for every trace, "
-        "recorded ones included: the small model's own predictor output is not replayed.",
+        "'recorded' included. 'recorded-predictor': the same recorded trace with the small "
+        "model's own lookahead predictor (the frozen next-layer router, probe.predictor: "
+        "router l applied to layer l-1's router input), replayed through its confusion "
+        "measured on the recorded router samples (hidden states exist for 1.5% of the tokens "
+        "only, so each true count is drawn through the per-layer confusion; layer 0, which has "
+        "no previous layer, uses the previous step's load; experiments.fair.run."
+        f"recorded_predictor).{replayed}",
+        f"* Across nodes: {multinode}.",
         f"* Slots: {s['slots']} extra expert slots per rank for every policy. EPLB's are "
         "resident in every layer (k x layers x expert bytes per rank); PROBE's per-step slots "
         "are double-buffered for the layers in flight (2 x p x expert bytes). PROBE-on-EPLB "
-        "splits k = b resident + p per-step; the split used for the targets was fixed before "
-        "the run: p = max(1, k // 2). tables.md lists every split; the best split per case "
-        "(picked after the run) is shown separately and not used for the targets.",
+        "splits k = b resident + p per-step. The PROBE-on-EPLB of the targets "
+        "(probe_on_eplb_auto, declared before the run) plans with alpha, beta refitted per step "
+        "and layer to the measured expert table around the predicted operating point and "
+        "takes each layer's b/p split from the history window (the split whose table-scored "
+        "MoE time was lowest there, fixed for the run). 'linear, fixed split' is the previous "
+        "rule: the datasheet alpha + beta n line at p = max(1, k // 2). tables.md lists every "
+        "split of both planners; the best split per case (picked after the run) is shown "
+        "separately and not used for the targets.",
         f"* EPLB scaling: vLLM uses a 1000-step window and a 3000-step interval, SGLang "
         f"re-plans every 1000 iterations; the traces are far shorter, so window = interval = "
         f"{s['eplb_window']} steps (factor {s['eplb_window'] / 1000:.3f} of SGLang's), the first "
@@ -227,21 +254,28 @@ def write_report(results: list[dict], analysis: dict, manifest: dict, path: Path
     lines += ["", "## Headline: throughput / best baseline (side-stream mode for PROBE; host "
               "mode in parentheses)", "",
               "| model | workload | tok/rank | k | best baseline | EPLB+LP | EPLB+LP, LP free | "
-              "PROBE paper | PROBE-on-EPLB (rule) | PROBE-on-EPLB (best split, post hoc) | "
-              "oracle | captured (rule, side) |",
-              "|---|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+              "PROBE paper | PROBE-on-EPLB linear, fixed split | PROBE-on-EPLB (table fit, "
+              "history split: its b/p per layer) | PROBE-on-EPLB (best split, post hoc) | "
+              "oracle | captured (auto, side) |",
+              "|---|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for f in analysis["findings"]:
         for k, v in sorted(f["per_slots"].items()):
             r = v["ratio"]
             rule = v["rule_combo"]
             combo = v["best_combo_post_hoc"]
             cap = v["captured"][rule]["side"]
+            lin = v.get("linear_combo")
+            lin_cell = "-" if lin is None else f"{r[lin]['side']:.3f} ({r[lin]['host']:.3f})"
+            split = v.get("auto_split")
+            split_cell = "" if not split else \
+                " " + ",".join(f"b{b}p{p}" for b, p in split)
             lines.append(
                 f"| {f['model']} | {f['workload']} | {f['batch_per_rank']} | {k} | "
                 f"{v['best_baseline']} | {r['eplb_lp']['host']:.3f} | "
                 f"{v['eplb_lp_free_ratio']:.3f} | "
                 f"{r['probe_paper']['side']:.3f} ({r['probe_paper']['host']:.3f}) | "
-                f"{r[rule]['side']:.3f} ({r[rule]['host']:.3f}) | "
+                f"{lin_cell} | "
+                f"{r[rule]['side']:.3f} ({r[rule]['host']:.3f}){split_cell} | "
                 f"{r[combo]['side']:.3f} ({combo.removeprefix('probe_on_eplb_')}) | "
                 f"{r['oracle']['host']:.3f} | {cap:.2f} |")
     lines += ["", "Fewest extra slots within 2% of the oracle's best throughput (slots, GB per "
