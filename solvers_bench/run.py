@@ -9,7 +9,10 @@ diagnosis (`greedy_miss`, see `diagnose_greedy`).
 
 Methods (`METHODS`): static, greedy_paper (the paper's Algorithm 1: `GreedyRules.paper()`,
 k_max 16), greedy (probe's default rules and k_max), greedy_unl (default rules, k_max
-unlimited), lp, eplb (history = the previous steps' loads of the layer), cpsat, highs. The
+unlimited), lp, eplb_addcopies (probe's add-copies EPLB-style baseline, history = the previous
+steps' loads of the layer; named "eplb" in results written before method "eplb" became DeepSeek's
+EPLB, which re-packs the layout and so plans a different problem: not benchmarked here), cpsat,
+highs. The
 exact backends run one thread each so that `--workers` processes share the CPUs predictably.
 """
 
@@ -43,7 +46,7 @@ METHODS: dict[str, tuple[str, dict]] = {
     "greedy": ("greedy", {}),
     "greedy_unl": ("greedy", {"rules": GreedyRules(k_max=0)}),
     "lp": ("lp", {}),
-    "eplb": ("eplb", {}),
+    "eplb_addcopies": ("eplb_addcopies", {}),
     "cpsat": ("cpsat", {"num_workers": 1}),
     "highs": ("highs", {"threads": 1}),
 }
@@ -71,7 +74,7 @@ def _run_method(problem: BalanceProblem, name: str, time_limit: float,
                 history: np.ndarray | None) -> tuple[dict, Plan | None]:
     method, options = METHODS[name]
     options = dict(options)
-    if name == "eplb" and history is not None:
+    if name == "eplb_addcopies" and history is not None:
         options["history"] = history
     limit = time_limit if name in EXACT or name == "lp" else None
     try:
@@ -238,8 +241,14 @@ def _worker(args: tuple[dict, float, tuple[str, ...]]) -> dict:
                 "methods": {}, "anomalies": [f"FATAL: {type(err).__name__}: {err}"[:500]]}
 
 
+# Results written before method "eplb" became DeepSeek's EPLB call the add-copies baseline
+# "eplb" (e.g. the committed results/solvers_bench); load_results renames them.
+LEGACY_NAMES = {"eplb": "eplb_addcopies"}
+
+
 def load_results(path: Path) -> list[dict]:
-    """Records of a JSONL results file (a torn last line from an interrupted run is skipped)."""
+    """Records of a JSONL results file (a torn last line from an interrupted run is skipped;
+    legacy method names renamed with LEGACY_NAMES)."""
     records = []
     path = Path(path)
     if not path.exists():
@@ -250,9 +259,15 @@ def load_results(path: Path) -> list[dict]:
             if not line:
                 continue
             try:
-                records.append(json.loads(line))
+                record = json.loads(line)
             except json.JSONDecodeError:
                 continue
+            methods = record.get("methods")
+            if isinstance(methods, dict):
+                for old, new in LEGACY_NAMES.items():
+                    if old in methods and new not in methods:
+                        methods[new] = methods.pop(old)
+            records.append(record)
     return records
 
 

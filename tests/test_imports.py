@@ -277,7 +277,7 @@ cost = CostModel.from_specs(model_preset("gpt-oss-120b"), hardware_preset("h200x
 load = trace.load_counts()[1, 0]
 problem = BalanceProblem(load, sharded_home(16, 4), 2, 3 * cost.transfer_time[0, 1], cost)
 static = evaluate_plan(problem, solve(problem, "static").plan).objective
-for method in ("greedy", "lp", "highs", "eplb"):
+for method in ("greedy", "lp", "highs", "eplb_addcopies", "eplb"):
     result = solve(problem, method, time_limit=2.0)  # a timed-out solve keeps its best plan
     assert check_plan(problem, result.plan) == [], method
     assert evaluate_plan(problem, result.plan).objective <= static * (1 + 1e-9), method

@@ -58,8 +58,26 @@ def test_plan_step_plans_every_layer_feasibly(trace):
         assert np.array_equal(result.plan.assignment.sum(axis=2), load)
 
 
-def test_plan_step_eplb_uses_previous_steps(trace):
+def test_plan_step_eplb_is_deepseeks_layout_of_previous_steps(trace):
+    from probe.planner.deepseek_eplb import eplb_layout
+
     results = plan_step(trace, 2, cost=COST, slots=1, window=1.0, method="eplb", eplb_history=2)
+    past = trace.load_counts(steps=[0, 1])  # [H, L, S, E]
+    load = trace.load_counts(steps=[2])[0]
+    num_ranks, num_experts = load.shape[1:]
+    per_rank = num_experts // num_ranks + 1
+    for layer, result in enumerate(results):
+        weight = past[:, layer].sum(axis=1).mean(axis=0)
+        copies = eplb_layout(weight, per_rank, 1, 1, num_ranks)
+        assert result.method == "eplb" and result.plan.num_replicas == 0
+        tokens = result.plan.tokens_per_rank_expert()  # [G, E]: only where DeepSeek put copies
+        assert np.all(tokens[copies == 0] == 0)
+        assert np.array_equal(result.plan.assignment.sum(axis=2), load[layer])
+
+
+def test_plan_step_eplb_addcopies_uses_previous_steps(trace):
+    results = plan_step(trace, 2, cost=COST, slots=1, window=1.0, method="eplb_addcopies",
+                        eplb_history=2)
     past = trace.load_counts(steps=[0, 1])  # [H, L, S, E]
     for layer, result in enumerate(results):
         weight = past[:, layer].sum(axis=1).mean(axis=0)

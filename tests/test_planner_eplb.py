@@ -52,14 +52,14 @@ def assert_maps_consistent(problem, plan, maps):
 @settings(max_examples=150, deadline=None)
 @given(instances())
 def test_maps_of_greedy_and_eplb_plans_are_consistent(problem):
-    for plan in (greedy_plan(problem), solve(problem, "eplb").plan):
+    for plan in (greedy_plan(problem), solve(problem, "eplb_addcopies").plan):
         assert_maps_consistent(problem, plan, to_eplb_maps(problem, plan))
 
 
 @settings(max_examples=150, deadline=None)
 @given(instances())
 def test_eplb_plans_are_feasible_and_split_evenly(problem):
-    plan = solve(problem, "eplb").plan
+    plan = solve(problem, "eplb_addcopies").plan
     assert check_plan(problem, plan) == []
     counts = (problem.home | plan.replicas).sum(axis=0)
     share = plan.assignment  # [S, E, G]
@@ -85,9 +85,9 @@ def test_eplb_uses_history_not_the_current_load():
                              1.0, cost)
     history = np.zeros((3, 2, 4), int)
     history[:, 0, 0] = 50  # the past said expert 0
-    plan = solve(problem, "eplb", history=history).plan
+    plan = solve(problem, "eplb_addcopies", history=history).plan
     assert plan.replicas.tolist() == [[False] * 4, [True, False, False, False]]
-    oracle = solve(problem, "eplb").plan  # no history: plans on the current load
+    oracle = solve(problem, "eplb_addcopies").plan  # no history: plans on the current load
     assert oracle.replicas[0, 2]
     assert evaluate_plan(problem, oracle).objective < evaluate_plan(problem, plan).objective
 
@@ -102,7 +102,7 @@ def test_eplb_history_errors(history, message):
     cost = CostModel.uniform(2, alpha=0.0, beta=1.0, token_time=0.0, transfer_time=1.0)
     problem = BalanceProblem(np.ones((2, 4), int), sharded_home(4, 2), 1, 1.0, cost)
     with pytest.raises(ValueError, match=message):
-        solve(problem, "eplb", history=history)
+        solve(problem, "eplb_addcopies", history=history)
 
 
 def test_even_split_conserves_and_rotates_leftovers():

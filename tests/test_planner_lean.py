@@ -118,7 +118,7 @@ def test_bound_never_exceeds_feasible_plans(problem):
     assert bound >= 0.0
     for plan in (static_plan(problem), solve(problem, "greedy").plan,
                  solve(problem, "greedy", rules=GreedyRules.paper()).plan,
-                 solve(problem, "eplb").plan):
+                 solve(problem, "eplb_addcopies").plan):
         assert bound <= evaluate_plan(problem, plan).objective
 
 

@@ -27,25 +27,27 @@ PROBLEM = BalanceProblem(np.array([[0, 0], [10, 0]]), sharded_home(2, 2), 1, 1.0
 @given(instances())
 def test_every_local_method_returns_a_checked_plan(problem):
     static = solve(problem, "static")
-    for method in ("static", "greedy", "greedy_ref", "eplb"):
+    for method in ("static", "greedy", "greedy_ref", "eplb_addcopies", "eplb"):
         result = solve(problem, method)
         assert result.method == method
         assert result.plan is not None, result.message
         assert check_plan(problem, result.plan) == []
         assert np.array_equal(result.plan.assignment.sum(axis=2), problem.load)
         assert result.objective == evaluate_plan(problem, result.plan).objective
-        if method != "eplb":  # EPLB ignores locality: it may lose to static
+        if method not in ("eplb", "eplb_addcopies"):  # EPLB ignores locality: may lose to static
             assert result.objective <= static.objective * (1 + 1e-9) + 1e-12
     assert same_plan(solve(problem, "greedy").plan, solve(problem, "greedy_ref").plan)
 
 
 def test_unknown_method_lists_the_methods():
     with pytest.raises(ValueError, match="unknown method 'simplex'; choose one of: cpsat, "
-                                         "deepseek_eplb, eplb, greedy, greedy_ref, "
-                                         "hierarchical, highs, lp, static"):
+                                         "deepseek_eplb, eplb, eplb_addcopies, greedy, "
+                                         "greedy_ref, hierarchical, highs, lp, static"):
         solve(PROBLEM, "simplex")
-    assert set(METHODS) == {"static", "greedy", "greedy_ref", "eplb", "deepseek_eplb", "lp",
-                            "cpsat", "highs", "hierarchical"}
+    assert set(METHODS) == {"static", "greedy", "greedy_ref", "eplb", "deepseek_eplb",
+                            "eplb_addcopies", "lp", "cpsat", "highs", "hierarchical"}
+    # "eplb" is DeepSeek's EPLB; "deepseek_eplb" its former name; the add-copies baseline apart
+    assert METHODS["eplb"] == METHODS["deepseek_eplb"] != METHODS["eplb_addcopies"]
 
 
 @pytest.mark.parametrize("limit", [0, -1.0, float("nan"), "1s", True])

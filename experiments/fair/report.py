@@ -31,25 +31,44 @@ def _breakdown(entry: dict, rule: str, best: str, mode: str) -> str:
             f"attention {entry['attention_us']:.0f} us per layer")
 
 
+ORDER = ["decode", "shift", "repeat", "prefill", "recorded", "recorded-predictor"]
+
+
+def family(f: dict) -> str:
+    """A finding's (or result's) row label: its workload, with the ep when not 8."""
+    ep = f.get("ep", 8)
+    return f["workload"] if ep == 8 else f"{f['workload']} ep{ep}"
+
+
+def _family_key(name: str):
+    workload, _, ep = name.partition(" ep")
+    return (int(ep or 8), ORDER.index(workload) if workload in ORDER else len(ORDER), name)
+
+
 def _summary(analysis: dict) -> list[str]:
     """Ranges of the headline ratios per workload, side mode (host in the targets section)."""
     rows = ["| workload | cases | best baseline | EPLB+LP (measured LP) | EPLB+LP (LP free) | "
-            "PROBE paper | PROBE-on-EPLB (rule) | oracle |", "|---|---:|---|---|---|---|---|---|"]
-    families = sorted({f["workload"] for f in analysis["findings"]},
-                      key=["decode", "shift", "repeat", "prefill", "recorded"].index)
+            "PROBE paper | PROBE-on-EPLB linear, fixed split | PROBE-on-EPLB (table fit, "
+            "history split) | oracle |", "|---|---:|---|---|---|---|---|---|---|"]
+    families = sorted({family(f) for f in analysis["findings"]}, key=_family_key)
     for w in families:
-        per = [v for f in analysis["findings"] if f["workload"] == w
+        per = [v for f in analysis["findings"] if family(f) == w
                for v in f["per_slots"].values()]
         best = sorted({v["best_baseline"] for v in per})
 
         def rng(values):
             return f"{min(values):.3f}-{max(values):.3f}"
 
+        linear = "-"
+        if all("linear_combo" in v for v in per):
+            linear = rng([v["ratio"][v["linear_combo"]]["side"] for v in per])
+
         rows.append(
             f"| {w} | {len(per)} | {', '.join(best)} | "
             f"{rng([v['ratio']['eplb_lp']['host'] for v in per])} | "
             f"{rng([v['eplb_lp_free_ratio'] for v in per])} | "
             f"{rng([v['ratio']['probe_paper']['side'] for v in per])} | "
+            f"{linear} | "
             f"{rng([v['ratio'][v['rule_combo']]['side'] for v in per])} | "
             f"{rng([v['ratio']['oracle']['host'] for v in per])} |")
     return rows
@@ -69,7 +88,7 @@ def _term_means(results: list[dict], analysis: dict) -> dict[str, list[float]]:
             p = pol[v["rule_combo"]]["side"]
             base = b["moe_us"] + b["solve_us"] + 1e3 * b["stall_ms_per_step"] / layers
             over = p["side_exposed_us"] + p["solve_us"] + p["transfer_us"]
-            acc.setdefault(r["workload"], []).append(
+            acc.setdefault(family(r), []).append(
                 (base - o["moe_us"], p["moe_us"] - o["moe_us"], p["side_exposed_us"],
                  p["solve_us"], p["transfer_us"], base - p["moe_us"] - over))
     return {w: [sum(x[i] for x in vals) / len(vals) for i in range(6)]
@@ -94,6 +113,18 @@ def _verdict(results: list[dict], analysis: dict, sensitivity: dict | None) -> l
             f"PROBE-on-EPLB's MoE time sits {m[1]:.1f} us above the oracle's, and it exposes "
             f"{m[2]:.1f} us of predictor + planner (side stream), {m[3]:.1f} us of "
             f"water-filling and {m[4]:.1f} us of transfer: net {m[5]:+.1f} us per layer.")
+    for w in sorted({family(f) for f in analysis["findings"]}, key=_family_key):
+        pairs = [(v["ratio"][v["rule_combo"]]["side"], v["ratio"][v["linear_combo"]]["side"])
+                 for f in analysis["findings"] if family(f) == w
+                 for v in f["per_slots"].values() if "linear_combo" in v]
+        if w == "decode" and pairs:
+            d = [a - b for a, b in pairs]
+            lines.append(
+                f"* {w}: planning on the measured table with the history split (auto) instead "
+                f"of the datasheet line at the fixed split moves PROBE-on-EPLB's ratio by "
+                f"{min(d):+.3f} to {max(d):+.3f} (mean {sum(d) / len(d):+.3f}); at or above "
+                f"1.00x in {sum(a >= 1.0 for a, _ in pairs)} of {len(pairs)} cases (fixed "
+                f"split, datasheet line: {sum(b >= 1.0 for _, b in pairs)}).")
     host = [f["per_slots"][k]["ratio"][f["per_slots"][k]["rule_combo"]]["host"]
             for f in analysis["findings"] for k in f["per_slots"]]
     side = [f["per_slots"][k]["ratio"][f["per_slots"][k]["rule_combo"]]["side"]
@@ -108,11 +139,9 @@ def _verdict(results: list[dict], analysis: dict, sensitivity: dict | None) -> l
             diff = max(abs(a - b) for a, b in zip(other, side, strict=True))
             lines.append(f"* With {sensitivity['label']}, PROBE-on-EPLB's ratio moves by at "
                          f"most {diff:.3f}: the gap to the oracle comes from the plan itself "
-                         "(which replicas the paper's greedy picks on its linear alpha + beta "
-                         "n model, while the measured table is flat up to ~200 tokens per "
-                         "expert, and the fixed b/p split; the oracle takes the best of "
-                         "several layouts and splits on the truth), not from the prediction "
-                         "error.")
+                         "(which replicas the greedy picks and the b/p split; the oracle takes "
+                         "the best of several layouts and splits on the truth), not from the "
+                         "prediction error.")
     return lines
 
 
@@ -140,6 +169,24 @@ def write_report(results: list[dict], analysis: dict, manifest: dict, path: Path
     perfect predictor) whose summary is added for comparison."""
     by_key = {(r["model"], r["workload"], r["batch_per_rank"]): r for r in results}
     s = manifest["settings"]
+    mn = s.get("multinode")
+    multinode = ("none in this run" if not mn else
+                 f"DeepSeek-V3 (256 experts, top-8, 58 MoE layers) at ep = "
+                 f"{' and '.join(str(e) for e in mn['eps'])} (nodes of 8 H200s, RDMA between "
+                 f"them) on decode, shift and repeat at {mn['batch']} tokens per rank, "
+                 f"{mn['layers']} MoE layers per trace, {mn['prior']} history steps then "
+                 f"{mn['steps']} measured steps (fewer steps, layers and slots than at "
+                 f"ep = 8: at ep = 64 one case takes minutes on 2 cores), slots "
+                 f"{mn['slots']}; EPLB window = interval = "
+                 f"{mn['prior']} steps; costed from qwen3-235b-a22b's measurements "
+                 "(probe/sim/costs.py: expert table scaled by DeepSeek-V3's expert bytes and "
+                 "FLOPs, qwen3's attention and predictor; no DeepSeek-V3 table was measured)")
+    predictor_info = [r.get("predictor") for r in results if r.get("predictor")]
+    replayed = ("" if not predictor_info else
+                " Measured top-k accuracy of that predictor on the samples, layers 1-7: "
+                + ", ".join(f"{v:.2f}" for v in predictor_info[0]["topk_accuracy"].values())
+                + f" (mean {predictor_info[0]['mean_topk_accuracy']:.2f}, "
+                f"{predictor_info[0]['samples']} sampled tokens).")
     lines = [
         "# Fair comparison: EPLB, EPLB + LP, PROBE and an oracle at equal extra slots",
         "",
@@ -169,13 +216,25 @@ def write_report(results: list[dict], analysis: dict, manifest: dict, path: Path
         "small model, its experts costed with gpt-oss-120b's numbers, "
         f"{s.get('recorded_steps')} measured steps centred on its shift). Predictions "
         f"from the error model `{s['predictor']}` (probe/sim/predict.py) for every trace, "
-        "recorded ones included: the small model's own predictor output is not replayed.",
+        "'recorded' included. 'recorded-predictor': the same recorded trace with the small "
+        "model's own lookahead predictor (the frozen next-layer router, probe.predictor: "
+        "router l applied to layer l-1's router input), replayed through its confusion "
+        "measured on the recorded router samples (hidden states exist for 1.5% of the tokens "
+        "only, so each true count is drawn through the per-layer confusion; layer 0, which has "
+        "no previous layer, uses the previous step's load; experiments.fair.run."
+        f"recorded_predictor).{replayed}",
+        f"* Across nodes: {multinode}.",
         f"* Slots: {s['slots']} extra expert slots per rank for every policy. EPLB's are "
         "resident in every layer (k x layers x expert bytes per rank); PROBE's per-step slots "
         "are double-buffered for the layers in flight (2 x p x expert bytes). PROBE-on-EPLB "
-        "splits k = b resident + p per-step; the split used for the targets was fixed before "
-        "the run: p = max(1, k // 2). tables.md lists every split; the best split per case "
-        "(picked after the run) is shown separately and not used for the targets.",
+        "splits k = b resident + p per-step. The PROBE-on-EPLB of the targets "
+        "(probe_on_eplb_auto, declared before the run) plans with alpha, beta refitted per step "
+        "and layer to the measured expert table around the predicted operating point and "
+        "takes each layer's b/p split from the history window (the split whose table-scored "
+        "MoE time was lowest there, fixed for the run). 'linear, fixed split' is the previous "
+        "rule: the datasheet alpha + beta n line at p = max(1, k // 2). tables.md lists every "
+        "split of both planners; the best split per case (picked after the run) is shown "
+        "separately and not used for the targets.",
         f"* EPLB scaling: vLLM uses a 1000-step window and a 3000-step interval, SGLang "
         f"re-plans every 1000 iterations; the traces are far shorter, so window = interval = "
         f"{s['eplb_window']} steps (factor {s['eplb_window'] / 1000:.3f} of SGLang's), the first "
@@ -208,21 +267,28 @@ def write_report(results: list[dict], analysis: dict, manifest: dict, path: Path
     lines += ["", "## Headline: throughput / best baseline (side-stream mode for PROBE; host "
               "mode in parentheses)", "",
               "| model | workload | tok/rank | k | best baseline | EPLB+LP | EPLB+LP, LP free | "
-              "PROBE paper | PROBE-on-EPLB (rule) | PROBE-on-EPLB (best split, post hoc) | "
-              "oracle | captured (rule, side) |",
-              "|---|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+              "PROBE paper | PROBE-on-EPLB linear, fixed split | PROBE-on-EPLB (table fit, "
+              "history split: its b/p per layer) | PROBE-on-EPLB (best split, post hoc) | "
+              "oracle | captured (auto, side) |",
+              "|---|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for f in analysis["findings"]:
         for k, v in sorted(f["per_slots"].items()):
             r = v["ratio"]
             rule = v["rule_combo"]
             combo = v["best_combo_post_hoc"]
             cap = v["captured"][rule]["side"]
+            lin = v.get("linear_combo")
+            lin_cell = "-" if lin is None else f"{r[lin]['side']:.3f} ({r[lin]['host']:.3f})"
+            split = v.get("auto_split")
+            split_cell = "" if not split else \
+                " " + ",".join(f"b{b}p{p}" for b, p in split)
             lines.append(
                 f"| {f['model']} | {f['workload']} | {f['batch_per_rank']} | {k} | "
                 f"{v['best_baseline']} | {r['eplb_lp']['host']:.3f} | "
                 f"{v['eplb_lp_free_ratio']:.3f} | "
                 f"{r['probe_paper']['side']:.3f} ({r['probe_paper']['host']:.3f}) | "
-                f"{r[rule]['side']:.3f} ({r[rule]['host']:.3f}) | "
+                f"{lin_cell} | "
+                f"{r[rule]['side']:.3f} ({r[rule]['host']:.3f}){split_cell} | "
                 f"{r[combo]['side']:.3f} ({combo.removeprefix('probe_on_eplb_')}) | "
                 f"{r['oracle']['host']:.3f} | {cap:.2f} |")
     lines += ["", "Fewest extra slots within 2% of the oracle's best throughput (slots, GB per "

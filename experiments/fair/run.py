@@ -26,7 +26,7 @@ import numpy as np
 
 from experiments.manifest import Manifest
 from probe.sim.costs import FairCosts
-from probe.sim.fair import simulate_fair
+from probe.sim.fair import rule_split, simulate_fair
 from probe.specs import ModelSpec
 from probe.traces.synthetic import generate
 
@@ -36,6 +36,17 @@ WORKLOADS = ("decode", "shift", "repeat")
 BATCHES = (256, 768, 1536)
 CHUNKS = (8192, 16384)  # chunked prefill: tokens per rank per step
 SLOTS = (1, 2, 3, 4)
+# DeepSeek-V3 across nodes (8 ranks per node, RDMA between): ep, workloads, tokens per rank,
+# slots; fewer steps and layers (--multinode-steps, --multinode-layers) keep 2 cores in minutes.
+MULTINODE_EPS = (32, 64)
+MULTINODE_BATCH = 256
+MULTINODE_SLOTS = (1, 2, 4)
+
+
+def split_model(label: str) -> tuple[str, int]:
+    """("deepseek-v3", 32) from "deepseek-v3@ep32"; (label, 8) without "@ep"."""
+    name, _, ep = label.partition("@ep")
+    return name, int(ep) if ep else 8
 # Below this oracle gain over the best baseline the captured fraction divides by noise; target
 # T2 is also reported on the cases at or above it (T2b).
 MEANINGFUL_GAIN = 1.02
@@ -43,9 +54,14 @@ MEANINGFUL_GAIN = 1.02
 
 def rule_combo(slots: int) -> tuple[int, int]:
     """The split of k slots for probe_on_eplb fixed before the run: p = max(1, k // 2) per-step
-    slots, b = k - p resident."""
-    p = max(1, slots // 2)
-    return slots - p, p
+    slots, b = k - p resident (probe.sim.fair.rule_split)."""
+    return rule_split(slots)
+
+
+# PROBE-on-EPLB in the targets: the table-fitted planner with the b/p split chosen per layer
+# from history (declared before the run); the datasheet-line planner at the fixed split is
+# reported beside it ("linear").
+TARGET_POLICY = "probe_on_eplb_auto"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -60,6 +76,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--prior", type=int, default=12,
                     help="history steps before the measured ones (EPLB window = interval)")
     ap.add_argument("--layers", type=int, default=4, help="MoE layers in each trace")
+    ap.add_argument("--multinode-steps", type=int, default=12,
+                    help="measured steps of the DeepSeek-V3 ep=32/64 traces")
+    ap.add_argument("--multinode-prior", type=int, default=8,
+                    help="history steps of the DeepSeek-V3 ep=32/64 traces (EPLB window = "
+                         "interval)")
+    ap.add_argument("--multinode-layers", type=int, default=2,
+                    help="MoE layers in each DeepSeek-V3 ep=32/64 trace")
+    ap.add_argument("--no-multinode", action="store_true",
+                    help="skip DeepSeek-V3 at ep=32/64 across nodes")
     ap.add_argument("--predictor", default="topk:0.9", help="prediction error model")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--recorded", type=Path, action="append", default=[],
@@ -76,9 +101,13 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def configs(args):
     if args.quick:
-        return [("gpt-oss-120b", "shift", 256)], (1, 2)
+        quick = [("gpt-oss-120b", "shift", 256)]
+        return quick + ([] if args.no_multinode else [("deepseek-v3@ep32", "shift", 64)]), (1, 2)
     cases = [(m, w, b) for m in MODELS for w in WORKLOADS for b in BATCHES]
     cases += [(m, "prefill", c) for m in MODELS for c in CHUNKS]
+    if not args.no_multinode:
+        cases += [(f"deepseek-v3@ep{ep}", w, MULTINODE_BATCH) for ep in MULTINODE_EPS
+                  for w in WORKLOADS]
     return cases, SLOTS
 
 
@@ -91,7 +120,48 @@ def recorded_cases(args) -> list[tuple]:
         trace = RoutingTrace.load(path)
         per_rank = int(trace.tokens_per_step[0] // trace.num_ranks)
         out.append(("gpt-oss-120b", "recorded", per_rank, path))
+        if (path.parent / "decode.samples.safetensors").is_file() \
+                and (path.parent / "routers.safetensors").is_file():
+            out.append(("gpt-oss-120b", "recorded-predictor", per_rank, path))
     return out
+
+
+def recorded_predictor(folder: Path, top_k: int, seed: int) -> tuple[object, dict]:
+    """The small model's frozen next-layer router predictor (probe.predictor: router_l applied
+    to layer l-1's router input, the predictor before any training), replayed through its
+    measured confusion on the recorded decode samples (decode.samples.safetensors: router input
+    and logits of 1.5% of the tokens; routers.safetensors). Only sampled tokens have hidden
+    states, so the per-token predictions cannot be replayed for the whole trace: each layer's
+    confusion C[i, j] from the samples draws the prediction of every true count
+    (probe.sim.predict.confusion_predictor). Layer 0 has no previous layer: its prediction is
+    the previous step's load. Returns (predict, info with the measured top-k accuracy)."""
+    import torch
+    from safetensors.numpy import load_file
+
+    from probe.predictor.evaluate import predicted_ids, true_ids
+    from probe.predictor.model import PredictorSet
+    from probe.runtime.record import load_samples
+    from probe.sim.predict import confusion_matrix, confusion_predictor
+
+    smp = load_samples(folder / "decode.samples.safetensors")
+    routers = load_file(str(folder / "routers.safetensors"))
+    num_layers = smp.hidden.shape[1]
+    weights = [torch.as_tensor(routers[f"router.{layer}"]) for layer in range(num_layers)]
+    pset = PredictorSet.from_routers(weights, top_k=top_k, hidden=8)
+    hidden = smp.hidden.astype(np.float32)
+    logits = smp.logits.astype(np.float32)
+    num_experts = logits.shape[2]
+    confusions, accuracy = {}, {}
+    for layer in range(1, num_layers):
+        pred = predicted_ids(pset, hidden, layer, top_k, prior=True)
+        true = true_ids(logits, layer, top_k)
+        accuracy[layer] = float(np.mean([len(set(p) & set(t)) / top_k
+                                         for p, t in zip(pred.tolist(), true.tolist(),
+                                                         strict=True)]))
+        confusions[layer] = confusion_matrix(pred, true, num_experts)
+    info = {"samples": int(hidden.shape[0]), "topk_accuracy": accuracy,
+            "mean_topk_accuracy": float(np.mean(list(accuracy.values())))}
+    return confusion_predictor(confusions, seed=seed), info
 
 
 def recorded_load(path: Path, args) -> tuple[np.ndarray, object]:
@@ -111,8 +181,13 @@ def recorded_load(path: Path, args) -> tuple[np.ndarray, object]:
 
 def run_config(model: str, workload: str, batch: int, slots_list, args,
                path: Path | None = None) -> dict:
-    costs = FairCosts.for_model(model, 8)
+    name, ep = split_model(model)
+    costs = FairCosts.for_model(name, ep)
     phase = "prefill" if workload == "prefill" else "decode"
+    steps_n, prior, layers = args.steps, args.prior, args.layers
+    if ep > 8:
+        steps_n, prior, layers = args.multinode_steps, args.multinode_prior, args.multinode_layers
+        slots_list = [k for k in MULTINODE_SLOTS if not args.quick or k <= 2]
     if path is not None:  # a recorded trace, its experts costed with `model`'s numbers
         load, trace = recorded_load(path, args)
         base = costs.model
@@ -122,21 +197,26 @@ def run_config(model: str, workload: str, batch: int, slots_list, args,
         costs = FairCosts.for_model(model, 8, routing=routing)
     else:
         spec = costs.model
-        steps = args.prefill_steps if phase == "prefill" else args.steps
-        total = args.prior + steps
-        knobs = {"shift_step": args.prior + args.steps // 3} if workload == "shift" else {}
-        trace = generate(workload, num_steps=total, tokens_per_step=batch * 8,
-                         num_layers=args.layers, num_experts=spec.num_experts,
-                         top_k=spec.top_k, num_ranks=8, seed=args.seed, **knobs)
+        steps = args.prefill_steps if phase == "prefill" else steps_n
+        total = prior + steps
+        knobs = {"shift_step": prior + steps_n // 3} if workload == "shift" else {}
+        trace = generate(workload, num_steps=total, tokens_per_step=batch * ep,
+                         num_layers=layers, num_experts=spec.num_experts,
+                         top_k=spec.top_k, num_ranks=ep, seed=args.seed, **knobs)
         load = trace.load_counts().astype(np.int64)  # [N, L, S, E]
-    out = {"model": model, "workload": workload, "batch_per_rank": batch, "slots": {}}
+    out = {"model": model, "workload": workload, "batch_per_rank": batch, "ep": ep,
+           "slots": {}}
+    predictor = args.predictor
+    if workload == "recorded-predictor" and args.predictor != "perfect":
+        predictor, info = recorded_predictor(path.parent, costs.model.top_k, args.seed)
+        out["predictor"] = info
     if path is not None:
         out["trace"] = {"path": str(path), "num_experts": int(load.shape[-1]),
                         "top_k": int(costs.model.top_k), "layers": int(load.shape[1]),
                         "steps": int(load.shape[0])}
     for k in slots_list:
-        res = simulate_fair(load, costs, slots=k, prior=args.prior, window=args.prior,
-                            interval=args.prior, predictor=args.predictor, seed=args.seed,
+        res = simulate_fair(load, costs, slots=k, prior=prior, window=prior,
+                            interval=prior, predictor=predictor, seed=args.seed,
                             phase=phase)
         rows = {}
         for policy in res.policies:
@@ -163,7 +243,8 @@ def analyse(results: list[dict]) -> dict:
             best = thr[best_name]
             oracle = thr["oracle"]
             b, p = rule_combo(int(k))
-            rule = f"probe_on_eplb_b{b}p{p}"
+            linear = f"probe_on_eplb_b{b}p{p}"
+            rule = TARGET_POLICY
             combos = [q for q in pol if q.startswith("probe_on_eplb")]
             best_combo = max(combos, key=lambda q: thr_side[q])
 
@@ -176,13 +257,16 @@ def analyse(results: list[dict]) -> dict:
                 "eplb_lp_free_ratio": lp_free / best,
                 "ratio_vs_lp_free": {q: {"host": thr[q] / max(best, lp_free),
                                          "side": thr_side[q] / max(best, lp_free)}
-                                     for q in ("probe_paper", rule, best_combo, "oracle")},
+                                     for q in ("probe_paper", rule, linear, best_combo,
+                                               "oracle")},
                 "oracle_gain": oracle / best,
-                "rule_combo": rule, "best_combo_post_hoc": best_combo,
+                "rule_combo": rule, "linear_combo": linear, "best_combo_post_hoc": best_combo,
+                "auto_split": entry["meta"].get("auto_split"),
                 "ratio": {q: {"host": thr[q] / best, "side": thr_side[q] / best}
-                          for q in ("probe_paper", rule, best_combo, "oracle", *BASELINES)},
+                          for q in ("probe_paper", rule, linear, best_combo, "oracle",
+                                    *BASELINES)},
                 "captured": {q: {"host": captured(thr[q]), "side": captured(thr_side[q])}
-                             for q in ("probe_paper", rule, best_combo)},
+                             for q in ("probe_paper", rule, linear, best_combo)},
             }
         within = {}
         names = set().union(*(r["slots"][k]["policies"] for k in r["slots"]))
@@ -195,7 +279,7 @@ def analyse(results: list[dict]) -> dict:
                         hit = (int(k), v[mode]["memory_gb_per_rank"])
                         break
                 within[f"{q}/{mode}"] = hit
-        findings.append({"model": r["model"], "workload": r["workload"],
+        findings.append({"model": r["model"], "workload": r["workload"], "ep": r.get("ep", 8),
                          "batch_per_rank": r["batch_per_rank"], "per_slots": per_k,
                          "oracle_best_tok_s": oracle_best, "within_2pct": within})
     return {"findings": findings, "targets": targets(findings)}
@@ -321,6 +405,7 @@ def main(argv=None) -> int:
     cases, slots_list = configs(args)
     if args.quick:
         args.steps, args.prior, args.layers = 6, 3, 2
+        args.multinode_steps, args.multinode_prior, args.multinode_layers = 4, 2, 1
     results = []
     cases = [(*c, None) for c in cases] + recorded_cases(args)
     for model, workload, batch, path in cases:
@@ -339,6 +424,10 @@ def main(argv=None) -> int:
                      "recorded": [str(p) for p in args.recorded],
                      "recorded_steps": args.recorded_steps,
                      "prior": args.prior, "layers": args.layers,
+                     "multinode": None if args.no_multinode else {
+                         "eps": list(MULTINODE_EPS), "batch": MULTINODE_BATCH,
+                         "slots": list(MULTINODE_SLOTS), "steps": args.multinode_steps,
+                         "prior": args.multinode_prior, "layers": args.multinode_layers},
                      "predictor": args.predictor, "seed": args.seed, "slots": list(slots_list),
                      "eplb_window": args.prior, "eplb_interval": args.prior},
     }

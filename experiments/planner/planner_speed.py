@@ -115,7 +115,9 @@ def balance(name: str, knobs: dict, *, steps: int, layers: int, window: str | fl
     problems, loads = _problems(knobs, model="gpt-oss-120b", hardware="h200x8", num_ranks=8,
                                 num_experts=128, top_k=4, steps=steps, layers=layers,
                                 tokens_per_rank=None, window=window)
-    rows = {"static": [], "greedy": [], "eplb": []}
+    # "eplb_addcopies": the add-copies baseline (named "eplb" in planner_speed results written
+    # before method "eplb" became DeepSeek's EPLB)
+    rows = {"static": [], "greedy": [], "eplb_addcopies": []}
     replicas = []
     for step, row in enumerate(problems):
         for layer, problem in enumerate(row):
@@ -124,8 +126,8 @@ def balance(name: str, knobs: dict, *, steps: int, layers: int, window: str | fl
             plan = greedy_plan(problem, GreedyRules(k_max=k_max))
             rows["greedy"].append(evaluate_plan(problem, plan))
             replicas.append(plan.num_replicas)
-            rows["eplb"].append(evaluate_plan(problem, solve(problem, "eplb",
-                                                             history=history).plan))
+            rows["eplb_addcopies"].append(evaluate_plan(problem, solve(
+                problem, "eplb_addcopies", history=history).plan))
     out = {"config": name, "knobs": knobs, "window": window, "k_max": k_max,
            "instances": len(rows["static"]), "greedy_mean_replicas": float(np.mean(replicas))}
     for method, metrics in rows.items():
@@ -174,14 +176,16 @@ def main(argv: list[str] | None = None) -> None:
                 window="auto"),
     ]
     table = Table(title="balance, ep=8, top-4 of 128 (gpt-oss-120b on h200x8), 3 slots/rank")
-    for col in ("workload", "window", "k_max", "IR static", "IR greedy", "IR eplb",
-                "obj static (us)", "obj greedy (us)", "obj eplb (us)", "greedy replicas"):
+    for col in ("workload", "window", "k_max", "IR static", "IR greedy", "IR eplb_addcopies",
+                "obj static (us)", "obj greedy (us)", "obj eplb_addcopies (us)",
+                "greedy replicas"):
         table.add_column(col, justify="right")
     for r in balance_rows:
         table.add_row(r["config"], str(r["window"]), str(r["k_max"]), f"{r['static_ir']:.3f}",
-                      f"{r['greedy_ir']:.3f}", f"{r['eplb_ir']:.3f}",
+                      f"{r['greedy_ir']:.3f}", f"{r['eplb_addcopies_ir']:.3f}",
                       f"{r['static_objective_us']:.1f}", f"{r['greedy_objective_us']:.1f}",
-                      f"{r['eplb_objective_us']:.1f}", f"{r['greedy_mean_replicas']:.1f}")
+                      f"{r['eplb_addcopies_objective_us']:.1f}",
+                      f"{r['greedy_mean_replicas']:.1f}")
     console.print(table)
 
     machine = {"platform": platform.platform(), "python": platform.python_version(),

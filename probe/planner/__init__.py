@@ -1,14 +1,15 @@
 """Balance planning: problem, plan, cost model, feasibility checker and solvers (numpy only).
 
-`solve(problem, method)` runs any backend ("static", "greedy", "greedy_ref", "eplb",
-"deepseek_eplb", "lp", "cpsat", "highs"); backends and Numba are imported on first use, so
-importing this package stays light and a missing optional solver never breaks it.
+`solve(problem, method)` runs any backend ("static", "greedy", "greedy_ref", "eplb" =
+DeepSeek's EPLB (alias "deepseek_eplb"), "eplb_addcopies", "lp", "cpsat", "highs"); backends
+and Numba are imported on first use, so importing this package stays light and a missing
+optional solver never breaks it.
 docs/planner.md describes the problem, every solver and the greedy's rules (`GreedyRules`).
 """
 
 from probe.planner.check import PlanMetrics, check_plan, evaluate_plan
 from probe.planner.cost import CostModel, topology_graph
-from probe.planner.eplb import even_split, solve_eplb, to_eplb_maps
+from probe.planner.eplb import even_split, solve_eplb_addcopies, to_eplb_maps
 from probe.planner.greedy_rules import GreedyRules
 from probe.planner.layers import (
     attention_time,
@@ -47,7 +48,7 @@ __all__ = [
     "plan_layers",
     "plan_step",
     "solve",
-    "solve_eplb",
+    "solve_eplb_addcopies",
     "stack_eplb_maps",
     "static_assignment",
     "static_plan",

@@ -66,7 +66,10 @@ def moved_tokens(problem: BalanceProblem, plan: Plan) -> int:
 def plan_cmd(
     trace: Annotated[Path, typer.Argument(help="routing trace file (probe trace format)")],
     method: Annotated[str, typer.Option("--method", "-m",
-                                        help=f"one of {', '.join(sorted(METHODS))}")] = "greedy",
+                                        help=f"one of {', '.join(sorted(METHODS))} (eplb: "
+                                             "DeepSeek's EPLB re-packed from the previous 16 "
+                                             "steps; eplb_addcopies: copies added to the home "
+                                             "layout)")] = "greedy",
     step: Annotated[int, typer.Option(help="step of the trace (negative counts from the end)")] = 0,
     layer: Annotated[int | None, typer.Option(help="one MoE layer in detail (default: all, "
                                                    "one line each)")] = None,
@@ -124,9 +127,10 @@ def plan_cmd(
     if method in ("greedy", "greedy_ref"):
         options["rules"] = (GreedyRules.paper(k_max=k_max) if paper
                             else GreedyRules(k_max=k_max, also_paper=also_paper))
+    planned: list[BalanceProblem] = []  # the problems solved ("eplb": DeepSeek's layout)
     results = plan_step(routing, step, cost=cost, home=home, slots=slots, window=win,
                         method=method, attention_s=attention_s, time_limit=time_limit,
-                        **options)
+                        planned=planned, **options)
     loads = routing.load_counts(steps=[step])[0]  # [L, S, E]
     problems = [BalanceProblem.from_load(load, cost, slots, win, home, attention_time=attention_s)
                 for load in loads]
@@ -135,12 +139,12 @@ def plan_cmd(
                   f"{routing.num_experts} experts, top-{routing.top_k}; {spec_model.name} on "
                   f"{spec_hw.name}; method {method}, {slots} slots/rank, window {window}")
     if layer is None:
-        console.print(fit_table(_layers_table(problems, results)))
+        console.print(fit_table(_layers_table(problems, results, planned)))
     else:
         problem, result = problems[layer], results[layer]
-        console.print(fit_table(_metrics_table(problem, result, layer)))
+        console.print(fit_table(_metrics_table(problem, result, layer, planned[layer])))
         if result.plan is not None:
-            console.print(fit_table(_replicas_table(problem, result.plan)))
+            console.print(fit_table(_replicas_table(planned[layer], result.plan)))
         if result.message:
             console.print(f"{result.status}: {result.message}")
 
@@ -159,32 +163,38 @@ def _us(seconds: float) -> str:
     return f"{seconds * 1e6:.1f}"
 
 
-def _layers_table(problems: list[BalanceProblem], results: list[SolveResult]) -> Table:
+def _layers_table(problems: list[BalanceProblem], results: list[SolveResult],
+                  planned: list[BalanceProblem] | None = None) -> Table:
+    """static on `problems` -> each result's plan scored on the problem it solved (`planned`,
+    default the same)."""
+    planned = problems if planned is None else planned
     table = Table(title="per layer: static -> plan (obj = eq. 8; times in microseconds)")
     for col in ("layer", "IR", "IR plan", "obj", "obj plan", "repl", "moved", "solve",
                 "status"):
         table.add_column(col, justify="right")
-    for i, (problem, result) in enumerate(zip(problems, results, strict=True)):
+    for i, (problem, result, solved) in enumerate(zip(problems, results, planned, strict=True)):
         base = evaluate_plan(problem, static_plan(problem))
         if result.plan is None:
             table.add_row(str(i), f"{base.imbalance:.3f}", "-", _us(base.objective), "-", "-",
                           "-", _us(result.wall_time), result.status)
             continue
-        metrics = evaluate_plan(problem, result.plan)
+        metrics = evaluate_plan(solved, result.plan)
         table.add_row(str(i), f"{base.imbalance:.3f}", f"{metrics.imbalance:.3f}",
                       _us(base.objective), _us(metrics.objective), str(metrics.num_replicas),
-                      str(moved_tokens(problem, result.plan)), _us(result.wall_time),
+                      str(moved_tokens(solved, result.plan)), _us(result.wall_time),
                       result.status)
     return table
 
 
-def _metrics_table(problem: BalanceProblem, result: SolveResult, layer: int) -> Table:
+def _metrics_table(problem: BalanceProblem, result: SolveResult, layer: int,
+                   solved: BalanceProblem | None = None) -> Table:
     table = Table(title=f"layer {layer}: metrics (times in microseconds)")
     table.add_column("metric")
     table.add_column("static", justify="right")
     table.add_column(result.method, justify="right")
     base = evaluate_plan(problem, static_plan(problem)).as_dict()
-    plan = evaluate_plan(problem, result.plan).as_dict() if result.plan is not None else {}
+    solved = problem if solved is None else solved
+    plan = evaluate_plan(solved, result.plan).as_dict() if result.plan is not None else {}
     rows = [("objective (eq. 8)", "objective", _us), ("IR (tokens)", "imbalance", "{:.3f}".format),
             ("compute skew", "compute_skew", "{:.3f}".format),
             ("max compute", "max_compute", _us), ("max communication", "max_comm", _us),

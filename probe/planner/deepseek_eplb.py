@@ -1,9 +1,10 @@
 """DeepSeek's expert-parallel load balancer (EPLB), written from its published description.
 
 DeepSeek's EPLB re-packs every expert, home copies included, over the physical expert slots of
-the cluster; probe's `solve(problem, "eplb")` (probe.planner.eplb) instead keeps a problem's home
-layout and only adds copies. This module is the faithful algorithm and its bridge to the
-planner.
+the cluster; probe's `solve(problem, "eplb_addcopies")` (probe.planner.eplb; it was method
+"eplb" before "eplb" became this algorithm) instead keeps a problem's home layout and only adds
+copies. This module is the faithful algorithm and its bridge to the planner: method "eplb"
+(alias "deepseek_eplb", its former name).
 
 `rebalance_experts(weight, num_replicas, num_groups, num_nodes, num_gpus)` is a pure function
 in the style of DeepSeek's public API. Names: L layers, E logical experts, R = num_replicas
@@ -258,9 +259,9 @@ def eplb_problem(problem: BalanceProblem, *, history: np.ndarray | None = None,
 
     Each rank's physical slots are its home experts plus its extra slots (capped at E), which
     must be the same number P on every rank. The weights are the mean load of `history` (int
-    [H, S, E] or [H, E], as for method "eplb") or, with None, the problem's own load summed
-    over sources. Returns (the problem with home = copies > 0 and no extra slots, copies
-    int64 [G, E]); plan it with `solve(new_problem, "deepseek_eplb", copies=copies)`.
+    [H, S, E] or [H, E], as for method "eplb_addcopies") or, with None, the problem's own load
+    summed over sources. Returns (the problem with home = copies > 0 and no extra slots, copies
+    int64 [G, E]); plan it with `solve(new_problem, "eplb", copies=copies)`.
 
     >>> from probe.placement import sharded_home
     >>> from probe.planner.cost import CostModel
@@ -271,7 +272,7 @@ def eplb_problem(problem: BalanceProblem, *, history: np.ndarray | None = None,
     >>> copies.tolist()                    # expert 0: 3 copies (4 each), 2 of them on rank 0
     [[2, 0, 1, 0], [1, 1, 0, 1]]
     >>> from probe.planner.solve import solve
-    >>> result = solve(new, "deepseek_eplb", copies=copies)
+    >>> result = solve(new, "eplb", copies=copies)
     >>> result.plan.tokens_per_rank_expert().tolist(), result.objective
     ([[8, 0, 1, 0], [4, 1, 0, 2]], 9.0)
     """
@@ -290,13 +291,15 @@ def eplb_problem(problem: BalanceProblem, *, history: np.ndarray | None = None,
 
 def solve_deepseek_eplb(problem: BalanceProblem, *, time_limit: float | None = None,
                         copies: np.ndarray | None = None) -> SolveResult:
-    """Backend for `solve(problem, "deepseek_eplb", copies=...)`: DeepSeek's token routing.
+    """Backend for `solve(problem, "eplb", copies=...)` (alias "deepseek_eplb"): DeepSeek's
+    token routing.
 
     Tokens of each (source, expert) are split evenly over the expert's physical copies
     (`even_split`, no locality); no replicas are added. copies: int [G, E], physical copies
     per rank with copies > 0 exactly where problem.home is (as `eplb_problem` returns); None
-    counts one copy per home holder. Build the problem with `eplb_problem` to plan DeepSeek
-    EPLB end to end. time_limit is accepted and ignored.
+    counts one copy per home holder (the problem's extra slots stay unused: method "eplb" does
+    not re-pack a raw problem; `plan_layers` / `plan_step` do it). Build the problem with
+    `eplb_problem` to plan DeepSeek EPLB end to end. time_limit is accepted and ignored.
     """
     del time_limit
     start = time.perf_counter()
@@ -314,4 +317,4 @@ def solve_deepseek_eplb(problem: BalanceProblem, *, time_limit: float | None = N
                 np.full((num_ranks, num_experts), -1, np.int64), even_split(problem.load, copies))
     return SolveResult("feasible", plan, float("nan"), None, None, time.perf_counter() - start,
                        f"DeepSeek EPLB routing over {int(copies.sum())} physical experts",
-                       "deepseek_eplb")
+                       "eplb")

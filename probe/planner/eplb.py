@@ -1,11 +1,13 @@
 """EPLB maps and the EPLB-style add-copies baseline.
 
 `to_eplb_maps` exports any Plan in DeepSeek EPLB's map convention so that vLLM/SGLang users can
-consume it; `solve_eplb` (method "eplb") is the EPLB-style baseline of the simulator and the
-solver benchmark: it keeps the problem's home layout and adds replicas chosen from a moving
-window of past load with EPLB's "highest load per copy" rule, tokens split evenly over an
-expert's copies. DeepSeek's EPLB proper re-packs every expert, home copies too, over the
-physical slots; that algorithm is `probe.planner.deepseek_eplb` (method "deepseek_eplb").
+consume it; `solve_eplb_addcopies` (method "eplb_addcopies"; called "eplb" before method "eplb"
+became DeepSeek's algorithm, and so named in results/solvers_bench and results/sim written
+before the rename) is an EPLB-style baseline: it keeps the problem's home layout and adds
+replicas chosen from a moving window of past load with EPLB's "highest load per copy" rule,
+tokens split evenly over an expert's copies. DeepSeek's EPLB proper re-packs every expert,
+home copies too, over the physical slots; that algorithm is `probe.planner.deepseek_eplb`
+(method "eplb", alias "deepseek_eplb").
 
 Map convention (one layer; DeepSeek's `rebalance_experts` returns the same three maps with a
 leading layer axis, which `probe.planner.layers.stack_eplb_maps` adds):
@@ -44,7 +46,8 @@ import numpy as np
 
 from probe.planner.problem import BalanceProblem, Plan, SolveResult
 
-__all__ = ["eplb_placement", "even_split", "history_weight", "solve_eplb", "to_eplb_maps"]
+__all__ = ["eplb_placement", "even_split", "history_weight", "solve_eplb_addcopies",
+           "to_eplb_maps"]
 
 
 def to_eplb_maps(problem: BalanceProblem, plan: Plan, copies: np.ndarray | None = None,
@@ -196,9 +199,9 @@ def history_weight(problem: BalanceProblem, history: np.ndarray | None) -> np.nd
     return hist.mean(axis=0).astype(np.float64)
 
 
-def solve_eplb(problem: BalanceProblem, *, time_limit: float | None = None,
-               history: np.ndarray | None = None) -> SolveResult:
-    """Backend for `solve(problem, "eplb", history=...)`.
+def solve_eplb_addcopies(problem: BalanceProblem, *, time_limit: float | None = None,
+                         history: np.ndarray | None = None) -> SolveResult:
+    """Backend for `solve(problem, "eplb_addcopies", history=...)`.
 
     history: past loads of this layer, int [H, S, E] or [H, E] (a moving window of steps; the
     caller chooses its length and how often to re-plan). None uses the problem's own load,
@@ -214,4 +217,5 @@ def solve_eplb(problem: BalanceProblem, *, time_limit: float | None = None,
     assignment = even_split(problem.load, problem.home | replicas)
     plan = Plan(replicas, sources, assignment)
     return SolveResult("feasible", plan, float("nan"), None, None, time.perf_counter() - start,
-                       f"EPLB-style, {plan.num_replicas} replicas", "eplb")
+                       f"EPLB-style add-copies, {plan.num_replicas} replicas",
+                       "eplb_addcopies")

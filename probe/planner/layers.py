@@ -35,14 +35,21 @@ def attention_time(model, hardware) -> float:
 def plan_layers(loads: np.ndarray, *, cost: CostModel, home: np.ndarray | None = None,
                 slots=3, window="auto", method: str = "greedy", attention_s: float = 0.0,
                 histories: Sequence[np.ndarray | None] | None = None,
-                time_limit: float | None = None, **options) -> list[SolveResult]:
+                time_limit: float | None = None, planned: list | None = None,
+                **options) -> list[SolveResult]:
     """Solve one problem per layer.
 
     loads: int [L, S, E]; home: bool [G, E] (default: static sharding); slots: per rank (int
     or [G]); window: "auto" (see module docstring), seconds, or float [G]; method and options
     go to `solve` (e.g. rules=GreedyRules.paper() for the greedy methods). histories:
-    per-layer `history` for method "eplb" (None entries use the current load).
+    per-layer `history` for methods "eplb" and "eplb_addcopies" (None entries use the current
+    load). Method "eplb" (DeepSeek's EPLB, alias "deepseek_eplb") is planned end to end: each
+    layer's problem is rebuilt on DeepSeek's layout of its home + slots (`eplb_problem`, from
+    the history's mean load) and its tokens routed over that layout; the returned results
+    refer to the rebuilt problems (home = the layout, no extra slots). planned: a list to
+    which each layer's problem as solved is appended (the rebuilt one for "eplb").
     """
+    from probe.planner.deepseek_eplb import eplb_problem
     from probe.planner.solve import solve
 
     loads = np.asarray(loads)
@@ -53,20 +60,26 @@ def plan_layers(loads: np.ndarray, *, cost: CostModel, home: np.ndarray | None =
         problem = BalanceProblem.from_load(loads[layer], cost, slots, window, home,
                                            attention_time=attention_s)
         extra = dict(options)
-        if method == "eplb" and histories is not None and histories[layer] is not None:
-            extra["history"] = histories[layer]
+        history = None if histories is None else histories[layer]
+        if method in ("eplb", "deepseek_eplb") and "copies" not in extra:
+            problem, extra["copies"] = eplb_problem(problem, history=history)
+        elif method == "eplb_addcopies" and history is not None:
+            extra["history"] = history
         results.append(solve(problem, method, time_limit=time_limit, **extra))
+        if planned is not None:
+            planned.append(problem)
     return results
 
 
 def plan_step(trace, step: int, *, cost: CostModel, home: np.ndarray | None = None, slots=3,
               window="auto", method: str = "greedy", attention_s: float = 0.0,
               eplb_history: int = 16, time_limit: float | None = None,
-              **options) -> list[SolveResult]:
+              planned: list | None = None, **options) -> list[SolveResult]:
     """Plan every MoE layer of step `step` of a RoutingTrace; one SolveResult per layer.
 
-    For method "eplb" the history is the previous `eplb_history` steps of each layer (the
-    current step's load at step 0). Other arguments as in `plan_layers`.
+    For methods "eplb" (DeepSeek's EPLB) and "eplb_addcopies" the history is the previous
+    `eplb_history` steps of each layer (the current step's load at step 0). Other arguments
+    as in `plan_layers`.
     """
     num_steps = trace.num_steps
     if isinstance(step, bool) or not isinstance(step, (int, np.integer)):
@@ -79,12 +92,13 @@ def plan_step(trace, step: int, *, cost: CostModel, home: np.ndarray | None = No
                          f"{trace.num_ranks} source ranks")
     loads = trace.load_counts(steps=[step])[0]  # [L, S, E]
     histories = None
-    if method == "eplb" and "history" not in options and step > 0:
+    if method in ("eplb", "deepseek_eplb", "eplb_addcopies") and "history" not in options \
+            and step > 0:
         past = trace.load_counts(steps=range(max(0, step - eplb_history), step))  # [H, L, S, E]
         histories = [past[:, layer] for layer in range(loads.shape[0])]
     return plan_layers(loads, cost=cost, home=home, slots=slots, window=window, method=method,
                        attention_s=attention_s, histories=histories, time_limit=time_limit,
-                       **options)
+                       planned=planned, **options)
 
 
 def stack_eplb_maps(problems: Sequence[BalanceProblem], plans: Sequence[Plan]):

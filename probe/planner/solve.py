@@ -19,7 +19,7 @@ objective (eq. 8) from `evaluate_plan`, so every backend is scored the same way.
 >>> solve(prob, "simplex")  # doctest: +ELLIPSIS
 Traceback (most recent call last):
 ...
-ValueError: unknown method 'simplex'; choose one of: cpsat, deepseek_eplb, eplb, greedy, ...
+ValueError: unknown method 'simplex'; choose one of: cpsat, deepseek_eplb, eplb, eplb_addcopies, ...
 """
 
 from __future__ import annotations
@@ -38,8 +38,13 @@ METHODS: dict[str, tuple[str, str]] = {
     "static": ("probe.planner.static", "solve_static"),
     "greedy": ("probe.planner.greedy", "solve_greedy"),
     "greedy_ref": ("probe.planner.greedy", "solve_greedy_ref"),
-    "eplb": ("probe.planner.eplb", "solve_eplb"),
+    # "eplb" is DeepSeek's EPLB (token routing over a layout from eplb_problem);
+    # "deepseek_eplb" is its former name, kept as an alias; "eplb_addcopies" is the older
+    # EPLB-style baseline that keeps the home layout and adds copies (named "eplb" in results
+    # written before the rename: results/solvers_bench, results/sim).
+    "eplb": ("probe.planner.deepseek_eplb", "solve_deepseek_eplb"),
     "deepseek_eplb": ("probe.planner.deepseek_eplb", "solve_deepseek_eplb"),
+    "eplb_addcopies": ("probe.planner.eplb", "solve_eplb_addcopies"),
     "lp": ("probe.planner.lp", "solve_lp"),
     "cpsat": ("probe.planner.cpsat", "solve_cpsat"),
     "highs": ("probe.planner.highs", "solve_highs"),
@@ -67,8 +72,9 @@ def solve(problem: BalanceProblem, method: str = "greedy", *, time_limit: float 
     backend's default); a backend that hits it returns status "timeout" with its best plan.
     check: re-check the plan with `check_plan` (a plan that fails becomes status "error",
     plan None, with the violations in `message`). options: passed to the backend (e.g.
-    rules=GreedyRules(...) for greedy and greedy_ref, history for eplb, copies for
-    deepseek_eplb, ranks_per_node, rules and node_rules for hierarchical).
+    rules=GreedyRules(...) for greedy and greedy_ref, copies for eplb (DeepSeek's EPLB, on a
+    problem from probe.planner.deepseek_eplb.eplb_problem), history for eplb_addcopies,
+    ranks_per_node, rules and node_rules for hierarchical).
     """
     if not isinstance(problem, BalanceProblem):
         raise TypeError(f"problem must be a BalanceProblem, got {type(problem).__name__}")

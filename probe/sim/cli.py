@@ -27,11 +27,13 @@ def simulate_command(
     model: str = typer.Option("gpt-oss-120b", help="ModelSpec preset or JSON file."),
     hardware: str = typer.Option("h200x8", help="HardwareSpec preset or JSON file."),
     policies: str = typer.Option("static,eplb,probe,oracle",
-                                 help="Comma list of static, eplb, probe, probe-unbounded, "
-                                      "oracle."),
+                                 help="Comma list of static, eplb (DeepSeek's EPLB), "
+                                      "eplb_addcopies (copies added to the home layout), probe, "
+                                      "probe-unbounded, oracle."),
     ep: int = typer.Option(None, help="EP ranks (default: the trace's ranks)."),
     slots: int = typer.Option(3, help="PROBE replica slots per rank per layer."),
-    eplb_slots: int = typer.Option(2, help="EPLB redundant experts per rank per layer."),
+    eplb_slots: int = typer.Option(2, help="EPLB redundant experts per rank per layer (eplb "
+                                           "and eplb_addcopies)."),
     eplb_interval: int = typer.Option(100, help="EPLB rebalance period in steps."),
     eplb_window: int = typer.Option(100, help="EPLB history window in steps."),
     predictor: str = typer.Option("topk:0.9", help="perfect, previous, topk:ACC, noise:SIGMA."),

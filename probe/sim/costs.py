@@ -32,8 +32,23 @@ their sources; `FairCosts.constants_table()` prints them for reports):
   The model's mean attention per layer is then the mean of the two layer types. Chunked
   prefill uses the measured (chunk, seconds) points (attention within the chunk only); a
   sliding layer there is taken as linear in the chunk at the 1024-token point's rate.
+* Across nodes (ep > 8, nodes of 8 ranks, `for_model(..., num_ranks=32 or 64)`): a rank's
+  dispatch / combine bytes are split into intra-node (NVLink, as above) and inter-node (RDMA)
+  bytes; one collective costs `inter_a2a_latency_s` + max over ranks of max(intra bytes /
+  `a2a_bandwidth`, inter bytes / `inter_a2a_bandwidth`) (the two networks run in parallel).
+  The RDMA rate is the h200x8-nN presets' 50 GB/s per GPU per direction (one 400 Gb/s NIC);
+  DeepEP V1's README reports 43-58 GB/s RDMA bottleneck bandwidth for its internode normal
+  kernels at EP16-EP64 on such NICs, i.e. about the link. The 25 us latency is ASSUMED (twice
+  the intranode figure). Token-expert pairs are counted: DeepEP's per-node deduplication is
+  not modelled (every policy pays the same way for it). Weight movement (EPLB re-plans) then
+  runs at the RDMA rate: most copies come from another node.
 * Weight movement: one expert's bytes over the NVLink rate of probe's hardware preset (450 GB/s
   per direction, datasheet).
+* DeepSeek-V3 has no measured table: `for_model("deepseek-v3", ...)` costs it with
+  qwen3-235b-a22b's measurements (`FairCosts.scaled_from`): attention and predictor as
+  measured for qwen3 (MLA is not modelled), the expert table's flat part (weight read and
+  launch) scaled by the ratio of expert bytes (FP8: 1.17x) and the rest (the GEMM) by the
+  ratio of expert FLOPs (2.33x, at bf16 rate: FP8 GEMMs are not measured).
 * Predictor (per layer, on the H200): results/predictor/report.md "Cost per layer", triton
   form at H = 256: gpt-oss-120b 18.8 / 22.5 / 46.6 us at T = 512 / 1024 / 8192 tokens per
   rank, qwen3-235b-a22b 23.9 / 28.1 / 60.2 us; interpolated linearly in T.
@@ -44,6 +59,7 @@ their sources; `FairCosts.constants_table()` prints them for reports):
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -64,6 +80,13 @@ CONSTANTS: dict[str, dict] = {
                       "source": "ASSUMED fixed part of one intranode all-to-all (launch + "
                                 "barrier); DeepEP V1 low-latency EP8 figures (77 us dispatch, "
                                 "114 us combine at 128 tokens, RDMA) are bandwidth-dominated"},
+    "inter_a2a_bandwidth": {"value": 50e9, "unit": "B/s",
+                            "source": "probe.specs h200x8-nN presets: one 400 Gb/s NIC per GPU; "
+                                      "DeepEP V1 README internode normal kernels: 43-58 GB/s "
+                                      "RDMA at EP16-EP64 (ep > 8 only)"},
+    "inter_a2a_latency_s": {"value": 25e-6, "unit": "s",
+                            "source": "ASSUMED fixed part of one all-to-all across nodes (twice "
+                                      "the intranode figure; ep > 8 only)"},
     "link_bandwidth": {"value": 450e9, "unit": "B/s",
                        "source": "probe.specs h200x8 preset (NVLink 4, 900 GB/s bidirectional)"},
     "planner_kernel_s": {"value": 19.7e-6, "unit": "s",
@@ -184,12 +207,26 @@ class FairCosts:
     planner_host_factor: float = CONSTANTS["planner_host_factor"]["value"]
     planner_gpu_s: float = CONSTANTS["planner_gpu_s"]["value"]
     calibrated_as: str = ""  # the calibrated model whose costs these are ("": model.name)
+    ranks_per_node: int = 8
+    inter_a2a_bandwidth: float = CONSTANTS["inter_a2a_bandwidth"]["value"]
+    inter_a2a_latency_s: float = CONSTANTS["inter_a2a_latency_s"]["value"]
 
     @classmethod
     def for_model(cls, name: str, num_ranks: int = 8, calibration=None, *,
                   routing: ModelSpec | None = None, **overrides):
-        """Costs of preset `name` at `num_ranks` ranks. routing: another ModelSpec (e.g. a
-        small recorded model's experts and top-k) costed with `name`'s calibrated numbers."""
+        """Costs of preset `name` at `num_ranks` ranks (nodes of 8 above 8: RDMA between them,
+        re-plan weights at the RDMA rate). routing: another ModelSpec (e.g. a small recorded
+        model's experts and top-k) costed with `name`'s calibrated numbers. "deepseek-v3" (not
+        calibrated) is costed from qwen3-235b-a22b's numbers (module docstring)."""
+        if not isinstance(num_ranks, int) or num_ranks < 1:
+            raise ValueError(f"num_ranks must be an int >= 1, got {num_ranks!r}")
+        if num_ranks > 8 and num_ranks % 8:
+            raise ValueError(f"num_ranks above 8 must be whole nodes of 8, got {num_ranks}")
+        if num_ranks > 8:
+            overrides.setdefault("link_bandwidth", CONSTANTS["inter_a2a_bandwidth"]["value"])
+        if name == "deepseek-v3" and routing is None:
+            return cls.scaled_from("qwen3-235b-a22b", model_preset(name), num_ranks,
+                                   calibration, **overrides)
         model = model_preset(name) if routing is None else routing
         data = load_calibration(calibration)
         entry = data["models"].get(name)
@@ -210,6 +247,21 @@ class FairCosts:
                    kv_bytes_per_token=kv_bytes, hbm_bw=float(data["copy"]["bandwidth"]),
                    calibrated_as=name, **overrides)
 
+    @classmethod
+    def scaled_from(cls, calibrated: str, model: ModelSpec, num_ranks: int, calibration=None,
+                    **overrides):
+        """Costs of `model` (not calibrated) from `calibrated`'s measurements: its attention and
+        predictor, its expert table with the flat part (the table's minimum: weight read and
+        launch) scaled by the ratio of expert bytes and the rest by the ratio of expert FLOPs.
+        """
+        base = cls.for_model(calibrated, num_ranks, calibration, routing=model, **overrides)
+        ref = model_preset(calibrated)
+        r_bytes = model.expert_bytes / ref.expert_bytes
+        r_flops = model.expert_params / ref.expert_params
+        flat = float(base.experts.seconds.min())
+        seconds = r_bytes * flat + r_flops * (base.experts.seconds - flat)
+        return dataclasses.replace(base, experts=ExpertTimeTable(base.experts.tokens, seconds))
+
     @property
     def cost_name(self) -> str:
         return self.calibrated_as or self.model.name
@@ -221,6 +273,24 @@ class FairCosts:
 
         hw = calibrated_hardware("h200x8", self.cost_name).with_ranks(self.num_ranks)
         return CostModel.from_specs(self.model, hw)
+
+    def fitted_cost(self, max_tokens: float):
+        """The planner's CostModel with alpha, beta refitted to the measured expert table around
+        an operating point: least squares over the table's points up to the first point at or
+        above `max_tokens` tokens per copy (at least three points), alpha >= 0, beta at least
+        1e-3 of the datasheet fit's (water-filling divides by it). Cached per bracket."""
+        tokens = self.experts.tokens
+        last = max(2, int(np.searchsorted(tokens, max(float(max_tokens), 1.0))))
+        last = min(last, tokens.size - 1)
+        cache = self.__dict__.setdefault("_fits", {})
+        if last not in cache:
+            x, y = tokens[:last + 1], self.experts.seconds[:last + 1]
+            beta, alpha = np.polyfit(x, y, 1)
+            base = self.planner_cost
+            beta = max(float(beta), 1e-3 * base.beta)
+            alpha = max(float(alpha), 0.0)
+            cache[last] = dataclasses.replace(base, alpha=alpha, beta=beta)
+        return cache[last]
 
     @property
     def expert_bytes(self) -> int:
@@ -266,9 +336,19 @@ class FairCosts:
         """(dispatch, combine) seconds of an assignment int [S, E, G]."""
         flow = assignment.sum(axis=1).astype(np.float64)  # [S, G]
         np.fill_diagonal(flow, 0.0)
-        worst = float(np.maximum(flow.sum(axis=0), flow.sum(axis=1)).max())
-        volume = worst * self.model.token_bytes / self.a2a_bandwidth
-        return self.a2a_latency_s + volume, self.a2a_latency_s + volume
+        if self.num_ranks <= self.ranks_per_node:
+            worst = float(np.maximum(flow.sum(axis=0), flow.sum(axis=1)).max())
+            volume = worst * self.model.token_bytes / self.a2a_bandwidth
+            return self.a2a_latency_s + volume, self.a2a_latency_s + volume
+        node = np.arange(self.num_ranks) // self.ranks_per_node
+        same = node[:, None] == node[None, :]
+        intra, inter = np.where(same, flow, 0.0), np.where(same, 0.0, flow)
+        worst_intra = np.maximum(intra.sum(axis=0), intra.sum(axis=1))  # [G]
+        worst_inter = np.maximum(inter.sum(axis=0), inter.sum(axis=1))
+        volume = float(np.maximum(worst_intra / self.a2a_bandwidth,
+                                  worst_inter / self.inter_a2a_bandwidth).max()) \
+            * self.model.token_bytes
+        return self.inter_a2a_latency_s + volume, self.inter_a2a_latency_s + volume
 
     def moe_seconds(self, assignment: np.ndarray, copies: np.ndarray) -> dict:
         """MoE time of a layer: dispatch + max-rank compute + combine, with its parts."""

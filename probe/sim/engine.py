@@ -22,16 +22,21 @@ scoring. Transfers that exceed the real window are charged as exposed time.
 
 Policies:
     static          sharded EP (probe.placement.sharded_home), no replicas, locality first.
-    eplb            `eplb_slots` redundant experts per layer per rank, placed from the mean load
-                    of the last `eplb_window` steps (probe.planner.eplb.eplb_placement,
-                    DeepSeek-EPLB style, no window limit: the shuffle is blocking), rebalanced
-                    every `eplb_interval` steps (first at step eplb_interval: static before);
-                    tokens locality-first, else split evenly over the expert's copies (the
-                    planner's solve(..., "eplb") splits evenly over all copies, ignoring
-                    locality; locality first is what SGLang's static dispatch does and is kinder
-                    to the baseline).
-                    Replicas persist between rebalances; the rebalance transfer of the new
-                    copies is charged in full as exposed time at the rebalance step.
+    eplb            DeepSeek's EPLB (probe.planner.deepseek_eplb, global policy): every rank's
+                    E / ep home slots + `eplb_slots` redundant slots re-packed with
+                    rebalance_experts from the mean load of the last `eplb_window` steps,
+                    re-planned every `eplb_interval` steps (first at step eplb_interval: static
+                    before); tokens split evenly over an expert's physical copies (DeepSeek's
+                    routing, solve(..., "eplb", copies=...)). The layout persists between
+                    re-plans; the copies a rank gains (from a rank that held the expert) are
+                    charged in full as exposed time at the re-plan step (blocking shuffle).
+    eplb_addcopies  the add-copies baseline (this simulator's "eplb" before "eplb" became
+                    DeepSeek's algorithm; results/sim was written with it under the name
+                    "eplb"): the home layout kept, `eplb_slots` replicas per layer per rank
+                    added from the window's mean load (probe.planner.eplb.eplb_placement), tokens
+                    locality-first, else split evenly over the expert's copies (what SGLang's
+                    static dispatch does; kinder to the baseline). Replicas persist between
+                    rebalances; new copies charged in full at the rebalance step.
     probe           the planner (`planner`, default the greedy with probe's rules) on the
                     PREDICTED load, `slots` replicas per rank, hiding-window constraint; the
                     plan is applied to the true load with `apply_plan` (same replicas, same
@@ -62,6 +67,7 @@ from probe.planner.problem import BalanceProblem, Plan
 from probe.planner.solve import solve
 from probe.planner.static import static_plan
 from probe.sim.attention import AttentionModel
+from probe.planner.deepseek_eplb import eplb_layout
 from probe.planner.eplb import eplb_placement
 from probe.sim.policies import apply_plan, rebalance_transfer
 from probe.sim.predict import describe_predictor, make_predictor, replay_predictor
@@ -70,7 +76,7 @@ from probe.traces.trace import RoutingTrace
 
 __all__ = ["METRICS", "POLICIES", "SimResult", "resplit_load", "simulate"]
 
-POLICIES = ("static", "eplb", "probe", "probe-unbounded", "oracle")
+POLICIES = ("static", "eplb", "eplb_addcopies", "probe", "probe-unbounded", "oracle")
 # Per (step, layer) metrics recorded for every policy.
 METRICS = ("layer_time", "attention", "moe", "compute", "comm", "exposed", "imbalance",
            "compute_skew", "bytes_moved", "planner_time", "replicas")
@@ -242,6 +248,8 @@ def simulate(
     metrics = {p: {m: np.zeros((num_steps, num_layers)) for m in METRICS} for p in policies}
     eplb_replicas = np.zeros((num_layers, ep, model.num_experts), dtype=bool)
     eplb_sources = np.full((num_layers, ep, model.num_experts), -1, dtype=np.int64)
+    eplb_copies = np.repeat(home[None].astype(np.int64), num_layers, axis=0)  # [L, G, E]
+    per_gpu = min(model.num_experts, model.num_experts // ep + eplb_slots)
     inf_window = np.full(ep, np.inf)
 
     if {"probe", "probe-unbounded", "oracle"} & set(policies) and num_steps:
@@ -251,7 +259,7 @@ def simulate(
     bar = _progress(progress, num_steps, f"simulate {model.name} ep={ep}")
     try:
         for n in range(num_steps):
-            rebalance = "eplb" in policies and n > 0 and n % eplb_interval == 0
+            rebalance = n > 0 and n % eplb_interval == 0
             for layer in range(num_layers):
                 true = load[n, layer]  # [S, E]
                 attn_rank = attention.seconds_per_rank(tokens_per_rank[n], int(phase[n]))  # [G]
@@ -281,7 +289,27 @@ def simulate(
                         if violations:
                             raise RuntimeError(f"{policy}: plan applied to the true load is "
                                                f"infeasible: {violations[:3]}")
-                    else:  # eplb
+                    elif policy == "eplb":  # DeepSeek's EPLB
+                        if rebalance:
+                            t0 = time.perf_counter()
+                            hist = load[max(0, n - eplb_window):n, layer].sum(axis=1)  # [H, E]
+                            new = eplb_layout(hist.mean(axis=0), per_gpu, 1, 1, ep)
+                            planner_time = time.perf_counter() - t0
+                            old = eplb_copies[layer] > 0
+                            holder = np.argmax(old, axis=0)  # [E] a rank that had the expert
+                            src = np.where(new > 0, holder[None, :], -1)
+                            extra, moved = rebalance_transfer(old, new > 0, src,
+                                                              cost.transfer_time)
+                            metrics[policy]["bytes_moved"][n, layer] = moved * cost.expert_bytes
+                            eplb_copies[layer] = new
+                        copies = eplb_copies[layer]
+                        scored_eplb = BalanceProblem(true, copies > 0, 0, inf_window, cost)
+                        plan = solve(scored_eplb, "eplb", copies=copies).plan
+                        mets = evaluate_plan(scored_eplb, plan)
+                        _record(metrics[policy], n, layer, attn, mets, extra, planner_time,
+                                scored_eplb, plan, count_bytes=False)
+                        continue
+                    else:  # eplb_addcopies
                         if rebalance:
                             t0 = time.perf_counter()
                             hist = load[max(0, n - eplb_window):n, layer].sum(axis=1)  # [H, E]

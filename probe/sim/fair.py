@@ -35,6 +35,12 @@ layer type). Every policy has k extra expert slots per rank:
                     eplb_async) plus p per-step replicas planned by the greedy (paper's rules)
                     from the prediction; dispatch-time token assignment on the TRUE load over
                     the copies present by water-filling (measured wall time charged in series).
+    probe_on_eplb_fit_bBpP  the same, the greedy and the water-filling on alpha, beta refitted
+                    per step and layer to the measured expert table around the operating point
+                    (FairCosts.fitted_cost of the heaviest predicted expert load) instead of
+                    the datasheet line alpha + beta n.
+    probe_on_eplb_auto  probe_on_eplb_fit with the b/p split chosen per layer from the history
+                    steps before the measured ones (history_split), fixed for the run.
     oracle          perfect knowledge, zero cost: per layer the best (lowest MoE time) of every
                     policy's plan and of the greedy planned on the TRUE load over each layout
                     (sharded + k per-step slots, EPLB-b + p per-step slots) with the LP /
@@ -72,8 +78,8 @@ from probe.sim.costs import FairCosts
 from probe.sim.policies import apply_plan
 from probe.sim.predict import make_predictor, replay_predictor
 
-__all__ = ["FairResult", "eplb_copies", "lp_split", "policy_names", "simulate_fair",
-           "split_by_fractions", "waterfill_split"]
+__all__ = ["FairResult", "eplb_copies", "history_split", "lp_split", "policy_names",
+           "rule_split", "simulate_fair", "split_by_fractions", "waterfill_split"]
 
 
 def paper_options() -> dict:
@@ -82,9 +88,49 @@ def paper_options() -> dict:
 
 
 def policy_names(slots: int) -> list[str]:
-    """Policies simulated at `slots` extra slots per rank (probe_on_eplb for every b + p)."""
+    """Policies simulated at `slots` extra slots per rank (probe_on_eplb and probe_on_eplb_fit
+    for every b + p, probe_on_eplb_auto)."""
     combos = [f"probe_on_eplb_b{b}p{slots - b}" for b in range(slots)]
-    return ["static", "eplb_stw", "eplb_async", "eplb_lp", "probe_paper", *combos, "oracle"]
+    fits = [f"probe_on_eplb_fit_b{b}p{slots - b}" for b in range(slots)]
+    return ["static", "eplb_stw", "eplb_async", "eplb_lp", "probe_paper", *combos, *fits,
+            "probe_on_eplb_auto", "oracle"]
+
+
+def rule_split(slots: int) -> tuple[int, int]:
+    """(b, p): the b/p split fixed before a run: p = max(1, k // 2) per-step slots."""
+    p = max(1, slots // 2)
+    return slots - p, p
+
+
+def history_split(history: np.ndarray, layouts: dict, costs: FairCosts, slots: int,
+                  attention: float) -> list[tuple[int, int]]:
+    """(b, p) per layer chosen from history: for each split, the fitted-table greedy planned on
+    each history step's load (taken as its own prediction) over the EPLB-b layout, water-filled
+    and scored with the measured table; the split with the lowest mean MoE time per layer.
+
+    history: int [H, L, S, E] loads before the measured steps; layouts: b -> copies
+    int [L, G, E]."""
+    out = []
+    for layer in range(history.shape[1]):
+        best, best_t = rule_split(slots), math.inf
+        for b in range(slots):
+            p = slots - b
+            copies = layouts[b][layer]
+            base = copies > 0
+            total = 0.0
+            for load in history[:, layer]:
+                load = load.astype(np.int64)
+                cost = costs.fitted_cost(load.sum(axis=0).max())
+                win = default_window(load, base, cost) + attention
+                result = solve(BalanceProblem(load, base, p, win, cost), "greedy", check=False,
+                               **paper_options())
+                holds = copies + _plan(result).replicas
+                total += costs.moe_seconds(waterfill_split(load, holds, costs, cost=cost),
+                                           holds)["moe"]
+            if total < best_t - 1e-12:
+                best, best_t = (b, p), total
+        out.append(best)
+    return out
 
 
 def eplb_copies(weight: np.ndarray, resident: int, num_ranks: int) -> np.ndarray:
@@ -193,7 +239,7 @@ def _waterfill_jit():
 
 
 def waterfill_split(load: np.ndarray, holds: np.ndarray, costs: FairCosts,
-                    timing: list | None = None, passes: int = 4) -> np.ndarray:
+                    timing: list | None = None, passes: int = 4, cost=None) -> np.ndarray:
     """int64 [S, E, G]: tokens over the copies present, multi-copy experts by water-filling.
 
     holds: int [G, E] copies per rank. Heaviest multi-copy expert first, its tokens raise the
@@ -201,9 +247,10 @@ def waterfill_split(load: np.ndarray, holds: np.ndarray, costs: FairCosts,
     table time of fixed experts + alpha + beta per token) to a common level; `passes` rounds
     of taking each expert out and filling it again bring it close to the LP (a Numba kernel).
     timing: a list to which the kernel's seconds are appended (the numpy bookkeeping around
-    it is not timed, as for lp_split).
+    it is not timed, as for lp_split). cost: the CostModel whose alpha, beta set the levels
+    (default: costs.planner_cost).
     """
-    cost = costs.planner_cost
+    cost = costs.planner_cost if cost is None else cost
     fixed, multi, total = _fixed_and_multi(load, holds, costs)
     order = multi[np.argsort(-total[multi], kind="stable")].astype(np.int64)
     kernel = _waterfill_jit()
@@ -330,8 +377,10 @@ def simulate_fair(load: np.ndarray, costs: FairCosts, *, slots: int, prior: int,
 
     window, interval: EPLB's history window and re-plan interval in steps (the first layout
     is planned from the `window` steps before the first measured step, so window <= prior).
-    predictor: an error-model spec (probe.sim.predict) or predicted loads int [N, L, S, E] of
-    the measured steps. check: check_plan every policy's plan on the true load (RuntimeError
+    predictor: an error-model spec (probe.sim.predict), predicted loads int [N, L, S, E] of
+    the measured steps, or a callable predict(true, previous, step, layer) -> int [S, E] (step
+    counted from the first measured step; e.g. probe.sim.predict.confusion_predictor).
+    check: check_plan every policy's plan on the true load (RuntimeError
     on a violation), with the hiding window the plan was made for (transfer beyond the real
     window is charged as exposed time, not refused). solve_time: {"lp": s, "waterfill": s}
     to charge fixed dispatch-solve times instead of the measured wall time (None: measured).
@@ -355,6 +404,8 @@ def simulate_fair(load: np.ndarray, costs: FairCosts, *, slots: int, prior: int,
     num_steps = num_all - prior
     if isinstance(predictor, np.ndarray):
         predict = replay_predictor(predictor, (num_steps, *load.shape[1:]))
+    elif callable(predictor):
+        predict = predictor
     else:
         predict = make_predictor(predictor, seed=seed)
     model = costs.model
@@ -365,6 +416,8 @@ def simulate_fair(load: np.ndarray, costs: FairCosts, *, slots: int, prior: int,
     options = paper_options()
     policies = policy_names(slots)
     combos = [(b, slots - b) for b in range(slots)]
+    combo_of = {f"probe_on_eplb_b{b}p{p}": b for b, p in combos}
+    combo_of.update({f"probe_on_eplb_fit_b{b}p{p}": b for b, p in combos})
     metrics = {p: {m: np.zeros((num_steps, num_layers)) for m in _METRICS} for p in policies}
     stall = {p: np.zeros(num_steps) for p in policies}
     moved = {p: np.zeros(num_steps) for p in policies}
@@ -382,6 +435,7 @@ def simulate_fair(load: np.ndarray, costs: FairCosts, *, slots: int, prior: int,
     stw = eplb_copies(weight_at(prior), slots, num_ranks)
     active = {b: eplb_copies(weight_at(prior), b, num_ranks) for b in residents}
     pending: dict[int, tuple[np.ndarray, int] | None] = dict.fromkeys(residents)
+    auto_split = history_split(load[prior - window:prior], active, costs, slots, attention)
     step_hide = 0.0  # seconds of non-communication time of the last step (async copy window)
 
     def moved_per_rank(old: np.ndarray, new: np.ndarray) -> np.ndarray:  # bytes [G]
@@ -401,7 +455,7 @@ def simulate_fair(load: np.ndarray, costs: FairCosts, *, slots: int, prior: int,
                 delay = math.ceil(seconds / step_hide) if step_hide > 0 else 0
                 pending[b] = (new_b, n + min(delay, interval))
                 users = ["eplb_async", "eplb_lp"] if b == slots else []
-                users += [f"probe_on_eplb_b{b}p{slots - b}"] if b < slots else []
+                users += [q for q, qb in combo_of.items() if qb == b]
                 for user in users:
                     moved[user][n] = moved_per_rank(active[b], new_b).sum()
                     if delay > interval:  # could not finish before the next re-plan
@@ -504,6 +558,25 @@ def simulate_fair(load: np.ndarray, costs: FairCosts, *, slots: int, prior: int,
                 record(policy, assign, holds, transfer=exposed_transfer(truth, plan),
                        probe=True, solve_s=fixed_solve.get("waterfill", wf_s),
                        replicas=plan.num_replicas)
+            # probe_on_eplb_fit: the same on alpha, beta fitted to the table around the prediction
+            fit_cost = costs.fitted_cost(pred.sum(axis=0).max())
+            for b, p in combos:
+                policy = f"probe_on_eplb_fit_b{b}p{p}"
+                copies = active[b][layer]
+                base = copies > 0
+                win = default_window(pred, base, fit_cost) + attention
+                result = solve(BalanceProblem(pred, base, p, win, fit_cost), "greedy",
+                               check=False, **options)
+                replicas = _plan(result).replicas
+                holds = copies + replicas
+                wf_timing = []
+                assign = waterfill_split(true, holds, costs, wf_timing, cost=fit_cost)
+                plan = Plan(replicas, _plan(result).sources, assign)
+                truth = BalanceProblem(true, base, p, win, fit_cost)
+                checked(policy, truth, plan)
+                record(policy, assign, holds, transfer=exposed_transfer(truth, plan),
+                       probe=True, solve_s=fixed_solve.get("waterfill", wf_timing[0]),
+                       replicas=plan.num_replicas)
             # oracle: the best of every policy's plan and of true-load plans, free
             options_true = [(home, home_int, slots)] + [
                 (active[b][layer] > 0, active[b][layer], p) for b, p in combos]
@@ -519,8 +592,7 @@ def simulate_fair(load: np.ndarray, costs: FairCosts, *, slots: int, prior: int,
             m["moe"][n, layer] = best
             m["imbalance"][n, layer] = np.nan
         step_hide = hide * model.num_layers  # the async copy's window over one step
-        for b, p in combos:  # per-step replica bytes (all model layers)
-            policy = f"probe_on_eplb_b{b}p{p}"
+        for policy in combo_of:  # per-step replica bytes (all model layers)
             moved[policy][n] += metrics[policy]["replicas"][n].mean() * model.num_layers \
                 * expert_bytes
         moved["probe_paper"][n] += metrics["probe_paper"]["replicas"][n].mean() \
@@ -529,21 +601,35 @@ def simulate_fair(load: np.ndarray, costs: FairCosts, *, slots: int, prior: int,
     # Charge each dispatch solver its median measured time over the run (the shared host's
     # contention makes single timings noisy); fixed times from `solve_time` stay as given.
     for policy in policies:
-        if policy == "eplb_lp" or policy.startswith("probe_on_eplb"):
+        if policy == "eplb_lp" or (policy.startswith("probe_on_eplb")
+                                   and policy != "probe_on_eplb_auto"):
             key = "lp" if policy == "eplb_lp" else "waterfill"
             if key not in fixed_solve:
                 m = metrics[policy]["solve"]
                 m[:] = float(np.median(m))
+    # probe_on_eplb_auto: per layer the fit policy of its history split
+    for layer, (b, p) in enumerate(auto_split):
+        for name in _METRICS:
+            metrics["probe_on_eplb_auto"][name][:, layer] = \
+                metrics[f"probe_on_eplb_fit_b{b}p{p}"][name][:, layer]
+    chosen = [f"probe_on_eplb_fit_b{b}p{p}" for b, p in auto_split]
+    stall["probe_on_eplb_auto"] = np.max([stall[q] for q in chosen], axis=0)
+    moved["probe_on_eplb_auto"] = np.mean([moved[q] for q in chosen], axis=0)
     layers_w = model.num_layers * expert_bytes
     memory = {"static": 0.0, "eplb_stw": slots * layers_w, "eplb_async": slots * layers_w,
               "eplb_lp": slots * layers_w, "probe_paper": 2.0 * slots * expert_bytes,
               "oracle": slots * layers_w}
     for b, p in combos:
         memory[f"probe_on_eplb_b{b}p{p}"] = b * layers_w + 2.0 * p * expert_bytes
+        memory[f"probe_on_eplb_fit_b{b}p{p}"] = b * layers_w + 2.0 * p * expert_bytes
+    memory["probe_on_eplb_auto"] = (np.mean([b for b, _ in auto_split]) * layers_w
+                                    + 2.0 * max(p for _, p in auto_split) * expert_bytes)
     meta = {"model": model.name, "model_layers": model.num_layers, "trace_layers": num_layers,
             "slots": slots, "prior": prior, "window": window, "interval": interval,
-            "predictor": predictor if isinstance(predictor, str) else "given",
-            "batch_per_rank": batch, "seed": seed, "phase": phase}
+            "predictor": predictor if isinstance(predictor, str) else
+            ("callable" if callable(predictor) else "given"),
+            "batch_per_rank": batch, "seed": seed, "phase": phase,
+            "auto_split": [list(x) for x in auto_split]}
     return FairResult(policies=policies, metrics=metrics, stall=stall, moved=moved,
                       attention=attention, tokens_per_step=load[prior:, 0].sum(axis=(1, 2))
                       / model.top_k, layer_scale=layer_scale, memory=memory, meta=meta)

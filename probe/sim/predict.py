@@ -15,6 +15,11 @@ declared error models, each a pure function of the true load, the step's history
   * "noise:SIGMA": true count times exp(SIGMA * N(0, 1)) per (s, e), rounded (zeros stay zero:
     an optimistic model, kept for sensitivity studies).
 
+`confusion_predictor(pairs, num_experts, seed)` replays a REAL predictor's measured errors
+where only a sample of its outputs exists (e.g. the small model's router samples): per layer,
+the empirical confusion C[i, j] (true expert i predicted as j) from sampled (predicted ids,
+true ids) pairs, and every (source, expert) count of the true load drawn through it.
+
 `make_predictor(spec, seed)` returns a callable predict(true, previous, step, layer) -> int64
 [S, E]; `true` and `previous` are int [S, E] (previous None at the first step).
 
@@ -33,7 +38,8 @@ from collections.abc import Callable
 
 import numpy as np
 
-__all__ = ["Predictor", "describe_predictor", "make_predictor", "replay_predictor"]
+__all__ = ["Predictor", "confusion_matrix", "confusion_predictor", "describe_predictor",
+           "make_predictor", "replay_predictor"]
 
 Predictor = Callable[[np.ndarray, "np.ndarray | None", int, int], np.ndarray]
 
@@ -103,6 +109,69 @@ def replay_predictor(loads: np.ndarray, shape: tuple[int, ...]) -> Predictor:
 
     def predict(true, previous, step, layer):
         return given[step, layer]
+
+    return predict
+
+
+def confusion_matrix(pred_ids: np.ndarray, true_ids: np.ndarray, num_experts: int,
+                     smoothing: float = 8.0) -> np.ndarray:
+    """float64 [E, E], rows summing to 1: how often true expert i comes out as j.
+
+    pred_ids, true_ids: int [T, K] of the same sampled tokens. A true id that is predicted
+    counts (i, i); the true ids missed are paired, in id order, with the predicted ids that are
+    wrong (i, j). Each row is smoothed towards the layer-wide row (hit rate on the diagonal,
+    the wrong predictions' distribution elsewhere) with weight `smoothing` pairs, so experts
+    seen rarely in the sample get the layer's average behaviour.
+
+    >>> c = confusion_matrix(np.array([[0, 1], [0, 2]]), np.array([[0, 1], [0, 1]]), 3, 0.0)
+    >>> c.round(2).tolist()
+    [[1.0, 0.0, 0.0], [0.0, 0.5, 0.5], [0.0, 0.0, 1.0]]
+    """
+    pred_ids, true_ids = np.asarray(pred_ids), np.asarray(true_ids)
+    if pred_ids.shape != true_ids.shape or pred_ids.ndim != 2:
+        raise ValueError(f"pred_ids and true_ids must be int [T, K] of one shape, got "
+                         f"{pred_ids.shape} and {true_ids.shape}")
+    if smoothing < 0:
+        raise ValueError(f"smoothing must be >= 0, got {smoothing}")
+    counts = np.zeros((num_experts, num_experts))
+    for p, t in zip(pred_ids, true_ids, strict=True):
+        ps, ts = set(p.tolist()), set(t.tolist())
+        for i in ts & ps:
+            counts[i, i] += 1
+        for i, j in zip(sorted(ts - ps), sorted(ps - ts), strict=False):
+            counts[i, j] += 1
+    hits = np.trace(counts)
+    total = counts.sum()
+    hit_rate = hits / total if total else 1.0
+    wrong = counts.sum(axis=0) - np.diag(counts)  # [E] wrong predictions per expert j
+    spread = wrong / wrong.sum() if wrong.sum() else np.full(num_experts, 1.0 / num_experts)
+    prior = (1 - hit_rate) * np.tile(spread, (num_experts, 1))
+    prior[np.arange(num_experts), np.arange(num_experts)] += hit_rate
+    prior /= prior.sum(axis=1, keepdims=True)
+    rows = counts.sum(axis=1, keepdims=True)
+    out = (counts + smoothing * prior) / np.maximum(rows + smoothing, 1e-12)
+    empty = rows[:, 0] + smoothing == 0
+    out[empty] = prior[empty]
+    return out
+
+
+def confusion_predictor(confusions: dict[int, np.ndarray], seed: int = 0,
+                        fallback: Predictor | None = None) -> Predictor:
+    """predict(true, previous, step, layer): every count true[s, i] drawn (multinomial) over
+    confusions[layer][i] (float [E, E]); layers without a matrix use `fallback` (default:
+    "previous"). Preserves the count per source rank."""
+    fallback = _previous if fallback is None else fallback
+
+    def predict(true, previous, step, layer):
+        if layer not in confusions:
+            return fallback(true, previous, step, layer)
+        c = confusions[layer]
+        true = np.asarray(true, dtype=np.int64)
+        rng = _rng(seed, step, layer)
+        out = np.zeros_like(true)
+        for s, i in zip(*np.nonzero(true), strict=True):
+            out[s] += rng.multinomial(true[s, i], c[i])
+        return out
 
     return predict
 
