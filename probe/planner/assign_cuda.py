@@ -38,10 +38,11 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from numba import config, cuda
+from numba import config
 
 from probe.planner.assign import remote_cost
 from probe.planner.cost import CostModel
+from probe.planner.numba_cuda import cuda
 
 __all__ = ["THREADS", "DeviceAssigner"]
 
