@@ -213,3 +213,34 @@ def test_grouped_experts_take_packed_weights(fmt):
     assert torch.allclose(got, want, atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="both be tensors or both PackedWeight"):
         GroupedExperts(gate_up, down.dense(), activate)
+
+
+@pytest.mark.parametrize("arch", ["gpt_oss", "deepseek_v3"])
+def test_keep_format_holds_experts_packed_with_the_same_logits(arch, tmp_path):
+    """load_model(keep_format=True) keeps MXFP4 / FP8 experts in their format (their bytes),
+    and its logits equal the dequantized model's."""
+    from probe.runtime.checkpoint import load_model
+    from probe.runtime.random_checkpoint import RandomCheckpointSpec, write_random_checkpoint
+
+    spec = RandomCheckpointSpec(num_layers=2, num_experts=4, top_k=2, hidden_size=128,
+                                expert_width=128, num_heads=4, num_kv_heads=2)
+    path = write_random_checkpoint(arch, tmp_path / "ck", spec, weights="shipped")
+    dense = load_model(path)
+    packed = load_model(path, keep_format=True)
+    fmt = "mxfp4" if arch == "gpt_oss" else "fp8_block"
+    blocks = list(packed.moe_blocks)
+    assert blocks and all(b.packed is not None for b in blocks)
+    for block, ref in zip(blocks, dense.moe_blocks, strict=True):
+        gate_up, down = block.packed
+        assert gate_up.fmt == down.fmt == fmt
+        assert block.w_gate_up.is_meta and block.w_down.is_meta
+        assert gate_up.nbytes == 4 * weight_bytes(fmt, 2 * 128, 128)
+        assert torch.equal(gate_up.dense(), ref.w_gate_up) and torch.equal(down.dense(), ref.w_down)
+    ids = torch.randint(0, 200, (2, 10), generator=torch.Generator().manual_seed(1))
+    got, want = packed(ids).logits, dense(ids).logits
+    assert torch.allclose(got, want, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="packed"):
+        from probe.runtime.decode import DecodeRunner, StaticKVCache
+
+        cache = StaticKVCache(packed.cfg, 2, 32, dtype=torch.float32, device="cpu")
+        DecodeRunner(packed, cache, use_graphs=False)

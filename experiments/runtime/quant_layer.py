@@ -27,6 +27,7 @@ import argparse
 import itertools
 import json
 import statistics
+import tempfile
 import time
 from pathlib import Path
 
@@ -184,6 +185,39 @@ def run_shape(name, spec, tokens_list, device, ceilings, repeats, gen, blocks):
     return rows_out
 
 
+def model_check(device: str, tmp: Path) -> list[dict]:
+    """Whole models with packed experts against the same models dequantized on load: random
+    GPT-OSS (MXFP4 experts) and DeepSeek-V3 (FP8 projections) checkpoints in their release
+    format, loaded with and without keep_format, in bf16 on `device` (on a GPU the packed
+    experts run through the Triton kernel); relative error of the logits and expert bytes."""
+    from probe.runtime.checkpoint import load_model
+    from probe.runtime.random_checkpoint import RandomCheckpointSpec, write_random_checkpoint
+
+    spec = RandomCheckpointSpec(num_layers=2, num_experts=16, top_k=4, hidden_size=256,
+                                expert_width=256, num_heads=4, num_kv_heads=2)
+    out = []
+    for arch in ("gpt_oss", "deepseek_v3"):
+        path = write_random_checkpoint(arch, tmp / arch, spec, weights="shipped",
+                                       overwrite=True)
+        ids = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(3))
+        dense = load_model(path, dtype=torch.bfloat16, device=device)
+        packed = load_model(path, dtype=torch.bfloat16, device=device, keep_format=True)
+        with torch.no_grad():
+            want = dense(ids.to(device)).logits.float()
+            got = packed(ids.to(device)).logits.float()
+        gate_up, down = packed.moe_blocks[0].packed
+        ref = dense.moe_blocks[0]
+        dense_bytes = 2 * (ref.w_gate_up.numel() + ref.w_down.numel())
+        out.append({"arch": arch, "format": gate_up.fmt,
+                    "rel_error": float((got - want).norm() / want.norm()),
+                    "packed_expert_bytes": gate_up.nbytes + down.nbytes,
+                    "bf16_expert_bytes": dense_bytes})
+        print(f"model check {arch}: {gate_up.fmt} experts, logits rel. error "
+              f"{out[-1]['rel_error']:.2e} vs the dequantized bf16 model; expert bytes per layer "
+              f"{out[-1]['packed_expert_bytes']} vs {dense_bytes} in bf16", flush=True)
+    return out
+
+
 def write_md(path: Path, rows: list[dict], ceilings: dict, device_name: str) -> None:
     lines = [f"# MoE expert time by weight format ({device_name})", "",
              f"HBM {ceilings['hbm_bytes_per_s'] / 1e12:.2f} TB/s (read + write), bf16 matmul "
@@ -222,11 +256,20 @@ def main(argv: list[str] | None = None) -> int:
     for name, spec in shapes.items():
         rows += run_shape(name, spec, tokens, args.device, ceilings, repeats, gen, blocks)
     device_name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
-    result = {"device": device_name, "ceilings": ceilings, "rows": rows}
+    with tempfile.TemporaryDirectory() as tmp:
+        models = model_check(args.device, Path(tmp))
+    result = {"device": device_name, "ceilings": ceilings, "rows": rows, "model_check": models}
     json_path = args.out / "quant_layer.json"
     json_path.write_text(json.dumps(result, indent=1) + "\n")
     md_path = args.out / "quant_layer.md"
     write_md(md_path, rows, ceilings, device_name)
+    with md_path.open("a") as md:
+        md.write("\nWhole models, packed experts against the same model dequantized on load "
+                 "(bf16 logits):\n\n| model | format | logits rel. error | expert bytes / layer "
+                 "| bf16 bytes |\n|---|---|---|---|---|\n")
+        for m in models:
+            md.write(f"| {m['arch']} | {m['format']} | {m['rel_error']:.2e} | "
+                     f"{m['packed_expert_bytes']} | {m['bf16_expert_bytes']} |\n")
     run.write(args.out, [json_path, md_path], name="quant_layer.manifest.json")
     print(md_path.read_text())
     return 0

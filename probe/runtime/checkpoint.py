@@ -30,7 +30,7 @@ from probe.runtime.families import (
     ignorable,
 )
 from probe.runtime.model import MoETransformer
-from probe.runtime.quant import dequantize_fp8_block
+from probe.runtime.quant import FP8_BLOCK, MXFP4_BLOCK, PackedWeight, dequantize_fp8_block
 
 __all__ = ["CheckpointError", "CheckpointReader", "load_config", "load_model", "read_hf_config",
            "verify_checkpoint"]
@@ -280,9 +280,48 @@ def verify_checkpoint(path: str | Path, *, expert_ids: Sequence[int] | None = No
     return _prepare(path, expert_ids)[0]
 
 
+def _packed_experts(recipe: Recipe, reader: CheckpointReader,
+                    device: str | torch.device) -> PackedWeight | None:
+    """A MoE layer's stacked expert matrix kept in its stored format, or None when it is
+    stored in plain floats. MXFP4 (GPT-OSS: `*_blocks` / `*_scales`, gate and up rows
+    interleaved, as in the dense release) and block-scaled FP8 (DeepSeek-V3: one
+    `weight` + `weight_scale_inv` per expert and projection; gate and up are stacked, which
+    keeps whole 128-row tiles only when the expert width is a multiple of 128)."""
+    if not recipe.target.endswith((".w_gate_up", ".w_down")):
+        return None
+    first = recipe.sources[0]
+    if first.name.endswith("_blocks"):
+        blocks = reader.read(first.name, first.rows)  # [E, rows, cols / 32, 16]
+        scales = reader.read(recipe.sources[1].name, recipe.sources[1].rows)  # [E, rows, cols/32]
+        if recipe.target.endswith(".w_gate_up"):  # interleaved gate, up rows -> gate, then up
+            order = torch.cat((torch.arange(0, blocks.shape[1], 2),
+                               torch.arange(1, blocks.shape[1], 2)))
+            blocks, scales = blocks[:, order], scales[:, order]
+        shape = (blocks.shape[0], blocks.shape[1], blocks.shape[2] * MXFP4_BLOCK)
+        return PackedWeight("mxfp4", shape, (blocks.contiguous().to(device),
+                                             scales.contiguous().to(device)))
+    parts = [reader.read(s.name, s.rows) for s in recipe.sources]
+    if parts[0].dtype != torch.float8_e4m3fn:
+        return None
+    rows = parts[0].shape[0]
+    if recipe.target.endswith(".w_gate_up") and rows % FP8_BLOCK:
+        raise CheckpointError(reader.file_of[first.name], (
+            f"keep_format: expert width {rows} is not a multiple of {FP8_BLOCK}, so gate and "
+            "up cannot be stacked in whole FP8 tiles; load with keep_format=False"))
+    scales = [reader.read(s.name + FP8_SCALE_SUFFIX, s.rows) for s in recipe.sources]
+    if recipe.target.endswith(".w_gate_up"):  # E gate sources, then E up sources
+        half = len(parts) // 2
+        weight = torch.cat((torch.stack(parts[:half]), torch.stack(parts[half:])), dim=1)
+        scale = torch.cat((torch.stack(scales[:half]), torch.stack(scales[half:])), dim=1)
+    else:
+        weight, scale = torch.stack(parts), torch.stack(scales)
+    return PackedWeight("fp8_block", tuple(weight.shape), (weight.to(device), scale.to(device)))
+
+
 def load_model(path: str | Path, *, dtype: torch.dtype = torch.float32,
                device: str | torch.device = "cpu",
-               expert_ids: Sequence[int] | None = None) -> MoETransformer:
+               expert_ids: Sequence[int] | None = None,
+               keep_format: bool = False) -> MoETransformer:
     """Build the model of checkpoint directory `path` and load its weights.
 
     Args:
@@ -291,6 +330,10 @@ def load_model(path: str | Path, *, dtype: torch.dtype = torch.float32,
         device: where the parameters go.
         expert_ids: global ids of the experts each MoE layer holds, in slot order (distinct,
             in [0, E)); None holds all E experts.
+        keep_format: keep MXFP4 / block-scaled FP8 expert weights in that format
+            (`MoEBlock.packed`, probe.runtime.quant.PackedWeight) instead of dequantizing them;
+            the dense expert parameters are then left on the meta device, so any path that
+            does not support packed experts fails loudly. Plain-float checkpoints load as usual.
     Returns:
         MoETransformer in eval mode with requires_grad disabled.
     """
@@ -299,8 +342,13 @@ def load_model(path: str | Path, *, dtype: torch.dtype = torch.float32,
     cfg, ids, reader, plan = _prepare(path, expert_ids)
     with torch.device("meta"):
         model = MoETransformer(cfg, ids)
-    state = {}
+    state, packed = {}, {}
     for recipe in plan:
+        kept = _packed_experts(recipe, reader, device) if keep_format else None
+        if kept is not None:
+            packed[recipe.target] = kept
+            state[recipe.target] = torch.empty(kept.shape, dtype=dtype, device="meta")
+            continue
         parts = [_read_dense(reader, s) for s in recipe.sources]
         target_dtype = torch.float32 if fp32_params(cfg, recipe.target) else dtype
         state[recipe.target] = recipe.build(parts).to(device=device, dtype=target_dtype)
@@ -309,6 +357,10 @@ def load_model(path: str | Path, *, dtype: torch.dtype = torch.float32,
         raise RuntimeError(f"internal: plan/model mismatch: missing {_few(expected - set(state))}"
                            f", extra {_few(set(state) - expected)}")
     model.load_state_dict(state, strict=True, assign=True)
+    for target, weight in packed.items():  # "layers.{i}.moe.w_gate_up" -> that block's pair
+        block = model.get_submodule(target.rsplit(".", 1)[0])
+        gate_up, down = block.packed or (None, None)
+        block.packed = (weight, down) if target.endswith(".w_gate_up") else (gate_up, weight)
     model.eval()
     model.requires_grad_(False)
     return model

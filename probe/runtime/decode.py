@@ -283,6 +283,9 @@ class DecodeRunner:
     def __init__(self, model: MoETransformer, cache: StaticKVCache, *, use_graphs: bool,
                  buckets: Sequence[int] | None = None) -> None:
         _check_local(model)
+        if any(block.packed is not None for block in model.moe_blocks):
+            raise ValueError("the static decode step does not run packed (MXFP4 / FP8) experts "
+                             "yet: load the model without keep_format, or decode eagerly")
         self.model = model
         self.cache = cache
         self.device = next(model.parameters()).device

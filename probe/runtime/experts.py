@@ -184,9 +184,10 @@ class GroupedExperts:
 
     @classmethod
     def from_block(cls, block, grouped: bool | None = None) -> GroupedExperts:
-        """The experts of a `MoEBlock` (its parameters, referenced)."""
+        """The experts of a `MoEBlock` (its parameters, or its packed weights, referenced)."""
         bias = block.cfg.expert_bias
-        return cls(block.w_gate_up, block.w_down, block.activate,
+        w_gate_up, w_down = block.packed or (block.w_gate_up, block.w_down)
+        return cls(w_gate_up, w_down, block.activate,
                    b_gate_up=block.b_gate_up if bias else None,
                    b_down=block.b_down if bias else None, grouped=grouped)
 

@@ -387,6 +387,9 @@ class MoEBlock(nn.Module):
             self.router_correction_bias = nn.Parameter(torch.empty(e_all))
         if cfg.num_shared_experts:
             self.shared = DenseMLP(d, f * cfg.num_shared_experts)
+        # (w_gate_up, w_down) kept in a storage format (probe.runtime.quant.PackedWeight) when
+        # loaded with keep_format; the dense parameters are then meta tensors.
+        self.packed: tuple | None = None
         self.w_gate_up = nn.Parameter(torch.empty(e_local, 2 * f, d))
         self.w_down = nn.Parameter(torch.empty(e_local, d, f))
         if cfg.expert_bias:
@@ -472,6 +475,9 @@ class MoEBlock(nn.Module):
         """One expert, unweighted: x [n, D] -> [n, D]."""
         i = self.slot(expert_id)
         bias = self.cfg.expert_bias
+        if self.packed is not None:
+            return self._experts_grouped(x, torch.full((x.shape[0],), expert_id,
+                                                       dtype=torch.int64, device=x.device))
         gate_up = F.linear(x, self.w_gate_up[i], self.b_gate_up[i] if bias else None)  # [n, 2F]
         return F.linear(self.activate(gate_up), self.w_down[i],
                         self.b_down[i] if bias else None)  # [n, D]
@@ -481,7 +487,7 @@ class MoEBlock(nn.Module):
 
         expert_of_row holds global expert ids, all of them held by this block.
         """
-        if self.grouped:
+        if self.grouped or self.packed is not None:
             return self._experts_grouped(x, expert_of_row)
         out = torch.empty_like(x)  # [n, D]
         if x.shape[0] == 0:

@@ -266,6 +266,9 @@ class EPRunner:
         decoder_layers = [layer for layer in model.layers if layer.is_moe]
         for i, layer in enumerate(decoder_layers):
             block = layer.moe
+            if block.packed is not None:
+                raise ValueError("expert parallelism does not move packed (MXFP4 / FP8) experts "
+                                 "yet: load the model without keep_format")
             self.blocks.append(block)
             layer.moe = _EPBlock(self, i, block)
         first = self.blocks[0]
