@@ -232,6 +232,9 @@ MODEL_PRESETS: dict[str, ModelSpec] = {
     for spec in (
         ModelSpec("gpt-oss-120b", num_layers=36, num_experts=128, top_k=4, hidden=2880,
                   expert_ffn=2880),
+        # The same with its experts as released: MXFP4, 17/32 bytes per weight with scales.
+        ModelSpec("gpt-oss-120b-mxfp4", num_layers=36, num_experts=128, top_k=4, hidden=2880,
+                  expert_ffn=2880, weight_format="mxfp4"),
         ModelSpec("qwen3-235b-a22b", num_layers=94, num_experts=128, top_k=8, hidden=4096,
                   expert_ffn=1536),
         # 61 layers, the first 3 dense; FP8 expert weights; one shared expert.

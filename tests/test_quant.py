@@ -244,3 +244,15 @@ def test_keep_format_holds_experts_packed_with_the_same_logits(arch, tmp_path):
 
         cache = StaticKVCache(packed.cfg, 2, 32, dtype=torch.float32, device="cpu")
         DecodeRunner(packed, cache, use_graphs=False)
+
+
+def test_mxfp4_preset_prices_transfers_by_its_bytes():
+    from probe.planner.cost import CostModel
+    from probe.specs import hardware_preset, model_preset
+
+    bf16, mx = model_preset("gpt-oss-120b"), model_preset("gpt-oss-120b-mxfp4")
+    assert mx.expert_bytes == 3 * weight_bytes("mxfp4", 2880, 2880)
+    hw = hardware_preset("h200x8")
+    slow, fast = CostModel.from_specs(bf16, hw), CostModel.from_specs(mx, hw)
+    ratio = fast.transfer_time[0, 1] / slow.transfer_time[0, 1]
+    assert ratio == pytest.approx(mx.expert_bytes / bf16.expert_bytes, rel=1e-6)
