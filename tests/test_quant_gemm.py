@@ -39,10 +39,11 @@ for seed in range(6):
         # BK 64 and 128 (a partial last step where 128 does not divide K), both FP8 scalings
         cfg = KernelConfig(block_m=16, block_n=16, block_k=64 if seed % 2 else 128,
                            fp8_scale="product" if seed % 3 else "weights")
-        grouped_matmul(x, packed, offsets, config=cfg, out=out)
+        bias = torch.randn(num_experts, n, generator=g) if seed % 2 == 0 else None
+        grouped_matmul(x, packed, offsets, config=cfg, bias=bias, out=out)
         # the twin on the weights as the kernel sees them (bf16), in fp32
         bf = PackedWeight("fp32", packed.shape, (packed.dense().to(torch.bfloat16).float(),))
-        ref = grouped_matmul_ref(x, bf, offsets)
+        ref = grouped_matmul_ref(x, bf, offsets, bias)
         err = float((out.float() - ref).norm() / ref.norm().clamp_min(1e-30))
         errors.append([seed, fmt, err, bool(torch.isnan(out).any())])
 json.dump(errors, sys.stdout)

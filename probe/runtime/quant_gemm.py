@@ -116,8 +116,8 @@ if triton is not None:
         return e, row0, end
 
     @triton.jit
-    def _grouped_kernel(x_ptr, w_ptr, s_ptr, offs_ptr, y_ptr, N, K, stride_w, stride_s,
-                        stride_xm, stride_ym,
+    def _grouped_kernel(x_ptr, w_ptr, s_ptr, offs_ptr, y_ptr, b_ptr, N, K, stride_w, stride_s,
+                        stride_xm, stride_ym, stride_b, HAS_BIAS: tl.constexpr,
                         E: tl.constexpr, E_PAD: tl.constexpr,
                         FORMAT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
                         BK: tl.constexpr, GROUP: tl.constexpr, TILE: tl.constexpr,
@@ -178,7 +178,7 @@ if triton is not None:
                     scale = tl.load(s_ptr + (e64 * tiles_n + cols // TILE) * tiles_k + k0 // TILE,
                                     mask=cmask, other=1.0)  # BK divides TILE: one k tile
                     if DECODE == 1:  # fp8 -> bf16 is exact; the scale goes on the product
-                        w = raw.to(tl.bfloat16)
+                        w = raw.to(tl.float32).to(tl.bfloat16)  # (a conversion sm_90 has)
                         post = scale
                     else:
                         w = (raw.to(tl.float32) * scale[:, None]).to(tl.bfloat16)
@@ -190,6 +190,9 @@ if triton is not None:
                     acc += part * post[None, :]
                 else:
                     acc += part
+            if HAS_BIAS:  # the expert's bias row, added in fp32 before the one rounding
+                acc += tl.load(b_ptr + e64 * stride_b + cols, mask=cmask,
+                               other=0.0).to(tl.float32)[None, :]
             tl.store(y_ptr + rows[:, None].to(tl.int64) * stride_ym + cols[None, :],
                      acc.to(y_ptr.dtype.element_ty), mask=rmask[:, None] & cmask[None, :])
 
@@ -283,9 +286,10 @@ DEFAULT_CONFIGS = {
 
 
 def grouped_matmul(x: torch.Tensor, weight: PackedWeight, offsets: torch.Tensor, *,
-                   config: KernelConfig | None = None,
+                   config: KernelConfig | None = None, bias: torch.Tensor | None = None,
                    out: torch.Tensor | None = None) -> torch.Tensor:
-    """y bf16 [M, N]: every expert's rows of x times its (packed) weight, transposed.
+    """y bf16 [M, N]: every expert's rows of x times its (packed) weight, transposed, plus
+    the expert's bias row when `bias` [E, N] is given (added in the kernel's epilogue).
 
     offsets int32 [E + 1] lives on x's device and is never read on the host: each program
     derives its expert and rows from it. config: `KernelConfig` (None: DEFAULT_CONFIGS[fmt]).
@@ -302,6 +306,8 @@ def grouped_matmul(x: torch.Tensor, weight: PackedWeight, offsets: torch.Tensor,
     if weight.fmt == "mxfp4" and cfg.mxfp4_decode == "ptx" and (interpret or not x.is_cuda):
         raise ValueError("mxfp4_decode='ptx' needs an NVIDIA GPU (not the interpreter)")
     num_experts, n, k = weight.shape
+    if bias is not None and tuple(bias.shape) != (num_experts, n):
+        raise ValueError(f"bias must be [E, N] = [{num_experts}, {n}], got {list(bias.shape)}")
     m = x.shape[0]
     x = x.contiguous()
     if out is None:
@@ -317,8 +323,10 @@ def grouped_matmul(x: torch.Tensor, weight: PackedWeight, offsets: torch.Tensor,
         stride_w, stride_s = k, 0
         decode = _FP8_SCALE[cfg.fp8_scale] if weight.fmt == "fp8_block" else 0
     grid = (triton.cdiv(m, cfg.block_m) + num_experts, triton.cdiv(n, cfg.block_n))
-    _grouped_kernel[grid](x, w, scales, offsets, out, n, k, stride_w, stride_s,
-                          x.stride(0), out.stride(0),
+    b = w if bias is None else bias.contiguous()
+    _grouped_kernel[grid](x, w, scales, offsets, out, b, n, k, stride_w, stride_s,
+                          x.stride(0), out.stride(0), 0 if bias is None else b.stride(0),
+                          HAS_BIAS=bias is not None,
                           E=num_experts, E_PAD=triton.next_power_of_2(num_experts),
                           FORMAT=_FORMAT_CODE[weight.fmt], BM=cfg.block_m, BN=cfg.block_n,
                           BK=cfg.block_k, GROUP=MXFP4_BLOCK, TILE=FP8_BLOCK, DECODE=decode,
@@ -327,9 +335,9 @@ def grouped_matmul(x: torch.Tensor, weight: PackedWeight, offsets: torch.Tensor,
     return out
 
 
-def grouped_matmul_ref(x: torch.Tensor, weight: PackedWeight,
-                       offsets: torch.Tensor) -> torch.Tensor:
-    """The slow twin: dequantize every expert, one fp32 matmul per expert's rows."""
+def grouped_matmul_ref(x: torch.Tensor, weight: PackedWeight, offsets: torch.Tensor,
+                       bias: torch.Tensor | None = None) -> torch.Tensor:
+    """The slow twin: dequantize every expert, one fp32 matmul per expert's rows (+ bias)."""
     _check(x, weight, offsets)
     bounds = offsets.tolist()
     out = torch.zeros((x.shape[0], weight.shape[1]), dtype=torch.float32, device=x.device)
@@ -337,4 +345,6 @@ def grouped_matmul_ref(x: torch.Tensor, weight: PackedWeight,
         a, b = bounds[e], bounds[e + 1]
         if b > a:  # one expert dequantized at a time: large layers fit
             out[a:b] = x[a:b].to(torch.float32) @ weight.rows([e]).dense(torch.float32)[0].T
+            if bias is not None:
+                out[a:b] += bias[e].to(torch.float32)
     return out
