@@ -10,6 +10,10 @@ or GPT-OSS's clamped SwiGLU). A forward pass over rows that each name a local ex
   2. `gate_up = grouped_mm(x[order], w_gate_up^T, offs)` (+ `b_gate_up[slot[order]]`),
      `h = activate(gate_up)`, `y = grouped_mm(h, w_down^T, offs)` (+ `b_down[slot[order]]`);
   3. un-permute: `out[order] = y`.
+Options (both off by default): `glu` (a `GluSpec`) runs the gate/up bias and the nonlinearity as
+one kernel on CUDA (`probe.runtime.glu.fused_glu`) instead of op by op; `backend="triton"` runs
+dense bf16 weights through `probe.runtime.quant_gemm`'s grouped kernel (packed weights always
+take it on CUDA), which adds the biases in its epilogue instead of gathering them per row.
 No step reads a count back to the host, so the grouped path needs no synchronisation (and can be
 captured in a CUDA graph). An expert with no rows is an empty group.
 
