@@ -104,6 +104,9 @@ def test_quant_layer_benchmark_runs_on_cpu(tmp_path):
     rows = json.loads((tmp_path / "quant_layer.json").read_text())["rows"]
     assert {r["variant"] for r in rows} == {"triton bf16", "triton mxfp4", "triton fp8_block"}
     assert all(r["rel_error"] < 3e-2 for r in rows)
+    trials = json.loads((tmp_path / "quant_layer.json").read_text())["trials"]
+    assert len(trials) == 4 and all(t["median_us"] > 0 and "error" not in t for t in trials)
+    assert "Every config tried" in (tmp_path / "quant_layer.md").read_text()
     assert (tmp_path / "quant_layer.manifest.json").exists()
 
 

@@ -206,7 +206,7 @@ def run_shape(name, spec, tokens_list, device, ceilings, repeats, gen, configs, 
                             trial["error"] = f"rel. error {err:.2e} over {MAX_REL_ERROR}"
                             continue
                         ms = _time(_rotating(fn, sets, gate_up, down), repeats=repeats,
-                                   warmup=1 if repeats <= 2 else 3)
+                                   warmup=0 if repeats <= 2 else 3)
                     except Exception as exc:  # noqa: BLE001 - a config that fails is reported
                         trial["error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
                         print(f"{name} T={tokens} {label} {block}: {trial['error']}", flush=True)
@@ -286,7 +286,7 @@ def main(argv: list[str] | None = None) -> int:
     shapes = QUICK_SHAPES if args.quick else SHAPES
     tokens = (16,) if args.quick else TOKENS
     configs = QUICK_CONFIGS if args.quick else CONFIGS
-    repeats = 2 if args.quick else args.repeats
+    repeats = 1 if args.quick else args.repeats
     rows, trials = [], []
     t_start = time.perf_counter()
     for name, spec in shapes.items():
