@@ -189,9 +189,12 @@ def _rotating(call, inputs: list):
     return fn
 
 
-def check_against_cpu_twin(family: str, d: int, f: int, k: int, device, dtype) -> float:
+def check_against_cpu_twin(family: str, d: int, f: int, k: int, device,
+                           dtype) -> tuple[float, dict]:
     """Every grouped variant on the device vs loop_experts on the CPU in float32, 8 experts,
-    fresh inputs; the largest relative error."""
+    fresh inputs: (the largest relative error, {variant: why it is left out}). The default
+    `grouped` must run and agree (else AssertionError); an opt-in variant that fails to run
+    or disagrees is left out of the timing and reported."""
     gen = torch.Generator().manual_seed(11)
     e = 8
     w = layer_weights(family, e, d, f, dtype, device)
@@ -202,16 +205,27 @@ def check_against_cpu_twin(family: str, d: int, f: int, k: int, device, dtype) -
                         w32["w_gate_up"], w32["w_down"], activation(family),
                         w32.get("b_gate_up"), w32.get("b_down"))
     want = combine(rows.view(40, k, d), weights.cpu())
-    worst = 0.0
+    worst, left_out = 0.0, {}
     for label, (fused, backend) in GROUPED_VARIANTS.items():
         experts = experts_of(family, w, True, fused=fused, backend=backend)
-        got = experts.moe(x, ids, weights, combine).float().cpu()
+        try:
+            got = experts.moe(x, ids, weights, combine).float().cpu()
+        except Exception as err:  # noqa: BLE001 - an opt-in kernel that fails is reported
+            if label == "grouped":
+                raise
+            left_out[label] = f"{type(err).__name__}: {str(err)[:160]}"
+            continue
         err = float((got - want).norm() / want.norm())
         if err > 2e-2:
-            raise AssertionError(f"{family} D={d} F={f}: {label} on {device} vs CPU twin "
-                                 f"rel err {err}")
+            msg = f"{family} D={d} F={f}: {label} on {device} vs CPU twin rel err {err}"
+            if label == "grouped":
+                raise AssertionError(msg)
+            left_out[label] = msg
+            continue
         worst = max(worst, err)
-    return worst
+    for label, msg in left_out.items():
+        print(f"left out {label}: {msg}", flush=True)
+    return worst, left_out
 
 
 def time_parts(experts: GroupedExperts, family: str, w: dict, inputs: list, timer: Timer,
@@ -261,16 +275,20 @@ def time_parts(experts: GroupedExperts, family: str, w: dict, inputs: list, time
     seconds = {}
     with torch.no_grad():
         for name, step in steps.items():
-            seconds[name] = timer(_rotating(step, staged))
+            try:
+                seconds[name] = timer(_rotating(step, staged))
+            except Exception as err:  # noqa: BLE001 - a step that fails is left out, said
+                print(f"step {name} left out: {type(err).__name__}: {str(err)[:160]}",
+                      flush=True)
     return seconds
 
 
 def bench_shape(name: str, spec, tokens, timer: Timer, device, dtype, hw: dict) -> list[dict]:
     family, e, k, d, f = spec
-    twin_err = check_against_cpu_twin(family, d, f, k, device, dtype)
+    twin_err, left_out = check_against_cpu_twin(family, d, f, k, device, dtype)
     w = layer_weights(family, e, d, f, dtype, device)
     paths = {label: experts_of(family, w, True, fused=fused, backend=backend)
-             for label, (fused, backend) in GROUPED_VARIANTS.items()}
+             for label, (fused, backend) in GROUPED_VARIANTS.items() if label not in left_out}
     paths["loop"] = experts_of(family, w, False)
     ex, hf_status = hf_experts(family, w, e, k, d, f, dtype, device)
     calls = {p: _moe_call(g) for p, g in paths.items()}
@@ -290,13 +308,13 @@ def bench_shape(name: str, spec, tokens, timer: Timer, device, dtype, hw: dict) 
                "active_experts": active, "weight_bytes_read": active * expert_bytes,
                "flops": flops, "roofline_s": roof, "hf": hf_status, "twin_rel_err": twin_err,
                "grouped_mm_used": paths["grouped"].uses_grouped_mm(), "seconds": {},
-               "rel_err_vs_grouped": {}, "errors": {}}
+               "rel_err_vs_grouped": {}, "errors": dict(left_out)}
         with torch.no_grad():
             ref = calls["grouped"](*inputs[0]).float()
             for path, call in calls.items():
                 try:
                     out = call(*inputs[0]).float()
-                except (RuntimeError, NotImplementedError, KeyError, ValueError) as err:
+                except Exception as err:  # noqa: BLE001 - a path that fails is reported
                     row["errors"][path] = f"{type(err).__name__}: {str(err)[:160]}"
                     continue
                 rel = float((out - ref).norm() / ref.norm())

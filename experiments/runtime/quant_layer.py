@@ -214,9 +214,9 @@ def run_shape(name, spec, tokens_list, device, ceilings, repeats, gen, configs, 
                     trial["median_us"] = ms * 1e3
                     if best is None or ms < best[1]:
                         best = (block, ms, err)
-                if best is None:
-                    raise RuntimeError(f"{name} T={tokens} {label}: no config ran correctly "
-                                       f"({[t.get('error') for t in trials[-len(candidates):]]})")
+                if best is None:  # every config failed: in the trials table, not fatal
+                    print(f"{name} T={tokens} {label}: no config ran correctly", flush=True)
+                    continue
                 block, ms, err = best
                 weights = 3 * active * weight_bytes(fmt, width, hidden)
                 acts = 2 * top_k * tokens * (hidden + 2 * width) * 2

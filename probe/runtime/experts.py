@@ -231,11 +231,15 @@ class GroupedExperts:
 
     def uses_grouped_mm(self, dtype: torch.dtype | None = None) -> bool:
         """Whether forward runs `torch._grouped_mm` (rather than one F.linear per expert).
-        Packed weights never do (they run the Triton kernel or are expanded)."""
+        Packed weights never do (they run the Triton kernel or are expanded), nor bf16 on
+        CUDA with backend "triton"."""
         w = self.w_gate_up
         if isinstance(w, PackedWeight):
             return False
         dtype = w.dtype if dtype is None else dtype
+        if (self.backend == "triton" and w.is_cuda and dtype == torch.bfloat16
+                and quant_gemm.triton is not None):
+            return False
         return (self.grouped and dtype == w.dtype and grouped_mm_available(dtype, w.device)
                 and _aligned(w.transpose(1, 2), self.w_down.transpose(1, 2))
                 and w.shape[1] * w.element_size() % 16 == 0)
