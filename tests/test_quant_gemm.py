@@ -20,7 +20,7 @@ from probe.runtime.quant_gemm import grouped_matmul_ref, tile_schedule  # noqa: 
 _CHECK = r"""
 import json, sys, torch
 from probe.runtime.quant import PackedWeight
-from probe.runtime.quant_gemm import grouped_matmul, grouped_matmul_ref
+from probe.runtime.quant_gemm import KernelConfig, grouped_matmul, grouped_matmul_ref
 errors = []
 for seed in range(6):
     g = torch.Generator().manual_seed(seed)
@@ -36,10 +36,14 @@ for seed in range(6):
     for fmt in ("bf16", "mxfp4", "fp8_block"):
         packed = PackedWeight.pack(w, fmt)
         out = torch.full((x.shape[0], n), float("nan"), dtype=torch.bfloat16)
-        grouped_matmul(x, packed, offsets, block_m=16, block_n=16, block_k=64, out=out)
+        # BK 64 and 128 (a partial last step where 128 does not divide K), both FP8 scalings
+        cfg = KernelConfig(block_m=16, block_n=16, block_k=64 if seed % 2 else 128,
+                           fp8_scale="product" if seed % 3 else "weights")
+        bias = torch.randn(num_experts, n, generator=g) if seed % 2 == 0 else None
+        grouped_matmul(x, packed, offsets, config=cfg, bias=bias, out=out)
         # the twin on the weights as the kernel sees them (bf16), in fp32
         bf = PackedWeight("fp32", packed.shape, (packed.dense().to(torch.bfloat16).float(),))
-        ref = grouped_matmul_ref(x, bf, offsets)
+        ref = grouped_matmul_ref(x, bf, offsets, bias)
         err = float((out.float() - ref).norm() / ref.norm().clamp_min(1e-30))
         errors.append([seed, fmt, err, bool(torch.isnan(out).any())])
 json.dump(errors, sys.stdout)
@@ -100,4 +104,81 @@ def test_quant_layer_benchmark_runs_on_cpu(tmp_path):
     rows = json.loads((tmp_path / "quant_layer.json").read_text())["rows"]
     assert {r["variant"] for r in rows} == {"triton bf16", "triton mxfp4", "triton fp8_block"}
     assert all(r["rel_error"] < 3e-2 for r in rows)
+    trials = json.loads((tmp_path / "quant_layer.json").read_text())["trials"]
+    assert len(trials) == 4 and all(t["median_us"] > 0 and "error" not in t for t in trials)
+    assert "Every config tried" in (tmp_path / "quant_layer.md").read_text()
     assert (tmp_path / "quant_layer.manifest.json").exists()
+
+
+def _run_ptx(asm: str, packed: int, scales: tuple[int, int]) -> list[int]:
+    """Emulate the few PTX instructions of the MXFP4 decode on 32-bit ints: $0-$3 out."""
+    regs = {"$4": packed, "$5": scales[0], "$6": scales[1]}
+
+    def val(tok: str) -> int:
+        return regs[tok] if tok in regs else int(tok, 0)
+
+    def bf16x2(word: int) -> torch.Tensor:
+        halves = torch.tensor([word & 0xFFFF, word >> 16], dtype=torch.int32)
+        return (halves << 16).view(torch.float32)  # exact, subnormals included
+
+    for line in asm.splitlines():
+        line = line.strip().rstrip(";")
+        if not line or line in "{}" or line.startswith((".reg", "//")):
+            continue
+        op, args = line.split(None, 1)
+        d, *src = (a.strip() for a in args.split(","))
+        a = [val(s) for s in src]
+        if op == "prmt.b32":
+            pool = a[0] | (a[1] << 32)
+            out = sum(((pool >> (8 * ((a[2] >> (4 * i)) & 7))) & 0xFF) << (8 * i)
+                      for i in range(4))
+        elif op == "mov.b32":
+            out = a[0]
+        elif op == "shl.b32":
+            out = (a[0] << a[1]) & 0xFFFFFFFF
+        elif op == "shr.b32":
+            out = a[0] >> a[1]
+        elif op == "and.b32":
+            out = a[0] & a[1]
+        elif op == "or.b32":
+            out = a[0] | a[1]
+        elif op == "fma.rn.bf16x2":
+            r = (bf16x2(a[0]) * bf16x2(a[1]) + bf16x2(a[2])).to(torch.bfloat16)
+            bits = r.view(torch.int16).to(torch.int32) & 0xFFFF
+            out = int(bits[0]) | (int(bits[1]) << 16)
+        else:
+            raise AssertionError(f"unknown instruction {op}")
+        regs[d] = out
+    return [regs[f"${i}"] for i in range(4)]
+
+
+def test_ptx_mxfp4_decode_instructions_give_the_e2m1_values():
+    """The inline PTX of the 'ptx' decode (which only an NVIDIA GPU runs), emulated
+    instruction by instruction: every code in every byte position, with two scales."""
+    from probe.runtime.quant import dequantize_mxfp4
+    from probe.runtime.quant_gemm import _E2M1_PTX
+
+    g = torch.Generator().manual_seed(3)
+    for trial in range(64):
+        data = torch.randint(0, 256, (4,), generator=g, dtype=torch.int32)
+        if trial < 16:  # every code in the low and the high nibble
+            data[:] = trial | (((trial + 5) % 16) << 4)
+        exps = torch.randint(100, 140, (2,), generator=g, dtype=torch.int32)
+        word = sum(int(b) << (8 * i) for i, b in enumerate(data))
+        pairs = tuple(int(x) << 7 | int(x) << 23 for x in exps)  # bf16 2^(exp - 127), twice
+        out = _run_ptx(_E2M1_PTX, word, pairs)
+
+        def halves(word: int) -> list[float]:
+            h = torch.tensor([word & 0xFFFF, word >> 16], dtype=torch.int32) << 16
+            return h.view(torch.float32).tolist()
+
+        lo = halves(out[0]) + halves(out[1])  # low nibbles of bytes 0..3
+        hi = halves(out[2]) + halves(out[3])
+        got = [v for pair in zip(lo, hi, strict=True) for v in pair]  # k order
+        blocks = torch.zeros(1, 16, dtype=torch.uint8)
+        blocks[0, :4] = data.to(torch.uint8)
+        want = []
+        for i in range(4):  # bytes 0, 1 scaled by exps[0], bytes 2, 3 by exps[1]
+            scales = torch.tensor([int(exps[i // 2])], dtype=torch.uint8)
+            want += dequantize_mxfp4(blocks, scales)[2 * i:2 * i + 2].tolist()
+        assert got == want, (trial, data.tolist(), got, want)

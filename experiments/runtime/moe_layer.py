@@ -39,7 +39,13 @@ import torch
 
 from experiments.calibration.calibrate_h200 import Timer, measure_copy, measure_matmul, rand
 from experiments.manifest import Manifest
-from probe.runtime.experts import GroupedExperts, grouped_mm_available, loop_experts
+from probe.runtime.experts import (
+    GroupedExperts,
+    grouped_linear,
+    grouped_mm_available,
+    loop_experts,
+)
+from probe.runtime.glu import GluSpec, fused_glu, fused_glu_applies
 
 SHAPES = {  # name: (family, E, K, D, F)
     "gpt-oss-120b": ("gpt_oss", 128, 4, 2880, 2880),
@@ -85,9 +91,26 @@ def layer_weights(family: str, e: int, d: int, f: int, dtype, device) -> dict:
     return w
 
 
-def experts_of(family: str, w: dict, grouped: bool) -> GroupedExperts:
+def glu_spec(family: str) -> GluSpec:
+    """The family's nonlinearity as a GluSpec (the same function as `activation(family)`)."""
+    if family == "gpt_oss":
+        return GluSpec("clamped_swiglu", SWIGLU_ALPHA, SWIGLU_LIMIT)
+    return GluSpec("silu")
+
+
+# The GroupedExperts variants timed: (fused bias + GLU kernel, GEMM backend).
+GROUPED_VARIANTS = {
+    "grouped": (False, "torch"),  # what the runtime runs by default
+    "grouped fused": (True, "torch"),
+    "grouped triton": (True, "triton"),
+}
+
+
+def experts_of(family: str, w: dict, grouped: bool, *, fused: bool = False,
+               backend: str = "torch") -> GroupedExperts:
     return GroupedExperts(w["w_gate_up"], w["w_down"], activation(family),
-                          b_gate_up=w.get("b_gate_up"), b_down=w.get("b_down"), grouped=grouped)
+                          b_gate_up=w.get("b_gate_up"), b_down=w.get("b_down"), grouped=grouped,
+                          glu=glu_spec(family) if fused else None, backend=backend)
 
 
 def skewed_routing(gen: torch.Generator, tokens: int, e: int, k: int, device):
@@ -166,30 +189,107 @@ def _rotating(call, inputs: list):
     return fn
 
 
-def check_against_cpu_twin(family: str, d: int, f: int, k: int, device, dtype) -> float:
-    """Grouped on the device vs loop_experts on the CPU in float32, 8 experts, fresh inputs."""
+def check_against_cpu_twin(family: str, d: int, f: int, k: int, device,
+                           dtype) -> tuple[float, dict]:
+    """Every grouped variant on the device vs loop_experts on the CPU in float32, 8 experts,
+    fresh inputs: (the largest relative error, {variant: why it is left out}). The default
+    `grouped` must run and agree (else AssertionError); an opt-in variant that fails to run
+    or disagrees is left out of the timing and reported."""
     gen = torch.Generator().manual_seed(11)
     e = 8
     w = layer_weights(family, e, d, f, dtype, device)
     x = rand((40, d), dtype, device)
     ids, weights = skewed_routing(gen, 40, e, k, device)
-    got = experts_of(family, w, True).moe(x, ids, weights, combine).float().cpu()
     w32 = {n: t.float().cpu() for n, t in w.items()}
     rows = loop_experts(x.float().cpu().repeat_interleave(k, 0), ids.cpu().reshape(-1),
                         w32["w_gate_up"], w32["w_down"], activation(family),
                         w32.get("b_gate_up"), w32.get("b_down"))
     want = combine(rows.view(40, k, d), weights.cpu())
-    err = float((got - want).norm() / want.norm())
-    if err > 2e-2:
-        raise AssertionError(f"{family} D={d} F={f}: grouped on {device} vs CPU twin rel err {err}")
-    return err
+    worst, left_out = 0.0, {}
+    for label, (fused, backend) in GROUPED_VARIANTS.items():
+        experts = experts_of(family, w, True, fused=fused, backend=backend)
+        try:
+            got = experts.moe(x, ids, weights, combine).float().cpu()
+        except Exception as err:  # noqa: BLE001 - an opt-in kernel that fails is reported
+            if label == "grouped":
+                raise
+            left_out[label] = f"{type(err).__name__}: {str(err)[:160]}"
+            continue
+        err = float((got - want).norm() / want.norm())
+        if err > 2e-2:
+            msg = f"{family} D={d} F={f}: {label} on {device} vs CPU twin rel err {err}"
+            if label == "grouped":
+                raise AssertionError(msg)
+            left_out[label] = msg
+            continue
+        worst = max(worst, err)
+    for label, msg in left_out.items():
+        print(f"left out {label}: {msg}", flush=True)
+    return worst, left_out
+
+
+def time_parts(experts: GroupedExperts, family: str, w: dict, inputs: list, timer: Timer,
+               k: int) -> dict:
+    """Seconds of each step of the grouped layer on its own (rotating inputs, like the
+    whole layer): the permutation, the two GEMMs (torch._grouped_mm / the Triton kernel, no
+    bias), the bias + nonlinearity op by op and fused, the un-permutation and combine."""
+    staged = []
+    with torch.no_grad():
+        for x, ids, weights in inputs:
+            order, slot_sorted, offs = experts._permutation(ids.reshape(-1), x.device)
+            rows = x.index_select(0, order // k)
+            gate_up = grouped_linear(rows, w["w_gate_up"], offs)
+            h = activation(family)(gate_up)
+            y = grouped_linear(h, w["w_down"], offs)
+            staged.append((x, ids, weights, order, slot_sorted, offs, rows, gate_up, h, y))
+
+    def permute(x, ids, *_):
+        order = experts._permutation(ids.reshape(-1), x.device)[0]
+        x.index_select(0, order // k)
+
+    def gemms(backend):
+        def run(*s):
+            grouped_linear(s[6], w["w_gate_up"], s[5], backend=backend)
+            grouped_linear(s[8], w["w_down"], s[5], backend=backend)
+        return run
+
+    b_gu = w.get("b_gate_up")
+    spec = glu_spec(family)
+
+    def act_ops(*s):
+        gate_up = s[7] if b_gu is None else s[7] + b_gu.index_select(0, s[4])
+        activation(family)(gate_up)
+
+    def act_fused(*s):
+        fused_glu(s[7], spec, b_gu, None if b_gu is None else s[4])
+
+    def unpermute_combine(*s):
+        y = torch.empty_like(s[9]).index_copy_(0, s[3], s[9])
+        combine(y.view(s[0].shape[0], k, -1), s[2])
+
+    steps = {"permute": permute, "gemms grouped_mm": gemms("torch"),
+             "gemms triton": gemms("triton"), "bias+act ops": act_ops,
+             "unpermute+combine": unpermute_combine}
+    if fused_glu_applies(staged[0][7]):
+        steps["bias+act fused"] = act_fused
+    seconds = {}
+    with torch.no_grad():
+        for name, step in steps.items():
+            try:
+                seconds[name] = timer(_rotating(step, staged))
+            except Exception as err:  # noqa: BLE001 - a step that fails is left out, said
+                print(f"step {name} left out: {type(err).__name__}: {str(err)[:160]}",
+                      flush=True)
+    return seconds
 
 
 def bench_shape(name: str, spec, tokens, timer: Timer, device, dtype, hw: dict) -> list[dict]:
     family, e, k, d, f = spec
-    twin_err = check_against_cpu_twin(family, d, f, k, device, dtype)
+    twin_err, left_out = check_against_cpu_twin(family, d, f, k, device, dtype)
     w = layer_weights(family, e, d, f, dtype, device)
-    paths = {"grouped": experts_of(family, w, True), "loop": experts_of(family, w, False)}
+    paths = {label: experts_of(family, w, True, fused=fused, backend=backend)
+             for label, (fused, backend) in GROUPED_VARIANTS.items() if label not in left_out}
+    paths["loop"] = experts_of(family, w, False)
     ex, hf_status = hf_experts(family, w, e, k, d, f, dtype, device)
     calls = {p: _moe_call(g) for p, g in paths.items()}
     if ex is not None:
@@ -208,13 +308,13 @@ def bench_shape(name: str, spec, tokens, timer: Timer, device, dtype, hw: dict) 
                "active_experts": active, "weight_bytes_read": active * expert_bytes,
                "flops": flops, "roofline_s": roof, "hf": hf_status, "twin_rel_err": twin_err,
                "grouped_mm_used": paths["grouped"].uses_grouped_mm(), "seconds": {},
-               "rel_err_vs_grouped": {}, "errors": {}}
+               "rel_err_vs_grouped": {}, "errors": dict(left_out)}
         with torch.no_grad():
             ref = calls["grouped"](*inputs[0]).float()
             for path, call in calls.items():
                 try:
                     out = call(*inputs[0]).float()
-                except (RuntimeError, NotImplementedError, KeyError, ValueError) as err:
+                except Exception as err:  # noqa: BLE001 - a path that fails is reported
                     row["errors"][path] = f"{type(err).__name__}: {str(err)[:160]}"
                     continue
                 rel = float((out - ref).norm() / ref.norm())
@@ -223,11 +323,13 @@ def bench_shape(name: str, spec, tokens, timer: Timer, device, dtype, hw: dict) 
                     raise AssertionError(f"{name} T={t}: {path} differs from grouped ({rel})")
                 row["seconds"][path] = timer(_rotating(call, inputs))
         row["vs_roofline"] = {p: s / roof for p, s in row["seconds"].items()}
+        row["parts"] = time_parts(paths["grouped"], family, w, inputs, timer, k)
         rows.append(row)
         times = "  ".join(f"{p} {s * 1e6:8.1f} us ({s / roof:5.2f}x)"
                           for p, s in row["seconds"].items())
-        print(f"{name:16s} T={t:5d} active={active:6.1f} roofline {roof * 1e6:8.1f} us  {times}",
-              flush=True)
+        parts = "  ".join(f"{p} {s * 1e6:.1f}" for p, s in row["parts"].items())
+        print(f"{name:16s} T={t:5d} active={active:6.1f} roofline {roof * 1e6:8.1f} us  {times}\n"
+              f"{'':16s} steps (us): {parts}", flush=True)
     del w, paths, calls, ex
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -236,7 +338,7 @@ def bench_shape(name: str, spec, tokens, timer: Timer, device, dtype, hw: dict) 
 
 def markdown(rows: list[dict], hw: dict, meta: dict) -> str:
     paths = sorted({p for r in rows for p in r["seconds"]},
-                   key=["grouped", "loop", "hf eager", "hf grouped_mm"].index)
+                   key=[*GROUPED_VARIANTS, "loop", "hf eager", "hf grouped_mm"].index)
     lines = [f"MoE layer experts on {meta['device_name']} ({meta['dtype']}); measured bandwidth "
              f"{hw['bandwidth'] / 1e9:.1f} GB/s (copy, read+write), matmul "
              f"{hw['matmul_flops'] / 1e12:.0f} TFLOP/s; time in us (x roofline).", "",
@@ -247,6 +349,15 @@ def markdown(rows: list[dict], hw: dict, meta: dict) -> str:
                  else "n/a" for p in paths]
         lines.append(f"| {r['shape']} | {r['tokens']} | {r['active_experts']:.1f} | "
                      f"{r['roofline_s'] * 1e6:.0f} | " + " | ".join(cells) + " |")
+    steps = list(dict.fromkeys(p for r in rows for p in r["parts"]))
+    lines += ["", "Steps of the grouped layer timed alone, us (x roofline); the GEMMs without "
+              "bias, the bias + nonlinearity op by op (as `grouped`) and fused (as `grouped "
+              "fused` / `grouped triton`):", "",
+              "| shape | T | " + " | ".join(steps) + " |", "|---|---|" + "---|" * len(steps)]
+    for r in rows:
+        cells = [f"{r['parts'][p] * 1e6:.0f} ({r['parts'][p] / r['roofline_s']:.2f}x)"
+                 if p in r["parts"] else "n/a" for p in steps]
+        lines.append(f"| {r['shape']} | {r['tokens']} | " + " | ".join(cells) + " |")
     notes = sorted({f"{r['shape']}: hf {r['hf']}" for r in rows if r["hf"] != "ok"}
                    | {f"{r['shape']} {p}: {m}" for r in rows for p, m in r["errors"].items()})
     return "\n".join(lines + ([""] + notes if notes else [])) + "\n"

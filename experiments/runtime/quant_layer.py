@@ -11,7 +11,8 @@ Shapes: gpt-oss-120b (E 128, top-4, hidden 2880, expert width 2880; shipped in M
 deepseek-v3 (E 256, top-8, hidden 7168, width 2048; shipped in block-scaled FP8), at 256, 768
 and 1536 tokens. Variants: bf16 through torch._grouped_mm (where the build has it), and
 probe.runtime.quant_gemm's Triton kernel on bf16 and on the shipped format (weights never
-expanded in memory), each with the block sizes that timed best of a few.
+expanded in memory), each with the kernel config (tile shape, warps, stages, MXFP4 decode, FP8
+scale placement) that timed best of a few; every config's time is in the second table.
 
 Roofline: the active experts' weight bytes in that format (read once) plus the activations
 (rows x hidden read and written per GEMM) over the HBM bandwidth measured here (a large
@@ -35,7 +36,7 @@ import torch
 
 from experiments.manifest import Manifest
 from probe.runtime.quant import PackedWeight
-from probe.runtime.quant_gemm import grouped_matmul, grouped_matmul_ref
+from probe.runtime.quant_gemm import KernelConfig, grouped_matmul, grouped_matmul_ref
 from probe.specs import weight_bytes
 
 SHAPES = {  # name: (experts, top_k, hidden, width, shipped format)
@@ -44,7 +45,38 @@ SHAPES = {  # name: (experts, top_k, hidden, width, shipped format)
 }
 QUICK_SHAPES = {"tiny-mxfp4": (8, 2, 128, 64, "mxfp4"), "tiny-fp8": (8, 2, 128, 64, "fp8_block")}
 TOKENS = (256, 768, 1536)
-BLOCKS = ((16, 64, 64), (32, 64, 64), (64, 64, 64), (32, 128, 64), (64, 128, 64))
+# Kernel configs tried per format, (BM, BN, BK, warps, stages[, decode]); the best correct one is
+# reported and every trial goes to the JSON (a config that fails to compile or exceeds shared
+# memory is recorded, not fatal). MXFP4 tries both decodes, FP8 both places for its scale.
+CONFIGS = {
+    "bf16": [(32, 64, 64, 4, 3), (64, 64, 64, 4, 3), (64, 128, 64, 4, 3), (64, 128, 64, 8, 4),
+             (64, 256, 64, 8, 3)],
+    "mxfp4": [(32, 128, 128, 4, 3, "portable"), (64, 128, 128, 8, 3, "portable"),
+              (64, 128, 64, 4, 3, "portable"), (64, 64, 128, 4, 3, "portable"),
+              (32, 128, 128, 4, 3, "ptx"), (64, 128, 128, 8, 3, "ptx"),
+              (64, 256, 128, 8, 3, "ptx"), (64, 64, 128, 4, 3, "ptx")],
+    "fp8_block": [(64, 128, 128, 8, 3, "product"), (32, 128, 128, 4, 3, "product"),
+                  (64, 256, 128, 8, 3, "product"), (64, 128, 128, 8, 3, "weights"),
+                  (64, 64, 64, 4, 3, "weights")],
+}
+QUICK_CONFIGS = {"bf16": [(16, 16, 64, 4, 1)], "mxfp4": [(16, 16, 128, 4, 1, "portable")],
+                 "fp8_block": [(16, 16, 128, 4, 1, "product")]}
+MAX_REL_ERROR = 3e-2  # a config further than this from the fp32 twin is reported, not kept
+
+
+def kernel_config(spec: tuple, fmt: str) -> KernelConfig:
+    """KernelConfig from a CONFIGS entry (the optional 6th item is the format's decode)."""
+    bm, bn, bk, warps, stages = spec[:5]
+    extra = {}
+    if len(spec) > 5:
+        extra = {"mxfp4_decode": spec[5]} if fmt == "mxfp4" else {"fp8_scale": spec[5]}
+    return KernelConfig(block_m=bm, block_n=bn, block_k=bk, num_warps=warps, num_stages=stages,
+                        **extra)
+
+
+def config_label(cfg: KernelConfig, fmt: str) -> str:
+    decode = {"mxfp4": f" {cfg.mxfp4_decode}", "fp8_block": f" {cfg.fp8_scale}"}.get(fmt, "")
+    return cfg.label() + decode
 
 
 def measure_ceilings(device: str) -> dict:
@@ -135,17 +167,15 @@ def _grouped_mm_bf16(rows, weight, offsets):
     return torch._grouped_mm(rows, weight.data[0].transpose(1, 2), offs=offsets[1:])
 
 
-def _triton(block):
-    bm, bn, bk = block
-    return lambda rows, weight, offsets: grouped_matmul(rows, weight, offsets, block_m=bm,
-                                                        block_n=bn, block_k=bk)
+def _triton(cfg: KernelConfig):
+    return lambda rows, weight, offsets: grouped_matmul(rows, weight, offsets, config=cfg)
 
 
 def _twin(rows, weight, offsets):
     return grouped_matmul_ref(rows, weight, offsets).to(torch.bfloat16)
 
 
-def run_shape(name, spec, tokens_list, device, ceilings, repeats, gen, blocks):
+def run_shape(name, spec, tokens_list, device, ceilings, repeats, gen, configs, trials):
     experts, top_k, hidden, width, shipped = spec
     rows_out = []
     for fmt in ("bf16", shipped):
@@ -160,14 +190,34 @@ def run_shape(name, spec, tokens_list, device, ceilings, repeats, gen, blocks):
             # correctness on fresh inputs, against the fp32 twin of the same packed weights
             ref = experts_layer(_twin, x, order, gates, offsets, gate_up, down)
             for label, gemm in list(variants.items()):
-                candidates = [(b, _triton(b)) for b in blocks] if gemm is None else [(None, gemm)]
+                if gemm is None:
+                    cfgs = [kernel_config(c, fmt) for c in configs[fmt]]
+                    candidates = [(config_label(c, fmt), _triton(c)) for c in cfgs]
+                else:
+                    candidates = [(None, gemm)]
                 best = None
                 for block, fn in candidates:
-                    got = experts_layer(fn, x, order, gates, offsets, gate_up, down)
-                    err = float((got - ref).norm() / ref.norm())
-                    ms = _time(_rotating(fn, sets, gate_up, down), repeats=repeats)
+                    trial = {"shape": name, "tokens": tokens, "variant": label, "config": block}
+                    trials.append(trial)
+                    try:
+                        got = experts_layer(fn, x, order, gates, offsets, gate_up, down)
+                        err = float((got - ref).norm() / ref.norm())
+                        trial["rel_error"] = err
+                        if not err <= MAX_REL_ERROR:
+                            trial["error"] = f"rel. error {err:.2e} over {MAX_REL_ERROR}"
+                            continue
+                        ms = _time(_rotating(fn, sets, gate_up, down), repeats=repeats,
+                                   warmup=0 if repeats <= 2 else 3)
+                    except Exception as exc:  # noqa: BLE001 - a config that fails is reported
+                        trial["error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
+                        print(f"{name} T={tokens} {label} {block}: {trial['error']}", flush=True)
+                        continue
+                    trial["median_us"] = ms * 1e3
                     if best is None or ms < best[1]:
                         best = (block, ms, err)
+                if best is None:  # every config failed: in the trials table, not fatal
+                    print(f"{name} T={tokens} {label}: no config ran correctly", flush=True)
+                    continue
                 block, ms, err = best
                 weights = 3 * active * weight_bytes(fmt, width, hidden)
                 acts = 2 * top_k * tokens * (hidden + 2 * width) * 2
@@ -175,11 +225,11 @@ def run_shape(name, spec, tokens_list, device, ceilings, repeats, gen, blocks):
                 floor_s = max((weights + acts) / ceilings["hbm_bytes_per_s"],
                               flops / ceilings["bf16_flops"])
                 row = {"shape": name, "tokens": tokens, "variant": label, "format": fmt,
-                       "block": block, "median_us": ms * 1e3, "rel_error": err,
+                       "config": block, "median_us": ms * 1e3, "rel_error": err,
                        "active_experts": active, "weight_bytes": weights,
                        "roofline_us": floor_s * 1e6, "over_roofline": ms * 1e-3 / floor_s}
                 rows_out.append(row)
-                print(f"{name:13s} T={tokens:5d} {label:24s} block={block} "
+                print(f"{name:13s} T={tokens:5d} {label:24s} {block} "
                       f"{ms * 1e3:9.1f} us  roofline {floor_s * 1e6:8.1f} us  "
                       f"x{row['over_roofline']:.2f}  err {err:.1e}", flush=True)
     return rows_out
@@ -218,18 +268,37 @@ def model_check(device: str, tmp: Path) -> list[dict]:
     return out
 
 
-def write_md(path: Path, rows: list[dict], ceilings: dict, device_name: str) -> None:
+def write_md(path: Path, rows: list[dict], ceilings: dict, device_name: str,
+             trials: list[dict]) -> None:
     lines = [f"# MoE expert time by weight format ({device_name})", "",
              f"HBM {ceilings['hbm_bytes_per_s'] / 1e12:.2f} TB/s (read + write), bf16 matmul "
              f"{ceilings['bf16_flops'] / 1e12:.0f} TFLOP/s, both measured in this run.", "",
-             "| shape | tokens | variant | block (m,n,k) | median us | roofline us | x roofline "
+             "| shape | tokens | variant | best config | median us | roofline us | x roofline "
              "| active experts | weight MB | rel. error |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['shape']} | {r['tokens']} | {r['variant']} | {r['block']} | "
+        lines.append(f"| {r['shape']} | {r['tokens']} | {r['variant']} | {r['config']} | "
                      f"{r['median_us']:.1f} | {r['roofline_us']:.1f} | {r['over_roofline']:.2f} | "
                      f"{r['active_experts']} | {r['weight_bytes'] / 1e6:.1f} | "
                      f"{r['rel_error']:.1e} |")
+    lines += ["", "Every config tried (BMxBNxBK/warps/stages, decode), median us or why not:", "",
+              "| shape | variant | config | " + " | ".join(
+                  f"T={t}" for t in sorted({t['tokens'] for t in trials})) + " |"]
+    token_list = sorted({t["tokens"] for t in trials})
+    lines.append("|---|---|---|" + "---|" * len(token_list))
+    keys = list(dict.fromkeys((t["shape"], t["variant"], t["config"]) for t in trials))
+    for key in keys:
+        cells = []
+        for tokens in token_list:
+            hit = [t for t in trials if (t["shape"], t["variant"], t["config"]) == key
+                   and t["tokens"] == tokens]
+            if not hit:
+                cells.append("")
+            elif "median_us" in hit[0]:
+                cells.append(f"{hit[0]['median_us']:.1f}")
+            else:
+                cells.append(hit[0].get("error", "?")[:60].replace("|", "/"))
+        lines.append(f"| {key[0]} | {key[1]} | {key[2]} | " + " | ".join(cells) + " |")
     path.write_text("\n".join(lines) + "\n")
 
 
@@ -250,19 +319,22 @@ def main(argv: list[str] | None = None) -> int:
         ceilings = {"hbm_bytes_per_s": 4.8e12, "bf16_flops": 989e12}
     shapes = QUICK_SHAPES if args.quick else SHAPES
     tokens = (16,) if args.quick else TOKENS
-    blocks = BLOCKS[:1] if args.quick else BLOCKS
-    repeats = 2 if args.quick else args.repeats
-    rows = []
+    configs = QUICK_CONFIGS if args.quick else CONFIGS
+    repeats = 1 if args.quick else args.repeats
+    rows, trials = [], []
+    t_start = time.perf_counter()
     for name, spec in shapes.items():
-        rows += run_shape(name, spec, tokens, args.device, ceilings, repeats, gen, blocks)
+        rows += run_shape(name, spec, tokens, args.device, ceilings, repeats, gen, configs,
+                          trials)
     device_name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
     with tempfile.TemporaryDirectory() as tmp:
         models = model_check(args.device, Path(tmp))
-    result = {"device": device_name, "ceilings": ceilings, "rows": rows, "model_check": models}
+    result = {"device": device_name, "ceilings": ceilings, "rows": rows, "trials": trials,
+              "model_check": models, "seconds_total": time.perf_counter() - t_start}
     json_path = args.out / "quant_layer.json"
     json_path.write_text(json.dumps(result, indent=1) + "\n")
     md_path = args.out / "quant_layer.md"
-    write_md(md_path, rows, ceilings, device_name)
+    write_md(md_path, rows, ceilings, device_name, trials)
     with md_path.open("a") as md:
         md.write("\nWhole models, packed experts against the same model dequantized on load "
                  "(bf16 logits):\n\n| model | format | logits rel. error | expert bytes / layer "

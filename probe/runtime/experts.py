@@ -10,6 +10,10 @@ or GPT-OSS's clamped SwiGLU). A forward pass over rows that each name a local ex
   2. `gate_up = grouped_mm(x[order], w_gate_up^T, offs)` (+ `b_gate_up[slot[order]]`),
      `h = activate(gate_up)`, `y = grouped_mm(h, w_down^T, offs)` (+ `b_down[slot[order]]`);
   3. un-permute: `out[order] = y`.
+Options (both off by default): `glu` (a `GluSpec`) runs the gate/up bias and the nonlinearity as
+one kernel on CUDA (`probe.runtime.glu.fused_glu`) instead of op by op; `backend="triton"` runs
+dense bf16 weights through `probe.runtime.quant_gemm`'s grouped kernel (packed weights always
+take it on CUDA), which adds the biases in its epilogue instead of gathering them per row.
 No step reads a count back to the host, so the grouped path needs no synchronisation (and can be
 captured in a CUDA graph). An expert with no rows is an empty group.
 
@@ -36,10 +40,14 @@ import torch
 import torch.nn.functional as F
 
 from probe.runtime import quant_gemm
+from probe.runtime.glu import GluSpec, fused_glu, fused_glu_applies
 from probe.runtime.quant import PackedWeight
 from probe.runtime.quant_gemm import grouped_matmul
 
+BACKENDS = ("torch", "triton")
+
 __all__ = [
+    "BACKENDS",
     "GroupedExperts",
     "grouped_default",
     "grouped_linear",
@@ -99,16 +107,19 @@ def _aligned(*tensors: torch.Tensor) -> bool:
     return True
 
 
-def packed_kernel_applies(x: torch.Tensor, weight: PackedWeight) -> bool:
-    """Whether `grouped_linear` runs packed weights through the Triton kernel
-    (probe.runtime.quant_gemm: bf16 rows on a CUDA device), rather than expanding them."""
+def packed_kernel_applies(x: torch.Tensor, weight: PackedWeight | torch.Tensor) -> bool:
+    """Whether `grouped_linear` can run the weights through the Triton kernel
+    (probe.runtime.quant_gemm: bf16 rows on a CUDA device; a PackedWeight, or a dense bf16
+    tensor), rather than expanding them / using torch."""
+    fmt = weight.fmt if isinstance(weight, PackedWeight) else (
+        "bf16" if weight.dtype == torch.bfloat16 else None)
     return (x.is_cuda and x.dtype == torch.bfloat16 and quant_gemm.triton is not None
-            and weight.fmt in ("bf16", "mxfp4", "fp8_block"))
+            and fmt in ("bf16", "mxfp4", "fp8_block"))
 
 
 def grouped_linear(x: torch.Tensor, weight: torch.Tensor | PackedWeight, offs: torch.Tensor,
                    bias: torch.Tensor | None = None, slot: torch.Tensor | None = None, *,
-                   use_grouped_mm: bool = True) -> torch.Tensor:
+                   use_grouped_mm: bool = True, backend: str = "torch") -> torch.Tensor:
     """Rows grouped by expert through their expert's linear map: x [n, K] -> [n, N].
 
     Args:
@@ -120,14 +131,23 @@ def grouped_linear(x: torch.Tensor, weight: torch.Tensor | PackedWeight, offs: t
         bias: [G, N] or None; needs `slot`.
         slot: int64 [n], the group of each row (sorted), for the bias gather.
         use_grouped_mm: allow `torch._grouped_mm` (it is used only where it applies).
+        backend: "torch" (grouped_mm / per-group F.linear for dense weights) or "triton" (dense
+            bf16 weights through probe.runtime.quant_gemm's kernel too, where it applies: bf16
+            rows on CUDA). Packed weights take the Triton kernel wherever it applies. On the
+            Triton path the bias is added in the kernel's epilogue (no gathered [n, N] copy).
     """
     if bias is not None and slot is None:
         raise ValueError("grouped_linear: bias needs slot (the group of each row)")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "triton" and not isinstance(weight, PackedWeight) \
+            and packed_kernel_applies(x, weight):
+        weight = PackedWeight("bf16", tuple(weight.shape), (weight.contiguous(),))
     if isinstance(weight, PackedWeight):
         if packed_kernel_applies(x, weight):
             starts = torch.zeros(1, dtype=torch.int32, device=x.device)
-            y = grouped_matmul(x, weight, torch.cat((starts, offs.to(torch.int32))))
-            return y if bias is None else y + bias.index_select(0, slot)
+            return grouped_matmul(x, weight, torch.cat((starts, offs.to(torch.int32))),
+                                  bias=bias)
         weight = weight.dense(x.dtype)  # the twin: expand the whole layer, then as dense
     w_t = weight.transpose(1, 2)  # [G, K, N]
     if (use_grouped_mm and x.dtype == weight.dtype and x.shape[0] > 0
@@ -156,12 +176,18 @@ class GroupedExperts:
         activate: the family's nonlinearity (`MoEBlock.activate`).
         b_gate_up, b_down: [E_local, 2F] and [E_local, D], or None (no expert biases).
         grouped: use `torch._grouped_mm` where it applies (None: `grouped_default()`).
+        glu: the nonlinearity as a `GluSpec` (the same function as `activate`); given, the
+            gate/up bias and the nonlinearity run as one kernel (`probe.runtime.glu.fused_glu`)
+            where it applies (CUDA), instead of `activate` op by op.
+        backend: "torch" or "triton": the GEMM for dense bf16 weights on CUDA (see
+            `grouped_linear`); the Triton kernel also adds the biases in its epilogue.
     The tensors are referenced, not copied.
     """
 
     def __init__(self, w_gate_up: torch.Tensor, w_down: torch.Tensor, activate: Activation, *,
                  b_gate_up: torch.Tensor | None = None, b_down: torch.Tensor | None = None,
-                 grouped: bool | None = None) -> None:
+                 grouped: bool | None = None, glu: GluSpec | None = None,
+                 backend: str = "torch") -> None:
         if len(w_gate_up.shape) != 3 or len(w_down.shape) != 3:
             raise ValueError(f"w_gate_up [E, 2F, D] and w_down [E, D, F] must be 3-d, got "
                              f"{tuple(w_gate_up.shape)} and {tuple(w_down.shape)}")
@@ -179,17 +205,26 @@ class GroupedExperts:
                              f"{tuple(b_down.shape)} must be {(e, two_f)} / {(e, d)}")
         self.w_gate_up, self.w_down = w_gate_up, w_down
         self.b_gate_up, self.b_down = b_gate_up, b_down
+        if glu is not None and not isinstance(glu, GluSpec):
+            raise TypeError(f"glu must be a GluSpec or None, got {type(glu).__name__}")
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         self.activate = activate
         self.grouped = grouped_default() if grouped is None else bool(grouped)
+        self.glu = glu
+        self.backend = backend
 
     @classmethod
-    def from_block(cls, block, grouped: bool | None = None) -> GroupedExperts:
-        """The experts of a `MoEBlock` (its parameters, or its packed weights, referenced)."""
+    def from_block(cls, block, grouped: bool | None = None, *, fused: bool = False,
+                   backend: str = "torch") -> GroupedExperts:
+        """The experts of a `MoEBlock` (its parameters, or its packed weights, referenced);
+        fused: run bias and nonlinearity as one kernel where it applies (`glu`)."""
         bias = block.cfg.expert_bias
         w_gate_up, w_down = block.packed or (block.w_gate_up, block.w_down)
         return cls(w_gate_up, w_down, block.activate,
                    b_gate_up=block.b_gate_up if bias else None,
-                   b_down=block.b_down if bias else None, grouped=grouped)
+                   b_down=block.b_down if bias else None, grouped=grouped,
+                   glu=GluSpec.of_config(block.cfg) if fused else None, backend=backend)
 
     @property
     def num_experts(self) -> int:
@@ -197,11 +232,15 @@ class GroupedExperts:
 
     def uses_grouped_mm(self, dtype: torch.dtype | None = None) -> bool:
         """Whether forward runs `torch._grouped_mm` (rather than one F.linear per expert).
-        Packed weights never do (they run the Triton kernel or are expanded)."""
+        Packed weights never do (they run the Triton kernel or are expanded), nor bf16 on
+        CUDA with backend "triton"."""
         w = self.w_gate_up
         if isinstance(w, PackedWeight):
             return False
         dtype = w.dtype if dtype is None else dtype
+        if (self.backend == "triton" and w.is_cuda and dtype == torch.bfloat16
+                and quant_gemm.triton is not None):
+            return False
         return (self.grouped and dtype == w.dtype and grouped_mm_available(dtype, w.device)
                 and _aligned(w.transpose(1, 2), self.w_down.transpose(1, 2))
                 and w.shape[1] * w.element_size() % 16 == 0)
@@ -216,11 +255,24 @@ class GroupedExperts:
                              f"{tuple(offs.shape)}")
         if self.b_gate_up is not None and slot is None:
             raise ValueError("forward_sorted: experts with biases need slot")
-        gate_up = grouped_linear(x, self.w_gate_up, offs, self.b_gate_up, slot,
-                                 use_grouped_mm=self.grouped)  # [n, 2F]
-        h = self.activate(gate_up).to(x.dtype)  # [n, F]
+        opts = {"use_grouped_mm": self.grouped, "backend": self.backend}
+        fuse = self.glu is not None and fused_glu_applies(x)
+        # the bias goes where it costs least: the Triton GEMM's epilogue, else the fused GLU
+        bias_in_gemm = self.b_gate_up is not None and (
+            not fuse or (packed_kernel_applies(x, self.w_gate_up)
+                         and (self.backend == "triton"
+                              or isinstance(self.w_gate_up, PackedWeight))))
+        gate_up = grouped_linear(x, self.w_gate_up, offs,
+                                 self.b_gate_up if bias_in_gemm else None,
+                                 slot if bias_in_gemm else None, **opts)  # [n, 2F]
+        if fuse:
+            glu_bias = None if bias_in_gemm or self.b_gate_up is None else self.b_gate_up
+            h = fused_glu(gate_up, self.glu, glu_bias, slot if glu_bias is not None else None)
+        else:
+            h = self.activate(gate_up)
+        h = h.to(x.dtype)  # [n, F]
         return grouped_linear(h, self.w_down, offs, self.b_down, slot,
-                              use_grouped_mm=self.grouped).to(x.dtype)  # [n, D]
+                              **opts).to(x.dtype)  # [n, D]
 
     def __call__(self, x: torch.Tensor, slot: torch.Tensor) -> torch.Tensor:
         """Each row through its expert, unweighted: x [n, D], slot int64 [n] (local expert
@@ -230,27 +282,40 @@ class GroupedExperts:
         if slot.shape != x.shape[:1]:
             raise ValueError(f"slot {tuple(slot.shape)} must have one entry per row of x "
                              f"{tuple(x.shape)}")
-        slot = slot.to(device=x.device, dtype=torch.int64)
-        if x.device.type == "cpu" and slot.numel() and (
+        order, slot_sorted, offs = self._permutation(slot, x.device)
+        y = self.forward_sorted(x.index_select(0, order), offs, slot_sorted)  # [n, D]
+        return torch.empty_like(y).index_copy_(0, order, y)  # un-permute
+
+    def _permutation(self, slot: torch.Tensor, device: torch.device):
+        """(order int64 [n]: rows sorted by slot, stable; slot[order]; offs int32 [E_local]
+        group ends), on the device."""
+        slot = slot.to(device=device, dtype=torch.int64)
+        if device.type == "cpu" and slot.numel() and (
                 int(slot.min()) < 0 or int(slot.max()) >= self.num_experts):
             raise ValueError(f"slot must lie in [0, {self.num_experts}), got "
                              f"[{int(slot.min())}, {int(slot.max())}]")
         order = torch.argsort(slot, stable=True)  # [n]
         slot_sorted = slot.index_select(0, order)  # [n]
         # scatter_add, not bincount: bincount on CUDA reads the largest id back to the host.
-        counts = torch.zeros(self.num_experts, dtype=torch.int64, device=x.device)
+        counts = torch.zeros(self.num_experts, dtype=torch.int64, device=device)
         counts.scatter_add_(0, slot_sorted, torch.ones_like(slot_sorted))  # [E_local]
         offs = torch.cumsum(counts, 0).to(torch.int32)  # [E_local]
-        y = self.forward_sorted(x.index_select(0, order), offs, slot_sorted)  # [n, D]
-        return torch.empty_like(y).index_copy_(0, order, y)  # un-permute
+        return order, slot_sorted, offs
 
     def moe(self, x: torch.Tensor, topk_slot: torch.Tensor, topk_weights: torch.Tensor,
             combine: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
         """A whole routed MoE: x [T, D], topk_slot [T, K], topk_weights [T, K] -> [T, D]:
         every (token, k) pair through its expert, then `combine(y [T, K, D], topk_weights)`."""
         n_tok, k = topk_slot.shape
-        rows = x.repeat_interleave(k, dim=0)  # [T*K, D]
-        y = self(rows, topk_slot.reshape(-1))  # [T*K, D]
+        if tuple(topk_weights.shape) != (n_tok, k) or x.shape[0] != n_tok:
+            raise ValueError(f"x [T, D], topk_slot and topk_weights [T, K] disagree: "
+                             f"{tuple(x.shape)}, {tuple(topk_slot.shape)}, "
+                             f"{tuple(topk_weights.shape)}")
+        order, slot_sorted, offs = self._permutation(topk_slot.reshape(-1), x.device)
+        # row r of the (token, k) pairs is token r // K: gather the sorted rows straight from
+        # x (no [T*K, D] copy of the repeated tokens first)
+        y = self.forward_sorted(x.index_select(0, order // k), offs, slot_sorted)  # [T*K, D]
+        y = torch.empty_like(y).index_copy_(0, order, y)  # un-permute
         return combine(y.view(n_tok, k, -1), topk_weights)
 
 

@@ -6,16 +6,24 @@ x is bf16 [M, K] with its rows sorted by expert, `offsets` int32 [E + 1] the row
 expert's tokens start (offsets[E] = M), W a `PackedWeight` [E, N, K] in "mxfp4" or "fp8_block"
 (or "bf16"). Each program computes a BM x BN tile of one expert's rows: it reads its packed
 weight tile (once per BM rows of the expert: experts with more rows re-read it, mostly from L2),
-expands it to bf16 in registers (MXFP4: decode the two e2m1 codes of each
-byte and scale each run of 32 by its power of two; FP8: convert and scale by the tile's
-scale_inv) and accumulates the product in fp32. The weights are never expanded in memory, so
-the bytes read per expert are the format's own (17/32 of a byte per weight for MXFP4, about 1
-for FP8, against 2 for bf16).
+expands it to bf16 in registers and accumulates the product in fp32. The weights are never
+expanded in memory, so the bytes read per expert are the format's own (17/32 of a byte per
+weight for MXFP4, about 1 for FP8, against 2 for bf16).
+
+With a few dozen rows per expert the kernel is bound by the weight stream and by the ALU work
+per weight, since every weight is decoded once per BM-row tile of its expert. So the decode
+avoids transcendental and select arithmetic: MXFP4 places each e2m1 code (sign, 2 exponent bits,
+1 mantissa bit) in an e4m3 byte, which the hardware converts exactly (the value times 2^-6,
+the subnormal 0.5 included), and multiplies by the block's power of two built from its exponent
+bits; or, with `KernelConfig.mxfp4_decode="ptx"`, inline PTX turns four packed bytes into scaled
+bf16 pairs with integer masks and two bf16x2 fmas. FP8 converts to bf16 exactly and applies the
+128 x 128 tile's scale_inv to each step's partial product (BK divides 128), not to each weight.
 
 The grid is (row tiles, N tiles), with row tiles = ceil(M / BM) + E, a bound on the BM-row
-tiles of all experts together; `tile_schedule` maps each row tile to its expert and first row
-on the device (tiles past the last return at once), so no host read of the counts is needed
-and the launch can be captured in a CUDA graph.
+tiles of all experts together; each program derives its expert and first row from `offsets`
+(a cumulative sum over the E experts' tile counts, inside the kernel: one launch, no host read
+of the counts, so the launch can be captured in a CUDA graph); tiles past the last return at
+once. `tile_schedule` is the same mapping in torch, kept as the readable twin.
 
 `grouped_matmul_ref` is the slow twin (dequantize with probe.runtime.quant, then one matmul per
 expert), used by the tests. On CPU the kernel runs under Triton's interpreter
@@ -26,12 +34,14 @@ path multiplies bf16 tiles on the tensor cores.
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 import torch
 
 from probe.runtime.quant import FP8_BLOCK, MXFP4_BLOCK, PackedWeight
 
-__all__ = ["grouped_matmul", "grouped_matmul_ref", "tile_schedule"]
+__all__ = ["DEFAULT_CONFIGS", "KernelConfig", "grouped_matmul", "grouped_matmul_ref",
+           "tile_schedule"]
 
 try:  # pragma: no cover - triton is optional (runtime extra)
     import triton
@@ -40,72 +50,149 @@ except ImportError:  # pragma: no cover
     triton = None
 
 _FORMAT_CODE = {"bf16": 0, "mxfp4": 1, "fp8_block": 2}
+_MXFP4_DECODE = {"portable": 0, "ptx": 1}
+_FP8_SCALE = {"weights": 0, "product": 1}
+
+# e2m1 nibbles -> bf16 on NVIDIA GPUs, four packed bytes per instance (the "ptx" decode): bytes
+# [b0 b1 b2 b3] are permuted to [b0 b2 b1 b3] so that the low (then high) nibbles of b0 and b1
+# (and of b2 and b3) sit 16 bits apart; each pair is masked and shifted into the bit positions
+# of a bf16 pair (sign at bit 15, exponent and mantissa bits at 8..6), which reads as the e2m1
+# value times 2^-126 (the code 0.5 becomes a bf16 subnormal), then multiplied by 2^126 and by
+# the block's scale with bf16x2 fmas. Outputs $0 $1: low nibbles (elements 0-1, 2-3), $2 $3:
+# high nibbles; inputs $4: the four bytes, $5 $6: the four scales (bf16 pairs).
+_E2M1_PTX = """
+{
+.reg .b32 rv, rg, rs, rk, rz;
+prmt.b32 rv, $4, $4, 0x3120;
+mov.b32 rk, 0x7E807E80;
+mov.b32 rz, 0x80008000;
+shl.b32 rg, rv, 6;
+and.b32 rg, rg, 0x01C001C0;
+shl.b32 rs, rv, 12;
+and.b32 rs, rs, 0x80008000;
+or.b32 rg, rg, rs;
+fma.rn.bf16x2 rg, rg, rk, rz;
+fma.rn.bf16x2 $0, rg, $5, rz;
+shr.b32 rg, rv, 2;
+and.b32 rg, rg, 0x01C001C0;
+shl.b32 rs, rv, 4;
+and.b32 rs, rs, 0x80008000;
+or.b32 rg, rg, rs;
+fma.rn.bf16x2 rg, rg, rk, rz;
+fma.rn.bf16x2 $1, rg, $6, rz;
+shl.b32 rg, rv, 2;
+and.b32 rg, rg, 0x01C001C0;
+shl.b32 rs, rv, 8;
+and.b32 rs, rs, 0x80008000;
+or.b32 rg, rg, rs;
+fma.rn.bf16x2 rg, rg, rk, rz;
+fma.rn.bf16x2 $2, rg, $5, rz;
+shr.b32 rg, rv, 6;
+and.b32 rg, rg, 0x01C001C0;
+and.b32 rs, rv, 0x80008000;
+or.b32 rg, rg, rs;
+fma.rn.bf16x2 rg, rg, rk, rz;
+fma.rn.bf16x2 $3, rg, $6, rz;
+}
+"""
 
 if triton is not None:
 
     @triton.jit
-    def _e2m1(code):
-        """e2m1 code (int32, 0..15) -> float32 value: sign bit 3, exponent bits 2-1, mantissa
-        bit 0; exponent 0 is subnormal (0 or 0.5)."""
-        sign = (code >> 3) & 1
-        exponent = (code >> 1) & 3
-        mantissa = (code & 1).to(tl.float32)
-        normal = (1.0 + 0.5 * mantissa) * tl.exp2((exponent - 1).to(tl.float32))
-        magnitude = tl.where(exponent == 0, 0.5 * mantissa, normal)
-        return tl.where(sign == 1, -magnitude, magnitude)
+    def _schedule(offs_ptr, tile, E: tl.constexpr, E_PAD: tl.constexpr, BM: tl.constexpr):
+        """(expert, first row, end row) of BM-row tile `tile` in expert order, from the offsets
+        alone (each program derives it: no host-side schedule); expert E when past the last."""
+        idx = tl.arange(0, E_PAD)
+        live = idx < E
+        starts = tl.load(offs_ptr + idx, mask=live, other=0)
+        ends_row = tl.load(offs_ptr + idx + 1, mask=live, other=0)
+        tiles = (ends_row - starts + BM - 1) // BM  # [E_PAD], 0 for padding
+        last = tl.cumsum(tiles, 0)  # tiles of experts 0..e
+        e = tl.sum((last <= tile).to(tl.int32), 0)
+        mine = idx == e
+        first_tile = tl.sum(tl.where(mine, last - tiles, 0), 0)
+        row0 = tl.sum(tl.where(mine, starts, 0), 0) + (tile - first_tile) * BM
+        end = tl.sum(tl.where(mine, ends_row, 0), 0)
+        return e, row0, end
 
     @triton.jit
-    def _grouped_kernel(x_ptr, w_ptr, s_ptr, offs_ptr, tile_e_ptr, tile_r_ptr, y_ptr, N, K,
-                        stride_xm, stride_ym,
+    def _grouped_kernel(x_ptr, w_ptr, s_ptr, offs_ptr, y_ptr, b_ptr, N, K, stride_w, stride_s,
+                        stride_xm, stride_ym, stride_b, HAS_BIAS: tl.constexpr,
+                        E: tl.constexpr, E_PAD: tl.constexpr,
                         FORMAT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
                         BK: tl.constexpr, GROUP: tl.constexpr, TILE: tl.constexpr,
-                        DOT_FP32: tl.constexpr):
+                        DECODE: tl.constexpr, DOT_FP32: tl.constexpr):
         tile = tl.program_id(0)
         pid_n = tl.program_id(1)
-        e = tl.load(tile_e_ptr + tile)  # -1: past the last tile
-        row0 = tl.load(tile_r_ptr + tile)
-        if e >= 0:
-            end = tl.load(offs_ptr + e + 1)
+        e, row0, end = _schedule(offs_ptr, tile, E, E_PAD, BM)
+        if e < E:
             rows = row0 + tl.arange(0, BM)
             rmask = rows < end
             cols = pid_n * BN + tl.arange(0, BN)
             cmask = cols < N
             acc = tl.zeros((BM, BN), dtype=tl.float32)
             e64 = e.to(tl.int64)
+            w_rows = w_ptr + (e64 * N + cols[:, None]) * stride_w  # [BN, 1] row starts
             for k0 in range(0, K, BK):
                 ks = k0 + tl.arange(0, BK)
                 kmask = ks < K
                 x = tl.load(x_ptr + rows[:, None].to(tl.int64) * stride_xm + ks[None, :],
                             mask=rmask[:, None] & kmask[None, :], other=0.0)
                 wmask = cmask[:, None] & kmask[None, :]
+                post = tl.full((BN,), 1.0, tl.float32)  # per-column factor of the product
                 if FORMAT == 0:  # bf16 [E, N, K]
-                    w = tl.load(w_ptr + (e64 * N + cols[:, None]) * K + ks[None, :],
-                                mask=wmask, other=0.0)
+                    w = tl.load(w_rows + ks[None, :], mask=wmask, other=0.0)
                 elif FORMAT == 1:  # mxfp4 blocks [E, N, K / 2] bytes, scales [E, N, K / 32]
                     kb = k0 // 2 + tl.arange(0, BK // 2)
                     bmask = cmask[:, None] & (kb < K // 2)[None, :]
-                    packed = tl.load(w_ptr + (e64 * N + cols[:, None]) * (K // 2) + kb[None, :],
-                                     mask=bmask, other=0).to(tl.int32)
-                    values = tl.interleave(_e2m1(packed & 15), _e2m1(packed >> 4))  # [BN, BK]
+                    packed = tl.load(w_rows + kb[None, :], mask=bmask, other=0)  # uint8
                     groups = k0 // GROUP + tl.arange(0, BK // GROUP)
                     gmask = cmask[:, None] & (groups < K // GROUP)[None, :]
-                    exps = tl.load(s_ptr + (e64 * N + cols[:, None]) * (K // GROUP)
-                                   + groups[None, :], mask=gmask, other=127).to(tl.float32)
-                    scale = tl.exp2(exps - 127.0)  # [BN, BK / 32]
-                    values = tl.reshape(values, (BN, BK // GROUP, GROUP)) * scale[:, :, None]
-                    w = tl.reshape(values, (BN, BK)).to(tl.bfloat16)
+                    exps = tl.load(s_ptr + (e64 * N + cols[:, None]) * stride_s + groups[None, :],
+                                   mask=gmask, other=127)  # uint8 [BN, BK / 32]
+                    if DECODE == 1:  # inline PTX: nibbles straight to scaled bf16 pairs
+                        scale = (exps.to(tl.int16) << 7).to(tl.bfloat16, bitcast=True)
+                        scale = tl.reshape(tl.broadcast_to(scale[:, :, None],
+                                                           (BN, BK // GROUP, GROUP // 2)),
+                                           (BN, BK // 2))
+                        lo, hi = tl.inline_asm_elementwise(
+                            _E2M1_PTX, "=r,=r,=r,=r,r,r,r", [packed, scale],
+                            dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=4)
+                        w = tl.interleave(lo, hi)  # [BN, BK]
+                    else:
+                        # e2m1 (sign, 2 exponent bits, 1 mantissa bit) placed in an e4m3 byte
+                        # is the value times 2^-6, subnormal 0.5 included: the hardware
+                        # converts it, and 2^(scale - 127 + 6) is built from exponent bits.
+                        lo = ((packed & 7) << 2) | ((packed & 8) << 4)
+                        hi = ((packed >> 2) & 0x1C) | (packed & 0x80)
+                        values = tl.interleave(lo.to(tl.float8e4nv, bitcast=True).to(tl.float32),
+                                               hi.to(tl.float8e4nv, bitcast=True).to(tl.float32))
+                        bits = tl.minimum(exps.to(tl.int32) + 6, 254) << 23
+                        scale = bits.to(tl.float32, bitcast=True)  # [BN, BK / 32]
+                        values = tl.reshape(values, (BN, BK // GROUP, GROUP)) * scale[:, :, None]
+                        w = tl.reshape(values, (BN, BK)).to(tl.bfloat16)
                 else:  # fp8 [E, N, K], scale_inv [E, ceil(N / 128), ceil(K / 128)]
-                    raw = tl.load(w_ptr + (e64 * N + cols[:, None]) * K + ks[None, :],
-                                  mask=wmask, other=0.0).to(tl.float32)
+                    raw = tl.load(w_rows + ks[None, :], mask=wmask, other=0.0)
                     tiles_n = (N + TILE - 1) // TILE
                     tiles_k = (K + TILE - 1) // TILE
                     scale = tl.load(s_ptr + (e64 * tiles_n + cols // TILE) * tiles_k + k0 // TILE,
                                     mask=cmask, other=1.0)  # BK divides TILE: one k tile
-                    w = (raw * scale[:, None]).to(tl.bfloat16)
+                    if DECODE == 1:  # fp8 -> bf16 is exact; the scale goes on the product
+                        w = raw.to(tl.float32).to(tl.bfloat16)  # (a conversion sm_90 has)
+                        post = scale
+                    else:
+                        w = (raw.to(tl.float32) * scale[:, None]).to(tl.bfloat16)
                 if DOT_FP32:  # Triton's CPU interpreter multiplies bf16 tiles wrongly
-                    acc += tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)))
+                    part = tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)))
                 else:
-                    acc += tl.dot(x, tl.trans(w))
+                    part = tl.dot(x, tl.trans(w))
+                if FORMAT == 2 and DECODE == 1:
+                    acc += part * post[None, :]
+                else:
+                    acc += part
+            if HAS_BIAS:  # the expert's bias row, added in fp32 before the one rounding
+                acc += tl.load(b_ptr + e64 * stride_b + cols, mask=cmask,
+                               other=0.0).to(tl.float32)[None, :]
             tl.store(y_ptr + rows[:, None].to(tl.int64) * stride_ym + cols[None, :],
                      acc.to(y_ptr.dtype.element_ty), mask=rmask[:, None] & cmask[None, :])
 
@@ -138,23 +225,89 @@ def tile_schedule(offsets: torch.Tensor, num_rows: int,
             torch.where(valid, row0, 0).to(torch.int32))
 
 
-def grouped_matmul(x: torch.Tensor, weight: PackedWeight, offsets: torch.Tensor, *,
-                   block_m: int = 64, block_n: int = 64, block_k: int = 64,
-                   out: torch.Tensor | None = None) -> torch.Tensor:
-    """y bf16 [M, N]: every expert's rows of x times its (packed) weight, transposed.
+@dataclass(frozen=True)
+class KernelConfig:
+    """Tile shape and code path of one `grouped_matmul` launch.
 
-    offsets int32 [E + 1] lives on x's device and is never read on the host. block_k must
-    divide 128 (one FP8 tile) and be a multiple of 32 (one MXFP4 group).
+    Attributes:
+        block_m, block_n: rows of x and output columns per program (powers of two, >= 16).
+        block_k: K per step, a multiple of 32 (one MXFP4 group) dividing 128 (one FP8 tile).
+        num_warps, num_stages: Triton launch options (the interpreter ignores them).
+        mxfp4_decode: "portable" (Triton bit operations that place each e2m1 code in an e4m3
+            byte, then the hardware conversion and one fp32 multiply by the block's power of
+            two; also runs under the interpreter) or "ptx" (inline PTX, NVIDIA GPUs only: four
+            bytes at a time straight to scaled bf16 pairs, about 3 instructions per weight).
+        fp8_scale: "product" (fp8 -> bf16 exactly, the tile's scale_inv multiplies each step's
+            partial product, BM x BN multiplies instead of BN x BK) or "weights" (each weight
+            scaled, then rounded to bf16).
+    """
+
+    block_m: int = 64
+    block_n: int = 128
+    block_k: int = 64
+    num_warps: int = 4
+    num_stages: int = 3
+    mxfp4_decode: str = "portable"
+    fp8_scale: str = "product"
+
+    def __post_init__(self) -> None:
+        for name in ("block_m", "block_n"):
+            value = getattr(self, name)
+            if value < 16 or value & (value - 1):
+                raise ValueError(f"KernelConfig.{name} must be a power of two >= 16, got {value}")
+        if self.block_k % MXFP4_BLOCK or FP8_BLOCK % self.block_k:
+            raise ValueError(f"KernelConfig.block_k must be a multiple of {MXFP4_BLOCK} dividing "
+                             f"{FP8_BLOCK}, got {self.block_k}")
+        if self.num_warps < 1 or self.num_warps & (self.num_warps - 1) or self.num_stages < 1:
+            raise ValueError(f"KernelConfig: num_warps must be a power of two and num_stages "
+                             f">= 1, got {self.num_warps}, {self.num_stages}")
+        if self.mxfp4_decode not in _MXFP4_DECODE:
+            raise ValueError(f"KernelConfig.mxfp4_decode must be one of {sorted(_MXFP4_DECODE)}, "
+                             f"got {self.mxfp4_decode!r}")
+        if self.fp8_scale not in _FP8_SCALE:
+            raise ValueError(f"KernelConfig.fp8_scale must be one of {sorted(_FP8_SCALE)}, "
+                             f"got {self.fp8_scale!r}")
+
+    def label(self) -> str:
+        """Short text for tables: BMxBNxBK/warps/stages."""
+        return (f"{self.block_m}x{self.block_n}x{self.block_k}/w{self.num_warps}"
+                f"/s{self.num_stages}")
+
+
+# What grouped_matmul runs when no config is given: a guess from the kernel's arithmetic (large
+# BN so x is re-read from L2 fewer times, BK 128 for wide packed-weight loads, BM 64 so most
+# experts' rows fit one tile and their weights are decoded once). The H200 benchmark
+# experiments/runtime/quant_layer.py measures a list of configs per format and reports the best.
+DEFAULT_CONFIGS = {
+    "bf16": KernelConfig(block_m=64, block_n=128, block_k=64, num_warps=4, num_stages=3),
+    "mxfp4": KernelConfig(block_m=64, block_n=128, block_k=128, num_warps=8, num_stages=3),
+    "fp8_block": KernelConfig(block_m=64, block_n=128, block_k=128, num_warps=8, num_stages=3),
+}
+
+
+def grouped_matmul(x: torch.Tensor, weight: PackedWeight, offsets: torch.Tensor, *,
+                   config: KernelConfig | None = None, bias: torch.Tensor | None = None,
+                   out: torch.Tensor | None = None) -> torch.Tensor:
+    """y bf16 [M, N]: every expert's rows of x times its (packed) weight, transposed, plus
+    the expert's bias row when `bias` [E, N] is given (added in the kernel's epilogue).
+
+    offsets int32 [E + 1] lives on x's device and is never read on the host: each program
+    derives its expert and rows from it. config: `KernelConfig` (None: DEFAULT_CONFIGS[fmt]).
     """
     if triton is None:  # pragma: no cover
         raise RuntimeError("grouped_matmul needs triton (pip install 'probe[runtime]')")
     _check(x, weight, offsets)
     if weight.fmt not in _FORMAT_CODE:
         raise ValueError(f"grouped_matmul supports {sorted(_FORMAT_CODE)}, got {weight.fmt!r}")
-    if block_k % MXFP4_BLOCK or FP8_BLOCK % block_k:
-        raise ValueError(f"block_k must be a multiple of {MXFP4_BLOCK} dividing {FP8_BLOCK}, "
-                         f"got {block_k}")
+    cfg = DEFAULT_CONFIGS[weight.fmt] if config is None else config
+    if not isinstance(cfg, KernelConfig):
+        raise TypeError(f"config must be a KernelConfig, got {type(cfg).__name__}")
+    interpret = os.environ.get("TRITON_INTERPRET") == "1"
+    if weight.fmt == "mxfp4" and cfg.mxfp4_decode == "ptx" and (interpret or not x.is_cuda):
+        raise ValueError("mxfp4_decode='ptx' needs an NVIDIA GPU (not the interpreter)")
     num_experts, n, k = weight.shape
+    if bias is not None and tuple(bias.shape) != (num_experts, n):
+        raise ValueError(f"bias must be [E, N] = [{num_experts}, {n}], got {list(bias.shape)}")
     m = x.shape[0]
     x = x.contiguous()
     if out is None:
@@ -163,19 +316,28 @@ def grouped_matmul(x: torch.Tensor, weight: PackedWeight, offsets: torch.Tensor,
         return out
     w = weight.data[0].contiguous()
     scales = weight.data[1].contiguous() if len(weight.data) > 1 else w
-    tile_expert, tile_row = tile_schedule(offsets, m, block_m)
-    grid = (tile_expert.numel(), triton.cdiv(n, block_n))
-    _grouped_kernel[grid](x, w, scales, offsets, tile_expert, tile_row, out, n, k,
-                          x.stride(0), out.stride(0),
-                          FORMAT=_FORMAT_CODE[weight.fmt], BM=block_m, BN=block_n, BK=block_k,
-                          GROUP=MXFP4_BLOCK, TILE=FP8_BLOCK,
-                          DOT_FP32=os.environ.get("TRITON_INTERPRET") == "1")
+    if weight.fmt == "mxfp4":
+        stride_w, stride_s = k // 2, k // MXFP4_BLOCK
+        decode = _MXFP4_DECODE[cfg.mxfp4_decode]
+    else:
+        stride_w, stride_s = k, 0
+        decode = _FP8_SCALE[cfg.fp8_scale] if weight.fmt == "fp8_block" else 0
+    grid = (triton.cdiv(m, cfg.block_m) + num_experts, triton.cdiv(n, cfg.block_n))
+    b = w if bias is None else bias.contiguous()
+    _grouped_kernel[grid](x, w, scales, offsets, out, b, n, k, stride_w, stride_s,
+                          x.stride(0), out.stride(0), 0 if bias is None else b.stride(0),
+                          HAS_BIAS=bias is not None,
+                          E=num_experts, E_PAD=triton.next_power_of_2(num_experts),
+                          FORMAT=_FORMAT_CODE[weight.fmt], BM=cfg.block_m, BN=cfg.block_n,
+                          BK=cfg.block_k, GROUP=MXFP4_BLOCK, TILE=FP8_BLOCK, DECODE=decode,
+                          DOT_FP32=interpret, num_warps=cfg.num_warps,
+                          num_stages=cfg.num_stages)
     return out
 
 
-def grouped_matmul_ref(x: torch.Tensor, weight: PackedWeight,
-                       offsets: torch.Tensor) -> torch.Tensor:
-    """The slow twin: dequantize every expert, one fp32 matmul per expert's rows."""
+def grouped_matmul_ref(x: torch.Tensor, weight: PackedWeight, offsets: torch.Tensor,
+                       bias: torch.Tensor | None = None) -> torch.Tensor:
+    """The slow twin: dequantize every expert, one fp32 matmul per expert's rows (+ bias)."""
     _check(x, weight, offsets)
     bounds = offsets.tolist()
     out = torch.zeros((x.shape[0], weight.shape[1]), dtype=torch.float32, device=x.device)
@@ -183,4 +345,6 @@ def grouped_matmul_ref(x: torch.Tensor, weight: PackedWeight,
         a, b = bounds[e], bounds[e + 1]
         if b > a:  # one expert dequantized at a time: large layers fit
             out[a:b] = x[a:b].to(torch.float32) @ weight.rows([e]).dense(torch.float32)[0].T
+            if bias is not None:
+                out[a:b] += bias[e].to(torch.float32)
     return out
