@@ -160,3 +160,37 @@ def test_dispatch_quota_conserves_true_counts_on_present_copies():
             assert (quota[copies.T == 0] == 0).all(), f"{split}: tokens on a rank with no copy"
     with pytest.raises(ValueError, match="split must be"):
         dispatch_quota("round_robin", 0, counts, copies, cost)
+
+
+@pytest.mark.slow
+def test_torchrun_policy_summary(tmp_path):
+    """`python -m probe.runtime --policy probe-on-eplb` under torchrun (2 CPU ranks): the
+    summary names the policy and its slots, and carries per-layer IR, resident copies,
+    dispatch-split seconds and the EPLB re-plans' move time."""
+    import json
+    import subprocess
+    import sys
+
+    from test_engine import _config_file, _subprocess_env
+
+    out = tmp_path / "ep.json"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+           "-m", "probe.runtime", "--random-config", _config_file(tmp_path), "--device", "cpu",
+           "--requests", "2", "--prompt-len", "10", "--max-new-tokens", "4",
+           "--method", "greedy_ref", "--timeout", "30", "--policy", "probe-on-eplb",
+           "--extra-slots", "2", "--replan-interval", "2", "--replan-window", "2",
+           "--out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180,
+                          env=_subprocess_env())
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    summary = json.loads(out.read_text())
+    assert (summary["policy"], summary["extra_slots"], summary["resident_slots"],
+            summary["per_step_slots"]) == ("probe-on-eplb", 2, 1, 1)
+    assert summary["resident_bytes_per_rank"] > 0
+    layers, totals = summary["metrics"]["layers"], summary["metrics"]["totals"]
+    num_layers = summary["metrics"]["num_layers"]
+    assert len(layers["ir_mean"]) == len(layers["split_s"]) == num_layers
+    assert layers["replicas_resident"] == [2] * num_layers  # b = 1 per rank, 2 ranks
+    assert totals["split_s"] > 0 and totals["replan_bytes"] > 0 and totals["replan_s"] > 0
+    assert [r["generated_tokens"] for r in summary["ranks"]] == [8, 8]
+    assert "dispatch split s" in proc.stdout

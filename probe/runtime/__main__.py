@@ -343,8 +343,10 @@ def run(args) -> dict | None:
         out = {"world_size": ctx.world_size, "device": str(device), "dtype": str(dtype),
                "model": args.model or args.random_config, "balance": args.balance,
                "policy": runner.policy if runner else "static",
-               "extra_slots": extra, "resident_slots": slots.resident,
-               "per_step_slots": slots.per_step,
+               "extra_slots": extra,
+               "resident_slots": runner.resident.resident if runner and runner.resident else 0,
+               "per_step_slots": (runner.opts.num_slots
+                                  if runner and runner.plans_replicas else 0),
                "resident_bytes_per_rank": (runner.resident.bytes
                                            if runner and runner.resident else 0),
                "config": {k: v for k, v in vars(model.cfg).items() if k != "extra"},
@@ -459,6 +461,7 @@ def _print_table(out: dict, console=None) -> None:
                   f(s["bytes_prefetched"] / 1e6, ".2f"))
     console.print(t)
     first = out["ranks"][0]
+    totals = out.get("metrics", {}).get("totals", {})
     g = Table(title="group")
     g.add_column("metric", no_wrap=True)
     g.add_column("value", justify="right", no_wrap=True)
@@ -470,8 +473,8 @@ def _print_table(out: dict, console=None) -> None:
         ("exposed transfer s", f(first["exposed_transfer_s"])),
         ("policy", out.get("policy", "-")),
         ("planner s (all steps)", f(out["plan_s_total"])),
-        ("dispatch split s (all steps)", f(out["metrics"]["totals"].get("split_s"))),
-        ("EPLB re-plan moves s", f(out["metrics"]["totals"].get("replan_s"))),
+        ("dispatch split s (all steps)", f(totals.get("split_s"))),
+        ("EPLB re-plan moves s", f(totals.get("replan_s"))),
         ("planner warm-up s (start-up)", f(out["planner_warmup_s"])),
         ("requests rejected", str(len(out["rejected"]))),
     ]
