@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from test_ep import (DTYPE, EP_TOL, _cost, _forward, _free_port, _init, _max_diff, _rank_model,
+from test_ep import (EP_TOL, _cost, _forward, _free_port, _init, _max_diff, _rank_model,
                      _reference_logits, full_model, random_plan)
 
 from probe.planner import CostModel
