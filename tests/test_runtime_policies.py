@@ -116,7 +116,6 @@ def test_policies_match_single_process(world, tmp_path):
     assert all(x > 0 for x in first["poe_stats1"]["layer_split_s"])
     poe = [first[f"poe_stats{s}"] for s in range(STEPS)]
     assert sum(sum(s["replicas_planned"]) for s in poe) > 0
-    assert poe[2]["replan_bytes"] > 0 or poe[2]["replan_seconds"] >= 0
     late = [first[f"poe_late_stats{s}"] for s in range(2)]
     assert sum(sum(s["replicas_late"]) for s in late) > 0
     assert sum(sum(s["replicas_arrived"]) for s in late) > 0
@@ -158,6 +157,14 @@ def test_dispatch_quota_conserves_true_counts_on_present_copies():
             assert quota.shape == (num_experts, num_ranks)
             assert (quota >= 0).all() and (quota.sum(axis=1) == counts[rank]).all(), split
             assert (quota[copies.T == 0] == 0).all(), f"{split}: tokens on a rank with no copy"
+    # on token counts alone (alpha = 0, no link cost) the LP and water-filling splits are
+    # never less balanced than the even split: compare the busiest rank's pairs
+    flat = CostModel.uniform(num_ranks, alpha=0.0, beta=1e-6, token_time=0.0,
+                             transfer_time=1e-6)
+    busiest = {split: max(sum(dispatch_quota(split, s, counts, copies, flat,
+                                             layout=copies > 0)[0] for s in range(num_ranks)
+                              ).sum(axis=0)) for split in ("even", "lp", "waterfill")}
+    assert busiest["lp"] <= busiest["even"] and busiest["waterfill"] <= busiest["even"], busiest
     with pytest.raises(ValueError, match="split must be"):
         dispatch_quota("round_robin", 0, counts, copies, cost)
 
