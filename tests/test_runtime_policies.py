@@ -19,7 +19,8 @@ from test_ep import (EP_TOL, _cost, _forward, _free_port, _init, _max_diff, _ran
 
 from probe.planner import CostModel
 from probe.runtime.pipeline import EPRunner, PipelineOptions
-from probe.runtime.policies import POLICIES, dispatch_quota, eplb_copies, policy_slots
+from probe.runtime.policies import (POLICIES, PolicySlots, dispatch_quota, eplb_copies,
+                                    policy_slots)
 
 STEPS = 3
 
@@ -122,7 +123,8 @@ def test_policies_match_single_process(world, tmp_path):
 
 
 def test_policy_slots_share_the_extra_slots():
-    assert policy_slots("probe-on-eplb", 4, 1) == policy_slots("probe-on-eplb", 4, 1)
+    assert policy_slots("probe-on-eplb", 4, 1) == PolicySlots("probe-on-eplb", 1, 3)
+    assert policy_slots("probe-on-eplb", 1) == PolicySlots("probe-on-eplb", 0, 1)
     for k in range(5):
         for policy in POLICIES:
             s = policy_slots(policy, k)

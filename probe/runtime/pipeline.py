@@ -55,7 +55,7 @@ from probe.runtime.balancer import (Balancer, LayerPlan, LoadPredictor, all_gath
 from probe.runtime.dist import DistContext
 from probe.runtime.ep import EPMoELayer, LayerExperts, PhaseHooks
 from probe.runtime.executor import Executor
-from probe.runtime.policies import POLICIES, ResidentExperts, dispatch_quota
+from probe.runtime.policies import POLICIES, SPLITS, ResidentExperts, dispatch_quota
 from probe.runtime.transfer import SlotPool
 
 __all__ = ["EPRunner", "LayerPlan", "LoadPredictor", "PipelineOptions", "StepStats",
@@ -377,7 +377,7 @@ class EPRunner:
         return self.planner_warmup_s
 
     def _split_kind(self) -> str | None:
-        return {"eplb": "even", "eplb-lp": "lp", "probe-on-eplb": "waterfill"}.get(self.policy)
+        return SPLITS.get(self.policy)
 
     # -- step bookkeeping ----------------------------------------------------------------------
     def begin_step(self) -> None:

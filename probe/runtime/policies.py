@@ -49,7 +49,7 @@ import torch.distributed as dist
 from probe.planner.deepseek_eplb import rebalance_experts
 from probe.runtime.dist import DistContext, guarded
 
-__all__ = ["POLICIES", "PolicySlots", "ResidentExperts", "dispatch_quota", "eplb_copies",
+__all__ = ["POLICIES", "SPLITS", "PolicySlots", "ResidentExperts", "dispatch_quota", "eplb_copies",
            "policy_slots"]
 
 POLICIES = ("static", "eplb", "eplb-lp", "probe", "probe-on-eplb")
