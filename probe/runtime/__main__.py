@@ -86,8 +86,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-batch-tokens", type=int, default=2048)
     p.add_argument("--prefill-chunk", type=int, default=512)
     p.add_argument("--balance", action=argparse.BooleanOptionalAction, default=True,
-                   help="PROBE balancing (replicas + plans); --no-balance: static EP")
-    p.add_argument("--slots", type=int, default=3, help="replica slots per rank per buffer")
+                   help="balancing per --policy; --no-balance: static EP whatever --policy")
+    p.add_argument("--policy", choices=["static", "eplb", "eplb-lp", "probe", "probe-on-eplb"],
+                   default="probe",
+                   help="static EP | DeepSeek EPLB layout, even split | EPLB + LP split on the "
+                        "true counts | PROBE (per-step replicas on the sharded home) | "
+                        "PROBE-on-EPLB (EPLB layout + per-step replicas, water-filling on the "
+                        "true counts); docs/runtime.md 'Policies'")
+    p.add_argument("--slots", type=int, default=3, help="replica slots per rank per buffer "
+                                                        "(the extra slots k when --extra-slots "
+                                                        "is not given)")
+    p.add_argument("--extra-slots", type=int, default=None, metavar="K",
+                   help="extra expert slots per rank, the same for every policy: EPLB keeps K "
+                        "redundant experts resident, PROBE K per-step slots, PROBE-on-EPLB "
+                        "splits them (--resident-slots); default --slots")
+    p.add_argument("--resident-slots", type=int, default=None, metavar="B",
+                   help="probe-on-eplb: resident EPLB slots of the K (default K - max(1, K // 2))")
+    p.add_argument("--replan-interval", type=int, default=50,
+                   help="steps between EPLB re-plans (the weight moves run at a step boundary)")
+    p.add_argument("--replan-window", type=int, default=50,
+                   help="steps of observed load an EPLB re-plan averages")
     p.add_argument("--predictor", default="history",
                    help="history | router | path of a saved PredictorSet")
     p.add_argument("--method", default="greedy", help="planner method (probe.planner.solve)")
@@ -260,9 +278,16 @@ def run(args) -> dict | None:
                              "expert-parallel\n")
         graphs = False
     # One rank with graphs: the MoE layers run locally inside the captured step (no EPRunner).
+    from probe.runtime.policies import policy_slots
+
+    extra = args.slots if args.extra_slots is None else args.extra_slots
+    slots = policy_slots(args.policy if args.balance else "static", extra, args.resident_slots
+                         if args.balance and args.policy == "probe-on-eplb" else None)
     runner = None if graphs else EPRunner(model, ctx, PipelineOptions(
-        balance=args.balance and ctx.world_size > 1, num_slots=args.slots, predictor=predictor,
-        method=args.method, hardware=args.hardware))
+        balance=args.balance and ctx.world_size > 1, num_slots=slots.per_step,
+        predictor=predictor, method=args.method, hardware=args.hardware, policy=slots.policy,
+        resident_slots=slots.resident, replan_interval=args.replan_interval,
+        replan_window=args.replan_window))
     engine_options = dict(max_batch_tokens=args.max_batch_tokens,
                           prefill_chunk=args.prefill_chunk, static_decode=graphs,
                           cuda_graphs=graphs and use_cuda, max_seq_len=args.max_seq_len)
@@ -317,6 +342,13 @@ def run(args) -> dict | None:
         first = summaries[0]
         out = {"world_size": ctx.world_size, "device": str(device), "dtype": str(dtype),
                "model": args.model or args.random_config, "balance": args.balance,
+               "policy": runner.policy if runner else "static",
+               "extra_slots": extra,
+               "resident_slots": runner.resident.resident if runner and runner.resident else 0,
+               "per_step_slots": (runner.opts.num_slots
+                                  if runner and runner.plans_replicas else 0),
+               "resident_bytes_per_rank": (runner.resident.bytes
+                                           if runner and runner.resident else 0),
                "config": {k: v for k, v in vars(model.cfg).items() if k != "extra"},
                # group-wide: prefetched bytes counted once (replicas that arrived in time,
                # summed over ranks), replicas, planner time (max over ranks per step)
@@ -429,6 +461,7 @@ def _print_table(out: dict, console=None) -> None:
                   f(s["bytes_prefetched"] / 1e6, ".2f"))
     console.print(t)
     first = out["ranks"][0]
+    totals = out.get("metrics", {}).get("totals", {})
     g = Table(title="group")
     g.add_column("metric", no_wrap=True)
     g.add_column("value", justify="right", no_wrap=True)
@@ -438,7 +471,10 @@ def _print_table(out: dict, console=None) -> None:
          f"{out['replicas_planned']} / {out['replicas_arrived']} / {out['replicas_late']}"),
         ("MB prefetched (arrived, all ranks)", f(out["bytes_prefetched_total"] / 1e6, ".2f")),
         ("exposed transfer s", f(first["exposed_transfer_s"])),
+        ("policy", out.get("policy", "-")),
         ("planner s (all steps)", f(out["plan_s_total"])),
+        ("dispatch split s (all steps)", f(totals.get("split_s"))),
+        ("EPLB re-plan moves s", f(totals.get("replan_s"))),
         ("planner warm-up s (start-up)", f(out["planner_warmup_s"])),
         ("requests rejected", str(len(out["rejected"]))),
     ]

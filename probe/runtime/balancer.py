@@ -89,11 +89,14 @@ class RankReport:
     arrived: bool [E], replicas of layer l complete on this rank (see `Executor.arrived`).
     predicted_load: float64 [E], predicted pairs of this rank's tokens at layer l+1.
     window_s: seconds this rank can hide layer l+1's transfer.
+    counts: int [E] or None, this rank's TRUE pairs at layer l, sent only when the policy
+        splits tokens at dispatch over every rank's counts (`probe.runtime.policies`).
     """
 
     arrived: np.ndarray
     predicted_load: np.ndarray
     window_s: float
+    counts: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -101,11 +104,13 @@ class GroupReport:
     """Every rank's `RankReport`, stacked (identical on every rank after the gather).
 
     arrived: bool [G, E]. predicted_load: float64 [S, E]. window_s: float64 [G].
+    counts: int64 [S, E] true pairs of layer l, or None when the reports carried none.
     """
 
     arrived: np.ndarray
     predicted_load: np.ndarray
     window_s: np.ndarray
+    counts: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -207,29 +212,35 @@ class Balancer:
     # -- gather -------------------------------------------------------------------------------
     def gather(self, layer: int, report: RankReport) -> GroupReport:
         """One all_gather of every rank's report."""
-        got = all_gather_fields(self.ctx, {"arrived": report.arrived.astype(np.float64),
-                                           "predicted_load": report.predicted_load,
-                                           "window_s": np.array(report.window_s)},
-                                f"plan all_gather (MoE layer {layer})")
+        fields = {"arrived": report.arrived.astype(np.float64),
+                  "predicted_load": report.predicted_load,
+                  "window_s": np.array(report.window_s)}
+        if report.counts is not None:
+            fields["counts"] = np.asarray(report.counts, dtype=np.float64)
+        got = all_gather_fields(self.ctx, fields, f"plan all_gather (MoE layer {layer})")
+        counts = got["counts"].round().astype(np.int64) if "counts" in got else None
         return GroupReport(arrived=got["arrived"] > 0.5, predicted_load=got["predicted_load"],
-                           window_s=got["window_s"])
+                           window_s=got["window_s"], counts=counts)
 
     # -- plan ---------------------------------------------------------------------------------
-    def problem(self, load: np.ndarray, window: np.ndarray) -> BalanceProblem:
-        """The planning instance of one layer: load [S, E] (whole counts), window [G]."""
+    def problem(self, load: np.ndarray, window: np.ndarray,
+                base: np.ndarray | None = None) -> BalanceProblem:
+        """The planning instance of one layer: load [S, E] (whole counts), window [G], on the
+        base layout bool [G, E] (None: the sharded home)."""
         return BalanceProblem.from_load(np.asarray(load).astype(np.int64), self.cost,
                                         self.num_slots, np.asarray(window, dtype=np.float64),
-                                        self.home)
+                                        self.home if base is None else base)
 
     def solve(self, problem: BalanceProblem) -> Plan:
         return self.planner(problem) if self.planner is not None \
             else solve_plan(problem, self.method)
 
-    def plan(self, layer: int, step: int, group: GroupReport) -> tuple[LayerPlan, float]:
-        """The plan of MoE layer `layer` from the gathered reports. Returns it and the seconds
-        spent planning."""
+    def plan(self, layer: int, step: int, group: GroupReport,
+             base: np.ndarray | None = None) -> tuple[LayerPlan, float]:
+        """The plan of MoE layer `layer` from the gathered reports, on the base layout bool
+        [G, E] (None: the sharded home). Returns it and the seconds spent planning."""
         t0 = time.perf_counter()
-        problem = self.problem(group.predicted_load.round(), group.window_s)
+        problem = self.problem(group.predicted_load.round(), group.window_s, base)
         plan = self.plan_override(layer, step) if self.plan_override is not None else None
         if plan is None:
             plan = self.solve(problem)
@@ -241,16 +252,20 @@ class Balancer:
                          planned_exposed_s=float(exposed), plan_s=plan_s), plan_s
 
     def decide(self, layer: int, step: int, h: torch.Tensor, arrived: np.ndarray,
-               window_s: float, *, has_next: bool) -> tuple[GroupReport, LayerPlan | None]:
-        """At MoE layer `layer`: predict and plan layer `layer` + 1 (when `has_next`), and
-        gather every rank's arrived bits of `layer`. arrived: bool [E] of this rank."""
+               window_s: float, *, has_next: bool, counts: np.ndarray | None = None,
+               base: np.ndarray | None = None) -> tuple[GroupReport, LayerPlan | None]:
+        """At MoE layer `layer`: predict and plan layer `layer` + 1 (when `has_next`) on the
+        base layout bool [G, E] (None: the sharded home), and gather every rank's arrived
+        bits of `layer` (and, given, its true counts int [E] of `layer`). arrived: bool [E]
+        of this rank."""
         t0 = time.perf_counter()
         pred = self.predict(layer + 1, h) if has_next else np.zeros(self.num_experts)
         predict_s = time.perf_counter() - t0
         group = self.gather(layer, RankReport(arrived=np.asarray(arrived, dtype=bool),
                                               predicted_load=pred,
-                                              window_s=window_s if has_next else 0.0))
+                                              window_s=window_s if has_next else 0.0,
+                                              counts=counts))
         if not has_next:
             return group, None
-        layer_plan, _ = self.plan(layer + 1, step, group)
+        layer_plan, _ = self.plan(layer + 1, step, group, base)
         return group, replace(layer_plan, predict_s=predict_s)

@@ -71,11 +71,13 @@ class Executor:
         wait_for_replicas: block until a layer's (not held-back) replicas are in instead of
             skipping late ones; the wait counts as exposed transfer time.
         stream: the CUDA stream transfers post from (None on CPU).
+        source_params: function (layer, e) -> weights of expert e that this rank sends as a
+            replica source (None: its home experts; PROBE-on-EPLB also sends resident copies).
     """
 
     def __init__(self, ctx: DistContext, layers: list[EPMoELayer], pool: SlotPool, *,
                  num_pieces: int = 4, max_in_flight: int = 8, wait_for_replicas: bool = False,
-                 stream: torch.cuda.Stream | None = None) -> None:
+                 stream: torch.cuda.Stream | None = None, source_params=None) -> None:
         self.ctx = ctx
         self.layers = layers
         self.pool = pool
@@ -83,6 +85,7 @@ class Executor:
         self.max_in_flight = int(max_in_flight)
         self.wait_for_replicas = bool(wait_for_replicas)
         self.stream = stream
+        self.source_params = source_params
         self.gate = IssueGate()
         self.plans: dict[int, LayerPlan] = {}
         self.transfers: dict[int, SplitPhaseTransfer] = {}
@@ -107,8 +110,10 @@ class Executor:
         """Create the transfer of `layer_plan`'s replicas (its pieces wait for `start()`)."""
         layer, plan = layer_plan.layer, layer_plan.plan
         buffer = self.pool.buffer_of(layer)
+        send_from = (self.layers[layer].experts.get if self.source_params is None
+                     else lambda e, layer=layer: self.source_params(layer, e))
         transfer = SplitPhaseTransfer(
-            layer, plan.replicas, plan.sources, self.ctx.rank, self.layers[layer].experts.get,
+            layer, plan.replicas, plan.sources, self.ctx.rank, send_from,
             self.pool, self.ctx.transfer_group, num_pieces=self.num_pieces, stream=self.stream,
             ready_event=self._ready_event(layer), hold_back=layer_plan.hold_back,
             gate=self.gate, after=self._last_in_buffer.get(buffer),
@@ -121,21 +126,39 @@ class Executor:
     def run(self, layer: int, h: torch.Tensor, topk_ids: torch.Tensor,
             topk_weights: torch.Tensor, arrived: np.ndarray, *,
             next_transfer: SplitPhaseTransfer | None = None,
-            marks: PhaseHooks | None = None) -> tuple[torch.Tensor, LayerStats]:
+            marks: PhaseHooks | None = None, quota: np.ndarray | None = None,
+            present: np.ndarray | None = None, resident_params=None,
+            ) -> tuple[torch.Tensor, LayerStats]:
         """Dispatch, experts and combine of layer `layer` (see `EPMoELayer.forward`).
 
         arrived: bool [G, E], every rank's complete replicas of this layer (gathered).
         next_transfer: the next layer's transfer, posted in the allowed phases.
         marks: timing hooks called at the same points.
+        quota: int [E, G], this rank's split computed at dispatch on the true counts
+            (`probe.runtime.policies.dispatch_quota`), replacing the plan's.
+        present: bool [G, E], non-home copies usable now (resident layout + arrived
+            replicas), replacing `arrived` for the dispatch; resident_params: e -> weights
+            of this rank's resident copy of e (used where no per-step replica arrived).
         """
         layer_plan = self.plans.get(layer)
         transfer = self.transfers.get(layer)
-        quota = layer_plan.quota(self.ctx.rank) if layer_plan is not None else None
+        if quota is None:
+            quota = layer_plan.quota(self.ctx.rank) if layer_plan is not None else None
         if transfer is not None:
             transfer.order_after(arrived[self.ctx.rank])
+        replica_params = transfer.params if transfer is not None else None
+        if resident_params is not None:
+            mine = arrived[self.ctx.rank] if transfer is not None else None
+
+            def replica_params(e, mine=mine, transfer=transfer):
+                if mine is not None and mine[e] and int(e) in transfer.slot_of:
+                    return transfer.params(e)
+                return resident_params(e)
+
         return self.layers[layer].forward(
-            h, topk_ids, topk_weights, quota=quota, arrived=arrived,
-            replica_params=transfer.params if transfer is not None else None,
+            h, topk_ids, topk_weights, quota=quota,
+            arrived=arrived if present is None else present,
+            replica_params=replica_params,
             hooks=_TransferHooks(next_transfer, self.gate, marks))
 
     def finish_layer(self, layer: int) -> None:
@@ -168,6 +191,12 @@ class Executor:
         if prev in self._done_events:
             return self._done_events[prev]
         return self._done_events[max(same)] if same else None
+
+    def drain(self) -> None:
+        """Block until every transfer (late and held-back pieces included) has finished; the
+        weights they read may then be overwritten (an EPLB re-plan at a step boundary)."""
+        for transfer in [*self.transfers.values(), *self._last_in_buffer.values(), *self._held]:
+            transfer.join()
 
     def close(self) -> None:
         """Let every transfer finish (held pieces released) and drop them; a collective-free

@@ -7,8 +7,10 @@
     steps: one entry per step: tokens, seconds, tokens_per_s, mean_ir, replicas planned /
         arrived / used / late, exposed transfer, predictor and planner seconds
     layers: per MoE layer over the run: mean IR, replicas planned / arrived / used / late,
-        exposed transfer, predictor and planner seconds (sums)
-    totals: the same summed over layers and steps, tokens and tokens/s
+        exposed transfer, predictor and planner seconds, dispatch-split seconds (sums), and
+        resident EPLB copies (the last step's)
+    totals: the same summed over layers and steps, tokens and tokens/s, and the EPLB
+        re-plans' weight-move seconds and bytes
 
 IR, replicas, exposed, predictor and planner times are group-wide (identical on every rank);
 tokens are the calling rank's.
@@ -56,6 +58,9 @@ def step_metrics(record) -> dict:
     out["exposed_transfer_s"] = float(ep.get("exposed_transfer_s", 0.0))
     out["predict_s"] = float(ep.get("predict_seconds", 0.0))
     out["plan_s"] = float(ep.get("plan_seconds", 0.0))
+    out["split_s"] = float(ep.get("split_seconds", 0.0))
+    out["replan_s"] = float(ep.get("replan_seconds", 0.0))
+    out["replan_bytes"] = float(ep.get("replan_bytes", 0.0))
     return out
 
 
@@ -72,15 +77,19 @@ def run_metrics(records: Sequence) -> dict:
             layers[f"replicas_{state}"] = [int(x) for x in sum(
                 _layer_array(ep, f"replicas_{state}", num_layers) for ep in eps)]
         for key, src in (("exposed_transfer_s", "layer_exposed_s"),
-                         ("predict_s", "layer_predict_s"), ("plan_s", "layer_plan_s")):
+                         ("predict_s", "layer_predict_s"), ("plan_s", "layer_plan_s"),
+                ("split_s", "layer_split_s")):
             layers[key] = sum(_layer_array(ep, src, num_layers) for ep in eps).tolist()
+        layers["replicas_resident"] = [int(x) for x in _layer_array(
+            eps[-1], "replicas_resident", num_layers)]
     tokens = sum(s["tokens"] for s in steps)
     seconds = sum(s["seconds"] for s in steps)
     totals = {"steps": len(steps), "tokens": tokens, "seconds": seconds,
               "tokens_per_s": tokens / seconds if seconds > 0 else None,
               "mean_ir": float(np.mean(layers["ir_mean"])) if layers.get("ir_mean") else None}
     for key in [f"replicas_{s}" for s in _STATES] + ["exposed_transfer_s", "predict_s",
-                                                      "plan_s"]:
+                                                      "plan_s", "split_s", "replan_s",
+                                                      "replan_bytes"]:
         totals[key] = sum(s[key] for s in steps)
     return {"num_layers": num_layers, "steps": steps, "layers": layers, "totals": totals}
 

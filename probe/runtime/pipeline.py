@@ -22,6 +22,14 @@ Per MoE layer l and step:
 Layer 0 has no earlier layer in the step: it always runs static (everything home), which is
 also the state before any plan exists.
 
+Policies (`PipelineOptions.policy`, `probe.runtime.policies`, docs/runtime.md "Policies"):
+"probe" (the default) is the flow above; "static" is sharded EP with no collective beyond the
+dispatch; "eplb" and "eplb-lp" keep a DeepSeek EPLB layout resident (`ResidentExperts`,
+re-planned at step boundaries) and split the true counts at dispatch (even split, or the LP
+over the counts of one extra all_gather per layer); "probe-on-eplb" plans per-step replicas as
+above on the EPLB layout instead of the sharded home, and splits the true counts (gathered on
+the balancer's all_gather) by water-filling over the layout + the replicas that arrived.
+
 Window: the seconds rank g can hide layer l+1's transfer = expert compute of layer l plus the
 non-MoE work before layer l+1's MoE (attention, norms), both measured in the previous step
 (CUDA events on GPU, perf_counter on CPU); `default_window_s` before the first measurement.
@@ -47,6 +55,7 @@ from probe.runtime.balancer import (Balancer, LayerPlan, LoadPredictor, all_gath
 from probe.runtime.dist import DistContext
 from probe.runtime.ep import EPMoELayer, LayerExperts, PhaseHooks
 from probe.runtime.executor import Executor
+from probe.runtime.policies import POLICIES, SPLITS, ResidentExperts, dispatch_quota
 from probe.runtime.transfer import SlotPool
 
 __all__ = ["EPRunner", "LayerPlan", "LoadPredictor", "PipelineOptions", "StepStats",
@@ -89,6 +98,11 @@ class PipelineOptions:
     max_in_flight: pieces one transfer has posted and not completed, at most (bounds what
         can still be moving when a combine starts).
     hardware: HardwareSpec preset for the cost model.
+    policy: one of `probe.runtime.policies.POLICIES` ("probe" by default; balance=False
+        makes any policy static).
+    resident_slots: b, redundant EPLB slots per rank (policies with a resident layout).
+    replan_interval: steps between EPLB re-plans. replan_window: steps of load a re-plan
+        averages.
     """
 
     balance: bool = True
@@ -103,6 +117,10 @@ class PipelineOptions:
     num_pieces: int = 4
     max_in_flight: int = 8
     hardware: str = "h200x8"
+    policy: str = "probe"
+    resident_slots: int = 0
+    replan_interval: int = 50
+    replan_window: int = 50
 
 
 @dataclass
@@ -126,6 +144,11 @@ class StepStats:
     layer_plan_s / layer_predict_s: float [L], planner and predictor seconds spent on each
         layer's plan (max over ranks; spent at the layer before).
     predict_seconds: predictor wall time summed over layers (max over ranks).
+    layer_split_s: float [L], seconds of the dispatch-time split on the true counts (even,
+        LP or water-filling; max over ranks; 0 where the policy has none).
+    replicas_resident: int [L], resident redundant copies of the EPLB layout (b G).
+    replan_seconds: seconds of the EPLB re-plan's weight moves at this step's start (max
+        over ranks; 0 when there was none). replan_bytes: bytes they moved (all ranks).
     """
 
     layer_ir: np.ndarray
@@ -143,6 +166,10 @@ class StepStats:
     layer_plan_s: np.ndarray = field(default_factory=lambda: np.zeros(0))
     layer_predict_s: np.ndarray = field(default_factory=lambda: np.zeros(0))
     predict_seconds: float = 0.0
+    layer_split_s: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    replicas_resident: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    replan_seconds: float = 0.0
+    replan_bytes: float = 0.0
 
     def as_dict(self) -> dict:
         return {"layer_ir": self.layer_ir.round(4).tolist(),
@@ -160,7 +187,12 @@ class StepStats:
                 "plan_seconds": self.plan_seconds,
                 "layer_plan_s": self.layer_plan_s.tolist(),
                 "predict_seconds": self.predict_seconds,
-                "layer_predict_s": self.layer_predict_s.tolist()}
+                "layer_predict_s": self.layer_predict_s.tolist(),
+                "layer_split_s": self.layer_split_s.tolist(),
+                "split_seconds": float(self.layer_split_s.sum()),
+                "replicas_resident": self.replicas_resident.tolist(),
+                "replan_seconds": self.replan_seconds,
+                "replan_bytes": self.replan_bytes}
 
 
 class _Clock:
@@ -202,6 +234,7 @@ class _LayerRecord:
     exposed_s: float = 0.0
     plan_s: float = 0.0
     predict_s: float = 0.0
+    split_s: float = 0.0
 
 
 class _Marks(PhaseHooks):
@@ -248,6 +281,11 @@ class EPRunner:
         self.model = model
         self.ctx = ctx
         self.opts = options or PipelineOptions()
+        if self.opts.policy not in POLICIES:
+            raise ValueError(f"policy must be one of {POLICIES}, got {self.opts.policy!r}")
+        # balance=False is static EP whatever the policy (the --no-balance of the CLI)
+        self.policy = self.opts.policy if self.opts.balance else "static"
+        self.plans_replicas = self.policy in ("probe", "probe-on-eplb")
         cfg = model.cfg
         self.cfg = cfg
         self.num_experts = cfg.num_experts
@@ -287,6 +325,15 @@ class EPRunner:
         self.replica_bytes = sum(math.prod(shape) for shape in shapes.values()) \
             * self.pool.storage[next(iter(shapes))].element_size()  # W: one replica's bytes
         self.stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        self.resident: ResidentExperts | None = None
+        if self.policy in ("eplb", "eplb-lp", "probe-on-eplb"):
+            self.resident = ResidentExperts(
+                ctx, self.home, lambda layer, e: self.layers[layer].experts.get(e), shapes,
+                len(self.layers), self.opts.resident_slots,
+                interval=self.opts.replan_interval, window=self.opts.replan_window,
+                dtype=self.dtype, device=self.device)
+        self._free: dict[int, np.ndarray] = {}  # layer -> replicas planned where home is
+        self._replan = (0.0, 0.0)  # this step's re-plan: (seconds, bytes received here)
         self.balancer = Balancer(
             ctx, num_experts=cfg.num_experts, top_k=cfg.top_k, home=self.home, cost=self.cost,
             num_slots=self.opts.num_slots, predictor=self.opts.predictor,
@@ -296,13 +343,15 @@ class EPRunner:
         self.executor = Executor(ctx, self.layers, self.pool, num_pieces=self.opts.num_pieces,
                                  max_in_flight=self.opts.max_in_flight,
                                  wait_for_replicas=self.opts.wait_for_replicas,
-                                 stream=self.stream)
+                                 stream=self.stream,
+                                 source_params=(self.resident.params
+                                                if self.policy == "probe-on-eplb" else None))
         self.records = [_LayerRecord() for _ in self.blocks]
         self.step = 0
         self.clock = _Clock(self.device)
         self.prev_clock: _Clock | None = None
         self.planner_warmup_s = 0.0
-        if self.opts.balance:
+        if self.plans_replicas or self.resident is not None:
             self.warm_up_planner()
 
     def _solve(self, problem: BalanceProblem) -> Plan:
@@ -321,12 +370,29 @@ class EPRunner:
         load[:, 1:] = 1
         window = np.full(num_ranks, self.opts.default_window_s)  # [G]
         t0 = time.perf_counter()
-        self._solve(self.balancer.problem(load, window))
+        if self.plans_replicas:
+            self._solve(self.balancer.problem(load, window))
+        split = self._split_kind()
+        if split is not None:  # the dispatch split's one-time cost (Numba, HiGHS import)
+            copies = self.resident.copies(0)
+            dispatch_quota(split, self.ctx.rank, load, copies, self.cost, layout=copies > 0)
         self.planner_warmup_s = time.perf_counter() - t0
         return self.planner_warmup_s
 
+    def _split_kind(self) -> str | None:
+        return SPLITS.get(self.policy)
+
     # -- step bookkeeping ----------------------------------------------------------------------
     def begin_step(self) -> None:
+        """Start a step: an EPLB re-plan when due (every in-flight replica transfer finishes
+        first, then the weights move synchronously; timed), then fresh clocks and records."""
+        self._replan = (0.0, 0.0)
+        res = self.resident
+        if res is not None and self.step > 0 and self.step % res.interval == 0 \
+                and res.history:
+            self.executor.drain()  # a late replica may still be read from a resident slot
+            if res.maybe_replan(self.step):
+                self._replan = (res.last_move_s, float(res.last_move_bytes))
         self.prev_clock, self.clock = self.clock, _Clock(self.device)
         self.records = [_LayerRecord() for _ in self.blocks]
         self.clock.mark("begin")
@@ -351,28 +417,46 @@ class EPRunner:
         self.clock.mark(f"start{layer}")
         arrived = np.zeros((self.num_ranks, self.num_experts), dtype=bool)  # [G, E]
         next_transfer = None
+        split = self._split_kind()
+        quota = present = None
         with record_function("probe.moe.route_predict_plan"):
             logits = block.router(h)  # [T, E]
             topk_ids, topk_weights = block.select(logits)  # [T, K] x2
             self.balancer.observe(layer, topk_ids)
-            if self.opts.balance:
+            counts_here = torch.bincount(topk_ids.reshape(-1).cpu(),
+                                         minlength=self.num_experts).numpy()  # [E]
+            if self.resident is not None:
+                self.resident.observe(layer, counts_here)
+            group = None
+            if self.plans_replicas:
                 arrived_here, rec.exposed_s = self.executor.arrived(layer)  # [E]
                 has_next = layer + 1 < len(self.blocks)
+                on_eplb = self.policy == "probe-on-eplb"
                 group, next_plan = self.balancer.decide(
                     layer, self.step, h, arrived_here,
-                    self._window(layer + 1) if has_next else 0.0, has_next=has_next)
+                    self._window(layer + 1) if has_next else 0.0, has_next=has_next,
+                    counts=counts_here if on_eplb else None,
+                    base=self.resident.copies(layer + 1) > 0 if on_eplb and has_next else None)
                 arrived = group.arrived
                 rec.arrived = int(arrived[self.ctx.rank].sum())
                 if next_plan is not None:
+                    if on_eplb:
+                        next_plan = self._strip_home_replicas(next_plan)
                     nrec = self.records[layer + 1]
                     nrec.planned = next_plan.num_replicas
                     nrec.planned_exposed_s = next_plan.planned_exposed_s
                     nrec.plan_s, nrec.predict_s = next_plan.plan_s, next_plan.predict_s
                     next_transfer = self.executor.prefetch(next_plan)
+            if split is not None:
+                quota, present, rec.split_s = self._dispatch_split(
+                    layer, split, counts_here, arrived,
+                    group.counts if group is not None else None)
         self.clock.mark(f"experts{layer}")
-        out, stats = self.executor.run(layer, h, topk_ids, topk_weights, arrived,
-                                       next_transfer=next_transfer,
-                                       marks=_Marks(self.clock, layer))
+        out, stats = self.executor.run(
+            layer, h, topk_ids, topk_weights, arrived, next_transfer=next_transfer,
+            marks=_Marks(self.clock, layer), quota=quota, present=present,
+            resident_params=(None if self.resident is None
+                             else lambda e, layer=layer: self.resident.params(layer, e)))
         shared = block.shared_forward(h)  # [T, D] or None; shared experts run on every rank
         if shared is not None:
             out = out + shared
@@ -382,6 +466,43 @@ class EPRunner:
         self.executor.finish_layer(layer)
         self.clock.mark(f"end{layer}")
         return out, LayerRouting(block.layer, h, logits, topk_ids, topk_weights)
+
+    def _strip_home_replicas(self, layer_plan: LayerPlan) -> LayerPlan:
+        """PROBE-on-EPLB plans on the EPLB layout, which may leave out an expert that this
+        runtime still holds at its sharded home; a replica planned there needs no transfer:
+        it is dropped from the transfer and counted present at dispatch (`_free`)."""
+        from dataclasses import replace
+
+        plan = layer_plan.plan
+        free = plan.replicas & self.home  # [G, E]
+        self._free[layer_plan.layer] = free
+        if not free.any():
+            return layer_plan
+        kept = Plan(plan.replicas & ~self.home, np.where(free, -1, plan.sources),
+                    plan.assignment)
+        return replace(layer_plan, plan=kept)
+
+    def _dispatch_split(self, layer: int, split: str, counts_here: np.ndarray,
+                        arrived: np.ndarray, gathered: np.ndarray | None):
+        """This rank's quota [E, G] on the TRUE counts over the copies present, the non-home
+        copies present bool [G, E], and the split's solve seconds."""
+        layout = self.resident.copies(layer)  # [G, E]
+        copies = layout.copy()
+        if self.policy == "probe-on-eplb":
+            copies += arrived.astype(np.int64)  # per-step replicas complete on their rank
+            copies += self._free.pop(layer, np.zeros_like(self.home)).astype(np.int64)
+        if split == "even":
+            counts = np.zeros((self.num_ranks, self.num_experts), np.int64)
+            counts[self.ctx.rank] = counts_here  # the even split reads only its own row
+        elif gathered is not None:
+            counts = gathered  # rode on the balancer's all_gather
+        else:  # eplb-lp: one all_gather of every rank's counts
+            counts = all_gather_fields(self.ctx, {"counts": counts_here},
+                                       f"dispatch counts all_gather (MoE layer {layer})"
+                                       )["counts"].round().astype(np.int64)  # [S, E]
+        quota, seconds = dispatch_quota(split, self.ctx.rank, counts, copies, self.cost,
+                                        layout=layout > 0)
+        return quota, (copies > 0) & ~self.home, seconds
 
     def close(self) -> None:
         """Give the model its own MoE blocks back, let the transfers finish and drop them and
@@ -425,6 +546,8 @@ class EPRunner:
         group-wide stats (one all_gather)."""
         self.balancer.end_step()
         self.executor.end_step()
+        if self.resident is not None:
+            self.resident.end_step()
         recs = self.records
         g = all_gather_fields(self.ctx, {
             "pairs": np.array([r.pairs for r in recs]),
@@ -435,8 +558,10 @@ class EPRunner:
             "exposed_s": np.array([r.exposed_s for r in recs]),
             "plan_s": np.array([r.plan_s for r in recs]),
             "predict_s": np.array([r.predict_s for r in recs]),
+            "split_s": np.array([r.split_s for r in recs]),
             "bytes_arrived": np.array(sum(r.arrived for r in recs) * self.replica_bytes),
-        }, "step stats all_gather")  # each [G, L] (bytes_arrived [G])
+            "replan": np.array(self._replan),
+        }, "step stats all_gather")  # each [G, L] (bytes_arrived [G], replan [G, 2])
         pairs = g["pairs"].T  # [L, G]
         self.step += 1
         return StepStats(
@@ -454,7 +579,12 @@ class EPRunner:
             plan_seconds=float(g["plan_s"].sum(axis=1).max()),
             layer_plan_s=g["plan_s"].max(axis=0),
             predict_seconds=float(g["predict_s"].sum(axis=1).max()),
-            layer_predict_s=g["predict_s"].max(axis=0))
+            layer_predict_s=g["predict_s"].max(axis=0),
+            layer_split_s=g["split_s"].max(axis=0),
+            replicas_resident=np.full(len(recs), 0 if self.resident is None
+                                      else self.resident.resident_copies, dtype=np.int64),
+            replan_seconds=float(g["replan"][:, 0].max()),
+            replan_bytes=float(g["replan"][:, 1].sum()))
 
 
 def _expert_params(block) -> dict[str, torch.Tensor]:
