@@ -222,6 +222,9 @@ def test_decode_graphs_experiment_runs_quick_on_cpu(tmp_path):
     (tiny,) = record["results"]
     assert tiny["check"]["tokens_equal"] and tiny["check"]["hf_generate_tokens_equal"]
     assert tiny["check"]["engine_tokens_equal"]
+    assert tiny["check"]["engine_fp32"] == {"static_fraction_equal": 1.0,
+                                            "paged_fraction_equal": 1.0, "equal": True}
+    assert 0.0 <= tiny["engine_in_timing_dtype"]["paged_fraction_equal"] <= 1.0
     assert tiny["sync"] == {"eager_step": "no host sync"}
     assert [row["batch"] for row in tiny["rows"]] == [1, 4]
     assert all(row["static_tok_s"] > 0 and row["hf_generate_tok_s"] > 0 for row in tiny["rows"])

@@ -174,3 +174,29 @@ def test_memory_plan_counts_from_the_shape():
     assert plan.requests_that_fit == 10 and plan.replica_bytes == 0
     with pytest.raises(ValueError, match="exactly one"):
         plan_memory(cfg, torch.bfloat16, block_size=16, tokens_per_request=40)
+
+
+def test_paged_kv_experiment_runs_quick_on_cpu(tmp_path):
+    import json
+
+    from experiments.runtime.paged_kv import main
+
+    assert main(["--device", "cpu", "--quick", "--steps", "2", "--repeats", "1",
+                 "--budget-mib", "24", "--out", str(tmp_path)]) == 0
+    record = json.loads((tmp_path / "paged_kv.json").read_text())
+    check = record["check"]
+    assert check["tokens_equal"] and check["engine"]["equal"] and check["sync"] == "no host sync"
+    assert check["engine"]["peak_running"] < 8  # the pool, not max_running, limited the batch
+    assert [(r["batch"], r["layout"]) for r in record["rows"]] == [
+        (4, "static"), (4, "paged"), (8, "static"), (8, "paged")]
+    assert all(r["tok_s"] > 0 for r in record["rows"])
+    static, paged = record["rows"][0], record["rows"][1]
+    assert paged["cache_bytes"] < static["cache_bytes"]  # 37 positions reserved, not 128
+    small, bigger = record["budget"]
+    # one expert of the small shape: 3 * F * D bf16 values; replicas come out of the budget
+    assert small["expert_bytes"] == 3 * 64 * 256 * 2
+    assert small["slots3_replica_bytes"] == 3 * 2 * small["expert_bytes"]
+    assert small["resident2_replica_bytes"] == 2 * 8 * small["expert_bytes"]
+    assert small["slots3_max_batch"] >= small["resident2_max_batch"] > 0
+    assert record["engine_memory"]["replica_bytes"] > 0
+    assert (tmp_path / "paged_kv.md").is_file() and (tmp_path / "manifest.json").is_file()
