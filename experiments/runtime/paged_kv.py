@@ -14,7 +14,7 @@ a scrambled order; CUDA graphs on CUDA): tokens equal, logits close, the first s
 close to the CPU twin (the same weights, static step, on the CPU); the Engine with paged KV and
 a pool too small for all requests at once serves staggered requests with the default Engine's
 tokens (none dropped, some waited); and one paged graph step (CUDA; eager on CPU) runs under
-`probe.runtime.syncguard.no_host_sync` (plus `torch.cuda.set_sync_debug_mode("error")`).
+`probe.runtime.syncguard.no_host_sync` (on CUDA with `torch.cuda.set_sync_debug_mode("error")`).
 
 Timing (bf16 on CUDA, fp32 on CPU): B concurrent requests (64 and 256; --quick 4 and 8), prompts
 of 32 tokens prefilled, then `--steps` decode steps (the engine's step: the runner plus one host
@@ -187,16 +187,13 @@ def sync_check(model, device: torch.device) -> str:
             torch.cuda.synchronize()
         args = (toks, [s.address for s in p.seqs], [s.length for s in p.seqs])
         try:
-            if cuda:
-                torch.cuda.set_sync_debug_mode("error")
-            with no_host_sync(cuda=cuda):
+            with no_host_sync(cuda=cuda):  # on CUDA also torch's sync debug mode "error"
                 p.runner(*args)
             return "no host sync"
         except RuntimeError as exc:
             return f"SYNC: {str(exc).splitlines()[0][:200]}"
         finally:
             if cuda:
-                torch.cuda.set_sync_debug_mode(0)
                 torch.cuda.synchronize()
 
 
