@@ -142,6 +142,23 @@ def test_runner_pads_to_buckets_and_matches_unpadded(model64):
         DecodeRunner(model64, cache, use_graphs=True)
 
 
+def test_graph_warm_up_never_writes_live_slots(model64):
+    """Before a capture the runner runs the step eagerly; it must read scratch rows, not the
+    rows the bucket's buffers held last (their slot may belong to another request now)."""
+    cache, slots, _ = _prefilled(model64, [[1, 2, 3], [4, 5]])
+    runner = DecodeRunner(model64, cache, use_graphs=False)
+    with torch.inference_mode():
+        runner([6, 7], [s.slot for s in slots], [s.length for s in slots])
+        cache.release(slots[0].slot)  # the request in slot 0 ends ...
+        fresh = cache.sequence(cache.allocate())  # ... and a new one takes the slot
+        assert fresh.slot == slots[0].slot
+        model64(torch.tensor([9, 9, 9, 9, 9]), caches=[fresh])
+        before = [t[:cache.scratch].clone() for t in cache.keys + cache.values]
+        runner._warm_up(2, 16)  # what _capture runs before a new kv-length bucket's graph
+    for old, new in zip(before, cache.keys + cache.values, strict=True):
+        assert torch.equal(old, new[:cache.scratch])
+
+
 def test_static_cache_slots_and_limits(model64):
     cache = StaticKVCache(model64.cfg, 2, 4, dtype=torch.float64, device="cpu")
     a, b = cache.allocate(), cache.allocate()
@@ -205,6 +222,9 @@ def test_decode_graphs_experiment_runs_quick_on_cpu(tmp_path):
     (tiny,) = record["results"]
     assert tiny["check"]["tokens_equal"] and tiny["check"]["hf_generate_tokens_equal"]
     assert tiny["check"]["engine_tokens_equal"]
+    assert tiny["check"]["engine_fp32"] == {"static_fraction_equal": 1.0,
+                                            "paged_fraction_equal": 1.0, "equal": True}
+    assert 0.0 <= tiny["engine_in_timing_dtype"]["paged_fraction_equal"] <= 1.0
     assert tiny["sync"] == {"eager_step": "no host sync"}
     assert [row["batch"] for row in tiny["rows"]] == [1, 4]
     assert all(row["static_tok_s"] > 0 and row["hf_generate_tok_s"] > 0 for row in tiny["rows"])

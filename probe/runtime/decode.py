@@ -41,6 +41,7 @@ __all__ = [
     "StaticKVCache",
     "decode_forward",
     "default_buckets",
+    "masked_attention",
     "static_attend",
     "static_experts",
 ]
@@ -100,6 +101,20 @@ class StaticKVCache:
         """A `KVCache`-like view of `slot`, starting empty."""
         return SlotCache(self, slot)
 
+    def write_read(self, layer: int, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor,
+                   positions: torch.Tensor, kv_len: int | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k [B, Hkv, Dq], v [B, Hkv, Dv] at (slot, position) of `layer`; return the
+        first kv_len positions (default all S) of each row's slot: keys [B, Hkv, s, Dq],
+        values [B, Hkv, s, Dv]. slots, positions [B] int64."""
+        keys, values = self.keys[layer], self.values[layer]  # [N+1, Hkv, S, .]
+        heads = torch.arange(k.shape[1], device=k.device)  # [Hkv]
+        at = (slots[:, None], heads[None, :], positions[:, None])  # [B, Hkv] each broadcast
+        keys.index_put_(at, k.to(keys.dtype))
+        values.index_put_(at, v.to(values.dtype))
+        kv_len = self.max_len if kv_len is None else kv_len
+        return keys[slots, :, :kv_len], values[slots, :, :kv_len]
+
 
 class SlotCache:
     """One slot of a `StaticKVCache` behind the `KVCache` interface of `probe.runtime.model`:
@@ -109,6 +124,15 @@ class SlotCache:
         self.store = store
         self.slot = slot
         self.length = 0
+
+    @property
+    def address(self) -> int:
+        """Where `DecodeRunner` finds this sequence: its slot."""
+        return self.slot
+
+    def release(self) -> None:
+        """Give the slot back to the cache."""
+        self.store.release(self.slot)
 
     def append(self, layer: int, k: torch.Tensor, v: torch.Tensor
                ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -141,16 +165,20 @@ def static_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: Stat
     of each slot (default: all S; the caller guarantees every position < kv_len). sinks [H]:
     one extra logit per head. Returns [B, H * Dv].
     """
+    k_all, v_all = cache.write_read(layer, k, v, slots, positions, kv_len)  # [B, Hkv, s, .]
+    return masked_attention(q, k_all, v_all, positions, scale=scale, window=window, sinks=sinks)
+
+
+def masked_attention(q: torch.Tensor, k_all: torch.Tensor, v_all: torch.Tensor,
+                     positions: torch.Tensor, *, scale: float, window: int | None = None,
+                     sinks: torch.Tensor | None = None) -> torch.Tensor:
+    """One query token per row against s cached positions: q [B, H, Dq], k_all [B, Hkv, s, Dq],
+    v_all [B, Hkv, s, Dv] (position j of a row at index j), positions [B] int64 (the query's
+    position). Key positions > the row's own (and <= position - window) are masked, so
+    whatever lies there (stale or scratch entries) never counts. sinks [H]: one extra logit
+    per head. Returns [B, H * Dv]."""
     n_rows, h, dq = q.shape
-    hkv, dv = k.shape[1], v.shape[2]
-    keys, values = cache.keys[layer], cache.values[layer]  # [N+1, Hkv, S, .]
-    heads = torch.arange(hkv, device=q.device)  # [Hkv]
-    at = (slots[:, None], heads[None, :], positions[:, None])  # [B, Hkv] each after broadcast
-    keys.index_put_(at, k.to(keys.dtype))
-    values.index_put_(at, v.to(values.dtype))
-    kv_len = cache.max_len if kv_len is None else kv_len
-    k_all = keys[slots, :, :kv_len]  # [B, Hkv, s, Dq] (s = kv_len)
-    v_all = values[slots, :, :kv_len]  # [B, Hkv, s, Dv]
+    hkv, kv_len, dv = v_all.shape[1], v_all.shape[2], v_all.shape[3]
     k_pos = torch.arange(kv_len, device=q.device)  # [s]
     allowed = k_pos[None, :] <= positions[:, None]  # [B, s]
     if window is not None:
@@ -233,20 +261,24 @@ def _check_local(model: MoETransformer) -> None:
 def decode_forward(model: MoETransformer, cache: StaticKVCache, ids: torch.Tensor,
                    slots: torch.Tensor, positions: torch.Tensor, kv_len: int | None = None
                    ) -> torch.Tensor:
-    """One decode token per row, no host sync: ids, slots, positions [B] int64 on the model's
-    device -> logits [B, V]. Writes each row's keys and values at (slot, position); the caller
-    advances its own lengths. kv_len: attention reads that many positions per slot (a bound on
-    every position + 1 that the host knows; default the cache's max_len)."""
+    """One decode token per row, no host sync: ids, positions [B] int64 on the model's
+    device -> logits [B, V]. `slots` says where each row's sequence lives: [B] int64 slots of a
+    `StaticKVCache`, or a block table [B, nb] int64 of a `probe.runtime.paged.PagedKVCache`.
+    Writes each row's keys and values at its position; the caller advances its own lengths.
+    kv_len (static cache): attention reads that many positions per slot (a bound on every
+    position + 1 that the host knows; default the cache's max_len); a paged cache reads the
+    nb blocks of the table."""
     cfg = model.cfg
     x = model.embed(ids)  # [B, D]
     cos, sin = model._rope(positions, x.dtype)  # [B, Hd/2] x2
     for layer in model.layers:
         attn = layer.attn
         q, k, v = attn.project(layer.attn_norm(x), cos, sin)
-        out = static_attend(q, k, v, cache, layer=layer.layer, slots=slots, positions=positions,
-                            scale=attn.scale, window=cfg.sliding_window if attn.sliding else None,
-                            sinks=getattr(attn, "sinks", None) if cfg.attention_sinks else None,
-                            kv_len=kv_len)
+        k_all, v_all = cache.write_read(layer.layer, k, v, slots, positions, kv_len)
+        out = masked_attention(q, k_all, v_all, positions, scale=attn.scale,
+                               window=cfg.sliding_window if attn.sliding else None,
+                               sinks=getattr(attn, "sinks", None) if cfg.attention_sinks
+                               else None)  # [B, H*Dv]
         x = x + attn.o_proj(out)  # [B, D]
         h = layer.mlp_norm(x)  # [B, D]
         x = x + (_moe(layer.moe, h) if layer.is_moe else layer.mlp(h))  # [B, D]
@@ -272,6 +304,8 @@ class DecodeRunner:
 
     The kv-length bucket is the next power of two (at least 16, at most the cache's max_len)
     above the batch's largest position: attention reads only that many positions per slot.
+    Each (batch bucket, kv-length bucket) pair has its own input buffers on the device (the
+    graph reads them), refilled before every replay.
 
     Args:
         model: a `MoETransformer` holding every expert (no EPRunner attached).
@@ -280,7 +314,7 @@ class DecodeRunner:
         buckets: padded batch sizes (default `default_buckets(cache.num_slots)`).
     """
 
-    def __init__(self, model: MoETransformer, cache: StaticKVCache, *, use_graphs: bool,
+    def __init__(self, model: MoETransformer, cache, *, use_graphs: bool,
                  buckets: Sequence[int] | None = None) -> None:
         _check_local(model)
         if any(block.packed is not None for block in model.moe_blocks):
@@ -295,7 +329,8 @@ class DecodeRunner:
         self.buckets = sorted(set(buckets or default_buckets(cache.num_slots)))
         if self.buckets[0] < 1:
             raise ValueError(f"buckets must be >= 1, got {self.buckets}")
-        self._inputs: dict[int, torch.Tensor] = {}  # bucket -> [3, Bp] (ids, slots, positions)
+        # (batch bucket, kv-length bucket) -> input buffers on the device (`_host_inputs`)
+        self._inputs: dict[tuple[int, int], torch.Tensor] = {}
         # (batch bucket, kv-length bucket) -> (graph, its logits [Bp, V])
         self._graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self._pool = None
@@ -312,16 +347,46 @@ class DecodeRunner:
         need = max(16, max_position + 1)
         return min(self.cache.max_len, 1 << (need - 1).bit_length())
 
+    # -- what a cache layout changes (`probe.runtime.paged.PagedDecodeRunner` overrides these)
+
+    def _host_inputs(self, ids: Sequence[int], where: Sequence, positions: Sequence[int],
+                     bucket: int, kv_len: int) -> torch.Tensor:
+        """The step's inputs on the host, padded to `bucket` rows: [3, Bp] int64 (ids, slots,
+        positions); padded rows are token 0 at position 0 of the scratch slot."""
+        pad = bucket - len(ids)
+        return torch.tensor([[*ids, *[0] * pad], [*where, *[self.cache.scratch] * pad],
+                             [*positions, *[0] * pad]], dtype=torch.int64)  # [3, Bp]
+
     def _run(self, inputs: torch.Tensor, kv_len: int) -> torch.Tensor:
         return decode_forward(self.model, self.cache, inputs[0], inputs[1], inputs[2], kv_len)
 
+    # -- buffers and graphs
+
+    def _buffers(self, bucket: int, kv_len: int) -> torch.Tensor:
+        key = (bucket, kv_len)
+        if key not in self._inputs:
+            self._inputs[key] = self._host_inputs([], [], [], bucket, kv_len).to(self.device)
+        return self._inputs[key]
+
+    def _scratch_inputs(self, bucket: int, kv_len: int) -> None:
+        """Point every row of the pair's input buffers at scratch (token 0, position 0)."""
+        self._buffers(bucket, kv_len).copy_(self._host_inputs([], [], [], bucket, kv_len))
+
+    def _warm_up(self, bucket: int, kv_len: int) -> None:
+        """Run the step eagerly twice (lazy inits, autotuning) before a capture. The runs
+        really execute and write keys and values, so they read scratch rows only: buffers
+        still holding an earlier batch's rows would write into slots that may since have been
+        released and handed to other requests (corrupting live sequences)."""
+        self._scratch_inputs(bucket, kv_len)
+        for _ in range(2):
+            self._run(self._buffers(bucket, kv_len), kv_len)
+
     def _capture(self, bucket: int, kv_len: int) -> None:
-        inputs = self._inputs[bucket]
+        inputs = self._buffers(bucket, kv_len)
         stream = torch.cuda.Stream(self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(stream):  # warm up (lazy inits, autotuning) outside the graph
-            for _ in range(2):
-                self._run(inputs, kv_len)
+        with torch.cuda.stream(stream):  # warm up outside the graph
+            self._warm_up(bucket, kv_len)
         torch.cuda.current_stream(self.device).wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._pool):
@@ -329,29 +394,27 @@ class DecodeRunner:
         self._pool = graph.pool()
         self._graphs[bucket, kv_len] = (graph, logits)
 
-    def __call__(self, ids: Sequence[int], slots: Sequence[int], positions: Sequence[int]
-                 ) -> torch.Tensor:
-        """Decode one token for each row: ids, slots, positions (host ints, B each) ->
-        logits [B, V] on the device (a view of the bucket's output; read it before the next
-        call)."""
-        n_rows = len(ids)
-        if not n_rows == len(slots) == len(positions):
+    def _check_rows(self, ids: Sequence[int], where: Sequence, positions: Sequence[int]) -> None:
+        if not len(ids) == len(where) == len(positions):
             raise ValueError("ids, slots and positions must have the same length")
         if max(positions, default=0) >= self.cache.max_len:
             raise ValueError(f"position {max(positions)} is past the cache's max_len "
                              f"{self.cache.max_len}")
+
+    def __call__(self, ids: Sequence[int], slots: Sequence, positions: Sequence[int]
+                 ) -> torch.Tensor:
+        """Decode one token for each row: ids, slots, positions (host ints, B each; a paged
+        runner takes each row's block list for its slot) -> logits [B, V] on the device (a
+        view of the bucket's output; read it before the next call)."""
+        self._check_rows(ids, slots, positions)
+        n_rows = len(ids)
         bucket = self.bucket(n_rows)
         kv_len = self.kv_bucket(max(positions))
-        pad = bucket - n_rows
-        # Padded rows: token 0 at position 0 of the scratch slot.
-        host = torch.tensor([[*ids, *[0] * pad], [*slots, *[self.cache.scratch] * pad],
-                             [*positions, *[0] * pad]], dtype=torch.int64)  # [3, Bp]
-        if bucket not in self._inputs:
-            scratch = torch.tensor([[0], [self.cache.scratch], [0]], dtype=torch.int64)
-            self._inputs[bucket] = scratch.expand(3, bucket).contiguous().to(self.device)
-        inputs = self._inputs[bucket]
+        host = self._host_inputs(ids, slots, positions, bucket, kv_len)
+        inputs = self._buffers(bucket, kv_len)
         if self.use_graphs and (bucket, kv_len) not in self._graphs:
             self._capture(bucket, kv_len)
+        # After any capture: the warm-up ran on scratch rows, the real rows go in now.
         if self.device.type == "cuda":  # an asynchronous copy from pinned memory
             inputs.copy_(host.pin_memory(), non_blocking=True)
         else:

@@ -27,6 +27,15 @@ model's eager forward, and the step's decode tokens run as one separate batch th
 `cuda_graphs=True` that batch is padded to a bucket and replayed from a CUDA graph. Greedy
 tokens equal the default path's (the same arithmetic, batched differently).
 
+Paged KV (`paged_kv=True`, implies static decode): one pool of `block_size`-position blocks
+(`probe.runtime.paged.PagedKVCache`) instead of one `max_seq_len` slot per request. A request
+reserves ceil((prompt + max_new_tokens) / block_size) blocks when it is admitted and returns
+them when it ends; a request that does not fit in the free blocks WAITS (first come, first
+served: later requests wait behind it), and one that needs more blocks than the whole pool is
+rejected. The pool is `kv_blocks` blocks, or what `memory_budget_bytes` leaves after the
+`replica_slots` replica slots (x expert bytes x 2 buffers); `summary()["memory"]` states the
+split and how many requests of `max_seq_len` tokens fit.
+
 Metrics per step (`StepRecord`): tokens, prefill and decode tokens, wall seconds, and the
 EPRunner's per-layer IR, replicas planned and arrived, bytes prefetched, exposed transfer time,
 planner time; per request: TTFT (arrival to first token, wall clock), decode tokens/s.
@@ -122,15 +131,33 @@ class Engine:
         cuda_graphs: replay the decode step from CUDA graphs (implies static_decode; CUDA only).
         max_seq_len: positions per request in the static cache (prompt + max_new_tokens must
             fit); default min(max_position_embeddings, 2048).
+        paged_kv: a paged KV pool instead of one slot per request (implies static_decode).
+        block_size: positions per KV block (paged_kv).
+        kv_blocks: blocks in the pool (paged_kv; default max_running * blocks of max_seq_len,
+            the static cache's size), or
+        memory_budget_bytes: bytes for replica slots + the KV pool on this rank (paged_kv);
+            the pool gets what the replica slots leave.
+        replica_slots: R replica slots whose bytes (R x expert bytes x 2 buffers) the budget
+            reserves first (paged_kv with memory_budget_bytes; accounting only: the static
+            decode runs every expert locally).
     """
 
     def __init__(self, model, runner=None, ctx: DistContext | None = None, *,
                  max_batch_tokens: int = 256, prefill_chunk: int = 64,
                  max_running: int = 64, static_decode: bool = False, cuda_graphs: bool = False,
-                 max_seq_len: int | None = None) -> None:
+                 max_seq_len: int | None = None, paged_kv: bool = False, block_size: int = 16,
+                 kv_blocks: int | None = None, memory_budget_bytes: int | None = None,
+                 replica_slots: int = 0) -> None:
         if max_batch_tokens < 1 or prefill_chunk < 1 or max_running < 1:
             raise ValueError("max_batch_tokens, prefill_chunk and max_running must be >= 1")
-        static_decode = static_decode or cuda_graphs
+        if not paged_kv and (kv_blocks is not None or memory_budget_bytes is not None
+                             or replica_slots):
+            raise ValueError("kv_blocks, memory_budget_bytes and replica_slots need paged_kv")
+        if kv_blocks is not None and memory_budget_bytes is not None:
+            raise ValueError("give kv_blocks or memory_budget_bytes, not both")
+        if replica_slots and memory_budget_bytes is None:
+            raise ValueError("replica_slots are reserved from memory_budget_bytes: give it")
+        static_decode = static_decode or cuda_graphs or paged_kv
         if static_decode and runner is not None:
             raise ValueError("static_decode/cuda_graphs run the MoE layers locally: "
                              "give runner=None")
@@ -151,15 +178,41 @@ class Engine:
         self.step_index = 0
         self.kv = self.decoder = None
         self.max_seq_len = None
+        self.paged = paged_kv
+        self.memory: dict | None = None  # how the cache (and replica slots) use memory
+        self.peak_running = 0
         if static_decode:
             from probe.runtime.decode import DecodeRunner, StaticKVCache
 
             cfg = model.cfg
             self.max_seq_len = max_seq_len or min(cfg.max_position_embeddings, 2048)
             dtype = next(model.parameters()).dtype
-            self.kv = StaticKVCache(cfg, max_running, self.max_seq_len, dtype=dtype,
-                                    device=self.device)
-            self.decoder = DecodeRunner(model, self.kv, use_graphs=cuda_graphs)
+            if paged_kv:
+                from probe.runtime.paged import PagedDecodeRunner, PagedKVCache, plan_memory
+
+                if block_size < 1:
+                    raise ValueError(f"block_size must be >= 1, got {block_size}")
+                if kv_blocks is None and memory_budget_bytes is None:
+                    kv_blocks = max_running * -(-self.max_seq_len // block_size)
+                plan = plan_memory(cfg, dtype, block_size=block_size,
+                                   tokens_per_request=self.max_seq_len,
+                                   budget_bytes=memory_budget_bytes, kv_blocks=kv_blocks,
+                                   replica_slots=replica_slots)
+                self.kv = PagedKVCache(cfg, plan.kv_blocks, block_size, self.max_seq_len,
+                                       dtype=dtype, device=self.device)
+                self.decoder = PagedDecodeRunner(model, self.kv, use_graphs=cuda_graphs,
+                                                 max_batch=max_running)
+                self.memory = {"kv": "paged", **plan.as_dict(),
+                               "max_concurrent_requests": min(max_running,
+                                                              plan.requests_that_fit)}
+            else:
+                self.kv = StaticKVCache(cfg, max_running, self.max_seq_len, dtype=dtype,
+                                        device=self.device)
+                self.decoder = DecodeRunner(model, self.kv, use_graphs=cuda_graphs)
+                pool = sum(t.numel() * t.element_size() for t in self.kv.keys + self.kv.values)
+                self.memory = {"kv": "static", "kv_pool_bytes": pool, "replica_slots": 0,
+                               "replica_bytes": 0, "tokens_per_request": self.max_seq_len,
+                               "max_concurrent_requests": max_running}
 
     def check(self, request: Request) -> str | None:
         """Why this model cannot serve `request` (None if it can): ids outside the vocabulary,
@@ -178,6 +231,9 @@ class Engine:
             return (f"prompt ({len(request.prompt)} tokens) + max_new_tokens "
                     f"({request.max_new_tokens}) = {need} exceeds the static cache's "
                     f"{self.max_seq_len} positions (max_seq_len)")
+        if self.paged and self.kv.blocks_for(need) > self.kv.num_blocks:
+            return (f"{need} tokens need {self.kv.blocks_for(need)} KV blocks, the pool holds "
+                    f"{self.kv.num_blocks}")
         return None
 
     def submit(self, requests: Sequence[Request], *, reject_invalid: bool = False) -> None:
@@ -200,16 +256,28 @@ class Engine:
         return bool(self.pending or self.live)
 
     def _admit(self) -> None:
+        """Move arrived requests into the running set, first come first served, while there
+        is room (max_running; with paged KV also the request's blocks: a request that does not
+        fit waits, and so do the ones behind it)."""
         now = time.perf_counter()
         while (self.pending and self.pending[0].arrival_step <= self.step_index
                and len(self.live) < self.max_running):
-            req = self.pending.pop(0)
+            req = self.pending[0]
+            need = len(req.prompt) + req.max_new_tokens
+            if self.paged and not self.kv.fits(need):
+                break
+            self.pending.pop(0)
             gen = None
             if req.temperature > 0:
                 gen = torch.Generator(device="cpu").manual_seed(int(req.seed))
-            cache = (self.kv.sequence(self.kv.allocate()) if self.kv is not None
-                     else self.model.new_cache())
+            if self.paged:
+                cache = self.kv.sequence(need)
+            elif self.kv is not None:
+                cache = self.kv.sequence(self.kv.allocate())
+            else:
+                cache = self.model.new_cache()
             self.live.append(_Live(req, cache, t_arrive=now, generator=gen))
+        self.peak_running = max(self.peak_running, len(self.live))
 
     def _sample_rows(self, lives: Sequence[_Live], logits: torch.Tensor) -> list[int]:
         """One token per row of logits [B, V]: greedy rows by one argmax over the batch (one
@@ -299,7 +367,7 @@ class Engine:
         with torch.inference_mode():
             if n_decode:
                 lives = [lv for lv, _ in members[:n_decode]]
-                logits = self.decoder(ids[:n_decode], [lv.cache.slot for lv in lives],
+                logits = self.decoder(ids[:n_decode], [lv.cache.address for lv in lives],
                                       [lv.cache.length for lv in lives])  # [B, V]
                 for lv in lives:
                     lv.cache.length += 1
@@ -322,7 +390,7 @@ class Engine:
                 keep.append(lv)
                 continue
             if self.kv is not None:
-                self.kv.release(lv.cache.slot)
+                lv.cache.release()
             n_dec = len(lv.out) - 1
             span = lv.t_last - lv.t_first if lv.t_first is not None else 0.0
             self.results[req.rid] = RequestResult(
@@ -392,6 +460,10 @@ class Engine:
             "plan_s_per_step": [float(ep["plan_seconds"]) for ep in eps],
             "plan_s_total": float(sum(ep["plan_seconds"] for ep in eps)),
             "rejected": [{"rid": rid, "reason": why} for rid, why in self.rejected.items()],
+            # static/paged decode: KV pool bytes (and blocks), replica bytes reserved from the
+            # same budget, requests of max_seq_len tokens that fit; peak requests running
+            "memory": self.memory,
+            "peak_running": self.peak_running,
         }
 
 
