@@ -24,11 +24,11 @@ it finished; its "status" says how far it got):
    layers or 25 s (less if the time limit is near).
 A comparison that fails is recorded (which one, how many entries differ per output, how many of
 them inside the plan, a few examples) and the run goes on; a step that raises is recorded with
-its traceback. Exit status 1 when a comparison failed or a step raised, else 0. Targets: <= 10
-us per layer at ep=8 / 128 experts, <= 50 us at ep=64 / 256. On the GPU the process ends with
-os._exit once its files are written (no interpreter teardown with a CUDA graph alive), and a
-watchdog (faulthandler) prints every thread's stack and exits if the run passes --time-limit
-plus 5 s.
+its traceback. Exit status 1 when a comparison failed, a capture failed or a step raised,
+else 0. Targets: <= 10 us per layer at ep=8 / 128 experts, <= 50 us at ep=64 / 256. On the GPU
+the process ends with os._exit once its files are written (no interpreter teardown with a CUDA
+graph alive), and a watchdog (faulthandler) prints every thread's stack and exits if the run
+passes --time-limit plus 5 s.
 
 --device cpu runs the kernel in Numba's CUDA simulator (NUMBA_ENABLE_CUDASIM=1, set here before
 numba.cuda is imported): correctness only (a few small instances, one small decode layer and the
@@ -218,12 +218,12 @@ def new_inputs(load: np.ndarray, window: np.ndarray) -> tuple[np.ndarray, np.nda
 
 
 def host_plan(plan):
-    """A CudaPlan (torch CUDA tensors, numba device arrays, simulator arrays) as numpy arrays;
-    torch tensors are read on torch's current stream."""
+    """A CudaPlan (torch CUDA tensors, numba device arrays, simulator arrays) copied into numpy
+    arrays; torch tensors are read on torch's current stream."""
     from probe.planner.greedy_cuda import CudaPlan
 
-    return CudaPlan(*(a.copy_to_host() if hasattr(a, "copy_to_host") else a.cpu().numpy()
-                      for a in plan))
+    return CudaPlan(*(a.copy_to_host() if hasattr(a, "copy_to_host") else
+                      np.array(a.cpu().numpy(), copy=True) for a in plan))
 
 
 def stack_plans(plans: list):
@@ -392,6 +392,8 @@ def gpu_graph(state: dict, repeats: int, budget_s: float) -> tuple[dict, list]:
     fresh runner's plan), replays timed. Returns (row values, checks)."""
     import torch
 
+    from probe.planner.numba_cuda import cuda
+
     every, load_t, window_t = state["runner"], state["load_t"], state["window_t"]
     num_layers = every.num_layers
     graph = torch.cuda.CUDAGraph()
@@ -402,7 +404,8 @@ def gpu_graph(state: dict, repeats: int, budget_s: float) -> tuple[dict, list]:
         with torch.cuda.stream(side):
             every.plan(load_t, window_t)  # warm-up on the side stream
         torch.cuda.current_stream().wait_stream(side)
-        with torch.cuda.graph(graph, stream=side):
+        # defer_cleanup: numba frees no earlier allocation (cuMemFree) while the stream captures.
+        with cuda.defer_cleanup(), torch.cuda.graph(graph, stream=side):
             every.plan(load_t, window_t)
         torch.cuda.synchronize()
     except Exception as exc:  # the lead decides: record the exact error
@@ -477,12 +480,13 @@ def _markdown(report: dict) -> str:
 
 def _summary(report: dict) -> str:
     """The short table printed last."""
-    lines = [f"{'per layer, us (medians)':<24}{'one/launch':>11}{'L/launch':>10}{'graph':>8}"
-             f"{'CPU':>8}{'target':>8}  met"]
+    lines = [f"{'per layer, us (medians)':<24}{'one/launch':>12}{'L/launch':>12}"
+             f"{'graph':>12}{'CPU':>12}{'target':>8}  met"]
     for r in report["rows"]:
-        lines.append(f"{r['config']:<24}{_fmt(r.get('one_per_launch_us')):>11}"
-                     f"{_fmt(r.get('all_per_launch_us')):>10}{_fmt(r.get('graph_replay_us')):>8}"
-                     f"{_fmt(r.get('cpu_us')):>8}{r['target_us']:>8.0f}  {r.get('met', 'n/a')}")
+        lines.append(f"{r['config']:<24}{_fmt(r.get('one_per_launch_us')):>12}"
+                     f"{_fmt(r.get('all_per_launch_us')):>12}"
+                     f"{_fmt(r.get('graph_replay_us')):>12}{_fmt(r.get('cpu_us')):>12}"
+                     f"{r['target_us']:>8.0f}  {r.get('met', 'n/a')}")
     checks = _all_checks(report)
     failed = [f"{config}: {check['check']}" for config, check in checks if not check["ok"]]
     lines.append(f"checks: {len(checks) - len(failed)} passed, {len(failed)} failed"
@@ -493,7 +497,8 @@ def _summary(report: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the steps; returns the exit status (0: every comparison equal, no step raised)."""
+    """Run the steps; returns the exit status (0: every comparison equal, every capture made,
+    no step raised)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
                         help="cuda: the GPU; cpu: Numba's CUDA simulator (correctness only)")
@@ -575,6 +580,7 @@ def main(argv: list[str] | None = None) -> int:
         with stage(f"{name}: decode plans vs the CPU kernel, CPU kernel timed"):
             batch = decode_batch(model, hardware, ranks, experts, layers,
                                  tokens_per_rank=16 if sim else 768)
+            row["layers"] = int(batch[0].shape[0])
             same = [same_layer(batch, i, plan) for i, plan in enumerate(run_batch(batch, threads))]
             row["identical_layers"] = int(sum(same))
             row["checks"].append({"check": "decode plans == CPU kernel", "ok": all(same),
@@ -624,7 +630,8 @@ def main(argv: list[str] | None = None) -> int:
     faulthandler.cancel_dump_traceback_later()
     print(_markdown(report))
     print(_summary(report), flush=True)
-    return 1 if report["checks_failed"] or report["errors"] else 0
+    failed_capture = any(row.get("graph") == "capture failed" for row in report["rows"])
+    return 1 if report["checks_failed"] or report["errors"] or failed_capture else 0
 
 
 def _sim_inputs(load: np.ndarray, window: np.ndarray) -> tuple:
