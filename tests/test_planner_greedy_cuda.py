@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from experiments.planner.gpu_greedy import random_batch, same_layer
+from experiments.planner.gpu_greedy import plan_diff, random_batch, same_layer
 from probe.planner.cost import CostModel
 from probe.planner.greedy import greedy_arrays
 from probe.planner.greedy_rules import GreedyRules
@@ -148,6 +148,46 @@ def test_simulator_equals_cpu_kernel():
     assert "layers" in proc.stdout and int(proc.stdout.split()[-1]) >= 30
 
 
+def _outputs_equal(a: tuple, b: tuple) -> bool:
+    return all(np.array_equal(x, y, equal_nan=x.dtype.kind == "f")
+               for x, y in zip(a, b, strict=True))
+
+
+def test_sequential_launch_ignores_earlier_buffer_contents():
+    """Every output entry is written and no scratch entry is read before the launch writes it:
+    a launch over junk buffers, and one over the buffers of an earlier plan of other loads (a
+    reused runner, a replayed CUDA graph), give exactly the buffers of a launch over zeroed
+    ones, in which the rows past the plan are -1 and the blocks past it zero."""
+    rng = np.random.default_rng(11)
+    planned = 0
+    for _ in range(25):
+        load, home, slots, window, cost, rules = random_batch(rng, max_layers=3)
+        num_layers = load.shape[0]
+        rest = (home, slots, window, cost.alpha, cost.beta, cost.token_time, cost.transfer_time,
+                rules)
+        clean = _host_buffers(load, *rest)
+        run_sequential(*clean, num_layers=num_layers)
+        junk = _host_buffers(load, *rest)
+        for buf in junk[14:22]:  # scratch
+            buf[...] = 1
+        for buf in junk[22:]:  # outputs
+            buf[...] = np.nan if buf.dtype.kind == "f" else -7
+        run_sequential(*junk, num_layers=num_layers)
+        earlier = _host_buffers(np.ascontiguousarray(load[::-1, :, ::-1]), *rest)
+        run_sequential(*earlier, num_layers=num_layers)
+        reused = (load.astype(np.int64), *earlier[1:])
+        run_sequential(*reused, num_layers=num_layers)
+        assert _outputs_equal(junk[22:], clean[22:])
+        assert _outputs_equal(reused[22:], clean[22:])
+        rep, n_rep, blk_e, blk_a, n_blk = clean[22:27]
+        for layer in range(num_layers):
+            assert (rep[layer, n_rep[layer]:] == -1).all()
+            assert (blk_e[layer, n_blk[layer]:] == -1).all()
+            assert not blk_a[layer, n_blk[layer]:].any()
+            planned += n_rep[layer] > 0 and n_blk[layer] > 0
+    assert planned >= 10
+
+
 def _small():
     cost = CostModel.uniform(2, alpha=0.0, beta=1.0, token_time=0.0, transfer_time=1.0)
     home = np.array([[True, False], [False, True]])
@@ -211,7 +251,36 @@ def test_gpu_greedy_script_runs_in_the_simulator(tmp_path):
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads((tmp_path / "gpu_greedy.json").read_text())
-    assert report["random_layers"] >= 3
-    assert report["rows"][0]["identical_layers"] == report["rows"][0]["layers"] == 1
+    assert report["status"] == "finished" and not report["errors"]
+    assert report["random_layers"] >= 3 and report["random"]["ok"]
+    row = report["rows"][0]
+    assert row["identical_layers"] == row["layers"] == 1
+    names = [check["check"] for check in row["checks"] if check["ok"]]
+    assert names == ["decode plans == CPU kernel", "launch over junk buffers == first launch",
+                     "runner reused on new loads == fresh runner"]
+    assert not report["checks_failed"]
     assert (tmp_path / "gpu_greedy.md").exists()
     assert (tmp_path / "gpu_greedy.manifest.json").exists()
+
+
+def test_plan_diff_counts_entries_and_the_plans_own():
+    """The benchmark's comparison: differing entries per output, and how many of them lie in
+    the plan (replicas rows before num_replicas, blocks before num_blocks, per-layer values)."""
+    plan = greedy_cuda.CudaPlan(
+        replicas=np.full((2, 3, 3), -1), num_replicas=np.array([1, 0]),
+        blk_expert=np.array([[4, -1], [-1, -1]]), blk_assign=np.zeros((2, 2, 2, 2), np.int64),
+        num_blocks=np.array([1, 0]), num_moves=np.array([1, 0]),
+        objective=np.array([2.0, np.nan]), status=np.array([0, 1]))
+    same = plan_diff("same", plan, plan)
+    assert same["ok"] and same["differing_entries"] == {} and same["differing_in_plan"] == 0
+    tail = plan._replace(replicas=plan.replicas.copy(), blk_assign=plan.blk_assign + 1)
+    tail.replicas[0, 2] = 9  # past num_replicas: in the buffer, not in the plan
+    diff = plan_diff("tail", tail, plan)
+    assert not diff["ok"]
+    assert diff["differing_entries"] == {"replicas": 3, "blk_assign": 16}
+    assert diff["differing_in_plan"] == 4  # layer 0's one block
+    assert diff["examples"][0] == {"output": "replicas", "index": [0, 2, 0], "got": 9,
+                                   "want": -1}
+    wider = plan._replace(blk_expert=np.zeros((2, 3), np.int64))
+    assert plan_diff("shape", wider, plan)["differing_entries"] == {
+        "blk_expert": "shape [2, 3] != [2, 2]"}

@@ -3,31 +3,47 @@
     python -m experiments.planner.gpu_greedy --device cuda --out results/gpu_greedy
     python -m experiments.planner.gpu_greedy --device cpu --quick --out /tmp/gpu_greedy
 
-Correctness first: identical plans (replicas, changed experts, their assignment, moves) to
-`greedy.greedy_arrays` on random small instances (2-8 ranks, 4-32 experts, skewed loads, random
-slots, windows, costs and rules 1-7 options; launches of 1-4 layers) and on synthetic decode
-loads (probe.traces.generate("decode"), 768 tokens per rank, top-8, 3 slots per rank, window
-"auto", default GreedyRules) at ep=8 / 128 experts (qwen3-235b-a22b on h200x8) and ep=64 / 256
-experts (deepseek-v3 on h200x8-n8), L = 32 layers (4 with --quick). Then, on those layers: the
-median per-layer GPU time (CUDA events around the launch, after warm-up; the host's launch
-overhead is inside when the GPU waits for it) with one layer per launch and L layers per launch
-(launch time / L); the L-layer launch captured in a torch.cuda.CUDAGraph on a side stream and
-replayed (the replayed plan checked equal to the eager one, then new loads written into the
-captured inputs checked to give their own eager plan; replays timed); the CPU kernel's median
-per layer beside them.
-A failed capture is caught and its exact error recorded. Targets: <= 10 us per layer at ep=8 /
-128 experts, <= 50 us at ep=64 / 256.
+The work, in this order (the report is rewritten after each step, so a run cut short keeps what
+it finished; its "status" says how far it got):
+1. Synthetic decode loads (probe.traces.generate("decode"), 768 tokens per rank, top-8, 3 slots
+   per rank, window "auto", default GreedyRules) at ep=8 / 128 experts (qwen3-235b-a22b on
+   h200x8) and ep=64 / 256 experts (deepseek-v3 on h200x8-n8), L = 32 layers (4 with --quick):
+   plans identical to `greedy.greedy_arrays`', the CPU kernel's median time per layer, then the
+   GPU's median per layer (CUDA events around the launch, after warm-up; the host's launch
+   overhead is inside when the GPU waits for it) with one layer per launch and with L layers per
+   launch (launch time / L). Checked beside them: the L-layer launch on torch tensors gives the
+   CPU kernel's plans; on the whole output buffers, the one-layer launches equal the rows of the
+   L-layer launch, a launch over scratch and output buffers filled with junk equals the first
+   launch, and a runner reused on new loads (the layers in reverse order, the experts too)
+   equals a fresh runner's plan.
+2. The L-layer launch captured in a torch.cuda.CUDAGraph on a side stream: buffers filled with
+   junk, replayed, compared with the eager plan; the new loads written into the captured input
+   tensors, buffers junk again, replayed, compared with the fresh runner's plan; replays timed.
+   A failed capture is recorded with its exact error.
+3. Random small instances (2-8 ranks, 4-32 experts, skewed loads, random slots, windows, costs
+   and rules 1-7 options; launches of 1-4 layers): identical plans to the CPU kernel, up to 100
+   layers or 25 s (less if the time limit is near).
+A comparison that fails is recorded (which one, how many entries differ per output, how many of
+them inside the plan, a few examples) and the run goes on; a step that raises is recorded with
+its traceback. Exit status 1 when a comparison failed, a capture failed or a step raised,
+else 0. Targets: <= 10 us per layer at ep=8 / 128 experts, <= 50 us at ep=64 / 256. On the GPU
+the process ends with os._exit once its files are written (no interpreter teardown with a CUDA
+graph alive), and a watchdog (faulthandler) prints every thread's stack and exits if the run
+passes --time-limit plus 5 s.
 
 --device cpu runs the kernel in Numba's CUDA simulator (NUMBA_ENABLE_CUDASIM=1, set here before
-numba.cuda is imported): correctness only, on a few small instances and one small decode layer
-(the simulator is about 0.5 s per layer); nothing is timed.
+numba.cuda is imported): correctness only (a few small instances, one small decode layer and the
+junk-buffer and reuse checks; the simulator is about 0.5 s per layer); nothing is timed.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import faulthandler
 import json
 import os
+import sys
 import time
 import traceback
 from pathlib import Path
@@ -41,6 +57,18 @@ from probe.planner.greedy_rules import GreedyRules
 SLOTS = 3
 CONFIGS = (("ep=8, E=128", "qwen3-235b-a22b", "h200x8", 8, 128, 10.0),
            ("ep=64, E=256", "deepseek-v3", "h200x8-n8", 64, 256, 50.0))
+# The random-instance check stops after this many layers or seconds.
+RANDOM_LAYERS = 100
+RANDOM_SECONDS = 25.0
+# Junk written into a runner's buffers before a launch that must not depend on them: scratch
+# gets 1 (an index in range for every shape here, so a kernel that read it before writing it
+# would plan wrongly rather than fault), outputs -7 (NaN in the float output).
+SCRATCH_JUNK = 1
+OUT_JUNK = -7
+# Examples kept per failed comparison.
+EXAMPLES = 4
+# CUDA graphs and everything they point at, kept alive until os._exit: never torn down.
+_ALIVE: list = []
 
 
 def random_batch(rng: np.random.Generator, *, max_layers: int = 1, max_experts: int = 32):
@@ -81,15 +109,24 @@ def random_batch(rng: np.random.Generator, *, max_layers: int = 1, max_experts: 
     return load, home, slots, window, cost, rules
 
 
+def cpu_args(batch, layer: int) -> tuple:
+    """greedy_arrays' arguments for one layer of a batch: every array a fresh writable C copy,
+    so that numba compiles the CPU kernel once (a read-only array is another signature)."""
+    load, home, slots, window, cost, rules = batch
+
+    def own(a, dtype):
+        return np.array(a, dtype=dtype, order="C")
+
+    return (own(load[layer], np.int64), own(home[layer], np.bool_), own(slots, np.int64),
+            own(window[layer], np.float64), float(cost.alpha), float(cost.beta),
+            own(cost.token_time, np.float64), own(cost.transfer_time, np.float64),
+            int(rules.max_moves(home.shape[1])), float(rules.epsilon),
+            *(bool(v) for v in rules.flags.values()))
+
+
 def cpu_layer(batch, layer: int) -> tuple:
     """greedy_arrays' outputs for one layer of a batch."""
-    load, home, slots, window, cost, rules = batch
-    return greedy_arrays(
-        np.ascontiguousarray(load[layer], dtype=np.int64), np.ascontiguousarray(home[layer]),
-        np.ascontiguousarray(slots, dtype=np.int64),
-        np.ascontiguousarray(window[layer], dtype=np.float64), float(cost.alpha),
-        float(cost.beta), cost.token_time, cost.transfer_time,
-        rules.max_moves(home.shape[1]), rules.epsilon, *rules.flags.values())
+    return greedy_arrays(*cpu_args(batch, layer))
 
 
 def same_layer(batch, layer: int, out: tuple) -> bool:
@@ -111,20 +148,46 @@ def run_batch(batch, threads: int) -> list:
                               *rules.flags.values(), threads=threads)
 
 
-def compare_random(rng: np.random.Generator, num_batches: int, *, max_layers: int,
-                   threads=(128,), max_experts: int = 32) -> int:
-    """Run num_batches random launches through greedy_cuda_arrays (threads per block cycling
-    through `threads`); AssertionError at the first plan that differs. Returns the layers."""
-    layers = 0
-    for i in range(num_batches):
+def check_random(rng: np.random.Generator, *, max_batches: int, max_layers: int,
+                 threads=(128,), max_experts: int = 32, layer_cap: int | None = None,
+                 budget_s: float | None = None) -> dict:
+    """Up to max_batches random launches through greedy_cuda_arrays (threads per block cycling
+    through `threads`), stopping once layer_cap layers or budget_s seconds are done; every layer
+    compared with the CPU kernel. Returns {layers, batches, seconds, differing_layers, examples,
+    ok}."""
+    start = time.perf_counter()
+    layers = batches = 0
+    differing = []
+    for i in range(max_batches):
+        if layer_cap is not None and layers >= layer_cap:
+            break
+        if budget_s is not None and time.perf_counter() - start >= budget_s:
+            break
         batch = random_batch(rng, max_layers=max_layers, max_experts=max_experts)
         outs = run_batch(batch, threads[i % len(threads)])
         for layer, out in enumerate(outs):
             if not same_layer(batch, layer, out):
-                raise AssertionError(f"batch {i} layer {layer}: CUDA plan differs from the CPU "
-                                     f"kernel's ({batch[5]})")
+                differing.append({"batch": i, "layer": layer,
+                                  "ranks_experts": list(batch[0].shape[1:]),
+                                  "rules": repr(batch[5])})
             layers += 1
-    return layers
+        batches += 1
+    return {"layers": layers, "batches": batches,
+            "seconds": round(time.perf_counter() - start, 1),
+            "differing_layers": len(differing), "examples": differing[:EXAMPLES],
+            "ok": not differing}
+
+
+def compare_random(rng: np.random.Generator, num_batches: int, *, max_layers: int,
+                   threads=(128,), max_experts: int = 32) -> int:
+    """check_random over num_batches launches; AssertionError when a plan differs from the CPU
+    kernel's. Returns the layers compared."""
+    result = check_random(rng, max_batches=num_batches, max_layers=max_layers,
+                          threads=threads, max_experts=max_experts)
+    if not result["ok"]:
+        raise AssertionError(f"{result['differing_layers']} layers: CUDA plan differs from the "
+                             f"CPU kernel's, e.g. {result['examples'][0]}")
+    return result["layers"]
 
 
 def decode_batch(model: str, hardware: str, ranks: int, experts: int, layers: int,
@@ -148,119 +211,318 @@ def decode_batch(model: str, hardware: str, ranks: int, experts: int, layers: in
             np.stack([p.window for p in problems]).astype(np.float64), cost, GreedyRules())
 
 
-def _cpu_us(batch, repeats: int) -> float:
-    samples = []
-    for _ in range(repeats):
-        for layer in range(batch[0].shape[0]):
-            start = time.perf_counter()
-            cpu_layer(batch, layer)
-            samples.append(time.perf_counter() - start)
-    return float(np.median(samples) * 1e6)
+
+def new_inputs(load: np.ndarray, window: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Other loads of the same shape for the reuse checks: the layers in reverse order and the
+    experts too (a different instance even for one layer), windows with the layers."""
+    return (np.ascontiguousarray(load[::-1, :, ::-1]), np.ascontiguousarray(window[::-1]))
 
 
-def time_gpu(batch, repeats: int) -> dict:
-    """Per-layer medians (us) with CUDA events: one layer per launch, all L per launch, and a
-    captured CUDA graph of the L-layer launch replayed; plus the capture's outcome."""
-    import torch
+def host_plan(plan):
+    """A CudaPlan (torch CUDA tensors, numba device arrays, simulator arrays) copied into numpy
+    arrays; torch tensors are read on torch's current stream."""
+    from probe.planner.greedy_cuda import CudaPlan
 
+    return CudaPlan(*(a.copy_to_host() if hasattr(a, "copy_to_host") else
+                      np.array(a.cpu().numpy(), copy=True) for a in plan))
+
+
+def layer_plan(plan, layer: int) -> tuple:
+    """Layer `layer` of a host CudaPlan as greedy_arrays' outputs (replicas, blk_expert,
+    blk_assign, num_moves, objective)."""
+    n_rep, n_blk = int(plan.num_replicas[layer]), int(plan.num_blocks[layer])
+    return (plan.replicas[layer, :n_rep], plan.blk_expert[layer, :n_blk],
+            plan.blk_assign[layer, :n_blk], int(plan.num_moves[layer]),
+            float(plan.objective[layer]))
+
+
+def stack_plans(plans: list):
+    """One-layer host plans stacked as one L-layer plan."""
+    from probe.planner.greedy_cuda import CudaPlan
+
+    return CudaPlan(*(np.concatenate(parts) for parts in zip(*plans, strict=True)))
+
+
+def _same(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    same = a == b
+    if a.dtype.kind == "f":
+        same |= np.isnan(a) & np.isnan(b)
+    return same
+
+
+def _differing_in_plan(got, want) -> int:
+    """Entries that differ among the plan's own entries (want's counts: replicas rows before
+    num_replicas, blocks before num_blocks, and the per-layer values), the rest left out."""
+    count = sum(int((~_same(getattr(got, f), getattr(want, f))).sum())
+                for f in ("num_replicas", "num_blocks", "num_moves", "objective", "status"))
+    for layer in range(len(want.num_replicas)):
+        n_rep = max(int(want.num_replicas[layer]), 0)
+        n_blk = max(int(want.num_blocks[layer]), 0)
+        for f, n in (("replicas", n_rep), ("blk_expert", n_blk), ("blk_assign", n_blk)):
+            count += int((getattr(got, f)[layer, :n] != getattr(want, f)[layer, :n]).sum())
+    return count
+
+
+def plan_diff(name: str, got, want) -> dict:
+    """Compare two host plans (CudaPlan of numpy arrays) entry by entry, every buffer whole (the
+    kernel writes every entry). Returns {check, ok, differing_entries: {output: count},
+    differing_in_plan: count among the plan's own entries, examples}."""
+    differing, examples = {}, []
+    for field, a, b in zip(want._fields, got, want, strict=True):
+        if a.shape != b.shape:
+            differing[field] = f"shape {list(a.shape)} != {list(b.shape)}"
+            continue
+        wrong = np.argwhere(~_same(a, b))
+        if len(wrong):
+            differing[field] = len(wrong)
+            examples += [{"output": field, "index": [int(i) for i in idx],
+                          "got": a[tuple(idx)].item(), "want": b[tuple(idx)].item()}
+                         for idx in wrong[:2]]
+    shapes_equal = all(a.shape == b.shape for a, b in zip(got, want, strict=True))
+    return {"check": name, "ok": not differing, "differing_entries": differing,
+            "differing_in_plan": _differing_in_plan(got, want) if shapes_equal else None,
+            "examples": examples[:EXAMPLES]}
+
+
+def fill_junk(runner, *, sim: bool) -> None:
+    """Overwrite a CudaGreedy's scratch (SCRATCH_JUNK) and output buffers (OUT_JUNK, NaN in
+    floats): on the GPU with torch ops on torch's current stream, the stream plan launches on."""
+    buffers = [(a, SCRATCH_JUNK) for a in runner.scratch] + [(a, OUT_JUNK) for a in runner.out]
+    for arr, junk in buffers:
+        value = np.nan if np.dtype(arr.dtype).kind == "f" else junk
+        if sim:
+            arr.copy_to_device(np.full(arr.shape, value, arr.dtype))
+        else:
+            import torch
+
+            torch.as_tensor(arr, device="cuda").fill_(value)
+
+
+def reuse_checks(batch, inputs, *, sim: bool, threads: int, runner=None) -> tuple[list, dict]:
+    """The launch does not depend on its buffers' earlier contents: (1) a launch over junk
+    buffers equals the first launch, (2) the runner reused on new_inputs equals a fresh runner
+    (its buffers junk) on them. inputs(load, window) puts numpy arrays on the device. Returns
+    the checks and {first, new_plan, new_inputs} (host plans, device inputs)."""
     from probe.planner.greedy_cuda import CudaGreedy
 
     load, home, slots, window, cost, rules = batch
     num_layers = load.shape[0]
-    load_t = torch.as_tensor(load, device="cuda")
-    window_t = torch.as_tensor(window, device="cuda")
-    one = [CudaGreedy(home[i], slots, cost, rules, num_layers=1) for i in range(num_layers)]
+    if runner is None:
+        runner = CudaGreedy(home, slots, cost, rules, num_layers=num_layers, threads=threads)
+    load_d, window_d = inputs(load, window)
+    first = host_plan(runner.plan(load_d, window_d))
+    fill_junk(runner, sim=sim)
+    checks = [plan_diff("launch over junk buffers == first launch",
+                        host_plan(runner.plan(load_d, window_d)), first)]
+    new_d = inputs(*new_inputs(load, window))
+    fresh = CudaGreedy(home, slots, cost, rules, num_layers=num_layers, threads=threads)
+    fill_junk(fresh, sim=sim)
+    new_plan = host_plan(fresh.plan(*new_d))
+    checks.append(plan_diff("runner reused on new loads == fresh runner",
+                            host_plan(runner.plan(*new_d)), new_plan))
+    return checks, {"first": first, "new_plan": new_plan, "new_inputs": new_d}
+
+
+def _cpu_us(batch, repeats: int, budget_s: float) -> float:
+    samples = []
+    stop = time.perf_counter() + budget_s
+    args = [cpu_args(batch, layer) for layer in range(batch[0].shape[0])]
+    for _ in range(repeats):
+        for a in args:
+            start = time.perf_counter()
+            greedy_arrays(*a)
+            samples.append(time.perf_counter() - start)
+        if time.perf_counter() > stop:
+            break
+    return float(np.median(samples) * 1e6)
+
+
+def _event_us(fn, repeats: int, budget_s: float) -> list:
+    """Microseconds of fn() between two CUDA events, up to `repeats` samples (at least 3) or
+    budget_s seconds."""
+    import torch
+
+    samples = []
+    stop = time.perf_counter() + budget_s
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        samples.append(start.elapsed_time(end) * 1e3)
+        if len(samples) >= 3 and time.perf_counter() > stop:
+            break
+    return samples
+
+
+def _torch_inputs(load: np.ndarray, window: np.ndarray) -> tuple:
+    import torch
+
+    return (torch.as_tensor(np.ascontiguousarray(load, dtype=np.int64), device="cuda"),
+            torch.as_tensor(np.ascontiguousarray(window, dtype=np.float64), device="cuda"))
+
+
+def gpu_eager(batch, repeats: int, budget_s: float) -> tuple[dict, list, dict]:
+    """The eager launches on torch tensors: the checks (one-layer launches against the L-layer
+    launch, reuse_checks) and the per-layer medians (us) with one layer per launch and all L per
+    launch. Returns (row values, checks, state for gpu_graph)."""
+    from probe.planner.greedy_cuda import CudaGreedy
+
+    load, home, slots, window, cost, rules = batch
+    num_layers = load.shape[0]
+    load_t, window_t = _torch_inputs(load, window)
+    start = time.perf_counter()
     every = CudaGreedy(home, slots, cost, rules, num_layers=num_layers)
-    eager = every.plan(load_t, window_t)
-    for i in range(num_layers):  # warm-up, and the one-layer runner agrees with the L-layer one
-        got = one[i].plan(load_t[i:i + 1], window_t[i:i + 1])
-        torch.cuda.synchronize()
-        if not torch.equal(got.blk_assign[0, :int(got.num_blocks[0])],
-                           eager.blk_assign[i, :int(eager.num_blocks[i])]):
-            raise AssertionError(f"layer {i}: one-layer launch differs from the L-layer launch")
-    eager = [t.clone() for t in every.plan(load_t, window_t)]
-    torch.cuda.synchronize()
-
-    def events(fn, n):
-        out = []
-        for _ in range(n):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            out.append(start.elapsed_time(end) * 1e3)  # us
-        return out
-
+    first = host_plan(every.plan(load_t, window_t))
+    row = {"first_torch_launch_s": round(time.perf_counter() - start, 2)}
+    one = [CudaGreedy(home[i], slots, cost, rules, num_layers=1) for i in range(num_layers)]
+    singles = [host_plan(one[i].plan(load_t[i:i + 1], window_t[i:i + 1]))
+               for i in range(num_layers)]
+    differing = [i for i in range(num_layers) if not same_layer(batch, i, layer_plan(first, i))]
+    checks = [{"check": "L-layer launch on torch tensors == CPU kernel", "ok": not differing,
+               "differing_layers": differing},
+              plan_diff("one-layer launches == rows of the L-layer launch", stack_plans(singles),
+                        first)]
+    per_layer = max(3, 2 * repeats // num_layers)
     single = []
     for i in range(num_layers):
-        single += events(lambda i=i: one[i].plan(load_t[i:i + 1], window_t[i:i + 1]), repeats)
-    batched = [t / num_layers for t in events(lambda: every.plan(load_t, window_t), repeats)]
-    row = {"one_per_launch_us": float(np.median(single)),
-           "all_per_launch_us": float(np.median(batched)), "graph": "not tried"}
+        single += _event_us(lambda i=i: one[i].plan(load_t[i:i + 1], window_t[i:i + 1]),
+                            per_layer, budget_s / (2 * num_layers))
+    batched = [t / num_layers for t in _event_us(lambda: every.plan(load_t, window_t), repeats,
+                                                 budget_s / 2)]
+    row.update(one_per_launch_us=float(np.median(single)), one_per_launch_samples=len(single),
+               all_per_launch_us=float(np.median(batched)), all_per_launch_samples=len(batched))
+    more, state = reuse_checks(batch, _torch_inputs, sim=False, threads=every.threads,
+                               runner=every)
+    state.update(runner=every, load_t=load_t, window_t=window_t)
+    return row, checks + more, state
+
+
+def gpu_graph(state: dict, repeats: int, budget_s: float) -> tuple[dict, list]:
+    """The L-layer launch captured in a CUDA graph on a side stream: replayed over junk buffers
+    (== the eager plan), replayed after new loads are written into the captured inputs (== a
+    fresh runner's plan), replays timed. Returns (row values, checks)."""
+    import torch
+
+    from probe.planner.numba_cuda import cuda
+
+    every, load_t, window_t = state["runner"], state["load_t"], state["window_t"]
+    num_layers = every.num_layers
+    graph = torch.cuda.CUDAGraph()
+    _ALIVE.append((graph, state))
     try:
-        graph = torch.cuda.CUDAGraph()
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             every.plan(load_t, window_t)  # warm-up on the side stream
         torch.cuda.current_stream().wait_stream(side)
-        with torch.cuda.graph(graph, stream=side):
+        # defer_cleanup: numba frees no earlier allocation (cuMemFree) while the stream captures.
+        with cuda.defer_cleanup(), torch.cuda.graph(graph, stream=side):
             every.plan(load_t, window_t)
-        for t in every.torch_out():
-            t.zero_()
-        graph.replay()
         torch.cuda.synchronize()
-        same = all(torch.equal(a, b) for a, b in zip(every.torch_out(), eager, strict=True))
-        # New loads written into the captured input tensors: the replay plans them.
-        flipped_load, flipped_window = load_t.flip(0).contiguous(), window_t.flip(0).contiguous()
-        check = CudaGreedy(home, slots, cost, rules, num_layers=num_layers)
-        fresh = [t.clone() for t in check.plan(flipped_load, flipped_window)]
-        load_t.copy_(flipped_load)
-        window_t.copy_(flipped_window)
-        graph.replay()
-        torch.cuda.synchronize()
-        same_new = all(torch.equal(a, b) for a, b in zip(every.torch_out(), fresh, strict=True))
-        replays = [t / num_layers for t in events(graph.replay, repeats)]
-        row.update(graph="captured", graph_same_plan=bool(same and same_new),
-                   graph_replay_us=float(np.median(replays)))
-        if not (same and same_new):
-            raise AssertionError("replayed graph's plan differs from the eager launch's")
-    except AssertionError:
-        raise
     except Exception as exc:  # the lead decides: record the exact error
-        row.update(graph="capture failed", graph_error=f"{type(exc).__name__}: {exc}",
-                   graph_traceback=traceback.format_exc())
-        print("CUDA graph capture failed:", row["graph_error"])
-    return row
+        print("CUDA graph capture failed:", f"{type(exc).__name__}: {exc}", flush=True)
+        return {"graph": "capture failed", "graph_error": f"{type(exc).__name__}: {exc}",
+                "graph_traceback": traceback.format_exc()}, []
+    fill_junk(every, sim=False)
+    graph.replay()
+    checks = [plan_diff("graph replay over junk buffers == eager launch",
+                        host_plan(every.torch_out()), state["first"])]
+    new_load, new_window = state["new_inputs"]
+    load_t.copy_(new_load)
+    window_t.copy_(new_window)
+    fill_junk(every, sim=False)
+    graph.replay()
+    checks.append(plan_diff("graph replay on new loads in the captured inputs == fresh runner",
+                            host_plan(every.torch_out()), state["new_plan"]))
+    replays = [t / num_layers for t in _event_us(graph.replay, repeats, budget_s)]
+    torch.cuda.synchronize()
+    return {"graph": "captured", "graph_replay_us": float(np.median(replays)),
+            "graph_replay_samples": len(replays)}, checks
 
 
-def _markdown(report: dict, command: str) -> str:
+def _fmt(value) -> str:
+    return "n/a" if value is None else f"{value:.1f}"
+
+
+def _all_checks(report: dict) -> list:
+    """(config, check) for every comparison of the run, the random instances' included."""
+    out = [(row["config"], check) for row in report["rows"] for check in row["checks"]]
+    if report["random"] is not None:
+        out.append(("random", {"check": "random instances == CPU kernel",
+                               "ok": report["random"]["ok"],
+                               "differing_layers": report["random"]["differing_layers"]}))
+    return out
+
+
+def _markdown(report: dict) -> str:
+    rnd = report["random"]
+    random_line = ("Random instances: not run." if rnd is None else
+                   f"Random instances: {rnd['layers']} layers in {rnd['seconds']} s, "
+                   f"{rnd['differing_layers']} differ from the CPU kernel.")
     lines = ["# The greedy on the GPU (probe.planner.greedy_cuda)", "", "Command:", "",
-             f"    {command}", "", f"Device: {report['device']}. Random instances with "
-             f"identical plans: {report['random_layers']} layers. Per layer, medians in "
-             "microseconds (CUDA events; L layers per launch: launch time / L).", "",
+             f"    {report['command']}", "", f"Device: {report['device']}. Status: "
+             f"{report['status']}. First launch (compiles the kernels): "
+             f"{_fmt(report['compile_s'])} s. {random_line} Per layer, medians in microseconds "
+             "(CUDA events; L layers per launch: launch time / L).", "",
              "| config | decode layers identical | one per launch | L per launch | graph replay "
              "| CPU kernel | target | met |", "|---|---:|---:|---:|---:|---:|---:|---|"]
     for r in report["rows"]:
-        lines.append(f"| {r['config']} | {r['identical_layers']} | "
-                     f"{r.get('one_per_launch_us', float('nan')):.1f} | "
-                     f"{r.get('all_per_launch_us', float('nan')):.1f} | "
-                     f"{r.get('graph_replay_us', float('nan')):.1f} | {r['cpu_us']:.1f} | "
+        lines.append(f"| {r['config']} | {r.get('identical_layers', 'n/a')} / {r['layers']} | "
+                     f"{_fmt(r.get('one_per_launch_us'))} | {_fmt(r.get('all_per_launch_us'))} | "
+                     f"{_fmt(r.get('graph_replay_us'))} | {_fmt(r.get('cpu_us'))} | "
                      f"{r['target_us']:.0f} | {r.get('met', 'n/a')} |")
+    lines += ["", "| config | check | result | differing entries per output | of them in the "
+              "plan |", "|---|---|---|---|---:|"]
+    for config, check in _all_checks(report):
+        differing = check.get("differing_entries", check.get("differing_layers", ""))
+        lines.append(f"| {config} | {check['check']} | {'ok' if check['ok'] else 'FAILED'} | "
+                     f"{differing or ''} | {check.get('differing_in_plan', '')} |")
+    for config, check in _all_checks(report):
+        if not check["ok"] and check.get("examples"):
+            lines += ["", f"{config}, {check['check']}: first differing entries "
+                      f"`{json.dumps(check['examples'])}`"]
     for r in report["rows"]:
         if r.get("graph_error"):
             lines += ["", f"Graph capture failed ({r['config']}): `{r['graph_error']}`"]
+    for err in report["errors"]:
+        lines += ["", f"Step '{err['stage']}' raised `{err['error']}`"]
     return "\n".join(lines) + "\n"
 
 
-def main(argv: list[str] | None = None) -> None:
+def _summary(report: dict) -> str:
+    """The short table printed last."""
+    lines = [f"{'per layer, us (medians)':<24}{'one/launch':>12}{'L/launch':>12}"
+             f"{'graph':>12}{'CPU':>12}{'target':>8}  met"]
+    for r in report["rows"]:
+        lines.append(f"{r['config']:<24}{_fmt(r.get('one_per_launch_us')):>12}"
+                     f"{_fmt(r.get('all_per_launch_us')):>12}"
+                     f"{_fmt(r.get('graph_replay_us')):>12}{_fmt(r.get('cpu_us')):>12}"
+                     f"{r['target_us']:>8.0f}  {r.get('met', 'n/a')}")
+    checks = _all_checks(report)
+    failed = [f"{config}: {check['check']}" for config, check in checks if not check["ok"]]
+    lines.append(f"checks: {len(checks) - len(failed)} passed, {len(failed)} failed"
+                 + ("".join(f"\n  FAILED {name}" for name in failed)))
+    lines += [f"  ERROR in '{err['stage']}': {err['error']}" for err in report["errors"]]
+    lines.append(f"status: {report['status']}, {report['elapsed_s']} s")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the steps; returns the exit status (0: every comparison equal, every capture made,
+    no step raised)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
                         help="cuda: the GPU; cpu: Numba's CUDA simulator (correctness only)")
-    parser.add_argument("--quick", action="store_true", help="fewer instances and repeats")
+    parser.add_argument("--quick", action="store_true", help="fewer layers and repeats")
     parser.add_argument("--out", default="results/gpu_greedy", help="output folder")
+    parser.add_argument("--time-limit", type=float, default=105.0,
+                        help="seconds: the random instances stop 10 s before it; on the GPU a "
+                             "watchdog ends the process 5 s after it (default 105)")
     args = parser.parse_args(argv)
+    if args.time_limit <= 0:
+        parser.error(f"--time-limit must be > 0 seconds, got {args.time_limit}")
     if args.device == "cpu":  # must precede the first import of numba.cuda
         import numba
 
@@ -272,47 +534,128 @@ def main(argv: list[str] | None = None) -> None:
     if args.device == "cpu" and not greedy_cuda.SIMULATOR:
         raise SystemExit("--device cpu needs NUMBA_ENABLE_CUDASIM=1 before numba.cuda is "
                          "imported (run this module as a fresh process)")
-    run = Manifest.start("experiments.planner.gpu_greedy", argv)
     sim = args.device == "cpu"
-    rng = np.random.default_rng(2026)
-    if sim:
-        random_layers = compare_random(rng, 3, max_layers=2, threads=(32,), max_experts=12)
-    else:
-        random_layers = compare_random(rng, 20 if args.quick else 200, max_layers=4,
-                                       threads=(128, 64, 256))
-    print(f"random instances: {random_layers} layers, identical plans")
-    rows = []
+    began = time.perf_counter()
+    if not sim:  # a hang (a kernel that never ends, a stuck teardown) still ends the process
+        faulthandler.dump_traceback_later(args.time_limit + 5.0, exit=True)
+    run = Manifest.start("experiments.planner.gpu_greedy", argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    json_path, md_path = out / "gpu_greedy.json", out / "gpu_greedy.md"
+    command = f"python -m experiments.planner.gpu_greedy --device {args.device}" + (
+        " --quick" if args.quick else "")
+    report = {"device": "Numba CUDA simulator" if sim else _gpu_name(), "command": command,
+              "status": "starting", "time_limit_s": args.time_limit, "elapsed_s": 0.0,
+              "compile_s": None, "random_layers": 0, "random": None, "rows": [],
+              "checks_failed": [], "errors": [], "stage_seconds": {},
+              "utc": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+
+    def write() -> None:
+        report["elapsed_s"] = round(time.perf_counter() - began, 1)
+        for row in report["rows"]:
+            best = min(row.get("all_per_launch_us", np.inf), row.get("graph_replay_us", np.inf))
+            if np.isfinite(best):
+                row["met"] = bool(best <= row["target_us"])
+        report["checks_failed"] = [f"{config}: {check['check']}"
+                                   for config, check in _all_checks(report) if not check["ok"]]
+        json_path.write_text(json.dumps(report, indent=2) + "\n")
+        md_path.write_text(_markdown(report))
+        run.write(out, [json_path, md_path], name="gpu_greedy.manifest.json")
+
+    @contextlib.contextmanager
+    def stage(name: str):
+        """A step: recorded in the report; an exception is recorded, not raised."""
+        report["status"] = f"running: {name}"
+        write()
+        print(f"== {name}", flush=True)
+        start = time.perf_counter()
+        try:
+            yield
+        except Exception as exc:
+            report["errors"].append({"stage": name, "error": f"{type(exc).__name__}: {exc}",
+                                     "traceback": traceback.format_exc()})
+            print(f"{name}: raised {type(exc).__name__}: {exc}", flush=True)
+        finally:
+            report["stage_seconds"][name] = round(time.perf_counter() - start, 2)
+
+    layers = 1 if sim else (4 if args.quick else 32)
+    repeats = 3 if sim else (20 if args.quick else 200)
+    threads = 32 if sim else greedy_cuda.THREADS
+    if not sim:
+        with stage("first launch (compiles the CUDA and CPU kernels)"):
+            start = time.perf_counter()
+            batch = random_batch(np.random.default_rng(1), max_layers=2, max_experts=8)
+            for layer, plan in enumerate(run_batch(batch, threads)):
+                same_layer(batch, layer, plan)
+            report["compile_s"] = round(time.perf_counter() - start, 1)
+    batches, states = {}, {}
     for name, model, hardware, ranks, experts, target in CONFIGS:
         if sim and ranks > 8:
             continue
-        layers = 1 if sim else (4 if args.quick else 32)
-        batch = decode_batch(model, hardware, ranks, experts, layers,
-                             tokens_per_rank=16 if sim else 768)
-        outs = run_batch(batch, 32 if sim else 128)
-        identical = sum(same_layer(batch, i, out) for i, out in enumerate(outs))
-        if identical != layers:
-            raise AssertionError(f"{name}: {layers - identical} decode layers differ")
-        row = {"config": name, "layers": layers, "identical_layers": identical,
-               "target_us": target, "cpu_us": _cpu_us(batch, 3 if sim else 20)}
-        if not sim:
-            row.update(time_gpu(batch, 20 if args.quick else 200))
-            best = min(row["all_per_launch_us"], row.get("graph_replay_us", np.inf))
-            row["met"] = bool(best <= target)
-        rows.append(row)
-        print(row)
-    device = "Numba CUDA simulator" if sim else _gpu_name()
-    report = {"device": device, "random_layers": random_layers, "rows": rows,
-              "utc": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    json_path = out / "gpu_greedy.json"
-    json_path.write_text(json.dumps(report, indent=2) + "\n")
-    command = f"python -m experiments.planner.gpu_greedy --device {args.device}" + (
-        " --quick" if args.quick else "")
-    md = out / "gpu_greedy.md"
-    md.write_text(_markdown(report, command))
-    run.write(out, [json_path, md], name="gpu_greedy.manifest.json")
-    print(_markdown(report, command))
+        row = {"config": name, "layers": layers, "target_us": target, "checks": []}
+        report["rows"].append(row)
+        with stage(f"{name}: decode plans vs the CPU kernel, CPU kernel timed"):
+            batch = decode_batch(model, hardware, ranks, experts, layers,
+                                 tokens_per_rank=16 if sim else 768)
+            row["layers"] = int(batch[0].shape[0])
+            same = [same_layer(batch, i, plan) for i, plan in enumerate(run_batch(batch, threads))]
+            row["identical_layers"] = int(sum(same))
+            row["checks"].append({"check": "decode plans == CPU kernel", "ok": all(same),
+                                  "differing_layers": [i for i, ok in enumerate(same) if not ok]})
+            row["cpu_us"] = _cpu_us(batch, repeats, 1.0 if sim else 3.0)
+            batches[name] = batch
+        if name not in batches:
+            continue
+        if sim:
+            with stage(f"{name}: junk buffers and reuse (simulator)"):
+                checks, _ = reuse_checks(batches[name], _sim_inputs, sim=True, threads=threads)
+                row["checks"] += checks
+        else:
+            with stage(f"{name}: eager launches, timed"):
+                values, checks, states[name] = gpu_eager(batches[name], repeats, budget_s=8.0)
+                row.update(values)
+                row["checks"] += checks
+        print({k: v for k, v in row.items() if k != "checks"}, flush=True)
+    write()
+    for row in report["rows"]:  # after every timing is written
+        if row["config"] in states:
+            with stage(f"{row['config']}: CUDA graph"):
+                values, checks = gpu_graph(states[row["config"]], repeats, budget_s=3.0)
+                row.update(values)
+                row["checks"] += checks
+    if not sim:
+        report["status"] = "timings and graphs written, random instances next"
+        write()
+        print(_summary(report), flush=True)  # the table so far, in case the rest is cut short
+    with stage("random instances vs the CPU kernel"):
+        rng = np.random.default_rng(2026)
+        if sim:
+            result = check_random(rng, max_batches=3, max_layers=2, threads=(32,),
+                                  max_experts=12)
+        else:
+            result = check_random(rng, max_batches=10_000, max_layers=4, threads=(128, 64, 256),
+                                  layer_cap=20 if args.quick else RANDOM_LAYERS,
+                                  budget_s=min(RANDOM_SECONDS,
+                                               args.time_limit - 10.0 - (time.perf_counter()
+                                                                         - began)))
+        report["random"] = result
+        report["random_layers"] = result["layers"]
+        print(f"random instances: {result['layers']} layers in {result['seconds']} s, "
+              f"{result['differing_layers']} differ", flush=True)
+    report["status"] = "finished"
+    write()
+    faulthandler.cancel_dump_traceback_later()
+    print(_markdown(report))
+    print(_summary(report), flush=True)
+    failed_capture = any(row.get("graph") == "capture failed" for row in report["rows"])
+    return 1 if report["checks_failed"] or report["errors"] or failed_capture else 0
+
+
+def _sim_inputs(load: np.ndarray, window: np.ndarray) -> tuple:
+    from probe.planner.numba_cuda import cuda
+
+    return (cuda.to_device(np.ascontiguousarray(load, dtype=np.int64)),
+            cuda.to_device(np.ascontiguousarray(window, dtype=np.float64)))
 
 
 def _gpu_name() -> str:
@@ -322,4 +665,15 @@ def _gpu_name() -> str:
 
 
 if __name__ == "__main__":
-    main()
+    # The exit skips the interpreter's teardown: a CUDA graph, numba's and torch's finalizers
+    # are never run against each other (a run hung there once), the files are written by then.
+    try:
+        status = main()
+    except SystemExit:
+        raise
+    except BaseException:
+        traceback.print_exc()
+        status = 2
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)

@@ -383,8 +383,8 @@ def _greedy_kernel(load, home, slots, window, alpha, beta, tt, xt, limit, epsilo
     home bool [L, G, E], slots int64 [G], window float64 [L, G], tt/xt float64 [G, G]
     (token_time, transfer_time), limit int64 (> 0 moves), epsilon float64, four flags. Scratch
     (any values): hcount [L, E], hlist [L, E, G], hpos [L, G, E], tok [L, G, E], flow [L, G, G],
-    held uint8 [L, G, E], blk_of [L, E], exp_order [L, E], all int64 but held. Outputs: see
-    CudaPlan."""
+    held uint8 [L, G, E], blk_of [L, E], exp_order [L, E], all int64 but held. Outputs (any
+    values before; every entry is written): see CudaPlan."""
     layer = cuda.blockIdx.x
     tid = cuda.threadIdx.x
     nt = cuda.blockDim.x
@@ -661,6 +661,20 @@ def _greedy_kernel(load, home, slots, window, alpha, beta, tt, xt, limit, epsilo
             ints[_MOVES] += 1
         cuda.syncthreads()
 
+    # The entries past the plan (replicas rows from n_rep, blocks from n_blk) get fixed values,
+    # -1 and a zero assignment, so that every output entry is a function of this launch's inputs
+    # alone: a reused runner or a replayed CUDA graph shows nothing of an earlier call. (Every
+    # thread left the loop after a barrier that followed the last change to _NREP and _NBLK.)
+    n_rep = ints[_NREP]
+    n_blk = ints[_NBLK]
+    for i in range(n_rep * 3 + tid, rp.shape[0] * 3, nt):
+        rp[i // 3, i % 3] = -1
+    for i in range(n_blk + tid, be.shape[0], nt):
+        be[i] = -1
+    per_blk = num_ranks * num_ranks
+    for i in range(n_blk * per_blk + tid, ba.shape[0] * per_blk, nt):
+        r = i % per_blk
+        ba[i // per_blk, r // num_ranks, r % num_ranks] = 0
     if tid == 0:
         makespan = 0.0
         for g in range(num_ranks):
@@ -683,6 +697,10 @@ class CudaPlan(NamedTuple):
         rejected layer; status: int64 [L], 0 fine, 1 negative load, 2 negative or NaN window
         (2 when both)
         (a rejected layer is left unplanned).
+    Every entry is written by each launch: the rows of replicas past num_replicas and the entries
+    of blk_expert past num_blocks are -1, the blocks of blk_assign past num_blocks are zero. So
+    the buffers depend on the launch's inputs alone, never on an earlier call's plan (what a
+    replayed CUDA graph needs).
     """
 
     replicas: object
@@ -719,6 +737,10 @@ class CudaGreedy:
     supported); num_layers: L, the layers one `plan` call plans; threads: threads per block (a
     multiple of 32, at most 1024; 1 for tests). Validates all of it once; `plan` only checks its
     arrays' shape, dtype and layout (host side, no synchronisation) and launches one kernel.
+    Attributes: `out`, the CudaPlan buffers (numba device arrays) every launch overwrites whole;
+    `scratch`, the kernel's working buffers (hcount, hlist, hpos, tok, flow, held, blk_of,
+    exp_order as `_greedy_kernel` names them), which each launch initialises itself, so their
+    contents between calls are irrelevant.
     """
 
     def __init__(self, home: np.ndarray, slots: np.ndarray | int, cost: CostModel,
@@ -770,7 +792,7 @@ class CudaGreedy:
         self._xt = dev(np.ascontiguousarray(cost.transfer_time, dtype=np.float64))
         self._scalars = (float(cost.alpha), float(cost.beta))
         empty = cuda.device_array
-        self._scratch = (empty((L, E), np.int64), empty((L, E, G), np.int64),
+        self.scratch = (empty((L, E), np.int64), empty((L, E, G), np.int64),
                          empty((L, G, E), np.int64), empty((L, G, E), np.int64),
                          empty((L, G, G), np.int64), empty((L, G, E), np.uint8),
                          empty((L, E), np.int64), empty((L, E), np.int64))
@@ -825,8 +847,8 @@ class CudaGreedy:
         rules = self.rules
         _greedy_kernel[L, self.threads, stream](
             load_d, self._home, self._slots, window_d, *self._scalars, self._tt, self._xt,
-            self._limit, rules.epsilon, rules.move_local, rules.evacuate, rules.two_phase,
-            rules.mean_cap, *self._scratch, *self.out)
+            self._limit, float(rules.epsilon), bool(rules.move_local), bool(rules.evacuate),
+            bool(rules.two_phase), bool(rules.mean_cap), *self.scratch, *self.out)
         if use_torch:
             return self.torch_out()
         return self.out
@@ -836,7 +858,13 @@ class CudaGreedy:
         if self._torch_out is None:
             import torch
 
-            self._torch_out = CudaPlan(*(torch.as_tensor(a, device="cuda") for a in self.out))
+            views = CudaPlan(*(torch.as_tensor(a, device="cuda") for a in self.out))
+            for name, a, t in zip(CudaPlan._fields, self.out, views, strict=True):
+                # A copy instead of a view would hold the first plan forever: refuse it.
+                if t.data_ptr() != a.__cuda_array_interface__["data"][0]:
+                    raise RuntimeError(f"torch.as_tensor copied the output buffer {name} "
+                                       "instead of viewing it")
+            self._torch_out = views
         return self._torch_out
 
 
