@@ -48,6 +48,36 @@ print(json.dumps({"problems": problems, "status": status.copy_to_host().tolist()
     assert result["status"] == [1, 0]
 
 
+def test_device_pairwise_sum_is_numpys():
+    # _np_sum (the fixed levels) must give numpy's float64 sum bit for bit, across the
+    # pairwise block (128) and several recursion levels; a sequential sum differs on these.
+    code = """
+import json
+import numpy as np
+from probe.planner.assign_cuda import _np_sum
+from probe.planner.numba_cuda import cuda
+
+@cuda.jit
+def rows(a, n, out):
+    g = cuda.grid(1)
+    if g < a.shape[0]:
+        out[g] = _np_sum(a[g], 0, n)
+
+rng = np.random.default_rng(5)
+bad = []
+for n in (0, 1, 7, 8, 9, 17, 127, 128, 129, 136, 255, 257, 300, 1031, 2049, 4100):
+    a = rng.standard_normal((3, n)) * 10.0 ** rng.integers(-8, 8, (3, n))
+    out = np.zeros(3)
+    rows[1, 3](a, n, out)
+    if not np.array_equal(out, a.sum(axis=1)):
+        bad.append(n)
+print(json.dumps(bad))
+"""
+    done = run_simulated(code)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == []
+
+
 def test_gpu_script_runs_on_cpu(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     env.pop("NUMBA_ENABLE_CUDASIM", None)  # the script sets it for --device cpu

@@ -51,7 +51,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from numba import config, float64
+from numba import config, float64, int64
 
 from probe.planner.assign import remote_cost
 from probe.planner.cost import CostModel
@@ -63,8 +63,10 @@ __all__ = ["THREADS", "DeviceAssigner"]
 # own warp and spreads the per-expert and per-rank phases.
 THREADS = 256
 SIMULATOR = bool(config.ENABLE_CUDASIM)
-# numpy's pairwise summation: blocks of up to 128 values, 8 partial sums each.
+# numpy's pairwise summation: blocks of up to 128 values, 8 partial sums each; the depth of
+# `_np_sum`'s stack.
 _PW_BLOCK = 128
+_PW_DEPTH = 24
 
 
 # --- numpy's float64 sum, in numpy's order -----------------------------------------------------
@@ -104,26 +106,50 @@ def _np_block(a, lo, n):  # pragma: no cover - device code
     return res
 
 
-def _np_level(lower):
-    """numpy's pairwise_sum one recursion level up from `lower` (halves of n / 2 rounded
-    down to a multiple of 8); device functions cannot recurse, so the levels are stacked."""
-
-    @cuda.jit(device=True)
-    def level(a, lo, n):  # pragma: no cover - device code
-        if n <= _PW_BLOCK:
-            return _np_block(a, lo, n)
-        half = n // 2
+@cuda.jit(device=True)
+def _np_sum(a, lo, n):  # pragma: no cover - device code
+    """numpy's pairwise_sum of a[lo:lo + n]: above 128 values, the sum of the first half (n / 2
+    rounded down to a multiple of 8) plus the sum of the rest, recursively. Device functions
+    cannot recurse, so the recursion runs on a small stack (depth log2(n / 128) + 1): each
+    entry a segment, its state (0: split it, 1: its left half is being summed, 2: its right
+    half is) and its left half's sum."""
+    seg_lo = cuda.local.array(_PW_DEPTH, int64)
+    seg_n = cuda.local.array(_PW_DEPTH, int64)
+    state = cuda.local.array(_PW_DEPTH, int64)
+    left = cuda.local.array(_PW_DEPTH, float64)
+    top = 0
+    seg_lo[0] = lo
+    seg_n[0] = n
+    state[0] = 0
+    while True:
+        if seg_n[top] > _PW_BLOCK and state[top] == 0:  # descend into the left half
+            half = seg_n[top] // 2
+            half -= half % 8
+            state[top] = 1
+            seg_lo[top + 1] = seg_lo[top]
+            seg_n[top + 1] = half
+            state[top + 1] = 0
+            top += 1
+            continue
+        value = _np_block(a, seg_lo[top], seg_n[top])
+        top -= 1
+        while top >= 0 and state[top] == 2:  # both halves done: left + right
+            value = left[top] + value
+            top -= 1
+        if top < 0:
+            return value
+        left[top] = value  # the left half is done: the right half next
+        state[top] = 2
+        half = seg_n[top] // 2
         half -= half % 8
-        return lower(a, lo, half) + lower(a, lo + half, n - half)
+        seg_lo[top + 1] = seg_lo[top] + half
+        seg_n[top + 1] = seg_n[top] - half
+        state[top + 1] = 0
+        top += 1
 
-    return level
 
-
-# Six levels: exact for up to 128 * 2**6 = 8192 values (DeviceAssigner checks E).
-_np_sum = _np_block
-for _ in range(6):
-    _np_sum = _np_level(_np_sum)
-MAX_EXPERTS = _PW_BLOCK * 2 ** 6
+# The stack of _np_sum holds 24 segments: exact for up to 128 * 2**23 values.
+MAX_EXPERTS = 1 << 20
 
 
 # --- the host kernel's pieces as device functions (same operations, same order) ---------------
@@ -159,20 +185,24 @@ def _level_of(x, local, alpha, beta, hop):  # pragma: no cover - device code
 
 
 @cuda.jit(device=True)
-def _tokens_at(w, a, b, local, beta, hop):  # pragma: no cover - device code
+def _tokens_at(w, a, b, local, beta, denom):  # pragma: no cover - device code
+    """assign._tokens_at with denom = beta + hop (the same float as the host's)."""
     if w <= a:
         return 0.0
     if w <= b:
         return (w - a) / beta
-    return local + (w - b) / (beta + hop)
+    return local + (w - b) / denom
 
 
 @cuda.jit(device=True)
 def _waterfill(fixed, order, num_order, hlist, nhold, total, load, hop, alpha, beta, passes,
-               x, level, srt):  # pragma: no cover - device code
+               x, level, srt, hv):  # pragma: no cover - device code
     """assign._waterfill on x [E, G], which holds the start on entry and the split on exit.
     The loops over the ranks holding e run over its holder list hlist[e, :nhold[e]] (rank
-    order, as the host's `if holds[g, e]` skips the others), so the sums are the host's."""
+    order, as the host's `if holds[g, e]` skips the others), so the sums are the host's.
+    Once e is taken out, the values the host recomputes per holder h (level + alpha, the
+    level where its own tokens run out, its own tokens, beta + hop) sit in hv [4, G]: the
+    same floats, read from one place."""
     num_ranks = level.shape[0]
     for g in range(num_ranks):
         level[g] = fixed[g]
@@ -190,50 +220,50 @@ def _waterfill(fixed, order, num_order, hlist, nhold, total, load, hop, alpha, b
             m = 0
             for h in range(nh):
                 g = hlist[e, h]
+                local = float64(load[g, e])
                 if x[e, g] > 0:
-                    level[g] -= _level_of(x[e, g], load[g, e], alpha, beta, hop[g])
+                    level[g] -= _level_of(x[e, g], local, alpha, beta, hop[g])
+                a = level[g] + alpha
+                b = a + _mul(beta, local)
+                hv[0, h] = a
+                hv[1, h] = b
+                hv[2, h] = local
+                hv[3, h] = beta + hop[g]
                 for which in range(2):
-                    value = level[g] + alpha
-                    if which == 1:
-                        value = level[g] + alpha + _mul(beta, load[g, e])
-                    j = m
+                    value = a if which == 0 else b
+                    j = m  # insertion sort into srt[:m + 1]
                     while j > 0 and srt[j - 1] > value:
                         srt[j] = srt[j - 1]
                         j -= 1
                     srt[j] = value
                     m += 1
+            # The water level w: past the last breakpoint where the holders take < total.
             lo = srt[m - 1]
             for k in range(m):
                 taken = 0.0
                 for h in range(nh):
-                    g = hlist[e, h]
-                    a = level[g] + alpha
-                    taken += _tokens_at(srt[k], a, a + _mul(beta, load[g, e]), load[g, e],
-                                        beta, hop[g])
+                    taken += _tokens_at(srt[k], hv[0, h], hv[1, h], hv[2, h], beta, hv[3, h])
                 if taken >= total[e]:
                     lo = srt[k - 1] if k > 0 else srt[0]
                     break
+            # Between breakpoints the holders take C + S w tokens.
             c_sum = 0.0
             s_sum = 0.0
             for h in range(nh):
-                g = hlist[e, h]
-                a = level[g] + alpha
-                b = a + _mul(beta, load[g, e])
-                if lo >= b:
-                    c_sum += load[g, e] - b / (beta + hop[g])
-                    s_sum += 1.0 / (beta + hop[g])
-                elif lo >= a:
-                    c_sum -= a / beta
+                if lo >= hv[1, h]:
+                    c_sum += hv[2, h] - hv[1, h] / hv[3, h]
+                    s_sum += 1.0 / hv[3, h]
+                elif lo >= hv[0, h]:
+                    c_sum -= hv[0, h] / beta
                     s_sum += 1.0 / beta
             w = (total[e] - c_sum) / s_sum
             for h in range(nh):
                 g = hlist[e, h]
-                a = level[g] + alpha
-                share = _tokens_at(w, a, a + _mul(beta, load[g, e]), load[g, e], beta, hop[g])
+                share = _tokens_at(w, hv[0, h], hv[1, h], hv[2, h], beta, hv[3, h])
                 moved = _max(moved, abs(share - x[e, g]) * beta)
                 x[e, g] = share
                 if share > 0:
-                    level[g] += _level_of(share, load[g, e], alpha, beta, hop[g])
+                    level[g] += _level_of(share, hv[2, h], alpha, beta, hop[g])
         if moved < 1e-9:
             break
 
@@ -386,7 +416,7 @@ def _rank_time(g, tokens, flow, token_time, alpha, beta):  # pragma: no cover - 
 def _assign_kernel(load_all, copies_all, home_all, use_home, token_time, hop, alpha, beta,
                    passes, total_all, holds_all, nhold_all, hlist_all, order_all, norder_all,
                    fixed_all, terms_all, x_all, quota_all, flow_all, level_all, srt_all,
-                   part_all, obj_all, rem_all, cand_all, left_all, hold_all, out_all,
+                   hv_all, part_all, obj_all, rem_all, cand_all, left_all, hold_all, out_all,
                    objective_all, status_all):  # pragma: no cover - device code
     layer = cuda.blockIdx.x
     tid = cuda.threadIdx.x
@@ -485,12 +515,13 @@ def _assign_kernel(load_all, copies_all, home_all, use_home, token_time, hop, al
     cuda.syncthreads()
     num_order = norder_all[layer]
 
-    # 4. The descents (starts 0, 2, 4; starts 1 and 3 are taken as they are): each on its
-    # own warp's first thread, side by side.
-    for k in range(0, num_starts, 2):
-        if tid == (16 * k) % nthreads:
+    # 4. The descents (starts 0, 2, 4; starts 1 and 3 are taken as they are): each on the
+    # first thread of its own warp (warp w descends start 2w), side by side.
+    if tid % 32 == 0:
+        for k in range(2 * (tid // 32), num_starts, 2 * (nthreads // 32)):
             _waterfill(fixed, order, num_order, hlist, nhold, total, load, hop, alpha, beta,
-                       passes, x_all[layer, k], level_all[layer, k], srt_all[layer, k])
+                       passes, x_all[layer, k], level_all[layer, k], srt_all[layer, k],
+                       hv_all[layer, k])
     cuda.syncthreads()
     # 5. Rounding (the starts) and DeepSeek's even split: parallel over (candidate, expert).
     for i in range(tid, num_cand * num_experts, nthreads):
@@ -638,14 +669,14 @@ class DeviceAssigner:
         f64, i64 = np.float64, np.int64
         outs = (new((L, S, E, G), i64), new(L, f64), new(L, np.int32))
         # In the kernel's argument order: total, holds, nhold, hlist, order, norder, fixed,
-        # terms; per candidate x, quota, flow, level, srt, part, obj; per thread rem, cand,
+        # terms; per candidate x, quota, flow, level, srt, hv, part, obj; per thread rem, cand,
         # left, hold.
         scratch = (new((L, E), i64), new((L, G, E), np.bool_), new((L, E), i64),
                    new((L, E, G), i64), new((L, E), i64), new(L, i64), new((L, G), f64),
                    new((L, G, E), f64),
                    new((L, C, E, G), f64), new((L, C, E, G), i64), new((L, C, S, G), i64),
-                   new((L, C, G), f64), new((L, C, 2 * G), f64), new((L, C, G), f64),
-                   new((L, C), f64),
+                   new((L, C, G), f64), new((L, C, 2 * G), f64), new((L, C, 4, G), f64),
+                   new((L, C, G), f64), new((L, C), f64),
                    new((L, T, G), f64), new((L, T, G), i64), new((L, T, G), i64),
                    new((L, T, G), i64))
         consts = (cuda.to_device(np.ascontiguousarray(self.cost.token_time, f64)),
