@@ -78,6 +78,53 @@ print(json.dumps(bad))
     assert json.loads(done.stdout.strip().splitlines()[-1]) == []
 
 
+def test_compiled_kernel_has_no_fma():
+    # Compiled for an H200 (sm_90) without a GPU, where NVVM is installed: no product may be
+    # fused into an FMA (each goes through dmul_rn), and divisions are IEEE (div.rn).
+    code = """
+import json, re
+import numba
+import numpy as np
+from numba.cuda.cudadrv import nvvm
+if not nvvm.is_available():
+    print(json.dumps("no nvvm"))
+    raise SystemExit(0)
+import numba.cuda.dispatcher as dispatcher
+from probe.planner import assign_cuda as ac
+from probe.planner.numba_cuda import cuda
+
+class H200:
+    compute_capability = (9, 0)
+
+dispatcher.get_current_device = lambda: H200()  # device functions ask for the GPU's cc
+L, G, E, C, T = 1, 4, 8, 6, ac.THREADS
+i, f = np.int64, np.float64
+shapes = [((L, G, E), i)] * 3 + [True, ((G, G), f), (G, f), 1.0, 1.0, 8,
+          ((L, E), i), ((L, G, E), np.bool_), ((L, E), i), ((L, E, G), i), ((L, E), i),
+          (L, i), ((L, G), f), ((L, G, E), f), ((L, C, E, G), f), ((L, C, E, G), i),
+          ((L, C, G, G), i), ((L, C, G), f), ((L, C, 2 * G), f), ((L, C, 4, G), f),
+          ((L, C, G), f), ((L, C), f), ((L, T, G), f), ((L, T, G), i), ((L, T, G), i),
+          ((L, T, G), i), ((L, G, E, G), i), (L, f), (L, np.int32)]
+args = [np.zeros(*s) if isinstance(s, tuple) else s for s in shapes]
+ptx, _ = cuda.compile_ptx(ac._assign_kernel.py_func, tuple(numba.typeof(a) for a in args),
+                          cc=(9, 0))
+print(json.dumps({"fma": len(re.findall(r"fma[.a-z]*[.]f64", ptx)),
+                  "mul_rn": len(re.findall(r"mul[.]rn[.]f64", ptx)),
+                  "div": sorted(set(re.findall(r"div[.a-z]*[.]f64", ptx)))}))
+"""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env.pop("NUMBA_ENABLE_CUDASIM", None)
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=300)
+    if done.returncode != 0 and "CudaSupportError" in done.stderr:
+        pytest.skip("numba cannot compile CUDA code here")
+    assert done.returncode == 0, done.stderr[-3000:]
+    found = json.loads(done.stdout.strip().splitlines()[-1])
+    if found == "no nvvm":
+        pytest.skip("NVVM is not installed")
+    assert found["fma"] == 0 and found["mul_rn"] > 20 and found["div"] == ["div.rn.f64"]
+
+
 def test_gpu_script_runs_on_cpu(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     env.pop("NUMBA_ENABLE_CUDASIM", None)  # the script sets it for --device cpu
