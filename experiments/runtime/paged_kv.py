@@ -38,6 +38,7 @@ Writes paged_kv.json, paged_kv.md and manifest.json into --out.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import time
 from pathlib import Path
@@ -350,8 +351,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--max-seq-len must be >= {PROMPT_LEN + args.steps + 1}")
     cfg = model_config(smallmodel.TINY_ARCH if args.quick else smallmodel.SMALL_ARCH)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    fp32 = random_model(cfg, seed=0, dtype=torch.float32, device=device)
+    # random_model draws with a generator on its device, so CPU and CUDA draws differ: the
+    # twin is the same weights, drawn on the CPU and copied over
     cpu = random_model(cfg, seed=0, dtype=torch.float32, device="cpu")
+    fp32 = copy.deepcopy(cpu).to(device)
     checks = check(fp32, cpu, device)
     del fp32, cpu
     model = random_model(cfg, seed=0, dtype=dtype, device=device)
