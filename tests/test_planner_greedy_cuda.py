@@ -64,11 +64,11 @@ def run_sequential(*args, num_layers: int) -> None:
                                  blockIdx=types.SimpleNamespace(x=0),
                                  blockDim=types.SimpleNamespace(x=1), syncthreads=lambda: None,
                                  shared=_Array, local=_Array, atomic=_Atomic)
-    names = ("_max", "_min", "_static_share", "_src_after", "_after", "_worst", "_water_fill",
+    names = ("dmax", "dmin", "_static_share", "_src_after", "_after", "_worst", "_water_fill",
              "_keep_move", "_candidate", "_greedy_kernel")
     env = dict(vars(greedy_cuda))
     env["cuda"] = fake
-    env["_mul"] = lambda a, b: a * b
+    env["mul"] = lambda a, b: a * b
     for name in names:
         fn = _py(getattr(greedy_cuda, name))
         env[name] = types.FunctionType(fn.__code__, env, name, fn.__defaults__)

@@ -55,14 +55,13 @@ from numba import config, float64, int64
 
 from probe.planner.assign import remote_cost
 from probe.planner.cost import CostModel
-from probe.planner.numba_cuda import cuda
+from probe.planner.numba_cuda import cuda, dmax, dmin, mul
 
 __all__ = ["THREADS", "DeviceAssigner"]
 
 # Threads per block (one block per layer), a multiple of the warp: 256 gives each descent its
 # own warp and spreads the per-expert and per-rank phases.
 THREADS = 256
-SIMULATOR = bool(config.ENABLE_CUDASIM)
 # numpy's pairwise summation: blocks of up to 128 values, 8 partial sums each; the depth of
 # `_np_sum`'s stack.
 _PW_BLOCK = 128
@@ -154,34 +153,11 @@ MAX_EXPERTS = 1 << 20
 
 # --- the host kernel's pieces as device functions (same operations, same order) ---------------
 
-if SIMULATOR:
-    @cuda.jit(device=True)
-    def _mul(a, b):  # pragma: no cover - device code
-        return a * b
-else:  # pragma: no cover (needs a GPU)
-    from numba.cuda import libdevice
-
-    @cuda.jit(device=True, inline=True)
-    def _mul(a, b):
-        """a * b rounded on its own (never fused into an FMA with a later + or -)."""
-        return libdevice.dmul_rn(float64(a), float64(b))
-
-
-@cuda.jit(device=True, inline=True)
-def _max(a, b):  # pragma: no cover - device code
-    """max(a, b) as Python takes it (a unless b > a)."""
-    return b if b > a else a
-
-
-@cuda.jit(device=True, inline=True)
-def _min(a, b):  # pragma: no cover - device code
-    """min(a, b): a unless b < a."""
-    return b if b < a else a
 
 
 @cuda.jit(device=True)
 def _level_of(x, local, alpha, beta, hop):  # pragma: no cover - device code
-    return alpha + _mul(beta, x) + _mul(hop, _max(x - local, 0.0))
+    return alpha + mul(beta, x) + mul(hop, dmax(x - local, 0.0))
 
 
 @cuda.jit(device=True)
@@ -224,7 +200,7 @@ def _waterfill(fixed, order, num_order, hlist, nhold, total, load, hop, alpha, b
                 if x[e, g] > 0:
                     level[g] -= _level_of(x[e, g], local, alpha, beta, hop[g])
                 a = level[g] + alpha
-                b = a + _mul(beta, local)
+                b = a + mul(beta, local)
                 hv[0, h] = a
                 hv[1, h] = b
                 hv[2, h] = local
@@ -260,7 +236,7 @@ def _waterfill(fixed, order, num_order, hlist, nhold, total, load, hop, alpha, b
             for h in range(nh):
                 g = hlist[e, h]
                 share = _tokens_at(w, hv[0, h], hv[1, h], hv[2, h], beta, hv[3, h])
-                moved = _max(moved, abs(share - x[e, g]) * beta)
+                moved = dmax(moved, abs(share - x[e, g]) * beta)
                 x[e, g] = share
                 if share > 0:
                     level[g] += _level_of(share, hv[2, h], alpha, beta, hop[g])
@@ -283,7 +259,7 @@ def _quota_expert(e, x, hlist, nhold, total, quota, rem, cand):  # pragma: no co
         g = hlist[e, h]
         if x[e, g] > 0:
             f = math.floor(x[e, g] + 1e-9)
-            quota[e, g] = _min(f, tot)
+            quota[e, g] = dmin(f, tot)
             rem[g] = x[e, g] - f
             base += quota[e, g]
             j = m
@@ -326,7 +302,7 @@ def _route_expert(e, quota, load, token_time, left, hold, flow, out,
             hold[m] = g
             m += 1
     for s in range(num_sources):
-        k = _min(load[s, e], left[s])
+        k = dmin(load[s, e], left[s])
         if k > 0:
             left[s] -= k
             if write:
@@ -334,7 +310,7 @@ def _route_expert(e, quota, load, token_time, left, hold, flow, out,
             else:
                 cuda.atomic.add(flow, (s, s), k)
     for s in range(num_sources):
-        rest = load[s, e] - _min(load[s, e], quota[e, s])
+        rest = load[s, e] - dmin(load[s, e], quota[e, s])
         while rest > 0:
             best = -1
             for i in range(m):
@@ -343,7 +319,7 @@ def _route_expert(e, quota, load, token_time, left, hold, flow, out,
                     best = g
             if best < 0:
                 return False
-            k = _min(rest, left[best])
+            k = dmin(rest, left[best])
             left[best] -= k
             rest -= k
             if write:
@@ -400,14 +376,14 @@ def _rank_time(g, tokens, flow, token_time, alpha, beta):  # pragma: no cover - 
     comp = 0.0
     for e in range(num_experts):
         if tokens[e, g] > 0:
-            comp += alpha + _mul(beta, tokens[e, g])
+            comp += alpha + mul(beta, tokens[e, g])
     t_in = 0.0
     t_out = 0.0
     for s in range(flow.shape[0]):
         if s != g:
-            t_in += _mul(float64(flow[s, g]), token_time[s, g])
-            t_out += _mul(float64(flow[g, s]), token_time[g, s])
-    return comp + _mul(2.0, _max(t_in, t_out))
+            t_in += mul(float64(flow[s, g]), token_time[s, g])
+            t_out += mul(float64(flow[g, s]), token_time[g, s])
+    return comp + mul(2.0, dmax(t_in, t_out))
 
 
 # --- the kernel: one block per layer -----------------------------------------------------------
@@ -504,7 +480,7 @@ def _assign_kernel(load_all, copies_all, home_all, use_home, token_time, hop, al
                 tokens = float64(total[e])
                 value = 0.0
                 if holds[g, e]:
-                    value = (alpha + _mul(beta, tokens)) + _mul(hop[g], tokens - load[g, e])
+                    value = (alpha + mul(beta, tokens)) + mul(hop[g], tokens - load[g, e])
                 terms[n] = value
                 n += 1
         fixed[g] = _np_sum(terms, 0, n)
@@ -553,7 +529,7 @@ def _assign_kernel(load_all, copies_all, home_all, use_home, token_time, hop, al
     if tid < num_cand:
         worst = 0.0
         for g in range(num_ranks):
-            worst = _max(worst, part_all[layer, tid, g])
+            worst = dmax(worst, part_all[layer, tid, g])
         obj_all[layer, tid] = worst
     out = out_all[layer]
     for i in range(tid, num_sources * num_experts * num_ranks, nthreads):

@@ -40,12 +40,12 @@ import math
 from typing import NamedTuple
 
 import numpy as np
-from numba import config, float64, int32, int64
+from numba import float64, int32, int64
 
 from probe.planner.cost import CostModel
 from probe.planner.greedy import UNLIMITED_MOVES, _rules
 from probe.planner.greedy_rules import GreedyRules
-from probe.planner.numba_cuda import cuda
+from probe.planner.numba_cuda import SIMULATOR, cuda, dmax, dmin, mul
 from probe.planner.problem import BalanceProblem
 
 __all__ = ["MAX_EXPERTS", "MAX_RANKS", "THREADS", "CudaGreedy", "CudaPlan", "greedy_cuda_arrays"]
@@ -61,32 +61,7 @@ _NONE = 1 << 40
 # Slots of the block's shared integer and float scalars.
 _SRC, _NE, _WIN, _E, _DST, _HOLDER, _NPOOL, _X, _B, _NEWB, _NBLK, _NREP, _MOVES, _BAD = range(14)
 _MEAN, _TSRC, _TDST = range(3)
-SIMULATOR = bool(config.ENABLE_CUDASIM)
 
-if SIMULATOR:
-    @cuda.jit(device=True)
-    def _mul(a, b):
-        return a * b
-else:  # pragma: no cover (needs a GPU)
-    from numba.cuda import libdevice
-
-    @cuda.jit(device=True, inline=True)
-    def _mul(a, b):
-        """a * b rounded on its own (never fused into an FMA with a later + or -)."""
-        return libdevice.dmul_rn(float64(a), float64(b))
-
-
-@cuda.jit(device=True, inline=True)
-def _max(a, b):
-    """max(a, b) as Python and Numba's CPU target take it (a unless b > a); written out
-    because the builtin's overload does not compile for every numba.cuda version."""
-    return b if b > a else a
-
-
-@cuda.jit(device=True, inline=True)
-def _min(a, b):
-    """min(a, b): a unless b < a."""
-    return b if b < a else a
 
 
 @cuda.jit(device=True, inline=True)
@@ -110,7 +85,7 @@ def _static_share(load, home, hpos, hcount, s, e, g):
 def _src_after(x, e, src, dst, pool_s, pool_n, tok, comp, t_in, t_out, alpha, beta, tt):
     """greedy._src_after (the same operations)."""
     left = x
-    comp_src = comp[src] - _mul(beta, x)
+    comp_src = comp[src] - mul(beta, x)
     if tok[src, e] == x:
         comp_src -= alpha
     d_in_src = 0.0
@@ -118,23 +93,23 @@ def _src_after(x, e, src, dst, pool_s, pool_n, tok, comp, t_in, t_out, alpha, be
     i = 0
     while left > 0:
         s = pool_s[i]
-        take = _min(pool_n[i], left)
+        take = dmin(pool_n[i], left)
         left -= take
-        d_in_src += _mul(take, tt[s, src])
+        d_in_src += mul(take, tt[s, src])
         if s == src:
-            d_out_src += _mul(take, tt[src, dst] - tt[src, src])
+            d_out_src += mul(take, tt[src, dst] - tt[src, src])
         i += 1
-    return comp_src + 2.0 * _max(t_in[src] - d_in_src, t_out[src] + d_out_src)
+    return comp_src + 2.0 * dmax(t_in[src] - d_in_src, t_out[src] + d_out_src)
 
 
 @cuda.jit(device=True)
 def _after(x, e, src, dst, pool_s, pool_n, tok, comp, t_in, t_out, alpha, beta, tt, parts):
     """greedy._after: times of src and dst if x tokens of e move; fills parts[6]."""
     left = x
-    comp_src = comp[src] - _mul(beta, x)
+    comp_src = comp[src] - mul(beta, x)
     if tok[src, e] == x:
         comp_src -= alpha
-    comp_dst = comp[dst] + _mul(beta, x)
+    comp_dst = comp[dst] + mul(beta, x)
     if tok[dst, e] == 0:
         comp_dst += alpha
     d_in_src = 0.0
@@ -144,18 +119,18 @@ def _after(x, e, src, dst, pool_s, pool_n, tok, comp, t_in, t_out, alpha, beta, 
     i = 0
     while left > 0:
         s = pool_s[i]
-        take = _min(pool_n[i], left)
+        take = dmin(pool_n[i], left)
         left -= take
         i += 1
-        d_in_src += _mul(take, tt[s, src])
+        d_in_src += mul(take, tt[s, src])
         if s == dst:
-            d_out_dst += _mul(take, tt[dst, src])
+            d_out_dst += mul(take, tt[dst, src])
         else:
-            d_in_dst += _mul(take, tt[s, dst])
+            d_in_dst += mul(take, tt[s, dst])
             if s == src:
-                d_out_src += _mul(take, tt[src, dst] - tt[src, src])
-    t_src = comp_src + 2.0 * _max(t_in[src] - d_in_src, t_out[src] + d_out_src)
-    t_dst = comp_dst + 2.0 * _max(t_in[dst] + d_in_dst, t_out[dst] - d_out_dst)
+                d_out_src += mul(take, tt[src, dst] - tt[src, src])
+    t_src = comp_src + 2.0 * dmax(t_in[src] - d_in_src, t_out[src] + d_out_src)
+    t_dst = comp_dst + 2.0 * dmax(t_in[dst] + d_in_dst, t_out[dst] - d_out_dst)
     parts[0] = comp_src
     parts[1] = comp_dst
     parts[2] = d_in_src
@@ -172,15 +147,15 @@ def _worst(x, t_src, t_dst, src, dst, npool, pool_s, pool_n, comp, t_in, t_out, 
     touches; fills takes[:npool] and new_out."""
     left = x
     for i in range(npool):
-        take = _min(pool_n[i], left)
+        take = dmin(pool_n[i], left)
         takes[i] = take
         left -= take
-    worst = _max(t_src, t_dst)
+    worst = dmax(t_src, t_dst)
     for i in range(npool):
         s = pool_s[i]
         if s != dst and s != src and takes[i] > 0:
-            new_out[i] = t_out[s] + _mul(takes[i], tt[s, dst] - tt[s, src])
-            worst = _max(worst, comp[s] + 2.0 * _max(t_in[s], new_out[i]))
+            new_out[i] = t_out[s] + mul(takes[i], tt[s, dst] - tt[s, src])
+            worst = dmax(worst, comp[s] + 2.0 * dmax(t_in[s], new_out[i]))
     return worst
 
 
@@ -206,7 +181,7 @@ def _water_fill(n, e, src, dst, pool_s, pool_n, tok, comp, t_in, t_out, alpha, b
                               alpha, beta, tt, parts)
         b_src, b_dst = _after(x_eq, e, src, dst, pool_s, pool_n, tok, comp, t_in, t_out,
                               alpha, beta, tt, parts)
-        if _max(a_src, a_dst) <= _max(b_src, b_dst):
+        if dmax(a_src, a_dst) <= dmax(b_src, b_dst):
             x_eq -= 1
     x_mean = n
     if all_src <= cap:
@@ -218,7 +193,7 @@ def _water_fill(n, e, src, dst, pool_s, pool_n, tok, comp, t_in, t_out, alpha, b
                 x_mean = mid
             else:
                 lo = mid + 1
-    return _min(x_eq, x_mean)
+    return dmin(x_eq, x_mean)
 
 
 @cuda.jit(device=True)
@@ -241,7 +216,7 @@ def _candidate(e, src, dst, load, home, slots, window, alpha, beta, tt, xt, epsi
     no = (False, 0, 0.0, 0.0, -1, 0)
     floor = times[src] - epsilon
     lb_dst = comp[dst] + beta + 2.0 * t_in[dst]
-    if lb_dst >= floor + _mul(1e-9, abs(floor) + lb_dst):
+    if lb_dst >= floor + mul(1e-9, abs(floor) + lb_dst):
         return no
     on_dst = held[dst, e] != 0
     if not on_dst and used[dst] >= slots[dst]:
@@ -250,11 +225,11 @@ def _candidate(e, src, dst, load, home, slots, window, alpha, beta, tt, xt, epsi
     own = (blk_assign[b, dst, src] if b >= 0
            else _static_share(load, home, hpos, hcount, dst, e, src))
     slope = beta - 2.0 * tt[dst, src]
-    lb_out = 2.0 * t_out[dst] + (_min(slope, _mul(own, slope)) if own > 0 else beta)
-    lb = comp[dst] + _max(beta + 2.0 * t_in[dst], lb_out)
+    lb_out = 2.0 * t_out[dst] + (dmin(slope, mul(own, slope)) if own > 0 else beta)
+    lb = comp[dst] + dmax(beta + 2.0 * t_in[dst], lb_out)
     if tok[dst, e] == 0:
         lb += alpha
-    if lb >= floor + _mul(1e-9, abs(floor) + lb):
+    if lb >= floor + mul(1e-9, abs(floor) + lb):
         return no
     holder = -1
     if not on_dst:
@@ -330,7 +305,7 @@ def _candidate(e, src, dst, load, home, slots, window, alpha, beta, tt, xt, epsi
                                   alpha, beta, tt, parts)
             b_src, b_dst = _after(mid + 1, e, src, dst, pool_s, pool_n, tok, comp, t_in,
                                   t_out, alpha, beta, tt, parts)
-            if _max(b_src, b_dst) >= _max(a_src, a_dst):
+            if dmax(b_src, b_dst) >= dmax(a_src, a_dst):
                 hi = mid
             else:
                 lo = mid + 1
@@ -492,17 +467,17 @@ def _greedy_kernel(load, home, slots, window, alpha, beta, tt, xt, limit, epsilo
         c = 0.0
         for e in range(num_experts):
             if hm[g, e] and tk[g, e] > 0:
-                c += alpha + _mul(beta, tk[g, e])
+                c += alpha + mul(beta, tk[g, e])
         comp[g] = c
         a_in = 0.0
         for s in range(num_ranks):
-            a_in += _mul(fl[s, g], tt[s, g])
+            a_in += mul(fl[s, g], tt[s, g])
         a_out = 0.0
         for h in range(num_ranks):
-            a_out += _mul(fl[g, h], tt[g, h])
+            a_out += mul(fl[g, h], tt[g, h])
         t_in[g] = a_in
         t_out[g] = a_out
-        times[g] = c + 2.0 * _max(a_in, a_out)
+        times[g] = c + 2.0 * dmax(a_in, a_out)
     cuda.syncthreads()
 
     while bad == 0:
@@ -657,7 +632,7 @@ def _greedy_kernel(load, home, slots, window, alpha, beta, tt, xt, limit, epsilo
                 s = best_s[i]
                 if s != dst and s != src and best_takes[i] > 0:
                     t_out[s] = best_out[i]
-                    times[s] = comp[s] + 2.0 * _max(t_in[s], t_out[s])
+                    times[s] = comp[s] + 2.0 * dmax(t_in[s], t_out[s])
             ints[_MOVES] += 1
         cuda.syncthreads()
 
@@ -678,7 +653,7 @@ def _greedy_kernel(load, home, slots, window, alpha, beta, tt, xt, limit, epsilo
     if tid == 0:
         makespan = 0.0
         for g in range(num_ranks):
-            makespan = _max(makespan, times[g])
+            makespan = dmax(makespan, times[g])
         n_rep_out[layer] = ints[_NREP]
         n_blk_out[layer] = ints[_NBLK]
         moves_out[layer] = ints[_MOVES]
