@@ -76,6 +76,7 @@ __all__ = [
     "balanced_packing",
     "check_count",
     "check_rebalance_args",
+    "eplb_copies",
     "eplb_layout",
     "eplb_problem",
     "rebalance_experts",
@@ -318,3 +319,18 @@ def solve_deepseek_eplb(problem: BalanceProblem, *, time_limit: float | None = N
     return SolveResult("feasible", plan, float("nan"), None, None, time.perf_counter() - start,
                        f"DeepSeek EPLB routing over {int(copies.sum())} physical experts",
                        "eplb")
+
+
+def eplb_copies(weight: np.ndarray, resident: int, num_ranks: int) -> np.ndarray:
+    """int64 [L, G, E]: physical copies per rank of DeepSeek's global-policy layout with
+    `resident` redundant slots per rank (E / G + resident physical slots each), from weights
+    float [L, E]."""
+    num_layers, num_experts = weight.shape
+    phy2log, _, _ = rebalance_experts(weight, num_experts + resident * num_ranks, 1, 1,
+                                      num_ranks)
+    per_gpu = phy2log.shape[1] // num_ranks
+    gpu = np.arange(phy2log.shape[1]) // per_gpu
+    copies = np.zeros((num_layers, num_ranks, num_experts), np.int64)
+    for layer in range(num_layers):
+        np.add.at(copies[layer], (gpu, phy2log[layer]), 1)
+    return copies

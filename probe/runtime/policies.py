@@ -46,7 +46,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from probe.planner.deepseek_eplb import rebalance_experts
+from probe.planner.deepseek_eplb import eplb_copies
 from probe.runtime.dist import DistContext, guarded
 
 __all__ = ["POLICIES", "SPLITS", "PolicySlots", "ResidentExperts", "dispatch_quota", "eplb_copies",
@@ -103,21 +103,6 @@ def policy_slots(policy: str, extra_slots: int, resident_slots: int | None = Non
         raise ValueError(f"resident_slots={resident_slots} contradicts policy {policy!r} "
                          f"(resident slots {fixed[0]}); only probe-on-eplb takes a split")
     return PolicySlots(policy, *fixed)
-
-
-def eplb_copies(weight: np.ndarray, resident: int, num_ranks: int) -> np.ndarray:
-    """int64 [L, G, E]: physical copies per rank of DeepSeek's global-policy layout with
-    `resident` redundant slots per rank (E / G + resident physical slots each), from weights
-    float [L, E]."""
-    num_layers, num_experts = weight.shape
-    phy2log, _, _ = rebalance_experts(weight, num_experts + resident * num_ranks, 1, 1,
-                                      num_ranks)
-    per_gpu = phy2log.shape[1] // num_ranks
-    gpu = np.arange(phy2log.shape[1]) // per_gpu
-    copies = np.zeros((num_layers, num_ranks, num_experts), np.int64)
-    for layer in range(num_layers):
-        np.add.at(copies[layer], (gpu, phy2log[layer]), 1)
-    return copies
 
 
 def dispatch_quota(split: str, rank: int, counts: np.ndarray, copies: np.ndarray, cost, *,

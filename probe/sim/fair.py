@@ -66,7 +66,7 @@ import numpy as np
 
 from probe.placement import sharded_home
 from probe.planner.check import check_plan, transfer_times
-from probe.planner.deepseek_eplb import rebalance_experts
+from probe.planner.deepseek_eplb import eplb_copies
 from probe.planner.eplb import even_split
 from probe.planner.problem import BalanceProblem, Plan
 from probe.planner.greedy_rules import GreedyRules
@@ -131,20 +131,6 @@ def history_split(history: np.ndarray, layouts: dict, costs: FairCosts, slots: i
                 best, best_t = (b, p), total
         out.append(best)
     return out
-
-
-def eplb_copies(weight: np.ndarray, resident: int, num_ranks: int) -> np.ndarray:
-    """int64 [L, G, E]: physical copies per rank of DeepSeek's global-policy layout with
-    `resident` redundant slots per rank, from weights float [L, E]."""
-    num_layers, num_experts = weight.shape
-    phy2log, _, _ = rebalance_experts(weight, num_experts + resident * num_ranks, 1, 1,
-                                      num_ranks)
-    per_gpu = phy2log.shape[1] // num_ranks
-    gpu = np.arange(phy2log.shape[1]) // per_gpu
-    copies = np.zeros((num_layers, num_ranks, num_experts), np.int64)
-    for layer in range(num_layers):
-        np.add.at(copies[layer], (gpu, phy2log[layer]), 1)
-    return copies
 
 
 def split_by_fractions(load: np.ndarray, frac: np.ndarray) -> np.ndarray:
