@@ -494,7 +494,8 @@ _EXPERT_PARAMS = ("w_gate_up", "w_down", "b_gate_up", "b_down")
 def random_model(cfg, *, seed: int = 0, dtype: torch.dtype = torch.float32,
                  device: str | torch.device = "cpu", expert_ids: Sequence[int] | None = None,
                  std: float = 0.02):
-    """A `MoETransformer` with random weights, identical on every rank for shared weights.
+    """A `MoETransformer` with random weights, identical on every rank for shared weights
+    (ranks on one device type: the generators are the device's, so a CPU and a CUDA draw differ).
 
     Every expert's weights come from a generator seeded by (seed, name, expert id), so a rank
     that builds only `expert_ids` gets exactly the rows the full model has. Norm weights are 1.
