@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # One call on a lent multi-GPU kind (any G >= 2): link times, predictor cost variants, and the
-# runtime at ep = G with balancing off and on (compare the two JSONs' sample tokens: balancing
-# must not change the output). Writes everything under $OUT (7 files at most, manifest.json
+# runtime at ep = G under every balancing policy at equal extra slots (static, eplb, eplb-lp,
+# probe, probe-on-eplb; their JSONs packed in rt_policies.tar.gz: compare the sample tokens,
+# no policy may change the output). Writes everything under $OUT (7 files at most, manifest.json
 # included: the producers' own manifests are folded into it):
 #   run(command="bash experiments/runtime/device_multigpu.sh", kind="nvidia-h200-x2",
-#       timeout_s=450)
+#       timeout_s=590)
 # Steps are independent; each is time-boxed so a slow one does not cost the others.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
@@ -26,18 +27,24 @@ timeout 90 python3 -m torch.distributed.run --nproc-per-node "$G" -m experiments
   --out "$OUT" 2>&1 | tee -a "$LOG"
 
 step "2. predictor cost: plain vs the Triton forms, CUDA graphs, one GPU"
-timeout 150 python3 -m experiments.predictor.predictor_cost --device cuda \
+timeout 120 python3 -m experiments.predictor.predictor_cost --device cuda \
   --variants plain,triton,triton_cublas --iters 100 --out "$OUT" 2>&1 | tee -a "$LOG"
 
 RT="--random-config gpt-oss-like --layers 4 --dtype bf16 --requests 32 --prompt-len 512
     --max-new-tokens 32 --stagger 0 --max-batch-tokens 8192 --prefill-chunk 1024
     --warmup-steps 2 --timeout 60"
-step "3. runtime ep=$G, static (no balancing)"
-timeout 100 python3 -m torch.distributed.run --nproc-per-node "$G" -m probe.runtime $RT \
-  --no-balance --out "$OUT/rt_static.json" 2>&1 | tee -a "$LOG"
-step "4. runtime ep=$G, PROBE balancing"
-timeout 100 python3 -m torch.distributed.run --nproc-per-node "$G" -m probe.runtime $RT \
-  --balance --out "$OUT/rt_probe.json" 2>&1 | tee -a "$LOG"
+# Every policy at the same extra slots per rank (K=2), on the same requests; eplb-lp needs
+# highspy (carry it as a wheel, see the device notes in README) and is skipped without it.
+mkdir -p "$OUT/rt"
+for policy in static eplb eplb-lp probe probe-on-eplb; do
+  if [ "$policy" = eplb-lp ] && ! python3 -c 'import highspy' 2>/dev/null; then
+    step "3. runtime ep=$G, --policy $policy: skipped (highspy is not installed)"; continue
+  fi
+  step "3. runtime ep=$G, --policy $policy --extra-slots 2"
+  timeout 75 python3 -m torch.distributed.run --nproc-per-node "$G" -m probe.runtime $RT \
+    --policy "$policy" --extra-slots 2 --out "$OUT/rt/$policy.json" 2>&1 | tee -a "$LOG"
+done
+tar -czf "$OUT/rt_policies.tar.gz" -C "$OUT" rt && rm -rf "$OUT/rt"
 
 step "done"
 ls -la "$OUT" 2>&1 | tee -a "$LOG"
