@@ -138,7 +138,8 @@ class Decoder:
         if self.path == "default":
             return self.model(torch.tensor(toks, device=self.device), seq_lens=[1] * len(toks),
                               caches=self.caches, last_only=True).logits
-        out = self.runner(toks, [c.slot for c in self.caches], [c.length for c in self.caches])
+        out = self.runner(toks, [c.address for c in self.caches],
+                          [c.length for c in self.caches])
         for c in self.caches:
             c.length += 1
         return out

@@ -49,6 +49,7 @@ from rich.console import Console
 from rich.table import Table
 
 from experiments.manifest import Manifest
+from experiments.runtime.decode_graphs import Decoder
 from probe.runtime import smallmodel
 from probe.runtime.decode import DecodeRunner, StaticKVCache
 from probe.runtime.engine import Engine, Request, random_model
@@ -79,12 +80,13 @@ def _prompts(batch: int, vocab: int, seed: int, lengths=None) -> list[list[int]]
     return [torch.randint(0, min(vocab, 256), (n,), generator=g).tolist() for n in lengths]
 
 
-class Path_:
-    """Prefill prompts into one cache layout, then greedy decode steps through its runner."""
+class Path_(Decoder):
+    """Prefill prompts into one cache layout, then greedy decode steps through its runner
+    (decode_graphs.Decoder's steps, on a static or a paged cache)."""
 
     def __init__(self, model, layout: str, batch: int, max_len: int, graphs: bool,
                  scramble: bool = False) -> None:
-        self.model, self.layout = model, layout
+        self.model, self.layout, self.path = model, layout, layout
         dtype = next(model.parameters()).dtype
         device = next(model.parameters()).device
         self.device = device
@@ -105,28 +107,15 @@ class Path_:
     def prefill(self, prompts: list[list[int]]) -> list[int]:
         if self.layout == "static":
             self.cache.release_all()
-            self.seqs = [self.cache.sequence(self.cache.allocate()) for _ in prompts]
+            self.caches = [self.cache.sequence(self.cache.allocate()) for _ in prompts]
         else:
-            for s in getattr(self, "seqs", []):
+            for s in getattr(self, "caches", []):
                 s.release()
-            self.seqs = [self.cache.sequence(self.max_len) for _ in prompts]
+            self.caches = [self.cache.sequence(self.max_len) for _ in prompts]
         flat = torch.tensor([t for p in prompts for t in p], device=self.device)
-        logits = self.model(flat, seq_lens=[len(p) for p in prompts], caches=self.seqs,
+        logits = self.model(flat, seq_lens=[len(p) for p in prompts], caches=self.caches,
                             last_only=True).logits  # [B, V]
         return logits.argmax(-1).tolist()
-
-    def logits(self, toks: list[int]) -> torch.Tensor:
-        out = self.runner(toks, [s.address for s in self.seqs], [s.length for s in self.seqs])
-        for s in self.seqs:
-            s.length += 1
-        return out
-
-    def run(self, toks: list[int], steps: int) -> list[list[int]]:
-        out = []
-        for _ in range(steps):
-            toks = self.logits(toks).argmax(-1).tolist()  # the engine's one host read per step
-            out.append(toks)
-        return out
 
 
 def check(model, cpu_model, device: torch.device) -> dict:
@@ -186,7 +175,7 @@ def sync_check(model, device: torch.device) -> str:
         p.logits(toks)  # allocates the buffers, captures the graph
         if cuda:
             torch.cuda.synchronize()
-        args = (toks, [s.address for s in p.seqs], [s.length for s in p.seqs])
+        args = (toks, [s.address for s in p.caches], [s.length for s in p.caches])
         try:
             with no_host_sync(cuda=cuda):  # on CUDA also torch's sync debug mode "error"
                 p.runner(*args)
