@@ -124,6 +124,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="positions per request in the static KV cache of --cuda-graphs "
                         "(default: min(max_position_embeddings, 2048))")
     p.add_argument("--out", help="JSON summary (rank 0)")
+    p.add_argument("--step-log", metavar="PATH",
+                   help="rank 0 writes the per-step log here (.npz: every rank's true routing "
+                        "counts and per-layer phase seconds, IR, replicas; "
+                        "probe/runtime/steplog.py), what `python -m "
+                        "experiments.runtime.sim_error` replays through the simulator")
     p.add_argument("--progress-every", type=int, default=10, metavar="N",
                    help="rank 0 prints steps done, tokens/s and IR to stderr every N steps")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
@@ -287,7 +292,10 @@ def run(args) -> dict | None:
         balance=args.balance and ctx.world_size > 1, num_slots=slots.per_step,
         predictor=predictor, method=args.method, hardware=args.hardware, policy=slots.policy,
         resident_slots=slots.resident, replan_interval=args.replan_interval,
-        replan_window=args.replan_window))
+        replan_window=args.replan_window, record_steps=bool(args.step_log)))
+    if args.step_log and runner is None:
+        raise SystemExit("probe.runtime: --step-log needs the expert-parallel runner "
+                         "(more than one rank, or --no-cuda-graphs)")
     engine_options = dict(max_batch_tokens=args.max_batch_tokens,
                           prefill_chunk=args.prefill_chunk, static_decode=graphs,
                           cuda_graphs=graphs and use_cuda, max_seq_len=args.max_seq_len)
@@ -366,7 +374,15 @@ def run(args) -> dict | None:
                "rejected": sorted((r for s in summaries for r in s["rejected"]),
                                   key=lambda r: r["rid"]),
                "ranks": summaries,
-               "sample": {rid: r.tokens[:16] for rid, r in list(results.items())[:2]}}
+               "sample": {rid: r.tokens[:16] for rid, r in list(results.items())[:2]},
+               # the command line's options (which requests, seed, policy: the trace it ran)
+               "args": vars(args)}
+        if args.step_log:
+            from probe.runtime.steplog import write_step_log
+
+            write_step_log(args.step_log, engine.records)
+            # the log's path, relative to the summary's folder where it lies inside it
+            out["step_log"] = _relative_to(args.step_log, args.out)
         _print_table(out)
         if args.out:
             Path(args.out).write_text(json.dumps(out, indent=2, default=str))
@@ -375,6 +391,16 @@ def run(args) -> dict | None:
     if ctx.group is not None:
         shutdown(ctx)
     return out
+
+
+def _relative_to(path: str, summary: str | None) -> str:
+    """`path` relative to the folder of `summary` when it lies inside it, else as given."""
+    if summary is None:
+        return str(path)
+    try:
+        return Path(path).resolve().relative_to(Path(summary).resolve().parent).as_posix()
+    except ValueError:
+        return str(path)
 
 
 class _MetricsExport:

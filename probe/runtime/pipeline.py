@@ -58,8 +58,12 @@ from probe.runtime.executor import Executor
 from probe.runtime.policies import POLICIES, SPLITS, ResidentExperts, dispatch_quota
 from probe.runtime.transfer import SlotPool
 
-__all__ = ["EPRunner", "LayerPlan", "LoadPredictor", "PipelineOptions", "StepStats",
+__all__ = ["PHASES", "EPRunner", "LayerPlan", "LoadPredictor", "PipelineOptions", "StepStats",
            "cost_model_for", "solve_plan"]
+
+# The phases of one MoE layer on a rank, in the order of `StepStats.layer_phase_s`'s last axis
+# and of `EPRunner.breakdown()` (attention: the non-MoE work before the layer's MoE block).
+PHASES = ("attention", "route_plan", "dispatch", "experts", "combine")
 
 
 def cost_model_for(cfg, world_size: int, dtype: torch.dtype,
@@ -103,6 +107,10 @@ class PipelineOptions:
     resident_slots: b, redundant EPLB slots per rank (policies with a resident layout).
     replan_interval: steps between EPLB re-plans. replan_window: steps of load a re-plan
         averages.
+    record_steps: also gather, at every step's end, every rank's true counts per MoE layer and
+        its per-layer phase seconds into `StepStats.routing_counts` / `layer_phase_s` (what a
+        replay through the simulator needs, `python -m probe.runtime --step-log`); off by
+        default: it adds G L (E + 5) values to the step's all_gather.
     """
 
     balance: bool = True
@@ -121,6 +129,7 @@ class PipelineOptions:
     resident_slots: int = 0
     replan_interval: int = 50
     replan_window: int = 50
+    record_steps: bool = False
 
 
 @dataclass
@@ -149,6 +158,10 @@ class StepStats:
     replicas_resident: int [L], resident redundant copies of the EPLB layout (b G).
     replan_seconds: seconds of the EPLB re-plan's weight moves at this step's start (max
         over ranks; 0 when there was none). replan_bytes: bytes they moved (all ranks).
+    routing_counts: int64 [L, S, E] or None, every source rank's TRUE token-expert pairs per
+        expert at every MoE layer (only with `PipelineOptions.record_steps`).
+    layer_phase_s: float64 [L, G, 5] or None, every rank's seconds of each `PHASES` entry at
+        every MoE layer of this step (only with `PipelineOptions.record_steps`).
     """
 
     layer_ir: np.ndarray
@@ -170,8 +183,22 @@ class StepStats:
     replicas_resident: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
     replan_seconds: float = 0.0
     replan_bytes: float = 0.0
+    routing_counts: np.ndarray | None = None
+    layer_phase_s: np.ndarray | None = None
 
     def as_dict(self) -> dict:
+        """The stats as a dict of plain lists and numbers; with `record_steps`, also
+        "routing_counts", "layer_phase_s" and "pairs_per_rank" as numpy arrays (they go to the
+        --step-log file, not the JSON summary)."""
+        out = self._plain()
+        if self.routing_counts is not None:
+            out["routing_counts"] = self.routing_counts.copy()
+        if self.layer_phase_s is not None:
+            out["layer_phase_s"] = self.layer_phase_s.copy()
+            out["pairs_per_rank"] = self.pairs_per_rank.copy()
+        return out
+
+    def _plain(self) -> dict:
         return {"layer_ir": self.layer_ir.round(4).tolist(),
                 "mean_ir": float(self.layer_ir.mean()) if self.layer_ir.size else 1.0,
                 "replicas_planned": self.replicas_planned.tolist(),
@@ -235,6 +262,7 @@ class _LayerRecord:
     plan_s: float = 0.0
     predict_s: float = 0.0
     split_s: float = 0.0
+    counts: np.ndarray | None = None  # int [E], this rank's true pairs (record_steps)
 
 
 class _Marks(PhaseHooks):
@@ -425,6 +453,7 @@ class EPRunner:
             self.balancer.observe(layer, topk_ids)
             counts_here = torch.bincount(topk_ids.reshape(-1).cpu(),
                                          minlength=self.num_experts).numpy()  # [E]
+            rec.counts = counts_here
             if self.resident is not None:
                 self.resident.observe(layer, counts_here)
             group = None
@@ -527,18 +556,19 @@ class EPRunner:
         """Seconds per phase summed over the MoE layers of the last step (call after the
         device is synchronised): attention (and norms, dense MLPs) before each MoE layer,
         router + prediction + planning, dispatch, expert compute, combine."""
-        c = self.clock
-        out = {"attention": 0.0, "route_plan": 0.0, "dispatch": 0.0, "experts": 0.0,
-               "combine": 0.0}
+        phases = self._layer_phases(self.clock).sum(axis=0)  # [5]
+        return {key: float(sec) for key, sec in zip(PHASES, phases, strict=True)}
+
+    def _layer_phases(self, clock: _Clock) -> np.ndarray:
+        """float64 [L, 5]: seconds of each of `PHASES` at every MoE layer on `clock`'s marks
+        (0 where a mark is missing)."""
+        out = np.zeros((len(self.blocks), len(PHASES)))
         for i in range(len(self.blocks)):
-            parts = {"attention": (f"end{i - 1}" if i else "begin", f"start{i}"),
-                     "route_plan": (f"start{i}", f"experts{i}"),
-                     "dispatch": (f"experts{i}", f"compute{i}"),
-                     "experts": (f"compute{i}", f"combine{i}"),
-                     "combine": (f"combine{i}", f"end{i}")}
-            for key, (a, b) in parts.items():
-                sec = c.seconds(a, b)
-                out[key] += sec or 0.0
+            marks = ((f"end{i - 1}" if i else "begin", f"start{i}"),
+                     (f"start{i}", f"experts{i}"), (f"experts{i}", f"compute{i}"),
+                     (f"compute{i}", f"combine{i}"), (f"combine{i}", f"end{i}"))
+            for j, (a, b) in enumerate(marks):
+                out[i, j] = clock.seconds(a, b) or 0.0
         return out
 
     def end_step(self) -> StepStats:
@@ -549,6 +579,12 @@ class EPRunner:
         if self.resident is not None:
             self.resident.end_step()
         recs = self.records
+        record = self.opts.record_steps
+        extra = {}
+        if record:  # the step's marks are complete here: the engine has sampled its tokens
+            extra = {"counts": np.array([np.zeros(self.num_experts) if r.counts is None
+                                         else r.counts for r in recs]),  # [L, E]
+                     "phases": self._layer_phases(self.clock)}  # [L, 5]
         g = all_gather_fields(self.ctx, {
             "pairs": np.array([r.pairs for r in recs]),
             "fallback": np.array([r.fallback for r in recs]),
@@ -561,7 +597,9 @@ class EPRunner:
             "split_s": np.array([r.split_s for r in recs]),
             "bytes_arrived": np.array(sum(r.arrived for r in recs) * self.replica_bytes),
             "replan": np.array(self._replan),
-        }, "step stats all_gather")  # each [G, L] (bytes_arrived [G], replan [G, 2])
+            **extra,
+        }, "step stats all_gather")  # each [G, L] (bytes_arrived [G], replan [G, 2]; with
+        # record_steps counts [G, L, E] and phases [G, L, 5])
         pairs = g["pairs"].T  # [L, G]
         self.step += 1
         return StepStats(
@@ -584,7 +622,10 @@ class EPRunner:
             replicas_resident=np.full(len(recs), 0 if self.resident is None
                                       else self.resident.resident_copies, dtype=np.int64),
             replan_seconds=float(g["replan"][:, 0].max()),
-            replan_bytes=float(g["replan"][:, 1].sum()))
+            replan_bytes=float(g["replan"][:, 1].sum()),
+            routing_counts=(g["counts"].round().astype(np.int64).transpose(1, 0, 2)
+                            if record else None),  # [L, S, E]
+            layer_phase_s=g["phases"].transpose(1, 0, 2).copy() if record else None)
 
 
 def _expert_params(block) -> dict[str, torch.Tensor]:
