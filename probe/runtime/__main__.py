@@ -312,6 +312,7 @@ def run(args) -> dict | None:
     show = ctx.rank == 0 and not args.quiet and args.progress_every > 0
     exporter = _MetricsExport(engine, args) if ctx.rank == 0 else None
     progress = _Progress(engine, args.progress_every, show=show, exporter=exporter)
+    step_offset = runner.step if runner is not None else 0  # runner steps of the warm-up
     t1 = time.perf_counter()
     try:
         results = engine.serve(reqs, reject_invalid=True, on_step=progress)
@@ -383,6 +384,7 @@ def run(args) -> dict | None:
             write_step_log(args.step_log, engine.records)
             # the log's path, relative to the summary's folder where it lies inside it
             out["step_log"] = _relative_to(args.step_log, args.out)
+            out["step_offset"] = step_offset  # the runner's step count at the log's step 0
         _print_table(out)
         if args.out:
             Path(args.out).write_text(json.dumps(out, indent=2, default=str))

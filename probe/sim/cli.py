@@ -1,4 +1,5 @@
-"""`probe simulate TRACE ...`: replay a trace under policies, print a table, write plots/CSV."""
+"""`probe simulate TRACE ...`: replay a trace under policies, print a table, write plots/CSV.
+`probe calibrate-links A2A_JSON --out DIR`: fit link figures to a multi-GPU bench's output."""
 
 from __future__ import annotations
 
@@ -9,8 +10,42 @@ import typer
 
 
 def register(app: typer.Typer) -> None:
-    """Add the `simulate` command to the main app."""
+    """Add the `simulate` and `calibrate-links` commands to the main app."""
     app.command("simulate")(simulate_command)
+    app.command("calibrate-links")(calibrate_links_command)
+
+
+def calibrate_links_command(
+    results: Annotated[Path, typer.Argument(
+        help="a2a.json of experiments/comm/a2a_bench.py (device_multigpu.sh's OUT/a2a.json).")],
+    out: Annotated[Path, typer.Option(help="Folder for links.json and hardware.json.")],
+    base: str = typer.Option("h200x8", help="HardwareSpec preset the measured links go into."),
+) -> None:
+    """Fit all-to-all and p2p latency + bandwidth to measured link times; write links.json
+    (FairCosts overrides, probe.sim.links.load_links) and hardware.json (a HardwareSpec preset
+    file for any --hardware option)."""
+    from rich.console import Console
+
+    from probe.sim.links import fit_links
+    from probe.specs import save_spec
+
+    console = Console()
+    try:
+        links = fit_links(results)
+        spec = links.hardware(base)
+    except (ValueError, TypeError, FileNotFoundError) as err:
+        console.print(f"[red]error:[/red] {err}")
+        raise typer.Exit(code=2) from None
+    out.mkdir(parents=True, exist_ok=True)
+    links.save(out / "links.json")
+    save_spec(spec, out / "hardware.json")
+    console.print(f"{links.device} x {links.num_ranks} ({links.comm}): all-to-all "
+                  f"{links.a2a_latency_s * 1e6:.1f} us + bytes / "
+                  f"{links.a2a_bandwidth / 1e9:.1f} GB/s (worst fit error "
+                  f"{100 * links.a2a_max_rel_residual:.0f}% over {links.a2a_points} points); "
+                  f"p2p {links.p2p_latency_s * 1e6:.1f} us + bytes / "
+                  f"{links.p2p_bandwidth / 1e9:.1f} GB/s")
+    console.print(f"wrote {out / 'links.json'} and {out / 'hardware.json'} ({spec.name})")
 
 
 def _attention_for(model_name: str, hw_name: str, use_calibration: bool, model, hardware):
