@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # One call on a lent multi-GPU kind (any G >= 2): link times, predictor cost variants, and the
 # runtime at ep = G under every balancing policy at equal extra slots (static, eplb, eplb-lp,
-# probe, probe-on-eplb; their JSONs packed in rt_policies.tar.gz: compare the sample tokens,
-# no policy may change the output). Writes everything under $OUT (7 files at most, manifest.json
-# included: the producers' own manifests are folded into it):
+# probe, probe-on-eplb; their JSONs and step logs packed in rt_policies.tar.gz: compare the
+# sample tokens, no policy may change the output), then the simulator's error against those runs
+# (experiments/runtime/sim_error.py, CPU only; rerun it anywhere on the folder that comes back).
+# Writes everything under $OUT (8 files at most, the device's limit, manifest.json included: the
+# producers' own manifests are folded into it):
 #   run(command="bash experiments/runtime/device_multigpu.sh", kind="nvidia-h200-x2",
 #       timeout_s=590)
 # Steps are independent; each is time-boxed so a slow one does not cost the others.
@@ -42,9 +44,14 @@ for policy in static eplb eplb-lp probe probe-on-eplb; do
   fi
   step "3. runtime ep=$G, --policy $policy --extra-slots 2"
   timeout 75 python3 -m torch.distributed.run --nproc-per-node "$G" -m probe.runtime $RT \
-    --policy "$policy" --extra-slots 2 --out "$OUT/rt/$policy.json" 2>&1 | tee -a "$LOG"
+    --policy "$policy" --extra-slots 2 --out "$OUT/rt/$policy.json" \
+    --step-log "$OUT/rt/$policy.steps.npz" 2>&1 | tee -a "$LOG"
 done
 tar -czf "$OUT/rt_policies.tar.gz" -C "$OUT" rt && rm -rf "$OUT/rt"
+
+step "4. simulator vs runtime: link fit, replay of every run, error table (CPU)"
+timeout 60 python3 -m experiments.runtime.sim_error --measured "$OUT" --out "$OUT" 2>&1 \
+  | tee -a "$LOG"
 
 step "done"
 ls -la "$OUT" 2>&1 | tee -a "$LOG"

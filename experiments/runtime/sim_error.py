@@ -174,11 +174,13 @@ def markdown(result: dict) -> str:
     else:
         lines.append("No link measurements (a2a.json): datasheet constants only.")
     lines += ["", "Times in ms, means over steps and MoE layers; layer and step take the "
-              "measured attention. err % = 100 (sim / measured - 1).", ""]
+              "measured attention. err % = 100 (sim / measured - 1). late / layer: per-step "
+              "replicas the runtime skipped because they had not arrived (the replay assumes "
+              "they all do).", ""]
     variant = "measured_links" if links is not None else "datasheet"
     head = ("| policy | steps | MoE meas | MoE sim | err % | median abs err % | MoE sim "
             "datasheet | err % | compute meas | sim | comm meas | sim | IR meas | IR sim | "
-            "layer err % | step meas | step sim | err % |")
+            "late / layer | layer err % | step meas | step sim | err % |")
     lines += [head, "|" + "---|" * (head.count("|") - 1)]
     for r in result["rows"]:
         if "skipped" in r:
@@ -192,6 +194,7 @@ def markdown(result: dict) -> str:
             f"{_fmt(d['moe']['err_pct'], 1, '+.1f')} | {_fmt(v['compute']['measured'])} | "
             f"{_fmt(v['compute']['sim'])} | {_fmt(v['comm']['measured'])} | "
             f"{_fmt(v['comm']['sim'])} | {v['ir']['measured']:.3f} | {v['ir']['sim']:.3f} | "
+            f"{r['replicas_late_measured_per_layer']:.2f} | "
             f"{_fmt(v['layer']['err_pct'], 1, '+.1f')} | {_fmt(v['step']['measured'])} | "
             f"{_fmt(v['step']['sim'])} | {_fmt(v['step']['err_pct'], 1, '+.1f')} |")
     notes = [r for r in result["rows"] if "skipped" not in r and not r["cost_model_shape_matches"]]
