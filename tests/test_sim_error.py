@@ -382,3 +382,19 @@ def test_runtime_step_logs_replayed_end_to_end(tmp_path):
         pairs = np.array([[p.assignment.sum(axis=(0, 1)) for p in row] for row in placed])
         np.testing.assert_array_equal(pairs, r.log.pairs_per_rank)
     assert (tmp_path / "out" / "sim_error.md").read_text().count("| eplb |") == 1
+
+
+def test_sim_error_reads_a_links_file_of_calibrate_links(tmp_path):
+    from experiments.runtime import sim_error
+    from probe.sim.links import fit_links
+
+    measured = _measured_folder(tmp_path / "m", policies=("static",))
+    (measured / "a2a.json").unlink()
+    table = sim_error.main(["--measured", str(measured), "--out", str(tmp_path / "a")])
+    assert table["links"] is None and "measured_links" not in table["rows"][0]
+    links = fit_links(bench_json()).save(tmp_path / "links.json")
+    table = sim_error.main(["--measured", str(measured), "--links", str(links),
+                            "--out", str(tmp_path / "b")])
+    assert table["links"]["a2a_latency_s"] == pytest.approx(12e-6)
+    row = table["rows"][0]
+    assert row["measured_links"]["comm"]["sim"] > row["datasheet"]["comm"]["sim"]
