@@ -244,13 +244,15 @@ def test_replay_probe_plans_from_history_from_layer_one():
         np.testing.assert_array_equal(placed[n][1].assignment.sum(axis=2), counts[n, 1])
 
 
-def test_planning_windows_are_the_previous_steps_expert_plus_attention():
+def test_planning_windows_are_the_previous_steps_dispatch_experts_attention():
     phase = np.random.default_rng(0).uniform(size=(3, 2, G, 5))
     w = planning_windows(phase, 1e-3)
     assert w.shape == (3, 2, G)
     np.testing.assert_allclose(w[0], 1e-3)
     np.testing.assert_allclose(w[:, 0], 1e-3)
-    np.testing.assert_allclose(w[2, 1], phase[1, 0, :, 3] + phase[1, 1, :, 0])
+    # the runtime's window: layer 0 from its dispatch to its combine, then layer 1's attention
+    np.testing.assert_allclose(w[2, 1], phase[1, 0, :, 2] + phase[1, 0, :, 3]
+                               + phase[1, 1, :, 0])
     with pytest.raises(ValueError, match="policy must be one of"):
         ReplayConfig("probe-unbounded")
     with pytest.raises(ValueError, match="replan_interval must be an int >= 1"):

@@ -22,8 +22,8 @@ group-wide counts of the last `replan_window` logged steps (the runtime's window
 warm-up steps, which are not logged); the history predictor (a source rank's true counts at the
 same layer one step earlier; none at the first logged step); the planner's CostModel (the
 datasheet preset the run named) and method; the planning window of every rank (its measured
-expert time of layer l-1 plus attention before layer l, one step earlier, from the log's
-phase times; `default_window_s` at the first step). Assumed, as the simulator does: every
+dispatch + expert time of layer l-1 plus attention before layer l, one step earlier, from the
+log's phase times; `default_window_s` at the first step). Assumed, as the simulator does: every
 planned replica arrives (transfer beyond the window is charged as exposed time, not skipped).
 
 `score` prices each step and layer with a `probe.sim.costs.FairCosts` (the calibrated simulator:
@@ -109,13 +109,15 @@ def runtime_cost_model(config: dict, *, bytes_per_value: int, hardware: str,
 
 def planning_windows(phase_s: np.ndarray, default_s: float) -> np.ndarray:
     """float64 [N, L, G]: the window each rank offered for layer l's replicas at step n, as
-    the runtime measures it: expert time of layer l-1 + attention before layer l, one step
-    earlier (phase_s float [N, L, G, 5] in probe.sim.measured.PHASES order); `default_s` at
-    step 0 and layer 0."""
+    the runtime measures it (`EPRunner._window`): layer l-1's time from its dispatch to its
+    combine (dispatch + experts phases) + the attention before layer l, one step earlier
+    (phase_s float [N, L, G, 5] in probe.sim.measured.PHASES order); `default_s` at step 0
+    and layer 0."""
     num_steps, num_layers, num_ranks, _ = phase_s.shape
     out = np.full((num_steps, num_layers, num_ranks), float(default_s))
     if num_steps > 1 and num_layers > 1:
-        out[1:, 1:] = phase_s[:-1, :-1, :, 3] + phase_s[:-1, 1:, :, 0]
+        out[1:, 1:] = (phase_s[:-1, :-1, :, 2] + phase_s[:-1, :-1, :, 3]
+                       + phase_s[:-1, 1:, :, 0])
     return out
 
 
