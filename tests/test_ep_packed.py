@@ -342,7 +342,8 @@ def test_runner_refuses_experts_it_cannot_move(tmp_path):
     runner.close()
     gate_up, down = blocks[1].packed
     blocks[1].packed = (gate_up, PackedWeight.pack(down.dense(), "fp8_block"))
-    with pytest.raises(ValueError, match="MoE layer 1: w_gate_up is mxfp4 and w_down fp8_block"):
+    with pytest.raises(ValueError, match="MoE layer 1: w_gate_up is mxfp4 and w_down fp8_block; "
+                                         "packed experts need one format"):
         EPRunner(model, ctx, PipelineOptions(balance=False))
     blocks[1].packed = (PackedWeight.pack(gate_up.dense(), "fp8_block"),
                         PackedWeight.pack(down.dense(), "fp8_block"))

@@ -192,7 +192,8 @@ class EPMoELayer:
         activate: the experts' nonlinearity (`MoEBlock.activate`). Given, the home experts run
             as one grouped GEMM per projection (`probe.runtime.experts.GroupedExperts`, params
             named w_gate_up, w_down, or their packed parts, and optionally b_gate_up, b_down);
-            replicas still run one `expert_fn` call each. None: every expert runs through `expert_fn`.
+            replicas still run one `expert_fn` call each. None: every expert runs through
+            `expert_fn`.
         grouped: with activate, use the grouped path (None: `grouped_default()`).
         dedup: dispatch a token once per destination rank (with an index per pair), not once
             per pair; the combine still returns one row per pair.

@@ -55,7 +55,8 @@ from probe.runtime.dist import DistContext
 from probe.runtime.ep import EPMoELayer, LayerExperts, PhaseHooks
 from probe.runtime.executor import Executor
 from probe.runtime.policies import POLICIES, SPLITS, ResidentExperts, dispatch_quota
-from probe.runtime.quant import PackedWeight, join_packed, split_packed
+from probe.runtime.model import packed_format
+from probe.runtime.quant import join_packed, split_packed
 from probe.runtime.transfer import SlotPool
 
 __all__ = ["EPRunner", "LayerPlan", "LoadPredictor", "PipelineOptions", "StepStats",
@@ -303,7 +304,7 @@ class EPRunner:
         self.predictors: LoadPredictor | None = (None if isinstance(self.opts.predictor, str)
                                                  else self.opts.predictor)
         decoder_layers = [layer for layer in model.layers if layer.is_moe]
-        self.weight_format = _packed_format([layer.moe for layer in decoder_layers])
+        self.weight_format = packed_format([layer.moe for layer in decoder_layers])
         self.blocks = []
         for i, layer in enumerate(decoder_layers):
             block = layer.moe
@@ -591,32 +592,6 @@ class EPRunner:
                                       else self.resident.resident_copies, dtype=np.int64),
             replan_seconds=float(g["replan"][:, 0].max()),
             replan_bytes=float(g["replan"][:, 1].sum()))
-
-
-def _packed_format(blocks) -> str | None:
-    """The storage format every MoE block keeps its experts in (None: plain parameters).
-
-    Expert parallelism moves packed experts as they are stored (`_expert_params`), through one
-    slot layout for every layer, so the blocks must agree: all packed in one format (gate/up and
-    down alike) or none packed."""
-    formats = []
-    for block in blocks:
-        packed = block.packed
-        if packed is None:
-            formats.append(None)
-            continue
-        if (not isinstance(packed, tuple) or len(packed) != 2
-                or not all(isinstance(w, PackedWeight) for w in packed)):
-            raise TypeError(f"MoE layer {block.layer}: packed experts must be a pair of "
-                            f"PackedWeight (w_gate_up, w_down), got {packed!r:.80}")
-        if packed[0].fmt != packed[1].fmt:
-            raise ValueError(f"MoE layer {block.layer}: w_gate_up is {packed[0].fmt} and w_down "
-                             f"{packed[1].fmt}; expert parallelism moves experts of one format")
-        formats.append(packed[0].fmt)
-    if len(set(formats)) > 1:
-        raise ValueError(f"expert parallelism moves experts of one format in every MoE layer "
-                         f"(one replica slot layout); the layers hold {formats}")
-    return formats[0] if formats else None
 
 
 def _expert_params(block) -> dict[str, torch.Tensor]:
