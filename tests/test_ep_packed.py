@@ -354,3 +354,27 @@ def test_runner_refuses_experts_it_cannot_move(tmp_path):
     with pytest.raises(TypeError, match="MoE layer 1: packed experts must be a pair of "
                                         "PackedWeight"):
         EPRunner(model, ctx, PipelineOptions(balance=False))
+
+
+def test_runtime_cli_keeps_the_format(tmp_path):
+    """`python -m probe.runtime --model DIR --keep-format` serves with the experts packed (the
+    EP runner on one rank, and the static decode step with --cuda-graphs on the CPU) and
+    generates the dequantised model's tokens."""
+    import json
+
+    from probe.runtime.__main__ import main as runtime_main
+
+    path = _checkpoint("mxfp4", tmp_path)
+    tokens = {}
+    for flags in ([], ["--keep-format"], ["--keep-format", "--cuda-graphs"]):
+        out = tmp_path / f"{len(flags)}.json"
+        assert runtime_main(["--model", path, "--device", "cpu", "--requests", "2",
+                             "--prompt-len", "6", "--max-new-tokens", "4", "--max-seq-len",
+                             "16", "--quiet", "--out", str(out), *flags]) == 0
+        summary = json.loads(out.read_text())
+        assert summary["expert_format"] == ("mxfp4" if flags else None)
+        tokens[len(flags)] = summary["ranks"][0]["tokens"]
+    assert tokens[1] == tokens[0] == tokens[2]
+    assert sum(len(t) for t in tokens[1].values()) == 8
+    with pytest.raises(SystemExit):
+        runtime_main(["--random-config", "gpt-oss-like", "--keep-format"])
