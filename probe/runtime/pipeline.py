@@ -54,8 +54,8 @@ from probe.runtime.balancer import (Balancer, LayerPlan, LoadPredictor, all_gath
 from probe.runtime.dist import DistContext
 from probe.runtime.ep import EPMoELayer, LayerExperts, PhaseHooks
 from probe.runtime.executor import Executor
-from probe.runtime.policies import POLICIES, SPLITS, ResidentExperts, dispatch_quota
 from probe.runtime.model import packed_format
+from probe.runtime.policies import POLICIES, SPLITS, ResidentExperts, dispatch_quota
 from probe.runtime.quant import join_packed, split_packed
 from probe.runtime.transfer import SlotPool
 
@@ -271,6 +271,9 @@ class EPRunner:
 
     Args:
         model: the model, loaded with `expert_ids = flatnonzero(sharded_home(E, G)[rank])`.
+            Experts loaded with keep_format (MXFP4 / FP8, one format in every MoE layer) stay
+            packed: home shard, replica slots and transfers hold their stored tensors
+            (`_expert_params`), and a replica costs that format's bytes (`replica_bytes`).
         ctx: process groups and rank.
         options: PipelineOptions.
         cost: CostModel for the planner (default: `cost_model_for(model.cfg, G, dtype)`).

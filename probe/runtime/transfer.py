@@ -9,10 +9,11 @@ transfer's own issuer thread, never on the main thread or the main stream.
 
 A `SplitPhaseTransfer` copies the replicas a `Plan` asks for into the receiving ranks' slots,
 point-to-point from the holder named in `plan.sources`, on a separate process group (and, on
-GPUs, from a separate CUDA stream). Every expert's weights are cut into pieces along their first
-dimension. A background issuer thread posts the pieces in a fixed order, at most
-`max_in_flight` at a time (it waits for the oldest before posting another), and only while
-issuing is allowed:
+GPUs, from a separate CUDA stream). Every expert's weights (its named tensors as stored: for
+experts kept packed the MXFP4 blocks and scales, or the FP8 weights and scale_inv, so a replica
+moves the format's bytes) are cut into pieces along their first dimension. A background issuer
+thread posts the pieces in a fixed order, at most `max_in_flight` at a time (it waits for the
+oldest before posting another), and only while issuing is allowed:
 
     start()   during layer l's expert compute:  phase-1 pieces may be posted
     pause()   before layer l's combine:         no new piece is posted until resume()
