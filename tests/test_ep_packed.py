@@ -378,3 +378,49 @@ def test_runtime_cli_keeps_the_format(tmp_path):
     assert sum(len(t) for t in tokens[1].values()) == 8
     with pytest.raises(SystemExit):
         runtime_main(["--random-config", "gpt-oss-like", "--keep-format"])
+
+
+_SLOT_KERNEL = r"""
+import json, sys, torch
+from probe.runtime.quant import PackedWeight, join_packed, split_packed
+from probe.runtime.quant_gemm import KernelConfig, grouped_matmul, grouped_matmul_ref
+from probe.runtime.transfer import SlotPool
+out = []
+g = torch.Generator().manual_seed(0)
+for fmt in ("mxfp4", "fp8_block"):
+    home = split_packed("w", PackedWeight.pack(torch.randn(3, 48, 128, generator=g) * 0.1, fmt))
+    pool = SlotPool({n: tuple(t.shape[1:]) for n, t in home.items()}, 2,
+                    dtype={n: t.dtype for n, t in home.items()})
+    for name, t in pool.params(1, 1).items():  # what a transfer writes into slot 1, buffer 1
+        t.copy_(home[name][2])
+    slot = join_packed(pool.params(1, 1), stacked=False)["w"]  # views of the slot, E = 1
+    x = torch.randn(7, 128, generator=g).to(torch.bfloat16)
+    offsets = torch.tensor([0, 7], dtype=torch.int32)
+    got = grouped_matmul(x, slot, offsets, config=KernelConfig(block_m=16, block_n=16))
+    ref = join_packed(home)["w"].rows([2])
+    want = grouped_matmul(x, ref, offsets, config=KernelConfig(block_m=16, block_n=16))
+    twin = grouped_matmul_ref(x, ref, offsets)
+    err = float((got.float() - twin).norm() / twin.norm())
+    out.append([fmt, bool(torch.equal(got, want)), err, slot.nbytes])
+json.dump(out, sys.stdout)
+"""
+
+
+def test_triton_kernel_runs_a_replica_slot_in_place():
+    """The packed grouped GEMM (under Triton's interpreter) runs a replica slot's views as a
+    one-expert PackedWeight: the same output as the home expert's rows, bit for bit."""
+    import json
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    run = subprocess.run([sys.executable, "-c", _SLOT_KERNEL], env=env, capture_output=True,
+                         text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    results = json.loads(run.stdout.strip().splitlines()[-1])
+    assert [r[0] for r in results] == ["mxfp4", "fp8_block"]
+    for fmt, same, err, nbytes in results:
+        assert same, fmt
+        assert err < 1e-2, (fmt, err)  # bf16 tiles against the fp32 twin
+        assert nbytes == weight_bytes(fmt, 48, 128)
