@@ -74,6 +74,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layers", type=int, default=4, help="layers of a gpt-oss-like model")
     p.add_argument("--dtype", choices=sorted(_DTYPES), default=None,
                    help="default bf16 on GPU, fp32 on CPU")
+    p.add_argument("--keep-format", action="store_true",
+                   help="keep --model's MXFP4 / block-scaled FP8 experts in that format (in "
+                        "memory, in replica slots and in transfers) instead of dequantizing "
+                        "them to --dtype on load")
     p.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
     p.add_argument("--prompts", help="JSON lines file: {\"ids\": [...]} per request")
     p.add_argument("--requests", type=int, default=8, help="synthetic requests per rank")
@@ -150,7 +154,8 @@ def _load(args, ctx, device, dtype):
 
         cfg = load_config(args.model)
         ids = np.flatnonzero(sharded_home(cfg.num_experts, ctx.world_size)[ctx.rank]).tolist()
-        return load_model(args.model, dtype=dtype, device=device, expert_ids=ids)
+        return load_model(args.model, dtype=dtype, device=device, expert_ids=ids,
+                          keep_format=args.keep_format)
     if args.random_config == "gpt-oss-like":
         cfg = gpt_oss_like_config(args.layers)
     else:
@@ -266,6 +271,7 @@ def run(args) -> dict | None:
     t0 = time.perf_counter()
     model = _load(args, ctx, device, dtype)
     load_s = time.perf_counter() - t0
+    expert_format = model.expert_format  # "mxfp4" / "fp8_block" with --keep-format, else None
     predictor = args.predictor
     if predictor == "router":  # the frozen router prior; history if there is nothing to predict
         from probe.predictor import router_prior
@@ -350,7 +356,8 @@ def run(args) -> dict | None:
     if ctx.rank == 0:
         first = summaries[0]
         out = {"world_size": ctx.world_size, "device": str(device), "dtype": str(dtype),
-               "model": args.model or args.random_config, "balance": args.balance,
+               "model": args.model or args.random_config, "expert_format": expert_format,
+               "balance": args.balance,
                "policy": runner.policy if runner else "static",
                "extra_slots": extra,
                "resident_slots": runner.resident.resident if runner and runner.resident else 0,
@@ -517,6 +524,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.progress_every < 1:
         build_parser().error("--progress-every must be >= 1")
+    if args.keep_format and not args.model:
+        build_parser().error("--keep-format needs --model (a checkpoint with MXFP4 / FP8 "
+                             "experts)")
     try:
         run(args)
     except DeviceUnavailable as exc:

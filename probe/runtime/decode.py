@@ -33,6 +33,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
+from probe.runtime.experts import GroupedExperts
 from probe.runtime.model import MoEBlock, MoETransformer, _wide
 
 __all__ = [
@@ -210,7 +211,17 @@ def static_experts(block: MoEBlock, h: torch.Tensor, topk_ids: torch.Tensor) -> 
       once), filled by scatter, multiplied as one batched GEMM [E, T, D] and read back by
       gather (reads each expert's weights once; computes E*T rows, of which T*K are used).
     No expert count ever reaches the host.
+
+    Experts kept packed (`block.packed`, MXFP4 / FP8) run as the grouped GEMM over the packed
+    weights instead (`GroupedExperts.moe`: rows sorted by expert on the device, group ends by
+    scatter_add + cumsum; on a GPU with bf16 rows the Triton kernel, which derives each tile's
+    expert from the group ends on the device; elsewhere the dequantising twin). The grid is
+    bounded by T*K rows + E, so its shapes are fixed by T alone too.
     """
+    if block.packed is not None:
+        ones = torch.ones(topk_ids.shape, dtype=h.dtype, device=h.device)  # [T, K], unused
+        return GroupedExperts.from_block(block).moe(h, topk_ids, ones,
+                                                    lambda y, _w: y)  # [T, K, D]
     n_tok, k = topk_ids.shape
     e = block.w_gate_up.shape[0]
     bias = block.cfg.expert_bias
@@ -256,6 +267,24 @@ def _check_local(model: MoETransformer) -> None:
             raise ValueError(f"layer {layer.layer}: the static decode needs every expert held "
                              f"(this block holds {len(block.expert_ids)} of "
                              f"{model.cfg.num_experts})")
+
+
+def _check_packed_graphs(model: MoETransformer) -> None:
+    """Packed experts run without host reads only through the Triton kernel (bf16 activations
+    on a CUDA device, triton installed); their dequantising twin reads group sizes back to the
+    host where `torch._grouped_mm` does not apply, which a CUDA graph cannot capture."""
+    from probe.runtime import quant_gemm
+
+    dtype = next(model.parameters()).dtype
+    for block in model.moe_blocks:
+        if block.packed is None:
+            continue
+        if dtype != torch.bfloat16 or quant_gemm.triton is None:
+            raise ValueError(f"CUDA graphs over packed ({block.packed[0].fmt}) experts need "
+                             f"the packed grouped GEMM: a bfloat16 model and triton (the model "
+                             f"is {dtype}, triton "
+                             f"{'missing' if quant_gemm.triton is None else 'present'}); "
+                             "decode without graphs, or load bfloat16")
 
 
 def decode_forward(model: MoETransformer, cache: StaticKVCache, ids: torch.Tensor,
@@ -317,14 +346,13 @@ class DecodeRunner:
     def __init__(self, model: MoETransformer, cache, *, use_graphs: bool,
                  buckets: Sequence[int] | None = None) -> None:
         _check_local(model)
-        if any(block.packed is not None for block in model.moe_blocks):
-            raise ValueError("the static decode step does not run packed (MXFP4 / FP8) experts "
-                             "yet: load the model without keep_format, or decode eagerly")
         self.model = model
         self.cache = cache
         self.device = next(model.parameters()).device
         if use_graphs and self.device.type != "cuda":
             raise ValueError(f"CUDA graphs need a CUDA model, this one is on {self.device}")
+        if use_graphs:
+            _check_packed_graphs(model)
         self.use_graphs = use_graphs
         self.buckets = sorted(set(buckets or default_buckets(cache.num_slots)))
         if self.buckets[0] < 1:

@@ -197,7 +197,8 @@ class Engine:
                 plan = plan_memory(cfg, dtype, block_size=block_size,
                                    tokens_per_request=self.max_seq_len,
                                    budget_bytes=memory_budget_bytes, kv_blocks=kv_blocks,
-                                   replica_slots=replica_slots)
+                                   replica_slots=replica_slots,
+                                   weight_format=model.expert_format)
                 self.kv = PagedKVCache(cfg, plan.kv_blocks, block_size, self.max_seq_len,
                                        dtype=dtype, device=self.device)
                 self.decoder = PagedDecodeRunner(model, self.kv, use_graphs=cuda_graphs,

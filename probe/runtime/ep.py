@@ -42,6 +42,7 @@ from torch.profiler import record_function
 from probe.placement import sharded_home
 from probe.runtime.dist import DistContext, guarded
 from probe.runtime.experts import GroupedExperts, grouped_default
+from probe.runtime.quant import join_packed
 
 __all__ = [
     "EPMoELayer",
@@ -110,6 +111,8 @@ class LayerExperts:
     Attributes:
         expert_ids: int64 [E_local], global ids, increasing.
         params: weight name -> stacked tensor [E_local, *shape] (row i is expert_ids[i]).
+            Experts kept packed (MXFP4 / FP8) hold their stored tensors under the names of
+            `probe.runtime.quant.split_packed`, so one expert's weights are its packed bytes.
     """
 
     expert_ids: np.ndarray
@@ -188,8 +191,9 @@ class EPMoELayer:
             model's own combine so that summation order matches.
         activate: the experts' nonlinearity (`MoEBlock.activate`). Given, the home experts run
             as one grouped GEMM per projection (`probe.runtime.experts.GroupedExperts`, params
-            named w_gate_up, w_down and optionally b_gate_up, b_down); replicas still run one
-            `expert_fn` call each. None: every expert runs through `expert_fn`.
+            named w_gate_up, w_down, or their packed parts, and optionally b_gate_up, b_down);
+            replicas still run one `expert_fn` call each. None: every expert runs through
+            `expert_fn`.
         grouped: with activate, use the grouped path (None: `grouped_default()`).
         dedup: dispatch a token once per destination rank (with an index per pair), not once
             per pair; the combine still returns one row per pair.
@@ -216,7 +220,7 @@ class EPMoELayer:
         self.dedup = bool(dedup)
         self.grouped: GroupedExperts | None = None
         if activate is not None and (grouped_default() if grouped is None else grouped):
-            p = experts.params
+            p = join_packed(experts.params)  # packed experts: their PackedWeights
             missing = {"w_gate_up", "w_down"} - set(p)
             if missing:
                 raise ValueError(f"grouped experts need params {sorted(missing)}; "

@@ -35,6 +35,7 @@ from torch import nn
 
 from probe.runtime.config import MoEConfig, RopeConfig
 from probe.runtime.experts import GroupedExperts, grouped_default
+from probe.runtime.quant import PackedWeight
 
 __all__ = [
     "Attention",
@@ -46,6 +47,7 @@ __all__ = [
     "MoEBlock",
     "MoETransformer",
     "ModelOutput",
+    "packed_format",
     "rope_frequencies",
 ]
 
@@ -537,6 +539,34 @@ class MoEBlock(nn.Module):
         return out, LayerRouting(self.layer, h, logits, topk_ids, topk_weights)
 
 
+def packed_format(blocks: Sequence[MoEBlock]) -> str | None:
+    """The storage format all of `blocks` keep their experts in: "mxfp4" / "fp8_block" (loaded
+    with keep_format, `MoEBlock.packed`), or None for plain parameters.
+
+    Expert parallelism moves packed experts as they are stored, through one replica slot layout
+    for every layer, and memory accounting prices a slot by one format, so the blocks must
+    agree: all packed in one format (gate/up and down alike) or none packed; otherwise a
+    ValueError (TypeError for a `packed` that is not a pair of PackedWeight) names the layer."""
+    formats = []
+    for block in blocks:
+        packed = block.packed
+        if packed is None:
+            formats.append(None)
+            continue
+        if (not isinstance(packed, tuple) or len(packed) != 2
+                or not all(isinstance(w, PackedWeight) for w in packed)):
+            raise TypeError(f"MoE layer {block.layer}: packed experts must be a pair of "
+                            f"PackedWeight (w_gate_up, w_down), got {packed!r:.80}")
+        if packed[0].fmt != packed[1].fmt:
+            raise ValueError(f"MoE layer {block.layer}: w_gate_up is {packed[0].fmt} and w_down "
+                             f"{packed[1].fmt}; packed experts need one format")
+        formats.append(packed[0].fmt)
+    if len(set(formats)) > 1:
+        raise ValueError(f"packed experts need one format in every MoE layer (one replica slot "
+                         f"layout); the layers hold {formats}")
+    return formats[0] if formats else None
+
+
 # ---------------------------------------------------------------------------------------------
 # Decoder
 
@@ -592,6 +622,12 @@ class MoETransformer(nn.Module):
     def moe_blocks(self) -> list[MoEBlock]:
         """The MoE blocks, in layer order (L of them)."""
         return [layer.moe for layer in self.layers if layer.is_moe]
+
+    @property
+    def expert_format(self) -> str | None:
+        """"mxfp4" / "fp8_block" when the experts are kept packed, None for plain parameters
+        (`packed_format` of the MoE blocks)."""
+        return packed_format(self.moe_blocks)
 
     def new_cache(self) -> KVCache:
         """An empty KV cache for one sequence."""

@@ -27,8 +27,9 @@ Hkv key/value heads, Dq key width, Dv value width.
 
 Memory (`MemoryPlan`, `plan_memory`): a budget of bytes per rank pays for the replica slots
 first (R slots x the bytes of one expert x 2 buffers, the double-buffered `SlotPool` of
-`probe.runtime.transfer`), the rest becomes KV blocks; the plan states both and the number of
-requests of a given length that fit.
+`probe.runtime.transfer`; experts kept packed in MXFP4 / FP8 cost their packed bytes per slot),
+the rest becomes KV blocks; the plan states both and the number of requests of a given length
+that fit.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from dataclasses import dataclass
 import torch
 
 from probe.runtime.decode import DecodeRunner, _kv_shape, decode_forward
+from probe.specs import weight_bytes
 
 __all__ = [
     "MemoryPlan",
@@ -62,11 +64,16 @@ def kv_block_bytes(cfg, block_size: int, dtype: torch.dtype) -> int:
     return cfg.num_layers * block_size * hkv * (dq + dv) * _element_size(dtype)
 
 
-def expert_bytes(cfg, dtype: torch.dtype) -> int:
-    """Bytes of one routed expert's weights (gate/up, down and their biases if any)."""
+def expert_bytes(cfg, dtype: torch.dtype, weight_format: str | None = None) -> int:
+    """Bytes of one routed expert's weights (gate/up, down and their biases if any): `dtype`
+    throughout, or with the two matrices kept in `weight_format` ("mxfp4", "fp8_block":
+    `probe.specs.weight_bytes`, scales included; biases stay `dtype`), which is what one
+    replica slot of packed experts holds (`probe.runtime.transfer.SlotPool.slot_bytes`)."""
     d, f = cfg.hidden_size, cfg.moe_intermediate_size
-    numel = 2 * f * d + d * f + ((2 * f + d) if cfg.expert_bias else 0)
-    return numel * _element_size(dtype)
+    bias = ((2 * f + d) if cfg.expert_bias else 0) * _element_size(dtype)
+    if weight_format is None:
+        return (2 * f * d + d * f) * _element_size(dtype) + bias
+    return weight_bytes(weight_format, 2 * f, d) + weight_bytes(weight_format, d, f) + bias
 
 
 @dataclass(frozen=True)
@@ -76,6 +83,7 @@ class MemoryPlan:
     budget_bytes: the budget (None: the pool was sized by block count). replica_bytes: R slots
     x expert bytes x num_buffers, reserved first. kv_blocks, block_size, kv_pool_bytes: the
     pool. requests_that_fit: concurrent requests of `tokens_per_request` tokens the pool holds.
+    weight_format: the packed format the expert bytes were priced in (None: the dtype's).
     """
 
     budget_bytes: int | None
@@ -89,6 +97,7 @@ class MemoryPlan:
     kv_pool_bytes: int
     tokens_per_request: int
     requests_that_fit: int
+    weight_format: str | None = None
 
     def as_dict(self) -> dict:
         return dict(self.__dict__)
@@ -96,11 +105,14 @@ class MemoryPlan:
 
 def plan_memory(cfg, dtype: torch.dtype, *, block_size: int, tokens_per_request: int,
                 budget_bytes: int | None = None, kv_blocks: int | None = None,
-                replica_slots: int = 0, num_buffers: int = 2) -> MemoryPlan:
+                replica_slots: int = 0, num_buffers: int = 2,
+                weight_format: str | None = None) -> MemoryPlan:
     """Split a rank's memory between replica slots and KV blocks.
 
     Give either `budget_bytes` (the pool gets what the replica slots leave) or `kv_blocks`.
     tokens_per_request: the length (prompt + max new tokens) `requests_that_fit` counts in.
+    weight_format: the experts' storage format when kept packed (`MoETransformer.expert_format`):
+    a slot then costs the packed bytes (`expert_bytes`), not `dtype`'s.
     """
     if block_size < 1:
         raise ValueError(f"block_size must be >= 1, got {block_size}")
@@ -110,7 +122,7 @@ def plan_memory(cfg, dtype: torch.dtype, *, block_size: int, tokens_per_request:
         raise ValueError(f"replica_slots must be >= 0, got {replica_slots}")
     if (budget_bytes is None) == (kv_blocks is None):
         raise ValueError("give exactly one of budget_bytes and kv_blocks")
-    w = expert_bytes(cfg, dtype)
+    w = expert_bytes(cfg, dtype, weight_format)
     replica = replica_slots * w * num_buffers
     block = kv_block_bytes(cfg, block_size, dtype)
     if budget_bytes is not None:
@@ -123,7 +135,7 @@ def plan_memory(cfg, dtype: torch.dtype, *, block_size: int, tokens_per_request:
     per_request = math.ceil(tokens_per_request / block_size)
     return MemoryPlan(budget_bytes, replica_slots, replica, num_buffers, w, int(kv_blocks),
                       block_size, block, int(kv_blocks) * block, tokens_per_request,
-                      int(kv_blocks) // per_request)
+                      int(kv_blocks) // per_request, weight_format)
 
 
 class PagedKVCache:

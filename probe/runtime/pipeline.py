@@ -38,7 +38,6 @@ The gathered windows are identical on every rank, so every rank solves the same 
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -55,7 +54,9 @@ from probe.runtime.balancer import (Balancer, LayerPlan, LoadPredictor, all_gath
 from probe.runtime.dist import DistContext
 from probe.runtime.ep import EPMoELayer, LayerExperts, PhaseHooks
 from probe.runtime.executor import Executor
+from probe.runtime.model import packed_format
 from probe.runtime.policies import POLICIES, SPLITS, ResidentExperts, dispatch_quota
+from probe.runtime.quant import join_packed, split_packed
 from probe.runtime.transfer import SlotPool
 
 __all__ = ["PHASES", "EPRunner", "LayerPlan", "LoadPredictor", "PipelineOptions", "StepStats",
@@ -67,15 +68,17 @@ PHASES = ("attention", "route_plan", "dispatch", "experts", "combine")
 
 
 def cost_model_for(cfg, world_size: int, dtype: torch.dtype,
-                   hardware: str = "h200x8") -> CostModel:
-    """Cost model of a runtime `MoEConfig` on `world_size` ranks of `hardware`."""
+                   hardware: str = "h200x8", *, weight_format: str | None = None) -> CostModel:
+    """Cost model of a runtime `MoEConfig` on `world_size` ranks of `hardware`; the expert
+    weights are `dtype`, or kept in `weight_format` ("mxfp4", "fp8_block": a replica then moves
+    that format's bytes, `probe.specs.weight_bytes`)."""
     from probe.specs import ModelSpec, hardware_preset
 
     bytes_per = torch.tensor([], dtype=dtype).element_size()
     spec = ModelSpec(name=cfg.model_type, num_layers=cfg.num_moe_layers,
                      num_experts=cfg.num_experts, top_k=cfg.top_k, hidden=cfg.hidden_size,
                      expert_ffn=cfg.moe_intermediate_size, bytes_per_weight=bytes_per,
-                     bytes_per_activation=bytes_per)
+                     bytes_per_activation=bytes_per, weight_format=weight_format)
     hw = hardware_preset(hardware)
     if world_size != hw.num_ranks:
         hw = hw.with_ranks(world_size)
@@ -296,6 +299,9 @@ class EPRunner:
 
     Args:
         model: the model, loaded with `expert_ids = flatnonzero(sharded_home(E, G)[rank])`.
+            Experts loaded with keep_format (MXFP4 / FP8, one format in every MoE layer) stay
+            packed: home shard, replica slots and transfers hold their stored tensors
+            (`_expert_params`), and a replica costs that format's bytes (`replica_bytes`).
         ctx: process groups and rank.
         options: PipelineOptions.
         cost: CostModel for the planner (default: `cost_model_for(model.cfg, G, dtype)`).
@@ -328,18 +334,17 @@ class EPRunner:
                              f"{self.opts.predictor!r}")
         self.predictors: LoadPredictor | None = (None if isinstance(self.opts.predictor, str)
                                                  else self.opts.predictor)
-        self.blocks = []
         decoder_layers = [layer for layer in model.layers if layer.is_moe]
+        self.weight_format = packed_format([layer.moe for layer in decoder_layers])
+        self.blocks = []
         for i, layer in enumerate(decoder_layers):
             block = layer.moe
-            if block.packed is not None:
-                raise ValueError("expert parallelism does not move packed (MXFP4 / FP8) experts "
-                                 "yet: load the model without keep_format")
             self.blocks.append(block)
             layer.moe = _EPBlock(self, i, block)
         first = self.blocks[0]
-        self.dtype = first.w_gate_up.dtype
-        self.device = first.w_gate_up.device
+        self.dtype = first.w_gate_up.dtype  # activations (a meta tensor's dtype when packed)
+        self.device = (first.packed[0].data[0].device if first.packed is not None
+                       else first.w_gate_up.device)
         self.layers: list[EPMoELayer] = []
         for i, block in enumerate(self.blocks):
             experts = LayerExperts(np.array(block.expert_ids), _expert_params(block))
@@ -347,11 +352,16 @@ class EPRunner:
                                           _expert_fn(block), combine=block.combine,
                                           activate=block.activate, grouped=block.grouped))
         shapes = self.layers[0].experts.shapes()
-        self.pool = SlotPool(shapes, self.opts.num_slots, dtype=self.dtype, device=self.device)
-        self.cost = cost if cost is not None else cost_model_for(cfg, ctx.world_size, self.dtype,
-                                                                 self.opts.hardware)
-        self.replica_bytes = sum(math.prod(shape) for shape in shapes.values()) \
-            * self.pool.storage[next(iter(shapes))].element_size()  # W: one replica's bytes
+        dtypes = {name: t.dtype for name, t in self.layers[0].experts.params.items()}
+        for layer in self.layers[1:]:  # one slot layout serves every layer
+            if layer.experts.shapes() != shapes or {
+                    n: t.dtype for n, t in layer.experts.params.items()} != dtypes:
+                raise ValueError(f"MoE layer {layer.layer}'s expert tensors differ from layer "
+                                 f"0's; the replica slots hold one layout for every layer")
+        self.pool = SlotPool(shapes, self.opts.num_slots, dtype=dtypes, device=self.device)
+        self.cost = cost if cost is not None else cost_model_for(
+            cfg, ctx.world_size, self.dtype, self.opts.hardware, weight_format=self.weight_format)
+        self.replica_bytes = self.pool.slot_bytes  # W: one replica's bytes, as stored and sent
         self.stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         self.resident: ResidentExperts | None = None
         if self.policy in ("eplb", "eplb-lp", "probe-on-eplb"):
@@ -359,7 +369,7 @@ class EPRunner:
                 ctx, self.home, lambda layer, e: self.layers[layer].experts.get(e), shapes,
                 len(self.layers), self.opts.resident_slots,
                 interval=self.opts.replan_interval, window=self.opts.replan_window,
-                dtype=self.dtype, device=self.device)
+                dtype=dtypes, device=self.device)
         self._free: dict[int, np.ndarray] = {}  # layer -> replicas planned where home is
         self._replan = (0.0, 0.0)  # this step's re-plan: (seconds, bytes received here)
         self.balancer = Balancer(
@@ -629,7 +639,14 @@ class EPRunner:
 
 
 def _expert_params(block) -> dict[str, torch.Tensor]:
-    params = {"w_gate_up": block.w_gate_up, "w_down": block.w_down}
+    """The weights a rank holds and moves for its home experts: name -> [E_local, ...]. Packed
+    experts stay packed: their stored tensors, named by `probe.runtime.quant.split_packed`
+    ("w_gate_up.blocks", "w_gate_up.scales", ... for MXFP4)."""
+    if block.packed is not None:
+        params = {**split_packed("w_gate_up", block.packed[0]),
+                  **split_packed("w_down", block.packed[1])}
+    else:
+        params = {"w_gate_up": block.w_gate_up, "w_down": block.w_down}
     if block.cfg.expert_bias:
         params["b_gate_up"] = block.b_gate_up
         params["b_down"] = block.b_down
@@ -637,12 +654,28 @@ def _expert_params(block) -> dict[str, torch.Tensor]:
 
 
 def _expert_fn(block):
-    """One expert's forward from explicit weights: the same ops as MoEBlock.expert_forward."""
+    """One expert's forward from explicit weights: the same ops as MoEBlock.expert_forward.
+    Packed weights (a replica slot of MXFP4 / FP8 tensors) run as a one-expert grouped GEMM
+    (`probe.runtime.experts.GroupedExperts`: the Triton kernel on a GPU, dequantised on CPU),
+    as the single-process model runs them."""
     import torch.nn.functional as F
 
+    from probe.runtime.experts import GroupedExperts
+
     def fn(params, x: torch.Tensor) -> torch.Tensor:
-        gate_up = F.linear(x, params["w_gate_up"], params.get("b_gate_up"))  # [n, 2F]
-        return F.linear(block.activate(gate_up), params["w_down"],
-                        params.get("b_down")).to(x.dtype)  # [n, D]
+        if "w_gate_up" in params:
+            gate_up = F.linear(x, params["w_gate_up"], params.get("b_gate_up"))  # [n, 2F]
+            return F.linear(block.activate(gate_up), params["w_down"],
+                            params.get("b_down")).to(x.dtype)  # [n, D]
+        w = join_packed(params, stacked=False)  # one expert: PackedWeight [1, ...]
+        bias = block.cfg.expert_bias
+        experts = GroupedExperts(w["w_gate_up"], w["w_down"], block.activate,
+                                 b_gate_up=w["b_gate_up"][None] if bias else None,
+                                 b_down=w["b_down"][None] if bias else None,
+                                 grouped=block.grouped)
+        n = x.shape[0]
+        offs = torch.full((1,), n, dtype=torch.int32, device=x.device)
+        slot = torch.zeros(n, dtype=torch.int64, device=x.device)
+        return experts.forward_sorted(x, offs, slot).to(x.dtype)  # [n, D]
 
     return fn

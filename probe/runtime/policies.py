@@ -145,7 +145,8 @@ class ResidentExperts:
         shapes: weight name -> shape of one expert's tensor.
         num_layers: L. resident: b, redundant slots per rank. interval: steps between
         re-plans. window: steps of load history a re-plan averages.
-        dtype, device: storage.
+        dtype: storage dtype, one for all or a mapping weight name -> dtype (packed experts,
+            as `probe.runtime.transfer.SlotPool`). device: storage.
     The first layout (at construction, before any load was seen) is planned on uniform
     weights; `observe` records this rank's true load, `end_step` closes a step, and
     `maybe_replan(step)` re-plans when `step` is a positive multiple of `interval`.
@@ -153,7 +154,7 @@ class ResidentExperts:
 
     def __init__(self, ctx: DistContext, home: np.ndarray, home_params, shapes: dict,
                  num_layers: int, resident: int, *, interval: int, window: int,
-                 dtype: torch.dtype, device: torch.device) -> None:
+                 dtype: torch.dtype | dict[str, torch.dtype], device: torch.device) -> None:
         for name, value, low in (("interval", interval, 1), ("window", window, 1),
                                  ("resident", resident, 0)):
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
@@ -169,8 +170,10 @@ class ResidentExperts:
         self.resident = int(resident)
         self.interval, self.window = int(interval), int(window)
         self.capacity = self.num_experts // self.num_ranks + self.resident  # C
-        self.storage = {name: torch.zeros((self.num_layers, self.capacity, *shape), dtype=dtype,
-                                          device=device) for name, shape in shapes.items()}
+        dtypes = dtype if isinstance(dtype, dict) else dict.fromkeys(shapes, dtype)
+        self.storage = {name: torch.zeros((self.num_layers, self.capacity, *shape),
+                                          dtype=dtypes[name], device=device)
+                        for name, shape in shapes.items()}
         # slot_of[l]: expert -> slot of this rank's resident copy (experts not at home here)
         self.slot_of: list[dict[int, int]] = [{} for _ in range(self.num_layers)]
         self.layout = np.zeros((self.num_layers, self.num_ranks, self.num_experts), np.int64)

@@ -15,11 +15,18 @@ A format is how one weight matrix [N, K] is stored:
 in memory, what a replica slot holds and what a replica transfer moves (`nbytes` is exactly the
 bytes of its tensors); `dense()` expands it for compute. `weight_bytes` gives the same count
 from shapes alone, for the cost model and the simulator.
+
+Expert parallelism moves weights as named plain tensors ({name: tensor}, one name per stored
+tensor): `split_packed` names a `PackedWeight`'s parts after its weight ("w_gate_up.blocks",
+"w_gate_up.scales" for MXFP4; "w_gate_up.weight", "w_gate_up.scale_inv" for FP8), and
+`join_packed` rebuilds the `PackedWeight`s from such names, for a stack of experts or for one
+expert (a replica slot).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -27,8 +34,9 @@ import torch
 from probe.specs import FP8_BLOCK, MXFP4_BLOCK, WEIGHT_FORMATS, check_weight_format, weight_bytes
 
 FORMATS = WEIGHT_FORMATS
-__all__ = ["FORMATS", "FP8_BLOCK", "MXFP4_BLOCK", "PackedWeight", "dequantize_fp8_block",
-           "dequantize_mxfp4", "quantize_fp8_block", "quantize_mxfp4", "weight_bytes"]
+__all__ = ["FORMATS", "FP8_BLOCK", "MXFP4_BLOCK", "PACKED_PARTS", "PackedWeight",
+           "dequantize_fp8_block", "dequantize_mxfp4", "join_packed", "quantize_fp8_block",
+           "quantize_mxfp4", "split_packed", "weight_bytes"]
 
 _FP8_MAX = 448.0  # largest finite float8 e4m3fn value
 
@@ -151,11 +159,14 @@ class PackedWeight:
         if len(self.shape) != 3 or self.shape[0] < 0 or min(self.shape[1:]) <= 0:
             raise ValueError(f"PackedWeight.shape must be (E >= 0, N > 0, K > 0), "
                              f"got {self.shape}")
-        want = 1 if self.fmt in ("fp32", "bf16") else 2
-        if len(self.data) != want or any(t.shape[0] != self.shape[0] for t in self.data):
-            raise ValueError(f"PackedWeight({self.fmt}) needs {want} tensors with "
-                             f"{self.shape[0]} experts in dim 0, got "
-                             f"{[list(t.shape) for t in self.data]}")
+        want = _layout(self.fmt, self.shape)
+        got = [(tuple(t.shape), t.dtype) for t in self.data]
+        if got != want:
+            names = PACKED_PARTS.get(self.fmt, ("weight",))
+            raise ValueError(f"PackedWeight({self.fmt}) of shape {self.shape} needs "
+                             + ", ".join(f"{n} {list(s)} {d}" for n, (s, d)
+                                         in zip(names, want, strict=True))
+                             + f"; got {[(list(s), d) for s, d in got]}")
 
     @classmethod
     def pack(cls, w: torch.Tensor, fmt: str) -> PackedWeight:
@@ -199,3 +210,80 @@ class PackedWeight:
 
     def to(self, device: torch.device | str) -> PackedWeight:
         return PackedWeight(self.fmt, self.shape, tuple(t.to(device) for t in self.data))
+
+
+# The stored tensors of each packed format, in `PackedWeight.data` order; `split_packed` names
+# them "<weight>.<part>".
+PACKED_PARTS = {"mxfp4": ("blocks", "scales"), "fp8_block": ("weight", "scale_inv")}
+
+
+def _layout(fmt: str, shape: tuple[int, int, int]) -> list[tuple[tuple[int, ...], torch.dtype]]:
+    """(shape, dtype) of each tensor of a `fmt` PackedWeight standing for [E, N, K] `shape`."""
+    e, n, k = shape
+    if fmt == "fp32":
+        return [((e, n, k), torch.float32)]
+    if fmt == "bf16":
+        return [((e, n, k), torch.bfloat16)]
+    if fmt == "mxfp4":
+        if k % MXFP4_BLOCK:
+            raise ValueError(f"PackedWeight(mxfp4) needs K divisible by {MXFP4_BLOCK}, "
+                             f"got shape {shape}")
+        g = k // MXFP4_BLOCK
+        return [((e, n, g, MXFP4_BLOCK // 2), torch.uint8), ((e, n, g), torch.uint8)]
+    tn, tk = math.ceil(n / FP8_BLOCK), math.ceil(k / FP8_BLOCK)
+    return [((e, n, k), torch.float8_e4m3fn), ((e, tn, tk), torch.float32)]
+
+
+def split_packed(name: str, weight: PackedWeight) -> dict[str, torch.Tensor]:
+    """The tensors of `weight` named after it: {"<name>.<part>": tensor [E, ...]} for MXFP4 and
+    FP8 (parts in `PACKED_PARTS`), {name: tensor [E, N, K]} for fp32 / bf16 (plain weights)."""
+    if not isinstance(weight, PackedWeight):
+        raise TypeError(f"split_packed: {name} must be a PackedWeight, got "
+                        f"{type(weight).__name__}")
+    if "." in name:
+        raise ValueError(f"split_packed: weight name {name!r} must not contain '.'")
+    if weight.fmt not in PACKED_PARTS:
+        return {name: weight.data[0]}
+    return {f"{name}.{part}": t for part, t in zip(PACKED_PARTS[weight.fmt], weight.data,
+                                                    strict=True)}
+
+
+def join_packed(tensors: Mapping[str, torch.Tensor], *, stacked: bool = True
+                ) -> dict[str, torch.Tensor | PackedWeight]:
+    """Undo `split_packed`: every "<name>.<part>" group becomes one `PackedWeight` under
+    `name`; other tensors pass through unchanged.
+
+    stacked: the tensors carry the expert dim first (a layer's [E, ...] stack); False: they are
+    ONE expert's (a replica slot's views), and each PackedWeight gets E = 1 (views, no copy).
+    A group whose parts do not name a format, or whose shapes or dtypes do not fit it, is a
+    ValueError naming the weight.
+    """
+    groups: dict[str, dict[str, torch.Tensor]] = {}
+    out: dict[str, torch.Tensor | PackedWeight] = {}
+    for key, t in tensors.items():
+        if "." in key:
+            name, part = key.split(".", 1)
+            groups.setdefault(name, {})[part] = t
+        else:
+            out[key] = t
+    for name, parts in groups.items():
+        fmt = next((f for f, names in PACKED_PARTS.items() if set(names) == set(parts)), None)
+        if fmt is None:
+            known = "; ".join(f"{f}: {', '.join(p)}" for f, p in PACKED_PARTS.items())
+            raise ValueError(f"join_packed: {name} has parts {sorted(parts)}, which name no "
+                             f"packed format ({known})")
+        data = [parts[p] if stacked else parts[p].unsqueeze(0) for p in PACKED_PARTS[fmt]]
+        if name in out:
+            raise ValueError(f"join_packed: {name} is both a plain tensor and packed parts")
+        lead = data[0]
+        if lead.dim() < 3:
+            raise ValueError(f"join_packed: {name}.{PACKED_PARTS[fmt][0]} has shape "
+                             f"{list(lead.shape)}, too few dims for {fmt}")
+        k = lead.shape[2] * lead.shape[3] * 2 if fmt == "mxfp4" and lead.dim() == 4 \
+            else lead.shape[-1]
+        try:
+            out[name] = PackedWeight(fmt, (int(lead.shape[0]), int(lead.shape[1]), int(k)),
+                                     tuple(data))
+        except ValueError as err:
+            raise ValueError(f"join_packed: {name}: {err}") from None
+    return out

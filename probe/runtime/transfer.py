@@ -9,10 +9,11 @@ transfer's own issuer thread, never on the main thread or the main stream.
 
 A `SplitPhaseTransfer` copies the replicas a `Plan` asks for into the receiving ranks' slots,
 point-to-point from the holder named in `plan.sources`, on a separate process group (and, on
-GPUs, from a separate CUDA stream). Every expert's weights are cut into pieces along their first
-dimension. A background issuer thread posts the pieces in a fixed order, at most
-`max_in_flight` at a time (it waits for the oldest before posting another), and only while
-issuing is allowed:
+GPUs, from a separate CUDA stream). Every expert's weights (its named tensors as stored: for
+experts kept packed the MXFP4 blocks and scales, or the FP8 weights and scale_inv, so a replica
+moves the format's bytes) are cut into pieces along their first dimension. A background issuer
+thread posts the pieces in a fixed order, at most `max_in_flight` at a time (it waits for the
+oldest before posting another), and only while issuing is allowed:
 
     start()   during layer l's expert compute:  phase-1 pieces may be posted
     pause()   before layer l's combine:         no new piece is posted until resume()
@@ -71,13 +72,16 @@ class SlotPool:
     Args:
         shapes: weight name -> shape of ONE expert's tensor (e.g. {"gate_up": (2F, D), ...}).
         num_slots: R, replica slots per buffer.
-        dtype, device: storage.
+        dtype: storage dtype, one for every tensor or a mapping weight name -> dtype (experts
+            kept packed: MXFP4 blocks and scales are uint8, FP8 weights float8_e4m3fn with
+            fp32 scales; see `probe.runtime.quant.split_packed`).
+        device: storage.
         num_buffers: B, 2 for double buffering (layer l uses buffer l % B).
     """
 
     def __init__(self, shapes: Mapping[str, tuple[int, ...]], num_slots: int, *,
-                 dtype: torch.dtype, device: torch.device | str = "cpu",
-                 num_buffers: int = 2) -> None:
+                 dtype: torch.dtype | Mapping[str, torch.dtype],
+                 device: torch.device | str = "cpu", num_buffers: int = 2) -> None:
         if num_slots < 0:
             raise ValueError(f"num_slots must be >= 0, got {num_slots}")
         if num_buffers < 1:
@@ -87,8 +91,9 @@ class SlotPool:
         self.num_slots = int(num_slots)
         self.num_buffers = int(num_buffers)
         self.shapes = {name: tuple(int(d) for d in shape) for name, shape in shapes.items()}
-        self.storage = {name: torch.zeros((num_buffers, max(num_slots, 1), *shape), dtype=dtype,
-                                          device=device)
+        self.dtypes = _dtypes(dtype, self.shapes)
+        self.storage = {name: torch.zeros((num_buffers, max(num_slots, 1), *shape),
+                                          dtype=self.dtypes[name], device=device)
                         for name, shape in self.shapes.items()}
         # slot_expert[b][r] = global expert id held in slot r of buffer b, or -1.
         self.slot_expert = np.full((num_buffers, max(num_slots, 1)), -1, dtype=np.int64)
@@ -117,6 +122,41 @@ class SlotPool:
     @property
     def bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.storage.values())
+
+    @property
+    def slot_bytes(self) -> int:
+        """Bytes of one slot (one replica: every weight tensor of one expert, in its dtype)."""
+        return sum(t[0, 0].numel() * t.element_size() for t in self.storage.values())
+
+    def check_fits(self, expert: int, tensors: Mapping[str, torch.Tensor]) -> None:
+        """ValueError unless `tensors` (one expert's weights to send into a slot) have exactly
+        the slots' names, shapes and dtypes (a mismatch would leave the two ends of a transfer
+        disagreeing on the bytes)."""
+        got = {name: (tuple(t.shape), t.dtype) for name, t in tensors.items()}
+        want = {name: (shape, self.dtypes[name]) for name, shape in self.shapes.items()}
+        if got != want:
+            bad = sorted(n for n in set(got) | set(want) if got.get(n) != want.get(n))
+            raise ValueError(
+                f"replica of expert {expert}: its weights do not fit the slot pool: "
+                + "; ".join(f"{n}: sent {_describe(got.get(n))}, slot holds "
+                            f"{_describe(want.get(n))}" for n in bad))
+
+
+def _describe(entry) -> str:
+    return "nothing" if entry is None else f"{list(entry[0])} {entry[1]}"
+
+
+def _dtypes(dtype, shapes: Mapping[str, tuple[int, ...]]) -> dict[str, torch.dtype]:
+    """The dtype of every weight name: one dtype for all, or a mapping covering `shapes`."""
+    if isinstance(dtype, torch.dtype):
+        return dict.fromkeys(shapes, dtype)
+    if not isinstance(dtype, Mapping):
+        raise TypeError(f"dtype must be a torch.dtype or a mapping name -> dtype, got "
+                        f"{type(dtype).__name__}")
+    if set(dtype) != set(shapes) or not all(isinstance(d, torch.dtype) for d in dtype.values()):
+        raise ValueError(f"dtype must give a torch.dtype for exactly the weight names "
+                         f"{sorted(shapes)}, got {dict(dtype)}")
+    return dict(dtype)
 
 
 class IssueGate:
@@ -252,7 +292,11 @@ class SplitPhaseTransfer:
                 raise ValueError(f"replica of expert {e} on rank {g} has invalid source {h}")
             if rank not in (g, h):
                 continue
-            tensors = home_params(e) if rank == h else pool.params(layer, self.slot_of[e])
+            if rank == h:
+                tensors = home_params(e)
+                pool.check_fits(e, tensors)
+            else:
+                tensors = pool.params(layer, self.slot_of[e])
             names = sorted(tensors)
             views = [p for name in names for p in _pieces(tensors[name], num_pieces)]
             n1 = int(np.ceil(len(views) * phase1_fraction))
