@@ -19,7 +19,7 @@ O(G log T)), and the exact recomputation of the times of the ranks the moves tou
 >>> stats = {}
 >>> plan = parallel_plan(prob, stats=stats)
 >>> plan.tokens_per_rank_expert().tolist()
-    [[4, 0, 0, 0], [0, 3, 0, 0], [4, 0, 0, 0], [0, 3, 0, 0]]
+[[4, 0, 0, 0], [0, 3, 0, 0], [4, 0, 0, 0], [0, 3, 0, 0]]
 >>> stats["rounds"], stats["moves"]
 (1, 2)
 
