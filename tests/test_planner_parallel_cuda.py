@@ -27,7 +27,8 @@ from probe.planner.parallel_ref import ParallelRules
 parallel_cuda = pytest.importorskip("probe.planner.parallel_cuda")
 ROOT = Path(__file__).resolve().parents[1]
 DEVICE_FUNCTIONS = ("dmax", "dmin", "_static_share", "_after", "_worst", "_amount",
-                    "_copy_holder", "_held_expert", "_candidate", "_parallel_kernel")
+                    "_copy_holder", "_held_expert", "_pool", "_receives", "_candidate",
+                    "_parallel_kernel")
 
 
 def _py(fn):
@@ -85,7 +86,9 @@ def host_buffers(load, home, slots, window, cost, rules: ParallelRules, junk: in
     scratch = (full((L, E)), full((L, E, G)), full((L, G, E)), full((L, G)), full((L, G, E)),
                full((L, G, E), np.uint8), full((L, G, E)), full((L, G, G)),
                full((L, G, max_slots)), full((L, E)), full((L, G, E + max_slots)), full((L, G)),
-               full((L, G)), full((L, G)), full((L, G)), full((L, G, G)), full((L, G, G)))
+               full((L, G)), full((L, G)), full((L, G)), full((L, G, G)), full((L, G, G)),
+               full((L, G, G), np.uint8), full((L, G, E + max_slots)),
+               full((L, G, E + max_slots)))
     out = (full((L, cap_rep, 3)), full(L), full((L, cap_blk)), full((L, cap_blk, G, G)),
            full(L), full(L), full(L), np.full(L, np.nan), full(L))
     return (load.astype(i64), np.asarray(home, bool), slots.astype(i64),

@@ -9,13 +9,15 @@ A round in a block of T threads (barriers between the steps):
    summation orders); thread 0 sums them in rank order for the mean;
 2. the ranks' hottest-first and coldest-first orders (a thread per rank counts the ranks
    ahead of it);
-3. the pairs: hot ranks one after the other, the threads checking the colder ranks at once and
-   an atomic minimum picking the coldest that can receive (two barriers per hot rank);
+3. the pairs: which (hot rank, colder rank) pairs could move at all, every pair tested at
+   once (a thread per pair); then thread 0 matches them in the CPU kernel's order (a scan
+   that reads those flags: O(hot ranks) steps when the coldest free receivers come early);
 4. the hot ranks' experts ordered heaviest first (a thread per (pair, expert));
 5. the candidates of every pair at once, a thread per (pair, expert): each evaluates the CPU
-   kernel's candidate (pruning, copy source, pool, amount, gain) and an atomic minimum per pair
-   keeps the heaviest gaining expert, which is what the CPU kernel's first-gaining scan finds;
-6. a thread per pair re-evaluates its winner and keeps the move (pool and takes);
+   kernel's candidate (pruning, copy source, pool, amount, gain) and keeps its amount; an
+   atomic minimum per pair keeps the heaviest gaining expert, which is what the CPU kernel's
+   first-gaining scan finds;
+6. a thread per pair rebuilds its winner's pool and keeps the move (pool and takes);
 7. thread 0 admits the moves in pair order (a copy whose holder's window an earlier pair
    filled is dropped) and starts the blocks of newly moved experts; the threads fill those
    blocks from the static split; a thread per pair applies its move (pairs touch disjoint
@@ -57,8 +59,7 @@ THREADS = 128
 # "No gaining candidate yet" (larger than any index).
 _NONE = 1 << 40
 # Slots of the block's shared integer scalars.
-_ROUNDS, _MOVES, _NREP, _NBLK, _NPAIRS, _KMAX, _STOP, _FLAG, _BEST, _APPLIED, _NNEW, _BAD = (
-    range(12))
+_ROUNDS, _MOVES, _NREP, _NBLK, _NPAIRS, _KMAX, _STOP, _APPLIED, _NNEW, _BAD = range(10)
 _MEAN, _THRESHOLD = range(2)
 
 
@@ -190,6 +191,43 @@ def _held_expert(g, i, rank_nhome, rank_home, rep_on):
 
 
 @cuda.jit(device=True)
+def _pool(e, src, dst, load, home, hcount, hpos, held, blk_of, blk_assign, tt, pool_s, pool_n):
+    """The movable tokens of e on src, in order (dst's own, other sources that hold no copy of
+    e and whose link to dst is no dearer, src's own): fills the pool; returns (npool, total)."""
+    num_ranks = hpos.shape[0]
+    b = blk_of[e]
+    npool = 0
+    total = 0
+    for i in range(num_ranks + 2):
+        s = dst if i == 0 else (src if i == num_ranks + 1 else i - 1)
+        if 0 < i <= num_ranks and (s == src or s == dst or held[s, e] != 0  # noqa: SIM109
+                                   or tt[s, dst] > tt[s, src]):
+            continue
+        a = (blk_assign[b, s, src] if b >= 0
+             else _static_share(load, home, hpos, hcount, s, e, src))
+        if a > 0:
+            pool_s[npool] = s
+            pool_n[npool] = a
+            npool += 1
+            total += a
+    return npool, total
+
+
+@cuda.jit(device=True)
+def _receives(src, dst, slots, window, xt, hcount, hlist, rank_nhome, rank_home, rep_on, tok,
+              held, recv, send, used):
+    """Whether some expert with tokens on src could move to dst (held there, or a free slot and
+    a copy that fits the windows): the CPU kernel's pairing test."""
+    for k in range(rank_nhome[src] + used[src]):
+        e = _held_expert(src, k, rank_nhome, rank_home, rep_on)
+        if tok[src, e] > 0 and (held[dst, e] != 0 or (
+                used[dst] < slots[dst] and _copy_holder(e, dst, hcount, hlist, xt, window, recv,
+                                                        send) >= 0)):
+            return True
+    return False
+
+
+@cuda.jit(device=True)
 def _candidate(e, src, dst, load, home, slots, window, alpha, beta, tt, xt, epsilon, hcount,
                hlist, hpos, tok, held, blk_of, blk_assign, times, comp, t_in, t_out, recv,
                send, used, pool_s, pool_n):
@@ -214,21 +252,8 @@ def _candidate(e, src, dst, load, home, slots, window, alpha, beta, tt, xt, epsi
         holder = _copy_holder(e, dst, hcount, hlist, xt, window, recv, send)
         if holder < 0:
             return no
-    num_ranks = hpos.shape[0]
-    npool = 0
-    total = 0
-    for i in range(num_ranks + 2):  # dst's own, other sources, src's own
-        s = dst if i == 0 else (src if i == num_ranks + 1 else i - 1)
-        if 0 < i <= num_ranks and (s == src or s == dst or held[s, e] != 0  # noqa: SIM109
-                                   or tt[s, dst] > tt[s, src]):
-            continue
-        a = (blk_assign[b, s, src] if b >= 0
-             else _static_share(load, home, hpos, hcount, s, e, src))
-        if a > 0:
-            pool_s[npool] = s
-            pool_n[npool] = a
-            npool += 1
-            total += a
+    npool, total = _pool(e, src, dst, load, home, hcount, hpos, held, blk_of, blk_assign, tt,
+                         pool_s, pool_n)
     if total == 0:
         return no
     own_src = pool_n[npool - 1] if pool_s[npool - 1] == src else 0
@@ -244,14 +269,15 @@ def _candidate(e, src, dst, load, home, slots, window, alpha, beta, tt, xt, epsi
 def _parallel_kernel(load, home, slots, window, alpha, beta, tt, xt, limit, epsilon,
                      hot_fraction, hcount, hlist, hpos, rank_nhome, rank_home, held, tok, flow,
                      rep_on, blk_of, order, mv_e, mv_holder, mv_x, mv_npool, mv_pool_s, mv_take,
-                     rep, n_rep_out, blk_expert, blk_assign, n_blk_out, rounds_out, moves_out,
-                     objective_out, status_out):
+                     can_pair, cand_x, cand_holder, rep, n_rep_out, blk_expert, blk_assign,
+                     n_blk_out, rounds_out, moves_out, objective_out, status_out):
     """Block l plans layer l (module docstring). Inputs: load int64 [L, S, E], home bool
     [L, G, E], slots int64 [G], window float64 [L, G], tt/xt float64 [G, G], limit int64
     (> 0 rounds), epsilon and hot_fraction float64. Scratch (any values; per layer): hcount
     [E], hlist [E, G], hpos [G, E], rank_nhome [G], rank_home [G, E], held uint8 [G, E], tok
     [G, E], flow [G, G], rep_on [G, max slots], blk_of [E], order [G, E + max slots], mv_e,
-    mv_holder, mv_x, mv_npool [G], mv_pool_s, mv_take [G, G]. Outputs: see CudaParallelPlan."""
+    mv_holder, mv_x, mv_npool [G], mv_pool_s, mv_take [G, G], can_pair uint8 [G, G], cand_x,
+    cand_holder [G, E + max slots]. Outputs: see CudaParallelPlan."""
     layer = cuda.blockIdx.x
     tid = cuda.threadIdx.x
     nt = cuda.blockDim.x
@@ -277,6 +303,9 @@ def _parallel_kernel(load, home, slots, window, alpha, beta, tt, xt, limit, epsi
     mn = mv_npool[layer]
     mps = mv_pool_s[layer]
     mt = mv_take[layer]
+    cm = can_pair[layer]
+    cx = cand_x[layer]
+    ch = cand_holder[layer]
     rp = rep[layer]
     be = blk_expert[layer]
     ba = blk_assign[layer]
@@ -401,50 +430,45 @@ def _parallel_kernel(load, home, slots, window, alpha, beta, tt, xt, limit, epsi
             break
         threshold = flts[_THRESHOLD]
 
-        # 3. Pairs: hot ranks in order; the threads look for the coldest free receiver at once.
-        for i in range(num_ranks):
-            if tid == 0:
+        # 3. Pairs: which (hot, colder) ranks could pair, all at once; then thread 0 matches
+        # them in the CPU kernel's order (hot ranks hottest first, each taking the coldest free
+        # rank it could pair with).
+        num_hot = 0
+        for g in range(num_ranks):
+            if times[g] > threshold:
+                num_hot += 1
+        for item in range(tid, num_hot * num_ranks, nt):
+            src = hottest[item // num_ranks]
+            dst = coldest[item % num_ranks]
+            cm[item // num_ranks, item % num_ranks] = 1 if (
+                times[dst] < times[src]
+                and comp[dst] + beta + 2.0 * t_in[dst] < times[src] - epsilon
+                and _receives(src, dst, slots, win, xt, hc, hl, rnh, rh, ro, tk, hd, recv, send,
+                              used)) else 0
+        cuda.syncthreads()
+        if tid == 0:
+            num_pairs = 0
+            kmax = 0
+            for i in range(num_hot):
                 src = hottest[i]
-                if not times[src] > threshold:
-                    ints[_FLAG] = 0
-                elif taken[src] != 0:
-                    ints[_FLAG] = 1
-                else:
-                    ints[_FLAG] = 2
-                    taken[src] = 1
-                    ints[_BEST] = _NONE
-            cuda.syncthreads()
-            flag = ints[_FLAG]
-            if flag == 0:
-                break
-            src = hottest[i]
-            if flag == 2:
-                floor = times[src] - epsilon
-                for j in range(tid, num_ranks, nt):
+                if taken[src] != 0:
+                    continue
+                taken[src] = 1
+                for j in range(num_ranks):
                     dst = coldest[j]
-                    if (times[dst] < times[src] and taken[dst] == 0
-                            and comp[dst] + beta + 2.0 * t_in[dst] < floor):
-                        ok = False
-                        for k in range(rnh[src] + used[src]):
-                            e = _held_expert(src, k, rnh, rh, ro)
-                            if tk[src, e] > 0 and (hd[dst, e] != 0 or (
-                                    used[dst] < slots[dst] and _copy_holder(
-                                        e, dst, hc, hl, xt, win, recv, send) >= 0)):
-                                ok = True
-                                break
-                        if ok:
-                            cuda.atomic.min(ints, _BEST, j)
-            cuda.syncthreads()
-            if tid == 0 and flag == 2 and ints[_BEST] < _NONE:
-                dst = coldest[ints[_BEST]]
-                p = ints[_NPAIRS]
-                pair_src[p] = src
-                pair_dst[p] = dst
-                best[p] = _NONE
-                ints[_NPAIRS] = p + 1
-                if rnh[src] + used[src] > ints[_KMAX]:
-                    ints[_KMAX] = rnh[src] + used[src]
-                taken[dst] = 1
+                    if times[dst] >= times[src]:
+                        break
+                    if taken[dst] == 0 and cm[i, j] != 0:
+                        pair_src[num_pairs] = src
+                        pair_dst[num_pairs] = dst
+                        best[num_pairs] = _NONE
+                        num_pairs += 1
+                        if rnh[src] + used[src] > kmax:
+                            kmax = rnh[src] + used[src]
+                        taken[dst] = 1
+                        break
+            ints[_NPAIRS] = num_pairs
+            ints[_KMAX] = kmax
         cuda.syncthreads()
         num_pairs = ints[_NPAIRS]
         kmax = ints[_KMAX]
@@ -480,18 +504,20 @@ def _parallel_kernel(load, home, slots, window, alpha, beta, tt, xt, limit, epsi
                     epsilon, hc, hl, hp, tk, hd, bo, ba, times, comp, t_in, t_out, recv, send,
                     used, pool_s, pool_n)
                 if ok:
+                    cx[p, pos] = x
+                    ch[p, pos] = holder
                     cuda.atomic.min(best, p, pos)
         cuda.syncthreads()
-        # 6. A thread per pair re-evaluates its winner and keeps the move.
+        # 6. A thread per pair rebuilds its winner's pool and keeps the move.
         for p in range(tid, num_pairs, nt):
             mn[p] = 0
             if best[p] < _NONE:
                 src = pair_src[p]
                 dst = pair_dst[p]
                 e = od[src, best[p]]
-                ok, x, holder, npool = _candidate(
-                    e, src, dst, ld, hm, slots, win, alpha, beta, tt, xt, epsilon, hc, hl, hp,
-                    tk, hd, bo, ba, times, comp, t_in, t_out, recv, send, used, pool_s, pool_n)
+                x = cx[p, best[p]]
+                holder = ch[p, best[p]]
+                npool, total = _pool(e, src, dst, ld, hm, hc, hp, hd, bo, ba, tt, pool_s, pool_n)
                 me[p] = e
                 mh[p] = holder
                 mx[p] = x
@@ -676,7 +702,9 @@ class CudaParallel:
                         empty((L, G, E + max_slots), np.int64), empty((L, G), np.int64),
                         empty((L, G), np.int64), empty((L, G), np.int64),
                         empty((L, G), np.int64), empty((L, G, G), np.int64),
-                        empty((L, G, G), np.int64))
+                        empty((L, G, G), np.int64), empty((L, G, G), np.uint8),
+                        empty((L, G, E + max_slots), np.int64),
+                        empty((L, G, E + max_slots), np.int64))
         self.out = CudaParallelPlan(empty((L, total_slots, 3), np.int64), empty(L, np.int64),
                                     empty((L, cap_blk), np.int64),
                                     empty((L, cap_blk, G, G), np.int64), empty(L, np.int64),
