@@ -61,25 +61,54 @@ def _static_share(load, home, hpos, hcount, s, e, g):
 
 
 @numba.njit(cache=True)
-def _after(x, e, src, dst, npool, pool_s, pool_n, tok, comp, t_in, t_out, alpha, beta, tt):
-    """(T_src, T_dst) if x tokens of e move src -> dst, taken from the pool in order."""
-    left = x
+def _prefix(npool, pool_s, pool_n, src, dst, tt, cum, pre):
+    """Running sums over the pool, in pool order: cum[i] tokens and pre[:, i] link seconds
+    (in to src, in to dst, out of dst, out of src) of its first i entries. `_after` adds the
+    partly taken entry to them, so its sums are the ones a loop over the pool would make,
+    operation for operation, in O(log npool) instead of O(npool)."""
+    cum[0] = 0
+    pre[:, 0] = 0.0
+    for i in range(npool):
+        s = pool_s[i]
+        n = pool_n[i]
+        cum[i + 1] = cum[i] + n
+        pre[0, i + 1] = pre[0, i] + n * tt[s, src]
+        pre[1, i + 1] = pre[1, i]
+        pre[2, i + 1] = pre[2, i]
+        pre[3, i + 1] = pre[3, i]
+        if s == dst:
+            pre[2, i + 1] = pre[2, i] + n * tt[dst, src]
+        else:
+            pre[1, i + 1] = pre[1, i] + n * tt[s, dst]
+            if s == src:
+                pre[3, i + 1] = pre[3, i] + n * tt[src, dst]
+
+
+@numba.njit(cache=True)
+def _after(x, e, src, dst, npool, pool_s, cum, pre, tok, comp, t_in, t_out, alpha, beta, tt):
+    """(T_src, T_dst) if x >= 1 tokens of e move src -> dst, taken from the pool in order (the
+    twin's loop over the pool, through `_prefix`'s running sums)."""
     comp_src = comp[src] - beta * x
     if tok[src, e] == x:
         comp_src -= alpha
     comp_dst = comp[dst] + beta * x
     if tok[dst, e] == 0:
         comp_dst += alpha
-    d_in_src = 0.0
-    d_in_dst = 0.0
-    d_out_dst = 0.0
-    d_out_src = 0.0
-    for i in range(npool):
-        if left == 0:
-            break
-        s = pool_s[i]
-        take = min(pool_n[i], left)
-        left -= take
+    lo = 0  # the entries taken whole: the last k with cum[k] <= x
+    hi = npool
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if cum[mid] <= x:
+            lo = mid
+        else:
+            hi = mid - 1
+    d_in_src = pre[0, lo]
+    d_in_dst = pre[1, lo]
+    d_out_dst = pre[2, lo]
+    d_out_src = pre[3, lo]
+    take = x - cum[lo]
+    if take > 0:  # the entry taken in part
+        s = pool_s[lo]
         d_in_src += take * tt[s, src]
         if s == dst:
             d_out_dst += take * tt[dst, src]
@@ -93,39 +122,39 @@ def _after(x, e, src, dst, npool, pool_s, pool_n, tok, comp, t_in, t_out, alpha,
 
 
 @numba.njit(cache=True)
-def _worst(x, e, src, dst, npool, pool_s, pool_n, tok, comp, t_in, t_out, alpha, beta, tt):
-    t_src, t_dst = _after(x, e, src, dst, npool, pool_s, pool_n, tok, comp, t_in, t_out, alpha,
-                          beta, tt)
+def _worst(x, e, src, dst, npool, pool_s, cum, pre, tok, comp, t_in, t_out, alpha, beta, tt):
+    t_src, t_dst = _after(x, e, src, dst, npool, pool_s, cum, pre, tok, comp, t_in, t_out,
+                          alpha, beta, tt)
     return max(t_src, t_dst)
 
 
 @numba.njit(cache=True)
-def _amount(e, src, dst, npool, pool_s, pool_n, total, own_src, drops_alpha, tok, comp, t_in,
+def _amount(e, src, dst, npool, pool_s, cum, pre, total, own_src, drops_alpha, tok, comp, t_in,
             t_out, alpha, beta, tt):
     """parallel_ref._amount: tokens to move (two phases over the pool)."""
     n_other = total - own_src
     x = 0
     worst = 0.0
     if n_other > 0:
-        a_src, a_dst = _after(n_other, e, src, dst, npool, pool_s, pool_n, tok, comp, t_in,
+        a_src, a_dst = _after(n_other, e, src, dst, npool, pool_s, cum, pre, tok, comp, t_in,
                               t_out, alpha, beta, tt)
         x = n_other
         if a_src <= a_dst:
             lo = 1
             while lo < x:
                 mid = (lo + x) // 2
-                m_src, m_dst = _after(mid, e, src, dst, npool, pool_s, pool_n, tok, comp, t_in,
+                m_src, m_dst = _after(mid, e, src, dst, npool, pool_s, cum, pre, tok, comp, t_in,
                                       t_out, alpha, beta, tt)
                 if m_src <= m_dst:
                     x = mid
                 else:
                     lo = mid + 1
-        if x > 1 and (_worst(x - 1, e, src, dst, npool, pool_s, pool_n, tok, comp, t_in, t_out,
+        if x > 1 and (_worst(x - 1, e, src, dst, npool, pool_s, cum, pre, tok, comp, t_in, t_out,
                              alpha, beta, tt)
-                      <= _worst(x, e, src, dst, npool, pool_s, pool_n, tok, comp, t_in, t_out,
+                      <= _worst(x, e, src, dst, npool, pool_s, cum, pre, tok, comp, t_in, t_out,
                                 alpha, beta, tt)):
             x -= 1
-        t_src, t_dst = _after(x, e, src, dst, npool, pool_s, pool_n, tok, comp, t_in, t_out,
+        t_src, t_dst = _after(x, e, src, dst, npool, pool_s, cum, pre, tok, comp, t_in, t_out,
                               alpha, beta, tt)
         worst = max(t_src, t_dst)
         if own_src == 0 or x < n_other or t_src <= t_dst:
@@ -134,14 +163,14 @@ def _amount(e, src, dst, npool, pool_s, pool_n, total, own_src, drops_alpha, tok
     hi = total - 1 if drops_alpha and total > lo else total
     while lo < hi:
         mid = (lo + hi) // 2
-        if (_worst(mid + 1, e, src, dst, npool, pool_s, pool_n, tok, comp, t_in, t_out, alpha,
+        if (_worst(mid + 1, e, src, dst, npool, pool_s, cum, pre, tok, comp, t_in, t_out, alpha,
                    beta, tt)
-                >= _worst(mid, e, src, dst, npool, pool_s, pool_n, tok, comp, t_in, t_out,
+                >= _worst(mid, e, src, dst, npool, pool_s, cum, pre, tok, comp, t_in, t_out,
                           alpha, beta, tt)):
             hi = mid
         else:
             lo = mid + 1
-    if n_other == 0 or _worst(lo, e, src, dst, npool, pool_s, pool_n, tok, comp, t_in, t_out,
+    if n_other == 0 or _worst(lo, e, src, dst, npool, pool_s, cum, pre, tok, comp, t_in, t_out,
                               alpha, beta, tt) < worst:
         return lo
     return x
@@ -242,6 +271,8 @@ def parallel_arrays(load, home, slots, window, alpha, beta, token_time, transfer
     mv_pool_s = np.empty((num_ranks, num_ranks), np.int64)
     mv_take = np.empty((num_ranks, num_ranks), np.int64)
     pool_n = np.empty(num_ranks, np.int64)
+    cum = np.empty(num_ranks + 1, np.int64)
+    pre = np.empty((4, num_ranks + 1))
     order = np.empty(num_experts + max_slots, np.int64)
 
     rounds = 0
@@ -372,10 +403,11 @@ def parallel_arrays(load, home, slots, window, alpha, beta, token_time, transfer
                 if total == 0:
                     continue
                 own_src = pool_n[npool - 1] if pool_s[npool - 1] == src else 0
-                x = _amount(e, src, dst, npool, pool_s, pool_n, total, own_src,
+                _prefix(npool, pool_s, pool_n, src, dst, token_time, cum, pre)
+                x = _amount(e, src, dst, npool, pool_s, cum, pre, total, own_src,
                             total == tok[src, e], tok, comp, t_in, t_out, alpha, beta,
                             token_time)
-                if times[src] - _worst(x, e, src, dst, npool, pool_s, pool_n, tok, comp, t_in,
+                if times[src] - _worst(x, e, src, dst, npool, pool_s, cum, pre, tok, comp, t_in,
                                        t_out, alpha, beta, token_time) > epsilon:
                     mv_e[p] = e
                     mv_holder[p] = holder
@@ -415,9 +447,13 @@ def parallel_arrays(load, home, slots, window, alpha, beta, token_time, transfer
                 n_blk += 1
                 blk_of[e] = b
                 blk_expert[b] = e
+                blk_assign[b] = 0  # the static split: only home holders get tokens
                 for s in range(num_ranks):
-                    for g in range(num_ranks):
-                        blk_assign[b, s, g] = _static_share(load, home, hpos, hcount, s, e, g)
+                    if load[s, e] > 0:
+                        for k in range(hcount[e]):
+                            g = hlist[e, k]
+                            blk_assign[b, s, g] = _static_share(load, home, hpos, hcount, s, e,
+                                                                g)
             for i in range(mv_npool[p]):
                 s = mv_pool_s[p, i]
                 take = mv_take[p, i]

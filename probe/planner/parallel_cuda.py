@@ -562,12 +562,18 @@ def _parallel_kernel(load, home, slots, window, alpha, beta, tt, xt, limit, epsi
                 ints[_APPLIED] += 1
         cuda.syncthreads()
         per_blk = num_ranks * num_ranks
-        for item in range(tid, ints[_NNEW] * per_blk, nt):
-            b = new_blk[item // per_blk]
+        for item in range(tid, ints[_NNEW] * per_blk, nt):  # zeros, then the home holders'
             r = item % per_blk
-            s = r // num_ranks
-            g = r % num_ranks
-            ba[b, s, g] = _static_share(ld, hm, hp, hc, s, be[b], g)
+            ba[new_blk[item // per_blk], r // num_ranks, r % num_ranks] = 0
+        cuda.syncthreads()
+        for item in range(tid, ints[_NNEW] * num_ranks, nt):
+            b = new_blk[item // num_ranks]
+            s = item % num_ranks
+            e = be[b]
+            if ld[s, e] > 0:
+                for k in range(hc[e]):
+                    g = hl[e, k]
+                    ba[b, s, g] = _static_share(ld, hm, hp, hc, s, e, g)
         cuda.syncthreads()
         for p in range(tid, num_pairs, nt):
             if mn[p] > 0:
