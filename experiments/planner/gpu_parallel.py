@@ -47,8 +47,7 @@ import numpy as np
 
 from probe.planner.check import rank_times
 from probe.planner.cost import CostModel
-from probe.planner.greedy import plan_from_arrays
-from probe.planner.parallel import parallel_arrays
+from probe.planner.parallel import parallel_arrays, plan_from_blocks
 from probe.planner.parallel_ref import ParallelRules
 from probe.planner.problem import BalanceProblem
 
@@ -192,7 +191,7 @@ def quality(batch, outs: list) -> dict:
     irs = []
     for layer, out in enumerate(outs):
         problem = BalanceProblem(load[layer], home[layer], slots, window[layer], cost)
-        compute, comm = rank_times(problem, plan_from_arrays(problem, *out[:3]).assignment)
+        compute, comm = rank_times(problem, plan_from_blocks(problem, *out[:3]).assignment)
         times = compute + comm
         irs.append(float(times.max() / times.mean()))
     return {"ir": float(np.median(irs)), "rounds": float(np.median([o[3] for o in outs])),

@@ -45,9 +45,8 @@ from experiments.manifest import Manifest
 from probe.planner import BalanceProblem, GreedyRules, check_plan
 from probe.planner.check import rank_times
 from probe.planner.cost import CostModel
-from probe.planner.greedy import plan_from_arrays
 from probe.planner.hierarchical import hierarchical_plan, timed_greedy
-from probe.planner.parallel import kernel_args, parallel_arrays
+from probe.planner.parallel import kernel_args, parallel_arrays, plan_from_blocks
 from probe.planner.parallel_ref import ParallelRules
 from probe.planner.static import static_plan
 from probe.specs import hardware_preset, model_preset
@@ -97,7 +96,7 @@ def plan_with(name: str, problem: BalanceProblem):
         start = time.perf_counter()
         out = parallel_arrays(*args)
         seconds = time.perf_counter() - start
-        return plan_from_arrays(problem, *out[:3]), seconds, out[3]
+        return plan_from_blocks(problem, *out[:3]), seconds, out[3]
     if name == "hierarchical (scale)":
         timings: dict = {}
         rules = GreedyRules(k_max="scale")

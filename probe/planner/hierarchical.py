@@ -190,15 +190,16 @@ def timed_greedy(problem: BalanceProblem,
     """The greedy plan of `problem` and the seconds of its kernel call alone: the parallel
     greedy's (probe.planner.parallel) for ParallelRules, else the greedy's."""
     if isinstance(rules, ParallelRules):
-        from probe.planner.parallel import kernel_args, parallel_arrays
+        from probe.planner.parallel import kernel_args, parallel_arrays, plan_from_blocks
 
         args = kernel_args(problem, rules)
         start = time.perf_counter()
         out = parallel_arrays(*args)
-    else:
-        args = _kernel_args(problem, rules)
-        start = time.perf_counter()
-        out = greedy_arrays(*args)
+        seconds = time.perf_counter() - start
+        return plan_from_blocks(problem, *out[:3]), seconds
+    args = _kernel_args(problem, rules)
+    start = time.perf_counter()
+    out = greedy_arrays(*args)
     seconds = time.perf_counter() - start
     return plan_from_arrays(problem, *out[:3]), seconds
 

@@ -38,21 +38,22 @@ from probe.planner.greedy import plan_from_arrays, problem_arrays
 from probe.planner.parallel_ref import ParallelRules, checked_rules
 from probe.planner.problem import BalanceProblem, Plan, SolveResult
 
-__all__ = ["ParallelRules", "parallel_arrays", "parallel_plan", "solve_parallel_greedy",
-           "solve_parallel_greedy_ref"]
+__all__ = ["ParallelRules", "kernel_args", "parallel_arrays", "parallel_plan", "plan_from_blocks",
+           "solve_parallel_greedy", "solve_parallel_greedy_ref"]
 
 
 @numba.njit(cache=True, inline="always")
-def _static_share(load, home, hpos, hcount, s, e, g):
-    """Tokens of (s, e) on rank g in the static split (static.py; greedy.py's kernel has the
-    same function: a copy here, so that Numba's cache of this file never holds a stale one)."""
-    n = load[s, e]
-    if home[s, e]:
+def _static_share(load_t, home_t, hpos_t, hcount, s, e, g):
+    """Tokens of (s, e) on rank g in the static split (static.py), from the transposed load
+    [E, S], home [E, G] and home positions [E, G] (hpos_t[e, g]: g's position among e's home
+    holders, -1 if none): greedy.py's function on the kernel's layout."""
+    n = load_t[e, s]
+    if home_t[e, s]:
         return n if g == s else 0
     h = hcount[e]
     if h == 1:
-        return n if hpos[g, e] == 0 else 0
-    pos = hpos[g, e]
+        return n if hpos_t[e, g] == 0 else 0
+    pos = hpos_t[e, g]
     if pos < 0:
         return 0
     q = n // h
@@ -61,7 +62,7 @@ def _static_share(load, home, hpos, hcount, s, e, g):
 
 
 @numba.njit(cache=True)
-def _prefix(npool, pool_s, pool_n, src, dst, tt, cum, pre):
+def _prefix(npool, pool_s, pool_n, src, dst, tt_t, cum, pre):
     """Running sums over the pool, in pool order: cum[i] tokens and pre[:, i] link seconds
     (in to src, in to dst, out of dst, out of src) of its first i entries. `_after` adds the
     partly taken entry to them, so its sums are the ones a loop over the pool would make,
@@ -72,20 +73,20 @@ def _prefix(npool, pool_s, pool_n, src, dst, tt, cum, pre):
         s = pool_s[i]
         n = pool_n[i]
         cum[i + 1] = cum[i] + n
-        pre[0, i + 1] = pre[0, i] + n * tt[s, src]
+        pre[0, i + 1] = pre[0, i] + n * tt_t[src, s]  # tt_t[a, b] = token_time[b, a]
         pre[1, i + 1] = pre[1, i]
         pre[2, i + 1] = pre[2, i]
         pre[3, i + 1] = pre[3, i]
         if s == dst:
-            pre[2, i + 1] = pre[2, i] + n * tt[dst, src]
+            pre[2, i + 1] = pre[2, i] + n * tt_t[src, dst]
         else:
-            pre[1, i + 1] = pre[1, i] + n * tt[s, dst]
+            pre[1, i + 1] = pre[1, i] + n * tt_t[dst, s]
             if s == src:
-                pre[3, i + 1] = pre[3, i] + n * tt[src, dst]
+                pre[3, i + 1] = pre[3, i] + n * tt_t[dst, src]
 
 
 @numba.njit(cache=True)
-def _after(x, e, src, dst, npool, pool_s, cum, pre, tok, comp, t_in, t_out, alpha, beta, tt):
+def _after(x, e, src, dst, npool, pool_s, cum, pre, tok, comp, t_in, t_out, alpha, beta, tt_t):
     """(T_src, T_dst) if x >= 1 tokens of e move src -> dst, taken from the pool in order (the
     twin's loop over the pool, through `_prefix`'s running sums)."""
     comp_src = comp[src] - beta * x
@@ -109,53 +110,54 @@ def _after(x, e, src, dst, npool, pool_s, cum, pre, tok, comp, t_in, t_out, alph
     take = x - cum[lo]
     if take > 0:  # the entry taken in part
         s = pool_s[lo]
-        d_in_src += take * tt[s, src]
+        d_in_src += take * tt_t[src, s]
         if s == dst:
-            d_out_dst += take * tt[dst, src]
+            d_out_dst += take * tt_t[src, dst]
         else:
-            d_in_dst += take * tt[s, dst]
+            d_in_dst += take * tt_t[dst, s]
             if s == src:
-                d_out_src += take * tt[src, dst]
+                d_out_src += take * tt_t[dst, src]
     t_src = comp_src + 2.0 * max(t_in[src] - d_in_src, t_out[src] + d_out_src)
     t_dst = comp_dst + 2.0 * max(t_in[dst] + d_in_dst, t_out[dst] - d_out_dst)
     return t_src, t_dst
 
 
 @numba.njit(cache=True)
-def _worst(x, e, src, dst, npool, pool_s, cum, pre, tok, comp, t_in, t_out, alpha, beta, tt):
+def _worst(x, e, src, dst, npool, pool_s, cum, pre, tok, comp, t_in, t_out, alpha, beta,
+           tt_t):
     t_src, t_dst = _after(x, e, src, dst, npool, pool_s, cum, pre, tok, comp, t_in, t_out,
-                          alpha, beta, tt)
+                          alpha, beta, tt_t)
     return max(t_src, t_dst)
 
 
 @numba.njit(cache=True)
 def _amount(e, src, dst, npool, pool_s, cum, pre, total, own_src, drops_alpha, tok, comp, t_in,
-            t_out, alpha, beta, tt):
+            t_out, alpha, beta, tt_t):
     """parallel_ref._amount: tokens to move (two phases over the pool)."""
     n_other = total - own_src
     x = 0
     worst = 0.0
     if n_other > 0:
         a_src, a_dst = _after(n_other, e, src, dst, npool, pool_s, cum, pre, tok, comp, t_in,
-                              t_out, alpha, beta, tt)
+                              t_out, alpha, beta, tt_t)
         x = n_other
         if a_src <= a_dst:
             lo = 1
             while lo < x:
                 mid = (lo + x) // 2
                 m_src, m_dst = _after(mid, e, src, dst, npool, pool_s, cum, pre, tok, comp, t_in,
-                                      t_out, alpha, beta, tt)
+                                      t_out, alpha, beta, tt_t)
                 if m_src <= m_dst:
                     x = mid
                 else:
                     lo = mid + 1
         if x > 1 and (_worst(x - 1, e, src, dst, npool, pool_s, cum, pre, tok, comp, t_in, t_out,
-                             alpha, beta, tt)
+                             alpha, beta, tt_t)
                       <= _worst(x, e, src, dst, npool, pool_s, cum, pre, tok, comp, t_in, t_out,
-                                alpha, beta, tt)):
+                                alpha, beta, tt_t)):
             x -= 1
         t_src, t_dst = _after(x, e, src, dst, npool, pool_s, cum, pre, tok, comp, t_in, t_out,
-                              alpha, beta, tt)
+                              alpha, beta, tt_t)
         worst = max(t_src, t_dst)
         if own_src == 0 or x < n_other or t_src <= t_dst:
             return x
@@ -164,14 +166,14 @@ def _amount(e, src, dst, npool, pool_s, cum, pre, total, own_src, drops_alpha, t
     while lo < hi:
         mid = (lo + hi) // 2
         if (_worst(mid + 1, e, src, dst, npool, pool_s, cum, pre, tok, comp, t_in, t_out, alpha,
-                   beta, tt)
+                   beta, tt_t)
                 >= _worst(mid, e, src, dst, npool, pool_s, cum, pre, tok, comp, t_in, t_out,
-                          alpha, beta, tt)):
+                          alpha, beta, tt_t)):
             hi = mid
         else:
             lo = mid + 1
     if n_other == 0 or _worst(lo, e, src, dst, npool, pool_s, cum, pre, tok, comp, t_in, t_out,
-                              alpha, beta, tt) < worst:
+                              alpha, beta, tt_t) < worst:
         return lo
     return x
 
@@ -208,25 +210,32 @@ def parallel_arrays(load, home, slots, window, alpha, beta, token_time, transfer
     Args (exact dtypes): load int64 [S, E]; home bool [G, E]; slots int64 [G]; window float64
         [G]; alpha, beta: float; token_time, transfer_time float64 [G, G]; max_rounds: int > 0
         (ParallelRules.rounds_limit); epsilon, hot_fraction: float (ParallelRules' fields).
-    Returns (replicas int64 [n_rep, 3] rows (rank, expert, source) in the order made,
-    blk_expert int64 [n_blk], blk_assign int64 [n_blk, S, G] as `greedy.greedy_arrays` returns
-    them; rounds, moves: int; makespan: float, the largest rank time after the last round).
+    Returns (replicas int64 [n_rep, 3] rows (rank, expert, source) in the order made;
+    blk_expert int64 [n_blk], the experts whose tokens moved; blk_assign int64 [n_blk, G, S],
+    their final assignment TRANSPOSED (blk_assign[b, g, s]: tokens of (s, blk_expert[b]) on g;
+    `plan_from_blocks` builds the Plan); rounds, moves: int; makespan: float, the largest rank
+    time after the last round). The kernel keeps every [., S]-indexed array with S last, so
+    that its loops over the sources read contiguous memory.
     """
     num_ranks, num_experts = home.shape
+    load_t = np.ascontiguousarray(load.T)  # [E, S]
+    home_t = np.ascontiguousarray(home.T)  # [E, G]
+    tt_t = np.ascontiguousarray(token_time.T)  # tt_t[a, b] = token_time[b, a]
     hcount = np.zeros(num_experts, np.int64)
     hlist = np.empty((num_experts, num_ranks), np.int64)
-    hpos = np.empty((num_ranks, num_experts), np.int64)
+    hpos_t = np.empty((num_experts, num_ranks), np.int64)
     rank_nhome = np.zeros(num_ranks, np.int64)
     rank_home = np.empty((num_ranks, num_experts), np.int64)
     for g in range(num_ranks):
         for e in range(num_experts):
-            hpos[g, e] = hcount[e] if home[g, e] else -1
+            hpos_t[e, g] = hcount[e] if home[g, e] else -1
             if home[g, e]:
                 hlist[e, hcount[e]] = g
                 hcount[e] += 1
                 rank_home[g, rank_nhome[g]] = e
                 rank_nhome[g] += 1
-    held = home.copy()
+    held = home.copy()  # [G, E]: home or a replica
+    held_t = home_t.copy()  # the same, [E, G]
     tok = np.zeros((num_ranks, num_experts), np.int64)
     flow = np.zeros((num_ranks, num_ranks), np.int64)
     for s in range(num_ranks):
@@ -234,7 +243,7 @@ def parallel_arrays(load, home, slots, window, alpha, beta, token_time, transfer
             if load[s, e] > 0:
                 for k in range(hcount[e]):
                     g = hlist[e, k]
-                    n = _static_share(load, home, hpos, hcount, s, e, g)
+                    n = _static_share(load_t, home_t, hpos_t, hcount, s, e, g)
                     tok[g, e] += n
                     flow[s, g] += n
 
@@ -369,8 +378,8 @@ def parallel_arrays(load, home, slots, window, alpha, beta, token_time, transfer
             for k in range(n_order):
                 e = order[k]
                 b = blk_of[e]
-                own = (blk_assign[b, dst, src] if b >= 0
-                       else _static_share(load, home, hpos, hcount, dst, e, src))
+                own = (blk_assign[b, src, dst] if b >= 0
+                       else _static_share(load_t, home_t, hpos_t, hcount, dst, e, src))
                 slope = beta - 2.0 * token_time[dst, src]
                 lb_out = 2.0 * t_out[dst] + (min(slope, own * slope) if own > 0 else beta)
                 lb = comp[dst] + max(beta + 2.0 * t_in[dst], lb_out)
@@ -390,11 +399,11 @@ def parallel_arrays(load, home, slots, window, alpha, beta, token_time, transfer
                 total = 0
                 for i in range(num_ranks + 2):  # dst's own, other sources, src's own
                     s = dst if i == 0 else (src if i == num_ranks + 1 else i - 1)
-                    if 0 < i <= num_ranks and (s == src or s == dst or held[s, e]  # noqa: SIM109
-                                               or token_time[s, dst] > token_time[s, src]):
+                    if 0 < i <= num_ranks and (s == src or s == dst  # noqa: SIM109
+                                               or held_t[e, s] or tt_t[dst, s] > tt_t[src, s]):
                         continue
-                    a = (blk_assign[b, s, src] if b >= 0
-                         else _static_share(load, home, hpos, hcount, s, e, src))
+                    a = (blk_assign[b, src, s] if b >= 0
+                         else _static_share(load_t, home_t, hpos_t, hcount, s, e, src))
                     if a > 0:
                         pool_s[npool] = s
                         pool_n[npool] = a
@@ -403,12 +412,11 @@ def parallel_arrays(load, home, slots, window, alpha, beta, token_time, transfer
                 if total == 0:
                     continue
                 own_src = pool_n[npool - 1] if pool_s[npool - 1] == src else 0
-                _prefix(npool, pool_s, pool_n, src, dst, token_time, cum, pre)
+                _prefix(npool, pool_s, pool_n, src, dst, tt_t, cum, pre)
                 x = _amount(e, src, dst, npool, pool_s, cum, pre, total, own_src,
-                            total == tok[src, e], tok, comp, t_in, t_out, alpha, beta,
-                            token_time)
+                            total == tok[src, e], tok, comp, t_in, t_out, alpha, beta, tt_t)
                 if times[src] - _worst(x, e, src, dst, npool, pool_s, cum, pre, tok, comp, t_in,
-                                       t_out, alpha, beta, token_time) > epsilon:
+                                       t_out, alpha, beta, tt_t) > epsilon:
                     mv_e[p] = e
                     mv_holder[p] = holder
                     mv_x[p] = x
@@ -435,6 +443,7 @@ def parallel_arrays(load, home, slots, window, alpha, beta, token_time, transfer
                 rep_on[dst, used[dst]] = e
                 used[dst] += 1
                 held[dst, e] = True
+                held_t[e, dst] = True
                 rep[n_rep, 0] = dst
                 rep[n_rep, 1] = e
                 rep[n_rep, 2] = holder
@@ -452,13 +461,13 @@ def parallel_arrays(load, home, slots, window, alpha, beta, token_time, transfer
                     if load[s, e] > 0:
                         for k in range(hcount[e]):
                             g = hlist[e, k]
-                            blk_assign[b, s, g] = _static_share(load, home, hpos, hcount, s, e,
-                                                                g)
+                            blk_assign[b, g, s] = _static_share(load_t, home_t, hpos_t, hcount,
+                                                                s, e, g)
             for i in range(mv_npool[p]):
                 s = mv_pool_s[p, i]
                 take = mv_take[p, i]
-                blk_assign[b, s, src] -= take
-                blk_assign[b, s, dst] += take
+                blk_assign[b, src, s] -= take
+                blk_assign[b, dst, s] += take
                 flow[s, src] -= take
                 flow[s, dst] += take
                 if take > 0:
@@ -479,6 +488,12 @@ def parallel_arrays(load, home, slots, window, alpha, beta, token_time, transfer
     return rep[:n_rep], blk_expert[:n_blk], blk_assign[:n_blk], rounds, moves, makespan
 
 
+def plan_from_blocks(problem: BalanceProblem, rep: np.ndarray, blk_expert: np.ndarray,
+                     blk_assign: np.ndarray) -> Plan:
+    """The dense Plan from `parallel_arrays`' compact output (blk_assign [n_blk, G, S])."""
+    return plan_from_arrays(problem, rep, blk_expert, np.transpose(blk_assign, (0, 2, 1)))
+
+
 def kernel_args(problem: BalanceProblem, rules: ParallelRules | None) -> tuple:
     """`parallel_arrays`' arguments for `problem` under `rules` (None: ParallelRules())."""
     rules = checked_rules(rules)
@@ -492,7 +507,7 @@ def parallel_plan(problem: BalanceProblem, rules: ParallelRules | None = None, *
     out = parallel_arrays(*kernel_args(problem, rules))
     if stats is not None:
         stats.update(rounds=out[3], moves=out[4], makespan=out[5])
-    return plan_from_arrays(problem, *out[:3])
+    return plan_from_blocks(problem, *out[:3])
 
 
 def solve_parallel_greedy(problem: BalanceProblem, *, time_limit: float | None = None,
@@ -502,7 +517,7 @@ def solve_parallel_greedy(problem: BalanceProblem, *, time_limit: float | None =
     args = kernel_args(problem, rules)
     start = time.perf_counter()
     out = parallel_arrays(*args)
-    plan = plan_from_arrays(problem, *out[:3])
+    plan = plan_from_blocks(problem, *out[:3])
     wall = time.perf_counter() - start
     status = "timeout" if time_limit is not None and wall > time_limit else "feasible"
     return SolveResult(status, plan, float("nan"), None, None, wall,

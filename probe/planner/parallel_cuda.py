@@ -203,7 +203,7 @@ def _pool(e, src, dst, load, home, hcount, hpos, held, blk_of, blk_assign, tt, p
         if 0 < i <= num_ranks and (s == src or s == dst or held[s, e] != 0  # noqa: SIM109
                                    or tt[s, dst] > tt[s, src]):
             continue
-        a = (blk_assign[b, s, src] if b >= 0
+        a = (blk_assign[b, src, s] if b >= 0
              else _static_share(load, home, hpos, hcount, s, e, src))
         if a > 0:
             pool_s[npool] = s
@@ -236,7 +236,7 @@ def _candidate(e, src, dst, load, home, slots, window, alpha, beta, tt, xt, epsi
     no = (False, 0, -1, 0)
     floor = times[src] - epsilon
     b = blk_of[e]
-    own = (blk_assign[b, dst, src] if b >= 0
+    own = (blk_assign[b, src, dst] if b >= 0
            else _static_share(load, home, hpos, hcount, dst, e, src))
     slope = beta - 2.0 * tt[dst, src]
     lb_out = 2.0 * t_out[dst] + (dmin(slope, mul(own, slope)) if own > 0 else beta)
@@ -573,7 +573,7 @@ def _parallel_kernel(load, home, slots, window, alpha, beta, tt, xt, limit, epsi
             if ld[s, e] > 0:
                 for k in range(hc[e]):
                     g = hl[e, k]
-                    ba[b, s, g] = _static_share(ld, hm, hp, hc, s, e, g)
+                    ba[b, g, s] = _static_share(ld, hm, hp, hc, s, e, g)
         cuda.syncthreads()
         for p in range(tid, num_pairs, nt):
             if mn[p] > 0:
@@ -584,8 +584,8 @@ def _parallel_kernel(load, home, slots, window, alpha, beta, tt, xt, limit, epsi
                 for i in range(mn[p]):
                     s = mps[p, i]
                     take = mt[p, i]
-                    ba[b, s, src] -= take
-                    ba[b, s, dst] += take
+                    ba[b, src, s] -= take
+                    ba[b, dst, s] += take
                     fl[s, src] -= take
                     fl[s, dst] += take
                 tk[src, e] -= mx[p]
@@ -623,7 +623,8 @@ class CudaParallelPlan(NamedTuple):
     """L layers' plans as device arrays (row l: layer l): replicas int64 [L, R_max, 3], rows
     (rank, expert, source) in the order made, -1 past num_replicas; num_replicas int64 [L];
     blk_expert int64 [L, B_max], experts whose tokens moved, -1 past num_blocks; blk_assign int64
-    [L, B_max, S, G], their assignment (valid for the first num_blocks blocks); num_blocks int64
+    [L, B_max, G, S], their assignment transposed as parallel_arrays returns it (tokens of
+    (s, e) on g at [l, b, g, s]; valid for the first num_blocks blocks); num_blocks int64
     [L]; num_rounds, num_moves int64 [L]; objective float64 [L], the largest rank time (NaN
     for a rejected layer); status int64 [L]: 0 fine, 1 negative load, 2 negative or NaN
     window (a rejected layer is left unplanned)."""
