@@ -10,8 +10,8 @@ A round in a block of T threads (barriers between the steps):
 2. the ranks' hottest-first and coldest-first orders (a thread per rank counts the ranks
    ahead of it);
 3. the pairs: which (hot rank, colder rank) pairs could move at all, every pair tested at
-   once (a thread per pair); then thread 0 matches them in the CPU kernel's order (a scan
-   that reads those flags: O(hot ranks) steps when the coldest free receivers come early);
+   once (a thread per pair), each hot rank's receivers listed coldest first (a thread per hot
+   rank); then thread 0 matches them in the CPU kernel's order, reading only those lists;
 4. the hot ranks' experts ordered heaviest first (a thread per (pair, expert));
 5. the candidates of every pair at once, a thread per (pair, expert): each evaluates the CPU
    kernel's candidate (pruning, copy source, pool, amount, gain) and keeps its amount; an
@@ -43,7 +43,7 @@ import math
 from typing import NamedTuple
 
 import numpy as np
-from numba import float64, int64
+from numba import float64, int32, int64
 
 from probe.planner.cost import CostModel
 from probe.planner.numba_cuda import SIMULATOR, cuda, dmax, dmin, mul
@@ -324,6 +324,7 @@ def _parallel_kernel(load, home, slots, window, alpha, beta, tt, xt, limit, epsi
     pair_dst = cuda.shared.array(MAX_RANKS // 2, int64)
     best = cuda.shared.array(MAX_RANKS // 2, int64)
     new_blk = cuda.shared.array(MAX_RANKS // 2, int64)
+    num_cand = cuda.shared.array(MAX_RANKS, int32)
     ints = cuda.shared.array(16, int64)
     flts = cuda.shared.array(4, float64)
     pool_s = cuda.local.array(MAX_RANKS, int64)
@@ -446,6 +447,14 @@ def _parallel_kernel(load, home, slots, window, alpha, beta, tt, xt, limit, epsi
                 and _receives(src, dst, slots, win, xt, hc, hl, rnh, rh, ro, tk, hd, recv, send,
                               used)) else 0
         cuda.syncthreads()
+        for i in range(tid, num_hot, nt):  # each row compacted in place: the receivers' j
+            k = 0
+            for j in range(num_ranks):
+                if cm[i, j] != 0:
+                    cm[i, k] = j  # < MAX_RANKS = 256: fits uint8
+                    k += 1
+            num_cand[i] = k
+        cuda.syncthreads()
         if tid == 0:
             num_pairs = 0
             kmax = 0
@@ -454,11 +463,9 @@ def _parallel_kernel(load, home, slots, window, alpha, beta, tt, xt, limit, epsi
                 if taken[src] != 0:
                     continue
                 taken[src] = 1
-                for j in range(num_ranks):
-                    dst = coldest[j]
-                    if times[dst] >= times[src]:
-                        break
-                    if taken[dst] == 0 and cm[i, j] != 0:
+                for k in range(num_cand[i]):
+                    dst = coldest[cm[i, k]]
+                    if taken[dst] == 0:
                         pair_src[num_pairs] = src
                         pair_dst[num_pairs] = dst
                         best[num_pairs] = _NONE
