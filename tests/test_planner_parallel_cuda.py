@@ -26,7 +26,7 @@ from probe.planner.parallel_ref import ParallelRules
 
 parallel_cuda = pytest.importorskip("probe.planner.parallel_cuda")
 ROOT = Path(__file__).resolve().parents[1]
-DEVICE_FUNCTIONS = ("dmax", "dmin", "_static_share", "_after", "_worst", "_amount",
+DEVICE_FUNCTIONS = ("dmax", "dmin", "_static_share", "_prefix", "_after", "_worst", "_amount",
                     "_copy_holder", "_held_expert", "_pool", "_receives", "_candidate",
                     "_parallel_kernel")
 

@@ -27,7 +27,8 @@ products that feed a sum are rounded on their own (`mul`, never an FMA).
 
 Memory: shared about 13 KB (rank arrays of MAX_RANKS entries); the [G, E], [G, G] and
 per-pair arrays in global scratch (one set per shape); each thread's pool in local arrays of
-MAX_RANKS entries.
+MAX_RANKS entries and its running sums over the pool (`_prefix`: each amount probe is then a
+binary search, O(log G), with the additions a loop over the pool would make, in its order).
 
 Entry points: `CudaParallel(home, slots, cost, rules, num_layers=L)` validates once and keeps
 device buffers; its `plan(load, window)` launches on the caller's stream (torch's current
@@ -81,25 +82,51 @@ def _static_share(load, home, hpos, hcount, s, e, g):
 
 
 @cuda.jit(device=True)
-def _after(x, e, src, dst, npool, pool_s, pool_n, tok, comp, t_in, t_out, alpha, beta, tt):
+def _prefix(npool, pool_s, pool_n, src, dst, tt, cum, pre):
+    """parallel._prefix: running sums over the pool (tokens in cum, link seconds in pre)."""
+    cum[0] = 0
+    for k in range(4):
+        pre[k, 0] = 0.0
+    for i in range(npool):
+        s = pool_s[i]
+        n = pool_n[i]
+        cum[i + 1] = cum[i] + n
+        pre[0, i + 1] = pre[0, i] + mul(n, tt[s, src])
+        pre[1, i + 1] = pre[1, i]
+        pre[2, i + 1] = pre[2, i]
+        pre[3, i + 1] = pre[3, i]
+        if s == dst:
+            pre[2, i + 1] = pre[2, i] + mul(n, tt[dst, src])
+        else:
+            pre[1, i + 1] = pre[1, i] + mul(n, tt[s, dst])
+            if s == src:
+                pre[3, i + 1] = pre[3, i] + mul(n, tt[src, dst])
+
+
+@cuda.jit(device=True)
+def _after(x, e, src, dst, npool, pool_s, cum, pre, tok, comp, t_in, t_out, alpha, beta, tt):
     """parallel._after: (T_src, T_dst) if x tokens of e move src -> dst."""
-    left = x
     comp_src = comp[src] - mul(beta, x)
     if tok[src, e] == x:
         comp_src -= alpha
     comp_dst = comp[dst] + mul(beta, x)
     if tok[dst, e] == 0:
         comp_dst += alpha
-    d_in_src = 0.0
-    d_in_dst = 0.0
-    d_out_dst = 0.0
-    d_out_src = 0.0
-    for i in range(npool):
-        if left == 0:
-            break
-        s = pool_s[i]
-        take = dmin(pool_n[i], left)
-        left -= take
+    lo = 0
+    hi = npool
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if cum[mid] <= x:
+            lo = mid
+        else:
+            hi = mid - 1
+    d_in_src = pre[0, lo]
+    d_in_dst = pre[1, lo]
+    d_out_dst = pre[2, lo]
+    d_out_src = pre[3, lo]
+    take = x - cum[lo]
+    if take > 0:
+        s = pool_s[lo]
         d_in_src += mul(take, tt[s, src])
         if s == dst:
             d_out_dst += mul(take, tt[dst, src])
@@ -113,39 +140,39 @@ def _after(x, e, src, dst, npool, pool_s, pool_n, tok, comp, t_in, t_out, alpha,
 
 
 @cuda.jit(device=True)
-def _worst(x, e, src, dst, npool, pool_s, pool_n, tok, comp, t_in, t_out, alpha, beta, tt):
-    t_src, t_dst = _after(x, e, src, dst, npool, pool_s, pool_n, tok, comp, t_in, t_out, alpha,
+def _worst(x, e, src, dst, npool, pool_s, cum, pre, tok, comp, t_in, t_out, alpha, beta, tt):
+    t_src, t_dst = _after(x, e, src, dst, npool, pool_s, cum, pre, tok, comp, t_in, t_out, alpha,
                           beta, tt)
     return dmax(t_src, t_dst)
 
 
 @cuda.jit(device=True)
-def _amount(e, src, dst, npool, pool_s, pool_n, total, own_src, drops_alpha, tok, comp, t_in,
+def _amount(e, src, dst, npool, pool_s, cum, pre, total, own_src, drops_alpha, tok, comp, t_in,
             t_out, alpha, beta, tt):
     """parallel._amount: tokens to move (two phases over the pool)."""
     n_other = total - own_src
     x = 0
     worst = 0.0
     if n_other > 0:
-        a_src, a_dst = _after(n_other, e, src, dst, npool, pool_s, pool_n, tok, comp, t_in,
+        a_src, a_dst = _after(n_other, e, src, dst, npool, pool_s, cum, pre, tok, comp, t_in,
                               t_out, alpha, beta, tt)
         x = n_other
         if a_src <= a_dst:
             lo = 1
             while lo < x:
                 mid = (lo + x) // 2
-                m_src, m_dst = _after(mid, e, src, dst, npool, pool_s, pool_n, tok, comp, t_in,
+                m_src, m_dst = _after(mid, e, src, dst, npool, pool_s, cum, pre, tok, comp, t_in,
                                       t_out, alpha, beta, tt)
                 if m_src <= m_dst:
                     x = mid
                 else:
                     lo = mid + 1
-        if x > 1 and (_worst(x - 1, e, src, dst, npool, pool_s, pool_n, tok, comp, t_in, t_out,
+        if x > 1 and (_worst(x - 1, e, src, dst, npool, pool_s, cum, pre, tok, comp, t_in, t_out,
                              alpha, beta, tt)
-                      <= _worst(x, e, src, dst, npool, pool_s, pool_n, tok, comp, t_in, t_out,
+                      <= _worst(x, e, src, dst, npool, pool_s, cum, pre, tok, comp, t_in, t_out,
                                 alpha, beta, tt)):
             x -= 1
-        t_src, t_dst = _after(x, e, src, dst, npool, pool_s, pool_n, tok, comp, t_in, t_out,
+        t_src, t_dst = _after(x, e, src, dst, npool, pool_s, cum, pre, tok, comp, t_in, t_out,
                               alpha, beta, tt)
         worst = dmax(t_src, t_dst)
         if own_src == 0 or x < n_other or t_src <= t_dst:
@@ -154,14 +181,14 @@ def _amount(e, src, dst, npool, pool_s, pool_n, total, own_src, drops_alpha, tok
     hi = total - 1 if drops_alpha and total > lo else total
     while lo < hi:
         mid = (lo + hi) // 2
-        if (_worst(mid + 1, e, src, dst, npool, pool_s, pool_n, tok, comp, t_in, t_out, alpha,
+        if (_worst(mid + 1, e, src, dst, npool, pool_s, cum, pre, tok, comp, t_in, t_out, alpha,
                    beta, tt)
-                >= _worst(mid, e, src, dst, npool, pool_s, pool_n, tok, comp, t_in, t_out,
+                >= _worst(mid, e, src, dst, npool, pool_s, cum, pre, tok, comp, t_in, t_out,
                           alpha, beta, tt)):
             hi = mid
         else:
             lo = mid + 1
-    if n_other == 0 or _worst(lo, e, src, dst, npool, pool_s, pool_n, tok, comp, t_in, t_out,
+    if n_other == 0 or _worst(lo, e, src, dst, npool, pool_s, cum, pre, tok, comp, t_in, t_out,
                               alpha, beta, tt) < worst:
         return lo
     return x
@@ -230,7 +257,7 @@ def _receives(src, dst, slots, window, xt, hcount, hlist, rank_nhome, rank_home,
 @cuda.jit(device=True)
 def _candidate(e, src, dst, load, home, slots, window, alpha, beta, tt, xt, epsilon, hcount,
                hlist, hpos, tok, held, blk_of, blk_assign, times, comp, t_in, t_out, recv,
-               send, used, pool_s, pool_n):
+               send, used, pool_s, pool_n, cum, pre):
     """One candidate of the CPU kernel's per-pair search: (gains, x, holder, npool); fills the
     pool."""
     no = (False, 0, -1, 0)
@@ -257,9 +284,10 @@ def _candidate(e, src, dst, load, home, slots, window, alpha, beta, tt, xt, epsi
     if total == 0:
         return no
     own_src = pool_n[npool - 1] if pool_s[npool - 1] == src else 0
-    x = _amount(e, src, dst, npool, pool_s, pool_n, total, own_src, total == tok[src, e], tok,
+    _prefix(npool, pool_s, pool_n, src, dst, tt, cum, pre)
+    x = _amount(e, src, dst, npool, pool_s, cum, pre, total, own_src, total == tok[src, e], tok,
                 comp, t_in, t_out, alpha, beta, tt)
-    if times[src] - _worst(x, e, src, dst, npool, pool_s, pool_n, tok, comp, t_in, t_out, alpha,
+    if times[src] - _worst(x, e, src, dst, npool, pool_s, cum, pre, tok, comp, t_in, t_out, alpha,
                            beta, tt) > epsilon:
         return True, x, holder, npool
     return no
@@ -329,6 +357,8 @@ def _parallel_kernel(load, home, slots, window, alpha, beta, tt, xt, limit, epsi
     flts = cuda.shared.array(4, float64)
     pool_s = cuda.local.array(MAX_RANKS, int64)
     pool_n = cuda.local.array(MAX_RANKS, int64)
+    cum = cuda.local.array(MAX_RANKS + 1, int64)
+    pre = cuda.local.array((4, MAX_RANKS + 1), float64)
 
     # The start: home holders and home experts, nothing copied, the static split; bad values
     # flag the layer.
@@ -509,7 +539,7 @@ def _parallel_kernel(load, home, slots, window, alpha, beta, tt, xt, limit, epsi
                 ok, x, holder, npool = _candidate(
                     od[src, pos], src, pair_dst[p], ld, hm, slots, win, alpha, beta, tt, xt,
                     epsilon, hc, hl, hp, tk, hd, bo, ba, times, comp, t_in, t_out, recv, send,
-                    used, pool_s, pool_n)
+                    used, pool_s, pool_n, cum, pre)
                 if ok:
                     cx[p, pos] = x
                     ch[p, pos] = holder
