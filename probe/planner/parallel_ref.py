@@ -5,12 +5,14 @@ needs hundreds of moves, each one a step that cannot start before the last has b
 The parallel greedy makes many moves per round instead:
 
 1. **Pairs.** With the rank times T and their mean, a rank is *hot* when
-   T(g) > mean + (1 - hot_fraction) * (max T - mean) and *cold* when T(g) < mean. Hot ranks,
-   hottest first (ties to the lowest rank), each take the coldest cold rank (ties to the
-   lowest rank) that is not taken yet and can receive one of its experts: some expert e with
-   tokens on the hot rank that the cold rank already holds, or that a home holder of e can copy
-   to it (a free slot, and the copy fits the holder's and the cold rank's windows). The pairs
-   are disjoint.
+   T(g) > mean + (1 - hot_fraction) * (max T - mean). Hot ranks, hottest first (ties to the
+   lowest rank), each take the coldest rank (ties to the lowest rank) that is not taken yet
+   (neither paired nor a hot rank already served), is faster than the hot rank and could
+   still gain (its compute plus one token's, plus its incoming traffic, stays below the hot
+   rank's time), and can receive one of the hot rank's experts: some expert e with tokens on
+   the hot rank that it already holds, or that a home holder of e can copy to it (a free slot,
+   and the copy fits the holder's and its windows). Call it the cold rank of the pair. The
+   pairs are disjoint.
 2. **One move per pair**, found against the round's starting state, as the greedy finds a move
    for its slowest rank with the cold rank as the only destination (probe's default rules:
    move_local and two_phase on, no mean cap, no evacuation): the hot rank's experts heaviest
