@@ -168,6 +168,22 @@ def test_scale_study_quick(tmp_path):
         assert default["ir"] < static["ir"]
     assert "Against the target" in out.with_suffix(".md").read_text()
     assert out.with_suffix(".manifest.json").exists()
+    for res in data["results"]:  # the parallel greedy's rows carry their rounds
+        rows = {row["planner"]: row for row in res["rows"]}
+        assert 1 <= rows["parallel greedy, 16 rounds"]["rounds"] <= 16
+        assert rows["greedy k_max=16"]["rounds"] is None
+    # --only parallel reruns those rows alone and keeps the others as they were.
+    main(["--quick", "--only", "parallel", "--out", str(out)])
+    again = json.loads(out.read_text())
+    assert again["machine"]["only"] == "parallel"
+    for old, new in zip(data["results"], again["results"], strict=True):
+        assert [row["planner"] for row in new["rows"]] == list(PLANNERS)
+        for before, after in zip(old["rows"], new["rows"], strict=True):
+            if not after["planner"].startswith("parallel"):
+                assert after == before
+            else:
+                assert after["ir"] == before["ir"]  # the same plans, timed again
+    assert "--only parallel" in out.with_suffix(".md").read_text()
 
 
 @pytest.mark.parametrize("seed", range(6))
