@@ -12,7 +12,7 @@ mkdir -p "$OUT"
 export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 LOG="$OUT/log.txt"
-ALL="planner.gpu_greedy planner.gpu_assign runtime.moe_layer runtime.quant_layer runtime.decode_graphs runtime.paged_kv"
+ALL="planner.gpu_greedy planner.gpu_parallel planner.gpu_assign runtime.moe_layer runtime.quant_layer runtime.decode_graphs runtime.paged_kv"
 WANT=${*:-$ALL}
 {
   date -u

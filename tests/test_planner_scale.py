@@ -145,9 +145,9 @@ def test_hierarchical_bad_arguments():
             hierarchical_plan(problem, bad)
     with pytest.raises(TypeError, match="problem must be a BalanceProblem"):
         hierarchical_plan("problem", 3)
-    with pytest.raises(TypeError, match="rules must be a GreedyRules"):
+    with pytest.raises(TypeError, match="rules must be a GreedyRules or a ParallelRules"):
         hierarchical_plan(problem, 3, rules={"k_max": 4})
-    with pytest.raises(TypeError, match="node_rules must be a GreedyRules"):
+    with pytest.raises(TypeError, match="node_rules must be a GreedyRules or a ParallelRules"):
         hierarchical_plan(problem, 3, node_rules=16)
     with pytest.raises(TypeError, match="timings must be a dict"):
         hierarchical_plan(problem, 3, timings=[])
@@ -168,3 +168,36 @@ def test_scale_study_quick(tmp_path):
         assert default["ir"] < static["ir"]
     assert "Against the target" in out.with_suffix(".md").read_text()
     assert out.with_suffix(".manifest.json").exists()
+    for res in data["results"]:  # the parallel greedy's rows carry their rounds
+        rows = {row["planner"]: row for row in res["rows"]}
+        assert 1 <= rows["parallel greedy, 16 rounds"]["rounds"] <= 16
+        assert rows["greedy k_max=16"]["rounds"] is None
+    # --only parallel reruns those rows alone and keeps the others as they were.
+    main(["--quick", "--only", "parallel", "--out", str(out)])
+    again = json.loads(out.read_text())
+    assert again["machine"]["only"] == "parallel"
+    for old, new in zip(data["results"], again["results"], strict=True):
+        assert [row["planner"] for row in new["rows"]] == list(PLANNERS)
+        for before, after in zip(old["rows"], new["rows"], strict=True):
+            if not after["planner"].startswith("parallel"):
+                assert after == before
+            else:
+                assert after["ir"] == before["ir"]  # the same plans, timed again
+    assert "--only parallel" in out.with_suffix(".md").read_text()
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_hierarchical_with_the_parallel_greedy(seed):
+    """ParallelRules run the parallel greedy in the node and GPU stages: checked plans, never
+    worse than static, and the kernel that ran is the parallel one (its plan on one node)."""
+    from probe.planner.parallel import parallel_plan
+    from probe.planner.parallel_ref import ParallelRules
+
+    problem, per_node = random_problem(np.random.default_rng(seed))
+    rules = ParallelRules(max_rounds=8)
+    plan = hierarchical_plan(problem, per_node, rules, node_rules=ParallelRules(max_rounds=4))
+    assert check_plan(problem, plan) == []
+    static = solve(problem, "static").objective
+    assert ir(problem, plan) * plan_mean(problem, plan) <= static * (1 + 1e-9)
+    flat = hierarchical_plan(problem, problem.num_ranks, rules)
+    np.testing.assert_array_equal(flat.assignment, parallel_plan(problem, rules).assignment)

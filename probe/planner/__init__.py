@@ -1,7 +1,8 @@
 """Balance planning: problem, plan, cost model, feasibility checker and solvers (numpy only).
 
-`solve(problem, method)` runs any backend ("static", "greedy", "greedy_ref", "eplb" =
-DeepSeek's EPLB (alias "deepseek_eplb"), "eplb_addcopies", "lp", "cpsat", "highs"); backends
+`solve(problem, method)` runs any backend ("static", "greedy", "greedy_ref",
+"parallel_greedy", "parallel_greedy_ref", "eplb" = DeepSeek's EPLB (alias "deepseek_eplb"),
+"eplb_addcopies", "lp", "cpsat", "highs", "hierarchical"); backends
 and Numba are imported on first use, so importing this package stays light and a missing
 optional solver never breaks it.
 docs/planner.md describes the problem, every solver and the greedy's rules (`GreedyRules`).

@@ -1,7 +1,8 @@
 """Hierarchical planning for multi-node EP: balance the nodes first, then the GPUs of each node.
 
 `hierarchical_plan(problem, ranks_per_node, rules, node_rules)` plans in three stages, each
-greedy stage the existing kernel (`greedy_arrays`) on a sub-problem:
+greedy stage the existing kernel (`greedy_arrays`) on a sub-problem, or the parallel greedy's
+(`parallel.parallel_arrays`) when its rules are a ParallelRules:
 
 1. **Nodes.** Ranks are aggregated per node (R = ranks_per_node GPUs, N = G / R nodes,
    `node_problem`): the node load [N, E] sums its sources' loads, a node holds an expert when
@@ -44,6 +45,7 @@ from probe.planner.check import evaluate_plan, rank_times
 from probe.planner.cost import CostModel
 from probe.planner.greedy import _kernel_args, greedy_arrays, plan_from_arrays
 from probe.planner.greedy_rules import GreedyRules
+from probe.planner.parallel_ref import ParallelRules
 from probe.planner.problem import BalanceProblem, Plan, SolveResult
 from probe.planner.static import static_assignment
 from probe.planner.tolerance import fits_window
@@ -98,20 +100,23 @@ def _fill(supply: np.ndarray, demand: np.ndarray) -> np.ndarray:
 
 
 def hierarchical_plan(problem: BalanceProblem, ranks_per_node: int,
-                      rules: GreedyRules | None = None, node_rules: GreedyRules | None = None,
+                      rules: GreedyRules | ParallelRules | None = None,
+                      node_rules: GreedyRules | ParallelRules | None = None,
                       *, timings: dict | None = None) -> Plan:
     """The two-level plan of `problem` (module docstring).
 
     ranks_per_node: GPUs per node (an int dividing G; G // ranks_per_node == 1 is the flat
-        greedy). rules: the greedy's rules inside each node (None: GreedyRules()).
-    node_rules: the rules of the node stage (None: `rules`).
+        greedy). rules: the greedy's rules inside each node (None: GreedyRules()); a
+        ParallelRules runs the parallel greedy (probe.planner.parallel) there instead.
+    node_rules: the rules of the node stage (None: `rules`), GreedyRules or ParallelRules.
     timings: a dict to receive "node_s" and "gpu_s", the seconds of the kernel calls of the
         node stage and of the GPU stage (two calls when there are cross-node copies).
     """
     num_nodes = _checked_nodes(problem, ranks_per_node)
     for name, value in (("rules", rules), ("node_rules", node_rules)):
-        if value is not None and not isinstance(value, GreedyRules):
-            raise TypeError(f"{name} must be a GreedyRules, got {type(value).__name__}")
+        if value is not None and not isinstance(value, (GreedyRules, ParallelRules)):
+            raise TypeError(f"{name} must be a GreedyRules or a ParallelRules, got "
+                            f"{type(value).__name__}")
     if timings is not None and not isinstance(timings, dict):
         raise TypeError(f"timings must be a dict or None, got {type(timings).__name__}")
     timings = {} if timings is None else timings
@@ -180,8 +185,18 @@ def hierarchical_plan(problem: BalanceProblem, ranks_per_node: int,
     return min(plans, key=lambda plan: evaluate_plan(problem, plan).objective)
 
 
-def timed_greedy(problem: BalanceProblem, rules: GreedyRules | None) -> tuple[Plan, float]:
-    """The greedy plan of `problem` and the seconds of its kernel call alone."""
+def timed_greedy(problem: BalanceProblem,
+                 rules: GreedyRules | ParallelRules | None) -> tuple[Plan, float]:
+    """The greedy plan of `problem` and the seconds of its kernel call alone: the parallel
+    greedy's (probe.planner.parallel) for ParallelRules, else the greedy's."""
+    if isinstance(rules, ParallelRules):
+        from probe.planner.parallel import kernel_args, parallel_arrays, plan_from_blocks
+
+        args = kernel_args(problem, rules)
+        start = time.perf_counter()
+        out = parallel_arrays(*args)
+        seconds = time.perf_counter() - start
+        return plan_from_blocks(problem, *out[:3]), seconds
     args = _kernel_args(problem, rules)
     start = time.perf_counter()
     out = greedy_arrays(*args)
@@ -226,11 +241,13 @@ def _gpu_stage(problem, rules, node_of, replicas, sources, used, recv,
 
 
 def solve_hierarchical(problem: BalanceProblem, *, time_limit: float | None = None,
-                       ranks_per_node: int | None = None, rules: GreedyRules | None = None,
-                       node_rules: GreedyRules | None = None) -> SolveResult:
+                       ranks_per_node: int | None = None,
+                       rules: GreedyRules | ParallelRules | None = None,
+                       node_rules: GreedyRules | ParallelRules | None = None) -> SolveResult:
     """Backend for `solve(problem, "hierarchical", ranks_per_node=..., rules=...,
-    node_rules=...)` (ranks_per_node None: 8 GPUs per node, one node below 8 ranks);
-    time_limit is only reported against."""
+    node_rules=...)` (ranks_per_node None: 8 GPUs per node, one node below 8 ranks; rules and
+    node_rules GreedyRules or ParallelRules, as in `hierarchical_plan`); time_limit is only
+    reported against."""
     if ranks_per_node is None and isinstance(problem, BalanceProblem):
         ranks_per_node = min(8, problem.num_ranks)
     timings: dict = {}

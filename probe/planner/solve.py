@@ -38,6 +38,9 @@ METHODS: dict[str, tuple[str, str]] = {
     "static": ("probe.planner.static", "solve_static"),
     "greedy": ("probe.planner.greedy", "solve_greedy"),
     "greedy_ref": ("probe.planner.greedy", "solve_greedy_ref"),
+    # The greedy in rounds of moves over disjoint rank pairs (parallel_ref.py has the rules).
+    "parallel_greedy": ("probe.planner.parallel", "solve_parallel_greedy"),
+    "parallel_greedy_ref": ("probe.planner.parallel", "solve_parallel_greedy_ref"),
     # "eplb" is DeepSeek's EPLB (token routing over a layout from eplb_problem);
     # "deepseek_eplb" is its former name, kept as an alias; "eplb_addcopies" is the older
     # EPLB-style baseline that keeps the home layout and adds copies (named "eplb" in results
@@ -72,7 +75,8 @@ def solve(problem: BalanceProblem, method: str = "greedy", *, time_limit: float 
     backend's default); a backend that hits it returns status "timeout" with its best plan.
     check: re-check the plan with `check_plan` (a plan that fails becomes status "error",
     plan None, with the violations in `message`). options: passed to the backend (e.g.
-    rules=GreedyRules(...) for greedy and greedy_ref, copies for eplb (DeepSeek's EPLB, on a
+    rules=GreedyRules(...) for greedy and greedy_ref, rules=ParallelRules(...) for
+    parallel_greedy and parallel_greedy_ref, copies for eplb (DeepSeek's EPLB, on a
     problem from probe.planner.deepseek_eplb.eplb_problem), history for eplb_addcopies,
     ranks_per_node, rules and node_rules for hierarchical).
     """
