@@ -15,8 +15,11 @@ per weight, since every weight is decoded once per BM-row tile of its expert. So
 avoids transcendental and select arithmetic: MXFP4 places each e2m1 code (sign, 2 exponent bits,
 1 mantissa bit) in an e4m3 byte, which the hardware converts exactly (the value times 2^-6,
 the subnormal 0.5 included), and multiplies by the block's power of two built from its exponent
-bits; or, with `KernelConfig.mxfp4_decode="ptx"`, inline PTX turns four packed bytes into scaled
-bf16 pairs with integer masks and two bf16x2 fmas. FP8 converts to bf16 exactly and applies the
+bits. `KernelConfig.mxfp4_decode` picks how: "portable" (nibble halves interleaved back into k
+order), "direct" (each weight reads its own byte and scale: elementwise, no tile reshuffle) or
+"dot_scaled" (Triton's microscaled dot, its own decode); which is fastest is for the GPU
+benchmark to say (experiments/runtime/quant_layer.py). An inline-PTX decode was tried and did
+not compile on the H200; it is gone. FP8 converts to bf16 exactly and applies the
 128 x 128 tile's scale_inv to each step's partial product (BK divides 128), not to each weight.
 
 The grid is (row tiles, N tiles), with row tiles = ceil(M / BM) + E, a bound on the BM-row
@@ -24,6 +27,10 @@ tiles of all experts together; each program derives its expert and first row fro
 (a cumulative sum over the E experts' tile counts, inside the kernel: one launch, no host read
 of the counts, so the launch can be captured in a CUDA graph); tiles past the last return at
 once. `tile_schedule` is the same mapping in torch, kept as the readable twin.
+
+With `x_index` the kernel's A loads gather the rows (row i of the product reads x[x_index[i]]):
+x stays in token order and the MoE permutation's [M, K] row copy is not needed (the "gather"
+form of a grouped GEMM).
 
 `grouped_matmul_ref` is the slow twin (dequantize with probe.runtime.quant, then one matmul per
 expert), used by the tests. On CPU the kernel runs under Triton's interpreter
@@ -50,51 +57,8 @@ except ImportError:  # pragma: no cover
     triton = None
 
 _FORMAT_CODE = {"bf16": 0, "mxfp4": 1, "fp8_block": 2}
-_MXFP4_DECODE = {"portable": 0, "ptx": 1}
+_MXFP4_DECODE = {"portable": 0, "direct": 1, "dot_scaled": 2}
 _FP8_SCALE = {"weights": 0, "product": 1}
-
-# e2m1 nibbles -> bf16 on NVIDIA GPUs, four packed bytes per instance (the "ptx" decode): bytes
-# [b0 b1 b2 b3] are permuted to [b0 b2 b1 b3] so that the low (then high) nibbles of b0 and b1
-# (and of b2 and b3) sit 16 bits apart; each pair is masked and shifted into the bit positions
-# of a bf16 pair (sign at bit 15, exponent and mantissa bits at 8..6), which reads as the e2m1
-# value times 2^-126 (the code 0.5 becomes a bf16 subnormal), then multiplied by 2^126 and by
-# the block's scale with bf16x2 fmas. Outputs $0 $1: low nibbles (elements 0-1, 2-3), $2 $3:
-# high nibbles; inputs $4: the four bytes, $5 $6: the four scales (bf16 pairs).
-_E2M1_PTX = """
-{
-.reg .b32 rv, rg, rs, rk, rz;
-prmt.b32 rv, $4, $4, 0x3120;
-mov.b32 rk, 0x7E807E80;
-mov.b32 rz, 0x80008000;
-shl.b32 rg, rv, 6;
-and.b32 rg, rg, 0x01C001C0;
-shl.b32 rs, rv, 12;
-and.b32 rs, rs, 0x80008000;
-or.b32 rg, rg, rs;
-fma.rn.bf16x2 rg, rg, rk, rz;
-fma.rn.bf16x2 $0, rg, $5, rz;
-shr.b32 rg, rv, 2;
-and.b32 rg, rg, 0x01C001C0;
-shl.b32 rs, rv, 4;
-and.b32 rs, rs, 0x80008000;
-or.b32 rg, rg, rs;
-fma.rn.bf16x2 rg, rg, rk, rz;
-fma.rn.bf16x2 $1, rg, $6, rz;
-shl.b32 rg, rv, 2;
-and.b32 rg, rg, 0x01C001C0;
-shl.b32 rs, rv, 8;
-and.b32 rs, rs, 0x80008000;
-or.b32 rg, rg, rs;
-fma.rn.bf16x2 rg, rg, rk, rz;
-fma.rn.bf16x2 $2, rg, $5, rz;
-shr.b32 rg, rv, 6;
-and.b32 rg, rg, 0x01C001C0;
-and.b32 rs, rv, 0x80008000;
-or.b32 rg, rg, rs;
-fma.rn.bf16x2 rg, rg, rk, rz;
-fma.rn.bf16x2 $3, rg, $6, rz;
-}
-"""
 
 if triton is not None:
 
@@ -116,8 +80,9 @@ if triton is not None:
         return e, row0, end
 
     @triton.jit
-    def _grouped_kernel(x_ptr, w_ptr, s_ptr, offs_ptr, y_ptr, b_ptr, N, K, stride_w, stride_s,
-                        stride_xm, stride_ym, stride_b, HAS_BIAS: tl.constexpr,
+    def _grouped_kernel(x_ptr, xi_ptr, w_ptr, s_ptr, offs_ptr, y_ptr, b_ptr, N, K, stride_w,
+                        stride_s, stride_xm, stride_ym, stride_b, HAS_BIAS: tl.constexpr,
+                        GATHER_X: tl.constexpr,
                         E: tl.constexpr, E_PAD: tl.constexpr,
                         FORMAT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
                         BK: tl.constexpr, GROUP: tl.constexpr, TILE: tl.constexpr,
@@ -133,44 +98,53 @@ if triton is not None:
             acc = tl.zeros((BM, BN), dtype=tl.float32)
             e64 = e.to(tl.int64)
             w_rows = w_ptr + (e64 * N + cols[:, None]) * stride_w  # [BN, 1] row starts
+            if GATHER_X:  # sorted row i reads x row x_index[i] (the permutation, fused)
+                src = tl.load(xi_ptr + rows, mask=rmask, other=0).to(tl.int64)
+            else:
+                src = rows.to(tl.int64)
             for k0 in range(0, K, BK):
                 ks = k0 + tl.arange(0, BK)
                 kmask = ks < K
-                x = tl.load(x_ptr + rows[:, None].to(tl.int64) * stride_xm + ks[None, :],
+                x = tl.load(x_ptr + src[:, None] * stride_xm + ks[None, :],
                             mask=rmask[:, None] & kmask[None, :], other=0.0)
                 wmask = cmask[:, None] & kmask[None, :]
                 post = tl.full((BN,), 1.0, tl.float32)  # per-column factor of the product
                 if FORMAT == 0:  # bf16 [E, N, K]
                     w = tl.load(w_rows + ks[None, :], mask=wmask, other=0.0)
                 elif FORMAT == 1:  # mxfp4 blocks [E, N, K / 2] bytes, scales [E, N, K / 32]
-                    kb = k0 // 2 + tl.arange(0, BK // 2)
-                    bmask = cmask[:, None] & (kb < K // 2)[None, :]
-                    packed = tl.load(w_rows + kb[None, :], mask=bmask, other=0)  # uint8
-                    groups = k0 // GROUP + tl.arange(0, BK // GROUP)
-                    gmask = cmask[:, None] & (groups < K // GROUP)[None, :]
-                    exps = tl.load(s_ptr + (e64 * N + cols[:, None]) * stride_s + groups[None, :],
-                                   mask=gmask, other=127)  # uint8 [BN, BK / 32]
-                    if DECODE == 1:  # inline PTX: nibbles straight to scaled bf16 pairs
-                        scale = (exps.to(tl.int16) << 7).to(tl.bfloat16, bitcast=True)
-                        scale = tl.reshape(tl.broadcast_to(scale[:, :, None],
-                                                           (BN, BK // GROUP, GROUP // 2)),
-                                           (BN, BK // 2))
-                        lo, hi = tl.inline_asm_elementwise(
-                            _E2M1_PTX, "=r,=r,=r,=r,r,r,r", [packed, scale],
-                            dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=4)
-                        w = tl.interleave(lo, hi)  # [BN, BK]
+                    # e2m1 (sign, 2 exponent bits, 1 mantissa bit) placed in an e4m3 byte is
+                    # the value times 2^-6, subnormal 0.5 included: the hardware converts it,
+                    # and 2^(scale - 127 + 6) is built from exponent bits.
+                    if DECODE == 1:  # "direct": every weight reads its own byte and scale
+                        byte = tl.load(w_rows + (ks // 2)[None, :], mask=wmask, other=0)
+                        code = (byte >> ((ks & 1) * 4)[None, :]) & 0xF  # [BN, BK]
+                        scale_exp = tl.load(s_ptr + (e64 * N + cols[:, None]) * stride_s
+                                            + (ks // GROUP)[None, :], mask=wmask,
+                                            other=127)  # uint8 [BN, BK]
+                        e4m3 = (((code & 7) << 2) | ((code & 8) << 4)).to(tl.uint8)
+                        bits = tl.minimum(scale_exp.to(tl.int32) + 6, 254) << 23
+                        w = (e4m3.to(tl.float8e4nv, bitcast=True).to(tl.float32)
+                             * bits.to(tl.float32, bitcast=True)).to(tl.bfloat16)
                     else:
-                        # e2m1 (sign, 2 exponent bits, 1 mantissa bit) placed in an e4m3 byte
-                        # is the value times 2^-6, subnormal 0.5 included: the hardware
-                        # converts it, and 2^(scale - 127 + 6) is built from exponent bits.
-                        lo = ((packed & 7) << 2) | ((packed & 8) << 4)
-                        hi = ((packed >> 2) & 0x1C) | (packed & 0x80)
-                        values = tl.interleave(lo.to(tl.float8e4nv, bitcast=True).to(tl.float32),
-                                               hi.to(tl.float8e4nv, bitcast=True).to(tl.float32))
-                        bits = tl.minimum(exps.to(tl.int32) + 6, 254) << 23
-                        scale = bits.to(tl.float32, bitcast=True)  # [BN, BK / 32]
-                        values = tl.reshape(values, (BN, BK // GROUP, GROUP)) * scale[:, :, None]
-                        w = tl.reshape(values, (BN, BK)).to(tl.bfloat16)
+                        kb = k0 // 2 + tl.arange(0, BK // 2)
+                        bmask = cmask[:, None] & (kb < K // 2)[None, :]
+                        packed = tl.load(w_rows + kb[None, :], mask=bmask, other=0)  # uint8
+                        groups = k0 // GROUP + tl.arange(0, BK // GROUP)
+                        gmask = cmask[:, None] & (groups < K // GROUP)[None, :]
+                        exps = tl.load(s_ptr + (e64 * N + cols[:, None]) * stride_s
+                                       + groups[None, :], mask=gmask,
+                                       other=127)  # uint8 [BN, BK / 32]
+                        if DECODE == 0:  # "portable": low / high nibbles, interleaved
+                            lo = ((packed & 7) << 2) | ((packed & 8) << 4)
+                            hi = ((packed >> 2) & 0x1C) | (packed & 0x80)
+                            values = tl.interleave(
+                                lo.to(tl.float8e4nv, bitcast=True).to(tl.float32),
+                                hi.to(tl.float8e4nv, bitcast=True).to(tl.float32))
+                            bits = tl.minimum(exps.to(tl.int32) + 6, 254) << 23
+                            scale = bits.to(tl.float32, bitcast=True)  # [BN, BK / 32]
+                            values = (tl.reshape(values, (BN, BK // GROUP, GROUP))
+                                      * scale[:, :, None])
+                            w = tl.reshape(values, (BN, BK)).to(tl.bfloat16)
                 else:  # fp8 [E, N, K], scale_inv [E, ceil(N / 128), ceil(K / 128)]
                     raw = tl.load(w_rows + ks[None, :], mask=wmask, other=0.0)
                     tiles_n = (N + TILE - 1) // TILE
@@ -182,7 +156,9 @@ if triton is not None:
                         post = scale
                     else:
                         w = (raw.to(tl.float32) * scale[:, None]).to(tl.bfloat16)
-                if DOT_FP32:  # Triton's CPU interpreter multiplies bf16 tiles wrongly
+                if FORMAT == 1 and DECODE == 2:
+                    part = tl.dot_scaled(x, None, "bf16", tl.trans(packed), exps, "e2m1")
+                elif DOT_FP32:  # Triton's CPU interpreter multiplies bf16 tiles wrongly
                     part = tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)))
                 else:
                     part = tl.dot(x, tl.trans(w))
@@ -233,10 +209,16 @@ class KernelConfig:
         block_m, block_n: rows of x and output columns per program (powers of two, >= 16).
         block_k: K per step, a multiple of 32 (one MXFP4 group) dividing 128 (one FP8 tile).
         num_warps, num_stages: Triton launch options (the interpreter ignores them).
-        mxfp4_decode: "portable" (Triton bit operations that place each e2m1 code in an e4m3
-            byte, then the hardware conversion and one fp32 multiply by the block's power of
-            two; also runs under the interpreter) or "ptx" (inline PTX, NVIDIA GPUs only: four
-            bytes at a time straight to scaled bf16 pairs, about 3 instructions per weight).
+        mxfp4_decode: how MXFP4 tiles become bf16 for the product. "portable": the packed
+            bytes' low and high nibbles each placed in an e4m3 byte, converted by the hardware,
+            interleaved back into k order and multiplied by the block's power of two;
+            "direct": every weight loads its own byte (each byte twice, from L1) and block
+            scale and picks its nibble, so the decode is elementwise with no interleave or
+            reshape of the tile; "dot_scaled": Triton's `tl.dot_scaled` (bf16 x e2m1 with the
+            e8m0 block scales), which leaves the decode to Triton's own lowering (on Hopper it
+            upcasts to bf16 in the operand layout, then a bf16 MMA). All three run under the
+            interpreter. (Inline PTX that decoded four bytes at a time was tried and did not
+            compile on the H200; it was removed.)
         fp8_scale: "product" (fp8 -> bf16 exactly, the tile's scale_inv multiplies each step's
             partial product, BM x BN multiplies instead of BN x BK) or "weights" (each weight
             scaled, then rounded to bf16).
@@ -287,28 +269,36 @@ DEFAULT_CONFIGS = {
 
 def grouped_matmul(x: torch.Tensor, weight: PackedWeight, offsets: torch.Tensor, *,
                    config: KernelConfig | None = None, bias: torch.Tensor | None = None,
-                   out: torch.Tensor | None = None) -> torch.Tensor:
+                   out: torch.Tensor | None = None,
+                   x_index: torch.Tensor | None = None) -> torch.Tensor:
     """y bf16 [M, N]: every expert's rows of x times its (packed) weight, transposed, plus
     the expert's bias row when `bias` [E, N] is given (added in the kernel's epilogue).
 
     offsets int32 [E + 1] lives on x's device and is never read on the host: each program
     derives its expert and rows from it. config: `KernelConfig` (None: DEFAULT_CONFIGS[fmt]).
+    x_index: int [M] or None; given, row i of the product reads x[x_index[i]] (x [T, K] in
+    token order, the rows gathered by the kernel's A loads: the MoE permutation fused into
+    the GEMM, no [M, K] copy of the sorted rows).
     """
     if triton is None:  # pragma: no cover
         raise RuntimeError("grouped_matmul needs triton (pip install 'probe[runtime]')")
-    _check(x, weight, offsets)
+    if x_index is not None:
+        if x_index.dim() != 1 or x_index.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"x_index must be a 1-d int32/int64 tensor, got "
+                             f"{list(x_index.shape)} {x_index.dtype}")
+        if x.dim() != 2:
+            raise ValueError(f"x must be [T, K], got {list(x.shape)}")
+    _check(x if x_index is None else x[:0], weight, offsets)
     if weight.fmt not in _FORMAT_CODE:
         raise ValueError(f"grouped_matmul supports {sorted(_FORMAT_CODE)}, got {weight.fmt!r}")
     cfg = DEFAULT_CONFIGS[weight.fmt] if config is None else config
     if not isinstance(cfg, KernelConfig):
         raise TypeError(f"config must be a KernelConfig, got {type(cfg).__name__}")
     interpret = os.environ.get("TRITON_INTERPRET") == "1"
-    if weight.fmt == "mxfp4" and cfg.mxfp4_decode == "ptx" and (interpret or not x.is_cuda):
-        raise ValueError("mxfp4_decode='ptx' needs an NVIDIA GPU (not the interpreter)")
     num_experts, n, k = weight.shape
     if bias is not None and tuple(bias.shape) != (num_experts, n):
         raise ValueError(f"bias must be [E, N] = [{num_experts}, {n}], got {list(bias.shape)}")
-    m = x.shape[0]
+    m = x.shape[0] if x_index is None else x_index.shape[0]
     x = x.contiguous()
     if out is None:
         out = torch.empty((m, n), dtype=torch.bfloat16, device=x.device)
@@ -324,9 +314,10 @@ def grouped_matmul(x: torch.Tensor, weight: PackedWeight, offsets: torch.Tensor,
         decode = _FP8_SCALE[cfg.fp8_scale] if weight.fmt == "fp8_block" else 0
     grid = (triton.cdiv(m, cfg.block_m) + num_experts, triton.cdiv(n, cfg.block_n))
     b = w if bias is None else bias.contiguous()
-    _grouped_kernel[grid](x, w, scales, offsets, out, b, n, k, stride_w, stride_s,
+    xi = offsets if x_index is None else x_index.contiguous()
+    _grouped_kernel[grid](x, xi, w, scales, offsets, out, b, n, k, stride_w, stride_s,
                           x.stride(0), out.stride(0), 0 if bias is None else b.stride(0),
-                          HAS_BIAS=bias is not None,
+                          HAS_BIAS=bias is not None, GATHER_X=x_index is not None,
                           E=num_experts, E_PAD=triton.next_power_of_2(num_experts),
                           FORMAT=_FORMAT_CODE[weight.fmt], BM=cfg.block_m, BN=cfg.block_n,
                           BK=cfg.block_k, GROUP=MXFP4_BLOCK, TILE=FP8_BLOCK, DECODE=decode,
