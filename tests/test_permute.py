@@ -88,3 +88,72 @@ def test_twin_sorts_stably_and_inverts():
 def test_bad_input_names_the_argument(call, match):
     with pytest.raises((ValueError, TypeError), match=match):
         call()
+
+
+_EXPERTS = r"""
+import json, sys, torch
+from probe.runtime import experts as ex
+from probe.runtime.glu import GluSpec
+from probe.runtime.quant import PackedWeight
+out = {}
+g = torch.Generator().manual_seed(4)
+e, d, f, t, k = 6, 32, 16, 23, 3
+spec = GluSpec("clamped_swiglu", 1.702, 7.0)
+w = {"w_gate_up": torch.randn(e, 2 * f, d, generator=g) * d ** -0.5,
+     "w_down": torch.randn(e, d, f, generator=g) * f ** -0.5,
+     "b_gate_up": torch.randn(e, 2 * f, generator=g) * 0.1,
+     "b_down": torch.randn(e, d, generator=g) * 0.1}
+x = torch.randn(t, d, generator=g)
+ids = torch.randint(0, e, (t, k), generator=g)
+ids[ids == 4] = 5  # an empty expert
+tw = torch.softmax(torch.randn(t, k, generator=g), -1)
+
+def make(dtype, **opts):
+    return ex.GroupedExperts(*(w[n].to(dtype) for n in ("w_gate_up", "w_down")), spec,
+                             b_gate_up=w["b_gate_up"].to(dtype), b_down=w["b_down"].to(dtype),
+                             **opts)
+
+def rel(a, b):
+    return float((a.double() - b.double()).norm() / b.double().norm())
+
+with torch.no_grad():
+    torch_path, triton_path = make(torch.float32), make(torch.float32, permute="triton")
+    slot = ids[:, 0]
+    out["call exact"] = torch.equal(triton_path(x, slot), torch_path(x, slot))
+    out["moe"] = rel(triton_path.moe(x, ids, tw), torch_path.moe(x, ids, tw))
+    custom = lambda y, wt: y[:, 0] * 2  # a combine of its own: un-permuted rows
+    out["moe custom exact"] = torch.equal(triton_path.moe(x, ids, tw, custom),
+                                          torch_path.moe(x, ids, tw, custom))
+    # "gather": the gate/up GEMM (the Triton kernel, let run on the CPU here) gathers the rows
+    calls = []
+    real = ex.grouped_matmul
+    ex.grouped_matmul = lambda *a, **kw: calls.append(kw.get("x_index")) or real(*a, **kw)
+    ex.packed_kernel_applies = lambda xx, ww: xx.dtype == torch.bfloat16
+    xb = x.to(torch.bfloat16)
+    gather = make(torch.bfloat16, backend="triton", permute="gather", glu=spec)
+    ref = make(torch.float32).moe(x, ids, tw)
+    out["gather"] = rel(gather.moe(xb, ids, tw), ref)
+    out["gather x_index"] = [c is not None for c in calls]
+json.dump(out, sys.stdout)
+"""
+
+
+def test_grouped_experts_triton_permute_equals_torch():
+    """GroupedExperts with permute "triton" and "gather" against the torch permutation."""
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    run = subprocess.run([sys.executable, "-c", _EXPERTS], env=env, capture_output=True,
+                         text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    out = json.loads(run.stdout.strip().splitlines()[-1])
+    assert out["call exact"] and out["moe custom exact"]
+    assert out["moe"] < 1e-6  # the fp32 sum over K in another order at most
+    assert out["gather"] < 2e-2  # bf16 weights and activations against fp32
+    assert out["gather x_index"] == [True, False]  # gate/up gathers, down does not
+
+
+def test_grouped_experts_rejects_an_unknown_permute():
+    from probe.runtime.experts import GroupedExperts
+
+    with pytest.raises(ValueError, match=r"permute must be one of \('torch', 'triton', "
+                                         r"'gather'\), got 'fast'"):
+        GroupedExperts(torch.randn(2, 8, 4), torch.randn(2, 4, 4), torch.relu, permute="fast")
