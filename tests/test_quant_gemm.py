@@ -37,8 +37,10 @@ for seed in range(6):
         packed = PackedWeight.pack(w, fmt)
         out = torch.full((x.shape[0], n), float("nan"), dtype=torch.bfloat16)
         # BK 64 and 128 (a partial last step where 128 does not divide K), both FP8 scalings
+        # R = 1, 2, 4 row tiles per program (sub-tiles past an expert's rows skipped)
         cfg = KernelConfig(block_m=16, block_n=16, block_k=64 if seed % 2 else 128,
-                           fp8_scale="product" if seed % 3 else "weights")
+                           fp8_scale="product" if seed % 3 else "weights",
+                           row_tiles=(1, 2, 4)[seed % 3])
         bias = torch.randn(num_experts, n, generator=g) if seed % 2 == 0 else None
         grouped_matmul(x, packed, offsets, config=cfg, bias=bias, out=out)
         # the twin on the weights as the kernel sees them (bf16), in fp32
@@ -51,7 +53,8 @@ for seed in range(6):
                 out.fill_(float("nan"))
                 grouped_matmul(x, packed, offsets, out=out, bias=bias,
                                config=KernelConfig(block_m=16, block_n=16, block_k=cfg.block_k,
-                                                   mxfp4_decode=decode))
+                                                   mxfp4_decode=decode,
+                                                   row_tiles=cfg.row_tiles))
                 err = float((out.float() - ref).norm() / ref.norm().clamp_min(1e-30))
                 errors.append([seed, f"mxfp4 {decode}", err, bool(torch.isnan(out).any())])
         # rows gathered by the kernel from x in token order (the permutation fused)
@@ -133,6 +136,9 @@ def test_kernel_config_names_its_choices():
     from probe.runtime.quant_gemm import KernelConfig
 
     assert KernelConfig(mxfp4_decode="dot_scaled").mxfp4_decode == "dot_scaled"
+    assert KernelConfig(row_tiles=4).label() == "64x128x64/w4/s3/r4"
+    with pytest.raises(ValueError, match="row_tiles must be 1, 2 or 4, got 3"):
+        KernelConfig(row_tiles=3)
     with pytest.raises(ValueError, match=r"mxfp4_decode must be one of \['direct', 'dot_scaled', "
                                          r"'portable'\], got 'ptx'"):
         KernelConfig(mxfp4_decode="ptx")

@@ -11,7 +11,9 @@ expanded in memory, so the bytes read per expert are the format's own (17/32 of 
 weight for MXFP4, about 1 for FP8, against 2 for bf16).
 
 With a few dozen rows per expert the kernel is bound by the weight stream and by the ALU work
-per weight, since every weight is decoded once per BM-row tile of its expert. So the decode
+per weight, since every weight is decoded once per BM-row tile of its expert
+(`KernelConfig.row_tiles` lets one program cover several BM-row tiles of its expert with one
+decode). So the decode
 avoids transcendental and select arithmetic: MXFP4 places each e2m1 code (sign, 2 exponent bits,
 1 mantissa bit) in an e4m3 byte, which the hardware converts exactly (the value times 2^-6,
 the subnormal 0.5 included), and multiplies by the block's power of two built from its exponent
@@ -80,97 +82,152 @@ if triton is not None:
         return e, row0, end
 
     @triton.jit
+    def _weight_tile(w_rows, s_ptr, e64, cols, cmask, k0, N, K, stride_s, FORMAT: tl.constexpr,
+                     BN: tl.constexpr, BK: tl.constexpr, GROUP: tl.constexpr,
+                     TILE: tl.constexpr, DECODE: tl.constexpr):
+        """(w, exps, post) of one K step: w the bf16 [BN, BK] tile (for "dot_scaled" the packed
+        bytes [BN, BK / 2], with their e8m0 exps [BN, BK / 32]), post a per-column factor of
+        the product (FP8 "product": the tile's scale_inv)."""
+        ks = k0 + tl.arange(0, BK)
+        wmask = cmask[:, None] & (ks < K)[None, :]
+        post = tl.full((BN,), 1.0, tl.float32)
+        exps = tl.full((BN, BK // GROUP), 127, tl.uint8)
+        if FORMAT == 0:  # bf16 [E, N, K]
+            w = tl.load(w_rows + ks[None, :], mask=wmask, other=0.0)
+        elif FORMAT == 1:  # mxfp4 blocks [E, N, K / 2] bytes, scales [E, N, K / 32]
+            # e2m1 (sign, 2 exponent bits, 1 mantissa bit) placed in an e4m3 byte is the
+            # value times 2^-6, subnormal 0.5 included: the hardware converts it, and
+            # 2^(scale - 127 + 6) is built from exponent bits.
+            if DECODE == 1:  # "direct": every weight reads its own byte and scale
+                byte = tl.load(w_rows + (ks // 2)[None, :], mask=wmask, other=0)
+                code = (byte >> ((ks & 1) * 4)[None, :]) & 0xF  # [BN, BK]
+                scale_exp = tl.load(s_ptr + (e64 * N + cols[:, None]) * stride_s
+                                    + (ks // GROUP)[None, :], mask=wmask,
+                                    other=127)  # uint8 [BN, BK]
+                e4m3 = (((code & 7) << 2) | ((code & 8) << 4)).to(tl.uint8)
+                bits = tl.minimum(scale_exp.to(tl.int32) + 6, 254) << 23
+                w = (e4m3.to(tl.float8e4nv, bitcast=True).to(tl.float32)
+                     * bits.to(tl.float32, bitcast=True)).to(tl.bfloat16)
+            else:
+                kb = k0 // 2 + tl.arange(0, BK // 2)
+                bmask = cmask[:, None] & (kb < K // 2)[None, :]
+                packed = tl.load(w_rows + kb[None, :], mask=bmask, other=0)  # uint8
+                groups = k0 // GROUP + tl.arange(0, BK // GROUP)
+                gmask = cmask[:, None] & (groups < K // GROUP)[None, :]
+                exps = tl.load(s_ptr + (e64 * N + cols[:, None]) * stride_s
+                               + groups[None, :], mask=gmask, other=127)  # [BN, BK / 32]
+                if DECODE == 2:  # "dot_scaled": decoded inside tl.dot_scaled
+                    w = packed
+                else:  # "portable": low / high nibbles, interleaved back into k order
+                    lo = ((packed & 7) << 2) | ((packed & 8) << 4)
+                    hi = ((packed >> 2) & 0x1C) | (packed & 0x80)
+                    values = tl.interleave(lo.to(tl.float8e4nv, bitcast=True).to(tl.float32),
+                                           hi.to(tl.float8e4nv, bitcast=True).to(tl.float32))
+                    bits = tl.minimum(exps.to(tl.int32) + 6, 254) << 23
+                    scale = bits.to(tl.float32, bitcast=True)  # [BN, BK / 32]
+                    values = tl.reshape(values, (BN, BK // GROUP, GROUP)) * scale[:, :, None]
+                    w = tl.reshape(values, (BN, BK)).to(tl.bfloat16)
+        else:  # fp8 [E, N, K], scale_inv [E, ceil(N / 128), ceil(K / 128)]
+            raw = tl.load(w_rows + ks[None, :], mask=wmask, other=0.0)
+            tiles_n = (N + TILE - 1) // TILE
+            tiles_k = (K + TILE - 1) // TILE
+            scale = tl.load(s_ptr + (e64 * tiles_n + cols // TILE) * tiles_k + k0 // TILE,
+                            mask=cmask, other=1.0)  # BK divides TILE: one k tile
+            if DECODE == 1:  # fp8 -> bf16 is exact; the scale goes on the product
+                w = raw.to(tl.float32).to(tl.bfloat16)  # (a conversion sm_90 has)
+                post = scale
+            else:
+                w = (raw.to(tl.float32) * scale[:, None]).to(tl.bfloat16)
+        return w, exps, post
+
+    @triton.jit
+    def _accumulate(acc, x_ptr, src, rmask, k0, K, stride_xm, w, exps, post,
+                    FORMAT: tl.constexpr, BK: tl.constexpr, DECODE: tl.constexpr,
+                    DOT_FP32: tl.constexpr):
+        """acc [BM, BN] + (rows src of x, K step k0) @ w^T."""
+        ks = k0 + tl.arange(0, BK)
+        x = tl.load(x_ptr + src[:, None] * stride_xm + ks[None, :],
+                    mask=rmask[:, None] & (ks < K)[None, :], other=0.0)
+        if FORMAT == 1 and DECODE == 2:
+            part = tl.dot_scaled(x, None, "bf16", tl.trans(w), exps, "e2m1")
+        elif DOT_FP32:  # Triton's CPU interpreter multiplies bf16 tiles wrongly
+            part = tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)))
+        else:
+            part = tl.dot(x, tl.trans(w))
+        if FORMAT == 2 and DECODE == 1:
+            return acc + part * post[None, :]
+        return acc + part
+
+    @triton.jit
+    def _sources(xi_ptr, rows, rmask, GATHER_X: tl.constexpr):
+        """The x row of each product row: x_index[rows] (the permutation fused), or rows."""
+        if GATHER_X:
+            return tl.load(xi_ptr + rows, mask=rmask, other=0).to(tl.int64)
+        return rows.to(tl.int64)
+
+    @triton.jit
+    def _store(y_ptr, acc, bias, rows, rmask, cols, cmask, stride_ym):
+        acc += bias[None, :]  # the expert's bias row in fp32 (zeros without), one rounding
+        tl.store(y_ptr + rows[:, None].to(tl.int64) * stride_ym + cols[None, :],
+                 acc.to(y_ptr.dtype.element_ty), mask=rmask[:, None] & cmask[None, :])
+
+    @triton.jit
     def _grouped_kernel(x_ptr, xi_ptr, w_ptr, s_ptr, offs_ptr, y_ptr, b_ptr, N, K, stride_w,
                         stride_s, stride_xm, stride_ym, stride_b, HAS_BIAS: tl.constexpr,
-                        GATHER_X: tl.constexpr,
-                        E: tl.constexpr, E_PAD: tl.constexpr,
+                        GATHER_X: tl.constexpr, E: tl.constexpr, E_PAD: tl.constexpr,
                         FORMAT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
                         BK: tl.constexpr, GROUP: tl.constexpr, TILE: tl.constexpr,
-                        DECODE: tl.constexpr, DOT_FP32: tl.constexpr):
+                        DECODE: tl.constexpr, DOT_FP32: tl.constexpr, R: tl.constexpr):
+        # A program owns R consecutive BM-row tiles of one expert (R = 1, 2 or 4): it decodes
+        # each weight tile once and multiplies it into every sub-tile that has rows.
         tile = tl.program_id(0)
         pid_n = tl.program_id(1)
-        e, row0, end = _schedule(offs_ptr, tile, E, E_PAD, BM)
+        e, row0, end = _schedule(offs_ptr, tile, E, E_PAD, BM * R)
         if e < E:
-            rows = row0 + tl.arange(0, BM)
-            rmask = rows < end
             cols = pid_n * BN + tl.arange(0, BN)
             cmask = cols < N
-            acc = tl.zeros((BM, BN), dtype=tl.float32)
             e64 = e.to(tl.int64)
             w_rows = w_ptr + (e64 * N + cols[:, None]) * stride_w  # [BN, 1] row starts
-            if GATHER_X:  # sorted row i reads x row x_index[i] (the permutation, fused)
-                src = tl.load(xi_ptr + rows, mask=rmask, other=0).to(tl.int64)
-            else:
-                src = rows.to(tl.int64)
+            rows0 = row0 + tl.arange(0, BM)
+            src0 = _sources(xi_ptr, rows0, rows0 < end, GATHER_X)
+            acc0 = tl.zeros((BM, BN), dtype=tl.float32)
+            if R > 1:
+                rows1 = rows0 + BM
+                src1 = _sources(xi_ptr, rows1, rows1 < end, GATHER_X)
+                acc1 = tl.zeros((BM, BN), dtype=tl.float32)
+            if R > 2:
+                rows2 = rows0 + 2 * BM
+                rows3 = rows0 + 3 * BM
+                src2 = _sources(xi_ptr, rows2, rows2 < end, GATHER_X)
+                src3 = _sources(xi_ptr, rows3, rows3 < end, GATHER_X)
+                acc2 = tl.zeros((BM, BN), dtype=tl.float32)
+                acc3 = tl.zeros((BM, BN), dtype=tl.float32)
             for k0 in range(0, K, BK):
-                ks = k0 + tl.arange(0, BK)
-                kmask = ks < K
-                x = tl.load(x_ptr + src[:, None] * stride_xm + ks[None, :],
-                            mask=rmask[:, None] & kmask[None, :], other=0.0)
-                wmask = cmask[:, None] & kmask[None, :]
-                post = tl.full((BN,), 1.0, tl.float32)  # per-column factor of the product
-                if FORMAT == 0:  # bf16 [E, N, K]
-                    w = tl.load(w_rows + ks[None, :], mask=wmask, other=0.0)
-                elif FORMAT == 1:  # mxfp4 blocks [E, N, K / 2] bytes, scales [E, N, K / 32]
-                    # e2m1 (sign, 2 exponent bits, 1 mantissa bit) placed in an e4m3 byte is
-                    # the value times 2^-6, subnormal 0.5 included: the hardware converts it,
-                    # and 2^(scale - 127 + 6) is built from exponent bits.
-                    if DECODE == 1:  # "direct": every weight reads its own byte and scale
-                        byte = tl.load(w_rows + (ks // 2)[None, :], mask=wmask, other=0)
-                        code = (byte >> ((ks & 1) * 4)[None, :]) & 0xF  # [BN, BK]
-                        scale_exp = tl.load(s_ptr + (e64 * N + cols[:, None]) * stride_s
-                                            + (ks // GROUP)[None, :], mask=wmask,
-                                            other=127)  # uint8 [BN, BK]
-                        e4m3 = (((code & 7) << 2) | ((code & 8) << 4)).to(tl.uint8)
-                        bits = tl.minimum(scale_exp.to(tl.int32) + 6, 254) << 23
-                        w = (e4m3.to(tl.float8e4nv, bitcast=True).to(tl.float32)
-                             * bits.to(tl.float32, bitcast=True)).to(tl.bfloat16)
-                    else:
-                        kb = k0 // 2 + tl.arange(0, BK // 2)
-                        bmask = cmask[:, None] & (kb < K // 2)[None, :]
-                        packed = tl.load(w_rows + kb[None, :], mask=bmask, other=0)  # uint8
-                        groups = k0 // GROUP + tl.arange(0, BK // GROUP)
-                        gmask = cmask[:, None] & (groups < K // GROUP)[None, :]
-                        exps = tl.load(s_ptr + (e64 * N + cols[:, None]) * stride_s
-                                       + groups[None, :], mask=gmask,
-                                       other=127)  # uint8 [BN, BK / 32]
-                        if DECODE == 0:  # "portable": low / high nibbles, interleaved
-                            lo = ((packed & 7) << 2) | ((packed & 8) << 4)
-                            hi = ((packed >> 2) & 0x1C) | (packed & 0x80)
-                            values = tl.interleave(
-                                lo.to(tl.float8e4nv, bitcast=True).to(tl.float32),
-                                hi.to(tl.float8e4nv, bitcast=True).to(tl.float32))
-                            bits = tl.minimum(exps.to(tl.int32) + 6, 254) << 23
-                            scale = bits.to(tl.float32, bitcast=True)  # [BN, BK / 32]
-                            values = (tl.reshape(values, (BN, BK // GROUP, GROUP))
-                                      * scale[:, :, None])
-                            w = tl.reshape(values, (BN, BK)).to(tl.bfloat16)
-                else:  # fp8 [E, N, K], scale_inv [E, ceil(N / 128), ceil(K / 128)]
-                    raw = tl.load(w_rows + ks[None, :], mask=wmask, other=0.0)
-                    tiles_n = (N + TILE - 1) // TILE
-                    tiles_k = (K + TILE - 1) // TILE
-                    scale = tl.load(s_ptr + (e64 * tiles_n + cols // TILE) * tiles_k + k0 // TILE,
-                                    mask=cmask, other=1.0)  # BK divides TILE: one k tile
-                    if DECODE == 1:  # fp8 -> bf16 is exact; the scale goes on the product
-                        w = raw.to(tl.float32).to(tl.bfloat16)  # (a conversion sm_90 has)
-                        post = scale
-                    else:
-                        w = (raw.to(tl.float32) * scale[:, None]).to(tl.bfloat16)
-                if FORMAT == 1 and DECODE == 2:
-                    part = tl.dot_scaled(x, None, "bf16", tl.trans(packed), exps, "e2m1")
-                elif DOT_FP32:  # Triton's CPU interpreter multiplies bf16 tiles wrongly
-                    part = tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)))
-                else:
-                    part = tl.dot(x, tl.trans(w))
-                if FORMAT == 2 and DECODE == 1:
-                    acc += part * post[None, :]
-                else:
-                    acc += part
-            if HAS_BIAS:  # the expert's bias row, added in fp32 before the one rounding
-                acc += tl.load(b_ptr + e64 * stride_b + cols, mask=cmask,
-                               other=0.0).to(tl.float32)[None, :]
-            tl.store(y_ptr + rows[:, None].to(tl.int64) * stride_ym + cols[None, :],
-                     acc.to(y_ptr.dtype.element_ty), mask=rmask[:, None] & cmask[None, :])
+                w, exps, post = _weight_tile(w_rows, s_ptr, e64, cols, cmask, k0, N, K,
+                                             stride_s, FORMAT, BN, BK, GROUP, TILE, DECODE)
+                acc0 = _accumulate(acc0, x_ptr, src0, rows0 < end, k0, K, stride_xm, w, exps,
+                                   post, FORMAT, BK, DECODE, DOT_FP32)
+                if R > 1:  # noqa: SIM102 - a compile-time test around a runtime one
+                    if row0 + BM < end:  # sub-tiles past the expert's rows skip the MMA
+                        acc1 = _accumulate(acc1, x_ptr, src1, rows1 < end, k0, K, stride_xm,
+                                           w, exps, post, FORMAT, BK, DECODE, DOT_FP32)
+                if R > 2:
+                    if row0 + 2 * BM < end:
+                        acc2 = _accumulate(acc2, x_ptr, src2, rows2 < end, k0, K, stride_xm,
+                                           w, exps, post, FORMAT, BK, DECODE, DOT_FP32)
+                    if row0 + 3 * BM < end:
+                        acc3 = _accumulate(acc3, x_ptr, src3, rows3 < end, k0, K, stride_xm,
+                                           w, exps, post, FORMAT, BK, DECODE, DOT_FP32)
+            bias = tl.zeros((BN,), dtype=tl.float32)
+            if HAS_BIAS:
+                bias = tl.load(b_ptr + e64 * stride_b + cols, mask=cmask,
+                               other=0.0).to(tl.float32)
+            _store(y_ptr, acc0, bias, rows0, rows0 < end, cols, cmask, stride_ym)
+            if R > 1:
+                _store(y_ptr, acc1, bias, rows1, rows1 < end, cols, cmask, stride_ym)
+            if R > 2:
+                _store(y_ptr, acc2, bias, rows2, rows2 < end, cols, cmask, stride_ym)
+                _store(y_ptr, acc3, bias, rows3, rows3 < end, cols, cmask, stride_ym)
 
 
 def _check(x: torch.Tensor, weight: PackedWeight, offsets: torch.Tensor) -> None:
@@ -222,6 +279,11 @@ class KernelConfig:
         fp8_scale: "product" (fp8 -> bf16 exactly, the tile's scale_inv multiplies each step's
             partial product, BM x BN multiplies instead of BN x BK) or "weights" (each weight
             scaled, then rounded to bf16).
+        row_tiles: R = 1, 2 or 4 BM-row tiles of one expert per program: each weight tile is
+            decoded (and read) once for R * BM rows, and a sub-tile without rows skips its
+            MMA, so an expert with up to R * BM rows has its weights decoded once in all
+            (against once per BM rows with R = 1), while small experts pay no MMA for the
+            padding that one BM = R * BM tile would multiply.
     """
 
     block_m: int = 64
@@ -231,6 +293,7 @@ class KernelConfig:
     num_stages: int = 3
     mxfp4_decode: str = "portable"
     fp8_scale: str = "product"
+    row_tiles: int = 1
 
     def __post_init__(self) -> None:
         for name in ("block_m", "block_n"):
@@ -246,14 +309,16 @@ class KernelConfig:
         if self.mxfp4_decode not in _MXFP4_DECODE:
             raise ValueError(f"KernelConfig.mxfp4_decode must be one of {sorted(_MXFP4_DECODE)}, "
                              f"got {self.mxfp4_decode!r}")
+        if self.row_tiles not in (1, 2, 4):
+            raise ValueError(f"KernelConfig.row_tiles must be 1, 2 or 4, got {self.row_tiles}")
         if self.fp8_scale not in _FP8_SCALE:
             raise ValueError(f"KernelConfig.fp8_scale must be one of {sorted(_FP8_SCALE)}, "
                              f"got {self.fp8_scale!r}")
 
     def label(self) -> str:
-        """Short text for tables: BMxBNxBK/warps/stages."""
+        """Short text for tables: BMxBNxBK/warps/stages (and /rRT with row tiles)."""
         return (f"{self.block_m}x{self.block_n}x{self.block_k}/w{self.num_warps}"
-                f"/s{self.num_stages}")
+                f"/s{self.num_stages}" + (f"/r{self.row_tiles}" if self.row_tiles > 1 else ""))
 
 
 # What grouped_matmul runs when no config is given: a guess from the kernel's arithmetic (large
@@ -312,7 +377,8 @@ def grouped_matmul(x: torch.Tensor, weight: PackedWeight, offsets: torch.Tensor,
     else:
         stride_w, stride_s = k, 0
         decode = _FP8_SCALE[cfg.fp8_scale] if weight.fmt == "fp8_block" else 0
-    grid = (triton.cdiv(m, cfg.block_m) + num_experts, triton.cdiv(n, cfg.block_n))
+    rows_per_program = cfg.block_m * cfg.row_tiles
+    grid = (triton.cdiv(m, rows_per_program) + num_experts, triton.cdiv(n, cfg.block_n))
     b = w if bias is None else bias.contiguous()
     xi = offsets if x_index is None else x_index.contiguous()
     _grouped_kernel[grid](x, xi, w, scales, offsets, out, b, n, k, stride_w, stride_s,
@@ -321,7 +387,7 @@ def grouped_matmul(x: torch.Tensor, weight: PackedWeight, offsets: torch.Tensor,
                           E=num_experts, E_PAD=triton.next_power_of_2(num_experts),
                           FORMAT=_FORMAT_CODE[weight.fmt], BM=cfg.block_m, BN=cfg.block_n,
                           BK=cfg.block_k, GROUP=MXFP4_BLOCK, TILE=FP8_BLOCK, DECODE=decode,
-                          DOT_FP32=interpret, num_warps=cfg.num_warps,
+                          DOT_FP32=interpret, R=cfg.row_tiles, num_warps=cfg.num_warps,
                           num_stages=cfg.num_stages)
     return out
 
