@@ -124,10 +124,13 @@ def test_quant_layer_benchmark_runs_on_cpu(tmp_path):
                          capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     rows = json.loads((tmp_path / "quant_layer.json").read_text())["rows"]
-    assert {r["variant"] for r in rows} == {"triton bf16", "triton mxfp4", "triton fp8_block"}
+    assert {r["variant"] for r in rows} == {
+        "triton bf16", "triton mxfp4 portable", "triton mxfp4 direct", "triton mxfp4 dot_scaled",
+        "triton fp8_block"}
     assert all(r["rel_error"] < 3e-2 for r in rows)
     trials = json.loads((tmp_path / "quant_layer.json").read_text())["trials"]
-    assert len(trials) == 4 and all(t["median_us"] > 0 and "error" not in t for t in trials)
+    assert len(trials) == 7 and all(t["median_us"] > 0 and "error" not in t for t in trials)
+    assert "16x64x128/w4/s1/r2 portable" in {t["config"] for t in trials}
     assert "Every config tried" in (tmp_path / "quant_layer.md").read_text()
     assert (tmp_path / "quant_layer.manifest.json").exists()
 
