@@ -49,7 +49,7 @@ for seed in range(6):
         err = float((out.float() - ref).norm() / ref.norm().clamp_min(1e-30))
         errors.append([seed, fmt, err, bool(torch.isnan(out).any())])
         if fmt == "mxfp4":  # the other decodes, each on its own launch
-            for decode in ("direct", "dot_scaled"):
+            for decode in ("spread", "dot_scaled"):
                 out.fill_(float("nan"))
                 grouped_matmul(x, packed, offsets, out=out, bias=bias,
                                config=KernelConfig(block_m=16, block_n=16, block_k=cfg.block_k,
@@ -77,7 +77,7 @@ def test_kernel_matches_the_twin_in_every_format():
     errors = json.loads(run.stdout.strip().splitlines()[-1])
     assert len(errors) == 6 * (3 + 2 + 3)
     assert {fmt for _, fmt, _, _ in errors} == {
-        "bf16", "mxfp4", "fp8_block", "mxfp4 direct", "mxfp4 dot_scaled", "bf16 x_index",
+        "bf16", "mxfp4", "fp8_block", "mxfp4 spread", "mxfp4 dot_scaled", "bf16 x_index",
         "mxfp4 x_index", "fp8_block x_index"}
     for seed, fmt, err, has_nan in errors:
         assert not has_nan, (seed, fmt)  # every output row written
@@ -125,7 +125,7 @@ def test_quant_layer_benchmark_runs_on_cpu(tmp_path):
     assert run.returncode == 0, run.stderr[-3000:]
     rows = json.loads((tmp_path / "quant_layer.json").read_text())["rows"]
     assert {r["variant"] for r in rows} == {
-        "triton bf16", "triton mxfp4 portable", "triton mxfp4 direct", "triton mxfp4 dot_scaled",
+        "triton bf16", "triton mxfp4 portable", "triton mxfp4 spread", "triton mxfp4 dot_scaled",
         "triton fp8_block"}
     assert all(r["rel_error"] < 3e-2 for r in rows)
     trials = json.loads((tmp_path / "quant_layer.json").read_text())["trials"]
@@ -142,6 +142,6 @@ def test_kernel_config_names_its_choices():
     assert KernelConfig(row_tiles=4).label() == "64x128x64/w4/s3/r4"
     with pytest.raises(ValueError, match="row_tiles must be 1, 2 or 4, got 3"):
         KernelConfig(row_tiles=3)
-    with pytest.raises(ValueError, match=r"mxfp4_decode must be one of \['direct', 'dot_scaled', "
-                                         r"'portable'\], got 'ptx'"):
+    with pytest.raises(ValueError, match=r"mxfp4_decode must be one of \['dot_scaled', 'portable', "
+                                         r"'spread'\], got 'ptx'"):
         KernelConfig(mxfp4_decode="ptx")

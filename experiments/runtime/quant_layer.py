@@ -11,7 +11,7 @@ Shapes: gpt-oss-120b (E 128, top-4, hidden 2880, expert width 2880; shipped in M
 deepseek-v3 (E 256, top-8, hidden 7168, width 2048; shipped in block-scaled FP8), at 256, 768
 and 1536 tokens. Variants: bf16 through torch._grouped_mm (where the build has it), and
 probe.runtime.quant_gemm's Triton kernel on bf16 and on the shipped format (weights never
-expanded in memory): FP8 once, MXFP4 once per decode ("portable", "direct", "dot_scaled"; see
+expanded in memory): FP8 once, MXFP4 once per decode ("portable", "spread", "dot_scaled"; see
 `KernelConfig.mxfp4_decode`), each with the kernel config (tile shape, warps, stages, row tiles
 per program, FP8 scale placement) that timed best of a few; every config's time is in the
 second table.
@@ -50,7 +50,7 @@ TOKENS = (256, 768, 1536)
 # Kernel configs tried per format, (BM, BN, BK, warps, stages[, decode[, row tiles]]); the best
 # correct one is reported and every trial goes to the JSON (a config that fails to compile or
 # exceeds shared memory is recorded, not fatal). MXFP4 is one variant per decode ("portable",
-# "direct", "dot_scaled"; row tiles 2 / 4 decode each weight tile once for 2 / 4 BM-row tiles),
+# "spread", "dot_scaled"; row tiles 2 / 4 decode each weight tile once for 2 / 4 BM-row tiles),
 # FP8 tries both places for its scale.
 CONFIGS = {
     "bf16": [(32, 64, 64, 4, 3), (64, 64, 64, 4, 3), (64, 128, 64, 4, 3), (64, 128, 64, 8, 4),
@@ -58,8 +58,8 @@ CONFIGS = {
     "mxfp4": [(32, 128, 128, 4, 3, "portable"), (64, 128, 128, 8, 3, "portable"),
               (64, 64, 128, 4, 3, "portable"), (32, 128, 128, 4, 3, "portable", 2),
               (32, 128, 128, 4, 3, "portable", 4),
-              (32, 128, 128, 4, 3, "direct"), (64, 128, 128, 8, 3, "direct"),
-              (32, 128, 128, 4, 3, "direct", 2),
+              (32, 128, 128, 4, 3, "spread"), (64, 128, 128, 8, 3, "spread"),
+              (32, 128, 128, 4, 3, "spread", 2),
               (32, 128, 128, 4, 3, "dot_scaled"), (64, 128, 128, 8, 3, "dot_scaled"),
               (64, 64, 128, 4, 3, "dot_scaled"), (32, 128, 128, 4, 3, "dot_scaled", 2)],
     "fp8_block": [(64, 128, 128, 8, 3, "product"), (32, 128, 128, 4, 3, "product"),
@@ -69,7 +69,7 @@ CONFIGS = {
 # (wide column tiles: few programs, which is what costs time under the interpreter)
 QUICK_CONFIGS = {"bf16": [(16, 64, 64, 4, 1)],
                  "mxfp4": [(16, 64, 128, 4, 1, "portable"), (16, 64, 128, 4, 1, "portable", 2),
-                           (16, 64, 128, 4, 1, "direct"), (16, 64, 128, 4, 1, "dot_scaled")],
+                           (16, 64, 128, 4, 1, "spread"), (16, 64, 128, 4, 1, "dot_scaled")],
                  "fp8_block": [(16, 64, 128, 4, 1, "product")]}
 MAX_REL_ERROR = 3e-2  # a config further than this from the fp32 twin is reported, not kept
 

@@ -18,11 +18,12 @@ avoids transcendental and select arithmetic: MXFP4 places each e2m1 code (sign, 
 1 mantissa bit) in an e4m3 byte, which the hardware converts exactly (the value times 2^-6,
 the subnormal 0.5 included), and multiplies by the block's power of two built from its exponent
 bits. `KernelConfig.mxfp4_decode` picks how: "portable" (nibble halves interleaved back into k
-order), "direct" (each weight reads its own byte and scale: elementwise, no tile reshuffle) or
-"dot_scaled" (Triton's microscaled dot, its own decode); which is fastest is for the GPU
-benchmark to say (experiments/runtime/quant_layer.py). An inline-PTX decode was tried and did
-not compile on the H200; it is gone. FP8 converts to bf16 exactly and applies the
-128 x 128 tile's scale_inv to each step's partial product (BK divides 128), not to each weight.
+order), "spread" (the packed bytes spread to k order, one byte per weight, then one
+elementwise decode: no fp32 interleave) or "dot_scaled" (Triton's microscaled dot, its own
+decode); which is fastest is for the GPU benchmark to say (experiments/runtime/quant_layer.py).
+An inline-PTX decode was tried and did not compile on the H200; it is gone. FP8 converts to
+bf16 exactly and applies the 128 x 128 tile's scale_inv to each step's partial product (BK
+divides 128), not to each weight.
 
 The grid is (row tiles, N tiles), with row tiles = ceil(M / BM) + E, a bound on the BM-row
 tiles of all experts together; each program derives its expert and first row from `offsets`
@@ -59,7 +60,7 @@ except ImportError:  # pragma: no cover
     triton = None
 
 _FORMAT_CODE = {"bf16": 0, "mxfp4": 1, "fp8_block": 2}
-_MXFP4_DECODE = {"portable": 0, "direct": 1, "dot_scaled": 2}
+_MXFP4_DECODE = {"portable": 0, "spread": 1, "dot_scaled": 2}
 _FP8_SCALE = {"weights": 0, "product": 1}
 
 if triton is not None:
@@ -98,16 +99,22 @@ if triton is not None:
             # e2m1 (sign, 2 exponent bits, 1 mantissa bit) placed in an e4m3 byte is the
             # value times 2^-6, subnormal 0.5 included: the hardware converts it, and
             # 2^(scale - 127 + 6) is built from exponent bits.
-            if DECODE == 1:  # "direct": every weight reads its own byte and scale
-                byte = tl.load(w_rows + (ks // 2)[None, :], mask=wmask, other=0)
-                code = (byte >> ((ks & 1) * 4)[None, :]) & 0xF  # [BN, BK]
-                scale_exp = tl.load(s_ptr + (e64 * N + cols[:, None]) * stride_s
-                                    + (ks // GROUP)[None, :], mask=wmask,
-                                    other=127)  # uint8 [BN, BK]
-                e4m3 = (((code & 7) << 2) | ((code & 8) << 4)).to(tl.uint8)
-                bits = tl.minimum(scale_exp.to(tl.int32) + 6, 254) << 23
-                w = (e4m3.to(tl.float8e4nv, bitcast=True).to(tl.float32)
-                     * bits.to(tl.float32, bitcast=True)).to(tl.bfloat16)
+            if DECODE == 1:  # "spread": the bytes spread to k order first, then one decode
+                kb = k0 // 2 + tl.arange(0, BK // 2)
+                bmask = cmask[:, None] & (kb < K // 2)[None, :]
+                packed = tl.load(w_rows + kb[None, :], mask=bmask, other=0)  # uint8
+                groups = k0 // GROUP + tl.arange(0, BK // GROUP)
+                gmask = cmask[:, None] & (groups < K // GROUP)[None, :]
+                exps = tl.load(s_ptr + (e64 * N + cols[:, None]) * stride_s
+                               + groups[None, :], mask=gmask, other=127)  # [BN, BK / 32]
+                both = tl.reshape(tl.join(packed, packed), (BN, BK))  # byte of each weight
+                code = (both >> ((ks & 1) * 4).to(tl.uint8)[None, :]) & 0xF  # its nibble
+                e4m3 = ((code & 7) << 2) | ((code & 8) << 4)
+                bits = tl.minimum(exps.to(tl.int32) + 6, 254) << 23
+                scale = bits.to(tl.float32, bitcast=True)  # [BN, BK / 32]
+                values = e4m3.to(tl.float8e4nv, bitcast=True).to(tl.float32)
+                values = tl.reshape(values, (BN, BK // GROUP, GROUP)) * scale[:, :, None]
+                w = tl.reshape(values, (BN, BK)).to(tl.bfloat16)
             else:
                 kb = k0 // 2 + tl.arange(0, BK // 2)
                 bmask = cmask[:, None] & (kb < K // 2)[None, :]
@@ -269,13 +276,13 @@ class KernelConfig:
         mxfp4_decode: how MXFP4 tiles become bf16 for the product. "portable": the packed
             bytes' low and high nibbles each placed in an e4m3 byte, converted by the hardware,
             interleaved back into k order and multiplied by the block's power of two;
-            "direct": every weight loads its own byte (each byte twice, from L1) and block
-            scale and picks its nibble, so the decode is elementwise with no interleave or
-            reshape of the tile; "dot_scaled": Triton's `tl.dot_scaled` (bf16 x e2m1 with the
-            e8m0 block scales), which leaves the decode to Triton's own lowering (on Hopper it
-            upcasts to bf16 in the operand layout, then a bf16 MMA). All three run under the
-            interpreter. (Inline PTX that decoded four bytes at a time was tried and did not
-            compile on the H200; it was removed.)
+            "spread": the packed bytes are first spread to k order (each byte twice: one byte
+            moved per weight, where "portable" interleaves fp32 values), then every weight
+            picks its nibble and is decoded elementwise; "dot_scaled": Triton's
+            `tl.dot_scaled` (bf16 x e2m1 with the e8m0 block scales), which leaves the decode
+            to Triton's own lowering (on Hopper: an upcast to bf16, then a bf16 MMA). All
+            three run under the interpreter. (Inline PTX that decoded four bytes at a time was
+            tried and did not compile on the H200; it was removed.)
         fp8_scale: "product" (fp8 -> bf16 exactly, the tile's scale_inv multiplies each step's
             partial product, BM x BN multiplies instead of BN x BK) or "weights" (each weight
             scaled, then rounded to bf16).
