@@ -37,10 +37,11 @@ for seed in range(6):
         packed = PackedWeight.pack(w, fmt)
         out = torch.full((x.shape[0], n), float("nan"), dtype=torch.bfloat16)
         # BK 64 and 128 (a partial last step where 128 does not divide K), both FP8 scalings
-        # R = 1, 2, 4 row tiles per program (sub-tiles past an expert's rows skipped)
+        # R = 1, 2, 4 row tiles per program (sub-tiles past an expert's rows skipped), tiles
+        # computed transposed on odd seeds
         cfg = KernelConfig(block_m=16, block_n=16, block_k=64 if seed % 2 else 128,
                            fp8_scale="product" if seed % 3 else "weights",
-                           row_tiles=(1, 2, 4)[seed % 3])
+                           row_tiles=(1, 2, 4)[seed % 3], swap_ab=bool(seed % 2))
         bias = torch.randn(num_experts, n, generator=g) if seed % 2 == 0 else None
         grouped_matmul(x, packed, offsets, config=cfg, bias=bias, out=out)
         # the twin on the weights as the kernel sees them (bf16), in fp32
@@ -54,7 +55,8 @@ for seed in range(6):
                 grouped_matmul(x, packed, offsets, out=out, bias=bias,
                                config=KernelConfig(block_m=16, block_n=16, block_k=cfg.block_k,
                                                    mxfp4_decode=decode,
-                                                   row_tiles=cfg.row_tiles))
+                                                   row_tiles=cfg.row_tiles,
+                                                   swap_ab=cfg.swap_ab))
                 err = float((out.float() - ref).norm() / ref.norm().clamp_min(1e-30))
                 errors.append([seed, f"mxfp4 {decode}", err, bool(torch.isnan(out).any())])
         # rows gathered by the kernel from x in token order (the permutation fused)
@@ -130,7 +132,8 @@ def test_quant_layer_benchmark_runs_on_cpu(tmp_path):
     assert all(r["rel_error"] < 3e-2 for r in rows)
     trials = json.loads((tmp_path / "quant_layer.json").read_text())["trials"]
     assert len(trials) == 7 and all(t["median_us"] > 0 and "error" not in t for t in trials)
-    assert "16x64x128/w4/s1/r2 portable" in {t["config"] for t in trials}
+    assert {"16x64x128/w4/s1/r2 portable", "16x64x128/w4/s1/swap spread"} <= {
+        t["config"] for t in trials}
     assert "Every config tried" in (tmp_path / "quant_layer.md").read_text()
     assert (tmp_path / "quant_layer.manifest.json").exists()
 
@@ -140,6 +143,9 @@ def test_kernel_config_names_its_choices():
 
     assert KernelConfig(mxfp4_decode="dot_scaled").mxfp4_decode == "dot_scaled"
     assert KernelConfig(row_tiles=4).label() == "64x128x64/w4/s3/r4"
+    assert KernelConfig(swap_ab=True).label() == "64x128x64/w4/s3/swap"
+    with pytest.raises(TypeError, match="swap_ab must be a bool"):
+        KernelConfig(swap_ab=1)
     with pytest.raises(ValueError, match="row_tiles must be 1, 2 or 4, got 3"):
         KernelConfig(row_tiles=3)
     with pytest.raises(ValueError, match=r"mxfp4_decode must be one of \['dot_scaled', 'portable', "

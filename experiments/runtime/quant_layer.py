@@ -47,42 +47,45 @@ SHAPES = {  # name: (experts, top_k, hidden, width, shipped format)
 }
 QUICK_SHAPES = {"tiny-mxfp4": (8, 2, 128, 64, "mxfp4"), "tiny-fp8": (8, 2, 128, 64, "fp8_block")}
 TOKENS = (256, 768, 1536)
-# Kernel configs tried per format, (BM, BN, BK, warps, stages[, decode[, row tiles]]); the best
-# correct one is reported and every trial goes to the JSON (a config that fails to compile or
-# exceeds shared memory is recorded, not fatal). MXFP4 is one variant per decode ("portable",
-# "spread", "dot_scaled"; row tiles 2 / 4 decode each weight tile once for 2 / 4 BM-row tiles),
-# FP8 tries both places for its scale.
+# Kernel configs tried per format, (BM, BN, BK, warps, stages[, decode][, {more KernelConfig
+# fields}]); the best correct one is reported and every trial goes to the JSON (a config that
+# fails to compile or exceeds shared memory is recorded, not fatal). MXFP4 is one variant per
+# decode ("portable", "spread", "dot_scaled"); row_tiles 2 / 4 decode each weight tile once for
+# 2 / 4 BM-row tiles; swap_ab computes the tile transposed (weight rows on the MMA's M side, so
+# BM 16 / 32 still runs Hopper's wgmma). FP8 tries both places for its scale.
+R2, R4, SWAP = {"row_tiles": 2}, {"row_tiles": 4}, {"swap_ab": True}
 CONFIGS = {
-    "bf16": [(32, 64, 64, 4, 3), (64, 64, 64, 4, 3), (64, 128, 64, 4, 3), (64, 128, 64, 8, 4),
-             (64, 256, 64, 8, 3)],
-    "mxfp4": [(32, 128, 128, 4, 3, "portable"), (64, 128, 128, 8, 3, "portable"),
-              (64, 64, 128, 4, 3, "portable"), (32, 128, 128, 4, 3, "portable", 2),
-              (32, 128, 128, 4, 3, "portable", 4),
-              (32, 128, 128, 4, 3, "spread"), (64, 128, 128, 8, 3, "spread"),
-              (32, 128, 128, 4, 3, "spread", 2),
-              (32, 128, 128, 4, 3, "dot_scaled"), (64, 128, 128, 8, 3, "dot_scaled"),
-              (64, 64, 128, 4, 3, "dot_scaled"), (32, 128, 128, 4, 3, "dot_scaled", 2)],
+    "bf16": [(64, 64, 64, 4, 3), (64, 128, 64, 4, 3), (64, 128, 64, 8, 4), (64, 256, 64, 8, 3),
+             (32, 128, 64, 4, 3, SWAP)],
+    "mxfp4": [(32, 128, 128, 4, 3, "portable"), (64, 128, 64, 4, 3, "portable"),
+              (64, 128, 128, 8, 3, "portable"), (32, 128, 128, 4, 3, "portable", R2),
+              (32, 128, 64, 4, 3, "portable", R4), (32, 128, 64, 4, 3, "portable", SWAP),
+              (64, 128, 64, 4, 3, "spread"), (32, 128, 128, 4, 3, "spread"),
+              (32, 128, 64, 4, 3, "spread", SWAP),
+              (64, 128, 64, 4, 3, "dot_scaled"), (32, 128, 128, 4, 3, "dot_scaled"),
+              (32, 128, 128, 4, 3, "dot_scaled", SWAP), (16, 128, 128, 4, 3, "dot_scaled", SWAP)],
     "fp8_block": [(64, 128, 128, 8, 3, "product"), (32, 128, 128, 4, 3, "product"),
                   (64, 256, 128, 8, 3, "product"), (64, 128, 128, 8, 3, "weights"),
-                  (64, 64, 64, 4, 3, "weights")],
+                  (32, 128, 128, 4, 3, "product", SWAP)],
 }
 # (wide column tiles: few programs, which is what costs time under the interpreter)
 QUICK_CONFIGS = {"bf16": [(16, 64, 64, 4, 1)],
-                 "mxfp4": [(16, 64, 128, 4, 1, "portable"), (16, 64, 128, 4, 1, "portable", 2),
-                           (16, 64, 128, 4, 1, "spread"), (16, 64, 128, 4, 1, "dot_scaled")],
+                 "mxfp4": [(16, 64, 128, 4, 1, "portable"), (16, 64, 128, 4, 1, "portable", R2),
+                           (16, 64, 128, 4, 1, "spread", SWAP), (16, 64, 128, 4, 1, "dot_scaled")],
                  "fp8_block": [(16, 64, 128, 4, 1, "product")]}
 MAX_REL_ERROR = 3e-2  # a config further than this from the fp32 twin is reported, not kept
 
 
 def kernel_config(spec: tuple, fmt: str) -> KernelConfig:
-    """KernelConfig from a CONFIGS entry (the optional 6th item is the format's decode, the
-    optional 7th the row tiles per program)."""
+    """KernelConfig from a CONFIGS entry: a string after the first five items is the format's
+    decode (MXFP4) or scale placement (FP8), a dict more KernelConfig fields."""
     bm, bn, bk, warps, stages = spec[:5]
     extra = {}
-    if len(spec) > 5:
-        extra = {"mxfp4_decode": spec[5]} if fmt == "mxfp4" else {"fp8_scale": spec[5]}
-    if len(spec) > 6:
-        extra["row_tiles"] = spec[6]
+    for item in spec[5:]:
+        if isinstance(item, dict):
+            extra.update(item)
+        else:
+            extra["mxfp4_decode" if fmt == "mxfp4" else "fp8_scale"] = item
     return KernelConfig(block_m=bm, block_n=bn, block_k=bk, num_warps=warps, num_stages=stages,
                         **extra)
 

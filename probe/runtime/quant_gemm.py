@@ -150,30 +150,51 @@ if triton is not None:
     @triton.jit
     def _accumulate(acc, x_ptr, src, rmask, k0, K, stride_xm, w, exps, post,
                     FORMAT: tl.constexpr, BK: tl.constexpr, DECODE: tl.constexpr,
-                    DOT_FP32: tl.constexpr):
-        """acc [BM, BN] + (rows src of x, K step k0) @ w^T."""
+                    DOT_FP32: tl.constexpr, SWAP: tl.constexpr):
+        """acc + (rows src of x, K step k0) @ w^T: acc [BM, BN], or its transpose [BN, BM]
+        with SWAP (then w is the MMA's left operand: its BN rows fill the MMA's M side)."""
         ks = k0 + tl.arange(0, BK)
         x = tl.load(x_ptr + src[:, None] * stride_xm + ks[None, :],
                     mask=rmask[:, None] & (ks < K)[None, :], other=0.0)
-        if FORMAT == 1 and DECODE == 2:
-            part = tl.dot_scaled(x, None, "bf16", tl.trans(w), exps, "e2m1")
-        elif DOT_FP32:  # Triton's CPU interpreter multiplies bf16 tiles wrongly
-            part = tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)))
+        # (one return at the end: the compiler builds the code after a constexpr branch that
+        # returns as well, and the two shapes would clash)
+        if SWAP:
+            if FORMAT == 1 and DECODE == 2:
+                part = tl.dot_scaled(w, exps, "e2m1", tl.trans(x), None, "bf16")
+            elif DOT_FP32:  # Triton's CPU interpreter multiplies bf16 tiles wrongly
+                part = tl.dot(w.to(tl.float32), tl.trans(x.to(tl.float32)))
+            else:
+                part = tl.dot(w, tl.trans(x))
+            if FORMAT == 2 and DECODE == 1:
+                part = part * post[:, None]
         else:
-            part = tl.dot(x, tl.trans(w))
-        if FORMAT == 2 and DECODE == 1:
-            return acc + part * post[None, :]
+            if FORMAT == 1 and DECODE == 2:
+                part = tl.dot_scaled(x, None, "bf16", tl.trans(w), exps, "e2m1")
+            elif DOT_FP32:
+                part = tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)))
+            else:
+                part = tl.dot(x, tl.trans(w))
+            if FORMAT == 2 and DECODE == 1:
+                part = part * post[None, :]
         return acc + part
+
+    @triton.jit
+    def _zeros(BM: tl.constexpr, BN: tl.constexpr, SWAP: tl.constexpr):
+        return tl.zeros((BN, BM) if SWAP else (BM, BN), dtype=tl.float32)
 
     @triton.jit
     def _sources(xi_ptr, rows, rmask, GATHER_X: tl.constexpr):
         """The x row of each product row: x_index[rows] (the permutation fused), or rows."""
         if GATHER_X:
-            return tl.load(xi_ptr + rows, mask=rmask, other=0).to(tl.int64)
-        return rows.to(tl.int64)
+            src = tl.load(xi_ptr + rows, mask=rmask, other=0).to(tl.int64)
+        else:
+            src = rows.to(tl.int64)
+        return src
 
     @triton.jit
-    def _store(y_ptr, acc, bias, rows, rmask, cols, cmask, stride_ym):
+    def _store(y_ptr, acc, bias, rows, rmask, cols, cmask, stride_ym, SWAP: tl.constexpr):
+        if SWAP:
+            acc = tl.trans(acc)  # [BM, BN]
         acc += bias[None, :]  # the expert's bias row in fp32 (zeros without), one rounding
         tl.store(y_ptr + rows[:, None].to(tl.int64) * stride_ym + cols[None, :],
                  acc.to(y_ptr.dtype.element_ty), mask=rmask[:, None] & cmask[None, :])
@@ -184,7 +205,8 @@ if triton is not None:
                         GATHER_X: tl.constexpr, E: tl.constexpr, E_PAD: tl.constexpr,
                         FORMAT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
                         BK: tl.constexpr, GROUP: tl.constexpr, TILE: tl.constexpr,
-                        DECODE: tl.constexpr, DOT_FP32: tl.constexpr, R: tl.constexpr):
+                        DECODE: tl.constexpr, DOT_FP32: tl.constexpr, R: tl.constexpr,
+                        SWAP: tl.constexpr):
         # A program owns R consecutive BM-row tiles of one expert (R = 1, 2 or 4): it decodes
         # each weight tile once and multiplies it into every sub-tile that has rows.
         tile = tl.program_id(0)
@@ -197,44 +219,44 @@ if triton is not None:
             w_rows = w_ptr + (e64 * N + cols[:, None]) * stride_w  # [BN, 1] row starts
             rows0 = row0 + tl.arange(0, BM)
             src0 = _sources(xi_ptr, rows0, rows0 < end, GATHER_X)
-            acc0 = tl.zeros((BM, BN), dtype=tl.float32)
+            acc0 = _zeros(BM, BN, SWAP)
             if R > 1:
                 rows1 = rows0 + BM
                 src1 = _sources(xi_ptr, rows1, rows1 < end, GATHER_X)
-                acc1 = tl.zeros((BM, BN), dtype=tl.float32)
+                acc1 = _zeros(BM, BN, SWAP)
             if R > 2:
                 rows2 = rows0 + 2 * BM
                 rows3 = rows0 + 3 * BM
                 src2 = _sources(xi_ptr, rows2, rows2 < end, GATHER_X)
                 src3 = _sources(xi_ptr, rows3, rows3 < end, GATHER_X)
-                acc2 = tl.zeros((BM, BN), dtype=tl.float32)
-                acc3 = tl.zeros((BM, BN), dtype=tl.float32)
+                acc2 = _zeros(BM, BN, SWAP)
+                acc3 = _zeros(BM, BN, SWAP)
             for k0 in range(0, K, BK):
                 w, exps, post = _weight_tile(w_rows, s_ptr, e64, cols, cmask, k0, N, K,
                                              stride_s, FORMAT, BN, BK, GROUP, TILE, DECODE)
                 acc0 = _accumulate(acc0, x_ptr, src0, rows0 < end, k0, K, stride_xm, w, exps,
-                                   post, FORMAT, BK, DECODE, DOT_FP32)
+                                   post, FORMAT, BK, DECODE, DOT_FP32, SWAP)
                 if R > 1:  # noqa: SIM102 - a compile-time test around a runtime one
                     if row0 + BM < end:  # sub-tiles past the expert's rows skip the MMA
                         acc1 = _accumulate(acc1, x_ptr, src1, rows1 < end, k0, K, stride_xm,
-                                           w, exps, post, FORMAT, BK, DECODE, DOT_FP32)
+                                           w, exps, post, FORMAT, BK, DECODE, DOT_FP32, SWAP)
                 if R > 2:
                     if row0 + 2 * BM < end:
                         acc2 = _accumulate(acc2, x_ptr, src2, rows2 < end, k0, K, stride_xm,
-                                           w, exps, post, FORMAT, BK, DECODE, DOT_FP32)
+                                           w, exps, post, FORMAT, BK, DECODE, DOT_FP32, SWAP)
                     if row0 + 3 * BM < end:
                         acc3 = _accumulate(acc3, x_ptr, src3, rows3 < end, k0, K, stride_xm,
-                                           w, exps, post, FORMAT, BK, DECODE, DOT_FP32)
+                                           w, exps, post, FORMAT, BK, DECODE, DOT_FP32, SWAP)
             bias = tl.zeros((BN,), dtype=tl.float32)
             if HAS_BIAS:
                 bias = tl.load(b_ptr + e64 * stride_b + cols, mask=cmask,
                                other=0.0).to(tl.float32)
-            _store(y_ptr, acc0, bias, rows0, rows0 < end, cols, cmask, stride_ym)
+            _store(y_ptr, acc0, bias, rows0, rows0 < end, cols, cmask, stride_ym, SWAP)
             if R > 1:
-                _store(y_ptr, acc1, bias, rows1, rows1 < end, cols, cmask, stride_ym)
+                _store(y_ptr, acc1, bias, rows1, rows1 < end, cols, cmask, stride_ym, SWAP)
             if R > 2:
-                _store(y_ptr, acc2, bias, rows2, rows2 < end, cols, cmask, stride_ym)
-                _store(y_ptr, acc3, bias, rows3, rows3 < end, cols, cmask, stride_ym)
+                _store(y_ptr, acc2, bias, rows2, rows2 < end, cols, cmask, stride_ym, SWAP)
+                _store(y_ptr, acc3, bias, rows3, rows3 < end, cols, cmask, stride_ym, SWAP)
 
 
 def _check(x: torch.Tensor, weight: PackedWeight, offsets: torch.Tensor) -> None:
@@ -291,6 +313,10 @@ class KernelConfig:
             MMA, so an expert with up to R * BM rows has its weights decoded once in all
             (against once per BM rows with R = 1), while small experts pay no MMA for the
             padding that one BM = R * BM tile would multiply.
+        swap_ab: compute each tile transposed, W_tile x^T ([BN, BM]), so the weight tile's BN
+            rows fill the MMA's M side (Hopper's wgmma needs M >= 64) and a small BM (16, 32:
+            experts with a few rows) becomes the MMA's N; the accumulator is transposed once,
+            at the store.
     """
 
     block_m: int = 64
@@ -301,6 +327,7 @@ class KernelConfig:
     mxfp4_decode: str = "portable"
     fp8_scale: str = "product"
     row_tiles: int = 1
+    swap_ab: bool = False
 
     def __post_init__(self) -> None:
         for name in ("block_m", "block_n"):
@@ -316,6 +343,8 @@ class KernelConfig:
         if self.mxfp4_decode not in _MXFP4_DECODE:
             raise ValueError(f"KernelConfig.mxfp4_decode must be one of {sorted(_MXFP4_DECODE)}, "
                              f"got {self.mxfp4_decode!r}")
+        if not isinstance(self.swap_ab, bool):
+            raise TypeError(f"KernelConfig.swap_ab must be a bool, got {self.swap_ab!r}")
         if self.row_tiles not in (1, 2, 4):
             raise ValueError(f"KernelConfig.row_tiles must be 1, 2 or 4, got {self.row_tiles}")
         if self.fp8_scale not in _FP8_SCALE:
@@ -323,9 +352,10 @@ class KernelConfig:
                              f"got {self.fp8_scale!r}")
 
     def label(self) -> str:
-        """Short text for tables: BMxBNxBK/warps/stages (and /rRT with row tiles)."""
+        """Short text for tables: BMxBNxBK/warps/stages (/rR with row tiles, /swap)."""
         return (f"{self.block_m}x{self.block_n}x{self.block_k}/w{self.num_warps}"
-                f"/s{self.num_stages}" + (f"/r{self.row_tiles}" if self.row_tiles > 1 else ""))
+                f"/s{self.num_stages}" + (f"/r{self.row_tiles}" if self.row_tiles > 1 else "")
+                + ("/swap" if self.swap_ab else ""))
 
 
 # What grouped_matmul runs when no config is given: a guess from the kernel's arithmetic (large
@@ -394,7 +424,8 @@ def grouped_matmul(x: torch.Tensor, weight: PackedWeight, offsets: torch.Tensor,
                           E=num_experts, E_PAD=triton.next_power_of_2(num_experts),
                           FORMAT=_FORMAT_CODE[weight.fmt], BM=cfg.block_m, BN=cfg.block_n,
                           BK=cfg.block_k, GROUP=MXFP4_BLOCK, TILE=FP8_BLOCK, DECODE=decode,
-                          DOT_FP32=interpret, R=cfg.row_tiles, num_warps=cfg.num_warps,
+                          DOT_FP32=interpret, R=cfg.row_tiles, SWAP=cfg.swap_ab,
+                          num_warps=cfg.num_warps,
                           num_stages=cfg.num_stages)
     return out
 
