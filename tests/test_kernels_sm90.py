@@ -47,7 +47,7 @@ def test_permutation_kernels_compile_for_sm90():
              {"E_PAD": e_pad, "BLOCK": block})
     _compile(permute._scan_kernel, {"counts_ptr": "*i32", "base_ptr": "*i32",
                                     "offs_ptr": "*i32", "num_blocks": "i32", "E": "i32"},
-             {"E_PAD": e_pad})
+             {"E_PAD": e_pad, "CB": 64})
     types = {"ids_ptr": "*i64", "base_ptr": "*i32", "x_ptr": "*bf16", "rows_ptr": "*bf16",
              "token_ptr": "*i64", "slot_ptr": "*i64", "inv_ptr": "*i64", "n": "i32", "D": "i32",
              "K": "i32", "stride_x": "i32", "stride_rows": "i32"}

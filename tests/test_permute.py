@@ -21,9 +21,11 @@ import json, sys, torch
 from probe.runtime.permute import combine, combine_ref, permute, permute_ref
 out = []
 # (T, K, E, D): T = 1, K = 1 and 8, E up to 256, D not a power of two, several count blocks
-# (E = 8: 128 pairs a block), no tokens at all
+# (E = 8: 128 pairs a block; E = 256: 32 pairs a block, 50 blocks scanned 32 at a time), no
+# tokens at all
 for t, k, e, d in [(1, 1, 1, 8), (1, 8, 256, 16), (5, 2, 3, 20), (33, 8, 256, 24),
-                   (300, 4, 8, 40), (50, 1, 5, 3), (70, 8, 64, 1100), (0, 2, 4, 8)]:
+                   (300, 4, 8, 40), (50, 1, 5, 3), (70, 8, 64, 1100), (200, 8, 256, 8),
+                   (0, 2, 4, 8)]:
     g = torch.Generator().manual_seed(t + k + e)
     x = torch.randn(t, d, generator=g).to(torch.bfloat16)
     ids = torch.randint(0, e, (t, k), generator=g)
@@ -52,7 +54,7 @@ def test_kernels_match_the_twins_under_the_interpreter():
                          text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     rows = json.loads(run.stdout.strip().splitlines()[-1])
-    assert len(rows) == 8
+    assert len(rows) == 9
     for t, k, e, d, same, exact, ulp, shape in rows:
         assert all(same.values()), (t, k, e, same)
         # the interpreter rounds fp32 -> bf16 by truncation, so bf16 outputs are compared

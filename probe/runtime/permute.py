@@ -10,17 +10,19 @@ Shapes: T tokens, K top-k, D hidden, E experts, n = T * K (token, k) pairs; pair
 
 `permute` is three launches and never reads a count on the host (so it can be captured in a
 CUDA graph): (1) every BLOCK pairs count their experts (a one-hot sum) into a [blocks, E]
-table; (2) one program scans the table: the expert offsets (cumulative counts) and, per block
-and expert, the first sorted row the block writes; (3) every block ranks each pair among the
-earlier pairs of the block with the same expert, which gives its sorted row, writes the index
-maps and copies the token rows of x into place, BD columns per program (contiguous loads and
-stores of whole row segments). `combine` is one launch: one program per token and BD columns
-reads the token's K expert-output rows once and writes the output row once.
+table; (2) one program scans the table, many blocks per step: the expert offsets (cumulative
+counts) and, per block and expert, the first sorted row the block writes; (3) every block
+ranks each pair among the earlier pairs of the block with the same expert, which gives its
+sorted row, writes the index maps and copies the token rows of x into place, BD columns per
+program (contiguous loads and stores of whole row segments). `combine` is one launch: one
+program per token and BD columns reads the token's K expert-output rows once and writes the
+output row once.
 
 `permute_ref` and `combine_ref` are the obviously correct torch twins (argsort, scatter_add,
 cumsum, index_select; a loop over K), and the tests compare the kernels with them: the index
-maps and rows bitwise, the combine bitwise under the interpreter (on a GPU the compiler may
-contract the multiply-add into an FMA: within one rounding of the output dtype).
+maps and rows bitwise, the combine bitwise for fp32 outputs under the interpreter and within
+one rounding for bf16 (the interpreter truncates to bf16; on a GPU the compiler may also
+contract the multiply-add into an FMA).
 
 The kernels run on CUDA tensors and under Triton's interpreter (TRITON_INTERPRET=1);
 `triton_applies` says when.
@@ -127,20 +129,32 @@ if triton is not None:
         tl.store(counts_ptr + b * E_PAD + idx, hits)
 
     @triton.jit
-    def _scan_kernel(counts_ptr, base_ptr, offs_ptr, num_blocks, E, E_PAD: tl.constexpr):
+    def _scan_kernel(counts_ptr, base_ptr, offs_ptr, num_blocks, E, E_PAD: tl.constexpr,
+                     CB: tl.constexpr):
         """offsets[e] = rows of experts < e; base[b, e] = offsets[e] + rows of expert e in
-        blocks < b (the first sorted row block b writes for expert e). One program."""
+        blocks < b (the first sorted row block b writes for expert e). One program, CB blocks
+        of the table per step (a sequential loop over blocks would wait on one load each)."""
         idx = tl.arange(0, E_PAD)
+        chunk = tl.arange(0, CB)
         total = tl.zeros((E_PAD,), dtype=tl.int32)
-        for b in range(num_blocks):
-            total += tl.load(counts_ptr + b * E_PAD + idx)
+        for b0 in range(0, num_blocks, CB):
+            rows = b0 + chunk
+            table = tl.load(counts_ptr + rows[:, None] * E_PAD + idx[None, :],
+                            mask=(rows < num_blocks)[:, None], other=0)  # [CB, E_PAD]
+            total += tl.sum(table, axis=0)
         start = tl.cumsum(total, 0) - total  # [E_PAD] exclusive
         tl.store(offs_ptr + idx, start, mask=idx < E)
         tl.store(offs_ptr + E, tl.sum(total, 0))
         run = start
-        for b in range(num_blocks):
-            tl.store(base_ptr + b * E_PAD + idx, run)
-            run += tl.load(counts_ptr + b * E_PAD + idx)
+        for b0 in range(0, num_blocks, CB):
+            rows = b0 + chunk
+            live = (rows < num_blocks)[:, None]
+            table = tl.load(counts_ptr + rows[:, None] * E_PAD + idx[None, :], mask=live,
+                            other=0)
+            before = tl.cumsum(table, axis=0) - table  # rows of earlier blocks in the chunk
+            tl.store(base_ptr + rows[:, None] * E_PAD + idx[None, :], run[None, :] + before,
+                     mask=live)
+            run += tl.sum(table, axis=0)
 
     @triton.jit
     def _place_kernel(ids_ptr, base_ptr, x_ptr, rows_ptr, token_ptr, slot_ptr, inv_ptr, n, D,
@@ -216,7 +230,8 @@ def permute(x: torch.Tensor, topk_ids: torch.Tensor, num_experts: int, *,
     counts = torch.empty((num_blocks, e_pad), dtype=torch.int32, device=dev)
     base = torch.empty_like(counts)
     _count_kernel[(num_blocks,)](ids, counts, n, E_PAD=e_pad, BLOCK=block)
-    _scan_kernel[(1,)](counts, base, offsets, num_blocks, num_experts, E_PAD=e_pad)
+    chunk = min(triton.next_power_of_2(num_blocks), max(1, 8192 // e_pad))
+    _scan_kernel[(1,)](counts, base, offsets, num_blocks, num_experts, E_PAD=e_pad, CB=chunk)
     x_c = x if x.stride(-1) == 1 else x.contiguous()
     bd = _block_d(x.shape[1])
     grid_d = triton.cdiv(x.shape[1], bd) if gather_rows and x.shape[1] else 1
