@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from experiments.runtime.moe_layer import main
+from experiments.runtime.moe_layer import GROUPED_VARIANTS, main
 
 
 def test_moe_layer_bench_cpu_quick(tmp_path):
@@ -14,6 +14,10 @@ def test_moe_layer_bench_cpu_quick(tmp_path):
     assert {r["family"] for r in rows} == {"gpt_oss", "qwen3_moe"}
     for r in rows:
         assert set(r["seconds"]) >= {"grouped", "loop"}
+        # every GroupedExperts variant ran (the Triton permutation falls back to torch ops on
+        # the CPU without the interpreter) and the fastest is named
+        assert set(r["seconds"]) >= set(GROUPED_VARIANTS)
+        assert r["best"]["seconds"] == min(r["seconds"][p] for p in GROUPED_VARIANTS)
         assert all(s > 0 for s in r["seconds"].values())
         assert r["roofline_s"] > 0 and 0 < r["active_experts"] <= r["E"]
         assert r["twin_rel_err"] < 2e-2

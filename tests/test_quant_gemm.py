@@ -37,8 +37,11 @@ for seed in range(6):
         packed = PackedWeight.pack(w, fmt)
         out = torch.full((x.shape[0], n), float("nan"), dtype=torch.bfloat16)
         # BK 64 and 128 (a partial last step where 128 does not divide K), both FP8 scalings
+        # R = 1, 2, 4 row tiles per program (sub-tiles past an expert's rows skipped), tiles
+        # computed transposed on odd seeds
         cfg = KernelConfig(block_m=16, block_n=16, block_k=64 if seed % 2 else 128,
-                           fp8_scale="product" if seed % 3 else "weights")
+                           fp8_scale="product" if seed % 3 else "weights",
+                           row_tiles=(1, 2, 4)[seed % 3], swap_ab=bool(seed % 2))
         bias = torch.randn(num_experts, n, generator=g) if seed % 2 == 0 else None
         grouped_matmul(x, packed, offsets, config=cfg, bias=bias, out=out)
         # the twin on the weights as the kernel sees them (bf16), in fp32
@@ -46,6 +49,24 @@ for seed in range(6):
         ref = grouped_matmul_ref(x, bf, offsets, bias)
         err = float((out.float() - ref).norm() / ref.norm().clamp_min(1e-30))
         errors.append([seed, fmt, err, bool(torch.isnan(out).any())])
+        if fmt == "mxfp4":  # the other decodes, each on its own launch
+            for decode in ("spread", "dot_scaled"):
+                out.fill_(float("nan"))
+                grouped_matmul(x, packed, offsets, out=out, bias=bias,
+                               config=KernelConfig(block_m=16, block_n=16, block_k=cfg.block_k,
+                                                   mxfp4_decode=decode,
+                                                   row_tiles=cfg.row_tiles,
+                                                   swap_ab=cfg.swap_ab))
+                err = float((out.float() - ref).norm() / ref.norm().clamp_min(1e-30))
+                errors.append([seed, f"mxfp4 {decode}", err, bool(torch.isnan(out).any())])
+        # rows gathered by the kernel from x in token order (the permutation fused)
+        tokens = torch.randperm(x.shape[0], generator=g)
+        x_tok = torch.empty_like(x).index_copy_(0, tokens, x)  # x == x_tok[tokens]
+        out.fill_(float("nan"))
+        grouped_matmul(x_tok, packed, offsets, config=cfg, bias=bias, out=out,
+                       x_index=tokens.to(torch.int32))
+        err = float((out.float() - ref).norm() / ref.norm().clamp_min(1e-30))
+        errors.append([seed, f"{fmt} x_index", err, bool(torch.isnan(out).any())])
 json.dump(errors, sys.stdout)
 """
 
@@ -56,12 +77,15 @@ def test_kernel_matches_the_twin_in_every_format():
                          text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     errors = json.loads(run.stdout.strip().splitlines()[-1])
-    assert len(errors) == 18
+    assert len(errors) == 6 * (3 + 2 + 3)
+    assert {fmt for _, fmt, _, _ in errors} == {
+        "bf16", "mxfp4", "fp8_block", "mxfp4 spread", "mxfp4 dot_scaled", "bf16 x_index",
+        "mxfp4 x_index", "fp8_block x_index"}
     for seed, fmt, err, has_nan in errors:
         assert not has_nan, (seed, fmt)  # every output row written
         # bf16 output rounding; fp8 weights are scaled then rounded to bf16 in the kernel,
         # which the interpreter may truncate rather than round: twice the error at most
-        assert err < (1e-2 if fmt == "fp8_block" else 4e-3), (seed, fmt, err)
+        assert err < (1e-2 if fmt.startswith("fp8_block") else 4e-3), (seed, fmt, err)
 
 
 def test_tile_schedule_covers_every_row_once():
@@ -102,83 +126,28 @@ def test_quant_layer_benchmark_runs_on_cpu(tmp_path):
                          capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     rows = json.loads((tmp_path / "quant_layer.json").read_text())["rows"]
-    assert {r["variant"] for r in rows} == {"triton bf16", "triton mxfp4", "triton fp8_block"}
+    assert {r["variant"] for r in rows} == {
+        "triton bf16", "triton mxfp4 portable", "triton mxfp4 spread", "triton mxfp4 dot_scaled",
+        "triton fp8_block"}
     assert all(r["rel_error"] < 3e-2 for r in rows)
     trials = json.loads((tmp_path / "quant_layer.json").read_text())["trials"]
-    assert len(trials) == 4 and all(t["median_us"] > 0 and "error" not in t for t in trials)
+    assert len(trials) == 7 and all(t["median_us"] > 0 and "error" not in t for t in trials)
+    assert {"16x64x128/w4/s1/r2 portable", "16x64x128/w4/s1/swap spread"} <= {
+        t["config"] for t in trials}
     assert "Every config tried" in (tmp_path / "quant_layer.md").read_text()
     assert (tmp_path / "quant_layer.manifest.json").exists()
 
 
-def _run_ptx(asm: str, packed: int, scales: tuple[int, int]) -> list[int]:
-    """Emulate the few PTX instructions of the MXFP4 decode on 32-bit ints: $0-$3 out."""
-    regs = {"$4": packed, "$5": scales[0], "$6": scales[1]}
+def test_kernel_config_names_its_choices():
+    from probe.runtime.quant_gemm import KernelConfig
 
-    def val(tok: str) -> int:
-        return regs[tok] if tok in regs else int(tok, 0)
-
-    def bf16x2(word: int) -> torch.Tensor:
-        halves = torch.tensor([word & 0xFFFF, word >> 16], dtype=torch.int32)
-        return (halves << 16).view(torch.float32)  # exact, subnormals included
-
-    for line in asm.splitlines():
-        line = line.strip().rstrip(";")
-        if not line or line in "{}" or line.startswith((".reg", "//")):
-            continue
-        op, args = line.split(None, 1)
-        d, *src = (a.strip() for a in args.split(","))
-        a = [val(s) for s in src]
-        if op == "prmt.b32":
-            pool = a[0] | (a[1] << 32)
-            out = sum(((pool >> (8 * ((a[2] >> (4 * i)) & 7))) & 0xFF) << (8 * i)
-                      for i in range(4))
-        elif op == "mov.b32":
-            out = a[0]
-        elif op == "shl.b32":
-            out = (a[0] << a[1]) & 0xFFFFFFFF
-        elif op == "shr.b32":
-            out = a[0] >> a[1]
-        elif op == "and.b32":
-            out = a[0] & a[1]
-        elif op == "or.b32":
-            out = a[0] | a[1]
-        elif op == "fma.rn.bf16x2":
-            r = (bf16x2(a[0]) * bf16x2(a[1]) + bf16x2(a[2])).to(torch.bfloat16)
-            bits = r.view(torch.int16).to(torch.int32) & 0xFFFF
-            out = int(bits[0]) | (int(bits[1]) << 16)
-        else:
-            raise AssertionError(f"unknown instruction {op}")
-        regs[d] = out
-    return [regs[f"${i}"] for i in range(4)]
-
-
-def test_ptx_mxfp4_decode_instructions_give_the_e2m1_values():
-    """The inline PTX of the 'ptx' decode (which only an NVIDIA GPU runs), emulated
-    instruction by instruction: every code in every byte position, with two scales."""
-    from probe.runtime.quant import dequantize_mxfp4
-    from probe.runtime.quant_gemm import _E2M1_PTX
-
-    g = torch.Generator().manual_seed(3)
-    for trial in range(64):
-        data = torch.randint(0, 256, (4,), generator=g, dtype=torch.int32)
-        if trial < 16:  # every code in the low and the high nibble
-            data[:] = trial | (((trial + 5) % 16) << 4)
-        exps = torch.randint(100, 140, (2,), generator=g, dtype=torch.int32)
-        word = sum(int(b) << (8 * i) for i, b in enumerate(data))
-        pairs = tuple(int(x) << 7 | int(x) << 23 for x in exps)  # bf16 2^(exp - 127), twice
-        out = _run_ptx(_E2M1_PTX, word, pairs)
-
-        def halves(word: int) -> list[float]:
-            h = torch.tensor([word & 0xFFFF, word >> 16], dtype=torch.int32) << 16
-            return h.view(torch.float32).tolist()
-
-        lo = halves(out[0]) + halves(out[1])  # low nibbles of bytes 0..3
-        hi = halves(out[2]) + halves(out[3])
-        got = [v for pair in zip(lo, hi, strict=True) for v in pair]  # k order
-        blocks = torch.zeros(1, 16, dtype=torch.uint8)
-        blocks[0, :4] = data.to(torch.uint8)
-        want = []
-        for i in range(4):  # bytes 0, 1 scaled by exps[0], bytes 2, 3 by exps[1]
-            scales = torch.tensor([int(exps[i // 2])], dtype=torch.uint8)
-            want += dequantize_mxfp4(blocks, scales)[2 * i:2 * i + 2].tolist()
-        assert got == want, (trial, data.tolist(), got, want)
+    assert KernelConfig(mxfp4_decode="dot_scaled").mxfp4_decode == "dot_scaled"
+    assert KernelConfig(row_tiles=4).label() == "64x128x64/w4/s3/r4"
+    assert KernelConfig(swap_ab=True).label() == "64x128x64/w4/s3/swap"
+    with pytest.raises(TypeError, match="swap_ab must be a bool"):
+        KernelConfig(swap_ab=1)
+    with pytest.raises(ValueError, match="row_tiles must be 1, 2 or 4, got 3"):
+        KernelConfig(row_tiles=3)
+    with pytest.raises(ValueError, match=r"mxfp4_decode must be one of \['dot_scaled', 'portable', "
+                                         r"'spread'\], got 'ptx'"):
+        KernelConfig(mxfp4_decode="ptx")

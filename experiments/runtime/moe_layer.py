@@ -5,7 +5,10 @@ token count T, with routing from a skewed random router (logits = noise + a Zipf
 expert; top-K, softmax over the K), it times, with device events after warm-up, the median over
 rotating inputs of:
   * grouped: `GroupedExperts.moe` (device permutation, one `torch._grouped_mm` per projection,
-    un-permutation, combine), what the runtime runs;
+    un-permutation, combine), what the runtime runs; and its opt-in variants (GROUPED_VARIANTS):
+    the fused bias + GLU kernel, the Triton GEMM, the Triton permutation and combine
+    (`permute="triton"`), and the permutation fused into the gate/up GEMM's loads
+    (`permute="gather"`);
   * loop: the same with one F.linear per expert (the runtime's per-expert loop, one host read);
   * hf: transformers' own experts module of the family's sparse MoE block (Qwen3MoeSparseMoeBlock,
     GptOssMLP) with the same weights and routing, in its default ("eager") implementation and,
@@ -15,7 +18,9 @@ The router is not timed (all paths get the same top-k ids and weights).
 Roofline: max(bytes / bandwidth, flops / matmul rate), where bytes are the weights of every
 ACTIVE expert (one that gets at least one token) read once, flops = 2 * T * K * 3 * D * F, the
 bandwidth is measured here with a large device copy (bytes read + written) and the matmul rate
-with a large bf16 matmul. The table reports time / roofline.
+with a large bf16 matmul. The table reports time / roofline, and "best" names the fastest
+GroupedExperts variant of each row. The steps table times the permutation and the un-permute +
+combine both ways (torch ops, Triton kernels) next to the GEMMs and the nonlinearity.
 
 Correctness first: on each shape's D and F with 8 experts and fresh random inputs, the grouped
 path on the device equals the CPU loop twin (`loop_experts`, float32 from the same bf16 weights),
@@ -46,6 +51,9 @@ from probe.runtime.experts import (
     loop_experts,
 )
 from probe.runtime.glu import GluSpec, fused_glu, fused_glu_applies
+from probe.runtime.permute import combine as combine_kernel
+from probe.runtime.permute import permute as permute_kernel
+from probe.runtime.permute import triton_applies
 
 SHAPES = {  # name: (family, E, K, D, F)
     "gpt-oss-120b": ("gpt_oss", 128, 4, 2880, 2880),
@@ -98,19 +106,23 @@ def glu_spec(family: str) -> GluSpec:
     return GluSpec("silu")
 
 
-# The GroupedExperts variants timed: (fused bias + GLU kernel, GEMM backend).
+# The GroupedExperts variants timed: (fused bias + GLU kernel, GEMM backend, permutation).
 GROUPED_VARIANTS = {
-    "grouped": (False, "torch"),  # what the runtime runs by default
-    "grouped fused": (True, "torch"),
-    "grouped triton": (True, "triton"),
+    "grouped": (False, "torch", "torch"),  # what the runtime runs by default
+    "grouped fused": (True, "torch", "torch"),
+    "grouped triton": (True, "triton", "torch"),
+    "fused + triton permute": (True, "torch", "triton"),
+    "triton + triton permute": (True, "triton", "triton"),
+    "triton gather": (True, "triton", "gather"),
 }
 
 
 def experts_of(family: str, w: dict, grouped: bool, *, fused: bool = False,
-               backend: str = "torch") -> GroupedExperts:
+               backend: str = "torch", permute: str = "torch") -> GroupedExperts:
     return GroupedExperts(w["w_gate_up"], w["w_down"], activation(family),
                           b_gate_up=w.get("b_gate_up"), b_down=w.get("b_down"), grouped=grouped,
-                          glu=glu_spec(family) if fused else None, backend=backend)
+                          glu=glu_spec(family) if fused else None, backend=backend,
+                          permute=permute)
 
 
 def skewed_routing(gen: torch.Generator, tokens: int, e: int, k: int, device):
@@ -176,7 +188,9 @@ def hf_call(ex, impl: str):
 
 
 def _moe_call(experts: GroupedExperts):
-    return lambda x, ids, weights: experts.moe(x, ids, weights, combine)
+    # combine None: the weighted sum (this file's `combine`), which the Triton permutation
+    # runs as one kernel
+    return lambda x, ids, weights: experts.moe(x, ids, weights)
 
 
 def _rotating(call, inputs: list):
@@ -206,10 +220,10 @@ def check_against_cpu_twin(family: str, d: int, f: int, k: int, device,
                         w32.get("b_gate_up"), w32.get("b_down"))
     want = combine(rows.view(40, k, d), weights.cpu())
     worst, left_out = 0.0, {}
-    for label, (fused, backend) in GROUPED_VARIANTS.items():
-        experts = experts_of(family, w, True, fused=fused, backend=backend)
+    for label, (fused, backend, permute) in GROUPED_VARIANTS.items():
+        experts = experts_of(family, w, True, fused=fused, backend=backend, permute=permute)
         try:
-            got = experts.moe(x, ids, weights, combine).float().cpu()
+            got = experts.moe(x, ids, weights).float().cpu()
         except Exception as err:  # noqa: BLE001 - an opt-in kernel that fails is reported
             if label == "grouped":
                 raise
@@ -231,17 +245,23 @@ def check_against_cpu_twin(family: str, d: int, f: int, k: int, device,
 def time_parts(experts: GroupedExperts, family: str, w: dict, inputs: list, timer: Timer,
                k: int) -> dict:
     """Seconds of each step of the grouped layer on its own (rotating inputs, like the
-    whole layer): the permutation, the two GEMMs (torch._grouped_mm / the Triton kernel, no
-    bias), the bias + nonlinearity op by op and fused, the un-permutation and combine."""
+    whole layer): the permutation (torch ops; the Triton kernels with and without the row
+    gather), the two GEMMs (torch._grouped_mm / the Triton kernel, no bias; the Triton one
+    also with the gate/up rows gathered in its loads), the bias + nonlinearity op by op and
+    fused, the un-permutation and combine (torch ops; the Triton kernel)."""
     staged = []
     with torch.no_grad():
         for x, ids, weights in inputs:
             order, slot_sorted, offs = experts._permutation(ids.reshape(-1), x.device)
-            rows = x.index_select(0, order // k)
+            token = order // k  # [T*K] token of each sorted row
+            rows = x.index_select(0, token)
             gate_up = grouped_linear(rows, w["w_gate_up"], offs)
             h = activation(family)(gate_up)
             y = grouped_linear(h, w["w_down"], offs)
-            staged.append((x, ids, weights, order, slot_sorted, offs, rows, gate_up, h, y))
+            inv = torch.empty_like(order).index_copy_(
+                0, order, torch.arange(order.numel(), device=x.device)).view(-1, k)  # [T, K]
+            staged.append((x, ids, weights, order, slot_sorted, offs, rows, gate_up, h, y, inv,
+                           token))
 
     def permute(x, ids, *_):
         order = experts._permutation(ids.reshape(-1), x.device)[0]
@@ -267,11 +287,28 @@ def time_parts(experts: GroupedExperts, family: str, w: dict, inputs: list, time
         y = torch.empty_like(s[9]).index_copy_(0, s[3], s[9])
         combine(y.view(s[0].shape[0], k, -1), s[2])
 
+    n_exp = experts.num_experts
+
+    def permute_triton(gather_rows):
+        return lambda x, ids, *_: permute_kernel(x, ids, n_exp, gather_rows=gather_rows)
+
+    def combine_triton(*s):
+        combine_kernel(s[9], s[10], s[2])
+
+    def gemms_gather(*s):  # the gate/up GEMM reads the token rows through the index
+        grouped_linear(s[0], w["w_gate_up"], s[5], backend="triton", x_index=s[11])
+        grouped_linear(s[8], w["w_down"], s[5], backend="triton")
+
     steps = {"permute": permute, "gemms grouped_mm": gemms("torch"),
              "gemms triton": gemms("triton"), "bias+act ops": act_ops,
              "unpermute+combine": unpermute_combine}
     if fused_glu_applies(staged[0][7]):
         steps["bias+act fused"] = act_fused
+    if triton_applies(staged[0][0]):
+        steps["permute triton"] = permute_triton(True)
+        steps["permute triton (no rows)"] = permute_triton(False)
+        steps["unpermute+combine triton"] = combine_triton
+        steps["gemms triton gather"] = gemms_gather
     seconds = {}
     with torch.no_grad():
         for name, step in steps.items():
@@ -287,8 +324,9 @@ def bench_shape(name: str, spec, tokens, timer: Timer, device, dtype, hw: dict) 
     family, e, k, d, f = spec
     twin_err, left_out = check_against_cpu_twin(family, d, f, k, device, dtype)
     w = layer_weights(family, e, d, f, dtype, device)
-    paths = {label: experts_of(family, w, True, fused=fused, backend=backend)
-             for label, (fused, backend) in GROUPED_VARIANTS.items() if label not in left_out}
+    paths = {label: experts_of(family, w, True, fused=fused, backend=backend, permute=permute)
+             for label, (fused, backend, permute) in GROUPED_VARIANTS.items()
+             if label not in left_out}
     paths["loop"] = experts_of(family, w, False)
     ex, hf_status = hf_experts(family, w, e, k, d, f, dtype, device)
     calls = {p: _moe_call(g) for p, g in paths.items()}
@@ -323,6 +361,10 @@ def bench_shape(name: str, spec, tokens, timer: Timer, device, dtype, hw: dict) 
                     raise AssertionError(f"{name} T={t}: {path} differs from grouped ({rel})")
                 row["seconds"][path] = timer(_rotating(call, inputs))
         row["vs_roofline"] = {p: s / roof for p, s in row["seconds"].items()}
+        ours = {p: sec for p, sec in row["seconds"].items() if p in GROUPED_VARIANTS}
+        fastest = min(ours, key=ours.get)
+        row["best"] = {"path": fastest, "seconds": ours[fastest],
+                       "vs_roofline": ours[fastest] / roof}
         row["parts"] = time_parts(paths["grouped"], family, w, inputs, timer, k)
         rows.append(row)
         times = "  ".join(f"{p} {s * 1e6:8.1f} us ({s / roof:5.2f}x)"
@@ -342,17 +384,21 @@ def markdown(rows: list[dict], hw: dict, meta: dict) -> str:
     lines = [f"MoE layer experts on {meta['device_name']} ({meta['dtype']}); measured bandwidth "
              f"{hw['bandwidth'] / 1e9:.1f} GB/s (copy, read+write), matmul "
              f"{hw['matmul_flops'] / 1e12:.0f} TFLOP/s; time in us (x roofline).", "",
-             "| shape | T | active E | roofline us | " + " | ".join(paths) + " |",
-             "|---|---|---|---|" + "---|" * len(paths)]
+             "| shape | T | active E | roofline us | best | " + " | ".join(paths) + " |",
+             "|---|---|---|---|---|" + "---|" * len(paths)]
     for r in rows:
         cells = [f"{r['seconds'][p] * 1e6:.0f} ({r['vs_roofline'][p]:.2f}x)" if p in r["seconds"]
                  else "n/a" for p in paths]
+        best = f"{r['best']['path']} ({r['best']['vs_roofline']:.2f}x)"
         lines.append(f"| {r['shape']} | {r['tokens']} | {r['active_experts']:.1f} | "
-                     f"{r['roofline_s'] * 1e6:.0f} | " + " | ".join(cells) + " |")
+                     f"{r['roofline_s'] * 1e6:.0f} | {best} | " + " | ".join(cells) + " |")
     steps = list(dict.fromkeys(p for r in rows for p in r["parts"]))
-    lines += ["", "Steps of the grouped layer timed alone, us (x roofline); the GEMMs without "
-              "bias, the bias + nonlinearity op by op (as `grouped`) and fused (as `grouped "
-              "fused` / `grouped triton`):", "",
+    lines += ["", "Steps of the grouped layer timed alone, us (x roofline); the permutation and "
+              "the un-permute + combine as torch ops (as `grouped`) and as Triton kernels "
+              "(`permute=\"triton\"`; \"no rows\": the index maps only, as `triton gather`), "
+              "the GEMMs without bias (\"gather\": the gate/up GEMM reads the token rows "
+              "through the index), the bias + nonlinearity op by op (as `grouped`) and fused "
+              "(the other variants):", "",
               "| shape | T | " + " | ".join(steps) + " |", "|---|---|" + "---|" * len(steps)]
     for r in rows:
         cells = [f"{r['parts'][p] * 1e6:.0f} ({r['parts'][p] / r['roofline_s']:.2f}x)"

@@ -11,8 +11,10 @@ Shapes: gpt-oss-120b (E 128, top-4, hidden 2880, expert width 2880; shipped in M
 deepseek-v3 (E 256, top-8, hidden 7168, width 2048; shipped in block-scaled FP8), at 256, 768
 and 1536 tokens. Variants: bf16 through torch._grouped_mm (where the build has it), and
 probe.runtime.quant_gemm's Triton kernel on bf16 and on the shipped format (weights never
-expanded in memory), each with the kernel config (tile shape, warps, stages, MXFP4 decode, FP8
-scale placement) that timed best of a few; every config's time is in the second table.
+expanded in memory): FP8 once, MXFP4 once per decode ("portable", "spread", "dot_scaled"; see
+`KernelConfig.mxfp4_decode`), each with the kernel config (tile shape, warps, stages, row tiles
+per program, FP8 scale placement) that timed best of a few; every config's time is in the
+second table.
 
 Roofline: the active experts' weight bytes in that format (read once) plus the activations
 (rows x hidden read and written per GEMM) over the HBM bandwidth measured here (a large
@@ -45,31 +47,45 @@ SHAPES = {  # name: (experts, top_k, hidden, width, shipped format)
 }
 QUICK_SHAPES = {"tiny-mxfp4": (8, 2, 128, 64, "mxfp4"), "tiny-fp8": (8, 2, 128, 64, "fp8_block")}
 TOKENS = (256, 768, 1536)
-# Kernel configs tried per format, (BM, BN, BK, warps, stages[, decode]); the best correct one is
-# reported and every trial goes to the JSON (a config that fails to compile or exceeds shared
-# memory is recorded, not fatal). MXFP4 tries both decodes, FP8 both places for its scale.
+# Kernel configs tried per format, (BM, BN, BK, warps, stages[, decode][, {more KernelConfig
+# fields}]); the best correct one is reported and every trial goes to the JSON (a config that
+# fails to compile or exceeds shared memory is recorded, not fatal). MXFP4 is one variant per
+# decode ("portable", "spread", "dot_scaled"); row_tiles 2 / 4 decode each weight tile once for
+# 2 / 4 BM-row tiles; swap_ab computes the tile transposed (weight rows on the MMA's M side, so
+# BM 16 / 32 still runs Hopper's wgmma). FP8 tries both places for its scale.
+R2, R4, SWAP = {"row_tiles": 2}, {"row_tiles": 4}, {"swap_ab": True}
 CONFIGS = {
-    "bf16": [(32, 64, 64, 4, 3), (64, 64, 64, 4, 3), (64, 128, 64, 4, 3), (64, 128, 64, 8, 4),
-             (64, 256, 64, 8, 3)],
-    "mxfp4": [(32, 128, 128, 4, 3, "portable"), (64, 128, 128, 8, 3, "portable"),
-              (64, 128, 64, 4, 3, "portable"), (64, 64, 128, 4, 3, "portable"),
-              (32, 128, 128, 4, 3, "ptx"), (64, 128, 128, 8, 3, "ptx"),
-              (64, 256, 128, 8, 3, "ptx"), (64, 64, 128, 4, 3, "ptx")],
+    "bf16": [(64, 64, 64, 4, 3), (64, 128, 64, 4, 3), (64, 128, 64, 8, 4), (64, 256, 64, 8, 3),
+             (32, 128, 64, 4, 3, SWAP)],
+    "mxfp4": [(32, 128, 128, 4, 3, "portable"), (64, 128, 64, 4, 3, "portable"),
+              (64, 128, 128, 8, 3, "portable"), (32, 128, 128, 4, 3, "portable", R2),
+              (32, 128, 64, 4, 3, "portable", R4), (32, 128, 64, 4, 3, "portable", SWAP),
+              (64, 128, 64, 4, 3, "spread"), (32, 128, 128, 4, 3, "spread"),
+              (32, 128, 64, 4, 3, "spread", SWAP),
+              (64, 128, 64, 4, 3, "dot_scaled"), (32, 128, 128, 4, 3, "dot_scaled"),
+              (32, 128, 128, 4, 3, "dot_scaled", SWAP), (16, 128, 128, 4, 3, "dot_scaled", SWAP)],
     "fp8_block": [(64, 128, 128, 8, 3, "product"), (32, 128, 128, 4, 3, "product"),
                   (64, 256, 128, 8, 3, "product"), (64, 128, 128, 8, 3, "weights"),
-                  (64, 64, 64, 4, 3, "weights")],
+                  (32, 128, 128, 4, 3, "product", SWAP)],
 }
-QUICK_CONFIGS = {"bf16": [(16, 16, 64, 4, 1)], "mxfp4": [(16, 16, 128, 4, 1, "portable")],
-                 "fp8_block": [(16, 16, 128, 4, 1, "product")]}
+# (wide column tiles: few programs, which is what costs time under the interpreter)
+QUICK_CONFIGS = {"bf16": [(16, 64, 64, 4, 1)],
+                 "mxfp4": [(16, 64, 128, 4, 1, "portable"), (16, 64, 128, 4, 1, "portable", R2),
+                           (16, 64, 128, 4, 1, "spread", SWAP), (16, 64, 128, 4, 1, "dot_scaled")],
+                 "fp8_block": [(16, 64, 128, 4, 1, "product")]}
 MAX_REL_ERROR = 3e-2  # a config further than this from the fp32 twin is reported, not kept
 
 
 def kernel_config(spec: tuple, fmt: str) -> KernelConfig:
-    """KernelConfig from a CONFIGS entry (the optional 6th item is the format's decode)."""
+    """KernelConfig from a CONFIGS entry: a string after the first five items is the format's
+    decode (MXFP4) or scale placement (FP8), a dict more KernelConfig fields."""
     bm, bn, bk, warps, stages = spec[:5]
     extra = {}
-    if len(spec) > 5:
-        extra = {"mxfp4_decode": spec[5]} if fmt == "mxfp4" else {"fp8_scale": spec[5]}
+    for item in spec[5:]:
+        if isinstance(item, dict):
+            extra.update(item)
+        else:
+            extra["mxfp4_decode" if fmt == "mxfp4" else "fp8_scale"] = item
     return KernelConfig(block_m=bm, block_n=bn, block_k=bk, num_warps=warps, num_stages=stages,
                         **extra)
 
@@ -181,7 +197,11 @@ def run_shape(name, spec, tokens_list, device, ceilings, repeats, gen, configs, 
     for fmt in ("bf16", shipped):
         gate_up = random_packed(experts, 2 * width, hidden, fmt, device, seed=1)
         down = random_packed(experts, hidden, width, fmt, device, seed=2)
-        variants = {f"triton {fmt}": None}
+        # one Triton variant per MXFP4 decode (each with its best config), one per other format
+        if fmt == "mxfp4":
+            variants = {f"triton mxfp4 {d}": d for d in dict.fromkeys(c[5] for c in configs[fmt])}
+        else:
+            variants = {f"triton {fmt}": fmt}
         if fmt == "bf16" and device == "cuda" and hasattr(torch, "_grouped_mm"):
             variants["torch._grouped_mm bf16"] = _grouped_mm_bf16
         for tokens in tokens_list:
@@ -190,8 +210,9 @@ def run_shape(name, spec, tokens_list, device, ceilings, repeats, gen, configs, 
             # correctness on fresh inputs, against the fp32 twin of the same packed weights
             ref = experts_layer(_twin, x, order, gates, offsets, gate_up, down)
             for label, gemm in list(variants.items()):
-                if gemm is None:
-                    cfgs = [kernel_config(c, fmt) for c in configs[fmt]]
+                if isinstance(gemm, str):  # the Triton kernel: every config of the variant
+                    cfgs = [kernel_config(c, fmt) for c in configs[fmt]
+                            if fmt != "mxfp4" or c[5] == gemm]
                     candidates = [(config_label(c, fmt), _triton(c)) for c in cfgs]
                 else:
                     candidates = [(None, gemm)]

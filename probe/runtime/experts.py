@@ -39,20 +39,24 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from probe.runtime import permute as perm_kernels
 from probe.runtime import quant_gemm
 from probe.runtime.glu import GluSpec, fused_glu, fused_glu_applies
 from probe.runtime.quant import PackedWeight
 from probe.runtime.quant_gemm import grouped_matmul
 
 BACKENDS = ("torch", "triton")
+PERMUTES = ("torch", "triton", "gather")
 
 __all__ = [
     "BACKENDS",
+    "PERMUTES",
     "GroupedExperts",
     "grouped_default",
     "grouped_linear",
     "grouped_mm_available",
     "loop_experts",
+    "weighted_sum",
 ]
 
 Activation = Callable[[torch.Tensor], torch.Tensor]
@@ -119,7 +123,8 @@ def packed_kernel_applies(x: torch.Tensor, weight: PackedWeight | torch.Tensor) 
 
 def grouped_linear(x: torch.Tensor, weight: torch.Tensor | PackedWeight, offs: torch.Tensor,
                    bias: torch.Tensor | None = None, slot: torch.Tensor | None = None, *,
-                   use_grouped_mm: bool = True, backend: str = "torch") -> torch.Tensor:
+                   use_grouped_mm: bool = True, backend: str = "torch",
+                   x_index: torch.Tensor | None = None) -> torch.Tensor:
     """Rows grouped by expert through their expert's linear map: x [n, K] -> [n, N].
 
     Args:
@@ -135,6 +140,9 @@ def grouped_linear(x: torch.Tensor, weight: torch.Tensor | PackedWeight, offs: t
             bf16 weights through probe.runtime.quant_gemm's kernel too, where it applies: bf16
             rows on CUDA). Packed weights take the Triton kernel wherever it applies. On the
             Triton path the bias is added in the kernel's epilogue (no gathered [n, N] copy).
+        x_index: int [n] or None; given, x is [T, K] in token order and sorted row i is
+            x[x_index[i]]: the Triton kernel gathers the rows in its loads, other paths
+            index_select them first.
     """
     if bias is not None and slot is None:
         raise ValueError("grouped_linear: bias needs slot (the group of each row)")
@@ -147,8 +155,10 @@ def grouped_linear(x: torch.Tensor, weight: torch.Tensor | PackedWeight, offs: t
         if packed_kernel_applies(x, weight):
             starts = torch.zeros(1, dtype=torch.int32, device=x.device)
             return grouped_matmul(x, weight, torch.cat((starts, offs.to(torch.int32))),
-                                  bias=bias)
-        weight = weight.dense(x.dtype)  # the twin: expand the whole layer, then as dense
+                                  bias=bias, x_index=x_index)
+        weight = weight.dense(x.dtype)
+    if x_index is not None:
+        x = x.index_select(0, x_index)  # [n, K]  # the twin: expand the whole layer, then as dense
     w_t = weight.transpose(1, 2)  # [G, K, N]
     if (use_grouped_mm and x.dtype == weight.dtype and x.shape[0] > 0
             and grouped_mm_available(x.dtype, x.device) and _aligned(x, w_t)
@@ -181,13 +191,20 @@ class GroupedExperts:
             where it applies (CUDA), instead of `activate` op by op.
         backend: "torch" or "triton": the GEMM for dense bf16 weights on CUDA (see
             `grouped_linear`); the Triton kernel also adds the biases in its epilogue.
+        permute: how rows are sorted by expert and put back. "torch" (argsort, scatter_add,
+            cumsum, index_select; un-permute by index_copy, then the combine); "triton"
+            (`probe.runtime.permute`: three launches that sort and gather the rows, and `moe`'s
+            weighted sum as one kernel reading each expert output row once); "gather" (as
+            "triton", but where the gate/up GEMM is the Triton kernel its loads gather the
+            token rows, so the sorted [T*K, D] copy is never written). The Triton forms apply
+            on CUDA (or under TRITON_INTERPRET=1); elsewhere "torch" runs.
     The tensors are referenced, not copied.
     """
 
     def __init__(self, w_gate_up: torch.Tensor, w_down: torch.Tensor, activate: Activation, *,
                  b_gate_up: torch.Tensor | None = None, b_down: torch.Tensor | None = None,
                  grouped: bool | None = None, glu: GluSpec | None = None,
-                 backend: str = "torch") -> None:
+                 backend: str = "torch", permute: str = "torch") -> None:
         if len(w_gate_up.shape) != 3 or len(w_down.shape) != 3:
             raise ValueError(f"w_gate_up [E, 2F, D] and w_down [E, D, F] must be 3-d, got "
                              f"{tuple(w_gate_up.shape)} and {tuple(w_down.shape)}")
@@ -209,6 +226,9 @@ class GroupedExperts:
             raise TypeError(f"glu must be a GluSpec or None, got {type(glu).__name__}")
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        if permute not in PERMUTES:
+            raise ValueError(f"permute must be one of {PERMUTES}, got {permute!r}")
+        self.permute = permute
         self.activate = activate
         self.grouped = grouped_default() if grouped is None else bool(grouped)
         self.glu = glu
@@ -216,7 +236,7 @@ class GroupedExperts:
 
     @classmethod
     def from_block(cls, block, grouped: bool | None = None, *, fused: bool = False,
-                   backend: str = "torch") -> GroupedExperts:
+                   backend: str = "torch", permute: str = "torch") -> GroupedExperts:
         """The experts of a `MoEBlock` (its parameters, or its packed weights, referenced);
         fused: run bias and nonlinearity as one kernel where it applies (`glu`)."""
         bias = block.cfg.expert_bias
@@ -224,7 +244,8 @@ class GroupedExperts:
         return cls(w_gate_up, w_down, block.activate,
                    b_gate_up=block.b_gate_up if bias else None,
                    b_down=block.b_down if bias else None, grouped=grouped,
-                   glu=GluSpec.of_config(block.cfg) if fused else None, backend=backend)
+                   glu=GluSpec.of_config(block.cfg) if fused else None, backend=backend,
+                   permute=permute)
 
     @property
     def num_experts(self) -> int:
@@ -246,10 +267,12 @@ class GroupedExperts:
                 and w.shape[1] * w.element_size() % 16 == 0)
 
     def forward_sorted(self, x: torch.Tensor, offs: torch.Tensor,
-                       slot: torch.Tensor | None = None) -> torch.Tensor:
+                       slot: torch.Tensor | None = None, *,
+                       x_index: torch.Tensor | None = None) -> torch.Tensor:
         """Rows already grouped by expert: x [n, D], offs int32 [E_local] (group ends) ->
         [n, D] unweighted expert outputs. slot int64 [n] (each row's expert) is needed only
-        with biases."""
+        with biases. x_index int [n]: x is [T, D] in token order and sorted row i is
+        x[x_index[i]] (gathered by the gate/up GEMM where it is the Triton kernel)."""
         if offs.shape != (self.num_experts,):
             raise ValueError(f"offs must have one end per expert ({self.num_experts}), got "
                              f"{tuple(offs.shape)}")
@@ -264,7 +287,8 @@ class GroupedExperts:
                               or isinstance(self.w_gate_up, PackedWeight))))
         gate_up = grouped_linear(x, self.w_gate_up, offs,
                                  self.b_gate_up if bias_in_gemm else None,
-                                 slot if bias_in_gemm else None, **opts)  # [n, 2F]
+                                 slot if bias_in_gemm else None, x_index=x_index,
+                                 **opts)  # [n, 2F]
         if fuse:
             glu_bias = None if bias_in_gemm or self.b_gate_up is None else self.b_gate_up
             h = fused_glu(gate_up, self.glu, glu_bias, slot if glu_bias is not None else None)
@@ -282,9 +306,34 @@ class GroupedExperts:
         if slot.shape != x.shape[:1]:
             raise ValueError(f"slot {tuple(slot.shape)} must have one entry per row of x "
                              f"{tuple(x.shape)}")
+        if self._triton_permute(x):
+            p, y = self._forward_permuted(x, slot.to(x.device)[:, None])
+            return y.index_select(0, p.inv[:, 0])  # un-permute
         order, slot_sorted, offs = self._permutation(slot, x.device)
         y = self.forward_sorted(x.index_select(0, order), offs, slot_sorted)  # [n, D]
         return torch.empty_like(y).index_copy_(0, order, y)  # un-permute
+
+    def _triton_permute(self, x: torch.Tensor) -> bool:
+        """Whether this call sorts rows with the Triton kernels (option on, and they apply)."""
+        return self.permute != "torch" and perm_kernels.triton_applies(x)
+
+    def _gathers_in_gemm(self, x: torch.Tensor) -> bool:
+        """Whether permute "gather" leaves the row gather to the gate/up GEMM: the Triton
+        kernel runs it (packed weights, or backend "triton")."""
+        return (self.permute == "gather" and packed_kernel_applies(x, self.w_gate_up)
+                and (self.backend == "triton" or isinstance(self.w_gate_up, PackedWeight)))
+
+    def _forward_permuted(self, x: torch.Tensor, topk_slot: torch.Tensor):
+        """(Permutation, expert outputs [T*K, D] in sorted order) through the Triton
+        permutation: x [T, D], topk_slot [T, K] local slots."""
+        in_gemm = self._gathers_in_gemm(x)
+        p = perm_kernels.permute(x, topk_slot, self.num_experts, gather_rows=not in_gemm)
+        ends = p.offsets[1:]  # [E_local] group ends
+        if in_gemm:
+            y = self.forward_sorted(x, ends, p.slot, x_index=p.token)
+        else:
+            y = self.forward_sorted(p.rows, ends, p.slot)
+        return p, y  # y [T*K, D]
 
     def _permutation(self, slot: torch.Tensor, device: torch.device):
         """(order int64 [n]: rows sorted by slot, stable; slot[order]; offs int32 [E_local]
@@ -303,20 +352,37 @@ class GroupedExperts:
         return order, slot_sorted, offs
 
     def moe(self, x: torch.Tensor, topk_slot: torch.Tensor, topk_weights: torch.Tensor,
-            combine: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+            combine: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+            ) -> torch.Tensor:
         """A whole routed MoE: x [T, D], topk_slot [T, K], topk_weights [T, K] -> [T, D]:
-        every (token, k) pair through its expert, then `combine(y [T, K, D], topk_weights)`."""
+        every (token, k) pair through its expert, then `combine(y [T, K, D], topk_weights)`;
+        combine None is `MoEBlock.combine`'s weighted sum (fp32, one rounding to x's dtype),
+        which permute "triton" / "gather" run as one kernel straight from the sorted rows."""
         n_tok, k = topk_slot.shape
         if tuple(topk_weights.shape) != (n_tok, k) or x.shape[0] != n_tok:
             raise ValueError(f"x [T, D], topk_slot and topk_weights [T, K] disagree: "
                              f"{tuple(x.shape)}, {tuple(topk_slot.shape)}, "
                              f"{tuple(topk_weights.shape)}")
-        order, slot_sorted, offs = self._permutation(topk_slot.reshape(-1), x.device)
-        # row r of the (token, k) pairs is token r // K: gather the sorted rows straight from
-        # x (no [T*K, D] copy of the repeated tokens first)
-        y = self.forward_sorted(x.index_select(0, order // k), offs, slot_sorted)  # [T*K, D]
-        y = torch.empty_like(y).index_copy_(0, order, y)  # un-permute
-        return combine(y.view(n_tok, k, -1), topk_weights)
+        if self._triton_permute(x):
+            p, y = self._forward_permuted(x, topk_slot.to(x.device))
+            if combine is None:
+                return perm_kernels.combine(y, p.inv, topk_weights)  # [T, D]
+            y = y.index_select(0, p.inv.reshape(-1))  # un-permute, [T*K, D]
+        else:
+            order, slot_sorted, offs = self._permutation(topk_slot.reshape(-1), x.device)
+            # row r of the (token, k) pairs is token r // K: gather the sorted rows straight
+            # from x (no [T*K, D] copy of the repeated tokens first)
+            y = self.forward_sorted(x.index_select(0, order // k), offs,
+                                    slot_sorted)  # [T*K, D]
+            y = torch.empty_like(y).index_copy_(0, order, y)  # un-permute
+        return (combine or weighted_sum)(y.view(n_tok, k, -1), topk_weights)
+
+
+def weighted_sum(y: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
+    """`MoEBlock.combine`: y [T, K, D], topk_weights [T, K] -> [T, D], the sum over K in fp32
+    (fp64 for fp64 y), rounded once to y's dtype."""
+    wide = torch.promote_types(y.dtype, torch.float32)
+    return (y.to(wide) * topk_weights.to(wide)[..., None]).sum(dim=1).to(y.dtype)
 
 
 def loop_experts(x: torch.Tensor, slot: torch.Tensor, w_gate_up: torch.Tensor,

@@ -11,19 +11,29 @@ expanded in memory, so the bytes read per expert are the format's own (17/32 of 
 weight for MXFP4, about 1 for FP8, against 2 for bf16).
 
 With a few dozen rows per expert the kernel is bound by the weight stream and by the ALU work
-per weight, since every weight is decoded once per BM-row tile of its expert. So the decode
+per weight, since every weight is decoded once per BM-row tile of its expert
+(`KernelConfig.row_tiles` lets one program cover several BM-row tiles of its expert with one
+decode). So the decode
 avoids transcendental and select arithmetic: MXFP4 places each e2m1 code (sign, 2 exponent bits,
 1 mantissa bit) in an e4m3 byte, which the hardware converts exactly (the value times 2^-6,
 the subnormal 0.5 included), and multiplies by the block's power of two built from its exponent
-bits; or, with `KernelConfig.mxfp4_decode="ptx"`, inline PTX turns four packed bytes into scaled
-bf16 pairs with integer masks and two bf16x2 fmas. FP8 converts to bf16 exactly and applies the
-128 x 128 tile's scale_inv to each step's partial product (BK divides 128), not to each weight.
+bits. `KernelConfig.mxfp4_decode` picks how: "portable" (nibble halves interleaved back into k
+order), "spread" (the packed bytes spread to k order, one byte per weight, then one
+elementwise decode: no fp32 interleave) or "dot_scaled" (Triton's microscaled dot, its own
+decode); which is fastest is for the GPU benchmark to say (experiments/runtime/quant_layer.py).
+An inline-PTX decode was tried and did not compile on the H200; it is gone. FP8 converts to
+bf16 exactly and applies the 128 x 128 tile's scale_inv to each step's partial product (BK
+divides 128), not to each weight.
 
 The grid is (row tiles, N tiles), with row tiles = ceil(M / BM) + E, a bound on the BM-row
 tiles of all experts together; each program derives its expert and first row from `offsets`
 (a cumulative sum over the E experts' tile counts, inside the kernel: one launch, no host read
 of the counts, so the launch can be captured in a CUDA graph); tiles past the last return at
 once. `tile_schedule` is the same mapping in torch, kept as the readable twin.
+
+With `x_index` the kernel's A loads gather the rows (row i of the product reads x[x_index[i]]):
+x stays in token order and the MoE permutation's [M, K] row copy is not needed (the "gather"
+form of a grouped GEMM).
 
 `grouped_matmul_ref` is the slow twin (dequantize with probe.runtime.quant, then one matmul per
 expert), used by the tests. On CPU the kernel runs under Triton's interpreter
@@ -50,51 +60,8 @@ except ImportError:  # pragma: no cover
     triton = None
 
 _FORMAT_CODE = {"bf16": 0, "mxfp4": 1, "fp8_block": 2}
-_MXFP4_DECODE = {"portable": 0, "ptx": 1}
+_MXFP4_DECODE = {"portable": 0, "spread": 1, "dot_scaled": 2}
 _FP8_SCALE = {"weights": 0, "product": 1}
-
-# e2m1 nibbles -> bf16 on NVIDIA GPUs, four packed bytes per instance (the "ptx" decode): bytes
-# [b0 b1 b2 b3] are permuted to [b0 b2 b1 b3] so that the low (then high) nibbles of b0 and b1
-# (and of b2 and b3) sit 16 bits apart; each pair is masked and shifted into the bit positions
-# of a bf16 pair (sign at bit 15, exponent and mantissa bits at 8..6), which reads as the e2m1
-# value times 2^-126 (the code 0.5 becomes a bf16 subnormal), then multiplied by 2^126 and by
-# the block's scale with bf16x2 fmas. Outputs $0 $1: low nibbles (elements 0-1, 2-3), $2 $3:
-# high nibbles; inputs $4: the four bytes, $5 $6: the four scales (bf16 pairs).
-_E2M1_PTX = """
-{
-.reg .b32 rv, rg, rs, rk, rz;
-prmt.b32 rv, $4, $4, 0x3120;
-mov.b32 rk, 0x7E807E80;
-mov.b32 rz, 0x80008000;
-shl.b32 rg, rv, 6;
-and.b32 rg, rg, 0x01C001C0;
-shl.b32 rs, rv, 12;
-and.b32 rs, rs, 0x80008000;
-or.b32 rg, rg, rs;
-fma.rn.bf16x2 rg, rg, rk, rz;
-fma.rn.bf16x2 $0, rg, $5, rz;
-shr.b32 rg, rv, 2;
-and.b32 rg, rg, 0x01C001C0;
-shl.b32 rs, rv, 4;
-and.b32 rs, rs, 0x80008000;
-or.b32 rg, rg, rs;
-fma.rn.bf16x2 rg, rg, rk, rz;
-fma.rn.bf16x2 $1, rg, $6, rz;
-shl.b32 rg, rv, 2;
-and.b32 rg, rg, 0x01C001C0;
-shl.b32 rs, rv, 8;
-and.b32 rs, rs, 0x80008000;
-or.b32 rg, rg, rs;
-fma.rn.bf16x2 rg, rg, rk, rz;
-fma.rn.bf16x2 $2, rg, $5, rz;
-shr.b32 rg, rv, 6;
-and.b32 rg, rg, 0x01C001C0;
-and.b32 rs, rv, 0x80008000;
-or.b32 rg, rg, rs;
-fma.rn.bf16x2 rg, rg, rk, rz;
-fma.rn.bf16x2 $3, rg, $6, rz;
-}
-"""
 
 if triton is not None:
 
@@ -116,85 +83,180 @@ if triton is not None:
         return e, row0, end
 
     @triton.jit
-    def _grouped_kernel(x_ptr, w_ptr, s_ptr, offs_ptr, y_ptr, b_ptr, N, K, stride_w, stride_s,
-                        stride_xm, stride_ym, stride_b, HAS_BIAS: tl.constexpr,
-                        E: tl.constexpr, E_PAD: tl.constexpr,
+    def _weight_tile(w_rows, s_ptr, e64, cols, cmask, k0, N, K, stride_s, FORMAT: tl.constexpr,
+                     BN: tl.constexpr, BK: tl.constexpr, GROUP: tl.constexpr,
+                     TILE: tl.constexpr, DECODE: tl.constexpr):
+        """(w, exps, post) of one K step: w the bf16 [BN, BK] tile (for "dot_scaled" the packed
+        bytes [BN, BK / 2], with their e8m0 exps [BN, BK / 32]), post a per-column factor of
+        the product (FP8 "product": the tile's scale_inv)."""
+        ks = k0 + tl.arange(0, BK)
+        wmask = cmask[:, None] & (ks < K)[None, :]
+        post = tl.full((BN,), 1.0, tl.float32)
+        exps = tl.full((BN, BK // GROUP), 127, tl.uint8)
+        if FORMAT == 0:  # bf16 [E, N, K]
+            w = tl.load(w_rows + ks[None, :], mask=wmask, other=0.0)
+        elif FORMAT == 1:  # mxfp4 blocks [E, N, K / 2] bytes, scales [E, N, K / 32]
+            # e2m1 (sign, 2 exponent bits, 1 mantissa bit) placed in an e4m3 byte is the
+            # value times 2^-6, subnormal 0.5 included: the hardware converts it, and
+            # 2^(scale - 127 + 6) is built from exponent bits.
+            if DECODE == 1:  # "spread": the bytes spread to k order first, then one decode
+                kb = k0 // 2 + tl.arange(0, BK // 2)
+                bmask = cmask[:, None] & (kb < K // 2)[None, :]
+                packed = tl.load(w_rows + kb[None, :], mask=bmask, other=0)  # uint8
+                groups = k0 // GROUP + tl.arange(0, BK // GROUP)
+                gmask = cmask[:, None] & (groups < K // GROUP)[None, :]
+                exps = tl.load(s_ptr + (e64 * N + cols[:, None]) * stride_s
+                               + groups[None, :], mask=gmask, other=127)  # [BN, BK / 32]
+                both = tl.reshape(tl.join(packed, packed), (BN, BK))  # byte of each weight
+                code = (both >> ((ks & 1) * 4).to(tl.uint8)[None, :]) & 0xF  # its nibble
+                e4m3 = ((code & 7) << 2) | ((code & 8) << 4)
+                bits = tl.minimum(exps.to(tl.int32) + 6, 254) << 23
+                scale = bits.to(tl.float32, bitcast=True)  # [BN, BK / 32]
+                values = e4m3.to(tl.float8e4nv, bitcast=True).to(tl.float32)
+                values = tl.reshape(values, (BN, BK // GROUP, GROUP)) * scale[:, :, None]
+                w = tl.reshape(values, (BN, BK)).to(tl.bfloat16)
+            else:
+                kb = k0 // 2 + tl.arange(0, BK // 2)
+                bmask = cmask[:, None] & (kb < K // 2)[None, :]
+                packed = tl.load(w_rows + kb[None, :], mask=bmask, other=0)  # uint8
+                groups = k0 // GROUP + tl.arange(0, BK // GROUP)
+                gmask = cmask[:, None] & (groups < K // GROUP)[None, :]
+                exps = tl.load(s_ptr + (e64 * N + cols[:, None]) * stride_s
+                               + groups[None, :], mask=gmask, other=127)  # [BN, BK / 32]
+                if DECODE == 2:  # "dot_scaled": decoded inside tl.dot_scaled
+                    w = packed
+                else:  # "portable": low / high nibbles, interleaved back into k order
+                    lo = ((packed & 7) << 2) | ((packed & 8) << 4)
+                    hi = ((packed >> 2) & 0x1C) | (packed & 0x80)
+                    values = tl.interleave(lo.to(tl.float8e4nv, bitcast=True).to(tl.float32),
+                                           hi.to(tl.float8e4nv, bitcast=True).to(tl.float32))
+                    bits = tl.minimum(exps.to(tl.int32) + 6, 254) << 23
+                    scale = bits.to(tl.float32, bitcast=True)  # [BN, BK / 32]
+                    values = tl.reshape(values, (BN, BK // GROUP, GROUP)) * scale[:, :, None]
+                    w = tl.reshape(values, (BN, BK)).to(tl.bfloat16)
+        else:  # fp8 [E, N, K], scale_inv [E, ceil(N / 128), ceil(K / 128)]
+            raw = tl.load(w_rows + ks[None, :], mask=wmask, other=0.0)
+            tiles_n = (N + TILE - 1) // TILE
+            tiles_k = (K + TILE - 1) // TILE
+            scale = tl.load(s_ptr + (e64 * tiles_n + cols // TILE) * tiles_k + k0 // TILE,
+                            mask=cmask, other=1.0)  # BK divides TILE: one k tile
+            if DECODE == 1:  # fp8 -> bf16 is exact; the scale goes on the product
+                w = raw.to(tl.float32).to(tl.bfloat16)  # (a conversion sm_90 has)
+                post = scale
+            else:
+                w = (raw.to(tl.float32) * scale[:, None]).to(tl.bfloat16)
+        return w, exps, post
+
+    @triton.jit
+    def _accumulate(acc, x_ptr, src, rmask, k0, K, stride_xm, w, exps, post,
+                    FORMAT: tl.constexpr, BK: tl.constexpr, DECODE: tl.constexpr,
+                    DOT_FP32: tl.constexpr, SWAP: tl.constexpr):
+        """acc + (rows src of x, K step k0) @ w^T: acc [BM, BN], or its transpose [BN, BM]
+        with SWAP (then w is the MMA's left operand: its BN rows fill the MMA's M side)."""
+        ks = k0 + tl.arange(0, BK)
+        x = tl.load(x_ptr + src[:, None] * stride_xm + ks[None, :],
+                    mask=rmask[:, None] & (ks < K)[None, :], other=0.0)
+        # (one return at the end: the compiler builds the code after a constexpr branch that
+        # returns as well, and the two shapes would clash)
+        if SWAP:
+            if FORMAT == 1 and DECODE == 2:
+                part = tl.dot_scaled(w, exps, "e2m1", tl.trans(x), None, "bf16")
+            elif DOT_FP32:  # Triton's CPU interpreter multiplies bf16 tiles wrongly
+                part = tl.dot(w.to(tl.float32), tl.trans(x.to(tl.float32)))
+            else:
+                part = tl.dot(w, tl.trans(x))
+            if FORMAT == 2 and DECODE == 1:
+                part = part * post[:, None]
+        else:
+            if FORMAT == 1 and DECODE == 2:
+                part = tl.dot_scaled(x, None, "bf16", tl.trans(w), exps, "e2m1")
+            elif DOT_FP32:
+                part = tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)))
+            else:
+                part = tl.dot(x, tl.trans(w))
+            if FORMAT == 2 and DECODE == 1:
+                part = part * post[None, :]
+        return acc + part
+
+    @triton.jit
+    def _zeros(BM: tl.constexpr, BN: tl.constexpr, SWAP: tl.constexpr):
+        return tl.zeros((BN, BM) if SWAP else (BM, BN), dtype=tl.float32)
+
+    @triton.jit
+    def _sources(xi_ptr, rows, rmask, GATHER_X: tl.constexpr):
+        """The x row of each product row: x_index[rows] (the permutation fused), or rows."""
+        if GATHER_X:
+            src = tl.load(xi_ptr + rows, mask=rmask, other=0).to(tl.int64)
+        else:
+            src = rows.to(tl.int64)
+        return src
+
+    @triton.jit
+    def _store(y_ptr, acc, bias, rows, rmask, cols, cmask, stride_ym, SWAP: tl.constexpr):
+        if SWAP:
+            acc = tl.trans(acc)  # [BM, BN]
+        acc += bias[None, :]  # the expert's bias row in fp32 (zeros without), one rounding
+        tl.store(y_ptr + rows[:, None].to(tl.int64) * stride_ym + cols[None, :],
+                 acc.to(y_ptr.dtype.element_ty), mask=rmask[:, None] & cmask[None, :])
+
+    @triton.jit
+    def _grouped_kernel(x_ptr, xi_ptr, w_ptr, s_ptr, offs_ptr, y_ptr, b_ptr, N, K, stride_w,
+                        stride_s, stride_xm, stride_ym, stride_b, HAS_BIAS: tl.constexpr,
+                        GATHER_X: tl.constexpr, E: tl.constexpr, E_PAD: tl.constexpr,
                         FORMAT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
                         BK: tl.constexpr, GROUP: tl.constexpr, TILE: tl.constexpr,
-                        DECODE: tl.constexpr, DOT_FP32: tl.constexpr):
+                        DECODE: tl.constexpr, DOT_FP32: tl.constexpr, R: tl.constexpr,
+                        SWAP: tl.constexpr):
+        # A program owns R consecutive BM-row tiles of one expert (R = 1, 2 or 4): it decodes
+        # each weight tile once and multiplies it into every sub-tile that has rows.
         tile = tl.program_id(0)
         pid_n = tl.program_id(1)
-        e, row0, end = _schedule(offs_ptr, tile, E, E_PAD, BM)
+        e, row0, end = _schedule(offs_ptr, tile, E, E_PAD, BM * R)
         if e < E:
-            rows = row0 + tl.arange(0, BM)
-            rmask = rows < end
             cols = pid_n * BN + tl.arange(0, BN)
             cmask = cols < N
-            acc = tl.zeros((BM, BN), dtype=tl.float32)
             e64 = e.to(tl.int64)
             w_rows = w_ptr + (e64 * N + cols[:, None]) * stride_w  # [BN, 1] row starts
+            rows0 = row0 + tl.arange(0, BM)
+            src0 = _sources(xi_ptr, rows0, rows0 < end, GATHER_X)
+            acc0 = _zeros(BM, BN, SWAP)
+            if R > 1:
+                rows1 = rows0 + BM
+                src1 = _sources(xi_ptr, rows1, rows1 < end, GATHER_X)
+                acc1 = _zeros(BM, BN, SWAP)
+            if R > 2:
+                rows2 = rows0 + 2 * BM
+                rows3 = rows0 + 3 * BM
+                src2 = _sources(xi_ptr, rows2, rows2 < end, GATHER_X)
+                src3 = _sources(xi_ptr, rows3, rows3 < end, GATHER_X)
+                acc2 = _zeros(BM, BN, SWAP)
+                acc3 = _zeros(BM, BN, SWAP)
             for k0 in range(0, K, BK):
-                ks = k0 + tl.arange(0, BK)
-                kmask = ks < K
-                x = tl.load(x_ptr + rows[:, None].to(tl.int64) * stride_xm + ks[None, :],
-                            mask=rmask[:, None] & kmask[None, :], other=0.0)
-                wmask = cmask[:, None] & kmask[None, :]
-                post = tl.full((BN,), 1.0, tl.float32)  # per-column factor of the product
-                if FORMAT == 0:  # bf16 [E, N, K]
-                    w = tl.load(w_rows + ks[None, :], mask=wmask, other=0.0)
-                elif FORMAT == 1:  # mxfp4 blocks [E, N, K / 2] bytes, scales [E, N, K / 32]
-                    kb = k0 // 2 + tl.arange(0, BK // 2)
-                    bmask = cmask[:, None] & (kb < K // 2)[None, :]
-                    packed = tl.load(w_rows + kb[None, :], mask=bmask, other=0)  # uint8
-                    groups = k0 // GROUP + tl.arange(0, BK // GROUP)
-                    gmask = cmask[:, None] & (groups < K // GROUP)[None, :]
-                    exps = tl.load(s_ptr + (e64 * N + cols[:, None]) * stride_s + groups[None, :],
-                                   mask=gmask, other=127)  # uint8 [BN, BK / 32]
-                    if DECODE == 1:  # inline PTX: nibbles straight to scaled bf16 pairs
-                        scale = (exps.to(tl.int16) << 7).to(tl.bfloat16, bitcast=True)
-                        scale = tl.reshape(tl.broadcast_to(scale[:, :, None],
-                                                           (BN, BK // GROUP, GROUP // 2)),
-                                           (BN, BK // 2))
-                        lo, hi = tl.inline_asm_elementwise(
-                            _E2M1_PTX, "=r,=r,=r,=r,r,r,r", [packed, scale],
-                            dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=4)
-                        w = tl.interleave(lo, hi)  # [BN, BK]
-                    else:
-                        # e2m1 (sign, 2 exponent bits, 1 mantissa bit) placed in an e4m3 byte
-                        # is the value times 2^-6, subnormal 0.5 included: the hardware
-                        # converts it, and 2^(scale - 127 + 6) is built from exponent bits.
-                        lo = ((packed & 7) << 2) | ((packed & 8) << 4)
-                        hi = ((packed >> 2) & 0x1C) | (packed & 0x80)
-                        values = tl.interleave(lo.to(tl.float8e4nv, bitcast=True).to(tl.float32),
-                                               hi.to(tl.float8e4nv, bitcast=True).to(tl.float32))
-                        bits = tl.minimum(exps.to(tl.int32) + 6, 254) << 23
-                        scale = bits.to(tl.float32, bitcast=True)  # [BN, BK / 32]
-                        values = tl.reshape(values, (BN, BK // GROUP, GROUP)) * scale[:, :, None]
-                        w = tl.reshape(values, (BN, BK)).to(tl.bfloat16)
-                else:  # fp8 [E, N, K], scale_inv [E, ceil(N / 128), ceil(K / 128)]
-                    raw = tl.load(w_rows + ks[None, :], mask=wmask, other=0.0)
-                    tiles_n = (N + TILE - 1) // TILE
-                    tiles_k = (K + TILE - 1) // TILE
-                    scale = tl.load(s_ptr + (e64 * tiles_n + cols // TILE) * tiles_k + k0 // TILE,
-                                    mask=cmask, other=1.0)  # BK divides TILE: one k tile
-                    if DECODE == 1:  # fp8 -> bf16 is exact; the scale goes on the product
-                        w = raw.to(tl.float32).to(tl.bfloat16)  # (a conversion sm_90 has)
-                        post = scale
-                    else:
-                        w = (raw.to(tl.float32) * scale[:, None]).to(tl.bfloat16)
-                if DOT_FP32:  # Triton's CPU interpreter multiplies bf16 tiles wrongly
-                    part = tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)))
-                else:
-                    part = tl.dot(x, tl.trans(w))
-                if FORMAT == 2 and DECODE == 1:
-                    acc += part * post[None, :]
-                else:
-                    acc += part
-            if HAS_BIAS:  # the expert's bias row, added in fp32 before the one rounding
-                acc += tl.load(b_ptr + e64 * stride_b + cols, mask=cmask,
-                               other=0.0).to(tl.float32)[None, :]
-            tl.store(y_ptr + rows[:, None].to(tl.int64) * stride_ym + cols[None, :],
-                     acc.to(y_ptr.dtype.element_ty), mask=rmask[:, None] & cmask[None, :])
+                w, exps, post = _weight_tile(w_rows, s_ptr, e64, cols, cmask, k0, N, K,
+                                             stride_s, FORMAT, BN, BK, GROUP, TILE, DECODE)
+                acc0 = _accumulate(acc0, x_ptr, src0, rows0 < end, k0, K, stride_xm, w, exps,
+                                   post, FORMAT, BK, DECODE, DOT_FP32, SWAP)
+                if R > 1:  # noqa: SIM102 - a compile-time test around a runtime one
+                    if row0 + BM < end:  # sub-tiles past the expert's rows skip the MMA
+                        acc1 = _accumulate(acc1, x_ptr, src1, rows1 < end, k0, K, stride_xm,
+                                           w, exps, post, FORMAT, BK, DECODE, DOT_FP32, SWAP)
+                if R > 2:
+                    if row0 + 2 * BM < end:
+                        acc2 = _accumulate(acc2, x_ptr, src2, rows2 < end, k0, K, stride_xm,
+                                           w, exps, post, FORMAT, BK, DECODE, DOT_FP32, SWAP)
+                    if row0 + 3 * BM < end:
+                        acc3 = _accumulate(acc3, x_ptr, src3, rows3 < end, k0, K, stride_xm,
+                                           w, exps, post, FORMAT, BK, DECODE, DOT_FP32, SWAP)
+            bias = tl.zeros((BN,), dtype=tl.float32)
+            if HAS_BIAS:
+                bias = tl.load(b_ptr + e64 * stride_b + cols, mask=cmask,
+                               other=0.0).to(tl.float32)
+            _store(y_ptr, acc0, bias, rows0, rows0 < end, cols, cmask, stride_ym, SWAP)
+            if R > 1:
+                _store(y_ptr, acc1, bias, rows1, rows1 < end, cols, cmask, stride_ym, SWAP)
+            if R > 2:
+                _store(y_ptr, acc2, bias, rows2, rows2 < end, cols, cmask, stride_ym, SWAP)
+                _store(y_ptr, acc3, bias, rows3, rows3 < end, cols, cmask, stride_ym, SWAP)
 
 
 def _check(x: torch.Tensor, weight: PackedWeight, offsets: torch.Tensor) -> None:
@@ -233,13 +295,28 @@ class KernelConfig:
         block_m, block_n: rows of x and output columns per program (powers of two, >= 16).
         block_k: K per step, a multiple of 32 (one MXFP4 group) dividing 128 (one FP8 tile).
         num_warps, num_stages: Triton launch options (the interpreter ignores them).
-        mxfp4_decode: "portable" (Triton bit operations that place each e2m1 code in an e4m3
-            byte, then the hardware conversion and one fp32 multiply by the block's power of
-            two; also runs under the interpreter) or "ptx" (inline PTX, NVIDIA GPUs only: four
-            bytes at a time straight to scaled bf16 pairs, about 3 instructions per weight).
+        mxfp4_decode: how MXFP4 tiles become bf16 for the product. "portable": the packed
+            bytes' low and high nibbles each placed in an e4m3 byte, converted by the hardware,
+            interleaved back into k order and multiplied by the block's power of two;
+            "spread": the packed bytes are first spread to k order (each byte twice: one byte
+            moved per weight, where "portable" interleaves fp32 values), then every weight
+            picks its nibble and is decoded elementwise; "dot_scaled": Triton's
+            `tl.dot_scaled` (bf16 x e2m1 with the e8m0 block scales), which leaves the decode
+            to Triton's own lowering (on Hopper: an upcast to bf16, then a bf16 MMA). All
+            three run under the interpreter. (Inline PTX that decoded four bytes at a time was
+            tried and did not compile on the H200; it was removed.)
         fp8_scale: "product" (fp8 -> bf16 exactly, the tile's scale_inv multiplies each step's
             partial product, BM x BN multiplies instead of BN x BK) or "weights" (each weight
             scaled, then rounded to bf16).
+        row_tiles: R = 1, 2 or 4 BM-row tiles of one expert per program: each weight tile is
+            decoded (and read) once for R * BM rows, and a sub-tile without rows skips its
+            MMA, so an expert with up to R * BM rows has its weights decoded once in all
+            (against once per BM rows with R = 1), while small experts pay no MMA for the
+            padding that one BM = R * BM tile would multiply.
+        swap_ab: compute each tile transposed, W_tile x^T ([BN, BM]), so the weight tile's BN
+            rows fill the MMA's M side (Hopper's wgmma needs M >= 64) and a small BM (16, 32:
+            experts with a few rows) becomes the MMA's N; the accumulator is transposed once,
+            at the store.
     """
 
     block_m: int = 64
@@ -249,6 +326,8 @@ class KernelConfig:
     num_stages: int = 3
     mxfp4_decode: str = "portable"
     fp8_scale: str = "product"
+    row_tiles: int = 1
+    swap_ab: bool = False
 
     def __post_init__(self) -> None:
         for name in ("block_m", "block_n"):
@@ -264,14 +343,19 @@ class KernelConfig:
         if self.mxfp4_decode not in _MXFP4_DECODE:
             raise ValueError(f"KernelConfig.mxfp4_decode must be one of {sorted(_MXFP4_DECODE)}, "
                              f"got {self.mxfp4_decode!r}")
+        if not isinstance(self.swap_ab, bool):
+            raise TypeError(f"KernelConfig.swap_ab must be a bool, got {self.swap_ab!r}")
+        if self.row_tiles not in (1, 2, 4):
+            raise ValueError(f"KernelConfig.row_tiles must be 1, 2 or 4, got {self.row_tiles}")
         if self.fp8_scale not in _FP8_SCALE:
             raise ValueError(f"KernelConfig.fp8_scale must be one of {sorted(_FP8_SCALE)}, "
                              f"got {self.fp8_scale!r}")
 
     def label(self) -> str:
-        """Short text for tables: BMxBNxBK/warps/stages."""
+        """Short text for tables: BMxBNxBK/warps/stages (/rR with row tiles, /swap)."""
         return (f"{self.block_m}x{self.block_n}x{self.block_k}/w{self.num_warps}"
-                f"/s{self.num_stages}")
+                f"/s{self.num_stages}" + (f"/r{self.row_tiles}" if self.row_tiles > 1 else "")
+                + ("/swap" if self.swap_ab else ""))
 
 
 # What grouped_matmul runs when no config is given: a guess from the kernel's arithmetic (large
@@ -287,28 +371,36 @@ DEFAULT_CONFIGS = {
 
 def grouped_matmul(x: torch.Tensor, weight: PackedWeight, offsets: torch.Tensor, *,
                    config: KernelConfig | None = None, bias: torch.Tensor | None = None,
-                   out: torch.Tensor | None = None) -> torch.Tensor:
+                   out: torch.Tensor | None = None,
+                   x_index: torch.Tensor | None = None) -> torch.Tensor:
     """y bf16 [M, N]: every expert's rows of x times its (packed) weight, transposed, plus
     the expert's bias row when `bias` [E, N] is given (added in the kernel's epilogue).
 
     offsets int32 [E + 1] lives on x's device and is never read on the host: each program
     derives its expert and rows from it. config: `KernelConfig` (None: DEFAULT_CONFIGS[fmt]).
+    x_index: int [M] or None; given, row i of the product reads x[x_index[i]] (x [T, K] in
+    token order, the rows gathered by the kernel's A loads: the MoE permutation fused into
+    the GEMM, no [M, K] copy of the sorted rows).
     """
     if triton is None:  # pragma: no cover
         raise RuntimeError("grouped_matmul needs triton (pip install 'probe[runtime]')")
-    _check(x, weight, offsets)
+    if x_index is not None:
+        if x_index.dim() != 1 or x_index.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"x_index must be a 1-d int32/int64 tensor, got "
+                             f"{list(x_index.shape)} {x_index.dtype}")
+        if x.dim() != 2:
+            raise ValueError(f"x must be [T, K], got {list(x.shape)}")
+    _check(x if x_index is None else x[:0], weight, offsets)
     if weight.fmt not in _FORMAT_CODE:
         raise ValueError(f"grouped_matmul supports {sorted(_FORMAT_CODE)}, got {weight.fmt!r}")
     cfg = DEFAULT_CONFIGS[weight.fmt] if config is None else config
     if not isinstance(cfg, KernelConfig):
         raise TypeError(f"config must be a KernelConfig, got {type(cfg).__name__}")
     interpret = os.environ.get("TRITON_INTERPRET") == "1"
-    if weight.fmt == "mxfp4" and cfg.mxfp4_decode == "ptx" and (interpret or not x.is_cuda):
-        raise ValueError("mxfp4_decode='ptx' needs an NVIDIA GPU (not the interpreter)")
     num_experts, n, k = weight.shape
     if bias is not None and tuple(bias.shape) != (num_experts, n):
         raise ValueError(f"bias must be [E, N] = [{num_experts}, {n}], got {list(bias.shape)}")
-    m = x.shape[0]
+    m = x.shape[0] if x_index is None else x_index.shape[0]
     x = x.contiguous()
     if out is None:
         out = torch.empty((m, n), dtype=torch.bfloat16, device=x.device)
@@ -322,15 +414,18 @@ def grouped_matmul(x: torch.Tensor, weight: PackedWeight, offsets: torch.Tensor,
     else:
         stride_w, stride_s = k, 0
         decode = _FP8_SCALE[cfg.fp8_scale] if weight.fmt == "fp8_block" else 0
-    grid = (triton.cdiv(m, cfg.block_m) + num_experts, triton.cdiv(n, cfg.block_n))
+    rows_per_program = cfg.block_m * cfg.row_tiles
+    grid = (triton.cdiv(m, rows_per_program) + num_experts, triton.cdiv(n, cfg.block_n))
     b = w if bias is None else bias.contiguous()
-    _grouped_kernel[grid](x, w, scales, offsets, out, b, n, k, stride_w, stride_s,
+    xi = offsets if x_index is None else x_index.contiguous()
+    _grouped_kernel[grid](x, xi, w, scales, offsets, out, b, n, k, stride_w, stride_s,
                           x.stride(0), out.stride(0), 0 if bias is None else b.stride(0),
-                          HAS_BIAS=bias is not None,
+                          HAS_BIAS=bias is not None, GATHER_X=x_index is not None,
                           E=num_experts, E_PAD=triton.next_power_of_2(num_experts),
                           FORMAT=_FORMAT_CODE[weight.fmt], BM=cfg.block_m, BN=cfg.block_n,
                           BK=cfg.block_k, GROUP=MXFP4_BLOCK, TILE=FP8_BLOCK, DECODE=decode,
-                          DOT_FP32=interpret, num_warps=cfg.num_warps,
+                          DOT_FP32=interpret, R=cfg.row_tiles, SWAP=cfg.swap_ab,
+                          num_warps=cfg.num_warps,
                           num_stages=cfg.num_stages)
     return out
 

@@ -1,0 +1,93 @@
+"""The Triton kernels compile for an H100/H200 (sm_90) here, without a GPU: Triton's own ptxas
+builds the cubin. The interpreter runs code that the GPU compiler rejects (e.g. a constexpr
+branch that returns a tensor of another shape than the code after it), so this is the check
+that the GPU benchmark will at least start. Marked slow: a few seconds per kernel variant."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+triton = pytest.importorskip("triton")
+
+pytestmark = pytest.mark.slow
+
+if os.environ.get("TRITON_INTERPRET") == "1":  # the kernels are interpreter objects then
+    pytest.skip("TRITON_INTERPRET=1: nothing to compile", allow_module_level=True)
+
+try:
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+except ImportError:  # pragma: no cover - another Triton layout
+    pytest.skip("this Triton has no ASTSource / GPUTarget", allow_module_level=True)
+
+if not os.path.exists(os.path.join(os.path.dirname(triton.__file__),
+                                   "backends", "nvidia", "bin", "ptxas")):
+    pytest.skip("Triton's bundled ptxas is not here", allow_module_level=True)
+
+from probe.runtime import permute, quant_gemm  # noqa: E402
+
+SM90 = GPUTarget("cuda", 90, 32)
+
+
+def _compile(fn, types: dict, constants: dict, *, aligned=(), num_warps=4, num_stages=3):
+    """Compile fn for sm_90: types name -> Triton type of each runtime argument, constants the
+    constexpr values, aligned the arguments a launch would see as multiples of 16."""
+    signature = {**types, **dict.fromkeys(constants, "constexpr")}
+    names = list(signature)
+    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in aligned}
+    return triton.compile(ASTSource(fn, signature, constants, attrs), target=SM90,
+                          options={"num_warps": num_warps, "num_stages": num_stages})
+
+
+def test_permutation_kernels_compile_for_sm90():
+    e_pad, block = 128, 64
+    _compile(permute._count_kernel, {"ids_ptr": "*i64", "counts_ptr": "*i32", "n": "i32"},
+             {"E_PAD": e_pad, "BLOCK": block})
+    _compile(permute._scan_kernel, {"counts_ptr": "*i32", "base_ptr": "*i32",
+                                    "offs_ptr": "*i32", "num_blocks": "i32", "E": "i32"},
+             {"E_PAD": e_pad, "CB": 64})
+    types = {"ids_ptr": "*i64", "base_ptr": "*i32", "x_ptr": "*bf16", "rows_ptr": "*bf16",
+             "token_ptr": "*i64", "slot_ptr": "*i64", "inv_ptr": "*i64", "n": "i32", "D": "i32",
+             "K": "i32", "stride_x": "i32", "stride_rows": "i32"}
+    _compile(permute._place_kernel, types, {"E_PAD": e_pad, "BLOCK": block, "BD": 1024,
+                                            "GATHER": True},
+             aligned=("x_ptr", "rows_ptr", "stride_x", "stride_rows"))
+    _compile(permute._combine_kernel, {"y_ptr": "*bf16", "inv_ptr": "*i64", "w_ptr": "*fp32",
+                                       "out_ptr": "*bf16", "D": "i32", "K": "i32",
+                                       "stride_y": "i32", "stride_out": "i32"}, {"BD": 1024})
+
+
+# (format, decode, row tiles, swap, gather x rows, bias, BM): every new code path at least once
+GEMMS = [
+    ("mxfp4", "portable", 4, False, False, False, 32),
+    ("mxfp4", "spread", 2, True, True, True, 32),
+    ("mxfp4", "dot_scaled", 1, True, False, False, 16),
+    ("mxfp4", "dot_scaled", 2, False, True, True, 64),
+    ("fp8_block", "product", 2, True, False, True, 32),
+    ("bf16", None, 1, True, True, False, 32),
+]
+
+
+@pytest.mark.parametrize("fmt, decode, rows, swap, gather, bias, bm", GEMMS)
+def test_grouped_gemm_variants_compile_for_sm90(fmt, decode, rows, swap, gather, bias, bm):
+    weight = {"bf16": "*bf16", "mxfp4": "*u8", "fp8_block": "*fp8e4nv"}[fmt]
+    scale = {"bf16": "*bf16", "mxfp4": "*u8", "fp8_block": "*fp32"}[fmt]
+    types = {"x_ptr": "*bf16", "xi_ptr": "*i64", "w_ptr": weight, "s_ptr": scale,
+             "offs_ptr": "*i32", "y_ptr": "*bf16", "b_ptr": "*bf16", "N": "i32", "K": "i32",
+             "stride_w": "i32", "stride_s": "i32", "stride_xm": "i32", "stride_ym": "i32",
+             "stride_b": "i32"}
+    code = {"mxfp4": quant_gemm._MXFP4_DECODE, "fp8_block": quant_gemm._FP8_SCALE}
+    constants = {"HAS_BIAS": bias, "GATHER_X": gather, "E": 8, "E_PAD": 8,
+                 "FORMAT": quant_gemm._FORMAT_CODE[fmt], "BM": bm, "BN": 128, "BK": 128,
+                 "GROUP": 32, "TILE": 128, "DECODE": code[fmt][decode] if decode else 0,
+                 "DOT_FP32": False, "R": rows, "SWAP": swap}
+    aligned = [n for n in types if n.endswith("_ptr")] + ["N", "K", "stride_w", "stride_xm",
+                                                          "stride_ym", "stride_b"]
+    kernel = _compile(quant_gemm._grouped_kernel, types, constants, aligned=aligned)
+    ptx = kernel.asm["ptx"]
+    # the product runs on the tensor cores: Hopper's wgmma where a warp group's M side is 64
+    assert "wgmma.mma_async" in ptx or "mma.sync" in ptx
+    if swap or bm >= 64:
+        assert "wgmma.mma_async" in ptx
