@@ -40,6 +40,7 @@ import torch.distributed as dist
 from torch.profiler import record_function
 
 from probe.placement import sharded_home
+from probe.runtime.dispatch import FixedState, fixed_forward
 from probe.runtime.dist import DistContext, guarded
 from probe.runtime.experts import GroupedExperts, grouped_default
 
@@ -147,6 +148,8 @@ class LayerStats:
     rows_sent: int64 [G], token rows this rank dispatched to each rank (with dedup a token
         goes once to a rank however many of its pairs run there; else rows_sent == pairs_sent).
     pairs_processed: pairs this rank ran (home + replicas).
+    With fixed-capacity dispatch (`probe.runtime.dispatch`) the counts are device tensors
+    (int64 [G] and 0-d), read after the step, and expert_seconds is 0.
     pairs_on_replicas: of those, pairs run on replica weights.
     pairs_fallback: pairs of this rank sent home because the planned rank could not run them.
     replicas_used: replicas (not home experts) this rank ran at least one pair on.
@@ -223,6 +226,25 @@ class EPMoELayer:
                                  f"experts hold {sorted(p)}")
             self.grouped = GroupedExperts(p["w_gate_up"], p["w_down"], activate,
                                           b_gate_up=p.get("b_gate_up"), b_down=p.get("b_down"))
+        self._fixed: FixedState | None = None
+        self._maps: dict[str, torch.Tensor] | None = None
+
+    def fixed_state(self, device: torch.device) -> FixedState:
+        """The device counters of this layer's fixed-capacity calls (created on first use)."""
+        if self._fixed is None:
+            self._fixed = FixedState(device)
+        return self._fixed
+
+    def device_maps(self, device: torch.device) -> dict[str, torch.Tensor]:
+        """On the device, made once: owner int64 [E] (home rank of each expert), home_slot
+        int64 [E] (local index of this rank's home experts, -1 elsewhere), home bool [G, E]."""
+        if self._maps is None:
+            slot = np.full(self.num_experts, -1, dtype=np.int64)
+            slot[self.experts.expert_ids] = np.arange(len(self.experts.expert_ids))
+            self._maps = {"owner": torch.as_tensor(self.owner, device=device),
+                          "home_slot": torch.as_tensor(slot, device=device),
+                          "home": torch.as_tensor(self.home, device=device)}
+        return self._maps
 
     # -------------------------------------------------------------------------------------
     def _home_grouped(self, x_recv: torch.Tensor, y_recv: torch.Tensor, row_expert: torch.Tensor,
@@ -281,7 +303,8 @@ class EPMoELayer:
     def forward(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, *,
                 quota: np.ndarray | None = None, arrived: np.ndarray | None = None,
                 replica_params: Callable[[int], Mapping[str, torch.Tensor]] | None = None,
-                hooks: PhaseHooks | None = None) -> tuple[torch.Tensor, LayerStats]:
+                hooks: PhaseHooks | None = None, capacity: int | None = None,
+                replica_ids=None) -> tuple[torch.Tensor, LayerStats]:
         """Run the MoE experts of this rank's tokens wherever the plan puts them.
 
         Args:
@@ -293,6 +316,11 @@ class EPMoELayer:
                 the same array; None: no replicas).
             replica_params: expert -> weights of this rank's arrived replica.
             hooks: split-phase transfer points of the next layer.
+            capacity: C rows per peer: fixed-capacity dispatch (`probe.runtime.dispatch`, no
+                host sync; quota and arrived may then be device tensors, the same on every
+                rank); None: the exact path below.
+            replica_ids: with `capacity`, the non-home experts this rank may run (host
+                ints; default: this rank's row of `arrived`, which must then be numpy).
         Returns: ([T, D] output, LayerStats).
         """
         hooks = hooks or PhaseHooks()
@@ -301,6 +329,20 @@ class EPMoELayer:
         if x.shape[0] != num_tokens or topk_weights.shape != topk_ids.shape:
             raise ValueError(f"x [T, D] {tuple(x.shape)}, topk_ids [T, K] {tuple(topk_ids.shape)}"
                              f" and topk_weights {tuple(topk_weights.shape)} disagree")
+        if capacity is not None:
+            device = x.device
+            home = self.device_maps(device)["home"]
+            if arrived is None:
+                usable, replica_ids = home, ()
+            else:
+                if replica_ids is None:
+                    if isinstance(arrived, torch.Tensor):
+                        raise ValueError("replica_ids is needed when arrived is a tensor")
+                    replica_ids = np.flatnonzero(np.asarray(arrived)[self.ctx.rank]).tolist()
+                usable = home | torch.as_tensor(arrived, device=device).to(torch.bool)
+            return fixed_forward(self, x, topk_ids, topk_weights, capacity=capacity,
+                                 quota=quota, usable=usable, replica_ids=replica_ids,
+                                 replica_params=replica_params, hooks=hooks)
         if arrived is None:
             arrived = np.zeros((num_ranks, num_experts), dtype=bool)
         usable = self.home | np.asarray(arrived, dtype=bool)  # [G, E]
