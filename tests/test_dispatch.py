@@ -9,17 +9,22 @@ inside any MoE layer of a fixed-mode step, where the exact mode counts several.
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from test_engine import _config_file, _subprocess_env
 from test_ep import (DTYPE, EP_TOL, NUM_EXPERTS, SLOTS, _cost, _free_port, _init, _max_diff,
                      _rank_model, _reference_logits, batch_of, full_model, random_plan)
 
 from probe.placement import sharded_home
+from probe.runtime.__main__ import main as runtime_main
 from probe.runtime.dispatch import (CapacityOverflow, DispatchOptions, capacity_for,
                                     device_destinations, fixed_experts)
 from probe.runtime.dist import DistContext
@@ -260,3 +265,40 @@ def test_fixed_dispatch_matches_single_process_without_host_sync(world, tmp_path
     late = stats["fixed_late_stats0"]
     assert sum(late["replicas_arrived"]) == 0 and sum(late["fallback_pairs"]) > 0
     assert sum(sum(stats[f"fixed_greedy_stats{s}"]["replicas_planned"]) for s in range(3)) > 0
+
+
+# -- CLI ----------------------------------------------------------------------------------------
+def _torchrun(tmp_path, name: str, *extra: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+           "-m", "probe.runtime", "--random-config", _config_file(tmp_path), "--device", "cpu",
+           "--requests", "2", "--prompt-len", "10", "--max-new-tokens", "4",
+           "--method", "greedy_ref", "--timeout", "30", "--quiet",
+           "--out", str(tmp_path / f"{name}.json"), *extra]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=180,
+                          env=_subprocess_env())
+
+
+def test_cli_rejects_a_bad_capacity(capsys):
+    with pytest.raises(SystemExit):
+        runtime_main(["--random-config", "gpt-oss-like", "--dispatch", "fixed",
+                      "--capacity-factor", "0"])
+    assert "--capacity-factor / --capacity: capacity_factor must be" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_torchrun_fixed_dispatch_tokens_and_overflow(tmp_path):
+    """Two CPU ranks: --dispatch fixed generates the tokens --dispatch exact does; with one
+    row per peer it stops with exit code 3 and names the layer and the capacity needed."""
+    runs = {}
+    for mode in ("exact", "fixed"):
+        proc = _torchrun(tmp_path, mode, "--dispatch", mode, "--capacity-factor", "2")
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        runs[mode] = json.loads((tmp_path / f"{mode}.json").read_text())
+    assert runs["fixed"]["ranks"][0]["dispatch"]["mode"] == "fixed"
+    assert runs["fixed"]["ranks"][0]["dispatch"]["no_sync_layers"] is True
+    for r in range(2):
+        assert runs["fixed"]["ranks"][r]["tokens"] == runs["exact"]["ranks"][r]["tokens"]
+    proc = _torchrun(tmp_path, "overflow", "--dispatch", "fixed", "--capacity", "1")
+    assert proc.returncode != 0
+    assert "fixed-capacity dispatch overflowed at MoE layer 0" in proc.stderr, proc.stderr[-2000:]
+    assert "the capacity is 1 rows per peer" in proc.stderr

@@ -240,7 +240,9 @@ class Balancer:
                        ) -> torch.Tensor:
         """Every rank's arrived bits of `layer`, kept on the device: bool [G, E] (no host
         read; arrived bool [E] is this rank's, a host fact of its transfer)."""
-        local = torch.as_tensor(np.asarray(arrived, dtype=np.uint8), device=device)  # [E]
+        from probe.runtime.dispatch import to_device
+
+        local = to_device(np.asarray(arrived, dtype=np.uint8), device, torch.uint8)  # [E]
         ctx = self.ctx
         if ctx.group is None or ctx.world_size == 1:
             return local[None].to(torch.bool)

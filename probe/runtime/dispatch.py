@@ -47,7 +47,7 @@ import numpy as np
 import torch
 
 __all__ = ["DISPATCH_MODES", "CapacityOverflow", "DispatchOptions", "FixedState",
-           "capacity_for", "device_destinations", "fixed_experts", "fixed_forward"]
+           "capacity_for", "device_destinations", "fixed_experts", "fixed_forward", "to_device"]
 
 DISPATCH_MODES = ("exact", "fixed")
 
@@ -99,6 +99,19 @@ def capacity_for(options: DispatchOptions, max_tokens: int, top_k: int, num_rank
         return int(options.capacity)
     pairs = int(max_tokens) * int(top_k)
     return max(1, min(pairs, math.ceil(options.capacity_factor * pairs / num_ranks)))
+
+
+def to_device(values, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """Host values (numpy, list) or a tensor -> a tensor of `dtype` on `device`, without a host
+    sync: torch's blocking host-to-device copy synchronises the stream on CUDA, so host data
+    goes through a fresh pinned tensor and a non-blocking copy (the caching host allocator keeps
+    it until the copy is done)."""
+    if isinstance(values, torch.Tensor):
+        return values.to(device=device, dtype=dtype)
+    host = torch.from_numpy(np.array(values)).to(dtype)  # a copy (a plan's array is read-only)
+    if device.type == "cuda":
+        return host.pin_memory().to(device, non_blocking=True)
+    return host.to(device)
 
 
 class FixedState:
@@ -224,11 +237,9 @@ def fixed_forward(layer, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: 
     state.capacity = int(capacity)
     cap = state.capacity
     owner = layer.device_maps(device)["owner"]
-    usable = torch.as_tensor(usable, device=device).to(torch.bool)
-    if isinstance(quota, np.ndarray):  # a plan's (read-only) array: copied to the device
-        quota = torch.from_numpy(np.array(quota, dtype=np.int64))
+    usable = to_device(usable, device, torch.bool)
     if quota is not None:
-        quota = quota.to(device=device, dtype=torch.int64)
+        quota = to_device(quota, device, torch.int64)
     single = layer.ctx.group is None or num_ranks == 1
     with record_function("probe.ep.dispatch"):
         flat_e = topk_ids.reshape(-1).to(torch.int64)  # [P]
@@ -278,7 +289,7 @@ def fixed_forward(layer, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: 
     received.scatter_add_(0, e_recv.clamp(min=0), (e_recv >= 0).to(torch.int64))  # [E]
     replica_mask = torch.zeros(num_experts, dtype=torch.bool, device=device)
     if len(replica_ids):
-        replica_mask[torch.as_tensor(list(replica_ids), dtype=torch.int64, device=device)] = True
+        replica_mask[to_device(list(replica_ids), device, torch.int64)] = True
     stats = LayerStats(pairs_sent=sent, rows_sent=sent,
                        pairs_processed=(e_recv >= 0).sum(),
                        pairs_on_replicas=(received * replica_mask).sum(),

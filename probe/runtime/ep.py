@@ -26,6 +26,10 @@ Combine: each executing rank returns expert outputs to the source in the order i
 them (one row per pair); the source puts them back at their (token, k) position and sums over
 k with the gate weights with the model's own `combine` function, the one the single-process
 model uses.
+
+Everything above reads counts back to the host (the exact path, the default). `forward(...,
+capacity=C)` runs the fixed-capacity twin instead (`probe.runtime.dispatch`): C rows per peer,
+equal all-to-all sizes, the same split rule on the device, no host sync.
 """
 
 from __future__ import annotations
@@ -40,7 +44,7 @@ import torch.distributed as dist
 from torch.profiler import record_function
 
 from probe.placement import sharded_home
-from probe.runtime.dispatch import FixedState, fixed_forward
+from probe.runtime.dispatch import FixedState, fixed_forward, to_device
 from probe.runtime.dist import DistContext, guarded
 from probe.runtime.experts import GroupedExperts, grouped_default
 
@@ -241,9 +245,9 @@ class EPMoELayer:
         if self._maps is None:
             slot = np.full(self.num_experts, -1, dtype=np.int64)
             slot[self.experts.expert_ids] = np.arange(len(self.experts.expert_ids))
-            self._maps = {"owner": torch.as_tensor(self.owner, device=device),
-                          "home_slot": torch.as_tensor(slot, device=device),
-                          "home": torch.as_tensor(self.home, device=device)}
+            self._maps = {"owner": to_device(self.owner, device, torch.int64),
+                          "home_slot": to_device(slot, device, torch.int64),
+                          "home": to_device(self.home, device, torch.bool)}
         return self._maps
 
     # -------------------------------------------------------------------------------------
@@ -339,7 +343,7 @@ class EPMoELayer:
                     if isinstance(arrived, torch.Tensor):
                         raise ValueError("replica_ids is needed when arrived is a tensor")
                     replica_ids = np.flatnonzero(np.asarray(arrived)[self.ctx.rank]).tolist()
-                usable = home | torch.as_tensor(arrived, device=device).to(torch.bool)
+                usable = home | to_device(arrived, device, torch.bool)
             return fixed_forward(self, x, topk_ids, topk_weights, capacity=capacity,
                                  quota=quota, usable=usable, replica_ids=replica_ids,
                                  replica_params=replica_params, hooks=hooks)
