@@ -45,6 +45,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from torch.profiler import record_function
 
 __all__ = ["DISPATCH_MODES", "CapacityOverflow", "DispatchOptions", "FixedState",
            "capacity_for", "device_destinations", "fixed_experts", "fixed_forward", "to_device"]
@@ -225,11 +226,8 @@ def fixed_forward(layer, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: 
     """`EPMoELayer.forward` with fixed-capacity dispatch (the module doc); no host sync.
 
     quota: int [E, G] (numpy or tensor) or None; usable: bool [G, E] (numpy or tensor), the
-    same on every rank. Returns ([T, D] output, LayerStats whose counts are device tensors).
+    same on every rank. Returns ([T, D] output, the `LayerStats` fields as device tensors).
     """
-    from probe.runtime.ep import LayerStats
-    from torch.profiler import record_function
-
     num_tokens, top_k = topk_ids.shape
     num_ranks, num_experts = layer.num_ranks, layer.num_experts
     device = x.device
@@ -290,9 +288,7 @@ def fixed_forward(layer, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: 
     replica_mask = torch.zeros(num_experts, dtype=torch.bool, device=device)
     if len(replica_ids):
         replica_mask[to_device(list(replica_ids), device, torch.int64)] = True
-    stats = LayerStats(pairs_sent=sent, rows_sent=sent,
-                       pairs_processed=(e_recv >= 0).sum(),
-                       pairs_on_replicas=(received * replica_mask).sum(),
-                       pairs_fallback=fallback,
-                       replicas_used=((received > 0) & replica_mask).sum())
+    stats = {"pairs_sent": sent, "rows_sent": sent, "pairs_processed": (e_recv >= 0).sum(),
+             "pairs_on_replicas": (received * replica_mask).sum(), "pairs_fallback": fallback,
+             "replicas_used": ((received > 0) & replica_mask).sum()}
     return out, stats

@@ -344,9 +344,10 @@ class EPMoELayer:
                         raise ValueError("replica_ids is needed when arrived is a tensor")
                     replica_ids = np.flatnonzero(np.asarray(arrived)[self.ctx.rank]).tolist()
                 usable = home | to_device(arrived, device, torch.bool)
-            return fixed_forward(self, x, topk_ids, topk_weights, capacity=capacity,
-                                 quota=quota, usable=usable, replica_ids=replica_ids,
-                                 replica_params=replica_params, hooks=hooks)
+            out, fields = fixed_forward(self, x, topk_ids, topk_weights, capacity=capacity,
+                                        quota=quota, usable=usable, replica_ids=replica_ids,
+                                        replica_params=replica_params, hooks=hooks)
+            return out, LayerStats(**fields)
         if arrived is None:
             arrived = np.zeros((num_ranks, num_experts), dtype=bool)
         usable = self.home | np.asarray(arrived, dtype=bool)  # [G, E]
