@@ -118,7 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dispatch", choices=["exact", "fixed"], default="exact",
                    help="EP dispatch/combine: exact (all-to-all sizes read back to the host; "
                         "the default) | fixed (C rows per peer, equal static all-to-all "
-                        "sizes, no host sync inside an MoE layer; an overflow ends the run "
+                        "sizes; no host sync inside an MoE layer under --policy static and "
+                        "probe with the history predictor; an overflow ends the run "
                         "with the capacity it needed); docs/runtime.md 'Fixed-capacity "
                         "dispatch'")
     p.add_argument("--capacity-factor", type=float, default=2.0,

@@ -251,15 +251,14 @@ class Balancer:
             dist.all_gather(out, local, group=ctx.group)
         return torch.stack(out).to(torch.bool)  # [G, E]
 
-    def plan_ahead(self, step: int, windows: np.ndarray, num_layers: int,
-                   base: Callable[[int], np.ndarray | None] | None = None
+    def plan_ahead(self, step: int, windows: np.ndarray, num_layers: int
                    ) -> dict[int, LayerPlan]:
         """The plans of MoE layers 1 .. L-1 of this step, made at its start from the history
         (the previous step's true loads) and this rank's windows float [L], with ONE
         all_gather of every rank's [L, E] history and [L] windows. With the history predictor
         these are the plans `decide` makes layer by layer (the same inputs), but no layer
-        waits for a host read. A `LoadPredictor` needs this step's hidden states: use
-        `decide`."""
+        waits for a host read. Plans are on the sharded home. A `LoadPredictor` needs this
+        step's hidden states: use `decide`."""
         if self.predictor is not None:
             raise ValueError("plan_ahead plans from the history; a LoadPredictor needs this "
                              "step's hidden states (decide, layer by layer)")
@@ -274,8 +273,7 @@ class Balancer:
             group = GroupReport(arrived=np.zeros((self.ctx.world_size, self.num_experts), bool),
                                 predicted_load=got["load"][:, layer],
                                 window_s=got["window"][:, layer])
-            plans[layer], _ = self.plan(layer, step, group,
-                                        None if base is None else base(layer))
+            plans[layer], _ = self.plan(layer, step, group)
         return plans
 
     # -- plan ---------------------------------------------------------------------------------
