@@ -19,12 +19,14 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from helpers import same_plan
 from test_engine import _config_file, _subprocess_env
 from test_ep import (DTYPE, EP_TOL, NUM_EXPERTS, SLOTS, _cost, _free_port, _init, _max_diff,
                      _rank_model, _reference_logits, batch_of, full_model, random_plan)
 
 from probe.placement import sharded_home
 from probe.runtime.__main__ import main as runtime_main
+from probe.runtime.balancer import Balancer
 from probe.runtime.dispatch import (CapacityOverflow, DispatchOptions, capacity_for,
                                     device_destinations, fixed_experts)
 from probe.runtime.dist import DistContext
@@ -210,6 +212,23 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
         out["overflow"] = str(exc)
     runner.close()
 
+    # plans made at the step's start equal the plans decide makes layer by layer (history)
+    balancer = Balancer(ctx, num_experts=NUM_EXPERTS, top_k=2,
+                        home=sharded_home(NUM_EXPERTS, world), cost=_cost(world),
+                        num_slots=SLOTS, method="greedy_ref")
+    skew = np.random.default_rng(10 + rank)
+    balancer.history = {k: skew.integers(0, 4, NUM_EXPERTS) * (1 + 20 * (np.arange(
+        NUM_EXPERTS) == k)) for k in range(3)}  # one hot expert per layer
+    windows = np.array([1.0, 0.5 + rank, 2.0])  # [L], different on every rank
+    ahead = balancer.plan_ahead(0, windows, 3)
+    out["same_plans"], out["ahead_replicas"] = [], 0
+    for k in range(2):
+        _, layer_plan = balancer.decide(k, 0, torch.zeros(0, 32, dtype=DTYPE),
+                                        np.zeros(NUM_EXPERTS, bool), windows[k + 1],
+                                        has_next=True)
+        out["same_plans"].append(same_plan(layer_plan.plan, ahead[k + 1].plan))
+        out["ahead_replicas"] += ahead[k + 1].num_replicas
+
     # continuous batching through the engine (which passes each step's token count)
     runner = runner_of(method="greedy_ref", default_window_s=1.0, cost=_cost(world),
                        dispatch=FIXED)
@@ -253,6 +272,7 @@ def test_fixed_dispatch_matches_single_process_without_host_sync(world, tmp_path
               f"fixed static {out['fixed_static_syncs0']}, "
               f"fixed greedy {out['fixed_greedy_syncs1']}")
         assert out["fixed_static_no_sync_layers"] and out["fixed_greedy_no_sync_layers"]
+        assert out["same_plans"] == [True, True] and out["ahead_replicas"] > 0
         msg = out["overflow"]
         assert msg is not None and "MoE layer 0" in msg and "capacity is 1" in msg, msg
         for req in _requests(rank):
