@@ -2,7 +2,9 @@
 # One call on a lent multi-GPU kind (any G >= 2): link times, predictor cost variants, and the
 # runtime at ep = G under every balancing policy at equal extra slots (static, eplb, eplb-lp,
 # probe, probe-on-eplb; their JSONs and step logs packed in rt_policies.tar.gz: compare the
-# sample tokens, no policy may change the output), then the simulator's error against those runs
+# sample tokens, no policy may change the output), then, in the time left, static and probe
+# again with --dispatch fixed (fixed-capacity all-to-alls, no host sync per MoE layer; same
+# tarball, *-fixed.json; the same tokens again), then the simulator's error against the runs
 # (experiments/runtime/sim_error.py, CPU only; rerun it anywhere on the folder that comes back).
 # Writes everything under $OUT (8 files at most, the device's limit, manifest.json included: the
 # producers' own manifests are folded into it):
@@ -46,6 +48,18 @@ for policy in static eplb eplb-lp probe probe-on-eplb; do
   timeout 75 python3 -m torch.distributed.run --nproc-per-node "$G" -m probe.runtime $RT \
     --policy "$policy" --extra-slots 2 --out "$OUT/rt/$policy.json" \
     --step-log "$OUT/rt/$policy.steps.npz" 2>&1 | tee -a "$LOG"
+done
+# Fixed-capacity dispatch, only in what is left of the call's time (the steps above keep
+# theirs): each run gets min(75 s, what remains before 570 s) and is skipped below 40 s.
+for policy in probe static; do
+  left=$((570 - SECONDS)); box=$(( left < 75 ? left : 75 ))
+  if [ "$box" -lt 40 ]; then
+    step "4. runtime ep=$G, --policy $policy --dispatch fixed: skipped (${left} s left)"; continue
+  fi
+  step "4. runtime ep=$G, --policy $policy --dispatch fixed --capacity-factor 2 (${box} s box)"
+  timeout "$box" python3 -m torch.distributed.run --nproc-per-node "$G" -m probe.runtime $RT \
+    --policy "$policy" --extra-slots 2 --dispatch fixed --capacity-factor 2 \
+    --out "$OUT/rt/$policy-fixed.json" 2>&1 | tee -a "$LOG"
 done
 tar -czf "$OUT/rt_policies.tar.gz" -C "$OUT" rt && rm -rf "$OUT/rt"
 

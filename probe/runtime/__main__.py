@@ -119,6 +119,19 @@ def build_parser() -> argparse.ArgumentParser:
                                      "decode step to this file (rank 0)")
     p.add_argument("--warmup-steps", type=int, default=0,
                    help="serve this many throw-away requests first (JIT, allocator)")
+    p.add_argument("--dispatch", choices=["exact", "fixed"], default="exact",
+                   help="EP dispatch/combine: exact (all-to-all sizes read back to the host; "
+                        "the default) | fixed (C rows per peer, equal static all-to-all "
+                        "sizes; no host sync inside an MoE layer under --policy static and "
+                        "probe with the history predictor; an overflow ends the run "
+                        "with the capacity it needed); docs/runtime.md 'Fixed-capacity "
+                        "dispatch'")
+    p.add_argument("--capacity-factor", type=float, default=2.0,
+                   help="--dispatch fixed: C = ceil(factor x T_max x K / G) rows per peer, "
+                        "T_max the group's largest token count of the step")
+    p.add_argument("--capacity", type=int, default=None, metavar="C",
+                   help="--dispatch fixed: C rows per peer, fixed (overrides "
+                        "--capacity-factor; no per-step agreement on T_max)")
     p.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None,
                    help="decode through the static KV cache and per-batch-size CUDA graphs "
                         "(default: on for CUDA, off on CPU, where it runs the same no-sync "
@@ -247,11 +260,13 @@ def _profile(engine, args, ctx, vocab: int) -> str:
 
 def run(args) -> dict | None:
     """Serve per `args` on this process's rank. Returns the summary on rank 0."""
+    from probe.runtime.dispatch import CapacityOverflow, DispatchOptions
     from probe.runtime.dist import DistContext, init_distributed, shutdown
     from probe.runtime.engine import Engine
     from probe.runtime.pipeline import EPRunner, PipelineOptions
 
     check_device(args.device)
+    dispatch = DispatchOptions(args.dispatch, args.capacity_factor, args.capacity)
     use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
     # --cuda-graphs: the static no-sync decode step, replayed from CUDA graphs on CUDA (on the
     # CPU the same step runs eagerly; there are no graphs to capture).
@@ -298,7 +313,8 @@ def run(args) -> dict | None:
         balance=args.balance and ctx.world_size > 1, num_slots=slots.per_step,
         predictor=predictor, method=args.method, hardware=args.hardware, policy=slots.policy,
         resident_slots=slots.resident, replan_interval=args.replan_interval,
-        replan_window=args.replan_window, record_steps=bool(args.step_log)))
+        replan_window=args.replan_window, record_steps=bool(args.step_log),
+        dispatch=dispatch))
     if args.step_log and runner is None:
         raise SystemExit("probe.runtime: --step-log needs the expert-parallel runner "
                          "(more than one rank, or --no-cuda-graphs)")
@@ -322,6 +338,12 @@ def run(args) -> dict | None:
     t1 = time.perf_counter()
     try:
         results = engine.serve(reqs, reject_invalid=True, on_step=progress)
+    except CapacityOverflow:  # every rank raises it at the same step: leave the groups cleanly
+        if runner is not None:
+            runner.close()
+        if ctx.group is not None:
+            shutdown(ctx)
+        raise
     finally:
         if exporter is not None:
             exporter.close()
@@ -335,6 +357,10 @@ def run(args) -> dict | None:
     summary.update({"rank": ctx.rank, "load_s": load_s, "serve_s": serve_s,
                     "planner_warmup_s": runner.planner_warmup_s if runner else 0.0,
                     "cuda_graphs": graphs,
+                    "dispatch": {"mode": dispatch.mode,
+                                 "capacity_factor": dispatch.capacity_factor,
+                                 "capacity": runner.capacity if runner else None,
+                                 "no_sync_layers": runner.no_sync_layers if runner else False},
                     "generated_tokens": sum(len(r.tokens) for r in results.values()),
                     "tokens": {rid: r.tokens for rid, r in results.items()}})
     if device.type == "cuda":
@@ -527,11 +553,20 @@ def main(argv: list[str] | None = None) -> int:
     if args.keep_format and not args.model:
         build_parser().error("--keep-format needs --model (a checkpoint with MXFP4 / FP8 "
                              "experts)")
+    from probe.runtime.dispatch import CapacityOverflow, DispatchOptions
+
+    try:
+        DispatchOptions(args.dispatch, args.capacity_factor, args.capacity)
+    except ValueError as exc:
+        build_parser().error(f"--capacity-factor / --capacity: {exc}")
     try:
         run(args)
     except DeviceUnavailable as exc:
         sys.stderr.write(f"probe.runtime: error: {exc}\n")
         return 2
+    except CapacityOverflow as exc:  # raised on every rank after the step (gathered counts)
+        sys.stderr.write(f"probe.runtime: error: {exc}\n")
+        return 3
     return 0
 
 

@@ -183,6 +183,7 @@ class Balancer:
         self.dtype = dtype
         self.history: dict[int, np.ndarray] = {}  # layer -> this rank's true load last step
         self._this_step: dict[int, np.ndarray] = {}
+        self._this_step_dev: dict[int, torch.Tensor] = {}  # the same, kept on the device
 
     # -- predict ------------------------------------------------------------------------------
     def observe(self, layer: int, topk_ids: torch.Tensor) -> None:
@@ -190,8 +191,21 @@ class Balancer:
         self._this_step[layer] = torch.bincount(topk_ids.reshape(-1).cpu(),
                                                 minlength=self.num_experts).numpy()
 
+    def observe_device(self, layer: int, topk_ids: torch.Tensor) -> None:
+        """`observe` without a host read: the counts [E] stay on the device until `end_step`
+        (scatter_add, not bincount, which reads the largest id back on CUDA)."""
+        flat = topk_ids.reshape(-1).to(torch.int64)
+        counts = torch.zeros(self.num_experts, dtype=torch.int64, device=flat.device)
+        self._this_step_dev[layer] = counts.scatter_add_(0, flat, torch.ones_like(flat))
+
     def end_step(self) -> None:
-        """This step's true loads become the history of the next."""
+        """This step's true loads become the history of the next (the loads observed on the
+        device are read back here, once per step)."""
+        if self._this_step_dev:
+            layers = sorted(self._this_step_dev)
+            rows = torch.stack([self._this_step_dev[k] for k in layers]).cpu().numpy()
+            self._this_step.update(dict(zip(layers, rows, strict=True)))
+            self._this_step_dev = {}
         self.history.update(self._this_step)
         self._this_step = {}
 
@@ -221,6 +235,46 @@ class Balancer:
         counts = got["counts"].round().astype(np.int64) if "counts" in got else None
         return GroupReport(arrived=got["arrived"] > 0.5, predicted_load=got["predicted_load"],
                            window_s=got["window_s"], counts=counts)
+
+    def gather_arrived(self, layer: int, arrived: np.ndarray, device: torch.device
+                       ) -> torch.Tensor:
+        """Every rank's arrived bits of `layer`, kept on the device: bool [G, E] (no host
+        read; arrived bool [E] is this rank's, a host fact of its transfer)."""
+        from probe.runtime.dispatch import to_device
+
+        local = to_device(np.asarray(arrived, dtype=np.uint8), device, torch.uint8)  # [E]
+        ctx = self.ctx
+        if ctx.group is None or ctx.world_size == 1:
+            return local[None].to(torch.bool)
+        out = [torch.empty_like(local) for _ in range(ctx.world_size)]
+        with guarded(f"arrived all_gather (MoE layer {layer})", ctx.rank, ctx.watchdog):
+            dist.all_gather(out, local, group=ctx.group)
+        return torch.stack(out).to(torch.bool)  # [G, E]
+
+    def plan_ahead(self, step: int, windows: np.ndarray, num_layers: int
+                   ) -> dict[int, LayerPlan]:
+        """The plans of MoE layers 1 .. L-1 of this step, made at its start from the history
+        (the previous step's true loads) and this rank's windows float [L], with ONE
+        all_gather of every rank's [L, E] history and [L] windows. With the history predictor
+        these are the plans `decide` makes layer by layer (the same inputs), but no layer
+        waits for a host read. Plans are on the sharded home. A `LoadPredictor` needs this
+        step's hidden states: use `decide`."""
+        if self.predictor is not None:
+            raise ValueError("plan_ahead plans from the history; a LoadPredictor needs this "
+                             "step's hidden states (decide, layer by layer)")
+        zeros = np.zeros(self.num_experts)
+        load = np.stack([self.history.get(k, zeros).astype(np.float64)
+                         for k in range(num_layers)])  # [L, E]
+        got = all_gather_fields(self.ctx, {"load": load,
+                                           "window": np.asarray(windows, dtype=np.float64)},
+                                f"plan all_gather (step {step})")  # [G, L, E], [G, L]
+        plans = {}
+        for layer in range(1, num_layers):
+            group = GroupReport(arrived=np.zeros((self.ctx.world_size, self.num_experts), bool),
+                                predicted_load=got["load"][:, layer],
+                                window_s=got["window"][:, layer])
+            plans[layer], _ = self.plan(layer, step, group)
+        return plans
 
     # -- plan ---------------------------------------------------------------------------------
     def problem(self, load: np.ndarray, window: np.ndarray,

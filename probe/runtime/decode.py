@@ -22,8 +22,9 @@ F expert intermediate size.
   `decode_forward` eagerly when graphs are off.
 
 The MoE layers run locally (every expert held: expert parallelism of one rank). With more ranks
-the dispatch and combine would need collectives whose sizes are fixed in the same way (rows
-padded to a capacity known to the host); that is not built here.
+the dispatch and combine need collectives whose sizes are fixed in the same way (rows padded to
+a capacity known to the host): `probe.runtime.dispatch` has them (eager); a multi-rank capture
+is not built here.
 """
 
 from __future__ import annotations

@@ -325,7 +325,7 @@ class Engine:
                 budget -= n
                 n_prefill += n
         if self.runner is not None:
-            self.runner.begin_step()
+            self.runner.begin_step(num_tokens=len(ids))
         if ids and self.decoder is not None:
             self._static_forward(ids, seq_lens, members, n_decode)
         elif ids:

@@ -26,6 +26,10 @@ Combine: each executing rank returns expert outputs to the source in the order i
 them (one row per pair); the source puts them back at their (token, k) position and sums over
 k with the gate weights with the model's own `combine` function, the one the single-process
 model uses.
+
+Everything above reads counts back to the host (the exact path, the default). `forward(...,
+capacity=C)` runs the fixed-capacity twin instead (`probe.runtime.dispatch`): C rows per peer,
+equal all-to-all sizes, the same split rule on the device, no host sync.
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ import torch.distributed as dist
 from torch.profiler import record_function
 
 from probe.placement import sharded_home
+from probe.runtime.dispatch import FixedState, fixed_forward, to_device
 from probe.runtime.dist import DistContext, guarded
 from probe.runtime.experts import GroupedExperts, grouped_default
 from probe.runtime.quant import join_packed
@@ -150,6 +155,8 @@ class LayerStats:
     rows_sent: int64 [G], token rows this rank dispatched to each rank (with dedup a token
         goes once to a rank however many of its pairs run there; else rows_sent == pairs_sent).
     pairs_processed: pairs this rank ran (home + replicas).
+    With fixed-capacity dispatch (`probe.runtime.dispatch`) the counts are device tensors
+    (int64 [G] and 0-d), read after the step, and expert_seconds is 0.
     pairs_on_replicas: of those, pairs run on replica weights.
     pairs_fallback: pairs of this rank sent home because the planned rank could not run them.
     replicas_used: replicas (not home experts) this rank ran at least one pair on.
@@ -227,6 +234,25 @@ class EPMoELayer:
                                  f"experts hold {sorted(p)}")
             self.grouped = GroupedExperts(p["w_gate_up"], p["w_down"], activate,
                                           b_gate_up=p.get("b_gate_up"), b_down=p.get("b_down"))
+        self._fixed: FixedState | None = None
+        self._maps: dict[str, torch.Tensor] | None = None
+
+    def fixed_state(self, device: torch.device) -> FixedState:
+        """The device counters of this layer's fixed-capacity calls (created on first use)."""
+        if self._fixed is None:
+            self._fixed = FixedState(device)
+        return self._fixed
+
+    def device_maps(self, device: torch.device) -> dict[str, torch.Tensor]:
+        """On the device, made once: owner int64 [E] (home rank of each expert), home_slot
+        int64 [E] (local index of this rank's home experts, -1 elsewhere), home bool [G, E]."""
+        if self._maps is None:
+            slot = np.full(self.num_experts, -1, dtype=np.int64)
+            slot[self.experts.expert_ids] = np.arange(len(self.experts.expert_ids))
+            self._maps = {"owner": to_device(self.owner, device, torch.int64),
+                          "home_slot": to_device(slot, device, torch.int64),
+                          "home": to_device(self.home, device, torch.bool)}
+        return self._maps
 
     # -------------------------------------------------------------------------------------
     def _home_grouped(self, x_recv: torch.Tensor, y_recv: torch.Tensor, row_expert: torch.Tensor,
@@ -285,7 +311,8 @@ class EPMoELayer:
     def forward(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, *,
                 quota: np.ndarray | None = None, arrived: np.ndarray | None = None,
                 replica_params: Callable[[int], Mapping[str, torch.Tensor]] | None = None,
-                hooks: PhaseHooks | None = None) -> tuple[torch.Tensor, LayerStats]:
+                hooks: PhaseHooks | None = None, capacity: int | None = None,
+                replica_ids=None) -> tuple[torch.Tensor, LayerStats]:
         """Run the MoE experts of this rank's tokens wherever the plan puts them.
 
         Args:
@@ -297,6 +324,11 @@ class EPMoELayer:
                 the same array; None: no replicas).
             replica_params: expert -> weights of this rank's arrived replica.
             hooks: split-phase transfer points of the next layer.
+            capacity: C rows per peer: fixed-capacity dispatch (`probe.runtime.dispatch`, no
+                host sync; quota and arrived may then be device tensors, the same on every
+                rank); None: the exact path below.
+            replica_ids: with `capacity`, the non-home experts this rank may run (host
+                ints; default: this rank's row of `arrived`, which must then be numpy).
         Returns: ([T, D] output, LayerStats).
         """
         hooks = hooks or PhaseHooks()
@@ -305,6 +337,21 @@ class EPMoELayer:
         if x.shape[0] != num_tokens or topk_weights.shape != topk_ids.shape:
             raise ValueError(f"x [T, D] {tuple(x.shape)}, topk_ids [T, K] {tuple(topk_ids.shape)}"
                              f" and topk_weights {tuple(topk_weights.shape)} disagree")
+        if capacity is not None:
+            device = x.device
+            home = self.device_maps(device)["home"]
+            if arrived is None:
+                usable, replica_ids = home, ()
+            else:
+                if replica_ids is None:
+                    if isinstance(arrived, torch.Tensor):
+                        raise ValueError("replica_ids is needed when arrived is a tensor")
+                    replica_ids = np.flatnonzero(np.asarray(arrived)[self.ctx.rank]).tolist()
+                usable = home | to_device(arrived, device, torch.bool)
+            out, fields = fixed_forward(self, x, topk_ids, topk_weights, capacity=capacity,
+                                        quota=quota, usable=usable, replica_ids=replica_ids,
+                                        replica_params=replica_params, hooks=hooks)
+            return out, LayerStats(**fields)
         if arrived is None:
             arrived = np.zeros((num_ranks, num_experts), dtype=bool)
         usable = self.home | np.asarray(arrived, dtype=bool)  # [G, E]

@@ -128,6 +128,7 @@ class Executor:
             next_transfer: SplitPhaseTransfer | None = None,
             marks: PhaseHooks | None = None, quota: np.ndarray | None = None,
             present: np.ndarray | None = None, resident_params=None,
+            capacity: int | None = None, mine: np.ndarray | None = None,
             ) -> tuple[torch.Tensor, LayerStats]:
         """Dispatch, experts and combine of layer `layer` (see `EPMoELayer.forward`).
 
@@ -139,16 +140,22 @@ class Executor:
         present: bool [G, E], non-home copies usable now (resident layout + arrived
             replicas), replacing `arrived` for the dispatch; resident_params: e -> weights
             of this rank's resident copy of e (used where no per-step replica arrived).
+        capacity: C rows per peer: fixed-capacity dispatch (`probe.runtime.dispatch`); then
+            `arrived` may be a device tensor, with `mine` bool [E] its row of this rank on the
+            host (the replicas this rank runs).
         """
         layer_plan = self.plans.get(layer)
         transfer = self.transfers.get(layer)
         if quota is None:
             quota = layer_plan.quota(self.ctx.rank) if layer_plan is not None else None
+        if mine is None:
+            mine = np.asarray(arrived)[self.ctx.rank]
+        runs = mine if present is None else np.asarray(present)[self.ctx.rank]  # non-home
         if transfer is not None:
-            transfer.order_after(arrived[self.ctx.rank])
+            transfer.order_after(mine)
         replica_params = transfer.params if transfer is not None else None
         if resident_params is not None:
-            mine = arrived[self.ctx.rank] if transfer is not None else None
+            mine = mine if transfer is not None else None
 
             def replica_params(e, mine=mine, transfer=transfer):
                 if mine is not None and mine[e] and int(e) in transfer.slot_of:
@@ -159,7 +166,8 @@ class Executor:
             h, topk_ids, topk_weights, quota=quota,
             arrived=arrived if present is None else present,
             replica_params=replica_params,
-            hooks=_TransferHooks(next_transfer, self.gate, marks))
+            hooks=_TransferHooks(next_transfer, self.gate, marks), capacity=capacity,
+            replica_ids=None if capacity is None else np.flatnonzero(runs).tolist())
 
     def finish_layer(self, layer: int) -> None:
         """Layer `layer` has dispatched: forget its plan and transfer without waiting (a late

@@ -51,6 +51,7 @@ from probe.placement import imbalance_ratio, sharded_home
 from probe.planner import BalanceProblem, CostModel, Plan
 from probe.runtime.balancer import (Balancer, LayerPlan, LoadPredictor, all_gather_fields,
                                     solve_plan)
+from probe.runtime.dispatch import CapacityOverflow, DispatchOptions, capacity_for
 from probe.runtime.dist import DistContext
 from probe.runtime.ep import EPMoELayer, LayerExperts, PhaseHooks
 from probe.runtime.executor import Executor
@@ -114,6 +115,10 @@ class PipelineOptions:
         its per-layer phase seconds into `StepStats.routing_counts` / `layer_phase_s` (what a
         replay through the simulator needs, `python -m probe.runtime --step-log`); off by
         default: it adds G L (E + 5) values to the step's all_gather.
+    dispatch: `probe.runtime.dispatch.DispatchOptions`: "exact" (default) or "fixed"
+        (fixed-capacity all-to-alls, no host sync in the EP layer). With "fixed", the
+        policies "static" and "probe" with the history predictor also take no host sync
+        per MoE layer: PROBE's plans of the step are made at `begin_step` (`no_sync_layers`).
     """
 
     balance: bool = True
@@ -133,6 +138,7 @@ class PipelineOptions:
     replan_interval: int = 50
     replan_window: int = 50
     record_steps: bool = False
+    dispatch: DispatchOptions = DispatchOptions()
 
 
 @dataclass
@@ -389,6 +395,12 @@ class EPRunner:
         self.clock = _Clock(self.device)
         self.prev_clock: _Clock | None = None
         self.planner_warmup_s = 0.0
+        if not isinstance(self.opts.dispatch, DispatchOptions):
+            raise TypeError(f"dispatch must be a DispatchOptions, got "
+                            f"{type(self.opts.dispatch).__name__}")
+        self.dispatch = self.opts.dispatch
+        self.capacity: int | None = None  # C of this step (fixed dispatch)
+        self._ahead: dict[int, LayerPlan] = {}
         if self.plans_replicas or self.resident is not None:
             self.warm_up_planner()
 
@@ -420,11 +432,24 @@ class EPRunner:
     def _split_kind(self) -> str | None:
         return SPLITS.get(self.policy)
 
+    @property
+    def no_sync_layers(self) -> bool:
+        """Whether the MoE layers run with no host sync: fixed-capacity dispatch under the
+        static policy, or PROBE with the history predictor (plans made at `begin_step`)."""
+        return self.dispatch.fixed and (self.policy == "static" or (
+            self.policy == "probe" and self.predictors is None))
+
     # -- step bookkeeping ----------------------------------------------------------------------
-    def begin_step(self) -> None:
+    def begin_step(self, num_tokens: int | None = None) -> None:
         """Start a step: an EPLB re-plan when due (every in-flight replica transfer finishes
-        first, then the weights move synchronously; timed), then fresh clocks and records."""
+        first, then the weights move synchronously; timed), then fresh clocks and records.
+
+        With fixed-capacity dispatch: this step's capacity C (`dispatch.capacity`, else from
+        the group's largest `num_tokens`, agreed by one all_gather) and, when
+        `no_sync_layers` and PROBE plans, the plans of every MoE layer of the step."""
         self._replan = (0.0, 0.0)
+        if self.dispatch.fixed:
+            self._begin_fixed(num_tokens)
         res = self.resident
         if res is not None and self.step > 0 and self.step % res.interval == 0 \
                 and res.history:
@@ -433,7 +458,26 @@ class EPRunner:
                 self._replan = (res.last_move_s, float(res.last_move_bytes))
         self.prev_clock, self.clock = self.clock, _Clock(self.device)
         self.records = [_LayerRecord() for _ in self.blocks]
+        if self.no_sync_layers and self.plans_replicas:
+            windows = np.array([self._window(k) for k in range(len(self.blocks))])  # [L]
+            self._ahead = self.balancer.plan_ahead(self.step, windows, len(self.blocks))
         self.clock.mark("begin")
+
+    def _begin_fixed(self, num_tokens: int | None) -> None:
+        opts = self.dispatch
+        if opts.capacity is None:
+            if num_tokens is None:
+                raise ValueError("fixed-capacity dispatch without a fixed capacity needs "
+                                 "begin_step(num_tokens=...) (this rank's tokens this step)")
+            if int(num_tokens) < 0:
+                raise ValueError(f"num_tokens must be >= 0, got {num_tokens!r}")
+            most = all_gather_fields(self.ctx, {"tokens": np.array(float(num_tokens))},
+                                     "step tokens all_gather")["tokens"].max()
+            self.capacity = capacity_for(opts, int(most), self.cfg.top_k, self.num_ranks)
+        else:
+            self.capacity = capacity_for(opts, 0, self.cfg.top_k, self.num_ranks)
+        for layer in self.layers:
+            layer.fixed_state(self.device).reset()
 
     def _window(self, layer: int) -> float:
         """Seconds to hide layer `layer`'s transfer, from the previous step's marks."""
@@ -453,49 +497,21 @@ class EPRunner:
 
         rec, block = self.records[layer], self.blocks[layer]
         self.clock.mark(f"start{layer}")
-        arrived = np.zeros((self.num_ranks, self.num_experts), dtype=bool)  # [G, E]
-        next_transfer = None
-        split = self._split_kind()
-        quota = present = None
+        quota = present = mine = None
         with record_function("probe.moe.route_predict_plan"):
             logits = block.router(h)  # [T, E]
             topk_ids, topk_weights = block.select(logits)  # [T, K] x2
-            self.balancer.observe(layer, topk_ids)
-            counts_here = torch.bincount(topk_ids.reshape(-1).cpu(),
-                                         minlength=self.num_experts).numpy()  # [E]
-            rec.counts = counts_here
-            if self.resident is not None:
-                self.resident.observe(layer, counts_here)
-            group = None
-            if self.plans_replicas:
-                arrived_here, rec.exposed_s = self.executor.arrived(layer)  # [E]
-                has_next = layer + 1 < len(self.blocks)
-                on_eplb = self.policy == "probe-on-eplb"
-                group, next_plan = self.balancer.decide(
-                    layer, self.step, h, arrived_here,
-                    self._window(layer + 1) if has_next else 0.0, has_next=has_next,
-                    counts=counts_here if on_eplb else None,
-                    base=self.resident.copies(layer + 1) > 0 if on_eplb and has_next else None)
-                arrived = group.arrived
-                rec.arrived = int(arrived[self.ctx.rank].sum())
-                if next_plan is not None:
-                    if on_eplb:
-                        next_plan = self._strip_home_replicas(next_plan)
-                    nrec = self.records[layer + 1]
-                    nrec.planned = next_plan.num_replicas
-                    nrec.planned_exposed_s = next_plan.planned_exposed_s
-                    nrec.plan_s, nrec.predict_s = next_plan.plan_s, next_plan.predict_s
-                    next_transfer = self.executor.prefetch(next_plan)
-            if split is not None:
-                quota, present, rec.split_s = self._dispatch_split(
-                    layer, split, counts_here, arrived,
-                    group.counts if group is not None else None)
+            if self.no_sync_layers:
+                arrived, mine, next_transfer = self._route_no_sync(layer, topk_ids, rec)
+            else:
+                arrived, next_transfer, quota, present = self._route(layer, h, topk_ids, rec)
         self.clock.mark(f"experts{layer}")
         out, stats = self.executor.run(
             layer, h, topk_ids, topk_weights, arrived, next_transfer=next_transfer,
             marks=_Marks(self.clock, layer), quota=quota, present=present,
             resident_params=(None if self.resident is None
-                             else lambda e, layer=layer: self.resident.params(layer, e)))
+                             else lambda e, layer=layer: self.resident.params(layer, e)),
+            capacity=self.capacity if self.dispatch.fixed else None, mine=mine)
         shared = block.shared_forward(h)  # [T, D] or None; shared experts run on every rank
         if shared is not None:
             out = out + shared
@@ -505,6 +521,66 @@ class EPRunner:
         self.executor.finish_layer(layer)
         self.clock.mark(f"end{layer}")
         return out, LayerRouting(block.layer, h, logits, topk_ids, topk_weights)
+
+    def _route_no_sync(self, layer: int, topk_ids: torch.Tensor, rec: _LayerRecord):
+        """The balancing of one MoE layer with no host read (`no_sync_layers`): the true
+        counts stay on the device; the arrived bits are gathered into a device tensor; the
+        next layer's plan was made at `begin_step`. Returns (arrived bool [G, E] on the
+        device, this rank's arrived bool [E] on the host, the next layer's transfer)."""
+        self.balancer.observe_device(layer, topk_ids)
+        if not self.plans_replicas:
+            return np.zeros((self.num_ranks, self.num_experts), dtype=bool), None, None
+        arrived_here, rec.exposed_s = self.executor.arrived(layer)  # [E], host
+        arrived = self.balancer.gather_arrived(layer, arrived_here, self.device)  # [G, E]
+        rec.arrived = int(arrived_here.sum())
+        next_transfer = None
+        next_plan = self._ahead.pop(layer + 1, None)
+        if next_plan is not None:
+            nrec = self.records[layer + 1]
+            nrec.planned = next_plan.num_replicas
+            nrec.planned_exposed_s = next_plan.planned_exposed_s
+            nrec.plan_s, nrec.predict_s = next_plan.plan_s, next_plan.predict_s
+            next_transfer = self.executor.prefetch(next_plan)
+        return arrived, arrived_here, next_transfer
+
+    def _route(self, layer: int, h: torch.Tensor, topk_ids: torch.Tensor, rec: _LayerRecord):
+        """Predict, gather and plan one MoE layer ahead, and the dispatch-time split (host
+        reads per layer). Returns (arrived bool [G, E], the next layer's transfer, quota,
+        present)."""
+        arrived = np.zeros((self.num_ranks, self.num_experts), dtype=bool)  # [G, E]
+        next_transfer = quota = present = None
+        split = self._split_kind()
+        self.balancer.observe(layer, topk_ids)
+        counts_here = torch.bincount(topk_ids.reshape(-1).cpu(),
+                                     minlength=self.num_experts).numpy()  # [E]
+        rec.counts = counts_here
+        if self.resident is not None:
+            self.resident.observe(layer, counts_here)
+        group = None
+        if self.plans_replicas:
+            arrived_here, rec.exposed_s = self.executor.arrived(layer)  # [E]
+            has_next = layer + 1 < len(self.blocks)
+            on_eplb = self.policy == "probe-on-eplb"
+            group, next_plan = self.balancer.decide(
+                layer, self.step, h, arrived_here,
+                self._window(layer + 1) if has_next else 0.0, has_next=has_next,
+                counts=counts_here if on_eplb else None,
+                base=self.resident.copies(layer + 1) > 0 if on_eplb and has_next else None)
+            arrived = group.arrived
+            rec.arrived = int(arrived[self.ctx.rank].sum())
+            if next_plan is not None:
+                if on_eplb:
+                    next_plan = self._strip_home_replicas(next_plan)
+                nrec = self.records[layer + 1]
+                nrec.planned = next_plan.num_replicas
+                nrec.planned_exposed_s = next_plan.planned_exposed_s
+                nrec.plan_s, nrec.predict_s = next_plan.plan_s, next_plan.predict_s
+                next_transfer = self.executor.prefetch(next_plan)
+        if split is not None:
+            quota, present, rec.split_s = self._dispatch_split(
+                layer, split, counts_here, arrived,
+                group.counts if group is not None else None)
+        return arrived, next_transfer, quota, present
 
     def _strip_home_replicas(self, layer_plan: LayerPlan) -> LayerPlan:
         """PROBE-on-EPLB plans on the EPLB layout, which may leave out an expert that this
@@ -592,14 +668,23 @@ class EPRunner:
         record = self.opts.record_steps
         extra = {}
         if record:  # the step's marks are complete here: the engine has sampled its tokens
+            if self.no_sync_layers:  # the counts stayed on the device until balancer.end_step
+                for layer, r in enumerate(recs):
+                    r.counts = self.balancer.history.get(layer)
             extra = {"counts": np.array([np.zeros(self.num_experts) if r.counts is None
                                          else r.counts for r in recs]),  # [L, E]
                      "phases": self._layer_phases(self.clock)}  # [L, 5]
+        fixed = [layer.fixed_state(self.device) for layer in self.layers] \
+            if self.dispatch.fixed else []
+        # fixed dispatch: the layers' device counters and stats are read here, once a step
+        needed = np.array([int(f.needed) for f in fixed])  # [L] largest block sent
+        unrunnable = np.array([int(f.unrunnable) for f in fixed])  # [L]
         g = all_gather_fields(self.ctx, {
-            "pairs": np.array([r.pairs for r in recs]),
-            "fallback": np.array([r.fallback for r in recs]),
+            "pairs": np.array([int(r.pairs) for r in recs]),
+            "fallback": np.array([int(r.fallback) for r in recs]),
             "arrived": np.array([r.arrived for r in recs]),
-            "used": np.array([r.used for r in recs]),
+            "used": np.array([int(r.used) for r in recs]),
+            "needed": needed, "unrunnable": unrunnable,
             "planned_exposed_s": np.array([r.planned_exposed_s for r in recs]),
             "exposed_s": np.array([r.exposed_s for r in recs]),
             "plan_s": np.array([r.plan_s for r in recs]),
@@ -612,6 +697,8 @@ class EPRunner:
         # record_steps counts [G, L, E] and phases [G, L, 5])
         pairs = g["pairs"].T  # [L, G]
         self.step += 1
+        if fixed:
+            self._check_fixed(g["needed"].max(axis=0), g["unrunnable"].sum(axis=0))
         return StepStats(
             layer_ir=imbalance_ratio(pairs),
             pairs_per_rank=pairs.astype(np.int64),
@@ -636,6 +723,25 @@ class EPRunner:
             routing_counts=(g["counts"].round().astype(np.int64).transpose(1, 0, 2)
                             if record else None),  # [L, S, E]
             layer_phase_s=g["phases"].transpose(1, 0, 2).copy() if record else None)
+
+
+    def _check_fixed(self, needed: np.ndarray, unrunnable: np.ndarray) -> None:
+        """Raise (on every rank: the inputs are gathered) when a fixed-capacity layer of the
+        step overflowed (needed int [L] > C) or received rows it could not run."""
+        bad = np.flatnonzero(unrunnable > 0)
+        if bad.size:
+            raise RuntimeError(f"MoE layer {int(bad[0])}: {int(unrunnable[bad[0]])} rows "
+                               "reached a rank that neither holds their expert nor has a "
+                               "replica of it (ranks disagree on the plan)")
+        over = np.flatnonzero(needed > self.capacity)
+        if over.size:
+            layer, most = int(over[0]), int(needed[over].max())
+            raise CapacityOverflow(
+                f"fixed-capacity dispatch overflowed at MoE layer {layer} (step "
+                f"{self.step - 1}): a rank sent {int(needed[layer])} rows to one peer, the "
+                f"capacity is {self.capacity} rows per peer; the step's output is wrong and "
+                f"was discarded. Rerun with --capacity {most} or more, a larger "
+                "--capacity-factor, or --dispatch exact")
 
 
 def _expert_params(block) -> dict[str, torch.Tensor]:
