@@ -190,7 +190,8 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
         for name, kw in scenarios.items():
             if mode == "exact" and name not in ("static", "greedy"):
                 continue  # the exact path's own tests are test_ep's; here it counts syncs
-            runner = runner_of(dispatch=DispatchOptions(mode, FIXED.capacity_factor), **kw)
+            runner = runner_of(dispatch=DispatchOptions(mode, FIXED.capacity_factor),
+                               record_steps=name in ("static", "greedy"), **kw)
             for step in range(2 if name in ("random", "late") else 3):
                 logits, st, syncs = _forward_counted(runner, model, rank, step)
                 out[f"{mode}_{name}{step}"] = logits
@@ -279,6 +280,14 @@ def test_fixed_dispatch_matches_single_process_without_host_sync(world, tmp_path
             want = greedy_generate(model, req.prompt, req.max_new_tokens)
             assert out["generated"][req.rid] == want, req.rid
     stats = outs[0]
+    # the step log's routing counts: the fixed path reads them back once at the step's end
+    # and records what the exact path records layer by layer
+    for name in ("static", "greedy"):
+        for step in range(3):
+            got = stats[f"fixed_{name}_stats{step}"]["routing_counts"]
+            want = stats[f"exact_{name}_stats{step}"]["routing_counts"]
+            assert got is not None and got.shape == (3, world, NUM_EXPERTS)
+            assert np.array_equal(got, want) and got.sum() > 0, (name, step)
     # replicas were moved and used under the random plans; late ones all fell back home;
     # greedy planned replicas on the skewed load
     assert sum(sum(stats[f"fixed_random_stats{s}"]["replicas_used"]) for s in range(2)) > 0
