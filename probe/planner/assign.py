@@ -133,13 +133,13 @@ def _fixed_levels(load, holds, alpha, beta, hop):
 # The scalar rules (`@rule`) are compiled here for the CPU and by assign_cuda for the GPU: one
 # source, the same operations in the same order on both (probe.planner.scalar).
 
-@rule
+@rule(inline=True)
 def _level_of(x, local, alpha, beta, hop):  # pragma: no cover - compiled
     """What x > 0 tokens of one expert add to a rank's level, `local` of them its own."""
     return alpha + mul(beta, x) + mul(hop, dmax(x - local, 0.0))
 
 
-@rule
+@rule(inline=True)
 def _tokens_at(w, a, b, local, beta, denom):  # pragma: no cover - compiled
     """Tokens a holder takes at water level w: none below a (its level + alpha), 1 / beta
     per second up to b (its own tokens used up), 1 / denom above (denom = beta + hop)."""
@@ -150,7 +150,7 @@ def _tokens_at(w, a, b, local, beta, denom):  # pragma: no cover - compiled
     return local + (w - b) / denom
 
 
-@rule
+@rule(inline=True)
 def _fixed_level(g, holds, nhold, total, load, alpha, beta, hop):  # pragma: no cover
     """Rank g's level from the single-holder experts with tokens that it holds: the sum of
     their `_level_of` (all their tokens), in expert order, one after another. Written out
@@ -172,18 +172,22 @@ def _fixed_all(holds, nhold, total, load, alpha, beta, hop):  # pragma: no cover
     return fixed
 
 
-@rule
-def _holder_list(e, holds, hlist):  # pragma: no cover - compiled
-    """Writes the ranks holding e, ascending, into hlist[e, :n]; returns n."""
-    n = 0
-    for g in range(holds.shape[0]):
-        if holds[g, e]:
-            hlist[e, n] = g
-            n += 1
-    return n
+@rule(inline=True)
+def _holder_lists_of(first, stop, holds, hlist, nhold):  # pragma: no cover - compiled
+    """For experts first <= e < stop: the ranks holding e, ascending, into hlist[e, :n] and
+    their number n into nhold[e]. (The rules that work expert by expert take a range of
+    experts, so that the host makes one call, not one per expert, and a GPU thread one call
+    per expert it is given.)"""
+    for e in range(first, stop):
+        n = 0
+        for g in range(holds.shape[0]):
+            if holds[g, e]:
+                hlist[e, n] = g
+                n += 1
+        nhold[e] = n
 
 
-@rule
+@rule(inline=True)
 def _descend(fixed, order, num_order, hlist, nhold, total, load, hop, alpha, beta, passes, x,
              level, srt, hv):  # pragma: no cover - compiled
     """Stage 1 on x float [E, G], which holds the start on entry and the split on exit: the
@@ -260,138 +264,133 @@ def _descend(fixed, order, num_order, hlist, nhold, total, load, hop, alpha, bet
 
 @numba.njit(cache=True)
 def _holder_lists(holds):  # pragma: no cover - compiled
-    """(hlist int64 [E, G], nhold int64 [E]): `_holder_list` of every expert."""
+    """(hlist int64 [E, G], nhold int64 [E]): `_holder_lists_of` every expert."""
     num_ranks, num_experts = holds.shape
     hlist = np.zeros((num_experts, num_ranks), np.int64)
     nhold = np.zeros(num_experts, np.int64)
-    for e in range(num_experts):
-        nhold[e] = _holder_list(e, holds, hlist)
+    _holder_lists_of(0, num_experts, holds, hlist, nhold)
     return hlist, nhold
 
 
 @numba.njit(cache=True)
-def _waterfill(fixed, order, holds, total, load, hop, alpha, beta, passes,
-               start):  # pragma: no cover - compiled
+def _waterfill(fixed, order, hlist, nhold, total, load, hop, alpha, beta, passes, start, level,
+               srt, hv):  # pragma: no cover - compiled
     """x float [E, G] of the multi-holder experts in `order` (other rows 0), descending from
-    the split `start` float [E, G] (zeros: fill from empty); `_descend` does the work."""
-    num_ranks = holds.shape[0]
-    hlist, nhold = _holder_lists(holds)
+    the split `start` float [E, G] (zeros: fill from empty); `_descend` does the work, with
+    the holder lists of `_holder_lists` and its scratch level, srt, hv."""
     x = start.copy()
     _descend(fixed, order, order.shape[0], hlist, nhold, total, load, hop, alpha, beta, passes,
-             x, np.empty(num_ranks), np.empty(2 * num_ranks), np.empty((4, num_ranks)))
+             x, level, srt, hv)
     return x
 
 
-@rule
-def _quota_expert(e, x, hlist, nhold, total, quota, rem, cand):  # pragma: no cover - compiled
-    """Row e of quota int64 [E, G] (zeroed here): x[e] rounded by largest remainder (ties:
-    lower rank), onto ranks with x > 0 only; a single holder (or no water) takes all of
-    total[e] (int). Scratch: rem float [G], cand int64 [G]."""
-    for g in range(quota.shape[1]):
-        quota[e, g] = 0
-    tot = total[e]
-    if tot == 0:
-        return
-    m = 0
-    base = 0
-    for h in range(nhold[e]):
-        g = hlist[e, h]
-        if x[e, g] > 0:
-            f = float64(math.floor(x[e, g] + 1e-9))
-            quota[e, g] = dmin(int64(f), tot)
-            rem[g] = x[e, g] - f
-            base += quota[e, g]
-            j = m  # stable insertion sort of the candidates by remainder, descending
-            while j > 0 and rem[cand[j - 1]] < rem[g]:
-                cand[j] = cand[j - 1]
-                j -= 1
-            cand[j] = g
-            m += 1
-    if m == 0:
-        if nhold[e] > 0:
-            quota[e, hlist[e, 0]] = tot
-        return
-    short = tot - base
-    k = 0
-    while short > 0:
-        quota[e, cand[k % m]] += 1
-        short -= 1
-        k += 1
-    k = m - 1
-    while short < 0:  # floors above the total (float error): take from the smallest
-        g = cand[k]
-        if quota[e, g] > 0:
-            quota[e, g] -= 1
-            short += 1
-        k = k - 1 if k > 0 else m - 1
+@rule(inline=True)
+def _quotas_of(first, stop, x, hlist, nhold, total, quota, rem, cand):  # pragma: no cover
+    """For each expert first <= e < stop, row e of quota int64 [E, G] (zeroed here): x[e]
+    rounded by largest remainder (ties: lower rank), onto ranks with x > 0 only; a single
+    holder (or no water) takes all of total[e] (int). Scratch: rem float [G], cand int64
+    [G]."""
+    for e in range(first, stop):
+        for g in range(quota.shape[1]):
+            quota[e, g] = 0
+        tot = total[e]
+        if tot == 0:
+            continue
+        m = 0
+        base = 0
+        for h in range(nhold[e]):
+            g = hlist[e, h]
+            if x[e, g] > 0:
+                f = float64(math.floor(x[e, g] + 1e-9))
+                quota[e, g] = dmin(int64(f), tot)
+                rem[g] = x[e, g] - f
+                base += quota[e, g]
+                j = m  # stable insertion sort of the candidates by remainder, descending
+                while j > 0 and rem[cand[j - 1]] < rem[g]:
+                    cand[j] = cand[j - 1]
+                    j -= 1
+                cand[j] = g
+                m += 1
+        if m == 0:
+            if nhold[e] > 0:
+                quota[e, hlist[e, 0]] = tot
+            continue
+        short = tot - base
+        k = 0
+        while short > 0:
+            quota[e, cand[k % m]] += 1
+            short -= 1
+            k += 1
+        k = m - 1
+        while short < 0:  # floors above the total (float error): take from the smallest
+            g = cand[k]
+            if quota[e, g] > 0:
+                quota[e, g] -= 1
+                short += 1
+            k = k - 1 if k > 0 else m - 1
 
 
 @numba.njit(cache=True)
-def _quotas(x, load, holds):  # pragma: no cover - compiled
-    """int64 [E, G]: `_quota_expert` of every expert of x float [E, G]."""
-    num_sources, num_experts = load.shape
-    num_ranks = holds.shape[0]
-    total = np.zeros(num_experts, np.int64)
-    for e in range(num_experts):
-        for s in range(num_sources):
-            total[e] += load[s, e]
-    hlist, nhold = _holder_lists(holds)
+def _quotas(x, hlist, nhold, whole, rem, cand):  # pragma: no cover - compiled
+    """int64 [E, G]: `_quotas_of` every expert of x float [E, G], with the holder
+    lists of `_holder_lists`, each expert's tokens whole int64 [E] and scratch rem, cand."""
+    num_experts, num_ranks = x.shape
     quota = np.zeros((num_experts, num_ranks), np.int64)
-    rem = np.zeros(num_ranks)
-    cand = np.zeros(num_ranks, np.int64)
-    for e in range(num_experts):
-        _quota_expert(e, x, hlist, nhold, total, quota, rem, cand)
+    _quotas_of(0, num_experts, x, hlist, nhold, whole, quota, rem, cand)
     return quota
 
 
-@rule
-def _route_expert(e, quota, load, token_time, left, hold, flow, out,
-                  write):  # pragma: no cover - compiled
-    """Tokens of each (s, e) onto the quotas int64 [E, G]: every source first keeps what it
-    can on its own rank, then sends the rest to the holder with quota left over the cheapest
-    link (ties: lower rank). Adds the tokens sent s -> g to flow [S, G] (`add_at`: atomic on
-    the GPU; whole tokens, so the order of the experts does not matter), or with `write`
-    writes them into out int64 [S, E, G] instead. Scratch: left, hold int64 [G]. Returns
-    False when tokens found no holder (invalid input)."""
+@rule(inline=True)
+def _routes_of(first, stop, quota, load, token_time, left, hold, flow, out,
+               write):  # pragma: no cover - compiled
+    """Tokens of each (s, e), for experts first <= e < stop, onto the quotas int64 [E, G]:
+    every source first keeps what it can on its own rank, then sends the rest to the holder
+    with quota left over the cheapest link (ties: lower rank). Adds the tokens sent s -> g to
+    flow [S, G] (`add_at`: atomic on the GPU; whole tokens, so the order of the experts does
+    not matter), or with `write` writes them into out int64 [S, E, G] instead. Scratch: left,
+    hold int64 [G]. Returns False when tokens found no holder (invalid input)."""
     num_sources = load.shape[0]
     num_ranks = quota.shape[1]
-    m = 0
-    for g in range(num_ranks):
-        left[g] = quota[e, g]
-        if left[g] > 0:
-            hold[m] = g
-            m += 1
-    for s in range(num_sources):  # local first
-        k = dmin(load[s, e], left[s])
-        if k > 0:
-            left[s] -= k
-            if write:
-                out[s, e, s] += k
-            else:
-                add_at(flow, s, s, k)
-    for s in range(num_sources):
-        rest = load[s, e] - dmin(load[s, e], quota[e, s])
-        while rest > 0:
-            best = -1
-            for i in range(m):
-                g = hold[i]
-                if left[g] > 0 and (best < 0 or token_time[s, g] < token_time[s, best]):
-                    best = g
-            if best < 0:
-                return False
-            k = dmin(rest, left[best])
-            left[best] -= k
-            rest -= k
-            if write:
-                out[s, e, best] += k
-            else:
-                add_at(flow, s, best, k)
-    return True
+    ok = True
+    for e in range(first, stop):
+        m = 0
+        for g in range(num_ranks):
+            left[g] = quota[e, g]
+            if left[g] > 0:
+                hold[m] = g
+                m += 1
+        for s in range(num_sources):  # local first
+            k = dmin(load[s, e], left[s])
+            if k > 0:
+                left[s] -= k
+                if write:
+                    out[s, e, s] += k
+                else:
+                    add_at(flow, s, s, k)
+        for s in range(num_sources):
+            rest = load[s, e] - dmin(load[s, e], quota[e, s])
+            while rest > 0:
+                best = -1
+                for i in range(m):
+                    g = hold[i]
+                    if left[g] > 0 and (best < 0 or token_time[s, g] < token_time[s, best]):
+                        best = g
+                if best < 0:
+                    ok = False
+                    break
+                k = dmin(rest, left[best])
+                left[best] -= k
+                rest -= k
+                if write:
+                    out[s, e, best] += k
+                else:
+                    add_at(flow, s, best, k)
+    return ok
 
 
 @numba.njit(cache=True)
 def _route(quota, load, holds, token_time, write):  # pragma: no cover - compiled
-    """`_route_expert` of every expert. Returns (flow float [S, G] tokens sent s -> g, a
+    """`_routes_of` every expert. Returns (flow float [S, G] tokens sent s -> g, a
     [1, 1, 1] placeholder), or with `write` (zero flow, the assignment int64 [S, E, G])."""
     num_sources, num_experts = load.shape
     num_ranks = holds.shape[0]
@@ -402,55 +401,55 @@ def _route(quota, load, holds, token_time, write):  # pragma: no cover - compile
         out = np.zeros((1, 1, 1), np.int64)
     left = np.zeros(num_ranks, np.int64)  # quota left per rank
     hold = np.zeros(num_ranks, np.int64)
-    for e in range(num_experts):
-        _route_expert(e, quota, load, token_time, left, hold, flow, out, write)
+    _routes_of(0, num_experts, quota, load, token_time, left, hold, flow, out, write)
     return flow, out
 
 
-@rule
-def _even_expert(e, load, copies, hold, tokens, flow, out, write):  # pragma: no cover
-    """DeepSeek's even split (probe.planner.eplb.even_split) of expert e: per (s, e), n // c
-    tokens to each of e's c copies (numbered rank by rank) and the n % c leftover to the
-    copies k with (k + s) % c < n % c. With `write` writes them into out int64 [S, E, G];
-    without, writes row e of the rank totals tokens int64 [E, G] and adds to flow [S, G]
-    (`add_at`). Scratch: hold int64 [G]."""
-    num_sources = load.shape[0]
-    num_ranks = copies.shape[0]
-    count = 0
-    m = 0
-    for g in range(num_ranks):
-        if not write:
-            tokens[e, g] = 0
-        if copies[g, e] > 0:
-            count += copies[g, e]
-            hold[m] = g
-            m += 1
-    if count == 0:
-        return
-    for s in range(num_sources):
-        n = load[s, e]
-        if n == 0:
+@rule(inline=True)
+def _evens_of(first, stop, load, copies, hold, tokens, flow, out, write):  # pragma: no cover
+    """DeepSeek's even split (probe.planner.eplb.even_split) of experts first <= e < stop: per
+    (s, e), n // c tokens to each of e's c copies (numbered rank by rank) and the n % c
+    leftover to the copies k with (k + s) % c < n % c. With `write` writes them into out int64
+    [S, E, G]; without, writes row e of the rank totals tokens int64 [E, G] and adds to flow
+    [S, G] (`add_at`). Scratch: hold int64 [G]."""
+    for e in range(first, stop):
+        num_sources = load.shape[0]
+        num_ranks = copies.shape[0]
+        count = 0
+        m = 0
+        for g in range(num_ranks):
+            if not write:
+                tokens[e, g] = 0
+            if copies[g, e] > 0:
+                count += copies[g, e]
+                hold[m] = g
+                m += 1
+        if count == 0:
             continue
-        quota = n // count
-        leftover = n % count
-        k = 0
-        for i in range(m):
-            g = hold[i]
-            got = 0
-            for _ in range(copies[g, e]):
-                got += quota + (1 if (k + s) % count < leftover else 0)
-                k += 1
-            if got > 0:
-                if write:
-                    out[s, e, g] = got
-                else:
-                    tokens[e, g] += got
-                    add_at(flow, s, g, got)
+        for s in range(num_sources):
+            n = load[s, e]
+            if n == 0:
+                continue
+            quota = n // count
+            leftover = n % count
+            k = 0
+            for i in range(m):
+                g = hold[i]
+                got = 0
+                for _ in range(copies[g, e]):
+                    got += quota + (1 if (k + s) % count < leftover else 0)
+                    k += 1
+                if got > 0:
+                    if write:
+                        out[s, e, g] = got
+                    else:
+                        tokens[e, g] += got
+                        add_at(flow, s, g, got)
 
 
 @numba.njit(cache=True)
 def _even(load, copies, write):  # pragma: no cover - compiled
-    """`_even_expert` of every expert. Returns (rank totals int64 [E, G], flow float [S, G], a
+    """`_evens_of` every expert. Returns (rank totals int64 [E, G], flow float [S, G], a
     [1, 1, 1] placeholder), or with `write` (zero totals, zero flow, the assignment int64
     [S, E, G])."""
     num_sources, num_experts = load.shape
@@ -462,12 +461,11 @@ def _even(load, copies, write):  # pragma: no cover - compiled
     else:
         out = np.zeros((1, 1, 1), np.int64)
     hold = np.zeros(num_ranks, np.int64)
-    for e in range(num_experts):
-        _even_expert(e, load, copies, hold, tokens, flow, out, write)
+    _evens_of(0, num_experts, load, copies, hold, tokens, flow, out, write)
     return tokens, flow, out
 
 
-@rule
+@rule(inline=True)
 def _rank_time(g, tokens, flow, token_time, alpha, beta):  # pragma: no cover - compiled
     """Rank g's term of eq. 8 for rank totals tokens int64 [E, G] and flows [S, G] (whole
     tokens, int or float): comp + 2 max(t_in, t_out), each sum in ascending order (experts,
@@ -507,10 +505,18 @@ def _best(fixed, order, holds, copies, total, alpha, beta, load, token_time, hop
     best_obj = _objective(tokens, flow, token_time, alpha, beta)
     best_quota = tokens
     from_even = True
+    num_ranks = holds.shape[0]
+    hlist, nhold = _holder_lists(holds)
+    whole = np.zeros(load.shape[1], np.int64)  # [E] each expert's tokens
+    for s in range(load.shape[0]):
+        for e in range(load.shape[1]):
+            whole[e] += load[s, e]
+    level, srt, hv = np.empty(num_ranks), np.empty(2 * num_ranks), np.empty((4, num_ranks))
+    rem, cand = np.zeros(num_ranks), np.zeros(num_ranks, np.int64)
     for k in range(starts.shape[0]):
-        x = _waterfill(fixed, order, holds, total, load, hop, alpha, beta, start_passes[k],
-                       starts[k])
-        quota = _quotas(x, load, holds)
+        x = _waterfill(fixed, order, hlist, nhold, total, load, hop, alpha, beta,
+                       start_passes[k], starts[k], level, srt, hv)
+        quota = _quotas(x, hlist, nhold, whole, rem, cand)
         flow, _ = _route(quota, load, holds, token_time, False)
         obj = _objective(quota, flow, token_time, alpha, beta)
         if obj < best_obj:
@@ -638,7 +644,11 @@ def assign_tokens(load, copies, cost: CostModel, *, method: str = "waterfill",
         load, holds = _validated(load, copies, cost)
         _checked_home(home, holds)
         x, _ = lp_totals(load, holds, cost)
-        _, out = _route(_quotas(x, load, holds), load, holds, cost.token_time, True)
+        num_ranks = holds.shape[0]
+        hlist, nhold = _holder_lists(holds)
+        quota = _quotas(x, hlist, nhold, load.sum(axis=0), np.zeros(num_ranks),
+                        np.zeros(num_ranks, np.int64))
+        _, out = _route(quota, load, holds, cost.token_time, True)
         return out
     out, _ = _best(*kernel_args(load, copies, cost, passes=passes, home=home))
     return out

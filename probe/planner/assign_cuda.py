@@ -24,7 +24,7 @@ launch. The work of a layer is spread over the block, phase by phase (a barrier 
 Why the integers agree bit for bit with the host kernel's:
 
 - One source. Every piece of arithmetic that decides a choice is a rule of `assign`
-  (`_fixed_level`, `_descend`, `_quota_expert`, `_route_expert`, `_even_expert`,
+  (`_holder_lists_of`, `_fixed_level`, `_descend`, `_quotas_of`, `_routes_of`, `_evens_of`,
   `_rank_time`, and `_level_of` / `_tokens_at` inside them), compiled for the CPU there and
   compiled again here by `numba_cuda.device`: the same Python function, the same float64
   operations in the same order (probe.planner.scalar). What this module adds is only how the
@@ -79,12 +79,12 @@ __all__ = ["THREADS", "DeviceAssigner"]
 THREADS = 256
 
 # The host kernel's rules as device functions (see the module docstring).
-_holder_list = device(assign._holder_list)
+_holder_lists_of = device(assign._holder_lists_of)
 _fixed_level = device(assign._fixed_level)
 _descend = device(assign._descend)
-_quota_expert = device(assign._quota_expert)
-_route_expert = device(assign._route_expert)
-_even_expert = device(assign._even_expert)
+_quotas_of = device(assign._quotas_of)
+_routes_of = device(assign._routes_of)
+_evens_of = device(assign._evens_of)
 _rank_time = device(assign._rank_time)
 
 
@@ -128,7 +128,7 @@ def _assign_kernel(load_all, copies_all, home_all, use_home, token_time, hop, al
         total[e] = tot
         for g in range(num_ranks):
             holds[g, e] = copies[g, e] > 0
-        nhold[e] = _holder_list(e, holds, hlist)
+        _holder_lists_of(e, e + 1, holds, hlist, nhold)
     cuda.syncthreads()
     # 2. Multi-holder experts heaviest first (stable: a rank count per expert), their number;
     # the starts x (every candidate, parallel over experts).
@@ -192,18 +192,18 @@ def _assign_kernel(load_all, copies_all, home_all, use_home, token_time, hop, al
         k = i // num_experts
         e = i % num_experts
         if k == even:
-            _even_expert(e, load, copies, hold, quota_all[layer, k], flow_all[layer, k],
-                         out_all[layer], False)
+            _evens_of(e, e + 1, load, copies, hold, quota_all[layer, k], flow_all[layer, k],
+                      out_all[layer], False)
         else:
-            _quota_expert(e, x_all[layer, k], hlist, nhold, total, quota_all[layer, k], rem,
-                          cand)
+            _quotas_of(e, e + 1, x_all[layer, k], hlist, nhold, total, quota_all[layer, k],
+                       rem, cand)
     cuda.syncthreads()
     # 6. Routing of the starts' quotas: parallel over (start, expert), integer flows.
     for i in range(tid, num_starts * num_experts, nthreads):
         k = i // num_experts
         e = i % num_experts
-        if not _route_expert(e, quota_all[layer, k], load, token_time, left, hold,
-                             flow_all[layer, k], out_all[layer], False):
+        if not _routes_of(e, e + 1, quota_all[layer, k], load, token_time, left, hold,
+                          flow_all[layer, k], out_all[layer], False):
             status_all[layer] = 1
     cuda.syncthreads()
     # 7. eq. 8: every rank's time (parallel over (candidate, rank)), then each candidate's
@@ -236,10 +236,10 @@ def _assign_kernel(load_all, copies_all, home_all, use_home, token_time, hop, al
     quota = quota_all[layer, best]
     for e in range(tid, num_experts, nthreads):
         if best == even:
-            _even_expert(e, load, copies, hold, quota, flow_all[layer, best], out, True)
+            _evens_of(e, e + 1, load, copies, hold, quota, flow_all[layer, best], out, True)
         else:
-            _route_expert(e, quota, load, token_time, left, hold, flow_all[layer, best], out,
-                          True)
+            _routes_of(e, e + 1, quota, load, token_time, left, hold, flow_all[layer, best],
+                       out, True)
 
 
 # --- host side ---------------------------------------------------------------------------------
