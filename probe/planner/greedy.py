@@ -209,6 +209,33 @@ def _keep_move(npool, takes, outs, parts, into_takes, into_outs, into_parts):
         into_parts[i] = parts[i]
 
 
+@rule(inline=True)
+def _apply_move(b, e, src, dst, x, npool, pool_s, takes, outs, parts, t_src, t_dst, blk_assign,
+                tok, comp, t_in, t_out, times):
+    """Apply the chosen move of x tokens of e from src to dst (block b of the assignment): the
+    pool's takes[:npool] in blk_assign, the token counts, src's and dst's time parts (from
+    `_after`'s parts) and times, and the new out-times `outs` of the third-party sources."""
+    for i in range(npool):
+        s = pool_s[i]
+        blk_assign[b, s, src] -= takes[i]
+        blk_assign[b, s, dst] += takes[i]
+    tok[src, e] -= x
+    tok[dst, e] += x
+    comp[src] = parts[0]
+    comp[dst] = parts[1]
+    t_in[src] -= parts[2]
+    t_in[dst] += parts[3]
+    t_out[dst] -= parts[4]
+    t_out[src] += parts[5]
+    times[src] = t_src
+    times[dst] = t_dst
+    for i in range(npool):
+        s = pool_s[i]
+        if s != dst and s != src and takes[i] > 0:
+            t_out[s] = outs[i]
+            times[s] = comp[s] + 2.0 * dmax(t_in[s], t_out[s])
+
+
 @numba.njit(cache=True)
 def greedy_arrays(load, home, slots, window, alpha, beta, token_time, transfer_time, k_max,
                   epsilon, move_local=True, evacuate=False, two_phase=True, mean_cap=False,
@@ -574,25 +601,8 @@ def _greedy_run(load, home, slots, window, alpha, beta, token_time, transfer_tim
             for s in range(num_ranks):
                 for g in range(num_ranks):
                     blk_assign[b, s, g] = _static_share(load, home, hpos, hcount, s, e, g)
-        for i in range(best_npool):
-            s = pool_s[i]
-            blk_assign[b, s, src] -= best_takes[i]
-            blk_assign[b, s, dst] += best_takes[i]
-        tok[src, e] -= best_x
-        tok[dst, e] += best_x
-        comp[src] = best_parts[0]
-        comp[dst] = best_parts[1]
-        t_in[src] -= best_parts[2]
-        t_in[dst] += best_parts[3]
-        t_out[dst] -= best_parts[4]
-        t_out[src] += best_parts[5]
-        times[src] = best_tsrc
-        times[dst] = best_tdst
-        for i in range(best_npool):
-            s = pool_s[i]
-            if s != dst and s != src and best_takes[i] > 0:
-                t_out[s] = best_out[i]
-                times[s] = comp[s] + 2.0 * max(t_in[s], t_out[s])
+        _apply_move(b, e, src, dst, best_x, best_npool, pool_s, best_takes, best_out, best_parts,
+                    best_tsrc, best_tdst, blk_assign, tok, comp, t_in, t_out, times)
         num_moves += 1
 
     makespan = 0.0

@@ -72,6 +72,7 @@ _after = device(greedy._after)
 _worst = device(greedy._worst)
 _water_fill = device(greedy._water_fill)
 _keep_move = device(greedy._keep_move)
+_apply_move = device(greedy._apply_move)
 
 
 @cuda.jit(device=True)
@@ -483,25 +484,8 @@ def _greedy_kernel(load, home, slots, window, alpha, beta, tt, xt, limit, epsilo
             dst = ints[_DST]
             npool = ints[_NPOOL]
             x = ints[_X]
-            for i in range(npool):
-                s = best_s[i]
-                ba[b, s, src] -= best_takes[i]
-                ba[b, s, dst] += best_takes[i]
-            tk[src, e] -= x
-            tk[dst, e] += x
-            comp[src] = best_parts[0]
-            comp[dst] = best_parts[1]
-            t_in[src] -= best_parts[2]
-            t_in[dst] += best_parts[3]
-            t_out[dst] -= best_parts[4]
-            t_out[src] += best_parts[5]
-            times[src] = flts[_TSRC]
-            times[dst] = flts[_TDST]
-            for i in range(npool):
-                s = best_s[i]
-                if s != dst and s != src and best_takes[i] > 0:
-                    t_out[s] = best_out[i]
-                    times[s] = comp[s] + 2.0 * dmax(t_in[s], t_out[s])
+            _apply_move(b, e, src, dst, x, npool, best_s, best_takes, best_out, best_parts,
+                        flts[_TSRC], flts[_TDST], ba, tk, comp, t_in, t_out, times)
             ints[_MOVES] += 1
         cuda.syncthreads()
 
