@@ -17,7 +17,10 @@ the thread timing. Only when none of the T gains do they go on to the next T. Th
 applied by thread 0 (O(G) updates) and the threads together (a new dense [S, G] block).
 
 Floating point: every value that decides a choice is float64, computed in the CPU kernel's order
-of operations. The products that feed a sum are rounded on their own (libdevice's dmul_rn):
+of operations: the scalar rules (a candidate's times, rule 6's water fill, applying the move)
+are greedy.py's own functions, compiled a second time as device functions
+(`numba_cuda.device`, probe.planner.scalar). The products that feed a sum are rounded on their
+own (libdevice's dmul_rn):
 the CUDA compiler would otherwise fuse a * b + c into one FMA, which rounds once and can flip
 a tie. Shared memory per block: about 14 KB (rank arrays of MAX_RANKS entries, the slowest
 rank's token counts: MAX_EXPERTS entries); the [G, E] and [G, G] working arrays live in global
