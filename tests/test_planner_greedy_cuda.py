@@ -65,7 +65,7 @@ def run_sequential(*args, num_layers: int) -> None:
                                  blockDim=types.SimpleNamespace(x=1), syncthreads=lambda: None,
                                  shared=_Array, local=_Array, atomic=_Atomic)
     names = ("dmax", "dmin", "_static_share", "_src_after", "_after", "_worst", "_water_fill",
-             "_keep_move", "_candidate", "_greedy_kernel")
+             "_keep_move", "_apply_move", "_candidate", "_greedy_kernel")
     env = dict(vars(greedy_cuda))
     env["cuda"] = fake
     env["mul"] = lambda a, b: a * b

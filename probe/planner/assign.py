@@ -26,8 +26,11 @@ Shape legend: S source ranks (= G), E experts, G ranks.
         while it uses its own tokens, beta + hop[g] after, and only once the level passes its
         level + alpha); then `passes` rounds of taking every expert out and filling it again
         (coordinate descent; stops early when no level moves by 1 ns). A Numba kernel, with a
-        plain-Python twin (`assign_tokens_ref`) that gives identical integers. The descent
-        runs from several starts (see `assign_tokens`) and the best by eq. 8 is kept.
+        plain-Python twin (`assign_tokens_ref`) that gives identical integers; its scalar
+        rules (`@rule`) are compiled a second time for the GPU (`assign_cuda`), so the two
+        add the same floats in the same order. The descent runs from several starts (see
+        `assign_tokens`) and the best by eq. 8 is kept. The fixed levels are summed expert by
+        expert (`_fixed_level`), not by numpy, whose order follows the memory layout.
      "lp": the LP relaxation with every present copy ACTIVE (HiGHS):
             min z  s.t.  sum_g x[e, g] = n_e,  x >= 0,  r[e, g] >= x[e, g] - load[g, e], r >= 0,
                          fixed(g) + sum over multi-copy e held on g of
@@ -59,12 +62,16 @@ np.True_
 
 from __future__ import annotations
 
+import math
+
 import numba
 import numpy as np
+from numba import float64, int64
 
 from probe.planner.cost import CostModel
 from probe.planner.highs_base import highs_lp, new_highs
 from probe.planner.problem import checked_load
+from probe.planner.scalar import add_at, dmax, dmin, mul, rule
 
 __all__ = ["assign_tokens", "assign_tokens_ref", "lp_totals"]
 
@@ -111,127 +118,191 @@ def remote_cost(cost: CostModel) -> np.ndarray:
 
 
 def _fixed_levels(load, holds, alpha, beta, hop):
-    """Stage-1 inputs: levels float [G] of the single-holder experts, totals float [E], and
-    the multi-holder experts with tokens, heaviest first (stable), int64 [M]."""
+    """Stage-1 inputs: levels float [G] of the single-holder experts (`_fixed_level`), totals
+    float [E], and the multi-holder experts with tokens, heaviest first (stable), int64 [M]."""
     total = load.sum(axis=0)  # [E] int64
     num_holders = holds.sum(axis=0)
-    single = (num_holders == 1) & (total > 0)
-    tot = total[single].astype(np.float64)
-    remote = tot[None, :] - load[:, single]  # [G, single] tokens from other ranks
-    fixed = (holds[:, single] * (alpha + beta * tot[None, :] + hop[:, None] * remote)).sum(axis=1)
+    fixed = _fixed_all(holds, num_holders, total.astype(np.float64), load, float(alpha),
+                       float(beta), hop)
     multi = np.flatnonzero((num_holders > 1) & (total > 0))
     order = multi[np.argsort(-total[multi], kind="stable")].astype(np.int64)
     return fixed, total.astype(np.float64), order
 
 
 # --- the Numba kernel (stage 1 water-filling + stage 2 split) ---------------------------------
+# The scalar rules (`@rule`) are compiled here for the CPU and by assign_cuda for the GPU: one
+# source, the same operations in the same order on both (probe.planner.scalar).
 
-@numba.njit(cache=True)
+@rule(inline=True)
 def _level_of(x, local, alpha, beta, hop):  # pragma: no cover - compiled
     """What x > 0 tokens of one expert add to a rank's level, `local` of them its own."""
-    return alpha + beta * x + hop * max(x - local, 0.0)
+    return alpha + mul(beta, x) + mul(hop, dmax(x - local, 0.0))
 
 
-@numba.njit(cache=True)
-def _tokens_at(w, a, b, local, beta, hop):  # pragma: no cover - compiled
+@rule(inline=True)
+def _tokens_at(w, a, b, local, beta, denom):  # pragma: no cover - compiled
     """Tokens a holder takes at water level w: none below a (its level + alpha), 1 / beta
-    per second up to b (its own tokens used up), 1 / (beta + hop) above."""
+    per second up to b (its own tokens used up), 1 / denom above (denom = beta + hop)."""
     if w <= a:
         return 0.0
     if w <= b:
         return (w - a) / beta
-    return local + (w - b) / (beta + hop)
+    return local + (w - b) / denom
+
+
+@rule(inline=True)
+def _fixed_level(g, holds, nhold, total, load, alpha, beta, hop):  # pragma: no cover
+    """Rank g's level from the single-holder experts with tokens that it holds: the sum of
+    their `_level_of` (all their tokens), in expert order, one after another. Written out
+    (not numpy's sum, whose order depends on the array's memory layout and numpy's version)
+    so that the CPU and the GPU add the same floats in the same order."""
+    level = 0.0
+    for e in range(nhold.shape[0]):
+        if nhold[e] == 1 and total[e] > 0 and holds[g, e]:
+            level += _level_of(float64(total[e]), float64(load[g, e]), alpha, beta, hop)
+    return level
 
 
 @numba.njit(cache=True)
-def _waterfill(fixed, order, holds, total, load, hop, alpha, beta, passes,
-               start):  # pragma: no cover - compiled
-    """x float [E, G] of the multi-holder experts in `order` (other rows 0), descending from
-    the split `start` float [E, G] (zeros: fill from empty). No allocation in the loops;
-    `srt` holds the sorted breakpoints of the expert being filled."""
-    num_ranks = holds.shape[0]
-    level = fixed.copy()
-    x = start.copy()
-    for e in order:
-        for g in range(num_ranks):
-            if holds[g, e] and x[e, g] > 0:
-                level[g] += _level_of(x[e, g], load[g, e], alpha, beta, hop[g])
-    srt = np.empty(2 * num_ranks)
+def _fixed_all(holds, nhold, total, load, alpha, beta, hop):  # pragma: no cover - compiled
+    """float [G]: `_fixed_level` of every rank."""
+    fixed = np.empty(holds.shape[0])
+    for g in range(holds.shape[0]):
+        fixed[g] = _fixed_level(g, holds, nhold, total, load, alpha, beta, hop[g])
+    return fixed
+
+
+@rule(inline=True)
+def _holder_lists_of(first, stop, holds, hlist, nhold):  # pragma: no cover - compiled
+    """For experts first <= e < stop: the ranks holding e, ascending, into hlist[e, :n] and
+    their number n into nhold[e]. (The rules that work expert by expert take a range of
+    experts, so that the host makes one call, not one per expert, and a GPU thread one call
+    per expert it is given.)"""
+    for e in range(first, stop):
+        n = 0
+        for g in range(holds.shape[0]):
+            if holds[g, e]:
+                hlist[e, n] = g
+                n += 1
+        nhold[e] = n
+
+
+@rule(inline=True)
+def _descend(fixed, order, num_order, hlist, nhold, total, load, hop, alpha, beta, passes, x,
+             level, srt, hv):  # pragma: no cover - compiled
+    """Stage 1 on x float [E, G], which holds the start on entry and the split on exit: the
+    levels of the start, then up to `passes` rounds of taking each expert of order[:num_order]
+    out and water-filling it again (stop once no level moves by 1 ns). The loops over the
+    ranks holding e run over its holder list hlist[e, :nhold[e]] (ascending). Scratch: level
+    float [G]; srt float [2 G], the sorted breakpoints of the expert being filled; hv float
+    [4, G], per holder h of that expert its level + alpha, the level where its own tokens run
+    out, its own tokens, and beta + hop."""
+    num_ranks = level.shape[0]
+    for g in range(num_ranks):
+        level[g] = fixed[g]
+    for i in range(num_order):
+        e = order[i]
+        for j in range(nhold[e]):
+            g = hlist[e, j]
+            if x[e, g] > 0:
+                level[g] += _level_of(x[e, g], float64(load[g, e]), alpha, beta, hop[g])
     for _ in range(passes):
         moved = 0.0
-        for e in order:
+        for i in range(num_order):
+            e = order[i]
+            nh = nhold[e]
             m = 0
-            for g in range(num_ranks):
-                if holds[g, e]:
-                    if x[e, g] > 0:  # take e out of rank g
-                        level[g] -= _level_of(x[e, g], load[g, e], alpha, beta, hop[g])
-                    for value in (level[g] + alpha, level[g] + alpha + beta * load[g, e]):
-                        j = m  # insertion sort into srt[:m + 1]
-                        while j > 0 and srt[j - 1] > value:
-                            srt[j] = srt[j - 1]
-                            j -= 1
-                        srt[j] = value
-                        m += 1
+            for h in range(nh):
+                g = hlist[e, h]
+                local = float64(load[g, e])
+                if x[e, g] > 0:  # take e out of rank g
+                    level[g] -= _level_of(x[e, g], local, alpha, beta, hop[g])
+                a = level[g] + alpha
+                b = a + mul(beta, local)
+                hv[0, h] = a
+                hv[1, h] = b
+                hv[2, h] = local
+                hv[3, h] = beta + hop[g]
+                for which in range(2):
+                    value = a if which == 0 else b
+                    j = m  # insertion sort into srt[:m + 1]
+                    while j > 0 and srt[j - 1] > value:
+                        srt[j] = srt[j - 1]
+                        j -= 1
+                    srt[j] = value
+                    m += 1
             # The water level w: past the last breakpoint where the holders take < total.
             lo = srt[m - 1]
             for k in range(m):
                 taken = 0.0
-                for g in range(num_ranks):
-                    if holds[g, e]:
-                        a = level[g] + alpha
-                        taken += _tokens_at(srt[k], a, a + beta * load[g, e], load[g, e],
-                                            beta, hop[g])
+                for h in range(nh):
+                    taken += _tokens_at(srt[k], hv[0, h], hv[1, h], hv[2, h], beta, hv[3, h])
                 if taken >= total[e]:
                     lo = srt[k - 1] if k > 0 else srt[0]
                     break
             # Between breakpoints the holders take C + S w tokens.
             c_sum = 0.0
             s_sum = 0.0
-            for g in range(num_ranks):
-                if holds[g, e]:
-                    a = level[g] + alpha
-                    b = a + beta * load[g, e]
-                    if lo >= b:
-                        c_sum += load[g, e] - b / (beta + hop[g])
-                        s_sum += 1.0 / (beta + hop[g])
-                    elif lo >= a:
-                        c_sum -= a / beta
-                        s_sum += 1.0 / beta
+            for h in range(nh):
+                if lo >= hv[1, h]:
+                    c_sum += hv[2, h] - hv[1, h] / hv[3, h]
+                    s_sum += 1.0 / hv[3, h]
+                elif lo >= hv[0, h]:
+                    c_sum -= hv[0, h] / beta
+                    s_sum += 1.0 / beta
             w = (total[e] - c_sum) / s_sum
-            for g in range(num_ranks):
-                if holds[g, e]:
-                    a = level[g] + alpha
-                    share = _tokens_at(w, a, a + beta * load[g, e], load[g, e], beta, hop[g])
-                    moved = max(moved, abs(share - x[e, g]) * beta)
-                    x[e, g] = share
-                    if share > 0:
-                        level[g] += _level_of(share, load[g, e], alpha, beta, hop[g])
+            for h in range(nh):
+                g = hlist[e, h]
+                share = _tokens_at(w, hv[0, h], hv[1, h], hv[2, h], beta, hv[3, h])
+                moved = dmax(moved, abs(share - x[e, g]) * beta)
+                x[e, g] = share
+                if share > 0:
+                    level[g] += _level_of(share, hv[2, h], alpha, beta, hop[g])
         if moved < 1e-9:
             break
-    return x
 
 
 @numba.njit(cache=True)
-def _quotas(x, load, holds):  # pragma: no cover - compiled
-    """int64 [E, G]: x float [E, G] rounded per expert by largest remainder (ties: lower
-    rank), onto ranks with x > 0 only; a single holder (or no water) takes everything."""
-    num_sources, num_experts = load.shape
-    num_ranks = holds.shape[0]
-    quota = np.zeros((num_experts, num_ranks), np.int64)
-    rem = np.zeros(num_ranks)
-    cand = np.empty(num_ranks, np.int64)
-    for e in range(num_experts):
-        total = 0
-        for s in range(num_sources):
-            total += load[s, e]
-        if total == 0:
+def _holder_lists(holds):  # pragma: no cover - compiled
+    """(hlist int64 [E, G], nhold int64 [E]): `_holder_lists_of` every expert."""
+    num_ranks, num_experts = holds.shape
+    hlist = np.zeros((num_experts, num_ranks), np.int64)
+    nhold = np.zeros(num_experts, np.int64)
+    _holder_lists_of(0, num_experts, holds, hlist, nhold)
+    return hlist, nhold
+
+
+@numba.njit(cache=True)
+def _waterfill(fixed, order, hlist, nhold, total, load, hop, alpha, beta, passes, start, level,
+               srt, hv):  # pragma: no cover - compiled
+    """x float [E, G] of the multi-holder experts in `order` (other rows 0), descending from
+    the split `start` float [E, G] (zeros: fill from empty); `_descend` does the work, with
+    the holder lists of `_holder_lists` and its scratch level, srt, hv."""
+    x = start.copy()
+    _descend(fixed, order, order.shape[0], hlist, nhold, total, load, hop, alpha, beta, passes,
+             x, level, srt, hv)
+    return x
+
+
+@rule(inline=True)
+def _quotas_of(first, stop, x, hlist, nhold, total, quota, rem, cand):  # pragma: no cover
+    """For each expert first <= e < stop, row e of quota int64 [E, G] (zeroed here): x[e]
+    rounded by largest remainder (ties: lower rank), onto ranks with x > 0 only; a single
+    holder (or no water) takes all of total[e] (int). Scratch: rem float [G], cand int64
+    [G]."""
+    for e in range(first, stop):
+        for g in range(quota.shape[1]):
+            quota[e, g] = 0
+        tot = total[e]
+        if tot == 0:
             continue
         m = 0
         base = 0
-        for g in range(num_ranks):
-            if holds[g, e] and x[e, g] > 0:
-                f = np.floor(x[e, g] + 1e-9)
-                quota[e, g] = min(np.int64(f), total)
+        for h in range(nhold[e]):
+            g = hlist[e, h]
+            if x[e, g] > 0:
+                f = float64(math.floor(x[e, g] + 1e-9))
+                quota[e, g] = dmin(int64(f), tot)
                 rem[g] = x[e, g] - f
                 base += quota[e, g]
                 j = m  # stable insertion sort of the candidates by remainder, descending
@@ -241,12 +312,10 @@ def _quotas(x, load, holds):  # pragma: no cover - compiled
                 cand[j] = g
                 m += 1
         if m == 0:
-            for g in range(num_ranks):
-                if holds[g, e]:
-                    quota[e, g] = total
-                    break
+            if nhold[e] > 0:
+                quota[e, hlist[e, 0]] = tot
             continue
-        short = total - base
+        short = tot - base
         k = 0
         while short > 0:
             quota[e, cand[k % m]] += 1
@@ -259,15 +328,70 @@ def _quotas(x, load, holds):  # pragma: no cover - compiled
                 quota[e, g] -= 1
                 short += 1
             k = k - 1 if k > 0 else m - 1
+
+
+@numba.njit(cache=True)
+def _quotas(x, hlist, nhold, whole, rem, cand):  # pragma: no cover - compiled
+    """int64 [E, G]: `_quotas_of` every expert of x float [E, G], with the holder
+    lists of `_holder_lists`, each expert's tokens whole int64 [E] and scratch rem, cand."""
+    num_experts, num_ranks = x.shape
+    quota = np.zeros((num_experts, num_ranks), np.int64)
+    _quotas_of(0, num_experts, x, hlist, nhold, whole, quota, rem, cand)
     return quota
+
+
+@rule(inline=True)
+def _routes_of(first, stop, quota, load, token_time, left, hold, flow, out,
+               write):  # pragma: no cover - compiled
+    """Tokens of each (s, e), for experts first <= e < stop, onto the quotas int64 [E, G]:
+    every source first keeps what it can on its own rank, then sends the rest to the holder
+    with quota left over the cheapest link (ties: lower rank). Adds the tokens sent s -> g to
+    flow [S, G] (`add_at`: atomic on the GPU; whole tokens, so the order of the experts does
+    not matter), or with `write` writes them into out int64 [S, E, G] instead. Scratch: left,
+    hold int64 [G]. Returns False when tokens found no holder (invalid input)."""
+    num_sources = load.shape[0]
+    num_ranks = quota.shape[1]
+    ok = True
+    for e in range(first, stop):
+        m = 0
+        for g in range(num_ranks):
+            left[g] = quota[e, g]
+            if left[g] > 0:
+                hold[m] = g
+                m += 1
+        for s in range(num_sources):  # local first
+            k = dmin(load[s, e], left[s])
+            if k > 0:
+                left[s] -= k
+                if write:
+                    out[s, e, s] += k
+                else:
+                    add_at(flow, s, s, k)
+        for s in range(num_sources):
+            rest = load[s, e] - dmin(load[s, e], quota[e, s])
+            while rest > 0:
+                best = -1
+                for i in range(m):
+                    g = hold[i]
+                    if left[g] > 0 and (best < 0 or token_time[s, g] < token_time[s, best]):
+                        best = g
+                if best < 0:
+                    ok = False
+                    break
+                k = dmin(rest, left[best])
+                left[best] -= k
+                rest -= k
+                if write:
+                    out[s, e, best] += k
+                else:
+                    add_at(flow, s, best, k)
+    return ok
 
 
 @numba.njit(cache=True)
 def _route(quota, load, holds, token_time, write):  # pragma: no cover - compiled
-    """Tokens of each (s, e) onto the quotas int64 [E, G]: every source first keeps what it
-    can on its own rank, then sends the rest to the holder with quota left over the cheapest
-    link (ties: lower rank). Returns (flow float [S, G] tokens sent s -> g, the assignment
-    int64 [S, E, G] when `write`, else a [1, 1, 1] placeholder)."""
+    """`_routes_of` every expert. Returns (flow float [S, G] tokens sent s -> g, a
+    [1, 1, 1] placeholder), or with `write` (zero flow, the assignment int64 [S, E, G])."""
     num_sources, num_experts = load.shape
     num_ranks = holds.shape[0]
     flow = np.zeros((num_sources, num_ranks))
@@ -276,57 +400,26 @@ def _route(quota, load, holds, token_time, write):  # pragma: no cover - compile
     else:
         out = np.zeros((1, 1, 1), np.int64)
     left = np.zeros(num_ranks, np.int64)  # quota left per rank
-    hold = np.empty(num_ranks, np.int64)
-    for e in range(num_experts):
-        m = 0
-        for g in range(num_ranks):
-            left[g] = quota[e, g]
-            if left[g] > 0:
-                hold[m] = g
-                m += 1
-        for s in range(num_sources):  # local first
-            k = min(load[s, e], left[s])
-            if k > 0:
-                left[s] -= k
-                flow[s, s] += k
-                if write:
-                    out[s, e, s] += k
-        for s in range(num_sources):
-            rest = load[s, e] - min(load[s, e], quota[e, s])
-            while rest > 0:
-                best = -1
-                for i in range(m):
-                    g = hold[i]
-                    if left[g] > 0 and (best < 0 or token_time[s, g] < token_time[s, best]):
-                        best = g
-                k = min(rest, left[best])
-                left[best] -= k
-                rest -= k
-                flow[s, best] += k
-                if write:
-                    out[s, e, best] += k
+    hold = np.zeros(num_ranks, np.int64)
+    _routes_of(0, num_experts, quota, load, token_time, left, hold, flow, out, write)
     return flow, out
 
 
-@numba.njit(cache=True)
-def _even(load, copies, write):  # pragma: no cover - compiled
-    """DeepSeek's even split (probe.planner.eplb.even_split): per (s, e), n // c tokens to
-    each of e's c copies (numbered rank by rank) and the n % c leftover to the copies k with
-    (k + s) % c < n % c. Returns (rank totals int64 [E, G], flow float [S, G], assignment
-    int64 [S, E, G] when `write`, else a placeholder)."""
-    num_sources, num_experts = load.shape
-    num_ranks = copies.shape[0]
-    tokens = np.zeros((num_experts, num_ranks), np.int64)
-    flow = np.zeros((num_sources, num_ranks))
-    if write:
-        out = np.zeros((num_sources, num_experts, num_ranks), np.int64)
-    else:
-        out = np.zeros((1, 1, 1), np.int64)
-    hold = np.empty(num_ranks, np.int64)
-    for e in range(num_experts):
+@rule(inline=True)
+def _evens_of(first, stop, load, copies, hold, tokens, flow, out, write):  # pragma: no cover
+    """DeepSeek's even split (probe.planner.eplb.even_split) of experts first <= e < stop: per
+    (s, e), n // c tokens to each of e's c copies (numbered rank by rank) and the n % c
+    leftover to the copies k with (k + s) % c < n % c. With `write` writes them into out int64
+    [S, E, G]; without, writes row e of the rank totals tokens int64 [E, G] and adds to flow
+    [S, G] (`add_at`). Scratch: hold int64 [G]."""
+    for e in range(first, stop):
+        num_sources = load.shape[0]
+        num_ranks = copies.shape[0]
         count = 0
         m = 0
         for g in range(num_ranks):
+            if not write:
+                tokens[e, g] = 0
             if copies[g, e] > 0:
                 count += copies[g, e]
                 hold[m] = g
@@ -337,7 +430,8 @@ def _even(load, copies, write):  # pragma: no cover - compiled
             n = load[s, e]
             if n == 0:
                 continue
-            quota, leftover = n // count, n % count
+            quota = n // count
+            leftover = n % count
             k = 0
             for i in range(m):
                 g = hold[i]
@@ -346,31 +440,56 @@ def _even(load, copies, write):  # pragma: no cover - compiled
                     got += quota + (1 if (k + s) % count < leftover else 0)
                     k += 1
                 if got > 0:
-                    tokens[e, g] += got
-                    flow[s, g] += got
                     if write:
                         out[s, e, g] = got
+                    else:
+                        tokens[e, g] += got
+                        add_at(flow, s, g, got)
+
+
+@numba.njit(cache=True)
+def _even(load, copies, write):  # pragma: no cover - compiled
+    """`_evens_of` every expert. Returns (rank totals int64 [E, G], flow float [S, G], a
+    [1, 1, 1] placeholder), or with `write` (zero totals, zero flow, the assignment int64
+    [S, E, G])."""
+    num_sources, num_experts = load.shape
+    num_ranks = copies.shape[0]
+    tokens = np.zeros((num_experts, num_ranks), np.int64)
+    flow = np.zeros((num_sources, num_ranks))
+    if write:
+        out = np.zeros((num_sources, num_experts, num_ranks), np.int64)
+    else:
+        out = np.zeros((1, 1, 1), np.int64)
+    hold = np.zeros(num_ranks, np.int64)
+    _evens_of(0, num_experts, load, copies, hold, tokens, flow, out, write)
     return tokens, flow, out
+
+
+@rule(inline=True)
+def _rank_time(g, tokens, flow, token_time, alpha, beta):  # pragma: no cover - compiled
+    """Rank g's term of eq. 8 for rank totals tokens int64 [E, G] and flows [S, G] (whole
+    tokens, int or float): comp + 2 max(t_in, t_out), each sum in ascending order (experts,
+    then sources)."""
+    comp = 0.0
+    for e in range(tokens.shape[0]):
+        if tokens[e, g] > 0:
+            comp += alpha + mul(beta, tokens[e, g])
+    t_in = 0.0
+    t_out = 0.0
+    for s in range(flow.shape[0]):
+        if s != g:
+            t_in += mul(float64(flow[s, g]), token_time[s, g])
+            t_out += mul(float64(flow[g, s]), token_time[g, s])
+    return comp + mul(2.0, dmax(t_in, t_out))
 
 
 @numba.njit(cache=True)
 def _objective(tokens, flow, token_time, alpha, beta):  # pragma: no cover - compiled
-    """eq. 8 of rank totals int64 [E, G] and flows float [S, G], as evaluate_plan."""
-    num_experts, num_ranks = tokens.shape
-    comp = np.zeros(num_ranks)
-    for e in range(num_experts):
-        for g in range(num_ranks):
-            if tokens[e, g] > 0:
-                comp[g] += alpha + beta * tokens[e, g]
+    """eq. 8 of rank totals int64 [E, G] and flows float [S, G], as evaluate_plan: the
+    largest `_rank_time`."""
     worst = 0.0
-    for g in range(num_ranks):
-        t_in = 0.0
-        t_out = 0.0
-        for s in range(flow.shape[0]):
-            if s != g:
-                t_in += flow[s, g] * token_time[s, g]
-                t_out += flow[g, s] * token_time[g, s]
-        worst = max(worst, comp[g] + 2.0 * max(t_in, t_out))
+    for g in range(tokens.shape[1]):
+        worst = dmax(worst, _rank_time(g, tokens, flow, token_time, alpha, beta))
     return worst
 
 
@@ -386,10 +505,18 @@ def _best(fixed, order, holds, copies, total, alpha, beta, load, token_time, hop
     best_obj = _objective(tokens, flow, token_time, alpha, beta)
     best_quota = tokens
     from_even = True
+    num_ranks = holds.shape[0]
+    hlist, nhold = _holder_lists(holds)
+    whole = np.zeros(load.shape[1], np.int64)  # [E] each expert's tokens
+    for s in range(load.shape[0]):
+        for e in range(load.shape[1]):
+            whole[e] += load[s, e]
+    level, srt, hv = np.empty(num_ranks), np.empty(2 * num_ranks), np.empty((4, num_ranks))
+    rem, cand = np.zeros(num_ranks), np.zeros(num_ranks, np.int64)
     for k in range(starts.shape[0]):
-        x = _waterfill(fixed, order, holds, total, load, hop, alpha, beta, start_passes[k],
-                       starts[k])
-        quota = _quotas(x, load, holds)
+        x = _waterfill(fixed, order, hlist, nhold, total, load, hop, alpha, beta,
+                       start_passes[k], starts[k], level, srt, hv)
+        quota = _quotas(x, hlist, nhold, whole, rem, cand)
         flow, _ = _route(quota, load, holds, token_time, False)
         obj = _objective(quota, flow, token_time, alpha, beta)
         if obj < best_obj:
@@ -517,7 +644,11 @@ def assign_tokens(load, copies, cost: CostModel, *, method: str = "waterfill",
         load, holds = _validated(load, copies, cost)
         _checked_home(home, holds)
         x, _ = lp_totals(load, holds, cost)
-        _, out = _route(_quotas(x, load, holds), load, holds, cost.token_time, True)
+        num_ranks = holds.shape[0]
+        hlist, nhold = _holder_lists(holds)
+        quota = _quotas(x, hlist, nhold, load.sum(axis=0), np.zeros(num_ranks),
+                        np.zeros(num_ranks, np.int64))
+        _, out = _route(quota, load, holds, cost.token_time, True)
         return out
     out, _ = _best(*kernel_args(load, copies, cost, passes=passes, home=home))
     return out

@@ -37,6 +37,7 @@ import numpy as np
 
 from probe.planner.greedy_rules import GreedyRules
 from probe.planner.problem import MAX_TOKENS, BalanceProblem, Plan, SolveResult
+from probe.planner.scalar import dmax, dmin, mul, rule
 from probe.planner.static import static_assignment
 from probe.planner.tolerance import WINDOW_ABS, WINDOW_REL
 
@@ -48,8 +49,11 @@ UNLIMITED_MOVES = 1_000_000
 # Rule 8's run of the paper's rules makes at most this many moves (the paper's fixed budget).
 PAPER_MOVES = 16
 
+# The scalar rules below (`@rule`) are compiled here for the CPU and again by greedy_cuda for the
+# GPU: one source, the same float64 operations in the same order on both (probe.planner.scalar).
 
-@numba.njit(cache=True, inline="always")
+
+@rule(inline=True)
 def _static_share(load, home, hpos, hcount, s, e, g):
     """Tokens of (s, e) on rank g in the static split (see static.py); hpos[g, e] is g's
     position among e's home holders, -1 if none."""
@@ -77,11 +81,11 @@ def _holds(home, rep_on, used, g, e):
     return False
 
 
-@numba.njit(cache=True, inline="always")
+@rule(inline=True)
 def _src_after(x, e, src, dst, pool_s, pool_n, tok, comp, t_in, t_out, alpha, beta, tt):
     """T_src of `_after` alone (the same operations, for the x_mean search)."""
     left = x
-    comp_src = comp[src] - beta * x
+    comp_src = comp[src] - mul(beta, x)
     if tok[src, e] == x:
         comp_src -= alpha
     d_in_src = 0.0
@@ -89,25 +93,25 @@ def _src_after(x, e, src, dst, pool_s, pool_n, tok, comp, t_in, t_out, alpha, be
     i = 0
     while left > 0:
         s = pool_s[i]
-        take = min(pool_n[i], left)
+        take = dmin(pool_n[i], left)
         left -= take
-        d_in_src += take * tt[s, src]
+        d_in_src += mul(take, tt[s, src])
         if s == src:
-            d_out_src += take * (tt[src, dst] - tt[src, src])
+            d_out_src += mul(take, tt[src, dst] - tt[src, src])
         i += 1
-    return comp_src + 2.0 * max(t_in[src] - d_in_src, t_out[src] + d_out_src)
+    return comp_src + 2.0 * dmax(t_in[src] - d_in_src, t_out[src] + d_out_src)
 
 
-@numba.njit(cache=True, inline="always")
+@rule(inline=True)
 def _after(x, e, src, dst, pool_s, pool_n, tok, comp, t_in, t_out, alpha, beta, tt, parts):
     """Times of src and dst if x >= 1 tokens of e move, taken from the pool in order; fills
     parts[6]. Sums run in pool order and stop at the last entry touched (the twin's later
     entries add 0.0, which changes nothing)."""
     left = x
-    comp_src = comp[src] - beta * x
+    comp_src = comp[src] - mul(beta, x)
     if tok[src, e] == x:
         comp_src -= alpha
-    comp_dst = comp[dst] + beta * x
+    comp_dst = comp[dst] + mul(beta, x)
     if tok[dst, e] == 0:
         comp_dst += alpha
     d_in_src = 0.0
@@ -117,18 +121,18 @@ def _after(x, e, src, dst, pool_s, pool_n, tok, comp, t_in, t_out, alpha, beta, 
     i = 0
     while left > 0:
         s = pool_s[i]
-        take = min(pool_n[i], left)
+        take = dmin(pool_n[i], left)
         left -= take
         i += 1
-        d_in_src += take * tt[s, src]
+        d_in_src += mul(take, tt[s, src])
         if s == dst:
-            d_out_dst += take * tt[dst, src]
+            d_out_dst += mul(take, tt[dst, src])
         else:
-            d_in_dst += take * tt[s, dst]
+            d_in_dst += mul(take, tt[s, dst])
             if s == src:  # move_local: src's own tokens now leave it
-                d_out_src += take * (tt[src, dst] - tt[src, src])
-    t_src = comp_src + 2.0 * max(t_in[src] - d_in_src, t_out[src] + d_out_src)
-    t_dst = comp_dst + 2.0 * max(t_in[dst] + d_in_dst, t_out[dst] - d_out_dst)
+                d_out_src += mul(take, tt[src, dst] - tt[src, src])
+    t_src = comp_src + 2.0 * dmax(t_in[src] - d_in_src, t_out[src] + d_out_src)
+    t_dst = comp_dst + 2.0 * dmax(t_in[dst] + d_in_dst, t_out[dst] - d_out_dst)
     parts[0] = comp_src
     parts[1] = comp_dst
     parts[2] = d_in_src
@@ -138,26 +142,26 @@ def _after(x, e, src, dst, pool_s, pool_n, tok, comp, t_in, t_out, alpha, beta, 
     return t_src, t_dst
 
 
-@numba.njit(cache=True, inline="always")
+@rule(inline=True)
 def _worst(x, t_src, t_dst, src, dst, npool, pool_s, pool_n, comp, t_in, t_out, tt, takes,
            new_out):
     """max(t_src, t_dst, new times of the third-party sources touched) if x tokens move; fills
     takes[:npool] and new_out (for the third-party entries)."""
     left = x
     for i in range(npool):
-        take = min(pool_n[i], left)
+        take = dmin(pool_n[i], left)
         takes[i] = take
         left -= take
-    worst = max(t_src, t_dst)
+    worst = dmax(t_src, t_dst)
     for i in range(npool):
         s = pool_s[i]
         if s != dst and s != src and takes[i] > 0:
-            new_out[i] = t_out[s] + takes[i] * (tt[s, dst] - tt[s, src])
-            worst = max(worst, comp[s] + 2.0 * max(t_in[s], new_out[i]))
+            new_out[i] = t_out[s] + mul(takes[i], tt[s, dst] - tt[s, src])
+            worst = dmax(worst, comp[s] + 2.0 * dmax(t_in[s], new_out[i]))
     return worst
 
 
-@numba.njit(cache=True, inline="always")
+@rule(inline=True)
 def _water_fill(n, e, src, dst, pool_s, pool_n, tok, comp, t_in, t_out, alpha, beta, tt, parts,
                 cap):
     """Rule 6's x over the first n pool tokens: min(x_eq, x_mean), x_mean measured against cap
@@ -180,7 +184,7 @@ def _water_fill(n, e, src, dst, pool_s, pool_n, tok, comp, t_in, t_out, alpha, b
                               alpha, beta, tt, parts)
         b_src, b_dst = _after(x_eq, e, src, dst, pool_s, pool_n, tok, comp, t_in, t_out,
                               alpha, beta, tt, parts)
-        if max(a_src, a_dst) <= max(b_src, b_dst):
+        if dmax(a_src, a_dst) <= dmax(b_src, b_dst):
             x_eq -= 1
     x_mean = n
     if all_src <= cap:
@@ -192,10 +196,10 @@ def _water_fill(n, e, src, dst, pool_s, pool_n, tok, comp, t_in, t_out, alpha, b
                 x_mean = mid
             else:
                 lo = mid + 1
-    return min(x_eq, x_mean)
+    return dmin(x_eq, x_mean)
 
 
-@numba.njit(cache=True, inline="always")
+@rule(inline=True)
 def _keep_move(npool, takes, outs, parts, into_takes, into_outs, into_parts):
     """Copy a candidate move's per-source takes and new out-times, and its 6 time parts."""
     for i in range(npool):
@@ -203,6 +207,33 @@ def _keep_move(npool, takes, outs, parts, into_takes, into_outs, into_parts):
         into_outs[i] = outs[i]
     for i in range(6):
         into_parts[i] = parts[i]
+
+
+@rule(inline=True)
+def _apply_move(b, e, src, dst, x, npool, pool_s, takes, outs, parts, t_src, t_dst, blk_assign,
+                tok, comp, t_in, t_out, times):
+    """Apply the chosen move of x tokens of e from src to dst (block b of the assignment): the
+    pool's takes[:npool] in blk_assign, the token counts, src's and dst's time parts (from
+    `_after`'s parts) and times, and the new out-times `outs` of the third-party sources."""
+    for i in range(npool):
+        s = pool_s[i]
+        blk_assign[b, s, src] -= takes[i]
+        blk_assign[b, s, dst] += takes[i]
+    tok[src, e] -= x
+    tok[dst, e] += x
+    comp[src] = parts[0]
+    comp[dst] = parts[1]
+    t_in[src] -= parts[2]
+    t_in[dst] += parts[3]
+    t_out[dst] -= parts[4]
+    t_out[src] += parts[5]
+    times[src] = t_src
+    times[dst] = t_dst
+    for i in range(npool):
+        s = pool_s[i]
+        if s != dst and s != src and takes[i] > 0:
+            t_out[s] = outs[i]
+            times[s] = comp[s] + 2.0 * dmax(t_in[s], t_out[s])
 
 
 @numba.njit(cache=True)
@@ -570,25 +601,8 @@ def _greedy_run(load, home, slots, window, alpha, beta, token_time, transfer_tim
             for s in range(num_ranks):
                 for g in range(num_ranks):
                     blk_assign[b, s, g] = _static_share(load, home, hpos, hcount, s, e, g)
-        for i in range(best_npool):
-            s = pool_s[i]
-            blk_assign[b, s, src] -= best_takes[i]
-            blk_assign[b, s, dst] += best_takes[i]
-        tok[src, e] -= best_x
-        tok[dst, e] += best_x
-        comp[src] = best_parts[0]
-        comp[dst] = best_parts[1]
-        t_in[src] -= best_parts[2]
-        t_in[dst] += best_parts[3]
-        t_out[dst] -= best_parts[4]
-        t_out[src] += best_parts[5]
-        times[src] = best_tsrc
-        times[dst] = best_tdst
-        for i in range(best_npool):
-            s = pool_s[i]
-            if s != dst and s != src and best_takes[i] > 0:
-                t_out[s] = best_out[i]
-                times[s] = comp[s] + 2.0 * max(t_in[s], t_out[s])
+        _apply_move(b, e, src, dst, best_x, best_npool, pool_s, best_takes, best_out, best_parts,
+                    best_tsrc, best_tdst, blk_assign, tok, comp, t_in, t_out, times)
         num_moves += 1
 
     makespan = 0.0

@@ -17,7 +17,10 @@ the thread timing. Only when none of the T gains do they go on to the next T. Th
 applied by thread 0 (O(G) updates) and the threads together (a new dense [S, G] block).
 
 Floating point: every value that decides a choice is float64, computed in the CPU kernel's order
-of operations. The products that feed a sum are rounded on their own (libdevice's dmul_rn):
+of operations: the scalar rules (a candidate's times, rule 6's water fill, applying the move)
+are greedy.py's own functions, compiled a second time as device functions
+(`numba_cuda.device`, probe.planner.scalar). The products that feed a sum are rounded on their
+own (libdevice's dmul_rn):
 the CUDA compiler would otherwise fuse a * b + c into one FMA, which rounds once and can flip
 a tie. Shared memory per block: about 14 KB (rank arrays of MAX_RANKS entries, the slowest
 rank's token counts: MAX_EXPERTS entries); the [G, E] and [G, G] working arrays live in global
@@ -42,10 +45,11 @@ from typing import NamedTuple
 import numpy as np
 from numba import float64, int32, int64
 
+from probe.planner import greedy
 from probe.planner.cost import CostModel
 from probe.planner.greedy import UNLIMITED_MOVES, _rules
 from probe.planner.greedy_rules import GreedyRules
-from probe.planner.numba_cuda import SIMULATOR, cuda, dmax, dmin, mul
+from probe.planner.numba_cuda import SIMULATOR, cuda, device, dmax, dmin, mul
 from probe.planner.problem import BalanceProblem
 
 __all__ = ["MAX_EXPERTS", "MAX_RANKS", "THREADS", "CudaGreedy", "CudaPlan", "greedy_cuda_arrays"]
@@ -63,146 +67,15 @@ _SRC, _NE, _WIN, _E, _DST, _HOLDER, _NPOOL, _X, _B, _NEWB, _NBLK, _NREP, _MOVES,
 _MEAN, _TSRC, _TDST = range(3)
 
 
-
-@cuda.jit(device=True, inline=True)
-def _static_share(load, home, hpos, hcount, s, e, g):
-    """greedy._static_share: tokens of (s, e) on rank g in the static split."""
-    n = load[s, e]
-    if home[s, e]:
-        return n if g == s else 0
-    h = hcount[e]
-    if h == 1:
-        return n if hpos[g, e] == 0 else 0
-    pos = hpos[g, e]
-    if pos < 0:
-        return 0
-    q = n // h
-    r = n - q * h
-    return q + (1 if (pos + s) % h < r else 0)
-
-
-@cuda.jit(device=True)
-def _src_after(x, e, src, dst, pool_s, pool_n, tok, comp, t_in, t_out, alpha, beta, tt):
-    """greedy._src_after (the same operations)."""
-    left = x
-    comp_src = comp[src] - mul(beta, x)
-    if tok[src, e] == x:
-        comp_src -= alpha
-    d_in_src = 0.0
-    d_out_src = 0.0
-    i = 0
-    while left > 0:
-        s = pool_s[i]
-        take = dmin(pool_n[i], left)
-        left -= take
-        d_in_src += mul(take, tt[s, src])
-        if s == src:
-            d_out_src += mul(take, tt[src, dst] - tt[src, src])
-        i += 1
-    return comp_src + 2.0 * dmax(t_in[src] - d_in_src, t_out[src] + d_out_src)
-
-
-@cuda.jit(device=True)
-def _after(x, e, src, dst, pool_s, pool_n, tok, comp, t_in, t_out, alpha, beta, tt, parts):
-    """greedy._after: times of src and dst if x tokens of e move; fills parts[6]."""
-    left = x
-    comp_src = comp[src] - mul(beta, x)
-    if tok[src, e] == x:
-        comp_src -= alpha
-    comp_dst = comp[dst] + mul(beta, x)
-    if tok[dst, e] == 0:
-        comp_dst += alpha
-    d_in_src = 0.0
-    d_in_dst = 0.0
-    d_out_dst = 0.0
-    d_out_src = 0.0
-    i = 0
-    while left > 0:
-        s = pool_s[i]
-        take = dmin(pool_n[i], left)
-        left -= take
-        i += 1
-        d_in_src += mul(take, tt[s, src])
-        if s == dst:
-            d_out_dst += mul(take, tt[dst, src])
-        else:
-            d_in_dst += mul(take, tt[s, dst])
-            if s == src:
-                d_out_src += mul(take, tt[src, dst] - tt[src, src])
-    t_src = comp_src + 2.0 * dmax(t_in[src] - d_in_src, t_out[src] + d_out_src)
-    t_dst = comp_dst + 2.0 * dmax(t_in[dst] + d_in_dst, t_out[dst] - d_out_dst)
-    parts[0] = comp_src
-    parts[1] = comp_dst
-    parts[2] = d_in_src
-    parts[3] = d_in_dst
-    parts[4] = d_out_dst
-    parts[5] = d_out_src
-    return t_src, t_dst
-
-
-@cuda.jit(device=True)
-def _worst(x, t_src, t_dst, src, dst, npool, pool_s, pool_n, comp, t_in, t_out, tt, takes,
-           new_out):
-    """greedy._worst: the largest time the move leaves among src, dst and the sources it
-    touches; fills takes[:npool] and new_out."""
-    left = x
-    for i in range(npool):
-        take = dmin(pool_n[i], left)
-        takes[i] = take
-        left -= take
-    worst = dmax(t_src, t_dst)
-    for i in range(npool):
-        s = pool_s[i]
-        if s != dst and s != src and takes[i] > 0:
-            new_out[i] = t_out[s] + mul(takes[i], tt[s, dst] - tt[s, src])
-            worst = dmax(worst, comp[s] + 2.0 * dmax(t_in[s], new_out[i]))
-    return worst
-
-
-@cuda.jit(device=True)
-def _water_fill(n, e, src, dst, pool_s, pool_n, tok, comp, t_in, t_out, alpha, beta, tt, parts,
-                cap):
-    """greedy._water_fill: rule 6's x over the first n pool tokens."""
-    all_src, all_dst = _after(n, e, src, dst, pool_s, pool_n, tok, comp, t_in, t_out, alpha,
-                              beta, tt, parts)
-    x_eq = n
-    if all_src <= all_dst:
-        lo = 1
-        while lo < x_eq:
-            mid = (lo + x_eq) // 2
-            t_src, t_dst = _after(mid, e, src, dst, pool_s, pool_n, tok, comp, t_in, t_out,
-                                  alpha, beta, tt, parts)
-            if t_src <= t_dst:
-                x_eq = mid
-            else:
-                lo = mid + 1
-    if x_eq > 1:
-        a_src, a_dst = _after(x_eq - 1, e, src, dst, pool_s, pool_n, tok, comp, t_in, t_out,
-                              alpha, beta, tt, parts)
-        b_src, b_dst = _after(x_eq, e, src, dst, pool_s, pool_n, tok, comp, t_in, t_out,
-                              alpha, beta, tt, parts)
-        if dmax(a_src, a_dst) <= dmax(b_src, b_dst):
-            x_eq -= 1
-    x_mean = n
-    if all_src <= cap:
-        lo = 1
-        while lo < x_mean:
-            mid = (lo + x_mean) // 2
-            if _src_after(mid, e, src, dst, pool_s, pool_n, tok, comp, t_in, t_out, alpha, beta,
-                          tt) <= cap:
-                x_mean = mid
-            else:
-                lo = mid + 1
-    return dmin(x_eq, x_mean)
-
-
-@cuda.jit(device=True)
-def _keep_move(npool, takes, outs, parts, into_takes, into_outs, into_parts):
-    for i in range(npool):
-        into_takes[i] = takes[i]
-        into_outs[i] = outs[i]
-    for i in range(6):
-        into_parts[i] = parts[i]
+# The CPU kernel's scalar rules as device functions: the same Python functions, compiled again
+# (probe.planner.scalar), so the candidates' times are the CPU kernel's floats.
+_static_share = device(greedy._static_share, inline=True)
+_src_after = device(greedy._src_after)
+_after = device(greedy._after)
+_worst = device(greedy._worst)
+_water_fill = device(greedy._water_fill)
+_keep_move = device(greedy._keep_move)
+_apply_move = device(greedy._apply_move)
 
 
 @cuda.jit(device=True)
@@ -614,25 +487,8 @@ def _greedy_kernel(load, home, slots, window, alpha, beta, tt, xt, limit, epsilo
             dst = ints[_DST]
             npool = ints[_NPOOL]
             x = ints[_X]
-            for i in range(npool):
-                s = best_s[i]
-                ba[b, s, src] -= best_takes[i]
-                ba[b, s, dst] += best_takes[i]
-            tk[src, e] -= x
-            tk[dst, e] += x
-            comp[src] = best_parts[0]
-            comp[dst] = best_parts[1]
-            t_in[src] -= best_parts[2]
-            t_in[dst] += best_parts[3]
-            t_out[dst] -= best_parts[4]
-            t_out[src] += best_parts[5]
-            times[src] = flts[_TSRC]
-            times[dst] = flts[_TDST]
-            for i in range(npool):
-                s = best_s[i]
-                if s != dst and s != src and best_takes[i] > 0:
-                    t_out[s] = best_out[i]
-                    times[s] = comp[s] + 2.0 * dmax(t_in[s], t_out[s])
+            _apply_move(b, e, src, dst, x, npool, best_s, best_takes, best_out, best_parts,
+                        flts[_TSRC], flts[_TDST], ba, tk, comp, t_in, t_out, times)
             ints[_MOVES] += 1
         cuda.syncthreads()
 

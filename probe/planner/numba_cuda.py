@@ -6,10 +6,12 @@ the first launch fails with AttributeError before any of our code runs. Restorin
 before numba.cuda loads is enough: our kernels never call it. Every numba.cuda kernel of the
 project imports `cuda` from here. Numba's CUDA simulator (NUMBA_ENABLE_CUDASIM=1) is unaffected.
 
-It also holds the device functions the kernels share so that their float64 arithmetic is the
-CPU kernels': `mul` (a product rounded on its own, never contracted into an FMA with a later
-sum, which would round once and can flip a tie), `dmax` and `dmin` (Python's max / min for two
-values, written out because the builtins do not compile for every numba.cuda version).
+It also holds what makes the GPU kernels' float64 arithmetic the CPU kernels': `mul` (a
+product rounded on its own, never contracted into an FMA with a later sum, which would round
+once and can flip a tie), `dmax` and `dmin` (Python's max / min for two values, written out
+because the builtins do not compile for every numba.cuda version), and `device`, which compiles
+a rule of probe.planner.scalar (a scalar rule of a CPU kernel) as a device function, so that
+the rule's source serves both targets.
 """
 
 from __future__ import annotations
@@ -19,10 +21,14 @@ import numpy
 if not hasattr(numpy, "row_stack"):  # pragma: no cover - depends on the installed numpy
     numpy.row_stack = numpy.vstack
 
+import types  # noqa: E402
+
 from numba import config, float64  # noqa: E402
 from numba import cuda  # noqa: E402
 
-__all__ = ["SIMULATOR", "cuda", "dmax", "dmin", "mul"]
+from probe.planner import scalar  # noqa: E402
+
+__all__ = ["SIMULATOR", "add_at", "cuda", "device", "dmax", "dmin", "mul"]
 
 SIMULATOR = bool(config.ENABLE_CUDASIM)
 
@@ -49,3 +55,43 @@ def dmax(a, b):  # pragma: no cover - device code
 def dmin(a, b):  # pragma: no cover - device code
     """min(a, b): a unless b < a."""
     return b if b < a else a
+
+
+@cuda.jit(device=True, inline=True)
+def add_at(arr, i, j, value):  # pragma: no cover - device code
+    """arr[i, j] += value, atomically."""
+    cuda.atomic.add(arr, (i, j), value)
+
+
+# The CPU helpers of probe.planner.scalar and their device counterparts.
+_OPS = {scalar.mul.py_func: mul, scalar.dmax.py_func: dmax, scalar.dmin.py_func: dmin,
+        scalar.add_at.py_func: add_at}
+_TWINS: dict = {}
+
+
+def device(cpu_rule, *, inline: bool = False):
+    """The numba.cuda device function of a rule (the dispatcher `@scalar.rule` returned): the
+    same Python function, compiled for the GPU with every global name that means a rule
+    (`mul`, `dmax`, `dmin` and the other rules it calls) rebound to its device counterpart.
+    One device function per (rule, inline), made on the first request."""
+    if not scalar.is_rule(cpu_rule):
+        raise TypeError(f"device() takes a function decorated with @scalar.rule, got {cpu_rule!r}")
+    fn = cpu_rule.py_func
+    if fn in _OPS:
+        return _OPS[fn]
+    key = (fn, inline)
+    if key not in _TWINS:
+        names = dict(fn.__globals__)
+        for name in fn.__code__.co_names:
+            value = names.get(name)
+            if scalar.is_rule(value):
+                names[name] = device(value)
+        twin = types.FunctionType(fn.__code__, names, fn.__name__, fn.__defaults__,
+                                  fn.__closure__)
+        twin.__qualname__, twin.__doc__ = fn.__qualname__, fn.__doc__
+        twin.__module__ = fn.__module__
+        if inline:
+            _TWINS[key] = cuda.jit(device=True, inline=True)(twin)
+        else:
+            _TWINS[key] = cuda.jit(device=True)(twin)
+    return _TWINS[key]
