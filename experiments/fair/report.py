@@ -48,8 +48,9 @@ def _family_key(name: str):
 def _summary(analysis: dict) -> list[str]:
     """Ranges of the headline ratios per workload, side mode (host in the targets section)."""
     rows = ["| workload | cases | best baseline | EPLB+LP (measured LP) | EPLB+LP (LP free) | "
-            "PROBE paper | PROBE-on-EPLB linear, fixed split | PROBE-on-EPLB (table fit, "
-            "history split) | oracle |", "|---|---:|---|---|---|---|---|---|---|"]
+            "PROBE paper | PROBE-on-EPLB linear, fixed split | PROBE-on-EPLB, MoE-time split "
+            "once (auto_moe) | PROBE-on-EPLB (auto: history choice with fallbacks) | oracle |",
+            "|---|---:|---|---|---|---|---|---|---|---|"]
     families = sorted({family(f) for f in analysis["findings"]}, key=_family_key)
     for w in families:
         per = [v for f in analysis["findings"] if family(f) == w
@@ -62,13 +63,16 @@ def _summary(analysis: dict) -> list[str]:
         linear = "-"
         if all("linear_combo" in v for v in per):
             linear = rng([v["ratio"][v["linear_combo"]]["side"] for v in per])
+        old = "-"
+        if all("probe_on_eplb_auto_moe" in v["ratio"] for v in per):
+            old = rng([v["ratio"]["probe_on_eplb_auto_moe"]["side"] for v in per])
 
         rows.append(
             f"| {w} | {len(per)} | {', '.join(best)} | "
             f"{rng([v['ratio']['eplb_lp']['host'] for v in per])} | "
             f"{rng([v['eplb_lp_free_ratio'] for v in per])} | "
             f"{rng([v['ratio']['probe_paper']['side'] for v in per])} | "
-            f"{linear} | "
+            f"{linear} | {old} | "
             f"{rng([v['ratio'][v['rule_combo']]['side'] for v in per])} | "
             f"{rng([v['ratio']['oracle']['host'] for v in per])} |")
     return rows
@@ -120,8 +124,8 @@ def _verdict(results: list[dict], analysis: dict, sensitivity: dict | None) -> l
         if w == "decode" and pairs:
             d = [a - b for a, b in pairs]
             lines.append(
-                f"* {w}: planning on the measured table with the history split (auto) instead "
-                f"of the datasheet line at the fixed split moves PROBE-on-EPLB's ratio by "
+                f"* {w}: the history choice with fallbacks (auto) instead of the datasheet "
+                f"line at the fixed split moves PROBE-on-EPLB's ratio by "
                 f"{min(d):+.3f} to {max(d):+.3f} (mean {sum(d) / len(d):+.3f}); at or above "
                 f"1.00x in {sum(a >= 1.0 for a, _ in pairs)} of {len(pairs)} cases (fixed "
                 f"split, datasheet line: {sum(b >= 1.0 for _, b in pairs)}).")
@@ -228,11 +232,18 @@ def write_report(results: list[dict], analysis: dict, manifest: dict, path: Path
         "resident in every layer (k x layers x expert bytes per rank); PROBE's per-step slots "
         "are double-buffered for the layers in flight (2 x p x expert bytes). PROBE-on-EPLB "
         "splits k = b resident + p per-step. The PROBE-on-EPLB of the targets "
-        "(probe_on_eplb_auto, declared before the run) plans with alpha, beta refitted per step "
-        "and layer to the measured expert table around the predicted operating point and "
-        "takes each layer's b/p split from the history window (the split whose table-scored "
-        "MoE time was lowest there, fixed for the run). 'linear, fixed split' is the previous "
-        "rule: the datasheet alpha + beta n line at p = max(1, k // 2). tables.md lists every "
+        "(probe_on_eplb_auto, declared before the run) picks per layer, from the history window, "
+        "the candidate with the lowest side-mode layer time with every overhead it pays "
+        "(predictor + GPU planner beyond the dispatch, GPU assignment, exposed transfer, "
+        "stall): every b/p split (p >= 1) of the planner with alpha, beta refitted to the "
+        "measured expert table, and the fallbacks EPLB's even split (eplb_async exactly: no "
+        "predictor, planner or assignment run), EPLB water-filled on the true load "
+        "(probe_on_eplb_wf, assignment charged) and static EP; the first pick from the window "
+        "before the measured steps, re-picked at each EPLB re-plan from the steps before it "
+        "(cells: layer choices, '/' between re-picks). 'auto_moe' is the earlier rule (the "
+        "split with the lowest MoE time, fit splits only, fixed for the run); 'linear, fixed "
+        "split' the one before: the datasheet alpha + beta n line at p = max(1, k // 2). "
+        "tables.md lists every "
         "split of both planners; the best split per case (picked after the run) is shown "
         "separately and not used for the targets.",
         f"* EPLB scaling: vLLM uses a 1000-step window and a 3000-step interval, SGLang "
@@ -267,8 +278,8 @@ def write_report(results: list[dict], analysis: dict, manifest: dict, path: Path
     lines += ["", "## Headline: throughput / best baseline (side-stream mode for PROBE; host "
               "mode in parentheses)", "",
               "| model | workload | tok/rank | k | best baseline | EPLB+LP | EPLB+LP, LP free | "
-              "PROBE paper | PROBE-on-EPLB linear, fixed split | PROBE-on-EPLB (table fit, "
-              "history split: its b/p per layer) | PROBE-on-EPLB (best split, post hoc) | "
+              "PROBE paper | PROBE-on-EPLB linear, fixed split | PROBE-on-EPLB auto (its "
+              "choice per layer) | PROBE-on-EPLB (best split, post hoc) | "
               "oracle | captured (auto, side) |",
               "|---|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for f in analysis["findings"]:
@@ -279,9 +290,10 @@ def write_report(results: list[dict], analysis: dict, manifest: dict, path: Path
             cap = v["captured"][rule]["side"]
             lin = v.get("linear_combo")
             lin_cell = "-" if lin is None else f"{r[lin]['side']:.3f} ({r[lin]['host']:.3f})"
-            split = v.get("auto_split")
-            split_cell = "" if not split else \
-                " " + ",".join(f"b{b}p{p}" for b, p in split)
+            epochs = v.get("auto_choices")
+            split_cell = "" if not epochs else " " + ",".join(
+                "/".join(e["layers"][layer] for e in epochs)
+                for layer in range(len(epochs[0]["layers"])))
             lines.append(
                 f"| {f['model']} | {f['workload']} | {f['batch_per_rank']} | {k} | "
                 f"{v['best_baseline']} | {r['eplb_lp']['host']:.3f} | "

@@ -58,10 +58,13 @@ def rule_combo(slots: int) -> tuple[int, int]:
     return rule_split(slots)
 
 
-# PROBE-on-EPLB in the targets: the table-fitted planner with the b/p split chosen per layer
-# from history (declared before the run); the datasheet-line planner at the fixed split is
-# reported beside it ("linear").
+# PROBE-on-EPLB in the targets: per layer the best candidate on the history window by its
+# side-mode layer time with every overhead (the table-fitted planner's b/p splits, EPLB's even
+# split, EPLB water-filled, static), re-picked at each EPLB re-plan; declared before the run.
+# The earlier history rule (split by MoE time once, "auto_moe") and the datasheet-line planner
+# at the fixed split ("linear") are reported beside it.
 TARGET_POLICY = "probe_on_eplb_auto"
+OLD_AUTO = "probe_on_eplb_auto_moe"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -262,11 +265,14 @@ def analyse(results: list[dict]) -> dict:
                 "oracle_gain": oracle / best,
                 "rule_combo": rule, "linear_combo": linear, "best_combo_post_hoc": best_combo,
                 "auto_split": entry["meta"].get("auto_split"),
+                "auto_choices": entry["meta"].get("auto_choices"),
                 "ratio": {q: {"host": thr[q] / best, "side": thr_side[q] / best}
                           for q in ("probe_paper", rule, linear, best_combo, "oracle",
-                                    *BASELINES)},
+                                    *BASELINES, *(x for x in (OLD_AUTO, "probe_on_eplb_wf")
+                                                  if x in thr))},
                 "captured": {q: {"host": captured(thr[q]), "side": captured(thr_side[q])}
-                             for q in ("probe_paper", rule, linear, best_combo)},
+                             for q in ("probe_paper", rule, linear, best_combo,
+                                       *(x for x in (OLD_AUTO,) if x in thr))},
             }
         within = {}
         names = set().union(*(r["slots"][k]["policies"] for k in r["slots"]))
