@@ -360,7 +360,7 @@ def test_pick_by_time_takes_the_lowest_mean_first_on_ties():
     times = {"a": np.array([[1.0, 2.0], [1.0, 2.0]]), "b": np.array([[0.5, 2.0], [1.0, 2.0]])}
     assert pick_by_time(times, ["a", "b"]) == ["b", "a"]
     assert auto_candidates(2) == ["probe_on_eplb_fit_b0p2", "probe_on_eplb_fit_b1p1",
-                                  "eplb_async", "probe_on_eplb_wf", "static"]
+                                  "probe_paper", "eplb_async", "probe_on_eplb_wf", "static"]
 
 
 @pytest.fixture(scope="module")
@@ -401,6 +401,8 @@ def test_auto_choice_is_causal(load, costs):
     a = simulate_fair(load, costs, **kwargs)
     b = simulate_fair(changed, costs, **kwargs)
     assert a.meta["auto_choices"] == b.meta["auto_choices"]
+    early = [e for e in a.meta["auto_step_choices"] if e["from_step"] <= 3]
+    assert early == b.meta["auto_step_choices"][:len(early)] and len(early) == 4
     assert [e["from_step"] for e in a.meta["auto_choices"]] == [0, 3]
     np.testing.assert_array_equal(a.layer_time("probe_on_eplb_auto", "side")[:3],
                                   b.layer_time("probe_on_eplb_auto", "side")[:3])
@@ -408,15 +410,18 @@ def test_auto_choice_is_causal(load, costs):
                               b.layer_time("probe_on_eplb_auto", "side")[3:])
 
 
-def test_auto_policy_is_its_chosen_candidate(result):
-    for epoch_i, epoch in enumerate(result.meta["auto_choices"]):
+@pytest.mark.parametrize("policy,key", [("probe_on_eplb_auto", "auto_choices"),
+                                        ("probe_on_eplb_auto_step", "auto_step_choices")])
+def test_auto_policy_is_its_chosen_candidate(result, policy, key):
+    epochs = result.meta[key]
+    for epoch_i, epoch in enumerate(epochs):
         start = epoch["from_step"]
-        stop = (result.meta["auto_choices"][epoch_i + 1]["from_step"]
-                if epoch_i + 1 < len(result.meta["auto_choices"]) else None)
+        stop = epochs[epoch_i + 1]["from_step"] if epoch_i + 1 < len(epochs) else None
         for layer, label in enumerate(epoch["layers"]):
-            name = {"eplb": "eplb_async", "wf": "probe_on_eplb_wf", "static": "static"}.get(
+            name = {"eplb": "eplb_async", "wf": "probe_on_eplb_wf", "static": "static",
+                    "paper": "probe_paper"}.get(
                 label, f"probe_on_eplb_fit_{label}")
             for mode in ("host", "side"):
                 np.testing.assert_array_equal(
-                    result.layer_time("probe_on_eplb_auto", mode)[start:stop, layer],
+                    result.layer_time(policy, mode)[start:stop, layer],
                     result.layer_time(name, mode)[start:stop, layer])

@@ -111,6 +111,10 @@ def _verdict(results: list[dict], analysis: dict, sensitivity: dict | None) -> l
             parts.append(f"{name.split('_')[0]} {status} ({v['cases'] - len(v['missed'])}/"
                          f"{v['cases']} cases pass)")
         lines.append(f"* {mode} mode: " + "; ".join(parts) + ".")
+    for q, tq in analysis.get("targets_of", {}).items():
+        parts = [f"{name.split('_')[0]} {v['cases'] - len(v['missed'])}/{v['cases']}"
+                 for name, v in tq["side"].items()]
+        lines.append(f"* For comparison, {q} (side mode) passes " + ", ".join(parts) + ".")
     for w, m in means.items():
         lines.append(
             f"* {w}: the oracle saves {m[0]:.1f} us per MoE layer over the best baseline; "
@@ -159,6 +163,52 @@ def _terms(results: list[dict], analysis: dict) -> list[str]:
     for w, m in _term_means(results, analysis).items():
         rows.append(f"| {w} | {m[0]:.1f} | {m[1]:.1f} | {m[2]:.1f} | {m[3]:.1f} | {m[4]:.1f} | "
                     f"{m[5]:+.1f} |")
+    return rows
+
+
+def _t2_rows(results: list[dict], analysis: dict, sensitivity: dict | None) -> list[str]:
+    """The T2 breakdown table (report section 'Where PROBE-on-EPLB loses ...')."""
+    rows = ["| model | workload | tok/rank | k | captured | oracle gain | MoE gap | overheads "
+            "(side + assign + transfer + stall) | choice | perfect | auto's picks |",
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    other = None
+    if sensitivity is not None:
+        other = {(f["model"], f["workload"], f["batch_per_rank"]): f
+                 for f in sensitivity["analysis"]["findings"]}
+    for r, f in zip(results, analysis["findings"], strict=True):
+        if f["workload"] not in ("shift", "repeat"):
+            continue
+        for k, entry in sorted(r["slots"].items(), key=lambda x: int(x[0])):
+            v = f["per_slots"][int(k)]
+            pol = entry["policies"]
+            layers = entry["meta"]["model_layers"]
+
+            def per_layer(q, mode="side", pol=pol, layers=layers):
+                return 1e3 * pol[q][mode]["step_ms"] / layers
+
+            auto = pol[v["rule_combo"]]["side"]
+            gain = per_layer(v["best_baseline"], "host") - per_layer("oracle", "host")
+            over = (auto["side_exposed_us"] + auto["solve_us"] + auto["transfer_us"]
+                    + 1e3 * auto["stall_ms_per_step"] / layers)
+            fixed = [q for q in pol if q.startswith(("probe_on_eplb_fit_b", "probe_on_eplb_wf"))
+                     or q in ("probe_paper", "eplb_async", "static")]
+            choice = per_layer(v["rule_combo"]) - min(per_layer(q) for q in fixed)
+            perfect = "-"
+            if other is not None and (f["model"], f["workload"], f["batch_per_rank"]) in other:
+                o = other[(f["model"], f["workload"], f["batch_per_rank"])]["per_slots"]
+                o = o.get(int(k), o.get(str(k)))
+                if o is not None:
+                    diff = (o["ratio"][o["rule_combo"]]["side"]
+                            - v["ratio"][v["rule_combo"]]["side"])
+                    perfect = f"{diff:+.3f}"
+            epochs = v.get("auto_choices") or []
+            picks = ",".join("/".join(e["layers"][layer] for e in epochs)
+                             for layer in range(len(epochs[0]["layers"]))) if epochs else ""
+            rows.append(
+                f"| {f['model']} | {f['workload']} | {f['batch_per_rank']} | {k} | "
+                f"{v['captured'][v['rule_combo']]['side']:.2f} | {gain:.1f} | "
+                f"{auto['moe_us'] - pol['oracle']['host']['moe_us']:.1f} | {over:.1f} | "
+                f"{choice:+.1f} | {perfect} | {picks} |")
     return rows
 
 
@@ -329,6 +379,17 @@ def write_report(results: list[dict], analysis: dict, manifest: dict, path: Path
               "slots)", "", *_terms(results, analysis), "",
               "The oracle's saving is the most any balancer can gain over the best baseline; "
               "PROBE-on-EPLB keeps it minus the next four columns (net: the last).", ""]
+    lines += ["## Where PROBE-on-EPLB loses against the oracle on shift and repeat (T2)", "",
+              "Per case, microseconds per layer of the side-mode step time (model layers x "
+              "layer time + stalls, divided by the model's layers). 'oracle gain': best "
+              "baseline minus oracle; 'MoE gap': auto's MoE time above the oracle's "
+              "(the plan: which candidate each layer runs, which replicas, the b/p split, and "
+              "the prediction); 'overheads': auto's exposed predictor + planner, assignment, "
+              "replica transfer and stall; 'choice': auto minus the best single candidate of "
+              "the case fixed for the whole run (post hoc: what picking from history cost); "
+              "'perfect': auto's ratio with the perfect predictor minus its ratio here (what "
+              "the prediction error cost), where a perfect-predictor run is given.", "",
+              *_t2_rows(results, analysis, sensitivity), ""]
     lines += ["", "## Targets", ""]
     for mode in ("side", "host"):
         lines += [f"### PROBE overheads in the {mode} mode", ""]

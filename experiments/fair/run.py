@@ -65,6 +65,8 @@ def rule_combo(slots: int) -> tuple[int, int]:
 # at the fixed split ("linear") are reported beside it.
 TARGET_POLICY = "probe_on_eplb_auto"
 OLD_AUTO = "probe_on_eplb_auto_moe"
+# Shown beside the target policy: the earlier rule, the per-step re-pick, EPLB water-filled.
+EXTRA = (OLD_AUTO, "probe_on_eplb_auto_step", "probe_on_eplb_wf")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -266,13 +268,13 @@ def analyse(results: list[dict]) -> dict:
                 "rule_combo": rule, "linear_combo": linear, "best_combo_post_hoc": best_combo,
                 "auto_split": entry["meta"].get("auto_split"),
                 "auto_choices": entry["meta"].get("auto_choices"),
+                "auto_step_choices": entry["meta"].get("auto_step_choices"),
                 "ratio": {q: {"host": thr[q] / best, "side": thr_side[q] / best}
                           for q in ("probe_paper", rule, linear, best_combo, "oracle",
-                                    *BASELINES, *(x for x in (OLD_AUTO, "probe_on_eplb_wf")
-                                                  if x in thr))},
+                                    *BASELINES, *(x for x in EXTRA if x in thr))},
                 "captured": {q: {"host": captured(thr[q]), "side": captured(thr_side[q])}
                              for q in ("probe_paper", rule, linear, best_combo,
-                                       *(x for x in (OLD_AUTO,) if x in thr))},
+                                       *(x for x in EXTRA if x in thr))},
             }
         within = {}
         names = set().union(*(r["slots"][k]["policies"] for k in r["slots"]))
@@ -288,18 +290,23 @@ def analyse(results: list[dict]) -> dict:
         findings.append({"model": r["model"], "workload": r["workload"], "ep": r.get("ep", 8),
                          "batch_per_rank": r["batch_per_rank"], "per_slots": per_k,
                          "oracle_best_tok_s": oracle_best, "within_2pct": within})
-    return {"findings": findings, "targets": targets(findings)}
+    out = {"findings": findings, "targets": targets(findings)}
+    for q in EXTRA[:2]:  # the same targets for the earlier rule and the per-step re-pick
+        if all(q in v["ratio"] for f in findings for v in f["per_slots"].values()):
+            out.setdefault("targets_of", {})[q] = targets(findings, q)
+    return out
 
 
-def targets(findings: list[dict]) -> dict:
-    """The four targets, per overhead mode, with the cases that miss them."""
+def targets(findings: list[dict], policy: str | None = None) -> dict:
+    """The four targets, per overhead mode, with the cases that miss them (for `policy`,
+    default each case's rule_combo, the target policy; T4 always takes PROBE's best)."""
     out = {}
     for mode in ("host", "side"):
         t1, t2, t2m, t3, t4 = [], [], [], [], []
         for f in findings:
             tag = f"{f['model']} {f['workload']} b={f['batch_per_rank']}"
             for k, v in f["per_slots"].items():
-                rule = v["rule_combo"]
+                rule = policy or v["rule_combo"]
                 ratio = v["ratio"][rule][mode]
                 t1.append((tag, k, ratio, ratio >= 1.0))
                 if f["workload"] in ("shift", "repeat"):

@@ -46,14 +46,17 @@ layer type). Every policy has k extra expert slots per rank:
                     history steps before the measured ones by MoE time alone (history_split),
                     fixed for the run (the earlier rule, kept for comparison).
     probe_on_eplb_auto  per layer the candidate (auto_candidates: every probe_on_eplb_fit split,
-                    eplb_async = b k p 0 with the even split and nothing run, probe_on_eplb_wf,
-                    static) with the lowest side-mode layer time incl. every overhead it pays
-                    (side_layer_time: MoE, exposed predictor + GPU planner, assignment,
-                    exposed transfer, stall). First pick: the `window` history steps before
+                    probe_paper (b 0 on the sharded home), eplb_async = b k p 0 with the even
+                    split and nothing run, probe_on_eplb_wf, static) with the lowest
+                    side-mode layer time incl. every overhead it pays (side_layer_time:
+                    MoE, exposed predictor + GPU planner, assignment, exposed transfer, stall). First pick: the `window` history steps before
                     the measured ones (history_times, their predictions from the error model
                     with another seed); re-picked at each re-plan from the measured steps of
                     the window before it (causal). Where every layer falls back to eplb_async
                     its step times are eplb_async's exactly.
+    probe_on_eplb_auto_step  the same first pick, re-picked before every measured step from the
+                    last max(1, window // 4) measured steps (reacts to a shift within a few
+                    steps instead of at the next re-plan).
     oracle          perfect knowledge, zero cost: per layer the best (lowest MoE time) of every
                     policy's plan and of the greedy planned on the TRUE load over each layout
                     (sharded + k per-step slots, EPLB-b + p per-step slots) with the LP /
@@ -111,18 +114,22 @@ def policy_names(slots: int) -> list[str]:
     combos = [f"probe_on_eplb_b{b}p{slots - b}" for b in range(slots)]
     fits = [f"probe_on_eplb_fit_b{b}p{slots - b}" for b in range(slots)]
     return ["static", "eplb_stw", "eplb_async", "eplb_lp", "probe_paper", *combos, *fits,
-            "probe_on_eplb_wf", "probe_on_eplb_auto_moe", "probe_on_eplb_auto", "oracle"]
+            "probe_on_eplb_wf", "probe_on_eplb_auto_moe", "probe_on_eplb_auto",
+            "probe_on_eplb_auto_step", "oracle"]
 
 
-# The auto policy's fallback candidates (besides every probe_on_eplb_fit split): EPLB's async
-# layout with its even split (no predictor, planner or assignment run: eplb_async exactly),
-# the same layout water-filled on the true load (probe_on_eplb_wf) and static EP.
+# The auto policy's fallback candidates (besides every probe_on_eplb_fit split and the paper's
+# PROBE, b = 0 on the sharded home): EPLB's async layout with its even split (no predictor,
+# planner or assignment run: eplb_async exactly), the same layout water-filled on the true
+# load (probe_on_eplb_wf) and static EP.
 FALLBACKS = ("eplb_async", "probe_on_eplb_wf", "static")
 
 
 def auto_candidates(slots: int) -> list[str]:
-    """The policies probe_on_eplb_auto picks from per layer: every fit split, then FALLBACKS."""
-    return [f"probe_on_eplb_fit_b{b}p{slots - b}" for b in range(slots)] + list(FALLBACKS)
+    """The policies probe_on_eplb_auto picks from per layer: every fit split, the paper's
+    PROBE, then FALLBACKS."""
+    return ([f"probe_on_eplb_fit_b{b}p{slots - b}" for b in range(slots)] + ["probe_paper"]
+            + list(FALLBACKS))
 
 
 def side_layer_time(metrics: dict, stall: np.ndarray, model_layers: int,
@@ -205,6 +212,7 @@ def history_times(history: np.ndarray, previous: np.ndarray | None, layouts: dic
     names = auto_candidates(slots)
     out = {name: np.zeros((num_steps, num_layers)) for name in names}
     planner_gpu = costs.planner_gpu_seconds()
+    planner = costs.planner_cost
     wf_seconds: list[float] = []
     wf_cells = []  # (name, h, layer) charged the host water-filling time when assign is host
     for h in range(num_steps):
@@ -226,6 +234,16 @@ def history_times(history: np.ndarray, previous: np.ndarray | None, layouts: dic
             assign = waterfill_split(true, copies, costs, wf_seconds, cost=true_cost)
             out["probe_on_eplb_wf"][h, layer] = costs.moe_seconds(assign, copies)["moe"]
             wf_cells.append(("probe_on_eplb_wf", h, layer))
+            planned = BalanceProblem(pred, home, slots, default_window(pred, home, planner)
+                                     + attention, planner)
+            plan = apply_plan(_plan(solve(planned, "greedy", check=False, **paper_options())),
+                              true, home)
+            scored = costs.moe_seconds(plan.assignment, home_int + plan.replicas)
+            recv, send = transfer_times(planned.with_load(true), plan)
+            out["probe_paper"][h, layer] = (
+                scored["moe"] + float(np.maximum(np.maximum(recv, send) - real_window,
+                                                 0.0).max())
+                + max(0.0, pred_s + planner_gpu - scored["dispatch"]))
             fit_cost = costs.fitted_cost(pred.sum(axis=0).max())
             for b in range(slots):
                 name = f"probe_on_eplb_fit_b{b}p{slots - b}"
@@ -563,6 +581,16 @@ def simulate_fair(load: np.ndarray, costs: FairCosts, *, slots: int, prior: int,
                           load[prior - window - 1] if prior > window else None, active, costs,
                           slots, attention, history_predict)
     auto_epochs = [(0, pick_by_time(first, candidates_auto))]  # (first step, names per layer)
+    # probe_on_eplb_auto_step: the same first pick, re-picked before every measured step from
+    # the last `pick_window` measured steps (a quarter of EPLB's window, at least one)
+    pick_window = max(1, window // 4)
+    step_epochs = [auto_epochs[0]]
+
+    def shadow_pick(seen: slice) -> list[str]:  # lowest side-mode time over measured rows
+        times = {q: side_layer_time({k: v[seen] for k, v in metrics[q].items()},
+                                    stall[q][seen], model.num_layers, attention)
+                 for q in candidates_auto}
+        return pick_by_time(times, candidates_auto)
     step_hide = 0.0  # seconds of non-communication time of the last step (async copy window)
 
     def moved_per_rank(old: np.ndarray, new: np.ndarray) -> np.ndarray:  # bytes [G]
@@ -570,12 +598,10 @@ def simulate_fair(load: np.ndarray, costs: FairCosts, *, slots: int, prior: int,
 
     for n in range(num_steps):
         step = prior + n
+        if n > 0:
+            step_epochs.append((n, shadow_pick(slice(max(0, n - pick_window), n))))
         if n > 0 and n % interval == 0:
-            seen = slice(max(0, n - window), n)
-            times = {q: side_layer_time({k: v[seen] for k, v in metrics[q].items()},
-                                        stall[q][seen], model.num_layers, attention)
-                     for q in candidates_auto}
-            auto_epochs.append((n, pick_by_time(times, candidates_auto)))
+            auto_epochs.append((n, shadow_pick(slice(max(0, n - window), n))))
             new = eplb_copies(weight_at(step), slots, num_ranks)
             by_rank = moved_per_rank(stw, new)
             stall["eplb_stw"][n] = by_rank.max() / costs.link_bandwidth
@@ -764,15 +790,17 @@ def simulate_fair(load: np.ndarray, costs: FairCosts, *, slots: int, prior: int,
     chosen = [f"probe_on_eplb_fit_b{b}p{p}" for b, p in auto_split]
     stall["probe_on_eplb_auto_moe"] = np.max([stall[q] for q in chosen], axis=0)
     moved["probe_on_eplb_auto_moe"] = np.mean([moved[q] for q in chosen], axis=0)
-    # probe_on_eplb_auto: per epoch (between re-plans) and layer its chosen candidate
-    bounds = [start for start, _ in auto_epochs] + [num_steps]
-    for (start, names), stop in zip(auto_epochs, bounds[1:], strict=True):
-        rows = slice(start, stop)
-        for layer, q in enumerate(names):
-            for name in _METRICS:
-                metrics["probe_on_eplb_auto"][name][rows, layer] = metrics[q][name][rows, layer]
-        stall["probe_on_eplb_auto"][rows] = np.max([stall[q][rows] for q in names], axis=0)
-        moved["probe_on_eplb_auto"][rows] = np.mean([moved[q][rows] for q in names], axis=0)
+    # probe_on_eplb_auto(_step): per epoch (between re-picks) and layer its chosen candidate
+    for target, epochs in (("probe_on_eplb_auto", auto_epochs),
+                           ("probe_on_eplb_auto_step", step_epochs)):
+        bounds = [start for start, _ in epochs] + [num_steps]
+        for (start, names), stop in zip(epochs, bounds[1:], strict=True):
+            rows = slice(start, stop)
+            for layer, q in enumerate(names):
+                for name in _METRICS:
+                    metrics[target][name][rows, layer] = metrics[q][name][rows, layer]
+            stall[target][rows] = np.max([stall[q][rows] for q in names], axis=0)
+            moved[target][rows] = np.mean([moved[q][rows] for q in names], axis=0)
     layers_w = model.num_layers * expert_bytes
     memory = {"static": 0.0, "eplb_stw": slots * layers_w, "eplb_async": slots * layers_w,
               "eplb_lp": slots * layers_w, "probe_paper": 2.0 * slots * expert_bytes,
@@ -785,10 +813,12 @@ def simulate_fair(load: np.ndarray, costs: FairCosts, *, slots: int, prior: int,
                                         + 2.0 * max(p for _, p in auto_split) * expert_bytes)
     # auto: the resident slots its layers use (k for an EPLB fallback, 0 for static) and the
     # per-step slots, at their largest over the epochs
-    memory["probe_on_eplb_auto"] = max(
-        np.mean([_split_of(q, slots)[0] for q in names]) * layers_w
-        + 2.0 * max(_split_of(q, slots)[1] for q in names) * expert_bytes
-        for _, names in auto_epochs)
+    for target, epochs in (("probe_on_eplb_auto", auto_epochs),
+                           ("probe_on_eplb_auto_step", step_epochs)):
+        memory[target] = max(
+            np.mean([_split_of(q, slots)[0] for q in names]) * layers_w
+            + 2.0 * max(_split_of(q, slots)[1] for q in names) * expert_bytes
+            for _, names in epochs)
     meta = {"model": model.name, "model_layers": model.num_layers, "trace_layers": num_layers,
             "slots": slots, "prior": prior, "window": window, "interval": interval,
             "predictor": predictor if isinstance(predictor, str) else
@@ -797,6 +827,8 @@ def simulate_fair(load: np.ndarray, costs: FairCosts, *, slots: int, prior: int,
             "auto_split": [list(x) for x in auto_split],
             "auto_choices": [{"from_step": start, "layers": [_label(q) for q in names]}
                              for start, names in auto_epochs],
+            "auto_step_choices": [{"from_step": start, "layers": [_label(q) for q in names]}
+                                  for start, names in step_epochs],
             "planner_gpu_s": planner_gpu, "assign_side_s": assign_side}
     return FairResult(policies=policies, metrics=metrics, stall=stall, moved=moved,
                       attention=attention, tokens_per_step=load[prior:, 0].sum(axis=(1, 2))
@@ -809,13 +841,16 @@ def _split_of(name: str, slots: int) -> tuple[int, int]:
         return 0, 0
     if name in ("eplb_async", "probe_on_eplb_wf"):
         return slots, 0
+    if name == "probe_paper":
+        return 0, slots
     b, p = name.removeprefix("probe_on_eplb_fit_b").split("p")
     return int(b), int(p)
 
 
 def _label(name: str) -> str:
     """Short label of an auto candidate for reports: b1p1, eplb (even split), wf, static."""
-    return {"eplb_async": "eplb", "probe_on_eplb_wf": "wf", "static": "static"}.get(
+    return {"eplb_async": "eplb", "probe_on_eplb_wf": "wf", "static": "static",
+            "probe_paper": "paper"}.get(
         name, name.removeprefix("probe_on_eplb_fit_"))
 
 
