@@ -51,9 +51,10 @@ layer type). Every policy has k extra expert slots per rank:
                     side-mode layer time incl. every overhead it pays (side_layer_time:
                     MoE, exposed predictor + GPU planner, assignment, exposed transfer,
                     stall). First pick: the `window` history steps before the measured ones
-                    (history_times, their predictions from the error model with another seed); re-picked at each re-plan from the measured steps of
-                    the window before it (causal). Where every layer falls back to eplb_async
-                    its step times are eplb_async's exactly.
+                    (history_times, their predictions from the error model with another
+                    seed); re-picked at each re-plan from the measured steps of the window
+                    before it (causal). Where every layer falls back to eplb_async its step
+                    times are eplb_async's exactly.
     probe_on_eplb_auto_step  the same first pick, re-picked before every measured step from the
                     last max(1, window // 4) measured steps (reacts to a shift within a few
                     steps instead of at the next re-plan).
