@@ -110,7 +110,7 @@ def test_equal_slots(result, load, costs):
             for name in combos:
                 b, p = name.removeprefix(family).split("p")
                 assert int(b) + int(p) == slots and int(p) >= 1
-        assert "probe_on_eplb_auto" in names
+        assert "probe_on_eplb_auto" in names and "probe_on_eplb_auto_replan" in names
     # Per-step replicas never exceed the slots (replicas are counted over all ranks).
     assert result.metrics["probe_paper"]["replicas"].max() <= 2 * 8
     assert result.metrics["probe_on_eplb_b1p1"]["replicas"].max() <= 1 * 8
@@ -379,14 +379,15 @@ def test_auto_falls_back_to_eplb_async_exactly(stable, costs):
     res_side = simulate_fair(stable, slow, slots=1, prior=4, window=4, interval=3, seed=1,
                              check=False)
     for r in (res, res_side):
-        assert all(set(e["layers"]) == {"eplb"} for e in r.meta["auto_choices"])
-        assert len(r.meta["auto_choices"]) == 2  # the first pick and one re-plan's
-        for mode in ("host", "side"):
-            np.testing.assert_array_equal(r.step_time("probe_on_eplb_auto", mode),
-                                          r.step_time("eplb_async", mode))
-            assert r.throughput("probe_on_eplb_auto", mode) == r.throughput("eplb_async",
-                                                                             mode)
-        assert r.memory["probe_on_eplb_auto"] == r.memory["eplb_async"]
+        assert len(r.meta["auto_replan_choices"]) == 2  # the first pick and one re-plan's
+        for policy, key in (("probe_on_eplb_auto_replan", "auto_replan_choices"),
+                            ("probe_on_eplb_auto", "auto_choices")):
+            assert all(set(e["layers"]) == {"eplb"} for e in r.meta[key])
+            for mode in ("host", "side"):
+                np.testing.assert_array_equal(r.step_time(policy, mode),
+                                              r.step_time("eplb_async", mode))
+                assert r.throughput(policy, mode) == r.throughput("eplb_async", mode)
+            assert r.memory[policy] == r.memory["eplb_async"]
 
 
 def test_auto_choice_is_causal(load, costs):
@@ -400,18 +401,20 @@ def test_auto_choice_is_causal(load, costs):
     changed[4 + 3:] = other[4 + 3:]
     a = simulate_fair(load, costs, **kwargs)
     b = simulate_fair(changed, costs, **kwargs)
-    assert a.meta["auto_choices"] == b.meta["auto_choices"]
-    early = [e for e in a.meta["auto_step_choices"] if e["from_step"] <= 3]
-    assert early == b.meta["auto_step_choices"][:len(early)] and len(early) == 4
-    assert [e["from_step"] for e in a.meta["auto_choices"]] == [0, 3]
-    np.testing.assert_array_equal(a.layer_time("probe_on_eplb_auto", "side")[:3],
-                                  b.layer_time("probe_on_eplb_auto", "side")[:3])
-    assert not np.array_equal(a.layer_time("probe_on_eplb_auto", "side")[3:],
-                              b.layer_time("probe_on_eplb_auto", "side")[3:])
+    assert a.meta["auto_replan_choices"] == b.meta["auto_replan_choices"]
+    early = [e for e in a.meta["auto_choices"] if e["from_step"] < 3]
+    assert early == b.meta["auto_choices"][:len(early)] and len(early) == 3
+    assert a.meta["auto_choices"][3]["layers"] == a.meta["auto_replan_choices"][1]["layers"]
+    assert [e["from_step"] for e in a.meta["auto_replan_choices"]] == [0, 3]
+    for policy in ("probe_on_eplb_auto_replan", "probe_on_eplb_auto"):
+        np.testing.assert_array_equal(a.layer_time(policy, "side")[:3],
+                                      b.layer_time(policy, "side")[:3])
+    assert not np.array_equal(a.layer_time("probe_on_eplb_auto_replan", "side")[3:],
+                              b.layer_time("probe_on_eplb_auto_replan", "side")[3:])
 
 
-@pytest.mark.parametrize("policy,key", [("probe_on_eplb_auto", "auto_choices"),
-                                        ("probe_on_eplb_auto_step", "auto_step_choices")])
+@pytest.mark.parametrize("policy,key", [("probe_on_eplb_auto_replan", "auto_replan_choices"),
+                                        ("probe_on_eplb_auto", "auto_choices")])
 def test_auto_policy_is_its_chosen_candidate(result, policy, key):
     epochs = result.meta[key]
     for epoch_i, epoch in enumerate(epochs):

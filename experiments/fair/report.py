@@ -166,6 +166,21 @@ def _terms(results: list[dict], analysis: dict) -> list[str]:
     return rows
 
 
+def _picks(epochs: list[dict] | None) -> str:
+    """Per layer (',' between layers) the candidates an auto policy ran, in order, repeats
+    collapsed ('/' between changes)."""
+    if not epochs:
+        return ""
+    out = []
+    for layer in range(len(epochs[0]["layers"])):
+        seq = []
+        for e in epochs:
+            if not seq or seq[-1] != e["layers"][layer]:
+                seq.append(e["layers"][layer])
+        out.append("/".join(seq))
+    return ",".join(out)
+
+
 def _t2_rows(results: list[dict], analysis: dict, sensitivity: dict | None) -> list[str]:
     """The T2 breakdown table (report section 'Where PROBE-on-EPLB loses ...')."""
     rows = ["| model | workload | tok/rank | k | captured | oracle gain | MoE gap | overheads "
@@ -201,9 +216,7 @@ def _t2_rows(results: list[dict], analysis: dict, sensitivity: dict | None) -> l
                     diff = (o["ratio"][o["rule_combo"]]["side"]
                             - v["ratio"][v["rule_combo"]]["side"])
                     perfect = f"{diff:+.3f}"
-            epochs = v.get("auto_choices") or []
-            picks = ",".join("/".join(e["layers"][layer] for e in epochs)
-                             for layer in range(len(epochs[0]["layers"]))) if epochs else ""
+            picks = _picks(v.get("auto_choices"))
             rows.append(
                 f"| {f['model']} | {f['workload']} | {f['batch_per_rank']} | {k} | "
                 f"{v['captured'][v['rule_combo']]['side']:.2f} | {gain:.1f} | "
@@ -282,15 +295,17 @@ def write_report(results: list[dict], analysis: dict, manifest: dict, path: Path
         "resident in every layer (k x layers x expert bytes per rank); PROBE's per-step slots "
         "are double-buffered for the layers in flight (2 x p x expert bytes). PROBE-on-EPLB "
         "splits k = b resident + p per-step. The PROBE-on-EPLB of the targets "
-        "(probe_on_eplb_auto, declared before the run) picks per layer, from the history window, "
-        "the candidate with the lowest side-mode layer time with every overhead it pays "
+        "(probe_on_eplb_auto, declared before the run) picks per layer, from the history "
+        "window, the candidate with the lowest side-mode layer time with every overhead it pays "
         "(predictor + GPU planner beyond the dispatch, GPU assignment, exposed transfer, "
         "stall): every b/p split (p >= 1) of the planner with alpha, beta refitted to the "
         "measured expert table, and the fallbacks EPLB's even split (eplb_async exactly: no "
         "predictor, planner or assignment run), EPLB water-filled on the true load "
         "(probe_on_eplb_wf, assignment charged) and static EP; the first pick from the window "
-        "before the measured steps, re-picked at each EPLB re-plan from the steps before it "
-        "(cells: layer choices, '/' between re-picks). 'auto_moe' is the earlier rule (the "
+        "before the measured steps, re-picked at each EPLB re-plan from the steps before it, "
+        "and between re-plans switching a layer when another candidate was at least 1% faster "
+        "over the last window // 4 steps (cells: layer choices, '/' between re-picks; "
+        "auto_replan: the re-plan picks alone). 'auto_moe' is the earlier rule (the "
         "split with the lowest MoE time, fit splits only, fixed for the run); 'linear, fixed "
         "split' the one before: the datasheet alpha + beta n line at p = max(1, k // 2). "
         "tables.md lists every "
@@ -340,10 +355,7 @@ def write_report(results: list[dict], analysis: dict, manifest: dict, path: Path
             cap = v["captured"][rule]["side"]
             lin = v.get("linear_combo")
             lin_cell = "-" if lin is None else f"{r[lin]['side']:.3f} ({r[lin]['host']:.3f})"
-            epochs = v.get("auto_choices")
-            split_cell = "" if not epochs else " " + ",".join(
-                "/".join(e["layers"][layer] for e in epochs)
-                for layer in range(len(epochs[0]["layers"])))
+            split_cell = " " + _picks(v.get("auto_choices"))
             lines.append(
                 f"| {f['model']} | {f['workload']} | {f['batch_per_rank']} | {k} | "
                 f"{v['best_baseline']} | {r['eplb_lp']['host']:.3f} | "

@@ -60,13 +60,14 @@ def rule_combo(slots: int) -> tuple[int, int]:
 
 # PROBE-on-EPLB in the targets: per layer the best candidate on the history window by its
 # side-mode layer time with every overhead (the table-fitted planner's b/p splits, EPLB's even
-# split, EPLB water-filled, static), re-picked at each EPLB re-plan; declared before the run.
+# split, EPLB water-filled, static, the paper's PROBE), re-picked at each EPLB re-plan and
+# switched between re-plans with hysteresis (probe.sim.fair); declared before the run.
 # The earlier history rule (split by MoE time once, "auto_moe") and the datasheet-line planner
 # at the fixed split ("linear") are reported beside it.
 TARGET_POLICY = "probe_on_eplb_auto"
 OLD_AUTO = "probe_on_eplb_auto_moe"
-# Shown beside the target policy: the earlier rule, the per-step re-pick, EPLB water-filled.
-EXTRA = (OLD_AUTO, "probe_on_eplb_auto_step", "probe_on_eplb_wf")
+# Shown beside the target policy: the earlier rule, the re-plan-only pick, EPLB water-filled.
+EXTRA = (OLD_AUTO, "probe_on_eplb_auto_replan", "probe_on_eplb_wf")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -267,8 +268,8 @@ def analyse(results: list[dict]) -> dict:
                 "oracle_gain": oracle / best,
                 "rule_combo": rule, "linear_combo": linear, "best_combo_post_hoc": best_combo,
                 "auto_split": entry["meta"].get("auto_split"),
+                "auto_replan_choices": entry["meta"].get("auto_replan_choices"),
                 "auto_choices": entry["meta"].get("auto_choices"),
-                "auto_step_choices": entry["meta"].get("auto_step_choices"),
                 "ratio": {q: {"host": thr[q] / best, "side": thr_side[q] / best}
                           for q in ("probe_paper", rule, linear, best_combo, "oracle",
                                     *BASELINES, *(x for x in EXTRA if x in thr))},

@@ -45,19 +45,22 @@ layer type). Every policy has k extra expert slots per rank:
     probe_on_eplb_auto_moe  probe_on_eplb_fit with the b/p split chosen per layer from the
                     history steps before the measured ones by MoE time alone (history_split),
                     fixed for the run (the earlier rule, kept for comparison).
-    probe_on_eplb_auto  per layer the candidate (auto_candidates: every probe_on_eplb_fit split,
-                    probe_paper (b 0 on the sharded home), eplb_async = b k p 0 with the even
-                    split and nothing run, probe_on_eplb_wf, static) with the lowest
-                    side-mode layer time incl. every overhead it pays (side_layer_time:
-                    MoE, exposed predictor + GPU planner, assignment, exposed transfer,
-                    stall). First pick: the `window` history steps before the measured ones
-                    (history_times, their predictions from the error model with another
-                    seed); re-picked at each re-plan from the measured steps of the window
-                    before it (causal). Where every layer falls back to eplb_async its step
-                    times are eplb_async's exactly.
-    probe_on_eplb_auto_step  the same first pick, re-picked before every measured step from the
-                    last max(1, window // 4) measured steps (reacts to a shift within a few
-                    steps instead of at the next re-plan).
+    probe_on_eplb_auto_replan  per layer the candidate (auto_candidates: every
+                    probe_on_eplb_fit split, probe_paper (b 0 on the sharded home),
+                    eplb_async = b k p 0 with the even split and nothing run,
+                    probe_on_eplb_wf, static) with the lowest side-mode layer time incl.
+                    every overhead it pays (side_layer_time: MoE, exposed predictor + GPU
+                    planner, assignment, exposed transfer, stall). First pick: the `window`
+                    history steps before the measured ones (history_times, their predictions
+                    from the error model with another seed); re-picked at each re-plan from
+                    the measured steps of the window before it (causal). Where every layer
+                    falls back to eplb_async its step times are eplb_async's exactly.
+    probe_on_eplb_auto  the PROBE-on-EPLB of the targets: probe_on_eplb_auto_replan's picks at
+                    the start and at each re-plan; before every other measured step a layer
+                    switches to the candidate with the lowest mean time over the last
+                    max(1, window // 4) measured steps if that is at least STEP_MARGIN (1%)
+                    below its current candidate's there (reacts to a shift within a few steps
+                    instead of at the next re-plan).
     oracle          perfect knowledge, zero cost: per layer the best (lowest MoE time) of every
                     policy's plan and of the greedy planned on the TRUE load over each layout
                     (sharded + k per-step slots, EPLB-b + p per-step slots) with the LP /
@@ -111,12 +114,12 @@ def paper_options() -> dict:
 def policy_names(slots: int) -> list[str]:
     """Policies simulated at `slots` extra slots per rank (probe_on_eplb and probe_on_eplb_fit
     for every b + p with p >= 1, probe_on_eplb_wf (b = k, p = 0), probe_on_eplb_auto_moe,
-    probe_on_eplb_auto)."""
+    probe_on_eplb_auto_replan, probe_on_eplb_auto)."""
     combos = [f"probe_on_eplb_b{b}p{slots - b}" for b in range(slots)]
     fits = [f"probe_on_eplb_fit_b{b}p{slots - b}" for b in range(slots)]
     return ["static", "eplb_stw", "eplb_async", "eplb_lp", "probe_paper", *combos, *fits,
-            "probe_on_eplb_wf", "probe_on_eplb_auto_moe", "probe_on_eplb_auto",
-            "probe_on_eplb_auto_step", "oracle"]
+            "probe_on_eplb_wf", "probe_on_eplb_auto_moe", "probe_on_eplb_auto_replan",
+            "probe_on_eplb_auto", "oracle"]
 
 
 # The auto policy's fallback candidates (besides every probe_on_eplb_fit split and the paper's
@@ -124,11 +127,14 @@ def policy_names(slots: int) -> list[str]:
 # planner or assignment run: eplb_async exactly), the same layout water-filled on the true
 # load (probe_on_eplb_wf) and static EP.
 FALLBACKS = ("eplb_async", "probe_on_eplb_wf", "static")
+# probe_on_eplb_auto's hysteresis: between re-plans a layer switches candidate only for
+# one at least 1% faster over the last steps (declared, checked on seed-1 traces only).
+STEP_MARGIN = 0.01
 
 
 def auto_candidates(slots: int) -> list[str]:
-    """The policies probe_on_eplb_auto picks from per layer: every fit split, the paper's
-    PROBE, then FALLBACKS."""
+    """The policies probe_on_eplb_auto(_replan) pick from per layer: every fit split, the
+    paper's PROBE, then FALLBACKS."""
     return ([f"probe_on_eplb_fit_b{b}p{slots - b}" for b in range(slots)] + ["probe_paper"]
             + list(FALLBACKS))
 
@@ -137,7 +143,7 @@ def side_layer_time(metrics: dict, stall: np.ndarray, model_layers: int,
                     attention: float) -> np.ndarray:
     """float64 [N, L]: side-mode layer time of one policy's metrics (attention + MoE + exposed
     transfer + assignment charged in side mode + side-stream exposure) plus its stop-the-world
-    stall spread over the model's layers: the score probe_on_eplb_auto picks by."""
+    stall spread over the model's layers: the score the auto policies pick by."""
     return (attention + metrics["moe"] + metrics["transfer"] + metrics["solve_side"]
             + metrics["side"] + stall[:, None] / model_layers)
 
@@ -197,7 +203,7 @@ def history_split(history: np.ndarray, layouts: dict, costs: FairCosts, slots: i
 def history_times(history: np.ndarray, previous: np.ndarray | None, layouts: dict,
                   costs: FairCosts, slots: int, attention: float, predict) -> dict:
     """Side-mode layer times of every auto candidate on the history steps, for the choice of
-    probe_on_eplb_auto before the first measured step: {candidate: float64 [H, L]}.
+    probe_on_eplb_auto_replan before the first measured step: {candidate: float64 [H, L]}.
 
     history: int [H, L, S, E] loads; previous: int [L, S, E] the step before them (None: the
     first history step predicts itself); layouts: b -> copies int [L, G, E] (the EPLB layouts
@@ -566,7 +572,7 @@ def simulate_fair(load: np.ndarray, costs: FairCosts, *, slots: int, prior: int,
     active = {b: eplb_copies(weight_at(prior), b, num_ranks) for b in residents}
     pending: dict[int, tuple[np.ndarray, int] | None] = dict.fromkeys(residents)
     auto_split = history_split(load[prior - window:prior], active, costs, slots, attention)
-    # probe_on_eplb_auto: per layer the candidate with the lowest side-mode layer time on the
+    # probe_on_eplb_auto_replan: per layer the candidate with the lowest side-mode layer time on
     # history window, re-picked at each re-plan from the measured steps since the window began
     # (only steps before the re-plan). First pick: history steps through a predictor of their
     # own (an error model with another seed; a replayed prediction array has none for the
@@ -582,16 +588,32 @@ def simulate_fair(load: np.ndarray, costs: FairCosts, *, slots: int, prior: int,
                           load[prior - window - 1] if prior > window else None, active, costs,
                           slots, attention, history_predict)
     auto_epochs = [(0, pick_by_time(first, candidates_auto))]  # (first step, names per layer)
-    # probe_on_eplb_auto_step: the same first pick, re-picked before every measured step from
+    # probe_on_eplb_auto: the same first pick, re-picked before every measured step from
     # the last `pick_window` measured steps (a quarter of EPLB's window, at least one)
     pick_window = max(1, window // 4)
     step_epochs = [auto_epochs[0]]
 
+    def shadow_times(seen: slice) -> dict:  # side-mode layer times over measured rows
+        return {q: side_layer_time({k: v[seen] for k, v in metrics[q].items()},
+                                   stall[q][seen], model.num_layers, attention)
+                for q in candidates_auto}
+
     def shadow_pick(seen: slice) -> list[str]:  # lowest side-mode time over measured rows
-        times = {q: side_layer_time({k: v[seen] for k, v in metrics[q].items()},
-                                    stall[q][seen], model.num_layers, attention)
-                 for q in candidates_auto}
-        return pick_by_time(times, candidates_auto)
+        return pick_by_time(shadow_times(seen), candidates_auto)
+
+    def step_pick(n: int, current: list[str]) -> list[str]:
+        """Between re-plans a layer leaves its current candidate only for one whose mean time
+        over the last `pick_window` steps is at least STEP_MARGIN lower (hysteresis: noise in
+        a stable load does not move it); at a re-plan auto's pick from the whole window."""
+        if n % interval == 0:
+            return auto_epochs[-1][1]
+        times = shadow_times(slice(max(0, n - pick_window), n))
+        out = []
+        for layer, (now, new) in enumerate(zip(current, pick_by_time(times, candidates_auto),
+                                               strict=True)):
+            t_now, t_new = times[now][:, layer].mean(), times[new][:, layer].mean()
+            out.append(new if t_new < (1.0 - STEP_MARGIN) * t_now else now)
+        return out
     step_hide = 0.0  # seconds of non-communication time of the last step (async copy window)
 
     def moved_per_rank(old: np.ndarray, new: np.ndarray) -> np.ndarray:  # bytes [G]
@@ -599,10 +621,11 @@ def simulate_fair(load: np.ndarray, costs: FairCosts, *, slots: int, prior: int,
 
     for n in range(num_steps):
         step = prior + n
-        if n > 0:
-            step_epochs.append((n, shadow_pick(slice(max(0, n - pick_window), n))))
         if n > 0 and n % interval == 0:
             auto_epochs.append((n, shadow_pick(slice(max(0, n - window), n))))
+        if n > 0:
+            step_epochs.append((n, step_pick(n, step_epochs[-1][1])))
+        if n > 0 and n % interval == 0:
             new = eplb_copies(weight_at(step), slots, num_ranks)
             by_rank = moved_per_rank(stw, new)
             stall["eplb_stw"][n] = by_rank.max() / costs.link_bandwidth
@@ -791,9 +814,9 @@ def simulate_fair(load: np.ndarray, costs: FairCosts, *, slots: int, prior: int,
     chosen = [f"probe_on_eplb_fit_b{b}p{p}" for b, p in auto_split]
     stall["probe_on_eplb_auto_moe"] = np.max([stall[q] for q in chosen], axis=0)
     moved["probe_on_eplb_auto_moe"] = np.mean([moved[q] for q in chosen], axis=0)
-    # probe_on_eplb_auto(_step): per epoch (between re-picks) and layer its chosen candidate
-    for target, epochs in (("probe_on_eplb_auto", auto_epochs),
-                           ("probe_on_eplb_auto_step", step_epochs)):
+    # probe_on_eplb_auto(_replan): per epoch (between re-picks) and layer its chosen candidate
+    for target, epochs in (("probe_on_eplb_auto_replan", auto_epochs),
+                           ("probe_on_eplb_auto", step_epochs)):
         bounds = [start for start, _ in epochs] + [num_steps]
         for (start, names), stop in zip(epochs, bounds[1:], strict=True):
             rows = slice(start, stop)
@@ -814,8 +837,8 @@ def simulate_fair(load: np.ndarray, costs: FairCosts, *, slots: int, prior: int,
                                         + 2.0 * max(p for _, p in auto_split) * expert_bytes)
     # auto: the resident slots its layers use (k for an EPLB fallback, 0 for static) and the
     # per-step slots, at their largest over the epochs
-    for target, epochs in (("probe_on_eplb_auto", auto_epochs),
-                           ("probe_on_eplb_auto_step", step_epochs)):
+    for target, epochs in (("probe_on_eplb_auto_replan", auto_epochs),
+                           ("probe_on_eplb_auto", step_epochs)):
         memory[target] = max(
             np.mean([_split_of(q, slots)[0] for q in names]) * layers_w
             + 2.0 * max(_split_of(q, slots)[1] for q in names) * expert_bytes
@@ -826,10 +849,10 @@ def simulate_fair(load: np.ndarray, costs: FairCosts, *, slots: int, prior: int,
             ("callable" if callable(predictor) else "given"),
             "batch_per_rank": batch, "seed": seed, "phase": phase,
             "auto_split": [list(x) for x in auto_split],
-            "auto_choices": [{"from_step": start, "layers": [_label(q) for q in names]}
+            "auto_replan_choices": [{"from_step": start, "layers": [_label(q) for q in names]}
                              for start, names in auto_epochs],
-            "auto_step_choices": [{"from_step": start, "layers": [_label(q) for q in names]}
-                                  for start, names in step_epochs],
+            "auto_choices": [{"from_step": start, "layers": [_label(q) for q in names]}
+                             for start, names in step_epochs],
             "planner_gpu_s": planner_gpu, "assign_side_s": assign_side}
     return FairResult(policies=policies, metrics=metrics, stall=stall, moved=moved,
                       attention=attention, tokens_per_step=load[prior:, 0].sum(axis=(1, 2))
