@@ -320,8 +320,11 @@ def write_report(results: list[dict], analysis: dict, manifest: dict, path: Path
         "stalls); dense layers, embedding and LM head are not modelled, so ratios are of the "
         "attention + MoE part of a step.",
         "* Not modelled: replica and re-plan transfers contending with dispatch/combine traffic "
-        "on NVLink; attention to earlier chunks' KV in prefill; the host round trip of the "
-        "dispatch-time water-filling (its Numba kernel time is charged).",
+        "on NVLink; attention to earlier chunks' KV in prefill; in the host mode the host "
+        "round trip of the dispatch-time water-filling (its Numba kernel time is charged). The "
+        "side mode charges the GPU greedy and assignment kernels' H200 times per layer of a "
+        "multi-layer launch (constants below); one layer launched alone took 350-570 us for "
+        "the assignment at ep = 8, which is not charged.",
         "* The oracle is the best of every policy's plan and of greedy plans on the true load "
         "(a heuristic upper reference, zero cost), not a proven optimum.",
         "",
