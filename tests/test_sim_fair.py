@@ -12,9 +12,17 @@ from probe.planner.check import check_plan
 from probe.planner.eplb import even_split
 from probe.planner.problem import BalanceProblem, Plan
 from probe.sim.calibration import load_calibration
-from probe.sim.costs import ExpertTimeTable, FairCosts, predictor_seconds
+from probe.sim.costs import (
+    ExpertTimeTable,
+    FairCosts,
+    assign_gpu_time,
+    planner_gpu_time,
+    predictor_seconds,
+)
 from probe.sim.fair import (
+    auto_candidates,
     eplb_copies,
+    pick_by_time,
     lp_split,
     policy_names,
     simulate_fair,
@@ -102,7 +110,7 @@ def test_equal_slots(result, load, costs):
             for name in combos:
                 b, p = name.removeprefix(family).split("p")
                 assert int(b) + int(p) == slots and int(p) >= 1
-        assert "probe_on_eplb_auto" in names
+        assert "probe_on_eplb_auto" in names and "probe_on_eplb_auto_replan" in names
     # Per-step replicas never exceed the slots (replicas are counted over all ranks).
     assert result.metrics["probe_paper"]["replicas"].max() <= 2 * 8
     assert result.metrics["probe_on_eplb_b1p1"]["replicas"].max() <= 1 * 8
@@ -114,12 +122,12 @@ def test_equal_slots(result, load, costs):
     assert result.memory["probe_on_eplb_fit_b1p1"] == costs.model.num_layers * w + 2 * w
 
 
-def test_auto_policy_is_the_fit_policy_of_its_history_split(result):
+def test_auto_moe_policy_is_the_fit_policy_of_its_history_split(result):
     split = result.meta["auto_split"]
     assert len(split) == result.metrics["static"]["moe"].shape[1]
     for layer, (b, p) in enumerate(split):
         assert b + p == 2 and p >= 1
-        np.testing.assert_array_equal(result.metrics["probe_on_eplb_auto"]["moe"][:, layer],
+        np.testing.assert_array_equal(result.metrics["probe_on_eplb_auto_moe"]["moe"][:, layer],
                                       result.metrics[f"probe_on_eplb_fit_b{b}p{p}"]["moe"][:,
                                                                                            layer])
 
@@ -235,7 +243,7 @@ def test_overheads_are_charged_exactly(load, costs):
                                   zero.metrics["probe_paper"]["moe"])
     # Side-stream mode exposes at most predictor + GPU planner, never more than the host mode.
     m = charged.metrics["probe_paper"]
-    assert np.all(m["side"] <= m["pred"] + costs.planner_gpu_s + 1e-15)
+    assert np.all(m["side"] <= m["pred"] + costs.planner_gpu_seconds() + 1e-15)
 
 
 def test_stop_the_world_stall_only_at_replans(result):
@@ -304,3 +312,119 @@ def test_recorded_predictor_replays_the_small_models_frozen_router():
     np.testing.assert_array_equal(pred.sum(axis=1), true.sum(axis=1))
     wrong = np.abs(pred - true).sum() / (2 * true.sum())  # share of pairs moved
     assert 0.1 < wrong < 0.6
+
+
+def test_gpu_times_hit_the_measured_h200_points():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1] / "results" / "h200"
+    greedy = json.loads((root / "gpu_greedy" / "gpu_greedy.json").read_text())["rows"]
+    shapes = {"ep=8, E=128": (8, 128), "ep=64, E=256": (64, 256)}
+    for row in greedy:
+        g, e = shapes[row["config"]]
+        assert planner_gpu_time(g, e) * 1e6 == pytest.approx(row["graph_replay_us"], abs=1e-3)
+    for row in json.loads((root / "gpu_assign" / "gpu_assign.json").read_text())["speed"]:
+        ep, experts, slots = row["config"].split(", ")
+        g, e, k = int(ep[3:]), int(experts[2:]), int(slots[1])
+        assert assign_gpu_time(g, e, k) * 1e6 == pytest.approx(row["device_graph_us"], abs=1e-3)
+    # Between the shapes linear in G x E; below the small one its value; slots linear.
+    mid = planner_gpu_time(32, 256)  # G x E = 8192
+    lo, hi = planner_gpu_time(8, 128), planner_gpu_time(64, 256)
+    assert mid == pytest.approx(lo + (hi - lo) * (8192 - 1024) / (16384 - 1024))
+    assert planner_gpu_time(8, 64) == lo
+    assert assign_gpu_time(8, 128, 2) == pytest.approx(
+        (assign_gpu_time(8, 128, 1) + assign_gpu_time(8, 128, 3)) / 2)
+    assert assign_gpu_time(8, 128, 4) > assign_gpu_time(8, 128, 3)
+    with pytest.raises(ValueError, match="num_ranks"):
+        planner_gpu_time(0, 128)
+    costs = FairCosts.for_model(MODEL, 8)
+    assert costs.planner_gpu_seconds() == lo
+    assert dataclasses.replace(costs, planner_gpu_s=5e-6).planner_gpu_seconds() == 5e-6
+    with pytest.raises(ValueError, match="assign_time"):
+        dataclasses.replace(costs, assign_time="cpu")
+
+
+def test_side_mode_charges_the_gpu_assignment_time(result, costs):
+    for policy in ("probe_on_eplb_fit_b1p1", "probe_on_eplb_wf"):
+        m = result.metrics[policy]
+        np.testing.assert_array_equal(m["solve_side"], costs.assign_gpu_seconds(2))
+        np.testing.assert_allclose(result.layer_time(policy, "side"),
+                                   result.attention + m["moe"] + m["transfer"] + m["side"]
+                                   + costs.assign_gpu_seconds(2))
+    lp = result.metrics["eplb_lp"]
+    np.testing.assert_array_equal(lp["solve_side"], lp["solve"])  # HiGHS has no GPU twin
+    assert result.metrics["probe_on_eplb_wf"]["side"].sum() == 0  # no predictor or planner
+
+
+def test_pick_by_time_takes_the_lowest_mean_first_on_ties():
+    times = {"a": np.array([[1.0, 2.0], [1.0, 2.0]]), "b": np.array([[0.5, 2.0], [1.0, 2.0]])}
+    assert pick_by_time(times, ["a", "b"]) == ["b", "a"]
+    assert auto_candidates(2) == ["probe_on_eplb_fit_b0p2", "probe_on_eplb_fit_b1p1",
+                                  "probe_paper", "eplb_async", "probe_on_eplb_wf", "static"]
+
+
+@pytest.fixture(scope="module")
+def stable():
+    trace = generate("decode", num_steps=10, tokens_per_step=8 * 256, num_layers=2,
+                     num_experts=128, top_k=4, num_ranks=8, seed=4)
+    return trace.load_counts().astype(np.int64)
+
+
+def test_auto_falls_back_to_eplb_async_exactly(stable, costs):
+    # A planner too slow to hide and a costly assignment: on a stable load every layer falls
+    # back to EPLB's even split, and the policy's step times are eplb_async's to the bit.
+    slow = dataclasses.replace(costs, planner_gpu_s=2e-3)
+    res = simulate_fair(stable, slow, slots=1, prior=4, window=4, interval=3, seed=1,
+                        check=False, solve_time={"waterfill": 1e-3, "lp": 0.0})
+    res_side = simulate_fair(stable, slow, slots=1, prior=4, window=4, interval=3, seed=1,
+                             check=False)
+    for r in (res, res_side):
+        assert len(r.meta["auto_replan_choices"]) == 2  # the first pick and one re-plan's
+        for policy, key in (("probe_on_eplb_auto_replan", "auto_replan_choices"),
+                            ("probe_on_eplb_auto", "auto_choices")):
+            assert all(set(e["layers"]) == {"eplb"} for e in r.meta[key])
+            for mode in ("host", "side"):
+                np.testing.assert_array_equal(r.step_time(policy, mode),
+                                              r.step_time("eplb_async", mode))
+                assert r.throughput(policy, mode) == r.throughput("eplb_async", mode)
+            assert r.memory[policy] == r.memory["eplb_async"]
+
+
+def test_auto_choice_is_causal(load, costs):
+    # Replacing every step from the re-plan on leaves the first pick and the re-plan's pick
+    # (made from the steps before it) unchanged; the steps before it score the same.
+    kwargs = {"slots": 2, "prior": 4, "window": 4, "interval": 3, "seed": 1, "check": False,
+              "solve_time": {"lp": 0.0, "waterfill": 0.0}}
+    other = generate("decode", num_steps=9, tokens_per_step=8 * 256, num_layers=2,
+                     num_experts=128, top_k=4, num_ranks=8, seed=11).load_counts()
+    changed = load.copy()
+    changed[4 + 3:] = other[4 + 3:]
+    a = simulate_fair(load, costs, **kwargs)
+    b = simulate_fair(changed, costs, **kwargs)
+    assert a.meta["auto_replan_choices"] == b.meta["auto_replan_choices"]
+    early = [e for e in a.meta["auto_choices"] if e["from_step"] < 3]
+    assert early == b.meta["auto_choices"][:len(early)] and len(early) == 3
+    assert a.meta["auto_choices"][3]["layers"] == a.meta["auto_replan_choices"][1]["layers"]
+    assert [e["from_step"] for e in a.meta["auto_replan_choices"]] == [0, 3]
+    for policy in ("probe_on_eplb_auto_replan", "probe_on_eplb_auto"):
+        np.testing.assert_array_equal(a.layer_time(policy, "side")[:3],
+                                      b.layer_time(policy, "side")[:3])
+    assert not np.array_equal(a.layer_time("probe_on_eplb_auto_replan", "side")[3:],
+                              b.layer_time("probe_on_eplb_auto_replan", "side")[3:])
+
+
+@pytest.mark.parametrize("policy,key", [("probe_on_eplb_auto_replan", "auto_replan_choices"),
+                                        ("probe_on_eplb_auto", "auto_choices")])
+def test_auto_policy_is_its_chosen_candidate(result, policy, key):
+    epochs = result.meta[key]
+    for epoch_i, epoch in enumerate(epochs):
+        start = epoch["from_step"]
+        stop = epochs[epoch_i + 1]["from_step"] if epoch_i + 1 < len(epochs) else None
+        for layer, label in enumerate(epoch["layers"]):
+            name = {"eplb": "eplb_async", "wf": "probe_on_eplb_wf", "static": "static",
+                    "paper": "probe_paper"}.get(
+                label, f"probe_on_eplb_fit_{label}")
+            for mode in ("host", "side"):
+                np.testing.assert_array_equal(
+                    result.layer_time(policy, mode)[start:stop, layer],
+                    result.layer_time(name, mode)[start:stop, layer])

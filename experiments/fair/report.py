@@ -48,8 +48,9 @@ def _family_key(name: str):
 def _summary(analysis: dict) -> list[str]:
     """Ranges of the headline ratios per workload, side mode (host in the targets section)."""
     rows = ["| workload | cases | best baseline | EPLB+LP (measured LP) | EPLB+LP (LP free) | "
-            "PROBE paper | PROBE-on-EPLB linear, fixed split | PROBE-on-EPLB (table fit, "
-            "history split) | oracle |", "|---|---:|---|---|---|---|---|---|---|"]
+            "PROBE paper | PROBE-on-EPLB linear, fixed split | PROBE-on-EPLB, MoE-time split "
+            "once (auto_moe) | PROBE-on-EPLB (auto: history choice with fallbacks) | oracle |",
+            "|---|---:|---|---|---|---|---|---|---|---|"]
     families = sorted({family(f) for f in analysis["findings"]}, key=_family_key)
     for w in families:
         per = [v for f in analysis["findings"] if family(f) == w
@@ -62,13 +63,16 @@ def _summary(analysis: dict) -> list[str]:
         linear = "-"
         if all("linear_combo" in v for v in per):
             linear = rng([v["ratio"][v["linear_combo"]]["side"] for v in per])
+        old = "-"
+        if all("probe_on_eplb_auto_moe" in v["ratio"] for v in per):
+            old = rng([v["ratio"]["probe_on_eplb_auto_moe"]["side"] for v in per])
 
         rows.append(
             f"| {w} | {len(per)} | {', '.join(best)} | "
             f"{rng([v['ratio']['eplb_lp']['host'] for v in per])} | "
             f"{rng([v['eplb_lp_free_ratio'] for v in per])} | "
             f"{rng([v['ratio']['probe_paper']['side'] for v in per])} | "
-            f"{linear} | "
+            f"{linear} | {old} | "
             f"{rng([v['ratio'][v['rule_combo']]['side'] for v in per])} | "
             f"{rng([v['ratio']['oracle']['host'] for v in per])} |")
     return rows
@@ -107,6 +111,10 @@ def _verdict(results: list[dict], analysis: dict, sensitivity: dict | None) -> l
             parts.append(f"{name.split('_')[0]} {status} ({v['cases'] - len(v['missed'])}/"
                          f"{v['cases']} cases pass)")
         lines.append(f"* {mode} mode: " + "; ".join(parts) + ".")
+    for q, tq in analysis.get("targets_of", {}).items():
+        parts = [f"{name.split('_')[0]} {v['cases'] - len(v['missed'])}/{v['cases']}"
+                 for name, v in tq["side"].items()]
+        lines.append(f"* For comparison, {q} (side mode) passes " + ", ".join(parts) + ".")
     for w, m in means.items():
         lines.append(
             f"* {w}: the oracle saves {m[0]:.1f} us per MoE layer over the best baseline; "
@@ -120,8 +128,8 @@ def _verdict(results: list[dict], analysis: dict, sensitivity: dict | None) -> l
         if w == "decode" and pairs:
             d = [a - b for a, b in pairs]
             lines.append(
-                f"* {w}: planning on the measured table with the history split (auto) instead "
-                f"of the datasheet line at the fixed split moves PROBE-on-EPLB's ratio by "
+                f"* {w}: the history choice with fallbacks (auto) instead of the datasheet "
+                f"line at the fixed split moves PROBE-on-EPLB's ratio by "
                 f"{min(d):+.3f} to {max(d):+.3f} (mean {sum(d) / len(d):+.3f}); at or above "
                 f"1.00x in {sum(a >= 1.0 for a, _ in pairs)} of {len(pairs)} cases (fixed "
                 f"split, datasheet line: {sum(b >= 1.0 for _, b in pairs)}).")
@@ -155,6 +163,65 @@ def _terms(results: list[dict], analysis: dict) -> list[str]:
     for w, m in _term_means(results, analysis).items():
         rows.append(f"| {w} | {m[0]:.1f} | {m[1]:.1f} | {m[2]:.1f} | {m[3]:.1f} | {m[4]:.1f} | "
                     f"{m[5]:+.1f} |")
+    return rows
+
+
+def _picks(epochs: list[dict] | None) -> str:
+    """Per layer (',' between layers) the candidates an auto policy ran, in order, repeats
+    collapsed ('/' between changes)."""
+    if not epochs:
+        return ""
+    out = []
+    for layer in range(len(epochs[0]["layers"])):
+        seq = []
+        for e in epochs:
+            if not seq or seq[-1] != e["layers"][layer]:
+                seq.append(e["layers"][layer])
+        out.append("/".join(seq))
+    return ",".join(out)
+
+
+def _t2_rows(results: list[dict], analysis: dict, sensitivity: dict | None) -> list[str]:
+    """The T2 breakdown table (report section 'Where PROBE-on-EPLB loses ...')."""
+    rows = ["| model | workload | tok/rank | k | captured | oracle gain | MoE gap | overheads "
+            "(side + assign + transfer + stall) | choice | perfect | auto's picks |",
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    other = None
+    if sensitivity is not None:
+        other = {(f["model"], f["workload"], f["batch_per_rank"]): f
+                 for f in sensitivity["analysis"]["findings"]}
+    for r, f in zip(results, analysis["findings"], strict=True):
+        if f["workload"] not in ("shift", "repeat"):
+            continue
+        for k, entry in sorted(r["slots"].items(), key=lambda x: int(x[0])):
+            v = f["per_slots"][int(k)]
+            pol = entry["policies"]
+            layers = entry["meta"]["model_layers"]
+
+            def per_layer(q, mode="side", pol=pol, layers=layers):
+                return 1e3 * pol[q][mode]["step_ms"] / layers
+
+            auto = pol[v["rule_combo"]]["side"]
+            gain = per_layer(v["best_baseline"], "host") - per_layer("oracle", "host")
+            over = (auto["side_exposed_us"] + auto["solve_us"] + auto["transfer_us"]
+                    + 1e3 * auto["stall_ms_per_step"] / layers)
+            fixed = [q for q in pol if q.startswith(("probe_on_eplb_fit_b", "probe_on_eplb_wf"))
+                     or q in ("probe_paper", "eplb_async", "static")]
+            choice = per_layer(v["rule_combo"]) - min(per_layer(q) for q in fixed)
+            perfect = "-"
+            if other is not None and (f["model"], f["workload"], f["batch_per_rank"]) in other:
+                o = other[(f["model"], f["workload"], f["batch_per_rank"])]["per_slots"]
+                o = o.get(int(k), o.get(str(k)))
+                if o is not None:
+                    diff = (o["ratio"][o["rule_combo"]]["side"]
+                            - v["ratio"][v["rule_combo"]]["side"])
+                    perfect = f"{diff:+.3f}"
+            picks = _picks(v.get("auto_choices"))
+            rows.append(
+                f"| {f['model']} | {f['workload']} | {f['batch_per_rank']} | {k} | "
+                f"{v['captured'][v['rule_combo']]['side']:.2f} | {gain:.1f} | "
+                f"{auto['moe_us'] - pol['oracle']['host']['moe_us']:.1f} | {over:.1f} | "
+                f"{choice:+.1f} | {perfect} | {picks} |")
     return rows
 
 
@@ -228,11 +295,20 @@ def write_report(results: list[dict], analysis: dict, manifest: dict, path: Path
         "resident in every layer (k x layers x expert bytes per rank); PROBE's per-step slots "
         "are double-buffered for the layers in flight (2 x p x expert bytes). PROBE-on-EPLB "
         "splits k = b resident + p per-step. The PROBE-on-EPLB of the targets "
-        "(probe_on_eplb_auto, declared before the run) plans with alpha, beta refitted per step "
-        "and layer to the measured expert table around the predicted operating point and "
-        "takes each layer's b/p split from the history window (the split whose table-scored "
-        "MoE time was lowest there, fixed for the run). 'linear, fixed split' is the previous "
-        "rule: the datasheet alpha + beta n line at p = max(1, k // 2). tables.md lists every "
+        "(probe_on_eplb_auto, declared before the run) picks per layer, from the history "
+        "window, the candidate with the lowest side-mode layer time with every overhead it pays "
+        "(predictor + GPU planner beyond the dispatch, GPU assignment, exposed transfer, "
+        "stall): every b/p split (p >= 1) of the planner with alpha, beta refitted to the "
+        "measured expert table, and the fallbacks EPLB's even split (eplb_async exactly: no "
+        "predictor, planner or assignment run), EPLB water-filled on the true load "
+        "(probe_on_eplb_wf, assignment charged) and static EP; the first pick from the window "
+        "before the measured steps, re-picked at each EPLB re-plan from the steps before it, "
+        "and between re-plans switching a layer when another candidate was at least 1% faster "
+        "over the last window // 4 steps (cells: layer choices, '/' between re-picks; "
+        "auto_replan: the re-plan picks alone). 'auto_moe' is the earlier rule (the "
+        "split with the lowest MoE time, fit splits only, fixed for the run); 'linear, fixed "
+        "split' the one before: the datasheet alpha + beta n line at p = max(1, k // 2). "
+        "tables.md lists every "
         "split of both planners; the best split per case (picked after the run) is shown "
         "separately and not used for the targets.",
         f"* EPLB scaling: vLLM uses a 1000-step window and a 3000-step interval, SGLang "
@@ -244,8 +320,11 @@ def write_report(results: list[dict], analysis: dict, manifest: dict, path: Path
         "stalls); dense layers, embedding and LM head are not modelled, so ratios are of the "
         "attention + MoE part of a step.",
         "* Not modelled: replica and re-plan transfers contending with dispatch/combine traffic "
-        "on NVLink; attention to earlier chunks' KV in prefill; the host round trip of the "
-        "dispatch-time water-filling (its Numba kernel time is charged).",
+        "on NVLink; attention to earlier chunks' KV in prefill; in the host mode the host "
+        "round trip of the dispatch-time water-filling (its Numba kernel time is charged). The "
+        "side mode charges the GPU greedy and assignment kernels' H200 times per layer of a "
+        "multi-layer launch (constants below); one layer launched alone took 350-570 us for "
+        "the assignment at ep = 8, which is not charged.",
         "* The oracle is the best of every policy's plan and of greedy plans on the true load "
         "(a heuristic upper reference, zero cost), not a proven optimum.",
         "",
@@ -267,8 +346,8 @@ def write_report(results: list[dict], analysis: dict, manifest: dict, path: Path
     lines += ["", "## Headline: throughput / best baseline (side-stream mode for PROBE; host "
               "mode in parentheses)", "",
               "| model | workload | tok/rank | k | best baseline | EPLB+LP | EPLB+LP, LP free | "
-              "PROBE paper | PROBE-on-EPLB linear, fixed split | PROBE-on-EPLB (table fit, "
-              "history split: its b/p per layer) | PROBE-on-EPLB (best split, post hoc) | "
+              "PROBE paper | PROBE-on-EPLB linear, fixed split | PROBE-on-EPLB auto (its "
+              "choice per layer) | PROBE-on-EPLB (best split, post hoc) | "
               "oracle | captured (auto, side) |",
               "|---|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for f in analysis["findings"]:
@@ -279,9 +358,7 @@ def write_report(results: list[dict], analysis: dict, manifest: dict, path: Path
             cap = v["captured"][rule]["side"]
             lin = v.get("linear_combo")
             lin_cell = "-" if lin is None else f"{r[lin]['side']:.3f} ({r[lin]['host']:.3f})"
-            split = v.get("auto_split")
-            split_cell = "" if not split else \
-                " " + ",".join(f"b{b}p{p}" for b, p in split)
+            split_cell = " " + _picks(v.get("auto_choices"))
             lines.append(
                 f"| {f['model']} | {f['workload']} | {f['batch_per_rank']} | {k} | "
                 f"{v['best_baseline']} | {r['eplb_lp']['host']:.3f} | "
@@ -317,6 +394,17 @@ def write_report(results: list[dict], analysis: dict, manifest: dict, path: Path
               "slots)", "", *_terms(results, analysis), "",
               "The oracle's saving is the most any balancer can gain over the best baseline; "
               "PROBE-on-EPLB keeps it minus the next four columns (net: the last).", ""]
+    lines += ["## Where PROBE-on-EPLB loses against the oracle on shift and repeat (T2)", "",
+              "Per case, microseconds per layer of the side-mode step time (model layers x "
+              "layer time + stalls, divided by the model's layers). 'oracle gain': best "
+              "baseline minus oracle; 'MoE gap': auto's MoE time above the oracle's "
+              "(the plan: which candidate each layer runs, which replicas, the b/p split, and "
+              "the prediction); 'overheads': auto's exposed predictor + planner, assignment, "
+              "replica transfer and stall; 'choice': auto minus the best single candidate of "
+              "the case fixed for the whole run (post hoc: what picking from history cost); "
+              "'perfect': auto's ratio with the perfect predictor minus its ratio here (what "
+              "the prediction error cost), where a perfect-predictor run is given.", "",
+              *_t2_rows(results, analysis, sensitivity), ""]
     lines += ["", "## Targets", ""]
     for mode in ("side", "host"):
         lines += [f"### PROBE overheads in the {mode} mode", ""]

@@ -53,8 +53,25 @@ their sources; `FairCosts.constants_table()` prints them for reports):
   form at H = 256: gpt-oss-120b 18.8 / 22.5 / 46.6 us at T = 512 / 1024 / 8192 tokens per
   rank, qwen3-235b-a22b 23.9 / 28.1 / 60.2 us; interpolated linearly in T.
 * Planner: the greedy kernel, 19.7 us per layer at ep = 8 (results/planner_speed.md, CPU, one
-  core); the lean host path (inputs in, plan out) is taken as 1.5x the kernel. A GPU kernel is
-  not measured: `planner_gpu_s` is a parameter (default: the CPU kernel's 19.7 us).
+  core); the lean host path (inputs in, plan out) is taken as 1.5x the kernel (host mode).
+  Side-stream mode charges the greedy as a numba.cuda kernel MEASURED on one H200
+  (results/h200/gpu_greedy: CUDA-graph replay of a 32-layer launch, per layer, 3 slots per
+  rank): 23.4 us at ep = 8 / 128 experts, 231.9 us at ep = 64 / 256 experts;
+  `planner_gpu_time(G, E)` interpolates linearly in G x E (the load matrix's size) between the
+  two shapes, holds the first point below it (a launch does not get cheaper on a smaller
+  shape) and extends the line above the last. `planner_gpu_s` overrides it with a fixed time.
+* Dispatch-time assignment (water-filling): host mode charges the Numba kernel's measured wall
+  time on this machine (probe.sim.fair.waterfill_split). Side-stream mode charges, by default
+  (`assign_time="gpu"`), the repository's dispatch-time assignment kernel
+  (probe.planner.assign_cuda) MEASURED on one H200 (results/h200/gpu_assign: CUDA-graph replay
+  of a 24-layer launch, per layer): 16.3 / 36.7 us at ep = 8 / 128 experts with 1 / 3 extra
+  slots per rank, 249.3 / 506.6 us at ep = 64 / 256; `assign_gpu_time(G, E, k)` is linear in
+  k through the 1- and 3-slot points (extended beyond) and linear in G x E as the planner's.
+  Both GPU figures are launch time / layers of a multi-layer launch (layers run side by side);
+  a replayed graph of a one-layer assignment launch took 350 / 570 us at ep = 8 (5.7 / 11.1 ms
+  at ep = 64): a runtime that assigns each layer alone at its dispatch would wait that long,
+  so these charges assume a kernel whose single-layer latency reaches the batched per-layer
+  time. `assign_time="host"` charges the measured host time in side mode too.
 """
 
 from __future__ import annotations
@@ -68,7 +85,8 @@ import numpy as np
 from probe.sim.calibration import calibrated_hardware, load_calibration
 from probe.specs import ModelSpec, model_preset
 
-__all__ = ["CONSTANTS", "ExpertTimeTable", "FairCosts", "predictor_seconds"]
+__all__ = ["CONSTANTS", "ExpertTimeTable", "FairCosts", "assign_gpu_time", "planner_gpu_time",
+           "predictor_seconds"]
 
 # Every constant the fair comparison charges, with its source.
 CONSTANTS: dict[str, dict] = {
@@ -96,9 +114,19 @@ CONSTANTS: dict[str, dict] = {
                             "source": "lean host path ~1.5x the kernel (results/planner_speed"
                                       ".md: greedy_plan and solve() wrappers cost more; a lean "
                                       "path is assumed at 1.5x)"},
-    "planner_gpu_s": {"value": 19.7e-6, "unit": "s",
-                      "source": "NOT MEASURED: a GPU planner kernel is taken as fast as the "
-                                "CPU kernel (parameter)"},
+    "planner_gpu_s": {"value": "23.4 us (ep=8, E=128), 231.9 us (ep=64, E=256)",
+                      "unit": "s per layer",
+                      "source": "results/h200/gpu_greedy: numba.cuda greedy on one H200, "
+                                "CUDA-graph replay of a 32-layer launch / 32, 3 slots per "
+                                "rank; linear in G x E between the two shapes, the first "
+                                "point held below it (side-stream mode)"},
+    "assign_gpu_s": {"value": "16.3 / 36.7 us (ep=8, E=128, +1 / +3 slots), 249.3 / 506.6 us "
+                              "(ep=64, E=256)", "unit": "s per layer",
+                     "source": "results/h200/gpu_assign: dispatch-time assignment kernel on "
+                               "one H200, CUDA-graph replay of a 24-layer launch / 24; linear "
+                               "in slots through 1 and 3, linear in G x E as planner_gpu_s "
+                               "(side-stream mode default; a one-layer launch took 350-570 us "
+                               "at ep=8, not charged)"},
     "sliding_window": {"value": 128, "unit": "tokens",
                        "source": "gpt-oss model card: alternating 128-token sliding-window "
                                  "and full-attention layers"},
@@ -109,6 +137,52 @@ _PREDICTOR_US = {
     "gpt-oss-120b": ((512, 18.8), (1024, 22.5), (8192, 46.6)),
     "qwen3-235b-a22b": ((512, 23.9), (1024, 28.1), (8192, 60.2)),
 }
+
+
+# results/h200/gpu_greedy/gpu_greedy.json rows[*].graph_replay_us: (G, E) -> us per layer.
+_PLANNER_GPU_US = {(8, 128): 23.4025, (64, 256): 231.894}
+# results/h200/gpu_assign/gpu_assign.json speed[*].device_graph_us: (G, E, extra slots) -> us.
+_ASSIGN_GPU_US = {(8, 128, 1): 16.3147, (8, 128, 3): 36.6573,
+                  (64, 256, 1): 249.3427, (64, 256, 3): 506.6153}
+
+
+def _along_size(num_ranks: int, num_experts: int, small: float, large: float) -> float:
+    """Linear in G x E through the two measured shapes (8 x 128, 64 x 256); the small shape's
+    value held below it, the line extended above the large one."""
+    x0, x1 = 8 * 128, 64 * 256
+    x = max(float(num_ranks * num_experts), x0)
+    return small + (large - small) * (x - x0) / (x1 - x0)
+
+
+def planner_gpu_time(num_ranks: int, num_experts: int) -> float:
+    """Seconds per layer of the greedy as a GPU kernel at G ranks and E experts, from the two
+    H200 measurements (CONSTANTS["planner_gpu_s"]); exact at the measured shapes."""
+    for name, v in (("num_ranks", num_ranks), ("num_experts", num_experts)):
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
+            raise ValueError(f"{name} must be an int >= 1, got {v!r}")
+    if (num_ranks, num_experts) in _PLANNER_GPU_US:
+        return 1e-6 * _PLANNER_GPU_US[(num_ranks, num_experts)]
+    return 1e-6 * _along_size(num_ranks, num_experts, _PLANNER_GPU_US[(8, 128)],
+                              _PLANNER_GPU_US[(64, 256)])
+
+
+def assign_gpu_time(num_ranks: int, num_experts: int, slots: int) -> float:
+    """Seconds per layer of the dispatch-time assignment as a GPU kernel at G ranks, E experts
+    and `slots` extra slots per rank, from the four H200 measurements
+    (CONSTANTS["assign_gpu_s"]); exact at the measured points."""
+    for name, v, low in (("num_ranks", num_ranks, 1), ("num_experts", num_experts, 1),
+                         ("slots", slots, 0)):
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < low:
+            raise ValueError(f"{name} must be an int >= {low}, got {v!r}")
+    if (num_ranks, num_experts, slots) in _ASSIGN_GPU_US:
+        return 1e-6 * _ASSIGN_GPU_US[(num_ranks, num_experts, slots)]
+    s = max(int(slots), 1)
+
+    def at(g, e):  # linear in slots through the 1- and 3-slot points
+        one, three = _ASSIGN_GPU_US[(g, e, 1)], _ASSIGN_GPU_US[(g, e, 3)]
+        return one + (three - one) * (s - 1) / 2
+
+    return 1e-6 * _along_size(num_ranks, num_experts, at(8, 128), at(64, 256))
 
 
 def predictor_seconds(model: str, tokens_per_rank: float) -> float:
@@ -205,11 +279,18 @@ class FairCosts:
     link_bandwidth: float = CONSTANTS["link_bandwidth"]["value"]
     planner_kernel_s: float = CONSTANTS["planner_kernel_s"]["value"]
     planner_host_factor: float = CONSTANTS["planner_host_factor"]["value"]
-    planner_gpu_s: float = CONSTANTS["planner_gpu_s"]["value"]
+    planner_gpu_s: float | None = None  # None: planner_gpu_time(G, E), measured on an H200
+    assign_time: str = "gpu"  # side mode's assignment charge: "gpu" (measured) or "host"
     calibrated_as: str = ""  # the calibrated model whose costs these are ("": model.name)
     ranks_per_node: int = 8
     inter_a2a_bandwidth: float = CONSTANTS["inter_a2a_bandwidth"]["value"]
     inter_a2a_latency_s: float = CONSTANTS["inter_a2a_latency_s"]["value"]
+
+    def __post_init__(self) -> None:
+        if self.assign_time not in ("gpu", "host"):
+            raise ValueError(f"assign_time must be 'gpu' or 'host', got {self.assign_time!r}")
+        if self.planner_gpu_s is not None and not self.planner_gpu_s >= 0:
+            raise ValueError(f"planner_gpu_s must be >= 0 or None, got {self.planner_gpu_s!r}")
 
     @classmethod
     def for_model(cls, name: str, num_ranks: int = 8, calibration=None, *,
@@ -291,6 +372,18 @@ class FairCosts:
             alpha = max(float(alpha), 0.0)
             cache[last] = dataclasses.replace(base, alpha=alpha, beta=beta)
         return cache[last]
+
+    def planner_gpu_seconds(self) -> float:
+        """The greedy's GPU seconds per layer (side mode): `planner_gpu_s` when given, else
+        planner_gpu_time at this G and E."""
+        if self.planner_gpu_s is not None:
+            return float(self.planner_gpu_s)
+        return planner_gpu_time(self.num_ranks, self.model.num_experts)
+
+    def assign_gpu_seconds(self, slots: int) -> float:
+        """The dispatch-time assignment's GPU seconds per layer at `slots` extra slots per
+        rank (side mode, assign_time "gpu")."""
+        return assign_gpu_time(self.num_ranks, self.model.num_experts, slots)
 
     @property
     def expert_bytes(self) -> int:

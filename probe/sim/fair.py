@@ -39,8 +39,28 @@ layer type). Every policy has k extra expert slots per rank:
                     per step and layer to the measured expert table around the operating point
                     (FairCosts.fitted_cost of the heaviest predicted expert load) instead of
                     the datasheet line alpha + beta n.
-    probe_on_eplb_auto  probe_on_eplb_fit with the b/p split chosen per layer from the history
-                    steps before the measured ones (history_split), fixed for the run.
+    probe_on_eplb_wf  b = k, p = 0: eplb_async's layout, the dispatch-time water-filling on the
+                    TRUE load (alpha, beta fitted at the true heaviest expert); no predictor or
+                    planner; the assignment charged as for probe_on_eplb.
+    probe_on_eplb_auto_moe  probe_on_eplb_fit with the b/p split chosen per layer from the
+                    history steps before the measured ones by MoE time alone (history_split),
+                    fixed for the run (the earlier rule, kept for comparison).
+    probe_on_eplb_auto_replan  per layer the candidate (auto_candidates: every
+                    probe_on_eplb_fit split, probe_paper (b 0 on the sharded home),
+                    eplb_async = b k p 0 with the even split and nothing run,
+                    probe_on_eplb_wf, static) with the lowest side-mode layer time incl.
+                    every overhead it pays (side_layer_time: MoE, exposed predictor + GPU
+                    planner, assignment, exposed transfer, stall). First pick: the `window`
+                    history steps before the measured ones (history_times, their predictions
+                    from the error model with another seed); re-picked at each re-plan from
+                    the measured steps of the window before it (causal). Where every layer
+                    falls back to eplb_async its step times are eplb_async's exactly.
+    probe_on_eplb_auto  the PROBE-on-EPLB of the targets: probe_on_eplb_auto_replan's picks at
+                    the start and at each re-plan; before every other measured step a layer
+                    switches to the candidate with the lowest mean time over the last
+                    max(1, window // 4) measured steps if that is at least STEP_MARGIN (1%)
+                    below its current candidate's there (reacts to a shift within a few steps
+                    instead of at the next re-plan).
     oracle          perfect knowledge, zero cost: per layer the best (lowest MoE time) of every
                     policy's plan and of the greedy planned on the TRUE load over each layout
                     (sharded + k per-step slots, EPLB-b + p per-step slots) with the LP /
@@ -50,7 +70,10 @@ layer type). Every policy has k extra expert slots per rank:
 Overheads of PROBE per layer, two modes (both reported):
     host   predictor + planner on the host in series: pred + planner_kernel x host_factor.
     side   predictor + planner on a side stream during the dispatch all-to-all:
-           max(0, pred + planner_gpu - dispatch).
+           max(0, pred + planner_gpu - dispatch), planner_gpu measured on an H200
+           (FairCosts.planner_gpu_seconds); the dispatch-time assignment (in series) charged
+           at the GPU kernel's measured time (FairCosts.assign_gpu_seconds; assign_time
+           "host": the host kernel's wall time, as in host mode).
 Layer time = attention + MoE (dispatch + max compute + combine) + exposed overheads; step
 time = model layers x mean layer time + the step's stop-the-world stall. Dense layers,
 embedding and LM head are not modelled.
@@ -78,8 +101,9 @@ from probe.sim.costs import FairCosts
 from probe.sim.policies import apply_plan
 from probe.sim.predict import make_predictor, replay_predictor
 
-__all__ = ["FairResult", "eplb_copies", "history_split", "lp_split", "policy_names",
-           "rule_split", "simulate_fair", "split_by_fractions", "waterfill_split"]
+__all__ = ["FALLBACKS", "FairResult", "auto_candidates", "eplb_copies", "history_split",
+           "history_times", "lp_split", "pick_by_time", "policy_names", "rule_split",
+           "side_layer_time", "simulate_fair", "split_by_fractions", "waterfill_split"]
 
 
 def paper_options() -> dict:
@@ -89,11 +113,54 @@ def paper_options() -> dict:
 
 def policy_names(slots: int) -> list[str]:
     """Policies simulated at `slots` extra slots per rank (probe_on_eplb and probe_on_eplb_fit
-    for every b + p, probe_on_eplb_auto)."""
+    for every b + p with p >= 1, probe_on_eplb_wf (b = k, p = 0), probe_on_eplb_auto_moe,
+    probe_on_eplb_auto_replan, probe_on_eplb_auto)."""
     combos = [f"probe_on_eplb_b{b}p{slots - b}" for b in range(slots)]
     fits = [f"probe_on_eplb_fit_b{b}p{slots - b}" for b in range(slots)]
     return ["static", "eplb_stw", "eplb_async", "eplb_lp", "probe_paper", *combos, *fits,
+            "probe_on_eplb_wf", "probe_on_eplb_auto_moe", "probe_on_eplb_auto_replan",
             "probe_on_eplb_auto", "oracle"]
+
+
+# The auto policy's fallback candidates (besides every probe_on_eplb_fit split and the paper's
+# PROBE, b = 0 on the sharded home): EPLB's async layout with its even split (no predictor,
+# planner or assignment run: eplb_async exactly), the same layout water-filled on the true
+# load (probe_on_eplb_wf) and static EP.
+FALLBACKS = ("eplb_async", "probe_on_eplb_wf", "static")
+# probe_on_eplb_auto's hysteresis: between re-plans a layer switches candidate only for
+# one at least 1% faster over the last steps (declared, checked on seed-1 traces only).
+STEP_MARGIN = 0.01
+
+
+def auto_candidates(slots: int) -> list[str]:
+    """The policies probe_on_eplb_auto(_replan) pick from per layer: every fit split, the
+    paper's PROBE, then FALLBACKS."""
+    return ([f"probe_on_eplb_fit_b{b}p{slots - b}" for b in range(slots)] + ["probe_paper"]
+            + list(FALLBACKS))
+
+
+def side_layer_time(metrics: dict, stall: np.ndarray, model_layers: int,
+                    attention: float) -> np.ndarray:
+    """float64 [N, L]: side-mode layer time of one policy's metrics (attention + MoE + exposed
+    transfer + assignment charged in side mode + side-stream exposure) plus its stop-the-world
+    stall spread over the model's layers: the score the auto policies pick by."""
+    return (attention + metrics["moe"] + metrics["transfer"] + metrics["solve_side"]
+            + metrics["side"] + stall[:, None] / model_layers)
+
+
+def pick_by_time(times: dict[str, np.ndarray], candidates: list[str]) -> list[str]:
+    """Per layer the candidate with the lowest mean time (float64 [H, L] each) over the rows
+    given; ties go to the earlier candidate."""
+    num_layers = next(iter(times.values())).shape[1]
+    out = []
+    for layer in range(num_layers):
+        best, best_t = candidates[0], math.inf
+        for name in candidates:
+            t = float(times[name][:, layer].mean())
+            if t < best_t - 1e-15:
+                best, best_t = name, t
+        out.append(best)
+    return out
 
 
 def rule_split(slots: int) -> tuple[int, int]:
@@ -131,6 +198,83 @@ def history_split(history: np.ndarray, layouts: dict, costs: FairCosts, slots: i
                 best, best_t = (b, p), total
         out.append(best)
     return out
+
+
+def history_times(history: np.ndarray, previous: np.ndarray | None, layouts: dict,
+                  costs: FairCosts, slots: int, attention: float, predict) -> dict:
+    """Side-mode layer times of every auto candidate on the history steps, for the choice of
+    probe_on_eplb_auto_replan before the first measured step: {candidate: float64 [H, L]}.
+
+    history: int [H, L, S, E] loads; previous: int [L, S, E] the step before them (None: the
+    first history step predicts itself); layouts: b -> copies int [L, G, E] (the EPLB layouts
+    that will serve the first measured steps); predict(true, previous, h, layer) -> int [S, E]
+    a predictor for the history steps. Every candidate is costed as in simulate_fair: MoE
+    time on the measured table, plus (fit splits) the side-stream exposure of predictor +
+    GPU planner beyond the dispatch and the exposed replica transfer, plus (fit splits and
+    probe_on_eplb_wf) the dispatch-time assignment charged in side mode (GPU time; with
+    assign_time "host" the water-filling kernel's median wall time here)."""
+    num_steps, num_layers, num_ranks, num_experts = history.shape
+    home = sharded_home(num_experts, num_ranks)
+    home_int = home.astype(np.int64)
+    names = auto_candidates(slots)
+    out = {name: np.zeros((num_steps, num_layers)) for name in names}
+    planner_gpu = costs.planner_gpu_seconds()
+    planner = costs.planner_cost
+    wf_seconds: list[float] = []
+    wf_cells = []  # (name, h, layer) charged the host water-filling time when assign is host
+    for h in range(num_steps):
+        for layer in range(num_layers):
+            true = history[h, layer].astype(np.int64)
+            prev = history[h - 1, layer] if h > 0 else (
+                previous[layer] if previous is not None else true)
+            pred = np.asarray(predict(true, prev, h, layer), np.int64)
+            tpr = float(true.sum(axis=1).mean() / costs.model.top_k)
+            pred_s = costs.predictor_s(tpr)
+            static_assign = static_assignment(true, home)
+            out["static"][h, layer] = costs.moe_seconds(static_assign, home_int)["moe"]
+            static_compute = costs.compute_per_rank(static_assign.sum(axis=0).T, home_int)
+            real_window = attention + static_compute
+            copies = layouts[slots][layer]
+            out["eplb_async"][h, layer] = costs.moe_seconds(even_split(true, copies),
+                                                            copies)["moe"]
+            true_cost = costs.fitted_cost(true.sum(axis=0).max())
+            assign = waterfill_split(true, copies, costs, wf_seconds, cost=true_cost)
+            out["probe_on_eplb_wf"][h, layer] = costs.moe_seconds(assign, copies)["moe"]
+            wf_cells.append(("probe_on_eplb_wf", h, layer))
+            planned = BalanceProblem(pred, home, slots, default_window(pred, home, planner)
+                                     + attention, planner)
+            plan = apply_plan(_plan(solve(planned, "greedy", check=False, **paper_options())),
+                              true, home)
+            scored = costs.moe_seconds(plan.assignment, home_int + plan.replicas)
+            recv, send = transfer_times(planned.with_load(true), plan)
+            out["probe_paper"][h, layer] = (
+                scored["moe"] + float(np.maximum(np.maximum(recv, send) - real_window,
+                                                 0.0).max())
+                + max(0.0, pred_s + planner_gpu - scored["dispatch"]))
+            fit_cost = costs.fitted_cost(pred.sum(axis=0).max())
+            for b in range(slots):
+                name = f"probe_on_eplb_fit_b{b}p{slots - b}"
+                copies = layouts[b][layer]
+                base = copies > 0
+                win = default_window(pred, base, fit_cost) + attention
+                result = solve(BalanceProblem(pred, base, slots - b, win, fit_cost), "greedy",
+                               check=False, **paper_options())
+                plan0 = _plan(result)
+                holds = copies + plan0.replicas
+                assign = waterfill_split(true, holds, costs, wf_seconds, cost=fit_cost)
+                scored = costs.moe_seconds(assign, holds)
+                plan = Plan(plan0.replicas, plan0.sources, assign)
+                recv, send = transfer_times(BalanceProblem(true, base, slots - b, win,
+                                                           fit_cost), plan)
+                transfer = float(np.maximum(np.maximum(recv, send) - real_window, 0.0).max())
+                side = max(0.0, pred_s + planner_gpu - scored["dispatch"])
+                out[name][h, layer] = scored["moe"] + transfer + side
+                wf_cells.append((name, h, layer))
+    assign_s = (costs.assign_gpu_seconds(slots) if costs.assign_time == "gpu"
+                else float(np.median(wf_seconds)))
+    for name, h, layer in wf_cells:
+        out[name][h, layer] += assign_s
+    return {name: t + attention for name, t in out.items()}
 
 
 def split_by_fractions(load: np.ndarray, frac: np.ndarray) -> np.ndarray:
@@ -318,8 +462,10 @@ class FairResult:
     def layer_time(self, policy: str, mode: str = "host") -> np.ndarray:
         """float64 [N, L]: attention + MoE + exposed overheads (mode 'host' or 'side')."""
         m = self.metrics[policy]
-        over = m["pred"] + m["plan_host"] if mode == "host" else m["side"]
-        return self.attention + m["moe"] + m["transfer"] + m["solve"] + over
+        if mode == "host":
+            return self.attention + m["moe"] + m["transfer"] + m["solve"] + m["pred"] \
+                + m["plan_host"]
+        return self.attention + m["moe"] + m["transfer"] + m["solve_side"] + m["side"]
 
     def step_time(self, policy: str, mode: str = "host") -> np.ndarray:
         """float64 [N]: model layers x mean layer time + stop-the-world stall."""
@@ -333,7 +479,8 @@ class FairResult:
     def summary(self, policy: str, mode: str = "host") -> dict:
         m = self.metrics[policy]
         num_model_layers = self.meta["model_layers"]
-        solve_free = self.step_time(policy, mode) - num_model_layers * m["solve"].mean(axis=1)
+        solve = m["solve"] if mode == "host" else m["solve_side"]
+        solve_free = self.step_time(policy, mode) - num_model_layers * solve.mean(axis=1)
         return {
             "throughput_tok_s": self.throughput(policy, mode),
             "throughput_solve_free_tok_s": float(self.tokens_per_step.sum() / solve_free.sum()),
@@ -343,7 +490,7 @@ class FairResult:
             "predictor_us": 1e6 * float(m["pred"].mean()) if mode == "host" else None,
             "planner_us": 1e6 * float(m["plan_host"].mean()) if mode == "host" else None,
             "side_exposed_us": 1e6 * float(m["side"].mean()),
-            "solve_us": 1e6 * float(m["solve"].mean()),
+            "solve_us": 1e6 * float(solve.mean()),
             "transfer_us": 1e6 * float(m["transfer"].mean()),
             "stall_ms_per_step": 1e3 * float(self.stall[policy].mean()),
             "bytes_moved_per_step": float(self.moved[policy].mean()),
@@ -352,7 +499,7 @@ class FairResult:
 
 
 _METRICS = ("moe", "compute", "comm", "imbalance", "transfer", "pred", "plan_host", "side",
-            "solve", "replicas")
+            "solve", "solve_side", "replicas")
 
 
 def simulate_fair(load: np.ndarray, costs: FairCosts, *, slots: int, prior: int, window: int,
@@ -412,6 +559,9 @@ def simulate_fair(load: np.ndarray, costs: FairCosts, *, slots: int, prior: int,
     attention = costs.attention_seconds(batch, phase)
     expert_bytes = costs.expert_bytes
     fixed_solve = solve_time or {}
+    planner_gpu = costs.planner_gpu_seconds()
+    # side mode's assignment charge: the GPU kernel's measured time (None: the host time)
+    assign_side = costs.assign_gpu_seconds(slots) if costs.assign_time == "gpu" else None
 
     def weight_at(step: int) -> np.ndarray:  # mean load of the window before `step`
         return load[step - window:step].sum(axis=2).mean(axis=0).astype(np.float64)  # [L, E]
@@ -422,6 +572,48 @@ def simulate_fair(load: np.ndarray, costs: FairCosts, *, slots: int, prior: int,
     active = {b: eplb_copies(weight_at(prior), b, num_ranks) for b in residents}
     pending: dict[int, tuple[np.ndarray, int] | None] = dict.fromkeys(residents)
     auto_split = history_split(load[prior - window:prior], active, costs, slots, attention)
+    # probe_on_eplb_auto_replan: per layer the candidate with the lowest side-mode layer time on
+    # history window, re-picked at each re-plan from the measured steps since the window began
+    # (only steps before the re-plan). First pick: history steps through a predictor of their
+    # own (an error model with another seed; a replayed prediction array has none for the
+    # history, so the previous step's load stands for it).
+    candidates_auto = auto_candidates(slots)
+    if isinstance(predictor, str):
+        history_predict = make_predictor(predictor, seed=seed + 7919)
+    elif callable(predictor):
+        history_predict = predictor
+    else:
+        history_predict = make_predictor("previous", seed=seed)
+    first = history_times(load[prior - window:prior],
+                          load[prior - window - 1] if prior > window else None, active, costs,
+                          slots, attention, history_predict)
+    auto_epochs = [(0, pick_by_time(first, candidates_auto))]  # (first step, names per layer)
+    # probe_on_eplb_auto: the same first pick, re-picked before every measured step from
+    # the last `pick_window` measured steps (a quarter of EPLB's window, at least one)
+    pick_window = max(1, window // 4)
+    step_epochs = [auto_epochs[0]]
+
+    def shadow_times(seen: slice) -> dict:  # side-mode layer times over measured rows
+        return {q: side_layer_time({k: v[seen] for k, v in metrics[q].items()},
+                                   stall[q][seen], model.num_layers, attention)
+                for q in candidates_auto}
+
+    def shadow_pick(seen: slice) -> list[str]:  # lowest side-mode time over measured rows
+        return pick_by_time(shadow_times(seen), candidates_auto)
+
+    def step_pick(n: int, current: list[str]) -> list[str]:
+        """Between re-plans a layer leaves its current candidate only for one whose mean time
+        over the last `pick_window` steps is at least STEP_MARGIN lower (hysteresis: noise in
+        a stable load does not move it); at a re-plan auto's pick from the whole window."""
+        if n % interval == 0:
+            return auto_epochs[-1][1]
+        times = shadow_times(slice(max(0, n - pick_window), n))
+        out = []
+        for layer, (now, new) in enumerate(zip(current, pick_by_time(times, candidates_auto),
+                                               strict=True)):
+            t_now, t_new = times[now][:, layer].mean(), times[new][:, layer].mean()
+            out.append(new if t_new < (1.0 - STEP_MARGIN) * t_now else now)
+        return out
     step_hide = 0.0  # seconds of non-communication time of the last step (async copy window)
 
     def moved_per_rank(old: np.ndarray, new: np.ndarray) -> np.ndarray:  # bytes [G]
@@ -429,6 +621,10 @@ def simulate_fair(load: np.ndarray, costs: FairCosts, *, slots: int, prior: int,
 
     for n in range(num_steps):
         step = prior + n
+        if n > 0 and n % interval == 0:
+            auto_epochs.append((n, shadow_pick(slice(max(0, n - window), n))))
+        if n > 0:
+            step_epochs.append((n, step_pick(n, step_epochs[-1][1])))
         if n > 0 and n % interval == 0:
             new = eplb_copies(weight_at(step), slots, num_ranks)
             by_rank = moved_per_rank(stw, new)
@@ -440,7 +636,7 @@ def simulate_fair(load: np.ndarray, costs: FairCosts, *, slots: int, prior: int,
                 seconds = moved_per_rank(active[b], new_b).max() / costs.link_bandwidth
                 delay = math.ceil(seconds / step_hide) if step_hide > 0 else 0
                 pending[b] = (new_b, n + min(delay, interval))
-                users = ["eplb_async", "eplb_lp"] if b == slots else []
+                users = ["eplb_async", "eplb_lp", "probe_on_eplb_wf"] if b == slots else []
                 users += [q for q, qb in combo_of.items() if qb == b]
                 for user in users:
                     moved[user][n] = moved_per_rank(active[b], new_b).sum()
@@ -463,8 +659,8 @@ def simulate_fair(load: np.ndarray, costs: FairCosts, *, slots: int, prior: int,
             candidates = []  # (moe dict, plan metadata) for the oracle
 
             def record(policy, assignment, copies, *, transfer=0.0, probe=False, solve_s=0.0,
-                       replicas=0, n=n, layer=layer, pred_s=pred_s, plan_host=plan_host,
-                       candidates=candidates):
+                       solve_side=None, replicas=0, n=n, layer=layer, pred_s=pred_s,
+                       plan_host=plan_host, candidates=candidates):
                 scored = costs.moe_seconds(assignment, copies)
                 m = metrics[policy]
                 m["moe"][n, layer] = scored["moe"]
@@ -473,12 +669,12 @@ def simulate_fair(load: np.ndarray, costs: FairCosts, *, slots: int, prior: int,
                 m["imbalance"][n, layer] = scored["imbalance"]
                 m["transfer"][n, layer] = transfer
                 m["solve"][n, layer] = solve_s
+                m["solve_side"][n, layer] = solve_s if solve_side is None else solve_side
                 m["replicas"][n, layer] = replicas
                 if probe:
                     m["pred"][n, layer] = pred_s
                     m["plan_host"][n, layer] = plan_host
-                    m["side"][n, layer] = max(0.0, pred_s + costs.planner_gpu_s
-                                              - scored["dispatch"])
+                    m["side"][n, layer] = max(0.0, pred_s + planner_gpu - scored["dispatch"])
                 candidates.append(scored["moe"])
                 return scored
 
@@ -515,6 +711,17 @@ def simulate_fair(load: np.ndarray, costs: FairCosts, *, slots: int, prior: int,
             checked("eplb_lp", BalanceProblem(true, copies > 0, 0, 0.0, planner_cost),
                     Plan(np.zeros_like(home), np.full(home.shape, -1), assign))
             record("eplb_lp", assign, copies, solve_s=fixed_solve.get("lp", lp_s))
+            # probe_on_eplb_wf (b = k, p = 0): eplb_async's layout water-filled on the true load
+            # (the table fit at the true heaviest expert: the assignment sees the true load);
+            # no predictor or planner; the assignment charged as for probe_on_eplb
+            wf_timing: list[float] = []
+            true_cost = costs.fitted_cost(true.sum(axis=0).max())
+            assign = waterfill_split(true, copies, costs, wf_timing, cost=true_cost)
+            wf_s = fixed_solve.get("waterfill", wf_timing[0])
+            checked("probe_on_eplb_wf", BalanceProblem(true, copies > 0, 0, 0.0, planner_cost),
+                    Plan(np.zeros_like(home), np.full(home.shape, -1), assign))
+            record("probe_on_eplb_wf", assign, copies, solve_s=wf_s,
+                   solve_side=assign_side if assign_side is not None else wf_s)
             # probe_paper: greedy (paper's rules) on the prediction over the sharded home
             win = default_window(pred, home, planner_cost) + attention
             planned = BalanceProblem(pred, home, slots, win, planner_cost)
@@ -541,8 +748,10 @@ def simulate_fair(load: np.ndarray, costs: FairCosts, *, slots: int, prior: int,
                 plan = Plan(replicas, _plan(result).sources, assign)
                 truth = BalanceProblem(true, base, p, win, planner_cost)
                 checked(policy, truth, plan)
+                wf_s = fixed_solve.get("waterfill", wf_s)
                 record(policy, assign, holds, transfer=exposed_transfer(truth, plan),
-                       probe=True, solve_s=fixed_solve.get("waterfill", wf_s),
+                       probe=True, solve_s=wf_s,
+                       solve_side=assign_side if assign_side is not None else wf_s,
                        replicas=plan.num_replicas)
             # probe_on_eplb_fit: the same on alpha, beta fitted to the table around the prediction
             fit_cost = costs.fitted_cost(pred.sum(axis=0).max())
@@ -560,8 +769,10 @@ def simulate_fair(load: np.ndarray, costs: FairCosts, *, slots: int, prior: int,
                 plan = Plan(replicas, _plan(result).sources, assign)
                 truth = BalanceProblem(true, base, p, win, fit_cost)
                 checked(policy, truth, plan)
+                wf_s = fixed_solve.get("waterfill", wf_timing[0])
                 record(policy, assign, holds, transfer=exposed_transfer(truth, plan),
-                       probe=True, solve_s=fixed_solve.get("waterfill", wf_timing[0]),
+                       probe=True, solve_s=wf_s,
+                       solve_side=assign_side if assign_side is not None else wf_s,
                        replicas=plan.num_replicas)
             # oracle: the best of every policy's plan and of true-load plans, free
             options_true = [(home, home_int, slots)] + [
@@ -588,19 +799,32 @@ def simulate_fair(load: np.ndarray, costs: FairCosts, *, slots: int, prior: int,
     # contention makes single timings noisy); fixed times from `solve_time` stay as given.
     for policy in policies:
         if policy == "eplb_lp" or (policy.startswith("probe_on_eplb")
-                                   and policy != "probe_on_eplb_auto"):
+                                   and not policy.startswith("probe_on_eplb_auto")):
             key = "lp" if policy == "eplb_lp" else "waterfill"
             if key not in fixed_solve:
                 m = metrics[policy]["solve"]
                 m[:] = float(np.median(m))
-    # probe_on_eplb_auto: per layer the fit policy of its history split
+                if assign_side is None or policy == "eplb_lp":
+                    metrics[policy]["solve_side"][:] = m
+    # probe_on_eplb_auto_moe: per layer the fit policy of its history split, for the whole run
     for layer, (b, p) in enumerate(auto_split):
         for name in _METRICS:
-            metrics["probe_on_eplb_auto"][name][:, layer] = \
+            metrics["probe_on_eplb_auto_moe"][name][:, layer] = \
                 metrics[f"probe_on_eplb_fit_b{b}p{p}"][name][:, layer]
     chosen = [f"probe_on_eplb_fit_b{b}p{p}" for b, p in auto_split]
-    stall["probe_on_eplb_auto"] = np.max([stall[q] for q in chosen], axis=0)
-    moved["probe_on_eplb_auto"] = np.mean([moved[q] for q in chosen], axis=0)
+    stall["probe_on_eplb_auto_moe"] = np.max([stall[q] for q in chosen], axis=0)
+    moved["probe_on_eplb_auto_moe"] = np.mean([moved[q] for q in chosen], axis=0)
+    # probe_on_eplb_auto(_replan): per epoch (between re-picks) and layer its chosen candidate
+    for target, epochs in (("probe_on_eplb_auto_replan", auto_epochs),
+                           ("probe_on_eplb_auto", step_epochs)):
+        bounds = [start for start, _ in epochs] + [num_steps]
+        for (start, names), stop in zip(epochs, bounds[1:], strict=True):
+            rows = slice(start, stop)
+            for layer, q in enumerate(names):
+                for name in _METRICS:
+                    metrics[target][name][rows, layer] = metrics[q][name][rows, layer]
+            stall[target][rows] = np.max([stall[q][rows] for q in names], axis=0)
+            moved[target][rows] = np.mean([moved[q][rows] for q in names], axis=0)
     layers_w = model.num_layers * expert_bytes
     memory = {"static": 0.0, "eplb_stw": slots * layers_w, "eplb_async": slots * layers_w,
               "eplb_lp": slots * layers_w, "probe_paper": 2.0 * slots * expert_bytes,
@@ -608,17 +832,50 @@ def simulate_fair(load: np.ndarray, costs: FairCosts, *, slots: int, prior: int,
     for b, p in combos:
         memory[f"probe_on_eplb_b{b}p{p}"] = b * layers_w + 2.0 * p * expert_bytes
         memory[f"probe_on_eplb_fit_b{b}p{p}"] = b * layers_w + 2.0 * p * expert_bytes
-    memory["probe_on_eplb_auto"] = (np.mean([b for b, _ in auto_split]) * layers_w
-                                    + 2.0 * max(p for _, p in auto_split) * expert_bytes)
+    memory["probe_on_eplb_wf"] = memory["eplb_async"]
+    memory["probe_on_eplb_auto_moe"] = (np.mean([b for b, _ in auto_split]) * layers_w
+                                        + 2.0 * max(p for _, p in auto_split) * expert_bytes)
+    # auto: the resident slots its layers use (k for an EPLB fallback, 0 for static) and the
+    # per-step slots, at their largest over the epochs
+    for target, epochs in (("probe_on_eplb_auto_replan", auto_epochs),
+                           ("probe_on_eplb_auto", step_epochs)):
+        memory[target] = max(
+            np.mean([_split_of(q, slots)[0] for q in names]) * layers_w
+            + 2.0 * max(_split_of(q, slots)[1] for q in names) * expert_bytes
+            for _, names in epochs)
     meta = {"model": model.name, "model_layers": model.num_layers, "trace_layers": num_layers,
             "slots": slots, "prior": prior, "window": window, "interval": interval,
             "predictor": predictor if isinstance(predictor, str) else
             ("callable" if callable(predictor) else "given"),
             "batch_per_rank": batch, "seed": seed, "phase": phase,
-            "auto_split": [list(x) for x in auto_split]}
+            "auto_split": [list(x) for x in auto_split],
+            "auto_replan_choices": [{"from_step": start, "layers": [_label(q) for q in names]}
+                             for start, names in auto_epochs],
+            "auto_choices": [{"from_step": start, "layers": [_label(q) for q in names]}
+                             for start, names in step_epochs],
+            "planner_gpu_s": planner_gpu, "assign_side_s": assign_side}
     return FairResult(policies=policies, metrics=metrics, stall=stall, moved=moved,
                       attention=attention, tokens_per_step=load[prior:, 0].sum(axis=(1, 2))
                       / model.top_k, layer_scale=layer_scale, memory=memory, meta=meta)
+
+
+def _split_of(name: str, slots: int) -> tuple[int, int]:
+    """(resident, per-step) slots that an auto candidate uses."""
+    if name == "static":
+        return 0, 0
+    if name in ("eplb_async", "probe_on_eplb_wf"):
+        return slots, 0
+    if name == "probe_paper":
+        return 0, slots
+    b, p = name.removeprefix("probe_on_eplb_fit_b").split("p")
+    return int(b), int(p)
+
+
+def _label(name: str) -> str:
+    """Short label of an auto candidate for reports: b1p1, eplb (even split), wf, static."""
+    return {"eplb_async": "eplb", "probe_on_eplb_wf": "wf", "static": "static",
+            "probe_paper": "paper"}.get(
+        name, name.removeprefix("probe_on_eplb_fit_"))
 
 
 def _plan(result) -> Plan:
