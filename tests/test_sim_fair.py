@@ -243,7 +243,7 @@ def test_overheads_are_charged_exactly(load, costs):
                                   zero.metrics["probe_paper"]["moe"])
     # Side-stream mode exposes at most predictor + GPU planner, never more than the host mode.
     m = charged.metrics["probe_paper"]
-    assert np.all(m["side"] <= m["pred"] + costs.planner_gpu_seconds() + 1e-15)
+    assert np.all(m["side"] <= m["pred"] + costs.side_planner_seconds() + 1e-15)
 
 
 def test_stop_the_world_stall_only_at_replans(result):
@@ -344,13 +344,36 @@ def test_gpu_times_hit_the_measured_h200_points():
         dataclasses.replace(costs, assign_time="cpu")
 
 
-def test_side_mode_charges_the_gpu_assignment_time(result, costs):
+def test_side_mode_latencies_take_the_faster_real_path(costs):
+    # one layer planned / assigned alone: the host path plus a round trip, or the GPU
+    # kernel's one-layer latency, whichever is faster; "gpu" keeps the batched figure
+    rt = costs.host_round_trip_s
+    host = costs.planner_kernel_s * costs.planner_host_factor + rt
+    assert costs.side_planner_seconds() == pytest.approx(
+        min(host, 32 * costs.planner_gpu_seconds()))
+    assert dataclasses.replace(costs, planner_side="gpu").side_planner_seconds() == \
+        costs.planner_gpu_seconds()
+    assert dataclasses.replace(costs, planner_gpu_s=5e-6).side_planner_seconds() == 5e-6
+    one = assign_gpu_time(8, 128, 3, one_layer=True)
+    assert one * 1e6 == pytest.approx(570.4)
+    assert costs.assign_side_seconds(3, 6e-6) == pytest.approx(6e-6 + rt)  # host faster
+    assert costs.assign_side_seconds(3, 1.0) == pytest.approx(one)  # the GPU kernel faster
+    assert dataclasses.replace(costs, assign_time="gpu").assign_side_seconds(3, 6e-6) == \
+        costs.assign_gpu_seconds(3)
+    assert dataclasses.replace(costs, assign_time="host").assign_side_seconds(3, 6e-6) == 6e-6
+    with pytest.raises(ValueError, match="planner_side"):
+        dataclasses.replace(costs, planner_side="cpu")
+
+
+def test_side_mode_charges_the_assignment_latency(result, costs):
     for policy in ("probe_on_eplb_fit_b1p1", "probe_on_eplb_wf"):
         m = result.metrics[policy]
-        np.testing.assert_array_equal(m["solve_side"], costs.assign_gpu_seconds(2))
+        charge = costs.assign_side_seconds(2, float(m["solve"].flat[0]))
+        np.testing.assert_array_equal(m["solve"], m["solve"].flat[0])  # the run's median
+        np.testing.assert_array_equal(m["solve_side"], charge)
         np.testing.assert_allclose(result.layer_time(policy, "side"),
                                    result.attention + m["moe"] + m["transfer"] + m["side"]
-                                   + costs.assign_gpu_seconds(2))
+                                   + charge)
     lp = result.metrics["eplb_lp"]
     np.testing.assert_array_equal(lp["solve_side"], lp["solve"])  # HiGHS has no GPU twin
     assert result.metrics["probe_on_eplb_wf"]["side"].sum() == 0  # no predictor or planner

@@ -127,6 +127,22 @@ CONSTANTS: dict[str, dict] = {
                                "in slots through 1 and 3, linear in G x E as planner_gpu_s "
                                "(side-stream mode default; a one-layer launch took 350-570 us "
                                "at ep=8, not charged)"},
+    "host_round_trip_s": {"value": 20e-6, "unit": "s",
+                          "source": "ASSUMED: a small device-to-host copy with its stream "
+                                    "synchronisation plus a host-to-device copy, about 10 us "
+                                    "each (not measured here); paid by a host planner or host "
+                                    "assignment fed from and feeding the GPU (side mode)"},
+    "planner_gpu_launch_layers": {"value": 32, "unit": "layers",
+                                  "source": "results/h200/gpu_greedy: layers per measured "
+                                            "launch; one block per layer, blocks run side by "
+                                            "side, so one layer alone is ESTIMATED to take the "
+                                            "whole launch (32 x the per-layer figure)"},
+    "assign_gpu_one_layer_s": {"value": "350.5 / 570.4 us (ep=8, E=128, +1 / +3 slots), "
+                                        "5721.0 / 11133.0 us (ep=64, E=256)",
+                               "unit": "s per layer",
+                               "source": "results/h200/gpu_assign: replayed CUDA graph of a "
+                                         "launch for one layer alone; interpolated as "
+                                         "assign_gpu_s"},
     "sliding_window": {"value": 128, "unit": "tokens",
                        "source": "gpt-oss model card: alternating 128-token sliding-window "
                                  "and full-attention layers"},
@@ -144,6 +160,11 @@ _PLANNER_GPU_US = {(8, 128): 23.4025, (64, 256): 231.894}
 # results/h200/gpu_assign/gpu_assign.json speed[*].device_graph_us: (G, E, extra slots) -> us.
 _ASSIGN_GPU_US = {(8, 128, 1): 16.3147, (8, 128, 3): 36.6573,
                   (64, 256, 1): 249.3427, (64, 256, 3): 506.6153}
+
+
+# results/h200/gpu_assign/gpu_assign.json speed[*]: one-layer graph replay, us.
+_ASSIGN_GPU_ONE_LAYER_US = {(8, 128, 1): 350.5, (8, 128, 3): 570.4,
+                            (64, 256, 1): 5721.0, (64, 256, 3): 11133.0}
 
 
 def _along_size(num_ranks: int, num_experts: int, small: float, large: float) -> float:
@@ -166,20 +187,24 @@ def planner_gpu_time(num_ranks: int, num_experts: int) -> float:
                               _PLANNER_GPU_US[(64, 256)])
 
 
-def assign_gpu_time(num_ranks: int, num_experts: int, slots: int) -> float:
+def assign_gpu_time(num_ranks: int, num_experts: int, slots: int, *,
+                    one_layer: bool = False) -> float:
     """Seconds per layer of the dispatch-time assignment as a GPU kernel at G ranks, E experts
     and `slots` extra slots per rank, from the four H200 measurements
-    (CONSTANTS["assign_gpu_s"]); exact at the measured points."""
+    (CONSTANTS["assign_gpu_s"], per layer of a multi-layer launch; with one_layer, the
+    latency of a launch for one layer alone, CONSTANTS["assign_gpu_one_layer_s"]); exact at
+    the measured points."""
+    table = _ASSIGN_GPU_ONE_LAYER_US if one_layer else _ASSIGN_GPU_US
     for name, v, low in (("num_ranks", num_ranks, 1), ("num_experts", num_experts, 1),
                          ("slots", slots, 0)):
         if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < low:
             raise ValueError(f"{name} must be an int >= {low}, got {v!r}")
-    if (num_ranks, num_experts, slots) in _ASSIGN_GPU_US:
-        return 1e-6 * _ASSIGN_GPU_US[(num_ranks, num_experts, slots)]
+    if (num_ranks, num_experts, slots) in table:
+        return 1e-6 * table[(num_ranks, num_experts, slots)]
     s = max(int(slots), 1)
 
     def at(g, e):  # linear in slots through the 1- and 3-slot points
-        one, three = _ASSIGN_GPU_US[(g, e, 1)], _ASSIGN_GPU_US[(g, e, 3)]
+        one, three = table[(g, e, 1)], table[(g, e, 3)]
         return one + (three - one) * (s - 1) / 2
 
     return 1e-6 * _along_size(num_ranks, num_experts, at(8, 128), at(64, 256))
@@ -279,16 +304,22 @@ class FairCosts:
     link_bandwidth: float = CONSTANTS["link_bandwidth"]["value"]
     planner_kernel_s: float = CONSTANTS["planner_kernel_s"]["value"]
     planner_host_factor: float = CONSTANTS["planner_host_factor"]["value"]
-    planner_gpu_s: float | None = None  # None: planner_gpu_time(G, E), measured on an H200
-    assign_time: str = "gpu"  # side mode's assignment charge: "gpu" (measured) or "host"
+    planner_gpu_s: float | None = None  # fixed side-mode planner seconds (None: planner_side)
+    planner_side: str = "latency"  # side mode's planner charge: "latency" or "gpu" (batched)
+    assign_time: str = "latency"  # side mode's assignment charge: "latency", "gpu", "host"
+    host_round_trip_s: float = CONSTANTS["host_round_trip_s"]["value"]
     calibrated_as: str = ""  # the calibrated model whose costs these are ("": model.name)
     ranks_per_node: int = 8
     inter_a2a_bandwidth: float = CONSTANTS["inter_a2a_bandwidth"]["value"]
     inter_a2a_latency_s: float = CONSTANTS["inter_a2a_latency_s"]["value"]
 
     def __post_init__(self) -> None:
-        if self.assign_time not in ("gpu", "host"):
-            raise ValueError(f"assign_time must be 'gpu' or 'host', got {self.assign_time!r}")
+        if self.assign_time not in ("latency", "gpu", "host"):
+            raise ValueError("assign_time must be 'latency', 'gpu' or 'host', got "
+                             f"{self.assign_time!r}")
+        if self.planner_side not in ("latency", "gpu"):
+            raise ValueError(f"planner_side must be 'latency' or 'gpu', got "
+                             f"{self.planner_side!r}")
         if self.planner_gpu_s is not None and not self.planner_gpu_s >= 0:
             raise ValueError(f"planner_gpu_s must be >= 0 or None, got {self.planner_gpu_s!r}")
 
@@ -380,10 +411,38 @@ class FairCosts:
             return float(self.planner_gpu_s)
         return planner_gpu_time(self.num_ranks, self.model.num_experts)
 
+    def side_planner_seconds(self) -> float:
+        """The planner's seconds per layer charged in side mode: `planner_gpu_s` when given;
+        planner_side "gpu": the GPU kernel's per-layer time in a multi-layer launch
+        (optimistic: a runtime plans one layer at a time); "latency" (default): the faster of
+        the two real ways to plan ONE layer: the host path (planner_kernel_s x
+        planner_host_factor, as host mode) plus a host round trip, or the GPU kernel's
+        one-layer latency (estimated as the whole measured launch, planner_gpu_launch_layers
+        x the per-layer figure)."""
+        if self.planner_gpu_s is not None:
+            return float(self.planner_gpu_s)
+        gpu = self.planner_gpu_seconds()
+        if self.planner_side == "gpu":
+            return gpu
+        host = self.planner_kernel_s * self.planner_host_factor + self.host_round_trip_s
+        return min(host, CONSTANTS["planner_gpu_launch_layers"]["value"] * gpu)
+
     def assign_gpu_seconds(self, slots: int) -> float:
         """The dispatch-time assignment's GPU seconds per layer at `slots` extra slots per
-        rank (side mode, assign_time "gpu")."""
+        rank in a multi-layer launch (side mode, assign_time "gpu")."""
         return assign_gpu_time(self.num_ranks, self.model.num_experts, slots)
+
+    def assign_side_seconds(self, slots: int, host_s: float) -> float:
+        """The dispatch-time assignment's seconds per layer in side mode, given the host
+        kernel's measured `host_s`: assign_time "gpu" the multi-layer launch's per-layer time
+        (optimistic), "host" host_s, "latency" (default) the faster of host_s plus a host
+        round trip and the GPU kernel's one-layer latency."""
+        if self.assign_time == "gpu":
+            return self.assign_gpu_seconds(slots)
+        if self.assign_time == "host":
+            return float(host_s)
+        one = assign_gpu_time(self.num_ranks, self.model.num_experts, slots, one_layer=True)
+        return min(float(host_s) + self.host_round_trip_s, one)
 
     @property
     def expert_bytes(self) -> int:

@@ -70,10 +70,13 @@ layer type). Every policy has k extra expert slots per rank:
 Overheads of PROBE per layer, two modes (both reported):
     host   predictor + planner on the host in series: pred + planner_kernel x host_factor.
     side   predictor + planner on a side stream during the dispatch all-to-all:
-           max(0, pred + planner_gpu - dispatch), planner_gpu measured on an H200
-           (FairCosts.planner_gpu_seconds); the dispatch-time assignment (in series) charged
-           at the GPU kernel's measured time (FairCosts.assign_gpu_seconds; assign_time
-           "host": the host kernel's wall time, as in host mode).
+           max(0, pred + planner - dispatch), planner = FairCosts.side_planner_seconds():
+           by default the faster real way to plan one layer (the host path plus a host
+           round trip, or the H200-measured GPU kernel's one-layer latency); the
+           dispatch-time assignment (in series) charged FairCosts.assign_side_seconds(): by
+           default the faster of the host kernel's wall time plus a round trip and the GPU
+           kernel's measured one-layer latency (assign_time "gpu": the per-layer time of a
+           multi-layer launch, optimistic; "host": the host wall time alone).
 Layer time = attention + MoE (dispatch + max compute + combine) + exposed overheads; step
 time = model layers x mean layer time + the step's stop-the-world stall. Dense layers,
 embedding and LM head are not modelled.
@@ -218,7 +221,7 @@ def history_times(history: np.ndarray, previous: np.ndarray | None, layouts: dic
     home_int = home.astype(np.int64)
     names = auto_candidates(slots)
     out = {name: np.zeros((num_steps, num_layers)) for name in names}
-    planner_gpu = costs.planner_gpu_seconds()
+    planner_gpu = costs.side_planner_seconds()
     planner = costs.planner_cost
     wf_seconds: list[float] = []
     wf_cells = []  # (name, h, layer) charged the host water-filling time when assign is host
@@ -271,7 +274,7 @@ def history_times(history: np.ndarray, previous: np.ndarray | None, layouts: dic
                 out[name][h, layer] = scored["moe"] + transfer + side
                 wf_cells.append((name, h, layer))
     assign_s = (costs.assign_gpu_seconds(slots) if costs.assign_time == "gpu"
-                else float(np.median(wf_seconds)))
+                else costs.assign_side_seconds(slots, float(np.median(wf_seconds))))
     for name, h, layer in wf_cells:
         out[name][h, layer] += assign_s
     return {name: t + attention for name, t in out.items()}
@@ -559,7 +562,7 @@ def simulate_fair(load: np.ndarray, costs: FairCosts, *, slots: int, prior: int,
     attention = costs.attention_seconds(batch, phase)
     expert_bytes = costs.expert_bytes
     fixed_solve = solve_time or {}
-    planner_gpu = costs.planner_gpu_seconds()
+    planner_gpu = costs.side_planner_seconds()
     # side mode's assignment charge: the GPU kernel's measured time (None: the host time)
     assign_side = costs.assign_gpu_seconds(slots) if costs.assign_time == "gpu" else None
 
@@ -804,8 +807,11 @@ def simulate_fair(load: np.ndarray, costs: FairCosts, *, slots: int, prior: int,
             if key not in fixed_solve:
                 m = metrics[policy]["solve"]
                 m[:] = float(np.median(m))
-                if assign_side is None or policy == "eplb_lp":
+                if policy == "eplb_lp":
                     metrics[policy]["solve_side"][:] = m
+                elif assign_side is None:
+                    metrics[policy]["solve_side"][:] = costs.assign_side_seconds(
+                        slots, float(m.flat[0]))
     # probe_on_eplb_auto_moe: per layer the fit policy of its history split, for the whole run
     for layer, (b, p) in enumerate(auto_split):
         for name in _METRICS:
