@@ -297,7 +297,7 @@ def write_report(results: list[dict], analysis: dict, manifest: dict, path: Path
         "splits k = b resident + p per-step. The PROBE-on-EPLB of the targets "
         "(probe_on_eplb_auto, declared before the run) picks per layer, from the history "
         "window, the candidate with the lowest side-mode layer time with every overhead it pays "
-        "(predictor + GPU planner beyond the dispatch, GPU assignment, exposed transfer, "
+        "(predictor + planner beyond the dispatch, the assignment, exposed transfer, "
         "stall): every b/p split (p >= 1) of the planner with alpha, beta refitted to the "
         "measured expert table, and the fallbacks EPLB's even split (eplb_async exactly: no "
         "predictor, planner or assignment run), EPLB water-filled on the true load "

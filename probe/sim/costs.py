@@ -54,24 +54,26 @@ their sources; `FairCosts.constants_table()` prints them for reports):
   rank, qwen3-235b-a22b 23.9 / 28.1 / 60.2 us; interpolated linearly in T.
 * Planner: the greedy kernel, 19.7 us per layer at ep = 8 (results/planner_speed.md, CPU, one
   core); the lean host path (inputs in, plan out) is taken as 1.5x the kernel (host mode).
-  Side-stream mode charges the greedy as a numba.cuda kernel MEASURED on one H200
-  (results/h200/gpu_greedy: CUDA-graph replay of a 32-layer launch, per layer, 3 slots per
-  rank): 23.4 us at ep = 8 / 128 experts, 231.9 us at ep = 64 / 256 experts;
-  `planner_gpu_time(G, E)` interpolates linearly in G x E (the load matrix's size) between the
-  two shapes, holds the first point below it (a launch does not get cheaper on a smaller
-  shape) and extends the line above the last. `planner_gpu_s` overrides it with a fixed time.
+  Side-stream mode (`FairCosts.side_planner_seconds`) charges the latency of planning ONE
+  layer, the faster of two real paths: the host path above plus a host round trip
+  (`host_round_trip_s`, ASSUMED 20 us), or the numba.cuda greedy MEASURED on one H200
+  (results/h200/gpu_greedy: CUDA-graph replay of a 32-layer launch, 3 slots per rank, 23.4 us
+  per layer at ep = 8 / 128 experts, 231.9 us at ep = 64 / 256; `planner_gpu_time(G, E)`
+  interpolates linearly in G x E, holds the first point below it and extends the line above
+  the last). That kernel runs one block per layer, so the 32 layers of a launch run side by
+  side and one layer alone is ESTIMATED to take the whole launch (32 x the per-layer figure).
+  `planner_side="gpu"` charges the per-layer figure itself (an optimistic bound), and
+  `planner_gpu_s` a fixed time.
 * Dispatch-time assignment (water-filling): host mode charges the Numba kernel's measured wall
-  time on this machine (probe.sim.fair.waterfill_split). Side-stream mode charges, by default
-  (`assign_time="gpu"`), the repository's dispatch-time assignment kernel
-  (probe.planner.assign_cuda) MEASURED on one H200 (results/h200/gpu_assign: CUDA-graph replay
-  of a 24-layer launch, per layer): 16.3 / 36.7 us at ep = 8 / 128 experts with 1 / 3 extra
-  slots per rank, 249.3 / 506.6 us at ep = 64 / 256; `assign_gpu_time(G, E, k)` is linear in
-  k through the 1- and 3-slot points (extended beyond) and linear in G x E as the planner's.
-  Both GPU figures are launch time / layers of a multi-layer launch (layers run side by side);
-  a replayed graph of a one-layer assignment launch took 350 / 570 us at ep = 8 (5.7 / 11.1 ms
-  at ep = 64): a runtime that assigns each layer alone at its dispatch would wait that long,
-  so these charges assume a kernel whose single-layer latency reaches the batched per-layer
-  time. `assign_time="host"` charges the measured host time in side mode too.
+  time on this machine (probe.sim.fair.waterfill_split). Side-stream mode
+  (`FairCosts.assign_side_seconds`, `assign_time="latency"`, the default) charges the faster
+  of that time plus the host round trip and the repository's assignment kernel
+  (probe.planner.assign_cuda) MEASURED on one H200 for one layer alone (results/h200/gpu_assign,
+  replayed graph of a one-layer launch: 350.5 / 570.4 us at ep = 8 / 128 experts with 1 / 3
+  extra slots, 5721 / 11133 us at ep = 64 / 256). `assign_time="gpu"` charges the per-layer
+  time of its 24-layer launch (16.3 / 36.7 us, 249.3 / 506.6 us; `assign_gpu_time(G, E, k)`
+  is linear in k through the 1- and 3-slot points and linear in G x E as the planner's), an
+  optimistic bound; `assign_time="host"` the host time without the round trip.
 """
 
 from __future__ import annotations

@@ -213,9 +213,10 @@ def history_times(history: np.ndarray, previous: np.ndarray | None, layouts: dic
     that will serve the first measured steps); predict(true, previous, h, layer) -> int [S, E]
     a predictor for the history steps. Every candidate is costed as in simulate_fair: MoE
     time on the measured table, plus (fit splits) the side-stream exposure of predictor +
-    GPU planner beyond the dispatch and the exposed replica transfer, plus (fit splits and
-    probe_on_eplb_wf) the dispatch-time assignment charged in side mode (GPU time; with
-    assign_time "host" the water-filling kernel's median wall time here)."""
+    planner (FairCosts.side_planner_seconds) beyond the dispatch and the exposed replica
+    transfer, plus (fit splits and probe_on_eplb_wf) the dispatch-time assignment charged in
+    side mode (FairCosts.assign_side_seconds of the water-filling kernel's median wall time
+    here)."""
     num_steps, num_layers, num_ranks, num_experts = history.shape
     home = sharded_home(num_experts, num_ranks)
     home_int = home.astype(np.int64)
