@@ -379,6 +379,17 @@ def test_side_mode_charges_the_assignment_latency(result, costs):
     assert result.metrics["probe_on_eplb_wf"]["side"].sum() == 0  # no predictor or planner
 
 
+def test_pick_by_time_leaves_the_preferred_candidate_only_for_the_margin():
+    times = {"base": np.array([[1.0, 1.0, 1.0]]), "x": np.array([[0.995, 0.98, 1.2]])}
+    assert pick_by_time(times, ["base", "x"]) == ["x", "x", "base"]
+    assert pick_by_time(times, ["base", "x"], prefer="base", margin=0.01) == \
+        ["base", "x", "base"]  # 0.5% is within the margin, 2% is not
+    with pytest.raises(ValueError, match="prefer"):
+        pick_by_time(times, ["x"], prefer="base")
+    with pytest.raises(ValueError, match="margin"):
+        pick_by_time(times, ["base", "x"], prefer="base", margin=1.5)
+
+
 def test_pick_by_time_takes_the_lowest_mean_first_on_ties():
     times = {"a": np.array([[1.0, 2.0], [1.0, 2.0]]), "b": np.array([[0.5, 2.0], [1.0, 2.0]])}
     assert pick_by_time(times, ["a", "b"]) == ["b", "a"]

@@ -54,7 +54,10 @@ layer type). Every policy has k extra expert slots per rank:
                     history steps before the measured ones (history_times, their predictions
                     from the error model with another seed); re-picked at each re-plan from
                     the measured steps of the window before it (causal). Where every layer
-                    falls back to eplb_async its step times are eplb_async's exactly.
+                    falls back to eplb_async its step times are eplb_async's exactly. A
+                    layer leaves eplb_async (the fallback that runs nothing) only for a
+                    candidate at least STEP_MARGIN (1%) faster on the window (the switching
+                    hysteresis below applied to the baseline too).
     probe_on_eplb_auto  the PROBE-on-EPLB of the targets: probe_on_eplb_auto_replan's picks at
                     the start and at each re-plan; before every other measured step a layer
                     switches to the candidate with the lowest mean time over the last
@@ -84,6 +87,7 @@ embedding and LM head are not modelled.
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from dataclasses import dataclass, field
@@ -151,9 +155,16 @@ def side_layer_time(metrics: dict, stall: np.ndarray, model_layers: int,
             + metrics["side"] + stall[:, None] / model_layers)
 
 
-def pick_by_time(times: dict[str, np.ndarray], candidates: list[str]) -> list[str]:
+def pick_by_time(times: dict[str, np.ndarray], candidates: list[str], *,
+                 prefer: str | None = None, margin: float = 0.0) -> list[str]:
     """Per layer the candidate with the lowest mean time (float64 [H, L] each) over the rows
-    given; ties go to the earlier candidate."""
+    given; ties go to the earlier candidate. With `prefer` (one of the candidates), a layer
+    takes another candidate only if its mean time is at least `margin` (a fraction) below
+    prefer's."""
+    if prefer is not None and prefer not in candidates:
+        raise ValueError(f"prefer {prefer!r} is not among the candidates {candidates}")
+    if not 0.0 <= margin < 1.0:
+        raise ValueError(f"margin must be in [0, 1), got {margin!r}")
     num_layers = next(iter(times.values())).shape[1]
     out = []
     for layer in range(num_layers):
@@ -162,6 +173,9 @@ def pick_by_time(times: dict[str, np.ndarray], candidates: list[str]) -> list[st
             t = float(times[name][:, layer].mean())
             if t < best_t - 1e-15:
                 best, best_t = name, t
+        if prefer is not None and best != prefer \
+                and not best_t < (1.0 - margin) * float(times[prefer][:, layer].mean()):
+            best = prefer
         out.append(best)
     return out
 
@@ -591,7 +605,9 @@ def simulate_fair(load: np.ndarray, costs: FairCosts, *, slots: int, prior: int,
     first = history_times(load[prior - window:prior],
                           load[prior - window - 1] if prior > window else None, active, costs,
                           slots, attention, history_predict)
-    auto_epochs = [(0, pick_by_time(first, candidates_auto))]  # (first step, names per layer)
+    pick = functools.partial(pick_by_time, candidates=candidates_auto, prefer="eplb_async",
+                             margin=STEP_MARGIN)  # EPLB's even split unless 1% is gained
+    auto_epochs = [(0, pick(first))]  # (first step, names per layer)
     # probe_on_eplb_auto: the same first pick, re-picked before every measured step from
     # the last `pick_window` measured steps (a quarter of EPLB's window, at least one)
     pick_window = max(1, window // 4)
@@ -603,7 +619,7 @@ def simulate_fair(load: np.ndarray, costs: FairCosts, *, slots: int, prior: int,
                 for q in candidates_auto}
 
     def shadow_pick(seen: slice) -> list[str]:  # lowest side-mode time over measured rows
-        return pick_by_time(shadow_times(seen), candidates_auto)
+        return pick(shadow_times(seen))
 
     def step_pick(n: int, current: list[str]) -> list[str]:
         """Between re-plans a layer leaves its current candidate only for one whose mean time
@@ -613,8 +629,7 @@ def simulate_fair(load: np.ndarray, costs: FairCosts, *, slots: int, prior: int,
             return auto_epochs[-1][1]
         times = shadow_times(slice(max(0, n - pick_window), n))
         out = []
-        for layer, (now, new) in enumerate(zip(current, pick_by_time(times, candidates_auto),
-                                               strict=True)):
+        for layer, (now, new) in enumerate(zip(current, pick(times), strict=True)):
             t_now, t_new = times[now][:, layer].mean(), times[new][:, layer].mean()
             out.append(new if t_new < (1.0 - STEP_MARGIN) * t_now else now)
         return out
