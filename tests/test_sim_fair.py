@@ -462,3 +462,15 @@ def test_auto_policy_is_its_chosen_candidate(result, policy, key):
                 np.testing.assert_array_equal(
                     result.layer_time(policy, mode)[start:stop, layer],
                     result.layer_time(name, mode)[start:stop, layer])
+
+
+def test_every_step_is_charged_the_latency_the_picks_see(stable, costs):
+    # the per-step assignment charge (what the auto policies pick by during the run) is the
+    # latency charge, not the bare host time: with a fixed host time no median replaces it
+    res = simulate_fair(stable, costs, slots=1, prior=4, window=4, interval=3, seed=1,
+                        check=False, solve_time={"waterfill": 1e-6, "lp": 0.0})
+    want = costs.assign_side_seconds(1, 1e-6)
+    assert want == pytest.approx(1e-6 + costs.host_round_trip_s)
+    for policy in ("probe_on_eplb_wf", "probe_on_eplb_fit_b0p1"):
+        np.testing.assert_array_equal(res.metrics[policy]["solve_side"], want)
+        np.testing.assert_array_equal(res.metrics[policy]["solve"], 1e-6)

@@ -578,7 +578,8 @@ def simulate_fair(load: np.ndarray, costs: FairCosts, *, slots: int, prior: int,
     expert_bytes = costs.expert_bytes
     fixed_solve = solve_time or {}
     planner_gpu = costs.side_planner_seconds()
-    # side mode's assignment charge: the GPU kernel's measured time (None: the host time)
+    # side mode's assignment charge: the GPU kernel's batched time with assign_time "gpu"
+    # (None: FairCosts.assign_side_seconds of the host time, per step, then of its median)
     assign_side = costs.assign_gpu_seconds(slots) if costs.assign_time == "gpu" else None
 
     def weight_at(step: int) -> np.ndarray:  # mean load of the window before `step`
@@ -740,7 +741,8 @@ def simulate_fair(load: np.ndarray, costs: FairCosts, *, slots: int, prior: int,
             checked("probe_on_eplb_wf", BalanceProblem(true, copies > 0, 0, 0.0, planner_cost),
                     Plan(np.zeros_like(home), np.full(home.shape, -1), assign))
             record("probe_on_eplb_wf", assign, copies, solve_s=wf_s,
-                   solve_side=assign_side if assign_side is not None else wf_s)
+                   solve_side=(assign_side if assign_side is not None
+                               else costs.assign_side_seconds(slots, wf_s)))
             # probe_paper: greedy (paper's rules) on the prediction over the sharded home
             win = default_window(pred, home, planner_cost) + attention
             planned = BalanceProblem(pred, home, slots, win, planner_cost)
@@ -770,7 +772,8 @@ def simulate_fair(load: np.ndarray, costs: FairCosts, *, slots: int, prior: int,
                 wf_s = fixed_solve.get("waterfill", wf_s)
                 record(policy, assign, holds, transfer=exposed_transfer(truth, plan),
                        probe=True, solve_s=wf_s,
-                       solve_side=assign_side if assign_side is not None else wf_s,
+                       solve_side=(assign_side if assign_side is not None
+                                   else costs.assign_side_seconds(slots, wf_s)),
                        replicas=plan.num_replicas)
             # probe_on_eplb_fit: the same on alpha, beta fitted to the table around the prediction
             fit_cost = costs.fitted_cost(pred.sum(axis=0).max())
@@ -791,7 +794,8 @@ def simulate_fair(load: np.ndarray, costs: FairCosts, *, slots: int, prior: int,
                 wf_s = fixed_solve.get("waterfill", wf_timing[0])
                 record(policy, assign, holds, transfer=exposed_transfer(truth, plan),
                        probe=True, solve_s=wf_s,
-                       solve_side=assign_side if assign_side is not None else wf_s,
+                       solve_side=(assign_side if assign_side is not None
+                                   else costs.assign_side_seconds(slots, wf_s)),
                        replicas=plan.num_replicas)
             # oracle: the best of every policy's plan and of true-load plans, free
             options_true = [(home, home_int, slots)] + [
