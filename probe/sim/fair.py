@@ -236,7 +236,7 @@ def history_times(history: np.ndarray, previous: np.ndarray | None, layouts: dic
     home_int = home.astype(np.int64)
     names = auto_candidates(slots)
     out = {name: np.zeros((num_steps, num_layers)) for name in names}
-    planner_gpu = costs.side_planner_seconds()
+    planner_side = costs.side_planner_seconds()
     planner = costs.planner_cost
     wf_seconds: list[float] = []
     wf_cells = []  # (name, h, layer) charged the host water-filling time when assign is host
@@ -268,7 +268,7 @@ def history_times(history: np.ndarray, previous: np.ndarray | None, layouts: dic
             out["probe_paper"][h, layer] = (
                 scored["moe"] + float(np.maximum(np.maximum(recv, send) - real_window,
                                                  0.0).max())
-                + max(0.0, pred_s + planner_gpu - scored["dispatch"]))
+                + max(0.0, pred_s + planner_side - scored["dispatch"]))
             fit_cost = costs.fitted_cost(pred.sum(axis=0).max())
             for b in range(slots):
                 name = f"probe_on_eplb_fit_b{b}p{slots - b}"
@@ -285,7 +285,7 @@ def history_times(history: np.ndarray, previous: np.ndarray | None, layouts: dic
                 recv, send = transfer_times(BalanceProblem(true, base, slots - b, win,
                                                            fit_cost), plan)
                 transfer = float(np.maximum(np.maximum(recv, send) - real_window, 0.0).max())
-                side = max(0.0, pred_s + planner_gpu - scored["dispatch"])
+                side = max(0.0, pred_s + planner_side - scored["dispatch"])
                 out[name][h, layer] = scored["moe"] + transfer + side
                 wf_cells.append((name, h, layer))
     assign_s = (costs.assign_gpu_seconds(slots) if costs.assign_time == "gpu"
@@ -577,7 +577,7 @@ def simulate_fair(load: np.ndarray, costs: FairCosts, *, slots: int, prior: int,
     attention = costs.attention_seconds(batch, phase)
     expert_bytes = costs.expert_bytes
     fixed_solve = solve_time or {}
-    planner_gpu = costs.side_planner_seconds()
+    planner_side = costs.side_planner_seconds()
     # side mode's assignment charge: the GPU kernel's batched time with assign_time "gpu"
     # (None: FairCosts.assign_side_seconds of the host time, per step, then of its median)
     assign_side = costs.assign_gpu_seconds(slots) if costs.assign_time == "gpu" else None
@@ -694,7 +694,7 @@ def simulate_fair(load: np.ndarray, costs: FairCosts, *, slots: int, prior: int,
                 if probe:
                     m["pred"][n, layer] = pred_s
                     m["plan_host"][n, layer] = plan_host
-                    m["side"][n, layer] = max(0.0, pred_s + planner_gpu - scored["dispatch"])
+                    m["side"][n, layer] = max(0.0, pred_s + planner_side - scored["dispatch"])
                 candidates.append(scored["moe"])
                 return scored
 
@@ -879,7 +879,7 @@ def simulate_fair(load: np.ndarray, costs: FairCosts, *, slots: int, prior: int,
                              for start, names in auto_epochs],
             "auto_choices": [{"from_step": start, "layers": [_label(q) for q in names]}
                              for start, names in step_epochs],
-            "planner_gpu_s": planner_gpu, "assign_side_s": assign_side}
+            "planner_gpu_s": planner_side, "assign_side_s": assign_side}
     return FairResult(policies=policies, metrics=metrics, stall=stall, moved=moved,
                       attention=attention, tokens_per_step=load[prior:, 0].sum(axis=(1, 2))
                       / model.top_k, layer_scale=layer_scale, memory=memory, meta=meta)
