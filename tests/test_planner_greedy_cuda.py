@@ -47,7 +47,9 @@ class _Array:
 class _Atomic:
     @staticmethod
     def add(arr, idx, v):
+        old = arr[idx]
         arr[idx] += v
+        return old
 
     @staticmethod
     def min(arr, idx, v):
@@ -58,30 +60,35 @@ class _Atomic:
         arr[idx] = max(arr[idx], v)
 
 
-def run_sequential(*args, num_layers: int) -> None:
-    """Run greedy_cuda's kernel on numpy arrays as plain Python, one thread per block."""
+def run_sequential(*args, num_layers: int, in_shared: bool = False) -> None:
+    """Run greedy_cuda's kernel on numpy arrays as plain Python, one thread per block, with its
+    working arrays in (simulated) shared memory or in the global scratch arguments."""
     fake = types.SimpleNamespace(threadIdx=types.SimpleNamespace(x=0),
                                  blockIdx=types.SimpleNamespace(x=0),
                                  blockDim=types.SimpleNamespace(x=1), syncthreads=lambda: None,
                                  shared=_Array, local=_Array, atomic=_Atomic)
-    names = ("dmax", "dmin", "_static_share", "_src_after", "_after", "_worst", "_water_fill",
-             "_keep_move", "_apply_move", "_candidate", "_greedy_kernel")
+    names = ("dmax", "dmin", "_static_share", "_worst", "_keep_move", "_apply_move", "_prefix",
+             "_entry", "_after_p", "_src_after_p", "_water_fill_p", "_candidate")
     env = dict(vars(greedy_cuda))
     env["cuda"] = fake
     env["mul"] = lambda a, b: a * b
     for name in names:
         fn = _py(getattr(greedy_cuda, name))
         env[name] = types.FunctionType(fn.__code__, env, name, fn.__defaults__)
+    num_ranks, num_experts = args[1].shape[1:]
+    fn = greedy_cuda._kernel_source(num_ranks, num_experts, in_shared)
+    kernel = types.FunctionType(fn.__code__, env, fn.__name__, fn.__defaults__, fn.__closure__)
     for layer in range(num_layers):
         fake.blockIdx.x = layer
-        env["_greedy_kernel"](*args)
+        kernel(*args)
 
 
-def sequential_arrays(load, home, slots, window, alpha, beta, tt, xt, rules: GreedyRules):
+def sequential_arrays(load, home, slots, window, alpha, beta, tt, xt, rules: GreedyRules, *,
+                      in_shared: bool = False):
     """greedy_cuda_arrays' per-layer tuples, the kernel run by run_sequential."""
     num_layers, num_ranks, num_experts = load.shape
     runner_args = _host_buffers(load, home, slots, window, alpha, beta, tt, xt, rules)
-    run_sequential(*runner_args, num_layers=num_layers)
+    run_sequential(*runner_args, num_layers=num_layers, in_shared=in_shared)
     out = runner_args[-8:]
     rep, n_rep, blk_e, blk_a, n_blk, moves, objective, status = out
     assert not status.any()
@@ -100,7 +107,7 @@ def _host_buffers(load, home, slots, window, alpha, beta, tt, xt, rules):
             rules.evacuate, rules.two_phase, rules.mean_cap,
             np.zeros((L, E), i64), np.zeros((L, E, G), i64), np.zeros((L, G, E), i64),
             np.zeros((L, G, E), i64), np.zeros((L, G, G), i64), np.zeros((L, G, E), np.uint8),
-            np.zeros((L, E), i64), np.zeros((L, E), i64),
+            np.zeros((L, E), i64),
             np.zeros((L, cap_rep, 3), i64), np.zeros(L, i64), np.zeros((L, cap_blk), i64),
             np.zeros((L, cap_blk, G, G), i64), np.zeros(L, i64), np.zeros(L, i64),
             np.zeros(L), np.zeros(L, i64))
@@ -168,18 +175,18 @@ def test_sequential_launch_ignores_earlier_buffer_contents():
         clean = _host_buffers(load, *rest)
         run_sequential(*clean, num_layers=num_layers)
         junk = _host_buffers(load, *rest)
-        for buf in junk[14:22]:  # scratch
+        for buf in junk[14:21]:  # scratch
             buf[...] = 1
-        for buf in junk[22:]:  # outputs
+        for buf in junk[21:]:  # outputs
             buf[...] = np.nan if buf.dtype.kind == "f" else -7
         run_sequential(*junk, num_layers=num_layers)
         earlier = _host_buffers(np.ascontiguousarray(load[::-1, :, ::-1]), *rest)
         run_sequential(*earlier, num_layers=num_layers)
         reused = (load.astype(np.int64), *earlier[1:])
         run_sequential(*reused, num_layers=num_layers)
-        assert _outputs_equal(junk[22:], clean[22:])
-        assert _outputs_equal(reused[22:], clean[22:])
-        rep, n_rep, blk_e, blk_a, n_blk = clean[22:27]
+        assert _outputs_equal(junk[21:], clean[21:])
+        assert _outputs_equal(reused[21:], clean[21:])
+        rep, n_rep, blk_e, blk_a, n_blk = clean[21:26]
         for layer in range(num_layers):
             assert (rep[layer, n_rep[layer]:] == -1).all()
             assert (blk_e[layer, n_blk[layer]:] == -1).all()
