@@ -72,7 +72,6 @@ _NE, _WIN, _E, _B, _NEWB, _NBLK, _NREP, _MOVES, _BAD = range(9)
 # The CPU kernel's scalar rules as device functions: the same Python functions, compiled again
 # (probe.planner.scalar), so the candidates' times are the CPU kernel's floats.
 _static_share = device(greedy._static_share, inline=True)
-_worst = device(greedy._worst)
 _keep_move = device(greedy._keep_move)
 _apply_move = device(greedy._apply_move)
 
@@ -85,7 +84,7 @@ _apply_move = device(greedy._apply_move)
 # candidate, and `_after_p(x)` takes the sums before the last entry touched (found by a binary
 # search over the cumulative counts) and adds that entry's partial take: the CPU kernel's floats,
 # bit for bit, in O(log npool) per call.
-@cuda.jit(device=True, inline=True)
+@cuda.jit(device=True)
 def _prefix(src, dst, npool, pool_s, pool_n, tt, cum, p_in_src, p_in_dst, p_out_dst, p_out_src):
     """cum[i]: the pool's tokens before entry i; p_*[i]: `_after`'s four sums (d_in_src,
     d_in_dst, d_out_dst, d_out_src) over the entries before i, taken whole, in pool order."""
@@ -112,7 +111,7 @@ def _prefix(src, dst, npool, pool_s, pool_n, tt, cum, p_in_src, p_in_dst, p_out_
                 out_src += mul(take, tt[src, dst] - tt[src, src])
 
 
-@cuda.jit(device=True, inline=True)
+@cuda.jit(device=True)
 def _entry(x, npool, cum):
     """The pool entry where x >= 1 tokens run out: the last i with cum[i] < x."""
     lo = 0
@@ -126,7 +125,7 @@ def _entry(x, npool, cum):
     return lo
 
 
-@cuda.jit(device=True, inline=True)
+@cuda.jit(device=True)
 def _after_p(x, e, src, dst, pool_s, npool, cum, p_in_src, p_in_dst, p_out_dst, p_out_src, tok,
              comp, t_in, t_out, alpha, beta, tt, parts):
     """greedy._after(x, ...) from `_prefix`'s sums: the same floats; fills parts[6]."""
@@ -160,7 +159,7 @@ def _after_p(x, e, src, dst, pool_s, npool, cum, p_in_src, p_in_dst, p_out_dst, 
     return t_src, t_dst
 
 
-@cuda.jit(device=True, inline=True)
+@cuda.jit(device=True)
 def _src_after_p(x, e, src, dst, pool_s, npool, cum, p_in_src, p_out_src, tok, comp, t_in,
                  t_out, alpha, beta, tt):
     """greedy._src_after(x, ...) from `_prefix`'s sums: the same float."""
@@ -175,6 +174,23 @@ def _src_after_p(x, e, src, dst, pool_s, npool, cum, p_in_src, p_out_src, tok, c
     if s == src:
         d_out_src += mul(take, tt[src, dst] - tt[src, src])
     return comp_src + 2.0 * dmax(t_in[src] - d_in_src, t_out[src] + d_out_src)
+
+
+@cuda.jit(device=True)
+def _worst_p(x, t_src, t_dst, src, dst, npool, pool_s, pool_n, cum, comp, t_in, t_out, tt, takes,
+             new_out):
+    """greedy._worst(x, ...): the same takes[:npool], new_out entries and float, its max over
+    the third-party sources run only up to the entry where x runs out (those after take 0)."""
+    k = _entry(x, npool, cum)
+    for i in range(npool):
+        takes[i] = pool_n[i] if i < k else (x - cum[k] if i == k else 0)
+    worst = dmax(t_src, t_dst)
+    for i in range(k + 1):
+        s = pool_s[i]
+        if s != dst and s != src and takes[i] > 0:
+            new_out[i] = t_out[s] + mul(takes[i], tt[s, dst] - tt[s, src])
+            worst = dmax(worst, comp[s] + 2.0 * dmax(t_in[s], new_out[i]))
+    return worst
 
 
 @cuda.jit(device=True)
@@ -311,8 +327,8 @@ def _candidate(e, src, dst, load, home, slots, window, alpha, beta, tt, xt, epsi
             t_src, t_dst = _after_p(x, e, src, dst, pool_s, npool, cum, p_in_src, p_in_dst,
                                     p_out_dst, p_out_src, tok, comp, t_in, t_out, alpha, beta,
                                     tt, parts)
-            worst = _worst(x, t_src, t_dst, src, dst, npool, pool_s, pool_n, comp, t_in, t_out,
-                           tt, ev_takes, ev_out)
+            worst = _worst_p(x, t_src, t_dst, src, dst, npool, pool_s, pool_n, cum, comp, t_in,
+                             t_out, tt, ev_takes, ev_out)
             if x < n_other or t_src <= t_dst or t_src <= cap:
                 second = False
     if second:
@@ -348,20 +364,20 @@ def _candidate(e, src, dst, load, home, slots, window, alpha, beta, tt, xt, epsi
         a_src, a_dst = _after_p(x2, e, src, dst, pool_s, npool, cum, p_in_src, p_in_dst,
                                 p_out_dst, p_out_src, tok, comp, t_in, t_out, alpha, beta, tt,
                                 parts)
-        w2 = _worst(x2, a_src, a_dst, src, dst, npool, pool_s, pool_n, comp, t_in, t_out, tt,
-                    ev_takes, ev_out)
+        w2 = _worst_p(x2, a_src, a_dst, src, dst, npool, pool_s, pool_n, cum, comp, t_in, t_out,
+                      tt, ev_takes, ev_out)
         if n_other == 0 or w2 < worst:
             x = x2
     t_src, t_dst = _after_p(x, e, src, dst, pool_s, npool, cum, p_in_src, p_in_dst, p_out_dst,
                             p_out_src, tok, comp, t_in, t_out, alpha, beta, tt, parts)
-    worst = _worst(x, t_src, t_dst, src, dst, npool, pool_s, pool_n, comp, t_in, t_out, tt,
-                   takes, new_out)
+    worst = _worst_p(x, t_src, t_dst, src, dst, npool, pool_s, pool_n, cum, comp, t_in, t_out,
+                     tt, takes, new_out)
     if evacuate and x < total and total == tok[src, e]:
         ev_src, ev_dst = _after_p(total, e, src, dst, pool_s, npool, cum, p_in_src, p_in_dst,
                                   p_out_dst, p_out_src, tok, comp, t_in, t_out, alpha, beta, tt,
                                   ev_parts)
-        ev_worst = _worst(total, ev_src, ev_dst, src, dst, npool, pool_s, pool_n, comp, t_in,
-                          t_out, tt, ev_takes, ev_out)
+        ev_worst = _worst_p(total, ev_src, ev_dst, src, dst, npool, pool_s, pool_n, cum, comp,
+                            t_in, t_out, tt, ev_takes, ev_out)
         if ev_worst < worst:
             x = total
             t_src = ev_src
