@@ -780,7 +780,9 @@ class CudaGreedy:
     multiple of 32, at most 1024; 1 for tests); memory: where a block keeps its layer's [G, E]
     and [G, G] working arrays, "shared" (shared memory: `shared_bytes(G, E)` must be at most
     SHARED_LIMIT), "global" (preallocated global scratch) or "auto" (shared when it fits; the
-    same plans either way). Validates all of it once; `plan` only checks its arrays' shape,
+    same plans either way); max_moves: most moves per layer instead of the rules' k_max (0:
+    the start alone, no move: what a benchmark takes to time the start phase). Validates all
+    of it once; `plan` only checks its arrays' shape,
     dtype and layout (host side, no synchronisation) and launches one kernel.
     Attributes: `out`, the CudaPlan buffers (numba device arrays) every launch overwrites whole;
     `memory`, "shared" or "global" as chosen; `scratch`, the kernel's global working buffers
@@ -791,8 +793,12 @@ class CudaGreedy:
 
     def __init__(self, home: np.ndarray, slots: np.ndarray | int, cost: CostModel,
                  rules: GreedyRules | None = None, *, num_layers: int,
-                 threads: int = THREADS, memory: str = "auto") -> None:
+                 threads: int = THREADS, memory: str = "auto",
+                 max_moves: int | None = None) -> None:
         self.rules = _check_rules(rules)
+        if max_moves is not None and (isinstance(max_moves, (bool, np.bool_)) or not isinstance(
+                max_moves, (int, np.integer)) or max_moves < 0):
+            raise ValueError(f"max_moves must be None or an int >= 0, got {max_moves!r}")
         if memory not in ("auto", "shared", "global"):
             raise ValueError(f"memory must be 'auto', 'shared' or 'global', got {memory!r}")
         if not isinstance(cost, CostModel):
@@ -834,8 +840,10 @@ class CudaGreedy:
         self.threads = int(threads)
         self.cost = cost
         self.slots = p.slots
-        limit = self.rules.max_moves(num_ranks)
+        limit = self.rules.max_moves(num_ranks, num_experts)
         limit = limit if limit > 0 else UNLIMITED_MOVES
+        if max_moves is not None:  # 0: the start alone (timing the start phase)
+            limit = int(max_moves)
         self._limit = int(limit)
         total_slots = int(np.minimum(p.slots, num_experts).sum())
         cap_rep = max(min(total_slots, limit), 1)
