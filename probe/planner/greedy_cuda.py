@@ -53,7 +53,7 @@ from probe.planner.numba_cuda import SIMULATOR, cuda, device, dmax, dmin, mul
 from probe.planner.problem import BalanceProblem
 
 __all__ = ["MAX_EXPERTS", "MAX_RANKS", "SHARED_LIMIT", "THREADS", "CudaGreedy", "CudaPlan",
-           "greedy_cuda_arrays", "kernel", "shared_bytes"]
+           "choose_memory", "greedy_cuda_arrays", "kernel", "shared_bytes"]
 
 # Most ranks a layer may have (the per-thread pool and the shared rank arrays are this long).
 MAX_RANKS = 64
@@ -394,6 +394,22 @@ def shared_bytes(num_ranks: int, num_experts: int) -> int:
     [G, G] working arrays live there (`memory="shared"`)."""
     G, E = num_ranks, num_experts  # noqa: N806 (the shape letters)
     return _fixed_bytes(G, E) + 8 * (2 * E + 3 * G * E + 3 * G * G) + G * E
+
+
+def choose_memory(num_ranks: int, num_experts: int, memory: str = "auto") -> str:
+    """Where a block keeps its working arrays for G ranks and E experts: "shared" or
+    "global". memory: "auto" (shared when `shared_bytes` is at most SHARED_LIMIT), "shared"
+    (ValueError when it does not fit) or "global"."""
+    if memory not in ("auto", "shared", "global"):
+        raise ValueError(f"memory must be 'auto', 'shared' or 'global', got {memory!r}")
+    need = shared_bytes(num_ranks, num_experts)
+    if memory == "shared" and need > SHARED_LIMIT:
+        raise ValueError(f"memory='shared' needs {need} bytes of shared memory per block for "
+                         f"{num_ranks} ranks and {num_experts} experts, more than "
+                         f"SHARED_LIMIT = {SHARED_LIMIT}; use 'global' or 'auto'")
+    if memory == "auto":
+        return "shared" if need <= SHARED_LIMIT else "global"
+    return memory
 
 
 def _fixed_bytes(num_ranks: int, num_experts: int) -> int:
@@ -799,7 +815,7 @@ class CudaGreedy:
         if max_moves is not None and (isinstance(max_moves, (bool, np.bool_)) or not isinstance(
                 max_moves, (int, np.integer)) or max_moves < 0):
             raise ValueError(f"max_moves must be None or an int >= 0, got {max_moves!r}")
-        if memory not in ("auto", "shared", "global"):
+        if memory not in ("auto", "shared", "global"):  # (checked again with the shape)
             raise ValueError(f"memory must be 'auto', 'shared' or 'global', got {memory!r}")
         if not isinstance(cost, CostModel):
             raise TypeError(f"cost must be a CostModel, got {type(cost).__name__}")
@@ -827,13 +843,7 @@ class CudaGreedy:
         if num_experts > MAX_EXPERTS:
             raise ValueError(f"greedy_cuda plans at most MAX_EXPERTS = {MAX_EXPERTS} experts, "
                              f"got {num_experts}")
-        need = shared_bytes(num_ranks, num_experts)
-        if memory == "shared" and need > SHARED_LIMIT:
-            raise ValueError(f"memory='shared' needs {need} bytes of shared memory per block for "
-                             f"{num_ranks} ranks and {num_experts} experts, more than "
-                             f"SHARED_LIMIT = {SHARED_LIMIT}; use 'global' or 'auto'")
-        self.memory = "shared" if memory == "shared" or (
-            memory == "auto" and need <= SHARED_LIMIT) else "global"
+        self.memory = choose_memory(num_ranks, num_experts, memory)
         self.kernel = kernel(num_ranks, num_experts, self.memory == "shared")
         self.num_layers = int(num_layers)
         self.shape = (num_ranks, num_experts)
