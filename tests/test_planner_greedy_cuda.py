@@ -68,7 +68,8 @@ def run_sequential(*args, num_layers: int, in_shared: bool = False) -> None:
                                  blockDim=types.SimpleNamespace(x=1), syncthreads=lambda: None,
                                  shared=_Array, local=_Array, atomic=_Atomic)
     names = ("dmax", "dmin", "_static_share", "_keep_move", "_apply_move", "_prefix", "_entry",
-             "_after_p", "_src_after_p", "_worst_p", "_water_fill_p", "_candidate")
+             "_after_p", "_src_after_p", "_worst_p", "_water_fill_p", "_share_to_src",
+             "_candidate")
     env = dict(vars(greedy_cuda))
     env["cuda"] = fake
     env["mul"] = lambda a, b: a * b

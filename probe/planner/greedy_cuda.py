@@ -235,6 +235,22 @@ def _water_fill_p(n, e, src, dst, pool_s, npool, cum, p_in_src, p_in_dst, p_out_
     return dmin(x_eq, x_mean)
 
 
+@cuda.jit(device=True, inline=True)
+def _share_to_src(load, home, h_e, pos_src, s, e, src):
+    """greedy._static_share(load, home, hpos, hcount, s, e, src) with hcount[e] = h_e and
+    hpos[src, e] = pos_src read once per candidate, not once per source (integers: exact)."""
+    n = load[s, e]
+    if home[s, e]:
+        return n if src == s else 0
+    if h_e == 1:
+        return n if pos_src == 0 else 0
+    if pos_src < 0:
+        return 0
+    q = n // h_e
+    r = n - q * h_e
+    return q + (1 if (pos_src + s) % h_e < r else 0)
+
+
 @cuda.jit(device=True)
 def _candidate(e, src, dst, load, home, slots, window, alpha, beta, tt, xt, epsilon, move_local,
                evacuate, two_phase, mean_cap, mean, hcount, hlist, hpos, tok, held, blk_of,
@@ -286,11 +302,13 @@ def _candidate(e, src, dst, load, home, slots, window, alpha, beta, tt, xt, epsi
         pool_n[0] = a
         npool = 1
         total += a
+    h_e = hcount[e]
+    pos_src = hpos[src, e]
     for s in range(num_ranks):
         if s == src or s == dst:  # noqa: SIM109 (a plain comparison compiles for CUDA)
             continue
-        a = (blk_assign[b, s, src] if b >= 0
-             else _static_share(load, home, hpos, hcount, s, e, src))
+        a = blk_assign[b, s, src] if b >= 0 else _share_to_src(load, home, h_e, pos_src, s, e,
+                                                               src)
         if a > 0 and held[s, e] == 0:
             pool_s[npool] = s
             pool_n[npool] = a
@@ -594,14 +612,18 @@ def _kernel_source(num_ranks: int, num_experts: int, in_shared: bool):
             # The slowest rank and the mean: every thread reads the same times in the same
             # order (the CPU kernel's), so every thread has the same values.
             src = 0
-            for g in range(1, G):
-                if times[g] > times[src]:
+            t_src = times[0]
+            for g in range(1, G):  # (the largest so far in a register: independent loads)
+                t = times[g]
+                if t > t_src:
                     src = g
-            total_time = 0.0
-            for g in range(G):
-                total_time += times[g]
-            mean = total_time / G
-            t_src = times[src]
+                    t_src = t
+            mean = 0.0  # (read by rule 6's cap only: summed only when mean_cap is on)
+            if mean_cap:
+                total_time = 0.0
+                for g in range(G):
+                    total_time += times[g]
+                mean = total_time / G
             # Destinations fastest first (ties to the lowest rank); src's experts with tokens
             # collected (any order) ...
             for g in range(tid, G, nt):
