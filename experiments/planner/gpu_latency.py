@@ -23,7 +23,9 @@ report is rewritten after each step, so a run cut short keeps what it finished):
    (probe.planner.parallel_cuda.CudaParallel, as is): one layer, checked against their CPU
    kernels, then timed eager and as a graph.
 A step that raises is recorded with its traceback and the run goes on; a step is skipped
-(recorded so) when fewer than 10 s of --time-limit are left. Exit status 1 when a plan differs,
+(recorded so) when fewer than 10 s of --time-limit are left (the first launches compile the
+CUDA and CPU kernels: should that leave too little time, run `--configs ep8` and `--configs
+ep64` apart). Exit status 1 when a plan differs,
 a capture fails or a step raises, else 0. On the GPU the process ends with os._exit once its
 files are written (no interpreter teardown with a CUDA graph alive), and a watchdog
 (faulthandler) ends a run that passes --time-limit plus 5 s.
@@ -370,6 +372,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="cuda: the GPU; cpu: Numba's CUDA simulator (correctness only)")
     parser.add_argument("--quick", action="store_true", help="fewer layers and repeats")
     parser.add_argument("--out", default="results/gpu_latency", help="output folder")
+    parser.add_argument("--configs", default="all", choices=("all", "ep8", "ep64"),
+                        help="the GPU configurations to run (all: ep=8 / E=128 and ep=64 / "
+                             "E=256; one of them, should a run of both not fit the time limit)")
     parser.add_argument("--time-limit", type=float, default=110.0,
                         help="seconds: no step starts with less than 10 s left; on the GPU a "
                              "watchdog ends the process 5 s after it (default 110)")
@@ -396,8 +401,10 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     json_path, md_path = out / "gpu_latency.json", out / "gpu_latency.md"
     command = f"python3 -m experiments.planner.gpu_latency --device {args.device}" + (
-        " --quick" if args.quick else "")
-    configs = SIM_CONFIGS if sim else CONFIGS
+        " --quick" if args.quick else "") + (
+        f" --configs {args.configs}" if args.configs != "all" else "")
+    configs = SIM_CONFIGS if sim else tuple(
+        c for c in CONFIGS if args.configs == "all" or c[0].startswith(f"ep={args.configs[2:]},"))
     report = {"device": "Numba CUDA simulator" if sim else _gpu_name(), "command": command,
               "status": "starting", "time_limit_s": args.time_limit, "elapsed_s": 0.0,
               "configs": [c[0] for c in configs], "rows": [], "checks": {}, "errors": [],
