@@ -156,6 +156,36 @@ def test_simulator_equals_cpu_kernel():
     assert "layers" in proc.stdout and int(proc.stdout.split()[-1]) >= 30
 
 
+@pytest.mark.slow
+def test_simulator_global_scratch_equals_cpu_kernel():
+    """The kernel with its working arrays in global scratch (memory="global"), in the CUDA
+    simulator at 32 threads per block (several rounds of candidates where a move has more than
+    32): identical plans to the CPU kernel on 12 random launches of 1-2 layers."""
+    env = {**os.environ, "NUMBA_ENABLE_CUDASIM": "1", "PYTHONPATH": str(ROOT)}
+    code = ("import numpy as np\n"
+            "from experiments.planner.gpu_greedy import random_batch, same_layer\n"
+            "from probe.planner.greedy_cuda import greedy_cuda_arrays\n"
+            "rng = np.random.default_rng(29)\n"
+            "layers = moved = 0\n"
+            "for _ in range(12):\n"
+            "    batch = random_batch(rng, max_layers=2, max_experts=16)\n"
+            "    load, home, slots, window, cost, rules = batch\n"
+            "    outs = greedy_cuda_arrays(load, home, slots, window, cost.alpha, cost.beta,\n"
+            "                              cost.token_time, cost.transfer_time,\n"
+            "                              rules.max_moves(home.shape[1]), rules.epsilon,\n"
+            "                              *rules.flags.values(), threads=32, memory='global')\n"
+            "    for layer, out in enumerate(outs):\n"
+            "        assert same_layer(batch, layer, out), (layer, rules)\n"
+            "        layers += 1\n"
+            "        moved += out[3] > 0\n"
+            "print('layers', layers, moved)\n")
+    proc = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    _, layers, moved = proc.stdout.split()
+    assert int(layers) >= 12 and int(moved) >= 4
+
+
 def _outputs_equal(a: tuple, b: tuple) -> bool:
     return all(np.array_equal(x, y, equal_nan=x.dtype.kind == "f")
                for x, y in zip(a, b, strict=True))
