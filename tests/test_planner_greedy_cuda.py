@@ -47,7 +47,9 @@ class _Array:
 class _Atomic:
     @staticmethod
     def add(arr, idx, v):
+        old = arr[idx]
         arr[idx] += v
+        return old
 
     @staticmethod
     def min(arr, idx, v):
@@ -58,30 +60,36 @@ class _Atomic:
         arr[idx] = max(arr[idx], v)
 
 
-def run_sequential(*args, num_layers: int) -> None:
-    """Run greedy_cuda's kernel on numpy arrays as plain Python, one thread per block."""
+def run_sequential(*args, num_layers: int, in_shared: bool = False) -> None:
+    """Run greedy_cuda's kernel on numpy arrays as plain Python, one thread per block, with its
+    working arrays in (simulated) shared memory or in the global scratch arguments."""
     fake = types.SimpleNamespace(threadIdx=types.SimpleNamespace(x=0),
                                  blockIdx=types.SimpleNamespace(x=0),
                                  blockDim=types.SimpleNamespace(x=1), syncthreads=lambda: None,
                                  shared=_Array, local=_Array, atomic=_Atomic)
-    names = ("dmax", "dmin", "_static_share", "_src_after", "_after", "_worst", "_water_fill",
-             "_keep_move", "_apply_move", "_candidate", "_greedy_kernel")
+    names = ("dmax", "dmin", "_static_share", "_keep_move", "_apply_move", "_prefix", "_entry",
+             "_after_p", "_src_after_p", "_worst_p", "_water_fill_p", "_share_to_src",
+             "_candidate")
     env = dict(vars(greedy_cuda))
     env["cuda"] = fake
     env["mul"] = lambda a, b: a * b
     for name in names:
         fn = _py(getattr(greedy_cuda, name))
         env[name] = types.FunctionType(fn.__code__, env, name, fn.__defaults__)
+    num_ranks, num_experts = args[1].shape[1:]
+    fn = greedy_cuda._kernel_source(num_ranks, num_experts, in_shared)
+    kernel = types.FunctionType(fn.__code__, env, fn.__name__, fn.__defaults__, fn.__closure__)
     for layer in range(num_layers):
         fake.blockIdx.x = layer
-        env["_greedy_kernel"](*args)
+        kernel(*args)
 
 
-def sequential_arrays(load, home, slots, window, alpha, beta, tt, xt, rules: GreedyRules):
+def sequential_arrays(load, home, slots, window, alpha, beta, tt, xt, rules: GreedyRules, *,
+                      in_shared: bool = False):
     """greedy_cuda_arrays' per-layer tuples, the kernel run by run_sequential."""
     num_layers, num_ranks, num_experts = load.shape
     runner_args = _host_buffers(load, home, slots, window, alpha, beta, tt, xt, rules)
-    run_sequential(*runner_args, num_layers=num_layers)
+    run_sequential(*runner_args, num_layers=num_layers, in_shared=in_shared)
     out = runner_args[-8:]
     rep, n_rep, blk_e, blk_a, n_blk, moves, objective, status = out
     assert not status.any()
@@ -100,7 +108,7 @@ def _host_buffers(load, home, slots, window, alpha, beta, tt, xt, rules):
             rules.evacuate, rules.two_phase, rules.mean_cap,
             np.zeros((L, E), i64), np.zeros((L, E, G), i64), np.zeros((L, G, E), i64),
             np.zeros((L, G, E), i64), np.zeros((L, G, G), i64), np.zeros((L, G, E), np.uint8),
-            np.zeros((L, E), i64), np.zeros((L, E), i64),
+            np.zeros((L, E), i64),
             np.zeros((L, cap_rep, 3), i64), np.zeros(L, i64), np.zeros((L, cap_blk), i64),
             np.zeros((L, cap_blk, G, G), i64), np.zeros(L, i64), np.zeros(L, i64),
             np.zeros(L), np.zeros(L, i64))
@@ -148,6 +156,36 @@ def test_simulator_equals_cpu_kernel():
     assert "layers" in proc.stdout and int(proc.stdout.split()[-1]) >= 30
 
 
+@pytest.mark.slow
+def test_simulator_global_scratch_equals_cpu_kernel():
+    """The kernel with its working arrays in global scratch (memory="global"), in the CUDA
+    simulator at 32 threads per block (several rounds of candidates where a move has more than
+    32): identical plans to the CPU kernel on 12 random launches of 1-2 layers."""
+    env = {**os.environ, "NUMBA_ENABLE_CUDASIM": "1", "PYTHONPATH": str(ROOT)}
+    code = ("import numpy as np\n"
+            "from experiments.planner.gpu_greedy import random_batch, same_layer\n"
+            "from probe.planner.greedy_cuda import greedy_cuda_arrays\n"
+            "rng = np.random.default_rng(29)\n"
+            "layers = moved = 0\n"
+            "for _ in range(12):\n"
+            "    batch = random_batch(rng, max_layers=2, max_experts=16)\n"
+            "    load, home, slots, window, cost, rules = batch\n"
+            "    outs = greedy_cuda_arrays(load, home, slots, window, cost.alpha, cost.beta,\n"
+            "                              cost.token_time, cost.transfer_time,\n"
+            "                              rules.max_moves(home.shape[1]), rules.epsilon,\n"
+            "                              *rules.flags.values(), threads=32, memory='global')\n"
+            "    for layer, out in enumerate(outs):\n"
+            "        assert same_layer(batch, layer, out), (layer, rules)\n"
+            "        layers += 1\n"
+            "        moved += out[3] > 0\n"
+            "print('layers', layers, moved)\n")
+    proc = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    _, layers, moved = proc.stdout.split()
+    assert int(layers) >= 12 and int(moved) >= 4
+
+
 def _outputs_equal(a: tuple, b: tuple) -> bool:
     return all(np.array_equal(x, y, equal_nan=x.dtype.kind == "f")
                for x, y in zip(a, b, strict=True))
@@ -168,18 +206,18 @@ def test_sequential_launch_ignores_earlier_buffer_contents():
         clean = _host_buffers(load, *rest)
         run_sequential(*clean, num_layers=num_layers)
         junk = _host_buffers(load, *rest)
-        for buf in junk[14:22]:  # scratch
+        for buf in junk[14:21]:  # scratch
             buf[...] = 1
-        for buf in junk[22:]:  # outputs
+        for buf in junk[21:]:  # outputs
             buf[...] = np.nan if buf.dtype.kind == "f" else -7
         run_sequential(*junk, num_layers=num_layers)
         earlier = _host_buffers(np.ascontiguousarray(load[::-1, :, ::-1]), *rest)
         run_sequential(*earlier, num_layers=num_layers)
         reused = (load.astype(np.int64), *earlier[1:])
         run_sequential(*reused, num_layers=num_layers)
-        assert _outputs_equal(junk[22:], clean[22:])
-        assert _outputs_equal(reused[22:], clean[22:])
-        rep, n_rep, blk_e, blk_a, n_blk = clean[22:27]
+        assert _outputs_equal(junk[21:], clean[21:])
+        assert _outputs_equal(reused[21:], clean[21:])
+        rep, n_rep, blk_e, blk_a, n_blk = clean[21:26]
         for layer in range(num_layers):
             assert (rep[layer, n_rep[layer]:] == -1).all()
             assert (blk_e[layer, n_blk[layer]:] == -1).all()
@@ -204,6 +242,15 @@ def test_bad_input_errors():
         greedy_cuda.CudaGreedy(home, 1, cost, num_layers=1, threads=48)
     with pytest.raises(TypeError, match="cost"):
         greedy_cuda.CudaGreedy(home, 1, "cost", num_layers=1)
+    with pytest.raises(ValueError, match="memory"):
+        greedy_cuda.CudaGreedy(home, 1, cost, num_layers=1, memory="texture")
+    with pytest.raises(ValueError, match="max_moves"):
+        greedy_cuda.CudaGreedy(home, 1, cost, num_layers=1, max_moves=-1)
+    wide_cost = CostModel.uniform(64, alpha=0.0, beta=1.0, token_time=0.0, transfer_time=1.0)
+    wide_home = np.zeros((64, 256), bool)
+    wide_home[np.arange(256) % 64, np.arange(256)] = True
+    with pytest.raises(ValueError, match="SHARED_LIMIT"):
+        greedy_cuda.CudaGreedy(wide_home, 1, wide_cost, num_layers=1, memory="shared")
     with pytest.raises(TypeError, match="rules"):
         greedy_cuda.CudaGreedy(home, 1, cost, "paper", num_layers=1)
     with pytest.raises(ValueError, match="home"):
@@ -284,3 +331,149 @@ def test_plan_diff_counts_entries_and_the_plans_own():
     wider = plan._replace(blk_expert=np.zeros((2, 3), np.int64))
     assert plan_diff("shape", wider, plan)["differing_entries"] == {
         "blk_expert": "shape [2, 3] != [2, 2]"}
+
+
+def test_memory_is_shared_where_it_fits():
+    """"auto" keeps the working arrays in shared memory at ep=8 / 128 experts (31.8 KB)
+    and in global scratch at ep=64 / 256 experts (far over the 48 KB a block may take)."""
+    assert greedy_cuda.shared_bytes(8, 128) <= greedy_cuda.SHARED_LIMIT
+    assert greedy_cuda.shared_bytes(64, 256) > greedy_cuda.SHARED_LIMIT
+    assert greedy_cuda.choose_memory(8, 128) == "shared"
+    assert greedy_cuda.choose_memory(8, 128, "global") == "global"
+    assert greedy_cuda.choose_memory(64, 256) == "global"
+    assert greedy_cuda.choose_memory(64, 256, "global") == "global"
+    with pytest.raises(ValueError, match="SHARED_LIMIT"):
+        greedy_cuda.choose_memory(64, 256, "shared")
+
+
+def test_sequential_shared_and_global_equal_cpu_kernel():
+    """The kernel with its working arrays in (simulated) shared memory and in global scratch:
+    both the CPU kernel's plans, on 150 random launches."""
+    rng = np.random.default_rng(19)
+    moved = 0
+    for _ in range(150):
+        batch = random_batch(rng, max_layers=3)
+        load, home, slots, window, cost, rules = batch
+        for in_shared in (True, False):
+            outs = sequential_arrays(load, home, slots, window, cost.alpha, cost.beta,
+                                     cost.token_time, cost.transfer_time, rules,
+                                     in_shared=in_shared)
+            for layer, out in enumerate(outs):
+                assert same_layer(batch, layer, out), (layer, in_shared, rules)
+                moved += out[3] > 0
+    assert moved >= 100
+
+
+def test_prefix_after_equals_the_cpu_rules():
+    """`_after_p`, `_src_after_p` and `_worst_p` (prefix sums) against greedy's `_after`,
+    `_src_after` and `_worst` (the pool walked from the start): the same floats, bit for bit,
+    for every x of random pools, token times of mixed magnitudes."""
+    from probe.planner import greedy
+
+    rng = np.random.default_rng(5)
+    env = dict(vars(greedy_cuda))
+    env["mul"] = lambda a, b: a * b
+    env["dmax"], env["dmin"] = _py(greedy_cuda.dmax), _py(greedy_cuda.dmin)
+    fns = {}
+    for name in ("_prefix", "_entry", "_after_p", "_src_after_p", "_worst_p"):
+        fn = _py(getattr(greedy_cuda, name))
+        fns[name] = env[name] = types.FunctionType(fn.__code__, env, name, fn.__defaults__)
+    checked = 0
+    for _ in range(60):
+        g = int(rng.integers(3, 10))
+        src, dst = (int(v) for v in rng.choice(g, 2, replace=False))
+        others = [s for s in range(g) if s not in (src, dst)]
+        pool = ([dst] if rng.random() < 0.5 else []) + list(rng.permutation(others))
+        pool += [src] if rng.random() < 0.7 else []
+        npool = len(pool)
+        pool_s = np.array(pool + [0] * (g - npool), np.int64)
+        pool_n = np.array(list(rng.integers(1, 40, npool)) + [0] * (g - npool), np.int64)
+        tt = rng.random((g, g)) * 10.0 ** rng.integers(-9, 1, (g, g))
+        tok = rng.integers(0, 100, (g, 4))
+        e = 1
+        tok[src, e] = int(pool_n[:npool].sum()) + int(rng.integers(0, 2))
+        comp, t_in, t_out = rng.random(g), rng.random(g) * 1e-3, rng.random(g) * 1e-3
+        alpha, beta = 1e-5, 3e-7
+        cum, pre = np.zeros(g, np.int64), np.zeros((4, g))
+        fns["_prefix"](src, dst, npool, pool_s, pool_n, tt, cum, *pre)
+        for x in range(1, int(pool_n.sum()) + 1):
+            parts, parts_p = np.zeros(6), np.zeros(6)
+            want = greedy._after.py_func(x, e, src, dst, pool_s, pool_n, tok, comp, t_in,
+                                         t_out, alpha, beta, tt, parts)
+            got = fns["_after_p"](x, e, src, dst, pool_s, npool, cum, *pre, tok, comp, t_in,
+                                  t_out, alpha, beta, tt, parts_p)
+            assert got == want and np.array_equal(parts, parts_p), (x, got, want)
+            assert fns["_src_after_p"](x, e, src, dst, pool_s, npool, cum, pre[0], pre[3], tok,
+                                       comp, t_in, t_out, alpha, beta, tt) == \
+                greedy._src_after.py_func(x, e, src, dst, pool_s, pool_n, tok, comp, t_in,
+                                          t_out, alpha, beta, tt)
+            takes, outs = np.full(g, -1, np.int64), np.zeros(g)
+            takes_p, outs_p = np.full(g, -1, np.int64), np.zeros(g)
+            w = greedy._worst.py_func(x, *want, src, dst, npool, pool_s, pool_n, comp, t_in,
+                                      t_out, tt, takes, outs)
+            w_p = fns["_worst_p"](x, *want, src, dst, npool, pool_s, pool_n, cum, comp, t_in,
+                                  t_out, tt, takes_p, outs_p)
+            assert w == w_p and np.array_equal(takes, takes_p) and np.array_equal(outs, outs_p)
+            checked += 1
+    assert checked > 500
+
+
+@pytest.mark.slow
+def test_compiled_kernel_for_sm90():
+    """Both memory variants compile for an H200 (sm_90) without a GPU, where NVVM is
+    installed: every product that feeds a sum is rounded on its own (mul.rn), and the only
+    fused multiply-adds the compiler makes multiply by the constant 2.0 (exact: the FMA rounds
+    as the plain product and sum do); no division decides anything (none in the PTX but the
+    mean's div.rn); the shared variant declares its arrays in shared memory."""
+    code = """
+import json, re
+import numba
+import numpy as np
+from numba.cuda.cudadrv import nvvm
+if not nvvm.is_available():
+    print(json.dumps("no nvvm"))
+    raise SystemExit(0)
+import numba.cuda.dispatcher as dispatcher
+from probe.planner import greedy_cuda as gc
+from probe.planner.numba_cuda import cuda
+
+class H200:
+    compute_capability = (9, 0)
+
+dispatcher.get_current_device = lambda: H200()  # device functions ask for the GPU's cc
+L, G, E = 2, 8, 128
+i, f = np.int64, np.float64
+args = [np.zeros((L, G, E), i), np.zeros((L, G, E), np.bool_), np.zeros(G, i),
+        np.zeros((L, G), f), 1.0, 1.0, np.zeros((G, G), f), np.zeros((G, G), f), 8, 0.0, True,
+        False, True, False, np.zeros((L, E), i), np.zeros((L, E, G), i), np.zeros((L, G, E), i),
+        np.zeros((L, G, E), i), np.zeros((L, G, G), i), np.zeros((L, G, E), np.uint8),
+        np.zeros((L, E), i), np.zeros((L, 4, 3), i), np.zeros(L, i), np.zeros((L, 4), i),
+        np.zeros((L, 4, G, G), i), np.zeros(L, i), np.zeros(L, i), np.zeros(L, f),
+        np.zeros(L, i)]
+out = {}
+for shared in (True, False):
+    ptx, _ = cuda.compile_ptx(gc._kernel_source(G, E, shared),
+                              tuple(numba.typeof(a) for a in args), cc=(9, 0))
+    fma = re.findall(r"fma[.a-z]*[.]f64[^;]*", ptx)
+    out[str(shared)] = {"fma": len(fma), "fma_by_2": sum("0d4000000000000000" in x for x in fma),
+                        "mul_rn": len(re.findall(r"mul[.]rn[.]f64", ptx)),
+                        "div": sorted(set(re.findall(r"div[.a-z]*[.]f64", ptx))),
+                        "shared": sum(int(n) for n in
+                                      re.findall(r"[.]shared .*?[[](\\d+)[]]", ptx))}
+print(json.dumps(out))
+"""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env.pop("NUMBA_ENABLE_CUDASIM", None)
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=600)
+    if done.returncode != 0 and "CudaSupportError" in done.stderr:
+        pytest.skip("numba cannot compile CUDA code here")
+    assert done.returncode == 0, done.stderr[-3000:]
+    found = json.loads(done.stdout.strip().splitlines()[-1])
+    if found == "no nvvm":
+        pytest.skip("NVVM is not installed")
+    for variant in found.values():
+        assert variant["fma"] == variant["fma_by_2"] and variant["mul_rn"] > 50
+        assert variant["div"] in ([], ["div.rn.f64"])
+    assert found["True"]["shared"] >= greedy_cuda.shared_bytes(8, 128) - 1024
+    assert found["False"]["shared"] < 16 * 1024

@@ -13,19 +13,74 @@ fastest first, ties to the lowest rank; experts of the slowest rank heaviest fir
 lowest id) and applies the FIRST one that gains. Here the T threads evaluate T consecutive
 candidates of that order at once, each with the CPU kernel's arithmetic (`_candidate`), and an
 atomic minimum over the candidate index picks the first gaining one: the same move, whatever
-the thread timing. Only when none of the T gains do they go on to the next T. The move is then
-applied by thread 0 (O(G) updates) and the threads together (a new dense [S, G] block).
+the thread timing. Only when none of the T gains do they go on to the next T. The winning
+thread then applies its move from its own pool (O(G) updates), after the threads together
+have written the expert's new dense [S, G] block if it has none yet.
 
 Floating point: every value that decides a choice is float64, computed in the CPU kernel's order
 of operations: the scalar rules (a candidate's times, rule 6's water fill, applying the move)
 are greedy.py's own functions, compiled a second time as device functions
-(`numba_cuda.device`, probe.planner.scalar). The products that feed a sum are rounded on their
-own (libdevice's dmul_rn):
-the CUDA compiler would otherwise fuse a * b + c into one FMA, which rounds once and can flip
-a tie. Shared memory per block: about 14 KB (rank arrays of MAX_RANKS entries, the slowest
-rank's token counts: MAX_EXPERTS entries); the [G, E] and [G, G] working arrays live in global
-scratch (preallocated per shape); each thread keeps its
-candidate's pool in local arrays of MAX_RANKS entries.
+(`numba_cuda.device`, probe.planner.scalar), or, for `_after`, `_src_after`, `_worst` and
+`_water_fill`, twins here that read the same sums from prefix arrays (`_prefix`: a sum that
+starts at 0.0 and adds the same terms in the same order passes through the same floats; tests
+compare the twins with greedy's rules bit for bit). The products that feed a sum are rounded
+on their own (libdevice's dmul_rn): the CUDA compiler would otherwise fuse a * b + c into one
+FMA, which rounds once and can flip a tie (the only FMAs it makes multiply by 2.0, which is
+exact; tests check the sm_90 PTX).
+
+Memory (`CudaGreedy(memory=...)`, "auto" by default): the layer's [G, E] and [G, G] working
+arrays (home holders and positions, tokens per rank and expert, replicas held, flows, the
+expert-to-block map, the token and transfer times) live in shared memory when they fit
+(`shared_bytes(G, E)` <= SHARED_LIMIT = 48 KiB: 31.8 KB at G = 8, E = 128), else in
+preallocated global scratch (G = 64, E = 256 would need 520 KB). One kernel is compiled per
+(G, E, memory): G and E are compile-time constants, so every shared and per-thread local array
+has exactly G or E entries. Always shared: the rank arrays and the slowest rank's experts
+(16 bytes per expert). Per thread: its candidate's pool and the prefix sums, 11 local arrays
+of G entries (704 B at G = 8, 5.6 KB at G = 64; only an unpruned candidate touches them).
+
+The critical path of one layer (the longest chain of dependent steps one thread runs, and the
+block barriers), counted for the synthetic decode layers of experiments.planner.gpu_latency
+with T = 128 and the default rules (k_max 16: 8-16 moves at ep=8 / E=128, 16 at ep=64 /
+E=256; "auto" is also 16 at ep=8 and 128 at ep=64). A step is one loop iteration of the
+chain (a few loads and flops); ne is the slowest rank's experts with tokens (about 20 at
+ep=8, 4-8 at ep=64), npool <= G the candidate's pool, about 20 `_after` calls in an
+unpruned candidate (rule 6's searches, log2 of the tokens), most candidates pruned early:
+
+    phase (barriers)                      ep=8 / E=128       ep=64 / E=256
+    start (4): holders, split, times      ~8+8+E+2G = 160    ~128+128+256+128 = 640
+    per move, before (9 + 1 per round):
+      src and mean (thread 0)             2G = 16            128
+      expert order (each vs all E)        E = 128            2E = 512
+      candidate: pool + 20 x _after       8 + 20*8 + 3*8     64 + 20*64 + 3*64
+                 + 3 x _worst              = 190              = 1540
+      publish, apply (thread 0)           3 npool = 24       192
+      total per move                      ~370               ~2400
+    per move, now (4, 5 for a new block, + 1 per round):
+      src (every thread; + G for the mean under mean_cap)  G = 8    64
+      destinations ranked                 G = 8              64
+      expert order (each vs the ne listed) ne ~ 20           ~8
+      candidate: pool + prefix            G + npool = 16     128
+                 + 20 x _after_p (log2 npool + 1)  80        140
+                 + 3 x _worst_p (up to the entry of x)  ~10  ~20
+      new block (G*G / T), apply (winner) 1 + 2 npool = 17   32 + 128
+      total per move                      ~140               ~580
+
+Measured before this layout (an H200, results/h200/gpu_greedy: 23.4 us and 232 us per layer
+in a graph replay of 32 layers; the 32 blocks run side by side on 132 SMs, so one layer's
+kernel time is inferred as about 32x that): ~750 us per layer at ep=8 (~60 us per move, ~160
+ns per step, consistent with L2 latency: the MAX_RANKS-sized local arrays of 128 threads,
+384 KB, do not fit L1) and ~7.4 ms at ep=64 (~460 us per move, ~190 ns per step). Expected
+now, from the counts alone (not measured): about 2.6x fewer steps per move at ep=8 and 4x at
+ep=64, and at ep=8 the steps read shared memory or L1 (tens of ns, not ~160), so roughly
+5-10x at ep=8 (some 80-160 us per layer) and 4-12x at ep=64 (some 0.6-2 ms); both still above
+the targets of 10 and 50 us per layer. (The eager one-layer launch measured 1202 us at ep=8:
+some 450 us of it is numba's host-side launch of 29 arguments, which a replayed graph skips.)
+What is left on the path: the candidate's O(G) pool and prefix (the sums must stay in pool
+order) and about 20 dependent `_after_p` calls of rule 6's binary searches, one thread each;
+a warp per candidate (the pool built with ballots, the searches' next levels evaluated side
+by side) would cut these, at the price of fewer candidates per round.
+experiments.planner.gpu_latency measures the start, the per-move time and the threads and
+memory variants on the GPU.
 
 Entry points:
     `CudaGreedy(home, slots, cost, rules, num_layers=L)`: validates once, keeps device
@@ -43,7 +98,7 @@ import math
 from typing import NamedTuple
 
 import numpy as np
-from numba import float64, int32, int64
+from numba import float64, int32, int64, uint8
 
 from probe.planner import greedy
 from probe.planner.cost import CostModel
@@ -52,7 +107,8 @@ from probe.planner.greedy_rules import GreedyRules
 from probe.planner.numba_cuda import SIMULATOR, cuda, device, dmax, dmin, mul
 from probe.planner.problem import BalanceProblem
 
-__all__ = ["MAX_EXPERTS", "MAX_RANKS", "THREADS", "CudaGreedy", "CudaPlan", "greedy_cuda_arrays"]
+__all__ = ["MAX_EXPERTS", "MAX_RANKS", "SHARED_LIMIT", "THREADS", "CudaGreedy", "CudaPlan",
+           "choose_memory", "greedy_cuda_arrays", "kernel", "shared_bytes"]
 
 # Most ranks a layer may have (the per-thread pool and the shared rank arrays are this long).
 MAX_RANKS = 64
@@ -60,32 +116,206 @@ MAX_RANKS = 64
 MAX_EXPERTS = 1024
 # Threads per block (one block per layer) unless the caller picks another multiple of 32.
 THREADS = 128
+# Most shared memory a block's arrays may take: the static limit of a block (48 KiB).
+SHARED_LIMIT = 48 * 1024
 # "No candidate gained yet" (larger than any candidate index: MAX_RANKS * experts < 2**40).
 _NONE = 1 << 40
 # Slots of the block's shared integer and float scalars.
-_SRC, _NE, _WIN, _E, _DST, _HOLDER, _NPOOL, _X, _B, _NEWB, _NBLK, _NREP, _MOVES, _BAD = range(14)
-_MEAN, _TSRC, _TDST = range(3)
+_NE, _WIN, _E, _B, _NEWB, _NBLK, _NREP, _MOVES, _BAD = range(9)
 
 
 # The CPU kernel's scalar rules as device functions: the same Python functions, compiled again
 # (probe.planner.scalar), so the candidates' times are the CPU kernel's floats.
 _static_share = device(greedy._static_share, inline=True)
-_src_after = device(greedy._src_after)
-_after = device(greedy._after)
-_worst = device(greedy._worst)
-_water_fill = device(greedy._water_fill)
 _keep_move = device(greedy._keep_move)
 _apply_move = device(greedy._apply_move)
+
+
+# `_after`, `_src_after` and `_water_fill` of the CPU kernel, on prefix sums. The CPU kernel's
+# `_after(x)` walks the pool from entry 0, adding each entry's take times a token time into four
+# sums, and stops at the entry where the x tokens run out: O(npool) dependent steps per call,
+# some 30 calls per candidate. A sum that starts at 0.0 and adds the same terms in the same order
+# passes through the same floats, so `_prefix` records each sum before every entry once per
+# candidate, and `_after_p(x)` takes the sums before the last entry touched (found by a binary
+# search over the cumulative counts) and adds that entry's partial take: the CPU kernel's floats,
+# bit for bit, in O(log npool) per call.
+@cuda.jit(device=True)
+def _prefix(src, dst, npool, pool_s, pool_n, tt, cum, p_in_src, p_in_dst, p_out_dst, p_out_src):
+    """cum[i]: the pool's tokens before entry i; p_*[i]: `_after`'s four sums (d_in_src,
+    d_in_dst, d_out_dst, d_out_src) over the entries before i, taken whole, in pool order."""
+    c = 0
+    in_src = 0.0
+    in_dst = 0.0
+    out_dst = 0.0
+    out_src = 0.0
+    for i in range(npool):
+        cum[i] = c
+        p_in_src[i] = in_src
+        p_in_dst[i] = in_dst
+        p_out_dst[i] = out_dst
+        p_out_src[i] = out_src
+        s = pool_s[i]
+        take = pool_n[i]
+        c += take
+        in_src += mul(take, tt[s, src])
+        if s == dst:
+            out_dst += mul(take, tt[dst, src])
+        else:
+            in_dst += mul(take, tt[s, dst])
+            if s == src:
+                out_src += mul(take, tt[src, dst] - tt[src, src])
+
+
+@cuda.jit(device=True)
+def _entry(x, npool, cum):
+    """The pool entry where x >= 1 tokens run out: the last i with cum[i] < x."""
+    lo = 0
+    hi = npool - 1
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if cum[mid] < x:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+@cuda.jit(device=True)
+def _after_p(x, e, src, dst, pool_s, npool, cum, p_in_src, p_in_dst, p_out_dst, p_out_src, tok,
+             comp, t_in, t_out, alpha, beta, tt, parts):
+    """greedy._after(x, ...) from `_prefix`'s sums: the same floats; fills parts[6]."""
+    comp_src = comp[src] - mul(beta, x)
+    if tok[src, e] == x:
+        comp_src -= alpha
+    comp_dst = comp[dst] + mul(beta, x)
+    if tok[dst, e] == 0:
+        comp_dst += alpha
+    k = _entry(x, npool, cum)
+    s = pool_s[k]
+    take = x - cum[k]
+    d_in_src = p_in_src[k] + mul(take, tt[s, src])
+    d_in_dst = p_in_dst[k]
+    d_out_dst = p_out_dst[k]
+    d_out_src = p_out_src[k]
+    if s == dst:
+        d_out_dst += mul(take, tt[dst, src])
+    else:
+        d_in_dst += mul(take, tt[s, dst])
+        if s == src:
+            d_out_src += mul(take, tt[src, dst] - tt[src, src])
+    t_src = comp_src + 2.0 * dmax(t_in[src] - d_in_src, t_out[src] + d_out_src)
+    t_dst = comp_dst + 2.0 * dmax(t_in[dst] + d_in_dst, t_out[dst] - d_out_dst)
+    parts[0] = comp_src
+    parts[1] = comp_dst
+    parts[2] = d_in_src
+    parts[3] = d_in_dst
+    parts[4] = d_out_dst
+    parts[5] = d_out_src
+    return t_src, t_dst
+
+
+@cuda.jit(device=True)
+def _src_after_p(x, e, src, dst, pool_s, npool, cum, p_in_src, p_out_src, tok, comp, t_in,
+                 t_out, alpha, beta, tt):
+    """greedy._src_after(x, ...) from `_prefix`'s sums: the same float."""
+    comp_src = comp[src] - mul(beta, x)
+    if tok[src, e] == x:
+        comp_src -= alpha
+    k = _entry(x, npool, cum)
+    s = pool_s[k]
+    take = x - cum[k]
+    d_in_src = p_in_src[k] + mul(take, tt[s, src])
+    d_out_src = p_out_src[k]
+    if s == src:
+        d_out_src += mul(take, tt[src, dst] - tt[src, src])
+    return comp_src + 2.0 * dmax(t_in[src] - d_in_src, t_out[src] + d_out_src)
+
+
+@cuda.jit(device=True)
+def _worst_p(x, t_src, t_dst, src, dst, npool, pool_s, pool_n, cum, comp, t_in, t_out, tt, takes,
+             new_out):
+    """greedy._worst(x, ...): the same takes[:npool], new_out entries and float, its max over
+    the third-party sources run only up to the entry where x runs out (those after take 0)."""
+    k = _entry(x, npool, cum)
+    for i in range(npool):
+        takes[i] = pool_n[i] if i < k else (x - cum[k] if i == k else 0)
+    worst = dmax(t_src, t_dst)
+    for i in range(k + 1):
+        s = pool_s[i]
+        if s != dst and s != src and takes[i] > 0:
+            new_out[i] = t_out[s] + mul(takes[i], tt[s, dst] - tt[s, src])
+            worst = dmax(worst, comp[s] + 2.0 * dmax(t_in[s], new_out[i]))
+    return worst
+
+
+@cuda.jit(device=True)
+def _water_fill_p(n, e, src, dst, pool_s, npool, cum, p_in_src, p_in_dst, p_out_dst, p_out_src,
+                  tok, comp, t_in, t_out, alpha, beta, tt, parts, cap):
+    """greedy._water_fill (rule 6's x over the first n pool tokens), its searches and
+    comparisons unchanged, each `_after` taken from the prefix sums."""
+    all_src, all_dst = _after_p(n, e, src, dst, pool_s, npool, cum, p_in_src, p_in_dst,
+                                p_out_dst, p_out_src, tok, comp, t_in, t_out, alpha, beta, tt,
+                                parts)
+    x_eq = n
+    if all_src <= all_dst:
+        lo = 1
+        while lo < x_eq:
+            mid = (lo + x_eq) // 2
+            t_src, t_dst = _after_p(mid, e, src, dst, pool_s, npool, cum, p_in_src, p_in_dst,
+                                    p_out_dst, p_out_src, tok, comp, t_in, t_out, alpha, beta,
+                                    tt, parts)
+            if t_src <= t_dst:
+                x_eq = mid
+            else:
+                lo = mid + 1
+    if x_eq > 1:
+        a_src, a_dst = _after_p(x_eq - 1, e, src, dst, pool_s, npool, cum, p_in_src, p_in_dst,
+                                p_out_dst, p_out_src, tok, comp, t_in, t_out, alpha, beta, tt,
+                                parts)
+        b_src, b_dst = _after_p(x_eq, e, src, dst, pool_s, npool, cum, p_in_src, p_in_dst,
+                                p_out_dst, p_out_src, tok, comp, t_in, t_out, alpha, beta, tt,
+                                parts)
+        if dmax(a_src, a_dst) <= dmax(b_src, b_dst):
+            x_eq -= 1
+    x_mean = n
+    if all_src <= cap:
+        lo = 1
+        while lo < x_mean:
+            mid = (lo + x_mean) // 2
+            if _src_after_p(mid, e, src, dst, pool_s, npool, cum, p_in_src, p_out_src, tok, comp,
+                            t_in, t_out, alpha, beta, tt) <= cap:
+                x_mean = mid
+            else:
+                lo = mid + 1
+    return dmin(x_eq, x_mean)
+
+
+@cuda.jit(device=True, inline=True)
+def _share_to_src(load, home, h_e, pos_src, s, e, src):
+    """greedy._static_share(load, home, hpos, hcount, s, e, src) with hcount[e] = h_e and
+    hpos[src, e] = pos_src read once per candidate, not once per source (integers: exact)."""
+    n = load[s, e]
+    if home[s, e]:
+        return n if src == s else 0
+    if h_e == 1:
+        return n if pos_src == 0 else 0
+    if pos_src < 0:
+        return 0
+    q = n // h_e
+    r = n - q * h_e
+    return q + (1 if (pos_src + s) % h_e < r else 0)
 
 
 @cuda.jit(device=True)
 def _candidate(e, src, dst, load, home, slots, window, alpha, beta, tt, xt, epsilon, move_local,
                evacuate, two_phase, mean_cap, mean, hcount, hlist, hpos, tok, held, blk_of,
                blk_assign, times, comp, t_in, t_out, recv, send, used, pool_s, pool_n, takes,
-               new_out, parts, ev_takes, ev_out, ev_parts):
+               new_out, parts, ev_takes, ev_out, ev_parts, cum, p_in_src, p_in_dst, p_out_dst,
+               p_out_src):
     """One candidate of greedy._greedy_run's search (the body of its expert loop, the dst
     pruning included): moving tokens of e from src to dst. Returns (gains, x, t_src, t_dst,
-    holder, npool); the pool, takes, new_out and parts describe the move."""
+    holder, npool); the pool, takes, new_out and parts describe the move. cum and p_* are
+    `_prefix`'s buffers (G entries each)."""
     no = (False, 0, 0.0, 0.0, -1, 0)
     floor = times[src] - epsilon
     lb_dst = comp[dst] + beta + 2.0 * t_in[dst]
@@ -127,11 +357,13 @@ def _candidate(e, src, dst, load, home, slots, window, alpha, beta, tt, xt, epsi
         pool_n[0] = a
         npool = 1
         total += a
+    h_e = hcount[e]
+    pos_src = hpos[src, e]
     for s in range(num_ranks):
         if s == src or s == dst:  # noqa: SIM109 (a plain comparison compiles for CUDA)
             continue
-        a = (blk_assign[b, s, src] if b >= 0
-             else _static_share(load, home, hpos, hcount, s, e, src))
+        a = blk_assign[b, s, src] if b >= 0 else _share_to_src(load, home, h_e, pos_src, s, e,
+                                                               src)
         if a > 0 and held[s, e] == 0:
             pool_s[npool] = s
             pool_n[npool] = a
@@ -147,12 +379,13 @@ def _candidate(e, src, dst, load, home, slots, window, alpha, beta, tt, xt, epsi
             total += a
     if total == 0:
         return no
+    _prefix(src, dst, npool, pool_s, pool_n, tt, cum, p_in_src, p_in_dst, p_out_dst, p_out_src)
     cap = mean if mean_cap else -math.inf
     own_src = 0
     if move_local and pool_s[npool - 1] == src:
         own_src = pool_n[npool - 1]
     # greedy._greedy_run's two branches (two_phase with own tokens: phase 1 over the other
-    # sources' tokens, then phase 2; else one fill over the whole pool), with one _water_fill
+    # sources' tokens, then phase 2; else one fill over the whole pool), with one water fill
     # call site between them (the compiler inlines each site).
     phase_one = two_phase and own_src > 0
     n_other = total - own_src if phase_one else total
@@ -160,13 +393,15 @@ def _candidate(e, src, dst, load, home, slots, window, alpha, beta, tt, xt, epsi
     worst = 0.0
     x = 0
     if n_other > 0:
-        x = _water_fill(n_other, e, src, dst, pool_s, pool_n, tok, comp, t_in, t_out, alpha,
-                        beta, tt, parts, cap)
+        x = _water_fill_p(n_other, e, src, dst, pool_s, npool, cum, p_in_src, p_in_dst,
+                          p_out_dst, p_out_src, tok, comp, t_in, t_out, alpha, beta, tt, parts,
+                          cap)
         if phase_one:
-            t_src, t_dst = _after(x, e, src, dst, pool_s, pool_n, tok, comp, t_in, t_out, alpha,
-                                  beta, tt, parts)
-            worst = _worst(x, t_src, t_dst, src, dst, npool, pool_s, pool_n, comp, t_in, t_out,
-                           tt, ev_takes, ev_out)
+            t_src, t_dst = _after_p(x, e, src, dst, pool_s, npool, cum, p_in_src, p_in_dst,
+                                    p_out_dst, p_out_src, tok, comp, t_in, t_out, alpha, beta,
+                                    tt, parts)
+            worst = _worst_p(x, t_src, t_dst, src, dst, npool, pool_s, pool_n, cum, comp, t_in,
+                             t_out, tt, ev_takes, ev_out)
             if x < n_other or t_src <= t_dst or t_src <= cap:
                 second = False
     if second:
@@ -174,43 +409,48 @@ def _candidate(e, src, dst, load, home, slots, window, alpha, beta, tt, xt, epsi
         hi = total - 1 if total == tok[src, e] and total > lo else total
         while lo < hi:
             mid = (lo + hi) // 2
-            a_src, a_dst = _after(mid, e, src, dst, pool_s, pool_n, tok, comp, t_in, t_out,
-                                  alpha, beta, tt, parts)
-            b_src, b_dst = _after(mid + 1, e, src, dst, pool_s, pool_n, tok, comp, t_in,
-                                  t_out, alpha, beta, tt, parts)
+            a_src, a_dst = _after_p(mid, e, src, dst, pool_s, npool, cum, p_in_src, p_in_dst,
+                                    p_out_dst, p_out_src, tok, comp, t_in, t_out, alpha, beta,
+                                    tt, parts)
+            b_src, b_dst = _after_p(mid + 1, e, src, dst, pool_s, npool, cum, p_in_src,
+                                    p_in_dst, p_out_dst, p_out_src, tok, comp, t_in, t_out,
+                                    alpha, beta, tt, parts)
             if dmax(b_src, b_dst) >= dmax(a_src, a_dst):
                 hi = mid
             else:
                 lo = mid + 1
         x2 = lo
-        a_src, a_dst = _after(x2, e, src, dst, pool_s, pool_n, tok, comp, t_in, t_out, alpha,
-                              beta, tt, parts)
+        a_src, a_dst = _after_p(x2, e, src, dst, pool_s, npool, cum, p_in_src, p_in_dst,
+                                p_out_dst, p_out_src, tok, comp, t_in, t_out, alpha, beta, tt,
+                                parts)
         if a_src <= cap:
             lo = n_other + 1
             hi = x2
             while lo < hi:
                 mid = (lo + hi) // 2
-                if _src_after(mid, e, src, dst, pool_s, pool_n, tok, comp, t_in, t_out,
-                              alpha, beta, tt) <= cap:
+                if _src_after_p(mid, e, src, dst, pool_s, npool, cum, p_in_src, p_out_src, tok,
+                                comp, t_in, t_out, alpha, beta, tt) <= cap:
                     hi = mid
                 else:
                     lo = mid + 1
             x2 = lo
-        a_src, a_dst = _after(x2, e, src, dst, pool_s, pool_n, tok, comp, t_in, t_out, alpha,
-                              beta, tt, parts)
-        w2 = _worst(x2, a_src, a_dst, src, dst, npool, pool_s, pool_n, comp, t_in, t_out, tt,
-                    ev_takes, ev_out)
+        a_src, a_dst = _after_p(x2, e, src, dst, pool_s, npool, cum, p_in_src, p_in_dst,
+                                p_out_dst, p_out_src, tok, comp, t_in, t_out, alpha, beta, tt,
+                                parts)
+        w2 = _worst_p(x2, a_src, a_dst, src, dst, npool, pool_s, pool_n, cum, comp, t_in, t_out,
+                      tt, ev_takes, ev_out)
         if n_other == 0 or w2 < worst:
             x = x2
-    t_src, t_dst = _after(x, e, src, dst, pool_s, pool_n, tok, comp, t_in, t_out, alpha, beta, tt,
-                          parts)
-    worst = _worst(x, t_src, t_dst, src, dst, npool, pool_s, pool_n, comp, t_in, t_out, tt,
-                   takes, new_out)
+    t_src, t_dst = _after_p(x, e, src, dst, pool_s, npool, cum, p_in_src, p_in_dst, p_out_dst,
+                            p_out_src, tok, comp, t_in, t_out, alpha, beta, tt, parts)
+    worst = _worst_p(x, t_src, t_dst, src, dst, npool, pool_s, pool_n, cum, comp, t_in, t_out,
+                     tt, takes, new_out)
     if evacuate and x < total and total == tok[src, e]:
-        ev_src, ev_dst = _after(total, e, src, dst, pool_s, pool_n, tok, comp, t_in, t_out,
-                                alpha, beta, tt, ev_parts)
-        ev_worst = _worst(total, ev_src, ev_dst, src, dst, npool, pool_s, pool_n, comp, t_in,
-                          t_out, tt, ev_takes, ev_out)
+        ev_src, ev_dst = _after_p(total, e, src, dst, pool_s, npool, cum, p_in_src, p_in_dst,
+                                  p_out_dst, p_out_src, tok, comp, t_in, t_out, alpha, beta, tt,
+                                  ev_parts)
+        ev_worst = _worst_p(total, ev_src, ev_dst, src, dst, npool, pool_s, pool_n, cum, comp,
+                            t_in, t_out, tt, ev_takes, ev_out)
         if ev_worst < worst:
             x = total
             t_src = ev_src
@@ -222,191 +462,260 @@ def _candidate(e, src, dst, load, home, slots, window, alpha, beta, tt, xt, epsi
     return no
 
 
-@cuda.jit
-def _greedy_kernel(load, home, slots, window, alpha, beta, tt, xt, limit, epsilon, move_local,
-                   evacuate, two_phase, mean_cap, hcount, hlist, hpos, tok, flow, held, blk_of,
-                   exp_order, rep, n_rep_out, blk_expert, blk_assign, n_blk_out, moves_out,
-                   objective_out, status_out):
-    """Block l plans layer l (greedy._greedy_run's rules 1-7). Inputs: load int64 [L, S, E],
-    home bool [L, G, E], slots int64 [G], window float64 [L, G], tt/xt float64 [G, G]
-    (token_time, transfer_time), limit int64 (> 0 moves), epsilon float64, four flags. Scratch
-    (any values): hcount [L, E], hlist [L, E, G], hpos [L, G, E], tok [L, G, E], flow [L, G, G],
-    held uint8 [L, G, E], blk_of [L, E], exp_order [L, E], all int64 but held. Outputs (any
-    values before; every entry is written): see CudaPlan."""
-    layer = cuda.blockIdx.x
-    tid = cuda.threadIdx.x
-    nt = cuda.blockDim.x
-    num_ranks = home.shape[1]
-    num_experts = home.shape[2]
-    ld = load[layer]
-    hm = home[layer]
-    win = window[layer]
-    hc = hcount[layer]
-    hl = hlist[layer]
-    hp = hpos[layer]
-    tk = tok[layer]
-    fl = flow[layer]
-    hd = held[layer]
-    bo = blk_of[layer]
-    eo = exp_order[layer]
-    rp = rep[layer]
-    be = blk_expert[layer]
-    ba = blk_assign[layer]
+def shared_bytes(num_ranks: int, num_experts: int) -> int:
+    """Bytes of shared memory a block takes for G ranks and E experts when its [G, E] and
+    [G, G] working arrays live there (`memory="shared"`)."""
+    G, E = num_ranks, num_experts  # noqa: N806 (the shape letters)
+    return _fixed_bytes(G, E) + 8 * (2 * E + 3 * G * E + 3 * G * G) + G * E
 
-    times = cuda.shared.array(MAX_RANKS, float64)
-    comp = cuda.shared.array(MAX_RANKS, float64)
-    t_in = cuda.shared.array(MAX_RANKS, float64)
-    t_out = cuda.shared.array(MAX_RANKS, float64)
-    recv = cuda.shared.array(MAX_RANKS, float64)
-    send = cuda.shared.array(MAX_RANKS, float64)
-    used = cuda.shared.array(MAX_RANKS, int64)
-    dst_order = cuda.shared.array(MAX_RANKS, int32)
-    best_s = cuda.shared.array(MAX_RANKS, int64)
-    best_takes = cuda.shared.array(MAX_RANKS, int64)
-    best_out = cuda.shared.array(MAX_RANKS, float64)
-    best_parts = cuda.shared.array(6, float64)
-    src_tok = cuda.shared.array(MAX_EXPERTS, int64)
-    ints = cuda.shared.array(16, int64)
-    flts = cuda.shared.array(4, float64)
 
-    pool_s = cuda.local.array(MAX_RANKS, int64)
-    pool_n = cuda.local.array(MAX_RANKS, int64)
-    takes = cuda.local.array(MAX_RANKS, int64)
-    new_out = cuda.local.array(MAX_RANKS, float64)
-    ev_takes = cuda.local.array(MAX_RANKS, int64)
-    ev_out = cuda.local.array(MAX_RANKS, float64)
-    parts = cuda.local.array(6, float64)
-    ev_parts = cuda.local.array(6, float64)
+def choose_memory(num_ranks: int, num_experts: int, memory: str = "auto") -> str:
+    """Where a block keeps its working arrays for G ranks and E experts: "shared" or
+    "global". memory: "auto" (shared when `shared_bytes` is at most SHARED_LIMIT), "shared"
+    (ValueError when it does not fit) or "global"."""
+    if memory not in ("auto", "shared", "global"):
+        raise ValueError(f"memory must be 'auto', 'shared' or 'global', got {memory!r}")
+    need = shared_bytes(num_ranks, num_experts)
+    if memory == "shared" and need > SHARED_LIMIT:
+        raise ValueError(f"memory='shared' needs {need} bytes of shared memory per block for "
+                         f"{num_ranks} ranks and {num_experts} experts, more than "
+                         f"SHARED_LIMIT = {SHARED_LIMIT}; use 'global' or 'auto'")
+    if memory == "auto":
+        return "shared" if need <= SHARED_LIMIT else "global"
+    return memory
 
-    # The start: home holders (hlist[e, :hcount[e]] in rank order, hpos[g, e] = g's position
-    # there or -1), replicas held (none yet), zero flows; bad values flag the layer.
-    if tid == 0:
-        ints[_NBLK] = 0
-        ints[_NREP] = 0
-        ints[_MOVES] = 0
-        ints[_BAD] = 0
-    for g in range(tid, num_ranks, nt):
-        used[g] = 0
-        recv[g] = 0.0
-        send[g] = 0.0
-    cuda.syncthreads()
-    for g in range(tid, num_ranks, nt):
-        if not win[g] >= 0.0:
-            cuda.atomic.max(ints, _BAD, 2)
-    for e in range(tid, num_experts, nt):
-        c = 0
-        for g in range(num_ranks):
-            if hm[g, e]:
-                hp[g, e] = c
-                hl[e, c] = g
-                c += 1
-            else:
-                hp[g, e] = -1
-            hd[g, e] = 1 if hm[g, e] else 0
-            tk[g, e] = 0
-            if ld[g, e] < 0:
-                cuda.atomic.max(ints, _BAD, 1)
-        hc[e] = c
-        bo[e] = -1
-    for i in range(tid, num_ranks * num_ranks, nt):
-        fl[i // num_ranks, i % num_ranks] = 0
-    cuda.syncthreads()
-    bad = ints[_BAD]
-    # Static split (one thread per expert; flows summed with integer atomics: exact).
-    for e in range(tid, num_experts, nt):
-        for s in range(num_ranks):
-            n = ld[s, e]
-            if n <= 0:
-                continue
-            if hm[s, e]:
-                tk[s, e] += n
-                cuda.atomic.add(fl, (s, s), n)
-            elif hc[e] == 1:
-                g = hl[e, 0]
-                tk[g, e] += n
-                cuda.atomic.add(fl, (s, g), n)
-            else:
-                h = hc[e]
-                q = n // h
-                r = n - q * h
-                for k in range(h):
-                    c = q + (1 if (k + s) % h < r else 0)
-                    g = hl[e, k]
-                    tk[g, e] += c
-                    cuda.atomic.add(fl, (s, g), c)
-    cuda.syncthreads()
-    # Rank times, in the CPU kernel's summation orders (experts ascending, sources ascending).
-    for g in range(tid, num_ranks, nt):
-        c = 0.0
-        for e in range(num_experts):
-            if hm[g, e] and tk[g, e] > 0:
-                c += alpha + mul(beta, tk[g, e])
-        comp[g] = c
-        a_in = 0.0
-        for s in range(num_ranks):
-            a_in += mul(fl[s, g], tt[s, g])
-        a_out = 0.0
-        for h in range(num_ranks):
-            a_out += mul(fl[g, h], tt[g, h])
-        t_in[g] = a_in
-        t_out[g] = a_out
-        times[g] = c + 2.0 * dmax(a_in, a_out)
-    cuda.syncthreads()
 
-    while bad == 0:
+def _fixed_bytes(num_ranks: int, num_experts: int) -> int:
+    """Shared bytes a block always takes: rank arrays, the expert lists, block scalars."""
+    G, E = num_ranks, num_experts  # noqa: N806
+    return 8 * 7 * G + 4 * G + E * (4 + 8 + 4) + 8 * 16
+
+
+def _kernel_source(num_ranks: int, num_experts: int, in_shared: bool):
+    """The kernel's Python function for G ranks and E experts (compile-time constants: array
+    sizes), its [G, E] and [G, G] working arrays in shared memory (in_shared) or in the global
+    scratch arguments."""
+    G, E = num_ranks, num_experts  # noqa: N806 (the shape letters)
+    GS, ES = (G, E) if in_shared else (1, 1)  # noqa: N806 (the shared working arrays' shape)
+
+    def _greedy_kernel(load, home, slots, window, alpha, beta, tt, xt, limit, epsilon,
+                       move_local, evacuate, two_phase, mean_cap, hcount, hlist, hpos, tok,
+                       flow, held, blk_of, rep, n_rep_out, blk_expert, blk_assign, n_blk_out,
+                       moves_out, objective_out, status_out):
+        """Block l plans layer l (greedy._greedy_run's rules 1-7). Inputs: load int64
+        [L, S, E], home bool [L, G, E], slots int64 [G], window float64 [L, G], tt/xt float64
+        [G, G] (token_time, transfer_time), limit int64 (> 0 moves), epsilon float64, four
+        flags. Global scratch (any values; unread when the working arrays are shared):
+        hcount [L, E], hlist [L, E, G], hpos [L, G, E], tok [L, G, E], flow [L, G, G], held
+        uint8 [L, G, E], blk_of [L, E], int64 but held. Outputs (any values before; every
+        entry is written): see CudaPlan."""
+        layer = cuda.blockIdx.x
+        tid = cuda.threadIdx.x
+        nt = cuda.blockDim.x
+        ld = load[layer]
+        hm = home[layer]
+        win = window[layer]
+        rp = rep[layer]
+        be = blk_expert[layer]
+        ba = blk_assign[layer]
+
+        # The layer's working arrays: shared (sized GS x ES) or the global scratch rows.
+        sh_hc = cuda.shared.array(ES, int64)
+        sh_hl = cuda.shared.array((ES, GS), int64)
+        sh_hp = cuda.shared.array((GS, ES), int64)
+        sh_tk = cuda.shared.array((GS, ES), int64)
+        sh_fl = cuda.shared.array((GS, GS), int64)
+        sh_hd = cuda.shared.array((GS, ES), uint8)
+        sh_bo = cuda.shared.array(ES, int64)
+        sh_tt = cuda.shared.array((GS, GS), float64)
+        sh_xt = cuda.shared.array((GS, GS), float64)
+        if in_shared:
+            hc = sh_hc
+            hl = sh_hl
+            hp = sh_hp
+            tk = sh_tk
+            fl = sh_fl
+            hd = sh_hd
+            bo = sh_bo
+            tts = sh_tt
+            xts = sh_xt
+        else:
+            hc = hcount[layer]
+            hl = hlist[layer]
+            hp = hpos[layer]
+            tk = tok[layer]
+            fl = flow[layer]
+            hd = held[layer]
+            bo = blk_of[layer]
+            tts = tt
+            xts = xt
+
+        times = cuda.shared.array(G, float64)
+        comp = cuda.shared.array(G, float64)
+        t_in = cuda.shared.array(G, float64)
+        t_out = cuda.shared.array(G, float64)
+        recv = cuda.shared.array(G, float64)
+        send = cuda.shared.array(G, float64)
+        used = cuda.shared.array(G, int64)
+        dst_order = cuda.shared.array(G, int32)
+        src_e = cuda.shared.array(E, int32)  # src's experts with tokens, in any order ...
+        src_n = cuda.shared.array(E, int64)  # ... and their token counts on src
+        exp_order = cuda.shared.array(E, int32)  # the same experts, heaviest first
+        ints = cuda.shared.array(16, int64)
+
+        pool_s = cuda.local.array(G, int64)
+        pool_n = cuda.local.array(G, int64)
+        takes = cuda.local.array(G, int64)
+        new_out = cuda.local.array(G, float64)
+        ev_takes = cuda.local.array(G, int64)
+        ev_out = cuda.local.array(G, float64)
+        cum = cuda.local.array(G, int64)
+        p_in_src = cuda.local.array(G, float64)
+        p_in_dst = cuda.local.array(G, float64)
+        p_out_dst = cuda.local.array(G, float64)
+        p_out_src = cuda.local.array(G, float64)
+        parts = cuda.local.array(6, float64)
+        ev_parts = cuda.local.array(6, float64)
+
+        # The start: home holders (hl[e, :hc[e]] in rank order, hp[g, e] = g's position there
+        # or -1), replicas held (none yet), zero flows; bad values flag the layer.
         if tid == 0:
-            src = 0
-            for g in range(1, num_ranks):
-                if times[g] > times[src]:
-                    src = g
-            total_time = 0.0
-            for g in range(num_ranks):
-                total_time += times[g]
-            ints[_SRC] = src
-            flts[_MEAN] = total_time / num_ranks
+            ints[_NBLK] = 0
+            ints[_NREP] = 0
+            ints[_MOVES] = 0
+            ints[_BAD] = 0
             ints[_NE] = 0
             ints[_WIN] = _NONE
+        for g in range(tid, G, nt):
+            used[g] = 0
+            recv[g] = 0.0
+            send[g] = 0.0
+        if in_shared:
+            for i in range(tid, G * G, nt):
+                tts[i // G, i % G] = tt[i // G, i % G]
+                xts[i // G, i % G] = xt[i // G, i % G]
         cuda.syncthreads()
-        if ints[_MOVES] >= limit:
-            break
-        src = ints[_SRC]
-        mean = flts[_MEAN]
-        # Destinations fastest first (ties to the lowest rank), experts of src heaviest first
-        # (ties to the lowest id): each thread ranks its own entries (src's counts staged in
-        # shared memory first).
-        for e in range(tid, num_experts, nt):
-            src_tok[e] = tk[src, e]
+        for g in range(tid, G, nt):
+            if not win[g] >= 0.0:
+                cuda.atomic.max(ints, _BAD, 2)
+        for e in range(tid, E, nt):
+            c = 0
+            for g in range(G):
+                if hm[g, e]:
+                    hp[g, e] = c
+                    hl[e, c] = g
+                    c += 1
+                else:
+                    hp[g, e] = -1
+                hd[g, e] = 1 if hm[g, e] else 0
+                tk[g, e] = 0
+                if ld[g, e] < 0:
+                    cuda.atomic.max(ints, _BAD, 1)
+            hc[e] = c
+            bo[e] = -1
+        for i in range(tid, G * G, nt):
+            fl[i // G, i % G] = 0
         cuda.syncthreads()
-        t_src = times[src]
-        for g in range(tid, num_ranks, nt):
-            if g != src and times[g] < t_src:
+        bad = ints[_BAD]
+        # Static split (one thread per expert; flows summed with integer atomics: exact).
+        for e in range(tid, E, nt):
+            for s in range(G):
+                n = ld[s, e]
+                if n <= 0:
+                    continue
+                if hm[s, e]:
+                    tk[s, e] += n
+                    cuda.atomic.add(fl, (s, s), n)
+                elif hc[e] == 1:
+                    g = hl[e, 0]
+                    tk[g, e] += n
+                    cuda.atomic.add(fl, (s, g), n)
+                else:
+                    h = hc[e]
+                    q = n // h
+                    r = n - q * h
+                    for k in range(h):
+                        c = q + (1 if (k + s) % h < r else 0)
+                        g = hl[e, k]
+                        tk[g, e] += c
+                        cuda.atomic.add(fl, (s, g), c)
+        cuda.syncthreads()
+        # Rank times, in the CPU kernel's summation orders (experts ascending, sources
+        # ascending).
+        for g in range(tid, G, nt):
+            c = 0.0
+            for e in range(E):
+                if hm[g, e] and tk[g, e] > 0:
+                    c += alpha + mul(beta, tk[g, e])
+            comp[g] = c
+            a_in = 0.0
+            for s in range(G):
+                a_in += mul(fl[s, g], tts[s, g])
+            a_out = 0.0
+            for h in range(G):
+                a_out += mul(fl[g, h], tts[g, h])
+            t_in[g] = a_in
+            t_out[g] = a_out
+            times[g] = c + 2.0 * dmax(a_in, a_out)
+        cuda.syncthreads()
+
+        # One move per pass, 4 barriers (5 when the expert gets its first block) plus one per
+        # further round of candidates. ints[_NE] == 0 and ints[_WIN] == _NONE on entry.
+        while bad == 0:
+            if ints[_MOVES] >= limit:
+                break
+            # The slowest rank and the mean: every thread reads the same times in the same
+            # order (the CPU kernel's), so every thread has the same values.
+            src = 0
+            t_src = times[0]
+            for g in range(1, G):  # (the largest so far in a register: independent loads)
+                t = times[g]
+                if t > t_src:
+                    src = g
+                    t_src = t
+            mean = 0.0  # (read by rule 6's cap only: summed only when mean_cap is on)
+            if mean_cap:
+                total_time = 0.0
+                for g in range(G):
+                    total_time += times[g]
+                mean = total_time / G
+            # Destinations fastest first (ties to the lowest rank); src's experts with tokens
+            # collected (any order) ...
+            for g in range(tid, G, nt):
+                if g != src and times[g] < t_src:
+                    r = 0
+                    for h in range(G):
+                        if h != src and times[h] < t_src and (
+                                times[h] < times[g] or (times[h] == times[g] and h < g)):
+                            r += 1
+                    dst_order[r] = g
+            for e in range(tid, E, nt):
+                n = tk[src, e]
+                if n > 0:
+                    i = cuda.atomic.add(ints, _NE, 1)
+                    src_e[i] = e
+                    src_n[i] = n
+            nd = 0
+            for g in range(G):
+                if g != src and times[g] < t_src:
+                    nd += 1
+            cuda.syncthreads()
+            # ... then ranked heaviest first (ties to the lowest id), each among the ne listed.
+            ne = ints[_NE]
+            for i in range(tid, ne, nt):
+                n = src_n[i]
+                e = src_e[i]
                 r = 0
-                for h in range(num_ranks):
-                    if h != src and times[h] < t_src and (
-                            times[h] < times[g] or (times[h] == times[g] and h < g)):
+                for j in range(ne):
+                    m = src_n[j]
+                    if m > n or (m == n and src_e[j] < e):
                         r += 1
-                dst_order[r] = g
-        for e in range(tid, num_experts, nt):
-            n = src_tok[e]
-            if n > 0:
-                r = 0
-                for f in range(num_experts):
-                    m = src_tok[f]
-                    if m > n or (m == n and f < e):
-                        r += 1
-                eo[r] = e
-                cuda.atomic.add(ints, _NE, 1)
-        nd = 0
-        for g in range(num_ranks):
-            if g != src and times[g] < t_src:
-                nd += 1
-        cuda.syncthreads()
-        ne = ints[_NE]
-        num_cand = nd * ne
-        found = False
-        base = 0
-        while base < num_cand:
-            k = base + tid
+                exp_order[r] = e
+            cuda.syncthreads()
+            num_cand = nd * ne
+            first = _NONE
+            base = 0
+            k = -1
             ok = False
             dst = 0
             e = 0
@@ -415,106 +724,101 @@ def _greedy_kernel(load, home, slots, window, alpha, beta, tt, xt, limit, epsilo
             c_dst = 0.0
             holder = -1
             npool = 0
-            if k < num_cand:
-                dst = dst_order[k // ne]
-                e = eo[k % ne]
-                ok, x, c_src, c_dst, holder, npool = _candidate(
-                    e, src, dst, ld, hm, slots, win, alpha, beta, tt, xt, epsilon, move_local,
-                    evacuate, two_phase, mean_cap, mean, hc, hl, hp, tk, hd, bo, ba, times, comp,
-                    t_in, t_out, recv, send, used, pool_s, pool_n, takes, new_out, parts,
-                    ev_takes, ev_out, ev_parts)
-                if ok:
-                    cuda.atomic.min(ints, _WIN, k)
-            cuda.syncthreads()
-            first = ints[_WIN]
-            cuda.syncthreads()
-            if first < _NONE:
-                found = True
-                if k == first:  # the first gaining candidate: its thread publishes the move
-                    ints[_E] = e
-                    ints[_DST] = dst
-                    ints[_HOLDER] = holder
-                    ints[_NPOOL] = npool
-                    ints[_X] = x
-                    flts[_TSRC] = c_src
-                    flts[_TDST] = c_dst
-                    for i in range(npool):
-                        best_s[i] = pool_s[i]
-                        best_takes[i] = takes[i]
-                        best_out[i] = new_out[i]
-                    for i in range(6):
-                        best_parts[i] = parts[i]
+            while base < num_cand:
+                k = base + tid
+                ok = False
+                if k < num_cand:
+                    dst = dst_order[k // ne]
+                    e = exp_order[k % ne]
+                    ok, x, c_src, c_dst, holder, npool = _candidate(
+                        e, src, dst, ld, hm, slots, win, alpha, beta, tts, xts, epsilon,
+                        move_local, evacuate, two_phase, mean_cap, mean, hc, hl, hp, tk, hd, bo,
+                        ba, times, comp, t_in, t_out, recv, send, used, pool_s, pool_n, takes,
+                        new_out, parts, ev_takes, ev_out, ev_parts, cum, p_in_src, p_in_dst,
+                        p_out_dst, p_out_src)
+                    if ok:
+                        cuda.atomic.min(ints, _WIN, k)
+                cuda.syncthreads()
+                first = ints[_WIN]
+                if first < _NONE:
+                    if k == first:  # the first gaining candidate's thread: the replica and
+                        ints[_E] = e  # the expert's block (nobody reads them until the barrier)
+                        if holder >= 0:
+                            hd[dst, e] = 1
+                            used[dst] += 1
+                            n_rep = ints[_NREP]
+                            rp[n_rep, 0] = dst
+                            rp[n_rep, 1] = e
+                            rp[n_rep, 2] = holder
+                            ints[_NREP] = n_rep + 1
+                            recv[dst] += xts[holder, dst]
+                            send[holder] += xts[holder, dst]
+                        b = bo[e]
+                        ints[_NEWB] = 0
+                        if b < 0:
+                            b = ints[_NBLK]
+                            ints[_NBLK] = b + 1
+                            bo[e] = b
+                            be[b] = e
+                            ints[_NEWB] = 1
+                        ints[_B] = b
+                    break
+                base += nt
+            if first == _NONE:
                 break
-            base += nt
-        if not found:
-            break
-        cuda.syncthreads()
+            cuda.syncthreads()
+            b = ints[_B]
+            if ints[_NEWB] == 1:  # a new block starts from the static split (all threads)
+                e_new = ints[_E]
+                for i in range(tid, G * G, nt):
+                    ba[b, i // G, i % G] = _static_share(ld, hm, hp, hc, i // G, e_new, i % G)
+                cuda.syncthreads()
+            if k == first:  # the winner applies its move (the CPU kernel's order) from its
+                _apply_move(b, e, src, dst, x, npool, pool_s, takes, new_out, parts, c_src,
+                            c_dst, ba, tk, comp, t_in, t_out, times)  # own pool and takes
+                ints[_MOVES] += 1
+                ints[_NE] = 0
+                ints[_WIN] = _NONE
+            cuda.syncthreads()
 
-        # Apply the move: the replica and the expert's block first (thread 0) ...
+        # The entries past the plan (replicas rows from n_rep, blocks from n_blk) get fixed
+        # values, -1 and a zero assignment, so that every output entry is a function of this
+        # launch's inputs alone: a reused runner or a replayed CUDA graph shows nothing of an
+        # earlier call. (Every thread left the loop after a barrier that followed the last
+        # change to _NREP and _NBLK.)
+        n_rep = ints[_NREP]
+        n_blk = ints[_NBLK]
+        for i in range(n_rep * 3 + tid, rp.shape[0] * 3, nt):
+            rp[i // 3, i % 3] = -1
+        for i in range(n_blk + tid, be.shape[0], nt):
+            be[i] = -1
+        per_blk = G * G
+        for i in range(n_blk * per_blk + tid, ba.shape[0] * per_blk, nt):
+            r = i % per_blk
+            ba[i // per_blk, r // G, r % G] = 0
         if tid == 0:
-            e = ints[_E]
-            dst = ints[_DST]
-            holder = ints[_HOLDER]
-            if holder >= 0:
-                hd[dst, e] = 1
-                used[dst] += 1
-                n_rep = ints[_NREP]
-                rp[n_rep, 0] = dst
-                rp[n_rep, 1] = e
-                rp[n_rep, 2] = holder
-                ints[_NREP] = n_rep + 1
-                recv[dst] += xt[holder, dst]
-                send[holder] += xt[holder, dst]
-            b = bo[e]
-            ints[_NEWB] = 0
-            if b < 0:
-                b = ints[_NBLK]
-                ints[_NBLK] = b + 1
-                bo[e] = b
-                be[b] = e
-                ints[_NEWB] = 1
-            ints[_B] = b
-        cuda.syncthreads()
-        b = ints[_B]
-        e = ints[_E]
-        if ints[_NEWB] == 1:  # ... a new block starts from the static split (all threads) ...
-            for i in range(tid, num_ranks * num_ranks, nt):
-                s = i // num_ranks
-                g = i % num_ranks
-                ba[b, s, g] = _static_share(ld, hm, hp, hc, s, e, g)
-        cuda.syncthreads()
-        if tid == 0:  # ... then the tokens and times (thread 0, the CPU kernel's order).
-            dst = ints[_DST]
-            npool = ints[_NPOOL]
-            x = ints[_X]
-            _apply_move(b, e, src, dst, x, npool, best_s, best_takes, best_out, best_parts,
-                        flts[_TSRC], flts[_TDST], ba, tk, comp, t_in, t_out, times)
-            ints[_MOVES] += 1
-        cuda.syncthreads()
+            makespan = 0.0
+            for g in range(G):
+                makespan = dmax(makespan, times[g])
+            n_rep_out[layer] = ints[_NREP]
+            n_blk_out[layer] = ints[_NBLK]
+            moves_out[layer] = ints[_MOVES]
+            objective_out[layer] = makespan if bad == 0 else math.nan
+            status_out[layer] = bad
 
-    # The entries past the plan (replicas rows from n_rep, blocks from n_blk) get fixed values,
-    # -1 and a zero assignment, so that every output entry is a function of this launch's inputs
-    # alone: a reused runner or a replayed CUDA graph shows nothing of an earlier call. (Every
-    # thread left the loop after a barrier that followed the last change to _NREP and _NBLK.)
-    n_rep = ints[_NREP]
-    n_blk = ints[_NBLK]
-    for i in range(n_rep * 3 + tid, rp.shape[0] * 3, nt):
-        rp[i // 3, i % 3] = -1
-    for i in range(n_blk + tid, be.shape[0], nt):
-        be[i] = -1
-    per_blk = num_ranks * num_ranks
-    for i in range(n_blk * per_blk + tid, ba.shape[0] * per_blk, nt):
-        r = i % per_blk
-        ba[i // per_blk, r // num_ranks, r % num_ranks] = 0
-    if tid == 0:
-        makespan = 0.0
-        for g in range(num_ranks):
-            makespan = dmax(makespan, times[g])
-        n_rep_out[layer] = ints[_NREP]
-        n_blk_out[layer] = ints[_NBLK]
-        moves_out[layer] = ints[_MOVES]
-        objective_out[layer] = makespan if bad == 0 else math.nan
-        status_out[layer] = bad
+    return _greedy_kernel
+
+
+_KERNELS: dict = {}
+
+
+def kernel(num_ranks: int, num_experts: int, in_shared: bool):
+    """The compiled kernel for G ranks and E experts (one per shape and memory, made on the
+    first request; numba compiles it at its first launch)."""
+    key = (int(num_ranks), int(num_experts), bool(in_shared))
+    if key not in _KERNELS:
+        _KERNELS[key] = cuda.jit(_kernel_source(*key))
+    return _KERNELS[key]
 
 
 class CudaPlan(NamedTuple):
@@ -566,18 +870,30 @@ class CudaGreedy:
     home: bool [G, E] (every layer) or [L, G, E] static placement; slots: int or int [G];
     cost: CostModel for G ranks; rules: GreedyRules (None: the defaults; also_paper is not
     supported); num_layers: L, the layers one `plan` call plans; threads: threads per block (a
-    multiple of 32, at most 1024; 1 for tests). Validates all of it once; `plan` only checks its
-    arrays' shape, dtype and layout (host side, no synchronisation) and launches one kernel.
+    multiple of 32, at most 1024; 1 for tests); memory: where a block keeps its layer's [G, E]
+    and [G, G] working arrays, "shared" (shared memory: `shared_bytes(G, E)` must be at most
+    SHARED_LIMIT), "global" (preallocated global scratch) or "auto" (shared when it fits; the
+    same plans either way); max_moves: most moves per layer instead of the rules' k_max (0:
+    the start alone, no move: what a benchmark takes to time the start phase). Validates all
+    of it once; `plan` only checks its arrays' shape,
+    dtype and layout (host side, no synchronisation) and launches one kernel.
     Attributes: `out`, the CudaPlan buffers (numba device arrays) every launch overwrites whole;
-    `scratch`, the kernel's working buffers (hcount, hlist, hpos, tok, flow, held, blk_of,
-    exp_order as `_greedy_kernel` names them), which each launch initialises itself, so their
+    `memory`, "shared" or "global" as chosen; `scratch`, the kernel's global working buffers
+    (hcount, hlist, hpos, tok, flow, held, blk_of as `_kernel_source` names them; one entry per
+    axis when memory is "shared": unused), which each launch initialises itself, so their
     contents between calls are irrelevant.
     """
 
     def __init__(self, home: np.ndarray, slots: np.ndarray | int, cost: CostModel,
                  rules: GreedyRules | None = None, *, num_layers: int,
-                 threads: int = THREADS) -> None:
+                 threads: int = THREADS, memory: str = "auto",
+                 max_moves: int | None = None) -> None:
         self.rules = _check_rules(rules)
+        if max_moves is not None and (isinstance(max_moves, (bool, np.bool_)) or not isinstance(
+                max_moves, (int, np.integer)) or max_moves < 0):
+            raise ValueError(f"max_moves must be None or an int >= 0, got {max_moves!r}")
+        if memory not in ("auto", "shared", "global"):  # (checked again with the shape)
+            raise ValueError(f"memory must be 'auto', 'shared' or 'global', got {memory!r}")
         if not isinstance(cost, CostModel):
             raise TypeError(f"cost must be a CostModel, got {type(cost).__name__}")
         if (isinstance(num_layers, (bool, np.bool_))
@@ -604,13 +920,17 @@ class CudaGreedy:
         if num_experts > MAX_EXPERTS:
             raise ValueError(f"greedy_cuda plans at most MAX_EXPERTS = {MAX_EXPERTS} experts, "
                              f"got {num_experts}")
+        self.memory = choose_memory(num_ranks, num_experts, memory)
+        self.kernel = kernel(num_ranks, num_experts, self.memory == "shared")
         self.num_layers = int(num_layers)
         self.shape = (num_ranks, num_experts)
         self.threads = int(threads)
         self.cost = cost
         self.slots = p.slots
-        limit = self.rules.max_moves(num_ranks)
+        limit = self.rules.max_moves(num_ranks, num_experts)
         limit = limit if limit > 0 else UNLIMITED_MOVES
+        if max_moves is not None:  # 0: the start alone (timing the start phase)
+            limit = int(max_moves)
         self._limit = int(limit)
         total_slots = int(np.minimum(p.slots, num_experts).sum())
         cap_rep = max(min(total_slots, limit), 1)
@@ -623,10 +943,13 @@ class CudaGreedy:
         self._xt = dev(np.ascontiguousarray(cost.transfer_time, dtype=np.float64))
         self._scalars = (float(cost.alpha), float(cost.beta))
         empty = cuda.device_array
+        if self.memory == "shared":  # unread placeholders of the right dimensions
+            L, G, E = 1, 1, 1  # noqa: N806
         self.scratch = (empty((L, E), np.int64), empty((L, E, G), np.int64),
                          empty((L, G, E), np.int64), empty((L, G, E), np.int64),
                          empty((L, G, G), np.int64), empty((L, G, E), np.uint8),
-                         empty((L, E), np.int64), empty((L, E), np.int64))
+                         empty((L, E), np.int64))
+        L, (G, E) = num_layers, self.shape  # noqa: N806
         self.out = CudaPlan(empty((L, cap_rep, 3), np.int64), empty(L, np.int64),
                             empty((L, cap_blk), np.int64), empty((L, cap_blk, G, G), np.int64),
                             empty(L, np.int64), empty(L, np.int64), empty(L, np.float64),
@@ -676,7 +999,7 @@ class CudaGreedy:
 
                 stream = cuda.external_stream(torch.cuda.current_stream().cuda_stream)
         rules = self.rules
-        _greedy_kernel[L, self.threads, stream](
+        self.kernel[L, self.threads, stream](
             load_d, self._home, self._slots, window_d, *self._scalars, self._tt, self._xt,
             self._limit, float(rules.epsilon), bool(rules.move_local), bool(rules.evacuate),
             bool(rules.two_phase), bool(rules.mean_cap), *self.scratch, *self.out)
@@ -707,7 +1030,8 @@ def _c_contiguous(arr) -> bool:
 
 def greedy_cuda_arrays(load, home, slots, window, alpha, beta, token_time, transfer_time,
                        k_max, epsilon, move_local=True, evacuate=False, two_phase=True,
-                       mean_cap=False, also_paper=False, *, threads: int = THREADS) -> list:
+                       mean_cap=False, also_paper=False, *, threads: int = THREADS,
+                       memory: str = "auto") -> list:
     """`greedy.greedy_arrays` for L layers at once on the GPU, numpy in and out (copies both
     ways; for tests). load int64 [L, S, E]; home bool [L, G, E]; window float64 [L, G]; the
     other arguments as in greedy_arrays (one cost model and slot budget for every layer).
@@ -725,7 +1049,8 @@ def greedy_cuda_arrays(load, home, slots, window, alpha, beta, token_time, trans
     rules = GreedyRules(k_max=int(k_max), epsilon=float(epsilon), move_local=bool(move_local),
                         evacuate=bool(evacuate), two_phase=bool(two_phase),
                         mean_cap=bool(mean_cap))
-    runner = CudaGreedy(home, slots, cost, rules, num_layers=num_layers, threads=threads)
+    runner = CudaGreedy(home, slots, cost, rules, num_layers=num_layers, threads=threads,
+                        memory=memory)
     window = np.asarray(window, dtype=np.float64)
     if window.shape != (num_layers, runner.shape[0]):
         raise ValueError(f"window must be [L, G] = {(num_layers, runner.shape[0])}, got shape "
