@@ -1,11 +1,12 @@
 """Rules that the greedy's and the parallel greedy's kernels share.
 
 Both planners start from the home holders of every expert and search moves of tokens of one
-expert e from a hot rank src to a faster rank dst; three steps are the same in both: the
-holder lists (`home_lists`), whether dst can gain at all (`cannot_gain`, a lower bound on dst's
-time after any move of e) and which home holder of e copies it to dst when dst holds no copy
-yet (`copy_holder`). They are written once here as rules (probe.planner.scalar): Numba compiles
-them for the CPU kernels, `numba_cuda.device` compiles the same functions for the CUDA kernels.
+expert e from a hot rank src to a faster rank dst; four steps are the same in both: the holder
+lists (`home_lists`), whether dst can gain at all (`cannot_gain`, a lower bound on dst's time
+after any move of e), which home holder of e copies it to dst when dst holds no copy yet
+(`copy_holder`), and the two ranks' compute times after a move (`moved_compute`). They are
+written once here as rules (probe.planner.scalar): Numba compiles them for the CPU kernels,
+`numba_cuda.device` compiles the same functions for the CUDA kernels.
 
 The move rules take scalars and the [E, G] holder lists, which every kernel keeps in the same
 layout, so that kernels that keep their [S, E] arrays in another memory order can call them.
@@ -19,7 +20,7 @@ from __future__ import annotations
 
 from probe.planner.scalar import dmax, dmin, mul, rule
 
-__all__ = ["cannot_gain", "copy_holder", "home_lists"]
+__all__ = ["cannot_gain", "copy_holder", "home_lists", "moved_compute"]
 
 
 @rule
@@ -56,6 +57,20 @@ def cannot_gain(own, new_expert, floor, alpha, beta, tt_dst_src, comp_dst, t_in_
     if new_expert:
         lb += alpha
     return lb >= floor + mul(1e-9, abs(floor) + lb)
+
+
+@rule(inline=True)
+def moved_compute(x, e, src, dst, tok, comp, alpha, beta):  # pragma: no cover - compiled
+    """(compute time of src, of dst) if x >= 1 tokens of e move from src to dst: beta per
+    token, and alpha off src when all its tokens of e leave, onto dst when e is new there.
+    tok int64 [G, E] tokens per (rank, expert) now; comp float64 [G] compute seconds now."""
+    comp_src = comp[src] - mul(beta, x)
+    if tok[src, e] == x:
+        comp_src -= alpha
+    comp_dst = comp[dst] + mul(beta, x)
+    if tok[dst, e] == 0:
+        comp_dst += alpha
+    return comp_src, comp_dst
 
 
 @rule(inline=True)

@@ -35,7 +35,7 @@ import numba
 import numpy as np
 
 from probe.planner.greedy import _static_share, plan_from_arrays, problem_arrays
-from probe.planner.kernel_rules import cannot_gain, copy_holder, home_lists
+from probe.planner.kernel_rules import cannot_gain, copy_holder, home_lists, moved_compute
 from probe.planner.parallel_ref import ParallelRules, checked_rules
 from probe.planner.problem import BalanceProblem, Plan, SolveResult
 from probe.planner.scalar import dmax, dmin, mul, rule
@@ -51,9 +51,9 @@ __all__ = ["ParallelRules", "kernel_args", "parallel_arrays", "parallel_plan", "
 # the sources of one expert adjacent in memory), so that its loops over sources read
 # contiguous memory. The rules are compiled without reference counting (refcount=False): a
 # candidate's rules take up to 30 arrays, and counting them per call doubled the kernel's time.
-# `_static_share` is greedy.py's rule; `cannot_gain`, `copy_holder` and `home_lists` are shared
-# with the greedy (probe.planner.kernel_rules). Numba's on-disk cache of `parallel_arrays` does
-# not see edits to those files: clear it after changing them.
+# `_static_share` is greedy.py's rule; `cannot_gain`, `copy_holder`, `home_lists` and
+# `moved_compute` are shared with the greedy (probe.planner.kernel_rules). Numba's on-disk
+# cache of `parallel_arrays` does not see edits to those files: clear it after changing them.
 
 
 @rule(refcount=False)
@@ -86,12 +86,7 @@ def _after(x, e, src, dst, npool, pool_s, cum, pre, tok, comp, t_in, t_out, alph
            tt):  # pragma: no cover - compiled
     """(T_src, T_dst) if x >= 1 tokens of e move src -> dst, taken from the pool in order (the
     twin's loop over the pool, through `_prefix`'s running sums)."""
-    comp_src = comp[src] - mul(beta, x)
-    if tok[src, e] == x:
-        comp_src -= alpha
-    comp_dst = comp[dst] + mul(beta, x)
-    if tok[dst, e] == 0:
-        comp_dst += alpha
+    comp_src, comp_dst = moved_compute(x, e, src, dst, tok, comp, alpha, beta)
     lo = 0  # the entries taken whole: the last k with cum[k] <= x
     hi = npool
     while lo < hi:
@@ -295,10 +290,17 @@ def _takes(x, npool, pool_s, pool_n, into_s, into_take):  # pragma: no cover - c
 
 
 @rule(refcount=False)
-def _add_replica(dst, e, holder, t, rep_on, used, held, rep, n_rep, recv,
-                 send):  # pragma: no cover - compiled
-    """Copy e from holder to dst (t seconds): dst's replica list, held, the replica rows (row
-    n_rep) and both ranks' copy times; returns the new row count."""
+def _admit(dst, e, holder, xt, window, rep_on, used, held, rep, n_rep, recv,
+           send):  # pragma: no cover - compiled
+    """Admit a pair's move of e to dst, in pair order: (admitted, replica rows). A move that
+    needs no copy (holder < 0) is admitted; one whose copy no longer fits the holder's window
+    (an earlier pair's copy filled it) is dropped; else e is copied from holder to dst: dst's
+    replica list, held, the replica row n_rep and both ranks' copy seconds."""
+    if holder < 0:
+        return True, n_rep
+    t = xt[holder, dst]
+    if send[holder] + t > window[holder]:
+        return False, n_rep
     rep_on[dst, used[dst]] = e
     used[dst] += 1
     held[dst, e] = True
@@ -307,7 +309,7 @@ def _add_replica(dst, e, holder, t, rep_on, used, held, rep, n_rep, recv,
     rep[n_rep, 2] = holder
     recv[dst] += t
     send[holder] += t
-    return n_rep + 1
+    return True, n_rep + 1
 
 
 @rule(refcount=False)
@@ -504,13 +506,10 @@ def parallel_arrays(load, home, slots, window, alpha, beta, token_time, transfer
             src = pair_src[p]
             dst = pair_dst[p]
             e = mv_e[p]
-            holder = mv_holder[p]
-            if holder >= 0:
-                t = transfer_time[holder, dst]
-                if send[holder] + t > window[holder]:
-                    continue
-                n_rep = _add_replica(dst, e, holder, t, rep_on, used, held, rep, n_rep, recv,
-                                     send)
+            admitted, n_rep = _admit(dst, e, mv_holder[p], transfer_time, window, rep_on, used,
+                                     held, rep, n_rep, recv, send)
+            if not admitted:
+                continue
             b = blk_of[e]
             if b < 0:
                 b = n_blk

@@ -88,7 +88,7 @@ _can_pair = device(parallel._can_pair)
 _candidate = device(parallel._candidate)
 _pool = device(parallel._pool)
 _takes = device(parallel._takes)
-_add_replica = device(parallel._add_replica)
+_admit = device(parallel._admit)
 _static_column = device(parallel._static_column)
 _apply_pair = device(parallel._apply_pair)
 
@@ -338,16 +338,13 @@ def _parallel_kernel(load, home, slots, window, alpha, beta, tt, xt, limit, epsi
             for p in range(num_pairs):
                 if mn[p] == 0:
                     continue
-                dst = pair_dst[p]
                 e = me[p]
-                holder = mh[p]
-                if holder >= 0:
-                    t = xt[holder, dst]
-                    if send[holder] + t > win[holder]:
-                        mn[p] = 0
-                        continue
-                    ints[_NREP] = _add_replica(dst, e, holder, t, ro, used, hd, rp, ints[_NREP],
-                                               recv, send)
+                admitted, n_rep = _admit(pair_dst[p], e, mh[p], xt, win, ro, used, hd, rp,
+                                         ints[_NREP], recv, send)
+                if not admitted:
+                    mn[p] = 0
+                    continue
+                ints[_NREP] = n_rep
                 if bo[e] < 0:
                     b = ints[_NBLK]
                     ints[_NBLK] = b + 1
