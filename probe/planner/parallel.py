@@ -203,6 +203,19 @@ def _link_time(g, flow, tt, incoming):  # pragma: no cover - compiled
 
 
 @rule(refcount=False)
+def _hot_threshold(times, hot_fraction):  # pragma: no cover - compiled
+    """The time above which a rank is hot: mean + (1 - hot_fraction) * (max - mean) of times
+    float64 [G] (summed in rank order)."""
+    total_time = 0.0
+    top = times[0]
+    for g in range(times.shape[0]):
+        total_time += times[g]
+        top = dmax(top, times[g])
+    mean = total_time / times.shape[0]
+    return mean + mul(1.0 - hot_fraction, top - mean)
+
+
+@rule(refcount=False)
 def _can_pair(src, dst, slots, window, beta, epsilon, xt, hcount, hlist, rank_nhome, rank_home,
               rep_on, tok, held, comp, t_in, times, recv, send,
               used):  # pragma: no cover - compiled
@@ -434,13 +447,7 @@ def parallel_arrays(load, home, slots, window, alpha, beta, token_time, transfer
             break
 
         # Pairs: hot ranks hottest first, each with the coldest free rank that can receive.
-        total_time = 0.0
-        top = times[0]
-        for g in range(num_ranks):
-            total_time += times[g]
-            top = max(top, times[g])
-        mean = total_time / num_ranks
-        threshold = mean + mul(1.0 - hot_fraction, top - mean)
+        threshold = _hot_threshold(times, hot_fraction)
         hottest = np.argsort(-times, kind="mergesort")
         coldest = np.argsort(times, kind="mergesort")
         taken[:] = False

@@ -61,7 +61,7 @@ from probe.planner.cuda_common import (
     mark_unused,
     start_layer,
 )
-from probe.planner.numba_cuda import cuda, device, dmax, mul
+from probe.planner.numba_cuda import cuda, device, dmax
 from probe.planner.parallel_ref import ParallelRules, checked_rules
 
 __all__ = ["MAX_RANKS", "STATUS_ERRORS", "THREADS", "CudaParallel", "CudaParallelPlan",
@@ -75,7 +75,7 @@ THREADS = 128
 _NONE = 1 << 40
 # Slots of the block's shared integer scalars.
 _ROUNDS, _MOVES, _NREP, _NBLK, _NPAIRS, _KMAX, _STOP, _APPLIED, _NNEW, _BAD = range(10)
-_MEAN, _THRESHOLD = range(2)
+_THRESHOLD = 0
 
 # The CPU kernel's scalar rules as device functions: the same Python functions (parallel.py,
 # and greedy.py's static split), compiled again (probe.planner.scalar), so that every value
@@ -83,6 +83,7 @@ _MEAN, _THRESHOLD = range(2)
 _static_share = device(greedy._static_share, inline=True)
 _held_expert = device(parallel._held_expert, inline=True)
 _rank_compute = device(parallel._rank_compute)
+_hot_threshold = device(parallel._hot_threshold)
 _link_time = device(parallel._link_time)
 _can_pair = device(parallel._can_pair)
 _candidate = device(parallel._candidate)
@@ -205,14 +206,7 @@ def _parallel_kernel(load, home, slots, window, alpha, beta, tt, xt, limit, epsi
             taken[g] = 0
         cuda.syncthreads()
         if tid == 0:
-            total_time = 0.0
-            top = times[0]
-            for g in range(num_ranks):
-                total_time += times[g]
-                top = dmax(top, times[g])
-            mean = total_time / num_ranks
-            flts[_MEAN] = mean
-            flts[_THRESHOLD] = mean + mul(1.0 - hot_fraction, top - mean)
+            flts[_THRESHOLD] = _hot_threshold(times[:num_ranks], hot_fraction)
             ints[_STOP] = 1 if ints[_ROUNDS] >= limit else 0
             ints[_NPAIRS] = 0
             ints[_KMAX] = 0
