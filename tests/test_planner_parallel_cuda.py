@@ -13,7 +13,6 @@ import json
 import os
 import subprocess
 import sys
-import types
 from pathlib import Path
 
 import numpy as np
@@ -23,52 +22,12 @@ from experiments.planner.gpu_parallel import cpu_args, random_batch, same_layer
 from probe.planner.cost import CostModel
 from probe.planner.parallel import parallel_arrays
 from probe.planner.parallel_ref import ParallelRules
+from tests.cuda_sequential import sequential
 
 parallel_cuda = pytest.importorskip("probe.planner.parallel_cuda")
 ROOT = Path(__file__).resolve().parents[1]
-DEVICE_FUNCTIONS = ("dmax", "dmin", "_static_share", "_prefix", "_after", "_worst", "_amount",
-                    "_copy_holder", "_held_expert", "_pool", "_receives", "_candidate",
-                    "_parallel_kernel")
-
-
-def _py(fn):
-    """The plain Python function behind a numba.cuda kernel or device function."""
-    return getattr(fn, "py_func", None) or fn.fn
-
-
-class _Array:
-    @staticmethod
-    def array(shape, dtype):
-        from numba.np.numpy_support import as_dtype
-
-        return np.zeros(shape, as_dtype(dtype))
-
-
-class _Atomic:
-    @staticmethod
-    def min(arr, idx, v):
-        arr[idx] = min(arr[idx], v)
-
-    @staticmethod
-    def max(arr, idx, v):
-        arr[idx] = max(arr[idx], v)
-
-
-def run_sequential(*args, num_layers: int) -> None:
-    """Run parallel_cuda's kernel on numpy arrays as plain Python, one thread per block."""
-    fake = types.SimpleNamespace(threadIdx=types.SimpleNamespace(x=0),
-                                 blockIdx=types.SimpleNamespace(x=0),
-                                 blockDim=types.SimpleNamespace(x=1), syncthreads=lambda: None,
-                                 shared=_Array, local=_Array, atomic=_Atomic)
-    env = dict(vars(parallel_cuda))
-    env["cuda"] = fake
-    env["mul"] = lambda a, b: a * b
-    for name in DEVICE_FUNCTIONS:
-        fn = _py(getattr(parallel_cuda, name))
-        env[name] = types.FunctionType(fn.__code__, env, name, fn.__defaults__)
-    for layer in range(num_layers):
-        fake.blockIdx.x = layer
-        env["_parallel_kernel"](*args)
+# parallel_cuda's kernel run as plain Python, one thread per block (tests/cuda_sequential.py).
+run_sequential = sequential(parallel_cuda._parallel_kernel)
 
 
 def host_buffers(load, home, slots, window, cost, rules: ParallelRules, junk: int = 0) -> tuple:

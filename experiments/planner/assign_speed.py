@@ -22,18 +22,13 @@ the fraction within 1%.
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import platform
-import time
-from pathlib import Path
 
 import numpy as np
-from rich.console import Console
 from rich.table import Table
 
-from experiments.manifest import Manifest
+from experiments.planner.speed_harness import save, start, timed
 from probe.planner.assign import _best, assign_tokens, kernel_args
 from probe.planner.check import evaluate_plan
 from probe.planner.cost import CostModel
@@ -74,25 +69,16 @@ def layer_instances(*, model, hardware, num_ranks, num_experts, extra, steps, la
     return cost, out
 
 
-def _timed(fn, repeats: int) -> list[float]:
-    samples = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        samples.append(time.perf_counter() - start)
-    return samples
-
-
 def speed(name: str, cost: CostModel, instances, repeats: int, lp_count: int) -> dict:
     args = [kernel_args(load, copies, cost) for load, copies in instances]
     _best(*args[0])  # JIT warm-up (and the on-disk cache)
     _best(*args[0], False)
-    kernel = [t for a in args for t in _timed(lambda a=a: _best(*a), repeats)]
-    decide = [t for a in args for t in _timed(lambda a=a: _best(*a, False), repeats)]
+    kernel = [t for a in args for t in timed(lambda a=a: _best(*a), repeats)]
+    decide = [t for a in args for t in timed(lambda a=a: _best(*a, False), repeats)]
     full = [t for load, copies in instances
-            for t in _timed(lambda ld=load, c=copies: assign_tokens(ld, c, cost), repeats)]
+            for t in timed(lambda ld=load, c=copies: assign_tokens(ld, c, cost), repeats)]
     lp = [t for load, copies in instances[:lp_count]
-          for t in _timed(lambda ld=load, c=copies: assign_tokens(ld, c, cost, method="lp"), 1)]
+          for t in timed(lambda ld=load, c=copies: assign_tokens(ld, c, cost, method="lp"), 1)]
     gaps, even_gain = [], []
     for load, copies in instances:
         wf = objective(load, copies, cost, assign_tokens(load, copies, cost))
@@ -161,12 +147,7 @@ def gap_distribution(count: int, seed: int) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="fewer instances and repeats")
-    parser.add_argument("--out", default="results/assign_speed.json")
-    args = parser.parse_args(argv)
-    run = Manifest.start("experiments.planner.assign_speed", argv)
-    console = Console()
+    args, run, console = start(__doc__, "assign_speed", argv)
     quick = args.quick
 
     rows = []
@@ -206,13 +187,8 @@ def main(argv: list[str] | None = None) -> None:
 
     machine = {"platform": platform.platform(), "python": platform.python_version(),
                "cpus": os.cpu_count(), "quick": quick}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"machine": machine, "speed": rows, "gap": gap}, indent=2)
-                   + "\n")
-    md = out.with_suffix(".md")
-    md.write_text(markdown(rows, gap, machine))
-    run.write(out.parent, [out, md], name=out.with_suffix(".manifest.json").name)
+    out, md = save(run, args.out, {"machine": machine, "speed": rows, "gap": gap},
+                   markdown(rows, gap, machine))
     console.print(f"wrote {out} and {md}")
 
 

@@ -38,23 +38,17 @@ junk-buffer and reuse checks; the simulator is about 0.5 s per layer); nothing i
 
 from __future__ import annotations
 
-import argparse
-import contextlib
-import faulthandler
 import json
-import os
-import sys
 import time
 import traceback
-from pathlib import Path
 
 import numpy as np
 
+from experiments.planner import gpu_harness as harness
 from probe.planner.cost import CostModel
 from probe.planner.greedy import greedy_arrays
 from probe.planner.greedy_rules import GreedyRules
 
-SLOTS = 3
 CONFIGS = (("ep=8, E=128", "qwen3-235b-a22b", "h200x8", 8, 128, 10.0),
            ("ep=64, E=256", "deepseek-v3", "h200x8-n8", 64, 256, 50.0))
 # The random-instance check stops after this many layers or seconds.
@@ -67,8 +61,6 @@ SCRATCH_JUNK = 1
 OUT_JUNK = -7
 # Examples kept per failed comparison.
 EXAMPLES = 4
-# CUDA graphs and everything they point at, kept alive until os._exit: never torn down.
-_ALIVE: list = []
 
 
 def random_batch(rng: np.random.Generator, *, max_layers: int = 1, max_experts: int = 32):
@@ -79,22 +71,9 @@ def random_batch(rng: np.random.Generator, *, max_layers: int = 1, max_experts: 
     num_ranks = int(rng.integers(2, 9))
     num_experts = int(rng.integers(4, max_experts + 1))
     num_layers = int(rng.integers(1, max_layers + 1))
-    shape = (num_ranks, num_experts)
-    home = np.zeros((num_layers, *shape), bool)
-    load = np.zeros((num_layers, *shape), np.int64)
-    skew = float(rng.choice([0.0, 0.8, 1.5, 3.0]))
-    for layer in range(num_layers):
-        home[layer, rng.integers(0, num_ranks, num_experts), np.arange(num_experts)] = True
-        if rng.random() < 0.25:
-            home[layer] |= rng.random(shape) < 0.2
-        weight = np.arange(1, num_experts + 1) ** -skew
-        weight = weight[rng.permutation(num_experts)]
-        per_rank = int(rng.choice([0, 10, 40, 200, 200]))
-        load[layer] = rng.multinomial(per_rank, weight / weight.sum(), num_ranks)
+    load, home = harness.random_layers(rng, num_layers, num_ranks, num_experts)
     slots = rng.integers(0, 4, num_ranks)
-    kind = rng.choice(3, p=[0.1, 0.45, 0.45])
-    window = [np.zeros, lambda s: rng.random(s) * 3, lambda s: np.full(s, np.inf)][kind](
-        (num_layers, num_ranks))
+    window = harness.random_window(rng, num_layers, num_ranks)
     alpha = float(rng.choice([0.0, 0.3, 5.0]))
     beta = float(rng.choice([0.0, 1.0, 0.37, 1.0]))
     token_time = rng.random((num_ranks, num_ranks)) * float(rng.choice([0.0, 0.1, 0.4]))
@@ -112,16 +91,9 @@ def random_batch(rng: np.random.Generator, *, max_layers: int = 1, max_experts: 
 def cpu_args(batch, layer: int) -> tuple:
     """greedy_arrays' arguments for one layer of a batch: every array a fresh writable C copy,
     so that numba compiles the CPU kernel once (a read-only array is another signature)."""
-    load, home, slots, window, cost, rules = batch
-
-    def own(a, dtype):
-        return np.array(a, dtype=dtype, order="C")
-
-    return (own(load[layer], np.int64), own(home[layer], np.bool_), own(slots, np.int64),
-            own(window[layer], np.float64), float(cost.alpha), float(cost.beta),
-            own(cost.token_time, np.float64), own(cost.transfer_time, np.float64),
-            int(rules.max_moves(home.shape[1])), float(rules.epsilon),
-            *(bool(v) for v in rules.flags.values()))
+    rules = batch[5]
+    return (*harness.layer_arrays(batch, layer), int(rules.max_moves(batch[1].shape[1])),
+            float(rules.epsilon), *(bool(v) for v in rules.flags.values()))
 
 
 def cpu_layer(batch, layer: int) -> tuple:
@@ -193,23 +165,8 @@ def compare_random(rng: np.random.Generator, num_batches: int, *, max_layers: in
 def decode_batch(model: str, hardware: str, ranks: int, experts: int, layers: int,
                  tokens_per_rank: int = 768):
     """Synthetic decode layers as a batch (default rules), as experiments.planner.lean_speed."""
-    from probe.planner.layers import attention_time
-    from probe.planner.problem import BalanceProblem
-    from probe.specs import hardware_preset, model_preset
-    from probe.traces import generate
-
-    spec_model, spec_hw = model_preset(model), hardware_preset(hardware)
-    cost = CostModel.from_specs(spec_model, spec_hw, num_ranks=ranks)
-    attention = attention_time(spec_model, spec_hw)
-    trace = generate("decode", num_steps=1, tokens_per_step=tokens_per_rank * ranks,
-                     num_layers=layers, num_experts=experts, top_k=8, num_ranks=ranks, seed=1)
-    loads = trace.load_counts()
-    problems = [BalanceProblem.from_load(loads[0, layer], cost, SLOTS, "auto",
-                                         attention_time=attention) for layer in range(layers)]
-    return (np.stack([p.load for p in problems]).astype(np.int64),
-            np.stack([p.home for p in problems]), np.asarray(problems[0].slots, np.int64),
-            np.stack([p.window for p in problems]).astype(np.float64), cost, GreedyRules())
-
+    return (*harness.decode_layers(model, hardware, ranks, experts, layers, tokens_per_rank),
+            GreedyRules())
 
 
 def new_inputs(load: np.ndarray, window: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -323,39 +280,6 @@ def reuse_checks(batch, inputs, *, sim: bool, threads: int, runner=None) -> tupl
     return checks, {"first": first, "new_plan": new_plan, "new_inputs": new_d}
 
 
-def _cpu_us(batch, repeats: int, budget_s: float) -> float:
-    samples = []
-    stop = time.perf_counter() + budget_s
-    args = [cpu_args(batch, layer) for layer in range(batch[0].shape[0])]
-    for _ in range(repeats):
-        for a in args:
-            start = time.perf_counter()
-            greedy_arrays(*a)
-            samples.append(time.perf_counter() - start)
-        if time.perf_counter() > stop:
-            break
-    return float(np.median(samples) * 1e6)
-
-
-def _event_us(fn, repeats: int, budget_s: float) -> list:
-    """Microseconds of fn() between two CUDA events, up to `repeats` samples (at least 3) or
-    budget_s seconds."""
-    import torch
-
-    samples = []
-    stop = time.perf_counter() + budget_s
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        samples.append(start.elapsed_time(end) * 1e3)
-        if len(samples) >= 3 and time.perf_counter() > stop:
-            break
-    return samples
-
-
 def _torch_inputs(load: np.ndarray, window: np.ndarray) -> tuple:
     import torch
 
@@ -387,10 +311,11 @@ def gpu_eager(batch, repeats: int, budget_s: float) -> tuple[dict, list, dict]:
     per_layer = max(3, 2 * repeats // num_layers)
     single = []
     for i in range(num_layers):
-        single += _event_us(lambda i=i: one[i].plan(load_t[i:i + 1], window_t[i:i + 1]),
-                            per_layer, budget_s / (2 * num_layers))
-    batched = [t / num_layers for t in _event_us(lambda: every.plan(load_t, window_t), repeats,
-                                                 budget_s / 2)]
+        single += harness.event_us(
+            lambda i=i: one[i].plan(load_t[i:i + 1], window_t[i:i + 1]), per_layer,
+            budget_s / (2 * num_layers))
+    batched = [t / num_layers for t in harness.event_us(
+        lambda: every.plan(load_t, window_t), repeats, budget_s / 2)]
     row.update(one_per_launch_us=float(np.median(single)), one_per_launch_samples=len(single),
                all_per_launch_us=float(np.median(batched)), all_per_launch_samples=len(batched))
     more, state = reuse_checks(batch, _torch_inputs, sim=False, threads=every.threads,
@@ -405,22 +330,12 @@ def gpu_graph(state: dict, repeats: int, budget_s: float) -> tuple[dict, list]:
     fresh runner's plan), replays timed. Returns (row values, checks)."""
     import torch
 
-    from probe.planner.numba_cuda import cuda
-
     every, load_t, window_t = state["runner"], state["load_t"], state["window_t"]
     num_layers = every.num_layers
     graph = torch.cuda.CUDAGraph()
-    _ALIVE.append((graph, state))
+    harness.ALIVE.append((graph, state))
     try:
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            every.plan(load_t, window_t)  # warm-up on the side stream
-        torch.cuda.current_stream().wait_stream(side)
-        # defer_cleanup: numba frees no earlier allocation (cuMemFree) while the stream captures.
-        with cuda.defer_cleanup(), torch.cuda.graph(graph, stream=side):
-            every.plan(load_t, window_t)
-        torch.cuda.synchronize()
+        harness.capture(graph, lambda: every.plan(load_t, window_t))
     except Exception as exc:  # the lead decides: record the exact error
         print("CUDA graph capture failed:", f"{type(exc).__name__}: {exc}", flush=True)
         return {"graph": "capture failed", "graph_error": f"{type(exc).__name__}: {exc}",
@@ -436,7 +351,7 @@ def gpu_graph(state: dict, repeats: int, budget_s: float) -> tuple[dict, list]:
     graph.replay()
     checks.append(plan_diff("graph replay on new loads in the captured inputs == fresh runner",
                             host_plan(every.torch_out()), state["new_plan"]))
-    replays = [t / num_layers for t in _event_us(graph.replay, repeats, budget_s)]
+    replays = [t / num_layers for t in harness.event_us(graph.replay, repeats, budget_s)]
     torch.cuda.synchronize()
     return {"graph": "captured", "graph_replay_us": float(np.median(replays)),
             "graph_replay_samples": len(replays)}, checks
@@ -444,16 +359,6 @@ def gpu_graph(state: dict, repeats: int, budget_s: float) -> tuple[dict, list]:
 
 def _fmt(value) -> str:
     return "n/a" if value is None else f"{value:.1f}"
-
-
-def _all_checks(report: dict) -> list:
-    """(config, check) for every comparison of the run, the random instances' included."""
-    out = [(row["config"], check) for row in report["rows"] for check in row["checks"]]
-    if report["random"] is not None:
-        out.append(("random", {"check": "random instances == CPU kernel",
-                               "ok": report["random"]["ok"],
-                               "differing_layers": report["random"]["differing_layers"]}))
-    return out
 
 
 def _markdown(report: dict) -> str:
@@ -475,20 +380,15 @@ def _markdown(report: dict) -> str:
                      f"{r['target_us']:.0f} | {r.get('met', 'n/a')} |")
     lines += ["", "| config | check | result | differing entries per output | of them in the "
               "plan |", "|---|---|---|---|---:|"]
-    for config, check in _all_checks(report):
+    for config, check in harness.all_checks(report):
         differing = check.get("differing_entries", check.get("differing_layers", ""))
         lines.append(f"| {config} | {check['check']} | {'ok' if check['ok'] else 'FAILED'} | "
                      f"{differing or ''} | {check.get('differing_in_plan', '')} |")
-    for config, check in _all_checks(report):
+    for config, check in harness.all_checks(report):
         if not check["ok"] and check.get("examples"):
             lines += ["", f"{config}, {check['check']}: first differing entries "
                       f"`{json.dumps(check['examples'])}`"]
-    for r in report["rows"]:
-        if r.get("graph_error"):
-            lines += ["", f"Graph capture failed ({r['config']}): `{r['graph_error']}`"]
-    for err in report["errors"]:
-        lines += ["", f"Step '{err['stage']}' raised `{err['error']}`"]
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + harness.markdown_tail(report)) + "\n"
 
 
 def _summary(report: dict) -> str:
@@ -500,84 +400,22 @@ def _summary(report: dict) -> str:
                      f"{_fmt(r.get('all_per_launch_us')):>12}"
                      f"{_fmt(r.get('graph_replay_us')):>12}{_fmt(r.get('cpu_us')):>12}"
                      f"{r['target_us']:>8.0f}  {r.get('met', 'n/a')}")
-    checks = _all_checks(report)
-    failed = [f"{config}: {check['check']}" for config, check in checks if not check["ok"]]
-    lines.append(f"checks: {len(checks) - len(failed)} passed, {len(failed)} failed"
-                 + ("".join(f"\n  FAILED {name}" for name in failed)))
-    lines += [f"  ERROR in '{err['stage']}': {err['error']}" for err in report["errors"]]
-    lines.append(f"status: {report['status']}, {report['elapsed_s']} s")
-    return "\n".join(lines)
+    return "\n".join(lines + harness.summary_tail(report))
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run the steps; returns the exit status (0: every comparison equal, every capture made,
     no step raised)."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
-                        help="cuda: the GPU; cpu: Numba's CUDA simulator (correctness only)")
-    parser.add_argument("--quick", action="store_true", help="fewer layers and repeats")
-    parser.add_argument("--out", default="results/gpu_greedy", help="output folder")
-    parser.add_argument("--time-limit", type=float, default=105.0,
-                        help="seconds: the random instances stop 10 s before it; on the GPU a "
-                             "watchdog ends the process 5 s after it (default 105)")
-    args = parser.parse_args(argv)
-    if args.time_limit <= 0:
-        parser.error(f"--time-limit must be > 0 seconds, got {args.time_limit}")
-    if args.device == "cpu":  # must precede the first import of numba.cuda
-        import numba
-
-        os.environ["NUMBA_ENABLE_CUDASIM"] = "1"
-        numba.config.ENABLE_CUDASIM = 1
-    from experiments.manifest import Manifest
+    args = harness.parse_args(__doc__, "gpu_greedy", argv,
+                      "seconds: the random instances stop 10 s before it; on the GPU a "
+                      "watchdog ends the process 5 s after it (default 105)")
     from probe.planner import greedy_cuda
 
-    if args.device == "cpu" and not greedy_cuda.SIMULATOR:
-        raise SystemExit("--device cpu needs NUMBA_ENABLE_CUDASIM=1 before numba.cuda is "
-                         "imported (run this module as a fresh process)")
     sim = args.device == "cpu"
-    began = time.perf_counter()
-    if not sim:  # a hang (a kernel that never ends, a stuck teardown) still ends the process
-        faulthandler.dump_traceback_later(args.time_limit + 5.0, exit=True)
-    run = Manifest.start("experiments.planner.gpu_greedy", argv)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    json_path, md_path = out / "gpu_greedy.json", out / "gpu_greedy.md"
-    command = f"python -m experiments.planner.gpu_greedy --device {args.device}" + (
-        " --quick" if args.quick else "")
-    report = {"device": "Numba CUDA simulator" if sim else _gpu_name(), "command": command,
-              "status": "starting", "time_limit_s": args.time_limit, "elapsed_s": 0.0,
-              "compile_s": None, "random_layers": 0, "random": None, "rows": [],
-              "checks_failed": [], "errors": [], "stage_seconds": {},
-              "utc": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
-
-    def write() -> None:
-        report["elapsed_s"] = round(time.perf_counter() - began, 1)
-        for row in report["rows"]:
-            best = min(row.get("all_per_launch_us", np.inf), row.get("graph_replay_us", np.inf))
-            if np.isfinite(best):
-                row["met"] = bool(best <= row["target_us"])
-        report["checks_failed"] = [f"{config}: {check['check']}"
-                                   for config, check in _all_checks(report) if not check["ok"]]
-        json_path.write_text(json.dumps(report, indent=2) + "\n")
-        md_path.write_text(_markdown(report))
-        run.write(out, [json_path, md_path], name="gpu_greedy.manifest.json")
-
-    @contextlib.contextmanager
-    def stage(name: str):
-        """A step: recorded in the report; an exception is recorded, not raised."""
-        report["status"] = f"running: {name}"
-        write()
-        print(f"== {name}", flush=True)
-        start = time.perf_counter()
-        try:
-            yield
-        except Exception as exc:
-            report["errors"].append({"stage": name, "error": f"{type(exc).__name__}: {exc}",
-                                     "traceback": traceback.format_exc()})
-            print(f"{name}: raised {type(exc).__name__}: {exc}", flush=True)
-        finally:
-            report["stage_seconds"][name] = round(time.perf_counter() - start, 2)
-
+    run = harness.Report("gpu_greedy", args, argv, {"compile_s": None, "random_layers": 0,
+                                             "random": None},
+                 _markdown, lambda row: row["target_us"])
+    report, began, stage = run.data, run.began, run.stage
     layers = 1 if sim else (4 if args.quick else 32)
     repeats = 3 if sim else (20 if args.quick else 200)
     threads = 32 if sim else greedy_cuda.THREADS
@@ -602,7 +440,9 @@ def main(argv: list[str] | None = None) -> int:
             row["identical_layers"] = int(sum(same))
             row["checks"].append({"check": "decode plans == CPU kernel", "ok": all(same),
                                   "differing_layers": [i for i, ok in enumerate(same) if not ok]})
-            row["cpu_us"] = _cpu_us(batch, repeats, 1.0 if sim else 3.0)
+            args_per_layer = [cpu_args(batch, i) for i in range(row["layers"])]
+            row["cpu_us"] = harness.cpu_us(greedy_arrays, args_per_layer, repeats,
+                                           1.0 if sim else 3.0)
             batches[name] = batch
         if name not in batches:
             continue
@@ -616,7 +456,7 @@ def main(argv: list[str] | None = None) -> int:
                 row.update(values)
                 row["checks"] += checks
         print({k: v for k, v in row.items() if k != "checks"}, flush=True)
-    write()
+    run.write()
     for row in report["rows"]:  # after every timing is written
         if row["config"] in states:
             with stage(f"{row['config']}: CUDA graph"):
@@ -625,7 +465,7 @@ def main(argv: list[str] | None = None) -> int:
                 row["checks"] += checks
     if not sim:
         report["status"] = "timings and graphs written, random instances next"
-        write()
+        run.write()
         print(_summary(report), flush=True)  # the table so far, in case the rest is cut short
     with stage("random instances vs the CPU kernel"):
         rng = np.random.default_rng(2026)
@@ -642,13 +482,7 @@ def main(argv: list[str] | None = None) -> int:
         report["random_layers"] = result["layers"]
         print(f"random instances: {result['layers']} layers in {result['seconds']} s, "
               f"{result['differing_layers']} differ", flush=True)
-    report["status"] = "finished"
-    write()
-    faulthandler.cancel_dump_traceback_later()
-    print(_markdown(report))
-    print(_summary(report), flush=True)
-    failed_capture = any(row.get("graph") == "capture failed" for row in report["rows"])
-    return 1 if report["checks_failed"] or report["errors"] or failed_capture else 0
+    return run.finish(_summary)
 
 
 def _sim_inputs(load: np.ndarray, window: np.ndarray) -> tuple:
@@ -658,22 +492,5 @@ def _sim_inputs(load: np.ndarray, window: np.ndarray) -> tuple:
             cuda.to_device(np.ascontiguousarray(window, dtype=np.float64)))
 
 
-def _gpu_name() -> str:
-    import torch
-
-    return torch.cuda.get_device_name()
-
-
 if __name__ == "__main__":
-    # The exit skips the interpreter's teardown: a CUDA graph, numba's and torch's finalizers
-    # are never run against each other (a run hung there once), the files are written by then.
-    try:
-        status = main()
-    except SystemExit:
-        raise
-    except BaseException:
-        traceback.print_exc()
-        status = 2
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(status)
+    harness.exit_after(main)

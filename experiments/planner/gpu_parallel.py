@@ -33,25 +33,17 @@ numba.cuda is imported): correctness only, on a few small instances and one smal
 
 from __future__ import annotations
 
-import argparse
-import contextlib
-import faulthandler
-import json
-import os
-import sys
 import time
-import traceback
-from pathlib import Path
 
 import numpy as np
 
+from experiments.planner import gpu_harness as harness
 from probe.planner.check import rank_times
 from probe.planner.cost import CostModel
 from probe.planner.parallel import parallel_arrays, plan_from_blocks
 from probe.planner.parallel_ref import ParallelRules
 from probe.planner.problem import BalanceProblem
 
-SLOTS = 3
 # (name, model, hardware, ranks, experts, target us per layer or None, layers, quick layers)
 CONFIGS = (("ep=8, E=128", "qwen3-235b-a22b", "h200x8", 8, 128, 10.0, 32, 4),
            ("ep=64, E=256", "deepseek-v3", "h200x8-n8", 64, 256, 50.0, 32, 4),
@@ -62,7 +54,6 @@ RANDOM_LAYERS = 60
 RANDOM_SECONDS = 20.0
 # Written into the outputs before a graph replay that must overwrite them.
 OUT_JUNK = -7
-_ALIVE: list = []  # CUDA graphs and what they point at, kept until os._exit
 
 
 def random_batch(rng: np.random.Generator, *, max_layers: int = 1, max_ranks: int = 12,
@@ -72,24 +63,11 @@ def random_batch(rng: np.random.Generator, *, max_layers: int = 1, max_ranks: in
     num_ranks = int(rng.integers(2, max_ranks + 1))
     num_experts = int(rng.integers(4, max_experts + 1))
     num_layers = int(rng.integers(1, max_layers + 1))
-    shape = (num_ranks, num_experts)
-    home = np.zeros((num_layers, *shape), bool)
-    load = np.zeros((num_layers, *shape), np.int64)
-    skew = float(rng.choice([0.0, 0.8, 1.5, 3.0]))
-    for layer in range(num_layers):
-        home[layer, rng.integers(0, num_ranks, num_experts), np.arange(num_experts)] = True
-        if rng.random() < 0.25:
-            home[layer] |= rng.random(shape) < 0.2
-        weight = np.arange(1, num_experts + 1) ** -skew
-        weight = weight[rng.permutation(num_experts)]
-        per_rank = int(rng.choice([0, 10, 40, 200, 200]))
-        load[layer] = rng.multinomial(per_rank, weight / weight.sum(), num_ranks)
+    load, home = harness.random_layers(rng, num_layers, num_ranks, num_experts)
     slots = rng.integers(0, 4, num_ranks).astype(np.int64)
-    kind = rng.choice(3, p=[0.1, 0.45, 0.45])
-    window = [np.zeros, lambda s: rng.random(s) * 3, lambda s: np.full(s, np.inf)][kind](
-        (num_layers, num_ranks))
-    token_time = rng.random(shape[:1] * 2) * float(rng.choice([0.0, 0.1, 0.4]))
-    transfer_time = rng.random(shape[:1] * 2) * 2.0
+    window = harness.random_window(rng, num_layers, num_ranks)
+    token_time = rng.random((num_ranks, num_ranks)) * float(rng.choice([0.0, 0.1, 0.4]))
+    transfer_time = rng.random((num_ranks, num_ranks)) * 2.0
     cost = CostModel(float(rng.choice([0.0, 0.3, 5.0])), float(rng.choice([0.0, 1.0, 0.37])),
                      token_time, transfer_time)
     rules = ParallelRules(max_rounds=int(rng.choice([16, 1, 4, 0])),
@@ -101,34 +79,15 @@ def random_batch(rng: np.random.Generator, *, max_layers: int = 1, max_ranks: in
 def decode_batch(model: str, hardware: str, ranks: int, experts: int, layers: int,
                  tokens_per_rank: int = 768):
     """Synthetic decode layers as a batch (default ParallelRules)."""
-    from probe.planner.layers import attention_time
-    from probe.specs import hardware_preset, model_preset
-    from probe.traces import generate
-
-    spec_model, spec_hw = model_preset(model), hardware_preset(hardware)
-    cost = CostModel.from_specs(spec_model, spec_hw, num_ranks=ranks)
-    attention = attention_time(spec_model, spec_hw)
-    trace = generate("decode", num_steps=1, tokens_per_step=tokens_per_rank * ranks,
-                     num_layers=layers, num_experts=experts, top_k=8, num_ranks=ranks, seed=1)
-    loads = trace.load_counts()
-    problems = [BalanceProblem.from_load(loads[0, layer], cost, SLOTS, "auto",
-                                         attention_time=attention) for layer in range(layers)]
-    return (np.stack([p.load for p in problems]).astype(np.int64),
-            np.stack([p.home for p in problems]), np.asarray(problems[0].slots, np.int64),
-            np.stack([p.window for p in problems]).astype(np.float64), cost, ParallelRules())
+    return (*harness.decode_layers(model, hardware, ranks, experts, layers, tokens_per_rank),
+            ParallelRules())
 
 
 def cpu_args(batch, layer: int) -> tuple:
     """parallel_arrays' arguments for one layer (fresh writable C arrays: one signature)."""
-    load, home, slots, window, cost, rules = batch
-
-    def own(a, dtype):
-        return np.array(a, dtype=dtype, order="C")
-
-    return (own(load[layer], np.int64), own(home[layer], np.bool_), own(slots, np.int64),
-            own(window[layer], np.float64), float(cost.alpha), float(cost.beta),
-            own(cost.token_time, np.float64), own(cost.transfer_time, np.float64),
-            rules.rounds_limit, rules.epsilon, rules.hot_fraction)
+    rules = batch[5]
+    return (*harness.layer_arrays(batch, layer), rules.rounds_limit, rules.epsilon,
+            rules.hot_fraction)
 
 
 def same_layer(ref: tuple, out: tuple) -> bool:
@@ -199,46 +158,11 @@ def quality(batch, outs: list) -> dict:
             "window_us": float(np.median(window.min(axis=1)) * 1e6)}
 
 
-def _cpu_us(batch, repeats: int, budget_s: float) -> float:
-    samples = []
-    stop = time.perf_counter() + budget_s
-    args = [cpu_args(batch, layer) for layer in range(batch[0].shape[0])]
-    for _ in range(repeats):
-        for a in args:
-            start = time.perf_counter()
-            parallel_arrays(*a)
-            samples.append(time.perf_counter() - start)
-        if time.perf_counter() > stop:
-            break
-    return float(np.median(samples) * 1e6)
-
-
-def _event_us(fn, repeats: int, budget_s: float) -> list:
-    """Microseconds of fn() between two CUDA events (after one warm-up call), up to `repeats`
-    samples (at least 3) or budget_s seconds."""
-    import torch
-
-    fn()
-    samples = []
-    stop = time.perf_counter() + budget_s
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        samples.append(start.elapsed_time(end) * 1e3)
-        if len(samples) >= 3 and time.perf_counter() > stop:
-            break
-    return samples
-
-
 def gpu_times(batch, repeats: int, budget_s: float) -> tuple[dict, list]:
     """Eager launches on torch tensors (one layer per launch, all L per launch), then the
     L-layer launch in a CUDA graph. Returns (row values, checks)."""
     import torch
 
-    from probe.planner.numba_cuda import cuda
     from probe.planner.parallel_cuda import CudaParallel
 
     load, home, slots, window, cost, rules = batch
@@ -254,23 +178,17 @@ def gpu_times(batch, repeats: int, budget_s: float) -> tuple[dict, list]:
     one = [CudaParallel(home[i], slots, cost, rules, num_layers=1) for i in range(num_layers)]
     single = []
     for i in range(num_layers):
-        single += _event_us(lambda i=i: one[i].plan(load_t[i:i + 1], window_t[i:i + 1]),
-                            max(3, 2 * repeats // num_layers), budget_s / (3 * num_layers))
-    batched = [t / num_layers for t in _event_us(lambda: every.plan(load_t, window_t), repeats,
-                                                 budget_s / 3)]
+        single += harness.event_us(
+            lambda i=i: one[i].plan(load_t[i:i + 1], window_t[i:i + 1]),
+            max(3, 2 * repeats // num_layers), budget_s / (3 * num_layers), warm_up=True)
+    batched = [t / num_layers for t in harness.event_us(
+        lambda: every.plan(load_t, window_t), repeats, budget_s / 3, warm_up=True)]
     row = {"one_per_launch_us": float(np.median(single)),
            "all_per_launch_us": float(np.median(batched))}
     graph = torch.cuda.CUDAGraph()
-    _ALIVE.append((graph, every, load_t, window_t))
+    harness.ALIVE.append((graph, every, load_t, window_t))
     try:
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            every.plan(load_t, window_t)
-        torch.cuda.current_stream().wait_stream(side)
-        with cuda.defer_cleanup(), torch.cuda.graph(graph, stream=side):
-            every.plan(load_t, window_t)
-        torch.cuda.synchronize()
+        harness.capture(graph, lambda: every.plan(load_t, window_t))
     except Exception as exc:  # recorded exactly for the reader
         row.update(graph="capture failed", graph_error=f"{type(exc).__name__}: {exc}")
         return row, checks
@@ -281,7 +199,8 @@ def gpu_times(batch, repeats: int, budget_s: float) -> tuple[dict, list]:
     same = all(same_layer(layer_out(first, i), layer_out(replayed, i))
                for i in range(num_layers))
     checks.append({"check": "graph replay over junk outputs == eager launch", "ok": same})
-    replays = [t / num_layers for t in _event_us(graph.replay, repeats, budget_s / 3)]
+    replays = [t / num_layers
+               for t in harness.event_us(graph.replay, repeats, budget_s / 3, warm_up=True)]
     torch.cuda.synchronize()
     row.update(graph="captured", graph_replay_us=float(np.median(replays)))
     return row, checks
@@ -289,15 +208,6 @@ def gpu_times(batch, repeats: int, budget_s: float) -> tuple[dict, list]:
 
 def _fmt(value, digits: int = 1) -> str:
     return "n/a" if value is None else f"{value:.{digits}f}"
-
-
-def _checks(report: dict) -> list:
-    out = [(row["config"], check) for row in report["rows"] for check in row["checks"]]
-    if report["random"] is not None:
-        out.append(("random", {"check": "random instances == CPU kernel",
-                               "ok": report["random"]["ok"],
-                               "differing_layers": report["random"]["differing_layers"]}))
-    return out
 
 
 def _markdown(report: dict) -> str:
@@ -322,15 +232,10 @@ def _markdown(report: dict) -> str:
                      f"{_fmt(r.get('cpu_us'))} | {_fmt(r.get('window_us'), 0)} | {target} | "
                      f"{r.get('met', 'n/a')} |")
     lines += ["", "| config | check | result | differing |", "|---|---|---|---|"]
-    for config, check in _checks(report):
+    for config, check in harness.all_checks(report):
         lines.append(f"| {config} | {check['check']} | {'ok' if check['ok'] else 'FAILED'} | "
                      f"{check.get('differing_layers', '') or ''} |")
-    for r in report["rows"]:
-        if r.get("graph_error"):
-            lines += ["", f"Graph capture failed ({r['config']}): `{r['graph_error']}`"]
-    for err in report["errors"]:
-        lines += ["", f"Step '{err['stage']}' raised `{err['error']}`"]
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + harness.markdown_tail(report)) + "\n"
 
 
 def _summary(report: dict) -> str:
@@ -343,84 +248,23 @@ def _summary(report: dict) -> str:
                      f"{_fmt(r.get('all_per_launch_us')):>10}"
                      f"{_fmt(r.get('graph_replay_us')):>9}{_fmt(r.get('cpu_us')):>9}"
                      f"{target:>8}  {r.get('met', 'n/a')}")
-    checks = _checks(report)
-    failed = [f"{config}: {check['check']}" for config, check in checks if not check["ok"]]
-    lines.append(f"checks: {len(checks) - len(failed)} passed, {len(failed)} failed"
-                 + "".join(f"\n  FAILED {name}" for name in failed))
-    lines += [f"  ERROR in '{err['stage']}': {err['error']}" for err in report["errors"]]
-    lines.append(f"status: {report['status']}, {report['elapsed_s']} s")
-    return "\n".join(lines)
+    return "\n".join(lines + harness.summary_tail(report))
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run the steps; returns the exit status (0: every comparison equal, every capture made,
     no step raised)."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
-                        help="cuda: the GPU; cpu: Numba's CUDA simulator (correctness only)")
-    parser.add_argument("--quick", action="store_true", help="fewer layers and repeats")
-    parser.add_argument("--out", default="results/gpu_parallel", help="output folder")
-    parser.add_argument("--time-limit", type=float, default=105.0,
-                        help="seconds: the random instances stop early enough to fit; on the "
-                             "GPU a watchdog ends the process 5 s after it (default 105)")
-    args = parser.parse_args(argv)
-    if args.time_limit <= 0:
-        parser.error(f"--time-limit must be > 0 seconds, got {args.time_limit}")
-    if args.device == "cpu":  # must precede the first import of numba.cuda
-        import numba
-
-        os.environ["NUMBA_ENABLE_CUDASIM"] = "1"
-        numba.config.ENABLE_CUDASIM = 1
-    from experiments.manifest import Manifest
+    args = harness.parse_args(__doc__, "gpu_parallel", argv,
+                      "seconds: the random instances stop early enough to fit; on the GPU a "
+                      "watchdog ends the process 5 s after it (default 105)")
     from probe.planner import parallel_cuda
 
     sim = args.device == "cpu"
-    if sim and not parallel_cuda.SIMULATOR:
-        raise SystemExit("--device cpu needs NUMBA_ENABLE_CUDASIM=1 before numba.cuda is "
-                         "imported (run this module as a fresh process)")
-    began = time.perf_counter()
-    if not sim:
-        faulthandler.dump_traceback_later(args.time_limit + 5.0, exit=True)
-    run = Manifest.start("experiments.planner.gpu_parallel", argv)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    json_path, md_path = out / "gpu_parallel.json", out / "gpu_parallel.md"
-    command = f"python -m experiments.planner.gpu_parallel --device {args.device}" + (
-        " --quick" if args.quick else "")
-    report = {"device": "Numba CUDA simulator" if sim else _gpu_name(), "command": command,
-              "status": "starting", "time_limit_s": args.time_limit, "elapsed_s": 0.0,
-              "random": None, "rows": [], "checks_failed": [], "errors": [],
-              "stage_seconds": {}, "utc": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
-
-    def write() -> None:
-        report["elapsed_s"] = round(time.perf_counter() - began, 1)
-        for row in report["rows"]:
-            best = min(row.get("all_per_launch_us", np.inf), row.get("graph_replay_us", np.inf))
-            if np.isfinite(best):
-                goal = row["target_us"] if row["target_us"] is not None else row["window_us"]
-                row["met"] = bool(best <= goal)
-        report["checks_failed"] = [f"{config}: {check['check']}"
-                                   for config, check in _checks(report) if not check["ok"]]
-        json_path.write_text(json.dumps(report, indent=2) + "\n")
-        md_path.write_text(_markdown(report))
-        run.write(out, [json_path, md_path], name="gpu_parallel.manifest.json")
-
-    @contextlib.contextmanager
-    def stage(name: str):
-        report["status"] = f"running: {name}"
-        write()
-        print(f"== {name}", flush=True)
-        start = time.perf_counter()
-        try:
-            yield
-        except Exception as exc:
-            report["errors"].append({"stage": name, "error": f"{type(exc).__name__}: {exc}",
-                                     "traceback": traceback.format_exc()})
-            print(f"{name}: raised {type(exc).__name__}: {exc}", flush=True)
-        finally:
-            report["stage_seconds"][name] = round(time.perf_counter() - start, 2)
-
-    with stage("random instances vs the CPU kernel (first launch compiles)"):
+    run = harness.Report("gpu_parallel", args, argv, {"random": None}, _markdown,
+                 lambda row: row["target_us"] if row["target_us"] is not None
+                 else row["window_us"])
+    report = run.data
+    with run.stage("random instances vs the CPU kernel (first launch compiles)"):
         rng = np.random.default_rng(2026)
         if sim:
             result = check_random(rng, threads=(32,), layer_cap=2, budget_s=60.0, max_layers=2,
@@ -437,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
         row = {"config": name, "layers": quick if args.quick else layers, "target_us": target,
                "checks": []}
         report["rows"].append(row)
-        with stage(f"{name}: decode plans vs the CPU kernel, CPU kernel timed"):
+        with run.stage(f"{name}: decode plans vs the CPU kernel, CPU kernel timed"):
             batch = decode_batch(model, hardware, ranks, experts, row["layers"],
                                  tokens_per_rank=64 if sim else 768)
             refs = [parallel_arrays(*cpu_args(batch, i)) for i in range(row["layers"])]
@@ -448,37 +292,18 @@ def main(argv: list[str] | None = None) -> int:
                                   "differing_layers": [i for i, ok in enumerate(same)
                                                        if not ok]})
             row.update(quality(batch, refs))
-            row["cpu_us"] = _cpu_us(batch, repeats, 1.0 if sim else 3.0)
+            row["cpu_us"] = harness.cpu_us(parallel_arrays,
+                                   [cpu_args(batch, i) for i in range(row["layers"])],
+                                   repeats, 1.0 if sim else 3.0)
         if not sim and "cpu_us" in row:
-            with stage(f"{name}: eager launches and CUDA graph, timed"):
+            with run.stage(f"{name}: eager launches and CUDA graph, timed"):
                 values, checks = gpu_times(batch, repeats, budget_s=9.0)
                 row.update(values)
                 row["checks"] += checks
         print({k: v for k, v in row.items() if k != "checks"}, flush=True)
-        write()
-    report["status"] = "finished"
-    write()
-    faulthandler.cancel_dump_traceback_later()
-    print(_markdown(report))
-    print(_summary(report), flush=True)
-    failed_capture = any(row.get("graph") == "capture failed" for row in report["rows"])
-    return 1 if report["checks_failed"] or report["errors"] or failed_capture else 0
-
-
-def _gpu_name() -> str:
-    import torch
-
-    return torch.cuda.get_device_name()
+        run.write()
+    return run.finish(_summary)
 
 
 if __name__ == "__main__":
-    try:
-        status = main()
-    except SystemExit:
-        raise
-    except BaseException:
-        traceback.print_exc()
-        status = 2
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(status)
+    harness.exit_after(main)

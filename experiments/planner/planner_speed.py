@@ -20,18 +20,14 @@ and windows).
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import platform
-import time
-from pathlib import Path
 
 import numpy as np
-from rich.console import Console
 from rich.table import Table
 
-from experiments.manifest import Manifest, cpu_name
+from experiments.manifest import cpu_name
+from experiments.planner.speed_harness import save, start, timed
 from probe.planner import (
     BalanceProblem,
     CostModel,
@@ -70,32 +66,23 @@ def _problems(workload_knobs: dict, *, model: str, hardware: str, num_ranks: int
     return problems, loads
 
 
-def _timed(fn, repeats: int) -> list[float]:
-    out = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        out.append(time.perf_counter() - start)
-    return out
-
-
 def speed(name: str, problems: list[BalanceProblem], *, repeats: int, twin: int) -> dict:
     args = [_kernel_args(p, GreedyRules()) for p in problems]
     greedy_arrays(*args[0])  # JIT warm-up (loads the on-disk cache or compiles)
     kernel = []
     moves = []
     for a in args:
-        kernel += _timed(lambda a=a: greedy_arrays(*a), repeats)
+        kernel += timed(lambda a=a: greedy_arrays(*a), repeats)
         moves.append(greedy_arrays(*a)[3])
     ref = []
     for p in problems[:twin]:
-        ref += _timed(lambda p=p: greedy_ref(p), 1)
+        ref += timed(lambda p=p: greedy_ref(p), 1)
     kernel_same = kernel[: repeats * twin]
     plan_build = []
     full = []
     for p in problems[:twin]:
-        plan_build += _timed(lambda p=p: greedy_plan(p), 3)
-        full += _timed(lambda p=p: solve(p, "greedy"), 3)
+        plan_build += timed(lambda p=p: greedy_plan(p), 3)
+        full += timed(lambda p=p: solve(p, "greedy"), 3)
     return {
         "config": name,
         "instances": len(problems),
@@ -138,12 +125,7 @@ def balance(name: str, knobs: dict, *, steps: int, layers: int, window: str | fl
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="fewer instances and repeats")
-    parser.add_argument("--out", default="results/planner_speed.json")
-    args = parser.parse_args(argv)
-    run = Manifest.start("experiments.planner.planner_speed", argv)
-    console = Console()
+    args, run, console = start(__doc__, "planner_speed", argv)
     quick = args.quick
 
     speed_rows = []
@@ -190,11 +172,8 @@ def main(argv: list[str] | None = None) -> None:
 
     machine = {"platform": platform.platform(), "python": platform.python_version(),
                "cpu": cpu_name(), "cpus": os.cpu_count(), "quick": quick}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"machine": machine, "speed": speed_rows,
-                               "balance": balance_rows}, indent=2, default=str) + "\n")
-    run.write(out.parent, [out], name=out.with_suffix(".manifest.json").name)
+    (out,) = save(run, args.out, {"machine": machine, "speed": speed_rows,
+                                  "balance": balance_rows})
     console.print(f"wrote {out}")
 
 

@@ -43,13 +43,7 @@ def greedy_ref(problem: BalanceProblem, rules: GreedyRules | None = None) -> Pla
 def _run(problem: BalanceProblem, k_max: int, epsilon: float, move_local: bool,
          evacuate: bool, two_phase: bool, mean_cap: bool) -> tuple[Plan, float]:
     """One run of rules 1-7: the plan and its maximum rank time (the run's own bookkeeping)."""
-    num_ranks, num_experts = problem.num_ranks, problem.num_experts
-    home = problem.home.tolist()
-    slots = problem.slots.tolist()
-    window = problem.window.tolist()
-    alpha, beta = float(problem.cost.alpha), float(problem.cost.beta)
-    tt = problem.cost.token_time.tolist()
-    tx = problem.cost.transfer_time.tolist()
+    num_ranks, num_experts, home, slots, window, alpha, beta, tt, tx = problem_lists(problem)
     moves_left = UNLIMITED_MOVES if not k_max else int(k_max)
 
     # assign[s][e][g]: tokens of (s, e) processed on g, starting from the static split.
@@ -88,12 +82,7 @@ def _run(problem: BalanceProblem, k_max: int, epsilon: float, move_local: bool,
             take = min(avail, left)
             takes.append(take)
             left -= take
-        comp_src = comp[src] - beta * x
-        if tok[src][e] == x:
-            comp_src -= alpha
-        comp_dst = comp[dst] + beta * x
-        if tok[dst][e] == 0:
-            comp_dst += alpha
+        comp_src, comp_dst = moved_compute(comp, tok, e, src, dst, x, alpha, beta)
         d_in_src = 0.0
         d_in_dst = 0.0
         d_out_dst = 0.0
@@ -222,6 +211,28 @@ def _run(problem: BalanceProblem, k_max: int, epsilon: float, move_local: bool,
                 np.array(src_of, dtype=np.int64).reshape(num_ranks, num_experts),
                 np.array(assign, dtype=np.int64).reshape(num_ranks, num_experts, num_ranks))
     return plan, makespan
+
+
+def problem_lists(problem: BalanceProblem) -> tuple:
+    """The problem as the twins read it: (num_ranks, num_experts, home, slots, window, alpha,
+    beta, token_time, transfer_time), the arrays as nested lists, alpha and beta as floats."""
+    cost = problem.cost
+    return (problem.num_ranks, problem.num_experts, problem.home.tolist(),
+            problem.slots.tolist(), problem.window.tolist(), float(cost.alpha),
+            float(cost.beta), cost.token_time.tolist(), cost.transfer_time.tolist())
+
+
+def moved_compute(comp: list, tok: list, e: int, src: int, dst: int, x: int, alpha: float,
+                  beta: float) -> tuple[float, float]:
+    """Compute times of src and dst if x >= 1 tokens of e move from src to dst: beta per token,
+    and alpha off src when e leaves it, alpha onto dst when e is new there."""
+    comp_src = comp[src] - beta * x
+    if tok[src][e] == x:
+        comp_src -= alpha
+    comp_dst = comp[dst] + beta * x
+    if tok[dst][e] == 0:
+        comp_dst += alpha
+    return comp_src, comp_dst
 
 
 def _amount(after, total: int, mean: float) -> int:

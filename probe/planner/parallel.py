@@ -34,67 +34,59 @@ import time
 import numba
 import numpy as np
 
-from probe.planner.greedy import plan_from_arrays, problem_arrays
+from probe.planner.greedy import _static_share, plan_from_arrays, problem_arrays
+from probe.planner.kernel_rules import cannot_gain, copy_holder, home_lists, moved_compute
 from probe.planner.parallel_ref import ParallelRules, checked_rules
 from probe.planner.problem import BalanceProblem, Plan, SolveResult
+from probe.planner.scalar import dmax, dmin, mul, rule
 
 __all__ = ["ParallelRules", "kernel_args", "parallel_arrays", "parallel_plan", "plan_from_blocks",
            "solve_parallel_greedy", "solve_parallel_greedy_ref"]
 
-
-@numba.njit(cache=True, inline="always")
-def _static_share(load_t, home_t, hpos_t, hcount, s, e, g):
-    """Tokens of (s, e) on rank g in the static split (static.py), from the transposed load
-    [E, S], home [E, G] and home positions [E, G] (hpos_t[e, g]: g's position among e's home
-    holders, -1 if none): greedy.py's function on the kernel's layout."""
-    n = load_t[e, s]
-    if home_t[e, s]:
-        return n if g == s else 0
-    h = hcount[e]
-    if h == 1:
-        return n if hpos_t[e, g] == 0 else 0
-    pos = hpos_t[e, g]
-    if pos < 0:
-        return 0
-    q = n // h
-    r = n - q * h
-    return q + (1 if (pos + s) % h < r else 0)
+# The scalar rules below (`@rule`) are compiled here for the CPU kernel and again by
+# parallel_cuda for the GPU: one source, the same float64 operations in the same order on both
+# (probe.planner.scalar). They index arrays as the GPU kernel lays them out: load [S, E], home
+# and held [G, E], hpos [G, E], token_time [G, G], blk_assign [n_blk, G, S]. The CPU kernel
+# keeps the [S, E], [G, E] and token-time arrays in Fortran order instead (the same indices,
+# the sources of one expert adjacent in memory), so that its loops over sources read
+# contiguous memory. The rules are compiled without reference counting (refcount=False): a
+# candidate's rules take up to 30 arrays, and counting them per call doubled the kernel's time.
+# `_static_share` is greedy.py's rule; `cannot_gain`, `copy_holder`, `home_lists` and
+# `moved_compute` are shared with the greedy (probe.planner.kernel_rules). Numba's on-disk
+# cache of `parallel_arrays` does not see edits to those files: clear it after changing them.
 
 
-@numba.njit(cache=True)
-def _prefix(npool, pool_s, pool_n, src, dst, tt_t, cum, pre):
+@rule(refcount=False)
+def _prefix(npool, pool_s, pool_n, src, dst, tt, cum, pre):  # pragma: no cover - compiled
     """Running sums over the pool, in pool order: cum[i] tokens and pre[:, i] link seconds
     (in to src, in to dst, out of dst, out of src) of its first i entries. `_after` adds the
     partly taken entry to them, so its sums are the ones a loop over the pool would make,
     operation for operation, in O(log npool) instead of O(npool)."""
     cum[0] = 0
-    pre[:, 0] = 0.0
+    for k in range(4):
+        pre[k, 0] = 0.0
     for i in range(npool):
         s = pool_s[i]
         n = pool_n[i]
         cum[i + 1] = cum[i] + n
-        pre[0, i + 1] = pre[0, i] + n * tt_t[src, s]  # tt_t[a, b] = token_time[b, a]
+        pre[0, i + 1] = pre[0, i] + mul(n, tt[s, src])
         pre[1, i + 1] = pre[1, i]
         pre[2, i + 1] = pre[2, i]
         pre[3, i + 1] = pre[3, i]
         if s == dst:
-            pre[2, i + 1] = pre[2, i] + n * tt_t[src, dst]
+            pre[2, i + 1] = pre[2, i] + mul(n, tt[dst, src])
         else:
-            pre[1, i + 1] = pre[1, i] + n * tt_t[dst, s]
+            pre[1, i + 1] = pre[1, i] + mul(n, tt[s, dst])
             if s == src:
-                pre[3, i + 1] = pre[3, i] + n * tt_t[dst, src]
+                pre[3, i + 1] = pre[3, i] + mul(n, tt[src, dst])
 
 
-@numba.njit(cache=True)
-def _after(x, e, src, dst, npool, pool_s, cum, pre, tok, comp, t_in, t_out, alpha, beta, tt_t):
+@rule(refcount=False)
+def _after(x, e, src, dst, npool, pool_s, cum, pre, tok, comp, t_in, t_out, alpha, beta,
+           tt):  # pragma: no cover - compiled
     """(T_src, T_dst) if x >= 1 tokens of e move src -> dst, taken from the pool in order (the
     twin's loop over the pool, through `_prefix`'s running sums)."""
-    comp_src = comp[src] - beta * x
-    if tok[src, e] == x:
-        comp_src -= alpha
-    comp_dst = comp[dst] + beta * x
-    if tok[dst, e] == 0:
-        comp_dst += alpha
+    comp_src, comp_dst = moved_compute(x, e, src, dst, tok, comp, alpha, beta)
     lo = 0  # the entries taken whole: the last k with cum[k] <= x
     hi = npool
     while lo < hi:
@@ -110,55 +102,56 @@ def _after(x, e, src, dst, npool, pool_s, cum, pre, tok, comp, t_in, t_out, alph
     take = x - cum[lo]
     if take > 0:  # the entry taken in part
         s = pool_s[lo]
-        d_in_src += take * tt_t[src, s]
+        d_in_src += mul(take, tt[s, src])
         if s == dst:
-            d_out_dst += take * tt_t[src, dst]
+            d_out_dst += mul(take, tt[dst, src])
         else:
-            d_in_dst += take * tt_t[dst, s]
+            d_in_dst += mul(take, tt[s, dst])
             if s == src:
-                d_out_src += take * tt_t[dst, src]
-    t_src = comp_src + 2.0 * max(t_in[src] - d_in_src, t_out[src] + d_out_src)
-    t_dst = comp_dst + 2.0 * max(t_in[dst] + d_in_dst, t_out[dst] - d_out_dst)
+                d_out_src += mul(take, tt[src, dst])
+    t_src = comp_src + 2.0 * dmax(t_in[src] - d_in_src, t_out[src] + d_out_src)
+    t_dst = comp_dst + 2.0 * dmax(t_in[dst] + d_in_dst, t_out[dst] - d_out_dst)
     return t_src, t_dst
 
 
-@numba.njit(cache=True)
+@rule(refcount=False)
 def _worst(x, e, src, dst, npool, pool_s, cum, pre, tok, comp, t_in, t_out, alpha, beta,
-           tt_t):
+           tt):  # pragma: no cover - compiled
+    """max(T_src, T_dst) of `_after`."""
     t_src, t_dst = _after(x, e, src, dst, npool, pool_s, cum, pre, tok, comp, t_in, t_out,
-                          alpha, beta, tt_t)
-    return max(t_src, t_dst)
+                          alpha, beta, tt)
+    return dmax(t_src, t_dst)
 
 
-@numba.njit(cache=True)
+@rule(refcount=False)
 def _amount(e, src, dst, npool, pool_s, cum, pre, total, own_src, drops_alpha, tok, comp, t_in,
-            t_out, alpha, beta, tt_t):
+            t_out, alpha, beta, tt):  # pragma: no cover - compiled
     """parallel_ref._amount: tokens to move (two phases over the pool)."""
     n_other = total - own_src
     x = 0
     worst = 0.0
     if n_other > 0:
         a_src, a_dst = _after(n_other, e, src, dst, npool, pool_s, cum, pre, tok, comp, t_in,
-                              t_out, alpha, beta, tt_t)
+                              t_out, alpha, beta, tt)
         x = n_other
         if a_src <= a_dst:
             lo = 1
             while lo < x:
                 mid = (lo + x) // 2
                 m_src, m_dst = _after(mid, e, src, dst, npool, pool_s, cum, pre, tok, comp, t_in,
-                                      t_out, alpha, beta, tt_t)
+                                      t_out, alpha, beta, tt)
                 if m_src <= m_dst:
                     x = mid
                 else:
                     lo = mid + 1
         if x > 1 and (_worst(x - 1, e, src, dst, npool, pool_s, cum, pre, tok, comp, t_in, t_out,
-                             alpha, beta, tt_t)
+                             alpha, beta, tt)
                       <= _worst(x, e, src, dst, npool, pool_s, cum, pre, tok, comp, t_in, t_out,
-                                alpha, beta, tt_t)):
+                                alpha, beta, tt)):
             x -= 1
         t_src, t_dst = _after(x, e, src, dst, npool, pool_s, cum, pre, tok, comp, t_in, t_out,
-                              alpha, beta, tt_t)
-        worst = max(t_src, t_dst)
+                              alpha, beta, tt)
+        worst = dmax(t_src, t_dst)
         if own_src == 0 or x < n_other or t_src <= t_dst:
             return x
     lo = n_other + 1
@@ -166,40 +159,197 @@ def _amount(e, src, dst, npool, pool_s, cum, pre, total, own_src, drops_alpha, t
     while lo < hi:
         mid = (lo + hi) // 2
         if (_worst(mid + 1, e, src, dst, npool, pool_s, cum, pre, tok, comp, t_in, t_out, alpha,
-                   beta, tt_t)
+                   beta, tt)
                 >= _worst(mid, e, src, dst, npool, pool_s, cum, pre, tok, comp, t_in, t_out,
-                          alpha, beta, tt_t)):
+                          alpha, beta, tt)):
             hi = mid
         else:
             lo = mid + 1
     if n_other == 0 or _worst(lo, e, src, dst, npool, pool_s, cum, pre, tok, comp, t_in, t_out,
-                              alpha, beta, tt_t) < worst:
+                              alpha, beta, tt) < worst:
         return lo
     return x
 
 
-@numba.njit(cache=True, inline="always")
-def _copy_holder(e, dst, hcount, hlist, transfer_time, window, recv, send):
-    """The home holder of e to copy it to dst from (cheapest transfer, then least sent, then
-    lowest rank), -1 if no copy fits both windows."""
-    holder = -1
-    best_t = 0.0
-    best_send = 0.0
-    for k in range(hcount[e]):
-        h = hlist[e, k]
-        t = transfer_time[h, dst]
-        if recv[dst] + t <= window[dst] and send[h] + t <= window[h] and (
-                holder < 0 or t < best_t or (t == best_t and send[h] < best_send)):
-            holder = h
-            best_t = t
-            best_send = send[h]
-    return holder
-
-
-@numba.njit(cache=True, inline="always")
-def _held_expert(g, i, rank_nhome, rank_home, rep_on):
+@rule(inline=True)
+def _held_expert(g, i, rank_nhome, rank_home, rep_on):  # pragma: no cover - compiled
     """The i-th expert rank g holds: its home experts in id order, then its replicas."""
     return rank_home[g, i] if i < rank_nhome[g] else rep_on[g, i - rank_nhome[g]]
+
+
+@rule(refcount=False)
+def _rank_compute(g, alpha, beta, rank_nhome, rank_home, rep_on, used,
+                  tok):  # pragma: no cover - compiled
+    """Rank g's compute time: its held experts with tokens, in `_held_expert`'s order."""
+    c = 0.0
+    for i in range(rank_nhome[g] + used[g]):
+        e = _held_expert(g, i, rank_nhome, rank_home, rep_on)
+        if tok[g, e] > 0:
+            c += alpha + mul(beta, tok[g, e])
+    return c
+
+
+@rule(refcount=False)
+def _link_time(g, flow, tt, incoming):  # pragma: no cover - compiled
+    """Rank g's incoming (flow[s, g] over s) or outgoing (flow[g, d] over d) link seconds,
+    summed in rank order."""
+    t = 0.0
+    for s in range(flow.shape[0]):
+        if incoming:
+            t += mul(flow[s, g], tt[s, g])
+        else:
+            t += mul(flow[g, s], tt[g, s])
+    return t
+
+
+@rule(refcount=False)
+def _hot_threshold(times, hot_fraction):  # pragma: no cover - compiled
+    """The time above which a rank is hot: mean + (1 - hot_fraction) * (max - mean) of times
+    float64 [G] (summed in rank order)."""
+    total_time = 0.0
+    top = times[0]
+    for g in range(times.shape[0]):
+        total_time += times[g]
+        top = dmax(top, times[g])
+    mean = total_time / times.shape[0]
+    return mean + mul(1.0 - hot_fraction, top - mean)
+
+
+@rule(refcount=False)
+def _can_pair(src, dst, slots, window, beta, epsilon, xt, hcount, hlist, rank_nhome, rank_home,
+              rep_on, tok, held, comp, t_in, times, recv, send,
+              used):  # pragma: no cover - compiled
+    """The pairing test for a rank dst faster than src: dst could still gain (its compute
+    plus one token's, plus its incoming traffic, below src's time less epsilon) and some
+    expert with tokens on src could move to it (held there, or a free slot and a copy that
+    fits the windows)."""
+    if not comp[dst] + beta + 2.0 * t_in[dst] < times[src] - epsilon:
+        return False
+    for k in range(rank_nhome[src] + used[src]):
+        e = _held_expert(src, k, rank_nhome, rank_home, rep_on)
+        if tok[src, e] > 0 and (held[dst, e] or (
+                used[dst] < slots[dst] and copy_holder(e, dst, hcount, hlist, xt, window, recv,
+                                                       send) >= 0)):
+            return True
+    return False
+
+
+@rule(refcount=False)
+def _pool(e, src, dst, load, home, hcount, hpos, held, blk_of, blk_assign, tt, pool_s,
+          pool_n):  # pragma: no cover - compiled
+    """The movable tokens of e on src, in order (dst's own, other sources that hold no copy of
+    e and whose link to dst is no dearer, src's own): fills the pool; returns (npool, total)."""
+    num_ranks = hpos.shape[0]
+    b = blk_of[e]
+    npool = 0
+    total = 0
+    for i in range(num_ranks + 2):
+        s = dst if i == 0 else (src if i == num_ranks + 1 else i - 1)
+        if 0 < i <= num_ranks and (s == src or s == dst or held[s, e]  # noqa: SIM109
+                                   or tt[s, dst] > tt[s, src]):
+            continue
+        a = (blk_assign[b, src, s] if b >= 0
+             else _static_share(load, home, hpos, hcount, s, e, src))
+        if a > 0:
+            pool_s[npool] = s
+            pool_n[npool] = a
+            npool += 1
+            total += a
+    return npool, total
+
+
+@rule(refcount=False)
+def _candidate(e, src, dst, load, home, slots, window, alpha, beta, tt, xt, epsilon, hcount,
+               hlist, hpos, tok, held, blk_of, blk_assign, times, comp, t_in, t_out, recv,
+               send, used, pool_s, pool_n, cum, pre):  # pragma: no cover - compiled
+    """One candidate of a pair's move search, expert e from src to dst: (gains, x, holder,
+    npool), and the pool (pool_s, pool_n, and its running sums cum, pre) of the move. The
+    pruning (the kernels'; the twin tries every expert) is the greedy's lower bound on T_dst."""
+    gains = False
+    x = 0
+    holder = -1
+    npool = 0
+    floor = times[src] - epsilon
+    b = blk_of[e]
+    own = (blk_assign[b, src, dst] if b >= 0
+           else _static_share(load, home, hpos, hcount, dst, e, src))
+    if not cannot_gain(own, tok[dst, e] == 0, floor, alpha, beta, tt[dst, src], comp[dst],
+                       t_in[dst], t_out[dst]) and (held[dst, e] or used[dst] < slots[dst]):
+        if not held[dst, e]:
+            holder = copy_holder(e, dst, hcount, hlist, xt, window, recv, send)
+        if holder >= 0 or held[dst, e]:
+            npool, total = _pool(e, src, dst, load, home, hcount, hpos, held, blk_of, blk_assign,
+                                 tt, pool_s, pool_n)
+            if total > 0:
+                own_src = pool_n[npool - 1] if pool_s[npool - 1] == src else 0
+                _prefix(npool, pool_s, pool_n, src, dst, tt, cum, pre)
+                x = _amount(e, src, dst, npool, pool_s, cum, pre, total, own_src,
+                            total == tok[src, e], tok, comp, t_in, t_out, alpha, beta, tt)
+                gains = times[src] - _worst(x, e, src, dst, npool, pool_s, cum, pre, tok, comp,
+                                            t_in, t_out, alpha, beta, tt) > epsilon
+    return gains, x, holder, npool
+
+
+@rule(refcount=False)
+def _takes(x, npool, pool_s, pool_n, into_s, into_take):  # pragma: no cover - compiled
+    """The move of x tokens from the pool, taken in order: its sources into into_s[:npool], the
+    tokens taken from each into into_take[:npool]."""
+    left = x
+    for i in range(npool):
+        take = dmin(pool_n[i], left)
+        into_s[i] = pool_s[i]
+        into_take[i] = take
+        left -= take
+
+
+@rule(refcount=False)
+def _admit(dst, e, holder, xt, window, rep_on, used, held, rep, n_rep, recv,
+           send):  # pragma: no cover - compiled
+    """Admit a pair's move of e to dst, in pair order: (admitted, replica rows). A move that
+    needs no copy (holder < 0) is admitted; one whose copy no longer fits the holder's window
+    (an earlier pair's copy filled it) is dropped; else e is copied from holder to dst: dst's
+    replica list, held, the replica row n_rep and both ranks' copy seconds."""
+    if holder < 0:
+        return True, n_rep
+    t = xt[holder, dst]
+    if send[holder] + t > window[holder]:
+        return False, n_rep
+    rep_on[dst, used[dst]] = e
+    used[dst] += 1
+    held[dst, e] = True
+    rep[n_rep, 0] = dst
+    rep[n_rep, 1] = e
+    rep[n_rep, 2] = holder
+    recv[dst] += t
+    send[holder] += t
+    return True, n_rep + 1
+
+
+@rule(refcount=False)
+def _static_column(b, e, s, load, home, hpos, hcount, hlist,
+                   blk_assign):  # pragma: no cover - compiled
+    """Source s's tokens of e in the static split into block b (blk_assign[b, g, s] for e's
+    home holders g; the other ranks' entries are left as they are)."""
+    if load[s, e] > 0:
+        for k in range(hcount[e]):
+            g = hlist[e, k]
+            blk_assign[b, g, s] = _static_share(load, home, hpos, hcount, s, e, g)
+
+
+@rule(refcount=False)
+def _apply_pair(b, e, src, dst, x, npool, pool_s, takes, blk_assign, flow,
+                tok):  # pragma: no cover - compiled
+    """Apply a pair's move of x tokens of e (block b): takes[i] tokens of source pool_s[i]
+    leave src for dst in the block, the flows and the token counts."""
+    for i in range(npool):
+        s = pool_s[i]
+        take = takes[i]
+        blk_assign[b, src, s] -= take
+        blk_assign[b, dst, s] += take
+        flow[s, src] -= take
+        flow[s, dst] += take
+    tok[src, e] -= x
+    tok[dst, e] += x
 
 
 @numba.njit(cache=True)
@@ -214,28 +364,22 @@ def parallel_arrays(load, home, slots, window, alpha, beta, token_time, transfer
     blk_expert int64 [n_blk], the experts whose tokens moved; blk_assign int64 [n_blk, G, S],
     their final assignment TRANSPOSED (blk_assign[b, g, s]: tokens of (s, blk_expert[b]) on g;
     `plan_from_blocks` builds the Plan); rounds, moves: int; makespan: float, the largest rank
-    time after the last round). The kernel keeps every [., S]-indexed array with S last, so
-    that its loops over the sources read contiguous memory.
+    time after the last round). The kernel keeps every [., S]-indexed array with S last in
+    memory (blk_assign; load, home, held, hpos and the token times in Fortran order), so that
+    its loops over the sources read contiguous memory.
     """
     num_ranks, num_experts = home.shape
-    load_t = np.ascontiguousarray(load.T)  # [E, S]
-    home_t = np.ascontiguousarray(home.T)  # [E, G]
-    tt_t = np.ascontiguousarray(token_time.T)  # tt_t[a, b] = token_time[b, a]
-    hcount = np.zeros(num_experts, np.int64)
+    load_f = np.asfortranarray(load)  # [S, E], the sources of an expert adjacent
+    home_f = np.asfortranarray(home)  # [G, E]
+    tt_f = np.asfortranarray(token_time)  # [G, G], tt_f[s, g] = token_time[s, g]
+    hcount = np.empty(num_experts, np.int64)
     hlist = np.empty((num_experts, num_ranks), np.int64)
-    hpos_t = np.empty((num_experts, num_ranks), np.int64)
-    rank_nhome = np.zeros(num_ranks, np.int64)
+    hpos = np.empty((num_experts, num_ranks), np.int64).T  # [G, E] in Fortran order
+    rank_nhome = np.empty(num_ranks, np.int64)
     rank_home = np.empty((num_ranks, num_experts), np.int64)
-    for g in range(num_ranks):
-        for e in range(num_experts):
-            hpos_t[e, g] = hcount[e] if home[g, e] else -1
-            if home[g, e]:
-                hlist[e, hcount[e]] = g
-                hcount[e] += 1
-                rank_home[g, rank_nhome[g]] = e
-                rank_nhome[g] += 1
-    held = home.copy()  # [G, E]: home or a replica
-    held_t = home_t.copy()  # the same, [E, G]
+    home_lists(home, hcount, hlist, hpos, rank_nhome, rank_home)
+    held = np.empty((num_experts, num_ranks), np.bool_).T  # home or a replica, [G, E]
+    held[:, :] = home
     tok = np.zeros((num_ranks, num_experts), np.int64)
     flow = np.zeros((num_ranks, num_ranks), np.int64)
     for s in range(num_ranks):
@@ -243,7 +387,7 @@ def parallel_arrays(load, home, slots, window, alpha, beta, token_time, transfer
             if load[s, e] > 0:
                 for k in range(hcount[e]):
                     g = hlist[e, k]
-                    n = _static_share(load_t, home_t, hpos_t, hcount, s, e, g)
+                    n = _static_share(load_f, home_f, hpos, hcount, s, e, g)
                     tok[g, e] += n
                     flow[s, g] += n
 
@@ -279,6 +423,7 @@ def parallel_arrays(load, home, slots, window, alpha, beta, token_time, transfer
     mv_npool = np.zeros(num_ranks, np.int64)
     mv_pool_s = np.empty((num_ranks, num_ranks), np.int64)
     mv_take = np.empty((num_ranks, num_ranks), np.int64)
+    pool_s = np.empty(num_ranks, np.int64)
     pool_n = np.empty(num_ranks, np.int64)
     cum = np.empty(num_ranks + 1, np.int64)
     pre = np.empty((4, num_ranks + 1))
@@ -290,21 +435,10 @@ def parallel_arrays(load, home, slots, window, alpha, beta, token_time, transfer
         # Exact rank times of the ranks the last round touched (all of them at the start).
         for g in range(num_ranks):
             if dirty[g]:
-                c = 0.0
-                for i in range(rank_nhome[g] + used[g]):
-                    e = _held_expert(g, i, rank_nhome, rank_home, rep_on)
-                    if tok[g, e] > 0:
-                        c += alpha + beta * tok[g, e]
-                comp[g] = c
-                t = 0.0
-                for s in range(num_ranks):
-                    t += flow[s, g] * token_time[s, g]
-                t_in[g] = t
+                comp[g] = _rank_compute(g, alpha, beta, rank_nhome, rank_home, rep_on, used, tok)
+                t_in[g] = _link_time(g, flow, token_time, True)
             if dirty_out[g]:
-                t = 0.0
-                for d in range(num_ranks):
-                    t += flow[g, d] * token_time[g, d]
-                t_out[g] = t
+                t_out[g] = _link_time(g, flow, token_time, False)
             if dirty[g] or dirty_out[g]:
                 times[g] = comp[g] + 2.0 * max(t_in[g], t_out[g])
             dirty[g] = False
@@ -313,13 +447,7 @@ def parallel_arrays(load, home, slots, window, alpha, beta, token_time, transfer
             break
 
         # Pairs: hot ranks hottest first, each with the coldest free rank that can receive.
-        total_time = 0.0
-        top = times[0]
-        for g in range(num_ranks):
-            total_time += times[g]
-            top = max(top, times[g])
-        mean = total_time / num_ranks
-        threshold = mean + (1.0 - hot_fraction) * (top - mean)
+        threshold = _hot_threshold(times, hot_fraction)
         hottest = np.argsort(-times, kind="mergesort")
         coldest = np.argsort(times, kind="mergesort")
         taken[:] = False
@@ -335,32 +463,24 @@ def parallel_arrays(load, home, slots, window, alpha, beta, token_time, transfer
                 dst = coldest[j]
                 if times[dst] >= times[src]:
                     break
-                if taken[dst] or not (comp[dst] + beta + 2.0 * t_in[dst]
-                                      < times[src] - epsilon):
-                    continue
-                ok = False
-                for k in range(rank_nhome[src] + used[src]):
-                    e = _held_expert(src, k, rank_nhome, rank_home, rep_on)
-                    if tok[src, e] > 0 and (held[dst, e] or (
-                            used[dst] < slots[dst] and _copy_holder(
-                                e, dst, hcount, hlist, transfer_time, window, recv,
-                                send) >= 0)):
-                        ok = True
-                        break
-                if ok:
+                if not taken[dst] and _can_pair(src, dst, slots, window, beta, epsilon,
+                                                transfer_time, hcount, hlist, rank_nhome,
+                                                rank_home, rep_on, tok, held, comp, t_in, times,
+                                                recv, send, used):
                     pair_src[num_pairs] = src
                     pair_dst[num_pairs] = dst
                     num_pairs += 1
                     taken[dst] = True
                     break
 
-        # One move per pair, against the round's starting state.
+        # One move per pair, against the round's starting state: the first gaining expert of
+        # the hot rank's, heaviest first (ties to the lowest id).
         for p in range(num_pairs):
             src = pair_src[p]
             dst = pair_dst[p]
             mv_npool[p] = 0
             n_order = 0
-            for k in range(rank_nhome[src] + used[src]):  # heaviest first, ties to lowest id
+            for k in range(rank_nhome[src] + used[src]):
                 e = _held_expert(src, k, rank_nhome, rank_home, rep_on)
                 if tok[src, e] == 0:
                     continue
@@ -371,60 +491,18 @@ def parallel_arrays(load, home, slots, window, alpha, beta, token_time, transfer
                     i -= 1
                 order[i] = e
                 n_order += 1
-            pool_s = mv_pool_s[p]
-            # Pruning (this kernel and the CUDA one; the twin tries every expert): greedy.py's
-            # lower bound on T_dst after any move of e, with slack for rounding.
-            floor = times[src] - epsilon
             for k in range(n_order):
                 e = order[k]
-                b = blk_of[e]
-                own = (blk_assign[b, src, dst] if b >= 0
-                       else _static_share(load_t, home_t, hpos_t, hcount, dst, e, src))
-                slope = beta - 2.0 * token_time[dst, src]
-                lb_out = 2.0 * t_out[dst] + (min(slope, own * slope) if own > 0 else beta)
-                lb = comp[dst] + max(beta + 2.0 * t_in[dst], lb_out)
-                if tok[dst, e] == 0:
-                    lb += alpha
-                if lb >= floor + 1e-9 * (abs(floor) + lb):
-                    continue
-                holder = -1
-                if not held[dst, e]:
-                    if used[dst] >= slots[dst]:
-                        continue
-                    holder = _copy_holder(e, dst, hcount, hlist, transfer_time, window, recv,
-                                          send)
-                    if holder < 0:
-                        continue
-                npool = 0
-                total = 0
-                for i in range(num_ranks + 2):  # dst's own, other sources, src's own
-                    s = dst if i == 0 else (src if i == num_ranks + 1 else i - 1)
-                    if 0 < i <= num_ranks and (s == src or s == dst  # noqa: SIM109
-                                               or held_t[e, s] or tt_t[dst, s] > tt_t[src, s]):
-                        continue
-                    a = (blk_assign[b, src, s] if b >= 0
-                         else _static_share(load_t, home_t, hpos_t, hcount, s, e, src))
-                    if a > 0:
-                        pool_s[npool] = s
-                        pool_n[npool] = a
-                        npool += 1
-                        total += a
-                if total == 0:
-                    continue
-                own_src = pool_n[npool - 1] if pool_s[npool - 1] == src else 0
-                _prefix(npool, pool_s, pool_n, src, dst, tt_t, cum, pre)
-                x = _amount(e, src, dst, npool, pool_s, cum, pre, total, own_src,
-                            total == tok[src, e], tok, comp, t_in, t_out, alpha, beta, tt_t)
-                if times[src] - _worst(x, e, src, dst, npool, pool_s, cum, pre, tok, comp, t_in,
-                                       t_out, alpha, beta, tt_t) > epsilon:
+                ok, x, holder, npool = _candidate(
+                    e, src, dst, load_f, home_f, slots, window, alpha, beta, tt_f, transfer_time,
+                    epsilon, hcount, hlist, hpos, tok, held, blk_of, blk_assign, times, comp,
+                    t_in, t_out, recv, send, used, pool_s, pool_n, cum, pre)
+                if ok:
                     mv_e[p] = e
                     mv_holder[p] = holder
                     mv_x[p] = x
                     mv_npool[p] = npool
-                    left = x
-                    for i in range(npool):
-                        mv_take[p, i] = min(pool_n[i], left)
-                        left -= mv_take[p, i]
+                    _takes(x, npool, pool_s, pool_n, mv_pool_s[p], mv_take[p])
                     break
 
         # Apply in pair order; a copy an earlier pair left no room for is dropped.
@@ -435,21 +513,10 @@ def parallel_arrays(load, home, slots, window, alpha, beta, token_time, transfer
             src = pair_src[p]
             dst = pair_dst[p]
             e = mv_e[p]
-            holder = mv_holder[p]
-            if holder >= 0:
-                t = transfer_time[holder, dst]
-                if send[holder] + t > window[holder]:
-                    continue
-                rep_on[dst, used[dst]] = e
-                used[dst] += 1
-                held[dst, e] = True
-                held_t[e, dst] = True
-                rep[n_rep, 0] = dst
-                rep[n_rep, 1] = e
-                rep[n_rep, 2] = holder
-                n_rep += 1
-                recv[dst] += t
-                send[holder] += t
+            admitted, n_rep = _admit(dst, e, mv_holder[p], transfer_time, window, rep_on, used,
+                                     held, rep, n_rep, recv, send)
+            if not admitted:
+                continue
             b = blk_of[e]
             if b < 0:
                 b = n_blk
@@ -458,22 +525,12 @@ def parallel_arrays(load, home, slots, window, alpha, beta, token_time, transfer
                 blk_expert[b] = e
                 blk_assign[b] = 0  # the static split: only home holders get tokens
                 for s in range(num_ranks):
-                    if load[s, e] > 0:
-                        for k in range(hcount[e]):
-                            g = hlist[e, k]
-                            blk_assign[b, g, s] = _static_share(load_t, home_t, hpos_t, hcount,
-                                                                s, e, g)
+                    _static_column(b, e, s, load_f, home_f, hpos, hcount, hlist, blk_assign)
+            _apply_pair(b, e, src, dst, mv_x[p], mv_npool[p], mv_pool_s[p], mv_take[p],
+                        blk_assign, flow, tok)
             for i in range(mv_npool[p]):
-                s = mv_pool_s[p, i]
-                take = mv_take[p, i]
-                blk_assign[b, src, s] -= take
-                blk_assign[b, dst, s] += take
-                flow[s, src] -= take
-                flow[s, dst] += take
-                if take > 0:
-                    dirty_out[s] = True
-            tok[src, e] -= mv_x[p]
-            tok[dst, e] += mv_x[p]
+                if mv_take[p, i] > 0:
+                    dirty_out[mv_pool_s[p, i]] = True
             dirty[src] = True
             dirty[dst] = True
             applied += 1

@@ -48,6 +48,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from probe.planner.greedy_ref import _bisect, moved_compute, problem_lists
 from probe.planner.problem import BalanceProblem, Plan
 from probe.planner.static import static_assignment
 
@@ -118,13 +119,7 @@ def parallel_ref(problem: BalanceProblem, rules: ParallelRules | None = None,
     rank time after the last round) and "history" (the largest rank time at the start and
     after each round)."""
     rules = checked_rules(rules)
-    num_ranks, num_experts = problem.num_ranks, problem.num_experts
-    home = problem.home.tolist()
-    slots = problem.slots.tolist()
-    window = problem.window.tolist()
-    alpha, beta = float(problem.cost.alpha), float(problem.cost.beta)
-    tt = problem.cost.token_time.tolist()
-    xt = problem.cost.transfer_time.tolist()
+    num_ranks, num_experts, home, slots, window, alpha, beta, tt, xt = problem_lists(problem)
 
     assign = static_assignment(problem.load, problem.home).tolist()  # [S][E][G]
     held = [list(row) for row in home]
@@ -202,12 +197,7 @@ def parallel_ref(problem: BalanceProblem, rules: ParallelRules | None = None,
             def after(x, e=e, pool=pool):
                 """(T_src, T_dst) if x tokens of e move, taken from the pool in order."""
                 left = x
-                comp_src = comp[src] - beta * x
-                if tok[src][e] == x:
-                    comp_src -= alpha
-                comp_dst = comp[dst] + beta * x
-                if tok[dst][e] == 0:
-                    comp_dst += alpha
+                comp_src, comp_dst = moved_compute(comp, tok, e, src, dst, x, alpha, beta)
                 d_in_src = d_in_dst = d_out_dst = d_out_src = 0.0
                 for s, n in pool:
                     if left == 0:
@@ -328,7 +318,7 @@ def _amount(after, total: int, own_src: int, drops_alpha: bool) -> int:
     x = 0
     worst = 0.0
     if n_other > 0:
-        x = _first(lambda x: after(x)[0] <= after(x)[1], 1, n_other) if (
+        x = _bisect(lambda x: after(x)[0] <= after(x)[1], 1, n_other) if (
             after(n_other)[0] <= after(n_other)[1]) else n_other
         if x > 1 and f(x - 1) <= f(x):
             x -= 1
@@ -338,18 +328,8 @@ def _amount(after, total: int, own_src: int, drops_alpha: bool) -> int:
             return x
     lo = n_other + 1
     hi = total - 1 if drops_alpha and total > lo else total
-    x2 = _first(lambda x: f(x + 1) >= f(x), lo, hi)
+    x2 = _bisect(lambda x: f(x + 1) >= f(x), lo, hi)
     if n_other == 0 or f(x2) < worst:
         return x2
     return x
 
-
-def _first(pred, lo: int, hi: int) -> int:
-    """The first x in [lo, hi - 1] with pred(x) (pred monotone), else hi (bisection)."""
-    while lo < hi:
-        mid = (lo + hi) // 2
-        if pred(mid):
-            hi = mid
-        else:
-            lo = mid + 1
-    return lo

@@ -1,0 +1,84 @@
+"""Run a numba.cuda kernel's source as plain Python, one thread per block, without a GPU.
+
+The planners' kernels stride their loops by the block size, so one thread does every thread's
+work, and with one thread the first gaining candidate is the first one tried. `sequential`
+rebuilds the kernel and every device function it reaches (its own module's, and the device
+twins of scalar rules that `numba_cuda.device` made) as Python functions whose `cuda` is a
+stand-in (thread 0 of a block of 1; shared and local arrays are numpy arrays; atomics are plain
+updates) and whose `mul` is the plain product.
+"""
+
+from __future__ import annotations
+
+import types
+
+import numpy as np
+
+
+def _py(fn):
+    """The plain Python function behind a numba.cuda kernel or device function."""
+    return getattr(fn, "py_func", None) or fn.fn
+
+
+def _is_cuda_function(value) -> bool:
+    """Whether value is a numba.cuda kernel or device function (or the simulator's)."""
+    return "cuda" in type(value).__module__ and (hasattr(value, "py_func")
+                                                  or hasattr(value, "fn"))
+
+
+class _Array:
+    @staticmethod
+    def array(shape, dtype):
+        from numba.np.numpy_support import as_dtype
+
+        return np.zeros(shape, as_dtype(dtype))
+
+
+class _Atomic:
+    @staticmethod
+    def add(arr, idx, v):
+        arr[idx] += v
+
+    @staticmethod
+    def min(arr, idx, v):
+        arr[idx] = min(arr[idx], v)
+
+    @staticmethod
+    def max(arr, idx, v):
+        arr[idx] = max(arr[idx], v)
+
+
+def _mul(a, b):
+    return a * b
+
+
+def sequential(kernel):
+    """`run(*args, num_layers=L)`: kernel's source run for blocks 0 .. L-1, one after the other,
+    on numpy arrays (the kernel's arguments)."""
+    fake = types.SimpleNamespace(threadIdx=types.SimpleNamespace(x=0),
+                                 blockIdx=types.SimpleNamespace(x=0),
+                                 blockDim=types.SimpleNamespace(x=1), syncthreads=lambda: None,
+                                 shared=_Array, local=_Array, atomic=_Atomic)
+    made: dict = {}
+
+    def plain(fn):
+        py = _py(fn)
+        if py not in made:
+            env = dict(py.__globals__)
+            made[py] = types.FunctionType(py.__code__, env, py.__name__, py.__defaults__,
+                                          py.__closure__)
+            env["cuda"] = fake
+            env["mul"] = _mul
+            for name in py.__code__.co_names:
+                if _is_cuda_function(env.get(name)):
+                    env[name] = plain(env[name])
+        return made[py]
+
+    run_block = plain(kernel)
+
+    def run(*args, num_layers: int) -> None:
+        for layer in range(num_layers):
+            fake.blockIdx.x = layer
+            run_block(*args)
+
+    return run
