@@ -146,3 +146,54 @@ def test_gpu_parallel_script_runs_in_the_simulator(tmp_path):
     assert not report["checks_failed"]
     assert "| ep=4, E=16 (simulator) | 1 / 1 |" in (tmp_path / "gpu_parallel.md").read_text()
     assert (tmp_path / "gpu_parallel.manifest.json").exists()
+
+
+@pytest.mark.slow
+def test_compiled_kernel_for_sm90():
+    """The kernel compiles for an H200 (sm_90) without a GPU, where NVVM is installed (the
+    simulator types shared arrays of non-constant size that the real compiler refuses); every
+    product that feeds a sum is rounded on its own (mul.rn), and the only FMAs multiply by 2.0."""
+    code = """
+import json, re
+import numba
+import numpy as np
+from numba.cuda.cudadrv import nvvm
+if not nvvm.is_available():
+    print(json.dumps("no nvvm"))
+    raise SystemExit(0)
+import numba.cuda.dispatcher as dispatcher
+from probe.planner.cost import CostModel
+from probe.planner.numba_cuda import cuda
+from probe.planner.parallel_ref import ParallelRules
+from probe.planner import parallel_cuda as pc
+from tests.test_planner_parallel_cuda import host_buffers
+
+class H200:
+    compute_capability = (9, 0)
+
+dispatcher.get_current_device = lambda: H200()  # device functions ask for the GPU's cc
+L, G, E = 2, 8, 32
+cost = CostModel(alpha=1e-5, beta=1e-7, token_time=np.full((G, G), 1e-8),
+                 transfer_time=np.full((G, G), 1e-4))
+home = np.zeros((L, G, E), bool)
+for g in range(G):
+    home[:, g, g * (E // G):(g + 1) * (E // G)] = True
+args = host_buffers(np.ones((L, G, E), np.int64), home, np.full(G, 2), np.ones((L, G)), cost,
+                    ParallelRules())
+ptx, _ = cuda.compile_ptx(pc._parallel_kernel.py_func, tuple(numba.typeof(a) for a in args),
+                          cc=(9, 0))
+fma = re.findall(r"fma[.a-z]*[.]f64[^;]*", ptx)
+print(json.dumps({"fma": len(fma), "fma_by_2": sum("0d4000000000000000" in x for x in fma),
+                  "mul_rn": len(re.findall(r"mul[.]rn[.]f64", ptx))}))
+"""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env.pop("NUMBA_ENABLE_CUDASIM", None)
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=600)
+    if done.returncode != 0 and "CudaSupportError" in done.stderr:
+        pytest.skip("numba cannot compile CUDA code here")
+    assert done.returncode == 0, done.stderr[-3000:]
+    found = json.loads(done.stdout.strip().splitlines()[-1])
+    if found == "no nvvm":
+        pytest.skip("NVVM is not installed")
+    assert found["fma"] == found["fma_by_2"] and found["mul_rn"] > 10

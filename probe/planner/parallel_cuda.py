@@ -69,6 +69,8 @@ __all__ = ["MAX_RANKS", "STATUS_ERRORS", "THREADS", "CudaParallel", "CudaParalle
 
 # Most ranks a layer may have (shared rank arrays and each thread's pool are this long).
 MAX_RANKS = 256
+MAX_PAIRS = MAX_RANKS // 2
+MAX_CUTS = MAX_RANKS + 1  # a module constant: shared arrays need a size known when compiling
 # Threads per block (one block per layer) unless the caller picks another multiple of 32.
 THREADS = 128
 # "No gaining candidate yet" (larger than any index).
@@ -149,17 +151,17 @@ def _parallel_kernel(load, home, slots, window, alpha, beta, tt, xt, limit, epsi
     hottest = cuda.shared.array(MAX_RANKS, int64)
     coldest = cuda.shared.array(MAX_RANKS, int64)
     taken = cuda.shared.array(MAX_RANKS, int64)
-    pair_src = cuda.shared.array(MAX_RANKS // 2, int64)
-    pair_dst = cuda.shared.array(MAX_RANKS // 2, int64)
-    best = cuda.shared.array(MAX_RANKS // 2, int64)
-    new_blk = cuda.shared.array(MAX_RANKS // 2, int64)
+    pair_src = cuda.shared.array(MAX_PAIRS, int64)
+    pair_dst = cuda.shared.array(MAX_PAIRS, int64)
+    best = cuda.shared.array(MAX_PAIRS, int64)
+    new_blk = cuda.shared.array(MAX_PAIRS, int64)
     num_cand = cuda.shared.array(MAX_RANKS, int32)
     ints = cuda.shared.array(16, int64)
     flts = cuda.shared.array(4, float64)
     pool_s = cuda.local.array(MAX_RANKS, int64)
     pool_n = cuda.local.array(MAX_RANKS, int64)
-    cum = cuda.local.array(MAX_RANKS + 1, int64)
-    pre = cuda.local.array((4, MAX_RANKS + 1), float64)
+    cum = cuda.local.array(MAX_CUTS, int64)
+    pre = cuda.local.array((4, MAX_CUTS), float64)
 
     # The start: home holders and home experts, nothing copied, the static split; bad values
     # flag the layer.
