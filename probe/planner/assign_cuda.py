@@ -72,30 +72,130 @@ from probe.planner.assign import remote_cost
 from probe.planner.cost import CostModel
 from probe.planner.numba_cuda import cuda, device, dmax
 
-__all__ = ["THREADS", "DeviceAssigner"]
+__all__ = ["SCHEDULES", "THREADS", "DeviceAssigner", "descent_waves"]
 
 # Threads per block (one block per layer), a multiple of the warp: 256 gives each descent its
 # own warp and spreads the per-expert and per-rank phases.
 THREADS = 256
 
+# How a block runs the descents of its layer (the same floats either way; module docstring).
+SCHEDULES = ("waves", "serial")
+
 # The host kernel's rules as device functions (see the module docstring).
 _holder_lists_of = device(assign._holder_lists_of)
 _fixed_level = device(assign._fixed_level)
 _descend = device(assign._descend)
+_level_at = device(assign._level_at)
+_refill = device(assign._refill)
 _quotas_of = device(assign._quotas_of)
 _routes_of = device(assign._routes_of)
 _evens_of = device(assign._evens_of)
 _rank_time = device(assign._rank_time)
 
 
+# --- the wave schedule of the descents ----------------------------------------------------------
+
+@cuda.jit(device=True)
+def _descend_in_waves(layer, tid, nthreads, num_starts, num_order, num_ranks, fixed, order,
+                      holds, hlist, nhold, total, load, hop, alpha, beta, passes, x_all,
+                      level_all, prev, wave, srt, hv):  # pragma: no cover - device code
+    """`assign._descend` of starts 0, 2 (and 4) by the whole block, with the same floats: a
+    pass runs `_refill` of the experts wave by wave, every (start, expert) of a wave on its
+    own thread, a barrier between waves. Expert order[i]'s wave is one more than the largest
+    wave of the experts before it in `order` that share a holder with it (none: wave 0), so
+    the experts of one wave share no rank, and on every rank the experts that hold it are
+    refilled in `order`, as by the host's loop: each rank's level sees the same additions in
+    the same order. Scratch: prev int64 [E, G] (prev[i, h]: the last position before i whose
+    expert holds order[i]'s h-th holder, -1 for none), wave int64 [E]; srt, hv this
+    thread's scratch of `_refill`. Ends with a barrier."""
+    num_desc = (num_starts + 1) // 2  # starts 0, 2, 4 descend
+    # Each descending start's levels, parallel over (start, rank), and the previous expert on
+    # each holder of each position, parallel over ranks (one rank scans `order` once).
+    for i in range(tid, num_desc * num_ranks, nthreads):
+        k = 2 * (i // num_ranks)
+        g = i % num_ranks
+        level_all[layer, k, g] = _level_at(g, fixed, order, num_order, x_all[layer, k], load,
+                                           alpha, beta, hop[g])
+    for g in range(tid, num_ranks, nthreads):
+        last = -1
+        for i in range(num_order):
+            e = order[i]
+            if holds[g, e]:
+                for h in range(nhold[e]):
+                    if hlist[e, h] == g:
+                        prev[i, h] = last
+                last = i
+    for i in range(tid, num_order, nthreads):
+        wave[i] = -1
+    cuda.syncthreads()
+    # The waves, round by round: in round r a position whose previous experts all have a wave
+    # below r gets wave r. A wave written in this round reads as -1 or r, both "not yet", so
+    # the result does not depend on the timing of the threads.
+    num_waves = 0
+    pending = 1
+    while pending != 0:
+        left = 0
+        for i in range(tid, num_order, nthreads):
+            if wave[i] < 0:
+                ready = True
+                e = order[i]
+                for h in range(nhold[e]):
+                    p = prev[i, h]
+                    if p >= 0 and (wave[p] < 0 or wave[p] >= num_waves):
+                        ready = False
+                if ready:
+                    wave[i] = num_waves
+                else:
+                    left = 1
+        num_waves += 1
+        pending = cuda.syncthreads_or(left)
+    # The passes. A start stops after the first pass in which no level moved by 1 ns (the
+    # host's test); syncthreads_or tells every thread, so the loop stays uniform.
+    active0 = True
+    active1 = num_desc > 1
+    active2 = num_desc > 2
+    for _ in range(passes):
+        if not (active0 or active1 or active2):
+            break
+        moved0 = 0
+        moved1 = 0
+        moved2 = 0
+        for w in range(num_waves):
+            for i in range(tid, num_desc * num_order, nthreads):
+                j = i // num_order
+                pos = i % num_order
+                if wave[pos] != w:
+                    continue
+                if (j == 0 and not active0) or (j == 1 and not active1) or (
+                        j == 2 and not active2):
+                    continue
+                moved = _refill(order[pos], hlist, nhold, total, load, hop, alpha, beta,
+                                x_all[layer, 2 * j], level_all[layer, 2 * j], srt, hv)
+                if moved >= 1e-9:
+                    if j == 0:
+                        moved0 = 1
+                    elif j == 1:
+                        moved1 = 1
+                    else:
+                        moved2 = 1
+            cuda.syncthreads()
+        any0 = cuda.syncthreads_or(moved0)
+        any1 = cuda.syncthreads_or(moved1)
+        any2 = cuda.syncthreads_or(moved2)
+        active0 = active0 and any0 != 0
+        active1 = active1 and any1 != 0
+        active2 = active2 and any2 != 0
+
+
 # --- the kernel: one block per layer -----------------------------------------------------------
 
 @cuda.jit
-def _assign_kernel(load_all, copies_all, home_all, use_home, token_time, hop, alpha, beta,
-                   passes, total_all, holds_all, nhold_all, hlist_all, order_all, norder_all,
+def _assign_kernel(load_all, copies_all, home_all, use_home, waves, token_time, hop, alpha,
+                   beta, passes, total_all, holds_all, nhold_all, hlist_all, order_all, norder_all,
                    fixed_all, x_all, quota_all, flow_all, level_all, srt_all, hv_all, part_all,
-                   obj_all, rem_all, cand_all, left_all, hold_all, out_all,
-                   objective_all, status_all):  # pragma: no cover - device code
+                   obj_all, rem_all, cand_all, left_all, hold_all, prev_all, wave_all,
+                   tsrt_all, thv_all, out_all, objective_all,
+                   status_all):  # pragma: no cover - device code
     layer = cuda.blockIdx.x
     tid = cuda.threadIdx.x
     nthreads = cuda.blockDim.x
@@ -179,14 +279,20 @@ def _assign_kernel(load_all, copies_all, home_all, use_home, token_time, hop, al
     cuda.syncthreads()
     num_order = norder_all[layer]
 
-    # 4. The descents (starts 0, 2, 4; starts 1 and 3 are taken as they are): each on the
-    # first thread of its own warp (warp w descends start 2w), side by side.
-    if tid % 32 == 0:
-        for k in range(2 * (tid // 32), num_starts, 2 * (nthreads // 32)):
-            _descend(fixed, order, num_order, hlist, nhold, total, load, hop, alpha, beta,
-                     passes, x_all[layer, k], level_all[layer, k], srt_all[layer, k],
-                     hv_all[layer, k])
-    cuda.syncthreads()
+    # 4. The descents (starts 0, 2, 4; starts 1 and 3 are taken as they are).
+    if not waves:
+        # "serial": each on the first thread of its own warp (warp w descends start 2w).
+        if tid % 32 == 0:
+            for k in range(2 * (tid // 32), num_starts, 2 * (nthreads // 32)):
+                _descend(fixed, order, num_order, hlist, nhold, total, load, hop, alpha, beta,
+                         passes, x_all[layer, k], level_all[layer, k], srt_all[layer, k],
+                         hv_all[layer, k])
+        cuda.syncthreads()
+    else:
+        _descend_in_waves(layer, tid, nthreads, num_starts, num_order, num_ranks, fixed, order,
+                          holds, hlist, nhold, total, load, hop, alpha, beta, passes, x_all,
+                          level_all, prev_all[layer], wave_all[layer], tsrt_all[layer, tid],
+                          thv_all[layer, tid])
     # 5. Rounding (the starts) and DeepSeek's even split: parallel over (candidate, expert).
     for i in range(tid, num_cand * num_experts, nthreads):
         k = i // num_experts
@@ -244,6 +350,22 @@ def _assign_kernel(load_all, copies_all, home_all, use_home, token_time, hop, al
 
 # --- host side ---------------------------------------------------------------------------------
 
+def descent_waves(load, copies, cost: CostModel) -> tuple[int, int]:
+    """(M, waves) of one layer: the multi-copy experts with tokens that the descents refill,
+    and the waves the "waves" schedule runs each pass in (M waves would be the "serial"
+    schedule's one expert at a time). load int [S, E], copies int [G, E], as for
+    `assign_tokens`; the waves as `_descend_in_waves` numbers them."""
+    load, holds = assign._validated(load, copies, cost)
+    _, _, order = assign._fixed_levels(load, holds, float(cost.alpha), float(cost.beta),
+                                       remote_cost(cost))
+    last = np.full(holds.shape[0], -1)  # per rank: the wave of its latest expert in order
+    for e in order:
+        ranks = np.flatnonzero(holds[:, e])
+        last[ranks] = last[ranks].max() + 1
+    return int(order.size), int(last.max() + 1)
+
+
+
 def _is_torch(value) -> bool:
     return type(value).__module__.startswith("torch")
 
@@ -254,12 +376,15 @@ class DeviceAssigner:
     cost: the CostModel (alpha, beta, token_time of eq. 8), fixed for the assigner's life.
     num_experts, num_layers: the shape of every call (load [L, S, E], copies [L, G, E]).
     passes: water-filling rounds (>= 1), as in `assign_tokens`.
+    schedule: how the block runs the descents, with the same result: "waves" (default; every
+        descent by the whole block, the experts that share no rank side by side) or
+        "serial" (each descent on one thread, expert after expert); SCHEDULES.
     with_home: calls pass `home` [L, G, E] (the base layout) and the home-only starts are
         tried too, as `assign_tokens(..., home=...)`.
     """
 
     def __init__(self, cost: CostModel, num_experts: int, num_layers: int, *, passes: int = 8,
-                 with_home: bool = False) -> None:
+                 schedule: str = "waves", with_home: bool = False) -> None:
         if not isinstance(cost, CostModel):
             raise TypeError(f"cost must be a CostModel, got {type(cost).__name__}")
         for name, value, low in (("num_experts", num_experts, 1), ("num_layers", num_layers, 1),
@@ -268,6 +393,8 @@ class DeviceAssigner:
                 raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
         if not cost.beta > 0:
             raise ValueError(f"cost.beta must be > 0 to split tokens, got {cost.beta!r}")
+        if schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
         if not isinstance(with_home, bool):
             raise TypeError(f"with_home must be a bool, got {with_home!r}")
         self.cost = cost
@@ -275,6 +402,7 @@ class DeviceAssigner:
         self.num_experts = int(num_experts)
         self.num_layers = int(num_layers)
         self.passes = int(passes)
+        self.schedule = schedule
         self.with_home = with_home
         self._num_cand = 6 if with_home else 4  # the starts and the even split
         self._checked: set = set()
@@ -332,14 +460,15 @@ class DeviceAssigner:
         outs = (new((L, S, E, G), i64), new(L, f64), new(L, np.int32))
         # In the kernel's argument order: total, holds, nhold, hlist, order, norder, fixed;
         # per candidate x, quota, flow, level, srt, hv, part, obj; per thread rem, cand, left,
-        # hold.
+        # hold; prev, wave and per thread srt, hv of the wave schedule.
         scratch = (new((L, E), i64), new((L, G, E), np.bool_), new((L, E), i64),
                    new((L, E, G), i64), new((L, E), i64), new(L, i64), new((L, G), f64),
                    new((L, C, E, G), f64), new((L, C, E, G), i64), new((L, C, S, G), i64),
                    new((L, C, G), f64), new((L, C, 2 * G), f64), new((L, C, 4, G), f64),
                    new((L, C, G), f64), new((L, C), f64),
                    new((L, T, G), f64), new((L, T, G), i64), new((L, T, G), i64),
-                   new((L, T, G), i64))
+                   new((L, T, G), i64), new((L, E, G), i64), new((L, E), i64),
+                   new((L, T, 2 * G), f64), new((L, T, 4, G), f64))
         consts = (cuda.to_device(np.ascontiguousarray(self.cost.token_time, f64)),
                   cuda.to_device(np.ascontiguousarray(remote_cost(self.cost), f64)))
         self._buffers[key] = (outs, [self._device(v) for v in (*scratch, *outs)], consts)
@@ -370,6 +499,6 @@ class DeviceAssigner:
         else:
             stream = 0
         _assign_kernel[L, THREADS, stream](
-            *inputs, self.with_home, *consts, float(self.cost.alpha), float(self.cost.beta),
-            self.passes, *views)
+            *inputs, self.with_home, self.schedule == "waves", *consts,
+            float(self.cost.alpha), float(self.cost.beta), self.passes, *views)
         return outs
