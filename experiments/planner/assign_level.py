@@ -140,7 +140,7 @@ def _pct(value: float) -> str:
 
 
 def _table(rows) -> Table:
-    table = Table(title="eq. 8 gap to the LP; descent steps per pass (M serial, waves)")
+    table = Table(title="eq. 8 gap to the LP; refills per descent pass (M serial, waves)")
     for col in ("config", "method", "gap median", "p99", "max", "M median / p99 / max",
                 "waves median / p99 / max"):
         table.add_column(col, justify="right")
@@ -194,10 +194,12 @@ def markdown(rows, machine: dict, argv) -> str:
                  for v in r["gap_by_extra"].values()]
         lines.append(f"| {r['config']} | " + " | ".join(cells) + " |")
     lines += ["",
-              "Dependent steps of one descent pass (each step one expert's refill, about "
-              "50 dependent float operations): the \"serial\" schedule refills the M "
-              "multi-copy experts one after another, the \"waves\" schedule in waves of "
-              "experts that share no rank (`assign_cuda.descent_waves`):",
+              "Refills per descent pass: the \"serial\" schedule refills the M multi-copy "
+              "experts one after another, the \"waves\" schedule in waves of experts that "
+              "share no rank, side by side (`assign_cuda.descent_waves`). A refill of an "
+              "expert with n holders is O(n^2) dependent steps, so the dependent steps drop "
+              "less than the refills (`probe/planner/assign_cuda.py`'s docstring counts "
+              "both):",
               "",
               "| config | M median | M p99 | M max | waves median | waves p99 | waves max "
               "| waves / M median |",

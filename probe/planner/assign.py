@@ -28,9 +28,12 @@ Shape legend: S source ranks (= G), E experts, G ranks.
         (coordinate descent; stops early when no level moves by 1 ns). A Numba kernel, with a
         plain-Python twin (`assign_tokens_ref`) that gives identical integers; its scalar
         rules (`@rule`) are compiled a second time for the GPU (`assign_cuda`), so the two
-        add the same floats in the same order. The descent runs from several starts (see
-        `assign_tokens`) and the best by eq. 8 is kept. The fixed levels are summed expert by
-        expert (`_fixed_level`), not by numpy, whose order follows the memory layout.
+        add the same floats in the same order. One refill (`_refill`) reads and writes only
+        its expert's split and its holders' levels, so experts with no rank in common
+        commute: the GPU refills them side by side (assign_cuda's "waves" schedule). The
+        descent runs from several starts (see `assign_tokens`) and the best by eq. 8 is
+        kept. The fixed levels are summed expert by expert (`_fixed_level`), not by numpy,
+        whose order follows the memory layout.
      "lp": the LP relaxation with every present copy ACTIVE (HiGHS):
             min z  s.t.  sum_g x[e, g] = n_e,  x >= 0,  r[e, g] >= x[e, g] - load[g, e], r >= 0,
                          fixed(g) + sum over multi-copy e held on g of

@@ -10,9 +10,16 @@ launch. The work of a layer is spread over the block, phase by phase (a barrier 
 1. parallel over experts: totals, holders and each expert's holder list (its ranks in
    order), the multi-holder experts heaviest first, and every start's x;
 2. parallel over ranks: the single-holder levels `fixed`;
-3. the descents (3 starts, or 5 with a home, of which 2 or 3 descend): each a sequential
-   coordinate descent over the experts, as on the host, run by one thread of its own warp,
-   side by side;
+3. the descents (3 starts, or 5 with a home, of which 2 or 3 descend), by one of two
+   schedules (SCHEDULES; the same floats, so the same assignment):
+   - "waves" (the default): each pass refills the multi-copy experts wave by wave, every
+     (descending start, expert) of a wave on its own thread, a barrier between waves. An
+     expert's wave is one more than the largest wave of the experts before it in the
+     descent's order (heaviest first) that share a rank with it, so the experts of a wave
+     share no rank and every rank sees its experts refilled in the host's order
+     (`assign._refill` touches only its expert's row of x and its holders' levels);
+   - "serial": each descent a sequential coordinate descent over the experts, as on the
+     host, run by one thread of its own warp, side by side;
 4. parallel over (candidate, expert): the largest-remainder rounding and the even split; then
    the locality-first routing, whose flows are whole tokens added atomically (integers: the
    order does not matter);
@@ -21,17 +28,52 @@ launch. The work of a layer is spread over the block, phase by phase (a barrier 
 6. the best candidate (the even split first, then the starts in order, strict <) is written
    into the dense [S, E, G] assignment in parallel over experts.
 
+Critical path of one layer (one block of 256 threads; counts from the decode layers of
+experiments/planner/gpu_assign.py, true loads on EPLB layouts, and from
+experiments/planner/assign_level.py). Both schedules share everything but step 3:
+
+- barriers: 6 outside the descents. "serial" adds 1. "waves" adds 1, then (waves + 1)
+  `syncthreads_or` to number the waves, then per pass one barrier per wave and three
+  `syncthreads_or` (the host's early stop of each descending start, which these layers
+  never reach: all 8 passes run): with 3 waves (+1 slot per rank) to 8 (+3; medians, at
+  most 11) at both ep=8 / E=128 and ep=64 / E=256, about 8 x (3 + 3) + 11 = 60 to
+  8 x (8 + 3) + 16 = 110 barriers in all.
+- serial steps outside the descents, per thread: the loops over all experts (an expert's
+  place in the heaviest-first order, a rank's single-copy level, a rank's eq. 8 time) are
+  E = 128 / 256 long, over a rank's sources S = 8 / 64, and zeroing the dense output
+  S E G / 256 = 32 stores at ep=8 but 4,096 at ep=64 (8 MiB from one block); about 600
+  steps at ep=8 and 6,000 at ep=64, mostly independent loads and stores.
+- the descents, the long dependent chain: a refill of an expert with n holders is
+  O(n^2) dependent float steps (the insertion sort of its 2n breakpoints and the scan for
+  the water level; about 4 n^2 + 4 n). "serial" runs passes x (the sum over the M
+  multi-copy experts), "waves" passes x (the sum over the waves of the largest refill in
+  the wave). Per pass, on the decode layers: ep=8, +1 slot per rank: M = 6, 3 waves,
+  about 190 against 100 steps; +3: M = 14, 8 waves, 550 against 410; ep=64, +1: M = 30,
+  3 waves, 2,080 against 760; +3: M = 70, 8 waves, 8,500 against 3,800. The refill count
+  drops 2x at ep=8 and 9-10x at ep=64, the dependent steps 1.3-1.9x and 2.2-2.9x: the most
+  replicated expert (up to 28 holders at ep=64, alone in its waves' critical path) costs as
+  much in both. Every step reads and writes global memory (levels, x, the breakpoints): the
+  serial kernel's H200 one-layer times (350-570 us at ep=8, 5.7-11 ms at ep=64) are about
+  150-230 ns per dependent step, so "waves" should take roughly 0.5-0.75x of them at ep=8
+  and 0.35-0.45x at ep=64 (an expectation from these counts, not a measurement). What would
+  shorten it further: the refill itself split over its holders (the 2n breakpoints ranked
+  and the n-holder sums at each breakpoint computed side by side, each sum still in one
+  thread: O(n) steps), and the scratch in shared memory.
+
 Why the integers agree bit for bit with the host kernel's:
 
 - One source. Every piece of arithmetic that decides a choice is a rule of `assign`
-  (`_holder_lists_of`, `_fixed_level`, `_descend`, `_quotas_of`, `_routes_of`, `_evens_of`,
-  `_rank_time`, and `_level_of` / `_tokens_at` inside them), compiled for the CPU there and
+  (`_holder_lists_of`, `_fixed_level`, `_descend` or its parts `_level_at` and `_refill`,
+  `_quotas_of`, `_routes_of`, `_evens_of`, `_rank_time`, and `_level_of` / `_tokens_at`
+  inside them), compiled for the CPU there and
   compiled again here by `numba_cuda.device`: the same Python function, the same float64
   operations in the same order (probe.planner.scalar). What this module adds is only how the
   work is spread over threads.
 - No sum depends on the thread layout. Every float sum runs inside one thread, in the rule's
   order; the parallel phases split work whose results do not interact (one expert, one rank,
-  one candidate per thread) or combine it order-free: integer atomic adds, and maxima.
+  one candidate per thread) or combine it order-free: integer atomic adds, and maxima. The
+  waves keep each rank's additions in the host's order (step 3); whether a descent goes on
+  is an or over the threads (`syncthreads_or` of "some level moved by 1 ns").
 - No fused products. A product that feeds a sum is `mul` (libdevice's dmul_rn on the GPU),
   never contracted into an FMA; divisions are IEEE (div.rn.f64). tests/test_planner_assign_cuda.py
   compiles the kernel for sm_90 and checks the PTX for both.
