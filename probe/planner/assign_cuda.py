@@ -50,25 +50,25 @@ experiments/planner/assign_level.py). Both schedules share everything but step 3
   the wave). Per pass, on the decode layers: ep=8, +1 slot per rank: M = 6, 3 waves,
   about 190 against 100 steps; +3: M = 14, 8 waves, 550 against 410; ep=64, +1: M = 30,
   3 waves, 2,080 against 760; +3: M = 70, 8 waves, 8,500 against 3,800. The refill count
-  drops 2x at ep=8 and 9-10x at ep=64, the dependent steps 1.3-1.9x and 2.2-2.9x: the most
-  replicated expert (up to 28 holders at ep=64, alone in its waves' critical path) costs as
-  much in both. Every step reads and writes global memory (levels, x, the breakpoints): the
-  serial kernel's H200 one-layer times (350-570 us at ep=8, 5.7-11 ms at ep=64) are about
-  150-230 ns per dependent step, so "waves" should take roughly 0.5-0.75x of them at ep=8
-  and 0.35-0.45x at ep=64 (an expectation from these counts, not a measurement). What would
-  shorten it further: the refill itself split over its holders (the 2n breakpoints ranked
-  and the n-holder sums at each breakpoint computed side by side, each sum still in one
-  thread: O(n) steps), and the scratch in shared memory.
+  drops 2x at ep=8 and 9-10x at ep=64, the dependent steps 1.3-1.9x and 2.2-2.9x: the
+  refill of the most replicated expert (up to 28 holders at ep=64: some 3,200 steps) is on
+  both critical paths, and at ep=64 it is most of the "waves" one. Every step reads and
+  writes global memory (levels, x, the breakpoints): the serial kernel's H200 one-layer
+  times (350-570 us at ep=8, 5.7-11 ms at ep=64) come to 130-340 ns per dependent step of
+  its descents, so "waves" should take roughly 0.5-0.75x of them at ep=8 and 0.35-0.45x
+  at ep=64, plus its extra barriers (an expectation from these counts, not a measurement).
+  What would shorten it further: the refill itself split over its holders (the 2n
+  breakpoints ranked and the n-holder sum at each breakpoint computed side by side, each
+  sum still in one thread: O(n) steps), and the scratch in shared memory.
 
 Why the integers agree bit for bit with the host kernel's:
 
 - One source. Every piece of arithmetic that decides a choice is a rule of `assign`
   (`_holder_lists_of`, `_fixed_level`, `_descend` or its parts `_level_at` and `_refill`,
   `_quotas_of`, `_routes_of`, `_evens_of`, `_rank_time`, and `_level_of` / `_tokens_at`
-  inside them), compiled for the CPU there and
-  compiled again here by `numba_cuda.device`: the same Python function, the same float64
-  operations in the same order (probe.planner.scalar). What this module adds is only how the
-  work is spread over threads.
+  inside them), compiled for the CPU there and compiled again here by `numba_cuda.device`:
+  the same Python function, the same float64 operations in the same order
+  (probe.planner.scalar). What this module adds is only how the work is spread over threads.
 - No sum depends on the thread layout. Every float sum runs inside one thread, in the rule's
   order; the parallel phases split work whose results do not interact (one expert, one rank,
   one candidate per thread) or combine it order-free: integer atomic adds, and maxima. The
