@@ -211,8 +211,8 @@ def _descend_in_waves(layer, tid, nthreads, num_starts, num_order, num_ranks, fi
                 if (j == 0 and not active0) or (j == 1 and not active1) or (
                         j == 2 and not active2):
                     continue
-                moved = _refill(order[pos], hlist, nhold, total, load, hop, alpha, beta,
-                                x_all[layer, 2 * j], level_all[layer, 2 * j], srt, hv)
+                moved = _refill(pos, pos + 1, order, hlist, nhold, total, load, hop, alpha,
+                                beta, x_all[layer, 2 * j], level_all[layer, 2 * j], srt, hv)
                 if moved >= 1e-9:
                     if j == 0:
                         moved0 = 1
