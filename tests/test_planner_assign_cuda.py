@@ -18,16 +18,17 @@ from probe.planner.cost import CostModel
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run_simulated(code: str) -> subprocess.CompletedProcess:
+def run_simulated(code: str, timeout: float = 300) -> subprocess.CompletedProcess:
     env = {**os.environ, "NUMBA_ENABLE_CUDASIM": "1",
            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     return subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=300)
+                          text=True, timeout=timeout)
 
 
 def test_device_kernel_equals_host_kernel_on_random_instances():
-    # 30 random instances x 3 layers, half given the home: the same integers and the same
-    # eq. 8 objective as assign._best, and an expert with tokens but no copy flags its layer.
+    # 30 random instances x 3 layers, half given the home, the default "waves" schedule: the
+    # same integers and the same eq. 8 objective as assign._best, and an expert with tokens
+    # but no copy flags its layer.
     code = """
 import json
 import numpy as np
@@ -46,6 +47,94 @@ print(json.dumps({"problems": problems, "status": status.copy_to_host().tolist()
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result["problems"] == []
     assert result["status"] == [1, 0]
+
+
+def test_serial_schedule_equals_host_kernel_on_random_instances():
+    # The "serial" schedule (each descent on one thread) must give the same integers as the
+    # host kernel too; the default "waves" schedule is checked above.
+    code = """
+import json
+from experiments.planner.gpu_assign import compare_random
+print(json.dumps(compare_random(10, seed=12, schedule="serial")))
+"""
+    done = run_simulated(code)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == [[], 0]
+
+
+@pytest.mark.slow
+def test_waves_equal_host_kernel_on_more_random_instances():
+    # 60 more random instances x 3 layers under the "waves" schedule, half with the home
+    # (the simulator runs each block's 256 threads as Python threads: minutes).
+    code = """
+import json
+from experiments.planner.gpu_assign import compare_random
+print(json.dumps(compare_random(60, seed=21)))
+"""
+    done = run_simulated(code, timeout=1800)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == [[], 0]
+
+
+def test_waves_on_chains_of_shared_ranks():
+    # Experts that share ranks in a chain (0-1, 1-2, 2-3, ...) and one expert on every rank:
+    # the descents' waves are fewer than the experts, but every rank still sees its experts
+    # in the host's order, so the assignment is the host's. The kernel's own wave numbers
+    # (its scratch) must match `descent_waves`, the host-side count.
+    code = """
+import json
+import numpy as np
+from experiments.planner.gpu_assign import compare
+from probe.planner.assign_cuda import DeviceAssigner, descent_waves
+from probe.planner.cost import CostModel
+rng = np.random.default_rng(5)
+G, E = 8, 16
+cost = CostModel.uniform(G, alpha=20.0, beta=1.0, token_time=0.3, transfer_time=1.0)
+loads, copies_all, counts = [], [], []
+for layer in range(4):
+    copies = np.zeros((G, E), np.int64)
+    copies[np.arange(E) % G, np.arange(E)] = 1
+    for e in range(G - 1):  # expert e also on rank e + 1: a chain 0-1, 1-2, 2-3, ...
+        copies[e + 1, e] = 1
+    if layer % 2:
+        copies[:, E - 1] = 1  # one expert everywhere: it waits for all the others
+    # The even links of the chain are heavier (refilled first, side by side), then the odd.
+    weight = np.where(np.arange(E) % 2 == 0, 10.0, 5.0) * (np.arange(E) < G - 1) + 1.0
+    load = np.stack([rng.multinomial(400, weight / weight.sum()) for _ in range(G)])
+    loads.append(load)
+    copies_all.append(copies)
+    counts.append(descent_waves(load, copies, cost))
+loads, copies_all = np.stack(loads), np.stack(copies_all)
+problems = compare(cost, loads, copies_all, None, passes=8, device="cpu")
+assigner = DeviceAssigner(cost, E, 4)
+assigner(loads, copies_all)
+(_, views, _), = assigner._buffers.values()
+wave = views[20]  # the kernel's wave scratch [L, E]
+device_waves = [int(wave[layer, :m].max()) + 1 for layer, (m, _) in enumerate(counts)]
+print(json.dumps({"problems": problems, "counts": counts, "device_waves": device_waves}))
+"""
+    done = run_simulated(code)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["problems"] == [[], 0]
+    counts = result["counts"]
+    assert all(waves < multi for multi, waves in counts), counts
+    assert result["device_waves"] == [waves for _, waves in counts]
+
+
+def test_descent_waves_by_hand():
+    from probe.planner.assign_cuda import descent_waves
+
+    cost = CostModel.uniform(4, alpha=1.0, beta=1.0, token_time=0.0, transfer_time=1.0)
+    load = np.array([[9, 8, 7, 1], [9, 8, 7, 1], [9, 8, 7, 1], [9, 8, 7, 1]])
+    # Expert 0 on ranks 0, 1; expert 1 on ranks 2, 3 (no rank in common: one wave); expert 2
+    # on ranks 1, 2 (after both: wave 1); expert 3 on rank 3 only (not refilled).
+    copies = np.array([[1, 0, 0, 0], [1, 0, 1, 0], [0, 1, 1, 0], [0, 1, 0, 1]])
+    assert descent_waves(load, copies, cost) == (3, 2)
+    copies[3, 2] = 1  # expert 2 on ranks 1, 2, 3: still wave 1
+    assert descent_waves(load, copies, cost) == (3, 2)
+    copies[0, 1] = 1  # expert 1 on ranks 0, 2, 3: now after expert 0, and expert 2 after it
+    assert descent_waves(load, copies, cost) == (3, 3)
 
 
 def test_device_fixed_levels_are_the_hosts():
@@ -137,12 +226,13 @@ class H200:
 dispatcher.get_current_device = lambda: H200()  # device functions ask for the GPU's cc
 L, G, E, C, T = 1, 4, 8, 6, ac.THREADS
 i, f = np.int64, np.float64
-shapes = [((L, G, E), i)] * 3 + [True, ((G, G), f), (G, f), 1.0, 1.0, 8,
+shapes = [((L, G, E), i)] * 3 + [True, True, ((G, G), f), (G, f), 1.0, 1.0, 8,
           ((L, E), i), ((L, G, E), np.bool_), ((L, E), i), ((L, E, G), i), ((L, E), i),
           (L, i), ((L, G), f), ((L, C, E, G), f), ((L, C, E, G), i),
           ((L, C, G, G), i), ((L, C, G), f), ((L, C, 2 * G), f), ((L, C, 4, G), f),
           ((L, C, G), f), ((L, C), f), ((L, T, G), f), ((L, T, G), i), ((L, T, G), i),
-          ((L, T, G), i), ((L, G, E, G), i), (L, f), (L, np.int32)]
+          ((L, T, G), i), ((L, E, G), i), ((L, E), i), ((L, T, 2 * G), f),
+          ((L, T, 4, G), f), ((L, G, E, G), i), (L, f), (L, np.int32)]
 args = [np.zeros(*s) if isinstance(s, tuple) else s for s in shapes]
 ptx, _ = cuda.compile_ptx(ac._assign_kernel.py_func, tuple(numba.typeof(a) for a in args),
                           cc=(9, 0))
@@ -189,6 +279,8 @@ def test_bad_arguments():
         DeviceAssigner(cost, 2, 0)
     with pytest.raises(ValueError, match="passes"):
         DeviceAssigner(cost, 2, 1, passes=0)
+    with pytest.raises(ValueError, match="schedule must be one of"):
+        DeviceAssigner(cost, 2, 1, schedule="fast")
     free = CostModel.uniform(2, alpha=1.0, beta=0.0, token_time=0.1, transfer_time=1.0)
     with pytest.raises(ValueError, match="beta"):
         DeviceAssigner(free, 2, 1)

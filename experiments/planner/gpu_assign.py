@@ -5,8 +5,9 @@
 
 1. Correctness: fresh random small instances (experiments.planner.assign_speed's generator,
    seeded by --seed, default a fresh seed that is recorded), three layers each, with and
-   without the home, then every layer of the timing instances: the device assignment and
-   its eq. 8 objective must equal the host kernel's (`assign._best`) exactly. A mismatch
+   without the home, under the default "waves" schedule (half as many under "serial"),
+   then every layer of the timing instances under both: the device assignment and its
+   eq. 8 objective must equal the host kernel's (`assign._best`) exactly. A mismatch
    (or an error in one configuration) is recorded in the JSON and MD and the run goes on;
    the exit status is 1 only at the end, after everything is written. The number of
    assignment entries that differ from the host's (0 when the two agree bit for bit) is
@@ -15,9 +16,11 @@
    true decode load over EPLB layouts, ep=8 / 128 experts and ep=64 / 256 experts, +1 and +3
    slots per rank); median time per layer of the launch timed with CUDA events after warm-up,
    eagerly and as a replayed CUDA graph, beside the host kernel's median per layer; also the
-   whole eager launch, and a replayed graph of a launch for one layer alone (what a runtime
-   that assigns each layer at its dispatch waits for). Configurations not started by
-   --budget seconds are skipped (and listed), so that the run stays under two minutes.
+   whole eager launch, and a launch for one layer alone, eager and as a replayed graph (what
+   a runtime that assigns each layer at its dispatch waits for); each for both schedules of
+   the descents ("serial", "waves": the same assignment, checked against the host for
+   both). Configurations after the first not started by --budget seconds are skipped (and
+   listed), so that the run stays under two minutes.
 3. Objective gap against the exact LP, only where highspy is importable (it is not on the GPU
    machine; results/assign_speed.* has the 1,000-instance gap).
 
@@ -64,15 +67,16 @@ def _inputs(arrays, device: str):
     return [None if a is None else torch.from_numpy(a).to(device) for a in arrays]
 
 
-def compare(cost, loads, copies, home, *, passes: int, device: str) -> tuple[list[str], int]:
+def compare(cost, loads, copies, home, *, passes: int, device: str,
+            schedule: str = "waves") -> tuple[list[str], int]:
     """(mismatches, empty when equal; the number of assignment entries that differ) of the
-    device assigner against the host kernel on layers loads int [L, S, E], copies int
-    [L, G, E] (home bool [L, G, E] or None)."""
+    device assigner (its `schedule`) against the host kernel on layers loads int [L, S, E],
+    copies int [L, G, E] (home bool [L, G, E] or None)."""
     from probe.planner.assign import _best, kernel_args
     from probe.planner.assign_cuda import DeviceAssigner
 
     num_layers, _, num_experts = loads.shape
-    assigner = DeviceAssigner(cost, num_experts, num_layers, passes=passes,
+    assigner = DeviceAssigner(cost, num_experts, num_layers, passes=passes, schedule=schedule,
                               with_home=home is not None)
     out, obj, status = assigner(*_inputs((loads, copies, home), device))
     out, obj, status = _to_host(out), _to_host(obj), _to_host(status)
@@ -91,10 +95,11 @@ def compare(cost, loads, copies, home, *, passes: int, device: str) -> tuple[lis
     return problems, differing
 
 
-def compare_random(count: int, seed: int, device: str = "cpu") -> tuple[list[str], int]:
-    """(mismatches, differing assignment entries) over `count` random small instances, three
-    layers each (the instance's load and two reshuffles of it over the sources), half with
-    the home."""
+def compare_random(count: int, seed: int, device: str = "cpu",
+                   schedule: str = "waves") -> tuple[list[str], int]:
+    """(mismatches, differing assignment entries) of the `schedule` over `count` random small
+    instances, three layers each (the instance's load and two reshuffles of it over the
+    sources), half with the home."""
     from experiments.planner.assign_speed import random_instance
 
     rng = np.random.default_rng(seed)
@@ -106,7 +111,7 @@ def compare_random(count: int, seed: int, device: str = "cpu") -> tuple[list[str
         with_home = i % 2 == 1
         found, entries = compare(cost, loads, np.stack([copies] * 3),
                                  np.stack([home] * 3) if with_home else None, passes=passes,
-                                 device=device)
+                                 device=device, schedule=schedule)
         problems += [f"instance {i}: {p}" for p in found]
         differing += entries
     return problems, differing
@@ -151,22 +156,21 @@ def _captured(fn):
     return cuda_graph
 
 
-def speed(name, cost, instances, *, device: str, repeats: int) -> dict:
-    """Median seconds per layer: device eager, device graph-replayed, host kernel; the whole
-    eager launch and a one-layer launch (graph-replayed on a GPU); graph_matches_eager:
-    whether a graph replay writes the eager launch's assignment (None without a GPU)."""
-    from probe.planner.assign import _best, kernel_args
+def _device_times(cost, loads, copies, *, device: str, repeats: int, schedule: str) -> dict:
+    """Seconds of the device assigner with `schedule`: the whole eager launch for all layers,
+    its replayed CUDA graph per layer, and a launch for the first layer alone, eager and
+    graph-replayed (the graph times and graph_matches_eager, whether a replay writes the
+    eager launch's assignment, are None without a GPU)."""
     from probe.planner.assign_cuda import DeviceAssigner
 
-    loads, copies = _stacked(instances)
     num_layers = loads.shape[0]
-    assigner = DeviceAssigner(cost, loads.shape[2], num_layers)
+    assigner = DeviceAssigner(cost, loads.shape[2], num_layers, schedule=schedule)
     args = _inputs((loads, copies), device)
     assigner(*args)  # compile and allocate
-    single = DeviceAssigner(cost, loads.shape[2], 1)
+    single = DeviceAssigner(cost, loads.shape[2], 1, schedule=schedule)
     single_args = _inputs((loads[:1], copies[:1]), device)
     single(*single_args)
-    graph = graph_matches = None
+    graph = one_graph = graph_matches = None
     if device == "cpu":
         samples, one = [], []
         for _ in range(repeats):
@@ -177,15 +181,16 @@ def speed(name, cost, instances, *, device: str, repeats: int) -> dict:
             single(*single_args)
             one.append(time.perf_counter() - start)
         launch = float(np.median(samples))
-        one_layer = float(np.median(one))
+        one_eager = float(np.median(one))
     else:
         import torch
 
         torch.cuda.synchronize()
         launch = _event_median(lambda: assigner(*args), repeats)
+        one_eager = _event_median(lambda: single(*single_args), repeats)
         cuda_graph = _captured(lambda: assigner(*args))
         graph = _event_median(cuda_graph.replay, repeats) / num_layers
-        one_layer = _event_median(_captured(lambda: single(*single_args)).replay, repeats)
+        one_graph = _event_median(_captured(lambda: single(*single_args)).replay, repeats)
         torch.cuda.synchronize()
         out = assigner(*args)[0]  # the buffer the graph writes too
         want = out.clone()
@@ -193,6 +198,25 @@ def speed(name, cost, instances, *, device: str, repeats: int) -> dict:
         cuda_graph.replay()
         torch.cuda.synchronize()
         graph_matches = bool(torch.equal(out, want))
+    return {"launch": launch, "graph": graph, "one_eager": one_eager, "one_graph": one_graph,
+            "graph_matches": graph_matches}
+
+
+def speed(name, cost, instances, *, device: str, repeats: int) -> dict:
+    """Median microseconds per layer of one launch for all the layers (eager and
+    graph-replayed), of the whole eager launch and of a launch for the first layer alone
+    (graph-replayed, and eager), for each schedule: the keys device_* are the "serial"
+    schedule (the kernel's first layout), waves_* the "waves" schedule; the host kernel's
+    median per layer; graph_matches_eager: whether graph replays write the eager launches'
+    assignments (None without a GPU); waves: the number of multi-copy experts and of waves
+    of the first layer (`assign_cuda.descent_waves`), the largest over the layers too."""
+    from probe.planner.assign import _best, kernel_args
+    from probe.planner.assign_cuda import descent_waves
+
+    loads, copies = _stacked(instances)
+    num_layers = loads.shape[0]
+    times = {schedule: _device_times(cost, loads, copies, device=device, repeats=repeats,
+                                     schedule=schedule) for schedule in ("serial", "waves")}
     kargs = [kernel_args(load, c, cost) for load, c in instances]
     _best(*kargs[0])
     host = []
@@ -201,13 +225,23 @@ def speed(name, cost, instances, *, device: str, repeats: int) -> dict:
             start = time.perf_counter()
             _best(*a)
             host.append(time.perf_counter() - start)
-    eager = launch / num_layers
-    return {"config": name, "layers_per_launch": num_layers, "repeats": repeats,
-            "device_eager_us": eager * 1e6, "device_launch_us": launch * 1e6,
-            "device_one_layer_us": one_layer * 1e6,
-            "device_graph_us": None if graph is None else graph * 1e6,
-            "graph_matches_eager": graph_matches,
-            "host_kernel_us": float(np.median(host)) * 1e6}
+    shape = [descent_waves(load, c, cost) for load, c in instances]
+    row = {"config": name, "layers_per_launch": num_layers, "repeats": repeats,
+           "multi_experts_first": shape[0][0], "waves_first": shape[0][1],
+           "multi_experts_max": max(m for m, _ in shape), "waves_max": max(w for _, w in shape),
+           "host_kernel_us": float(np.median(host)) * 1e6}
+    matches = [t["graph_matches"] for t in times.values()]
+    row["graph_matches_eager"] = None if None in matches else all(matches)
+    for prefix, schedule in (("device", "serial"), ("waves", "waves")):
+        t = times[schedule]
+        row[f"{prefix}_eager_us"] = t["launch"] / num_layers * 1e6
+        row[f"{prefix}_launch_us"] = t["launch"] * 1e6
+        row[f"{prefix}_graph_us"] = None if t["graph"] is None else t["graph"] * 1e6
+        # device_one_layer_us: graph-replayed on a GPU (eager in the simulator), as before.
+        row[f"{prefix}_one_layer_us"] = (t["one_eager"] if t["one_graph"] is None
+                                         else t["one_graph"]) * 1e6
+        row[f"{prefix}_one_layer_eager_us"] = t["one_eager"] * 1e6
+    return row
 
 
 def lp_gap(cost, instances, device: str) -> dict | None:
@@ -261,12 +295,17 @@ def main(argv: list[str] | None = None) -> int:
     seed = args.seed if args.seed is not None else int(np.random.SeedSequence().entropy % 2**31)
     quick = args.quick or args.device == "cpu"
     count = 6 if args.device == "cpu" else (20 if args.quick else 100)
+    serial_count = max(1, count // 2)  # the "serial" schedule, on the first instances
     differing = {}  # configuration -> assignment entries that differ from the host's
-    try:
-        problems, differing["random instances"] = compare_random(count, seed, args.device)
-    except Exception as error:  # recorded, and the timings still run
-        problems = [f"random instances: {type(error).__name__}: {error}"]
-    print(f"random instances: {count} x 3 layers, seed {seed}: "
+    problems = []
+    for key, schedule, number in (("random instances", "waves", count),
+                                  ("random instances, serial", "serial", serial_count)):
+        try:
+            found, differing[key] = compare_random(number, seed, args.device, schedule)
+            problems += [f"{schedule}: {p}" for p in found]
+        except Exception as error:  # recorded, and the timings still run
+            problems.append(f"{key}: {type(error).__name__}: {error}")
+    print(f"random instances: {count} (serial {serial_count}) x 3 layers, seed {seed}: "
           f"{'equal' if not problems else problems[:5]}", flush=True)
 
     configs = QUICK_CONFIGS if args.device == "cpu" else CONFIGS
@@ -274,8 +313,8 @@ def main(argv: list[str] | None = None) -> int:
     for name, model, hardware, ranks, experts in configs:
         for extra in (1, 3):
             label = f"{name}, +{extra} slots/rank"
-            if time.perf_counter() - wall > args.budget:
-                skipped.append(label)
+            if (rows or skipped) and time.perf_counter() - wall > args.budget:
+                skipped.append(label)  # the first configuration always runs
                 continue
             try:
                 cost, instances = layer_instances(model=model, hardware=hardware,
@@ -283,9 +322,11 @@ def main(argv: list[str] | None = None) -> int:
                                                   extra=extra, steps=1 if quick else 6,
                                                   layers=2 if quick else 4, seed=1)
                 loads, copies = _stacked(instances)
-                found, differing[label] = compare(cost, loads, copies, None, passes=8,
-                                                  device=args.device)
-                problems += [f"{name} +{extra}: {p}" for p in found]
+                for schedule in ("waves", "serial"):
+                    key = label if schedule == "waves" else f"{label}, serial"
+                    found, differing[key] = compare(cost, loads, copies, None, passes=8,
+                                                    device=args.device, schedule=schedule)
+                    problems += [f"{name} +{extra} {schedule}: {p}" for p in found]
                 checked += loads.shape[0]
                 rows.append(speed(label, cost, instances, device=args.device,
                                   repeats=3 if args.device == "cpu" else 20))
@@ -301,7 +342,8 @@ def main(argv: list[str] | None = None) -> int:
           flush=True)
 
     result = {"device": args.device, "quick": quick, "seed": seed,
-              "random_instances": count, "layers_checked": checked + 3 * count,
+              "random_instances": count, "random_instances_serial": serial_count,
+              "layers_checked": checked + 3 * count,
               "mismatches": problems, "differing_entries": sum(differing.values()),
               "differing_entries_by_config": differing, "speed": rows, "skipped_configs": skipped,
               "lp_gap": gaps or "skipped: highspy is not importable here",
@@ -329,13 +371,22 @@ def _fmt(value) -> str:
 
 
 def table(result: dict) -> str:
-    lines = ["| config | layers / launch | device eager (us/layer) | device graph (us/layer) "
-             "| host kernel (us/layer) | whole launch, eager (us) | one-layer graph (us) |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
-    lines += [f"| {r['config']} | {r['layers_per_launch']} | {_fmt(r['device_eager_us'])} | "
-              f"{_fmt(r['device_graph_us'])} | {_fmt(r['host_kernel_us'])} | "
-              f"{_fmt(r['device_launch_us'])} | {_fmt(r['device_one_layer_us'])} |"
-              for r in result["speed"]]
+    lines = ["| config | multi-copy experts / waves (first layer; max) | layers / launch "
+             "| schedule | device eager (us/layer) | device graph (us/layer) "
+             "| host kernel (us/layer) | whole launch, eager (us) | one layer, eager (us) "
+             "| one-layer graph (us) |",
+             "|---|---|---:|---|---:|---:|---:|---:|---:|---:|"]
+    for r in result["speed"]:
+        for prefix, schedule in (("device", "serial"), ("waves", "waves")):
+            one_graph = (None if r[f"{prefix}_graph_us"] is None
+                         else r[f"{prefix}_one_layer_us"])
+            lines.append(
+                f"| {r['config']} | {r['multi_experts_first']} / {r['waves_first']}; "
+                f"{r['multi_experts_max']} / {r['waves_max']} | {r['layers_per_launch']} | "
+                f"{schedule} | {_fmt(r[f'{prefix}_eager_us'])} | "
+                f"{_fmt(r[f'{prefix}_graph_us'])} | {_fmt(r['host_kernel_us'])} | "
+                f"{_fmt(r[f'{prefix}_launch_us'])} | {_fmt(r[f'{prefix}_one_layer_eager_us'])} "
+                f"| {_fmt(one_graph)} |")
     return "\n".join(lines)
 
 
@@ -356,7 +407,9 @@ def markdown(result: dict) -> str:
            if result["device"] == "cpu" else ""),
         "",
         f"Correctness: {result['layers_checked']} layers compared with the host kernel "
-        f"(assignment and eq. 8 objective exactly): "
+        f"(assignment and eq. 8 objective exactly) under the \"waves\" schedule, "
+        f"{result['random_instances_serial']} of the random instances and every timing "
+        f"layer under \"serial\" too: "
         f"{result['differing_entries']} assignment entries differ in all "
         f"({', '.join(f'{k}: {v}' for k, v in result['differing_entries_by_config'].items())}); "
         + ("all equal." if not result["mismatches"]
@@ -368,8 +421,10 @@ def markdown(result: dict) -> str:
         *([f"Skipped (time budget): {', '.join(result['skipped_configs'])}.", ""]
           if result["skipped_configs"] else []),
         "Median time per layer, one launch for all the layers (CUDA events; host kernel: "
-        "`assign._best` per layer, dense output); the whole eager launch, and a replayed "
-        "CUDA graph of a launch for the first layer alone:",
+        "`assign._best` per layer, dense output); the whole eager launch, and a launch for "
+        "the first layer alone, eager and as a replayed CUDA graph; each for both schedules "
+        "(the same assignment; \"waves\" runs every descent across the block, the experts "
+        "of one wave side by side, \"serial\" each descent on one thread):",
         "",
         table(result),
         "",

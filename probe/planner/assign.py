@@ -28,9 +28,12 @@ Shape legend: S source ranks (= G), E experts, G ranks.
         (coordinate descent; stops early when no level moves by 1 ns). A Numba kernel, with a
         plain-Python twin (`assign_tokens_ref`) that gives identical integers; its scalar
         rules (`@rule`) are compiled a second time for the GPU (`assign_cuda`), so the two
-        add the same floats in the same order. The descent runs from several starts (see
-        `assign_tokens`) and the best by eq. 8 is kept. The fixed levels are summed expert by
-        expert (`_fixed_level`), not by numpy, whose order follows the memory layout.
+        add the same floats in the same order. One refill (`_refill`) reads and writes only
+        its expert's split and its holders' levels, so experts with no rank in common
+        commute: the GPU refills them side by side (assign_cuda's "waves" schedule). The
+        descent runs from several starts (see `assign_tokens`) and the best by eq. 8 is
+        kept. The fixed levels are summed expert by expert (`_fixed_level`), not by numpy,
+        whose order follows the memory layout.
      "lp": the LP relaxation with every present copy ACTIVE (HiGHS):
             min z  s.t.  sum_g x[e, g] = n_e,  x >= 0,  r[e, g] >= x[e, g] - load[g, e], r >= 0,
                          fixed(g) + sum over multi-copy e held on g of
@@ -188,76 +191,100 @@ def _holder_lists_of(first, stop, holds, hlist, nhold):  # pragma: no cover - co
 
 
 @rule(inline=True)
+def _level_at(g, fixed, order, num_order, x, load, alpha, beta, hop):  # pragma: no cover
+    """Rank g's level under the split x float [E, G]: fixed[g], then the `_level_of` of each
+    expert of order[:num_order] that has tokens on g, in that order. (x > 0 only on holders.)"""
+    level = fixed[g]
+    for i in range(num_order):
+        e = order[i]
+        if x[e, g] > 0:
+            level += _level_of(x[e, g], float64(load[g, e]), alpha, beta, hop)
+    return level
+
+
+@rule(inline=True)
+def _refill(first, stop, order, hlist, nhold, total, load, hop, alpha, beta, x, level, srt,
+            hv):  # pragma: no cover - compiled
+    """Steps first <= i < stop of a descent pass, one after another: take expert
+    e = order[i] out of the levels float [G] of its holders hlist[e, :nhold[e]] (ascending)
+    and water-fill its total[e] tokens again, into row e of x float [E, G] and those levels.
+    A step reads and writes only row e of x and its holders' levels. Returns the largest
+    move, |new - old share| * beta (seconds), over the steps. Scratch: srt float [2 G], the
+    sorted breakpoints; hv float [4, G], per holder h its level + alpha, the level where its
+    own tokens run out, its own tokens, and beta + hop. (A range, as the other rules that
+    work expert by expert: the host makes one call per pass, a GPU thread one per expert.)"""
+    moved = 0.0
+    for i in range(first, stop):
+        e = order[i]
+        nh = nhold[e]
+        m = 0
+        for h in range(nh):
+            g = hlist[e, h]
+            local = float64(load[g, e])
+            if x[e, g] > 0:  # take e out of rank g
+                level[g] -= _level_of(x[e, g], local, alpha, beta, hop[g])
+            a = level[g] + alpha
+            b = a + mul(beta, local)
+            hv[0, h] = a
+            hv[1, h] = b
+            hv[2, h] = local
+            hv[3, h] = beta + hop[g]
+            for which in range(2):
+                value = a if which == 0 else b
+                j = m  # insertion sort into srt[:m + 1]
+                while j > 0 and srt[j - 1] > value:
+                    srt[j] = srt[j - 1]
+                    j -= 1
+                srt[j] = value
+                m += 1
+        # The water level w: past the last breakpoint where the holders take < total.
+        lo = srt[m - 1]
+        for k in range(m):
+            taken = 0.0
+            for h in range(nh):
+                taken += _tokens_at(srt[k], hv[0, h], hv[1, h], hv[2, h], beta, hv[3, h])
+            if taken >= total[e]:
+                lo = srt[k - 1] if k > 0 else srt[0]
+                break
+        # Between breakpoints the holders take C + S w tokens.
+        c_sum = 0.0
+        s_sum = 0.0
+        for h in range(nh):
+            if lo >= hv[1, h]:
+                c_sum += hv[2, h] - hv[1, h] / hv[3, h]
+                s_sum += 1.0 / hv[3, h]
+            elif lo >= hv[0, h]:
+                c_sum -= hv[0, h] / beta
+                s_sum += 1.0 / beta
+        w = (total[e] - c_sum) / s_sum
+        for h in range(nh):
+            g = hlist[e, h]
+            share = _tokens_at(w, hv[0, h], hv[1, h], hv[2, h], beta, hv[3, h])
+            moved = dmax(moved, abs(share - x[e, g]) * beta)
+            x[e, g] = share
+            if share > 0:
+                level[g] += _level_of(share, hv[2, h], alpha, beta, hop[g])
+    return moved
+
+
+@rule(inline=True)
 def _descend(fixed, order, num_order, hlist, nhold, total, load, hop, alpha, beta, passes, x,
              level, srt, hv):  # pragma: no cover - compiled
     """Stage 1 on x float [E, G], which holds the start on entry and the split on exit: the
-    levels of the start, then up to `passes` rounds of taking each expert of order[:num_order]
-    out and water-filling it again (stop once no level moves by 1 ns). The loops over the
-    ranks holding e run over its holder list hlist[e, :nhold[e]] (ascending). Scratch: level
-    float [G]; srt float [2 G], the sorted breakpoints of the expert being filled; hv float
-    [4, G], per holder h of that expert its level + alpha, the level where its own tokens run
-    out, its own tokens, and beta + hop."""
+    levels of the start (`_level_at`), then up to `passes` rounds of `_refill` of the experts
+    of order[:num_order] in turn (stop once no level moves by 1 ns). Scratch: level float
+    [G], and srt, hv of `_refill`.
+
+    A step of `_refill` touches only its expert's row of x and its holders' levels, so two
+    experts with no holder in common commute: assign_cuda's wave schedule runs them side by
+    side and gets the same floats as this loop. (`_refill` takes a range of steps, and the
+    host one call per pass: a call per expert made the host's descent about 2x slower.)"""
     num_ranks = level.shape[0]
     for g in range(num_ranks):
-        level[g] = fixed[g]
-    for i in range(num_order):
-        e = order[i]
-        for j in range(nhold[e]):
-            g = hlist[e, j]
-            if x[e, g] > 0:
-                level[g] += _level_of(x[e, g], float64(load[g, e]), alpha, beta, hop[g])
+        level[g] = _level_at(g, fixed, order, num_order, x, load, alpha, beta, hop[g])
     for _ in range(passes):
-        moved = 0.0
-        for i in range(num_order):
-            e = order[i]
-            nh = nhold[e]
-            m = 0
-            for h in range(nh):
-                g = hlist[e, h]
-                local = float64(load[g, e])
-                if x[e, g] > 0:  # take e out of rank g
-                    level[g] -= _level_of(x[e, g], local, alpha, beta, hop[g])
-                a = level[g] + alpha
-                b = a + mul(beta, local)
-                hv[0, h] = a
-                hv[1, h] = b
-                hv[2, h] = local
-                hv[3, h] = beta + hop[g]
-                for which in range(2):
-                    value = a if which == 0 else b
-                    j = m  # insertion sort into srt[:m + 1]
-                    while j > 0 and srt[j - 1] > value:
-                        srt[j] = srt[j - 1]
-                        j -= 1
-                    srt[j] = value
-                    m += 1
-            # The water level w: past the last breakpoint where the holders take < total.
-            lo = srt[m - 1]
-            for k in range(m):
-                taken = 0.0
-                for h in range(nh):
-                    taken += _tokens_at(srt[k], hv[0, h], hv[1, h], hv[2, h], beta, hv[3, h])
-                if taken >= total[e]:
-                    lo = srt[k - 1] if k > 0 else srt[0]
-                    break
-            # Between breakpoints the holders take C + S w tokens.
-            c_sum = 0.0
-            s_sum = 0.0
-            for h in range(nh):
-                if lo >= hv[1, h]:
-                    c_sum += hv[2, h] - hv[1, h] / hv[3, h]
-                    s_sum += 1.0 / hv[3, h]
-                elif lo >= hv[0, h]:
-                    c_sum -= hv[0, h] / beta
-                    s_sum += 1.0 / beta
-            w = (total[e] - c_sum) / s_sum
-            for h in range(nh):
-                g = hlist[e, h]
-                share = _tokens_at(w, hv[0, h], hv[1, h], hv[2, h], beta, hv[3, h])
-                moved = dmax(moved, abs(share - x[e, g]) * beta)
-                x[e, g] = share
-                if share > 0:
-                    level[g] += _level_of(share, hv[2, h], alpha, beta, hop[g])
+        moved = _refill(0, num_order, order, hlist, nhold, total, load, hop, alpha, beta, x,
+                        level, srt, hv)
         if moved < 1e-9:
             break
 

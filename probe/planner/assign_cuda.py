@@ -10,9 +10,16 @@ launch. The work of a layer is spread over the block, phase by phase (a barrier 
 1. parallel over experts: totals, holders and each expert's holder list (its ranks in
    order), the multi-holder experts heaviest first, and every start's x;
 2. parallel over ranks: the single-holder levels `fixed`;
-3. the descents (3 starts, or 5 with a home, of which 2 or 3 descend): each a sequential
-   coordinate descent over the experts, as on the host, run by one thread of its own warp,
-   side by side;
+3. the descents (3 starts, or 5 with a home, of which 2 or 3 descend), by one of two
+   schedules (SCHEDULES; the same floats, so the same assignment):
+   - "waves" (the default): each pass refills the multi-copy experts wave by wave, every
+     (descending start, expert) of a wave on its own thread, a barrier between waves. An
+     expert's wave is one more than the largest wave of the experts before it in the
+     descent's order (heaviest first) that share a rank with it, so the experts of a wave
+     share no rank and every rank sees its experts refilled in the host's order
+     (`assign._refill` touches only its expert's row of x and its holders' levels);
+   - "serial": each descent a sequential coordinate descent over the experts, as on the
+     host, run by one thread of its own warp, side by side;
 4. parallel over (candidate, expert): the largest-remainder rounding and the even split; then
    the locality-first routing, whose flows are whole tokens added atomically (integers: the
    order does not matter);
@@ -21,17 +28,52 @@ launch. The work of a layer is spread over the block, phase by phase (a barrier 
 6. the best candidate (the even split first, then the starts in order, strict <) is written
    into the dense [S, E, G] assignment in parallel over experts.
 
+Critical path of one layer (one block of 256 threads; counts from the decode layers of
+experiments/planner/gpu_assign.py, true loads on EPLB layouts, and from
+experiments/planner/assign_level.py). Both schedules share everything but step 3:
+
+- barriers: 6 outside the descents. "serial" adds 1. "waves" adds 1, then (waves + 1)
+  `syncthreads_or` to number the waves, then per pass one barrier per wave and three
+  `syncthreads_or` (the host's early stop of each descending start, which these layers
+  never reach: all 8 passes run): with 3 waves (+1 slot per rank) to 8 (+3; medians, at
+  most 11) at both ep=8 / E=128 and ep=64 / E=256, about 8 x (3 + 3) + 11 = 60 to
+  8 x (8 + 3) + 16 = 110 barriers in all.
+- serial steps outside the descents, per thread: the loops over all experts (an expert's
+  place in the heaviest-first order, a rank's single-copy level, a rank's eq. 8 time) are
+  E = 128 / 256 long, over a rank's sources S = 8 / 64, and zeroing the dense output
+  S E G / 256 = 32 stores at ep=8 but 4,096 at ep=64 (8 MiB from one block); about 600
+  steps at ep=8 and 6,000 at ep=64, mostly independent loads and stores.
+- the descents, the long dependent chain: a refill of an expert with n holders is
+  O(n^2) dependent float steps (the insertion sort of its 2n breakpoints and the scan for
+  the water level; about 4 n^2 + 4 n). "serial" runs passes x (the sum over the M
+  multi-copy experts), "waves" passes x (the sum over the waves of the largest refill in
+  the wave). Per pass, on the decode layers: ep=8, +1 slot per rank: M = 6, 3 waves,
+  about 190 against 100 steps; +3: M = 14, 8 waves, 550 against 410; ep=64, +1: M = 30,
+  3 waves, 2,080 against 760; +3: M = 70, 8 waves, 8,500 against 3,800. The refill count
+  drops 2x at ep=8 and 9-10x at ep=64, the dependent steps 1.3-1.9x and 2.2-2.9x: the
+  refill of the most replicated expert (up to 28 holders at ep=64: some 3,200 steps) is on
+  both critical paths, and at ep=64 it is most of the "waves" one. Every step reads and
+  writes global memory (levels, x, the breakpoints): the serial kernel's H200 one-layer
+  times (350-570 us at ep=8, 5.7-11 ms at ep=64) come to 130-340 ns per dependent step of
+  its descents, so "waves" should take roughly 0.5-0.75x of them at ep=8 and 0.35-0.45x
+  at ep=64, plus its extra barriers (an expectation from these counts, not a measurement).
+  What would shorten it further: the refill itself split over its holders (the 2n
+  breakpoints ranked and the n-holder sum at each breakpoint computed side by side, each
+  sum still in one thread: O(n) steps), and the scratch in shared memory.
+
 Why the integers agree bit for bit with the host kernel's:
 
 - One source. Every piece of arithmetic that decides a choice is a rule of `assign`
-  (`_holder_lists_of`, `_fixed_level`, `_descend`, `_quotas_of`, `_routes_of`, `_evens_of`,
-  `_rank_time`, and `_level_of` / `_tokens_at` inside them), compiled for the CPU there and
-  compiled again here by `numba_cuda.device`: the same Python function, the same float64
-  operations in the same order (probe.planner.scalar). What this module adds is only how the
-  work is spread over threads.
+  (`_holder_lists_of`, `_fixed_level`, `_descend` or its parts `_level_at` and `_refill`,
+  `_quotas_of`, `_routes_of`, `_evens_of`, `_rank_time`, and `_level_of` / `_tokens_at`
+  inside them), compiled for the CPU there and compiled again here by `numba_cuda.device`:
+  the same Python function, the same float64 operations in the same order
+  (probe.planner.scalar). What this module adds is only how the work is spread over threads.
 - No sum depends on the thread layout. Every float sum runs inside one thread, in the rule's
   order; the parallel phases split work whose results do not interact (one expert, one rank,
-  one candidate per thread) or combine it order-free: integer atomic adds, and maxima.
+  one candidate per thread) or combine it order-free: integer atomic adds, and maxima. The
+  waves keep each rank's additions in the host's order (step 3); whether a descent goes on
+  is an or over the threads (`syncthreads_or` of "some level moved by 1 ns").
 - No fused products. A product that feeds a sum is `mul` (libdevice's dmul_rn on the GPU),
   never contracted into an FMA; divisions are IEEE (div.rn.f64). tests/test_planner_assign_cuda.py
   compiles the kernel for sm_90 and checks the PTX for both.
@@ -72,30 +114,130 @@ from probe.planner.assign import remote_cost
 from probe.planner.cost import CostModel
 from probe.planner.numba_cuda import cuda, device, dmax
 
-__all__ = ["THREADS", "DeviceAssigner"]
+__all__ = ["SCHEDULES", "THREADS", "DeviceAssigner", "descent_waves"]
 
 # Threads per block (one block per layer), a multiple of the warp: 256 gives each descent its
 # own warp and spreads the per-expert and per-rank phases.
 THREADS = 256
 
+# How a block runs the descents of its layer (the same floats either way; module docstring).
+SCHEDULES = ("waves", "serial")
+
 # The host kernel's rules as device functions (see the module docstring).
 _holder_lists_of = device(assign._holder_lists_of)
 _fixed_level = device(assign._fixed_level)
 _descend = device(assign._descend)
+_level_at = device(assign._level_at)
+_refill = device(assign._refill)
 _quotas_of = device(assign._quotas_of)
 _routes_of = device(assign._routes_of)
 _evens_of = device(assign._evens_of)
 _rank_time = device(assign._rank_time)
 
 
+# --- the wave schedule of the descents ----------------------------------------------------------
+
+@cuda.jit(device=True)
+def _descend_in_waves(layer, tid, nthreads, num_starts, num_order, num_ranks, fixed, order,
+                      holds, hlist, nhold, total, load, hop, alpha, beta, passes, x_all,
+                      level_all, prev, wave, srt, hv):  # pragma: no cover - device code
+    """`assign._descend` of starts 0, 2 (and 4) by the whole block, with the same floats: a
+    pass runs `_refill` of the experts wave by wave, every (start, expert) of a wave on its
+    own thread, a barrier between waves. Expert order[i]'s wave is one more than the largest
+    wave of the experts before it in `order` that share a holder with it (none: wave 0), so
+    the experts of one wave share no rank, and on every rank the experts that hold it are
+    refilled in `order`, as by the host's loop: each rank's level sees the same additions in
+    the same order. Scratch: prev int64 [E, G] (prev[i, h]: the last position before i whose
+    expert holds order[i]'s h-th holder, -1 for none), wave int64 [E]; srt, hv this
+    thread's scratch of `_refill`. Ends with a barrier."""
+    num_desc = (num_starts + 1) // 2  # starts 0, 2, 4 descend
+    # Each descending start's levels, parallel over (start, rank), and the previous expert on
+    # each holder of each position, parallel over ranks (one rank scans `order` once).
+    for i in range(tid, num_desc * num_ranks, nthreads):
+        k = 2 * (i // num_ranks)
+        g = i % num_ranks
+        level_all[layer, k, g] = _level_at(g, fixed, order, num_order, x_all[layer, k], load,
+                                           alpha, beta, hop[g])
+    for g in range(tid, num_ranks, nthreads):
+        last = -1
+        for i in range(num_order):
+            e = order[i]
+            if holds[g, e]:
+                for h in range(nhold[e]):
+                    if hlist[e, h] == g:
+                        prev[i, h] = last
+                last = i
+    for i in range(tid, num_order, nthreads):
+        wave[i] = -1
+    cuda.syncthreads()
+    # The waves, round by round: in round r a position whose previous experts all have a wave
+    # below r gets wave r. A wave written in this round reads as -1 or r, both "not yet", so
+    # the result does not depend on the timing of the threads.
+    num_waves = 0
+    pending = 1
+    while pending != 0:
+        left = 0
+        for i in range(tid, num_order, nthreads):
+            if wave[i] < 0:
+                ready = True
+                e = order[i]
+                for h in range(nhold[e]):
+                    p = prev[i, h]
+                    if p >= 0 and (wave[p] < 0 or wave[p] >= num_waves):
+                        ready = False
+                if ready:
+                    wave[i] = num_waves
+                else:
+                    left = 1
+        num_waves += 1
+        pending = cuda.syncthreads_or(left)
+    # The passes. A start stops after the first pass in which no level moved by 1 ns (the
+    # host's test); syncthreads_or tells every thread, so the loop stays uniform.
+    active0 = True
+    active1 = num_desc > 1
+    active2 = num_desc > 2
+    for _ in range(passes):
+        if not (active0 or active1 or active2):
+            break
+        moved0 = 0
+        moved1 = 0
+        moved2 = 0
+        for w in range(num_waves):
+            for i in range(tid, num_desc * num_order, nthreads):
+                j = i // num_order
+                pos = i % num_order
+                if wave[pos] != w:
+                    continue
+                if (j == 0 and not active0) or (j == 1 and not active1) or (
+                        j == 2 and not active2):
+                    continue
+                moved = _refill(pos, pos + 1, order, hlist, nhold, total, load, hop, alpha,
+                                beta, x_all[layer, 2 * j], level_all[layer, 2 * j], srt, hv)
+                if moved >= 1e-9:
+                    if j == 0:
+                        moved0 = 1
+                    elif j == 1:
+                        moved1 = 1
+                    else:
+                        moved2 = 1
+            cuda.syncthreads()
+        any0 = cuda.syncthreads_or(moved0)
+        any1 = cuda.syncthreads_or(moved1)
+        any2 = cuda.syncthreads_or(moved2)
+        active0 = active0 and any0 != 0
+        active1 = active1 and any1 != 0
+        active2 = active2 and any2 != 0
+
+
 # --- the kernel: one block per layer -----------------------------------------------------------
 
 @cuda.jit
-def _assign_kernel(load_all, copies_all, home_all, use_home, token_time, hop, alpha, beta,
-                   passes, total_all, holds_all, nhold_all, hlist_all, order_all, norder_all,
+def _assign_kernel(load_all, copies_all, home_all, use_home, waves, token_time, hop, alpha,
+                   beta, passes, total_all, holds_all, nhold_all, hlist_all, order_all, norder_all,
                    fixed_all, x_all, quota_all, flow_all, level_all, srt_all, hv_all, part_all,
-                   obj_all, rem_all, cand_all, left_all, hold_all, out_all,
-                   objective_all, status_all):  # pragma: no cover - device code
+                   obj_all, rem_all, cand_all, left_all, hold_all, prev_all, wave_all,
+                   tsrt_all, thv_all, out_all, objective_all,
+                   status_all):  # pragma: no cover - device code
     layer = cuda.blockIdx.x
     tid = cuda.threadIdx.x
     nthreads = cuda.blockDim.x
@@ -179,14 +321,20 @@ def _assign_kernel(load_all, copies_all, home_all, use_home, token_time, hop, al
     cuda.syncthreads()
     num_order = norder_all[layer]
 
-    # 4. The descents (starts 0, 2, 4; starts 1 and 3 are taken as they are): each on the
-    # first thread of its own warp (warp w descends start 2w), side by side.
-    if tid % 32 == 0:
-        for k in range(2 * (tid // 32), num_starts, 2 * (nthreads // 32)):
-            _descend(fixed, order, num_order, hlist, nhold, total, load, hop, alpha, beta,
-                     passes, x_all[layer, k], level_all[layer, k], srt_all[layer, k],
-                     hv_all[layer, k])
-    cuda.syncthreads()
+    # 4. The descents (starts 0, 2, 4; starts 1 and 3 are taken as they are).
+    if not waves:
+        # "serial": each on the first thread of its own warp (warp w descends start 2w).
+        if tid % 32 == 0:
+            for k in range(2 * (tid // 32), num_starts, 2 * (nthreads // 32)):
+                _descend(fixed, order, num_order, hlist, nhold, total, load, hop, alpha, beta,
+                         passes, x_all[layer, k], level_all[layer, k], srt_all[layer, k],
+                         hv_all[layer, k])
+        cuda.syncthreads()
+    else:
+        _descend_in_waves(layer, tid, nthreads, num_starts, num_order, num_ranks, fixed, order,
+                          holds, hlist, nhold, total, load, hop, alpha, beta, passes, x_all,
+                          level_all, prev_all[layer], wave_all[layer], tsrt_all[layer, tid],
+                          thv_all[layer, tid])
     # 5. Rounding (the starts) and DeepSeek's even split: parallel over (candidate, expert).
     for i in range(tid, num_cand * num_experts, nthreads):
         k = i // num_experts
@@ -244,6 +392,22 @@ def _assign_kernel(load_all, copies_all, home_all, use_home, token_time, hop, al
 
 # --- host side ---------------------------------------------------------------------------------
 
+def descent_waves(load, copies, cost: CostModel) -> tuple[int, int]:
+    """(M, waves) of one layer: the multi-copy experts with tokens that the descents refill,
+    and the waves the "waves" schedule runs each pass in (M waves would be the "serial"
+    schedule's one expert at a time). load int [S, E], copies int [G, E], as for
+    `assign_tokens`; the waves as `_descend_in_waves` numbers them."""
+    load, holds = assign._validated(load, copies, cost)
+    _, _, order = assign._fixed_levels(load, holds, float(cost.alpha), float(cost.beta),
+                                       remote_cost(cost))
+    last = np.full(holds.shape[0], -1)  # per rank: the wave of its latest expert in order
+    for e in order:
+        ranks = np.flatnonzero(holds[:, e])
+        last[ranks] = last[ranks].max() + 1
+    return int(order.size), int(last.max() + 1)
+
+
+
 def _is_torch(value) -> bool:
     return type(value).__module__.startswith("torch")
 
@@ -254,12 +418,15 @@ class DeviceAssigner:
     cost: the CostModel (alpha, beta, token_time of eq. 8), fixed for the assigner's life.
     num_experts, num_layers: the shape of every call (load [L, S, E], copies [L, G, E]).
     passes: water-filling rounds (>= 1), as in `assign_tokens`.
+    schedule: how the block runs the descents, with the same result: "waves" (default; every
+        descent by the whole block, the experts that share no rank side by side) or
+        "serial" (each descent on one thread, expert after expert); SCHEDULES.
     with_home: calls pass `home` [L, G, E] (the base layout) and the home-only starts are
         tried too, as `assign_tokens(..., home=...)`.
     """
 
     def __init__(self, cost: CostModel, num_experts: int, num_layers: int, *, passes: int = 8,
-                 with_home: bool = False) -> None:
+                 schedule: str = "waves", with_home: bool = False) -> None:
         if not isinstance(cost, CostModel):
             raise TypeError(f"cost must be a CostModel, got {type(cost).__name__}")
         for name, value, low in (("num_experts", num_experts, 1), ("num_layers", num_layers, 1),
@@ -268,6 +435,8 @@ class DeviceAssigner:
                 raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
         if not cost.beta > 0:
             raise ValueError(f"cost.beta must be > 0 to split tokens, got {cost.beta!r}")
+        if schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
         if not isinstance(with_home, bool):
             raise TypeError(f"with_home must be a bool, got {with_home!r}")
         self.cost = cost
@@ -275,6 +444,7 @@ class DeviceAssigner:
         self.num_experts = int(num_experts)
         self.num_layers = int(num_layers)
         self.passes = int(passes)
+        self.schedule = schedule
         self.with_home = with_home
         self._num_cand = 6 if with_home else 4  # the starts and the even split
         self._checked: set = set()
@@ -332,14 +502,15 @@ class DeviceAssigner:
         outs = (new((L, S, E, G), i64), new(L, f64), new(L, np.int32))
         # In the kernel's argument order: total, holds, nhold, hlist, order, norder, fixed;
         # per candidate x, quota, flow, level, srt, hv, part, obj; per thread rem, cand, left,
-        # hold.
+        # hold; prev, wave and per thread srt, hv of the wave schedule.
         scratch = (new((L, E), i64), new((L, G, E), np.bool_), new((L, E), i64),
                    new((L, E, G), i64), new((L, E), i64), new(L, i64), new((L, G), f64),
                    new((L, C, E, G), f64), new((L, C, E, G), i64), new((L, C, S, G), i64),
                    new((L, C, G), f64), new((L, C, 2 * G), f64), new((L, C, 4, G), f64),
                    new((L, C, G), f64), new((L, C), f64),
                    new((L, T, G), f64), new((L, T, G), i64), new((L, T, G), i64),
-                   new((L, T, G), i64))
+                   new((L, T, G), i64), new((L, E, G), i64), new((L, E), i64),
+                   new((L, T, 2 * G), f64), new((L, T, 4, G), f64))
         consts = (cuda.to_device(np.ascontiguousarray(self.cost.token_time, f64)),
                   cuda.to_device(np.ascontiguousarray(remote_cost(self.cost), f64)))
         self._buffers[key] = (outs, [self._device(v) for v in (*scratch, *outs)], consts)
@@ -370,6 +541,6 @@ class DeviceAssigner:
         else:
             stream = 0
         _assign_kernel[L, THREADS, stream](
-            *inputs, self.with_home, *consts, float(self.cost.alpha), float(self.cost.beta),
-            self.passes, *views)
+            *inputs, self.with_home, self.schedule == "waves", *consts,
+            float(self.cost.alpha), float(self.cost.beta), self.passes, *views)
         return outs
