@@ -143,8 +143,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None,
                    help="decode through the static KV cache and per-batch-size CUDA graphs "
                         "(default: on for CUDA, off on CPU, where it runs the same no-sync "
-                        "step eagerly; one rank only: with more ranks the MoE layers run "
-                        "expert-parallel and decode stays eager)")
+                        "step eagerly); with more ranks it needs --dispatch fixed: the decode "
+                        "step's MoE layers then dispatch expert-parallel (static EP, no "
+                        "replicas) inside the graph, with NCCL; --no-cuda-graphs decodes "
+                        "through the runner's eager layers")
     p.add_argument("--max-seq-len", type=int, default=None,
                    help="positions per request in the static KV cache of --cuda-graphs "
                         "(default: min(max_position_embeddings, 2048))")
@@ -306,18 +308,21 @@ def run(args) -> dict | None:
         from probe.predictor import PredictorSet
 
         predictor = PredictorSet.load(predictor).to(device)
-    if graphs and ctx.world_size > 1:
+    if graphs and ctx.world_size > 1 and not dispatch.fixed:
         if args.cuda_graphs and ctx.rank == 0:
-            sys.stderr.write("probe.runtime: --cuda-graphs is for one rank; decoding eagerly "
-                             "expert-parallel\n")
+            sys.stderr.write("probe.runtime: --cuda-graphs at ep > 1 needs --dispatch fixed; "
+                             "decoding eagerly expert-parallel\n")
         graphs = False
     # One rank with graphs: the MoE layers run locally inside the captured step (no EPRunner).
+    # More ranks with graphs (--dispatch fixed): the decode step runs the runner's layers with
+    # fixed-capacity dispatch, captured per batch bucket with NCCL (EPDecodeRunner).
+    ep_graphs = graphs and ctx.world_size > 1
     from probe.runtime.policies import policy_slots
 
     extra = args.slots if args.extra_slots is None else args.extra_slots
     slots = policy_slots(args.policy if args.balance else "static", extra, args.resident_slots
                          if args.balance and args.policy == "probe-on-eplb" else None)
-    runner = None if graphs else EPRunner(model, ctx, PipelineOptions(
+    runner = None if graphs and not ep_graphs else EPRunner(model, ctx, PipelineOptions(
         balance=args.balance and ctx.world_size > 1, num_slots=slots.per_step,
         predictor=predictor, method=args.method, hardware=args.hardware, policy=slots.policy,
         resident_slots=slots.resident, replan_interval=args.replan_interval,
