@@ -8,7 +8,11 @@ scratch rows, and an overflow of a decode layer raises `CapacityOverflow` after 
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -102,3 +106,29 @@ def test_ep_decode_overflow_raises_after_the_step():
     with pytest.raises(ValueError, match="fixed-capacity dispatch"):
         Engine(model, exact, ctx, static_decode=True)
     exact.close()
+
+
+# -- the GPU experiment, run the CPU way ---------------------------------------------------------
+def test_ep_graphs_experiment_runs_on_cpu(tmp_path):
+    from experiments.runtime.ep_graphs import main
+
+    assert main(["--device", "cpu", "--quick", "--out", str(tmp_path)]) == 0
+    record = json.loads((tmp_path / "ep_graphs.json").read_text())
+    assert record["ranks"] == 1 and record["ok"]
+    assert record["check_float32"]["2"]["ep_vs_local"] <= 1e-4
+    assert [t["rows"] for t in record["timing"]] == [1, 4]
+    assert (tmp_path / "manifest.json").is_file() and (tmp_path / "ep_graphs.md").is_file()
+
+
+@pytest.mark.slow
+def test_ep_graphs_experiment_two_gloo_ranks(tmp_path):
+    from test_engine import _subprocess_env
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+           "2", "-m", "experiments.runtime.ep_graphs", "--device", "cpu", "--quick", "--out",
+           str(tmp_path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
+                          env=_subprocess_env(), cwd=Path(__file__).resolve().parents[1])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    record = json.loads((tmp_path / "ep_graphs.json").read_text())
+    assert record["ranks"] == 2 and record["backend"] == "gloo" and record["ok"]

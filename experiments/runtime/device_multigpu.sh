@@ -4,8 +4,10 @@
 # probe, probe-on-eplb; their JSONs and step logs packed in rt_policies.tar.gz: compare the
 # sample tokens, no policy may change the output), then, in the time left, static and probe
 # again with --dispatch fixed (fixed-capacity all-to-alls, no host sync per MoE layer; same
-# tarball, *-fixed.json; the same tokens again), probe also with --plan-on device, then the simulator's error against the runs
-# (experiments/runtime/sim_error.py, CPU only; rerun it anywhere on the folder that comes back).
+# tarball, *-fixed.json; the same tokens again), probe also with --plan-on device, the
+# expert-parallel decode step captured in CUDA graphs against the same step eager
+# (experiments/runtime/ep_graphs.py; its files in the same tarball, rt/ep_graphs/), then the
+# simulator's error against the runs (experiments/runtime/sim_error.py, CPU only; rerun it anywhere on the folder that comes back).
 # Writes everything under $OUT (8 files at most, the device's limit, manifest.json included: the
 # producers' own manifests are folded into it):
 #   run(command="bash experiments/runtime/device_multigpu.sh", kind="nvidia-h200-x2",
@@ -49,6 +51,9 @@ for policy in static eplb eplb-lp probe probe-on-eplb; do
     --policy "$policy" --extra-slots 2 --out "$OUT/rt/$policy.json" \
     --step-log "$OUT/rt/$policy.steps.npz" 2>&1 | tee -a "$LOG"
 done
+step "3b. EP decode step in CUDA graphs (NCCL inside): logits graph on == off, times"
+timeout 90 python3 -m torch.distributed.run --nproc-per-node "$G" -m experiments.runtime.ep_graphs \
+  --device cuda --out "$OUT/rt/ep_graphs" 2>&1 | tee -a "$LOG"
 # Fixed-capacity dispatch, only in what is left of the call's time (the steps above keep
 # theirs): each run gets min(75 s, what remains before 570 s) and is skipped below 40 s.
 # probe-device: PROBE planning on the device (--plan-on device: the router-prior predictor and

@@ -142,11 +142,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "layer for either predictor); docs/runtime.md 'Planning on the device'")
     p.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None,
                    help="decode through the static KV cache and per-batch-size CUDA graphs "
-                        "(default: on for CUDA, off on CPU, where it runs the same no-sync "
-                        "step eagerly); with more ranks it needs --dispatch fixed: the decode "
-                        "step's MoE layers then dispatch expert-parallel (static EP, no "
-                        "replicas) inside the graph, with NCCL; --no-cuda-graphs decodes "
-                        "through the runner's eager layers")
+                        "(one rank: on by default for CUDA, off on CPU, where it runs the same "
+                        "no-sync step eagerly). With more ranks off by default; --cuda-graphs "
+                        "with --dispatch fixed captures the decode step with its MoE layers "
+                        "dispatched expert-parallel by NCCL inside the graph (static EP: no "
+                        "replicas in decode steps; prefill stays eager and balanced; on CPU the "
+                        "same step runs eagerly)")
     p.add_argument("--max-seq-len", type=int, default=None,
                    help="positions per request in the static KV cache of --cuda-graphs "
                         "(default: min(max_position_embeddings, 2048))")
@@ -308,8 +309,10 @@ def run(args) -> dict | None:
         from probe.predictor import PredictorSet
 
         predictor = PredictorSet.load(predictor).to(device)
+    if ctx.world_size > 1 and args.cuda_graphs is None:
+        graphs = False  # at ep > 1 the captured step is static EP: opt in with --cuda-graphs
     if graphs and ctx.world_size > 1 and not dispatch.fixed:
-        if args.cuda_graphs and ctx.rank == 0:
+        if ctx.rank == 0:
             sys.stderr.write("probe.runtime: --cuda-graphs at ep > 1 needs --dispatch fixed; "
                              "decoding eagerly expert-parallel\n")
         graphs = False
