@@ -132,3 +132,20 @@ def test_ep_graphs_experiment_two_gloo_ranks(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     record = json.loads((tmp_path / "ep_graphs.json").read_text())
     assert record["ranks"] == 2 and record["backend"] == "gloo" and record["ok"]
+
+
+@pytest.mark.slow
+def test_torchrun_cuda_graphs_flag_runs_the_ep_decode_step(tmp_path):
+    """Two CPU ranks: `--dispatch fixed --cuda-graphs` decodes through the EP decode step (eager
+    on the CPU) and generates the tokens of the default run."""
+    from test_dispatch import _torchrun
+
+    runs = {}
+    for name, extra in (("default", ()), ("graphs", ("--dispatch", "fixed", "--cuda-graphs"))):
+        proc = _torchrun(tmp_path, name, *extra)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        runs[name] = json.loads((tmp_path / f"{name}.json").read_text())
+    assert runs["graphs"]["ranks"][0]["cuda_graphs"] is True
+    assert runs["default"]["ranks"][0]["cuda_graphs"] is False
+    for r in range(2):
+        assert runs["graphs"]["ranks"][r]["tokens"] == runs["default"]["ranks"][r]["tokens"]
