@@ -160,7 +160,9 @@ class Engine:
         if replica_slots and memory_budget_bytes is None:
             raise ValueError("replica_slots are reserved from memory_budget_bytes: give it")
         static_decode = static_decode or cuda_graphs or paged_kv
-        if static_decode and runner is not None and (paged_kv or not runner.dispatch.fixed):
+        dispatch = getattr(runner, "dispatch", None)  # an EPRunner's DispatchOptions
+        if static_decode and runner is not None and (
+                paged_kv or dispatch is None or not dispatch.fixed):
             raise ValueError("static_decode/cuda_graphs with an EPRunner need its "
                              "fixed-capacity dispatch (DispatchOptions('fixed')) and no "
                              "paged_kv; else give runner=None (the MoE layers run locally)")

@@ -431,6 +431,7 @@ class EPRunner:
             self._home_dev = torch.as_tensor(self.home.astype(np.int64)).to(self.device)
         if self.plans_replicas or self.resident is not None:
             self.warm_up_planner()
+
     def _solve(self, problem: BalanceProblem) -> Plan:
         if self.opts.planner is not None:
             return self.opts.planner(problem)
