@@ -18,7 +18,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from test_dispatch import FIXED, _requests
+from test_dispatch import _requests
 from test_ep import SLOTS, _cost, _free_port, _init, _rank_model, full_model
 
 from probe.runtime.decode import EPDecodeRunner, StaticKVCache
@@ -27,10 +27,14 @@ from probe.runtime.dist import DistContext
 from probe.runtime.engine import Engine, Request, greedy_generate
 from probe.runtime.pipeline import EPRunner, PipelineOptions
 
+ROOMY = DispatchOptions("fixed", capacity_factor=4.0)
+
 
 def _serve(model, ctx: DistContext, rank: int, world: int, requests=None,
            **kw) -> tuple[dict, list[int]]:
-    runner = EPRunner(model, ctx, PipelineOptions(num_slots=SLOTS, dispatch=FIXED,
+    # capacity factor G: C = T_max K, room for any skew (the prefill part of a step dispatches
+    # only the prefill tokens, a few repeated ones: a smaller factor can overflow at 4 ranks)
+    runner = EPRunner(model, ctx, PipelineOptions(num_slots=SLOTS, dispatch=ROOMY,
                                                   default_window_s=1.0, **kw),
                       cost=_cost(world))
     engine = Engine(model, runner, ctx, max_batch_tokens=12, prefill_chunk=5,
