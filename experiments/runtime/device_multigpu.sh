@@ -4,8 +4,10 @@
 # probe, probe-on-eplb; their JSONs and step logs packed in rt_policies.tar.gz: compare the
 # sample tokens, no policy may change the output), then, in the time left, static and probe
 # again with --dispatch fixed (fixed-capacity all-to-alls, no host sync per MoE layer; same
-# tarball, *-fixed.json; the same tokens again), then the simulator's error against the runs
-# (experiments/runtime/sim_error.py, CPU only; rerun it anywhere on the folder that comes back).
+# tarball, *-fixed.json; the same tokens again), probe also with --plan-on device, the
+# expert-parallel decode step captured in CUDA graphs against the same step eager
+# (experiments/runtime/ep_graphs.py; its files in the same tarball, rt/ep_graphs/), then the
+# simulator's error against the runs (experiments/runtime/sim_error.py, CPU only; rerun it anywhere on the folder that comes back).
 # Writes everything under $OUT (8 files at most, the device's limit, manifest.json included: the
 # producers' own manifests are folded into it):
 #   run(command="bash experiments/runtime/device_multigpu.sh", kind="nvidia-h200-x2",
@@ -49,17 +51,25 @@ for policy in static eplb eplb-lp probe probe-on-eplb; do
     --policy "$policy" --extra-slots 2 --out "$OUT/rt/$policy.json" \
     --step-log "$OUT/rt/$policy.steps.npz" 2>&1 | tee -a "$LOG"
 done
+step "3b. EP decode step in CUDA graphs (NCCL inside): logits graph on == off, times"
+timeout 90 python3 -m torch.distributed.run --nproc-per-node "$G" -m experiments.runtime.ep_graphs \
+  --device cuda --out "$OUT/rt/ep_graphs" 2>&1 | tee -a "$LOG"
 # Fixed-capacity dispatch, only in what is left of the call's time (the steps above keep
 # theirs): each run gets min(75 s, what remains before 570 s) and is skipped below 40 s.
-for policy in probe static; do
+# probe-device: PROBE planning on the device (--plan-on device: the router-prior predictor and
+# the GPU greedy on a side stream, the GPU assignment kernel on the true counts; no host read
+# per MoE layer); its tokens must equal the other runs' too.
+for variant in probe probe-device static; do
   left=$((570 - SECONDS)); box=$(( left < 75 ? left : 75 ))
   if [ "$box" -lt 40 ]; then
-    step "4. runtime ep=$G, --policy $policy --dispatch fixed: skipped (${left} s left)"; continue
+    step "4. runtime ep=$G, $variant --dispatch fixed: skipped (${left} s left)"; continue
   fi
-  step "4. runtime ep=$G, --policy $policy --dispatch fixed --capacity-factor 2 (${box} s box)"
+  extra="--policy $variant"
+  [ "$variant" = probe-device ] && extra="--policy probe --plan-on device --predictor router"
+  step "4. runtime ep=$G, $extra --dispatch fixed --capacity-factor 2 (${box} s box)"
   timeout "$box" python3 -m torch.distributed.run --nproc-per-node "$G" -m probe.runtime $RT \
-    --policy "$policy" --extra-slots 2 --dispatch fixed --capacity-factor 2 \
-    --out "$OUT/rt/$policy-fixed.json" 2>&1 | tee -a "$LOG"
+    $extra --extra-slots 2 --dispatch fixed --capacity-factor 2 \
+    --out "$OUT/rt/$variant-fixed.json" 2>&1 | tee -a "$LOG"
 done
 tar -czf "$OUT/rt_policies.tar.gz" -C "$OUT" rt && rm -rf "$OUT/rt"
 

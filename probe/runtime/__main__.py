@@ -122,8 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dispatch", choices=["exact", "fixed"], default="exact",
                    help="EP dispatch/combine: exact (all-to-all sizes read back to the host; "
                         "the default) | fixed (C rows per peer, equal static all-to-all "
-                        "sizes; no host sync inside an MoE layer under --policy static and "
-                        "probe with the history predictor; an overflow ends the run "
+                        "sizes; no host sync inside an MoE layer under --policy static, "
+                        "probe with the history predictor, or probe with --plan-on device; an "
+                        "overflow ends the run "
                         "with the capacity it needed); docs/runtime.md 'Fixed-capacity "
                         "dispatch'")
     p.add_argument("--capacity-factor", type=float, default=2.0,
@@ -132,11 +133,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--capacity", type=int, default=None, metavar="C",
                    help="--dispatch fixed: C rows per peer, fixed (overrides "
                         "--capacity-factor; no per-step agreement on T_max)")
+    p.add_argument("--plan-on", choices=["host", "device"], default="host",
+                   help="--policy probe: where each next MoE layer is predicted and planned: "
+                        "host (the host planner; default) | device (predicted loads stay "
+                        "tensors, the greedy runs on the GPU on a side stream, or its CPU twin "
+                        "on CPU, and each layer's TRUE counts are split over the copies present "
+                        "by the assignment kernel; with --dispatch fixed no host read per MoE "
+                        "layer for either predictor); docs/runtime.md 'Planning on the device'")
     p.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None,
                    help="decode through the static KV cache and per-batch-size CUDA graphs "
-                        "(default: on for CUDA, off on CPU, where it runs the same no-sync "
-                        "step eagerly; one rank only: with more ranks the MoE layers run "
-                        "expert-parallel and decode stays eager)")
+                        "(one rank: on by default for CUDA, off on CPU, where it runs the same "
+                        "no-sync step eagerly). With more ranks off by default; --cuda-graphs "
+                        "with --dispatch fixed captures the decode step with its MoE layers "
+                        "dispatched expert-parallel by NCCL inside the graph (static EP: no "
+                        "replicas in decode steps; prefill stays eager and balanced; on CPU the "
+                        "same step runs eagerly)")
     p.add_argument("--max-seq-len", type=int, default=None,
                    help="positions per request in the static KV cache of --cuda-graphs "
                         "(default: min(max_position_embeddings, 2048))")
@@ -298,23 +309,28 @@ def run(args) -> dict | None:
         from probe.predictor import PredictorSet
 
         predictor = PredictorSet.load(predictor).to(device)
-    if graphs and ctx.world_size > 1:
-        if args.cuda_graphs and ctx.rank == 0:
-            sys.stderr.write("probe.runtime: --cuda-graphs is for one rank; decoding eagerly "
-                             "expert-parallel\n")
+    if ctx.world_size > 1 and args.cuda_graphs is None:
+        graphs = False  # at ep > 1 the captured step is static EP: opt in with --cuda-graphs
+    if graphs and ctx.world_size > 1 and not dispatch.fixed:
+        if ctx.rank == 0:
+            sys.stderr.write("probe.runtime: --cuda-graphs at ep > 1 needs --dispatch fixed; "
+                             "decoding eagerly expert-parallel\n")
         graphs = False
     # One rank with graphs: the MoE layers run locally inside the captured step (no EPRunner).
+    # More ranks with graphs (--dispatch fixed): the decode step runs the runner's layers with
+    # fixed-capacity dispatch, captured per batch bucket with NCCL (EPDecodeRunner).
+    ep_graphs = graphs and ctx.world_size > 1
     from probe.runtime.policies import policy_slots
 
     extra = args.slots if args.extra_slots is None else args.extra_slots
     slots = policy_slots(args.policy if args.balance else "static", extra, args.resident_slots
                          if args.balance and args.policy == "probe-on-eplb" else None)
-    runner = None if graphs else EPRunner(model, ctx, PipelineOptions(
+    runner = None if graphs and not ep_graphs else EPRunner(model, ctx, PipelineOptions(
         balance=args.balance and ctx.world_size > 1, num_slots=slots.per_step,
         predictor=predictor, method=args.method, hardware=args.hardware, policy=slots.policy,
         resident_slots=slots.resident, replan_interval=args.replan_interval,
         replan_window=args.replan_window, record_steps=bool(args.step_log),
-        dispatch=dispatch))
+        dispatch=dispatch, plan_on=args.plan_on))
     if args.step_log and runner is None:
         raise SystemExit("probe.runtime: --step-log needs the expert-parallel runner "
                          "(more than one rank, or --no-cuda-graphs)")
@@ -360,7 +376,9 @@ def run(args) -> dict | None:
                     "dispatch": {"mode": dispatch.mode,
                                  "capacity_factor": dispatch.capacity_factor,
                                  "capacity": runner.capacity if runner else None,
-                                 "no_sync_layers": runner.no_sync_layers if runner else False},
+                                 "no_sync_layers": runner.no_sync_layers if runner else False,
+                                 "plan_on": ("device" if runner and runner.device_plans
+                                             else "host")},
                     "generated_tokens": sum(len(r.tokens) for r in results.values()),
                     "tokens": {rid: r.tokens for rid, r in results.items()}})
     if device.type == "cuda":
@@ -559,6 +577,9 @@ def main(argv: list[str] | None = None) -> int:
         DispatchOptions(args.dispatch, args.capacity_factor, args.capacity)
     except ValueError as exc:
         build_parser().error(f"--capacity-factor / --capacity: {exc}")
+    if args.plan_on == "device" and args.balance and args.policy not in ("probe", "static"):
+        build_parser().error(f"--plan-on device plans --policy probe's replicas; --policy "
+                             f"{args.policy} plans on the host")
     try:
         run(args)
     except DeviceUnavailable as exc:

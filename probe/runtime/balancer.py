@@ -22,6 +22,7 @@ l+1 in the previous step (zero in the first step).
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
@@ -32,6 +33,7 @@ import torch
 import torch.distributed as dist
 
 from probe.planner import BalanceProblem, CostModel, Plan, evaluate_plan
+from probe.runtime.device_plan import DeviceGreedy, PendingPlan, plan_rows
 from probe.runtime.dist import DistContext, guarded
 
 __all__ = ["Balancer", "GroupReport", "LayerPlan", "LoadPredictor", "RankReport",
@@ -184,6 +186,10 @@ class Balancer:
         self.history: dict[int, np.ndarray] = {}  # layer -> this rank's true load last step
         self._this_step: dict[int, np.ndarray] = {}
         self._this_step_dev: dict[int, torch.Tensor] = {}  # the same, kept on the device
+        self.history_dev: dict[int, torch.Tensor] = {}  # `history` on the device (device path)
+        self.device_planner: DeviceGreedy | None = None  # set by enable_device_plans
+        self.side_stream: torch.cuda.Stream | None = None
+        self.plan_group = ctx.group
 
     # -- predict ------------------------------------------------------------------------------
     def observe(self, layer: int, topk_ids: torch.Tensor) -> None:
@@ -205,6 +211,7 @@ class Balancer:
             layers = sorted(self._this_step_dev)
             rows = torch.stack([self._this_step_dev[k] for k in layers]).cpu().numpy()
             self._this_step.update(dict(zip(layers, rows, strict=True)))
+            self.history_dev.update(self._this_step_dev)
             self._this_step_dev = {}
         self.history.update(self._this_step)
         self._this_step = {}
@@ -275,6 +282,85 @@ class Balancer:
                                 window_s=got["window"][:, layer])
             plans[layer], _ = self.plan(layer, step, group)
         return plans
+
+    # -- the device path (probe.runtime.device_plan) -------------------------------------------
+    def enable_device_plans(self, device: torch.device,
+                            plan_group: dist.ProcessGroup | None = None) -> None:
+        """Plan on the device (`plan_device`): the greedy on `device` and, on CUDA, a side
+        stream for predicting and planning; the predicted loads are gathered on `plan_group`
+        (default `ctx.group`; on NCCL a group of its own keeps that gather from queueing
+        behind the dispatch's all-to-alls on one communicator)."""
+        self.device_planner = DeviceGreedy(self.home, self.num_slots, self.cost, device)
+        self.side_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        if plan_group is not None:
+            self.plan_group = plan_group
+
+    def gather_device(self, local: torch.Tensor, name: str,
+                      group: dist.ProcessGroup | None = None) -> torch.Tensor:
+        """Every rank's `local` [n] stacked: [G, n] on `local`'s device (one all_gather; no
+        host read)."""
+        ctx = self.ctx
+        if ctx.group is None or ctx.world_size == 1:
+            return local[None]
+        out = [torch.empty_like(local) for _ in range(ctx.world_size)]
+        with guarded(name, ctx.rank, ctx.watchdog):
+            dist.all_gather(out, local, group=group if group is not None else ctx.group)
+        return torch.stack(out)
+
+    def predict_device(self, next_layer: int, h: torch.Tensor) -> torch.Tensor:
+        """`predict` as a device tensor: int64 [E] predicted pairs of this rank's tokens at
+        `next_layer` (the predictor's top-k counted with scatter_add, or the history kept on
+        the device)."""
+        counts = torch.zeros(self.num_experts, dtype=torch.int64, device=h.device)
+        if self.predictor is not None:
+            if h.shape[0] == 0:
+                return counts
+            logits = self.predictor(next_layer, h.to(self.dtype))  # [T, E]
+            ids = torch.topk(logits, self.top_k, dim=-1).indices.reshape(-1)  # [T K]
+            return counts.scatter_add_(0, ids, torch.ones_like(ids))
+        hist = self.history_dev.get(next_layer)
+        return counts if hist is None else hist.to(device=h.device, dtype=torch.int64)
+
+    def plan_device(self, layer: int, step: int, h: torch.Tensor,
+                    window: torch.Tensor) -> PendingPlan:
+        """Predict and plan MoE layer `layer` from h [T, D] (the router input of the layer
+        before) with device tensors: on CUDA on the side stream, ordered after everything
+        the current stream has queued (the router); one all_gather of the predicted loads
+        [E] -> [S, E] on the plan group; the greedy on them and window float64 [G] (the
+        gathered windows of `layer`). Returns the `PendingPlan` (the rows reach the host by a
+        non-blocking copy; nothing here waits for the device). Plans are on the sharded
+        home; `plan_override` (tests) replaces prediction and planning."""
+        if self.device_planner is None:
+            raise RuntimeError("plan_device needs enable_device_plans(device) first")
+        num_ranks = self.ctx.world_size
+        hold = tuple((int(g), int(e)) for g, e in (
+            self.hold_back(layer, step) if self.hold_back is not None else ()))
+        forced = self.plan_override(layer, step) if self.plan_override is not None else None
+        if forced is not None:
+            rows = torch.from_numpy(plan_rows(forced.replicas, forced.sources,
+                                              self.device_planner.num_rows))
+            return PendingPlan(layer, step, rows, None, num_ranks, self.num_experts, hold)
+        stream = self.side_stream
+        if stream is not None:
+            stream.wait_stream(torch.cuda.current_stream(stream.device))
+            h.record_stream(stream)  # read there: not freed before the side stream is done
+        with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+            t0 = time.perf_counter()
+            pred = self.predict_device(layer, h)  # [E]
+            t1 = time.perf_counter()
+            load = self.gather_device(pred, f"plan all_gather (MoE layer {layer - 1})",
+                                      self.plan_group)  # [S, E]
+            rows = self.device_planner.plan(load, window)  # [R_max, 3]
+            ready = None
+            if stream is not None:
+                host = torch.empty(rows.shape, dtype=rows.dtype, pin_memory=True)
+                host.copy_(rows, non_blocking=True)
+                ready = torch.cuda.Event()
+                ready.record(stream)
+                rows = host
+            t2 = time.perf_counter()
+        return PendingPlan(layer, step, rows, ready, num_ranks, self.num_experts, hold,
+                           plan_s=t2 - t1, predict_s=t1 - t0)
 
     # -- plan ---------------------------------------------------------------------------------
     def problem(self, load: np.ndarray, window: np.ndarray,

@@ -29,8 +29,9 @@ is not built here.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -39,6 +40,7 @@ from probe.runtime.model import MoEBlock, MoETransformer, _wide
 
 __all__ = [
     "DecodeRunner",
+    "EPDecodeRunner",
     "SlotCache",
     "StaticKVCache",
     "decode_forward",
@@ -289,7 +291,8 @@ def _check_packed_graphs(model: MoETransformer) -> None:
 
 
 def decode_forward(model: MoETransformer, cache: StaticKVCache, ids: torch.Tensor,
-                   slots: torch.Tensor, positions: torch.Tensor, kv_len: int | None = None
+                   slots: torch.Tensor, positions: torch.Tensor, kv_len: int | None = None,
+                   moe: Callable[[int, torch.Tensor], torch.Tensor] | None = None
                    ) -> torch.Tensor:
     """One decode token per row, no host sync: ids, positions [B] int64 on the model's
     device -> logits [B, V]. `slots` says where each row's sequence lives: [B] int64 slots of a
@@ -297,8 +300,10 @@ def decode_forward(model: MoETransformer, cache: StaticKVCache, ids: torch.Tenso
     Writes each row's keys and values at its position; the caller advances its own lengths.
     kv_len (static cache): attention reads that many positions per slot (a bound on every
     position + 1 that the host knows; default the cache's max_len); a paged cache reads the
-    nb blocks of the table."""
+    nb blocks of the table. moe: (MoE layer index, h [B, D]) -> [B, D], the MoE layers'
+    forward (default: every expert held locally, `static_experts`)."""
     cfg = model.cfg
+    moe_index = 0
     x = model.embed(ids)  # [B, D]
     cos, sin = model._rope(positions, x.dtype)  # [B, Hd/2] x2
     for layer in model.layers:
@@ -311,7 +316,11 @@ def decode_forward(model: MoETransformer, cache: StaticKVCache, ids: torch.Tenso
                                else None)  # [B, H*Dv]
         x = x + attn.o_proj(out)  # [B, D]
         h = layer.mlp_norm(x)  # [B, D]
-        x = x + (_moe(layer.moe, h) if layer.is_moe else layer.mlp(h))  # [B, D]
+        if layer.is_moe:
+            x = x + (_moe(layer.moe, h) if moe is None else moe(moe_index, h))  # [B, D]
+            moe_index += 1
+        else:
+            x = x + layer.mlp(h)  # [B, D]
     x = model.norm(x)
     head = model.embed.weight if cfg.tie_word_embeddings else model.lm_head.weight
     return F.linear(x, head)  # [B, V]
@@ -436,9 +445,14 @@ class DecodeRunner:
         runner takes each row's block list for its slot) -> logits [B, V] on the device (a
         view of the bucket's output; read it before the next call)."""
         self._check_rows(ids, slots, positions)
+        return self._step(ids, slots, positions, self.bucket(len(ids)),
+                          self.kv_bucket(max(positions)))
+
+    def _step(self, ids: Sequence[int], slots: Sequence, positions: Sequence[int],
+              bucket: int, kv_len: int) -> torch.Tensor:
+        """The rows padded to `bucket`, attention over `kv_len` positions: replay (capturing
+        the pair first) or run eagerly. Returns logits [B, V] (a view)."""
         n_rows = len(ids)
-        bucket = self.bucket(n_rows)
-        kv_len = self.kv_bucket(max(positions))
         host = self._host_inputs(ids, slots, positions, bucket, kv_len)
         inputs = self._buffers(bucket, kv_len)
         if self.use_graphs and (bucket, kv_len) not in self._graphs:
@@ -454,3 +468,144 @@ class DecodeRunner:
         else:
             logits = self._run(inputs, kv_len)
         return logits[:n_rows]
+
+
+class EPDecodeRunner(DecodeRunner):
+    """`DecodeRunner` at any ep: the MoE layers run expert-parallel through an `EPRunner`'s
+    layers with fixed-capacity dispatch, so the step (collectives included) has no host sync
+    and is captured per (batch bucket, kv-length bucket) with NCCL when `use_graphs`.
+
+    Inside the step every MoE layer is static EP: each pair runs on its expert's home rank
+    (no replicas, no balancer: a replica set that changes per step cannot live in a graph);
+    the runner's balancing applies to the prefill chunks, which stay eager. The capacity of a
+    bucket Bp is C = `capacity_for(runner.dispatch, Bp, K, G)` rows per peer, fixed per
+    bucket; padding rows send no pair (they would all pick token 0's experts and could
+    overflow one peer) and read zero. Every rank must run the same sequence of collectives,
+    so every rank calls `agree` each step (one all_gather of its decode rows, largest
+    position and other tokens) and then runs the group's bucket and kv-length bucket, a rank
+    without decode rows on scratch rows only; so every rank captures the same pairs in the
+    same order. Overflow (a peer needed more than C rows) is counted on the device in this
+    runner's own `FixedState` per layer (`probe.runtime.dispatch`) and raised by `check()`, on
+    every rank, after the step.
+    At ep = 1 (`ctx.group` None) the same step runs with no collective at all.
+
+    Args:
+        model: the `MoETransformer` wrapped by `runner` (this rank's expert slice).
+        cache: the StaticKVCache of this rank's sequences (attention is data parallel).
+        runner: the `probe.runtime.pipeline.EPRunner` whose layers hold the home experts; its
+            dispatch must be "fixed".
+        use_graphs: capture and replay CUDA graphs (CUDA only); False runs the step eagerly.
+        buckets: padded batch sizes (default `default_buckets(cache.num_slots)`).
+    """
+
+    def __init__(self, model: MoETransformer, cache, runner, *, use_graphs: bool,
+                 buckets: Sequence[int] | None = None) -> None:
+        if not runner.dispatch.fixed:
+            raise ValueError("the expert-parallel decode step needs fixed-capacity dispatch "
+                             "(DispatchOptions('fixed'), --dispatch fixed)")
+        self.runner = runner
+        self.ctx = runner.ctx
+        self.model = model
+        self.cache = cache
+        self.device = runner.device
+        if use_graphs and self.device.type != "cuda":
+            raise ValueError(f"CUDA graphs need a CUDA model, this one is on {self.device}")
+        if use_graphs:
+            _check_packed_graphs(model)
+        self.use_graphs = use_graphs
+        self.buckets = sorted(set(buckets or default_buckets(cache.num_slots)))
+        if self.buckets[0] < 1:
+            raise ValueError(f"buckets must be >= 1, got {self.buckets}")
+        self._inputs: dict[tuple[int, int], torch.Tensor] = {}
+        self._graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self._pool = None
+        from probe.runtime.dispatch import FixedState
+
+        self.states = [FixedState(self.device) for _ in runner.layers]
+        self._capacity: dict[int, int] = {}  # bucket -> C
+        self._ran = False  # a step ran since the last check()
+
+    def capacity(self, bucket: int) -> int:
+        from probe.runtime.dispatch import capacity_for
+
+        if bucket not in self._capacity:
+            self._capacity[bucket] = capacity_for(self.runner.dispatch, bucket,
+                                                  self.model.cfg.top_k, self.ctx.world_size)
+        return self._capacity[bucket]
+
+    def agree(self, num_rows: int, max_position: int, num_other: int = 0
+              ) -> tuple[int, int, int]:
+        """The group's largest decode row count, decode position and `num_other` (e.g. the
+        prefill tokens), by one all_gather (every rank calls it every step)."""
+        from probe.runtime.balancer import all_gather_fields
+
+        got = all_gather_fields(self.ctx, {"v": np.array([num_rows, max_position, num_other],
+                                                         dtype=np.float64)},
+                                "decode rows all_gather")["v"].max(axis=0)
+        return int(got[0]), int(got[1]), int(got[2])
+
+    def _ep_moe(self, index: int, h: torch.Tensor, bucket: int,
+                valid: torch.Tensor) -> torch.Tensor:
+        block = self.runner.blocks[index]
+        topk_ids, topk_weights = block.select(block.router(h))  # [Bp, K] x2
+        out, _ = self.runner.layers[index].forward(h, topk_ids, topk_weights,
+                                                   capacity=self.capacity(bucket),
+                                                   state=self.states[index],
+                                                   valid=valid)  # [Bp, D]
+        shared = block.shared_forward(h)
+        return out if shared is None else out + shared
+
+    def _run(self, inputs: torch.Tensor, kv_len: int) -> torch.Tensor:
+        bucket = inputs.shape[1]
+        valid = inputs[1] != self.cache.scratch  # [Bp]: padding rows dispatch nothing
+        return decode_forward(self.model, self.cache, inputs[0], inputs[1], inputs[2], kv_len,
+                              moe=lambda index, h: self._ep_moe(index, h, bucket, valid))
+
+    def run(self, ids: Sequence[int], slots: Sequence, positions: Sequence[int],
+            most_rows: int, most_position: int) -> torch.Tensor:
+        """Decode this rank's rows (possibly none) in the group's bucket for `most_rows` and
+        kv-length bucket for `most_position` (from `agree`; the same on every rank) -> logits
+        [B, V] (a view; read it before the next call)."""
+        self._check_rows(ids, slots, positions)
+        if most_rows < len(ids) or (len(ids) and most_position < max(positions)):
+            raise ValueError("most_rows / most_position must be the group's maxima (agree)")
+        for state in self.states:  # outside any graph: this step's counters start at zero
+            state.reset()
+        self._ran = True
+        return self._step(ids, slots, positions, self.bucket(most_rows),
+                          self.kv_bucket(most_position))
+
+    def __call__(self, ids: Sequence[int], slots: Sequence, positions: Sequence[int]
+                 ) -> torch.Tensor:
+        """`agree`, then `run` (every rank must call it, with or without rows)."""
+        most_rows, most_position, _ = self.agree(len(ids), max(positions, default=0))
+        return self.run(ids, slots, positions, most_rows, most_position)
+
+    def check(self) -> None:
+        """After a step (a host read and one all_gather; every rank calls it): raise
+        `CapacityOverflow` when a decode layer overflowed its capacity on any rank, or
+        RuntimeError when rows reached a rank that cannot run them."""
+        from probe.runtime.balancer import all_gather_fields
+        from probe.runtime.dispatch import CapacityOverflow
+
+        if not self._ran:
+            return
+        self._ran = False
+        local = {"needed": np.array([int(s.needed) for s in self.states]),  # [L]
+                 "capacity": np.array([s.capacity for s in self.states]),
+                 "unrunnable": np.array([int(s.unrunnable) for s in self.states])}
+        got = all_gather_fields(self.ctx, local, "decode overflow all_gather")
+        bad = np.flatnonzero(got["unrunnable"].sum(axis=0) > 0)
+        if bad.size:
+            raise RuntimeError(f"decode MoE layer {int(bad[0])}: rows reached a rank without "
+                               "their expert")
+        over = np.argwhere(got["needed"] > got["capacity"])  # (rank, layer)
+        if over.size:
+            rank, layer = (int(v) for v in over[0])
+            need = int(got["needed"].max())
+            raise CapacityOverflow(
+                f"fixed-capacity dispatch overflowed at MoE layer {layer} of the decode step: "
+                f"rank {rank} sent {int(got['needed'][rank, layer])} rows to one peer, the "
+                f"capacity is {int(got['capacity'][rank, layer])} rows per peer; the step's "
+                f"output is wrong and was discarded. Rerun with --capacity {need} or more, a "
+                f"larger --capacity-factor, or --no-cuda-graphs")

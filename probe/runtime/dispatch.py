@@ -222,16 +222,20 @@ def fixed_experts(x: torch.Tensor, row_e: torch.Tensor, *, home_ids: np.ndarray,
 
 def fixed_forward(layer, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
                   *, capacity: int, quota, usable, replica_ids: Sequence[int],
-                  replica_params: Callable | None, hooks):
+                  replica_params: Callable | None, hooks, state: FixedState | None = None,
+                  valid: torch.Tensor | None = None):
     """`EPMoELayer.forward` with fixed-capacity dispatch (the module doc); no host sync.
 
     quota: int [E, G] (numpy or tensor) or None; usable: bool [G, E] (numpy or tensor), the
-    same on every rank. Returns ([T, D] output, the `LayerStats` fields as device tensors).
+    same on every rank. state: the counters to update (default the layer's own,
+    `layer.fixed_state`). valid: bool [T] or None, rows whose pairs are sent (the others,
+    padding, go to a virtual destination past the last rank: never sent, never counted, zero
+    output). Returns ([T, D] output, the `LayerStats` fields as device tensors).
     """
     num_tokens, top_k = topk_ids.shape
     num_ranks, num_experts = layer.num_ranks, layer.num_experts
     device = x.device
-    state = layer.fixed_state(device)
+    state = layer.fixed_state(device) if state is None else state
     state.capacity = int(capacity)
     cap = state.capacity
     owner = layer.device_maps(device)["owner"]
@@ -242,16 +246,21 @@ def fixed_forward(layer, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: 
     with record_function("probe.ep.dispatch"):
         flat_e = topk_ids.reshape(-1).to(torch.int64)  # [P]
         dest, fallback = device_destinations(flat_e, quota, usable, owner, num_experts)
+        if valid is not None:  # padding pairs: destination G, past the last rank
+            valid_pairs = valid[:, None].expand(num_tokens, top_k).reshape(-1)  # [P]
+            dest = torch.where(valid_pairs, dest, num_ranks)
         key = dest * num_experts + flat_e  # wire order: destination, expert, token
         order = torch.argsort(key, stable=True)  # [P]
         dest_sorted = dest.index_select(0, order)
-        sent = torch.zeros(num_ranks, dtype=torch.int64, device=device)
-        sent.scatter_add_(0, dest, torch.ones_like(dest))  # [G] pairs to each rank
+        sent_all = torch.zeros(num_ranks + 1, dtype=torch.int64, device=device)
+        sent_all.scatter_add_(0, dest, torch.ones_like(dest))  # [G + 1] pairs to each rank
+        sent = sent_all[:num_ranks]  # [G] (the last bin: padding pairs)
         torch.maximum(state.needed, sent.max(), out=state.needed)
-        first = torch.cumsum(sent, 0) - sent  # [G]
+        first = torch.cumsum(sent_all, 0) - sent_all  # [G + 1]
         pos = torch.arange(order.numel(), device=device) - first[dest_sorted]  # [P]
         trash = num_ranks * cap
-        row = torch.where(pos < cap, dest_sorted * cap + pos, trash)  # [P] wire row
+        row = torch.where((pos < cap) & (dest_sorted < num_ranks), dest_sorted * cap + pos,
+                          trash)  # [P] wire row
         x_send = x.new_zeros((trash + 1, x.shape[1]))
         x_send.index_copy_(0, row, x.index_select(0, order // top_k))
         e_send = torch.full((trash + 1,), -1, dtype=torch.int64, device=device)

@@ -20,7 +20,8 @@ past the positions are REJECTED, not clamped). By default a bad request raises `
 with `reject_invalid=True` it is left out alone, with its reason in `Engine.rejected`, and the
 other requests are served (a multi-rank job must not die for one bad prompt).
 
-Static decode (`static_decode=True`, single process, no EPRunner): every request gets a slot of
+Static decode (`static_decode=True`; single process with no EPRunner, or expert parallel
+through an EPRunner with fixed-capacity dispatch: `_ep_static_step`): every request gets a slot of
 one preallocated `StaticKVCache` (`max_seq_len` positions), prefill chunks fill it through the
 model's eager forward, and the step's decode tokens run as one separate batch through
 `probe.runtime.decode.DecodeRunner`, whose layers never synchronise with the host; with
@@ -127,7 +128,8 @@ class Engine:
         prefill_chunk: prefill tokens of one request per step.
         max_running: requests in flight at once.
         static_decode: decode through the preallocated cache and the no-sync decode step
-            (needs runner=None: the MoE layers run locally).
+            (runner=None: the MoE layers run locally; with a runner, whose dispatch must be
+            "fixed", they run expert-parallel in `probe.runtime.decode.EPDecodeRunner`).
         cuda_graphs: replay the decode step from CUDA graphs (implies static_decode; CUDA only).
         max_seq_len: positions per request in the static cache (prompt + max_new_tokens must
             fit); default min(max_position_embeddings, 2048).
@@ -158,9 +160,12 @@ class Engine:
         if replica_slots and memory_budget_bytes is None:
             raise ValueError("replica_slots are reserved from memory_budget_bytes: give it")
         static_decode = static_decode or cuda_graphs or paged_kv
-        if static_decode and runner is not None:
-            raise ValueError("static_decode/cuda_graphs run the MoE layers locally: "
-                             "give runner=None")
+        dispatch = getattr(runner, "dispatch", None)  # an EPRunner's DispatchOptions
+        if static_decode and runner is not None and (
+                paged_kv or dispatch is None or not dispatch.fixed):
+            raise ValueError("static_decode/cuda_graphs with an EPRunner need its "
+                             "fixed-capacity dispatch (DispatchOptions('fixed')) and no "
+                             "paged_kv; else give runner=None (the MoE layers run locally)")
         if max_seq_len is not None and max_seq_len < 1:
             raise ValueError(f"max_seq_len must be >= 1, got {max_seq_len}")
         self.model = model
@@ -209,7 +214,13 @@ class Engine:
             else:
                 self.kv = StaticKVCache(cfg, max_running, self.max_seq_len, dtype=dtype,
                                         device=self.device)
-                self.decoder = DecodeRunner(model, self.kv, use_graphs=cuda_graphs)
+                if runner is not None:  # expert parallel: the step's MoE layers dispatch
+                    from probe.runtime.decode import EPDecodeRunner
+
+                    self.decoder = EPDecodeRunner(model, self.kv, runner,
+                                                  use_graphs=cuda_graphs)
+                else:
+                    self.decoder = DecodeRunner(model, self.kv, use_graphs=cuda_graphs)
                 pool = sum(t.numel() * t.element_size() for t in self.kv.keys + self.kv.values)
                 self.memory = {"kv": "static", "kv_pool_bytes": pool, "replica_slots": 0,
                                "replica_bytes": 0, "tokens_per_request": self.max_seq_len,
@@ -324,6 +335,23 @@ class Engine:
                 members.append((lv, lv.done_prompt == len(lv.req.prompt)))
                 budget -= n
                 n_prefill += n
+        if self.runner is not None and self.decoder is not None:
+            ep = self._ep_static_step(ids, seq_lens, members, n_decode)
+        else:
+            ep = self._step_forward(ids, seq_lens, members, n_decode)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        rec = StepRecord(self.step_index, len(ids), n_prefill, n_decode,
+                         time.perf_counter() - t0, len(self.live), ep)
+        self.records.append(rec)
+        self._retire()
+        self.step_index += 1
+        return rec
+
+    def _step_forward(self, ids: list[int], seq_lens: list[int],
+                      members: list[tuple[_Live, bool]], n_decode: int) -> dict:
+        """The step's forward (static decode on one rank, or the runner's layers for every
+        token). Returns the runner's step stats (empty without a runner)."""
         if self.runner is not None:
             self.runner.begin_step(num_tokens=len(ids))
         if ids and self.decoder is not None:
@@ -339,15 +367,44 @@ class Engine:
         elif self.runner is not None:
             with torch.inference_mode():
                 self.runner.idle_step()
-        ep = self.runner.end_step().as_dict() if self.runner is not None else {}
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        rec = StepRecord(self.step_index, len(ids), n_prefill, n_decode,
-                         time.perf_counter() - t0, len(self.live), ep)
-        self.records.append(rec)
-        self._retire()
-        self.step_index += 1
-        return rec
+        return self.runner.end_step().as_dict() if self.runner is not None else {}
+
+    def _ep_static_step(self, ids: list[int], seq_lens: list[int],
+                        members: list[tuple[_Live, bool]], n_decode: int) -> dict:
+        """The step with the expert-parallel decode step (`EPDecodeRunner`): the group agrees
+        on its decode bucket and whether anyone prefills (one all_gather); every rank runs the
+        decode step (its rows, or scratch rows only) and checks its overflow counters, then, if
+        any rank prefills, the prefill chunks through the runner's eager layers (idle ranks
+        take part with `idle_step`). Returns the runner's stats of the prefill part ({} when
+        no rank prefilled)."""
+        lives = [lv for lv, _ in members[:n_decode]]
+        positions = [lv.cache.length for lv in lives]
+        n_prefill = len(ids) - n_decode
+        most_rows, most_position, most_prefill = self.decoder.agree(
+            n_decode, max(positions, default=0), n_prefill)
+        ep: dict = {}
+        with torch.inference_mode():
+            if most_rows:
+                logits = self.decoder.run(ids[:n_decode], [lv.cache.address for lv in lives],
+                                          positions, most_rows, most_position)  # [B, V]
+                self.decoder.check()  # every rank: overflow raises before any token is kept
+                for lv in lives:
+                    lv.cache.length += 1
+                self._emit(lives, logits)
+            if most_prefill:
+                self.runner.begin_step(num_tokens=n_prefill)
+                prefill = members[n_decode:]
+                if prefill:
+                    flat = torch.tensor(ids[n_decode:], dtype=torch.int64, device=self.device)
+                    logits = self.model(flat, seq_lens=seq_lens[n_decode:],
+                                        caches=[lv.cache for lv, _ in prefill],
+                                        last_only=True).logits  # [B, V]
+                    rows = [i for i, (_, produces) in enumerate(prefill) if produces]
+                    self._emit([prefill[i][0] for i in rows], logits[rows])
+                else:
+                    self.runner.idle_step()
+                ep = self.runner.end_step().as_dict()
+        return ep
 
     def _emit(self, lives: Sequence[_Live], logits: torch.Tensor) -> None:
         """Sample one token for each of `lives` from logits [B, V]."""

@@ -312,7 +312,8 @@ class EPMoELayer:
                 quota: np.ndarray | None = None, arrived: np.ndarray | None = None,
                 replica_params: Callable[[int], Mapping[str, torch.Tensor]] | None = None,
                 hooks: PhaseHooks | None = None, capacity: int | None = None,
-                replica_ids=None) -> tuple[torch.Tensor, LayerStats]:
+                replica_ids=None, state: FixedState | None = None,
+                valid: torch.Tensor | None = None) -> tuple[torch.Tensor, LayerStats]:
         """Run the MoE experts of this rank's tokens wherever the plan puts them.
 
         Args:
@@ -329,6 +330,10 @@ class EPMoELayer:
                 rank); None: the exact path below.
             replica_ids: with `capacity`, the non-home experts this rank may run (host
                 ints; default: this rank's row of `arrived`, which must then be numpy).
+            state: with `capacity`, the overflow counters to update (default the layer's
+                own; the decode step of `probe.runtime.decode.EPDecodeRunner` keeps its own).
+            valid: with `capacity`, bool [T] on the device: rows whose pairs are dispatched
+                (False: padding rows, which send nothing and get a zero output); None: all.
         Returns: ([T, D] output, LayerStats).
         """
         hooks = hooks or PhaseHooks()
@@ -350,7 +355,8 @@ class EPMoELayer:
                 usable = home | to_device(arrived, device, torch.bool)
             out, fields = fixed_forward(self, x, topk_ids, topk_weights, capacity=capacity,
                                         quota=quota, usable=usable, replica_ids=replica_ids,
-                                        replica_params=replica_params, hooks=hooks)
+                                        replica_params=replica_params, hooks=hooks,
+                                        state=state, valid=valid)
             return out, LayerStats(**fields)
         if arrived is None:
             arrived = np.zeros((num_ranks, num_experts), dtype=bool)

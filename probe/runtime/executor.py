@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from probe.runtime.balancer import LayerPlan
+from probe.runtime.device_plan import PendingPlan
 from probe.runtime.dist import DistContext
 from probe.runtime.ep import EPMoELayer, LayerStats, PhaseHooks
 from probe.runtime.transfer import IssueGate, SlotPool, SplitPhaseTransfer
@@ -87,7 +88,7 @@ class Executor:
         self.stream = stream
         self.source_params = source_params
         self.gate = IssueGate()
-        self.plans: dict[int, LayerPlan] = {}
+        self.plans: dict[int, LayerPlan | PendingPlan] = {}
         self.transfers: dict[int, SplitPhaseTransfer] = {}
         self._last_in_buffer: dict[int, SplitPhaseTransfer] = {}
         self._held: list[SplitPhaseTransfer] = []
@@ -106,18 +107,23 @@ class Executor:
         arrived = transfer.wait_posted()
         return arrived, time.perf_counter() - t0
 
-    def prefetch(self, layer_plan: LayerPlan) -> SplitPhaseTransfer:
-        """Create the transfer of `layer_plan`'s replicas (its pieces wait for `start()`)."""
-        layer, plan = layer_plan.layer, layer_plan.plan
+    def prefetch(self, layer_plan: LayerPlan | PendingPlan) -> SplitPhaseTransfer:
+        """Create the transfer of `layer_plan`'s replicas (its pieces wait for `start()`); a
+        `PendingPlan` (made on the device) is read on the transfer's issuer thread."""
+        layer = layer_plan.layer
+        if isinstance(layer_plan, PendingPlan):  # made on the device: resolved by the issuer
+            replicas, sources = layer_plan.resolve, None
+        else:
+            replicas, sources = layer_plan.plan.replicas, layer_plan.plan.sources
         buffer = self.pool.buffer_of(layer)
         send_from = (self.layers[layer].experts.get if self.source_params is None
                      else lambda e, layer=layer: self.source_params(layer, e))
         transfer = SplitPhaseTransfer(
-            layer, plan.replicas, plan.sources, self.ctx.rank, send_from,
+            layer, replicas, sources, self.ctx.rank, send_from,
             self.pool, self.ctx.transfer_group, num_pieces=self.num_pieces, stream=self.stream,
             ready_event=self._ready_event(layer), hold_back=layer_plan.hold_back,
             gate=self.gate, after=self._last_in_buffer.get(buffer),
-            max_in_flight=self.max_in_flight)
+            max_in_flight=self.max_in_flight, num_experts=self.layers[layer].num_experts)
         self.plans[layer] = layer_plan
         self.transfers[layer] = transfer
         self._last_in_buffer[buffer] = transfer
@@ -146,6 +152,9 @@ class Executor:
         """
         layer_plan = self.plans.get(layer)
         transfer = self.transfers.get(layer)
+        if quota is None and isinstance(layer_plan, PendingPlan):
+            raise ValueError(f"MoE layer {layer}: a plan made on the device carries no split; "
+                             "pass the dispatch-time quota")
         if quota is None:
             quota = layer_plan.quota(self.ctx.rank) if layer_plan is not None else None
         if mine is None:

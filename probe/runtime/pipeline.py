@@ -44,6 +44,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.profiler import record_function
 
@@ -51,7 +52,8 @@ from probe.placement import imbalance_ratio, sharded_home
 from probe.planner import BalanceProblem, CostModel, Plan
 from probe.runtime.balancer import (Balancer, LayerPlan, LoadPredictor, all_gather_fields,
                                     solve_plan)
-from probe.runtime.dispatch import CapacityOverflow, DispatchOptions, capacity_for
+from probe.runtime.device_plan import DeviceSplit, PendingPlan
+from probe.runtime.dispatch import CapacityOverflow, DispatchOptions, capacity_for, to_device
 from probe.runtime.dist import DistContext
 from probe.runtime.ep import EPMoELayer, LayerExperts, PhaseHooks
 from probe.runtime.executor import Executor
@@ -60,12 +62,14 @@ from probe.runtime.policies import POLICIES, SPLITS, ResidentExperts, dispatch_q
 from probe.runtime.quant import join_packed, split_packed
 from probe.runtime.transfer import SlotPool
 
-__all__ = ["PHASES", "EPRunner", "LayerPlan", "LoadPredictor", "PipelineOptions", "StepStats",
-           "cost_model_for", "solve_plan"]
+__all__ = ["PHASES", "PLAN_ON", "EPRunner", "LayerPlan", "LoadPredictor", "PipelineOptions",
+           "StepStats", "cost_model_for", "solve_plan"]
 
 # The phases of one MoE layer on a rank, in the order of `StepStats.layer_phase_s`'s last axis
 # and of `EPRunner.breakdown()` (attention: the non-MoE work before the layer's MoE block).
 PHASES = ("attention", "route_plan", "dispatch", "experts", "combine")
+# Where PROBE's per-layer plans are made (`PipelineOptions.plan_on`).
+PLAN_ON = ("host", "device")
 
 
 def cost_model_for(cfg, world_size: int, dtype: torch.dtype,
@@ -119,6 +123,12 @@ class PipelineOptions:
         (fixed-capacity all-to-alls, no host sync in the EP layer). With "fixed", the
         policies "static" and "probe" with the history predictor also take no host sync
         per MoE layer: PROBE's plans of the step are made at `begin_step` (`no_sync_layers`).
+    plan_on: "host" (default: the host planner, as above) or "device" (policy "probe" only):
+        predict, gather and plan each next layer with device tensors (on CUDA the GPU greedy
+        on a side stream; on CPU its Numba twin on the same tensors) and split each layer's
+        TRUE counts over the copies present with the assignment kernel
+        (`probe.runtime.device_plan`). With "fixed" dispatch that is no host read per MoE
+        layer for either predictor.
     """
 
     balance: bool = True
@@ -139,6 +149,7 @@ class PipelineOptions:
     replan_window: int = 50
     record_steps: bool = False
     dispatch: DispatchOptions = DispatchOptions()
+    plan_on: str = "host"
 
 
 @dataclass
@@ -401,6 +412,23 @@ class EPRunner:
         self.dispatch = self.opts.dispatch
         self.capacity: int | None = None  # C of this step (fixed dispatch)
         self._ahead: dict[int, LayerPlan] = {}
+        if self.opts.plan_on not in PLAN_ON:
+            raise ValueError(f"plan_on must be one of {PLAN_ON}, got {self.opts.plan_on!r}")
+        if self.opts.plan_on == "device" and self.policy not in ("probe", "static"):
+            raise ValueError(f"plan_on='device' plans the 'probe' policy's replicas; policy "
+                             f"{self.policy!r} plans on the host (plan_on='host')")
+        # the device planning path (probe.runtime.device_plan)
+        self.device_plans = self.opts.plan_on == "device" and self.policy == "probe"
+        self.splitter: DeviceSplit | None = None
+        self._windows_dev: torch.Tensor | None = None  # float64 [L, G], gathered per step
+        self._pending: list[PendingPlan] = []  # this step's device plans
+        if self.device_plans:
+            plan_group = None
+            if ctx.backend == "nccl" and ctx.world_size > 1:  # collective: every rank builds
+                plan_group = dist.new_group(ranks=list(range(ctx.world_size)))
+            self.balancer.enable_device_plans(self.device, plan_group)
+            self.splitter = DeviceSplit(self.cost, self.num_experts, ctx.rank, self.device)
+            self._home_dev = torch.as_tensor(self.home.astype(np.int64)).to(self.device)
         if self.plans_replicas or self.resident is not None:
             self.warm_up_planner()
 
@@ -420,7 +448,13 @@ class EPRunner:
         load[:, 1:] = 1
         window = np.full(num_ranks, self.opts.default_window_s)  # [G]
         t0 = time.perf_counter()
-        if self.plans_replicas:
+        if self.device_plans:  # the device kernels' one-time compile, on the real device
+            load_d = torch.as_tensor(load).to(self.device)
+            self.balancer.device_planner.plan(load_d, torch.as_tensor(window).to(self.device))
+            self.splitter.quota(load_d, self._home_dev)
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+        elif self.plans_replicas:
             self._solve(self.balancer.problem(load, window))
         split = self._split_kind()
         if split is not None:  # the dispatch split's one-time cost (Numba, HiGHS import)
@@ -435,9 +469,10 @@ class EPRunner:
     @property
     def no_sync_layers(self) -> bool:
         """Whether the MoE layers run with no host sync: fixed-capacity dispatch under the
-        static policy, or PROBE with the history predictor (plans made at `begin_step`)."""
+        static policy, PROBE with the history predictor (plans made at `begin_step`), or
+        PROBE planning on the device (`plan_on="device"`, either predictor)."""
         return self.dispatch.fixed and (self.policy == "static" or (
-            self.policy == "probe" and self.predictors is None))
+            self.policy == "probe" and (self.predictors is None or self.device_plans)))
 
     # -- step bookkeeping ----------------------------------------------------------------------
     def begin_step(self, num_tokens: int | None = None) -> None:
@@ -446,7 +481,8 @@ class EPRunner:
 
         With fixed-capacity dispatch: this step's capacity C (`dispatch.capacity`, else from
         the group's largest `num_tokens`, agreed by one all_gather) and, when
-        `no_sync_layers` and PROBE plans, the plans of every MoE layer of the step."""
+        `no_sync_layers` and PROBE plans on the host, the plans of every MoE layer of the step.
+        Planning on the device: every rank's windows of the step (one all_gather)."""
         self._replan = (0.0, 0.0)
         if self.dispatch.fixed:
             self._begin_fixed(num_tokens)
@@ -458,7 +494,14 @@ class EPRunner:
                 self._replan = (res.last_move_s, float(res.last_move_bytes))
         self.prev_clock, self.clock = self.clock, _Clock(self.device)
         self.records = [_LayerRecord() for _ in self.blocks]
-        if self.no_sync_layers and self.plans_replicas:
+        self._pending = []
+        if self.device_plans:  # every rank's windows, once a step: float64 [L, G]
+            windows = np.array([self._window(k) for k in range(len(self.blocks))])  # [L]
+            got = all_gather_fields(self.ctx, {"window": windows},
+                                    f"window all_gather (step {self.step})")["window"]
+            self._windows_dev = to_device(np.ascontiguousarray(got.T), self.device,
+                                          torch.float64)
+        elif self.no_sync_layers and self.plans_replicas:
             windows = np.array([self._window(k) for k in range(len(self.blocks))])  # [L]
             self._ahead = self.balancer.plan_ahead(self.step, windows, len(self.blocks))
         self.clock.mark("begin")
@@ -501,7 +544,10 @@ class EPRunner:
         with record_function("probe.moe.route_predict_plan"):
             logits = block.router(h)  # [T, E]
             topk_ids, topk_weights = block.select(logits)  # [T, K] x2
-            if self.no_sync_layers:
+            if self.device_plans:
+                arrived, mine, next_transfer, quota = self._route_device(layer, h, topk_ids,
+                                                                         rec)
+            elif self.no_sync_layers:
                 arrived, mine, next_transfer = self._route_no_sync(layer, topk_ids, rec)
             else:
                 arrived, next_transfer, quota, present = self._route(layer, h, topk_ids, rec)
@@ -542,6 +588,37 @@ class EPRunner:
             nrec.plan_s, nrec.predict_s = next_plan.plan_s, next_plan.predict_s
             next_transfer = self.executor.prefetch(next_plan)
         return arrived, arrived_here, next_transfer
+
+    def _route_device(self, layer: int, h: torch.Tensor, topk_ids: torch.Tensor,
+                      rec: _LayerRecord):
+        """The balancing of one MoE layer on the device (`plan_on="device"`,
+        `probe.runtime.device_plan`): ONE all_gather of every rank's true counts and arrived
+        bits of this layer, the split of the true counts over the copies present, and the next
+        layer's prediction and plan launched on the side stream. No host read with fixed
+        dispatch; the exact path reads the quota and arrived bits back (it reads counts
+        anyway). Returns (arrived bool [G, E], this rank's arrived bool [E] on the host, the
+        next layer's transfer, this rank's quota int64 [E, G])."""
+        bal, num_experts = self.balancer, self.num_experts
+        bal.observe_device(layer, topk_ids)
+        counts = bal._this_step_dev[layer]  # [E]
+        arrived_here, rec.exposed_s = self.executor.arrived(layer)  # [E], host
+        rec.arrived = int(arrived_here.sum())
+        local = torch.cat((counts, to_device(arrived_here.astype(np.int64), self.device,
+                                             torch.int64)))  # [2E]
+        got = bal.gather_device(local, f"counts all_gather (MoE layer {layer})")  # [G, 2E]
+        arrived = got[:, num_experts:] > 0  # [G, E]
+        t0 = time.perf_counter()
+        quota = self.splitter.quota(got[:, :num_experts].contiguous(),
+                                    self._home_dev + arrived.to(torch.int64))  # [E, G]
+        rec.split_s = time.perf_counter() - t0
+        next_transfer = None
+        if layer + 1 < len(self.blocks):
+            pending = bal.plan_device(layer + 1, self.step, h, self._windows_dev[layer + 1])
+            self._pending.append(pending)
+            next_transfer = self.executor.prefetch(pending)
+        if not self.dispatch.fixed:  # the exact path takes host arrays
+            quota, arrived = quota.cpu().numpy(), arrived.cpu().numpy()
+        return arrived, arrived_here, next_transfer, quota
 
     def _route(self, layer: int, h: torch.Tensor, topk_ids: torch.Tensor, rec: _LayerRecord):
         """Predict, gather and plan one MoE layer ahead, and the dispatch-time split (host
@@ -662,13 +739,18 @@ class EPRunner:
         group-wide stats (one all_gather)."""
         self.balancer.end_step()
         self.executor.end_step()
+        for pending in self._pending:  # device plans: their replica counts, read back now
+            nrec = self.records[pending.layer]
+            nrec.planned = pending.num_replicas
+            nrec.plan_s, nrec.predict_s = pending.plan_s, pending.predict_s
+        self._pending = []
         if self.resident is not None:
             self.resident.end_step()
         recs = self.records
         record = self.opts.record_steps
         extra = {}
         if record:  # the step's marks are complete here: the engine has sampled its tokens
-            if self.no_sync_layers:  # the counts stayed on the device until balancer.end_step
+            if self.no_sync_layers or self.device_plans:  # counts stayed on the device
                 for layer, r in enumerate(recs):
                     r.counts = self.balancer.history.get(layer)
             extra = {"counts": np.array([np.zeros(self.num_experts) if r.counts is None

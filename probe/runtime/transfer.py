@@ -228,7 +228,7 @@ class SplitPhaseTransfer:
 
     Args:
         layer: MoE layer index l (selects the pool buffer and the gloo tags).
-        replicas: bool [G, E], the plan's extra copies.
+        replicas: bool [G, E], the plan's extra copies (or a deferred plan, below).
         sources: int64 [G, E], the rank each copy comes from (-1 where none).
         rank: this rank.
         home_params: function e -> {name: tensor [*shape]} of expert e's home weights on this
@@ -245,10 +245,17 @@ class SplitPhaseTransfer:
         after: the previous transfer into the same buffer; this one posts nothing before that
             one has finished (waited on by the issuer thread).
         max_in_flight: pieces posted and not yet complete, at most.
+        num_experts: E, needed only with a deferred plan.
     Construction starts the issuer thread; it posts nothing before `start()`.
+
+    Deferred plan (the device planning path, `probe.runtime.device_plan`): `replicas` may be a
+    function () -> (replicas bool [G, E], sources int [G, E]) with sources=None. The issuer
+    thread calls it (it may block there, e.g. until the plan computed on the GPU is on the
+    host) after the previous transfer into the buffer has ended, then takes this rank's slots
+    and builds its pieces; until then `arrived()` is all False (nothing of the plan is in).
     """
 
-    def __init__(self, layer: int, replicas: np.ndarray, sources: np.ndarray, rank: int,
+    def __init__(self, layer: int, replicas, sources, rank: int,
                  home_params, pool: SlotPool, group: dist.ProcessGroup | None, *,
                  num_pieces: int = 4, phase1_fraction: float = 0.5,
                  stream: torch.cuda.Stream | None = None,
@@ -256,12 +263,19 @@ class SplitPhaseTransfer:
                  hold_back: Iterable[tuple[int, int]] = (),
                  gate: IssueGate | None = None,
                  after: SplitPhaseTransfer | None = None,
-                 max_in_flight: int = 8) -> None:
-        replicas = np.asarray(replicas, dtype=bool)
-        sources = np.asarray(sources)
-        if replicas.shape != sources.shape or replicas.ndim != 2:
-            raise ValueError(f"replicas [G, E] and sources [G, E] shapes differ: "
-                             f"{replicas.shape} vs {sources.shape}")
+                 max_in_flight: int = 8, num_experts: int | None = None) -> None:
+        deferred = callable(replicas)
+        if deferred:
+            if sources is not None or num_experts is None:
+                raise ValueError("a deferred plan (replicas callable) takes sources=None and "
+                                 "num_experts")
+        else:
+            replicas = np.asarray(replicas, dtype=bool)
+            sources = np.asarray(sources)
+            if replicas.shape != sources.shape or replicas.ndim != 2:
+                raise ValueError(f"replicas [G, E] and sources [G, E] shapes differ: "
+                                 f"{replicas.shape} vs {sources.shape}")
+            num_experts = replicas.shape[1]
         if num_pieces < 1:
             raise ValueError(f"num_pieces must be >= 1, got {num_pieces}")
         if not 0.0 <= phase1_fraction <= 1.0:
@@ -274,7 +288,7 @@ class SplitPhaseTransfer:
         self.pool = pool
         self.stream = stream
         self.ready_event = ready_event
-        self.num_experts = replicas.shape[1]
+        self.num_experts = int(num_experts)
         self.stats = TransferStats()
         self.gate = gate if gate is not None else IssueGate()
         self.max_in_flight = int(max_in_flight)
@@ -282,8 +296,35 @@ class SplitPhaseTransfer:
         self._hold = {(int(g), int(e)) for g, e in hold_back}
         self._use_nccl = group is not None and dist.get_backend(group) == "nccl"
         self.sequence = next(_SEQUENCE)  # the same on every rank (module doc: matching)
+        self._home_params = home_params
+        self._num_pieces, self._phase1_fraction = int(num_pieces), float(phase1_fraction)
+        self._allowed_phase = -1  # highest phase that may be posted (-1: none yet)
+        self._released = False
+        self._events: dict[int, torch.cuda.Event] = {}  # NCCL: replica -> last piece's event
+        self.num_posted = 0
+        self._errors: list[BaseException] = []
+        self._thread = None
+        self._built = threading.Event()
+        self._resolve = replicas if deferred else None
+        self.slot_of: dict[int, int] = {}
+        self._pieces: list[_Piece] = []
+        self._expected: dict[int, int] = {}
+        self._completed: dict[int, int] = {}
+        # held-back pieces exist (either end); a deferred plan may hold some back: assume so
+        self.holds_pieces = deferred and bool(self._hold)
+        if not deferred:
+            self._build(replicas, sources)
+        if self._pieces or deferred:
+            self._thread = threading.Thread(target=self._issue_loop, daemon=True,
+                                            name=f"probe-transfer-l{self.layer}")
+            self._thread.start()
+
+    def _build(self, replicas: np.ndarray, sources: np.ndarray) -> None:
+        """This rank's slots and pieces of the plan's replicas bool [G, E] from sources int
+        [G, E] (at construction, or on the issuer thread once a deferred plan resolves)."""
+        layer, rank, pool, num_pieces = self.layer, self.rank, self.pool, self._num_pieces
         my_experts = np.flatnonzero(replicas[rank]).tolist()
-        self.slot_of = pool.assign(layer, my_experts)  # expert -> slot on this rank
+        slot_of = pool.assign(layer, my_experts)  # expert -> slot on this rank
         pieces: list[_Piece] = []
         for g, e in np.argwhere(replicas):
             g, e = int(g), int(e)
@@ -293,13 +334,13 @@ class SplitPhaseTransfer:
             if rank not in (g, h):
                 continue
             if rank == h:
-                tensors = home_params(e)
+                tensors = self._home_params(e)
                 pool.check_fits(e, tensors)
             else:
-                tensors = pool.params(layer, self.slot_of[e])
+                tensors = pool.params(layer, slot_of[e])
             names = sorted(tensors)
             views = [p for name in names for p in _pieces(tensors[name], num_pieces)]
-            n1 = int(np.ceil(len(views) * phase1_fraction))
+            n1 = int(np.ceil(len(views) * self._phase1_fraction))
             kind = "send" if rank == h else "recv"
             for i, view in enumerate(views):
                 tag = (self.sequence % 2048) * 2 ** 20 + ((g * self.num_experts + e) * 64
@@ -321,24 +362,19 @@ class SplitPhaseTransfer:
         for i, p in enumerate(pieces):
             if p.kind == "recv":
                 last[p.expert] = i
-        self._pieces = [_Piece(p.phase, p.kind, p.tensor, p.peer, p.tag, p.expert,
-                               last.get(p.expert) == i) for i, p in enumerate(pieces)]
-        self.holds_pieces = any(p.phase == 2 for p in self._pieces)  # held back, either end
-        self._expected = {e: 0 for e in my_experts}
-        for p in self._pieces:
+        pieces = [_Piece(p.phase, p.kind, p.tensor, p.peer, p.tag, p.expert,
+                         last.get(p.expert) == i) for i, p in enumerate(pieces)]
+        expected = {e: 0 for e in my_experts}
+        for p in pieces:
             if p.kind == "recv":
-                self._expected[p.expert] += 1
-        self._allowed_phase = -1  # highest phase that may be posted (-1: none yet)
-        self._released = False
-        self._completed = {e: 0 for e in my_experts}  # completed receives per replica
-        self._events: dict[int, torch.cuda.Event] = {}  # NCCL: replica -> last piece's event
-        self.num_posted = 0
-        self._errors: list[BaseException] = []
-        self._thread = None
-        if self._pieces:
-            self._thread = threading.Thread(target=self._issue_loop, daemon=True,
-                                            name=f"probe-transfer-l{self.layer}")
-            self._thread.start()
+                expected[p.expert] += 1
+        with self.gate._cond:  # published together: arrived() reads them under this lock
+            self.slot_of = slot_of
+            self._pieces = pieces
+            self._completed = {e: 0 for e in my_experts}  # completed receives per replica
+            self._expected = expected
+            self.holds_pieces = self.holds_pieces or any(p.phase == 2 for p in pieces)
+        self._built.set()
 
     # -- the issuer thread --------------------------------------------------------------------
     def _may_post(self, piece: _Piece) -> bool:
@@ -354,6 +390,8 @@ class SplitPhaseTransfer:
                 self._after.release_held()  # its late pieces go now, if they still wait
                 if self._after._thread is not None:
                     self._after._thread.join()
+            if self._resolve is not None:  # a device plan: wait for it here, off the main thread
+                self._build(*self._resolve())
             if self.stream is not None:
                 torch.cuda.set_device(self.stream.device)
             in_flight: list[tuple[_Piece, object]] = []
@@ -466,6 +504,9 @@ class SplitPhaseTransfer:
         transfer time is exposed instead of falling back). Returns bool [E] of replicas that
         are complete; held-back replicas stay incomplete."""
         self._allow(1)
+        while not self._built.wait(1e-3):  # a deferred plan resolves on the issuer thread
+            if self._errors or not self._thread.is_alive():
+                break
         need = {e: sum(1 for p in self._pieces if p.kind == "recv" and p.expert == e
                        and p.phase < 2) for e in self._expected}
         while True:

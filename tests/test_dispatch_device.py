@@ -1,0 +1,237 @@
+"""Planning on the device (probe.runtime.device_plan, `plan_on="device"`).
+
+The CPU path runs the same code as the CUDA path on CPU tensors (the planner's and the
+split's CPU kernels on zero-copy views), so these gloo runs exercise it: its plans equal the
+host planner's on the same gathered loads and windows; its split equals `assign_tokens`; and
+the logits with it equal the single-process model's at 2 and 4 ranks under greedy (history and
+router-prior predictors), random (replicas waited for) and late-replica plans, in both dispatch
+paths, with no host sync inside any MoE layer of a fixed-capacity step.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from helpers import same_plan
+from test_dispatch import FIXED, _forward_counted
+from test_ep import (DTYPE, EP_TOL, NUM_EXPERTS, SLOTS, _cost, _free_port, _init, _max_diff,
+                     _rank_model, _reference_logits, full_model, random_plan)
+
+from probe.placement import sharded_home
+from probe.planner.assign import assign_tokens
+from probe.planner.problem import BalanceProblem
+from probe.runtime.balancer import Balancer, solve_plan
+from probe.runtime.device_plan import (DeviceGreedy, DeviceSplit, host_view, plan_rows,
+                                       rows_to_plan)
+from probe.runtime.dispatch import DispatchOptions
+from probe.runtime.pipeline import EPRunner, PipelineOptions
+
+
+# -- pure pieces ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("num_ranks", [2, 4, 8])
+def test_device_greedy_on_cpu_tensors_plans_what_the_host_planner_plans(num_ranks):
+    num_experts, slots = 16, 2
+    home = sharded_home(num_experts, num_ranks)
+    cost = _cost(num_ranks)
+    planner = DeviceGreedy(home, slots, cost, torch.device("cpu"))
+    rng = np.random.default_rng(num_ranks)
+    replicas_seen = 0
+    for _ in range(20):
+        load = rng.integers(0, 30, (num_ranks, num_experts)) * (
+            1 + 40 * (np.arange(num_experts) == rng.integers(num_experts)))  # [S, E], one hot
+        window = rng.uniform(0.0, 2e-4, num_ranks)  # [G]
+        rows = planner.plan(torch.as_tensor(load), torch.as_tensor(window))
+        assert rows.shape == (planner.num_rows, 3) and rows.dtype == torch.int64
+        replicas, sources = rows_to_plan(rows.numpy(), num_ranks, num_experts)
+        want = solve_plan(BalanceProblem.from_load(load, cost, slots, window, home))
+        assert np.array_equal(replicas, want.replicas)
+        assert np.array_equal(sources, want.sources)
+        assert (rows.numpy()[int(replicas.sum()):] == -1).all()  # padding rows
+        replicas_seen += int(replicas.sum())
+    assert replicas_seen > 0
+
+
+def test_device_split_on_cpu_tensors_is_assign_tokens():
+    num_ranks, num_experts = 4, 8
+    home = sharded_home(num_experts, num_ranks).astype(np.int64)
+    rng = np.random.default_rng(5)
+    for _ in range(10):
+        counts = rng.integers(0, 20, (num_ranks, num_experts))
+        copies = home + (rng.random((num_ranks, num_experts)) < 0.3) * (1 - home)
+        want = assign_tokens(counts, copies, _cost(num_ranks))
+        for rank in range(num_ranks):
+            split = DeviceSplit(_cost(num_ranks), num_experts, rank, torch.device("cpu"))
+            got = split.quota(torch.as_tensor(counts), torch.as_tensor(copies))
+            assert got.dtype == torch.int64 and np.array_equal(got.numpy(), want[rank])
+
+
+def test_rows_and_views():
+    replicas = np.array([[False, True, False], [True, False, True]])
+    sources = np.where(replicas, np.array([[0, 0, 0], [0, 0, 0]]) + [[1], [0]], -1)
+    rows = plan_rows(replicas, sources, 4)
+    assert rows.tolist() == [[0, 1, 1], [1, 0, 0], [1, 2, 0], [-1, -1, -1]]
+    back = rows_to_plan(rows, 2, 3)
+    assert np.array_equal(back[0], replicas) and np.array_equal(back[1], sources)
+    with pytest.raises(ValueError, match="more than the 2 rows"):
+        plan_rows(replicas, sources, 2)
+    t = torch.arange(6)
+    view = host_view(t)
+    view[0] = 7  # a view, not a copy
+    assert int(t[0]) == 7
+    with pytest.raises(ValueError, match="host_view takes CPU tensors"):
+        host_view(torch.zeros(2, device="meta"))
+
+
+def test_plan_on_is_validated():
+    from probe.runtime.dist import DistContext
+
+    model = full_model()
+    ctx = DistContext(0, 1, None, None, torch.device("cpu"))
+    with pytest.raises(ValueError, match="plan_on must be one of"):
+        EPRunner(model, ctx, PipelineOptions(plan_on="gpu"))
+    with pytest.raises(ValueError, match="plan_on='device' plans the 'probe' policy"):
+        EPRunner(model, ctx, PipelineOptions(plan_on="device", policy="eplb",
+                                             resident_slots=1))
+
+
+# -- gloo runs ----------------------------------------------------------------------------------
+def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    from probe.predictor import router_prior
+
+    torch.set_num_threads(1)
+    ctx = _init(rank, world, port)
+    out: dict = {}
+    model = _rank_model(rank, world)
+    prior = router_prior(model)  # before a runner wraps the MoE blocks
+    rng = np.random.default_rng(123)  # the same plans on every rank
+    plans = {(layer, step): random_plan(rng, world) for layer in range(3) for step in range(2)}
+    hold_all = {key: [tuple(x) for x in np.argwhere(p.replicas)] for key, p in plans.items()}
+    greedy = dict(default_window_s=1.0, wait_for_replicas=True)
+    scenarios = {
+        "history": dict(greedy),
+        "prior": dict(greedy, predictor=prior),
+        "random": dict(plan_override=lambda layer, step: plans[(layer, step)],
+                       wait_for_replicas=True),
+        "late": dict(plan_override=lambda layer, step: plans[(layer, step)],
+                     hold_back=lambda layer, step: hold_all[(layer, step)]),
+    }
+    for mode in ("exact", "fixed"):
+        for name, kw in scenarios.items():
+            if mode == "exact" and name in ("random", "late"):
+                continue  # one pass of the exact path per predictor is enough here
+            runner = EPRunner(model, ctx, PipelineOptions(
+                num_slots=SLOTS, plan_on="device", record_steps=True,
+                dispatch=DispatchOptions(mode, FIXED.capacity_factor), **kw), cost=_cost(world))
+            for step in range(2 if name in ("random", "late") else 3):
+                logits, st, syncs = _forward_counted(runner, model, rank, step)
+                out[f"{mode}_{name}{step}"] = logits
+                out[f"{mode}_{name}_stats{step}"] = st.as_dict()
+                out[f"{mode}_{name}_syncs{step}"] = syncs
+            out[f"{mode}_{name}_no_sync_layers"] = runner.no_sync_layers
+            runner.close()
+
+    # the device path's plans equal the host planner's on the same loads and windows
+    balancer = Balancer(ctx, num_experts=NUM_EXPERTS, top_k=2,
+                        home=sharded_home(NUM_EXPERTS, world), cost=_cost(world),
+                        num_slots=SLOTS)
+    balancer.enable_device_plans(torch.device("cpu"))
+    skew = np.random.default_rng(10 + rank)
+    balancer.history = {k: skew.integers(0, 4, NUM_EXPERTS) * (1 + 20 * (np.arange(
+        NUM_EXPERTS) == k)) for k in range(3)}  # one hot expert per layer
+    balancer.history_dev = {k: torch.as_tensor(v) for k, v in balancer.history.items()}
+    windows = np.array([1.0, 0.5 + rank, 2.0]) * 1e-5  # [L], different on every rank
+    all_windows = torch.as_tensor(np.stack([np.array([1.0, 0.5 + g, 2.0]) * 1e-5
+                                            for g in range(world)]).T.copy())  # [L, G]
+    out["same_plans"], out["device_replicas"] = [], 0
+    for k in range(2):
+        _, layer_plan = balancer.decide(k, 0, torch.zeros(0, 32, dtype=DTYPE),
+                                        np.zeros(NUM_EXPERTS, bool), windows[k + 1],
+                                        has_next=True)
+        pending = balancer.plan_device(k + 1, 0, torch.zeros(0, 32, dtype=DTYPE),
+                                       all_windows[k + 1])
+        replicas, sources = pending.resolve()
+        out["same_plans"].append(same_plan(layer_plan.plan, type(layer_plan.plan)(
+            replicas, sources, layer_plan.plan.assignment)))
+        out["device_replicas"] += pending.num_replicas
+    torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
+    dist.barrier()
+    ctx.watchdog.stop()
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("world", [2, 4])
+def test_device_plans_match_single_process_without_host_sync(world, tmp_path):
+    mp.spawn(_worker, args=(world, _free_port(), str(tmp_path)), nprocs=world, join=True)
+    outs = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(world)]
+    model = full_model()
+    for rank, out in enumerate(outs):
+        logit_keys = [k for k in out if k[-1].isdigit() and "_stats" not in k
+                      and "_syncs" not in k]
+        assert len(logit_keys) == 3 + 3 + 2 + 2 + 3 + 3
+        for key in logit_keys:
+            diff = _max_diff(out[key], _reference_logits(model, rank, int(key[-1])))
+            assert diff <= EP_TOL, f"rank {rank} {key}: max abs diff {diff}"
+        # no host sync inside any MoE layer of a fixed step (3 MoE layers), either predictor
+        for key in [k for k in out if k.startswith("fixed_") and "_syncs" in k]:
+            assert out[key] == [0, 0, 0], (rank, key, out[key])
+        print(f"world {world} rank {rank} syncs per MoE layer, device plans: exact history "
+              f"{out['exact_history_syncs1']}, fixed history {out['fixed_history_syncs1']}, "
+              f"fixed prior {out['fixed_prior_syncs1']}")
+        assert all(out[f"fixed_{n}_no_sync_layers"] for n in ("history", "prior", "random"))
+        assert not out["exact_history_no_sync_layers"]
+        assert out["same_plans"] == [True, True] and out["device_replicas"] > 0
+    stats = outs[0]
+    for mode in ("exact", "fixed"):
+        for name in ("history", "prior"):
+            planned = sum(sum(stats[f"{mode}_{name}_stats{s}"]["replicas_planned"])
+                          for s in range(3))
+            used = sum(sum(stats[f"{mode}_{name}_stats{s}"]["replicas_used"]) for s in range(3))
+            assert planned > 0 and used > 0, (mode, name, planned, used)
+            # the split is made on the true counts over the copies present: nothing falls back
+            assert sum(sum(stats[f"{mode}_{name}_stats{s}"]["fallback_pairs"])
+                       for s in range(3)) == 0
+        # the step log records the true counts, read back once at the step's end
+        got = stats[f"{mode}_history_stats0"]["routing_counts"]
+        assert got is not None and got.shape == (3, world, NUM_EXPERTS) and got.sum() > 0
+    assert sum(sum(stats[f"fixed_random_stats{s}"]["replicas_used"]) for s in range(2)) > 0
+    late = stats["fixed_late_stats0"]
+    assert sum(late["replicas_arrived"]) == 0 and sum(late["replicas_planned"]) > 0
+
+
+# -- CLI ----------------------------------------------------------------------------------------
+def test_cli_rejects_plan_on_device_for_host_policies(capsys):
+    from probe.runtime.__main__ import main as runtime_main
+
+    with pytest.raises(SystemExit):
+        runtime_main(["--random-config", "gpt-oss-like", "--plan-on", "device",
+                      "--policy", "eplb"])
+    assert "--plan-on device plans --policy probe's replicas" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_torchrun_plan_on_device_generates_the_same_tokens(tmp_path):
+    """Two CPU ranks: --dispatch fixed --plan-on device with the router-prior predictor
+    generates the tokens of --dispatch exact with the host planner, with no host sync per MoE
+    layer (the run's dispatch record says so)."""
+    import json
+
+    from test_dispatch import _torchrun
+
+    runs = {}
+    for name, extra in (("host", ("--dispatch", "exact")),
+                        ("device", ("--dispatch", "fixed", "--plan-on", "device",
+                                    "--predictor", "router"))):
+        proc = _torchrun(tmp_path, name, *extra)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        runs[name] = json.loads((tmp_path / f"{name}.json").read_text())
+    record = runs["device"]["ranks"][0]["dispatch"]
+    assert record["plan_on"] == "device" and record["no_sync_layers"] is True, record
+    assert runs["host"]["ranks"][0]["dispatch"]["plan_on"] == "host"
+    for r in range(2):
+        assert runs["device"]["ranks"][r]["tokens"] == runs["host"]["ranks"][r]["tokens"]
