@@ -103,6 +103,10 @@ def grouped_mm_available(dtype: torch.dtype, device: torch.device | str) -> bool
     key = (device.type, device.index, dtype)
     if key in _PROBED:
         return _PROBED[key]
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        raise RuntimeError("grouped_mm_available: the one-time probe reads its result back, "
+                           "which a CUDA graph capture forbids; run one forward before "
+                           "capturing")
     ok = False
     if hasattr(torch, "_grouped_mm"):
         g = torch.Generator().manual_seed(0)
