@@ -5,11 +5,12 @@ first, `w_down [E_local, D, F]`, optional `b_gate_up [E_local, 2F]`, `b_down [E_
 the family's nonlinearity `activate(gate_up [n, 2F]) -> [n, F]` (`MoEBlock.activate`: SiLU-GLU,
 or GPT-OSS's clamped SwiGLU). A forward pass over rows that each name a local expert slot:
 
-  1. permute on the device: `slot_sorted, order = sort(slot)` (stable), counts per slot
-     (scatter_add into an int32 [E_local + 1] table), summed in place: `offsets [E_local + 1]`,
-     a leading 0 then the end row of every expert's group;
-  2. `gate_up = grouped_mm(x[order], w_gate_up^T, offs)` (+ `b_gate_up[slot[order]]`),
-     `h = activate(gate_up)`, `y = grouped_mm(h, w_down^T, offs)` (+ `b_down[slot[order]]`);
+  1. permute on the device: `slot_sorted, order = sort(slot)` (stable; values and indices in
+     one op), `offsets = searchsorted(slot_sorted, [0, 1, ..., E_local])` as int32
+     [E_local + 1] (the rows with a smaller slot: a leading 0, then the end row of every
+     expert's group; one op where counting and summing took five);
+  2. `gate_up = grouped_mm(x[order], w_gate_up^T, offsets[1:])` (+ `b_gate_up[slot[order]]`),
+     `h = activate(gate_up)`, `y = grouped_mm(h, w_down^T, offsets[1:])` (+ `b_down[...]`);
   3. un-permute: `out[order] = y`.
 Options (both off by default): `glu` (a `GluSpec`) runs the gate/up bias and the nonlinearity as
 one kernel on CUDA (`probe.runtime.glu.fused_glu`) instead of op by op; `backend="triton"` runs
@@ -24,7 +25,7 @@ None) when neither GEMM takes the per-group `F.linear` loop, the one step that r
 (rows T*K, experts E_local) or Triton launches whose grids depend on those alone. So:
   * capturable: `grouped` (`torch._grouped_mm` for dense weights of a dtype it takes, with
     16-byte aligned rows), `glu` fused or not, `backend="triton"` (bf16 rows; packed weights
-    too), and every `permute` ("torch": sort, scatter_add, cumsum, index_select, index_copy;
+    too), and every `permute` ("torch": sort, searchsorted, index_select, index_copy;
     "triton"/"gather": `probe.runtime.permute`'s launches);
   * not capturable: `grouped=False` (the per-expert loop), dense weights where
     `torch._grouped_mm` does not apply (float64, unaligned D or F, a build or device without
@@ -246,8 +247,8 @@ class GroupedExperts:
             where it applies (CUDA), instead of `activate` op by op.
         backend: "torch" or "triton": the GEMM for dense bf16 weights on CUDA (see
             `grouped_linear`); the Triton kernel also adds the biases in its epilogue.
-        permute: how rows are sorted by expert and put back. "torch" (argsort, scatter_add,
-            cumsum, index_select; un-permute by index_copy, then the combine); "triton"
+        permute: how rows are sorted by expert and put back. "torch" (a stable sort,
+            searchsorted, index_select; un-permute by index_copy, then the combine); "triton"
             (`probe.runtime.permute`: three launches that sort and gather the rows, and `moe`'s
             weighted sum as one kernel reading each expert output row once); "gather" (as
             "triton", but where the gate/up GEMM is the Triton kernel its loads gather the
