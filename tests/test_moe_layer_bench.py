@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from experiments.runtime.moe_layer import GROUPED_VARIANTS, main
+from experiments.runtime.moe_layer import GRAPHS_OFF_CPU, GROUPED_VARIANTS, main
 
 
 def test_moe_layer_bench_cpu_quick(tmp_path):
@@ -23,6 +23,22 @@ def test_moe_layer_bench_cpu_quick(tmp_path):
         assert r["twin_rel_err"] < 2e-2
         assert r["hf"] == "ok" and "hf eager" in r["seconds"]
         assert all(e < 2e-2 for e in r["rel_err_vs_grouped"].values())
-    assert "| shape | T |" in (tmp_path / "moe_layer.md").read_text()
+        # graph replay is CUDA only: every variant says so, none is timed
+        assert r["graph_seconds"] == {} and r["graph_best"] is None and r["parts_graph"] == {}
+        assert all(r["graph_skipped"][p] == GRAPHS_OFF_CPU for p in (*GROUPED_VARIANTS, "loop"))
+        # work per layer: the CPU range check's two reads, nothing else read back, except
+        # in the loop (the group sizes, once per GEMM)
+        ops = r["ops_per_layer"]
+        assert all(ops[p]["host_reads"] == 2 and ops[p]["device_ops"] > 0
+                   for p in GROUPED_VARIANTS), ops
+        assert ops["loop"]["host_reads"] == 4
+        assert set(r["ops_per_layer"]) == {*GROUPED_VARIANTS, "loop"}
+    md = (tmp_path / "moe_layer.md").read_text()
+    assert "| shape | T |" in md and "Replayed as CUDA graphs" in md
+    assert f"Steps replayed as CUDA graphs: {GRAPHS_OFF_CPU}" in md
+    summary = result["meta"]["summary"]
+    assert len(summary) == 2 and all("best eager" in line and GRAPHS_OFF_CPU in line
+                                     for line in summary)
+    assert summary[0] in md
     manifest = json.loads((tmp_path / "manifest.json").read_text())
     assert {o["path"] for o in manifest["outputs"]} >= {"moe_layer.json", "moe_layer.md"}

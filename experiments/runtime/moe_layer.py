@@ -22,6 +22,17 @@ with a large bf16 matmul. The table reports time / roofline, and "best" names th
 GroupedExperts variant of each row. The steps table times the permutation and the un-permute +
 combine both ways (torch ops, Triton kernels) next to the GEMMs and the nonlinearity.
 
+Launch overhead: the eager timings start each call from an idle device, so the host's launch
+overhead counts in full (a few us per torch op or Triton launch). Every GroupedExperts variant
+whose forward reads nothing back to the host (`GroupedExperts.why_not_capturable`) is also
+captured as CUDA graphs (one per rotating input set, static buffers, after a warm-up on a side
+stream) and timed replayed, as a serving engine runs its decode steps; the replayed output is
+checked against the eager one (bitwise: the same kernels run). The steps table is replayed as
+graphs too. "Work per layer" counts, in Python, the aten ops that run device work, the Triton
+launches and the host reads of one eager call (`count_ops`). On the CPU nothing is
+graph-timed (the outputs say so). The summary line names, per shape at 768 tokens, the best
+eager and the best graph-replayed ratio to the roofline.
+
 Correctness first: on each shape's D and F with 8 experts and fresh random inputs, the grouped
 path on the device equals the CPU loop twin (`loop_experts`, float32 from the same bf16 weights),
 and on the full layer grouped, loop and hf agree.
@@ -38,9 +49,11 @@ import argparse
 import json
 import math
 import time
+from collections import Counter
 from pathlib import Path
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from experiments.calibration.calibrate_h200 import Timer, measure_copy, measure_matmul, rand
 from experiments.manifest import Manifest
@@ -54,6 +67,12 @@ from probe.runtime.glu import GluSpec, fused_glu, fused_glu_applies
 from probe.runtime.permute import combine as combine_kernel
 from probe.runtime.permute import permute as permute_kernel
 from probe.runtime.permute import triton_applies
+
+try:  # pragma: no cover - triton is optional (runtime extra)
+    from triton.runtime import interpreter as triton_interpreter
+    from triton.runtime import jit as triton_jit
+except ImportError:  # pragma: no cover
+    triton_interpreter = triton_jit = None
 
 SHAPES = {  # name: (family, E, K, D, F)
     "gpt-oss-120b": ("gpt_oss", 128, 4, 2880, 2880),
@@ -193,6 +212,121 @@ def _moe_call(experts: GroupedExperts):
     return lambda x, ids, weights: experts.moe(x, ids, weights)
 
 
+class GraphReplay:
+    """call(*inputs[i]) captured as one CUDA graph per input set (the input tensors are the
+    graphs' static buffers; the graphs share one memory pool), after a warm-up of every set on
+    a side stream (it compiles the Triton kernels and runs the one-time probes, which must not
+    happen inside a capture). Calling the object replays the next graph (cycling, as the eager
+    timing cycles its inputs); `outputs[i]` is graph i's output buffer."""
+
+    def __init__(self, call, inputs: list) -> None:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for inp in inputs:
+                call(*inp)
+        torch.cuda.current_stream().wait_stream(side)
+        pool = torch.cuda.graph_pool_handle()
+        self.graphs, self.outputs = [], []
+        for inp in inputs:
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                out = call(*inp)
+            self.graphs.append(graph)
+            self.outputs.append(out)
+        self.turn = -1
+
+    def __call__(self) -> None:
+        self.turn = (self.turn + 1) % len(self.graphs)
+        self.graphs[self.turn].replay()
+
+
+def time_graph(call, inputs: list, timer: Timer, eager_out: torch.Tensor | None = None) -> dict:
+    """{"seconds": median replay time} of `call` captured as CUDA graphs (GraphReplay), with
+    "bitwise" (graph 0's output equals `eager_out`, the eager call on inputs[0]) and
+    "rel_err" when eager_out is given."""
+    replay = GraphReplay(call, inputs)
+    res = {}
+    if eager_out is not None:
+        replay.graphs[0].replay()
+        torch.cuda.synchronize()
+        got = replay.outputs[0]
+        res["bitwise"] = bool(torch.equal(got, eager_out))
+        res["rel_err"] = float((got.float() - eager_out.float()).norm()
+                               / eager_out.float().norm().clamp_min(1e-30))
+    res["seconds"] = timer(replay)
+    del replay
+    return res
+
+
+_NO_WORK = {"empty", "empty_strided", "empty_like", "new_empty", "new_empty_strided",
+            "promote_types"}
+_HOST_READS = {"_local_scalar_dense", "nonzero", "unique", "_unique2", "masked_select"}
+
+
+class _OpCounter(TorchDispatchMode):
+    """Counts the aten ops that run device work (not views, not bare allocations) and those
+    that read a device value to the host (or need one for an output shape); ops issued from
+    inside a Triton launch (the interpreter's own copies) are not counted."""
+
+    def __init__(self, inside: list) -> None:
+        super().__init__()
+        self.ops, self.reads, self.inside = Counter(), Counter(), inside
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        if not self.inside[0]:
+            if name in _HOST_READS:
+                self.reads[name] += 1
+            elif not func.is_view and name not in _NO_WORK:
+                self.ops[name] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def count_ops(fn) -> dict:
+    """What one call of fn() launches: {"device_ops": aten ops that run device work (each one
+    kernel or a few, e.g. a sort), "triton": Triton launches, "host_reads": reads of a device
+    value to the host (item, tolist, data-dependent shapes), "ops": the aten ops by name}.
+    A count of calls in Python, not of CUDA kernels: it is the same on the CPU and the GPU
+    for the same code path."""
+    launches, inside, reads = Counter(), [0], Counter()
+    kinds = [] if triton_jit is None else [triton_jit.JITFunction]
+    if triton_interpreter is not None:
+        kinds.append(triton_interpreter.InterpretedFunction)
+    originals = {k: k.run for k in kinds}
+    tolist = torch.Tensor.tolist
+
+    def counted(kind):
+        def run(self, *args, **kwargs):
+            if not inside[0]:
+                launches[getattr(self, "__name__", None) or self.fn.__name__] += 1
+            inside[0] += 1
+            try:
+                return originals[kind](self, *args, **kwargs)
+            finally:
+                inside[0] -= 1
+        return run
+
+    def counted_tolist(self):
+        if not inside[0]:
+            reads["tolist"] += 1
+        return tolist(self)
+
+    try:
+        for kind in kinds:
+            kind.run = counted(kind)
+        torch.Tensor.tolist = counted_tolist
+        with _OpCounter(inside) as counter:
+            fn()
+    finally:
+        for kind, run in originals.items():
+            kind.run = run
+        torch.Tensor.tolist = tolist
+    reads.update(counter.reads)
+    return {"device_ops": sum(counter.ops.values()), "triton": sum(launches.values()),
+            "host_reads": sum(reads.values()), "ops": {**counter.ops, **launches, **reads}}
+
+
 def _rotating(call, inputs: list):
     """fn() for the timer: call on the next of `inputs` each time (cycling)."""
     state = {"i": 0}
@@ -243,12 +377,14 @@ def check_against_cpu_twin(family: str, d: int, f: int, k: int, device,
 
 
 def time_parts(experts: GroupedExperts, family: str, w: dict, inputs: list, timer: Timer,
-               k: int) -> dict:
+               k: int, graph_timer: Timer | None = None) -> tuple[dict, dict]:
     """Seconds of each step of the grouped layer on its own (rotating inputs, like the
     whole layer): the permutation (torch ops; the Triton kernels with and without the row
     gather), the two GEMMs (torch._grouped_mm / the Triton kernel, no bias; the Triton one
     also with the gate/up rows gathered in its loads), the bias + nonlinearity op by op and
-    fused, the un-permutation and combine (torch ops; the Triton kernel)."""
+    fused, the un-permutation and combine (torch ops; the Triton kernel). Returns (eager
+    seconds, graph-replayed seconds): with graph_timer (CUDA only) each step is also
+    captured as CUDA graphs over the same staged inputs and replayed (`time_graph`)."""
     staged = []
     with torch.no_grad():
         for x, ids, weights in inputs:
@@ -309,7 +445,7 @@ def time_parts(experts: GroupedExperts, family: str, w: dict, inputs: list, time
         steps["permute triton (no rows)"] = permute_triton(False)
         steps["unpermute+combine triton"] = combine_triton
         steps["gemms triton gather"] = gemms_gather
-    seconds = {}
+    seconds, graphed = {}, {}
     with torch.no_grad():
         for name, step in steps.items():
             try:
@@ -317,10 +453,24 @@ def time_parts(experts: GroupedExperts, family: str, w: dict, inputs: list, time
             except Exception as err:  # noqa: BLE001 - a step that fails is left out, said
                 print(f"step {name} left out: {type(err).__name__}: {str(err)[:160]}",
                       flush=True)
-    return seconds
+                continue
+            if graph_timer is None:
+                continue
+            try:
+                graphed[name] = time_graph(step, staged, graph_timer)["seconds"]
+            except Exception as err:  # noqa: BLE001 - a step that does not capture, said
+                print(f"step {name} not graph-timed: {type(err).__name__}: "
+                      f"{str(err)[:160]}", flush=True)
+    return seconds, graphed
 
 
-def bench_shape(name: str, spec, tokens, timer: Timer, device, dtype, hw: dict) -> list[dict]:
+GRAPHS_OFF_CPU = "not graph-timed: CUDA graphs need a CUDA device (this run is on the CPU)"
+HF_EAGER_ONLY = ("not graph-timed: transformers' experts module is timed as it ships (its "
+                 "eager form loops over the experts that have tokens, a host read)")
+
+
+def bench_shape(name: str, spec, tokens, timer: Timer, device, dtype, hw: dict,
+                graph_timer: Timer | None = None) -> list[dict]:
     family, e, k, d, f = spec
     twin_err, left_out = check_against_cpu_twin(family, d, f, k, device, dtype)
     w = layer_weights(family, e, d, f, dtype, device)
@@ -346,36 +496,102 @@ def bench_shape(name: str, spec, tokens, timer: Timer, device, dtype, hw: dict) 
                "active_experts": active, "weight_bytes_read": active * expert_bytes,
                "flops": flops, "roofline_s": roof, "hf": hf_status, "twin_rel_err": twin_err,
                "grouped_mm_used": paths["grouped"].uses_grouped_mm(), "seconds": {},
-               "rel_err_vs_grouped": {}, "errors": dict(left_out)}
+               "rel_err_vs_grouped": {}, "errors": dict(left_out), "graph_seconds": {},
+               "graph_check": {}, "graph_skipped": {}, "ops_per_layer": {}}
         with torch.no_grad():
             ref = calls["grouped"](*inputs[0]).float()
             for path, call in calls.items():
                 try:
-                    out = call(*inputs[0]).float()
+                    raw = call(*inputs[0])
                 except Exception as err:  # noqa: BLE001 - a path that fails is reported
                     row["errors"][path] = f"{type(err).__name__}: {str(err)[:160]}"
                     continue
+                out = raw.float()
                 rel = float((out - ref).norm() / ref.norm())
                 row["rel_err_vs_grouped"][path] = rel
                 if rel > 2e-2:
                     raise AssertionError(f"{name} T={t}: {path} differs from grouped ({rel})")
                 row["seconds"][path] = timer(_rotating(call, inputs))
+                if path in paths:
+                    try:
+                        row["ops_per_layer"][path] = count_ops(
+                            lambda c=call, a=inputs[0]: c(*a))
+                    except Exception as err:  # noqa: BLE001 - the count is a side result
+                        row["errors"][f"{path} (count)"] = f"{type(err).__name__}: {err}"
+                    _graph_time(row, path, paths[path], call, inputs, raw, graph_timer)
+                else:
+                    row["graph_skipped"][path] = HF_EAGER_ONLY
         row["vs_roofline"] = {p: s / roof for p, s in row["seconds"].items()}
+        row["graph_vs_roofline"] = {p: s / roof for p, s in row["graph_seconds"].items()}
         ours = {p: sec for p, sec in row["seconds"].items() if p in GROUPED_VARIANTS}
         fastest = min(ours, key=ours.get)
         row["best"] = {"path": fastest, "seconds": ours[fastest],
                        "vs_roofline": ours[fastest] / roof}
-        row["parts"] = time_parts(paths["grouped"], family, w, inputs, timer, k)
+        graphed = {p: sec for p, sec in row["graph_seconds"].items() if p in GROUPED_VARIANTS}
+        row["graph_best"] = None
+        if graphed:
+            fastest = min(graphed, key=graphed.get)
+            row["graph_best"] = {"path": fastest, "seconds": graphed[fastest],
+                                 "vs_roofline": graphed[fastest] / roof}
+        row["parts"], row["parts_graph"] = time_parts(paths["grouped"], family, w, inputs,
+                                                      timer, k, graph_timer)
         rows.append(row)
         times = "  ".join(f"{p} {s * 1e6:8.1f} us ({s / roof:5.2f}x)"
                           for p, s in row["seconds"].items())
+        gtimes = "  ".join(f"{p} {s * 1e6:8.1f} us ({s / roof:5.2f}x)"
+                           for p, s in row["graph_seconds"].items()) or "none"
         parts = "  ".join(f"{p} {s * 1e6:.1f}" for p, s in row["parts"].items())
+        gparts = "  ".join(f"{p} {s * 1e6:.1f}" for p, s in row["parts_graph"].items())
         print(f"{name:16s} T={t:5d} active={active:6.1f} roofline {roof * 1e6:8.1f} us  {times}\n"
-              f"{'':16s} steps (us): {parts}", flush=True)
+              f"{'':16s} graph-replayed: {gtimes}\n"
+              f"{'':16s} steps (us): {parts}\n"
+              f"{'':16s} steps graph-replayed (us): {gparts or 'none'}", flush=True)
     del w, paths, calls, ex
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return rows
+
+
+def _graph_time(row: dict, path: str, experts: GroupedExperts, call, inputs: list,
+                eager_out: torch.Tensor, graph_timer: Timer | None) -> None:
+    """Time `call` replayed as CUDA graphs into row["graph_seconds"] (with the replayed
+    output's check against the eager one in row["graph_check"]), or say in
+    row["graph_skipped"] / row["errors"] why not."""
+    why = GRAPHS_OFF_CPU if graph_timer is None else experts.why_not_capturable(inputs[0][0])
+    if why is not None:
+        row["graph_skipped"][path] = why
+        return
+    try:
+        res = time_graph(call, inputs, graph_timer, eager_out)
+    except Exception as err:  # noqa: BLE001 - a capture that fails is reported
+        row["errors"][f"{path} (graph)"] = f"{type(err).__name__}: {str(err)[:160]}"
+        return
+    row["graph_check"][path] = {"bitwise": res["bitwise"], "rel_err": res["rel_err"]}
+    if res["rel_err"] > 2e-2:
+        row["errors"][f"{path} (graph)"] = (f"replayed output differs from eager (rel err "
+                                            f"{res['rel_err']:.2e}): not timed")
+        return
+    if not res["bitwise"]:
+        row["errors"][f"{path} (graph)"] = (f"replayed output not bitwise equal to eager "
+                                            f"(rel err {res['rel_err']:.2e})")
+    row["graph_seconds"][path] = res["seconds"]
+
+
+def summary(rows: list[dict], tokens: int) -> list[str]:
+    """Per shape at `tokens`: the best eager and the best graph-replayed ratio to the roofline."""
+    lines = []
+    for r in rows:
+        if r["tokens"] != tokens:
+            continue
+        if r["graph_best"]:
+            graph = f"{r['graph_best']['vs_roofline']:.2f}x ({r['graph_best']['path']})"
+        elif GRAPHS_OFF_CPU in r["graph_skipped"].values():
+            graph = f"n/a ({GRAPHS_OFF_CPU})"
+        else:
+            graph = "n/a (no variant was captured)"
+        lines.append(f"{r['shape']} at T={tokens}: best eager {r['best']['vs_roofline']:.2f}x "
+                     f"({r['best']['path']}), best graph-replayed {graph} of the roofline")
+    return lines
 
 
 def markdown(rows: list[dict], hw: dict, meta: dict) -> str:
@@ -392,6 +608,34 @@ def markdown(rows: list[dict], hw: dict, meta: dict) -> str:
         best = f"{r['best']['path']} ({r['best']['vs_roofline']:.2f}x)"
         lines.append(f"| {r['shape']} | {r['tokens']} | {r['active_experts']:.1f} | "
                      f"{r['roofline_s'] * 1e6:.0f} | {best} | " + " | ".join(cells) + " |")
+    ours = [p for p in paths if p in GROUPED_VARIANTS]
+    lines += ["", "Replayed as CUDA graphs (captured once per input set, static buffers; no host "
+              "launch overhead), us (x roofline); the replayed output checked against the eager "
+              "one (= bitwise equal):", "",
+              "| shape | T | roofline us | best eager | best graph | " + " | ".join(ours) + " |",
+              "|---|---|---|---|---|" + "---|" * len(ours)]
+    for r in rows:
+        cells = []
+        for p in ours:
+            if p in r["graph_seconds"]:
+                mark = " =" if r["graph_check"][p]["bitwise"] else ""
+                cells.append(f"{r['graph_seconds'][p] * 1e6:.0f} "
+                             f"({r['graph_vs_roofline'][p]:.2f}x){mark}")
+            else:
+                cells.append("n/a")
+        gbest = (f"{r['graph_best']['path']} ({r['graph_best']['vs_roofline']:.2f}x)"
+                 if r["graph_best"] else "n/a")
+        lines.append(f"| {r['shape']} | {r['tokens']} | {r['roofline_s'] * 1e6:.0f} | "
+                     f"{r['best']['path']} ({r['best']['vs_roofline']:.2f}x) | {gbest} | "
+                     + " | ".join(cells) + " |")
+    lines += ["", "Work per layer call (counted in Python: aten ops that run device work, "
+              "Triton launches, host reads), same at every T:", "",
+              "| shape | " + " | ".join(ours) + " |", "|---|" + "---|" * len(ours)]
+    for shape in dict.fromkeys(r["shape"] for r in rows):
+        r = next(r for r in rows if r["shape"] == shape)
+        cells = [(f"{c['device_ops']} + {c['triton']} triton, {c['host_reads']} reads"
+                  if (c := r["ops_per_layer"].get(p)) else "n/a") for p in ours]
+        lines.append(f"| {shape} | " + " | ".join(cells) + " |")
     steps = list(dict.fromkeys(p for r in rows for p in r["parts"]))
     lines += ["", "Steps of the grouped layer timed alone, us (x roofline); the permutation and "
               "the un-permute + combine as torch ops (as `grouped`) and as Triton kernels "
@@ -404,9 +648,23 @@ def markdown(rows: list[dict], hw: dict, meta: dict) -> str:
         cells = [f"{r['parts'][p] * 1e6:.0f} ({r['parts'][p] / r['roofline_s']:.2f}x)"
                  if p in r["parts"] else "n/a" for p in steps]
         lines.append(f"| {r['shape']} | {r['tokens']} | " + " | ".join(cells) + " |")
+    gsteps = list(dict.fromkeys(p for r in rows for p in r["parts_graph"]))
+    if gsteps:
+        lines += ["", "The same steps replayed as CUDA graphs, us (x roofline):", "",
+                  "| shape | T | " + " | ".join(gsteps) + " |",
+                  "|---|---|" + "---|" * len(gsteps)]
+        for r in rows:
+            g = r["parts_graph"]
+            cells = [f"{g[p] * 1e6:.0f} ({g[p] / r['roofline_s']:.2f}x)" if p in g else "n/a"
+                     for p in gsteps]
+            lines.append(f"| {r['shape']} | {r['tokens']} | " + " | ".join(cells) + " |")
+    else:
+        lines += ["", f"Steps replayed as CUDA graphs: {GRAPHS_OFF_CPU}."]
     notes = sorted({f"{r['shape']}: hf {r['hf']}" for r in rows if r["hf"] != "ok"}
-                   | {f"{r['shape']} {p}: {m}" for r in rows for p, m in r["errors"].items()})
-    return "\n".join(lines + ([""] + notes if notes else [])) + "\n"
+                   | {f"{r['shape']} {p}: {m}" for r in rows for p, m in r["errors"].items()}
+                   | {f"{r['shape']} {p}: {m}" for r in rows
+                      for p, m in r["graph_skipped"].items() if m != GRAPHS_OFF_CPU})
+    return "\n".join(lines + ([""] + notes if notes else []) + ["", *meta["summary"]]) + "\n"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -425,6 +683,8 @@ def main(argv: list[str] | None = None) -> None:
     torch.manual_seed(0)
     t_start = time.perf_counter()
     timer = Timer(device, warmup=1 if args.quick else 3, repeats=2 if args.quick else 10)
+    # replays: warm-up and capture are done by GraphReplay; a few replays settle the clocks
+    graph_timer = Timer(device, warmup=2, repeats=10) if device.type == "cuda" else None
     copy = measure_copy(timer, device, (1 << 22) if args.quick else (2 << 30))
     mm = measure_matmul(timer, device, dtype, 256 if args.quick else 8192)
     hw = {"bandwidth": copy["bandwidth"], "matmul_flops": mm["flops"], "copy": copy, "matmul": mm}
@@ -434,17 +694,19 @@ def main(argv: list[str] | None = None) -> None:
     shapes, tokens = (QUICK_SHAPES, QUICK_TOKENS) if args.quick else (SHAPES, TOKENS)
     rows = []
     for name, spec in shapes.items():
-        rows += bench_shape(name, spec, tokens, timer, device, dtype, hw)
+        rows += bench_shape(name, spec, tokens, timer, device, dtype, hw, graph_timer)
     meta = {"device": str(device), "dtype": str(dtype).removeprefix("torch."),
             "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
             "torch": torch.__version__, "grouped_mm_bf16": grouped_mm_available(dtype, device),
-            "seconds_total": time.perf_counter() - t_start}
+            "seconds_total": time.perf_counter() - t_start,
+            "summary": summary(rows, 768 if 768 in tokens else tokens[len(tokens) // 2])}
     md = markdown(rows, hw, meta)
     (out / "moe_layer.json").write_text(json.dumps({"meta": meta, "hardware": hw, "rows": rows},
                                                    indent=1) + "\n")
     (out / "moe_layer.md").write_text(md)
     run.write(out, [out / "moe_layer.json", out / "moe_layer.md"])
     print(md)
+    print("\n".join(meta["summary"]))
     if not math.isfinite(meta["seconds_total"]):
         raise SystemExit("timing failed")
 

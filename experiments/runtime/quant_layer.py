@@ -21,7 +21,10 @@ Roofline: the active experts' weight bytes in that format (read once) plus the a
 device copy, bytes read plus written), and the FLOPs over the bf16 matmul rate measured here;
 the larger is the floor. Correctness first: each variant against the dequantized fp32 twin on
 fresh inputs (relative Frobenius error). Timing: CUDA events, median of repeats after warm-up,
-inputs rotated over several token sets.
+inputs rotated over several token sets. Each variant's best config is also timed replayed as
+CUDA graphs (one per token set, captured once; what a serving engine's decode step runs, with
+no host launch overhead), its replayed output checked against the eager one; on the CPU the
+graph columns are n/a and the .md says why.
 """
 
 from __future__ import annotations
@@ -36,7 +39,9 @@ from pathlib import Path
 
 import torch
 
+from experiments.calibration.calibrate_h200 import Timer
 from experiments.manifest import Manifest
+from experiments.runtime.moe_layer import GRAPHS_OFF_CPU, time_graph
 from probe.runtime.quant import PackedWeight
 from probe.runtime.quant_gemm import KernelConfig, grouped_matmul, grouped_matmul_ref
 from probe.specs import weight_bytes
@@ -191,7 +196,33 @@ def _twin(rows, weight, offsets):
     return grouped_matmul_ref(rows, weight, offsets).to(torch.bfloat16)
 
 
-def run_shape(name, spec, tokens_list, device, ceilings, repeats, gen, configs, trials):
+def _graph_row(row: dict, fn, sets, gate_up, down, eager_out, graph_timer) -> None:
+    """The layer with `fn`'s GEMMs replayed as CUDA graphs (one per token set, captured once
+    after a warm-up on a side stream) into row: graph_us, graph_over_roofline, and the replayed
+    output against the eager one (graph_bitwise: the scatter back to the tokens adds fp32
+    rows with atomics, whose order may differ between runs, so equality is not promised;
+    graph_rel_err); on the CPU graph_skipped says why not."""
+    if graph_timer is None:
+        row["graph_skipped"] = GRAPHS_OFF_CPU
+        return
+
+    def call(x, order, gates, offsets, *_):
+        return experts_layer(fn, x, order, gates, offsets, gate_up, down)
+    try:
+        res = time_graph(call, sets, graph_timer, eager_out)
+    except Exception as exc:  # noqa: BLE001 - a capture that fails is reported
+        row["graph_skipped"] = f"capture failed: {type(exc).__name__}: {str(exc)[:200]}"
+        return
+    row["graph_bitwise"], row["graph_rel_err"] = res["bitwise"], res["rel_err"]
+    if res["rel_err"] > 1e-3:
+        row["graph_skipped"] = f"replayed output differs from eager (rel err {res['rel_err']:.2e})"
+        return
+    row["graph_us"] = res["seconds"] * 1e6
+    row["graph_over_roofline"] = row["graph_us"] / row["roofline_us"]
+
+
+def run_shape(name, spec, tokens_list, device, ceilings, repeats, gen, configs, trials,
+              graph_timer=None):
     experts, top_k, hidden, width, shipped = spec
     rows_out = []
     for fmt in ("bf16", shipped):
@@ -235,11 +266,11 @@ def run_shape(name, spec, tokens_list, device, ceilings, repeats, gen, configs, 
                         continue
                     trial["median_us"] = ms * 1e3
                     if best is None or ms < best[1]:
-                        best = (block, ms, err)
+                        best = (block, ms, err, fn, got)
                 if best is None:  # every config failed: in the trials table, not fatal
                     print(f"{name} T={tokens} {label}: no config ran correctly", flush=True)
                     continue
-                block, ms, err = best
+                block, ms, err, best_fn, best_out = best
                 weights = 3 * active * weight_bytes(fmt, width, hidden)
                 acts = 2 * top_k * tokens * (hidden + 2 * width) * 2
                 flops = 2 * top_k * tokens * 3 * hidden * width
@@ -249,10 +280,14 @@ def run_shape(name, spec, tokens_list, device, ceilings, repeats, gen, configs, 
                        "config": block, "median_us": ms * 1e3, "rel_error": err,
                        "active_experts": active, "weight_bytes": weights,
                        "roofline_us": floor_s * 1e6, "over_roofline": ms * 1e-3 / floor_s}
+                with torch.no_grad():
+                    _graph_row(row, best_fn, sets, gate_up, down, best_out, graph_timer)
                 rows_out.append(row)
+                graph = (f"graph {row['graph_us']:9.1f} us x{row['graph_over_roofline']:.2f}"
+                         if "graph_us" in row else f"graph n/a ({row['graph_skipped'][:40]})")
                 print(f"{name:13s} T={tokens:5d} {label:24s} {block} "
                       f"{ms * 1e3:9.1f} us  roofline {floor_s * 1e6:8.1f} us  "
-                      f"x{row['over_roofline']:.2f}  err {err:.1e}", flush=True)
+                      f"x{row['over_roofline']:.2f}  err {err:.1e}  {graph}", flush=True)
     return rows_out
 
 
@@ -294,14 +329,24 @@ def write_md(path: Path, rows: list[dict], ceilings: dict, device_name: str,
     lines = [f"# MoE expert time by weight format ({device_name})", "",
              f"HBM {ceilings['hbm_bytes_per_s'] / 1e12:.2f} TB/s (read + write), bf16 matmul "
              f"{ceilings['bf16_flops'] / 1e12:.0f} TFLOP/s, both measured in this run.", "",
+             "Median us is the eager layer (host launches included); graph us is the same "
+             "layer captured as CUDA graphs and replayed (no host launch overhead; = marks a "
+             "replayed output bitwise equal to the eager one).", "",
              "| shape | tokens | variant | best config | median us | roofline us | x roofline "
-             "| active experts | weight MB | rel. error |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| active experts | weight MB | rel. error | graph us | graph x roofline |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
+        if "graph_us" in r:
+            graph = (f"{r['graph_us']:.1f}{' =' if r['graph_bitwise'] else ''} | "
+                     f"{r['graph_over_roofline']:.2f}")
+        else:
+            graph = "n/a | n/a"
         lines.append(f"| {r['shape']} | {r['tokens']} | {r['variant']} | {r['config']} | "
                      f"{r['median_us']:.1f} | {r['roofline_us']:.1f} | {r['over_roofline']:.2f} | "
                      f"{r['active_experts']} | {r['weight_bytes'] / 1e6:.1f} | "
-                     f"{r['rel_error']:.1e} |")
+                     f"{r['rel_error']:.1e} | {graph} |")
+    skipped = sorted({r["graph_skipped"] for r in rows if "graph_skipped" in r})
+    lines += ["", *(f"Graph replay: {why}" for why in skipped)] if skipped else []
     lines += ["", "Every config tried (BMxBNxBK/warps/stages, decode), median us or why not:", "",
               "| shape | variant | config | " + " | ".join(
                   f"T={t}" for t in sorted({t['tokens'] for t in trials})) + " |"]
@@ -328,7 +373,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--quick", action="store_true", help="tiny shapes, few repeats")
-    parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--repeats", type=int, default=20)
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda but no CUDA device is visible")
@@ -342,11 +387,13 @@ def main(argv: list[str] | None = None) -> int:
     tokens = (16,) if args.quick else TOKENS
     configs = QUICK_CONFIGS if args.quick else CONFIGS
     repeats = 1 if args.quick else args.repeats
+    graph_timer = (Timer(torch.device("cuda"), warmup=2, repeats=min(repeats, 10))
+                   if args.device == "cuda" else None)
     rows, trials = [], []
     t_start = time.perf_counter()
     for name, spec in shapes.items():
         rows += run_shape(name, spec, tokens, args.device, ceilings, repeats, gen, configs,
-                          trials)
+                          trials, graph_timer)
     device_name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
     with tempfile.TemporaryDirectory() as tmp:
         models = model_check(args.device, Path(tmp))

@@ -5,10 +5,12 @@ first, `w_down [E_local, D, F]`, optional `b_gate_up [E_local, 2F]`, `b_down [E_
 the family's nonlinearity `activate(gate_up [n, 2F]) -> [n, F]` (`MoEBlock.activate`: SiLU-GLU,
 or GPT-OSS's clamped SwiGLU). A forward pass over rows that each name a local expert slot:
 
-  1. permute on the device: `order = argsort(slot)` (stable), `counts` per slot (scatter_add),
-     `offs = cumsum(counts)` as int32 (the end row of every expert's group);
-  2. `gate_up = grouped_mm(x[order], w_gate_up^T, offs)` (+ `b_gate_up[slot[order]]`),
-     `h = activate(gate_up)`, `y = grouped_mm(h, w_down^T, offs)` (+ `b_down[slot[order]]`);
+  1. permute on the device: `slot_sorted, order = sort(slot)` (stable; values and indices in
+     one op), `offsets = searchsorted(slot_sorted, [0, 1, ..., E_local])` as int32
+     [E_local + 1] (the rows with a smaller slot: a leading 0, then the end row of every
+     expert's group; one op where counting and summing took five);
+  2. `gate_up = grouped_mm(x[order], w_gate_up^T, offsets[1:])` (+ `b_gate_up[slot[order]]`),
+     `h = activate(gate_up)`, `y = grouped_mm(h, w_down^T, offsets[1:])` (+ `b_down[...]`);
   3. un-permute: `out[order] = y`.
 Options (both off by default): `glu` (a `GluSpec`) runs the gate/up bias and the nonlinearity as
 one kernel on CUDA (`probe.runtime.glu.fused_glu`) instead of op by op; `backend="triton"` runs
@@ -16,6 +18,24 @@ dense bf16 weights through `probe.runtime.quant_gemm`'s grouped kernel (packed w
 take it on CUDA), which adds the biases in its epilogue instead of gathering them per row.
 No step reads a count back to the host, so the grouped path needs no synchronisation (and can be
 captured in a CUDA graph). An expert with no rows is an empty group.
+
+CUDA graphs. A forward on CUDA rows is capturable (`GroupedExperts.why_not_capturable(x)` is
+None) when neither GEMM takes the per-group `F.linear` loop, the one step that reads the device
+(the group sizes, `offs.tolist()`); every other step is device ops with host-known shapes
+(rows T*K, experts E_local) or Triton launches whose grids depend on those alone. So:
+  * capturable: `grouped` (`torch._grouped_mm` for dense weights of a dtype it takes, with
+    16-byte aligned rows), `glu` fused or not, `backend="triton"` (bf16 rows; packed weights
+    too), and every `permute` ("torch": sort, searchsorted, index_select, index_copy;
+    "triton"/"gather": `probe.runtime.permute`'s launches);
+  * not capturable: `grouped=False` (the per-expert loop), dense weights where
+    `torch._grouped_mm` does not apply (float64, unaligned D or F, a build or device without
+    it) and packed weights off the Triton kernel (expanded, then the same loop), since the loop
+    reads the group sizes; and anything on the CPU (no graphs; the slot range check there reads
+    the ids).
+Before capturing, run the forward once outside the graph (torch asks for a warm-up on a side
+stream anyway): that compiles the Triton kernels and runs the one-time `torch._grouped_mm`
+probe (`grouped_mm_available`, which reads its result back), both of which must not happen
+inside a capture.
 
 `torch._grouped_mm` is used where it exists and works for the dtype and device: whether it does
 is probed once per (device, dtype) on a small problem against a per-group matmul (torch 2.13 on
@@ -52,6 +72,7 @@ __all__ = [
     "BACKENDS",
     "PERMUTES",
     "GroupedExperts",
+    "gemm_path",
     "grouped_default",
     "grouped_linear",
     "grouped_mm_available",
@@ -83,6 +104,10 @@ def grouped_mm_available(dtype: torch.dtype, device: torch.device | str) -> bool
     key = (device.type, device.index, dtype)
     if key in _PROBED:
         return _PROBED[key]
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        raise RuntimeError("grouped_mm_available: the one-time probe reads its result back, "
+                           "which a CUDA graph capture forbids; run one forward before "
+                           "capturing")
     ok = False
     if hasattr(torch, "_grouped_mm"):
         g = torch.Generator().manual_seed(0)
@@ -121,6 +146,27 @@ def packed_kernel_applies(x: torch.Tensor, weight: PackedWeight | torch.Tensor) 
             and fmt in ("bf16", "mxfp4", "fp8_block"))
 
 
+def gemm_path(x: torch.Tensor, weight: torch.Tensor | PackedWeight, *,
+              use_grouped_mm: bool = True, backend: str = "torch") -> str:
+    """Which GEMM `grouped_linear` runs for rows like x (dtype, device, alignment; a non-empty
+    batch) and `weight`: "triton" (probe.runtime.quant_gemm's kernel), "grouped_mm"
+    (`torch._grouped_mm`, of the weights expanded first when they are a PackedWeight) or
+    "loop" (one F.linear per non-empty group: reads the group sizes back to the host, so it
+    cannot be captured in a CUDA graph)."""
+    if packed_kernel_applies(x, weight) and (backend == "triton"
+                                             or isinstance(weight, PackedWeight)):
+        return "triton"
+    if isinstance(weight, PackedWeight):  # expanded to x's dtype: a fresh contiguous tensor
+        dtype, w_ok = x.dtype, weight.shape[2] * x.element_size() % 16 == 0
+    else:
+        dtype, w_ok = weight.dtype, _aligned(weight.transpose(1, 2))
+    if (use_grouped_mm and x.dtype == dtype and w_ok and _aligned(x)
+            and weight.shape[1] * x.element_size() % 16 == 0
+            and grouped_mm_available(x.dtype, x.device)):
+        return "grouped_mm"
+    return "loop"
+
+
 def grouped_linear(x: torch.Tensor, weight: torch.Tensor | PackedWeight, offs: torch.Tensor,
                    bias: torch.Tensor | None = None, slot: torch.Tensor | None = None, *,
                    use_grouped_mm: bool = True, backend: str = "torch",
@@ -132,7 +178,9 @@ def grouped_linear(x: torch.Tensor, weight: torch.Tensor | PackedWeight, offs: t
         weight: [G, N, K] (nn.Linear layout per expert), dense or a `PackedWeight` (kept in
             MXFP4 / FP8: on a GPU the Triton kernel expands its tiles in registers; elsewhere
             the layer is dequantized to x's dtype for the call).
-        offs: int32 [G], end row of each group (cumulative counts, offs[-1] == n).
+        offs: int32 [G], end row of each group (cumulative counts, offs[-1] == n); or int32
+            [G + 1] with a leading 0 (`Permutation.offsets`), which the Triton kernel takes
+            as it is (no concatenated copy).
         bias: [G, N] or None; needs `slot`.
         slot: int64 [n], the group of each row (sorted), for the bias gather.
         use_grouped_mm: allow `torch._grouped_mm` (it is used only where it applies).
@@ -148,14 +196,21 @@ def grouped_linear(x: torch.Tensor, weight: torch.Tensor | PackedWeight, offs: t
         raise ValueError("grouped_linear: bias needs slot (the group of each row)")
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    groups = weight.shape[0]
+    if offs.dim() != 1 or offs.shape[0] not in (groups, groups + 1):
+        raise ValueError(f"offs must be [G] group ends or [G + 1] offsets (G = {groups}), got "
+                         f"{list(offs.shape)}")
+    full = offs.shape[0] == groups + 1  # [G + 1], leading 0
+    ends = offs[1:] if full else offs  # [G] (a view)
     if backend == "triton" and not isinstance(weight, PackedWeight) \
             and packed_kernel_applies(x, weight):
         weight = PackedWeight("bf16", tuple(weight.shape), (weight.contiguous(),))
     if isinstance(weight, PackedWeight):
         if packed_kernel_applies(x, weight):
-            starts = torch.zeros(1, dtype=torch.int32, device=x.device)
-            return grouped_matmul(x, weight, torch.cat((starts, offs.to(torch.int32))),
-                                  bias=bias, x_index=x_index)
+            if not full:
+                starts = torch.zeros(1, dtype=torch.int32, device=x.device)
+                offs = torch.cat((starts, offs.to(torch.int32)))
+            return grouped_matmul(x, weight, offs, bias=bias, x_index=x_index)
         weight = weight.dense(x.dtype)
     if x_index is not None:
         x = x.index_select(0, x_index)  # [n, K]  # the twin: expand the whole layer, then as dense
@@ -163,11 +218,12 @@ def grouped_linear(x: torch.Tensor, weight: torch.Tensor | PackedWeight, offs: t
     if (use_grouped_mm and x.dtype == weight.dtype and x.shape[0] > 0
             and grouped_mm_available(x.dtype, x.device) and _aligned(x, w_t)
             and weight.shape[1] * x.element_size() % 16 == 0):
-        y = torch._grouped_mm(x, w_t, offs=offs)  # [n, N]
+        y = torch._grouped_mm(x, w_t, offs=ends)  # [n, N]
     else:
         y = x.new_empty((x.shape[0], weight.shape[1]))
         start = 0
-        for i, end in enumerate(offs.tolist()):
+        # (no rows: nothing to read back; otherwise the one host read of this path)
+        for i, end in enumerate(ends.tolist() if x.shape[0] else ()):
             if end > start:
                 y[start:end] = F.linear(x[start:end], weight[i])
             start = end
@@ -191,8 +247,8 @@ class GroupedExperts:
             where it applies (CUDA), instead of `activate` op by op.
         backend: "torch" or "triton": the GEMM for dense bf16 weights on CUDA (see
             `grouped_linear`); the Triton kernel also adds the biases in its epilogue.
-        permute: how rows are sorted by expert and put back. "torch" (argsort, scatter_add,
-            cumsum, index_select; un-permute by index_copy, then the combine); "triton"
+        permute: how rows are sorted by expert and put back. "torch" (a stable sort,
+            searchsorted, index_select; un-permute by index_copy, then the combine); "triton"
             (`probe.runtime.permute`: three launches that sort and gather the rows, and `moe`'s
             weighted sum as one kernel reading each expert output row once); "gather" (as
             "triton", but where the gate/up GEMM is the Triton kernel its loads gather the
@@ -229,6 +285,7 @@ class GroupedExperts:
         if permute not in PERMUTES:
             raise ValueError(f"permute must be one of {PERMUTES}, got {permute!r}")
         self.permute = permute
+        self._bounds_cache: dict[torch.device, torch.Tensor] = {}
         self.activate = activate
         self.grouped = grouped_default() if grouped is None else bool(grouped)
         self.glu = glu
@@ -269,13 +326,14 @@ class GroupedExperts:
     def forward_sorted(self, x: torch.Tensor, offs: torch.Tensor,
                        slot: torch.Tensor | None = None, *,
                        x_index: torch.Tensor | None = None) -> torch.Tensor:
-        """Rows already grouped by expert: x [n, D], offs int32 [E_local] (group ends) ->
-        [n, D] unweighted expert outputs. slot int64 [n] (each row's expert) is needed only
+        """Rows already grouped by expert: x [n, D], offs int32 [E_local] (group ends; or
+        [E_local + 1] with a leading 0, see `grouped_linear`) -> [n, D] unweighted expert
+        outputs. slot int64 [n] (each row's expert) is needed only
         with biases. x_index int [n]: x is [T, D] in token order and sorted row i is
         x[x_index[i]] (gathered by the gate/up GEMM where it is the Triton kernel)."""
-        if offs.shape != (self.num_experts,):
-            raise ValueError(f"offs must have one end per expert ({self.num_experts}), got "
-                             f"{tuple(offs.shape)}")
+        if tuple(offs.shape) not in ((self.num_experts,), (self.num_experts + 1,)):
+            raise ValueError(f"offs must have one end per expert ({self.num_experts}) or be the "
+                             f"[E + 1] offsets with a leading 0, got {tuple(offs.shape)}")
         if self.b_gate_up is not None and slot is None:
             raise ValueError("forward_sorted: experts with biases need slot")
         opts = {"use_grouped_mm": self.grouped, "backend": self.backend}
@@ -313,6 +371,31 @@ class GroupedExperts:
         y = self.forward_sorted(x.index_select(0, order), offs, slot_sorted)  # [n, D]
         return torch.empty_like(y).index_copy_(0, order, y)  # un-permute
 
+    def why_not_capturable(self, x: torch.Tensor) -> str | None:
+        """None when `moe` / `__call__` on rows like x [T, D] (dtype, device) read nothing back
+        to the host and launch work of host-known shapes only, so they can be captured in a
+        CUDA graph (after one warm-up call outside it); else the reason (see the module
+        docstring). Runs the one-time `torch._grouped_mm` probe, so call it before capturing."""
+        if not x.is_cuda:
+            return "x is not on a CUDA device (a CUDA graph captures CUDA work only)"
+        d, f = self.w_gate_up.shape[2], self.w_down.shape[2]
+        opts = {"use_grouped_mm": self.grouped, "backend": self.backend}
+        # the rows each GEMM reads are fresh contiguous tensors: an empty one of the same
+        # width has their dtype, device and row stride
+        for name, w, width in (("gate/up", self.w_gate_up, d), ("down", self.w_down, f)):
+            if gemm_path(x.new_empty((0, width)), w, **opts) != "loop":
+                continue
+            if not self.grouped:
+                why = "grouped=False"
+            elif isinstance(w, PackedWeight):
+                why = f"{w.fmt} weights off the Triton kernel are expanded and looped"
+            else:
+                why = (f"torch._grouped_mm does not apply to {w.dtype} weights and {x.dtype} "
+                       f"rows on {x.device} (or the rows are not 16-byte aligned)")
+            return (f"the {name} GEMM runs one F.linear per expert, which reads the group "
+                    f"sizes back to the host ({why})")
+        return None
+
     def _triton_permute(self, x: torch.Tensor) -> bool:
         """Whether this call sorts rows with the Triton kernels (option on, and they apply)."""
         return self.permute != "torch" and perm_kernels.triton_applies(x)
@@ -328,28 +411,39 @@ class GroupedExperts:
         permutation: x [T, D], topk_slot [T, K] local slots."""
         in_gemm = self._gathers_in_gemm(x)
         p = perm_kernels.permute(x, topk_slot, self.num_experts, gather_rows=not in_gemm)
-        ends = p.offsets[1:]  # [E_local] group ends
+        # the [E_local + 1] offsets as they are (the Triton GEMM takes them without a copy)
         if in_gemm:
-            y = self.forward_sorted(x, ends, p.slot, x_index=p.token)
+            y = self.forward_sorted(x, p.offsets, p.slot, x_index=p.token)
         else:
-            y = self.forward_sorted(p.rows, ends, p.slot)
+            y = self.forward_sorted(p.rows, p.offsets, p.slot)
         return p, y  # y [T*K, D]
 
     def _permutation(self, slot: torch.Tensor, device: torch.device):
-        """(order int64 [n]: rows sorted by slot, stable; slot[order]; offs int32 [E_local]
-        group ends), on the device."""
+        """(order int64 [n]: rows sorted by slot, stable; slot[order]; offsets int32
+        [E_local + 1]: a leading 0, then each group's end), on the device, without a host
+        read: one stable sort (values and indices together) and one searchsorted of the
+        sorted slots for the group bounds 0..E_local (offsets[e] = rows with slot < e, the
+        cumulative counts)."""
         slot = slot.to(device=device, dtype=torch.int64)
         if device.type == "cpu" and slot.numel() and (
                 int(slot.min()) < 0 or int(slot.max()) >= self.num_experts):
             raise ValueError(f"slot must lie in [0, {self.num_experts}), got "
                              f"[{int(slot.min())}, {int(slot.max())}]")
-        order = torch.argsort(slot, stable=True)  # [n]
-        slot_sorted = slot.index_select(0, order)  # [n]
-        # scatter_add, not bincount: bincount on CUDA reads the largest id back to the host.
-        counts = torch.zeros(self.num_experts, dtype=torch.int64, device=device)
-        counts.scatter_add_(0, slot_sorted, torch.ones_like(slot_sorted))  # [E_local]
-        offs = torch.cumsum(counts, 0).to(torch.int32)  # [E_local]
-        return order, slot_sorted, offs
+        slot_sorted, order = torch.sort(slot, stable=True)  # [n], [n]
+        offsets = torch.searchsorted(slot_sorted, self._bounds(device),
+                                     out_int32=True)  # [E_local + 1]
+        return order, slot_sorted, offsets
+
+    def _bounds(self, device: torch.device) -> torch.Tensor:
+        """int64 [E_local + 1] = 0..E_local on `device`, made once per device outside a CUDA
+        graph capture (inside one it is made by the graph, and not kept)."""
+        cached = self._bounds_cache.get(device)
+        if cached is not None:
+            return cached
+        bounds = torch.arange(self.num_experts + 1, device=device)
+        if not (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+            self._bounds_cache[device] = bounds
+        return bounds
 
     def moe(self, x: torch.Tensor, topk_slot: torch.Tensor, topk_weights: torch.Tensor,
             combine: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None

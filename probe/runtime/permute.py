@@ -30,6 +30,7 @@ The kernels run on CUDA tensors and under Triton's interpreter (TRITON_INTERPRET
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 
@@ -203,38 +204,51 @@ def _block_d(d: int) -> int:
     return max(16, min(1024, triton.next_power_of_2(max(d, 1))))
 
 
+@functools.lru_cache(maxsize=512)
+def _plan(n: int, num_experts: int, d: int, gather_rows: bool) -> tuple[int, ...]:
+    """Launch parameters of `permute` for n pairs, E experts and D columns, worked out once per
+    shape: (E_PAD, BLOCK, blocks, scan chunk, BD, column programs)."""
+    e_pad = triton.next_power_of_2(num_experts)
+    # the one-hot count holds BLOCK x E_PAD values; the rank, BLOCK x BLOCK
+    block = max(16, min(128, 8192 // e_pad))
+    num_blocks = triton.cdiv(n, block)
+    chunk = min(triton.next_power_of_2(num_blocks), max(1, 8192 // e_pad))
+    bd = _block_d(d)
+    grid_d = triton.cdiv(d, bd) if gather_rows and d else 1
+    return e_pad, block, num_blocks, chunk, bd, grid_d
+
+
 def permute(x: torch.Tensor, topk_ids: torch.Tensor, num_experts: int, *,
             gather_rows: bool = True) -> Permutation:
     """The (token, k) pairs sorted by expert, on the device (three Triton launches, no host
     read): x [T, D], topk_ids int [T, K] in [0, num_experts) -> `Permutation` (rows gathered
-    when gather_rows). Ids are range-checked on the CPU only (a device check needs a read)."""
+    when gather_rows). Ids are range-checked on the CPU only (a device check needs a read).
+    The index maps share one int64 allocation, the offsets and the two [blocks, E_PAD]
+    tables one int32 allocation (three allocations a call with the rows, not seven)."""
     if not triton_applies(x):
         raise RuntimeError("permute needs triton and a CUDA tensor (or TRITON_INTERPRET=1)")
     _check(x, topk_ids, num_experts)
     n_tok, k = topk_ids.shape
     n = n_tok * k
     dev = x.device
-    token = torch.empty(n, dtype=torch.int64, device=dev)
-    slot = torch.empty(n, dtype=torch.int64, device=dev)
-    inv = torch.empty((n_tok, k), dtype=torch.int64, device=dev)
+    maps = torch.empty(3 * n, dtype=torch.int64, device=dev)  # token, slot, inv
+    token, slot, inv = maps[:n], maps[n:2 * n], maps[2 * n:].view(n_tok, k)
     rows = x.new_empty((n, x.shape[1])) if gather_rows else None
     if n == 0:
         offsets = torch.zeros(num_experts + 1, dtype=torch.int32, device=dev)
         return Permutation(token, slot, offsets, inv, rows)
-    offsets = torch.empty(num_experts + 1, dtype=torch.int32, device=dev)
     ids = topk_ids.reshape(-1).contiguous()
-    e_pad = triton.next_power_of_2(num_experts)
-    # the one-hot count holds BLOCK x E_PAD values; the rank, BLOCK x BLOCK
-    block = max(16, min(128, 8192 // e_pad))
-    num_blocks = triton.cdiv(n, block)
-    counts = torch.empty((num_blocks, e_pad), dtype=torch.int32, device=dev)
-    base = torch.empty_like(counts)
+    e_pad, block, num_blocks, chunk, bd, grid_d = _plan(n, num_experts, x.shape[1],
+                                                        gather_rows)
+    table = num_blocks * e_pad
+    # the tables first: with E_PAD >= 2 every part starts 16-byte aligned (as Triton likes)
+    ints = torch.empty(2 * table + num_experts + 1, dtype=torch.int32, device=dev)
+    counts = ints[:table].view(num_blocks, e_pad)
+    base = ints[table:2 * table].view(num_blocks, e_pad)
+    offsets = ints[2 * table:]
     _count_kernel[(num_blocks,)](ids, counts, n, E_PAD=e_pad, BLOCK=block)
-    chunk = min(triton.next_power_of_2(num_blocks), max(1, 8192 // e_pad))
     _scan_kernel[(1,)](counts, base, offsets, num_blocks, num_experts, E_PAD=e_pad, CB=chunk)
     x_c = x if x.stride(-1) == 1 else x.contiguous()
-    bd = _block_d(x.shape[1])
-    grid_d = triton.cdiv(x.shape[1], bd) if gather_rows and x.shape[1] else 1
     _place_kernel[(num_blocks, grid_d)](
         ids, base, x_c, x_c if rows is None else rows, token, slot, inv, n, x.shape[1], k,
         x_c.stride(0), 0 if rows is None else rows.stride(0), E_PAD=e_pad, BLOCK=block, BD=bd,
