@@ -64,6 +64,21 @@ layer type). Every policy has k extra expert slots per rank:
                     max(1, window // 4) measured steps if that is at least STEP_MARGIN (1%)
                     below its current candidate's there (reacts to a shift within a few steps
                     instead of at the next re-plan).
+    probe_on_eplb_plan_bBpP  probe_on_eplb_fit's plan (same replicas), the true tokens split
+                    by the plan's own per-(source, expert) fractions (apply_plan; computed with
+                    the plan on the side stream, locality first as the greedy splits): no
+                    assignment in series; predictor + planner exposure as probe_on_eplb.
+    probe_on_eplb_ahead_bBpP  EPLB-b + p per-step replicas planned ONE STEP AHEAD: the greedy
+                    (paper's rules, fitted line) on the previous step's true load of the layer,
+                    known once that step's dispatch of the layer ran; the plan's own split
+                    applied to the true load. No predictor; the planner runs during the rest of
+                    the previous step, only its time beyond that step's non-communication time
+                    is exposed (ahead_exposure); no assignment in series; transfer charged as
+                    for probe_on_eplb.
+    probe_on_eplb_auto_plus  probe_on_eplb_auto's picker (first pick on history, re-picks at
+                    re-plans, per-step switches with STEP_MARGIN) over a larger candidate set:
+                    auto_candidates(k, plus=True) adds every probe_on_eplb_plan and
+                    probe_on_eplb_ahead split.
     oracle          perfect knowledge, zero cost: per layer the best (lowest MoE time) of every
                     policy's plan and of the greedy planned on the TRUE load over each layout
                     (sharded + k per-step slots, EPLB-b + p per-step slots) with the LP /
