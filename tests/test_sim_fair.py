@@ -541,3 +541,16 @@ def test_run_configs_restrict_the_study():
         configs(parse_args(["--models", "mixtral"]))
     with pytest.raises(ValueError, match="--slots"):
         configs(parse_args(["--slots", "0"]))
+
+
+def test_diagnose_variants_score_every_planner_variant(load, costs):
+    from experiments.fair.diagnose import LINES, RULES, variants
+
+    out = variants(load, costs, prior=4, slots=1, attention=costs.attention_seconds(256),
+                   seed=0, steps=1)
+    keys = {(tag, r, line, src, "wf") for tag in ("b0p1", "home") for r in RULES
+            for line in LINES for src in ("pred", "true")}
+    keys |= {(tag, "paper", "fit", src, split) for tag in ("b0p1", "home")
+             for src in ("pred", "true", "prev") for split in ("wf", "plan")}
+    assert set(out) == keys
+    assert all(np.isfinite(v) and v > 0 for v in out.values())
