@@ -20,6 +20,7 @@ from probe.sim.costs import (
     predictor_seconds,
 )
 from probe.sim.fair import (
+    ahead_exposure,
     auto_candidates,
     eplb_copies,
     pick_by_time,
@@ -104,13 +105,15 @@ def test_equal_slots(result, load, costs):
         assert np.all(copies.sum(axis=1) >= 1)  # every expert somewhere
     for slots in (1, 2, 3, 4):
         names = policy_names(slots)
-        for family in ("probe_on_eplb_b", "probe_on_eplb_fit_b"):
+        for family in ("probe_on_eplb_b", "probe_on_eplb_fit_b", "probe_on_eplb_plan_b",
+                       "probe_on_eplb_ahead_b"):
             combos = [p for p in names if p.startswith(family)]
             assert len(combos) == slots
             for name in combos:
                 b, p = name.removeprefix(family).split("p")
                 assert int(b) + int(p) == slots and int(p) >= 1
         assert "probe_on_eplb_auto" in names and "probe_on_eplb_auto_replan" in names
+        assert "probe_on_eplb_auto_plus" in names
     # Per-step replicas never exceed the slots (replicas are counted over all ranks).
     assert result.metrics["probe_paper"]["replicas"].max() <= 2 * 8
     assert result.metrics["probe_on_eplb_b1p1"]["replicas"].max() <= 1 * 8
@@ -120,6 +123,8 @@ def test_equal_slots(result, load, costs):
     assert result.memory["probe_paper"] == 2 * 2 * w
     assert result.memory["probe_on_eplb_b1p1"] == costs.model.num_layers * w + 2 * w
     assert result.memory["probe_on_eplb_fit_b1p1"] == costs.model.num_layers * w + 2 * w
+    assert result.memory["probe_on_eplb_plan_b0p2"] == result.memory["probe_paper"]
+    assert result.memory["probe_on_eplb_ahead_b1p1"] == result.memory["probe_on_eplb_b1p1"]
 
 
 def test_auto_moe_policy_is_the_fit_policy_of_its_history_split(result):
@@ -173,6 +178,33 @@ def test_oracle_never_worse_on_moe_time(result):
     oracle = result.metrics["oracle"]["moe"]
     for policy in result.policies:
         assert np.all(oracle <= result.metrics[policy]["moe"] + 1e-15), policy
+    # oracle_picks names the winner: a policy with exactly the oracle's MoE time, or a plan on
+    # the true load; meta counts them
+    for n, row in enumerate(result.oracle_picks):
+        for layer, label in enumerate(row):
+            if label in result.policies:
+                assert result.metrics[label]["moe"][n, layer] == oracle[n, layer]
+            else:
+                assert label.startswith("true_") and label.endswith(("_wf", "_greedy"))
+    assert sum(result.meta["oracle_wins"].values()) == oracle.size
+
+
+def test_plan_and_ahead_splits_charge_no_assignment(result, costs):
+    # probe_on_eplb_plan: the fit plan's replicas, its own split, no assignment in series;
+    # probe_on_eplb_ahead: no predictor, the planner hidden by the step before
+    for b, p in ((0, 2), (1, 1)):
+        fit, plan, ahead = (result.metrics[f"probe_on_eplb_{f}_b{b}p{p}"]
+                            for f in ("fit", "plan", "ahead"))
+        np.testing.assert_array_equal(plan["replicas"], fit["replicas"])
+        np.testing.assert_array_equal(plan["pred"], fit["pred"])  # same predictor, planner
+        assert np.all(plan["side"] <= plan["pred"] + costs.side_planner_seconds() + 1e-15)
+        assert plan["side"].sum() > 0  # exposed beyond the dispatch (its own all-to-all)
+        for m in (plan, ahead):
+            assert m["solve"].sum() == 0 and m["solve_side"].sum() == 0
+        assert ahead["pred"].sum() == 0
+        np.testing.assert_array_equal(ahead["side"], ahead_exposure(
+            costs.side_planner_seconds(), costs.model.num_layers * result.attention))
+    assert ahead_exposure(5e-5, 1e-3) == 0.0 and ahead_exposure(3e-3, 1e-3) == 2e-3
 
 
 def test_eplb_lp_never_worse_than_even_split(result):
@@ -395,6 +427,9 @@ def test_pick_by_time_takes_the_lowest_mean_first_on_ties():
     assert pick_by_time(times, ["a", "b"]) == ["b", "a"]
     assert auto_candidates(2) == ["probe_on_eplb_fit_b0p2", "probe_on_eplb_fit_b1p1",
                                   "probe_paper", "eplb_async", "probe_on_eplb_wf", "static"]
+    assert auto_candidates(1, plus=True) == [
+        "probe_on_eplb_fit_b0p1", "probe_paper", "probe_on_eplb_plan_b0p1",
+        "probe_on_eplb_ahead_b0p1", "eplb_async", "probe_on_eplb_wf", "static"]
 
 
 @pytest.fixture(scope="module")
@@ -440,7 +475,9 @@ def test_auto_choice_is_causal(load, costs):
     assert early == b.meta["auto_choices"][:len(early)] and len(early) == 3
     assert a.meta["auto_choices"][3]["layers"] == a.meta["auto_replan_choices"][1]["layers"]
     assert [e["from_step"] for e in a.meta["auto_replan_choices"]] == [0, 3]
-    for policy in ("probe_on_eplb_auto_replan", "probe_on_eplb_auto"):
+    early = [e for e in a.meta["auto_plus_choices"] if e["from_step"] < 3]
+    assert early == b.meta["auto_plus_choices"][:len(early)] and len(early) == 3
+    for policy in ("probe_on_eplb_auto_replan", "probe_on_eplb_auto", "probe_on_eplb_auto_plus"):
         np.testing.assert_array_equal(a.layer_time(policy, "side")[:3],
                                       b.layer_time(policy, "side")[:3])
     assert not np.array_equal(a.layer_time("probe_on_eplb_auto_replan", "side")[3:],
@@ -448,7 +485,8 @@ def test_auto_choice_is_causal(load, costs):
 
 
 @pytest.mark.parametrize("policy,key", [("probe_on_eplb_auto_replan", "auto_replan_choices"),
-                                        ("probe_on_eplb_auto", "auto_choices")])
+                                        ("probe_on_eplb_auto", "auto_choices"),
+                                        ("probe_on_eplb_auto_plus", "auto_plus_choices")])
 def test_auto_policy_is_its_chosen_candidate(result, policy, key):
     epochs = result.meta[key]
     for epoch_i, epoch in enumerate(epochs):
@@ -457,7 +495,7 @@ def test_auto_policy_is_its_chosen_candidate(result, policy, key):
         for layer, label in enumerate(epoch["layers"]):
             name = {"eplb": "eplb_async", "wf": "probe_on_eplb_wf", "static": "static",
                     "paper": "probe_paper"}.get(
-                label, f"probe_on_eplb_fit_{label}")
+                label, f"probe_on_eplb_{label if '_' in label else 'fit_' + label}")
             for mode in ("host", "side"):
                 np.testing.assert_array_equal(
                     result.layer_time(policy, mode)[start:stop, layer],
@@ -474,3 +512,45 @@ def test_every_step_is_charged_the_latency_the_picks_see(stable, costs):
     for policy in ("probe_on_eplb_wf", "probe_on_eplb_fit_b0p1"):
         np.testing.assert_array_equal(res.metrics[policy]["solve_side"], want)
         np.testing.assert_array_equal(res.metrics[policy]["solve"], 1e-6)
+
+
+def test_auto_plus_falls_back_to_eplb_async_when_nothing_hides(stable, costs):
+    # A planner slower than a whole step: even the plan made a step ahead is exposed, the
+    # exposure is the planner's time beyond the step's window, and auto_plus stays on EPLB.
+    slow = dataclasses.replace(costs, planner_gpu_s=1.0)
+    res = simulate_fair(stable, slow, slots=1, prior=4, window=4, interval=3, seed=1,
+                        check=False, solve_time={"waterfill": 1e-3, "lp": 0.0})
+    side = res.metrics["probe_on_eplb_ahead_b0p1"]["side"]
+    np.testing.assert_allclose(side[0], 1.0 - costs.model.num_layers * res.attention)
+    assert np.all(side[1:] > 0.9) and np.all(side[1:] < 1.0)
+    assert all(set(e["layers"]) == {"eplb"} for e in res.meta["auto_plus_choices"])
+    np.testing.assert_array_equal(res.step_time("probe_on_eplb_auto_plus", "side"),
+                                  res.step_time("eplb_async", "side"))
+
+
+def test_run_configs_restrict_the_study():
+    from experiments.fair.run import configs, parse_args
+
+    cases, slots = configs(parse_args(["--models", "qwen3-235b-a22b", "deepseek-v3@ep32",
+                                       "--workloads", "repeat", "--batches", "256",
+                                       "--slots", "3", "1"]))
+    assert cases == [("qwen3-235b-a22b", "repeat", 256), ("deepseek-v3@ep32", "repeat", 256)]
+    assert slots == (1, 3)
+    assert len(configs(parse_args([]))[0]) == 2 * 3 * 3 + 2 * 2 + 2 * 3
+    with pytest.raises(ValueError, match="--models"):
+        configs(parse_args(["--models", "mixtral"]))
+    with pytest.raises(ValueError, match="--slots"):
+        configs(parse_args(["--slots", "0"]))
+
+
+def test_diagnose_variants_score_every_planner_variant(load, costs):
+    from experiments.fair.diagnose import LINES, RULES, variants
+
+    out = variants(load, costs, prior=4, slots=1, attention=costs.attention_seconds(256),
+                   seed=0, steps=1)
+    keys = {(tag, r, line, src, "wf") for tag in ("b0p1", "home") for r in RULES
+            for line in LINES for src in ("pred", "true")}
+    keys |= {(tag, "paper", "fit", src, split) for tag in ("b0p1", "home")
+             for src in ("pred", "true", "prev") for split in ("wf", "plan")}
+    assert set(out) == keys
+    assert all(np.isfinite(v) and v > 0 for v in out.values())

@@ -49,8 +49,9 @@ def _summary(analysis: dict) -> list[str]:
     """Ranges of the headline ratios per workload, side mode (host in the targets section)."""
     rows = ["| workload | cases | best baseline | EPLB+LP (measured LP) | EPLB+LP (LP free) | "
             "PROBE paper | PROBE-on-EPLB linear, fixed split | PROBE-on-EPLB, MoE-time split "
-            "once (auto_moe) | PROBE-on-EPLB (auto: history choice with fallbacks) | oracle |",
-            "|---|---:|---|---|---|---|---|---|---|---|"]
+            "once (auto_moe) | PROBE-on-EPLB, fit plans + fallbacks (previous auto) | "
+            "PROBE-on-EPLB (auto_plus: + own-split and step-ahead plans) | oracle |",
+            "|---|---:|---|---|---|---|---|---|---|---|---|"]
     families = sorted({family(f) for f in analysis["findings"]}, key=_family_key)
     for w in families:
         per = [v for f in analysis["findings"] if family(f) == w
@@ -66,13 +67,16 @@ def _summary(analysis: dict) -> list[str]:
         old = "-"
         if all("probe_on_eplb_auto_moe" in v["ratio"] for v in per):
             old = rng([v["ratio"]["probe_on_eplb_auto_moe"]["side"] for v in per])
+        prev = "-"
+        if all("probe_on_eplb_auto" in v["ratio"] for v in per):
+            prev = rng([v["ratio"]["probe_on_eplb_auto"]["side"] for v in per])
 
         rows.append(
             f"| {w} | {len(per)} | {', '.join(best)} | "
             f"{rng([v['ratio']['eplb_lp']['host'] for v in per])} | "
             f"{rng([v['eplb_lp_free_ratio'] for v in per])} | "
             f"{rng([v['ratio']['probe_paper']['side'] for v in per])} | "
-            f"{linear} | {old} | "
+            f"{linear} | {old} | {prev} | "
             f"{rng([v['ratio'][v['rule_combo']]['side'] for v in per])} | "
             f"{rng([v['ratio']['oracle']['host'] for v in per])} |")
     return rows
@@ -205,8 +209,9 @@ def _t2_rows(results: list[dict], analysis: dict, sensitivity: dict | None) -> l
             gain = per_layer(v["best_baseline"], "host") - per_layer("oracle", "host")
             over = (auto["side_exposed_us"] + auto["solve_us"] + auto["transfer_us"]
                     + 1e3 * auto["stall_ms_per_step"] / layers)
-            fixed = [q for q in pol if q.startswith(("probe_on_eplb_fit_b", "probe_on_eplb_wf"))
-                     or q in ("probe_paper", "eplb_async", "static")]
+            fixed = [q for q in pol if q.startswith((
+                "probe_on_eplb_fit_b", "probe_on_eplb_plan_b", "probe_on_eplb_ahead_b",
+                "probe_on_eplb_wf")) or q in ("probe_paper", "eplb_async", "static")]
             choice = per_layer(v["rule_combo"]) - min(per_layer(q) for q in fixed)
             perfect = "-"
             if other is not None and (f["model"], f["workload"], f["batch_per_rank"]) in other:
@@ -295,17 +300,22 @@ def write_report(results: list[dict], analysis: dict, manifest: dict, path: Path
         "resident in every layer (k x layers x expert bytes per rank); PROBE's per-step slots "
         "are double-buffered for the layers in flight (2 x p x expert bytes). PROBE-on-EPLB "
         "splits k = b resident + p per-step. The PROBE-on-EPLB of the targets "
-        "(probe_on_eplb_auto, declared before the run) picks per layer, from the history "
+        "(probe_on_eplb_auto_plus) picks per layer, from the history "
         "window, the candidate with the lowest side-mode layer time with every overhead it pays "
         "(predictor + planner beyond the dispatch, the assignment, exposed transfer, "
         "stall): every b/p split (p >= 1) of the planner with alpha, beta refitted to the "
-        "measured expert table, and the fallbacks EPLB's even split (eplb_async exactly: no "
+        "measured expert table, water-filled at dispatch (fit), the same plan with its own "
+        "token split (plan: no assignment in series) and the plan made one step ahead on the "
+        "step before's load (ahead: no predictor, the planner hidden by the rest of that step, "
+        "its own split), the paper's PROBE, and the fallbacks EPLB's even split "
+        "(eplb_async exactly: no "
         "predictor, planner or assignment run), EPLB water-filled on the true load "
         "(probe_on_eplb_wf, assignment charged) and static EP; the first pick from the window "
         "before the measured steps, re-picked at each EPLB re-plan from the steps before it, "
         "and between re-plans switching a layer when another candidate was at least 1% faster "
         "over the last window // 4 steps (cells: layer choices, '/' between re-picks; "
-        "auto_replan: the re-plan picks alone). 'auto_moe' is the earlier rule (the "
+        "auto_replan: the re-plan picks alone). 'auto' is the same picker without the plan and "
+        "ahead candidates (the previous target); 'auto_moe' the earlier rule (the "
         "split with the lowest MoE time, fit splits only, fixed for the run); 'linear, fixed "
         "split' the one before: the datasheet alpha + beta n line at p = max(1, k // 2). "
         "tables.md lists every "
@@ -399,7 +409,8 @@ def write_report(results: list[dict], analysis: dict, manifest: dict, path: Path
               "PROBE-on-EPLB keeps it minus the next four columns (net: the last).", ""]
     lines += ["## Where PROBE-on-EPLB loses against the oracle on shift and repeat (T2)", "",
               "Per case, microseconds per layer of the side-mode step time (model layers x "
-              "layer time + stalls, divided by the model's layers). 'oracle gain': best "
+              "layer time + stalls, divided by the model's layers); 'auto' is the target policy "
+              "(probe_on_eplb_auto_plus). 'oracle gain': best "
               "baseline minus oracle; 'MoE gap': auto's MoE time above the oracle's "
               "(the plan: which candidate each layer runs, which replicas, the b/p split, and "
               "the prediction); 'overheads': auto's exposed predictor + planner, assignment, "

@@ -59,15 +59,21 @@ def rule_combo(slots: int) -> tuple[int, int]:
 
 
 # PROBE-on-EPLB in the targets: per layer the best candidate on the history window by its
-# side-mode layer time with every overhead (the table-fitted planner's b/p splits, EPLB's even
-# split, EPLB water-filled, static, the paper's PROBE), re-picked at each EPLB re-plan and
-# switched between re-plans with hysteresis (probe.sim.fair); declared before the run.
-# The earlier history rule (split by MoE time once, "auto_moe") and the datasheet-line planner
-# at the fixed split ("linear") are reported beside it.
-TARGET_POLICY = "probe_on_eplb_auto"
+# side-mode layer time with every overhead (the table-fitted planner's b/p splits water-filled,
+# the same plans with their own split, the plans made a step ahead on the step before's load,
+# EPLB's even split, EPLB water-filled, static, the paper's PROBE), re-picked at each EPLB
+# re-plan and switched between re-plans with hysteresis (probe.sim.fair). The same picker over
+# the candidates without the own-split and step-ahead plans ("auto", the previous target), the
+# earlier history rule (split by MoE time once, "auto_moe") and the datasheet-line planner at
+# the fixed split ("linear") are reported beside it.
+TARGET_POLICY = "probe_on_eplb_auto_plus"
 OLD_AUTO = "probe_on_eplb_auto_moe"
-# Shown beside the target policy: the earlier rule, the re-plan-only pick, EPLB water-filled.
-EXTRA = (OLD_AUTO, "probe_on_eplb_auto_replan", "probe_on_eplb_wf")
+# Shown beside the target policy: the earlier rules, the re-plan-only pick, EPLB water-filled.
+EXTRA = (OLD_AUTO, "probe_on_eplb_auto_replan", "probe_on_eplb_auto", "probe_on_eplb_wf")
+# The policies whose targets the report gives beside the target policy's.
+COMPARED = (OLD_AUTO, "probe_on_eplb_auto_replan", "probe_on_eplb_auto")
+# The meta key holding each auto policy's per-step picks (probe.sim.fair.simulate_fair).
+CHOICES = {"probe_on_eplb_auto": "auto_choices", "probe_on_eplb_auto_plus": "auto_plus_choices"}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -99,6 +105,15 @@ def parse_args(argv=None) -> argparse.Namespace:
                          "repeatable")
     ap.add_argument("--recorded-steps", type=int, default=48,
                     help="measured steps of each recorded trace, centred on its shift")
+    ap.add_argument("--models", nargs="+", default=None, metavar="MODEL",
+                    help="only these models (e.g. gpt-oss-120b deepseek-v3@ep32; default: all)")
+    ap.add_argument("--workloads", nargs="+", default=None, metavar="WORKLOAD",
+                    choices=(*WORKLOADS, "prefill"),
+                    help="only these synthetic workloads (default: all)")
+    ap.add_argument("--batches", nargs="+", type=int, default=None, metavar="TOKENS",
+                    help="only these tokens per rank (decode batches or prefill chunks)")
+    ap.add_argument("--slots", nargs="+", type=int, default=None, metavar="K",
+                    help="only these extra slots per rank (default: 1-4; 1, 2, 4 across nodes)")
     ap.add_argument("--sensitivity", type=Path, default=None,
                     help="folder of another run (e.g. --predictor perfect) whose summary the "
                          "report adds")
@@ -106,15 +121,30 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def configs(args):
+    """(cases (model, workload, tokens per rank), slots) to run, after --models, --workloads,
+    --batches and --slots."""
     if args.quick:
         quick = [("gpt-oss-120b", "shift", 256)]
-        return quick + ([] if args.no_multinode else [("deepseek-v3@ep32", "shift", 64)]), (1, 2)
-    cases = [(m, w, b) for m in MODELS for w in WORKLOADS for b in BATCHES]
-    cases += [(m, "prefill", c) for m in MODELS for c in CHUNKS]
-    if not args.no_multinode:
-        cases += [(f"deepseek-v3@ep{ep}", w, MULTINODE_BATCH) for ep in MULTINODE_EPS
-                  for w in WORKLOADS]
-    return cases, SLOTS
+        cases = quick + ([] if args.no_multinode else [("deepseek-v3@ep32", "shift", 64)])
+        slots = (1, 2)
+    else:
+        cases = [(m, w, b) for m in MODELS for w in WORKLOADS for b in BATCHES]
+        cases += [(m, "prefill", c) for m in MODELS for c in CHUNKS]
+        if not args.no_multinode:
+            cases += [(f"deepseek-v3@ep{ep}", w, MULTINODE_BATCH) for ep in MULTINODE_EPS
+                      for w in WORKLOADS]
+        slots = SLOTS
+    for name, values, index in (("models", args.models, 0), ("workloads", args.workloads, 1),
+                                ("batches", args.batches, 2)):
+        if values is not None:
+            cases = [c for c in cases if c[index] in values]
+            if not cases:
+                raise ValueError(f"--{name} {values} leaves no case to run")
+    if args.slots is not None:
+        if any(k < 1 for k in args.slots):
+            raise ValueError(f"--slots must be >= 1, got {args.slots}")
+        slots = tuple(sorted(set(args.slots)))
+    return cases, slots
 
 
 def recorded_cases(args) -> list[tuple]:
@@ -185,15 +215,15 @@ def recorded_load(path: Path, args) -> tuple[np.ndarray, object]:
     return trace.load_counts(slice(start, stop)).astype(np.int64), trace
 
 
-def run_config(model: str, workload: str, batch: int, slots_list, args,
-               path: Path | None = None) -> dict:
+def case_load(model: str, workload: str, batch: int, args, path: Path | None = None):
+    """(load int64 [prior + steps, L, G, E], costs, prior, phase, trace) of one study case, as
+    run_config replays it."""
     name, ep = split_model(model)
     costs = FairCosts.for_model(name, ep)
     phase = "prefill" if workload == "prefill" else "decode"
     steps_n, prior, layers = args.steps, args.prior, args.layers
     if ep > 8:
         steps_n, prior, layers = args.multinode_steps, args.multinode_prior, args.multinode_layers
-        slots_list = [k for k in MULTINODE_SLOTS if not args.quick or k <= 2]
     if path is not None:  # a recorded trace, its experts costed with `model`'s numbers
         load, trace = recorded_load(path, args)
         base = costs.model
@@ -210,6 +240,16 @@ def run_config(model: str, workload: str, batch: int, slots_list, args,
                          num_layers=layers, num_experts=spec.num_experts,
                          top_k=spec.top_k, num_ranks=ep, seed=args.seed, **knobs)
         load = trace.load_counts().astype(np.int64)  # [N, L, S, E]
+    return load, costs, prior, phase, trace
+
+
+def run_config(model: str, workload: str, batch: int, slots_list, args,
+               path: Path | None = None) -> dict:
+    _, ep = split_model(model)
+    if ep > 8:
+        slots_list = [k for k in MULTINODE_SLOTS if (not args.quick or k <= 2)
+                      and (args.slots is None or k in args.slots)]
+    load, costs, prior, phase, trace = case_load(model, workload, batch, args, path)
     out = {"model": model, "workload": workload, "batch_per_rank": batch, "ep": ep,
            "slots": {}}
     predictor = args.predictor
@@ -269,7 +309,7 @@ def analyse(results: list[dict]) -> dict:
                 "rule_combo": rule, "linear_combo": linear, "best_combo_post_hoc": best_combo,
                 "auto_split": entry["meta"].get("auto_split"),
                 "auto_replan_choices": entry["meta"].get("auto_replan_choices"),
-                "auto_choices": entry["meta"].get("auto_choices"),
+                "auto_choices": entry["meta"].get(CHOICES[TARGET_POLICY]),
                 "ratio": {q: {"host": thr[q] / best, "side": thr_side[q] / best}
                           for q in ("probe_paper", rule, linear, best_combo, "oracle",
                                     *BASELINES, *(x for x in EXTRA if x in thr))},
@@ -292,7 +332,7 @@ def analyse(results: list[dict]) -> dict:
                          "batch_per_rank": r["batch_per_rank"], "per_slots": per_k,
                          "oracle_best_tok_s": oracle_best, "within_2pct": within})
     out = {"findings": findings, "targets": targets(findings)}
-    for q in EXTRA[:2]:  # the same targets for the earlier rule and the per-step re-pick
+    for q in COMPARED:  # the same targets for the earlier rules
         if all(q in v["ratio"] for f in findings for v in f["per_slots"].values()):
             out.setdefault("targets_of", {})[q] = targets(findings, q)
     return out

@@ -64,6 +64,21 @@ layer type). Every policy has k extra expert slots per rank:
                     max(1, window // 4) measured steps if that is at least STEP_MARGIN (1%)
                     below its current candidate's there (reacts to a shift within a few steps
                     instead of at the next re-plan).
+    probe_on_eplb_plan_bBpP  probe_on_eplb_fit's plan (same replicas), the true tokens split
+                    by the plan's own per-(source, expert) fractions (apply_plan; computed with
+                    the plan on the side stream, locality first as the greedy splits): no
+                    assignment in series; predictor + planner exposure as probe_on_eplb.
+    probe_on_eplb_ahead_bBpP  EPLB-b + p per-step replicas planned ONE STEP AHEAD: the greedy
+                    (paper's rules, fitted line) on the previous step's true load of the layer,
+                    known once that step's dispatch of the layer ran; the plan's own split
+                    applied to the true load. No predictor; the planner runs during the rest of
+                    the previous step, only its time beyond that step's non-communication time
+                    is exposed (ahead_exposure); no assignment in series; transfer charged as
+                    for probe_on_eplb.
+    probe_on_eplb_auto_plus  probe_on_eplb_auto's picker (first pick on history, re-picks at
+                    re-plans, per-step switches with STEP_MARGIN) over a larger candidate set:
+                    auto_candidates(k, plus=True) adds every probe_on_eplb_plan and
+                    probe_on_eplb_ahead split.
     oracle          perfect knowledge, zero cost: per layer the best (lowest MoE time) of every
                     policy's plan and of the greedy planned on the TRUE load over each layout
                     (sharded + k per-step slots, EPLB-b + p per-step slots) with the LP /
@@ -87,6 +102,7 @@ embedding and LM head are not modelled.
 
 from __future__ import annotations
 
+import collections
 import functools
 import math
 import time
@@ -119,14 +135,15 @@ def paper_options() -> dict:
 
 
 def policy_names(slots: int) -> list[str]:
-    """Policies simulated at `slots` extra slots per rank (probe_on_eplb and probe_on_eplb_fit
-    for every b + p with p >= 1, probe_on_eplb_wf (b = k, p = 0), probe_on_eplb_auto_moe,
-    probe_on_eplb_auto_replan, probe_on_eplb_auto)."""
-    combos = [f"probe_on_eplb_b{b}p{slots - b}" for b in range(slots)]
-    fits = [f"probe_on_eplb_fit_b{b}p{slots - b}" for b in range(slots)]
-    return ["static", "eplb_stw", "eplb_async", "eplb_lp", "probe_paper", *combos, *fits,
+    """Policies simulated at `slots` extra slots per rank (probe_on_eplb, probe_on_eplb_fit,
+    probe_on_eplb_plan and probe_on_eplb_ahead for every b + p with p >= 1, probe_on_eplb_wf
+    (b = k, p = 0), probe_on_eplb_auto_moe, probe_on_eplb_auto_replan, probe_on_eplb_auto,
+    probe_on_eplb_auto_plus)."""
+    families = [f"probe_on_eplb_{f}b{b}p{slots - b}" for f in ("", "fit_", "plan_", "ahead_")
+                for b in range(slots)]
+    return ["static", "eplb_stw", "eplb_async", "eplb_lp", "probe_paper", *families,
             "probe_on_eplb_wf", "probe_on_eplb_auto_moe", "probe_on_eplb_auto_replan",
-            "probe_on_eplb_auto", "oracle"]
+            "probe_on_eplb_auto", "probe_on_eplb_auto_plus", "oracle"]
 
 
 # The auto policy's fallback candidates (besides every probe_on_eplb_fit split and the paper's
@@ -139,11 +156,21 @@ FALLBACKS = ("eplb_async", "probe_on_eplb_wf", "static")
 STEP_MARGIN = 0.01
 
 
-def auto_candidates(slots: int) -> list[str]:
+def auto_candidates(slots: int, plus: bool = False) -> list[str]:
     """The policies probe_on_eplb_auto(_replan) pick from per layer: every fit split, the
-    paper's PROBE, then FALLBACKS."""
+    paper's PROBE, then FALLBACKS; with `plus` (probe_on_eplb_auto_plus) also every
+    probe_on_eplb_plan and probe_on_eplb_ahead split, before the fallbacks."""
+    extra = ([f"probe_on_eplb_{f}b{b}p{slots - b}" for f in ("plan_", "ahead_")
+              for b in range(slots)] if plus else [])
     return ([f"probe_on_eplb_fit_b{b}p{slots - b}" for b in range(slots)] + ["probe_paper"]
-            + list(FALLBACKS))
+            + extra + list(FALLBACKS))
+
+
+def ahead_exposure(planner_s: float, window_s: float) -> float:
+    """Exposed seconds of a plan made one step ahead (probe_on_eplb_ahead): the planner starts
+    when the layer's previous-step counts are known and has the rest of that step,
+    `window_s` seconds of non-communication time, to finish."""
+    return max(0.0, float(planner_s) - float(window_s))
 
 
 def side_layer_time(metrics: dict, stall: np.ndarray, model_layers: int,
@@ -230,12 +257,16 @@ def history_times(history: np.ndarray, previous: np.ndarray | None, layouts: dic
     planner (FairCosts.side_planner_seconds) beyond the dispatch and the exposed replica
     transfer, plus (fit splits and probe_on_eplb_wf) the dispatch-time assignment charged in
     side mode (FairCosts.assign_side_seconds of the water-filling kernel's median wall time
-    here)."""
+    here); probe_on_eplb_plan splits: the fit plan with its own split (no assignment),
+    probe_on_eplb_ahead splits: planned on the step before's load, the planner's exposure
+    beyond a step's attention time (ahead_exposure), no predictor, no assignment."""
     num_steps, num_layers, num_ranks, num_experts = history.shape
     home = sharded_home(num_experts, num_ranks)
     home_int = home.astype(np.int64)
-    names = auto_candidates(slots)
+    names = auto_candidates(slots, plus=True)
     out = {name: np.zeros((num_steps, num_layers)) for name in names}
+    ahead_side = ahead_exposure(costs.side_planner_seconds(),
+                                costs.model.num_layers * attention)
     planner_side = costs.side_planner_seconds()
     planner = costs.planner_cost
     wf_seconds: list[float] = []
@@ -288,6 +319,29 @@ def history_times(history: np.ndarray, previous: np.ndarray | None, layouts: dic
                 side = max(0.0, pred_s + planner_side - scored["dispatch"])
                 out[name][h, layer] = scored["moe"] + transfer + side
                 wf_cells.append((name, h, layer))
+                # probe_on_eplb_plan: the same plan, its own split (no assignment in series)
+                plan = apply_plan(plan0, true, base)
+                scored = costs.moe_seconds(plan.assignment, holds)
+                recv, send = transfer_times(BalanceProblem(true, base, slots - b, win,
+                                                           fit_cost), plan)
+                transfer = float(np.maximum(np.maximum(recv, send) - real_window, 0.0).max())
+                out[f"probe_on_eplb_plan_b{b}p{slots - b}"][h, layer] = (
+                    scored["moe"] + transfer + max(0.0, pred_s + planner_side
+                                                   - scored["dispatch"]))
+                # probe_on_eplb_ahead: planned a step ahead on the step before's load
+                prev64 = np.asarray(prev, np.int64)
+                ahead_cost = costs.fitted_cost(prev64.sum(axis=0).max())
+                win = default_window(prev64, base, ahead_cost) + attention
+                plan0 = _plan(solve(BalanceProblem(prev64, base, slots - b, win, ahead_cost),
+                                    "greedy", check=False, **paper_options()))
+                plan = apply_plan(plan0, true, base)
+                holds = copies + plan0.replicas
+                scored = costs.moe_seconds(plan.assignment, holds)
+                recv, send = transfer_times(BalanceProblem(true, base, slots - b, win,
+                                                           ahead_cost), plan)
+                transfer = float(np.maximum(np.maximum(recv, send) - real_window, 0.0).max())
+                out[f"probe_on_eplb_ahead_b{b}p{slots - b}"][h, layer] = (
+                    scored["moe"] + transfer + ahead_side)
     assign_s = (costs.assign_gpu_seconds(slots) if costs.assign_time == "gpu"
                 else costs.assign_side_seconds(slots, float(np.median(wf_seconds))))
     for name, h, layer in wf_cells:
@@ -464,7 +518,10 @@ class FairResult:
         predictor + planner on a side stream), solve (measured dispatch-solve seconds, LP or
         water-filling, in series), replicas (count).
     stall[policy]: float64 [N] stop-the-world seconds at each step; moved[policy]: float64 [N]
-    bytes moved (all model layers) by re-plans or per-step replicas.
+    bytes moved (all model layers) by re-plans or per-step replicas. oracle_picks[n][layer]:
+    the oracle's winner at each measured step and layer: a policy's name, or
+    "true_<layout>_<split>" for a greedy planned on the true load (layout "home": sharded +
+    k per-step slots, "bBpP": EPLB-b + p; split "wf": water-filled, "greedy": the greedy's own).
     """
 
     policies: list[str]
@@ -476,6 +533,7 @@ class FairResult:
     layer_scale: float
     memory: dict[str, float]
     meta: dict = field(default_factory=dict)
+    oracle_picks: list = field(default_factory=list)
 
     def layer_time(self, policy: str, mode: str = "host") -> np.ndarray:
         """float64 [N, L]: attention + MoE + exposed overheads (mode 'host' or 'side')."""
@@ -568,7 +626,8 @@ def simulate_fair(load: np.ndarray, costs: FairCosts, *, slots: int, prior: int,
     policies = policy_names(slots)
     combos = [(b, slots - b) for b in range(slots)]
     combo_of = {f"probe_on_eplb_b{b}p{p}": b for b, p in combos}
-    combo_of.update({f"probe_on_eplb_fit_b{b}p{p}": b for b, p in combos})
+    for family in ("fit", "plan", "ahead"):
+        combo_of.update({f"probe_on_eplb_{family}_b{b}p{p}": b for b, p in combos})
     metrics = {p: {m: np.zeros((num_steps, num_layers)) for m in _METRICS} for p in policies}
     stall = {p: np.zeros(num_steps) for p in policies}
     moved = {p: np.zeros(num_steps) for p in policies}
@@ -596,7 +655,8 @@ def simulate_fair(load: np.ndarray, costs: FairCosts, *, slots: int, prior: int,
     # (only steps before the re-plan). First pick: history steps through a predictor of their
     # own (an error model with another seed; a replayed prediction array has none for the
     # history, so the previous step's load stands for it).
-    candidates_auto = auto_candidates(slots)
+    candidates_of = {"probe_on_eplb_auto": auto_candidates(slots),
+                     "probe_on_eplb_auto_plus": auto_candidates(slots, plus=True)}
     if isinstance(predictor, str):
         history_predict = make_predictor(predictor, seed=seed + 7919)
     elif callable(predictor):
@@ -606,35 +666,37 @@ def simulate_fair(load: np.ndarray, costs: FairCosts, *, slots: int, prior: int,
     first = history_times(load[prior - window:prior],
                           load[prior - window - 1] if prior > window else None, active, costs,
                           slots, attention, history_predict)
-    pick = functools.partial(pick_by_time, candidates=candidates_auto, prefer="eplb_async",
+    pick = functools.partial(pick_by_time, prefer="eplb_async",
                              margin=STEP_MARGIN)  # EPLB's even split unless 1% is gained
-    auto_epochs = [(0, pick(first))]  # (first step, names per layer)
-    # probe_on_eplb_auto: the same first pick, re-picked before every measured step from
-    # the last `pick_window` measured steps (a quarter of EPLB's window, at least one)
+    # (first step, names per layer) of each auto policy's picks at the start and at re-plans
+    replan_epochs = {t: [(0, pick(first, candidates=c))] for t, c in candidates_of.items()}
+    # probe_on_eplb_auto(_plus): the same first pick, re-picked before every measured step
+    # from the last `pick_window` measured steps (a quarter of EPLB's window, at least one)
     pick_window = max(1, window // 4)
-    step_epochs = [auto_epochs[0]]
+    step_epochs = {t: [e[0]] for t, e in replan_epochs.items()}
 
-    def shadow_times(seen: slice) -> dict:  # side-mode layer times over measured rows
+    def shadow_times(seen: slice, names: list[str]) -> dict:  # side-mode times, measured rows
         return {q: side_layer_time({k: v[seen] for k, v in metrics[q].items()},
                                    stall[q][seen], model.num_layers, attention)
-                for q in candidates_auto}
+                for q in names}
 
-    def shadow_pick(seen: slice) -> list[str]:  # lowest side-mode time over measured rows
-        return pick(shadow_times(seen))
-
-    def step_pick(n: int, current: list[str]) -> list[str]:
+    def step_pick(n: int, target: str) -> list[str]:
         """Between re-plans a layer leaves its current candidate only for one whose mean time
         over the last `pick_window` steps is at least STEP_MARGIN lower (hysteresis: noise in
-        a stable load does not move it); at a re-plan auto's pick from the whole window."""
+        a stable load does not move it); at a re-plan the pick from the whole window."""
         if n % interval == 0:
-            return auto_epochs[-1][1]
-        times = shadow_times(slice(max(0, n - pick_window), n))
+            return replan_epochs[target][-1][1]
+        current = step_epochs[target][-1][1]
+        names = candidates_of[target]
+        times = shadow_times(slice(max(0, n - pick_window), n), names)
         out = []
-        for layer, (now, new) in enumerate(zip(current, pick(times), strict=True)):
+        for layer, (now, new) in enumerate(zip(current, pick(times, candidates=names),
+                                               strict=True)):
             t_now, t_new = times[now][:, layer].mean(), times[new][:, layer].mean()
             out.append(new if t_new < (1.0 - STEP_MARGIN) * t_now else now)
         return out
     step_hide = 0.0  # seconds of non-communication time of the last step (async copy window)
+    oracle_labels = [[""] * num_layers for _ in range(num_steps)]  # the oracle's winners
 
     def moved_per_rank(old: np.ndarray, new: np.ndarray) -> np.ndarray:  # bytes [G]
         return (np.maximum(new - old, 0).sum(axis=(0, 2)) * layer_scale * expert_bytes)
@@ -642,9 +704,12 @@ def simulate_fair(load: np.ndarray, costs: FairCosts, *, slots: int, prior: int,
     for n in range(num_steps):
         step = prior + n
         if n > 0 and n % interval == 0:
-            auto_epochs.append((n, shadow_pick(slice(max(0, n - window), n))))
+            for target, names in candidates_of.items():
+                replan_epochs[target].append((n, pick(shadow_times(
+                    slice(max(0, n - window), n), names), candidates=names)))
         if n > 0:
-            step_epochs.append((n, step_pick(n, step_epochs[-1][1])))
+            for target in candidates_of:
+                step_epochs[target].append((n, step_pick(n, target)))
         if n > 0 and n % interval == 0:
             new = eplb_copies(weight_at(step), slots, num_ranks)
             by_rank = moved_per_rank(stw, new)
@@ -676,7 +741,7 @@ def simulate_fair(load: np.ndarray, costs: FairCosts, *, slots: int, prior: int,
             static_assign = static_assignment(true, home)
             static_compute = costs.compute_per_rank(static_assign.sum(axis=0).T, home_int)
             real_window = attention + static_compute  # [G]
-            candidates = []  # (moe dict, plan metadata) for the oracle
+            candidates = []  # (label, MoE seconds) for the oracle
 
             def record(policy, assignment, copies, *, transfer=0.0, probe=False, solve_s=0.0,
                        solve_side=None, replicas=0, n=n, layer=layer, pred_s=pred_s,
@@ -695,7 +760,7 @@ def simulate_fair(load: np.ndarray, costs: FairCosts, *, slots: int, prior: int,
                     m["pred"][n, layer] = pred_s
                     m["plan_host"][n, layer] = plan_host
                     m["side"][n, layer] = max(0.0, pred_s + planner_side - scored["dispatch"])
-                candidates.append(scored["moe"])
+                candidates.append((policy, scored["moe"]))
                 return scored
 
             def checked(policy, problem, plan):
@@ -797,17 +862,50 @@ def simulate_fair(load: np.ndarray, costs: FairCosts, *, slots: int, prior: int,
                        solve_side=(assign_side if assign_side is not None
                                    else costs.assign_side_seconds(slots, wf_s)),
                        replicas=plan.num_replicas)
+                # probe_on_eplb_plan: the same plan, the true tokens split by the plan's own
+                # fractions (computed with the plan on the side stream): no assignment in series
+                policy = f"probe_on_eplb_plan_b{b}p{p}"
+                plan = apply_plan(_plan(result), true, base)
+                checked(policy, truth, plan)
+                record(policy, plan.assignment, holds, transfer=exposed_transfer(truth, plan),
+                       probe=True, replicas=plan.num_replicas)
+            # probe_on_eplb_ahead: planned one step ahead on the step before's true load (known
+            # when that step's dispatch of this layer ran; no predictor), the plan's own split;
+            # the planner's time beyond the rest of that step (its non-communication time) is
+            # exposed
+            prev64 = np.asarray(previous, np.int64)
+            ahead_cost = costs.fitted_cost(prev64.sum(axis=0).max())
+            ahead_window = step_hide if n > 0 else model.num_layers * attention
+            for b, p in combos:
+                policy = f"probe_on_eplb_ahead_b{b}p{p}"
+                copies = active[b][layer]
+                base = copies > 0
+                win = default_window(prev64, base, ahead_cost) + attention
+                result = solve(BalanceProblem(prev64, base, p, win, ahead_cost), "greedy",
+                               check=False, **options)
+                holds = copies + _plan(result).replicas
+                plan = apply_plan(_plan(result), true, base)
+                truth = BalanceProblem(true, base, p, win, ahead_cost)
+                checked(policy, truth, plan)
+                record(policy, plan.assignment, holds, transfer=exposed_transfer(truth, plan),
+                       replicas=plan.num_replicas)
+                m = metrics[policy]
+                m["plan_host"][n, layer] = ahead_exposure(plan_host, ahead_window)
+                m["side"][n, layer] = ahead_exposure(planner_side, ahead_window)
             # oracle: the best of every policy's plan and of true-load plans, free
             options_true = [(home, home_int, slots)] + [
                 (active[b][layer] > 0, active[b][layer], p) for b, p in combos]
-            for base, copies, p in options_true:
+            for (base, copies, p), tag in zip(options_true, ["home"] + [
+                    f"b{b}p{p}" for b, p in combos], strict=True):
                 result = solve(BalanceProblem(true, base, p, np.full(num_ranks, np.inf),
                                               planner_cost), "greedy", check=False)
                 holds = copies + _plan(result).replicas
-                candidates.append(costs.moe_seconds(waterfill_split(true, holds, costs),
-                                                    holds)["moe"])
-                candidates.append(costs.moe_seconds(_plan(result).assignment, holds)["moe"])
-            best = min(candidates)
+                candidates.append((f"true_{tag}_wf", costs.moe_seconds(
+                    waterfill_split(true, holds, costs), holds)["moe"]))
+                candidates.append((f"true_{tag}_greedy", costs.moe_seconds(
+                    _plan(result).assignment, holds)["moe"]))
+            label, best = min(candidates, key=lambda c: c[1])
+            oracle_labels[n][layer] = label
             m = metrics["oracle"]
             m["moe"][n, layer] = best
             m["imbalance"][n, layer] = np.nan
@@ -821,8 +919,8 @@ def simulate_fair(load: np.ndarray, costs: FairCosts, *, slots: int, prior: int,
     # Charge each dispatch solver its median measured time over the run (the shared host's
     # contention makes single timings noisy); fixed times from `solve_time` stay as given.
     for policy in policies:
-        if policy == "eplb_lp" or (policy.startswith("probe_on_eplb")
-                                   and not policy.startswith("probe_on_eplb_auto")):
+        if policy == "eplb_lp" or (policy.startswith("probe_on_eplb") and not policy.startswith(
+                ("probe_on_eplb_auto", "probe_on_eplb_plan", "probe_on_eplb_ahead"))):
             key = "lp" if policy == "eplb_lp" else "waterfill"
             if key not in fixed_solve:
                 m = metrics[policy]["solve"]
@@ -841,8 +939,11 @@ def simulate_fair(load: np.ndarray, costs: FairCosts, *, slots: int, prior: int,
     stall["probe_on_eplb_auto_moe"] = np.max([stall[q] for q in chosen], axis=0)
     moved["probe_on_eplb_auto_moe"] = np.mean([moved[q] for q in chosen], axis=0)
     # probe_on_eplb_auto(_replan): per epoch (between re-picks) and layer its chosen candidate
-    for target, epochs in (("probe_on_eplb_auto_replan", auto_epochs),
-                           ("probe_on_eplb_auto", step_epochs)):
+    auto_epochs = replan_epochs["probe_on_eplb_auto"]
+    picked = (("probe_on_eplb_auto_replan", auto_epochs),
+              ("probe_on_eplb_auto", step_epochs["probe_on_eplb_auto"]),
+              ("probe_on_eplb_auto_plus", step_epochs["probe_on_eplb_auto_plus"]))
+    for target, epochs in picked:
         bounds = [start for start, _ in epochs] + [num_steps]
         for (start, names), stop in zip(epochs, bounds[1:], strict=True):
             rows = slice(start, stop)
@@ -857,14 +958,14 @@ def simulate_fair(load: np.ndarray, costs: FairCosts, *, slots: int, prior: int,
               "oracle": slots * layers_w}
     for b, p in combos:
         memory[f"probe_on_eplb_b{b}p{p}"] = b * layers_w + 2.0 * p * expert_bytes
-        memory[f"probe_on_eplb_fit_b{b}p{p}"] = b * layers_w + 2.0 * p * expert_bytes
+        for family in ("fit_", "plan_", "ahead_"):
+            memory[f"probe_on_eplb_{family}b{b}p{p}"] = b * layers_w + 2.0 * p * expert_bytes
     memory["probe_on_eplb_wf"] = memory["eplb_async"]
     memory["probe_on_eplb_auto_moe"] = (np.mean([b for b, _ in auto_split]) * layers_w
                                         + 2.0 * max(p for _, p in auto_split) * expert_bytes)
     # auto: the resident slots its layers use (k for an EPLB fallback, 0 for static) and the
     # per-step slots, at their largest over the epochs
-    for target, epochs in (("probe_on_eplb_auto_replan", auto_epochs),
-                           ("probe_on_eplb_auto", step_epochs)):
+    for target, epochs in picked:
         memory[target] = max(
             np.mean([_split_of(q, slots)[0] for q in names]) * layers_w
             + 2.0 * max(_split_of(q, slots)[1] for q in names) * expert_bytes
@@ -878,11 +979,15 @@ def simulate_fair(load: np.ndarray, costs: FairCosts, *, slots: int, prior: int,
             "auto_replan_choices": [{"from_step": start, "layers": [_label(q) for q in names]}
                              for start, names in auto_epochs],
             "auto_choices": [{"from_step": start, "layers": [_label(q) for q in names]}
-                             for start, names in step_epochs],
-            "planner_gpu_s": planner_side, "assign_side_s": assign_side}
+                             for start, names in step_epochs["probe_on_eplb_auto"]],
+            "auto_plus_choices": [{"from_step": start, "layers": [_label(q) for q in names]}
+                                  for start, names in step_epochs["probe_on_eplb_auto_plus"]],
+            "oracle_wins": dict(collections.Counter(x for row in oracle_labels for x in row)),
+            "planner_side_s": planner_side, "assign_side_s": assign_side}
     return FairResult(policies=policies, metrics=metrics, stall=stall, moved=moved,
                       attention=attention, tokens_per_step=load[prior:, 0].sum(axis=(1, 2))
-                      / model.top_k, layer_scale=layer_scale, memory=memory, meta=meta)
+                      / model.top_k, layer_scale=layer_scale, memory=memory, meta=meta,
+                      oracle_picks=oracle_labels)
 
 
 def _split_of(name: str, slots: int) -> tuple[int, int]:
@@ -893,15 +998,16 @@ def _split_of(name: str, slots: int) -> tuple[int, int]:
         return slots, 0
     if name == "probe_paper":
         return 0, slots
-    b, p = name.removeprefix("probe_on_eplb_fit_b").split("p")
+    b, p = name.rpartition("_b")[2].split("p")
     return int(b), int(p)
 
 
 def _label(name: str) -> str:
-    """Short label of an auto candidate for reports: b1p1, eplb (even split), wf, static."""
+    """Short label of an auto candidate for reports: b1p1 (fit), plan_b1p1, ahead_b1p1, eplb
+    (even split), wf, static, paper."""
     return {"eplb_async": "eplb", "probe_on_eplb_wf": "wf", "static": "static",
             "probe_paper": "paper"}.get(
-        name, name.removeprefix("probe_on_eplb_fit_"))
+        name, name.removeprefix("probe_on_eplb_").removeprefix("fit_"))
 
 
 def _plan(result) -> Plan:
