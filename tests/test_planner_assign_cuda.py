@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from probe.planner.cost import CostModel
+from tests.sm90 import compile_for_sm90
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -35,6 +36,7 @@ import numpy as np
 from experiments.planner.gpu_assign import compare_random
 from probe.planner.assign_cuda import DeviceAssigner
 from probe.planner.cost import CostModel
+from tests.sm90 import compile_for_sm90
 problems, _ = compare_random(30, seed=11)
 cost = CostModel.uniform(2, alpha=1.0, beta=1.0, token_time=0.1, transfer_time=1.0)
 load = np.array([[[3, 1], [2, 0]], [[3, 0], [2, 0]]])
@@ -87,6 +89,7 @@ import numpy as np
 from experiments.planner.gpu_assign import compare
 from probe.planner.assign_cuda import DeviceAssigner, descent_waves
 from probe.planner.cost import CostModel
+from tests.sm90 import compile_for_sm90
 rng = np.random.default_rng(5)
 G, E = 8, 16
 cost = CostModel.uniform(G, alpha=20.0, beta=1.0, token_time=0.3, transfer_time=1.0)
@@ -209,21 +212,7 @@ def test_compiled_kernel_has_no_fma():
     # Compiled for an H200 (sm_90) without a GPU, where NVVM is installed: no product may be
     # fused into an FMA (each goes through dmul_rn), and divisions are IEEE (div.rn).
     code = """
-import json, re
-import numba
-import numpy as np
-from numba.cuda.cudadrv import nvvm
-if not nvvm.is_available():
-    print(json.dumps("no nvvm"))
-    raise SystemExit(0)
-import numba.cuda.dispatcher as dispatcher
 from probe.planner import assign_cuda as ac
-from probe.planner.numba_cuda import cuda
-
-class H200:
-    compute_capability = (9, 0)
-
-dispatcher.get_current_device = lambda: H200()  # device functions ask for the GPU's cc
 L, G, E, C, T = 1, 4, 8, 6, ac.THREADS
 i, f = np.int64, np.float64
 shapes = [((L, G, E), i)] * 3 + [True, True, ((G, G), f), (G, f), 1.0, 1.0, 8,
@@ -234,22 +223,9 @@ shapes = [((L, G, E), i)] * 3 + [True, True, ((G, G), f), (G, f), 1.0, 1.0, 8,
           ((L, T, G), i), ((L, E, G), i), ((L, E), i), ((L, T, 2 * G), f),
           ((L, T, 4, G), f), ((L, G, E, G), i), (L, f), (L, np.int32)]
 args = [np.zeros(*s) if isinstance(s, tuple) else s for s in shapes]
-ptx, _ = cuda.compile_ptx(ac._assign_kernel.py_func, tuple(numba.typeof(a) for a in args),
-                          cc=(9, 0))
-print(json.dumps({"fma": len(re.findall(r"fma[.a-z]*[.]f64", ptx)),
-                  "mul_rn": len(re.findall(r"mul[.]rn[.]f64", ptx)),
-                  "div": sorted(set(re.findall(r"div[.a-z]*[.]f64", ptx)))}))
+print(json.dumps(f64_ops(ptx_of(ac._assign_kernel.py_func, args))))
 """
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    env.pop("NUMBA_ENABLE_CUDASIM", None)
-    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=300)
-    if done.returncode != 0 and "CudaSupportError" in done.stderr:
-        pytest.skip("numba cannot compile CUDA code here")
-    assert done.returncode == 0, done.stderr[-3000:]
-    found = json.loads(done.stdout.strip().splitlines()[-1])
-    if found == "no nvvm":
-        pytest.skip("NVVM is not installed")
+    found = compile_for_sm90(code)
     assert found["fma"] == 0 and found["mul_rn"] > 20 and found["div"] == ["div.rn.f64"]
 
 

@@ -24,6 +24,7 @@ import pytest
 
 from experiments.planner.gpu_greedy import plan_diff, random_batch, same_layer
 from probe.planner.cost import CostModel
+from tests.sm90 import compile_for_sm90
 from probe.planner.greedy import greedy_arrays
 from probe.planner.greedy_rules import GreedyRules
 
@@ -426,21 +427,7 @@ def test_compiled_kernel_for_sm90():
     as the plain product and sum do); no division decides anything (none in the PTX but the
     mean's div.rn); the shared variant declares its arrays in shared memory."""
     code = """
-import json, re
-import numba
-import numpy as np
-from numba.cuda.cudadrv import nvvm
-if not nvvm.is_available():
-    print(json.dumps("no nvvm"))
-    raise SystemExit(0)
-import numba.cuda.dispatcher as dispatcher
 from probe.planner import greedy_cuda as gc
-from probe.planner.numba_cuda import cuda
-
-class H200:
-    compute_capability = (9, 0)
-
-dispatcher.get_current_device = lambda: H200()  # device functions ask for the GPU's cc
 L, G, E = 2, 8, 128
 i, f = np.int64, np.float64
 args = [np.zeros((L, G, E), i), np.zeros((L, G, E), np.bool_), np.zeros(G, i),
@@ -452,26 +439,12 @@ args = [np.zeros((L, G, E), i), np.zeros((L, G, E), np.bool_), np.zeros(G, i),
         np.zeros(L, i)]
 out = {}
 for shared in (True, False):
-    ptx, _ = cuda.compile_ptx(gc._kernel_source(G, E, shared),
-                              tuple(numba.typeof(a) for a in args), cc=(9, 0))
-    fma = re.findall(r"fma[.a-z]*[.]f64[^;]*", ptx)
-    out[str(shared)] = {"fma": len(fma), "fma_by_2": sum("0d4000000000000000" in x for x in fma),
-                        "mul_rn": len(re.findall(r"mul[.]rn[.]f64", ptx)),
-                        "div": sorted(set(re.findall(r"div[.a-z]*[.]f64", ptx))),
-                        "shared": sum(int(n) for n in
-                                      re.findall(r"[.]shared .*?[[](\\d+)[]]", ptx))}
+    ptx = ptx_of(gc._kernel_source(G, E, shared), args)
+    out[str(shared)] = {**f64_ops(ptx), "shared": sum(
+        int(n) for n in re.findall(r"[.]shared .*?[[](\\d+)[]]", ptx))}
 print(json.dumps(out))
 """
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    env.pop("NUMBA_ENABLE_CUDASIM", None)
-    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=600)
-    if done.returncode != 0 and "CudaSupportError" in done.stderr:
-        pytest.skip("numba cannot compile CUDA code here")
-    assert done.returncode == 0, done.stderr[-3000:]
-    found = json.loads(done.stdout.strip().splitlines()[-1])
-    if found == "no nvvm":
-        pytest.skip("NVVM is not installed")
+    found = compile_for_sm90(code)
     for variant in found.values():
         assert variant["fma"] == variant["fma_by_2"] and variant["mul_rn"] > 50
         assert variant["div"] in ([], ["div.rn.f64"])

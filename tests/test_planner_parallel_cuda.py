@@ -20,6 +20,7 @@ import pytest
 
 from experiments.planner.gpu_parallel import cpu_args, random_batch, same_layer
 from probe.planner.cost import CostModel
+from tests.sm90 import compile_for_sm90
 from probe.planner.parallel import parallel_arrays
 from probe.planner.parallel_ref import ParallelRules
 from tests.cuda_sequential import sequential
@@ -154,24 +155,11 @@ def test_compiled_kernel_for_sm90():
     simulator types shared arrays of non-constant size that the real compiler refuses); every
     product that feeds a sum is rounded on its own (mul.rn), and the only FMAs multiply by 2.0."""
     code = """
-import json, re
-import numba
-import numpy as np
-from numba.cuda.cudadrv import nvvm
-if not nvvm.is_available():
-    print(json.dumps("no nvvm"))
-    raise SystemExit(0)
-import numba.cuda.dispatcher as dispatcher
 from probe.planner.cost import CostModel
-from probe.planner.numba_cuda import cuda
+from tests.sm90 import compile_for_sm90
 from probe.planner.parallel_ref import ParallelRules
 from probe.planner import parallel_cuda as pc
 from tests.test_planner_parallel_cuda import host_buffers
-
-class H200:
-    compute_capability = (9, 0)
-
-dispatcher.get_current_device = lambda: H200()  # device functions ask for the GPU's cc
 L, G, E = 2, 8, 32
 cost = CostModel(alpha=1e-5, beta=1e-7, token_time=np.full((G, G), 1e-8),
                  transfer_time=np.full((G, G), 1e-4))
@@ -180,20 +168,7 @@ for g in range(G):
     home[:, g, g * (E // G):(g + 1) * (E // G)] = True
 args = host_buffers(np.ones((L, G, E), np.int64), home, np.full(G, 2), np.ones((L, G)), cost,
                     ParallelRules())
-ptx, _ = cuda.compile_ptx(pc._parallel_kernel.py_func, tuple(numba.typeof(a) for a in args),
-                          cc=(9, 0))
-fma = re.findall(r"fma[.a-z]*[.]f64[^;]*", ptx)
-print(json.dumps({"fma": len(fma), "fma_by_2": sum("0d4000000000000000" in x for x in fma),
-                  "mul_rn": len(re.findall(r"mul[.]rn[.]f64", ptx))}))
+print(json.dumps(f64_ops(ptx_of(pc._parallel_kernel.py_func, args))))
 """
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    env.pop("NUMBA_ENABLE_CUDASIM", None)
-    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=600)
-    if done.returncode != 0 and "CudaSupportError" in done.stderr:
-        pytest.skip("numba cannot compile CUDA code here")
-    assert done.returncode == 0, done.stderr[-3000:]
-    found = json.loads(done.stdout.strip().splitlines()[-1])
-    if found == "no nvvm":
-        pytest.skip("NVVM is not installed")
+    found = compile_for_sm90(code)
     assert found["fma"] == found["fma_by_2"] and found["mul_rn"] > 10
