@@ -388,9 +388,10 @@ def main(argv: list[str] | None = None) -> int:
         numba.config.ENABLE_CUDASIM = 1
     from experiments.manifest import Manifest
     from probe.planner import greedy_cuda
+    from probe.planner.numba_cuda import SIMULATOR
 
     sim = args.device == "cpu"
-    if sim and not greedy_cuda.SIMULATOR:
+    if sim and not SIMULATOR:
         raise SystemExit("--device cpu needs NUMBA_ENABLE_CUDASIM=1 before numba.cuda is "
                          "imported (run this module as a fresh process)")
     began = time.perf_counter()

@@ -8,8 +8,8 @@ Kernel side: `start_layer`, the first step of a layer's block (home holders, hel
 token counts, bad values flagged), and `mark_unused`, the last (fixed values in the output rows
 past the plan, so that a replayed CUDA graph shows nothing of an earlier launch).
 
-Used by probe.planner.parallel_cuda; probe.planner.greedy_cuda carries its own copies of the same
-steps.
+Used by probe.planner.parallel_cuda (host side and kernel steps) and probe.planner.greedy_cuda
+(host side; its kernel still has its own start and end steps).
 """
 
 from __future__ import annotations
@@ -120,6 +120,7 @@ class LayerPlanner:
         if max_experts is not None and num_experts > max_experts:
             raise ValueError(f"{name} plans at most MAX_EXPERTS = {max_experts} experts, got "
                              f"{num_experts}")
+        self._fit_shape(num_ranks, num_experts)
         self.num_layers = int(num_layers)
         self.shape = (num_ranks, num_experts)
         self.threads = int(threads)
@@ -131,6 +132,10 @@ class LayerPlanner:
         self._tt = dev(np.ascontiguousarray(cost.token_time, dtype=np.float64))
         self._xt = dev(np.ascontiguousarray(cost.transfer_time, dtype=np.float64))
         self._torch_out = None
+
+    def _fit_shape(self, num_ranks: int, num_experts: int) -> None:
+        """A subclass's own checks of the shape (G, E), made before anything goes to the
+        device; nothing by default."""
 
     def _device(self, arr, name: str, shape: tuple, dtype):
         if is_torch(arr):

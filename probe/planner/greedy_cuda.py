@@ -102,10 +102,15 @@ from numba import float64, int32, int64, uint8
 
 from probe.planner import greedy
 from probe.planner.cost import CostModel
+from probe.planner.cuda_common import (
+    LayerPlanner,
+    array_inputs,
+    host_plans,
+    is_torch,
+)
 from probe.planner.greedy import UNLIMITED_MOVES, _rules
 from probe.planner.greedy_rules import GreedyRules
-from probe.planner.numba_cuda import SIMULATOR, cuda, device, dmax, dmin, mul
-from probe.planner.problem import BalanceProblem
+from probe.planner.numba_cuda import cuda, device, dmax, dmin, mul
 
 __all__ = ["MAX_EXPERTS", "MAX_RANKS", "SHARED_LIMIT", "THREADS", "CudaGreedy", "CudaPlan",
            "choose_memory", "greedy_cuda_arrays", "kernel", "shared_bytes"]
@@ -848,10 +853,6 @@ class CudaPlan(NamedTuple):
     status: object
 
 
-STATUS_ERRORS = {1: "load has a negative token count",
-                 2: "window must be >= 0 seconds on every rank (no NaN)"}
-
-
 def _check_rules(rules: GreedyRules | None) -> GreedyRules:
     rules = _rules(rules)
     if rules.also_paper:
@@ -860,11 +861,7 @@ def _check_rules(rules: GreedyRules | None) -> GreedyRules:
     return rules
 
 
-def _is_torch(obj) -> bool:
-    return type(obj).__module__.startswith("torch")
-
-
-class CudaGreedy:
+class CudaGreedy(LayerPlanner):
     """The greedy on the GPU for one placement, slot budget, cost model and layer count.
 
     home: bool [G, E] (every layer) or [L, G, E] static placement; slots: int or int [G];
@@ -894,53 +891,20 @@ class CudaGreedy:
             raise ValueError(f"max_moves must be None or an int >= 0, got {max_moves!r}")
         if memory not in ("auto", "shared", "global"):  # (checked again with the shape)
             raise ValueError(f"memory must be 'auto', 'shared' or 'global', got {memory!r}")
-        if not isinstance(cost, CostModel):
-            raise TypeError(f"cost must be a CostModel, got {type(cost).__name__}")
-        if (isinstance(num_layers, (bool, np.bool_))
-                or not isinstance(num_layers, (int, np.integer)) or num_layers < 1):
-            raise ValueError(f"num_layers must be an int >= 1, got {num_layers!r}")
-        if (isinstance(threads, (bool, np.bool_)) or not isinstance(threads, (int, np.integer))
-                or not (threads == 1 or (32 <= threads <= 1024 and threads % 32 == 0))):
-            raise ValueError(f"threads must be 1 or a multiple of 32 in [32, 1024], got "
-                             f"{threads!r}")
-        home = np.asarray(home)
-        if home.ndim == 2:
-            home = np.broadcast_to(home, (num_layers, *home.shape))
-        if home.ndim != 3 or home.shape[0] != num_layers:
-            raise ValueError(f"home must be [G, E] or [num_layers={num_layers}, G, E], got shape "
-                             f"{home.shape}")
-        homes = []
-        for layer in range(num_layers):  # validated as a BalanceProblem does (zero load)
-            p = BalanceProblem(np.zeros(home.shape[1:], np.int64), home[layer], slots, 0.0, cost)
-            homes.append(p.home)
-        num_ranks, num_experts = p.load.shape
-        if num_ranks > MAX_RANKS:
-            raise ValueError(f"greedy_cuda plans at most MAX_RANKS = {MAX_RANKS} ranks, got "
-                             f"{num_ranks}")
-        if num_experts > MAX_EXPERTS:
-            raise ValueError(f"greedy_cuda plans at most MAX_EXPERTS = {MAX_EXPERTS} experts, "
-                             f"got {num_experts}")
-        self.memory = choose_memory(num_ranks, num_experts, memory)
+        self.memory = memory  # resolved by _fit_shape, before anything goes to the device
+        super().__init__(home, slots, cost, num_layers=num_layers, threads=threads,
+                         max_ranks=MAX_RANKS, max_experts=MAX_EXPERTS, name="greedy_cuda")
+        num_ranks, num_experts = self.shape
         self.kernel = kernel(num_ranks, num_experts, self.memory == "shared")
-        self.num_layers = int(num_layers)
-        self.shape = (num_ranks, num_experts)
-        self.threads = int(threads)
-        self.cost = cost
-        self.slots = p.slots
         limit = self.rules.max_moves(num_ranks, num_experts)
         limit = limit if limit > 0 else UNLIMITED_MOVES
         if max_moves is not None:  # 0: the start alone (timing the start phase)
             limit = int(max_moves)
         self._limit = int(limit)
-        total_slots = int(np.minimum(p.slots, num_experts).sum())
+        total_slots = int(np.minimum(self.slots, num_experts).sum())
         cap_rep = max(min(total_slots, limit), 1)
         cap_blk = max(min(limit, num_experts), 1)
         L, G, E = num_layers, num_ranks, num_experts  # noqa: N806 (the shape letters)
-        dev = cuda.to_device
-        self._home = dev(np.ascontiguousarray(np.stack(homes), dtype=np.bool_))
-        self._slots = dev(np.ascontiguousarray(p.slots, dtype=np.int64))
-        self._tt = dev(np.ascontiguousarray(cost.token_time, dtype=np.float64))
-        self._xt = dev(np.ascontiguousarray(cost.transfer_time, dtype=np.float64))
         self._scalars = (float(cost.alpha), float(cost.beta))
         empty = cuda.device_array
         if self.memory == "shared":  # unread placeholders of the right dimensions
@@ -954,31 +918,9 @@ class CudaGreedy:
                             empty((L, cap_blk), np.int64), empty((L, cap_blk, G, G), np.int64),
                             empty(L, np.int64), empty(L, np.int64), empty(L, np.float64),
                             empty(L, np.int64))
-        self._torch_out = None
 
-    def _device(self, arr, name: str, shape: tuple, dtype):
-        if _is_torch(arr):
-            import torch
-
-            want = {np.int64: torch.int64, np.float64: torch.float64}[dtype]
-            if (arr.dtype != want or tuple(arr.shape) != shape or not arr.is_contiguous()
-                    or arr.device.type != "cuda"):
-                raise ValueError(f"{name} must be a contiguous CUDA torch.{str(want)[6:]} tensor "
-                                 f"of shape {shape}, got {arr.dtype} {tuple(arr.shape)} on "
-                                 f"{arr.device}")
-            # sync=False: no stream synchronisation (the launch is ordered on the same stream).
-            return cuda.as_cuda_array(arr, sync=False)
-        ok = (cuda.is_cuda_array(arr) if not SIMULATOR
-              else hasattr(arr, "copy_to_host") or isinstance(arr, np.ndarray))
-        if not ok:
-            raise TypeError(f"{name} must be a CUDA array (a torch CUDA tensor or a numba "
-                            f"device array), got {type(arr).__name__}")
-        if not SIMULATOR and not hasattr(arr, "copy_to_host"):
-            arr = cuda.as_cuda_array(arr, sync=False)
-        if arr.dtype != dtype or tuple(arr.shape) != shape or not _c_contiguous(arr):
-            raise ValueError(f"{name} must be a C-contiguous {np.dtype(dtype)} array of shape "
-                             f"{shape}, got {arr.dtype} {tuple(arr.shape)}")
-        return arr
+    def _fit_shape(self, num_ranks: int, num_experts: int) -> None:
+        self.memory = choose_memory(num_ranks, num_experts, self.memory)
 
     def plan(self, load, window, stream=None) -> CudaPlan:
         """Plan L layers on the GPU: load int64 [L, S, E], window float64 [L, G] (seconds),
@@ -988,45 +930,13 @@ class CudaGreedy:
         the next call; torch tensors for torch inputs) without synchronising. Negative loads
         and negative or NaN windows are reported per layer in `status`, not raised (that would
         need a synchronisation)."""
-        L, (G, E) = self.num_layers, self.shape  # noqa: N806 (the shape letters)
-        use_torch = _is_torch(load)
-        load_d = self._device(load, "load", (L, G, E), np.int64)
-        window_d = self._device(window, "window", (L, G), np.float64)
-        if stream is None:
-            stream = 0
-            if use_torch and not SIMULATOR:
-                import torch
-
-                stream = cuda.external_stream(torch.cuda.current_stream().cuda_stream)
+        load_d, window_d, stream = self.launch_inputs(load, window, stream)
         rules = self.rules
-        self.kernel[L, self.threads, stream](
+        self.kernel[self.num_layers, self.threads, stream](
             load_d, self._home, self._slots, window_d, *self._scalars, self._tt, self._xt,
             self._limit, float(rules.epsilon), bool(rules.move_local), bool(rules.evacuate),
             bool(rules.two_phase), bool(rules.mean_cap), *self.scratch, *self.out)
-        if use_torch:
-            return self.torch_out()
-        return self.out
-
-    def torch_out(self) -> CudaPlan:
-        """The output buffers as torch CUDA tensors (views, made once)."""
-        if self._torch_out is None:
-            import torch
-
-            views = CudaPlan(*(torch.as_tensor(a, device="cuda") for a in self.out))
-            for name, a, t in zip(CudaPlan._fields, self.out, views, strict=True):
-                # A copy instead of a view would hold the first plan forever: refuse it.
-                if t.data_ptr() != a.__cuda_array_interface__["data"][0]:
-                    raise RuntimeError(f"torch.as_tensor copied the output buffer {name} "
-                                       "instead of viewing it")
-            self._torch_out = views
-        return self._torch_out
-
-
-def _c_contiguous(arr) -> bool:
-    if isinstance(arr, np.ndarray):
-        return arr.flags.c_contiguous
-    return arr.is_c_contiguous()
-
+        return self.torch_out() if is_torch(load) else self.out
 
 def greedy_cuda_arrays(load, home, slots, window, alpha, beta, token_time, transfer_time,
                        k_max, epsilon, move_local=True, evacuate=False, two_phase=True,
@@ -1040,30 +950,13 @@ def greedy_cuda_arrays(load, home, slots, window, alpha, beta, token_time, trans
     ValueError (rule 8 is not supported)."""
     if also_paper:
         raise ValueError("greedy_cuda does not support also_paper (rule 8); run the CPU kernel")
-    load = np.asarray(load)
-    if load.ndim != 3:
-        raise ValueError(f"load must be a 3-D [L, S, E] array, got shape {load.shape}")
-    num_layers = load.shape[0]
-    cost = CostModel(float(alpha), float(beta), np.asarray(token_time, dtype=np.float64),
-                     np.asarray(transfer_time, dtype=np.float64))
+    load, num_layers, cost = array_inputs(load, alpha, beta, token_time, transfer_time)
     rules = GreedyRules(k_max=int(k_max), epsilon=float(epsilon), move_local=bool(move_local),
                         evacuate=bool(evacuate), two_phase=bool(two_phase),
                         mean_cap=bool(mean_cap))
     runner = CudaGreedy(home, slots, cost, rules, num_layers=num_layers, threads=threads,
                         memory=memory)
-    window = np.asarray(window, dtype=np.float64)
-    if window.shape != (num_layers, runner.shape[0]):
-        raise ValueError(f"window must be [L, G] = {(num_layers, runner.shape[0])}, got shape "
-                         f"{window.shape}")
-    if load.shape[1:] != runner.shape:
-        raise ValueError(f"load must be [L, S, E] = {(num_layers, *runner.shape)}, got shape "
-                         f"{load.shape}")
-    out = runner.plan(cuda.to_device(np.ascontiguousarray(load, dtype=np.int64)),
-                      cuda.to_device(np.ascontiguousarray(window)))
-    host = CudaPlan(*(a.copy_to_host() for a in out))
-    for layer, code in enumerate(host.status):
-        if code:
-            raise ValueError(f"layer {layer}: {STATUS_ERRORS[int(code)]}")
+    host = host_plans(runner, load, window)
     return [(host.replicas[i, :host.num_replicas[i]], host.blk_expert[i, :host.num_blocks[i]],
              host.blk_assign[i, :host.num_blocks[i]], int(host.num_moves[i]),
              float(host.objective[i]))
