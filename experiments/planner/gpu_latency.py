@@ -50,6 +50,7 @@ from pathlib import Path
 import numpy as np
 
 from experiments.planner.gpu_greedy import cpu_layer, decode_batch, layer_plan, same_layer
+from experiments.planner.gpu_harness import capture, event_us
 
 CONFIGS = (("ep=8, E=128", "qwen3-235b-a22b", "h200x8", 8, 128),
            ("ep=64, E=256", "deepseek-v3", "h200x8-n8", 64, 256))
@@ -73,18 +74,7 @@ def _event_us(fn, repeats: int, budget_s: float) -> list:
     for _ in range(3):
         fn()
     torch.cuda.synchronize()
-    samples = []
-    stop = time.perf_counter() + budget_s
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        samples.append(start.elapsed_time(end) * 1e3)
-        if len(samples) >= 3 and time.perf_counter() > stop:
-            break
-    return samples
+    return event_us(fn, repeats, budget_s)
 
 
 def _capture(fn):
@@ -92,19 +82,9 @@ def _capture(fn):
     returns the graph's replay. Raises what the capture raised."""
     import torch
 
-    from probe.planner.numba_cuda import cuda
-
     graph = torch.cuda.CUDAGraph()
     _ALIVE.append((graph, fn))
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        fn()
-    torch.cuda.current_stream().wait_stream(side)
-    # defer_cleanup: numba frees no earlier allocation (cuMemFree) while the stream captures.
-    with cuda.defer_cleanup(), torch.cuda.graph(graph, stream=side):
-        fn()
-    torch.cuda.synchronize()
+    capture(graph, fn)
     return graph.replay
 
 
