@@ -356,9 +356,15 @@ class DecodeRunner:
     def __init__(self, model: MoETransformer, cache, *, use_graphs: bool,
                  buckets: Sequence[int] | None = None) -> None:
         _check_local(model)
+        self._setup(model, cache, next(model.parameters()).device, use_graphs, buckets)
+
+    def _setup(self, model: MoETransformer, cache, device: torch.device, use_graphs: bool,
+               buckets: Sequence[int] | None) -> None:
+        """What every decode runner keeps: the model, the cache, the device, the buckets and
+        the (empty) input buffers and graphs per bucket."""
         self.model = model
         self.cache = cache
-        self.device = next(model.parameters()).device
+        self.device = device
         if use_graphs and self.device.type != "cuda":
             raise ValueError(f"CUDA graphs need a CUDA model, this one is on {self.device}")
         if use_graphs:
@@ -505,20 +511,7 @@ class EPDecodeRunner(DecodeRunner):
                              "(DispatchOptions('fixed'), --dispatch fixed)")
         self.runner = runner
         self.ctx = runner.ctx
-        self.model = model
-        self.cache = cache
-        self.device = runner.device
-        if use_graphs and self.device.type != "cuda":
-            raise ValueError(f"CUDA graphs need a CUDA model, this one is on {self.device}")
-        if use_graphs:
-            _check_packed_graphs(model)
-        self.use_graphs = use_graphs
-        self.buckets = sorted(set(buckets or default_buckets(cache.num_slots)))
-        if self.buckets[0] < 1:
-            raise ValueError(f"buckets must be >= 1, got {self.buckets}")
-        self._inputs: dict[tuple[int, int], torch.Tensor] = {}
-        self._graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
-        self._pool = None
+        self._setup(model, cache, runner.device, use_graphs, buckets)
         from probe.runtime.dispatch import FixedState
 
         self.states = [FixedState(self.device) for _ in runner.layers]
