@@ -15,7 +15,10 @@ or GPT-OSS's clamped SwiGLU). A forward pass over rows that each name a local ex
 Options (both off by default): `glu` (a `GluSpec`) runs the gate/up bias and the nonlinearity as
 one kernel on CUDA (`probe.runtime.glu.fused_glu`) instead of op by op; `backend="triton"` runs
 dense bf16 weights through `probe.runtime.quant_gemm`'s grouped kernel (packed weights always
-take it on CUDA), which adds the biases in its epilogue instead of gathering them per row.
+take it on CUDA), which adds the biases in its epilogue instead of gathering them per row;
+`gemm_configs` (a `GemmConfigs`) sets that kernel's tile shape and launch options per
+projection (None: `quant_gemm.DEFAULT_CONFIGS`), e.g. the winners of a tuning run
+(experiments/runtime/moe_layer.py `--tune`); the other GEMMs ignore it.
 No step reads a count back to the host, so the grouped path needs no synchronisation (and can be
 captured in a CUDA graph). An expert with no rows is an empty group.
 
@@ -55,6 +58,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -63,7 +67,7 @@ from probe.runtime import permute as perm_kernels
 from probe.runtime import quant_gemm
 from probe.runtime.glu import GluSpec, fused_glu, fused_glu_applies
 from probe.runtime.quant import PackedWeight
-from probe.runtime.quant_gemm import grouped_matmul
+from probe.runtime.quant_gemm import KernelConfig, grouped_matmul
 
 BACKENDS = ("torch", "triton")
 PERMUTES = ("torch", "triton", "gather")
@@ -71,6 +75,7 @@ PERMUTES = ("torch", "triton", "gather")
 __all__ = [
     "BACKENDS",
     "PERMUTES",
+    "GemmConfigs",
     "GroupedExperts",
     "gemm_path",
     "grouped_default",
@@ -84,6 +89,30 @@ Activation = Callable[[torch.Tensor], torch.Tensor]
 """The expert nonlinearity: gate_up [n, 2F] (gate half first) -> [n, F]."""
 
 _PROBED: dict[tuple[str, int | None, torch.dtype], bool] = {}
+
+
+@dataclass(frozen=True)
+class GemmConfigs:
+    """The Triton grouped GEMM's `KernelConfig` for each projection of a `GroupedExperts`
+    (None: `quant_gemm.DEFAULT_CONFIGS` for the weights' format). Used only where that kernel
+    runs (backend "triton" on bf16 CUDA rows, or packed weights); the torch paths ignore it.
+    A config changes the tiling and so the fp32 summation order, not what is summed: outputs
+    agree to bf16 rounding, not bit for bit."""
+
+    gate_up: KernelConfig | None = None
+    down: KernelConfig | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("gate_up", "down"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, KernelConfig):
+                raise TypeError(f"GemmConfigs.{name} must be a KernelConfig or None, got "
+                                f"{type(value).__name__}")
+
+    def label(self) -> str:
+        """"gate/up <config>, down <config>" ("default" for None)."""
+        return ", ".join(f"{name} {'default' if cfg is None else cfg.label()}"
+                         for name, cfg in (("gate/up", self.gate_up), ("down", self.down)))
 
 
 def grouped_default() -> bool:
@@ -170,7 +199,8 @@ def gemm_path(x: torch.Tensor, weight: torch.Tensor | PackedWeight, *,
 def grouped_linear(x: torch.Tensor, weight: torch.Tensor | PackedWeight, offs: torch.Tensor,
                    bias: torch.Tensor | None = None, slot: torch.Tensor | None = None, *,
                    use_grouped_mm: bool = True, backend: str = "torch",
-                   x_index: torch.Tensor | None = None) -> torch.Tensor:
+                   x_index: torch.Tensor | None = None,
+                   config: KernelConfig | None = None) -> torch.Tensor:
     """Rows grouped by expert through their expert's linear map: x [n, K] -> [n, N].
 
     Args:
@@ -191,6 +221,8 @@ def grouped_linear(x: torch.Tensor, weight: torch.Tensor | PackedWeight, offs: t
         x_index: int [n] or None; given, x is [T, K] in token order and sorted row i is
             x[x_index[i]]: the Triton kernel gathers the rows in its loads, other paths
             index_select them first.
+        config: the Triton kernel's tile shape and launch options (None: its default for the
+            weights' format); ignored where another GEMM runs.
     """
     if bias is not None and slot is None:
         raise ValueError("grouped_linear: bias needs slot (the group of each row)")
@@ -210,7 +242,7 @@ def grouped_linear(x: torch.Tensor, weight: torch.Tensor | PackedWeight, offs: t
             if not full:
                 starts = torch.zeros(1, dtype=torch.int32, device=x.device)
                 offs = torch.cat((starts, offs.to(torch.int32)))
-            return grouped_matmul(x, weight, offs, bias=bias, x_index=x_index)
+            return grouped_matmul(x, weight, offs, bias=bias, x_index=x_index, config=config)
         weight = weight.dense(x.dtype)
     if x_index is not None:
         x = x.index_select(0, x_index)  # [n, K]  # the twin: expand the whole layer, then as dense
@@ -254,13 +286,16 @@ class GroupedExperts:
             "triton", but where the gate/up GEMM is the Triton kernel its loads gather the
             token rows, so the sorted [T*K, D] copy is never written). The Triton forms apply
             on CUDA (or under TRITON_INTERPRET=1); elsewhere "torch" runs.
+        gemm_configs: a `GemmConfigs`: the Triton GEMM's config per projection (None: its
+            defaults), where that kernel runs.
     The tensors are referenced, not copied.
     """
 
     def __init__(self, w_gate_up: torch.Tensor, w_down: torch.Tensor, activate: Activation, *,
                  b_gate_up: torch.Tensor | None = None, b_down: torch.Tensor | None = None,
                  grouped: bool | None = None, glu: GluSpec | None = None,
-                 backend: str = "torch", permute: str = "torch") -> None:
+                 backend: str = "torch", permute: str = "torch",
+                 gemm_configs: GemmConfigs | None = None) -> None:
         if len(w_gate_up.shape) != 3 or len(w_down.shape) != 3:
             raise ValueError(f"w_gate_up [E, 2F, D] and w_down [E, D, F] must be 3-d, got "
                              f"{tuple(w_gate_up.shape)} and {tuple(w_down.shape)}")
@@ -284,6 +319,10 @@ class GroupedExperts:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         if permute not in PERMUTES:
             raise ValueError(f"permute must be one of {PERMUTES}, got {permute!r}")
+        if gemm_configs is not None and not isinstance(gemm_configs, GemmConfigs):
+            raise TypeError(f"gemm_configs must be a GemmConfigs or None, got "
+                            f"{type(gemm_configs).__name__}")
+        self.gemm_configs = gemm_configs or GemmConfigs()
         self.permute = permute
         self._bounds_cache: dict[torch.device, torch.Tensor] = {}
         self.activate = activate
@@ -293,7 +332,8 @@ class GroupedExperts:
 
     @classmethod
     def from_block(cls, block, grouped: bool | None = None, *, fused: bool = False,
-                   backend: str = "torch", permute: str = "torch") -> GroupedExperts:
+                   backend: str = "torch", permute: str = "torch",
+                   gemm_configs: GemmConfigs | None = None) -> GroupedExperts:
         """The experts of a `MoEBlock` (its parameters, or its packed weights, referenced);
         fused: run bias and nonlinearity as one kernel where it applies (`glu`)."""
         bias = block.cfg.expert_bias
@@ -302,7 +342,7 @@ class GroupedExperts:
                    b_gate_up=block.b_gate_up if bias else None,
                    b_down=block.b_down if bias else None, grouped=grouped,
                    glu=GluSpec.of_config(block.cfg) if fused else None, backend=backend,
-                   permute=permute)
+                   permute=permute, gemm_configs=gemm_configs)
 
     @property
     def num_experts(self) -> int:
@@ -346,7 +386,7 @@ class GroupedExperts:
         gate_up = grouped_linear(x, self.w_gate_up, offs,
                                  self.b_gate_up if bias_in_gemm else None,
                                  slot if bias_in_gemm else None, x_index=x_index,
-                                 **opts)  # [n, 2F]
+                                 config=self.gemm_configs.gate_up, **opts)  # [n, 2F]
         if fuse:
             glu_bias = None if bias_in_gemm or self.b_gate_up is None else self.b_gate_up
             h = fused_glu(gate_up, self.glu, glu_bias, slot if glu_bias is not None else None)
@@ -354,7 +394,7 @@ class GroupedExperts:
             h = self.activate(gate_up)
         h = h.to(x.dtype)  # [n, F]
         return grouped_linear(h, self.w_down, offs, self.b_down, slot,
-                              **opts).to(x.dtype)  # [n, D]
+                              config=self.gemm_configs.down, **opts).to(x.dtype)  # [n, D]
 
     def __call__(self, x: torch.Tensor, slot: torch.Tensor) -> torch.Tensor:
         """Each row through its expert, unweighted: x [n, D], slot int64 [n] (local expert
