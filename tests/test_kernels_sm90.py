@@ -91,3 +91,29 @@ def test_grouped_gemm_variants_compile_for_sm90(fmt, decode, rows, swap, gather,
     assert "wgmma.mma_async" in ptx or "mma.sync" in ptx
     if swap or bm >= 64:
         assert "wgmma.mma_async" in ptx
+
+
+def test_moe_layer_tune_candidates_compile_for_sm90_and_fit_shared_memory():
+    """Every config that experiments/runtime/moe_layer.py --tune tries compiles for sm_90 as the
+    layer launches it (gate/up: rows gathered through the index, with a bias; down: neither,
+    as for qwen3), runs its product on wgmma, and fits one H100/H200 SM's shared memory
+    (227 KB per block), so no candidate is lost to a launch error on the GPU."""
+    from experiments.runtime.moe_layer import TUNE_CANDIDATES
+
+    types = {"x_ptr": "*bf16", "xi_ptr": "*i64", "w_ptr": "*bf16", "s_ptr": "*bf16",
+             "offs_ptr": "*i32", "y_ptr": "*bf16", "b_ptr": "*bf16", "N": "i32", "K": "i32",
+             "stride_w": "i32", "stride_s": "i32", "stride_xm": "i32", "stride_ym": "i32",
+             "stride_b": "i32"}
+    aligned = [n for n in types if n.endswith("_ptr")] + ["N", "K", "stride_w", "stride_xm",
+                                                          "stride_ym", "stride_b"]
+    for cfg in TUNE_CANDIDATES:
+        for gather_and_bias in (True, False):
+            constants = {"HAS_BIAS": gather_and_bias, "GATHER_X": gather_and_bias, "E": 128,
+                         "E_PAD": 128, "FORMAT": quant_gemm._FORMAT_CODE["bf16"],
+                         "BM": cfg.block_m, "BN": cfg.block_n, "BK": cfg.block_k, "GROUP": 32,
+                         "TILE": 128, "DECODE": 0, "DOT_FP32": False, "R": cfg.row_tiles,
+                         "SWAP": cfg.swap_ab}
+            kernel = _compile(quant_gemm._grouped_kernel, types, constants, aligned=aligned,
+                              num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+            assert "wgmma.mma_async" in kernel.asm["ptx"], cfg.label()
+            assert kernel.metadata.shared <= 227 * 1024, (cfg.label(), kernel.metadata.shared)

@@ -4,11 +4,21 @@ from __future__ import annotations
 
 import json
 
-from experiments.runtime.moe_layer import GRAPHS_OFF_CPU, GROUPED_VARIANTS, main
+import pytest
+
+from experiments.runtime.moe_layer import (
+    GRAPHS_OFF_CPU,
+    GROUPED_VARIANTS,
+    TUNE_OFF,
+    TUNE_OFF_CPU,
+    TUNED,
+    main,
+)
 
 
-def test_moe_layer_bench_cpu_quick(tmp_path):
-    main(["--device", "cpu", "--quick", "--out", str(tmp_path)])
+@pytest.mark.parametrize("tune", [False, True])
+def test_moe_layer_bench_cpu_quick(tmp_path, tune):
+    main(["--device", "cpu", "--quick", "--out", str(tmp_path)] + (["--tune"] if tune else []))
     result = json.loads((tmp_path / "moe_layer.json").read_text())
     rows = result["rows"]
     assert {r["family"] for r in rows} == {"gpt_oss", "qwen3_moe"}
@@ -40,5 +50,12 @@ def test_moe_layer_bench_cpu_quick(tmp_path):
     assert len(summary) == 2 and all("best eager" in line and GRAPHS_OFF_CPU in line
                                      for line in summary)
     assert summary[0] in md
+    # --tune on the CPU: nothing tuned, and every output says why (the Triton GEMM is CUDA
+    # only); without --tune: says that it was not asked for
+    why = TUNE_OFF_CPU if tune else TUNE_OFF
+    assert all(r["tuning"] == {"skipped": why} and TUNED not in r["seconds"] for r in rows)
+    assert why in md and all(why in line for line in summary)
+    assert result["meta"]["tune"] is tune and result["meta"]["tune_seconds"] == 0.0
+    assert (result["meta"]["tune_candidates"] is not None) is tune
     manifest = json.loads((tmp_path / "manifest.json").read_text())
     assert {o["path"] for o in manifest["outputs"]} >= {"moe_layer.json", "moe_layer.md"}
