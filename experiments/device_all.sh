@@ -23,7 +23,9 @@ for mod in $WANT; do
   name=${mod#*.}
   echo "== $mod" | tee -a "$LOG"
   start=$(date +%s)
-  timeout ${STEP_TIMEOUT:-280} python3 -m "experiments.$mod" --device cuda --out "$OUT/$name" 2>&1 | tee -a "$LOG"
+  extra=""
+  [ "$mod" = runtime.moe_layer ] && extra="--tune"  # picks each GEMM's Triton config on the GPU
+  timeout ${STEP_TIMEOUT:-280} python3 -m "experiments.$mod" --device cuda --out "$OUT/$name" $extra 2>&1 | tee -a "$LOG"
   echo "== $mod: exit ${PIPESTATUS[0]}, $(( $(date +%s) - start )) s" | tee -a "$LOG"
 done
 date -u | tee -a "$LOG"
