@@ -97,8 +97,15 @@ def test_moe_layer_tune_candidates_compile_for_sm90_and_fit_shared_memory():
     """Every config that experiments/runtime/moe_layer.py --tune tries compiles for sm_90 as the
     layer launches it (gate/up: rows gathered through the index, with a bias; down: neither,
     as for qwen3), runs its product on wgmma, and fits one H100/H200 SM's shared memory
-    (227 KB per block), so no candidate is lost to a launch error on the GPU."""
+    (227 KB per block), so no candidate is lost to a launch error on the GPU; and, where
+    Triton's cuobjdump is here, none spills registers to the stack."""
+    import subprocess
+    import tempfile
+
     from experiments.runtime.moe_layer import TUNE_CANDIDATES
+
+    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin",
+                             "cuobjdump")
 
     types = {"x_ptr": "*bf16", "xi_ptr": "*i64", "w_ptr": "*bf16", "s_ptr": "*bf16",
              "offs_ptr": "*i32", "y_ptr": "*bf16", "b_ptr": "*bf16", "N": "i32", "K": "i32",
@@ -117,3 +124,12 @@ def test_moe_layer_tune_candidates_compile_for_sm90_and_fit_shared_memory():
                               num_warps=cfg.num_warps, num_stages=cfg.num_stages)
             assert "wgmma.mma_async" in kernel.asm["ptx"], cfg.label()
             assert kernel.metadata.shared <= 227 * 1024, (cfg.label(), kernel.metadata.shared)
+            if not os.path.exists(cuobjdump):
+                continue
+            with tempfile.TemporaryDirectory() as tmp:
+                path = os.path.join(tmp, "kernel.cubin")
+                with open(path, "wb") as f:
+                    f.write(kernel.asm["cubin"])
+                usage = subprocess.run([cuobjdump, "--dump-resource-usage", path],
+                                       capture_output=True, text=True, check=True).stdout
+            assert " STACK:0 " in usage and "REG:" in usage, (cfg.label(), usage)

@@ -102,17 +102,19 @@ ROTATE = 4  # different inputs cycled through the timed calls
 REL_TOL = 2e-2  # relative (Frobenius) error allowed between two paths' bf16 outputs
 
 # --tune: Triton grouped-GEMM configs tried for each projection at each (shape, T), replayed as
-# CUDA graphs; `triton gather tuned` then runs the winners. At 768 tokens an active expert has
-# tens of rows, so each GEMM streams its experts' weights once and is bound by how close to HBM
-# bandwidth the tiles run. Each candidate is here for one reason (shared memory per program on
-# sm_90 in brackets, from compiling them for sm_90; all fit one H200 SM's 227 KB):
+# CUDA graphs; `triton gather tuned` then runs the winners. The skewed router gives a few
+# popular experts hundreds of rows (up to ~750 at 768 tokens) and most active experts a handful
+# (median 4-6): each GEMM streams the active experts' weights, re-reading a popular expert's
+# weight tile (from L2 at best) once per program that covers some of its rows. Each candidate is
+# here for one reason; in brackets the shared memory and registers per program of its sm_90
+# build (gate/up form; none spills, all fit an H200 SM: tests/test_kernels_sm90.py):
 TUNE_CANDIDATES = (
     # the default (DEFAULT_CONFIGS["bf16"]), so the tuned layer never runs a config slower than
-    # the untuned one by more than the timing noise [72 KB, 3 programs per SM]
+    # the untuned one by more than the timing noise [72 KB, 118 regs: 3 programs per SM]
     KernelConfig(block_m=64, block_n=128, block_k=64, num_warps=4, num_stages=3),
-    # one more load in flight per program, same tile [96 KB, 2 per SM]
+    # one more load in flight per program, same tile [96 KB: 2 per SM]
     KernelConfig(block_m=64, block_n=128, block_k=64, num_warps=4, num_stages=4),
-    # the deepest pipeline, 8 warps to issue it [120 KB, 1 per SM]
+    # the deepest pipeline, 8 warps to issue it [120 KB: 1 per SM]
     KernelConfig(block_m=64, block_n=128, block_k=64, num_warps=8, num_stages=5),
     # BK 128: twice the weight bytes per load [144 KB]
     KernelConfig(block_m=64, block_n=128, block_k=128, num_warps=8, num_stages=3),
@@ -121,19 +123,20 @@ TUNE_CANDIDATES = (
     KernelConfig(block_m=64, block_n=256, block_k=64, num_warps=8, num_stages=3),
     # BN 64: twice the programs, each half as long: a finer last wave [64 KB, 3 per SM]
     KernelConfig(block_m=64, block_n=64, block_k=64, num_warps=4, num_stages=4),
-    # BM 128: an expert with 65-128 rows streams each weight tile once, not twice [96 KB]
+    # BM 128: a popular expert's weight tile is read once per 128 rows, not 64 [96 KB]
     KernelConfig(block_m=128, block_n=128, block_k=64, num_warps=8, num_stages=3),
-    # two 64-row tiles per program: weights once for up to 128 rows, while an expert with
-    # 64 rows or fewer skips the second tile's MMAs [80 KB]
+    # the same 128 rows per program as two 64-row tiles, so an expert with 64 rows or fewer
+    # skips the second tile's MMAs [80 KB, 230 regs: 2 per SM]
     KernelConfig(block_m=64, block_n=128, block_k=64, num_warps=4, num_stages=3, row_tiles=2),
+    # four 64-row tiles: weights once per 256 rows for the popular experts; 8 warps hold the
+    # four accumulators (with 4 warps they spill) [80 KB, 219 regs: 1 per SM]
+    KernelConfig(block_m=64, block_n=128, block_k=64, num_warps=8, num_stages=3, row_tiles=4),
     # BM 32, computed transposed (the weight tile is the wgmma's 64+-row side): an expert with
     # a few rows pads them to 32, not 64 [80 KB]
     KernelConfig(block_m=32, block_n=128, block_k=64, num_warps=4, num_stages=4, swap_ab=True),
-    # the same with two 32-row tiles per program: weights once for up to 64 rows [84 KB]
-    KernelConfig(block_m=32, block_n=128, block_k=64, num_warps=4, num_stages=4, row_tiles=2,
-                 swap_ab=True),
-    # BM 16 transposed, BK 128: the many small experts of the long routing tail [144 KB]
-    KernelConfig(block_m=16, block_n=128, block_k=128, num_warps=4, num_stages=4,
+    # the same with four 32-row tiles per program: weights once per 128 rows, padding to 32
+    # [84 KB, 236 regs: 2 per SM]
+    KernelConfig(block_m=32, block_n=128, block_k=64, num_warps=4, num_stages=4, row_tiles=4,
                  swap_ab=True),
 )
 # Split-K is not among them: at 768 tokens each GEMM already has thousands of programs with
@@ -141,7 +144,7 @@ TUNE_CANDIDATES = (
 # reduction of the fp32 partial sums would write and read them again (gate/up of gpt-oss-120b:
 # 3072 x 5760 x 4 B = 71 MB per split, ~30 us at HBM speed, against a ~70 us gap to close).
 QUICK_TUNE_CANDIDATES = (  # --quick on CUDA: the default and two others (a smoke run)
-    TUNE_CANDIDATES[0], TUNE_CANDIDATES[4], TUNE_CANDIDATES[8])
+    TUNE_CANDIDATES[0], TUNE_CANDIDATES[4], TUNE_CANDIDATES[9])
 TUNED = "triton gather tuned"  # "triton gather" with each projection's winning config
 NOT_TUNED = {"small (trained)": "not tuned: launch-bound (its roofline is ~1 us), so tiles "
                                 "do not matter there, and its E = 64 would compile every "
@@ -911,7 +914,8 @@ def tuning_markdown(rows: list[dict]) -> list[str]:
              "token rows through the index, with its bias; down with its bias) timed replayed "
              "as CUDA graphs over the rotating inputs for each candidate config, after its "
              "output was checked against the default config's; `" + TUNED + "` runs the "
-             "winners. us per GEMM:"]
+             "winners (picked on the inputs the layer is then timed on, so a win within the "
+             "timing noise may be luck). us per GEMM:"]
     if tuned:
         lines += ["", "| shape | T | gate/up default | gate/up winner | down default | "
                   "down winner | tuned vs untuned rel err | vs CPU twin | tuning s |",
