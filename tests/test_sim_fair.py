@@ -355,7 +355,7 @@ def test_gpu_times_hit_the_measured_h200_points():
     for row in greedy:
         g, e = shapes[row["config"]]
         assert planner_gpu_time(g, e) * 1e6 == pytest.approx(row["graph_replay_us"], abs=1e-3)
-    for row in json.loads((root / "gpu_assign" / "gpu_assign.json").read_text())["speed"]:
+    for row in json.loads((root / "run2" / "gpu_assign" / "gpu_assign.json").read_text())["speed"]:
         ep, experts, slots = row["config"].split(", ")
         g, e, k = int(ep[3:]), int(experts[2:]), int(slots[1])
         assert assign_gpu_time(g, e, k) * 1e6 == pytest.approx(row["device_graph_us"], abs=1e-3)

@@ -68,7 +68,8 @@ their sources; `FairCosts.constants_table()` prints them for reports):
   time on this machine (probe.sim.fair.waterfill_split). Side-stream mode
   (`FairCosts.assign_side_seconds`, `assign_time="latency"`, the default) charges the faster
   of that time plus the host round trip and the repository's assignment kernel
-  (probe.planner.assign_cuda) MEASURED on one H200 for one layer alone (results/h200/gpu_assign,
+  (probe.planner.assign_cuda) MEASURED on one H200 for one layer alone
+  (results/h200/run2/gpu_assign,
   replayed graph of a one-layer launch: 350.5 / 570.4 us at ep = 8 / 128 experts with 1 / 3
   extra slots, 5721 / 11133 us at ep = 64 / 256). `assign_time="gpu"` charges the per-layer
   time of its 24-layer launch (16.3 / 36.7 us, 249.3 / 506.6 us; `assign_gpu_time(G, E, k)`
@@ -124,9 +125,9 @@ CONSTANTS: dict[str, dict] = {
                                 "point held below it (side-stream mode)"},
     "assign_gpu_s": {"value": "16.3 / 36.7 us (ep=8, E=128, +1 / +3 slots), 249.3 / 506.6 us "
                               "(ep=64, E=256)", "unit": "s per layer",
-                     "source": "results/h200/gpu_assign: dispatch-time assignment kernel on "
-                               "one H200, CUDA-graph replay of a 24-layer launch / 24; linear "
-                               "in slots through 1 and 3, linear in G x E as planner_gpu_s "
+                     "source": "results/h200/run2/gpu_assign: dispatch-time assignment "
+                               "kernel on one H200, CUDA-graph replay of a 24-layer launch / "
+                               "24; linear in slots through 1 and 3, linear in G x E as planner_gpu_s "
                                "(side-stream mode default; a one-layer launch took 350-570 us "
                                "at ep=8, not charged)"},
     "host_round_trip_s": {"value": 20e-6, "unit": "s",
@@ -142,8 +143,8 @@ CONSTANTS: dict[str, dict] = {
     "assign_gpu_one_layer_s": {"value": "350.5 / 570.4 us (ep=8, E=128, +1 / +3 slots), "
                                         "5721.0 / 11133.0 us (ep=64, E=256)",
                                "unit": "s per layer",
-                               "source": "results/h200/gpu_assign: replayed CUDA graph of a "
-                                         "launch for one layer alone; interpolated as "
+                               "source": "results/h200/run2/gpu_assign: replayed CUDA graph of "
+                                         "a launch for one layer alone; interpolated as "
                                          "assign_gpu_s"},
     "sliding_window": {"value": 128, "unit": "tokens",
                        "source": "gpt-oss model card: alternating 128-token sliding-window "
@@ -159,12 +160,12 @@ _PREDICTOR_US = {
 
 # results/h200/gpu_greedy/gpu_greedy.json rows[*].graph_replay_us: (G, E) -> us per layer.
 _PLANNER_GPU_US = {(8, 128): 23.4025, (64, 256): 231.894}
-# results/h200/gpu_assign/gpu_assign.json speed[*].device_graph_us: (G, E, extra slots) -> us.
+# results/h200/run2/gpu_assign/gpu_assign.json speed[*].device_graph_us: (G, E, extra slots) -> us.
 _ASSIGN_GPU_US = {(8, 128, 1): 16.3147, (8, 128, 3): 36.6573,
                   (64, 256, 1): 249.3427, (64, 256, 3): 506.6153}
 
 
-# results/h200/gpu_assign/gpu_assign.json speed[*]: one-layer graph replay, us.
+# results/h200/run2/gpu_assign/gpu_assign.json speed[*]: one-layer graph replay, us.
 _ASSIGN_GPU_ONE_LAYER_US = {(8, 128, 1): 350.5, (8, 128, 3): 570.4,
                             (64, 256, 1): 5721.0, (64, 256, 3): 11133.0}
 
