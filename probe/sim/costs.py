@@ -128,7 +128,8 @@ CONSTANTS: dict[str, dict] = {
                      "source": "results/h200/run2/gpu_assign: dispatch-time assignment "
                                "kernel on one H200, CUDA-graph replay of a 24-layer launch / "
                                "24; linear in slots through 1 and 3, linear in G x E as "
-                               "planner_gpu_s (side-stream mode default; a one-layer launch took 350-570 us "
+                               "planner_gpu_s (side-stream mode default; a one-layer launch "
+                               "took 350-570 us "
                                "at ep=8, not charged)"},
     "host_round_trip_s": {"value": 20e-6, "unit": "s",
                           "source": "ASSUMED: a small device-to-host copy with its stream "
