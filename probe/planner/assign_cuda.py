@@ -133,6 +133,7 @@ _quotas_of = device(assign._quotas_of)
 _routes_of = device(assign._routes_of)
 _evens_of = device(assign._evens_of)
 _rank_time = device(assign._rank_time)
+_exchange = device(assign._exchange)
 
 
 # --- the wave schedule of the descents ----------------------------------------------------------
@@ -233,10 +234,10 @@ def _descend_in_waves(layer, tid, nthreads, num_starts, num_order, num_ranks, fi
 
 @cuda.jit
 def _assign_kernel(load_all, copies_all, home_all, use_home, waves, token_time, hop, alpha,
-                   beta, passes, total_all, holds_all, nhold_all, hlist_all, order_all, norder_all,
-                   fixed_all, x_all, quota_all, flow_all, level_all, srt_all, hv_all, part_all,
-                   obj_all, rem_all, cand_all, left_all, hold_all, prev_all, wave_all,
-                   tsrt_all, thv_all, out_all, objective_all,
+                   beta, passes, moves, total_all, holds_all, nhold_all, hlist_all, order_all,
+                   norder_all, fixed_all, x_all, quota_all, flow_all, level_all, srt_all, hv_all,
+                   part_all, obj_all, rem_all, cand_all, left_all, hold_all, prev_all, wave_all,
+                   tsrt_all, thv_all, xi_all, xf_all, xs_all, out_all, objective_all,
                    status_all):  # pragma: no cover - device code
     layer = cuda.blockIdx.x
     tid = cuda.threadIdx.x
@@ -371,16 +372,53 @@ def _assign_kernel(load_all, copies_all, home_all, use_home, waves, token_time, 
     for i in range(tid, num_sources * num_experts * num_ranks, nthreads):
         out[i // (num_experts * num_ranks), (i // num_ranks) % num_experts, i % num_ranks] = 0
     cuda.syncthreads()
-    # 8. The best candidate (the even split first, then the starts in order; strict <), and
-    # its dense assignment, expert by expert.
+    # 8. The best candidate (the even split first, then the starts in order; strict <); when
+    # it is a start, the exchange step (`assign._exchange`, one thread) on a copy of its
+    # quota and flows in the extra slot, re-routed and scored as the others, kept when lower.
     best = even
     best_obj = obj_all[layer, even]
     for k in range(num_starts):
         if obj_all[layer, k] < best_obj:
             best_obj = obj_all[layer, k]
             best = k
+    swap = num_cand  # the exchange's slot
+    if best != even and moves > 0:  # the same on every thread
+        for i in range(tid, num_experts * num_ranks, nthreads):
+            quota_all[layer, swap, i // num_ranks, i % num_ranks] = quota_all[
+                layer, best, i // num_ranks, i % num_ranks]
+        for i in range(tid, num_sources * num_ranks, nthreads):
+            flow_all[layer, swap, i // num_ranks, i % num_ranks] = flow_all[
+                layer, best, i // num_ranks, i % num_ranks]
+        cuda.syncthreads()
+        if tid == 0:
+            xs = xs_all[layer]
+            xf = xf_all[layer]
+            _exchange(moves, quota_all[layer, swap], flow_all[layer, swap], load, hlist, nhold,
+                      token_time, alpha, beta, xi_all[layer, 0], xi_all[layer, 1], xf[0],
+                      xf[1], xf[2], xf[3], left, hold, xs[0], xs[1], xs[2], xs[3], xs[4],
+                      xs[5])
+        cuda.syncthreads()
+        for i in range(tid, num_sources * num_ranks, nthreads):
+            flow_all[layer, swap, i // num_ranks, i % num_ranks] = 0
+        cuda.syncthreads()
+        for e in range(tid, num_experts, nthreads):
+            _routes_of(e, e + 1, quota_all[layer, swap], load, token_time, left, hold,
+                       flow_all[layer, swap], out, False)
+        cuda.syncthreads()
+        for g in range(tid, num_ranks, nthreads):
+            part_all[layer, swap, g] = _rank_time(g, quota_all[layer, swap],
+                                                  flow_all[layer, swap], token_time, alpha,
+                                                  beta)
+        cuda.syncthreads()
+        worst = 0.0
+        for g in range(num_ranks):
+            worst = dmax(worst, part_all[layer, swap, g])
+        if worst < best_obj:
+            best_obj = worst
+            best = swap
     if tid == 0:
         objective_all[layer] = best_obj
+    # The dense assignment of the best, expert by expert.
     quota = quota_all[layer, best]
     for e in range(tid, num_experts, nthreads):
         if best == even:
@@ -423,14 +461,16 @@ class DeviceAssigner:
         "serial" (each descent on one thread, expert after expert); SCHEDULES.
     with_home: calls pass `home` [L, G, E] (the base layout) and the home-only starts are
         tried too, as `assign_tokens(..., home=...)`.
+    moves: the exchange step's most moves (>= 0), as in `assign_tokens`.
     """
 
     def __init__(self, cost: CostModel, num_experts: int, num_layers: int, *, passes: int = 8,
-                 schedule: str = "waves", with_home: bool = False) -> None:
+                 schedule: str = "waves", with_home: bool = False,
+                 moves: int = assign.MOVES) -> None:
         if not isinstance(cost, CostModel):
             raise TypeError(f"cost must be a CostModel, got {type(cost).__name__}")
         for name, value, low in (("num_experts", num_experts, 1), ("num_layers", num_layers, 1),
-                                 ("passes", passes, 1)):
+                                 ("passes", passes, 1), ("moves", moves, 0)):
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
                 raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
         if not cost.beta > 0:
@@ -444,6 +484,7 @@ class DeviceAssigner:
         self.num_experts = int(num_experts)
         self.num_layers = int(num_layers)
         self.passes = int(passes)
+        self.moves = int(moves)
         self.schedule = schedule
         self.with_home = with_home
         self._num_cand = 6 if with_home else 4  # the starts and the even split
@@ -501,16 +542,20 @@ class DeviceAssigner:
         f64, i64 = np.float64, np.int64
         outs = (new((L, S, E, G), i64), new(L, f64), new(L, np.int32))
         # In the kernel's argument order: total, holds, nhold, hlist, order, norder, fixed;
-        # per candidate x, quota, flow, level, srt, hv, part, obj; per thread rem, cand, left,
-        # hold; prev, wave and per thread srt, hv of the wave schedule.
+        # per candidate x, quota, flow, level, srt, hv, part, obj (quota, flow and part with
+        # one more slot, the exchange step's); per thread rem, cand, left, hold; prev, wave and
+        # per thread srt, hv of the wave schedule; the exchange step's int and float [G] and
+        # int [2 G] scratch.
         scratch = (new((L, E), i64), new((L, G, E), np.bool_), new((L, E), i64),
                    new((L, E, G), i64), new((L, E), i64), new(L, i64), new((L, G), f64),
-                   new((L, C, E, G), f64), new((L, C, E, G), i64), new((L, C, S, G), i64),
+                   new((L, C, E, G), f64), new((L, C + 1, E, G), i64),
+                   new((L, C + 1, S, G), i64),
                    new((L, C, G), f64), new((L, C, 2 * G), f64), new((L, C, 4, G), f64),
-                   new((L, C, G), f64), new((L, C), f64),
+                   new((L, C + 1, G), f64), new((L, C), f64),
                    new((L, T, G), f64), new((L, T, G), i64), new((L, T, G), i64),
                    new((L, T, G), i64), new((L, E, G), i64), new((L, E), i64),
-                   new((L, T, 2 * G), f64), new((L, T, 4, G), f64))
+                   new((L, T, 2 * G), f64), new((L, T, 4, G), f64),
+                   new((L, 2, G), i64), new((L, 4, G), f64), new((L, 6, 2 * G), i64))
         consts = (cuda.to_device(np.ascontiguousarray(self.cost.token_time, f64)),
                   cuda.to_device(np.ascontiguousarray(remote_cost(self.cost), f64)))
         self._buffers[key] = (outs, [self._device(v) for v in (*scratch, *outs)], consts)
@@ -542,5 +587,5 @@ class DeviceAssigner:
             stream = 0
         _assign_kernel[L, THREADS, stream](
             *inputs, self.with_home, self.schedule == "waves", *consts,
-            float(self.cost.alpha), float(self.cost.beta), self.passes, *views)
+            float(self.cost.alpha), float(self.cost.beta), self.passes, self.moves, *views)
         return outs
