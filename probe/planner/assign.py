@@ -7,7 +7,8 @@ never the token split.
 
 Shape legend: S source ranks (= G), E experts, G ranks.
 
-`assign_tokens(load, copies, cost)` works in two stages, the same for both methods:
+`assign_tokens(load, copies, cost)` works in two stages, the same for both methods, and
+"waterfill" adds a third:
 
 1. Per-rank totals (the stage-1 objective). Choose x[e, g] >= 0, the tokens of expert e
    processed on rank g, with sum_g x[e, g] = n_e (the expert's total) and x[e, g] = 0 where g
@@ -48,6 +49,18 @@ Shape legend: S source ranks (= G), E experts, G ranks.
    to the holders in order of token_time[s, g] (ties: lower rank first). With equal links
    every rank's in and out traffic then depend only on what stays local; across nodes the
    order among remote holders is a greedy, not an optimum.
+
+3. Exchange step ("waterfill" only; `moves`, default MOVES): stage 1 leaves out eq. 8's
+   out-traffic and its max(in, out), and charges the in-traffic at the mean link, so the best
+   candidate of stages 1-2 can sit a few percent above the LP's (results/assign_level.md: up
+   to +17% at ep=64 without this step). `_exchange` then works on eq. 8 itself, on the
+   integer quotas: each move takes the slowest rank a, and for every multi-copy expert on a
+   and its PARTNERS least loaded other holders b, tries moving part of the expert's quota
+   a -> b (a's compute or in-traffic binds) or b -> a (a keeps more of its own tokens: its
+   out-traffic binds), re-routes the expert exactly as stage 2 does and re-scores every
+   rank; the move that lowers (the largest rank time, then a's) the most is made, and the
+   step stops when none does. A bound on a's own time skips the exact look at moves that
+   cannot help. The result replaces the candidate when its eq. 8 (`_objective`) is lower.
 
 `probe.planner.check.evaluate_plan` scores the result as for any plan (docs/planner.md,
 "Dispatch-time assignment").
@@ -610,16 +623,20 @@ def _move_time(e, a, b, delta, watch, quota, load, token_time, alpha, beta, tok,
 def _exchange(moves, quota, flow, load, hlist, nhold, token_time, alpha, beta, tok, act, tin,
               tout, t_in, t_out, left, hold, src, dst, cnt, src2, dst2,
               cnt2):  # pragma: no cover - compiled
-    """Local search on eq. 8 itself, after rounding and routing: up to `rounds` times, move
-    part of one expert's quota between the slowest rank a and another holder b of that
-    expert (either way: from a when its compute or in-traffic binds, to a when its own
-    tokens leave), the move that lowers (the largest rank time, then a's) the most; stop
-    when none does. quota int64 [E, G] and flow float [S, G] (whole tokens sent s -> g,
-    `_route`) are updated in place. The sizes tried per (expert, b, way): all that can
-    move, and the tokens that would even a's and b's times out at 2 (beta + the dearer of
-    their mean links) per token, and half of that. Returns the moves made. Scratch: tok,
-    act int64 [G], tin, tout, t_in, t_out float [G], left, hold int64 [G], src, dst, cnt,
-    src2, dst2, cnt2 int64 [2 G]."""
+    """Local search on eq. 8 itself, after rounding and routing (module docstring, step 3):
+    up to `moves` times, move part of one expert's quota between the slowest rank a (the
+    first on ties) and another holder b of that expert (either way: from a when its compute
+    or in-traffic binds, to a when its own tokens leave), the move that lowers (the largest
+    rank time, then a's) the most (the first found on ties); stop when none does. Only the
+    PARTNERS least loaded other holders of each expert are tried (ties: lower rank). quota
+    int64 [E, G] and flow [S, G] (whole tokens sent s -> g, `_route`; the entries s -> s go
+    stale) are updated in place. Rank times here are alpha act + beta tok + 2 max(in, out),
+    in and out summed over the sources in ascending order from flow each move. The sizes
+    tried per (expert, b, way): the tokens that would even a's and b's times out at
+    2 (beta + 2 x the dearer of the links a -> b, b -> a) per token (at least 1, at most
+    what can move), half of that, and all that can move when that is at most twice as many.
+    Returns the moves made. Scratch: tok, act int64 [G], tin, tout, t_in, t_out float [G],
+    left, hold int64 [G], src, dst, cnt, src2, dst2, cnt2 int64 [2 G]."""
     num_sources = load.shape[0]
     num_experts, num_ranks = quota.shape
     for g in range(num_ranks):

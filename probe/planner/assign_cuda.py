@@ -25,14 +25,22 @@ launch. The work of a layer is spread over the block, phase by phase (a barrier 
    order does not matter);
 5. parallel over (candidate, rank): each rank's eq. 8 time; a candidate's objective is the
    max over ranks (order-free);
-6. the best candidate (the even split first, then the starts in order, strict <) is written
-   into the dense [S, E, G] assignment in parallel over experts.
+6. the best candidate (the even split first, then the starts in order, strict <); when it is
+   a start, the exchange step (`assign._exchange`, up to `moves` moves) runs on one thread on
+   a copy of its quotas in an extra slot, which is then routed and scored as in 4-5 and
+   taken when its eq. 8 is lower; the winner is written into the dense [S, E, G]
+   assignment in parallel over experts.
 
 Critical path of one layer (one block of 256 threads; counts from the decode layers of
 experiments/planner/gpu_assign.py, true loads on EPLB layouts, and from
 experiments/planner/assign_level.py). Both schedules share everything but step 3:
 
-- barriers: 6 outside the descents. "serial" adds 1. "waves" adds 1, then (waves + 1)
+- the exchange step: serial, one thread, up to `moves` (16) moves, each a scan of every
+  rank's sources (S G steps) plus the exact looks at the candidate moves on the slowest
+  rank (each one expert's routing, O(S x holders), and O(G)); 4 more barriers. On the host
+  it adds 0.7x-1x to the kernel's time (results/assign_speed.md); on the GPU it is one more
+  serial stretch that no GPU time covers yet.
+- barriers: 6 outside the descents and the exchange step. "serial" adds 1. "waves" adds 1, then (waves + 1)
   `syncthreads_or` to number the waves, then per pass one barrier per wave and three
   `syncthreads_or` (the host's early stop of each descending start, which these layers
   never reach: all 8 passes run): with 3 waves (+1 slot per rank) to 8 (+3; medians, at
@@ -65,7 +73,7 @@ Why the integers agree bit for bit with the host kernel's:
 
 - One source. Every piece of arithmetic that decides a choice is a rule of `assign`
   (`_holder_lists_of`, `_fixed_level`, `_descend` or its parts `_level_at` and `_refill`,
-  `_quotas_of`, `_routes_of`, `_evens_of`, `_rank_time`, and `_level_of` / `_tokens_at`
+  `_quotas_of`, `_routes_of`, `_evens_of`, `_rank_time`, `_exchange`, and `_level_of` / `_tokens_at`
   inside them), compiled for the CPU there and compiled again here by `numba_cuda.device`:
   the same Python function, the same float64 operations in the same order
   (probe.planner.scalar). What this module adds is only how the work is spread over threads.
