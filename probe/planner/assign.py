@@ -53,14 +53,17 @@ Shape legend: S source ranks (= G), E experts, G ranks.
 3. Exchange step ("waterfill" only; `moves`, default MOVES): stage 1 leaves out eq. 8's
    out-traffic and its max(in, out), and charges the in-traffic at the mean link, so the best
    candidate of stages 1-2 can sit a few percent above the LP's (results/assign_level.md: up
-   to +17% at ep=64 without this step). `_exchange` then works on eq. 8 itself, on the
-   integer quotas: each move takes the slowest rank a, and for every multi-copy expert on a
-   and its PARTNERS least loaded other holders b, tries moving part of the expert's quota
-   a -> b (a's compute or in-traffic binds) or b -> a (a keeps more of its own tokens: its
-   out-traffic binds), re-routes the expert exactly as stage 2 does and re-scores every
-   rank; the move that lowers (the largest rank time, then a's) the most is made, and the
-   step stops when none does. A bound on a's own time skips the exact look at moves that
-   cannot help. The result replaces the candidate when its eq. 8 (`_objective`) is lower.
+   to +17% at ep=64 without this step), and the descent, one expert at a time, stops where
+   only a joint change of several would lower the largest level. `_exchange` then works on
+   eq. 8 itself, on the integer quotas of every start's candidate (each a different local
+   optimum; from the even split, not descended, it often ends lowest): each move takes the
+   slowest rank a, and for every multi-copy expert on a and its PARTNERS least loaded other
+   holders b, tries moving part of the expert's quota a -> b (a's compute or in-traffic
+   binds) or b -> a (a keeps more of its own tokens: its out-traffic binds), re-routes the
+   expert exactly as stage 2 does and re-scores every rank; the move that lowers (the
+   largest rank time, then a's) the most is made, and the step stops when none does. A
+   bound on a's own time skips the exact look at moves that cannot help. Each exchanged
+   candidate competes with the others by eq. 8 (`_objective`).
 
 `probe.planner.check.evaluate_plan` scores the result as for any plan (docs/planner.md,
 "Dispatch-time assignment").
@@ -92,7 +95,7 @@ from probe.planner.scalar import add_at, dmax, dmin, mul, rule
 __all__ = ["assign_tokens", "assign_tokens_ref", "lp_totals"]
 
 METHODS = ("waterfill", "lp")
-MOVES = 16  # the exchange step's default number of moves (`assign_tokens`)
+MOVES = 10  # the exchange step's default number of moves (`assign_tokens`)
 PARTNERS = 4  # `_exchange` tries the PARTNERS least loaded other holders of each expert
 
 
@@ -793,7 +796,8 @@ def _best(fixed, order, holds, copies, total, alpha, beta, load, token_time, hop
           start_passes, moves, dense=True):  # pragma: no cover - compiled
     """The assignment with the lowest eq. 8 objective (the first on ties) among DeepSeek's
     even split and, for each k, the descent of `start_passes[k]` passes from `starts[k]`,
-    rounded and routed. Returns (assignment int64 [S, E, G], its objective); with
+    rounded and routed, then (moves > 0) that improved by the exchange step (`_exchange`),
+    in that order. Returns (assignment int64 [S, E, G], its objective); with
     dense=False only the objective (and a [1, 1, 1] placeholder): the decision without
     writing the dense array, for timing."""
     tokens, flow, _ = _even(load, copies, False)
@@ -808,6 +812,12 @@ def _best(fixed, order, holds, copies, total, alpha, beta, load, token_time, hop
             whole[e] += load[s, e]
     level, srt, hv = np.empty(num_ranks), np.empty(2 * num_ranks), np.empty((4, num_ranks))
     rem, cand = np.zeros(num_ranks), np.zeros(num_ranks, np.int64)
+    g2 = 2 * num_ranks  # the exchange step's scratch
+    tok, act = np.zeros(num_ranks, np.int64), np.zeros(num_ranks, np.int64)
+    tin, tout = np.zeros(num_ranks), np.zeros(num_ranks)
+    t_in, t_out = np.zeros(num_ranks), np.zeros(num_ranks)
+    left, hold = np.zeros(num_ranks, np.int64), np.zeros(num_ranks, np.int64)
+    sends = np.zeros((6, g2), np.int64)
     for k in range(starts.shape[0]):
         x = _waterfill(fixed, order, hlist, nhold, total, load, hop, alpha, beta,
                        start_passes[k], starts[k], level, srt, hv)
@@ -816,21 +826,15 @@ def _best(fixed, order, holds, copies, total, alpha, beta, load, token_time, hop
         obj = _objective(quota, flow, token_time, alpha, beta)
         if obj < best_obj:
             best_obj, best_quota, from_even = obj, quota, False
-    if not from_even and moves > 0:
-        quota = best_quota.copy()
-        flow, _ = _route(quota, load, holds, token_time, False)
-        g2 = 2 * num_ranks
-        _exchange(moves, quota, flow, load, hlist, nhold, token_time, alpha, beta,
-                  np.zeros(num_ranks, np.int64), np.zeros(num_ranks, np.int64),
-                  np.zeros(num_ranks), np.zeros(num_ranks), np.zeros(num_ranks),
-                  np.zeros(num_ranks), np.zeros(num_ranks, np.int64),
-                  np.zeros(num_ranks, np.int64), np.zeros(g2, np.int64), np.zeros(g2, np.int64),
-                  np.zeros(g2, np.int64), np.zeros(g2, np.int64), np.zeros(g2, np.int64),
-                  np.zeros(g2, np.int64))
-        flow, _ = _route(quota, load, holds, token_time, False)
-        obj = _objective(quota, flow, token_time, alpha, beta)
-        if obj < best_obj:
-            best_obj, best_quota = obj, quota
+        if moves > 0:  # the exchange step from this candidate
+            quota = quota.copy()
+            _exchange(moves, quota, flow, load, hlist, nhold, token_time, alpha, beta, tok,
+                      act, tin, tout, t_in, t_out, left, hold, sends[0], sends[1], sends[2],
+                      sends[3], sends[4], sends[5])
+            flow, _ = _route(quota, load, holds, token_time, False)
+            obj = _objective(quota, flow, token_time, alpha, beta)
+            if obj < best_obj:
+                best_obj, best_quota, from_even = obj, quota, False
     if from_even:
         _, _, out = _even(load, copies, dense)
     else:
@@ -939,16 +943,16 @@ def assign_tokens(load, copies, cost: CostModel, *, method: str = "waterfill",
     passes: water-filling rounds (>= 1; the kernel stops early once the levels settle).
     home: optional bool [G, E], the base layout (copies present before any replica arrived):
         "waterfill" then also tries the home-only split, so it is never worse than it.
-    moves: "waterfill"'s exchange step (`_exchange`): at most this many quota moves on the
-        best candidate (>= 0; 0: none).
+    moves: "waterfill"'s exchange step (`_exchange`): at most this many quota moves from
+        each start's candidate (>= 0; 0: none).
 
     Every (s, e)'s tokens are conserved and land only on ranks with copies[g, e] > 0.
     "waterfill" returns the best, by eq. 8 on the integer split, of these candidates:
     DeepSeek's even split (`probe.planner.eplb.even_split`), filling from empty, the even
     split over all copies as it is and descended from, and (with `home`) the home-only split
-    as it is and descended from; the best of these, when it is not the even split, is then
-    improved by the exchange step on eq. 8 itself and replaced when that lowers eq. 8. So it
-    is never worse than the even split, nor, given `home`, than the home-only split.
+    as it is and descended from, each of the last also after the exchange step on eq. 8
+    itself (`moves`). So it is never worse than the even split, nor, given `home`, than the
+    home-only split.
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
@@ -993,32 +997,30 @@ def assign_tokens_ref(load, copies, cost: CostModel, *, passes: int = 8,
     moves = _checked_moves(moves)
     best = even_split(load, np.asarray(copies).astype(np.int64))
     best_obj = _objective_ref(best, cost.token_time, alpha, beta)
-    from_even = True
+    hlist, nhold = _holder_lists(holds)
+    num_ranks = holds.shape[0]
+
+    def ints(size):
+        return np.zeros(size, np.int64)
+
     for start, rounds in zip(starts, start_passes, strict=True):
         x = _waterfill_ref(fixed, order, holds, total, load, hop, alpha, beta, int(rounds),
                            start)
         out = _split_ref(x, load, holds, cost.token_time)
         obj = _objective_ref(out, cost.token_time, alpha, beta)
         if obj < best_obj:
-            best, best_obj, from_even = out, obj, False
-    if not from_even and moves > 0:
-        quota = best.sum(axis=0)  # [E, G]: the routing fills every quota
-        flow = best.sum(axis=1).astype(np.float64)  # [S, G]
-        hlist, nhold = _holder_lists(holds)
-        num_ranks = holds.shape[0]
-
-        def ints(size):
-            return np.zeros(size, np.int64)
-
-        _exchange.py_func(moves, quota, flow, load, hlist, nhold, cost.token_time, alpha, beta,
-                          ints(num_ranks), ints(num_ranks),
-                          *[np.zeros(num_ranks) for _ in range(4)], ints(num_ranks),
-                          ints(num_ranks),
-                          *[ints(2 * num_ranks) for _ in range(6)])
-        out = _route_ref(quota, load, cost.token_time)
-        obj = _objective_ref(out, cost.token_time, alpha, beta)
-        if obj < best_obj:
-            best = out
+            best, best_obj = out, obj
+        if moves > 0:
+            quota = out.sum(axis=0)  # [E, G]: the routing fills every quota
+            flow = out.sum(axis=1).astype(np.float64)  # [S, G]
+            _exchange.py_func(moves, quota, flow, load, hlist, nhold, cost.token_time, alpha,
+                              beta, ints(num_ranks), ints(num_ranks),
+                              *[np.zeros(num_ranks) for _ in range(4)], ints(num_ranks),
+                              ints(num_ranks), *[ints(2 * num_ranks) for _ in range(6)])
+            out = _route_ref(quota, load, cost.token_time)
+            obj = _objective_ref(out, cost.token_time, alpha, beta)
+            if obj < best_obj:
+                best, best_obj = out, obj
     return best
 
 

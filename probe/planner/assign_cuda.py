@@ -2,8 +2,9 @@
 
 The same candidates, the same arithmetic in the same order as the host kernel `assign._best`
 (DeepSeek's even split, then the water-filling descents from each start, rounded by largest
-remainder and routed locality-first; the lowest eq. 8 wins, the first on ties), so the
-assignment is identical to `assign_tokens(load, copies, cost, passes=passes, home=home)`,
+remainder and routed locality-first, each also after the exchange step; the lowest eq. 8
+wins, the first on ties), so the assignment is identical to
+`assign_tokens(load, copies, cost, passes=passes, home=home, moves=moves)`,
 integer for integer. One block (THREADS threads) runs one layer and several layers go in one
 launch. The work of a layer is spread over the block, phase by phase (a barrier between):
 
@@ -25,25 +26,26 @@ launch. The work of a layer is spread over the block, phase by phase (a barrier 
    order does not matter);
 5. parallel over (candidate, rank): each rank's eq. 8 time; a candidate's objective is the
    max over ranks (order-free);
-6. the best candidate (the even split first, then the starts in order, strict <); when it is
-   a start, the exchange step (`assign._exchange`, up to `moves` moves) runs on one thread on
-   a copy of its quotas in an extra slot, which is then routed and scored as in 4-5 and
-   taken when its eq. 8 is lower; the winner is written into the dense [S, E, G]
-   assignment in parallel over experts.
+6. the exchange step (`assign._exchange`, up to `moves` moves) from every start's
+   candidate, each on the first thread of its own warp, side by side, on copies of the
+   starts' quotas in extra slots, which are then routed and scored as in 4-5;
+7. the best candidate (the even split first, then each start before and after its exchange
+   step, strict <) is written into the dense [S, E, G] assignment in parallel over experts.
 
 Critical path of one layer (one block of 256 threads; counts from the decode layers of
 experiments/planner/gpu_assign.py, true loads on EPLB layouts, and from
 experiments/planner/assign_level.py). Both schedules share everything but step 3:
 
-- the exchange step: serial, one thread, up to `moves` (16) moves, each a scan of every
-  rank's sources (S G steps) plus the exact looks at the candidate moves on the slowest
-  rank (each one expert's routing, O(S x holders), and O(G)); 4 more barriers. On the host
-  it adds 0.7x-1x to the kernel's time (results/assign_speed.md); on the GPU it is one more
-  serial stretch that no GPU time covers yet.
-- barriers: 6 outside the descents and the exchange step. "serial" adds 1. "waves" adds 1, then (waves + 1)
-  `syncthreads_or` to number the waves, then per pass one barrier per wave and three
-  `syncthreads_or` (the host's early stop of each descending start, which these layers
-  never reach: all 8 passes run): with 3 waves (+1 slot per rank) to 8 (+3; medians, at
+- the exchange step: serial within a start (the starts side by side), up to `moves` (10)
+  moves, each a scan of every rank's sources (S G steps) plus the exact looks at the
+  candidate moves on the slowest rank (each one expert's routing, O(S x holders), and
+  O(G)); 6 more barriers. On the host it adds about as much as the rest of the kernel
+  (results/assign_speed.md); on the GPU it is one more serial stretch, which no GPU time
+  covers yet, and `moves=0` leaves it out.
+- barriers: 6 outside the descents and the exchange step. "serial" adds 1. "waves" adds 1,
+  then (waves + 1) `syncthreads_or` to number the waves, then per pass one barrier per
+  wave and three `syncthreads_or` (the host's early stop of each descending start, which
+  these layers never reach: all 8 passes run): with 3 waves (+1 slot per rank) to 8 (+3; medians, at
   most 11) at both ep=8 / E=128 and ep=64 / E=256, about 8 x (3 + 3) + 11 = 60 to
   8 x (8 + 3) + 16 = 110 barriers in all.
 - serial steps outside the descents, per thread: the loops over all experts (an expert's
@@ -376,57 +378,68 @@ def _assign_kernel(load_all, copies_all, home_all, use_home, waves, token_time, 
         for g in range(num_ranks):
             worst = dmax(worst, part_all[layer, tid, g])
         obj_all[layer, tid] = worst
+    # 8. The exchange step (`assign._exchange`) from every start's candidate, each on the
+    # first thread of its own warp, on a copy of its quotas and flows in slot num_cand + k;
+    # then those routed and scored as in 6-7 (the same uniform branch on every thread).
+    if moves > 0:
+        for i in range(tid, num_starts * num_experts * num_ranks, nthreads):
+            k = i // (num_experts * num_ranks)
+            e = (i // num_ranks) % num_experts
+            g = i % num_ranks
+            quota_all[layer, num_cand + k, e, g] = quota_all[layer, k, e, g]
+        for i in range(tid, num_starts * num_sources * num_ranks, nthreads):
+            k = i // (num_sources * num_ranks)
+            s = (i // num_ranks) % num_sources
+            g = i % num_ranks
+            flow_all[layer, num_cand + k, s, g] = flow_all[layer, k, s, g]
+        cuda.syncthreads()
+        if tid % 32 == 0 and tid // 32 < num_starts:
+            k = tid // 32
+            xs = xs_all[layer, k]
+            xf = xf_all[layer, k]
+            _exchange(moves, quota_all[layer, num_cand + k], flow_all[layer, num_cand + k],
+                      load, hlist, nhold, token_time, alpha, beta, xi_all[layer, k, 0],
+                      xi_all[layer, k, 1], xf[0], xf[1], xf[2], xf[3], left, hold, xs[0],
+                      xs[1], xs[2], xs[3], xs[4], xs[5])
+        cuda.syncthreads()
+        for i in range(tid, num_starts * num_sources * num_ranks, nthreads):
+            flow_all[layer, num_cand + i // (num_sources * num_ranks),
+                     (i // num_ranks) % num_sources, i % num_ranks] = 0
+        cuda.syncthreads()
+        for i in range(tid, num_starts * num_experts, nthreads):
+            k = num_cand + i // num_experts
+            e = i % num_experts
+            _routes_of(e, e + 1, quota_all[layer, k], load, token_time, left, hold,
+                       flow_all[layer, k], out_all[layer], False)
+        cuda.syncthreads()
+        for i in range(tid, num_starts * num_ranks, nthreads):
+            k = num_cand + i // num_ranks
+            g = i % num_ranks
+            part_all[layer, k, g] = _rank_time(g, quota_all[layer, k], flow_all[layer, k],
+                                               token_time, alpha, beta)
+        cuda.syncthreads()
+        if tid < num_starts:
+            worst = 0.0
+            for g in range(num_ranks):
+                worst = dmax(worst, part_all[layer, num_cand + tid, g])
+            obj_all[layer, num_cand + tid] = worst
     out = out_all[layer]
     for i in range(tid, num_sources * num_experts * num_ranks, nthreads):
         out[i // (num_experts * num_ranks), (i // num_ranks) % num_experts, i % num_ranks] = 0
     cuda.syncthreads()
-    # 8. The best candidate (the even split first, then the starts in order; strict <); when
-    # it is a start, the exchange step (`assign._exchange`, one thread) on a copy of its
-    # quota and flows in the extra slot, re-routed and scored as the others, kept when lower.
+    # 9. The best candidate (the even split first, then each start, before and after its
+    # exchange step; strict <), and its dense assignment, expert by expert.
     best = even
     best_obj = obj_all[layer, even]
     for k in range(num_starts):
         if obj_all[layer, k] < best_obj:
             best_obj = obj_all[layer, k]
             best = k
-    swap = num_cand  # the exchange's slot
-    if best != even and moves > 0:  # the same on every thread
-        for i in range(tid, num_experts * num_ranks, nthreads):
-            quota_all[layer, swap, i // num_ranks, i % num_ranks] = quota_all[
-                layer, best, i // num_ranks, i % num_ranks]
-        for i in range(tid, num_sources * num_ranks, nthreads):
-            flow_all[layer, swap, i // num_ranks, i % num_ranks] = flow_all[
-                layer, best, i // num_ranks, i % num_ranks]
-        cuda.syncthreads()
-        if tid == 0:
-            xs = xs_all[layer]
-            xf = xf_all[layer]
-            _exchange(moves, quota_all[layer, swap], flow_all[layer, swap], load, hlist, nhold,
-                      token_time, alpha, beta, xi_all[layer, 0], xi_all[layer, 1], xf[0],
-                      xf[1], xf[2], xf[3], left, hold, xs[0], xs[1], xs[2], xs[3], xs[4],
-                      xs[5])
-        cuda.syncthreads()
-        for i in range(tid, num_sources * num_ranks, nthreads):
-            flow_all[layer, swap, i // num_ranks, i % num_ranks] = 0
-        cuda.syncthreads()
-        for e in range(tid, num_experts, nthreads):
-            _routes_of(e, e + 1, quota_all[layer, swap], load, token_time, left, hold,
-                       flow_all[layer, swap], out, False)
-        cuda.syncthreads()
-        for g in range(tid, num_ranks, nthreads):
-            part_all[layer, swap, g] = _rank_time(g, quota_all[layer, swap],
-                                                  flow_all[layer, swap], token_time, alpha,
-                                                  beta)
-        cuda.syncthreads()
-        worst = 0.0
-        for g in range(num_ranks):
-            worst = dmax(worst, part_all[layer, swap, g])
-        if worst < best_obj:
-            best_obj = worst
-            best = swap
+        if moves > 0 and obj_all[layer, num_cand + k] < best_obj:
+            best_obj = obj_all[layer, num_cand + k]
+            best = num_cand + k
     if tid == 0:
         objective_all[layer] = best_obj
-    # The dense assignment of the best, expert by expert.
     quota = quota_all[layer, best]
     for e in range(tid, num_experts, nthreads):
         if best == even:
@@ -538,6 +551,7 @@ class DeviceAssigner:
             return self._buffers[key]
         L, E, G = self.num_layers, self.num_experts, self.num_ranks
         S, C, T = G, self._num_cand, THREADS
+        X = 2 * C - 1  # the candidates, then each start after its exchange step
         if torch_device is not None:
             import torch
 
@@ -550,20 +564,20 @@ class DeviceAssigner:
         f64, i64 = np.float64, np.int64
         outs = (new((L, S, E, G), i64), new(L, f64), new(L, np.int32))
         # In the kernel's argument order: total, holds, nhold, hlist, order, norder, fixed;
-        # per candidate x, quota, flow, level, srt, hv, part, obj (quota, flow and part with
-        # one more slot, the exchange step's); per thread rem, cand, left, hold; prev, wave and
-        # per thread srt, hv of the wave schedule; the exchange step's int and float [G] and
-        # int [2 G] scratch.
+        # per candidate x, quota, flow, level, srt, hv, part, obj (quota, flow, part and obj
+        # also for each start after its exchange step); per thread rem, cand, left, hold;
+        # prev, wave and per thread srt, hv of the wave schedule; per start the exchange
+        # step's int and float [G] and int [2 G] scratch.
         scratch = (new((L, E), i64), new((L, G, E), np.bool_), new((L, E), i64),
                    new((L, E, G), i64), new((L, E), i64), new(L, i64), new((L, G), f64),
-                   new((L, C, E, G), f64), new((L, C + 1, E, G), i64),
-                   new((L, C + 1, S, G), i64),
+                   new((L, C, E, G), f64), new((L, X, E, G), i64), new((L, X, S, G), i64),
                    new((L, C, G), f64), new((L, C, 2 * G), f64), new((L, C, 4, G), f64),
-                   new((L, C + 1, G), f64), new((L, C), f64),
+                   new((L, X, G), f64), new((L, X), f64),
                    new((L, T, G), f64), new((L, T, G), i64), new((L, T, G), i64),
                    new((L, T, G), i64), new((L, E, G), i64), new((L, E), i64),
                    new((L, T, 2 * G), f64), new((L, T, 4, G), f64),
-                   new((L, 2, G), i64), new((L, 4, G), f64), new((L, 6, 2 * G), i64))
+                   new((L, C - 1, 2, G), i64), new((L, C - 1, 4, G), f64),
+                   new((L, C - 1, 6, 2 * G), i64))
         consts = (cuda.to_device(np.ascontiguousarray(self.cost.token_time, f64)),
                   cuda.to_device(np.ascontiguousarray(remote_cost(self.cost), f64)))
         self._buffers[key] = (outs, [self._device(v) for v in (*scratch, *outs)], consts)
