@@ -39,9 +39,10 @@ experiments/planner/assign_level.py). Both schedules share everything but step 3
 - the exchange step: serial within a start (the starts side by side), up to `moves` (10)
   moves, each a scan of every rank's sources (S G steps) plus the exact looks at the
   candidate moves on the slowest rank (each one expert's routing, O(S x holders), and
-  O(G)); 6 more barriers. On the host it adds about as much as the rest of the kernel
-  (results/assign_speed.md); on the GPU it is one more serial stretch, which no GPU time
-  covers yet, and `moves=0` leaves it out.
+  O(G)); 6 more barriers. On the host (all starts one after another) it adds 0.6-1.3x the
+  rest of the deciding kernel at ep=8 and 3.4-5.9x at ep=64 (results/assign_speed.md); on
+  the GPU it is one more serial stretch, which no GPU time covers yet, and `moves=0` leaves
+  it out.
 - barriers: 6 outside the descents and the exchange step. "serial" adds 1. "waves" adds 1,
   then (waves + 1) `syncthreads_or` to number the waves, then per pass one barrier per
   wave and three `syncthreads_or` (the host's early stop of each descending start, which
