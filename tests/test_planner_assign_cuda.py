@@ -214,14 +214,17 @@ def test_compiled_kernel_has_no_fma():
     code = """
 from probe.planner import assign_cuda as ac
 L, G, E, C, T = 1, 4, 8, 6, ac.THREADS
+X = 2 * C - 1
 i, f = np.int64, np.float64
-shapes = [((L, G, E), i)] * 3 + [True, True, ((G, G), f), (G, f), 1.0, 1.0, 8,
+shapes = [((L, G, E), i)] * 3 + [True, True, ((G, G), f), (G, f), 1.0, 1.0, 8, 16,
           ((L, E), i), ((L, G, E), np.bool_), ((L, E), i), ((L, E, G), i), ((L, E), i),
-          (L, i), ((L, G), f), ((L, C, E, G), f), ((L, C, E, G), i),
-          ((L, C, G, G), i), ((L, C, G), f), ((L, C, 2 * G), f), ((L, C, 4, G), f),
-          ((L, C, G), f), ((L, C), f), ((L, T, G), f), ((L, T, G), i), ((L, T, G), i),
+          (L, i), ((L, G), f), ((L, C, E, G), f), ((L, X, E, G), i),
+          ((L, X, G, G), i), ((L, C, G), f), ((L, C, 2 * G), f), ((L, C, 4, G), f),
+          ((L, X, G), f), ((L, X), f), ((L, T, G), f), ((L, T, G), i), ((L, T, G), i),
           ((L, T, G), i), ((L, E, G), i), ((L, E), i), ((L, T, 2 * G), f),
-          ((L, T, 4, G), f), ((L, G, E, G), i), (L, f), (L, np.int32)]
+          ((L, T, 4, G), f), ((L, C - 1, 2, G), i), ((L, C - 1, 4, G), f),
+          ((L, C - 1, 6, 2 * G), i),
+          ((L, G, E, G), i), (L, f), (L, np.int32)]
 args = [np.zeros(*s) if isinstance(s, tuple) else s for s in shapes]
 print(json.dumps(f64_ops(ptx_of(ac._assign_kernel.py_func, args))))
 """
@@ -255,6 +258,8 @@ def test_bad_arguments():
         DeviceAssigner(cost, 2, 0)
     with pytest.raises(ValueError, match="passes"):
         DeviceAssigner(cost, 2, 1, passes=0)
+    with pytest.raises(ValueError, match="moves"):
+        DeviceAssigner(cost, 2, 1, moves=-1)
     with pytest.raises(ValueError, match="schedule must be one of"):
         DeviceAssigner(cost, 2, 1, schedule="fast")
     free = CostModel.uniform(2, alpha=1.0, beta=0.0, token_time=0.1, transfer_time=1.0)

@@ -15,8 +15,9 @@ so that the copies do not fit the true load exactly.
 
 Methods, each scored by eq. 8 (evaluate_plan) against `assign_tokens(method="lp")` (the LP
 relaxation, the same integer split): DeepSeek's even split over the copies
-(`probe.planner.eplb.even_split`), and water-filling (`assign_tokens`, method "waterfill",
-with the default 8 descent passes and with LONG_PASSES).
+(`probe.planner.eplb.even_split`), and water-filling (`assign_tokens`, method "waterfill":
+the default 8 descent passes and up to 10 exchange moves from each start; also without the
+exchange step, moves=0, and with LONG_PASSES descent passes).
 Both GPU schedules of `probe.planner.assign_cuda.DeviceAssigner` ("serial", "waves") give
 water-filling's assignment integer for integer (tests/test_planner_assign_cuda.py), so one
 column stands for all three; what differs is the critical path. For that the table gives,
@@ -75,7 +76,8 @@ def _summary(values) -> dict:
 def measure(name: str, cost: CostModel, num_ranks: int, num_experts: int, count: int,
             seed: int) -> dict:
     rng = np.random.default_rng(seed)
-    gaps = {"waterfill": [], f"waterfill, {LONG_PASSES} passes": [], "even": []}
+    gaps = {"waterfill": [], "waterfill, no exchange": [],
+            f"waterfill, {LONG_PASSES} passes": [], "even": []}
     multi, waves, by_extra = [], [], {1: [], 2: [], 3: []}
     worse_than_even = 0
     for i in range(count):
@@ -86,6 +88,8 @@ def measure(name: str, cost: CostModel, num_ranks: int, num_experts: int, count:
         longer = objective(load, copies, cost,
                            assign_tokens(load, copies, cost, passes=LONG_PASSES))
         gaps[f"waterfill, {LONG_PASSES} passes"].append((longer - ref) / ref)
+        plain = objective(load, copies, cost, assign_tokens(load, copies, cost, moves=0))
+        gaps["waterfill, no exchange"].append((plain - ref) / ref)
         even = objective(load, copies, cost, even_split(load, copies))
         gaps["waterfill"].append((ours - ref) / ref)
         gaps["even"].append((even - ref) / ref)
@@ -167,8 +171,10 @@ def markdown(rows, machine: dict, argv) -> str:
              "Pareto-skewed popularity, 768 tokens x top-8 per source rank, DeepSeek EPLB's "
              "layout from a forecast with 30% log-normal error, 1-3 extra slots per rank in "
              "turn). Gap = (method - LP) / LP of eq. 8 (evaluate_plan), LP = "
-             "`assign_tokens(method=\"lp\")`. Water-filling is `assign_tokens` (the default, "
-             f"8 descent passes; also with {LONG_PASSES}), "
+             "`assign_tokens(method=\"lp\")`. Water-filling is `assign_tokens` (the default: "
+             "8 descent passes, then up to 10 moves of the exchange step on eq. 8 from each "
+             "start; also "
+             f"without the exchange step, moves=0, and with {LONG_PASSES} descent passes), "
              "and also both GPU schedules of `DeviceAssigner` (\"serial\", \"waves\"), which "
              "give its assignment integer for integer.",
              "",
@@ -180,7 +186,7 @@ def markdown(rows, machine: dict, argv) -> str:
         lines.append(f"| {r['config']} | waterfill | {_pct(g['median'])} | {_pct(g['p99'])} "
                      f"| {_pct(g['max'])} | {_pct(g['mean'])} | {r['within_1pct']:.1%} | "
                      f"{r['better_than_lp']:.1%} | {r['worse_than_even']} |")
-        for method in (f"waterfill, {LONG_PASSES} passes", "even"):
+        for method in ("waterfill, no exchange", f"waterfill, {LONG_PASSES} passes", "even"):
             g = r["gap"][method]
             lines.append(f"| {r['config']} | {method} | {_pct(g['median'])} | "
                          f"{_pct(g['p99'])} | {_pct(g['max'])} | {_pct(g['mean'])} | | | |")

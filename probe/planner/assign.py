@@ -7,7 +7,8 @@ never the token split.
 
 Shape legend: S source ranks (= G), E experts, G ranks.
 
-`assign_tokens(load, copies, cost)` works in two stages, the same for both methods:
+`assign_tokens(load, copies, cost)` works in two stages, the same for both methods, and
+"waterfill" adds a third:
 
 1. Per-rank totals (the stage-1 objective). Choose x[e, g] >= 0, the tokens of expert e
    processed on rank g, with sum_g x[e, g] = n_e (the expert's total) and x[e, g] = 0 where g
@@ -49,6 +50,21 @@ Shape legend: S source ranks (= G), E experts, G ranks.
    every rank's in and out traffic then depend only on what stays local; across nodes the
    order among remote holders is a greedy, not an optimum.
 
+3. Exchange step ("waterfill" only; `moves`, default MOVES): stage 1 leaves out eq. 8's
+   out-traffic and its max(in, out), and charges the in-traffic at the mean link, so the best
+   candidate of stages 1-2 can sit a few percent above the LP's (results/assign_level.md: up
+   to +17% at ep=64 without this step), and the descent, one expert at a time, stops where
+   only a joint change of several would lower the largest level. `_exchange` then works on
+   eq. 8 itself, on the integer quotas of every start's candidate (each a different local
+   optimum; from the even split, not descended, it often ends lowest): each move takes the
+   slowest rank a, and for every multi-copy expert on a and its PARTNERS least loaded other
+   holders b, tries moving part of the expert's quota a -> b (a's compute or in-traffic
+   binds) or b -> a (a keeps more of its own tokens: its out-traffic binds), re-routes the
+   expert exactly as stage 2 does and re-scores every rank; the move that lowers (the
+   largest rank time, then a's) the most is made, and the step stops when none does. A
+   bound on a's own time skips the exact look at moves that cannot help. Each exchanged
+   candidate competes with the others by eq. 8 (`_objective`).
+
 `probe.planner.check.evaluate_plan` scores the result as for any plan (docs/planner.md,
 "Dispatch-time assignment").
 
@@ -79,6 +95,8 @@ from probe.planner.scalar import add_at, dmax, dmin, mul, rule
 __all__ = ["assign_tokens", "assign_tokens_ref", "lp_totals"]
 
 METHODS = ("waterfill", "lp")
+MOVES = 10  # the exchange step's default number of moves (`assign_tokens`)
+PARTNERS = 4  # `_exchange` tries the PARTNERS least loaded other holders of each expert
 
 
 def _validated(load, copies, cost) -> tuple[np.ndarray, np.ndarray]:
@@ -520,12 +538,266 @@ def _objective(tokens, flow, token_time, alpha, beta):  # pragma: no cover - com
     return worst
 
 
+@rule(inline=True)
+def _remote_sends(e, quota, load, token_time, left, hold, src, dst, cnt):  # pragma: no cover
+    """The remote sends of expert e under the quotas int64 [E, G], exactly as `_routes_of`
+    routes them (local first, then the cheapest link with quota left): writes them into
+    src, dst, cnt int64 [2 G] (tokens cnt[i] from rank src[i] to rank dst[i]) and returns
+    their number (at most S + G: each send ends a source's rest or a holder's quota).
+    Scratch: left, hold int64 [G]."""
+    num_sources = load.shape[0]
+    m = 0
+    for g in range(quota.shape[1]):
+        left[g] = quota[e, g]
+        if left[g] > 0:
+            hold[m] = g
+            m += 1
+    for s in range(num_sources):
+        left[s] -= dmin(load[s, e], left[s])
+    n = 0
+    for s in range(num_sources):
+        rest = load[s, e] - dmin(load[s, e], quota[e, s])
+        while rest > 0:
+            best = -1
+            for i in range(m):
+                g = hold[i]
+                if left[g] > 0 and (best < 0 or token_time[s, g] < token_time[s, best]):
+                    best = g
+            if best < 0:
+                break
+            k = dmin(rest, left[best])
+            left[best] -= k
+            rest -= k
+            src[n] = s
+            dst[n] = best
+            cnt[n] = k
+            n += 1
+    return n
+
+
+@rule(inline=True)
+def _move_time(e, a, b, delta, watch, quota, load, token_time, alpha, beta, tok, act, tin, tout,
+               n_old, src, dst, cnt, t_in, t_out, left, hold, src2, dst2,
+               cnt2):  # pragma: no cover - compiled
+    """(the largest rank time, rank watch's time) of eq. 8 after moving `delta` of expert e's
+    quota from rank a to rank b (quota int64 [E, G], restored on return), from the ranks'
+    tokens tok, active experts act int64 [G] and traffic tin, tout float [G] (seconds, one
+    way) before the move, and e's remote sends before it (src, dst, cnt [:n_old],
+    `_remote_sends`). Rank g's time is alpha act + beta tok + 2 max(in, out) (eq. 8 with the
+    compute summed as counts). Scratch: t_in, t_out float [G], left, hold int64 [G], src2,
+    dst2, cnt2 int64 [2 G]."""
+    num_ranks = quota.shape[1]
+    quota[e, a] -= delta
+    quota[e, b] += delta
+    n_new = _remote_sends(e, quota, load, token_time, left, hold, src2, dst2, cnt2)
+    quota[e, a] += delta
+    quota[e, b] -= delta
+    for g in range(num_ranks):
+        t_in[g] = tin[g]
+        t_out[g] = tout[g]
+    for i in range(n_old):
+        t = mul(float64(cnt[i]), token_time[src[i], dst[i]])
+        t_in[dst[i]] -= t
+        t_out[src[i]] -= t
+    for i in range(n_new):
+        t = mul(float64(cnt2[i]), token_time[src2[i], dst2[i]])
+        t_in[dst2[i]] += t
+        t_out[src2[i]] += t
+    worst = 0.0
+    at_a = 0.0
+    for g in range(num_ranks):
+        ntok = tok[g]
+        nact = act[g]
+        if g == a:
+            ntok -= delta
+            nact -= 1 if quota[e, a] == delta else 0
+        elif g == b:
+            ntok += delta
+            nact += 1 if quota[e, b] == 0 else 0
+        time = mul(alpha, float64(nact)) + mul(beta, float64(ntok)) + mul(
+            2.0, dmax(t_in[g], t_out[g]))
+        worst = dmax(worst, time)
+        if g == watch:
+            at_a = time
+    return worst, at_a
+
+
+@rule(inline=True)
+def _exchange(moves, quota, flow, load, hlist, nhold, token_time, alpha, beta, tok, act, tin,
+              tout, t_in, t_out, left, hold, src, dst, cnt, src2, dst2,
+              cnt2):  # pragma: no cover - compiled
+    """Local search on eq. 8 itself, after rounding and routing (module docstring, step 3):
+    up to `moves` times, move part of one expert's quota between the slowest rank a (the
+    first on ties) and another holder b of that expert (either way: from a when its compute
+    or in-traffic binds, to a when its own tokens leave), the move that lowers (the largest
+    rank time, then a's) the most (the first found on ties); stop when none does. Only the
+    PARTNERS least loaded other holders of each expert are tried (ties: lower rank). quota
+    int64 [E, G] and flow [S, G] (whole tokens sent s -> g, `_route`; the entries s -> s go
+    stale) are updated in place. Rank times here are alpha act + beta tok + 2 max(in, out),
+    in and out summed over the sources in ascending order from flow each move. The sizes
+    tried per (expert, b, way): the tokens that would even a's and b's times out at
+    2 (beta + 2 x the dearer of the links a -> b, b -> a) per token (at least 1, at most
+    what can move), half of that, and all that can move when that is at most twice as many.
+    Returns the moves made. Scratch: tok, act int64 [G], tin, tout, t_in, t_out float [G],
+    left, hold int64 [G], src, dst, cnt, src2, dst2, cnt2 int64 [2 G]."""
+    num_sources = load.shape[0]
+    num_experts, num_ranks = quota.shape
+    for g in range(num_ranks):
+        tok[g] = 0
+        act[g] = 0
+    for e in range(num_experts):
+        for g in range(num_ranks):
+            if quota[e, g] > 0:
+                tok[g] += quota[e, g]
+                act[g] += 1
+    made = 0
+    for _ in range(moves):
+        for g in range(num_ranks):
+            tin[g] = 0.0
+            tout[g] = 0.0
+        for g in range(num_ranks):
+            for s in range(num_sources):
+                if s != g:
+                    tin[g] += mul(float64(flow[s, g]), token_time[s, g])
+                    tout[g] += mul(float64(flow[g, s]), token_time[g, s])
+        a = 0
+        cur = -1.0
+        times_b = 0.0
+        for g in range(num_ranks):
+            time = mul(alpha, float64(act[g])) + mul(beta, float64(tok[g])) + mul(
+                2.0, dmax(tin[g], tout[g]))
+            if time > cur:
+                cur = time
+                a = g
+        best_worst = cur
+        best_a = cur
+        in_max = 0.0  # a's dearest link in, cheapest and dearest out
+        out_min = -1.0
+        out_max = 0.0
+        for s in range(num_sources):
+            if s != a:
+                in_max = dmax(in_max, token_time[s, a])
+                out_max = dmax(out_max, token_time[a, s])
+                out_min = token_time[a, s] if out_min < 0 else dmin(out_min, token_time[a, s])
+        best_e = -1
+        best_b = -1
+        best_delta = 0
+        for e in range(num_experts):
+            nh = nhold[e]
+            if nh < 2:
+                continue
+            on_a = False
+            for h in range(nh):
+                if hlist[e, h] == a:
+                    on_a = True
+            if not on_a:
+                continue
+            n_old = -1  # e's sends, found at its first exact look
+            last_time = -1.0
+            last_b = -1
+            for _pick in range(PARTNERS):  # e's other holders, least loaded first
+                b = -1
+                times_b = 0.0
+                for h in range(nh):
+                    g = hlist[e, h]
+                    if g == a:
+                        continue
+                    time = mul(alpha, float64(act[g])) + mul(beta, float64(tok[g])) + mul(
+                        2.0, dmax(tin[g], tout[g]))
+                    after = time > last_time or (time == last_time and g > last_b)
+                    if after and (b < 0 or time < times_b):
+                        b = g
+                        times_b = time
+                if b < 0:
+                    break
+                last_time = times_b
+                last_b = b
+                link = dmax(token_time[a, b], token_time[b, a])
+                rate = mul(2.0, beta + mul(2.0, link))
+                even = int64((cur - times_b) / rate)
+                for way in range(2):
+                    if way == 0:  # from a to b
+                        avail = quota[e, a]
+                        frm = a
+                        to = b
+                    else:  # from b to a: a keeps more of its own tokens
+                        avail = dmin(quota[e, b], load[a, e] - dmin(load[a, e], quota[e, a]))
+                        frm = b
+                        to = a
+                    if avail <= 0:
+                        continue
+                    step = dmin(avail, dmax(even, 1))
+                    for k in range(3):  # the sizes: even, half of it, all (when near even)
+                        if k == 0:
+                            delta = step
+                        elif k == 1:
+                            delta = step // 2
+                            if delta < 1:
+                                continue
+                        else:
+                            delta = avail
+                            if delta == step or delta > 2 * step:
+                                continue
+                        # a's time after the move, at best (its traffic over its dearest
+                        # link in, cheapest out): not below the best found, no exact look
+                        if way == 0:
+                            recv = quota[e, a] - dmin(load[a, e], quota[e, a])
+                            t_a = mul(alpha, float64(act[a] - (1 if delta == avail else 0)))
+                            t_a += mul(beta, float64(tok[a] - delta))
+                            t_a += mul(2.0, dmax(
+                                tin[a] - mul(float64(dmin(delta, recv)), in_max),
+                                tout[a] + mul(float64(delta - dmin(delta, recv)), out_min)))
+                        else:
+                            t_a = mul(alpha, float64(act[a] + (1 if quota[e, a] == 0 else 0)))
+                            t_a += mul(beta, float64(tok[a] + delta))
+                            t_a += mul(2.0, dmax(tin[a], tout[a] - mul(float64(delta),
+                                                                       out_max)))
+                        if t_a >= best_worst:
+                            continue
+                        if n_old < 0:
+                            n_old = _remote_sends(e, quota, load, token_time, left, hold, src,
+                                                  dst, cnt)
+                        worst, at_a = _move_time(e, frm, to, delta, a, quota, load,
+                                                 token_time, alpha, beta, tok, act, tin, tout,
+                                                 n_old, src, dst, cnt, t_in, t_out, left,
+                                                 hold, src2, dst2, cnt2)
+                        if worst < best_worst or (worst == best_worst and at_a < best_a):
+                            best_worst = worst
+                            best_a = at_a
+                            best_e = e
+                            best_b = b
+                            best_delta = delta if way == 0 else -delta
+        if best_e < 0:
+            break
+        e = best_e
+        frm = a if best_delta > 0 else best_b
+        to = best_b if best_delta > 0 else a
+        delta = best_delta if best_delta > 0 else -best_delta
+        n_old = _remote_sends(e, quota, load, token_time, left, hold, src, dst, cnt)
+        for i in range(n_old):
+            flow[src[i], dst[i]] -= cnt[i]
+        if quota[e, frm] == delta:
+            act[frm] -= 1
+        if quota[e, to] == 0:
+            act[to] += 1
+        tok[frm] -= delta
+        tok[to] += delta
+        quota[e, frm] -= delta
+        quota[e, to] += delta
+        n_new = _remote_sends(e, quota, load, token_time, left, hold, src, dst, cnt)
+        for i in range(n_new):
+            flow[src[i], dst[i]] += cnt[i]
+        made += 1
+    return made
+
+
 @numba.njit(cache=True)
 def _best(fixed, order, holds, copies, total, alpha, beta, load, token_time, hop, starts,
-          start_passes, dense=True):  # pragma: no cover - compiled
+          start_passes, moves, dense=True):  # pragma: no cover - compiled
     """The assignment with the lowest eq. 8 objective (the first on ties) among DeepSeek's
     even split and, for each k, the descent of `start_passes[k]` passes from `starts[k]`,
-    rounded and routed. Returns (assignment int64 [S, E, G], its objective); with
+    rounded and routed, then (moves > 0) that improved by the exchange step (`_exchange`),
+    in that order. Returns (assignment int64 [S, E, G], its objective); with
     dense=False only the objective (and a [1, 1, 1] placeholder): the decision without
     writing the dense array, for timing."""
     tokens, flow, _ = _even(load, copies, False)
@@ -540,6 +812,12 @@ def _best(fixed, order, holds, copies, total, alpha, beta, load, token_time, hop
             whole[e] += load[s, e]
     level, srt, hv = np.empty(num_ranks), np.empty(2 * num_ranks), np.empty((4, num_ranks))
     rem, cand = np.zeros(num_ranks), np.zeros(num_ranks, np.int64)
+    g2 = 2 * num_ranks  # the exchange step's scratch
+    tok, act = np.zeros(num_ranks, np.int64), np.zeros(num_ranks, np.int64)
+    tin, tout = np.zeros(num_ranks), np.zeros(num_ranks)
+    t_in, t_out = np.zeros(num_ranks), np.zeros(num_ranks)
+    left, hold = np.zeros(num_ranks, np.int64), np.zeros(num_ranks, np.int64)
+    sends = np.zeros((6, g2), np.int64)
     for k in range(starts.shape[0]):
         x = _waterfill(fixed, order, hlist, nhold, total, load, hop, alpha, beta,
                        start_passes[k], starts[k], level, srt, hv)
@@ -548,6 +826,15 @@ def _best(fixed, order, holds, copies, total, alpha, beta, load, token_time, hop
         obj = _objective(quota, flow, token_time, alpha, beta)
         if obj < best_obj:
             best_obj, best_quota, from_even = obj, quota, False
+        if moves > 0:  # the exchange step from this candidate
+            quota = quota.copy()
+            _exchange(moves, quota, flow, load, hlist, nhold, token_time, alpha, beta, tok,
+                      act, tin, tout, t_in, t_out, left, hold, sends[0], sends[1], sends[2],
+                      sends[3], sends[4], sends[5])
+            flow, _ = _route(quota, load, holds, token_time, False)
+            obj = _objective(quota, flow, token_time, alpha, beta)
+            if obj < best_obj:
+                best_obj, best_quota, from_even = obj, quota, False
     if from_even:
         _, _, out = _even(load, copies, dense)
     else:
@@ -584,7 +871,8 @@ def _checked_home(home, holds):
     return home.astype(bool)
 
 
-def kernel_args(load, copies, cost: CostModel, *, passes: int = 8, home=None) -> tuple:
+def kernel_args(load, copies, cost: CostModel, *, passes: int = 8, home=None,
+                moves: int = MOVES) -> tuple:
     """Validated arguments of the compiled kernel `_best`, for timing it alone."""
     load, holds = _validated(load, copies, cost)
     home = _checked_home(home, holds)
@@ -594,7 +882,7 @@ def kernel_args(load, copies, cost: CostModel, *, passes: int = 8, home=None) ->
     starts, start_passes = _starts(load, holds, total, order, home, passes)
     counts = np.ascontiguousarray(np.asarray(copies), dtype=np.int64)
     return (fixed, order, holds, counts, total, alpha, beta, load, cost.token_time, hop, starts,
-            start_passes)
+            start_passes, _checked_moves(moves))
 
 
 def lp_totals(load, copies, cost: CostModel) -> tuple[np.ndarray, float]:
@@ -643,7 +931,7 @@ def lp_totals(load, copies, cost: CostModel) -> tuple[np.ndarray, float]:
 
 
 def assign_tokens(load, copies, cost: CostModel, *, method: str = "waterfill",
-                  passes: int = 8, home=None) -> np.ndarray:
+                  passes: int = 8, home=None, moves: int = MOVES) -> np.ndarray:
     """int64 [S, E, G]: tokens of (source s, expert e) processed on rank g.
 
     load: int [S, E] true tokens per source rank and expert (S = G, whole, >= 0).
@@ -655,18 +943,22 @@ def assign_tokens(load, copies, cost: CostModel, *, method: str = "waterfill",
     passes: water-filling rounds (>= 1; the kernel stops early once the levels settle).
     home: optional bool [G, E], the base layout (copies present before any replica arrived):
         "waterfill" then also tries the home-only split, so it is never worse than it.
+    moves: "waterfill"'s exchange step (`_exchange`): at most this many quota moves from
+        each start's candidate (>= 0; 0: none).
 
     Every (s, e)'s tokens are conserved and land only on ranks with copies[g, e] > 0.
     "waterfill" returns the best, by eq. 8 on the integer split, of these candidates:
     DeepSeek's even split (`probe.planner.eplb.even_split`), filling from empty, the even
     split over all copies as it is and descended from, and (with `home`) the home-only split
-    as it is and descended from. So it is never worse than the even split, nor, given
-    `home`, than the home-only split.
+    as it is and descended from, each of the last also after the exchange step on eq. 8
+    itself (`moves`). So it is never worse than the even split, nor, given `home`, than the
+    home-only split.
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     if isinstance(passes, bool) or not isinstance(passes, (int, np.integer)) or passes < 1:
         raise ValueError(f"passes must be an int >= 1, got {passes!r}")
+    _checked_moves(moves)
     if method == "lp":
         load, holds = _validated(load, copies, cost)
         _checked_home(home, holds)
@@ -677,16 +969,23 @@ def assign_tokens(load, copies, cost: CostModel, *, method: str = "waterfill",
                         np.zeros(num_ranks, np.int64))
         _, out = _route(quota, load, holds, cost.token_time, True)
         return out
-    out, _ = _best(*kernel_args(load, copies, cost, passes=passes, home=home))
+    out, _ = _best(*kernel_args(load, copies, cost, passes=passes, home=home, moves=moves))
     return out
+
+
+def _checked_moves(moves) -> int:
+    if isinstance(moves, bool) or not isinstance(moves, (int, np.integer)) or moves < 0:
+        raise ValueError(f"moves must be an int >= 0, got {moves!r}")
+    return int(moves)
 
 
 # --- the plain-Python twin ---------------------------------------------------------------------
 
 def assign_tokens_ref(load, copies, cost: CostModel, *, passes: int = 8,
-                      home=None) -> np.ndarray:
+                      home=None, moves: int = MOVES) -> np.ndarray:
     """Plain-Python twin of `assign_tokens(..., method="waterfill")`: the same arithmetic in
-    the same order, written for reading; tests require identical output."""
+    the same order, written for reading; tests require identical output. The exchange step
+    runs `_exchange`'s own Python source (its `py_func`), not a second version of it."""
     from probe.planner.eplb import even_split
 
     load, holds = _validated(load, copies, cost)
@@ -695,8 +994,15 @@ def assign_tokens_ref(load, copies, cost: CostModel, *, passes: int = 8,
     hop = remote_cost(cost)
     fixed, total, order = _fixed_levels(load, holds, alpha, beta, hop)
     starts, start_passes = _starts(load, holds, total, order, home, passes)
+    moves = _checked_moves(moves)
     best = even_split(load, np.asarray(copies).astype(np.int64))
     best_obj = _objective_ref(best, cost.token_time, alpha, beta)
+    hlist, nhold = _holder_lists(holds)
+    num_ranks = holds.shape[0]
+
+    def ints(size):
+        return np.zeros(size, np.int64)
+
     for start, rounds in zip(starts, start_passes, strict=True):
         x = _waterfill_ref(fixed, order, holds, total, load, hop, alpha, beta, int(rounds),
                            start)
@@ -704,6 +1010,17 @@ def assign_tokens_ref(load, copies, cost: CostModel, *, passes: int = 8,
         obj = _objective_ref(out, cost.token_time, alpha, beta)
         if obj < best_obj:
             best, best_obj = out, obj
+        if moves > 0:
+            quota = out.sum(axis=0)  # [E, G]: the routing fills every quota
+            flow = out.sum(axis=1).astype(np.float64)  # [S, G]
+            _exchange.py_func(moves, quota, flow, load, hlist, nhold, cost.token_time, alpha,
+                              beta, ints(num_ranks), ints(num_ranks),
+                              *[np.zeros(num_ranks) for _ in range(4)], ints(num_ranks),
+                              ints(num_ranks), *[ints(2 * num_ranks) for _ in range(6)])
+            out = _route_ref(quota, load, cost.token_time)
+            obj = _objective_ref(out, cost.token_time, alpha, beta)
+            if obj < best_obj:
+                best, best_obj = out, obj
     return best
 
 
@@ -820,19 +1137,36 @@ def _split_ref(x, load, holds, token_time) -> np.ndarray:
                     quota[g] -= 1
                     short += 1
                 k = k - 1 if k > 0 else len(by_rem) - 1
-        holders = [g for g in range(num_ranks) if quota[g] > 0]
-        left = [int(v) for v in load[:, e]]
-        for s in range(num_sources):  # local first
-            k = min(left[s], quota[s])
-            out[s, e, s] += k
-            quota[s] -= k
-            left[s] -= k
-        for s in range(num_sources):  # then the cheapest link with quota left
-            while left[s] > 0:
-                best = min((g for g in holders if quota[g] > 0),
-                           key=lambda g, s=s: token_time[s, g])
-                k = min(left[s], quota[best])
-                out[s, e, best] += k
-                quota[best] -= k
-                left[s] -= k
+        _route_expert_ref(out, e, quota, load, token_time)
     return out
+
+
+def _route_ref(quota, load, token_time) -> np.ndarray:
+    """Plain-Python twin of `_route` (write): the assignment int64 [S, E, G] of the quotas
+    int [E, G]."""
+    num_sources, num_experts = load.shape
+    out = np.zeros((num_sources, num_experts, quota.shape[1]), np.int64)
+    for e in range(num_experts):
+        _route_expert_ref(out, e, [int(v) for v in quota[e]], load, token_time)
+    return out
+
+
+def _route_expert_ref(out, e, quota, load, token_time) -> None:
+    """Expert e's tokens onto its quotas (list, consumed): local first, then the cheapest
+    link with quota left (ties: lower rank), into out [S, E, G]."""
+    num_sources = load.shape[0]
+    holders = [g for g in range(len(quota)) if quota[g] > 0]
+    left = [int(v) for v in load[:, e]]
+    for s in range(num_sources):  # local first
+        k = min(left[s], quota[s])
+        out[s, e, s] += k
+        quota[s] -= k
+        left[s] -= k
+    for s in range(num_sources):  # then the cheapest link with quota left
+        while left[s] > 0:
+            best = min((g for g in holders if quota[g] > 0),
+                       key=lambda g, s=s: token_time[s, g])
+            k = min(left[s], quota[best])
+            out[s, e, best] += k
+            quota[best] -= k
+            left[s] -= k

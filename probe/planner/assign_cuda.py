@@ -2,8 +2,9 @@
 
 The same candidates, the same arithmetic in the same order as the host kernel `assign._best`
 (DeepSeek's even split, then the water-filling descents from each start, rounded by largest
-remainder and routed locality-first; the lowest eq. 8 wins, the first on ties), so the
-assignment is identical to `assign_tokens(load, copies, cost, passes=passes, home=home)`,
+remainder and routed locality-first, each also after the exchange step; the lowest eq. 8
+wins, the first on ties), so the assignment is identical to
+`assign_tokens(load, copies, cost, passes=passes, home=home, moves=moves)`,
 integer for integer. One block (THREADS threads) runs one layer and several layers go in one
 launch. The work of a layer is spread over the block, phase by phase (a barrier between):
 
@@ -25,17 +26,27 @@ launch. The work of a layer is spread over the block, phase by phase (a barrier 
    order does not matter);
 5. parallel over (candidate, rank): each rank's eq. 8 time; a candidate's objective is the
    max over ranks (order-free);
-6. the best candidate (the even split first, then the starts in order, strict <) is written
-   into the dense [S, E, G] assignment in parallel over experts.
+6. the exchange step (`assign._exchange`, up to `moves` moves) from every start's
+   candidate, each on the first thread of its own warp, side by side, on copies of the
+   starts' quotas in extra slots, which are then routed and scored as in 4-5;
+7. the best candidate (the even split first, then each start before and after its exchange
+   step, strict <) is written into the dense [S, E, G] assignment in parallel over experts.
 
 Critical path of one layer (one block of 256 threads; counts from the decode layers of
 experiments/planner/gpu_assign.py, true loads on EPLB layouts, and from
 experiments/planner/assign_level.py). Both schedules share everything but step 3:
 
-- barriers: 6 outside the descents. "serial" adds 1. "waves" adds 1, then (waves + 1)
-  `syncthreads_or` to number the waves, then per pass one barrier per wave and three
-  `syncthreads_or` (the host's early stop of each descending start, which these layers
-  never reach: all 8 passes run): with 3 waves (+1 slot per rank) to 8 (+3; medians, at
+- the exchange step: serial within a start (the starts side by side), up to `moves` (10)
+  moves, each a scan of every rank's sources (S G steps) plus the exact looks at the
+  candidate moves on the slowest rank (each one expert's routing, O(S x holders), and
+  O(G)); 6 more barriers. On the host (all starts one after another) it adds 0.6-1.3x the
+  rest of the deciding kernel at ep=8 and 3.4-5.9x at ep=64 (results/assign_speed.md); on
+  the GPU it is one more serial stretch, which no GPU time covers yet, and `moves=0` leaves
+  it out.
+- barriers: 6 outside the descents and the exchange step. "serial" adds 1. "waves" adds 1,
+  then (waves + 1) `syncthreads_or` to number the waves, then per pass one barrier per
+  wave and three `syncthreads_or` (the host's early stop of each descending start, which
+  these layers never reach: all 8 passes run): with 3 waves (+1 slot per rank) to 8 (+3; medians, at
   most 11) at both ep=8 / E=128 and ep=64 / E=256, about 8 x (3 + 3) + 11 = 60 to
   8 x (8 + 3) + 16 = 110 barriers in all.
 - serial steps outside the descents, per thread: the loops over all experts (an expert's
@@ -65,7 +76,7 @@ Why the integers agree bit for bit with the host kernel's:
 
 - One source. Every piece of arithmetic that decides a choice is a rule of `assign`
   (`_holder_lists_of`, `_fixed_level`, `_descend` or its parts `_level_at` and `_refill`,
-  `_quotas_of`, `_routes_of`, `_evens_of`, `_rank_time`, and `_level_of` / `_tokens_at`
+  `_quotas_of`, `_routes_of`, `_evens_of`, `_rank_time`, `_exchange`, and `_level_of` / `_tokens_at`
   inside them), compiled for the CPU there and compiled again here by `numba_cuda.device`:
   the same Python function, the same float64 operations in the same order
   (probe.planner.scalar). What this module adds is only how the work is spread over threads.
@@ -133,6 +144,7 @@ _quotas_of = device(assign._quotas_of)
 _routes_of = device(assign._routes_of)
 _evens_of = device(assign._evens_of)
 _rank_time = device(assign._rank_time)
+_exchange = device(assign._exchange)
 
 
 # --- the wave schedule of the descents ----------------------------------------------------------
@@ -233,10 +245,10 @@ def _descend_in_waves(layer, tid, nthreads, num_starts, num_order, num_ranks, fi
 
 @cuda.jit
 def _assign_kernel(load_all, copies_all, home_all, use_home, waves, token_time, hop, alpha,
-                   beta, passes, total_all, holds_all, nhold_all, hlist_all, order_all, norder_all,
-                   fixed_all, x_all, quota_all, flow_all, level_all, srt_all, hv_all, part_all,
-                   obj_all, rem_all, cand_all, left_all, hold_all, prev_all, wave_all,
-                   tsrt_all, thv_all, out_all, objective_all,
+                   beta, passes, moves, total_all, holds_all, nhold_all, hlist_all, order_all,
+                   norder_all, fixed_all, x_all, quota_all, flow_all, level_all, srt_all, hv_all,
+                   part_all, obj_all, rem_all, cand_all, left_all, hold_all, prev_all, wave_all,
+                   tsrt_all, thv_all, xi_all, xf_all, xs_all, out_all, objective_all,
                    status_all):  # pragma: no cover - device code
     layer = cuda.blockIdx.x
     tid = cuda.threadIdx.x
@@ -367,18 +379,66 @@ def _assign_kernel(load_all, copies_all, home_all, use_home, waves, token_time, 
         for g in range(num_ranks):
             worst = dmax(worst, part_all[layer, tid, g])
         obj_all[layer, tid] = worst
+    # 8. The exchange step (`assign._exchange`) from every start's candidate, each on the
+    # first thread of its own warp, on a copy of its quotas and flows in slot num_cand + k;
+    # then those routed and scored as in 6-7 (the same uniform branch on every thread).
+    if moves > 0:
+        for i in range(tid, num_starts * num_experts * num_ranks, nthreads):
+            k = i // (num_experts * num_ranks)
+            e = (i // num_ranks) % num_experts
+            g = i % num_ranks
+            quota_all[layer, num_cand + k, e, g] = quota_all[layer, k, e, g]
+        for i in range(tid, num_starts * num_sources * num_ranks, nthreads):
+            k = i // (num_sources * num_ranks)
+            s = (i // num_ranks) % num_sources
+            g = i % num_ranks
+            flow_all[layer, num_cand + k, s, g] = flow_all[layer, k, s, g]
+        cuda.syncthreads()
+        if tid % 32 == 0 and tid // 32 < num_starts:
+            k = tid // 32
+            xs = xs_all[layer, k]
+            xf = xf_all[layer, k]
+            _exchange(moves, quota_all[layer, num_cand + k], flow_all[layer, num_cand + k],
+                      load, hlist, nhold, token_time, alpha, beta, xi_all[layer, k, 0],
+                      xi_all[layer, k, 1], xf[0], xf[1], xf[2], xf[3], left, hold, xs[0],
+                      xs[1], xs[2], xs[3], xs[4], xs[5])
+        cuda.syncthreads()
+        for i in range(tid, num_starts * num_sources * num_ranks, nthreads):
+            flow_all[layer, num_cand + i // (num_sources * num_ranks),
+                     (i // num_ranks) % num_sources, i % num_ranks] = 0
+        cuda.syncthreads()
+        for i in range(tid, num_starts * num_experts, nthreads):
+            k = num_cand + i // num_experts
+            e = i % num_experts
+            _routes_of(e, e + 1, quota_all[layer, k], load, token_time, left, hold,
+                       flow_all[layer, k], out_all[layer], False)
+        cuda.syncthreads()
+        for i in range(tid, num_starts * num_ranks, nthreads):
+            k = num_cand + i // num_ranks
+            g = i % num_ranks
+            part_all[layer, k, g] = _rank_time(g, quota_all[layer, k], flow_all[layer, k],
+                                               token_time, alpha, beta)
+        cuda.syncthreads()
+        if tid < num_starts:
+            worst = 0.0
+            for g in range(num_ranks):
+                worst = dmax(worst, part_all[layer, num_cand + tid, g])
+            obj_all[layer, num_cand + tid] = worst
     out = out_all[layer]
     for i in range(tid, num_sources * num_experts * num_ranks, nthreads):
         out[i // (num_experts * num_ranks), (i // num_ranks) % num_experts, i % num_ranks] = 0
     cuda.syncthreads()
-    # 8. The best candidate (the even split first, then the starts in order; strict <), and
-    # its dense assignment, expert by expert.
+    # 9. The best candidate (the even split first, then each start, before and after its
+    # exchange step; strict <), and its dense assignment, expert by expert.
     best = even
     best_obj = obj_all[layer, even]
     for k in range(num_starts):
         if obj_all[layer, k] < best_obj:
             best_obj = obj_all[layer, k]
             best = k
+        if moves > 0 and obj_all[layer, num_cand + k] < best_obj:
+            best_obj = obj_all[layer, num_cand + k]
+            best = num_cand + k
     if tid == 0:
         objective_all[layer] = best_obj
     quota = quota_all[layer, best]
@@ -423,14 +483,16 @@ class DeviceAssigner:
         "serial" (each descent on one thread, expert after expert); SCHEDULES.
     with_home: calls pass `home` [L, G, E] (the base layout) and the home-only starts are
         tried too, as `assign_tokens(..., home=...)`.
+    moves: the exchange step's most moves (>= 0), as in `assign_tokens`.
     """
 
     def __init__(self, cost: CostModel, num_experts: int, num_layers: int, *, passes: int = 8,
-                 schedule: str = "waves", with_home: bool = False) -> None:
+                 schedule: str = "waves", with_home: bool = False,
+                 moves: int = assign.MOVES) -> None:
         if not isinstance(cost, CostModel):
             raise TypeError(f"cost must be a CostModel, got {type(cost).__name__}")
         for name, value, low in (("num_experts", num_experts, 1), ("num_layers", num_layers, 1),
-                                 ("passes", passes, 1)):
+                                 ("passes", passes, 1), ("moves", moves, 0)):
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
                 raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
         if not cost.beta > 0:
@@ -444,6 +506,7 @@ class DeviceAssigner:
         self.num_experts = int(num_experts)
         self.num_layers = int(num_layers)
         self.passes = int(passes)
+        self.moves = int(moves)
         self.schedule = schedule
         self.with_home = with_home
         self._num_cand = 6 if with_home else 4  # the starts and the even split
@@ -489,6 +552,7 @@ class DeviceAssigner:
             return self._buffers[key]
         L, E, G = self.num_layers, self.num_experts, self.num_ranks
         S, C, T = G, self._num_cand, THREADS
+        X = 2 * C - 1  # the candidates, then each start after its exchange step
         if torch_device is not None:
             import torch
 
@@ -501,16 +565,20 @@ class DeviceAssigner:
         f64, i64 = np.float64, np.int64
         outs = (new((L, S, E, G), i64), new(L, f64), new(L, np.int32))
         # In the kernel's argument order: total, holds, nhold, hlist, order, norder, fixed;
-        # per candidate x, quota, flow, level, srt, hv, part, obj; per thread rem, cand, left,
-        # hold; prev, wave and per thread srt, hv of the wave schedule.
+        # per candidate x, quota, flow, level, srt, hv, part, obj (quota, flow, part and obj
+        # also for each start after its exchange step); per thread rem, cand, left, hold;
+        # prev, wave and per thread srt, hv of the wave schedule; per start the exchange
+        # step's int and float [G] and int [2 G] scratch.
         scratch = (new((L, E), i64), new((L, G, E), np.bool_), new((L, E), i64),
                    new((L, E, G), i64), new((L, E), i64), new(L, i64), new((L, G), f64),
-                   new((L, C, E, G), f64), new((L, C, E, G), i64), new((L, C, S, G), i64),
+                   new((L, C, E, G), f64), new((L, X, E, G), i64), new((L, X, S, G), i64),
                    new((L, C, G), f64), new((L, C, 2 * G), f64), new((L, C, 4, G), f64),
-                   new((L, C, G), f64), new((L, C), f64),
+                   new((L, X, G), f64), new((L, X), f64),
                    new((L, T, G), f64), new((L, T, G), i64), new((L, T, G), i64),
                    new((L, T, G), i64), new((L, E, G), i64), new((L, E), i64),
-                   new((L, T, 2 * G), f64), new((L, T, 4, G), f64))
+                   new((L, T, 2 * G), f64), new((L, T, 4, G), f64),
+                   new((L, C - 1, 2, G), i64), new((L, C - 1, 4, G), f64),
+                   new((L, C - 1, 6, 2 * G), i64))
         consts = (cuda.to_device(np.ascontiguousarray(self.cost.token_time, f64)),
                   cuda.to_device(np.ascontiguousarray(remote_cost(self.cost), f64)))
         self._buffers[key] = (outs, [self._device(v) for v in (*scratch, *outs)], consts)
@@ -542,5 +610,5 @@ class DeviceAssigner:
             stream = 0
         _assign_kernel[L, THREADS, stream](
             *inputs, self.with_home, self.schedule == "waves", *consts,
-            float(self.cost.alpha), float(self.cost.beta), self.passes, *views)
+            float(self.cost.alpha), float(self.cost.beta), self.passes, self.moves, *views)
         return outs
