@@ -202,9 +202,38 @@ def test_plan_and_ahead_splits_charge_no_assignment(result, costs):
         for m in (plan, ahead):
             assert m["solve"].sum() == 0 and m["solve_side"].sum() == 0
         assert ahead["pred"].sum() == 0
-        np.testing.assert_array_equal(ahead["side"], ahead_exposure(
-            costs.side_planner_seconds(), costs.model.num_layers * result.attention))
-    assert ahead_exposure(5e-5, 1e-3) == 0.0 and ahead_exposure(3e-3, 1e-3) == 2e-3
+        np.testing.assert_array_equal(ahead["side"], 0.0)  # 36 plans fit in a step here
+
+
+def test_ahead_exposure_shares_one_step_among_all_layers():
+    # 36 layers of 50 us each (1.8 ms) in a 1 ms window: 0.8 ms exposed, 22.2 us per layer;
+    # one layer's 50 us against the whole window (the old formula) exposed nothing
+    assert ahead_exposure(5e-5, 1e-3, 36) == pytest.approx(0.8e-3 / 36)
+    assert ahead_exposure(5e-5, 1e-3, 20) == 0.0  # 1 ms of planning fits exactly
+    assert ahead_exposure(3e-3, 1e-3, 1) == pytest.approx(2e-3)
+    with pytest.raises(ValueError, match="layers"):
+        ahead_exposure(5e-5, 1e-3, 0)
+
+
+def test_ahead_plans_charged_all_layers_planning(load, costs):
+    # A planner of 1/10 of a step's non-communication time per layer: one layer's plan fits
+    # in the step, the model's 36 do not; every ahead split pays (36 x planner - window) / 36
+    # per layer from the second measured step (the first uses 36 x attention as its window).
+    plain = simulate_fair(load, costs, slots=2, prior=4, window=4, interval=3, seed=1,
+                          check=False, solve_time={"lp": 1e-4, "waterfill": 1e-5})
+    layers = costs.model.num_layers
+    window = layers * (plain.attention + plain.metrics["static"]["compute"].mean(axis=1))
+    planner = float(window[:-1].mean()) / 10
+    slow = dataclasses.replace(costs, planner_gpu_s=planner)
+    res = simulate_fair(load, slow, slots=2, prior=4, window=4, interval=3, seed=1,
+                        check=False, solve_time={"lp": 1e-4, "waterfill": 1e-5})
+    for b, p in ((0, 2), (1, 1)):
+        side = res.metrics[f"probe_on_eplb_ahead_b{b}p{p}"]["side"]
+        for n in range(1, side.shape[0]):
+            expect = max(0.0, layers * planner - window[n - 1]) / layers
+            assert expect > 0
+            np.testing.assert_allclose(side[n], expect, rtol=1e-12)
+            assert planner < window[n - 1]  # the old formula exposed nothing here
 
 
 def test_eplb_lp_never_worse_than_even_split(result):

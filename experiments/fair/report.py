@@ -50,8 +50,9 @@ def _summary(analysis: dict) -> list[str]:
     rows = ["| workload | cases | best baseline | EPLB+LP (measured LP) | EPLB+LP (LP free) | "
             "PROBE paper | PROBE-on-EPLB linear, fixed split | PROBE-on-EPLB, MoE-time split "
             "once (auto_moe) | PROBE-on-EPLB, fit plans + fallbacks (previous auto) | "
-            "PROBE-on-EPLB (auto_plus: + own-split and step-ahead plans) | oracle |",
-            "|---|---:|---|---|---|---|---|---|---|---|---|"]
+            "PROBE-on-EPLB (auto_plus: + own-split and step-ahead plans) | auto_pred (+ the "
+            "pick on the predicted load, charged) | oracle |",
+            "|---|---:|---|---|---|---|---|---|---|---|---|---|"]
     families = sorted({family(f) for f in analysis["findings"]}, key=_family_key)
     for w in families:
         per = [v for f in analysis["findings"] if family(f) == w
@@ -70,6 +71,9 @@ def _summary(analysis: dict) -> list[str]:
         prev = "-"
         if all("probe_on_eplb_auto" in v["ratio"] for v in per):
             prev = rng([v["ratio"]["probe_on_eplb_auto"]["side"] for v in per])
+        pred = "-"
+        if all("probe_on_eplb_auto_pred" in v["ratio"] for v in per):
+            pred = rng([v["ratio"]["probe_on_eplb_auto_pred"]["side"] for v in per])
 
         rows.append(
             f"| {w} | {len(per)} | {', '.join(best)} | "
@@ -77,7 +81,7 @@ def _summary(analysis: dict) -> list[str]:
             f"{rng([v['eplb_lp_free_ratio'] for v in per])} | "
             f"{rng([v['ratio']['probe_paper']['side'] for v in per])} | "
             f"{linear} | {old} | {prev} | "
-            f"{rng([v['ratio'][v['rule_combo']]['side'] for v in per])} | "
+            f"{rng([v['ratio'][v['rule_combo']]['side'] for v in per])} | {pred} | "
             f"{rng([v['ratio']['oracle']['host'] for v in per])} |")
     return rows
 
