@@ -583,3 +583,49 @@ def test_diagnose_variants_score_every_planner_variant(load, costs):
              for src in ("pred", "true", "prev") for split in ("wf", "plan")}
     assert set(out) == keys
     assert all(np.isfinite(v) and v > 0 for v in out.values())
+
+
+def test_auto_pred_picks_on_the_prediction_and_pays_for_it(load, costs):
+    # The same predictions, a different true load at the last step: auto_pred's pick there
+    # is the same (it sees the prediction, never the truth); its charges follow the rule.
+    num_steps = load.shape[0] - 4
+    prediction = load[4:].copy()
+    fixed = {"lp": 1e-4, "waterfill": 1e-5}
+    runs = []
+    for true_last in (load[-1], load[-1][:, :, ::-1]):  # the last step's experts reversed
+        changed = load.copy()
+        changed[-1] = true_last
+        runs.append(simulate_fair(changed, costs, slots=2, prior=4, window=4, interval=3,
+                                  predictor=prediction, check=False, solve_time=fixed))
+    a, b = runs
+    assert a.meta["auto_pred_choices"][-1] == b.meta["auto_pred_choices"][-1]
+    assert not np.array_equal(a.metrics["eplb_async"]["moe"][-1],
+                              b.metrics["eplb_async"]["moe"][-1])
+    names = auto_candidates(2, plus=True)
+    for res in runs:
+        m = res.metrics["probe_on_eplb_auto_pred"]
+        choices = res.meta["auto_pred_choices"]
+        assert [c["from_step"] for c in choices] == list(range(num_steps))
+        by_label = {name: name for name in names}
+        by_label.update({"eplb": "eplb_async", "wf": "probe_on_eplb_wf", "paper": "probe_paper"})
+        for q in names:
+            if q.startswith("probe_on_eplb_") and q != "probe_on_eplb_wf":
+                rest = q.removeprefix("probe_on_eplb_")
+                by_label[rest.removeprefix("fit_")] = q
+        for n, c in enumerate(choices):
+            for layer, label in enumerate(c["layers"]):
+                q = by_label[label]
+                assert m["moe"][n, layer] == res.metrics[q]["moe"][n, layer]
+                assert m["solve_side"][n, layer] == res.metrics[q]["solve_side"][n, layer]
+            assert res.stall["probe_on_eplb_auto_pred"][n] == max(res.stall[q][n] for q in names)
+        # side: predictor + round trip + 3 host plans + 10 scores beyond the dispatch (the
+        # step-ahead plans fit in the step here), charged at every step and layer
+        pick = (costs.host_round_trip_s + 3 * costs.planner_kernel_s * costs.planner_host_factor
+                + len(names) * fixed["waterfill"])
+        np.testing.assert_allclose(m["side"], np.maximum(0.0, m["pred"] + pick - m["dispatch"]))
+        assert np.all(m["pred"] > 0)
+        # at least as slow as auto_plus wherever both serve the same candidate
+        plus = res.layer_time("probe_on_eplb_auto_plus", "side")
+        own = res.layer_time("probe_on_eplb_auto_pred", "side")
+        same = m["moe"] == res.metrics["probe_on_eplb_auto_plus"]["moe"]
+        assert np.all(own[same] >= plus[same] - 1e-12)
