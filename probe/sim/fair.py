@@ -275,8 +275,9 @@ def history_times(history: np.ndarray, previous: np.ndarray | None, layouts: dic
     transfer, plus (fit splits and probe_on_eplb_wf) the dispatch-time assignment charged in
     side mode (FairCosts.assign_side_seconds of the water-filling kernel's median wall time
     here); probe_on_eplb_plan splits: the fit plan with its own split (no assignment),
-    probe_on_eplb_ahead splits: planned on the step before's load, the planner's exposure
-    beyond a step's attention time (ahead_exposure), no predictor, no assignment."""
+    probe_on_eplb_ahead splits: planned on the step before's load, the model's layers'
+    planner time beyond L x attention, per layer (ahead_exposure), no predictor, no
+    assignment."""
     num_steps, num_layers, num_ranks, num_experts = history.shape
     home = sharded_home(num_experts, num_ranks)
     home_int = home.astype(np.int64)
