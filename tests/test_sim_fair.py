@@ -202,9 +202,38 @@ def test_plan_and_ahead_splits_charge_no_assignment(result, costs):
         for m in (plan, ahead):
             assert m["solve"].sum() == 0 and m["solve_side"].sum() == 0
         assert ahead["pred"].sum() == 0
-        np.testing.assert_array_equal(ahead["side"], ahead_exposure(
-            costs.side_planner_seconds(), costs.model.num_layers * result.attention))
-    assert ahead_exposure(5e-5, 1e-3) == 0.0 and ahead_exposure(3e-3, 1e-3) == 2e-3
+        np.testing.assert_array_equal(ahead["side"], 0.0)  # 36 plans fit in a step here
+
+
+def test_ahead_exposure_shares_one_step_among_all_layers():
+    # 36 layers of 50 us each (1.8 ms) in a 1 ms window: 0.8 ms exposed, 22.2 us per layer;
+    # one layer's 50 us against the whole window (the old formula) exposed nothing
+    assert ahead_exposure(5e-5, 1e-3, 36) == pytest.approx(0.8e-3 / 36)
+    assert ahead_exposure(5e-5, 1e-3, 20) == 0.0  # 1 ms of planning fits exactly
+    assert ahead_exposure(3e-3, 1e-3, 1) == pytest.approx(2e-3)
+    with pytest.raises(ValueError, match="layers"):
+        ahead_exposure(5e-5, 1e-3, 0)
+
+
+def test_ahead_plans_charged_all_layers_planning(load, costs):
+    # A planner of 1/10 of a step's non-communication time per layer: one layer's plan fits
+    # in the step, the model's 36 do not; every ahead split pays (36 x planner - window) / 36
+    # per layer from the second measured step (the first uses 36 x attention as its window).
+    plain = simulate_fair(load, costs, slots=2, prior=4, window=4, interval=3, seed=1,
+                          check=False, solve_time={"lp": 1e-4, "waterfill": 1e-5})
+    layers = costs.model.num_layers
+    window = layers * (plain.attention + plain.metrics["static"]["compute"].mean(axis=1))
+    planner = float(window[:-1].mean()) / 10
+    slow = dataclasses.replace(costs, planner_gpu_s=planner)
+    res = simulate_fair(load, slow, slots=2, prior=4, window=4, interval=3, seed=1,
+                        check=False, solve_time={"lp": 1e-4, "waterfill": 1e-5})
+    for b, p in ((0, 2), (1, 1)):
+        side = res.metrics[f"probe_on_eplb_ahead_b{b}p{p}"]["side"]
+        for n in range(1, side.shape[0]):
+            expect = max(0.0, layers * planner - window[n - 1]) / layers
+            assert expect > 0
+            np.testing.assert_allclose(side[n], expect, rtol=1e-12)
+            assert planner < window[n - 1]  # the old formula exposed nothing here
 
 
 def test_eplb_lp_never_worse_than_even_split(result):
@@ -516,12 +545,14 @@ def test_every_step_is_charged_the_latency_the_picks_see(stable, costs):
 
 def test_auto_plus_falls_back_to_eplb_async_when_nothing_hides(stable, costs):
     # A planner slower than a whole step: even the plan made a step ahead is exposed, the
-    # exposure is the planner's time beyond the step's window, and auto_plus stays on EPLB.
+    # exposure is the L layers' planner time beyond the step's window, per layer, and
+    # auto_plus stays on EPLB.
     slow = dataclasses.replace(costs, planner_gpu_s=1.0)
     res = simulate_fair(stable, slow, slots=1, prior=4, window=4, interval=3, seed=1,
                         check=False, solve_time={"waterfill": 1e-3, "lp": 0.0})
     side = res.metrics["probe_on_eplb_ahead_b0p1"]["side"]
-    np.testing.assert_allclose(side[0], 1.0 - costs.model.num_layers * res.attention)
+    layers = costs.model.num_layers  # first step: the window is L x attention
+    np.testing.assert_allclose(side[0], (layers * 1.0 - layers * res.attention) / layers)
     assert np.all(side[1:] > 0.9) and np.all(side[1:] < 1.0)
     assert all(set(e["layers"]) == {"eplb"} for e in res.meta["auto_plus_choices"])
     np.testing.assert_array_equal(res.step_time("probe_on_eplb_auto_plus", "side"),
@@ -554,3 +585,49 @@ def test_diagnose_variants_score_every_planner_variant(load, costs):
              for src in ("pred", "true", "prev") for split in ("wf", "plan")}
     assert set(out) == keys
     assert all(np.isfinite(v) and v > 0 for v in out.values())
+
+
+def test_auto_pred_picks_on_the_prediction_and_pays_for_it(load, costs):
+    # The same predictions, a different true load at the last step: auto_pred's pick there
+    # is the same (it sees the prediction, never the truth); its charges follow the rule.
+    num_steps = load.shape[0] - 4
+    prediction = load[4:].copy()
+    fixed = {"lp": 1e-4, "waterfill": 1e-5}
+    runs = []
+    for true_last in (load[-1], load[-1][:, :, ::-1]):  # the last step's experts reversed
+        changed = load.copy()
+        changed[-1] = true_last
+        runs.append(simulate_fair(changed, costs, slots=2, prior=4, window=4, interval=3,
+                                  predictor=prediction, check=False, solve_time=fixed))
+    a, b = runs
+    assert a.meta["auto_pred_choices"][-1] == b.meta["auto_pred_choices"][-1]
+    assert not np.array_equal(a.metrics["eplb_async"]["moe"][-1],
+                              b.metrics["eplb_async"]["moe"][-1])
+    names = auto_candidates(2, plus=True)
+    for res in runs:
+        m = res.metrics["probe_on_eplb_auto_pred"]
+        choices = res.meta["auto_pred_choices"]
+        assert [c["from_step"] for c in choices] == list(range(num_steps))
+        by_label = {name: name for name in names}
+        by_label.update({"eplb": "eplb_async", "wf": "probe_on_eplb_wf", "paper": "probe_paper"})
+        for q in names:
+            if q.startswith("probe_on_eplb_") and q != "probe_on_eplb_wf":
+                rest = q.removeprefix("probe_on_eplb_")
+                by_label[rest.removeprefix("fit_")] = q
+        for n, c in enumerate(choices):
+            for layer, label in enumerate(c["layers"]):
+                q = by_label[label]
+                assert m["moe"][n, layer] == res.metrics[q]["moe"][n, layer]
+                assert m["solve_side"][n, layer] == res.metrics[q]["solve_side"][n, layer]
+            assert res.stall["probe_on_eplb_auto_pred"][n] == max(res.stall[q][n] for q in names)
+        # side: predictor + round trip + 3 host plans + 10 scores beyond the dispatch (the
+        # step-ahead plans fit in the step here), charged at every step and layer
+        pick = (costs.host_round_trip_s + 3 * costs.planner_kernel_s * costs.planner_host_factor
+                + len(names) * fixed["waterfill"])
+        np.testing.assert_allclose(m["side"], np.maximum(0.0, m["pred"] + pick - m["dispatch"]))
+        assert np.all(m["pred"] > 0)
+        # at least as slow as auto_plus wherever both serve the same candidate
+        plus = res.layer_time("probe_on_eplb_auto_plus", "side")
+        own = res.layer_time("probe_on_eplb_auto_pred", "side")
+        same = m["moe"] == res.metrics["probe_on_eplb_auto_plus"]["moe"]
+        assert np.all(own[same] >= plus[same] - 1e-12)

@@ -50,8 +50,9 @@ def _summary(analysis: dict) -> list[str]:
     rows = ["| workload | cases | best baseline | EPLB+LP (measured LP) | EPLB+LP (LP free) | "
             "PROBE paper | PROBE-on-EPLB linear, fixed split | PROBE-on-EPLB, MoE-time split "
             "once (auto_moe) | PROBE-on-EPLB, fit plans + fallbacks (previous auto) | "
-            "PROBE-on-EPLB (auto_plus: + own-split and step-ahead plans) | oracle |",
-            "|---|---:|---|---|---|---|---|---|---|---|---|"]
+            "PROBE-on-EPLB (auto_plus: + own-split and step-ahead plans) | auto_pred (+ the "
+            "pick on the predicted load, charged) | oracle |",
+            "|---|---:|---|---|---|---|---|---|---|---|---|---|"]
     families = sorted({family(f) for f in analysis["findings"]}, key=_family_key)
     for w in families:
         per = [v for f in analysis["findings"] if family(f) == w
@@ -70,6 +71,9 @@ def _summary(analysis: dict) -> list[str]:
         prev = "-"
         if all("probe_on_eplb_auto" in v["ratio"] for v in per):
             prev = rng([v["ratio"]["probe_on_eplb_auto"]["side"] for v in per])
+        pred = "-"
+        if all("probe_on_eplb_auto_pred" in v["ratio"] for v in per):
+            pred = rng([v["ratio"]["probe_on_eplb_auto_pred"]["side"] for v in per])
 
         rows.append(
             f"| {w} | {len(per)} | {', '.join(best)} | "
@@ -77,7 +81,7 @@ def _summary(analysis: dict) -> list[str]:
             f"{rng([v['eplb_lp_free_ratio'] for v in per])} | "
             f"{rng([v['ratio']['probe_paper']['side'] for v in per])} | "
             f"{linear} | {old} | {prev} | "
-            f"{rng([v['ratio'][v['rule_combo']]['side'] for v in per])} | "
+            f"{rng([v['ratio'][v['rule_combo']]['side'] for v in per])} | {pred} | "
             f"{rng([v['ratio']['oracle']['host'] for v in per])} |")
     return rows
 
@@ -306,15 +310,19 @@ def write_report(results: list[dict], analysis: dict, manifest: dict, path: Path
         "stall): every b/p split (p >= 1) of the planner with alpha, beta refitted to the "
         "measured expert table, water-filled at dispatch (fit), the same plan with its own "
         "token split (plan: no assignment in series) and the plan made one step ahead on the "
-        "step before's load (ahead: no predictor, the planner hidden by the rest of that step, "
-        "its own split), the paper's PROBE, and the fallbacks EPLB's even split "
+        "step before's load (ahead: no predictor, the model's L layers planned during the rest "
+        "of that step, what exceeds it charged, its own split), the paper's PROBE, and the "
+        "fallbacks EPLB's even split "
         "(eplb_async exactly: no "
         "predictor, planner or assignment run), EPLB water-filled on the true load "
         "(probe_on_eplb_wf, assignment charged) and static EP; the first pick from the window "
         "before the measured steps, re-picked at each EPLB re-plan from the steps before it, "
         "and between re-plans switching a layer when another candidate was at least 1% faster "
         "over the last window // 4 steps (cells: layer choices, '/' between re-picks; "
-        "auto_replan: the re-plan picks alone). 'auto' is the same picker without the plan and "
+        "auto_replan: the re-plan picks alone). 'auto_pred' overrides auto_plus's pick per step "
+        "and layer with the candidate best on the step's predicted load (1% margin), paying the "
+        "predictor, its plans and the scoring of every candidate each step (probe.sim.fair). "
+        "'auto' is the same picker without the plan and "
         "ahead candidates (the previous target); 'auto_moe' the earlier rule (the "
         "split with the lowest MoE time, fit splits only, fixed for the run); 'linear, fixed "
         "split' the one before: the datasheet alpha + beta n line at p = max(1, k // 2). "

@@ -69,11 +69,16 @@ def rule_combo(slots: int) -> tuple[int, int]:
 TARGET_POLICY = "probe_on_eplb_auto_plus"
 OLD_AUTO = "probe_on_eplb_auto_moe"
 # Shown beside the target policy: the earlier rules, the re-plan-only pick, EPLB water-filled.
-EXTRA = (OLD_AUTO, "probe_on_eplb_auto_replan", "probe_on_eplb_auto", "probe_on_eplb_wf")
+# probe_on_eplb_auto_pred: auto_plus's pick overridden per step on the step's predicted load,
+# the pick's work charged every step (probe.sim.fair), reported beside the target.
+PRED_PICK = "probe_on_eplb_auto_pred"
+EXTRA = (OLD_AUTO, "probe_on_eplb_auto_replan", "probe_on_eplb_auto", "probe_on_eplb_wf",
+         PRED_PICK)
 # The policies whose targets the report gives beside the target policy's.
-COMPARED = (OLD_AUTO, "probe_on_eplb_auto_replan", "probe_on_eplb_auto")
+COMPARED = (OLD_AUTO, "probe_on_eplb_auto_replan", "probe_on_eplb_auto", PRED_PICK)
 # The meta key holding each auto policy's per-step picks (probe.sim.fair.simulate_fair).
-CHOICES = {"probe_on_eplb_auto": "auto_choices", "probe_on_eplb_auto_plus": "auto_plus_choices"}
+CHOICES = {"probe_on_eplb_auto": "auto_choices", "probe_on_eplb_auto_plus": "auto_plus_choices",
+           PRED_PICK: "auto_pred_choices"}
 
 
 def parse_args(argv=None) -> argparse.Namespace:

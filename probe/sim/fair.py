@@ -71,14 +71,26 @@ layer type). Every policy has k extra expert slots per rank:
     probe_on_eplb_ahead_bBpP  EPLB-b + p per-step replicas planned ONE STEP AHEAD: the greedy
                     (paper's rules, fitted line) on the previous step's true load of the layer,
                     known once that step's dispatch of the layer ran; the plan's own split
-                    applied to the true load. No predictor; the planner runs during the rest of
-                    the previous step, only its time beyond that step's non-communication time
-                    is exposed (ahead_exposure); no assignment in series; transfer charged as
+                    applied to the true load. No predictor; the model's L layers are planned
+                    one after another during the rest of the previous step, so only
+                    max(0, L x planner - that step's non-communication time) / L per layer is
+                    exposed (ahead_exposure); no assignment in series; transfer charged as
                     for probe_on_eplb.
     probe_on_eplb_auto_plus  probe_on_eplb_auto's picker (first pick on history, re-picks at
                     re-plans, per-step switches with STEP_MARGIN) over a larger candidate set:
                     auto_candidates(k, plus=True) adds every probe_on_eplb_plan and
                     probe_on_eplb_ahead split.
+    probe_on_eplb_auto_pred  probe_on_eplb_auto_plus's pick, overridden per step and layer on
+                    the step's PREDICTED load (never the true one): every auto_plus candidate
+                    is scored as side_layer_time scores the truth, its split applied to the
+                    prediction, and the best replaces auto_plus's pick when it is at least
+                    STEP_MARGIN (1%) faster there. Charged every step, even while an EPLB
+                    fallback serves, instead of the candidate's own predictor + planner: the
+                    predictor, one host round trip, k + 1 host plans (the k fit splits, shared
+                    by the plan splits, and the paper's PROBE) and one water-filling kernel
+                    time (the run's median) per candidate scored, on the side stream beyond
+                    the dispatch; the k step-ahead plans by ahead_exposure; the largest re-plan
+                    stall of all candidates (it keeps every candidate layout current).
     oracle          perfect knowledge, zero cost: per layer the best (lowest MoE time) of every
                     policy's plan and of the greedy planned on the TRUE load over each layout
                     (sharded + k per-step slots, EPLB-b + p per-step slots) with the LP /
@@ -138,12 +150,13 @@ def policy_names(slots: int) -> list[str]:
     """Policies simulated at `slots` extra slots per rank (probe_on_eplb, probe_on_eplb_fit,
     probe_on_eplb_plan and probe_on_eplb_ahead for every b + p with p >= 1, probe_on_eplb_wf
     (b = k, p = 0), probe_on_eplb_auto_moe, probe_on_eplb_auto_replan, probe_on_eplb_auto,
-    probe_on_eplb_auto_plus)."""
+    probe_on_eplb_auto_plus, probe_on_eplb_auto_pred)."""
     families = [f"probe_on_eplb_{f}b{b}p{slots - b}" for f in ("", "fit_", "plan_", "ahead_")
                 for b in range(slots)]
     return ["static", "eplb_stw", "eplb_async", "eplb_lp", "probe_paper", *families,
             "probe_on_eplb_wf", "probe_on_eplb_auto_moe", "probe_on_eplb_auto_replan",
-            "probe_on_eplb_auto", "probe_on_eplb_auto_plus", "oracle"]
+            "probe_on_eplb_auto", "probe_on_eplb_auto_plus", "probe_on_eplb_auto_pred",
+            "oracle"]
 
 
 # The auto policy's fallback candidates (besides every probe_on_eplb_fit split and the paper's
@@ -166,11 +179,15 @@ def auto_candidates(slots: int, plus: bool = False) -> list[str]:
             + extra + list(FALLBACKS))
 
 
-def ahead_exposure(planner_s: float, window_s: float) -> float:
-    """Exposed seconds of a plan made one step ahead (probe_on_eplb_ahead): the planner starts
-    when the layer's previous-step counts are known and has the rest of that step,
-    `window_s` seconds of non-communication time, to finish."""
-    return max(0.0, float(planner_s) - float(window_s))
+def ahead_exposure(planner_s: float, window_s: float, layers: int) -> float:
+    """Exposed seconds PER LAYER of plans made one step ahead (probe_on_eplb_ahead): each of
+    the model's `layers` MoE layers is planned (`planner_s` seconds each, one after another)
+    on its previous-step counts during the rest of that step, so all of them share one step's
+    `window_s` seconds of non-communication time: max(0, layers x planner_s - window_s),
+    spread evenly over the layers."""
+    if isinstance(layers, bool) or not isinstance(layers, (int, np.integer)) or layers < 1:
+        raise ValueError(f"layers must be an int >= 1, got {layers!r}")
+    return max(0.0, layers * float(planner_s) - float(window_s)) / layers
 
 
 def side_layer_time(metrics: dict, stall: np.ndarray, model_layers: int,
@@ -258,15 +275,16 @@ def history_times(history: np.ndarray, previous: np.ndarray | None, layouts: dic
     transfer, plus (fit splits and probe_on_eplb_wf) the dispatch-time assignment charged in
     side mode (FairCosts.assign_side_seconds of the water-filling kernel's median wall time
     here); probe_on_eplb_plan splits: the fit plan with its own split (no assignment),
-    probe_on_eplb_ahead splits: planned on the step before's load, the planner's exposure
-    beyond a step's attention time (ahead_exposure), no predictor, no assignment."""
+    probe_on_eplb_ahead splits: planned on the step before's load, the model's layers'
+    planner time beyond L x attention, per layer (ahead_exposure), no predictor, no
+    assignment."""
     num_steps, num_layers, num_ranks, num_experts = history.shape
     home = sharded_home(num_experts, num_ranks)
     home_int = home.astype(np.int64)
     names = auto_candidates(slots, plus=True)
     out = {name: np.zeros((num_steps, num_layers)) for name in names}
     ahead_side = ahead_exposure(costs.side_planner_seconds(),
-                                costs.model.num_layers * attention)
+                                costs.model.num_layers * attention, costs.model.num_layers)
     planner_side = costs.side_planner_seconds()
     planner = costs.planner_cost
     wf_seconds: list[float] = []
@@ -516,7 +534,7 @@ class FairResult:
         moe, compute, comm, imbalance (ratio), transfer (exposed per-step replica transfer),
         pred (predictor seconds), plan_host (planner seconds on the host), side (exposed
         predictor + planner on a side stream), solve (measured dispatch-solve seconds, LP or
-        water-filling, in series), replicas (count).
+        water-filling, in series), replicas (count), dispatch (the dispatch all-to-all).
     stall[policy]: float64 [N] stop-the-world seconds at each step; moved[policy]: float64 [N]
     bytes moved (all model layers) by re-plans or per-step replicas. oracle_picks[n][layer]:
     the oracle's winner at each measured step and layer: a policy's name, or
@@ -575,7 +593,7 @@ class FairResult:
 
 
 _METRICS = ("moe", "compute", "comm", "imbalance", "transfer", "pred", "plan_host", "side",
-            "solve", "solve_side", "replicas")
+            "solve", "solve_side", "replicas", "dispatch")
 
 
 def simulate_fair(load: np.ndarray, costs: FairCosts, *, slots: int, prior: int, window: int,
@@ -696,6 +714,10 @@ def simulate_fair(load: np.ndarray, costs: FairCosts, *, slots: int, prior: int,
             out.append(new if t_new < (1.0 - STEP_MARGIN) * t_now else now)
         return out
     step_hide = 0.0  # seconds of non-communication time of the last step (async copy window)
+    pred_picks = [[""] * num_layers for _ in range(num_steps)]  # auto_pred's candidates
+    ahead_windows = np.zeros(num_steps)  # the step-ahead planners' window at each step
+    pred_cost = np.zeros((num_steps, num_layers))  # the predictor's seconds per step, layer
+    plan_host = costs.planner_kernel_s * costs.planner_host_factor  # one plan, host mode
     oracle_labels = [[""] * num_layers for _ in range(num_steps)]  # the oracle's winners
 
     def moved_per_rank(old: np.ndarray, new: np.ndarray) -> np.ndarray:  # bytes [G]
@@ -737,7 +759,7 @@ def simulate_fair(load: np.ndarray, costs: FairCosts, *, slots: int, prior: int,
             pred = np.asarray(predict(true, previous, n, layer), np.int64)
             tpr = float(true.sum(axis=1).mean() / model.top_k)
             pred_s = costs.predictor_s(tpr)
-            plan_host = costs.planner_kernel_s * costs.planner_host_factor
+            pred_cost[n, layer] = pred_s
             static_assign = static_assignment(true, home)
             static_compute = costs.compute_per_rank(static_assign.sum(axis=0).T, home_int)
             real_window = attention + static_compute  # [G]
@@ -751,6 +773,7 @@ def simulate_fair(load: np.ndarray, costs: FairCosts, *, slots: int, prior: int,
                 m["moe"][n, layer] = scored["moe"]
                 m["compute"][n, layer] = scored["compute"]
                 m["comm"][n, layer] = scored["dispatch"] + scored["combine"]
+                m["dispatch"][n, layer] = scored["dispatch"]
                 m["imbalance"][n, layer] = scored["imbalance"]
                 m["transfer"][n, layer] = transfer
                 m["solve"][n, layer] = solve_s
@@ -774,17 +797,38 @@ def simulate_fair(load: np.ndarray, costs: FairCosts, *, slots: int, prior: int,
                 recv, send = transfer_times(problem, plan)
                 return float(np.maximum(np.maximum(recv, send) - real_window, 0.0).max())
 
+            # probe_on_eplb_auto_pred: every auto_plus candidate scored on the PREDICTION (its
+            # split applied to the predicted load, its transfer against the window the
+            # prediction implies, its own overheads) as side_layer_time scores the truth;
+            # no stall term: auto_pred pays every candidate layout's re-plan stall anyway
+            pred_window = attention + costs.compute_per_rank(
+                static_assignment(pred, home).sum(axis=0).T, home_int)
+            on_pred: dict[str, float] = {}
+
+            def score_pred(policy, assignment, copies, *, problem=None, plan=None,
+                           solve_side=0.0, side=None, pred_s=pred_s,
+                           pred_window=pred_window, on_pred=on_pred):
+                scored = costs.moe_seconds(assignment, copies)
+                transfer = (0.0 if plan is None
+                            else exposed_transfer(problem, plan, real_window=pred_window))
+                own = (max(0.0, pred_s + planner_side - scored["dispatch"]) if side is None
+                       else side)
+                on_pred[policy] = scored["moe"] + transfer + solve_side + own
+
             # static
             checked("static", BalanceProblem(true, home, 0, 0.0, planner_cost),
                     Plan(np.zeros_like(home), np.full(home.shape, -1), static_assign))
             s = record("static", static_assign, home_int)
             hide += (attention + s["compute"]) / num_layers
+            score_pred("static", static_assignment(pred, home), home_int, side=0.0)
             # eplb (stop-the-world and async layouts), even split over physical copies
             for policy, copies in (("eplb_stw", stw[layer]), ("eplb_async", active[slots][layer])):
                 assign = even_split(true, copies)
                 checked(policy, BalanceProblem(true, copies > 0, 0, 0.0, planner_cost),
                         Plan(np.zeros_like(home), np.full(home.shape, -1), assign))
                 record(policy, assign, copies)
+            score_pred("eplb_async", even_split(pred, active[slots][layer]),
+                       active[slots][layer], side=0.0)
             # eplb_lp: LP on the true load over the async layout; even split if the LP rounds worse
             copies = active[slots][layer]
             lp_timing: list[float] = []
@@ -805,9 +849,12 @@ def simulate_fair(load: np.ndarray, costs: FairCosts, *, slots: int, prior: int,
             wf_s = fixed_solve.get("waterfill", wf_timing[0])
             checked("probe_on_eplb_wf", BalanceProblem(true, copies > 0, 0, 0.0, planner_cost),
                     Plan(np.zeros_like(home), np.full(home.shape, -1), assign))
-            record("probe_on_eplb_wf", assign, copies, solve_s=wf_s,
-                   solve_side=(assign_side if assign_side is not None
-                               else costs.assign_side_seconds(slots, wf_s)))
+            assign_charge = (assign_side if assign_side is not None
+                             else costs.assign_side_seconds(slots, wf_s))
+            record("probe_on_eplb_wf", assign, copies, solve_s=wf_s, solve_side=assign_charge)
+            score_pred("probe_on_eplb_wf", waterfill_split(
+                pred, copies, costs, cost=costs.fitted_cost(pred.sum(axis=0).max())), copies,
+                solve_side=assign_charge, side=0.0)
             # probe_paper: greedy (paper's rules) on the prediction over the sharded home
             win = default_window(pred, home, planner_cost) + attention
             planned = BalanceProblem(pred, home, slots, win, planner_cost)
@@ -818,6 +865,9 @@ def simulate_fair(load: np.ndarray, costs: FairCosts, *, slots: int, prior: int,
             record("probe_paper", plan.assignment, home_int + plan.replicas,
                    transfer=exposed_transfer(truth, plan), probe=True,
                    replicas=plan.num_replicas)
+            plan = apply_plan(_plan(result), pred, home)
+            score_pred("probe_paper", plan.assignment, home_int + plan.replicas,
+                       problem=planned, plan=plan)
             # probe_on_eplb: EPLB-b layout + p per-step replicas, water-filling on the truth
             for b, p in combos:
                 policy = f"probe_on_eplb_b{b}p{p}"
@@ -862,6 +912,12 @@ def simulate_fair(load: np.ndarray, costs: FairCosts, *, slots: int, prior: int,
                        solve_side=(assign_side if assign_side is not None
                                    else costs.assign_side_seconds(slots, wf_s)),
                        replicas=plan.num_replicas)
+                planned = BalanceProblem(pred, base, p, win, fit_cost)
+                assign = waterfill_split(pred, holds, costs, cost=fit_cost)
+                score_pred(policy, assign, holds, problem=planned,
+                           plan=Plan(replicas, _plan(result).sources, assign),
+                           solve_side=(assign_side if assign_side is not None
+                                       else costs.assign_side_seconds(slots, wf_s)))
                 # probe_on_eplb_plan: the same plan, the true tokens split by the plan's own
                 # fractions (computed with the plan on the side stream): no assignment in series
                 policy = f"probe_on_eplb_plan_b{b}p{p}"
@@ -869,6 +925,8 @@ def simulate_fair(load: np.ndarray, costs: FairCosts, *, slots: int, prior: int,
                 checked(policy, truth, plan)
                 record(policy, plan.assignment, holds, transfer=exposed_transfer(truth, plan),
                        probe=True, replicas=plan.num_replicas)
+                plan = apply_plan(_plan(result), pred, base)
+                score_pred(policy, plan.assignment, holds, problem=planned, plan=plan)
             # probe_on_eplb_ahead: planned one step ahead on the step before's true load (known
             # when that step's dispatch of this layer ran; no predictor), the plan's own split;
             # the planner's time beyond the rest of that step (its non-communication time) is
@@ -890,8 +948,21 @@ def simulate_fair(load: np.ndarray, costs: FairCosts, *, slots: int, prior: int,
                 record(policy, plan.assignment, holds, transfer=exposed_transfer(truth, plan),
                        replicas=plan.num_replicas)
                 m = metrics[policy]
-                m["plan_host"][n, layer] = ahead_exposure(plan_host, ahead_window)
-                m["side"][n, layer] = ahead_exposure(planner_side, ahead_window)
+                m["plan_host"][n, layer] = ahead_exposure(plan_host, ahead_window,
+                                                          model.num_layers)
+                m["side"][n, layer] = ahead_exposure(planner_side, ahead_window,
+                                                     model.num_layers)
+                plan = apply_plan(_plan(result), pred, base)
+                score_pred(policy, plan.assignment, holds,
+                           problem=BalanceProblem(pred, base, p, win, ahead_cost), plan=plan,
+                           side=m["side"][n, layer])
+            # probe_on_eplb_auto_pred: auto_plus's pick for this step, replaced by the
+            # candidate best on the prediction when that is at least STEP_MARGIN faster there
+            current = step_epochs["probe_on_eplb_auto_plus"][-1][1][layer]
+            best = min(candidates_of["probe_on_eplb_auto_plus"], key=on_pred.__getitem__)
+            pred_picks[n][layer] = (best if on_pred[best] < (1.0 - STEP_MARGIN)
+                                    * on_pred[current] else current)
+            ahead_windows[n] = ahead_window
             # oracle: the best of every policy's plan and of true-load plans, free
             options_true = [(home, home_int, slots)] + [
                 (active[b][layer] > 0, active[b][layer], p) for b, p in combos]
@@ -952,6 +1023,37 @@ def simulate_fair(load: np.ndarray, costs: FairCosts, *, slots: int, prior: int,
                     metrics[target][name][rows, layer] = metrics[q][name][rows, layer]
             stall[target][rows] = np.max([stall[q][rows] for q in names], axis=0)
             moved[target][rows] = np.mean([moved[q][rows] for q in names], axis=0)
+    # probe_on_eplb_auto_pred: per step and layer the candidate picked on the prediction,
+    # plus the pick's own work in place of the candidate's predictor + planner: every step,
+    # even while an EPLB fallback serves, the predictor, then on the host (one round trip:
+    # the prediction there, the pick and its plan back) the plans on the prediction (the k
+    # fit splits, whose plans the plan splits share, and the paper's PROBE, each at the host
+    # planner's time) and the scoring of every candidate on the prediction (one water-filling
+    # kernel time each, the run's median: the scorer spreads the predicted tokens over the
+    # copies once, the water-filling does so in several passes), all on the side stream
+    # during the dispatch; and the k step-ahead plans made during the step before
+    # (ahead_exposure of k plans).
+    target = "probe_on_eplb_auto_pred"
+    for n, names in enumerate(pred_picks):
+        for layer, q in enumerate(names):
+            for name in _METRICS:
+                metrics[target][name][n, layer] = metrics[q][name][n, layer]
+        # it may serve any candidate at any step, so it keeps every candidate's EPLB layout
+        # up to date: each re-plan's stall is the largest of all candidates'
+        stall[target][n] = max(stall[q][n] for q in candidates_of["probe_on_eplb_auto_plus"])
+        moved[target][n] = np.mean([moved[q][n] for q in names])
+    score_s = len(candidates_of["probe_on_eplb_auto_plus"]) * float(
+        np.median(metrics["probe_on_eplb_wf"]["solve"]))
+    ahead_side = np.array([ahead_exposure(slots * planner_side, w, model.num_layers)
+                           for w in ahead_windows])
+    ahead_host = np.array([ahead_exposure(slots * plan_host, w, model.num_layers)
+                           for w in ahead_windows])
+    m = metrics[target]
+    m["pred"][:] = pred_cost
+    m["plan_host"][:] = (slots + 1) * plan_host + score_s + ahead_host[:, None]
+    pick_side = costs.host_round_trip_s + (slots + 1) * plan_host + score_s
+    m["side"][:] = (np.maximum(0.0, pred_cost + pick_side - m["dispatch"])
+                    + ahead_side[:, None])
     layers_w = model.num_layers * expert_bytes
     memory = {"static": 0.0, "eplb_stw": slots * layers_w, "eplb_async": slots * layers_w,
               "eplb_lp": slots * layers_w, "probe_paper": 2.0 * slots * expert_bytes,
@@ -965,7 +1067,8 @@ def simulate_fair(load: np.ndarray, costs: FairCosts, *, slots: int, prior: int,
                                         + 2.0 * max(p for _, p in auto_split) * expert_bytes)
     # auto: the resident slots its layers use (k for an EPLB fallback, 0 for static) and the
     # per-step slots, at their largest over the epochs
-    for target, epochs in picked:
+    pred_epochs = list(enumerate(pred_picks))
+    for target, epochs in (*picked, ("probe_on_eplb_auto_pred", pred_epochs)):
         memory[target] = max(
             np.mean([_split_of(q, slots)[0] for q in names]) * layers_w
             + 2.0 * max(_split_of(q, slots)[1] for q in names) * expert_bytes
@@ -982,12 +1085,26 @@ def simulate_fair(load: np.ndarray, costs: FairCosts, *, slots: int, prior: int,
                              for start, names in step_epochs["probe_on_eplb_auto"]],
             "auto_plus_choices": [{"from_step": start, "layers": [_label(q) for q in names]}
                                   for start, names in step_epochs["probe_on_eplb_auto_plus"]],
+            "auto_pred_choices": [{"from_step": start, "layers": [_label(q) for q in names]}
+                                  for start, names in pred_epochs],
+            "auto_pred_overrides": int(sum(
+                q != plus for (_, names), (_, plus_names) in zip(
+                    pred_epochs, _per_step(step_epochs["probe_on_eplb_auto_plus"],
+                                           num_steps), strict=True)
+                for q, plus in zip(names, plus_names, strict=True))),
             "oracle_wins": dict(collections.Counter(x for row in oracle_labels for x in row)),
             "planner_side_s": planner_side, "assign_side_s": assign_side}
     return FairResult(policies=policies, metrics=metrics, stall=stall, moved=moved,
                       attention=attention, tokens_per_step=load[prior:, 0].sum(axis=(1, 2))
                       / model.top_k, layer_scale=layer_scale, memory=memory, meta=meta,
                       oracle_picks=oracle_labels)
+
+
+def _per_step(epochs: list, num_steps: int) -> list:
+    """(step, names) for every step from epochs [(first step, names), ...]."""
+    starts = [start for start, _ in epochs] + [num_steps]
+    return [(n, names) for (start, names), stop in zip(epochs, starts[1:], strict=True)
+            for n in range(start, stop)]
 
 
 def _split_of(name: str, slots: int) -> tuple[int, int]:
