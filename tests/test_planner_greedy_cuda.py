@@ -5,9 +5,10 @@ Two ways to run the kernel here, without a GPU:
   numba.cuda is first imported), 32-64 threads per block: the parallel candidate search, its
   atomic minimum and the barriers, on a few dozen layers (one or several layers per launch).
   The simulator runs each thread as a Python thread and costs about 0.5 s per layer.
-- `run_sequential`: the same kernel source run as plain Python with one thread per block
-  (the kernel's loops stride by the block size, so one thread does every thread's work, and
-  the first gaining candidate is the first one tried). Fast enough for 1,000 layers.
+- `run_sequential` (experiments.planner.kernel_stats): the same kernel source run as plain
+  Python with one thread per block (the kernel's loops stride by the block size, so one thread
+  does every thread's work, and the first gaining candidate is the first one tried). Fast
+  enough for 1,000 layers.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ import numpy as np
 import pytest
 
 from experiments.planner.gpu_greedy import plan_diff, random_batch, same_layer
+from experiments.planner.kernel_stats import _py, run_sequential
+from experiments.planner.kernel_stats import host_buffers as _host_buffers
 from probe.planner.cost import CostModel
 from tests.sm90 import compile_for_sm90
 from probe.planner.greedy import greedy_arrays
@@ -30,59 +33,6 @@ from probe.planner.greedy_rules import GreedyRules
 
 greedy_cuda = pytest.importorskip("probe.planner.greedy_cuda")
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _py(fn):
-    """The plain Python function behind a numba.cuda kernel or device function."""
-    return getattr(fn, "py_func", None) or fn.fn
-
-
-class _Array:
-    @staticmethod
-    def array(shape, dtype):
-        from numba.np.numpy_support import as_dtype
-
-        return np.zeros(shape, as_dtype(dtype))
-
-
-class _Atomic:
-    @staticmethod
-    def add(arr, idx, v):
-        old = arr[idx]
-        arr[idx] += v
-        return old
-
-    @staticmethod
-    def min(arr, idx, v):
-        arr[idx] = min(arr[idx], v)
-
-    @staticmethod
-    def max(arr, idx, v):
-        arr[idx] = max(arr[idx], v)
-
-
-def run_sequential(*args, num_layers: int, in_shared: bool = False) -> None:
-    """Run greedy_cuda's kernel on numpy arrays as plain Python, one thread per block, with its
-    working arrays in (simulated) shared memory or in the global scratch arguments."""
-    fake = types.SimpleNamespace(threadIdx=types.SimpleNamespace(x=0),
-                                 blockIdx=types.SimpleNamespace(x=0),
-                                 blockDim=types.SimpleNamespace(x=1), syncthreads=lambda: None,
-                                 shared=_Array, local=_Array, atomic=_Atomic)
-    names = ("dmax", "dmin", "_static_share", "_keep_move", "_apply_move", "_prefix", "_entry",
-             "_after_p", "_src_after_p", "_worst_p", "_water_fill_p", "_share_to_src",
-             "_candidate")
-    env = dict(vars(greedy_cuda))
-    env["cuda"] = fake
-    env["mul"] = lambda a, b: a * b
-    for name in names:
-        fn = _py(getattr(greedy_cuda, name))
-        env[name] = types.FunctionType(fn.__code__, env, name, fn.__defaults__)
-    num_ranks, num_experts = args[1].shape[1:]
-    fn = greedy_cuda._kernel_source(num_ranks, num_experts, in_shared)
-    kernel = types.FunctionType(fn.__code__, env, fn.__name__, fn.__defaults__, fn.__closure__)
-    for layer in range(num_layers):
-        fake.blockIdx.x = layer
-        kernel(*args)
 
 
 def sequential_arrays(load, home, slots, window, alpha, beta, tt, xt, rules: GreedyRules, *,
@@ -96,23 +46,6 @@ def sequential_arrays(load, home, slots, window, alpha, beta, tt, xt, rules: Gre
     assert not status.any()
     return [(rep[i, :n_rep[i]], blk_e[i, :n_blk[i]], blk_a[i, :n_blk[i]], int(moves[i]),
              float(objective[i])) for i in range(num_layers)]
-
-
-def _host_buffers(load, home, slots, window, alpha, beta, tt, xt, rules):
-    L, G, E = load.shape  # noqa: N806
-    limit = rules.max_moves(G) or 1_000_000
-    cap_rep = max(min(int(np.minimum(slots, E).sum()), limit), 1)
-    cap_blk = max(min(limit, E), 1)
-    i64 = np.int64
-    return (load.astype(i64), home.astype(bool), slots.astype(i64), window.astype(float),
-            float(alpha), float(beta), tt, xt, limit, rules.epsilon, rules.move_local,
-            rules.evacuate, rules.two_phase, rules.mean_cap,
-            np.zeros((L, E), i64), np.zeros((L, E, G), i64), np.zeros((L, G, E), i64),
-            np.zeros((L, G, E), i64), np.zeros((L, G, G), i64), np.zeros((L, G, E), np.uint8),
-            np.zeros((L, E), i64),
-            np.zeros((L, cap_rep, 3), i64), np.zeros(L, i64), np.zeros((L, cap_blk), i64),
-            np.zeros((L, cap_blk, G, G), i64), np.zeros(L, i64), np.zeros(L, i64),
-            np.zeros(L), np.zeros(L, i64))
 
 
 @pytest.mark.slow
