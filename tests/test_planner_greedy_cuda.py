@@ -299,9 +299,9 @@ def test_sequential_shared_and_global_equal_cpu_kernel():
 
 
 def test_prefix_after_equals_the_cpu_rules():
-    """`_after_p`, `_src_after_p` and `_worst_p` (prefix sums) against greedy's `_after`,
-    `_src_after` and `_worst` (the pool walked from the start): the same floats, bit for bit,
-    for every x of random pools, token times of mixed magnitudes."""
+    """`_after_p`, `_worst_p` and the search's `_eval_x` (prefix sums) against greedy's
+    `_after`, `_src_after` and `_worst` (the pool walked from the start): the same floats, bit
+    for bit, for every x of random pools, token times of mixed magnitudes."""
     from probe.planner import greedy
 
     rng = np.random.default_rng(5)
@@ -309,7 +309,7 @@ def test_prefix_after_equals_the_cpu_rules():
     env["mul"] = lambda a, b: a * b
     env["dmax"], env["dmin"] = _py(greedy_cuda.dmax), _py(greedy_cuda.dmin)
     fns = {}
-    for name in ("_prefix", "_entry", "_after_p", "_src_after_p", "_worst_p"):
+    for name in ("_prefix", "_entry", "_after_p", "_eval_x", "_worst_p"):
         fn = _py(getattr(greedy_cuda, name))
         fns[name] = env[name] = types.FunctionType(fn.__code__, env, name, fn.__defaults__)
     checked = 0
@@ -337,10 +337,8 @@ def test_prefix_after_equals_the_cpu_rules():
             got = fns["_after_p"](x, e, src, dst, pool_s, npool, cum, *pre, tok, comp, t_in,
                                   t_out, alpha, beta, tt, parts_p)
             assert got == want and np.array_equal(parts, parts_p), (x, got, want)
-            assert fns["_src_after_p"](x, e, src, dst, pool_s, npool, cum, pre[0], pre[3], tok,
-                                       comp, t_in, t_out, alpha, beta, tt) == \
-                greedy._src_after.py_func(x, e, src, dst, pool_s, pool_n, tok, comp, t_in,
-                                          t_out, alpha, beta, tt)
+            assert got[0] == greedy._src_after.py_func(x, e, src, dst, pool_s, pool_n, tok,
+                                                       comp, t_in, t_out, alpha, beta, tt)
             takes, outs = np.full(g, -1, np.int64), np.zeros(g)
             takes_p, outs_p = np.full(g, -1, np.int64), np.zeros(g)
             w = greedy._worst.py_func(x, *want, src, dst, npool, pool_s, pool_n, comp, t_in,
@@ -348,6 +346,10 @@ def test_prefix_after_equals_the_cpu_rules():
             w_p = fns["_worst_p"](x, *want, src, dst, npool, pool_s, pool_n, cum, comp, t_in,
                                   t_out, tt, takes_p, outs_p)
             assert w == w_p and np.array_equal(takes, takes_p) and np.array_equal(outs, outs_p)
+            for with_worst in (False, True):  # the search's evaluation: the same floats
+                ev = fns["_eval_x"](x, with_worst, e, src, dst, pool_s, pool_n, npool, cum,
+                                    *pre, tok, comp, t_in, t_out, alpha, beta, tt)
+                assert ev == (*want, w if with_worst else max(want)), (x, ev, want, w)
             checked += 1
     assert checked > 500
 

@@ -152,6 +152,12 @@ class _Atomic:
     def max(arr, idx, v):
         arr[idx] = max(arr[idx], v)
 
+    @staticmethod
+    def or_(arr, idx, v):
+        old = arr[idx]
+        arr[idx] |= v
+        return old
+
 
 def _device_functions(module) -> list[str]:
     """Names of a module's numba.cuda device functions (the kernel's helpers)."""
@@ -171,7 +177,8 @@ def sequential_kernel(num_ranks: int, num_experts: int, in_shared: bool, *, wrap
     fake = types.SimpleNamespace(threadIdx=types.SimpleNamespace(x=0),
                                  blockIdx=types.SimpleNamespace(x=0),
                                  blockDim=types.SimpleNamespace(x=1), syncthreads=lambda: None,
-                                 shared=_Array, local=_Array, atomic=_Atomic)
+                                 shared=_Array, local=_Array, atomic=_Atomic,
+                                 popc=lambda v: bin(int(v)).count("1"))
     env = dict(vars(greedy_cuda))
     env["cuda"] = fake
     for name in _device_functions(greedy_cuda):

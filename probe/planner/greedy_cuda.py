@@ -98,7 +98,7 @@ import math
 from typing import NamedTuple
 
 import numpy as np
-from numba import float64, int32, int64, uint8
+from numba import float64, int32, int64, uint8, uint32
 
 from probe.planner import greedy
 from probe.planner.cost import CostModel
@@ -126,13 +126,12 @@ SHARED_LIMIT = 48 * 1024
 # "No candidate gained yet" (larger than any candidate index: MAX_RANKS * experts < 2**40).
 _NONE = 1 << 40
 # Slots of the block's shared integer and float scalars.
-_NE, _WIN, _E, _B, _NEWB, _NBLK, _NREP, _MOVES, _BAD = range(9)
+_NE, _WIN, _E, _B, _NEWB, _NBLK, _NREP, _MOVES, _BAD, _ND = range(10)
 
 
 # The CPU kernel's scalar rules as device functions: the same Python functions, compiled again
 # (probe.planner.scalar), so the candidates' times are the CPU kernel's floats.
 _static_share = device(greedy._static_share, inline=True)
-_keep_move = device(greedy._keep_move)
 _apply_move = device(greedy._apply_move)
 
 
@@ -220,27 +219,11 @@ def _after_p(x, e, src, dst, pool_s, npool, cum, p_in_src, p_in_dst, p_out_dst, 
 
 
 @cuda.jit(device=True)
-def _src_after_p(x, e, src, dst, pool_s, npool, cum, p_in_src, p_out_src, tok, comp, t_in,
-                 t_out, alpha, beta, tt):
-    """greedy._src_after(x, ...) from `_prefix`'s sums: the same float."""
-    comp_src = comp[src] - mul(beta, x)
-    if tok[src, e] == x:
-        comp_src -= alpha
-    k = _entry(x, npool, cum)
-    s = pool_s[k]
-    take = x - cum[k]
-    d_in_src = p_in_src[k] + mul(take, tt[s, src])
-    d_out_src = p_out_src[k]
-    if s == src:
-        d_out_src += mul(take, tt[src, dst] - tt[src, src])
-    return comp_src + 2.0 * dmax(t_in[src] - d_in_src, t_out[src] + d_out_src)
-
-
-@cuda.jit(device=True)
 def _worst_p(x, t_src, t_dst, src, dst, npool, pool_s, pool_n, cum, comp, t_in, t_out, tt, takes,
              new_out):
     """greedy._worst(x, ...): the same takes[:npool], new_out entries and float, its max over
-    the third-party sources run only up to the entry where x runs out (those after take 0)."""
+    the third-party sources run only up to the entry where x runs out (those after take 0).
+    (The winner's move only: a candidate's search takes the float alone from `_eval_x`.)"""
     k = _entry(x, npool, cum)
     for i in range(npool):
         takes[i] = pool_n[i] if i < k else (x - cum[k] if i == k else 0)
@@ -254,45 +237,43 @@ def _worst_p(x, t_src, t_dst, src, dst, npool, pool_s, pool_n, cum, comp, t_in, 
 
 
 @cuda.jit(device=True)
-def _water_fill_p(n, e, src, dst, pool_s, npool, cum, p_in_src, p_in_dst, p_out_dst, p_out_src,
-                  tok, comp, t_in, t_out, alpha, beta, tt, parts, cap):
-    """greedy._water_fill (rule 6's x over the first n pool tokens), its searches and
-    comparisons unchanged, each `_after` taken from the prefix sums."""
-    all_src, all_dst = _after_p(n, e, src, dst, pool_s, npool, cum, p_in_src, p_in_dst,
-                                p_out_dst, p_out_src, tok, comp, t_in, t_out, alpha, beta, tt,
-                                parts)
-    x_eq = n
-    if all_src <= all_dst:
-        lo = 1
-        while lo < x_eq:
-            mid = (lo + x_eq) // 2
-            t_src, t_dst = _after_p(mid, e, src, dst, pool_s, npool, cum, p_in_src, p_in_dst,
-                                    p_out_dst, p_out_src, tok, comp, t_in, t_out, alpha, beta,
-                                    tt, parts)
-            if t_src <= t_dst:
-                x_eq = mid
-            else:
-                lo = mid + 1
-    if x_eq > 1:
-        a_src, a_dst = _after_p(x_eq - 1, e, src, dst, pool_s, npool, cum, p_in_src, p_in_dst,
-                                p_out_dst, p_out_src, tok, comp, t_in, t_out, alpha, beta, tt,
-                                parts)
-        b_src, b_dst = _after_p(x_eq, e, src, dst, pool_s, npool, cum, p_in_src, p_in_dst,
-                                p_out_dst, p_out_src, tok, comp, t_in, t_out, alpha, beta, tt,
-                                parts)
-        if dmax(a_src, a_dst) <= dmax(b_src, b_dst):
-            x_eq -= 1
-    x_mean = n
-    if all_src <= cap:
-        lo = 1
-        while lo < x_mean:
-            mid = (lo + x_mean) // 2
-            if _src_after_p(mid, e, src, dst, pool_s, npool, cum, p_in_src, p_out_src, tok, comp,
-                            t_in, t_out, alpha, beta, tt) <= cap:
-                x_mean = mid
-            else:
-                lo = mid + 1
-    return dmin(x_eq, x_mean)
+def _eval_x(x, with_worst, e, src, dst, pool_s, pool_n, npool, cum, p_in_src, p_in_dst,
+            p_out_dst, p_out_src, tok, comp, t_in, t_out, alpha, beta, tt):
+    """One evaluation of a candidate's search: (t_src, t_dst, worst) if x >= 1 tokens move.
+    t_src and t_dst are greedy._after's two times (and t_src is greedy._src_after's), worst
+    is greedy._worst's float when with_worst (else max(t_src, t_dst)): the same operations in
+    the same order as `_after_p` and `_worst_p`, with one search for x's pool entry and
+    nothing stored (the winner's move recomputes its parts, takes and out-times)."""
+    comp_src = comp[src] - mul(beta, x)
+    if tok[src, e] == x:
+        comp_src -= alpha
+    comp_dst = comp[dst] + mul(beta, x)
+    if tok[dst, e] == 0:
+        comp_dst += alpha
+    k = _entry(x, npool, cum)
+    s = pool_s[k]
+    take = x - cum[k]
+    d_in_src = p_in_src[k] + mul(take, tt[s, src])
+    d_in_dst = p_in_dst[k]
+    d_out_dst = p_out_dst[k]
+    d_out_src = p_out_src[k]
+    if s == dst:
+        d_out_dst += mul(take, tt[dst, src])
+    else:
+        d_in_dst += mul(take, tt[s, dst])
+        if s == src:
+            d_out_src += mul(take, tt[src, dst] - tt[src, src])
+    t_src = comp_src + 2.0 * dmax(t_in[src] - d_in_src, t_out[src] + d_out_src)
+    t_dst = comp_dst + 2.0 * dmax(t_in[dst] + d_in_dst, t_out[dst] - d_out_dst)
+    worst = dmax(t_src, t_dst)
+    if with_worst:
+        for i in range(k + 1):
+            s = pool_s[i]
+            a = pool_n[i] if i < k else take
+            if s != dst and s != src and a > 0:
+                out = t_out[s] + mul(a, tt[s, dst] - tt[s, src])
+                worst = dmax(worst, comp[s] + 2.0 * dmax(t_in[s], out))
+    return t_src, t_dst, worst
 
 
 @cuda.jit(device=True, inline=True)
@@ -311,16 +292,31 @@ def _share_to_src(load, home, h_e, pos_src, s, e, src):
     return q + (1 if (pos_src + s) % h_e < r else 0)
 
 
+# The steps of a candidate's search (`_candidate`): rule 6's searches as greedy._greedy_run
+# makes them, one evaluation of x (`_eval_x`) per step. Steps below _S_WORST evaluate the two
+# times, those from _S_WORST to _S_EVAL also the worst time; the others only decide the next.
+_S_ALL, _S_EQ, _S_ADJ_A, _S_ADJ_B, _S_MEAN, _S_TWO_A, _S_TWO_B, _S_X2, _S_CAP = range(9)
+_S_WORST = 9
+_S_ONE, _S_W2, _S_FIN, _S_EV = range(9, 13)
+_S_EVAL = 13
+_S_EQ_DONE, _S_ADJ_DONE, _S_MEAN_DONE, _S_ONE_DONE, _S_DONE = range(13, 18)
+
+
 @cuda.jit(device=True)
 def _candidate(e, src, dst, load, home, slots, window, alpha, beta, tt, xt, epsilon, move_local,
                evacuate, two_phase, mean_cap, mean, hcount, hlist, hpos, tok, held, blk_of,
-               blk_assign, times, comp, t_in, t_out, recv, send, used, pool_s, pool_n, takes,
-               new_out, parts, ev_takes, ev_out, ev_parts, cum, p_in_src, p_in_dst, p_out_dst,
-               p_out_src):
+               blk_assign, times, comp, t_in, t_out, recv, send, used, pool_s, pool_n, cum,
+               p_in_src, p_in_dst, p_out_dst, p_out_src):
     """One candidate of greedy._greedy_run's search (the body of its expert loop, the dst
     pruning included): moving tokens of e from src to dst. Returns (gains, x, t_src, t_dst,
-    holder, npool); the pool, takes, new_out and parts describe the move. cum and p_* are
-    `_prefix`'s buffers (G entries each)."""
+    holder, npool); pool_s and pool_n hold its pool, cum and p_* `_prefix`'s sums (G entries
+    each).
+
+    Rule 6's searches (the water fill's bisections, phase 2's, the evacuation) run as one loop
+    of steps with a single evaluation of x per step (`_eval_x`), the CPU kernel's evaluations in
+    its order: the same x and the same floats, and one copy of the evaluation in the code (not
+    one per call site of the CPU kernel's), which lanes of a warp at different points of their
+    searches run together."""
     no = (False, 0, 0.0, 0.0, -1, 0)
     floor = times[src] - epsilon
     lb_dst = comp[dst] + beta + 2.0 * t_in[dst]
@@ -389,81 +385,167 @@ def _candidate(e, src, dst, load, home, slots, window, alpha, beta, tt, xt, epsi
     own_src = 0
     if move_local and pool_s[npool - 1] == src:
         own_src = pool_n[npool - 1]
-    # greedy._greedy_run's two branches (two_phase with own tokens: phase 1 over the other
-    # sources' tokens, then phase 2; else one fill over the whole pool), with one water fill
-    # call site between them (the compiler inlines each site).
+    # greedy._greedy_run's two branches: two_phase with own tokens (phase 1 over the other
+    # sources' tokens, then phase 2 over src's own), else one water fill over the whole pool.
     phase_one = two_phase and own_src > 0
     n_other = total - own_src if phase_one else total
     second = phase_one
-    worst = 0.0
-    x = 0
+    worst = 0.0  # phase 1's worst time (0.0 when phase 1 is empty, as on the CPU)
+    x = 0  # the amount chosen so far
+    x_eq = 0  # the water fill's equal-times amount ...
+    x_mean = 0  # ... and its mean-cap amount
+    all_src = 0.0  # T_src if all n_other tokens move
+    a_max = 0.0  # max(T_src, T_dst) at the step before (x_eq - 1; phase 2's mid)
+    lo = 0
+    hi = 0
+    mid = 0
+    x2 = 0  # phase 2's amount
+    t_fin = 0.0  # the chosen move's T_src ...
+    d_fin = 0.0  # ... and T_dst
+    t_src = 0.0
+    t_dst = 0.0
+    w = 0.0
     if n_other > 0:
-        x = _water_fill_p(n_other, e, src, dst, pool_s, npool, cum, p_in_src, p_in_dst,
-                          p_out_dst, p_out_src, tok, comp, t_in, t_out, alpha, beta, tt, parts,
-                          cap)
-        if phase_one:
-            t_src, t_dst = _after_p(x, e, src, dst, pool_s, npool, cum, p_in_src, p_in_dst,
-                                    p_out_dst, p_out_src, tok, comp, t_in, t_out, alpha, beta,
-                                    tt, parts)
-            worst = _worst_p(x, t_src, t_dst, src, dst, npool, pool_s, pool_n, cum, comp, t_in,
-                             t_out, tt, ev_takes, ev_out)
+        step = _S_ALL  # the water fill over the first n_other pool tokens
+        xe = n_other
+    else:  # phase 1 is empty: phase 2 alone (second is True here)
+        step = _S_ONE_DONE
+        xe = 0
+    while step != _S_DONE:
+        if step < _S_EVAL:  # the search's one evaluation of x
+            t_src, t_dst, w = _eval_x(xe, step >= _S_WORST, e, src, dst, pool_s, pool_n,
+                                      npool, cum, p_in_src, p_in_dst, p_out_dst, p_out_src, tok,
+                                      comp, t_in, t_out, alpha, beta, tt)
+        if step == _S_ALL:  # greedy._water_fill: all n_other tokens, then bisect x_eq
+            all_src = t_src
+            x_eq = n_other
+            lo = 1
+            step = _S_EQ_DONE
+            if t_src <= t_dst and lo < x_eq:
+                step = _S_EQ
+                xe = (lo + x_eq) // 2
+        elif step == _S_EQ:
+            if t_src <= t_dst:
+                x_eq = xe
+            else:
+                lo = xe + 1
+            step = _S_EQ_DONE
+            if lo < x_eq:
+                step = _S_EQ
+                xe = (lo + x_eq) // 2
+        elif step == _S_EQ_DONE:  # one token less when that is no worse
+            step = _S_ADJ_DONE
+            if x_eq > 1:
+                step = _S_ADJ_A
+                xe = x_eq - 1
+        elif step == _S_ADJ_A:
+            a_max = dmax(t_src, t_dst)
+            step = _S_ADJ_B
+            xe = x_eq
+        elif step == _S_ADJ_B:
+            if a_max <= dmax(t_src, t_dst):
+                x_eq -= 1
+            step = _S_ADJ_DONE
+        elif step == _S_ADJ_DONE:  # x_mean: bisect T_src against the cap
+            x_mean = n_other
+            step = _S_MEAN_DONE
+            if all_src <= cap:
+                lo = 1
+                if lo < x_mean:
+                    step = _S_MEAN
+                    xe = (lo + x_mean) // 2
+        elif step == _S_MEAN:
+            if t_src <= cap:
+                x_mean = xe
+            else:
+                lo = xe + 1
+            step = _S_MEAN_DONE
+            if lo < x_mean:
+                step = _S_MEAN
+                xe = (lo + x_mean) // 2
+        elif step == _S_MEAN_DONE:  # the water fill's x; phase 1's times and worst time
+            x = dmin(x_eq, x_mean)
+            step = _S_ONE_DONE
+            if phase_one:
+                step = _S_ONE
+                xe = x
+        elif step == _S_ONE:
+            worst = w
             if x < n_other or t_src <= t_dst or t_src <= cap:
                 second = False
-    if second:
-        lo = n_other + 1
-        hi = total - 1 if total == tok[src, e] and total > lo else total
-        while lo < hi:
-            mid = (lo + hi) // 2
-            a_src, a_dst = _after_p(mid, e, src, dst, pool_s, npool, cum, p_in_src, p_in_dst,
-                                    p_out_dst, p_out_src, tok, comp, t_in, t_out, alpha, beta,
-                                    tt, parts)
-            b_src, b_dst = _after_p(mid + 1, e, src, dst, pool_s, npool, cum, p_in_src,
-                                    p_in_dst, p_out_dst, p_out_src, tok, comp, t_in, t_out,
-                                    alpha, beta, tt, parts)
-            if dmax(b_src, b_dst) >= dmax(a_src, a_dst):
+            step = _S_ONE_DONE
+        elif step == _S_ONE_DONE:  # phase 2 (max(T_src, T_dst) is convex), or the end
+            step = _S_FIN
+            xe = x
+            if second:
+                lo = n_other + 1
+                hi = total - 1 if total == tok[src, e] and total > lo else total
+                step = _S_X2
+                xe = lo
+                if lo < hi:
+                    mid = (lo + hi) // 2
+                    step = _S_TWO_A
+                    xe = mid
+        elif step == _S_TWO_A:
+            a_max = dmax(t_src, t_dst)
+            step = _S_TWO_B
+            xe = mid + 1
+        elif step == _S_TWO_B:
+            if dmax(t_src, t_dst) >= a_max:
                 hi = mid
             else:
                 lo = mid + 1
-        x2 = lo
-        a_src, a_dst = _after_p(x2, e, src, dst, pool_s, npool, cum, p_in_src, p_in_dst,
-                                p_out_dst, p_out_src, tok, comp, t_in, t_out, alpha, beta, tt,
-                                parts)
-        if a_src <= cap:
-            lo = n_other + 1
-            hi = x2
-            while lo < hi:
+            step = _S_X2
+            xe = lo
+            if lo < hi:
                 mid = (lo + hi) // 2
-                if _src_after_p(mid, e, src, dst, pool_s, npool, cum, p_in_src, p_out_src, tok,
-                                comp, t_in, t_out, alpha, beta, tt) <= cap:
-                    hi = mid
+                step = _S_TWO_A
+                xe = mid
+        elif step == _S_X2:  # x2 = lo; under the cap, bisect T_src against it
+            x2 = xe
+            step = _S_W2
+            if t_src <= cap:
+                lo = n_other + 1
+                hi = x2
+                if lo < hi:
+                    step = _S_CAP
+                    xe = (lo + hi) // 2
                 else:
-                    lo = mid + 1
+                    xe = lo
+                    x2 = lo
+        elif step == _S_CAP:
+            if t_src <= cap:
+                hi = xe
+            else:
+                lo = xe + 1
+            step = _S_W2
             x2 = lo
-        a_src, a_dst = _after_p(x2, e, src, dst, pool_s, npool, cum, p_in_src, p_in_dst,
-                                p_out_dst, p_out_src, tok, comp, t_in, t_out, alpha, beta, tt,
-                                parts)
-        w2 = _worst_p(x2, a_src, a_dst, src, dst, npool, pool_s, pool_n, cum, comp, t_in, t_out,
-                      tt, ev_takes, ev_out)
-        if n_other == 0 or w2 < worst:
-            x = x2
-    t_src, t_dst = _after_p(x, e, src, dst, pool_s, npool, cum, p_in_src, p_in_dst, p_out_dst,
-                            p_out_src, tok, comp, t_in, t_out, alpha, beta, tt, parts)
-    worst = _worst_p(x, t_src, t_dst, src, dst, npool, pool_s, pool_n, cum, comp, t_in, t_out,
-                     tt, takes, new_out)
-    if evacuate and x < total and total == tok[src, e]:
-        ev_src, ev_dst = _after_p(total, e, src, dst, pool_s, npool, cum, p_in_src, p_in_dst,
-                                  p_out_dst, p_out_src, tok, comp, t_in, t_out, alpha, beta, tt,
-                                  ev_parts)
-        ev_worst = _worst_p(total, ev_src, ev_dst, src, dst, npool, pool_s, pool_n, cum, comp,
-                            t_in, t_out, tt, ev_takes, ev_out)
-        if ev_worst < worst:
-            x = total
-            t_src = ev_src
-            t_dst = ev_dst
-            worst = ev_worst
-            _keep_move(npool, ev_takes, ev_out, ev_parts, takes, new_out, parts)
+            xe = lo
+            if lo < hi:
+                step = _S_CAP
+                xe = (lo + hi) // 2
+        elif step == _S_W2:  # phase 2's move replaces phase 1's when strictly better
+            if n_other == 0 or w < worst:
+                x = x2
+            step = _S_FIN
+            xe = x
+        elif step == _S_FIN:  # the move's times and worst time; rule 6's evacuation
+            t_fin = t_src
+            d_fin = t_dst
+            worst = w
+            step = _S_DONE
+            if evacuate and x < total and total == tok[src, e]:
+                step = _S_EV
+                xe = total
+        elif step == _S_EV:
+            if w < worst:
+                x = total
+                t_fin = t_src
+                d_fin = t_dst
+                worst = w
+            step = _S_DONE
     if times[src] - worst > epsilon:
-        return True, x, t_src, t_dst, holder, npool
+        return True, x, t_fin, d_fin, holder, npool
     return no
 
 
@@ -491,9 +573,10 @@ def choose_memory(num_ranks: int, num_experts: int, memory: str = "auto") -> str
 
 
 def _fixed_bytes(num_ranks: int, num_experts: int) -> int:
-    """Shared bytes a block always takes: rank arrays, the expert lists, block scalars."""
+    """Shared bytes a block always takes: rank arrays, the expert lists, block scalars, the
+    ranks' expert bitmasks."""
     G, E = num_ranks, num_experts  # noqa: N806
-    return 8 * 7 * G + 4 * G + E * (4 + 8 + 4) + 8 * 16
+    return 8 * 7 * G + 4 * G + E * (4 + 8 + 4) + 8 * 16 + 4 * G * ((E + 31) // 32)
 
 
 def _kernel_source(num_ranks: int, num_experts: int, in_shared: bool):
@@ -502,6 +585,7 @@ def _kernel_source(num_ranks: int, num_experts: int, in_shared: bool):
     scratch arguments."""
     G, E = num_ranks, num_experts  # noqa: N806 (the shape letters)
     GS, ES = (G, E) if in_shared else (1, 1)  # noqa: N806 (the shared working arrays' shape)
+    EW = (E + 31) // 32  # noqa: N806 (32-bit words of an expert bitmask)
 
     def _greedy_kernel(load, home, slots, window, alpha, beta, tt, xt, limit, epsilon,
                        move_local, evacuate, two_phase, mean_cap, hcount, hlist, hpos, tok,
@@ -567,20 +651,18 @@ def _kernel_source(num_ranks: int, num_experts: int, in_shared: bool):
         src_n = cuda.shared.array(E, int64)  # ... and their token counts on src
         exp_order = cuda.shared.array(E, int32)  # the same experts, heaviest first
         ints = cuda.shared.array(16, int64)
+        busy = cuda.shared.array((G, EW), uint32)  # per rank: experts with tokens, as bits
 
         pool_s = cuda.local.array(G, int64)
         pool_n = cuda.local.array(G, int64)
-        takes = cuda.local.array(G, int64)
-        new_out = cuda.local.array(G, float64)
-        ev_takes = cuda.local.array(G, int64)
-        ev_out = cuda.local.array(G, float64)
         cum = cuda.local.array(G, int64)
         p_in_src = cuda.local.array(G, float64)
         p_in_dst = cuda.local.array(G, float64)
         p_out_dst = cuda.local.array(G, float64)
         p_out_src = cuda.local.array(G, float64)
+        takes = cuda.local.array(G, int64)  # the winner's move: its takes, out-times, parts
+        new_out = cuda.local.array(G, float64)
         parts = cuda.local.array(6, float64)
-        ev_parts = cuda.local.array(6, float64)
 
         # The start: home holders (hl[e, :hc[e]] in rank order, hp[g, e] = g's position there
         # or -1), replicas held (none yet), zero flows; bad values flag the layer.
@@ -590,6 +672,7 @@ def _kernel_source(num_ranks: int, num_experts: int, in_shared: bool):
             ints[_MOVES] = 0
             ints[_BAD] = 0
             ints[_NE] = 0
+            ints[_ND] = 0
             ints[_WIN] = _NONE
         for g in range(tid, G, nt):
             used[g] = 0
@@ -620,6 +703,8 @@ def _kernel_source(num_ranks: int, num_experts: int, in_shared: bool):
             bo[e] = -1
         for i in range(tid, G * G, nt):
             fl[i // G, i % G] = 0
+        for i in range(tid, G * EW, nt):
+            busy[i // EW, i % EW] = 0
         cuda.syncthreads()
         bad = ints[_BAD]
         # Static split (one thread per expert; flows summed with integer atomics: exact).
@@ -644,24 +729,40 @@ def _kernel_source(num_ranks: int, num_experts: int, in_shared: bool):
                         g = hl[e, k]
                         tk[g, e] += c
                         cuda.atomic.add(fl, (s, g), c)
+            # Only home holders got tokens: mark those that did (bit e % 32 of word e // 32).
+            for k in range(hc[e]):
+                g = hl[e, k]
+                if tk[g, e] > 0:
+                    cuda.atomic.or_(busy, (g, e // 32), uint32(1 << (e % 32)))
         cuda.syncthreads()
         # Rank times, in the CPU kernel's summation orders (experts ascending, sources
-        # ascending).
+        # ascending): compute, in and out of every rank summed by 3G threads side by side,
+        # compute over the marked experts alone (the terms the CPU kernel adds, in its order).
+        for i in range(tid, 3 * G, nt):
+            g = i % G
+            if i < G:
+                c = 0.0
+                for w in range(EW):
+                    bits = int64(busy[g, w])
+                    while bits != 0:
+                        low = bits & ~(bits - 1)  # the lowest expert left in the word
+                        bits -= low
+                        e = w * 32 + cuda.popc(low - 1)
+                        c += alpha + mul(beta, tk[g, e])
+                comp[g] = c
+            elif i < 2 * G:
+                a_in = 0.0
+                for s in range(G):
+                    a_in += mul(fl[s, g], tts[s, g])
+                t_in[g] = a_in
+            else:
+                a_out = 0.0
+                for h in range(G):
+                    a_out += mul(fl[g, h], tts[g, h])
+                t_out[g] = a_out
+        cuda.syncthreads()
         for g in range(tid, G, nt):
-            c = 0.0
-            for e in range(E):
-                if hm[g, e] and tk[g, e] > 0:
-                    c += alpha + mul(beta, tk[g, e])
-            comp[g] = c
-            a_in = 0.0
-            for s in range(G):
-                a_in += mul(fl[s, g], tts[s, g])
-            a_out = 0.0
-            for h in range(G):
-                a_out += mul(fl[g, h], tts[g, h])
-            t_in[g] = a_in
-            t_out[g] = a_out
-            times[g] = c + 2.0 * dmax(a_in, a_out)
+            times[g] = comp[g] + 2.0 * dmax(t_in[g], t_out[g])
         cuda.syncthreads()
 
         # One move per pass, 4 barriers (5 when the expert gets its first block) plus one per
@@ -694,19 +795,17 @@ def _kernel_source(num_ranks: int, num_experts: int, in_shared: bool):
                                 times[h] < times[g] or (times[h] == times[g] and h < g)):
                             r += 1
                     dst_order[r] = g
+                    cuda.atomic.add(ints, _ND, 1)  # (counted here, not by every thread)
             for e in range(tid, E, nt):
                 n = tk[src, e]
                 if n > 0:
                     i = cuda.atomic.add(ints, _NE, 1)
                     src_e[i] = e
                     src_n[i] = n
-            nd = 0
-            for g in range(G):
-                if g != src and times[g] < t_src:
-                    nd += 1
             cuda.syncthreads()
             # ... then ranked heaviest first (ties to the lowest id), each among the ne listed.
             ne = ints[_NE]
+            nd = ints[_ND]
             for i in range(tid, ne, nt):
                 n = src_n[i]
                 e = src_e[i]
@@ -738,9 +837,8 @@ def _kernel_source(num_ranks: int, num_experts: int, in_shared: bool):
                     ok, x, c_src, c_dst, holder, npool = _candidate(
                         e, src, dst, ld, hm, slots, win, alpha, beta, tts, xts, epsilon,
                         move_local, evacuate, two_phase, mean_cap, mean, hc, hl, hp, tk, hd, bo,
-                        ba, times, comp, t_in, t_out, recv, send, used, pool_s, pool_n, takes,
-                        new_out, parts, ev_takes, ev_out, ev_parts, cum, p_in_src, p_in_dst,
-                        p_out_dst, p_out_src)
+                        ba, times, comp, t_in, t_out, recv, send, used, pool_s, pool_n, cum,
+                        p_in_src, p_in_dst, p_out_dst, p_out_src)
                     if ok:
                         cuda.atomic.min(ints, _WIN, k)
                 cuda.syncthreads()
@@ -779,10 +877,16 @@ def _kernel_source(num_ranks: int, num_experts: int, in_shared: bool):
                     ba[b, i // G, i % G] = _static_share(ld, hm, hp, hc, i // G, e_new, i % G)
                 cuda.syncthreads()
             if k == first:  # the winner applies its move (the CPU kernel's order) from its
+                # own pool: parts, takes and out-times of x recomputed (the same floats)
+                _after_p(x, e, src, dst, pool_s, npool, cum, p_in_src, p_in_dst, p_out_dst,
+                         p_out_src, tk, comp, t_in, t_out, alpha, beta, tts, parts)
+                _worst_p(x, c_src, c_dst, src, dst, npool, pool_s, pool_n, cum, comp, t_in,
+                         t_out, tts, takes, new_out)
                 _apply_move(b, e, src, dst, x, npool, pool_s, takes, new_out, parts, c_src,
-                            c_dst, ba, tk, comp, t_in, t_out, times)  # own pool and takes
+                            c_dst, ba, tk, comp, t_in, t_out, times)
                 ints[_MOVES] += 1
                 ints[_NE] = 0
+                ints[_ND] = 0
                 ints[_WIN] = _NONE
             cuda.syncthreads()
 
