@@ -298,6 +298,26 @@ def test_sequential_shared_and_global_equal_cpu_kernel():
     assert moved >= 100
 
 
+@pytest.mark.parametrize("table", [0, 24])
+def test_sequential_pool_without_the_share_table_equals_cpu_kernel(monkeypatch, table):
+    """A move whose ne experts x G sources do not fit SHARE_TABLE builds each candidate's pool
+    from the blocks and the static split itself (the random instances of the other tests always
+    fit): with a table of 0 entries (never used) and of 24 (used on some moves, not on others),
+    the CPU kernel's plans on 60 random launches."""
+    monkeypatch.setattr(greedy_cuda, "SHARE_TABLE", table)
+    rng = np.random.default_rng(23)
+    moved = 0
+    for _ in range(60):
+        batch = random_batch(rng, max_layers=2)
+        load, home, slots, window, cost, rules = batch
+        outs = sequential_arrays(load, home, slots, window, cost.alpha, cost.beta,
+                                 cost.token_time, cost.transfer_time, rules, in_shared=True)
+        for layer, out in enumerate(outs):
+            assert same_layer(batch, layer, out), (layer, rules)
+            moved += out[3] > 0
+    assert moved >= 30
+
+
 def test_prefix_after_equals_the_cpu_rules():
     """`_after_p`, `_worst_p` and the search's `_eval_x` (prefix sums) against greedy's
     `_after`, `_src_after` and `_worst` (the pool walked from the start): the same floats, bit
@@ -347,8 +367,11 @@ def test_prefix_after_equals_the_cpu_rules():
                                   t_out, tt, takes_p, outs_p)
             assert w == w_p and np.array_equal(takes, takes_p) and np.array_equal(outs, outs_p)
             for with_worst in (False, True):  # the search's evaluation: the same floats
-                ev = fns["_eval_x"](x, with_worst, e, src, dst, pool_s, pool_n, npool, cum,
-                                    *pre, tok, comp, t_in, t_out, alpha, beta, tt)
+                ev = fns["_eval_x"](x, with_worst, src, dst, pool_s, pool_n, npool, cum,
+                                    *pre, tok[src, e], tok[dst, e], comp[src], comp[dst],
+                                    t_in[src], t_out[src], t_in[dst], t_out[dst], tt[dst, src],
+                                    tt[src, dst] - tt[src, src], comp, t_in, t_out, alpha,
+                                    beta, tt)
                 assert ev == (*want, w if with_worst else max(want)), (x, ev, want, w)
             checked += 1
     assert checked > 500

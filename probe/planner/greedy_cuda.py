@@ -123,6 +123,9 @@ MAX_EXPERTS = 1024
 THREADS = 128
 # Most shared memory a block's arrays may take: the static limit of a block (48 KiB).
 SHARED_LIMIT = 48 * 1024
+# Entries of the per-move table of what each source can give of each of src's experts
+# (`_share_table`, 8 KB of shared memory): used when ne experts x G sources fit.
+SHARE_TABLE = 1024
 # "No candidate gained yet" (larger than any candidate index: MAX_RANKS * experts < 2**40).
 _NONE = 1 << 40
 # Slots of the block's shared integer and float scalars.
@@ -237,19 +240,24 @@ def _worst_p(x, t_src, t_dst, src, dst, npool, pool_s, pool_n, cum, comp, t_in, 
 
 
 @cuda.jit(device=True)
-def _eval_x(x, with_worst, e, src, dst, pool_s, pool_n, npool, cum, p_in_src, p_in_dst,
-            p_out_dst, p_out_src, tok, comp, t_in, t_out, alpha, beta, tt):
+def _eval_x(x, with_worst, src, dst, pool_s, pool_n, npool, cum, p_in_src, p_in_dst, p_out_dst,
+            p_out_src, tok_src, tok_dst, comp_src, comp_dst, in_src, out_src, in_dst, out_dst,
+            tt_ds, tt_src, comp, t_in, t_out, alpha, beta, tt):
     """One evaluation of a candidate's search: (t_src, t_dst, worst) if x >= 1 tokens move.
     t_src and t_dst are greedy._after's two times (and t_src is greedy._src_after's), worst
     is greedy._worst's float when with_worst (else max(t_src, t_dst)): the same operations in
     the same order as `_after_p` and `_worst_p`, with one search for x's pool entry and
-    nothing stored (the winner's move recomputes its parts, takes and out-times)."""
-    comp_src = comp[src] - mul(beta, x)
-    if tok[src, e] == x:
-        comp_src -= alpha
-    comp_dst = comp[dst] + mul(beta, x)
-    if tok[dst, e] == 0:
-        comp_dst += alpha
+    nothing stored (the winner's move recomputes its parts, takes and out-times). What every
+    evaluation of the candidate reads comes in once, as scalars: tok_src = tok[src, e],
+    tok_dst = tok[dst, e], comp_src = comp[src], comp_dst = comp[dst], in_src = t_in[src],
+    out_src = t_out[src], in_dst = t_in[dst], out_dst = t_out[dst], tt_ds = tt[dst, src],
+    tt_src = tt[src, dst] - tt[src, src] (the difference `_after` takes)."""
+    c_src = comp_src - mul(beta, x)
+    if tok_src == x:
+        c_src -= alpha
+    c_dst = comp_dst + mul(beta, x)
+    if tok_dst == 0:
+        c_dst += alpha
     k = _entry(x, npool, cum)
     s = pool_s[k]
     take = x - cum[k]
@@ -258,13 +266,13 @@ def _eval_x(x, with_worst, e, src, dst, pool_s, pool_n, npool, cum, p_in_src, p_
     d_out_dst = p_out_dst[k]
     d_out_src = p_out_src[k]
     if s == dst:
-        d_out_dst += mul(take, tt[dst, src])
+        d_out_dst += mul(take, tt_ds)
     else:
         d_in_dst += mul(take, tt[s, dst])
         if s == src:
-            d_out_src += mul(take, tt[src, dst] - tt[src, src])
-    t_src = comp_src + 2.0 * dmax(t_in[src] - d_in_src, t_out[src] + d_out_src)
-    t_dst = comp_dst + 2.0 * dmax(t_in[dst] + d_in_dst, t_out[dst] - d_out_dst)
+            d_out_src += mul(take, tt_src)
+    t_src = c_src + 2.0 * dmax(in_src - d_in_src, out_src + d_out_src)
+    t_dst = c_dst + 2.0 * dmax(in_dst + d_in_dst, out_dst - d_out_dst)
     worst = dmax(t_src, t_dst)
     if with_worst:
         for i in range(k + 1):
@@ -303,14 +311,35 @@ _S_EQ_DONE, _S_ADJ_DONE, _S_MEAN_DONE, _S_ONE_DONE, _S_DONE = range(13, 18)
 
 
 @cuda.jit(device=True)
+def _share_table(tid, nt, ne, src, src_e, load, home, hpos, hcount, held, blk_of, blk_assign,
+                 shares):
+    """shares[i * G + s]: the tokens of (s, src_e[i]) that the pool of a candidate moving
+    expert src_e[i] off src can take from source s: its assignment to src (the expert's
+    block, else the static split), 0 where s != src holds a copy of the expert (the CPU
+    kernel's pool leaves those sources out). The threads of the block fill it side by side
+    once per move; every candidate's pool then reads it instead of G blocks or splits."""
+    num_ranks = hpos.shape[0]
+    for i in range(tid, ne * num_ranks, nt):
+        s = i % num_ranks
+        e = src_e[i // num_ranks]
+        b = blk_of[e]
+        a = blk_assign[b, s, src] if b >= 0 else _static_share(load, home, hpos, hcount, s, e,
+                                                               src)
+        if s != src and held[s, e] != 0:
+            a = 0
+        shares[i] = a
+
+
+@cuda.jit(device=True)
 def _candidate(e, src, dst, load, home, slots, window, alpha, beta, tt, xt, epsilon, move_local,
                evacuate, two_phase, mean_cap, mean, hcount, hlist, hpos, tok, held, blk_of,
                blk_assign, times, comp, t_in, t_out, recv, send, used, pool_s, pool_n, cum,
-               p_in_src, p_in_dst, p_out_dst, p_out_src):
+               p_in_src, p_in_dst, p_out_dst, p_out_src, shares, row):
     """One candidate of greedy._greedy_run's search (the body of its expert loop, the dst
     pruning included): moving tokens of e from src to dst. Returns (gains, x, t_src, t_dst,
     holder, npool); pool_s and pool_n hold its pool, cum and p_* `_prefix`'s sums (G entries
-    each).
+    each). shares[row + s] (row >= 0) is what source s can give of e (`_share_table`), else
+    (row < 0) the pool reads the block or the static split itself.
 
     Rule 6's searches (the water fill's bisections, phase 2's, the evacuation) run as one loop
     of steps with a single evaluation of x per step (`_eval_x`), the CPU kernel's evaluations in
@@ -363,16 +392,24 @@ def _candidate(e, src, dst, load, home, slots, window, alpha, beta, tt, xt, epsi
     for s in range(num_ranks):
         if s == src or s == dst:  # noqa: SIM109 (a plain comparison compiles for CUDA)
             continue
-        a = blk_assign[b, s, src] if b >= 0 else _share_to_src(load, home, h_e, pos_src, s, e,
-                                                               src)
-        if a > 0 and held[s, e] == 0:
+        if row >= 0:
+            a = shares[row + s]  # (0 where s holds e)
+        else:
+            a = blk_assign[b, s, src] if b >= 0 else _share_to_src(load, home, h_e, pos_src, s,
+                                                                   e, src)
+            if held[s, e] != 0:
+                a = 0
+        if a > 0:
             pool_s[npool] = s
             pool_n[npool] = a
             npool += 1
             total += a
     if move_local:
-        a = (blk_assign[b, src, src] if b >= 0
-             else _static_share(load, home, hpos, hcount, src, e, src))
+        if row >= 0:
+            a = shares[row + src]
+        else:
+            a = (blk_assign[b, src, src] if b >= 0
+                 else _static_share(load, home, hpos, hcount, src, e, src))
         if a > 0:
             pool_s[npool] = src
             pool_n[npool] = a
@@ -405,6 +442,16 @@ def _candidate(e, src, dst, load, home, slots, window, alpha, beta, tt, xt, epsi
     t_src = 0.0
     t_dst = 0.0
     w = 0.0
+    tok_src = tok[src, e]  # what every evaluation reads, read once
+    tok_dst = tok[dst, e]
+    comp_src = comp[src]
+    comp_dst = comp[dst]
+    in_src = t_in[src]
+    out_src = t_out[src]
+    in_dst = t_in[dst]
+    out_dst = t_out[dst]
+    tt_ds = tt[dst, src]
+    tt_src = tt[src, dst] - tt[src, src]
     if n_other > 0:
         step = _S_ALL  # the water fill over the first n_other pool tokens
         xe = n_other
@@ -413,9 +460,11 @@ def _candidate(e, src, dst, load, home, slots, window, alpha, beta, tt, xt, epsi
         xe = 0
     while step != _S_DONE:
         if step < _S_EVAL:  # the search's one evaluation of x
-            t_src, t_dst, w = _eval_x(xe, step >= _S_WORST, e, src, dst, pool_s, pool_n,
-                                      npool, cum, p_in_src, p_in_dst, p_out_dst, p_out_src, tok,
-                                      comp, t_in, t_out, alpha, beta, tt)
+            t_src, t_dst, w = _eval_x(xe, step >= _S_WORST, src, dst, pool_s, pool_n, npool,
+                                      cum, p_in_src, p_in_dst, p_out_dst, p_out_src, tok_src,
+                                      tok_dst, comp_src, comp_dst, in_src, out_src, in_dst,
+                                      out_dst, tt_ds, tt_src, comp, t_in, t_out, alpha, beta,
+                                      tt)
         if step == _S_ALL:  # greedy._water_fill: all n_other tokens, then bisect x_eq
             all_src = t_src
             x_eq = n_other
@@ -479,7 +528,7 @@ def _candidate(e, src, dst, load, home, slots, window, alpha, beta, tt, xt, epsi
             xe = x
             if second:
                 lo = n_other + 1
-                hi = total - 1 if total == tok[src, e] and total > lo else total
+                hi = total - 1 if total == tok_src and total > lo else total
                 step = _S_X2
                 xe = lo
                 if lo < hi:
@@ -534,7 +583,7 @@ def _candidate(e, src, dst, load, home, slots, window, alpha, beta, tt, xt, epsi
             d_fin = t_dst
             worst = w
             step = _S_DONE
-            if evacuate and x < total and total == tok[src, e]:
+            if evacuate and x < total and total == tok_src:
                 step = _S_EV
                 xe = total
         elif step == _S_EV:
@@ -576,7 +625,8 @@ def _fixed_bytes(num_ranks: int, num_experts: int) -> int:
     """Shared bytes a block always takes: rank arrays, the expert lists, block scalars, the
     ranks' expert bitmasks."""
     G, E = num_ranks, num_experts  # noqa: N806
-    return 8 * 7 * G + 4 * G + E * (4 + 8 + 4) + 8 * 16 + 4 * G * ((E + 31) // 32)
+    return (8 * 7 * G + 4 * G + E * (4 + 8 + 4 + 4) + 8 * 16 + 4 * G * ((E + 31) // 32)
+            + 8 * min(SHARE_TABLE, G * E))
 
 
 def _kernel_source(num_ranks: int, num_experts: int, in_shared: bool):
@@ -586,6 +636,7 @@ def _kernel_source(num_ranks: int, num_experts: int, in_shared: bool):
     G, E = num_ranks, num_experts  # noqa: N806 (the shape letters)
     GS, ES = (G, E) if in_shared else (1, 1)  # noqa: N806 (the shared working arrays' shape)
     EW = (E + 31) // 32  # noqa: N806 (32-bit words of an expert bitmask)
+    SC = min(SHARE_TABLE, G * E)  # noqa: N806 (entries of the shares table)
 
     def _greedy_kernel(load, home, slots, window, alpha, beta, tt, xt, limit, epsilon,
                        move_local, evacuate, two_phase, mean_cap, hcount, hlist, hpos, tok,
@@ -649,7 +700,9 @@ def _kernel_source(num_ranks: int, num_experts: int, in_shared: bool):
         dst_order = cuda.shared.array(G, int32)
         src_e = cuda.shared.array(E, int32)  # src's experts with tokens, in any order ...
         src_n = cuda.shared.array(E, int64)  # ... and their token counts on src
-        exp_order = cuda.shared.array(E, int32)  # the same experts, heaviest first
+        exp_order = cuda.shared.array(E, int32)  # the same experts, heaviest first ...
+        exp_at = cuda.shared.array(E, int32)  # ... and their places in src_e
+        shares = cuda.shared.array(SC, int64)  # `_share_table`: [ne, G] where it fits
         ints = cuda.shared.array(16, int64)
         busy = cuda.shared.array((G, EW), uint32)  # per rank: experts with tokens, as bits
 
@@ -815,6 +868,11 @@ def _kernel_source(num_ranks: int, num_experts: int, in_shared: bool):
                     if m > n or (m == n and src_e[j] < e):
                         r += 1
                 exp_order[r] = e
+                exp_at[r] = i
+            # What each source can give of each listed expert, for every candidate's pool.
+            table = ne * G <= SC
+            if table:
+                _share_table(tid, nt, ne, src, src_e, ld, hm, hp, hc, hd, bo, ba, shares)
             cuda.syncthreads()
             num_cand = nd * ne
             first = _NONE
@@ -834,11 +892,12 @@ def _kernel_source(num_ranks: int, num_experts: int, in_shared: bool):
                 if k < num_cand:
                     dst = dst_order[k // ne]
                     e = exp_order[k % ne]
+                    row = exp_at[k % ne] * G if table else -1
                     ok, x, c_src, c_dst, holder, npool = _candidate(
                         e, src, dst, ld, hm, slots, win, alpha, beta, tts, xts, epsilon,
                         move_local, evacuate, two_phase, mean_cap, mean, hc, hl, hp, tk, hd, bo,
                         ba, times, comp, t_in, t_out, recv, send, used, pool_s, pool_n, cum,
-                        p_in_src, p_in_dst, p_out_dst, p_out_src)
+                        p_in_src, p_in_dst, p_out_dst, p_out_src, shares, row)
                     if ok:
                         cuda.atomic.min(ints, _WIN, k)
                 cuda.syncthreads()
@@ -877,12 +936,15 @@ def _kernel_source(num_ranks: int, num_experts: int, in_shared: bool):
                     ba[b, i // G, i % G] = _static_share(ld, hm, hp, hc, i // G, e_new, i % G)
                 cuda.syncthreads()
             if k == first:  # the winner applies its move (the CPU kernel's order) from its
-                # own pool: parts, takes and out-times of x recomputed (the same floats)
-                _after_p(x, e, src, dst, pool_s, npool, cum, p_in_src, p_in_dst, p_out_dst,
+                # own pool: parts, takes and out-times of x recomputed (the same floats), over
+                # the entries up to the one where x runs out (those after take 0 tokens: the
+                # CPU kernel's updates of them change nothing)
+                n_take = _entry(x, npool, cum) + 1
+                _after_p(x, e, src, dst, pool_s, n_take, cum, p_in_src, p_in_dst, p_out_dst,
                          p_out_src, tk, comp, t_in, t_out, alpha, beta, tts, parts)
-                _worst_p(x, c_src, c_dst, src, dst, npool, pool_s, pool_n, cum, comp, t_in,
+                _worst_p(x, c_src, c_dst, src, dst, n_take, pool_s, pool_n, cum, comp, t_in,
                          t_out, tts, takes, new_out)
-                _apply_move(b, e, src, dst, x, npool, pool_s, takes, new_out, parts, c_src,
+                _apply_move(b, e, src, dst, x, n_take, pool_s, takes, new_out, parts, c_src,
                             c_dst, ba, tk, comp, t_in, t_out, times)
                 ints[_MOVES] += 1
                 ints[_NE] = 0
