@@ -18,69 +18,54 @@ thread then applies its move from its own pool (O(G) updates), after the threads
 have written the expert's new dense [S, G] block if it has none yet.
 
 Floating point: every value that decides a choice is float64, computed in the CPU kernel's order
-of operations: the scalar rules (a candidate's times, rule 6's water fill, applying the move)
-are greedy.py's own functions, compiled a second time as device functions
-(`numba_cuda.device`, probe.planner.scalar), or, for `_after`, `_src_after`, `_worst` and
-`_water_fill`, twins here that read the same sums from prefix arrays (`_prefix`: a sum that
-starts at 0.0 and adds the same terms in the same order passes through the same floats; tests
-compare the twins with greedy's rules bit for bit). The products that feed a sum are rounded
-on their own (libdevice's dmul_rn): the CUDA compiler would otherwise fuse a * b + c into one
-FMA, which rounds once and can flip a tie (the only FMAs it makes multiply by 2.0, which is
-exact; tests check the sm_90 PTX).
+of operations: the scalar rules (the static split, applying the move) are greedy.py's own
+functions, compiled a second time as device functions (`numba_cuda.device`,
+probe.planner.scalar); `_after`, `_src_after` and `_worst` have twins here that read the same
+sums from prefix arrays (`_prefix`: a sum that starts at 0.0 and adds the same terms in the
+same order passes through the same floats), and `_eval_x` is `_after` and `_worst` in one
+(tests compare the twins with greedy's rules bit for bit). Rule 6's searches (`_water_fill`,
+phase 2's bisection, the caps, the evacuation) are one loop of steps in `_candidate`, each
+step one `_eval_x`, making the CPU kernel's evaluations in its order. The products that feed
+a sum are rounded on their own (libdevice's dmul_rn): the CUDA compiler would otherwise fuse
+a * b + c into one FMA, which rounds once and can flip a tie (the only FMAs it makes
+multiply by 2.0, which is exact; tests check the sm_90 PTX).
 
 Memory (`CudaGreedy(memory=...)`, "auto" by default): the layer's [G, E] and [G, G] working
 arrays (home holders and positions, tokens per rank and expert, replicas held, flows, the
 expert-to-block map, the token and transfer times) live in shared memory when they fit
-(`shared_bytes(G, E)` <= SHARED_LIMIT = 48 KiB: 31.8 KB at G = 8, E = 128), else in
-preallocated global scratch (G = 64, E = 256 would need 520 KB). One kernel is compiled per
+(`shared_bytes(G, E)` <= SHARED_LIMIT = 48 KiB: 40.7 KB at G = 8, E = 128), else in
+preallocated global scratch (G = 64, E = 256 would need 531 KB). One kernel is compiled per
 (G, E, memory): G and E are compile-time constants, so every shared and per-thread local array
-has exactly G or E entries. Always shared: the rank arrays and the slowest rank's experts
-(16 bytes per expert). Per thread: its candidate's pool and the prefix sums, 11 local arrays
-of G entries (704 B at G = 8, 5.6 KB at G = 64; only an unpruned candidate touches them).
+has exactly G or E entries. Always shared: the rank arrays, the slowest rank's experts (20
+bytes per expert), a bitmask of each rank's experts with tokens at the start (for the compute
+sums) and the move's table of what each source can give of each of those experts
+(`_share_table`, SHARE_TABLE entries, 8 KB). Per thread: its candidate's pool and prefix
+sums, 7 local arrays of G entries, and the winner's takes, out-times and parts (576 B at
+G = 8, 4.5 KB at G = 64; only an unpruned candidate touches them).
 
-The critical path of one layer (the longest chain of dependent steps one thread runs, and the
-block barriers), counted for the synthetic decode layers of experiments.planner.gpu_latency
-with T = 128 and the default rules (k_max 16: 8-16 moves at ep=8 / E=128, 16 at ep=64 /
-E=256; "auto" is also 16 at ep=8 and 128 at ep=64). A step is one loop iteration of the
-chain (a few loads and flops); ne is the slowest rank's experts with tokens (about 20 at
-ep=8, 4-8 at ep=64), npool <= G the candidate's pool, about 20 `_after` calls in an
-unpruned candidate (rule 6's searches, log2 of the tokens), most candidates pruned early:
-
-    phase (barriers)                      ep=8 / E=128       ep=64 / E=256
-    start (4): holders, split, times      ~8+8+E+2G = 160    ~128+128+256+128 = 640
-    per move, before (9 + 1 per round):
-      src and mean (thread 0)             2G = 16            128
-      expert order (each vs all E)        E = 128            2E = 512
-      candidate: pool + 20 x _after       8 + 20*8 + 3*8     64 + 20*64 + 3*64
-                 + 3 x _worst              = 190              = 1540
-      publish, apply (thread 0)           3 npool = 24       192
-      total per move                      ~370               ~2400
-    per move, now (4, 5 for a new block, + 1 per round):
-      src (every thread; + G for the mean under mean_cap)  G = 8    64
-      destinations ranked                 G = 8              64
-      expert order (each vs the ne listed) ne ~ 20           ~8
-      candidate: pool + prefix            G + npool = 16     128
-                 + 20 x _after_p (log2 npool + 1)  80        140
-                 + 3 x _worst_p (up to the entry of x)  ~10  ~20
-      new block (G*G / T), apply (winner) 1 + 2 npool = 17   32 + 128
-      total per move                      ~140               ~580
-
-Measured before this layout (an H200, results/h200/gpu_greedy: 23.4 us and 232 us per layer
-in a graph replay of 32 layers; the 32 blocks run side by side on 132 SMs, so one layer's
-kernel time is inferred as about 32x that): ~750 us per layer at ep=8 (~60 us per move, ~160
-ns per step, consistent with L2 latency: the MAX_RANKS-sized local arrays of 128 threads,
-384 KB, do not fit L1) and ~7.4 ms at ep=64 (~460 us per move, ~190 ns per step). Expected
-now, from the counts alone (not measured): about 2.6x fewer steps per move at ep=8 and 4x at
-ep=64, and at ep=8 the steps read shared memory or L1 (tens of ns, not ~160), so roughly
-5-10x at ep=8 (some 80-160 us per layer) and 4-12x at ep=64 (some 0.6-2 ms); both still above
-the targets of 10 and 50 us per layer. (The eager one-layer launch measured 1202 us at ep=8:
-some 450 us of it is numba's host-side launch of 29 arguments, which a replayed graph skips.)
-What is left on the path: the candidate's O(G) pool and prefix (the sums must stay in pool
-order) and about 20 dependent `_after_p` calls of rule 6's binary searches, one thread each;
-a warp per candidate (the pool built with ballots, the searches' next levels evaluated side
-by side) would cut these, at the price of fewer candidates per round.
-experiments.planner.gpu_latency measures the start, the per-move time and the threads and
-memory variants on the GPU.
+Where one layer's time goes (experiments.planner.kernel_stats counts it on the synthetic
+decode layers of experiments.planner.gpu_latency, default rules, k_max 16): in every move the
+FIRST candidate that passes the cheap pruning (lower bounds, slots, copy source) gains, so a
+move is its preamble (the slowest rank, the destinations and experts ranked, the share
+table: 4 barriers, 5 for a new block) plus ONE candidate's evaluation on one thread: its pool
+and prefix sums (O(G) dependent steps) and 16-19 evaluations of x one after another (each a
+binary search over the pool, a dozen loads and flops; the worst time, three of them, walks
+the pool up to x's entry). The 127 other threads prune the other candidates meanwhile. One
+layer of 16 moves therefore chains some 300 evaluations, 16 pools and 70 barriers after the
+start; at a few hundred cycles per evaluation (loads from L1 and shared memory) that is some
+30-60 us at ep=8, while the measured time of the kernel before these changes (results/h200/
+gpu_latency: 397 us at ep=8, 2,894 us at ep=64 for one layer) was several times that: code
+size (the searches inlined at ~15 call sites: 273 KB of cubin, a straight-line region walked
+once per candidate, instruction-cache misses), divergence between lanes at different points
+of their searches, and at ep=64 the O(G) loops over global memory (the pool, the start's
+sums: 64-256 dependent L2 loads each). The changes aim at those: one evaluation site, the
+pool from a shared table, the start's sums side by side and over marked experts only.
+What is left, and would take the layer under the 10 us target only with a different
+parallelisation: the evaluations of one candidate are one dependent chain; a warp per
+candidate could evaluate the next levels of the bisections side by side (reproducing the
+CPU kernel's probes exactly: each lane one node of the bisection tree, the walk by ballot),
+cutting the ~17 evaluations to ~5 rounds. experiments.planner.gpu_latency measures the start,
+the per-move time and the threads and memory variants on the GPU.
 
 Entry points:
     `CudaGreedy(home, slots, cost, rules, num_layers=L)`: validates once, keeps device
@@ -932,8 +917,18 @@ def _kernel_source(num_ranks: int, num_experts: int, in_shared: bool):
             b = ints[_B]
             if ints[_NEWB] == 1:  # a new block starts from the static split (all threads)
                 e_new = ints[_E]
-                for i in range(tid, G * G, nt):
-                    ba[b, i // G, i % G] = _static_share(ld, hm, hp, hc, i // G, e_new, i % G)
+                for s in range(tid, G, nt):  # row s: zeros, then s's tokens on e's holders
+                    for g in range(G):  # (greedy._static_share's values, row by row)
+                        ba[b, s, g] = 0
+                    n = ld[s, e_new]
+                    if hm[s, e_new]:
+                        ba[b, s, s] = n
+                    else:
+                        h = hc[e_new]
+                        q = n // h
+                        r = n - q * h
+                        for j in range(h):  # the holder at position j
+                            ba[b, s, hl[e_new, j]] = q + (1 if (j + s) % h < r else 0)
                 cuda.syncthreads()
             if k == first:  # the winner applies its move (the CPU kernel's order) from its
                 # own pool: parts, takes and out-times of x recomputed (the same floats), over
