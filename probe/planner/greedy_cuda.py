@@ -47,11 +47,11 @@ Where one layer's time goes (experiments.planner.kernel_stats counts it on the s
 decode layers of experiments.planner.gpu_latency, default rules, k_max 16): in every move the
 FIRST candidate that passes the cheap pruning (lower bounds, slots, copy source) gains, so a
 move is its preamble (the slowest rank, the destinations and experts ranked, the share
-table: 4 barriers, 5 for a new block) plus ONE candidate's evaluation on one thread: its pool
+table: 6 barriers, 7 for a new block) plus ONE candidate's evaluation on one thread: its pool
 and prefix sums (O(G) dependent steps) and 16-19 evaluations of x one after another (each a
 binary search over the pool, a dozen loads and flops; the worst time, three of them, walks
 the pool up to x's entry). The 127 other threads prune the other candidates meanwhile. One
-layer of 16 moves therefore chains some 300 evaluations, 16 pools and 70 barriers after the
+layer of 16 moves therefore chains some 300 evaluations, 16 pools and ~100 barriers after the
 start; at a few hundred cycles per evaluation (loads from L1 and shared memory) that is some
 30-60 us at ep=8, while the measured time of the kernel before these changes (results/h200/
 gpu_latency: 397 us at ep=8, 2,894 us at ep=64 for one layer) was several times that: code
@@ -114,7 +114,7 @@ SHARE_TABLE = 1024
 # "No candidate gained yet" (larger than any candidate index: MAX_RANKS * experts < 2**40).
 _NONE = 1 << 40
 # Slots of the block's shared integer and float scalars.
-_NE, _WIN, _E, _B, _NEWB, _NBLK, _NREP, _MOVES, _BAD, _ND = range(10)
+_NE, _WIN, _E, _B, _NEWB, _NBLK, _NREP, _MOVES, _BAD = range(9)
 
 
 # The CPU kernel's scalar rules as device functions: the same Python functions, compiled again
@@ -610,7 +610,7 @@ def _fixed_bytes(num_ranks: int, num_experts: int) -> int:
     """Shared bytes a block always takes: rank arrays, the expert lists, block scalars, the
     ranks' expert bitmasks."""
     G, E = num_ranks, num_experts  # noqa: N806
-    return (8 * 7 * G + 4 * G + E * (4 + 8 + 4 + 4) + 8 * 16 + 4 * G * ((E + 31) // 32)
+    return (8 * 7 * G + 8 * G + E * (4 + 8 + 4 + 4) + 8 * 16 + 4 * G * ((E + 31) // 32)
             + 8 * min(SHARE_TABLE, G * E))
 
 
@@ -682,7 +682,8 @@ def _kernel_source(num_ranks: int, num_experts: int, in_shared: bool):
         recv = cuda.shared.array(G, float64)
         send = cuda.shared.array(G, float64)
         used = cuda.shared.array(G, int64)
-        dst_order = cuda.shared.array(G, int32)
+        rank_order = cuda.shared.array(G, int32)  # the ranks by time, fastest first ...
+        faster = cuda.shared.array(G, int32)  # ... and how many ranks are faster than each
         src_e = cuda.shared.array(E, int32)  # src's experts with tokens, in any order ...
         src_n = cuda.shared.array(E, int64)  # ... and their token counts on src
         exp_order = cuda.shared.array(E, int32)  # the same experts, heaviest first ...
@@ -710,7 +711,6 @@ def _kernel_source(num_ranks: int, num_experts: int, in_shared: bool):
             ints[_MOVES] = 0
             ints[_BAD] = 0
             ints[_NE] = 0
-            ints[_ND] = 0
             ints[_WIN] = _NONE
         for g in range(tid, G, nt):
             used[g] = 0
@@ -803,37 +803,39 @@ def _kernel_source(num_ranks: int, num_experts: int, in_shared: bool):
             times[g] = comp[g] + 2.0 * dmax(t_in[g], t_out[g])
         cuda.syncthreads()
 
-        # One move per pass, 4 barriers (5 when the expert gets its first block) plus one per
+        # One move per pass, 6 barriers (7 when the expert gets its first block) plus one per
         # further round of candidates. ints[_NE] == 0 and ints[_WIN] == _NONE on entry.
         while bad == 0:
             if ints[_MOVES] >= limit:
                 break
-            # The slowest rank and the mean: every thread reads the same times in the same
-            # order (the CPU kernel's), so every thread has the same values.
-            src = 0
-            t_src = times[0]
-            for g in range(1, G):  # (the largest so far in a register: independent loads)
+            # The ranks fastest first, ties to the lowest rank (thread g places g), and how
+            # many are faster than each.
+            for g in range(tid, G, nt):
                 t = times[g]
-                if t > t_src:
-                    src = g
-                    t_src = t
+                r = 0
+                c = 0
+                for h in range(G):
+                    if times[h] < t:
+                        c += 1
+                    elif times[h] == t and h < g:
+                        r += 1
+                rank_order[c + r] = g
+                faster[g] = c
+            cuda.syncthreads()
+            # The slowest rank is the lowest of the last tie group (the CPU kernel's first
+            # largest time), and the destinations are the nd ranks before that group (faster
+            # than src), in order: the CPU kernel's destination order. (Both orders agree
+            # for times that are not NaN: CostModel's costs are finite, and a NaN time would
+            # need a product of a cost and a token count past 1.8e308.)
+            nd = faster[rank_order[G - 1]]
+            src = rank_order[nd]
             mean = 0.0  # (read by rule 6's cap only: summed only when mean_cap is on)
-            if mean_cap:
+            if mean_cap:  # (every thread, the CPU kernel's order: the same float)
                 total_time = 0.0
                 for g in range(G):
                     total_time += times[g]
                 mean = total_time / G
-            # Destinations fastest first (ties to the lowest rank); src's experts with tokens
-            # collected (any order) ...
-            for g in range(tid, G, nt):
-                if g != src and times[g] < t_src:
-                    r = 0
-                    for h in range(G):
-                        if h != src and times[h] < t_src and (
-                                times[h] < times[g] or (times[h] == times[g] and h < g)):
-                            r += 1
-                    dst_order[r] = g
-                    cuda.atomic.add(ints, _ND, 1)  # (counted here, not by every thread)
+            # src's experts with tokens collected (any order) ...
             for e in range(tid, E, nt):
                 n = tk[src, e]
                 if n > 0:
@@ -843,7 +845,6 @@ def _kernel_source(num_ranks: int, num_experts: int, in_shared: bool):
             cuda.syncthreads()
             # ... then ranked heaviest first (ties to the lowest id), each among the ne listed.
             ne = ints[_NE]
-            nd = ints[_ND]
             for i in range(tid, ne, nt):
                 n = src_n[i]
                 e = src_e[i]
@@ -875,7 +876,7 @@ def _kernel_source(num_ranks: int, num_experts: int, in_shared: bool):
                 k = base + tid
                 ok = False
                 if k < num_cand:
-                    dst = dst_order[k // ne]
+                    dst = rank_order[k // ne]
                     e = exp_order[k % ne]
                     row = exp_at[k % ne] * G if table else -1
                     ok, x, c_src, c_dst, holder, npool = _candidate(
@@ -943,7 +944,6 @@ def _kernel_source(num_ranks: int, num_experts: int, in_shared: bool):
                             c_dst, ba, tk, comp, t_in, t_out, times)
                 ints[_MOVES] += 1
                 ints[_NE] = 0
-                ints[_ND] = 0
                 ints[_WIN] = _NONE
             cuda.syncthreads()
 
