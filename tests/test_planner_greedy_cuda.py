@@ -268,7 +268,7 @@ def test_plan_diff_counts_entries_and_the_plans_own():
 
 
 def test_memory_is_shared_where_it_fits():
-    """"auto" keeps the working arrays in shared memory at ep=8 / 128 experts (31.8 KB)
+    """"auto" keeps the working arrays in shared memory at ep=8 / 128 experts (40.7 KB)
     and in global scratch at ep=64 / 256 experts (far over the 48 KB a block may take)."""
     assert greedy_cuda.shared_bytes(8, 128) <= greedy_cuda.SHARED_LIMIT
     assert greedy_cuda.shared_bytes(64, 256) > greedy_cuda.SHARED_LIMIT

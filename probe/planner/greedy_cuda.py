@@ -1028,13 +1028,14 @@ class CudaGreedy(LayerPlanner):
     home: bool [G, E] (every layer) or [L, G, E] static placement; slots: int or int [G];
     cost: CostModel for G ranks; rules: GreedyRules (None: the defaults; also_paper is not
     supported); num_layers: L, the layers one `plan` call plans; threads: threads per block (a
-    multiple of 32, at most 1024; 1 for tests); memory: where a block keeps its layer's [G, E]
-    and [G, G] working arrays, "shared" (shared memory: `shared_bytes(G, E)` must be at most
-    SHARED_LIMIT), "global" (preallocated global scratch) or "auto" (shared when it fits; the
-    same plans either way); max_moves: most moves per layer instead of the rules' k_max (0:
-    the start alone, no move: what a benchmark takes to time the start phase). Validates all
-    of it once; `plan` only checks its arrays' shape,
-    dtype and layout (host side, no synchronisation) and launches one kernel.
+    multiple of 32, at most 1024; 1 for tests; the sm_90 kernel takes 150-160 registers per
+    thread, so the GPU refuses launches of 512 or more); memory: where a block keeps its
+    layer's [G, E] and [G, G] working arrays, "shared" (shared memory: `shared_bytes(G, E)`
+    must be at most SHARED_LIMIT), "global" (preallocated global scratch) or "auto" (shared
+    when it fits; the same plans either way); max_moves: most moves per layer instead of the
+    rules' k_max (0: the start alone, no move: what a benchmark takes to time the start
+    phase). Validates all of it once; `plan` only checks its arrays' shape, dtype and layout
+    (host side, no synchronisation) and launches one kernel.
     Attributes: `out`, the CudaPlan buffers (numba device arrays) every launch overwrites whole;
     `memory`, "shared" or "global" as chosen; `scratch`, the kernel's global working buffers
     (hcount, hlist, hpos, tok, flow, held, blk_of as `_kernel_source` names them; one entry per
