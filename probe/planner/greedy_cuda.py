@@ -134,12 +134,19 @@ _apply_move = device(greedy._apply_move)
 @cuda.jit(device=True)
 def _prefix(src, dst, npool, pool_s, pool_n, tt, cum, p_in_src, p_in_dst, p_out_dst, p_out_src):
     """cum[i]: the pool's tokens before entry i; p_*[i]: `_after`'s four sums (d_in_src,
-    d_in_dst, d_out_dst, d_out_src) over the entries before i, taken whole, in pool order."""
+    d_in_dst, d_out_dst, d_out_src) over the entries before i, taken whole, in pool order.
+
+    The loop has no branch (its loads do not wait for the entry before, so the compiler can
+    overlap the entries' loads): where `_after` skips a sum, 0.0 is added instead, which
+    leaves it unchanged (a sum that starts at +0.0 is never -0.0: its terms are >= 0, but
+    d_out_src's, whose one term comes from src, the pool's last entry)."""
     c = 0
     in_src = 0.0
     in_dst = 0.0
     out_dst = 0.0
     out_src = 0.0
+    tt_ds = tt[dst, src]
+    tt_src = tt[src, dst] - tt[src, src]
     for i in range(npool):
         cum[i] = c
         p_in_src[i] = in_src
@@ -150,12 +157,10 @@ def _prefix(src, dst, npool, pool_s, pool_n, tt, cum, p_in_src, p_in_dst, p_out_
         take = pool_n[i]
         c += take
         in_src += mul(take, tt[s, src])
-        if s == dst:
-            out_dst += mul(take, tt[dst, src])
-        else:
-            in_dst += mul(take, tt[s, dst])
-            if s == src:
-                out_src += mul(take, tt[src, dst] - tt[src, src])
+        to_dst = mul(take, tt[s, dst])
+        out_dst += mul(take, tt_ds) if s == dst else 0.0
+        in_dst += 0.0 if s == dst else to_dst
+        out_src += mul(take, tt_src) if s == src else 0.0
 
 
 @cuda.jit(device=True)
@@ -259,13 +264,13 @@ def _eval_x(x, with_worst, src, dst, pool_s, pool_n, npool, cum, p_in_src, p_in_
     t_src = c_src + 2.0 * dmax(in_src - d_in_src, out_src + d_out_src)
     t_dst = c_dst + 2.0 * dmax(in_dst + d_in_dst, out_dst - d_out_dst)
     worst = dmax(t_src, t_dst)
-    if with_worst:
+    if with_worst:  # (no branch in the loop: each entry's time is computed, then kept or not)
         for i in range(k + 1):
             s = pool_s[i]
             a = pool_n[i] if i < k else take
-            if s != dst and s != src and a > 0:
-                out = t_out[s] + mul(a, tt[s, dst] - tt[s, src])
-                worst = dmax(worst, comp[s] + 2.0 * dmax(t_in[s], out))
+            out = t_out[s] + mul(a, tt[s, dst] - tt[s, src])
+            t = comp[s] + 2.0 * dmax(t_in[s], out)
+            worst = dmax(worst, t) if s != dst and s != src and a > 0 else worst
     return t_src, t_dst, worst
 
 
@@ -374,21 +379,25 @@ def _candidate(e, src, dst, load, home, slots, window, alpha, beta, tt, xt, epsi
         total += a
     h_e = hcount[e]
     pos_src = hpos[src, e]
-    for s in range(num_ranks):
-        if s == src or s == dst:  # noqa: SIM109 (a plain comparison compiles for CUDA)
-            continue
-        if row >= 0:
+    if row >= 0:  # from the table, without a branch: each source is written at npool,
+        for s in range(num_ranks):  # which moves on only when the source joins the pool
             a = shares[row + s]  # (0 where s holds e)
-        else:
-            a = blk_assign[b, s, src] if b >= 0 else _share_to_src(load, home, h_e, pos_src, s,
-                                                                   e, src)
-            if held[s, e] != 0:
-                a = 0
-        if a > 0:
             pool_s[npool] = s
             pool_n[npool] = a
-            npool += 1
-            total += a
+            joins = a > 0 and s != src and s != dst
+            npool += 1 if joins else 0
+            total += a if joins else 0
+    else:
+        for s in range(num_ranks):
+            if s == src or s == dst:  # noqa: SIM109 (a plain comparison compiles for CUDA)
+                continue
+            a = blk_assign[b, s, src] if b >= 0 else _share_to_src(load, home, h_e, pos_src, s,
+                                                                   e, src)
+            if a > 0 and held[s, e] == 0:
+                pool_s[npool] = s
+                pool_n[npool] = a
+                npool += 1
+                total += a
     if move_local:
         if row >= 0:
             a = shares[row + src]
@@ -1028,8 +1037,8 @@ class CudaGreedy(LayerPlanner):
     home: bool [G, E] (every layer) or [L, G, E] static placement; slots: int or int [G];
     cost: CostModel for G ranks; rules: GreedyRules (None: the defaults; also_paper is not
     supported); num_layers: L, the layers one `plan` call plans; threads: threads per block (a
-    multiple of 32, at most 1024; 1 for tests; the sm_90 kernel takes 150-160 registers per
-    thread, so the GPU refuses launches of 512 or more); memory: where a block keeps its
+    multiple of 32, at most 1024; 1 for tests; the sm_90 kernel takes 150-175 registers per
+    thread, so the GPU may refuse launches of more than 352); memory: where a block keeps its
     layer's [G, E] and [G, G] working arrays, "shared" (shared memory: `shared_bytes(G, E)`
     must be at most SHARED_LIMIT), "global" (preallocated global scratch) or "auto" (shared
     when it fits; the same plans either way); max_moves: most moves per layer instead of the
