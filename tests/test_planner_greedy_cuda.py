@@ -5,9 +5,10 @@ Two ways to run the kernel here, without a GPU:
   numba.cuda is first imported), 32-64 threads per block: the parallel candidate search, its
   atomic minimum and the barriers, on a few dozen layers (one or several layers per launch).
   The simulator runs each thread as a Python thread and costs about 0.5 s per layer.
-- `run_sequential`: the same kernel source run as plain Python with one thread per block
-  (the kernel's loops stride by the block size, so one thread does every thread's work, and
-  the first gaining candidate is the first one tried). Fast enough for 1,000 layers.
+- `run_sequential` (experiments.planner.kernel_stats): the same kernel source run as plain
+  Python with one thread per block (the kernel's loops stride by the block size, so one thread
+  does every thread's work, and the first gaining candidate is the first one tried). Fast
+  enough for 1,000 layers.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ import numpy as np
 import pytest
 
 from experiments.planner.gpu_greedy import plan_diff, random_batch, same_layer
+from experiments.planner.kernel_stats import _py, run_sequential
+from experiments.planner.kernel_stats import host_buffers as _host_buffers
 from probe.planner.cost import CostModel
 from tests.sm90 import compile_for_sm90
 from probe.planner.greedy import greedy_arrays
@@ -30,59 +33,6 @@ from probe.planner.greedy_rules import GreedyRules
 
 greedy_cuda = pytest.importorskip("probe.planner.greedy_cuda")
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _py(fn):
-    """The plain Python function behind a numba.cuda kernel or device function."""
-    return getattr(fn, "py_func", None) or fn.fn
-
-
-class _Array:
-    @staticmethod
-    def array(shape, dtype):
-        from numba.np.numpy_support import as_dtype
-
-        return np.zeros(shape, as_dtype(dtype))
-
-
-class _Atomic:
-    @staticmethod
-    def add(arr, idx, v):
-        old = arr[idx]
-        arr[idx] += v
-        return old
-
-    @staticmethod
-    def min(arr, idx, v):
-        arr[idx] = min(arr[idx], v)
-
-    @staticmethod
-    def max(arr, idx, v):
-        arr[idx] = max(arr[idx], v)
-
-
-def run_sequential(*args, num_layers: int, in_shared: bool = False) -> None:
-    """Run greedy_cuda's kernel on numpy arrays as plain Python, one thread per block, with its
-    working arrays in (simulated) shared memory or in the global scratch arguments."""
-    fake = types.SimpleNamespace(threadIdx=types.SimpleNamespace(x=0),
-                                 blockIdx=types.SimpleNamespace(x=0),
-                                 blockDim=types.SimpleNamespace(x=1), syncthreads=lambda: None,
-                                 shared=_Array, local=_Array, atomic=_Atomic)
-    names = ("dmax", "dmin", "_static_share", "_keep_move", "_apply_move", "_prefix", "_entry",
-             "_after_p", "_src_after_p", "_worst_p", "_water_fill_p", "_share_to_src",
-             "_candidate")
-    env = dict(vars(greedy_cuda))
-    env["cuda"] = fake
-    env["mul"] = lambda a, b: a * b
-    for name in names:
-        fn = _py(getattr(greedy_cuda, name))
-        env[name] = types.FunctionType(fn.__code__, env, name, fn.__defaults__)
-    num_ranks, num_experts = args[1].shape[1:]
-    fn = greedy_cuda._kernel_source(num_ranks, num_experts, in_shared)
-    kernel = types.FunctionType(fn.__code__, env, fn.__name__, fn.__defaults__, fn.__closure__)
-    for layer in range(num_layers):
-        fake.blockIdx.x = layer
-        kernel(*args)
 
 
 def sequential_arrays(load, home, slots, window, alpha, beta, tt, xt, rules: GreedyRules, *,
@@ -96,23 +46,6 @@ def sequential_arrays(load, home, slots, window, alpha, beta, tt, xt, rules: Gre
     assert not status.any()
     return [(rep[i, :n_rep[i]], blk_e[i, :n_blk[i]], blk_a[i, :n_blk[i]], int(moves[i]),
              float(objective[i])) for i in range(num_layers)]
-
-
-def _host_buffers(load, home, slots, window, alpha, beta, tt, xt, rules):
-    L, G, E = load.shape  # noqa: N806
-    limit = rules.max_moves(G) or 1_000_000
-    cap_rep = max(min(int(np.minimum(slots, E).sum()), limit), 1)
-    cap_blk = max(min(limit, E), 1)
-    i64 = np.int64
-    return (load.astype(i64), home.astype(bool), slots.astype(i64), window.astype(float),
-            float(alpha), float(beta), tt, xt, limit, rules.epsilon, rules.move_local,
-            rules.evacuate, rules.two_phase, rules.mean_cap,
-            np.zeros((L, E), i64), np.zeros((L, E, G), i64), np.zeros((L, G, E), i64),
-            np.zeros((L, G, E), i64), np.zeros((L, G, G), i64), np.zeros((L, G, E), np.uint8),
-            np.zeros((L, E), i64),
-            np.zeros((L, cap_rep, 3), i64), np.zeros(L, i64), np.zeros((L, cap_blk), i64),
-            np.zeros((L, cap_blk, G, G), i64), np.zeros(L, i64), np.zeros(L, i64),
-            np.zeros(L), np.zeros(L, i64))
 
 
 @pytest.mark.slow
@@ -335,7 +268,7 @@ def test_plan_diff_counts_entries_and_the_plans_own():
 
 
 def test_memory_is_shared_where_it_fits():
-    """"auto" keeps the working arrays in shared memory at ep=8 / 128 experts (31.8 KB)
+    """"auto" keeps the working arrays in shared memory at ep=8 / 128 experts (40.7 KB)
     and in global scratch at ep=64 / 256 experts (far over the 48 KB a block may take)."""
     assert greedy_cuda.shared_bytes(8, 128) <= greedy_cuda.SHARED_LIMIT
     assert greedy_cuda.shared_bytes(64, 256) > greedy_cuda.SHARED_LIMIT
@@ -365,10 +298,30 @@ def test_sequential_shared_and_global_equal_cpu_kernel():
     assert moved >= 100
 
 
+@pytest.mark.parametrize("table", [0, 24])
+def test_sequential_pool_without_the_share_table_equals_cpu_kernel(monkeypatch, table):
+    """A move whose ne experts x G sources do not fit SHARE_TABLE builds each candidate's pool
+    from the blocks and the static split itself (the random instances of the other tests always
+    fit): with a table of 0 entries (never used) and of 24 (used on some moves, not on others),
+    the CPU kernel's plans on 60 random launches."""
+    monkeypatch.setattr(greedy_cuda, "SHARE_TABLE", table)
+    rng = np.random.default_rng(23)
+    moved = 0
+    for _ in range(60):
+        batch = random_batch(rng, max_layers=2)
+        load, home, slots, window, cost, rules = batch
+        outs = sequential_arrays(load, home, slots, window, cost.alpha, cost.beta,
+                                 cost.token_time, cost.transfer_time, rules, in_shared=True)
+        for layer, out in enumerate(outs):
+            assert same_layer(batch, layer, out), (layer, rules)
+            moved += out[3] > 0
+    assert moved >= 30
+
+
 def test_prefix_after_equals_the_cpu_rules():
-    """`_after_p`, `_src_after_p` and `_worst_p` (prefix sums) against greedy's `_after`,
-    `_src_after` and `_worst` (the pool walked from the start): the same floats, bit for bit,
-    for every x of random pools, token times of mixed magnitudes."""
+    """`_after_p`, `_worst_p` and the search's `_eval_x` (prefix sums) against greedy's
+    `_after`, `_src_after` and `_worst` (the pool walked from the start): the same floats, bit
+    for bit, for every x of random pools, token times of mixed magnitudes."""
     from probe.planner import greedy
 
     rng = np.random.default_rng(5)
@@ -376,7 +329,7 @@ def test_prefix_after_equals_the_cpu_rules():
     env["mul"] = lambda a, b: a * b
     env["dmax"], env["dmin"] = _py(greedy_cuda.dmax), _py(greedy_cuda.dmin)
     fns = {}
-    for name in ("_prefix", "_entry", "_after_p", "_src_after_p", "_worst_p"):
+    for name in ("_prefix", "_entry", "_after_p", "_eval_x", "_worst_p"):
         fn = _py(getattr(greedy_cuda, name))
         fns[name] = env[name] = types.FunctionType(fn.__code__, env, name, fn.__defaults__)
     checked = 0
@@ -404,10 +357,8 @@ def test_prefix_after_equals_the_cpu_rules():
             got = fns["_after_p"](x, e, src, dst, pool_s, npool, cum, *pre, tok, comp, t_in,
                                   t_out, alpha, beta, tt, parts_p)
             assert got == want and np.array_equal(parts, parts_p), (x, got, want)
-            assert fns["_src_after_p"](x, e, src, dst, pool_s, npool, cum, pre[0], pre[3], tok,
-                                       comp, t_in, t_out, alpha, beta, tt) == \
-                greedy._src_after.py_func(x, e, src, dst, pool_s, pool_n, tok, comp, t_in,
-                                          t_out, alpha, beta, tt)
+            assert got[0] == greedy._src_after.py_func(x, e, src, dst, pool_s, pool_n, tok,
+                                                       comp, t_in, t_out, alpha, beta, tt)
             takes, outs = np.full(g, -1, np.int64), np.zeros(g)
             takes_p, outs_p = np.full(g, -1, np.int64), np.zeros(g)
             w = greedy._worst.py_func(x, *want, src, dst, npool, pool_s, pool_n, comp, t_in,
@@ -415,6 +366,13 @@ def test_prefix_after_equals_the_cpu_rules():
             w_p = fns["_worst_p"](x, *want, src, dst, npool, pool_s, pool_n, cum, comp, t_in,
                                   t_out, tt, takes_p, outs_p)
             assert w == w_p and np.array_equal(takes, takes_p) and np.array_equal(outs, outs_p)
+            for with_worst in (False, True):  # the search's evaluation: the same floats
+                ev = fns["_eval_x"](x, with_worst, src, dst, pool_s, pool_n, npool, cum,
+                                    *pre, tok[src, e], tok[dst, e], comp[src], comp[dst],
+                                    t_in[src], t_out[src], t_in[dst], t_out[dst], tt[dst, src],
+                                    tt[src, dst] - tt[src, src], comp, t_in, t_out, alpha,
+                                    beta, tt)
+                assert ev == (*want, w if with_worst else max(want)), (x, ev, want, w)
             checked += 1
     assert checked > 500
 

@@ -18,69 +18,54 @@ thread then applies its move from its own pool (O(G) updates), after the threads
 have written the expert's new dense [S, G] block if it has none yet.
 
 Floating point: every value that decides a choice is float64, computed in the CPU kernel's order
-of operations: the scalar rules (a candidate's times, rule 6's water fill, applying the move)
-are greedy.py's own functions, compiled a second time as device functions
-(`numba_cuda.device`, probe.planner.scalar), or, for `_after`, `_src_after`, `_worst` and
-`_water_fill`, twins here that read the same sums from prefix arrays (`_prefix`: a sum that
-starts at 0.0 and adds the same terms in the same order passes through the same floats; tests
-compare the twins with greedy's rules bit for bit). The products that feed a sum are rounded
-on their own (libdevice's dmul_rn): the CUDA compiler would otherwise fuse a * b + c into one
-FMA, which rounds once and can flip a tie (the only FMAs it makes multiply by 2.0, which is
-exact; tests check the sm_90 PTX).
+of operations: the scalar rules (the static split, applying the move) are greedy.py's own
+functions, compiled a second time as device functions (`numba_cuda.device`,
+probe.planner.scalar); `_after`, `_src_after` and `_worst` have twins here that read the same
+sums from prefix arrays (`_prefix`: a sum that starts at 0.0 and adds the same terms in the
+same order passes through the same floats), and `_eval_x` is `_after` and `_worst` in one
+(tests compare the twins with greedy's rules bit for bit). Rule 6's searches (`_water_fill`,
+phase 2's bisection, the caps, the evacuation) are one loop of steps in `_candidate`, each
+step one `_eval_x`, making the CPU kernel's evaluations in its order. The products that feed
+a sum are rounded on their own (libdevice's dmul_rn): the CUDA compiler would otherwise fuse
+a * b + c into one FMA, which rounds once and can flip a tie (the only FMAs it makes
+multiply by 2.0, which is exact; tests check the sm_90 PTX).
 
 Memory (`CudaGreedy(memory=...)`, "auto" by default): the layer's [G, E] and [G, G] working
 arrays (home holders and positions, tokens per rank and expert, replicas held, flows, the
 expert-to-block map, the token and transfer times) live in shared memory when they fit
-(`shared_bytes(G, E)` <= SHARED_LIMIT = 48 KiB: 31.8 KB at G = 8, E = 128), else in
-preallocated global scratch (G = 64, E = 256 would need 520 KB). One kernel is compiled per
+(`shared_bytes(G, E)` <= SHARED_LIMIT = 48 KiB: 40.7 KB at G = 8, E = 128), else in
+preallocated global scratch (G = 64, E = 256 would need 531 KB). One kernel is compiled per
 (G, E, memory): G and E are compile-time constants, so every shared and per-thread local array
-has exactly G or E entries. Always shared: the rank arrays and the slowest rank's experts
-(16 bytes per expert). Per thread: its candidate's pool and the prefix sums, 11 local arrays
-of G entries (704 B at G = 8, 5.6 KB at G = 64; only an unpruned candidate touches them).
+has exactly G or E entries. Always shared: the rank arrays, the slowest rank's experts (20
+bytes per expert), a bitmask of each rank's experts with tokens at the start (for the compute
+sums) and the move's table of what each source can give of each of those experts
+(`_share_table`, SHARE_TABLE entries, 8 KB). Per thread: its candidate's pool and prefix
+sums, 7 local arrays of G entries, and the winner's takes, out-times and parts (576 B at
+G = 8, 4.5 KB at G = 64; only an unpruned candidate touches them).
 
-The critical path of one layer (the longest chain of dependent steps one thread runs, and the
-block barriers), counted for the synthetic decode layers of experiments.planner.gpu_latency
-with T = 128 and the default rules (k_max 16: 8-16 moves at ep=8 / E=128, 16 at ep=64 /
-E=256; "auto" is also 16 at ep=8 and 128 at ep=64). A step is one loop iteration of the
-chain (a few loads and flops); ne is the slowest rank's experts with tokens (about 20 at
-ep=8, 4-8 at ep=64), npool <= G the candidate's pool, about 20 `_after` calls in an
-unpruned candidate (rule 6's searches, log2 of the tokens), most candidates pruned early:
-
-    phase (barriers)                      ep=8 / E=128       ep=64 / E=256
-    start (4): holders, split, times      ~8+8+E+2G = 160    ~128+128+256+128 = 640
-    per move, before (9 + 1 per round):
-      src and mean (thread 0)             2G = 16            128
-      expert order (each vs all E)        E = 128            2E = 512
-      candidate: pool + 20 x _after       8 + 20*8 + 3*8     64 + 20*64 + 3*64
-                 + 3 x _worst              = 190              = 1540
-      publish, apply (thread 0)           3 npool = 24       192
-      total per move                      ~370               ~2400
-    per move, now (4, 5 for a new block, + 1 per round):
-      src (every thread; + G for the mean under mean_cap)  G = 8    64
-      destinations ranked                 G = 8              64
-      expert order (each vs the ne listed) ne ~ 20           ~8
-      candidate: pool + prefix            G + npool = 16     128
-                 + 20 x _after_p (log2 npool + 1)  80        140
-                 + 3 x _worst_p (up to the entry of x)  ~10  ~20
-      new block (G*G / T), apply (winner) 1 + 2 npool = 17   32 + 128
-      total per move                      ~140               ~580
-
-Measured before this layout (an H200, results/h200/gpu_greedy: 23.4 us and 232 us per layer
-in a graph replay of 32 layers; the 32 blocks run side by side on 132 SMs, so one layer's
-kernel time is inferred as about 32x that): ~750 us per layer at ep=8 (~60 us per move, ~160
-ns per step, consistent with L2 latency: the MAX_RANKS-sized local arrays of 128 threads,
-384 KB, do not fit L1) and ~7.4 ms at ep=64 (~460 us per move, ~190 ns per step). Expected
-now, from the counts alone (not measured): about 2.6x fewer steps per move at ep=8 and 4x at
-ep=64, and at ep=8 the steps read shared memory or L1 (tens of ns, not ~160), so roughly
-5-10x at ep=8 (some 80-160 us per layer) and 4-12x at ep=64 (some 0.6-2 ms); both still above
-the targets of 10 and 50 us per layer. (The eager one-layer launch measured 1202 us at ep=8:
-some 450 us of it is numba's host-side launch of 29 arguments, which a replayed graph skips.)
-What is left on the path: the candidate's O(G) pool and prefix (the sums must stay in pool
-order) and about 20 dependent `_after_p` calls of rule 6's binary searches, one thread each;
-a warp per candidate (the pool built with ballots, the searches' next levels evaluated side
-by side) would cut these, at the price of fewer candidates per round.
-experiments.planner.gpu_latency measures the start, the per-move time and the threads and
-memory variants on the GPU.
+Where one layer's time goes (experiments.planner.kernel_stats counts it on the synthetic
+decode layers of experiments.planner.gpu_latency, default rules, k_max 16): in every move the
+FIRST candidate that passes the cheap pruning (lower bounds, slots, copy source) gains, so a
+move is its preamble (the slowest rank, the destinations and experts ranked, the share
+table: 6 barriers, 7 for a new block) plus ONE candidate's evaluation on one thread: its pool
+and prefix sums (O(G) dependent steps) and 16-19 evaluations of x one after another (each a
+binary search over the pool, a dozen loads and flops; the worst time, three of them, walks
+the pool up to x's entry). The 127 other threads prune the other candidates meanwhile. One
+layer of 16 moves therefore chains some 300 evaluations, 16 pools and ~100 barriers after the
+start; at a few hundred cycles per evaluation (loads from L1 and shared memory) that is some
+30-60 us at ep=8, while the measured time of the kernel before these changes (results/h200/
+gpu_latency: 397 us at ep=8, 2,894 us at ep=64 for one layer) was several times that: code
+size (the searches inlined at ~15 call sites: 273 KB of cubin, a straight-line region walked
+once per candidate, instruction-cache misses), divergence between lanes at different points
+of their searches, and at ep=64 the O(G) loops over global memory (the pool, the start's
+sums: 64-256 dependent L2 loads each). The changes aim at those: one evaluation site, the
+pool from a shared table, the start's sums side by side and over marked experts only.
+What is left, and would take the layer under the 10 us target only with a different
+parallelisation: the evaluations of one candidate are one dependent chain; a warp per
+candidate could evaluate the next levels of the bisections side by side (reproducing the
+CPU kernel's probes exactly: each lane one node of the bisection tree, the walk by ballot),
+cutting the ~17 evaluations to ~5 rounds. experiments.planner.gpu_latency measures the start,
+the per-move time and the threads and memory variants on the GPU.
 
 Entry points:
     `CudaGreedy(home, slots, cost, rules, num_layers=L)`: validates once, keeps device
@@ -98,7 +83,7 @@ import math
 from typing import NamedTuple
 
 import numpy as np
-from numba import float64, int32, int64, uint8
+from numba import float64, int32, int64, uint8, uint32
 
 from probe.planner import greedy
 from probe.planner.cost import CostModel
@@ -123,6 +108,9 @@ MAX_EXPERTS = 1024
 THREADS = 128
 # Most shared memory a block's arrays may take: the static limit of a block (48 KiB).
 SHARED_LIMIT = 48 * 1024
+# Entries of the per-move table of what each source can give of each of src's experts
+# (`_share_table`, 8 KB of shared memory): used when ne experts x G sources fit.
+SHARE_TABLE = 1024
 # "No candidate gained yet" (larger than any candidate index: MAX_RANKS * experts < 2**40).
 _NONE = 1 << 40
 # Slots of the block's shared integer and float scalars.
@@ -132,7 +120,6 @@ _NE, _WIN, _E, _B, _NEWB, _NBLK, _NREP, _MOVES, _BAD = range(9)
 # The CPU kernel's scalar rules as device functions: the same Python functions, compiled again
 # (probe.planner.scalar), so the candidates' times are the CPU kernel's floats.
 _static_share = device(greedy._static_share, inline=True)
-_keep_move = device(greedy._keep_move)
 _apply_move = device(greedy._apply_move)
 
 
@@ -147,12 +134,19 @@ _apply_move = device(greedy._apply_move)
 @cuda.jit(device=True)
 def _prefix(src, dst, npool, pool_s, pool_n, tt, cum, p_in_src, p_in_dst, p_out_dst, p_out_src):
     """cum[i]: the pool's tokens before entry i; p_*[i]: `_after`'s four sums (d_in_src,
-    d_in_dst, d_out_dst, d_out_src) over the entries before i, taken whole, in pool order."""
+    d_in_dst, d_out_dst, d_out_src) over the entries before i, taken whole, in pool order.
+
+    The loop has no branch (its loads do not wait for the entry before, so the compiler can
+    overlap the entries' loads): where `_after` skips a sum, 0.0 is added instead, which
+    leaves it unchanged (a sum that starts at +0.0 is never -0.0: its terms are >= 0, but
+    d_out_src's, whose one term comes from src, the pool's last entry)."""
     c = 0
     in_src = 0.0
     in_dst = 0.0
     out_dst = 0.0
     out_src = 0.0
+    tt_ds = tt[dst, src]
+    tt_src = tt[src, dst] - tt[src, src]
     for i in range(npool):
         cum[i] = c
         p_in_src[i] = in_src
@@ -163,12 +157,10 @@ def _prefix(src, dst, npool, pool_s, pool_n, tt, cum, p_in_src, p_in_dst, p_out_
         take = pool_n[i]
         c += take
         in_src += mul(take, tt[s, src])
-        if s == dst:
-            out_dst += mul(take, tt[dst, src])
-        else:
-            in_dst += mul(take, tt[s, dst])
-            if s == src:
-                out_src += mul(take, tt[src, dst] - tt[src, src])
+        to_dst = mul(take, tt[s, dst])
+        out_dst += mul(take, tt_ds) if s == dst else 0.0
+        in_dst += 0.0 if s == dst else to_dst
+        out_src += mul(take, tt_src) if s == src else 0.0
 
 
 @cuda.jit(device=True)
@@ -220,27 +212,11 @@ def _after_p(x, e, src, dst, pool_s, npool, cum, p_in_src, p_in_dst, p_out_dst, 
 
 
 @cuda.jit(device=True)
-def _src_after_p(x, e, src, dst, pool_s, npool, cum, p_in_src, p_out_src, tok, comp, t_in,
-                 t_out, alpha, beta, tt):
-    """greedy._src_after(x, ...) from `_prefix`'s sums: the same float."""
-    comp_src = comp[src] - mul(beta, x)
-    if tok[src, e] == x:
-        comp_src -= alpha
-    k = _entry(x, npool, cum)
-    s = pool_s[k]
-    take = x - cum[k]
-    d_in_src = p_in_src[k] + mul(take, tt[s, src])
-    d_out_src = p_out_src[k]
-    if s == src:
-        d_out_src += mul(take, tt[src, dst] - tt[src, src])
-    return comp_src + 2.0 * dmax(t_in[src] - d_in_src, t_out[src] + d_out_src)
-
-
-@cuda.jit(device=True)
 def _worst_p(x, t_src, t_dst, src, dst, npool, pool_s, pool_n, cum, comp, t_in, t_out, tt, takes,
              new_out):
     """greedy._worst(x, ...): the same takes[:npool], new_out entries and float, its max over
-    the third-party sources run only up to the entry where x runs out (those after take 0)."""
+    the third-party sources run only up to the entry where x runs out (those after take 0).
+    (The winner's move only: a candidate's search takes the float alone from `_eval_x`.)"""
     k = _entry(x, npool, cum)
     for i in range(npool):
         takes[i] = pool_n[i] if i < k else (x - cum[k] if i == k else 0)
@@ -254,45 +230,48 @@ def _worst_p(x, t_src, t_dst, src, dst, npool, pool_s, pool_n, cum, comp, t_in, 
 
 
 @cuda.jit(device=True)
-def _water_fill_p(n, e, src, dst, pool_s, npool, cum, p_in_src, p_in_dst, p_out_dst, p_out_src,
-                  tok, comp, t_in, t_out, alpha, beta, tt, parts, cap):
-    """greedy._water_fill (rule 6's x over the first n pool tokens), its searches and
-    comparisons unchanged, each `_after` taken from the prefix sums."""
-    all_src, all_dst = _after_p(n, e, src, dst, pool_s, npool, cum, p_in_src, p_in_dst,
-                                p_out_dst, p_out_src, tok, comp, t_in, t_out, alpha, beta, tt,
-                                parts)
-    x_eq = n
-    if all_src <= all_dst:
-        lo = 1
-        while lo < x_eq:
-            mid = (lo + x_eq) // 2
-            t_src, t_dst = _after_p(mid, e, src, dst, pool_s, npool, cum, p_in_src, p_in_dst,
-                                    p_out_dst, p_out_src, tok, comp, t_in, t_out, alpha, beta,
-                                    tt, parts)
-            if t_src <= t_dst:
-                x_eq = mid
-            else:
-                lo = mid + 1
-    if x_eq > 1:
-        a_src, a_dst = _after_p(x_eq - 1, e, src, dst, pool_s, npool, cum, p_in_src, p_in_dst,
-                                p_out_dst, p_out_src, tok, comp, t_in, t_out, alpha, beta, tt,
-                                parts)
-        b_src, b_dst = _after_p(x_eq, e, src, dst, pool_s, npool, cum, p_in_src, p_in_dst,
-                                p_out_dst, p_out_src, tok, comp, t_in, t_out, alpha, beta, tt,
-                                parts)
-        if dmax(a_src, a_dst) <= dmax(b_src, b_dst):
-            x_eq -= 1
-    x_mean = n
-    if all_src <= cap:
-        lo = 1
-        while lo < x_mean:
-            mid = (lo + x_mean) // 2
-            if _src_after_p(mid, e, src, dst, pool_s, npool, cum, p_in_src, p_out_src, tok, comp,
-                            t_in, t_out, alpha, beta, tt) <= cap:
-                x_mean = mid
-            else:
-                lo = mid + 1
-    return dmin(x_eq, x_mean)
+def _eval_x(x, with_worst, src, dst, pool_s, pool_n, npool, cum, p_in_src, p_in_dst, p_out_dst,
+            p_out_src, tok_src, tok_dst, comp_src, comp_dst, in_src, out_src, in_dst, out_dst,
+            tt_ds, tt_src, comp, t_in, t_out, alpha, beta, tt):
+    """One evaluation of a candidate's search: (t_src, t_dst, worst) if x >= 1 tokens move.
+    t_src and t_dst are greedy._after's two times (and t_src is greedy._src_after's), worst
+    is greedy._worst's float when with_worst (else max(t_src, t_dst)): the same operations in
+    the same order as `_after_p` and `_worst_p`, with one search for x's pool entry and
+    nothing stored (the winner's move recomputes its parts, takes and out-times). What every
+    evaluation of the candidate reads comes in once, as scalars: tok_src = tok[src, e],
+    tok_dst = tok[dst, e], comp_src = comp[src], comp_dst = comp[dst], in_src = t_in[src],
+    out_src = t_out[src], in_dst = t_in[dst], out_dst = t_out[dst], tt_ds = tt[dst, src],
+    tt_src = tt[src, dst] - tt[src, src] (the difference `_after` takes)."""
+    c_src = comp_src - mul(beta, x)
+    if tok_src == x:
+        c_src -= alpha
+    c_dst = comp_dst + mul(beta, x)
+    if tok_dst == 0:
+        c_dst += alpha
+    k = _entry(x, npool, cum)
+    s = pool_s[k]
+    take = x - cum[k]
+    d_in_src = p_in_src[k] + mul(take, tt[s, src])
+    d_in_dst = p_in_dst[k]
+    d_out_dst = p_out_dst[k]
+    d_out_src = p_out_src[k]
+    if s == dst:
+        d_out_dst += mul(take, tt_ds)
+    else:
+        d_in_dst += mul(take, tt[s, dst])
+        if s == src:
+            d_out_src += mul(take, tt_src)
+    t_src = c_src + 2.0 * dmax(in_src - d_in_src, out_src + d_out_src)
+    t_dst = c_dst + 2.0 * dmax(in_dst + d_in_dst, out_dst - d_out_dst)
+    worst = dmax(t_src, t_dst)
+    if with_worst:  # (no branch in the loop: each entry's time is computed, then kept or not)
+        for i in range(k + 1):
+            s = pool_s[i]
+            a = pool_n[i] if i < k else take
+            out = t_out[s] + mul(a, tt[s, dst] - tt[s, src])
+            t = comp[s] + 2.0 * dmax(t_in[s], out)
+            worst = dmax(worst, t) if s != dst and s != src and a > 0 else worst
+    return t_src, t_dst, worst
 
 
 @cuda.jit(device=True, inline=True)
@@ -311,16 +290,52 @@ def _share_to_src(load, home, h_e, pos_src, s, e, src):
     return q + (1 if (pos_src + s) % h_e < r else 0)
 
 
+# The steps of a candidate's search (`_candidate`): rule 6's searches as greedy._greedy_run
+# makes them, one evaluation of x (`_eval_x`) per step. Steps below _S_WORST evaluate the two
+# times, those from _S_WORST to _S_EVAL also the worst time; the others only decide the next.
+_S_ALL, _S_EQ, _S_ADJ_A, _S_ADJ_B, _S_MEAN, _S_TWO_A, _S_TWO_B, _S_X2, _S_CAP = range(9)
+_S_WORST = 9
+_S_ONE, _S_W2, _S_FIN, _S_EV = range(9, 13)
+_S_EVAL = 13
+_S_EQ_DONE, _S_ADJ_DONE, _S_MEAN_DONE, _S_ONE_DONE, _S_DONE = range(13, 18)
+
+
+@cuda.jit(device=True)
+def _share_table(tid, nt, ne, src, src_e, load, home, hpos, hcount, held, blk_of, blk_assign,
+                 shares):
+    """shares[i * G + s]: the tokens of (s, src_e[i]) that the pool of a candidate moving
+    expert src_e[i] off src can take from source s: its assignment to src (the expert's
+    block, else the static split), 0 where s != src holds a copy of the expert (the CPU
+    kernel's pool leaves those sources out). The threads of the block fill it side by side
+    once per move; every candidate's pool then reads it instead of G blocks or splits."""
+    num_ranks = hpos.shape[0]
+    for i in range(tid, ne * num_ranks, nt):
+        s = i % num_ranks
+        e = src_e[i // num_ranks]
+        b = blk_of[e]
+        a = blk_assign[b, s, src] if b >= 0 else _static_share(load, home, hpos, hcount, s, e,
+                                                               src)
+        if s != src and held[s, e] != 0:
+            a = 0
+        shares[i] = a
+
+
 @cuda.jit(device=True)
 def _candidate(e, src, dst, load, home, slots, window, alpha, beta, tt, xt, epsilon, move_local,
                evacuate, two_phase, mean_cap, mean, hcount, hlist, hpos, tok, held, blk_of,
-               blk_assign, times, comp, t_in, t_out, recv, send, used, pool_s, pool_n, takes,
-               new_out, parts, ev_takes, ev_out, ev_parts, cum, p_in_src, p_in_dst, p_out_dst,
-               p_out_src):
+               blk_assign, times, comp, t_in, t_out, recv, send, used, pool_s, pool_n, cum,
+               p_in_src, p_in_dst, p_out_dst, p_out_src, shares, row):
     """One candidate of greedy._greedy_run's search (the body of its expert loop, the dst
     pruning included): moving tokens of e from src to dst. Returns (gains, x, t_src, t_dst,
-    holder, npool); the pool, takes, new_out and parts describe the move. cum and p_* are
-    `_prefix`'s buffers (G entries each)."""
+    holder, npool); pool_s and pool_n hold its pool, cum and p_* `_prefix`'s sums (G entries
+    each). shares[row + s] (row >= 0) is what source s can give of e (`_share_table`), else
+    (row < 0) the pool reads the block or the static split itself.
+
+    Rule 6's searches (the water fill's bisections, phase 2's, the evacuation) run as one loop
+    of steps with a single evaluation of x per step (`_eval_x`), the CPU kernel's evaluations in
+    its order: the same x and the same floats, and one copy of the evaluation in the code (not
+    one per call site of the CPU kernel's), which lanes of a warp at different points of their
+    searches run together."""
     no = (False, 0, 0.0, 0.0, -1, 0)
     floor = times[src] - epsilon
     lb_dst = comp[dst] + beta + 2.0 * t_in[dst]
@@ -364,19 +379,31 @@ def _candidate(e, src, dst, load, home, slots, window, alpha, beta, tt, xt, epsi
         total += a
     h_e = hcount[e]
     pos_src = hpos[src, e]
-    for s in range(num_ranks):
-        if s == src or s == dst:  # noqa: SIM109 (a plain comparison compiles for CUDA)
-            continue
-        a = blk_assign[b, s, src] if b >= 0 else _share_to_src(load, home, h_e, pos_src, s, e,
-                                                               src)
-        if a > 0 and held[s, e] == 0:
+    if row >= 0:  # from the table, without a branch: each source is written at npool,
+        for s in range(num_ranks):  # which moves on only when the source joins the pool
+            a = shares[row + s]  # (0 where s holds e)
             pool_s[npool] = s
             pool_n[npool] = a
-            npool += 1
-            total += a
+            joins = a > 0 and s != src and s != dst
+            npool += 1 if joins else 0
+            total += a if joins else 0
+    else:
+        for s in range(num_ranks):
+            if s == src or s == dst:  # noqa: SIM109 (a plain comparison compiles for CUDA)
+                continue
+            a = blk_assign[b, s, src] if b >= 0 else _share_to_src(load, home, h_e, pos_src, s,
+                                                                   e, src)
+            if a > 0 and held[s, e] == 0:
+                pool_s[npool] = s
+                pool_n[npool] = a
+                npool += 1
+                total += a
     if move_local:
-        a = (blk_assign[b, src, src] if b >= 0
-             else _static_share(load, home, hpos, hcount, src, e, src))
+        if row >= 0:
+            a = shares[row + src]
+        else:
+            a = (blk_assign[b, src, src] if b >= 0
+                 else _static_share(load, home, hpos, hcount, src, e, src))
         if a > 0:
             pool_s[npool] = src
             pool_n[npool] = a
@@ -389,81 +416,179 @@ def _candidate(e, src, dst, load, home, slots, window, alpha, beta, tt, xt, epsi
     own_src = 0
     if move_local and pool_s[npool - 1] == src:
         own_src = pool_n[npool - 1]
-    # greedy._greedy_run's two branches (two_phase with own tokens: phase 1 over the other
-    # sources' tokens, then phase 2; else one fill over the whole pool), with one water fill
-    # call site between them (the compiler inlines each site).
+    # greedy._greedy_run's two branches: two_phase with own tokens (phase 1 over the other
+    # sources' tokens, then phase 2 over src's own), else one water fill over the whole pool.
     phase_one = two_phase and own_src > 0
     n_other = total - own_src if phase_one else total
     second = phase_one
-    worst = 0.0
-    x = 0
+    worst = 0.0  # phase 1's worst time (0.0 when phase 1 is empty, as on the CPU)
+    x = 0  # the amount chosen so far
+    x_eq = 0  # the water fill's equal-times amount ...
+    x_mean = 0  # ... and its mean-cap amount
+    all_src = 0.0  # T_src if all n_other tokens move
+    a_max = 0.0  # max(T_src, T_dst) at the step before (x_eq - 1; phase 2's mid)
+    lo = 0
+    hi = 0
+    mid = 0
+    x2 = 0  # phase 2's amount
+    t_fin = 0.0  # the chosen move's T_src ...
+    d_fin = 0.0  # ... and T_dst
+    t_src = 0.0
+    t_dst = 0.0
+    w = 0.0
+    tok_src = tok[src, e]  # what every evaluation reads, read once
+    tok_dst = tok[dst, e]
+    comp_src = comp[src]
+    comp_dst = comp[dst]
+    in_src = t_in[src]
+    out_src = t_out[src]
+    in_dst = t_in[dst]
+    out_dst = t_out[dst]
+    tt_ds = tt[dst, src]
+    tt_src = tt[src, dst] - tt[src, src]
     if n_other > 0:
-        x = _water_fill_p(n_other, e, src, dst, pool_s, npool, cum, p_in_src, p_in_dst,
-                          p_out_dst, p_out_src, tok, comp, t_in, t_out, alpha, beta, tt, parts,
-                          cap)
-        if phase_one:
-            t_src, t_dst = _after_p(x, e, src, dst, pool_s, npool, cum, p_in_src, p_in_dst,
-                                    p_out_dst, p_out_src, tok, comp, t_in, t_out, alpha, beta,
-                                    tt, parts)
-            worst = _worst_p(x, t_src, t_dst, src, dst, npool, pool_s, pool_n, cum, comp, t_in,
-                             t_out, tt, ev_takes, ev_out)
+        step = _S_ALL  # the water fill over the first n_other pool tokens
+        xe = n_other
+    else:  # phase 1 is empty: phase 2 alone (second is True here)
+        step = _S_ONE_DONE
+        xe = 0
+    while step != _S_DONE:
+        if step < _S_EVAL:  # the search's one evaluation of x
+            t_src, t_dst, w = _eval_x(xe, step >= _S_WORST, src, dst, pool_s, pool_n, npool,
+                                      cum, p_in_src, p_in_dst, p_out_dst, p_out_src, tok_src,
+                                      tok_dst, comp_src, comp_dst, in_src, out_src, in_dst,
+                                      out_dst, tt_ds, tt_src, comp, t_in, t_out, alpha, beta,
+                                      tt)
+        if step == _S_ALL:  # greedy._water_fill: all n_other tokens, then bisect x_eq
+            all_src = t_src
+            x_eq = n_other
+            lo = 1
+            step = _S_EQ_DONE
+            if t_src <= t_dst and lo < x_eq:
+                step = _S_EQ
+                xe = (lo + x_eq) // 2
+        elif step == _S_EQ:
+            if t_src <= t_dst:
+                x_eq = xe
+            else:
+                lo = xe + 1
+            step = _S_EQ_DONE
+            if lo < x_eq:
+                step = _S_EQ
+                xe = (lo + x_eq) // 2
+        elif step == _S_EQ_DONE:  # one token less when that is no worse
+            step = _S_ADJ_DONE
+            if x_eq > 1:
+                step = _S_ADJ_A
+                xe = x_eq - 1
+        elif step == _S_ADJ_A:
+            a_max = dmax(t_src, t_dst)
+            step = _S_ADJ_B
+            xe = x_eq
+        elif step == _S_ADJ_B:
+            if a_max <= dmax(t_src, t_dst):
+                x_eq -= 1
+            step = _S_ADJ_DONE
+        elif step == _S_ADJ_DONE:  # x_mean: bisect T_src against the cap
+            x_mean = n_other
+            step = _S_MEAN_DONE
+            if all_src <= cap:
+                lo = 1
+                if lo < x_mean:
+                    step = _S_MEAN
+                    xe = (lo + x_mean) // 2
+        elif step == _S_MEAN:
+            if t_src <= cap:
+                x_mean = xe
+            else:
+                lo = xe + 1
+            step = _S_MEAN_DONE
+            if lo < x_mean:
+                step = _S_MEAN
+                xe = (lo + x_mean) // 2
+        elif step == _S_MEAN_DONE:  # the water fill's x; phase 1's times and worst time
+            x = dmin(x_eq, x_mean)
+            step = _S_ONE_DONE
+            if phase_one:
+                step = _S_ONE
+                xe = x
+        elif step == _S_ONE:
+            worst = w
             if x < n_other or t_src <= t_dst or t_src <= cap:
                 second = False
-    if second:
-        lo = n_other + 1
-        hi = total - 1 if total == tok[src, e] and total > lo else total
-        while lo < hi:
-            mid = (lo + hi) // 2
-            a_src, a_dst = _after_p(mid, e, src, dst, pool_s, npool, cum, p_in_src, p_in_dst,
-                                    p_out_dst, p_out_src, tok, comp, t_in, t_out, alpha, beta,
-                                    tt, parts)
-            b_src, b_dst = _after_p(mid + 1, e, src, dst, pool_s, npool, cum, p_in_src,
-                                    p_in_dst, p_out_dst, p_out_src, tok, comp, t_in, t_out,
-                                    alpha, beta, tt, parts)
-            if dmax(b_src, b_dst) >= dmax(a_src, a_dst):
+            step = _S_ONE_DONE
+        elif step == _S_ONE_DONE:  # phase 2 (max(T_src, T_dst) is convex), or the end
+            step = _S_FIN
+            xe = x
+            if second:
+                lo = n_other + 1
+                hi = total - 1 if total == tok_src and total > lo else total
+                step = _S_X2
+                xe = lo
+                if lo < hi:
+                    mid = (lo + hi) // 2
+                    step = _S_TWO_A
+                    xe = mid
+        elif step == _S_TWO_A:
+            a_max = dmax(t_src, t_dst)
+            step = _S_TWO_B
+            xe = mid + 1
+        elif step == _S_TWO_B:
+            if dmax(t_src, t_dst) >= a_max:
                 hi = mid
             else:
                 lo = mid + 1
-        x2 = lo
-        a_src, a_dst = _after_p(x2, e, src, dst, pool_s, npool, cum, p_in_src, p_in_dst,
-                                p_out_dst, p_out_src, tok, comp, t_in, t_out, alpha, beta, tt,
-                                parts)
-        if a_src <= cap:
-            lo = n_other + 1
-            hi = x2
-            while lo < hi:
+            step = _S_X2
+            xe = lo
+            if lo < hi:
                 mid = (lo + hi) // 2
-                if _src_after_p(mid, e, src, dst, pool_s, npool, cum, p_in_src, p_out_src, tok,
-                                comp, t_in, t_out, alpha, beta, tt) <= cap:
-                    hi = mid
+                step = _S_TWO_A
+                xe = mid
+        elif step == _S_X2:  # x2 = lo; under the cap, bisect T_src against it
+            x2 = xe
+            step = _S_W2
+            if t_src <= cap:
+                lo = n_other + 1
+                hi = x2
+                if lo < hi:
+                    step = _S_CAP
+                    xe = (lo + hi) // 2
                 else:
-                    lo = mid + 1
+                    xe = lo
+                    x2 = lo
+        elif step == _S_CAP:
+            if t_src <= cap:
+                hi = xe
+            else:
+                lo = xe + 1
+            step = _S_W2
             x2 = lo
-        a_src, a_dst = _after_p(x2, e, src, dst, pool_s, npool, cum, p_in_src, p_in_dst,
-                                p_out_dst, p_out_src, tok, comp, t_in, t_out, alpha, beta, tt,
-                                parts)
-        w2 = _worst_p(x2, a_src, a_dst, src, dst, npool, pool_s, pool_n, cum, comp, t_in, t_out,
-                      tt, ev_takes, ev_out)
-        if n_other == 0 or w2 < worst:
-            x = x2
-    t_src, t_dst = _after_p(x, e, src, dst, pool_s, npool, cum, p_in_src, p_in_dst, p_out_dst,
-                            p_out_src, tok, comp, t_in, t_out, alpha, beta, tt, parts)
-    worst = _worst_p(x, t_src, t_dst, src, dst, npool, pool_s, pool_n, cum, comp, t_in, t_out,
-                     tt, takes, new_out)
-    if evacuate and x < total and total == tok[src, e]:
-        ev_src, ev_dst = _after_p(total, e, src, dst, pool_s, npool, cum, p_in_src, p_in_dst,
-                                  p_out_dst, p_out_src, tok, comp, t_in, t_out, alpha, beta, tt,
-                                  ev_parts)
-        ev_worst = _worst_p(total, ev_src, ev_dst, src, dst, npool, pool_s, pool_n, cum, comp,
-                            t_in, t_out, tt, ev_takes, ev_out)
-        if ev_worst < worst:
-            x = total
-            t_src = ev_src
-            t_dst = ev_dst
-            worst = ev_worst
-            _keep_move(npool, ev_takes, ev_out, ev_parts, takes, new_out, parts)
+            xe = lo
+            if lo < hi:
+                step = _S_CAP
+                xe = (lo + hi) // 2
+        elif step == _S_W2:  # phase 2's move replaces phase 1's when strictly better
+            if n_other == 0 or w < worst:
+                x = x2
+            step = _S_FIN
+            xe = x
+        elif step == _S_FIN:  # the move's times and worst time; rule 6's evacuation
+            t_fin = t_src
+            d_fin = t_dst
+            worst = w
+            step = _S_DONE
+            if evacuate and x < total and total == tok_src:
+                step = _S_EV
+                xe = total
+        elif step == _S_EV:
+            if w < worst:
+                x = total
+                t_fin = t_src
+                d_fin = t_dst
+                worst = w
+            step = _S_DONE
     if times[src] - worst > epsilon:
-        return True, x, t_src, t_dst, holder, npool
+        return True, x, t_fin, d_fin, holder, npool
     return no
 
 
@@ -491,9 +616,11 @@ def choose_memory(num_ranks: int, num_experts: int, memory: str = "auto") -> str
 
 
 def _fixed_bytes(num_ranks: int, num_experts: int) -> int:
-    """Shared bytes a block always takes: rank arrays, the expert lists, block scalars."""
+    """Shared bytes a block always takes: rank arrays, the expert lists, block scalars, the
+    ranks' expert bitmasks."""
     G, E = num_ranks, num_experts  # noqa: N806
-    return 8 * 7 * G + 4 * G + E * (4 + 8 + 4) + 8 * 16
+    return (8 * 7 * G + 8 * G + E * (4 + 8 + 4 + 4) + 8 * 16 + 4 * G * ((E + 31) // 32)
+            + 8 * min(SHARE_TABLE, G * E))
 
 
 def _kernel_source(num_ranks: int, num_experts: int, in_shared: bool):
@@ -502,6 +629,8 @@ def _kernel_source(num_ranks: int, num_experts: int, in_shared: bool):
     scratch arguments."""
     G, E = num_ranks, num_experts  # noqa: N806 (the shape letters)
     GS, ES = (G, E) if in_shared else (1, 1)  # noqa: N806 (the shared working arrays' shape)
+    EW = (E + 31) // 32  # noqa: N806 (32-bit words of an expert bitmask)
+    SC = min(SHARE_TABLE, G * E)  # noqa: N806 (entries of the shares table)
 
     def _greedy_kernel(load, home, slots, window, alpha, beta, tt, xt, limit, epsilon,
                        move_local, evacuate, two_phase, mean_cap, hcount, hlist, hpos, tok,
@@ -562,25 +691,26 @@ def _kernel_source(num_ranks: int, num_experts: int, in_shared: bool):
         recv = cuda.shared.array(G, float64)
         send = cuda.shared.array(G, float64)
         used = cuda.shared.array(G, int64)
-        dst_order = cuda.shared.array(G, int32)
+        rank_order = cuda.shared.array(G, int32)  # the ranks by time, fastest first ...
+        faster = cuda.shared.array(G, int32)  # ... and how many ranks are faster than each
         src_e = cuda.shared.array(E, int32)  # src's experts with tokens, in any order ...
         src_n = cuda.shared.array(E, int64)  # ... and their token counts on src
-        exp_order = cuda.shared.array(E, int32)  # the same experts, heaviest first
+        exp_order = cuda.shared.array(E, int32)  # the same experts, heaviest first ...
+        exp_at = cuda.shared.array(E, int32)  # ... and their places in src_e
+        shares = cuda.shared.array(SC, int64)  # `_share_table`: [ne, G] where it fits
         ints = cuda.shared.array(16, int64)
+        busy = cuda.shared.array((G, EW), uint32)  # per rank: experts with tokens, as bits
 
         pool_s = cuda.local.array(G, int64)
         pool_n = cuda.local.array(G, int64)
-        takes = cuda.local.array(G, int64)
-        new_out = cuda.local.array(G, float64)
-        ev_takes = cuda.local.array(G, int64)
-        ev_out = cuda.local.array(G, float64)
         cum = cuda.local.array(G, int64)
         p_in_src = cuda.local.array(G, float64)
         p_in_dst = cuda.local.array(G, float64)
         p_out_dst = cuda.local.array(G, float64)
         p_out_src = cuda.local.array(G, float64)
+        takes = cuda.local.array(G, int64)  # the winner's move: its takes, out-times, parts
+        new_out = cuda.local.array(G, float64)
         parts = cuda.local.array(6, float64)
-        ev_parts = cuda.local.array(6, float64)
 
         # The start: home holders (hl[e, :hc[e]] in rank order, hp[g, e] = g's position there
         # or -1), replicas held (none yet), zero flows; bad values flag the layer.
@@ -620,6 +750,8 @@ def _kernel_source(num_ranks: int, num_experts: int, in_shared: bool):
             bo[e] = -1
         for i in range(tid, G * G, nt):
             fl[i // G, i % G] = 0
+        for i in range(tid, G * EW, nt):
+            busy[i // EW, i % EW] = 0
         cuda.syncthreads()
         bad = ints[_BAD]
         # Static split (one thread per expert; flows summed with integer atomics: exact).
@@ -644,66 +776,81 @@ def _kernel_source(num_ranks: int, num_experts: int, in_shared: bool):
                         g = hl[e, k]
                         tk[g, e] += c
                         cuda.atomic.add(fl, (s, g), c)
+            # Only home holders got tokens: mark those that did (bit e % 32 of word e // 32).
+            for k in range(hc[e]):
+                g = hl[e, k]
+                if tk[g, e] > 0:
+                    cuda.atomic.or_(busy, (g, e // 32), uint32(1 << (e % 32)))
         cuda.syncthreads()
         # Rank times, in the CPU kernel's summation orders (experts ascending, sources
-        # ascending).
+        # ascending): compute, in and out of every rank summed by 3G threads side by side,
+        # compute over the marked experts alone (the terms the CPU kernel adds, in its order).
+        for i in range(tid, 3 * G, nt):
+            g = i % G
+            if i < G:
+                c = 0.0
+                for w in range(EW):
+                    bits = int64(busy[g, w])
+                    while bits != 0:
+                        low = bits & ~(bits - 1)  # the lowest expert left in the word
+                        bits -= low
+                        e = w * 32 + cuda.popc(low - 1)
+                        c += alpha + mul(beta, tk[g, e])
+                comp[g] = c
+            elif i < 2 * G:
+                a_in = 0.0
+                for s in range(G):
+                    a_in += mul(fl[s, g], tts[s, g])
+                t_in[g] = a_in
+            else:
+                a_out = 0.0
+                for h in range(G):
+                    a_out += mul(fl[g, h], tts[g, h])
+                t_out[g] = a_out
+        cuda.syncthreads()
         for g in range(tid, G, nt):
-            c = 0.0
-            for e in range(E):
-                if hm[g, e] and tk[g, e] > 0:
-                    c += alpha + mul(beta, tk[g, e])
-            comp[g] = c
-            a_in = 0.0
-            for s in range(G):
-                a_in += mul(fl[s, g], tts[s, g])
-            a_out = 0.0
-            for h in range(G):
-                a_out += mul(fl[g, h], tts[g, h])
-            t_in[g] = a_in
-            t_out[g] = a_out
-            times[g] = c + 2.0 * dmax(a_in, a_out)
+            times[g] = comp[g] + 2.0 * dmax(t_in[g], t_out[g])
         cuda.syncthreads()
 
-        # One move per pass, 4 barriers (5 when the expert gets its first block) plus one per
+        # One move per pass, 6 barriers (7 when the expert gets its first block) plus one per
         # further round of candidates. ints[_NE] == 0 and ints[_WIN] == _NONE on entry.
         while bad == 0:
             if ints[_MOVES] >= limit:
                 break
-            # The slowest rank and the mean: every thread reads the same times in the same
-            # order (the CPU kernel's), so every thread has the same values.
-            src = 0
-            t_src = times[0]
-            for g in range(1, G):  # (the largest so far in a register: independent loads)
+            # The ranks fastest first, ties to the lowest rank (thread g places g), and how
+            # many are faster than each.
+            for g in range(tid, G, nt):
                 t = times[g]
-                if t > t_src:
-                    src = g
-                    t_src = t
+                r = 0
+                c = 0
+                for h in range(G):
+                    if times[h] < t:
+                        c += 1
+                    elif times[h] == t and h < g:
+                        r += 1
+                rank_order[c + r] = g
+                faster[g] = c
+            cuda.syncthreads()
+            # The slowest rank is the lowest of the last tie group (the CPU kernel's first
+            # largest time), and the destinations are the nd ranks before that group (faster
+            # than src), in order: the CPU kernel's destination order. (Both orders agree
+            # for times that are not NaN: CostModel's costs are finite, and a NaN time would
+            # need a product of a cost and a token count past 1.8e308.)
+            nd = faster[rank_order[G - 1]]
+            src = rank_order[nd]
             mean = 0.0  # (read by rule 6's cap only: summed only when mean_cap is on)
-            if mean_cap:
+            if mean_cap:  # (every thread, the CPU kernel's order: the same float)
                 total_time = 0.0
                 for g in range(G):
                     total_time += times[g]
                 mean = total_time / G
-            # Destinations fastest first (ties to the lowest rank); src's experts with tokens
-            # collected (any order) ...
-            for g in range(tid, G, nt):
-                if g != src and times[g] < t_src:
-                    r = 0
-                    for h in range(G):
-                        if h != src and times[h] < t_src and (
-                                times[h] < times[g] or (times[h] == times[g] and h < g)):
-                            r += 1
-                    dst_order[r] = g
+            # src's experts with tokens collected (any order) ...
             for e in range(tid, E, nt):
                 n = tk[src, e]
                 if n > 0:
                     i = cuda.atomic.add(ints, _NE, 1)
                     src_e[i] = e
                     src_n[i] = n
-            nd = 0
-            for g in range(G):
-                if g != src and times[g] < t_src:
-                    nd += 1
             cuda.syncthreads()
             # ... then ranked heaviest first (ties to the lowest id), each among the ne listed.
             ne = ints[_NE]
@@ -716,6 +863,11 @@ def _kernel_source(num_ranks: int, num_experts: int, in_shared: bool):
                     if m > n or (m == n and src_e[j] < e):
                         r += 1
                 exp_order[r] = e
+                exp_at[r] = i
+            # What each source can give of each listed expert, for every candidate's pool.
+            table = ne * G <= SC
+            if table:
+                _share_table(tid, nt, ne, src, src_e, ld, hm, hp, hc, hd, bo, ba, shares)
             cuda.syncthreads()
             num_cand = nd * ne
             first = _NONE
@@ -733,14 +885,14 @@ def _kernel_source(num_ranks: int, num_experts: int, in_shared: bool):
                 k = base + tid
                 ok = False
                 if k < num_cand:
-                    dst = dst_order[k // ne]
+                    dst = rank_order[k // ne]
                     e = exp_order[k % ne]
+                    row = exp_at[k % ne] * G if table else -1
                     ok, x, c_src, c_dst, holder, npool = _candidate(
                         e, src, dst, ld, hm, slots, win, alpha, beta, tts, xts, epsilon,
                         move_local, evacuate, two_phase, mean_cap, mean, hc, hl, hp, tk, hd, bo,
-                        ba, times, comp, t_in, t_out, recv, send, used, pool_s, pool_n, takes,
-                        new_out, parts, ev_takes, ev_out, ev_parts, cum, p_in_src, p_in_dst,
-                        p_out_dst, p_out_src)
+                        ba, times, comp, t_in, t_out, recv, send, used, pool_s, pool_n, cum,
+                        p_in_src, p_in_dst, p_out_dst, p_out_src, shares, row)
                     if ok:
                         cuda.atomic.min(ints, _WIN, k)
                 cuda.syncthreads()
@@ -775,12 +927,30 @@ def _kernel_source(num_ranks: int, num_experts: int, in_shared: bool):
             b = ints[_B]
             if ints[_NEWB] == 1:  # a new block starts from the static split (all threads)
                 e_new = ints[_E]
-                for i in range(tid, G * G, nt):
-                    ba[b, i // G, i % G] = _static_share(ld, hm, hp, hc, i // G, e_new, i % G)
+                for s in range(tid, G, nt):  # row s: zeros, then s's tokens on e's holders
+                    for g in range(G):  # (greedy._static_share's values, row by row)
+                        ba[b, s, g] = 0
+                    n = ld[s, e_new]
+                    if hm[s, e_new]:
+                        ba[b, s, s] = n
+                    else:
+                        h = hc[e_new]
+                        q = n // h
+                        r = n - q * h
+                        for j in range(h):  # the holder at position j
+                            ba[b, s, hl[e_new, j]] = q + (1 if (j + s) % h < r else 0)
                 cuda.syncthreads()
             if k == first:  # the winner applies its move (the CPU kernel's order) from its
-                _apply_move(b, e, src, dst, x, npool, pool_s, takes, new_out, parts, c_src,
-                            c_dst, ba, tk, comp, t_in, t_out, times)  # own pool and takes
+                # own pool: parts, takes and out-times of x recomputed (the same floats), over
+                # the entries up to the one where x runs out (those after take 0 tokens: the
+                # CPU kernel's updates of them change nothing)
+                n_take = _entry(x, npool, cum) + 1
+                _after_p(x, e, src, dst, pool_s, n_take, cum, p_in_src, p_in_dst, p_out_dst,
+                         p_out_src, tk, comp, t_in, t_out, alpha, beta, tts, parts)
+                _worst_p(x, c_src, c_dst, src, dst, n_take, pool_s, pool_n, cum, comp, t_in,
+                         t_out, tts, takes, new_out)
+                _apply_move(b, e, src, dst, x, n_take, pool_s, takes, new_out, parts, c_src,
+                            c_dst, ba, tk, comp, t_in, t_out, times)
                 ints[_MOVES] += 1
                 ints[_NE] = 0
                 ints[_WIN] = _NONE
@@ -867,13 +1037,14 @@ class CudaGreedy(LayerPlanner):
     home: bool [G, E] (every layer) or [L, G, E] static placement; slots: int or int [G];
     cost: CostModel for G ranks; rules: GreedyRules (None: the defaults; also_paper is not
     supported); num_layers: L, the layers one `plan` call plans; threads: threads per block (a
-    multiple of 32, at most 1024; 1 for tests); memory: where a block keeps its layer's [G, E]
-    and [G, G] working arrays, "shared" (shared memory: `shared_bytes(G, E)` must be at most
-    SHARED_LIMIT), "global" (preallocated global scratch) or "auto" (shared when it fits; the
-    same plans either way); max_moves: most moves per layer instead of the rules' k_max (0:
-    the start alone, no move: what a benchmark takes to time the start phase). Validates all
-    of it once; `plan` only checks its arrays' shape,
-    dtype and layout (host side, no synchronisation) and launches one kernel.
+    multiple of 32, at most 1024; 1 for tests; the sm_90 kernel takes 150-175 registers per
+    thread, so the GPU may refuse launches of more than 352); memory: where a block keeps its
+    layer's [G, E] and [G, G] working arrays, "shared" (shared memory: `shared_bytes(G, E)`
+    must be at most SHARED_LIMIT), "global" (preallocated global scratch) or "auto" (shared
+    when it fits; the same plans either way); max_moves: most moves per layer instead of the
+    rules' k_max (0: the start alone, no move: what a benchmark takes to time the start
+    phase). Validates all of it once; `plan` only checks its arrays' shape, dtype and layout
+    (host side, no synchronisation) and launches one kernel.
     Attributes: `out`, the CudaPlan buffers (numba device arrays) every launch overwrites whole;
     `memory`, "shared" or "global" as chosen; `scratch`, the kernel's global working buffers
     (hcount, hlist, hpos, tok, flow, held, blk_of as `_kernel_source` names them; one entry per

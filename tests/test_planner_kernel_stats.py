@@ -1,0 +1,38 @@
+"""experiments.planner.kernel_stats: the work counts of the GPU greedy's kernel on the decode
+layers (run sequentially, no GPU) and, where NVVM and ptxas are installed, ptxas's numbers."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from experiments.planner import kernel_stats
+
+
+@pytest.mark.slow
+def test_kernel_stats_quick_counts_the_work_of_each_move(tmp_path):
+    assert kernel_stats.main(["--quick", "--out", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "kernel_stats.json").read_text())
+    assert [row["shape"] for row in report["work"]] == ["ep=8, E=128", "ep=64, E=256"]
+    for row in report["work"]:
+        assert row["moves"] >= 1 and len(row["per_move"]) == row["moves"]
+        for move in row["per_move"]:  # a move applies a candidate that built its pool
+            assert move["tried"] >= move["unpruned"] >= 1
+            assert len(move["evals"]) == move["unpruned"] and min(move["evals"]) >= 2
+    assert all(row["skipped"] == "--quick" for row in report["ptxas"])
+    assert (tmp_path / "kernel_stats.md").exists()
+    assert (tmp_path / "kernel_stats.manifest.json").exists()
+
+
+@pytest.mark.slow
+def test_ptxas_numbers_of_the_shared_kernel(tmp_path):
+    if shutil.which("ptxas") is None:
+        pytest.skip("ptxas is not on PATH")
+    stats = kernel_stats.ptx_stats(8, 128, "shared", tmp_path)
+    if "skipped" in stats:
+        pytest.skip(stats["skipped"])
+    assert 0 < stats["registers"] <= 255 and stats["stack_bytes"] >= 0
+    assert stats["shared_bytes"] >= 32 * 1024  # the working arrays are in shared memory
+    assert stats["cubin_bytes"] > 0 and stats["ptx_instructions"] > 1000
