@@ -298,7 +298,7 @@ def test_fixed_dispatch_matches_single_process_without_host_sync(world, tmp_path
 
 # -- CLI ----------------------------------------------------------------------------------------
 def _torchrun(tmp_path, name: str, *extra: str) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
            "-m", "probe.runtime", "--random-config", _config_file(tmp_path), "--device", "cpu",
            "--requests", "2", "--prompt-len", "10", "--max-new-tokens", "4",
            "--method", "greedy_ref", "--timeout", "30", "--quiet",

@@ -152,7 +152,7 @@ def test_cli_generate_and_serve(tmp_path):
 @pytest.mark.slow
 def test_torchrun_two_cpu_ranks(tmp_path):
     out = tmp_path / "ep.json"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
            "-m", "probe.runtime", "--random-config", _config_file(tmp_path), "--device", "cpu",
            "--requests", "2", "--prompt-len", "10", "--max-new-tokens", "4",
            "--method", "greedy_ref", "--timeout", "30", "--out", str(out)]
@@ -178,7 +178,7 @@ def test_torchrun_bad_prompts_rejected_alone_and_planner_warm(tmp_path):
     """Bad prompts on both ranks are rejected with their reason, the others are served; the
     "greedy" planner (Numba) is warmed up at start-up, so no measured step pays its load."""
     out = tmp_path / "ep.json"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
            "-m", "probe.runtime", "--random-config", _config_file(tmp_path, 32),
            "--device", "cpu", "--prompts", _prompts_file(tmp_path), "--max-new-tokens", "4",
            "--method", "greedy", "--timeout", "30", "--progress-every", "2", "--out", str(out),

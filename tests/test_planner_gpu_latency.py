@@ -16,9 +16,11 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_gpu_latency_script_runs_in_the_simulator(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     env.pop("NUMBA_ENABLE_CUDASIM", None)  # the script sets it for --device cpu
+    # --time-limit well past the default 110 s: every step must run (nothing skipped) however
+    # busy the machine is; the simulator times nothing, so the limit only gates the steps
     proc = subprocess.run([sys.executable, "-m", "experiments.planner.gpu_latency", "--device",
-                           "cpu", "--quick", "--out", str(tmp_path)], env=env, cwd=ROOT,
-                          capture_output=True, text=True, timeout=600)
+                           "cpu", "--quick", "--time-limit", "540", "--out", str(tmp_path)],
+                          env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads((tmp_path / "gpu_latency.json").read_text())
     assert report["status"] == "finished" and not report["errors"] and not report["skipped"]

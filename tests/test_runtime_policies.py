@@ -183,7 +183,7 @@ def test_torchrun_policy_summary(tmp_path):
     from test_engine import _config_file, _subprocess_env
 
     out = tmp_path / "ep.json"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
            "-m", "probe.runtime", "--random-config", _config_file(tmp_path), "--device", "cpu",
            "--requests", "2", "--prompt-len", "10", "--max-new-tokens", "4",
            "--method", "greedy_ref", "--timeout", "30", "--policy", "probe-on-eplb",
