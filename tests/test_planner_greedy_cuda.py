@@ -24,7 +24,8 @@ import numpy as np
 import pytest
 
 from experiments.planner.gpu_greedy import plan_diff, random_batch, same_layer
-from experiments.planner.kernel_stats import _py, run_sequential
+from experiments.planner.cuda_sequential import _py
+from experiments.planner.kernel_stats import run_sequential
 from experiments.planner.kernel_stats import host_buffers as _host_buffers
 from probe.planner.cost import CostModel
 from tests.sm90 import compile_for_sm90

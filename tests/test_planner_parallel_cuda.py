@@ -23,7 +23,7 @@ from probe.planner.cost import CostModel
 from tests.sm90 import compile_for_sm90
 from probe.planner.parallel import parallel_arrays
 from probe.planner.parallel_ref import ParallelRules
-from tests.cuda_sequential import sequential
+from experiments.planner.cuda_sequential import sequential
 
 parallel_cuda = pytest.importorskip("probe.planner.parallel_cuda")
 ROOT = Path(__file__).resolve().parents[1]

@@ -32,10 +32,11 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import types
 from pathlib import Path
 
 import numpy as np
+
+from experiments.planner.cuda_sequential import sequential
 
 ROOT = Path(__file__).resolve().parents[2]
 # (label, model, hardware, G, E, memory): the shapes gpu_latency times.
@@ -123,84 +124,15 @@ def _ptx_instructions(ptx: str) -> int:
     return count
 
 
-# The sequential kernel: greedy_cuda's kernel source as plain Python, one thread per block.
-def _py(fn):
-    """The plain Python function behind a numba.cuda kernel or device function."""
-    return getattr(fn, "py_func", None) or fn.fn
-
-
-class _Array:
-    @staticmethod
-    def array(shape, dtype):
-        from numba.np.numpy_support import as_dtype
-
-        return np.zeros(shape, as_dtype(dtype))
-
-
-class _Atomic:
-    @staticmethod
-    def add(arr, idx, v):
-        old = arr[idx]
-        arr[idx] += v
-        return old
-
-    @staticmethod
-    def min(arr, idx, v):
-        arr[idx] = min(arr[idx], v)
-
-    @staticmethod
-    def max(arr, idx, v):
-        arr[idx] = max(arr[idx], v)
-
-    @staticmethod
-    def or_(arr, idx, v):
-        old = arr[idx]
-        arr[idx] |= v
-        return old
-
-
-def _device_functions(module) -> list[str]:
-    """Names of a module's numba.cuda device functions (the kernel's helpers)."""
-    return [name for name, value in vars(module).items()
-            if callable(value) and (hasattr(value, "py_func") or hasattr(value, "fn"))
-            and type(value).__module__.startswith("numba")]
-
-
-def sequential_kernel(num_ranks: int, num_experts: int, in_shared: bool, *, wrap=None):
-    """greedy_cuda's kernel for G ranks and E experts as plain Python with one thread per block
-    (the kernel's loops stride by the block size, so the one thread does every thread's work,
-    and the first gaining candidate is the first one tried). Returns (kernel, fake): call
-    kernel(*launch_args) once per layer after setting fake.blockIdx.x. wrap(name, fn), when
-    given, returns what replaces each device function (to count calls)."""
-    from probe.planner import greedy_cuda
-
-    fake = types.SimpleNamespace(threadIdx=types.SimpleNamespace(x=0),
-                                 blockIdx=types.SimpleNamespace(x=0),
-                                 blockDim=types.SimpleNamespace(x=1), syncthreads=lambda: None,
-                                 shared=_Array, local=_Array, atomic=_Atomic,
-                                 popc=lambda v: bin(int(v)).count("1"))
-    env = dict(vars(greedy_cuda))
-    env["cuda"] = fake
-    for name in _device_functions(greedy_cuda):
-        fn = _py(getattr(greedy_cuda, name))
-        env[name] = types.FunctionType(fn.__code__, env, name, fn.__defaults__)
-        if wrap is not None:
-            env[name] = wrap(name, env[name])
-    env["mul"] = lambda a, b: a * b  # (the GPU's is libdevice's dmul_rn: the same product)
-    fn = greedy_cuda._kernel_source(num_ranks, num_experts, in_shared)
-    return types.FunctionType(fn.__code__, env, fn.__name__, fn.__defaults__,
-                              fn.__closure__), fake
-
-
 def run_sequential(*args, num_layers: int, in_shared: bool = False, wrap=None) -> None:
     """Run greedy_cuda's kernel on numpy launch arguments (`host_buffers`) as plain Python, one
     thread per block, its working arrays in (simulated) shared memory or in the global scratch
     arguments."""
+    from probe.planner import greedy_cuda
+
     num_ranks, num_experts = args[1].shape[1:]
-    kernel, fake = sequential_kernel(num_ranks, num_experts, in_shared, wrap=wrap)
-    for layer in range(num_layers):
-        fake.blockIdx.x = layer
-        kernel(*args)
+    run = sequential(greedy_cuda._kernel_source(num_ranks, num_experts, in_shared), wrap=wrap)
+    run(*args, num_layers=num_layers)
 
 
 def host_buffers(load, home, slots, window, alpha, beta, tt, xt, rules) -> tuple:

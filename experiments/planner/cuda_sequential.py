@@ -5,7 +5,8 @@ work, and with one thread the first gaining candidate is the first one tried. `s
 rebuilds the kernel and every device function it reaches (its own module's, and the device
 twins of scalar rules that `numba_cuda.device` made) as Python functions whose `cuda` is a
 stand-in (thread 0 of a block of 1; shared and local arrays are numpy arrays; atomics are plain
-updates) and whose `mul` is the plain product.
+updates) and whose `mul` is the plain product. The tests compare such runs with the CPU
+kernels; experiments.planner.kernel_stats counts the work of a run (`wrap`).
 """
 
 from __future__ import annotations
@@ -16,8 +17,9 @@ import numpy as np
 
 
 def _py(fn):
-    """The plain Python function behind a numba.cuda kernel or device function."""
-    return getattr(fn, "py_func", None) or fn.fn
+    """The plain Python function behind a numba.cuda kernel or device function (a plain
+    function as it is)."""
+    return getattr(fn, "py_func", None) or getattr(fn, "fn", None) or fn
 
 
 def _is_cuda_function(value) -> bool:
@@ -37,7 +39,9 @@ class _Array:
 class _Atomic:
     @staticmethod
     def add(arr, idx, v):
+        old = arr[idx]
         arr[idx] += v
+        return old
 
     @staticmethod
     def min(arr, idx, v):
@@ -47,18 +51,27 @@ class _Atomic:
     def max(arr, idx, v):
         arr[idx] = max(arr[idx], v)
 
+    @staticmethod
+    def or_(arr, idx, v):
+        old = arr[idx]
+        arr[idx] |= v
+        return old
+
 
 def _mul(a, b):
     return a * b
 
 
-def sequential(kernel):
-    """`run(*args, num_layers=L)`: kernel's source run for blocks 0 .. L-1, one after the other,
-    on numpy arrays (the kernel's arguments)."""
+def sequential(kernel, wrap=None):
+    """`run(*args, num_layers=L)`: kernel's source (a numba.cuda kernel, or the plain Python
+    function of one) run for blocks 0 .. L-1, one after the other, on numpy arrays (the
+    kernel's arguments). wrap(name, fn), when given, returns what replaces each device
+    function where it is called (to count calls)."""
     fake = types.SimpleNamespace(threadIdx=types.SimpleNamespace(x=0),
                                  blockIdx=types.SimpleNamespace(x=0),
                                  blockDim=types.SimpleNamespace(x=1), syncthreads=lambda: None,
-                                 shared=_Array, local=_Array, atomic=_Atomic)
+                                 shared=_Array, local=_Array, atomic=_Atomic,
+                                 popc=lambda v: bin(int(v)).count("1"))
     made: dict = {}
 
     def plain(fn):
@@ -72,6 +85,8 @@ def sequential(kernel):
             for name in py.__code__.co_names:
                 if _is_cuda_function(env.get(name)):
                     env[name] = plain(env[name])
+                    if wrap is not None:
+                        env[name] = wrap(name, env[name])
         return made[py]
 
     run_block = plain(kernel)
