@@ -27,22 +27,22 @@ step() {  # step NAME SECONDS command...
   echo "== $name: exit ${PIPESTATUS[0]}" | tee -a "$LOG"
 }
 PP=.${PYTHONPATH:+:$PYTHONPATH}
-step gpu_latency 215 env PYTHONPATH="$PP" python3 -m experiments.planner.gpu_latency \
-  --device cuda --time-limit 200 --out "$R/gpu_latency"
-step moe_layer 190 env PYTHONPATH="$PP" python3 -m experiments.runtime.moe_layer --device cuda \
+step gpu_latency 200 env PYTHONPATH="$PP" python3 -m experiments.planner.gpu_latency \
+  --device cuda --time-limit 185 --out "$R/gpu_latency"
+step moe_layer 180 env PYTHONPATH="$PP" python3 -m experiments.runtime.moe_layer --device cuda \
   --tune --out "$R/moe_layer"
-step gpu_assign 70 env PYTHONPATH="$PP" python3 -m experiments.planner.gpu_assign --device cuda \
+step gpu_assign 60 env PYTHONPATH="$PP" python3 -m experiments.planner.gpu_assign --device cuda \
   --out "$R/gpu_assign"
 if [[ "$CARD" == *H200* || -z "${BASELINE:-}" ]]; then
   echo "== ncu ($(date -u +%T))" | tee -a "$LOG"
-  PYTHONPATH="$PP" timeout 85 ncu --clock-control none --section SpeedOfLight \
+  PYTHONPATH="$PP" timeout 80 ncu --clock-control none --section SpeedOfLight \
     --section WarpStateStats --section SchedulerStats --section LaunchStats \
     --section InstructionStats -k regex:'_greedy_kernel|_assign_kernel|_parallel_kernel' -c 8 \
     python3 -m experiments.planner.gpu_profile --launches 2 --repeats 0 > "$R/ncu.txt" 2>&1
   echo "== ncu: exit $?" | tee -a "$LOG"
 else
-  step baseline 85 env PYTHONPATH="$BASELINE" python3 -m experiments.planner.gpu_latency \
-    --device cuda --configs ep8 --time-limit 75 --out "$R/gpu_latency_baseline"
+  step baseline 80 env PYTHONPATH="$BASELINE" python3 -m experiments.planner.gpu_latency \
+    --device cuda --configs ep8 --time-limit 70 --out "$R/gpu_latency_baseline"
 fi
 date -u | tee -a "$LOG"
 tar -czf "$OUT/gpu_results.tar.gz" -C "$R" . 2>&1 | tee -a "$LOG"
