@@ -8,13 +8,14 @@
 #      (experiments.planner.gpu_profile); on any other card instead, when BASELINE names a
 #      folder holding an older checkout's probe/ and experiments/, gpu_latency at ep=8 from it
 #      (so that old and new are timed on the same card).
-# Each step is time-boxed; the outputs are packed into $OUT/gpu_results.tar.gz, the console is
+# Each step is time-boxed; the outputs are packed into $OUT/gpu_results.tar.gz after every step (a
+# run cut short keeps the steps it finished), the console is
 # $OUT/log.txt. Usage (on the GPU machine, from the repository root):
 #   OUT=dir [BASELINE=dir] bash experiments/device_session.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-out_session}
-R="$OUT/r"
+R=${RESULTS_DIR:-/tmp/device_session}  # outside $OUT: only the tarball and the log come back
 mkdir -p "$R"
 export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 LOG="$OUT/log.txt"
@@ -25,6 +26,10 @@ step() {  # step NAME SECONDS command...
   echo "== $name ($(date -u +%T))" | tee -a "$LOG"
   timeout "$limit" "$@" 2>&1 | tail -n 40 | tee -a "$LOG"
   echo "== $name: exit ${PIPESTATUS[0]}" | tee -a "$LOG"
+  pack
+}
+pack() {  # after every step: a run cut short by the device's limit keeps what it finished
+  tar -czf "$OUT/gpu_results.tar.gz.part" -C "$R" . && mv "$OUT/gpu_results.tar.gz.part" "$OUT/gpu_results.tar.gz"
 }
 PP=.${PYTHONPATH:+:$PYTHONPATH}
 step gpu_latency 200 env PYTHONPATH="$PP" python3 -m experiments.planner.gpu_latency \
@@ -40,9 +45,9 @@ if [[ "$CARD" == *H200* || -z "${BASELINE:-}" ]]; then
     --section InstructionStats -k regex:'_greedy_kernel|_assign_kernel|_parallel_kernel' -c 8 \
     python3 -m experiments.planner.gpu_profile --launches 2 --repeats 0 > "$R/ncu.txt" 2>&1
   echo "== ncu: exit $?" | tee -a "$LOG"
+  pack
 else
   step baseline 80 env PYTHONPATH="$BASELINE" python3 -m experiments.planner.gpu_latency \
     --device cuda --configs ep8 --time-limit 70 --out "$R/gpu_latency_baseline"
 fi
 date -u | tee -a "$LOG"
-tar -czf "$OUT/gpu_results.tar.gz" -C "$R" . 2>&1 | tee -a "$LOG"
