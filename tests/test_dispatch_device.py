@@ -26,8 +26,8 @@ from probe.placement import sharded_home
 from probe.planner.assign import assign_tokens
 from probe.planner.problem import BalanceProblem
 from probe.runtime.balancer import Balancer, solve_plan
-from probe.runtime.device_plan import (DeviceGreedy, DeviceSplit, host_view, plan_rows,
-                                       rows_to_plan)
+from probe.runtime.device_plan import (DISPATCH_MOVES, DeviceGreedy, DeviceSplit, host_view,
+                                       plan_rows, rows_to_plan)
 from probe.runtime.dispatch import DispatchOptions
 from probe.runtime.pipeline import EPRunner, PipelineOptions
 
@@ -63,7 +63,7 @@ def test_device_split_on_cpu_tensors_is_assign_tokens():
     for _ in range(10):
         counts = rng.integers(0, 20, (num_ranks, num_experts))
         copies = home + (rng.random((num_ranks, num_experts)) < 0.3) * (1 - home)
-        want = assign_tokens(counts, copies, _cost(num_ranks))
+        want = assign_tokens(counts, copies, _cost(num_ranks), moves=DISPATCH_MOVES)
         for rank in range(num_ranks):
             split = DeviceSplit(_cost(num_ranks), num_experts, rank, torch.device("cpu"))
             got = split.quota(torch.as_tensor(counts), torch.as_tensor(copies))

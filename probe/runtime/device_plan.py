@@ -45,8 +45,14 @@ from probe.planner import CostModel
 from probe.planner.greedy import UNLIMITED_MOVES
 from probe.planner.greedy_rules import GreedyRules
 
-__all__ = ["DeviceGreedy", "DeviceSplit", "PendingPlan", "host_view", "plan_rows",
-           "rows_to_plan"]
+__all__ = ["DISPATCH_MOVES", "DeviceGreedy", "DeviceSplit", "PendingPlan", "host_view",
+           "plan_rows", "rows_to_plan"]
+
+# The dispatch-time split runs without the assignment's exchange step (`moves=0`, on the GPU and
+# in its host twin alike): it sits between the router and the dispatch, and on an H100 one
+# layer's assignment with the exchange took 1,399 us as a replayed graph (results/h100, run 4),
+# where the H200 had timed it at 337 us before the exchange step existed (results/h200, run 3).
+DISPATCH_MOVES = 0
 
 
 def host_view(t: torch.Tensor) -> np.ndarray:
@@ -154,7 +160,7 @@ class DeviceSplit:
         if self.device.type == "cuda":
             from probe.planner.assign_cuda import DeviceAssigner
 
-            self._assigner = DeviceAssigner(cost, int(num_experts), 1)
+            self._assigner = DeviceAssigner(cost, int(num_experts), 1, moves=DISPATCH_MOVES)
 
     def quota(self, counts: torch.Tensor, copies: torch.Tensor) -> torch.Tensor:
         """int64 [E, G]: this rank's pairs of each expert to run on each rank, from counts
@@ -167,7 +173,8 @@ class DeviceSplit:
             return out[0, self.rank]
         from probe.planner.assign import assign_tokens
 
-        out = assign_tokens(host_view(counts), host_view(copies), self.cost)  # [S, E, G]
+        out = assign_tokens(host_view(counts), host_view(copies), self.cost,
+                            moves=DISPATCH_MOVES)  # [S, E, G]
         return torch.from_numpy(np.ascontiguousarray(out[self.rank]))
 
 
