@@ -386,6 +386,31 @@ def _quotas(x, hlist, nhold, whole, rem, cand):  # pragma: no cover - compiled
 
 
 @rule(inline=True)
+def _holders(e, quota, left, hold):  # pragma: no cover - compiled
+    """Expert e's quota per rank into left int64 [G] and the ranks holding some, in rank
+    order, into hold int64 [G]; returns how many hold."""
+    m = 0
+    for g in range(quota.shape[1]):
+        left[g] = quota[e, g]
+        if left[g] > 0:
+            hold[m] = g
+            m += 1
+    return m
+
+
+@rule(inline=True)
+def _cheapest_holder(s, m, hold, left, token_time):  # pragma: no cover - compiled
+    """The holder among hold[:m] with quota left (left > 0) on source s's cheapest link
+    (ties: the first, i.e. lower rank), or -1 when none has any left."""
+    best = -1
+    for i in range(m):
+        g = hold[i]
+        if left[g] > 0 and (best < 0 or token_time[s, g] < token_time[s, best]):
+            best = g
+    return best
+
+
+@rule(inline=True)
 def _routes_of(first, stop, quota, load, token_time, left, hold, flow, out,
                write):  # pragma: no cover - compiled
     """Tokens of each (s, e), for experts first <= e < stop, onto the quotas int64 [E, G]:
@@ -395,15 +420,9 @@ def _routes_of(first, stop, quota, load, token_time, left, hold, flow, out,
     not matter), or with `write` writes them into out int64 [S, E, G] instead. Scratch: left,
     hold int64 [G]. Returns False when tokens found no holder (invalid input)."""
     num_sources = load.shape[0]
-    num_ranks = quota.shape[1]
     ok = True
     for e in range(first, stop):
-        m = 0
-        for g in range(num_ranks):
-            left[g] = quota[e, g]
-            if left[g] > 0:
-                hold[m] = g
-                m += 1
+        m = _holders(e, quota, left, hold)
         for s in range(num_sources):  # local first
             k = dmin(load[s, e], left[s])
             if k > 0:
@@ -415,11 +434,7 @@ def _routes_of(first, stop, quota, load, token_time, left, hold, flow, out,
         for s in range(num_sources):
             rest = load[s, e] - dmin(load[s, e], quota[e, s])
             while rest > 0:
-                best = -1
-                for i in range(m):
-                    g = hold[i]
-                    if left[g] > 0 and (best < 0 or token_time[s, g] < token_time[s, best]):
-                        best = g
+                best = _cheapest_holder(s, m, hold, left, token_time)
                 if best < 0:
                     ok = False
                     break
@@ -546,23 +561,14 @@ def _remote_sends(e, quota, load, token_time, left, hold, src, dst, cnt):  # pra
     their number (at most S + G: each send ends a source's rest or a holder's quota).
     Scratch: left, hold int64 [G]."""
     num_sources = load.shape[0]
-    m = 0
-    for g in range(quota.shape[1]):
-        left[g] = quota[e, g]
-        if left[g] > 0:
-            hold[m] = g
-            m += 1
+    m = _holders(e, quota, left, hold)
     for s in range(num_sources):
         left[s] -= dmin(load[s, e], left[s])
     n = 0
     for s in range(num_sources):
         rest = load[s, e] - dmin(load[s, e], quota[e, s])
         while rest > 0:
-            best = -1
-            for i in range(m):
-                g = hold[i]
-                if left[g] > 0 and (best < 0 or token_time[s, g] < token_time[s, best]):
-                    best = g
+            best = _cheapest_holder(s, m, hold, left, token_time)
             if best < 0:
                 break
             k = dmin(rest, left[best])
