@@ -101,14 +101,20 @@ json.dump(out, sys.stdout)
 """
 
 
+def _interpreted(code: str):
+    """Run code in a fresh interpreter under Triton's interpreter; the JSON its last line
+    prints."""
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.getcwd())
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                         text=True, timeout=900)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return json.loads(run.stdout.strip().splitlines()[-1])
+
+
 @pytest.mark.slow  # about a minute under the interpreter
 def test_tuning_checks_every_candidate_and_the_layer_runs_the_winners():
     pytest.importorskip("triton")
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.getcwd())
-    run = subprocess.run([sys.executable, "-c", _INTERPRETED], env=env, capture_output=True,
-                         text=True, timeout=900)
-    assert run.returncode == 0, run.stderr[-3000:]
-    out = json.loads(run.stdout.strip().splitlines()[-1])
+    out = _interpreted(_INTERPRETED)
     for family, r in out.items():
         labels, rec = r["labels"], r["record"]
         for gemm in ("gate_up", "down"):
@@ -165,11 +171,7 @@ def test_bench_shape_tunes_then_times_the_tuned_variant():
     from experiments.runtime.moe_layer import QUICK_TUNE_CANDIDATES, REL_TOL, TUNED
 
     pytest.importorskip("triton")
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.getcwd())
-    run = subprocess.run([sys.executable, "-c", _BENCH], env=env, capture_output=True,
-                         text=True, timeout=900)
-    assert run.returncode == 0, run.stderr[-3000:]
-    out = json.loads(run.stdout.strip().splitlines()[-1])
+    out = _interpreted(_BENCH)
     (row,) = out["rows"]
     tuning = row["tuning"]
     assert "skipped" not in tuning, tuning
