@@ -165,7 +165,7 @@ def test_fit_on_the_bench_run_with_gloo(tmp_path):
     """The real bench's file (2 CPU ranks, gloo) fits: sizes 64x apart grow the time."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
            "-m", "experiments.comm.a2a_bench", "--device", "cpu", "--tokens", "16,1024",
-           "--models", "gpt-oss-120b", "--p2p-mb", "1,16", "--iters", "2", "--repeats", "1",
+           "--models", "gpt-oss-120b", "--p2p-mb", "1,64", "--iters", "3", "--repeats", "1",
            "--out", str(tmp_path)]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert out.returncode == 0, out.stderr[-3000:]
