@@ -241,6 +241,40 @@ def _descend_in_waves(layer, tid, nthreads, num_starts, num_order, num_ranks, fi
         active2 = active2 and any2 != 0
 
 
+@cuda.jit(device=True)
+def _route_and_score(layer, tid, nthreads, first, num_routed, num_scored, load, token_time,
+                     alpha, beta, left, hold, quota_all, flow_all, part_all, obj_all, out_all,
+                     status_all):  # pragma: no cover - device code
+    """Candidates first <= k < first + num_routed of the layer: their quotas routed
+    (`assign._routes_of`, parallel over (candidate, expert), whole tokens added atomically to
+    their flows, which must be zero); then candidates first <= k < first + num_scored
+    scored: every rank's eq. 8 time (`assign._rank_time`, parallel over (candidate, rank))
+    and each one's largest (a max: any order gives the same float) into obj_all. Tokens
+    that find no holder set the layer's status to 1. The routing and the rank times each
+    end with a barrier, the maxima not (the caller's next barrier comes before any read of
+    obj_all); left, hold are this thread's scratch."""
+    num_experts = quota_all.shape[2]
+    num_ranks = quota_all.shape[3]
+    for i in range(tid, num_routed * num_experts, nthreads):
+        k = first + i // num_experts
+        e = i % num_experts
+        if not _routes_of(e, e + 1, quota_all[layer, k], load, token_time, left, hold,
+                          flow_all[layer, k], out_all[layer], False):
+            status_all[layer] = 1
+    cuda.syncthreads()
+    for i in range(tid, num_scored * num_ranks, nthreads):
+        k = first + i // num_ranks
+        g = i % num_ranks
+        part_all[layer, k, g] = _rank_time(g, quota_all[layer, k], flow_all[layer, k],
+                                           token_time, alpha, beta)
+    cuda.syncthreads()
+    if tid < num_scored:
+        worst = 0.0
+        for g in range(num_ranks):
+            worst = dmax(worst, part_all[layer, first + tid, g])
+        obj_all[layer, first + tid] = worst
+
+
 # --- the kernel: one block per layer -----------------------------------------------------------
 
 @cuda.jit
@@ -358,27 +392,10 @@ def _assign_kernel(load_all, copies_all, home_all, use_home, waves, token_time, 
             _quotas_of(e, e + 1, x_all[layer, k], hlist, nhold, total, quota_all[layer, k],
                        rem, cand)
     cuda.syncthreads()
-    # 6. Routing of the starts' quotas: parallel over (start, expert), integer flows.
-    for i in range(tid, num_starts * num_experts, nthreads):
-        k = i // num_experts
-        e = i % num_experts
-        if not _routes_of(e, e + 1, quota_all[layer, k], load, token_time, left, hold,
-                          flow_all[layer, k], out_all[layer], False):
-            status_all[layer] = 1
-    cuda.syncthreads()
-    # 7. eq. 8: every rank's time (parallel over (candidate, rank)), then each candidate's
-    # largest (a max: any order gives the same float).
-    for i in range(tid, num_cand * num_ranks, nthreads):
-        k = i // num_ranks
-        g = i % num_ranks
-        part_all[layer, k, g] = _rank_time(g, quota_all[layer, k], flow_all[layer, k],
-                                           token_time, alpha, beta)
-    cuda.syncthreads()
-    if tid < num_cand:
-        worst = 0.0
-        for g in range(num_ranks):
-            worst = dmax(worst, part_all[layer, tid, g])
-        obj_all[layer, tid] = worst
+    # 6-7. Routing of the starts' quotas and eq. 8 of every candidate.
+    _route_and_score(layer, tid, nthreads, 0, num_starts, num_cand, load, token_time, alpha,
+                     beta, left, hold, quota_all, flow_all, part_all, obj_all, out_all,
+                     status_all)
     # 8. The exchange step (`assign._exchange`) from every start's candidate, each on the
     # first thread of its own warp, on a copy of its quotas and flows in slot num_cand + k;
     # then those routed and scored as in 6-7 (the same uniform branch on every thread).
@@ -407,23 +424,9 @@ def _assign_kernel(load_all, copies_all, home_all, use_home, waves, token_time, 
             flow_all[layer, num_cand + i // (num_sources * num_ranks),
                      (i // num_ranks) % num_sources, i % num_ranks] = 0
         cuda.syncthreads()
-        for i in range(tid, num_starts * num_experts, nthreads):
-            k = num_cand + i // num_experts
-            e = i % num_experts
-            _routes_of(e, e + 1, quota_all[layer, k], load, token_time, left, hold,
-                       flow_all[layer, k], out_all[layer], False)
-        cuda.syncthreads()
-        for i in range(tid, num_starts * num_ranks, nthreads):
-            k = num_cand + i // num_ranks
-            g = i % num_ranks
-            part_all[layer, k, g] = _rank_time(g, quota_all[layer, k], flow_all[layer, k],
-                                               token_time, alpha, beta)
-        cuda.syncthreads()
-        if tid < num_starts:
-            worst = 0.0
-            for g in range(num_ranks):
-                worst = dmax(worst, part_all[layer, num_cand + tid, g])
-            obj_all[layer, num_cand + tid] = worst
+        _route_and_score(layer, tid, nthreads, num_cand, num_starts, num_starts, load,
+                         token_time, alpha, beta, left, hold, quota_all, flow_all, part_all,
+                         obj_all, out_all, status_all)
     out = out_all[layer]
     for i in range(tid, num_sources * num_experts * num_ranks, nthreads):
         out[i // (num_experts * num_ranks), (i // num_ranks) % num_experts, i % num_ranks] = 0
