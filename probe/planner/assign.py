@@ -807,7 +807,8 @@ def _exchange(moves, quota, flow, load, hlist, nhold, token_time, alpha, beta, t
                             best_frm = frm
                             best_to = to
                             best_delta = delta
-        if tout[a] > tin[a]:  # a's out-traffic binds: its tokens onto cheaper links
+        # a's out-traffic binds and its links differ: its tokens onto cheaper links
+        if tout[a] > tin[a] and out_max > out_min:
             comp_a = _count_time(act[a], tok[a], 0.0, 0.0, alpha, beta)
             for e in range(num_experts):
                 nh = nhold[e]
@@ -938,10 +939,11 @@ def _best(fixed, order, holds, copies, total, alpha, beta, load, token_time, hop
             best_obj, best_quota, from_even = obj, quota, False
         if moves > 0:  # the exchange step from this candidate
             quota = quota.copy()
+            # The step keeps flow the routing of its quotas (but for the stale s -> s
+            # entries, which eq. 8 does not read): scored as it is, not routed again.
             _exchange(moves, quota, flow, load, hlist, nhold, token_time, alpha, beta, tok,
                       act, tin, tout, t_in, t_out, left, hold, sends[0], sends[1], sends[2],
                       sends[3], sends[4], sends[5])
-            flow, _ = _route(quota, load, holds, token_time, False)
             obj = _objective(quota, flow, token_time, alpha, beta)
             if obj < best_obj:
                 best_obj, best_quota, from_even = obj, quota, False

@@ -28,7 +28,8 @@ launch. The work of a layer is spread over the block, phase by phase (a barrier 
    max over ranks (order-free);
 6. the exchange step (`assign._exchange`, up to `moves` moves) from every start's
    candidate, each on the first thread of its own warp, side by side, on copies of the
-   starts' quotas in extra slots, which are then routed and scored as in 4-5;
+   starts' quotas and flows in extra slots, which are then scored as in 5 (the step keeps
+   their flows the routing of their quotas);
 7. the best candidate (the even split first, then each start before and after its exchange
    step, strict <) is written into the dense [S, E, G] assignment in parallel over experts.
 
@@ -36,13 +37,18 @@ Critical path of one layer (one block of 256 threads; counts from the decode lay
 experiments/planner/gpu_assign.py, true loads on EPLB layouts, and from
 experiments/planner/assign_level.py). Both schedules share everything but step 3:
 
-- the exchange step: serial within a start (the starts side by side), up to `moves` (10)
-  moves, each a scan of every rank's sources (S G steps) plus the exact looks at the
-  candidate moves on the slowest rank (each one expert's routing, O(S x holders), and
-  O(G)); 6 more barriers. On the host (all starts one after another) it adds 0.6-1.3x the
-  rest of the deciding kernel at ep=8 and 3.4-5.9x at ep=64 (results/assign_speed.md); on
-  the GPU it is one more serial stretch, which no GPU time covers yet, and `moves=0` leaves
-  it out.
+- the exchange step: serial within a start (the starts side by side), up to `moves`
+  (assign.MOVES = 20) moves, each a scan of the slowest rank's experts (and, when its
+  out-traffic binds on links of unequal cost, of the experts it sends tokens of) with the
+  exact looks at the candidate moves that pass a bound (each one expert's routing,
+  O(S x holders), and O(G)), then the traffic of the ranks the move touched again (S steps
+  each); 4 more barriers. On the host (all starts one after another) it adds about 1.2x
+  the rest of the deciding kernel at ep=8 and 2-3x at ep=64 (results/assign_speed.md); on
+  the GPU it is one more serial stretch (an H100 took 1,399 us for one ep=8 layer with the
+  exchange step of the previous revision, about 337 us without), and `moves=0` leaves it
+  out. Not done: the exact looks of a move spread over the block (each on its own thread,
+  then the host's pruned scan replayed on one thread over their results, which keeps the
+  choice bit for bit).
 - barriers: 6 outside the descents and the exchange step. "serial" adds 1. "waves" adds 1,
   then (waves + 1) `syncthreads_or` to number the waves, then per pass one barrier per
   wave and three `syncthreads_or` (the host's early stop of each descending start, which
@@ -398,7 +404,7 @@ def _assign_kernel(load_all, copies_all, home_all, use_home, waves, token_time, 
                      status_all)
     # 8. The exchange step (`assign._exchange`) from every start's candidate, each on the
     # first thread of its own warp, on a copy of its quotas and flows in slot num_cand + k;
-    # then those routed and scored as in 6-7 (the same uniform branch on every thread).
+    # then those scored as in 7 (the same uniform branch on every thread).
     if moves > 0:
         for i in range(tid, num_starts * num_experts * num_ranks, nthreads):
             k = i // (num_experts * num_ranks)
@@ -420,13 +426,11 @@ def _assign_kernel(load_all, copies_all, home_all, use_home, waves, token_time, 
                       xi_all[layer, k, 1], xf[0], xf[1], xf[2], xf[3], left, hold, xs[0],
                       xs[1], xs[2], xs[3], xs[4], xs[5])
         cuda.syncthreads()
-        for i in range(tid, num_starts * num_sources * num_ranks, nthreads):
-            flow_all[layer, num_cand + i // (num_sources * num_ranks),
-                     (i // num_ranks) % num_sources, i % num_ranks] = 0
-        cuda.syncthreads()
-        _route_and_score(layer, tid, nthreads, num_cand, num_starts, num_starts, load,
-                         token_time, alpha, beta, left, hold, quota_all, flow_all, part_all,
-                         obj_all, out_all, status_all)
+        # The step keeps each slot's flows the routing of its quotas (the s -> s entries,
+        # which eq. 8 does not read, go stale): scored as they are, as on the host.
+        _route_and_score(layer, tid, nthreads, num_cand, 0, num_starts, load, token_time,
+                         alpha, beta, left, hold, quota_all, flow_all, part_all, obj_all,
+                         out_all, status_all)
     out = out_all[layer]
     for i in range(tid, num_sources * num_experts * num_ranks, nthreads):
         out[i // (num_experts * num_ranks), (i // num_ranks) % num_experts, i % num_ranks] = 0
