@@ -103,7 +103,7 @@ def _compare(num_instances: int, seed: int) -> np.ndarray:
 # Both methods optimise the same stage-1 objective, but water-filling is a descent that can stop
 # in a local optimum (alpha makes the problem non-convex) and eq. 8's out-traffic is outside
 # stage 1; the exchange step repairs most of that, yet a few instances land more than 1% above
-# the LP (results/assign_speed.md has the distribution: 99.8% within 1%, worst +3.2% on the
+# the LP (results/assign_speed.md has the distribution: 99.9% within 1%, worst +3.2% on the
 # same generator and seed). The bounds below leave a little margin on these seeded samples.
 def test_objective_near_lp_small_sample():
     gaps = _compare(100, seed=1)
