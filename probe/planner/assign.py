@@ -677,11 +677,12 @@ def _exchange(moves, quota, flow, load, hlist, nhold, token_time, alpha, beta, t
       - between a and another holder b of e (either way: from a when its compute or
         in-traffic binds, to a when its own tokens leave); only the PARTNERS least loaded
         other holders b of each expert are tried (ties: lower rank);
-      - when a's out-traffic binds (out > in), for each expert e that a sends tokens of:
-        from the holder with quota on a's dearest link (ties: the most quota above its own
-        tokens, then lower rank) to the holder on a's cheapest link (ties: the least
-        loaded, then lower rank; never a), so that a's tokens take the cheaper link (across
-        nodes; the water-filling charges every link at the mean).
+      - when a's out-traffic binds (out > in) and its links differ in cost, for each
+        expert e that a sends tokens of: from the holder with quota on a's dearest link
+        (ties: the most quota above its own tokens, then lower rank) to the holder on a's
+        cheapest link (ties: the least loaded, then lower rank; never a), so that a's
+        tokens take the cheaper link (across nodes; the water-filling charges every link
+        at the mean).
     quota int64 [E, G] and flow [S, G] (whole tokens sent s -> g, `_route`; the entries
     s -> s go stale) are updated in place. Rank times are `_count_time`, the traffic of each
     rank summed over the sources in ascending order (`_traffic_of`): once, then after each
