@@ -16,7 +16,7 @@ so that the copies do not fit the true load exactly.
 Methods, each scored by eq. 8 (evaluate_plan) against `assign_tokens(method="lp")` (the LP
 relaxation, the same integer split): DeepSeek's even split over the copies
 (`probe.planner.eplb.even_split`), and water-filling (`assign_tokens`, method "waterfill":
-the default 8 descent passes and up to 10 exchange moves from each start; also without the
+the default 8 descent passes and up to MOVES (20) exchange moves from each start; also without the
 exchange step, moves=0, and with LONG_PASSES descent passes).
 Both GPU schedules of `probe.planner.assign_cuda.DeviceAssigner` ("serial", "waves") give
 water-filling's assignment integer for integer (tests/test_planner_assign_cuda.py), so one
@@ -41,7 +41,7 @@ from rich.table import Table
 
 from experiments.manifest import Manifest
 from experiments.planner.assign_speed import objective
-from probe.planner.assign import assign_tokens
+from probe.planner.assign import MOVES, assign_tokens
 from probe.planner.assign_cuda import descent_waves
 from probe.planner.cost import CostModel
 from probe.planner.deepseek_eplb import eplb_layout
@@ -172,7 +172,7 @@ def markdown(rows, machine: dict, argv) -> str:
              "layout from a forecast with 30% log-normal error, 1-3 extra slots per rank in "
              "turn). Gap = (method - LP) / LP of eq. 8 (evaluate_plan), LP = "
              "`assign_tokens(method=\"lp\")`. Water-filling is `assign_tokens` (the default: "
-             "8 descent passes, then up to 10 moves of the exchange step on eq. 8 from each "
+             f"8 descent passes, then up to {MOVES} moves of the exchange step on eq. 8 from each "
              "start; also "
              f"without the exchange step, moves=0, and with {LONG_PASSES} descent passes), "
              "and also both GPU schedules of `DeviceAssigner` (\"serial\", \"waves\"), which "

@@ -18,8 +18,9 @@ report is rewritten after each step, so a run cut short keeps what it finished):
    {64, 128, 256, 512, 1024} (a launch the GPU refuses is recorded as invalid, with the
    error), and both memory variants where shared memory fits.
 3. The L-layer throughput (L = 32 layers in one launch, graph replay, time / L).
-4. The assignment kernel (probe.planner.assign_cuda.DeviceAssigner, as is; copies: the home
-   layout plus the greedy's replicas) and the parallel greedy
+4. The assignment kernel (probe.planner.assign_cuda.DeviceAssigner, with its default
+   exchange step (assign.MOVES moves) and without it (moves=0, the runtime's dispatch
+   split); copies: the home layout plus the greedy's replicas) and the parallel greedy
    (probe.planner.parallel_cuda.CudaParallel, as is): one layer, checked against their CPU
    kernels, then timed eager and as a graph.
 A step that raises is recorded with its traceback and the run goes on; a step is skipped
@@ -235,6 +236,7 @@ def copies_of(batch, layer: int) -> np.ndarray:
 def assign_check_and_rows(config: str, batch, *, sim: bool, repeats: int, budget_s: float):
     """The assigner on layer 0: (checks, rows)."""
     from experiments.planner.gpu_assign import compare
+    from probe.planner.assign import MOVES
     from probe.planner.assign_cuda import DeviceAssigner
 
     load, cost = batch[0], batch[4]
@@ -245,12 +247,17 @@ def assign_check_and_rows(config: str, batch, *, sim: bool, repeats: int, budget
                "differing_entries": differing, "problems": problems[:4]}]
     if sim:
         return checks, []
-    assigner = DeviceAssigner(cost, load.shape[2], 1)
     load_t, copies_t = _torch_inputs(load[:1], copies)
-    rows = [{"config": config, "planner": "assign", "part": "one layer", "value": "passes=8",
-             "mode": "graph" if graph else "eager", "layers": 1,
-             **_timed(lambda: assigner(load_t, copies_t), graph=graph, repeats=repeats,
-                      budget_s=budget_s)} for graph in (True, False)]
+    rows = []
+    # The default exchange step (assign.MOVES moves), and none (the runtime's dispatch split,
+    # probe.runtime.device_plan.DISPATCH_MOVES): what the step costs on this card.
+    for moves in (MOVES, 0):
+        assigner = DeviceAssigner(cost, load.shape[2], 1, moves=moves)
+        rows += [{"config": config, "planner": "assign", "part": "one layer",
+                  "value": f"passes=8, moves={moves}", "mode": "graph" if graph else "eager",
+                  "layers": 1,
+                  **_timed(lambda a=assigner: a(load_t, copies_t), graph=graph,
+                           repeats=repeats, budget_s=budget_s)} for graph in (True, False)]
     return checks, rows
 
 
@@ -326,10 +333,19 @@ def _summary(report: dict) -> str:
     lines = [f"{'one layer, us (medians)':<34}{'graph':>10}{'eager':>10}"]
     for config in report["configs"]:
         for planner in ("greedy", "parallel", "assign"):
-            picked = {r["mode"]: r for r in report["rows"] if r["config"] == config
-                      and r["planner"] == planner and r["part"] == "one layer"}
-            if picked:
-                lines.append(f"{config + ', ' + planner:<34}"
+            ones = [r for r in report["rows"] if r["config"] == config
+                    and r["planner"] == planner and r["part"] == "one layer"]
+            # The assigner has a row pair per exchange step (moves=...), named in its line.
+            values = list(dict.fromkeys(r["value"] for r in ones)) if planner == "assign" \
+                else [None]
+            for value in values:
+                picked = {r["mode"]: r for r in ones if value is None or r["value"] == value}
+                if not picked:
+                    continue
+                label = config + ", " + planner
+                if value is not None and "moves" in value:
+                    label += ", " + value.split(", ")[-1]
+                lines.append(f"{label:<34}"
                              f"{_cell(picked['graph']) if 'graph' in picked else 'n/a':>10}"
                              f"{_cell(picked['eager']) if 'eager' in picked else 'n/a':>10}")
         for r in report["rows"]:

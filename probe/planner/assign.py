@@ -57,13 +57,16 @@ Shape legend: S source ranks (= G), E experts, G ranks.
    only a joint change of several would lower the largest level. `_exchange` then works on
    eq. 8 itself, on the integer quotas of every start's candidate (each a different local
    optimum; from the even split, not descended, it often ends lowest): each move takes the
-   slowest rank a, and for every multi-copy expert on a and its PARTNERS least loaded other
-   holders b, tries moving part of the expert's quota a -> b (a's compute or in-traffic
-   binds) or b -> a (a keeps more of its own tokens: its out-traffic binds), re-routes the
-   expert exactly as stage 2 does and re-scores every rank; the move that lowers (the
-   largest rank time, then a's) the most is made, and the step stops when none does. A
-   bound on a's own time skips the exact look at moves that cannot help. Each exchanged
-   candidate competes with the others by eq. 8 (`_objective`).
+   slowest rank a, and tries moving part of one expert's quota between two of its holders:
+   between a and its PARTNERS least loaded other holders b (a -> b when a's compute or
+   in-traffic binds, b -> a when a keeps more of its own tokens: its out-traffic binds), and,
+   when a's out-traffic binds, for each expert a sends tokens of, from the holder on a's
+   dearest link to the one on its cheapest (a's tokens then take the cheap link: across
+   nodes, where stage 1's mean link hides the difference, the cause of the worst ep=64
+   layers). Each try re-routes the expert exactly as stage 2 does and re-scores every rank;
+   the move that lowers (the largest rank time, then a's) the most is made, and the step
+   stops when none does. A bound on a's own time skips the exact look at moves that cannot
+   help. Each exchanged candidate competes with the others by eq. 8 (`_objective`).
 
 `probe.planner.check.evaluate_plan` scores the result as for any plan (docs/planner.md,
 "Dispatch-time assignment").
@@ -95,8 +98,8 @@ from probe.planner.scalar import add_at, dmax, dmin, mul, rule
 __all__ = ["assign_tokens", "assign_tokens_ref", "lp_totals"]
 
 METHODS = ("waterfill", "lp")
-MOVES = 10  # the exchange step's default number of moves (`assign_tokens`)
-PARTNERS = 4  # `_exchange` tries the PARTNERS least loaded other holders of each expert
+MOVES = 20  # the exchange step's default number of moves (`assign_tokens`)
+PARTNERS = 2  # `_exchange` tries the PARTNERS least loaded other holders of each expert
 
 
 def _validated(load, copies, cost) -> tuple[np.ndarray, np.ndarray]:
@@ -582,6 +585,28 @@ def _remote_sends(e, quota, load, token_time, left, hold, src, dst, cnt):  # pra
 
 
 @rule(inline=True)
+def _count_time(act, tok, t_in, t_out, alpha, beta):  # pragma: no cover - compiled
+    """A rank's eq. 8 time from its active experts act and tokens tok (ints) and its traffic
+    t_in, t_out (seconds, one way): alpha act + beta tok + 2 max(t_in, t_out) (the compute
+    summed as counts)."""
+    return mul(alpha, float64(act)) + mul(beta, float64(tok)) + mul(2.0, dmax(t_in, t_out))
+
+
+@rule(inline=True)
+def _traffic_of(g, flow, token_time, tin, tout):  # pragma: no cover - compiled
+    """Rank g's traffic under flow [S, G] (whole tokens sent s -> g) into tin[g] and tout[g]
+    (seconds, one way): summed over the other ranks in ascending order."""
+    t_in = 0.0
+    t_out = 0.0
+    for s in range(flow.shape[0]):
+        if s != g:
+            t_in += mul(float64(flow[s, g]), token_time[s, g])
+            t_out += mul(float64(flow[g, s]), token_time[g, s])
+    tin[g] = t_in
+    tout[g] = t_out
+
+
+@rule(inline=True)
 def _move_time(e, a, b, delta, watch, quota, load, token_time, alpha, beta, tok, act, tin, tout,
                n_old, src, dst, cnt, t_in, t_out, left, hold, src2, dst2,
                cnt2):  # pragma: no cover - compiled
@@ -620,8 +645,7 @@ def _move_time(e, a, b, delta, watch, quota, load, token_time, alpha, beta, tok,
         elif g == b:
             ntok += delta
             nact += 1 if quota[e, b] == 0 else 0
-        time = mul(alpha, float64(nact)) + mul(beta, float64(ntok)) + mul(
-            2.0, dmax(t_in[g], t_out[g]))
+        time = _count_time(nact, ntok, t_in[g], t_out[g], alpha, beta)
         worst = dmax(worst, time)
         if g == watch:
             at_a = time
@@ -629,23 +653,47 @@ def _move_time(e, a, b, delta, watch, quota, load, token_time, alpha, beta, tok,
 
 
 @rule(inline=True)
+def _move_size(k, step, avail):  # pragma: no cover - compiled
+    """The k-th size (k < 3) an exchange move tries, or 0 to skip it: step (the size that
+    evens the two ranks out, in [1, avail]), half of it, and all that can move (avail)
+    when that is more than step and at most twice it."""
+    if k == 0:
+        return step
+    if k == 1:
+        return step // 2
+    if avail == step or avail > 2 * step:
+        return 0
+    return avail
+
+
+@rule(inline=True)
 def _exchange(moves, quota, flow, load, hlist, nhold, token_time, alpha, beta, tok, act, tin,
               tout, t_in, t_out, left, hold, src, dst, cnt, src2, dst2,
               cnt2):  # pragma: no cover - compiled
     """Local search on eq. 8 itself, after rounding and routing (module docstring, step 3):
-    up to `moves` times, move part of one expert's quota between the slowest rank a (the
-    first on ties) and another holder b of that expert (either way: from a when its compute
-    or in-traffic binds, to a when its own tokens leave), the move that lowers (the largest
-    rank time, then a's) the most (the first found on ties); stop when none does. Only the
-    PARTNERS least loaded other holders of each expert are tried (ties: lower rank). quota
-    int64 [E, G] and flow [S, G] (whole tokens sent s -> g, `_route`; the entries s -> s go
-    stale) are updated in place. Rank times here are alpha act + beta tok + 2 max(in, out),
-    in and out summed over the sources in ascending order from flow each move. The sizes
-    tried per (expert, b, way): the tokens that would even a's and b's times out at
-    2 (beta + 2 x the dearer of the links a -> b, b -> a) per token (at least 1, at most
-    what can move), half of that, and all that can move when that is at most twice as many.
-    Returns the moves made. Scratch: tok, act int64 [G], tin, tout, t_in, t_out float [G],
-    left, hold int64 [G], src, dst, cnt, src2, dst2, cnt2 int64 [2 G]."""
+    up to `moves` times, make the move that lowers (the largest rank time, then the slowest
+    rank a's) the most (the first found on ties; a: the first slowest rank), and stop when
+    none does. The moves tried, each one expert e's quota moved between two of its holders:
+      - between a and another holder b of e (either way: from a when its compute or
+        in-traffic binds, to a when its own tokens leave); only the PARTNERS least loaded
+        other holders b of each expert are tried (ties: lower rank);
+      - when a's out-traffic binds (out > in) and its links differ in cost, for each
+        expert e that a sends tokens of: from the holder with quota on a's dearest link
+        (ties: the most quota above its own tokens, then lower rank) to the holder on a's
+        cheapest link (ties: the least loaded, then lower rank; never a), so that a's
+        tokens take the cheaper link (across nodes; the water-filling charges every link
+        at the mean).
+    quota int64 [E, G] and flow [S, G] (whole tokens sent s -> g, `_route`; the entries
+    s -> s go stale) are updated in place. Rank times are `_count_time`, the traffic of each
+    rank summed over the sources in ascending order (`_traffic_of`): once, then after each
+    move again for the ranks whose flows it changed (the same floats as summing all again).
+    The sizes tried per (expert, pair, way) (`_move_size`): the tokens that would even out
+    a's time and the receiver's (at the receiver's cost per token against a's gain; at
+    least 1, at most what can move), half of that, and all that can move when that is at
+    most twice as many. Marks: `left` after each move. A bound on a's own time after a move
+    skips the exact look (`_move_time`) at moves that cannot beat the best found. Returns
+    the moves made. Scratch: tok, act int64 [G], tin, tout, t_in, t_out float [G], left,
+    hold int64 [G], src, dst, cnt, src2, dst2, cnt2 int64 [2 G]."""
     num_sources = load.shape[0]
     num_experts, num_ranks = quota.shape
     for g in range(num_ranks):
@@ -656,22 +704,15 @@ def _exchange(moves, quota, flow, load, hlist, nhold, token_time, alpha, beta, t
             if quota[e, g] > 0:
                 tok[g] += quota[e, g]
                 act[g] += 1
+    for g in range(num_ranks):
+        _traffic_of(g, flow, token_time, tin, tout)
     made = 0
     for _ in range(moves):
-        for g in range(num_ranks):
-            tin[g] = 0.0
-            tout[g] = 0.0
-        for g in range(num_ranks):
-            for s in range(num_sources):
-                if s != g:
-                    tin[g] += mul(float64(flow[s, g]), token_time[s, g])
-                    tout[g] += mul(float64(flow[g, s]), token_time[g, s])
         a = 0
         cur = -1.0
         times_b = 0.0
         for g in range(num_ranks):
-            time = mul(alpha, float64(act[g])) + mul(beta, float64(tok[g])) + mul(
-                2.0, dmax(tin[g], tout[g]))
+            time = _count_time(act[g], tok[g], tin[g], tout[g], alpha, beta)
             if time > cur:
                 cur = time
                 a = g
@@ -686,7 +727,8 @@ def _exchange(moves, quota, flow, load, hlist, nhold, token_time, alpha, beta, t
                 out_max = dmax(out_max, token_time[a, s])
                 out_min = token_time[a, s] if out_min < 0 else dmin(out_min, token_time[a, s])
         best_e = -1
-        best_b = -1
+        best_frm = -1
+        best_to = -1
         best_delta = 0
         for e in range(num_experts):
             nh = nhold[e]
@@ -708,8 +750,7 @@ def _exchange(moves, quota, flow, load, hlist, nhold, token_time, alpha, beta, t
                     g = hlist[e, h]
                     if g == a:
                         continue
-                    time = mul(alpha, float64(act[g])) + mul(beta, float64(tok[g])) + mul(
-                        2.0, dmax(tin[g], tout[g]))
+                    time = _count_time(act[g], tok[g], tin[g], tout[g], alpha, beta)
                     after = time > last_time or (time == last_time and g > last_b)
                     if after and (b < 0 or time < times_b):
                         b = g
@@ -733,17 +774,10 @@ def _exchange(moves, quota, flow, load, hlist, nhold, token_time, alpha, beta, t
                     if avail <= 0:
                         continue
                     step = dmin(avail, dmax(even, 1))
-                    for k in range(3):  # the sizes: even, half of it, all (when near even)
-                        if k == 0:
-                            delta = step
-                        elif k == 1:
-                            delta = step // 2
-                            if delta < 1:
-                                continue
-                        else:
-                            delta = avail
-                            if delta == step or delta > 2 * step:
-                                continue
+                    for k in range(3):
+                        delta = _move_size(k, step, avail)
+                        if delta < 1:
+                            continue
                         # a's time after the move, at best (its traffic over its dearest
                         # link in, cheapest out): not below the best found, no exact look
                         if way == 0:
@@ -771,14 +805,74 @@ def _exchange(moves, quota, flow, load, hlist, nhold, token_time, alpha, beta, t
                             best_worst = worst
                             best_a = at_a
                             best_e = e
-                            best_b = b
-                            best_delta = delta if way == 0 else -delta
+                            best_frm = frm
+                            best_to = to
+                            best_delta = delta
+        # a's out-traffic binds and its links differ: its tokens onto cheaper links
+        if tout[a] > tin[a] and out_max > out_min:
+            comp_a = _count_time(act[a], tok[a], 0.0, 0.0, alpha, beta)
+            for e in range(num_experts):
+                nh = nhold[e]
+                sent = load[a, e] - dmin(load[a, e], quota[e, a])
+                if nh < 2 or sent <= 0:
+                    continue
+                to = -1
+                times_to = 0.0
+                for h in range(nh):
+                    g = hlist[e, h]
+                    if g == a:
+                        continue
+                    time = _count_time(act[g], tok[g], tin[g], tout[g], alpha, beta)
+                    if to < 0 or token_time[a, g] < token_time[a, to] or (
+                            token_time[a, g] == token_time[a, to] and time < times_to):
+                        to = g
+                        times_to = time
+                frm = -1
+                surplus = 0
+                for h in range(nh):
+                    g = hlist[e, h]
+                    if g == a or quota[e, g] <= 0 or not token_time[a, g] > token_time[a, to]:
+                        continue
+                    more = quota[e, g] - load[g, e]
+                    if frm < 0 or token_time[a, g] > token_time[a, frm] or (
+                            token_time[a, g] == token_time[a, frm] and more > surplus):
+                        frm = g
+                        surplus = more
+                if frm < 0:
+                    continue
+                saved = token_time[a, frm] - token_time[a, to]  # per token, one way
+                rate = mul(2.0, saved) + beta + mul(2.0, token_time[a, to])
+                even = int64((cur - times_to) / rate)
+                avail = dmin(quota[e, frm], sent)
+                step = dmin(avail, dmax(even, 1))
+                n_old = -1
+                for k in range(3):
+                    delta = _move_size(k, step, avail)
+                    if delta < 1:
+                        continue
+                    t_a = comp_a + mul(2.0, dmax(tin[a], tout[a] - mul(float64(delta), saved)))
+                    if t_a >= best_worst:
+                        continue
+                    if n_old < 0:
+                        n_old = _remote_sends(e, quota, load, token_time, left, hold, src, dst,
+                                              cnt)
+                    worst, at_a = _move_time(e, frm, to, delta, a, quota, load, token_time,
+                                             alpha, beta, tok, act, tin, tout, n_old, src,
+                                             dst, cnt, t_in, t_out, left, hold, src2, dst2,
+                                             cnt2)
+                    if worst < best_worst or (worst == best_worst and at_a < best_a):
+                        best_worst = worst
+                        best_a = at_a
+                        best_e = e
+                        best_frm = frm
+                        best_to = to
+                        best_delta = delta
         if best_e < 0:
             break
         e = best_e
-        frm = a if best_delta > 0 else best_b
-        to = best_b if best_delta > 0 else a
-        delta = best_delta if best_delta > 0 else -best_delta
+        frm = best_frm
+        to = best_to
+        delta = best_delta
         n_old = _remote_sends(e, quota, load, token_time, left, hold, src, dst, cnt)
         for i in range(n_old):
             flow[src[i], dst[i]] -= cnt[i]
@@ -790,9 +884,21 @@ def _exchange(moves, quota, flow, load, hlist, nhold, token_time, alpha, beta, t
         tok[to] += delta
         quota[e, frm] -= delta
         quota[e, to] += delta
-        n_new = _remote_sends(e, quota, load, token_time, left, hold, src, dst, cnt)
+        n_new = _remote_sends(e, quota, load, token_time, left, hold, src2, dst2, cnt2)
         for i in range(n_new):
-            flow[src[i], dst[i]] += cnt[i]
+            flow[src2[i], dst2[i]] += cnt2[i]
+        # The traffic again of the ranks whose flows changed (left: a mark per rank).
+        for g in range(num_ranks):
+            left[g] = 0
+        for i in range(n_old):
+            left[src[i]] = 1
+            left[dst[i]] = 1
+        for i in range(n_new):
+            left[src2[i]] = 1
+            left[dst2[i]] = 1
+        for g in range(num_ranks):
+            if left[g] > 0:
+                _traffic_of(g, flow, token_time, tin, tout)
         made += 1
     return made
 
@@ -834,10 +940,11 @@ def _best(fixed, order, holds, copies, total, alpha, beta, load, token_time, hop
             best_obj, best_quota, from_even = obj, quota, False
         if moves > 0:  # the exchange step from this candidate
             quota = quota.copy()
+            # The step keeps flow the routing of its quotas (but for the stale s -> s
+            # entries, which eq. 8 does not read): scored as it is, not routed again.
             _exchange(moves, quota, flow, load, hlist, nhold, token_time, alpha, beta, tok,
                       act, tin, tout, t_in, t_out, left, hold, sends[0], sends[1], sends[2],
                       sends[3], sends[4], sends[5])
-            flow, _ = _route(quota, load, holds, token_time, False)
             obj = _objective(quota, flow, token_time, alpha, beta)
             if obj < best_obj:
                 best_obj, best_quota, from_even = obj, quota, False

@@ -28,7 +28,8 @@ launch. The work of a layer is spread over the block, phase by phase (a barrier 
    max over ranks (order-free);
 6. the exchange step (`assign._exchange`, up to `moves` moves) from every start's
    candidate, each on the first thread of its own warp, side by side, on copies of the
-   starts' quotas in extra slots, which are then routed and scored as in 4-5;
+   starts' quotas and flows in extra slots, which are then scored as in 5 (the step keeps
+   their flows the routing of their quotas);
 7. the best candidate (the even split first, then each start before and after its exchange
    step, strict <) is written into the dense [S, E, G] assignment in parallel over experts.
 
@@ -36,13 +37,19 @@ Critical path of one layer (one block of 256 threads; counts from the decode lay
 experiments/planner/gpu_assign.py, true loads on EPLB layouts, and from
 experiments/planner/assign_level.py). Both schedules share everything but step 3:
 
-- the exchange step: serial within a start (the starts side by side), up to `moves` (10)
-  moves, each a scan of every rank's sources (S G steps) plus the exact looks at the
-  candidate moves on the slowest rank (each one expert's routing, O(S x holders), and
-  O(G)); 6 more barriers. On the host (all starts one after another) it adds 0.6-1.3x the
-  rest of the deciding kernel at ep=8 and 3.4-5.9x at ep=64 (results/assign_speed.md); on
-  the GPU it is one more serial stretch, which no GPU time covers yet, and `moves=0` leaves
-  it out.
+- the exchange step: serial within a start (the starts side by side), up to `moves`
+  (assign.MOVES = 20) moves, each a scan of the slowest rank's experts (and, when its
+  out-traffic binds on links of unequal cost, of the experts it sends tokens of) with the
+  exact looks at the candidate moves that pass a bound (each one expert's routing,
+  O(S x holders), and O(G)), then the traffic of the ranks the move touched again (S steps
+  each); 4 more barriers. On the host (all starts one after another) it adds about 1.2x
+  the rest of the deciding kernel at ep=8 and 2-3x at ep=64 (results/assign_speed.md); on
+  the GPU it is one more serial stretch (one ep=8 layer with the exchange step of the
+  previous revision, 10 moves, took 1,399 us on an H100; an H200 had timed 337 us before
+  the exchange step existed; no GPU time of this revision yet), and `moves=0` leaves it
+  out. Not done: the exact looks of a move spread over the block (each on its own thread,
+  then the host's pruned scan replayed on one thread over their results, which keeps the
+  choice bit for bit).
 - barriers: 6 outside the descents and the exchange step. "serial" adds 1. "waves" adds 1,
   then (waves + 1) `syncthreads_or` to number the waves, then per pass one barrier per
   wave and three `syncthreads_or` (the host's early stop of each descending start, which
@@ -241,6 +248,40 @@ def _descend_in_waves(layer, tid, nthreads, num_starts, num_order, num_ranks, fi
         active2 = active2 and any2 != 0
 
 
+@cuda.jit(device=True)
+def _route_and_score(layer, tid, nthreads, first, num_routed, num_scored, load, token_time,
+                     alpha, beta, left, hold, quota_all, flow_all, part_all, obj_all, out_all,
+                     status_all):  # pragma: no cover - device code
+    """Candidates first <= k < first + num_routed of the layer: their quotas routed
+    (`assign._routes_of`, parallel over (candidate, expert), whole tokens added atomically to
+    their flows, which must be zero); then candidates first <= k < first + num_scored
+    scored: every rank's eq. 8 time (`assign._rank_time`, parallel over (candidate, rank))
+    and each one's largest (a max: any order gives the same float) into obj_all. Tokens
+    that find no holder set the layer's status to 1. The routing and the rank times each
+    end with a barrier, the maxima not (the caller's next barrier comes before any read of
+    obj_all); left, hold are this thread's scratch."""
+    num_experts = quota_all.shape[2]
+    num_ranks = quota_all.shape[3]
+    for i in range(tid, num_routed * num_experts, nthreads):
+        k = first + i // num_experts
+        e = i % num_experts
+        if not _routes_of(e, e + 1, quota_all[layer, k], load, token_time, left, hold,
+                          flow_all[layer, k], out_all[layer], False):
+            status_all[layer] = 1
+    cuda.syncthreads()
+    for i in range(tid, num_scored * num_ranks, nthreads):
+        k = first + i // num_ranks
+        g = i % num_ranks
+        part_all[layer, k, g] = _rank_time(g, quota_all[layer, k], flow_all[layer, k],
+                                           token_time, alpha, beta)
+    cuda.syncthreads()
+    if tid < num_scored:
+        worst = 0.0
+        for g in range(num_ranks):
+            worst = dmax(worst, part_all[layer, first + tid, g])
+        obj_all[layer, first + tid] = worst
+
+
 # --- the kernel: one block per layer -----------------------------------------------------------
 
 @cuda.jit
@@ -358,30 +399,13 @@ def _assign_kernel(load_all, copies_all, home_all, use_home, waves, token_time, 
             _quotas_of(e, e + 1, x_all[layer, k], hlist, nhold, total, quota_all[layer, k],
                        rem, cand)
     cuda.syncthreads()
-    # 6. Routing of the starts' quotas: parallel over (start, expert), integer flows.
-    for i in range(tid, num_starts * num_experts, nthreads):
-        k = i // num_experts
-        e = i % num_experts
-        if not _routes_of(e, e + 1, quota_all[layer, k], load, token_time, left, hold,
-                          flow_all[layer, k], out_all[layer], False):
-            status_all[layer] = 1
-    cuda.syncthreads()
-    # 7. eq. 8: every rank's time (parallel over (candidate, rank)), then each candidate's
-    # largest (a max: any order gives the same float).
-    for i in range(tid, num_cand * num_ranks, nthreads):
-        k = i // num_ranks
-        g = i % num_ranks
-        part_all[layer, k, g] = _rank_time(g, quota_all[layer, k], flow_all[layer, k],
-                                           token_time, alpha, beta)
-    cuda.syncthreads()
-    if tid < num_cand:
-        worst = 0.0
-        for g in range(num_ranks):
-            worst = dmax(worst, part_all[layer, tid, g])
-        obj_all[layer, tid] = worst
+    # 6-7. Routing of the starts' quotas and eq. 8 of every candidate.
+    _route_and_score(layer, tid, nthreads, 0, num_starts, num_cand, load, token_time, alpha,
+                     beta, left, hold, quota_all, flow_all, part_all, obj_all, out_all,
+                     status_all)
     # 8. The exchange step (`assign._exchange`) from every start's candidate, each on the
     # first thread of its own warp, on a copy of its quotas and flows in slot num_cand + k;
-    # then those routed and scored as in 6-7 (the same uniform branch on every thread).
+    # then those scored as in 7 (the same uniform branch on every thread).
     if moves > 0:
         for i in range(tid, num_starts * num_experts * num_ranks, nthreads):
             k = i // (num_experts * num_ranks)
@@ -403,27 +427,11 @@ def _assign_kernel(load_all, copies_all, home_all, use_home, waves, token_time, 
                       xi_all[layer, k, 1], xf[0], xf[1], xf[2], xf[3], left, hold, xs[0],
                       xs[1], xs[2], xs[3], xs[4], xs[5])
         cuda.syncthreads()
-        for i in range(tid, num_starts * num_sources * num_ranks, nthreads):
-            flow_all[layer, num_cand + i // (num_sources * num_ranks),
-                     (i // num_ranks) % num_sources, i % num_ranks] = 0
-        cuda.syncthreads()
-        for i in range(tid, num_starts * num_experts, nthreads):
-            k = num_cand + i // num_experts
-            e = i % num_experts
-            _routes_of(e, e + 1, quota_all[layer, k], load, token_time, left, hold,
-                       flow_all[layer, k], out_all[layer], False)
-        cuda.syncthreads()
-        for i in range(tid, num_starts * num_ranks, nthreads):
-            k = num_cand + i // num_ranks
-            g = i % num_ranks
-            part_all[layer, k, g] = _rank_time(g, quota_all[layer, k], flow_all[layer, k],
-                                               token_time, alpha, beta)
-        cuda.syncthreads()
-        if tid < num_starts:
-            worst = 0.0
-            for g in range(num_ranks):
-                worst = dmax(worst, part_all[layer, num_cand + tid, g])
-            obj_all[layer, num_cand + tid] = worst
+        # The step keeps each slot's flows the routing of its quotas (the s -> s entries,
+        # which eq. 8 does not read, go stale): scored as they are, as on the host.
+        _route_and_score(layer, tid, nthreads, num_cand, 0, num_starts, load, token_time,
+                         alpha, beta, left, hold, quota_all, flow_all, part_all, obj_all,
+                         out_all, status_all)
     out = out_all[layer]
     for i in range(tid, num_sources * num_experts * num_ranks, nthreads):
         out[i // (num_experts * num_ranks), (i // num_ranks) % num_experts, i % num_ranks] = 0
