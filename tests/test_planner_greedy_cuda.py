@@ -323,10 +323,95 @@ def test_sequential_pool_without_the_share_table_equals_cpu_kernel(monkeypatch, 
     assert moved >= 30
 
 
+def test_sequential_search_rounds_equal_cpu_kernel():
+    """A search's rounds with 2, 3, 7 and 64 result slots (the bisections' trees cut at every
+    depth, pair steps split over two rounds, speculation on and off): the CPU kernel's plans
+    on 80 random launches, shared and global memory; and with 64 slots a search takes fewer
+    than half the rounds it takes with one (one evaluation per round, the CPU kernel's
+    chain)."""
+    rng = np.random.default_rng(31)
+    moved = 0
+    rounds = {1: 0, 64: 0}
+
+    def wrap(name, fn):
+        if name != "_plan_round":
+            return fn
+
+        def counted(*a):
+            rounds[a[1]] = rounds.get(a[1], 0) + 1
+            return fn(*a)
+        return counted
+
+    for i in range(80):
+        batch = random_batch(rng, max_layers=2)
+        load, home, slots, window, cost, rules = batch
+        for num_slots in (1, 2, 3, 7, 64):
+            in_shared = bool((i + num_slots) % 2)
+            args = _host_buffers(load, home, slots, window, cost.alpha, cost.beta,
+                                 cost.token_time, cost.transfer_time, rules)
+            run_sequential(*args, num_layers=load.shape[0], in_shared=in_shared,
+                           slots=num_slots, wrap=wrap)
+            rep, n_rep, blk_e, blk_a, n_blk, moves, objective, status = args[-8:]
+            assert not status.any()
+            for layer in range(load.shape[0]):
+                out = (rep[layer, :n_rep[layer]], blk_e[layer, :n_blk[layer]],
+                       blk_a[layer, :n_blk[layer]], int(moves[layer]), float(objective[layer]))
+                assert same_layer(batch, layer, out), (i, layer, num_slots, rules)
+                moved += out[3] > 0
+    assert moved >= 150
+    assert 0 < rounds[64] < rounds[1] / 2, rounds
+
+
+def test_bisection_trees_hold_the_probes_of_every_path():
+    """`_node_x` and `_tree_find`: a tree of d levels over [lo, hi] holds, for every outcome
+    of the tests, the first d midpoints the bisection probes (and mid + 1 in a pair tree), each
+    found again at its slot; amounts the tree does not hold are not found."""
+    env = dict(vars(greedy_cuda))
+    fns = {}
+    for name in ("_node_x", "_tree_find"):
+        fn = _py(getattr(greedy_cuda, name))
+        fns[name] = env[name] = types.FunctionType(fn.__code__, env, name, fn.__defaults__)
+    node_x, tree_find = fns["_node_x"], fns["_tree_find"]
+    rng = np.random.default_rng(37)
+    checked = 0
+    for _ in range(300):
+        lo0 = int(rng.integers(1, 50))
+        hi0 = lo0 + int(rng.integers(0, 200))
+        levels = int(rng.integers(0, 7))
+        width = int(rng.integers(1, 3))
+        held = {}
+        for j in range(2 ** levels - 1):
+            x = node_x(j, lo0, hi0)
+            if x > 0:
+                held[j * width] = x
+                if width == 2:
+                    held[j * width + 1] = x + 1
+        for x in held.values():
+            assert held[tree_find(x, lo0, hi0, levels, width)] == x
+        outcomes = rng.random(levels) < 0.5
+        lo, hi = lo0, hi0
+        for level in range(levels):  # one path: the bisection's own probes
+            if lo >= hi:
+                break
+            mid = (lo + hi) // 2
+            for want in ((mid, mid + 1) if width == 2 else (mid,)):
+                assert held.get(tree_find(want, lo0, hi0, levels, width)) == want, (level,)
+                checked += 1
+            if outcomes[level]:
+                hi = mid
+            else:
+                lo = mid + 1
+        for x in range(lo0 - 2, hi0 + 3):
+            if x not in held.values():
+                assert tree_find(x, lo0, hi0, levels, width) == -1
+    assert checked > 500
+
+
 def test_prefix_after_equals_the_cpu_rules():
-    """`_after_p`, `_worst_p` and the search's `_eval_x` (prefix sums) against greedy's
-    `_after`, `_src_after` and `_worst` (the pool walked from the start): the same floats, bit
-    for bit, for every x of random pools, token times of mixed magnitudes."""
+    """`_after_p`, `_worst_p` and the search's `_eval_x` (prefix sums, and the prefix maximum
+    of the worst time's terms) against greedy's `_after`, `_src_after` and `_worst` (the pool
+    walked from the start): the same floats, bit for bit, for every x of random pools, token
+    times of mixed magnitudes."""
     from probe.planner import greedy
 
     rng = np.random.default_rng(5)
@@ -353,8 +438,9 @@ def test_prefix_after_equals_the_cpu_rules():
         tok[src, e] = int(pool_n[:npool].sum()) + int(rng.integers(0, 2))
         comp, t_in, t_out = rng.random(g), rng.random(g) * 1e-3, rng.random(g) * 1e-3
         alpha, beta = 1e-5, 3e-7
-        cum, pre = np.zeros(g, np.int64), np.zeros((4, g))
-        fns["_prefix"](src, dst, npool, pool_s, pool_n, tt, cum, *pre)
+        cum, pre, p_worst = np.zeros(g, np.int64), np.zeros((4, g)), np.zeros(g)
+        fns["_prefix"](src, dst, npool, pool_s, pool_n, tt, comp, t_in, t_out, cum, *pre,
+                       p_worst)
         for x in range(1, int(pool_n.sum()) + 1):
             parts, parts_p = np.zeros(6), np.zeros(6)
             want = greedy._after.py_func(x, e, src, dst, pool_s, pool_n, tok, comp, t_in,
@@ -371,13 +457,13 @@ def test_prefix_after_equals_the_cpu_rules():
             w_p = fns["_worst_p"](x, *want, src, dst, npool, pool_s, pool_n, cum, comp, t_in,
                                   t_out, tt, takes_p, outs_p)
             assert w == w_p and np.array_equal(takes, takes_p) and np.array_equal(outs, outs_p)
-            for with_worst in (False, True):  # the search's evaluation: the same floats
-                ev = fns["_eval_x"](x, with_worst, src, dst, pool_s, pool_n, npool, cum,
-                                    *pre, tok[src, e], tok[dst, e], comp[src], comp[dst],
-                                    t_in[src], t_out[src], t_in[dst], t_out[dst], tt[dst, src],
-                                    tt[src, dst] - tt[src, src], comp, t_in, t_out, alpha,
-                                    beta, tt)
-                assert ev == (*want, w if with_worst else max(want)), (x, ev, want, w)
+            # the search's evaluation: the same floats (its worst time always computed)
+            ev = fns["_eval_x"](x, src, dst, pool_s, npool, cum, *pre, p_worst, tok[src, e],
+                                tok[dst, e], comp[src], comp[dst], t_in[src], t_out[src],
+                                t_in[dst], t_out[dst], tt[dst, src],
+                                tt[src, dst] - tt[src, src], comp, t_in, t_out, alpha, beta,
+                                tt)
+            assert ev == (*want, w), (x, ev, want, w)
             checked += 1
     assert checked > 500
 
