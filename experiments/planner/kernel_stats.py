@@ -13,10 +13,15 @@ thread block; nothing here is timed):
 2. The work of the synthetic decode layers of experiments.planner.gpu_latency (768 tokens per
    rank, default rules), counted by running the kernel's Python source sequentially (one thread
    per block: `run_sequential`, which the tests also use): per move, the candidates tried before
-   the first one that gains, how many of them got past the cheap pruning, and how many
-   evaluations of one amount x (a candidate's rank times after moving x tokens, as
-   rule 6's bisections ask for them) an unpruned candidate makes. Each evaluation is a chain of
-   dependent loads (a binary search over the candidate's pool and a dozen operands).
+   the first one that gains, how many of them got past the cheap pruning (each is searched by
+   the whole block), the evaluations of one amount x (a candidate's rank times after moving x
+   tokens, as rule 6's bisections ask for them) its search makes one after another with one
+   result slot per round, and the rounds it takes with greedy_cuda.SLOTS slots (a block of 64
+   threads or more: each round its evaluations side by side, one barrier, then the walk through
+   the results). The dependent steps of a move: its rounds of pruning plus one thread's chain of
+   evaluations (the kernel before its search was spread over the block), or plus the search's
+   rounds (now). Each evaluation is a chain of dependent loads (a binary search over the
+   candidate's pool and a dozen operands).
 Needs NVVM and ptxas for part 1 (skipped, and said so, where either is missing); part 2 runs
 anywhere. Writes kernel_stats.json, kernel_stats.md and a manifest into --out and prints the
 tables.
@@ -262,13 +267,15 @@ def _markdown(report: dict) -> str:
     threads, slots = (work[0]["threads"], work[0]["slots"]) if work else (128, 64)
     lines += ["", "Work per layer (decode layers, the kernel run sequentially; per move: "
               "candidates tried up to the first gaining one, those past the pruning (each "
-              "searched by the whole block), the evaluations of x a search asks for in the CPU "
-              f"kernel's order, the rounds in which a block with {slots} result slots makes "
-              "them (a round: its evaluations side by side, one barrier, the walk), the "
-              "evaluations such a round makes, and the dependent steps of a move on "
-              f"{threads} threads: rounds of pruning plus, before, one thread's chain of "
-              "evaluations (the searched candidates' evaluations), after, the searches' "
-              "rounds):", "",
+              "searched by the whole block), the evaluations of x a search makes one after "
+              "another with one result slot per round (the CPU kernel's order; a step that "
+              "asks for the amount the step before asked for reuses it), the rounds in which "
+              f"a block with {slots} result slots makes them (a round: its evaluations side by "
+              "side, one barrier, the walk), the evaluations such a round makes, and the "
+              f"dependent steps of a move on {threads} threads: rounds of pruning plus, before, "
+              "one thread's chain of evaluations, after, the searches' rounds; "
+              "kernel_stats_before.md has the numbers of the kernel before its latency "
+              "changes):", "",
               "| shape | layer | moves | tried / move | unpruned / move | evals / unpruned | "
               "max evals | rounds / unpruned | max rounds | evals made / round | "
               "chain / move before | chain / move after | no-gain pass: tried, unpruned |",

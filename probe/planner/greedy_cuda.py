@@ -10,62 +10,72 @@ How a block works (T threads, THREADS by default): the start (home holders, the 
 rank times) is spread over experts and ranks; then each move is found as the CPU kernel finds
 it. The CPU kernel tries candidates (destination rank, expert) in a fixed order (destinations
 fastest first, ties to the lowest rank; experts of the slowest rank heaviest first, ties to the
-lowest id) and applies the FIRST one that gains. Here the T threads evaluate T consecutive
-candidates of that order at once, each with the CPU kernel's arithmetic (`_candidate`), and an
-atomic minimum over the candidate index picks the first gaining one: the same move, whatever
-the thread timing. Only when none of the T gains do they go on to the next T. The winning
-thread then applies its move from its own pool (O(G) updates), after the threads together
-have written the expert's new dense [S, G] block if it has none yet.
+lowest id) and applies the FIRST one that gains. Here the T threads put T consecutive
+candidates of that order through the CPU kernel's cheap tests at once (`_prune`: lower bounds,
+a free slot, a copy source), and an atomic minimum over the candidate index picks the first
+that passes: the same candidate, whatever the thread timing. The whole block then searches it
+(rule 6: how many tokens to move, `_search`): thread 0 builds its pool and prefix sums in
+shared memory (`_pool`, `_prefix`), and the search runs in rounds, each evaluating up to
+min(T, SLOTS) amounts x side by side, one per thread (`_eval_x`), then a barrier, then every
+thread walks the CPU kernel's steps (the same walk: the same data) as far as the round's
+results reach. A bisection's next probes depend on its tests, but the tree of all its possible
+midpoints does not: a round evaluates the next levels of that tree whole, with the amounts
+later steps will ask for where they are known already (the next bisection's tree, the
+evacuation's total), and the walk takes the CPU kernel's path down them, so it asks for the
+very amounts the CPU kernel asks for; an amount a round lacks costs another round, never a
+different answer. If the candidate gains, it is the move (thread 0 applies it, O(G) updates,
+after the threads together have written the expert's new dense [S, G] block if it has none
+yet); else the rounds of pruning go on after it.
 
 Floating point: every value that decides a choice is float64, computed in the CPU kernel's order
 of operations: the scalar rules (the static split, applying the move) are greedy.py's own
 functions, compiled a second time as device functions (`numba_cuda.device`,
 probe.planner.scalar); `_after`, `_src_after` and `_worst` have twins here that read the same
 sums from prefix arrays (`_prefix`: a sum that starts at 0.0 and adds the same terms in the
-same order passes through the same floats), and `_eval_x` is `_after` and `_worst` in one
-(tests compare the twins with greedy's rules bit for bit). Rule 6's searches (`_water_fill`,
-phase 2's bisection, the caps, the evacuation) are one loop of steps in `_candidate`, each
-step one `_eval_x`, making the CPU kernel's evaluations in its order. The products that feed
-a sum are rounded on their own (libdevice's dmul_rn): the CUDA compiler would otherwise fuse
-a * b + c into one FMA, which rounds once and can flip a tie (the only FMAs it makes
-multiply by 2.0, which is exact; tests check the sm_90 PTX).
+same order passes through the same floats; `_worst`'s running maximum over the third-party
+sources becomes a prefix maximum, the same value: a maximum of values that are not NaN does
+not depend on the order it takes them in, and the worst time is only compared), and `_eval_x`
+is `_after` and `_worst` in one (tests compare the twins with greedy's rules bit for bit).
+Rule 6's searches (`_water_fill`, phase 2's bisection, the caps, the evacuation) are one loop
+of steps in `_search`, a bisection's step written once for all four (`_S_BIS`). The products
+that feed a sum are rounded on their own (libdevice's dmul_rn): the CUDA compiler would
+otherwise fuse a * b + c into one FMA, which rounds once and can flip a tie (the only FMAs it
+makes multiply by 2.0, which is exact; tests check the sm_90 PTX).
 
 Memory (`CudaGreedy(memory=...)`, "auto" by default): the layer's [G, E] and [G, G] working
 arrays (home holders and positions, tokens per rank and expert, replicas held, flows, the
 expert-to-block map, the token and transfer times) live in shared memory when they fit
-(`shared_bytes(G, E)` <= SHARED_LIMIT = 48 KiB: 40.7 KB at G = 8, E = 128), else in
-preallocated global scratch (G = 64, E = 256 would need 531 KB). One kernel is compiled per
-(G, E, memory): G and E are compile-time constants, so every shared and per-thread local array
-has exactly G or E entries. Always shared: the rank arrays, the slowest rank's experts (20
-bytes per expert), a bitmask of each rank's experts with tokens at the start (for the compute
-sums) and the move's table of what each source can give of each of those experts
-(`_share_table`, SHARE_TABLE entries, 8 KB). Per thread: its candidate's pool and prefix
-sums, 7 local arrays of G entries, and the winner's takes, out-times and parts (576 B at
-G = 8, 4.5 KB at G = 64; only an unpruned candidate touches them).
+(`shared_bytes(G, E)` <= SHARED_LIMIT = 48 KiB: 44.3 KB at G = 8, E = 128), else in
+preallocated global scratch (G = 64, E = 256 would need 538 KB). One kernel is compiled per
+(G, E, memory, result slots): G and E are compile-time constants, so every shared and
+per-thread local array has exactly G or E entries. Always shared: the rank arrays, the slowest
+rank's experts (20 bytes per expert), a bitmask of each rank's experts with tokens at the start
+(for the compute sums), the move's table of what each source can give of each of those experts
+(`_share_table`, SHARE_TABLE entries, 8 KB), the searched candidate's pool and prefix arrays (8
+arrays of G entries) and its search's results (2 x slots x 3 floats: 3 KB for SLOTS = 64). Per
+thread: a round's plan (13 integers) and thread 0's takes, out-times and parts of the move it
+applies (ptxas: 240 B of stack at G = 8, 1.1 KB at G = 64).
 
-Where one layer's time goes (experiments.planner.kernel_stats counts it on the synthetic
-decode layers of experiments.planner.gpu_latency, default rules, k_max 16): in every move the
-FIRST candidate that passes the cheap pruning (lower bounds, slots, copy source) gains, so a
-move is its preamble (the slowest rank, the destinations and experts ranked, the share
-table: 6 barriers, 7 for a new block) plus ONE candidate's evaluation on one thread: its pool
-and prefix sums (O(G) dependent steps) and 16-19 evaluations of x one after another (each a
-binary search over the pool, a dozen loads and flops; the worst time, three of them, walks
-the pool up to x's entry). The 127 other threads prune the other candidates meanwhile. One
-layer of 16 moves therefore chains some 300 evaluations, 16 pools and ~100 barriers after the
-start; at a few hundred cycles per evaluation (loads from L1 and shared memory) that is some
-30-60 us at ep=8, while the measured time of the kernel before these changes (results/h200/
-gpu_latency: 397 us at ep=8, 2,894 us at ep=64 for one layer) was several times that: code
-size (the searches inlined at ~15 call sites: 273 KB of cubin, a straight-line region walked
-once per candidate, instruction-cache misses), divergence between lanes at different points
-of their searches, and at ep=64 the O(G) loops over global memory (the pool, the start's
-sums: 64-256 dependent L2 loads each). The changes aim at those: one evaluation site, the
-pool from a shared table, the start's sums side by side and over marked experts only.
-What is left, and would take the layer under the 10 us target only with a different
-parallelisation: the evaluations of one candidate are one dependent chain; a warp per
-candidate could evaluate the next levels of the bisections side by side (reproducing the
-CPU kernel's probes exactly: each lane one node of the bisection tree, the walk by ballot),
-cutting the ~17 evaluations to ~5 rounds. experiments.planner.gpu_latency measures the start,
-the per-move time and the threads and memory variants on the GPU.
+Where one layer's time goes (experiments.planner.kernel_stats counts it on the synthetic decode
+layers of experiments.planner.gpu_latency, default rules, k_max 16; results/kernel_stats): in
+every move the FIRST candidate that passes the cheap pruning gains, so a move is its preamble
+(the slowest rank, the destinations and experts ranked, the share table: 3 barriers), one round
+of pruning (up to 85 candidates at ep=64: one round of 128 threads), the searched candidate's
+pool and prefix sums (O(G) steps on thread 0, one barrier), its search and the move itself (2-3
+barriers). Before this layout ONE thread made the search's evaluations of x one after another
+while the 127 others idled: 15.6-16.6 per search at ep=8, 18.4-18.6 at ep=64 (13.1-14.1 and
+16.4-16.8 where a step that asks for the amount the step before it asked for reuses its times),
+the worst time's among them walking the pool. Now a search takes 2.0-2.2 rounds at ep=8 and
+3.5-4.0 at ep=64 (at most 3 and 5), each round one evaluation per thread (a binary search over
+the pool and O(1) operands), a barrier and the walk (integer steps and shared loads): the
+dependent steps of a move, its rounds of pruning plus one thread's distinct evaluations (before)
+or the search's rounds (now), go from 14.1-15.1 to 3.0-3.2 at ep=8 and from 17.4-17.9 to 4.8-5.0
+at ep=64. The kernel measured before (results/h200/gpu_latency: 397 us at ep=8, 2,894 us at
+ep=64 for one layer; results/h100 run 4: 447 us and 2,363 us) was slower than its chain of
+evaluations alone explains: code size, divergence between lanes and, at ep=64, O(G) loops over
+global memory (the worst time's walk over the pool is gone from every evaluation now: a prefix
+maximum). experiments.planner.gpu_latency measures the start, the per-move time and the threads
+and memory variants on the GPU.
 
 Entry points:
     `CudaGreedy(home, slots, cost, rules, num_layers=L)`: validates once, keeps device
@@ -1287,8 +1297,9 @@ class CudaGreedy(LayerPlanner):
     home: bool [G, E] (every layer) or [L, G, E] static placement; slots: int or int [G];
     cost: CostModel for G ranks; rules: GreedyRules (None: the defaults; also_paper is not
     supported); num_layers: L, the layers one `plan` call plans; threads: threads per block (a
-    multiple of 32, at most 1024; 1 for tests; the sm_90 kernel takes 150-175 registers per
-    thread, so the GPU may refuse launches of more than 352); memory: where a block keeps its
+    multiple of 32, at most 1024; 1 for tests; the sm_90 kernel takes 175-224 registers per
+    thread, so the GPU may refuse launches of more than 256; a candidate's search evaluates
+    min(threads, SLOTS) amounts per round, `slots`); memory: where a block keeps its
     layer's [G, E] and [G, G] working arrays, "shared" (shared memory: `shared_bytes(G, E)`
     must be at most SHARED_LIMIT), "global" (preallocated global scratch) or "auto" (shared
     when it fits; the same plans either way); max_moves: most moves per layer instead of the
