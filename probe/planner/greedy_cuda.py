@@ -65,17 +65,18 @@ pool and prefix sums (O(G) steps on thread 0, one barrier), its search and the m
 barriers). Before this layout ONE thread made the search's evaluations of x one after another
 while the 127 others idled: 15.6-16.6 per search at ep=8, 18.4-18.6 at ep=64 (13.1-14.1 and
 16.4-16.8 where a step that asks for the amount the step before it asked for reuses its times),
-the worst time's among them walking the pool. Now a search takes 2.0-2.2 rounds at ep=8 and
-3.5-4.0 at ep=64 (at most 3 and 5), each round one evaluation per thread (a binary search over
-the pool and O(1) operands), a barrier and the walk (integer steps and shared loads): the
-dependent steps of a move, its rounds of pruning plus one thread's distinct evaluations (before)
-or the search's rounds (now), go from 14.1-15.1 to 3.0-3.2 at ep=8 and from 17.4-17.9 to 4.8-5.0
-at ep=64. The kernel measured before (results/h200/gpu_latency: 397 us at ep=8, 2,894 us at
-ep=64 for one layer; results/h100 run 4: 447 us and 2,363 us) was slower than its chain of
-evaluations alone explains: code size, divergence between lanes and, at ep=64, O(G) loops over
-global memory (the worst time's walk over the pool is gone from every evaluation now: a prefix
-maximum). experiments.planner.gpu_latency measures the start, the per-move time and the threads
-and memory variants on the GPU.
+the worst time's among them walking the pool. Now a search takes 1.9-2.1 rounds at ep=8 and
+2.9-3.0 at ep=64 (at most 3; at ep=64 the water fill's first bisection has some 15 levels, 6 per
+round), each round one evaluation per thread (a binary search over the pool and O(1) operands),
+a barrier and the walk (integer steps and shared loads): the dependent steps of a move, its
+rounds of pruning plus one thread's distinct evaluations (before) or the search's rounds (now),
+go from 14.1-15.1 to 2.9-3.1 at ep=8 and from 17.4-17.9 to 3.9-4.2 at ep=64. The kernel measured
+before (results/h200/gpu_latency: 397 us at ep=8, 2,894 us at ep=64 for one layer; results/h100
+run 4: 447 us and 2,363 us) was slower than its chain of evaluations alone explains: code size,
+divergence between lanes and, at ep=64, O(G) loops over global memory (the worst time's walk
+over the pool is gone from every evaluation now: a prefix maximum).
+experiments.planner.gpu_latency measures the start, the per-move time and the threads and memory
+variants on the GPU.
 
 Entry points:
     `CudaGreedy(home, slots, cost, rules, num_layers=L)`: validates once, keeps device
@@ -530,9 +531,10 @@ def _find(plan, x):
 
 @cuda.jit(device=True, inline=True)
 def _put(plan, x, room):
-    """Adds x (x >= 1, not there yet) to the plan's singles while there is room."""
+    """Adds x (x >= 1, not there yet) to the plan's singles while they are fewer than room
+    (and than 4)."""
     n = plan[0]
-    if x < 1 or n >= room:
+    if x < 1 or n >= room or n >= 4:
         return
     for i in range(n):
         if plan[1 + i] == x:
@@ -558,17 +560,18 @@ def _add_tree(plan, t, used, nslots, lo, hi, width):
 @cuda.jit(device=True)
 def _plan_round(plan, nslots, step, kind, lo, hi, need, also, spec_x, spec_total, n_other,
                 mean_cap, second, lo2, hi2, x2):
-    """Which amounts a round evaluates, side by side in nslots result slots: need (the amount
-    the search waits for) and also (the second of a pair step, 0 if none), then amounts
-    later steps ask for where they are known (spec_x; spec_total, the evacuation's), then
-    the current bisection's tree (or the water fill's first, at the start) and the next
-    bisections whose ranges are known already (the mean cap's, phase 2's, phase 2's cap)."""
+    """Which amounts a round evaluates, side by side in nslots result slots, in this order of
+    priority: need (the amount the search waits for) and also (the second of a pair step, 0
+    if none); the current bisection's tree (or the water fill's first, at the start), as many
+    levels as fit; the amounts at the ends of the bisection under way, which its tree lacks
+    and its end may ask for (its hi and, for the water fill's adjustment, lo - 1; lo for
+    phase 2's); the trees of the next bisections whose ranges are known already (the mean
+    cap's, phase 2's, phase 2's cap); spec_x and spec_total (the evacuation's). At most 4
+    single amounts."""
     plan[0] = 0
     room = 4 if nslots > 4 else nslots
     _put(plan, need, room)
     _put(plan, also, room)
-    _put(plan, spec_x, room)
-    _put(plan, spec_total, room)
     used = plan[0]
     t = _P_TREES[0]
     stage = _B_CAP  # the bisections up to this one are done or under way
@@ -582,6 +585,13 @@ def _plan_round(plan, nslots, step, kind, lo, hi, need, also, spec_x, spec_total
         stage = _B_EQ
     elif step == _S_ONE:
         stage = _B_MEAN
+    if step == _S_BIS:
+        n = plan[0]
+        _put(plan, hi if kind <= _B_MEAN else lo, n + (1 if used < nslots else 0))
+        used += plan[0] - n
+        n = plan[0]
+        _put(plan, lo - 1 if kind == _B_EQ else 0, n + (1 if used < nslots else 0))
+        used += plan[0] - n
     if t < _P_LEN and mean_cap and stage < _B_MEAN and n_other > 1:
         used = _add_tree(plan, t, used, nslots, 1, n_other, 1)
         t += 4
@@ -594,6 +604,11 @@ def _plan_round(plan, nslots, step, kind, lo, hi, need, also, spec_x, spec_total
     while t < _P_LEN:
         _add_tree(plan, t, used, 0, 1, 1, 1)
         t += 4
+    n = plan[0]
+    room = n + nslots - used
+    room = 4 if room > 4 else room
+    _put(plan, spec_x, room)
+    _put(plan, spec_total, room)
 
 
 @cuda.jit(device=True)
