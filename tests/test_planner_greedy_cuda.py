@@ -2,13 +2,15 @@
 
 Two ways to run the kernel here, without a GPU:
 - Numba's CUDA simulator (NUMBA_ENABLE_CUDASIM=1, in a subprocess: it must be set before
-  numba.cuda is first imported), 32-64 threads per block: the parallel candidate search, its
-  atomic minimum and the barriers, on a few dozen layers (one or several layers per launch).
+  numba.cuda is first imported), 32-64 threads per block: the parallel pruning of candidates,
+  its atomic minimum, the block's rounds of a candidate's search (32-64 amounts side by side)
+  and the barriers, on a few dozen layers (one or several layers per launch).
   The simulator runs each thread as a Python thread and costs about 0.5 s per layer.
 - `run_sequential` (experiments.planner.kernel_stats): the same kernel source run as plain
   Python with one thread per block (the kernel's loops stride by the block size, so one thread
-  does every thread's work, and the first gaining candidate is the first one tried). Fast
-  enough for 1,000 layers.
+  does every thread's work, and the first gaining candidate is the first one tried), with one
+  result slot per round of a search (the CPU kernel's chain) or several (the block's rounds,
+  the one thread making every slot's evaluation). Fast enough for 1,000 layers.
 """
 
 from __future__ import annotations
