@@ -123,6 +123,32 @@ def test_simulator_global_scratch_equals_cpu_kernel():
     assert int(layers) >= 12 and int(moved) >= 4
 
 
+@pytest.mark.slow
+def test_simulator_runner_sizes():
+    """CudaGreedy in the CUDA simulator: `slots` stays the ranks' slot budget (the replica rows
+    it allocates: sum of min(slots, E), at most k_max) and `search_slots`, the amounts a round
+    of a search evaluates, is min(threads, SLOTS)."""
+    env = {**os.environ, "NUMBA_ENABLE_CUDASIM": "1", "PYTHONPATH": str(ROOT)}
+    code = ("import numpy as np\n"
+            "from probe.planner.cost import CostModel\n"
+            "from probe.planner.greedy_cuda import SLOTS, CudaGreedy\n"
+            "from probe.planner.greedy_rules import GreedyRules\n"
+            "cost = CostModel.uniform(4, alpha=0.0, beta=1.0, token_time=0.0,"
+            " transfer_time=1.0)\n"
+            "home = np.eye(4, 8, dtype=bool) | np.eye(4, 8, 4, dtype=bool)\n"
+            "for threads in (32, 128):\n"
+            "    runner = CudaGreedy(home, np.array([1, 2, 3, 9]), cost, GreedyRules(k_max=100),"
+            " num_layers=1, threads=threads)\n"
+            "    assert runner.slots.tolist() == [1, 2, 3, 9], runner.slots\n"
+            "    assert runner.search_slots == min(threads, SLOTS) and SLOTS == 64\n"
+            "    assert runner.out.replicas.shape[1] == 1 + 2 + 3 + 8, runner.out.replicas.shape\n"
+            "print('sizes ok')\n")
+    proc = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "sizes ok" in proc.stdout
+
+
 def _outputs_equal(a: tuple, b: tuple) -> bool:
     return all(np.array_equal(x, y, equal_nan=x.dtype.kind == "f")
                for x, y in zip(a, b, strict=True))

@@ -1314,7 +1314,7 @@ class CudaGreedy(LayerPlanner):
     supported); num_layers: L, the layers one `plan` call plans; threads: threads per block (a
     multiple of 32, at most 1024; 1 for tests; the sm_90 kernel takes 175-224 registers per
     thread, so the GPU may refuse launches of more than 256; a candidate's search evaluates
-    min(threads, SLOTS) amounts per round, `slots`); memory: where a block keeps its
+    min(threads, SLOTS) amounts per round, `search_slots`); memory: where a block keeps its
     layer's [G, E] and [G, G] working arrays, "shared" (shared memory: `shared_bytes(G, E)`
     must be at most SHARED_LIMIT), "global" (preallocated global scratch) or "auto" (shared
     when it fits; the same plans either way); max_moves: most moves per layer instead of the
@@ -1342,8 +1342,8 @@ class CudaGreedy(LayerPlanner):
         super().__init__(home, slots, cost, num_layers=num_layers, threads=threads,
                          max_ranks=MAX_RANKS, max_experts=MAX_EXPERTS, name="greedy_cuda")
         num_ranks, num_experts = self.shape
-        self.slots = min(self.threads, SLOTS)  # a search's amounts per round
-        self.kernel = kernel(num_ranks, num_experts, self.memory == "shared", self.slots)
+        self.search_slots = min(self.threads, SLOTS)  # a search's amounts per round
+        self.kernel = kernel(num_ranks, num_experts, self.memory == "shared", self.search_slots)
         limit = self.rules.max_moves(num_ranks, num_experts)
         limit = limit if limit > 0 else UNLIMITED_MOVES
         if max_moves is not None:  # 0: the start alone (timing the start phase)
