@@ -446,8 +446,9 @@ def test_prefix_after_equals_the_cpu_rules():
     env = dict(vars(greedy_cuda))
     env["mul"] = lambda a, b: a * b
     env["dmax"], env["dmin"] = _py(greedy_cuda.dmax), _py(greedy_cuda.dmin)
+    env["cuda"] = types.SimpleNamespace(syncthreads=lambda: None)  # one thread: no barrier
     fns = {}
-    for name in ("_prefix", "_entry", "_after_p", "_eval_x", "_worst_p"):
+    for name in ("_scan_sum", "_prefix", "_entry", "_after_p", "_eval_x", "_worst_p"):
         fn = _py(getattr(greedy_cuda, name))
         fns[name] = env[name] = types.FunctionType(fn.__code__, env, name, fn.__defaults__)
     checked = 0
@@ -467,8 +468,8 @@ def test_prefix_after_equals_the_cpu_rules():
         comp, t_in, t_out = rng.random(g), rng.random(g) * 1e-3, rng.random(g) * 1e-3
         alpha, beta = 1e-5, 3e-7
         cum, pre, p_worst = np.zeros(g, np.int64), np.zeros((4, g)), np.zeros(g)
-        fns["_prefix"](src, dst, npool, pool_s, pool_n, tt, comp, t_in, t_out, cum, *pre,
-                       p_worst)
+        fns["_prefix"](0, 1, src, dst, npool, pool_s, pool_n, tt, comp, t_in, t_out, cum,
+                       *pre, p_worst)
         for x in range(1, int(pool_n.sum()) + 1):
             parts, parts_p = np.zeros(6), np.zeros(6)
             want = greedy._after.py_func(x, e, src, dst, pool_s, pool_n, tok, comp, t_in,

@@ -10,22 +10,23 @@ How a block works (T threads, THREADS by default): the start (home holders, the 
 rank times) is spread over experts and ranks; then each move is found as the CPU kernel finds
 it. The CPU kernel tries candidates (destination rank, expert) in a fixed order (destinations
 fastest first, ties to the lowest rank; experts of the slowest rank heaviest first, ties to the
-lowest id) and applies the FIRST one that gains. Here the T threads put T consecutive
-candidates of that order through the CPU kernel's cheap tests at once (`_prune`: lower bounds,
-a free slot, a copy source), and an atomic minimum over the candidate index picks the first
-that passes: the same candidate, whatever the thread timing. The whole block then searches it
-(rule 6: how many tokens to move, `_search`): thread 0 builds its pool and prefix sums in
-shared memory (`_pool`, `_prefix`), and the search runs in rounds, each evaluating up to
-min(T, SLOTS) amounts x side by side, one per thread (`_eval_x`), then a barrier, then every
-thread walks the CPU kernel's steps (the same walk: the same data) as far as the round's
-results reach. A bisection's next probes depend on its tests, but the tree of all its possible
-midpoints does not: a round evaluates the next levels of that tree whole, with the amounts
-later steps will ask for where they are known already (the next bisection's tree, the
-evacuation's total), and the walk takes the CPU kernel's path down them, so it asks for the
-very amounts the CPU kernel asks for; an amount a round lacks costs another round, never a
-different answer. If the candidate gains, it is the move (thread 0 applies it, O(G) updates,
-after the threads together have written the expert's new dense [S, G] block if it has none
-yet); else the rounds of pruning go on after it.
+lowest id) and applies the FIRST one that gains. Here the T threads put T consecutive candidates
+of that order through the CPU kernel's cheap tests at once (`_prune`: lower bounds, a free slot,
+a copy source), and an atomic minimum over the candidate index picks the first that passes: the
+same candidate, whatever the thread timing. The whole block then searches it (rule 6: how many
+tokens to move, `_search`): thread 0 builds its pool in shared memory (`_pool`), the threads
+compute its entries' terms side by side and six of them the six prefix sums over them, one each,
+in pool order (`_prefix`), and the search runs in rounds, each evaluating up to min(T, SLOTS)
+amounts x side by side, one per thread (`_eval_x`), then a barrier, then every thread walks the
+CPU kernel's steps (the same walk: the same data) as far as the round's results reach. A
+bisection's next probes depend on its tests, but the tree of all its possible midpoints does
+not: a round evaluates the next levels of that tree whole, with the amounts later steps will ask
+for where they are known already (the ends of the bisection under way, the next bisection's
+tree, the evacuation's total), and the walk takes the CPU kernel's path down them, so it asks
+for the very amounts the CPU kernel asks for; an amount a round lacks costs another round, never
+a different answer. If the candidate gains, it is the move (thread 0 applies it, O(G) updates,
+after the threads together have written the expert's new dense [S, G] block if it has none yet);
+else the rounds of pruning go on after it.
 
 Floating point: every value that decides a choice is float64, computed in the CPU kernel's order
 of operations: the scalar rules (the static split, applying the move) are greedy.py's own
@@ -45,34 +46,35 @@ makes multiply by 2.0, which is exact; tests check the sm_90 PTX).
 Memory (`CudaGreedy(memory=...)`, "auto" by default): the layer's [G, E] and [G, G] working
 arrays (home holders and positions, tokens per rank and expert, replicas held, flows, the
 expert-to-block map, the token and transfer times) live in shared memory when they fit
-(`shared_bytes(G, E)` <= SHARED_LIMIT = 48 KiB: 44.3 KB at G = 8, E = 128), else in
-preallocated global scratch (G = 64, E = 256 would need 538 KB). One kernel is compiled per
-(G, E, memory, result slots): G and E are compile-time constants, so every shared and
-per-thread local array has exactly G or E entries. Always shared: the rank arrays, the slowest
-rank's experts (20 bytes per expert), a bitmask of each rank's experts with tokens at the start
-(for the compute sums), the move's table of what each source can give of each of those experts
-(`_share_table`, SHARE_TABLE entries, 8 KB), the searched candidate's pool and prefix arrays (8
-arrays of G entries) and its search's results (2 x slots x 3 floats: 3 KB for SLOTS = 64). Per
-thread: a round's plan (13 integers) and thread 0's takes, out-times and parts of the move it
-applies (ptxas: 240 B of stack at G = 8, 1.1 KB at G = 64).
+(`shared_bytes(G, E)` <= SHARED_LIMIT = 48 KiB: 44.3 KB at G = 8, E = 128), else in preallocated
+global scratch (G = 64, E = 256 would need 538 KB). One kernel is compiled per (G, E, memory,
+result slots): G and E are compile-time constants, so every shared and per-thread local array
+has exactly G or E entries. Always shared: the rank arrays, the slowest rank's experts (20 bytes
+per expert), a bitmask of each rank's experts with tokens at the start (for the compute sums),
+the move's table of what each source can give of each of those experts (`_share_table`,
+SHARE_TABLE entries, 8 KB), the searched candidate's pool and prefix arrays (8 arrays of G
+entries) and its search's results (2 x slots x 3 floats: 3 KB for SLOTS = 64). Per thread: a
+round's plan (13 integers) and thread 0's takes, out-times and parts of the move it applies
+(ptxas: 240 B of stack at G = 8, 1.1 KB at G = 64; 167 and 224 registers).
 
 Where one layer's time goes (experiments.planner.kernel_stats counts it on the synthetic decode
 layers of experiments.planner.gpu_latency, default rules, k_max 16; results/kernel_stats): in
 every move the FIRST candidate that passes the cheap pruning gains, so a move is its preamble
 (the slowest rank, the destinations and experts ranked, the share table: 3 barriers), one round
 of pruning (up to 85 candidates at ep=64: one round of 128 threads), the searched candidate's
-pool and prefix sums (O(G) steps on thread 0, one barrier), its search and the move itself (2-3
-barriers). Before this layout ONE thread made the search's evaluations of x one after another
-while the 127 others idled: 15.6-16.6 per search at ep=8, 18.4-18.6 at ep=64 (13.1-14.1 and
-16.4-16.8 where a step that asks for the amount the step before it asked for reuses its times),
-the worst time's among them walking the pool. Now a search takes 1.9-2.1 rounds at ep=8 and
-2.9-3.0 at ep=64 (at most 3; at ep=64 the water fill's first bisection has some 15 levels, 6 per
-round), each round one evaluation per thread (a binary search over the pool and O(1) operands),
-a barrier and the walk (integer steps and shared loads): the dependent steps of a move, its
-rounds of pruning plus one thread's distinct evaluations (before) or the search's rounds (now),
-go from 14.1-15.1 to 2.9-3.1 at ep=8 and from 17.4-17.9 to 3.9-4.2 at ep=64. The kernel measured
-before (results/h200/gpu_latency: 397 us at ep=8, 2,894 us at ep=64 for one layer; results/h100
-run 4: 447 us and 2,363 us) was slower than its chain of evaluations alone explains: code size,
+pool (O(G) integer steps on thread 0) and prefix sums (the terms side by side, then O(G)
+additions on each of six threads; 3 barriers), its search and the move itself (2-3 barriers).
+Before this layout ONE thread made the search's evaluations of x one after another while the 127
+others idled: 15.6-16.6 per search at ep=8, 18.4-18.6 at ep=64 (13.1-14.1 and 16.4-16.8 where a
+step that asks for the amount the step before it asked for reuses its times), the worst time's
+among them walking the pool. Now a search takes 1.9-2.1 rounds at ep=8 and 2.9-3.0 at ep=64 (at
+most 3; at ep=64 the water fill's first bisection has some 15 levels, 6 per round), each round
+one evaluation per thread (a binary search over the pool and O(1) operands), a barrier and the
+walk (integer steps and shared loads): the dependent steps of a move, its rounds of pruning plus
+one thread's distinct evaluations (before) or the search's rounds (now), go from 14.1-15.1 to
+2.9-3.1 at ep=8 and from 17.4-17.9 to 3.9-4.2 at ep=64. The kernel measured before
+(results/h200/gpu_latency: 397 us at ep=8, 2,894 us at ep=64 for one layer; results/h100 run 4:
+447 us and 2,363 us) was slower than its chain of evaluations alone explains: code size,
 divergence between lanes and, at ep=64, O(G) loops over global memory (the worst time's walk
 over the pool is gone from every evaluation now: a prefix maximum).
 experiments.planner.gpu_latency measures the start, the per-move time and the threads and memory
@@ -148,43 +150,64 @@ _apply_move = device(greedy._apply_move)
 # recorded the same way (p_worst: the maximum over the entries before i, all taken whole), so
 # that one evaluation of x (`_eval_x`) is O(log npool) with the worst time too.
 @cuda.jit(device=True)
-def _prefix(src, dst, npool, pool_s, pool_n, tt, comp, t_in, t_out, cum, p_in_src, p_in_dst,
-            p_out_dst, p_out_src, p_worst):
+def _scan_sum(arr, npool):
+    """arr[i] <- the sum of arr[:i] (in place, in order, from 0.0: each entry read before the
+    sum before it is written there)."""
+    acc = 0.0
+    for i in range(npool):
+        term = arr[i]
+        arr[i] = acc
+        acc += term
+
+
+@cuda.jit(device=True)
+def _prefix(tid, nt, src, dst, npool, pool_s, pool_n, tt, comp, t_in, t_out, cum, p_in_src,
+            p_in_dst, p_out_dst, p_out_src, p_worst):
     """cum[i]: the pool's tokens before entry i; p_*[i]: `_after`'s four sums (d_in_src,
     d_in_dst, d_out_dst, d_out_src) over the entries before i, taken whole, in pool order;
     p_worst[i]: the largest time of a third-party source (not src, not dst) among the entries
-    before i, each taken whole (`_worst`'s terms; -inf where there is none).
-
-    The loop has no branch (its loads do not wait for the entry before, so the compiler can
-    overlap the entries' loads): where `_after` skips a sum, 0.0 is added instead, which
-    leaves it unchanged (a sum that starts at +0.0 is never -0.0: its terms are >= 0, but
-    d_out_src's, whose one term comes from src, the pool's last entry)."""
-    c = 0
-    in_src = 0.0
-    in_dst = 0.0
-    out_dst = 0.0
-    out_src = 0.0
-    worst = -math.inf
+    before i, each taken whole (`_worst`'s terms; -inf where there is none). Every thread of
+    the block calls it (it has barriers): the threads compute the entries' terms side by side
+    (written into the arrays), then six threads run the six sums, one each, over them, in
+    pool order: the sequential sums' floats. Where `_after` skips a sum, its term is 0.0,
+    which leaves the sum unchanged (a sum that starts at +0.0 is never -0.0: its terms are
+    >= 0, but d_out_src's, whose one term comes from src, the pool's last entry); where
+    `_worst` skips an entry, its term is -inf, which leaves the maximum unchanged."""
     tt_ds = tt[dst, src]
     tt_src = tt[src, dst] - tt[src, src]
-    for i in range(npool):
-        cum[i] = c
-        p_in_src[i] = in_src
-        p_in_dst[i] = in_dst
-        p_out_dst[i] = out_dst
-        p_out_src[i] = out_src
-        p_worst[i] = worst
+    for i in range(tid, npool, nt):
         s = pool_s[i]
         take = pool_n[i]
-        c += take
-        in_src += mul(take, tt[s, src])
+        p_in_src[i] = mul(take, tt[s, src])
         to_dst = mul(take, tt[s, dst])
-        out_dst += mul(take, tt_ds) if s == dst else 0.0
-        in_dst += 0.0 if s == dst else to_dst
-        out_src += mul(take, tt_src) if s == src else 0.0
+        p_out_dst[i] = mul(take, tt_ds) if s == dst else 0.0
+        p_in_dst[i] = 0.0 if s == dst else to_dst
+        p_out_src[i] = mul(take, tt_src) if s == src else 0.0
         out = t_out[s] + mul(take, tt[s, dst] - tt[s, src])
         t = comp[s] + 2.0 * dmax(t_in[s], out)
-        worst = dmax(worst, t) if s != dst and s != src else worst
+        p_worst[i] = t if s != dst and s != src else -math.inf
+    cuda.syncthreads()
+    for k in range(tid, 6, nt):
+        if k == 0:
+            c = 0
+            for i in range(npool):
+                cum[i] = c
+                c += pool_n[i]
+        elif k == 1:
+            _scan_sum(p_in_src, npool)
+        elif k == 2:
+            _scan_sum(p_in_dst, npool)
+        elif k == 3:
+            _scan_sum(p_out_dst, npool)
+        elif k == 4:
+            _scan_sum(p_out_src, npool)
+        else:
+            worst = -math.inf
+            for i in range(npool):
+                term = p_worst[i]
+                p_worst[i] = worst
+                worst = dmax(worst, term)
+    cuda.syncthreads()
 
 
 @cuda.jit(device=True)
@@ -1152,24 +1175,26 @@ def _kernel_source(num_ranks: int, num_experts: int, in_shared: bool, slots: int
                     continue
                 dst = rank_order[first // ne]
                 e = exp_order[first % ne]
-                if tid == 0:  # its pool, prefix sums and copy source
+                if tid == 0:  # its pool and copy source
                     ok, own, holder = _prune(e, src, dst, ld, hm, slots, win, alpha, beta, tts,
                                              xts, epsilon, hc, hl, hp, tk, hd, bo, ba, times,
                                              comp, t_in, t_out, recv, send, used)
                     npool, total = _pool(e, src, dst, own, move_local, ld, hm, hc, hp, hd, bo,
                                          ba, shares, exp_at[first % ne] * G if table else -1,
                                          pool_s, pool_n)
-                    if total > 0:
-                        _prefix(src, dst, npool, pool_s, pool_n, tts, comp, t_in, t_out, cum,
-                                p_in_src, p_in_dst, p_out_dst, p_out_src, p_worst)
                     ints[_NPOOL] = npool
                     ints[_TOTAL] = total
                 cuda.syncthreads()
+                npool = ints[_NPOOL]
+                total = ints[_TOTAL]
+                if total > 0:  # its prefix sums (all threads)
+                    _prefix(tid, nt, src, dst, npool, pool_s, pool_n, tts, comp, t_in, t_out,
+                            cum, p_in_src, p_in_dst, p_out_dst, p_out_src, p_worst)
                 gains, x, c_src, c_dst = _search(
-                    tid, nt, SL, res, src, dst, tk[src, e], tk[dst, e], ints[_NPOOL],
-                    ints[_TOTAL], pool_s, pool_n, cum, p_in_src, p_in_dst, p_out_dst,
-                    p_out_src, p_worst, comp, t_in, t_out, times, alpha, beta, tts, epsilon,
-                    move_local, evacuate, two_phase, mean_cap, mean)
+                    tid, nt, SL, res, src, dst, tk[src, e], tk[dst, e], npool, total, pool_s,
+                    pool_n, cum, p_in_src, p_in_dst, p_out_dst, p_out_src, p_worst, comp, t_in,
+                    t_out, times, alpha, beta, tts, epsilon, move_local, evacuate, two_phase,
+                    mean_cap, mean)
                 if gains:
                     break
                 base = first + 1
@@ -1312,7 +1337,7 @@ class CudaGreedy(LayerPlanner):
     home: bool [G, E] (every layer) or [L, G, E] static placement; slots: int or int [G];
     cost: CostModel for G ranks; rules: GreedyRules (None: the defaults; also_paper is not
     supported); num_layers: L, the layers one `plan` call plans; threads: threads per block (a
-    multiple of 32, at most 1024; 1 for tests; the sm_90 kernel takes 175-224 registers per
+    multiple of 32, at most 1024; 1 for tests; the sm_90 kernel takes 167-224 registers per
     thread, so the GPU may refuse launches of more than 256; a candidate's search evaluates
     min(threads, SLOTS) amounts per round, `search_slots`); memory: where a block keeps its
     layer's [G, E] and [G, G] working arrays, "shared" (shared memory: `shared_bytes(G, E)`
