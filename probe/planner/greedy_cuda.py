@@ -1081,8 +1081,10 @@ def _kernel_source(num_ranks: int, num_experts: int, in_shared: bool, slots: int
             times[g] = comp[g] + 2.0 * dmax(t_in[g], t_out[g])
         cuda.syncthreads()
 
-        # One move per pass, 6 barriers (7 when the expert gets its first block) plus one per
-        # further round of candidates. ints[_NE] == 0 and ints[_WIN] == _NONE on entry.
+        # One move per pass: 3 barriers to rank the ranks and src's experts, one per round of
+        # candidates, 3 per searched candidate (its pool, its prefix sums) plus one per round
+        # of its search, 2 for the move (3 when the expert gets its first block).
+        # ints[_NE] == 0 and ints[_WIN] == ints[_WIN + 1] == _NONE on entry.
         while bad == 0:
             if ints[_MOVES] >= limit:
                 break
