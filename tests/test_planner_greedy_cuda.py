@@ -2,13 +2,15 @@
 
 Two ways to run the kernel here, without a GPU:
 - Numba's CUDA simulator (NUMBA_ENABLE_CUDASIM=1, in a subprocess: it must be set before
-  numba.cuda is first imported), 32-64 threads per block: the parallel candidate search, its
-  atomic minimum and the barriers, on a few dozen layers (one or several layers per launch).
+  numba.cuda is first imported), 32-64 threads per block: the parallel pruning of candidates,
+  its atomic minimum, the block's rounds of a candidate's search (32-64 amounts side by side)
+  and the barriers, on a few dozen layers (one or several layers per launch).
   The simulator runs each thread as a Python thread and costs about 0.5 s per layer.
 - `run_sequential` (experiments.planner.kernel_stats): the same kernel source run as plain
   Python with one thread per block (the kernel's loops stride by the block size, so one thread
-  does every thread's work, and the first gaining candidate is the first one tried). Fast
-  enough for 1,000 layers.
+  does every thread's work, and the first gaining candidate is the first one tried), with one
+  result slot per round of a search (the CPU kernel's chain) or several (the block's rounds,
+  the one thread making every slot's evaluation). Fast enough for 1,000 layers.
 """
 
 from __future__ import annotations
@@ -119,6 +121,32 @@ def test_simulator_global_scratch_equals_cpu_kernel():
     assert proc.returncode == 0, proc.stderr[-3000:]
     _, layers, moved = proc.stdout.split()
     assert int(layers) >= 12 and int(moved) >= 4
+
+
+@pytest.mark.slow
+def test_simulator_runner_sizes():
+    """CudaGreedy in the CUDA simulator: `slots` stays the ranks' slot budget (the replica rows
+    it allocates: sum of min(slots, E), at most k_max) and `search_slots`, the amounts a round
+    of a search evaluates, is min(threads, SLOTS)."""
+    env = {**os.environ, "NUMBA_ENABLE_CUDASIM": "1", "PYTHONPATH": str(ROOT)}
+    code = ("import numpy as np\n"
+            "from probe.planner.cost import CostModel\n"
+            "from probe.planner.greedy_cuda import SLOTS, CudaGreedy\n"
+            "from probe.planner.greedy_rules import GreedyRules\n"
+            "cost = CostModel.uniform(4, alpha=0.0, beta=1.0, token_time=0.0,"
+            " transfer_time=1.0)\n"
+            "home = np.eye(4, 8, dtype=bool) | np.eye(4, 8, 4, dtype=bool)\n"
+            "for threads in (32, 128):\n"
+            "    runner = CudaGreedy(home, np.array([1, 2, 3, 9]), cost, GreedyRules(k_max=100),"
+            " num_layers=1, threads=threads)\n"
+            "    assert runner.slots.tolist() == [1, 2, 3, 9], runner.slots\n"
+            "    assert runner.search_slots == min(threads, SLOTS) and SLOTS == 64\n"
+            "    assert runner.out.replicas.shape[1] == 1 + 2 + 3 + 8, runner.out.replicas.shape\n"
+            "print('sizes ok')\n")
+    proc = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "sizes ok" in proc.stdout
 
 
 def _outputs_equal(a: tuple, b: tuple) -> bool:
@@ -323,18 +351,104 @@ def test_sequential_pool_without_the_share_table_equals_cpu_kernel(monkeypatch, 
     assert moved >= 30
 
 
+def test_sequential_search_rounds_equal_cpu_kernel():
+    """A search's rounds with 2, 3, 7 and 64 result slots (the bisections' trees cut at every
+    depth, pair steps split over two rounds, speculation on and off): the CPU kernel's plans
+    on 80 random launches, shared and global memory; and with 64 slots a search takes fewer
+    than half the rounds it takes with one (one evaluation per round, the CPU kernel's
+    chain)."""
+    rng = np.random.default_rng(31)
+    moved = 0
+    rounds = {1: 0, 64: 0}
+
+    def wrap(name, fn):
+        if name != "_plan_round":
+            return fn
+
+        def counted(*a):
+            rounds[a[1]] = rounds.get(a[1], 0) + 1
+            return fn(*a)
+        return counted
+
+    for i in range(80):
+        batch = random_batch(rng, max_layers=2)
+        load, home, slots, window, cost, rules = batch
+        for num_slots in (1, 2, 3, 7, 64):
+            in_shared = bool((i + num_slots) % 2)
+            args = _host_buffers(load, home, slots, window, cost.alpha, cost.beta,
+                                 cost.token_time, cost.transfer_time, rules)
+            run_sequential(*args, num_layers=load.shape[0], in_shared=in_shared,
+                           slots=num_slots, wrap=wrap)
+            rep, n_rep, blk_e, blk_a, n_blk, moves, objective, status = args[-8:]
+            assert not status.any()
+            for layer in range(load.shape[0]):
+                out = (rep[layer, :n_rep[layer]], blk_e[layer, :n_blk[layer]],
+                       blk_a[layer, :n_blk[layer]], int(moves[layer]), float(objective[layer]))
+                assert same_layer(batch, layer, out), (i, layer, num_slots, rules)
+                moved += out[3] > 0
+    assert moved >= 150
+    assert 0 < rounds[64] < rounds[1] / 2, rounds
+
+
+def test_bisection_trees_hold_the_probes_of_every_path():
+    """`_node_x` and `_tree_find`: a tree of d levels over [lo, hi] holds, for every outcome
+    of the tests, the first d midpoints the bisection probes (and mid + 1 in a pair tree), each
+    found again at its slot; amounts the tree does not hold are not found."""
+    env = dict(vars(greedy_cuda))
+    fns = {}
+    for name in ("_node_x", "_tree_find"):
+        fn = _py(getattr(greedy_cuda, name))
+        fns[name] = env[name] = types.FunctionType(fn.__code__, env, name, fn.__defaults__)
+    node_x, tree_find = fns["_node_x"], fns["_tree_find"]
+    rng = np.random.default_rng(37)
+    checked = 0
+    for _ in range(300):
+        lo0 = int(rng.integers(1, 50))
+        hi0 = lo0 + int(rng.integers(0, 200))
+        levels = int(rng.integers(0, 7))
+        width = int(rng.integers(1, 3))
+        held = {}
+        for j in range(2 ** levels - 1):
+            x = node_x(j, lo0, hi0)
+            if x > 0:
+                held[j * width] = x
+                if width == 2:
+                    held[j * width + 1] = x + 1
+        for x in held.values():
+            assert held[tree_find(x, lo0, hi0, levels, width)] == x
+        outcomes = rng.random(levels) < 0.5
+        lo, hi = lo0, hi0
+        for level in range(levels):  # one path: the bisection's own probes
+            if lo >= hi:
+                break
+            mid = (lo + hi) // 2
+            for want in ((mid, mid + 1) if width == 2 else (mid,)):
+                assert held.get(tree_find(want, lo0, hi0, levels, width)) == want, (level,)
+                checked += 1
+            if outcomes[level]:
+                hi = mid
+            else:
+                lo = mid + 1
+        for x in range(lo0 - 2, hi0 + 3):
+            if x not in held.values():
+                assert tree_find(x, lo0, hi0, levels, width) == -1
+    assert checked > 500
+
+
 def test_prefix_after_equals_the_cpu_rules():
-    """`_after_p`, `_worst_p` and the search's `_eval_x` (prefix sums) against greedy's
-    `_after`, `_src_after` and `_worst` (the pool walked from the start): the same floats, bit
-    for bit, for every x of random pools, token times of mixed magnitudes."""
+    """`_after_p`, `_worst_p` and the search's `_eval_x` (prefix sums, and the prefix maximum
+    of the worst time's terms) against greedy's `_after`, `_src_after` and `_worst` (the pool
+    walked from the start): the same floats, bit for bit, for every x of random pools, token
+    times of mixed magnitudes."""
     from probe.planner import greedy
 
     rng = np.random.default_rng(5)
     env = dict(vars(greedy_cuda))
     env["mul"] = lambda a, b: a * b
     env["dmax"], env["dmin"] = _py(greedy_cuda.dmax), _py(greedy_cuda.dmin)
+    env["cuda"] = types.SimpleNamespace(syncthreads=lambda: None)  # one thread: no barrier
     fns = {}
-    for name in ("_prefix", "_entry", "_after_p", "_eval_x", "_worst_p"):
+    for name in ("_scan_sum", "_prefix", "_entry", "_after_p", "_eval_x", "_worst_p"):
         fn = _py(getattr(greedy_cuda, name))
         fns[name] = env[name] = types.FunctionType(fn.__code__, env, name, fn.__defaults__)
     checked = 0
@@ -353,8 +467,9 @@ def test_prefix_after_equals_the_cpu_rules():
         tok[src, e] = int(pool_n[:npool].sum()) + int(rng.integers(0, 2))
         comp, t_in, t_out = rng.random(g), rng.random(g) * 1e-3, rng.random(g) * 1e-3
         alpha, beta = 1e-5, 3e-7
-        cum, pre = np.zeros(g, np.int64), np.zeros((4, g))
-        fns["_prefix"](src, dst, npool, pool_s, pool_n, tt, cum, *pre)
+        cum, pre, p_worst = np.zeros(g, np.int64), np.zeros((4, g)), np.zeros(g)
+        fns["_prefix"](0, 1, src, dst, npool, pool_s, pool_n, tt, comp, t_in, t_out, cum,
+                       *pre, p_worst)
         for x in range(1, int(pool_n.sum()) + 1):
             parts, parts_p = np.zeros(6), np.zeros(6)
             want = greedy._after.py_func(x, e, src, dst, pool_s, pool_n, tok, comp, t_in,
@@ -371,13 +486,13 @@ def test_prefix_after_equals_the_cpu_rules():
             w_p = fns["_worst_p"](x, *want, src, dst, npool, pool_s, pool_n, cum, comp, t_in,
                                   t_out, tt, takes_p, outs_p)
             assert w == w_p and np.array_equal(takes, takes_p) and np.array_equal(outs, outs_p)
-            for with_worst in (False, True):  # the search's evaluation: the same floats
-                ev = fns["_eval_x"](x, with_worst, src, dst, pool_s, pool_n, npool, cum,
-                                    *pre, tok[src, e], tok[dst, e], comp[src], comp[dst],
-                                    t_in[src], t_out[src], t_in[dst], t_out[dst], tt[dst, src],
-                                    tt[src, dst] - tt[src, src], comp, t_in, t_out, alpha,
-                                    beta, tt)
-                assert ev == (*want, w if with_worst else max(want)), (x, ev, want, w)
+            # the search's evaluation: the same floats (its worst time always computed)
+            ev = fns["_eval_x"](x, src, dst, pool_s, npool, cum, *pre, p_worst, tok[src, e],
+                                tok[dst, e], comp[src], comp[dst], t_in[src], t_out[src],
+                                t_in[dst], t_out[dst], tt[dst, src],
+                                tt[src, dst] - tt[src, src], comp, t_in, t_out, alpha, beta,
+                                tt)
+            assert ev == (*want, w), (x, ev, want, w)
             checked += 1
     assert checked > 500
 

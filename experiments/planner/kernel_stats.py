@@ -13,10 +13,15 @@ thread block; nothing here is timed):
 2. The work of the synthetic decode layers of experiments.planner.gpu_latency (768 tokens per
    rank, default rules), counted by running the kernel's Python source sequentially (one thread
    per block: `run_sequential`, which the tests also use): per move, the candidates tried before
-   the first one that gains, how many of them got past the cheap pruning, and how many
-   evaluations of one amount x (a candidate's rank times after moving x tokens, as
-   rule 6's bisections ask for them) an unpruned candidate makes. Each evaluation is a chain of
-   dependent loads (a binary search over the candidate's pool and a dozen operands).
+   the first one that gains, how many of them got past the cheap pruning (each is searched by
+   the whole block), the evaluations of one amount x (a candidate's rank times after moving x
+   tokens, as rule 6's bisections ask for them) its search makes one after another with one
+   result slot per round, and the rounds it takes with greedy_cuda.SLOTS slots (a block of 64
+   threads or more: each round its evaluations side by side, one barrier, then the walk through
+   the results). The dependent steps of a move: its rounds of pruning plus one thread's chain of
+   evaluations (the kernel before its search was spread over the block), or plus the search's
+   rounds (now). Each evaluation is a chain of dependent loads (a binary search over the
+   candidate's pool and a dozen operands).
 Needs NVVM and ptxas for part 1 (skipped, and said so, where either is missing); part 2 runs
 anywhere. Writes kernel_stats.json, kernel_stats.md and a manifest into --out and prints the
 tables.
@@ -124,14 +129,18 @@ def _ptx_instructions(ptx: str) -> int:
     return count
 
 
-def run_sequential(*args, num_layers: int, in_shared: bool = False, wrap=None) -> None:
+def run_sequential(*args, num_layers: int, in_shared: bool = False, slots: int = 1,
+                   wrap=None) -> None:
     """Run greedy_cuda's kernel on numpy launch arguments (`host_buffers`) as plain Python, one
     thread per block, its working arrays in (simulated) shared memory or in the global scratch
-    arguments."""
+    arguments, `slots` amounts per round of a candidate's search (1: one evaluation per round,
+    the CPU kernel's chain; greedy_cuda.SLOTS: the rounds of a block of 64 threads or more,
+    the one thread making every slot's evaluation)."""
     from probe.planner import greedy_cuda
 
     num_ranks, num_experts = args[1].shape[1:]
-    run = sequential(greedy_cuda._kernel_source(num_ranks, num_experts, in_shared), wrap=wrap)
+    run = sequential(greedy_cuda._kernel_source(num_ranks, num_experts, in_shared, slots),
+                     wrap=wrap)
     run(*args, num_layers=num_layers)
 
 
@@ -153,29 +162,34 @@ def host_buffers(load, home, slots, window, alpha, beta, tt, xt, rules) -> tuple
             np.zeros(L), np.zeros(L, i64))
 
 
-def work_counts(batch, layer: int) -> dict:
-    """Per move of one layer, run sequentially: candidates tried up to the first gaining one,
-    those past the pruning (a pool built) and the evaluations of x each of them made."""
-    load, home, slots, window, cost, rules = batch
-    calls = {"eval": 0, "pool": 0}
+def _count_moves(batch, layer: int, slots: int) -> tuple[list, list]:
+    """One layer run sequentially with `slots` amounts per round: per move (and for the last
+    pass, which found no move) one entry per searched candidate, (tried, evaluations, rounds):
+    the candidates tried since the last one searched (itself included), its evaluations of x
+    and its rounds of evaluations; the last pass ends with (tried after its last search, 0,
+    0)."""
+    load, home, slots_g, window, cost, rules = batch
+    calls = {"prune": 0, "eval": 0, "round": 0}
     per_move: list = []
     current: list = []
 
     def wrap(name, fn):
-        if name == "_candidate":
-            def candidate(*a):
-                calls["eval"] = calls["pool"] = 0
-                out = fn(*a)
-                current.append((calls["pool"], calls["eval"]))
-                return out
-            return candidate
-        if name in ("_eval_x", "_after_p", "_src_after_p", "_prefix"):
-            key = "pool" if name == "_prefix" else "eval"
-
+        key = {"_prune": "prune", "_eval_x": "eval", "_plan_round": "round"}.get(name)
+        if key is not None:
             def counted(*a):
                 calls[key] += 1
                 return fn(*a)
             return counted
+        if name == "_search":
+            def search(*a):
+                # (the pruning calls so far: the candidates tried, and the searched one's
+                # second pruning on thread 0, which is not a try)
+                calls["eval"] = calls["round"] = 0
+                out = fn(*a)
+                current.append((calls["prune"] - 1, calls["eval"], calls["round"]))
+                calls["prune"] = 0
+                return out
+            return search
         if name == "_apply_move":
             def applied(*a):
                 per_move.append(list(current))
@@ -184,20 +198,54 @@ def work_counts(batch, layer: int) -> dict:
             return applied
         return fn
 
-    args = host_buffers(load[layer:layer + 1], home[layer:layer + 1], slots,
+    args = host_buffers(load[layer:layer + 1], home[layer:layer + 1], slots_g,
                         window[layer:layer + 1], cost.alpha, cost.beta, cost.token_time,
                         cost.transfer_time, rules)
-    run_sequential(*args, num_layers=1, in_shared=True, wrap=wrap)
-    moves = [{"tried": len(c), "unpruned": sum(p > 0 for p, _ in c),
-              "evals": [n for p, n in c if p > 0]} for c in per_move]
-    last = {"tried": len(current), "unpruned": sum(p > 0 for p, _ in current),
-            "evals": [n for p, n in current if p > 0]}
+    run_sequential(*args, num_layers=1, in_shared=True, slots=slots, wrap=wrap)
+    current.append((calls["prune"], 0, 0))  # the last pass: tried, nothing searched after
+    return per_move, current
+
+
+def work_counts(batch, layer: int, threads: int = 128) -> dict:
+    """Per move of one layer, run sequentially: candidates tried up to the first gaining one,
+    those past the pruning (each searched by the whole block), the evaluations of x a search
+    makes one after another (the CPU kernel's chain: one slot per round) and the rounds it
+    takes with greedy_cuda.SLOTS slots (a block of 64 threads or more), and the dependent
+    steps of a move on a block of `threads` threads: rounds of pruning (`threads` candidates
+    each) plus the searches' rounds (before these changes: the rounds of pruning plus one
+    thread's whole chain of evaluations)."""
+    from probe.planner.greedy_cuda import SLOTS
+
+    serial, last = _count_moves(batch, layer, 1)
+    wide, last_wide = _count_moves(batch, layer, SLOTS)
+    assert [[c[0] for c in m] for m in serial] == [[c[0] for c in m] for m in wide]
+    moves = []
+    for one, many in zip(serial, wide, strict=True):
+        tried = sum(c[0] for c in one)
+        prune_rounds = -(-tried // threads)
+        moves.append({"tried": tried, "unpruned": len(one), "evals": [c[1] for c in one],
+                      "rounds": [c[2] for c in many], "evals_made": [c[1] for c in many],
+                      "chain_before": prune_rounds + sum(c[1] for c in one),
+                      "chain_after": prune_rounds + sum(c[2] for c in many)})
+    tried_last = sum(c[0] for c in last)
+    no_gain = {"tried": tried_last, "unpruned": len(last) - 1,
+               "evals": [c[1] for c in last[:-1]], "rounds": [c[2] for c in last_wide[:-1]]}
     evals = [n for m in moves for n in m["evals"]]
-    return {"moves": len(moves), "per_move": moves, "no_gain_pass": last,
-            "tried_per_move": float(np.mean([m["tried"] for m in moves])) if moves else 0.0,
-            "unpruned_per_move": float(np.mean([m["unpruned"] for m in moves])) if moves else 0.0,
-            "evals_per_unpruned": float(np.mean(evals)) if evals else 0.0,
-            "evals_max": max(evals, default=0)}
+    rounds = [n for m in moves for n in m["rounds"]]
+    made = [n for m in moves for n in m["evals_made"]]
+
+    def mean(values) -> float:
+        return float(np.mean(values)) if len(values) else 0.0
+
+    return {"moves": len(moves), "per_move": moves, "no_gain_pass": no_gain,
+            "threads": threads, "slots": SLOTS,
+            "tried_per_move": mean([m["tried"] for m in moves]),
+            "unpruned_per_move": mean([m["unpruned"] for m in moves]),
+            "evals_per_unpruned": mean(evals), "evals_max": max(evals, default=0),
+            "rounds_per_unpruned": mean(rounds), "rounds_max": max(rounds, default=0),
+            "evals_made_per_round": sum(made) / max(sum(rounds), 1),
+            "chain_before_per_move": mean([m["chain_before"] for m in moves]),
+            "chain_after_per_move": mean([m["chain_after"] for m in moves])}
 
 
 def _markdown(report: dict) -> str:
@@ -215,17 +263,31 @@ def _markdown(report: dict) -> str:
                      f"{row['stack_bytes']} | {row['spill_stores']}/{row['spill_loads']} | "
                      f"{row['shared_bytes']} | {row['ptx_bytes'] / 1024:.0f} | "
                      f"{row['ptx_instructions']} | {row['cubin_bytes'] / 1024:.0f} |")
+    work = report["work"]
+    threads, slots = (work[0]["threads"], work[0]["slots"]) if work else (128, 64)
     lines += ["", "Work per layer (decode layers, the kernel run sequentially; per move: "
-              "candidates tried up to the first gaining one, those past the pruning, and "
-              "evaluations of x per unpruned candidate):", "",
+              "candidates tried up to the first gaining one, those past the pruning (each "
+              "searched by the whole block), the evaluations of x a search makes one after "
+              "another with one result slot per round (the CPU kernel's order; a step that "
+              "asks for the amount the step before asked for reuses it), the rounds in which "
+              f"a block with {slots} result slots makes them (a round: its evaluations side by "
+              "side, one barrier, the walk), the evaluations such a round makes, and the "
+              f"dependent steps of a move on {threads} threads: rounds of pruning plus, before, "
+              "one thread's chain of evaluations, after, the searches' rounds; "
+              "kernel_stats_before.md has the numbers of the kernel before its latency "
+              "changes):", "",
               "| shape | layer | moves | tried / move | unpruned / move | evals / unpruned | "
-              "max evals | no-gain pass: tried, unpruned |",
-              "|---|---:|---:|---:|---:|---:|---:|---|"]
-    for row in report["work"]:
+              "max evals | rounds / unpruned | max rounds | evals made / round | "
+              "chain / move before | chain / move after | no-gain pass: tried, unpruned |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for row in work:
         last = row["no_gain_pass"]
         lines.append(f"| {row['shape']} | {row['layer']} | {row['moves']} | "
                      f"{row['tried_per_move']:.1f} | {row['unpruned_per_move']:.2f} | "
                      f"{row['evals_per_unpruned']:.1f} | {row['evals_max']} | "
+                     f"{row['rounds_per_unpruned']:.1f} | {row['rounds_max']} | "
+                     f"{row['evals_made_per_round']:.1f} | "
+                     f"{row['chain_before_per_move']:.1f} | {row['chain_after_per_move']:.1f} | "
                      f"{last['tried']}, {last['unpruned']} |")
     return "\n".join(lines) + "\n"
 

@@ -10,62 +10,75 @@ How a block works (T threads, THREADS by default): the start (home holders, the 
 rank times) is spread over experts and ranks; then each move is found as the CPU kernel finds
 it. The CPU kernel tries candidates (destination rank, expert) in a fixed order (destinations
 fastest first, ties to the lowest rank; experts of the slowest rank heaviest first, ties to the
-lowest id) and applies the FIRST one that gains. Here the T threads evaluate T consecutive
-candidates of that order at once, each with the CPU kernel's arithmetic (`_candidate`), and an
-atomic minimum over the candidate index picks the first gaining one: the same move, whatever
-the thread timing. Only when none of the T gains do they go on to the next T. The winning
-thread then applies its move from its own pool (O(G) updates), after the threads together
-have written the expert's new dense [S, G] block if it has none yet.
+lowest id) and applies the FIRST one that gains. Here the T threads put T consecutive candidates
+of that order through the CPU kernel's cheap tests at once (`_prune`: lower bounds, a free slot,
+a copy source), and an atomic minimum over the candidate index picks the first that passes: the
+same candidate, whatever the thread timing. The whole block then searches it (rule 6: how many
+tokens to move, `_search`): thread 0 builds its pool in shared memory (`_pool`), the threads
+compute its entries' terms side by side and six of them the six prefix sums over them, one each,
+in pool order (`_prefix`), and the search runs in rounds, each evaluating up to min(T, SLOTS)
+amounts x side by side, one per thread (`_eval_x`), then a barrier, then every thread walks the
+CPU kernel's steps (the same walk: the same data) as far as the round's results reach. A
+bisection's next probes depend on its tests, but the tree of all its possible midpoints does
+not: a round evaluates the next levels of that tree whole, with the amounts later steps will ask
+for where they are known already (the ends of the bisection under way, the next bisection's
+tree, the evacuation's total), and the walk takes the CPU kernel's path down them, so it asks
+for the very amounts the CPU kernel asks for; an amount a round lacks costs another round, never
+a different answer. If the candidate gains, it is the move (thread 0 applies it, O(G) updates,
+after the threads together have written the expert's new dense [S, G] block if it has none yet);
+else the rounds of pruning go on after it.
 
 Floating point: every value that decides a choice is float64, computed in the CPU kernel's order
 of operations: the scalar rules (the static split, applying the move) are greedy.py's own
 functions, compiled a second time as device functions (`numba_cuda.device`,
 probe.planner.scalar); `_after`, `_src_after` and `_worst` have twins here that read the same
 sums from prefix arrays (`_prefix`: a sum that starts at 0.0 and adds the same terms in the
-same order passes through the same floats), and `_eval_x` is `_after` and `_worst` in one
-(tests compare the twins with greedy's rules bit for bit). Rule 6's searches (`_water_fill`,
-phase 2's bisection, the caps, the evacuation) are one loop of steps in `_candidate`, each
-step one `_eval_x`, making the CPU kernel's evaluations in its order. The products that feed
-a sum are rounded on their own (libdevice's dmul_rn): the CUDA compiler would otherwise fuse
-a * b + c into one FMA, which rounds once and can flip a tie (the only FMAs it makes
-multiply by 2.0, which is exact; tests check the sm_90 PTX).
+same order passes through the same floats; `_worst`'s running maximum over the third-party
+sources becomes a prefix maximum, the same value: a maximum of values that are not NaN does
+not depend on the order it takes them in, and the worst time is only compared), and `_eval_x`
+is `_after` and `_worst` in one (tests compare the twins with greedy's rules bit for bit).
+Rule 6's searches (`_water_fill`, phase 2's bisection, the caps, the evacuation) are one loop
+of steps in `_search`, a bisection's step written once for all four (`_S_BIS`). The products
+that feed a sum are rounded on their own (libdevice's dmul_rn): the CUDA compiler would
+otherwise fuse a * b + c into one FMA, which rounds once and can flip a tie (the only FMAs it
+makes multiply by 2.0, which is exact; tests check the sm_90 PTX).
 
 Memory (`CudaGreedy(memory=...)`, "auto" by default): the layer's [G, E] and [G, G] working
 arrays (home holders and positions, tokens per rank and expert, replicas held, flows, the
 expert-to-block map, the token and transfer times) live in shared memory when they fit
-(`shared_bytes(G, E)` <= SHARED_LIMIT = 48 KiB: 40.7 KB at G = 8, E = 128), else in
-preallocated global scratch (G = 64, E = 256 would need 531 KB). One kernel is compiled per
-(G, E, memory): G and E are compile-time constants, so every shared and per-thread local array
-has exactly G or E entries. Always shared: the rank arrays, the slowest rank's experts (20
-bytes per expert), a bitmask of each rank's experts with tokens at the start (for the compute
-sums) and the move's table of what each source can give of each of those experts
-(`_share_table`, SHARE_TABLE entries, 8 KB). Per thread: its candidate's pool and prefix
-sums, 7 local arrays of G entries, and the winner's takes, out-times and parts (576 B at
-G = 8, 4.5 KB at G = 64; only an unpruned candidate touches them).
+(`shared_bytes(G, E)` <= SHARED_LIMIT = 48 KiB: 44.3 KB at G = 8, E = 128), else in preallocated
+global scratch (G = 64, E = 256 would need 538 KB). One kernel is compiled per (G, E, memory,
+result slots): G and E are compile-time constants, so every shared and per-thread local array
+has exactly G or E entries. Always shared: the rank arrays, the slowest rank's experts (20 bytes
+per expert), a bitmask of each rank's experts with tokens at the start (for the compute sums),
+the move's table of what each source can give of each of those experts (`_share_table`,
+SHARE_TABLE entries, 8 KB), the searched candidate's pool and prefix arrays (8 arrays of G
+entries) and its search's results (2 x slots x 3 floats: 3 KB for SLOTS = 64). Per thread: a
+round's plan (13 integers) and thread 0's takes, out-times and parts of the move it applies
+(ptxas: 240 B of stack at G = 8, 1.1 KB at G = 64; 167 and 224 registers).
 
-Where one layer's time goes (experiments.planner.kernel_stats counts it on the synthetic
-decode layers of experiments.planner.gpu_latency, default rules, k_max 16): in every move the
-FIRST candidate that passes the cheap pruning (lower bounds, slots, copy source) gains, so a
-move is its preamble (the slowest rank, the destinations and experts ranked, the share
-table: 6 barriers, 7 for a new block) plus ONE candidate's evaluation on one thread: its pool
-and prefix sums (O(G) dependent steps) and 16-19 evaluations of x one after another (each a
-binary search over the pool, a dozen loads and flops; the worst time, three of them, walks
-the pool up to x's entry). The 127 other threads prune the other candidates meanwhile. One
-layer of 16 moves therefore chains some 300 evaluations, 16 pools and ~100 barriers after the
-start; at a few hundred cycles per evaluation (loads from L1 and shared memory) that is some
-30-60 us at ep=8, while the measured time of the kernel before these changes (results/h200/
-gpu_latency: 397 us at ep=8, 2,894 us at ep=64 for one layer) was several times that: code
-size (the searches inlined at ~15 call sites: 273 KB of cubin, a straight-line region walked
-once per candidate, instruction-cache misses), divergence between lanes at different points
-of their searches, and at ep=64 the O(G) loops over global memory (the pool, the start's
-sums: 64-256 dependent L2 loads each). The changes aim at those: one evaluation site, the
-pool from a shared table, the start's sums side by side and over marked experts only.
-What is left, and would take the layer under the 10 us target only with a different
-parallelisation: the evaluations of one candidate are one dependent chain; a warp per
-candidate could evaluate the next levels of the bisections side by side (reproducing the
-CPU kernel's probes exactly: each lane one node of the bisection tree, the walk by ballot),
-cutting the ~17 evaluations to ~5 rounds. experiments.planner.gpu_latency measures the start,
-the per-move time and the threads and memory variants on the GPU.
+Where one layer's time goes (experiments.planner.kernel_stats counts it on the synthetic decode
+layers of experiments.planner.gpu_latency, default rules, k_max 16; results/kernel_stats): in
+every move the FIRST candidate that passes the cheap pruning gains, so a move is its preamble
+(the slowest rank, the destinations and experts ranked, the share table: 3 barriers), one round
+of pruning (up to 85 candidates at ep=64: one round of 128 threads), the searched candidate's
+pool (O(G) integer steps on thread 0) and prefix sums (the terms side by side, then O(G)
+additions on each of six threads; 3 barriers), its search and the move itself (2-3 barriers).
+Before this layout ONE thread made the search's evaluations of x one after another while the 127
+others idled: 15.6-16.6 per search at ep=8, 18.4-18.6 at ep=64 (13.1-14.1 and 16.4-16.8 where a
+step that asks for the amount the step before it asked for reuses its times), the worst time's
+among them walking the pool. Now a search takes 1.9-2.1 rounds at ep=8 and 2.9-3.0 at ep=64 (at
+most 3; at ep=64 the water fill's first bisection has some 15 levels, 6 per round), each round
+one evaluation per thread (a binary search over the pool and O(1) operands), a barrier and the
+walk (integer steps and shared loads): the dependent steps of a move, its rounds of pruning plus
+one thread's distinct evaluations (before) or the search's rounds (now), go from 14.1-15.1 to
+2.9-3.1 at ep=8 and from 17.4-17.9 to 3.9-4.2 at ep=64. The kernel measured before
+(results/h200/gpu_latency: 397 us at ep=8, 2,894 us at ep=64 for one layer; results/h100 run 4:
+447 us and 2,363 us) was slower than its chain of evaluations alone explains: code size,
+divergence between lanes and, at ep=64, O(G) loops over global memory (the worst time's walk
+over the pool is gone from every evaluation now: a prefix maximum).
+experiments.planner.gpu_latency measures the start, the per-move time and the threads and memory
+variants on the GPU.
 
 Entry points:
     `CudaGreedy(home, slots, cost, rules, num_layers=L)`: validates once, keeps device
@@ -97,8 +110,8 @@ from probe.planner.greedy import UNLIMITED_MOVES, _rules
 from probe.planner.greedy_rules import GreedyRules
 from probe.planner.numba_cuda import cuda, device, dmax, dmin, mul
 
-__all__ = ["MAX_EXPERTS", "MAX_RANKS", "SHARED_LIMIT", "THREADS", "CudaGreedy", "CudaPlan",
-           "choose_memory", "greedy_cuda_arrays", "kernel", "shared_bytes"]
+__all__ = ["MAX_EXPERTS", "MAX_RANKS", "SHARED_LIMIT", "SLOTS", "THREADS", "CudaGreedy",
+           "CudaPlan", "choose_memory", "greedy_cuda_arrays", "kernel", "shared_bytes"]
 
 # Most ranks a layer may have (the per-thread pool and the shared rank arrays are this long).
 MAX_RANKS = 64
@@ -106,6 +119,9 @@ MAX_RANKS = 64
 MAX_EXPERTS = 1024
 # Threads per block (one block per layer) unless the caller picks another multiple of 32.
 THREADS = 128
+# Most amounts x one round of a candidate's search evaluates side by side (`_search`): a block
+# of T threads has min(T, SLOTS) result slots (48 bytes each in shared memory).
+SLOTS = 64
 # Most shared memory a block's arrays may take: the static limit of a block (48 KiB).
 SHARED_LIMIT = 48 * 1024
 # Entries of the per-move table of what each source can give of each of src's experts
@@ -113,8 +129,8 @@ SHARED_LIMIT = 48 * 1024
 SHARE_TABLE = 1024
 # "No candidate gained yet" (larger than any candidate index: MAX_RANKS * experts < 2**40).
 _NONE = 1 << 40
-# Slots of the block's shared integer and float scalars.
-_NE, _WIN, _E, _B, _NEWB, _NBLK, _NREP, _MOVES, _BAD = range(9)
+# Slots of the block's shared integers (_WIN and _WIN + 1: two rounds' first candidates).
+_NE, _WIN, _B, _NEWB, _NBLK, _NREP, _MOVES, _BAD, _NPOOL, _TOTAL = 0, 1, 3, 4, 5, 6, 7, 8, 9, 10
 
 
 # The CPU kernel's scalar rules as device functions: the same Python functions, compiled again
@@ -130,37 +146,68 @@ _apply_move = device(greedy._apply_move)
 # passes through the same floats, so `_prefix` records each sum before every entry once per
 # candidate, and `_after_p(x)` takes the sums before the last entry touched (found by a binary
 # search over the cumulative counts) and adds that entry's partial take: the CPU kernel's floats,
-# bit for bit, in O(log npool) per call.
+# bit for bit, in O(log npool) per call. `_worst`'s maximum over the third-party sources is
+# recorded the same way (p_worst: the maximum over the entries before i, all taken whole), so
+# that one evaluation of x (`_eval_x`) is O(log npool) with the worst time too.
 @cuda.jit(device=True)
-def _prefix(src, dst, npool, pool_s, pool_n, tt, cum, p_in_src, p_in_dst, p_out_dst, p_out_src):
-    """cum[i]: the pool's tokens before entry i; p_*[i]: `_after`'s four sums (d_in_src,
-    d_in_dst, d_out_dst, d_out_src) over the entries before i, taken whole, in pool order.
+def _scan_sum(arr, npool):
+    """arr[i] <- the sum of arr[:i] (in place, in order, from 0.0: each entry read before the
+    sum before it is written there)."""
+    acc = 0.0
+    for i in range(npool):
+        term = arr[i]
+        arr[i] = acc
+        acc += term
 
-    The loop has no branch (its loads do not wait for the entry before, so the compiler can
-    overlap the entries' loads): where `_after` skips a sum, 0.0 is added instead, which
-    leaves it unchanged (a sum that starts at +0.0 is never -0.0: its terms are >= 0, but
-    d_out_src's, whose one term comes from src, the pool's last entry)."""
-    c = 0
-    in_src = 0.0
-    in_dst = 0.0
-    out_dst = 0.0
-    out_src = 0.0
+
+@cuda.jit(device=True)
+def _prefix(tid, nt, src, dst, npool, pool_s, pool_n, tt, comp, t_in, t_out, cum, p_in_src,
+            p_in_dst, p_out_dst, p_out_src, p_worst):
+    """cum[i]: the pool's tokens before entry i; p_*[i]: `_after`'s four sums (d_in_src,
+    d_in_dst, d_out_dst, d_out_src) over the entries before i, taken whole, in pool order;
+    p_worst[i]: the largest time of a third-party source (not src, not dst) among the entries
+    before i, each taken whole (`_worst`'s terms; -inf where there is none). Every thread of
+    the block calls it (it has barriers): the threads compute the entries' terms side by side
+    (written into the arrays), then six threads run the six sums, one each, over them, in
+    pool order: the sequential sums' floats. Where `_after` skips a sum, its term is 0.0,
+    which leaves the sum unchanged (a sum that starts at +0.0 is never -0.0: its terms are
+    >= 0, but d_out_src's, whose one term comes from src, the pool's last entry); where
+    `_worst` skips an entry, its term is -inf, which leaves the maximum unchanged."""
     tt_ds = tt[dst, src]
     tt_src = tt[src, dst] - tt[src, src]
-    for i in range(npool):
-        cum[i] = c
-        p_in_src[i] = in_src
-        p_in_dst[i] = in_dst
-        p_out_dst[i] = out_dst
-        p_out_src[i] = out_src
+    for i in range(tid, npool, nt):
         s = pool_s[i]
         take = pool_n[i]
-        c += take
-        in_src += mul(take, tt[s, src])
+        p_in_src[i] = mul(take, tt[s, src])
         to_dst = mul(take, tt[s, dst])
-        out_dst += mul(take, tt_ds) if s == dst else 0.0
-        in_dst += 0.0 if s == dst else to_dst
-        out_src += mul(take, tt_src) if s == src else 0.0
+        p_out_dst[i] = mul(take, tt_ds) if s == dst else 0.0
+        p_in_dst[i] = 0.0 if s == dst else to_dst
+        p_out_src[i] = mul(take, tt_src) if s == src else 0.0
+        out = t_out[s] + mul(take, tt[s, dst] - tt[s, src])
+        t = comp[s] + 2.0 * dmax(t_in[s], out)
+        p_worst[i] = t if s != dst and s != src else -math.inf
+    cuda.syncthreads()
+    for k in range(tid, 6, nt):
+        if k == 0:
+            c = 0
+            for i in range(npool):
+                cum[i] = c
+                c += pool_n[i]
+        elif k == 1:
+            _scan_sum(p_in_src, npool)
+        elif k == 2:
+            _scan_sum(p_in_dst, npool)
+        elif k == 3:
+            _scan_sum(p_out_dst, npool)
+        elif k == 4:
+            _scan_sum(p_out_src, npool)
+        else:
+            worst = -math.inf
+            for i in range(npool):
+                term = p_worst[i]
+                p_worst[i] = worst
+                worst = dmax(worst, term)
+    cuda.syncthreads()
 
 
 @cuda.jit(device=True)
@@ -230,18 +277,21 @@ def _worst_p(x, t_src, t_dst, src, dst, npool, pool_s, pool_n, cum, comp, t_in, 
 
 
 @cuda.jit(device=True)
-def _eval_x(x, with_worst, src, dst, pool_s, pool_n, npool, cum, p_in_src, p_in_dst, p_out_dst,
-            p_out_src, tok_src, tok_dst, comp_src, comp_dst, in_src, out_src, in_dst, out_dst,
-            tt_ds, tt_src, comp, t_in, t_out, alpha, beta, tt):
+def _eval_x(x, src, dst, pool_s, npool, cum, p_in_src, p_in_dst, p_out_dst, p_out_src, p_worst,
+            tok_src, tok_dst, comp_src, comp_dst, in_src, out_src, in_dst, out_dst, tt_ds,
+            tt_src, comp, t_in, t_out, alpha, beta, tt):
     """One evaluation of a candidate's search: (t_src, t_dst, worst) if x >= 1 tokens move.
     t_src and t_dst are greedy._after's two times (and t_src is greedy._src_after's), worst
-    is greedy._worst's float when with_worst (else max(t_src, t_dst)): the same operations in
-    the same order as `_after_p` and `_worst_p`, with one search for x's pool entry and
-    nothing stored (the winner's move recomputes its parts, takes and out-times). What every
-    evaluation of the candidate reads comes in once, as scalars: tok_src = tok[src, e],
-    tok_dst = tok[dst, e], comp_src = comp[src], comp_dst = comp[dst], in_src = t_in[src],
-    out_src = t_out[src], in_dst = t_in[dst], out_dst = t_out[dst], tt_ds = tt[dst, src],
-    tt_src = tt[src, dst] - tt[src, src] (the difference `_after` takes)."""
+    is greedy._worst's float: the same operations in the same order as `_after_p`, with one
+    search for x's pool entry and nothing stored (the winner's move recomputes its parts,
+    takes and out-times). The worst time is the maximum of max(t_src, t_dst), p_worst at x's
+    entry (the third-party sources before it, taken whole) and that entry's partial take:
+    the same value as `_worst`'s running maximum over the same terms (a maximum of values
+    that are not NaN does not depend on the order it takes them in). What every evaluation
+    of the candidate reads comes in once, as scalars: tok_src = tok[src, e], tok_dst =
+    tok[dst, e], comp_src = comp[src], comp_dst = comp[dst], in_src = t_in[src], out_src =
+    t_out[src], in_dst = t_in[dst], out_dst = t_out[dst], tt_ds = tt[dst, src], tt_src =
+    tt[src, dst] - tt[src, src] (the difference `_after` takes)."""
     c_src = comp_src - mul(beta, x)
     if tok_src == x:
         c_src -= alpha
@@ -263,14 +313,10 @@ def _eval_x(x, with_worst, src, dst, pool_s, pool_n, npool, cum, p_in_src, p_in_
             d_out_src += mul(take, tt_src)
     t_src = c_src + 2.0 * dmax(in_src - d_in_src, out_src + d_out_src)
     t_dst = c_dst + 2.0 * dmax(in_dst + d_in_dst, out_dst - d_out_dst)
-    worst = dmax(t_src, t_dst)
-    if with_worst:  # (no branch in the loop: each entry's time is computed, then kept or not)
-        for i in range(k + 1):
-            s = pool_s[i]
-            a = pool_n[i] if i < k else take
-            out = t_out[s] + mul(a, tt[s, dst] - tt[s, src])
-            t = comp[s] + 2.0 * dmax(t_in[s], out)
-            worst = dmax(worst, t) if s != dst and s != src and a > 0 else worst
+    worst = dmax(dmax(t_src, t_dst), p_worst[k])
+    if s != dst and s != src:
+        out = t_out[s] + mul(take, tt[s, dst] - tt[s, src])
+        worst = dmax(worst, comp[s] + 2.0 * dmax(t_in[s], out))
     return t_src, t_dst, worst
 
 
@@ -290,16 +336,6 @@ def _share_to_src(load, home, h_e, pos_src, s, e, src):
     return q + (1 if (pos_src + s) % h_e < r else 0)
 
 
-# The steps of a candidate's search (`_candidate`): rule 6's searches as greedy._greedy_run
-# makes them, one evaluation of x (`_eval_x`) per step. Steps below _S_WORST evaluate the two
-# times, those from _S_WORST to _S_EVAL also the worst time; the others only decide the next.
-_S_ALL, _S_EQ, _S_ADJ_A, _S_ADJ_B, _S_MEAN, _S_TWO_A, _S_TWO_B, _S_X2, _S_CAP = range(9)
-_S_WORST = 9
-_S_ONE, _S_W2, _S_FIN, _S_EV = range(9, 13)
-_S_EVAL = 13
-_S_EQ_DONE, _S_ADJ_DONE, _S_MEAN_DONE, _S_ONE_DONE, _S_DONE = range(13, 18)
-
-
 @cuda.jit(device=True)
 def _share_table(tid, nt, ne, src, src_e, load, home, hpos, hcount, held, blk_of, blk_assign,
                  shares):
@@ -307,7 +343,8 @@ def _share_table(tid, nt, ne, src, src_e, load, home, hpos, hcount, held, blk_of
     expert src_e[i] off src can take from source s: its assignment to src (the expert's
     block, else the static split), 0 where s != src holds a copy of the expert (the CPU
     kernel's pool leaves those sources out). The threads of the block fill it side by side
-    once per move; every candidate's pool then reads it instead of G blocks or splits."""
+    once per move; the searched candidates' pools then read it instead of G blocks or
+    splits."""
     num_ranks = hpos.shape[0]
     for i in range(tid, ne * num_ranks, nt):
         s = i % num_ranks
@@ -321,29 +358,20 @@ def _share_table(tid, nt, ne, src, src_e, load, home, hpos, hcount, held, blk_of
 
 
 @cuda.jit(device=True)
-def _candidate(e, src, dst, load, home, slots, window, alpha, beta, tt, xt, epsilon, move_local,
-               evacuate, two_phase, mean_cap, mean, hcount, hlist, hpos, tok, held, blk_of,
-               blk_assign, times, comp, t_in, t_out, recv, send, used, pool_s, pool_n, cum,
-               p_in_src, p_in_dst, p_out_dst, p_out_src, shares, row):
-    """One candidate of greedy._greedy_run's search (the body of its expert loop, the dst
-    pruning included): moving tokens of e from src to dst. Returns (gains, x, t_src, t_dst,
-    holder, npool); pool_s and pool_n hold its pool, cum and p_* `_prefix`'s sums (G entries
-    each). shares[row + s] (row >= 0) is what source s can give of e (`_share_table`), else
-    (row < 0) the pool reads the block or the static split itself.
-
-    Rule 6's searches (the water fill's bisections, phase 2's, the evacuation) run as one loop
-    of steps with a single evaluation of x per step (`_eval_x`), the CPU kernel's evaluations in
-    its order: the same x and the same floats, and one copy of the evaluation in the code (not
-    one per call site of the CPU kernel's), which lanes of a warp at different points of their
-    searches run together."""
-    no = (False, 0, 0.0, 0.0, -1, 0)
+def _prune(e, src, dst, load, home, slots, window, alpha, beta, tt, xt, epsilon, hcount, hlist,
+           hpos, tok, held, blk_of, blk_assign, times, comp, t_in, t_out, recv, send, used):
+    """The cheap tests greedy._greedy_run makes of a candidate (moving tokens of e from src
+    to dst) before its pool: dst's lower bounds against src's time, dst's free slot and a
+    copy source within both transfer windows. Returns (passes, own, holder): own is what dst
+    itself sends src of e (the pool's first entry), holder the copy's source (-1 where dst
+    holds e already)."""
     floor = times[src] - epsilon
     lb_dst = comp[dst] + beta + 2.0 * t_in[dst]
     if lb_dst >= floor + mul(1e-9, abs(floor) + lb_dst):
-        return no
+        return False, 0, -1
     on_dst = held[dst, e] != 0
     if not on_dst and used[dst] >= slots[dst]:
-        return no
+        return False, 0, -1
     b = blk_of[e]
     own = (blk_assign[b, dst, src] if b >= 0
            else _static_share(load, home, hpos, hcount, dst, e, src))
@@ -353,7 +381,7 @@ def _candidate(e, src, dst, load, home, slots, window, alpha, beta, tt, xt, epsi
     if tok[dst, e] == 0:
         lb += alpha
     if lb >= floor + mul(1e-9, abs(floor) + lb):
-        return no
+        return False, 0, -1
     holder = -1
     if not on_dst:
         best_t = 0.0
@@ -367,16 +395,27 @@ def _candidate(e, src, dst, load, home, slots, window, alpha, beta, tt, xt, epsi
                 best_t = t
                 best_send = send[h]
         if holder < 0:
-            return no
+            return False, 0, -1
+    return True, own, holder
+
+
+@cuda.jit(device=True)
+def _pool(e, src, dst, own, move_local, load, home, hcount, hpos, held, blk_of, blk_assign,
+          shares, row, pool_s, pool_n):
+    """greedy._greedy_run's pool of a candidate that passed `_prune`: dst's own tokens first,
+    then the other sources in rank order (those holding no copy of e), then src's own when
+    move_local. Fills pool_s, pool_n; returns (npool, total tokens). shares[row + s]
+    (row >= 0) is what source s can give of e (`_share_table`), else (row < 0) the pool reads
+    the block or the static split itself."""
     num_ranks = hpos.shape[0]
+    b = blk_of[e]
     npool = 0
     total = 0
-    a = own
-    if a > 0:
+    if own > 0:
         pool_s[0] = dst
-        pool_n[0] = a
+        pool_n[0] = own
         npool = 1
-        total += a
+        total += own
     h_e = hcount[e]
     pos_src = hpos[src, e]
     if row >= 0:  # from the table, without a branch: each source is written at npool,
@@ -409,36 +448,226 @@ def _candidate(e, src, dst, load, home, slots, window, alpha, beta, tt, xt, epsi
             pool_n[npool] = a
             npool += 1
             total += a
+    return npool, total
+
+
+# A candidate's search (`_search`): rule 6's searches as greedy._greedy_run makes them, in
+# steps. The steps before _S_EVAL need the evaluation of one x (_S_ADJ and the steps of
+# phase 2's bisection two: x and x + 1); the others only decide the next step.
+_S_ALL, _S_BIS, _S_ADJ, _S_ONE, _S_X2, _S_W2, _S_FIN, _S_EV = range(8)
+_S_EVAL = 8
+_S_EQ_DONE, _S_ADJ_DONE, _S_MEAN_DONE, _S_ONE_DONE, _S_DONE = range(8, 13)
+# The bisections (step _S_BIS), in the order a search makes them: the water fill's x_eq
+# (T_src <= T_dst) and x_mean (T_src <= cap), phase 2's minimum of max(T_src, T_dst) (its
+# steps compare x and x + 1) and phase 2's cap (T_src <= cap). Each halves [lo, hi] the same
+# way: to [lo, mid] where its test holds at mid = (lo + hi) // 2, else to [mid + 1, hi], until
+# lo == hi, its amount.
+_B_EQ, _B_MEAN, _B_TWO, _B_CAP = range(4)
+# A round's plan (`_plan_round`, a local int64 array): the number of single amounts, 4 of them,
+# then two bisection trees of 4 entries each (lo, hi, levels, width: 2 where a node holds mid
+# and mid + 1). A round's result slots: the singles, then tree 1's nodes, then tree 2's.
+_P_LEN = 13
+_P_TREES = (5, 9)
+
+
+@cuda.jit(device=True)
+def _node_x(j, lo, hi):
+    """mid at node j of a bisection over [lo, hi] (its tree in heap order: root 0; node j's
+    children 2j + 1 where the test held, [lo, mid], and 2j + 2, [mid + 1, hi]); 0 where the
+    bisection ends above node j."""
+    p = j + 1
+    top = 0
+    while (p >> (top + 1)) != 0:
+        top += 1
+    for level in range(top - 1, -1, -1):  # the path from the root: the bits of j + 1
+        if lo >= hi:
+            return 0
+        mid = (lo + hi) // 2
+        if (p >> level) & 1:
+            lo = mid + 1
+        else:
+            hi = mid
+    return (lo + hi) // 2 if lo < hi else 0
+
+
+@cuda.jit(device=True)
+def _tree_find(x, lo, hi, levels, width):
+    """The slot of x in a tree of `levels` levels over [lo, hi] (node j's mid at slot
+    j * width, its mid + 1 at j * 2 + 1 where width is 2), -1 where x is not there: the path of
+    a search for x (every left mid is below its parent's, every right one above)."""
+    j = 0
+    for _ in range(levels):
+        if lo >= hi:
+            return -1
+        mid = (lo + hi) // 2
+        if x == mid:
+            return j * width
+        if width == 2 and x == mid + 1:
+            return j * 2 + 1
+        if x < mid:
+            hi = mid
+            j = 2 * j + 1
+        else:
+            lo = mid + 1
+            j = 2 * j + 2
+    return -1
+
+
+@cuda.jit(device=True, inline=True)
+def _tree_size(plan, t):
+    return ((1 << plan[t + 2]) - 1) * plan[t + 3]
+
+
+@cuda.jit(device=True)
+def _slot_x(plan, i):
+    """The amount x that result slot i of the round planned in plan holds (0: none)."""
+    n = plan[0]
+    if i < n:
+        return plan[1 + i]
+    i -= n
+    for t in _P_TREES:
+        size = _tree_size(plan, t)
+        if i < size:
+            w = plan[t + 3]
+            x = _node_x(i // w, plan[t], plan[t + 1])
+            return x + i % w if x > 0 else 0
+        i -= size
+    return 0
+
+
+@cuda.jit(device=True)
+def _find(plan, x):
+    """The result slot of x in the round planned in plan, -1 where the round did not
+    evaluate it."""
+    n = plan[0]
+    for i in range(n):
+        if plan[1 + i] == x:
+            return i
+    base = n
+    for t in _P_TREES:
+        j = _tree_find(x, plan[t], plan[t + 1], plan[t + 2], plan[t + 3])
+        if j >= 0:
+            return base + j
+        base += _tree_size(plan, t)
+    return -1
+
+
+@cuda.jit(device=True, inline=True)
+def _put(plan, x, room):
+    """Adds x (x >= 1, not there yet) to the plan's singles while they are fewer than room
+    (and than 4)."""
+    n = plan[0]
+    if x < 1 or n >= room or n >= 4:
+        return
+    for i in range(n):
+        if plan[1 + i] == x:
+            return
+    plan[1 + n] = x
+    plan[0] = n + 1
+
+
+@cuda.jit(device=True)
+def _add_tree(plan, t, used, nslots, lo, hi, width):
+    """Puts a bisection over [lo, hi] at plan[t:t + 4] with as many levels as it can take
+    (ceil(log2(hi - lo + 1))) and the slots left hold; returns the slots used after it."""
+    levels = 0
+    while (1 << levels) < hi - lo + 1 and ((1 << (levels + 1)) - 1) * width <= nslots - used:
+        levels += 1
+    plan[t] = lo
+    plan[t + 1] = hi
+    plan[t + 2] = levels
+    plan[t + 3] = width
+    return used + ((1 << levels) - 1) * width
+
+
+@cuda.jit(device=True)
+def _plan_round(plan, nslots, step, kind, lo, hi, need, also, spec_x, spec_total, n_other,
+                mean_cap, second, lo2, hi2, x2):
+    """Which amounts a round evaluates, side by side in nslots result slots, in this order of
+    priority: need (the amount the search waits for) and also (the second of a pair step, 0
+    if none); the current bisection's tree (or the water fill's first, at the start), as many
+    levels as fit; the amounts at the ends of the bisection under way, which its tree lacks
+    and its end may ask for (its hi and, for the water fill's adjustment, lo - 1; lo for
+    phase 2's); the trees of the next bisections whose ranges are known already (the mean
+    cap's, phase 2's, phase 2's cap); spec_x and spec_total (the evacuation's). At most 4
+    single amounts."""
+    plan[0] = 0
+    room = 4 if nslots > 4 else nslots
+    _put(plan, need, room)
+    _put(plan, also, room)
+    used = plan[0]
+    t = _P_TREES[0]
+    stage = _B_CAP  # the bisections up to this one are done or under way
+    if step == _S_BIS or step == _S_ALL:  # noqa: SIM109 (a plain comparison for CUDA)
+        stage = kind if step == _S_BIS else _B_EQ
+        used = _add_tree(plan, t, used, nslots, lo if step == _S_BIS else 1,
+                         hi if step == _S_BIS else n_other,
+                         2 if step == _S_BIS and kind == _B_TWO else 1)
+        t += 4
+    elif step == _S_ADJ:
+        stage = _B_EQ
+    elif step == _S_ONE:
+        stage = _B_MEAN
+    if step == _S_BIS:
+        n = plan[0]
+        _put(plan, hi if kind <= _B_MEAN else lo, n + (1 if used < nslots else 0))
+        used += plan[0] - n
+        n = plan[0]
+        _put(plan, lo - 1 if kind == _B_EQ else 0, n + (1 if used < nslots else 0))
+        used += plan[0] - n
+    if t < _P_LEN and mean_cap and stage < _B_MEAN and n_other > 1:
+        used = _add_tree(plan, t, used, nslots, 1, n_other, 1)
+        t += 4
+    if t < _P_LEN and second and stage < _B_TWO and lo2 < hi2:
+        used = _add_tree(plan, t, used, nslots, lo2, hi2, 2)
+        t += 4
+    if t < _P_LEN and mean_cap and step == _S_X2 and n_other + 1 < x2:
+        used = _add_tree(plan, t, used, nslots, n_other + 1, x2, 1)
+        t += 4
+    while t < _P_LEN:
+        _add_tree(plan, t, used, 0, 1, 1, 1)
+        t += 4
+    n = plan[0]
+    room = n + nslots - used
+    room = 4 if room > 4 else room
+    _put(plan, spec_x, room)
+    _put(plan, spec_total, room)
+
+
+@cuda.jit(device=True)
+def _search(tid, nt, nslots, res, src, dst, tok_src, tok_dst, npool, total, pool_s, pool_n,
+            cum, p_in_src, p_in_dst, p_out_dst, p_out_src, p_worst, comp, t_in, t_out, times,
+            alpha, beta, tt, epsilon, move_local, evacuate, two_phase, mean_cap, mean):
+    """Rule 6's search for one candidate (greedy._greedy_run's water fill, phase 2, caps and
+    evacuation), by the whole block. Every thread of the block calls it with the same
+    arguments (it has barriers) and gets the same (gains, x, t_src, t_dst).
+
+    The steps are the CPU kernel's, in its order, each deciding from the times at one amount
+    x (or two) what comes next, and every thread walks them (the same walk: the same data).
+    The evaluations come in rounds: a round evaluates up to nslots amounts side by side, one
+    per thread (`_eval_x` into res[parity, slot], float64 [2, nslots, 3]: t_src, t_dst,
+    worst), then a barrier, then the walk goes on for as long as the amounts its steps ask for
+    are in the round, and the next round is planned from where it stopped (`_plan_round`).
+    Which amounts a bisection asks for next depends on its tests, but the tree of all its
+    possible midpoints does not: a round evaluates the next levels of that tree whole (31
+    nodes for 5 levels), and the walk then takes its path down them, asking for the very
+    amounts the CPU kernel asks for. So the result is the CPU kernel's, bit for bit, whatever
+    a round holds (an amount it lacks costs another round, never a different answer), and a
+    search of 16-19 evaluations one after another takes a few rounds. The pool arrays are
+    the candidate's (shared, `_pool` and `_prefix`'s)."""
     if total == 0:
-        return no
-    _prefix(src, dst, npool, pool_s, pool_n, tt, cum, p_in_src, p_in_dst, p_out_dst, p_out_src)
+        return False, 0, 0.0, 0.0
     cap = mean if mean_cap else -math.inf
-    own_src = 0
-    if move_local and pool_s[npool - 1] == src:
-        own_src = pool_n[npool - 1]
+    own_src = pool_n[npool - 1] if move_local and pool_s[npool - 1] == src else 0
     # greedy._greedy_run's two branches: two_phase with own tokens (phase 1 over the other
     # sources' tokens, then phase 2 over src's own), else one water fill over the whole pool.
     phase_one = two_phase and own_src > 0
     n_other = total - own_src if phase_one else total
     second = phase_one
-    worst = 0.0  # phase 1's worst time (0.0 when phase 1 is empty, as on the CPU)
-    x = 0  # the amount chosen so far
-    x_eq = 0  # the water fill's equal-times amount ...
-    x_mean = 0  # ... and its mean-cap amount
-    all_src = 0.0  # T_src if all n_other tokens move
-    a_max = 0.0  # max(T_src, T_dst) at the step before (x_eq - 1; phase 2's mid)
-    lo = 0
-    hi = 0
-    mid = 0
-    x2 = 0  # phase 2's amount
-    t_fin = 0.0  # the chosen move's T_src ...
-    d_fin = 0.0  # ... and T_dst
-    t_src = 0.0
-    t_dst = 0.0
-    w = 0.0
-    tok_src = tok[src, e]  # what every evaluation reads, read once
-    tok_dst = tok[dst, e]
-    comp_src = comp[src]
+    lo2 = n_other + 1  # phase 2's range
+    hi2 = total - 1 if total == tok_src and total > lo2 else total
+    spec_total = total if evacuate and total == tok_src else 0
+    comp_src = comp[src]  # what every evaluation reads, read once
     comp_dst = comp[dst]
     in_src = t_in[src]
     out_src = t_out[src]
@@ -446,157 +675,187 @@ def _candidate(e, src, dst, load, home, slots, window, alpha, beta, tt, xt, epsi
     out_dst = t_out[dst]
     tt_ds = tt[dst, src]
     tt_src = tt[src, dst] - tt[src, src]
-    if n_other > 0:
-        step = _S_ALL  # the water fill over the first n_other pool tokens
-        xe = n_other
-    else:  # phase 1 is empty: phase 2 alone (second is True here)
-        step = _S_ONE_DONE
-        xe = 0
-    while step != _S_DONE:
-        if step < _S_EVAL:  # the search's one evaluation of x
-            t_src, t_dst, w = _eval_x(xe, step >= _S_WORST, src, dst, pool_s, pool_n, npool,
-                                      cum, p_in_src, p_in_dst, p_out_dst, p_out_src, tok_src,
-                                      tok_dst, comp_src, comp_dst, in_src, out_src, in_dst,
-                                      out_dst, tt_ds, tt_src, comp, t_in, t_out, alpha, beta,
-                                      tt)
-        if step == _S_ALL:  # greedy._water_fill: all n_other tokens, then bisect x_eq
-            all_src = t_src
-            x_eq = n_other
-            lo = 1
-            step = _S_EQ_DONE
-            if t_src <= t_dst and lo < x_eq:
-                step = _S_EQ
-                xe = (lo + x_eq) // 2
-        elif step == _S_EQ:
-            if t_src <= t_dst:
-                x_eq = xe
-            else:
-                lo = xe + 1
-            step = _S_EQ_DONE
-            if lo < x_eq:
-                step = _S_EQ
-                xe = (lo + x_eq) // 2
-        elif step == _S_EQ_DONE:  # one token less when that is no worse
-            step = _S_ADJ_DONE
-            if x_eq > 1:
-                step = _S_ADJ_A
-                xe = x_eq - 1
-        elif step == _S_ADJ_A:
-            a_max = dmax(t_src, t_dst)
-            step = _S_ADJ_B
-            xe = x_eq
-        elif step == _S_ADJ_B:
-            if a_max <= dmax(t_src, t_dst):
-                x_eq -= 1
-            step = _S_ADJ_DONE
-        elif step == _S_ADJ_DONE:  # x_mean: bisect T_src against the cap
-            x_mean = n_other
-            step = _S_MEAN_DONE
-            if all_src <= cap:
-                lo = 1
-                if lo < x_mean:
-                    step = _S_MEAN
-                    xe = (lo + x_mean) // 2
-        elif step == _S_MEAN:
-            if t_src <= cap:
-                x_mean = xe
-            else:
-                lo = xe + 1
-            step = _S_MEAN_DONE
-            if lo < x_mean:
-                step = _S_MEAN
-                xe = (lo + x_mean) // 2
-        elif step == _S_MEAN_DONE:  # the water fill's x; phase 1's times and worst time
-            x = dmin(x_eq, x_mean)
-            step = _S_ONE_DONE
-            if phase_one:
-                step = _S_ONE
-                xe = x
-        elif step == _S_ONE:
-            worst = w
-            if x < n_other or t_src <= t_dst or t_src <= cap:
-                second = False
-            step = _S_ONE_DONE
-        elif step == _S_ONE_DONE:  # phase 2 (max(T_src, T_dst) is convex), or the end
-            step = _S_FIN
-            xe = x
-            if second:
-                lo = n_other + 1
-                hi = total - 1 if total == tok_src and total > lo else total
-                step = _S_X2
-                xe = lo
-                if lo < hi:
-                    mid = (lo + hi) // 2
-                    step = _S_TWO_A
-                    xe = mid
-        elif step == _S_TWO_A:
-            a_max = dmax(t_src, t_dst)
-            step = _S_TWO_B
-            xe = mid + 1
-        elif step == _S_TWO_B:
-            if dmax(t_src, t_dst) >= a_max:
-                hi = mid
-            else:
-                lo = mid + 1
-            step = _S_X2
-            xe = lo
-            if lo < hi:
-                mid = (lo + hi) // 2
-                step = _S_TWO_A
-                xe = mid
-        elif step == _S_X2:  # x2 = lo; under the cap, bisect T_src against it
-            x2 = xe
-            step = _S_W2
-            if t_src <= cap:
-                lo = n_other + 1
-                hi = x2
-                if lo < hi:
-                    step = _S_CAP
-                    xe = (lo + hi) // 2
+    worst = 0.0  # phase 1's worst time (0.0 when phase 1 is empty, as on the CPU)
+    x = 0  # the amount chosen so far
+    x_eq = 0  # the water fill's equal-times amount ...
+    x_mean = 0  # ... and its mean-cap amount
+    all_src = 0.0  # T_src if all n_other tokens move
+    kind = _B_EQ  # the bisection under way and its range
+    lo = 0
+    hi = 0
+    x2 = 0  # phase 2's amount
+    t_fin = 0.0  # the chosen move's T_src ...
+    d_fin = 0.0  # ... and T_dst
+    xa = 0  # the amounts the step needs
+    xb = 0
+    have_a = False  # xa's times came in a round before xb's (a round of one slot)
+    a_src = 0.0
+    a_dst = 0.0
+    a_w = 0.0
+    b_src = 0.0
+    b_dst = 0.0
+    parity = 0
+    plan = cuda.local.array(_P_LEN, int64)
+    for i in range(_P_LEN):  # nothing evaluated yet
+        plan[i] = 0
+    step = _S_ALL if n_other > 0 else _S_ONE_DONE  # (else phase 2 alone: second is True)
+    while True:
+        while step != _S_DONE:  # the walk, while this round holds what the steps need
+            if step < _S_EVAL:
+                xb = 0
+                if step == _S_ALL:
+                    xa = n_other
+                elif step == _S_BIS:
+                    xa = (lo + hi) // 2
+                    xb = xa + 1 if kind == _B_TWO else 0
+                elif step == _S_ADJ:
+                    xa = x_eq - 1
+                    xb = x_eq
+                elif step == _S_X2 or step == _S_W2:  # noqa: SIM109 (for CUDA)
+                    xa = x2
+                elif step == _S_EV:
+                    xa = total
+                else:  # _S_ONE, _S_FIN
+                    xa = x
+                if not have_a:
+                    i = _find(plan, xa)
+                    if i < 0:
+                        break
+                    a_src = res[parity, i, 0]
+                    a_dst = res[parity, i, 1]
+                    a_w = res[parity, i, 2]
+                if xb > 0:
+                    have_a = True
+                    i = _find(plan, xb)
+                    if i < 0:
+                        break
+                    b_src = res[parity, i, 0]
+                    b_dst = res[parity, i, 1]
+                have_a = False
+            if step == _S_ALL:  # greedy._water_fill: all n_other tokens, then bisect x_eq
+                all_src = a_src
+                x_eq = n_other
+                step = _S_EQ_DONE
+                if a_src <= a_dst and n_other > 1:
+                    step = _S_BIS
+                    kind = _B_EQ
+                    lo = 1
+                    hi = n_other
+            elif step == _S_BIS:  # one step of a bisection (module comment: _B_*)
+                if kind == _B_TWO:
+                    holds = dmax(b_src, b_dst) >= dmax(a_src, a_dst)
+                elif kind == _B_EQ:
+                    holds = a_src <= a_dst
                 else:
-                    xe = lo
+                    holds = a_src <= cap
+                if holds:
+                    hi = xa
+                else:
+                    lo = xa + 1
+                if lo >= hi:  # its end: lo == hi
+                    if kind == _B_EQ:
+                        x_eq = lo
+                        step = _S_EQ_DONE
+                    elif kind == _B_MEAN:
+                        x_mean = lo
+                        step = _S_MEAN_DONE
+                    elif kind == _B_TWO:
+                        x2 = lo
+                        step = _S_X2
+                    else:
+                        x2 = lo
+                        step = _S_W2
+            elif step == _S_EQ_DONE:  # one token less when that is no worse
+                step = _S_ADJ if x_eq > 1 else _S_ADJ_DONE
+            elif step == _S_ADJ:
+                if dmax(a_src, a_dst) <= dmax(b_src, b_dst):
+                    x_eq -= 1
+                step = _S_ADJ_DONE
+            elif step == _S_ADJ_DONE:  # x_mean: bisect T_src against the cap
+                x_mean = n_other
+                step = _S_MEAN_DONE
+                if all_src <= cap and n_other > 1:
+                    step = _S_BIS
+                    kind = _B_MEAN
+                    lo = 1
+                    hi = n_other
+            elif step == _S_MEAN_DONE:  # the water fill's x; phase 1's times and worst time
+                x = dmin(x_eq, x_mean)
+                step = _S_ONE if phase_one else _S_ONE_DONE
+            elif step == _S_ONE:
+                worst = a_w
+                if x < n_other or a_src <= a_dst or a_src <= cap:
+                    second = False
+                step = _S_ONE_DONE
+            elif step == _S_ONE_DONE:  # phase 2 (max(T_src, T_dst) is convex), or the end
+                step = _S_FIN
+                if second:
+                    lo = lo2
+                    hi = hi2
                     x2 = lo
-        elif step == _S_CAP:
-            if t_src <= cap:
-                hi = xe
-            else:
-                lo = xe + 1
-            step = _S_W2
-            x2 = lo
-            xe = lo
-            if lo < hi:
-                step = _S_CAP
-                xe = (lo + hi) // 2
-        elif step == _S_W2:  # phase 2's move replaces phase 1's when strictly better
-            if n_other == 0 or w < worst:
-                x = x2
-            step = _S_FIN
-            xe = x
-        elif step == _S_FIN:  # the move's times and worst time; rule 6's evacuation
-            t_fin = t_src
-            d_fin = t_dst
-            worst = w
-            step = _S_DONE
-            if evacuate and x < total and total == tok_src:
-                step = _S_EV
-                xe = total
-        elif step == _S_EV:
-            if w < worst:
-                x = total
-                t_fin = t_src
-                d_fin = t_dst
-                worst = w
-            step = _S_DONE
+                    step = _S_X2
+                    if lo < hi:
+                        step = _S_BIS
+                        kind = _B_TWO
+            elif step == _S_X2:  # under the cap, bisect T_src against it
+                step = _S_W2
+                if a_src <= cap and n_other + 1 < x2:
+                    step = _S_BIS
+                    kind = _B_CAP
+                    lo = n_other + 1
+                    hi = x2
+            elif step == _S_W2:  # phase 2's move replaces phase 1's when strictly better
+                if n_other == 0 or a_w < worst:
+                    x = x2
+                step = _S_FIN
+            elif step == _S_FIN:  # the move's times and worst time; rule 6's evacuation
+                t_fin = a_src
+                d_fin = a_dst
+                worst = a_w
+                step = _S_DONE
+                if evacuate and x < total and total == tok_src:
+                    step = _S_EV
+            else:  # _S_EV
+                if a_w < worst:
+                    x = total
+                    t_fin = a_src
+                    d_fin = a_dst
+                    worst = a_w
+                step = _S_DONE
+        if step == _S_DONE:
+            break
+        # The next round: what the walk waits for, and what later steps may ask for.
+        spec_x = 0
+        if step == _S_BIS and kind == _B_MEAN:
+            spec_x = x_eq  # phase 1's x when x_mean >= x_eq
+        elif (step == _S_BIS and kind >= _B_TWO) or step == _S_X2 or step == _S_W2:  # noqa: SIM109
+            spec_x = x  # the final evaluation's x when phase 2 does not win
+        _plan_round(plan, nslots, step, kind, lo, hi, xb if have_a else xa,
+                    0 if have_a else xb, spec_x, spec_total, n_other, mean_cap, second, lo2,
+                    hi2, x2)
+        parity = 1 - parity  # (two result buffers: one barrier per round)
+        for i in range(tid, nslots, nt):
+            xe = _slot_x(plan, i)
+            if xe > 0:
+                t_s, t_d, w = _eval_x(xe, src, dst, pool_s, npool, cum, p_in_src, p_in_dst,
+                                      p_out_dst, p_out_src, p_worst, tok_src, tok_dst,
+                                      comp_src, comp_dst, in_src, out_src, in_dst, out_dst,
+                                      tt_ds, tt_src, comp, t_in, t_out, alpha, beta, tt)
+                res[parity, i, 0] = t_s
+                res[parity, i, 1] = t_d
+                res[parity, i, 2] = w
+        cuda.syncthreads()
     if times[src] - worst > epsilon:
-        return True, x, t_fin, d_fin, holder, npool
-    return no
+        return True, x, t_fin, d_fin
+    return False, 0, 0.0, 0.0
 
 
-def shared_bytes(num_ranks: int, num_experts: int) -> int:
+def shared_bytes(num_ranks: int, num_experts: int, slots: int = SLOTS) -> int:
     """Bytes of shared memory a block takes for G ranks and E experts when its [G, E] and
-    [G, G] working arrays live there (`memory="shared"`)."""
+    [G, G] working arrays live there (`memory="shared"`), with `slots` result slots per round
+    of a search (SLOTS, the most a block uses, by default)."""
     G, E = num_ranks, num_experts  # noqa: N806 (the shape letters)
-    return _fixed_bytes(G, E) + 8 * (2 * E + 3 * G * E + 3 * G * G) + G * E
+    return _fixed_bytes(G, E, slots) + 8 * (2 * E + 3 * G * E + 3 * G * G) + G * E
 
 
 def choose_memory(num_ranks: int, num_experts: int, memory: str = "auto") -> str:
@@ -615,19 +874,24 @@ def choose_memory(num_ranks: int, num_experts: int, memory: str = "auto") -> str
     return memory
 
 
-def _fixed_bytes(num_ranks: int, num_experts: int) -> int:
+def _fixed_bytes(num_ranks: int, num_experts: int, slots: int = SLOTS) -> int:
     """Shared bytes a block always takes: rank arrays, the expert lists, block scalars, the
-    ranks' expert bitmasks."""
+    ranks' expert bitmasks, the share table, the searched candidate's pool and prefix sums
+    (8 arrays of G) and its search's result slots (2 x slots x 3 floats)."""
     G, E = num_ranks, num_experts  # noqa: N806
     return (8 * 7 * G + 8 * G + E * (4 + 8 + 4 + 4) + 8 * 16 + 4 * G * ((E + 31) // 32)
-            + 8 * min(SHARE_TABLE, G * E))
+            + 8 * min(SHARE_TABLE, G * E) + 8 * 8 * G + 8 * 2 * 3 * slots)
 
 
-def _kernel_source(num_ranks: int, num_experts: int, in_shared: bool):
+def _kernel_source(num_ranks: int, num_experts: int, in_shared: bool, slots: int = SLOTS):
     """The kernel's Python function for G ranks and E experts (compile-time constants: array
     sizes), its [G, E] and [G, G] working arrays in shared memory (in_shared) or in the global
-    scratch arguments."""
+    scratch arguments, `slots` result slots per round of a search (any count >= 1, whatever
+    the block size: the threads stride over them)."""
+    if slots < 1:
+        raise ValueError(f"slots must be >= 1, got {slots}")
     G, E = num_ranks, num_experts  # noqa: N806 (the shape letters)
+    SL = int(slots)  # noqa: N806 (result slots of a search's round)
     GS, ES = (G, E) if in_shared else (1, 1)  # noqa: N806 (the shared working arrays' shape)
     EW = (E + 31) // 32  # noqa: N806 (32-bit words of an expert bitmask)
     SC = min(SHARE_TABLE, G * E)  # noqa: N806 (entries of the shares table)
@@ -701,13 +965,17 @@ def _kernel_source(num_ranks: int, num_experts: int, in_shared: bool):
         ints = cuda.shared.array(16, int64)
         busy = cuda.shared.array((G, EW), uint32)  # per rank: experts with tokens, as bits
 
-        pool_s = cuda.local.array(G, int64)
-        pool_n = cuda.local.array(G, int64)
-        cum = cuda.local.array(G, int64)
-        p_in_src = cuda.local.array(G, float64)
-        p_in_dst = cuda.local.array(G, float64)
-        p_out_dst = cuda.local.array(G, float64)
-        p_out_src = cuda.local.array(G, float64)
+        # The searched candidate's pool and its prefix sums (`_pool`, `_prefix`), and the
+        # results of its search's rounds (`_search`: t_src, t_dst, worst per slot, two buffers).
+        pool_s = cuda.shared.array(G, int64)
+        pool_n = cuda.shared.array(G, int64)
+        cum = cuda.shared.array(G, int64)
+        p_in_src = cuda.shared.array(G, float64)
+        p_in_dst = cuda.shared.array(G, float64)
+        p_out_dst = cuda.shared.array(G, float64)
+        p_out_src = cuda.shared.array(G, float64)
+        p_worst = cuda.shared.array(G, float64)
+        res = cuda.shared.array((2, SL, 3), float64)
         takes = cuda.local.array(G, int64)  # the winner's move: its takes, out-times, parts
         new_out = cuda.local.array(G, float64)
         parts = cuda.local.array(6, float64)
@@ -721,6 +989,7 @@ def _kernel_source(num_ranks: int, num_experts: int, in_shared: bool):
             ints[_BAD] = 0
             ints[_NE] = 0
             ints[_WIN] = _NONE
+            ints[_WIN + 1] = _NONE
         for g in range(tid, G, nt):
             used[g] = 0
             recv[g] = 0.0
@@ -812,8 +1081,10 @@ def _kernel_source(num_ranks: int, num_experts: int, in_shared: bool):
             times[g] = comp[g] + 2.0 * dmax(t_in[g], t_out[g])
         cuda.syncthreads()
 
-        # One move per pass, 6 barriers (7 when the expert gets its first block) plus one per
-        # further round of candidates. ints[_NE] == 0 and ints[_WIN] == _NONE on entry.
+        # One move per pass: 3 barriers to rank the ranks and src's experts, one per round of
+        # candidates, 3 per searched candidate (its pool, its prefix sums) plus one per round
+        # of its search, 2 for the move (3 when the expert gets its first block).
+        # ints[_NE] == 0 and ints[_WIN] == ints[_WIN + 1] == _NONE on entry.
         while bad == 0:
             if ints[_MOVES] >= limit:
                 break
@@ -869,13 +1140,19 @@ def _kernel_source(num_ranks: int, num_experts: int, in_shared: bool):
             if table:
                 _share_table(tid, nt, ne, src, src_e, ld, hm, hp, hc, hd, bo, ba, shares)
             cuda.syncthreads()
+            # Rounds of candidates in the CPU kernel's order, nt side by side: each thread
+            # prunes one (`_prune`), an atomic minimum over the indices of those that pass
+            # picks the first, and the whole block searches it (`_pool`, `_prefix` on thread
+            # 0, then `_search`); the first that gains is the move, else the rounds go on
+            # after it. (Round rnd's minimum is in ints[_WIN + rnd % 2]; thread 0 clears the
+            # other slot for the next round before this one's barrier, after all read it.)
             num_cand = nd * ne
-            first = _NONE
             base = 0
-            k = -1
-            ok = False
-            dst = 0
+            rnd = 0
+            first = _NONE
+            gains = False
             e = 0
+            dst = 0
             x = 0
             c_src = 0.0
             c_dst = 0.0
@@ -883,67 +1160,91 @@ def _kernel_source(num_ranks: int, num_experts: int, in_shared: bool):
             npool = 0
             while base < num_cand:
                 k = base + tid
-                ok = False
                 if k < num_cand:
-                    dst = rank_order[k // ne]
-                    e = exp_order[k % ne]
-                    row = exp_at[k % ne] * G if table else -1
-                    ok, x, c_src, c_dst, holder, npool = _candidate(
-                        e, src, dst, ld, hm, slots, win, alpha, beta, tts, xts, epsilon,
-                        move_local, evacuate, two_phase, mean_cap, mean, hc, hl, hp, tk, hd, bo,
-                        ba, times, comp, t_in, t_out, recv, send, used, pool_s, pool_n, cum,
-                        p_in_src, p_in_dst, p_out_dst, p_out_src, shares, row)
+                    ok, own, holder = _prune(exp_order[k % ne], src, rank_order[k // ne], ld, hm,
+                                             slots, win, alpha, beta, tts, xts, epsilon, hc, hl,
+                                             hp, tk, hd, bo, ba, times, comp, t_in, t_out, recv,
+                                             send, used)
                     if ok:
-                        cuda.atomic.min(ints, _WIN, k)
+                        cuda.atomic.min(ints, _WIN + rnd % 2, k)
+                if tid == 0:
+                    ints[_WIN + (rnd + 1) % 2] = _NONE
                 cuda.syncthreads()
-                first = ints[_WIN]
-                if first < _NONE:
-                    if k == first:  # the first gaining candidate's thread: the replica and
-                        ints[_E] = e  # the expert's block (nobody reads them until the barrier)
-                        if holder >= 0:
-                            hd[dst, e] = 1
-                            used[dst] += 1
-                            n_rep = ints[_NREP]
-                            rp[n_rep, 0] = dst
-                            rp[n_rep, 1] = e
-                            rp[n_rep, 2] = holder
-                            ints[_NREP] = n_rep + 1
-                            recv[dst] += xts[holder, dst]
-                            send[holder] += xts[holder, dst]
-                        b = bo[e]
-                        ints[_NEWB] = 0
-                        if b < 0:
-                            b = ints[_NBLK]
-                            ints[_NBLK] = b + 1
-                            bo[e] = b
-                            be[b] = e
-                            ints[_NEWB] = 1
-                        ints[_B] = b
+                first = ints[_WIN + rnd % 2]
+                rnd += 1
+                if first == _NONE:
+                    base += nt
+                    continue
+                dst = rank_order[first // ne]
+                e = exp_order[first % ne]
+                if tid == 0:  # its pool and copy source
+                    ok, own, holder = _prune(e, src, dst, ld, hm, slots, win, alpha, beta, tts,
+                                             xts, epsilon, hc, hl, hp, tk, hd, bo, ba, times,
+                                             comp, t_in, t_out, recv, send, used)
+                    npool, total = _pool(e, src, dst, own, move_local, ld, hm, hc, hp, hd, bo,
+                                         ba, shares, exp_at[first % ne] * G if table else -1,
+                                         pool_s, pool_n)
+                    ints[_NPOOL] = npool
+                    ints[_TOTAL] = total
+                cuda.syncthreads()
+                npool = ints[_NPOOL]
+                total = ints[_TOTAL]
+                if total > 0:  # its prefix sums (all threads)
+                    _prefix(tid, nt, src, dst, npool, pool_s, pool_n, tts, comp, t_in, t_out,
+                            cum, p_in_src, p_in_dst, p_out_dst, p_out_src, p_worst)
+                gains, x, c_src, c_dst = _search(
+                    tid, nt, SL, res, src, dst, tk[src, e], tk[dst, e], npool, total, pool_s,
+                    pool_n, cum, p_in_src, p_in_dst, p_out_dst, p_out_src, p_worst, comp, t_in,
+                    t_out, times, alpha, beta, tts, epsilon, move_local, evacuate, two_phase,
+                    mean_cap, mean)
+                if gains:
                     break
-                base += nt
-            if first == _NONE:
+                base = first + 1
+            if not gains:
                 break
+            # The move: thread 0 makes the replica and the expert's block (nobody reads them
+            # until the barrier), the block's threads its new dense block, thread 0 the rest.
+            if tid == 0:
+                if holder >= 0:
+                    hd[dst, e] = 1
+                    used[dst] += 1
+                    n_rep = ints[_NREP]
+                    rp[n_rep, 0] = dst
+                    rp[n_rep, 1] = e
+                    rp[n_rep, 2] = holder
+                    ints[_NREP] = n_rep + 1
+                    recv[dst] += xts[holder, dst]
+                    send[holder] += xts[holder, dst]
+                b = bo[e]
+                ints[_NEWB] = 0
+                if b < 0:
+                    b = ints[_NBLK]
+                    ints[_NBLK] = b + 1
+                    bo[e] = b
+                    be[b] = e
+                    ints[_NEWB] = 1
+                ints[_B] = b
             cuda.syncthreads()
             b = ints[_B]
             if ints[_NEWB] == 1:  # a new block starts from the static split (all threads)
-                e_new = ints[_E]
                 for s in range(tid, G, nt):  # row s: zeros, then s's tokens on e's holders
                     for g in range(G):  # (greedy._static_share's values, row by row)
                         ba[b, s, g] = 0
-                    n = ld[s, e_new]
-                    if hm[s, e_new]:
+                    n = ld[s, e]
+                    if hm[s, e]:
                         ba[b, s, s] = n
                     else:
-                        h = hc[e_new]
+                        h = hc[e]
                         q = n // h
                         r = n - q * h
                         for j in range(h):  # the holder at position j
-                            ba[b, s, hl[e_new, j]] = q + (1 if (j + s) % h < r else 0)
+                            ba[b, s, hl[e, j]] = q + (1 if (j + s) % h < r else 0)
                 cuda.syncthreads()
-            if k == first:  # the winner applies its move (the CPU kernel's order) from its
-                # own pool: parts, takes and out-times of x recomputed (the same floats), over
-                # the entries up to the one where x runs out (those after take 0 tokens: the
-                # CPU kernel's updates of them change nothing)
+            if tid == 0:  # the move applied (the CPU kernel's order) from the pool: parts,
+                # takes and out-times of x recomputed (the same floats), over the entries up
+                # to the one where x runs out (those after take 0 tokens: the CPU kernel's
+                # updates of them change nothing)
+                npool = ints[_NPOOL]
                 n_take = _entry(x, npool, cum) + 1
                 _after_p(x, e, src, dst, pool_s, n_take, cum, p_in_src, p_in_dst, p_out_dst,
                          p_out_src, tk, comp, t_in, t_out, alpha, beta, tts, parts)
@@ -954,6 +1255,7 @@ def _kernel_source(num_ranks: int, num_experts: int, in_shared: bool):
                 ints[_MOVES] += 1
                 ints[_NE] = 0
                 ints[_WIN] = _NONE
+                ints[_WIN + 1] = _NONE
             cuda.syncthreads()
 
         # The entries past the plan (replicas rows from n_rep, blocks from n_blk) get fixed
@@ -987,10 +1289,10 @@ def _kernel_source(num_ranks: int, num_experts: int, in_shared: bool):
 _KERNELS: dict = {}
 
 
-def kernel(num_ranks: int, num_experts: int, in_shared: bool):
-    """The compiled kernel for G ranks and E experts (one per shape and memory, made on the
-    first request; numba compiles it at its first launch)."""
-    key = (int(num_ranks), int(num_experts), bool(in_shared))
+def kernel(num_ranks: int, num_experts: int, in_shared: bool, slots: int = SLOTS):
+    """The compiled kernel for G ranks and E experts (one per shape, memory and slot count,
+    made on the first request; numba compiles it at its first launch)."""
+    key = (int(num_ranks), int(num_experts), bool(in_shared), int(slots))
     if key not in _KERNELS:
         _KERNELS[key] = cuda.jit(_kernel_source(*key))
     return _KERNELS[key]
@@ -1037,8 +1339,9 @@ class CudaGreedy(LayerPlanner):
     home: bool [G, E] (every layer) or [L, G, E] static placement; slots: int or int [G];
     cost: CostModel for G ranks; rules: GreedyRules (None: the defaults; also_paper is not
     supported); num_layers: L, the layers one `plan` call plans; threads: threads per block (a
-    multiple of 32, at most 1024; 1 for tests; the sm_90 kernel takes 150-175 registers per
-    thread, so the GPU may refuse launches of more than 352); memory: where a block keeps its
+    multiple of 32, at most 1024; 1 for tests; the sm_90 kernel takes 167-224 registers per
+    thread, so the GPU may refuse launches of more than 256; a candidate's search evaluates
+    min(threads, SLOTS) amounts per round, `search_slots`); memory: where a block keeps its
     layer's [G, E] and [G, G] working arrays, "shared" (shared memory: `shared_bytes(G, E)`
     must be at most SHARED_LIMIT), "global" (preallocated global scratch) or "auto" (shared
     when it fits; the same plans either way); max_moves: most moves per layer instead of the
@@ -1066,7 +1369,8 @@ class CudaGreedy(LayerPlanner):
         super().__init__(home, slots, cost, num_layers=num_layers, threads=threads,
                          max_ranks=MAX_RANKS, max_experts=MAX_EXPERTS, name="greedy_cuda")
         num_ranks, num_experts = self.shape
-        self.kernel = kernel(num_ranks, num_experts, self.memory == "shared")
+        self.search_slots = min(self.threads, SLOTS)  # a search's amounts per round
+        self.kernel = kernel(num_ranks, num_experts, self.memory == "shared", self.search_slots)
         limit = self.rules.max_moves(num_ranks, num_experts)
         limit = limit if limit > 0 else UNLIMITED_MOVES
         if max_moves is not None:  # 0: the start alone (timing the start phase)
