@@ -144,3 +144,41 @@ def test_moe_layer_tune_candidates_compile_for_sm90_and_fit_shared_memory():
                 usage = subprocess.run([cuobjdump, "--dump-resource-usage", path],
                                        capture_output=True, text=True, check=True).stdout
             assert " STACK:0 " in usage and "REG:" in usage, (cfg.label(), usage)
+
+
+def test_quant_sass_counts_fewer_loop_instructions_for_the_integer_decodes(tmp_path):
+    """experiments/runtime/quant_sass.py --quick compiles one config per variant for sm_90 and
+    reads its K loop: "bits" and "lut" run well under 60% of "portable"'s instructions per
+    weight, with no conversion instruction and no spill; the report's files are written."""
+    import json
+
+    from experiments.runtime import quant_sass
+
+    assert quant_sass.main(["--out", str(tmp_path), "--quick"]) == 0
+    rows = {r["decode"]: r for r in json.loads((tmp_path / "quant_sass.json").read_text())["rows"]
+            if r["format"] == "mxfp4"}
+    assert set(rows) == {"portable", "bits", "lut"}
+    for decode in ("bits", "lut"):
+        row = rows[decode]
+        assert row["per_weight"] < 0.6 * rows["portable"]["per_weight"], (decode, row)
+        assert row["mix_per_weight"].get("convert", 0) == 0 and row["stack_bytes"] == 0
+        assert row["estimate"]["256"]["issue_bound_us"] > 0
+    assert rows["portable"]["mix_per_weight"]["convert"] >= 1  # e4m3 -> f16 -> f32 -> bf16
+    assert "| mxfp4 | lut |" in (tmp_path / "quant_sass.md").read_text()
+    assert (tmp_path / "quant_sass.manifest.json").exists()
+
+
+def test_quant_layer_integer_decode_configs_fit_an_sm90_sm():
+    """Every "bits" / "lut" config that experiments/runtime/quant_layer.py times compiles for
+    sm_90 (as gpt-oss-120b's gate/up launch: K 2880, so BK 128 runs its masked last step),
+    spills no register and fits one SM's shared memory (227 KB a program)."""
+    from experiments.runtime import quant_layer, quant_sass
+
+    specs = [s for s in quant_layer.CONFIGS["mxfp4"] if s[5] in ("bits", "lut")]
+    assert len(specs) >= 10
+    for spec in specs:
+        cfg = quant_layer.kernel_config(spec, "mxfp4")
+        kernel = quant_sass._compile(cfg, "mxfp4")
+        usage = quant_sass._cuobjdump(kernel.asm["cubin"], "--dump-resource-usage")
+        assert " STACK:0 " in usage, (cfg.label(), cfg.mxfp4_decode, usage)
+        assert kernel.metadata.shared <= 227 * 1024, (cfg.label(), kernel.metadata.shared)

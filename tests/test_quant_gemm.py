@@ -128,15 +128,16 @@ def test_quant_layer_benchmark_runs_on_cpu(tmp_path):
     rows = json.loads((tmp_path / "quant_layer.json").read_text())["rows"]
     assert {r["variant"] for r in rows} == {
         "triton bf16", "triton mxfp4 portable", "triton mxfp4 spread", "triton mxfp4 dot_scaled",
-        "triton fp8_block"}
+        "triton mxfp4 bits", "triton mxfp4 lut", "triton fp8_block"}
     assert all(r["rel_error"] < 3e-2 for r in rows)
     # graph replay is CUDA only: each row says so, and the .md too
     assert all("graph_us" not in r and "CUDA graphs need a CUDA device" in r["graph_skipped"]
                for r in rows)
     assert "Graph replay: not graph-timed" in (tmp_path / "quant_layer.md").read_text()
     trials = json.loads((tmp_path / "quant_layer.json").read_text())["trials"]
-    assert len(trials) == 7 and all(t["median_us"] > 0 and "error" not in t for t in trials)
-    assert {"16x64x128/w4/s1/r2 portable", "16x64x128/w4/s1/swap spread"} <= {
+    assert len(trials) == 9 and all(t["median_us"] > 0 and "error" not in t for t in trials)
+    assert {"16x64x128/w4/s1/r2 portable", "16x64x128/w4/s1/swap spread",
+            "16x64x128/w4/s1/r2 bits", "16x64x128/w4/s1/swap lut"} <= {
         t["config"] for t in trials}
     assert "Every config tried" in (tmp_path / "quant_layer.md").read_text()
     assert (tmp_path / "quant_layer.manifest.json").exists()

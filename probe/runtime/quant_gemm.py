@@ -13,17 +13,37 @@ weight for MXFP4, about 1 for FP8, against 2 for bf16).
 With a few dozen rows per expert the kernel is bound by the weight stream and by the ALU work
 per weight, since every weight is decoded once per BM-row tile of its expert
 (`KernelConfig.row_tiles` lets one program cover several BM-row tiles of its expert with one
-decode). So the decode
-avoids transcendental and select arithmetic: MXFP4 places each e2m1 code (sign, 2 exponent bits,
-1 mantissa bit) in an e4m3 byte, which the hardware converts exactly (the value times 2^-6,
-the subnormal 0.5 included), and multiplies by the block's power of two built from its exponent
-bits. `KernelConfig.mxfp4_decode` picks how: "portable" (nibble halves interleaved back into k
-order), "spread" (the packed bytes spread to k order, one byte per weight, then one
-elementwise decode: no fp32 interleave) or "dot_scaled" (Triton's microscaled dot, its own
-decode); which is fastest is for the GPU benchmark to say (experiments/runtime/quant_layer.py).
-An inline-PTX decode was tried and did not compile on the H200; it is gone. FP8 converts to
-bf16 exactly and applies the 128 x 128 tile's scale_inv to each step's partial product (BK
-divides 128), not to each weight.
+decode). MXFP4 at the HBM roofline asks for some 5 decoded weights per SM per cycle on an
+H100, i.e. a few instructions per weight in all, so the decode's instruction count decides.
+`KernelConfig.mxfp4_decode` picks it:
+
+- "portable" / "spread": each e2m1 code (sign, 2 exponent bits, 1 mantissa bit) placed in an
+  e4m3 byte, which the hardware converts (the value times 2^-6, the subnormal 0.5 included),
+  then to fp32, times the block's power of two, rounded to bf16; on packed bytes, so every byte
+  is taken apart and put together again. About 11 instructions per weight in the K loop
+  compiled for sm_90, and 3.8-6.2x the roofline measured on an H100.
+- "dot_scaled": Triton's microscaled dot (bf16 x e2m1), its own decode (about 6).
+- "bits": the packed weights read as 32-bit words of 8 codes, each byte's two codes made into
+  one bf16 pair (the code's bits in place: the value times 2^-126) by integer multiply-adds
+  on the whole pair, and one bf16x2 multiply by 2^(scale - 64) per pair; the fp32 product is
+  multiplied by 2^63 once, in the epilogue (exact for block exponents 65..191, i.e. scales
+  2^-62..2^64). No conversion instruction (about 5 per weight in the K loop).
+- "lut": the same words, but 4 codes at a time looked up in two 8-entry byte tables by PTX
+  byte permutes (prmt: the exact bf16 of each magnitude, no subnormal), the signs and the
+  interleave into pairs by permutes too, then a bf16x2 multiply by 2^(scale - 127): 15 integer
+  instructions and 4 multiplies per word (about 4-5 per weight in the loop). Inline PTX, so
+  the interpreter runs "bits" in its place (an earlier inline-PTX decode did not compile on
+  the H200; this one assembles for sm_90 in tests/test_kernels_sm90.py, and
+  tests/test_quant_gemm.py runs its program in numpy).
+
+The e8m0 exponents (BK / 32 bytes a row, rows K / 32 bytes apart: too narrow and unaligned
+for the asynchronous copies that pipeline the other loads) are loaded one K step ahead. Whole
+K steps run without masks: rows past an expert's and columns past N read valid rows, whose
+products are not stored, and where BK does not divide K one masked step follows.
+experiments/runtime/quant_sass.py counts the K loop's instructions of each config without a GPU;
+which config is fastest is for the GPU benchmark to say (experiments/runtime/quant_layer.py).
+FP8 converts to bf16 exactly and applies the 128 x 128 tile's scale_inv to each step's
+partial product (BK divides 128), not to each weight.
 
 The grid is (row tiles, N tiles), with row tiles = ceil(M / BM) + E, a bound on the BM-row
 tiles of all experts together; each program derives its expert and first row from `offsets`
@@ -439,16 +459,17 @@ class KernelConfig:
         block_m, block_n: rows of x and output columns per program (powers of two, >= 16).
         block_k: K per step, a multiple of 32 (one MXFP4 group) dividing 128 (one FP8 tile).
         num_warps, num_stages: Triton launch options (the interpreter ignores them).
-        mxfp4_decode: how MXFP4 tiles become bf16 for the product. "portable": the packed
-            bytes' low and high nibbles each placed in an e4m3 byte, converted by the hardware,
-            interleaved back into k order and multiplied by the block's power of two;
-            "spread": the packed bytes are first spread to k order (each byte twice: one byte
-            moved per weight, where "portable" interleaves fp32 values), then every weight
-            picks its nibble and is decoded elementwise; "dot_scaled": Triton's
-            `tl.dot_scaled` (bf16 x e2m1 with the e8m0 block scales), which leaves the decode
-            to Triton's own lowering (on Hopper: an upcast to bf16, then a bf16 MMA). All
-            three run under the interpreter. (Inline PTX that decoded four bytes at a time was
-            tried and did not compile on the H200; it was removed.)
+        mxfp4_decode: how MXFP4 tiles become bf16 for the product (the module docstring
+            compares them). "portable": the packed bytes' low and high nibbles each placed in
+            an e4m3 byte, converted by the hardware, interleaved back into k order and
+            multiplied by the block's power of two; "spread": the packed bytes first spread to
+            k order (each byte twice), then every weight picks its nibble and is decoded
+            elementwise; "dot_scaled": Triton's `tl.dot_scaled` (bf16 x e2m1 with the e8m0
+            block scales), which leaves the decode to Triton's own lowering (on Hopper: an
+            upcast to bf16, then a bf16 MMA); "bits": 32-bit words of 8 codes made into bf16
+            pairs by integer operations and one bf16x2 multiply per pair (exact for block
+            exponents 65..191); "lut": the pairs by PTX byte-permute table lookups, then the
+            multiply (exact for exponents 1..254; GPU only: the interpreter runs "bits").
         fp8_scale: "product" (fp8 -> bf16 exactly, the tile's scale_inv multiplies each step's
             partial product, BM x BN multiplies instead of BN x BK) or "weights" (each weight
             scaled, then rounded to bf16).
