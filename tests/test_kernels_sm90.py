@@ -170,7 +170,7 @@ def test_quant_sass_counts_fewer_loop_instructions_for_the_integer_decodes(tmp_p
 
 def test_quant_layer_integer_decode_configs_fit_an_sm90_sm():
     """Every "bits" / "lut" config that experiments/runtime/quant_layer.py times compiles for
-    sm_90 (as gpt-oss-120b's gate/up launch: K 2880, so BK 128 runs its masked last step),
+    sm_90 (as gpt-oss-120b's gate/up launch: K 2880, so the BK 128 ones mask every step),
     spills no register and fits one SM's shared memory (227 KB a program)."""
     from experiments.runtime import quant_layer, quant_sass
 

@@ -56,19 +56,18 @@ TOKENS = (256, 768, 1536)
 # fields}]); the best correct one is reported and every trial goes to the JSON (a config that
 # fails to compile or exceeds shared memory is recorded, not fatal). MXFP4 is one variant per
 # decode: "portable", "spread", "dot_scaled" (each with its best two configs of the H100 run in
-# results/h100/quant_layer), "bits" and "lut" (the integer decodes; see
+# results/h100/quant_layer), "bits" and "lut" (the integer decodes, 6 configs each; see
 # experiments/runtime/quant_sass.py for their instruction counts per config); row_tiles 2
 # decodes each weight tile once for 2 BM-row tiles; swap_ab computes the tile transposed
 # (weight rows on the MMA's M side, so BM 16 / 32 still runs Hopper's wgmma). FP8 tries both
 # places for its scale.
 R2, SWAP = {"row_tiles": 2}, {"swap_ab": True}
 # per integer decode: wgmma on 64-row tiles (BK 128: the most weights per loop overhead; BN 256
-# or BK 128 with 8 warps: fewer registers), transposed 16 / 32-row tiles (experts with few
-# rows; a 4-stage BK 64 one with about 110 registers, more programs per SM), two 64-row tiles
-# per program (experts with many rows)
-INTEGER_DECODE = [(64, 128, 128, 4, 3), (64, 256, 64, 8, 3), (64, 128, 128, 8, 3),
-                  (16, 128, 128, 4, 3, SWAP), (32, 128, 128, 4, 3, SWAP),
-                  (16, 128, 64, 4, 4, SWAP), (64, 128, 64, 4, 3, R2)]
+# with 8 warps: fewer registers, and no K mask where 64 divides K), transposed 16 / 32-row
+# tiles (experts with few rows; a 4-stage BK 64 one with about 90 registers, more programs per
+# SM), two 64-row tiles per program (experts with many rows)
+INTEGER_DECODE = [(64, 128, 128, 4, 3), (64, 256, 64, 8, 3), (16, 128, 128, 4, 3, SWAP),
+                  (32, 128, 128, 4, 3, SWAP), (16, 128, 64, 4, 4, SWAP), (64, 128, 64, 4, 3, R2)]
 CONFIGS = {
     "bf16": [(64, 64, 64, 4, 3), (64, 128, 64, 4, 3), (64, 128, 64, 8, 4), (64, 256, 64, 8, 3),
              (32, 128, 64, 4, 3, SWAP)],

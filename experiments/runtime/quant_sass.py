@@ -219,8 +219,10 @@ def analyse(fmt: str, cfg: KernelConfig, counts: dict[int, list[int]], clock_ghz
 def write_md(path: Path, rows: list[dict], clock_ghz: float, hbm_tbps: float) -> None:
     tokens = sorted({int(t) for r in rows for t in r["estimate"]})
     kinds = ["integer", "convert", "float", "shared", "sync", "mma", "uniform", "global"]
+    import triton
+
     lines = ["# Grouped GEMM K loop per weight, sm_90 machine code (gpt-oss-120b gate/up launch)",
-             "", f"Issue bound: decoded weights x loop instructions per weight over "
+             "", f"Compiled by Triton {triton.__version__} and its ptxas. Issue bound: decoded weights x loop instructions per weight over "
              f"{SMS} SMs x {SUBPARTITIONS} x {LANES} lanes at {clock_ghz} GHz; weight stream: "
              f"the format's bytes of the active experts over {hbm_tbps} TB/s.", "",
              "| format | decode | config | regs | stack | smem KB | loop instr / weight | "
@@ -284,7 +286,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{fmt:9s} {row['decode'] or '':10s} {row['config']:24s} regs {row['registers']:3d} "
               f"stack {row['stack_bytes']:4d}  {row['per_weight']:5.2f} instr/weight  {est}",
               flush=True)
-    result = {"clock_ghz": args.clock_ghz, "hbm_tbps": args.hbm_tbps, "rows": rows,
+    import triton
+
+    result = {"triton": triton.__version__, "clock_ghz": args.clock_ghz,
+              "hbm_tbps": args.hbm_tbps, "rows": rows,
               "seconds_total": time.perf_counter() - t_start}
     json_path = args.out / "quant_sass.json"
     json_path.write_text(json.dumps(result, indent=1) + "\n")

@@ -24,10 +24,10 @@ H100, i.e. a few instructions per weight in all, so the decode's instruction cou
   compiled for sm_90, and 3.8-6.2x the roofline measured on an H100.
 - "dot_scaled": Triton's microscaled dot (bf16 x e2m1), its own decode (about 6).
 - "bits": the packed weights read as 32-bit words of 8 codes, each byte's two codes made into
-  one bf16 pair (the code's bits in place: the value times 2^-126) by integer multiply-adds
-  on the whole pair, and one bf16x2 multiply by 2^(scale - 64) per pair; the fp32 product is
-  multiplied by 2^63 once, in the epilogue (exact for block exponents 65..191, i.e. scales
-  2^-62..2^64). No conversion instruction (about 5 per weight in the K loop).
+  one bf16 pair (the code's bits in place: the value times 2^-126) by integer mask-multiply-
+  adds on the whole pair, then one bf16x2 multiply by 2^(scale - 64) per pair; the fp32
+  product is multiplied by 2^63 once, in the epilogue (exact for block exponents 65..191,
+  i.e. scales 2^-62..2^64). No conversion instruction (about 5-6 per weight in the K loop).
 - "lut": the same words, but 4 codes at a time looked up in two 8-entry byte tables by PTX
   byte permutes (prmt: the exact bf16 of each magnitude, no subnormal), the signs and the
   interleave into pairs by permutes too, then a bf16x2 multiply by 2^(scale - 127): 15 integer
@@ -37,9 +37,9 @@ H100, i.e. a few instructions per weight in all, so the decode's instruction cou
   tests/test_quant_gemm.py runs its program in numpy).
 
 The e8m0 exponents (BK / 32 bytes a row, rows K / 32 bytes apart: too narrow and unaligned
-for the asynchronous copies that pipeline the other loads) are loaded one K step ahead. Whole
-K steps run without masks: rows past an expert's and columns past N read valid rows, whose
-products are not stored, and where BK does not divide K one masked step follows.
+for the asynchronous copies that pipeline the other loads) are loaded one K step ahead. The
+loads need no row or column mask: rows past an expert's and columns past N read valid rows,
+whose products are not stored; where BK divides K they need no K mask either.
 experiments/runtime/quant_sass.py counts the K loop's instructions of each config without a GPU;
 which config is fastest is for the GPU benchmark to say (experiments/runtime/quant_layer.py).
 FP8 converts to bf16 exactly and applies the 128 x 128 tile's scale_inv to each step's
@@ -91,7 +91,7 @@ _MXFP4_DECODE = {"portable": 0, "spread": 1, "dot_scaled": 2, "bits": 3, "lut": 
 # (the selector with the codes' sign bits cleared); the signs (code bit 3 to the high byte's
 # bit 7) come from a permute of the word and the word shifted left by 4; the low and high
 # bytes are interleaved into pairs; one bf16x2 multiply applies the scale. 15 integer
-# instructions and 4 multiplies a word, against about 23 and 4 for `_e2m1_pairs`. One op a
+# instructions and 4 multiplies a word, against about 23 and 4 for "bits" (`_e2m1_pairs`). One op a
 # tuple (op, destination, sources...); tests/test_quant_gemm.py runs the list in numpy.
 E2M1_LUT_PROGRAM = (
     ("mov", "lo_a", 0xC0800000), ("mov", "lo_b", 0xC0804000),  # low bytes, codes 0-3 / 4-7
@@ -155,7 +155,7 @@ if triton is not None:
 
     @triton.jit
     def _load_k(ptrs, ks, K, EVEN_K: tl.constexpr):
-        """tl.load of ptrs [rows, len(ks)], its columns at k = ks: unmasked in a whole K step
+        """tl.load of ptrs [rows, len(ks)], its columns at k = ks: unmasked where BK divides K
         (EVEN_K; the kernel clamps rows and columns past the matrices to valid ones, whose
         products it does not store), else zero past K."""
         return tl.load(ptrs) if EVEN_K else tl.load(ptrs, mask=(ks < K)[None, :], other=0.0)
@@ -180,8 +180,11 @@ if triton is not None:
         """bf16 bits of the two e2m1 codes in the low byte of uint32 `b` (higher bits
         ignored): the low nibble's in bits 0..15, the high nibble's in 16..31, each code's sign
         at bit 15 and its 2 exponent and 1 mantissa bits at bits 8..6: the code's value times
-        2^-126 (0.5 a bf16 subnormal), with 4 integer operations (masks, two multiply-adds
-        that shift both codes' fields at once, a mask)."""
+        2^-126 (0.5 a bf16 subnormal). Both codes' magnitude bits move in one multiply
+        (x (2^6 + 2^18)), their signs in another (x (2^12 + 2^24)), then one mask: about 23
+        integer instructions a word of 8 codes. (Two codes a multiply, one per 16-bit lane,
+        then pairs taken from two words' halves, needs 17, and Triton 3.9 compiles it so, but
+        Triton 3.6, the GPU machine's, adds byte permutes that make it the slower.)"""
         return ((b & 0x77) * 0x40040 + (b & 0x88) * 0x1001000) & 0x81C081C0
 
     @triton.jit
@@ -341,7 +344,7 @@ if triton is not None:
                 EVEN_K: tl.constexpr):
         """One K step: the weight tile at k0 decoded once and multiplied into the R
         accumulators whose rows exist; returns them and the next step's MXFP4 exponents
-        (`exps` is this step's, loaded a step ahead). EVEN_K: k0 + BK <= K, no K masks."""
+        (`exps` is this step's, loaded a step ahead). EVEN_K: BK divides K, no K masks."""
         exps_next = _scales(s_ptr, e64, cols, k0 + BK, N, K, stride_s, FORMAT, BN, BK, GROUP)
         w, post = _weight_tile(w_rows, exps, cols, k0, N, K, FORMAT, BN, BK, GROUP, TILE,
                                DECODE, EVEN_K, INTERPRETED, s_ptr, e64)
@@ -369,9 +372,9 @@ if triton is not None:
                         DECODE: tl.constexpr, INTERPRETED: tl.constexpr, R: tl.constexpr,
                         SWAP: tl.constexpr, EVEN_K: tl.constexpr):
         # A program owns R consecutive BM-row tiles of one expert (R = 1, 2 or 4): it decodes
-        # each weight tile once and multiplies it into every sub-tile that has rows. The K
-        # loop runs the whole BK steps without K masks; where BK does not divide K (EVEN_K
-        # false) one masked step follows.
+        # each weight tile once and multiplies it into every sub-tile that has rows. Where BK
+        # divides K (EVEN_K) the K loop loads without masks; else every step masks k < K (a
+        # masked last step peeled off the loop made Triton 3.6 spill FP8 tiles for K 2880).
         tile = tl.program_id(0)
         pid_n = tl.program_id(1)
         e, row0, end = _schedule(offs_ptr, tile, E, E_PAD, BM * R)
@@ -396,16 +399,11 @@ if triton is not None:
             acc2 = _zeros(BM, BN, SWAP)
             acc3 = _zeros(BM, BN, SWAP)
             exps = _scales(s_ptr, e64, wcols, 0, N, K, stride_s, FORMAT, BN, BK, GROUP)
-            for k0 in range(0, K - K % BK, BK):
+            for k0 in range(0, K, BK):
                 acc0, acc1, acc2, acc3, exps = _k_step(
                     acc0, acc1, acc2, acc3, exps, k0, x_ptr, src0, src1, src2, src3, row0, end,
                     w_rows, s_ptr, e64, wcols, N, K, stride_s, stride_xm, FORMAT, BM, BN, BK,
-                    GROUP, TILE, DECODE, INTERPRETED, R, SWAP, True)
-            if not EVEN_K:
-                acc0, acc1, acc2, acc3, exps = _k_step(
-                    acc0, acc1, acc2, acc3, exps, K - K % BK, x_ptr, src0, src1, src2, src3,
-                    row0, end, w_rows, s_ptr, e64, wcols, N, K, stride_s, stride_xm, FORMAT,
-                    BM, BN, BK, GROUP, TILE, DECODE, INTERPRETED, R, SWAP, False)
+                    GROUP, TILE, DECODE, INTERPRETED, R, SWAP, EVEN_K)
             bias = tl.zeros((BN,), dtype=tl.float32)
             if HAS_BIAS:
                 bias = tl.load(b_ptr + e64 * stride_b + cols, mask=cmask,
