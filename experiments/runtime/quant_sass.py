@@ -222,7 +222,8 @@ def write_md(path: Path, rows: list[dict], clock_ghz: float, hbm_tbps: float) ->
     import triton
 
     lines = ["# Grouped GEMM K loop per weight, sm_90 machine code (gpt-oss-120b gate/up launch)",
-             "", f"Compiled by Triton {triton.__version__} and its ptxas. Issue bound: decoded weights x loop instructions per weight over "
+             "", f"Compiled by Triton {triton.__version__} and its ptxas. Issue bound: "
+             f"decoded weights x loop instructions per weight over "
              f"{SMS} SMs x {SUBPARTITIONS} x {LANES} lanes at {clock_ghz} GHz; weight stream: "
              f"the format's bytes of the active experts over {hbm_tbps} TB/s.", "",
              "| format | decode | config | regs | stack | smem KB | loop instr / weight | "
