@@ -250,9 +250,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true",
                         help="one config per variant (portable, bits, lut, bf16, FP8)")
     parser.add_argument("--clock-ghz", type=float, default=1.755,
-                        help="SM clock of the issue-bound estimate (default: an H100 SXM's "
-                             "sustained clock)")
-    parser.add_argument("--hbm-tbps", type=float, default=H100_COPY_TBPS)
+                        help="SM clock of the issue-bound estimate (default 1.755: an "
+                             "assumed H100 clock under load, not a measured one)")
+    parser.add_argument("--hbm-tbps", type=float, default=H100_COPY_TBPS,
+                        help="bandwidth of the weight-stream column, TB/s (default 2.96: the "
+                             "H100's copy bandwidth measured in results/h100/quant_layer)")
     args = parser.parse_args(argv)
     if args.clock_ghz <= 0 or args.hbm_tbps <= 0:
         parser.error("--clock-ghz and --hbm-tbps must be positive")

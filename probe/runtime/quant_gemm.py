@@ -13,27 +13,29 @@ weight for MXFP4, about 1 for FP8, against 2 for bf16).
 With a few dozen rows per expert the kernel is bound by the weight stream and by the ALU work
 per weight, since every weight is decoded once per BM-row tile of its expert
 (`KernelConfig.row_tiles` lets one program cover several BM-row tiles of its expert with one
-decode). MXFP4 at the HBM roofline asks for some 5 decoded weights per SM per cycle on an
-H100, i.e. a few instructions per weight in all, so the decode's instruction count decides.
-`KernelConfig.mxfp4_decode` picks it:
+decode). MXFP4 at the HBM roofline asks an H100 for some 23 decoded weights per SM per cycle
+(gpt-oss-120b: 3.1 G weights a layer in 571 us); with 4 x 32 lanes issuing one instruction
+each per cycle that leaves about 5 instructions per weight in all, so the decode's instruction
+count decides. Counts below are SASS instructions per weight in the K loop as Triton 3.6
+compiles it for sm_90 (results/quant_sass). `KernelConfig.mxfp4_decode` picks the decode:
 
 - "portable" / "spread": each e2m1 code (sign, 2 exponent bits, 1 mantissa bit) placed in an
   e4m3 byte, which the hardware converts (the value times 2^-6, the subnormal 0.5 included),
   then to fp32, times the block's power of two, rounded to bf16; on packed bytes, so every byte
-  is taken apart and put together again. About 11 instructions per weight in the K loop
-  compiled for sm_90, and 3.8-6.2x the roofline measured on an H100.
-- "dot_scaled": Triton's microscaled dot (bf16 x e2m1), its own decode (about 6).
+  is taken apart and put together again: 10.7-11.8, and 3.8-6.2x the roofline measured on an
+  H100.
+- "dot_scaled": Triton's microscaled dot (bf16 x e2m1), its own decode: 8.3-9.6.
 - "bits": the packed weights read as 32-bit words of 8 codes, each byte's two codes made into
   one bf16 pair (the code's bits in place: the value times 2^-126) by integer mask-multiply-
   adds on the whole pair, then one bf16x2 multiply by 2^(scale - 64) per pair; the fp32
   product is multiplied by 2^63 once, in the epilogue (exact for block exponents 65..191,
-  i.e. scales 2^-62..2^64). No conversion instruction (about 5-6 per weight in the K loop).
+  i.e. scales 2^-62..2^64). No conversion instruction: 4.9-6.1.
 - "lut": the same words, but 4 codes at a time looked up in two 8-entry byte tables by PTX
   byte permutes (prmt: the exact bf16 of each magnitude, no subnormal), the signs and the
   interleave into pairs by permutes too, then a bf16x2 multiply by 2^(scale - 127): 15 integer
-  instructions and 4 multiplies per word (about 4-5 per weight in the loop). Inline PTX, so
-  the interpreter runs "bits" in its place (an earlier inline-PTX decode did not compile on
-  the H200; this one assembles for sm_90 in tests/test_kernels_sm90.py, and
+  instructions and 4 multiplies per word: 4.3-5.5. Inline PTX, so the interpreter runs
+  "bits" in its place (an earlier inline-PTX decode did not compile on the H200; this one
+  assembles for sm_90: tests/test_kernels_sm90.py, and results/quant_sass with Triton 3.6;
   tests/test_quant_gemm.py runs its program in numpy).
 
 The e8m0 exponents (BK / 32 bytes a row, rows K / 32 bytes apart: too narrow and unaligned
