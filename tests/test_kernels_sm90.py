@@ -59,19 +59,25 @@ def test_permutation_kernels_compile_for_sm90():
                                        "stride_y": "i32", "stride_out": "i32"}, {"BD": 1024})
 
 
-# (format, decode, row tiles, swap, gather x rows, bias, BM): every new code path at least once
+# (format, decode, row tiles, swap, gather x rows, bias, BM, BK divides K): every code path
+# at least once
 GEMMS = [
-    ("mxfp4", "portable", 4, False, False, False, 32),
-    ("mxfp4", "spread", 2, True, True, True, 32),
-    ("mxfp4", "dot_scaled", 1, True, False, False, 16),
-    ("mxfp4", "dot_scaled", 2, False, True, True, 64),
-    ("fp8_block", "product", 2, True, False, True, 32),
-    ("bf16", None, 1, True, True, False, 32),
+    ("mxfp4", "portable", 4, False, False, False, 32, True),
+    ("mxfp4", "spread", 2, True, True, True, 32, False),
+    ("mxfp4", "dot_scaled", 1, True, False, False, 16, True),
+    ("mxfp4", "dot_scaled", 2, False, True, True, 64, False),
+    ("mxfp4", "bits", 1, True, True, True, 16, False),
+    ("mxfp4", "bits", 2, False, False, False, 64, True),
+    ("mxfp4", "lut", 1, True, True, True, 16, True),
+    ("mxfp4", "lut", 4, False, True, False, 64, False),
+    ("fp8_block", "product", 2, True, False, True, 32, False),
+    ("bf16", None, 1, True, True, False, 32, True),
 ]
 
 
-@pytest.mark.parametrize("fmt, decode, rows, swap, gather, bias, bm", GEMMS)
-def test_grouped_gemm_variants_compile_for_sm90(fmt, decode, rows, swap, gather, bias, bm):
+@pytest.mark.parametrize("fmt, decode, rows, swap, gather, bias, bm, even_k", GEMMS)
+def test_grouped_gemm_variants_compile_for_sm90(fmt, decode, rows, swap, gather, bias, bm,
+                                                even_k):
     weight = {"bf16": "*bf16", "mxfp4": "*u8", "fp8_block": "*fp8e4nv"}[fmt]
     scale = {"bf16": "*bf16", "mxfp4": "*u8", "fp8_block": "*fp32"}[fmt]
     types = {"x_ptr": "*bf16", "xi_ptr": "*i64", "w_ptr": weight, "s_ptr": scale,
@@ -82,7 +88,7 @@ def test_grouped_gemm_variants_compile_for_sm90(fmt, decode, rows, swap, gather,
     constants = {"HAS_BIAS": bias, "GATHER_X": gather, "E": 8, "E_PAD": 8,
                  "FORMAT": quant_gemm._FORMAT_CODE[fmt], "BM": bm, "BN": 128, "BK": 128,
                  "GROUP": 32, "TILE": 128, "DECODE": code[fmt][decode] if decode else 0,
-                 "DOT_FP32": False, "R": rows, "SWAP": swap}
+                 "INTERPRETED": False, "R": rows, "SWAP": swap, "EVEN_K": even_k}
     aligned = [n for n in types if n.endswith("_ptr")] + ["N", "K", "stride_w", "stride_xm",
                                                           "stride_ym", "stride_b"]
     kernel = _compile(quant_gemm._grouped_kernel, types, constants, aligned=aligned)
@@ -91,6 +97,10 @@ def test_grouped_gemm_variants_compile_for_sm90(fmt, decode, rows, swap, gather,
     assert "wgmma.mma_async" in ptx or "mma.sync" in ptx
     if swap or bm >= 64:
         assert "wgmma.mma_async" in ptx
+    if decode == "lut":  # the byte-permute decode's PTX assembled, its scale a bf16x2 product
+        assert ptx.count("prmt.b32") >= 10 and "mul.rn.bf16x2" in ptx
+    if decode == "bits":  # the scale multiplies bf16 pairs: no weight goes through fp32
+        assert "mul.bf16x2" in ptx and "mul.f32" not in ptx and "e4m3" not in ptx
 
 
 def test_moe_layer_tune_candidates_compile_for_sm90_and_fit_shared_memory():
@@ -118,7 +128,8 @@ def test_moe_layer_tune_candidates_compile_for_sm90_and_fit_shared_memory():
             constants = {"HAS_BIAS": gather_and_bias, "GATHER_X": gather_and_bias, "E": 128,
                          "E_PAD": 128, "FORMAT": quant_gemm._FORMAT_CODE["bf16"],
                          "BM": cfg.block_m, "BN": cfg.block_n, "BK": cfg.block_k, "GROUP": 32,
-                         "TILE": 128, "DECODE": 0, "DOT_FP32": False, "R": cfg.row_tiles,
+                         "TILE": 128, "DECODE": 0, "INTERPRETED": False, "R": cfg.row_tiles,
+                         "EVEN_K": True,
                          "SWAP": cfg.swap_ab}
             kernel = _compile(quant_gemm._grouped_kernel, types, constants, aligned=aligned,
                               num_warps=cfg.num_warps, num_stages=cfg.num_stages)
@@ -133,3 +144,41 @@ def test_moe_layer_tune_candidates_compile_for_sm90_and_fit_shared_memory():
                 usage = subprocess.run([cuobjdump, "--dump-resource-usage", path],
                                        capture_output=True, text=True, check=True).stdout
             assert " STACK:0 " in usage and "REG:" in usage, (cfg.label(), usage)
+
+
+def test_quant_sass_counts_fewer_loop_instructions_for_the_integer_decodes(tmp_path):
+    """experiments/runtime/quant_sass.py --quick compiles one config per variant for sm_90 and
+    reads its K loop: "bits" and "lut" run well under 60% of "portable"'s instructions per
+    weight, with no conversion instruction and no spill; the report's files are written."""
+    import json
+
+    from experiments.runtime import quant_sass
+
+    assert quant_sass.main(["--out", str(tmp_path), "--quick"]) == 0
+    rows = {r["decode"]: r for r in json.loads((tmp_path / "quant_sass.json").read_text())["rows"]
+            if r["format"] == "mxfp4"}
+    assert set(rows) == {"portable", "bits", "lut"}
+    for decode in ("bits", "lut"):
+        row = rows[decode]
+        assert row["per_weight"] < 0.6 * rows["portable"]["per_weight"], (decode, row)
+        assert row["mix_per_weight"].get("convert", 0) == 0 and row["stack_bytes"] == 0
+        assert row["estimate"]["256"]["issue_bound_us"] > 0
+    assert rows["portable"]["mix_per_weight"]["convert"] >= 1  # e4m3 -> f16 -> f32 -> bf16
+    assert "| mxfp4 | lut |" in (tmp_path / "quant_sass.md").read_text()
+    assert (tmp_path / "quant_sass.manifest.json").exists()
+
+
+def test_quant_layer_integer_decode_configs_fit_an_sm90_sm():
+    """Every "bits" / "lut" config that experiments/runtime/quant_layer.py times compiles for
+    sm_90 (as gpt-oss-120b's gate/up launch: K 2880, so the BK 128 ones mask every step),
+    spills no register and fits one SM's shared memory (227 KB a program)."""
+    from experiments.runtime import quant_layer, quant_sass
+
+    specs = [s for s in quant_layer.CONFIGS["mxfp4"] if s[5] in ("bits", "lut")]
+    assert len(specs) >= 10
+    for spec in specs:
+        cfg = quant_layer.kernel_config(spec, "mxfp4")
+        kernel = quant_sass._compile(cfg, "mxfp4")
+        usage = quant_sass._cuobjdump(kernel.asm["cubin"], "--dump-resource-usage")
+        assert " STACK:0 " in usage, (cfg.label(), cfg.mxfp4_decode, usage)
+        assert kernel.metadata.shared <= 227 * 1024, (cfg.label(), kernel.metadata.shared)

@@ -50,7 +50,7 @@ for seed in range(6):
         err = float((out.float() - ref).norm() / ref.norm().clamp_min(1e-30))
         errors.append([seed, fmt, err, bool(torch.isnan(out).any())])
         if fmt == "mxfp4":  # the other decodes, each on its own launch
-            for decode in ("spread", "dot_scaled"):
+            for decode in ("spread", "dot_scaled", "bits", "lut"):
                 out.fill_(float("nan"))
                 grouped_matmul(x, packed, offsets, out=out, bias=bias,
                                config=KernelConfig(block_m=16, block_n=16, block_k=cfg.block_k,
@@ -77,10 +77,10 @@ def test_kernel_matches_the_twin_in_every_format():
                          text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     errors = json.loads(run.stdout.strip().splitlines()[-1])
-    assert len(errors) == 6 * (3 + 2 + 3)
+    assert len(errors) == 6 * (3 + 4 + 3)
     assert {fmt for _, fmt, _, _ in errors} == {
-        "bf16", "mxfp4", "fp8_block", "mxfp4 spread", "mxfp4 dot_scaled", "bf16 x_index",
-        "mxfp4 x_index", "fp8_block x_index"}
+        "bf16", "mxfp4", "fp8_block", "mxfp4 spread", "mxfp4 dot_scaled", "mxfp4 bits",
+        "mxfp4 lut", "bf16 x_index", "mxfp4 x_index", "fp8_block x_index"}
     for seed, fmt, err, has_nan in errors:
         assert not has_nan, (seed, fmt)  # every output row written
         # bf16 output rounding; fp8 weights are scaled then rounded to bf16 in the kernel,
@@ -128,15 +128,16 @@ def test_quant_layer_benchmark_runs_on_cpu(tmp_path):
     rows = json.loads((tmp_path / "quant_layer.json").read_text())["rows"]
     assert {r["variant"] for r in rows} == {
         "triton bf16", "triton mxfp4 portable", "triton mxfp4 spread", "triton mxfp4 dot_scaled",
-        "triton fp8_block"}
+        "triton mxfp4 bits", "triton mxfp4 lut", "triton fp8_block"}
     assert all(r["rel_error"] < 3e-2 for r in rows)
     # graph replay is CUDA only: each row says so, and the .md too
     assert all("graph_us" not in r and "CUDA graphs need a CUDA device" in r["graph_skipped"]
                for r in rows)
     assert "Graph replay: not graph-timed" in (tmp_path / "quant_layer.md").read_text()
     trials = json.loads((tmp_path / "quant_layer.json").read_text())["trials"]
-    assert len(trials) == 7 and all(t["median_us"] > 0 and "error" not in t for t in trials)
-    assert {"16x64x128/w4/s1/r2 portable", "16x64x128/w4/s1/swap spread"} <= {
+    assert len(trials) == 9 and all(t["median_us"] > 0 and "error" not in t for t in trials)
+    assert {"16x64x128/w4/s1/r2 portable", "16x64x128/w4/s1/swap spread",
+            "16x64x128/w4/s1/r2 bits", "16x64x128/w4/s1/swap lut"} <= {
         t["config"] for t in trials}
     assert "Every config tried" in (tmp_path / "quant_layer.md").read_text()
     assert (tmp_path / "quant_layer.manifest.json").exists()
@@ -152,6 +153,109 @@ def test_kernel_config_names_its_choices():
         KernelConfig(swap_ab=1)
     with pytest.raises(ValueError, match="row_tiles must be 1, 2 or 4, got 3"):
         KernelConfig(row_tiles=3)
-    with pytest.raises(ValueError, match=r"mxfp4_decode must be one of \['dot_scaled', 'portable', "
-                                         r"'spread'\], got 'ptx'"):
+    assert KernelConfig(mxfp4_decode="lut").mxfp4_decode == "lut"
+    with pytest.raises(ValueError, match=r"mxfp4_decode must be one of \['bits', 'dot_scaled', "
+                                         r"'lut', 'portable', 'spread'\], got 'ptx'"):
         KernelConfig(mxfp4_decode="ptx")
+
+
+def _run_ptx_program(program, word: int, mult: int) -> list[int]:
+    """The uint32 outputs $0..$3 of an `E2M1_LUT_PROGRAM`-style op list on one word, each op
+    as the PTX ISA defines it (prmt in its default mode: selector nibble k picks byte k from
+    {b, a}, its bit 3 replicating the picked byte's sign bit; mul: a bf16x2 product)."""
+    regs = {"$4": word, "$5": mult}
+
+    def val(a):
+        return a if isinstance(a, int) else regs[a]
+
+    def bf16x2_mul(a, b):
+        halves = [torch.tensor([x & 0xFFFF, x >> 16], dtype=torch.int32).to(torch.int16)
+                  .view(torch.bfloat16).float() for x in (a, b)]
+        out = (halves[0] * halves[1]).to(torch.bfloat16).view(torch.int16).int() & 0xFFFF
+        return int(out[0]) | int(out[1]) << 16
+
+    for op, dst, *src in program:
+        a = [val(x) for x in src]
+        if op == "mov":
+            out = a[0]
+        elif op == "and":
+            out = a[0] & a[1]
+        elif op == "shr":
+            out = a[0] >> a[1]
+        elif op == "shl":
+            out = (a[0] << a[1]) & 0xFFFFFFFF
+        elif op == "andor":
+            out = (a[0] & a[1]) | a[2]
+        elif op == "prmt":
+            pool = (a[1] << 32 | a[0]).to_bytes(8, "little")
+            out = 0
+            for k in range(4):
+                sel = (a[2] >> 4 * k) & 0xF
+                byte = pool[sel & 7]
+                if sel & 8:
+                    byte = 0xFF if byte & 0x80 else 0
+                out |= byte << 8 * k
+        else:
+            assert op == "mul", op
+            out = bf16x2_mul(a[0], a[1])
+        regs[dst] = out
+    return [regs[f"${j}"] for j in range(4)]
+
+
+def test_lut_ptx_program_gives_the_bf16_of_every_code():
+    """The "lut" decode's PTX (which the interpreter cannot run) as a program in numpy: every
+    byte value in every byte of the word, times scales 2^-3, 1 and 2^5, gives each code's
+    exact bf16 (low nibble in the pair's low half), as the twin's dequantization does."""
+    from probe.runtime.quant import dequantize_mxfp4
+    from probe.runtime.quant_gemm import E2M1_LUT_PROGRAM, _ptx
+
+    assert _ptx(E2M1_LUT_PROGRAM).count("prmt.b32") == 10  # the PTX text holds the same ops
+    gen = torch.Generator().manual_seed(4)
+    words = [b * 0x01010101 for b in range(256)]
+    words += [int(w) for w in torch.randint(0, 2 ** 32, (64,), generator=gen)]
+    for scale in (124, 127, 132):
+        mult = (scale << 7) * 0x10001
+        for word in words:
+            blocks = torch.tensor(list(word.to_bytes(4, "little")) + [0] * 12,
+                                  dtype=torch.uint8).reshape(1, 16)
+            want = dequantize_mxfp4(blocks, torch.tensor([scale], dtype=torch.uint8))[:8]
+            bits = want.to(torch.bfloat16).view(torch.int16).int() & 0xFFFF
+            got = _run_ptx_program(E2M1_LUT_PROGRAM, word, mult)
+            assert got == [int(bits[2 * j]) | int(bits[2 * j + 1]) << 16 for j in range(4)], \
+                (hex(word), scale)
+
+
+_EXACT = r"""
+import json, sys, torch
+from probe.runtime.quant import PackedWeight
+from probe.runtime.quant_gemm import KernelConfig, grouped_matmul
+# every code in every row, block exponents across what "bits" keeps exact (65..191)
+codes = torch.arange(16, dtype=torch.uint8)
+blocks = (codes | (codes.roll(3) << 4)).repeat(16, 2, 1)  # [N 16, groups 2, 16 bytes]
+for n in range(16):
+    blocks[n] = blocks[n].roll(n, dims=-1)
+scales = torch.tensor([65, 80, 100, 120, 127, 140, 160, 191], dtype=torch.uint8)
+scales = scales.repeat(4)[:32].reshape(16, 2)
+packed = PackedWeight("mxfp4", (1, 16, 64), (blocks[None], scales[None]))
+dense = packed.dense()[0]  # [16, 64] fp32, exact in bf16
+x = torch.eye(64, dtype=torch.bfloat16)  # row m picks weight column m: y = W^T exactly
+offsets = torch.tensor([0, 64], dtype=torch.int32)
+result = {}
+for decode in ("portable", "bits", "lut"):
+    cfg = KernelConfig(block_m=16, block_n=16, block_k=64, mxfp4_decode=decode)
+    y = grouped_matmul(x, packed, offsets, config=cfg).float()
+    result[decode] = bool(torch.equal(y, dense.T))
+json.dump(result, sys.stdout)
+"""
+
+
+def test_bits_decode_is_exact_for_block_exponents_65_to_191():
+    """"bits" builds code x 2^-126 and multiplies by 2^(scale - 64), undoing 2^-63 on the
+    product: every code at exponents 65..191 comes out exactly (one-hot rows of x read the
+    weights back), as from the e4m3 decode."""
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    run = subprocess.run([sys.executable, "-c", _EXACT], env=env, capture_output=True,
+                         text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert json.loads(run.stdout.strip().splitlines()[-1]) == {
+        "portable": True, "bits": True, "lut": True}

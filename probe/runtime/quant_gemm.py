@@ -13,17 +13,39 @@ weight for MXFP4, about 1 for FP8, against 2 for bf16).
 With a few dozen rows per expert the kernel is bound by the weight stream and by the ALU work
 per weight, since every weight is decoded once per BM-row tile of its expert
 (`KernelConfig.row_tiles` lets one program cover several BM-row tiles of its expert with one
-decode). So the decode
-avoids transcendental and select arithmetic: MXFP4 places each e2m1 code (sign, 2 exponent bits,
-1 mantissa bit) in an e4m3 byte, which the hardware converts exactly (the value times 2^-6,
-the subnormal 0.5 included), and multiplies by the block's power of two built from its exponent
-bits. `KernelConfig.mxfp4_decode` picks how: "portable" (nibble halves interleaved back into k
-order), "spread" (the packed bytes spread to k order, one byte per weight, then one
-elementwise decode: no fp32 interleave) or "dot_scaled" (Triton's microscaled dot, its own
-decode); which is fastest is for the GPU benchmark to say (experiments/runtime/quant_layer.py).
-An inline-PTX decode was tried and did not compile on the H200; it is gone. FP8 converts to
-bf16 exactly and applies the 128 x 128 tile's scale_inv to each step's partial product (BK
-divides 128), not to each weight.
+decode). MXFP4 at the HBM roofline asks an H100 for some 23 decoded weights per SM per cycle
+(gpt-oss-120b: 3.1 G weights a layer in 571 us); with 4 x 32 lanes issuing one instruction
+each per cycle that leaves about 5 instructions per weight in all, so the decode's instruction
+count decides. Counts below are SASS instructions per weight in the K loop as Triton 3.6
+compiles it for sm_90 (results/quant_sass). `KernelConfig.mxfp4_decode` picks the decode:
+
+- "portable" / "spread": each e2m1 code (sign, 2 exponent bits, 1 mantissa bit) placed in an
+  e4m3 byte, which the hardware converts (the value times 2^-6, the subnormal 0.5 included),
+  then to fp32, times the block's power of two, rounded to bf16; on packed bytes, so every byte
+  is taken apart and put together again: 10.7-11.8, and 3.8-6.2x the roofline measured on an
+  H100.
+- "dot_scaled": Triton's microscaled dot (bf16 x e2m1), its own decode: 8.3-9.6.
+- "bits": the packed weights read as 32-bit words of 8 codes, each byte's two codes made into
+  one bf16 pair (the code's bits in place: the value times 2^-126) by integer mask-multiply-
+  adds on the whole pair, then one bf16x2 multiply by 2^(scale - 64) per pair; the fp32
+  product is multiplied by 2^63 once, in the epilogue (exact for block exponents 65..191,
+  i.e. scales 2^-62..2^64). No conversion instruction: 4.9-6.1.
+- "lut": the same words, but 4 codes at a time looked up in two 8-entry byte tables by PTX
+  byte permutes (prmt: the exact bf16 of each magnitude, no subnormal), the signs and the
+  interleave into pairs by permutes too, then a bf16x2 multiply by 2^(scale - 127): 15 integer
+  instructions and 4 multiplies per word: 4.3-5.5. Inline PTX, so the interpreter runs
+  "bits" in its place (an earlier inline-PTX decode did not compile on the H200; this one
+  assembles for sm_90: tests/test_kernels_sm90.py, and results/quant_sass with Triton 3.6;
+  tests/test_quant_gemm.py runs its program in numpy).
+
+The e8m0 exponents (BK / 32 bytes a row, rows K / 32 bytes apart: too narrow and unaligned
+for the asynchronous copies that pipeline the other loads) are loaded one K step ahead. The
+loads need no row or column mask: rows past an expert's and columns past N read valid rows,
+whose products are not stored; where BK divides K they need no K mask either.
+experiments/runtime/quant_sass.py counts the K loop's instructions of each config without a GPU;
+which config is fastest is for the GPU benchmark to say (experiments/runtime/quant_layer.py).
+FP8 converts to bf16 exactly and applies the 128 x 128 tile's scale_inv to each step's
+partial product (BK divides 128), not to each weight.
 
 The grid is (row tiles, N tiles), with row tiles = ceil(M / BM) + E, a bound on the BM-row
 tiles of all experts together; each program derives its expert and first row from `offsets`
@@ -60,10 +82,61 @@ except ImportError:  # pragma: no cover
     triton = None
 
 _FORMAT_CODE = {"bf16": 0, "mxfp4": 1, "fp8_block": 2}
-_MXFP4_DECODE = {"portable": 0, "spread": 1, "dot_scaled": 2}
+_MXFP4_DECODE = {"portable": 0, "spread": 1, "dot_scaled": 2, "bits": 3, "lut": 4}
+
+# "lut" on the GPU: the bf16 pairs of the uint32 word $4 of 8 e2m1 codes, times the bf16
+# pair $5 (the block's 2^(scale - 127) twice), into $0..$3 (pair j from byte j, the low
+# nibble in the low half), by byte permutes. PTX prmt d, a, b, c: byte k of d is byte
+# (c >> 4k) & 7 of the 8 bytes {b, a} (a's bytes 0..3), or that byte's sign bit replicated
+# where bit 4k + 3 of c is set. Two 8-entry tables hold the low and high bytes of the bf16 of
+# each magnitude 0, 0.5, ..., 6 (exact values, no subnormal), looked up four codes at a time
+# (the selector with the codes' sign bits cleared); the signs (code bit 3 to the high byte's
+# bit 7) come from a permute of the word and the word shifted left by 4; the low and high
+# bytes are interleaved into pairs; one bf16x2 multiply applies the scale. 15 integer
+# instructions and 4 multiplies a word, against about 23 and 4 for "bits" (`_e2m1_pairs`). One op a
+# tuple (op, destination, sources...); tests/test_quant_gemm.py runs the list in numpy.
+E2M1_LUT_PROGRAM = (
+    ("mov", "lo_a", 0xC0800000), ("mov", "lo_b", 0xC0804000),  # low bytes, codes 0-3 / 4-7
+    ("mov", "hi_a", 0x3F3F3F00), ("mov", "hi_b", 0x40404040),  # high bytes without the sign
+    ("mov", "msb", 0x80808080),
+    ("and", "sel", "$4", 0x77777777), ("shr", "selh", "sel", 16), ("shl", "w4", "$4", 4),
+    ("prmt", "lo03", "lo_a", "lo_b", "sel"), ("prmt", "lo47", "lo_a", "lo_b", "selh"),
+    ("prmt", "hi03", "hi_a", "hi_b", "sel"), ("prmt", "hi47", "hi_a", "hi_b", "selh"),
+    ("prmt", "sg03", "w4", "$4", 0x5140), ("prmt", "sg47", "w4", "$4", 0x7362),
+    ("andor", "hi03", "sg03", "msb", "hi03"), ("andor", "hi47", "sg47", "msb", "hi47"),
+    ("prmt", "p0", "lo03", "hi03", 0x5140), ("prmt", "p1", "lo03", "hi03", 0x7362),
+    ("prmt", "p2", "lo47", "hi47", 0x5140), ("prmt", "p3", "lo47", "hi47", 0x7362),
+    ("mul", "$0", "p0", "$5"), ("mul", "$1", "p1", "$5"), ("mul", "$2", "p2", "$5"),
+    ("mul", "$3", "p3", "$5"),
+)
+
+
+def _ptx(program: tuple) -> str:
+    """PTX text of an `E2M1_LUT_PROGRAM`-style op list: "andor" d, a, b, c is (a & b) | c,
+    "mul" a bf16x2 product; operands named $i are the asm block's, others its registers."""
+    def arg(a):
+        if isinstance(a, int):
+            return f"{a:#010x}"
+        return a if a.startswith("$") else f"%{a}"
+    names = sorted({op[1] for op in program if not op[1].startswith("$")})
+    lines = ["{", ".reg .b32 " + ", ".join(f"%{n}" for n in names) + ";"]
+    for op, dst, *src in program:
+        operands = ", ".join(arg(a) for a in (dst, *src))
+        if op in ("mov", "and", "prmt"):
+            lines.append(f"{op}.b32 {operands};")
+        elif op in ("shr", "shl"):
+            lines.append(f"{op}.b32 {arg(dst)}, {arg(src[0])}, {src[1]};")
+        elif op == "andor":  # lop3's truth table of (a & b) | c
+            lines.append(f"lop3.b32 {operands}, 0xEA;")
+        else:
+            lines.append(f"mul.rn.bf16x2 {operands};")
+    return "\n".join([*lines, "}"])
+
+
 _FP8_SCALE = {"weights": 0, "product": 1}
 
 if triton is not None:
+    _E2M1_PTX = tl.constexpr(_ptx(E2M1_LUT_PROGRAM))  # (a jitted function reads constexprs)
 
     @triton.jit
     def _schedule(offs_ptr, tile, E: tl.constexpr, E_PAD: tl.constexpr, BM: tl.constexpr):
@@ -83,85 +156,145 @@ if triton is not None:
         return e, row0, end
 
     @triton.jit
-    def _weight_tile(w_rows, s_ptr, e64, cols, cmask, k0, N, K, stride_s, FORMAT: tl.constexpr,
+    def _load_k(ptrs, ks, K, EVEN_K: tl.constexpr):
+        """tl.load of ptrs [rows, len(ks)], its columns at k = ks: unmasked where BK divides K
+        (EVEN_K; the kernel clamps rows and columns past the matrices to valid ones, whose
+        products it does not store), else zero past K."""
+        return tl.load(ptrs) if EVEN_K else tl.load(ptrs, mask=(ks < K)[None, :], other=0.0)
+
+    @triton.jit
+    def _scales(s_ptr, e64, cols, k0, N, K, stride_s, FORMAT: tl.constexpr,
+                BN: tl.constexpr, BK: tl.constexpr, GROUP: tl.constexpr):
+        """The e8m0 exponents uint8 [BN, BK / 32] of MXFP4 K step k0 (127 past K; a constant
+        for the other formats). The kernel loads them one step ahead: they are too narrow
+        (BK / 32 bytes a row, rows K / 32 bytes apart) for the asynchronous copies that
+        pipeline the other loads, so a load issued in the step that uses it would stall it."""
+        groups = k0 // GROUP + tl.arange(0, BK // GROUP)
+        if FORMAT == 1:
+            exps = tl.load(s_ptr + (e64 * N + cols[:, None]) * stride_s + groups[None, :],
+                           mask=(groups < K // GROUP)[None, :], other=127)
+        else:
+            exps = tl.full((BN, BK // GROUP), 127, tl.uint8)
+        return exps
+
+    @triton.jit
+    def _e2m1_pairs(b):
+        """bf16 bits of the two e2m1 codes in the low byte of uint32 `b` (higher bits
+        ignored): the low nibble's in bits 0..15, the high nibble's in 16..31, each code's sign
+        at bit 15 and its 2 exponent and 1 mantissa bits at bits 8..6: the code's value times
+        2^-126 (0.5 a bf16 subnormal). Both codes' magnitude bits move in one multiply
+        (x (2^6 + 2^18)), their signs in another (x (2^12 + 2^24)), then one mask: about 23
+        integer instructions a word of 8 codes. (Two codes a multiply, one per 16-bit lane,
+        then pairs taken from two words' halves, needs 17, and Triton 3.9 compiles it so, but
+        Triton 3.6, the GPU machine's, adds byte permutes that make it the slower.)"""
+        return ((b & 0x77) * 0x40040 + (b & 0x88) * 0x1001000) & 0x81C081C0
+
+    @triton.jit
+    def _bf16_tile(p0, p1, p2, p3, BN: tl.constexpr, BK: tl.constexpr):
+        """uint16 [BN, BK] in k order from the bf16 pairs p0..p3 [BN, BK / 8] of each word's
+        bytes 0..3 (no data moves: each pair stays one 32-bit register)."""
+        pairs = tl.reshape(tl.join(tl.join(p0, p2), tl.join(p1, p3)), (BN, BK // 2))
+        halves = tl.join((pairs & 0xFFFF).to(tl.uint16), (pairs >> 16).to(tl.uint16))
+        return tl.reshape(halves, (BN, BK))
+
+    @triton.jit
+    def _weight_tile(w_rows, exps, cols, k0, N, K, FORMAT: tl.constexpr,
                      BN: tl.constexpr, BK: tl.constexpr, GROUP: tl.constexpr,
-                     TILE: tl.constexpr, DECODE: tl.constexpr):
-        """(w, exps, post) of one K step: w the bf16 [BN, BK] tile (for "dot_scaled" the packed
-        bytes [BN, BK / 2], with their e8m0 exps [BN, BK / 32]), post a per-column factor of
-        the product (FP8 "product": the tile's scale_inv)."""
+                     TILE: tl.constexpr, DECODE: tl.constexpr, EVEN_K: tl.constexpr,
+                     INTERPRETED: tl.constexpr, s_ptr, e64):
+        """(w, post) of one K step: w the bf16 [BN, BK] tile (for "dot_scaled" the packed
+        bytes [BN, BK / 2]; MXFP4's exponents `exps` [BN, BK / 32] come from `_scales`), post
+        a per-column factor of the product (FP8 "product": the tile's scale_inv)."""
         ks = k0 + tl.arange(0, BK)
-        wmask = cmask[:, None] & (ks < K)[None, :]
         post = tl.full((BN,), 1.0, tl.float32)
-        exps = tl.full((BN, BK // GROUP), 127, tl.uint8)
         if FORMAT == 0:  # bf16 [E, N, K]
-            w = tl.load(w_rows + ks[None, :], mask=wmask, other=0.0)
+            w = _load_k(w_rows + ks[None, :], ks, K, EVEN_K)
         elif FORMAT == 1:  # mxfp4 blocks [E, N, K / 2] bytes, scales [E, N, K / 32]
-            # e2m1 (sign, 2 exponent bits, 1 mantissa bit) placed in an e4m3 byte is the
-            # value times 2^-6, subnormal 0.5 included: the hardware converts it, and
-            # 2^(scale - 127 + 6) is built from exponent bits.
-            if DECODE == 1:  # "spread": the bytes spread to k order first, then one decode
-                kb = k0 // 2 + tl.arange(0, BK // 2)
-                bmask = cmask[:, None] & (kb < K // 2)[None, :]
-                packed = tl.load(w_rows + kb[None, :], mask=bmask, other=0)  # uint8
-                groups = k0 // GROUP + tl.arange(0, BK // GROUP)
-                gmask = cmask[:, None] & (groups < K // GROUP)[None, :]
-                exps = tl.load(s_ptr + (e64 * N + cols[:, None]) * stride_s
-                               + groups[None, :], mask=gmask, other=127)  # [BN, BK / 32]
-                both = tl.reshape(tl.join(packed, packed), (BN, BK))  # byte of each weight
-                code = (both >> ((ks & 1) * 4).to(tl.uint8)[None, :]) & 0xF  # its nibble
-                e4m3 = ((code & 7) << 2) | ((code & 8) << 4)
-                bits = tl.minimum(exps.to(tl.int32) + 6, 254) << 23
-                scale = bits.to(tl.float32, bitcast=True)  # [BN, BK / 32]
-                values = e4m3.to(tl.float8e4nv, bitcast=True).to(tl.float32)
-                values = tl.reshape(values, (BN, BK // GROUP, GROUP)) * scale[:, :, None]
-                w = tl.reshape(values, (BN, BK)).to(tl.bfloat16)
+            if DECODE >= 3:  # "bits" / "lut": 32-bit words of 8 codes, pairs built as integers
+                kw = k0 // 8 + tl.arange(0, BK // 8)
+                words = _load_k(w_rows.to(tl.pointer_type(tl.uint32)) + kw[None, :], kw,
+                                K // 8, EVEN_K)  # [BN, BK / 8]
+                if DECODE == 4 and not INTERPRETED:  # "lut": exact bf16 pairs x 2^(scale-127)
+                    mult = tl.minimum(exps.to(tl.uint32), 254) << 7  # [BN, BK / 32]
+                    words = tl.reshape(words, (BN, BK // GROUP, GROUP // 8))
+                    p0, p1, p2, p3 = tl.inline_asm_elementwise(
+                        asm=_E2M1_PTX, constraints="=r,=r,=r,=r,r,r",
+                        args=[words, (mult | (mult << 16))[:, :, None]],
+                        dtype=(tl.uint32, tl.uint32, tl.uint32, tl.uint32), is_pure=True,
+                        pack=1)
+                    w = _bf16_tile(tl.reshape(p0, (BN, BK // 8)), tl.reshape(p1, (BN, BK // 8)),
+                                   tl.reshape(p2, (BN, BK // 8)), tl.reshape(p3, (BN, BK // 8)),
+                                   BN, BK).to(tl.bfloat16, bitcast=True)
+                else:  # "bits" (and "lut" under the interpreter, which runs no PTX)
+                    halves = _bf16_tile(_e2m1_pairs(words), _e2m1_pairs(words >> 8),
+                                        _e2m1_pairs(words >> 16), _e2m1_pairs(words >> 24),
+                                        BN, BK)
+                    halves = tl.reshape(halves, (BN, BK // GROUP, GROUP))  # code x 2^-126
+                    # x 2^(scale - 127 + 63) (a normal bf16 for exponents up to 191) gives the
+                    # weights x 2^-63 in one bf16 multiply per pair, exact and no subnormal
+                    # left for exponents 65 and up; the epilogue multiplies the fp32 product
+                    # by 2^63.
+                    mult = tl.minimum(exps.to(tl.int32) + 63, 254)  # [BN, BK / 32] exponent
+                    if INTERPRETED:  # (its bf16 products and bf16 -> fp32 flush subnormals:
+                        # the same product in fp32, from the same bits)
+                        values = (halves.to(tl.uint32) << 16).to(tl.float32, bitcast=True)
+                        mult = (mult << 23).to(tl.float32, bitcast=True)
+                        values = (values * mult[:, :, None]).to(tl.bfloat16)
+                    else:
+                        mult = (mult << 7).to(tl.int16).to(tl.bfloat16, bitcast=True)
+                        values = halves.to(tl.bfloat16, bitcast=True) * mult[:, :, None]
+                    w = tl.reshape(values, (BN, BK))
             else:
                 kb = k0 // 2 + tl.arange(0, BK // 2)
-                bmask = cmask[:, None] & (kb < K // 2)[None, :]
-                packed = tl.load(w_rows + kb[None, :], mask=bmask, other=0)  # uint8
-                groups = k0 // GROUP + tl.arange(0, BK // GROUP)
-                gmask = cmask[:, None] & (groups < K // GROUP)[None, :]
-                exps = tl.load(s_ptr + (e64 * N + cols[:, None]) * stride_s
-                               + groups[None, :], mask=gmask, other=127)  # [BN, BK / 32]
-                if DECODE == 2:  # "dot_scaled": decoded inside tl.dot_scaled
+                packed = _load_k(w_rows + kb[None, :], kb, K // 2, EVEN_K)  # uint8
+                # e2m1 (sign, 2 exponent bits, 1 mantissa bit) placed in an e4m3 byte is the
+                # value times 2^-6, subnormal 0.5 included: the hardware converts it, and
+                # 2^(scale - 127 + 6) is built from exponent bits.
+                bits = tl.minimum(exps.to(tl.int32) + 6, 254) << 23
+                scale = bits.to(tl.float32, bitcast=True)  # [BN, BK / 32]
+                if DECODE == 1:  # "spread": the bytes spread to k order first, then one decode
+                    both = tl.reshape(tl.join(packed, packed), (BN, BK))  # byte of each weight
+                    code = (both >> ((ks & 1) * 4).to(tl.uint8)[None, :]) & 0xF  # its nibble
+                    e4m3 = ((code & 7) << 2) | ((code & 8) << 4)
+                    values = e4m3.to(tl.float8e4nv, bitcast=True).to(tl.float32)
+                    values = tl.reshape(values, (BN, BK // GROUP, GROUP)) * scale[:, :, None]
+                    w = tl.reshape(values, (BN, BK)).to(tl.bfloat16)
+                elif DECODE == 2:  # "dot_scaled": decoded inside tl.dot_scaled
                     w = packed
                 else:  # "portable": low / high nibbles, interleaved back into k order
                     lo = ((packed & 7) << 2) | ((packed & 8) << 4)
                     hi = ((packed >> 2) & 0x1C) | (packed & 0x80)
                     values = tl.interleave(lo.to(tl.float8e4nv, bitcast=True).to(tl.float32),
                                            hi.to(tl.float8e4nv, bitcast=True).to(tl.float32))
-                    bits = tl.minimum(exps.to(tl.int32) + 6, 254) << 23
-                    scale = bits.to(tl.float32, bitcast=True)  # [BN, BK / 32]
                     values = tl.reshape(values, (BN, BK // GROUP, GROUP)) * scale[:, :, None]
                     w = tl.reshape(values, (BN, BK)).to(tl.bfloat16)
         else:  # fp8 [E, N, K], scale_inv [E, ceil(N / 128), ceil(K / 128)]
-            raw = tl.load(w_rows + ks[None, :], mask=wmask, other=0.0)
+            raw = _load_k(w_rows + ks[None, :], ks, K, EVEN_K)
             tiles_n = (N + TILE - 1) // TILE
             tiles_k = (K + TILE - 1) // TILE
-            scale = tl.load(s_ptr + (e64 * tiles_n + cols // TILE) * tiles_k + k0 // TILE,
-                            mask=cmask, other=1.0)  # BK divides TILE: one k tile
+            # (BK divides TILE: one k tile)
+            scale = tl.load(s_ptr + (e64 * tiles_n + cols // TILE) * tiles_k + k0 // TILE)
             if DECODE == 1:  # fp8 -> bf16 is exact; the scale goes on the product
                 w = raw.to(tl.float32).to(tl.bfloat16)  # (a conversion sm_90 has)
                 post = scale
             else:
                 w = (raw.to(tl.float32) * scale[:, None]).to(tl.bfloat16)
-        return w, exps, post
+        return w, post
 
     @triton.jit
-    def _accumulate(acc, x_ptr, src, rmask, k0, K, stride_xm, w, exps, post,
+    def _accumulate(acc, x_ptr, src, k0, K, stride_xm, w, exps, post,
                     FORMAT: tl.constexpr, BK: tl.constexpr, DECODE: tl.constexpr,
-                    DOT_FP32: tl.constexpr, SWAP: tl.constexpr):
+                    INTERPRETED: tl.constexpr, SWAP: tl.constexpr, EVEN_K: tl.constexpr):
         """acc + (rows src of x, K step k0) @ w^T: acc [BM, BN], or its transpose [BN, BM]
         with SWAP (then w is the MMA's left operand: its BN rows fill the MMA's M side)."""
         ks = k0 + tl.arange(0, BK)
-        x = tl.load(x_ptr + src[:, None] * stride_xm + ks[None, :],
-                    mask=rmask[:, None] & (ks < K)[None, :], other=0.0)
+        x = _load_k(x_ptr + src[:, None] * stride_xm + ks[None, :], ks, K, EVEN_K)
         # (one return at the end: the compiler builds the code after a constexpr branch that
         # returns as well, and the two shapes would clash)
         if SWAP:
             if FORMAT == 1 and DECODE == 2:
                 part = tl.dot_scaled(w, exps, "e2m1", tl.trans(x), None, "bf16")
-            elif DOT_FP32:  # Triton's CPU interpreter multiplies bf16 tiles wrongly
+            elif INTERPRETED:  # Triton's CPU interpreter multiplies bf16 tiles wrongly
                 part = tl.dot(w.to(tl.float32), tl.trans(x.to(tl.float32)))
             else:
                 part = tl.dot(w, tl.trans(x))
@@ -170,7 +303,7 @@ if triton is not None:
         else:
             if FORMAT == 1 and DECODE == 2:
                 part = tl.dot_scaled(x, None, "bf16", tl.trans(w), exps, "e2m1")
-            elif DOT_FP32:
+            elif INTERPRETED:
                 part = tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)))
             else:
                 part = tl.dot(x, tl.trans(w))
@@ -183,21 +316,54 @@ if triton is not None:
         return tl.zeros((BN, BM) if SWAP else (BM, BN), dtype=tl.float32)
 
     @triton.jit
-    def _sources(xi_ptr, rows, rmask, GATHER_X: tl.constexpr):
-        """The x row of each product row: x_index[rows] (the permutation fused), or rows."""
+    def _sources(xi_ptr, rows, row0, end, GATHER_X: tl.constexpr):
+        """The x row of each product row: x_index[rows] (the permutation fused), or rows;
+        rows past the expert's (end) read a valid row, x's row 0 or the tile's first (their
+        products are not stored), so that x loads need no row mask."""
         if GATHER_X:
-            src = tl.load(xi_ptr + rows, mask=rmask, other=0).to(tl.int64)
+            src = tl.load(xi_ptr + rows, mask=rows < end, other=0).to(tl.int64)
         else:
-            src = rows.to(tl.int64)
+            src = tl.where(rows < end, rows, row0).to(tl.int64)
         return src
 
     @triton.jit
-    def _store(y_ptr, acc, bias, rows, rmask, cols, cmask, stride_ym, SWAP: tl.constexpr):
+    def _store(y_ptr, acc, bias, rows, rmask, cols, cmask, stride_ym, SWAP: tl.constexpr,
+               UNBIAS: tl.constexpr):
         if SWAP:
             acc = tl.trans(acc)  # [BM, BN]
+        if UNBIAS:  # the weights were multiplied by 2^-63: undone exactly
+            acc = acc * 9223372036854775808.0
         acc += bias[None, :]  # the expert's bias row in fp32 (zeros without), one rounding
         tl.store(y_ptr + rows[:, None].to(tl.int64) * stride_ym + cols[None, :],
                  acc.to(y_ptr.dtype.element_ty), mask=rmask[:, None] & cmask[None, :])
+
+    @triton.jit
+    def _k_step(acc0, acc1, acc2, acc3, exps, k0, x_ptr, src0, src1, src2, src3, row0, end,
+                w_rows, s_ptr, e64, cols, N, K, stride_s, stride_xm,
+                FORMAT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                GROUP: tl.constexpr, TILE: tl.constexpr, DECODE: tl.constexpr,
+                INTERPRETED: tl.constexpr, R: tl.constexpr, SWAP: tl.constexpr,
+                EVEN_K: tl.constexpr):
+        """One K step: the weight tile at k0 decoded once and multiplied into the R
+        accumulators whose rows exist; returns them and the next step's MXFP4 exponents
+        (`exps` is this step's, loaded a step ahead). EVEN_K: BK divides K, no K masks."""
+        exps_next = _scales(s_ptr, e64, cols, k0 + BK, N, K, stride_s, FORMAT, BN, BK, GROUP)
+        w, post = _weight_tile(w_rows, exps, cols, k0, N, K, FORMAT, BN, BK, GROUP, TILE,
+                               DECODE, EVEN_K, INTERPRETED, s_ptr, e64)
+        acc0 = _accumulate(acc0, x_ptr, src0, k0, K, stride_xm, w, exps, post, FORMAT, BK,
+                           DECODE, INTERPRETED, SWAP, EVEN_K)
+        if R > 1:  # noqa: SIM102 - a compile-time test around a runtime one
+            if row0 + BM < end:  # sub-tiles past the expert's rows skip the MMA
+                acc1 = _accumulate(acc1, x_ptr, src1, k0, K, stride_xm, w, exps, post, FORMAT,
+                                   BK, DECODE, INTERPRETED, SWAP, EVEN_K)
+        if R > 2:
+            if row0 + 2 * BM < end:
+                acc2 = _accumulate(acc2, x_ptr, src2, k0, K, stride_xm, w, exps, post, FORMAT,
+                                   BK, DECODE, INTERPRETED, SWAP, EVEN_K)
+            if row0 + 3 * BM < end:
+                acc3 = _accumulate(acc3, x_ptr, src3, k0, K, stride_xm, w, exps, post, FORMAT,
+                                   BK, DECODE, INTERPRETED, SWAP, EVEN_K)
+        return acc0, acc1, acc2, acc3, exps_next
 
     @triton.jit
     def _grouped_kernel(x_ptr, xi_ptr, w_ptr, s_ptr, offs_ptr, y_ptr, b_ptr, N, K, stride_w,
@@ -205,58 +371,56 @@ if triton is not None:
                         GATHER_X: tl.constexpr, E: tl.constexpr, E_PAD: tl.constexpr,
                         FORMAT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
                         BK: tl.constexpr, GROUP: tl.constexpr, TILE: tl.constexpr,
-                        DECODE: tl.constexpr, DOT_FP32: tl.constexpr, R: tl.constexpr,
-                        SWAP: tl.constexpr):
+                        DECODE: tl.constexpr, INTERPRETED: tl.constexpr, R: tl.constexpr,
+                        SWAP: tl.constexpr, EVEN_K: tl.constexpr):
         # A program owns R consecutive BM-row tiles of one expert (R = 1, 2 or 4): it decodes
-        # each weight tile once and multiplies it into every sub-tile that has rows.
+        # each weight tile once and multiplies it into every sub-tile that has rows. Where BK
+        # divides K (EVEN_K) the K loop loads without masks; else every step masks k < K (a
+        # masked last step peeled off the loop made Triton 3.6 spill FP8 tiles for K 2880).
         tile = tl.program_id(0)
         pid_n = tl.program_id(1)
         e, row0, end = _schedule(offs_ptr, tile, E, E_PAD, BM * R)
         if e < E:
             cols = pid_n * BN + tl.arange(0, BN)
             cmask = cols < N
+            wcols = tl.minimum(cols, N - 1)  # (columns past N read row N - 1, not stored)
             e64 = e.to(tl.int64)
-            w_rows = w_ptr + (e64 * N + cols[:, None]) * stride_w  # [BN, 1] row starts
+            w_rows = w_ptr + (e64 * N + wcols[:, None]) * stride_w  # [BN, 1] row starts
             rows0 = row0 + tl.arange(0, BM)
-            src0 = _sources(xi_ptr, rows0, rows0 < end, GATHER_X)
-            acc0 = _zeros(BM, BN, SWAP)
+            src0 = _sources(xi_ptr, rows0, row0, end, GATHER_X)
+            src1 = src0  # (the sub-tiles past R are never used)
+            src2 = src0
+            src3 = src0
             if R > 1:
-                rows1 = rows0 + BM
-                src1 = _sources(xi_ptr, rows1, rows1 < end, GATHER_X)
-                acc1 = _zeros(BM, BN, SWAP)
+                src1 = _sources(xi_ptr, rows0 + BM, row0, end, GATHER_X)
             if R > 2:
-                rows2 = rows0 + 2 * BM
-                rows3 = rows0 + 3 * BM
-                src2 = _sources(xi_ptr, rows2, rows2 < end, GATHER_X)
-                src3 = _sources(xi_ptr, rows3, rows3 < end, GATHER_X)
-                acc2 = _zeros(BM, BN, SWAP)
-                acc3 = _zeros(BM, BN, SWAP)
+                src2 = _sources(xi_ptr, rows0 + 2 * BM, row0, end, GATHER_X)
+                src3 = _sources(xi_ptr, rows0 + 3 * BM, row0, end, GATHER_X)
+            acc0 = _zeros(BM, BN, SWAP)
+            acc1 = _zeros(BM, BN, SWAP)
+            acc2 = _zeros(BM, BN, SWAP)
+            acc3 = _zeros(BM, BN, SWAP)
+            exps = _scales(s_ptr, e64, wcols, 0, N, K, stride_s, FORMAT, BN, BK, GROUP)
             for k0 in range(0, K, BK):
-                w, exps, post = _weight_tile(w_rows, s_ptr, e64, cols, cmask, k0, N, K,
-                                             stride_s, FORMAT, BN, BK, GROUP, TILE, DECODE)
-                acc0 = _accumulate(acc0, x_ptr, src0, rows0 < end, k0, K, stride_xm, w, exps,
-                                   post, FORMAT, BK, DECODE, DOT_FP32, SWAP)
-                if R > 1:  # noqa: SIM102 - a compile-time test around a runtime one
-                    if row0 + BM < end:  # sub-tiles past the expert's rows skip the MMA
-                        acc1 = _accumulate(acc1, x_ptr, src1, rows1 < end, k0, K, stride_xm,
-                                           w, exps, post, FORMAT, BK, DECODE, DOT_FP32, SWAP)
-                if R > 2:
-                    if row0 + 2 * BM < end:
-                        acc2 = _accumulate(acc2, x_ptr, src2, rows2 < end, k0, K, stride_xm,
-                                           w, exps, post, FORMAT, BK, DECODE, DOT_FP32, SWAP)
-                    if row0 + 3 * BM < end:
-                        acc3 = _accumulate(acc3, x_ptr, src3, rows3 < end, k0, K, stride_xm,
-                                           w, exps, post, FORMAT, BK, DECODE, DOT_FP32, SWAP)
+                acc0, acc1, acc2, acc3, exps = _k_step(
+                    acc0, acc1, acc2, acc3, exps, k0, x_ptr, src0, src1, src2, src3, row0, end,
+                    w_rows, s_ptr, e64, wcols, N, K, stride_s, stride_xm, FORMAT, BM, BN, BK,
+                    GROUP, TILE, DECODE, INTERPRETED, R, SWAP, EVEN_K)
             bias = tl.zeros((BN,), dtype=tl.float32)
             if HAS_BIAS:
                 bias = tl.load(b_ptr + e64 * stride_b + cols, mask=cmask,
                                other=0.0).to(tl.float32)
-            _store(y_ptr, acc0, bias, rows0, rows0 < end, cols, cmask, stride_ym, SWAP)
+            # "bits" (and "lut" under the interpreter) multiplied the weights by 2^-63
+            unbias = FORMAT == 1 and (DECODE == 3 or (DECODE == 4 and INTERPRETED))
+            _store(y_ptr, acc0, bias, rows0, rows0 < end, cols, cmask, stride_ym, SWAP, unbias)
             if R > 1:
-                _store(y_ptr, acc1, bias, rows1, rows1 < end, cols, cmask, stride_ym, SWAP)
+                _store(y_ptr, acc1, bias, rows0 + BM, rows0 + BM < end, cols, cmask, stride_ym,
+                       SWAP, unbias)
             if R > 2:
-                _store(y_ptr, acc2, bias, rows2, rows2 < end, cols, cmask, stride_ym, SWAP)
-                _store(y_ptr, acc3, bias, rows3, rows3 < end, cols, cmask, stride_ym, SWAP)
+                _store(y_ptr, acc2, bias, rows0 + 2 * BM, rows0 + 2 * BM < end, cols, cmask,
+                       stride_ym, SWAP, unbias)
+                _store(y_ptr, acc3, bias, rows0 + 3 * BM, rows0 + 3 * BM < end, cols, cmask,
+                       stride_ym, SWAP, unbias)
 
 
 def _check(x: torch.Tensor, weight: PackedWeight, offsets: torch.Tensor) -> None:
@@ -295,16 +459,17 @@ class KernelConfig:
         block_m, block_n: rows of x and output columns per program (powers of two, >= 16).
         block_k: K per step, a multiple of 32 (one MXFP4 group) dividing 128 (one FP8 tile).
         num_warps, num_stages: Triton launch options (the interpreter ignores them).
-        mxfp4_decode: how MXFP4 tiles become bf16 for the product. "portable": the packed
-            bytes' low and high nibbles each placed in an e4m3 byte, converted by the hardware,
-            interleaved back into k order and multiplied by the block's power of two;
-            "spread": the packed bytes are first spread to k order (each byte twice: one byte
-            moved per weight, where "portable" interleaves fp32 values), then every weight
-            picks its nibble and is decoded elementwise; "dot_scaled": Triton's
-            `tl.dot_scaled` (bf16 x e2m1 with the e8m0 block scales), which leaves the decode
-            to Triton's own lowering (on Hopper: an upcast to bf16, then a bf16 MMA). All
-            three run under the interpreter. (Inline PTX that decoded four bytes at a time was
-            tried and did not compile on the H200; it was removed.)
+        mxfp4_decode: how MXFP4 tiles become bf16 for the product (the module docstring
+            compares them). "portable": the packed bytes' low and high nibbles each placed in
+            an e4m3 byte, converted by the hardware, interleaved back into k order and
+            multiplied by the block's power of two; "spread": the packed bytes first spread to
+            k order (each byte twice), then every weight picks its nibble and is decoded
+            elementwise; "dot_scaled": Triton's `tl.dot_scaled` (bf16 x e2m1 with the e8m0
+            block scales), which leaves the decode to Triton's own lowering (on Hopper: an
+            upcast to bf16, then a bf16 MMA); "bits": 32-bit words of 8 codes made into bf16
+            pairs by integer operations and one bf16x2 multiply per pair (exact for block
+            exponents 65..191); "lut": the pairs by PTX byte-permute table lookups, then the
+            multiply (exact for exponents 1..254; GPU only: the interpreter runs "bits").
         fp8_scale: "product" (fp8 -> bf16 exactly, the tile's scale_inv multiplies each step's
             partial product, BM x BN multiplies instead of BN x BK) or "weights" (each weight
             scaled, then rounded to bf16).
@@ -424,7 +589,8 @@ def grouped_matmul(x: torch.Tensor, weight: PackedWeight, offsets: torch.Tensor,
                           E=num_experts, E_PAD=triton.next_power_of_2(num_experts),
                           FORMAT=_FORMAT_CODE[weight.fmt], BM=cfg.block_m, BN=cfg.block_n,
                           BK=cfg.block_k, GROUP=MXFP4_BLOCK, TILE=FP8_BLOCK, DECODE=decode,
-                          DOT_FP32=interpret, R=cfg.row_tiles, SWAP=cfg.swap_ab,
+                          INTERPRETED=interpret, R=cfg.row_tiles, SWAP=cfg.swap_ab,
+                          EVEN_K=k % cfg.block_k == 0,
                           num_warps=cfg.num_warps,
                           num_stages=cfg.num_stages)
     return out
