@@ -40,8 +40,10 @@ compiles it for sm_90 (results/quant_sass). `KernelConfig.mxfp4_decode` picks th
 
 The e8m0 exponents (BK / 32 bytes a row, rows K / 32 bytes apart: too narrow and unaligned
 for the asynchronous copies that pipeline the other loads) are loaded one K step ahead. The
-loads need no row or column mask: rows past an expert's and columns past N read valid rows,
-whose products are not stored; where BK divides K they need no K mask either.
+weight loads need no column mask (columns past N read row N - 1, whose products are not
+stored) and, where BK divides K, no K mask. The activation loads keep their row mask: a
+decode tile is mostly rows past its expert's, and reading a valid row for each of them costs
+L2 traffic (the gathered gate/up GEMM ran 1.2-2.2x slower without it on an H100).
 experiments/runtime/quant_sass.py counts the K loop's instructions of each config without a GPU;
 which config is fastest is for the GPU benchmark to say (experiments/runtime/quant_layer.py).
 FP8 converts to bf16 exactly and applies the 128 x 128 tile's scale_inv to each step's
@@ -282,13 +284,17 @@ if triton is not None:
         return w, post
 
     @triton.jit
-    def _accumulate(acc, x_ptr, src, k0, K, stride_xm, w, exps, post,
+    def _accumulate(acc, x_ptr, src, rmask, k0, K, stride_xm, w, exps, post,
                     FORMAT: tl.constexpr, BK: tl.constexpr, DECODE: tl.constexpr,
                     INTERPRETED: tl.constexpr, SWAP: tl.constexpr, EVEN_K: tl.constexpr):
         """acc + (rows src of x, K step k0) @ w^T: acc [BM, BN], or its transpose [BN, BM]
-        with SWAP (then w is the MMA's left operand: its BN rows fill the MMA's M side)."""
+        with SWAP (then w is the MMA's left operand: its BN rows fill the MMA's M side).
+        x's rows past the expert's (not rmask) are masked, not read: in decode most of a
+        tile's rows are such padding, and reading them (one valid row again and again, from
+        L2) made the gathered gate/up GEMM 1.2-2.2x slower on an H100."""
         ks = k0 + tl.arange(0, BK)
-        x = _load_k(x_ptr + src[:, None] * stride_xm + ks[None, :], ks, K, EVEN_K)
+        xmask = rmask[:, None] if EVEN_K else rmask[:, None] & (ks < K)[None, :]
+        x = tl.load(x_ptr + src[:, None] * stride_xm + ks[None, :], mask=xmask, other=0.0)
         # (one return at the end: the compiler builds the code after a constexpr branch that
         # returns as well, and the two shapes would clash)
         if SWAP:
@@ -319,7 +325,7 @@ if triton is not None:
     def _sources(xi_ptr, rows, row0, end, GATHER_X: tl.constexpr):
         """The x row of each product row: x_index[rows] (the permutation fused), or rows;
         rows past the expert's (end) read a valid row, x's row 0 or the tile's first (their
-        products are not stored), so that x loads need no row mask."""
+        products are not stored); the x loads mask them too (see _accumulate)."""
         if GATHER_X:
             src = tl.load(xi_ptr + rows, mask=rows < end, other=0).to(tl.int64)
         else:
@@ -350,19 +356,22 @@ if triton is not None:
         exps_next = _scales(s_ptr, e64, cols, k0 + BK, N, K, stride_s, FORMAT, BN, BK, GROUP)
         w, post = _weight_tile(w_rows, exps, cols, k0, N, K, FORMAT, BN, BK, GROUP, TILE,
                                DECODE, EVEN_K, INTERPRETED, s_ptr, e64)
-        acc0 = _accumulate(acc0, x_ptr, src0, k0, K, stride_xm, w, exps, post, FORMAT, BK,
-                           DECODE, INTERPRETED, SWAP, EVEN_K)
+        rows = row0 + tl.arange(0, BM)
+        acc0 = _accumulate(acc0, x_ptr, src0, rows < end, k0, K, stride_xm, w, exps, post,
+                           FORMAT, BK, DECODE, INTERPRETED, SWAP, EVEN_K)
         if R > 1:  # noqa: SIM102 - a compile-time test around a runtime one
             if row0 + BM < end:  # sub-tiles past the expert's rows skip the MMA
-                acc1 = _accumulate(acc1, x_ptr, src1, k0, K, stride_xm, w, exps, post, FORMAT,
-                                   BK, DECODE, INTERPRETED, SWAP, EVEN_K)
+                acc1 = _accumulate(acc1, x_ptr, src1, rows + BM < end, k0, K, stride_xm, w,
+                                   exps, post, FORMAT, BK, DECODE, INTERPRETED, SWAP, EVEN_K)
         if R > 2:
             if row0 + 2 * BM < end:
-                acc2 = _accumulate(acc2, x_ptr, src2, k0, K, stride_xm, w, exps, post, FORMAT,
-                                   BK, DECODE, INTERPRETED, SWAP, EVEN_K)
+                acc2 = _accumulate(acc2, x_ptr, src2, rows + 2 * BM < end, k0, K, stride_xm,
+                                   w, exps, post, FORMAT, BK, DECODE, INTERPRETED, SWAP,
+                                   EVEN_K)
             if row0 + 3 * BM < end:
-                acc3 = _accumulate(acc3, x_ptr, src3, k0, K, stride_xm, w, exps, post, FORMAT,
-                                   BK, DECODE, INTERPRETED, SWAP, EVEN_K)
+                acc3 = _accumulate(acc3, x_ptr, src3, rows + 3 * BM < end, k0, K, stride_xm,
+                                   w, exps, post, FORMAT, BK, DECODE, INTERPRETED, SWAP,
+                                   EVEN_K)
         return acc0, acc1, acc2, acc3, exps_next
 
     @triton.jit
