@@ -511,7 +511,7 @@ class FairCosts:
         tokens = assignment.sum(axis=0).T  # [G, E]
         compute = self.compute_per_rank(tokens, copies)
         dispatch, combine = self.a2a_seconds(assignment)
-        per_rank = assignment.sum(axis=(0, 1)).astype(np.float64)
+        per_rank = tokens.sum(axis=1).astype(np.float64)  # [G] (the same integers)
         mean = per_rank.mean()
         return {"moe": dispatch + float(compute.max()) + combine,
                 "compute": float(compute.max()), "dispatch": dispatch, "combine": combine,

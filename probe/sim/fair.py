@@ -135,6 +135,7 @@ from probe.planner.window import default_window
 from probe.sim.costs import FairCosts
 from probe.sim.policies import apply_plan
 from probe.sim.predict import make_predictor, replay_predictor
+from probe.sim.rounding import split_by_fractions
 
 __all__ = ["FALLBACKS", "FairResult", "auto_candidates", "eplb_copies", "history_split",
            "history_times", "lp_split", "pick_by_time", "policy_names", "rule_split",
@@ -365,21 +366,6 @@ def history_times(history: np.ndarray, previous: np.ndarray | None, layouts: dic
     for name, h, layer in wf_cells:
         out[name][h, layer] += assign_s
     return {name: t + attention for name, t in out.items()}
-
-
-def split_by_fractions(load: np.ndarray, frac: np.ndarray) -> np.ndarray:
-    """int64 [S, E, G]: every (s, e)'s tokens split over ranks by frac float [E, G] (rows sum
-    to 1), largest remainder per (s, e), never onto a rank with a zero fraction."""
-    load = np.asarray(load, dtype=np.int64)
-    target = load[:, :, None] * frac[None, :, :]  # [S, E, G]
-    base = np.floor(target + 1e-9).astype(np.int64)
-    short = load - base.sum(axis=2)  # [S, E]
-    rest = np.where(frac[None] > 0, target - base, -1.0)
-    order = np.argsort(-rest, axis=2, kind="stable")
-    position = np.empty_like(order)
-    np.put_along_axis(position, order, np.arange(frac.shape[1])[None, None, :], axis=2)
-    base += (position < short[:, :, None]) & (frac[None] > 0)
-    return base
 
 
 def _fixed_and_multi(load, holds, costs: FairCosts):
