@@ -104,6 +104,57 @@ def even_split(load: np.ndarray, holds: np.ndarray) -> np.ndarray:
     rank by rank, each copy gets n // c tokens and the n % c leftover tokens go to the copies
     with (k + s) % c < n % c, as in static.py; a rank gets the sum over its copies.
     """
+    load = np.ascontiguousarray(load, dtype=np.int64)
+    copies = np.ascontiguousarray(np.asarray(holds).astype(np.int64))
+    if load.ndim != 2 or copies.ndim != 2 or copies.shape[1] != load.shape[1]:
+        raise ValueError(f"load must be int [S, E] and holds [G, E], got {load.shape} and "
+                         f"{copies.shape}")
+    out = np.empty((load.shape[0], load.shape[1], copies.shape[0]), np.int64)
+    _even_split_jit()(load, copies, out)
+    return out
+
+
+def _even_split_kernel(load, copies, out):  # pragma: no cover (run compiled)
+    """Fill out int64 [S, E, G] as even_split's rule says (an expert with no copy gets no
+    token); `_even_split_numpy` is its numpy twin, same integers."""
+    num_sources, num_experts = load.shape
+    num_ranks = copies.shape[0]
+    for e in range(num_experts):
+        count = 0
+        for g in range(num_ranks):
+            count += copies[g, e]
+        for s in range(num_sources):
+            if count == 0:
+                for g in range(num_ranks):
+                    out[s, e, g] = 0
+                continue
+            quota = load[s, e] // count
+            left = load[s, e] - quota * count
+            first = 0
+            for g in range(num_ranks):
+                if copies[g, e] == 0:  # k1 = k0: no token
+                    out[s, e, g] = 0
+                    continue
+                k0 = first + s
+                k1 = k0 + copies[g, e]
+                out[s, e, g] = (quota * copies[g, e] + (k1 // count) * left + min(k1 % count, left)
+                                - (k0 // count) * left - min(k0 % count, left))
+                first += copies[g, e]
+
+
+_KERNEL = {}
+
+
+def _even_split_jit():
+    if "even" not in _KERNEL:
+        import numba
+
+        _KERNEL["even"] = numba.njit(cache=True)(_even_split_kernel)
+    return _KERNEL["even"]
+
+
+def _even_split_numpy(load: np.ndarray, holds: np.ndarray) -> np.ndarray:
+    """The numpy twin of even_split (the reference its kernel is tested against)."""
     load = np.asarray(load, dtype=np.int64)
     copies = np.asarray(holds).astype(np.int64)
     num_sources = load.shape[0]

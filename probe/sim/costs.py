@@ -53,7 +53,9 @@ their sources; `FairCosts.constants_table()` prints them for reports):
   form at H = 256: gpt-oss-120b 18.8 / 22.5 / 46.6 us at T = 512 / 1024 / 8192 tokens per
   rank, qwen3-235b-a22b 23.9 / 28.1 / 60.2 us; interpolated linearly in T.
 * Planner: the greedy kernel, 19.7 us per layer at ep = 8 (results/planner_speed.md, CPU, one
-  core); the lean host path (inputs in, plan out) is taken as 1.5x the kernel (host mode).
+  core), 113.3 / 270.1 us at ep = 32 / 64 with 256 experts (results/scale.json, the same
+  kernel; `planner_kernel_time(G, E)`, other shapes the ep = 8 figure); the lean host path
+  (inputs in, plan out) is taken as 1.5x the kernel (host mode).
   Side-stream mode (`FairCosts.side_planner_seconds`) charges the latency of planning ONE
   layer, the faster of two real paths: the host path above plus a host round trip
   (`host_round_trip_s`, ASSUMED 20 us), or the numba.cuda greedy MEASURED on one H200
@@ -89,7 +91,7 @@ from probe.sim.calibration import calibrated_hardware, load_calibration
 from probe.specs import ModelSpec, model_preset
 
 __all__ = ["CONSTANTS", "ExpertTimeTable", "FairCosts", "assign_gpu_time", "planner_gpu_time",
-           "predictor_seconds"]
+           "planner_kernel_time", "predictor_seconds"]
 
 # Every constant the fair comparison charges, with its source.
 CONSTANTS: dict[str, dict] = {
@@ -113,6 +115,12 @@ CONSTANTS: dict[str, dict] = {
     "planner_kernel_s": {"value": 19.7e-6, "unit": "s",
                          "source": "results/planner_speed.md: greedy kernel median, ep=8, "
                                    "E=128, 3 slots (CPU, one core)"},
+    "planner_kernel_s_scale": {"value": "113.3 us (ep=32, E=256), 270.1 us (ep=64, E=256)",
+                               "unit": "s",
+                               "source": "results/scale.json: greedy k_max=16 kernel median "
+                                         "(CPU, one core, 3 slots, the harness that gives "
+                                         "19.9 us at ep=8, E=128); planner_kernel_s at these "
+                                         "shapes (FairCosts.for_model)"},
     "planner_host_factor": {"value": 1.5, "unit": "x",
                             "source": "lean host path ~1.5x the kernel (results/planner_speed"
                                       ".md: greedy_plan and solve() wrappers cost more; a lean "
@@ -161,6 +169,8 @@ _PREDICTOR_US = {
 
 # results/h200/gpu_greedy/gpu_greedy.json rows[*].graph_replay_us: (G, E) -> us per layer.
 _PLANNER_GPU_US = {(8, 128): 23.4025, (64, 256): 231.894}
+# results/scale.json, "greedy k_max=16" kernel_us: (G, E) -> us of one layer's host kernel.
+_PLANNER_KERNEL_US = {(32, 256): 113.3, (64, 256): 270.1}
 # results/h200/run2/gpu_assign/gpu_assign.json speed[*].device_graph_us: (G, E, extra slots) -> us.
 _ASSIGN_GPU_US = {(8, 128, 1): 16.3147, (8, 128, 3): 36.6573,
                   (64, 256, 1): 249.3427, (64, 256, 3): 506.6153}
@@ -189,6 +199,18 @@ def planner_gpu_time(num_ranks: int, num_experts: int) -> float:
         return 1e-6 * _PLANNER_GPU_US[(num_ranks, num_experts)]
     return 1e-6 * _along_size(num_ranks, num_experts, _PLANNER_GPU_US[(8, 128)],
                               _PLANNER_GPU_US[(64, 256)])
+
+
+def planner_kernel_time(num_ranks: int, num_experts: int) -> float:
+    """Seconds of the greedy's host kernel for one layer at G ranks and E experts: measured at
+    ep = 32 and 64 with 256 experts (CONSTANTS["planner_kernel_s_scale"]), else
+    CONSTANTS["planner_kernel_s"] (ep = 8, 128 experts)."""
+    for name, v in (("num_ranks", num_ranks), ("num_experts", num_experts)):
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
+            raise ValueError(f"{name} must be an int >= 1, got {v!r}")
+    if (num_ranks, num_experts) in _PLANNER_KERNEL_US:
+        return 1e-6 * _PLANNER_KERNEL_US[(num_ranks, num_experts)]
+    return CONSTANTS["planner_kernel_s"]["value"]
 
 
 def assign_gpu_time(num_ranks: int, num_experts: int, slots: int, *,
@@ -344,6 +366,8 @@ class FairCosts:
             return cls.scaled_from("qwen3-235b-a22b", model_preset(name), num_ranks,
                                    calibration, **overrides)
         model = model_preset(name) if routing is None else routing
+        overrides.setdefault("planner_kernel_s", planner_kernel_time(num_ranks,
+                                                                     model.num_experts))
         data = load_calibration(calibration)
         entry = data["models"].get(name)
         if not entry or "attention" not in entry:
@@ -511,7 +535,7 @@ class FairCosts:
         tokens = assignment.sum(axis=0).T  # [G, E]
         compute = self.compute_per_rank(tokens, copies)
         dispatch, combine = self.a2a_seconds(assignment)
-        per_rank = assignment.sum(axis=(0, 1)).astype(np.float64)
+        per_rank = tokens.sum(axis=1).astype(np.float64)  # [G] (the same integers)
         mean = per_rank.mean()
         return {"moe": dispatch + float(compute.max()) + combine,
                 "compute": float(compute.max()), "dispatch": dispatch, "combine": combine,

@@ -45,19 +45,22 @@ layer type). Every policy has k extra expert slots per rank:
     probe_on_eplb_auto_moe  probe_on_eplb_fit with the b/p split chosen per layer from the
                     history steps before the measured ones by MoE time alone (history_split),
                     fixed for the run (the earlier rule, kept for comparison).
-    probe_on_eplb_auto_replan  per layer the candidate (auto_candidates: every
-                    probe_on_eplb_fit split, probe_paper (b 0 on the sharded home),
+    probe_on_eplb_auto_replan  per layer the candidate (auto_candidates: the
+                    probe_on_eplb_fit split b 0 p k, probe_paper (b 0 on the sharded home),
                     eplb_async = b k p 0 with the even split and nothing run,
                     probe_on_eplb_wf, static) with the lowest side-mode layer time incl.
                     every overhead it pays (side_layer_time: MoE, exposed predictor + GPU
                     planner, assignment, exposed transfer, stall). First pick: the `window`
                     history steps before the measured ones (history_times, their predictions
                     from the error model with another seed); re-picked at each re-plan from
-                    the measured steps of the window before it (causal). Where every layer
-                    falls back to eplb_async its step times are eplb_async's exactly. A
-                    layer leaves eplb_async (the fallback that runs nothing) only for a
-                    candidate at least STEP_MARGIN (1%) faster on the window (the switching
-                    hysteresis below applied to the baseline too).
+                    the measured steps of the window before it (causal). A layer leaves
+                    eplb_async (the fallback that runs nothing) only for a candidate at least
+                    STEP_MARGIN (1%) faster on the window (the switching hysteresis below
+                    applied to the baseline too). Only b = 0 and b = k: a policy that may
+                    switch to a candidate keeps that candidate's layout resident, and EPLB-k
+                    (the fallbacks') with any EPLB-b, 0 < b < k, would exceed the k slots per
+                    rank every policy has. Charged on top of the served candidate (all auto
+                    policies, see "The auto policies' own work" below).
     probe_on_eplb_auto  the PROBE-on-EPLB of the targets: probe_on_eplb_auto_replan's picks at
                     the start and at each re-plan; before every other measured step a layer
                     switches to the candidate with the lowest mean time over the last
@@ -78,19 +81,20 @@ layer type). Every policy has k extra expert slots per rank:
                     for probe_on_eplb.
     probe_on_eplb_auto_plus  probe_on_eplb_auto's picker (first pick on history, re-picks at
                     re-plans, per-step switches with STEP_MARGIN) over a larger candidate set:
-                    auto_candidates(k, plus=True) adds every probe_on_eplb_plan and
-                    probe_on_eplb_ahead split.
+                    auto_candidates(k, plus=True) adds probe_on_eplb_plan and
+                    probe_on_eplb_ahead split b 0 p k.
     probe_on_eplb_auto_pred  probe_on_eplb_auto_plus's pick, overridden per step and layer on
                     the step's PREDICTED load (never the true one): every auto_plus candidate
                     is scored as side_layer_time scores the truth, its split applied to the
                     prediction, and the best replaces auto_plus's pick when it is at least
                     STEP_MARGIN (1%) faster there. Charged every step, even while an EPLB
                     fallback serves, instead of the candidate's own predictor + planner: the
-                    predictor, one host round trip, k + 1 host plans (the k fit splits, shared
-                    by the plan splits, and the paper's PROBE) and one water-filling kernel
+                    predictor, one host round trip, the host plans of the fit split (shared
+                    by the plan split) and the paper's PROBE and one water-filling kernel
                     time (the run's median) per candidate scored, on the side stream beyond
-                    the dispatch; the k step-ahead plans by ahead_exposure; the largest re-plan
-                    stall of all candidates (it keeps every candidate layout current).
+                    the dispatch; in the background (ahead_exposure) the step-ahead plan and
+                    auto_plus's scoring of every candidate on the true load; the largest
+                    re-plan stall of all candidates (it keeps every candidate layout current).
     oracle          perfect knowledge, zero cost: per layer the best (lowest MoE time) of every
                     policy's plan and of the greedy planned on the TRUE load over each layout
                     (sharded + k per-step slots, EPLB-b + p per-step slots) with the LP /
@@ -107,6 +111,18 @@ Overheads of PROBE per layer, two modes (both reported):
            default the faster of the host kernel's wall time plus a round trip and the GPU
            kernel's measured one-layer latency (assign_time "gpu": the per-layer time of a
            multi-layer launch, optimistic; "host": the host wall time alone).
+The auto policies' own work (auto_replan, auto, auto_plus; auto_pred as above), charged on
+top of the candidate that serves: (a) their pick needs every candidate's time on every measured
+step, so after each step every candidate is planned (the fit split and the paper's PROBE on
+the prediction, the step-ahead split on the step's load: host plans, side mode at the
+side-stream planner time) and scored on the true load (one water-filling kernel time each,
+the run's median), for the model's L layers in the background: max(0, L x that work - the
+step's non-communication time) / L per layer (ahead_exposure; a served step-ahead split's own
+plan is one of them, so its own exposure is replaced); (b) the predictor at every step (the
+fit and paper plans need it), on the side stream beyond the dispatch (host mode: in series),
+also while a fallback or a step-ahead split serves; (c) memory: the layouts of every candidate
+(EPLB-k and the double-buffered p = k per-step slots) and the largest re-plan stall of all
+candidates at every step.
 Layer time = attention + MoE (dispatch + max compute + combine) + exposed overheads; step
 time = model layers x mean layer time + the step's stop-the-world stall. Dense layers,
 embedding and LM head are not modelled.
@@ -135,6 +151,7 @@ from probe.planner.window import default_window
 from probe.sim.costs import FairCosts
 from probe.sim.policies import apply_plan
 from probe.sim.predict import make_predictor, replay_predictor
+from probe.sim.rounding import split_by_fractions
 
 __all__ = ["FALLBACKS", "FairResult", "auto_candidates", "eplb_copies", "history_split",
            "history_times", "lp_split", "pick_by_time", "policy_names", "rule_split",
@@ -170,13 +187,29 @@ STEP_MARGIN = 0.01
 
 
 def auto_candidates(slots: int, plus: bool = False) -> list[str]:
-    """The policies probe_on_eplb_auto(_replan) pick from per layer: every fit split, the
-    paper's PROBE, then FALLBACKS; with `plus` (probe_on_eplb_auto_plus) also every
-    probe_on_eplb_plan and probe_on_eplb_ahead split, before the fallbacks."""
-    extra = ([f"probe_on_eplb_{f}b{b}p{slots - b}" for f in ("plan_", "ahead_")
-              for b in range(slots)] if plus else [])
-    return ([f"probe_on_eplb_fit_b{b}p{slots - b}" for b in range(slots)] + ["probe_paper"]
-            + extra + list(FALLBACKS))
+    """The policies probe_on_eplb_auto(_replan) pick from per layer: the fit split b = 0
+    (p = k per-step slots on EPLB-0), the paper's PROBE, then FALLBACKS; with `plus`
+    (probe_on_eplb_auto_plus) also the probe_on_eplb_plan and probe_on_eplb_ahead splits
+    b = 0, before the fallbacks.
+
+    Only b = 0 and b = k (the fallbacks' EPLB-k layout): a policy that may switch to a
+    candidate any step keeps that candidate's resident layout current, and the layouts of
+    b = 1 .. k - 1 on top of EPLB-k would hold more than the k slots per rank every policy
+    has (equal memory, module docstring)."""
+    if isinstance(slots, bool) or not isinstance(slots, (int, np.integer)) or slots < 1:
+        raise ValueError(f"slots must be an int >= 1, got {slots!r}")
+    extra = ([f"probe_on_eplb_{f}b0p{slots}" for f in ("plan_", "ahead_")] if plus else [])
+    return ([f"probe_on_eplb_fit_b0p{slots}", "probe_paper"] + extra + list(FALLBACKS))
+
+
+def scoring_work(candidates: list[str]) -> tuple[int, int, int]:
+    """(plans, step-ahead plans, scores) that keeping every candidate's time current costs per
+    layer and step: one plan per fit split (its plan split shares it) and the paper's PROBE,
+    one step-ahead plan per ahead split, and one score (a split of the true tokens over the
+    candidate's copies and its MoE time) per candidate."""
+    plans = sum(q.startswith("probe_on_eplb_fit_") or q == "probe_paper" for q in candidates)
+    ahead = sum(q.startswith("probe_on_eplb_ahead_") for q in candidates)
+    return plans, ahead, len(candidates)
 
 
 def ahead_exposure(planner_s: float, window_s: float, layers: int) -> float:
@@ -283,6 +316,7 @@ def history_times(history: np.ndarray, previous: np.ndarray | None, layouts: dic
     home_int = home.astype(np.int64)
     names = auto_candidates(slots, plus=True)
     out = {name: np.zeros((num_steps, num_layers)) for name in names}
+    fit_bs = [_split_of(q, slots)[0] for q in names if q.startswith("probe_on_eplb_fit_")]
     ahead_side = ahead_exposure(costs.side_planner_seconds(),
                                 costs.model.num_layers * attention, costs.model.num_layers)
     planner_side = costs.side_planner_seconds()
@@ -319,7 +353,7 @@ def history_times(history: np.ndarray, previous: np.ndarray | None, layouts: dic
                                                  0.0).max())
                 + max(0.0, pred_s + planner_side - scored["dispatch"]))
             fit_cost = costs.fitted_cost(pred.sum(axis=0).max())
-            for b in range(slots):
+            for b in fit_bs:
                 name = f"probe_on_eplb_fit_b{b}p{slots - b}"
                 copies = layouts[b][layer]
                 base = copies > 0
@@ -365,21 +399,6 @@ def history_times(history: np.ndarray, previous: np.ndarray | None, layouts: dic
     for name, h, layer in wf_cells:
         out[name][h, layer] += assign_s
     return {name: t + attention for name, t in out.items()}
-
-
-def split_by_fractions(load: np.ndarray, frac: np.ndarray) -> np.ndarray:
-    """int64 [S, E, G]: every (s, e)'s tokens split over ranks by frac float [E, G] (rows sum
-    to 1), largest remainder per (s, e), never onto a rank with a zero fraction."""
-    load = np.asarray(load, dtype=np.int64)
-    target = load[:, :, None] * frac[None, :, :]  # [S, E, G]
-    base = np.floor(target + 1e-9).astype(np.int64)
-    short = load - base.sum(axis=2)  # [S, E]
-    rest = np.where(frac[None] > 0, target - base, -1.0)
-    order = np.argsort(-rest, axis=2, kind="stable")
-    position = np.empty_like(order)
-    np.put_along_axis(position, order, np.arange(frac.shape[1])[None, None, :], axis=2)
-    base += (position < short[:, :, None]) & (frac[None] > 0)
-    return base
 
 
 def _fixed_and_multi(load, holds, costs: FairCosts):
@@ -1016,13 +1035,54 @@ def simulate_fair(load: np.ndarray, costs: FairCosts, *, slots: int, prior: int,
               ("probe_on_eplb_auto_plus", step_epochs["probe_on_eplb_auto_plus"]))
     for target, epochs in picked:
         bounds = [start for start, _ in epochs] + [num_steps]
+        pool = candidates_of["probe_on_eplb_auto_plus" if target == "probe_on_eplb_auto_plus"
+                             else "probe_on_eplb_auto"]
         for (start, names), stop in zip(epochs, bounds[1:], strict=True):
             rows = slice(start, stop)
             for layer, q in enumerate(names):
                 for name in _METRICS:
                     metrics[target][name][rows, layer] = metrics[q][name][rows, layer]
-            stall[target][rows] = np.max([stall[q][rows] for q in names], axis=0)
+            # it may serve any candidate at any step, so it keeps every candidate's layout
+            # current: each re-plan's stall is the largest of all candidates'
+            stall[target][rows] = np.max([stall[q][rows] for q in pool], axis=0)
             moved[target][rows] = np.mean([moved[q][rows] for q in names], axis=0)
+    # The auto policies' own work, charged beside the served candidate's (probe_on_eplb_auto
+    # and auto_replan over candidates_of["probe_on_eplb_auto"], auto_plus over its own):
+    # (a) scoring: to pick, every candidate's side-mode time of every measured step is kept
+    #     (shadow_times), so after each step every candidate is planned (the fit split and
+    #     the paper's PROBE on the prediction, the step-ahead split on the step's true load)
+    #     and scored on the true load (one water-filling kernel time each, the run's median,
+    #     as auto_pred's scores), for all L layers in the background: against the step's
+    #     non-communication time like the step-ahead plans (ahead_exposure of the whole
+    #     work; a served step-ahead candidate's own plan is one of these plans, so its own
+    #     exposure is replaced, not added);
+    # (b) the predictor every step (the fit and paper plans need the prediction), on the side
+    #     stream during the dispatch (host mode: in series), also while a fallback or a
+    #     step-ahead split serves; a served fit, plan or paper candidate already pays it.
+    wf_median = float(np.median(metrics["probe_on_eplb_wf"]["solve"]))
+    scoring = {}
+    for target, epochs in picked:
+        pool = candidates_of["probe_on_eplb_auto_plus" if target == "probe_on_eplb_auto_plus"
+                             else "probe_on_eplb_auto"]
+        plans, ahead, scores = scoring_work(pool)
+        work_side = (plans + ahead) * planner_side + scores * wf_median
+        work_host = (plans + ahead) * plan_host + scores * wf_median
+        bg_side = np.array([ahead_exposure(work_side, w, model.num_layers)
+                            for w in ahead_windows])[:, None]
+        bg_host = np.array([ahead_exposure(work_host, w, model.num_layers)
+                            for w in ahead_windows])[:, None]
+        served = _served(epochs, num_steps, num_layers)
+        ahead_cells = np.array([[q.startswith("probe_on_eplb_ahead_") for q in row]
+                                for row in served])
+        predicts = np.array([[q == "probe_paper" or q.startswith(
+            ("probe_on_eplb_fit_", "probe_on_eplb_plan_")) for q in row] for row in served])
+        m = metrics[target]
+        m["side"][:] = (np.where(ahead_cells, 0.0, m["side"]) + bg_side
+                        + np.where(predicts, 0.0, np.maximum(0.0, pred_cost - m["dispatch"])))
+        m["plan_host"][:] = np.where(ahead_cells, 0.0, m["plan_host"]) + bg_host
+        m["pred"][:] = pred_cost
+        scoring[target] = {"plans": plans, "ahead_plans": ahead, "scores": scores,
+                           "work_side_s": work_side, "work_host_s": work_host}
     # probe_on_eplb_auto_pred: per step and layer the candidate picked on the prediction,
     # plus the pick's own work in place of the candidate's predictor + planner: every step,
     # even while an EPLB fallback serves, the predictor, then on the host (one round trip:
@@ -1042,18 +1102,22 @@ def simulate_fair(load: np.ndarray, costs: FairCosts, *, slots: int, prior: int,
         # up to date: each re-plan's stall is the largest of all candidates'
         stall[target][n] = max(stall[q][n] for q in candidates_of["probe_on_eplb_auto_plus"])
         moved[target][n] = np.mean([moved[q][n] for q in names])
-    score_s = len(candidates_of["probe_on_eplb_auto_plus"]) * float(
-        np.median(metrics["probe_on_eplb_wf"]["solve"]))
-    ahead_side = np.array([ahead_exposure(slots * planner_side, w, model.num_layers)
+    plans, ahead, scores = scoring_work(candidates_of["probe_on_eplb_auto_plus"])
+    score_s = scores * wf_median
+    # in the background: the step-ahead plans and auto_plus's scoring of every candidate on
+    # the true load (the plans on the prediction are the pick's own, made on the side stream)
+    ahead_side = np.array([ahead_exposure(ahead * planner_side + score_s, w, model.num_layers)
                            for w in ahead_windows])
-    ahead_host = np.array([ahead_exposure(slots * plan_host, w, model.num_layers)
+    ahead_host = np.array([ahead_exposure(ahead * plan_host + score_s, w, model.num_layers)
                            for w in ahead_windows])
     m = metrics[target]
     m["pred"][:] = pred_cost
-    m["plan_host"][:] = (slots + 1) * plan_host + score_s + ahead_host[:, None]
-    pick_side = costs.host_round_trip_s + (slots + 1) * plan_host + score_s
+    m["plan_host"][:] = plans * plan_host + score_s + ahead_host[:, None]
+    pick_side = costs.host_round_trip_s + plans * plan_host + score_s
     m["side"][:] = (np.maximum(0.0, pred_cost + pick_side - m["dispatch"])
                     + ahead_side[:, None])
+    scoring[target] = {"plans": plans, "ahead_plans": ahead, "scores": 2 * scores,
+                       "pick_side_s": pick_side}
     layers_w = model.num_layers * expert_bytes
     memory = {"static": 0.0, "eplb_stw": slots * layers_w, "eplb_async": slots * layers_w,
               "eplb_lp": slots * layers_w, "probe_paper": 2.0 * slots * expert_bytes,
@@ -1065,14 +1129,15 @@ def simulate_fair(load: np.ndarray, costs: FairCosts, *, slots: int, prior: int,
     memory["probe_on_eplb_wf"] = memory["eplb_async"]
     memory["probe_on_eplb_auto_moe"] = (np.mean([b for b, _ in auto_split]) * layers_w
                                         + 2.0 * max(p for _, p in auto_split) * expert_bytes)
-    # auto: the resident slots its layers use (k for an EPLB fallback, 0 for static) and the
-    # per-step slots, at their largest over the epochs
+    # auto: every layout it may switch to stays resident (EPLB-k of the fallbacks; b = 0 holds
+    # no redundant slot), and the per-step slots of its candidates, double-buffered
     pred_epochs = list(enumerate(pred_picks))
-    for target, epochs in (*picked, ("probe_on_eplb_auto_pred", pred_epochs)):
-        memory[target] = max(
-            np.mean([_split_of(q, slots)[0] for q in names]) * layers_w
-            + 2.0 * max(_split_of(q, slots)[1] for q in names) * expert_bytes
-            for _, names in epochs)
+    for target in ("probe_on_eplb_auto_replan", "probe_on_eplb_auto", "probe_on_eplb_auto_plus",
+                   "probe_on_eplb_auto_pred"):
+        pool = candidates_of["probe_on_eplb_auto_plus" if target.endswith(("_plus", "_pred"))
+                             else "probe_on_eplb_auto"]
+        memory[target] = (max(_split_of(q, slots)[0] for q in pool) * layers_w
+                          + 2.0 * max(_split_of(q, slots)[1] for q in pool) * expert_bytes)
     meta = {"model": model.name, "model_layers": model.num_layers, "trace_layers": num_layers,
             "slots": slots, "prior": prior, "window": window, "interval": interval,
             "predictor": predictor if isinstance(predictor, str) else
@@ -1093,7 +1158,8 @@ def simulate_fair(load: np.ndarray, costs: FairCosts, *, slots: int, prior: int,
                                            num_steps), strict=True)
                 for q, plus in zip(names, plus_names, strict=True))),
             "oracle_wins": dict(collections.Counter(x for row in oracle_labels for x in row)),
-            "planner_side_s": planner_side, "assign_side_s": assign_side}
+            "planner_side_s": planner_side, "assign_side_s": assign_side,
+            "planner_host_s": plan_host, "auto_scoring": scoring}
     return FairResult(policies=policies, metrics=metrics, stall=stall, moved=moved,
                       attention=attention, tokens_per_step=load[prior:, 0].sum(axis=(1, 2))
                       / model.top_k, layer_scale=layer_scale, memory=memory, meta=meta,
@@ -1105,6 +1171,14 @@ def _per_step(epochs: list, num_steps: int) -> list:
     starts = [start for start, _ in epochs] + [num_steps]
     return [(n, names) for (start, names), stop in zip(epochs, starts[1:], strict=True)
             for n in range(start, stop)]
+
+
+def _served(epochs: list, num_steps: int, num_layers: int) -> np.ndarray:
+    """object [N, L]: the candidate serving each measured step and layer, from epochs."""
+    out = np.empty((num_steps, num_layers), dtype=object)
+    for n, names in _per_step(epochs, num_steps):
+        out[n] = names
+    return out
 
 
 def _split_of(name: str, slots: int) -> tuple[int, int]:

@@ -9,6 +9,7 @@ import numpy as np
 
 from probe.planner.problem import Plan
 from probe.planner.static import static_assignment
+from probe.sim.rounding import split_by_fractions
 
 __all__ = ["apply_plan", "rebalance_transfer"]
 
@@ -34,7 +35,6 @@ def apply_plan(plan: Plan, true_load: np.ndarray, home: np.ndarray) -> Plan:
     true_load = np.asarray(true_load, dtype=np.int64)
     home = np.asarray(home, dtype=bool)
     planned = plan.assignment  # [S, E, G]
-    num_ranks = planned.shape[2]
     predicted = planned.sum(axis=2)  # [S, E]
     known = predicted > 0
     spread = (planned > 0).sum(axis=2)  # [S, E] ranks the plan used per (s, e)
@@ -48,15 +48,8 @@ def apply_plan(plan: Plan, true_load: np.ndarray, home: np.ndarray) -> Plan:
     if sm.size:
         rows = planned[sm, em].astype(np.float64)  # [M, G]
         frac = rows / rows.sum(axis=1, keepdims=True)
-        target = true_load[sm, em][:, None] * frac
-        base = np.floor(target + 1e-9).astype(np.int64)
-        short = true_load[sm, em] - base.sum(axis=1)  # [M]
-        rest = np.where(frac > 0, target - base, -1.0)  # never top up a rank with no share
-        order = np.argsort(-rest, axis=1, kind="stable")
-        position = np.empty_like(order)
-        np.put_along_axis(position, order, np.arange(num_ranks)[None, :], axis=1)
-        base += (position < short[:, None]) & (frac > 0)
-        assignment[sm, em] = base
+        # never tops up a rank with no share
+        assignment[sm, em] = split_by_fractions(true_load[sm, em][None, :], frac)[0]
     # (s, e) the plan did not expect: the static route over the home ranks.
     unseen = np.where(known, 0, true_load)
     if unseen.any():
