@@ -6,7 +6,8 @@
 #                latency at ep=8 and ep=64, with the greedy's breakdowns), 190 s
 #   baseline     when BASELINE names a folder holding an older checkout's probe/ and
 #                experiments/: gpu_latency at ep=8 from it, so that old and new are timed on the
-#                same card, 80 s
+#                same card, 80 s (BASELINE_CONFIGS, BASELINE_LIMIT: its --configs and
+#                --time-limit; it runs from inside BASELINE, which must not be under $OUT)
 #   quant_layer  experiments.runtime.quant_layer (bf16, MXFP4 and FP8 expert kernels, every config
 #                tried), 150 s
 #   moe_layer    experiments.runtime.moe_layer --tune, 120 s
@@ -17,12 +18,16 @@
 # Each step is time-boxed; the outputs are packed into $OUT/gpu_results.tar.gz after every step (a
 # run cut short keeps the steps it finished), the console is $OUT/log.txt. Usage (on the GPU
 # machine, from the repository root):
-#   OUT=dir [BASELINE=dir] [STEPS="gpu_latency baseline"] bash experiments/device_session.sh
+#   OUT=dir PROBE_GIT_COMMIT=<git rev-parse --short HEAD here> [BASELINE=dir] \
+#     [STEPS="gpu_latency baseline"] bash experiments/device_session.sh
+# (PROBE_GIT_COMMIT: the manifests' revision; without it they take the device copy's git metadata,
+# which can be stale)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-out_session}
 R=${RESULTS_DIR:-/tmp/device_session}  # outside $OUT: only the tarball and the log come back
 STEPS=${STEPS:-gpu_latency baseline quant_layer moe_layer gpu_assign ncu}
+BASELINE_LIMIT=${BASELINE_LIMIT:-70}  # its --time-limit; BASELINE_CONFIGS: its --configs (ep8)
 mkdir -p "$R" "$OUT"
 export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 LOG="$OUT/log.txt"
@@ -44,8 +49,11 @@ for s in $STEPS; do
       --device cuda --time-limit 180 --out "$R/gpu_latency" ;;
     baseline)
       if [[ -z "${BASELINE:-}" ]]; then echo "== baseline: no BASELINE, skipped" | tee -a "$LOG"; continue; fi
-      step baseline 80 env PYTHONPATH="$BASELINE" python3 -m experiments.planner.gpu_latency \
-        --device cuda --configs ep8 --time-limit 70 --out "$R/gpu_latency_baseline" ;;
+      # run from inside BASELINE: `python -m` puts the working directory first on sys.path,
+      # so from the repository root PYTHONPATH=$BASELINE would import the current code
+      step baseline "$((BASELINE_LIMIT + 10))" bash -c "cd '$BASELINE' && PYTHONPATH=. python3 \
+        -m experiments.planner.gpu_latency --device cuda --configs ${BASELINE_CONFIGS:-ep8} \
+        --time-limit $BASELINE_LIMIT --out '$R/gpu_latency_baseline'" ;;
     quant_layer) step quant_layer 150 env PYTHONPATH="$PP" python3 -m experiments.runtime.quant_layer \
       --device cuda --out "$R/quant_layer" ;;
     moe_layer) step moe_layer 120 env PYTHONPATH="$PP" python3 -m experiments.runtime.moe_layer \

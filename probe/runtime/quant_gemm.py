@@ -538,7 +538,11 @@ class KernelConfig:
 # experiments/runtime/quant_layer.py measures a list of configs per format and reports the best.
 DEFAULT_CONFIGS = {
     "bf16": KernelConfig(block_m=64, block_n=128, block_k=64, num_warps=4, num_stages=3),
-    "mxfp4": KernelConfig(block_m=64, block_n=128, block_k=128, num_warps=8, num_stages=3),
+    # "lut", two 64-row tiles a program: on an H100 (results/h100/run5/quant_layer) 1.14-1.27x
+    # faster than "portable" at 256-1536 tokens, and exact over every block exponent ("bits",
+    # as fast, is exact for exponents 65..191 only); the interpreter runs it as "bits"
+    "mxfp4": KernelConfig(block_m=64, block_n=128, block_k=64, num_warps=4, num_stages=3,
+                          mxfp4_decode="lut", row_tiles=2),
     "fp8_block": KernelConfig(block_m=64, block_n=128, block_k=128, num_warps=8, num_stages=3),
 }
 
