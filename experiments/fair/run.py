@@ -474,7 +474,8 @@ def main(argv=None) -> int:
     analysis = analyse(results)
     elapsed = time.time() - start
     (args.out / "tables.json").write_text(json.dumps(
-        {"results": results, "analysis": analysis}, indent=1, default=_json) + "\n")
+        {"results": results, "analysis": analysis}, separators=(",", ":"), default=_json)
+        + "\n")  # compact: three runs' tables are a large part of the repository
     write_tables_md(results, analysis, args.out / "tables.md")
     plot_memory(results, args.out / "fair_memory.png")
     run.extra = {
