@@ -43,7 +43,8 @@ for the asynchronous copies that pipeline the other loads) are loaded one K step
 weight loads need no column mask (columns past N read row N - 1, whose products are not
 stored) and, where BK divides K, no K mask. The activation loads keep their row mask: a
 decode tile is mostly rows past its expert's, and reading a valid row for each of them costs
-L2 traffic (the gathered gate/up GEMM ran 1.2-2.2x slower without it on an H100).
+L2 traffic (the gathered gate/up GEMM ran up to 2.2x slower without it on an H100,
+1.47x at the default config).
 experiments/runtime/quant_sass.py counts the K loop's instructions of each config without a GPU;
 which config is fastest is for the GPU benchmark to say (experiments/runtime/quant_layer.py).
 FP8 converts to bf16 exactly and applies the 128 x 128 tile's scale_inv to each step's
@@ -291,7 +292,8 @@ if triton is not None:
         with SWAP (then w is the MMA's left operand: its BN rows fill the MMA's M side).
         x's rows past the expert's (not rmask) are masked, not read: in decode most of a
         tile's rows are such padding, and reading them (one valid row again and again, from
-        L2) made the gathered gate/up GEMM 1.2-2.2x slower on an H100."""
+        L2) made the gathered gate/up GEMM up to 2.2x slower on an H100 (1.47x at the
+        default config)."""
         ks = k0 + tl.arange(0, BK)
         xmask = rmask[:, None] if EVEN_K else rmask[:, None] & (ks < K)[None, :]
         x = tl.load(x_ptr + src[:, None] * stride_xm + ks[None, :], mask=xmask, other=0.0)
