@@ -119,10 +119,28 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="only these tokens per rank (decode batches or prefill chunks)")
     ap.add_argument("--slots", nargs="+", type=int, default=None, metavar="K",
                     help="only these extra slots per rank (default: 1-4; 1, 2, 4 across nodes)")
+    ap.add_argument("--score-every", type=_score_every, default=1, metavar="K|auto",
+                    help="the auto policies re-score their candidates every K measured steps, "
+                         "one scoring's background work spread over them (default 1: every "
+                         "step); 'auto': per run the smallest K at which it is exposed at no "
+                         "step (probe.sim.fair.fitting_score_every)")
     ap.add_argument("--sensitivity", type=Path, default=None,
                     help="folder of another run (e.g. --predictor perfect) whose summary the "
                          "report adds")
     return ap.parse_args(argv)
+
+
+def _score_every(text: str):
+    """--score-every: 'auto' or an int >= 1."""
+    if text == "auto":
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an int >= 1 or 'auto', got {text!r}")
+    return value
 
 
 def configs(args):
@@ -268,7 +286,7 @@ def run_config(model: str, workload: str, batch: int, slots_list, args,
     for k in slots_list:
         res = simulate_fair(load, costs, slots=k, prior=prior, window=prior,
                             interval=prior, predictor=predictor, seed=args.seed,
-                            phase=phase)
+                            phase=phase, score_every=args.score_every)
         rows = {}
         for policy in res.policies:
             rows[policy] = {"host": res.summary(policy, "host"),
@@ -489,6 +507,7 @@ def main(argv=None) -> int:
                          "slots": list(MULTINODE_SLOTS), "steps": args.multinode_steps,
                          "prior": args.multinode_prior, "layers": args.multinode_layers},
                      "predictor": args.predictor, "seed": args.seed, "slots": list(slots_list),
+                     "score_every": args.score_every,
                      "eplb_window": args.prior, "eplb_interval": args.prior},
     }
     outputs = [args.out / name for name in ("tables.md", "tables.json", "fair_memory.png")]

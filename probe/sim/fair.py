@@ -153,9 +153,10 @@ from probe.sim.policies import apply_plan
 from probe.sim.predict import make_predictor, replay_predictor
 from probe.sim.rounding import split_by_fractions
 
-__all__ = ["FALLBACKS", "FairResult", "auto_candidates", "eplb_copies", "history_split",
-           "history_times", "lp_split", "pick_by_time", "policy_names", "rule_split",
-           "side_layer_time", "simulate_fair", "split_by_fractions", "waterfill_split"]
+__all__ = ["FALLBACKS", "FairResult", "auto_candidates", "eplb_copies",
+           "fitting_score_every", "history_split", "history_times", "lp_split",
+           "pick_by_time", "policy_names", "rule_split", "scored_steps", "side_layer_time",
+           "simulate_fair", "split_by_fractions", "waterfill_split"]
 
 
 def paper_options() -> dict:
@@ -221,6 +222,35 @@ def ahead_exposure(planner_s: float, window_s: float, layers: int) -> float:
     if isinstance(layers, bool) or not isinstance(layers, (int, np.integer)) or layers < 1:
         raise ValueError(f"layers must be an int >= 1, got {layers!r}")
     return max(0.0, layers * float(planner_s) - float(window_s)) / layers
+
+
+def scored_steps(n: int, score_every: int) -> np.ndarray:
+    """int [M]: the measured steps whose scoring is done before step `n` when the auto
+    policies score every `score_every` steps: steps 0, k, 2k, ... (k = score_every), the
+    scoring of step s spread over the k steps from s on and done by step s + k."""
+    return np.arange(0, n - score_every + 1, score_every)
+
+
+def fitting_score_every(work_s: float, windows, layers: int) -> int:
+    """The smallest scoring interval k >= 1 at which one scoring's background work
+    (`work_s` seconds per layer, for each of the model's `layers` layers), spread over k
+    steps with 1/k of it against each step's non-communication time (`windows`, seconds per
+    step), is exposed at no step: ahead_exposure(work_s / k, w, layers) == 0 for every w."""
+    windows = np.asarray(windows, dtype=np.float64)
+    if windows.size == 0 or not np.all(windows > 0):
+        raise ValueError(f"windows must be positive seconds, got {windows!r}")
+    if not work_s >= 0:
+        raise ValueError(f"work_s must be >= 0 seconds, got {work_s!r}")
+
+    def fits(k: int) -> bool:
+        return all(ahead_exposure(work_s / k, w, layers) == 0.0 for w in windows)
+
+    k = max(1, math.ceil(layers * work_s / float(windows.min())))
+    while not fits(k):  # rounding: the charge's own arithmetic decides
+        k += 1
+    while k > 1 and fits(k - 1):
+        k -= 1
+    return k
 
 
 def side_layer_time(metrics: dict, stall: np.ndarray, model_layers: int,
@@ -617,7 +647,8 @@ _METRICS = ("moe", "compute", "comm", "imbalance", "transfer", "pred", "plan_hos
 
 def simulate_fair(load: np.ndarray, costs: FairCosts, *, slots: int, prior: int, window: int,
                   interval: int, predictor="topk:0.9", seed: int = 0, check: bool = True,
-                  solve_time: dict | None = None, phase: str = "decode") -> FairResult:
+                  solve_time: dict | None = None, phase: str = "decode",
+                  score_every: int | str = 1) -> FairResult:
     """Replay `load` int [N_all, L, S, E] (first `prior` steps: history only) at `slots` extra
     slots per rank under every policy of `policy_names(slots)` (module docstring).
 
@@ -631,7 +662,11 @@ def simulate_fair(load: np.ndarray, costs: FairCosts, *, slots: int, prior: int,
     window is charged as exposed time, not refused). solve_time: {"lp": s, "waterfill": s}
     to charge fixed dispatch-solve times instead of the measured wall time (None: measured).
     phase: "decode" (tokens per rank are requests) or "prefill" (tokens per rank are one
-    chunk) for the attention time.
+    chunk) for the attention time. score_every: the auto policies (auto_replan, auto,
+    auto_plus; auto_pred's base pick) re-score their candidates every `score_every` measured
+    steps, one scoring's background work spread over them (module docstring); "auto": per
+    candidate pool the smallest interval at which it is exposed at no step
+    (fitting_score_every); meta["auto_scoring"] gives the interval used.
     """
     load = np.asarray(load)
     if load.ndim != 4:
@@ -643,6 +678,9 @@ def simulate_fair(load: np.ndarray, costs: FairCosts, *, slots: int, prior: int,
                              ("interval", interval, 1)):
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
             raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+    if score_every != "auto" and (isinstance(score_every, bool) or not isinstance(
+            score_every, (int, np.integer)) or score_every < 1):
+        raise ValueError(f"score_every must be an int >= 1 or 'auto', got {score_every!r}")
     if window > prior:
         raise ValueError(f"window ({window}) must be <= prior ({prior})")
     if prior >= num_all:
@@ -712,20 +750,37 @@ def simulate_fair(load: np.ndarray, costs: FairCosts, *, slots: int, prior: int,
     pick_window = max(1, window // 4)
     step_epochs = {t: [e[0]] for t, e in replan_epochs.items()}
 
-    def shadow_times(seen: slice, names: list[str]) -> dict:  # side-mode times, measured rows
+    def shadow_times(seen: np.ndarray, names: list[str]) -> dict:  # side-mode times, rows
         return {q: side_layer_time({k: v[seen] for k, v in metrics[q].items()},
                                    stall[q][seen], model.num_layers, attention)
                 for q in names}
 
-    def step_pick(n: int, target: str) -> list[str]:
-        """Between re-plans a layer leaves its current candidate only for one whose mean time
-        over the last `pick_window` steps is at least STEP_MARGIN lower (hysteresis: noise in
-        a stable load does not move it); at a re-plan the pick from the whole window."""
-        if n % interval == 0:
-            return replan_epochs[target][-1][1]
-        current = step_epochs[target][-1][1]
+    def window_pick(n: int, target: str, every: int) -> list[str] | None:
+        """The pick from the scorings done before step n (scored_steps) within EPLB's window
+        (the latest one if none is; None: no scoring done yet)."""
         names = candidates_of[target]
-        times = shadow_times(slice(max(0, n - pick_window), n), names)
+        ready = scored_steps(n, every)
+        rows = ready[ready >= n - window]
+        rows = rows if rows.size else ready[-1:]
+        return pick(shadow_times(rows, names), candidates=names) if rows.size else None
+
+    def step_pick(n: int, target: str, every: int) -> list[str]:
+        """A pick changes only when a scoring is done (every `every` steps): then, if EPLB
+        re-planned since the last one, the pick from the window (window_pick); else a layer
+        leaves its current candidate only for one whose mean time over the last `pick_window`
+        scorings is at least STEP_MARGIN lower (hysteresis: noise in a stable load does not
+        move it)."""
+        current = step_epochs[target][-1][1]
+        if n % every:
+            return current  # no scoring done since the last pick: keep it
+        replanned = (n // interval) * interval
+        if replanned > 0 and replanned > n - every:
+            return window_pick(n, target, every) or current
+        ready = scored_steps(n, every)[-pick_window:]
+        if not ready.size:
+            return current
+        names = candidates_of[target]
+        times = shadow_times(ready, names)
         out = []
         for layer, (now, new) in enumerate(zip(current, pick(times, candidates=names),
                                                strict=True)):
@@ -734,6 +789,7 @@ def simulate_fair(load: np.ndarray, costs: FairCosts, *, slots: int, prior: int,
         return out
     step_hide = 0.0  # seconds of non-communication time of the last step (async copy window)
     pred_picks = [[""] * num_layers for _ in range(num_steps)]  # auto_pred's candidates
+    pred_scores = [[{}] * num_layers for _ in range(num_steps)]  # its scores on the prediction
     ahead_windows = np.zeros(num_steps)  # the step-ahead planners' window at each step
     pred_cost = np.zeros((num_steps, num_layers))  # the predictor's seconds per step, layer
     plan_host = costs.planner_kernel_s * costs.planner_host_factor  # one plan, host mode
@@ -744,13 +800,6 @@ def simulate_fair(load: np.ndarray, costs: FairCosts, *, slots: int, prior: int,
 
     for n in range(num_steps):
         step = prior + n
-        if n > 0 and n % interval == 0:
-            for target, names in candidates_of.items():
-                replan_epochs[target].append((n, pick(shadow_times(
-                    slice(max(0, n - window), n), names), candidates=names)))
-        if n > 0:
-            for target in candidates_of:
-                step_epochs[target].append((n, step_pick(n, target)))
         if n > 0 and n % interval == 0:
             new = eplb_copies(weight_at(step), slots, num_ranks)
             by_rank = moved_per_rank(stw, new)
@@ -975,12 +1024,7 @@ def simulate_fair(load: np.ndarray, costs: FairCosts, *, slots: int, prior: int,
                 score_pred(policy, plan.assignment, holds,
                            problem=BalanceProblem(pred, base, p, win, ahead_cost), plan=plan,
                            side=m["side"][n, layer])
-            # probe_on_eplb_auto_pred: auto_plus's pick for this step, replaced by the
-            # candidate best on the prediction when that is at least STEP_MARGIN faster there
-            current = step_epochs["probe_on_eplb_auto_plus"][-1][1][layer]
-            best = min(candidates_of["probe_on_eplb_auto_plus"], key=on_pred.__getitem__)
-            pred_picks[n][layer] = (best if on_pred[best] < (1.0 - STEP_MARGIN)
-                                    * on_pred[current] else current)
+            pred_scores[n][layer] = on_pred  # auto_pred's scores, its pick after the loop
             ahead_windows[n] = ahead_window
             # oracle: the best of every policy's plan and of true-load plans, free
             options_true = [(home, home_int, slots)] + [
@@ -1005,6 +1049,38 @@ def simulate_fair(load: np.ndarray, costs: FairCosts, *, slots: int, prior: int,
                 * expert_bytes
         moved["probe_paper"][n] += metrics["probe_paper"]["replicas"][n].mean() \
             * model.num_layers * expert_bytes
+
+    # The auto policies' picks, made here from the rows each pick could see at its step (the
+    # candidates' metrics as the loop left them, before the medians below replace the
+    # measured solve times): probe_on_eplb_auto(_replan) and auto_plus re-score their
+    # candidates every `score_every` steps (per pool; "auto": the smallest interval at which
+    # one scoring's background work fits the steps it is spread over, fitting_score_every),
+    # the scoring of step s done by step s + score_every (scored_steps).
+    wf_median = float(np.median(metrics["probe_on_eplb_wf"]["solve"]))
+    scoring_s = {}  # pool -> (side, host) seconds of one scoring per layer
+    every = {}
+    for target, names in candidates_of.items():
+        plans, ahead, scores = scoring_work(names)
+        scoring_s[target] = ((plans + ahead) * planner_side + scores * wf_median,
+                             (plans + ahead) * plan_host + scores * wf_median)
+        every[target] = (fitting_score_every(max(scoring_s[target]), ahead_windows,
+                                             model.num_layers)
+                         if score_every == "auto" else int(score_every))
+    for n in range(1, num_steps):
+        if n % interval == 0:  # auto_replan: at each re-plan, from the scorings done by then
+            for target in candidates_of:
+                names = window_pick(n, target, every[target])
+                replan_epochs[target].append((n, names or replan_epochs[target][-1][1]))
+        for target in candidates_of:
+            step_epochs[target].append((n, step_pick(n, target, every[target])))
+    # probe_on_eplb_auto_pred: auto_plus's pick for each step, replaced by the candidate best
+    # on the prediction when that is at least STEP_MARGIN faster there
+    for n, names in _per_step(step_epochs["probe_on_eplb_auto_plus"], num_steps):
+        for layer, current in enumerate(names):
+            on_pred = pred_scores[n][layer]
+            best = min(candidates_of["probe_on_eplb_auto_plus"], key=on_pred.__getitem__)
+            pred_picks[n][layer] = (best if on_pred[best] < (1.0 - STEP_MARGIN)
+                                    * on_pred[current] else current)
 
     # Charge each dispatch solver its median measured time over the run (the shared host's
     # contention makes single timings noisy); fixed times from `solve_time` stay as given.
@@ -1059,21 +1135,24 @@ def simulate_fair(load: np.ndarray, costs: FairCosts, *, slots: int, prior: int,
     # (b) the predictor every step (the fit and paper plans need the prediction), on the side
     #     stream during the dispatch (host mode: in series), also while a fallback or a
     #     step-ahead split serves; a served fit, plan or paper candidate already pays it.
-    wf_median = float(np.median(metrics["probe_on_eplb_wf"]["solve"]))
     scoring = {}
     for target, epochs in picked:
-        pool = candidates_of["probe_on_eplb_auto_plus" if target == "probe_on_eplb_auto_plus"
-                             else "probe_on_eplb_auto"]
-        plans, ahead, scores = scoring_work(pool)
-        work_side = (plans + ahead) * planner_side + scores * wf_median
-        work_host = (plans + ahead) * plan_host + scores * wf_median
-        bg_side = np.array([ahead_exposure(work_side, w, model.num_layers)
-                            for w in ahead_windows])[:, None]
-        bg_host = np.array([ahead_exposure(work_host, w, model.num_layers)
-                            for w in ahead_windows])[:, None]
+        key = ("probe_on_eplb_auto_plus" if target == "probe_on_eplb_auto_plus"
+               else "probe_on_eplb_auto")
+        plans, ahead, scores = scoring_work(candidates_of[key])
+        work_side, work_host = scoring_s[key]
+        k = every[key]
         served = _served(epochs, num_steps, num_layers)
         ahead_cells = np.array([[q.startswith("probe_on_eplb_ahead_") for q in row]
                                 for row in served])
+        # one scoring spread over k steps: 1/k of it in each step's background; a served
+        # step-ahead split plans every step, of which the scoring shares 1/k
+        own = ahead_cells.mean(axis=1) * (1.0 - 1.0 / k)  # [N]
+        bg_side = np.array([ahead_exposure(work_side / k + f * planner_side, w,
+                                           model.num_layers)
+                            for w, f in zip(ahead_windows, own, strict=True)])[:, None]
+        bg_host = np.array([ahead_exposure(work_host / k + f * plan_host, w, model.num_layers)
+                            for w, f in zip(ahead_windows, own, strict=True)])[:, None]
         predicts = np.array([[q == "probe_paper" or q.startswith(
             ("probe_on_eplb_fit_", "probe_on_eplb_plan_")) for q in row] for row in served])
         m = metrics[target]
@@ -1082,7 +1161,8 @@ def simulate_fair(load: np.ndarray, costs: FairCosts, *, slots: int, prior: int,
         m["plan_host"][:] = np.where(ahead_cells, 0.0, m["plan_host"]) + bg_host
         m["pred"][:] = pred_cost
         scoring[target] = {"plans": plans, "ahead_plans": ahead, "scores": scores,
-                           "work_side_s": work_side, "work_host_s": work_host}
+                           "work_side_s": work_side, "work_host_s": work_host,
+                           "score_every": k}
     # probe_on_eplb_auto_pred: per step and layer the candidate picked on the prediction,
     # plus the pick's own work in place of the candidate's predictor + planner: every step,
     # even while an EPLB fallback serves, the predictor, then on the host (one round trip:
@@ -1104,11 +1184,12 @@ def simulate_fair(load: np.ndarray, costs: FairCosts, *, slots: int, prior: int,
         moved[target][n] = np.mean([moved[q][n] for q in names])
     plans, ahead, scores = scoring_work(candidates_of["probe_on_eplb_auto_plus"])
     score_s = scores * wf_median
+    true_s = score_s / every["probe_on_eplb_auto_plus"]  # auto_plus's scoring, spread as there
     # in the background: the step-ahead plans and auto_plus's scoring of every candidate on
     # the true load (the plans on the prediction are the pick's own, made on the side stream)
-    ahead_side = np.array([ahead_exposure(ahead * planner_side + score_s, w, model.num_layers)
+    ahead_side = np.array([ahead_exposure(ahead * planner_side + true_s, w, model.num_layers)
                            for w in ahead_windows])
-    ahead_host = np.array([ahead_exposure(ahead * plan_host + score_s, w, model.num_layers)
+    ahead_host = np.array([ahead_exposure(ahead * plan_host + true_s, w, model.num_layers)
                            for w in ahead_windows])
     m = metrics[target]
     m["pred"][:] = pred_cost
@@ -1117,7 +1198,8 @@ def simulate_fair(load: np.ndarray, costs: FairCosts, *, slots: int, prior: int,
     m["side"][:] = (np.maximum(0.0, pred_cost + pick_side - m["dispatch"])
                     + ahead_side[:, None])
     scoring[target] = {"plans": plans, "ahead_plans": ahead, "scores": 2 * scores,
-                       "pick_side_s": pick_side}
+                       "pick_side_s": pick_side,
+                       "score_every": every["probe_on_eplb_auto_plus"]}
     layers_w = model.num_layers * expert_bytes
     memory = {"static": 0.0, "eplb_stw": slots * layers_w, "eplb_async": slots * layers_w,
               "eplb_lp": slots * layers_w, "probe_paper": 2.0 * slots * expert_bytes,
