@@ -23,9 +23,11 @@ from probe.sim.fair import (
     ahead_exposure,
     auto_candidates,
     eplb_copies,
+    fitting_score_every,
     pick_by_time,
     lp_split,
     policy_names,
+    scored_steps,
     simulate_fair,
     split_by_fractions,
     waterfill_split,
@@ -651,24 +653,37 @@ def test_auto_pred_picks_on_the_prediction_and_pays_for_it(load, costs):
         assert np.all(own[same] >= plus[same] - 1e-12)
 
 
-def _background(res, policy, costs):
-    """(side, host) float64 [N, 1]: the exposed seconds per layer of an auto policy's scoring,
-    recomputed here: its plans (fit b0pk and the paper's PROBE; auto_plus also the step-ahead
-    b0pk) and one water-filling time (the run's median) per candidate, for all model layers
-    against the non-communication time of the step before (the first: L x attention)."""
+def _windows(res, costs) -> list[float]:
+    """The background work's window at each measured step: the step before's
+    non-communication time, L x (attention + static expert compute); the first: L x
+    attention."""
+    layers = costs.model.num_layers
+    hide = layers * (res.attention + res.metrics["static"]["compute"].mean(axis=1))
+    return [layers * res.attention, *hide[:-1]]
+
+
+def _scoring_seconds(res, policy, costs) -> tuple[float, float]:
+    """(side, host) seconds per layer of one scoring of an auto policy, recomputed here: its
+    plans (fit b0pk and the paper's PROBE; auto_plus also the step-ahead b0pk) and one
+    water-filling time (the run's median) per candidate."""
     plus = policy == "probe_on_eplb_auto_plus"
     names = auto_candidates(res.meta["slots"], plus=plus)
     plans = 3 if plus else 2
     wf = float(np.median(res.metrics["probe_on_eplb_wf"]["solve"]))
+    return tuple(plans * planner + len(names) * wf
+                 for planner in (costs.side_planner_seconds(),
+                                 costs.planner_kernel_s * costs.planner_host_factor))
+
+
+def _background(res, policy, costs, every: int = 1):
+    """(side, host) float64 [N, 1]: the exposed seconds per layer of an auto policy's scoring
+    (_scoring_seconds), one scoring spread over `every` steps: 1/every of it for all model
+    layers against the non-communication time of the step before (_windows), while no
+    step-ahead split serves."""
     layers = costs.model.num_layers
-    hide = layers * (res.attention + res.metrics["static"]["compute"].mean(axis=1))
-    windows = [layers * res.attention, *hide[:-1]]
-    out = []
-    for planner in (costs.side_planner_seconds(),
-                    costs.planner_kernel_s * costs.planner_host_factor):
-        work = plans * planner + len(names) * wf
-        out.append(np.array([ahead_exposure(work, w, layers) for w in windows])[:, None])
-    return tuple(out)
+    return tuple(np.array([ahead_exposure(work / every, w, layers)
+                           for w in _windows(res, costs)])[:, None]
+                 for work in _scoring_seconds(res, policy, costs))
 
 
 def test_auto_scoring_is_charged_against_the_step(stable, costs):
@@ -743,3 +758,131 @@ def test_planner_time_at_the_measured_shape():
     assert planner_kernel_time(8, 256) == FairCosts.planner_kernel_s  # not measured: ep=8's
     with pytest.raises(ValueError, match="num_ranks"):
         planner_kernel_time(0, 256)
+
+
+def test_scored_steps_are_every_kth_done_k_steps_later():
+    assert scored_steps(7, 3).tolist() == [0, 3]
+    assert scored_steps(6, 3).tolist() == [0, 3]  # step 3's scoring is done by step 6
+    assert scored_steps(5, 3).tolist() == [0]
+    assert scored_steps(2, 3).tolist() == []
+    assert scored_steps(4, 1).tolist() == [0, 1, 2, 3]
+
+
+def test_fitting_score_every_is_the_smallest_interval_exposed_nowhere():
+    # 10 layers x 1 ms = 10 ms per scoring; the smallest window 4 ms: k = 2 leaves 5 ms per
+    # step, k = 3 3.33 ms, which fits every window
+    assert fitting_score_every(1e-3, [5e-3, 4e-3, 9e-3], 10) == 3
+    assert ahead_exposure(1e-3 / 2, 4e-3, 10) > 0 and ahead_exposure(1e-3 / 3, 4e-3, 10) == 0
+    assert fitting_score_every(1e-4, [5e-3, 4e-3], 10) == 1  # already fits
+    assert fitting_score_every(0.0, [5e-3], 10) == 1
+    assert fitting_score_every(1e-3, [1e-3], 10) == 10  # exactly fits at 10
+    with pytest.raises(ValueError, match="windows"):
+        fitting_score_every(1e-3, [5e-3, 0.0], 10)
+    with pytest.raises(ValueError, match="work_s"):
+        fitting_score_every(-1.0, [5e-3], 10)
+
+
+@pytest.mark.parametrize("every", [2, 3])
+def test_score_every_spreads_one_scoring_over_its_steps(stable, costs, every):
+    # Everything falls back to EPLB (a planner slower than a step); the scoring is made dear
+    # (water-filling 1 ms per candidate) so that one scoring exceeds a step's window: spread
+    # over k steps, each step is charged max(0, L x one scoring / k - window) / L per layer,
+    # on top of EPLB's time and the predictor beyond the dispatch.
+    slow = dataclasses.replace(costs, planner_gpu_s=1.0)
+    kwargs = {"slots": 1, "prior": 4, "window": 4, "interval": 3, "seed": 1, "check": False,
+              "solve_time": {"waterfill": 1e-3, "lp": 0.0}}
+    runs = {k: simulate_fair(stable, slow, score_every=k, **kwargs) for k in (1, every)}
+    layers = costs.model.num_layers
+    for policy in ("probe_on_eplb_auto", "probe_on_eplb_auto_plus",
+                   "probe_on_eplb_auto_replan"):
+        side, host = _scoring_seconds(runs[1], policy, slow)
+        windows = _windows(runs[1], slow)
+        assert all(layers * side > w for w in windows)  # one scoring exceeds every step
+        for k, res in runs.items():
+            assert res.meta["auto_scoring"][policy]["score_every"] == k
+            assert all(set(e["layers"]) == {"eplb"} for e in res.meta[
+                {"probe_on_eplb_auto": "auto_choices", "probe_on_eplb_auto_plus":
+                 "auto_plus_choices", "probe_on_eplb_auto_replan": "auto_replan_choices"}[
+                    policy]])
+            m = res.metrics[policy]
+            want = np.array([max(0.0, layers * side / k - w) / layers for w in windows])
+            np.testing.assert_allclose(m["side"] - np.maximum(0.0, m["pred"] - m["dispatch"]),
+                                       np.broadcast_to(want[:, None], m["side"].shape),
+                                       rtol=1e-12, atol=1e-15)
+            want = np.array([max(0.0, layers * host / k - w) / layers for w in windows])
+            np.testing.assert_allclose(m["plan_host"],
+                                       np.broadcast_to(want[:, None], m["side"].shape),
+                                       rtol=1e-12, atol=1e-15)
+            # the predictor every step, whatever the interval
+            np.testing.assert_array_equal(m["pred"], runs[1].metrics[policy]["pred"])
+        # spreading lowers the exposure but never below zero
+        lower = runs[every].metrics[policy]["side"] < runs[1].metrics[policy]["side"]
+        assert lower.all()
+    # auto_pred's background holds auto_plus's scoring of the true load, spread alike; its
+    # pick on the prediction (side stream, every step) is not spread
+    assert (runs[every].meta["auto_scoring"]["probe_on_eplb_auto_pred"]["pick_side_s"]
+            == runs[1].meta["auto_scoring"]["probe_on_eplb_auto_pred"]["pick_side_s"])
+    assert np.all(runs[every].metrics["probe_on_eplb_auto_pred"]["side"]
+                  <= runs[1].metrics["probe_on_eplb_auto_pred"]["side"])
+
+
+def test_picks_change_only_when_a_scoring_is_done():
+    # score_every = 3: only steps 0, 3, 6, ... are scored (done 3 steps later), and picks change
+    # only at steps 3, 6, ...; the loads of steps that are neither scored nor the step before
+    # a scored one (1, 4, 7: the step-ahead plan reads the step before) do not move any pick.
+    # No re-plan (interval beyond the run), a perfect predictor (no random stream).
+    costs = FairCosts.for_model(MODEL, 8)
+    trace = generate("shift", num_steps=14, tokens_per_step=8 * 256, num_layers=2,
+                     num_experts=128, top_k=4, num_ranks=8, seed=3, shift_step=7)
+    load = trace.load_counts().astype(np.int64)
+    kwargs = {"slots": 2, "prior": 4, "window": 4, "interval": 50, "seed": 1, "check": False,
+              "predictor": "perfect", "solve_time": {"waterfill": 1e-5, "lp": 0.0}}
+    changed = load.copy()
+    for n in (1, 4, 7):
+        changed[4 + n] = load[4 + n][:, :, ::-1]  # the experts reversed
+    keys = ("auto_choices", "auto_plus_choices", "auto_pred_choices")
+    runs = {(k, which): simulate_fair(x, costs, score_every=k, **kwargs)
+            for k in (1, 3) for which, x in (("same", load), ("changed", changed))}
+    for key in keys[:2]:
+        picks = [e["layers"] for e in runs[3, "same"].meta[key]]
+        assert [e["from_step"] for e in runs[3, "same"].meta[key]] == list(range(10))
+        for n in range(1, 10):
+            if n % 3:
+                assert picks[n] == picks[n - 1], (key, n)
+        assert picks == [e["layers"] for e in runs[3, "changed"].meta[key]]
+    # with a scoring every step the same change moves a pick (so the above could fail)
+    assert any(runs[1, "same"].meta[key] != runs[1, "changed"].meta[key] for key in keys[:2])
+
+
+def test_auto_score_every_is_the_smallest_that_fits(stable, costs):
+    slow = dataclasses.replace(costs, planner_gpu_s=1.0)
+    res = simulate_fair(stable, slow, slots=1, prior=4, window=4, interval=3, seed=1,
+                        check=False, solve_time={"waterfill": 1e-3, "lp": 0.0},
+                        score_every="auto")
+    layers = costs.model.num_layers
+    windows = _windows(res, slow)
+    for policy in ("probe_on_eplb_auto", "probe_on_eplb_auto_plus"):
+        k = res.meta["auto_scoring"][policy]["score_every"]
+        work = max(_scoring_seconds(res, policy, slow))
+        assert k > 1
+        assert all(ahead_exposure(work / k, w, layers) == 0.0 for w in windows)
+        assert any(ahead_exposure(work / (k - 1), w, layers) > 0.0 for w in windows)
+        assert k == fitting_score_every(work, windows, layers)
+        # nothing exposed at that interval: the background adds nothing to the step
+        m = res.metrics[policy]
+        np.testing.assert_allclose(m["side"], np.maximum(0.0, m["pred"] - m["dispatch"]))
+    with pytest.raises(ValueError, match="score_every"):
+        simulate_fair(stable, slow, slots=1, prior=4, window=4, interval=3, score_every=0)
+    with pytest.raises(ValueError, match="score_every"):
+        simulate_fair(stable, slow, slots=1, prior=4, window=4, interval=3, score_every="3")
+
+
+def test_run_parses_score_every():
+    from experiments.fair.run import parse_args
+
+    assert parse_args([]).score_every == 1
+    assert parse_args(["--score-every", "auto"]).score_every == "auto"
+    assert parse_args(["--score-every", "4"]).score_every == 4
+    for bad in ("0", "often"):
+        with pytest.raises(SystemExit):
+            parse_args(["--score-every", bad])

@@ -239,6 +239,34 @@ def _revision(git: dict) -> str:
     return f"{git.get('revision')}{'-dirty' if git.get('dirty') else ''}"
 
 
+def _scoring_interval(results: list[dict], settings: dict) -> str:
+    """One sentence: the auto policies' score_every (--score-every) and, with 'auto', the
+    interval chosen per case for auto_plus and auto."""
+    every = settings.get("score_every", 1)
+    text = ("every measured step (--score-every 1): every candidate planned and scored on "
+            "each step's true load, in the background of the next step" if every == 1 else
+            f"every {every} measured steps (--score-every {every})" if every != "auto" else
+            "--score-every auto: per run the smallest interval k at which one scoring's "
+            "background work, 1/k of it against each step's non-communication time, is "
+            "exposed at no step")
+    if every == 1:
+        return text + "."
+    text += ("; picks change only when a scoring is done (k steps after its step) and are "
+             "made from the scored steps alone; the work per scoring is unchanged "
+             "(probe.sim.fair)")
+    if every != "auto":
+        return text + "."
+    chosen = []
+    for r in results:
+        for k, entry in r["slots"].items():
+            sc = entry["meta"].get("auto_scoring", {})
+            chosen.append(f"{r['model']} {r['workload']} k={k}: "
+                          f"{sc.get('probe_on_eplb_auto_plus', {}).get('score_every')}/"
+                          f"{sc.get('probe_on_eplb_auto', {}).get('score_every')}")
+    return text + ". Chosen interval (auto_plus/auto) per case and slots: " + \
+        "; ".join(chosen) + "."
+
+
 def write_report(results: list[dict], analysis: dict, manifest: dict, path: Path,
                  sensitivity: dict | None = None) -> None:
     """report.md; sensitivity: {"label", "folder", "analysis"} of a second run (e.g. with a
@@ -300,6 +328,7 @@ def write_report(results: list[dict], analysis: dict, manifest: dict, path: Path
         "no previous layer, uses the previous step's load; experiments.fair.run."
         f"recorded_predictor).{replayed}",
         f"* Across nodes: {multinode}.",
+        f"* Scoring interval of the auto policies: {_scoring_interval(results, s)}",
         f"* Slots: {s['slots']} extra expert slots per rank for every policy. EPLB's are "
         "resident in every layer (k x layers x expert bytes per rank); PROBE's per-step slots "
         "are double-buffered for the layers in flight (2 x p x expert bytes). PROBE-on-EPLB "

@@ -122,7 +122,16 @@ plan is one of them, so its own exposure is replaced); (b) the predictor at ever
 fit and paper plans need it), on the side stream beyond the dispatch (host mode: in series),
 also while a fallback or a step-ahead split serves; (c) memory: the layouts of every candidate
 (EPLB-k and the double-buffered p = k per-step slots) and the largest re-plan stall of all
-candidates at every step.
+candidates at every step. With `score_every` = k > 1 (default 1: the above) they score only
+steps 0, k, 2k, ..., one scoring spread over the k steps from its step and done k steps later
+(scored_steps): picks change only then and are made from the scored steps alone (between
+scorings each layer keeps its pick; auto_replan re-picks at re-plans from the scorings done),
+each step is charged ahead_exposure of 1/k of the scoring (plus, where a step-ahead split
+serves, its own plan, made every step, beyond the scoring's 1/k share of it), and
+auto_pred's base pick is auto_plus's, its background holding 1/k of auto_plus's scoring;
+(b) and (c) unchanged. score_every="auto": per candidate pool the smallest k at which that
+charge is zero at every measured step, from the run's water-filling median and step windows
+(fitting_score_every).
 Layer time = attention + MoE (dispatch + max compute + combine) + exposed overheads; step
 time = model layers x mean layer time + the step's stop-the-world stall. Dense layers,
 embedding and LM head are not modelled.
