@@ -38,6 +38,16 @@ greedy_cuda = pytest.importorskip("probe.planner.greedy_cuda")
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def _in_simulator(args: list[str], timeout: int) -> str:
+    """stdout of `python args...` run in Numba's CUDA simulator with this checkout imported;
+    fails the test with its stderr if the process fails."""
+    env = {**os.environ, "NUMBA_ENABLE_CUDASIM": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, *args], env=env, cwd=ROOT, capture_output=True,
+                          text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
+
+
 def sequential_arrays(load, home, slots, window, alpha, beta, tt, xt, rules: GreedyRules, *,
                       in_shared: bool = False):
     """greedy_cuda_arrays' per-layer tuples, the kernel run by run_sequential."""
@@ -69,7 +79,6 @@ def test_sequential_kernel_equals_cpu_kernel_on_1000_layers():
 def test_simulator_equals_cpu_kernel():
     """The kernel in Numba's CUDA simulator (a subprocess with NUMBA_ENABLE_CUDASIM=1):
     30 launches of 1-3 layers at 32 and 64 threads per block, identical plans."""
-    env = {**os.environ, "NUMBA_ENABLE_CUDASIM": "1", "PYTHONPATH": str(ROOT)}
     code = ("import numpy as np\n"
             "from experiments.planner.gpu_greedy import compare_random\n"
             "n = compare_random(np.random.default_rng(3), 30, max_layers=3, threads=(32, 64),"
@@ -87,10 +96,8 @@ def test_simulator_equals_cpu_kernel():
             "    else:\n"
             "        raise AssertionError('bad load accepted')\n"
             "print('layers', n)\n")
-    proc = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True,
-                          text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "layers" in proc.stdout and int(proc.stdout.split()[-1]) >= 30
+    stdout = _in_simulator(["-c", code], 300)
+    assert "layers" in stdout and int(stdout.split()[-1]) >= 30
 
 
 @pytest.mark.slow
@@ -98,7 +105,6 @@ def test_simulator_global_scratch_equals_cpu_kernel():
     """The kernel with its working arrays in global scratch (memory="global"), in the CUDA
     simulator at 32 threads per block (several rounds of candidates where a move has more than
     32): identical plans to the CPU kernel on 12 random launches of 1-2 layers."""
-    env = {**os.environ, "NUMBA_ENABLE_CUDASIM": "1", "PYTHONPATH": str(ROOT)}
     code = ("import numpy as np\n"
             "from experiments.planner.gpu_greedy import random_batch, same_layer\n"
             "from probe.planner.greedy_cuda import greedy_cuda_arrays\n"
@@ -116,10 +122,8 @@ def test_simulator_global_scratch_equals_cpu_kernel():
             "        layers += 1\n"
             "        moved += out[3] > 0\n"
             "print('layers', layers, moved)\n")
-    proc = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True,
-                          text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    _, layers, moved = proc.stdout.split()
+    stdout = _in_simulator(["-c", code], 600)
+    _, layers, moved = stdout.split()
     assert int(layers) >= 12 and int(moved) >= 4
 
 
@@ -128,7 +132,6 @@ def test_simulator_runner_sizes():
     """CudaGreedy in the CUDA simulator: `slots` stays the ranks' slot budget (the replica rows
     it allocates: sum of min(slots, E), at most k_max) and `search_slots`, the amounts a round
     of a search evaluates, is min(threads, SLOTS)."""
-    env = {**os.environ, "NUMBA_ENABLE_CUDASIM": "1", "PYTHONPATH": str(ROOT)}
     code = ("import numpy as np\n"
             "from probe.planner.cost import CostModel\n"
             "from probe.planner.greedy_cuda import SLOTS, CudaGreedy\n"
@@ -143,10 +146,8 @@ def test_simulator_runner_sizes():
             "    assert runner.search_slots == min(threads, SLOTS) and SLOTS == 64\n"
             "    assert runner.out.replicas.shape[1] == 1 + 2 + 3 + 8, runner.out.replicas.shape\n"
             "print('sizes ok')\n")
-    proc = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True,
-                          text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "sizes ok" in proc.stdout
+    stdout = _in_simulator(["-c", code], 300)
+    assert "sizes ok" in stdout
 
 
 def _outputs_equal(a: tuple, b: tuple) -> bool:
@@ -259,11 +260,8 @@ def test_sequential_flags_bad_values_per_layer():
 def test_gpu_greedy_script_runs_in_the_simulator(tmp_path):
     """experiments.planner.gpu_greedy --device cpu --quick: its correctness part in the CUDA
     simulator, and its outputs."""
-    env = {**os.environ, "NUMBA_ENABLE_CUDASIM": "1", "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run([sys.executable, "-m", "experiments.planner.gpu_greedy", "--device",
-                           "cpu", "--quick", "--out", str(tmp_path)], env=env, cwd=ROOT,
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    _in_simulator(["-m", "experiments.planner.gpu_greedy", "--device", "cpu", "--quick", "--out",
+                   str(tmp_path)], 600)
     report = json.loads((tmp_path / "gpu_greedy.json").read_text())
     assert report["status"] == "finished" and not report["errors"]
     assert report["random_layers"] >= 3 and report["random"]["ok"]
