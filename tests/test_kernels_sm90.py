@@ -78,19 +78,13 @@ GEMMS = [
 @pytest.mark.parametrize("fmt, decode, rows, swap, gather, bias, bm, even_k", GEMMS)
 def test_grouped_gemm_variants_compile_for_sm90(fmt, decode, rows, swap, gather, bias, bm,
                                                 even_k):
-    weight = {"bf16": "*bf16", "mxfp4": "*u8", "fp8_block": "*fp8e4nv"}[fmt]
-    scale = {"bf16": "*bf16", "mxfp4": "*u8", "fp8_block": "*fp32"}[fmt]
-    types = {"x_ptr": "*bf16", "xi_ptr": "*i64", "w_ptr": weight, "s_ptr": scale,
-             "offs_ptr": "*i32", "y_ptr": "*bf16", "b_ptr": "*bf16", "N": "i32", "K": "i32",
-             "stride_w": "i32", "stride_s": "i32", "stride_xm": "i32", "stride_ym": "i32",
-             "stride_b": "i32"}
-    code = {"mxfp4": quant_gemm._MXFP4_DECODE, "fp8_block": quant_gemm._FP8_SCALE}
-    constants = {"HAS_BIAS": bias, "GATHER_X": gather, "E": 8, "E_PAD": 8,
-                 "FORMAT": quant_gemm._FORMAT_CODE[fmt], "BM": bm, "BN": 128, "BK": 128,
-                 "GROUP": 32, "TILE": 128, "DECODE": code[fmt][decode] if decode else 0,
-                 "INTERPRETED": False, "R": rows, "SWAP": swap, "EVEN_K": even_k}
-    aligned = [n for n in types if n.endswith("_ptr")] + ["N", "K", "stride_w", "stride_xm",
-                                                          "stride_ym", "stride_b"]
+    cfg = quant_gemm.KernelConfig(block_m=bm, block_n=128, block_k=128,
+                                  mxfp4_decode=decode if fmt == "mxfp4" else "portable",
+                                  fp8_scale=decode if fmt == "fp8_block" else "product",
+                                  row_tiles=rows, swap_ab=swap)
+    types, aligned = quant_gemm.kernel_arg_types(fmt)
+    constants = quant_gemm.kernel_constants(fmt, cfg, 8, 256 if even_k else 2880,
+                                            gather=gather, bias=bias)
     kernel = _compile(quant_gemm._grouped_kernel, types, constants, aligned=aligned)
     ptx = kernel.asm["ptx"]
     # the product runs on the tensor cores: Hopper's wgmma where a warp group's M side is 64
@@ -117,20 +111,11 @@ def test_moe_layer_tune_candidates_compile_for_sm90_and_fit_shared_memory():
     cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin",
                              "cuobjdump")
 
-    types = {"x_ptr": "*bf16", "xi_ptr": "*i64", "w_ptr": "*bf16", "s_ptr": "*bf16",
-             "offs_ptr": "*i32", "y_ptr": "*bf16", "b_ptr": "*bf16", "N": "i32", "K": "i32",
-             "stride_w": "i32", "stride_s": "i32", "stride_xm": "i32", "stride_ym": "i32",
-             "stride_b": "i32"}
-    aligned = [n for n in types if n.endswith("_ptr")] + ["N", "K", "stride_w", "stride_xm",
-                                                          "stride_ym", "stride_b"]
+    types, aligned = quant_gemm.kernel_arg_types("bf16")
     for cfg in TUNE_CANDIDATES:
         for gather_and_bias in (True, False):
-            constants = {"HAS_BIAS": gather_and_bias, "GATHER_X": gather_and_bias, "E": 128,
-                         "E_PAD": 128, "FORMAT": quant_gemm._FORMAT_CODE["bf16"],
-                         "BM": cfg.block_m, "BN": cfg.block_n, "BK": cfg.block_k, "GROUP": 32,
-                         "TILE": 128, "DECODE": 0, "INTERPRETED": False, "R": cfg.row_tiles,
-                         "EVEN_K": True,
-                         "SWAP": cfg.swap_ab}
+            constants = quant_gemm.kernel_constants("bf16", cfg, 128, 4096,  # qwen3's K
+                                                    gather=gather_and_bias, bias=gather_and_bias)
             kernel = _compile(quant_gemm._grouped_kernel, types, constants, aligned=aligned,
                               num_warps=cfg.num_warps, num_stages=cfg.num_stages)
             assert "wgmma.mma_async" in kernel.asm["ptx"], cfg.label()

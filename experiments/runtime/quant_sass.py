@@ -76,22 +76,8 @@ def _compile(cfg: KernelConfig, fmt: str):
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    weight = {"bf16": "*bf16", "mxfp4": "*u8", "fp8_block": "*fp8e4nv"}[fmt]
-    scale = {"bf16": "*bf16", "mxfp4": "*u8", "fp8_block": "*fp32"}[fmt]
-    types = {"x_ptr": "*bf16", "xi_ptr": "*i32", "w_ptr": weight, "s_ptr": scale,
-             "offs_ptr": "*i32", "y_ptr": "*bf16", "b_ptr": "*bf16", "N": "i32", "K": "i32",
-             "stride_w": "i32", "stride_s": "i32", "stride_xm": "i32", "stride_ym": "i32",
-             "stride_b": "i32"}
-    decode = {"mxfp4": quant_gemm._MXFP4_DECODE.get(cfg.mxfp4_decode, 0),
-              "fp8_block": quant_gemm._FP8_SCALE.get(cfg.fp8_scale, 0)}.get(fmt, 0)
-    constants = {"HAS_BIAS": True, "GATHER_X": True, "E": 128, "E_PAD": 128,
-                 "FORMAT": quant_gemm._FORMAT_CODE[fmt], "BM": cfg.block_m, "BN": cfg.block_n,
-                 "BK": cfg.block_k, "GROUP": MXFP4_BLOCK, "TILE": FP8_BLOCK, "DECODE": decode,
-                 "INTERPRETED": False, "R": cfg.row_tiles, "SWAP": cfg.swap_ab,
-                 "EVEN_K": HIDDEN % cfg.block_k == 0}
-    # the arguments a launch sees as multiples of 16 (stride_s = K / 32 = 90 is not)
-    aligned = [n for n in types if n.endswith("_ptr")] + ["N", "K", "stride_w", "stride_xm",
-                                                          "stride_ym", "stride_b"]
+    types, aligned = quant_gemm.kernel_arg_types(fmt, index="*i32")
+    constants = quant_gemm.kernel_constants(fmt, cfg, 128, HIDDEN, gather=True, bias=True)
     signature = {**types, **dict.fromkeys(constants, "constexpr")}
     names = list(signature)
     attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in aligned}

@@ -590,25 +590,53 @@ def grouped_matmul(x: torch.Tensor, weight: PackedWeight, offsets: torch.Tensor,
     scales = weight.data[1].contiguous() if len(weight.data) > 1 else w
     if weight.fmt == "mxfp4":
         stride_w, stride_s = k // 2, k // MXFP4_BLOCK
-        decode = _MXFP4_DECODE[cfg.mxfp4_decode]
     else:
         stride_w, stride_s = k, 0
-        decode = _FP8_SCALE[cfg.fp8_scale] if weight.fmt == "fp8_block" else 0
     rows_per_program = cfg.block_m * cfg.row_tiles
     grid = (triton.cdiv(m, rows_per_program) + num_experts, triton.cdiv(n, cfg.block_n))
     b = w if bias is None else bias.contiguous()
     xi = offsets if x_index is None else x_index.contiguous()
     _grouped_kernel[grid](x, xi, w, scales, offsets, out, b, n, k, stride_w, stride_s,
                           x.stride(0), out.stride(0), 0 if bias is None else b.stride(0),
-                          HAS_BIAS=bias is not None, GATHER_X=x_index is not None,
-                          E=num_experts, E_PAD=triton.next_power_of_2(num_experts),
-                          FORMAT=_FORMAT_CODE[weight.fmt], BM=cfg.block_m, BN=cfg.block_n,
-                          BK=cfg.block_k, GROUP=MXFP4_BLOCK, TILE=FP8_BLOCK, DECODE=decode,
-                          INTERPRETED=interpret, R=cfg.row_tiles, SWAP=cfg.swap_ab,
-                          EVEN_K=k % cfg.block_k == 0,
-                          num_warps=cfg.num_warps,
-                          num_stages=cfg.num_stages)
+                          **kernel_constants(weight.fmt, cfg, num_experts, k,
+                                             gather=x_index is not None,
+                                             bias=bias is not None, interpret=interpret),
+                          num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return out
+
+
+def kernel_constants(fmt: str, cfg: KernelConfig, num_experts: int, k: int, *, gather: bool,
+                     bias: bool, interpret: bool = False) -> dict:
+    """The grouped kernel's compile-time arguments for weights of format fmt under cfg, with
+    num_experts experts and K = k, rows gathered through an index (gather) or not, with a
+    bias or not: what `grouped_matmul` launches with, and what an ahead-of-time compile of
+    the kernel needs (`kernel_arg_types` gives the rest)."""
+    if fmt == "mxfp4":
+        decode = _MXFP4_DECODE[cfg.mxfp4_decode]
+    else:
+        decode = _FP8_SCALE[cfg.fp8_scale] if fmt == "fp8_block" else 0
+    return {"HAS_BIAS": bias, "GATHER_X": gather, "E": num_experts,
+            "E_PAD": triton.next_power_of_2(num_experts), "FORMAT": _FORMAT_CODE[fmt],
+            "BM": cfg.block_m, "BN": cfg.block_n, "BK": cfg.block_k, "GROUP": MXFP4_BLOCK,
+            "TILE": FP8_BLOCK, "DECODE": decode, "INTERPRETED": interpret, "R": cfg.row_tiles,
+            "SWAP": cfg.swap_ab, "EVEN_K": k % cfg.block_k == 0}
+
+
+def kernel_arg_types(fmt: str, index: str = "*i64") -> tuple[dict[str, str], list[str]]:
+    """For an ahead-of-time compile of the grouped kernel (tests/test_kernels_sm90.py,
+    experiments/runtime/quant_sass.py): Triton's type of each runtime argument for weights of
+    format fmt (index: the row index's pointer type, "*i32" or "*i64"), and the arguments a
+    launch sees as multiples of 16 (every pointer and stride but stride_s: an MXFP4 row of
+    K / 32 scales, 90 for K 2880, is not)."""
+    weight = {"bf16": "*bf16", "mxfp4": "*u8", "fp8_block": "*fp8e4nv"}[fmt]
+    scale = {"bf16": "*bf16", "mxfp4": "*u8", "fp8_block": "*fp32"}[fmt]
+    types = {"x_ptr": "*bf16", "xi_ptr": index, "w_ptr": weight, "s_ptr": scale,
+             "offs_ptr": "*i32", "y_ptr": "*bf16", "b_ptr": "*bf16", "N": "i32", "K": "i32",
+             "stride_w": "i32", "stride_s": "i32", "stride_xm": "i32", "stride_ym": "i32",
+             "stride_b": "i32"}
+    aligned = [n for n in types if n.endswith("_ptr")] + ["N", "K", "stride_w", "stride_xm",
+                                                          "stride_ym", "stride_b"]
+    return types, aligned
 
 
 def grouped_matmul_ref(x: torch.Tensor, weight: PackedWeight, offsets: torch.Tensor,
