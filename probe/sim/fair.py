@@ -1120,8 +1120,7 @@ def simulate_fair(load: np.ndarray, costs: FairCosts, *, slots: int, prior: int,
               ("probe_on_eplb_auto_plus", step_epochs["probe_on_eplb_auto_plus"]))
     for target, epochs in picked:
         bounds = [start for start, _ in epochs] + [num_steps]
-        pool = candidates_of["probe_on_eplb_auto_plus" if target == "probe_on_eplb_auto_plus"
-                             else "probe_on_eplb_auto"]
+        pool = candidates_of[_pool_key(target)]
         for (start, names), stop in zip(epochs, bounds[1:], strict=True):
             rows = slice(start, stop)
             for layer, q in enumerate(names):
@@ -1146,8 +1145,7 @@ def simulate_fair(load: np.ndarray, costs: FairCosts, *, slots: int, prior: int,
     #     step-ahead split serves; a served fit, plan or paper candidate already pays it.
     scoring = {}
     for target, epochs in picked:
-        key = ("probe_on_eplb_auto_plus" if target == "probe_on_eplb_auto_plus"
-               else "probe_on_eplb_auto")
+        key = _pool_key(target)
         plans, ahead, scores = scoring_work(candidates_of[key])
         work_side, work_host = scoring_s[key]
         k = every[key]
@@ -1225,8 +1223,7 @@ def simulate_fair(load: np.ndarray, costs: FairCosts, *, slots: int, prior: int,
     pred_epochs = list(enumerate(pred_picks))
     for target in ("probe_on_eplb_auto_replan", "probe_on_eplb_auto", "probe_on_eplb_auto_plus",
                    "probe_on_eplb_auto_pred"):
-        pool = candidates_of["probe_on_eplb_auto_plus" if target.endswith(("_plus", "_pred"))
-                             else "probe_on_eplb_auto"]
+        pool = candidates_of[_pool_key(target)]
         memory[target] = (max(_split_of(q, slots)[0] for q in pool) * layers_w
                           + 2.0 * max(_split_of(q, slots)[1] for q in pool) * expert_bytes)
     meta = {"model": model.name, "model_layers": model.num_layers, "trace_layers": num_layers,
@@ -1262,6 +1259,15 @@ def _per_step(epochs: list, num_steps: int) -> list:
     starts = [start for start, _ in epochs] + [num_steps]
     return [(n, names) for (start, names), stop in zip(epochs, starts[1:], strict=True)
             for n in range(start, stop)]
+
+
+def _pool_key(target: str) -> str:
+    """The candidate pool (simulate_fair's candidates_of key) an auto policy picks from:
+    auto_plus's for probe_on_eplb_auto_plus and auto_pred (its base pick is auto_plus's),
+    probe_on_eplb_auto's for it and auto_replan."""
+    return ("probe_on_eplb_auto_plus"
+            if target in ("probe_on_eplb_auto_plus", "probe_on_eplb_auto_pred")
+            else "probe_on_eplb_auto")
 
 
 def _served(epochs: list, num_steps: int, num_layers: int) -> np.ndarray:
