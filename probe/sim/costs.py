@@ -181,6 +181,13 @@ _ASSIGN_GPU_ONE_LAYER_US = {(8, 128, 1): 350.5, (8, 128, 3): 570.4,
                             (64, 256, 1): 5721.0, (64, 256, 3): 11133.0}
 
 
+def _check_ints(*named) -> None:
+    """ValueError naming the first (name, value, low) whose value is not an int >= low."""
+    for name, v, low in named:
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < low:
+            raise ValueError(f"{name} must be an int >= {low}, got {v!r}")
+
+
 def _along_size(num_ranks: int, num_experts: int, small: float, large: float) -> float:
     """Linear in G x E through the two measured shapes (8 x 128, 64 x 256); the small shape's
     value held below it, the line extended above the large one."""
@@ -192,9 +199,7 @@ def _along_size(num_ranks: int, num_experts: int, small: float, large: float) ->
 def planner_gpu_time(num_ranks: int, num_experts: int) -> float:
     """Seconds per layer of the greedy as a GPU kernel at G ranks and E experts, from the two
     H200 measurements (CONSTANTS["planner_gpu_s"]); exact at the measured shapes."""
-    for name, v in (("num_ranks", num_ranks), ("num_experts", num_experts)):
-        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
-            raise ValueError(f"{name} must be an int >= 1, got {v!r}")
+    _check_ints(("num_ranks", num_ranks, 1), ("num_experts", num_experts, 1))
     if (num_ranks, num_experts) in _PLANNER_GPU_US:
         return 1e-6 * _PLANNER_GPU_US[(num_ranks, num_experts)]
     return 1e-6 * _along_size(num_ranks, num_experts, _PLANNER_GPU_US[(8, 128)],
@@ -205,9 +210,7 @@ def planner_kernel_time(num_ranks: int, num_experts: int) -> float:
     """Seconds of the greedy's host kernel for one layer at G ranks and E experts: measured at
     ep = 32 and 64 with 256 experts (CONSTANTS["planner_kernel_s_scale"]), else
     CONSTANTS["planner_kernel_s"] (ep = 8, 128 experts)."""
-    for name, v in (("num_ranks", num_ranks), ("num_experts", num_experts)):
-        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
-            raise ValueError(f"{name} must be an int >= 1, got {v!r}")
+    _check_ints(("num_ranks", num_ranks, 1), ("num_experts", num_experts, 1))
     if (num_ranks, num_experts) in _PLANNER_KERNEL_US:
         return 1e-6 * _PLANNER_KERNEL_US[(num_ranks, num_experts)]
     return CONSTANTS["planner_kernel_s"]["value"]
@@ -221,10 +224,8 @@ def assign_gpu_time(num_ranks: int, num_experts: int, slots: int, *,
     latency of a launch for one layer alone, CONSTANTS["assign_gpu_one_layer_s"]); exact at
     the measured points."""
     table = _ASSIGN_GPU_ONE_LAYER_US if one_layer else _ASSIGN_GPU_US
-    for name, v, low in (("num_ranks", num_ranks, 1), ("num_experts", num_experts, 1),
-                         ("slots", slots, 0)):
-        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < low:
-            raise ValueError(f"{name} must be an int >= {low}, got {v!r}")
+    _check_ints(("num_ranks", num_ranks, 1), ("num_experts", num_experts, 1),
+                ("slots", slots, 0))
     if (num_ranks, num_experts, slots) in table:
         return 1e-6 * table[(num_ranks, num_experts, slots)]
     s = max(int(slots), 1)
