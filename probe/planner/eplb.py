@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import time
 
-import numba
 import numpy as np
 
 from probe.planner.problem import BalanceProblem, Plan, SolveResult
@@ -111,11 +110,10 @@ def even_split(load: np.ndarray, holds: np.ndarray) -> np.ndarray:
         raise ValueError(f"load must be int [S, E] and holds [G, E], got {load.shape} and "
                          f"{copies.shape}")
     out = np.empty((load.shape[0], load.shape[1], copies.shape[0]), np.int64)
-    _even_split_kernel(load, copies, out)
+    _even_split_jit()(load, copies, out)
     return out
 
 
-@numba.njit(cache=True)
 def _even_split_kernel(load, copies, out):  # pragma: no cover (run compiled)
     """Fill out int64 [S, E, G] as even_split's rule says (an expert with no copy gets no
     token); `_even_split_numpy` is its numpy twin, same integers."""
@@ -142,6 +140,17 @@ def _even_split_kernel(load, copies, out):  # pragma: no cover (run compiled)
                 out[s, e, g] = (quota * copies[g, e] + (k1 // count) * left + min(k1 % count, left)
                                 - (k0 // count) * left - min(k0 % count, left))
                 first += copies[g, e]
+
+
+_KERNEL = {}
+
+
+def _even_split_jit():
+    if "even" not in _KERNEL:
+        import numba
+
+        _KERNEL["even"] = numba.njit(cache=True)(_even_split_kernel)
+    return _KERNEL["even"]
 
 
 def _even_split_numpy(load: np.ndarray, holds: np.ndarray) -> np.ndarray:

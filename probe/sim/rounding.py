@@ -5,7 +5,6 @@ Shape legend: S source ranks, E experts (or rows), G ranks.
 
 from __future__ import annotations
 
-import numba
 import numpy as np
 
 __all__ = ["split_by_fractions"]
@@ -23,11 +22,10 @@ def split_by_fractions(load: np.ndarray, frac: np.ndarray) -> np.ndarray:
         raise ValueError(f"load must be int [S, E] and frac float [E, G], got {load.shape} "
                          f"and {frac.shape}")
     out = np.empty((load.shape[0], load.shape[1], frac.shape[1]), np.int64)
-    _split_kernel(load, frac, out)
+    _split_jit()(load, frac, out)
     return out
 
 
-@numba.njit(cache=True)
 def _split_kernel(load, frac, out):  # pragma: no cover (run compiled)
     """Fill out int64 [S, E, G] as _split_by_fractions_numpy does: per (s, e) the floors of
     n x frac (+ 1e-9), then one token more to the first `short` positive-fraction ranks in
@@ -80,3 +78,14 @@ def _split_by_fractions_numpy(load: np.ndarray, frac: np.ndarray) -> np.ndarray:
     np.put_along_axis(position, order, np.arange(frac.shape[1])[None, None, :], axis=2)
     base += (position < short[:, :, None]) & (frac[None] > 0)
     return base
+
+
+_KERNEL = {}
+
+
+def _split_jit():
+    if "split" not in _KERNEL:
+        import numba
+
+        _KERNEL["split"] = numba.njit(cache=True)(_split_kernel)
+    return _KERNEL["split"]
