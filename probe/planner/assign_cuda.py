@@ -45,7 +45,8 @@ experiments/planner/assign_level.py). Both schedules share everything but step 3
   each); 4 more barriers. On the host (all starts one after another) it adds about 1.2x
   the rest of the deciding kernel at ep=8 and 2-3x at ep=64 (results/assign_speed.md); on
   the GPU it is one more serial stretch (one ep=8 layer, replayed as a graph on an H100:
-  2,286 us with it, 346 us with `moves=0`, which leaves it out; results/h100 run 5). Not done: the exact looks of a move spread over the block (each on its own thread,
+  2,286 us with it, 346 us with `moves=0`, which leaves it out; results/h100 run 5). Not
+  done: the exact looks of a move spread over the block (each on its own thread,
   then the host's pruned scan replayed on one thread over their results, which keeps the
   choice bit for bit).
 - barriers: 6 outside the descents and the exchange step. "serial" adds 1. "waves" adds 1,
