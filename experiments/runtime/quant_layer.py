@@ -57,7 +57,7 @@ TOKENS = (256, 768, 1536)
 # fields}]); the best correct one is reported and every trial goes to the JSON (a config that
 # fails to compile or exceeds shared memory is recorded, not fatal). MXFP4 is one variant per
 # decode: "portable", "spread", "dot_scaled" (each with its best two configs of the H100 run in
-# results/h100/quant_layer), "bits" and "lut" (the integer decodes, 9 configs each; see
+# results/h100/quant_layer), "bits" and "lut" (the integer decodes, 10 configs each; see
 # experiments/runtime/quant_sass.py for their instruction counts per config); row_tiles 2
 # decodes each weight tile once for 2 BM-row tiles; swap_ab computes the tile transposed
 # (weight rows on the MMA's M side, so BM 16 / 32 still runs Hopper's wgmma). FP8 tries both
@@ -69,12 +69,13 @@ SWAP_PK = {"swap_ab": True, "permute_k": True}
 # tiles (experts with few rows; a 4-stage BK 64 one with about 90 registers, more programs per
 # SM), two 64-row tiles per program (experts with many rows); then transposed tiles decoded
 # straight into the wgmma's register operand (permute_k: no shared-memory round trip of the
-# decoded tile, results/quant_sass): the 16 x 64 one, the same with four 16-row tiles per
-# program (weights decoded once per 64 rows, MMAs skipped per 16 rows), and BK 128
+# decoded tile, results/quant_sass): the 16 x 64 one (about 96 registers), the same with two
+# and with four 16-row tiles per program (weights decoded once per 32 / 64 rows, MMAs skipped
+# per 16 rows; about 128 / 204 registers), and BK 128
 INTEGER_DECODE = [(64, 128, 128, 4, 3), (64, 256, 64, 8, 3), (16, 128, 128, 4, 3, SWAP),
                   (32, 128, 128, 4, 3, SWAP), (16, 128, 64, 4, 4, SWAP), (64, 128, 64, 4, 3, R2),
-                  (16, 128, 64, 4, 4, SWAP_PK), (16, 128, 64, 4, 4, SWAP_PK, {"row_tiles": 4}),
-                  (16, 128, 128, 4, 3, SWAP_PK)]
+                  (16, 128, 64, 4, 4, SWAP_PK), (16, 128, 64, 4, 4, SWAP_PK, R2),
+                  (16, 128, 64, 4, 4, SWAP_PK, {"row_tiles": 4}), (16, 128, 128, 4, 3, SWAP_PK)]
 CONFIGS = {
     "bf16": [(64, 64, 64, 4, 3), (64, 128, 64, 4, 3), (64, 128, 64, 8, 4), (64, 256, 64, 8, 3),
              (32, 128, 64, 4, 3, SWAP)],
