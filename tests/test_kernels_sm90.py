@@ -156,14 +156,21 @@ def test_quant_sass_counts_fewer_loop_instructions_for_the_integer_decodes(tmp_p
 def test_quant_layer_integer_decode_configs_fit_an_sm90_sm():
     """Every "bits" / "lut" config that experiments/runtime/quant_layer.py times compiles for
     sm_90 (as gpt-oss-120b's gate/up launch: K 2880, so the BK 128 ones mask every step),
-    spills no register and fits one SM's shared memory (227 KB a program)."""
+    spills no register and fits one SM's shared memory (227 KB a program). The transposed
+    ones hand the decoded tile to wgmma's register operand through shared memory (ldmatrix)
+    unless permute_k decodes it in that layout."""
     from experiments.runtime import quant_layer, quant_sass
 
     specs = [s for s in quant_layer.CONFIGS["mxfp4"] if s[5] in ("bits", "lut")]
     assert len(specs) >= 10
+    assert sum(quant_layer.kernel_config(s, "mxfp4").permute_k for s in specs) >= 4
     for spec in specs:
         cfg = quant_layer.kernel_config(spec, "mxfp4")
         kernel = quant_sass._compile(cfg, "mxfp4")
         usage = quant_sass._cuobjdump(kernel.asm["cubin"], "--dump-resource-usage")
         assert " STACK:0 " in usage, (cfg.label(), cfg.mxfp4_decode, usage)
         assert kernel.metadata.shared <= 227 * 1024, (cfg.label(), kernel.metadata.shared)
+        if cfg.swap_ab:
+            assert "wgmma.mma_async" in kernel.asm["ptx"], cfg.label()
+            assert ("ldmatrix" in kernel.asm["ptx"]) != cfg.permute_k, (cfg.label(),
+                                                                         cfg.mxfp4_decode)

@@ -135,9 +135,10 @@ def test_quant_layer_benchmark_runs_on_cpu(tmp_path):
                for r in rows)
     assert "Graph replay: not graph-timed" in (tmp_path / "quant_layer.md").read_text()
     trials = json.loads((tmp_path / "quant_layer.json").read_text())["trials"]
-    assert len(trials) == 9 and all(t["median_us"] > 0 and "error" not in t for t in trials)
+    assert len(trials) == 10 and all(t["median_us"] > 0 and "error" not in t for t in trials)
     assert {"16x64x128/w4/s1/r2 portable", "16x64x128/w4/s1/swap spread",
-            "16x64x128/w4/s1/r2 bits", "16x64x128/w4/s1/swap lut"} <= {
+            "16x64x128/w4/s1/r2 bits", "16x64x128/w4/s1/swap lut",
+            "16x64x128/w4/s1/swap/pk bits"} <= {
         t["config"] for t in trials}
     assert "Every config tried" in (tmp_path / "quant_layer.md").read_text()
     assert (tmp_path / "quant_layer.manifest.json").exists()
@@ -149,6 +150,16 @@ def test_kernel_config_names_its_choices():
     assert KernelConfig(mxfp4_decode="dot_scaled").mxfp4_decode == "dot_scaled"
     assert KernelConfig(row_tiles=4).label() == "64x128x64/w4/s3/r4"
     assert KernelConfig(swap_ab=True).label() == "64x128x64/w4/s3/swap"
+    assert KernelConfig(block_m=16, swap_ab=True, mxfp4_decode="lut",
+                        permute_k=True).label() == "16x128x64/w4/s3/swap/pk"
+    with pytest.raises(ValueError, match="permute_k needs swap_ab"):
+        KernelConfig(mxfp4_decode="lut", permute_k=True)  # not transposed
+    with pytest.raises(ValueError, match="permute_k needs swap_ab"):
+        KernelConfig(swap_ab=True, mxfp4_decode="lut", permute_k=True, num_warps=8)
+    with pytest.raises(ValueError, match="permute_k needs swap_ab"):
+        KernelConfig(swap_ab=True, permute_k=True)  # "portable" decodes no words
+    with pytest.raises(TypeError, match="permute_k must be a bool"):
+        KernelConfig(permute_k=1)
     with pytest.raises(TypeError, match="swap_ab must be a bool"):
         KernelConfig(swap_ab=1)
     with pytest.raises(ValueError, match="row_tiles must be 1, 2 or 4, got 3"):
@@ -259,3 +270,72 @@ def test_bits_decode_is_exact_for_block_exponents_65_to_191():
     assert run.returncode == 0, run.stderr[-3000:]
     assert json.loads(run.stdout.strip().splitlines()[-1]) == {
         "portable": True, "bits": True, "lut": True}
+
+
+_PERMUTED = r"""
+import json, sys, torch
+from experiments.runtime.quant_layer import CONFIGS, kernel_config
+from probe.runtime.quant import PackedWeight
+from probe.runtime.quant_gemm import KernelConfig, grouped_matmul, grouped_matmul_ref
+result = {"exact": {}, "errors": {}}
+# 1. exactness: every code in every row of 128, block exponents 65..191 ("bits" keeps them
+# exact), x the identity: y = W^T bit for bit, so each decoded weight landed at its own
+# (column, k) through the row and k permutations
+codes = torch.arange(16, dtype=torch.uint8)
+blocks = (codes | (codes.roll(5) << 4)).repeat(128, 4, 1)  # [N 128, groups 4, 16 bytes]
+for n in range(128):
+    blocks[n] = blocks[n].roll(n, dims=-1).roll(n // 16, dims=0)
+scales = torch.tensor([65, 80, 100, 120, 127, 140, 160, 191], dtype=torch.uint8)
+scales = scales.repeat(64)[:512].reshape(128, 4).roll(3, dims=0)
+packed = PackedWeight("mxfp4", (1, 128, 128), (blocks[None], scales[None]))
+dense = packed.dense()[0]  # [128, 128] fp32, exact in bf16
+x = torch.eye(128, dtype=torch.bfloat16)
+offsets = torch.tensor([0, 128], dtype=torch.int32)
+for bm, bk, rows in ((16, 64, 1), (16, 64, 4), (32, 128, 2)):
+    for decode in ("bits", "lut"):
+        cfg = KernelConfig(block_m=bm, block_n=128, block_k=bk, mxfp4_decode=decode,
+                           row_tiles=rows, swap_ab=True, permute_k=True)
+        y = grouped_matmul(x, packed, offsets, config=cfg).float()
+        result["exact"][f"{cfg.label()} {decode}"] = bool(torch.equal(y, dense.T))
+# 2. every permute_k config that quant_layer times, and BN 64, against the twin: experts with
+# 0, 37 and 70 rows (sub-tiles with and without rows), N and K not multiples of the tile
+# (K 160: a masked last step), a bias, rows gathered through an index
+g = torch.Generator().manual_seed(3)
+counts = torch.tensor([0, 37, 70])
+offsets = torch.zeros(4, dtype=torch.int32)
+offsets[1:] = counts.cumsum(0)
+x = torch.randn(int(counts.sum()), 160, generator=g).to(torch.bfloat16)
+packed = PackedWeight.pack(torch.randn(3, 80, 160, generator=g) * 0.1, "mxfp4")
+bias = torch.randn(3, 80, generator=g)
+bf = PackedWeight("fp32", packed.shape, (packed.dense().to(torch.bfloat16).float(),))
+ref = grouped_matmul_ref(x, bf, offsets, bias)
+tokens = torch.randperm(x.shape[0], generator=g)
+x_tok = torch.empty_like(x).index_copy_(0, tokens, x)  # x == x_tok[tokens]
+cfgs = [kernel_config(s, "mxfp4") for s in CONFIGS["mxfp4"]]
+cfgs = [c for c in cfgs if c.permute_k]
+cfgs.append(KernelConfig(block_m=16, block_n=64, block_k=64, mxfp4_decode="bits",
+                         row_tiles=2, swap_ab=True, permute_k=True))
+for cfg in cfgs:
+    out = torch.full((x.shape[0], 80), float("nan"), dtype=torch.bfloat16)
+    grouped_matmul(x_tok, packed, offsets, config=cfg, bias=bias, out=out,
+                   x_index=tokens.to(torch.int32))
+    err = float((out.float() - ref).norm() / ref.norm())
+    result["errors"][f"{cfg.label()} {cfg.mxfp4_decode}"] = [err, bool(torch.isnan(out).any())]
+json.dump(result, sys.stdout)
+"""
+
+
+def test_permuted_k_configs_match_the_twin():
+    """permute_k (the decoded tile relabelled into wgmma's register layout, x read in the same
+    permuted k order, the weight rows loaded permuted): exact weights back through identity
+    rows at BK 64 and 128 with 1, 2 and 4 row tiles, and every such quant_layer config within
+    bf16 rounding of the twin with gathered rows, a bias and partial tiles."""
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    run = subprocess.run([sys.executable, "-c", _PERMUTED], env=env, capture_output=True,
+                         text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    result = json.loads(run.stdout.strip().splitlines()[-1])
+    assert len(result["exact"]) == 6 and all(result["exact"].values()), result["exact"]
+    assert len(result["errors"]) >= 7, result["errors"]  # 3 per decode in quant_layer, + 1
+    for label, (err, has_nan) in result["errors"].items():
+        assert not has_nan and err < 4e-3, (label, err)

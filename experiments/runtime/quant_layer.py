@@ -13,8 +13,9 @@ and 1536 tokens. Variants: bf16 through torch._grouped_mm (where the build has i
 probe.runtime.quant_gemm's Triton kernel on bf16 and on the shipped format (weights never
 expanded in memory): FP8 once, MXFP4 once per decode ("portable", "spread", "dot_scaled",
 "bits", "lut"; see `KernelConfig.mxfp4_decode`), each with the kernel config (tile shape,
-warps, stages, row tiles per program, FP8 scale placement) that timed best of a few; every
-config's time is in the second table.
+warps, stages, row tiles per program, transposed tiles, the decode into wgmma's register
+layout, FP8 scale placement) that timed best of a few; every config's time is in the second
+table.
 
 Roofline: the active experts' weight bytes in that format (read once) plus the activations
 (rows x hidden read and written per GEMM) over the HBM bandwidth measured here (a large
@@ -56,18 +57,25 @@ TOKENS = (256, 768, 1536)
 # fields}]); the best correct one is reported and every trial goes to the JSON (a config that
 # fails to compile or exceeds shared memory is recorded, not fatal). MXFP4 is one variant per
 # decode: "portable", "spread", "dot_scaled" (each with its best two configs of the H100 run in
-# results/h100/quant_layer), "bits" and "lut" (the integer decodes, 6 configs each; see
+# results/h100/quant_layer), "bits" and "lut" (the integer decodes, 10 configs each; see
 # experiments/runtime/quant_sass.py for their instruction counts per config); row_tiles 2
 # decodes each weight tile once for 2 BM-row tiles; swap_ab computes the tile transposed
 # (weight rows on the MMA's M side, so BM 16 / 32 still runs Hopper's wgmma). FP8 tries both
 # places for its scale.
 R2, SWAP = {"row_tiles": 2}, {"swap_ab": True}
+SWAP_PK = {"swap_ab": True, "permute_k": True}
 # per integer decode: wgmma on 64-row tiles (BK 128: the most weights per loop overhead; BN 256
 # with 8 warps: fewer registers, and no K mask where 64 divides K), transposed 16 / 32-row
 # tiles (experts with few rows; a 4-stage BK 64 one with about 90 registers, more programs per
-# SM), two 64-row tiles per program (experts with many rows)
+# SM), two 64-row tiles per program (experts with many rows); then transposed tiles decoded
+# straight into the wgmma's register operand (permute_k: no shared-memory round trip of the
+# decoded tile, results/quant_sass): the 16 x 64 one (about 96 registers), the same with two
+# and with four 16-row tiles per program (weights decoded once per 32 / 64 rows, MMAs skipped
+# per 16 rows; about 128 / 204 registers), and BK 128
 INTEGER_DECODE = [(64, 128, 128, 4, 3), (64, 256, 64, 8, 3), (16, 128, 128, 4, 3, SWAP),
-                  (32, 128, 128, 4, 3, SWAP), (16, 128, 64, 4, 4, SWAP), (64, 128, 64, 4, 3, R2)]
+                  (32, 128, 128, 4, 3, SWAP), (16, 128, 64, 4, 4, SWAP), (64, 128, 64, 4, 3, R2),
+                  (16, 128, 64, 4, 4, SWAP_PK), (16, 128, 64, 4, 4, SWAP_PK, R2),
+                  (16, 128, 64, 4, 4, SWAP_PK, {"row_tiles": 4}), (16, 128, 128, 4, 3, SWAP_PK)]
 CONFIGS = {
     "bf16": [(64, 64, 64, 4, 3), (64, 128, 64, 4, 3), (64, 128, 64, 8, 4), (64, 256, 64, 8, 3),
              (32, 128, 64, 4, 3, SWAP)],
@@ -84,7 +92,8 @@ CONFIGS = {
 QUICK_CONFIGS = {"bf16": [(16, 64, 64, 4, 1)],
                  "mxfp4": [(16, 64, 128, 4, 1, "portable"), (16, 64, 128, 4, 1, "portable", R2),
                            (16, 64, 128, 4, 1, "spread", SWAP), (16, 64, 128, 4, 1, "dot_scaled"),
-                           (16, 64, 128, 4, 1, "bits", R2), (16, 64, 128, 4, 1, "lut", SWAP)],
+                           (16, 64, 128, 4, 1, "bits", R2), (16, 64, 128, 4, 1, "lut", SWAP),
+                           (16, 64, 128, 4, 1, "bits", SWAP_PK)],
                  "fp8_block": [(16, 64, 128, 4, 1, "product")]}
 MAX_REL_ERROR = 3e-2  # a config further than this from the fp32 twin is reported, not kept
 

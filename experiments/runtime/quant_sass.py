@@ -16,11 +16,14 @@ MMA instruction). Reported per config:
   ISETP, ...), conversions (F2F, F2FP, and HADD2.F32, sm_90's fp16 -> fp32), float (FMUL,
   FFMA, HMUL2 ...), shared memory (STS, LDS, LDSM), barriers and fences, MMA (HGMMA wgmma,
   HMMA mma.sync), uniform-datapath (U*) and the rest. With row tiles (R > 1) the loop holds
-  the MMA of every sub-tile, which runs only where the sub-tile has rows;
+  the MMA of every sub-tile, which runs only where the sub-tile has rows: the same config is
+  also compiled with R = 1, and the loop is split into that one-tile part (the decode, one
+  sub-tile's loads and MMA) and the mean cost of each further sub-tile;
 - the bytes one program loads per K step: packed weights, block exponents / scales, x rows;
 - an issue-bound time of gpt-oss-120b's two expert GEMMs at 256 / 768 / 1536 tokens (the
   quant_layer router's first token set): the weights each program decodes (its expert's
-  BM x R-row tiles, each decodes its N x K weights once) x the loop's instructions per weight,
+  BM x R-row tiles, each decodes its N x K weights once) x the one-tile loop's instructions
+  per weight, plus each further sub-tile with rows x its instructions per weight,
   over one warp instruction per SM sub-partition per cycle (132 SMs x 4 x 32 lanes at
   --clock-ghz). A floor for ALU-bound decoding, not a prediction: integer logic, shifts and
   permutes issue at half rate on Hopper, and loads, MMA and the loop's prologue are left out.
@@ -34,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import dataclasses
 import json
 import math
 import os
@@ -156,6 +160,14 @@ def decoded_weights(counts: list[int], rows_per_program: int) -> int:
     return programs * (GATE_UP_N * HIDDEN + HIDDEN * HIDDEN)
 
 
+def extra_subtiles(counts: list[int], block_m: int, row_tiles: int) -> int:
+    """Sub-tiles with rows beyond each program's first, over both GEMMs' programs, in units
+    of one GEMM pair's N x K weights (each such sub-tile runs its loads and MMA over them)."""
+    tiles = sum(-(-c // block_m) for c in counts)
+    programs = sum(-(-c // (block_m * row_tiles)) for c in counts)
+    return tiles - programs
+
+
 def token_counts(tokens_list) -> dict[int, list[int]]:
     """Rows per expert of gpt-oss-120b's MXFP4 runs in quant_layer (the first of the 4 token
     sets per token count, drawn after the bf16 runs' sets from the same generator)."""
@@ -180,12 +192,19 @@ def analyse(fmt: str, cfg: KernelConfig, counts: dict[int, list[int]], clock_ghz
     body = k_loop(_cuobjdump(kernel.asm["cubin"], "-sass"))
     threads = cfg.num_warps * 32
     per_weight = len(body) * threads / (cfg.block_n * cfg.block_k)
+    one_tile, per_subtile = per_weight, 0.0  # the loop's one-tile part, each further sub-tile
+    if cfg.row_tiles > 1:
+        single = _compile(dataclasses.replace(cfg, row_tiles=1), fmt)
+        one_tile = (len(k_loop(_cuobjdump(single.asm["cubin"], "-sass"))) * threads
+                    / (cfg.block_n * cfg.block_k))
+        per_subtile = (per_weight - one_tile) / (cfg.row_tiles - 1)
     row = {"format": fmt, "config": cfg.label(), "decode": cfg.mxfp4_decode if fmt == "mxfp4"
            else (cfg.fp8_scale if fmt == "fp8_block" else None),
            "registers": int(regs.group(1)) if regs else None,
            "stack_bytes": int(stack.group(1)) if stack else None,
            "shared_bytes": kernel.metadata.shared, "loop_instructions": len(body),
-           "per_weight": per_weight,
+           "per_weight": per_weight, "one_tile_per_weight": one_tile,
+           "per_subtile_per_weight": per_subtile,
            "mix_per_weight": {k: v * threads / (cfg.block_n * cfg.block_k)
                               for k, v in sorted(mix(body).items())},
            "step_bytes": step_bytes(cfg, fmt), "estimate": {}}
@@ -193,10 +212,13 @@ def analyse(fmt: str, cfg: KernelConfig, counts: dict[int, list[int]], clock_ghz
     experts = SHAPES["gpt-oss-120b"][0]
     for tokens, per_expert in counts.items():
         weights = decoded_weights(per_expert, cfg.block_m * cfg.row_tiles)
+        subtiles = extra_subtiles(per_expert, cfg.block_m, cfg.row_tiles)
+        instructions = (weights * one_tile
+                        + subtiles * (GATE_UP_N * HIDDEN + HIDDEN * HIDDEN) * per_subtile)
         active = sum(c > 0 for c in per_expert)
         stream = 3 * active * weight_bytes(fmt, HIDDEN, HIDDEN) / (hbm_tbps * 1e12)
-        row["estimate"][tokens] = {"decoded_weights": weights,
-                                   "issue_bound_us": weights * per_weight / lanes_per_s * 1e6,
+        row["estimate"][tokens] = {"decoded_weights": weights, "extra_subtiles": subtiles,
+                                   "issue_bound_us": instructions / lanes_per_s * 1e6,
                                    "weight_stream_us": stream * 1e6, "active_experts": active,
                                    "experts": experts}
     return row
@@ -208,14 +230,23 @@ def write_md(path: Path, rows: list[dict], clock_ghz: float, hbm_tbps: float) ->
     import triton
 
     lines = ["# Grouped GEMM K loop per weight, sm_90 machine code (gpt-oss-120b gate/up launch)",
-             "", f"Compiled by Triton {triton.__version__} and its ptxas. Issue bound: "
-             f"decoded weights x loop instructions per weight over "
+             "", "Static counts read from the compiled code on a machine without a GPU: "
+             "no kernel ran, none of these numbers is a GPU timing.", "",
+             f"Compiled by Triton {triton.__version__} and its ptxas. Issue bound: "
+             f"decoded weights x the one-tile loop instructions per weight, plus the further "
+             f"sub-tiles with rows x theirs, over "
              f"{SMS} SMs x {SUBPARTITIONS} x {LANES} lanes at {clock_ghz} GHz; weight stream: "
              f"the format's bytes of the active experts over {hbm_tbps} TB/s.", "",
+             "The loop's instructions per weight count every sub-tile's MMA (R > 1 row "
+             "tiles); the next two columns split them into the one-tile part (the same "
+             "config compiled with R = 1) and each further sub-tile, which runs only where "
+             "it has rows (/pk: permute_k, the decoded tile in wgmma's register layout).",
+             "",
              "| format | decode | config | regs | stack | smem KB | loop instr / weight | "
+             "one tile | per further sub-tile | "
              + " | ".join(kinds) + " | bytes / step (w, scales, x) | "
              + " | ".join(f"T={t} issue us / stream us" for t in tokens) + " |",
-             "|---|---|---|---|---|---|---|" + "---|" * len(kinds) + "---|"
+             "|---|---|---|---|---|---|---|---|---|" + "---|" * len(kinds) + "---|"
              + "---|" * len(tokens)]
     for r in rows:
         m = r["mix_per_weight"]
@@ -224,7 +255,8 @@ def write_md(path: Path, rows: list[dict], clock_ghz: float, hbm_tbps: float) ->
                          f"{r['estimate'][t]['weight_stream_us']:.0f}" for t in tokens)
         lines.append(f"| {r['format']} | {r['decode'] or ''} | {r['config']} | "
                      f"{r['registers']} | {r['stack_bytes']} | {r['shared_bytes'] / 1024:.0f} | "
-                     f"{r['per_weight']:.2f} | "
+                     f"{r['per_weight']:.2f} | {r['one_tile_per_weight']:.2f} | "
+                     f"{r['per_subtile_per_weight']:.2f} | "
                      + " | ".join(f"{m.get(k, 0):.2f}" for k in kinds)
                      + f" | {b['weights']}, {b['scales']}, {b['x']} | {est} |")
     path.write_text("\n".join(lines) + "\n")

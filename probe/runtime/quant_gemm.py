@@ -47,8 +47,23 @@ L2 traffic (the gathered gate/up GEMM ran up to 2.2x slower without it on an H10
 1.47x at the default config).
 experiments/runtime/quant_sass.py counts the K loop's instructions of each config without a GPU;
 which config is fastest is for the GPU benchmark to say (experiments/runtime/quant_layer.py).
+
 FP8 converts to bf16 exactly and applies the 128 x 128 tile's scale_inv to each step's
 partial product (BK divides 128), not to each weight.
+
+Transposed tiles (`swap_ab`) give the decoded weights to Hopper's wgmma as its left operand,
+which it reads from registers, in a layout of its own (each thread 2 consecutive k of every 8,
+four threads a row, a warp 8 rows and 8 rows further). The decode leaves each thread whole
+words of one row instead, and Triton moves the [BN, BK] tile between the two layouts through
+shared memory (stores, ldmatrix and a barrier every K step: 0.33 shared-memory instructions
+per weight for 16x128x64). `KernelConfig.permute_k` avoids the move: the packed words are read
+BK / 32 to a thread (four threads a row), the weight rows are loaded in a permuted order, and
+the decoded tile's rows and k are relabelled (`_mma_order`: a reshape and a permute, which
+move no data) into the MMA's order, with x's columns read in the same permuted k order
+(`_mma_k`; a permutation of k on both operands leaves the product unchanged). No ldmatrix is
+left in the loop (tests/test_kernels_sm90.py): 0.05-0.19 shared-memory instructions per weight
+and 0.5-0.6 fewer in all (results/quant_sass; static counts, not yet timed on a GPU). The x
+tile is then read in 4-byte pieces.
 
 The grid is (row tiles, N tiles), with row tiles = ceil(M / BM) + E, a bound on the BM-row
 tiles of all experts together; each program derives its expert and first row from `offsets`
@@ -201,10 +216,41 @@ if triton is not None:
         return tl.reshape(halves, (BN, BK))
 
     @triton.jit
+    def _mma_order(w, BN: tl.constexpr, BK: tl.constexpr):
+        """The decoded tile w [BN, BK] (k in memory order, each thread holding BK / 32
+        consecutive words of its row, rows from `_mma_rows`) relabelled into the order in
+        which Hopper's wgmma reads its left operand from registers (`permute_k`): thread t of
+        a row quad holds k = 2t, 2t + 1 (mod 8) of every 8, a warp 8 rows and again 8 rows
+        further, the warps 16 rows apart. Memory k = h + 2q + 8r + 8ct (c = BK / 32 words a
+        thread, r < c, pair q < 4 of the word, half h) becomes k = h + 2t + 8q + 32r, and row
+        lane + 8 warp + 32 j + 64 a (the load's order) becomes lane + 8 j + 16 warp + 64 a:
+        permutations of register and lane bits, no data moved (`_mma_k` reads x so)."""
+        w = tl.reshape(w, (BN // 64, 2, 4, 8, 4, BK // 32, 4, 2))
+        return tl.reshape(tl.permute(w, (0, 2, 1, 3, 5, 6, 4, 7)), (BN, BK))
+
+    @triton.jit
+    def _mma_k(k0, BK: tl.constexpr):
+        """The memory k of each column of a `_mma_order` tile (x's columns, read in that
+        order: the same permutation on both operands leaves the product unchanged)."""
+        c: tl.constexpr = BK // 32
+        ks = (tl.arange(0, c)[:, None, None, None] * 8 + tl.arange(0, 4)[None, :, None, None] * 2
+              + tl.arange(0, 4)[None, None, :, None] * (8 * c)
+              + tl.arange(0, 2)[None, None, None, :])
+        return k0 + tl.max_contiguous(tl.multiple_of(tl.reshape(ks, (BK,)), 2), 2)
+
+    @triton.jit
+    def _mma_rows(n0, BN: tl.constexpr):
+        """The weight columns n0 .. n0 + BN - 1 in the row order that `_mma_order` undoes:
+        row i of the load holds column n0 + (i & 7) + 8 ((i >> 5) & 1) + 16 ((i >> 3) & 3)
+        + 64 (i >> 6)."""
+        i = tl.arange(0, BN)
+        return n0 + (i & 7) + ((i >> 5) & 1) * 8 + ((i >> 3) & 3) * 16 + (i >> 6) * 64
+
+    @triton.jit
     def _weight_tile(w_rows, exps, cols, k0, N, K, FORMAT: tl.constexpr,
                      BN: tl.constexpr, BK: tl.constexpr, GROUP: tl.constexpr,
                      TILE: tl.constexpr, DECODE: tl.constexpr, EVEN_K: tl.constexpr,
-                     INTERPRETED: tl.constexpr, s_ptr, e64):
+                     INTERPRETED: tl.constexpr, s_ptr, e64, PERMUTE_K: tl.constexpr):
         """(w, post) of one K step: w the bf16 [BN, BK] tile (for "dot_scaled" the packed
         bytes [BN, BK / 2]; MXFP4's exponents `exps` [BN, BK / 32] come from `_scales`), post
         a per-column factor of the product (FP8 "product": the tile's scale_inv)."""
@@ -214,7 +260,10 @@ if triton is not None:
             w = _load_k(w_rows + ks[None, :], ks, K, EVEN_K)
         elif FORMAT == 1:  # mxfp4 blocks [E, N, K / 2] bytes, scales [E, N, K / 32]
             if DECODE >= 3:  # "bits" / "lut": 32-bit words of 8 codes, pairs built as integers
-                kw = k0 // 8 + tl.arange(0, BK // 8)
+                kw = tl.arange(0, BK // 8)
+                if PERMUTE_K:  # BK / 32 words a thread, so that 4 threads share a row
+                    kw = tl.max_contiguous(kw, BK // 32)
+                kw = k0 // 8 + kw
                 words = _load_k(w_rows.to(tl.pointer_type(tl.uint32)) + kw[None, :], kw,
                                 K // 8, EVEN_K)  # [BN, BK / 8]
                 if DECODE == 4 and not INTERPRETED:  # "lut": exact bf16 pairs x 2^(scale-127)
@@ -228,6 +277,8 @@ if triton is not None:
                     w = _bf16_tile(tl.reshape(p0, (BN, BK // 8)), tl.reshape(p1, (BN, BK // 8)),
                                    tl.reshape(p2, (BN, BK // 8)), tl.reshape(p3, (BN, BK // 8)),
                                    BN, BK).to(tl.bfloat16, bitcast=True)
+                    if PERMUTE_K:
+                        w = _mma_order(w, BN, BK)
                 else:  # "bits" (and "lut" under the interpreter, which runs no PTX)
                     halves = _bf16_tile(_e2m1_pairs(words), _e2m1_pairs(words >> 8),
                                         _e2m1_pairs(words >> 16), _e2m1_pairs(words >> 24),
@@ -247,6 +298,8 @@ if triton is not None:
                         mult = (mult << 7).to(tl.int16).to(tl.bfloat16, bitcast=True)
                         values = halves.to(tl.bfloat16, bitcast=True) * mult[:, :, None]
                     w = tl.reshape(values, (BN, BK))
+                    if PERMUTE_K:
+                        w = _mma_order(w, BN, BK)
             else:
                 kb = k0 // 2 + tl.arange(0, BK // 2)
                 packed = _load_k(w_rows + kb[None, :], kb, K // 2, EVEN_K)  # uint8
@@ -287,14 +340,16 @@ if triton is not None:
     @triton.jit
     def _accumulate(acc, x_ptr, src, rmask, k0, K, stride_xm, w, exps, post,
                     FORMAT: tl.constexpr, BK: tl.constexpr, DECODE: tl.constexpr,
-                    INTERPRETED: tl.constexpr, SWAP: tl.constexpr, EVEN_K: tl.constexpr):
+                    INTERPRETED: tl.constexpr, SWAP: tl.constexpr, EVEN_K: tl.constexpr,
+                    PERMUTE_K: tl.constexpr):
         """acc + (rows src of x, K step k0) @ w^T: acc [BM, BN], or its transpose [BN, BM]
         with SWAP (then w is the MMA's left operand: its BN rows fill the MMA's M side).
+        PERMUTE_K: w's columns are in `_mma_order`, x's are read in the same order.
         x's rows past the expert's (not rmask) are masked, not read: in decode most of a
         tile's rows are such padding, and reading them (one valid row again and again, from
         L2) made the gathered gate/up GEMM up to 2.2x slower on an H100 (1.47x at the
         default config)."""
-        ks = k0 + tl.arange(0, BK)
+        ks = _mma_k(k0, BK) if PERMUTE_K else k0 + tl.arange(0, BK)
         xmask = rmask[:, None] if EVEN_K else rmask[:, None] & (ks < K)[None, :]
         x = tl.load(x_ptr + src[:, None] * stride_xm + ks[None, :], mask=xmask, other=0.0)
         # (one return at the end: the compiler builds the code after a constexpr branch that
@@ -351,29 +406,30 @@ if triton is not None:
                 FORMAT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
                 GROUP: tl.constexpr, TILE: tl.constexpr, DECODE: tl.constexpr,
                 INTERPRETED: tl.constexpr, R: tl.constexpr, SWAP: tl.constexpr,
-                EVEN_K: tl.constexpr):
+                EVEN_K: tl.constexpr, PERMUTE_K: tl.constexpr):
         """One K step: the weight tile at k0 decoded once and multiplied into the R
         accumulators whose rows exist; returns them and the next step's MXFP4 exponents
         (`exps` is this step's, loaded a step ahead). EVEN_K: BK divides K, no K masks."""
         exps_next = _scales(s_ptr, e64, cols, k0 + BK, N, K, stride_s, FORMAT, BN, BK, GROUP)
         w, post = _weight_tile(w_rows, exps, cols, k0, N, K, FORMAT, BN, BK, GROUP, TILE,
-                               DECODE, EVEN_K, INTERPRETED, s_ptr, e64)
+                               DECODE, EVEN_K, INTERPRETED, s_ptr, e64, PERMUTE_K)
         rows = row0 + tl.arange(0, BM)
         acc0 = _accumulate(acc0, x_ptr, src0, rows < end, k0, K, stride_xm, w, exps, post,
-                           FORMAT, BK, DECODE, INTERPRETED, SWAP, EVEN_K)
+                           FORMAT, BK, DECODE, INTERPRETED, SWAP, EVEN_K, PERMUTE_K)
         if R > 1:  # noqa: SIM102 - a compile-time test around a runtime one
             if row0 + BM < end:  # sub-tiles past the expert's rows skip the MMA
                 acc1 = _accumulate(acc1, x_ptr, src1, rows + BM < end, k0, K, stride_xm, w,
-                                   exps, post, FORMAT, BK, DECODE, INTERPRETED, SWAP, EVEN_K)
+                                   exps, post, FORMAT, BK, DECODE, INTERPRETED, SWAP, EVEN_K,
+                                   PERMUTE_K)
         if R > 2:
             if row0 + 2 * BM < end:
                 acc2 = _accumulate(acc2, x_ptr, src2, rows + 2 * BM < end, k0, K, stride_xm,
                                    w, exps, post, FORMAT, BK, DECODE, INTERPRETED, SWAP,
-                                   EVEN_K)
+                                   EVEN_K, PERMUTE_K)
             if row0 + 3 * BM < end:
                 acc3 = _accumulate(acc3, x_ptr, src3, rows + 3 * BM < end, k0, K, stride_xm,
                                    w, exps, post, FORMAT, BK, DECODE, INTERPRETED, SWAP,
-                                   EVEN_K)
+                                   EVEN_K, PERMUTE_K)
         return acc0, acc1, acc2, acc3, exps_next
 
     @triton.jit
@@ -383,7 +439,7 @@ if triton is not None:
                         FORMAT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
                         BK: tl.constexpr, GROUP: tl.constexpr, TILE: tl.constexpr,
                         DECODE: tl.constexpr, INTERPRETED: tl.constexpr, R: tl.constexpr,
-                        SWAP: tl.constexpr, EVEN_K: tl.constexpr):
+                        SWAP: tl.constexpr, EVEN_K: tl.constexpr, PERMUTE_K: tl.constexpr):
         # A program owns R consecutive BM-row tiles of one expert (R = 1, 2 or 4): it decodes
         # each weight tile once and multiplies it into every sub-tile that has rows. Where BK
         # divides K (EVEN_K) the K loop loads without masks; else every step masks k < K (a
@@ -394,7 +450,10 @@ if triton is not None:
         if e < E:
             cols = pid_n * BN + tl.arange(0, BN)
             cmask = cols < N
-            wcols = tl.minimum(cols, N - 1)  # (columns past N read row N - 1, not stored)
+            if PERMUTE_K:  # the weight rows in the order that `_mma_order` undoes
+                wcols = tl.minimum(_mma_rows(pid_n * BN, BN), N - 1)
+            else:
+                wcols = tl.minimum(cols, N - 1)  # (columns past N read row N - 1, not stored)
             e64 = e.to(tl.int64)
             w_rows = w_ptr + (e64 * N + wcols[:, None]) * stride_w  # [BN, 1] row starts
             rows0 = row0 + tl.arange(0, BM)
@@ -416,7 +475,7 @@ if triton is not None:
                 acc0, acc1, acc2, acc3, exps = _k_step(
                     acc0, acc1, acc2, acc3, exps, k0, x_ptr, src0, src1, src2, src3, row0, end,
                     w_rows, s_ptr, e64, wcols, N, K, stride_s, stride_xm, FORMAT, BM, BN, BK,
-                    GROUP, TILE, DECODE, INTERPRETED, R, SWAP, EVEN_K)
+                    GROUP, TILE, DECODE, INTERPRETED, R, SWAP, EVEN_K, PERMUTE_K)
             bias = tl.zeros((BN,), dtype=tl.float32)
             if HAS_BIAS:
                 bias = tl.load(b_ptr + e64 * stride_b + cols, mask=cmask,
@@ -493,6 +552,11 @@ class KernelConfig:
             rows fill the MMA's M side (Hopper's wgmma needs M >= 64) and a small BM (16, 32:
             experts with a few rows) becomes the MMA's N; the accumulator is transposed once,
             at the store.
+        permute_k: with swap_ab and the "bits" / "lut" decodes (4 warps, BN a multiple of 64,
+            BK 64 or 128): decode the weights straight into the layout in which wgmma reads
+            its register operand (weight rows and k permuted alike on both operands; the
+            module docstring says how), instead of moving the decoded tile through shared
+            memory every K step.
     """
 
     block_m: int = 64
@@ -504,6 +568,7 @@ class KernelConfig:
     fp8_scale: str = "product"
     row_tiles: int = 1
     swap_ab: bool = False
+    permute_k: bool = False
 
     def __post_init__(self) -> None:
         for name in ("block_m", "block_n"):
@@ -521,6 +586,14 @@ class KernelConfig:
                              f"got {self.mxfp4_decode!r}")
         if not isinstance(self.swap_ab, bool):
             raise TypeError(f"KernelConfig.swap_ab must be a bool, got {self.swap_ab!r}")
+        if not isinstance(self.permute_k, bool):
+            raise TypeError(f"KernelConfig.permute_k must be a bool, got {self.permute_k!r}")
+        if self.permute_k and not (self.swap_ab and self.mxfp4_decode in ("bits", "lut")
+                                   and self.num_warps == 4 and self.block_n % 64 == 0
+                                   and self.block_k in (64, 128)):
+            raise ValueError("KernelConfig.permute_k needs swap_ab, mxfp4_decode 'bits' or "
+                             "'lut', num_warps 4, block_n a multiple of 64 and block_k 64 or "
+                             f"128, got {self.label()} {self.mxfp4_decode}")
         if self.row_tiles not in (1, 2, 4):
             raise ValueError(f"KernelConfig.row_tiles must be 1, 2 or 4, got {self.row_tiles}")
         if self.fp8_scale not in _FP8_SCALE:
@@ -531,7 +604,7 @@ class KernelConfig:
         """Short text for tables: BMxBNxBK/warps/stages (/rR with row tiles, /swap)."""
         return (f"{self.block_m}x{self.block_n}x{self.block_k}/w{self.num_warps}"
                 f"/s{self.num_stages}" + (f"/r{self.row_tiles}" if self.row_tiles > 1 else "")
-                + ("/swap" if self.swap_ab else ""))
+                + ("/swap" if self.swap_ab else "") + ("/pk" if self.permute_k else ""))
 
 
 # What grouped_matmul runs when no config is given: a guess from the kernel's arithmetic (large
@@ -619,7 +692,8 @@ def kernel_constants(fmt: str, cfg: KernelConfig, num_experts: int, k: int, *, g
             "E_PAD": triton.next_power_of_2(num_experts), "FORMAT": _FORMAT_CODE[fmt],
             "BM": cfg.block_m, "BN": cfg.block_n, "BK": cfg.block_k, "GROUP": MXFP4_BLOCK,
             "TILE": FP8_BLOCK, "DECODE": decode, "INTERPRETED": interpret, "R": cfg.row_tiles,
-            "SWAP": cfg.swap_ab, "EVEN_K": k % cfg.block_k == 0}
+            "SWAP": cfg.swap_ab, "EVEN_K": k % cfg.block_k == 0,
+            "PERMUTE_K": cfg.permute_k and fmt == "mxfp4"}
 
 
 def kernel_arg_types(fmt: str, index: str = "*i64") -> tuple[dict[str, str], list[str]]:
