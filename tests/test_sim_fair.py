@@ -487,15 +487,19 @@ def test_auto_falls_back_to_eplb_async_exactly(stable, costs):
             for name in ("moe", "transfer", "solve", "solve_side"):
                 np.testing.assert_array_equal(m[name], base[name])
             np.testing.assert_array_equal(r.stall[policy], r.stall["eplb_async"])
-            # EPLB's even split served, plus the picker's own work: the predictor every step
-            # and the scoring of every candidate in the background (its charges, below)
+            # EPLB's even split served, plus the picker's own work: the scoring of every
+            # candidate in the background, the predictions its plans need among it (its
+            # charges, below); nothing on the side stream or in series
             bg_side, bg_host = _background(r, policy, slow)
-            np.testing.assert_allclose(m["side"], bg_side + np.maximum(0.0, m["pred"]
-                                                                       - m["dispatch"]))
+            np.testing.assert_allclose(m["side"], np.broadcast_to(bg_side, m["side"].shape))
             np.testing.assert_allclose(m["plan_host"], np.broadcast_to(bg_host, m["pred"].shape))
-            assert np.all(m["pred"] > 0) and base["pred"].sum() == 0
-            for mode in ("host", "side"):
-                assert r.throughput(policy, mode) < r.throughput("eplb_async", mode)
+            assert m["pred"].sum() == 0 and base["pred"].sum() == 0
+            for mode, bg in (("host", bg_host), ("side", bg_side)):
+                # slower by its background work where that exceeds the step, EPLB's otherwise
+                if bg.sum() > 0:
+                    assert r.throughput(policy, mode) < r.throughput("eplb_async", mode)
+                else:
+                    assert r.throughput(policy, mode) == r.throughput("eplb_async", mode)
             # EPLB-k resident, and the p = k per-step slots of its fit and paper candidates
             assert r.memory[policy] == r.memory["eplb_async"] + 2 * 1 * slow.expert_bytes
 
@@ -567,12 +571,11 @@ def test_auto_plus_falls_back_to_eplb_async_when_nothing_hides(stable, costs):
     np.testing.assert_allclose(side[0], (layers * 1.0 - layers * res.attention) / layers)
     assert np.all(side[1:] > 0.9) and np.all(side[1:] < 1.0)
     assert all(set(e["layers"]) == {"eplb"} for e in res.meta["auto_plus_choices"])
-    # EPLB's step time, plus its scoring (the step-ahead plan among it) beyond every step and
-    # the predictor beyond the dispatch
-    m = res.metrics["probe_on_eplb_auto_plus"]
+    # EPLB's step time, plus its scoring (the step-ahead plan and the predictions among it)
+    # beyond every step
     bg_side, _ = _background(res, "probe_on_eplb_auto_plus", slow)
     assert np.all(bg_side[1:] > 0.9)
-    extra = (bg_side + np.maximum(0.0, m["pred"] - m["dispatch"])).mean(axis=1) * layers
+    extra = bg_side.mean(axis=1) * layers
     np.testing.assert_allclose(res.step_time("probe_on_eplb_auto_plus", "side"),
                                res.step_time("eplb_async", "side") + extra)
 
@@ -675,14 +678,25 @@ def _scoring_seconds(res, policy, costs) -> tuple[float, float]:
                                  costs.planner_kernel_s * costs.planner_host_factor))
 
 
+def _background_predictor(res, every: int = 1) -> np.ndarray:
+    """float64 [N]: the predictor seconds per layer in an auto policy's background at each
+    step while a fallback serves every layer: the predictions of every layer of the step
+    whose scoring runs (n - n % every), 1/every of them (the fit candidate pays exactly the
+    predictor's seconds)."""
+    pred = res.metrics["probe_on_eplb_fit_b0p1"]["pred"].mean(axis=1)
+    return pred[np.arange(len(pred)) // every * every] / every
+
+
 def _background(res, policy, costs, every: int = 1):
     """(side, host) float64 [N, 1]: the exposed seconds per layer of an auto policy's scoring
-    (_scoring_seconds), one scoring spread over `every` steps: 1/every of it for all model
-    layers against the non-communication time of the step before (_windows), while no
-    step-ahead split serves."""
+    (_scoring_seconds) and its background predictions (_background_predictor), one scoring
+    spread over `every` steps: 1/every of it for all model layers against the
+    non-communication time of the step before (_windows), while a fallback serves every
+    layer."""
     layers = costs.model.num_layers
-    return tuple(np.array([ahead_exposure(work / every, w, layers)
-                           for w in _windows(res, costs)])[:, None]
+    pred = _background_predictor(res, every)
+    return tuple(np.array([ahead_exposure(work / every + x, w, layers)
+                           for w, x in zip(_windows(res, costs), pred, strict=True)])[:, None]
                  for work in _scoring_seconds(res, policy, costs))
 
 
@@ -709,17 +723,76 @@ def test_auto_scoring_is_charged_against_the_step(stable, costs):
             auto_candidates(1, plus=policy.endswith("_plus")))
 
 
-def test_auto_pays_the_predictor_while_a_fallback_serves(stable, costs):
+def test_auto_pays_the_predictor_in_the_background_while_a_fallback_serves(stable, costs,
+                                                                          monkeypatch):
+    # EPLB serves every layer: the predictions are needed only for the scoring's plans, so
+    # they are made in its background (the step's non-communication time), not in series
+    # or beyond the dispatch. A predictor 1000x dearer grows the background exposure by
+    # exactly its extra seconds (the background already exceeds the window here).
     slow = dataclasses.replace(costs, planner_gpu_s=1.0)
-    res = simulate_fair(stable, slow, slots=1, prior=4, window=4, interval=3, seed=1,
-                        check=False, solve_time={"waterfill": 1e-6, "lp": 0.0})
+    kwargs = {"slots": 1, "prior": 4, "window": 4, "interval": 3, "seed": 1, "check": False,
+              "solve_time": {"waterfill": 1e-6, "lp": 0.0}}
+    res = simulate_fair(stable, slow, **kwargs)
     fit = res.metrics["probe_on_eplb_fit_b0p1"]["pred"]
     assert np.all(fit > 0) and res.metrics["eplb_async"]["pred"].sum() == 0
+    monkeypatch.setattr(FairCosts, "predictor_s", lambda self, tokens_per_rank: 1000.0
+                        * predictor_seconds(self.cost_name, tokens_per_rank))
+    dear = simulate_fair(stable, slow, **kwargs)
+    dear_fit = dear.metrics["probe_on_eplb_fit_b0p1"]["pred"]
+    assert np.all(dear_fit > 100 * fit)
     for policy in ("probe_on_eplb_auto", "probe_on_eplb_auto_plus", "probe_on_eplb_auto_replan"):
+        for r in (res, dear):
+            m = r.metrics[policy]
+            assert m["pred"].sum() == 0  # host mode: nothing in series
+            host_gap = r.layer_time(policy, "host") - r.layer_time("eplb_async", "host")
+            np.testing.assert_allclose(host_gap, np.broadcast_to(
+                _background(r, policy, slow)[1], host_gap.shape))
+            side_gap = r.layer_time(policy, "side") - r.layer_time("eplb_async", "side")
+            np.testing.assert_allclose(side_gap, np.broadcast_to(
+                _background(r, policy, slow)[0], side_gap.shape))
+        grown = dear.layer_time(policy, "side") - res.layer_time(policy, "side")
+        np.testing.assert_allclose(grown, np.broadcast_to(
+            (dear_fit - fit).mean(axis=1)[:, None], grown.shape), rtol=1e-9)
+        assert res.meta["auto_scoring"][policy]["background_predictor_s"] == pytest.approx(
+            fit.mean())
+
+
+def test_auto_pays_the_predictor_as_probe_does_while_probe_serves(costs):
+    # A fast planner and a perfect predictor on a shift: after the shift the fit split serves
+    # (it consumes the prediction: the predictor and planner charged as the fit candidate's,
+    # beyond the dispatch; host mode in series), before it EPLB (the prediction only in the
+    # background, none exposed on the side stream or in series).
+    fast = dataclasses.replace(costs, planner_gpu_s=1e-7, planner_kernel_s=1e-7,
+                               host_round_trip_s=1e-7)
+    trace = generate("shift", num_steps=9, tokens_per_step=8 * 256, num_layers=2,
+                     num_experts=128, top_k=4, num_ranks=8, seed=3, shift_step=6)
+    res = simulate_fair(trace.load_counts().astype(np.int64), fast, slots=2, prior=4,
+                        window=4, interval=3, seed=1, check=False, predictor="perfect",
+                        solve_time={"waterfill": 0.0, "lp": 0.0})
+    fit = res.metrics["probe_on_eplb_fit_b0p2"]
+    layers = costs.model.num_layers
+    windows = _windows(res, costs)
+    for policy, key in (("probe_on_eplb_auto", "auto_choices"),
+                        ("probe_on_eplb_auto_plus", "auto_plus_choices")):
+        served = np.array([e["layers"] for e in res.meta[key]])  # [N, L] labels
+        probe, eplb = served == "b0p2", served == "eplb"
+        assert probe.any() and eplb.any() and (probe | eplb).all()
         m = res.metrics[policy]
-        np.testing.assert_array_equal(m["pred"], fit)  # host mode: in series, every step
-        host_gap = res.layer_time(policy, "host") - res.layer_time("eplb_async", "host")
-        np.testing.assert_allclose(host_gap, fit + _background(res, policy, slow)[1])
+        side, host = res.meta["auto_scoring"][policy]["work_side_s"], \
+            res.meta["auto_scoring"][policy]["work_host_s"]
+        bg_pred = np.where(probe, 0.0, fit["pred"]).mean(axis=1)
+        bg = {w: np.array([ahead_exposure(work + x, win, layers) for win, x in zip(
+            windows, bg_pred, strict=True)])[:, None] for w, work in (("side", side),
+                                                                       ("host", host))}
+        np.testing.assert_array_equal(m["pred"][probe], fit["pred"][probe])
+        assert np.all(fit["pred"][probe] > 0) and m["pred"][eplb].sum() == 0
+        want = np.where(probe, fit["side"], 0.0) + bg["side"]
+        np.testing.assert_allclose(m["side"], want, rtol=1e-12, atol=1e-15)
+        want = np.where(probe, fit["plan_host"], 0.0) + bg["host"]
+        np.testing.assert_allclose(m["plan_host"], want, rtol=1e-12, atol=1e-15)
+        # where the fit split serves, its own predictor + planner beyond the dispatch
+        np.testing.assert_allclose(fit["side"][probe], np.maximum(
+            0.0, fit["pred"][probe] + fast.side_planner_seconds() - fit["dispatch"][probe]))
 
 
 def test_auto_candidates_fit_the_equal_memory(result, costs):
@@ -805,16 +878,22 @@ def test_score_every_spreads_one_scoring_over_its_steps(stable, costs, every):
                  "auto_plus_choices", "probe_on_eplb_auto_replan": "auto_replan_choices"}[
                     policy]])
             m = res.metrics[policy]
-            want = np.array([max(0.0, layers * side / k - w) / layers for w in windows])
-            np.testing.assert_allclose(m["side"] - np.maximum(0.0, m["pred"] - m["dispatch"]),
+            # the scoring and the predictions of its scored step, 1/k of them per step
+            pred = _background_predictor(res, k)
+            assert np.all(pred > 0)
+            if k > 1:  # the scored step's predictions, not each step's own
+                np.testing.assert_array_equal(pred[1:k], pred[0])
+            want = np.array([max(0.0, layers * (side / k + x) - w) / layers
+                             for w, x in zip(windows, pred, strict=True)])
+            np.testing.assert_allclose(m["side"],
                                        np.broadcast_to(want[:, None], m["side"].shape),
                                        rtol=1e-12, atol=1e-15)
-            want = np.array([max(0.0, layers * host / k - w) / layers for w in windows])
+            want = np.array([max(0.0, layers * (host / k + x) - w) / layers
+                             for w, x in zip(windows, pred, strict=True)])
             np.testing.assert_allclose(m["plan_host"],
                                        np.broadcast_to(want[:, None], m["side"].shape),
                                        rtol=1e-12, atol=1e-15)
-            # the predictor every step, whatever the interval
-            np.testing.assert_array_equal(m["pred"], runs[1].metrics[policy]["pred"])
+            assert m["pred"].sum() == 0  # nothing in series while EPLB serves
         # spreading lowers the exposure but never below zero
         lower = runs[every].metrics[policy]["side"] < runs[1].metrics[policy]["side"]
         assert lower.all()
@@ -863,14 +942,19 @@ def test_auto_score_every_is_the_smallest_that_fits(stable, costs):
     windows = _windows(res, slow)
     for policy in ("probe_on_eplb_auto", "probe_on_eplb_auto_plus"):
         k = res.meta["auto_scoring"][policy]["score_every"]
-        work = max(_scoring_seconds(res, policy, slow))
+        # the scoring's work and, the worst case, every layer's prediction in the background
+        pred = float(res.metrics["probe_on_eplb_fit_b0p1"]["pred"].max())
+        work = max(_scoring_seconds(res, policy, slow)) + pred
         assert k > 1
         assert all(ahead_exposure(work / k, w, layers) == 0.0 for w in windows)
         assert any(ahead_exposure(work / (k - 1), w, layers) > 0.0 for w in windows)
         assert k == fitting_score_every(work, windows, layers)
-        # nothing exposed at that interval: the background adds nothing to the step
+        # nothing exposed at that interval: EPLB's time to the bit, predictor included
         m = res.metrics[policy]
-        np.testing.assert_allclose(m["side"], np.maximum(0.0, m["pred"] - m["dispatch"]))
+        assert m["side"].sum() == 0 and m["pred"].sum() == 0 and m["plan_host"].sum() == 0
+        for mode in ("host", "side"):
+            np.testing.assert_array_equal(res.layer_time(policy, mode),
+                                          res.layer_time("eplb_async", mode))
     with pytest.raises(ValueError, match="score_every"):
         simulate_fair(stable, slow, slots=1, prior=4, window=4, interval=3, score_every=0)
     with pytest.raises(ValueError, match="score_every"):
@@ -880,7 +964,8 @@ def test_auto_score_every_is_the_smallest_that_fits(stable, costs):
 def test_run_parses_score_every():
     from experiments.fair.run import parse_args
 
-    assert parse_args([]).score_every == 1
+    assert parse_args([]).score_every == "auto"
+    assert parse_args(["--score-every", "1"]).score_every == 1
     assert parse_args(["--score-every", "auto"]).score_every == "auto"
     assert parse_args(["--score-every", "4"]).score_every == 4
     for bad in ("0", "often"):

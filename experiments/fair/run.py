@@ -119,11 +119,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="only these tokens per rank (decode batches or prefill chunks)")
     ap.add_argument("--slots", nargs="+", type=int, default=None, metavar="K",
                     help="only these extra slots per rank (default: 1-4; 1, 2, 4 across nodes)")
-    ap.add_argument("--score-every", type=_score_every, default=1, metavar="K|auto",
+    ap.add_argument("--score-every", type=_score_every, default="auto", metavar="K|auto",
                     help="the auto policies re-score their candidates every K measured steps, "
-                         "one scoring's background work spread over them (default 1: every "
-                         "step); 'auto': per run the smallest K at which it is exposed at no "
-                         "step (probe.sim.fair.fitting_score_every)")
+                         "one scoring's background work spread over them; 'auto' (default): "
+                         "per run the smallest K at which it is exposed at no step, even with "
+                         "every layer's prediction made in it "
+                         "(probe.sim.fair.fitting_score_every); 1: every step")
     ap.add_argument("--sensitivity", type=Path, default=None,
                     help="folder of another run (e.g. --predictor perfect) whose summary the "
                          "report adds")
