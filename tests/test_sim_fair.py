@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 
 import numpy as np
 import pytest
@@ -20,16 +21,21 @@ from probe.sim.costs import (
     predictor_seconds,
 )
 from probe.sim.fair import (
+    STEP_MARGIN,
     ahead_exposure,
     auto_candidates,
+    background_exposure,
     eplb_copies,
     fitting_score_every,
     pick_by_time,
+    pick_exposure,
     lp_split,
     policy_names,
+    rescore_thresholds,
     scored_steps,
     simulate_fair,
     split_by_fractions,
+    traffic_distance,
     waterfill_split,
 )
 from probe.traces.synthetic import generate
@@ -971,3 +977,181 @@ def test_run_parses_score_every():
     for bad in ("0", "often"):
         with pytest.raises(SystemExit):
             parse_args(["--score-every", bad])
+
+
+def test_traffic_distance_and_rescore_thresholds():
+    a = np.zeros((2, 3, 4), np.int64)
+    a[:, :, 0] = 1  # every token on expert 0
+    b = np.zeros_like(a)
+    b[:, :, 1] = 2
+    assert traffic_distance(a, a) == 0.0
+    assert traffic_distance(a, b) == pytest.approx(1.0)  # disjoint
+    c = a.copy()
+    c[0, :, 1] = 1  # layer 0 half on expert 1: 0.5, layer 1 unchanged: 0
+    assert traffic_distance(a, c) == pytest.approx(0.25)
+    assert traffic_distance(a.sum(axis=1), c.sum(axis=1)) == pytest.approx(0.25)
+    assert traffic_distance(np.zeros_like(a), np.zeros_like(a)) == 0.0
+    with pytest.raises(ValueError, match="shape"):
+        traffic_distance(a, a[:1])
+    # history a, a, c, a: lag 1 pairs reach 0.25 (a-c, c-a); the time grows at most 1.5x
+    hist = np.stack([a, a, c, a])
+    moe = np.array([1.0, 1.0, 1.5, 1.0])
+    distance, grow = rescore_thresholds(hist, moe, 1)
+    assert distance == pytest.approx(0.25) and grow == pytest.approx(0.5)
+    hist = np.stack([a, a, a, a])
+    assert rescore_thresholds(hist, np.ones(4), 3) == (0.0, STEP_MARGIN)  # at least 1%
+    assert rescore_thresholds(hist[:1], np.ones(1), 3) == (math.inf, math.inf)
+    with pytest.raises(ValueError, match="score_every"):
+        rescore_thresholds(hist, np.ones(4), 0)
+    with pytest.raises(ValueError, match="history_moe"):
+        rescore_thresholds(hist, np.ones(3), 2)
+
+
+@pytest.fixture(scope="module")
+def shifted():
+    # the hot set moves at absolute step 7: measured step 3 with prior = 4
+    trace = generate("shift", num_steps=14, tokens_per_step=8 * 256, num_layers=2,
+                     num_experts=128, top_k=4, num_ranks=8, seed=3, shift_step=7)
+    return trace.load_counts().astype(np.int64)
+
+
+_RESCORE = {"slots": 2, "prior": 4, "window": 4, "interval": 50, "seed": 1, "check": False,
+            "score_every": 4, "solve_time": {"waterfill": 1e-3, "lp": 0.0}}
+
+
+def test_a_shift_triggers_a_charged_rescoring_on_the_step_after(shifted, costs):
+    # score_every 4: every-k scorings at 0, 4, 8; the shift at measured step 3 changes the
+    # traffic beyond the history's own step-to-step distance, so the whole scoring runs at
+    # step 4 (share 1, charged against that step's window: a scoring of 7 water-fillings at
+    # 1 ms far exceeds it), the every-4 schedule restarts from step 5; picks change at 5.
+    runs = {r: simulate_fair(shifted, costs, rescore=r, **_RESCORE) for r in (False, True)}
+    layers = costs.model.num_layers
+    windows = _windows(runs[True], costs)
+    for policy in ("probe_on_eplb_auto", "probe_on_eplb_auto_plus"):
+        sc = {r: res.meta["auto_scoring"][policy] for r, res in runs.items()}
+        assert sc[False]["triggered_steps"] == []
+        assert sc[True]["triggered_steps"] == [4]
+        assert sc[True]["trigger_distance"] < traffic_distance(shifted[4 + 3], shifted[4 + 0])
+        work = sc[True]["work_side_s"]
+        side = {r: res.metrics[policy]["side"] for r, res in runs.items()}
+        served = np.array([e["layers"] for e in runs[True].meta[
+            {"probe_on_eplb_auto": "auto_choices",
+             "probe_on_eplb_auto_plus": "auto_plus_choices"}[policy]]])
+        assert (served[:5] == "eplb").all()  # a fallback serves up to the trigger
+        pred = runs[True].metrics["probe_on_eplb_fit_b0p2"]["pred"][4].mean()
+        want = ahead_exposure(work + pred, windows[4], layers)
+        assert want > 0
+        np.testing.assert_allclose(side[True][4], want, rtol=1e-12)
+        assert np.all(side[True][4] > side[False][4])  # the whole scoring, not a quarter
+        # before the trigger both runs are charged alike (one every-4 scoring)
+        np.testing.assert_allclose(side[True][:4], side[False][:4], rtol=1e-12)
+        # the every-4 schedule restarts at step 5: its first quarter charged there
+        pred5 = runs[True].metrics["probe_on_eplb_fit_b0p2"]["pred"][5]
+        want5 = ahead_exposure((work + np.where(served[5] == "eplb", pred5, 0.0).mean()) / 4
+                               + 0.0, windows[5], layers)
+        if (served[5] == "eplb").all():
+            np.testing.assert_allclose(side[True][5], want5, rtol=1e-12)
+    # the trigger's charge shows in the throughput: auto_plus pays a whole scoring at step 4
+    assert runs[True].step_time("probe_on_eplb_auto_plus", "side")[4] > runs[False].step_time(
+        "probe_on_eplb_auto_plus", "side")[4]
+
+
+def test_stable_traffic_triggers_no_rescoring(stable, costs):
+    kwargs = dict(_RESCORE, score_every=3)
+    res = simulate_fair(stable, costs, rescore=True, **kwargs)
+    base = simulate_fair(stable, costs, rescore=False, **kwargs)
+    for policy in ("probe_on_eplb_auto", "probe_on_eplb_auto_plus"):
+        assert res.meta["auto_scoring"][policy]["triggered_steps"] == []
+        np.testing.assert_array_equal(res.layer_time(policy, "side"),
+                                      base.layer_time(policy, "side"))
+    # auto_replan scores only every k steps (it re-picks at re-plans)
+    assert "triggered_steps" in res.meta["auto_scoring"]["probe_on_eplb_auto_replan"]
+    assert res.meta["auto_scoring"]["probe_on_eplb_auto_replan"]["triggered_steps"] == []
+
+
+def test_the_rescoring_trigger_uses_only_past_information(shifted, costs):
+    # Loads after a step cannot move a trigger up to the step after it: the shift's trigger
+    # (at 4) is unchanged when steps 6 on are reversed, and that later change triggers one
+    # of its own (so the comparison could fail).
+    changed = shifted.copy()
+    changed[4 + 6:] = shifted[4 + 6:][:, :, :, ::-1]
+    runs = {w: simulate_fair(x, costs, rescore=True, **_RESCORE)
+            for w, x in (("same", shifted), ("changed", changed))}
+    for policy in ("probe_on_eplb_auto", "probe_on_eplb_auto_plus"):
+        same, new = (runs[w].meta["auto_scoring"][policy]["triggered_steps"]
+                     for w in ("same", "changed"))
+        assert [s for s in new if s <= 6] == same == [4]
+        assert 7 in new  # reversed at 6: scored at once at 7
+        np.testing.assert_array_equal(runs["same"].metrics[policy]["side"][:7],
+                                      runs["changed"].metrics[policy]["side"][:7])
+
+
+def test_pick_exposure_matches_the_charge():
+    layers, window = 10, 1e-3
+    work, planner, pred = 0.1e-3, 0.09e-3, 0.02e-3
+    # every-2 scoring: 0.05 ms of work per layer per step, 0.5 ms for 10 layers: fits
+    assert background_exposure(work, 0.5, window, layers) == 0.0
+    # the step-ahead plan alone (0.9 ms) fits too, but with the scoring's share, the other
+    # half of its own plan and the background predictions it exceeds the window
+    own = (1 - 0.5) * planner
+    alone = ahead_exposure(planner, window, layers)
+    assert alone == 0.0
+    e = pick_exposure("probe_on_eplb_ahead_b0p2", work, 0.5, window, layers, planner_s=planner,
+                      pred_s=pred)
+    assert e == pytest.approx(max(0.0, layers * (0.5 * (work + pred) + own) - window) / layers)
+    assert e == pytest.approx(background_exposure(work, 0.5, window, layers, pred_s=pred,
+                                                  own_s=own))
+    assert e > 0
+    # a fallback leaves only its prediction to the background: fits here
+    assert pick_exposure("eplb_async", work, 0.5, window, layers, planner_s=planner,
+                         pred_s=pred) == 0.0
+    # ... not when the window is short: its share of the predictions, exposed
+    short = 0.3e-3
+    assert pick_exposure("eplb_async", work, 0.5, short, layers, planner_s=planner,
+                         pred_s=pred) == pytest.approx(0.5 * pred)
+    # the fit split pays its prediction itself: nothing here
+    assert pick_exposure("probe_on_eplb_fit_b0p2", work, 0.5, short, layers,
+                         planner_s=planner, pred_s=pred) == 0.0
+    # a triggered scoring (share 1) holds the step-ahead plan: no own plan beyond it
+    assert pick_exposure("probe_on_eplb_ahead_b0p2", work, 1.0, 10.0, layers,
+                         planner_s=planner, pred_s=0.0) == 0.0
+    with pytest.raises(ValueError, match="share"):
+        background_exposure(work, 1.5, window, layers)
+
+
+def test_the_picker_scores_the_step_ahead_split_with_the_charged_exposure(load, costs,
+                                                                        monkeypatch):
+    # The picker adds pick_exposure (the charge's exposure of the split's work shared with
+    # the scoring) to the step-ahead split's time in place of its own exposure against a
+    # whole step: a large credit there makes auto_plus pick it on every layer once a
+    # scoring is done; the real exposure does not (so the picker reads pick_exposure); the
+    # candidates' own metrics (what the charge uses) are the same in both runs.
+    import probe.sim.fair as fair
+
+    fast = dataclasses.replace(costs, planner_gpu_s=1e-7, planner_kernel_s=1e-7,
+                               host_round_trip_s=1e-7)
+    kwargs = {"slots": 2, "prior": 4, "window": 4, "interval": 50, "seed": 1, "check": False,
+              "predictor": "perfect", "solve_time": {"waterfill": 0.0, "lp": 0.0}}
+    res = simulate_fair(load, fast, **kwargs)
+    picks = {q for e in res.meta["auto_plus_choices"][1:] for q in e["layers"]}
+    assert "ahead_b0p2" not in picks, picks
+    real = fair.pick_exposure
+    monkeypatch.setattr(fair, "pick_exposure", lambda q, *a, **kw: (
+        -1.0 if q.startswith("probe_on_eplb_ahead_") else real(q, *a, **kw)))
+    credit = simulate_fair(load, fast, **kwargs)
+    picks = {q for e in credit.meta["auto_plus_choices"][1:] for q in e["layers"]}
+    assert picks == {"ahead_b0p2"}, picks
+    np.testing.assert_array_equal(credit.metrics["probe_on_eplb_ahead_b0p2"]["side"],
+                                  res.metrics["probe_on_eplb_ahead_b0p2"]["side"])
+
+
+def test_simulate_fair_checks_rescore(stable, costs):
+    with pytest.raises(TypeError, match="rescore"):
+        simulate_fair(stable, costs, slots=1, prior=4, window=4, interval=3, rescore=1)
+
+
+def test_run_parses_rescore():
+    from experiments.fair.run import parse_args
+
+    assert parse_args([]).rescore is True
+    assert parse_args(["--no-rescore"]).rescore is False

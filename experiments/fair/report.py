@@ -254,6 +254,22 @@ def _scoring_interval(results: list[dict], settings: dict) -> str:
     text += ("; picks change only when a scoring is done (k steps after its step) and are "
              "made from the scored steps alone; the work per scoring is unchanged "
              "(probe.sim.fair)")
+    if settings.get("rescore", False):
+        triggered = sum(len(entry["meta"].get("auto_scoring", {}).get(
+            "probe_on_eplb_auto_plus", {}).get("triggered_steps", []))
+            for r in results for entry in r["slots"].values())
+        text += ("; with --rescore (the default) auto and auto_plus also score at once, in "
+                 "the background of the step after, when a step's traffic changed since the "
+                 "latest scored step before it (the mean per-layer total-variation distance "
+                 "of its expert loads, or the served candidates' measured MoE time, beyond "
+                 "the largest step-to-step change within k steps in the history window, the "
+                 "time at least 1%): that scoring's whole work is charged at that step, the "
+                 "running one is dropped and the every-k schedule restarts after it, and the "
+                 "picks use the scorings from it on (auto_replan scores only every k steps); "
+                 f"auto_plus triggered {triggered} such scorings over all cases")
+    text += ("; the picker scores each candidate with the background exposure the charge "
+             "gives it (a step-ahead split's own plan and a fallback's background prediction "
+             "share the step's spare time with the scoring)")
     if every != "auto":
         return text + "."
     chosen = []

@@ -125,6 +125,13 @@ def parse_args(argv=None) -> argparse.Namespace:
                          "per run the smallest K at which it is exposed at no step, even with "
                          "every layer's prediction made in it "
                          "(probe.sim.fair.fitting_score_every); 1: every step")
+    ap.add_argument("--rescore", action=argparse.BooleanOptionalAction, default=True,
+                    help="with K > 1 the auto policies (auto, auto_plus) also score at once, "
+                         "at the step after, when a step's traffic changed since the last "
+                         "scored step (its expert-load distance or the served candidates' MoE "
+                         "time beyond the history window's own step-to-step variation); "
+                         "charged in full at that step (default on; --no-rescore: only every "
+                         "K steps)")
     ap.add_argument("--sensitivity", type=Path, default=None,
                     help="folder of another run (e.g. --predictor perfect) whose summary the "
                          "report adds")
@@ -287,7 +294,8 @@ def run_config(model: str, workload: str, batch: int, slots_list, args,
     for k in slots_list:
         res = simulate_fair(load, costs, slots=k, prior=prior, window=prior,
                             interval=prior, predictor=predictor, seed=args.seed,
-                            phase=phase, score_every=args.score_every)
+                            phase=phase, score_every=args.score_every,
+                            rescore=args.rescore)
         rows = {}
         for policy in res.policies:
             rows[policy] = {"host": res.summary(policy, "host"),
@@ -508,7 +516,7 @@ def main(argv=None) -> int:
                          "slots": list(MULTINODE_SLOTS), "steps": args.multinode_steps,
                          "prior": args.multinode_prior, "layers": args.multinode_layers},
                      "predictor": args.predictor, "seed": args.seed, "slots": list(slots_list),
-                     "score_every": args.score_every,
+                     "score_every": args.score_every, "rescore": args.rescore,
                      "eplb_window": args.prior, "eplb_interval": args.prior},
     }
     outputs = [args.out / name for name in ("tables.md", "tables.json", "fair_memory.png")]
