@@ -1016,14 +1016,16 @@ def shifted():
 
 
 _RESCORE = {"slots": 2, "prior": 4, "window": 4, "interval": 50, "seed": 1, "check": False,
-            "score_every": 4, "solve_time": {"waterfill": 1e-3, "lp": 0.0}}
+            "score_every": 8, "solve_time": {"waterfill": 1e-4, "lp": 0.0}}
 
 
 def test_a_shift_triggers_a_charged_rescoring_on_the_step_after(shifted, costs):
-    # score_every 4: every-k scorings at 0, 4, 8; the shift at measured step 3 changes the
-    # traffic beyond the history's own step-to-step distance, so the whole scoring runs at
-    # step 4 (share 1, charged against that step's window: a scoring of 7 water-fillings at
-    # 1 ms far exceeds it), the every-4 schedule restarts from step 5; picks change at 5.
+    # score_every 8: an every-8 scoring from step 0 (done at 8, the next one, the first to see
+    # the shift, at 16); the shift at measured step 3 changes the traffic beyond the history's
+    # own step-to-step distance and EPLB's MoE time grows ~0.7 ms per step, more over the 11
+    # steps a triggered scoring saves than its extra exposure (a scoring of 7 water-fillings
+    # at 0.1 ms: ~31 ms for the model's layers against a ~25 ms window), so the whole
+    # scoring runs at step 4, charged there, and the every-8 schedule restarts at step 5.
     runs = {r: simulate_fair(shifted, costs, rescore=r, **_RESCORE) for r in (False, True)}
     layers = costs.model.num_layers
     windows = _windows(runs[True], costs)
@@ -1038,22 +1040,25 @@ def test_a_shift_triggers_a_charged_rescoring_on_the_step_after(shifted, costs):
             {"probe_on_eplb_auto": "auto_choices",
              "probe_on_eplb_auto_plus": "auto_plus_choices"}[policy]]])
         assert (served[:5] == "eplb").all()  # a fallback serves up to the trigger
-        pred = runs[True].metrics["probe_on_eplb_fit_b0p2"]["pred"][4].mean()
-        want = ahead_exposure(work + pred, windows[4], layers)
-        assert want > 0
-        np.testing.assert_allclose(side[True][4], want, rtol=1e-12)
-        assert np.all(side[True][4] > side[False][4])  # the whole scoring, not a quarter
-        # before the trigger both runs are charged alike (one every-4 scoring)
+        fit_pred = runs[True].metrics["probe_on_eplb_fit_b0p2"]["pred"]
+        want = ahead_exposure(work + fit_pred[4].mean(), windows[4], layers)
+        np.testing.assert_allclose(side[True][4], want, rtol=1e-12, atol=1e-15)
+        if policy == "probe_on_eplb_auto_plus":  # (auto's 5 candidates fit the window)
+            assert want > 0
+            assert np.all(side[True][4] > side[False][4])  # the whole scoring, not an eighth
+        # before the trigger both runs are charged alike (one every-8 scoring)
         np.testing.assert_allclose(side[True][:4], side[False][:4], rtol=1e-12)
-        # the every-4 schedule restarts at step 5: its first quarter charged there
-        pred5 = runs[True].metrics["probe_on_eplb_fit_b0p2"]["pred"][5]
-        want5 = ahead_exposure((work + np.where(served[5] == "eplb", pred5, 0.0).mean()) / 4
-                               + 0.0, windows[5], layers)
+        # the every-8 schedule restarts at step 5: an eighth of step 5's scoring there
         if (served[5] == "eplb").all():
-            np.testing.assert_allclose(side[True][5], want5, rtol=1e-12)
-    # the trigger's charge shows in the throughput: auto_plus pays a whole scoring at step 4
+            want5 = ahead_exposure((work + fit_pred[5].mean()) / 8, windows[5], layers)
+            np.testing.assert_allclose(side[True][5], want5, rtol=1e-12, atol=1e-15)
+    # the trigger's charge shows in the step time
     assert runs[True].step_time("probe_on_eplb_auto_plus", "side")[4] > runs[False].step_time(
         "probe_on_eplb_auto_plus", "side")[4]
+    # not worth it: with a 10x dearer scoring the growth never pays its extra exposure
+    dear = simulate_fair(shifted, costs, rescore=True, **dict(
+        _RESCORE, solve_time={"waterfill": 1e-3, "lp": 0.0}))
+    assert dear.meta["auto_scoring"]["probe_on_eplb_auto_plus"]["triggered_steps"] == []
 
 
 def test_stable_traffic_triggers_no_rescoring(stable, costs):
@@ -1072,7 +1077,7 @@ def test_stable_traffic_triggers_no_rescoring(stable, costs):
 def test_the_rescoring_trigger_uses_only_past_information(shifted, costs):
     # Loads after a step cannot move a trigger up to the step after it: the shift's trigger
     # (at 4) is unchanged when steps 6 on are reversed, and that later change triggers one
-    # of its own (so the comparison could fail).
+    # of its own at 7 (so the comparison could fail).
     changed = shifted.copy()
     changed[4 + 6:] = shifted[4 + 6:][:, :, :, ::-1]
     runs = {w: simulate_fair(x, costs, rescore=True, **_RESCORE)

@@ -137,7 +137,24 @@ and auto_pred's base pick is auto_plus's, its background holding 1/k of auto_plu
 (c) unchanged. score_every="auto": per candidate pool the smallest k at which that charge is
 zero at every measured step even if every layer's prediction is made in the background (the
 largest predictor time of the run added to the scoring's work), from the run's water-filling
-median and step windows (fitting_score_every).
+median and step windows (fitting_score_every). Event-triggered rescoring (rescore=True;
+experiments.fair.run's default, simulate_fair's is False; with k > 1, auto and auto_plus only):
+after each step's dispatch the runtime has, for free, the step's routing counts and the
+measured MoE time of the layers it served; when the step's traffic changed since the latest
+scored step before it (the mean per-layer total-variation distance of the expert loads,
+traffic_distance, or the served candidates' summed MoE time beyond the largest change
+between two history-window steps at most k apart, rescore_thresholds, the time at least
+STEP_MARGIN), the next step is scored at once: its whole scoring (predictions of its
+non-predicting layers included) charged in that step's background (background_exposure
+with share 1), the running every-k scoring dropped (the part already done was charged), the
+every-k schedule restarted after it, and the picks made from the scorings from it on. The
+thresholds come from the history window alone and each decision from the step just run and
+the scored step, so it uses no later step. The picker scores every candidate with the
+background exposure the charge gives it (pick_exposure: a step-ahead split's own plan beyond
+the scoring's share and a fallback's background predictions share the step's spare time
+with the scoring), so pick and charge agree where the split's plan and the scoring do not
+fit together (assuming the candidate serves every layer; the first pick, from the history
+window, still scores the split's own plan alone).
 Layer time = attention + MoE (dispatch + max compute + combine) + exposed overheads; step
 time = model layers x mean layer time + the step's stop-the-world stall. Dense layers,
 embedding and LM head are not modelled.
@@ -1228,8 +1245,21 @@ def simulate_fair(load: np.ndarray, costs: FairCosts, *, slots: int, prior: int,
                 now_t = sum(metrics[q]["moe"][n, layer] for layer, q in enumerate(served[n]))
                 then_t = sum(metrics[q]["moe"][ref, layer]
                              for layer, q in enumerate(served[ref]))
-                fire = (traffic_distance(summed[prior + n], summed[prior + ref])
-                        > threshold[0] or now_t > (1.0 + threshold[1]) * then_t)
+                changed = (traffic_distance(summed[prior + n], summed[prior + ref])
+                           > threshold[0] or now_t > (1.0 + threshold[1]) * then_t)
+                # worth it: the first scoring that would see this step's traffic without a
+                # trigger is done at `later`, a triggered one at n + 2; the served layers'
+                # growth since the scored step (seconds per step, all model layers) over the
+                # steps between must exceed the triggered scoring's extra exposure at n + 1
+                # (its whole work instead of 1/k, against the window step n leaves)
+                later = n + k if start == n else start + length + k
+                if changed and later > n + 2 and n + 1 < num_steps:
+                    grown = (now_t - then_t) * layer_scale
+                    w = ahead_windows[n + 1]
+                    extra = model.num_layers * (
+                        background_exposure(work_side, 1.0, w, model.num_layers)
+                        - background_exposure(work_side, 1.0 / k, w, model.num_layers))
+                    fire = grown * (later - n - 2) > extra
         return {"epochs": epochs, "share": share, "scored_of": scored_of,
                 "triggered": triggered, "threshold": threshold}
 
