@@ -144,7 +144,11 @@ measured MoE time of the layers it served; when the step's traffic changed since
 scored step before it (the mean per-layer total-variation distance of the expert loads,
 traffic_distance, or the served candidates' summed MoE time beyond the largest change
 between two history-window steps at most k apart, rescore_thresholds, the time at least
-STEP_MARGIN), the next step is scored at once: its whole scoring (predictions of its
+STEP_MARGIN) and the change is worth a scoring (the served layers' MoE time growth since the
+scored step, per step for all model layers, times the steps until the first every-k scoring
+that would see the change is done, exceeds the triggered scoring's extra exposure: its whole
+work instead of 1/k against the window the step leaves), the next step is scored at once: its
+whole scoring (predictions of its
 non-predicting layers included) charged in that step's background (background_exposure
 with share 1), the running every-k scoring dropped (the part already done was charged), the
 every-k schedule restarted after it, and the picks made from the scorings from it on. The
