@@ -129,9 +129,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="with K > 1 the auto policies (auto, auto_plus) also score at once, "
                          "at the step after, when a step's traffic changed since the last "
                          "scored step (its expert-load distance or the served candidates' MoE "
-                         "time beyond the history window's own step-to-step variation); "
-                         "charged in full at that step (default on; --no-rescore: only every "
-                         "K steps)")
+                         "time beyond the history window's own step-to-step variation) and "
+                         "the MoE time growth over the steps it saves exceeds its extra "
+                         "exposure; charged in full at that step (default on; --no-rescore: "
+                         "only every K steps)")
     ap.add_argument("--sensitivity", type=Path, default=None,
                     help="folder of another run (e.g. --predictor perfect) whose summary the "
                          "report adds")
