@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 
 import numpy as np
 import pytest
@@ -20,16 +21,21 @@ from probe.sim.costs import (
     predictor_seconds,
 )
 from probe.sim.fair import (
+    STEP_MARGIN,
     ahead_exposure,
     auto_candidates,
+    background_exposure,
     eplb_copies,
     fitting_score_every,
     pick_by_time,
+    pick_exposure,
     lp_split,
     policy_names,
+    rescore_thresholds,
     scored_steps,
     simulate_fair,
     split_by_fractions,
+    traffic_distance,
     waterfill_split,
 )
 from probe.traces.synthetic import generate
@@ -487,15 +493,19 @@ def test_auto_falls_back_to_eplb_async_exactly(stable, costs):
             for name in ("moe", "transfer", "solve", "solve_side"):
                 np.testing.assert_array_equal(m[name], base[name])
             np.testing.assert_array_equal(r.stall[policy], r.stall["eplb_async"])
-            # EPLB's even split served, plus the picker's own work: the predictor every step
-            # and the scoring of every candidate in the background (its charges, below)
+            # EPLB's even split served, plus the picker's own work: the scoring of every
+            # candidate in the background, the predictions its plans need among it (its
+            # charges, below); nothing on the side stream or in series
             bg_side, bg_host = _background(r, policy, slow)
-            np.testing.assert_allclose(m["side"], bg_side + np.maximum(0.0, m["pred"]
-                                                                       - m["dispatch"]))
+            np.testing.assert_allclose(m["side"], np.broadcast_to(bg_side, m["side"].shape))
             np.testing.assert_allclose(m["plan_host"], np.broadcast_to(bg_host, m["pred"].shape))
-            assert np.all(m["pred"] > 0) and base["pred"].sum() == 0
-            for mode in ("host", "side"):
-                assert r.throughput(policy, mode) < r.throughput("eplb_async", mode)
+            assert m["pred"].sum() == 0 and base["pred"].sum() == 0
+            for mode, bg in (("host", bg_host), ("side", bg_side)):
+                # slower by its background work where that exceeds the step, EPLB's otherwise
+                if bg.sum() > 0:
+                    assert r.throughput(policy, mode) < r.throughput("eplb_async", mode)
+                else:
+                    assert r.throughput(policy, mode) == r.throughput("eplb_async", mode)
             # EPLB-k resident, and the p = k per-step slots of its fit and paper candidates
             assert r.memory[policy] == r.memory["eplb_async"] + 2 * 1 * slow.expert_bytes
 
@@ -567,12 +577,11 @@ def test_auto_plus_falls_back_to_eplb_async_when_nothing_hides(stable, costs):
     np.testing.assert_allclose(side[0], (layers * 1.0 - layers * res.attention) / layers)
     assert np.all(side[1:] > 0.9) and np.all(side[1:] < 1.0)
     assert all(set(e["layers"]) == {"eplb"} for e in res.meta["auto_plus_choices"])
-    # EPLB's step time, plus its scoring (the step-ahead plan among it) beyond every step and
-    # the predictor beyond the dispatch
-    m = res.metrics["probe_on_eplb_auto_plus"]
+    # EPLB's step time, plus its scoring (the step-ahead plan and the predictions among it)
+    # beyond every step
     bg_side, _ = _background(res, "probe_on_eplb_auto_plus", slow)
     assert np.all(bg_side[1:] > 0.9)
-    extra = (bg_side + np.maximum(0.0, m["pred"] - m["dispatch"])).mean(axis=1) * layers
+    extra = bg_side.mean(axis=1) * layers
     np.testing.assert_allclose(res.step_time("probe_on_eplb_auto_plus", "side"),
                                res.step_time("eplb_async", "side") + extra)
 
@@ -675,14 +684,25 @@ def _scoring_seconds(res, policy, costs) -> tuple[float, float]:
                                  costs.planner_kernel_s * costs.planner_host_factor))
 
 
+def _background_predictor(res, every: int = 1) -> np.ndarray:
+    """float64 [N]: the predictor seconds per layer in an auto policy's background at each
+    step while a fallback serves every layer: the predictions of every layer of the step
+    whose scoring runs (n - n % every), 1/every of them (the fit candidate pays exactly the
+    predictor's seconds)."""
+    pred = res.metrics["probe_on_eplb_fit_b0p1"]["pred"].mean(axis=1)
+    return pred[np.arange(len(pred)) // every * every] / every
+
+
 def _background(res, policy, costs, every: int = 1):
     """(side, host) float64 [N, 1]: the exposed seconds per layer of an auto policy's scoring
-    (_scoring_seconds), one scoring spread over `every` steps: 1/every of it for all model
-    layers against the non-communication time of the step before (_windows), while no
-    step-ahead split serves."""
+    (_scoring_seconds) and its background predictions (_background_predictor), one scoring
+    spread over `every` steps: 1/every of it for all model layers against the
+    non-communication time of the step before (_windows), while a fallback serves every
+    layer."""
     layers = costs.model.num_layers
-    return tuple(np.array([ahead_exposure(work / every, w, layers)
-                           for w in _windows(res, costs)])[:, None]
+    pred = _background_predictor(res, every)
+    return tuple(np.array([ahead_exposure(work / every + x, w, layers)
+                           for w, x in zip(_windows(res, costs), pred, strict=True)])[:, None]
                  for work in _scoring_seconds(res, policy, costs))
 
 
@@ -709,17 +729,76 @@ def test_auto_scoring_is_charged_against_the_step(stable, costs):
             auto_candidates(1, plus=policy.endswith("_plus")))
 
 
-def test_auto_pays_the_predictor_while_a_fallback_serves(stable, costs):
+def test_auto_pays_the_predictor_in_the_background_while_a_fallback_serves(stable, costs,
+                                                                          monkeypatch):
+    # EPLB serves every layer: the predictions are needed only for the scoring's plans, so
+    # they are made in its background (the step's non-communication time), not in series
+    # or beyond the dispatch. A predictor 1000x dearer grows the background exposure by
+    # exactly its extra seconds (the background already exceeds the window here).
     slow = dataclasses.replace(costs, planner_gpu_s=1.0)
-    res = simulate_fair(stable, slow, slots=1, prior=4, window=4, interval=3, seed=1,
-                        check=False, solve_time={"waterfill": 1e-6, "lp": 0.0})
+    kwargs = {"slots": 1, "prior": 4, "window": 4, "interval": 3, "seed": 1, "check": False,
+              "solve_time": {"waterfill": 1e-6, "lp": 0.0}}
+    res = simulate_fair(stable, slow, **kwargs)
     fit = res.metrics["probe_on_eplb_fit_b0p1"]["pred"]
     assert np.all(fit > 0) and res.metrics["eplb_async"]["pred"].sum() == 0
+    monkeypatch.setattr(FairCosts, "predictor_s", lambda self, tokens_per_rank: 1000.0
+                        * predictor_seconds(self.cost_name, tokens_per_rank))
+    dear = simulate_fair(stable, slow, **kwargs)
+    dear_fit = dear.metrics["probe_on_eplb_fit_b0p1"]["pred"]
+    assert np.all(dear_fit > 100 * fit)
     for policy in ("probe_on_eplb_auto", "probe_on_eplb_auto_plus", "probe_on_eplb_auto_replan"):
+        for r in (res, dear):
+            m = r.metrics[policy]
+            assert m["pred"].sum() == 0  # host mode: nothing in series
+            host_gap = r.layer_time(policy, "host") - r.layer_time("eplb_async", "host")
+            np.testing.assert_allclose(host_gap, np.broadcast_to(
+                _background(r, policy, slow)[1], host_gap.shape))
+            side_gap = r.layer_time(policy, "side") - r.layer_time("eplb_async", "side")
+            np.testing.assert_allclose(side_gap, np.broadcast_to(
+                _background(r, policy, slow)[0], side_gap.shape))
+        grown = dear.layer_time(policy, "side") - res.layer_time(policy, "side")
+        np.testing.assert_allclose(grown, np.broadcast_to(
+            (dear_fit - fit).mean(axis=1)[:, None], grown.shape), rtol=1e-9)
+        assert res.meta["auto_scoring"][policy]["background_predictor_s"] == pytest.approx(
+            fit.mean())
+
+
+def test_auto_pays_the_predictor_as_probe_does_while_probe_serves(costs):
+    # A fast planner and a perfect predictor on a shift: after the shift the fit split serves
+    # (it consumes the prediction: the predictor and planner charged as the fit candidate's,
+    # beyond the dispatch; host mode in series), before it EPLB (the prediction only in the
+    # background, none exposed on the side stream or in series).
+    fast = dataclasses.replace(costs, planner_gpu_s=1e-7, planner_kernel_s=1e-7,
+                               host_round_trip_s=1e-7)
+    trace = generate("shift", num_steps=9, tokens_per_step=8 * 256, num_layers=2,
+                     num_experts=128, top_k=4, num_ranks=8, seed=3, shift_step=6)
+    res = simulate_fair(trace.load_counts().astype(np.int64), fast, slots=2, prior=4,
+                        window=4, interval=3, seed=1, check=False, predictor="perfect",
+                        solve_time={"waterfill": 0.0, "lp": 0.0})
+    fit = res.metrics["probe_on_eplb_fit_b0p2"]
+    layers = costs.model.num_layers
+    windows = _windows(res, costs)
+    for policy, key in (("probe_on_eplb_auto", "auto_choices"),
+                        ("probe_on_eplb_auto_plus", "auto_plus_choices")):
+        served = np.array([e["layers"] for e in res.meta[key]])  # [N, L] labels
+        probe, eplb = served == "b0p2", served == "eplb"
+        assert probe.any() and eplb.any() and (probe | eplb).all()
         m = res.metrics[policy]
-        np.testing.assert_array_equal(m["pred"], fit)  # host mode: in series, every step
-        host_gap = res.layer_time(policy, "host") - res.layer_time("eplb_async", "host")
-        np.testing.assert_allclose(host_gap, fit + _background(res, policy, slow)[1])
+        side, host = res.meta["auto_scoring"][policy]["work_side_s"], \
+            res.meta["auto_scoring"][policy]["work_host_s"]
+        bg_pred = np.where(probe, 0.0, fit["pred"]).mean(axis=1)
+        bg = {w: np.array([ahead_exposure(work + x, win, layers) for win, x in zip(
+            windows, bg_pred, strict=True)])[:, None] for w, work in (("side", side),
+                                                                       ("host", host))}
+        np.testing.assert_array_equal(m["pred"][probe], fit["pred"][probe])
+        assert np.all(fit["pred"][probe] > 0) and m["pred"][eplb].sum() == 0
+        want = np.where(probe, fit["side"], 0.0) + bg["side"]
+        np.testing.assert_allclose(m["side"], want, rtol=1e-12, atol=1e-15)
+        want = np.where(probe, fit["plan_host"], 0.0) + bg["host"]
+        np.testing.assert_allclose(m["plan_host"], want, rtol=1e-12, atol=1e-15)
+        # where the fit split serves, its own predictor + planner beyond the dispatch
+        np.testing.assert_allclose(fit["side"][probe], np.maximum(
+            0.0, fit["pred"][probe] + fast.side_planner_seconds() - fit["dispatch"][probe]))
 
 
 def test_auto_candidates_fit_the_equal_memory(result, costs):
@@ -805,16 +884,22 @@ def test_score_every_spreads_one_scoring_over_its_steps(stable, costs, every):
                  "auto_plus_choices", "probe_on_eplb_auto_replan": "auto_replan_choices"}[
                     policy]])
             m = res.metrics[policy]
-            want = np.array([max(0.0, layers * side / k - w) / layers for w in windows])
-            np.testing.assert_allclose(m["side"] - np.maximum(0.0, m["pred"] - m["dispatch"]),
+            # the scoring and the predictions of its scored step, 1/k of them per step
+            pred = _background_predictor(res, k)
+            assert np.all(pred > 0)
+            if k > 1:  # the scored step's predictions, not each step's own
+                np.testing.assert_array_equal(pred[1:k], pred[0])
+            want = np.array([max(0.0, layers * (side / k + x) - w) / layers
+                             for w, x in zip(windows, pred, strict=True)])
+            np.testing.assert_allclose(m["side"],
                                        np.broadcast_to(want[:, None], m["side"].shape),
                                        rtol=1e-12, atol=1e-15)
-            want = np.array([max(0.0, layers * host / k - w) / layers for w in windows])
+            want = np.array([max(0.0, layers * (host / k + x) - w) / layers
+                             for w, x in zip(windows, pred, strict=True)])
             np.testing.assert_allclose(m["plan_host"],
                                        np.broadcast_to(want[:, None], m["side"].shape),
                                        rtol=1e-12, atol=1e-15)
-            # the predictor every step, whatever the interval
-            np.testing.assert_array_equal(m["pred"], runs[1].metrics[policy]["pred"])
+            assert m["pred"].sum() == 0  # nothing in series while EPLB serves
         # spreading lowers the exposure but never below zero
         lower = runs[every].metrics[policy]["side"] < runs[1].metrics[policy]["side"]
         assert lower.all()
@@ -863,14 +948,19 @@ def test_auto_score_every_is_the_smallest_that_fits(stable, costs):
     windows = _windows(res, slow)
     for policy in ("probe_on_eplb_auto", "probe_on_eplb_auto_plus"):
         k = res.meta["auto_scoring"][policy]["score_every"]
-        work = max(_scoring_seconds(res, policy, slow))
+        # the scoring's work and, the worst case, every layer's prediction in the background
+        pred = float(res.metrics["probe_on_eplb_fit_b0p1"]["pred"].max())
+        work = max(_scoring_seconds(res, policy, slow)) + pred
         assert k > 1
         assert all(ahead_exposure(work / k, w, layers) == 0.0 for w in windows)
         assert any(ahead_exposure(work / (k - 1), w, layers) > 0.0 for w in windows)
         assert k == fitting_score_every(work, windows, layers)
-        # nothing exposed at that interval: the background adds nothing to the step
+        # nothing exposed at that interval: EPLB's time to the bit, predictor included
         m = res.metrics[policy]
-        np.testing.assert_allclose(m["side"], np.maximum(0.0, m["pred"] - m["dispatch"]))
+        assert m["side"].sum() == 0 and m["pred"].sum() == 0 and m["plan_host"].sum() == 0
+        for mode in ("host", "side"):
+            np.testing.assert_array_equal(res.layer_time(policy, mode),
+                                          res.layer_time("eplb_async", mode))
     with pytest.raises(ValueError, match="score_every"):
         simulate_fair(stable, slow, slots=1, prior=4, window=4, interval=3, score_every=0)
     with pytest.raises(ValueError, match="score_every"):
@@ -880,9 +970,193 @@ def test_auto_score_every_is_the_smallest_that_fits(stable, costs):
 def test_run_parses_score_every():
     from experiments.fair.run import parse_args
 
-    assert parse_args([]).score_every == 1
+    assert parse_args([]).score_every == "auto"
+    assert parse_args(["--score-every", "1"]).score_every == 1
     assert parse_args(["--score-every", "auto"]).score_every == "auto"
     assert parse_args(["--score-every", "4"]).score_every == 4
     for bad in ("0", "often"):
         with pytest.raises(SystemExit):
             parse_args(["--score-every", bad])
+
+
+def test_traffic_distance_and_rescore_thresholds():
+    a = np.zeros((2, 3, 4), np.int64)
+    a[:, :, 0] = 1  # every token on expert 0
+    b = np.zeros_like(a)
+    b[:, :, 1] = 2
+    assert traffic_distance(a, a) == 0.0
+    assert traffic_distance(a, b) == pytest.approx(1.0)  # disjoint
+    c = a.copy()
+    c[0, :, 1] = 1  # layer 0 half on expert 1: 0.5, layer 1 unchanged: 0
+    assert traffic_distance(a, c) == pytest.approx(0.25)
+    assert traffic_distance(a.sum(axis=1), c.sum(axis=1)) == pytest.approx(0.25)
+    assert traffic_distance(np.zeros_like(a), np.zeros_like(a)) == 0.0
+    with pytest.raises(ValueError, match="shape"):
+        traffic_distance(a, a[:1])
+    # history a, a, c, a: lag 1 pairs reach 0.25 (a-c, c-a); the time grows at most 1.5x
+    hist = np.stack([a, a, c, a])
+    moe = np.array([1.0, 1.0, 1.5, 1.0])
+    distance, grow = rescore_thresholds(hist, moe, 1)
+    assert distance == pytest.approx(0.25) and grow == pytest.approx(0.5)
+    hist = np.stack([a, a, a, a])
+    assert rescore_thresholds(hist, np.ones(4), 3) == (0.0, STEP_MARGIN)  # at least 1%
+    assert rescore_thresholds(hist[:1], np.ones(1), 3) == (math.inf, math.inf)
+    with pytest.raises(ValueError, match="score_every"):
+        rescore_thresholds(hist, np.ones(4), 0)
+    with pytest.raises(ValueError, match="history_moe"):
+        rescore_thresholds(hist, np.ones(3), 2)
+
+
+@pytest.fixture(scope="module")
+def shifted():
+    # the hot set moves at absolute step 7: measured step 3 with prior = 4
+    trace = generate("shift", num_steps=14, tokens_per_step=8 * 256, num_layers=2,
+                     num_experts=128, top_k=4, num_ranks=8, seed=3, shift_step=7)
+    return trace.load_counts().astype(np.int64)
+
+
+_RESCORE = {"slots": 2, "prior": 4, "window": 4, "interval": 50, "seed": 1, "check": False,
+            "score_every": 8, "solve_time": {"waterfill": 1e-4, "lp": 0.0}}
+
+
+def test_a_shift_triggers_a_charged_rescoring_on_the_step_after(shifted, costs):
+    # score_every 8: an every-8 scoring from step 0 (done at 8, the next one, the first to see
+    # the shift, at 16); the shift at measured step 3 changes the traffic beyond the history's
+    # own step-to-step distance and EPLB's MoE time grows ~0.7 ms per step, more over the 11
+    # steps a triggered scoring saves than its extra exposure (a scoring of 7 water-fillings
+    # at 0.1 ms: ~31 ms for the model's layers against a ~25 ms window), so the whole
+    # scoring runs at step 4, charged there, and the every-8 schedule restarts at step 5.
+    runs = {r: simulate_fair(shifted, costs, rescore=r, **_RESCORE) for r in (False, True)}
+    layers = costs.model.num_layers
+    windows = _windows(runs[True], costs)
+    for policy in ("probe_on_eplb_auto", "probe_on_eplb_auto_plus"):
+        sc = {r: res.meta["auto_scoring"][policy] for r, res in runs.items()}
+        assert sc[False]["triggered_steps"] == []
+        assert sc[True]["triggered_steps"] == [4]
+        assert sc[True]["trigger_distance"] < traffic_distance(shifted[4 + 3], shifted[4 + 0])
+        work = sc[True]["work_side_s"]
+        side = {r: res.metrics[policy]["side"] for r, res in runs.items()}
+        served = np.array([e["layers"] for e in runs[True].meta[
+            {"probe_on_eplb_auto": "auto_choices",
+             "probe_on_eplb_auto_plus": "auto_plus_choices"}[policy]]])
+        assert (served[:5] == "eplb").all()  # a fallback serves up to the trigger
+        fit_pred = runs[True].metrics["probe_on_eplb_fit_b0p2"]["pred"]
+        want = ahead_exposure(work + fit_pred[4].mean(), windows[4], layers)
+        np.testing.assert_allclose(side[True][4], want, rtol=1e-12, atol=1e-15)
+        if policy == "probe_on_eplb_auto_plus":  # (auto's 5 candidates fit the window)
+            assert want > 0
+            assert np.all(side[True][4] > side[False][4])  # the whole scoring, not an eighth
+        # before the trigger both runs are charged alike (one every-8 scoring)
+        np.testing.assert_allclose(side[True][:4], side[False][:4], rtol=1e-12)
+        # the every-8 schedule restarts at step 5: an eighth of step 5's scoring there
+        if (served[5] == "eplb").all():
+            want5 = ahead_exposure((work + fit_pred[5].mean()) / 8, windows[5], layers)
+            np.testing.assert_allclose(side[True][5], want5, rtol=1e-12, atol=1e-15)
+    # the trigger's charge shows in the step time
+    assert runs[True].step_time("probe_on_eplb_auto_plus", "side")[4] > runs[False].step_time(
+        "probe_on_eplb_auto_plus", "side")[4]
+    # not worth it: with a 10x dearer scoring the growth never pays its extra exposure
+    dear = simulate_fair(shifted, costs, rescore=True, **dict(
+        _RESCORE, solve_time={"waterfill": 1e-3, "lp": 0.0}))
+    assert dear.meta["auto_scoring"]["probe_on_eplb_auto_plus"]["triggered_steps"] == []
+
+
+def test_stable_traffic_triggers_no_rescoring(stable, costs):
+    kwargs = dict(_RESCORE, score_every=3)
+    res = simulate_fair(stable, costs, rescore=True, **kwargs)
+    base = simulate_fair(stable, costs, rescore=False, **kwargs)
+    for policy in ("probe_on_eplb_auto", "probe_on_eplb_auto_plus"):
+        assert res.meta["auto_scoring"][policy]["triggered_steps"] == []
+        np.testing.assert_array_equal(res.layer_time(policy, "side"),
+                                      base.layer_time(policy, "side"))
+    # auto_replan scores only every k steps (it re-picks at re-plans)
+    assert "triggered_steps" in res.meta["auto_scoring"]["probe_on_eplb_auto_replan"]
+    assert res.meta["auto_scoring"]["probe_on_eplb_auto_replan"]["triggered_steps"] == []
+
+
+def test_the_rescoring_trigger_uses_only_past_information(shifted, costs):
+    # Loads after a step cannot move a trigger up to the step after it: the shift's trigger
+    # (at 4) is unchanged when steps 6 on are reversed, and that later change triggers one
+    # of its own at 7 (so the comparison could fail).
+    changed = shifted.copy()
+    changed[4 + 6:] = shifted[4 + 6:][:, :, :, ::-1]
+    runs = {w: simulate_fair(x, costs, rescore=True, **_RESCORE)
+            for w, x in (("same", shifted), ("changed", changed))}
+    for policy in ("probe_on_eplb_auto", "probe_on_eplb_auto_plus"):
+        same, new = (runs[w].meta["auto_scoring"][policy]["triggered_steps"]
+                     for w in ("same", "changed"))
+        assert [s for s in new if s <= 6] == same == [4]
+        assert 7 in new  # reversed at 6: scored at once at 7
+        np.testing.assert_array_equal(runs["same"].metrics[policy]["side"][:7],
+                                      runs["changed"].metrics[policy]["side"][:7])
+
+
+def test_pick_exposure_matches_the_charge():
+    layers, window = 10, 1e-3
+    work, planner, pred = 0.1e-3, 0.09e-3, 0.02e-3
+    # every-2 scoring: 0.05 ms of work per layer per step, 0.5 ms for 10 layers: fits
+    assert background_exposure(work, 0.5, window, layers) == 0.0
+    # the step-ahead plan alone (0.9 ms) fits too, but with the scoring's share, the other
+    # half of its own plan and the background predictions it exceeds the window
+    own = (1 - 0.5) * planner
+    alone = ahead_exposure(planner, window, layers)
+    assert alone == 0.0
+    e = pick_exposure("probe_on_eplb_ahead_b0p2", work, 0.5, window, layers, planner_s=planner,
+                      pred_s=pred)
+    assert e == pytest.approx(max(0.0, layers * (0.5 * (work + pred) + own) - window) / layers)
+    assert e == pytest.approx(background_exposure(work, 0.5, window, layers, pred_s=pred,
+                                                  own_s=own))
+    assert e > 0
+    # a fallback leaves only its prediction to the background: fits here
+    assert pick_exposure("eplb_async", work, 0.5, window, layers, planner_s=planner,
+                         pred_s=pred) == 0.0
+    # ... not when the window is short: its share of the predictions, exposed
+    short = 0.3e-3
+    assert pick_exposure("eplb_async", work, 0.5, short, layers, planner_s=planner,
+                         pred_s=pred) == pytest.approx(0.5 * pred)
+    # the fit split pays its prediction itself: nothing here
+    assert pick_exposure("probe_on_eplb_fit_b0p2", work, 0.5, short, layers,
+                         planner_s=planner, pred_s=pred) == 0.0
+    # a triggered scoring (share 1) holds the step-ahead plan: no own plan beyond it
+    assert pick_exposure("probe_on_eplb_ahead_b0p2", work, 1.0, 10.0, layers,
+                         planner_s=planner, pred_s=0.0) == 0.0
+    with pytest.raises(ValueError, match="share"):
+        background_exposure(work, 1.5, window, layers)
+
+
+def test_the_picker_scores_the_step_ahead_split_with_the_charged_exposure(load, costs,
+                                                                        monkeypatch):
+    # The picker adds pick_exposure (the charge's exposure of the split's work shared with
+    # the scoring) to the step-ahead split's time in place of its own exposure against a
+    # whole step: a large credit there makes auto_plus pick it on every layer once a
+    # scoring is done; the real exposure does not (so the picker reads pick_exposure); the
+    # candidates' own metrics (what the charge uses) are the same in both runs.
+    import probe.sim.fair as fair
+
+    fast = dataclasses.replace(costs, planner_gpu_s=1e-7, planner_kernel_s=1e-7,
+                               host_round_trip_s=1e-7)
+    kwargs = {"slots": 2, "prior": 4, "window": 4, "interval": 50, "seed": 1, "check": False,
+              "predictor": "perfect", "solve_time": {"waterfill": 0.0, "lp": 0.0}}
+    res = simulate_fair(load, fast, **kwargs)
+    picks = {q for e in res.meta["auto_plus_choices"][1:] for q in e["layers"]}
+    assert "ahead_b0p2" not in picks, picks
+    real = fair.pick_exposure
+    monkeypatch.setattr(fair, "pick_exposure", lambda q, *a, **kw: (
+        -1.0 if q.startswith("probe_on_eplb_ahead_") else real(q, *a, **kw)))
+    credit = simulate_fair(load, fast, **kwargs)
+    picks = {q for e in credit.meta["auto_plus_choices"][1:] for q in e["layers"]}
+    assert picks == {"ahead_b0p2"}, picks
+    np.testing.assert_array_equal(credit.metrics["probe_on_eplb_ahead_b0p2"]["side"],
+                                  res.metrics["probe_on_eplb_ahead_b0p2"]["side"])
+
+
+def test_simulate_fair_checks_rescore(stable, costs):
+    with pytest.raises(TypeError, match="rescore"):
+        simulate_fair(stable, costs, slots=1, prior=4, window=4, interval=3, rescore=1)
+
+
+def test_run_parses_rescore():
+    from experiments.fair.run import parse_args
+
+    assert parse_args([]).rescore is True
+    assert parse_args(["--no-rescore"]).rescore is False

@@ -254,6 +254,22 @@ def _scoring_interval(results: list[dict], settings: dict) -> str:
     text += ("; picks change only when a scoring is done (k steps after its step) and are "
              "made from the scored steps alone; the work per scoring is unchanged "
              "(probe.sim.fair)")
+    if settings.get("rescore", False):
+        triggered = sum(len(entry["meta"].get("auto_scoring", {}).get(
+            "probe_on_eplb_auto_plus", {}).get("triggered_steps", []))
+            for r in results for entry in r["slots"].values())
+        text += ("; with --rescore (the default) auto and auto_plus also score at once, in "
+                 "the background of the step after, when a step's traffic changed since the "
+                 "latest scored step before it (the mean per-layer total-variation distance "
+                 "of its expert loads, or the served candidates' measured MoE time, beyond "
+                 "the largest step-to-step change within k steps in the history window, the "
+                 "time at least 1%): that scoring's whole work is charged at that step, the "
+                 "running one is dropped and the every-k schedule restarts after it, and the "
+                 "picks use the scorings from it on (auto_replan scores only every k steps); "
+                 f"auto_plus triggered {triggered} such scorings over all cases")
+    text += ("; the picker scores each candidate with the background exposure the charge "
+             "gives it (a step-ahead split's own plan and a fallback's background prediction "
+             "share the step's spare time with the scoring)")
     if every != "auto":
         return text + "."
     chosen = []
@@ -346,11 +362,15 @@ def write_report(results: list[dict], analysis: dict, manifest: dict, path: Path
         "it keeps every candidate's layout resident, and EPLB-k with any EPLB-b, 0 < b < k, "
         "would exceed the k slots per rank (equal memory); its memory is EPLB-k's plus the "
         "double-buffered p = k per-step slots, its stall the largest of all candidates' at "
-        "every step. On top of the candidate that serves it pays its own work at every step: "
-        "the predictor (beyond the dispatch, also while a fallback serves) and, in the "
+        "every step. On top of the candidate that serves it pays its own work: in the "
         "background against the step's non-communication time (L layers), the plans and the "
         "scoring of every candidate on the true load that its picks need (one water-filling "
-        "kernel time per candidate). The first pick from the window "
+        "kernel time per candidate) and, for the layers whose serving candidate does not "
+        "consume the prediction (a fallback or the ahead split), the predictor's measured time "
+        "(the prediction is then needed only for the scoring's plans; layer l's needs only "
+        "layer l-1's router input of the step); where a fit, plan or paper candidate serves, "
+        "the predictor is charged as that candidate's (beyond the dispatch; host mode in "
+        "series). The first pick from the window "
         "before the measured steps, re-picked at each EPLB re-plan from the steps before it, "
         "and between re-plans switching a layer when another candidate was at least 1% faster "
         "over the last window // 4 steps (cells: layer choices, '/' between re-picks; "
@@ -525,7 +545,9 @@ def load_sensitivity(folder: Path | None) -> dict | None:
 
     tables = json.loads((folder / "tables.json").read_text())
     manifest = json.loads((folder / "manifest.json").read_text())
-    return {"label": f"predictor {manifest['settings']['predictor']}", "folder": str(folder),
+    settings = manifest["settings"]
+    return {"label": f"predictor {settings['predictor']}, --score-every "
+                     f"{settings.get('score_every', 1)}", "folder": str(folder),
             "analysis": tables["analysis"]}
 
 

@@ -119,11 +119,20 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="only these tokens per rank (decode batches or prefill chunks)")
     ap.add_argument("--slots", nargs="+", type=int, default=None, metavar="K",
                     help="only these extra slots per rank (default: 1-4; 1, 2, 4 across nodes)")
-    ap.add_argument("--score-every", type=_score_every, default=1, metavar="K|auto",
+    ap.add_argument("--score-every", type=_score_every, default="auto", metavar="K|auto",
                     help="the auto policies re-score their candidates every K measured steps, "
-                         "one scoring's background work spread over them (default 1: every "
-                         "step); 'auto': per run the smallest K at which it is exposed at no "
-                         "step (probe.sim.fair.fitting_score_every)")
+                         "one scoring's background work spread over them; 'auto' (default): "
+                         "per run the smallest K at which it is exposed at no step, even with "
+                         "every layer's prediction made in it "
+                         "(probe.sim.fair.fitting_score_every); 1: every step")
+    ap.add_argument("--rescore", action=argparse.BooleanOptionalAction, default=True,
+                    help="with K > 1 the auto policies (auto, auto_plus) also score at once, "
+                         "at the step after, when a step's traffic changed since the last "
+                         "scored step (its expert-load distance or the served candidates' MoE "
+                         "time beyond the history window's own step-to-step variation) and "
+                         "the MoE time growth over the steps it saves exceeds its extra "
+                         "exposure; charged in full at that step (default on; --no-rescore: "
+                         "only every K steps)")
     ap.add_argument("--sensitivity", type=Path, default=None,
                     help="folder of another run (e.g. --predictor perfect) whose summary the "
                          "report adds")
@@ -286,7 +295,8 @@ def run_config(model: str, workload: str, batch: int, slots_list, args,
     for k in slots_list:
         res = simulate_fair(load, costs, slots=k, prior=prior, window=prior,
                             interval=prior, predictor=predictor, seed=args.seed,
-                            phase=phase, score_every=args.score_every)
+                            phase=phase, score_every=args.score_every,
+                            rescore=args.rescore)
         rows = {}
         for policy in res.policies:
             rows[policy] = {"host": res.summary(policy, "host"),
@@ -507,7 +517,7 @@ def main(argv=None) -> int:
                          "slots": list(MULTINODE_SLOTS), "steps": args.multinode_steps,
                          "prior": args.multinode_prior, "layers": args.multinode_layers},
                      "predictor": args.predictor, "seed": args.seed, "slots": list(slots_list),
-                     "score_every": args.score_every,
+                     "score_every": args.score_every, "rescore": args.rescore,
                      "eplb_window": args.prior, "eplb_interval": args.prior},
     }
     outputs = [args.out / name for name in ("tables.md", "tables.json", "fair_memory.png")]

@@ -111,27 +111,54 @@ Overheads of PROBE per layer, two modes (both reported):
            default the faster of the host kernel's wall time plus a round trip and the GPU
            kernel's measured one-layer latency (assign_time "gpu": the per-layer time of a
            multi-layer launch, optimistic; "host": the host wall time alone).
-The auto policies' own work (auto_replan, auto, auto_plus; auto_pred as above), charged on
-top of the candidate that serves: (a) their pick needs every candidate's time on every measured
-step, so after each step every candidate is planned (the fit split and the paper's PROBE on
-the prediction, the step-ahead split on the step's load: host plans, side mode at the
-side-stream planner time) and scored on the true load (one water-filling kernel time each,
-the run's median), for the model's L layers in the background: max(0, L x that work - the
-step's non-communication time) / L per layer (ahead_exposure; a served step-ahead split's own
-plan is one of them, so its own exposure is replaced); (b) the predictor at every step (the
-fit and paper plans need it), on the side stream beyond the dispatch (host mode: in series),
-also while a fallback or a step-ahead split serves; (c) memory: the layouts of every candidate
-(EPLB-k and the double-buffered p = k per-step slots) and the largest re-plan stall of all
-candidates at every step. With `score_every` = k > 1 (default 1: the above) they score only
-steps 0, k, 2k, ..., one scoring spread over the k steps from its step and done k steps later
-(scored_steps): picks change only then and are made from the scored steps alone (between
-scorings each layer keeps its pick; auto_replan re-picks at re-plans from the scorings done),
-each step is charged ahead_exposure of 1/k of the scoring (plus, where a step-ahead split
-serves, its own plan, made every step, beyond the scoring's 1/k share of it), and
-auto_pred's base pick is auto_plus's, its background holding 1/k of auto_plus's scoring;
-(b) and (c) unchanged. score_every="auto": per candidate pool the smallest k at which that
-charge is zero at every measured step, from the run's water-filling median and step windows
-(fitting_score_every).
+The auto policies' own work (auto_replan, auto, auto_plus; auto_pred as above), charged on top
+of the candidate that serves: (a) their pick needs every candidate's time on every measured
+step, so after each step every candidate is planned (the fit split and the paper's PROBE on the
+prediction, the step-ahead split on the step's load: host plans, side mode at the side-stream
+planner time) and scored on the true load (one water-filling kernel time each, the run's
+median), for the model's L layers in the background: max(0, L x that work - the step's
+non-communication time) / L per layer (ahead_exposure; a served step-ahead split's own plan is
+one of them, so its own exposure is replaced); (b) the predictor: where the served candidate
+consumes the prediction (a fit or plan split, the paper's PROBE) it pays it as that candidate
+does (on the side stream beyond the dispatch; host mode: in series); where it does not (a
+fallback, a step-ahead split), the layer's prediction is needed only for the scoring's plans,
+so it is made in the background as part of the scoring (layer l's prediction needs only layer
+l-1's router input of that step) and charged there, its measured seconds added to (a)'s work in
+ahead_exposure, nothing on the side stream or in series; (c) memory: the layouts of every
+candidate (EPLB-k and the double-buffered p = k per-step slots) and the largest re-plan stall
+of all candidates at every step. With `score_every` = k > 1 (default 1: the above;
+experiments.fair.run's default is "auto") they score only steps 0, k, 2k, ..., one scoring
+spread over the k steps from its step and done k steps later (scored_steps): picks change only
+then and are made from the scored steps alone (between scorings each layer keeps its pick;
+auto_replan re-picks at re-plans from the scorings done), each step is charged ahead_exposure
+of 1/k of the scoring, the background predictions of the scored step included (plus, where a
+step-ahead split serves, its own plan, made every step, beyond the scoring's 1/k share of it),
+and auto_pred's base pick is auto_plus's, its background holding 1/k of auto_plus's scoring;
+(c) unchanged. score_every="auto": per candidate pool the smallest k at which that charge is
+zero at every measured step even if every layer's prediction is made in the background (the
+largest predictor time of the run added to the scoring's work), from the run's water-filling
+median and step windows (fitting_score_every). Event-triggered rescoring (rescore=True;
+experiments.fair.run's default, simulate_fair's is False; with k > 1, auto and auto_plus only):
+after each step's dispatch the runtime has, for free, the step's routing counts and the
+measured MoE time of the layers it served; when the step's traffic changed since the latest
+scored step before it (the mean per-layer total-variation distance of the expert loads,
+traffic_distance, or the served candidates' summed MoE time beyond the largest change
+between two history-window steps at most k apart, rescore_thresholds, the time at least
+STEP_MARGIN) and the change is worth a scoring (the served layers' MoE time growth since the
+scored step, per step for all model layers, times the steps until the first every-k scoring
+that would see the change is done, exceeds the triggered scoring's extra exposure: its whole
+work instead of 1/k against the window the step leaves), the next step is scored at once: its
+whole scoring (predictions of its
+non-predicting layers included) charged in that step's background (background_exposure
+with share 1), the running every-k scoring dropped (the part already done was charged), the
+every-k schedule restarted after it, and the picks made from the scorings from it on. The
+thresholds come from the history window alone and each decision from the step just run and
+the scored step, so it uses no later step. The picker scores every candidate with the
+background exposure the charge gives it (pick_exposure: a step-ahead split's own plan beyond
+the scoring's share and a fallback's background predictions share the step's spare time
+with the scoring), so pick and charge agree where the split's plan and the scoring do not
+fit together (assuming the candidate serves every layer; the first pick, from the history
+window, still scores the split's own plan alone).
 Layer time = attention + MoE (dispatch + max compute + combine) + exposed overheads; step
 time = model layers x mean layer time + the step's stop-the-world stall. Dense layers,
 embedding and LM head are not modelled.
@@ -162,10 +189,11 @@ from probe.sim.policies import apply_plan
 from probe.sim.predict import make_predictor, replay_predictor
 from probe.sim.rounding import split_by_fractions
 
-__all__ = ["FALLBACKS", "FairResult", "auto_candidates", "eplb_copies",
+__all__ = ["FALLBACKS", "FairResult", "auto_candidates", "background_exposure", "eplb_copies",
            "fitting_score_every", "history_split", "history_times", "lp_split",
-           "pick_by_time", "policy_names", "rule_split", "scored_steps", "side_layer_time",
-           "simulate_fair", "split_by_fractions", "waterfill_split"]
+           "pick_by_time", "pick_exposure", "policy_names", "rescore_thresholds",
+           "rule_split", "scored_steps", "side_layer_time", "simulate_fair",
+           "split_by_fractions", "traffic_distance", "waterfill_split"]
 
 
 def paper_options() -> dict:
@@ -260,6 +288,85 @@ def fitting_score_every(work_s: float, windows, layers: int) -> int:
     while k > 1 and fits(k - 1):
         k -= 1
     return k
+
+
+def traffic_distance(a: np.ndarray, b: np.ndarray) -> float:
+    """The mean over layers of the total-variation distance between two steps' expert-load
+    distributions: a, b int [L, S, E] (or [L, E], already summed over source ranks); per
+    layer 0.5 x sum over experts |a_e / sum(a) - b_e / sum(b)|, in [0, 1] (a layer with no
+    tokens counts as uniform)."""
+    a, b = (np.asarray(x, dtype=np.float64) for x in (a, b))
+    if a.shape != b.shape or a.ndim not in (2, 3):
+        raise ValueError(f"a and b must be loads of one shape [L, S, E] or [L, E], got "
+                         f"{a.shape} and {b.shape}")
+    if a.ndim == 3:
+        a, b = a.sum(axis=1), b.sum(axis=1)
+
+    def dist(x):
+        total = x.sum(axis=1, keepdims=True)
+        return np.where(total > 0, x / np.where(total > 0, total, 1.0), 1.0 / x.shape[1])
+
+    return float(0.5 * np.abs(dist(a) - dist(b)).sum(axis=1).mean())
+
+
+def rescore_thresholds(history: np.ndarray, history_moe: np.ndarray,
+                       score_every: int) -> tuple[float, float]:
+    """(distance, time): the event-triggered rescoring's thresholds, from the history window
+    alone (the steps before the first measured one): the largest traffic_distance between
+    two history steps at most `score_every` steps apart (a measured step is compared with a
+    scored step at most that far back), and the largest relative increase of the MoE time
+    `history_moe` (float [H], seconds per step, e.g. EPLB's) between two such steps, at least
+    STEP_MARGIN. With fewer than two history steps: (inf, inf), nothing triggers."""
+    history = np.asarray(history)
+    history_moe = np.asarray(history_moe, dtype=np.float64)
+    if history.ndim != 4 or history_moe.shape != history.shape[:1]:
+        raise ValueError(f"history must be int [H, L, S, E] and history_moe float [H], got "
+                         f"{history.shape} and {history_moe.shape}")
+    if isinstance(score_every, bool) or not isinstance(score_every, (int, np.integer)) \
+            or score_every < 1:
+        raise ValueError(f"score_every must be an int >= 1, got {score_every!r}")
+    if history.shape[0] < 2:
+        return math.inf, math.inf
+    summed = history.sum(axis=2)
+    pairs = [(i, j) for j in range(history.shape[0]) for i in range(max(0, j - score_every), j)]
+    distance = max(traffic_distance(summed[j], summed[i]) for i, j in pairs)
+    grow = max(history_moe[j] / history_moe[i] - 1.0 for i, j in pairs if history_moe[i] > 0)
+    return distance, max(STEP_MARGIN, grow)
+
+
+def background_exposure(work_s: float, share: float, window_s: float, layers: int, *,
+                        pred_s: float = 0.0, own_s: float = 0.0) -> float:
+    """Exposed seconds per layer of an auto policy's background at one step: `share` (1/k
+    while an every-k scoring runs, 1 for a triggered one) of one scoring (`work_s` seconds per
+    layer, plus `pred_s` per layer of the scored step's predictions made in it), and `own_s`
+    per layer of a served step-ahead split's own plans beyond the scoring's share of them,
+    for the model's `layers` layers against the step's `window_s` seconds of
+    non-communication time (ahead_exposure)."""
+    if not 0.0 <= share <= 1.0:
+        raise ValueError(f"share must be in [0, 1], got {share!r}")
+    return ahead_exposure(share * (work_s + pred_s) + own_s, window_s, layers)
+
+
+def pick_exposure(candidate: str, work_s: float, share: float, window_s: float, layers: int,
+                  *, planner_s: float, pred_s: float) -> float:
+    """The background exposure per layer the auto policies' charge adds when `candidate`
+    serves every layer at a step, over the scoring's own (background_exposure): the picker
+    scores each candidate with it, so that pick and charge agree. A step-ahead split
+    (probe_on_eplb_ahead_*) plans every step, (1 - share) x `planner_s` beyond the
+    scoring's share of its plan, and a candidate that does not consume the prediction (the
+    step-ahead split, a fallback) leaves the scored step's prediction (`pred_s` per layer)
+    to the background; both share the step's spare time with the scoring, so where they and
+    the scoring together do not fit the candidate is scored with that exposure. A fit or
+    plan split and the paper's PROBE add nothing here (they pay the predictor beyond the
+    dispatch themselves)."""
+    ahead = candidate.startswith("probe_on_eplb_ahead_")
+    predicts = candidate == "probe_paper" or candidate.startswith(
+        ("probe_on_eplb_fit_", "probe_on_eplb_plan_"))
+    base = background_exposure(work_s, share, window_s, layers)
+    mine = background_exposure(work_s, share, window_s, layers,
+                               pred_s=0.0 if predicts else pred_s,
+                               own_s=(1.0 - share) * planner_s if ahead else 0.0)
+    return mine - base
 
 
 def side_layer_time(metrics: dict, stall: np.ndarray, model_layers: int,
@@ -590,9 +697,11 @@ class FairResult:
 
     metrics[policy][name]: float64 [N, L] per measured step and layer (seconds unless noted):
         moe, compute, comm, imbalance (ratio), transfer (exposed per-step replica transfer),
-        pred (predictor seconds), plan_host (planner seconds on the host), side (exposed
-        predictor + planner on a side stream), solve (measured dispatch-solve seconds, LP or
-        water-filling, in series), replicas (count), dispatch (the dispatch all-to-all).
+        pred (predictor seconds in series in host mode; an auto policy's background
+        predictions are in plan_host and side), plan_host (planner seconds on the host), side
+        (exposed predictor + planner on a side stream), solve (measured dispatch-solve
+        seconds, LP or water-filling, in series), replicas (count), dispatch (the dispatch
+        all-to-all).
     stall[policy]: float64 [N] stop-the-world seconds at each step; moved[policy]: float64 [N]
     bytes moved (all model layers) by re-plans or per-step replicas. oracle_picks[n][layer]:
     the oracle's winner at each measured step and layer: a policy's name, or
@@ -657,7 +766,7 @@ _METRICS = ("moe", "compute", "comm", "imbalance", "transfer", "pred", "plan_hos
 def simulate_fair(load: np.ndarray, costs: FairCosts, *, slots: int, prior: int, window: int,
                   interval: int, predictor="topk:0.9", seed: int = 0, check: bool = True,
                   solve_time: dict | None = None, phase: str = "decode",
-                  score_every: int | str = 1) -> FairResult:
+                  score_every: int | str = 1, rescore: bool = False) -> FairResult:
     """Replay `load` int [N_all, L, S, E] (first `prior` steps: history only) at `slots` extra
     slots per rank under every policy of `policy_names(slots)` (module docstring).
 
@@ -674,8 +783,10 @@ def simulate_fair(load: np.ndarray, costs: FairCosts, *, slots: int, prior: int,
     chunk) for the attention time. score_every: the auto policies (auto_replan, auto,
     auto_plus; auto_pred's base pick) re-score their candidates every `score_every` measured
     steps, one scoring's background work spread over them (module docstring); "auto": per
-    candidate pool the smallest interval at which it is exposed at no step
-    (fitting_score_every); meta["auto_scoring"] gives the interval used.
+    candidate pool the smallest interval at which it is exposed at no step, even with every
+    layer's prediction made in it (fitting_score_every); meta["auto_scoring"] gives the
+    interval used. The default here stays 1 (the API's earlier behaviour, which the tests
+    pin); experiments.fair.run defaults to "auto".
     """
     load = np.asarray(load)
     if load.ndim != 4:
@@ -690,6 +801,8 @@ def simulate_fair(load: np.ndarray, costs: FairCosts, *, slots: int, prior: int,
     if score_every != "auto" and (isinstance(score_every, bool) or not isinstance(
             score_every, (int, np.integer)) or score_every < 1):
         raise ValueError(f"score_every must be an int >= 1 or 'auto', got {score_every!r}")
+    if not isinstance(rescore, bool):
+        raise TypeError(f"rescore must be a bool, got {rescore!r}")
     if window > prior:
         raise ValueError(f"window ({window}) must be <= prior ({prior})")
     if prior >= num_all:
@@ -759,43 +872,6 @@ def simulate_fair(load: np.ndarray, costs: FairCosts, *, slots: int, prior: int,
     pick_window = max(1, window // 4)
     step_epochs = {t: [e[0]] for t, e in replan_epochs.items()}
 
-    def shadow_times(seen: np.ndarray, names: list[str]) -> dict:  # side-mode times, rows
-        return {q: side_layer_time({k: v[seen] for k, v in metrics[q].items()},
-                                   stall[q][seen], model.num_layers, attention)
-                for q in names}
-
-    def window_pick(n: int, target: str, every: int) -> list[str] | None:
-        """The pick from the scorings done before step n (scored_steps) within EPLB's window
-        (the latest one if none is; None: no scoring done yet)."""
-        names = candidates_of[target]
-        ready = scored_steps(n, every)
-        rows = ready[ready >= n - window]
-        rows = rows if rows.size else ready[-1:]
-        return pick(shadow_times(rows, names), candidates=names) if rows.size else None
-
-    def step_pick(n: int, target: str, every: int) -> list[str]:
-        """A pick changes only when a scoring is done (every `every` steps): then, if EPLB
-        re-planned since the last one, the pick from the window (window_pick); else a layer
-        leaves its current candidate only for one whose mean time over the last `pick_window`
-        scorings is at least STEP_MARGIN lower (hysteresis: noise in a stable load does not
-        move it)."""
-        current = step_epochs[target][-1][1]
-        if n % every:
-            return current  # no scoring done since the last pick: keep it
-        replanned = (n // interval) * interval
-        if replanned > 0 and replanned > n - every:
-            return window_pick(n, target, every) or current
-        ready = scored_steps(n, every)[-pick_window:]
-        if not ready.size:
-            return current
-        names = candidates_of[target]
-        times = shadow_times(ready, names)
-        out = []
-        for layer, (now, new) in enumerate(zip(current, pick(times, candidates=names),
-                                               strict=True)):
-            t_now, t_new = times[now][:, layer].mean(), times[new][:, layer].mean()
-            out.append(new if t_new < (1.0 - STEP_MARGIN) * t_now else now)
-        return out
     step_hide = 0.0  # seconds of non-communication time of the last step (async copy window)
     pred_picks = [[""] * num_layers for _ in range(num_steps)]  # auto_pred's candidates
     pred_scores = [[{}] * num_layers for _ in range(num_steps)]  # its scores on the prediction
@@ -1072,16 +1148,133 @@ def simulate_fair(load: np.ndarray, costs: FairCosts, *, slots: int, prior: int,
         plans, ahead, scores = scoring_work(names)
         scoring_s[target] = ((plans + ahead) * planner_side + scores * wf_median,
                              (plans + ahead) * plan_host + scores * wf_median)
-        every[target] = (fitting_score_every(max(scoring_s[target]), ahead_windows,
-                                             model.num_layers)
+        # "auto": the interval fits even if every layer's prediction is made in the
+        # background (no layer served by a candidate that consumes it), the worst case
+        every[target] = (fitting_score_every(max(scoring_s[target]) + float(pred_cost.max()),
+                                             ahead_windows, model.num_layers)
                          if score_every == "auto" else int(score_every))
-    for n in range(1, num_steps):
-        if n % interval == 0:  # auto_replan: at each re-plan, from the scorings done by then
-            for target in candidates_of:
-                names = window_pick(n, target, every[target])
-                replan_epochs[target].append((n, names or replan_epochs[target][-1][1]))
-        for target in candidates_of:
-            step_epochs[target].append((n, step_pick(n, target, every[target])))
+    # Each auto policy's scorings, one after another (the next starts the step the previous
+    # one is done): every-k ones (1/k of the work per step, k steps) and, with `rescore`,
+    # triggered ones (the whole work at one step) that replace the one running when the
+    # step before changed the traffic (module docstring). Picks change only when a scoring
+    # is done, from the scored steps done (from the latest triggered one on).
+    pred_mean = pred_cost.mean(axis=1)  # [N] the step's predictions per layer
+    history_moe = (first["eplb_async"] - attention).sum(axis=1)  # [H] EPLB's MoE seconds
+    summed = load.sum(axis=2)  # [N_all, L, E] the routing counts the runtime has per step
+    schedule = {}
+
+    def run_schedule(target: str, triggers: bool) -> dict:
+        key = _pool_key(target)
+        names = candidates_of[key]
+        k = every[key]
+        work_side = scoring_s[key][0]
+        share = np.zeros(num_steps)  # the scoring's share of its work at each step
+        scored_of = np.zeros(num_steps, dtype=np.int64)  # the step that scoring scores
+        threshold = (rescore_thresholds(load[prior - window:prior], history_moe, k)
+                     if triggers else (math.inf, math.inf))
+
+        def shadow(seen: list[int]) -> dict:  # side-mode times of the scored rows
+            rows = np.asarray(seen, dtype=np.int64)
+            out = {}
+            for q in names:
+                m = metrics[q]
+                t = side_layer_time({x: v[rows] for x, v in m.items()}, stall[q][rows],
+                                    model.num_layers, attention)
+                extra = np.array([pick_exposure(q, work_side, share[r], ahead_windows[r],
+                                                model.num_layers, planner_s=planner_side,
+                                                pred_s=pred_mean[scored_of[r]])
+                                  for r in rows])[:, None]
+                if q.startswith("probe_on_eplb_ahead_"):  # its own plan is in extra
+                    t = t - m["side"][rows]
+                out[q] = t + extra
+            return out
+
+        def window_pick(n: int, ready: list[int]) -> list[str] | None:
+            rows = [r for r in ready if r >= n - window] or ready[-1:]
+            return pick(shadow(rows), candidates=names) if rows else None
+
+        epochs = [replan_epochs[key][0] if target.endswith("_replan")
+                  else step_epochs[target][0]]
+        served: list[list[str]] = []  # the names serving each step
+        done: list[int] = []  # the scored steps whose scoring is done, in order
+        fresh = 0  # picks use the scored steps from the latest triggered one on
+        triggered: list[int] = []
+        start, length, fire, last_done = 0, k, False, 0
+        starts = [0]  # the step of every scoring begun, in order
+        for n in range(num_steps):
+            finished = n == start + length
+            if finished:
+                done.append(start)
+                if length == 1 and start in triggered:
+                    fresh = start
+                start, length = n, k
+                starts.append(n)
+            if fire:  # the step before changed the traffic: score this step at once
+                start, length = n, 1  # (the running scoring, if any, is dropped)
+                triggered.append(n)
+                if starts[-1] != n:
+                    starts.append(n)
+            fire = False
+            share[n], scored_of[n] = 1.0 / length, start
+            current = epochs[-1][1]
+            ready = [r for r in done if r >= fresh]
+            if n > 0 and target.endswith("_replan"):
+                if n % interval == 0:  # at each re-plan, from the scorings done by then
+                    epochs.append((n, window_pick(n, ready) or current))
+            elif n > 0:
+                new = current
+                if finished:
+                    replanned = (n // interval) * interval
+                    if replanned > 0 and replanned > last_done:
+                        new = window_pick(n, ready) or current
+                    elif ready:
+                        times = shadow(ready[-pick_window:])
+                        new = []
+                        for layer, (now, best) in enumerate(zip(
+                                current, pick(times, candidates=names), strict=True)):
+                            t_now, t_best = (times[now][:, layer].mean(),
+                                             times[best][:, layer].mean())
+                            new.append(best if t_best < (1.0 - STEP_MARGIN) * t_now else now)
+                epochs.append((n, new))
+            if finished:
+                last_done = n
+            served.append(epochs[-1][1])
+            # after the step's dispatch, from what the runtime has (its routing counts, the
+            # served layers' measured MoE time): did the traffic change since the latest
+            # scored step before it (an every-k scoring that starts at this step takes k
+            # steps, so a change here is answered by a triggered one at the next; a triggered
+            # one that starts here is done at the next step anyway)?
+            ref = starts[-1] if starts[-1] < n else (starts[-2] if len(starts) > 1 else None)
+            if triggers and k > 1 and ref is not None and not (start == n and length == 1):
+                now_t = sum(metrics[q]["moe"][n, layer] for layer, q in enumerate(served[n]))
+                then_t = sum(metrics[q]["moe"][ref, layer]
+                             for layer, q in enumerate(served[ref]))
+                changed = (traffic_distance(summed[prior + n], summed[prior + ref])
+                           > threshold[0] or now_t > (1.0 + threshold[1]) * then_t)
+                # worth it: the first scoring that would see this step's traffic without a
+                # trigger is done at `later`, a triggered one at n + 2; the served layers'
+                # growth since the scored step (seconds per step, all model layers) over the
+                # steps between must exceed the triggered scoring's extra exposure at n + 1
+                # (its whole work instead of 1/k, against the window step n leaves)
+                later = n + k if start == n else start + length + k
+                if changed and later > n + 2 and n + 1 < num_steps:
+                    grown = (now_t - then_t) * layer_scale
+                    w = ahead_windows[n + 1]
+                    extra = model.num_layers * (
+                        background_exposure(work_side, 1.0, w, model.num_layers)
+                        - background_exposure(work_side, 1.0 / k, w, model.num_layers))
+                    fire = grown * (later - n - 2) > extra
+        return {"epochs": epochs, "share": share, "scored_of": scored_of,
+                "triggered": triggered, "threshold": threshold}
+
+    for target in ("probe_on_eplb_auto_replan", "probe_on_eplb_auto",
+                   "probe_on_eplb_auto_plus"):
+        schedule[target] = run_schedule(
+            target, rescore and not target.endswith("_replan"))
+        if target.endswith("_replan"):
+            replan_epochs["probe_on_eplb_auto"] = schedule[target]["epochs"]
+        else:
+            step_epochs[target] = schedule[target]["epochs"]
     # probe_on_eplb_auto_pred: auto_plus's pick for each step, replaced by the candidate best
     # on the prediction when that is at least STEP_MARGIN faster there
     for n, names in _per_step(step_epochs["probe_on_eplb_auto_plus"], num_steps):
@@ -1140,36 +1333,49 @@ def simulate_fair(load: np.ndarray, costs: FairCosts, *, slots: int, prior: int,
     #     non-communication time like the step-ahead plans (ahead_exposure of the whole
     #     work; a served step-ahead candidate's own plan is one of these plans, so its own
     #     exposure is replaced, not added);
-    # (b) the predictor every step (the fit and paper plans need the prediction), on the side
-    #     stream during the dispatch (host mode: in series), also while a fallback or a
-    #     step-ahead split serves; a served fit, plan or paper candidate already pays it.
+    # (b) the predictor: a served fit, plan or paper candidate consumes the prediction and
+    #     pays it itself (on the side stream beyond the dispatch; host mode: in series). A
+    #     layer served by a candidate that does not (a fallback, a step-ahead split) needs
+    #     its prediction only for the scoring's plans (the fit split and the paper's PROBE
+    #     of a scored step), so it is made as part of the scoring, in the background: layer
+    #     l's prediction needs only layer l-1's router input of the step, which exists by
+    #     then. Each scored step's predictions of such layers are spread over the k steps
+    #     of its scoring like the rest of it (1/k in each step's ahead_exposure); nothing is
+    #     charged on the side stream or in series for them.
     scoring = {}
     for target, epochs in picked:
         key = _pool_key(target)
         plans, ahead, scores = scoring_work(candidates_of[key])
         work_side, work_host = scoring_s[key]
         k = every[key]
+        share, scored_of = schedule[target]["share"], schedule[target]["scored_of"]
         served = _served(epochs, num_steps, num_layers)
         ahead_cells = np.array([[q.startswith("probe_on_eplb_ahead_") for q in row]
                                 for row in served])
-        # one scoring spread over k steps: 1/k of it in each step's background; a served
-        # step-ahead split plans every step, of which the scoring shares 1/k
-        own = ahead_cells.mean(axis=1) * (1.0 - 1.0 / k)  # [N]
-        bg_side = np.array([ahead_exposure(work_side / k + f * planner_side, w,
-                                           model.num_layers)
-                            for w, f in zip(ahead_windows, own, strict=True)])[:, None]
-        bg_host = np.array([ahead_exposure(work_host / k + f * plan_host, w, model.num_layers)
-                            for w, f in zip(ahead_windows, own, strict=True)])[:, None]
+        # the running scoring's share of its work in each step's background (1/k, or 1 for a
+        # triggered one); a served step-ahead split plans every step, of which the scoring
+        # shares that share
+        own = ahead_cells.mean(axis=1) * (1.0 - share)  # [N]
         predicts = np.array([[q == "probe_paper" or q.startswith(
             ("probe_on_eplb_fit_", "probe_on_eplb_plan_")) for q in row] for row in served])
+        # (b) the background predictions of the running scoring's step, per layer, at the
+        # scoring's share
+        bg_pred = np.where(predicts, 0.0, pred_cost).mean(axis=1)[scored_of]  # [N]
+        bg_side, bg_host = (np.array([
+            background_exposure(work, x, w, model.num_layers, pred_s=p, own_s=f * plan)
+            for w, x, p, f in zip(ahead_windows, share, bg_pred, own, strict=True)])[:, None]
+            for work, plan in ((work_side, planner_side), (work_host, plan_host)))
         m = metrics[target]
-        m["side"][:] = (np.where(ahead_cells, 0.0, m["side"]) + bg_side
-                        + np.where(predicts, 0.0, np.maximum(0.0, pred_cost - m["dispatch"])))
+        m["side"][:] = np.where(ahead_cells, 0.0, m["side"]) + bg_side
         m["plan_host"][:] = np.where(ahead_cells, 0.0, m["plan_host"]) + bg_host
-        m["pred"][:] = pred_cost
+        m["pred"][:] = np.where(predicts, pred_cost, 0.0)  # in series (host mode)
         scoring[target] = {"plans": plans, "ahead_plans": ahead, "scores": scores,
                            "work_side_s": work_side, "work_host_s": work_host,
-                           "score_every": k}
+                           "background_predictor_s": float((bg_pred * share).mean()),
+                           "score_every": k,
+                           "triggered_steps": [int(x) for x in schedule[target]["triggered"]],
+                           "trigger_distance": float(schedule[target]["threshold"][0]),
+                           "trigger_time": float(schedule[target]["threshold"][1])}
     # probe_on_eplb_auto_pred: per step and layer the candidate picked on the prediction,
     # plus the pick's own work in place of the candidate's predictor + planner: every step,
     # even while an EPLB fallback serves, the predictor, then on the host (one round trip:
@@ -1191,13 +1397,14 @@ def simulate_fair(load: np.ndarray, costs: FairCosts, *, slots: int, prior: int,
         moved[target][n] = np.mean([moved[q][n] for q in names])
     plans, ahead, scores = scoring_work(candidates_of["probe_on_eplb_auto_plus"])
     score_s = scores * wf_median
-    true_s = score_s / every["probe_on_eplb_auto_plus"]  # auto_plus's scoring, spread as there
+    # auto_plus's scoring, spread (or triggered) as there
+    true_s = score_s * schedule["probe_on_eplb_auto_plus"]["share"]  # [N]
     # in the background: the step-ahead plans and auto_plus's scoring of every candidate on
     # the true load (the plans on the prediction are the pick's own, made on the side stream)
-    ahead_side = np.array([ahead_exposure(ahead * planner_side + true_s, w, model.num_layers)
-                           for w in ahead_windows])
-    ahead_host = np.array([ahead_exposure(ahead * plan_host + true_s, w, model.num_layers)
-                           for w in ahead_windows])
+    ahead_side = np.array([ahead_exposure(ahead * planner_side + x, w, model.num_layers)
+                           for w, x in zip(ahead_windows, true_s, strict=True)])
+    ahead_host = np.array([ahead_exposure(ahead * plan_host + x, w, model.num_layers)
+                           for w, x in zip(ahead_windows, true_s, strict=True)])
     m = metrics[target]
     m["pred"][:] = pred_cost
     m["plan_host"][:] = plans * plan_host + score_s + ahead_host[:, None]
