@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from experiments.planner.assign_speed import random_instance  # the benchmark's generator
-from probe.planner.assign import assign_tokens, assign_tokens_ref, lp_totals
+from probe.planner.assign import assign_tokens, assign_tokens_ref, default_moves, lp_totals
 from probe.planner.check import check_plan, evaluate_plan
 from probe.planner.cost import CostModel
 from probe.planner.eplb import even_split
@@ -194,6 +194,48 @@ def test_bad_options():
     flat = CostModel.uniform(2, alpha=1.0, beta=0.0, token_time=0.0, transfer_time=1.0)
     with pytest.raises(ValueError, match="cost.beta must be > 0"):
         assign_tokens(load, copies, flat)
+
+
+def assign_level_layer(config: int, index: int):
+    """(load, copies, cost) of layer `index` of experiments/planner/assign_level.py (seed 0)
+    in its configuration `config` (0: ep=8 / 128 experts, 1: ep=64 / 256)."""
+    from experiments.planner.assign_level import CONFIGS, random_layer
+    from probe.specs import hardware_preset, model_preset
+
+    _, model, hardware, num_ranks, num_experts = CONFIGS[config]
+    cost = CostModel.from_specs(model_preset(model), hardware_preset(hardware),
+                                num_ranks=num_ranks)
+    rng = np.random.default_rng(0)
+    for i in range(index + 1):
+        load, copies = random_layer(rng, num_ranks, num_experts, 1 + i % 3)
+    return load, copies, cost
+
+
+def test_exchange_swaps_out_of_a_plateau():
+    # ep=8, layer 593 of experiments/planner/assign_level.py (seed 0): the single moves end
+    # with every rank within 0.1% of the slowest, where any move from the slowest rank
+    # raises another above it: +1.09% above the LP, the worst but one of the 1,000 layers
+    # before the swap move. The swap (rank a keeps its own tokens of one expert and hands
+    # another expert's quota to the same partner, as one move) lowers a's traffic both ways
+    # and brings it below the LP; the twin agrees.
+    load, copies, cost = assign_level_layer(0, 593)
+    ours = assign_tokens(load, copies, cost)
+    ref = objective(load, copies, cost, assign_tokens(load, copies, cost, method="lp"))
+    assert objective(load, copies, cost, ours) < ref, (objective(load, copies, cost, ours), ref)
+    np.testing.assert_array_equal(ours, assign_tokens_ref(load, copies, cost))
+
+
+def test_default_moves_scale_with_ranks():
+    # ep=64, layer 257 of experiments/planner/assign_level.py (seed 0): 28 ranks within 1% of
+    # the slowest after 20 moves, each move lowering one; 20 moves left it +2.6% above the
+    # LP, the default (one move per rank, 64) brings it below.
+    assert default_moves(8) == 20 and default_moves(64) == 64
+    load, copies, cost = assign_level_layer(1, 257)
+    ref = objective(load, copies, cost, assign_tokens(load, copies, cost, method="lp"))
+    short = objective(load, copies, cost, assign_tokens(load, copies, cost, moves=20))
+    ours = objective(load, copies, cost, assign_tokens(load, copies, cost))
+    assert short > ref * 1.02, (short, ref)
+    assert ours < ref, (ours, ref)
 
 
 def test_idle_experts_without_copies_are_fine():

@@ -208,6 +208,31 @@ print(json.dumps(compare(cost, loads, copies, None, passes=8, device="cpu")))
     assert json.loads(done.stdout.strip().splitlines()[-1]) == [[], 0]
 
 
+def test_device_kernel_equals_host_kernel_where_the_exchange_swaps():
+    # Layer 593 of experiments/planner/assign_level.py (ep=8, 128 experts, seed 0), where
+    # the exchange step ends in swaps (two experts between the slowest rank and a partner,
+    # `assign._swap_time`; without them +1.09% above the LP, with them below it): the
+    # device's step must make the same swaps.
+    code = """
+import json
+import numpy as np
+from experiments.planner.assign_level import CONFIGS, random_layer
+from experiments.planner.gpu_assign import compare
+from probe.planner.cost import CostModel
+from probe.specs import hardware_preset, model_preset
+_, model, hardware, ranks, experts = CONFIGS[0]
+cost = CostModel.from_specs(model_preset(model), hardware_preset(hardware), num_ranks=ranks)
+rng = np.random.default_rng(0)
+layers = [random_layer(rng, ranks, experts, 1 + i % 3) for i in range(594)]
+loads = np.stack([layers[593][0]]).astype(np.int64)
+copies = np.stack([layers[593][1]]).astype(np.int64)
+print(json.dumps(compare(cost, loads, copies, None, passes=8, device="cpu")))
+"""
+    done = run_simulated(code, timeout=1800)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == [[], 0]
+
+
 def test_compiled_kernel_has_no_fma():
     # Compiled for an H200 (sm_90) without a GPU, where NVVM is installed: no product may be
     # fused into an FMA (each goes through dmul_rn), and divisions are IEEE (div.rn).

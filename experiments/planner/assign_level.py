@@ -16,8 +16,9 @@ so that the copies do not fit the true load exactly.
 Methods, each scored by eq. 8 (evaluate_plan) against `assign_tokens(method="lp")` (the LP
 relaxation, the same integer split): DeepSeek's even split over the copies
 (`probe.planner.eplb.even_split`), and water-filling (`assign_tokens`, method "waterfill":
-the default 8 descent passes and up to MOVES (20) exchange moves from each start; also without the
-exchange step, moves=0, and with LONG_PASSES descent passes).
+the default 8 descent passes and up to `default_moves(G)` exchange moves from each start (20 at
+ep=8, 64 at ep=64); also without the exchange step, moves=0, and with LONG_PASSES descent
+passes).
 Both GPU schedules of `probe.planner.assign_cuda.DeviceAssigner` ("serial", "waves") give
 water-filling's assignment integer for integer (tests/test_planner_assign_cuda.py), so one
 column stands for all three; what differs is the critical path. For that the table gives,
@@ -41,7 +42,7 @@ from rich.table import Table
 
 from experiments.manifest import Manifest
 from experiments.planner.assign_speed import objective
-from probe.planner.assign import MOVES, assign_tokens
+from probe.planner.assign import assign_tokens, default_moves
 from probe.planner.assign_cuda import descent_waves
 from probe.planner.cost import CostModel
 from probe.planner.deepseek_eplb import eplb_layout
@@ -172,8 +173,9 @@ def markdown(rows, machine: dict, argv) -> str:
              "layout from a forecast with 30% log-normal error, 1-3 extra slots per rank in "
              "turn). Gap = (method - LP) / LP of eq. 8 (evaluate_plan), LP = "
              "`assign_tokens(method=\"lp\")`. Water-filling is `assign_tokens` (the default: "
-             f"8 descent passes, then up to {MOVES} moves of the exchange step on eq. 8 from each "
-             "start; also "
+             "8 descent passes, then up to `default_moves(G)` moves of the exchange step on "
+             f"eq. 8 from each start ({default_moves(8)} at ep=8, {default_moves(64)} at "
+             "ep=64), single moves and swaps; also "
              f"without the exchange step, moves=0, and with {LONG_PASSES} descent passes), "
              "and also both GPU schedules of `DeviceAssigner` (\"serial\", \"waves\"), which "
              "give its assignment integer for integer.",

@@ -19,7 +19,7 @@ report is rewritten after each step, so a run cut short keeps what it finished):
    error), and both memory variants where shared memory fits.
 3. The L-layer throughput (L = 32 layers in one launch, graph replay, time / L).
 4. The assignment kernel (probe.planner.assign_cuda.DeviceAssigner, with its default
-   exchange step (assign.MOVES moves) and without it (moves=0, the runtime's dispatch
+   exchange step (assign.default_moves(G) moves) and without it (moves=0, the runtime's dispatch
    split); copies: the home layout plus the greedy's replicas) and the parallel greedy
    (probe.planner.parallel_cuda.CudaParallel, as is): one layer, checked against their CPU
    kernels, then timed eager and as a graph.
@@ -236,7 +236,7 @@ def copies_of(batch, layer: int) -> np.ndarray:
 def assign_check_and_rows(config: str, batch, *, sim: bool, repeats: int, budget_s: float):
     """The assigner on layer 0: (checks, rows)."""
     from experiments.planner.gpu_assign import compare
-    from probe.planner.assign import MOVES
+    from probe.planner.assign import default_moves
     from probe.planner.assign_cuda import DeviceAssigner
 
     load, cost = batch[0], batch[4]
@@ -249,9 +249,9 @@ def assign_check_and_rows(config: str, batch, *, sim: bool, repeats: int, budget
         return checks, []
     load_t, copies_t = _torch_inputs(load[:1], copies)
     rows = []
-    # The default exchange step (assign.MOVES moves), and none (the runtime's dispatch split,
-    # probe.runtime.device_plan.DISPATCH_MOVES): what the step costs on this card.
-    for moves in (MOVES, 0):
+    # The default exchange step (assign.default_moves(G) moves), and none (the runtime's
+    # dispatch split, probe.runtime.device_plan.DISPATCH_MOVES): what the step costs on this card.
+    for moves in (default_moves(cost.num_ranks), 0):
         assigner = DeviceAssigner(cost, load.shape[2], 1, moves=moves)
         rows += [{"config": config, "planner": "assign", "part": "one layer",
                   "value": f"passes=8, moves={moves}", "mode": "graph" if graph else "eager",

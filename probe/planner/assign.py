@@ -50,7 +50,8 @@ Shape legend: S source ranks (= G), E experts, G ranks.
    every rank's in and out traffic then depend only on what stays local; across nodes the
    order among remote holders is a greedy, not an optimum.
 
-3. Exchange step ("waterfill" only; `moves`, default MOVES): stage 1 leaves out eq. 8's
+3. Exchange step ("waterfill" only; `moves`, default `default_moves(G)`: 20, or one per rank
+   beyond 20 ranks): stage 1 leaves out eq. 8's
    out-traffic and its max(in, out), and charges the in-traffic at the mean link, so the best
    candidate of stages 1-2 can sit a few percent above the LP's (results/assign_level.md: up
    to +17% at ep=64 without this step), and the descent, one expert at a time, stops where
@@ -64,9 +65,14 @@ Shape legend: S source ranks (= G), E experts, G ranks.
    dearest link to the one on its cheapest (a's tokens then take the cheap link: across
    nodes, where stage 1's mean link hides the difference, the cause of the worst ep=64
    layers). Each try re-routes the expert exactly as stage 2 does and re-scores every rank;
-   the move that lowers (the largest rank time, then a's) the most is made, and the step
-   stops when none does. A bound on a's own time skips the exact look at moves that cannot
-   help. Each exchanged candidate competes with the others by eq. 8 (`_objective`).
+   the move that lowers (the largest rank time, then a's) the most is made. When none does
+   (typically every rank within a hair of a's, where whatever a sheds lifts another rank
+   above it), it tries swaps: a keeps its own tokens of one expert e that a partner b
+   processed, and hands b part of another expert f's quota, as one move; a's in- and
+   out-traffic both fall and b's compute stays about even (the ep=8 layers that single moves
+   left 1.1-1.3% above the LP). The step stops when no move or swap helps. A bound on a's
+   own time skips the exact look at moves that cannot help. Each exchanged candidate
+   competes with the others by eq. 8 (`_objective`).
 
 `probe.planner.check.evaluate_plan` scores the result as for any plan (docs/planner.md,
 "Dispatch-time assignment").
@@ -95,10 +101,14 @@ from probe.planner.highs_base import highs_lp, new_highs
 from probe.planner.problem import checked_load
 from probe.planner.scalar import add_at, dmax, dmin, mul, rule
 
-__all__ = ["assign_tokens", "assign_tokens_ref", "lp_totals"]
+__all__ = ["assign_tokens", "assign_tokens_ref", "default_moves", "lp_totals"]
 
 METHODS = ("waterfill", "lp")
-MOVES = 20  # the exchange step's default number of moves (`assign_tokens`)
+# The exchange step's default number of moves (`assign_tokens`, `default_moves`): MOVES, or
+# MOVES_PER_RANK per rank where that is more (each move lowers one rank, and at ep=64 dozens
+# of ranks sit within 1% of the slowest).
+MOVES = 20
+MOVES_PER_RANK = 1
 PARTNERS = 2  # `_exchange` tries the PARTNERS least loaded other holders of each expert
 
 
@@ -653,6 +663,113 @@ def _move_time(e, a, b, delta, watch, quota, load, token_time, alpha, beta, tok,
 
 
 @rule(inline=True)
+def _shift_sends(e, sign, quota, load, token_time, left, hold, src, dst, cnt, t_in,
+                 t_out):  # pragma: no cover - compiled
+    """Add (sign > 0) or take away (sign < 0) the traffic of expert e's remote sends under the
+    quotas int64 [E, G] (`_remote_sends`, in their order) to or from t_in, t_out float [G]
+    (seconds, one way). Scratch: left, hold int64 [G], src, dst, cnt int64 [2 G]."""
+    n = _remote_sends(e, quota, load, token_time, left, hold, src, dst, cnt)
+    for i in range(n):
+        t = mul(float64(cnt[i]), token_time[src[i], dst[i]])
+        if sign > 0:
+            t_in[dst[i]] += t
+            t_out[src[i]] += t
+        else:
+            t_in[dst[i]] -= t
+            t_out[src[i]] -= t
+
+
+@rule(inline=True)
+def _swap_time(e, f, a, b, d_e, d_f, quota, load, token_time, alpha, beta, tok, act, tin, tout,
+               t_in, t_out, left, hold, src, dst, cnt):  # pragma: no cover - compiled
+    """(the largest rank time, rank a's time) of eq. 8 after a swap between ranks a and b:
+    d_e of expert e's quota from b to a and d_f of expert f's (f != e) from a to b (quota
+    int64 [E, G], restored on return), from the ranks' tokens tok, active experts act int64
+    [G] and traffic tin, tout float [G] before it, as `_move_time` (each expert routed again,
+    `_shift_sends`: e's and f's sends before taken away, after added). Scratch: t_in, t_out
+    float [G], left, hold int64 [G], src, dst, cnt int64 [2 G]."""
+    num_ranks = quota.shape[1]
+    for g in range(num_ranks):
+        t_in[g] = tin[g]
+        t_out[g] = tout[g]
+    _shift_sends(e, -1, quota, load, token_time, left, hold, src, dst, cnt, t_in, t_out)
+    _shift_sends(f, -1, quota, load, token_time, left, hold, src, dst, cnt, t_in, t_out)
+    quota[e, b] -= d_e
+    quota[e, a] += d_e
+    quota[f, a] -= d_f
+    quota[f, b] += d_f
+    _shift_sends(e, 1, quota, load, token_time, left, hold, src, dst, cnt, t_in, t_out)
+    _shift_sends(f, 1, quota, load, token_time, left, hold, src, dst, cnt, t_in, t_out)
+    worst = 0.0
+    at_a = 0.0
+    for g in range(num_ranks):
+        ntok = tok[g]
+        nact = act[g]
+        if g == a:
+            ntok += d_e - d_f
+            nact += (1 if quota[e, a] == d_e else 0) - (1 if quota[f, a] == 0 else 0)
+        elif g == b:
+            ntok += d_f - d_e
+            nact += (1 if quota[f, b] == d_f else 0) - (1 if quota[e, b] == 0 else 0)
+        time = _count_time(nact, ntok, t_in[g], t_out[g], alpha, beta)
+        worst = dmax(worst, time)
+        if g == a:
+            at_a = time
+    quota[e, b] += d_e
+    quota[e, a] -= d_e
+    quota[f, a] += d_f
+    quota[f, b] -= d_f
+    return worst, at_a
+
+
+@rule(inline=True)
+def _apply_move(e, frm, to, delta, quota, flow, load, token_time, tok, act, tin, tout, left,
+                hold, src, dst, cnt, src2, dst2, cnt2):  # pragma: no cover - compiled
+    """Move delta of expert e's quota from rank frm to rank to (quota int64 [E, G]) and keep
+    the exchange step's state the routing of the quotas: flow [S, G] (e's remote sends
+    before taken away, after added), tok, act int64 [G] and the traffic tin, tout of the
+    ranks whose flows changed, summed again (`_traffic_of`). Scratch: left, hold int64 [G],
+    src, dst, cnt, src2, dst2, cnt2 int64 [2 G]."""
+    num_ranks = quota.shape[1]
+    n_old = _remote_sends(e, quota, load, token_time, left, hold, src, dst, cnt)
+    for i in range(n_old):
+        flow[src[i], dst[i]] -= cnt[i]
+    if quota[e, frm] == delta:
+        act[frm] -= 1
+    if quota[e, to] == 0:
+        act[to] += 1
+    tok[frm] -= delta
+    tok[to] += delta
+    quota[e, frm] -= delta
+    quota[e, to] += delta
+    n_new = _remote_sends(e, quota, load, token_time, left, hold, src2, dst2, cnt2)
+    for i in range(n_new):
+        flow[src2[i], dst2[i]] += cnt2[i]
+    # The traffic again of the ranks whose flows changed (left: a mark per rank).
+    for g in range(num_ranks):
+        left[g] = 0
+    for i in range(n_old):
+        left[src[i]] = 1
+        left[dst[i]] = 1
+    for i in range(n_new):
+        left[src2[i]] = 1
+        left[dst2[i]] = 1
+    for g in range(num_ranks):
+        if left[g] > 0:
+            _traffic_of(g, flow, token_time, tin, tout)
+
+
+@rule(inline=True)
+def _holds(e, g, hlist, nhold):  # pragma: no cover - compiled
+    """Whether rank g is among expert e's holders hlist[e, :nhold[e]]."""
+    found = False  # a loop, not any(): a device function takes no generator
+    for h in range(nhold[e]):
+        if hlist[e, h] == g:
+            found = True
+    return found
+
+
+@rule(inline=True)
 def _move_size(k, step, avail):  # pragma: no cover - compiled
     """The k-th size (k < 3) an exchange move tries, or 0 to skip it: step (the size that
     evens the two ranks out, in [1, avail]), half of it, and all that can move (avail)
@@ -682,7 +799,14 @@ def _exchange(moves, quota, flow, load, hlist, nhold, token_time, alpha, beta, t
         (ties: the most quota above its own tokens, then lower rank) to the holder on a's
         cheapest link (ties: the least loaded, then lower rank; never a), so that a's
         tokens take the cheaper link (across nodes; the water-filling charges every link
-        at the mean).
+        at the mean);
+      - only when none of those lowers it, swaps (`_swap_time`): for each expert e that a
+        holds and sends tokens of, each other holder b of e with quota of it, and each
+        other multi-holder expert f with quota on a that b holds too: d_e of e's quota from
+        b to a (at most what a sends, so a keeps its own tokens) and d_f of f's from a to
+        b, sized (step, step), (all, all) when they differ, (step // 2, step // 2), with
+        step the smaller of the two amounts that can move; scored, chosen and counted as
+        one move (a bound on a's time first, as for single moves).
     quota int64 [E, G] and flow [S, G] (whole tokens sent s -> g, `_route`; the entries
     s -> s go stale) are updated in place. Rank times are `_count_time`, the traffic of each
     rank summed over the sources in ascending order (`_traffic_of`): once, then after each
@@ -867,38 +991,71 @@ def _exchange(moves, quota, flow, load, hlist, nhold, token_time, alpha, beta, t
                         best_frm = frm
                         best_to = to
                         best_delta = delta
+        best_f = -1  # a swap (below), when no single move helps
+        best_b = -1
+        best_df = 0
+        if best_e < 0:
+            # Swaps between a and another holder b of an expert e that a sends tokens of:
+            # d_e of e's quota from b to a (a keeps its own tokens) and d_f of another
+            # expert f's from a to b (a sheds compute and in-traffic), as one move.
+            for e in range(num_experts):
+                sent = load[a, e] - dmin(load[a, e], quota[e, a])
+                if nhold[e] < 2 or sent <= 0 or not _holds(e, a, hlist, nhold):
+                    continue
+                for h in range(nhold[e]):
+                    b = hlist[e, h]
+                    if b == a or quota[e, b] <= 0:
+                        continue
+                    avail_e = dmin(quota[e, b], sent)
+                    for f in range(num_experts):
+                        if f == e or nhold[f] < 2 or quota[f, a] <= 0 or not _holds(
+                                f, b, hlist, nhold):
+                            continue
+                        avail_f = quota[f, a]
+                        step = dmin(avail_e, avail_f)
+                        for k in range(3):  # (step, step), (all, all), (step / 2, step / 2)
+                            d_e = step
+                            d_f = step
+                            if k == 1:
+                                if avail_e == avail_f:
+                                    continue
+                                d_e = avail_e
+                                d_f = avail_f
+                            elif k == 2:
+                                d_e = step // 2
+                                d_f = step // 2
+                                if d_e < 1:
+                                    continue
+                            # a's time after it, at best: not below the best found, no look
+                            t_a = mul(alpha, float64(act[a] + (1 if quota[e, a] == 0 else 0)
+                                                     - (1 if d_f == avail_f else 0)))
+                            t_a += mul(beta, float64(tok[a] + d_e - d_f))
+                            t_a += mul(2.0, dmax(tin[a] - mul(float64(d_f), in_max),
+                                                 tout[a] - mul(float64(d_e), out_max)))
+                            if t_a >= best_worst:
+                                continue
+                            worst, at_a = _swap_time(e, f, a, b, d_e, d_f, quota, load,
+                                                     token_time, alpha, beta, tok, act, tin,
+                                                     tout, t_in, t_out, left, hold, src, dst,
+                                                     cnt)
+                            if worst < best_worst or (worst == best_worst and at_a < best_a):
+                                best_worst = worst
+                                best_a = at_a
+                                best_e = e
+                                best_f = f
+                                best_b = b
+                                best_delta = d_e
+                                best_df = d_f
         if best_e < 0:
             break
-        e = best_e
-        frm = best_frm
-        to = best_to
-        delta = best_delta
-        n_old = _remote_sends(e, quota, load, token_time, left, hold, src, dst, cnt)
-        for i in range(n_old):
-            flow[src[i], dst[i]] -= cnt[i]
-        if quota[e, frm] == delta:
-            act[frm] -= 1
-        if quota[e, to] == 0:
-            act[to] += 1
-        tok[frm] -= delta
-        tok[to] += delta
-        quota[e, frm] -= delta
-        quota[e, to] += delta
-        n_new = _remote_sends(e, quota, load, token_time, left, hold, src2, dst2, cnt2)
-        for i in range(n_new):
-            flow[src2[i], dst2[i]] += cnt2[i]
-        # The traffic again of the ranks whose flows changed (left: a mark per rank).
-        for g in range(num_ranks):
-            left[g] = 0
-        for i in range(n_old):
-            left[src[i]] = 1
-            left[dst[i]] = 1
-        for i in range(n_new):
-            left[src2[i]] = 1
-            left[dst2[i]] = 1
-        for g in range(num_ranks):
-            if left[g] > 0:
-                _traffic_of(g, flow, token_time, tin, tout)
+        if best_f >= 0:
+            _apply_move(best_e, best_b, a, best_delta, quota, flow, load, token_time, tok, act,
+                        tin, tout, left, hold, src, dst, cnt, src2, dst2, cnt2)
+            _apply_move(best_f, a, best_b, best_df, quota, flow, load, token_time, tok, act,
+                        tin, tout, left, hold, src, dst, cnt, src2, dst2, cnt2)
+        else:
+            _apply_move(best_e, best_frm, best_to, best_delta, quota, flow, load, token_time,
+                        tok, act, tin, tout, left, hold, src, dst, cnt, src2, dst2, cnt2)
         made += 1
     return made
 
@@ -984,8 +1141,14 @@ def _checked_home(home, holds):
     return home.astype(bool)
 
 
+def default_moves(num_ranks: int) -> int:
+    """The exchange step's default number of moves for num_ranks ranks:
+    max(MOVES, MOVES_PER_RANK x num_ranks)."""
+    return max(MOVES, MOVES_PER_RANK * int(num_ranks))
+
+
 def kernel_args(load, copies, cost: CostModel, *, passes: int = 8, home=None,
-                moves: int = MOVES) -> tuple:
+                moves: int | None = None) -> tuple:
     """Validated arguments of the compiled kernel `_best`, for timing it alone."""
     load, holds = _validated(load, copies, cost)
     home = _checked_home(home, holds)
@@ -995,7 +1158,7 @@ def kernel_args(load, copies, cost: CostModel, *, passes: int = 8, home=None,
     starts, start_passes = _starts(load, holds, total, order, home, passes)
     counts = np.ascontiguousarray(np.asarray(copies), dtype=np.int64)
     return (fixed, order, holds, counts, total, alpha, beta, load, cost.token_time, hop, starts,
-            start_passes, _checked_moves(moves))
+            start_passes, _checked_moves(moves, cost.num_ranks))
 
 
 def lp_totals(load, copies, cost: CostModel) -> tuple[np.ndarray, float]:
@@ -1044,7 +1207,7 @@ def lp_totals(load, copies, cost: CostModel) -> tuple[np.ndarray, float]:
 
 
 def assign_tokens(load, copies, cost: CostModel, *, method: str = "waterfill",
-                  passes: int = 8, home=None, moves: int = MOVES) -> np.ndarray:
+                  passes: int = 8, home=None, moves: int | None = None) -> np.ndarray:
     """int64 [S, E, G]: tokens of (source s, expert e) processed on rank g.
 
     load: int [S, E] true tokens per source rank and expert (S = G, whole, >= 0).
@@ -1056,8 +1219,9 @@ def assign_tokens(load, copies, cost: CostModel, *, method: str = "waterfill",
     passes: water-filling rounds (>= 1; the kernel stops early once the levels settle).
     home: optional bool [G, E], the base layout (copies present before any replica arrived):
         "waterfill" then also tries the home-only split, so it is never worse than it.
-    moves: "waterfill"'s exchange step (`_exchange`): at most this many quota moves from
-        each start's candidate (>= 0; 0: none).
+    moves: "waterfill"'s exchange step (`_exchange`): at most this many moves from each
+        start's candidate (>= 0; 0: none; None: `default_moves(G)`, 20 up to 20 ranks and
+        one per rank beyond).
 
     Every (s, e)'s tokens are conserved and land only on ranks with copies[g, e] > 0.
     "waterfill" returns the best, by eq. 8 on the integer split, of these candidates:
@@ -1071,7 +1235,7 @@ def assign_tokens(load, copies, cost: CostModel, *, method: str = "waterfill",
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     if isinstance(passes, bool) or not isinstance(passes, (int, np.integer)) or passes < 1:
         raise ValueError(f"passes must be an int >= 1, got {passes!r}")
-    _checked_moves(moves)
+    _checked_moves(moves, cost.num_ranks if isinstance(cost, CostModel) else 1)
     if method == "lp":
         load, holds = _validated(load, copies, cost)
         _checked_home(home, holds)
@@ -1086,16 +1250,19 @@ def assign_tokens(load, copies, cost: CostModel, *, method: str = "waterfill",
     return out
 
 
-def _checked_moves(moves) -> int:
+def _checked_moves(moves, num_ranks: int) -> int:
+    """moves as an int (None: `default_moves(num_ranks)`); ValueError unless an int >= 0."""
+    if moves is None:
+        return default_moves(num_ranks)
     if isinstance(moves, bool) or not isinstance(moves, (int, np.integer)) or moves < 0:
-        raise ValueError(f"moves must be an int >= 0, got {moves!r}")
+        raise ValueError(f"moves must be an int >= 0 or None, got {moves!r}")
     return int(moves)
 
 
 # --- the plain-Python twin ---------------------------------------------------------------------
 
 def assign_tokens_ref(load, copies, cost: CostModel, *, passes: int = 8,
-                      home=None, moves: int = MOVES) -> np.ndarray:
+                      home=None, moves: int | None = None) -> np.ndarray:
     """Plain-Python twin of `assign_tokens(..., method="waterfill")`: the same arithmetic in
     the same order, written for reading; tests require identical output. The exchange step
     runs `_exchange`'s own Python source (its `py_func`), not a second version of it."""
@@ -1107,7 +1274,7 @@ def assign_tokens_ref(load, copies, cost: CostModel, *, passes: int = 8,
     hop = remote_cost(cost)
     fixed, total, order = _fixed_levels(load, holds, alpha, beta, hop)
     starts, start_passes = _starts(load, holds, total, order, home, passes)
-    moves = _checked_moves(moves)
+    moves = _checked_moves(moves, cost.num_ranks)
     best = even_split(load, np.asarray(copies).astype(np.int64))
     best_obj = _objective_ref(best, cost.token_time, alpha, beta)
     hlist, nhold = _holder_lists(holds)

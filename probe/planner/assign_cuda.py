@@ -26,7 +26,7 @@ launch. The work of a layer is spread over the block, phase by phase (a barrier 
    order does not matter);
 5. parallel over (candidate, rank): each rank's eq. 8 time; a candidate's objective is the
    max over ranks (order-free);
-6. the exchange step (`assign._exchange`, up to `moves` moves) from every start's
+6. the exchange step (`assign._exchange`, up to `moves` moves or swaps) from every start's
    candidate, each on the first thread of its own warp, side by side, on copies of the
    starts' quotas and flows in extra slots, which are then scored as in 5 (the step keeps
    their flows the routing of their quotas);
@@ -38,17 +38,21 @@ experiments/planner/gpu_assign.py, true loads on EPLB layouts, and from
 experiments/planner/assign_level.py). Both schedules share everything but step 3:
 
 - the exchange step: serial within a start (the starts side by side), up to `moves`
-  (assign.MOVES = 20) moves, each a scan of the slowest rank's experts (and, when its
-  out-traffic binds on links of unequal cost, of the experts it sends tokens of) with the
-  exact looks at the candidate moves that pass a bound (each one expert's routing,
-  O(S x holders), and O(G)), then the traffic of the ranks the move touched again (S steps
-  each); 4 more barriers. On the host (all starts one after another) it adds about 1.2x
-  the rest of the deciding kernel at ep=8 and 2-3x at ep=64 (results/assign_speed.md); on
-  the GPU it is one more serial stretch (one ep=8 layer, replayed as a graph on an H100:
-  2,286 us with it, 346 us with `moves=0`, which leaves it out; results/h100 run 5). Not
-  done: the exact looks of a move spread over the block (each on its own thread,
-  then the host's pruned scan replayed on one thread over their results, which keeps the
-  choice bit for bit).
+  (`assign.default_moves(G)`: 20 at ep=8, one per rank, 64, at ep=64) moves, each a scan of
+  the slowest rank's experts (and, when its out-traffic binds on links of unequal cost, of
+  the experts it sends tokens of) with the exact looks at the candidate moves that pass a
+  bound (each one expert's routing, O(S x holders), and O(G)), then the traffic of the ranks
+  the move touched again (S steps each); where no single move helps, the swaps between the
+  slowest rank and each partner (two experts routed again per exact look, before and after);
+  4 more barriers. On the host (all starts one after another) it adds about 1.2x the rest of
+  the deciding kernel at ep=8 and 2-3x at ep=64 with 20 moves and no swaps
+  (results/assign_speed.md has the present figures); on the GPU it is one more serial
+  stretch (one ep=8 layer, replayed as a graph on an H100: 2,286 us with the 20-move step
+  before the swaps, 346 us with `moves=0`, which leaves it out; results/h100 run 5). The swaps
+  and the 64 moves at ep=64 lengthen that stretch (not yet timed on a GPU). Not done: the
+  exact looks of a move spread over the block (each on its own thread, then the host's
+  pruned scan replayed on one thread over their results, which keeps the choice bit for
+  bit).
 - barriers: 6 outside the descents and the exchange step. "serial" adds 1. "waves" adds 1,
   then (waves + 1) `syncthreads_or` to number the waves, then per pass one barrier per
   wave and three `syncthreads_or` (the host's early stop of each descending start, which
@@ -490,14 +494,17 @@ class DeviceAssigner:
         "serial" (each descent on one thread, expert after expert); SCHEDULES.
     with_home: calls pass `home` [L, G, E] (the base layout) and the home-only starts are
         tried too, as `assign_tokens(..., home=...)`.
-    moves: the exchange step's most moves (>= 0), as in `assign_tokens`.
+    moves: the exchange step's most moves (>= 0; None: `assign.default_moves(G)`), as in
+        `assign_tokens`.
     """
 
     def __init__(self, cost: CostModel, num_experts: int, num_layers: int, *, passes: int = 8,
                  schedule: str = "waves", with_home: bool = False,
-                 moves: int = assign.MOVES) -> None:
+                 moves: int | None = None) -> None:
         if not isinstance(cost, CostModel):
             raise TypeError(f"cost must be a CostModel, got {type(cost).__name__}")
+        if moves is None:
+            moves = assign.default_moves(cost.num_ranks)
         for name, value, low in (("num_experts", num_experts, 1), ("num_layers", num_layers, 1),
                                  ("passes", passes, 1), ("moves", moves, 0)):
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
