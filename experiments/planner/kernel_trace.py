@@ -47,14 +47,13 @@ class _Tracer:
     syncthreads is wrapped to close a thread's interval)."""
 
     def __init__(self) -> None:
-        self.lock = threading.Lock()
-        self.count: dict = defaultdict(int)  # thread ident -> lines in the open interval
+        # thread ident -> {(code, line): times} in the open interval
+        self.count: dict = defaultdict(lambda: defaultdict(int))
         self.intervals: dict = defaultdict(list)  # (block, tid) -> [(lines, barrier line)]
-        self.ident_of: dict = {}  # thread ident -> (block, tid)
 
     def local(self, frame, event, arg):
         if event == "line":
-            self.count[threading.get_ident()] += 1
+            self.count[threading.get_ident()][(frame.f_code, frame.f_lineno)] += 1
         return self.local
 
     def call(self, frame, event, arg):
@@ -65,8 +64,8 @@ class _Tracer:
     def close(self, thread, where: int) -> None:
         ident = threading.get_ident()
         key = (thread.blockIdx.x, thread.threadIdx.x)
-        lines = self.count.pop(ident, 0)
-        self.intervals[key].append((lines, where))
+        lines = self.count.pop(ident, {})
+        self.intervals[key].append((dict(lines), where))
 
     def summary(self, threads: int) -> dict:
         blocks = sorted({b for b, _ in self.intervals})
@@ -78,15 +77,29 @@ class _Tracer:
             if any(len(r) != n for r in rows):
                 raise RuntimeError("threads met different numbers of barriers")
             for i in range(n):
-                lines = [r[i][0] for r in rows]
-                worst = max(lines)
+                warps = [_warp_lines([r[i][0] for r in rows[w:w + WARP]])
+                         for w in range(0, threads, WARP)]
+                worst = max(warps)
                 out["critical"] += worst
                 out["by_barrier"][rows[0][i][1]] += worst
-                out["thread_lines"] += sum(lines)
-                out["warp_lines"] += sum(max(lines[w:w + WARP]) for w in range(0, threads, WARP))
+                out["thread_lines"] += sum(sum(r[i][0].values()) for r in rows)
+                out["warp_lines"] += sum(warps)
             out["barriers"] += n
         out["by_barrier"] = dict(out["by_barrier"])
         return out
+
+
+def _warp_lines(lanes: list) -> int:
+    """A warp's lines in one barrier interval: its lanes' lines run together where they run
+    the same line, one after the other where they diverge, so each kernel line counts as
+    often as the lane that runs it most often (a lane's loop of n turns is n turns of the
+    warp; six lanes on six different branches are six branches one after another)."""
+    most: dict = {}
+    for lines in lanes:
+        for key, n in lines.items():
+            if n > most.get(key, 0):
+                most[key] = n
+    return sum(most.values())
 
 
 def trace_layers(load, home, slots, window, cost, rules, *, threads: int, max_moves=None):

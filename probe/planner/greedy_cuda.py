@@ -158,35 +158,40 @@ def _scan_sum(arr, npool):
 
 
 @cuda.jit(device=True)
-def _terms(i, s, take, src, dst, tt, comp, t_in, t_out, p_in_src, p_in_dst, p_out_dst, p_out_src,
-           p_worst):
-    """Pool entry i's terms (source s, take tokens) of `_prefix_sums`' sums, written at i:
-    `_after`'s four terms (0.0 where `_after` skips the sum: it leaves the sum unchanged, a sum
-    that starts at +0.0 is never -0.0: its terms are >= 0 but d_out_src's, whose one term comes
-    from src, the pool's last entry) and `_worst`'s time of a third-party source (-inf where
-    `_worst` skips the entry: it leaves the maximum unchanged). One thread per entry, side by
+def _terms(i, s, take, own_dst, src, dst, tt, comp, t_in, t_out, p_in_src, p_in_dst, p_out_dst,
+           p_out_src, p_worst):
+    """Pool entry i (source s, take tokens; own_dst: dst's take, the pool's first entry, 0
+    where dst gives none): the terms of `_prefix_sums`' sums written at i, `_after`'s d_in_src
+    and d_in_dst terms (0.0 where `_after` skips the sum: it leaves the sum unchanged, a sum
+    that starts at +0.0 is never -0.0: these terms are >= 0) and `_worst`'s time of a
+    third-party source (-inf where `_worst` skips the entry: it leaves the maximum
+    unchanged); and the two sums whose terms all come from one entry, written as the sums
+    before i already: d_out_dst's one term comes from dst's entry, the first (the sum before
+    entry i > 0 is that term: 0.0 plus a term >= 0, then 0.0 added, is the term), d_out_src's
+    from src's, the last (the sum before every entry is 0.0). One thread per entry, side by
     side."""
     p_in_src[i] = mul(take, tt[s, src])
-    to_dst = mul(take, tt[s, dst])
-    p_out_dst[i] = mul(take, tt[dst, src]) if s == dst else 0.0
-    p_in_dst[i] = 0.0 if s == dst else to_dst
-    p_out_src[i] = mul(take, tt[src, dst] - tt[src, src]) if s == src else 0.0
+    p_in_dst[i] = 0.0 if s == dst else mul(take, tt[s, dst])
+    p_out_dst[i] = mul(own_dst, tt[dst, src]) if i > 0 else 0.0
+    p_out_src[i] = 0.0
     out = t_out[s] + mul(take, tt[s, dst] - tt[s, src])
     t = comp[s] + 2.0 * dmax(t_in[s], out)
     p_worst[i] = t if s != dst and s != src else -math.inf
 
 
 @cuda.jit(device=True)
-def _prefix_sums(tid, nt, npool, pool_n, cum, p_in_src, p_in_dst, p_out_dst, p_out_src,
-                 p_worst):
-    """cum[i]: the pool's tokens before entry i; p_*[i]: `_after`'s four sums (d_in_src,
-    d_in_dst, d_out_dst, d_out_src) over the entries before i, taken whole, in pool order;
-    p_worst[i]: the largest time of a third-party source (not src, not dst) among the entries
-    before i, each taken whole (`_worst`'s terms; -inf where there is none). The terms are in
-    the arrays already (`_terms`, one entry per thread; a barrier after them). Every thread of
-    the block calls it (it ends with a barrier): six threads run the six sums, one each, over
-    the terms, in pool order: the sequential sums' floats."""
-    for k in range(tid, 6, nt):
+def _prefix_sums(tid, nt, npool, pool_n, cum, p_in_src, p_in_dst, p_worst):
+    """cum[i]: the pool's tokens before entry i; p_in_src[i], p_in_dst[i]: `_after`'s sums
+    d_in_src and d_in_dst over the entries before i, taken whole, in pool order; p_worst[i]:
+    the largest time of a third-party source (not src, not dst) among the entries before i,
+    each taken whole (`_worst`'s terms; -inf where there is none). The terms are in the arrays
+    already (`_terms`, one entry per thread; a barrier after them). Every thread of the block
+    calls it (it ends with a barrier): the first threads of the block's warps run the four
+    sums over the terms, in pool order (the sequential sums' floats), sum k on warp
+    k % warps: on different warps, not on four lanes of one warp, which would run them one
+    after the other (lanes that branch apart take turns)."""
+    warps = (nt + 31) // 32
+    for k in range(tid // 32 if tid % 32 == 0 else 4, 4, warps):
         if k == 0:
             c = 0
             for i in range(npool):
@@ -196,10 +201,6 @@ def _prefix_sums(tid, nt, npool, pool_n, cum, p_in_src, p_in_dst, p_out_dst, p_o
             _scan_sum(p_in_src, npool)
         elif k == 2:
             _scan_sum(p_in_dst, npool)
-        elif k == 3:
-            _scan_sum(p_out_dst, npool)
-        elif k == 4:
-            _scan_sum(p_out_src, npool)
         else:
             worst = -math.inf
             for i in range(npool):
@@ -380,29 +381,6 @@ def _node_x(j, lo, hi):
         else:
             hi = mid
     return (lo + hi) // 2 if lo < hi else 0
-
-
-@cuda.jit(device=True)
-def _tree_find(x, lo, hi, levels, width):
-    """The slot of x in a tree of `levels` levels over [lo, hi] (node j's mid at slot
-    j * width, its mid + 1 at j * 2 + 1 where width is 2), -1 where x is not there: the path of
-    a search for x (every left mid is below its parent's, every right one above)."""
-    j = 0
-    for _ in range(levels):
-        if lo >= hi:
-            return -1
-        mid = (lo + hi) // 2
-        if x == mid:
-            return j * width
-        if width == 2 and x == mid + 1:
-            return j * 2 + 1
-        if x < mid:
-            hi = mid
-            j = 2 * j + 1
-        else:
-            lo = mid + 1
-            j = 2 * j + 2
-    return -1
 
 
 @cuda.jit(device=True, inline=True)
@@ -1159,11 +1137,10 @@ def _kernel_source(num_ranks: int, num_experts: int, in_shared: bool, slots: int
                         a = share_s[s]
                         pool_s[pos] = s
                         pool_n[pos] = a
-                        _terms(pos, s, a, src, dst, tts, comp, t_in, t_out, p_in_src, p_in_dst,
-                               p_out_dst, p_out_src, p_worst)
+                        _terms(pos, s, a, share_s[dst] * n_own, src, dst, tts, comp, t_in,
+                               t_out, p_in_src, p_in_dst, p_out_dst, p_out_src, p_worst)
                 cuda.syncthreads()
-                _prefix_sums(tid, nt, npool, pool_n, cum, p_in_src, p_in_dst, p_out_dst,
-                             p_out_src, p_worst)
+                _prefix_sums(tid, nt, npool, pool_n, cum, p_in_src, p_in_dst, p_worst)
                 gains, x, c_src, c_dst, s_rnd = _search(
                     tid, nt, SL, res, tab, s_rnd, src, dst, tk[src, e], tk[dst, e], npool,
                     total, pool_s, pool_n, cum, p_in_src, p_in_dst, p_out_dst, p_out_src,
