@@ -603,13 +603,53 @@ def _search(tid, nt, nslots, res, tab, rnd, src, dst, tok_src, tok_dst, npool, t
     step = _S_ALL if n_other > 0 else _S_ONE_DONE  # (else phase 2 alone: second is True)
     while True:
         while step != _S_DONE:  # the walk, while this round holds what the steps need
+            if step == _S_BIS:  # a bisection's steps, one after another (module comment: _B_*)
+                while lo < hi:
+                    xa = (lo + hi) // 2
+                    xb = xa + 1 if kind == _B_TWO else 0
+                    if not have_a:
+                        i = -1 if fresh else _lookup(tab, t_cur * (mask + 1), mask, xa, nslots)
+                        if i < 0:
+                            break
+                        a_src = res[parity, i, 0]
+                        a_dst = res[parity, i, 1]
+                    if xb > 0:
+                        have_a = True
+                        i = -1 if fresh else _lookup(tab, t_cur * (mask + 1), mask, xb, nslots)
+                        if i < 0:
+                            break
+                        b_src = res[parity, i, 0]
+                        b_dst = res[parity, i, 1]
+                        have_a = False
+                    if kind == _B_TWO:
+                        holds = dmax(b_src, b_dst) >= dmax(a_src, a_dst)
+                    elif kind == _B_EQ:
+                        holds = a_src <= a_dst
+                    else:
+                        holds = a_src <= cap
+                    if holds:
+                        hi = xa
+                    else:
+                        lo = xa + 1
+                if lo < hi:  # the round lacks the step's amounts (xa, xb; have_a)
+                    break
+                if kind == _B_EQ:  # its end: lo == hi
+                    x_eq = lo
+                    step = _S_EQ_DONE
+                elif kind == _B_MEAN:
+                    x_mean = lo
+                    step = _S_MEAN_DONE
+                elif kind == _B_TWO:
+                    x2 = lo
+                    step = _S_X2
+                else:
+                    x2 = lo
+                    step = _S_W2
+                continue
             if step < _S_EVAL:
                 xb = 0
                 if step == _S_ALL:
                     xa = n_other
-                elif step == _S_BIS:
-                    xa = (lo + hi) // 2
-                    xb = xa + 1 if kind == _B_TWO else 0
                 elif step == _S_ADJ:
                     xa = x_eq - 1
                     xb = x_eq
@@ -643,30 +683,6 @@ def _search(tid, nt, nslots, res, tab, rnd, src, dst, tok_src, tok_dst, npool, t
                     kind = _B_EQ
                     lo = 1
                     hi = n_other
-            elif step == _S_BIS:  # one step of a bisection (module comment: _B_*)
-                if kind == _B_TWO:
-                    holds = dmax(b_src, b_dst) >= dmax(a_src, a_dst)
-                elif kind == _B_EQ:
-                    holds = a_src <= a_dst
-                else:
-                    holds = a_src <= cap
-                if holds:
-                    hi = xa
-                else:
-                    lo = xa + 1
-                if lo >= hi:  # its end: lo == hi
-                    if kind == _B_EQ:
-                        x_eq = lo
-                        step = _S_EQ_DONE
-                    elif kind == _B_MEAN:
-                        x_mean = lo
-                        step = _S_MEAN_DONE
-                    elif kind == _B_TWO:
-                        x2 = lo
-                        step = _S_X2
-                    else:
-                        x2 = lo
-                        step = _S_W2
             elif step == _S_EQ_DONE:  # one token less when that is no worse
                 step = _S_ADJ if x_eq > 1 else _S_ADJ_DONE
             elif step == _S_ADJ:
@@ -812,6 +828,7 @@ def _kernel_source(num_ranks: int, num_experts: int, in_shared: bool, slots: int
     EW = (E + 31) // 32  # noqa: N806 (32-bit words of an expert bitmask)
     PW = (G + 31) // 32  # noqa: N806 (32-bit words of a bitmask of ranks)
     HS = _buckets(SL)  # noqa: N806 (buckets of a round's table of result slots)
+    TS = 3 * HS  # noqa: N806 (the three tables' entries)
 
     def _greedy_kernel(load, home, slots, window, alpha, beta, tt, xt, limit, epsilon,
                        move_local, evacuate, two_phase, mean_cap, hcount, hlist, hpos, tok,
@@ -891,7 +908,7 @@ def _kernel_source(num_ranks: int, num_experts: int, in_shared: bool, slots: int
         p_out_src = cuda.shared.array(G, float64)
         p_worst = cuda.shared.array(G, float64)
         res = cuda.shared.array((2, SL, 3), float64)
-        tab = cuda.shared.array(3 * HS, int64)  # their slots by amount (`_lookup`)
+        tab = cuda.shared.array(TS, int64)  # their slots by amount (`_lookup`)
         s_rnd = 0  # the searches' rounds so far
         share_s = cuda.shared.array(G, int64)  # what each source can give (the pool's)
         pmask = cuda.shared.array(PW, uint32)  # the other sources in the pool, as bits
@@ -911,7 +928,7 @@ def _kernel_source(num_ranks: int, num_experts: int, in_shared: bool, slots: int
             used[g] = 0
             recv[g] = 0.0
             send[g] = 0.0
-        for i in range(tid, 3 * HS, nt):
+        for i in range(tid, TS, nt):
             tab[i] = 0
         if in_shared:
             for i in range(tid, G * G, nt):
