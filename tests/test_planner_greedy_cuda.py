@@ -128,6 +128,28 @@ def test_simulator_global_scratch_equals_cpu_kernel():
 
 
 @pytest.mark.slow
+def test_simulator_decode_layers_at_ep8_and_ep64_equal_cpu_kernel():
+    """The kernel in the CUDA simulator on the decode layers the GPU scripts time (768 tokens
+    per rank, default rules): ep=8 / 128 experts in shared memory at 32 and 128 threads per
+    block (32 and 64 result slots per round) and ep=64 / 256 experts in global scratch at 128
+    threads (two words of pool bits, a pool of up to 64 entries spread over the block):
+    identical plans to the CPU kernel, with moves made."""
+    code = ("from experiments.planner.gpu_greedy import decode_batch, run_batch, same_layer\n"
+            "n = 0\n"
+            "for model, hw, g, e, threads in (('qwen3-235b-a22b', 'h200x8', 8, 128, (32, 128)),\n"
+            "                                 ('deepseek-v3', 'h200x8-n8', 64, 256, (128,))):\n"
+            "    batch = decode_batch(model, hw, g, e, 1)\n"
+            "    for t in threads:\n"
+            "        out = run_batch(batch, t)[0]\n"
+            "        assert same_layer(batch, 0, out), (g, t)\n"
+            "        assert out[3] >= 4, out[3]\n"
+            "        n += 1\n"
+            "print('layers', n)\n")
+    stdout = _in_simulator(["-c", code], 900)
+    assert stdout.split()[-2:] == ["layers", "3"]
+
+
+@pytest.mark.slow
 def test_simulator_runner_sizes():
     """CudaGreedy in the CUDA simulator: `slots` stays the ranks' slot budget (the replica rows
     it allocates: sum of min(slots, E), at most k_max) and `search_slots`, the amounts a round

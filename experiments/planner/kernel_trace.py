@@ -1,26 +1,28 @@
 """The GPU greedy's critical path without a GPU: Python lines per thread between barriers.
 
-    python -m experiments.planner.kernel_trace --out results/kernel_trace
+    python -m experiments.planner.kernel_trace --ep64 --out results/kernel_trace
     python -m experiments.planner.kernel_trace --quick --out /tmp/kernel_trace
 
 A proxy for the instructions of one layer of probe.planner.greedy_cuda (nothing here is timed,
 and a Python line is not an instruction): the kernel runs in Numba's CUDA simulator (one Python
-thread per CUDA thread, NUMBA_ENABLE_CUDASIM=1, set here in a subprocess) with a line tracer on
+thread per CUDA thread, NUMBA_ENABLE_CUDASIM=1, set here for a subprocess) with a line tracer on
 every thread, counting the lines each thread executes in probe.planner's files (the kernel, its
-device functions and the scalar rules' twins) between one barrier and the next. The block's
-threads meet at every barrier, so a barrier interval lasts as long as its busiest thread, and a
-warp issues the union of its lanes' paths (at least its busiest lane's). Per layer:
-- critical path: the sum over barrier intervals of the largest line count of a thread in it
-  (what one thread after another would run, with the barriers between);
-- warp lines: the sum over intervals and warps (32 threads) of each warp's busiest lane (a proxy
-  for the warp instructions Nsight Compute counts);
-- thread lines: every thread's lines together (all the work);
+device functions and the scalar rules' twins), line by line, between one barrier and the next.
+A warp runs its 32 lanes together where they run the same line and one after the other where
+they branch apart, so in an interval a warp costs each line as often as its busiest lane runs
+it (six lanes on six different loops cost the six loops); the block's threads meet at every
+barrier, so an interval lasts as long as its costliest warp. Per layer:
+- critical path: the sum over barrier intervals of the costliest warp's lines (the chain of
+  lines one after another, barriers between: what a latency-bound block waits for);
+- warp lines: the sum over intervals of every warp's lines (a proxy for the warp instructions
+  Nsight Compute counts);
+- thread lines: every thread's lines together (all the work, redundant work included);
 - barriers: the intervals (every thread meets every barrier);
 each for the whole layer and for the start alone (max_moves=0), and per move: (layer - start) /
-moves. The per-interval maxima are also summed by the kernel line of the barrier that ends the
-interval, to show where the critical path goes. The synthetic decode layers of
+moves. The per-interval critical lines are also summed by the kernel line of the barrier that
+ends the interval, to show where the critical path goes. The synthetic decode layers of
 experiments.planner.gpu_latency (768 tokens per rank, default rules, k_max 16) at ep=8 / 128
-experts (shared memory); --ep64 adds ep=64 / 256 experts (global scratch: slow in the
+experts (shared memory); --ep64 adds ep=64 / 256 experts (global scratch; some 30 s in the
 simulator). Writes kernel_trace.json, kernel_trace.md and a manifest into --out.
 """
 
@@ -163,9 +165,10 @@ def _measure(shape: tuple, layers: int, threads: int) -> dict:
 def _markdown(report: dict) -> str:
     lines = ["# The GPU greedy's critical path in the CUDA simulator (Python lines, not a GPU "
              "timing)", "", "Command:", "", f"    {report['command']}", "",
-             "Per move: (layer - start alone) / moves. Critical path: the sum over barrier "
-             "intervals of the busiest thread's lines; warp lines: the sum over intervals and "
-             "warps of the busiest lane's lines; thread lines: all threads' lines.", "",
+             "Per move: (layer - start alone) / moves. A warp's lines in a barrier interval: "
+             "each line as often as its busiest lane runs it (lanes that branch apart take "
+             "turns). Critical path: the sum over intervals of the costliest warp's lines; warp "
+             "lines: the sum over intervals and warps; thread lines: all threads' lines.", "",
              "| shape | threads | layers | moves | critical / move | barriers / move | "
              "warp lines / move | thread lines / move | critical, start | barriers, start |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]

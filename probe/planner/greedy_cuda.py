@@ -14,25 +14,33 @@ lowest id) and applies the FIRST one that gains. Here the T threads put T consec
 of that order through the CPU kernel's cheap tests at once (`_prune`: lower bounds, a free slot,
 a copy source), and an atomic minimum over the candidate index picks the first that passes: the
 same candidate, whatever the thread timing. The whole block then searches it (rule 6: how many
-tokens to move, `_search`): thread 0 builds its pool in shared memory (`_pool`), the threads
-compute its entries' terms side by side and six of them the six prefix sums over them, one each,
-in pool order (`_prefix`), and the search runs in rounds, each evaluating up to min(T, SLOTS)
-amounts x side by side, one per thread (`_eval_x`), then a barrier, then every thread walks the
-CPU kernel's steps (the same walk: the same data) as far as the round's results reach. A
+tokens to move, `_search`). Its pool (dst's own tokens, the other sources holding no copy of the
+expert in rank order, src's own) is built one source per thread: each thread works out what its
+source can give, the joining sources become bits of a mask and their tokens an integer atomic
+sum, and after a barrier each entry goes to its place (the population count of the joining
+sources before it) with its terms of the prefix sums, computed there; the first lanes of the
+warps then run the prefix sums over the terms (`_prefix_sums`), in pool order. The search runs
+in rounds, each evaluating up to min(T, SLOTS) amounts x side by side, one per thread
+(`_eval_x`), each thread putting its result slot into the round's hash table (`_insert`), then
+a barrier, then every thread walks the CPU kernel's steps (the same walk: the same data) as far
+as the round's results reach, finding each amount's slot in the table (`_lookup`). A
 bisection's next probes depend on its tests, but the tree of all its possible midpoints does
-not: a round evaluates the next levels of that tree whole, with the amounts later steps will ask
-for where they are known already (the ends of the bisection under way, the next bisection's
-tree, the evacuation's total), and the walk takes the CPU kernel's path down them, so it asks
-for the very amounts the CPU kernel asks for; an amount a round lacks costs another round, never
-a different answer. If the candidate gains, it is the move (thread 0 applies it, O(G) updates,
-after the threads together have written the expert's new dense [S, G] block if it has none yet);
-else the rounds of pruning go on after it.
+not: a round evaluates the next levels of that tree whole, with the amounts later steps will
+ask for where they are known already (the ends of the bisection under way, the next
+bisection's tree, the evacuation's total), and the walk takes the CPU kernel's path down them,
+so it asks for the very amounts the CPU kernel asks for; an amount a round lacks costs another
+round, never a different answer. If the candidate gains, it is the move: thread 0 makes the
+replica and the expert's block (the threads together write its new dense [S, G] block if it
+has none yet), then the pool's entries are applied side by side, one per thread (its source's
+row of the block and, for a third-party source, its out-time and time), and thread 0 applies
+src's and dst's parts; else the rounds of pruning go on after it.
 
 Floating point: every value that decides a choice is float64, computed in the CPU kernel's order
-of operations: the scalar rules (the static split, applying the move) are greedy.py's own
-functions, compiled a second time as device functions (`numba_cuda.device`,
-probe.planner.scalar); `_after`, `_src_after` and `_worst` have twins here that read the same
-sums from prefix arrays (`_prefix`: a sum that starts at 0.0 and adds the same terms in the
+of operations: the static split is greedy.py's own function, compiled a second time as a
+device function (`numba_cuda.device`, probe.planner.scalar), and the move's application is
+greedy._apply_move's statements, spread over the pool's entries (each entry's updates touch
+its own source alone); `_after`, `_src_after` and `_worst` have twins here that read the same
+sums from prefix arrays (`_prefix_sums`: a sum that starts at 0.0 and adds the same terms in the
 same order passes through the same floats; `_worst`'s running maximum over the third-party
 sources becomes a prefix maximum, the same value: a maximum of values that are not NaN does
 not depend on the order it takes them in, and the worst time is only compared), and `_eval_x`
@@ -46,39 +54,37 @@ makes multiply by 2.0, which is exact; tests check the sm_90 PTX).
 Memory (`CudaGreedy(memory=...)`, "auto" by default): the layer's [G, E] and [G, G] working
 arrays (home holders and positions, tokens per rank and expert, replicas held, flows, the
 expert-to-block map, the token and transfer times) live in shared memory when they fit
-(`shared_bytes(G, E)` <= SHARED_LIMIT = 48 KiB: 44.3 KB at G = 8, E = 128), else in preallocated
-global scratch (G = 64, E = 256 would need 538 KB). One kernel is compiled per (G, E, memory,
+(`shared_bytes(G, E)` <= SHARED_LIMIT = 48 KiB: 41.8 KB at G = 8, E = 128), else in preallocated
+global scratch (G = 64, E = 256 would need 536 KB). One kernel is compiled per (G, E, memory,
 result slots): G and E are compile-time constants, so every shared and per-thread local array
-has exactly G or E entries. Always shared: the rank arrays, the slowest rank's experts (20 bytes
+has exactly G or E entries. Always shared: the rank arrays, the slowest rank's experts (16 bytes
 per expert), a bitmask of each rank's experts with tokens at the start (for the compute sums),
-the move's table of what each source can give of each of those experts (`_share_table`,
-SHARE_TABLE entries, 8 KB), the searched candidate's pool and prefix arrays (8 arrays of G
-entries) and its search's results (2 x slots x 3 floats: 3 KB for SLOTS = 64). Per thread: a
-round's plan (13 integers) and thread 0's takes, out-times and parts of the move it applies
-(ptxas: 240 B of stack at G = 8, 1.1 KB at G = 64; 167 and 224 registers).
+the searched candidate's shares per source, pool bits, pool and prefix arrays (9 arrays of G
+entries), its search's results (2 x slots x 3 floats: 3 KB for SLOTS = 64) and the rounds' hash
+tables (3 x `_buckets(slots)` integers: 6 KB for 64 slots). Per thread: a round's plan (13
+integers) and thread 0's parts of the move (ptxas: 104 B of stack; 190 registers at G = 8, 228
+at G = 64).
 
-Where one layer's time goes (experiments.planner.kernel_stats counts it on the synthetic decode
-layers of experiments.planner.gpu_latency, default rules, k_max 16; results/kernel_stats): in
-every move the FIRST candidate that passes the cheap pruning gains, so a move is its preamble
-(the slowest rank, the destinations and experts ranked, the share table: 3 barriers), one round
-of pruning (up to 85 candidates at ep=64: one round of 128 threads), the searched candidate's
-pool (O(G) integer steps on thread 0) and prefix sums (the terms side by side, then O(G)
-additions on each of six threads; 3 barriers), its search and the move itself (2-3 barriers).
-Before this layout ONE thread made the search's evaluations of x one after another while the 127
-others idled: 15.6-16.6 per search at ep=8, 18.4-18.6 at ep=64 (13.1-14.1 and 16.4-16.8 where a
-step that asks for the amount the step before it asked for reuses its times), the worst time's
-among them walking the pool. Now a search takes 1.9-2.1 rounds at ep=8 and 2.9-3.0 at ep=64 (at
-most 3; at ep=64 the water fill's first bisection has some 15 levels, 6 per round), each round
-one evaluation per thread (a binary search over the pool and O(1) operands), a barrier and the
-walk (integer steps and shared loads): the dependent steps of a move, its rounds of pruning plus
-one thread's distinct evaluations (before) or the search's rounds (now), go from 14.1-15.1 to
-2.9-3.1 at ep=8 and from 17.4-17.9 to 3.9-4.2 at ep=64. The kernel measured before
-(results/h200/gpu_latency: 397 us at ep=8, 2,894 us at ep=64 for one layer; results/h100 run 4:
-447 us and 2,363 us) was slower than its chain of evaluations alone explains: code size,
-divergence between lanes and, at ep=64, O(G) loops over global memory (the worst time's walk
-over the pool is gone from every evaluation now: a prefix maximum).
-experiments.planner.gpu_latency measures the start, the per-move time and the threads and memory
-variants on the GPU.
+Where one layer's time goes, counted without a GPU (none of these numbers is a GPU timing):
+experiments.planner.kernel_stats counts the work of the synthetic decode layers of
+experiments.planner.gpu_latency (default rules, k_max 16; results/kernel_stats): in every move
+the FIRST candidate that passes the cheap pruning gains, and its search takes 1.9-2.1 rounds at
+ep=8 and 2.9-3.0 at ep=64 (at most 3), where one thread once made 15.6-18.6 evaluations of x
+one after another. experiments.planner.kernel_trace (results/kernel_trace) runs one such layer
+in the CUDA simulator and counts the Python lines each thread runs between barriers, a warp's
+lines divergence-aware: per move, the critical path (the costliest warp's lines per barrier
+interval, summed) went from 2,188 to 1,490 lines at ep=8 and from 4,177 to 2,236 at ep=64 when
+the pool, its prefix sums' layout, the move's application and the walk's lookups changed to the
+layout above (the warps' lines from 6,756 to 4,617 and from 9,957 to 6,811; 12.2 and 12.6
+barriers per move both before and after). What is left is mostly the search: its rounds (their
+plan, evaluations and the walk: some 800 lines at ep=8, 1,150 at ep=64), the walk's last steps
+after its last round, and at ep=64 the ranks' order (each thread compares its rank's time with
+all 64) and the prefix sums (64 dependent additions, which must stay in pool order for the CPU
+kernel's floats). The sm_90 PTX has 8,539 instructions at ep=8 and 9,117 at ep=64 (11,021 and
+11,068 before). On an H100 the kernel before these changes took 522 us at ep=8 and 1,200 us at
+ep=64 for one layer (graph replay; 446 us at ep=8 before the search's rounds), latency-bound on
+long chains of dependent instructions; experiments.planner.gpu_latency measures the start, the
+per-move time and the threads and memory variants on the GPU.
 
 Entry points:
     `CudaGreedy(home, slots, cost, rules, num_layers=L)`: validates once, keeps device
@@ -130,17 +136,16 @@ _NONE = 1 << 40
 _NE, _WIN, _B, _NEWB, _NBLK, _NREP, _MOVES, _BAD, _HOLDER, _TOTAL = 0, 1, 3, 4, 5, 6, 7, 8, 9, 10
 
 
-# The CPU kernel's scalar rules as device functions: the same Python functions, compiled again
-# (probe.planner.scalar), so the candidates' times are the CPU kernel's floats.
+# The CPU kernel's static split as a device function: the same Python function, compiled again
+# (probe.planner.scalar), so the candidates' pools are the CPU kernel's.
 _static_share = device(greedy._static_share, inline=True)
-_apply_move = device(greedy._apply_move)
 
 
 # `_after`, `_src_after` and `_water_fill` of the CPU kernel, on prefix sums. The CPU kernel's
 # `_after(x)` walks the pool from entry 0, adding each entry's take times a token time into four
 # sums, and stops at the entry where the x tokens run out: O(npool) dependent steps per call,
 # some 30 calls per candidate. A sum that starts at 0.0 and adds the same terms in the same order
-# passes through the same floats, so `_prefix` records each sum before every entry once per
+# passes through the same floats, so `_prefix_sums` records each sum before every entry once per
 # candidate, and `_after_p(x)` takes the sums before the last entry touched (found by a binary
 # search over the cumulative counts) and adds that entry's partial take: the CPU kernel's floats,
 # bit for bit, in O(log npool) per call. `_worst`'s maximum over the third-party sources is
@@ -227,7 +232,7 @@ def _entry(x, npool, cum):
 @cuda.jit(device=True)
 def _after_p(x, e, src, dst, pool_s, npool, cum, p_in_src, p_in_dst, p_out_dst, p_out_src, tok,
              comp, t_in, t_out, alpha, beta, tt, parts):
-    """greedy._after(x, ...) from `_prefix`'s sums: the same floats; fills parts[6]."""
+    """greedy._after(x, ...) from `_prefix_sums`' sums: the same floats; fills parts[6]."""
     comp_src = comp[src] - mul(beta, x)
     if tok[src, e] == x:
         comp_src -= alpha
@@ -807,8 +812,9 @@ def _buckets(slots: int) -> int:
 
 def _fixed_bytes(num_ranks: int, num_experts: int, slots: int = SLOTS) -> int:
     """Shared bytes a block always takes: rank arrays, the expert lists, block scalars, the
-    ranks' expert bitmasks, the share table, the searched candidate's pool and prefix sums
-    (8 arrays of G) and its search's result slots (2 x slots x 3 floats)."""
+    ranks' expert bitmasks, the searched candidate's shares per source, pool bits, pool and
+    prefix sums (9 arrays of G), its search's result slots (2 x slots x 3 floats) and the
+    rounds' hash tables (3 x `_buckets(slots)` integers)."""
     G, E = num_ranks, num_experts  # noqa: N806
     return (8 * 7 * G + 8 * G + E * (4 + 8 + 4) + 8 * 16 + 4 * G * ((E + 31) // 32)
             + 8 * G + 4 * ((G + 31) // 32) + 8 * 8 * G + 8 * 2 * 3 * slots
@@ -897,8 +903,9 @@ def _kernel_source(num_ranks: int, num_experts: int, in_shared: bool, slots: int
         ints = cuda.shared.array(16, int64)
         busy = cuda.shared.array((G, EW), uint32)  # per rank: experts with tokens, as bits
 
-        # The searched candidate's pool and its prefix sums (`_pool`, `_prefix`), and the
-        # results of its search's rounds (`_search`: t_src, t_dst, worst per slot, two buffers).
+        # The searched candidate's pool and its prefix sums (`_terms`, `_prefix_sums`), the
+        # results of its search's rounds (`_search`: t_src, t_dst, worst per slot, two
+        # buffers) and their hash tables.
         pool_s = cuda.shared.array(G, int64)
         pool_n = cuda.shared.array(G, int64)
         cum = cuda.shared.array(G, int64)
@@ -1073,10 +1080,11 @@ def _kernel_source(num_ranks: int, num_experts: int, in_shared: bool, slots: int
             cuda.syncthreads()
             # Rounds of candidates in the CPU kernel's order, nt side by side: each thread
             # prunes one (`_prune`), an atomic minimum over the indices of those that pass
-            # picks the first, and the whole block searches it (`_pool`, `_prefix` on thread
-            # 0, then `_search`); the first that gains is the move, else the rounds go on
-            # after it. (Round rnd's minimum is in ints[_WIN + rnd % 2]; thread 0 clears the
-            # other slot for the next round before this one's barrier, after all read it.)
+            # picks the first, and the whole block searches it (its pool one source per
+            # thread, `_terms`, `_prefix_sums`, then `_search`); the first that gains is the
+            # move, else the rounds go on after it. (Round rnd's minimum is in
+            # ints[_WIN + rnd % 2]; thread 0 clears the other slot for the next round, and the
+            # pool's token sum and bits, before this one's barrier, after all read them.)
             num_cand = nd * ne
             base = 0
             rnd = 0
@@ -1323,7 +1331,7 @@ class CudaGreedy(LayerPlanner):
     home: bool [G, E] (every layer) or [L, G, E] static placement; slots: int or int [G];
     cost: CostModel for G ranks; rules: GreedyRules (None: the defaults; also_paper is not
     supported); num_layers: L, the layers one `plan` call plans; threads: threads per block (a
-    multiple of 32, at most 1024; 1 for tests; the sm_90 kernel takes 167-224 registers per
+    multiple of 32, at most 1024; 1 for tests; the sm_90 kernel takes 190-228 registers per
     thread, so the GPU may refuse launches of more than 256; a candidate's search evaluates
     min(threads, SLOTS) amounts per round, `search_slots`); memory: where a block keeps its
     layer's [G, E] and [G, G] working arrays, "shared" (shared memory: `shared_bytes(G, E)`
