@@ -811,12 +811,12 @@ def _buckets(slots: int) -> int:
 
 
 def _fixed_bytes(num_ranks: int, num_experts: int, slots: int = SLOTS) -> int:
-    """Shared bytes a block always takes: rank arrays, the expert lists, block scalars, the
-    ranks' expert bitmasks, the searched candidate's shares per source, pool bits, pool and
-    prefix sums (9 arrays of G), its search's result slots (2 x slots x 3 floats) and the
-    rounds' hash tables (3 x `_buckets(slots)` integers)."""
+    """Shared bytes a block always takes: rank arrays (and the ranks' order counts), the
+    expert lists, block scalars, the ranks' expert bitmasks, the searched candidate's shares
+    per source, pool bits, pool and prefix sums (9 arrays of G), its search's result slots
+    (2 x slots x 3 floats) and the rounds' hash tables (3 x `_buckets(slots)` integers)."""
     G, E = num_ranks, num_experts  # noqa: N806
-    return (8 * 7 * G + 8 * G + E * (4 + 8 + 4) + 8 * 16 + 4 * G * ((E + 31) // 32)
+    return (8 * 7 * G + 16 * G + E * (4 + 8 + 4) + 8 * 16 + 4 * G * ((E + 31) // 32)
             + 8 * G + 4 * ((G + 31) // 32) + 8 * 8 * G + 8 * 2 * 3 * slots
             + 8 * 3 * _buckets(slots))
 
@@ -897,6 +897,8 @@ def _kernel_source(num_ranks: int, num_experts: int, in_shared: bool, slots: int
         used = cuda.shared.array(G, int64)
         rank_order = cuda.shared.array(G, int32)  # the ranks by time, fastest first ...
         faster = cuda.shared.array(G, int32)  # ... and how many ranks are faster than each
+        n_faster = cuda.shared.array(G, int32)  # (their counts, summed over the threads)
+        n_ties = cuda.shared.array(G, int32)
         src_e = cuda.shared.array(E, int32)  # src's experts with tokens, in any order ...
         src_n = cuda.shared.array(E, int64)  # ... and their token counts on src
         exp_order = cuda.shared.array(E, int32)  # the same experts, heaviest first ...
@@ -935,6 +937,8 @@ def _kernel_source(num_ranks: int, num_experts: int, in_shared: bool, slots: int
             used[g] = 0
             recv[g] = 0.0
             send[g] = 0.0
+            n_faster[g] = 0
+            n_ties[g] = 0
         for i in range(tid, TS, nt):
             tab[i] = 0
         if in_shared:
@@ -1024,26 +1028,37 @@ def _kernel_source(num_ranks: int, num_experts: int, in_shared: bool, slots: int
             times[g] = comp[g] + 2.0 * dmax(t_in[g], t_out[g])
         cuda.syncthreads()
 
-        # One move per pass: 3 barriers to rank the ranks and src's experts, one per round of
+        # One move per pass: 4 barriers to rank the ranks and src's experts, one per round of
         # candidates, 3 per searched candidate (its pool, its prefix sums) plus one per round
         # of its search, 2 for the move (3 when the expert gets its first block).
         # ints[_NE] == 0 and ints[_WIN] == ints[_WIN + 1] == _NONE on entry.
         while bad == 0:
             if ints[_MOVES] >= limit:
                 break
-            # The ranks fastest first, ties to the lowest rank (thread g places g), and how
-            # many are faster than each.
-            for g in range(tid, G, nt):
+            # The ranks fastest first, ties to the lowest rank, and how many are faster than
+            # each: the comparisons of rank g with the others split over the block's threads
+            # (parts of the ranks h, counts summed with integer atomics: exact), then thread g
+            # places g.
+            n_parts = nt // G if nt >= 2 * G else 1
+            for i in range(tid, G * n_parts, nt):
+                g = i % G
                 t = times[g]
                 r = 0
                 c = 0
-                for h in range(G):
+                for h in range(i // G, G, n_parts):
                     if times[h] < t:
                         c += 1
                     elif times[h] == t and h < g:
                         r += 1
-                rank_order[c + r] = g
+                cuda.atomic.add(n_faster, g, c)
+                cuda.atomic.add(n_ties, g, r)
+            cuda.syncthreads()
+            for g in range(tid, G, nt):
+                c = n_faster[g]
+                rank_order[c + n_ties[g]] = g
                 faster[g] = c
+                n_faster[g] = 0  # (for the next move: read again only after two barriers)
+                n_ties[g] = 0
             cuda.syncthreads()
             # The slowest rank is the lowest of the last tie group (the CPU kernel's first
             # largest time), and the destinations are the nd ranks before that group (faster
