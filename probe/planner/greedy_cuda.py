@@ -8,7 +8,8 @@ every other GreedyRules option is (k_max, epsilon, move_local, evacuate, two_pha
 
 How a block works (T threads, THREADS by default): the start (home holders, the static split,
 rank times) is spread over experts and ranks; then each move is found as the CPU kernel finds
-it. The CPU kernel tries candidates (destination rank, expert) in a fixed order (destinations
+it, after the ranks are ordered by time (each rank's comparisons with the others split over
+T // G threads, the counts summed with integer atomics). The CPU kernel tries candidates (destination rank, expert) in a fixed order (destinations
 fastest first, ties to the lowest rank; experts of the slowest rank heaviest first, ties to the
 lowest id) and applies the FIRST one that gains. Here the T threads put T consecutive candidates
 of that order through the CPU kernel's cheap tests at once (`_prune`: lower bounds, a free slot,
@@ -54,15 +55,15 @@ makes multiply by 2.0, which is exact; tests check the sm_90 PTX).
 Memory (`CudaGreedy(memory=...)`, "auto" by default): the layer's [G, E] and [G, G] working
 arrays (home holders and positions, tokens per rank and expert, replicas held, flows, the
 expert-to-block map, the token and transfer times) live in shared memory when they fit
-(`shared_bytes(G, E)` <= SHARED_LIMIT = 48 KiB: 41.8 KB at G = 8, E = 128), else in preallocated
-global scratch (G = 64, E = 256 would need 536 KB). One kernel is compiled per (G, E, memory,
+(`shared_bytes(G, E)` <= SHARED_LIMIT = 48 KiB: 41.9 KB at G = 8, E = 128), else in preallocated
+global scratch (G = 64, E = 256 would need 537 KB). One kernel is compiled per (G, E, memory,
 result slots): G and E are compile-time constants, so every shared and per-thread local array
 has exactly G or E entries. Always shared: the rank arrays, the slowest rank's experts (16 bytes
 per expert), a bitmask of each rank's experts with tokens at the start (for the compute sums),
 the searched candidate's shares per source, pool bits, pool and prefix arrays (9 arrays of G
 entries), its search's results (2 x slots x 3 floats: 3 KB for SLOTS = 64) and the rounds' hash
 tables (3 x `_buckets(slots)` integers: 6 KB for 64 slots). Per thread: a round's plan (13
-integers) and thread 0's parts of the move (ptxas: 104 B of stack; 190 registers at G = 8, 228
+integers) and thread 0's parts of the move (ptxas: 104 B of stack; 189 registers at G = 8, 228
 at G = 64).
 
 Where one layer's time goes, counted without a GPU (none of these numbers is a GPU timing):
@@ -73,15 +74,18 @@ ep=8 and 2.9-3.0 at ep=64 (at most 3), where one thread once made 15.6-18.6 eval
 one after another. experiments.planner.kernel_trace (results/kernel_trace) runs one such layer
 in the CUDA simulator and counts the Python lines each thread runs between barriers, a warp's
 lines divergence-aware: per move, the critical path (the costliest warp's lines per barrier
-interval, summed) went from 2,188 to 1,490 lines at ep=8 and from 4,177 to 2,236 at ep=64 when
-the pool, its prefix sums' layout, the move's application and the walk's lookups changed to the
-layout above (the warps' lines from 6,756 to 4,617 and from 9,957 to 6,811; 12.2 and 12.6
-barriers per move both before and after). What is left is mostly the search: its rounds (their
-plan, evaluations and the walk: some 800 lines at ep=8, 1,150 at ep=64), the walk's last steps
-after its last round, and at ep=64 the ranks' order (each thread compares its rank's time with
-all 64) and the prefix sums (64 dependent additions, which must stay in pool order for the CPU
-kernel's floats). The sm_90 PTX has 8,539 instructions at ep=8 and 9,117 at ep=64 (11,021 and
-11,068 before). On an H100 the kernel before these changes took 522 us at ep=8 and 1,200 us at
+interval, summed) went from 2,188 to 1,476 lines at ep=8 and from 4,177 to 2,119 at ep=64 when
+the pool, its prefix sums' layout, the move's application, the walk's lookups and the ranks'
+order changed to the layout above (the warps' lines from 6,756 to 4,656 and from 9,957 to
+6,849; barriers per move from 12.2 to 13.2 and from 12.6 to 13.6: one more for the ranks'
+order). What is left is mostly the search: its rounds (their plan, evaluations and the walk:
+some 800 lines at ep=8, 1,150 at ep=64) and the walk's last steps after its last round, then
+at ep=64 the prefix sums (64 dependent additions, which must stay in pool order for the CPU
+kernel's floats) and the ranks' order (32 comparisons per thread). The walk runs on every
+thread, the same steps on the same data: on one warp it would not be shorter, and the block's
+few warps each have a scheduler of their own on an SM, so the copies cost no issue slots the
+critical path needs. The sm_90 PTX has 8,958 instructions at ep=8 and 9,450 at ep=64 (11,021
+and 11,068 before). On an H100 the kernel before these changes took 522 us at ep=8 and 1,200 us at
 ep=64 for one layer (graph replay; 446 us at ep=8 before the search's rounds), latency-bound on
 long chains of dependent instructions; experiments.planner.gpu_latency measures the start, the
 per-move time and the threads and memory variants on the GPU.
