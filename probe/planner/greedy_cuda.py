@@ -9,9 +9,10 @@ every other GreedyRules option is (k_max, epsilon, move_local, evacuate, two_pha
 How a block works (T threads, THREADS by default): the start (home holders, the static split,
 rank times) is spread over experts and ranks; then each move is found as the CPU kernel finds
 it, after the ranks are ordered by time (each rank's comparisons with the others split over
-T // G threads, the counts summed with integer atomics). The CPU kernel tries candidates (destination rank, expert) in a fixed order (destinations
-fastest first, ties to the lowest rank; experts of the slowest rank heaviest first, ties to the
-lowest id) and applies the FIRST one that gains. Here the T threads put T consecutive candidates
+T // G threads, the counts summed with integer atomics). The CPU kernel tries candidates
+(destination rank, expert) in a fixed order (destinations fastest first, ties to the lowest
+rank; experts of the slowest rank heaviest first, ties to the lowest id) and applies the FIRST
+one that gains. Here the T threads put T consecutive candidates
 of that order through the CPU kernel's cheap tests at once (`_prune`: lower bounds, a free slot,
 a copy source), and an atomic minimum over the candidate index picks the first that passes: the
 same candidate, whatever the thread timing. The whole block then searches it (rule 6: how many
@@ -85,10 +86,11 @@ kernel's floats) and the ranks' order (32 comparisons per thread). The walk runs
 thread, the same steps on the same data: on one warp it would not be shorter, and the block's
 few warps each have a scheduler of their own on an SM, so the copies cost no issue slots the
 critical path needs. The sm_90 PTX has 8,958 instructions at ep=8 and 9,450 at ep=64 (11,021
-and 11,068 before). On an H100 the kernel before these changes took 522 us at ep=8 and 1,200 us at
-ep=64 for one layer (graph replay; 446 us at ep=8 before the search's rounds), latency-bound on
-long chains of dependent instructions; experiments.planner.gpu_latency measures the start, the
-per-move time and the threads and memory variants on the GPU.
+and 11,068 before). On an H100 the kernel before these changes took 522 us at ep=8 and
+1,200 us at ep=64 for one layer (graph replay; 446 us at ep=8 before the search's rounds),
+latency-bound on long chains of dependent instructions; no GPU has timed this kernel yet:
+experiments.planner.gpu_latency measures the start, the per-move time and the threads and
+memory variants on the GPU.
 
 Entry points:
     `CudaGreedy(home, slots, cost, rules, num_layers=L)`: validates once, keeps device
