@@ -42,3 +42,24 @@ def test_ptxas_numbers_of_the_shared_kernel(tmp_path):
     assert 0 < stats["registers"] <= 255 and stats["stack_bytes"] >= 0
     assert stats["shared_bytes"] >= 32 * 1024  # the working arrays are in shared memory
     assert stats["cubin_bytes"] > 0 and stats["ptx_instructions"] > 1000
+
+
+@pytest.mark.slow
+def test_kernel_trace_quick_counts_lines_between_barriers(tmp_path):
+    """experiments.planner.kernel_trace --quick (the CUDA simulator, one ep=8 decode layer, 32
+    threads): the layer's moves, and per move a critical path no longer than the warps' lines
+    together, which are no more than all the threads' lines, and at least the barriers of a
+    move's pruning, pool and search."""
+    from experiments.planner import kernel_trace
+
+    assert kernel_trace.main(["--quick", "--out", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "kernel_trace.json").read_text())
+    (row,) = report["rows"]
+    assert row["shape"] == "ep=8, E=128" and row["threads"] == 32 and row["moves"] >= 4
+    assert 0 < row["critical_per_move"] <= row["warp_lines_per_move"]
+    assert row["warp_lines_per_move"] <= row["thread_lines_per_move"]
+    assert row["barriers_per_move"] >= 6 and row["critical_start"] > 0
+    assert sum(row["critical_per_move_by_barrier"].values()) == pytest.approx(
+        row["critical_per_move"])
+    assert (tmp_path / "kernel_trace.md").exists()
+    assert (tmp_path / "kernel_trace.manifest.json").exists()

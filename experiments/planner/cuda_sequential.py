@@ -52,6 +52,13 @@ class _Atomic:
         arr[idx] = max(arr[idx], v)
 
     @staticmethod
+    def cas(arr, idx, old, v):
+        loaded = arr[idx]
+        if loaded == old:
+            arr[idx] = v
+        return loaded
+
+    @staticmethod
     def or_(arr, idx, v):
         old = arr[idx]
         arr[idx] |= v

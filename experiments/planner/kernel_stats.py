@@ -182,15 +182,14 @@ def _count_moves(batch, layer: int, slots: int) -> tuple[list, list]:
             return counted
         if name == "_search":
             def search(*a):
-                # (the pruning calls so far: the candidates tried, and the searched one's
-                # second pruning on thread 0, which is not a try)
+                # (the pruning calls so far: the candidates tried)
                 calls["eval"] = calls["round"] = 0
                 out = fn(*a)
-                current.append((calls["prune"] - 1, calls["eval"], calls["round"]))
+                current.append((calls["prune"], calls["eval"], calls["round"]))
                 calls["prune"] = 0
                 return out
             return search
-        if name == "_apply_move":
+        if name == "_after_p":  # (called once per move: its application, on thread 0)
             def applied(*a):
                 per_move.append(list(current))
                 current.clear()

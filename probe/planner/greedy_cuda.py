@@ -8,31 +8,41 @@ every other GreedyRules option is (k_max, epsilon, move_local, evacuate, two_pha
 
 How a block works (T threads, THREADS by default): the start (home holders, the static split,
 rank times) is spread over experts and ranks; then each move is found as the CPU kernel finds
-it. The CPU kernel tries candidates (destination rank, expert) in a fixed order (destinations
-fastest first, ties to the lowest rank; experts of the slowest rank heaviest first, ties to the
-lowest id) and applies the FIRST one that gains. Here the T threads put T consecutive candidates
+it, after the ranks are ordered by time (each rank's comparisons with the others split over
+T // G threads, the counts summed with integer atomics). The CPU kernel tries candidates
+(destination rank, expert) in a fixed order (destinations fastest first, ties to the lowest
+rank; experts of the slowest rank heaviest first, ties to the lowest id) and applies the FIRST
+one that gains. Here the T threads put T consecutive candidates
 of that order through the CPU kernel's cheap tests at once (`_prune`: lower bounds, a free slot,
 a copy source), and an atomic minimum over the candidate index picks the first that passes: the
 same candidate, whatever the thread timing. The whole block then searches it (rule 6: how many
-tokens to move, `_search`): thread 0 builds its pool in shared memory (`_pool`), the threads
-compute its entries' terms side by side and six of them the six prefix sums over them, one each,
-in pool order (`_prefix`), and the search runs in rounds, each evaluating up to min(T, SLOTS)
-amounts x side by side, one per thread (`_eval_x`), then a barrier, then every thread walks the
-CPU kernel's steps (the same walk: the same data) as far as the round's results reach. A
+tokens to move, `_search`). Its pool (dst's own tokens, the other sources holding no copy of the
+expert in rank order, src's own) is built one source per thread: each thread works out what its
+source can give, the joining sources become bits of a mask and their tokens an integer atomic
+sum, and after a barrier each entry goes to its place (the population count of the joining
+sources before it) with its terms of the prefix sums, computed there; the first lanes of the
+warps then run the prefix sums over the terms (`_prefix_sums`), in pool order. The search runs
+in rounds, each evaluating up to min(T, SLOTS) amounts x side by side, one per thread
+(`_eval_x`), each thread putting its result slot into the round's hash table (`_insert`), then
+a barrier, then every thread walks the CPU kernel's steps (the same walk: the same data) as far
+as the round's results reach, finding each amount's slot in the table (`_lookup`). A
 bisection's next probes depend on its tests, but the tree of all its possible midpoints does
-not: a round evaluates the next levels of that tree whole, with the amounts later steps will ask
-for where they are known already (the ends of the bisection under way, the next bisection's
-tree, the evacuation's total), and the walk takes the CPU kernel's path down them, so it asks
-for the very amounts the CPU kernel asks for; an amount a round lacks costs another round, never
-a different answer. If the candidate gains, it is the move (thread 0 applies it, O(G) updates,
-after the threads together have written the expert's new dense [S, G] block if it has none yet);
-else the rounds of pruning go on after it.
+not: a round evaluates the next levels of that tree whole, with the amounts later steps will
+ask for where they are known already (the ends of the bisection under way, the next
+bisection's tree, the evacuation's total), and the walk takes the CPU kernel's path down them,
+so it asks for the very amounts the CPU kernel asks for; an amount a round lacks costs another
+round, never a different answer. If the candidate gains, it is the move: thread 0 makes the
+replica and the expert's block (the threads together write its new dense [S, G] block if it
+has none yet), then the pool's entries are applied side by side, one per thread (its source's
+row of the block and, for a third-party source, its out-time and time), and thread 0 applies
+src's and dst's parts; else the rounds of pruning go on after it.
 
 Floating point: every value that decides a choice is float64, computed in the CPU kernel's order
-of operations: the scalar rules (the static split, applying the move) are greedy.py's own
-functions, compiled a second time as device functions (`numba_cuda.device`,
-probe.planner.scalar); `_after`, `_src_after` and `_worst` have twins here that read the same
-sums from prefix arrays (`_prefix`: a sum that starts at 0.0 and adds the same terms in the
+of operations: the static split is greedy.py's own function, compiled a second time as a
+device function (`numba_cuda.device`, probe.planner.scalar), and the move's application is
+greedy._apply_move's statements, spread over the pool's entries (each entry's updates touch
+its own source alone); `_after`, `_src_after` and `_worst` have twins here that read the same
+sums from prefix arrays (`_prefix_sums`: a sum that starts at 0.0 and adds the same terms in the
 same order passes through the same floats; `_worst`'s running maximum over the third-party
 sources becomes a prefix maximum, the same value: a maximum of values that are not NaN does
 not depend on the order it takes them in, and the worst time is only compared), and `_eval_x`
@@ -46,39 +56,41 @@ makes multiply by 2.0, which is exact; tests check the sm_90 PTX).
 Memory (`CudaGreedy(memory=...)`, "auto" by default): the layer's [G, E] and [G, G] working
 arrays (home holders and positions, tokens per rank and expert, replicas held, flows, the
 expert-to-block map, the token and transfer times) live in shared memory when they fit
-(`shared_bytes(G, E)` <= SHARED_LIMIT = 48 KiB: 44.3 KB at G = 8, E = 128), else in preallocated
-global scratch (G = 64, E = 256 would need 538 KB). One kernel is compiled per (G, E, memory,
+(`shared_bytes(G, E)` <= SHARED_LIMIT = 48 KiB: 41.9 KB at G = 8, E = 128), else in preallocated
+global scratch (G = 64, E = 256 would need 537 KB). One kernel is compiled per (G, E, memory,
 result slots): G and E are compile-time constants, so every shared and per-thread local array
-has exactly G or E entries. Always shared: the rank arrays, the slowest rank's experts (20 bytes
+has exactly G or E entries. Always shared: the rank arrays, the slowest rank's experts (16 bytes
 per expert), a bitmask of each rank's experts with tokens at the start (for the compute sums),
-the move's table of what each source can give of each of those experts (`_share_table`,
-SHARE_TABLE entries, 8 KB), the searched candidate's pool and prefix arrays (8 arrays of G
-entries) and its search's results (2 x slots x 3 floats: 3 KB for SLOTS = 64). Per thread: a
-round's plan (13 integers) and thread 0's takes, out-times and parts of the move it applies
-(ptxas: 240 B of stack at G = 8, 1.1 KB at G = 64; 167 and 224 registers).
+the searched candidate's shares per source, pool bits, pool and prefix arrays (9 arrays of G
+entries), its search's results (2 x slots x 3 floats: 3 KB for SLOTS = 64) and the rounds' hash
+tables (3 x `_buckets(slots)` integers: 6 KB for 64 slots). Per thread: a round's plan (13
+integers) and thread 0's parts of the move (ptxas: 104 B of stack; 189 registers at G = 8, 228
+at G = 64).
 
-Where one layer's time goes (experiments.planner.kernel_stats counts it on the synthetic decode
-layers of experiments.planner.gpu_latency, default rules, k_max 16; results/kernel_stats): in
-every move the FIRST candidate that passes the cheap pruning gains, so a move is its preamble
-(the slowest rank, the destinations and experts ranked, the share table: 3 barriers), one round
-of pruning (up to 85 candidates at ep=64: one round of 128 threads), the searched candidate's
-pool (O(G) integer steps on thread 0) and prefix sums (the terms side by side, then O(G)
-additions on each of six threads; 3 barriers), its search and the move itself (2-3 barriers).
-Before this layout ONE thread made the search's evaluations of x one after another while the 127
-others idled: 15.6-16.6 per search at ep=8, 18.4-18.6 at ep=64 (13.1-14.1 and 16.4-16.8 where a
-step that asks for the amount the step before it asked for reuses its times), the worst time's
-among them walking the pool. Now a search takes 1.9-2.1 rounds at ep=8 and 2.9-3.0 at ep=64 (at
-most 3; at ep=64 the water fill's first bisection has some 15 levels, 6 per round), each round
-one evaluation per thread (a binary search over the pool and O(1) operands), a barrier and the
-walk (integer steps and shared loads): the dependent steps of a move, its rounds of pruning plus
-one thread's distinct evaluations (before) or the search's rounds (now), go from 14.1-15.1 to
-2.9-3.1 at ep=8 and from 17.4-17.9 to 3.9-4.2 at ep=64. The kernel measured before
-(results/h200/gpu_latency: 397 us at ep=8, 2,894 us at ep=64 for one layer; results/h100 run 4:
-447 us and 2,363 us) was slower than its chain of evaluations alone explains: code size,
-divergence between lanes and, at ep=64, O(G) loops over global memory (the worst time's walk
-over the pool is gone from every evaluation now: a prefix maximum).
-experiments.planner.gpu_latency measures the start, the per-move time and the threads and memory
-variants on the GPU.
+Where one layer's time goes, counted without a GPU (none of these numbers is a GPU timing):
+experiments.planner.kernel_stats counts the work of the synthetic decode layers of
+experiments.planner.gpu_latency (default rules, k_max 16; results/kernel_stats): in every move
+the FIRST candidate that passes the cheap pruning gains, and its search takes 1.9-2.1 rounds at
+ep=8 and 2.9-3.0 at ep=64 (at most 3), where one thread once made 15.6-18.6 evaluations of x
+one after another. experiments.planner.kernel_trace (results/kernel_trace) runs one such layer
+in the CUDA simulator and counts the Python lines each thread runs between barriers, a warp's
+lines divergence-aware: per move, the critical path (the costliest warp's lines per barrier
+interval, summed) went from 2,188 to 1,476 lines at ep=8 and from 4,177 to 2,119 at ep=64 when
+the pool, its prefix sums' layout, the move's application, the walk's lookups and the ranks'
+order changed to the layout above (the warps' lines from 6,756 to 4,656 and from 9,957 to
+6,849; barriers per move from 12.2 to 13.2 and from 12.6 to 13.6: one more for the ranks'
+order). What is left is mostly the search: its rounds (their plan, evaluations and the walk:
+some 800 lines at ep=8, 1,150 at ep=64) and the walk's last steps after its last round, then
+at ep=64 the prefix sums (64 dependent additions, which must stay in pool order for the CPU
+kernel's floats) and the ranks' order (32 comparisons per thread). The walk runs on every
+thread, the same steps on the same data: on one warp it would not be shorter, and the block's
+few warps each have a scheduler of their own on an SM, so the copies cost no issue slots the
+critical path needs. The sm_90 PTX has 8,958 instructions at ep=8 and 9,450 at ep=64 (11,021
+and 11,068 before). On an H100 the kernel before these changes took 522 us at ep=8 and
+1,200 us at ep=64 for one layer (graph replay; 446 us at ep=8 before the search's rounds),
+latency-bound on long chains of dependent instructions; no GPU has timed this kernel yet:
+experiments.planner.gpu_latency measures the start, the per-move time and the threads and
+memory variants on the GPU.
 
 Entry points:
     `CudaGreedy(home, slots, cost, rules, num_layers=L)`: validates once, keeps device
@@ -124,26 +136,22 @@ THREADS = 128
 SLOTS = 64
 # Most shared memory a block's arrays may take: the static limit of a block (48 KiB).
 SHARED_LIMIT = 48 * 1024
-# Entries of the per-move table of what each source can give of each of src's experts
-# (`_share_table`, 8 KB of shared memory): used when ne experts x G sources fit.
-SHARE_TABLE = 1024
 # "No candidate gained yet" (larger than any candidate index: MAX_RANKS * experts < 2**40).
 _NONE = 1 << 40
 # Slots of the block's shared integers (_WIN and _WIN + 1: two rounds' first candidates).
-_NE, _WIN, _B, _NEWB, _NBLK, _NREP, _MOVES, _BAD, _NPOOL, _TOTAL = 0, 1, 3, 4, 5, 6, 7, 8, 9, 10
+_NE, _WIN, _B, _NEWB, _NBLK, _NREP, _MOVES, _BAD, _HOLDER, _TOTAL = 0, 1, 3, 4, 5, 6, 7, 8, 9, 10
 
 
-# The CPU kernel's scalar rules as device functions: the same Python functions, compiled again
-# (probe.planner.scalar), so the candidates' times are the CPU kernel's floats.
+# The CPU kernel's static split as a device function: the same Python function, compiled again
+# (probe.planner.scalar), so the candidates' pools are the CPU kernel's.
 _static_share = device(greedy._static_share, inline=True)
-_apply_move = device(greedy._apply_move)
 
 
 # `_after`, `_src_after` and `_water_fill` of the CPU kernel, on prefix sums. The CPU kernel's
 # `_after(x)` walks the pool from entry 0, adding each entry's take times a token time into four
 # sums, and stops at the entry where the x tokens run out: O(npool) dependent steps per call,
 # some 30 calls per candidate. A sum that starts at 0.0 and adds the same terms in the same order
-# passes through the same floats, so `_prefix` records each sum before every entry once per
+# passes through the same floats, so `_prefix_sums` records each sum before every entry once per
 # candidate, and `_after_p(x)` takes the sums before the last entry touched (found by a binary
 # search over the cumulative counts) and adds that entry's partial take: the CPU kernel's floats,
 # bit for bit, in O(log npool) per call. `_worst`'s maximum over the third-party sources is
@@ -161,33 +169,40 @@ def _scan_sum(arr, npool):
 
 
 @cuda.jit(device=True)
-def _prefix(tid, nt, src, dst, npool, pool_s, pool_n, tt, comp, t_in, t_out, cum, p_in_src,
-            p_in_dst, p_out_dst, p_out_src, p_worst):
-    """cum[i]: the pool's tokens before entry i; p_*[i]: `_after`'s four sums (d_in_src,
-    d_in_dst, d_out_dst, d_out_src) over the entries before i, taken whole, in pool order;
-    p_worst[i]: the largest time of a third-party source (not src, not dst) among the entries
-    before i, each taken whole (`_worst`'s terms; -inf where there is none). Every thread of
-    the block calls it (it has barriers): the threads compute the entries' terms side by side
-    (written into the arrays), then six threads run the six sums, one each, over them, in
-    pool order: the sequential sums' floats. Where `_after` skips a sum, its term is 0.0,
-    which leaves the sum unchanged (a sum that starts at +0.0 is never -0.0: its terms are
-    >= 0, but d_out_src's, whose one term comes from src, the pool's last entry); where
-    `_worst` skips an entry, its term is -inf, which leaves the maximum unchanged."""
-    tt_ds = tt[dst, src]
-    tt_src = tt[src, dst] - tt[src, src]
-    for i in range(tid, npool, nt):
-        s = pool_s[i]
-        take = pool_n[i]
-        p_in_src[i] = mul(take, tt[s, src])
-        to_dst = mul(take, tt[s, dst])
-        p_out_dst[i] = mul(take, tt_ds) if s == dst else 0.0
-        p_in_dst[i] = 0.0 if s == dst else to_dst
-        p_out_src[i] = mul(take, tt_src) if s == src else 0.0
-        out = t_out[s] + mul(take, tt[s, dst] - tt[s, src])
-        t = comp[s] + 2.0 * dmax(t_in[s], out)
-        p_worst[i] = t if s != dst and s != src else -math.inf
-    cuda.syncthreads()
-    for k in range(tid, 6, nt):
+def _terms(i, s, take, own_dst, src, dst, tt, comp, t_in, t_out, p_in_src, p_in_dst, p_out_dst,
+           p_out_src, p_worst):
+    """Pool entry i (source s, take tokens; own_dst: dst's take, the pool's first entry, 0
+    where dst gives none): the terms of `_prefix_sums`' sums written at i, `_after`'s d_in_src
+    and d_in_dst terms (0.0 where `_after` skips the sum: it leaves the sum unchanged, a sum
+    that starts at +0.0 is never -0.0: these terms are >= 0) and `_worst`'s time of a
+    third-party source (-inf where `_worst` skips the entry: it leaves the maximum
+    unchanged); and the two sums whose terms all come from one entry, written as the sums
+    before i already: d_out_dst's one term comes from dst's entry, the first (the sum before
+    entry i > 0 is that term: 0.0 plus a term >= 0, then 0.0 added, is the term), d_out_src's
+    from src's, the last (the sum before every entry is 0.0). One thread per entry, side by
+    side."""
+    p_in_src[i] = mul(take, tt[s, src])
+    p_in_dst[i] = 0.0 if s == dst else mul(take, tt[s, dst])
+    p_out_dst[i] = mul(own_dst, tt[dst, src]) if i > 0 else 0.0
+    p_out_src[i] = 0.0
+    out = t_out[s] + mul(take, tt[s, dst] - tt[s, src])
+    t = comp[s] + 2.0 * dmax(t_in[s], out)
+    p_worst[i] = t if s != dst and s != src else -math.inf
+
+
+@cuda.jit(device=True)
+def _prefix_sums(tid, nt, npool, pool_n, cum, p_in_src, p_in_dst, p_worst):
+    """cum[i]: the pool's tokens before entry i; p_in_src[i], p_in_dst[i]: `_after`'s sums
+    d_in_src and d_in_dst over the entries before i, taken whole, in pool order; p_worst[i]:
+    the largest time of a third-party source (not src, not dst) among the entries before i,
+    each taken whole (`_worst`'s terms; -inf where there is none). The terms are in the arrays
+    already (`_terms`, one entry per thread; a barrier after them). Every thread of the block
+    calls it (it ends with a barrier): the first threads of the block's warps run the four
+    sums over the terms, in pool order (the sequential sums' floats), sum k on warp
+    k % warps: on different warps, not on four lanes of one warp, which would run them one
+    after the other (lanes that branch apart take turns)."""
+    warps = (nt + 31) // 32
+    for k in range(tid // 32 if tid % 32 == 0 else 4, 4, warps):
         if k == 0:
             c = 0
             for i in range(npool):
@@ -197,10 +212,6 @@ def _prefix(tid, nt, src, dst, npool, pool_s, pool_n, tt, comp, t_in, t_out, cum
             _scan_sum(p_in_src, npool)
         elif k == 2:
             _scan_sum(p_in_dst, npool)
-        elif k == 3:
-            _scan_sum(p_out_dst, npool)
-        elif k == 4:
-            _scan_sum(p_out_src, npool)
         else:
             worst = -math.inf
             for i in range(npool):
@@ -227,7 +238,7 @@ def _entry(x, npool, cum):
 @cuda.jit(device=True)
 def _after_p(x, e, src, dst, pool_s, npool, cum, p_in_src, p_in_dst, p_out_dst, p_out_src, tok,
              comp, t_in, t_out, alpha, beta, tt, parts):
-    """greedy._after(x, ...) from `_prefix`'s sums: the same floats; fills parts[6]."""
+    """greedy._after(x, ...) from `_prefix_sums`' sums: the same floats; fills parts[6]."""
     comp_src = comp[src] - mul(beta, x)
     if tok[src, e] == x:
         comp_src -= alpha
@@ -256,24 +267,6 @@ def _after_p(x, e, src, dst, pool_s, npool, cum, p_in_src, p_in_dst, p_out_dst, 
     parts[4] = d_out_dst
     parts[5] = d_out_src
     return t_src, t_dst
-
-
-@cuda.jit(device=True)
-def _worst_p(x, t_src, t_dst, src, dst, npool, pool_s, pool_n, cum, comp, t_in, t_out, tt, takes,
-             new_out):
-    """greedy._worst(x, ...): the same takes[:npool], new_out entries and float, its max over
-    the third-party sources run only up to the entry where x runs out (those after take 0).
-    (The winner's move only: a candidate's search takes the float alone from `_eval_x`.)"""
-    k = _entry(x, npool, cum)
-    for i in range(npool):
-        takes[i] = pool_n[i] if i < k else (x - cum[k] if i == k else 0)
-    worst = dmax(t_src, t_dst)
-    for i in range(k + 1):
-        s = pool_s[i]
-        if s != dst and s != src and takes[i] > 0:
-            new_out[i] = t_out[s] + mul(takes[i], tt[s, dst] - tt[s, src])
-            worst = dmax(worst, comp[s] + 2.0 * dmax(t_in[s], new_out[i]))
-    return worst
 
 
 @cuda.jit(device=True)
@@ -320,43 +313,6 @@ def _eval_x(x, src, dst, pool_s, npool, cum, p_in_src, p_in_dst, p_out_dst, p_ou
     return t_src, t_dst, worst
 
 
-@cuda.jit(device=True, inline=True)
-def _share_to_src(load, home, h_e, pos_src, s, e, src):
-    """greedy._static_share(load, home, hpos, hcount, s, e, src) with hcount[e] = h_e and
-    hpos[src, e] = pos_src read once per candidate, not once per source (integers: exact)."""
-    n = load[s, e]
-    if home[s, e]:
-        return n if src == s else 0
-    if h_e == 1:
-        return n if pos_src == 0 else 0
-    if pos_src < 0:
-        return 0
-    q = n // h_e
-    r = n - q * h_e
-    return q + (1 if (pos_src + s) % h_e < r else 0)
-
-
-@cuda.jit(device=True)
-def _share_table(tid, nt, ne, src, src_e, load, home, hpos, hcount, held, blk_of, blk_assign,
-                 shares):
-    """shares[i * G + s]: the tokens of (s, src_e[i]) that the pool of a candidate moving
-    expert src_e[i] off src can take from source s: its assignment to src (the expert's
-    block, else the static split), 0 where s != src holds a copy of the expert (the CPU
-    kernel's pool leaves those sources out). The threads of the block fill it side by side
-    once per move; the searched candidates' pools then read it instead of G blocks or
-    splits."""
-    num_ranks = hpos.shape[0]
-    for i in range(tid, ne * num_ranks, nt):
-        s = i % num_ranks
-        e = src_e[i // num_ranks]
-        b = blk_of[e]
-        a = blk_assign[b, s, src] if b >= 0 else _static_share(load, home, hpos, hcount, s, e,
-                                                               src)
-        if s != src and held[s, e] != 0:
-            a = 0
-        shares[i] = a
-
-
 @cuda.jit(device=True)
 def _prune(e, src, dst, load, home, slots, window, alpha, beta, tt, xt, epsilon, hcount, hlist,
            hpos, tok, held, blk_of, blk_assign, times, comp, t_in, t_out, recv, send, used):
@@ -399,58 +355,6 @@ def _prune(e, src, dst, load, home, slots, window, alpha, beta, tt, xt, epsilon,
     return True, own, holder
 
 
-@cuda.jit(device=True)
-def _pool(e, src, dst, own, move_local, load, home, hcount, hpos, held, blk_of, blk_assign,
-          shares, row, pool_s, pool_n):
-    """greedy._greedy_run's pool of a candidate that passed `_prune`: dst's own tokens first,
-    then the other sources in rank order (those holding no copy of e), then src's own when
-    move_local. Fills pool_s, pool_n; returns (npool, total tokens). shares[row + s]
-    (row >= 0) is what source s can give of e (`_share_table`), else (row < 0) the pool reads
-    the block or the static split itself."""
-    num_ranks = hpos.shape[0]
-    b = blk_of[e]
-    npool = 0
-    total = 0
-    if own > 0:
-        pool_s[0] = dst
-        pool_n[0] = own
-        npool = 1
-        total += own
-    h_e = hcount[e]
-    pos_src = hpos[src, e]
-    if row >= 0:  # from the table, without a branch: each source is written at npool,
-        for s in range(num_ranks):  # which moves on only when the source joins the pool
-            a = shares[row + s]  # (0 where s holds e)
-            pool_s[npool] = s
-            pool_n[npool] = a
-            joins = a > 0 and s != src and s != dst
-            npool += 1 if joins else 0
-            total += a if joins else 0
-    else:
-        for s in range(num_ranks):
-            if s == src or s == dst:  # noqa: SIM109 (a plain comparison compiles for CUDA)
-                continue
-            a = blk_assign[b, s, src] if b >= 0 else _share_to_src(load, home, h_e, pos_src, s,
-                                                                   e, src)
-            if a > 0 and held[s, e] == 0:
-                pool_s[npool] = s
-                pool_n[npool] = a
-                npool += 1
-                total += a
-    if move_local:
-        if row >= 0:
-            a = shares[row + src]
-        else:
-            a = (blk_assign[b, src, src] if b >= 0
-                 else _static_share(load, home, hpos, hcount, src, e, src))
-        if a > 0:
-            pool_s[npool] = src
-            pool_n[npool] = a
-            npool += 1
-            total += a
-    return npool, total
-
-
 # A candidate's search (`_search`): rule 6's searches as greedy._greedy_run makes them, in
 # steps. The steps before _S_EVAL need the evaluation of one x (_S_ADJ and the steps of
 # phase 2's bisection two: x and x + 1); the others only decide the next step.
@@ -490,29 +394,6 @@ def _node_x(j, lo, hi):
     return (lo + hi) // 2 if lo < hi else 0
 
 
-@cuda.jit(device=True)
-def _tree_find(x, lo, hi, levels, width):
-    """The slot of x in a tree of `levels` levels over [lo, hi] (node j's mid at slot
-    j * width, its mid + 1 at j * 2 + 1 where width is 2), -1 where x is not there: the path of
-    a search for x (every left mid is below its parent's, every right one above)."""
-    j = 0
-    for _ in range(levels):
-        if lo >= hi:
-            return -1
-        mid = (lo + hi) // 2
-        if x == mid:
-            return j * width
-        if width == 2 and x == mid + 1:
-            return j * 2 + 1
-        if x < mid:
-            hi = mid
-            j = 2 * j + 1
-        else:
-            lo = mid + 1
-            j = 2 * j + 2
-    return -1
-
-
 @cuda.jit(device=True, inline=True)
 def _tree_size(plan, t):
     return ((1 << plan[t + 2]) - 1) * plan[t + 3]
@@ -535,21 +416,41 @@ def _slot_x(plan, i):
     return 0
 
 
+@cuda.jit(device=True, inline=True)
+def _bucket(x, mask):
+    """x's first bucket in a round's table of result slots (`_lookup`): a multiplicative hash,
+    so that a bisection tree's evenly spaced midpoints spread over the buckets."""
+    return ((x * 2654435761) >> 16) & mask
+
+
 @cuda.jit(device=True)
-def _find(plan, x):
-    """The result slot of x in the round planned in plan, -1 where the round did not
-    evaluate it."""
-    n = plan[0]
-    for i in range(n):
-        if plan[1 + i] == x:
-            return i
-    base = n
-    for t in _P_TREES:
-        j = _tree_find(x, plan[t], plan[t + 1], plan[t + 2], plan[t + 3])
-        if j >= 0:
-            return base + j
-        base += _tree_size(plan, t)
-    return -1
+def _insert(tab, base, mask, x, nslots, slot):
+    """Puts x * nslots + slot into the round's table tab[base:base + mask + 1] at x's
+    first free bucket from `_bucket(x)` on (an atomic compare-and-swap: the round's threads
+    insert side by side); where x is there already (another slot of the same amount: the
+    same results), it stays."""
+    h = _bucket(x, mask)
+    key = x * nslots + slot
+    while True:
+        old = cuda.atomic.cas(tab, base + h, 0, key)
+        if old == 0 or old // nslots == x:
+            return
+        h = (h + 1) & mask
+
+
+@cuda.jit(device=True)
+def _lookup(tab, base, mask, x, nslots):
+    """The result slot of x in the round whose table is tab[base:base + mask + 1], -1 where
+    the round did not evaluate it: the buckets from `_bucket(x)` on, up to x's entry or an
+    empty bucket (a table at most a quarter full: a probe or two)."""
+    h = _bucket(x, mask)
+    while True:
+        entry = tab[base + h]
+        if entry == 0:
+            return -1
+        if entry // nslots == x:
+            return entry % nslots
+        h = (h + 1) & mask
 
 
 @cuda.jit(device=True, inline=True)
@@ -635,9 +536,9 @@ def _plan_round(plan, nslots, step, kind, lo, hi, need, also, spec_x, spec_total
 
 
 @cuda.jit(device=True)
-def _search(tid, nt, nslots, res, src, dst, tok_src, tok_dst, npool, total, pool_s, pool_n,
-            cum, p_in_src, p_in_dst, p_out_dst, p_out_src, p_worst, comp, t_in, t_out, times,
-            alpha, beta, tt, epsilon, move_local, evacuate, two_phase, mean_cap, mean):
+def _search(tid, nt, nslots, res, tab, rnd, src, dst, tok_src, tok_dst, npool, total, pool_s,
+            pool_n, cum, p_in_src, p_in_dst, p_out_dst, p_out_src, p_worst, comp, t_in, t_out,
+            times, alpha, beta, tt, epsilon, move_local, evacuate, two_phase, mean_cap, mean):
     """Rule 6's search for one candidate (greedy._greedy_run's water fill, phase 2, caps and
     evacuation), by the whole block. Every thread of the block calls it with the same
     arguments (it has barriers) and gets the same (gains, x, t_src, t_dst).
@@ -654,9 +555,18 @@ def _search(tid, nt, nslots, res, src, dst, tok_src, tok_dst, npool, total, pool
     amounts the CPU kernel asks for. So the result is the CPU kernel's, bit for bit, whatever
     a round holds (an amount it lacks costs another round, never a different answer), and a
     search of 16-19 evaluations one after another takes a few rounds. The pool arrays are
-    the candidate's (shared, `_pool` and `_prefix`'s)."""
+    the candidate's (shared, the kernel's pool and `_prefix_sums`').
+
+    The walk finds an amount's result slot in a hash table that the round's threads fill as
+    they evaluate (`_insert`, `_lookup`: a probe or two, where walking the plan's singles and
+    trees took some 40 steps). Round r of the block (rnd counts them over the whole launch;
+    the search returns the count after its rounds) writes its results to res[r % 2] and its
+    table to the third r % 3 of tab (int64 [3 x buckets], all zeros at the launch's start),
+    and clears the third (r + 1) % 3 for the next round: the walk of round r - 2 read it last,
+    before round r - 1's barrier, and round r + 1 writes it after round r's barrier.
+    Returns (gains, x, t_src, t_dst, rnd)."""
     if total == 0:
-        return False, 0, 0.0, 0.0
+        return False, 0, 0.0, 0.0, rnd
     cap = mean if mean_cap else -math.inf
     own_src = pool_n[npool - 1] if move_local and pool_s[npool - 1] == src else 0
     # greedy._greedy_run's two branches: two_phase with own tokens (phase 1 over the other
@@ -694,20 +604,63 @@ def _search(tid, nt, nslots, res, src, dst, tok_src, tok_dst, npool, total, pool
     a_w = 0.0
     b_src = 0.0
     b_dst = 0.0
-    parity = 0
+    parity = rnd % 2  # this round's results (none yet: fresh)
+    t_cur = rnd % 3
+    fresh = True
+    mask = tab.shape[0] // 3 - 1  # (buckets per table: a power of two)
     plan = cuda.local.array(_P_LEN, int64)
     for i in range(_P_LEN):  # nothing evaluated yet
         plan[i] = 0
     step = _S_ALL if n_other > 0 else _S_ONE_DONE  # (else phase 2 alone: second is True)
     while True:
         while step != _S_DONE:  # the walk, while this round holds what the steps need
+            if step == _S_BIS:  # a bisection's steps, one after another (module comment: _B_*)
+                while lo < hi:
+                    xa = (lo + hi) // 2
+                    xb = xa + 1 if kind == _B_TWO else 0
+                    if not have_a:
+                        i = -1 if fresh else _lookup(tab, t_cur * (mask + 1), mask, xa, nslots)
+                        if i < 0:
+                            break
+                        a_src = res[parity, i, 0]
+                        a_dst = res[parity, i, 1]
+                    if xb > 0:
+                        have_a = True
+                        i = -1 if fresh else _lookup(tab, t_cur * (mask + 1), mask, xb, nslots)
+                        if i < 0:
+                            break
+                        b_src = res[parity, i, 0]
+                        b_dst = res[parity, i, 1]
+                        have_a = False
+                    if kind == _B_TWO:
+                        holds = dmax(b_src, b_dst) >= dmax(a_src, a_dst)
+                    elif kind == _B_EQ:
+                        holds = a_src <= a_dst
+                    else:
+                        holds = a_src <= cap
+                    if holds:
+                        hi = xa
+                    else:
+                        lo = xa + 1
+                if lo < hi:  # the round lacks the step's amounts (xa, xb; have_a)
+                    break
+                if kind == _B_EQ:  # its end: lo == hi
+                    x_eq = lo
+                    step = _S_EQ_DONE
+                elif kind == _B_MEAN:
+                    x_mean = lo
+                    step = _S_MEAN_DONE
+                elif kind == _B_TWO:
+                    x2 = lo
+                    step = _S_X2
+                else:
+                    x2 = lo
+                    step = _S_W2
+                continue
             if step < _S_EVAL:
                 xb = 0
                 if step == _S_ALL:
                     xa = n_other
-                elif step == _S_BIS:
-                    xa = (lo + hi) // 2
-                    xb = xa + 1 if kind == _B_TWO else 0
                 elif step == _S_ADJ:
                     xa = x_eq - 1
                     xb = x_eq
@@ -718,7 +671,7 @@ def _search(tid, nt, nslots, res, src, dst, tok_src, tok_dst, npool, total, pool
                 else:  # _S_ONE, _S_FIN
                     xa = x
                 if not have_a:
-                    i = _find(plan, xa)
+                    i = -1 if fresh else _lookup(tab, t_cur * (mask + 1), mask, xa, nslots)
                     if i < 0:
                         break
                     a_src = res[parity, i, 0]
@@ -726,7 +679,7 @@ def _search(tid, nt, nslots, res, src, dst, tok_src, tok_dst, npool, total, pool
                     a_w = res[parity, i, 2]
                 if xb > 0:
                     have_a = True
-                    i = _find(plan, xb)
+                    i = -1 if fresh else _lookup(tab, t_cur * (mask + 1), mask, xb, nslots)
                     if i < 0:
                         break
                     b_src = res[parity, i, 0]
@@ -741,30 +694,6 @@ def _search(tid, nt, nslots, res, src, dst, tok_src, tok_dst, npool, total, pool
                     kind = _B_EQ
                     lo = 1
                     hi = n_other
-            elif step == _S_BIS:  # one step of a bisection (module comment: _B_*)
-                if kind == _B_TWO:
-                    holds = dmax(b_src, b_dst) >= dmax(a_src, a_dst)
-                elif kind == _B_EQ:
-                    holds = a_src <= a_dst
-                else:
-                    holds = a_src <= cap
-                if holds:
-                    hi = xa
-                else:
-                    lo = xa + 1
-                if lo >= hi:  # its end: lo == hi
-                    if kind == _B_EQ:
-                        x_eq = lo
-                        step = _S_EQ_DONE
-                    elif kind == _B_MEAN:
-                        x_mean = lo
-                        step = _S_MEAN_DONE
-                    elif kind == _B_TWO:
-                        x2 = lo
-                        step = _S_X2
-                    else:
-                        x2 = lo
-                        step = _S_W2
             elif step == _S_EQ_DONE:  # one token less when that is no worse
                 step = _S_ADJ if x_eq > 1 else _S_ADJ_DONE
             elif step == _S_ADJ:
@@ -833,10 +762,17 @@ def _search(tid, nt, nslots, res, src, dst, tok_src, tok_dst, npool, total, pool
         _plan_round(plan, nslots, step, kind, lo, hi, xb if have_a else xa,
                     0 if have_a else xb, spec_x, spec_total, n_other, mean_cap, second, lo2,
                     hi2, x2)
-        parity = 1 - parity  # (two result buffers: one barrier per round)
+        rnd += 1  # (two result buffers and three tables: one barrier per round)
+        parity = rnd % 2
+        t_cur = rnd % 3
+        fresh = False
+        t_next = (rnd + 1) % 3 * (mask + 1)
+        for i in range(tid, mask + 1, nt):
+            tab[t_next + i] = 0
         for i in range(tid, nslots, nt):
             xe = _slot_x(plan, i)
             if xe > 0:
+                _insert(tab, t_cur * (mask + 1), mask, xe, nslots, i)
                 t_s, t_d, w = _eval_x(xe, src, dst, pool_s, npool, cum, p_in_src, p_in_dst,
                                       p_out_dst, p_out_src, p_worst, tok_src, tok_dst,
                                       comp_src, comp_dst, in_src, out_src, in_dst, out_dst,
@@ -846,8 +782,8 @@ def _search(tid, nt, nslots, res, src, dst, tok_src, tok_dst, npool, total, pool
                 res[parity, i, 2] = w
         cuda.syncthreads()
     if times[src] - worst > epsilon:
-        return True, x, t_fin, d_fin
-    return False, 0, 0.0, 0.0
+        return True, x, t_fin, d_fin, rnd
+    return False, 0, 0.0, 0.0, rnd
 
 
 def shared_bytes(num_ranks: int, num_experts: int, slots: int = SLOTS) -> int:
@@ -874,13 +810,21 @@ def choose_memory(num_ranks: int, num_experts: int, memory: str = "auto") -> str
     return memory
 
 
+def _buckets(slots: int) -> int:
+    """Buckets of a round's table of result slots (`_lookup`): the power of two at least 4x
+    the slots, so that few amounts of a round share a bucket."""
+    return 1 << max(2, (4 * int(slots) - 1).bit_length())
+
+
 def _fixed_bytes(num_ranks: int, num_experts: int, slots: int = SLOTS) -> int:
-    """Shared bytes a block always takes: rank arrays, the expert lists, block scalars, the
-    ranks' expert bitmasks, the share table, the searched candidate's pool and prefix sums
-    (8 arrays of G) and its search's result slots (2 x slots x 3 floats)."""
+    """Shared bytes a block always takes: rank arrays (and the ranks' order counts), the
+    expert lists, block scalars, the ranks' expert bitmasks, the searched candidate's shares
+    per source, pool bits, pool and prefix sums (9 arrays of G), its search's result slots
+    (2 x slots x 3 floats) and the rounds' hash tables (3 x `_buckets(slots)` integers)."""
     G, E = num_ranks, num_experts  # noqa: N806
-    return (8 * 7 * G + 8 * G + E * (4 + 8 + 4 + 4) + 8 * 16 + 4 * G * ((E + 31) // 32)
-            + 8 * min(SHARE_TABLE, G * E) + 8 * 8 * G + 8 * 2 * 3 * slots)
+    return (8 * 7 * G + 16 * G + E * (4 + 8 + 4) + 8 * 16 + 4 * G * ((E + 31) // 32)
+            + 8 * G + 4 * ((G + 31) // 32) + 8 * 8 * G + 8 * 2 * 3 * slots
+            + 8 * 3 * _buckets(slots))
 
 
 def _kernel_source(num_ranks: int, num_experts: int, in_shared: bool, slots: int = SLOTS):
@@ -894,7 +838,9 @@ def _kernel_source(num_ranks: int, num_experts: int, in_shared: bool, slots: int
     SL = int(slots)  # noqa: N806 (result slots of a search's round)
     GS, ES = (G, E) if in_shared else (1, 1)  # noqa: N806 (the shared working arrays' shape)
     EW = (E + 31) // 32  # noqa: N806 (32-bit words of an expert bitmask)
-    SC = min(SHARE_TABLE, G * E)  # noqa: N806 (entries of the shares table)
+    PW = (G + 31) // 32  # noqa: N806 (32-bit words of a bitmask of ranks)
+    HS = _buckets(SL)  # noqa: N806 (buckets of a round's table of result slots)
+    TS = 3 * HS  # noqa: N806 (the three tables' entries)
 
     def _greedy_kernel(load, home, slots, window, alpha, beta, tt, xt, limit, epsilon,
                        move_local, evacuate, two_phase, mean_cap, hcount, hlist, hpos, tok,
@@ -957,16 +903,17 @@ def _kernel_source(num_ranks: int, num_experts: int, in_shared: bool, slots: int
         used = cuda.shared.array(G, int64)
         rank_order = cuda.shared.array(G, int32)  # the ranks by time, fastest first ...
         faster = cuda.shared.array(G, int32)  # ... and how many ranks are faster than each
+        n_faster = cuda.shared.array(G, int32)  # (their counts, summed over the threads)
+        n_ties = cuda.shared.array(G, int32)
         src_e = cuda.shared.array(E, int32)  # src's experts with tokens, in any order ...
         src_n = cuda.shared.array(E, int64)  # ... and their token counts on src
         exp_order = cuda.shared.array(E, int32)  # the same experts, heaviest first ...
-        exp_at = cuda.shared.array(E, int32)  # ... and their places in src_e
-        shares = cuda.shared.array(SC, int64)  # `_share_table`: [ne, G] where it fits
         ints = cuda.shared.array(16, int64)
         busy = cuda.shared.array((G, EW), uint32)  # per rank: experts with tokens, as bits
 
-        # The searched candidate's pool and its prefix sums (`_pool`, `_prefix`), and the
-        # results of its search's rounds (`_search`: t_src, t_dst, worst per slot, two buffers).
+        # The searched candidate's pool and its prefix sums (`_terms`, `_prefix_sums`), the
+        # results of its search's rounds (`_search`: t_src, t_dst, worst per slot, two
+        # buffers) and their hash tables.
         pool_s = cuda.shared.array(G, int64)
         pool_n = cuda.shared.array(G, int64)
         cum = cuda.shared.array(G, int64)
@@ -976,9 +923,11 @@ def _kernel_source(num_ranks: int, num_experts: int, in_shared: bool, slots: int
         p_out_src = cuda.shared.array(G, float64)
         p_worst = cuda.shared.array(G, float64)
         res = cuda.shared.array((2, SL, 3), float64)
-        takes = cuda.local.array(G, int64)  # the winner's move: its takes, out-times, parts
-        new_out = cuda.local.array(G, float64)
-        parts = cuda.local.array(6, float64)
+        tab = cuda.shared.array(TS, int64)  # their slots by amount (`_lookup`)
+        s_rnd = 0  # the searches' rounds so far
+        share_s = cuda.shared.array(G, int64)  # what each source can give (the pool's)
+        pmask = cuda.shared.array(PW, uint32)  # the other sources in the pool, as bits
+        parts = cuda.local.array(6, float64)  # the winner's move: src's and dst's parts
 
         # The start: home holders (hl[e, :hc[e]] in rank order, hp[g, e] = g's position there
         # or -1), replicas held (none yet), zero flows; bad values flag the layer.
@@ -994,6 +943,10 @@ def _kernel_source(num_ranks: int, num_experts: int, in_shared: bool, slots: int
             used[g] = 0
             recv[g] = 0.0
             send[g] = 0.0
+            n_faster[g] = 0
+            n_ties[g] = 0
+        for i in range(tid, TS, nt):
+            tab[i] = 0
         if in_shared:
             for i in range(tid, G * G, nt):
                 tts[i // G, i % G] = tt[i // G, i % G]
@@ -1081,26 +1034,37 @@ def _kernel_source(num_ranks: int, num_experts: int, in_shared: bool, slots: int
             times[g] = comp[g] + 2.0 * dmax(t_in[g], t_out[g])
         cuda.syncthreads()
 
-        # One move per pass: 3 barriers to rank the ranks and src's experts, one per round of
+        # One move per pass: 4 barriers to rank the ranks and src's experts, one per round of
         # candidates, 3 per searched candidate (its pool, its prefix sums) plus one per round
         # of its search, 2 for the move (3 when the expert gets its first block).
         # ints[_NE] == 0 and ints[_WIN] == ints[_WIN + 1] == _NONE on entry.
         while bad == 0:
             if ints[_MOVES] >= limit:
                 break
-            # The ranks fastest first, ties to the lowest rank (thread g places g), and how
-            # many are faster than each.
-            for g in range(tid, G, nt):
+            # The ranks fastest first, ties to the lowest rank, and how many are faster than
+            # each: the comparisons of rank g with the others split over the block's threads
+            # (parts of the ranks h, counts summed with integer atomics: exact), then thread g
+            # places g.
+            n_parts = nt // G if nt >= 2 * G else 1
+            for i in range(tid, G * n_parts, nt):
+                g = i % G
                 t = times[g]
                 r = 0
                 c = 0
-                for h in range(G):
+                for h in range(i // G, G, n_parts):
                     if times[h] < t:
                         c += 1
                     elif times[h] == t and h < g:
                         r += 1
-                rank_order[c + r] = g
+                cuda.atomic.add(n_faster, g, c)
+                cuda.atomic.add(n_ties, g, r)
+            cuda.syncthreads()
+            for g in range(tid, G, nt):
+                c = n_faster[g]
+                rank_order[c + n_ties[g]] = g
                 faster[g] = c
+                n_faster[g] = 0  # (for the next move: read again only after two barriers)
+                n_ties[g] = 0
             cuda.syncthreads()
             # The slowest rank is the lowest of the last tie group (the CPU kernel's first
             # largest time), and the destinations are the nd ranks before that group (faster
@@ -1134,18 +1098,14 @@ def _kernel_source(num_ranks: int, num_experts: int, in_shared: bool, slots: int
                     if m > n or (m == n and src_e[j] < e):
                         r += 1
                 exp_order[r] = e
-                exp_at[r] = i
-            # What each source can give of each listed expert, for every candidate's pool.
-            table = ne * G <= SC
-            if table:
-                _share_table(tid, nt, ne, src, src_e, ld, hm, hp, hc, hd, bo, ba, shares)
             cuda.syncthreads()
             # Rounds of candidates in the CPU kernel's order, nt side by side: each thread
             # prunes one (`_prune`), an atomic minimum over the indices of those that pass
-            # picks the first, and the whole block searches it (`_pool`, `_prefix` on thread
-            # 0, then `_search`); the first that gains is the move, else the rounds go on
-            # after it. (Round rnd's minimum is in ints[_WIN + rnd % 2]; thread 0 clears the
-            # other slot for the next round before this one's barrier, after all read it.)
+            # picks the first, and the whole block searches it (its pool one source per
+            # thread, `_terms`, `_prefix_sums`, then `_search`); the first that gains is the
+            # move, else the rounds go on after it. (Round rnd's minimum is in
+            # ints[_WIN + rnd % 2]; thread 0 clears the other slot for the next round, and the
+            # pool's token sum and bits, before this one's barrier, after all read them.)
             num_cand = nd * ne
             base = 0
             rnd = 0
@@ -1167,8 +1127,11 @@ def _kernel_source(num_ranks: int, num_experts: int, in_shared: bool, slots: int
                                              send, used)
                     if ok:
                         cuda.atomic.min(ints, _WIN + rnd % 2, k)
-                if tid == 0:
+                if tid == 0:  # (the searched candidate's shared integers, cleared)
                     ints[_WIN + (rnd + 1) % 2] = _NONE
+                    ints[_TOTAL] = 0
+                    for w in range(PW):
+                        pmask[w] = 0
                 cuda.syncthreads()
                 first = ints[_WIN + rnd % 2]
                 rnd += 1
@@ -1177,34 +1140,68 @@ def _kernel_source(num_ranks: int, num_experts: int, in_shared: bool, slots: int
                     continue
                 dst = rank_order[first // ne]
                 e = exp_order[first % ne]
-                if tid == 0:  # its pool and copy source
-                    ok, own, holder = _prune(e, src, dst, ld, hm, slots, win, alpha, beta, tts,
-                                             xts, epsilon, hc, hl, hp, tk, hd, bo, ba, times,
-                                             comp, t_in, t_out, recv, send, used)
-                    npool, total = _pool(e, src, dst, own, move_local, ld, hm, hc, hp, hd, bo,
-                                         ba, shares, exp_at[first % ne] * G if table else -1,
-                                         pool_s, pool_n)
-                    ints[_NPOOL] = npool
-                    ints[_TOTAL] = total
+                if k == first:  # its copy source, from the thread that pruned it
+                    ints[_HOLDER] = holder
+                # Its pool (greedy._greedy_run's: dst's own tokens, the other sources holding
+                # no copy of e in rank order, src's own when move_local), one source per
+                # thread: what s can give (the expert's block, else the static split), the
+                # other sources that join as bits of pmask, the pool's tokens summed with
+                # integer atomics (exact) ...
+                b_e = bo[e]
+                for s in range(tid, G, nt):
+                    a = ba[b_e, s, src] if b_e >= 0 else _static_share(ld, hm, hp, hc, s, e,
+                                                                       src)
+                    share_s[s] = a
+                    if a > 0:
+                        if s == dst or (s == src and move_local):
+                            cuda.atomic.add(ints, _TOTAL, a)
+                        elif s != src and hd[s, e] == 0:
+                            cuda.atomic.add(ints, _TOTAL, a)
+                            cuda.atomic.or_(pmask, s // 32, uint32(1 << (s % 32)))
                 cuda.syncthreads()
-                npool = ints[_NPOOL]
+                # ... then each entry at its place (the joining sources before it: a
+                # population count) with its terms of the prefix sums.
                 total = ints[_TOTAL]
-                if total > 0:  # its prefix sums (all threads)
-                    _prefix(tid, nt, src, dst, npool, pool_s, pool_n, tts, comp, t_in, t_out,
-                            cum, p_in_src, p_in_dst, p_out_dst, p_out_src, p_worst)
-                gains, x, c_src, c_dst = _search(
-                    tid, nt, SL, res, src, dst, tk[src, e], tk[dst, e], npool, total, pool_s,
-                    pool_n, cum, p_in_src, p_in_dst, p_out_dst, p_out_src, p_worst, comp, t_in,
-                    t_out, times, alpha, beta, tts, epsilon, move_local, evacuate, two_phase,
-                    mean_cap, mean)
+                n_own = 1 if share_s[dst] > 0 else 0
+                n_mid = n_own
+                for w in range(PW):
+                    n_mid += cuda.popc(int64(pmask[w]))
+                npool = n_mid + (1 if move_local and share_s[src] > 0 else 0)
+                for s in range(tid, G, nt):
+                    pos = -1
+                    if s == dst:
+                        pos = 0 if n_own == 1 else -1
+                    elif s == src:
+                        pos = n_mid if npool > n_mid else -1
+                    else:
+                        word = int64(pmask[s // 32])
+                        if (word >> (s % 32)) & 1:
+                            pos = n_own + cuda.popc(word & ((int64(1) << (s % 32)) - 1))
+                            for w in range(s // 32):
+                                pos += cuda.popc(int64(pmask[w]))
+                    if pos >= 0:
+                        a = share_s[s]
+                        pool_s[pos] = s
+                        pool_n[pos] = a
+                        _terms(pos, s, a, share_s[dst] * n_own, src, dst, tts, comp, t_in,
+                               t_out, p_in_src, p_in_dst, p_out_dst, p_out_src, p_worst)
+                cuda.syncthreads()
+                _prefix_sums(tid, nt, npool, pool_n, cum, p_in_src, p_in_dst, p_worst)
+                gains, x, c_src, c_dst, s_rnd = _search(
+                    tid, nt, SL, res, tab, s_rnd, src, dst, tk[src, e], tk[dst, e], npool,
+                    total, pool_s, pool_n, cum, p_in_src, p_in_dst, p_out_dst, p_out_src,
+                    p_worst, comp, t_in, t_out, times, alpha, beta, tts, epsilon, move_local,
+                    evacuate, two_phase, mean_cap, mean)
                 if gains:
                     break
                 base = first + 1
             if not gains:
                 break
             # The move: thread 0 makes the replica and the expert's block (nobody reads them
-            # until the barrier), the block's threads its new dense block, thread 0 the rest.
+            # until the barrier), the block's threads its new dense block, then the pool's
+            # entries side by side and thread 0 the rest.
             if tid == 0:
+                holder = ints[_HOLDER]
                 if holder >= 0:
                     hd[dst, e] = 1
                     used[dst] += 1
@@ -1240,18 +1237,34 @@ def _kernel_source(num_ranks: int, num_experts: int, in_shared: bool, slots: int
                         for j in range(h):  # the holder at position j
                             ba[b, s, hl[e, j]] = q + (1 if (j + s) % h < r else 0)
                 cuda.syncthreads()
-            if tid == 0:  # the move applied (the CPU kernel's order) from the pool: parts,
-                # takes and out-times of x recomputed (the same floats), over the entries up
-                # to the one where x runs out (those after take 0 tokens: the CPU kernel's
-                # updates of them change nothing)
-                npool = ints[_NPOOL]
-                n_take = _entry(x, npool, cum) + 1
-                _after_p(x, e, src, dst, pool_s, n_take, cum, p_in_src, p_in_dst, p_out_dst,
+            # The move applied: greedy._apply_move's updates, from the pool, the same floats.
+            # Each entry up to the one where x runs out (those after take 0 tokens: the CPU
+            # kernel's updates of them change nothing) by its own thread: its source's row
+            # of the block and, for a third-party source, its out-time and time (`_worst`'s
+            # new out-time); thread 0 src's and dst's parts (`_after`'s) and times. Every
+            # entry has another source, and src's and dst's entries touch only their rows.
+            last = _entry(x, npool, cum)
+            for i in range(tid, last + 1, nt):
+                s = pool_s[i]
+                take = pool_n[i] if i < last else x - cum[last]
+                ba[b, s, src] -= take
+                ba[b, s, dst] += take
+                if s != dst and s != src and take > 0:
+                    t_out[s] = t_out[s] + mul(take, tts[s, dst] - tts[s, src])
+                    times[s] = comp[s] + 2.0 * dmax(t_in[s], t_out[s])
+            if tid == 0:
+                _after_p(x, e, src, dst, pool_s, last + 1, cum, p_in_src, p_in_dst, p_out_dst,
                          p_out_src, tk, comp, t_in, t_out, alpha, beta, tts, parts)
-                _worst_p(x, c_src, c_dst, src, dst, n_take, pool_s, pool_n, cum, comp, t_in,
-                         t_out, tts, takes, new_out)
-                _apply_move(b, e, src, dst, x, n_take, pool_s, takes, new_out, parts, c_src,
-                            c_dst, ba, tk, comp, t_in, t_out, times)
+                tk[src, e] -= x
+                tk[dst, e] += x
+                comp[src] = parts[0]
+                comp[dst] = parts[1]
+                t_in[src] -= parts[2]
+                t_in[dst] += parts[3]
+                t_out[dst] -= parts[4]
+                t_out[src] += parts[5]
+                times[src] = c_src
+                times[dst] = c_dst
                 ints[_MOVES] += 1
                 ints[_NE] = 0
                 ints[_WIN] = _NONE
@@ -1339,7 +1352,7 @@ class CudaGreedy(LayerPlanner):
     home: bool [G, E] (every layer) or [L, G, E] static placement; slots: int or int [G];
     cost: CostModel for G ranks; rules: GreedyRules (None: the defaults; also_paper is not
     supported); num_layers: L, the layers one `plan` call plans; threads: threads per block (a
-    multiple of 32, at most 1024; 1 for tests; the sm_90 kernel takes 167-224 registers per
+    multiple of 32, at most 1024; 1 for tests; the sm_90 kernel takes 190-228 registers per
     thread, so the GPU may refuse launches of more than 256; a candidate's search evaluates
     min(threads, SLOTS) amounts per round, `search_slots`); memory: where a block keeps its
     layer's [G, E] and [G, G] working arrays, "shared" (shared memory: `shared_bytes(G, E)`
