@@ -210,15 +210,10 @@ def _keep_move(npool, takes, outs, parts, into_takes, into_outs, into_parts):
 
 
 @rule(inline=True)
-def _apply_move(b, e, src, dst, x, npool, pool_s, takes, outs, parts, t_src, t_dst, blk_assign,
-                tok, comp, t_in, t_out, times):
-    """Apply the chosen move of x tokens of e from src to dst (block b of the assignment): the
-    pool's takes[:npool] in blk_assign, the token counts, src's and dst's time parts (from
-    `_after`'s parts) and times, and the new out-times `outs` of the third-party sources."""
-    for i in range(npool):
-        s = pool_s[i]
-        blk_assign[b, s, src] -= takes[i]
-        blk_assign[b, s, dst] += takes[i]
+def _apply_parts(e, src, dst, x, parts, t_src, t_dst, tok, comp, t_in, t_out, times):
+    """A move's own two ranks: x tokens of e from src to dst in the token counts, src's and
+    dst's time parts from `_after`'s parts, and their times t_src, t_dst (shared with
+    greedy_cuda's move)."""
     tok[src, e] -= x
     tok[dst, e] += x
     comp[src] = parts[0]
@@ -229,6 +224,19 @@ def _apply_move(b, e, src, dst, x, npool, pool_s, takes, outs, parts, t_src, t_d
     t_out[src] += parts[5]
     times[src] = t_src
     times[dst] = t_dst
+
+
+@rule(inline=True)
+def _apply_move(b, e, src, dst, x, npool, pool_s, takes, outs, parts, t_src, t_dst, blk_assign,
+                tok, comp, t_in, t_out, times):
+    """Apply the chosen move of x tokens of e from src to dst (block b of the assignment): the
+    pool's takes[:npool] in blk_assign, the token counts, src's and dst's time parts (from
+    `_after`'s parts) and times, and the new out-times `outs` of the third-party sources."""
+    for i in range(npool):
+        s = pool_s[i]
+        blk_assign[b, s, src] -= takes[i]
+        blk_assign[b, s, dst] += takes[i]
+    _apply_parts(e, src, dst, x, parts, t_src, t_dst, tok, comp, t_in, t_out, times)
     for i in range(npool):
         s = pool_s[i]
         if s != dst and s != src and takes[i] > 0:

@@ -142,9 +142,11 @@ _NONE = 1 << 40
 _NE, _WIN, _B, _NEWB, _NBLK, _NREP, _MOVES, _BAD, _HOLDER, _TOTAL = 0, 1, 3, 4, 5, 6, 7, 8, 9, 10
 
 
-# The CPU kernel's static split as a device function: the same Python function, compiled again
-# (probe.planner.scalar), so the candidates' pools are the CPU kernel's.
+# The CPU kernel's static split and a move's updates of its own two ranks as device functions:
+# the same Python functions, compiled again (probe.planner.scalar), so the candidates' pools
+# and the moved ranks' floats are the CPU kernel's.
 _static_share = device(greedy._static_share, inline=True)
+_apply_parts = device(greedy._apply_parts, inline=True)
 
 
 # `_after`, `_src_after` and `_water_fill` of the CPU kernel, on prefix sums. The CPU kernel's
@@ -1255,16 +1257,7 @@ def _kernel_source(num_ranks: int, num_experts: int, in_shared: bool, slots: int
             if tid == 0:
                 _after_p(x, e, src, dst, pool_s, last + 1, cum, p_in_src, p_in_dst, p_out_dst,
                          p_out_src, tk, comp, t_in, t_out, alpha, beta, tts, parts)
-                tk[src, e] -= x
-                tk[dst, e] += x
-                comp[src] = parts[0]
-                comp[dst] = parts[1]
-                t_in[src] -= parts[2]
-                t_in[dst] += parts[3]
-                t_out[dst] -= parts[4]
-                t_out[src] += parts[5]
-                times[src] = c_src
-                times[dst] = c_dst
+                _apply_parts(e, src, dst, x, parts, c_src, c_dst, tk, comp, t_in, t_out, times)
                 ints[_MOVES] += 1
                 ints[_NE] = 0
                 ints[_WIN] = _NONE
