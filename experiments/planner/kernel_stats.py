@@ -30,7 +30,6 @@ tables.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import shutil
@@ -301,6 +300,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.layers < 1:
         parser.error(f"--layers must be >= 1, got {args.layers}")
     from experiments.manifest import Manifest
+    from experiments.planner.speed_harness import save
     from experiments.planner.gpu_greedy import decode_batch
 
     run = Manifest.start("experiments.planner.kernel_stats", argv)
@@ -321,10 +321,7 @@ def main(argv: list[str] | None = None) -> int:
         for layer in range(layers):
             report["work"].append({"shape": label, "layer": layer,
                                    **work_counts(batch, layer)})
-    json_path, md_path = out / "kernel_stats.json", out / "kernel_stats.md"
-    json_path.write_text(json.dumps(report, indent=2) + "\n")
-    md_path.write_text(_markdown(report))
-    run.write(out, [json_path, md_path], name="kernel_stats.manifest.json")
+    save(run, out / "kernel_stats.json", report, _markdown(report))
     print(_markdown(report))
     return 0
 

@@ -29,7 +29,6 @@ simulator). Writes kernel_trace.json, kernel_trace.md and a manifest into --out.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys
@@ -204,6 +203,7 @@ def main(argv: list[str] | None = None) -> int:
         return subprocess.run([sys.executable, "-m", "experiments.planner.kernel_trace",
                                *argv], env=env, cwd=ROOT).returncode
     from experiments.manifest import Manifest
+    from experiments.planner.speed_harness import save
 
     run = Manifest.start("experiments.planner.kernel_trace", argv)
     out = Path(args.out)
@@ -214,10 +214,7 @@ def main(argv: list[str] | None = None) -> int:
               + " ".join(sys.argv[1:] if argv is None else argv), "rows": []}
     for shape in shapes:
         report["rows"].append(_measure(shape, args.layers, threads))
-    json_path, md_path = out / "kernel_trace.json", out / "kernel_trace.md"
-    json_path.write_text(json.dumps(report, indent=2) + "\n")
-    md_path.write_text(_markdown(report))
-    run.write(out, [json_path, md_path], name="kernel_trace.manifest.json")
+    save(run, out / "kernel_trace.json", report, _markdown(report))
     print(_markdown(report))
     return 0
 

@@ -1,6 +1,6 @@
-"""What the CPU speed experiments of the planner (assign_speed, planner_speed) share: the
-command line and the run's manifest (`start`), wall-clock samples (`timed`) and the results
-file with its manifest (`save`)."""
+"""What the CPU experiments of the planner share: the command line and the run's manifest
+(`start`) and wall-clock samples (`timed`) of assign_speed and planner_speed, and the results
+file with its manifest (`save`), also kernel_stats' and kernel_trace's."""
 
 from __future__ import annotations
 
