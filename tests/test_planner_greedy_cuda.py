@@ -455,7 +455,10 @@ def test_bisection_trees_hold_the_probes_of_every_path():
     first d midpoints the bisection probes (and mid + 1 in a pair tree), each found again at
     its slot by a search down the tree (`_tree_find`); amounts the tree does not hold are not
     found."""
+    from experiments.planner.cuda_sequential import _clz
+
     env = dict(vars(greedy_cuda))
+    env["cuda"] = types.SimpleNamespace(clz=_clz)
     fn = _py(greedy_cuda._node_x)
     node_x = types.FunctionType(fn.__code__, env, "_node_x", fn.__defaults__)
     tree_find = _tree_find

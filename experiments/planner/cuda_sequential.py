@@ -65,6 +65,11 @@ class _Atomic:
         return old
 
 
+def _clz(v):
+    """cuda.clz of a 32-bit integer (leading zero bits of its two's complement)."""
+    return 32 - (int(v) & 0xFFFFFFFF).bit_length()
+
+
 def _mul(a, b):
     return a * b
 
@@ -78,7 +83,8 @@ def sequential(kernel, wrap=None):
                                  blockIdx=types.SimpleNamespace(x=0),
                                  blockDim=types.SimpleNamespace(x=1), syncthreads=lambda: None,
                                  shared=_Array, local=_Array, atomic=_Atomic,
-                                 popc=lambda v: bin(int(v)).count("1"))
+                                 popc=lambda v: bin(int(v)).count("1"),
+                                 clz=_clz)
     made: dict = {}
 
     def plain(fn):

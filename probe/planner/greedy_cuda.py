@@ -382,9 +382,7 @@ def _node_x(j, lo, hi):
     children 2j + 1 where the test held, [lo, mid], and 2j + 2, [mid + 1, hi]); 0 where the
     bisection ends above node j."""
     p = j + 1
-    top = 0
-    while (p >> (top + 1)) != 0:
-        top += 1
+    top = 31 - cuda.clz(int32(p))  # j's depth: floor(log2(j + 1))
     for level in range(top - 1, -1, -1):  # the path from the root: the bits of j + 1
         if lo >= hi:
             return 0
@@ -473,9 +471,15 @@ def _put(plan, x, room):
 def _add_tree(plan, t, used, nslots, lo, hi, width):
     """Puts a bisection over [lo, hi] at plan[t:t + 4] with as many levels as it can take
     (ceil(log2(hi - lo + 1))) and the slots left hold; returns the slots used after it."""
-    levels = 0
-    while (1 << levels) < hi - lo + 1 and ((1 << (levels + 1)) - 1) * width <= nslots - used:
-        levels += 1
+    # levels: the least with 2**levels >= hi - lo + 1 (n, clamped to [1, 2**30]: more than any
+    # slot count takes), at most the most that fit, floor(log2(room // width + 1)).
+    n = hi - lo + 1
+    n = 1 if n < 1 else (1 << 30 if n > 1 << 30 else n)
+    room = nslots - used
+    room = (0 if room < 0 else room) // width + 1
+    levels = 32 - cuda.clz(int32(n - 1))
+    fit = 31 - cuda.clz(int32(room))
+    levels = fit if fit < levels else levels
     plan[t] = lo
     plan[t + 1] = hi
     plan[t + 2] = levels
@@ -617,23 +621,50 @@ def _search(tid, nt, nslots, res, tab, rnd, src, dst, tok_src, tok_dst, npool, t
     while True:
         while step != _S_DONE:  # the walk, while this round holds what the steps need
             if step == _S_BIS:  # a bisection's steps, one after another (module comment: _B_*)
+                # This round's tree of the bisection from where it stands (root [lo, hi], the
+                # bisection's width), if the round has one: the walk reads node j's results at
+                # their slot, t_slot + j * width (+ 1: mid + 1), for its t_lev levels, with no
+                # lookup (node j's mid is the bisection's mid on the path to j: the same
+                # amount); past them, or with no such tree, it looks the amounts up.
+                t_lev = 0
+                t_slot = 0
+                j = 0
+                if not fresh and not have_a:
+                    t_slot = plan[0]
+                    for t in _P_TREES:
+                        if (plan[t] == lo and plan[t + 1] == hi and plan[t + 2] > 0
+                                and (plan[t + 3] == 2) == (kind == _B_TWO)):
+                            t_lev = plan[t + 2]
+                            break
+                        t_slot += _tree_size(plan, t)
                 while lo < hi:
                     xa = (lo + hi) // 2
                     xb = xa + 1 if kind == _B_TWO else 0
-                    if not have_a:
-                        i = -1 if fresh else _lookup(tab, t_cur * (mask + 1), mask, xa, nslots)
-                        if i < 0:
-                            break
+                    if t_lev > 0:  # node j of the round's tree
+                        t_lev -= 1
+                        i = t_slot + j * (2 if xb > 0 else 1)
                         a_src = res[parity, i, 0]
                         a_dst = res[parity, i, 1]
-                    if xb > 0:
-                        have_a = True
-                        i = -1 if fresh else _lookup(tab, t_cur * (mask + 1), mask, xb, nslots)
-                        if i < 0:
-                            break
-                        b_src = res[parity, i, 0]
-                        b_dst = res[parity, i, 1]
-                        have_a = False
+                        if xb > 0:
+                            b_src = res[parity, i + 1, 0]
+                            b_dst = res[parity, i + 1, 1]
+                    else:  # (the tree's levels are done, or none: looked up from here)
+                        if not have_a:
+                            i = -1 if fresh else _lookup(tab, t_cur * (mask + 1), mask, xa,
+                                                         nslots)
+                            if i < 0:
+                                break
+                            a_src = res[parity, i, 0]
+                            a_dst = res[parity, i, 1]
+                        if xb > 0:
+                            have_a = True
+                            i = -1 if fresh else _lookup(tab, t_cur * (mask + 1), mask, xb,
+                                                         nslots)
+                            if i < 0:
+                                break
+                            b_src = res[parity, i, 0]
+                            b_dst = res[parity, i, 1]
+                            have_a = False
                     if kind == _B_TWO:
                         holds = dmax(b_src, b_dst) >= dmax(a_src, a_dst)
                     elif kind == _B_EQ:
@@ -642,8 +673,10 @@ def _search(tid, nt, nslots, res, tab, rnd, src, dst, tok_src, tok_dst, npool, t
                         holds = a_src <= cap
                     if holds:
                         hi = xa
+                        j = 2 * j + 1
                     else:
                         lo = xa + 1
+                        j = 2 * j + 2
                 if lo < hi:  # the round lacks the step's amounts (xa, xb; have_a)
                     break
                 if kind == _B_EQ:  # its end: lo == hi
@@ -824,7 +857,7 @@ def _fixed_bytes(num_ranks: int, num_experts: int, slots: int = SLOTS) -> int:
     per source, pool bits, pool and prefix sums (9 arrays of G), its search's result slots
     (2 x slots x 3 floats) and the rounds' hash tables (3 x `_buckets(slots)` integers)."""
     G, E = num_ranks, num_experts  # noqa: N806
-    return (8 * 7 * G + 16 * G + E * (4 + 8 + 4) + 8 * 16 + 4 * G * ((E + 31) // 32)
+    return (8 * 7 * G + 16 * G + E * (4 + 8 + 4 + 4) + 8 * 16 + 4 * G * ((E + 31) // 32)
             + 8 * G + 4 * ((G + 31) // 32) + 8 * 8 * G + 8 * 2 * 3 * slots
             + 8 * 3 * _buckets(slots))
 
@@ -910,6 +943,7 @@ def _kernel_source(num_ranks: int, num_experts: int, in_shared: bool, slots: int
         src_e = cuda.shared.array(E, int32)  # src's experts with tokens, in any order ...
         src_n = cuda.shared.array(E, int64)  # ... and their token counts on src
         exp_order = cuda.shared.array(E, int32)  # the same experts, heaviest first ...
+        heavier = cuda.shared.array(E, int32)  # ... and how many are heavier than each
         ints = cuda.shared.array(16, int64)
         busy = cuda.shared.array((G, EW), uint32)  # per rank: experts with tokens, as bits
 
@@ -972,6 +1006,7 @@ def _kernel_source(num_ranks: int, num_experts: int, in_shared: bool, slots: int
                     cuda.atomic.max(ints, _BAD, 1)
             hc[e] = c
             bo[e] = -1
+            heavier[e] = 0
         for i in range(tid, G * G, nt):
             fl[i // G, i % G] = 0
         for i in range(tid, G * EW, nt):
@@ -1089,17 +1124,26 @@ def _kernel_source(num_ranks: int, num_experts: int, in_shared: bool, slots: int
                     src_e[i] = e
                     src_n[i] = n
             cuda.syncthreads()
-            # ... then ranked heaviest first (ties to the lowest id), each among the ne listed.
+            # ... then ranked heaviest first (ties to the lowest id), each among the ne listed:
+            # its comparisons with the others split over the block's threads (parts of the
+            # list, the counts of heavier experts summed with integer atomics: exact), then
+            # each placed by one thread.
             ne = ints[_NE]
-            for i in range(tid, ne, nt):
-                n = src_n[i]
-                e = src_e[i]
+            n_parts = nt // ne if ne > 0 and nt >= 2 * ne else 1
+            for i in range(tid, ne * n_parts, nt):
+                k = i % ne
+                n = src_n[k]
+                e = src_e[k]
                 r = 0
-                for j in range(ne):
+                for j in range(i // ne, ne, n_parts):
                     m = src_n[j]
                     if m > n or (m == n and src_e[j] < e):
                         r += 1
-                exp_order[r] = e
+                cuda.atomic.add(heavier, k, r)
+            cuda.syncthreads()
+            for i in range(tid, ne, nt):
+                exp_order[heavier[i]] = src_e[i]
+                heavier[i] = 0  # (for the next move: read again only after two barriers)
             cuda.syncthreads()
             # Rounds of candidates in the CPU kernel's order, nt side by side: each thread
             # prunes one (`_prune`), an atomic minimum over the indices of those that pass
