@@ -132,7 +132,7 @@ def test_simulator_global_scratch_equals_cpu_kernel():
 def test_simulator_decode_layers_at_ep8_and_ep64_equal_cpu_kernel():
     """The kernel in the CUDA simulator on the decode layers the GPU scripts time (768 tokens
     per rank, default rules): ep=8 / 128 experts in shared memory at 32 and 128 threads per
-    block (32 and 64 result slots per round) and ep=64 / 256 experts in global scratch at 128
+    block (32 and 128 result slots per round) and ep=64 / 256 experts in global scratch at 128
     threads (two words of pool bits, a pool of up to 64 entries spread over the block):
     identical plans to the CPU kernel, with moves made."""
     code = ("from experiments.planner.gpu_greedy import decode_batch, run_batch, same_layer\n"
@@ -166,7 +166,7 @@ def test_simulator_runner_sizes():
             "    runner = CudaGreedy(home, np.array([1, 2, 3, 9]), cost, GreedyRules(k_max=100),"
             " num_layers=1, threads=threads)\n"
             "    assert runner.slots.tolist() == [1, 2, 3, 9], runner.slots\n"
-            "    assert runner.search_slots == min(threads, SLOTS) and SLOTS == 64\n"
+            "    assert runner.search_slots == min(threads, SLOTS) and SLOTS == 128\n"
             "    assert runner.out.replicas.shape[1] == 1 + 2 + 3 + 8, runner.out.replicas.shape\n"
             "print('sizes ok')\n")
     stdout = _in_simulator(["-c", code], 300)
@@ -512,7 +512,8 @@ def test_prefix_after_equals_the_cpu_rules():
     env["dmax"], env["dmin"] = _py(greedy_cuda.dmax), _py(greedy_cuda.dmin)
     env["cuda"] = types.SimpleNamespace(syncthreads=lambda: None)  # one thread: no barrier
     fns = {}
-    for name in ("_scan_sum", "_terms", "_prefix_sums", "_entry", "_after_p", "_eval_x"):
+    for name in ("_scan_sum", "_terms", "_prefix_sums", "_entry", "_after_k", "_after_p",
+                 "_eval_x"):
         fn = _py(getattr(greedy_cuda, name))
         fns[name] = env[name] = types.FunctionType(fn.__code__, env, name, fn.__defaults__)
     checked = 0
@@ -601,4 +602,5 @@ print(json.dumps(out))
         assert variant["fma"] == variant["fma_by_2"] and variant["mul_rn"] >= mul_sites > 20
         assert variant["div"] in ([], ["div.rn.f64"])
     assert found["True"]["shared"] >= greedy_cuda.shared_bytes(8, 128) - 1024
-    assert found["False"]["shared"] < 16 * 1024
+    # (the global variant keeps the [G, E] and [G, G] working arrays out: 21 KB less here)
+    assert found["False"]["shared"] <= found["True"]["shared"] - 16 * 1024

@@ -21,7 +21,7 @@ def test_kernel_stats_quick_counts_the_work_of_each_move(tmp_path):
         for move in row["per_move"]:  # a move applies a candidate that built its pool
             assert move["tried"] >= move["unpruned"] >= 1
             assert len(move["evals"]) == move["unpruned"] and min(move["evals"]) >= 2
-            # the block's rounds (64 slots): at least one per search, never more than the
+            # the block's rounds (SLOTS slots): at least one per search, never more than the
             # evaluations one after another, and the move's dependent steps fewer
             assert len(move["rounds"]) == move["unpruned"] and min(move["rounds"]) >= 1
             assert all(r <= n for r, n in zip(move["rounds"], move["evals"], strict=True))

@@ -188,7 +188,7 @@ def _count_moves(batch, layer: int, slots: int) -> tuple[list, list]:
                 calls["prune"] = 0
                 return out
             return search
-        if name == "_after_p":  # (called once per move: its application, on thread 0)
+        if name == "_after_k":  # (called once per move: its application, on one thread)
             def applied(*a):
                 per_move.append(list(current))
                 current.clear()

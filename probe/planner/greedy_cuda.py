@@ -133,7 +133,7 @@ MAX_EXPERTS = 1024
 THREADS = 128
 # Most amounts x one round of a candidate's search evaluates side by side (`_search`): a block
 # of T threads has min(T, SLOTS) result slots (48 bytes each in shared memory).
-SLOTS = 64
+SLOTS = 128
 # Most shared memory a block's arrays may take: the static limit of a block (48 KiB).
 SHARED_LIMIT = 48 * 1024
 # "No candidate gained yet" (larger than any candidate index: MAX_RANKS * experts < 2**40).
@@ -241,13 +241,20 @@ def _entry(x, npool, cum):
 def _after_p(x, e, src, dst, pool_s, npool, cum, p_in_src, p_in_dst, p_out_dst, p_out_src, tok,
              comp, t_in, t_out, alpha, beta, tt, parts):
     """greedy._after(x, ...) from `_prefix_sums`' sums: the same floats; fills parts[6]."""
+    return _after_k(_entry(x, npool, cum), x, e, src, dst, pool_s, cum, p_in_src, p_in_dst,
+                    p_out_dst, p_out_src, tok, comp, t_in, t_out, alpha, beta, tt, parts)
+
+
+@cuda.jit(device=True)
+def _after_k(k, x, e, src, dst, pool_s, cum, p_in_src, p_in_dst, p_out_dst, p_out_src, tok,
+             comp, t_in, t_out, alpha, beta, tt, parts):
+    """`_after_p` with x's pool entry k (`_entry(x, npool, cum)`) known already."""
     comp_src = comp[src] - mul(beta, x)
     if tok[src, e] == x:
         comp_src -= alpha
     comp_dst = comp[dst] + mul(beta, x)
     if tok[dst, e] == 0:
         comp_dst += alpha
-    k = _entry(x, npool, cum)
     s = pool_s[k]
     take = x - cum[k]
     d_in_src = p_in_src[k] + mul(take, tt[s, src])
@@ -531,8 +538,8 @@ def _plan_round(plan, nslots, step, kind, lo, hi, need, also, spec_x, spec_total
     if t < _P_LEN and mean_cap and step == _S_X2 and n_other + 1 < x2:
         used = _add_tree(plan, t, used, nslots, n_other + 1, x2, 1)
         t += 4
-    while t < _P_LEN:
-        _add_tree(plan, t, used, 0, 1, 1, 1)
+    while t < _P_LEN:  # the trees left: none (no levels, no slots)
+        plan[t + 2] = 0
         t += 4
     n = plan[0]
     room = n + nslots - used
@@ -614,9 +621,7 @@ def _search(tid, nt, nslots, res, tab, rnd, src, dst, tok_src, tok_dst, npool, t
     t_cur = rnd % 3
     fresh = True
     mask = tab.shape[0] // 3 - 1  # (buckets per table: a power of two)
-    plan = cuda.local.array(_P_LEN, int64)
-    for i in range(_P_LEN):  # nothing evaluated yet
-        plan[i] = 0
+    plan = cuda.local.array(_P_LEN, int64)  # (read only once a round has planned it: fresh)
     step = _S_ALL if n_other > 0 else _S_ONE_DONE  # (else phase 2 alone: second is True)
     while True:
         while step != _S_DONE:  # the walk, while this round holds what the steps need
@@ -632,7 +637,7 @@ def _search(tid, nt, nslots, res, tab, rnd, src, dst, tok_src, tok_dst, npool, t
                 if not fresh and not have_a:
                     t_slot = plan[0]
                     for t in _P_TREES:
-                        if (plan[t] == lo and plan[t + 1] == hi and plan[t + 2] > 0
+                        if (plan[t + 2] > 0 and plan[t] == lo and plan[t + 1] == hi
                                 and (plan[t + 3] == 2) == (kind == _B_TWO)):
                             t_lev = plan[t + 2]
                             break
@@ -826,7 +831,7 @@ def shared_bytes(num_ranks: int, num_experts: int, slots: int = SLOTS) -> int:
     [G, G] working arrays live there (`memory="shared"`), with `slots` result slots per round
     of a search (SLOTS, the most a block uses, by default)."""
     G, E = num_ranks, num_experts  # noqa: N806 (the shape letters)
-    return _fixed_bytes(G, E, slots) + 8 * (2 * E + 3 * G * E + 3 * G * G) + G * E
+    return _fixed_bytes(G, E, slots) + 8 * (2 * E + G * E + 3 * G * G) + 4 * 2 * G * E + G * E
 
 
 def choose_memory(num_ranks: int, num_experts: int, memory: str = "auto") -> str:
@@ -900,8 +905,8 @@ def _kernel_source(num_ranks: int, num_experts: int, in_shared: bool, slots: int
 
         # The layer's working arrays: shared (sized GS x ES) or the global scratch rows.
         sh_hc = cuda.shared.array(ES, int64)
-        sh_hl = cuda.shared.array((ES, GS), int64)
-        sh_hp = cuda.shared.array((GS, ES), int64)
+        sh_hl = cuda.shared.array((ES, GS), int32)
+        sh_hp = cuda.shared.array((GS, ES), int32)
         sh_tk = cuda.shared.array((GS, ES), int64)
         sh_fl = cuda.shared.array((GS, GS), int64)
         sh_hd = cuda.shared.array((GS, ES), uint8)
@@ -1270,24 +1275,35 @@ def _kernel_source(num_ranks: int, num_experts: int, in_shared: bool, slots: int
             cuda.syncthreads()
             b = ints[_B]
             if ints[_NEWB] == 1:  # a new block starts from the static split (all threads)
-                for s in range(tid, G, nt):  # row s: zeros, then s's tokens on e's holders
-                    for g in range(G):  # (greedy._static_share's values, row by row)
+                # Row s split over n_cols threads, entry (s, g) on part g % n_cols: zeros,
+                # then s's tokens on e's holders (greedy._static_share's values), each entry
+                # written by one thread, in that order.
+                n_cols = nt // G if nt >= 2 * G else 1
+                n_cols = G if n_cols > G else n_cols
+                for i in range(tid, G * n_cols, nt):
+                    s = i % G
+                    part = i // G
+                    for g in range(part, G, n_cols):
                         ba[b, s, g] = 0
                     n = ld[s, e]
                     if hm[s, e]:
-                        ba[b, s, s] = n
+                        if s % n_cols == part:
+                            ba[b, s, s] = n
                     else:
                         h = hc[e]
                         q = n // h
                         r = n - q * h
                         for j in range(h):  # the holder at position j
-                            ba[b, s, hl[e, j]] = q + (1 if (j + s) % h < r else 0)
+                            g = hl[e, j]
+                            if g % n_cols == part:
+                                ba[b, s, g] = q + (1 if (j + s) % h < r else 0)
                 cuda.syncthreads()
             # The move applied: greedy._apply_move's updates, from the pool, the same floats.
             # Each entry up to the one where x runs out (those after take 0 tokens: the CPU
             # kernel's updates of them change nothing) by its own thread: its source's row
             # of the block and, for a third-party source, its out-time and time (`_worst`'s
-            # new out-time); thread 0 src's and dst's parts (`_after`'s) and times. Every
+            # new out-time); the block's last thread (one with no entry, where the pool has
+            # fewer than nt entries) src's and dst's parts (`_after`'s) and times. Every
             # entry has another source, and src's and dst's entries touch only their rows.
             last = _entry(x, npool, cum)
             for i in range(tid, last + 1, nt):
@@ -1298,8 +1314,8 @@ def _kernel_source(num_ranks: int, num_experts: int, in_shared: bool, slots: int
                 if s != dst and s != src and take > 0:
                     t_out[s] = t_out[s] + mul(take, tts[s, dst] - tts[s, src])
                     times[s] = comp[s] + 2.0 * dmax(t_in[s], t_out[s])
-            if tid == 0:
-                _after_p(x, e, src, dst, pool_s, last + 1, cum, p_in_src, p_in_dst, p_out_dst,
+            if tid == nt - 1:
+                _after_k(last, x, e, src, dst, pool_s, cum, p_in_src, p_in_dst, p_out_dst,
                          p_out_src, tk, comp, t_in, t_out, alpha, beta, tts, parts)
                 _apply_parts(e, src, dst, x, parts, c_src, c_dst, tk, comp, t_in, t_out, times)
                 ints[_MOVES] += 1
