@@ -25,7 +25,8 @@ warps then run the prefix sums over the terms (`_prefix_sums`), in pool order. T
 in rounds, each evaluating up to min(T, SLOTS) amounts x side by side, one per thread
 (`_eval_x`), each thread putting its result slot into the round's hash table (`_insert`), then
 a barrier, then every thread walks the CPU kernel's steps (the same walk: the same data) as far
-as the round's results reach, finding each amount's slot in the table (`_lookup`). A
+as the round's results reach: down a bisection's tree in the round it reads each node's results
+at the node's own slot, and any other amount it finds in the table (`_lookup`). A
 bisection's next probes depend on its tests, but the tree of all its possible midpoints does
 not: a round evaluates the next levels of that tree whole, with the amounts later steps will
 ask for where they are known already (the ends of the bisection under way, the next
@@ -34,8 +35,8 @@ so it asks for the very amounts the CPU kernel asks for; an amount a round lacks
 round, never a different answer. If the candidate gains, it is the move: thread 0 makes the
 replica and the expert's block (the threads together write its new dense [S, G] block if it
 has none yet), then the pool's entries are applied side by side, one per thread (its source's
-row of the block and, for a third-party source, its out-time and time), and thread 0 applies
-src's and dst's parts; else the rounds of pruning go on after it.
+row of the block and, for a third-party source, its out-time and time), and the block's last
+thread applies src's and dst's parts; else the rounds of pruning go on after it.
 
 Floating point: every value that decides a choice is float64, computed in the CPU kernel's order
 of operations: the static split is greedy.py's own function, compiled a second time as a
@@ -56,41 +57,45 @@ makes multiply by 2.0, which is exact; tests check the sm_90 PTX).
 Memory (`CudaGreedy(memory=...)`, "auto" by default): the layer's [G, E] and [G, G] working
 arrays (home holders and positions, tokens per rank and expert, replicas held, flows, the
 expert-to-block map, the token and transfer times) live in shared memory when they fit
-(`shared_bytes(G, E)` <= SHARED_LIMIT = 48 KiB: 41.9 KB at G = 8, E = 128), else in preallocated
-global scratch (G = 64, E = 256 would need 537 KB). One kernel is compiled per (G, E, memory,
+(`shared_bytes(G, E)` <= SHARED_LIMIT = 48 KiB: 43.4 KB at G = 8, E = 128; the home holders
+and positions as int32 there), else in preallocated global scratch (G = 64, E = 256 would need
+416 KB). One kernel is compiled per (G, E, memory,
 result slots): G and E are compile-time constants, so every shared and per-thread local array
-has exactly G or E entries. Always shared: the rank arrays, the slowest rank's experts (16 bytes
+has exactly G or E entries. Always shared: the rank arrays, the slowest rank's experts (20 bytes
 per expert), a bitmask of each rank's experts with tokens at the start (for the compute sums),
 the searched candidate's shares per source, pool bits, pool and prefix arrays (9 arrays of G
-entries), its search's results (2 x slots x 3 floats: 3 KB for SLOTS = 64) and the rounds' hash
-tables (3 x `_buckets(slots)` integers: 6 KB for 64 slots). Per thread: a round's plan (13
-integers) and thread 0's parts of the move (ptxas: 104 B of stack; 189 registers at G = 8, 228
-at G = 64).
+entries), its search's results (2 x slots x 3 floats: 6 KB for SLOTS = 128) and the rounds'
+hash tables (3 x `_buckets(slots)` integers: 12 KB for 128 slots). Per thread: a round's plan
+(13 integers) and one thread's parts of the move (ptxas: 104 B of stack, no spills; 192
+registers at G = 8, 238 at G = 64).
 
 Where one layer's time goes, counted without a GPU (none of these numbers is a GPU timing):
 experiments.planner.kernel_stats counts the work of the synthetic decode layers of
-experiments.planner.gpu_latency (default rules, k_max 16; results/kernel_stats): in every move
-the FIRST candidate that passes the cheap pruning gains, and its search takes 1.9-2.1 rounds at
-ep=8 and 2.9-3.0 at ep=64 (at most 3), where one thread once made 15.6-18.6 evaluations of x
-one after another. experiments.planner.kernel_trace (results/kernel_trace) runs one such layer
-in the CUDA simulator and counts the Python lines each thread runs between barriers, a warp's
-lines divergence-aware: per move, the critical path (the costliest warp's lines per barrier
-interval, summed) went from 2,188 to 1,476 lines at ep=8 and from 4,177 to 2,119 at ep=64 when
-the pool, its prefix sums' layout, the move's application, the walk's lookups and the ranks'
-order changed to the layout above (the warps' lines from 6,756 to 4,656 and from 9,957 to
-6,849; barriers per move from 12.2 to 13.2 and from 12.6 to 13.6: one more for the ranks'
-order). What is left is mostly the search: its rounds (their plan, evaluations and the walk:
-some 800 lines at ep=8, 1,150 at ep=64) and the walk's last steps after its last round, then
-at ep=64 the prefix sums (64 dependent additions, which must stay in pool order for the CPU
-kernel's floats) and the ranks' order (32 comparisons per thread). The walk runs on every
-thread, the same steps on the same data: on one warp it would not be shorter, and the block's
-few warps each have a scheduler of their own on an SM, so the copies cost no issue slots the
-critical path needs. The sm_90 PTX has 8,958 instructions at ep=8 and 9,450 at ep=64 (11,021
-and 11,068 before). On an H100 the kernel before these changes took 522 us at ep=8 and
-1,200 us at ep=64 for one layer (graph replay; 446 us at ep=8 before the search's rounds),
-latency-bound on long chains of dependent instructions; no GPU has timed this kernel yet:
-experiments.planner.gpu_latency measures the start, the per-move time and the threads and
-memory variants on the GPU.
+experiments.planner.gpu_latency (default rules, k_max 16; results/kernel_stats): in every move the
+FIRST candidate that passes the cheap pruning gains, and its search takes 1.9-2.1 rounds at ep=8
+and 2.1-2.2 at ep=64 (at most 3; 2.9-3.0 there with 64 result slots), where one thread once made
+15.6-18.6 evaluations of x one after another. experiments.planner.kernel_trace
+(results/kernel_trace) runs one such layer in the CUDA simulator and counts the Python lines each
+thread runs between barriers, a warp's lines divergence-aware: per move, the critical path (the
+costliest warp's lines per barrier interval, summed) went from 2,188 to 1,476 lines at ep=8 and
+from 4,177 to 2,119 at ep=64 when the pool, its prefix sums' layout, the move's application, the
+walk's lookups and the ranks' order changed to a layout spread over the block, then to 1,308 and
+1,764 (docs/planner.md has the table) when the walk read a bisection's nodes at their slots instead
+of looking each up, SLOTS went from 64 to 128 (ep=64's searches from 3 rounds to 2.1), src's
+experts were ranked by the whole block instead of one thread per expert, a new block's static split
+was written by more threads and the move's parts were computed from the entry already found. What
+is left is mostly the search: its rounds (their plan, evaluations and the walk: some 730 lines at
+ep=8, 810 at ep=64) and the walk's last steps after its last round (some 250), then at ep=64 the
+prefix sums (dependent additions over the pool, which must stay in pool order for the CPU kernel's
+floats) and the ranks' order (32 comparisons per thread). The walk runs on every thread, the same
+steps on the same data: on one warp it would not be shorter, and the block's few warps each have a
+scheduler of their own on an SM, so the copies cost no issue slots the critical path needs. The
+sm_90 PTX has 9,750 instructions at ep=8 and 10,446 at ep=64 (11,021 and 11,068 before the layout
+above, 8,958 and 9,450 before the walk's direct reads: more code, fewer instructions on the path).
+On an H100 the kernel before the layout above took 522 us at ep=8 and 1,200 us at ep=64 for one
+layer (graph replay; 446 us at ep=8 before the search's rounds), latency-bound on long chains of
+dependent instructions; no GPU has timed this kernel yet: experiments.planner.gpu_latency measures
+the start, the per-move time and the threads and memory variants on the GPU.
 
 Entry points:
     `CudaGreedy(home, slots, cost, rules, num_layers=L)`: validates once, keeps device
@@ -1405,7 +1410,7 @@ class CudaGreedy(LayerPlanner):
     home: bool [G, E] (every layer) or [L, G, E] static placement; slots: int or int [G];
     cost: CostModel for G ranks; rules: GreedyRules (None: the defaults; also_paper is not
     supported); num_layers: L, the layers one `plan` call plans; threads: threads per block (a
-    multiple of 32, at most 1024; 1 for tests; the sm_90 kernel takes 190-228 registers per
+    multiple of 32, at most 1024; 1 for tests; the sm_90 kernel takes 192-238 registers per
     thread, so the GPU may refuse launches of more than 256; a candidate's search evaluates
     min(threads, SLOTS) amounts per round, `search_slots`); memory: where a block keeps its
     layer's [G, E] and [G, G] working arrays, "shared" (shared memory: `shared_bytes(G, E)`
