@@ -533,11 +533,13 @@ def test_prefix_after_equals_the_cpu_rules():
         comp, t_in, t_out = rng.random(g), rng.random(g) * 1e-3, rng.random(g) * 1e-3
         alpha, beta = 1e-5, 3e-7
         cum, pre, p_worst = np.zeros(g, np.int64), np.zeros((4, g)), np.zeros(g)
+        terms, w_terms = np.zeros((2, g)), np.zeros(g)  # (the sums' terms)
         own_dst = int(pool_n[0]) if pool[0] == dst else 0
         for i in range(npool):
             fns["_terms"](i, pool_s[i], pool_n[i], own_dst, src, dst, tt, comp, t_in, t_out,
-                          *pre, p_worst)
-        fns["_prefix_sums"](0, 1, npool, pool_n, cum, pre[0], pre[1], p_worst)
+                          terms[0], terms[1], pre[2], pre[3], w_terms)
+        fns["_prefix_sums"](0, 1, npool, pool_n, cum, terms[0], terms[1], w_terms, pre[0],
+                            pre[1], p_worst)
         for x in range(1, int(pool_n.sum()) + 1):
             parts, parts_p = np.zeros(6), np.zeros(6)
             want = greedy._after.py_func(x, e, src, dst, pool_s, pool_n, tok, comp, t_in,

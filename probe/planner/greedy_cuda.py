@@ -63,8 +63,8 @@ and positions as int32 there), else in preallocated global scratch (G = 64, E = 
 result slots): G and E are compile-time constants, so every shared and per-thread local array
 has exactly G or E entries. Always shared: the rank arrays, the slowest rank's experts (20 bytes
 per expert), a bitmask of each rank's experts with tokens at the start (for the compute sums),
-the searched candidate's shares per source, pool bits, pool and prefix arrays (9 arrays of G
-entries), its search's results (2 x slots x 3 floats: 6 KB for SLOTS = 128) and the rounds'
+the searched candidate's shares per source, pool bits, pool, prefix and term arrays (12 arrays
+of G entries), its search's results (2 x slots x 3 floats: 6 KB for SLOTS = 128) and the rounds'
 hash tables (3 x `_buckets(slots)` integers: 12 KB for 128 slots). Per thread: a round's plan
 (13 integers) and one thread's parts of the move (ptxas: 104 B of stack, no spills; 192
 registers at G = 8, 238 at G = 64).
@@ -165,49 +165,49 @@ _apply_parts = device(greedy._apply_parts, inline=True)
 # recorded the same way (p_worst: the maximum over the entries before i, all taken whole), so
 # that one evaluation of x (`_eval_x`) is O(log npool) with the worst time too.
 @cuda.jit(device=True)
-def _scan_sum(arr, npool):
-    """arr[i] <- the sum of arr[:i] (in place, in order, from 0.0: each entry read before the
-    sum before it is written there)."""
+def _scan_sum(terms, sums, npool):
+    """sums[i] <- the sum of terms[:i] (in order, from 0.0). Two arrays, not one in place: a
+    load of the next term never waits for the store of the sum before it, so the loads can
+    run ahead of the chain of additions."""
     acc = 0.0
     for i in range(npool):
-        term = arr[i]
-        arr[i] = acc
-        acc += term
+        sums[i] = acc
+        acc += terms[i]
 
 
 @cuda.jit(device=True)
-def _terms(i, s, take, own_dst, src, dst, tt, comp, t_in, t_out, p_in_src, p_in_dst, p_out_dst,
-           p_out_src, p_worst):
-    """Pool entry i (source s, take tokens; own_dst: dst's take, the pool's first entry, 0
-    where dst gives none): the terms of `_prefix_sums`' sums written at i, `_after`'s d_in_src
+def _terms(i, s, take, own_dst, src, dst, tt, comp, t_in, t_out, q_in_src, q_in_dst, p_out_dst,
+           p_out_src, q_worst):
+    """Pool entry i (source s, take tokens; own_dst: dst's take, the pool's first entry, 0 where
+    dst gives none): the terms of `_prefix_sums`' sums written at i (q_*), `_after`'s d_in_src
     and d_in_dst terms (0.0 where `_after` skips the sum: it leaves the sum unchanged, a sum
     that starts at +0.0 is never -0.0: these terms are >= 0) and `_worst`'s time of a
-    third-party source (-inf where `_worst` skips the entry: it leaves the maximum
-    unchanged); and the two sums whose terms all come from one entry, written as the sums
-    before i already: d_out_dst's one term comes from dst's entry, the first (the sum before
-    entry i > 0 is that term: 0.0 plus a term >= 0, then 0.0 added, is the term), d_out_src's
-    from src's, the last (the sum before every entry is 0.0). One thread per entry, side by
-    side."""
-    p_in_src[i] = mul(take, tt[s, src])
-    p_in_dst[i] = 0.0 if s == dst else mul(take, tt[s, dst])
+    third-party source (-inf where `_worst` skips the entry: it leaves the maximum unchanged);
+    and the two sums whose terms all come from one entry, written as the sums before i already:
+    d_out_dst's one term comes from dst's entry, the first (the sum before entry i > 0 is that
+    term: 0.0 plus a term >= 0, then 0.0 added, is the term), d_out_src's from src's, the last
+    (the sum before every entry is 0.0). One thread per entry, side by side."""
+    q_in_src[i] = mul(take, tt[s, src])
+    q_in_dst[i] = 0.0 if s == dst else mul(take, tt[s, dst])
     p_out_dst[i] = mul(own_dst, tt[dst, src]) if i > 0 else 0.0
     p_out_src[i] = 0.0
     out = t_out[s] + mul(take, tt[s, dst] - tt[s, src])
     t = comp[s] + 2.0 * dmax(t_in[s], out)
-    p_worst[i] = t if s != dst and s != src else -math.inf
+    q_worst[i] = t if s != dst and s != src else -math.inf
 
 
 @cuda.jit(device=True)
-def _prefix_sums(tid, nt, npool, pool_n, cum, p_in_src, p_in_dst, p_worst):
+def _prefix_sums(tid, nt, npool, pool_n, cum, q_in_src, q_in_dst, q_worst, p_in_src, p_in_dst,
+                 p_worst):
     """cum[i]: the pool's tokens before entry i; p_in_src[i], p_in_dst[i]: `_after`'s sums
-    d_in_src and d_in_dst over the entries before i, taken whole, in pool order; p_worst[i]:
-    the largest time of a third-party source (not src, not dst) among the entries before i,
-    each taken whole (`_worst`'s terms; -inf where there is none). The terms are in the arrays
-    already (`_terms`, one entry per thread; a barrier after them). Every thread of the block
-    calls it (it ends with a barrier): the first threads of the block's warps run the four
-    sums over the terms, in pool order (the sequential sums' floats), sum k on warp
-    k % warps: on different warps, not on four lanes of one warp, which would run them one
-    after the other (lanes that branch apart take turns)."""
+    d_in_src and d_in_dst over the entries before i, taken whole, in pool order; p_worst[i]: the
+    largest time of a third-party source (not src, not dst) among the entries before i, each
+    taken whole (`_worst`'s terms; -inf where there is none). The terms are in q_in_src,
+    q_in_dst and q_worst already (`_terms`, one entry per thread; a barrier after them). Every
+    thread of the block calls it (it ends with a barrier): the first threads of the block's
+    warps run the four sums over the terms, in pool order (the sequential sums' floats), sum k
+    on warp k % warps: on different warps, not on four lanes of one warp, which would run them
+    one after the other (lanes that branch apart take turns)."""
     warps = (nt + 31) // 32
     for k in range(tid // 32 if tid % 32 == 0 else 4, 4, warps):
         if k == 0:
@@ -216,15 +216,14 @@ def _prefix_sums(tid, nt, npool, pool_n, cum, p_in_src, p_in_dst, p_worst):
                 cum[i] = c
                 c += pool_n[i]
         elif k == 1:
-            _scan_sum(p_in_src, npool)
+            _scan_sum(q_in_src, p_in_src, npool)
         elif k == 2:
-            _scan_sum(p_in_dst, npool)
+            _scan_sum(q_in_dst, p_in_dst, npool)
         else:
             worst = -math.inf
             for i in range(npool):
-                term = p_worst[i]
                 p_worst[i] = worst
-                worst = dmax(worst, term)
+                worst = dmax(worst, q_worst[i])
     cuda.syncthreads()
 
 
@@ -862,13 +861,14 @@ def _buckets(slots: int) -> int:
 
 
 def _fixed_bytes(num_ranks: int, num_experts: int, slots: int = SLOTS) -> int:
-    """Shared bytes a block always takes: rank arrays (and the ranks' order counts), the
-    expert lists, block scalars, the ranks' expert bitmasks, the searched candidate's shares
-    per source, pool bits, pool and prefix sums (9 arrays of G), its search's result slots
-    (2 x slots x 3 floats) and the rounds' hash tables (3 x `_buckets(slots)` integers)."""
+    """Shared bytes a block always takes: rank arrays (and the ranks' order counts), the expert
+    lists, block scalars, the ranks' expert bitmasks, the searched candidate's shares per
+    source, pool bits, pool, prefix sums and their terms (12 arrays of G), its search's result
+    slots (2 x slots x 3 floats) and the rounds' hash tables (3 x `_buckets(slots)`
+    integers)."""
     G, E = num_ranks, num_experts  # noqa: N806
     return (8 * 7 * G + 16 * G + E * (4 + 8 + 4 + 4) + 8 * 16 + 4 * G * ((E + 31) // 32)
-            + 8 * G + 4 * ((G + 31) // 32) + 8 * 8 * G + 8 * 2 * 3 * slots
+            + 8 * G + 4 * ((G + 31) // 32) + 8 * 11 * G + 8 * 2 * 3 * slots
             + 8 * 3 * _buckets(slots))
 
 
@@ -968,6 +968,9 @@ def _kernel_source(num_ranks: int, num_experts: int, in_shared: bool, slots: int
         p_out_dst = cuda.shared.array(G, float64)
         p_out_src = cuda.shared.array(G, float64)
         p_worst = cuda.shared.array(G, float64)
+        q_in_src = cuda.shared.array(G, float64)  # (their terms, `_terms`')
+        q_in_dst = cuda.shared.array(G, float64)
+        q_worst = cuda.shared.array(G, float64)
         res = cuda.shared.array((2, SL, 3), float64)
         tab = cuda.shared.array(TS, int64)  # their slots by amount (`_lookup`)
         s_rnd = 0  # the searches' rounds so far
@@ -1240,9 +1243,10 @@ def _kernel_source(num_ranks: int, num_experts: int, in_shared: bool, slots: int
                         pool_s[pos] = s
                         pool_n[pos] = a
                         _terms(pos, s, a, share_s[dst] * n_own, src, dst, tts, comp, t_in,
-                               t_out, p_in_src, p_in_dst, p_out_dst, p_out_src, p_worst)
+                               t_out, q_in_src, q_in_dst, p_out_dst, p_out_src, q_worst)
                 cuda.syncthreads()
-                _prefix_sums(tid, nt, npool, pool_n, cum, p_in_src, p_in_dst, p_worst)
+                _prefix_sums(tid, nt, npool, pool_n, cum, q_in_src, q_in_dst, q_worst, p_in_src,
+                             p_in_dst, p_worst)
                 gains, x, c_src, c_dst, s_rnd = _search(
                     tid, nt, SL, res, tab, s_rnd, src, dst, tk[src, e], tk[dst, e], npool,
                     total, pool_s, pool_n, cum, p_in_src, p_in_dst, p_out_dst, p_out_src,
