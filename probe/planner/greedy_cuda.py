@@ -57,7 +57,7 @@ makes multiply by 2.0, which is exact; tests check the sm_90 PTX).
 Memory (`CudaGreedy(memory=...)`, "auto" by default): the layer's [G, E] and [G, G] working
 arrays (home holders and positions, tokens per rank and expert, replicas held, flows, the
 expert-to-block map, the token and transfer times) live in shared memory when they fit
-(`shared_bytes(G, E)` <= SHARED_LIMIT = 48 KiB: 43.4 KB at G = 8, E = 128; the home holders
+(`shared_bytes(G, E)` <= SHARED_LIMIT = 48 KiB: 43.6 KB at G = 8, E = 128; the home holders
 and positions as int32 there), else in preallocated global scratch (G = 64, E = 256 would need
 416 KB). One kernel is compiled per (G, E, memory,
 result slots): G and E are compile-time constants, so every shared and per-thread local array
@@ -83,19 +83,21 @@ walk's lookups and the ranks' order changed to a layout spread over the block, t
 1,764 (docs/planner.md has the table) when the walk read a bisection's nodes at their slots instead
 of looking each up, SLOTS went from 64 to 128 (ep=64's searches from 3 rounds to 2.1), src's
 experts were ranked by the whole block instead of one thread per expert, a new block's static split
-was written by more threads and the move's parts were computed from the entry already found. What
-is left is mostly the search: its rounds (their plan, evaluations and the walk: some 730 lines at
-ep=8, 810 at ep=64) and the walk's last steps after its last round (some 250), then at ep=64 the
-prefix sums (dependent additions over the pool, which must stay in pool order for the CPU kernel's
-floats) and the ranks' order (32 comparisons per thread). The walk runs on every thread, the same
-steps on the same data: on one warp it would not be shorter, and the block's few warps each have a
-scheduler of their own on an SM, so the copies cost no issue slots the critical path needs. The
-sm_90 PTX has 9,750 instructions at ep=8 and 10,446 at ep=64 (11,021 and 11,068 before the layout
-above, 8,958 and 9,450 before the walk's direct reads: more code, fewer instructions on the path).
-On an H100 the kernel before the layout above took 522 us at ep=8 and 1,200 us at ep=64 for one
-layer (graph replay; 446 us at ep=8 before the search's rounds), latency-bound on long chains of
-dependent instructions; no GPU has timed this kernel yet: experiments.planner.gpu_latency measures
-the start, the per-move time and the threads and memory variants on the GPU.
+was written by more threads and the move's parts were computed from the entry already found (and
+the prefix sums now read their terms from arrays of their own, so that a term's load need not wait
+for the store before it: invisible to this proxy). What is left is mostly the search: its rounds
+(their plan, evaluations and the walk: some 730 lines at ep=8, 810 at ep=64) and the walk's last
+steps after its last round (some 250), then at ep=64 the prefix sums (dependent additions over the
+pool, which must stay in pool order for the CPU kernel's floats) and the ranks' order (32
+comparisons per thread). The walk runs on every thread, the same steps on the same data: on one
+warp it would not be shorter, and the block's few warps each have a scheduler of their own on an
+SM, so the copies cost no issue slots the critical path needs. The sm_90 PTX has 9,750 instructions
+at ep=8 and 10,446 at ep=64 (11,021 and 11,068 before the layout above, 8,958 and 9,450 before the
+walk's direct reads: more code, fewer instructions on the path). On an H100 the kernel before the
+layout above took 522 us at ep=8 and 1,200 us at ep=64 for one layer (graph replay; 446 us at ep=8
+before the search's rounds), latency-bound on long chains of dependent instructions; no GPU has
+timed this kernel yet: experiments.planner.gpu_latency measures the start, the per-move time and
+the threads and memory variants on the GPU.
 
 Entry points:
     `CudaGreedy(home, slots, cost, rules, num_layers=L)`: validates once, keeps device
