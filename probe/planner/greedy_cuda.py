@@ -79,20 +79,20 @@ and 2.1-2.2 at ep=64 (at most 3; 2.9-3.0 there with 64 result slots), where one 
 thread runs between barriers, a warp's lines divergence-aware: per move, the critical path (the
 costliest warp's lines per barrier interval, summed) went from 2,188 to 1,476 lines at ep=8 and
 from 4,177 to 2,119 at ep=64 when the pool, its prefix sums' layout, the move's application, the
-walk's lookups and the ranks' order changed to a layout spread over the block, then to 1,308 and
-1,764 (docs/planner.md has the table) when the walk read a bisection's nodes at their slots instead
+walk's lookups and the ranks' order changed to a layout spread over the block, then to 1,306 and
+1,721 (docs/planner.md has the table) when the walk read a bisection's nodes at their slots instead
 of looking each up, SLOTS went from 64 to 128 (ep=64's searches from 3 rounds to 2.1), src's
 experts were ranked by the whole block instead of one thread per expert, a new block's static split
 was written by more threads and the move's parts were computed from the entry already found (and
 the prefix sums now read their terms from arrays of their own, so that a term's load need not wait
-for the store before it: invisible to this proxy). What is left is mostly the search: its rounds
+for the store of the sum before it). What is left is mostly the search: its rounds
 (their plan, evaluations and the walk: some 730 lines at ep=8, 810 at ep=64) and the walk's last
 steps after its last round (some 250), then at ep=64 the prefix sums (dependent additions over the
 pool, which must stay in pool order for the CPU kernel's floats) and the ranks' order (32
 comparisons per thread). The walk runs on every thread, the same steps on the same data: on one
 warp it would not be shorter, and the block's few warps each have a scheduler of their own on an
-SM, so the copies cost no issue slots the critical path needs. The sm_90 PTX has 9,750 instructions
-at ep=8 and 10,446 at ep=64 (11,021 and 11,068 before the layout above, 8,958 and 9,450 before the
+SM, so the copies cost no issue slots the critical path needs. The sm_90 PTX has 9,774 instructions
+at ep=8 and 10,470 at ep=64 (11,021 and 11,068 before the layout above, 8,958 and 9,450 before the
 walk's direct reads: more code, fewer instructions on the path). On an H100 the kernel before the
 layout above took 522 us at ep=8 and 1,200 us at ep=64 for one layer (graph replay; 446 us at ep=8
 before the search's rounds), latency-bound on long chains of dependent instructions; no GPU has
