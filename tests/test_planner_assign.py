@@ -288,9 +288,6 @@ SMALL_COPIES = np.array([[1, 0, 0, 0, 1, 0, 0, 0, 1, 0, 0, 0],
 def _without_locality_start(args: tuple) -> tuple:
     """`assign.kernel_args`' tuple without its last start (the locality start): the
     candidates of the code before that start was added."""
-    from probe.planner.assign import _starts
-
-    assert _starts.__doc__ and "last the locality start" in _starts.__doc__
     args = list(args)
     assert args[12][-1] == 1 and not args[12][:-1].any()  # only the last start pins
     args[10], args[11], args[12] = args[10][:-1], args[11][:-1], args[12][:-1]

@@ -1156,9 +1156,9 @@ def _starts(load, holds, total, order, home, passes):
         start_passes += [0, passes]
     own = np.where(holds[:, order], load[:, order], 0).T.astype(np.float64)  # [M, G]
     rest = (total[order] - own.sum(axis=1))[:, None]  # [M, 1] whole tokens
-    first = np.zeros((num_experts, num_ranks))
-    first[order] = np.where(share > 0, own + rest / share.sum(axis=1, keepdims=True), 0.0)
-    starts.append(first)
+    locality = np.zeros((num_experts, num_ranks))
+    locality[order] = np.where(share > 0, own + rest / share.sum(axis=1, keepdims=True), 0.0)
+    starts.append(locality)
     start_passes.append(passes)
     pins = np.zeros(len(starts), np.int64)
     pins[-1] = 1
