@@ -269,3 +269,92 @@ def test_exchange_reroutes_out_traffic_across_nodes():
     ref = objective(load, copies, cost, assign_tokens(load, copies, cost, method="lp"))
     assert plain > ref * 1.03, (plain, ref)
     assert ours < ref * 0.95, (ours, ref)
+
+
+# A small instance (4 ranks, 12 experts; expert 0 on every rank, the rest on one to three
+# ranks; alpha 40, beta 1, token_time 0.4) where the candidates before the locality start
+# ended +1.56% above the LP: the locality start, descended with expert 0 kept where every
+# rank holds its own tokens, then exchanged, ends just below it.
+SMALL_LOAD = np.array([[258, 106, 0, 31, 0, 0, 0, 0, 1, 4, 0, 0],
+                       [255, 117, 0, 24, 0, 0, 0, 0, 1, 1, 1, 1],
+                       [235, 119, 0, 40, 0, 0, 1, 1, 0, 4, 0, 0],
+                       [256, 116, 0, 24, 0, 0, 0, 0, 0, 4, 0, 0]])
+SMALL_COPIES = np.array([[1, 0, 0, 0, 1, 0, 0, 0, 1, 0, 0, 0],
+                         [1, 1, 0, 1, 0, 1, 0, 0, 0, 1, 0, 0],
+                         [1, 0, 1, 0, 0, 1, 1, 0, 0, 0, 1, 0],
+                         [1, 1, 0, 1, 0, 0, 0, 1, 0, 0, 0, 1]])
+
+
+def _without_locality_start(args: tuple) -> tuple:
+    """`assign.kernel_args`' tuple without its last start (the locality start): the
+    candidates of the code before that start was added."""
+    args = list(args)
+    assert args[12][-1] == 1 and not args[12][:-1].any()  # only the last start pins
+    args[10], args[11], args[12] = args[10][:-1], args[11][:-1], args[12][:-1]
+    return tuple(args)
+
+
+def test_locality_start_on_a_small_instance():
+    from probe.planner.assign import _best, kernel_args
+
+    cost = CostModel.uniform(4, alpha=40.0, beta=1.0, token_time=0.4, transfer_time=1.0)
+    load, copies = SMALL_LOAD, SMALL_COPIES
+    ref = objective(load, copies, cost, assign_tokens(load, copies, cost, method="lp"))
+    ours = assign_tokens(load, copies, cost)
+    assert_feasible(load, copies, ours)
+    old, _ = _best(*_without_locality_start(kernel_args(load, copies, cost)))
+    assert objective(load, copies, cost, old) > ref * 1.015, (old, ref)
+    assert objective(load, copies, cost, ours) <= ref * 1.01, (ours, ref)
+    np.testing.assert_array_equal(ours, assign_tokens_ref(load, copies, cost))
+    home = copies > 0
+    home[1:, 0] = False  # expert 0's home on rank 0 only: the home starts join in, same end
+    with_home = assign_tokens(load, copies, cost, home=home)
+    np.testing.assert_array_equal(with_home, assign_tokens_ref(load, copies, cost, home=home))
+    assert objective(load, copies, cost, with_home) <= ref * 1.01
+
+
+def test_locality_start_keeps_pinned_experts():
+    # The start: each holder its own tokens, the rest (sources without a copy) split evenly;
+    # its descent refills every expert but those whose holders are all their sources (here
+    # expert 0, on every rank), which keep their start. The twin's descent agrees.
+    from probe.planner.assign import (_fixed_levels, _holder_lists, _starts, _waterfill,
+                                      _waterfill_ref, remote_cost)
+
+    cost = CostModel.uniform(4, alpha=40.0, beta=1.0, token_time=0.4, transfer_time=1.0)
+    load, holds = SMALL_LOAD, SMALL_COPIES > 0
+    hop = remote_cost(cost)
+    fixed, total, order = _fixed_levels(load, holds, cost.alpha, cost.beta, hop)
+    starts, passes, pins = _starts(load, holds, total, order, None, 8)
+    assert passes.tolist() == [8, 0, 8, 8] and pins.tolist() == [0, 0, 0, 1]
+    start = starts[-1]
+    np.testing.assert_array_equal(start[0], load[:, 0])  # expert 0: every rank its own
+    # expert 3 on ranks 1 and 3: each its own (24, 24), the 71 of ranks 0 and 2 halved
+    assert start[3].tolist() == [0.0, 24 + 35.5, 0.0, 24 + 35.5]
+    hlist, nhold = _holder_lists(holds)
+    scratch = (np.empty(4), np.empty(8), np.empty((4, 4)))
+    pinned = _waterfill(fixed, order, hlist, nhold, total, load, hop, cost.alpha, cost.beta,
+                        8, start, *scratch, True)
+    free = _waterfill(fixed, order, hlist, nhold, total, load, hop, cost.alpha, cost.beta, 8,
+                      start, *scratch, False)
+    np.testing.assert_array_equal(pinned[0], load[:, 0])
+    assert not np.array_equal(free[0], load[:, 0])  # without the pin the descent moves it
+    assert not np.array_equal(pinned[3], start[3])  # the other experts descend
+    np.testing.assert_array_equal(pinned, _waterfill_ref(fixed, order, holds, total, load, hop,
+                                                         cost.alpha, cost.beta, 8, start,
+                                                         True))
+
+
+def test_locality_start_at_full_size():
+    # ep=8, layer 590 of experiments/planner/assign_level.py (seed 0), the worst of its 1,000
+    # layers before the locality start (+1.13% above the LP): every rank tied with the
+    # slowest, the expert on all 8 ranks split far from where its tokens are. The locality
+    # start keeps that expert local and descends the rest: below the LP; the twin agrees.
+    from probe.planner.assign import _best, kernel_args
+
+    load, copies, cost = assign_level_layer(0, 590)
+    ref = objective(load, copies, cost, assign_tokens(load, copies, cost, method="lp"))
+    old, _ = _best(*_without_locality_start(kernel_args(load, copies, cost)))
+    assert objective(load, copies, cost, old) > ref * 1.01
+    ours = assign_tokens(load, copies, cost)
+    assert objective(load, copies, cost, ours) < ref, (objective(load, copies, cost, ours), ref)
+    np.testing.assert_array_equal(ours, assign_tokens_ref(load, copies, cost))

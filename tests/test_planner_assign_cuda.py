@@ -233,6 +233,34 @@ print(json.dumps(compare(cost, loads, copies, None, passes=8, device="cpu")))
     assert json.loads(done.stdout.strip().splitlines()[-1]) == [[], 0]
 
 
+def test_device_kernel_equals_host_kernel_with_the_locality_start():
+    # tests/test_planner_assign.py's small instance where the locality start (the last,
+    # descended with its pinned experts kept: here expert 0, on every rank) wins: without it
+    # the host kernel ended +1.56% above the LP. Both schedules, with and without a home,
+    # must pick the same candidate and give the same integers; layer 1 is the same load
+    # over the sources in reverse, layer 2 with the expert on every rank spread unevenly.
+    code = """
+import json
+import numpy as np
+from experiments.planner.gpu_assign import compare
+from probe.planner.cost import CostModel
+from tests.test_planner_assign import SMALL_COPIES, SMALL_LOAD
+cost = CostModel.uniform(4, alpha=40.0, beta=1.0, token_time=0.4, transfer_time=1.0)
+uneven = SMALL_LOAD.copy()
+uneven[:, 0] = [400, 50, 300, 254]
+loads = np.stack([SMALL_LOAD, SMALL_LOAD[::-1], uneven]).astype(np.int64)
+copies = np.stack([SMALL_COPIES] * 3).astype(np.int64)
+home = copies > 0
+home[:, 1:, 0] = False
+result = [compare(cost, loads, copies, h, passes=8, device="cpu", schedule=schedule)
+          for schedule in ("waves", "serial") for h in (None, home)]
+print(json.dumps(result))
+"""
+    done = run_simulated(code, timeout=1800)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == [[[], 0]] * 4
+
+
 def test_compiled_kernel_has_no_fma():
     # Compiled for an H200 (sm_90) without a GPU, where NVVM is installed: no product may be
     # fused into an FMA (each goes through dmul_rn), and divisions are IEEE (div.rn).

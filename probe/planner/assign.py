@@ -33,8 +33,14 @@ Shape legend: S source ranks (= G), E experts, G ranks.
         its expert's split and its holders' levels, so experts with no rank in common
         commute: the GPU refills them side by side (assign_cuda's "waves" schedule). The
         descent runs from several starts (see `assign_tokens`) and the best by eq. 8 is
-        kept. The fixed levels are summed expert by expert (`_fixed_level`), not by numpy,
-        whose order follows the memory layout.
+        kept. One start is the locality split (each holder its own tokens, the tokens of
+        sources without a copy split evenly), descended with the experts whose holders are
+        all their sources kept there (`_pinned`): the descent, one expert at a time, would
+        move such an expert (e.g. one on every rank) away from its holders' own tokens, into a
+        local optimum that the exchange step cannot leave (the worst ep=8 layers of
+        results/assign_level.md before this start, +1.1% above the LP; the LP keeps those
+        experts local). The fixed levels are summed expert by expert (`_fixed_level`), not
+        by numpy, whose order follows the memory layout.
      "lp": the LP relaxation with every present copy ACTIVE (HiGHS):
             min z  s.t.  sum_g x[e, g] = n_e,  x >= 0,  r[e, g] >= x[e, g] - load[g, e], r >= 0,
                          fixed(g) + sum over multi-copy e held on g of
@@ -234,20 +240,35 @@ def _level_at(g, fixed, order, num_order, x, load, alpha, beta, hop):  # pragma:
 
 
 @rule(inline=True)
+def _pinned(e, hlist, nhold, total, load):  # pragma: no cover - compiled
+    """Whether expert e's holders hlist[e, :nhold[e]] hold all its total[e] tokens (float)
+    themselves: every source with tokens of e holds a copy, so that each holder can keep its
+    own and e sends nothing (the locality start's pinned experts, `_starts`)."""
+    own = 0
+    for h in range(nhold[e]):
+        own += load[hlist[e, h], e]
+    return float64(own) == total[e]
+
+
+@rule(inline=True)
 def _refill(first, stop, order, hlist, nhold, total, load, hop, alpha, beta, x, level, srt,
-            hv):  # pragma: no cover - compiled
+            hv, pin):  # pragma: no cover - compiled
     """Steps first <= i < stop of a descent pass, one after another: take expert
     e = order[i] out of the levels float [G] of its holders hlist[e, :nhold[e]] (ascending)
     and water-fill its total[e] tokens again, into row e of x float [E, G] and those levels.
     A step reads and writes only row e of x and its holders' levels. Returns the largest
     move, |new - old share| * beta (seconds), over the steps. Scratch: srt float [2 G], the
     sorted breakpoints; hv float [4, G], per holder h its level + alpha, the level where its
-    own tokens run out, its own tokens, and beta + hop. (A range, as the other rules that
-    work expert by expert: the host makes one call per pass, a GPU thread one per expert.)"""
+    own tokens run out, its own tokens, and beta + hop. With `pin`, an expert whose
+    holders are every source of its tokens (`_pinned`) is left as it is. (A range, as the
+    other rules that work expert by expert: the host makes one call per pass, a GPU thread
+    one per expert.)"""
     moved = 0.0
     for i in range(first, stop):
         e = order[i]
         nh = nhold[e]
+        if pin and _pinned(e, hlist, nhold, total, load):
+            continue
         m = 0
         for h in range(nh):
             g = hlist[e, h]
@@ -300,11 +321,11 @@ def _refill(first, stop, order, hlist, nhold, total, load, hop, alpha, beta, x, 
 
 @rule(inline=True)
 def _descend(fixed, order, num_order, hlist, nhold, total, load, hop, alpha, beta, passes, x,
-             level, srt, hv):  # pragma: no cover - compiled
+             level, srt, hv, pin):  # pragma: no cover - compiled
     """Stage 1 on x float [E, G], which holds the start on entry and the split on exit: the
     levels of the start (`_level_at`), then up to `passes` rounds of `_refill` of the experts
-    of order[:num_order] in turn (stop once no level moves by 1 ns). Scratch: level float
-    [G], and srt, hv of `_refill`.
+    of order[:num_order] in turn (stop once no level moves by 1 ns; with `pin` the pinned
+    experts keep their start). Scratch: level float [G], and srt, hv of `_refill`.
 
     A step of `_refill` touches only its expert's row of x and its holders' levels, so two
     experts with no holder in common commute: assign_cuda's wave schedule runs them side by
@@ -315,7 +336,7 @@ def _descend(fixed, order, num_order, hlist, nhold, total, load, hop, alpha, bet
         level[g] = _level_at(g, fixed, order, num_order, x, load, alpha, beta, hop[g])
     for _ in range(passes):
         moved = _refill(0, num_order, order, hlist, nhold, total, load, hop, alpha, beta, x,
-                        level, srt, hv)
+                        level, srt, hv, pin)
         if moved < 1e-9:
             break
 
@@ -332,13 +353,14 @@ def _holder_lists(holds):  # pragma: no cover - compiled
 
 @numba.njit(cache=True)
 def _waterfill(fixed, order, hlist, nhold, total, load, hop, alpha, beta, passes, start, level,
-               srt, hv):  # pragma: no cover - compiled
+               srt, hv, pin):  # pragma: no cover - compiled
     """x float [E, G] of the multi-holder experts in `order` (other rows 0), descending from
     the split `start` float [E, G] (zeros: fill from empty); `_descend` does the work, with
-    the holder lists of `_holder_lists` and its scratch level, srt, hv."""
+    the holder lists of `_holder_lists` and its scratch level, srt, hv (`pin`: the pinned
+    experts keep their start)."""
     x = start.copy()
     _descend(fixed, order, order.shape[0], hlist, nhold, total, load, hop, alpha, beta, passes,
-             x, level, srt, hv)
+             x, level, srt, hv, pin)
     return x
 
 
@@ -1062,9 +1084,10 @@ def _exchange(moves, quota, flow, load, hlist, nhold, token_time, alpha, beta, t
 
 @numba.njit(cache=True)
 def _best(fixed, order, holds, copies, total, alpha, beta, load, token_time, hop, starts,
-          start_passes, moves, dense=True):  # pragma: no cover - compiled
+          start_passes, start_pin, moves, dense=True):  # pragma: no cover - compiled
     """The assignment with the lowest eq. 8 objective (the first on ties) among DeepSeek's
-    even split and, for each k, the descent of `start_passes[k]` passes from `starts[k]`,
+    even split and, for each k, the descent of `start_passes[k]` passes from `starts[k]`
+    (the pinned experts kept where start_pin[k] is 1),
     rounded and routed, then (moves > 0) that improved by the exchange step (`_exchange`),
     in that order. Returns (assignment int64 [S, E, G], its objective); with
     dense=False only the objective (and a [1, 1, 1] placeholder): the decision without
@@ -1089,7 +1112,7 @@ def _best(fixed, order, holds, copies, total, alpha, beta, load, token_time, hop
     sends = np.zeros((6, g2), np.int64)
     for k in range(starts.shape[0]):
         x = _waterfill(fixed, order, hlist, nhold, total, load, hop, alpha, beta,
-                       start_passes[k], starts[k], level, srt, hv)
+                       start_passes[k], starts[k], level, srt, hv, start_pin[k] != 0)
         quota = _quotas(x, hlist, nhold, whole, rem, cand)
         flow, _ = _route(quota, load, holds, token_time, False)
         obj = _objective(quota, flow, token_time, alpha, beta)
@@ -1113,9 +1136,12 @@ def _best(fixed, order, holds, copies, total, alpha, beta, load, token_time, hop
 
 
 def _starts(load, holds, total, order, home, passes):
-    """Candidate starts float [K, E, G] and their pass counts int64 [K]: fill from empty
-    (`passes`), the even split over all copies (as is, and descended), and with `home` the
-    home-only split (as is, and descended). Rows outside `order` are 0."""
+    """Candidate starts float [K, E, G], their pass counts and pin flags int64 [K]: fill from
+    empty (`passes`), the even split over all copies (as is, and descended), with `home` the
+    home-only split (as is, and descended), and last the locality start, descended with the
+    pinned experts kept (`_pinned`; pin flag 1): each holder of an expert takes its own
+    tokens, and the rest (from sources without a copy) is split evenly over the holders.
+    Rows outside `order` are 0."""
     num_ranks, num_experts = holds.shape
     even = np.zeros((num_experts, num_ranks))
     share = holds[:, order].T.astype(np.float64)  # [M, G]
@@ -1128,7 +1154,15 @@ def _starts(load, holds, total, order, home, passes):
         local[order] = total[order, None] * at_home / at_home.sum(axis=1, keepdims=True)
         starts += [local, local]
         start_passes += [0, passes]
-    return np.stack(starts), np.array(start_passes, np.int64)
+    own = np.where(holds[:, order], load[:, order], 0).T.astype(np.float64)  # [M, G]
+    rest = (total[order] - own.sum(axis=1))[:, None]  # [M, 1] whole tokens
+    locality = np.zeros((num_experts, num_ranks))
+    locality[order] = np.where(share > 0, own + rest / share.sum(axis=1, keepdims=True), 0.0)
+    starts.append(locality)
+    start_passes.append(passes)
+    pins = np.zeros(len(starts), np.int64)
+    pins[-1] = 1
+    return np.stack(starts), np.array(start_passes, np.int64), pins
 
 
 def _checked_home(home, holds):
@@ -1155,10 +1189,10 @@ def kernel_args(load, copies, cost: CostModel, *, passes: int = 8, home=None,
     alpha, beta = float(cost.alpha), float(cost.beta)
     hop = remote_cost(cost)
     fixed, total, order = _fixed_levels(load, holds, alpha, beta, hop)
-    starts, start_passes = _starts(load, holds, total, order, home, passes)
+    starts, start_passes, start_pin = _starts(load, holds, total, order, home, passes)
     counts = np.ascontiguousarray(np.asarray(copies), dtype=np.int64)
     return (fixed, order, holds, counts, total, alpha, beta, load, cost.token_time, hop, starts,
-            start_passes, _checked_moves(moves, cost.num_ranks))
+            start_passes, start_pin, _checked_moves(moves, cost.num_ranks))
 
 
 def lp_totals(load, copies, cost: CostModel) -> tuple[np.ndarray, float]:
@@ -1226,10 +1260,11 @@ def assign_tokens(load, copies, cost: CostModel, *, method: str = "waterfill",
     Every (s, e)'s tokens are conserved and land only on ranks with copies[g, e] > 0.
     "waterfill" returns the best, by eq. 8 on the integer split, of these candidates:
     DeepSeek's even split (`probe.planner.eplb.even_split`), filling from empty, the even
-    split over all copies as it is and descended from, and (with `home`) the home-only split
-    as it is and descended from, each of the last also after the exchange step on eq. 8
-    itself (`moves`). So it is never worse than the even split, nor, given `home`, than the
-    home-only split.
+    split over all copies as it is and descended from, (with `home`) the home-only split as
+    it is and descended from, and the locality start (each holder its own tokens) descended
+    with the experts whose holders are all their sources kept local, each of the last also
+    after the exchange step on eq. 8 itself (`moves`). So it is never worse than the even
+    split, nor, given `home`, than the home-only split.
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
@@ -1273,7 +1308,7 @@ def assign_tokens_ref(load, copies, cost: CostModel, *, passes: int = 8,
     alpha, beta = float(cost.alpha), float(cost.beta)
     hop = remote_cost(cost)
     fixed, total, order = _fixed_levels(load, holds, alpha, beta, hop)
-    starts, start_passes = _starts(load, holds, total, order, home, passes)
+    starts, start_passes, start_pin = _starts(load, holds, total, order, home, passes)
     moves = _checked_moves(moves, cost.num_ranks)
     best = even_split(load, np.asarray(copies).astype(np.int64))
     best_obj = _objective_ref(best, cost.token_time, alpha, beta)
@@ -1283,9 +1318,9 @@ def assign_tokens_ref(load, copies, cost: CostModel, *, passes: int = 8,
     def ints(size):
         return np.zeros(size, np.int64)
 
-    for start, rounds in zip(starts, start_passes, strict=True):
+    for start, rounds, pin in zip(starts, start_passes, start_pin, strict=True):
         x = _waterfill_ref(fixed, order, holds, total, load, hop, alpha, beta, int(rounds),
-                           start)
+                           start, bool(pin))
         out = _split_ref(x, load, holds, cost.token_time)
         obj = _objective_ref(out, cost.token_time, alpha, beta)
         if obj < best_obj:
@@ -1321,9 +1356,10 @@ def _objective_ref(assignment, token_time, alpha, beta) -> float:
     return worst
 
 
-def _waterfill_ref(fixed, order, holds, total, load, hop, alpha, beta, passes,
-                   start) -> np.ndarray:
-    """Plain-Python twin of stage 1 (`_waterfill`)."""
+def _waterfill_ref(fixed, order, holds, total, load, hop, alpha, beta, passes, start,
+                   pin=False) -> np.ndarray:
+    """Plain-Python twin of stage 1 (`_waterfill`); with `pin`, the experts whose holders
+    hold all their tokens themselves are not refilled."""
     num_ranks, num_experts = holds.shape
     x = [[float(v) for v in row] for row in start]
     level = [float(v) for v in fixed]
@@ -1349,6 +1385,8 @@ def _waterfill_ref(fixed, order, holds, total, load, hop, alpha, beta, passes,
         moved = 0.0
         for e in experts:
             holders = [g for g in range(num_ranks) if holds[g, e]]
+            if pin and sum(int(load[g, e]) for g in holders) == total[e]:
+                continue  # pinned: every source of its tokens holds a copy
             for g in holders:  # take e out
                 if x[e][g] > 0:
                     level[g] -= adds(x[e][g], g, e)

@@ -11,7 +11,8 @@ launch. The work of a layer is spread over the block, phase by phase (a barrier 
 1. parallel over experts: totals, holders and each expert's holder list (its ranks in
    order), the multi-holder experts heaviest first, and every start's x;
 2. parallel over ranks: the single-holder levels `fixed`;
-3. the descents (3 starts, or 5 with a home, of which 2 or 3 descend), by one of two
+3. the descents (4 starts, or 6 with a home, of which 3 or 4 descend: the last, the
+   locality start, with its pinned experts kept, `assign._starts`), by one of two
    schedules (SCHEDULES; the same floats, so the same assignment):
    - "waves" (the default): each pass refills the multi-copy experts wave by wave, every
      (descending start, expert) of a wave on its own thread, a barrier between waves. An
@@ -160,10 +161,21 @@ _exchange = device(assign._exchange)
 # --- the wave schedule of the descents ----------------------------------------------------------
 
 @cuda.jit(device=True)
+def _descending_start(j, num_starts):  # pragma: no cover - device code
+    """The j-th of the num_starts // 2 + 1 starts that descend (`assign._starts`): 0, 2 (and 4
+    with a home), then the last, the locality start (with its pinned experts kept)."""
+    if 2 * j < num_starts - 1:
+        return 2 * j
+    return num_starts - 1
+
+
+@cuda.jit(device=True)
 def _descend_in_waves(layer, tid, nthreads, num_starts, num_order, num_ranks, fixed, order,
                       holds, hlist, nhold, total, load, hop, alpha, beta, passes, x_all,
                       level_all, prev, wave, srt, hv):  # pragma: no cover - device code
-    """`assign._descend` of starts 0, 2 (and 4) by the whole block, with the same floats: a
+    """`assign._descend` of the descending starts (`_descending_start`: 0, 2, (4,) and the
+    locality start, the last, with its pinned experts kept) by the whole block, with the
+    same floats: a
     pass runs `_refill` of the experts wave by wave, every (start, expert) of a wave on its
     own thread, a barrier between waves. Expert order[i]'s wave is one more than the largest
     wave of the experts before it in `order` that share a holder with it (none: wave 0), so
@@ -172,11 +184,11 @@ def _descend_in_waves(layer, tid, nthreads, num_starts, num_order, num_ranks, fi
     the same order. Scratch: prev int64 [E, G] (prev[i, h]: the last position before i whose
     expert holds order[i]'s h-th holder, -1 for none), wave int64 [E]; srt, hv this
     thread's scratch of `_refill`. Ends with a barrier."""
-    num_desc = (num_starts + 1) // 2  # starts 0, 2, 4 descend
+    num_desc = num_starts // 2 + 1
     # Each descending start's levels, parallel over (start, rank), and the previous expert on
     # each holder of each position, parallel over ranks (one rank scans `order` once).
     for i in range(tid, num_desc * num_ranks, nthreads):
-        k = 2 * (i // num_ranks)
+        k = _descending_start(i // num_ranks, num_starts)
         g = i % num_ranks
         level_all[layer, k, g] = _level_at(g, fixed, order, num_order, x_all[layer, k], load,
                                            alpha, beta, hop[g])
@@ -214,41 +226,29 @@ def _descend_in_waves(layer, tid, nthreads, num_starts, num_order, num_ranks, fi
         num_waves += 1
         pending = cuda.syncthreads_or(left)
     # The passes. A start stops after the first pass in which no level moved by 1 ns (the
-    # host's test); syncthreads_or tells every thread, so the loop stays uniform.
-    active0 = True
-    active1 = num_desc > 1
-    active2 = num_desc > 2
+    # host's test); syncthreads_or tells every thread, so the loop stays uniform. Bit j of
+    # `active` (`moved`): descent j still runs (moved a level by 1 ns in this pass).
+    active = (1 << num_desc) - 1
     for _ in range(passes):
-        if not (active0 or active1 or active2):
+        if active == 0:
             break
-        moved0 = 0
-        moved1 = 0
-        moved2 = 0
+        moved = 0
         for w in range(num_waves):
             for i in range(tid, num_desc * num_order, nthreads):
                 j = i // num_order
                 pos = i % num_order
-                if wave[pos] != w:
+                if wave[pos] != w or (active >> j) & 1 == 0:
                     continue
-                if (j == 0 and not active0) or (j == 1 and not active1) or (
-                        j == 2 and not active2):
-                    continue
-                moved = _refill(pos, pos + 1, order, hlist, nhold, total, load, hop, alpha,
-                                beta, x_all[layer, 2 * j], level_all[layer, 2 * j], srt, hv)
-                if moved >= 1e-9:
-                    if j == 0:
-                        moved0 = 1
-                    elif j == 1:
-                        moved1 = 1
-                    else:
-                        moved2 = 1
+                k = _descending_start(j, num_starts)
+                step = _refill(pos, pos + 1, order, hlist, nhold, total, load, hop, alpha,
+                               beta, x_all[layer, k], level_all[layer, k], srt, hv,
+                               k == num_starts - 1)
+                if step >= 1e-9:
+                    moved |= 1 << j
             cuda.syncthreads()
-        any0 = cuda.syncthreads_or(moved0)
-        any1 = cuda.syncthreads_or(moved1)
-        any2 = cuda.syncthreads_or(moved2)
-        active0 = active0 and any0 != 0
-        active1 = active1 and any1 != 0
-        active2 = active2 and any2 != 0
+        for j in range(num_desc):
+            if cuda.syncthreads_or((moved >> j) & 1) == 0:
+                active &= ~(1 << j)
 
 
 @cuda.jit(device=True)
@@ -307,7 +307,7 @@ def _assign_kernel(load_all, copies_all, home_all, use_home, waves, token_time, 
     fixed = fixed_all[layer]
     num_sources, num_experts = load.shape
     num_ranks = copies.shape[0]
-    num_starts = 5 if use_home else 3
+    num_starts = 6 if use_home else 4
     num_cand = num_starts + 1  # the starts, then DeepSeek's even split
     even = num_starts
     # Per-thread scratch.
@@ -345,7 +345,15 @@ def _assign_kernel(load_all, copies_all, home_all, use_home, waves, token_time, 
             x = x_all[layer, k]
             for g in range(num_ranks):
                 x[e, g] = 0.0
-            if multi and k > 0:
+            if multi and k == num_starts - 1:
+                # the locality start: each holder its own tokens, the rest split evenly
+                own = 0
+                for h in range(nhold[e]):
+                    own += load[hlist[e, h], e]
+                for h in range(nhold[e]):
+                    g = hlist[e, h]
+                    x[e, g] = float64(load[g, e]) + float64(total[e] - own) / float64(nhold[e])
+            elif multi and k > 0:
                 # 1-2: even over the copies; 3-4: over the home holders (all when none).
                 count = 0
                 if k >= 3:
@@ -377,14 +385,16 @@ def _assign_kernel(load_all, copies_all, home_all, use_home, waves, token_time, 
     cuda.syncthreads()
     num_order = norder_all[layer]
 
-    # 4. The descents (starts 0, 2, 4; starts 1 and 3 are taken as they are).
+    # 4. The descents (starts 0, 2, (4,) and the last, the locality start, with its pinned
+    # experts kept; starts 1 (and 3) are taken as they are).
     if not waves:
-        # "serial": each on the first thread of its own warp (warp w descends start 2w).
+        # "serial": each on the first thread of its own warp (warp j descends the j-th).
         if tid % 32 == 0:
-            for k in range(2 * (tid // 32), num_starts, 2 * (nthreads // 32)):
+            for j in range(tid // 32, num_starts // 2 + 1, nthreads // 32):
+                k = _descending_start(j, num_starts)
                 _descend(fixed, order, num_order, hlist, nhold, total, load, hop, alpha, beta,
                          passes, x_all[layer, k], level_all[layer, k], srt_all[layer, k],
-                         hv_all[layer, k])
+                         hv_all[layer, k], k == num_starts - 1)
         cuda.syncthreads()
     else:
         _descend_in_waves(layer, tid, nthreads, num_starts, num_order, num_ranks, fixed, order,
@@ -523,7 +533,7 @@ class DeviceAssigner:
         self.moves = int(moves)
         self.schedule = schedule
         self.with_home = with_home
-        self._num_cand = 6 if with_home else 4  # the starts and the even split
+        self._num_cand = 7 if with_home else 5  # the starts and the even split
         self._checked: set = set()
         self._buffers: dict = {}
 
