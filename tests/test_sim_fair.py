@@ -1160,6 +1160,34 @@ def test_a_shift_triggers_a_charged_rescoring_on_the_step_after(shifted, costs):
     assert dear.meta["auto_scoring"]["probe_on_eplb_auto_plus"]["triggered_steps"] == []
 
 
+def test_a_growth_no_re_pick_can_win_back_triggers_no_dear_rescoring(costs):
+    # From measured step 3 on every expert gets 1.5x its tokens (the same distribution):
+    # EPLB's MoE time grows ~53 us per layer, but its compute excess (largest rank over the
+    # mean rank, all a re-pick is taken to win back) only ~10 us. auto's scoring fits the
+    # window (no extra exposure): it rescores at step 4; auto_plus's (water-fillings at
+    # 0.11 ms) would be exposed ~5 ms more at step 4, which the MoE growth over the 11 steps
+    # it saves would have paid (~10 ms) and the excess growth does not (~2 ms): none.
+    x = generate("decode", num_steps=14, tokens_per_step=8 * 256, num_layers=2,
+                 num_experts=128, top_k=4, num_ranks=8, seed=4).load_counts().astype(np.int64)
+    x[7:] = np.rint(x[7:] * 1.5).astype(np.int64)
+    res = simulate_fair(x, costs, rescore=True, **dict(
+        _RESCORE, solve_time={"waterfill": 1.1e-4, "lp": 0.0}))
+    assert res.meta["auto_scoring"]["probe_on_eplb_auto"]["triggered_steps"] == [4]
+    assert res.meta["auto_scoring"]["probe_on_eplb_auto_plus"]["triggered_steps"] == []
+    served = [e["layers"] for e in res.meta["auto_plus_choices"][:4]]
+    assert served == [["eplb", "eplb"]] * 4
+    layers, scale = costs.model.num_layers, costs.model.num_layers / 2
+    m = res.metrics["eplb_async"]
+    grown = (m["moe"][3].sum() - m["moe"][0].sum()) * scale
+    excess = m["compute"] - m["compute_mean"]
+    grown_excess = (excess[3].sum() - excess[0].sum()) * scale
+    work = res.meta["auto_scoring"]["probe_on_eplb_auto_plus"]["work_side_s"]
+    w = _windows(res, costs)[4]
+    extra = layers * (background_exposure(work, 1.0, w, layers)
+                      - background_exposure(work, 1 / 8, w, layers))
+    assert grown_excess * 11 < extra < grown * 11
+
+
 def test_stable_traffic_triggers_no_rescoring(stable, costs):
     kwargs = dict(_RESCORE, score_every=3)
     res = simulate_fair(stable, costs, rescore=True, **kwargs)
