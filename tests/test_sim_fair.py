@@ -21,6 +21,7 @@ from probe.sim.costs import (
     predictor_seconds,
 )
 from probe.sim.fair import (
+    IDLE_FALLBACKS,
     STEP_MARGIN,
     ahead_exposure,
     auto_candidates,
@@ -35,6 +36,7 @@ from probe.sim.fair import (
     scored_steps,
     simulate_fair,
     split_by_fractions,
+    step_switch,
     traffic_distance,
     waterfill_split,
 )
@@ -457,6 +459,101 @@ def test_pick_by_time_leaves_the_preferred_candidate_only_for_the_margin():
         pick_by_time(times, ["x"], prefer="base")
     with pytest.raises(ValueError, match="margin"):
         pick_by_time(times, ["base", "x"], prefer="base", margin=1.5)
+
+
+def test_pick_by_time_prefers_the_fastest_of_several():
+    # prefer a tuple: per layer the fastest of them is the one left only for the margin
+    times = {"a": np.array([[1.0, 1.0, 1.0]]), "b": np.array([[1.1, 0.98, 0.99]]),
+             "x": np.array([[0.995, 0.975, 0.9]])}
+    assert pick_by_time(times, ["x", "a", "b"], prefer=("a", "b"), margin=0.01) == \
+        ["a", "b", "x"]  # x: 0.5% below a; 0.5% below b; 9% below b
+    with pytest.raises(ValueError, match="prefer"):
+        pick_by_time(times, ["x", "a"], prefer=("a", "b"))
+    with pytest.raises(ValueError, match="prefer"):
+        pick_by_time(times, ["x", "a"], prefer=())
+
+
+def test_step_switch_drops_a_split_that_stopped_paying():
+    # A split enters only for STEP_MARGIN over the faster idle fallback (EPLB's even split or
+    # static), and leaves for it as soon as it is no faster (its exposure is in its time):
+    # the hysteresis guards the fallback, not a pick whose gain is gone.
+    ahead = "probe_on_eplb_ahead_b0p1"
+    names = [ahead, "eplb_async", "probe_on_eplb_wf", "static"]
+    times = {ahead: np.array([[1.001, 0.995, 0.98, 0.98]]),
+             "static": np.array([[1.0, 1.0, 1.0, 0.995]]),
+             "eplb_async": np.array([[1.2, 1.2, 1.2, 0.99]]),
+             "probe_on_eplb_wf": np.array([[0.999, 1.1, 1.1, 1.1]])}
+    assert set(IDLE_FALLBACKS) == {"eplb_async", "static"}
+    # serving the split: layer 0 costs 0.1% more than static (back to static, where a flat
+    # 1% hysteresis kept it), layers 1-2 still gain (kept), layer 3 returns to the faster
+    # idle fallback (EPLB there)... only when that is no slower: 0.99 > 0.98, kept
+    assert step_switch(times, [ahead] * 4, names, margin=STEP_MARGIN) == \
+        ["static", ahead, ahead, ahead]
+    # serving static: the 2% gain of layer 2 and the split's 1.01% below EPLB on layer 3
+    # leave it (layer 0's water-filled 0.1% and layer 1's 0.5% are within the margin)
+    assert step_switch(times, ["static"] * 4, names, margin=STEP_MARGIN) == \
+        ["static", "static", ahead, ahead]
+    times[ahead][0, 3] = 0.985  # 0.5% below EPLB: static stays
+    assert step_switch(times, ["static"] * 4, names, margin=STEP_MARGIN)[3] == "static"
+    times[ahead][0, 3] = 0.98
+    # between two splits the margin holds as before: 0.5% (layers 1, 2) keeps the split,
+    # 2% (layer 3) moves
+    fit = "probe_on_eplb_fit_b0p1"
+    times[fit] = np.array([[0.9995, 0.99, 0.975, 0.96]])
+    names.insert(0, fit)
+    assert step_switch(times, [ahead] * 4, names, margin=STEP_MARGIN) == \
+        ["static", ahead, ahead, fit]
+    # water-filling runs something: a layer on it returns to static once static is as fast
+    times["probe_on_eplb_wf"] = np.array([[1.0, 1.1, 1.1, 1.1]])
+    assert step_switch(times, ["probe_on_eplb_wf"] * 4, names, margin=STEP_MARGIN)[0] == \
+        "static"
+
+
+def test_auto_plus_leaves_a_split_whose_exposure_exceeds_its_saving(costs, monkeypatch):
+    # One layer, the same decode step over and over (every candidate's time is the same at
+    # every step). The history makes the step-ahead split the first pick (a credit there);
+    # in the run the picker charges it a background exposure (pick_exposure, replaced here:
+    # 0.5% of EPLB's layer time more than the split saves against EPLB, the faster idle
+    # fallback, where no other candidate is 1% faster) and the others none. At the first
+    # scoring done the layer leaves the split for EPLB (a flat 1% hysteresis kept it), and
+    # never takes it again (it would need 1% over EPLB).
+    import probe.sim.fair as fair
+
+    ahead = "probe_on_eplb_ahead_b0p1"
+    fast = dataclasses.replace(costs, planner_gpu_s=1e-7, planner_kernel_s=1e-7,
+                               host_round_trip_s=1e-7)
+    step = generate("decode", num_steps=2, tokens_per_step=8 * 64, num_layers=1,
+                    num_experts=128, top_k=4, num_ranks=8, seed=1).load_counts()[:1]
+    same = np.repeat(step.astype(np.int64), 8, axis=0)  # [8, 1, 8, 128]
+    real_history = fair.history_times
+
+    def credited(*args, **kwargs):
+        out = real_history(*args, **kwargs)
+        out[ahead] = out[ahead] - 1.0
+        return out
+
+    charge = {"s": 0.0}
+    monkeypatch.setattr(fair, "history_times", credited)
+    monkeypatch.setattr(fair, "pick_exposure", lambda q, *a, **kw: (
+        charge["s"] if q.startswith("probe_on_eplb_ahead_") else 0.0))
+    kwargs = {"slots": 1, "prior": 4, "window": 4, "interval": 50, "seed": 1, "check": False,
+              "predictor": "perfect", "solve_time": {"waterfill": 0.0, "lp": 0.0}}
+    layers = costs.model.num_layers
+    res = simulate_fair(same, fast, **kwargs)
+    times = {q: fair.side_layer_time(res.metrics[q], res.stall[q], layers, res.attention)
+             for q in auto_candidates(1, plus=True)}
+    times[ahead] = times[ahead] - res.metrics[ahead]["side"]  # its exposure: the charge
+    for t in times.values():
+        np.testing.assert_allclose(t, t[0, 0], rtol=1e-12)  # the same at every step
+    eplb = float(times["eplb_async"][0, 0])
+    assert eplb < float(times["static"][0, 0])
+    charge["s"] = 1.005 * eplb - float(times[ahead][0, 0])
+    assert charge["s"] > 0
+    others = [q for q in times if q not in (ahead, "eplb_async", "static")]
+    assert all(times[q][0, 0] > 0.99 * 1.005 * eplb for q in others)  # none 1% faster
+    res = simulate_fair(same, fast, **kwargs)
+    served = [e["layers"][0] for e in res.meta["auto_plus_choices"]]
+    assert served == ["ahead_b0p1", "eplb", "eplb", "eplb"]
 
 
 def test_pick_by_time_takes_the_lowest_mean_first_on_ties():
@@ -1016,16 +1113,18 @@ def shifted():
 
 
 _RESCORE = {"slots": 2, "prior": 4, "window": 4, "interval": 50, "seed": 1, "check": False,
-            "score_every": 8, "solve_time": {"waterfill": 1e-4, "lp": 0.0}}
+            "score_every": 8, "solve_time": {"waterfill": 8e-5, "lp": 0.0}}
 
 
 def test_a_shift_triggers_a_charged_rescoring_on_the_step_after(shifted, costs):
     # score_every 8: an every-8 scoring from step 0 (done at 8, the next one, the first to see
     # the shift, at 16); the shift at measured step 3 changes the traffic beyond the history's
-    # own step-to-step distance and EPLB's MoE time grows ~0.7 ms per step, more over the 11
-    # steps a triggered scoring saves than its extra exposure (a scoring of 7 water-fillings
-    # at 0.1 ms: ~31 ms for the model's layers against a ~25 ms window), so the whole
-    # scoring runs at step 4, charged there, and the every-8 schedule restarts at step 5.
+    # own step-to-step distance and EPLB's MoE time grows ~0.7 ms per step, its compute
+    # excess (largest rank over the mean rank, what the gate takes a re-pick to win back)
+    # ~0.26 ms, more over the 11 steps a triggered scoring saves than its extra exposure (a
+    # scoring of 7 water-fillings at 0.08 ms: ~26.5 ms for the model's layers against a
+    # ~25 ms window), so the whole scoring runs at step 4, charged there, and the every-8
+    # schedule restarts at step 5.
     runs = {r: simulate_fair(shifted, costs, rescore=r, **_RESCORE) for r in (False, True)}
     layers = costs.model.num_layers
     windows = _windows(runs[True], costs)
@@ -1055,10 +1154,38 @@ def test_a_shift_triggers_a_charged_rescoring_on_the_step_after(shifted, costs):
     # the trigger's charge shows in the step time
     assert runs[True].step_time("probe_on_eplb_auto_plus", "side")[4] > runs[False].step_time(
         "probe_on_eplb_auto_plus", "side")[4]
-    # not worth it: with a 10x dearer scoring the growth never pays its extra exposure
+    # not worth it: with a 12.5x dearer scoring the growth never pays its extra exposure
     dear = simulate_fair(shifted, costs, rescore=True, **dict(
         _RESCORE, solve_time={"waterfill": 1e-3, "lp": 0.0}))
     assert dear.meta["auto_scoring"]["probe_on_eplb_auto_plus"]["triggered_steps"] == []
+
+
+def test_a_growth_no_re_pick_can_win_back_triggers_no_dear_rescoring(costs):
+    # From measured step 3 on every expert gets 1.5x its tokens (the same distribution):
+    # EPLB's MoE time grows ~53 us per layer, but its compute excess (largest rank over the
+    # mean rank, all a re-pick is taken to win back) only ~10 us. auto's scoring fits the
+    # window (no extra exposure): it rescores at step 4; auto_plus's (water-fillings at
+    # 0.11 ms) would be exposed ~5 ms more at step 4, which the MoE growth over the 11 steps
+    # it saves would have paid (~10 ms) and the excess growth does not (~2 ms): none.
+    x = generate("decode", num_steps=14, tokens_per_step=8 * 256, num_layers=2,
+                 num_experts=128, top_k=4, num_ranks=8, seed=4).load_counts().astype(np.int64)
+    x[7:] = np.rint(x[7:] * 1.5).astype(np.int64)
+    res = simulate_fair(x, costs, rescore=True, **dict(
+        _RESCORE, solve_time={"waterfill": 1.1e-4, "lp": 0.0}))
+    assert res.meta["auto_scoring"]["probe_on_eplb_auto"]["triggered_steps"] == [4]
+    assert res.meta["auto_scoring"]["probe_on_eplb_auto_plus"]["triggered_steps"] == []
+    served = [e["layers"] for e in res.meta["auto_plus_choices"][:4]]
+    assert served == [["eplb", "eplb"]] * 4
+    layers, scale = costs.model.num_layers, costs.model.num_layers / 2
+    m = res.metrics["eplb_async"]
+    grown = (m["moe"][3].sum() - m["moe"][0].sum()) * scale
+    excess = m["compute"] - m["compute_mean"]
+    grown_excess = (excess[3].sum() - excess[0].sum()) * scale
+    work = res.meta["auto_scoring"]["probe_on_eplb_auto_plus"]["work_side_s"]
+    w = _windows(res, costs)[4]
+    extra = layers * (background_exposure(work, 1.0, w, layers)
+                      - background_exposure(work, 1 / 8, w, layers))
+    assert grown_excess * 11 < extra < grown * 11
 
 
 def test_stable_traffic_triggers_no_rescoring(stable, costs):

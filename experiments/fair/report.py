@@ -263,13 +263,17 @@ def _scoring_interval(results: list[dict], settings: dict) -> str:
                  "latest scored step before it (the mean per-layer total-variation distance "
                  "of its expert loads, or the served candidates' measured MoE time, beyond "
                  "the largest step-to-step change within k steps in the history window, the "
-                 "time at least 1%): that scoring's whole work is charged at that step, the "
+                 "time at least 1%) and what a re-pick can win back (the served layers' MoE "
+                 "time growth, at most their compute excess's growth: largest rank over the "
+                 "mean rank) over the steps it saves exceeds its extra exposure: that "
+                 "scoring's whole work is charged at that step, the "
                  "running one is dropped and the every-k schedule restarts after it, and the "
                  "picks use the scorings from it on (auto_replan scores only every k steps); "
                  f"auto_plus triggered {triggered} such scorings over all cases")
     text += ("; the picker scores each candidate with the background exposure the charge "
              "gives it (a step-ahead split's own plan and a fallback's background prediction "
-             "share the step's spare time with the scoring)")
+             "share the step's spare time with the scoring), averaged over every step since "
+             "the first scored step it uses")
     if every != "auto":
         return text + "."
     chosen = []
@@ -373,7 +377,9 @@ def write_report(results: list[dict], analysis: dict, manifest: dict, path: Path
         "series). The first pick from the window "
         "before the measured steps, re-picked at each EPLB re-plan from the steps before it, "
         "and between re-plans switching a layer when another candidate was at least 1% faster "
-        "over the last window // 4 steps (cells: layer choices, '/' between re-picks; "
+        "over the last window // 4 steps; a layer leaves the faster of EPLB's even split and "
+        "static only for a candidate 1% faster, and returns to it from any other candidate as "
+        "soon as it is no slower (cells: layer choices, '/' between re-picks; "
         "auto_replan: the re-plan picks alone). 'auto_pred' overrides auto_plus's pick per step "
         "and layer with the candidate best on the step's predicted load (1% margin), paying the "
         "predictor, its plans and the scoring of every candidate each step (probe.sim.fair). "

@@ -62,7 +62,8 @@ def rule_combo(slots: int) -> tuple[int, int]:
 # side-mode layer time with every overhead (the table-fitted planner's b/p splits water-filled,
 # the same plans with their own split, the plans made a step ahead on the step before's load,
 # EPLB's even split, EPLB water-filled, static, the paper's PROBE), re-picked at each EPLB
-# re-plan and switched between re-plans with hysteresis (probe.sim.fair). The same picker over
+# re-plan and switched between re-plans with hysteresis that guards EPLB's even split and static
+# (left only for 1%, returned to once no slower; probe.sim.fair). The same picker over
 # the candidates without the own-split and step-ahead plans ("auto", the previous target), the
 # earlier history rule (split by MoE time once, "auto_moe") and the datasheet-line planner at
 # the fixed split ("linear") are reported beside it.
@@ -130,7 +131,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                          "at the step after, when a step's traffic changed since the last "
                          "scored step (its expert-load distance or the served candidates' MoE "
                          "time beyond the history window's own step-to-step variation) and "
-                         "the MoE time growth over the steps it saves exceeds its extra "
+                         "what a re-pick can win back (the MoE time growth, at most the "
+                         "growth of the compute excess of the largest rank over the mean "
+                         "rank) over the steps it saves exceeds its extra "
                          "exposure; charged in full at that step (default on; --no-rescore: "
                          "only every K steps)")
     ap.add_argument("--sensitivity", type=Path, default=None,

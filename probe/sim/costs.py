@@ -532,14 +532,17 @@ class FairCosts:
         return self.inter_a2a_latency_s + volume, self.inter_a2a_latency_s + volume
 
     def moe_seconds(self, assignment: np.ndarray, copies: np.ndarray) -> dict:
-        """MoE time of a layer: dispatch + max-rank compute + combine, with its parts."""
+        """MoE time of a layer: dispatch + max-rank compute + combine, with its parts
+        (compute_mean: the mean rank's compute, what the same compute spread evenly over the
+        ranks would take)."""
         tokens = assignment.sum(axis=0).T  # [G, E]
         compute = self.compute_per_rank(tokens, copies)
         dispatch, combine = self.a2a_seconds(assignment)
         per_rank = tokens.sum(axis=1).astype(np.float64)  # [G] (the same integers)
         mean = per_rank.mean()
         return {"moe": dispatch + float(compute.max()) + combine,
-                "compute": float(compute.max()), "dispatch": dispatch, "combine": combine,
+                "compute": float(compute.max()), "compute_mean": float(compute.mean()),
+                "dispatch": dispatch, "combine": combine,
                 "imbalance": float(per_rank.max() / mean) if mean > 0 else 1.0}
 
     def constants_table(self) -> list[dict]:

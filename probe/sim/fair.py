@@ -54,9 +54,10 @@ layer type). Every policy has k extra expert slots per rank:
                     history steps before the measured ones (history_times, their predictions
                     from the error model with another seed); re-picked at each re-plan from
                     the measured steps of the window before it (causal). A layer leaves
-                    eplb_async (the fallback that runs nothing) only for a candidate at least
-                    STEP_MARGIN (1%) faster on the window (the switching hysteresis below
-                    applied to the baseline too). Only b = 0 and b = k: a policy that may
+                    the faster of eplb_async and static on the window (IDLE_FALLBACKS, the
+                    fallbacks that run nothing) only for a candidate at least STEP_MARGIN
+                    (1%) faster there (the switching hysteresis below applied to the
+                    baselines too). Only b = 0 and b = k: a policy that may
                     switch to a candidate keeps that candidate's layout resident, and EPLB-k
                     (the fallbacks') with any EPLB-b, 0 < b < k, would exceed the k slots per
                     rank every policy has. Charged on top of the served candidate (all auto
@@ -66,7 +67,10 @@ layer type). Every policy has k extra expert slots per rank:
                     switches to the candidate with the lowest mean time over the last
                     max(1, window // 4) measured steps if that is at least STEP_MARGIN (1%)
                     below its current candidate's there (reacts to a shift within a few steps
-                    instead of at the next re-plan).
+                    instead of at the next re-plan); a layer on a candidate that runs
+                    something returns to the faster idle fallback as soon as that is no
+                    slower there (step_switch: the hysteresis guards the baseline, not a
+                    pick whose gain, its exposure included, is gone).
     probe_on_eplb_plan_bBpP  probe_on_eplb_fit's plan (same replicas), the true tokens split
                     by the plan's own per-(source, expert) fractions (apply_plan; computed with
                     the plan on the side stream, locality first as the greedy splits): no
@@ -144,10 +148,13 @@ measured MoE time of the layers it served; when the step's traffic changed since
 scored step before it (the mean per-layer total-variation distance of the expert loads,
 traffic_distance, or the served candidates' summed MoE time beyond the largest change
 between two history-window steps at most k apart, rescore_thresholds, the time at least
-STEP_MARGIN) and the change is worth a scoring (the served layers' MoE time growth since the
-scored step, per step for all model layers, times the steps until the first every-k scoring
-that would see the change is done, exceeds the triggered scoring's extra exposure: its whole
-work instead of 1/k against the window the step leaves), the next step is scored at once: its
+STEP_MARGIN) and the change is worth a scoring (what a re-pick is taken to win back per step,
+for all model layers: the served layers' MoE time growth since the scored step, but no more
+than the growth of their compute excess, the largest rank's compute over the mean rank's,
+since the all-to-all and the mean rank's compute are the traffic's own; times the steps until
+the first every-k scoring that would see the change is done; it must exceed the triggered
+scoring's extra exposure: its whole work instead of 1/k against the window the step leaves),
+the next step is scored at once: its
 whole scoring (predictions of its
 non-predicting layers included) charged in that step's background (background_exposure
 with share 1), the running every-k scoring dropped (the part already done was charged), the
@@ -158,7 +165,9 @@ background exposure the charge gives it (pick_exposure: a step-ahead split's own
 the scoring's share and a fallback's background predictions share the step's spare time
 with the scoring), so pick and charge agree where the split's plan and the scoring do not
 fit together (assuming the candidate serves every layer; the first pick, from the history
-window, still scores the split's own plan alone).
+window, still scores the split's own plan alone); that exposure enters a candidate's score as
+its mean over every step from the first scored step the pick uses to the step before the pick
+(each step's share and window are known by then), not at the scored steps alone.
 Layer time = attention + MoE (dispatch + max compute + combine) + exposed overheads; step
 time = model layers x mean layer time + the step's stop-the-world stall. Dense layers,
 embedding and LM head are not modelled.
@@ -189,11 +198,12 @@ from probe.sim.policies import apply_plan
 from probe.sim.predict import make_predictor, replay_predictor
 from probe.sim.rounding import split_by_fractions
 
-__all__ = ["FALLBACKS", "FairResult", "auto_candidates", "background_exposure", "eplb_copies",
-           "fitting_score_every", "history_split", "history_times", "lp_split",
-           "pick_by_time", "pick_exposure", "policy_names", "rescore_thresholds",
-           "rule_split", "scored_steps", "side_layer_time", "simulate_fair",
-           "split_by_fractions", "traffic_distance", "waterfill_split"]
+__all__ = ["FALLBACKS", "IDLE_FALLBACKS", "FairResult", "auto_candidates",
+           "background_exposure", "eplb_copies", "fitting_score_every", "history_split",
+           "history_times", "lp_split", "pick_by_time", "pick_exposure", "policy_names",
+           "rescore_thresholds", "rule_split", "scored_steps", "side_layer_time",
+           "simulate_fair", "split_by_fractions", "step_switch", "traffic_distance",
+           "waterfill_split"]
 
 
 def paper_options() -> dict:
@@ -219,6 +229,10 @@ def policy_names(slots: int) -> list[str]:
 # planner or assignment run: eplb_async exactly), the same layout water-filled on the true
 # load (probe_on_eplb_wf) and static EP.
 FALLBACKS = ("eplb_async", "probe_on_eplb_wf", "static")
+# The fallbacks that run nothing (the baselines' own policies): the picker leaves the faster
+# of them only for a candidate at least STEP_MARGIN faster, and a layer on any other
+# candidate returns to it as soon as that candidate is no faster (step_switch).
+IDLE_FALLBACKS = ("eplb_async", "static")
 # probe_on_eplb_auto's hysteresis: between re-plans a layer switches candidate only for
 # one at least 1% faster over the last steps (declared, checked on seed-1 traces only).
 STEP_MARGIN = 0.01
@@ -379,27 +393,66 @@ def side_layer_time(metrics: dict, stall: np.ndarray, model_layers: int,
 
 
 def pick_by_time(times: dict[str, np.ndarray], candidates: list[str], *,
-                 prefer: str | None = None, margin: float = 0.0) -> list[str]:
+                 prefer: str | tuple[str, ...] | None = None,
+                 margin: float = 0.0) -> list[str]:
     """Per layer the candidate with the lowest mean time (float64 [H, L] each) over the rows
-    given; ties go to the earlier candidate. With `prefer` (one of the candidates), a layer
-    takes another candidate only if its mean time is at least `margin` (a fraction) below
-    prefer's."""
-    if prefer is not None and prefer not in candidates:
-        raise ValueError(f"prefer {prefer!r} is not among the candidates {candidates}")
+    given; ties go to the earlier candidate. With `prefer` (one of the candidates, or a tuple
+    of them: per layer the one of these with the lowest mean time, ties to the earlier), a
+    layer takes another candidate only if its mean time is at least `margin` (a fraction)
+    below prefer's."""
+    preferred = (prefer,) if isinstance(prefer, str) else tuple(prefer or ())
+    if prefer is not None and not preferred:
+        raise ValueError("prefer must name at least one candidate")
+    for name in preferred:
+        if name not in candidates:
+            raise ValueError(f"prefer {name!r} is not among the candidates {candidates}")
     if not 0.0 <= margin < 1.0:
         raise ValueError(f"margin must be in [0, 1), got {margin!r}")
     num_layers = next(iter(times.values())).shape[1]
-    out = []
-    for layer in range(num_layers):
-        best, best_t = candidates[0], math.inf
-        for name in candidates:
+
+    def lowest(names, layer):
+        best, best_t = names[0], math.inf
+        for name in names:
             t = float(times[name][:, layer].mean())
             if t < best_t - 1e-15:
                 best, best_t = name, t
-        if prefer is not None and best != prefer \
-                and not best_t < (1.0 - margin) * float(times[prefer][:, layer].mean()):
-            best = prefer
+        return best, best_t
+
+    out = []
+    for layer in range(num_layers):
+        best, best_t = lowest(candidates, layer)
+        if preferred:
+            home, home_t = lowest(preferred, layer)
+            if best not in preferred and not best_t < (1.0 - margin) * home_t:
+                best = home
         out.append(best)
+    return out
+
+
+def step_switch(times: dict[str, np.ndarray], current: list[str], candidates: list[str], *,
+                margin: float = 0.0) -> list[str]:
+    """Per layer the candidate to serve from now on, given the one serving (`current`) and
+    the mean times over the rows given (float64 [H, L] each): the pick (pick_by_time,
+    preferring the faster of IDLE_FALLBACKS, at least `margin` gained to leave it) if it is
+    at least `margin` faster than the current one; otherwise a layer served by a candidate
+    that runs something (not in IDLE_FALLBACKS) returns to the faster idle fallback as soon
+    as that is no slower (the candidate's net gain over it, its own exposure included, is
+    gone: the hysteresis guards the fallback, not a pick that stopped paying); otherwise the
+    layer keeps its candidate."""
+    fallbacks = tuple(q for q in IDLE_FALLBACKS if q in candidates)
+    picks = pick_by_time(times, candidates, prefer=fallbacks or None, margin=margin)
+    out = []
+    for layer, (now, best) in enumerate(zip(current, picks, strict=True)):
+        t_now, t_best = times[now][:, layer].mean(), times[best][:, layer].mean()
+        if t_best < (1.0 - margin) * t_now:
+            out.append(best)
+            continue
+        if fallbacks and now not in fallbacks:
+            home = min(fallbacks, key=lambda q, layer=layer: times[q][:, layer].mean())
+            if times[home][:, layer].mean() <= t_now:
+                out.append(home)
+                continue
+        out.append(now)
     return out
 
 
@@ -759,8 +812,8 @@ class FairResult:
         }
 
 
-_METRICS = ("moe", "compute", "comm", "imbalance", "transfer", "pred", "plan_host", "side",
-            "solve", "solve_side", "replicas", "dispatch")
+_METRICS = ("moe", "compute", "compute_mean", "comm", "imbalance", "transfer", "pred",
+            "plan_host", "side", "solve", "solve_side", "replicas", "dispatch")
 
 
 def simulate_fair(load: np.ndarray, costs: FairCosts, *, slots: int, prior: int, window: int,
@@ -863,8 +916,8 @@ def simulate_fair(load: np.ndarray, costs: FairCosts, *, slots: int, prior: int,
     first = history_times(load[prior - window:prior],
                           load[prior - window - 1] if prior > window else None, active, costs,
                           slots, attention, history_predict)
-    pick = functools.partial(pick_by_time, prefer="eplb_async",
-                             margin=STEP_MARGIN)  # EPLB's even split unless 1% is gained
+    pick = functools.partial(pick_by_time, prefer=IDLE_FALLBACKS,
+                             margin=STEP_MARGIN)  # EPLB or static unless 1% is gained
     # (first step, names per layer) of each auto policy's picks at the start and at re-plans
     replan_epochs = {t: [(0, pick(first, candidates=c))] for t, c in candidates_of.items()}
     # probe_on_eplb_auto(_plus): the same first pick, re-picked before every measured step
@@ -925,6 +978,7 @@ def simulate_fair(load: np.ndarray, costs: FairCosts, *, slots: int, prior: int,
                 m = metrics[policy]
                 m["moe"][n, layer] = scored["moe"]
                 m["compute"][n, layer] = scored["compute"]
+                m["compute_mean"][n, layer] = scored["compute_mean"]
                 m["comm"][n, layer] = scored["dispatch"] + scored["combine"]
                 m["dispatch"][n, layer] = scored["dispatch"]
                 m["imbalance"][n, layer] = scored["imbalance"]
@@ -1173,25 +1227,32 @@ def simulate_fair(load: np.ndarray, costs: FairCosts, *, slots: int, prior: int,
         threshold = (rescore_thresholds(load[prior - window:prior], history_moe, k)
                      if triggers else (math.inf, math.inf))
 
-        def shadow(seen: list[int]) -> dict:  # side-mode times of the scored rows
+        def shadow(seen: list[int], n: int) -> dict:  # side-mode times of the scored rows
+            # each candidate's background exposure is charged as the mean over EVERY step
+            # from the first row to the one before step n (their shares and windows are
+            # known by then), not at the scored rows alone
             rows = np.asarray(seen, dtype=np.int64)
+            steps = range(int(rows.min()), n)
             out = {}
             for q in names:
                 m = metrics[q]
                 t = side_layer_time({x: v[rows] for x, v in m.items()}, stall[q][rows],
                                     model.num_layers, attention)
-                extra = np.array([pick_exposure(q, work_side, share[r], ahead_windows[r],
-                                                model.num_layers, planner_s=planner_side,
-                                                pred_s=pred_mean[scored_of[r]])
-                                  for r in rows])[:, None]
+                extra = float(np.mean([pick_exposure(
+                    q, work_side, share[r], ahead_windows[r], model.num_layers,
+                    planner_s=planner_side, pred_s=pred_mean[scored_of[r]]) for r in steps]))
                 if q.startswith("probe_on_eplb_ahead_"):  # its own plan is in extra
                     t = t - m["side"][rows]
                 out[q] = t + extra
             return out
 
+        def excess(n: int, serving: list[str]) -> float:  # seconds, summed over layers
+            return sum(metrics[q]["compute"][n, layer] - metrics[q]["compute_mean"][n, layer]
+                       for layer, q in enumerate(serving))
+
         def window_pick(n: int, ready: list[int]) -> list[str] | None:
             rows = [r for r in ready if r >= n - window] or ready[-1:]
-            return pick(shadow(rows), candidates=names) if rows else None
+            return pick(shadow(rows, n), candidates=names) if rows else None
 
         epochs = [replan_epochs[key][0] if target.endswith("_replan")
                   else step_epochs[target][0]]
@@ -1228,13 +1289,8 @@ def simulate_fair(load: np.ndarray, costs: FairCosts, *, slots: int, prior: int,
                     if replanned > 0 and replanned > last_done:
                         new = window_pick(n, ready) or current
                     elif ready:
-                        times = shadow(ready[-pick_window:])
-                        new = []
-                        for layer, (now, best) in enumerate(zip(
-                                current, pick(times, candidates=names), strict=True)):
-                            t_now, t_best = (times[now][:, layer].mean(),
-                                             times[best][:, layer].mean())
-                            new.append(best if t_best < (1.0 - STEP_MARGIN) * t_now else now)
+                        new = step_switch(shadow(ready[-pick_window:], n), current, names,
+                                          margin=STEP_MARGIN)
                 epochs.append((n, new))
             if finished:
                 last_done = n
@@ -1258,7 +1314,12 @@ def simulate_fair(load: np.ndarray, costs: FairCosts, *, slots: int, prior: int,
                 # (its whole work instead of 1/k, against the window step n leaves)
                 later = n + k if start == n else start + length + k
                 if changed and later > n + 2 and n + 1 < num_steps:
-                    grown = (now_t - then_t) * layer_scale
+                    # what a re-pick is taken to win back: the served layers' MoE time
+                    # growth, but no more than their compute excess's growth (largest rank
+                    # over the mean rank: the all-to-all and the mean rank's compute are
+                    # the traffic's own, no re-pick removes them)
+                    grown = min(now_t - then_t, excess(n, served[n])
+                                - excess(ref, served[ref])) * layer_scale
                     w = ahead_windows[n + 1]
                     extra = model.num_layers * (
                         background_exposure(work_side, 1.0, w, model.num_layers)
