@@ -59,8 +59,11 @@ layer type). Every policy has k extra expert slots per rank:
                     applied to the baseline too). Only b = 0 and b = k: a policy that may
                     switch to a candidate keeps that candidate's layout resident, and EPLB-k
                     (the fallbacks') with any EPLB-b, 0 < b < k, would exceed the k slots per
-                    rank every policy has. Charged on top of the served candidate (all auto
-                    policies, see "The auto policies' own work" below).
+                    rank every policy has (with nested layouts, `nested`, EPLB-b for
+                    0 < b < k is a subset of EPLB-k, and auto_plus also picks the splits
+                    b = k - 1, p = 1: nested_copies, restore_charges). Charged on top of the
+                    served candidate (all auto policies, see "The auto policies' own work"
+                    below).
     probe_on_eplb_auto  the PROBE-on-EPLB of the targets: probe_on_eplb_auto_replan's picks at
                     the start and at each re-plan; before every other measured step a layer
                     switches to the candidate with the lowest mean time over the last
