@@ -28,12 +28,16 @@ from probe.sim.fair import (
     background_exposure,
     eplb_copies,
     fitting_score_every,
+    history_times,
+    nested_copies,
     pick_by_time,
     pick_exposure,
     lp_split,
     policy_names,
     rescore_thresholds,
+    restore_charges,
     scored_steps,
+    scoring_work,
     simulate_fair,
     split_by_fractions,
     step_switch,
@@ -1287,3 +1291,112 @@ def test_run_parses_rescore():
 
     assert parse_args([]).rescore is True
     assert parse_args(["--no-rescore"]).rescore is False
+
+
+def test_nested_copies_drop_the_copy_that_leaves_the_lowest_load_per_copy():
+    # one layer, 2 ranks, 4 experts: rank 0 holds e0, e1 and copies of e0 and e2; rank 1 holds
+    # e2, e3 and a copy of e3 (e0: 2 copies, e2: 2, e3: 2)
+    copies = np.array([[[2, 1, 1, 0], [0, 0, 1, 2]]])
+    weight = np.array([[10.0, 5.0, 30.0, 8.0]])
+    out = nested_copies(copies, weight, 1)
+    # rank 0: dropping a copy of e0 leaves 10 / 1, of e2 leaves 30 / 1: e0 goes; rank 1: e2
+    # is now single, so only e3 (8 / 1) can go
+    np.testing.assert_array_equal(out, [[[1, 1, 1, 0], [0, 0, 1, 1]]])
+    assert np.all(out <= copies) and np.all(out.sum(axis=1) >= 1)
+    np.testing.assert_array_equal(nested_copies(copies, weight, 0), copies)
+    # a rank with no copy left to drop keeps what it holds
+    # (rank 0 drops e0, then e2; rank 1 has nothing left but single copies)
+    np.testing.assert_array_equal(nested_copies(copies, weight, 3),
+                                  [[[1, 1, 0, 0], [0, 0, 1, 1]]])
+    with pytest.raises(ValueError, match="drop"):
+        nested_copies(copies, weight, -1)
+    with pytest.raises(ValueError, match="weight"):
+        nested_copies(copies, weight * np.nan, 1)
+    with pytest.raises(ValueError, match="shape|copies"):
+        nested_copies(copies[0], weight, 1)
+    with pytest.raises(ValueError, match="held at least once"):
+        nested_copies(np.zeros_like(copies), weight, 1)
+
+
+def test_nested_copies_of_eplb_are_subsets_with_b_slots(costs):
+    rng = np.random.default_rng(0)
+    weight = rng.pareto(1.2, size=(3, 128)) + 0.1
+    full = eplb_copies(weight, 3, 8)
+    for b in (1, 2):
+        sub = nested_copies(full, weight, 3 - b)
+        assert np.all(sub <= full) and np.all(sub.sum(axis=1) >= 1)
+        np.testing.assert_array_equal(sub.sum(axis=2), 128 // 8 + b)
+
+
+def test_restore_charges_fetch_the_dropped_copies_again():
+    served = [["eplb_async", "static"], ["probe_on_eplb_plan_b1p1", "static"],
+              ["eplb_async", "probe_on_eplb_ahead_b0p2"], ["probe_on_eplb_fit_b0p2", "eplb_async"]]
+    windows = np.full((4, 2), 1e-3)
+    exposed, moved = restore_charges(served, 2, windows, 9e5, 1e9, 3.0)
+    # step 2, layer 0: b 1 -> 2, one copy (0.9 ms) behind a 1 ms window: hidden; step 3,
+    # layer 1: b 0 -> 2, two copies (1.8 ms): 0.8 ms exposed
+    np.testing.assert_allclose(exposed, [[0, 0], [0, 0], [0, 0], [0, 0.8e-3]], atol=1e-15)
+    np.testing.assert_allclose(moved, [0, 0, 9e5 * 3, 2 * 9e5 * 3])
+
+
+def test_scoring_work_counts_one_plan_per_split():
+    names = auto_candidates(3, plus=True, nested=True)
+    plans, ahead, scores = scoring_work(names)
+    # fit b0p3 (plan b0p3 shares it), plan b2p1 (no fit of its own), the paper's PROBE
+    assert (plans, ahead, scores) == (3, 2, len(names))
+    assert scoring_work(auto_candidates(3, plus=True))[:2] == (2, 1)
+
+
+def test_nested_auto_plus_candidates():
+    for k in (1, 2, 3, 4):
+        splits = {int(q.rpartition("_b")[2].split("p")[0])
+                  for q in auto_candidates(k, plus=True, nested=True)
+                  if q.startswith("probe_on_eplb_") and "_b" in q}
+        assert splits == ({0, k - 1} if k > 1 else {0})
+        assert auto_candidates(k, nested=True) == auto_candidates(k)
+
+
+def test_history_times_plan_every_split_named(load, costs):
+    names = auto_candidates(2, plus=True, nested=True)
+    full = eplb_copies(load[:4].sum(axis=2).mean(axis=0).astype(float), 2, 8)
+    layouts = {2: full, 1: nested_copies(full, load[:4].sum(axis=2).mean(axis=0), 1),
+               0: nested_copies(full, load[:4].sum(axis=2).mean(axis=0), 2)}
+    times = history_times(load[1:4], load[0], layouts, costs, 2, 1e-4,
+                          lambda true, prev, h, layer: true, names=names)
+    assert list(times) == names
+    for q in ("probe_on_eplb_plan_b1p1", "probe_on_eplb_ahead_b1p1"):
+        assert np.all(times[q] > 1e-4 + 1e-6)  # MoE time, not the attention alone
+
+
+@pytest.fixture(scope="module")
+def nested_result(load, costs):
+    return simulate_fair(load, costs, slots=2, prior=4, window=4, interval=3, seed=1,
+                         check=True, nested=True)
+
+
+def test_nested_layouts_keep_the_memory_and_the_oracle_bound(nested_result, result, load,
+                                                             costs):
+    res = nested_result
+    assert res.meta["nested"] is True and res.meta["nested_held"] == {0: 0, 1: 1, 2: 2}
+    # b = 0 stays DeepSeek's EPLB-0
+    np.testing.assert_array_equal(res.metrics["probe_on_eplb_plan_b0p2"]["moe"],
+                                  result.metrics["probe_on_eplb_plan_b0p2"]["moe"])
+    for policy in ("probe_on_eplb_auto_plus", "probe_on_eplb_auto_pred"):
+        assert res.memory[policy] == result.memory[policy]  # EPLB-k's + 2 x k per-step
+    assert res.memory["probe_on_eplb_plan_b1p1"] == result.memory["probe_on_eplb_plan_b1p1"]
+    oracle = res.metrics["oracle"]["moe"]
+    for policy in res.policies:
+        if policy != "oracle":
+            assert np.all(oracle <= res.metrics[policy]["moe"] + 1e-12), policy
+    # the EPLB-k policies do not change
+    for policy in ("eplb_async", "eplb_stw", "static"):
+        np.testing.assert_array_equal(res.metrics[policy]["moe"], result.metrics[policy]["moe"])
+    with pytest.raises(TypeError, match="nested"):
+        simulate_fair(load, costs, slots=1, prior=4, window=4, interval=3, nested=1)
+
+
+def test_run_parses_nested():
+    from experiments.fair.run import parse_args
+
+    assert parse_args([]).nested is True
+    assert parse_args(["--no-nested"]).nested is False

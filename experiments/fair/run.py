@@ -136,6 +136,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                          "rank) over the steps it saves exceeds its extra "
                          "exposure; charged in full at that step (default on; --no-rescore: "
                          "only every K steps)")
+    ap.add_argument("--nested", action=argparse.BooleanOptionalAction, default=True,
+                    help="EPLB-b layouts of b < k are EPLB-k's with k - b redundant copies "
+                         "per rank dropped (probe.sim.fair.nested_copies), so the auto_plus "
+                         "picker may also take the b = k - 1, p = 1 splits at EPLB-k's memory "
+                         "(default on; --no-nested: DeepSeek's own EPLB-b layouts, auto_plus "
+                         "restricted to b = 0 and b = k)")
     ap.add_argument("--sensitivity", type=Path, default=None,
                     help="folder of another run (e.g. --predictor perfect) whose summary the "
                          "report adds")
@@ -299,7 +305,7 @@ def run_config(model: str, workload: str, batch: int, slots_list, args,
         res = simulate_fair(load, costs, slots=k, prior=prior, window=prior,
                             interval=prior, predictor=predictor, seed=args.seed,
                             phase=phase, score_every=args.score_every,
-                            rescore=args.rescore)
+                            rescore=args.rescore, nested=args.nested)
         rows = {}
         for policy in res.policies:
             rows[policy] = {"host": res.summary(policy, "host"),
@@ -521,6 +527,7 @@ def main(argv=None) -> int:
                          "prior": args.multinode_prior, "layers": args.multinode_layers},
                      "predictor": args.predictor, "seed": args.seed, "slots": list(slots_list),
                      "score_every": args.score_every, "rescore": args.rescore,
+                     "nested": args.nested,
                      "eplb_window": args.prior, "eplb_interval": args.prior},
     }
     outputs = [args.out / name for name in ("tables.md", "tables.json", "fair_memory.png")]

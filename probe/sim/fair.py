@@ -60,8 +60,11 @@ layer type). Every policy has k extra expert slots per rank:
                     baselines too). Only b = 0 and b = k: a policy that may
                     switch to a candidate keeps that candidate's layout resident, and EPLB-k
                     (the fallbacks') with any EPLB-b, 0 < b < k, would exceed the k slots per
-                    rank every policy has. Charged on top of the served candidate (all auto
-                    policies, see "The auto policies' own work" below).
+                    rank every policy has (with nested layouts, `nested`, EPLB-b for
+                    0 < b < k is a subset of EPLB-k, and auto_plus also picks the splits
+                    b = k - 1, p = 1: nested_copies, restore_charges). Charged on top of the
+                    served candidate (all auto policies, see "The auto policies' own work"
+                    below).
     probe_on_eplb_auto  the PROBE-on-EPLB of the targets: probe_on_eplb_auto_replan's picks at
                     the start and at each re-plan; before every other measured step a layer
                     switches to the candidate with the lowest mean time over the last
@@ -200,10 +203,10 @@ from probe.sim.rounding import split_by_fractions
 
 __all__ = ["FALLBACKS", "IDLE_FALLBACKS", "FairResult", "auto_candidates",
            "background_exposure", "eplb_copies", "fitting_score_every", "history_split",
-           "history_times", "lp_split", "pick_by_time", "pick_exposure", "policy_names",
-           "rescore_thresholds", "rule_split", "scored_steps", "side_layer_time",
-           "simulate_fair", "split_by_fractions", "step_switch", "traffic_distance",
-           "waterfill_split"]
+           "history_times", "lp_split", "nested_copies", "pick_by_time", "pick_exposure",
+           "policy_names", "rescore_thresholds", "restore_charges", "rule_split",
+           "scored_steps", "side_layer_time", "simulate_fair", "split_by_fractions",
+           "step_switch", "traffic_distance", "waterfill_split"]
 
 
 def paper_options() -> dict:
@@ -238,28 +241,99 @@ IDLE_FALLBACKS = ("eplb_async", "static")
 STEP_MARGIN = 0.01
 
 
-def auto_candidates(slots: int, plus: bool = False) -> list[str]:
+def auto_candidates(slots: int, plus: bool = False, nested: bool = False) -> list[str]:
     """The policies probe_on_eplb_auto(_replan) pick from per layer: the fit split b = 0
     (p = k per-step slots on EPLB-0), the paper's PROBE, then FALLBACKS; with `plus`
     (probe_on_eplb_auto_plus) also the probe_on_eplb_plan and probe_on_eplb_ahead splits
-    b = 0, before the fallbacks.
+    b = 0, before the fallbacks, and with `nested` (k >= 2) their splits b = k - 1, p = 1 too.
 
-    Only b = 0 and b = k (the fallbacks' EPLB-k layout): a policy that may switch to a
-    candidate any step keeps that candidate's resident layout current, and the layouts of
-    b = 1 .. k - 1 on top of EPLB-k would hold more than the k slots per rank every policy
-    has (equal memory, module docstring)."""
+    Without `nested` only b = 0 and b = k (the fallbacks' EPLB-k layout): a policy that may
+    switch to a candidate any step keeps that candidate's resident layout current, and
+    DeepSeek's own layouts of b = 1 .. k - 1 beside EPLB-k would hold more than the k slots
+    per rank every policy has (equal memory, module docstring). With `nested` (simulate_fair's
+    nested layouts) every EPLB-b, 0 < b < k, is EPLB-k with k - b redundant copies per rank
+    dropped (nested_copies), a subset of what EPLB-k holds, so it fits the same memory."""
     if isinstance(slots, bool) or not isinstance(slots, (int, np.integer)) or slots < 1:
         raise ValueError(f"slots must be an int >= 1, got {slots!r}")
     extra = ([f"probe_on_eplb_{f}b0p{slots}" for f in ("plan_", "ahead_")] if plus else [])
+    if plus and nested and slots > 1:
+        extra += [f"probe_on_eplb_{f}b{slots - 1}p1" for f in ("plan_", "ahead_")]
     return ([f"probe_on_eplb_fit_b0p{slots}", "probe_paper"] + extra + list(FALLBACKS))
+
+
+def nested_copies(copies: np.ndarray, weight: np.ndarray, drop: int) -> np.ndarray:
+    """int64 [L, G, E]: the layout `copies` (int [L, G, E], e.g. EPLB-k's) with `drop`
+    redundant copies removed from every rank, a subset of it (what a runtime holding EPLB-k
+    can serve without fetching anything). Per layer it removes one copy at a time: from the
+    rank that still has to drop and has the fewest copies it may drop (ties: the lower rank;
+    so that no rank is left holding only single copies by the others' drops), the copy that
+    leaves its expert the lowest load per copy, weight / (copies - 1), over the experts with
+    more than one copy in the layer (weight float [L, E], e.g. the history window's mean
+    load; ties: the lower expert id). A rank left short all the same keeps more than
+    E / G + k - drop; the caller reads the slots actually held from the result."""
+    copies = np.asarray(copies)
+    weight = np.asarray(weight, dtype=np.float64)
+    if copies.ndim != 3 or weight.shape != (copies.shape[0], copies.shape[2]):
+        raise ValueError(f"copies must be int [L, G, E] and weight float [L, E], got "
+                         f"{copies.shape} and {weight.shape}")
+    if np.any(copies < 0) or np.any(copies.sum(axis=1) < 1):
+        raise ValueError("copies must be >= 0 with every expert held at least once")
+    if not np.all(np.isfinite(weight)) or np.any(weight < 0):
+        raise ValueError("weight must be finite and >= 0")
+    if isinstance(drop, bool) or not isinstance(drop, (int, np.integer)) or drop < 0:
+        raise ValueError(f"drop must be an int >= 0, got {drop!r}")
+    out = copies.astype(np.int64)  # a copy
+    for layer in range(out.shape[0]):
+        total = out[layer].sum(axis=0)  # [E]
+        need = np.full(out.shape[1], drop)
+        while True:
+            movable = (out[layer] > 0) & (total > 1)[None, :]  # [G, E]
+            options = np.where(need > 0, movable.sum(axis=1), np.iinfo(np.int64).max)
+            g = int(np.argmin(options))  # the rank with the fewest copies it may drop
+            if need[g] == 0:
+                break
+            if options[g] == 0:  # short: it keeps more than asked
+                need[g] = 0
+                continue
+            candidates = np.flatnonzero(movable[g])
+            after = weight[layer, candidates] / (total[candidates] - 1)
+            e = candidates[int(np.argmin(after))]  # argmin: the first of ties
+            out[layer, g, e] -= 1
+            total[e] -= 1
+            need[g] -= 1
+    return out
+
+
+def restore_charges(served: list, slots: int, windows: np.ndarray, expert_bytes: float,
+                    link_bandwidth: float, layer_scale: float) -> tuple[np.ndarray, np.ndarray]:
+    """What an auto policy over nested layouts pays to switch a layer back to a candidate
+    with more resident redundant copies: the step where a layer's served candidate holds
+    b_new > b_old of EPLB-k's redundant copies per rank, the b_new - b_old dropped ones are
+    fetched again (over the link, behind that layer's window: attention + the layer's
+    compute, `windows` float [N, L] seconds). Dropping copies is free; a candidate's own
+    per-step replicas are its own transfer. served: names [N][L]; returns (exposed seconds
+    float [N, L], bytes per rank float [N] over all model layers)."""
+    num_steps = len(served)
+    exposed = np.zeros((num_steps, len(served[0]) if num_steps else 0))
+    moved = np.zeros(num_steps)
+    for n in range(1, num_steps):
+        for layer, (now, before) in enumerate(zip(served[n], served[n - 1], strict=True)):
+            grow = _split_of(now, slots)[0] - _split_of(before, slots)[0]
+            if grow > 0:
+                seconds = grow * expert_bytes / link_bandwidth
+                exposed[n, layer] = max(0.0, seconds - float(windows[n, layer]))
+                moved[n] += grow * expert_bytes * layer_scale
+    return exposed, moved
 
 
 def scoring_work(candidates: list[str]) -> tuple[int, int, int]:
     """(plans, step-ahead plans, scores) that keeping every candidate's time current costs per
-    layer and step: one plan per fit split (its plan split shares it) and the paper's PROBE,
-    one step-ahead plan per ahead split, and one score (a split of the true tokens over the
-    candidate's copies and its MoE time) per candidate."""
-    plans = sum(q.startswith("probe_on_eplb_fit_") or q == "probe_paper" for q in candidates)
+    layer and step: one plan per fit or plan split (a fit and a plan split of one b, p share
+    it) and the paper's PROBE, one step-ahead plan per ahead split, and one score (a split of
+    the true tokens over the candidate's copies and its MoE time) per candidate."""
+    splits = {q.split("_")[-1] for q in candidates
+              if q.startswith(("probe_on_eplb_fit_", "probe_on_eplb_plan_"))}
+    plans = len(splits) + ("probe_paper" in candidates)
     ahead = sum(q.startswith("probe_on_eplb_ahead_") for q in candidates)
     return plans, ahead, len(candidates)
 
@@ -494,7 +568,8 @@ def history_split(history: np.ndarray, layouts: dict, costs: FairCosts, slots: i
 
 
 def history_times(history: np.ndarray, previous: np.ndarray | None, layouts: dict,
-                  costs: FairCosts, slots: int, attention: float, predict) -> dict:
+                  costs: FairCosts, slots: int, attention: float, predict,
+                  names: list[str] | None = None) -> dict:
     """Side-mode layer times of every auto candidate on the history steps, for the choice of
     probe_on_eplb_auto_replan before the first measured step: {candidate: float64 [H, L]}.
 
@@ -509,13 +584,19 @@ def history_times(history: np.ndarray, previous: np.ndarray | None, layouts: dic
     here); probe_on_eplb_plan splits: the fit plan with its own split (no assignment),
     probe_on_eplb_ahead splits: planned on the step before's load, the model's layers'
     planner time beyond L x attention, per layer (ahead_exposure), no predictor, no
-    assignment."""
+    assignment. names: the candidates (default auto_candidates(slots, plus=True)); the fit,
+    plan and step-ahead splits of every b among them are planned."""
     num_steps, num_layers, num_ranks, num_experts = history.shape
     home = sharded_home(num_experts, num_ranks)
     home_int = home.astype(np.int64)
-    names = auto_candidates(slots, plus=True)
+    names = auto_candidates(slots, plus=True) if names is None else list(names)
     out = {name: np.zeros((num_steps, num_layers)) for name in names}
-    fit_bs = [_split_of(q, slots)[0] for q in names if q.startswith("probe_on_eplb_fit_")]
+    fit_bs = sorted({_split_of(q, slots)[0] for q in names if q.startswith(
+        ("probe_on_eplb_fit_", "probe_on_eplb_plan_", "probe_on_eplb_ahead_"))})
+    fit_bs = [b for b in fit_bs if b < slots]
+    every_split = {f"probe_on_eplb_{f}b{b}p{slots - b}": np.zeros((num_steps, num_layers))
+                   for f in ("fit_", "plan_", "ahead_") for b in fit_bs}
+    out = {**every_split, **out}  # the splits planned but not candidates are dropped below
     ahead_side = ahead_exposure(costs.side_planner_seconds(),
                                 costs.model.num_layers * attention, costs.model.num_layers)
     planner_side = costs.side_planner_seconds()
@@ -597,7 +678,7 @@ def history_times(history: np.ndarray, previous: np.ndarray | None, layouts: dic
                 else costs.assign_side_seconds(slots, float(np.median(wf_seconds))))
     for name, h, layer in wf_cells:
         out[name][h, layer] += assign_s
-    return {name: t + attention for name, t in out.items()}
+    return {name: out[name] + attention for name in names}
 
 
 def _fixed_and_multi(load, holds, costs: FairCosts):
@@ -819,7 +900,8 @@ _METRICS = ("moe", "compute", "compute_mean", "comm", "imbalance", "transfer", "
 def simulate_fair(load: np.ndarray, costs: FairCosts, *, slots: int, prior: int, window: int,
                   interval: int, predictor="topk:0.9", seed: int = 0, check: bool = True,
                   solve_time: dict | None = None, phase: str = "decode",
-                  score_every: int | str = 1, rescore: bool = False) -> FairResult:
+                  score_every: int | str = 1, rescore: bool = False,
+                  nested: bool = False) -> FairResult:
     """Replay `load` int [N_all, L, S, E] (first `prior` steps: history only) at `slots` extra
     slots per rank under every policy of `policy_names(slots)` (module docstring).
 
@@ -839,7 +921,15 @@ def simulate_fair(load: np.ndarray, costs: FairCosts, *, slots: int, prior: int,
     candidate pool the smallest interval at which it is exposed at no step, even with every
     layer's prediction made in it (fitting_score_every); meta["auto_scoring"] gives the
     interval used. The default here stays 1 (the API's earlier behaviour, which the tests
-    pin); experiments.fair.run defaults to "auto".
+    pin); experiments.fair.run defaults to "auto". nested: every EPLB-b layout of 0 < b < k
+    is EPLB-k's with k - b redundant copies per rank dropped (nested_copies, from the same
+    window's weights) instead of DeepSeek's own layout for b slots, so that it is a subset
+    of EPLB-k and probe_on_eplb_auto_plus may pick the b = k - 1, p = 1 splits too
+    (auto_candidates) at EPLB-k's memory (b = 0 stays DeepSeek's EPLB-0: dropping every
+    redundant copy of EPLB-k is often impossible without a rank holding only single
+    copies); a layer switched back to more resident copies fetches the dropped ones again,
+    charged as exposed transfer (restore_charges). Default off here (the tests pin the
+    earlier behaviour); experiments.fair.run turns it on.
     """
     load = np.asarray(load)
     if load.ndim != 4:
@@ -854,8 +944,9 @@ def simulate_fair(load: np.ndarray, costs: FairCosts, *, slots: int, prior: int,
     if score_every != "auto" and (isinstance(score_every, bool) or not isinstance(
             score_every, (int, np.integer)) or score_every < 1):
         raise ValueError(f"score_every must be an int >= 1 or 'auto', got {score_every!r}")
-    if not isinstance(rescore, bool):
-        raise TypeError(f"rescore must be a bool, got {rescore!r}")
+    for name, flag in (("rescore", rescore), ("nested", nested)):
+        if not isinstance(flag, bool):
+            raise TypeError(f"{name} must be a bool, got {flag!r}")
     if window > prior:
         raise ValueError(f"window ({window}) must be <= prior ({prior})")
     if prior >= num_all:
@@ -897,7 +988,20 @@ def simulate_fair(load: np.ndarray, costs: FairCosts, *, slots: int, prior: int,
     # Layouts: resident b -> (active copies [L, G, E], pending (copies, ready step) or None).
     residents = sorted({slots, *(b for b, _ in combos)})
     stw = eplb_copies(weight_at(prior), slots, num_ranks)
-    active = {b: eplb_copies(weight_at(prior), b, num_ranks) for b in residents}
+
+    def layout(weight: np.ndarray, b: int, full: np.ndarray) -> np.ndarray:
+        if b == slots:
+            return full
+        return (nested_copies(full, weight, slots - b) if nested and b > 0
+                else eplb_copies(weight, b, num_ranks))
+
+    active = {b: layout(weight_at(prior), b, stw) for b in residents}
+    per_rank = num_experts // num_ranks
+
+    def held(copies: np.ndarray) -> int:  # the most redundant slots of any rank and layer
+        return int(copies.sum(axis=2).max()) - per_rank
+
+    most_held = {b: held(active[b]) for b in residents}
     pending: dict[int, tuple[np.ndarray, int] | None] = dict.fromkeys(residents)
     auto_split = history_split(load[prior - window:prior], active, costs, slots, attention)
     # probe_on_eplb_auto_replan: per layer the candidate with the lowest side-mode layer time on
@@ -906,7 +1010,8 @@ def simulate_fair(load: np.ndarray, costs: FairCosts, *, slots: int, prior: int,
     # own (an error model with another seed; a replayed prediction array has none for the
     # history, so the previous step's load stands for it).
     candidates_of = {"probe_on_eplb_auto": auto_candidates(slots),
-                     "probe_on_eplb_auto_plus": auto_candidates(slots, plus=True)}
+                     "probe_on_eplb_auto_plus": auto_candidates(slots, plus=True,
+                                                                nested=nested)}
     if isinstance(predictor, str):
         history_predict = make_predictor(predictor, seed=seed + 7919)
     elif callable(predictor):
@@ -915,7 +1020,8 @@ def simulate_fair(load: np.ndarray, costs: FairCosts, *, slots: int, prior: int,
         history_predict = make_predictor("previous", seed=seed)
     first = history_times(load[prior - window:prior],
                           load[prior - window - 1] if prior > window else None, active, costs,
-                          slots, attention, history_predict)
+                          slots, attention, history_predict,
+                          names=candidates_of["probe_on_eplb_auto_plus"])
     pick = functools.partial(pick_by_time, prefer=IDLE_FALLBACKS,
                              margin=STEP_MARGIN)  # EPLB or static unless 1% is gained
     # (first step, names per layer) of each auto policy's picks at the start and at re-plans
@@ -929,6 +1035,7 @@ def simulate_fair(load: np.ndarray, costs: FairCosts, *, slots: int, prior: int,
     pred_picks = [[""] * num_layers for _ in range(num_steps)]  # auto_pred's candidates
     pred_scores = [[{}] * num_layers for _ in range(num_steps)]  # its scores on the prediction
     ahead_windows = np.zeros(num_steps)  # the step-ahead planners' window at each step
+    layer_windows = np.zeros((num_steps, num_layers))  # a layer's copy window (all ranks)
     pred_cost = np.zeros((num_steps, num_layers))  # the predictor's seconds per step, layer
     plan_host = costs.planner_kernel_s * costs.planner_host_factor  # one plan, host mode
     oracle_labels = [[""] * num_layers for _ in range(num_steps)]  # the oracle's winners
@@ -945,7 +1052,8 @@ def simulate_fair(load: np.ndarray, costs: FairCosts, *, slots: int, prior: int,
             moved["eplb_stw"][n] = by_rank.sum()
             stw = new
             for b in residents:
-                new_b = new if b == slots else eplb_copies(weight_at(step), b, num_ranks)
+                new_b = layout(weight_at(step), b, new)
+                most_held[b] = max(most_held[b], held(new_b))
                 seconds = moved_per_rank(active[b], new_b).max() / costs.link_bandwidth
                 delay = math.ceil(seconds / step_hide) if step_hide > 0 else 0
                 pending[b] = (new_b, n + min(delay, interval))
@@ -969,6 +1077,7 @@ def simulate_fair(load: np.ndarray, costs: FairCosts, *, slots: int, prior: int,
             static_assign = static_assignment(true, home)
             static_compute = costs.compute_per_rank(static_assign.sum(axis=0).T, home_int)
             real_window = attention + static_compute  # [G]
+            layer_windows[n, layer] = float(real_window.min())
             candidates = []  # (label, MoE seconds) for the oracle
 
             def record(policy, assignment, copies, *, transfer=0.0, probe=False, solve_s=0.0,
@@ -1456,6 +1565,14 @@ def simulate_fair(load: np.ndarray, costs: FairCosts, *, slots: int, prior: int,
         # up to date: each re-plan's stall is the largest of all candidates'
         stall[target][n] = max(stall[q][n] for q in candidates_of["probe_on_eplb_auto_plus"])
         moved[target][n] = np.mean([moved[q][n] for q in names])
+    if nested:  # a layer switched back to more of EPLB-k's copies fetches the dropped ones
+        servings = {t: _served(e, num_steps, num_layers) for t, e in picked}
+        servings[target] = pred_picks
+        for name, served in servings.items():
+            exposed, restored = restore_charges(served, slots, layer_windows, expert_bytes,
+                                                costs.link_bandwidth, layer_scale)
+            metrics[name]["transfer"] += exposed
+            moved[name] += restored
     plans, ahead, scores = scoring_work(candidates_of["probe_on_eplb_auto_plus"])
     score_s = scores * wf_median
     # auto_plus's scoring, spread (or triggered) as there
@@ -1479,10 +1596,11 @@ def simulate_fair(load: np.ndarray, costs: FairCosts, *, slots: int, prior: int,
     memory = {"static": 0.0, "eplb_stw": slots * layers_w, "eplb_async": slots * layers_w,
               "eplb_lp": slots * layers_w, "probe_paper": 2.0 * slots * expert_bytes,
               "oracle": slots * layers_w}
-    for b, p in combos:
-        memory[f"probe_on_eplb_b{b}p{p}"] = b * layers_w + 2.0 * p * expert_bytes
-        for family in ("fit_", "plan_", "ahead_"):
-            memory[f"probe_on_eplb_{family}b{b}p{p}"] = b * layers_w + 2.0 * p * expert_bytes
+    for b, p in combos:  # b, or with nested layouts the most any rank holds (a rank short
+        resident = most_held[b] if nested else b  # of redundant copies to drop keeps more)
+        for family in ("", "fit_", "plan_", "ahead_"):
+            memory[f"probe_on_eplb_{family}b{b}p{p}"] = (resident * layers_w
+                                                         + 2.0 * p * expert_bytes)
     memory["probe_on_eplb_wf"] = memory["eplb_async"]
     memory["probe_on_eplb_auto_moe"] = (np.mean([b for b, _ in auto_split]) * layers_w
                                         + 2.0 * max(p for _, p in auto_split) * expert_bytes)
@@ -1496,6 +1614,7 @@ def simulate_fair(load: np.ndarray, costs: FairCosts, *, slots: int, prior: int,
                           + 2.0 * max(_split_of(q, slots)[1] for q in pool) * expert_bytes)
     meta = {"model": model.name, "model_layers": model.num_layers, "trace_layers": num_layers,
             "slots": slots, "prior": prior, "window": window, "interval": interval,
+            "nested": nested, "nested_held": {int(b): most_held[b] for b in residents},
             "predictor": predictor if isinstance(predictor, str) else
             ("callable" if callable(predictor) else "given"),
             "batch_per_rank": batch, "seed": seed, "phase": phase,
