@@ -590,13 +590,13 @@ def history_times(history: np.ndarray, previous: np.ndarray | None, layouts: dic
     home = sharded_home(num_experts, num_ranks)
     home_int = home.astype(np.int64)
     names = auto_candidates(slots, plus=True) if names is None else list(names)
-    out = {name: np.zeros((num_steps, num_layers)) for name in names}
     fit_bs = sorted({_split_of(q, slots)[0] for q in names if q.startswith(
         ("probe_on_eplb_fit_", "probe_on_eplb_plan_", "probe_on_eplb_ahead_"))})
-    fit_bs = [b for b in fit_bs if b < slots]
-    every_split = {f"probe_on_eplb_{f}b{b}p{slots - b}": np.zeros((num_steps, num_layers))
-                   for f in ("fit_", "plan_", "ahead_") for b in fit_bs}
-    out = {**every_split, **out}  # the splits planned but not candidates are dropped below
+    # every split of those b is planned (the plan and ahead splits need the fit's plan); the
+    # splits that are not candidates are dropped at the end
+    out = {name: np.zeros((num_steps, num_layers)) for name in [
+        *names, *(f"probe_on_eplb_{f}b{b}p{slots - b}" for f in ("fit_", "plan_", "ahead_")
+                  for b in fit_bs)]}
     ahead_side = ahead_exposure(costs.side_planner_seconds(),
                                 costs.model.num_layers * attention, costs.model.num_layers)
     planner_side = costs.side_planner_seconds()
