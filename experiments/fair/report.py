@@ -123,6 +123,14 @@ def _verdict(results: list[dict], analysis: dict, sensitivity: dict | None) -> l
         parts = [f"{name.split('_')[0]} {v['cases'] - len(v['missed'])}/{v['cases']}"
                  for name, v in tq["side"].items()]
         lines.append(f"* For comparison, {q} (side mode) passes " + ", ".join(parts) + ".")
+    side = [(v["policies"]["probe_on_eplb_auto_pred"]["side"]["throughput_tok_s"],
+             v["policies"]["probe_on_eplb_auto_plus"]["side"]["throughput_tok_s"])
+            for r in results for v in r["slots"].values()
+            if "probe_on_eplb_auto_pred" in v["policies"]]
+    if side:
+        lines.append(f"* probe_on_eplb_auto_pred (side mode) is faster than "
+                     f"probe_on_eplb_auto_plus in {sum(a > b for a, b in side)} cases and "
+                     f"slower in {sum(a < b for a, b in side)} of {len(side)}.")
     for w, m in means.items():
         lines.append(
             f"* {w}: the oracle saves {m[0]:.1f} us per MoE layer over the best baseline; "
