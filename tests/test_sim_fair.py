@@ -687,6 +687,25 @@ def test_auto_plus_falls_back_to_eplb_async_when_nothing_hides(stable, costs):
                                res.step_time("eplb_async", "side") + extra)
 
 
+def test_run_planner_us_replaces_the_side_planner_charge_where_named():
+    from experiments.fair.run import case_load, parse_args
+
+    args = parse_args(["--planner-us", "8=10", "64=50", "--steps", "2", "--prior", "1",
+                       "--layers", "1"])
+    default = FairCosts.for_model("gpt-oss-120b", 8).side_planner_seconds()
+    assert default > 20e-6  # the measured charge: the host path + a round trip
+    _, costs, _, _, _ = case_load("gpt-oss-120b", "decode", 256, args)
+    assert costs.side_planner_seconds() == pytest.approx(10e-6)
+    assert costs.planner_kernel_s == FairCosts.for_model("gpt-oss-120b", 8).planner_kernel_s
+    _, costs, _, _, _ = case_load("qwen3-235b-a22b", "decode", 256, parse_args([
+        "--steps", "2", "--prior", "1", "--layers", "1"]))
+    assert costs.side_planner_seconds() == pytest.approx(
+        FairCosts.for_model("qwen3-235b-a22b", 8).side_planner_seconds())
+    for bad in ("8", "x=1", "0=5", "8=-1", "8=inf"):
+        with pytest.raises(SystemExit):
+            parse_args(["--planner-us", bad])
+
+
 def test_run_configs_restrict_the_study():
     from experiments.fair.run import configs, parse_args
 

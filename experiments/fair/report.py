@@ -295,6 +295,18 @@ def _scoring_interval(results: list[dict], settings: dict) -> str:
         "; ".join(chosen) + "."
 
 
+def _planner_what_if(settings: dict) -> list[str]:
+    """The report's warning line when --planner-us replaced the measured planner charge."""
+    named = settings.get("planner_us")
+    if not named:
+        return []
+    pairs = ", ".join(f"{us:g} us at ep = {ep}" for ep, us in sorted(
+        (int(ep), float(us)) for ep, us in named.items()))
+    return ["", f"**What-if, not measured:** the side-stream planner is charged {pairs} per "
+            "layer (--planner-us) instead of the measured charge (the faster of the host path "
+            "plus a round trip and the measured GPU kernel); the host mode is unchanged."]
+
+
 def write_report(results: list[dict], analysis: dict, manifest: dict, path: Path,
                  sensitivity: dict | None = None) -> None:
     """report.md; sensitivity: {"label", "folder", "analysis"} of a second run (e.g. with a
@@ -327,6 +339,7 @@ def write_report(results: list[dict], analysis: dict, manifest: dict, path: Path
         f"CPUs ({manifest['machine']['platform']}), {manifest['elapsed_s']} s. Everything here "
         "is a simulation on calibrated H200 costs, not a measurement on GPUs. Full tables: "
         "tables.md (and tables.json); plot: fair_memory.png; manifest.json.",
+        *_planner_what_if(s),
         "",
         "## Verdict (computed from the tables below)",
         "",
@@ -570,8 +583,11 @@ def load_sensitivity(folder: Path | None) -> dict | None:
     tables = json.loads((folder / "tables.json").read_text())
     manifest = json.loads((folder / "manifest.json").read_text())
     settings = manifest["settings"]
+    planner = settings.get("planner_us")
+    what_if = "" if not planner else ", planner charged " + ", ".join(
+        f"{float(us):g} us at ep = {ep}" for ep, us in planner.items())
     return {"label": f"predictor {settings['predictor']}, --score-every "
-                     f"{settings.get('score_every', 1)}", "folder": str(folder),
+                     f"{settings.get('score_every', 1)}{what_if}", "folder": str(folder),
             "analysis": tables["analysis"]}
 
 

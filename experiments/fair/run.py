@@ -142,10 +142,37 @@ def parse_args(argv=None) -> argparse.Namespace:
                          "picker may also take the b = k - 1, p = 1 splits at EPLB-k's memory "
                          "(default on; --no-nested: DeepSeek's own EPLB-b layouts, auto_plus "
                          "restricted to b = 0 and b = k)")
+    ap.add_argument("--planner-us", type=_planner_us, nargs="+", default=None,
+                    metavar="EP=US",
+                    help="a what-if: charge the side-stream planner this many microseconds "
+                         "per layer at these ep sizes (e.g. 8=10 32=50 64=50, the GPU "
+                         "kernel's latency targets) instead of the default, the faster of the "
+                         "measured host path + round trip and the measured GPU kernel; host "
+                         "mode is unchanged; ep sizes not named keep the default")
     ap.add_argument("--sensitivity", type=Path, default=None,
                     help="folder of another run (e.g. --predictor perfect) whose summary the "
                          "report adds")
     return ap.parse_args(argv)
+
+
+def _planner_us(text: str) -> tuple[int, float]:
+    """--planner-us: EP=US, an ep size >= 1 and microseconds >= 0."""
+    ep, sep, us = text.partition("=")
+    try:
+        pair = (int(ep), float(us)) if sep else None
+    except ValueError:
+        pair = None
+    if pair is None or pair[0] < 1 or not pair[1] >= 0 or pair[1] == float("inf"):
+        raise argparse.ArgumentTypeError(
+            f"must be EP=US with an int EP >= 1 and finite US >= 0, got {text!r}")
+    return pair
+
+
+def planner_override(args, ep: int) -> dict:
+    """FairCosts overrides of --planner-us at `ep` ranks: {"planner_gpu_s": seconds} where
+    the option names `ep`, else {}."""
+    named = dict(getattr(args, "planner_us", None) or [])
+    return {"planner_gpu_s": 1e-6 * named[ep]} if ep in named else {}
 
 
 def _score_every(text: str):
@@ -260,7 +287,8 @@ def case_load(model: str, workload: str, batch: int, args, path: Path | None = N
     """(load int64 [prior + steps, L, G, E], costs, prior, phase, trace) of one study case, as
     run_config replays it."""
     name, ep = split_model(model)
-    costs = FairCosts.for_model(name, ep)
+    overrides = planner_override(args, ep)
+    costs = FairCosts.for_model(name, ep, **overrides)
     phase = "prefill" if workload == "prefill" else "decode"
     steps_n, prior, layers = args.steps, args.prior, args.layers
     if ep > 8:
@@ -271,7 +299,7 @@ def case_load(model: str, workload: str, batch: int, args, path: Path | None = N
         routing = ModelSpec(f"{path.name.split('.')[0]}-routing@{model}-shape",
                             num_layers=base.num_layers, num_experts=trace.num_experts,
                             top_k=trace.top_k, hidden=base.hidden, expert_ffn=base.expert_ffn)
-        costs = FairCosts.for_model(model, 8, routing=routing)
+        costs = FairCosts.for_model(model, 8, routing=routing, **overrides)
     else:
         spec = costs.model
         steps = args.prefill_steps if phase == "prefill" else steps_n
@@ -528,6 +556,7 @@ def main(argv=None) -> int:
                      "predictor": args.predictor, "seed": args.seed, "slots": list(slots_list),
                      "score_every": args.score_every, "rescore": args.rescore,
                      "nested": args.nested,
+                     "planner_us": dict(args.planner_us or []) or None,
                      "eplb_window": args.prior, "eplb_interval": args.prior},
     }
     outputs = [args.out / name for name in ("tables.md", "tables.json", "fair_memory.png")]
