@@ -201,6 +201,24 @@ def test_oracle_never_worse_on_moe_time(result):
             else:
                 assert label.startswith("true_") and label.endswith(("_wf", "_greedy"))
     assert sum(result.meta["oracle_wins"].values()) == oracle.size
+    # the oracle held to one candidate: no better than the per-cell oracle, no worse than any
+    # policy scored at every cell, and the mean of its label's MoE where that is a policy
+    single = result.meta["oracle_single"]
+    assert single["moe_s"] >= oracle.mean() - 1e-15
+    for policy in ("static", "eplb_async", "probe_paper"):
+        assert single["moe_s"] <= result.metrics[policy]["moe"].mean() + 1e-15, policy
+    if single["label"] in result.policies:
+        assert single["moe_s"] == pytest.approx(result.metrics[single["label"]]["moe"].mean())
+
+
+def test_oracle_single_takes_the_lowest_complete_mean():
+    from probe.sim.fair import oracle_single
+
+    tally = {"a": np.array([[1.0, 3.0]]), "b": np.array([[2.0, 2.0]]),
+             "c": np.array([[0.5, np.nan]])}
+    assert oracle_single(tally) == {"label": "a", "moe_s": 2.0}  # "c" lacks a cell; a, b tie
+    with pytest.raises(ValueError, match="every step"):
+        oracle_single({"c": tally["c"]})
 
 
 def test_plan_and_ahead_splits_charge_no_assignment(result, costs):
@@ -687,15 +705,17 @@ def test_auto_plus_falls_back_to_eplb_async_when_nothing_hides(stable, costs):
                                res.step_time("eplb_async", "side") + extra)
 
 
-def test_run_planner_us_replaces_the_side_planner_charge_where_named():
+def test_run_planner_and_assign_us_replace_the_side_charges_where_named():
     from experiments.fair.run import case_load, parse_args
 
-    args = parse_args(["--planner-us", "8=10", "64=50", "--steps", "2", "--prior", "1",
-                       "--layers", "1"])
-    default = FairCosts.for_model("gpt-oss-120b", 8).side_planner_seconds()
-    assert default > 20e-6  # the measured charge: the host path + a round trip
+    args = parse_args(["--planner-us", "8=10", "64=50", "--assign-us", "8=7", "--steps", "2",
+                       "--prior", "1", "--layers", "1"])
+    default = FairCosts.for_model("gpt-oss-120b", 8)
+    assert default.side_planner_seconds() > 20e-6  # the host path + a round trip
+    assert default.assign_side_seconds(2, 5e-6) == pytest.approx(25e-6)  # host + round trip
     _, costs, _, _, _ = case_load("gpt-oss-120b", "decode", 256, args)
     assert costs.side_planner_seconds() == pytest.approx(10e-6)
+    assert costs.assign_side_seconds(2, 5e-6) == pytest.approx(7e-6)
     assert costs.planner_kernel_s == FairCosts.for_model("gpt-oss-120b", 8).planner_kernel_s
     _, costs, _, _, _ = case_load("qwen3-235b-a22b", "decode", 256, parse_args([
         "--steps", "2", "--prior", "1", "--layers", "1"]))

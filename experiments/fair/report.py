@@ -131,6 +131,18 @@ def _verdict(results: list[dict], analysis: dict, sensitivity: dict | None) -> l
         lines.append(f"* probe_on_eplb_auto_pred (side mode) is faster than "
                      f"probe_on_eplb_auto_plus in {sum(a > b for a, b in side)} cases and "
                      f"slower in {sum(a < b for a, b in side)} of {len(side)}.")
+    singles = [_single_oracle(entry, f["per_slots"][int(k)])
+               for r, f in zip(results, analysis["findings"], strict=True)
+               if f["workload"] in ("shift", "repeat") for k, entry in r["slots"].items()]
+    singles = [x for x in singles if x is not None]
+    if singles:
+        gaining = [c for _, c, _ in singles if c is not None]
+        lines.append(
+            f"* Held to one candidate for the whole run (no per-step choice between "
+            f"candidates), the oracle gains at least 0.5 us per layer over the best baseline in "
+            f"{len(gaining)} of {len(singles)} shift and repeat cases; PROBE-on-EPLB captures "
+            f"at least 80% of that gain (per-layer time) in {sum(c >= 0.8 for c in gaining)} "
+            "of them (T2 table below).")
     for w, m in means.items():
         lines.append(
             f"* {w}: the oracle saves {m[0]:.1f} us per MoE layer over the best baseline; "
@@ -197,11 +209,43 @@ def _picks(epochs: list[dict] | None) -> str:
     return ",".join(out)
 
 
+def _single_oracle(entry: dict, v: dict):
+    """(gain us per layer, captured or None, label) of the oracle held to one candidate for
+    the whole run (meta["oracle_single"]), None where the run predates it. Its time per layer
+    is the oracle's plus its MoE time above the oracle's; captured = (best baseline - auto) /
+    (best baseline - it), None where it gains under 0.5 us per layer (the ratio divides by
+    noise)."""
+    single = entry["meta"].get("oracle_single")
+    if not single:
+        return None
+    pol, layers = entry["policies"], entry["meta"]["model_layers"]
+
+    def per_layer(q, mode):
+        return 1e3 * pol[q][mode]["step_ms"] / layers
+
+    it = (per_layer("oracle", "host") + 1e6 * single["moe_s"]
+          - pol["oracle"]["host"]["moe_us"])
+    best = per_layer(v["best_baseline"], "host")
+    gain = best - it
+    captured = (best - per_layer(v["rule_combo"], "side")) / gain if gain >= 0.5 else None
+    return gain, captured, single["label"]
+
+
+def _single_oracle_cell(entry: dict, v: dict) -> str:
+    """'gain, captured (label)' for the T2 table."""
+    got = _single_oracle(entry, v)
+    if got is None:
+        return "-"
+    gain, captured, label = got
+    return f"{gain:.1f}, {'-' if captured is None else f'{captured:.2f}'} ({label})"
+
+
 def _t2_rows(results: list[dict], analysis: dict, sensitivity: dict | None) -> list[str]:
     """The T2 breakdown table (report section 'Where PROBE-on-EPLB loses ...')."""
     rows = ["| model | workload | tok/rank | k | captured | oracle gain | MoE gap | overheads "
-            "(side + assign + transfer + stall) | choice | perfect | auto's picks |",
-            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+            "(side + assign + transfer + stall) | choice | perfect | one-candidate oracle: "
+            "gain, captured | auto's picks |",
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|"]
     other = None
     if sensitivity is not None:
         other = {(f["model"], f["workload"], f["batch_per_rank"]): f
@@ -234,11 +278,12 @@ def _t2_rows(results: list[dict], analysis: dict, sensitivity: dict | None) -> l
                             - v["ratio"][v["rule_combo"]]["side"])
                     perfect = f"{diff:+.3f}"
             picks = _picks(v.get("auto_choices"))
+            single = _single_oracle_cell(entry, v)
             rows.append(
                 f"| {f['model']} | {f['workload']} | {f['batch_per_rank']} | {k} | "
                 f"{v['captured'][v['rule_combo']]['side']:.2f} | {gain:.1f} | "
                 f"{auto['moe_us'] - pol['oracle']['host']['moe_us']:.1f} | {over:.1f} | "
-                f"{choice:+.1f} | {perfect} | {picks} |")
+                f"{choice:+.1f} | {perfect} | {single} | {picks} |")
     return rows
 
 
@@ -295,16 +340,26 @@ def _scoring_interval(results: list[dict], settings: dict) -> str:
         "; ".join(chosen) + "."
 
 
+def _what_if_charges(settings: dict) -> str:
+    """'planner charged ..., assignment charged ...' of --planner-us / --assign-us ('')."""
+    parts = []
+    for key, what in (("planner_us", "planner"), ("assign_us", "assignment")):
+        named = settings.get(key)
+        if named:
+            parts.append(f"{what} charged " + ", ".join(
+                f"{us:g} us at ep = {ep}" for ep, us in sorted(
+                    (int(ep), float(us)) for ep, us in named.items())))
+    return "; ".join(parts)
+
+
 def _planner_what_if(settings: dict) -> list[str]:
-    """The report's warning line when --planner-us replaced the measured planner charge."""
-    named = settings.get("planner_us")
-    if not named:
+    """The report's warning line when --planner-us / --assign-us replaced measured charges."""
+    text = _what_if_charges(settings)
+    if not text:
         return []
-    pairs = ", ".join(f"{us:g} us at ep = {ep}" for ep, us in sorted(
-        (int(ep), float(us)) for ep, us in named.items()))
-    return ["", f"**What-if, not measured:** the side-stream planner is charged {pairs} per "
-            "layer (--planner-us) instead of the measured charge (the faster of the host path "
-            "plus a round trip and the measured GPU kernel); the host mode is unchanged."]
+    return ["", f"**What-if, not measured:** in side mode the {text} per layer (--planner-us, "
+            "--assign-us) instead of the measured charges (the faster of the host path plus a "
+            "round trip and the measured GPU kernel); the host mode is unchanged."]
 
 
 def write_report(results: list[dict], analysis: dict, manifest: dict, path: Path,
@@ -517,7 +572,11 @@ def write_report(results: list[dict], analysis: dict, manifest: dict, path: Path
               "replica transfer and stall; 'choice': auto minus the best single candidate of "
               "the case fixed for the whole run (post hoc: what picking from history cost); "
               "'perfect': auto's ratio with the perfect predictor minus its ratio here (what "
-              "the prediction error cost), where a perfect-predictor run is given.", "",
+              "the prediction error cost), where a perfect-predictor run is given; "
+              "'one-candidate oracle': the oracle held to the one candidate (a policy's plan "
+              "or a plan on the true load, free) with the lowest MoE time over the whole run, "
+              "its gain over the best baseline and the share of it auto captures: what is "
+              "left without the oracle's per-step choice between candidates.", "",
               *_t2_rows(results, analysis, sensitivity), ""]
     lines += ["", "## Targets", ""]
     for mode in ("side", "host"):
@@ -583,9 +642,8 @@ def load_sensitivity(folder: Path | None) -> dict | None:
     tables = json.loads((folder / "tables.json").read_text())
     manifest = json.loads((folder / "manifest.json").read_text())
     settings = manifest["settings"]
-    planner = settings.get("planner_us")
-    what_if = "" if not planner else ", planner charged " + ", ".join(
-        f"{float(us):g} us at ep = {ep}" for ep, us in planner.items())
+    what_if = _what_if_charges(settings)
+    what_if = f", {what_if}" if what_if else ""
     return {"label": f"predictor {settings['predictor']}, --score-every "
                      f"{settings.get('score_every', 1)}{what_if}", "folder": str(folder),
             "analysis": tables["analysis"]}

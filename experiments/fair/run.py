@@ -149,6 +149,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                          "kernel's latency targets) instead of the default, the faster of the "
                          "measured host path + round trip and the measured GPU kernel; host "
                          "mode is unchanged; ep sizes not named keep the default")
+    ap.add_argument("--assign-us", type=_planner_us, nargs="+", default=None,
+                    metavar="EP=US",
+                    help="the same what-if for the dispatch-time assignment (water-filling) "
+                         "in side mode: this many microseconds per layer at these ep sizes "
+                         "instead of the faster of the measured host kernel + round trip and "
+                         "the measured GPU kernel")
     ap.add_argument("--sensitivity", type=Path, default=None,
                     help="folder of another run (e.g. --predictor perfect) whose summary the "
                          "report adds")
@@ -169,10 +175,14 @@ def _planner_us(text: str) -> tuple[int, float]:
 
 
 def planner_override(args, ep: int) -> dict:
-    """FairCosts overrides of --planner-us at `ep` ranks: {"planner_gpu_s": seconds} where
-    the option names `ep`, else {}."""
-    named = dict(getattr(args, "planner_us", None) or [])
-    return {"planner_gpu_s": 1e-6 * named[ep]} if ep in named else {}
+    """FairCosts overrides of --planner-us and --assign-us at `ep` ranks: planner_gpu_s and
+    assign_side_s in seconds where the options name `ep`."""
+    out = {}
+    for option, field in (("planner_us", "planner_gpu_s"), ("assign_us", "assign_side_s")):
+        named = dict(getattr(args, option, None) or [])
+        if ep in named:
+            out[field] = 1e-6 * named[ep]
+    return out
 
 
 def _score_every(text: str):
@@ -557,6 +567,7 @@ def main(argv=None) -> int:
                      "score_every": args.score_every, "rescore": args.rescore,
                      "nested": args.nested,
                      "planner_us": dict(args.planner_us or []) or None,
+                     "assign_us": dict(args.assign_us or []) or None,
                      "eplb_window": args.prior, "eplb_interval": args.prior},
     }
     outputs = [args.out / name for name in ("tables.md", "tables.json", "fair_memory.png")]

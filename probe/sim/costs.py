@@ -334,6 +334,7 @@ class FairCosts:
     planner_gpu_s: float | None = None  # fixed side-mode planner seconds (None: planner_side)
     planner_side: str = "latency"  # side mode's planner charge: "latency" or "gpu" (batched)
     assign_time: str = "latency"  # side mode's assignment charge: "latency", "gpu", "host"
+    assign_side_s: float | None = None  # fixed side-mode assignment seconds (None: assign_time)
     host_round_trip_s: float = CONSTANTS["host_round_trip_s"]["value"]
     calibrated_as: str = ""  # the calibrated model whose costs these are ("": model.name)
     ranks_per_node: int = 8
@@ -349,6 +350,8 @@ class FairCosts:
                              f"{self.planner_side!r}")
         if self.planner_gpu_s is not None and not self.planner_gpu_s >= 0:
             raise ValueError(f"planner_gpu_s must be >= 0 or None, got {self.planner_gpu_s!r}")
+        if self.assign_side_s is not None and not self.assign_side_s >= 0:
+            raise ValueError(f"assign_side_s must be >= 0 or None, got {self.assign_side_s!r}")
 
     @classmethod
     def for_model(cls, name: str, num_ranks: int = 8, calibration=None, *,
@@ -465,7 +468,9 @@ class FairCosts:
         """The dispatch-time assignment's seconds per layer in side mode, given the host
         kernel's measured `host_s`: assign_time "gpu" the multi-layer launch's per-layer time
         (optimistic), "host" host_s, "latency" (default) the faster of host_s plus a host
-        round trip and the GPU kernel's one-layer latency."""
+        round trip and the GPU kernel's one-layer latency; `assign_side_s` when given."""
+        if self.assign_side_s is not None:
+            return float(self.assign_side_s)
         if self.assign_time == "gpu":
             return self.assign_gpu_seconds(slots)
         if self.assign_time == "host":

@@ -929,7 +929,8 @@ def simulate_fair(load: np.ndarray, costs: FairCosts, *, slots: int, prior: int,
     redundant copy of EPLB-k is often impossible without a rank holding only single
     copies); a layer switched back to more resident copies fetches the dropped ones again,
     charged as exposed transfer (restore_charges). Default off here (the tests pin the
-    earlier behaviour); experiments.fair.run turns it on.
+    earlier behaviour); experiments.fair.run turns it on. meta["oracle_single"]: the oracle
+    held to one candidate for the whole run (oracle_single).
     """
     load = np.asarray(load)
     if load.ndim != 4:
@@ -1039,6 +1040,7 @@ def simulate_fair(load: np.ndarray, costs: FairCosts, *, slots: int, prior: int,
     pred_cost = np.zeros((num_steps, num_layers))  # the predictor's seconds per step, layer
     plan_host = costs.planner_kernel_s * costs.planner_host_factor  # one plan, host mode
     oracle_labels = [[""] * num_layers for _ in range(num_steps)]  # the oracle's winners
+    oracle_tally: dict[str, np.ndarray] = {}  # every oracle candidate's MoE seconds [N, L]
 
     def moved_per_rank(old: np.ndarray, new: np.ndarray) -> np.ndarray:  # bytes [G]
         return (np.maximum(new - old, 0).sum(axis=(0, 2)) * layer_scale * expert_bytes)
@@ -1288,6 +1290,9 @@ def simulate_fair(load: np.ndarray, costs: FairCosts, *, slots: int, prior: int,
                     _plan(result).assignment, holds)["moe"]))
             label, best = min(candidates, key=lambda c: c[1])
             oracle_labels[n][layer] = label
+            for name, seconds in candidates:
+                oracle_tally.setdefault(name, np.full((num_steps, num_layers), np.nan))[
+                    n, layer] = seconds
             m = metrics["oracle"]
             m["moe"][n, layer] = best
             m["imbalance"][n, layer] = np.nan
@@ -1633,12 +1638,27 @@ def simulate_fair(load: np.ndarray, costs: FairCosts, *, slots: int, prior: int,
                                            num_steps), strict=True)
                 for q, plus in zip(names, plus_names, strict=True))),
             "oracle_wins": dict(collections.Counter(x for row in oracle_labels for x in row)),
+            "oracle_single": oracle_single(oracle_tally),
             "planner_side_s": planner_side, "assign_side_s": assign_side,
             "planner_host_s": plan_host, "auto_scoring": scoring}
     return FairResult(policies=policies, metrics=metrics, stall=stall, moved=moved,
                       attention=attention, tokens_per_step=load[prior:, 0].sum(axis=(1, 2))
                       / model.top_k, layer_scale=layer_scale, memory=memory, meta=meta,
                       oracle_picks=oracle_labels)
+
+
+def oracle_single(tally: dict) -> dict:
+    """The oracle restricted to ONE of its candidates for the whole run: {"label", "moe_s"}
+    of the candidate (a policy's plan or a true-load plan, every step and layer of it free)
+    with the lowest mean MoE seconds over the run, among those scored at every step and
+    layer; what perfect knowledge at zero cost gains without the per-step choice between
+    candidates that the oracle also makes. tally: label -> float [N, L] MoE seconds (NaN
+    where the label was not scored)."""
+    complete = {q: t for q, t in tally.items() if t.size and not np.isnan(t).any()}
+    if not complete:
+        raise ValueError("no oracle candidate was scored at every step and layer")
+    label = min(complete, key=lambda q: (float(complete[q].mean()), q))
+    return {"label": label, "moe_s": float(complete[label].mean())}
 
 
 def _per_step(epochs: list, num_steps: int) -> list:
