@@ -1381,8 +1381,9 @@ def test_restore_charges_fetch_the_dropped_copies_again():
 def test_scoring_work_counts_one_plan_per_split():
     names = auto_candidates(3, plus=True, nested=True)
     plans, ahead, scores = scoring_work(names)
-    # fit b0p3 (plan b0p3 shares it), plan b2p1 (no fit of its own), the paper's PROBE
-    assert (plans, ahead, scores) == (3, 2, len(names))
+    # fit b0p3 (plan b0p3 shares it), plans b1p2 and b2p1 (no fit of their own), the paper's
+    # PROBE; step-ahead b0p3, b1p2, b2p1
+    assert (plans, ahead, scores) == (4, 3, len(names))
     assert scoring_work(auto_candidates(3, plus=True))[:2] == (2, 1)
 
 
@@ -1391,7 +1392,10 @@ def test_nested_auto_plus_candidates():
         splits = {int(q.rpartition("_b")[2].split("p")[0])
                   for q in auto_candidates(k, plus=True, nested=True)
                   if q.startswith("probe_on_eplb_") and "_b" in q}
-        assert splits == ({0, k - 1} if k > 1 else {0})
+        assert splits == set(range(k))  # b = 0 .. k - 1, p = k - b
+        for b in range(1, k):
+            assert {f"probe_on_eplb_plan_b{b}p{k - b}", f"probe_on_eplb_ahead_b{b}p{k - b}"} <= \
+                set(auto_candidates(k, plus=True, nested=True))
         assert auto_candidates(k, nested=True) == auto_candidates(k)
 
 

@@ -139,7 +139,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--nested", action=argparse.BooleanOptionalAction, default=True,
                     help="EPLB-b layouts of b < k are EPLB-k's with k - b redundant copies "
                          "per rank dropped (probe.sim.fair.nested_copies), so the auto_plus "
-                         "picker may also take the b = k - 1, p = 1 splits at EPLB-k's memory "
+                         "picker may also take the splits b = 1 .. k - 1, p = k - b at "
+                         "EPLB-k's memory "
                          "(default on; --no-nested: DeepSeek's own EPLB-b layouts, auto_plus "
                          "restricted to b = 0 and b = k)")
     ap.add_argument("--planner-us", type=_planner_us, nargs="+", default=None,

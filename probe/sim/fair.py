@@ -62,9 +62,9 @@ layer type). Every policy has k extra expert slots per rank:
                     (the fallbacks') with any EPLB-b, 0 < b < k, would exceed the k slots per
                     rank every policy has (with nested layouts, `nested`, EPLB-b for
                     0 < b < k is a subset of EPLB-k, and auto_plus also picks the splits
-                    b = k - 1, p = 1: nested_copies, restore_charges). Charged on top of the
-                    served candidate (all auto policies, see "The auto policies' own work"
-                    below).
+                    b = 1 .. k - 1, p = k - b: nested_copies, restore_charges). Charged on
+                    top of the served candidate (all auto policies, see "The auto
+                    policies' own work" below).
     probe_on_eplb_auto  the PROBE-on-EPLB of the targets: probe_on_eplb_auto_replan's picks at
                     the start and at each re-plan; before every other measured step a layer
                     switches to the candidate with the lowest mean time over the last
@@ -245,19 +245,23 @@ def auto_candidates(slots: int, plus: bool = False, nested: bool = False) -> lis
     """The policies probe_on_eplb_auto(_replan) pick from per layer: the fit split b = 0
     (p = k per-step slots on EPLB-0), the paper's PROBE, then FALLBACKS; with `plus`
     (probe_on_eplb_auto_plus) also the probe_on_eplb_plan and probe_on_eplb_ahead splits
-    b = 0, before the fallbacks, and with `nested` (k >= 2) their splits b = k - 1, p = 1 too.
+    b = 0, before the fallbacks, and with `nested` (k >= 2) their splits b = 1 .. k - 1,
+    p = k - b too (fewest resident copies first).
 
     Without `nested` only b = 0 and b = k (the fallbacks' EPLB-k layout): a policy that may
     switch to a candidate any step keeps that candidate's resident layout current, and
     DeepSeek's own layouts of b = 1 .. k - 1 beside EPLB-k would hold more than the k slots
     per rank every policy has (equal memory, module docstring). With `nested` (simulate_fair's
     nested layouts) every EPLB-b, 0 < b < k, is EPLB-k with k - b redundant copies per rank
-    dropped (nested_copies), a subset of what EPLB-k holds, so it fits the same memory."""
+    dropped (nested_copies), a subset of what EPLB-k holds, and p = k - b per-step slots are
+    no more than the k that b = 0 already double-buffers, so every split fits the same
+    memory."""
     if isinstance(slots, bool) or not isinstance(slots, (int, np.integer)) or slots < 1:
         raise ValueError(f"slots must be an int >= 1, got {slots!r}")
     extra = ([f"probe_on_eplb_{f}b0p{slots}" for f in ("plan_", "ahead_")] if plus else [])
     if plus and nested and slots > 1:
-        extra += [f"probe_on_eplb_{f}b{slots - 1}p1" for f in ("plan_", "ahead_")]
+        extra += [f"probe_on_eplb_{f}b{b}p{slots - b}" for b in range(1, slots)
+                  for f in ("plan_", "ahead_")]
     return ([f"probe_on_eplb_fit_b0p{slots}", "probe_paper"] + extra + list(FALLBACKS))
 
 
@@ -924,7 +928,7 @@ def simulate_fair(load: np.ndarray, costs: FairCosts, *, slots: int, prior: int,
     pin); experiments.fair.run defaults to "auto". nested: every EPLB-b layout of 0 < b < k
     is EPLB-k's with k - b redundant copies per rank dropped (nested_copies, from the same
     window's weights) instead of DeepSeek's own layout for b slots, so that it is a subset
-    of EPLB-k and probe_on_eplb_auto_plus may pick the b = k - 1, p = 1 splits too
+    of EPLB-k and probe_on_eplb_auto_plus may pick the b = 1 .. k - 1, p = k - b splits too
     (auto_candidates) at EPLB-k's memory (b = 0 stays DeepSeek's EPLB-0: dropping every
     redundant copy of EPLB-k is often impossible without a rank holding only single
     copies); a layer switched back to more resident copies fetches the dropped ones again,
