@@ -1460,6 +1460,27 @@ def test_history_times_plan_every_split_named(load, costs):
         assert np.all(times[q] > 1e-4 + 1e-6)  # MoE time, not the attention alone
 
 
+def test_history_times_charge_a_given_water_filling_time(load, costs):
+    # wf_time (simulate_fair's fixed solve_time) sets the assignment charge of the
+    # water-filled candidates instead of this host's measured median: the first pick then
+    # does not move with the host's load where the run's charges do not.
+    layouts = {b: eplb_copies(load[:4].sum(axis=2).mean(axis=0).astype(float), b, 8)
+               for b in (0, 2)}
+    names = auto_candidates(2)
+
+    def times(wf):
+        return history_times(load[1:4], load[0], layouts, costs, 2, 1e-4,
+                             lambda true, prev, h, layer: true, names=names, wf_time=wf)
+
+    low, high = times(1e-6), times(5e-4)
+    step = costs.assign_side_seconds(2, 5e-4) - costs.assign_side_seconds(2, 1e-6)
+    assert step > 0
+    for q in ("probe_on_eplb_wf", "probe_on_eplb_fit_b0p2"):
+        np.testing.assert_allclose(high[q] - low[q], step, rtol=1e-9)
+    for q in ("eplb_async", "static", "probe_paper"):
+        np.testing.assert_array_equal(high[q], low[q])
+
+
 @pytest.fixture(scope="module")
 def nested_result(load, costs):
     return simulate_fair(load, costs, slots=2, prior=4, window=4, interval=3, seed=1,

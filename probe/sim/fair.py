@@ -609,7 +609,7 @@ def history_split(history: np.ndarray, layouts: dict, costs: FairCosts, slots: i
 
 def history_times(history: np.ndarray, previous: np.ndarray | None, layouts: dict,
                   costs: FairCosts, slots: int, attention: float, predict,
-                  names: list[str] | None = None) -> dict:
+                  names: list[str] | None = None, wf_time: float | None = None) -> dict:
     """Side-mode layer times of every auto candidate on the history steps, for the choice of
     probe_on_eplb_auto_replan before the first measured step: {candidate: float64 [H, L]}.
 
@@ -625,7 +625,10 @@ def history_times(history: np.ndarray, previous: np.ndarray | None, layouts: dic
     probe_on_eplb_ahead splits: planned on the step before's load, the model's layers'
     planner time beyond L x attention, per layer (ahead_exposure), no predictor, no
     assignment. names: the candidates (default auto_candidates(slots, plus=True)); the fit,
-    plan and step-ahead splits of every b among them are planned."""
+    plan and step-ahead splits of every b among them are planned. wf_time: the
+    water-filling's seconds per call the assignment charge is made of (None: its measured
+    median here; simulate_fair passes its fixed `solve_time`, so the first pick does not
+    depend on this host's timing where the run's charges do not)."""
     num_steps, num_layers, num_ranks, num_experts = history.shape
     home = sharded_home(num_experts, num_ranks)
     home_int = home.astype(np.int64)
@@ -715,7 +718,8 @@ def history_times(history: np.ndarray, previous: np.ndarray | None, layouts: dic
                 out[f"probe_on_eplb_ahead_b{b}p{slots - b}"][h, layer] = (
                     scored["moe"] + transfer + ahead_side)
     assign_s = (costs.assign_gpu_seconds(slots) if costs.assign_time == "gpu"
-                else costs.assign_side_seconds(slots, float(np.median(wf_seconds))))
+                else costs.assign_side_seconds(slots, float(np.median(wf_seconds))
+                                               if wf_time is None else wf_time))
     for name, h, layer in wf_cells:
         out[name][h, layer] += assign_s
     return {name: out[name] + attention for name in names}
@@ -1061,7 +1065,8 @@ def simulate_fair(load: np.ndarray, costs: FairCosts, *, slots: int, prior: int,
     first = history_times(load[prior - window:prior],
                           load[prior - window - 1] if prior > window else None, active, costs,
                           slots, attention, history_predict,
-                          names=candidates_of["probe_on_eplb_auto_plus"])
+                          names=candidates_of["probe_on_eplb_auto_plus"],
+                          wf_time=fixed_solve.get("waterfill"))
     # the step-ahead splits' own plan in `first`: against the first step's window alone
     first_ahead_side = ahead_exposure(planner_side, model.num_layers * attention,
                                       model.num_layers)
