@@ -957,7 +957,8 @@ def simulate_fair(load: np.ndarray, costs: FairCosts, *, slots: int, prior: int,
     check: check_plan every policy's plan on the true load (RuntimeError
     on a violation), with the hiding window the plan was made for (transfer beyond the real
     window is charged as exposed time, not refused). solve_time: {"lp": s, "waterfill": s}
-    to charge fixed dispatch-solve times instead of the measured wall time (None: measured).
+    to charge fixed dispatch-solve times instead of the measured wall time (None: measured;
+    the water-filling's also in the history times of the first pick, history_times).
     phase: "decode" (tokens per rank are requests) or "prefill" (tokens per rank are one
     chunk) for the attention time. score_every: the auto policies (auto_replan, auto,
     auto_plus; auto_pred's base pick) re-score their candidates every `score_every` measured
