@@ -42,6 +42,7 @@ from probe.sim.fair import (
     split_by_fractions,
     step_switch,
     traffic_distance,
+    trigger_length,
     waterfill_split,
 )
 from probe.traces.synthetic import generate
@@ -1164,43 +1165,73 @@ def test_a_shift_triggers_a_charged_rescoring_on_the_step_after(shifted, costs):
     # the shift, at 16); the shift at measured step 3 changes the traffic beyond the history's
     # own step-to-step distance and EPLB's MoE time grows ~0.7 ms per step, its compute
     # excess (largest rank over the mean rank, what the gate takes a re-pick to win back)
-    # ~0.26 ms, more over the 11 steps a triggered scoring saves than its extra exposure (a
-    # scoring of 7 water-fillings at 0.08 ms: ~26.5 ms for the model's layers against a
-    # ~25 ms window), so the whole scoring runs at step 4, charged there, and the every-8
-    # schedule restarts at step 5.
+    # ~0.26 ms, more over the 11 steps a triggered scoring saves than its extra exposure if
+    # it ran whole at step 4 (auto_plus: a scoring of 7 water-fillings at 0.08 ms, ~26.5 ms
+    # for the model's layers against a ~25 ms window), so a scoring of step 4 is triggered.
+    # auto's fits one step: it runs whole at step 4. auto_plus's is spread over the two steps
+    # that hide it (trigger_length: one step later is worth less than the exposure), charged
+    # half at steps 4 and 5; each every-8 schedule restarts when the triggered one is done.
     runs = {r: simulate_fair(shifted, costs, rescore=r, **_RESCORE) for r in (False, True)}
     layers = costs.model.num_layers
     windows = _windows(runs[True], costs)
-    for policy in ("probe_on_eplb_auto", "probe_on_eplb_auto_plus"):
+    for policy, length in (("probe_on_eplb_auto", 1), ("probe_on_eplb_auto_plus", 2)):
         sc = {r: res.meta["auto_scoring"][policy] for r, res in runs.items()}
         assert sc[False]["triggered_steps"] == []
         assert sc[True]["triggered_steps"] == [4]
+        assert sc[True]["triggered_lengths"] == [length]
         assert sc[True]["trigger_distance"] < traffic_distance(shifted[4 + 3], shifted[4 + 0])
         work = sc[True]["work_side_s"]
         side = {r: res.metrics[policy]["side"] for r, res in runs.items()}
         served = np.array([e["layers"] for e in runs[True].meta[
             {"probe_on_eplb_auto": "auto_choices",
              "probe_on_eplb_auto_plus": "auto_plus_choices"}[policy]]])
-        assert (served[:5] == "eplb").all()  # a fallback serves up to the trigger
+        assert (served[:4 + length] == "eplb").all()  # a fallback serves until it is done
         fit_pred = runs[True].metrics["probe_on_eplb_fit_b0p2"]["pred"]
-        want = ahead_exposure(work + fit_pred[4].mean(), windows[4], layers)
-        np.testing.assert_allclose(side[True][4], want, rtol=1e-12, atol=1e-15)
+        whole = ahead_exposure(work + fit_pred[4].mean(), windows[4], layers)
+        for step in range(4, 4 + length):  # its share of step 4's scoring at each step
+            want = ahead_exposure((work + fit_pred[4].mean()) / length, windows[step], layers)
+            np.testing.assert_allclose(side[True][step], want, rtol=1e-12, atol=1e-15)
         if policy == "probe_on_eplb_auto_plus":  # (auto's 5 candidates fit the window)
-            assert want > 0
-            assert np.all(side[True][4] > side[False][4])  # the whole scoring, not an eighth
+            assert whole > 0  # what the whole scoring at step 4 would have exposed
+            assert np.all(side[True][4:6] < whole)
+            assert trigger_length(1.0, 11, work, windows[5], 8, layers) == 1  # growth dear
         # before the trigger both runs are charged alike (one every-8 scoring)
         np.testing.assert_allclose(side[True][:4], side[False][:4], rtol=1e-12)
-        # the every-8 schedule restarts at step 5: an eighth of step 5's scoring there
-        if (served[5] == "eplb").all():
-            want5 = ahead_exposure((work + fit_pred[5].mean()) / 8, windows[5], layers)
-            np.testing.assert_allclose(side[True][5], want5, rtol=1e-12, atol=1e-15)
-    # the trigger's charge shows in the step time
-    assert runs[True].step_time("probe_on_eplb_auto_plus", "side")[4] > runs[False].step_time(
-        "probe_on_eplb_auto_plus", "side")[4]
+        # the every-8 schedule restarts when it is done: an eighth of that step's scoring
+        after = 4 + length
+        if (served[after] == "eplb").all():
+            want = ahead_exposure((work + fit_pred[after].mean()) / 8, windows[after], layers)
+            np.testing.assert_allclose(side[True][after], want, rtol=1e-12, atol=1e-15)
+    # the trigger's charge shows in auto's step time (its whole scoring at one step)
+    assert runs[True].step_time("probe_on_eplb_auto", "side")[4] >= runs[False].step_time(
+        "probe_on_eplb_auto", "side")[4]
     # not worth it: with a 12.5x dearer scoring the growth never pays its extra exposure
     dear = simulate_fair(shifted, costs, rescore=True, **dict(
         _RESCORE, solve_time={"waterfill": 1e-3, "lp": 0.0}))
     assert dear.meta["auto_scoring"]["probe_on_eplb_auto_plus"]["triggered_steps"] == []
+
+
+def test_trigger_length_spreads_a_scoring_rather_than_expose_it():
+    # 10 layers, a 1 ms window per step, a scoring of 0.15 ms per layer (1.5 ms for the
+    # model), every 4 steps (0.375 ms a step: hidden); the every-4 scoring that would see
+    # the change is done 8 steps after the next one
+    layers, window, work, k = 10, 1e-3, 0.15e-3, 4
+    exposed = layers * background_exposure(work, 1.0, window, layers)  # whole, one step
+    assert exposed == pytest.approx(0.5e-3)
+    assert background_exposure(work, 0.5, window, layers) == 0.0  # two steps hide it
+    # a growth of 0.1 ms per step: whole at once nets 7 x 0.1 - 0.5 = 0.2 ms, over two
+    # steps 6 x 0.1 = 0.6 ms (three: 0.5 ms): spread over two
+    assert trigger_length(0.1e-3, 8, work, window, k, layers) == 2
+    # a growth of 1 ms per step: one step later costs more than the exposure: whole
+    assert trigger_length(1e-3, 8, work, window, k, layers) == 1
+    # a growth whose whole scoring does not pay (7 x 0.05 < 0.5): none, although spread
+    # over two steps it would cost nothing (the gate judges the whole scoring)
+    assert trigger_length(0.05e-3, 8, work, window, k, layers) == 0
+    # nothing to save: one step left, or an every-step scoring
+    assert trigger_length(1e-3, 1, work, window, k, layers) == 0
+    assert trigger_length(1e-3, 8, work, window, 1, layers) == 0
+    # a scoring that fits one step is never spread
+    assert trigger_length(0.1e-3, 8, 0.05e-3, window, k, layers) == 1
 
 
 def test_a_growth_no_re_pick_can_win_back_triggers_no_dear_rescoring(costs):
@@ -1320,6 +1351,67 @@ def test_the_picker_scores_the_step_ahead_split_with_the_charged_exposure(load, 
                                   res.metrics["probe_on_eplb_ahead_b0p2"]["side"])
 
 
+def test_the_picker_scores_exposure_at_the_share_that_will_run(shifted, costs, monkeypatch):
+    # After the triggered scoring of step 4 (the whole or half of a scoring at its steps)
+    # the every-8 schedule runs again: a pick serves at an eighth of a scoring per step, so
+    # every candidate is scored with the exposure of that share, never with the triggered
+    # one's (paid once, at its own steps: a fallback's background predictions charged then
+    # made EPLB look dearer than a split that was not faster on the step itself).
+    import probe.sim.fair as fair
+
+    shares = []
+    real = fair.pick_exposure
+
+    def recorded(q, work, share, *args, **kwargs):
+        shares.append(share)
+        return real(q, work, share, *args, **kwargs)
+
+    monkeypatch.setattr(fair, "pick_exposure", recorded)
+    res = simulate_fair(shifted, costs, rescore=True, **_RESCORE)
+    sc = res.meta["auto_scoring"]
+    assert sc["probe_on_eplb_auto_plus"]["triggered_steps"] == [4]
+    assert shares and set(shares) == {1 / 8}
+
+
+def test_the_first_pick_scores_the_first_steps_exposure(stable, costs, monkeypatch):
+    # The first pick (before the first measured step, from the history) adds each
+    # candidate's background exposure at the first measured step, as every later pick does:
+    # a step-ahead split credited 3% of EPLB's time on the history is its first pick while
+    # the charge there is nil, and not while the charge at the first step (its window, L x
+    # attention, tested here by the window pick_exposure gets) exceeds that credit.
+    import probe.sim.fair as fair
+
+    ahead = "probe_on_eplb_ahead_b0p2"
+    real_history = fair.history_times
+    credit = {}
+
+    def credited(*args, **kwargs):
+        out = real_history(*args, **kwargs)
+        credit["s"] = 0.03 * float(out["eplb_async"].mean())
+        out[ahead] = np.minimum(out[ahead], out["eplb_async"]) - credit["s"]
+        return out
+
+    charge = {"s": 0.0}
+    first_window = costs.model.num_layers * costs.attention_seconds(256, "decode")
+    windows = []
+
+    def exposure(q, work, share, window_s, *args, **kwargs):
+        windows.append(window_s)
+        return charge["s"] if q == ahead and window_s == first_window else 0.0
+
+    monkeypatch.setattr(fair, "history_times", credited)
+    monkeypatch.setattr(fair, "pick_exposure", exposure)
+    kwargs = {"slots": 2, "prior": 4, "window": 4, "interval": 50, "seed": 1, "check": False,
+              "predictor": "perfect", "solve_time": {"waterfill": 0.0, "lp": 0.0},
+              "score_every": 3}
+    res = simulate_fair(stable, costs, **kwargs)
+    assert first_window in windows
+    assert res.meta["auto_plus_choices"][0]["layers"] == ["ahead_b0p2"] * 2
+    charge["s"] = 2.0 * credit["s"]
+    res = simulate_fair(stable, costs, **kwargs)
+    assert "ahead_b0p2" not in res.meta["auto_plus_choices"][0]["layers"]
+
+
 def test_simulate_fair_checks_rescore(stable, costs):
     with pytest.raises(TypeError, match="rescore"):
         simulate_fair(stable, costs, slots=1, prior=4, window=4, interval=3, rescore=1)
@@ -1409,6 +1501,27 @@ def test_history_times_plan_every_split_named(load, costs):
     assert list(times) == names
     for q in ("probe_on_eplb_plan_b1p1", "probe_on_eplb_ahead_b1p1"):
         assert np.all(times[q] > 1e-4 + 1e-6)  # MoE time, not the attention alone
+
+
+def test_history_times_charge_a_given_water_filling_time(load, costs):
+    # wf_time (simulate_fair's fixed solve_time) sets the assignment charge of the
+    # water-filled candidates instead of this host's measured median: the first pick then
+    # does not move with the host's load where the run's charges do not.
+    layouts = {b: eplb_copies(load[:4].sum(axis=2).mean(axis=0).astype(float), b, 8)
+               for b in (0, 2)}
+    names = auto_candidates(2)
+
+    def times(wf):
+        return history_times(load[1:4], load[0], layouts, costs, 2, 1e-4,
+                             lambda true, prev, h, layer: true, names=names, wf_time=wf)
+
+    low, high = times(1e-6), times(5e-4)
+    step = costs.assign_side_seconds(2, 5e-4) - costs.assign_side_seconds(2, 1e-6)
+    assert step > 0
+    for q in ("probe_on_eplb_wf", "probe_on_eplb_fit_b0p2"):
+        np.testing.assert_allclose(high[q] - low[q], step, rtol=1e-9)
+    for q in ("eplb_async", "static", "probe_paper"):
+        np.testing.assert_array_equal(high[q], low[q])
 
 
 @pytest.fixture(scope="module")

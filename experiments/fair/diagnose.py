@@ -8,8 +8,10 @@ probe.sim.fair.simulate_fair at k slots and prints, in microseconds per MoE laye
 1. which oracle candidate wins how often (FairResult.oracle_picks: a policy, or a greedy on the
    true load over the sharded home or an EPLB-b layout, water-filled or with its own split);
 2. auto's MoE time and overheads against the oracle's MoE time, eplb_async's time, and the
-   "hindsight picker": per step and layer the best of auto's candidates by side-mode time (what
-   a perfect picker over the same candidate set would get);
+   "hindsight picker": per step and layer the best of auto_plus's candidates by side-mode time
+   (what a perfect picker over the same candidate set would get; with the study's nested
+   layouts, `--nested`, its b = k - 1 splits included), the run replayed with the study's
+   --score-every, --rescore and --nested defaults;
 3. planner variants on the steps before the first re-plan (the EPLB layouts are then the first
    ones, exactly those simulate_fair uses): the greedy with the paper's rules (auto's
    candidates), probe's default rules, an unlimited move budget, on the fitted or the
@@ -103,7 +105,9 @@ def diagnose(case: str, args) -> None:
     k = int(k)
     load, costs, prior, phase, _ = case_load(model, workload, int(batch), args)
     res = simulate_fair(load, costs, slots=k, prior=prior, window=prior, interval=prior,
-                        predictor=args.predictor, seed=args.seed, phase=phase)
+                        predictor=args.predictor, seed=args.seed, phase=phase,
+                        score_every=args.score_every, rescore=args.rescore, nested=args.nested)
+    cand = auto_candidates(k, plus=True, nested=args.nested)  # auto_plus's candidates
     us = 1e6
     print(f"\n## {case} (prior {prior}, measured {load.shape[0] - prior}, layers "
           f"{load.shape[1]}, G {load.shape[2]})")
@@ -113,10 +117,8 @@ def diagnose(case: str, args) -> None:
                                          for lab, c in wins.most_common()))
     model_layers = res.meta["model_layers"]
     side = {q: side_layer_time(res.metrics[q], res.stall[q], model_layers, res.attention)
-            for q in [*auto_candidates(k, plus=True), "probe_on_eplb_auto",
-                      "probe_on_eplb_auto_plus"]}
+            for q in [*cand, "probe_on_eplb_auto", "probe_on_eplb_auto_plus"]}
     oracle = res.attention + res.metrics["oracle"]["moe"]
-    cand = auto_candidates(k, plus=True)
     hindsight = np.min([side[q] for q in cand], axis=0)
     which = Counter(cand[i] for i in np.argmin([side[q] for q in cand], axis=0).ravel())
     auto = res.metrics["probe_on_eplb_auto"]
@@ -129,7 +131,7 @@ def diagnose(case: str, args) -> None:
           f"{us * oracle.mean():.1f} (attention {us * res.attention:.1f})")
     print("hindsight picks: " + ", ".join(f"{q} {c / hindsight.size:.0%}"
                                           for q, c in which.most_common()))
-    print("auto's candidates, side-mode us/layer (MoE = all-to-all + max compute): "
+    print("auto_plus's candidates, side-mode us/layer (MoE = all-to-all + max compute): "
           + ", ".join(f"{q} {us * side[q].mean():.1f} ({us * res.metrics[q]['moe'].mean():.1f}"
                       f" = {us * res.metrics[q]['comm'].mean():.1f} + "
                       f"{us * (res.metrics[q]['moe'] - res.metrics[q]['comm']).mean():.1f})"

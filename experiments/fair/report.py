@@ -318,15 +318,18 @@ def _scoring_interval(results: list[dict], settings: dict) -> str:
                  "the largest step-to-step change within k steps in the history window, the "
                  "time at least 1%) and what a re-pick can win back (the served layers' MoE "
                  "time growth, at most their compute excess's growth: largest rank over the "
-                 "mean rank) over the steps it saves exceeds its extra exposure: that "
-                 "scoring's whole work is charged at that step, the "
+                 "mean rank) over the steps it saves exceeds its extra exposure if run whole at "
+                 "that step: that scoring is then spread over the fewest steps that maximise "
+                 "that saving minus its exposure (one where it fits the step, more where "
+                 "that hides it; probe.sim.fair.trigger_length) and charged there, the "
                  "running one is dropped and the every-k schedule restarts after it, and the "
                  "picks use the scorings from it on (auto_replan scores only every k steps); "
                  f"auto_plus triggered {triggered} such scorings over all cases")
     text += ("; the picker scores each candidate with the background exposure the charge "
              "gives it (a step-ahead split's own plan and a fallback's background prediction "
              "share the step's spare time with the scoring), averaged over every step since "
-             "the first scored step it uses")
+             "the first scored step it uses, at the every-k scoring's share (a triggered "
+             "scoring's is paid once); the first pick adds that of the first measured step")
     if every != "auto":
         return text + "."
     chosen = []

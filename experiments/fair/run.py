@@ -134,8 +134,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                          "what a re-pick can win back (the MoE time growth, at most the "
                          "growth of the compute excess of the largest rank over the mean "
                          "rank) over the steps it saves exceeds its extra "
-                         "exposure; charged in full at that step (default on; --no-rescore: "
-                         "only every K steps)")
+                         "exposure if run whole at that step; spread over the steps that "
+                         "cost least (probe.sim.fair.trigger_length: more than one where that "
+                         "hides it) and charged there (default on; --no-rescore: only every "
+                         "K steps)")
     ap.add_argument("--nested", action=argparse.BooleanOptionalAction, default=True,
                     help="EPLB-b layouts of b < k are EPLB-k's with k - b redundant copies "
                          "per rank dropped (probe.sim.fair.nested_copies), so the auto_plus "

@@ -155,22 +155,28 @@ STEP_MARGIN) and the change is worth a scoring (what a re-pick is taken to win b
 for all model layers: the served layers' MoE time growth since the scored step, but no more
 than the growth of their compute excess, the largest rank's compute over the mean rank's,
 since the all-to-all and the mean rank's compute are the traffic's own; times the steps until
-the first every-k scoring that would see the change is done; it must exceed the triggered
-scoring's extra exposure: its whole work instead of 1/k against the window the step leaves),
-the next step is scored at once: its
-whole scoring (predictions of its
-non-predicting layers included) charged in that step's background (background_exposure
-with share 1), the running every-k scoring dropped (the part already done was charged), the
-every-k schedule restarted after it, and the picks made from the scorings from it on. The
-thresholds come from the history window alone and each decision from the step just run and
-the scored step, so it uses no later step. The picker scores every candidate with the
-background exposure the charge gives it (pick_exposure: a step-ahead split's own plan beyond
-the scoring's share and a fallback's background predictions share the step's spare time
-with the scoring), so pick and charge agree where the split's plan and the scoring do not
-fit together (assuming the candidate serves every layer; the first pick, from the history
-window, still scores the split's own plan alone); that exposure enters a candidate's score as
-its mean over every step from the first scored step the pick uses to the step before the pick
-(each step's share and window are known by then), not at the scored steps alone.
+the first every-k scoring that would see the change is done; it must exceed the extra
+exposure of the whole scoring at the next step: its whole work instead of 1/k against the
+window the step leaves), the next step is scored at once: its scoring (predictions of its
+non-predicting layers included) spread over the m steps from it that maximise that saving
+minus the exposure (trigger_length: 1 where the whole scoring fits one step's window or a
+step later costs more than its exposure; more where spreading hides it), 1/m of it charged in
+each of their backgrounds (background_exposure with share 1/m), the running every-k scoring
+dropped (the part already done was charged), the every-k schedule restarted when it is done,
+and the picks made from the scorings from it on. The thresholds come from the history window
+alone and each decision from the step just run and the scored step, so it uses no later
+step. The picker scores every candidate with the background exposure the charge gives it
+(pick_exposure: a step-ahead split's own plan beyond the scoring's share and a fallback's
+background predictions share the step's spare time with the scoring), so pick and charge
+agree where the split's plan and the scoring do not fit together (assuming the candidate
+serves every layer); that exposure enters a candidate's score as its mean over every step
+from the first scored step the pick uses to the step before the pick (their windows and
+scored steps' predictions are known by then), not at the scored steps alone, at the share
+the pick will serve under: the every-k scoring's 1/k (a triggered scoring's larger share is
+paid once, at its own steps, by whichever candidate serves; scoring it into a pick charged a
+fallback's background predictions as if they recurred). The first pick, from the history
+window, adds the exposure of the first measured step (its window L x attention, share 1/k),
+the step-ahead split's plan included, in place of that plan alone against the window.
 Layer time = attention + MoE (dispatch + max compute + combine) + exposed overheads; step
 time = model layers x mean layer time + the step's stop-the-world stall. Dense layers,
 embedding and LM head are not modelled.
@@ -206,7 +212,7 @@ __all__ = ["FALLBACKS", "IDLE_FALLBACKS", "FairResult", "auto_candidates",
            "history_times", "lp_split", "nested_copies", "pick_by_time", "pick_exposure",
            "policy_names", "rescore_thresholds", "restore_charges", "rule_split",
            "scored_steps", "side_layer_time", "simulate_fair", "split_by_fractions",
-           "step_switch", "traffic_distance", "waterfill_split"]
+           "step_switch", "traffic_distance", "trigger_length", "waterfill_split"]
 
 
 def paper_options() -> dict:
@@ -439,6 +445,40 @@ def background_exposure(work_s: float, share: float, window_s: float, layers: in
     return ahead_exposure(share * (work_s + pred_s) + own_s, window_s, layers)
 
 
+def trigger_length(grown_s: float, steps: int, work_s: float, window_s: float,
+                   score_every: int, layers: int) -> int:
+    """The number of steps m over which a triggered rescoring is spread, or 0 for none.
+
+    A traffic change seen after a step's dispatch is otherwise first seen by an every-k
+    scoring (k = score_every) done `steps` steps after the next one; a scoring triggered at
+    the next step and spread over m steps (1/m of its work, `work_s` seconds per layer, in
+    each step's background) is done after m of them, so it saves steps - m steps of
+    `grown_s` seconds (what a re-pick is taken to win back per step, all model layers),
+    and costs at each of its m steps layers x (background_exposure at share 1/m - at 1/k)
+    against `window_s` seconds of non-communication time. Whether to trigger is decided as
+    for a whole scoring at the next step (m = 1: its saving must exceed its cost; `grown_s`
+    is an upper bound, so a change must be worth even that); a triggered one is then spread
+    over the m in 1 .. min(k, steps) - 1 that maximises saving minus cost (ties: the fewer
+    steps): a scoring that does not fit one step's window is spread over more steps rather
+    than exposed where the steps that costs are worth less than the exposure."""
+    if not steps > 1 or not score_every > 1:
+        return 0
+
+    def net(m: int) -> float:
+        cost = m * layers * (background_exposure(work_s, 1.0 / m, window_s, layers)
+                             - background_exposure(work_s, 1.0 / score_every, window_s,
+                                                   layers))
+        return grown_s * (steps - m) - cost
+
+    if not net(1) > 0.0:
+        return 0
+    best, best_net = 1, net(1)
+    for m in range(2, min(score_every, steps)):
+        if net(m) > best_net:
+            best, best_net = m, net(m)
+    return best
+
+
 def pick_exposure(candidate: str, work_s: float, share: float, window_s: float, layers: int,
                   *, planner_s: float, pred_s: float) -> float:
     """The background exposure per layer the auto policies' charge adds when `candidate`
@@ -573,7 +613,7 @@ def history_split(history: np.ndarray, layouts: dict, costs: FairCosts, slots: i
 
 def history_times(history: np.ndarray, previous: np.ndarray | None, layouts: dict,
                   costs: FairCosts, slots: int, attention: float, predict,
-                  names: list[str] | None = None) -> dict:
+                  names: list[str] | None = None, wf_time: float | None = None) -> dict:
     """Side-mode layer times of every auto candidate on the history steps, for the choice of
     probe_on_eplb_auto_replan before the first measured step: {candidate: float64 [H, L]}.
 
@@ -589,7 +629,10 @@ def history_times(history: np.ndarray, previous: np.ndarray | None, layouts: dic
     probe_on_eplb_ahead splits: planned on the step before's load, the model's layers'
     planner time beyond L x attention, per layer (ahead_exposure), no predictor, no
     assignment. names: the candidates (default auto_candidates(slots, plus=True)); the fit,
-    plan and step-ahead splits of every b among them are planned."""
+    plan and step-ahead splits of every b among them are planned. wf_time: the
+    water-filling's seconds per call the assignment charge is made of (None: its measured
+    median here; simulate_fair passes its fixed `solve_time`, so the first pick does not
+    depend on this host's timing where the run's charges do not)."""
     num_steps, num_layers, num_ranks, num_experts = history.shape
     home = sharded_home(num_experts, num_ranks)
     home_int = home.astype(np.int64)
@@ -679,7 +722,8 @@ def history_times(history: np.ndarray, previous: np.ndarray | None, layouts: dic
                 out[f"probe_on_eplb_ahead_b{b}p{slots - b}"][h, layer] = (
                     scored["moe"] + transfer + ahead_side)
     assign_s = (costs.assign_gpu_seconds(slots) if costs.assign_time == "gpu"
-                else costs.assign_side_seconds(slots, float(np.median(wf_seconds))))
+                else costs.assign_side_seconds(slots, float(np.median(wf_seconds))
+                                               if wf_time is None else wf_time))
     for name, h, layer in wf_cells:
         out[name][h, layer] += assign_s
     return {name: out[name] + attention for name in names}
@@ -917,7 +961,8 @@ def simulate_fair(load: np.ndarray, costs: FairCosts, *, slots: int, prior: int,
     check: check_plan every policy's plan on the true load (RuntimeError
     on a violation), with the hiding window the plan was made for (transfer beyond the real
     window is charged as exposed time, not refused). solve_time: {"lp": s, "waterfill": s}
-    to charge fixed dispatch-solve times instead of the measured wall time (None: measured).
+    to charge fixed dispatch-solve times instead of the measured wall time (None: measured;
+    the water-filling's also in the history times of the first pick, history_times).
     phase: "decode" (tokens per rank are requests) or "prefill" (tokens per rank are one
     chunk) for the attention time. score_every: the auto policies (auto_replan, auto,
     auto_plus; auto_pred's base pick) re-score their candidates every `score_every` measured
@@ -1026,15 +1071,20 @@ def simulate_fair(load: np.ndarray, costs: FairCosts, *, slots: int, prior: int,
     first = history_times(load[prior - window:prior],
                           load[prior - window - 1] if prior > window else None, active, costs,
                           slots, attention, history_predict,
-                          names=candidates_of["probe_on_eplb_auto_plus"])
+                          names=candidates_of["probe_on_eplb_auto_plus"],
+                          wf_time=fixed_solve.get("waterfill"))
+    # the step-ahead splits' own plan in `first`: against the first step's window alone
+    first_ahead_side = ahead_exposure(planner_side, model.num_layers * attention,
+                                      model.num_layers)
     pick = functools.partial(pick_by_time, prefer=IDLE_FALLBACKS,
                              margin=STEP_MARGIN)  # EPLB or static unless 1% is gained
     # (first step, names per layer) of each auto policy's picks at the start and at re-plans
-    replan_epochs = {t: [(0, pick(first, candidates=c))] for t, c in candidates_of.items()}
-    # probe_on_eplb_auto(_plus): the same first pick, re-picked before every measured step
-    # from the last `pick_window` measured steps (a quarter of EPLB's window, at least one)
+    # (run_schedule below, the first pick from `first`); probe_on_eplb_auto(_plus) re-pick
+    # before every measured step from the last `pick_window` measured steps (a quarter of
+    # EPLB's window, at least one)
+    replan_epochs: dict = {}
+    step_epochs: dict = {}
     pick_window = max(1, window // 4)
-    step_epochs = {t: [e[0]] for t, e in replan_epochs.items()}
 
     step_hide = 0.0  # seconds of non-communication time of the last step (async copy window)
     pred_picks = [[""] * num_layers for _ in range(num_steps)]  # auto_pred's candidates
@@ -1345,10 +1395,19 @@ def simulate_fair(load: np.ndarray, costs: FairCosts, *, slots: int, prior: int,
         threshold = (rescore_thresholds(load[prior - window:prior], history_moe, k)
                      if triggers else (math.inf, math.inf))
 
+        def exposure(q: str, steps) -> float:  # a candidate's background, as it will pay
+            # the every-k scoring's share (1/k: what each step pays while no traffic change
+            # triggers a scoring; a triggered one's larger share is paid once, at its own
+            # steps, and would not recur while the pick serves) against the windows of the
+            # steps given, with the predictions of the step each one's scoring scored
+            return float(np.mean([pick_exposure(
+                q, work_side, 1.0 / k, ahead_windows[r], model.num_layers,
+                planner_s=planner_side, pred_s=pred_mean[scored_of[r]]) for r in steps]))
+
         def shadow(seen: list[int], n: int) -> dict:  # side-mode times of the scored rows
-            # each candidate's background exposure is charged as the mean over EVERY step
-            # from the first row to the one before step n (their shares and windows are
-            # known by then), not at the scored rows alone
+            # each candidate's background exposure is the mean over EVERY step from the
+            # first row to the one before step n (their windows are known by then), not at
+            # the scored rows alone
             rows = np.asarray(seen, dtype=np.int64)
             steps = range(int(rows.min()), n)
             out = {}
@@ -1356,13 +1415,22 @@ def simulate_fair(load: np.ndarray, costs: FairCosts, *, slots: int, prior: int,
                 m = metrics[q]
                 t = side_layer_time({x: v[rows] for x, v in m.items()}, stall[q][rows],
                                     model.num_layers, attention)
-                extra = float(np.mean([pick_exposure(
-                    q, work_side, share[r], ahead_windows[r], model.num_layers,
-                    planner_s=planner_side, pred_s=pred_mean[scored_of[r]]) for r in steps]))
-                if q.startswith("probe_on_eplb_ahead_"):  # its own plan is in extra
+                if q.startswith("probe_on_eplb_ahead_"):  # its own plan is in exposure
                     t = t - m["side"][rows]
-                out[q] = t + extra
+                out[q] = t + exposure(q, steps)
             return out
+
+        def first_pick() -> list[str]:  # before the first measured step, from the history
+            # (history_times), each candidate's background exposure that of the first
+            # measured step (its window, L x attention, the only one known then; the
+            # every-k scoring's share): a step-ahead split's own plan there is replaced
+            out = {}
+            for q in names:
+                t = first[q]
+                if q.startswith("probe_on_eplb_ahead_"):
+                    t = t - first_ahead_side
+                out[q] = t + exposure(q, [0])
+            return pick(out, candidates=names)
 
         def excess(n: int, serving: list[str]) -> float:  # seconds, summed over layers
             return sum(metrics[q]["compute"][n, layer] - metrics[q]["compute_mean"][n, layer]
@@ -1372,28 +1440,29 @@ def simulate_fair(load: np.ndarray, costs: FairCosts, *, slots: int, prior: int,
             rows = [r for r in ready if r >= n - window] or ready[-1:]
             return pick(shadow(rows, n), candidates=names) if rows else None
 
-        epochs = [replan_epochs[key][0] if target.endswith("_replan")
-                  else step_epochs[target][0]]
+        epochs = [(0, first_pick())]
         served: list[list[str]] = []  # the names serving each step
         done: list[int] = []  # the scored steps whose scoring is done, in order
         fresh = 0  # picks use the scored steps from the latest triggered one on
         triggered: list[int] = []
-        start, length, fire, last_done = 0, k, False, 0
+        lengths: list[int] = []  # the steps each triggered scoring is spread over
+        start, length, fire, last_done = 0, k, 0, 0
         starts = [0]  # the step of every scoring begun, in order
         for n in range(num_steps):
             finished = n == start + length
             if finished:
                 done.append(start)
-                if length == 1 and start in triggered:
+                if start in triggered:
                     fresh = start
                 start, length = n, k
                 starts.append(n)
-            if fire:  # the step before changed the traffic: score this step at once
-                start, length = n, 1  # (the running scoring, if any, is dropped)
+            if fire:  # the step before changed the traffic: score this step now, over
+                start, length = n, fire  # `fire` steps (the running scoring is dropped)
                 triggered.append(n)
+                lengths.append(fire)
                 if starts[-1] != n:
                     starts.append(n)
-            fire = False
+            fire = 0
             share[n], scored_of[n] = 1.0 / length, start
             current = epochs[-1][1]
             ready = [r for r in done if r >= fresh]
@@ -1417,19 +1486,21 @@ def simulate_fair(load: np.ndarray, costs: FairCosts, *, slots: int, prior: int,
             # served layers' measured MoE time): did the traffic change since the latest
             # scored step before it (an every-k scoring that starts at this step takes k
             # steps, so a change here is answered by a triggered one at the next; a triggered
-            # one that starts here is done at the next step anyway)?
+            # one that starts here scores this step's traffic anyway)?
             ref = starts[-1] if starts[-1] < n else (starts[-2] if len(starts) > 1 else None)
-            if triggers and k > 1 and ref is not None and not (start == n and length == 1):
+            if triggers and k > 1 and ref is not None and not (start == n
+                                                                 and n in triggered):
                 now_t = sum(metrics[q]["moe"][n, layer] for layer, q in enumerate(served[n]))
                 then_t = sum(metrics[q]["moe"][ref, layer]
                              for layer, q in enumerate(served[ref]))
                 changed = (traffic_distance(summed[prior + n], summed[prior + ref])
                            > threshold[0] or now_t > (1.0 + threshold[1]) * then_t)
                 # worth it: the first scoring that would see this step's traffic without a
-                # trigger is done at `later`, a triggered one at n + 2; the served layers'
-                # growth since the scored step (seconds per step, all model layers) over the
-                # steps between must exceed the triggered scoring's extra exposure at n + 1
-                # (its whole work instead of 1/k, against the window step n leaves)
+                # trigger is done at `later`, a triggered one over m steps at n + 1 + m; the
+                # served layers' growth since the scored step (seconds per step, all model
+                # layers) over the steps between must exceed the triggered scoring's extra
+                # exposure (1/m of its work instead of 1/k at each of its m steps, against
+                # the window step n leaves); trigger_length takes the best m
                 later = n + k if start == n else start + length + k
                 if changed and later > n + 2 and n + 1 < num_steps:
                     # what a re-pick is taken to win back: the served layers' MoE time
@@ -1438,13 +1509,10 @@ def simulate_fair(load: np.ndarray, costs: FairCosts, *, slots: int, prior: int,
                     # the traffic's own, no re-pick removes them)
                     grown = min(now_t - then_t, excess(n, served[n])
                                 - excess(ref, served[ref])) * layer_scale
-                    w = ahead_windows[n + 1]
-                    extra = model.num_layers * (
-                        background_exposure(work_side, 1.0, w, model.num_layers)
-                        - background_exposure(work_side, 1.0 / k, w, model.num_layers))
-                    fire = grown * (later - n - 2) > extra
+                    fire = trigger_length(grown, later - n - 1, work_side,
+                                          ahead_windows[n + 1], k, model.num_layers)
         return {"epochs": epochs, "share": share, "scored_of": scored_of,
-                "triggered": triggered, "threshold": threshold}
+                "triggered": triggered, "lengths": lengths, "threshold": threshold}
 
     for target in ("probe_on_eplb_auto_replan", "probe_on_eplb_auto",
                    "probe_on_eplb_auto_plus"):
@@ -1553,6 +1621,7 @@ def simulate_fair(load: np.ndarray, costs: FairCosts, *, slots: int, prior: int,
                            "background_predictor_s": float((bg_pred * share).mean()),
                            "score_every": k,
                            "triggered_steps": [int(x) for x in schedule[target]["triggered"]],
+                           "triggered_lengths": [int(x) for x in schedule[target]["lengths"]],
                            "trigger_distance": float(schedule[target]["threshold"][0]),
                            "trigger_time": float(schedule[target]["threshold"][1])}
     # probe_on_eplb_auto_pred: per step and layer the candidate picked on the prediction,
