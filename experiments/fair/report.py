@@ -362,7 +362,9 @@ def _planner_what_if(settings: dict) -> list[str]:
         return []
     return ["", f"**What-if, not measured:** in side mode the {text} per layer (--planner-us, "
             "--assign-us) instead of the measured charges (the faster of the host path plus a "
-            "round trip and the measured GPU kernel); the host mode is unchanged."]
+            "round trip and the measured GPU kernel). The host mode's charges are unchanged, "
+            "but the auto policies pick on side-mode times, so their picks follow the what-if "
+            "and this run's host-mode figures are not those of a host-mode system."]
 
 
 def write_report(results: list[dict], analysis: dict, manifest: dict, path: Path,

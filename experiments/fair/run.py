@@ -151,7 +151,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                          "per layer at these ep sizes (e.g. 8=10 32=50 64=50, the GPU "
                          "kernel's latency targets) instead of the default, the faster of the "
                          "measured host path + round trip and the measured GPU kernel; host "
-                         "mode is unchanged; ep sizes not named keep the default")
+                         "mode's charges are unchanged (the auto policies' picks, made on "
+                         "side-mode times, follow the what-if); ep sizes not named keep the "
+                         "default")
     ap.add_argument("--assign-us", type=_planner_us, nargs="+", default=None,
                     metavar="EP=US",
                     help="the same what-if for the dispatch-time assignment (water-filling) "
