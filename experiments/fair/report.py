@@ -209,6 +209,11 @@ def _picks(epochs: list[dict] | None) -> str:
     return ",".join(out)
 
 
+def _per_layer_us(entry: dict, q: str, mode: str = "side") -> float:
+    """Policy q's step time in `mode` per model layer, in microseconds."""
+    return 1e3 * entry["policies"][q][mode]["step_ms"] / entry["meta"]["model_layers"]
+
+
 def _single_oracle(entry: dict, v: dict):
     """(gain us per layer, captured or None, label) of the oracle held to one candidate for
     the whole run (meta["oracle_single"]), None where the run predates it. Its time per layer
@@ -218,16 +223,12 @@ def _single_oracle(entry: dict, v: dict):
     single = entry["meta"].get("oracle_single")
     if not single:
         return None
-    pol, layers = entry["policies"], entry["meta"]["model_layers"]
-
-    def per_layer(q, mode):
-        return 1e3 * pol[q][mode]["step_ms"] / layers
-
-    it = (per_layer("oracle", "host") + 1e6 * single["moe_s"]
-          - pol["oracle"]["host"]["moe_us"])
-    best = per_layer(v["best_baseline"], "host")
+    it = (_per_layer_us(entry, "oracle", "host") + 1e6 * single["moe_s"]
+          - entry["policies"]["oracle"]["host"]["moe_us"])
+    best = _per_layer_us(entry, v["best_baseline"], "host")
     gain = best - it
-    captured = (best - per_layer(v["rule_combo"], "side")) / gain if gain >= 0.5 else None
+    captured = ((best - _per_layer_us(entry, v["rule_combo"])) / gain if gain >= 0.5
+                else None)
     return gain, captured, single["label"]
 
 
@@ -258,8 +259,8 @@ def _t2_rows(results: list[dict], analysis: dict, sensitivity: dict | None) -> l
             pol = entry["policies"]
             layers = entry["meta"]["model_layers"]
 
-            def per_layer(q, mode="side", pol=pol, layers=layers):
-                return 1e3 * pol[q][mode]["step_ms"] / layers
+            def per_layer(q, mode="side", entry=entry):
+                return _per_layer_us(entry, q, mode)
 
             auto = pol[v["rule_combo"]]["side"]
             gain = per_layer(v["best_baseline"], "host") - per_layer("oracle", "host")

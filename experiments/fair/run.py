@@ -145,7 +145,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                          "EPLB-k's memory "
                          "(default on; --no-nested: DeepSeek's own EPLB-b layouts, auto_plus "
                          "restricted to b = 0 and b = k)")
-    ap.add_argument("--planner-us", type=_planner_us, nargs="+", default=None,
+    ap.add_argument("--planner-us", type=_ep_us, nargs="+", default=None,
                     metavar="EP=US",
                     help="a what-if: charge the side-stream planner this many microseconds "
                          "per layer at these ep sizes (e.g. 8=10 32=50 64=50, the GPU "
@@ -154,7 +154,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                          "mode's charges are unchanged (the auto policies' picks, made on "
                          "side-mode times, follow the what-if); ep sizes not named keep the "
                          "default")
-    ap.add_argument("--assign-us", type=_planner_us, nargs="+", default=None,
+    ap.add_argument("--assign-us", type=_ep_us, nargs="+", default=None,
                     metavar="EP=US",
                     help="the same what-if for the dispatch-time assignment (water-filling) "
                          "in side mode: this many microseconds per layer at these ep sizes "
@@ -166,8 +166,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     return ap.parse_args(argv)
 
 
-def _planner_us(text: str) -> tuple[int, float]:
-    """--planner-us: EP=US, an ep size >= 1 and microseconds >= 0."""
+def _ep_us(text: str) -> tuple[int, float]:
+    """--planner-us, --assign-us: EP=US, an ep size >= 1 and microseconds >= 0."""
     ep, sep, us = text.partition("=")
     try:
         pair = (int(ep), float(us)) if sep else None
