@@ -222,11 +222,12 @@ def paper_options() -> dict:
 
 def policy_names(slots: int) -> list[str]:
     """Policies simulated at `slots` extra slots per rank (probe_on_eplb, probe_on_eplb_fit,
-    probe_on_eplb_plan and probe_on_eplb_ahead for every b + p with p >= 1, probe_on_eplb_wf
+    probe_on_eplb_plan and probe_on_eplb_ahead for every b + p = k, p = 0 included: EPLB-k's
+    layout with the planner's token split and no per-step replica), probe_on_eplb_wf
     (b = k, p = 0), probe_on_eplb_auto_moe, probe_on_eplb_auto_replan, probe_on_eplb_auto,
     probe_on_eplb_auto_plus, probe_on_eplb_auto_pred)."""
     families = [f"probe_on_eplb_{f}b{b}p{slots - b}" for f in ("", "fit_", "plan_", "ahead_")
-                for b in range(slots)]
+                for b in range(slots + 1)]
     return ["static", "eplb_stw", "eplb_async", "eplb_lp", "probe_paper", *families,
             "probe_on_eplb_wf", "probe_on_eplb_auto_moe", "probe_on_eplb_auto_replan",
             "probe_on_eplb_auto", "probe_on_eplb_auto_plus", "probe_on_eplb_auto_pred",
@@ -251,8 +252,10 @@ def auto_candidates(slots: int, plus: bool = False, nested: bool = False) -> lis
     """The policies probe_on_eplb_auto(_replan) pick from per layer: the fit split b = 0
     (p = k per-step slots on EPLB-0), the paper's PROBE, then FALLBACKS; with `plus`
     (probe_on_eplb_auto_plus) also the probe_on_eplb_plan and probe_on_eplb_ahead splits
-    b = 0, before the fallbacks, and with `nested` (k >= 2) their splits b = 1 .. k - 1,
-    p = k - b too (fewest resident copies first).
+    b = 0 and b = k (p = 0: EPLB-k's layout, which the fallbacks hold, with the greedy's own
+    token split on the prediction or the step before's load instead of EPLB's even split),
+    before the fallbacks, and with `nested` (k >= 2) their splits b = 1 .. k - 1, p = k - b
+    too (fewest resident copies first).
 
     Without `nested` only b = 0 and b = k (the fallbacks' EPLB-k layout): a policy that may
     switch to a candidate any step keeps that candidate's resident layout current, and
@@ -268,6 +271,8 @@ def auto_candidates(slots: int, plus: bool = False, nested: bool = False) -> lis
     if plus and nested and slots > 1:
         extra += [f"probe_on_eplb_{f}b{b}p{slots - b}" for b in range(1, slots)
                   for f in ("plan_", "ahead_")]
+    if plus:  # EPLB-k's layout, the planner's token split, no per-step replica
+        extra += [f"probe_on_eplb_{f}b{slots}p0" for f in ("plan_", "ahead_")]
     return ([f"probe_on_eplb_fit_b0p{slots}", "probe_paper"] + extra + list(FALLBACKS))
 
 
@@ -1015,7 +1020,7 @@ def simulate_fair(load: np.ndarray, costs: FairCosts, *, slots: int, prior: int,
     home_int = home.astype(np.int64)
     options = paper_options()
     policies = policy_names(slots)
-    combos = [(b, slots - b) for b in range(slots)]
+    combos = [(b, slots - b) for b in range(slots + 1)]  # b = k: p = 0, the split alone
     combo_of = {f"probe_on_eplb_b{b}p{p}": b for b, p in combos}
     for family in ("fit", "plan", "ahead"):
         combo_of.update({f"probe_on_eplb_{family}_b{b}p{p}": b for b, p in combos})
