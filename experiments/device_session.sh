@@ -7,7 +7,8 @@
 #   baseline     when BASELINE names a folder holding an older checkout's probe/ and
 #                experiments/: gpu_latency at ep=8 from it, so that old and new are timed on the
 #                same card, 80 s (BASELINE_CONFIGS, BASELINE_LIMIT: its --configs and
-#                --time-limit; it runs from inside BASELINE, which must not be under $OUT)
+#                --time-limit; BASELINE_COMMIT: its revision, for its manifests; it runs from
+#                inside BASELINE, which must not be under $OUT)
 #   quant_layer  experiments.runtime.quant_layer (bf16, MXFP4 and FP8 expert kernels, every config
 #                tried), 150 s
 #   moe_layer    experiments.runtime.moe_layer --tune, 120 s
@@ -51,7 +52,9 @@ for s in $STEPS; do
       if [[ -z "${BASELINE:-}" ]]; then echo "== baseline: no BASELINE, skipped" | tee -a "$LOG"; continue; fi
       # run from inside BASELINE: `python -m` puts the working directory first on sys.path,
       # so from the repository root PYTHONPATH=$BASELINE would import the current code
-      step baseline "$((BASELINE_LIMIT + 10))" bash -c "cd '$BASELINE' && PYTHONPATH=. python3 \
+      # its manifests name BASELINE_COMMIT (the older checkout's revision), not this one's
+      step baseline "$((BASELINE_LIMIT + 10))" env PROBE_GIT_COMMIT="${BASELINE_COMMIT:-unknown}" \
+        bash -c "cd '$BASELINE' && PYTHONPATH=. python3 \
         -m experiments.planner.gpu_latency --device cuda --configs ${BASELINE_CONFIGS:-ep8} \
         --time-limit $BASELINE_LIMIT --out '$R/gpu_latency_baseline'" ;;
     quant_layer) step quant_layer 150 env PYTHONPATH="$PP" python3 -m experiments.runtime.quant_layer \
