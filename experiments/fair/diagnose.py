@@ -75,7 +75,8 @@ def variants(load, costs, prior: int, slots: int, attention: float, seed: int,
             static_assign = static_assignment(true, home)
             real_window = attention + costs.compute_per_rank(static_assign.sum(axis=0).T,
                                                              home.astype(np.int64))
-            bases = [(f"b{b}p{slots - b}", layouts[b][layer], slots - b) for b in range(slots)]
+            bases = [(f"b{b}p{slots - b}", layouts[b][layer], slots - b)
+                     for b in range(slots + 1)]
             bases.append(("home", home.astype(np.int64), slots))
             for tag, copies, p in bases:
                 base = copies > 0

@@ -35,6 +35,10 @@ layer type). Every policy has k extra expert slots per rank:
                     eplb_async) plus p per-step replicas planned by the greedy (paper's rules)
                     from the prediction; dispatch-time token assignment on the TRUE load over
                     the copies present by water-filling (measured wall time charged in series).
+                    b = 0 .. k: at b = k, p = 0 the greedy places no replica and only moves
+                    tokens between EPLB-k's copies (in this family and the three below; with
+                    their own split, the plan and step-ahead ones replace EPLB's even split
+                    by the greedy's, locality first, at no extra memory).
     probe_on_eplb_fit_bBpP  the same, the greedy and the water-filling on alpha, beta refitted
                     per step and layer to the measured expert table around the operating point
                     (FairCosts.fitted_cost of the heaviest predicted expert load) instead of
@@ -89,7 +93,8 @@ layer type). Every policy has k extra expert slots per rank:
     probe_on_eplb_auto_plus  probe_on_eplb_auto's picker (first pick on history, re-picks at
                     re-plans, per-step switches with STEP_MARGIN) over a larger candidate set:
                     auto_candidates(k, plus=True) adds probe_on_eplb_plan and
-                    probe_on_eplb_ahead split b 0 p k.
+                    probe_on_eplb_ahead splits b 0 p k and b k p 0 (EPLB-k's layout, which
+                    the fallbacks hold, with the greedy's token split).
     probe_on_eplb_auto_pred  probe_on_eplb_auto_plus's pick, overridden per step and layer on
                     the step's PREDICTED load (never the true one): every auto_plus candidate
                     is scored as side_layer_time scores the truth, its split applied to the
@@ -104,9 +109,9 @@ layer type). Every policy has k extra expert slots per rank:
                     re-plan stall of all candidates (it keeps every candidate layout current).
     oracle          perfect knowledge, zero cost: per layer the best (lowest MoE time) of every
                     policy's plan and of the greedy planned on the TRUE load over each layout
-                    (sharded + k per-step slots, EPLB-b + p per-step slots) with the LP /
-                    water-filling split. Never worse than any policy on MoE time by construction;
-                    it is a heuristic, not a proven optimum.
+                    (sharded + k per-step slots, EPLB-b + p per-step slots, b = 0 .. k) with
+                    the water-filling split or the greedy's own. Never worse than any policy
+                    on MoE time by construction; it is a heuristic, not a proven optimum.
 
 Overheads of PROBE per layer, two modes (both reported):
     host   predictor + planner on the host in series: pred + planner_kernel x host_factor.
