@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import gzip
 import json
 import math
 
@@ -364,14 +365,23 @@ def test_quick_run_writes_report_and_manifest(tmp_path):
     assert manifest["command"].startswith("python -m experiments.fair.run")
     report = (tmp_path / "report.md").read_text()
     assert "## Targets" in report and "eplb_async" in report
-    tables = json.loads((tmp_path / "tables.json").read_text())
+    tables = json.loads(gzip.decompress((tmp_path / "tables.json.gz").read_bytes()))
     assert tables["results"][0]["model"] == MODEL
     assert (tmp_path / "fair_memory.png").stat().st_size > 0
-    # The report re-renders from tables.json + manifest.json to the same text.
-    from experiments.fair.report import main as render
+    # The report re-renders from tables.json.gz + manifest.json to the same text, and from an
+    # older run's uncompressed tables.json too.
+    from experiments.fair.report import load_tables, main as render
 
     assert render([str(tmp_path)]) == 0
     assert (tmp_path / "report.md").read_text() == report
+    (tmp_path / "tables.json").write_text(json.dumps(tables))
+    (tmp_path / "tables.json.gz").unlink()
+    assert load_tables(tmp_path) == tables
+    assert render([str(tmp_path)]) == 0
+    assert (tmp_path / "report.md").read_text() == report
+    (tmp_path / "tables.json").unlink()
+    with pytest.raises(FileNotFoundError, match="tables.json"):
+        load_tables(tmp_path)
 
 
 def test_recorded_trace_is_costed_with_the_calibrated_model(tmp_path):

@@ -399,7 +399,7 @@ def write_report(results: list[dict], analysis: dict, manifest: dict, path: Path
         f"{_revision(manifest['git'])}, {manifest['started_utc']}, {manifest['machine']['cpus']} "
         f"CPUs ({manifest['machine']['platform']}), {manifest['elapsed_s']} s. Everything here "
         "is a simulation on calibrated H200 costs, not a measurement on GPUs. Full tables: "
-        "tables.md (and tables.json); plot: fair_memory.png; manifest.json.",
+        "tables.md (and tables.json.gz); plot: fair_memory.png; manifest.json.",
         *_planner_what_if(s),
         "",
         "## Verdict (computed from the tables below)",
@@ -610,13 +610,31 @@ def write_report(results: list[dict], analysis: dict, manifest: dict, path: Path
                 lines.append(f"  - {tag}, k={k}: {value:.3f}; "
                              + _breakdown(entry, v["rule_combo"], v["best_baseline"], mode))
             if len(t["missed"]) > 8:
-                lines.append(f"  - ... {len(t['missed']) - 8} more in tables.json.")
+                lines.append(f"  - ... {len(t['missed']) - 8} more in tables.json.gz.")
         lines.append("")
     path.write_text("\n".join(lines) + "\n")
 
 
+TABLES = "tables.json.gz"  # gzip-compressed JSON: each run's tables are several MB as text
+
+
+def load_tables(folder: Path) -> dict:
+    """A run's {"results", "analysis"}: its tables.json.gz, or tables.json (runs written before
+    the tables were compressed)."""
+    import gzip
+    import json
+
+    path = folder / TABLES
+    if path.exists():
+        return json.loads(gzip.decompress(path.read_bytes()))
+    if (folder / "tables.json").exists():
+        return json.loads((folder / "tables.json").read_text())
+    raise FileNotFoundError(f"{folder}: neither {TABLES} nor tables.json (not a folder written "
+                            "by experiments.fair.run?)")
+
+
 def main(argv=None) -> int:
-    """Re-render report.md and fair_memory.png from a run's tables.json and manifest.json."""
+    """Re-render report.md and fair_memory.png from a run's tables.json.gz and manifest.json."""
     import argparse
     import json
 
@@ -625,7 +643,7 @@ def main(argv=None) -> int:
     ap.add_argument("--sensitivity", type=Path, default=None,
                     help="another run's folder whose summary is added")
     args = ap.parse_args(argv)
-    tables = json.loads((args.folder / "tables.json").read_text())
+    tables = load_tables(args.folder)
     for r in tables["results"]:  # JSON object keys come back as strings
         r["slots"] = {int(k): v for k, v in r["slots"].items()}
     for f in tables["analysis"]["findings"]:
@@ -645,7 +663,7 @@ def load_sensitivity(folder: Path | None) -> dict | None:
         return None
     import json
 
-    tables = json.loads((folder / "tables.json").read_text())
+    tables = load_tables(folder)
     manifest = json.loads((folder / "manifest.json").read_text())
     settings = manifest["settings"]
     what_if = _what_if_charges(settings)

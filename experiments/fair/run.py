@@ -5,7 +5,7 @@
 Replays seeded synthetic traces (probe.traces.generate: decode, shift and repeat at 256 / 768 /
 1536 tokens per rank, chunked prefill at 8K / 16K tokens per rank) of gpt-oss-120b and
 qwen3-235b-a22b at ep = 8 through probe.sim.fair.simulate_fair at 1-4 extra
-slots per rank, and writes tables.json (every policy x config x slots), tables.md (the full
+slots per rank, and writes tables.json.gz (every policy x config x slots), tables.md (the full
 tables), report.md (targets, headline numbers), fair_memory.png (MoE time against replica
 memory per rank) and manifest.json (command, revision, machine, date).
 
@@ -18,6 +18,7 @@ measured steps when the trace is long enough).
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import time
 from pathlib import Path
@@ -553,9 +554,13 @@ def main(argv=None) -> int:
         print(f"{model} {workload} {batch} tok/rank: {time.time() - t0:.1f} s", flush=True)
     analysis = analyse(results)
     elapsed = time.time() - start
-    (args.out / "tables.json").write_text(json.dumps(
-        {"results": results, "analysis": analysis}, separators=(",", ":"), default=_json)
-        + "\n")  # compact: three runs' tables are a large part of the repository
+    from experiments.fair.report import TABLES, load_sensitivity, write_report
+
+    text = json.dumps({"results": results, "analysis": analysis}, separators=(",", ":"),
+                      default=_json) + "\n"
+    # compressed (mtime 0: the same tables give the same bytes): as text each run's tables
+    # were a large part of the repository
+    (args.out / TABLES).write_bytes(gzip.compress(text.encode(), mtime=0))
     write_tables_md(results, analysis, args.out / "tables.md")
     plot_memory(results, args.out / "fair_memory.png")
     run.extra = {
@@ -575,10 +580,8 @@ def main(argv=None) -> int:
                      "assign_us": dict(args.assign_us or []) or None,
                      "eplb_window": args.prior, "eplb_interval": args.prior},
     }
-    outputs = [args.out / name for name in ("tables.md", "tables.json", "fair_memory.png")]
+    outputs = [args.out / name for name in ("tables.md", TABLES, "fair_memory.png")]
     manifest = json.loads(run.write(args.out, outputs).read_text())
-    from experiments.fair.report import load_sensitivity, write_report
-
     write_report(results, analysis, manifest, args.out / "report.md",
                  load_sensitivity(args.sensitivity))
     print(f"wrote {args.out} in {elapsed:.1f} s")
