@@ -589,6 +589,27 @@ def test_auto_plus_leaves_a_split_whose_exposure_exceeds_its_saving(costs, monke
     assert served == ["ahead_b0p1", "eplb", "eplb", "eplb"]
 
 
+def test_the_p0_splits_hold_eplb_k_and_split_its_tokens_as_the_greedy_does(result, load):
+    # b = k, p = 0: EPLB-k's layout (eplb_async's, same memory), no per-step replica; the
+    # greedy's token split over its copies instead of the even split, so at some step and layer
+    # the MoE time differs from eplb_async's; the oracle, which also plans the greedy on the
+    # true load over EPLB-k, is never slower than either.
+    eplb = result.metrics["eplb_async"]["moe"]
+    for name in ("probe_on_eplb_b2p0", "probe_on_eplb_fit_b2p0", "probe_on_eplb_plan_b2p0",
+                 "probe_on_eplb_ahead_b2p0"):
+        m = result.metrics[name]
+        assert np.all(m["replicas"] == 0) and np.all(m["transfer"] == 0)
+        assert result.memory[name] == result.memory["eplb_async"]
+        assert np.all(result.metrics["oracle"]["moe"] <= m["moe"] + 1e-15)
+    assert np.any(result.metrics["probe_on_eplb_plan_b2p0"]["moe"] != eplb)
+    assert np.any(result.metrics["probe_on_eplb_ahead_b2p0"]["moe"] != eplb)
+    # the step-ahead one needs no predictor; the plan one pays it
+    assert result.metrics["probe_on_eplb_ahead_b2p0"]["pred"].sum() == 0
+    assert np.all(result.metrics["probe_on_eplb_plan_b2p0"]["pred"] > 0)
+    assert {"probe_on_eplb_plan_b2p0", "probe_on_eplb_ahead_b2p0"} <= set(
+        auto_candidates(2, plus=True))
+
+
 def test_pick_by_time_takes_the_lowest_mean_first_on_ties():
     times = {"a": np.array([[1.0, 2.0], [1.0, 2.0]]), "b": np.array([[0.5, 2.0], [1.0, 2.0]])}
     assert pick_by_time(times, ["a", "b"]) == ["b", "a"]
