@@ -779,9 +779,10 @@ def test_diagnose_variants_score_every_planner_variant(load, costs):
 
     out = variants(load, costs, prior=4, slots=1, attention=costs.attention_seconds(256),
                    seed=0, steps=1)
-    keys = {(tag, r, line, src, "wf") for tag in ("b0p1", "home") for r in RULES
+    tags = ("b0p1", "b1p0", "home")  # every EPLB-b, b = 0 .. k, and the sharded home
+    keys = {(tag, r, line, src, "wf") for tag in tags for r in RULES
             for line in LINES for src in ("pred", "true")}
-    keys |= {(tag, "paper", "fit", src, split) for tag in ("b0p1", "home")
+    keys |= {(tag, "paper", "fit", src, split) for tag in tags
              for src in ("pred", "true", "prev") for split in ("wf", "plan")}
     assert set(out) == keys
     assert all(np.isfinite(v) and v > 0 for v in out.values())
