@@ -13,9 +13,9 @@
 #                tried), 150 s
 #   moe_layer    experiments.runtime.moe_layer --tune, 120 s
 #   gpu_assign   experiments.planner.gpu_assign (assignment kernel against the host kernel on the
-#                decode layers, batched time), 100 s
+#                decode layers, batched time), 100 s (ASSIGN_LIMIT)
 #   ncu          Nsight Compute on each planner kernel's one-layer launch
-#                (experiments.planner.gpu_profile), 80 s
+#                (experiments.planner.gpu_profile), 80 s (NCU_LIMIT)
 # Each step is time-boxed; the outputs are packed into $OUT/gpu_results.tar.gz after every step (a
 # run cut short keeps the steps it finished), the console is $OUT/log.txt. Usage (on the GPU
 # machine, from the repository root):
@@ -61,11 +61,11 @@ for s in $STEPS; do
       --device cuda --out "$R/quant_layer" ;;
     moe_layer) step moe_layer 120 env PYTHONPATH="$PP" python3 -m experiments.runtime.moe_layer \
       --device cuda --tune --out "$R/moe_layer" ;;
-    gpu_assign) step gpu_assign 100 env PYTHONPATH="$PP" python3 -m experiments.planner.gpu_assign \
+    gpu_assign) step gpu_assign "${ASSIGN_LIMIT:-100}" env PYTHONPATH="$PP" python3 -m experiments.planner.gpu_assign \
       --device cuda --out "$R/gpu_assign" ;;
     ncu)
       echo "== ncu ($(date -u +%T))" | tee -a "$LOG"
-      PYTHONPATH="$PP" timeout 80 ncu --clock-control none --section SpeedOfLight \
+      PYTHONPATH="$PP" timeout "${NCU_LIMIT:-80}" ncu --clock-control none --section SpeedOfLight \
         --section WarpStateStats --section SchedulerStats --section LaunchStats \
         --section InstructionStats -k regex:'_greedy_kernel|_assign_kernel|_parallel_kernel' -c 8 \
         python3 -m experiments.planner.gpu_profile --launches 2 --repeats 0 > "$R/ncu.txt" 2>&1
