@@ -102,9 +102,10 @@ layer type). Every policy has k extra expert slots per rank:
                     STEP_MARGIN (1%) faster there. Charged every step, even while an EPLB
                     fallback serves, instead of the candidate's own predictor + planner: the
                     predictor, one host round trip, the host plans of the fit split (shared
-                    by the plan split) and the paper's PROBE and one water-filling kernel
-                    time (the run's median) per candidate scored, on the side stream beyond
-                    the dispatch; in the background (ahead_exposure) the step-ahead plan and
+                    by the plan split b 0), the other plan splits and the paper's PROBE
+                    (scoring_work) and one water-filling kernel time (the run's median) per
+                    candidate scored, on the side stream beyond the dispatch; in the
+                    background (ahead_exposure) the step-ahead plans and
                     auto_plus's scoring of every candidate on the true load; the largest
                     re-plan stall of all candidates (it keeps every candidate layout current).
     oracle          perfect knowledge, zero cost: per layer the best (lowest MoE time) of every
