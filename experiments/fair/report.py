@@ -258,18 +258,16 @@ def _t2_rows(results: list[dict], analysis: dict, sensitivity: dict | None) -> l
             v = f["per_slots"][int(k)]
             pol = entry["policies"]
             layers = entry["meta"]["model_layers"]
-
-            def per_layer(q, mode="side", entry=entry):
-                return _per_layer_us(entry, q, mode)
-
             auto = pol[v["rule_combo"]]["side"]
-            gain = per_layer(v["best_baseline"], "host") - per_layer("oracle", "host")
+            gain = (_per_layer_us(entry, v["best_baseline"], "host")
+                    - _per_layer_us(entry, "oracle", "host"))
             over = (auto["side_exposed_us"] + auto["solve_us"] + auto["transfer_us"]
                     + 1e3 * auto["stall_ms_per_step"] / layers)
             fixed = [q for q in pol if q.startswith((
                 "probe_on_eplb_fit_b", "probe_on_eplb_plan_b", "probe_on_eplb_ahead_b",
                 "probe_on_eplb_wf")) or q in ("probe_paper", "eplb_async", "static")]
-            choice = per_layer(v["rule_combo"]) - min(per_layer(q) for q in fixed)
+            choice = (_per_layer_us(entry, v["rule_combo"])
+                      - min(_per_layer_us(entry, q) for q in fixed))
             perfect = "-"
             if other is not None and (f["model"], f["workload"], f["batch_per_rank"]) in other:
                 o = other[(f["model"], f["workload"], f["batch_per_rank"])]["per_slots"]

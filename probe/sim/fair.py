@@ -481,12 +481,13 @@ def trigger_length(grown_s: float, steps: int, work_s: float, window_s: float,
                                                    layers))
         return grown_s * (steps - m) - cost
 
-    if not net(1) > 0.0:
-        return 0
     best, best_net = 1, net(1)
+    if not best_net > 0.0:
+        return 0
     for m in range(2, min(score_every, steps)):
-        if net(m) > best_net:
-            best, best_net = m, net(m)
+        value = net(m)
+        if value > best_net:
+            best, best_net = m, value
     return best
 
 
