@@ -169,7 +169,13 @@ minus the exposure (trigger_length: 1 where the whole scoring fits one step's wi
 step later costs more than its exposure; more where spreading hides it), 1/m of it charged in
 each of their backgrounds (background_exposure with share 1/m), the running every-k scoring
 dropped (the part already done was charged), the every-k schedule restarted when it is done,
-and the picks made from the scorings from it on. The thresholds come from the history window
+and the picks made from the scorings from it on. Shift response: from the step a triggered
+scoring starts until its pick, each layer an idle fallback serves (its layout planned on the
+traffic before the change) takes the adaptive candidate (per-step slots, p >= 1, planned every
+step: fit, plan, step-ahead, the paper's PROBE) fastest on the scored steps the latest pick
+used (before any, on the history window), and the triggered scoring's pick then keeps or
+leaves it like any other (step_switch); nothing more runs for it, the candidate's own
+predictor and planner are charged as whenever it serves. The thresholds come from the history window
 alone and each decision from the step just run and the scored step, so it uses no later
 step. The picker scores every candidate with the background exposure the charge gives it
 (pick_exposure: a step-ahead split's own plan beyond the scoring's share and a fallback's
@@ -1444,6 +1450,21 @@ def simulate_fair(load: np.ndarray, costs: FairCosts, *, slots: int, prior: int,
                 out[q] = t + exposure(q, [0])
             return pick(out, candidates=names)
 
+        # the candidates that follow a change of the traffic by themselves: per-step slots
+        # (p >= 1), planned every step on the prediction or the step before's load
+        adaptive = [q for q in names if q not in FALLBACKS and _split_of(q, slots)[1] >= 1]
+
+        def responders(n: int, ready: list[int]) -> list[str]:
+            # per layer the adaptive candidate fastest on the scored steps done (the
+            # latest pick's rows), or before any on the history window (as first_pick)
+            if ready:
+                times = shadow(ready[-pick_window:], n)
+            else:
+                times = {q: (first[q] - first_ahead_side if q.startswith(
+                    "probe_on_eplb_ahead_") else first[q]) + exposure(q, [0])
+                    for q in adaptive}
+            return pick_by_time(times, adaptive)
+
         def excess(n: int, serving: list[str]) -> float:  # seconds, summed over layers
             return sum(metrics[q]["compute"][n, layer] - metrics[q]["compute_mean"][n, layer]
                        for layer, q in enumerate(serving))
@@ -1478,6 +1499,13 @@ def simulate_fair(load: np.ndarray, costs: FairCosts, *, slots: int, prior: int,
             share[n], scored_of[n] = 1.0 / length, start
             current = epochs[-1][1]
             ready = [r for r in done if r >= fresh]
+            if start == n and n in triggered and adaptive:
+                # the shift response: a triggered scoring starts here, its pick is m steps
+                # away, and the change may have left the idle fallbacks' layouts stale, so
+                # their layers take an adaptive candidate until then
+                resp = responders(n, ready)
+                current = [resp[layer] if q in IDLE_FALLBACKS else q
+                           for layer, q in enumerate(current)]
             if n > 0 and target.endswith("_replan"):
                 if n % interval == 0:  # at each re-plan, from the scorings done by then
                     epochs.append((n, window_pick(n, ready) or current))
