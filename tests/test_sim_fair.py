@@ -1191,8 +1191,11 @@ def shifted():
     return trace.load_counts().astype(np.int64)
 
 
+# (the shift response off: these tests pin the trigger and its charges with the fallbacks
+# serving until the triggered pick; test_the_shift_response_... turns it on)
 _RESCORE = {"slots": 2, "prior": 4, "window": 4, "interval": 50, "seed": 1, "check": False,
-            "score_every": 8, "solve_time": {"waterfill": 5.1e-5, "lp": 0.0}}
+            "score_every": 8, "solve_time": {"waterfill": 5.1e-5, "lp": 0.0},
+            "respond": False}
 
 
 def test_a_shift_triggers_a_charged_rescoring_on_the_step_after(shifted, costs):
@@ -1245,6 +1248,39 @@ def test_a_shift_triggers_a_charged_rescoring_on_the_step_after(shifted, costs):
     dear = simulate_fair(shifted, costs, rescore=True, **dict(
         _RESCORE, solve_time={"waterfill": 1e-3, "lp": 0.0}))
     assert dear.meta["auto_scoring"]["probe_on_eplb_auto_plus"]["triggered_steps"] == []
+
+
+def test_the_shift_response_moves_fallback_layers_to_an_adaptive_candidate(shifted, costs):
+    # The shift (measured step 3) triggers a scoring at step 4 either way. With a planner
+    # fast enough to hide (1 us), the paper's PROBE was faster on the scored steps before the
+    # shift than EPLB's even split is at the changed step, so with the shift response the
+    # layers EPLB serves take it from step 4, a step before the triggered pick, and step 4 is
+    # faster; up to step 3 the runs are the same. With the default planner (exposed at 256
+    # tokens per rank) every adaptive candidate was slower before the shift than EPLB is
+    # after it: no layer responds and the runs are the same throughout.
+    fast = dataclasses.replace(costs, planner_gpu_s=1e-6)
+    adaptive = {"b0p2", "paper", "plan_b0p2", "ahead_b0p2"}
+    for model_costs, responds in ((fast, True), (costs, False)):
+        runs = {r: simulate_fair(shifted, model_costs, rescore=True,
+                                 **dict(_RESCORE, respond=r)) for r in (False, True)}
+        for policy, key in (("probe_on_eplb_auto", "auto_choices"),
+                            ("probe_on_eplb_auto_plus", "auto_plus_choices")):
+            served = {r: np.array([e["layers"] for e in res.meta[key]])
+                      for r, res in runs.items()}
+            for res in runs.values():
+                assert res.meta["auto_scoring"][policy]["triggered_steps"][:1] == [4]
+            assert (served[False][:5] == "eplb").all()  # until the triggered pick at 5
+            assert (served[True][:4] == "eplb").all()
+            side = {r: res.layer_time(policy, "side") for r, res in runs.items()}
+            if responds:
+                assert set(served[True][4]) <= adaptive  # from the trigger's first step
+                np.testing.assert_array_equal(side[True][:4], side[False][:4])
+                assert np.all(side[True][4] < side[False][4])
+            else:
+                np.testing.assert_array_equal(served[True], served[False])
+                np.testing.assert_array_equal(side[True], side[False])
+    with pytest.raises(TypeError, match="respond"):
+        simulate_fair(shifted, costs, rescore=True, **dict(_RESCORE, respond=1))
 
 
 def test_trigger_length_spreads_a_scoring_rather_than_expose_it():

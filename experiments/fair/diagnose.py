@@ -107,7 +107,8 @@ def diagnose(case: str, args) -> None:
     load, costs, prior, phase, _ = case_load(model, workload, int(batch), args)
     res = simulate_fair(load, costs, slots=k, prior=prior, window=prior, interval=prior,
                         predictor=args.predictor, seed=args.seed, phase=phase,
-                        score_every=args.score_every, rescore=args.rescore, nested=args.nested)
+                        score_every=args.score_every, rescore=args.rescore, nested=args.nested,
+                        respond=args.shift_response)
     cand = auto_candidates(k, plus=True, nested=args.nested)  # auto_plus's candidates
     us = 1e6
     print(f"\n## {case} (prior {prior}, measured {load.shape[0] - prior}, layers "

@@ -139,6 +139,13 @@ def parse_args(argv=None) -> argparse.Namespace:
                          "cost least (probe.sim.fair.trigger_length: more than one where that "
                          "hides it) and charged there (default on; --no-rescore: only every "
                          "K steps)")
+    ap.add_argument("--shift-response", action=argparse.BooleanOptionalAction, default=True,
+                    help="with --rescore, from the step a triggered scoring starts until its "
+                         "pick, a layer an idle fallback (EPLB's even split, static EP) serves "
+                         "takes the adaptive candidate (per-step slots) fastest on the latest "
+                         "scored steps, where that was faster there than the fallback at the "
+                         "step that changed (default on; --no-shift-response: the fallbacks "
+                         "serve until the pick)")
     ap.add_argument("--nested", action=argparse.BooleanOptionalAction, default=True,
                     help="EPLB-b layouts of b < k are EPLB-k's with k - b redundant copies "
                          "per rank dropped (probe.sim.fair.nested_copies), so the auto_plus "
@@ -349,7 +356,8 @@ def run_config(model: str, workload: str, batch: int, slots_list, args,
         res = simulate_fair(load, costs, slots=k, prior=prior, window=prior,
                             interval=prior, predictor=predictor, seed=args.seed,
                             phase=phase, score_every=args.score_every,
-                            rescore=args.rescore, nested=args.nested)
+                            rescore=args.rescore, nested=args.nested,
+                            respond=args.shift_response)
         rows = {}
         for policy in res.policies:
             rows[policy] = {"host": res.summary(policy, "host"),
@@ -575,7 +583,7 @@ def main(argv=None) -> int:
                          "prior": args.multinode_prior, "layers": args.multinode_layers},
                      "predictor": args.predictor, "seed": args.seed, "slots": list(slots_list),
                      "score_every": args.score_every, "rescore": args.rescore,
-                     "nested": args.nested,
+                     "shift_response": args.shift_response, "nested": args.nested,
                      "planner_us": dict(args.planner_us or []) or None,
                      "assign_us": dict(args.assign_us or []) or None,
                      "eplb_window": args.prior, "eplb_interval": args.prior},

@@ -173,9 +173,12 @@ and the picks made from the scorings from it on. Shift response: from the step a
 scoring starts until its pick, each layer an idle fallback serves (its layout planned on the
 traffic before the change) takes the adaptive candidate (per-step slots, p >= 1, planned every
 step: fit, plan, step-ahead, the paper's PROBE) fastest on the scored steps the latest pick
-used (before any, on the history window), and the triggered scoring's pick then keeps or
-leaves it like any other (step_switch); nothing more runs for it, the candidate's own
-predictor and planner are charged as whenever it serves. The thresholds come from the history window
+used (before any, on the history window) if that candidate's time there is below the
+fallback's at the changed step (measured: it served that step; an adaptive candidate follows
+the traffic, the fallback's layout does not, so the one's time before the change stands for
+its time after it), and the triggered scoring's pick then keeps or leaves it like any other
+(step_switch); nothing more runs for it, the candidate's own predictor and planner are charged
+as whenever it serves. The thresholds come from the history window
 alone and each decision from the step just run and the scored step, so it uses no later
 step. The picker scores every candidate with the background exposure the charge gives it
 (pick_exposure: a step-ahead split's own plan beyond the scoring's share and a fallback's
@@ -967,7 +970,7 @@ def simulate_fair(load: np.ndarray, costs: FairCosts, *, slots: int, prior: int,
                   interval: int, predictor="topk:0.9", seed: int = 0, check: bool = True,
                   solve_time: dict | None = None, phase: str = "decode",
                   score_every: int | str = 1, rescore: bool = False,
-                  nested: bool = False) -> FairResult:
+                  nested: bool = False, respond: bool = True) -> FairResult:
     """Replay `load` int [N_all, L, S, E] (first `prior` steps: history only) at `slots` extra
     slots per rank under every policy of `policy_names(slots)` (module docstring).
 
@@ -996,8 +999,10 @@ def simulate_fair(load: np.ndarray, costs: FairCosts, *, slots: int, prior: int,
     redundant copy of EPLB-k is often impossible without a rank holding only single
     copies); a layer switched back to more resident copies fetches the dropped ones again,
     charged as exposed transfer (restore_charges). Default off here (the tests pin the
-    earlier behaviour); experiments.fair.run turns it on. meta["oracle_single"]: the oracle
-    held to one candidate for the whole run (oracle_single).
+    earlier behaviour); experiments.fair.run turns it on. respond: with `rescore`, the shift
+    response (module docstring) from each triggered scoring's first step until its pick
+    (False: the fallbacks serve on until then). meta["oracle_single"]: the oracle held to one
+    candidate for the whole run (oracle_single).
     """
     load = np.asarray(load)
     if load.ndim != 4:
@@ -1012,7 +1017,7 @@ def simulate_fair(load: np.ndarray, costs: FairCosts, *, slots: int, prior: int,
     if score_every != "auto" and (isinstance(score_every, bool) or not isinstance(
             score_every, (int, np.integer)) or score_every < 1):
         raise ValueError(f"score_every must be an int >= 1 or 'auto', got {score_every!r}")
-    for name, flag in (("rescore", rescore), ("nested", nested)):
+    for name, flag in (("rescore", rescore), ("nested", nested), ("respond", respond)):
         if not isinstance(flag, bool):
             raise TypeError(f"{name} must be a bool, got {flag!r}")
     if window > prior:
@@ -1422,21 +1427,20 @@ def simulate_fair(load: np.ndarray, costs: FairCosts, *, slots: int, prior: int,
                 q, work_side, 1.0 / k, ahead_windows[r], model.num_layers,
                 planner_s=planner_side, pred_s=pred_mean[scored_of[r]]) for r in steps]))
 
-        def shadow(seen: list[int], n: int) -> dict:  # side-mode times of the scored rows
-            # each candidate's background exposure is the mean over EVERY step from the
-            # first row to the one before step n (their windows are known by then), not at
-            # the scored rows alone
+        def shadow_of(q: str, seen: list[int], n: int) -> np.ndarray:  # [rows, L]
+            # side-mode times of the rows seen (the scored rows); the background exposure
+            # is the mean over EVERY step from the first row to the one before step n
+            # (their windows are known by then), not at the rows alone
             rows = np.asarray(seen, dtype=np.int64)
-            steps = range(int(rows.min()), n)
-            out = {}
-            for q in names:
-                m = metrics[q]
-                t = side_layer_time({x: v[rows] for x, v in m.items()}, stall[q][rows],
-                                    model.num_layers, attention)
-                if q.startswith("probe_on_eplb_ahead_"):  # its own plan is in exposure
-                    t = t - m["side"][rows]
-                out[q] = t + exposure(q, steps)
-            return out
+            m = metrics[q]
+            t = side_layer_time({x: v[rows] for x, v in m.items()}, stall[q][rows],
+                                model.num_layers, attention)
+            if q.startswith("probe_on_eplb_ahead_"):  # its own plan is in exposure
+                t = t - m["side"][rows]
+            return t + exposure(q, range(int(rows.min()), n))
+
+        def shadow(seen: list[int], n: int) -> dict:  # every candidate's shadow_of
+            return {q: shadow_of(q, seen, n) for q in names}
 
         def first_pick() -> list[str]:  # before the first measured step, from the history
             # (history_times), each candidate's background exposure that of the first
@@ -1454,16 +1458,19 @@ def simulate_fair(load: np.ndarray, costs: FairCosts, *, slots: int, prior: int,
         # (p >= 1), planned every step on the prediction or the step before's load
         adaptive = [q for q in names if q not in FALLBACKS and _split_of(q, slots)[1] >= 1]
 
-        def responders(n: int, ready: list[int]) -> list[str]:
+        def responders(n: int, ready: list[int]) -> tuple[list[str], np.ndarray]:
             # per layer the adaptive candidate fastest on the scored steps done (the
-            # latest pick's rows), or before any on the history window (as first_pick)
+            # latest pick's rows), or before any on the history window (as first_pick),
+            # and its mean time there [L]
             if ready:
-                times = shadow(ready[-pick_window:], n)
+                times = {q: shadow_of(q, ready[-pick_window:], n) for q in adaptive}
             else:
                 times = {q: (first[q] - first_ahead_side if q.startswith(
                     "probe_on_eplb_ahead_") else first[q]) + exposure(q, [0])
                     for q in adaptive}
-            return pick_by_time(times, adaptive)
+            picks = pick_by_time(times, adaptive)
+            return picks, np.array([times[q][:, layer].mean()
+                                    for layer, q in enumerate(picks)])
 
         def excess(n: int, serving: list[str]) -> float:  # seconds, summed over layers
             return sum(metrics[q]["compute"][n, layer] - metrics[q]["compute_mean"][n, layer]
@@ -1499,12 +1506,16 @@ def simulate_fair(load: np.ndarray, costs: FairCosts, *, slots: int, prior: int,
             share[n], scored_of[n] = 1.0 / length, start
             current = epochs[-1][1]
             ready = [r for r in done if r >= fresh]
-            if start == n and n in triggered and adaptive:
+            if respond and start == n and n in triggered and adaptive:
                 # the shift response: a triggered scoring starts here, its pick is m steps
-                # away, and the change may have left the idle fallbacks' layouts stale, so
-                # their layers take an adaptive candidate until then
-                resp = responders(n, ready)
-                current = [resp[layer] if q in IDLE_FALLBACKS else q
+                # away, and the change may have left the idle fallbacks' layouts stale: a
+                # layer one serves takes its adaptive candidate until then if that was
+                # faster before the change than the fallback was at the changed step (the
+                # candidate follows the traffic, the fallback's layout does not)
+                resp, before = responders(n, ready)
+                now = {q: shadow_of(q, [n - 1], n)[0] for q in set(current)
+                       if q in IDLE_FALLBACKS}
+                current = [resp[layer] if q in now and before[layer] < now[q][layer] else q
                            for layer, q in enumerate(current)]
             if n > 0 and target.endswith("_replan"):
                 if n % interval == 0:  # at each re-plan, from the scorings done by then
