@@ -1490,11 +1490,13 @@ def test_simulate_fair_checks_rescore(stable, costs):
         simulate_fair(stable, costs, slots=1, prior=4, window=4, interval=3, rescore=1)
 
 
-def test_run_parses_rescore():
+def test_run_parses_rescore_and_the_shift_response():
     from experiments.fair.run import parse_args
 
     assert parse_args([]).rescore is True
     assert parse_args(["--no-rescore"]).rescore is False
+    assert parse_args([]).shift_response is True
+    assert parse_args(["--no-shift-response"]).shift_response is False
 
 
 def test_nested_copies_drop_the_copy_that_leaves_the_lowest_load_per_copy():

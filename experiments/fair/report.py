@@ -324,6 +324,12 @@ def _scoring_interval(results: list[dict], settings: dict) -> str:
                  "running one is dropped and the every-k schedule restarts after it, and the "
                  "picks use the scorings from it on (auto_replan scores only every k steps); "
                  f"auto_plus triggered {triggered} such scorings over all cases")
+        if settings.get("shift_response", False):
+            text += ("; with --shift-response (the default), from the step a triggered "
+                     "scoring starts until its pick, a layer EPLB's even split or static "
+                     "serves takes the adaptive candidate (per-step slots) fastest on the "
+                     "latest scored steps wherever that was faster there than the fallback "
+                     "is at the changed step")
     text += ("; the picker scores each candidate with the background exposure the charge "
              "gives it (a step-ahead split's own plan and a fallback's background prediction "
              "share the step's spare time with the scoring), averaged over every step since "
