@@ -269,8 +269,9 @@ def auto_candidates(slots: int, plus: bool = False, nested: bool = False) -> lis
     (probe_on_eplb_auto_plus) also the probe_on_eplb_plan and probe_on_eplb_ahead splits
     b = 0 and b = k (p = 0: EPLB-k's layout, which the fallbacks hold, with the greedy's own
     token split on the prediction or the step before's load instead of EPLB's even split),
-    before the fallbacks, and with `nested` (k >= 2) their splits b = 1 .. k - 1, p = k - b
-    too (fewest resident copies first).
+    before the fallbacks, and with `nested` (k >= 2) the fit, plan and step-ahead splits
+    b = 1 .. k - 1, p = k - b too (fewest resident copies first; a fit split shares its
+    plan with the plan split of its b, p: one more score each, no more plans).
 
     Without `nested` only b = 0 and b = k (the fallbacks' EPLB-k layout): a policy that may
     switch to a candidate any step keeps that candidate's resident layout current, and
@@ -285,7 +286,7 @@ def auto_candidates(slots: int, plus: bool = False, nested: bool = False) -> lis
     extra = ([f"probe_on_eplb_{f}b0p{slots}" for f in ("plan_", "ahead_")] if plus else [])
     if plus and nested and slots > 1:
         extra += [f"probe_on_eplb_{f}b{b}p{slots - b}" for b in range(1, slots)
-                  for f in ("plan_", "ahead_")]
+                  for f in ("fit_", "plan_", "ahead_")]
     if plus:  # EPLB-k's layout, the planner's token split, no per-step replica
         extra += [f"probe_on_eplb_{f}b{slots}p0" for f in ("plan_", "ahead_")]
     return ([f"probe_on_eplb_fit_b0p{slots}", "probe_paper"] + extra + list(FALLBACKS))
