@@ -1548,9 +1548,11 @@ def test_restore_charges_fetch_the_dropped_copies_again():
 def test_scoring_work_counts_one_plan_per_split():
     names = auto_candidates(3, plus=True, nested=True)
     plans, ahead, scores = scoring_work(names)
-    # fit b0p3 (plan b0p3 shares it), plans b1p2, b2p1 and b3p0 (no fit of their own), the
-    # paper's PROBE; step-ahead b0p3, b1p2, b2p1, b3p0
+    # fit b0p3, b1p2 and b2p1 (the plan splits of the same b, p share them), plan b3p0 (no
+    # fit of its own), the paper's PROBE; step-ahead b0p3, b1p2, b2p1, b3p0; one score each
     assert (plans, ahead, scores) == (5, 4, len(names))
+    assert {"probe_on_eplb_fit_b1p2", "probe_on_eplb_fit_b2p1"} <= set(names)
+    assert "probe_on_eplb_fit_b3p0" not in names  # EPLB-3 water-filled: probe_on_eplb_wf
     assert scoring_work(auto_candidates(3, plus=True))[:2] == (3, 2)
 
 
@@ -1561,7 +1563,7 @@ def test_nested_auto_plus_candidates():
                   if q.startswith("probe_on_eplb_") and "_b" in q}
         assert splits == set(range(k + 1))  # b = 0 .. k, p = k - b
         for b in range(1, k):
-            assert {f"probe_on_eplb_plan_b{b}p{k - b}", f"probe_on_eplb_ahead_b{b}p{k - b}"} <= \
+            assert {f"probe_on_eplb_{f}b{b}p{k - b}" for f in ("fit_", "plan_", "ahead_")} <= \
                 set(auto_candidates(k, plus=True, nested=True))
         assert auto_candidates(k, nested=True) == auto_candidates(k)
 
@@ -1574,7 +1576,7 @@ def test_history_times_plan_every_split_named(load, costs):
     times = history_times(load[1:4], load[0], layouts, costs, 2, 1e-4,
                           lambda true, prev, h, layer: true, names=names)
     assert list(times) == names
-    for q in ("probe_on_eplb_plan_b1p1", "probe_on_eplb_ahead_b1p1"):
+    for q in ("probe_on_eplb_fit_b1p1", "probe_on_eplb_plan_b1p1", "probe_on_eplb_ahead_b1p1"):
         assert np.all(times[q] > 1e-4 + 1e-6)  # MoE time, not the attention alone
 
 
