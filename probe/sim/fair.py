@@ -1443,17 +1443,17 @@ def simulate_fair(load: np.ndarray, costs: FairCosts, *, slots: int, prior: int,
         def shadow(seen: list[int], n: int) -> dict:  # every candidate's shadow_of
             return {q: shadow_of(q, seen, n) for q in names}
 
+        def first_time(q: str) -> np.ndarray:  # [H, L] a candidate's history score
+            # (history_times), its background exposure that of the first measured step
+            # (its window, L x attention, the only one known then; the every-k scoring's
+            # share): a step-ahead split's own plan there is replaced
+            t = first[q]
+            if q.startswith("probe_on_eplb_ahead_"):
+                t = t - first_ahead_side
+            return t + exposure(q, [0])
+
         def first_pick() -> list[str]:  # before the first measured step, from the history
-            # (history_times), each candidate's background exposure that of the first
-            # measured step (its window, L x attention, the only one known then; the
-            # every-k scoring's share): a step-ahead split's own plan there is replaced
-            out = {}
-            for q in names:
-                t = first[q]
-                if q.startswith("probe_on_eplb_ahead_"):
-                    t = t - first_ahead_side
-                out[q] = t + exposure(q, [0])
-            return pick(out, candidates=names)
+            return pick({q: first_time(q) for q in names}, candidates=names)
 
         # the candidates that follow a change of the traffic by themselves: per-step slots
         # (p >= 1), planned every step on the prediction or the step before's load
@@ -1463,12 +1463,8 @@ def simulate_fair(load: np.ndarray, costs: FairCosts, *, slots: int, prior: int,
             # per layer the adaptive candidate fastest on the scored steps done (the
             # latest pick's rows), or before any on the history window (as first_pick),
             # and its mean time there [L]
-            if ready:
-                times = {q: shadow_of(q, ready[-pick_window:], n) for q in adaptive}
-            else:
-                times = {q: (first[q] - first_ahead_side if q.startswith(
-                    "probe_on_eplb_ahead_") else first[q]) + exposure(q, [0])
-                    for q in adaptive}
+            times = {q: shadow_of(q, ready[-pick_window:], n) if ready else first_time(q)
+                     for q in adaptive}
             picks = pick_by_time(times, adaptive)
             return picks, np.array([times[q][:, layer].mean()
                                     for layer, q in enumerate(picks)])
