@@ -45,6 +45,9 @@ METHODS: dict[str, tuple[str, str]] = {
     # "deepseek_eplb" is its former name, kept as an alias; "eplb_addcopies" is the older
     # EPLB-style baseline that keeps the home layout and adds copies (named "eplb" in results
     # written before the rename: results/solvers_bench, results/sim).
+    # Rounds over rank pairs in integer time, built for the GPU (lite.py has the rules).
+    "lite": ("probe.planner.lite", "solve_lite"),
+    "lite_ref": ("probe.planner.lite", "solve_lite_ref"),
     "eplb": ("probe.planner.deepseek_eplb", "solve_deepseek_eplb"),
     "deepseek_eplb": ("probe.planner.deepseek_eplb", "solve_deepseek_eplb"),
     "eplb_addcopies": ("probe.planner.eplb", "solve_eplb_addcopies"),

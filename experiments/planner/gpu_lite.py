@@ -1,0 +1,248 @@
+"""The lite planner on the GPU: plans checked against the CPU kernel, one layer's latency, IR.
+
+    python3 -m experiments.planner.gpu_lite --device cuda --out results/gpu_lite
+    python3 -m experiments.planner.gpu_lite --device cpu --quick --out /tmp/gpu_lite
+
+Synthetic decode layers (experiments.planner.gpu_harness.decode_layers: 768 tokens per rank,
+top-8, 3 slots per rank, window "auto") at ep=8 / 128 experts (qwen3-235b-a22b, one H200 node),
+ep=16, 32 and 64 / 256 experts and ep=256 / 256 (deepseek-v3, nodes of 8 H200s). Per config:
+1. the L-layer launch's plans (probe.planner.lite_cuda.CudaLite) equal the CPU kernel's
+   (lite.lite_arrays) on every layer, entry for entry;
+2. one layer's latency (a runtime plans the next layer only): median CUDA-event time of the
+   launch replayed as a CUDA graph (the kernel alone) and eager (the Python launch included),
+   at 64-512 threads per block; and the L-layer launch's time per layer, graph-replayed;
+3. the plan's IR (max / mean rank time, eq. 8 in seconds, from the CPU kernel's plan) against
+   the static plan's, and the smallest rank's window (what planning can hide behind).
+Then random small layers (experiments.planner.gpu_harness.random_layers, 1,000 by default) in
+launches of 20, each equal to the CPU kernel. Targets (issue of the GPU planner): at most 10 us
+per layer at ep=8 / 128 experts and 50 us at ep=64 / 256, plans identical to the CPU kernel.
+--device cpu runs the kernel in Numba's CUDA simulator: ep=8 / 16 experts and a few random
+layers, correctness only.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+
+from experiments.planner import gpu_harness as harness
+
+CONFIGS = (("ep=8, E=128", "qwen3-235b-a22b", "h200x8", 8, 128),
+           ("ep=16, E=256", "deepseek-v3", "h200x8-n2", 16, 256),
+           ("ep=32, E=256", "deepseek-v3", "h200x8-n4", 32, 256),
+           ("ep=64, E=256", "deepseek-v3", "h200x8-n8", 64, 256),
+           ("ep=256, E=256", "deepseek-v3", "h200x8-n32", 256, 256))
+SIM_CONFIGS = (("ep=8, E=16", "deepseek-v3", "h200x8", 8, 16),)
+GOALS_US = {"ep=8, E=128": 10.0, "ep=64, E=256": 50.0}
+THREADS = (64, 128, 256, 512)
+LAYERS = 8
+RANDOM_LAYERS = 1000
+RANDOM_PER_LAUNCH = 20
+
+
+def cpu_layer(load, home, slots, window, cost, rules):
+    """lite.lite_arrays' result for one layer."""
+    from probe.planner.lite import cost_ticks, home_lists, lite_arrays, plan_limits, window_ticks
+
+    a, b, tt, xt = cost_ticks(cost.alpha, cost.beta, cost.token_time, cost.transfer_time)
+    wt = np.array([window_ticks(float(w)) for w in window], np.int64)
+    reps, blocks = plan_limits(slots, home.shape[1], home.shape[0])
+    return lite_arrays(np.ascontiguousarray(load, np.int64), np.ascontiguousarray(home),
+                       np.ascontiguousarray(slots, np.int64), wt, a, b, tt, xt,
+                       *home_lists(home), rules.max_rounds, rules.eps_ppm, reps, blocks)
+
+
+def gpu_layers(out, num_layers: int) -> list:
+    """A CudaLitePlan (any device arrays) as lite_core's per-layer results."""
+    host = [a.copy_to_host() if hasattr(a, "copy_to_host") else np.array(a.cpu().numpy())
+            for a in out]
+    rep, n_rep, blk_e, blk_a, n_blk, rounds, moves, makespan, status = host
+    return [(int(status[i]), rep[i, :n_rep[i]], blk_e[i, :n_blk[i]], blk_a[i, :n_blk[i]],
+             int(rounds[i]), int(moves[i]), int(makespan[i])) for i in range(num_layers)]
+
+
+def same(a, b) -> bool:
+    return all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(a, b, strict=True))
+
+
+def inputs(sim: bool, *arrays):
+    if sim:
+        from probe.planner.numba_cuda import cuda
+
+        return [cuda.to_device(np.ascontiguousarray(a)) for a in arrays]
+    import torch
+
+    return [torch.as_tensor(np.ascontiguousarray(a), device="cuda") for a in arrays]
+
+
+def ir_of(load, home, slots, window, cost, result) -> tuple[float, float]:
+    """(IR of the plan, IR of the static plan), eq. 8's rank times in seconds."""
+    from probe.planner.check import rank_times
+    from probe.planner.greedy import plan_from_arrays
+    from probe.planner.problem import BalanceProblem
+    from probe.planner.static import static_plan
+
+    problem = BalanceProblem(load, home, slots, window, cost)
+    out = []
+    for plan in (plan_from_arrays(problem, *result[1:4]), static_plan(problem)):
+        comp, comm = rank_times(problem, plan.assignment)
+        times = comp + comm
+        out.append(float(times.max() / times.mean()))
+    return out[0], out[1]
+
+
+def timed(launch, *, graph: bool, repeats: int, budget_s: float) -> dict:
+    try:
+        run = launch
+        if graph:
+            import torch
+
+            g = torch.cuda.CUDAGraph()
+            harness.ALIVE.append((g, launch))
+            harness.capture(g, launch)
+            run = g.replay
+        for _ in range(3):
+            run()
+        samples = harness.event_us(run, repeats, budget_s)
+    except Exception as exc:  # recorded, the run goes on
+        return {"error": f"{type(exc).__name__}: {exc}"[:400]}
+    return {"median_us": float(np.median(samples)), "samples": len(samples)}
+
+
+def config_row(name, model, hardware, ranks, experts, *, sim: bool, quick: bool) -> dict:
+    from probe.planner.lite import LiteRules
+    from probe.planner.lite_cuda import CudaLite
+
+    layers = 2 if sim else LAYERS
+    load, home, slots, window, cost = harness.decode_layers(model, hardware, ranks, experts,
+                                                            layers)
+    rules = LiteRules()
+    runner = CudaLite(home, slots, cost, rules, num_layers=layers, threads=32 if sim else 128)
+    load_d, window_d = inputs(sim, load, window)
+    got = gpu_layers(runner.plan(load_d, window_d), layers)
+    ref = [cpu_layer(load[i], home[i], slots, window[i], cost, rules) for i in range(layers)]
+    ok = [same(r, g) for r, g in zip(ref, got, strict=True)]
+    irs = [ir_of(load[i], home[i], slots, window[i], cost, ref[i]) for i in range(layers)]
+    row = {"config": name, "model": model, "hardware": hardware, "layers": layers,
+           "checks": [{"check": f"{layers}-layer launch == CPU kernel", "ok": all(ok),
+                       "differing_layers": [i for i, k in enumerate(ok) if not k]}],
+           "ir": float(np.median([x[0] for x in irs])), "ir_max": float(max(x[0] for x in irs)),
+           "ir_static": float(np.median([x[1] for x in irs])),
+           "window_us": float(np.median(window.min(axis=1)) * 1e6),
+           "rounds": float(np.median([r[4] for r in ref])),
+           "moves": float(np.median([r[5] for r in ref])),
+           "replicas": float(np.median([len(r[1]) for r in ref]))}
+    if sim:
+        return row
+    repeats, budget = (50, 3.0) if quick else (300, 8.0)
+    one_load, one_window = inputs(False, load[:1], window[:1])
+    per_threads = {}
+    for threads in THREADS:
+        one = CudaLite(home[0], slots, cost, rules, num_layers=1, threads=threads)
+        check = gpu_layers(one.plan(one_load, one_window), 1)[0]
+        per_threads[threads] = {"graph": timed(lambda one=one: one.plan(one_load, one_window),
+                                               graph=True, repeats=repeats, budget_s=budget),
+                                "same_plan": same(check, ref[0])}
+    default = per_threads[128]
+    row["one_layer_graph_us"] = default["graph"].get("median_us")
+    row["graph_replay_us"] = row["one_layer_graph_us"]  # what the target is judged on
+    runner_one = CudaLite(home[0], slots, cost, rules)
+    row["one_layer_eager_us"] = timed(lambda: runner_one.plan(one_load, one_window),
+                                      graph=False, repeats=repeats, budget_s=budget).get(
+        "median_us")
+    row["threads"] = {str(k): {"graph_us": v["graph"].get("median_us"),
+                               "error": v["graph"].get("error"), "same_plan": v["same_plan"]}
+                      for k, v in per_threads.items()}
+    row["checks"].append({"check": "one-layer plans == CPU kernel at 64-512 threads",
+                          "ok": all(v["same_plan"] for v in per_threads.values()),
+                          "differing_layers": []})
+    all_layers = timed(lambda: runner.plan(load_d, window_d), graph=True, repeats=repeats,
+                       budget_s=budget)
+    row["per_layer_in_launch_us"] = (all_layers["median_us"] / layers
+                                     if "median_us" in all_layers else None)
+    best = [v["graph"]["median_us"] for v in per_threads.values() if "median_us" in v["graph"]]
+    row["best_one_layer_us"] = min(best) if best else None
+    row["best_threads"] = (min((v["graph"]["median_us"], k) for k, v in per_threads.items()
+                               if "median_us" in v["graph"])[1] if best else None)
+    return row
+
+
+def random_check(count: int, *, sim: bool) -> dict:
+    from probe.planner.cost import CostModel
+    from probe.planner.lite import LiteRules
+    from probe.planner.lite_cuda import CudaLite
+
+    rng = np.random.default_rng(11)
+    done = differ = 0
+    while done < count:
+        layers = min(RANDOM_PER_LAUNCH, count - done)
+        ranks = int(rng.choice([2, 3, 4, 8, 16]))
+        experts = int(rng.choice([ranks, 2 * ranks, 4 * ranks, 32]))
+        load, home = harness.random_layers(rng, layers, ranks, experts)
+        window = harness.random_window(rng, layers, ranks) * 1e-4
+        slots = rng.integers(0, 4, ranks)
+        tt = rng.uniform(0, 3e-8, (ranks, ranks))
+        cost = CostModel(float(rng.uniform(0, 2e-5)), float(rng.uniform(1e-8, 1e-7)), tt,
+                         rng.uniform(1e-5, 2e-4, (ranks, ranks)))
+        rules = LiteRules(max_rounds=int(rng.integers(1, 17)))
+        runner = CudaLite(home, slots, cost, rules, num_layers=layers,
+                          threads=int(rng.choice([32, 64, 128])))
+        load_d, window_d = inputs(sim, load, window)
+        got = gpu_layers(runner.plan(load_d, window_d), layers)
+        for i in range(layers):
+            ref = cpu_layer(load[i], home[i], slots, window[i], cost, rules)
+            differ += not same(ref, got[i])
+        done += layers
+    return {"layers": done, "differing_layers": differ, "ok": differ == 0}
+
+
+def markdown(report: dict) -> str:
+    lines = [f"# The lite planner on the GPU ({report['device']})", "",
+             f"Made by `{report['command']}` ({report['utc']}). One layer's plan, median "
+             "CUDA-event time of the launch replayed as a CUDA graph (128 threads per block; "
+             "best: the fastest of 64-512), eager (the Python launch included) and per layer "
+             f"in a {LAYERS}-layer launch; IR from the plans (the static plan's beside it); "
+             "window: the smallest rank's, median over the layers.", "",
+             "| config | graph, 1 layer (us) | best threads (us) | eager (us) | "
+             "per layer in launch (us) | target (us) | IR | IR max | IR static | window (us) | "
+             "rounds | replicas | plans == CPU |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+
+    def f(v, d=1):
+        return "-" if v is None else f"{v:.{d}f}"
+
+    for r in report["rows"]:
+        lines.append(
+            f"| {r['config']} | {f(r.get('one_layer_graph_us'))} | "
+            f"{f(r.get('best_one_layer_us'))} ({r.get('best_threads', '-')}) | "
+            f"{f(r.get('one_layer_eager_us'))} | {f(r.get('per_layer_in_launch_us'))} | "
+            f"{f(GOALS_US.get(r['config']), 0)} | {f(r['ir'], 3)} | {f(r['ir_max'], 3)} | "
+            f"{f(r['ir_static'], 3)} | {f(r['window_us'], 0)} | {f(r['rounds'], 0)} | "
+            f"{f(r['replicas'], 0)} | {'yes' if all(c['ok'] for c in r['checks']) else 'NO'} |")
+    if report["random"] is not None:
+        rnd = report["random"]
+        lines += ["", f"Random layers: {rnd['layers']}, differing from the CPU kernel: "
+                      f"{rnd['differing_layers']}."]
+    return "\n".join(lines + harness.markdown_tail(report)) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = harness.parse_args(__doc__, "gpu_lite", argv, "seconds for the whole run")
+    sim = args.device == "cpu"
+    report = harness.Report("gpu_lite", args, argv, {"random": None}, markdown,
+                            lambda row: GOALS_US.get(row["config"], np.inf))
+    for config in (SIM_CONFIGS if sim else CONFIGS):
+        with report.stage(config[0]):
+            report.data["rows"].append(config_row(*config, sim=sim, quick=args.quick))
+    with report.stage("random layers"):
+        report.data["random"] = random_check(20 if sim else RANDOM_LAYERS, sim=sim)
+
+    def summary(rep: dict) -> str:
+        return "\n".join(harness.summary_tail(rep))
+
+    return report.finish(summary)
+
+
+if __name__ == "__main__":
+    harness.exit_after(lambda: main(sys.argv[1:]))

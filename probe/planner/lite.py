@@ -1,0 +1,568 @@
+"""The lite planner: rounds of moves over disjoint rank pairs in integer time, built for the GPU.
+
+The greedy and the parallel greedy decide in float64 and their CUDA kernels must repeat the CPU
+kernels' floating-point order bit for bit; that order is a chain of dependent operations, and
+their one-layer latency on an H100 stayed at 350-720 us. The lite planner decides in integer
+ticks of `TICK` seconds instead: every rank time is an int64 sum, sums do not depend on the order
+of their terms, and the GPU kernel (probe.planner.lite_cuda) can spread every sum, maximum and
+search over the block's threads and still make the CPU kernel's plan exactly.
+
+Costs in ticks: A = round(alpha / TICK), B = round(beta / TICK), TT = round(token_time / TICK),
+XT = ceil(transfer_time / TICK) (rounded up, so that copies that fit a window in ticks fit it in
+seconds), W[g] = floor(window[g] / TICK). Rank times follow eq. 8 on those integers:
+comp[g] = sum over experts with tokens on g of (A + B * tokens), tin / tout the token traffic,
+t[g] = comp[g] + 2 * max(tin[g], tout[g]).
+
+The rules (one round; the rounds stop when a round applies no move, or after max_rounds):
+1. **Pairs.** The ranks in order of time, slowest first (ties to the lowest rank); pair i is
+   (the i-th slowest, the i-th fastest), i < G // 2, while the slow rank's time is above the
+   mean and above its partner's.
+2. **Expert.** Of the experts the hot rank h holds with tokens on it, the one with the most
+   tokens there (ties to the lowest expert) that the cold rank c already holds, or that h can
+   copy to c: h is a home holder of e, c has a free slot, and the copy fits h's sent and c's
+   received window (both in ticks). One expert per pair and round.
+3. **Pool.** The tokens of e that h computes, source by source: c's own first, then the other
+   sources in rank order, leaving out a source whose link to c is dearer than its link to h
+   (TT[s, c] > TT[s, h]: then no move lengthens a third rank's outgoing traffic, so the pairs of
+   one round cannot harm each other), then h's own.
+4. **Amount.** x tokens from the front of the pool, 1 <= x <= the pool's total X, minimising
+   f(x) = max(t_h(x), t_c(x)), the two ranks' times after the move (ties to the smallest x),
+   found by a grid search: 32 amounts spread evenly over [lo, hi] (all of them once
+   hi - lo < 32), keep the best, narrow [lo, hi] to its neighbours' spacing around it, again.
+   The move is made when it gains: (t_h - f) * 10**6 > eps_ppm * t_h.
+5. **Apply** every pair's move against the round's starting choices, in pair order: a copy
+   (rank c, expert e, source h), the expert's token block (the static split, made the first
+   time e moves), the takes moved from column h to column c, and the traffic updated. A move
+   that needs a replica row or a block when none is left is dropped.
+
+The plan is compact: replica rows (rank, expert, source), and for each expert that moved, its
+[S, G] assignment block (every other expert keeps the static split).
+
+`lite_core` is the algorithm in plain Python over numpy arrays; `lite_arrays` is the same
+function compiled by Numba (the host path), and probe.planner.lite_cuda's kernel makes the same
+plan on the GPU (tests compare all three).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import numba
+import numpy as np
+
+from probe.planner.greedy import _static_share, plan_from_arrays
+from probe.planner.problem import BalanceProblem, Plan, SolveResult
+
+__all__ = ["GRID", "KEY_MAX_TIME", "KEY_MAX_TOKENS", "TICK", "LiteRules", "lite_arrays",
+           "lite_core", "lite_plan", "problem_ticks", "solve_lite", "window_ticks"]
+
+# Seconds per tick of the integer times (10 ps: an alpha of 12.4 us is 1,240,000 ticks, a token
+# time of 12.8 ns 1,280; rounding moves a cost by at most 5 ps).
+TICK = 1e-11
+# Amounts one step of the amount's grid search tries side by side (one warp on the GPU).
+GRID = 32
+# The GPU kernel packs (time, tokens) into one int64 for its atomic minimum: an expert's tokens
+# stay below 2**KEY_TOKEN_BITS and the rank times below KEY_MAX_TIME ticks (1.37 s).
+KEY_TOKEN_BITS = 24
+KEY_MAX_TOKENS = 1 << KEY_TOKEN_BITS
+# A rank's starting time must stay below KEY_MAX_TIME (a quarter of the key's range: an
+# amount's f(x) may reach about twice the largest time).
+KEY_MAX_TIME = 1 << (61 - KEY_TOKEN_BITS)
+# Largest window in ticks (an infinite window counts as this one).
+_WINDOW_CAP = 1 << 62
+
+# Layer status codes (the kernels' status output) and what they mean.
+STATUS_ERRORS = {1: "load has a negative token count",
+                 2: "window must be >= 0 seconds on every rank (no NaN)",
+                 3: f"a rank time reaches 2**{61 - KEY_TOKEN_BITS} ticks or an expert's tokens "
+                    f"2**{KEY_TOKEN_BITS}: too large for the lite planner's integer keys"}
+
+
+@dataclass(frozen=True)
+class LiteRules:
+    """The lite planner's parameters.
+
+    max_rounds: most rounds of moves (each hot rank moves at most once a round); eps_ppm: least
+    gain of a move, in millionths of the hot rank's time (an int >= 0).
+    """
+
+    max_rounds: int = 16
+    eps_ppm: int = 1000
+
+    def __post_init__(self) -> None:
+        for name in ("max_rounds", "eps_ppm"):
+            value = getattr(self, name)
+            if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+                raise TypeError(f"LiteRules.{name} must be an int, got {value!r}")
+        if self.max_rounds < 1:
+            raise ValueError(f"LiteRules.max_rounds must be >= 1, got {self.max_rounds}")
+        if not 0 <= self.eps_ppm < 10**6:
+            raise ValueError(f"LiteRules.eps_ppm must be in [0, 10**6), got {self.eps_ppm}")
+
+
+def window_ticks(w):
+    """A window in seconds as whole ticks, rounded down (capped at 2**62; -1 for a negative or
+    NaN window, which the planners reject). The same function runs on the GPU."""
+    if not w >= 0.0:
+        return -1
+    q = w / TICK
+    if q >= 4.0e18:
+        return _WINDOW_CAP
+    return int(math.floor(q))
+
+
+def problem_ticks(problem: BalanceProblem) -> tuple:
+    """(A, B, TT, XT) of the problem's cost model in ticks: int, int, int64 [G, G] twice."""
+    return cost_ticks(problem.cost.alpha, problem.cost.beta, problem.cost.token_time,
+                      problem.cost.transfer_time)
+
+
+def cost_ticks(alpha, beta, token_time, transfer_time) -> tuple:
+    """(A, B, TT, XT): alpha, beta and token_time rounded to the nearest tick, transfer_time
+    rounded up (module docstring)."""
+    a = int(round(alpha / TICK))
+    b = int(round(beta / TICK))
+    tt = np.rint(np.asarray(token_time, np.float64) / TICK).astype(np.int64)
+    xt = np.ceil(np.asarray(transfer_time, np.float64) / TICK).astype(np.int64)
+    return a, b, tt, xt
+
+
+def home_lists(home: np.ndarray) -> tuple:
+    """(hcount [E], hlist [E, H], hpos [G, E], nhome [G], rank_home [G, M]) of a placement:
+    e's home holders in rank order, g's position among them (-1 if none), and each rank's home
+    experts in expert order (H, M: the longest lists, at least 1)."""
+    home = np.asarray(home, dtype=np.bool_)
+    num_ranks, num_experts = home.shape
+    hcount = home.sum(axis=0).astype(np.int64)
+    nhome = home.sum(axis=1).astype(np.int64)
+    hlist = np.full((num_experts, max(1, int(hcount.max(initial=0)))), -1, np.int64)
+    hpos = np.full((num_ranks, num_experts), -1, np.int64)
+    rank_home = np.full((num_ranks, max(1, int(nhome.max(initial=0)))), -1, np.int64)
+    for e in range(num_experts):
+        holders = np.flatnonzero(home[:, e])
+        hlist[e, :len(holders)] = holders
+        hpos[holders, e] = np.arange(len(holders))
+    for g in range(num_ranks):
+        mine = np.flatnonzero(home[g])
+        rank_home[g, :len(mine)] = mine
+    return hcount, hlist, hpos, nhome, rank_home
+
+
+def eval_move(x, npool, pool_s, cum, pre_h, pre_c, e, h, c, cnt, comp, tin, tout, A, B, TT):
+    """f(x) of rule 4: max(t_h, t_c) after x tokens of e move from h to c, taken from the front
+    of the pool (pool_s: sources; cum[k], pre_h[k], pre_c[k]: the tokens, token-times to h and
+    token-times to c of the entries before k)."""
+    # k: the entry x's last token comes from (the largest k < npool with cum[k] < x).
+    lo = 0
+    hi = npool - 1
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if cum[mid] < x:
+            lo = mid
+        else:
+            hi = mid - 1
+    k = lo
+    r = x - cum[k]
+    s = pool_s[k]
+    to_h = pre_h[k] + r * TT[s, h]
+    to_c = pre_c[k] + r * TT[s, c]
+    own_c = 0  # c's own tokens taken (the pool's first entry when c gives any)
+    if pool_s[0] == c:
+        own_c = x if x < cum[1] else cum[1]
+    own_h = 0  # h's own tokens taken (the last entry when h gives any)
+    if pool_s[npool - 1] == h:
+        own_h = x - cum[npool - 1] if x > cum[npool - 1] else 0
+    comp_h = comp[h] - B * x
+    if cnt[h, e] == x:
+        comp_h -= A
+    comp_c = comp[c] + B * x
+    if cnt[c, e] == 0:
+        comp_c += A
+    in_h = tin[h] - to_h
+    out_h = tout[h] + own_h * TT[h, c]
+    in_c = tin[c] + to_c
+    out_c = tout[c] - own_c * TT[c, h]
+    t_h = comp_h + 2 * (in_h if in_h > out_h else out_h)
+    t_c = comp_c + 2 * (in_c if in_c > out_c else out_c)
+    return t_h if t_h > t_c else t_c
+
+
+def copy_source(e, c, used, slots, sent, recv, wt, XT, hcount, hlist):
+    """The home holder of e that copies it to rank c (-1 if none can): c needs a free slot; of
+    e's home holders whose sent window and c's received window fit the copy, the one with the
+    cheapest transfer to c (ties to the lowest rank)."""
+    if used[c] >= slots[c]:
+        return -1
+    best = -1
+    for j in range(hcount[e]):
+        g = hlist[e, j]
+        fits = sent[g] + XT[g, c] <= wt[g] and recv[c] + XT[g, c] <= wt[c]
+        if fits and (best < 0 or XT[g, c] < XT[best, c]):
+            best = g
+    return best
+
+
+def pick_expert(h, c, cnt, held, used, slots, sent, recv, wt, XT, hcount, hlist, nhome,
+                rank_home, rep_on):
+    """Rule 2: the expert hot rank h moves to cold rank c (-1 if none can move): of the experts
+    h holds (its home experts in expert order, then its replicas in the order made) with tokens
+    on h, the one with the most tokens there (ties to the lowest expert) that c holds or that a
+    home holder can copy to c (`copy_source`)."""
+    best = -1
+    for j in range(nhome[h] + used[h]):
+        e = rank_home[h, j] if j < nhome[h] else rep_on[h, j - nhome[h]]
+        if cnt[h, e] <= 0:
+            continue
+        if not held[c, e] and copy_source(e, c, used, slots, sent, recv, wt, XT, hcount,
+                                          hlist) < 0:
+            continue
+        if best < 0 or cnt[h, e] > cnt[h, best] or (cnt[h, e] == cnt[h, best] and e < best):
+            best = e
+    return best
+
+
+def grid_point(j, lo, hi):
+    """The j-th of GRID amounts of a grid step over [lo, hi] (rule 4)."""
+    if hi - lo < GRID:
+        return lo + j if lo + j < hi else hi
+    return lo + (j * (hi - lo)) // (GRID - 1)
+
+
+def block_value(blk_assign, b, s, e, g, load, home, hpos, hcount):
+    """Tokens of (s, e) on rank g: e's block when it has one (b >= 0), else the static split."""
+    if b >= 0:
+        return blk_assign[b, s, g]
+    return _static_share(load, home, hpos, hcount, s, e, g)
+
+
+def lite_core(load, home, slots, wt, A, B, TT, XT, hcount, hlist, hpos, nhome, rank_home,
+              max_rounds, eps_ppm, max_reps, max_blocks):
+    """The lite planner on arrays (module docstring): load int64 [S, E], home bool [G, E],
+    slots int64 [G], wt int64 [G] (windows in ticks), A, B ints, TT and XT int64 [G, G] (ticks),
+    the home lists of `home_lists`, max_rounds, eps_ppm, and the replica rows and blocks the
+    plan may use. Returns (status, rep [n_rep, 3], blk_expert [n_blk], blk_assign
+    [n_blk, S, G], rounds, moves, makespan in ticks); status 0, or a code of STATUS_ERRORS (then
+    nothing is planned)."""
+    num_ranks, num_experts = home.shape
+    rep = np.full((max(max_reps, 1), 3), -1, np.int64)
+    blk_expert = np.full(max(max_blocks, 1), -1, np.int64)
+    blk_assign = np.zeros((max(max_blocks, 1), num_ranks, num_ranks), np.int64)
+    status = 0
+    for g in range(num_ranks):
+        if wt[g] < 0:
+            status = 2
+    for s in range(num_ranks):
+        for e in range(num_experts):
+            if load[s, e] < 0 and status == 0:
+                status = 1
+    if status != 0:
+        return status, rep[:0], blk_expert[:0], blk_assign[:0], 0, 0, 0
+
+    # The start: the static split's token counts and traffic.
+    cnt = np.zeros((num_ranks, num_experts), np.int64)
+    tin = np.zeros(num_ranks, np.int64)
+    tout = np.zeros(num_ranks, np.int64)
+    for e in range(num_experts):
+        total = 0
+        for s in range(num_ranks):
+            total += load[s, e]
+            for j in range(hcount[e]):
+                g = hlist[e, j]
+                a = _static_share(load, home, hpos, hcount, s, e, g)
+                cnt[g, e] += a
+                tin[g] += a * TT[s, g]
+                tout[s] += a * TT[s, g]
+        if total >= KEY_MAX_TOKENS:
+            status = 3
+    comp = np.zeros(num_ranks, np.int64)
+    for g in range(num_ranks):
+        for e in range(num_experts):
+            if cnt[g, e] > 0:
+                comp[g] += A + B * cnt[g, e]
+    times = np.zeros(num_ranks, np.int64)
+    for g in range(num_ranks):
+        times[g] = comp[g] + 2 * max(tin[g], tout[g])
+        if times[g] >= KEY_MAX_TIME:
+            status = 3
+    if status != 0:
+        return status, rep[:0], blk_expert[:0], blk_assign[:0], 0, 0, 0
+
+    held = np.zeros((num_ranks, num_experts), np.bool_)
+    for g in range(num_ranks):
+        for e in range(num_experts):
+            held[g, e] = home[g, e]
+    max_slots = 1
+    for g in range(num_ranks):
+        max_slots = max(max_slots, slots[g])
+    rep_on = np.full((num_ranks, max_slots), -1, np.int64)
+    used = np.zeros(num_ranks, np.int64)
+    sent = np.zeros(num_ranks, np.int64)
+    recv = np.zeros(num_ranks, np.int64)
+    blk_of = np.full(num_experts, -1, np.int64)
+    n_rep = 0
+    n_blk = 0
+    moves = 0
+    rounds = 0
+
+    num_pairs = num_ranks // 2
+    order = np.zeros(num_ranks, np.int64)
+    taken = np.zeros(num_ranks, np.bool_)
+    pair_h = np.zeros(max(num_pairs, 1), np.int64)
+    pair_c = np.zeros(max(num_pairs, 1), np.int64)
+    pair_e = np.full(max(num_pairs, 1), -1, np.int64)
+    pair_x = np.zeros(max(num_pairs, 1), np.int64)
+    pool_s = np.zeros((max(num_pairs, 1), num_ranks), np.int64)
+    pool_n = np.zeros((max(num_pairs, 1), num_ranks), np.int64)
+    pool_len = np.zeros(max(num_pairs, 1), np.int64)
+    cum = np.zeros(num_ranks + 1, np.int64)
+    pre_h = np.zeros(num_ranks + 1, np.int64)
+    pre_c = np.zeros(num_ranks + 1, np.int64)
+
+    for _ in range(max_rounds):
+        rounds += 1
+        total = 0
+        for g in range(num_ranks):
+            times[g] = comp[g] + 2 * max(tin[g], tout[g])
+            total += times[g]
+        for g in range(num_ranks):  # position of g, slowest first, ties to the lowest rank
+            p = 0
+            for q in range(num_ranks):
+                if times[q] > times[g] or (times[q] == times[g] and q < g):
+                    p += 1
+            order[p] = g
+
+        # Rule 1: hot ranks (above the mean), slowest first, each take the fastest rank not
+        # taken yet that is faster and can receive one of their experts (rule 2).
+        n_pairs = 0
+        for g in range(num_ranks):
+            taken[g] = False
+        for i in range(num_ranks):
+            h = order[i]
+            if times[h] * num_ranks <= total:
+                break
+            if taken[h]:
+                continue
+            taken[h] = True
+            for p in range(num_ranks - 1, i, -1):
+                c = order[p]
+                if taken[c] or times[c] >= times[h]:
+                    continue
+                if pick_expert(h, c, cnt, held, used, slots, sent, recv, wt, XT, hcount, hlist,
+                               nhome, rank_home, rep_on) >= 0:
+                    taken[c] = True
+                    pair_h[n_pairs] = h
+                    pair_c[n_pairs] = c
+                    n_pairs += 1
+                    break
+
+        # Rules 2-4: each pair's move, against the round's starting state.
+        for i in range(n_pairs):
+            pair_e[i] = -1
+            h = pair_h[i]
+            c = pair_c[i]
+            best = pick_expert(h, c, cnt, held, used, slots, sent, recv, wt, XT, hcount,
+                               hlist, nhome, rank_home, rep_on)
+            e = best
+            b = blk_of[e]
+            n = 0
+            for q in range(num_ranks + 1):
+                if q == 0:
+                    s = c
+                elif q == num_ranks:
+                    s = h
+                else:
+                    s = q - 1
+                    if s == c or s == h or TT[s, c] > TT[s, h]:  # noqa: SIM109 (compiled)
+                        continue
+                a = block_value(blk_assign, b, s, e, h, load, home, hpos, hcount)
+                if a > 0:
+                    pool_s[i, n] = s
+                    pool_n[i, n] = a
+                    n += 1
+            pool_len[i] = n
+            if n == 0:
+                continue
+            cum[0] = 0
+            pre_h[0] = 0
+            pre_c[0] = 0
+            for k in range(n):
+                s = pool_s[i, k]
+                cum[k + 1] = cum[k] + pool_n[i, k]
+                pre_h[k + 1] = pre_h[k] + pool_n[i, k] * TT[s, h]
+                pre_c[k + 1] = pre_c[k] + pool_n[i, k] * TT[s, c]
+            lo = 1
+            hi = cum[n]
+            best_f = 0
+            best_x = 0
+            while True:
+                best_f = -1
+                for j in range(GRID):
+                    x = grid_point(j, lo, hi)
+                    f = eval_move(x, n, pool_s[i], cum, pre_h, pre_c, e, h, c, cnt, comp, tin,
+                                  tout, A, B, TT)
+                    if best_f < 0 or f < best_f or (f == best_f and x < best_x):
+                        best_f = f
+                        best_x = x
+                if hi - lo < GRID:
+                    break
+                step = (hi - lo) // (GRID - 1) + 1
+                lo = max(lo, best_x - step)
+                hi = min(hi, best_x + step)
+            if (times[h] - best_f) * 1000000 > eps_ppm * times[h]:
+                pair_e[i] = e
+                pair_x[i] = best_x
+
+        # Rule 5: apply the moves in pair order.
+        applied = 0
+        for i in range(n_pairs):
+            e = pair_e[i]
+            if e < 0:
+                continue
+            h = pair_h[i]
+            c = pair_c[i]
+            src = -1
+            if not held[c, e]:  # the copy's source, against the copies admitted so far
+                src = copy_source(e, c, used, slots, sent, recv, wt, XT, hcount, hlist)
+                if src < 0 or n_rep >= max_reps:
+                    continue
+            if blk_of[e] < 0:
+                if n_blk >= max_blocks:
+                    continue
+                b = n_blk
+                n_blk += 1
+                blk_of[e] = b
+                blk_expert[b] = e
+                for s in range(num_ranks):
+                    for g in range(num_ranks):
+                        blk_assign[b, s, g] = _static_share(load, home, hpos, hcount, s, e, g)
+            if src >= 0:
+                rep[n_rep, 0] = c
+                rep[n_rep, 1] = e
+                rep[n_rep, 2] = src
+                n_rep += 1
+                held[c, e] = True
+                rep_on[c, used[c]] = e
+                used[c] += 1
+                sent[src] += XT[src, c]
+                recv[c] += XT[src, c]
+            b = blk_of[e]
+            left = pair_x[i]
+            to_h = 0
+            to_c = 0
+            for k in range(pool_len[i]):
+                if left == 0:
+                    break
+                s = pool_s[i, k]
+                take = min(left, pool_n[i, k])
+                left -= take
+                blk_assign[b, s, h] -= take
+                blk_assign[b, s, c] += take
+                tout[s] += take * (TT[s, c] - TT[s, h])
+                to_h += take * TT[s, h]
+                to_c += take * TT[s, c]
+            tin[h] -= to_h
+            tin[c] += to_c
+            x = pair_x[i]
+            comp[h] -= B * x
+            if cnt[h, e] == x:
+                comp[h] -= A
+            if cnt[c, e] == 0:
+                comp[c] += A
+            comp[c] += B * x
+            cnt[h, e] -= x
+            cnt[c, e] += x
+            applied += 1
+        moves += applied
+        if applied == 0:
+            break
+
+    makespan = 0
+    for g in range(num_ranks):
+        makespan = max(makespan, comp[g] + 2 * max(tin[g], tout[g]))
+    return status, rep[:n_rep], blk_expert[:n_blk], blk_assign[:n_blk], rounds, moves, makespan
+
+
+# The host path: the same functions compiled by Numba, each calling the others' compiled forms.
+def _compiled(fn, helpers: dict):
+    """fn compiled by Numba with the global names in helpers rebound to compiled functions."""
+    import types
+
+    names = dict(fn.__globals__)
+    names.update(helpers)
+    return numba.njit(cache=False)(types.FunctionType(fn.__code__, names, fn.__name__))
+
+
+_LITE_JIT = None
+
+
+def lite_arrays(*args):
+    """`lite_core` compiled by Numba (the same arguments and results; compiled on first use)."""
+    global _LITE_JIT
+    if _LITE_JIT is None:
+        helpers: dict = {}
+        for fn in (eval_move, grid_point, block_value, copy_source, pick_expert):
+            helpers[fn.__name__] = _compiled(fn, helpers)
+        _LITE_JIT = _compiled(lite_core, helpers)
+    return _LITE_JIT(*args)
+
+
+def plan_limits(slots: np.ndarray, num_experts: int, num_ranks: int) -> tuple[int, int]:
+    """(max_reps, max_blocks): replica rows and expert blocks a plan may use: every slot, and
+    an expert block for each slot plus one per rank (moves onto existing holders), at most E."""
+    total = int(np.sum(slots))
+    return total, min(num_experts, total + num_ranks)
+
+
+def kernel_args(problem: BalanceProblem, rules: LiteRules | None) -> tuple:
+    """`lite_core`'s arguments for `problem` under `rules` (None: LiteRules())."""
+    rules = _rules(rules)
+    a, b, tt, xt = problem_ticks(problem)
+    wt = np.array([window_ticks(float(w)) for w in problem.window], np.int64)
+    max_reps, max_blocks = plan_limits(problem.slots, problem.num_experts, problem.num_ranks)
+    return (np.ascontiguousarray(problem.load, np.int64), np.ascontiguousarray(problem.home),
+            np.ascontiguousarray(problem.slots, np.int64), wt, a, b, tt, xt,
+            *home_lists(problem.home), rules.max_rounds, rules.eps_ppm, max_reps, max_blocks)
+
+
+def _rules(rules: LiteRules | None) -> LiteRules:
+    if rules is None:
+        return LiteRules()
+    if not isinstance(rules, LiteRules):
+        raise TypeError(f"rules must be a LiteRules, got {type(rules).__name__}")
+    return rules
+
+
+def lite_plan(problem: BalanceProblem, rules: LiteRules | None = None, *, compiled: bool = True,
+              stats: dict | None = None) -> Plan:
+    """The lite planner's plan of `problem` (compiled=False: the plain-Python `lite_core`).
+    stats, when a dict, receives "rounds", "moves" and "makespan_ticks"."""
+    run = lite_arrays if compiled else lite_core
+    status, rep, blk_expert, blk_assign, rounds, moves, makespan = run(*kernel_args(problem,
+                                                                                    rules))
+    if status:
+        raise ValueError(f"lite planner: {STATUS_ERRORS[int(status)]}")
+    if stats is not None:
+        stats.update(rounds=int(rounds), moves=int(moves), makespan_ticks=int(makespan))
+    return plan_from_arrays(problem, rep, blk_expert, blk_assign)
+
+
+def solve_lite(problem: BalanceProblem, *, time_limit: float | None = None,
+               rules: LiteRules | None = None, compiled: bool = True) -> SolveResult:
+    """Backend for `solve(problem, "lite", rules=LiteRules(...))` ("lite_ref": compiled=False).
+    The kernel is bounded by max_rounds; time_limit is only reported against."""
+    stats: dict = {}
+    start = time.perf_counter()
+    plan = lite_plan(problem, rules, compiled=compiled, stats=stats)
+    wall = time.perf_counter() - start
+    status = "timeout" if time_limit is not None and wall > time_limit else "feasible"
+    return SolveResult(status, plan, float("nan"), None, None, wall,
+                       f"{stats['rounds']} rounds, {stats['moves']} moves, "
+                       f"{plan.num_replicas} replicas", "lite" if compiled else "lite_ref")
+
+
+def solve_lite_ref(problem: BalanceProblem, *, time_limit: float | None = None,
+                   rules: LiteRules | None = None) -> SolveResult:
+    """Backend for `solve(problem, "lite_ref")`: `lite_core` run as plain Python."""
+    return solve_lite(problem, time_limit=time_limit, rules=rules, compiled=False)

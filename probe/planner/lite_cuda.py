@@ -1,0 +1,634 @@
+"""The lite planner as a CUDA kernel (numba.cuda): one thread block per MoE layer.
+
+The rules of probe.planner.lite (rounds of moves over disjoint rank pairs, decided in integer
+ticks) and the plan of its CPU kernel `lite.lite_arrays`, entry for entry: a launch plans L
+layers at once (inputs stacked [L, ...]) without host synchronisation, on the caller's stream,
+so it can be captured in a CUDA graph. Integer sums do not depend on the order of their terms,
+so every sum here is an atomic add spread over the block's threads, and every choice an
+atomic maximum or minimum over a packed key; the scalar rules (a candidate's copy source and
+expert, a grid point, an amount's f(x), a token's static split) are lite.py's own functions
+compiled a second time as device functions.
+
+A layer's block (T threads; barriers between the steps):
+- start: the windows in ticks and the checks (status 1 negative load, 2 bad window, 3 times or
+  tokens past the kernel's integer keys); then a thread per expert makes the static split's
+  token counts, compute and traffic (atomic adds into the rank arrays);
+- each round: the rank times and their sum (a thread per rank); each rank's position, slowest
+  first (a thread per rank counts the ranks ahead of it); which (hot rank, faster rank) pairs
+  could move, every pair tested at once into bit words per hot rank; thread 0 matches them in
+  the CPU kernel's order, reading one word per step (the fastest untaken candidate is the
+  highest set bit); each pair's expert (a thread per (pair, expert h holds), atomic maximum of
+  (tokens, -expert)); the pools (a thread per (pair, source) finds the source's tokens, then a
+  thread per pair lays out the pool and its prefix sums); the amount's grid search (a thread
+  per (pair, grid point) evaluates f(x), atomic minimum of (f, x), a thread per pair narrows
+  the range); thread 0 admits the moves in pair order (copy sources, replica rows, new expert
+  blocks); the threads write the new blocks' static split; a thread per (pair, pool entry)
+  applies the takes.
+
+Entry points: `CudaLite(home, slots, cost, rules, num_layers=L)` validates once and keeps
+device buffers; its `plan(load, window)` launches on the caller's stream (torch's current stream
+for torch tensors) and returns device arrays (a `CudaLitePlan`) without synchronising.
+`lite_cuda_arrays(...)`: numpy in, numpy out, for tests. Under NUMBA_ENABLE_CUDASIM=1 (set
+before numba.cuda is first imported) both run in Numba's CUDA simulator.
+"""
+
+from __future__ import annotations
+
+import types
+from typing import NamedTuple
+
+import numpy as np
+from numba import int64, uint32
+
+from probe.planner import lite
+from probe.planner.cost import CostModel
+from probe.planner.cuda_common import LayerPlanner, is_torch
+from probe.planner.greedy import _static_share
+from probe.planner.lite import (
+    GRID,
+    KEY_MAX_TIME,
+    KEY_MAX_TOKENS,
+    KEY_TOKEN_BITS,
+    STATUS_ERRORS,
+    LiteRules,
+    cost_ticks,
+    home_lists,
+    plan_limits,
+)
+from probe.planner.numba_cuda import cuda, device
+
+__all__ = ["MAX_RANKS", "THREADS", "CudaLite", "CudaLitePlan", "lite_cuda_arrays"]
+
+# Most ranks a layer may have (the shared rank arrays are at most this long).
+MAX_RANKS = 256
+# Threads per block unless the caller picks another multiple of 32.
+THREADS = 128
+_NONE = (1 << 62) + ((1 << 62) - 1)  # larger than every packed (f, x) key
+_EXPERT_BITS = 16  # packed (tokens, -expert) keys: experts < 2**16
+# Slots of the block's shared integer scalars.
+(_STATUS, _TOTAL, _NPAIRS, _NHOT, _APPLIED, _ACTIVE, _NREP, _NBLK, _NNEW, _ROUNDS, _MOVES,
+ _MAKESPAN) = range(12)
+_NINTS = 12
+
+
+def _device_twin(fn, helpers: dict):
+    """fn of lite.py compiled as a device function, its global names in helpers rebound."""
+    names = dict(fn.__globals__)
+    names.update(helpers)
+    twin = types.FunctionType(fn.__code__, names, fn.__name__)
+    return cuda.jit(device=True)(twin)
+
+
+_HELPERS: dict = {"_static_share": device(_static_share, inline=True)}
+for _fn in (lite.eval_move, lite.grid_point, lite.block_value, lite.copy_source,
+            lite.pick_expert, lite.window_ticks):
+    _HELPERS[_fn.__name__] = _device_twin(_fn, _HELPERS)
+_eval_move = _HELPERS["eval_move"]
+_grid_point = _HELPERS["grid_point"]
+_block_value = _HELPERS["block_value"]
+_copy_source = _HELPERS["copy_source"]
+_pick_expert = _HELPERS["pick_expert"]
+_window_ticks = _HELPERS["window_ticks"]
+_share = _HELPERS["_static_share"]
+
+
+class CudaLitePlan(NamedTuple):
+    """L layers' lite plans as device arrays (row l: layer l):
+        replicas: int64 [L, R_max, 3], rows (rank, expert, source) in the order made, -1 past
+        num_replicas[l]; num_replicas: int64 [L]; blk_expert: int64 [L, B_max], the experts
+        whose tokens moved, -1 past num_blocks[l]; blk_assign: int64 [L, B_max, S, G], their
+        assignment (blocks past num_blocks[l] are left as they were); num_blocks: int64 [L];
+        rounds, moves: int64 [L]; makespan: int64 [L], the largest rank time in ticks (0 for a
+        rejected layer); status: int64 [L], 0 fine or a code of lite.STATUS_ERRORS (the layer is
+        left unplanned)."""
+
+    replicas: object
+    num_replicas: object
+    blk_expert: object
+    blk_assign: object
+    num_blocks: object
+    rounds: object
+    moves: object
+    makespan: object
+    status: object
+
+
+_KERNELS: dict = {}
+
+
+def kernel(max_ranks: int):
+    """The kernel for layers of at most `max_ranks` ranks (a multiple of 32, made once)."""
+    if max_ranks in _KERNELS:
+        return _KERNELS[max_ranks]
+    GM = max_ranks  # noqa: N806 (compile-time sizes of the shared arrays)
+    PM = GM // 2  # noqa: N806
+    WM = GM // 32  # noqa: N806
+
+    @cuda.jit
+    def _lite_kernel(load, home, window, slots, a_tick, b_tick, tt, xt, hcount, hlist, hpos,
+                     nhome, rank_home, max_rounds, eps_ppm, max_reps, max_blocks,
+                     cnt, held, blk_of, rep_on, raw_n, pool_s, pool_n, cum, pre_h, pre_c,
+                     rep, n_rep_out, blk_expert, blk_assign, n_blk_out, rounds_out, moves_out,
+                     makespan_out, status_out):  # pragma: no cover - device code
+        layer = cuda.blockIdx.x
+        tid = cuda.threadIdx.x
+        nt = cuda.blockDim.x
+        load = load[layer]
+        home = home[layer]
+        hcount = hcount[layer]
+        hlist = hlist[layer]
+        hpos = hpos[layer]
+        nhome = nhome[layer]
+        rank_home = rank_home[layer]
+        cnt = cnt[layer]
+        held = held[layer]
+        blk_of = blk_of[layer]
+        rep_on = rep_on[layer]
+        raw_n = raw_n[layer]
+        pool_s = pool_s[layer]
+        pool_n = pool_n[layer]
+        cum = cum[layer]
+        pre_h = pre_h[layer]
+        pre_c = pre_c[layer]
+        rep = rep[layer]
+        blk_expert = blk_expert[layer]
+        blk_assign = blk_assign[layer]
+        num_ranks, num_experts = home.shape
+        A = a_tick  # noqa: N806 (the cost model's letters)
+        B = b_tick  # noqa: N806
+
+        comp = cuda.shared.array(GM, int64)
+        tin = cuda.shared.array(GM, int64)
+        tout = cuda.shared.array(GM, int64)
+        times = cuda.shared.array(GM, int64)
+        order = cuda.shared.array(GM, int64)
+        wt = cuda.shared.array(GM, int64)
+        used = cuda.shared.array(GM, int64)
+        sent = cuda.shared.array(GM, int64)
+        recv = cuda.shared.array(GM, int64)
+        taken = cuda.shared.array(GM, int64)
+        elig = cuda.shared.array((GM, WM), uint32)
+        pair_h = cuda.shared.array(PM, int64)
+        pair_c = cuda.shared.array(PM, int64)
+        pair_e = cuda.shared.array(PM, int64)
+        pair_x = cuda.shared.array(PM, int64)
+        pair_key = cuda.shared.array(PM, int64)
+        pair_lo = cuda.shared.array(PM, int64)
+        pair_hi = cuda.shared.array(PM, int64)
+        pair_len = cuda.shared.array(PM, int64)
+        new_blk = cuda.shared.array(PM, int64)
+        ints = cuda.shared.array(_NINTS, int64)
+
+        # The start: checks, windows in ticks, zero state.
+        if tid == 0:
+            for k in range(_NINTS):
+                ints[k] = 0
+        for g in range(tid, num_ranks, nt):
+            w = _window_ticks(window[layer, g])
+            wt[g] = w
+            comp[g] = 0
+            tin[g] = 0
+            tout[g] = 0
+            used[g] = 0
+            sent[g] = 0
+            recv[g] = 0
+        cuda.syncthreads()
+        for g in range(tid, num_ranks, nt):
+            if wt[g] < 0:
+                cuda.atomic.max(ints, _STATUS, 2)
+        for i in range(tid, num_ranks * num_experts, nt):
+            g = i // num_experts
+            e = i - g * num_experts
+            cnt[g, e] = 0
+            held[g, e] = 1 if home[g, e] else 0
+            if load[g, e] < 0:
+                cuda.atomic.max(ints, _STATUS, 1)
+        for e in range(tid, num_experts, nt):
+            blk_of[e] = -1
+        cuda.syncthreads()
+        if ints[_STATUS] == 0:
+            # The static split, a thread per expert.
+            for e in range(tid, num_experts, nt):
+                total = 0
+                for s in range(num_ranks):
+                    total += load[s, e]
+                if total >= KEY_MAX_TOKENS:
+                    cuda.atomic.max(ints, _STATUS, 3)
+                for j in range(hcount[e]):
+                    g = hlist[e, j]
+                    n = 0
+                    into = 0
+                    for s in range(num_ranks):
+                        a = _share(load, home, hpos, hcount, s, e, g)
+                        if a > 0:
+                            n += a
+                            into += a * tt[s, g]
+                            cuda.atomic.add(tout, s, a * tt[s, g])
+                    cnt[g, e] = n
+                    cuda.atomic.add(tin, g, into)
+                    if n > 0:
+                        cuda.atomic.add(comp, g, A + B * n)
+        cuda.syncthreads()
+        if ints[_STATUS] == 0:
+            for g in range(tid, num_ranks, nt):
+                it = tin[g] if tin[g] > tout[g] else tout[g]
+                if comp[g] + 2 * it >= KEY_MAX_TIME:
+                    cuda.atomic.max(ints, _STATUS, 3)
+        cuda.syncthreads()
+        status = ints[_STATUS]
+        rounds = 0
+        moves = 0
+        while status == 0 and rounds < max_rounds:
+            rounds += 1
+            # Rank times, their sum, and each rank's position (slowest first).
+            if tid == 0:
+                ints[_TOTAL] = 0
+                ints[_NHOT] = 0
+                ints[_NPAIRS] = 0
+                ints[_APPLIED] = 0
+                ints[_NNEW] = 0
+            for g in range(tid, num_ranks, nt):
+                it = tin[g] if tin[g] > tout[g] else tout[g]
+                times[g] = comp[g] + 2 * it
+                taken[g] = 0
+                for w in range(WM):
+                    elig[g, w] = 0
+            cuda.syncthreads()
+            for g in range(tid, num_ranks, nt):
+                cuda.atomic.add(ints, _TOTAL, times[g])
+                p = 0
+                for q in range(num_ranks):
+                    if times[q] > times[g] or (times[q] == times[g] and q < g):
+                        p += 1
+                order[p] = g
+            cuda.syncthreads()
+            total = ints[_TOTAL]
+            for g in range(tid, num_ranks, nt):
+                if times[g] * num_ranks > total:
+                    cuda.atomic.add(ints, _NHOT, 1)
+            cuda.syncthreads()
+            num_hot = ints[_NHOT]
+            # Which (hot position i, faster position p > i) pairs could move: bit p of elig[i].
+            for k in range(tid, num_hot * num_ranks, nt):
+                i = k // num_ranks
+                p = k - i * num_ranks
+                if p > i:
+                    h = order[i]
+                    c = order[p]
+                    if times[c] < times[h] and _pick_expert(
+                            h, c, cnt, held, used, slots, sent, recv, wt, xt, hcount, hlist,
+                            nhome, rank_home, rep_on) >= 0:
+                        cuda.atomic.or_(elig, (i, p // 32), uint32(1 << (p % 32)))
+            cuda.syncthreads()
+            if tid == 0:  # the CPU kernel's matching: hot ranks in order, fastest untaken first
+                n_pairs = 0
+                for i in range(num_hot):
+                    h = order[i]
+                    if taken[i] != 0:
+                        continue
+                    taken[i] = 1
+                    found = False
+                    for w in range(WM - 1, -1, -1):
+                        bits = elig[i, w]
+                        while bits != 0 and not found:
+                            top = 31 - cuda.clz(bits)
+                            p = w * 32 + top
+                            if taken[p] == 0:
+                                taken[p] = 1
+                                pair_h[n_pairs] = h
+                                pair_c[n_pairs] = order[p]
+                                n_pairs += 1
+                                found = True
+                            else:
+                                bits = bits ^ uint32(1 << top)
+                        if found:
+                            break
+                ints[_NPAIRS] = n_pairs
+            cuda.syncthreads()
+            n_pairs = ints[_NPAIRS]
+            # Each pair's expert: the most tokens on h (ties to the lowest expert).
+            for i in range(tid, n_pairs, nt):
+                pair_key[i] = -1
+                pair_e[i] = -1
+            cuda.syncthreads()
+            span = 0
+            for i in range(n_pairs):
+                h = pair_h[i]
+                if nhome[h] + used[h] > span:
+                    span = nhome[h] + used[h]
+            for k in range(tid, n_pairs * span, nt):
+                i = k // span
+                j = k - i * span
+                h = pair_h[i]
+                c = pair_c[i]
+                if j < nhome[h] + used[h]:
+                    e = rank_home[h, j] if j < nhome[h] else rep_on[h, j - nhome[h]]
+                    if cnt[h, e] > 0 and (held[c, e] != 0 or _copy_source(
+                            e, c, used, slots, sent, recv, wt, xt, hcount, hlist) >= 0):
+                        cuda.atomic.max(pair_key, i, (cnt[h, e] << _EXPERT_BITS)
+                                        + ((1 << _EXPERT_BITS) - 1 - e))
+            cuda.syncthreads()
+            # The pools: each source's tokens of e on h, in pool order (c, others, h).
+            for k in range(tid, n_pairs * (num_ranks + 1), nt):
+                i = k // (num_ranks + 1)
+                q = k - i * (num_ranks + 1)
+                h = pair_h[i]
+                c = pair_c[i]
+                e = ((1 << _EXPERT_BITS) - 1) - (pair_key[i] & ((1 << _EXPERT_BITS) - 1))
+                a = 0
+                if q == 0:
+                    s = c
+                elif q == num_ranks:
+                    s = h
+                else:
+                    s = q - 1
+                if q == 0 or q == num_ranks or not (
+                        s == c or s == h or tt[s, c] > tt[s, h]):  # noqa: SIM109 (device code)
+                    a = _block_value(blk_assign, blk_of[e], s, e, h, load, home, hpos, hcount)
+                raw_n[i, q] = a
+            cuda.syncthreads()
+            for i in range(tid, n_pairs, nt):
+                h = pair_h[i]
+                c = pair_c[i]
+                n = 0
+                cum[i, 0] = 0
+                pre_h[i, 0] = 0
+                pre_c[i, 0] = 0
+                for q in range(num_ranks + 1):
+                    a = raw_n[i, q]
+                    if a > 0:
+                        s = c if q == 0 else (h if q == num_ranks else q - 1)
+                        pool_s[i, n] = s
+                        pool_n[i, n] = a
+                        cum[i, n + 1] = cum[i, n] + a
+                        pre_h[i, n + 1] = pre_h[i, n] + a * tt[s, h]
+                        pre_c[i, n + 1] = pre_c[i, n] + a * tt[s, c]
+                        n += 1
+                pair_len[i] = n
+                pair_lo[i] = 1
+                pair_hi[i] = cum[i, n]
+                pair_x[i] = 0 if n == 0 or pair_key[i] < 0 else -1  # -1: searching
+            cuda.syncthreads()
+            # The amount: grid steps until every pair's range is under GRID wide.
+            searching = 1
+            while searching != 0:
+                for i in range(tid, n_pairs, nt):
+                    if pair_x[i] < 0:
+                        pair_e[i] = _NONE  # this step's best (f, x) key
+                if tid == 0:
+                    ints[_ACTIVE] = 0
+                cuda.syncthreads()
+                for k in range(tid, n_pairs * GRID, nt):
+                    i = k // GRID
+                    if pair_x[i] < 0:
+                        j = k - i * GRID
+                        x = _grid_point(j, pair_lo[i], pair_hi[i])
+                        e = ((1 << _EXPERT_BITS) - 1) - (pair_key[i] & ((1 << _EXPERT_BITS) - 1))
+                        f = _eval_move(x, pair_len[i], pool_s[i], cum[i], pre_h[i], pre_c[i], e,
+                                       pair_h[i], pair_c[i], cnt, comp, tin, tout, A, B, tt)
+                        cuda.atomic.min(pair_e, i, (f << KEY_TOKEN_BITS) + x)
+                cuda.syncthreads()
+                for i in range(tid, n_pairs, nt):
+                    if pair_x[i] < 0:
+                        lo = pair_lo[i]
+                        hi = pair_hi[i]
+                        best_x = pair_e[i] & (KEY_MAX_TOKENS - 1)
+                        if hi - lo < GRID:
+                            pair_x[i] = best_x
+                        else:
+                            step = (hi - lo) // (GRID - 1) + 1
+                            pair_lo[i] = best_x - step if best_x - step > lo else lo
+                            pair_hi[i] = best_x + step if best_x + step < hi else hi
+                            cuda.atomic.add(ints, _ACTIVE, 1)
+                cuda.syncthreads()
+                searching = ints[_ACTIVE]
+                cuda.syncthreads()
+            # The gain test; then thread 0 admits the moves in pair order.
+            for i in range(tid, n_pairs, nt):
+                h = pair_h[i]
+                keep = False
+                if pair_key[i] >= 0 and pair_len[i] > 0:
+                    best_f = pair_e[i] >> KEY_TOKEN_BITS
+                    keep = (times[h] - best_f) * 1000000 > eps_ppm * times[h]
+                if keep:
+                    pair_e[i] = ((1 << _EXPERT_BITS) - 1) - (pair_key[i]
+                                                             & ((1 << _EXPERT_BITS) - 1))
+                else:
+                    pair_e[i] = -1
+            cuda.syncthreads()
+            if tid == 0:
+                n_rep = ints[_NREP]
+                n_blk = ints[_NBLK]
+                n_new = 0
+                for i in range(n_pairs):
+                    e = pair_e[i]
+                    if e < 0:
+                        continue
+                    c = pair_c[i]
+                    src = -1
+                    if held[c, e] == 0:
+                        src = _copy_source(e, c, used, slots, sent, recv, wt, xt, hcount, hlist)
+                        if src < 0 or n_rep >= max_reps:
+                            pair_e[i] = -1
+                            continue
+                    if blk_of[e] < 0:
+                        if n_blk >= max_blocks:
+                            pair_e[i] = -1
+                            continue
+                        blk_of[e] = n_blk
+                        blk_expert[n_blk] = e
+                        new_blk[n_new] = n_blk
+                        n_new += 1
+                        n_blk += 1
+                    if src >= 0:
+                        rep[n_rep, 0] = c
+                        rep[n_rep, 1] = e
+                        rep[n_rep, 2] = src
+                        n_rep += 1
+                        held[c, e] = 1
+                        rep_on[c, used[c]] = e
+                        used[c] += 1
+                        sent[src] += xt[src, c]
+                        recv[c] += xt[src, c]
+                ints[_NREP] = n_rep
+                ints[_NBLK] = n_blk
+                ints[_NNEW] = n_new
+            cuda.syncthreads()
+            n_new = ints[_NNEW]
+            gg = num_ranks * num_ranks
+            for k in range(tid, n_new * gg, nt):
+                b = new_blk[k // gg]
+                r = k - (k // gg) * gg
+                s = r // num_ranks
+                g = r - s * num_ranks
+                blk_assign[b, s, g] = _share(load, home, hpos, hcount, s, blk_expert[b], g)
+            cuda.syncthreads()
+            # Apply the takes: a thread per (pair, pool entry); integer atomics.
+            for k in range(tid, n_pairs * num_ranks, nt):
+                i = k // num_ranks
+                q = k - i * num_ranks
+                e = pair_e[i]
+                if e >= 0 and q < pair_len[i]:
+                    x = pair_x[i]
+                    take = x - cum[i, q]
+                    if take > pool_n[i, q]:
+                        take = pool_n[i, q]
+                    if take > 0:
+                        h = pair_h[i]
+                        c = pair_c[i]
+                        s = pool_s[i, q]
+                        b = blk_of[e]
+                        blk_assign[b, s, h] -= take
+                        blk_assign[b, s, c] += take
+                        cuda.atomic.add(tout, s, take * (tt[s, c] - tt[s, h]))
+                        cuda.atomic.add(tin, h, -take * tt[s, h])
+                        cuda.atomic.add(tin, c, take * tt[s, c])
+            for i in range(tid, n_pairs, nt):
+                e = pair_e[i]
+                if e >= 0:
+                    h = pair_h[i]
+                    c = pair_c[i]
+                    x = pair_x[i]
+                    d_h = -B * x
+                    if cnt[h, e] == x:
+                        d_h -= A
+                    d_c = B * x
+                    if cnt[c, e] == 0:
+                        d_c += A
+                    cuda.atomic.add(comp, h, d_h)
+                    cuda.atomic.add(comp, c, d_c)
+                    cnt[h, e] -= x
+                    cnt[c, e] += x
+                    cuda.atomic.add(ints, _APPLIED, 1)
+            cuda.syncthreads()
+            applied = ints[_APPLIED]
+            moves += applied
+            cuda.syncthreads()
+            if applied == 0:
+                break
+
+        # The outputs.
+        if tid == 0:
+            ints[_MAKESPAN] = 0
+        cuda.syncthreads()
+        n_rep = ints[_NREP]
+        n_blk = ints[_NBLK]
+        if status == 0:
+            for g in range(tid, num_ranks, nt):
+                it = tin[g] if tin[g] > tout[g] else tout[g]
+                cuda.atomic.max(ints, _MAKESPAN, comp[g] + 2 * it)
+        for k in range(n_rep * 3 + tid, rep.shape[0] * 3, nt):
+            rep[k // 3, k % 3] = -1
+        for k in range(n_blk + tid, blk_expert.shape[0], nt):
+            blk_expert[k] = -1
+        cuda.syncthreads()
+        if tid == 0:
+            n_rep_out[layer] = n_rep
+            n_blk_out[layer] = n_blk
+            rounds_out[layer] = rounds if status == 0 else 0
+            moves_out[layer] = moves
+            makespan_out[layer] = ints[_MAKESPAN]
+            status_out[layer] = status
+
+    _KERNELS[max_ranks] = _lite_kernel
+    return _lite_kernel
+
+
+class CudaLite(LayerPlanner):
+    """The lite planner on the GPU for one placement, slot budget and cost model (home bool
+    [G, E] or [L, G, E], slots int or int [G]; rules: LiteRules; threads per block: 1 or a
+    multiple of 32). Validates all of it once and keeps the cost model in ticks, the home
+    lists, the scratch and the output buffers on the device; `plan(load, window)` launches."""
+
+    def __init__(self, home: np.ndarray, slots: np.ndarray | int, cost: CostModel,
+                 rules: LiteRules | None = None, *, num_layers: int = 1,
+                 threads: int = THREADS) -> None:
+        super().__init__(home, slots, cost, num_layers=num_layers, threads=threads,
+                         max_ranks=MAX_RANKS, name="lite_cuda")
+        self.rules = lite._rules(rules)
+        num_ranks, num_experts = self.shape
+        if num_experts >= 1 << _EXPERT_BITS:
+            raise ValueError(f"lite_cuda plans fewer than {1 << _EXPERT_BITS} experts, got "
+                             f"{num_experts}")
+        self.max_ranks = max(32, -(-num_ranks // 32) * 32)
+        a, b, tt, xt = cost_ticks(cost.alpha, cost.beta, cost.token_time, cost.transfer_time)
+        self._a, self._b = a, b
+        self._tt_tick = cuda.to_device(tt)
+        self._xt_tick = cuda.to_device(xt)
+        homes = self._home.copy_to_host()
+        lists = [home_lists(h) for h in homes]
+        width_h = max(x[1].shape[1] for x in lists)
+        width_m = max(x[4].shape[1] for x in lists)
+        L = self.num_layers  # noqa: N806
+
+        def stack(k, width=None):
+            rows = []
+            for x in lists:
+                arr = x[k]
+                if width is not None and arr.shape[1] < width:
+                    arr = np.pad(arr, ((0, 0), (0, width - arr.shape[1])), constant_values=-1)
+                rows.append(arr)
+            return cuda.to_device(np.ascontiguousarray(np.stack(rows), np.int64))
+
+        self._hcount, self._hlist, self._hpos = stack(0), stack(1, width_h), stack(2)
+        self._nhome, self._rank_home = stack(3), stack(4, width_m)
+        self.max_reps, self.max_blocks = plan_limits(self.slots, num_experts, num_ranks)
+        reps, blocks = max(self.max_reps, 1), max(self.max_blocks, 1)
+        pairs = max(num_ranks // 2, 1)
+        zeros = cuda.device_array
+        self._scratch = (
+            zeros((L, num_ranks, num_experts), np.int64),  # cnt
+            zeros((L, num_ranks, num_experts), np.uint8),  # held
+            zeros((L, num_experts), np.int64),  # blk_of
+            zeros((L, num_ranks, max(int(self.slots.max(initial=0)), 1)), np.int64),  # rep_on
+            zeros((L, pairs, num_ranks + 1), np.int64),  # raw_n
+            zeros((L, pairs, num_ranks), np.int64),  # pool_s
+            zeros((L, pairs, num_ranks), np.int64),  # pool_n
+            zeros((L, pairs, num_ranks + 1), np.int64),  # cum
+            zeros((L, pairs, num_ranks + 1), np.int64),  # pre_h
+            zeros((L, pairs, num_ranks + 1), np.int64),  # pre_c
+        )
+        self.out = CudaLitePlan(
+            zeros((L, reps, 3), np.int64), zeros(L, np.int64), zeros((L, blocks), np.int64),
+            cuda.to_device(np.zeros((L, blocks, num_ranks, num_ranks), np.int64)),
+            zeros(L, np.int64), zeros(L, np.int64), zeros(L, np.int64), zeros(L, np.int64),
+            zeros(L, np.int64))
+
+    def plan(self, load, window, stream=None) -> CudaLitePlan:
+        """Launch on `stream` (torch's current stream for torch tensors; else the default) and
+        return the output buffers (device arrays; torch CUDA tensors for torch inputs), without
+        synchronising. load int64 [L, S, E], window float64 [L, G] (seconds)."""
+        load_d, window_d, stream = self.launch_inputs(load, window, stream)
+        out = self.out
+        kernel(self.max_ranks)[self.num_layers, self.threads, stream](
+            load_d, self._home, window_d, self._slots, self._a, self._b, self._tt_tick,
+            self._xt_tick, self._hcount, self._hlist, self._hpos, self._nhome, self._rank_home,
+            self.rules.max_rounds, self.rules.eps_ppm, self.max_reps, self.max_blocks,
+            *self._scratch, out.replicas, out.num_replicas, out.blk_expert, out.blk_assign,
+            out.num_blocks, out.rounds, out.moves, out.makespan, out.status)
+        return self.torch_out() if is_torch(load) else out
+
+
+def lite_cuda_arrays(load, home, slots, window, cost: CostModel,
+                     rules: LiteRules | None = None, threads: int = THREADS) -> list[tuple]:
+    """numpy in, numpy out (copies both ways), for tests: load int64 [L, S, E], window float64
+    [L, G]. Returns each layer's (status, rep, blk_expert, blk_assign, rounds, moves, makespan)
+    as `lite.lite_core` returns them."""
+    load = np.ascontiguousarray(load, dtype=np.int64)
+    if load.ndim != 3:
+        raise ValueError(f"load must be a 3-D [L, S, E] array, got shape {load.shape}")
+    runner = CudaLite(home, slots, cost, rules, num_layers=load.shape[0], threads=threads)
+    window = np.ascontiguousarray(window, dtype=np.float64)
+    out = runner.plan(cuda.to_device(load), cuda.to_device(window))
+    host = CudaLitePlan(*(a.copy_to_host() for a in out))
+    layers = []
+    for layer in range(load.shape[0]):
+        n_rep, n_blk = int(host.num_replicas[layer]), int(host.num_blocks[layer])
+        layers.append((int(host.status[layer]), host.replicas[layer, :n_rep],
+                       host.blk_expert[layer, :n_blk], host.blk_assign[layer, :n_blk],
+                       int(host.rounds[layer]), int(host.moves[layer]),
+                       int(host.makespan[layer])))
+    return layers
+
+
+__all__ += ["STATUS_ERRORS"]
