@@ -300,7 +300,9 @@ def kernel(max_ranks: int):
                                 n_pairs += 1
                                 found = True
                             else:
-                                bits = bits ^ uint32(1 << top)
+                                # uint32 ^ uint32 types as uint64 in Numba: cast back,
+                                # or clz would count 64 bits and `top` go negative.
+                                bits = uint32(bits ^ uint32(1 << top))
                         if found:
                             break
                 ints[_NPAIRS] = n_pairs
