@@ -112,7 +112,7 @@ def timed(launch, *, graph: bool, repeats: int, budget_s: float) -> dict:
 
 def config_row(name, model, hardware, ranks, experts, *, sim: bool, quick: bool) -> dict:
     from probe.planner.lite import LiteRules
-    from probe.planner.lite_cuda import CudaLite
+    from probe.planner.lite_cuda import CudaLite, kernel
 
     layers = 2 if sim else LAYERS
     load, home, slots, window, cost = harness.decode_layers(model, hardware, ranks, experts,
@@ -140,11 +140,20 @@ def config_row(name, model, hardware, ranks, experts, *, sim: bool, quick: bool)
     per_threads = {}
     for threads in THREADS:
         one = CudaLite(home[0], slots, cost, rules, num_layers=1, threads=threads)
-        check = gpu_layers(one.plan(one_load, one_window), 1)[0]
+        try:  # a block size the kernel's registers do not allow is refused at launch
+            check = gpu_layers(one.plan(one_load, one_window), 1)[0]
+        except Exception as exc:  # recorded, the run goes on
+            per_threads[threads] = {"graph": {"error": f"{type(exc).__name__}: {exc}"[:200]},
+                                    "same_plan": None}
+            continue
         per_threads[threads] = {"graph": timed(lambda one=one: one.plan(one_load, one_window),
                                                graph=True, repeats=repeats, budget_s=budget),
                                 "same_plan": same(check, ref[0])}
     default = per_threads[128]
+    try:
+        row["registers"] = {str(k): v for k, v in kernel(runner.max_ranks).get_regs_usage().items()}
+    except Exception as exc:  # not every numba-cuda version has it
+        row["registers"] = f"{type(exc).__name__}: {exc}"[:200]
     row["one_layer_graph_us"] = default["graph"].get("median_us")
     row["graph_replay_us"] = row["one_layer_graph_us"]  # what the target is judged on
     runner_one = CudaLite(home[0], slots, cost, rules)
@@ -155,7 +164,8 @@ def config_row(name, model, hardware, ranks, experts, *, sim: bool, quick: bool)
                                "error": v["graph"].get("error"), "same_plan": v["same_plan"]}
                       for k, v in per_threads.items()}
     row["checks"].append({"check": "one-layer plans == CPU kernel at 64-512 threads",
-                          "ok": all(v["same_plan"] for v in per_threads.values()),
+                          "ok": all(v["same_plan"] for v in per_threads.values()
+                                    if v["same_plan"] is not None),
                           "differing_layers": []})
     all_layers = timed(lambda: runner.plan(load_d, window_d), graph=True, repeats=repeats,
                        budget_s=budget)
