@@ -178,24 +178,32 @@ def config_row(name, model, hardware, ranks, experts, *, sim: bool, quick: bool)
     return row
 
 
-def random_check(count: int, *, sim: bool) -> dict:
+def random_batch(rng: np.random.Generator, num_layers: int, ranks=(2, 3, 4, 8, 16)):
+    """A random launch of num_layers layers: (load [L, S, E], home [L, G, E], slots [G], window
+    [L, G], cost, rules), with costs of the size real layers have (microseconds)."""
     from probe.planner.cost import CostModel
     from probe.planner.lite import LiteRules
+
+    num_ranks = int(rng.choice(ranks))
+    num_experts = int(rng.choice([num_ranks, 2 * num_ranks, 4 * num_ranks, 32]))
+    load, home = harness.random_layers(rng, num_layers, num_ranks, num_experts)
+    window = harness.random_window(rng, num_layers, num_ranks) * 1e-4
+    slots = rng.integers(0, 4, num_ranks).astype(np.int64)
+    token_time = rng.uniform(0, 3e-8, (num_ranks, num_ranks))
+    cost = CostModel(float(rng.choice([0.0, 1e-6, 2e-5])), float(rng.uniform(1e-8, 1e-7)),
+                     token_time, rng.uniform(1e-5, 2e-4, (num_ranks, num_ranks)))
+    rules = LiteRules(max_rounds=int(rng.integers(1, 17)), eps_ppm=int(rng.choice([0, 1000])))
+    return load, home, slots, np.asarray(window, np.float64), cost, rules
+
+
+def random_check(count: int, *, sim: bool) -> dict:
     from probe.planner.lite_cuda import CudaLite
 
     rng = np.random.default_rng(11)
     done = differ = 0
     while done < count:
         layers = min(RANDOM_PER_LAUNCH, count - done)
-        ranks = int(rng.choice([2, 3, 4, 8, 16]))
-        experts = int(rng.choice([ranks, 2 * ranks, 4 * ranks, 32]))
-        load, home = harness.random_layers(rng, layers, ranks, experts)
-        window = harness.random_window(rng, layers, ranks) * 1e-4
-        slots = rng.integers(0, 4, ranks)
-        tt = rng.uniform(0, 3e-8, (ranks, ranks))
-        cost = CostModel(float(rng.uniform(0, 2e-5)), float(rng.uniform(1e-8, 1e-7)), tt,
-                         rng.uniform(1e-5, 2e-4, (ranks, ranks)))
-        rules = LiteRules(max_rounds=int(rng.integers(1, 17)))
+        load, home, slots, window, cost, rules = random_batch(rng, layers)
         runner = CudaLite(home, slots, cost, rules, num_layers=layers,
                           threads=int(rng.choice([32, 64, 128])))
         load_d, window_d = inputs(sim, load, window)

@@ -49,7 +49,6 @@ from probe.planner.lite import (
     KEY_MAX_TIME,
     KEY_MAX_TOKENS,
     KEY_TOKEN_BITS,
-    STATUS_ERRORS,
     LiteRules,
     cost_ticks,
     home_lists,
@@ -57,7 +56,8 @@ from probe.planner.lite import (
 )
 from probe.planner.numba_cuda import cuda, device
 
-__all__ = ["MAX_RANKS", "THREADS", "CudaLite", "CudaLitePlan", "lite_cuda_arrays"]
+__all__ = ["MAX_RANKS", "THREADS", "CudaLite", "CudaLitePlan", "host_arrays", "kernel",
+           "kernel_ranks", "lite_cuda_arrays"]
 
 # Most ranks a layer may have (the shared rank arrays are at most this long).
 MAX_RANKS = 256
@@ -536,6 +536,55 @@ def kernel(max_ranks: int):
     return _lite_kernel
 
 
+def kernel_ranks(num_ranks: int) -> int:
+    """The kernel (its shared arrays' length) that plans layers of num_ranks ranks: the next
+    multiple of 32."""
+    return max(32, -(-num_ranks // 32) * 32)
+
+
+class HostArrays(NamedTuple):
+    """What a launch takes besides load, home and window, as numpy arrays: consts (slots, the
+    cost model in ticks, the home lists, the rules and plan limits, in the kernel's order),
+    scratch and outputs as (shape, dtype) pairs, and the plan limits."""
+
+    consts: tuple
+    scratch: tuple
+    outputs: tuple
+    max_reps: int
+    max_blocks: int
+
+
+def host_arrays(home: np.ndarray, slots: np.ndarray, cost: CostModel,
+                rules: LiteRules) -> HostArrays:
+    """The kernel's other arguments for home bool [L, G, E] (validated), slots int64 [G]."""
+    num_layers, num_ranks, num_experts = home.shape
+    a, b, tt, xt = cost_ticks(cost.alpha, cost.beta, cost.token_time, cost.transfer_time)
+    lists = [home_lists(h) for h in home]
+
+    def stack(k):
+        width = max(x[k].shape[-1] for x in lists)
+        rows = [np.pad(x[k], ((0, 0), (0, width - x[k].shape[-1])), constant_values=-1)
+                if x[k].ndim == 2 else x[k] for x in lists]
+        return np.ascontiguousarray(np.stack(rows), np.int64)
+
+    max_reps, max_blocks = plan_limits(slots, num_experts, num_ranks)
+    consts = (np.ascontiguousarray(slots, np.int64), a, b, tt, xt, stack(0), stack(1),
+              stack(2), stack(3), stack(4), rules.max_rounds, rules.eps_ppm, max_reps,
+              max_blocks)
+    L, G, E = num_layers, num_ranks, num_experts  # noqa: N806 (the shape letters)
+    pairs = max(G // 2, 1)
+    i64 = np.int64
+    scratch = (((L, G, E), i64), ((L, G, E), np.uint8), ((L, E), i64),  # cnt, held, blk_of
+               ((L, G, max(int(np.max(slots, initial=0)), 1)), i64),  # rep_on
+               ((L, pairs, G + 1), i64), ((L, pairs, G), i64), ((L, pairs, G), i64),
+               ((L, pairs, G + 1), i64), ((L, pairs, G + 1), i64),
+               ((L, pairs, G + 1), i64))  # raw_n, pool_s, pool_n, cum, pre_h, pre_c
+    reps, blocks = max(max_reps, 1), max(max_blocks, 1)
+    outputs = (((L, reps, 3), i64), ((L,), i64), ((L, blocks), i64), ((L, blocks, G, G), i64),
+               ((L,), i64), ((L,), i64), ((L,), i64), ((L,), i64), ((L,), i64))
+    return HostArrays(consts, scratch, outputs, max_reps, max_blocks)
+
+
 class CudaLite(LayerPlanner):
     """The lite planner on the GPU for one placement, slot budget and cost model (home bool
     [G, E] or [L, G, E], slots int or int [G]; rules: LiteRules; threads per block: 1 or a
@@ -548,67 +597,28 @@ class CudaLite(LayerPlanner):
         super().__init__(home, slots, cost, num_layers=num_layers, threads=threads,
                          max_ranks=MAX_RANKS, name="lite_cuda")
         self.rules = lite._rules(rules)
-        num_ranks, num_experts = self.shape
+        self.max_ranks = kernel_ranks(self.shape[0])
+        host = host_arrays(self._home.copy_to_host(), self.slots, cost, self.rules)
+        self.max_reps, self.max_blocks = host.max_reps, host.max_blocks
+        dev = cuda.to_device
+        self._consts = tuple(dev(a) if isinstance(a, np.ndarray) else a for a in host.consts)
+        self._scratch = tuple(cuda.device_array(shape, dtype) for shape, dtype in host.scratch)
+        self.out = CudaLitePlan(*(cuda.to_device(np.zeros(shape, dtype))
+                                  for shape, dtype in host.outputs))
+
+    def _fit_shape(self, num_ranks: int, num_experts: int) -> None:
         if num_experts >= 1 << _EXPERT_BITS:
             raise ValueError(f"lite_cuda plans fewer than {1 << _EXPERT_BITS} experts, got "
                              f"{num_experts}")
-        self.max_ranks = max(32, -(-num_ranks // 32) * 32)
-        a, b, tt, xt = cost_ticks(cost.alpha, cost.beta, cost.token_time, cost.transfer_time)
-        self._a, self._b = a, b
-        self._tt_tick = cuda.to_device(tt)
-        self._xt_tick = cuda.to_device(xt)
-        homes = self._home.copy_to_host()
-        lists = [home_lists(h) for h in homes]
-        width_h = max(x[1].shape[1] for x in lists)
-        width_m = max(x[4].shape[1] for x in lists)
-        L = self.num_layers  # noqa: N806
-
-        def stack(k, width=None):
-            rows = []
-            for x in lists:
-                arr = x[k]
-                if width is not None and arr.shape[1] < width:
-                    arr = np.pad(arr, ((0, 0), (0, width - arr.shape[1])), constant_values=-1)
-                rows.append(arr)
-            return cuda.to_device(np.ascontiguousarray(np.stack(rows), np.int64))
-
-        self._hcount, self._hlist, self._hpos = stack(0), stack(1, width_h), stack(2)
-        self._nhome, self._rank_home = stack(3), stack(4, width_m)
-        self.max_reps, self.max_blocks = plan_limits(self.slots, num_experts, num_ranks)
-        reps, blocks = max(self.max_reps, 1), max(self.max_blocks, 1)
-        pairs = max(num_ranks // 2, 1)
-        zeros = cuda.device_array
-        self._scratch = (
-            zeros((L, num_ranks, num_experts), np.int64),  # cnt
-            zeros((L, num_ranks, num_experts), np.uint8),  # held
-            zeros((L, num_experts), np.int64),  # blk_of
-            zeros((L, num_ranks, max(int(self.slots.max(initial=0)), 1)), np.int64),  # rep_on
-            zeros((L, pairs, num_ranks + 1), np.int64),  # raw_n
-            zeros((L, pairs, num_ranks), np.int64),  # pool_s
-            zeros((L, pairs, num_ranks), np.int64),  # pool_n
-            zeros((L, pairs, num_ranks + 1), np.int64),  # cum
-            zeros((L, pairs, num_ranks + 1), np.int64),  # pre_h
-            zeros((L, pairs, num_ranks + 1), np.int64),  # pre_c
-        )
-        self.out = CudaLitePlan(
-            zeros((L, reps, 3), np.int64), zeros(L, np.int64), zeros((L, blocks), np.int64),
-            cuda.to_device(np.zeros((L, blocks, num_ranks, num_ranks), np.int64)),
-            zeros(L, np.int64), zeros(L, np.int64), zeros(L, np.int64), zeros(L, np.int64),
-            zeros(L, np.int64))
 
     def plan(self, load, window, stream=None) -> CudaLitePlan:
         """Launch on `stream` (torch's current stream for torch tensors; else the default) and
         return the output buffers (device arrays; torch CUDA tensors for torch inputs), without
         synchronising. load int64 [L, S, E], window float64 [L, G] (seconds)."""
         load_d, window_d, stream = self.launch_inputs(load, window, stream)
-        out = self.out
         kernel(self.max_ranks)[self.num_layers, self.threads, stream](
-            load_d, self._home, window_d, self._slots, self._a, self._b, self._tt_tick,
-            self._xt_tick, self._hcount, self._hlist, self._hpos, self._nhome, self._rank_home,
-            self.rules.max_rounds, self.rules.eps_ppm, self.max_reps, self.max_blocks,
-            *self._scratch, out.replicas, out.num_replicas, out.blk_expert, out.blk_assign,
-            out.num_blocks, out.rounds, out.moves, out.makespan, out.status)
-        return self.torch_out() if is_torch(load) else out
+            load_d, self._home, window_d, *self._consts, *self._scratch, *self.out)
+        return self.torch_out() if is_torch(load) else self.out
 
 
 def lite_cuda_arrays(load, home, slots, window, cost: CostModel,
@@ -632,5 +642,3 @@ def lite_cuda_arrays(load, home, slots, window, cost: CostModel,
                        int(host.makespan[layer])))
     return layers
 
-
-__all__ += ["STATUS_ERRORS"]

@@ -1,0 +1,230 @@
+"""The lite planner (probe.planner.lite) and its CUDA kernel (probe.planner.lite_cuda).
+
+- The plain-Python core and the Numba host path make the same plan; every plan passes the
+  independent checker, and the makespan the kernel reports equals the plan's rank times
+  recomputed in ticks from its dense assignment (an independent count of the bookkeeping).
+- The CUDA kernel without a GPU: its source run as plain Python, one thread per block
+  (experiments.planner.cuda_sequential) on 1,000 random layers, and in Numba's CUDA simulator
+  with several threads per block (barriers and atomics) through experiments.planner.gpu_lite.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from experiments.planner.cuda_sequential import sequential
+from experiments.planner.gpu_harness import decode_layers
+from experiments.planner.gpu_lite import cpu_layer, random_batch, same
+from probe.planner import BalanceProblem, CostModel, check_plan, solve
+from probe.planner.check import rank_times
+from probe.planner.greedy import plan_from_arrays
+from probe.planner.lite import (
+    KEY_MAX_TOKENS,
+    TICK,
+    LiteRules,
+    cost_ticks,
+    home_lists,
+    kernel_args,
+    lite_arrays,
+    lite_core,
+    lite_plan,
+    window_ticks,
+)
+from tests.sm90 import compile_for_sm90
+
+lite_cuda = pytest.importorskip("probe.planner.lite_cuda")
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def tick_makespan(problem: BalanceProblem, assignment: np.ndarray) -> int:
+    """The largest rank time of a dense assignment [S, E, G], in ticks, counted directly."""
+    a, b, tt, _ = cost_ticks(problem.cost.alpha, problem.cost.beta, problem.cost.token_time,
+                             problem.cost.transfer_time)
+    tokens = assignment.sum(axis=0).T  # [G, E]
+    comp = ((tokens > 0) * (a + b * tokens)).sum(axis=1)
+    flow = assignment.sum(axis=1)  # [S, G] tokens sent s -> g
+    traffic = flow * tt
+    np.fill_diagonal(traffic, 0)
+    tin, tout = traffic.sum(axis=0), traffic.sum(axis=1)
+    return int((comp + 2 * np.maximum(tin, tout)).max())
+
+
+def problems(seed: int, count: int):
+    rng = np.random.default_rng(seed)
+    for _ in range(count):
+        load, home, slots, window, cost, rules = random_batch(rng, 1)
+        yield BalanceProblem(load[0], home[0], slots, window[0], cost), rules
+
+
+def test_core_and_host_path_agree_and_plans_are_feasible():
+    """200 random layers: lite_core (plain Python) == lite_arrays (Numba), the plan passes
+    check_plan, and the reported makespan is the plan's own in ticks."""
+    moved = 0
+    for problem, rules in problems(1, 200):
+        args = kernel_args(problem, rules)
+        ref = lite_core(*args)
+        assert same(ref, lite_arrays(*args))
+        assert ref[0] == 0
+        plan = plan_from_arrays(problem, *ref[1:4])
+        assert check_plan(problem, plan) == []
+        assert ref[6] == tick_makespan(problem, plan.assignment)
+        moved += ref[5] > 0
+    assert moved > 50  # the instances do move tokens
+
+
+def test_solve_lite_on_decode_layers_balances():
+    """ep=8 decode layers: solve(..., "lite") lowers eq. 8 well below the static plan and
+    "lite_ref" gives the same plan."""
+    load, home, slots, window, cost = decode_layers("qwen3-235b-a22b", "h200x8", 8, 128, 2)
+    for layer in range(2):
+        problem = BalanceProblem(load[layer], home[layer], slots, window[layer], cost)
+        fast, ref = solve(problem, "lite"), solve(problem, "lite_ref")
+        static = solve(problem, "static")
+        assert fast.status == "feasible" and np.array_equal(fast.plan.assignment,
+                                                            ref.plan.assignment)
+        comp, comm = rank_times(problem, fast.plan.assignment)
+        assert (comp + comm).max() / (comp + comm).mean() < 1.02
+        assert fast.objective < 0.8 * static.objective
+
+
+def test_more_rounds_never_raise_the_makespan():
+    for problem, _ in problems(2, 40):
+        spans = [lite_core(*kernel_args(problem, LiteRules(max_rounds=r)))[6]
+                 for r in (1, 2, 4, 16)]
+        assert spans == sorted(spans, reverse=True)
+
+
+def test_bad_values_give_a_status_or_a_clear_error():
+    problem, rules = next(problems(3, 1))
+    args = list(kernel_args(problem, rules))
+    bad_load = args[0].copy()
+    bad_load[0, 0] = -1
+    assert lite_core(bad_load, *args[1:])[0] == 1
+    bad_window = args[3].copy()
+    bad_window[0] = window_ticks(float("nan"))
+    assert lite_core(*args[:3], bad_window, *args[4:])[0] == 2
+    huge = args[0].copy()
+    huge[0, 0] = KEY_MAX_TOKENS
+    assert lite_core(huge, *args[1:])[0] == 3
+    with pytest.raises(ValueError, match="too large"):
+        slow = BalanceProblem(problem.load * 0 + 10**6, problem.home, problem.slots,
+                              problem.window, CostModel(1.0, 1.0, problem.cost.token_time,
+                                                        problem.cost.transfer_time))
+        lite_plan(slow)
+    for bad in ({"max_rounds": 0}, {"eps_ppm": -1}, {"eps_ppm": 10**6}):
+        with pytest.raises(ValueError):
+            LiteRules(**bad)
+    with pytest.raises(TypeError):
+        LiteRules(max_rounds=2.0)
+    assert window_ticks(float("inf")) == 1 << 62 and window_ticks(1e-9) == round(1e-9 / TICK)
+
+
+def sequential_args(load, home, slots, window, cost, rules, junk: int = 0) -> tuple:
+    """The kernel's arguments as numpy arrays for a launch (scratch and outputs filled with
+    junk, so that nothing depends on their earlier contents)."""
+    host = lite_cuda.host_arrays(np.asarray(home, bool), slots, cost, rules)
+    scratch = [np.full(shape, junk, dtype) for shape, dtype in host.scratch]
+    outputs = [np.full(shape, junk, dtype) for shape, dtype in host.outputs]
+    return (np.ascontiguousarray(load, np.int64), np.asarray(home, bool),
+            np.ascontiguousarray(window, np.float64), *host.consts, *scratch, *outputs)
+
+
+def sequential_layers(args: tuple, num_layers: int) -> list:
+    rep, n_rep, blk_e, blk_a, n_blk, rounds, moves, makespan, status = args[-9:]
+    return [(int(status[i]), rep[i, :n_rep[i]], blk_e[i, :n_blk[i]], blk_a[i, :n_blk[i]],
+             int(rounds[i]), int(moves[i]), int(makespan[i])) for i in range(num_layers)]
+
+
+def test_sequential_kernel_equals_cpu_kernel_on_1000_layers():
+    """The CUDA kernel's source, one thread per block, on 1,000 random layers in launches of
+    1-8 (junk in the buffers beforehand): each layer's plan, rounds, moves and makespan equal
+    the CPU kernel's."""
+    rng = np.random.default_rng(7)
+    runs = {}
+    layers = moved = 0
+    while layers < 1000:
+        num_layers = int(rng.integers(1, 9))
+        load, home, slots, window, cost, rules = random_batch(rng, num_layers)
+        gm = lite_cuda.kernel_ranks(home.shape[1])
+        run = runs.setdefault(gm, sequential(lite_cuda.kernel(gm)))
+        args = sequential_args(load, home, slots, window, cost, rules,
+                               junk=int(rng.choice([0, 1, 3])))
+        run(*args, num_layers=num_layers)
+        for i, got in enumerate(sequential_layers(args, num_layers)):
+            ref = cpu_layer(load[i], home[i], slots, window[i], cost, rules)
+            assert same(ref, got), (layers, i)
+            moved += ref[5] > 0
+        layers += num_layers
+    assert moved > 300
+
+
+def test_sequential_kernel_reports_bad_layers_and_plans_the_others():
+    rng = np.random.default_rng(9)
+    load, home, slots, window, cost, rules = random_batch(rng, 3, ranks=(4,))
+    load[0, 1, 2] = -5
+    window[2, 0] = np.nan
+    args = sequential_args(load, home, slots, window, cost, rules)
+    sequential(lite_cuda.kernel(32))(*args, num_layers=3)
+    got = sequential_layers(args, 3)
+    assert [g[0] for g in got] == [1, 0, 2]
+    assert same(got[1], cpu_layer(load[1], home[1], slots, window[1], cost, rules))
+
+
+def test_simulator_runs_the_kernel_with_many_threads(tmp_path):
+    """Numba's CUDA simulator (a subprocess: it must be on before numba.cuda is imported),
+    32 threads per block: ep=8 decode layers and 20 random layers equal the CPU kernel."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run([sys.executable, "-m", "experiments.planner.gpu_lite", "--device",
+                           "cpu", "--quick", "--out", str(tmp_path)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    report = json.loads((tmp_path / "gpu_lite.json").read_text())
+    assert report["checks_failed"] == [] and report["random"]["layers"] == 20
+    assert report["random"]["differing_layers"] == 0
+
+
+def test_kernel_compiles_for_sm90_with_32_bit_bit_scans():
+    """The kernel compiles for an H200 (sm_90); its matching's bit scan counts 32-bit words
+    (clz.b32: Numba types uint32 ^ uint32 as uint64, and a 64-bit clz made the index negative
+    and the kernel never end on an H100, which neither the simulator nor the sequential run
+    can show)."""
+    code = """
+import re
+import numpy as np
+from probe.planner.cost import CostModel
+from probe.planner.lite import LiteRules
+from probe.planner.lite_cuda import host_arrays, kernel
+G, E, L = 8, 16, 1
+home = np.zeros((L, G, E), bool)
+home[0, np.arange(E) % G, np.arange(E)] = True
+cost = CostModel.uniform(G, alpha=1e-5, beta=1e-8, token_time=1e-8, transfer_time=1e-4)
+host = host_arrays(home, np.full(G, 2), cost, LiteRules())
+args = (np.zeros((L, G, E), np.int64), home, np.zeros((L, G)), *host.consts,
+        *(np.zeros(s, d) for s, d in host.scratch), *(np.zeros(s, d) for s, d in host.outputs))
+ptx = ptx_of(kernel(32).py_func, args)
+print(json.dumps(sorted(set(re.findall(r"clz[.]b[0-9]+", ptx)))))
+"""
+    assert compile_for_sm90(code) == ["clz.b32"]
+
+
+def test_runner_rejects_shapes_it_cannot_plan():
+    cost = CostModel.uniform(300, alpha=1e-5, beta=1e-8, token_time=1e-8, transfer_time=1e-4)
+    home = np.zeros((300, 300), bool)
+    home[np.arange(300), np.arange(300)] = True
+    with pytest.raises(ValueError, match="MAX_RANKS"):
+        lite_cuda.CudaLite(home, 1, cost)
+
+
+def test_home_lists_of_a_multi_holder_placement():
+    home = np.array([[1, 0, 1], [1, 1, 0]], bool)
+    hcount, hlist, hpos, nhome, rank_home = home_lists(home)
+    assert hcount.tolist() == [2, 1, 1] and hlist[0].tolist() == [0, 1]
+    assert hpos.tolist() == [[0, -1, 0], [1, 0, -1]] and nhome.tolist() == [2, 2]
+    assert rank_home.tolist() == [[0, 2], [0, 1]]
