@@ -154,8 +154,10 @@ def gpu_name() -> str:
     return torch.cuda.get_device_name()
 
 
-def parse_args(doc: str, name: str, argv: list[str] | None, time_limit_help: str):
-    """The scripts' command line (--device, --quick, --out results/<name>, --time-limit).
+def parse_args(doc: str, name: str, argv: list[str] | None, time_limit_help: str,
+               extra=None):
+    """The scripts' command line (--device, --quick, --out results/<name>, --time-limit, and
+    what extra(parser) adds).
     --device cpu switches on Numba's CUDA simulator here, before numba.cuda is imported, and
     stops (SystemExit) when numba.cuda was imported without it."""
     parser = argparse.ArgumentParser(description=doc.splitlines()[0])
@@ -164,6 +166,8 @@ def parse_args(doc: str, name: str, argv: list[str] | None, time_limit_help: str
     parser.add_argument("--quick", action="store_true", help="fewer layers and repeats")
     parser.add_argument("--out", default=f"results/{name}", help="output folder")
     parser.add_argument("--time-limit", type=float, default=105.0, help=time_limit_help)
+    if extra is not None:
+        extra(parser)
     args = parser.parse_args(argv)
     if args.time_limit <= 0:
         parser.error(f"--time-limit must be > 0 seconds, got {args.time_limit}")

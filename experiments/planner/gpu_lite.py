@@ -16,6 +16,8 @@ ep=16, 32 and 64 / 256 experts and ep=256 / 256 (deepseek-v3, nodes of 8 H200s).
 Then random small layers (experiments.planner.gpu_harness.random_layers, 1,000 by default) in
 launches of 20, each equal to the CPU kernel. Targets (issue of the GPU planner): at most 10 us
 per layer at ep=8 / 128 experts and 50 us at ep=64 / 256, plans identical to the CPU kernel.
+--profile first times where a round's time goes (the kernel's profiling variants, whose rounds
+end after each step in turn) at ep=8 and ep=64; --profile-only runs that alone.
 --device cpu runs the kernel in Numba's CUDA simulator: ep=8 / 16 experts and a few random
 layers, correctness only.
 """
@@ -215,6 +217,34 @@ def random_check(count: int, *, sim: bool) -> dict:
     return {"layers": done, "differing_layers": differ, "ok": differ == 0}
 
 
+PROFILE_CONFIGS = (CONFIGS[0], CONFIGS[3])
+PROFILE_ROUNDS = 4
+STEPS = ("start", "rank order", "pair tests", "matching", "experts", "pool entries",
+         "pool layout", "amounts", "admission", "new blocks", "apply (the full round)")
+
+
+def profile_row(name, model, hardware, ranks, experts, *, quick: bool) -> dict:
+    """Where a round's time goes: graph-replayed one-layer launches of the profiling variants
+    (lite_cuda.kernel(upto=k): rounds that end after step k and apply no move, so each round
+    repeats the first round's work), PROFILE_ROUNDS rounds, 128 and 256 threads."""
+    from probe.planner.lite import LiteRules
+    from probe.planner.lite_cuda import FULL, CudaLite
+
+    load, home, slots, window, cost = harness.decode_layers(model, hardware, ranks, experts, 1)
+    rules = LiteRules(max_rounds=PROFILE_ROUNDS)
+    one_load, one_window = inputs(False, load, window)
+    repeats, budget = (30, 1.5) if quick else (100, 3.0)
+    row = {"config": name, "rounds": PROFILE_ROUNDS, "steps": list(STEPS), "threads": {}}
+    for threads in (128, 256):
+        times = []
+        for upto in range(FULL + 1):
+            runner = CudaLite(home[0], slots, cost, rules, threads=threads, upto=upto)
+            times.append(timed(lambda r=runner: r.plan(one_load, one_window), graph=True,
+                               repeats=repeats, budget_s=budget).get("median_us"))
+        row["threads"][str(threads)] = times
+    return row
+
+
 def markdown(report: dict) -> str:
     lines = [f"# The lite planner on the GPU ({report['device']})", "",
              f"Made by `{report['command']}` ({report['utc']}). One layer's plan, median "
@@ -238,6 +268,20 @@ def markdown(report: dict) -> str:
             f"{f(GOALS_US.get(r['config']), 0)} | {f(r['ir'], 3)} | {f(r['ir_max'], 3)} | "
             f"{f(r['ir_static'], 3)} | {f(r['window_us'], 0)} | {f(r['rounds'], 0)} | "
             f"{f(r['replicas'], 0)} | {'yes' if all(c['ok'] for c in r['checks']) else 'NO'} |")
+    for r in report.get("profile", []):
+        lines += ["", f"Profile, {r['config']}: graph-replayed one-layer launches whose "
+                      f"{r['rounds']} rounds end after each step (no move applied: each round "
+                      "repeats the first round's work); us, and the step's own cost per round.",
+                  "", "| step | " + " | ".join(f"{t} threads (us) | per round" for t in
+                                              r["threads"]) + " |",
+                  "|---|" + "---:|---:|" * len(r["threads"])]
+        for k, step in enumerate(r["steps"]):
+            cells = []
+            for times in r["threads"].values():
+                own = (None if k == 0 or times[k] is None or times[k - 1] is None
+                       else (times[k] - times[k - 1]) / r["rounds"])
+                cells += [f(times[k]), f(own)]
+            lines.append(f"| {step} | " + " | ".join(cells) + " |")
     if report["random"] is not None:
         rnd = report["random"]
         lines += ["", f"Random layers: {rnd['layers']}, differing from the CPU kernel: "
@@ -246,15 +290,28 @@ def markdown(report: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = harness.parse_args(__doc__, "gpu_lite", argv, "seconds for the whole run")
+    def options(parser) -> None:
+        parser.add_argument("--profile", action="store_true",
+                            help="first time the profiling variants (where a round's time "
+                                 "goes) at ep=8 and ep=64")
+        parser.add_argument("--profile-only", action="store_true",
+                            help="the profile alone (implies --profile)")
+
+    args = harness.parse_args(__doc__, "gpu_lite", argv, "seconds for the whole run", options)
+    args.profile = args.profile or args.profile_only
     sim = args.device == "cpu"
-    report = harness.Report("gpu_lite", args, argv, {"random": None}, markdown,
+    report = harness.Report("gpu_lite", args, argv, {"random": None, "profile": []}, markdown,
                             lambda row: GOALS_US.get(row["config"], np.inf))
-    for config in (SIM_CONFIGS if sim else CONFIGS):
+    if args.profile and not sim:
+        for config in PROFILE_CONFIGS:
+            with report.stage(f"profile {config[0]}"):
+                report.data["profile"].append(profile_row(*config, quick=args.quick))
+    for config in (SIM_CONFIGS if sim else CONFIGS) if not args.profile_only else ():
         with report.stage(config[0]):
             report.data["rows"].append(config_row(*config, sim=sim, quick=args.quick))
-    with report.stage("random layers"):
-        report.data["random"] = random_check(20 if sim else RANDOM_LAYERS, sim=sim)
+    if not args.profile_only:
+        with report.stage("random layers"):
+            report.data["random"] = random_check(20 if sim else RANDOM_LAYERS, sim=sim)
 
     def summary(rep: dict) -> str:
         return "\n".join(harness.summary_tail(rep))

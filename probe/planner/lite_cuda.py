@@ -69,6 +69,8 @@ _EXPERT_BITS = 16  # packed (tokens, -expert) keys: experts < 2**16
 (_STATUS, _TOTAL, _NPAIRS, _NHOT, _APPLIED, _ACTIVE, _NREP, _NBLK, _NNEW, _ROUNDS, _MOVES,
  _MAKESPAN) = range(12)
 _NINTS = 12
+# kernel(upto=FULL): the planner itself (smaller: profiling variants).
+FULL = 10
 
 
 def _device_twin(fn, helpers: dict):
@@ -116,10 +118,16 @@ class CudaLitePlan(NamedTuple):
 _KERNELS: dict = {}
 
 
-def kernel(max_ranks: int):
-    """The kernel for layers of at most `max_ranks` ranks (a multiple of 32, made once)."""
-    if max_ranks in _KERNELS:
-        return _KERNELS[max_ranks]
+def kernel(max_ranks: int, upto: int = FULL):
+    """The kernel for layers of at most `max_ranks` ranks (a multiple of 32, made once).
+    upto < FULL makes a profiling variant (experiments.planner.gpu_lite --profile) whose rounds
+    end after step `upto` (0: the start alone; 1 rank order, 2 pair tests, 3 matching, 4
+    experts, 5 pool entries, 6 pool layout, 7 amounts, 8 admission, 9 new blocks): it applies
+    no move, so every round repeats the first round's work, and its plans mean nothing."""
+    key = (max_ranks, upto)
+    if key in _KERNELS:
+        return _KERNELS[key]
+    UPTO = upto  # noqa: N806 (a compile-time constant)
     GM = max_ranks  # noqa: N806 (compile-time sizes of the shared arrays)
     PM = GM // 2  # noqa: N806
     WM = GM // 32  # noqa: N806
@@ -239,6 +247,8 @@ def kernel(max_ranks: int):
         rounds = 0
         moves = 0
         while status == 0 and rounds < max_rounds:
+            if UPTO == 0:  # a profiling variant: the start alone
+                break
             rounds += 1
             # Rank times, their sum, and each rank's position (slowest first).
             if tid == 0:
@@ -267,6 +277,8 @@ def kernel(max_ranks: int):
                 if times[g] * num_ranks > total:
                     cuda.atomic.add(ints, _NHOT, 1)
             cuda.syncthreads()
+            if UPTO == 1:  # a profiling variant: the round ends here
+                continue
             num_hot = ints[_NHOT]
             # Which (hot position i, faster position p > i) pairs could move: bit p of elig[i].
             for k in range(tid, num_hot * num_ranks, nt):
@@ -280,6 +292,8 @@ def kernel(max_ranks: int):
                             nhome, rank_home, rep_on) >= 0:
                         cuda.atomic.or_(elig, (i, p // 32), uint32(1 << (p % 32)))
             cuda.syncthreads()
+            if UPTO == 2:  # a profiling variant: the round ends here
+                continue
             if tid == 0:  # the CPU kernel's matching: hot ranks in order, fastest untaken first
                 n_pairs = 0
                 for i in range(num_hot):
@@ -307,6 +321,8 @@ def kernel(max_ranks: int):
                             break
                 ints[_NPAIRS] = n_pairs
             cuda.syncthreads()
+            if UPTO == 3:  # a profiling variant: the round ends here
+                continue
             n_pairs = ints[_NPAIRS]
             # Each pair's expert: the most tokens on h (ties to the lowest expert).
             for i in range(tid, n_pairs, nt):
@@ -330,6 +346,8 @@ def kernel(max_ranks: int):
                         cuda.atomic.max(pair_key, i, (cnt[h, e] << _EXPERT_BITS)
                                         + ((1 << _EXPERT_BITS) - 1 - e))
             cuda.syncthreads()
+            if UPTO == 4:  # a profiling variant: the round ends here
+                continue
             # The pools: each source's tokens of e on h, in pool order (c, others, h).
             for k in range(tid, n_pairs * (num_ranks + 1), nt):
                 i = k // (num_ranks + 1)
@@ -349,6 +367,8 @@ def kernel(max_ranks: int):
                     a = _block_value(blk_assign, blk_of[e], s, e, h, load, home, hpos, hcount)
                 raw_n[i, q] = a
             cuda.syncthreads()
+            if UPTO == 5:  # a profiling variant: the round ends here
+                continue
             for i in range(tid, n_pairs, nt):
                 h = pair_h[i]
                 c = pair_c[i]
@@ -371,6 +391,8 @@ def kernel(max_ranks: int):
                 pair_hi[i] = cum[i, n]
                 pair_x[i] = 0 if n == 0 or pair_key[i] < 0 else -1  # -1: searching
             cuda.syncthreads()
+            if UPTO == 6:  # a profiling variant: the round ends here
+                continue
             # The amount: grid steps until every pair's range is under GRID wide.
             searching = 1
             while searching != 0:
@@ -405,6 +427,8 @@ def kernel(max_ranks: int):
                 cuda.syncthreads()
                 searching = ints[_ACTIVE]
                 cuda.syncthreads()
+            if UPTO == 7:  # a profiling variant: the round ends here
+                continue
             # The gain test; then thread 0 admits the moves in pair order.
             for i in range(tid, n_pairs, nt):
                 h = pair_h[i]
@@ -456,6 +480,8 @@ def kernel(max_ranks: int):
                 ints[_NBLK] = n_blk
                 ints[_NNEW] = n_new
             cuda.syncthreads()
+            if UPTO == 8:  # a profiling variant: the round ends here
+                continue
             n_new = ints[_NNEW]
             gg = num_ranks * num_ranks
             for k in range(tid, n_new * gg, nt):
@@ -465,6 +491,8 @@ def kernel(max_ranks: int):
                 g = r - s * num_ranks
                 blk_assign[b, s, g] = _share(load, home, hpos, hcount, s, blk_expert[b], g)
             cuda.syncthreads()
+            if UPTO == 9:  # a profiling variant: the round ends here
+                continue
             # Apply the takes: a thread per (pair, pool entry); integer atomics.
             for k in range(tid, n_pairs * num_ranks, nt):
                 i = k // num_ranks
@@ -532,7 +560,7 @@ def kernel(max_ranks: int):
             makespan_out[layer] = ints[_MAKESPAN]
             status_out[layer] = status
 
-    _KERNELS[max_ranks] = _lite_kernel
+    _KERNELS[key] = _lite_kernel
     return _lite_kernel
 
 
@@ -593,10 +621,11 @@ class CudaLite(LayerPlanner):
 
     def __init__(self, home: np.ndarray, slots: np.ndarray | int, cost: CostModel,
                  rules: LiteRules | None = None, *, num_layers: int = 1,
-                 threads: int = THREADS) -> None:
+                 threads: int = THREADS, upto: int = FULL) -> None:
         super().__init__(home, slots, cost, num_layers=num_layers, threads=threads,
                          max_ranks=MAX_RANKS, name="lite_cuda")
         self.rules = lite._rules(rules)
+        self.upto = upto  # FULL, or a profiling variant of `kernel`
         self.max_ranks = kernel_ranks(self.shape[0])
         host = host_arrays(self._home.copy_to_host(), self.slots, cost, self.rules)
         self.max_reps, self.max_blocks = host.max_reps, host.max_blocks
@@ -616,7 +645,7 @@ class CudaLite(LayerPlanner):
         return the output buffers (device arrays; torch CUDA tensors for torch inputs), without
         synchronising. load int64 [L, S, E], window float64 [L, G] (seconds)."""
         load_d, window_d, stream = self.launch_inputs(load, window, stream)
-        kernel(self.max_ranks)[self.num_layers, self.threads, stream](
+        kernel(self.max_ranks, self.upto)[self.num_layers, self.threads, stream](
             load_d, self._home, window_d, *self._consts, *self._scratch, *self.out)
         return self.torch_out() if is_torch(load) else self.out
 
