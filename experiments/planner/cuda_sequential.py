@@ -82,6 +82,7 @@ def sequential(kernel, wrap=None):
     fake = types.SimpleNamespace(threadIdx=types.SimpleNamespace(x=0),
                                  blockIdx=types.SimpleNamespace(x=0),
                                  blockDim=types.SimpleNamespace(x=1), syncthreads=lambda: None,
+                                 syncthreads_or=lambda v: 1 if v else 0,
                                  shared=_Array, local=_Array, atomic=_Atomic,
                                  popc=lambda v: bin(int(v)).count("1"),
                                  clz=_clz)

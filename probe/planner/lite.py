@@ -223,6 +223,18 @@ def pick_expert(h, c, cnt, held, used, slots, sent, recv, wt, XT, hcount, hlist,
     return best
 
 
+def can_move(h, c, cnt, held, used, slots, sent, recv, wt, XT, hcount, hlist, nhome,
+             rank_home, rep_on):
+    """Whether hot rank h has an expert to move to cold rank c (rule 1's test: pick_expert
+    would find one), stopping at the first."""
+    for j in range(nhome[h] + used[h]):
+        e = rank_home[h, j] if j < nhome[h] else rep_on[h, j - nhome[h]]
+        if cnt[h, e] > 0 and (held[c, e] or copy_source(e, c, used, slots, sent, recv, wt, XT,
+                                                         hcount, hlist) >= 0):
+            return True
+    return False
+
+
 def grid_point(j, lo, hi):
     """The j-th of GRID amounts of a grid step over [lo, hi] (rule 4)."""
     if hi - lo < GRID:
@@ -349,8 +361,8 @@ def lite_core(load, home, slots, wt, A, B, TT, XT, hcount, hlist, hpos, nhome, r
                 c = order[p]
                 if taken[c] or times[c] >= times[h]:
                     continue
-                if pick_expert(h, c, cnt, held, used, slots, sent, recv, wt, XT, hcount, hlist,
-                               nhome, rank_home, rep_on) >= 0:
+                if can_move(h, c, cnt, held, used, slots, sent, recv, wt, XT, hcount, hlist,
+                            nhome, rank_home, rep_on):
                     taken[c] = True
                     pair_h[n_pairs] = h
                     pair_c[n_pairs] = c
@@ -502,7 +514,7 @@ def lite_arrays(*args):
     global _LITE_JIT
     if _LITE_JIT is None:
         helpers: dict = {}
-        for fn in (eval_move, grid_point, block_value, copy_source, pick_expert):
+        for fn in (eval_move, grid_point, block_value, copy_source, pick_expert, can_move):
             helpers[fn.__name__] = _compiled(fn, helpers)
         _LITE_JIT = _compiled(lite_core, helpers)
     return _LITE_JIT(*args)

@@ -66,9 +66,8 @@ THREADS = 128
 _NONE = (1 << 62) + ((1 << 62) - 1)  # larger than every packed (f, x) key
 _EXPERT_BITS = 16  # packed (tokens, -expert) keys: experts < 2**16
 # Slots of the block's shared integer scalars.
-(_STATUS, _TOTAL, _NPAIRS, _NHOT, _APPLIED, _ACTIVE, _NREP, _NBLK, _NNEW, _ROUNDS, _MOVES,
- _MAKESPAN) = range(12)
-_NINTS = 12
+(_STATUS, _TOTAL, _NPAIRS, _NHOT, _APPLIED, _NREP, _NBLK, _NNEW, _MAKESPAN) = range(9)
+_NINTS = 9
 # kernel(upto=FULL): the planner itself (smaller: profiling variants).
 FULL = 10
 
@@ -83,13 +82,13 @@ def _device_twin(fn, helpers: dict):
 
 _HELPERS: dict = {"_static_share": device(_static_share, inline=True)}
 for _fn in (lite.eval_move, lite.grid_point, lite.block_value, lite.copy_source,
-            lite.pick_expert, lite.window_ticks):
+            lite.can_move, lite.window_ticks):
     _HELPERS[_fn.__name__] = _device_twin(_fn, _HELPERS)
 _eval_move = _HELPERS["eval_move"]
 _grid_point = _HELPERS["grid_point"]
 _block_value = _HELPERS["block_value"]
 _copy_source = _HELPERS["copy_source"]
-_pick_expert = _HELPERS["pick_expert"]
+_can_move = _HELPERS["can_move"]
 _window_ticks = _HELPERS["window_ticks"]
 _share = _HELPERS["_static_share"]
 
@@ -131,6 +130,9 @@ def kernel(max_ranks: int, upto: int = FULL):
     GM = max_ranks  # noqa: N806 (compile-time sizes of the shared arrays)
     PM = GM // 2  # noqa: N806
     WM = GM // 32  # noqa: N806
+    # Up to 32 ranks the pools live in shared memory (17 KB); beyond, in the global scratch.
+    SMALL = GM <= 32  # noqa: N806
+    PS, GS = (PM, GM + 1) if SMALL else (1, 1)  # noqa: N806
 
     @cuda.jit
     def _lite_kernel(load, home, window, slots, a_tick, b_tick, tt, xt, hcount, hlist, hpos,
@@ -186,6 +188,16 @@ def kernel(max_ranks: int, upto: int = FULL):
         pair_len = cuda.shared.array(PM, int64)
         new_blk = cuda.shared.array(PM, int64)
         ints = cuda.shared.array(_NINTS, int64)
+        # One allocation per line: the simulator tells shared arrays apart by their line.
+        raw_n_s = cuda.shared.array((PS, GS), int64)
+        pool_s_s = cuda.shared.array((PS, GS), int64)
+        pool_n_s = cuda.shared.array((PS, GS), int64)
+        cum_s = cuda.shared.array((PS, GS), int64)
+        pre_h_s = cuda.shared.array((PS, GS), int64)
+        pre_c_s = cuda.shared.array((PS, GS), int64)
+        if SMALL:
+            raw_n, pool_s, pool_n, cum, pre_h, pre_c = (raw_n_s, pool_s_s, pool_n_s, cum_s,
+                                                        pre_h_s, pre_c_s)
 
         # The start: checks, windows in ticks, zero state.
         if tid == 0:
@@ -204,13 +216,12 @@ def kernel(max_ranks: int, upto: int = FULL):
         for g in range(tid, num_ranks, nt):
             if wt[g] < 0:
                 cuda.atomic.max(ints, _STATUS, 2)
-        for i in range(tid, num_ranks * num_experts, nt):
-            g = i // num_experts
-            e = i - g * num_experts
-            cnt[g, e] = 0
-            held[g, e] = 1 if home[g, e] else 0
-            if load[g, e] < 0:
-                cuda.atomic.max(ints, _STATUS, 1)
+        for g in range(num_ranks):  # coalesced rows, no index division
+            for e in range(tid, num_experts, nt):
+                cnt[g, e] = 0
+                held[g, e] = 1 if home[g, e] else 0
+                if load[g, e] < 0:
+                    cuda.atomic.max(ints, _STATUS, 1)
         for e in range(tid, num_experts, nt):
             blk_of[e] = -1
         cuda.syncthreads()
@@ -222,11 +233,15 @@ def kernel(max_ranks: int, upto: int = FULL):
                     total += load[s, e]
                 if total >= KEY_MAX_TOKENS:
                     cuda.atomic.max(ints, _STATUS, 3)
-                for j in range(hcount[e]):
+                s0 = e % num_ranks  # threads start at different sources: fewer threads
+                for j in range(hcount[e]):  # add into one tout[s] at a time
                     g = hlist[e, j]
                     n = 0
                     into = 0
-                    for s in range(num_ranks):
+                    for k in range(num_ranks):
+                        s = s0 + k
+                        if s >= num_ranks:
+                            s -= num_ranks
                         a = _share(load, home, hpos, hcount, s, e, g)
                         if a > 0:
                             n += a
@@ -287,9 +302,9 @@ def kernel(max_ranks: int, upto: int = FULL):
                 if p > i:
                     h = order[i]
                     c = order[p]
-                    if times[c] < times[h] and _pick_expert(
+                    if times[c] < times[h] and _can_move(
                             h, c, cnt, held, used, slots, sent, recv, wt, xt, hcount, hlist,
-                            nhome, rank_home, rep_on) >= 0:
+                            nhome, rank_home, rep_on):
                         cuda.atomic.or_(elig, (i, p // 32), uint32(1 << (p % 32)))
             cuda.syncthreads()
             if UPTO == 2:  # a profiling variant: the round ends here
@@ -390,18 +405,13 @@ def kernel(max_ranks: int, upto: int = FULL):
                 pair_lo[i] = 1
                 pair_hi[i] = cum[i, n]
                 pair_x[i] = 0 if n == 0 or pair_key[i] < 0 else -1  # -1: searching
+                pair_e[i] = _NONE  # the first step's best (f, x) key
             cuda.syncthreads()
             if UPTO == 6:  # a profiling variant: the round ends here
                 continue
             # The amount: grid steps until every pair's range is under GRID wide.
-            searching = 1
-            while searching != 0:
-                for i in range(tid, n_pairs, nt):
-                    if pair_x[i] < 0:
-                        pair_e[i] = _NONE  # this step's best (f, x) key
-                if tid == 0:
-                    ints[_ACTIVE] = 0
-                cuda.syncthreads()
+            searching = True
+            while searching:  # two barriers a step; pair_e[i] holds the step's best (f, x)
                 for k in range(tid, n_pairs * GRID, nt):
                     i = k // GRID
                     if pair_x[i] < 0:
@@ -412,21 +422,21 @@ def kernel(max_ranks: int, upto: int = FULL):
                                        pair_h[i], pair_c[i], cnt, comp, tin, tout, A, B, tt)
                         cuda.atomic.min(pair_e, i, (f << KEY_TOKEN_BITS) + x)
                 cuda.syncthreads()
+                going = 0
                 for i in range(tid, n_pairs, nt):
                     if pair_x[i] < 0:
                         lo = pair_lo[i]
                         hi = pair_hi[i]
                         best_x = pair_e[i] & (KEY_MAX_TOKENS - 1)
                         if hi - lo < GRID:
-                            pair_x[i] = best_x
+                            pair_x[i] = best_x  # done: pair_e[i] keeps its last best
                         else:
                             step = (hi - lo) // (GRID - 1) + 1
                             pair_lo[i] = best_x - step if best_x - step > lo else lo
                             pair_hi[i] = best_x + step if best_x + step < hi else hi
-                            cuda.atomic.add(ints, _ACTIVE, 1)
-                cuda.syncthreads()
-                searching = ints[_ACTIVE]
-                cuda.syncthreads()
+                            pair_e[i] = _NONE
+                            going = 1
+                searching = cuda.syncthreads_or(going) != 0
             if UPTO == 7:  # a profiling variant: the round ends here
                 continue
             # The gain test; then thread 0 admits the moves in pair order.
@@ -483,13 +493,16 @@ def kernel(max_ranks: int, upto: int = FULL):
             if UPTO == 8:  # a profiling variant: the round ends here
                 continue
             n_new = ints[_NNEW]
-            gg = num_ranks * num_ranks
-            for k in range(tid, n_new * gg, nt):
-                b = new_blk[k // gg]
-                r = k - (k // gg) * gg
-                s = r // num_ranks
-                g = r - s * num_ranks
-                blk_assign[b, s, g] = _share(load, home, hpos, hcount, s, blk_expert[b], g)
+            for k in range(tid, n_new * num_ranks, nt):  # a row (block, source) per item
+                q = k // num_ranks
+                b = new_blk[q]
+                s = k - q * num_ranks
+                e = blk_expert[b]
+                for g in range(num_ranks):
+                    blk_assign[b, s, g] = 0
+                for j in range(hcount[e]):  # the static split has tokens on holders alone
+                    g = hlist[e, j]
+                    blk_assign[b, s, g] = _share(load, home, hpos, hcount, s, e, g)
             cuda.syncthreads()
             if UPTO == 9:  # a profiling variant: the round ends here
                 continue
@@ -511,14 +524,25 @@ def kernel(max_ranks: int, upto: int = FULL):
                         blk_assign[b, s, h] -= take
                         blk_assign[b, s, c] += take
                         cuda.atomic.add(tout, s, take * (tt[s, c] - tt[s, h]))
-                        cuda.atomic.add(tin, h, -take * tt[s, h])
-                        cuda.atomic.add(tin, c, take * tt[s, c])
             for i in range(tid, n_pairs, nt):
                 e = pair_e[i]
                 if e >= 0:
                     h = pair_h[i]
                     c = pair_c[i]
                     x = pair_x[i]
+                    # The traffic into h and c from the prefix sums, as _eval_move counts it.
+                    lo = 0
+                    hi = pair_len[i] - 1
+                    while lo < hi:
+                        mid = (lo + hi + 1) // 2
+                        if cum[i, mid] < x:
+                            lo = mid
+                        else:
+                            hi = mid - 1
+                    r = x - cum[i, lo]
+                    s = pool_s[i, lo]
+                    cuda.atomic.add(tin, h, -(pre_h[i, lo] + r * tt[s, h]))
+                    cuda.atomic.add(tin, c, pre_c[i, lo] + r * tt[s, c])
                     d_h = -B * x
                     if cnt[h, e] == x:
                         d_h -= A
