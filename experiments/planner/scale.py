@@ -1,10 +1,11 @@
-"""Balance at scale: the greedy's move budget, hierarchical planning and the parallel greedy.
+"""Balance at scale: the greedy's move budget, hierarchical planning, the parallel greedy, lite.
 
 Seeded and reproducible; prints a table and writes JSON (default results/scale.json), a
 Markdown table (OUT with .md) and the manifest (OUT with .manifest.json).
 
     python -m experiments.planner.scale [--quick] [--out results/scale.json]
     python -m experiments.planner.scale --only parallel   # the parallel greedy's rows alone
+    python -m experiments.planner.scale --only lite       # the lite planner's rows alone
 
 Instances: the default decode workload (probe.traces.generate("decode"), 768 tokens per rank
 per step, top-8) at ep=8, 16, 32 and 64 with 128 experts (qwen3-235b-a22b) and 256 experts
@@ -16,9 +17,10 @@ NIC per GPU between nodes); static sharded home, 3 replica slots per rank, the d
 Planners: the static plan; the greedy with the default 16 moves, k_max="auto" (max(16, 2G))
 and k_max="scale" (max(16, 2G, G + E)); the hierarchical planner
 (probe.planner.hierarchical, 8 ranks per node, k_max="scale" in both stages); the parallel
-greedy (probe.planner.parallel, default ParallelRules with 8, 16 and 32 rounds); and, to show
+greedy (probe.planner.parallel, default ParallelRules with 8, 16 and 32 rounds); the lite
+planner (probe.planner.lite, 16 and 32 rounds: its host path, the Numba kernel); and, to show
 what planning further ahead would give, k_max="scale" with every window 10 times the default.
-`--only parallel` reruns the parallel greedy's rows alone (a minute instead of several on the
+`--only parallel` (or `--only lite`) reruns those rows alone (a minute instead of several on the
 shared box) and keeps the other rows of the existing JSON, whose configurations must match.
 Per planner:
 IR = max rank time / mean rank time and eq. 8 (the max rank time), medians over the layers;
@@ -45,7 +47,10 @@ from experiments.manifest import Manifest
 from probe.planner import BalanceProblem, GreedyRules, check_plan
 from probe.planner.check import rank_times
 from probe.planner.cost import CostModel
+from probe.planner.greedy import plan_from_arrays
 from probe.planner.hierarchical import hierarchical_plan, timed_greedy
+from probe.planner.lite import LiteRules, lite_arrays
+from probe.planner.lite import kernel_args as lite_kernel_args
 from probe.planner.parallel import kernel_args, parallel_arrays, plan_from_blocks
 from probe.planner.parallel_ref import ParallelRules
 from probe.planner.static import static_plan
@@ -61,10 +66,14 @@ CONFIGS.append((256, 256))
 QUICK_CONFIGS = [(8, 128), (16, 128), (16, 256)]
 PLANNERS = ("static", "greedy k_max=16", "greedy k_max=auto", "greedy k_max=scale",
             "hierarchical (scale)", "parallel greedy, 8 rounds", "parallel greedy, 16 rounds",
-            "parallel greedy, 32 rounds", "greedy k_max=scale, 10x window")
+            "parallel greedy, 32 rounds", "lite, 16 rounds", "lite, 32 rounds",
+            "greedy k_max=scale, 10x window")
 # The parallel greedy's rows (probe.planner.parallel): `--only parallel` runs just these and
 # keeps the other rows of the existing JSON.
 PARALLEL = tuple(name for name in PLANNERS if name.startswith("parallel"))
+# The lite planner's rows (probe.planner.lite): `--only lite` runs just these.
+LITE = tuple(name for name in PLANNERS if name.startswith("lite"))
+ONLY = {"parallel": PARALLEL, "lite": LITE}
 # The last planner plans with every window 10 times the default (copies hidden behind 10
 # layers' compute: planning 10 layers ahead); it is scored, and its time judged, against that.
 WIDE = 10.0
@@ -90,6 +99,13 @@ def plan_with(name: str, problem: BalanceProblem):
     """(plan, kernel seconds, rounds or None) of planner `name`."""
     if name == "static":
         return static_plan(problem), 0.0, None
+    if name.startswith("lite"):
+        rules = LiteRules(max_rounds=int(name.split(", ")[1].split()[0]))
+        args = lite_kernel_args(problem, rules)
+        start = time.perf_counter()
+        out = lite_arrays(*args)
+        seconds = time.perf_counter() - start
+        return plan_from_arrays(problem, *out[1:4]), seconds, out[4]
     if name.startswith("parallel greedy"):
         rounds = int(name.split(", ")[1].split()[0])
         args = kernel_args(problem, ParallelRules(max_rounds=rounds))
@@ -150,8 +166,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small configurations, 1 layer")
     parser.add_argument("--out", default="results/scale.json")
-    parser.add_argument("--only", choices=("parallel",),
-                        help="run only these planners' rows (parallel: the parallel greedy's) "
+    parser.add_argument("--only", choices=tuple(ONLY),
+                        help="run only these planners' rows (parallel: the parallel greedy's, "
+                             "lite: the lite planner's) "
                              "and keep every other row of the existing --out JSON, which must "
                              "hold the same configurations")
     args = parser.parse_args(argv)
@@ -166,7 +183,7 @@ def main(argv: list[str] | None = None) -> None:
         if found != [tuple(c) for c in configs]:
             raise SystemExit(f"--only needs {out} made with the same configurations "
                              f"({configs}), found {found}")
-    planners = PARALLEL if args.only else PLANNERS
+    planners = ONLY[args.only] if args.only else PLANNERS
     results = []
     for ranks, experts in configs:
         count = 1 if args.quick else (2 if ranks >= 256 else 4)
@@ -220,7 +237,7 @@ def markdown(results: list[dict], machine: dict) -> str:
                 f" on {machine['platform']}; the other rows by an earlier `{command}` on "
                 f"{others['platform']} ({others['cpus']} CPUs, shared), Python "
                 f"{others['python']}. Both")
-    lines = ["# Balance at scale: move budget, hierarchical planning, parallel greedy",
+    lines = ["# Balance at scale: move budget, hierarchical planning, parallel greedy, lite",
              "",
              made + f" on {machine['platform']} ({machine['cpus']} CPUs, shared), Python "
              f"{machine['python']}. Default decode workload (768 tokens per rank, top-8), "
@@ -229,7 +246,7 @@ def markdown(results: list[dict], machine: dict) -> str:
              "compiled CPU kernel calls alone (least of 3 repeats, median over layers; a "
              "shared 2-core box, so times carry contention); fits = kernel time <= the "
              "smallest rank's window; rounds = the parallel greedy's rounds that applied a "
-             "move (median). "
+             "move, and the lite planner's rounds run (the last may apply none; medians). "
              f"Target: IR <= {TARGET_IR} at ep=64 / 256 experts within the window.",
              "",
              "| ep | E | model, hardware | layers | window (us, min rank / median rank) | "
