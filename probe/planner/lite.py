@@ -5,7 +5,8 @@ kernels' floating-point order bit for bit; that order is a chain of dependent op
 their one-layer latency on an H100 stayed at 350-720 us. The lite planner decides in integer
 ticks of `TICK` seconds instead: every rank time is an int64 sum, sums do not depend on the order
 of their terms, and the GPU kernel (probe.planner.lite_cuda) can spread every sum, maximum and
-search over the block's threads and still make the CPU kernel's plan exactly.
+search over the block's threads and still make the CPU kernel's plan exactly (how fast that
+is, measured: lite_cuda's docstring).
 
 Costs in ticks: A = round(alpha / TICK), B = round(beta / TICK), TT = round(token_time / TICK),
 XT = ceil(transfer_time / TICK) (rounded up, so that copies that fit a window in ticks fit it in
@@ -14,13 +15,15 @@ comp[g] = sum over experts with tokens on g of (A + B * tokens), tin / tout the 
 t[g] = comp[g] + 2 * max(tin[g], tout[g]).
 
 The rules (one round; the rounds stop when a round applies no move, or after max_rounds):
-1. **Pairs.** The ranks in order of time, slowest first (ties to the lowest rank); pair i is
-   (the i-th slowest, the i-th fastest), i < G // 2, while the slow rank's time is above the
-   mean and above its partner's.
-2. **Expert.** Of the experts the hot rank h holds with tokens on it, the one with the most
-   tokens there (ties to the lowest expert) that the cold rank c already holds, or that h can
-   copy to c: h is a home holder of e, c has a free slot, and the copy fits h's sent and c's
-   received window (both in ticks). One expert per pair and round.
+1. **Pairs.** The ranks in order of time, slowest first (ties to the lowest rank). Each rank
+   above the mean time, in that order and unless an earlier pair took it, is a hot rank h and
+   takes the fastest rank c not taken yet that is faster than h and can receive one of h's
+   experts (rule 2 finds one); the pairs are disjoint.
+2. **Expert.** Of the experts h holds (its home experts, then its replicas) with tokens on h,
+   the one with the most tokens there (ties to the lowest expert) that c already holds, or
+   that a home holder of e can copy to c: c has a free slot, and the copy fits the holder's
+   sent and c's received window (both in ticks); of the holders that fit, the one with the
+   cheapest transfer to c (ties to the lowest rank). One expert per pair and round.
 3. **Pool.** The tokens of e that h computes, source by source: c's own first, then the other
    sources in rank order, leaving out a source whose link to c is dearer than its link to h
    (TT[s, c] > TT[s, h]: then no move lengthens a third rank's outgoing traffic, so the pairs of
@@ -31,9 +34,14 @@ The rules (one round; the rounds stop when a round applies no move, or after max
    hi - lo < 32), keep the best, narrow [lo, hi] to its neighbours' spacing around it, again.
    The move is made when it gains: (t_h - f) * 10**6 > eps_ppm * t_h.
 5. **Apply** every pair's move against the round's starting choices, in pair order: a copy
-   (rank c, expert e, source h), the expert's token block (the static split, made the first
-   time e moves), the takes moved from column h to column c, and the traffic updated. A move
-   that needs a replica row or a block when none is left is dropped.
+   (rank c, expert e, the copy's source chosen again against the copies admitted before it),
+   the expert's token block (the static split, made the first time e moves), the takes moved
+   from column h to column c, and the traffic updated. A move whose copy no longer fits, or
+   that needs a replica row or a block when none is left, is dropped.
+
+On the default decode workload (results/scale.md) the lite planner balances as the parallel
+greedy does up to ep=64 (IR 1.005 at ep=8, 1.116 at ep=64 / 256 experts with 16 rounds,
+1.090 with 32), not at ep=256 with one expert per rank (2.87 against 1.35).
 
 The plan is compact: replica rows (rank, expert, source), and for each expert that moved, its
 [S, G] assignment block (every other expert keeps the static split).
