@@ -118,7 +118,8 @@ def test_bad_values_give_a_status_or_a_clear_error():
                               problem.window, CostModel(1.0, 1.0, problem.cost.token_time,
                                                         problem.cost.transfer_time))
         lite_plan(slow)
-    for bad in ({"max_rounds": 0}, {"eps_ppm": -1}, {"eps_ppm": 10**6}):
+    for bad in ({"max_rounds": 0}, {"eps_ppm": -1}, {"eps_ppm": 10**6}, {"hot_sixteenths": 0},
+                {"hot_sixteenths": 17}):
         with pytest.raises(ValueError):
             LiteRules(**bad)
     with pytest.raises(TypeError):

@@ -52,7 +52,8 @@ def cpu_layer(load, home, slots, window, cost, rules):
     reps, blocks = plan_limits(slots, home.shape[1], home.shape[0])
     return lite_arrays(np.ascontiguousarray(load, np.int64), np.ascontiguousarray(home),
                        np.ascontiguousarray(slots, np.int64), wt, a, b, tt, xt,
-                       *home_lists(home), rules.max_rounds, rules.eps_ppm, reps, blocks)
+                       *home_lists(home), rules.max_rounds, rules.eps_ppm, rules.hot_sixteenths,
+                       reps, blocks)
 
 
 def gpu_layers(out, num_layers: int) -> list:
@@ -194,7 +195,8 @@ def random_batch(rng: np.random.Generator, num_layers: int, ranks=(2, 3, 4, 8, 1
     token_time = rng.uniform(0, 3e-8, (num_ranks, num_ranks))
     cost = CostModel(float(rng.choice([0.0, 1e-6, 2e-5])), float(rng.uniform(1e-8, 1e-7)),
                      token_time, rng.uniform(1e-5, 2e-4, (num_ranks, num_ranks)))
-    rules = LiteRules(max_rounds=int(rng.integers(1, 17)), eps_ppm=int(rng.choice([0, 1000])))
+    rules = LiteRules(max_rounds=int(rng.integers(1, 17)), eps_ppm=int(rng.choice([0, 1000])),
+                      hot_sixteenths=int(rng.choice([16, 12, 4])))
     return load, home, slots, np.asarray(window, np.float64), cost, rules
 
 
@@ -296,6 +298,8 @@ def main(argv: list[str] | None = None) -> int:
                                  "goes) at ep=8 and ep=64")
         parser.add_argument("--profile-only", action="store_true",
                             help="the profile alone (implies --profile)")
+        parser.add_argument("--max-ranks", type=int, default=None,
+                            help="only the configs with at most this many ranks")
 
     args = harness.parse_args(__doc__, "gpu_lite", argv, "seconds for the whole run", options)
     args.profile = args.profile or args.profile_only
@@ -306,7 +310,9 @@ def main(argv: list[str] | None = None) -> int:
         for config in PROFILE_CONFIGS:
             with report.stage(f"profile {config[0]}"):
                 report.data["profile"].append(profile_row(*config, quick=args.quick))
-    for config in (SIM_CONFIGS if sim else CONFIGS) if not args.profile_only else ():
+    configs = [c for c in (SIM_CONFIGS if sim else CONFIGS)
+               if args.max_ranks is None or c[3] <= args.max_ranks]
+    for config in configs if not args.profile_only else ():
         with report.stage(config[0]):
             report.data["rows"].append(config_row(*config, sim=sim, quick=args.quick))
     if not args.profile_only:

@@ -15,10 +15,11 @@ comp[g] = sum over experts with tokens on g of (A + B * tokens), tin / tout the 
 t[g] = comp[g] + 2 * max(tin[g], tout[g]).
 
 The rules (one round; the rounds stop when a round applies no move, or after max_rounds):
-1. **Pairs.** The ranks in order of time, slowest first (ties to the lowest rank). Each rank
-   above the mean time, in that order and unless an earlier pair took it, is a hot rank h and
-   takes the fastest rank c not taken yet that is faster than h and can receive one of h's
-   experts (rule 2 finds one); the pairs are disjoint.
+1. **Pairs.** The ranks in order of time, slowest first (ties to the lowest rank). Each hot
+   rank (time above mean + (1 - f) * (max - mean), f = hot_sixteenths / 16, 0.75 by default),
+   in that order and unless an earlier pair took it, is a hot rank h and takes the fastest rank
+   c not taken yet that could gain (t_c + A + B < t_h) and can receive one of h's experts
+   (rule 2 finds one); the pairs are disjoint.
 2. **Expert.** Of the experts h holds (its home experts, then its replicas) with tokens on h,
    the one with the most tokens there (ties to the lowest expert) that c already holds, or
    that a home holder of e can copy to c: c has a free slot, and the copy fits the holder's
@@ -93,14 +94,18 @@ class LiteRules:
     """The lite planner's parameters.
 
     max_rounds: most rounds of moves (each hot rank moves at most once a round); eps_ppm: least
-    gain of a move, in millionths of the hot rank's time (an int >= 0).
+    gain of a move, in millionths of the hot rank's time (an int >= 0); hot_sixteenths: f / 16,
+    the share of ranks' spread that counts as hot: a rank is hot when its time is above
+    mean + (1 - f) * (max - mean) (16: above the mean; 12, the default, is the parallel
+    greedy's hot_fraction 0.75).
     """
 
     max_rounds: int = 16
     eps_ppm: int = 1000
+    hot_sixteenths: int = 12
 
     def __post_init__(self) -> None:
-        for name in ("max_rounds", "eps_ppm"):
+        for name in ("max_rounds", "eps_ppm", "hot_sixteenths"):
             value = getattr(self, name)
             if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
                 raise TypeError(f"LiteRules.{name} must be an int, got {value!r}")
@@ -108,6 +113,9 @@ class LiteRules:
             raise ValueError(f"LiteRules.max_rounds must be >= 1, got {self.max_rounds}")
         if not 0 <= self.eps_ppm < 10**6:
             raise ValueError(f"LiteRules.eps_ppm must be in [0, 10**6), got {self.eps_ppm}")
+        if not 1 <= self.hot_sixteenths <= 16:
+            raise ValueError(f"LiteRules.hot_sixteenths must be in [1, 16], got "
+                             f"{self.hot_sixteenths}")
 
 
 def window_ticks(w):
@@ -258,13 +266,13 @@ def block_value(blk_assign, b, s, e, g, load, home, hpos, hcount):
 
 
 def lite_core(load, home, slots, wt, A, B, TT, XT, hcount, hlist, hpos, nhome, rank_home,
-              max_rounds, eps_ppm, max_reps, max_blocks):
+              max_rounds, eps_ppm, hot, max_reps, max_blocks):
     """The lite planner on arrays (module docstring): load int64 [S, E], home bool [G, E],
     slots int64 [G], wt int64 [G] (windows in ticks), A, B ints, TT and XT int64 [G, G] (ticks),
-    the home lists of `home_lists`, max_rounds, eps_ppm, and the replica rows and blocks the
-    plan may use. Returns (status, rep [n_rep, 3], blk_expert [n_blk], blk_assign
-    [n_blk, S, G], rounds, moves, makespan in ticks); status 0, or a code of STATUS_ERRORS (then
-    nothing is planned)."""
+    the home lists of `home_lists`, max_rounds, eps_ppm, hot (LiteRules.hot_sixteenths), and
+    the replica rows and blocks the plan may use. Returns (status, rep [n_rep, 3], blk_expert
+    [n_blk], blk_assign [n_blk, S, G], rounds, moves, makespan in ticks); status 0, or a code of
+    STATUS_ERRORS (then nothing is planned)."""
     num_ranks, num_experts = home.shape
     rep = np.full((max(max_reps, 1), 3), -1, np.int64)
     blk_expert = np.full(max(max_blocks, 1), -1, np.int64)
@@ -360,14 +368,15 @@ def lite_core(load, home, slots, wt, A, B, TT, XT, hcount, hlist, hpos, nhome, r
             taken[g] = False
         for i in range(num_ranks):
             h = order[i]
-            if times[h] * num_ranks <= total:
+            if 16 * num_ranks * times[h] <= ((16 - hot) * num_ranks * times[order[0]]
+                                             + hot * total):
                 break
             if taken[h]:
                 continue
             taken[h] = True
             for p in range(num_ranks - 1, i, -1):
                 c = order[p]
-                if taken[c] or times[c] >= times[h]:
+                if taken[c] or times[c] + A + B >= times[h]:  # c could not gain
                     continue
                 if can_move(h, c, cnt, held, used, slots, sent, recv, wt, XT, hcount, hlist,
                             nhome, rank_home, rep_on):
@@ -543,7 +552,8 @@ def kernel_args(problem: BalanceProblem, rules: LiteRules | None) -> tuple:
     max_reps, max_blocks = plan_limits(problem.slots, problem.num_experts, problem.num_ranks)
     return (np.ascontiguousarray(problem.load, np.int64), np.ascontiguousarray(problem.home),
             np.ascontiguousarray(problem.slots, np.int64), wt, a, b, tt, xt,
-            *home_lists(problem.home), rules.max_rounds, rules.eps_ppm, max_reps, max_blocks)
+            *home_lists(problem.home), rules.max_rounds, rules.eps_ppm, rules.hot_sixteenths,
+            max_reps, max_blocks)
 
 
 def _rules(rules: LiteRules | None) -> LiteRules:

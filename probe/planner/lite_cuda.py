@@ -150,7 +150,7 @@ def kernel(max_ranks: int, upto: int = FULL):
 
     @cuda.jit
     def _lite_kernel(load, home, window, slots, a_tick, b_tick, tt, xt, hcount, hlist, hpos,
-                     nhome, rank_home, max_rounds, eps_ppm, max_reps, max_blocks,
+                     nhome, rank_home, max_rounds, eps_ppm, hot, max_reps, max_blocks,
                      cnt, held, blk_of, rep_on, raw_n, pool_s, pool_n, cum, pre_h, pre_c,
                      rep, n_rep_out, blk_expert, blk_assign, n_blk_out, rounds_out, moves_out,
                      makespan_out, status_out):  # pragma: no cover - device code
@@ -302,8 +302,9 @@ def kernel(max_ranks: int, upto: int = FULL):
                 order[p] = g
             cuda.syncthreads()
             total = ints[_TOTAL]
+            t_top = times[order[0]]
             for g in range(tid, num_ranks, nt):
-                if times[g] * num_ranks > total:
+                if 16 * num_ranks * times[g] > (16 - hot) * num_ranks * t_top + hot * total:
                     cuda.atomic.add(ints, _NHOT, 1)
             cuda.syncthreads()
             if UPTO == 1:  # a profiling variant: the round ends here
@@ -316,7 +317,7 @@ def kernel(max_ranks: int, upto: int = FULL):
                 if p > i:
                     h = order[i]
                     c = order[p]
-                    if times[c] < times[h] and _can_move(
+                    if times[c] + A + B < times[h] and _can_move(
                             h, c, cnt, held, used, slots, sent, recv, wt, xt, hcount, hlist,
                             nhome, rank_home, rep_on):
                         cuda.atomic.or_(elig, (i, p // 32), uint32(1 << (p % 32)))
@@ -644,7 +645,8 @@ def host_arrays(home: np.ndarray, slots: np.ndarray, cost: CostModel,
 
     max_reps, max_blocks = plan_limits(slots, num_experts, num_ranks)
     consts = (np.ascontiguousarray(slots, np.int64), a, b, tt, xt, stack(0), stack(1),
-              stack(2), stack(3), stack(4), rules.max_rounds, rules.eps_ppm, max_reps,
+              stack(2), stack(3), stack(4), rules.max_rounds, rules.eps_ppm,
+              rules.hot_sixteenths, max_reps,
               max_blocks)
     L, G, E = num_layers, num_ranks, num_experts  # noqa: N806 (the shape letters)
     pairs = max(G // 2, 1)
