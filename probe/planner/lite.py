@@ -40,9 +40,10 @@ The rules (one round; the rounds stop when a round applies no move, or after max
    from column h to column c, and the traffic updated. A move whose copy no longer fits, or
    that needs a replica row or a block when none is left, is dropped.
 
-On the default decode workload (results/scale.md) the lite planner balances as the parallel
-greedy does up to ep=64 (IR 1.005 at ep=8, 1.116 at ep=64 / 256 experts with 16 rounds,
-1.090 with 32), not at ep=256 with one expert per rank (2.87 against 1.35).
+On the default decode workload (results/scale.md) the lite planner balances about as the
+parallel greedy does up to ep=64 (IR 1.004 at ep=8, 1.132 at ep=64 / 256 experts with 16
+rounds, against 1.003 and 1.111), less well at ep=256 with one expert per rank (1.70 against
+1.35).
 
 The plan is compact: replica rows (rank, expert, source), and for each expert that moved, its
 [S, G] assignment block (every other expert keeps the static split).

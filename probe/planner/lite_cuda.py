@@ -26,13 +26,13 @@ A layer's block (T threads; barriers between the steps):
   applies the takes.
 
 Measured on an H100 (results/h100/run7, experiments.planner.gpu_lite; one layer, graph
-replay): 171-188 us at ep=8 / 128 experts and 1.8 ms at ep=64 / 256 (512 threads; 3.0-3.1 ms
-at 128), 21-23 us and 395-405 us per layer in an 8-layer launch; the first version took 272 us
-and 2.6 ms. The greedy kernel took 370 / 724 us on an H100 in another session: the lite kernel
-is faster at ep=8 and slower at ep=64, and both are far from the 10 / 50 us targets. Where the
-time goes at ep=8 (`kernel(upto=k)`'s variants): the start about 23 us, then each round about
-22 us (4-5 rounds), of which the amount's grid steps take 9 and every other step 1-3: barriers
-and chains of dependent loads, not arithmetic. A 10 us plan needs far fewer synchronised steps
+replay, default rules): 125 us at ep=8 / 128 experts and 1.8 ms at ep=64 / 256 (256 threads),
+15.5 us and 360 us per layer in an 8-layer launch; the first version took 272 us and 2.6 ms.
+The greedy kernel took 370 / 724 us on an H100 in another session: the lite kernel is faster
+at ep=8 and slower at ep=64, and both are far from the 10 / 50 us targets. Where the time goes
+at ep=8 (`kernel(upto=k)`'s variants, the earlier rules): the start about 25 us, then each round
+about 22 us, of which the amount's grid steps take 9 and every other step 1-3: barriers and
+chains of dependent loads, not arithmetic. A 10 us plan needs far fewer synchronised steps
 than rounds x steps x barriers (one warp per pair, state in registers), not a faster step.
 
 Entry points: `CudaLite(home, slots, cost, rules, num_layers=L)` validates once and keeps
