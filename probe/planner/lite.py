@@ -167,11 +167,8 @@ def home_lists(home: np.ndarray) -> tuple:
     return hcount, hlist, hpos, nhome, rank_home
 
 
-def eval_move(x, npool, pool_s, cum, pre_h, pre_c, e, h, c, cnt, comp, tin, tout, A, B, TT):
-    """f(x) of rule 4: max(t_h, t_c) after x tokens of e move from h to c, taken from the front
-    of the pool (pool_s: sources; cum[k], pre_h[k], pre_c[k]: the tokens, token-times to h and
-    token-times to c of the entries before k)."""
-    # k: the entry x's last token comes from (the largest k < npool with cum[k] < x).
+def pool_entry(x, npool, cum):
+    """The pool entry x >= 1 tokens end in: the largest k < npool with cum[k] < x."""
     lo = 0
     hi = npool - 1
     while lo < hi:
@@ -180,7 +177,27 @@ def eval_move(x, npool, pool_s, cum, pre_h, pre_c, e, h, c, cnt, comp, tin, tout
             lo = mid
         else:
             hi = mid - 1
-    k = lo
+    return lo
+
+
+def pool_source(q, h, c, num_ranks, TT):
+    """Rule 3's order: the source at place q of h -> c's pool (q = 0 .. G: c, the others in rank
+    order, h), or -1 where the pool leaves the source out."""
+    if q == 0:
+        return c
+    if q == num_ranks:
+        return h
+    s = q - 1
+    if s == c or s == h or TT[s, c] > TT[s, h]:  # noqa: SIM109 (compiled for the GPU too)
+        return -1
+    return s
+
+
+def eval_move(x, npool, pool_s, cum, pre_h, pre_c, e, h, c, cnt, comp, tin, tout, A, B, TT):
+    """f(x) of rule 4: max(t_h, t_c) after x tokens of e move from h to c, taken from the front
+    of the pool (pool_s: sources; cum[k], pre_h[k], pre_c[k]: the tokens, token-times to h and
+    token-times to c of the entries before k)."""
+    k = pool_entry(x, npool, cum)
     r = x - cum[k]
     s = pool_s[k]
     to_h = pre_h[k] + r * TT[s, h]
@@ -398,14 +415,9 @@ def lite_core(load, home, slots, wt, A, B, TT, XT, hcount, hlist, hpos, nhome, r
             b = blk_of[e]
             n = 0
             for q in range(num_ranks + 1):
-                if q == 0:
-                    s = c
-                elif q == num_ranks:
-                    s = h
-                else:
-                    s = q - 1
-                    if s == c or s == h or TT[s, c] > TT[s, h]:  # noqa: SIM109 (compiled)
-                        continue
+                s = pool_source(q, h, c, num_ranks, TT)
+                if s < 0:
+                    continue
                 a = block_value(blk_assign, b, s, e, h, load, home, hpos, hcount)
                 if a > 0:
                     pool_s[i, n] = s
@@ -532,7 +544,8 @@ def lite_arrays(*args):
     global _LITE_JIT
     if _LITE_JIT is None:
         helpers: dict = {}
-        for fn in (eval_move, grid_point, block_value, copy_source, pick_expert, can_move):
+        for fn in (pool_entry, pool_source, eval_move, grid_point, block_value, copy_source,
+                   pick_expert, can_move):
             helpers[fn.__name__] = _compiled(fn, helpers)
         _LITE_JIT = _compiled(lite_core, helpers)
     return _LITE_JIT(*args)

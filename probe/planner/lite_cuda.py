@@ -91,8 +91,8 @@ def _device_twin(fn, helpers: dict):
 
 
 _HELPERS: dict = {"_static_share": device(_static_share, inline=True)}
-for _fn in (lite.eval_move, lite.grid_point, lite.block_value, lite.copy_source,
-            lite.can_move, lite.window_ticks):
+for _fn in (lite.pool_entry, lite.pool_source, lite.eval_move, lite.grid_point,
+            lite.block_value, lite.copy_source, lite.can_move, lite.window_ticks):
     _HELPERS[_fn.__name__] = _device_twin(_fn, _HELPERS)
 _eval_move = _HELPERS["eval_move"]
 _grid_point = _HELPERS["grid_point"]
@@ -100,6 +100,8 @@ _block_value = _HELPERS["block_value"]
 _copy_source = _HELPERS["copy_source"]
 _can_move = _HELPERS["can_move"]
 _window_ticks = _HELPERS["window_ticks"]
+_pool_entry = _HELPERS["pool_entry"]
+_pool_source = _HELPERS["pool_source"]
 _share = _HELPERS["_static_share"]
 
 
@@ -386,14 +388,8 @@ def kernel(max_ranks: int, upto: int = FULL):
                 c = pair_c[i]
                 e = ((1 << _EXPERT_BITS) - 1) - (pair_key[i] & ((1 << _EXPERT_BITS) - 1))
                 a = 0
-                if q == 0:
-                    s = c
-                elif q == num_ranks:
-                    s = h
-                else:
-                    s = q - 1
-                if q == 0 or q == num_ranks or not (
-                        s == c or s == h or tt[s, c] > tt[s, h]):  # noqa: SIM109 (device code)
+                s = _pool_source(q, h, c, num_ranks, tt)
+                if s >= 0:
                     a = _block_value(blk_assign, blk_of[e], s, e, h, load, home, hpos, hcount)
                 raw_n[i, q] = a
             cuda.syncthreads()
@@ -409,7 +405,7 @@ def kernel(max_ranks: int, upto: int = FULL):
                 for q in range(num_ranks + 1):
                     a = raw_n[i, q]
                     if a > 0:
-                        s = c if q == 0 else (h if q == num_ranks else q - 1)
+                        s = _pool_source(q, h, c, num_ranks, tt)
                         pool_s[i, n] = s
                         pool_n[i, n] = a
                         cum[i, n + 1] = cum[i, n] + a
@@ -555,14 +551,7 @@ def kernel(max_ranks: int, upto: int = FULL):
                     c = pair_c[i]
                     x = pair_x[i]
                     # The traffic into h and c from the prefix sums, as _eval_move counts it.
-                    lo = 0
-                    hi = pair_len[i] - 1
-                    while lo < hi:
-                        mid = (lo + hi + 1) // 2
-                        if cum[i, mid] < x:
-                            lo = mid
-                        else:
-                            hi = mid - 1
+                    lo = _pool_entry(x, pair_len[i], cum[i])
                     r = x - cum[i, lo]
                     s = pool_s[i, lo]
                     cuda.atomic.add(tin, h, -(pre_h[i, lo] + r * tt[s, h]))
