@@ -180,15 +180,17 @@ def test_sequential_kernel_reports_bad_layers_and_plans_the_others():
 
 def test_simulator_runs_the_kernel_with_many_threads(tmp_path):
     """Numba's CUDA simulator (a subprocess: it must be on before numba.cuda is imported),
-    32 threads per block: ep=8 decode layers and 20 random layers equal the CPU kernel."""
+    32 threads per block: ep=8 decode layers and 20 random layers equal the CPU kernel, and
+    every profiling variant (rounds cut after each step) ends: its barriers match."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     done = subprocess.run([sys.executable, "-m", "experiments.planner.gpu_lite", "--device",
-                           "cpu", "--quick", "--out", str(tmp_path)], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=600)
+                           "cpu", "--quick", "--profile", "--out", str(tmp_path)], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     report = json.loads((tmp_path / "gpu_lite.json").read_text())
     assert report["checks_failed"] == [] and report["random"]["layers"] == 20
     assert report["random"]["differing_layers"] == 0
+    assert report["profile"][0]["ended"]["statuses"] == [0] * 11
 
 
 def test_kernel_compiles_for_sm90_with_32_bit_bit_scans():

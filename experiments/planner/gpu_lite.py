@@ -225,18 +225,24 @@ STEPS = ("start", "rank order", "pair tests", "matching", "experts", "pool entri
          "pool layout", "amounts", "admission", "new blocks", "apply (the full round)")
 
 
-def profile_row(name, model, hardware, ranks, experts, *, quick: bool) -> dict:
+def profile_row(name, model, hardware, ranks, experts, *, quick: bool, sim: bool = False) -> dict:
     """Where a round's time goes: graph-replayed one-layer launches of the profiling variants
     (lite_cuda.kernel(upto=k): rounds that end after step k and apply no move, so each round
-    repeats the first round's work), PROFILE_ROUNDS rounds, 128 and 256 threads."""
+    repeats the first round's work), PROFILE_ROUNDS rounds, 128 and 256 threads. In the
+    simulator (sim): each variant launched once with 32 threads, to show it ends, untimed."""
     from probe.planner.lite import LiteRules
     from probe.planner.lite_cuda import FULL, CudaLite
 
     load, home, slots, window, cost = harness.decode_layers(model, hardware, ranks, experts, 1)
     rules = LiteRules(max_rounds=PROFILE_ROUNDS)
-    one_load, one_window = inputs(False, load, window)
+    one_load, one_window = inputs(sim, load, window)
     repeats, budget = (30, 1.5) if quick else (100, 3.0)
     row = {"config": name, "rounds": PROFILE_ROUNDS, "steps": list(STEPS), "threads": {}}
+    if sim:
+        statuses = [gpu_layers(CudaLite(home[0], slots, cost, rules, threads=32, upto=upto)
+                               .plan(one_load, one_window), 1)[0][0] for upto in range(FULL + 1)]
+        row["ended"] = {"statuses": statuses}
+        return row
     for threads in (128, 256):
         times = []
         for upto in range(FULL + 1):
@@ -271,6 +277,10 @@ def markdown(report: dict) -> str:
             f"{f(r['ir_static'], 3)} | {f(r['window_us'], 0)} | {f(r['rounds'], 0)} | "
             f"{f(r['replicas'], 0)} | {'yes' if all(c['ok'] for c in r['checks']) else 'NO'} |")
     for r in report.get("profile", []):
+        if "ended" in r:
+            lines += ["", f"Profiling variants, {r['config']}: each ended (statuses "
+                          f"{r['ended']['statuses']}), untimed."]
+            continue
         lines += ["", f"Profile, {r['config']}: graph-replayed one-layer launches whose "
                       f"{r['rounds']} rounds end after each step (no move applied: each round "
                       "repeats the first round's work); us, and the step's own cost per round.",
@@ -306,10 +316,10 @@ def main(argv: list[str] | None = None) -> int:
     sim = args.device == "cpu"
     report = harness.Report("gpu_lite", args, argv, {"random": None, "profile": []}, markdown,
                             lambda row: GOALS_US.get(row["config"], np.inf))
-    if args.profile and not sim:
-        for config in PROFILE_CONFIGS:
+    if args.profile:
+        for config in (SIM_CONFIGS if sim else PROFILE_CONFIGS):
             with report.stage(f"profile {config[0]}"):
-                report.data["profile"].append(profile_row(*config, quick=args.quick))
+                report.data["profile"].append(profile_row(*config, quick=args.quick, sim=sim))
     configs = [c for c in (SIM_CONFIGS if sim else CONFIGS)
                if args.max_ranks is None or c[3] <= args.max_ranks]
     for config in configs if not args.profile_only else ():
