@@ -77,8 +77,11 @@ GRID = 32
 # stay below 2**KEY_TOKEN_BITS and the rank times below KEY_MAX_TIME ticks (1.37 s).
 KEY_TOKEN_BITS = 24
 KEY_MAX_TOKENS = 1 << KEY_TOKEN_BITS
-# A rank's starting time must stay below KEY_MAX_TIME (a quarter of the key's range: an
-# amount's f(x) may reach about twice the largest time).
+# A rank's starting time must stay below KEY_MAX_TIME, a quarter of the key's range: an
+# amount's f(x) adds to the cold rank's time at most the moved tokens' compute (part of the hot
+# rank's time) and their traffic, which stays in range unless one expert's millions of tokens
+# cross the slowest links. Past that the GPU's key would wrap and it could pick another
+# amount than the CPU kernel: a feasible plan still, not the same one.
 KEY_MAX_TIME = 1 << (61 - KEY_TOKEN_BITS)
 # Largest window in ticks (an infinite window counts as this one).
 _WINDOW_CAP = 1 << 62
@@ -379,8 +382,8 @@ def lite_core(load, home, slots, wt, A, B, TT, XT, hcount, hlist, hpos, nhome, r
                     p += 1
             order[p] = g
 
-        # Rule 1: hot ranks (above the mean), slowest first, each take the fastest rank not
-        # taken yet that is faster and can receive one of their experts (rule 2).
+        # Rule 1: hot ranks (above the hot_sixteenths threshold), slowest first, each take the
+        # fastest rank not taken yet that could gain and can receive one of their experts.
         n_pairs = 0
         for g in range(num_ranks):
             taken[g] = False
