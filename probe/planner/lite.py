@@ -93,6 +93,10 @@ STATUS_ERRORS = {1: "load has a negative token count",
                     f"2**{KEY_TOKEN_BITS}: too large for the lite planner's integer keys"}
 
 
+# Compiled once and cached on disk, as the greedy's kernels are.
+_jit = numba.njit(cache=True)
+
+
 @dataclass(frozen=True)
 class LiteRules:
     """The lite planner's parameters.
@@ -170,6 +174,7 @@ def home_lists(home: np.ndarray) -> tuple:
     return hcount, hlist, hpos, nhome, rank_home
 
 
+@_jit
 def pool_entry(x, npool, cum):
     """The pool entry x >= 1 tokens end in: the largest k < npool with cum[k] < x."""
     lo = 0
@@ -183,6 +188,7 @@ def pool_entry(x, npool, cum):
     return lo
 
 
+@_jit
 def pool_source(q, h, c, num_ranks, TT):
     """Rule 3's order: the source at place q of h -> c's pool (q = 0 .. G: c, the others in rank
     order, h), or -1 where the pool leaves the source out."""
@@ -196,6 +202,7 @@ def pool_source(q, h, c, num_ranks, TT):
     return s
 
 
+@_jit
 def eval_move(x, npool, pool_s, cum, pre_h, pre_c, e, h, c, cnt, comp, tin, tout, A, B, TT):
     """f(x) of rule 4: max(t_h, t_c) after x tokens of e move from h to c, taken from the front
     of the pool (pool_s: sources; cum[k], pre_h[k], pre_c[k]: the tokens, token-times to h and
@@ -226,6 +233,7 @@ def eval_move(x, npool, pool_s, cum, pre_h, pre_c, e, h, c, cnt, comp, tin, tout
     return t_h if t_h > t_c else t_c
 
 
+@_jit
 def copy_source(e, c, used, slots, sent, recv, wt, XT, hcount, hlist):
     """The home holder of e that copies it to rank c (-1 if none can): c needs a free slot; of
     e's home holders whose sent window and c's received window fit the copy, the one with the
@@ -241,6 +249,7 @@ def copy_source(e, c, used, slots, sent, recv, wt, XT, hcount, hlist):
     return best
 
 
+@_jit
 def pick_expert(h, c, cnt, held, used, slots, sent, recv, wt, XT, hcount, hlist, nhome,
                 rank_home, rep_on):
     """Rule 2: the expert hot rank h moves to cold rank c (-1 if none can move): of the experts
@@ -260,6 +269,7 @@ def pick_expert(h, c, cnt, held, used, slots, sent, recv, wt, XT, hcount, hlist,
     return best
 
 
+@_jit
 def can_move(h, c, cnt, held, used, slots, sent, recv, wt, XT, hcount, hlist, nhome,
              rank_home, rep_on):
     """Whether hot rank h has an expert to move to cold rank c (rule 1's test: pick_expert
@@ -272,6 +282,7 @@ def can_move(h, c, cnt, held, used, slots, sent, recv, wt, XT, hcount, hlist, nh
     return False
 
 
+@_jit
 def grid_point(j, lo, hi):
     """The j-th of GRID amounts of a grid step over [lo, hi] (rule 4)."""
     if hi - lo < GRID:
@@ -279,6 +290,7 @@ def grid_point(j, lo, hi):
     return lo + (j * (hi - lo)) // (GRID - 1)
 
 
+@_jit
 def block_value(blk_assign, b, s, e, g, load, home, hpos, hcount):
     """Tokens of (s, e) on rank g: e's block when it has one (b >= 0), else the static split."""
     if b >= 0:
@@ -286,9 +298,11 @@ def block_value(blk_assign, b, s, e, g, load, home, hpos, hcount):
     return _static_share(load, home, hpos, hcount, s, e, g)
 
 
-def lite_core(load, home, slots, wt, A, B, TT, XT, hcount, hlist, hpos, nhome, rank_home,
+@_jit
+def lite_arrays(load, home, slots, wt, A, B, TT, XT, hcount, hlist, hpos, nhome, rank_home,
               max_rounds, eps_ppm, hot, max_reps, max_blocks):
-    """The lite planner on arrays (module docstring): load int64 [S, E], home bool [G, E],
+    """The lite planner on arrays, compiled by Numba (module docstring; `lite_core` is the same
+    function run as plain Python): load int64 [S, E], home bool [G, E],
     slots int64 [G], wt int64 [G] (windows in ticks), A, B ints, TT and XT int64 [G, G] (ticks),
     the home lists of `home_lists`, max_rounds, eps_ppm, hot (LiteRules.hot_sixteenths), and
     the replica rows and blocks the plan may use. Returns (status, rep [n_rep, 3], blk_expert
@@ -529,29 +543,27 @@ def lite_core(load, home, slots, wt, A, B, TT, XT, hcount, hlist, hpos, nhome, r
     return status, rep[:n_rep], blk_expert[:n_blk], blk_assign[:n_blk], rounds, moves, makespan
 
 
-# The host path: the same functions compiled by Numba, each calling the others' compiled forms.
-def _compiled(fn, helpers: dict):
-    """fn compiled by Numba with the global names in helpers rebound to compiled functions."""
+# The helpers in the order they call each other (a later one calls earlier ones).
+HELPERS = (pool_entry, pool_source, eval_move, grid_point, block_value, copy_source,
+           pick_expert, can_move)
+
+
+def plain(fn, names: dict | None = None):
+    """The Python function behind the Numba dispatcher fn, its calls of the helpers (and of the
+    static split) rebound to their Python functions too: the plain-Python twin."""
     import types
 
-    names = dict(fn.__globals__)
-    names.update(helpers)
-    return numba.njit(cache=False)(types.FunctionType(fn.__code__, names, fn.__name__))
+    if names is None:
+        names = {"_static_share": _static_share.py_func}
+        for helper in HELPERS:
+            names[helper.py_func.__name__] = plain(helper, names)
+    env = dict(fn.py_func.__globals__)
+    env.update(names)
+    return types.FunctionType(fn.py_func.__code__, env, fn.py_func.__name__)
 
 
-_LITE_JIT = None
-
-
-def lite_arrays(*args):
-    """`lite_core` compiled by Numba (the same arguments and results; compiled on first use)."""
-    global _LITE_JIT
-    if _LITE_JIT is None:
-        helpers: dict = {}
-        for fn in (pool_entry, pool_source, eval_move, grid_point, block_value, copy_source,
-                   pick_expert, can_move):
-            helpers[fn.__name__] = _compiled(fn, helpers)
-        _LITE_JIT = _compiled(lite_core, helpers)
-    return _LITE_JIT(*args)
+# `lite_arrays` run as plain Python (tests, `lite_ref`).
+lite_core = plain(lite_arrays)
 
 
 def plan_limits(slots: np.ndarray, num_experts: int, num_ranks: int) -> tuple[int, int]:

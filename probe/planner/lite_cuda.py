@@ -91,9 +91,9 @@ def _device_twin(fn, helpers: dict):
 
 
 _HELPERS: dict = {"_static_share": device(_static_share, inline=True)}
-for _fn in (lite.pool_entry, lite.pool_source, lite.eval_move, lite.grid_point,
-            lite.block_value, lite.copy_source, lite.can_move, lite.window_ticks):
-    _HELPERS[_fn.__name__] = _device_twin(_fn, _HELPERS)
+for _fn in (*lite.HELPERS, lite.window_ticks):
+    _py = getattr(_fn, "py_func", _fn)  # the helpers are Numba dispatchers
+    _HELPERS[_py.__name__] = _device_twin(_py, _HELPERS)
 _eval_move = _HELPERS["eval_move"]
 _grid_point = _HELPERS["grid_point"]
 _block_value = _HELPERS["block_value"]
