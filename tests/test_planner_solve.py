@@ -42,12 +42,13 @@ def test_every_local_method_returns_a_checked_plan(problem):
 def test_unknown_method_lists_the_methods():
     with pytest.raises(ValueError, match="unknown method 'simplex'; choose one of: cpsat, "
                                          "deepseek_eplb, eplb, eplb_addcopies, greedy, "
-                                         "greedy_ref, hierarchical, highs, lp, "
-                                         "parallel_greedy, parallel_greedy_ref, static"):
+                                         "greedy_ref, hierarchical, highs, lite, "
+                                         "lite_ref, lp, parallel_greedy, "
+                                         "parallel_greedy_ref, static"):
         solve(PROBLEM, "simplex")
     assert set(METHODS) == {"static", "greedy", "greedy_ref", "eplb", "deepseek_eplb",
                             "eplb_addcopies", "lp", "cpsat", "highs", "hierarchical",
-                            "parallel_greedy", "parallel_greedy_ref"}
+                            "parallel_greedy", "parallel_greedy_ref", "lite", "lite_ref"}
     # "eplb" is DeepSeek's EPLB; "deepseek_eplb" its former name; the add-copies baseline apart
     assert METHODS["eplb"] == METHODS["deepseek_eplb"] != METHODS["eplb_addcopies"]
 

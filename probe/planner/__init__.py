@@ -1,8 +1,8 @@
 """Balance planning: problem, plan, cost model, feasibility checker and solvers (numpy only).
 
 `solve(problem, method)` runs any backend ("static", "greedy", "greedy_ref",
-"parallel_greedy", "parallel_greedy_ref", "eplb" = DeepSeek's EPLB (alias "deepseek_eplb"),
-"eplb_addcopies", "lp", "cpsat", "highs", "hierarchical"); backends
+"parallel_greedy", "parallel_greedy_ref", "lite", "lite_ref", "eplb" = DeepSeek's EPLB (alias
+"deepseek_eplb"), "eplb_addcopies", "lp", "cpsat", "highs", "hierarchical"); backends
 and Numba are imported on first use, so importing this package stays light and a missing
 optional solver never breaks it.
 docs/planner.md describes the problem, every solver and the greedy's rules (`GreedyRules`).
@@ -28,6 +28,7 @@ _LAZY = {
     "greedy_arrays": "probe.planner.greedy",
     "greedy_plan": "probe.planner.greedy",
     "greedy_ref": "probe.planner.greedy_ref",
+    "LiteRules": "probe.planner.lite",
 }
 
 __all__ = [
@@ -35,6 +36,7 @@ __all__ = [
     "BalanceProblem",
     "CostModel",
     "GreedyRules",
+    "LiteRules",
     "Plan",
     "PlanMetrics",
     "SolveResult",
