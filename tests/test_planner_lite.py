@@ -231,3 +231,20 @@ def test_home_lists_of_a_multi_holder_placement():
     assert hcount.tolist() == [2, 1, 1] and hlist[0].tolist() == [0, 1]
     assert hpos.tolist() == [[0, -1, 0], [1, 0, -1]] and nhome.tolist() == [2, 2]
     assert rank_home.tolist() == [[0, 2], [0, 1]]
+
+
+def test_sequential_kernel_with_pools_and_keys_in_global_memory():
+    """Past 32 ranks the pools live in global scratch, past 64 the grid keys are atomics: the
+    kernel's source equals the CPU kernel there too (40 and 70 ranks)."""
+    moves = 0
+    for seed in (13, 14):
+        rng = np.random.default_rng(seed)
+        for ranks in (40, 70):
+            load, home, slots, window, cost, rules = random_batch(rng, 2, ranks=(ranks,))
+            args = sequential_args(load, home, slots, window, cost, rules)
+            sequential(lite_cuda.kernel(lite_cuda.kernel_ranks(ranks)))(*args, num_layers=2)
+            for i, got in enumerate(sequential_layers(args, 2)):
+                ref = cpu_layer(load[i], home[i], slots, window[i], cost, rules)
+                assert same(ref, got)
+                moves += ref[5]
+    assert moves > 300
