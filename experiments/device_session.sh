@@ -16,6 +16,8 @@
 #                decode layers, batched time), 100 s (ASSIGN_LIMIT)
 #   ncu          Nsight Compute on each planner kernel's one-layer launch
 #                (experiments.planner.gpu_profile), 80 s (NCU_LIMIT)
+#   gpu_lite     experiments.planner.gpu_lite --profile (the lite planner: plans against the
+#                CPU kernel, one layer's latency ep=8 to 256, where a round's time goes), 240 s
 # Each step is time-boxed; the outputs are packed into $OUT/gpu_results.tar.gz after every step (a
 # run cut short keeps the steps it finished), the console is $OUT/log.txt. Usage (on the GPU
 # machine, from the repository root):
@@ -71,6 +73,8 @@ for s in $STEPS; do
         python3 -m experiments.planner.gpu_profile --launches 2 --repeats 0 > "$R/ncu.txt" 2>&1
       echo "== ncu: exit $?" | tee -a "$LOG"
       pack ;;
+    gpu_lite) step gpu_lite 240 env PYTHONPATH="$PP" python3 -m experiments.planner.gpu_lite \
+      --device cuda --profile --time-limit 230 --out "$R/gpu_lite" ;;
     *) echo "== $s: unknown step" | tee -a "$LOG" ;;
   esac
 done
