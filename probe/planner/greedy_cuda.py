@@ -128,6 +128,7 @@ from probe.planner.cuda_common import (
 from probe.planner.greedy import UNLIMITED_MOVES, _rules
 from probe.planner.greedy_rules import GreedyRules
 from probe.planner.numba_cuda import cuda, device, dmax, dmin, mul
+from probe.planner.scalar import pool_entry
 
 __all__ = ["MAX_EXPERTS", "MAX_RANKS", "SHARED_LIMIT", "SLOTS", "THREADS", "CudaGreedy",
            "CudaPlan", "choose_memory", "greedy_cuda_arrays", "kernel", "shared_bytes"]
@@ -229,18 +230,9 @@ def _prefix_sums(tid, nt, npool, pool_n, cum, q_in_src, q_in_dst, q_worst, p_in_
     cuda.syncthreads()
 
 
-@cuda.jit(device=True)
-def _entry(x, npool, cum):
-    """The pool entry where x >= 1 tokens run out: the last i with cum[i] < x."""
-    lo = 0
-    hi = npool - 1
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        if cum[mid] < x:
-            lo = mid
-        else:
-            hi = mid - 1
-    return lo
+# The pool entry where x >= 1 tokens run out (the last i with cum[i] < x): the rule of
+# probe.planner.scalar, compiled for the GPU (the lite planner's kernels use it too).
+_entry = device(pool_entry)
 
 
 @cuda.jit(device=True)

@@ -64,6 +64,7 @@ import numpy as np
 
 from probe.planner.greedy import _static_share, plan_from_arrays
 from probe.planner.problem import BalanceProblem, Plan, SolveResult
+from probe.planner.scalar import pool_entry
 
 __all__ = ["GRID", "KEY_MAX_TIME", "KEY_MAX_TOKENS", "TICK", "LiteRules", "lite_arrays",
            "lite_core", "lite_plan", "problem_ticks", "solve_lite", "window_ticks"]
@@ -172,20 +173,6 @@ def home_lists(home: np.ndarray) -> tuple:
         mine = np.flatnonzero(home[g])
         rank_home[g, :len(mine)] = mine
     return hcount, hlist, hpos, nhome, rank_home
-
-
-@_jit
-def pool_entry(x, npool, cum):
-    """The pool entry x >= 1 tokens end in: the largest k < npool with cum[k] < x."""
-    lo = 0
-    hi = npool - 1
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        if cum[mid] < x:
-            lo = mid
-        else:
-            hi = mid - 1
-    return lo
 
 
 @_jit
@@ -544,7 +531,7 @@ def lite_arrays(load, home, slots, wt, A, B, TT, XT, hcount, hlist, hpos, nhome,
 
 
 # The helpers in the order they call each other (a later one calls earlier ones).
-HELPERS = (pool_entry, pool_source, eval_move, grid_point, block_value, copy_source,
+HELPERS = (pool_source, eval_move, grid_point, block_value, copy_source,
            pick_expert, can_move)
 
 
@@ -554,7 +541,7 @@ def plain(fn, names: dict | None = None):
     import types
 
     if names is None:
-        names = {"_static_share": _static_share.py_func}
+        names = {"_static_share": _static_share.py_func, "pool_entry": pool_entry.py_func}
         for helper in HELPERS:
             names[helper.py_func.__name__] = plain(helper, names)
     env = dict(fn.py_func.__globals__)

@@ -65,6 +65,7 @@ from probe.planner.lite import (
     plan_limits,
 )
 from probe.planner.numba_cuda import cuda, device
+from probe.planner.scalar import pool_entry
 
 __all__ = ["MAX_RANKS", "THREADS", "CudaLite", "CudaLitePlan", "host_arrays", "kernel",
            "kernel_ranks", "lite_cuda_arrays"]
@@ -90,7 +91,8 @@ def _device_twin(fn, helpers: dict):
     return cuda.jit(device=True)(twin)
 
 
-_HELPERS: dict = {"_static_share": device(_static_share, inline=True)}
+_HELPERS: dict = {"_static_share": device(_static_share, inline=True),
+                  "pool_entry": device(pool_entry)}
 for _fn in (*lite.HELPERS, lite.window_ticks):
     _py = getattr(_fn, "py_func", _fn)  # the helpers are Numba dispatchers
     _HELPERS[_py.__name__] = _device_twin(_py, _HELPERS)

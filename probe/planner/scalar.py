@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import numba
 
-__all__ = ["add_at", "dmax", "dmin", "is_rule", "mul", "rule"]
+__all__ = ["add_at", "dmax", "dmin", "is_rule", "mul", "pool_entry", "rule"]
 
 _RULES: set = set()  # the Python functions compiled by `rule`
 
@@ -78,3 +78,18 @@ def dmin(a, b):  # pragma: no cover - compiled
 def add_at(arr, i, j, value):  # pragma: no cover - compiled
     """arr[i, j] += value (on the GPU: an atomic add)."""
     arr[i, j] += value
+
+
+@rule(inline=True)
+def pool_entry(x, npool, cum):  # pragma: no cover - compiled
+    """The entry of a pool where x >= 1 tokens run out: the largest k < npool with cum[k] < x
+    (cum[k]: the tokens of the entries before k, non-decreasing)."""
+    lo = 0
+    hi = npool - 1
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if cum[mid] < x:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
