@@ -130,6 +130,30 @@ def event_us(fn, repeats: int, budget_s: float, *, warm_up: bool = False) -> lis
     return samples
 
 
+def timed(fn, *, graph: bool, repeats: int, budget_s: float) -> dict:
+    """{median_us, samples} of fn eager or as a replayed CUDA graph (captured here and kept in
+    ALIVE), after 3 warm-up calls; {error} when the launch or the capture fails (e.g. more
+    threads per block than the kernel's registers allow)."""
+    import torch
+
+    try:
+        run = fn
+        if graph:
+            cuda_graph = torch.cuda.CUDAGraph()
+            ALIVE.append((cuda_graph, fn))
+            capture(cuda_graph, fn)
+            run = cuda_graph.replay
+        for _ in range(3):
+            run()
+        torch.cuda.synchronize()
+        samples = event_us(run, repeats, budget_s)
+    except Exception as exc:  # recorded: the caller decides
+        with contextlib.suppress(Exception):
+            torch.cuda.synchronize()
+        return {"error": f"{type(exc).__name__}: {exc}"[:500]}
+    return {"median_us": float(np.median(samples)), "samples": len(samples)}
+
+
 def capture(graph, launch) -> None:
     """Capture launch() into the torch.cuda.CUDAGraph `graph` on a side stream, after one
     warm-up launch there; raises what the capture raises."""

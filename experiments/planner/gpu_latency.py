@@ -51,7 +51,7 @@ from pathlib import Path
 import numpy as np
 
 from experiments.planner.gpu_greedy import cpu_layer, decode_batch, layer_plan, same_layer
-from experiments.planner.gpu_harness import capture, event_us
+from experiments.planner.gpu_harness import timed as _timed
 
 CONFIGS = (("ep=8, E=128", "qwen3-235b-a22b", "h200x8", 8, 128),
            ("ep=64, E=256", "deepseek-v3", "h200x8-n8", 64, 256))
@@ -63,47 +63,6 @@ CHECK_LAYERS = 4
 THROUGHPUT_LAYERS = 32
 # A step starts only with at least this many seconds of --time-limit left.
 STEP_MARGIN_S = 10.0
-# CUDA graphs and everything they point at, kept alive until os._exit: never torn down.
-_ALIVE: list = []
-
-
-def _event_us(fn, repeats: int, budget_s: float) -> list:
-    """Microseconds of fn() between two CUDA events on torch's current stream, after 3
-    warm-up calls; up to `repeats` samples (at least 3) or budget_s seconds."""
-    import torch
-
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    return event_us(fn, repeats, budget_s)
-
-
-def _capture(fn):
-    """fn captured in a torch.cuda.CUDAGraph on a side stream (after a warm-up call there);
-    returns the graph's replay. Raises what the capture raised."""
-    import torch
-
-    graph = torch.cuda.CUDAGraph()
-    _ALIVE.append((graph, fn))
-    capture(graph, fn)
-    return graph.replay
-
-
-def _timed(fn, *, graph: bool, repeats: int, budget_s: float) -> dict:
-    """{median_us, samples} of fn eager or as a replayed graph; {error} when the launch or
-    the capture fails (e.g. more threads per block than the kernel's registers allow)."""
-    try:
-        run = _capture(fn) if graph else fn
-        samples = _event_us(run, repeats, budget_s)
-    except Exception as exc:  # recorded: the lead decides
-        import torch
-
-        with contextlib.suppress(Exception):
-            torch.cuda.synchronize()
-        return {"error": f"{type(exc).__name__}: {exc}"[:500]}
-    return {"median_us": float(np.median(samples)), "samples": len(samples)}
-
-
 def _torch_inputs(*arrays):
     import torch
 

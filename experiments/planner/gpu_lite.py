@@ -95,27 +95,9 @@ def ir_of(load, home, slots, window, cost, result) -> tuple[float, float]:
     return out[0], out[1]
 
 
-def timed(launch, *, graph: bool, repeats: int, budget_s: float) -> dict:
-    try:
-        run = launch
-        if graph:
-            import torch
-
-            g = torch.cuda.CUDAGraph()
-            harness.ALIVE.append((g, launch))
-            harness.capture(g, launch)
-            run = g.replay
-        for _ in range(3):
-            run()
-        samples = harness.event_us(run, repeats, budget_s)
-    except Exception as exc:  # recorded, the run goes on
-        return {"error": f"{type(exc).__name__}: {exc}"[:400]}
-    return {"median_us": float(np.median(samples)), "samples": len(samples)}
-
-
 def config_row(name, model, hardware, ranks, experts, *, sim: bool, quick: bool) -> dict:
     from probe.planner.lite import LiteRules
-    from probe.planner.lite_cuda import CudaLite, kernel
+    from probe.planner.lite_cuda import CudaLite
 
     layers = 2 if sim else LAYERS
     load, home, slots, window, cost = harness.decode_layers(model, hardware, ranks, experts,
@@ -149,20 +131,16 @@ def config_row(name, model, hardware, ranks, experts, *, sim: bool, quick: bool)
             per_threads[threads] = {"graph": {"error": f"{type(exc).__name__}: {exc}"[:200]},
                                     "same_plan": None}
             continue
-        per_threads[threads] = {"graph": timed(lambda one=one: one.plan(one_load, one_window),
-                                               graph=True, repeats=repeats, budget_s=budget),
-                                "same_plan": same(check, ref[0])}
+        graph = harness.timed(lambda one=one: one.plan(one_load, one_window), graph=True,
+                              repeats=repeats, budget_s=budget)
+        per_threads[threads] = {"graph": graph, "same_plan": same(check, ref[0])}
     default = per_threads[128]
-    try:
-        row["registers"] = {str(k): v for k, v in kernel(runner.max_ranks).get_regs_usage().items()}
-    except Exception as exc:  # not every numba-cuda version has it
-        row["registers"] = f"{type(exc).__name__}: {exc}"[:200]
     row["one_layer_graph_us"] = default["graph"].get("median_us")
     row["graph_replay_us"] = row["one_layer_graph_us"]  # what the target is judged on
     runner_one = CudaLite(home[0], slots, cost, rules)
-    row["one_layer_eager_us"] = timed(lambda: runner_one.plan(one_load, one_window),
-                                      graph=False, repeats=repeats, budget_s=budget).get(
-        "median_us")
+    eager = harness.timed(lambda: runner_one.plan(one_load, one_window), graph=False,
+                          repeats=repeats, budget_s=budget)
+    row["one_layer_eager_us"] = eager.get("median_us")
     row["threads"] = {str(k): {"graph_us": v["graph"].get("median_us"),
                                "error": v["graph"].get("error"), "same_plan": v["same_plan"]}
                       for k, v in per_threads.items()}
@@ -170,8 +148,8 @@ def config_row(name, model, hardware, ranks, experts, *, sim: bool, quick: bool)
                           "ok": all(v["same_plan"] for v in per_threads.values()
                                     if v["same_plan"] is not None),
                           "differing_layers": []})
-    all_layers = timed(lambda: runner.plan(load_d, window_d), graph=True, repeats=repeats,
-                       budget_s=budget)
+    all_layers = harness.timed(lambda: runner.plan(load_d, window_d), graph=True,
+                               repeats=repeats, budget_s=budget)
     row["per_layer_in_launch_us"] = (all_layers["median_us"] / layers
                                      if "median_us" in all_layers else None)
     best = [v["graph"]["median_us"] for v in per_threads.values() if "median_us" in v["graph"]]
@@ -247,8 +225,9 @@ def profile_row(name, model, hardware, ranks, experts, *, quick: bool, sim: bool
         times = []
         for upto in range(FULL + 1):
             runner = CudaLite(home[0], slots, cost, rules, threads=threads, upto=upto)
-            times.append(timed(lambda r=runner: r.plan(one_load, one_window), graph=True,
-                               repeats=repeats, budget_s=budget).get("median_us"))
+            times.append(harness.timed(lambda r=runner: r.plan(one_load, one_window),
+                                       graph=True, repeats=repeats,
+                                       budget_s=budget).get("median_us"))
         row["threads"][str(threads)] = times
     return row
 
