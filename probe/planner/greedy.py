@@ -71,6 +71,14 @@ def _static_share(load, home, hpos, hcount, s, e, g):
     return q + (1 if (pos + s) % h < r else 0)
 
 
+@rule(inline=True)
+def _static_block(blk_assign, b, e, load, home, hpos, hcount):  # pragma: no cover - compiled
+    """Block b of blk_assign [B, S, G] <- expert e's static split, every source and rank."""
+    for s in range(load.shape[0]):
+        for g in range(home.shape[0]):
+            blk_assign[b, s, g] = _static_share(load, home, hpos, hcount, s, e, g)
+
+
 @numba.njit(cache=True, inline="always")
 def _holds(home, rep_on, used, g, e):
     if home[g, e]:
@@ -606,9 +614,7 @@ def _greedy_run(load, home, slots, window, alpha, beta, token_time, transfer_tim
             n_blk += 1
             blk_of[e] = b
             blk_expert[b] = e
-            for s in range(num_ranks):
-                for g in range(num_ranks):
-                    blk_assign[b, s, g] = _static_share(load, home, hpos, hcount, s, e, g)
+            _static_block(blk_assign, b, e, load, home, hpos, hcount)
         _apply_move(b, e, src, dst, best_x, best_npool, pool_s, best_takes, best_out, best_parts,
                     best_tsrc, best_tdst, blk_assign, tok, comp, t_in, t_out, times)
         num_moves += 1

@@ -62,7 +62,7 @@ from dataclasses import dataclass
 import numba
 import numpy as np
 
-from probe.planner.greedy import _static_share, plan_from_arrays
+from probe.planner.greedy import _static_block, _static_share, plan_from_arrays
 from probe.planner.problem import BalanceProblem, Plan, SolveResult
 from probe.planner.scalar import pool_entry
 
@@ -234,6 +234,21 @@ def copy_source(e, c, used, slots, sent, recv, wt, XT, hcount, hlist):
         if fits and (best < 0 or XT[g, c] < XT[best, c]):
             best = g
     return best
+
+
+@_jit
+def add_replica(c, e, src, n_rep, rep, held, rep_on, used, sent, recv, XT):
+    """Replica row n_rep: a copy of e on rank c read from src, with the slot and the windows it
+    takes; returns the next row."""
+    rep[n_rep, 0] = c
+    rep[n_rep, 1] = e
+    rep[n_rep, 2] = src
+    held[c, e] = 1
+    rep_on[c, used[c]] = e
+    used[c] += 1
+    sent[src] += XT[src, c]
+    recv[c] += XT[src, c]
+    return n_rep + 1
 
 
 @_jit
@@ -480,19 +495,9 @@ def lite_arrays(load, home, slots, wt, A, B, TT, XT, hcount, hlist, hpos, nhome,
                 n_blk += 1
                 blk_of[e] = b
                 blk_expert[b] = e
-                for s in range(num_ranks):
-                    for g in range(num_ranks):
-                        blk_assign[b, s, g] = _static_share(load, home, hpos, hcount, s, e, g)
+                _static_block(blk_assign, b, e, load, home, hpos, hcount)
             if src >= 0:
-                rep[n_rep, 0] = c
-                rep[n_rep, 1] = e
-                rep[n_rep, 2] = src
-                n_rep += 1
-                held[c, e] = True
-                rep_on[c, used[c]] = e
-                used[c] += 1
-                sent[src] += XT[src, c]
-                recv[c] += XT[src, c]
+                n_rep = add_replica(c, e, src, n_rep, rep, held, rep_on, used, sent, recv, XT)
             b = blk_of[e]
             left = pair_x[i]
             to_h = 0
@@ -531,7 +536,7 @@ def lite_arrays(load, home, slots, wt, A, B, TT, XT, hcount, hlist, hpos, nhome,
 
 
 # The helpers in the order they call each other (a later one calls earlier ones).
-HELPERS = (pool_source, eval_move, grid_point, block_value, copy_source,
+HELPERS = (pool_source, eval_move, grid_point, block_value, copy_source, add_replica,
            pick_expert, can_move)
 
 
@@ -542,6 +547,7 @@ def plain(fn, names: dict | None = None):
 
     if names is None:
         names = {"_static_share": _static_share.py_func, "pool_entry": pool_entry.py_func}
+        names["_static_block"] = plain(_static_block, names)
         for helper in HELPERS:
             names[helper.py_func.__name__] = plain(helper, names)
     env = dict(fn.py_func.__globals__)

@@ -104,6 +104,13 @@ _can_move = _HELPERS["can_move"]
 _window_ticks = _HELPERS["window_ticks"]
 _pool_entry = _HELPERS["pool_entry"]
 _pool_source = _HELPERS["pool_source"]
+_add_replica = _HELPERS["add_replica"]
+
+
+@cuda.jit(device=True, inline=True)
+def _key_expert(key):  # pragma: no cover - device code
+    """The expert of a packed (tokens, -expert) key."""
+    return ((1 << _EXPERT_BITS) - 1) - (key & ((1 << _EXPERT_BITS) - 1))
 _share = _HELPERS["_static_share"]
 
 
@@ -388,7 +395,7 @@ def kernel(max_ranks: int, upto: int = FULL):
                 q = k - i * (num_ranks + 1)
                 h = pair_h[i]
                 c = pair_c[i]
-                e = ((1 << _EXPERT_BITS) - 1) - (pair_key[i] & ((1 << _EXPERT_BITS) - 1))
+                e = _key_expert(pair_key[i])
                 a = 0
                 s = _pool_source(q, h, c, num_ranks, tt)
                 if s >= 0:
@@ -430,7 +437,7 @@ def kernel(max_ranks: int, upto: int = FULL):
                     if pair_x[i] < 0:
                         j = k - i * GRID
                         x = _grid_point(j, pair_lo[i], pair_hi[i])
-                        e = ((1 << _EXPERT_BITS) - 1) - (pair_key[i] & ((1 << _EXPERT_BITS) - 1))
+                        e = _key_expert(pair_key[i])
                         f = _eval_move(x, pair_len[i], pool_s[i], cum[i], pre_h[i], pre_c[i], e,
                                        pair_h[i], pair_c[i], cnt, comp, tin, tout, A, B, tt)
                         if KEYS:
@@ -469,8 +476,7 @@ def kernel(max_ranks: int, upto: int = FULL):
                     best_f = pair_e[i] >> KEY_TOKEN_BITS
                     keep = (times[h] - best_f) * 1000000 > eps_ppm * times[h]
                 if keep:
-                    pair_e[i] = ((1 << _EXPERT_BITS) - 1) - (pair_key[i]
-                                                             & ((1 << _EXPERT_BITS) - 1))
+                    pair_e[i] = _key_expert(pair_key[i])
                 else:
                     pair_e[i] = -1
             cuda.syncthreads()
@@ -499,15 +505,8 @@ def kernel(max_ranks: int, upto: int = FULL):
                         n_new += 1
                         n_blk += 1
                     if src >= 0:
-                        rep[n_rep, 0] = c
-                        rep[n_rep, 1] = e
-                        rep[n_rep, 2] = src
-                        n_rep += 1
-                        held[c, e] = 1
-                        rep_on[c, used[c]] = e
-                        used[c] += 1
-                        sent[src] += xt[src, c]
-                        recv[c] += xt[src, c]
+                        n_rep = _add_replica(c, e, src, n_rep, rep, held, rep_on, used, sent,
+                                             recv, xt)
                 ints[_NREP] = n_rep
                 ints[_NBLK] = n_blk
                 ints[_NNEW] = n_new
