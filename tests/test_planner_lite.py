@@ -233,9 +233,9 @@ def test_home_lists_of_a_multi_holder_placement():
     assert rank_home.tolist() == [[0, 2], [0, 1]]
 
 
-def test_sequential_kernel_with_pools_and_keys_in_global_memory():
-    """Past 32 ranks the pools live in global scratch, past 64 the grid keys are atomics: the
-    kernel's source equals the CPU kernel there too (40 and 70 ranks)."""
+def test_sequential_kernel_with_pools_in_global_memory():
+    """Past 32 ranks the pools live in global scratch: the kernel's source equals the CPU kernel
+    there too (40 and 70 ranks)."""
     moves = 0
     for seed in (13, 14):
         rng = np.random.default_rng(seed)

@@ -154,10 +154,6 @@ def kernel(max_ranks: int, upto: int = FULL):
     # Up to 32 ranks the pools live in shared memory (17 KB); beyond, in the global scratch.
     SMALL = GM <= 32  # noqa: N806
     PS, GS = (PM, GM + 1) if SMALL else (1, 1)  # noqa: N806
-    # Up to 64 ranks a grid step's keys go to a shared table that the pair's thread scans (32
-    # threads' atomic minimum on one address ran one after another); beyond, atomics.
-    KEYS = GM <= 64  # noqa: N806
-    PK = PM if KEYS else 1  # noqa: N806
 
     @cuda.jit
     def _lite_kernel(load, home, window, slots, a_tick, b_tick, tt, xt, hcount, hlist, hpos,
@@ -220,7 +216,6 @@ def kernel(max_ranks: int, upto: int = FULL):
         cum_s = cuda.shared.array((PS, GS), int64)
         pre_h_s = cuda.shared.array((PS, GS), int64)
         pre_c_s = cuda.shared.array((PS, GS), int64)
-        grid_key = cuda.shared.array((PK, GRID), int64)
         if SMALL:
             raw_n, pool_s, pool_n, cum, pre_h, pre_c = (raw_n_s, pool_s_s, pool_n_s, cum_s,
                                                         pre_h_s, pre_c_s)
@@ -440,20 +435,11 @@ def kernel(max_ranks: int, upto: int = FULL):
                         e = _key_expert(pair_key[i])
                         f = _eval_move(x, pair_len[i], pool_s[i], cum[i], pre_h[i], pre_c[i], e,
                                        pair_h[i], pair_c[i], cnt, comp, tin, tout, A, B, tt)
-                        if KEYS:
-                            grid_key[i, j] = (f << KEY_TOKEN_BITS) + x
-                        else:
-                            cuda.atomic.min(pair_e, i, (f << KEY_TOKEN_BITS) + x)
+                        cuda.atomic.min(pair_e, i, (f << KEY_TOKEN_BITS) + x)
                 cuda.syncthreads()
                 going = 0
                 for i in range(tid, n_pairs, nt):
                     if pair_x[i] < 0:
-                        if KEYS:
-                            best = grid_key[i, 0]
-                            for j in range(1, GRID):
-                                if grid_key[i, j] < best:
-                                    best = grid_key[i, j]
-                            pair_e[i] = best
                         lo = pair_lo[i]
                         hi = pair_hi[i]
                         best_x = pair_e[i] & (KEY_MAX_TOKENS - 1)
