@@ -14,7 +14,7 @@ ep=16, 32 and 64 / 256 experts and ep=256 / 256 (deepseek-v3, nodes of 8 H200s).
 3. the plan's IR (max / mean rank time, eq. 8 in seconds, from the CPU kernel's plan) against
    the static plan's, and the smallest rank's window (what planning can hide behind).
 Then random small layers (experiments.planner.gpu_harness.random_layers, 1,000 by default) in
-launches of 20, each equal to the CPU kernel. Targets (issue of the GPU planner): at most 10 us
+launches of 20, each equal to the CPU kernel. Targets: at most 10 us
 per layer at ep=8 / 128 experts and 50 us at ep=64 / 256, plans identical to the CPU kernel.
 --profile first times where a round's time goes (the kernel's profiling variants, whose rounds
 end after each step in turn) at ep=8 and ep=64; --profile-only runs that alone.
