@@ -44,6 +44,7 @@ before numba.cuda is first imported) both run in Numba's CUDA simulator.
 
 from __future__ import annotations
 
+import os
 import types
 from typing import NamedTuple
 
@@ -64,7 +65,7 @@ from probe.planner.lite import (
     home_lists,
     plan_limits,
 )
-from probe.planner.numba_cuda import cuda, device
+from probe.planner.numba_cuda import SIMULATOR, cuda, device
 from probe.planner.scalar import pool_entry
 
 __all__ = ["MAX_RANKS", "THREADS", "CudaLite", "CudaLitePlan", "host_arrays", "kernel",
@@ -83,12 +84,19 @@ _NINTS = 9
 FULL = 10
 
 
+# PROBE_CUDA_LINEINFO=1 (read at import) compiles the kernel and its device functions with line
+# information, so that a profiler can attribute its time to source lines
+# (experiments/planner/lite_ncu.sh); the code is the same.
+# (The simulator's jit takes no lineinfo.)
+_LINE = {} if SIMULATOR or os.environ.get("PROBE_CUDA_LINEINFO", "") != "1" else {"lineinfo": True}
+
+
 def _device_twin(fn, helpers: dict):
     """fn of lite.py compiled as a device function, its global names in helpers rebound."""
     names = dict(fn.__globals__)
     names.update(helpers)
     twin = types.FunctionType(fn.__code__, names, fn.__name__)
-    return cuda.jit(device=True)(twin)
+    return cuda.jit(device=True, **_LINE)(twin)
 
 
 _HELPERS: dict = {"_static_share": device(_static_share, inline=True),
@@ -155,7 +163,7 @@ def kernel(max_ranks: int, upto: int = FULL):
     SMALL = GM <= 32  # noqa: N806
     PS, GS = (PM, GM + 1) if SMALL else (1, 1)  # noqa: N806
 
-    @cuda.jit
+    @cuda.jit(**_LINE)
     def _lite_kernel(load, home, window, slots, a_tick, b_tick, tt, xt, hcount, hlist, hpos,
                      nhome, rank_home, max_rounds, eps_ppm, hot, max_reps, max_blocks,
                      cnt, held, blk_of, rep_on, raw_n, pool_s, pool_n, cum, pre_h, pre_c,

@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Where the lite planner's kernel spends a layer's time, line by line, in one device call:
+# experiments.planner.gpu_lite --quick (plans against the CPU kernel, one layer's latency), then
+# Nsight Compute with source counters (warp-state sampling per SASS instruction, mapped to the
+# source lines of probe/planner/lite*.py) on the kernel's one-layer launches at ep=8 and ep=64
+# (experiments.planner.gpu_profile --lite; the kernel compiled with line information,
+# PROBE_CUDA_LINEINFO=1). On an H200 it first runs the H200 steps of experiments/device_session.sh
+# (H200_STEPS, default "quant_layer moe_layer").
+# Usage (on the GPU machine, from the repository root):
+#   OUT=dir PROBE_GIT_COMMIT=<rev> bash experiments/planner/lite_ncu.sh
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+OUT=${OUT:-out_lite_ncu}
+mkdir -p "$OUT"
+export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+LOG="$OUT/log.txt"
+{ date -u; nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,driver_version --format=csv,noheader; ncu --version | tail -1; } 2>&1 | tee "$LOG"
+if nvidia-smi --query-gpu=name --format=csv,noheader | grep -q H200; then
+  OUT="$OUT/h200" STEPS="${H200_STEPS:-quant_layer moe_layer}" bash experiments/device_session.sh 2>&1 | tail -n 20 | tee -a "$LOG"
+fi
+if [ "${SKIP_TIMING:-0}" != 1 ]; then
+  timeout "${LITE_LIMIT:-200}" python3 -m experiments.planner.gpu_lite --device cuda --quick --max-ranks 64 \
+      --time-limit $(( ${LITE_LIMIT:-200} - 15 )) --out "$OUT/gpu_lite" 2>&1 | tail -n 30 | tee -a "$LOG"
+  echo "== gpu_lite exit ${PIPESTATUS[0]}" | tee -a "$LOG"
+fi
+export PROBE_CUDA_LINEINFO=1
+timeout "${NCU_LIMIT:-200}" ncu --clock-control none --import-source yes \
+    --section SourceCounters --section WarpStateStats --section LaunchStats \
+    --section SpeedOfLight --section InstructionStats \
+    -k regex:'_lite_kernel' -c 4 -o "$OUT/lite" -f \
+    python3 -m experiments.planner.gpu_profile --lite --launches 2 --repeats 0 > "$OUT/ncu_run.txt" 2>&1
+echo "== ncu exit $?" | tee -a "$LOG"
+ncu -i "$OUT/lite.ncu-rep" --page details > "$OUT/ncu_details.txt" 2>&1
+for src in cuda sass; do
+  ncu -i "$OUT/lite.ncu-rep" --page source --csv --print-source "$src" > "$OUT/ncu_source_$src.csv" 2> "$OUT/ncu_source_$src.err"
+  echo "== source page ($src): exit $? $(wc -c < "$OUT/ncu_source_$src.csv") bytes" | tee -a "$LOG"
+done
+ncu --help 2>&1 | grep -n -A4 -- "--page\|--print-source" > "$OUT/ncu_help.txt"
+date -u | tee -a "$LOG"
