@@ -27,13 +27,14 @@ export PROBE_CUDA_LINEINFO=1
 timeout "${NCU_LIMIT:-200}" ncu --clock-control none --import-source yes \
     --section SourceCounters --section WarpStateStats --section LaunchStats \
     --section SpeedOfLight --section InstructionStats \
-    -k regex:'_lite_kernel' -c 4 -o "$OUT/lite" -f \
-    python3 -m experiments.planner.gpu_profile --lite --launches 2 --repeats 0 > "$OUT/ncu_run.txt" 2>&1
+    -k regex:'_lite_kernel' -c 2 -o "$OUT/lite" -f \
+    python3 -m experiments.planner.gpu_profile --lite --launches 1 --repeats 0 > "$OUT/ncu_run.txt" 2>&1
 echo "== ncu exit $?" | tee -a "$LOG"
 ncu -i "$OUT/lite.ncu-rep" --page details > "$OUT/ncu_details.txt" 2>&1
-for src in cuda sass; do
-  ncu -i "$OUT/lite.ncu-rep" --page source --csv --print-source "$src" > "$OUT/ncu_source_$src.csv" 2> "$OUT/ncu_source_$src.err"
-  echo "== source page ($src): exit $? $(wc -c < "$OUT/ncu_source_$src.csv") bytes" | tee -a "$LOG"
+# The source page per SASS instruction, and CUDA lines with their SASS (compressed: ~10 MB raw)
+for src in sass cuda,sass; do
+  name=ncu_source_${src/,/_}
+  ncu -i "$OUT/lite.ncu-rep" --page source --csv --print-source "$src" 2> "$OUT/$name.err" | gzip > "$OUT/$name.csv.gz"
+  echo "== source page ($src): $(stat -c %s "$OUT/$name.csv.gz") bytes compressed" | tee -a "$LOG"
 done
-ncu --help 2>&1 | grep -n -A4 -- "--page\|--print-source" > "$OUT/ncu_help.txt"
 date -u | tee -a "$LOG"
