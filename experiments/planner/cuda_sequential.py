@@ -4,8 +4,9 @@ The planners' kernels stride their loops by the block size, so one thread does e
 work, and with one thread the first gaining candidate is the first one tried. `sequential`
 rebuilds the kernel and every device function it reaches (its own module's, and the device
 twins of scalar rules that `numba_cuda.device` made) as Python functions whose `cuda` is a
-stand-in (thread 0 of a block of 1; shared and local arrays are numpy arrays; atomics are plain
-updates) and whose `mul` is the plain product. The tests compare such runs with the CPU
+stand-in (thread 0 of a block of 1, lane 0 of its warp; shared and local arrays are numpy arrays;
+atomics are plain updates; the warp collectives `warp_min`, `warp_max` and `warp_sum` return
+the lane's own value) and whose `mul` is the plain product. The tests compare such runs with the CPU
 kernels; experiments.planner.kernel_stats counts the work of a run (`wrap`).
 """
 
@@ -74,6 +75,15 @@ def _mul(a, b):
     return a * b
 
 
+def _one_lane(v):
+    """numba_cuda.warp_min / warp_max / warp_sum over a warp of one lane: the lane's own value."""
+    return v
+
+
+# Device functions that combine a warp's lanes, run here as a warp of one lane.
+_WARP_COLLECTIVES = ("warp_min", "warp_max", "warp_sum")
+
+
 def sequential(kernel, wrap=None):
     """`run(*args, num_layers=L)`: kernel's source (a numba.cuda kernel, or the plain Python
     function of one) run for blocks 0 .. L-1, one after the other, on numpy arrays (the
@@ -85,7 +95,7 @@ def sequential(kernel, wrap=None):
                                  syncthreads_or=lambda v: 1 if v else 0,
                                  shared=_Array, local=_Array, atomic=_Atomic,
                                  popc=lambda v: bin(int(v)).count("1"),
-                                 clz=_clz)
+                                 clz=_clz, laneid=0)
     made: dict = {}
 
     def plain(fn):
@@ -96,6 +106,9 @@ def sequential(kernel, wrap=None):
                                           py.__closure__)
             env["cuda"] = fake
             env["mul"] = _mul
+            for name in _WARP_COLLECTIVES:
+                if name in env:
+                    env[name] = _one_lane
             for name in py.__code__.co_names:
                 if _is_cuda_function(env.get(name)):
                     env[name] = plain(env[name])

@@ -65,7 +65,7 @@ from probe.planner.lite import (
     home_lists,
     plan_limits,
 )
-from probe.planner.numba_cuda import SIMULATOR, cuda, device
+from probe.planner.numba_cuda import SIMULATOR, cuda, device, lanes_add, lanes_max, lanes_min
 from probe.planner.scalar import pool_entry
 
 __all__ = ["MAX_RANKS", "THREADS", "CudaLite", "CudaLitePlan", "host_arrays", "kernel",
@@ -75,6 +75,8 @@ __all__ = ["MAX_RANKS", "THREADS", "CudaLite", "CudaLitePlan", "host_arrays", "k
 MAX_RANKS = 256
 # Threads per block unless the caller picks another multiple of 32.
 THREADS = 128
+# A warp's 32 lanes are one pair's grid points in the amount's grid steps.
+assert GRID == 32
 _NONE = (1 << 62) + ((1 << 62) - 1)  # larger than every packed (f, x) key
 _EXPERT_BITS = 16  # packed (tokens, -expert) keys: experts < 2**16
 # Slots of the block's shared integer scalars.
@@ -193,6 +195,7 @@ def kernel(max_ranks: int, upto: int = FULL):
         blk_expert = blk_expert[layer]
         blk_assign = blk_assign[layer]
         num_ranks, num_experts = home.shape
+        ranks32 = (num_ranks + 31) // 32 * 32  # the ranks in whole warps
         A = a_tick  # noqa: N806 (the cost model's letters)
         B = b_tick  # noqa: N806
 
@@ -255,30 +258,43 @@ def kernel(max_ranks: int, upto: int = FULL):
             blk_of[e] = -1
         cuda.syncthreads()
         if ints[_STATUS] == 0:
-            # The static split, a thread per expert.
+            # The static split's token counts, a thread per expert.
             for e in range(tid, num_experts, nt):
                 total = 0  # e's tokens: the static split gives each one to one holder
-                s0 = e % num_ranks  # threads start at different sources: fewer threads
-                for j in range(hcount[e]):  # add into one tout[s] at a time
+                for j in range(hcount[e]):
                     g = hlist[e, j]
                     n = 0
-                    into = 0
-                    for k in range(num_ranks):
-                        s = s0 + k
-                        if s >= num_ranks:
-                            s -= num_ranks
-                        a = _share(load, home, hpos, hcount, s, e, g)
-                        if a > 0:
-                            n += a
-                            into += a * tt[s, g]
-                            cuda.atomic.add(tout, s, a * tt[s, g])
+                    for s in range(num_ranks):
+                        n += _share(load, home, hpos, hcount, s, e, g)
                     cnt[g, e] = n
                     total += n
-                    cuda.atomic.add(tin, g, into)
-                    if n > 0:
-                        cuda.atomic.add(comp, g, A + B * n)
                 if total >= KEY_MAX_TOKENS:
                     cuda.atomic.max(ints, _STATUS, 3)
+        cuda.syncthreads()
+        if ints[_STATUS] == 0:
+            # A warp per rank r: r's compute and the traffic into r (its home experts' tokens)
+            # and out of r (its tokens to every holder).
+            for k in range(tid, num_ranks * 32, nt):
+                r = k // 32
+                lane = k - r * 32
+                c_sum = 0
+                in_sum = 0
+                out_sum = 0
+                for q in range(lane, nhome[r], 32):
+                    n = cnt[r, rank_home[r, q]]
+                    if n > 0:
+                        c_sum += A + B * n
+                for q in range(nhome[r]):
+                    e = rank_home[r, q]
+                    for s in range(lane, num_ranks, 32):
+                        in_sum += _share(load, home, hpos, hcount, s, e, r) * tt[s, r]
+                for e in range(lane, num_experts, 32):
+                    for j in range(hcount[e]):
+                        g = hlist[e, j]
+                        out_sum += _share(load, home, hpos, hcount, r, e, g) * tt[r, g]
+                lanes_add(comp, r, c_sum)
+                lanes_add(tin, r, in_sum)
+                lanes_add(tout, r, out_sum)
         cuda.syncthreads()
         if ints[_STATUS] == 0:
             for g in range(tid, num_ranks, nt):
@@ -307,19 +323,21 @@ def kernel(max_ranks: int, upto: int = FULL):
                 for w in range(WM):
                     elig[g, w] = 0
             cuda.syncthreads()
-            for g in range(tid, num_ranks, nt):
-                cuda.atomic.add(ints, _TOTAL, times[g])
-                p = 0
-                for q in range(num_ranks):
-                    if times[q] > times[g] or (times[q] == times[g] and q < g):
-                        p += 1
-                order[p] = g
+            for g in range(tid, ranks32, nt):  # whole warps (lanes past the ranks add 0)
+                lanes_add(ints, _TOTAL, times[g] if g < num_ranks else 0)
+                if g < num_ranks:
+                    p = 0
+                    for q in range(num_ranks):
+                        if times[q] > times[g] or (times[q] == times[g] and q < g):
+                            p += 1
+                    order[p] = g
             cuda.syncthreads()
             total = ints[_TOTAL]
             t_top = times[order[0]]
-            for g in range(tid, num_ranks, nt):
-                if 16 * num_ranks * times[g] > (16 - hot) * num_ranks * t_top + hot * total:
-                    cuda.atomic.add(ints, _NHOT, 1)
+            for g in range(tid, ranks32, nt):
+                is_hot = g < num_ranks and (16 * num_ranks * times[g]
+                                            > (16 - hot) * num_ranks * t_top + hot * total)
+                lanes_add(ints, _NHOT, 1 if is_hot else 0)
             cuda.syncthreads()
             if UPTO == 1:  # a profiling variant: the round ends here
                 continue
@@ -378,17 +396,19 @@ def kernel(max_ranks: int, upto: int = FULL):
                 h = pair_h[i]
                 if nhome[h] + used[h] > span:
                     span = nhome[h] + used[h]
+            span = (span + 31) // 32 * 32  # whole warps per pair
             for k in range(tid, n_pairs * span, nt):
                 i = k // span
                 j = k - i * span
                 h = pair_h[i]
                 c = pair_c[i]
+                key = -1
                 if j < nhome[h] + used[h]:
                     e = rank_home[h, j] if j < nhome[h] else rep_on[h, j - nhome[h]]
                     if cnt[h, e] > 0 and (held[c, e] != 0 or _copy_source(
                             e, c, used, slots, sent, recv, wt, xt, hcount, hlist) >= 0):
-                        cuda.atomic.max(pair_key, i, (cnt[h, e] << _EXPERT_BITS)
-                                        + ((1 << _EXPERT_BITS) - 1 - e))
+                        key = (cnt[h, e] << _EXPERT_BITS) + ((1 << _EXPERT_BITS) - 1 - e)
+                lanes_max(pair_key, i, key)
             cuda.syncthreads()
             if UPTO == 4:  # a profiling variant: the round ends here
                 continue
@@ -443,7 +463,8 @@ def kernel(max_ranks: int, upto: int = FULL):
                         e = _key_expert(pair_key[i])
                         f = _eval_move(x, pair_len[i], pool_s[i], cum[i], pre_h[i], pre_c[i], e,
                                        pair_h[i], pair_c[i], cnt, comp, tin, tout, A, B, tt)
-                        cuda.atomic.min(pair_e, i, (f << KEY_TOKEN_BITS) + x)
+                        # a warp's lanes are pair i's GRID points
+                        lanes_min(pair_e, i, (f << KEY_TOKEN_BITS) + x)
                 cuda.syncthreads()
                 going = 0
                 for i in range(tid, n_pairs, nt):
@@ -576,9 +597,11 @@ def kernel(max_ranks: int, upto: int = FULL):
         n_rep = ints[_NREP]
         n_blk = ints[_NBLK]
         if status == 0:
-            for g in range(tid, num_ranks, nt):
-                it = tin[g] if tin[g] > tout[g] else tout[g]
-                cuda.atomic.max(ints, _MAKESPAN, comp[g] + 2 * it)
+            for g in range(tid, ranks32, nt):
+                t = 0
+                if g < num_ranks:
+                    t = comp[g] + 2 * (tin[g] if tin[g] > tout[g] else tout[g])
+                lanes_max(ints, _MAKESPAN, t)
         for k in range(n_rep * 3 + tid, rep.shape[0] * 3, nt):
             rep[k // 3, k % 3] = -1
         for k in range(n_blk + tid, blk_expert.shape[0], nt):
@@ -648,13 +671,15 @@ def host_arrays(home: np.ndarray, slots: np.ndarray, cost: CostModel,
 
 class CudaLite(LayerPlanner):
     """The lite planner on the GPU for one placement, slot budget and cost model (home bool
-    [G, E] or [L, G, E], slots int or int [G]; rules: LiteRules; threads per block: 1 or a
-    multiple of 32). Validates all of it once and keeps the cost model in ticks, the home
+    [G, E] or [L, G, E], slots int or int [G]; rules: LiteRules; threads per block: a multiple
+    of 32). Validates all of it once and keeps the cost model in ticks, the home
     lists, the scratch and the output buffers on the device; `plan(load, window)` launches."""
 
     def __init__(self, home: np.ndarray, slots: np.ndarray | int, cost: CostModel,
                  rules: LiteRules | None = None, *, num_layers: int = 1,
                  threads: int = THREADS, upto: int = FULL) -> None:
+        if threads == 1:  # the kernel's warp collectives need whole warps
+            raise ValueError("lite_cuda needs a multiple of 32 threads per block, got 1")
         super().__init__(home, slots, cost, num_layers=num_layers, threads=threads,
                          max_ranks=MAX_RANKS, name="lite_cuda")
         self.rules = lite._rules(rules)

@@ -28,9 +28,19 @@ from numba import cuda  # noqa: E402
 
 from probe.planner import scalar  # noqa: E402
 
-__all__ = ["SIMULATOR", "add_at", "cuda", "device", "dmax", "dmin", "mul"]
+__all__ = ["SIMULATOR", "WARP_SHUFFLES", "add_at", "cuda", "device", "dmax", "dmin",
+           "lanes_add", "lanes_max", "lanes_min", "mul", "warp_max", "warp_min", "warp_sum"]
 
 SIMULATOR = bool(config.ENABLE_CUDASIM)
+# On a GPU the 32 lanes of a warp combine their values with shuffles (`warp_min`, `warp_max`,
+# `warp_sum`: a few instructions, no barrier, no atomic; a 64-bit atomic on shared memory is a
+# compare-and-swap loop that the lanes of a warp take one at a time). Numba's CUDA simulator
+# has no shuffles, so `lanes_add` / `lanes_min` / `lanes_max` take their atomic path there
+# instead, with the same results. A kernel that calls them gives each warp 32 consecutive items
+# of a loop, so it needs a multiple of 32 threads per block. experiments.planner.cuda_sequential
+# runs them as a warp of one lane (the warp collectives return the lane's own value).
+WARP_SHUFFLES = not SIMULATOR
+_LANES = 0xFFFFFFFF
 
 if SIMULATOR:
     @cuda.jit(device=True)
@@ -55,6 +65,70 @@ def dmax(a, b):  # pragma: no cover - device code
 def dmin(a, b):  # pragma: no cover - device code
     """min(a, b): a unless b < a."""
     return b if b < a else a
+
+
+@cuda.jit(device=True, inline=True)
+def warp_min(v):  # pragma: no cover - device code (GPU only)
+    """The minimum of v over the warp's 32 lanes (every lane gets it)."""
+    for off in (16, 8, 4, 2, 1):
+        w = cuda.shfl_xor_sync(_LANES, v, off)
+        if w < v:
+            v = w
+    return v
+
+
+@cuda.jit(device=True, inline=True)
+def warp_max(v):  # pragma: no cover - device code (GPU only)
+    """The maximum of v over the warp's 32 lanes (every lane gets it)."""
+    for off in (16, 8, 4, 2, 1):
+        w = cuda.shfl_xor_sync(_LANES, v, off)
+        if w > v:
+            v = w
+    return v
+
+
+@cuda.jit(device=True, inline=True)
+def warp_sum(v):  # pragma: no cover - device code (GPU only)
+    """The sum of v over the warp's 32 lanes (every lane gets it)."""
+    for off in (16, 8, 4, 2, 1):
+        v += cuda.shfl_xor_sync(_LANES, v, off)
+    return v
+
+
+# arr[idx] combined atomically with the values v of a warp's 32 lanes: on a GPU the warp
+# combines them first and lane 0 makes the one atomic update; elsewhere every lane makes its
+# own. Every lane of the warp must call them (a loop over whole warps).
+@cuda.jit(device=True, inline=True)
+def lanes_add(arr, idx, v):  # pragma: no cover - device code
+    """arr[idx] += the sum of v over the warp's lanes."""
+    if WARP_SHUFFLES:
+        v = warp_sum(v)
+        if cuda.laneid == 0:
+            cuda.atomic.add(arr, idx, v)
+    else:
+        cuda.atomic.add(arr, idx, v)
+
+
+@cuda.jit(device=True, inline=True)
+def lanes_min(arr, idx, v):  # pragma: no cover - device code
+    """arr[idx] = min(arr[idx], the minimum of v over the warp's lanes)."""
+    if WARP_SHUFFLES:
+        v = warp_min(v)
+        if cuda.laneid == 0:
+            cuda.atomic.min(arr, idx, v)
+    else:
+        cuda.atomic.min(arr, idx, v)
+
+
+@cuda.jit(device=True, inline=True)
+def lanes_max(arr, idx, v):  # pragma: no cover - device code
+    """arr[idx] = max(arr[idx], the maximum of v over the warp's lanes)."""
+    if WARP_SHUFFLES:
+        v = warp_max(v)
+        if cuda.laneid == 0:
+            cuda.atomic.max(arr, idx, v)
+    else:
+        cuda.atomic.max(arr, idx, v)
 
 
 @cuda.jit(device=True, inline=True)
