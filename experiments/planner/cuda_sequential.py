@@ -4,10 +4,10 @@ The planners' kernels stride their loops by the block size, so one thread does e
 work, and with one thread the first gaining candidate is the first one tried. `sequential`
 rebuilds the kernel and every device function it reaches (its own module's, and the device
 twins of scalar rules that `numba_cuda.device` made) as Python functions whose `cuda` is a
-stand-in (thread 0 of a block of 1, lane 0 of its warp; shared and local arrays are numpy arrays;
-atomics are plain updates; the warp collectives `warp_min`, `warp_max` and `warp_sum` return
-the lane's own value) and whose `mul` is the plain product. The tests compare such runs with the CPU
-kernels; experiments.planner.kernel_stats counts the work of a run (`wrap`).
+stand-in (thread 0 of a block of 1, lane 0 of its warp; shared and local arrays are numpy
+arrays; atomics are plain updates; numba_cuda's warp collectives return the lane's own value)
+and whose `mul` is the plain product. The tests compare such runs with the CPU kernels;
+experiments.planner.kernel_stats counts the work of a run (`wrap`).
 """
 
 from __future__ import annotations
@@ -76,12 +76,12 @@ def _mul(a, b):
 
 
 def _one_lane(v):
-    """numba_cuda.warp_min / warp_max / warp_sum over a warp of one lane: the lane's own value."""
+    """numba_cuda's warp collectives over a warp of one lane: the lane's own value."""
     return v
 
 
 # Device functions that combine a warp's lanes, run here as a warp of one lane.
-_WARP_COLLECTIVES = ("warp_min", "warp_max", "warp_sum")
+_WARP_COLLECTIVES = ("warp_last", "warp_min", "warp_max", "warp_scan", "warp_sum")
 
 
 def sequential(kernel, wrap=None):

@@ -65,7 +65,17 @@ from probe.planner.lite import (
     home_lists,
     plan_limits,
 )
-from probe.planner.numba_cuda import SIMULATOR, cuda, device, lanes_add, lanes_max, lanes_min
+from probe.planner.numba_cuda import (
+    SIMULATOR,
+    WARP_SHUFFLES,
+    cuda,
+    device,
+    lanes_add,
+    lanes_max,
+    lanes_min,
+    warp_last,
+    warp_scan,
+)
 from probe.planner.scalar import pool_entry
 
 __all__ = ["MAX_RANKS", "THREADS", "CudaLite", "CudaLitePlan", "host_arrays", "kernel",
@@ -80,8 +90,8 @@ assert GRID == 32
 _NONE = (1 << 62) + ((1 << 62) - 1)  # larger than every packed (f, x) key
 _EXPERT_BITS = 16  # packed (tokens, -expert) keys: experts < 2**16
 # Slots of the block's shared integer scalars.
-(_STATUS, _TOTAL, _NPAIRS, _NHOT, _APPLIED, _NREP, _NBLK, _NNEW, _MAKESPAN) = range(9)
-_NINTS = 9
+(_STATUS, _TOTAL, _NPAIRS, _NHOT, _APPLIED, _NREP, _NBLK, _NNEW, _MAKESPAN, _SPAN) = range(10)
+_NINTS = 10
 # kernel(upto=FULL): the planner itself (smaller: profiling variants).
 FULL = 10
 
@@ -196,6 +206,17 @@ def kernel(max_ranks: int, upto: int = FULL):
         blk_assign = blk_assign[layer]
         num_ranks, num_experts = home.shape
         ranks32 = (num_ranks + 31) // 32 * 32  # the ranks in whole warps
+        # Loops over [rows, G] and [rows, G + 1] items step a (row, column) pair from item tid
+        # by nt items (a 64-bit division per item, and Numba's strided range loops, cost
+        # about a hundred instructions each: the loops are while loops without divisions).
+        row_g = tid // num_ranks
+        col_g = tid - row_g * num_ranks
+        drow_g = nt // num_ranks
+        dcol_g = nt - drow_g * num_ranks
+        row_q = tid // (num_ranks + 1)
+        col_q = tid - row_q * (num_ranks + 1)
+        drow_q = nt // (num_ranks + 1)
+        dcol_q = nt - drow_q * (num_ranks + 1)
         A = a_tick  # noqa: N806 (the cost model's letters)
         B = b_tick  # noqa: N806
 
@@ -235,7 +256,8 @@ def kernel(max_ranks: int, upto: int = FULL):
         if tid == 0:
             for k in range(_NINTS):
                 ints[k] = 0
-        for g in range(tid, num_ranks, nt):
+        g = tid
+        while g < num_ranks:
             w = _window_ticks(window[layer, g])
             wt[g] = w
             comp[g] = 0
@@ -244,63 +266,61 @@ def kernel(max_ranks: int, upto: int = FULL):
             used[g] = 0
             sent[g] = 0
             recv[g] = 0
+            g += nt
         cuda.syncthreads()
-        for g in range(tid, num_ranks, nt):
+        g = tid
+        while g < num_ranks:
             if wt[g] < 0:
                 cuda.atomic.max(ints, _STATUS, 2)
+            g += nt
         for g in range(num_ranks):  # coalesced rows, no index division
-            for e in range(tid, num_experts, nt):
+            e = tid
+            while e < num_experts:
                 cnt[g, e] = 0
                 held[g, e] = 1 if home[g, e] else 0
                 if load[g, e] < 0:
                     cuda.atomic.max(ints, _STATUS, 1)
-        for e in range(tid, num_experts, nt):
+                e += nt
+        e = tid
+        while e < num_experts:
             blk_of[e] = -1
+            e += nt
         cuda.syncthreads()
         if ints[_STATUS] == 0:
-            # The static split's token counts, a thread per expert.
-            for e in range(tid, num_experts, nt):
+            # The static split, a thread per expert.
+            e = tid
+            while e < num_experts:
                 total = 0  # e's tokens: the static split gives each one to one holder
-                for j in range(hcount[e]):
+                s0 = e % num_ranks  # threads start at different sources: fewer threads
+                for j in range(hcount[e]):  # add into one tout[s] at a time
                     g = hlist[e, j]
                     n = 0
-                    for s in range(num_ranks):
-                        n += _share(load, home, hpos, hcount, s, e, g)
+                    into = 0
+                    for k in range(num_ranks):
+                        s = s0 + k
+                        if s >= num_ranks:
+                            s -= num_ranks
+                        a = _share(load, home, hpos, hcount, s, e, g)
+                        if a > 0:
+                            n += a
+                            into += a * tt[s, g]
+                            cuda.atomic.add(tout, s, a * tt[s, g])
                     cnt[g, e] = n
                     total += n
+                    cuda.atomic.add(tin, g, into)
+                    if n > 0:
+                        cuda.atomic.add(comp, g, A + B * n)
                 if total >= KEY_MAX_TOKENS:
                     cuda.atomic.max(ints, _STATUS, 3)
+                e += nt
         cuda.syncthreads()
         if ints[_STATUS] == 0:
-            # A warp per rank r: r's compute and the traffic into r (its home experts' tokens)
-            # and out of r (its tokens to every holder).
-            for k in range(tid, num_ranks * 32, nt):
-                r = k // 32
-                lane = k - r * 32
-                c_sum = 0
-                in_sum = 0
-                out_sum = 0
-                for q in range(lane, nhome[r], 32):
-                    n = cnt[r, rank_home[r, q]]
-                    if n > 0:
-                        c_sum += A + B * n
-                for q in range(nhome[r]):
-                    e = rank_home[r, q]
-                    for s in range(lane, num_ranks, 32):
-                        in_sum += _share(load, home, hpos, hcount, s, e, r) * tt[s, r]
-                for e in range(lane, num_experts, 32):
-                    for j in range(hcount[e]):
-                        g = hlist[e, j]
-                        out_sum += _share(load, home, hpos, hcount, r, e, g) * tt[r, g]
-                lanes_add(comp, r, c_sum)
-                lanes_add(tin, r, in_sum)
-                lanes_add(tout, r, out_sum)
-        cuda.syncthreads()
-        if ints[_STATUS] == 0:
-            for g in range(tid, num_ranks, nt):
+            g = tid
+            while g < num_ranks:
                 it = tin[g] if tin[g] > tout[g] else tout[g]
                 if comp[g] + 2 * it >= KEY_MAX_TIME:
                     cuda.atomic.max(ints, _STATUS, 3)
+                g += nt
         cuda.syncthreads()
         status = ints[_STATUS]
         rounds = 0
@@ -316,14 +336,18 @@ def kernel(max_ranks: int, upto: int = FULL):
                 ints[_NPAIRS] = 0
                 ints[_APPLIED] = 0
                 ints[_NNEW] = 0
-            for g in range(tid, num_ranks, nt):
+                ints[_SPAN] = 0
+            g = tid
+            while g < num_ranks:
                 it = tin[g] if tin[g] > tout[g] else tout[g]
                 times[g] = comp[g] + 2 * it
                 taken[g] = 0
                 for w in range(WM):
                     elig[g, w] = 0
+                g += nt
             cuda.syncthreads()
-            for g in range(tid, ranks32, nt):  # whole warps (lanes past the ranks add 0)
+            g = tid  # whole warps (lanes past the ranks add 0)
+            while g < ranks32:
                 lanes_add(ints, _TOTAL, times[g] if g < num_ranks else 0)
                 if g < num_ranks:
                     p = 0
@@ -331,21 +355,24 @@ def kernel(max_ranks: int, upto: int = FULL):
                         if times[q] > times[g] or (times[q] == times[g] and q < g):
                             p += 1
                     order[p] = g
+                g += nt
             cuda.syncthreads()
             total = ints[_TOTAL]
             t_top = times[order[0]]
-            for g in range(tid, ranks32, nt):
+            g = tid
+            while g < ranks32:
                 is_hot = g < num_ranks and (16 * num_ranks * times[g]
                                             > (16 - hot) * num_ranks * t_top + hot * total)
                 lanes_add(ints, _NHOT, 1 if is_hot else 0)
+                g += nt
             cuda.syncthreads()
             if UPTO == 1:  # a profiling variant: the round ends here
                 continue
             num_hot = ints[_NHOT]
             # Which (hot position i, faster position p > i) pairs could move: bit p of elig[i].
-            for k in range(tid, num_hot * num_ranks, nt):
-                i = k // num_ranks
-                p = k - i * num_ranks
+            i = row_g
+            p = col_g
+            while i < num_hot:
                 if p > i:
                     h = order[i]
                     c = order[p]
@@ -353,6 +380,11 @@ def kernel(max_ranks: int, upto: int = FULL):
                             h, c, cnt, held, used, slots, sent, recv, wt, xt, hcount, hlist,
                             nhome, rank_home, rep_on):
                         cuda.atomic.or_(elig, (i, p // 32), uint32(1 << (p % 32)))
+                i += drow_g
+                p += dcol_g
+                if p >= num_ranks:
+                    p -= num_ranks
+                    i += 1
             cuda.syncthreads()
             if UPTO == 2:  # a profiling variant: the round ends here
                 continue
@@ -386,20 +418,25 @@ def kernel(max_ranks: int, upto: int = FULL):
             if UPTO == 3:  # a profiling variant: the round ends here
                 continue
             n_pairs = ints[_NPAIRS]
-            # Each pair's expert: the most tokens on h (ties to the lowest expert).
-            for i in range(tid, n_pairs, nt):
-                pair_key[i] = -1
-                pair_e[i] = -1
+            # Each pair's expert: the most tokens on h (ties to the lowest expert), a warp or more
+            # per pair (span: the most experts a pair's hot rank holds, in whole warps).
+            i = tid
+            while i < (n_pairs + 31) // 32 * 32:
+                held_by_h = 0
+                if i < n_pairs:
+                    pair_key[i] = -1
+                    pair_e[i] = -1
+                    held_by_h = nhome[pair_h[i]] + used[pair_h[i]]
+                lanes_max(ints, _SPAN, held_by_h)
+                i += nt
             cuda.syncthreads()
-            span = 0
-            for i in range(n_pairs):
-                h = pair_h[i]
-                if nhome[h] + used[h] > span:
-                    span = nhome[h] + used[h]
-            span = (span + 31) // 32 * 32  # whole warps per pair
-            for k in range(tid, n_pairs * span, nt):
-                i = k // span
-                j = k - i * span
+            span = ints[_SPAN]
+            span = (span + 31) // 32 * 32 if span > 0 else 32  # whole warps per pair
+            i = tid // span
+            j = tid - i * span
+            d_i = nt // span
+            d_j = nt - d_i * span
+            while i < n_pairs:
                 h = pair_h[i]
                 c = pair_c[i]
                 key = -1
@@ -409,13 +446,18 @@ def kernel(max_ranks: int, upto: int = FULL):
                             e, c, used, slots, sent, recv, wt, xt, hcount, hlist) >= 0):
                         key = (cnt[h, e] << _EXPERT_BITS) + ((1 << _EXPERT_BITS) - 1 - e)
                 lanes_max(pair_key, i, key)
+                i += d_i
+                j += d_j
+                if j >= span:
+                    j -= span
+                    i += 1
             cuda.syncthreads()
             if UPTO == 4:  # a profiling variant: the round ends here
                 continue
             # The pools: each source's tokens of e on h, in pool order (c, others, h).
-            for k in range(tid, n_pairs * (num_ranks + 1), nt):
-                i = k // (num_ranks + 1)
-                q = k - i * (num_ranks + 1)
+            i = row_q
+            q = col_q
+            while i < n_pairs:
                 h = pair_h[i]
                 c = pair_c[i]
                 e = _key_expert(pair_key[i])
@@ -424,38 +466,90 @@ def kernel(max_ranks: int, upto: int = FULL):
                 if s >= 0:
                     a = _block_value(blk_assign, blk_of[e], s, e, h, load, home, hpos, hcount)
                 raw_n[i, q] = a
+                i += drow_q
+                q += dcol_q
+                if q > num_ranks:
+                    q -= num_ranks + 1
+                    i += 1
             cuda.syncthreads()
             if UPTO == 5:  # a profiling variant: the round ends here
                 continue
-            for i in range(tid, n_pairs, nt):
-                h = pair_h[i]
-                c = pair_c[i]
-                n = 0
-                cum[i, 0] = 0
-                pre_h[i, 0] = 0
-                pre_c[i, 0] = 0
-                for q in range(num_ranks + 1):
-                    a = raw_n[i, q]
-                    if a > 0:
-                        s = _pool_source(q, h, c, num_ranks, tt)
-                        pool_s[i, n] = s
-                        pool_n[i, n] = a
-                        cum[i, n + 1] = cum[i, n] + a
-                        pre_h[i, n + 1] = pre_h[i, n] + a * tt[s, h]
-                        pre_c[i, n + 1] = pre_c[i, n] + a * tt[s, c]
-                        n += 1
-                pair_len[i] = n
-                pair_lo[i] = 1
-                pair_hi[i] = cum[i, n]
-                pair_x[i] = 0 if n == 0 or pair_key[i] < 0 else -1  # -1: searching
-                pair_e[i] = _NONE  # the first step's best (f, x) key
+            if WARP_SHUFFLES:
+                # A warp per pair lays out its pool: the sources in chunks of a warp's lanes,
+                # each entry's place and prefix sums from the lanes' prefix sums.
+                width = 32 if nt >= 32 else 1
+                lane = tid % width
+                i = tid // width
+                while i < n_pairs:
+                    h = pair_h[i]
+                    c = pair_c[i]
+                    n = 0
+                    n_a = 0
+                    n_h = 0
+                    n_c = 0
+                    for base in range(0, num_ranks + 1 + width - 1, width):
+                        q = base + lane
+                        a = raw_n[i, q] if q <= num_ranks else 0
+                        s = _pool_source(q, h, c, num_ranks, tt) if a > 0 else 0
+                        v_h = a * tt[s, h] if a > 0 else 0
+                        v_c = a * tt[s, c] if a > 0 else 0
+                        at = warp_scan(1 if a > 0 else 0)
+                        sum_a = warp_scan(a)
+                        sum_h = warp_scan(v_h)
+                        sum_c = warp_scan(v_c)
+                        if a > 0:
+                            pool_s[i, n + at - 1] = s
+                            pool_n[i, n + at - 1] = a
+                            cum[i, n + at] = n_a + sum_a
+                            pre_h[i, n + at] = n_h + sum_h
+                            pre_c[i, n + at] = n_c + sum_c
+                        n += warp_last(at)
+                        n_a += warp_last(sum_a)
+                        n_h += warp_last(sum_h)
+                        n_c += warp_last(sum_c)
+                    if lane == 0:
+                        cum[i, 0] = 0
+                        pre_h[i, 0] = 0
+                        pre_c[i, 0] = 0
+                        pair_len[i] = n
+                        pair_lo[i] = 1
+                        pair_hi[i] = n_a
+                        pair_x[i] = 0 if n == 0 or pair_key[i] < 0 else -1  # -1: searching
+                        pair_e[i] = _NONE  # the first step's best (f, x) key
+                    i += nt // width
+            else:  # (the simulator) a thread per pair
+                i = tid
+                while i < n_pairs:
+                    h = pair_h[i]
+                    c = pair_c[i]
+                    n = 0
+                    cum[i, 0] = 0
+                    pre_h[i, 0] = 0
+                    pre_c[i, 0] = 0
+                    for q in range(num_ranks + 1):
+                        a = raw_n[i, q]
+                        if a > 0:
+                            s = _pool_source(q, h, c, num_ranks, tt)
+                            pool_s[i, n] = s
+                            pool_n[i, n] = a
+                            cum[i, n + 1] = cum[i, n] + a
+                            pre_h[i, n + 1] = pre_h[i, n] + a * tt[s, h]
+                            pre_c[i, n + 1] = pre_c[i, n] + a * tt[s, c]
+                            n += 1
+                    pair_len[i] = n
+                    pair_lo[i] = 1
+                    pair_hi[i] = cum[i, n]
+                    pair_x[i] = 0 if n == 0 or pair_key[i] < 0 else -1  # -1: searching
+                    pair_e[i] = _NONE  # the first step's best (f, x) key
+                    i += nt
             cuda.syncthreads()
             if UPTO == 6:  # a profiling variant: the round ends here
                 continue
             # The amount: grid steps until every pair's range is under GRID wide.
             searching = True
             while searching:  # two barriers a step; pair_e[i] holds the step's best (f, x)
-                for k in range(tid, n_pairs * GRID, nt):
+                k = tid
+                while k < n_pairs * GRID:
                     i = k // GRID
                     if pair_x[i] < 0:
                         j = k - i * GRID
@@ -465,9 +559,11 @@ def kernel(max_ranks: int, upto: int = FULL):
                                        pair_h[i], pair_c[i], cnt, comp, tin, tout, A, B, tt)
                         # a warp's lanes are pair i's GRID points
                         lanes_min(pair_e, i, (f << KEY_TOKEN_BITS) + x)
+                    k += nt
                 cuda.syncthreads()
                 going = 0
-                for i in range(tid, n_pairs, nt):
+                i = tid
+                while i < n_pairs:
                     if pair_x[i] < 0:
                         lo = pair_lo[i]
                         hi = pair_hi[i]
@@ -480,11 +576,13 @@ def kernel(max_ranks: int, upto: int = FULL):
                             pair_hi[i] = best_x + step if best_x + step < hi else hi
                             pair_e[i] = _NONE
                             going = 1
+                    i += nt
                 searching = cuda.syncthreads_or(going) != 0
             if UPTO == 7:  # a profiling variant: the round ends here
                 continue
             # The gain test; then thread 0 admits the moves in pair order.
-            for i in range(tid, n_pairs, nt):
+            i = tid
+            while i < n_pairs:
                 h = pair_h[i]
                 keep = False
                 if pair_key[i] >= 0 and pair_len[i] > 0:
@@ -494,6 +592,7 @@ def kernel(max_ranks: int, upto: int = FULL):
                     pair_e[i] = _key_expert(pair_key[i])
                 else:
                     pair_e[i] = -1
+                i += nt
             cuda.syncthreads()
             if tid == 0:
                 n_rep = ints[_NREP]
@@ -529,23 +628,28 @@ def kernel(max_ranks: int, upto: int = FULL):
             if UPTO == 8:  # a profiling variant: the round ends here
                 continue
             n_new = ints[_NNEW]
-            for k in range(tid, n_new * num_ranks, nt):  # a row (block, source) per item
-                q = k // num_ranks
+            q = row_g  # a row (block q, source s) per item
+            s = col_g
+            while q < n_new:
                 b = new_blk[q]
-                s = k - q * num_ranks
                 e = blk_expert[b]
                 for g in range(num_ranks):
                     blk_assign[b, s, g] = 0
                 for j in range(hcount[e]):  # the static split has tokens on holders alone
                     g = hlist[e, j]
                     blk_assign[b, s, g] = _share(load, home, hpos, hcount, s, e, g)
+                q += drow_g
+                s += dcol_g
+                if s >= num_ranks:
+                    s -= num_ranks
+                    q += 1
             cuda.syncthreads()
             if UPTO == 9:  # a profiling variant: the round ends here
                 continue
             # Apply the takes: a thread per (pair, pool entry); integer atomics.
-            for k in range(tid, n_pairs * num_ranks, nt):
-                i = k // num_ranks
-                q = k - i * num_ranks
+            i = row_g
+            q = col_g
+            while i < n_pairs:
                 e = pair_e[i]
                 if e >= 0 and q < pair_len[i]:
                     x = pair_x[i]
@@ -560,7 +664,13 @@ def kernel(max_ranks: int, upto: int = FULL):
                         blk_assign[b, s, h] -= take
                         blk_assign[b, s, c] += take
                         cuda.atomic.add(tout, s, take * (tt[s, c] - tt[s, h]))
-            for i in range(tid, n_pairs, nt):
+                i += drow_g
+                q += dcol_g
+                if q >= num_ranks:
+                    q -= num_ranks
+                    i += 1
+            i = tid
+            while i < n_pairs:
                 e = pair_e[i]
                 if e >= 0:
                     h = pair_h[i]
@@ -583,6 +693,7 @@ def kernel(max_ranks: int, upto: int = FULL):
                     cnt[h, e] -= x
                     cnt[c, e] += x
                     cuda.atomic.add(ints, _APPLIED, 1)
+                i += nt
             cuda.syncthreads()
             applied = ints[_APPLIED]
             moves += applied
@@ -597,15 +708,21 @@ def kernel(max_ranks: int, upto: int = FULL):
         n_rep = ints[_NREP]
         n_blk = ints[_NBLK]
         if status == 0:
-            for g in range(tid, ranks32, nt):
+            g = tid
+            while g < ranks32:
                 t = 0
                 if g < num_ranks:
                     t = comp[g] + 2 * (tin[g] if tin[g] > tout[g] else tout[g])
                 lanes_max(ints, _MAKESPAN, t)
-        for k in range(n_rep * 3 + tid, rep.shape[0] * 3, nt):
+                g += nt
+        k = n_rep * 3 + tid
+        while k < rep.shape[0] * 3:
             rep[k // 3, k % 3] = -1
-        for k in range(n_blk + tid, blk_expert.shape[0], nt):
+            k += nt
+        k = n_blk + tid
+        while k < blk_expert.shape[0]:
             blk_expert[k] = -1
+            k += nt
         cuda.syncthreads()
         if tid == 0:
             n_rep_out[layer] = n_rep

@@ -29,16 +29,19 @@ from numba import cuda  # noqa: E402
 from probe.planner import scalar  # noqa: E402
 
 __all__ = ["SIMULATOR", "WARP_SHUFFLES", "add_at", "cuda", "device", "dmax", "dmin",
-           "lanes_add", "lanes_max", "lanes_min", "mul", "warp_max", "warp_min", "warp_sum"]
+           "lanes_add", "lanes_max", "lanes_min", "mul", "warp_last", "warp_max", "warp_min",
+           "warp_scan", "warp_sum"]
 
 SIMULATOR = bool(config.ENABLE_CUDASIM)
 # On a GPU the 32 lanes of a warp combine their values with shuffles (`warp_min`, `warp_max`,
-# `warp_sum`: a few instructions, no barrier, no atomic; a 64-bit atomic on shared memory is a
-# compare-and-swap loop that the lanes of a warp take one at a time). Numba's CUDA simulator
-# has no shuffles, so `lanes_add` / `lanes_min` / `lanes_max` take their atomic path there
-# instead, with the same results. A kernel that calls them gives each warp 32 consecutive items
-# of a loop, so it needs a multiple of 32 threads per block. experiments.planner.cuda_sequential
-# runs them as a warp of one lane (the warp collectives return the lane's own value).
+# `warp_sum`, the prefix sum `warp_scan`, `warp_last`): a few instructions, no barrier, no
+# atomic (a 64-bit atomic on shared memory is a compare-and-swap loop that the lanes of a warp
+# take one at a time). Numba's CUDA simulator has no shuffles, so `lanes_add` / `lanes_min` /
+# `lanes_max` take their atomic path there instead, with the same results, and a kernel that
+# calls the warp collectives itself does so only `if WARP_SHUFFLES:`. A kernel that calls them
+# gives each warp 32 consecutive items of a loop, so it needs a multiple of 32 threads per
+# block. experiments.planner.cuda_sequential runs them as a warp of one lane (the warp
+# collectives return the lane's own value).
 WARP_SHUFFLES = not SIMULATOR
 _LANES = 0xFFFFFFFF
 
@@ -93,6 +96,23 @@ def warp_sum(v):  # pragma: no cover - device code (GPU only)
     for off in (16, 8, 4, 2, 1):
         v += cuda.shfl_xor_sync(_LANES, v, off)
     return v
+
+
+@cuda.jit(device=True, inline=True)
+def warp_scan(v):  # pragma: no cover - device code (GPU only)
+    """The sum of v over the lanes up to and including this one."""
+    lane = cuda.laneid
+    for off in (1, 2, 4, 8, 16):
+        w = cuda.shfl_up_sync(_LANES, v, off)
+        if lane >= off:
+            v += w
+    return v
+
+
+@cuda.jit(device=True, inline=True)
+def warp_last(v):  # pragma: no cover - device code (GPU only)
+    """v of the warp's last lane (lane 31), for every lane."""
+    return cuda.shfl_sync(_LANES, v, 31)
 
 
 # arr[idx] combined atomically with the values v of a warp's 32 lanes: on a GPU the warp
