@@ -248,3 +248,29 @@ def test_sequential_kernel_with_pools_in_global_memory():
                 assert same(ref, got)
                 moves += ref[5]
     assert moves > 300
+
+
+def test_sequential_kernel_matches_past_the_fastest_32_positions():
+    """The kernel tests the 32 fastest positions for every hot rank at once and leaves slower
+    ones to the matching: with 40 ranks whose 36 fastest have no free slot (and hold none of
+    the hot ranks' experts), every cold partner sits below those 32 positions, and the plan
+    still equals the CPU kernel's."""
+    ranks, experts = 40, 80
+    home = np.zeros((ranks, experts), bool)
+    home[np.arange(experts) % ranks, np.arange(experts)] = True
+    load = np.zeros((ranks, experts), np.int64)
+    load[:, :2] = 400  # experts 0 and 1 (homes 0 and 1) run hot
+    load[:, 2:4] = 150  # ranks 2 and 3: busy, below the hot threshold, with free slots
+    load[:, 4:ranks] = 1
+    slots = np.zeros(ranks, np.int64)
+    slots[:4] = 2
+    cost = CostModel.uniform(ranks, alpha=1e-5, beta=1e-8, token_time=1e-9, transfer_time=1e-5)
+    window = np.full(ranks, 1e-3)
+    rules = LiteRules()
+    ref = cpu_layer(load, home, slots, window, cost, rules)
+    args = sequential_args(load[None], home[None], slots, window[None], cost, rules)
+    sequential(lite_cuda.kernel(lite_cuda.kernel_ranks(ranks)))(*args, num_layers=1)
+    (got,) = sequential_layers(args, 1)
+    assert same(ref, got)
+    status, rep = ref[0], ref[1]
+    assert status == 0 and len(rep) > 0 and set(rep[:, 0].tolist()) <= {2, 3}
