@@ -251,10 +251,10 @@ def test_sequential_kernel_with_pools_in_global_memory():
 
 
 def test_sequential_kernel_matches_past_the_fastest_32_positions():
-    """The kernel tests the 32 fastest positions for every hot rank at once and leaves slower
-    ones to the matching: with 40 ranks whose 36 fastest have no free slot (and hold none of
-    the hot ranks' experts), every cold partner sits below those 32 positions, and the plan
-    still equals the CPU kernel's."""
+    """The matching reads the pair tests' bit words from the fastest positions down: with 40
+    ranks whose 36 fastest have no free slot (and hold none of the hot ranks' experts), every
+    cold partner sits in the second word (below the 32 fastest positions), and the plan still
+    equals the CPU kernel's."""
     ranks, experts = 40, 80
     home = np.zeros((ranks, experts), bool)
     home[np.arange(experts) % ranks, np.arange(experts)] = True

@@ -44,7 +44,6 @@ before numba.cuda is first imported) both run in Numba's CUDA simulator.
 
 from __future__ import annotations
 
-import os
 import types
 from typing import NamedTuple
 
@@ -66,7 +65,7 @@ from probe.planner.lite import (
     plan_limits,
 )
 from probe.planner.numba_cuda import (
-    SIMULATOR,
+    LINEINFO,
     WARP_SHUFFLES,
     cuda,
     device,
@@ -96,11 +95,9 @@ _NINTS = 10
 FULL = 10
 
 
-# PROBE_CUDA_LINEINFO=1 (read at import) compiles the kernel and its device functions with line
-# information, so that a profiler can attribute its time to source lines
-# (experiments/planner/lite_ncu.sh); the code is the same.
-# (The simulator's jit takes no lineinfo.)
-_LINE = {} if SIMULATOR or os.environ.get("PROBE_CUDA_LINEINFO", "") != "1" else {"lineinfo": True}
+# The kernel and its device functions compiled with line information where PROBE_CUDA_LINEINFO=1
+# (numba_cuda.LINEINFO; experiments/planner/lite_ncu.sh profiles it line by line).
+_LINE = LINEINFO
 
 
 def _device_twin(fn, helpers: dict):
@@ -127,7 +124,7 @@ _pool_source = _HELPERS["pool_source"]
 _add_replica = _HELPERS["add_replica"]
 
 
-@cuda.jit(device=True, inline=True)
+@cuda.jit(device=True, inline=True, **_LINE)
 def _key_expert(key):  # pragma: no cover - device code
     """The expert of a packed (tokens, -expert) key."""
     return ((1 << _EXPERT_BITS) - 1) - (key & ((1 << _EXPERT_BITS) - 1))
@@ -206,7 +203,6 @@ def kernel(max_ranks: int, upto: int = FULL):
         blk_assign = blk_assign[layer]
         num_ranks, num_experts = home.shape
         ranks32 = (num_ranks + 31) // 32 * 32  # the ranks in whole warps
-        last_word = (num_ranks - 1) // 32  # the bit word of the fastest positions
         # Loops over [rows, G] and [rows, G + 1] items step a (row, column) pair from item tid
         # by nt items (a 64-bit division per item, and Numba's strided range loops, cost
         # about a hundred instructions each: the loops are while loops without divisions).
@@ -370,28 +366,22 @@ def kernel(max_ranks: int, upto: int = FULL):
             if UPTO == 1:  # a profiling variant: the round ends here
                 continue
             num_hot = ints[_NHOT]
-            # Which (hot position i, faster position p > i) pairs could move, for the 32
-            # fastest positions p (the last bit word; bit p of elig[i]): the matching takes the
-            # fastest candidate it can, so it rarely looks further, and tests slower positions
-            # itself when it does.
-            i = tid // 32 if nt >= 32 else 0
-            col = tid % 32
+            # Which (hot position i, faster position p > i) pairs could move: bit p of elig[i].
+            i = row_g
+            p = col_g
             while i < num_hot:
-                p = last_word * 32 + col
-                if i < p < num_ranks:
+                if p > i:
                     h = order[i]
                     c = order[p]
                     if times[c] + A + B < times[h] and _can_move(
                             h, c, cnt, held, used, slots, sent, recv, wt, xt, hcount, hlist,
                             nhome, rank_home, rep_on):
-                        cuda.atomic.or_(elig, (i, last_word), uint32(1 << col))
-                if nt >= 32:
-                    i += nt // 32
-                else:
-                    col += 1
-                    if col == 32:
-                        col = 0
-                        i += 1
+                        cuda.atomic.or_(elig, (i, p // 32), uint32(1 << (p % 32)))
+                i += drow_g
+                p += dcol_g
+                if p >= num_ranks:
+                    p -= num_ranks
+                    i += 1
             cuda.syncthreads()
             if UPTO == 2:  # a profiling variant: the round ends here
                 continue
@@ -403,21 +393,8 @@ def kernel(max_ranks: int, upto: int = FULL):
                         continue
                     taken[i] = 1
                     found = False
-                    for w in range(last_word, -1, -1):
-                        if w < last_word:  # untested: the fastest untaken candidate first
-                            p = w * 32 + 31
-                            while p >= w * 32 and p > i and not found:
-                                c = order[p]
-                                if taken[p] == 0 and times[c] + A + B < times[h] and _can_move(
-                                        h, c, cnt, held, used, slots, sent, recv, wt, xt,
-                                        hcount, hlist, nhome, rank_home, rep_on):
-                                    taken[p] = 1
-                                    pair_h[n_pairs] = h
-                                    pair_c[n_pairs] = c
-                                    n_pairs += 1
-                                    found = True
-                                p -= 1
-                        bits = elig[i, w] if w == last_word else uint32(0)
+                    for w in range(WM - 1, -1, -1):
+                        bits = elig[i, w]
                         while bits != 0 and not found:
                             top = 31 - cuda.clz(bits)
                             p = w * 32 + top

@@ -21,6 +21,7 @@ import numpy
 if not hasattr(numpy, "row_stack"):  # pragma: no cover - depends on the installed numpy
     numpy.row_stack = numpy.vstack
 
+import os  # noqa: E402
 import types  # noqa: E402
 
 from numba import config, float64  # noqa: E402
@@ -28,7 +29,7 @@ from numba import cuda  # noqa: E402
 
 from probe.planner import scalar  # noqa: E402
 
-__all__ = ["SIMULATOR", "WARP_SHUFFLES", "add_at", "cuda", "device", "dmax", "dmin",
+__all__ = ["LINEINFO", "SIMULATOR", "WARP_SHUFFLES", "add_at", "cuda", "device", "dmax", "dmin",
            "lanes_add", "lanes_max", "lanes_min", "mul", "warp_last", "warp_max", "warp_min",
            "warp_scan", "warp_sum"]
 
@@ -44,6 +45,12 @@ SIMULATOR = bool(config.ENABLE_CUDASIM)
 # collectives return the lane's own value).
 WARP_SHUFFLES = not SIMULATOR
 _LANES = 0xFFFFFFFF
+# PROBE_CUDA_LINEINFO=1 (read at import) compiles the kernels that ask for it, and the device
+# functions here that they inline, with line information for a profiler (a kernel with line
+# information cannot inline a device function without it). The simulator's jit takes no
+# lineinfo.
+LINEINFO = ({"lineinfo": True} if not SIMULATOR and os.environ.get("PROBE_CUDA_LINEINFO") == "1"
+            else {})
 
 if SIMULATOR:
     @cuda.jit(device=True)
@@ -52,25 +59,25 @@ if SIMULATOR:
 else:  # pragma: no cover (needs a GPU)
     from numba.cuda import libdevice
 
-    @cuda.jit(device=True, inline=True)
+    @cuda.jit(device=True, inline=True, **LINEINFO)
     def mul(a, b):
         """a * b rounded on its own (never fused into an FMA with a later + or -)."""
         return libdevice.dmul_rn(float64(a), float64(b))
 
 
-@cuda.jit(device=True, inline=True)
+@cuda.jit(device=True, inline=True, **LINEINFO)
 def dmax(a, b):  # pragma: no cover - device code
     """max(a, b) as Python and Numba's CPU target take it: a unless b > a."""
     return b if b > a else a
 
 
-@cuda.jit(device=True, inline=True)
+@cuda.jit(device=True, inline=True, **LINEINFO)
 def dmin(a, b):  # pragma: no cover - device code
     """min(a, b): a unless b < a."""
     return b if b < a else a
 
 
-@cuda.jit(device=True, inline=True)
+@cuda.jit(device=True, inline=True, **LINEINFO)
 def warp_min(v):  # pragma: no cover - device code (GPU only)
     """The minimum of v over the warp's 32 lanes (every lane gets it)."""
     for off in (16, 8, 4, 2, 1):
@@ -80,7 +87,7 @@ def warp_min(v):  # pragma: no cover - device code (GPU only)
     return v
 
 
-@cuda.jit(device=True, inline=True)
+@cuda.jit(device=True, inline=True, **LINEINFO)
 def warp_max(v):  # pragma: no cover - device code (GPU only)
     """The maximum of v over the warp's 32 lanes (every lane gets it)."""
     for off in (16, 8, 4, 2, 1):
@@ -90,7 +97,7 @@ def warp_max(v):  # pragma: no cover - device code (GPU only)
     return v
 
 
-@cuda.jit(device=True, inline=True)
+@cuda.jit(device=True, inline=True, **LINEINFO)
 def warp_sum(v):  # pragma: no cover - device code (GPU only)
     """The sum of v over the warp's 32 lanes (every lane gets it)."""
     for off in (16, 8, 4, 2, 1):
@@ -98,7 +105,7 @@ def warp_sum(v):  # pragma: no cover - device code (GPU only)
     return v
 
 
-@cuda.jit(device=True, inline=True)
+@cuda.jit(device=True, inline=True, **LINEINFO)
 def warp_scan(v):  # pragma: no cover - device code (GPU only)
     """The sum of v over the lanes up to and including this one."""
     lane = cuda.laneid
@@ -109,7 +116,7 @@ def warp_scan(v):  # pragma: no cover - device code (GPU only)
     return v
 
 
-@cuda.jit(device=True, inline=True)
+@cuda.jit(device=True, inline=True, **LINEINFO)
 def warp_last(v):  # pragma: no cover - device code (GPU only)
     """v of the warp's last lane (lane 31), for every lane."""
     return cuda.shfl_sync(_LANES, v, 31)
@@ -118,7 +125,7 @@ def warp_last(v):  # pragma: no cover - device code (GPU only)
 # arr[idx] combined atomically with the values v of a warp's 32 lanes: on a GPU the warp
 # combines them first and lane 0 makes the one atomic update; elsewhere every lane makes its
 # own. Every lane of the warp must call them (a loop over whole warps).
-@cuda.jit(device=True, inline=True)
+@cuda.jit(device=True, inline=True, **LINEINFO)
 def lanes_add(arr, idx, v):  # pragma: no cover - device code
     """arr[idx] += the sum of v over the warp's lanes."""
     if WARP_SHUFFLES:
@@ -129,7 +136,7 @@ def lanes_add(arr, idx, v):  # pragma: no cover - device code
         cuda.atomic.add(arr, idx, v)
 
 
-@cuda.jit(device=True, inline=True)
+@cuda.jit(device=True, inline=True, **LINEINFO)
 def lanes_min(arr, idx, v):  # pragma: no cover - device code
     """arr[idx] = min(arr[idx], the minimum of v over the warp's lanes)."""
     if WARP_SHUFFLES:
@@ -140,7 +147,7 @@ def lanes_min(arr, idx, v):  # pragma: no cover - device code
         cuda.atomic.min(arr, idx, v)
 
 
-@cuda.jit(device=True, inline=True)
+@cuda.jit(device=True, inline=True, **LINEINFO)
 def lanes_max(arr, idx, v):  # pragma: no cover - device code
     """arr[idx] = max(arr[idx], the maximum of v over the warp's lanes)."""
     if WARP_SHUFFLES:
@@ -151,7 +158,7 @@ def lanes_max(arr, idx, v):  # pragma: no cover - device code
         cuda.atomic.max(arr, idx, v)
 
 
-@cuda.jit(device=True, inline=True)
+@cuda.jit(device=True, inline=True, **LINEINFO)
 def add_at(arr, i, j, value):  # pragma: no cover - device code
     """arr[i, j] += value, atomically."""
     cuda.atomic.add(arr, (i, j), value)
@@ -184,8 +191,5 @@ def device(cpu_rule, *, inline: bool = False):
                                   fn.__closure__)
         twin.__qualname__, twin.__doc__ = fn.__qualname__, fn.__doc__
         twin.__module__ = fn.__module__
-        if inline:
-            _TWINS[key] = cuda.jit(device=True, inline=True)(twin)
-        else:
-            _TWINS[key] = cuda.jit(device=True)(twin)
+        _TWINS[key] = cuda.jit(device=True, inline=inline, **LINEINFO)(twin)
     return _TWINS[key]
