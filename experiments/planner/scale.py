@@ -18,11 +18,11 @@ Planners: the static plan; the greedy with the default 16 moves, k_max="auto" (m
 and k_max="scale" (max(16, 2G, G + E)); the hierarchical planner
 (probe.planner.hierarchical, 8 ranks per node, k_max="scale" in both stages); the parallel
 greedy (probe.planner.parallel, default ParallelRules with 8, 16 and 32 rounds); the lite
-planner (probe.planner.lite, 16 and 32 rounds: its host path, the Numba kernel); and, to show
-what planning further ahead would give, k_max="scale" with every window 10 times the default.
-`--only parallel` (or `--only lite`) reruns those rows alone (a minute instead of several on the
-shared box) and keeps the other rows of the existing JSON, whose configurations must match.
-Per planner:
+planner (probe.planner.lite, 4, 8, 12, 16 and 32 rounds: its host path, the Numba kernel); and,
+to show what planning further ahead would give, k_max="scale" with every window 10 times the
+default. `--only parallel` (or `--only lite`) reruns those rows alone (a minute instead of
+several on the shared box) and keeps the other rows of the existing JSON, whose configurations
+must match. Per planner:
 IR = max rank time / mean rank time and eq. 8 (the max rank time), medians over the layers;
 kernel time (the compiled calls alone, the least of 3 repeats, median over the layers); and
 whether that time fits the window, taken
@@ -66,7 +66,8 @@ CONFIGS.append((256, 256))
 QUICK_CONFIGS = [(8, 128), (16, 128), (16, 256)]
 PLANNERS = ("static", "greedy k_max=16", "greedy k_max=auto", "greedy k_max=scale",
             "hierarchical (scale)", "parallel greedy, 8 rounds", "parallel greedy, 16 rounds",
-            "parallel greedy, 32 rounds", "lite, 16 rounds", "lite, 32 rounds",
+            "parallel greedy, 32 rounds", "lite, 4 rounds", "lite, 8 rounds", "lite, 12 rounds",
+            "lite, 16 rounds", "lite, 32 rounds",
             "greedy k_max=scale, 10x window")
 # The parallel greedy's rows (probe.planner.parallel): `--only parallel` runs just these and
 # keeps the other rows of the existing JSON.
