@@ -4,10 +4,14 @@ The rules of probe.planner.lite (rounds of moves over disjoint rank pairs, decid
 ticks) and the plan of its CPU kernel `lite.lite_arrays`, entry for entry: a launch plans L
 layers at once (inputs stacked [L, ...]) without host synchronisation, on the caller's stream,
 so it can be captured in a CUDA graph. Integer sums do not depend on the order of their terms,
-so every sum here is an atomic add spread over the block's threads, and every choice an
-atomic maximum or minimum over a packed key; the scalar rules (a candidate's copy source and
-expert, a grid point, an amount's f(x), a token's static split) are lite.py's own functions
-compiled a second time as device functions.
+so every sum here is spread over the block's threads, and every choice is a maximum or minimum
+over a packed key; a warp combines its lanes' values with shuffles and then makes one atomic
+update (numba_cuda.lanes_add / lanes_min / lanes_max: a 64-bit atomic on shared memory is a
+compare-and-swap loop on sm_90; Numba's CUDA simulator, without shuffles, keeps the atomics).
+The scalar rules (a candidate's copy source and expert, a grid point, an amount's f(x), a
+token's static split) are lite.py's own functions compiled a second time as device functions.
+Loops are while loops stepping their indices (Numba's strided range loops, like every `k // G`,
+cost a 64-bit division). The block needs a multiple of 32 threads.
 
 A layer's block (T threads; barriers between the steps):
 - start: the windows in ticks and the checks (status 1 negative load, 2 bad window, 3 times or
@@ -17,23 +21,22 @@ A layer's block (T threads; barriers between the steps):
   first (a thread per rank counts the ranks ahead of it); which (hot rank, faster rank) pairs
   could move, every pair tested at once into bit words per hot rank; thread 0 matches them in
   the CPU kernel's order, reading one word per step (the fastest untaken candidate is the
-  highest set bit); each pair's expert (a thread per (pair, expert h holds), atomic maximum of
-  (tokens, -expert)); the pools (a thread per (pair, source) finds the source's tokens, then a
-  thread per pair lays out the pool and its prefix sums); the amount's grid search (a thread
-  per (pair, grid point) evaluates f(x), atomic minimum of (f, x), a thread per pair narrows
-  the range); thread 0 admits the moves in pair order (copy sources, replica rows, new expert
-  blocks); the threads write the new blocks' static split; a thread per (pair, pool entry)
-  applies the takes.
+  highest set bit); each pair's expert (a warp or more per pair, a lane per expert h holds,
+  maximum of (tokens, -expert)); the pools (a thread per (pair, source) finds the source's
+  tokens, then a warp per pair lays out the pool and its prefix sums from the lanes' prefix
+  sums); the amount's grid search (a warp per pair, a lane per grid point evaluates f(x),
+  minimum of (f, x), a thread per pair narrows the range); thread 0 admits the moves in pair
+  order (copy sources, replica rows, new expert blocks); the threads write the new blocks'
+  static split; a thread per (pair, pool entry) applies the takes.
 
-Measured on an H100 (results/h100/run7, experiments.planner.gpu_lite; one layer, graph
-replay, default rules): 125 us at ep=8 / 128 experts and 1.8 ms at ep=64 / 256 (256 threads),
-15.5 us and 360 us per layer in an 8-layer launch; the first version took 272 us and 2.6 ms.
-The greedy kernel took 370 / 724 us on an H100 in another session: the lite kernel is faster
-at ep=8 and slower at ep=64, and both are far from the 10 / 50 us targets. Where the time goes
-at ep=8 (`kernel(upto=k)`'s variants, the earlier rules): the start about 25 us, then each round
-about 22 us, of which the amount's grid steps take 9 and every other step 1-3: barriers and
-chains of dependent loads, not arithmetic. A 10 us plan needs far fewer synchronised steps
-than rounds x steps x barriers (one warp per pair, state in registers), not a faster step.
+Measured on an H100 (results/h100/run8, experiments.planner.gpu_lite; one layer, graph replay,
+default rules, best block size): 102.5 us at ep=8 / 128 experts and 1.41 ms at ep=64 / 256;
+12.7 us and 271 us per layer in an 8-layer launch. The kernel of run 7 took 122.5 us and
+1.91 ms on the same card, the first version 272 us and 2.6 ms, the greedy's kernel 370 / 724 us.
+Nsight Compute (run 8, experiments/planner/lite_ncu.sh): at ep=8 about 14,000 warp
+instructions per warp, issued one after another (17.5 cycles apart, half of the wait at
+barriers), so the 10 / 50 us targets (10x / 28x off) need far fewer dependent steps per round,
+not faster ones: one warp per pair with its state in registers, and fewer rounds.
 
 Entry points: `CudaLite(home, slots, cost, rules, num_layers=L)` validates once and keeps
 device buffers; its `plan(load, window)` launches on the caller's stream (torch's current stream
