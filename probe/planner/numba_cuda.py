@@ -46,9 +46,8 @@ SIMULATOR = bool(config.ENABLE_CUDASIM)
 WARP_SHUFFLES = not SIMULATOR
 _LANES = 0xFFFFFFFF
 # PROBE_CUDA_LINEINFO=1 (read at import) compiles the kernels that ask for it, and the device
-# functions here that they inline, with line information for a profiler (a kernel with line
-# information cannot inline a device function without it). The simulator's jit takes no
-# lineinfo.
+# functions here that they inline, with line information for a profiler. The simulator's jit
+# takes no lineinfo.
 LINEINFO = ({"lineinfo": True} if not SIMULATOR and os.environ.get("PROBE_CUDA_LINEINFO") == "1"
             else {})
 
