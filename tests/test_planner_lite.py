@@ -274,3 +274,27 @@ def test_sequential_kernel_matches_past_the_fastest_32_positions():
     assert same(ref, got)
     status, rep = ref[0], ref[1]
     assert status == 0 and len(rep) > 0 and set(rep[:, 0].tolist()) <= {2, 3}
+
+
+def test_strided_range_loops_divide_and_while_loops_do_not():
+    """Why the kernel's loops are while loops: for sm_90, Numba's `for k in range(tid, n, nt)`
+    computes its trip count with 64-bit divisions; the same loop written as a while loop has
+    none."""
+    code = """
+from numba import int64
+def strided(a, n):
+    for k in range(cuda.threadIdx.x, n, cuda.blockDim.x):
+        a[k] = k
+def stepped(a, n):
+    k = cuda.threadIdx.x
+    while k < n:
+        a[k] = k
+        k += cuda.blockDim.x
+out = {}
+for f in (strided, stepped):
+    ptx = cuda.compile_ptx(f, (int64[:], int64), cc=(9, 0))[0]
+    out[f.__name__] = len(re.findall(r"\\b(?:div|rem)[.](?:s|u)64", ptx))
+print(json.dumps(out))
+"""
+    counts = compile_for_sm90(code)
+    assert counts["strided"] >= 1 and counts["stepped"] == 0
