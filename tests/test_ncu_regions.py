@@ -3,6 +3,7 @@ steps."""
 
 from __future__ import annotations
 
+import collections
 import csv
 import gzip
 import re
@@ -28,15 +29,20 @@ def test_lines_count_to_their_step(tmp_path):
             ["Function Name", "k1"], header,
             [str(mark[0] - 3), "start line", "-", "-", "10", "100", "0", "10"],
             [str(mark[6] + 2), "amount line", "-", "-", "30", "50", "30", "0"],
-            ["", "", "0x0", "IMAD", "9", "9", "9", "9"],  # SASS rows are not lines
+            ["", "", "0x0", "IMAD.WIDE R1, R2", "9", "7", "9", "9"],  # SASS rows are not lines
+            ["", "", "0x10", "@P0 LDS.64 R4, [R5]", "0", "3", "0", "0"],
             ["File Path", "/x/probe/planner/lite.py"], header,
-            [str(eval_move + 1), "eval_move line", "-", "-", "60", "50", "0", "60"]]
+            [str(eval_move + 1), "eval_move line", "-", "-", "60", "50", "0", "60"],
+            ["", "", "0x0", "IMAD.WIDE R1, R2", "9", "7", "9", "9"]]  # 0x0 again: counted once
     path = tmp_path / "page.csv.gz"
     with gzip.open(path, "wt", newline="") as handle:
         csv.writer(handle).writerows(rows)
     (steps,) = summarise(path, "HEAD")
+    assert steps.pop("opcodes") == {"IMAD": 7, "LDS": 3}
     assert steps["start"]["samples"] == 10 and steps["amounts"]["samples"] == 90
     assert steps["amounts"]["instructions"] == 100 and steps["amounts"]["stall_barrier"] == 30
     assert [name for _, name in kernel_steps("HEAD")][:3] == ["start", "rank order", "pair tests"]
     text = table([steps])
     assert "| amounts | 90.0% | 100 (50.0%) | long_sb 60, barrier 30 |" in text
+    steps["opcodes"] = collections.Counter({"IMAD": 7, "LDS": 3})
+    assert "loads, stores and atomics 30.0%" in table([steps])

@@ -11,9 +11,11 @@ rank order, pair tests, matching, experts, pool entries, pool layout, amounts, a
 blocks and apply; the lines of probe/planner/lite.py count to the step whose device function
 they are (copy_source apart: the pair tests, the experts and the admission all call it). Prints,
 for each profiled launch, each step's share of the samples and of the instructions, and its
-four most frequent stall reasons. A barrier stall is counted where the waiting warp stands,
-usually the first line after the barrier: part of a step's share is its wait for the step
-before.
+four most frequent stall reasons; then the instructions by SASS opcode (each instruction once,
+by its address: the page lists an inlined instruction under every line it serves), and the
+share of memory instructions (loads, stores, atomics). A barrier stall is counted where the
+waiting warp stands, usually the first line after the barrier: part of a step's share is its
+wait for the step before.
 """
 
 from __future__ import annotations
@@ -84,11 +86,17 @@ def _cell(row: list[str], columns: dict, name: str) -> int:
     return int(cell) if cell not in ("", "-") else 0
 
 
+# SASS opcodes that move data to or from memory.
+MEMORY_OPCODES = ("LD", "ST", "ATOM", "RED")
+
+
 def summarise(path: Path, revision: str) -> list[dict]:
-    """One dict per profiled launch: {step: Counter(samples, instructions, stall_*)}."""
+    """One dict per profiled launch: {step: Counter(samples, instructions, stall_*)}, with the
+    launch's SASS instructions by opcode under the key "opcodes" (a Counter)."""
     kernel_bounds, lite_bounds = kernel_steps(revision), lite_functions(revision)
     opener = gzip.open if path.suffix == ".gz" else open
     launches: list[dict] = []
+    seen: set = set()
     kernel = source_file = columns = None
     with opener(path, "rt") as handle:
         for row in csv.reader(handle):
@@ -100,8 +108,17 @@ def summarise(path: Path, revision: str) -> list[dict]:
                 if row[1] != kernel:
                     kernel = row[1]
                     launches.append(collections.defaultdict(collections.Counter))
+                    seen = set()
             elif row[0] == "Line No":
                 columns = {name: i for i, name in enumerate(row)}
+            elif not row[0] and columns and launches and len(row) > 3:
+                address, sass = row[2], row[3].split()
+                if address in ("", "-", "...") or address in seen or not sass:
+                    continue
+                seen.add(address)
+                opcode = (sass[1] if sass[0].startswith("@") and len(sass) > 1 else sass[0])
+                launches[-1]["opcodes"][opcode.split(".")[0]] += _cell(
+                    row, columns, "Instructions Executed")
             elif row[0] and columns and launches:
                 line = int(row[0])
                 if source_file == "lite_cuda.py":
@@ -121,7 +138,8 @@ def summarise(path: Path, revision: str) -> list[dict]:
 
 def table(launches: list[dict]) -> str:
     out = []
-    for index, steps in enumerate(launches):
+    for index, launch in enumerate(launches):
+        steps = {k: v for k, v in launch.items() if k != "opcodes"}
         samples = sum(c["samples"] for c in steps.values()) or 1
         instructions = sum(c["instructions"] for c in steps.values()) or 1
         out.append(f"launch {index}: {samples} samples, {instructions} warp instructions")
@@ -133,6 +151,14 @@ def table(launches: list[dict]) -> str:
             out.append(f"| {step} | {100 * c['samples'] / samples:.1f}% | "
                        f"{c['instructions']} ({100 * c['instructions'] / instructions:.1f}%) | "
                        + ", ".join(f"{k} {v}" for v, k in stalls) + " |")
+        opcodes = launch.get("opcodes", collections.Counter())
+        total = sum(opcodes.values())
+        if total:
+            memory = sum(v for k, v in opcodes.items() if k.startswith(MEMORY_OPCODES))
+            top = ", ".join(f"{k} {100 * v / total:.1f}%" for k, v in opcodes.most_common(8))
+            out.append("")
+            out.append(f"SASS instructions executed: {total}; by opcode: {top}; loads, stores "
+                       f"and atomics {100 * memory / total:.1f}%")
         out.append("")
     return "\n".join(out)
 
