@@ -98,17 +98,12 @@ _NINTS = 10
 FULL = 10
 
 
-# The kernel and its device functions compiled with line information where PROBE_CUDA_LINEINFO=1
-# (numba_cuda.LINEINFO; experiments/planner/lite_ncu.sh profiles it line by line).
-_LINE = LINEINFO
-
-
 def _device_twin(fn, helpers: dict):
     """fn of lite.py compiled as a device function, its global names in helpers rebound."""
     names = dict(fn.__globals__)
     names.update(helpers)
     twin = types.FunctionType(fn.__code__, names, fn.__name__)
-    return cuda.jit(device=True, **_LINE)(twin)
+    return cuda.jit(device=True, **LINEINFO)(twin)
 
 
 _HELPERS: dict = {"_static_share": device(_static_share, inline=True),
@@ -127,7 +122,25 @@ _pool_source = _HELPERS["pool_source"]
 _add_replica = _HELPERS["add_replica"]
 
 
-@cuda.jit(device=True, inline=True, **_LINE)
+@cuda.jit(device=True, inline=True, **LINEINFO)
+def _first_item(tid, nt, width):  # pragma: no cover - device code
+    """(row, column) of item tid of a loop over [rows, width] items, and the (rows, columns)
+    that nt items add: the loop steps with `_next_item`, without a division per item."""
+    row = tid // width
+    step = nt // width
+    return row, tid - row * width, step, nt - step * width
+
+
+@cuda.jit(device=True, inline=True, **LINEINFO)
+def _next_item(row, col, drow, dcol, width):  # pragma: no cover - device code
+    """(row, column) of the item drow * width + dcol items after (row, col), dcol < width."""
+    col += dcol
+    if col >= width:
+        return row + drow + 1, col - width
+    return row + drow, col
+
+
+@cuda.jit(device=True, inline=True, **LINEINFO)
 def _key_expert(key):  # pragma: no cover - device code
     """The expert of a packed (tokens, -expert) key."""
     return ((1 << _EXPERT_BITS) - 1) - (key & ((1 << _EXPERT_BITS) - 1))
@@ -175,7 +188,7 @@ def kernel(max_ranks: int, upto: int = FULL):
     SMALL = GM <= 32  # noqa: N806
     PS, GS = (PM, GM + 1) if SMALL else (1, 1)  # noqa: N806
 
-    @cuda.jit(**_LINE)
+    @cuda.jit(**LINEINFO)
     def _lite_kernel(load, home, window, slots, a_tick, b_tick, tt, xt, hcount, hlist, hpos,
                      nhome, rank_home, max_rounds, eps_ppm, hot, max_reps, max_blocks,
                      cnt, held, blk_of, rep_on, raw_n, pool_s, pool_n, cum, pre_h, pre_c,
@@ -209,14 +222,8 @@ def kernel(max_ranks: int, upto: int = FULL):
         # Loops over [rows, G] and [rows, G + 1] items step a (row, column) pair from item tid
         # by nt items (a 64-bit division per item, and Numba's strided range loops, cost
         # about a hundred instructions each: the loops are while loops without divisions).
-        row_g = tid // num_ranks
-        col_g = tid - row_g * num_ranks
-        drow_g = nt // num_ranks
-        dcol_g = nt - drow_g * num_ranks
-        row_q = tid // (num_ranks + 1)
-        col_q = tid - row_q * (num_ranks + 1)
-        drow_q = nt // (num_ranks + 1)
-        dcol_q = nt - drow_q * (num_ranks + 1)
+        row_g, col_g, drow_g, dcol_g = _first_item(tid, nt, num_ranks)
+        row_q, col_q, drow_q, dcol_q = _first_item(tid, nt, num_ranks + 1)
         A = a_tick  # noqa: N806 (the cost model's letters)
         B = b_tick  # noqa: N806
 
@@ -380,11 +387,7 @@ def kernel(max_ranks: int, upto: int = FULL):
                             h, c, cnt, held, used, slots, sent, recv, wt, xt, hcount, hlist,
                             nhome, rank_home, rep_on):
                         cuda.atomic.or_(elig, (i, p // 32), uint32(1 << (p % 32)))
-                i += drow_g
-                p += dcol_g
-                if p >= num_ranks:
-                    p -= num_ranks
-                    i += 1
+                i, p = _next_item(i, p, drow_g, dcol_g, num_ranks)
             cuda.syncthreads()
             if UPTO == 2:  # a profiling variant: the round ends here
                 continue
@@ -432,10 +435,7 @@ def kernel(max_ranks: int, upto: int = FULL):
             cuda.syncthreads()
             span = ints[_SPAN]
             span = (span + 31) // 32 * 32 if span > 0 else 32  # whole warps per pair
-            i = tid // span
-            j = tid - i * span
-            d_i = nt // span
-            d_j = nt - d_i * span
+            i, j, d_i, d_j = _first_item(tid, nt, span)
             while i < n_pairs:
                 h = pair_h[i]
                 c = pair_c[i]
@@ -446,11 +446,7 @@ def kernel(max_ranks: int, upto: int = FULL):
                             e, c, used, slots, sent, recv, wt, xt, hcount, hlist) >= 0):
                         key = (cnt[h, e] << _EXPERT_BITS) + ((1 << _EXPERT_BITS) - 1 - e)
                 lanes_max(pair_key, i, key)
-                i += d_i
-                j += d_j
-                if j >= span:
-                    j -= span
-                    i += 1
+                i, j = _next_item(i, j, d_i, d_j, span)
             cuda.syncthreads()
             if UPTO == 4:  # a profiling variant: the round ends here
                 continue
@@ -466,11 +462,7 @@ def kernel(max_ranks: int, upto: int = FULL):
                 if s >= 0:
                     a = _block_value(blk_assign, blk_of[e], s, e, h, load, home, hpos, hcount)
                 raw_n[i, q] = a
-                i += drow_q
-                q += dcol_q
-                if q > num_ranks:
-                    q -= num_ranks + 1
-                    i += 1
+                i, q = _next_item(i, q, drow_q, dcol_q, num_ranks + 1)
             cuda.syncthreads()
             if UPTO == 5:  # a profiling variant: the round ends here
                 continue
@@ -638,11 +630,7 @@ def kernel(max_ranks: int, upto: int = FULL):
                 for j in range(hcount[e]):  # the static split has tokens on holders alone
                     g = hlist[e, j]
                     blk_assign[b, s, g] = _share(load, home, hpos, hcount, s, e, g)
-                q += drow_g
-                s += dcol_g
-                if s >= num_ranks:
-                    s -= num_ranks
-                    q += 1
+                q, s = _next_item(q, s, drow_g, dcol_g, num_ranks)
             cuda.syncthreads()
             if UPTO == 9:  # a profiling variant: the round ends here
                 continue
@@ -664,11 +652,7 @@ def kernel(max_ranks: int, upto: int = FULL):
                         blk_assign[b, s, h] -= take
                         blk_assign[b, s, c] += take
                         cuda.atomic.add(tout, s, take * (tt[s, c] - tt[s, h]))
-                i += drow_g
-                q += dcol_g
-                if q >= num_ranks:
-                    q -= num_ranks
-                    i += 1
+                i, q = _next_item(i, q, drow_g, dcol_g, num_ranks)
             i = tid
             while i < n_pairs:
                 e = pair_e[i]
