@@ -80,8 +80,12 @@ def _one_lane(v):
     return v
 
 
+def _no_op():
+    return None
+
+
 # Device functions that combine a warp's lanes, run here as a warp of one lane.
-_WARP_COLLECTIVES = ("warp_last", "warp_min", "warp_max", "warp_scan", "warp_sum")
+_WARP_COLLECTIVES = ("warp_any", "warp_last", "warp_min", "warp_max", "warp_scan", "warp_sum")
 
 
 def sequential(kernel, wrap=None):
@@ -109,6 +113,8 @@ def sequential(kernel, wrap=None):
             for name in _WARP_COLLECTIVES:
                 if name in env:
                     env[name] = _one_lane
+            if "warp_sync" in env:  # a warp of one lane has nothing to order
+                env["warp_sync"] = _no_op
             for name in py.__code__.co_names:
                 if _is_cuda_function(env.get(name)):
                     env[name] = plain(env[name])

@@ -199,8 +199,8 @@ def random_check(count: int, *, sim: bool) -> dict:
 
 PROFILE_CONFIGS = (CONFIGS[0], CONFIGS[3])
 PROFILE_ROUNDS = 4
-STEPS = ("start", "rank order", "pair tests", "matching", "experts", "pool entries",
-         "pool layout", "amounts", "admission", "new blocks", "apply (the full round)")
+STEPS = ("start", "rank order", "pair tests", "matching", "pair moves (experts, pools, amounts)",
+         "admission", "new blocks", "apply (the full round)")
 
 
 def profile_row(name, model, hardware, ranks, experts, *, quick: bool, sim: bool = False) -> dict:

@@ -8,8 +8,9 @@ samples ("Warp Stall Sampling (All Samples)", with their stall reasons) and the 
 instructions executed. The lines of probe/planner/lite_cuda.py at REV (git show) are split
 into the kernel's steps at its profiling marks (`if UPTO == k:`): the start, then each round's
 rank order, pair tests, matching, experts, pool entries, pool layout, amounts, admission, new
-blocks and apply; the lines of probe/planner/lite.py count to the step whose device function
-they are (copy_source apart: the pair tests, the experts and the admission all call it). Prints,
+blocks and apply (since the pairs' warps make their moves without block barriers, experts to
+amounts are one step, "pair moves"); the lines of probe/planner/lite.py count to the step
+whose device function they are (copy_source apart: the pair tests, the experts and the admission all call it). Prints,
 for each profiled launch, each step's share of the samples and of the instructions, and its
 four most frequent stall reasons; then the instructions by SASS opcode (each instruction once,
 by its address: the page lists an inlined instruction under every line it serves), and the
@@ -29,13 +30,21 @@ import subprocess
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-STEPS = ("rank order", "pair tests", "matching", "experts", "pool entries", "pool layout",
-         "amounts", "admission", "new blocks")
-# lite.py's device functions (first line of each) and the step that calls them.
+# A round's steps after the start, one per profiling mark, as the kernel had them: with marks
+# 0-9 (up to bb47e48), and with marks 0-6 since each pair's warp makes its move from expert to
+# amount without a block barrier (the steps "experts" to "amounts" in one).
+STEPS_BY_MARKS = {
+    10: ("rank order", "pair tests", "matching", "experts", "pool entries", "pool layout",
+         "amounts", "admission", "new blocks"),
+    7: ("rank order", "pair tests", "matching", "pair moves", "admission", "new blocks"),
+}
+# lite.py's device functions (first line of each) and the step that calls them (the pair
+# moves' functions count to "pair moves" in a kernel with marks 0-6).
 LITE_FUNCTIONS = {"pool_source": "pool entries", "eval_move": "amounts",
                   "copy_source": "copy_source", "add_replica": "admission",
                   "can_move": "pair tests", "grid_point": "amounts",
                   "block_value": "pool entries"}
+_FUSED = {"pool entries": "pair moves", "amounts": "pair moves"}
 
 
 def source_at(revision: str, path: str) -> list[str]:
@@ -56,10 +65,13 @@ def kernel_steps(revision: str) -> list[tuple[int, str]]:
             start = number
         if "# The outputs." in line:
             outputs = number
-    if start is None or outputs is None or sorted(marks) != list(range(10)):
-        raise SystemExit(f"lite_cuda.py at {revision} has no profiling marks 0-9")
-    bounds = [(start, "start")] + [(marks[k - 1] + 1, STEPS[k - 1]) for k in range(1, 10)]
-    return bounds + [(marks[9] + 1, "apply"), (outputs, "outputs")]
+    steps = STEPS_BY_MARKS.get(len(marks))
+    if start is None or outputs is None or steps is None or sorted(marks) != list(
+            range(len(marks))):
+        raise SystemExit(f"lite_cuda.py at {revision} has neither profiling marks 0-9 nor 0-6")
+    last = len(marks) - 1
+    bounds = [(start, "start")] + [(marks[k - 1] + 1, steps[k - 1]) for k in range(1, last + 1)]
+    return bounds + [(marks[last] + 1, "apply"), (outputs, "outputs")]
 
 
 def lite_functions(revision: str) -> list[tuple[int, str]]:
@@ -94,6 +106,8 @@ def summarise(path: Path, revision: str) -> list[dict]:
     """One dict per profiled launch: {step: Counter(samples, instructions, stall_*)}, with the
     launch's SASS instructions by opcode under the key "opcodes" (a Counter)."""
     kernel_bounds, lite_bounds = kernel_steps(revision), lite_functions(revision)
+    if any(name == "pair moves" for _, name in kernel_bounds):
+        lite_bounds = [(first, _FUSED.get(step, step)) for first, step in lite_bounds]
     opener = gzip.open if path.suffix == ".gz" else open
     launches: list[dict] = []
     seen: set = set()

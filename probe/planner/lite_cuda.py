@@ -74,9 +74,12 @@ from probe.planner.numba_cuda import (
     device,
     lanes_add,
     lanes_max,
-    lanes_min,
+    warp_any,
     warp_last,
+    warp_max,
+    warp_min,
     warp_scan,
+    warp_sync,
 )
 from probe.planner.scalar import pool_entry
 
@@ -92,10 +95,10 @@ assert GRID == 32
 _NONE = (1 << 62) + ((1 << 62) - 1)  # larger than every packed (f, x) key
 _EXPERT_BITS = 16  # packed (tokens, -expert) keys: experts < 2**16
 # Slots of the block's shared integer scalars.
-(_STATUS, _TOTAL, _NPAIRS, _NHOT, _APPLIED, _NREP, _NBLK, _NNEW, _MAKESPAN, _SPAN) = range(10)
-_NINTS = 10
+(_STATUS, _TOTAL, _NPAIRS, _NHOT, _APPLIED, _NREP, _NBLK, _NNEW, _MAKESPAN) = range(9)
+_NINTS = 9
 # kernel(upto=FULL): the planner itself (smaller: profiling variants).
-FULL = 10
+FULL = 7
 
 
 def _device_twin(fn, helpers: dict):
@@ -138,6 +141,25 @@ def _next_item(row, col, drow, dcol, width):  # pragma: no cover - device code
     if col >= width:
         return row + drow + 1, col - width
     return row + drow, col
+
+
+@cuda.jit(device=True, inline=True, **LINEINFO)
+def _warp_best(v, scratch, w, lane, largest):  # pragma: no cover - device code
+    """The maximum (largest) or the minimum of v over the lanes of warp w, for every lane:
+    shuffles on a GPU; in the simulator (no shuffles) through scratch[w] between block
+    barriers, so there every thread of the block must call it as often."""
+    if WARP_SHUFFLES:
+        return warp_max(v) if largest else warp_min(v)
+    cuda.syncthreads()
+    if lane == 0:
+        scratch[w] = v
+    cuda.syncthreads()
+    if largest:
+        cuda.atomic.max(scratch, w, v)
+    else:
+        cuda.atomic.min(scratch, w, v)
+    cuda.syncthreads()
+    return scratch[w]
 
 
 @cuda.jit(device=True, inline=True, **LINEINFO)
@@ -191,7 +213,7 @@ def kernel(max_ranks: int, upto: int = FULL):
     @cuda.jit(**LINEINFO)
     def _lite_kernel(load, home, window, slots, a_tick, b_tick, tt, xt, hcount, hlist, hpos,
                      nhome, rank_home, max_rounds, eps_ppm, hot, max_reps, max_blocks,
-                     cnt, held, blk_of, rep_on, raw_n, pool_s, pool_n, cum, pre_h, pre_c,
+                     cnt, held, blk_of, rep_on, pool_s, pool_n, cum, pre_h, pre_c,
                      rep, n_rep_out, blk_expert, blk_assign, n_blk_out, rounds_out, moves_out,
                      makespan_out, status_out):  # pragma: no cover - device code
         layer = cuda.blockIdx.x
@@ -208,7 +230,6 @@ def kernel(max_ranks: int, upto: int = FULL):
         held = held[layer]
         blk_of = blk_of[layer]
         rep_on = rep_on[layer]
-        raw_n = raw_n[layer]
         pool_s = pool_s[layer]
         pool_n = pool_n[layer]
         cum = cum[layer]
@@ -223,7 +244,12 @@ def kernel(max_ranks: int, upto: int = FULL):
         # by nt items (a 64-bit division per item, and Numba's strided range loops, cost
         # about a hundred instructions each: the loops are while loops without divisions).
         row_g, col_g, drow_g, dcol_g = _first_item(tid, nt, num_ranks)
-        row_q, col_q, drow_q, dcol_q = _first_item(tid, nt, num_ranks + 1)
+        # A warp per pair in rules 2-4 (with one thread, as the sequential run has, a warp of
+        # one lane).
+        width = 32 if nt >= 32 else 1
+        lane = tid & 31 if nt >= 32 else 0
+        warp = tid >> 5 if nt >= 32 else 0
+        nwarps = nt >> 5 if nt >= 32 else 1
         A = a_tick  # noqa: N806 (the cost model's letters)
         B = b_tick  # noqa: N806
 
@@ -242,22 +268,18 @@ def kernel(max_ranks: int, upto: int = FULL):
         pair_c = cuda.shared.array(PM, int64)
         pair_e = cuda.shared.array(PM, int64)
         pair_x = cuda.shared.array(PM, int64)
-        pair_key = cuda.shared.array(PM, int64)
-        pair_lo = cuda.shared.array(PM, int64)
-        pair_hi = cuda.shared.array(PM, int64)
+        wbest = cuda.shared.array(32, int64)  # the simulator's warp minima and maxima
         pair_len = cuda.shared.array(PM, int64)
         new_blk = cuda.shared.array(PM, int64)
         ints = cuda.shared.array(_NINTS, int64)
         # One allocation per line: the simulator tells shared arrays apart by their line.
-        raw_n_s = cuda.shared.array((PS, GS), int64)
         pool_s_s = cuda.shared.array((PS, GS), int64)
         pool_n_s = cuda.shared.array((PS, GS), int64)
         cum_s = cuda.shared.array((PS, GS), int64)
         pre_h_s = cuda.shared.array((PS, GS), int64)
         pre_c_s = cuda.shared.array((PS, GS), int64)
         if SMALL:
-            raw_n, pool_s, pool_n, cum, pre_h, pre_c = (raw_n_s, pool_s_s, pool_n_s, cum_s,
-                                                        pre_h_s, pre_c_s)
+            pool_s, pool_n, cum, pre_h, pre_c = pool_s_s, pool_n_s, cum_s, pre_h_s, pre_c_s
 
         # The start: checks, windows in ticks, zero state.
         if tid == 0:
@@ -343,7 +365,6 @@ def kernel(max_ranks: int, upto: int = FULL):
                 ints[_NPAIRS] = 0
                 ints[_APPLIED] = 0
                 ints[_NNEW] = 0
-                ints[_SPAN] = 0
             g = tid
             while g < num_ranks:
                 it = tin[g] if tin[g] > tout[g] else tout[g]
@@ -421,171 +442,132 @@ def kernel(max_ranks: int, upto: int = FULL):
             if UPTO == 3:  # a profiling variant: the round ends here
                 continue
             n_pairs = ints[_NPAIRS]
-            # Each pair's expert: the most tokens on h (ties to the lowest expert), a warp or more
-            # per pair (span: the most experts a pair's hot rank holds, in whole warps).
-            i = tid
-            while i < (n_pairs + 31) // 32 * 32:
-                held_by_h = 0
-                if i < n_pairs:
-                    pair_key[i] = -1
-                    pair_e[i] = -1
-                    held_by_h = nhome[pair_h[i]] + used[pair_h[i]]
-                lanes_max(ints, _SPAN, held_by_h)
-                i += nt
-            cuda.syncthreads()
-            span = ints[_SPAN]
-            span = (span + 31) // 32 * 32 if span > 0 else 32  # whole warps per pair
-            i, j, d_i, d_j = _first_item(tid, nt, span)
-            while i < n_pairs:
-                h = pair_h[i]
-                c = pair_c[i]
+            # Rules 2-4, a warp per pair from its expert to its amount, with no block barrier
+            # between them: every lane holds the pair's state (h, c, e, the pool's length and
+            # totals, the grid's range and best), and the lanes combine their values with
+            # shuffles. Every warp runs the same number of pair slots (the simulator's
+            # warp_sync and warp_any are block barriers).
+            for slot in range((n_pairs + nwarps - 1) // nwarps):
+                i = slot * nwarps + warp
+                live = i < n_pairs
+                h = pair_h[i] if live else 0
+                c = pair_c[i] if live else 0
+                # Rule 2: a lane per expert h holds; the most tokens on h, ties to the lowest.
                 key = -1
-                if j < nhome[h] + used[h]:
-                    e = rank_home[h, j] if j < nhome[h] else rep_on[h, j - nhome[h]]
-                    if cnt[h, e] > 0 and (held[c, e] != 0 or _copy_source(
-                            e, c, used, slots, sent, recv, wt, xt, hcount, hlist) >= 0):
-                        key = (cnt[h, e] << _EXPERT_BITS) + ((1 << _EXPERT_BITS) - 1 - e)
-                lanes_max(pair_key, i, key)
-                i, j = _next_item(i, j, d_i, d_j, span)
+                if live:
+                    j = lane
+                    while j < nhome[h] + used[h]:
+                        e = rank_home[h, j] if j < nhome[h] else rep_on[h, j - nhome[h]]
+                        if cnt[h, e] > 0 and (held[c, e] != 0 or _copy_source(
+                                e, c, used, slots, sent, recv, wt, xt, hcount, hlist) >= 0):
+                            k = (cnt[h, e] << _EXPERT_BITS) + ((1 << _EXPERT_BITS) - 1 - e)
+                            if k > key:
+                                key = k
+                        j += width
+                key = _warp_best(key, wbest, warp, lane, True)
+                e = _key_expert(key) if key >= 0 else 0
+                # Rule 3: the pool (c's tokens, the other sources in rank order, h's), a lane
+                # per source, each entry's place and prefix sums from the lanes' prefix sums.
+                n = 0
+                n_a = 0
+                if key >= 0:
+                    b = blk_of[e]
+                    if WARP_SHUFFLES:
+                        n_h = 0
+                        n_c = 0
+                        base = 0
+                        while base <= num_ranks:
+                            q = base + lane
+                            a = 0
+                            s = 0
+                            if q <= num_ranks:
+                                s = _pool_source(q, h, c, num_ranks, tt)
+                                if s >= 0:
+                                    a = _block_value(blk_assign, b, s, e, h, load, home, hpos,
+                                                     hcount)
+                            v_h = a * tt[s, h] if a > 0 else 0
+                            v_c = a * tt[s, c] if a > 0 else 0
+                            at = warp_scan(1 if a > 0 else 0)
+                            sum_a = warp_scan(a)
+                            sum_h = warp_scan(v_h)
+                            sum_c = warp_scan(v_c)
+                            if a > 0:
+                                pool_s[i, n + at - 1] = s
+                                pool_n[i, n + at - 1] = a
+                                cum[i, n + at] = n_a + sum_a
+                                pre_h[i, n + at] = n_h + sum_h
+                                pre_c[i, n + at] = n_c + sum_c
+                            n += warp_last(at)
+                            n_a += warp_last(sum_a)
+                            n_h += warp_last(sum_h)
+                            n_c += warp_last(sum_c)
+                            base += width
+                        if lane == 0:
+                            cum[i, 0] = 0
+                            pre_h[i, 0] = 0
+                            pre_c[i, 0] = 0
+                    else:  # (the simulator) every lane lays the pool out, lane 0 writes it
+                        for q in range(num_ranks + 1):
+                            s = _pool_source(q, h, c, num_ranks, tt)
+                            a = 0
+                            if s >= 0:
+                                a = _block_value(blk_assign, b, s, e, h, load, home, hpos,
+                                                 hcount)
+                            if a > 0:
+                                if lane == 0:
+                                    if n == 0:
+                                        cum[i, 0] = 0
+                                        pre_h[i, 0] = 0
+                                        pre_c[i, 0] = 0
+                                    pool_s[i, n] = s
+                                    pool_n[i, n] = a
+                                    cum[i, n + 1] = cum[i, n] + a
+                                    pre_h[i, n + 1] = pre_h[i, n] + a * tt[s, h]
+                                    pre_c[i, n + 1] = pre_c[i, n] + a * tt[s, c]
+                                n += 1
+                                n_a += a
+                warp_sync()
+                # Rule 4: the amount's grid steps, a lane per grid point, the warp's minimum
+                # of (f, x); every lane narrows the range alike.
+                searching = key >= 0 and n > 0
+                lo = 1
+                hi = n_a
+                best = _NONE
+                while warp_any(searching):
+                    v = _NONE
+                    if searching:
+                        j = lane
+                        while j < GRID:
+                            x = _grid_point(j, lo, hi)
+                            f = _eval_move(x, n, pool_s[i], cum[i], pre_h[i], pre_c[i], e, h, c,
+                                           cnt, comp, tin, tout, A, B, tt)
+                            k = (f << KEY_TOKEN_BITS) + x
+                            if k < v:
+                                v = k
+                            j += width
+                    v = _warp_best(v, wbest, warp, lane, False)
+                    if searching:
+                        best = v
+                        if hi - lo < GRID:
+                            searching = False
+                        else:
+                            best_x = v & (KEY_MAX_TOKENS - 1)
+                            step = (hi - lo) // (GRID - 1) + 1
+                            lo = best_x - step if best_x - step > lo else lo
+                            hi = best_x + step if best_x + step < hi else hi
+                # The gain test.
+                if live and lane == 0:
+                    pair_len[i] = n
+                    pair_e[i] = -1
+                    if key >= 0 and n > 0:
+                        best_f = best >> KEY_TOKEN_BITS
+                        if (times[h] - best_f) * 1000000 > eps_ppm * times[h]:
+                            pair_e[i] = e
+                            pair_x[i] = best & (KEY_MAX_TOKENS - 1)
             cuda.syncthreads()
             if UPTO == 4:  # a profiling variant: the round ends here
                 continue
-            # The pools: each source's tokens of e on h, in pool order (c, others, h).
-            i = row_q
-            q = col_q
-            while i < n_pairs:
-                h = pair_h[i]
-                c = pair_c[i]
-                e = _key_expert(pair_key[i])
-                a = 0
-                s = _pool_source(q, h, c, num_ranks, tt)
-                if s >= 0:
-                    a = _block_value(blk_assign, blk_of[e], s, e, h, load, home, hpos, hcount)
-                raw_n[i, q] = a
-                i, q = _next_item(i, q, drow_q, dcol_q, num_ranks + 1)
-            cuda.syncthreads()
-            if UPTO == 5:  # a profiling variant: the round ends here
-                continue
-            if WARP_SHUFFLES:
-                # A warp per pair lays out its pool: the sources in chunks of a warp's lanes,
-                # each entry's place and prefix sums from the lanes' prefix sums.
-                width = 32 if nt >= 32 else 1
-                lane = tid % width
-                i = tid // width
-                while i < n_pairs:
-                    h = pair_h[i]
-                    c = pair_c[i]
-                    n = 0
-                    n_a = 0
-                    n_h = 0
-                    n_c = 0
-                    for base in range(0, num_ranks + 1 + width - 1, width):
-                        q = base + lane
-                        a = raw_n[i, q] if q <= num_ranks else 0
-                        s = _pool_source(q, h, c, num_ranks, tt) if a > 0 else 0
-                        v_h = a * tt[s, h] if a > 0 else 0
-                        v_c = a * tt[s, c] if a > 0 else 0
-                        at = warp_scan(1 if a > 0 else 0)
-                        sum_a = warp_scan(a)
-                        sum_h = warp_scan(v_h)
-                        sum_c = warp_scan(v_c)
-                        if a > 0:
-                            pool_s[i, n + at - 1] = s
-                            pool_n[i, n + at - 1] = a
-                            cum[i, n + at] = n_a + sum_a
-                            pre_h[i, n + at] = n_h + sum_h
-                            pre_c[i, n + at] = n_c + sum_c
-                        n += warp_last(at)
-                        n_a += warp_last(sum_a)
-                        n_h += warp_last(sum_h)
-                        n_c += warp_last(sum_c)
-                    if lane == 0:
-                        cum[i, 0] = 0
-                        pre_h[i, 0] = 0
-                        pre_c[i, 0] = 0
-                        pair_len[i] = n
-                        pair_lo[i] = 1
-                        pair_hi[i] = n_a
-                        pair_x[i] = 0 if n == 0 or pair_key[i] < 0 else -1  # -1: searching
-                        pair_e[i] = _NONE  # the first step's best (f, x) key
-                    i += nt // width
-            else:  # (the simulator) a thread per pair
-                i = tid
-                while i < n_pairs:
-                    h = pair_h[i]
-                    c = pair_c[i]
-                    n = 0
-                    cum[i, 0] = 0
-                    pre_h[i, 0] = 0
-                    pre_c[i, 0] = 0
-                    for q in range(num_ranks + 1):
-                        a = raw_n[i, q]
-                        if a > 0:
-                            s = _pool_source(q, h, c, num_ranks, tt)
-                            pool_s[i, n] = s
-                            pool_n[i, n] = a
-                            cum[i, n + 1] = cum[i, n] + a
-                            pre_h[i, n + 1] = pre_h[i, n] + a * tt[s, h]
-                            pre_c[i, n + 1] = pre_c[i, n] + a * tt[s, c]
-                            n += 1
-                    pair_len[i] = n
-                    pair_lo[i] = 1
-                    pair_hi[i] = cum[i, n]
-                    pair_x[i] = 0 if n == 0 or pair_key[i] < 0 else -1  # -1: searching
-                    pair_e[i] = _NONE  # the first step's best (f, x) key
-                    i += nt
-            cuda.syncthreads()
-            if UPTO == 6:  # a profiling variant: the round ends here
-                continue
-            # The amount: grid steps until every pair's range is under GRID wide.
-            searching = True
-            while searching:  # two barriers a step; pair_e[i] holds the step's best (f, x)
-                k = tid
-                while k < n_pairs * GRID:
-                    i = k // GRID
-                    if pair_x[i] < 0:
-                        j = k - i * GRID
-                        x = _grid_point(j, pair_lo[i], pair_hi[i])
-                        e = _key_expert(pair_key[i])
-                        f = _eval_move(x, pair_len[i], pool_s[i], cum[i], pre_h[i], pre_c[i], e,
-                                       pair_h[i], pair_c[i], cnt, comp, tin, tout, A, B, tt)
-                        # a warp's lanes are pair i's GRID points
-                        lanes_min(pair_e, i, (f << KEY_TOKEN_BITS) + x)
-                    k += nt
-                cuda.syncthreads()
-                going = 0
-                i = tid
-                while i < n_pairs:
-                    if pair_x[i] < 0:
-                        lo = pair_lo[i]
-                        hi = pair_hi[i]
-                        best_x = pair_e[i] & (KEY_MAX_TOKENS - 1)
-                        if hi - lo < GRID:
-                            pair_x[i] = best_x  # done: pair_e[i] keeps its last best
-                        else:
-                            step = (hi - lo) // (GRID - 1) + 1
-                            pair_lo[i] = best_x - step if best_x - step > lo else lo
-                            pair_hi[i] = best_x + step if best_x + step < hi else hi
-                            pair_e[i] = _NONE
-                            going = 1
-                    i += nt
-                searching = cuda.syncthreads_or(going) != 0
-            if UPTO == 7:  # a profiling variant: the round ends here
-                continue
-            # The gain test; then thread 0 admits the moves in pair order.
-            i = tid
-            while i < n_pairs:
-                h = pair_h[i]
-                keep = False
-                if pair_key[i] >= 0 and pair_len[i] > 0:
-                    best_f = pair_e[i] >> KEY_TOKEN_BITS
-                    keep = (times[h] - best_f) * 1000000 > eps_ppm * times[h]
-                if keep:
-                    pair_e[i] = _key_expert(pair_key[i])
-                else:
-                    pair_e[i] = -1
-                i += nt
-            cuda.syncthreads()
+            # Thread 0 admits the moves in pair order.
             if tid == 0:
                 n_rep = ints[_NREP]
                 n_blk = ints[_NBLK]
@@ -617,7 +599,7 @@ def kernel(max_ranks: int, upto: int = FULL):
                 ints[_NBLK] = n_blk
                 ints[_NNEW] = n_new
             cuda.syncthreads()
-            if UPTO == 8:  # a profiling variant: the round ends here
+            if UPTO == 5:  # a profiling variant: the round ends here
                 continue
             n_new = ints[_NNEW]
             q = row_g  # a row (block q, source s) per item
@@ -632,7 +614,7 @@ def kernel(max_ranks: int, upto: int = FULL):
                     blk_assign[b, s, g] = _share(load, home, hpos, hcount, s, e, g)
                 q, s = _next_item(q, s, drow_g, dcol_g, num_ranks)
             cuda.syncthreads()
-            if UPTO == 9:  # a profiling variant: the round ends here
+            if UPTO == 6:  # a profiling variant: the round ends here
                 continue
             # Apply the takes: a thread per (pair, pool entry); integer atomics.
             i = row_g
@@ -761,9 +743,9 @@ def host_arrays(home: np.ndarray, slots: np.ndarray, cost: CostModel,
     i64 = np.int64
     scratch = (((L, G, E), i64), ((L, G, E), np.uint8), ((L, E), i64),  # cnt, held, blk_of
                ((L, G, max(int(np.max(slots, initial=0)), 1)), i64),  # rep_on
-               ((L, pairs, G + 1), i64), ((L, pairs, G), i64), ((L, pairs, G), i64),
+               ((L, pairs, G), i64), ((L, pairs, G), i64),  # pool_s, pool_n
                ((L, pairs, G + 1), i64), ((L, pairs, G + 1), i64),
-               ((L, pairs, G + 1), i64))  # raw_n, pool_s, pool_n, cum, pre_h, pre_c
+               ((L, pairs, G + 1), i64))  # cum, pre_h, pre_c
     reps, blocks = max(max_reps, 1), max(max_blocks, 1)
     outputs = (((L, reps, 3), i64), ((L,), i64), ((L, blocks), i64), ((L, blocks, G, G), i64),
                ((L,), i64), ((L,), i64), ((L,), i64), ((L,), i64), ((L,), i64))

@@ -30,8 +30,8 @@ from numba import cuda  # noqa: E402
 from probe.planner import scalar  # noqa: E402
 
 __all__ = ["LINEINFO", "SIMULATOR", "WARP_SHUFFLES", "add_at", "cuda", "device", "dmax", "dmin",
-           "lanes_add", "lanes_max", "lanes_min", "mul", "warp_last", "warp_max", "warp_min",
-           "warp_scan", "warp_sum"]
+           "lanes_add", "lanes_max", "lanes_min", "mul", "warp_any", "warp_last", "warp_max",
+           "warp_min", "warp_scan", "warp_sum", "warp_sync"]
 
 SIMULATOR = bool(config.ENABLE_CUDASIM)
 # On a GPU the 32 lanes of a warp combine their values with shuffles (`warp_min`, `warp_max`,
@@ -119,6 +119,27 @@ def warp_scan(v):  # pragma: no cover - device code (GPU only)
 def warp_last(v):  # pragma: no cover - device code (GPU only)
     """v of the warp's last lane (lane 31), for every lane."""
     return cuda.shfl_sync(_LANES, v, 31)
+
+
+@cuda.jit(device=True, inline=True, **LINEINFO)
+def warp_sync():  # pragma: no cover - device code
+    """Order the warp's shared-memory writes before its lanes' next reads (`syncwarp`). The
+    simulator has no syncwarp: there it is a block barrier, so code calling it must reach it
+    with every thread of the block (a loop whose trip count is the same in every warp)."""
+    if WARP_SHUFFLES:
+        cuda.syncwarp(_LANES)
+    else:
+        cuda.syncthreads()
+
+
+@cuda.jit(device=True, inline=True, **LINEINFO)
+def warp_any(flag):  # pragma: no cover - device code
+    """Whether flag is true on any lane of the warp (every lane gets it). In the simulator:
+    on any thread of the block (`syncthreads_or`), the same for a block of one warp, and for
+    a loop `while warp_any(...)` every warp then runs the block's longest trip count."""
+    if WARP_SHUFFLES:
+        return cuda.any_sync(_LANES, flag)
+    return cuda.syncthreads_or(flag) != 0
 
 
 # arr[idx] combined atomically with the values v of a warp's 32 lanes: on a GPU the warp
