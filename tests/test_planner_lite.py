@@ -234,12 +234,12 @@ def test_home_lists_of_a_multi_holder_placement():
 
 
 def test_sequential_kernel_with_pools_in_global_memory():
-    """Past 32 ranks the pools live in global scratch: the kernel's source equals the CPU kernel
-    there too (40 and 70 ranks)."""
+    """Past 32 ranks the pools live in global scratch, past 128 the pair tests' bit words too:
+    the kernel's source equals the CPU kernel there as well (40, 70 and 150 ranks)."""
     moves = 0
     for seed in (13, 14):
         rng = np.random.default_rng(seed)
-        for ranks in (40, 70):
+        for ranks in (40, 70, 150):
             load, home, slots, window, cost, rules = random_batch(rng, 2, ranks=(ranks,))
             args = sequential_args(load, home, slots, window, cost, rules)
             sequential(lite_cuda.kernel(lite_cuda.kernel_ranks(ranks)))(*args, num_layers=2)

@@ -118,7 +118,6 @@ _eval_move = _HELPERS["eval_move"]
 _grid_point = _HELPERS["grid_point"]
 _block_value = _HELPERS["block_value"]
 _copy_source = _HELPERS["copy_source"]
-_can_move = _HELPERS["can_move"]
 _window_ticks = _HELPERS["window_ticks"]
 _pool_entry = _HELPERS["pool_entry"]
 _pool_source = _HELPERS["pool_source"]
@@ -209,13 +208,15 @@ def kernel(max_ranks: int, upto: int = FULL):
     # Up to 32 ranks the pools live in shared memory (17 KB); beyond, in the global scratch.
     SMALL = GM <= 32  # noqa: N806
     PS, GS = (PM, GM + 1) if SMALL else (1, 1)  # noqa: N806
+    # Up to 128 ranks the pair tests' bit words live in shared memory; beyond, global scratch.
+    BS, BW = (GM, WM) if GM <= 128 else (1, 1)  # noqa: N806
 
     @cuda.jit(**LINEINFO)
     def _lite_kernel(load, home, window, slots, a_tick, b_tick, tt, xt, hcount, hlist, hpos,
                      nhome, rank_home, max_rounds, eps_ppm, hot, max_reps, max_blocks,
-                     cnt, held, blk_of, rep_on, pool_s, pool_n, cum, pre_h, pre_c,
-                     rep, n_rep_out, blk_expert, blk_assign, n_blk_out, rounds_out, moves_out,
-                     makespan_out, status_out):  # pragma: no cover - device code
+                     cnt, held, blk_of, rep_on, held_bits, fits, reach, pool_s, pool_n, cum,
+                     pre_h, pre_c, rep, n_rep_out, blk_expert, blk_assign, n_blk_out, rounds_out,
+                     moves_out, makespan_out, status_out):  # pragma: no cover - device code
         layer = cuda.blockIdx.x
         tid = cuda.threadIdx.x
         nt = cuda.blockDim.x
@@ -230,6 +231,9 @@ def kernel(max_ranks: int, upto: int = FULL):
         held = held[layer]
         blk_of = blk_of[layer]
         rep_on = rep_on[layer]
+        held_bits = held_bits[layer]
+        fits = fits[layer]
+        reach = reach[layer]
         pool_s = pool_s[layer]
         pool_n = pool_n[layer]
         cum = cum[layer]
@@ -244,6 +248,8 @@ def kernel(max_ranks: int, upto: int = FULL):
         # by nt items (a 64-bit division per item, and Numba's strided range loops, cost
         # about a hundred instructions each: the loops are while loops without divisions).
         row_g, col_g, drow_g, dcol_g = _first_item(tid, nt, num_ranks)
+        nw = (num_ranks + 31) >> 5  # bit words over the ranks
+        row_w, col_w, drow_w, dcol_w = _first_item(tid, nt, nw)
         # A warp per pair in rules 2-4 (with one thread, as the sequential run has, a warp of
         # one lane).
         width = 32 if nt >= 32 else 1
@@ -264,6 +270,11 @@ def kernel(max_ranks: int, upto: int = FULL):
         recv = cuda.shared.array(GM, int64)
         taken = cuda.shared.array(GM, int64)
         elig = cuda.shared.array((GM, WM), uint32)
+        fits_s = cuda.shared.array((BS, BW), uint32)
+        reach_s = cuda.shared.array((BS, BW), uint32)
+        if GM <= 128:
+            fits = fits_s
+            reach = reach_s
         pair_h = cuda.shared.array(PM, int64)
         pair_c = cuda.shared.array(PM, int64)
         pair_e = cuda.shared.array(PM, int64)
@@ -302,11 +313,18 @@ def kernel(max_ranks: int, upto: int = FULL):
             if wt[g] < 0:
                 cuda.atomic.max(ints, _STATUS, 2)
             g += nt
+        e = tid  # the same thread sets e's held bits in the loop below: no barrier between
+        while e < num_experts:
+            for w in range(nw):
+                held_bits[e, w] = 0
+            e += nt
         for g in range(num_ranks):  # coalesced rows, no index division
             e = tid
             while e < num_experts:
                 cnt[g, e] = 0
                 held[g, e] = 1 if home[g, e] else 0
+                if home[g, e]:
+                    held_bits[e, g >> 5] |= uint32(1 << (g & 31))
                 if load[g, e] < 0:
                     cuda.atomic.max(ints, _STATUS, 1)
                 e += nt
@@ -370,8 +388,9 @@ def kernel(max_ranks: int, upto: int = FULL):
                 it = tin[g] if tin[g] > tout[g] else tout[g]
                 times[g] = comp[g] + 2 * it
                 taken[g] = 0
-                for w in range(WM):
+                for w in range(nw):
                     elig[g, w] = 0
+                    fits[g, w] = 0
                 g += nt
             cuda.syncthreads()
             g = tid  # whole warps (lanes past the ranks add 0)
@@ -397,17 +416,41 @@ def kernel(max_ranks: int, upto: int = FULL):
             if UPTO == 1:  # a profiling variant: the round ends here
                 continue
             num_hot = ints[_NHOT]
-            # Which (hot position i, faster position p > i) pairs could move: bit p of elig[i].
+            # Which (hot position i, faster position p > i) pairs could move (lite.can_move), in
+            # bit words over ranks: bit c of fits[g], a copy from g to c fits (c has a free slot;
+            # g's sent and c's received window hold it: lite.copy_source's test); bit c of
+            # reach[i], c holds or can receive one of the experts with tokens on h = order[i]
+            # (its held bits, or the fits of one of its home holders); then bit p of elig[i].
+            g = row_g
+            c = col_g
+            while g < num_ranks:
+                if used[c] < slots[c] and sent[g] + xt[g, c] <= wt[g] and (
+                        recv[c] + xt[g, c] <= wt[c]):
+                    cuda.atomic.or_(fits, (g, c >> 5), uint32(1 << (c & 31)))
+                g, c = _next_item(g, c, drow_g, dcol_g, num_ranks)
+            cuda.syncthreads()
+            i = row_w
+            w = col_w
+            while i < num_hot:
+                h = order[i]
+                bits = uint32(0)
+                for j in range(nhome[h] + used[h]):
+                    e = rank_home[h, j] if j < nhome[h] else rep_on[h, j - nhome[h]]
+                    if cnt[h, e] > 0:
+                        bits = uint32(bits | held_bits[e, w])
+                        for k in range(hcount[e]):
+                            bits = uint32(bits | fits[hlist[e, k], w])
+                reach[i, w] = bits
+                i, w = _next_item(i, w, drow_w, dcol_w, nw)
+            cuda.syncthreads()
             i = row_g
             p = col_g
             while i < num_hot:
                 if p > i:
                     h = order[i]
                     c = order[p]
-                    if times[c] + A + B < times[h] and _can_move(
-                            h, c, cnt, held, used, slots, sent, recv, wt, xt, hcount, hlist,
-                            nhome, rank_home, rep_on):
-                        cuda.atomic.or_(elig, (i, p // 32), uint32(1 << (p % 32)))
+                    if times[c] + A + B < times[h] and (reach[i, c >> 5] >> (c & 31)) & 1:
+                        cuda.atomic.or_(elig, (i, p >> 5), uint32(1 << (p & 31)))
                 i, p = _next_item(i, p, drow_g, dcol_g, num_ranks)
             cuda.syncthreads()
             if UPTO == 2:  # a profiling variant: the round ends here
@@ -593,6 +636,7 @@ def kernel(max_ranks: int, upto: int = FULL):
                         n_new += 1
                         n_blk += 1
                     if src >= 0:
+                        held_bits[e, c >> 5] |= uint32(1 << (c & 31))
                         n_rep = _add_replica(c, e, src, n_rep, rep, held, rep_on, used, sent,
                                              recv, xt)
                 ints[_NREP] = n_rep
@@ -740,9 +784,12 @@ def host_arrays(home: np.ndarray, slots: np.ndarray, cost: CostModel,
               max_blocks)
     L, G, E = num_layers, num_ranks, num_experts  # noqa: N806 (the shape letters)
     pairs = max(G // 2, 1)
+    words = -(-G // 32)
     i64 = np.int64
     scratch = (((L, G, E), i64), ((L, G, E), np.uint8), ((L, E), i64),  # cnt, held, blk_of
                ((L, G, max(int(np.max(slots, initial=0)), 1)), i64),  # rep_on
+               ((L, E, words), np.uint32), ((L, G, words), np.uint32),  # held_bits, fits
+               ((L, G, words), np.uint32),  # reach
                ((L, pairs, G), i64), ((L, pairs, G), i64),  # pool_s, pool_n
                ((L, pairs, G + 1), i64), ((L, pairs, G + 1), i64),
                ((L, pairs, G + 1), i64))  # cum, pre_h, pre_c
