@@ -214,7 +214,7 @@ def kernel(max_ranks: int, upto: int = FULL):
     @cuda.jit(**LINEINFO)
     def _lite_kernel(load, home, window, slots, a_tick, b_tick, tt, xt, hcount, hlist, hpos,
                      nhome, rank_home, max_rounds, eps_ppm, hot, max_reps, max_blocks,
-                     cnt, held, blk_of, rep_on, held_bits, fits, reach, pool_s, pool_n, cum,
+                     cnt, held, blk_of, rep_on, held_bits, fits, reach, flow, pool_s, pool_n, cum,
                      pre_h, pre_c, rep, n_rep_out, blk_expert, blk_assign, n_blk_out, rounds_out,
                      moves_out, makespan_out, status_out):  # pragma: no cover - device code
         layer = cuda.blockIdx.x
@@ -234,6 +234,7 @@ def kernel(max_ranks: int, upto: int = FULL):
         held_bits = held_bits[layer]
         fits = fits[layer]
         reach = reach[layer]
+        flow = flow[layer]
         pool_s = pool_s[layer]
         pool_n = pool_n[layer]
         cum = cum[layer]
@@ -334,38 +335,48 @@ def kernel(max_ranks: int, upto: int = FULL):
             e += nt
         cuda.syncthreads()
         if ints[_STATUS] == 0:
-            # The static split, a thread per expert.
+            # The static split without atomics: a thread per expert makes its token counts on
+            # its holders, a thread per (source s, rank g) the tokens g computes for s (flow).
             e = tid
             while e < num_experts:
                 total = 0  # e's tokens: the static split gives each one to one holder
-                s0 = e % num_ranks  # threads start at different sources: fewer threads
-                for j in range(hcount[e]):  # add into one tout[s] at a time
+                for j in range(hcount[e]):
                     g = hlist[e, j]
                     n = 0
-                    into = 0
-                    for k in range(num_ranks):
-                        s = s0 + k
-                        if s >= num_ranks:
-                            s -= num_ranks
-                        a = _share(load, home, hpos, hcount, s, e, g)
-                        if a > 0:
-                            n += a
-                            into += a * tt[s, g]
-                            cuda.atomic.add(tout, s, a * tt[s, g])
+                    for s in range(num_ranks):
+                        n += _share(load, home, hpos, hcount, s, e, g)
                     cnt[g, e] = n
                     total += n
-                    cuda.atomic.add(tin, g, into)
-                    if n > 0:
-                        cuda.atomic.add(comp, g, A + B * n)
                 if total >= KEY_MAX_TOKENS:
                     cuda.atomic.max(ints, _STATUS, 3)
                 e += nt
+            s = row_g
+            g = col_g
+            while s < num_ranks:
+                n = 0
+                for j in range(nhome[g]):  # tokens sit on home holders alone
+                    n += _share(load, home, hpos, hcount, s, rank_home[g, j], g)
+                flow[s, g] = n
+                s, g = _next_item(s, g, drow_g, dcol_g, num_ranks)
         cuda.syncthreads()
         if ints[_STATUS] == 0:
+            # A thread per rank: its compute and its traffic in and out.
             g = tid
             while g < num_ranks:
-                it = tin[g] if tin[g] > tout[g] else tout[g]
-                if comp[g] + 2 * it >= KEY_MAX_TIME:
+                t = 0
+                for j in range(nhome[g]):
+                    n = cnt[g, rank_home[g, j]]
+                    if n > 0:
+                        t += A + B * n
+                comp[g] = t
+                into = 0
+                out = 0
+                for s in range(num_ranks):
+                    into += flow[s, g] * tt[s, g]
+                    out += flow[g, s] * tt[g, s]
+                tin[g] = into
+                tout[g] = out
+                if t + 2 * (into if into > out else out) >= KEY_MAX_TIME:
                     cuda.atomic.max(ints, _STATUS, 3)
                 g += nt
         cuda.syncthreads()
@@ -789,7 +800,7 @@ def host_arrays(home: np.ndarray, slots: np.ndarray, cost: CostModel,
     scratch = (((L, G, E), i64), ((L, G, E), np.uint8), ((L, E), i64),  # cnt, held, blk_of
                ((L, G, max(int(np.max(slots, initial=0)), 1)), i64),  # rep_on
                ((L, E, words), np.uint32), ((L, G, words), np.uint32),  # held_bits, fits
-               ((L, G, words), np.uint32),  # reach
+               ((L, G, words), np.uint32), ((L, G, G), i64),  # reach, flow
                ((L, pairs, G), i64), ((L, pairs, G), i64),  # pool_s, pool_n
                ((L, pairs, G + 1), i64), ((L, pairs, G + 1), i64),
                ((L, pairs, G + 1), i64))  # cum, pre_h, pre_c
