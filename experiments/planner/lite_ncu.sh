@@ -30,6 +30,16 @@ timeout "${NCU_LIMIT:-200}" ncu --clock-control none --import-source yes \
     -k regex:'_lite_kernel' -c 2 -o "$OUT/lite" -f \
     python3 -m experiments.planner.gpu_profile --lite --launches 1 --repeats 0 > "$OUT/ncu_run.txt" 2>&1
 echo "== ncu exit $?" | tee -a "$LOG"
+if [ ! -s "$OUT/lite.ncu-rep" ]; then  # NVVM has refused the kernel with line information
+  echo "== no report with line information: again without it (no source counters)" | tee -a "$LOG"
+  mv "$OUT/ncu_run.txt" "$OUT/ncu_run_lineinfo.txt"
+  PROBE_CUDA_LINEINFO=0 timeout "${NCU_LIMIT:-200}" ncu --clock-control none \
+      --section WarpStateStats --section LaunchStats --section SpeedOfLight \
+      --section InstructionStats --section MemoryWorkloadAnalysis_Tables \
+      -k regex:'_lite_kernel' -c 2 -o "$OUT/lite" -f \
+      python3 -m experiments.planner.gpu_profile --lite --launches 1 --repeats 0 > "$OUT/ncu_run.txt" 2>&1
+  echo "== ncu exit $?" | tee -a "$LOG"
+fi
 ncu -i "$OUT/lite.ncu-rep" --page details > "$OUT/ncu_details.txt" 2>&1
 # The source page per SASS instruction, and CUDA lines with their SASS (compressed: ~10 MB raw)
 for src in sass cuda,sass; do
@@ -38,3 +48,6 @@ for src in sass cuda,sass; do
   echo "== source page ($src): $(stat -c %s "$OUT/$name.csv.gz") bytes compressed" | tee -a "$LOG"
 done
 date -u | tee -a "$LOG"
+# The files that come back from a device call are few: keep the text pages, not the report.
+find "$OUT" -name '*.err' -empty -delete
+mv "$OUT/lite.ncu-rep" /tmp/ 2>/dev/null
