@@ -28,7 +28,7 @@ def test_lines_count_to_their_step(tmp_path):
     rows = [["Kernel"], ["File Path", "/x/probe/planner/lite_cuda.py"],
             ["Function Name", "k1"], header,
             [str(mark[0] - 3), "start line", "-", "-", "10", "100", "0", "10"],
-            [str(mark[6] + 2), "amount line", "-", "-", "30", "50", "30", "0"],
+            [str(mark[3] + 2), "pair move line", "-", "-", "30", "50", "30", "0"],
             ["", "", "0x0", "IMAD.WIDE R1, R2", "9", "7", "9", "9"],  # SASS rows are not lines
             ["", "", "0x10", "@P0 LDS.64 R4, [R5]", "0", "3", "0", "0"],
             ["File Path", "/x/probe/planner/lite.py"], header,
@@ -39,10 +39,12 @@ def test_lines_count_to_their_step(tmp_path):
         csv.writer(handle).writerows(rows)
     (steps,) = summarise(path, "HEAD")
     assert steps.pop("opcodes") == {"IMAD": 7, "LDS": 3}
-    assert steps["start"]["samples"] == 10 and steps["amounts"]["samples"] == 90
-    assert steps["amounts"]["instructions"] == 100 and steps["amounts"]["stall_barrier"] == 30
+    # the pair moves' lines and lite.py's eval_move (one of their functions) count together
+    assert steps["start"]["samples"] == 10 and steps["pair moves"]["samples"] == 90
+    assert steps["pair moves"]["instructions"] == 100
+    assert steps["pair moves"]["stall_barrier"] == 30
     assert [name for _, name in kernel_steps("HEAD")][:3] == ["start", "rank order", "pair tests"]
     text = table([steps])
-    assert "| amounts | 90.0% | 100 (50.0%) | long_sb 60, barrier 30 |" in text
+    assert "| pair moves | 90.0% | 100 (50.0%) | long_sb 60, barrier 30 |" in text
     steps["opcodes"] = collections.Counter({"IMAD": 7, "LDS": 3})
     assert "loads, stores and atomics 30.0%" in table([steps])

@@ -221,6 +221,7 @@ def profile_row(name, model, hardware, ranks, experts, *, quick: bool, sim: bool
                                .plan(one_load, one_window), 1)[0][0] for upto in range(FULL + 1)]
         row["ended"] = {"statuses": statuses}
         return row
+    row["stamps"] = stamp_profile(model, hardware, ranks, experts)
     for threads in (128, 256):
         times = []
         for upto in range(FULL + 1):
@@ -230,6 +231,69 @@ def profile_row(name, model, hardware, ranks, experts, *, quick: bool, sim: bool
                                        budget_s=budget).get("median_us"))
         row["threads"][str(threads)] = times
     return row
+
+
+def stamp_profile(model, hardware, ranks, experts) -> dict:
+    """Where the full kernel's cycles go, step by step: the kernel made with clock stamps
+    (lite_cuda.kernel(stamps=True): thread 0 reads the SM's cycle counter after every step), one
+    launch of LAYERS decode layers (a block each, default rules), 128 and 256 threads; per step
+    the median over the layers of its cycles summed over the rounds, and us at the SM clock."""
+    from probe.planner.lite import LiteRules
+    from probe.planner.lite_cuda import STAMP_STEPS, CudaLite, step_cycles
+    from probe.planner.numba_cuda import cuda
+
+    load, home, slots, window, cost = harness.decode_layers(model, hardware, ranks, experts,
+                                                            LAYERS)
+    load_d, window_d = inputs(False, load, window)
+    try:
+        mhz = cuda.get_current_device().CLOCK_RATE / 1000.0
+    except Exception:  # noqa: BLE001 (a device without the attribute: cycles alone)
+        mhz = None
+    out = {"clock_mhz": mhz, "steps": ["start", *STAMP_STEPS, "total"], "threads": {}}
+    for threads in (128, 256):
+        try:
+            runner = CudaLite(home, slots, cost, LiteRules(), num_layers=LAYERS,
+                              threads=threads, stamps=True)
+            runner.plan(load_d, window_d)  # compiles
+            runner.plan(load_d, window_d)
+            cuda.synchronize()
+            layers = step_cycles(runner)
+        except Exception as exc:  # noqa: BLE001 (the stamped kernel failed: say so, go on)
+            out["threads"][str(threads)] = {"error": f"{type(exc).__name__}: {exc}"[:300]}
+            continue
+        out["threads"][str(threads)] = {
+            "rounds": float(np.median([c["rounds"] for c in layers])),
+            "cycles": {k: float(np.median([c[k] for c in layers])) for k in out["steps"]}}
+    return out
+
+
+def stamp_lines(r: dict) -> list[str]:
+    """The clock stamps' table of a profile row (stamp_profile), in markdown."""
+    stamps = r.get("stamps")
+    if not stamps:
+        return []
+    mhz = stamps["clock_mhz"]
+    lines = ["", f"Clock stamps, {r['config']}: the full kernel ({LAYERS} decode layers, one "
+                 "launch); median over the layers of each step's cycles summed over the rounds"
+                 + (f", and us at the {mhz:.0f} MHz SM clock" if mhz else "") + ".", ""]
+    heads, rules = [], []
+    for t, v in stamps["threads"].items():
+        if "error" in v:
+            lines.append(f"{t} threads: {v['error']}")
+            continue
+        heads.append(f"{t} threads ({v['rounds']:.0f} rounds): cycles | us")
+        rules.append("---:|---:|")
+    if not heads:
+        return lines
+    lines += ["| step | " + " | ".join(heads) + " |", "|---|" + "".join(rules)]
+    for step in stamps["steps"]:
+        cells = []
+        for v in stamps["threads"].values():
+            if "error" not in v:
+                cyc = v["cycles"][step]
+                cells += [f"{cyc:.0f}", f"{cyc / mhz:.1f}" if mhz else "-"]
+        lines.append(f"| {step} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def markdown(report: dict) -> str:
@@ -273,6 +337,7 @@ def markdown(report: dict) -> str:
                        else (times[k] - times[k - 1]) / r["rounds"])
                 cells += [f(times[k]), f(own)]
             lines.append(f"| {step} | " + " | ".join(cells) + " |")
+        lines += stamp_lines(r)
     if report["random"] is not None:
         rnd = report["random"]
         lines += ["", f"Random layers: {rnd['layers']}, differing from the CPU kernel: "

@@ -10,10 +10,11 @@ into the kernel's steps at its profiling marks (`if UPTO == k:`): the start, the
 rank order, pair tests, matching, experts, pool entries, pool layout, amounts, admission, new
 blocks and apply (since the pairs' warps make their moves without block barriers, experts to
 amounts are one step, "pair moves"); the lines of probe/planner/lite.py count to the step
-whose device function they are (copy_source apart: the pair tests, the experts and the admission all call it). Prints,
-for each profiled launch, each step's share of the samples and of the instructions, and its
-four most frequent stall reasons; then the instructions by SASS opcode (each instruction once,
-by its address: the page lists an inlined instruction under every line it serves), and the
+whose device function they are (copy_source apart: the pair tests, the experts and the
+admission all call it). Prints, for each profiled launch, each step's share of the samples
+and of the instructions, and its four most frequent stall reasons; then the instructions by
+SASS opcode (each instruction once, by its address: the page lists an inlined instruction
+under every line it serves), and the
 share of memory instructions (loads, stores, atomics). A barrier stall is counted where the
 waiting warp stands, usually the first line after the barrier: part of a step's share is its
 wait for the step before.

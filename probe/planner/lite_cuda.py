@@ -69,7 +69,9 @@ from probe.planner.lite import (
 )
 from probe.planner.numba_cuda import (
     LINEINFO,
+    SIMULATOR,
     WARP_SHUFFLES,
+    clock64,
     cuda,
     device,
     lanes_add,
@@ -83,8 +85,8 @@ from probe.planner.numba_cuda import (
 )
 from probe.planner.scalar import pool_entry
 
-__all__ = ["MAX_RANKS", "THREADS", "CudaLite", "CudaLitePlan", "host_arrays", "kernel",
-           "kernel_ranks", "lite_cuda_arrays"]
+__all__ = ["MAX_RANKS", "STAMP_STEPS", "THREADS", "CudaLite", "CudaLitePlan", "host_arrays",
+           "kernel", "kernel_ranks", "lite_cuda_arrays", "step_cycles"]
 
 # Most ranks a layer may have (the shared rank arrays are at most this long).
 MAX_RANKS = 256
@@ -192,16 +194,20 @@ class CudaLitePlan(NamedTuple):
 _KERNELS: dict = {}
 
 
-def kernel(max_ranks: int, upto: int = FULL):
+def kernel(max_ranks: int, upto: int = FULL, stamps: bool = False):
     """The kernel for layers of at most `max_ranks` ranks (a multiple of 32, made once).
     upto < FULL makes a profiling variant (experiments.planner.gpu_lite --profile) whose rounds
-    end after step `upto` (0: the start alone; 1 rank order, 2 pair tests, 3 matching, 4
-    experts, 5 pool entries, 6 pool layout, 7 amounts, 8 admission, 9 new blocks): it applies
-    no move, so every round repeats the first round's work, and its plans mean nothing."""
-    key = (max_ranks, upto)
+    end after step `upto` (0: the start alone; 1 rank order, 2 pair tests, 3 matching, 4 pair
+    moves, 5 admission, 6 new blocks): it applies no move, so every round repeats the first
+    round's work, and its plans mean nothing. stamps=True (GPU only) makes a kernel whose thread
+    0 writes the SM's cycle counter into the scratch `stamps` [L, 2 + 7 R] after every step:
+    the launch, the start, then each round's rank order, pair tests, matching, pair moves,
+    admission, new blocks and apply (`step_cycles`)."""
+    key = (max_ranks, upto, stamps)
     if key in _KERNELS:
         return _KERNELS[key]
     UPTO = upto  # noqa: N806 (a compile-time constant)
+    STAMPS = stamps  # noqa: N806
     GM = max_ranks  # noqa: N806 (compile-time sizes of the shared arrays)
     PM = GM // 2  # noqa: N806
     WM = GM // 32  # noqa: N806
@@ -215,8 +221,9 @@ def kernel(max_ranks: int, upto: int = FULL):
     def _lite_kernel(load, home, window, slots, a_tick, b_tick, tt, xt, hcount, hlist, hpos,
                      nhome, rank_home, max_rounds, eps_ppm, hot, max_reps, max_blocks,
                      cnt, held, blk_of, rep_on, held_bits, fits, reach, flow, pool_s, pool_n, cum,
-                     pre_h, pre_c, rep, n_rep_out, blk_expert, blk_assign, n_blk_out, rounds_out,
-                     moves_out, makespan_out, status_out):  # pragma: no cover - device code
+                     pre_h, pre_c, stamps, rep, n_rep_out, blk_expert, blk_assign, n_blk_out,
+                     rounds_out, moves_out, makespan_out,
+                     status_out):  # pragma: no cover - device code
         layer = cuda.blockIdx.x
         tid = cuda.threadIdx.x
         nt = cuda.blockDim.x
@@ -235,6 +242,9 @@ def kernel(max_ranks: int, upto: int = FULL):
         fits = fits[layer]
         reach = reach[layer]
         flow = flow[layer]
+        stamps = stamps[layer]
+        if STAMPS and tid == 0:
+            stamps[0] = clock64()
         pool_s = pool_s[layer]
         pool_n = pool_n[layer]
         cum = cum[layer]
@@ -380,6 +390,8 @@ def kernel(max_ranks: int, upto: int = FULL):
                     cuda.atomic.max(ints, _STATUS, 3)
                 g += nt
         cuda.syncthreads()
+        if STAMPS and tid == 0:
+            stamps[1] = clock64()
         status = ints[_STATUS]
         rounds = 0
         moves = 0
@@ -387,6 +399,7 @@ def kernel(max_ranks: int, upto: int = FULL):
             if UPTO == 0:  # a profiling variant: the start alone
                 break
             rounds += 1
+            base = 2 + 7 * (rounds - 1)  # this round's clock stamps (STAMPS)
             # Rank times, their sum, and each rank's position (slowest first).
             if tid == 0:
                 ints[_TOTAL] = 0
@@ -424,6 +437,8 @@ def kernel(max_ranks: int, upto: int = FULL):
                 lanes_add(ints, _NHOT, 1 if is_hot else 0)
                 g += nt
             cuda.syncthreads()
+            if STAMPS and tid == 0:
+                stamps[base + 0] = clock64()
             if UPTO == 1:  # a profiling variant: the round ends here
                 continue
             num_hot = ints[_NHOT]
@@ -464,6 +479,8 @@ def kernel(max_ranks: int, upto: int = FULL):
                         cuda.atomic.or_(elig, (i, p >> 5), uint32(1 << (p & 31)))
                 i, p = _next_item(i, p, drow_g, dcol_g, num_ranks)
             cuda.syncthreads()
+            if STAMPS and tid == 0:
+                stamps[base + 1] = clock64()
             if UPTO == 2:  # a profiling variant: the round ends here
                 continue
             if tid == 0:  # the CPU kernel's matching: hot ranks in order, fastest untaken first
@@ -493,6 +510,8 @@ def kernel(max_ranks: int, upto: int = FULL):
                             break
                 ints[_NPAIRS] = n_pairs
             cuda.syncthreads()
+            if STAMPS and tid == 0:
+                stamps[base + 2] = clock64()
             if UPTO == 3:  # a profiling variant: the round ends here
                 continue
             n_pairs = ints[_NPAIRS]
@@ -619,6 +638,8 @@ def kernel(max_ranks: int, upto: int = FULL):
                             pair_e[i] = e
                             pair_x[i] = best & (KEY_MAX_TOKENS - 1)
             cuda.syncthreads()
+            if STAMPS and tid == 0:
+                stamps[base + 3] = clock64()
             if UPTO == 4:  # a profiling variant: the round ends here
                 continue
             # Thread 0 admits the moves in pair order.
@@ -654,6 +675,8 @@ def kernel(max_ranks: int, upto: int = FULL):
                 ints[_NBLK] = n_blk
                 ints[_NNEW] = n_new
             cuda.syncthreads()
+            if STAMPS and tid == 0:
+                stamps[base + 4] = clock64()
             if UPTO == 5:  # a profiling variant: the round ends here
                 continue
             n_new = ints[_NNEW]
@@ -669,6 +692,8 @@ def kernel(max_ranks: int, upto: int = FULL):
                     blk_assign[b, s, g] = _share(load, home, hpos, hcount, s, e, g)
                 q, s = _next_item(q, s, drow_g, dcol_g, num_ranks)
             cuda.syncthreads()
+            if STAMPS and tid == 0:
+                stamps[base + 5] = clock64()
             if UPTO == 6:  # a profiling variant: the round ends here
                 continue
             # Apply the takes: a thread per (pair, pool entry); integer atomics.
@@ -716,6 +741,8 @@ def kernel(max_ranks: int, upto: int = FULL):
                     cuda.atomic.add(ints, _APPLIED, 1)
                 i += nt
             cuda.syncthreads()
+            if STAMPS and tid == 0:
+                stamps[base + 6] = clock64()
             applied = ints[_APPLIED]
             moves += applied
             cuda.syncthreads()
@@ -803,7 +830,8 @@ def host_arrays(home: np.ndarray, slots: np.ndarray, cost: CostModel,
                ((L, G, words), np.uint32), ((L, G, G), i64),  # reach, flow
                ((L, pairs, G), i64), ((L, pairs, G), i64),  # pool_s, pool_n
                ((L, pairs, G + 1), i64), ((L, pairs, G + 1), i64),
-               ((L, pairs, G + 1), i64))  # cum, pre_h, pre_c
+               ((L, pairs, G + 1), i64),  # cum, pre_h, pre_c
+               ((L, 2 + 7 * rules.max_rounds), i64))  # stamps
     reps, blocks = max(max_reps, 1), max(max_blocks, 1)
     outputs = (((L, reps, 3), i64), ((L,), i64), ((L, blocks), i64), ((L, blocks, G, G), i64),
                ((L,), i64), ((L,), i64), ((L,), i64), ((L,), i64), ((L,), i64))
@@ -818,13 +846,16 @@ class CudaLite(LayerPlanner):
 
     def __init__(self, home: np.ndarray, slots: np.ndarray | int, cost: CostModel,
                  rules: LiteRules | None = None, *, num_layers: int = 1,
-                 threads: int = THREADS, upto: int = FULL) -> None:
+                 threads: int = THREADS, upto: int = FULL, stamps: bool = False) -> None:
         if threads == 1:  # the kernel's warp collectives need whole warps
             raise ValueError("lite_cuda needs a multiple of 32 threads per block, got 1")
         super().__init__(home, slots, cost, num_layers=num_layers, threads=threads,
                          max_ranks=MAX_RANKS, name="lite_cuda")
         self.rules = lite._rules(rules)
         self.upto = upto  # FULL, or a profiling variant of `kernel`
+        if stamps and SIMULATOR:
+            raise ValueError("lite_cuda's clock stamps need a GPU (the simulator has no clock)")
+        self.stamps = stamps  # the kernel that stamps its steps (`step_cycles`)
         self.max_ranks = kernel_ranks(self.shape[0])
         host = host_arrays(self._home.copy_to_host(), self.slots, cost, self.rules)
         self.max_reps, self.max_blocks = host.max_reps, host.max_blocks
@@ -844,7 +875,7 @@ class CudaLite(LayerPlanner):
         return the output buffers (device arrays; torch CUDA tensors for torch inputs), without
         synchronising. load int64 [L, S, E], window float64 [L, G] (seconds)."""
         load_d, window_d, stream = self.launch_inputs(load, window, stream)
-        kernel(self.max_ranks, self.upto)[self.num_layers, self.threads, stream](
+        kernel(self.max_ranks, self.upto, self.stamps)[self.num_layers, self.threads, stream](
             load_d, self._home, window_d, *self._consts, *self._scratch, *self.out)
         return self.torch_out() if is_torch(load) else self.out
 
@@ -870,3 +901,27 @@ def lite_cuda_arrays(load, home, slots, window, cost: CostModel,
                        int(host.makespan[layer])))
     return layers
 
+
+STAMP_STEPS = ("rank order", "pair tests", "matching", "pair moves", "admission", "new blocks",
+               "apply")
+
+
+def step_cycles(runner: CudaLite) -> list[dict]:
+    """Each layer's cycles per step of the last launch of a runner made with stamps=True:
+    {"start": cycles, "rounds": n, step: cycles summed over the rounds for each of
+    STAMP_STEPS, "total": cycles from the launch to the last round's end}."""
+    if not runner.stamps:
+        raise ValueError("step_cycles needs a CudaLite made with stamps=True")
+    stamps = runner._scratch[-1].copy_to_host()
+    rounds = runner.out.rounds.copy_to_host()
+    layers = []
+    for layer in range(runner.num_layers):
+        row, n = stamps[layer], int(rounds[layer])
+        steps = row[2:2 + 7 * n].reshape(n, 7) if n else np.zeros((0, 7), np.int64)
+        ends = np.concatenate([[row[1]], steps.reshape(-1)])  # every step's end, in order
+        took = np.diff(ends).reshape(n, 7) if n else steps
+        cycles = {"start": int(row[1] - row[0]), "rounds": n}
+        cycles.update({name: int(took[:, k].sum()) for k, name in enumerate(STAMP_STEPS)})
+        cycles["total"] = int(ends[-1] - row[0])
+        layers.append(cycles)
+    return layers

@@ -29,7 +29,8 @@ from numba import cuda  # noqa: E402
 
 from probe.planner import scalar  # noqa: E402
 
-__all__ = ["LINEINFO", "SIMULATOR", "WARP_SHUFFLES", "add_at", "cuda", "device", "dmax", "dmin",
+__all__ = ["LINEINFO", "SIMULATOR", "WARP_SHUFFLES", "add_at", "clock64", "cuda", "device", "dmax",
+           "dmin",
            "lanes_add", "lanes_max", "lanes_min", "mul", "warp_any", "warp_last", "warp_max",
            "warp_min", "warp_scan", "warp_sum", "warp_sync"]
 
@@ -62,6 +63,31 @@ else:  # pragma: no cover (needs a GPU)
     def mul(a, b):
         """a * b rounded on its own (never fused into an FMA with a later + or -)."""
         return libdevice.dmul_rn(float64(a), float64(b))
+
+
+if SIMULATOR:
+    def clock64():  # pragma: no cover - the simulator's kernels never read it
+        """The simulator has no cycle counter."""
+        return 0
+else:
+    import numba.cuda.types as _cuda_types
+    from llvmlite import ir as _ir
+    from numba import types as _core_types
+    from numba.cuda.extending import intrinsic as _intrinsic
+
+    # numba-cuda's own types where it has them (its typing no longer takes numba's).
+    _INT64 = getattr(_cuda_types, "int64", None) or _core_types.int64
+
+    @_intrinsic
+    def clock64(typingctx):
+        """The SM's cycle counter (PTX %clock64) as an int64: a kernel timing its own steps."""
+
+        def codegen(context, builder, signature, args):
+            read = _ir.InlineAsm(_ir.FunctionType(_ir.IntType(64), []),
+                                 "mov.u64 $0, %clock64;", "=l", side_effect=True)
+            return builder.call(read, [])
+
+        return _INT64(), codegen
 
 
 @cuda.jit(device=True, inline=True, **LINEINFO)
