@@ -128,13 +128,34 @@ def test_bad_values_give_a_status_or_a_clear_error():
 
 
 def sequential_args(load, home, slots, window, cost, rules, junk: int = 0) -> tuple:
-    """The kernel's arguments as numpy arrays for a launch (scratch and outputs filled with
-    junk, so that nothing depends on their earlier contents)."""
+    """The planner kernel's arguments as numpy arrays for a launch (scratch and outputs filled
+    with junk, so that nothing depends on their earlier contents), and the two start kernels'
+    (lite_cuda.start_args)."""
     host = lite_cuda.host_arrays(np.asarray(home, bool), slots, cost, rules)
     scratch = [np.full(shape, junk, dtype) for shape, dtype in host.scratch]
     outputs = [np.full(shape, junk, dtype) for shape, dtype in host.outputs]
-    return (np.ascontiguousarray(load, np.int64), np.asarray(home, bool),
-            np.ascontiguousarray(window, np.float64), *host.consts, *scratch, *outputs)
+    load = np.ascontiguousarray(load, np.int64)
+    home = np.asarray(home, bool)
+    return ((load, home, np.ascontiguousarray(window, np.float64), *host.consts, *scratch,
+             *outputs), lite_cuda.start_args(load, home, host.consts, scratch))
+
+
+_RUNS: dict = {}
+
+
+def run_sequential(launch: tuple, num_layers: int) -> tuple:
+    """A launch's three kernels (zero, split, then the planner's), run sequentially on the
+    arrays of `sequential_args`; returns the planner's arguments (outputs filled in)."""
+    args, (zero, split) = launch
+    gm = lite_cuda.kernel_ranks(args[1].shape[1])
+    for key, fn in (("zero", lite_cuda._zero_kernel), ("split", lite_cuda._split_kernel),
+                    (gm, lite_cuda.kernel(gm))):
+        if key not in _RUNS:
+            _RUNS[key] = sequential(fn)
+    _RUNS["zero"](*zero, num_layers=num_layers)
+    _RUNS["split"](*split, num_layers=num_layers)
+    _RUNS[gm](*args, num_layers=num_layers)
+    return args
 
 
 def sequential_layers(args: tuple, num_layers: int) -> list:
@@ -148,16 +169,12 @@ def test_sequential_kernel_equals_cpu_kernel_on_1000_layers():
     1-8 (junk in the buffers beforehand): each layer's plan, rounds, moves and makespan equal
     the CPU kernel's."""
     rng = np.random.default_rng(7)
-    runs = {}
     layers = moved = 0
     while layers < 1000:
         num_layers = int(rng.integers(1, 9))
         load, home, slots, window, cost, rules = random_batch(rng, num_layers)
-        gm = lite_cuda.kernel_ranks(home.shape[1])
-        run = runs.setdefault(gm, sequential(lite_cuda.kernel(gm)))
-        args = sequential_args(load, home, slots, window, cost, rules,
-                               junk=int(rng.choice([0, 1, 3])))
-        run(*args, num_layers=num_layers)
+        args = run_sequential(sequential_args(load, home, slots, window, cost, rules,
+                                              junk=int(rng.choice([0, 1, 3]))), num_layers)
         for i, got in enumerate(sequential_layers(args, num_layers)):
             ref = cpu_layer(load[i], home[i], slots, window[i], cost, rules)
             assert same(ref, got), (layers, i)
@@ -171,8 +188,7 @@ def test_sequential_kernel_reports_bad_layers_and_plans_the_others():
     load, home, slots, window, cost, rules = random_batch(rng, 3, ranks=(4,))
     load[0, 1, 2] = -5
     window[2, 0] = np.nan
-    args = sequential_args(load, home, slots, window, cost, rules)
-    sequential(lite_cuda.kernel(32))(*args, num_layers=3)
+    args = run_sequential(sequential_args(load, home, slots, window, cost, rules), 3)
     got = sequential_layers(args, 3)
     assert [g[0] for g in got] == [1, 0, 2]
     assert same(got[1], cpu_layer(load[1], home[1], slots, window[1], cost, rules))
@@ -241,8 +257,7 @@ def test_sequential_kernel_with_pools_in_global_memory():
         rng = np.random.default_rng(seed)
         for ranks in (40, 70, 150):
             load, home, slots, window, cost, rules = random_batch(rng, 2, ranks=(ranks,))
-            args = sequential_args(load, home, slots, window, cost, rules)
-            sequential(lite_cuda.kernel(lite_cuda.kernel_ranks(ranks)))(*args, num_layers=2)
+            args = run_sequential(sequential_args(load, home, slots, window, cost, rules), 2)
             for i, got in enumerate(sequential_layers(args, 2)):
                 ref = cpu_layer(load[i], home[i], slots, window[i], cost, rules)
                 assert same(ref, got)
@@ -268,8 +283,8 @@ def test_sequential_kernel_matches_past_the_fastest_32_positions():
     window = np.full(ranks, 1e-3)
     rules = LiteRules()
     ref = cpu_layer(load, home, slots, window, cost, rules)
-    args = sequential_args(load[None], home[None], slots, window[None], cost, rules)
-    sequential(lite_cuda.kernel(lite_cuda.kernel_ranks(ranks)))(*args, num_layers=1)
+    args = run_sequential(sequential_args(load[None], home[None], slots, window[None], cost,
+                                          rules), 1)
     (got,) = sequential_layers(args, 1)
     assert same(ref, got)
     status, rep = ref[0], ref[1]
@@ -298,3 +313,25 @@ print(json.dumps(out))
 """
     counts = compile_for_sm90(code)
     assert counts["strided"] >= 1 and counts["stepped"] == 0
+
+
+def test_start_kernels_compile_for_sm90_with_native_atomics():
+    """The start kernels compile for an H200 (sm_90), and their sums are native 64-bit atomic
+    adds on global memory (a 64-bit add on shared memory is a compare-and-swap loop there)."""
+    code = """
+import re
+from probe.planner.cost import CostModel
+from probe.planner.lite import LiteRules
+from probe.planner.lite_cuda import host_arrays, start_args, _zero_kernel, _split_kernel
+G, E, L = 8, 16, 1
+home = np.zeros((L, G, E), bool)
+home[0, np.arange(E) % G, np.arange(E)] = True
+cost = CostModel.uniform(G, alpha=1e-5, beta=1e-8, token_time=1e-8, transfer_time=1e-4)
+host = host_arrays(home, np.full(G, 2), cost, LiteRules())
+scratch = [np.zeros(s, d) for s, d in host.scratch]
+zero, split = start_args(np.zeros((L, G, E), np.int64), home, host.consts, scratch)
+ptx = ptx_of(_split_kernel.py_func, split) + ptx_of(_zero_kernel.py_func, zero)
+print(json.dumps(sorted(set(re.findall(r"atom[.][a-z.0-9]+|red[.][a-z.0-9]+|atom[.]cas", ptx)))))
+"""
+    assert compile_for_sm90(code) == ["atom.global.add.u64", "atom.global.max.s64",
+                                      "atom.global.or.b32"]

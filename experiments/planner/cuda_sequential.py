@@ -91,11 +91,13 @@ _WARP_COLLECTIVES = ("warp_any", "warp_last", "warp_min", "warp_max", "warp_scan
 def sequential(kernel, wrap=None):
     """`run(*args, num_layers=L)`: kernel's source (a numba.cuda kernel, or the plain Python
     function of one) run for blocks 0 .. L-1, one after the other, on numpy arrays (the
-    kernel's arguments). wrap(name, fn), when given, returns what replaces each device
-    function where it is called (to count calls)."""
+    kernel's arguments); a grid's second dimension is one block (blockIdx.y = 0, gridDim.y =
+    1), whose one thread does every item. wrap(name, fn), when given, returns what replaces
+    each device function where it is called (to count calls)."""
     fake = types.SimpleNamespace(threadIdx=types.SimpleNamespace(x=0),
-                                 blockIdx=types.SimpleNamespace(x=0),
-                                 blockDim=types.SimpleNamespace(x=1), syncthreads=lambda: None,
+                                 blockIdx=types.SimpleNamespace(x=0, y=0),
+                                 blockDim=types.SimpleNamespace(x=1),
+                                 gridDim=types.SimpleNamespace(x=1, y=1), syncthreads=lambda: None,
                                  syncthreads_or=lambda v: 1 if v else 0,
                                  shared=_Array, local=_Array, atomic=_Atomic,
                                  popc=lambda v: bin(int(v)).count("1"),

@@ -85,8 +85,9 @@ from probe.planner.numba_cuda import (
 )
 from probe.planner.scalar import pool_entry
 
-__all__ = ["MAX_RANKS", "STAMP_STEPS", "THREADS", "CudaLite", "CudaLitePlan", "host_arrays",
-           "kernel", "kernel_ranks", "lite_cuda_arrays", "step_cycles"]
+__all__ = ["MAX_RANKS", "STAMP_STEPS", "START_THREADS", "THREADS", "CudaLite", "CudaLitePlan",
+           "host_arrays", "kernel", "kernel_ranks", "launch_start", "lite_cuda_arrays",
+           "start_args", "step_cycles"]
 
 # Most ranks a layer may have (the shared rank arrays are at most this long).
 MAX_RANKS = 256
@@ -191,6 +192,102 @@ class CudaLitePlan(NamedTuple):
     status: object
 
 
+# Threads per block of the start kernels (their grid: layers x blocks of items).
+START_THREADS = 256
+
+
+@cuda.jit(**LINEINFO)
+def _zero_kernel(cnt, held_bits, sums, start_status):  # pragma: no cover - device code
+    """The start's first kernel: zero what the second one accumulates into (cnt [G, E], the
+    held bits [E, W], the sums [3, G], the start status), spread over the layer's blocks."""
+    layer = cuda.blockIdx.x
+    cnt = cnt[layer]
+    held_bits = held_bits[layer]
+    sums = sums[layer]
+    num_ranks, num_experts = cnt.shape
+    nw = held_bits.shape[1]
+    k = cuda.blockIdx.y * cuda.blockDim.x + cuda.threadIdx.x
+    stride = cuda.gridDim.y * cuda.blockDim.x
+    g, e, dg, de = _first_item(k, stride, num_experts)
+    while g < num_ranks:
+        cnt[g, e] = 0
+        g, e = _next_item(g, e, dg, de, num_experts)
+    e, w, de, dw = _first_item(k, stride, nw)
+    while e < num_experts:
+        held_bits[e, w] = 0
+        e, w = _next_item(e, w, de, dw, nw)
+    j = k
+    while j < 3 * num_ranks:
+        sums[j // num_ranks, j % num_ranks] = 0
+        j += stride
+    if k == 0:
+        start_status[layer] = 0
+
+
+@cuda.jit(**LINEINFO)
+def _split_kernel(load, home, hcount, hlist, hpos, tt, a_tick, b_tick, cnt, held, held_bits,
+                  blk_of, sums, start_status):  # pragma: no cover - device code
+    """The start's second kernel: a thread per (source s, expert e) of the layer (its blocks
+    over the items) adds the static split's tokens of (s, e) into cnt[g, e] of each holder g
+    and into the sums: compute (B per token, and A where the count leaves 0), traffic into g
+    and out of s (64-bit atomics in global memory); sets held [G, E] and its bits, clears
+    blk_of, and flags a negative load (start status 1)."""
+    layer = cuda.blockIdx.x
+    load = load[layer]
+    home = home[layer]
+    hcount = hcount[layer]
+    hlist = hlist[layer]
+    hpos = hpos[layer]
+    cnt = cnt[layer]
+    held = held[layer]
+    held_bits = held_bits[layer]
+    blk_of = blk_of[layer]
+    sums = sums[layer]
+    num_ranks, num_experts = home.shape
+    A = a_tick  # noqa: N806 (the cost model's letters)
+    B = b_tick  # noqa: N806
+    k = cuda.blockIdx.y * cuda.blockDim.x + cuda.threadIdx.x
+    stride = cuda.gridDim.y * cuda.blockDim.x
+    s, e, ds, de = _first_item(k, stride, num_experts)
+    while s < num_ranks:
+        if load[s, e] < 0:
+            cuda.atomic.max(start_status, layer, 1)
+        held[s, e] = 1 if home[s, e] else 0  # (S = G: row s is rank s too)
+        if home[s, e]:
+            cuda.atomic.or_(held_bits, (e, s >> 5), uint32(1 << (s & 31)))
+        if s == 0:
+            blk_of[e] = -1
+        for j in range(hcount[e]):
+            g = hlist[e, j]
+            a = _share(load, home, hpos, hcount, s, e, g)
+            if a != 0:
+                before = cuda.atomic.add(cnt, (g, e), a)
+                cuda.atomic.add(sums, (0, g), B * a + (A if before == 0 else 0))
+                cuda.atomic.add(sums, (1, g), a * tt[s, g])
+                cuda.atomic.add(sums, (2, s), a * tt[s, g])
+        s, e = _next_item(s, e, ds, de, num_experts)
+
+
+def start_args(load, home, consts: tuple, scratch: tuple) -> tuple:
+    """The arguments of the two start kernels (`_zero_kernel`, `_split_kernel`) of a launch
+    whose `kernel` takes (load, home, window, *consts, *scratch, *outputs)."""
+    cnt, held, blk_of, _, held_bits, _, _, sums, start_status = scratch[:9]
+    _, a, b, tt, _, hcount, hlist, hpos = consts[:8]
+    return ((cnt, held_bits, sums, start_status),
+            (load, home, hcount, hlist, hpos, tt, a, b, cnt, held, held_bits, blk_of, sums,
+             start_status))
+
+
+def launch_start(load, home, consts: tuple, scratch: tuple, num_layers: int, stream) -> None:
+    """The two start kernels of a launch (before `kernel`'s), on `stream`: a grid of the layers
+    by blocks of START_THREADS items."""
+    num_ranks, num_experts = home.shape[1:]
+    grid = (num_layers, max(1, -(-num_ranks * num_experts // START_THREADS)))
+    zero, split = start_args(load, home, consts, scratch)
+    _zero_kernel[grid, START_THREADS, stream](*zero)
+    _split_kernel[grid, START_THREADS, stream](*split)
+
+
 _KERNELS: dict = {}
 
 
@@ -220,7 +317,8 @@ def kernel(max_ranks: int, upto: int = FULL, stamps: bool = False):
     @cuda.jit(**LINEINFO)
     def _lite_kernel(load, home, window, slots, a_tick, b_tick, tt, xt, hcount, hlist, hpos,
                      nhome, rank_home, max_rounds, eps_ppm, hot, max_reps, max_blocks,
-                     cnt, held, blk_of, rep_on, held_bits, fits, reach, flow, pool_s, pool_n, cum,
+                     cnt, held, blk_of, rep_on, held_bits, fits, reach, sums, start_status,
+                     pool_s, pool_n, cum,
                      pre_h, pre_c, stamps, rep, n_rep_out, blk_expert, blk_assign, n_blk_out,
                      rounds_out, moves_out, makespan_out,
                      status_out):  # pragma: no cover - device code
@@ -241,7 +339,7 @@ def kernel(max_ranks: int, upto: int = FULL, stamps: bool = False):
         held_bits = held_bits[layer]
         fits = fits[layer]
         reach = reach[layer]
-        flow = flow[layer]
+        sums = sums[layer]
         stamps = stamps[layer]
         if STAMPS and tid == 0:
             stamps[0] = clock64()
@@ -319,71 +417,30 @@ def kernel(max_ranks: int, upto: int = FULL, stamps: bool = False):
             recv[g] = 0
             g += nt
         cuda.syncthreads()
+        # The static split's counts, held experts and sums came from the start kernels.
         g = tid
         while g < num_ranks:
             if wt[g] < 0:
                 cuda.atomic.max(ints, _STATUS, 2)
             g += nt
-        e = tid  # the same thread sets e's held bits in the loop below: no barrier between
-        while e < num_experts:
-            for w in range(nw):
-                held_bits[e, w] = 0
-            e += nt
-        for g in range(num_ranks):  # coalesced rows, no index division
-            e = tid
-            while e < num_experts:
-                cnt[g, e] = 0
-                held[g, e] = 1 if home[g, e] else 0
-                if home[g, e]:
-                    held_bits[e, g >> 5] |= uint32(1 << (g & 31))
-                if load[g, e] < 0:
-                    cuda.atomic.max(ints, _STATUS, 1)
-                e += nt
-        e = tid
-        while e < num_experts:
-            blk_of[e] = -1
-            e += nt
+        if tid == 0 and start_status[layer] != 0:
+            cuda.atomic.max(ints, _STATUS, start_status[layer])
         cuda.syncthreads()
         if ints[_STATUS] == 0:
-            # The static split without atomics: a thread per expert makes its token counts on
-            # its holders, a thread per (source s, rank g) the tokens g computes for s (flow).
             e = tid
             while e < num_experts:
                 total = 0  # e's tokens: the static split gives each one to one holder
                 for j in range(hcount[e]):
-                    g = hlist[e, j]
-                    n = 0
-                    for s in range(num_ranks):
-                        n += _share(load, home, hpos, hcount, s, e, g)
-                    cnt[g, e] = n
-                    total += n
+                    total += cnt[hlist[e, j], e]
                 if total >= KEY_MAX_TOKENS:
                     cuda.atomic.max(ints, _STATUS, 3)
                 e += nt
-            s = row_g
-            g = col_g
-            while s < num_ranks:
-                n = 0
-                for j in range(nhome[g]):  # tokens sit on home holders alone
-                    n += _share(load, home, hpos, hcount, s, rank_home[g, j], g)
-                flow[s, g] = n
-                s, g = _next_item(s, g, drow_g, dcol_g, num_ranks)
-        cuda.syncthreads()
-        if ints[_STATUS] == 0:
-            # A thread per rank: its compute and its traffic in and out.
             g = tid
             while g < num_ranks:
-                t = 0
-                for j in range(nhome[g]):
-                    n = cnt[g, rank_home[g, j]]
-                    if n > 0:
-                        t += A + B * n
+                t = sums[0, g]
+                into = sums[1, g]
+                out = sums[2, g]
                 comp[g] = t
-                into = 0
-                out = 0
-                for s in range(num_ranks):
-                    into += flow[s, g] * tt[s, g]
-                    out += flow[g, s] * tt[g, s]
                 tin[g] = into
                 tout[g] = out
                 if t + 2 * (into if into > out else out) >= KEY_MAX_TIME:
@@ -827,7 +884,8 @@ def host_arrays(home: np.ndarray, slots: np.ndarray, cost: CostModel,
     scratch = (((L, G, E), i64), ((L, G, E), np.uint8), ((L, E), i64),  # cnt, held, blk_of
                ((L, G, max(int(np.max(slots, initial=0)), 1)), i64),  # rep_on
                ((L, E, words), np.uint32), ((L, G, words), np.uint32),  # held_bits, fits
-               ((L, G, words), np.uint32), ((L, G, G), i64),  # reach, flow
+               ((L, G, words), np.uint32), ((L, 3, G), i64), ((L,), i64),  # reach, sums,
+               # start_status
                ((L, pairs, G), i64), ((L, pairs, G), i64),  # pool_s, pool_n
                ((L, pairs, G + 1), i64), ((L, pairs, G + 1), i64),
                ((L, pairs, G + 1), i64),  # cum, pre_h, pre_c
@@ -875,6 +933,7 @@ class CudaLite(LayerPlanner):
         return the output buffers (device arrays; torch CUDA tensors for torch inputs), without
         synchronising. load int64 [L, S, E], window float64 [L, G] (seconds)."""
         load_d, window_d, stream = self.launch_inputs(load, window, stream)
+        launch_start(load_d, self._home, self._consts, self._scratch, self.num_layers, stream)
         kernel(self.max_ranks, self.upto, self.stamps)[self.num_layers, self.threads, stream](
             load_d, self._home, window_d, *self._consts, *self._scratch, *self.out)
         return self.torch_out() if is_torch(load) else self.out
