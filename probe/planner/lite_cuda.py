@@ -13,21 +13,27 @@ token's static split) are lite.py's own functions compiled a second time as devi
 Loops are while loops stepping their indices (Numba's strided range loops, like every `k // G`,
 cost a 64-bit division). The block needs a multiple of 32 threads.
 
-A layer's block (T threads; barriers between the steps):
+A launch is three kernels on one stream. The start, over every layer's (source, expert) items
+(a grid of layers x blocks): one zeroes what the other accumulates; the other adds each item's
+static-split tokens into the holders' counts and the ranks' compute and traffic with native
+64-bit atomics in global memory, sets the held experts and their bits, and flags a negative
+load. Then the planner, one block per layer (T threads; barriers between the steps):
 - start: the windows in ticks and the checks (status 1 negative load, 2 bad window, 3 times or
-  tokens past the kernel's integer keys); then a thread per expert makes the static split's
-  token counts, compute and traffic (atomic adds into the rank arrays);
+  tokens past the kernel's integer keys); the rank arrays from the start's sums;
 - each round: the rank times and their sum (a thread per rank); each rank's position, slowest
   first (a thread per rank counts the ranks ahead of it); which (hot rank, faster rank) pairs
-  could move, every pair tested at once into bit words per hot rank; thread 0 matches them in
+  could move (lite.can_move) in bit words: the ranks a copy from each source rank fits, then
+  per hot rank the ranks that hold or can receive one of its experts (an item per (hot rank,
+  word)), then per hot position the faster positions that could gain; thread 0 matches them in
   the CPU kernel's order, reading one word per step (the fastest untaken candidate is the
-  highest set bit); each pair's expert (a warp or more per pair, a lane per expert h holds,
-  maximum of (tokens, -expert)); the pools (a thread per (pair, source) finds the source's
-  tokens, then a warp per pair lays out the pool and its prefix sums from the lanes' prefix
-  sums); the amount's grid search (a warp per pair, a lane per grid point evaluates f(x),
-  minimum of (f, x), a thread per pair narrows the range); thread 0 admits the moves in pair
-  order (copy sources, replica rows, new expert blocks); the threads write the new blocks'
-  static split; a thread per (pair, pool entry) applies the takes.
+  highest set bit); then a warp per pair makes the pair's move with the pair's state in
+  registers and no block barrier: its expert (a lane per expert h holds, maximum of (tokens,
+  -expert)), its pool (a lane per source, each entry's place and prefix sums from the lanes'
+  prefix sums), the amount's grid steps (a lane per grid point evaluates f(x), the warp's
+  minimum of (f, x), every lane narrows the range alike) and the gain test; thread 0 admits
+  the moves in pair order (copy sources, replica rows, new expert blocks); the threads write
+  the new blocks' static split; a thread per (pair, pool entry) applies the takes.
+kernel(stamps=True) stamps each step with the SM's cycle counter (`step_cycles`).
 
 Measured on an H100 (results/h100/run8, experiments.planner.gpu_lite; one layer, graph replay,
 default rules, best block size): 102.5 us at ep=8 / 128 experts and 1.41 ms at ep=64 / 256;
