@@ -137,7 +137,7 @@ def sequential_args(load, home, slots, window, cost, rules, junk: int = 0) -> tu
     load = np.ascontiguousarray(load, np.int64)
     home = np.asarray(home, bool)
     return ((load, home, np.ascontiguousarray(window, np.float64), *host.consts, *scratch,
-             *outputs), lite_cuda.start_args(load, home, host.consts, scratch))
+             *outputs), lite_cuda.start_args(load, home, host.consts, scratch, outputs))
 
 
 _RUNS: dict = {}
@@ -329,7 +329,8 @@ home[0, np.arange(E) % G, np.arange(E)] = True
 cost = CostModel.uniform(G, alpha=1e-5, beta=1e-8, token_time=1e-8, transfer_time=1e-4)
 host = host_arrays(home, np.full(G, 2), cost, LiteRules())
 scratch = [np.zeros(s, d) for s, d in host.scratch]
-zero, split = start_args(np.zeros((L, G, E), np.int64), home, host.consts, scratch)
+outputs = [np.zeros(s, d) for s, d in host.outputs]
+zero, split = start_args(np.zeros((L, G, E), np.int64), home, host.consts, scratch, outputs)
 ptx = ptx_of(_split_kernel.py_func, split) + ptx_of(_zero_kernel.py_func, zero)
 print(json.dumps(sorted(set(re.findall(r"atom[.][a-z.0-9]+|red[.][a-z.0-9]+|atom[.]cas", ptx)))))
 """

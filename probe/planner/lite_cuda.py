@@ -182,7 +182,7 @@ class CudaLitePlan(NamedTuple):
         replicas: int64 [L, R_max, 3], rows (rank, expert, source) in the order made, -1 past
         num_replicas[l]; num_replicas: int64 [L]; blk_expert: int64 [L, B_max], the experts
         whose tokens moved, -1 past num_blocks[l]; blk_assign: int64 [L, B_max, S, G], their
-        assignment (blocks past num_blocks[l] are left as they were); num_blocks: int64 [L];
+        assignment (blocks past num_blocks[l] are zero); num_blocks: int64 [L];
         rounds, moves: int64 [L]; makespan: int64 [L], the largest rank time in ticks (0 for a
         rejected layer); status: int64 [L], 0 fine or a code of lite.STATUS_ERRORS (the layer is
         left unplanned)."""
@@ -203,13 +203,17 @@ START_THREADS = 256
 
 
 @cuda.jit(**LINEINFO)
-def _zero_kernel(cnt, held_bits, sums, start_status):  # pragma: no cover - device code
+def _zero_kernel(cnt, held_bits, sums, start_status,
+                 blk_rows):  # pragma: no cover - device code
     """The start's first kernel: zero what the second one accumulates into (cnt [G, E], the
-    held bits [E, W], the sums [3, G], the start status), spread over the layer's blocks."""
+    held bits [E, W], the sums [3, G], the start status) and the plan's expert blocks
+    (blk_rows: blk_assign as [L, B S, G]; a new block's static split then writes its holders'
+    columns alone), spread over the layer's blocks."""
     layer = cuda.blockIdx.x
     cnt = cnt[layer]
     held_bits = held_bits[layer]
     sums = sums[layer]
+    blk_rows = blk_rows[layer]
     num_ranks, num_experts = cnt.shape
     nw = held_bits.shape[1]
     k = cuda.blockIdx.y * cuda.blockDim.x + cuda.threadIdx.x
@@ -228,6 +232,10 @@ def _zero_kernel(cnt, held_bits, sums, start_status):  # pragma: no cover - devi
         j += stride
     if k == 0:
         start_status[layer] = 0
+    r, g, dr, dg = _first_item(k, stride, num_ranks)
+    while r < blk_rows.shape[0]:
+        blk_rows[r, g] = 0
+        r, g = _next_item(r, g, dr, dg, num_ranks)
 
 
 @cuda.jit(**LINEINFO)
@@ -274,23 +282,29 @@ def _split_kernel(load, home, hcount, hlist, hpos, tt, a_tick, b_tick, cnt, held
         s, e = _next_item(s, e, ds, de, num_experts)
 
 
-def start_args(load, home, consts: tuple, scratch: tuple) -> tuple:
+def start_args(load, home, consts: tuple, scratch: tuple, outputs: tuple) -> tuple:
     """The arguments of the two start kernels (`_zero_kernel`, `_split_kernel`) of a launch
     whose `kernel` takes (load, home, window, *consts, *scratch, *outputs)."""
     cnt, held, blk_of, _, held_bits, _, _, sums, start_status = scratch[:9]
     _, a, b, tt, _, hcount, hlist, hpos = consts[:8]
-    return ((cnt, held_bits, sums, start_status),
+    blk_assign = outputs[3]
+    num_layers, blocks, sources, ranks = blk_assign.shape
+    return ((cnt, held_bits, sums, start_status,
+             blk_assign.reshape(num_layers, blocks * sources, ranks)),
             (load, home, hcount, hlist, hpos, tt, a, b, cnt, held, held_bits, blk_of, sums,
              start_status))
 
 
-def launch_start(load, home, consts: tuple, scratch: tuple, num_layers: int, stream) -> None:
+def launch_start(load, home, consts: tuple, scratch: tuple, outputs: tuple, num_layers: int,
+                 stream) -> None:
     """The two start kernels of a launch (before `kernel`'s), on `stream`: a grid of the layers
-    by blocks of START_THREADS items."""
+    by blocks of START_THREADS threads, an item per thread for the split, about four for the
+    zeroing (the expert blocks are most of it)."""
     num_ranks, num_experts = home.shape[1:]
+    zero, split = start_args(load, home, consts, scratch, outputs)
+    items = max(num_ranks * num_experts, zero[-1].shape[1] * num_ranks // 4)
+    _zero_kernel[(num_layers, max(1, -(-items // START_THREADS))), START_THREADS, stream](*zero)
     grid = (num_layers, max(1, -(-num_ranks * num_experts // START_THREADS)))
-    zero, split = start_args(load, home, consts, scratch)
-    _zero_kernel[grid, START_THREADS, stream](*zero)
     _split_kernel[grid, START_THREADS, stream](*split)
 
 
@@ -743,13 +757,11 @@ def kernel(max_ranks: int, upto: int = FULL, stamps: bool = False):
             if UPTO == 5:  # a profiling variant: the round ends here
                 continue
             n_new = ints[_NNEW]
-            q = row_g  # a row (block q, source s) per item
+            q = row_g  # a row (block q, source s) per item; the start zeroed every block
             s = col_g
             while q < n_new:
                 b = new_blk[q]
                 e = blk_expert[b]
-                for g in range(num_ranks):
-                    blk_assign[b, s, g] = 0
                 for j in range(hcount[e]):  # the static split has tokens on holders alone
                     g = hlist[e, j]
                     blk_assign[b, s, g] = _share(load, home, hpos, hcount, s, e, g)
@@ -939,7 +951,8 @@ class CudaLite(LayerPlanner):
         return the output buffers (device arrays; torch CUDA tensors for torch inputs), without
         synchronising. load int64 [L, S, E], window float64 [L, G] (seconds)."""
         load_d, window_d, stream = self.launch_inputs(load, window, stream)
-        launch_start(load_d, self._home, self._consts, self._scratch, self.num_layers, stream)
+        launch_start(load_d, self._home, self._consts, self._scratch, self.out, self.num_layers,
+                     stream)
         kernel(self.max_ranks, self.upto, self.stamps)[self.num_layers, self.threads, stream](
             load_d, self._home, window_d, *self._consts, *self._scratch, *self.out)
         return self.torch_out() if is_torch(load) else self.out
