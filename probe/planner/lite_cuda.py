@@ -378,7 +378,9 @@ def kernel(max_ranks: int, upto: int = FULL, stamps: bool = False):
         # about a hundred instructions each: the loops are while loops without divisions).
         row_g, col_g, drow_g, dcol_g = _first_item(tid, nt, num_ranks)
         nw = (num_ranks + 31) >> 5  # bit words over the ranks
-        row_w, col_w, drow_w, dcol_w = _first_item(tid, nt, nw)
+        # Items (hot position, one of the experts its rank holds): home lists and replica rows.
+        span = rank_home.shape[1] + rep_on.shape[1]
+        row_x, col_x, drow_x, dcol_x = _first_item(tid, nt, span)
         # A warp per pair in rules 2-4 (with one thread, as the sequential run has, a warp of
         # one lane).
         width = 32 if nt >= 32 else 1
@@ -492,6 +494,7 @@ def kernel(max_ranks: int, upto: int = FULL, stamps: bool = False):
                 for w in range(nw):
                     elig[g, w] = 0
                     fits[g, w] = 0
+                    reach[g, w] = 0
                 g += nt
             cuda.syncthreads()
             g = tid  # whole warps (lanes past the ranks add 0)
@@ -532,19 +535,20 @@ def kernel(max_ranks: int, upto: int = FULL, stamps: bool = False):
                     cuda.atomic.or_(fits, (g, c >> 5), uint32(1 << (c & 31)))
                 g, c = _next_item(g, c, drow_g, dcol_g, num_ranks)
             cuda.syncthreads()
-            i = row_w
-            w = col_w
+            i = row_x  # an item per (hot position, expert the hot rank holds)
+            j = col_x
             while i < num_hot:
                 h = order[i]
-                bits = uint32(0)
-                for j in range(nhome[h] + used[h]):
+                if j < nhome[h] + used[h]:
                     e = rank_home[h, j] if j < nhome[h] else rep_on[h, j - nhome[h]]
                     if cnt[h, e] > 0:
-                        bits = uint32(bits | held_bits[e, w])
-                        for k in range(hcount[e]):
-                            bits = uint32(bits | fits[hlist[e, k], w])
-                reach[i, w] = bits
-                i, w = _next_item(i, w, drow_w, dcol_w, nw)
+                        for w in range(nw):
+                            bits = held_bits[e, w]
+                            for k in range(hcount[e]):
+                                bits = uint32(bits | fits[hlist[e, k], w])
+                            if bits != 0:
+                                cuda.atomic.or_(reach, (i, w), uint32(bits))
+                i, j = _next_item(i, j, drow_x, dcol_x, span)
             cuda.syncthreads()
             i = row_g
             p = col_g
