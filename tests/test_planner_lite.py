@@ -336,3 +336,32 @@ print(json.dumps(sorted(set(re.findall(r"atom[.][a-z.0-9]+|red[.][a-z.0-9]+|atom
 """
     assert compile_for_sm90(code) == ["atom.global.add.u64", "atom.global.max.s64",
                                       "atom.global.or.b32"]
+
+
+def test_step_cycles_sums_each_step_over_the_rounds():
+    """step_cycles reads a stamped launch's cycle counters: the start from the launch's stamp,
+    each step from the stamp before it (the last step of a round before the next round's
+    first), summed over the rounds a layer ran; a layer rejected before its rounds has none."""
+    import types
+
+    class Host:
+        def __init__(self, a):
+            self.a = np.asarray(a, np.int64)
+
+        def copy_to_host(self):
+            return self.a
+
+    rounds = 2
+    stamps = np.zeros((2, 2 + 7 * 3), np.int64)
+    stamps[0, :2 + 7 * rounds] = [100, 150] + [150 + 10 * (k + 1) for k in range(7)] + [
+        220 + 5 * (k + 1) for k in range(7)]
+    stamps[1, :2] = [7, 9]
+    runner = types.SimpleNamespace(stamps=True, num_layers=2, _scratch=(Host(stamps),),
+                                   out=types.SimpleNamespace(rounds=Host([rounds, 0])))
+    first, second = lite_cuda.step_cycles(runner)
+    assert first["start"] == 50 and first["rounds"] == 2 and first["total"] == 255 - 100
+    assert all(first[name] == 15 for name in lite_cuda.STAMP_STEPS)
+    assert second == {"start": 2, "rounds": 0, **dict.fromkeys(lite_cuda.STAMP_STEPS, 0),
+                      "total": 2}
+    with pytest.raises(ValueError, match="stamps=True"):
+        lite_cuda.step_cycles(types.SimpleNamespace(stamps=False))

@@ -203,11 +203,14 @@ STEPS = ("start", "rank order", "pair tests", "matching", "pair moves (experts, 
          "admission", "new blocks", "apply (the full round)")
 
 
-def profile_row(name, model, hardware, ranks, experts, *, quick: bool, sim: bool = False) -> dict:
+def profile_row(name, model, hardware, ranks, experts, *, quick: bool, sim: bool = False,
+                variants: bool = True) -> dict:
     """Where a round's time goes: graph-replayed one-layer launches of the profiling variants
     (lite_cuda.kernel(upto=k): rounds that end after step k and apply no move, so each round
     repeats the first round's work), PROFILE_ROUNDS rounds, 128 and 256 threads. In the
-    simulator (sim): each variant launched once with 32 threads, to show it ends, untimed."""
+    simulator (sim): each variant launched once with 32 threads, to show it ends, untimed.
+    With the GPU also the full kernel's clock stamps (stamp_profile); variants=False: those
+    alone."""
     from probe.planner.lite import LiteRules
     from probe.planner.lite_cuda import FULL, CudaLite
 
@@ -222,7 +225,7 @@ def profile_row(name, model, hardware, ranks, experts, *, quick: bool, sim: bool
         row["ended"] = {"statuses": statuses}
         return row
     row["stamps"] = stamp_profile(model, hardware, ranks, experts)
-    for threads in (128, 256):
+    for threads in (128, 256) if variants else ():
         times = []
         for upto in range(FULL + 1):
             runner = CudaLite(home[0], slots, cost, rules, threads=threads, upto=upto)
@@ -324,6 +327,9 @@ def markdown(report: dict) -> str:
             lines += ["", f"Profiling variants, {r['config']}: each ended (statuses "
                           f"{r['ended']['statuses']}), untimed."]
             continue
+        if not r["threads"]:  # the clock stamps alone
+            lines += stamp_lines(r)
+            continue
         lines += ["", f"Profile, {r['config']}: graph-replayed one-layer launches whose "
                       f"{r['rounds']} rounds end after each step (no move applied: each round "
                       "repeats the first round's work); us, and the step's own cost per round.",
@@ -352,18 +358,23 @@ def main(argv: list[str] | None = None) -> int:
                                  "goes) at ep=8 and ep=64")
         parser.add_argument("--profile-only", action="store_true",
                             help="the profile alone (implies --profile)")
+        parser.add_argument("--stamps", action="store_true",
+                            help="first the full kernel's clock stamps per step at ep=8 and "
+                                 "ep=64 (a GPU; without --profile, no profiling variants)")
         parser.add_argument("--max-ranks", type=int, default=None,
                             help="only the configs with at most this many ranks")
 
     args = harness.parse_args(__doc__, "gpu_lite", argv, "seconds for the whole run", options)
-    args.profile = args.profile or args.profile_only
+    variants = args.profile or args.profile_only
+    args.profile = variants or args.stamps
     sim = args.device == "cpu"
     report = harness.Report("gpu_lite", args, argv, {"random": None, "profile": []}, markdown,
                             lambda row: GOALS_US.get(row["config"], np.inf))
     if args.profile:
         for config in (SIM_CONFIGS if sim else PROFILE_CONFIGS):
             with report.stage(f"profile {config[0]}"):
-                report.data["profile"].append(profile_row(*config, quick=args.quick, sim=sim))
+                report.data["profile"].append(profile_row(*config, quick=args.quick, sim=sim,
+                                                          variants=variants))
     configs = [c for c in (SIM_CONFIGS if sim else CONFIGS)
                if args.max_ranks is None or c[3] <= args.max_ranks]
     for config in configs if not args.profile_only else ():

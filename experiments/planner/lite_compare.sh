@@ -2,7 +2,8 @@
 # The lite planner's kernel at this checkout against a base revision's, on one card in one
 # device call: experiments.planner.gpu_lite --quick up to 64 ranks at both (plans against the
 # CPU kernel, one layer's graph-replayed latency at 32-512 threads, the 8-layer launch), the
-# checkout's first with --profile (each round's steps, from the profiling variants).
+# checkout's first with --stamps (the full kernel's cycles per step; PROFILE=--profile adds
+# the profiling variants).
 # The base tree is a `git archive` of the base revision's probe/ and experiments/ made on the
 # CPU machine and carried (an ignored path):
 #   rm -rf .gl/base && mkdir -p .gl/base && git archive BASE probe experiments | tar -x -C .gl/base
@@ -15,8 +16,8 @@ mkdir -p "$OUT/new" "$OUT/base"
 export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 LOG="$OUT/console.txt"
 { date -u; nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,driver_version --format=csv,noheader; } 2>&1 | tee "$LOG"
-echo "== ${PROBE_GIT_COMMIT:-checkout} (--profile)" | tee -a "$LOG"
-timeout "${NEW_LIMIT:-330}" python3 -m experiments.planner.gpu_lite --device cuda --quick --profile \
+echo "== ${PROBE_GIT_COMMIT:-checkout} (--stamps ${PROFILE:-})" | tee -a "$LOG"
+timeout "${NEW_LIMIT:-330}" python3 -m experiments.planner.gpu_lite --device cuda --quick --stamps ${PROFILE:-} \
     --max-ranks 64 --time-limit $(( ${NEW_LIMIT:-330} - 15 )) --out "$OUT/new" 2>&1 | tail -n 40 | tee -a "$LOG"
 echo "== exit ${PIPESTATUS[0]}" | tee -a "$LOG"
 echo "== base ${BASE_COMMIT:-?}" | tee -a "$LOG"
