@@ -209,24 +209,30 @@ def test_simulator_runs_the_kernel_with_many_threads(tmp_path):
     assert report["profile"][0]["ended"]["statuses"] == [0] * 8
 
 
-def test_kernel_compiles_for_sm90_with_32_bit_bit_scans():
-    """The kernel compiles for an H200 (sm_90); its matching's bit scan counts 32-bit words
-    (clz.b32: Numba types uint32 ^ uint32 as uint64, and a 64-bit clz made the index negative
-    and the kernel never end on an H100, which neither the simulator nor the sequential run
-    can show); off the simulator its warps combine values with shuffles."""
-    code = """
+# The kernels' arguments for an sm_90 compile: one ep=8 layer of 16 experts.
+SM90_SETUP = """
 import re
-import numpy as np
 from probe.planner.cost import CostModel
 from probe.planner.lite import LiteRules
-from probe.planner.lite_cuda import host_arrays, kernel
+from probe.planner.lite_cuda import host_arrays, kernel, start_args, _zero_kernel, _split_kernel
 G, E, L = 8, 16, 1
 home = np.zeros((L, G, E), bool)
 home[0, np.arange(E) % G, np.arange(E)] = True
 cost = CostModel.uniform(G, alpha=1e-5, beta=1e-8, token_time=1e-8, transfer_time=1e-4)
 host = host_arrays(home, np.full(G, 2), cost, LiteRules())
-args = (np.zeros((L, G, E), np.int64), home, np.zeros((L, G)), *host.consts,
-        *(np.zeros(s, d) for s, d in host.scratch), *(np.zeros(s, d) for s, d in host.outputs))
+scratch = [np.zeros(s, d) for s, d in host.scratch]
+outputs = [np.zeros(s, d) for s, d in host.outputs]
+"""
+
+
+def test_kernel_compiles_for_sm90_with_32_bit_bit_scans():
+    """The kernel compiles for an H200 (sm_90); its matching's bit scan counts 32-bit words
+    (clz.b32: Numba types uint32 ^ uint32 as uint64, and a 64-bit clz made the index negative
+    and the kernel never end on an H100, which neither the simulator nor the sequential run
+    can show); off the simulator its warps combine values with shuffles."""
+    code = SM90_SETUP + """
+args = (np.zeros((L, G, E), np.int64), home, np.zeros((L, G)), *host.consts, *scratch,
+        *outputs)
 ptx = ptx_of(kernel(32).py_func, args)
 print(json.dumps(sorted(set(re.findall(r"clz[.]b[0-9]+|shfl[.]sync[.]bfly[.]b32", ptx)))))
 """
@@ -318,18 +324,7 @@ print(json.dumps(out))
 def test_start_kernels_compile_for_sm90_with_native_atomics():
     """The start kernels compile for an H200 (sm_90), and their sums are native 64-bit atomic
     adds on global memory (a 64-bit add on shared memory is a compare-and-swap loop there)."""
-    code = """
-import re
-from probe.planner.cost import CostModel
-from probe.planner.lite import LiteRules
-from probe.planner.lite_cuda import host_arrays, start_args, _zero_kernel, _split_kernel
-G, E, L = 8, 16, 1
-home = np.zeros((L, G, E), bool)
-home[0, np.arange(E) % G, np.arange(E)] = True
-cost = CostModel.uniform(G, alpha=1e-5, beta=1e-8, token_time=1e-8, transfer_time=1e-4)
-host = host_arrays(home, np.full(G, 2), cost, LiteRules())
-scratch = [np.zeros(s, d) for s, d in host.scratch]
-outputs = [np.zeros(s, d) for s, d in host.outputs]
+    code = SM90_SETUP + """
 zero, split = start_args(np.zeros((L, G, E), np.int64), home, host.consts, scratch, outputs)
 ptx = ptx_of(_split_kernel.py_func, split) + ptx_of(_zero_kernel.py_func, zero)
 print(json.dumps(sorted(set(re.findall(r"atom[.][a-z.0-9]+|red[.][a-z.0-9]+|atom[.]cas", ptx)))))
