@@ -10,7 +10,7 @@ ep=16, 32 and 64 / 256 experts and ep=256 / 256 (deepseek-v3, nodes of 8 H200s).
    (lite.lite_arrays) on every layer, entry for entry;
 2. one layer's latency (a runtime plans the next layer only): median CUDA-event time of the
    launch replayed as a CUDA graph (the kernel alone) and eager (the Python launch included),
-   at 32-512 threads per block; and the L-layer launch's time per layer, graph-replayed;
+   at 32-1024 threads per block; and the L-layer launch's time per layer, graph-replayed;
 3. the plan's IR (max / mean rank time, eq. 8 in seconds, from the CPU kernel's plan) against
    the static plan's, and the smallest rank's window (what planning can hide behind).
 Then random small layers (experiments.planner.gpu_harness.random_layers, 1,000 by default) in
@@ -37,7 +37,7 @@ CONFIGS = (("ep=8, E=128", "qwen3-235b-a22b", "h200x8", 8, 128),
            ("ep=256, E=256", "deepseek-v3", "h200x8-n32", 256, 256))
 SIM_CONFIGS = (("ep=8, E=16", "deepseek-v3", "h200x8", 8, 16),)
 GOALS_US = {"ep=8, E=128": 10.0, "ep=64, E=256": 50.0}
-THREADS = (32, 64, 128, 256, 512)
+THREADS = (32, 64, 128, 256, 512, 1024)
 LAYERS = 8
 RANDOM_LAYERS = 1000
 RANDOM_PER_LAUNCH = 20
@@ -144,7 +144,7 @@ def config_row(name, model, hardware, ranks, experts, *, sim: bool, quick: bool)
     row["threads"] = {str(k): {"graph_us": v["graph"].get("median_us"),
                                "error": v["graph"].get("error"), "same_plan": v["same_plan"]}
                       for k, v in per_threads.items()}
-    row["checks"].append({"check": "one-layer plans == CPU kernel at 32-512 threads",
+    row["checks"].append({"check": "one-layer plans == CPU kernel at 32-1024 threads",
                           "ok": all(v["same_plan"] for v in per_threads.values()
                                     if v["same_plan"] is not None),
                           "differing_layers": []})
@@ -303,7 +303,7 @@ def markdown(report: dict) -> str:
     lines = [f"# The lite planner on the GPU ({report['device']})", "",
              f"Made by `{report['command']}` ({report['utc']}). One layer's plan, median "
              "CUDA-event time of the launch replayed as a CUDA graph (128 threads per block; "
-             "best: the fastest of 32-512), eager (the Python launch included) and per layer "
+             "best: the fastest of 32-1024), eager (the Python launch included) and per layer "
              f"in a {LAYERS}-layer launch; IR from the plans (the static plan's beside it); "
              "window: the smallest rank's, median over the layers.", "",
              "| config | graph, 1 layer (us) | best threads (us) | eager (us) | "

@@ -311,7 +311,7 @@ def launch_start(load, home, consts: tuple, scratch: tuple, outputs: tuple, num_
 _KERNELS: dict = {}
 
 
-def kernel(max_ranks: int, upto: int = FULL, stamps: bool = False):
+def kernel(max_ranks: int, upto: int = FULL, stamps: bool = False, threads: int = THREADS):
     """The kernel for layers of at most `max_ranks` ranks (a multiple of 32, made once).
     upto < FULL makes a profiling variant (experiments.planner.gpu_lite --profile) whose rounds
     end after step `upto` (0: the start alone; 1 rank order, 2 pair tests, 3 matching, 4 pair
@@ -319,8 +319,11 @@ def kernel(max_ranks: int, upto: int = FULL, stamps: bool = False):
     round's work, and its plans mean nothing. stamps=True (GPU only) makes a kernel whose thread
     0 writes the SM's cycle counter into the scratch `stamps` [L, 2 + 7 R] after every step:
     the launch, the start, then each round's rank order, pair tests, matching, pair moves,
-    admission, new blocks and apply (`step_cycles`)."""
-    key = (max_ranks, upto, stamps)
+    admission, new blocks and apply (`step_cycles`). Past 256 threads per block the kernel is
+    compiled with at most 65,536 / threads registers a thread (else such a block could not
+    launch)."""
+    regs = None if threads <= 256 or SIMULATOR else 65536 // threads
+    key = (max_ranks, upto, stamps, regs)
     if key in _KERNELS:
         return _KERNELS[key]
     UPTO = upto  # noqa: N806 (a compile-time constant)
@@ -334,7 +337,7 @@ def kernel(max_ranks: int, upto: int = FULL, stamps: bool = False):
     # Up to 128 ranks the pair tests' bit words live in shared memory; beyond, global scratch.
     BS, BW = (GM, WM) if GM <= 128 else (1, 1)  # noqa: N806
 
-    @cuda.jit(**LINEINFO)
+    @cuda.jit(**LINEINFO, **({} if regs is None else {"max_registers": regs}))
     def _lite_kernel(load, home, window, slots, a_tick, b_tick, tt, xt, hcount, hlist, hpos,
                      nhome, rank_home, max_rounds, eps_ppm, hot, max_reps, max_blocks,
                      cnt, held, blk_of, rep_on, held_bits, fits, reach, sums, start_status,
@@ -957,7 +960,8 @@ class CudaLite(LayerPlanner):
         load_d, window_d, stream = self.launch_inputs(load, window, stream)
         launch_start(load_d, self._home, self._consts, self._scratch, self.out, self.num_layers,
                      stream)
-        kernel(self.max_ranks, self.upto, self.stamps)[self.num_layers, self.threads, stream](
+        kernel(self.max_ranks, self.upto, self.stamps, self.threads)[
+            self.num_layers, self.threads, stream](
             load_d, self._home, window_d, *self._consts, *self._scratch, *self.out)
         return self.torch_out() if is_torch(load) else self.out
 
