@@ -440,6 +440,8 @@ def kernel(max_ranks: int, upto: int = FULL, stamps: bool = False, threads: int 
             used[g] = 0
             sent[g] = 0
             recv[g] = 0
+            for w in range(nw):
+                fits[g, w] = 0
             g += nt
         cuda.syncthreads()
         # The static split's counts, held experts and sums came from the start kernels.
@@ -496,9 +498,18 @@ def kernel(max_ranks: int, upto: int = FULL, stamps: bool = False, threads: int 
                 taken[g] = 0
                 for w in range(nw):
                     elig[g, w] = 0
-                    fits[g, w] = 0
                     reach[g, w] = 0
                 g += nt
+            # Bit c of fits[g]: a copy from g to c fits (c has a free slot; g's sent and c's
+            # received window hold it: lite.copy_source's test). fits is zero here: the start
+            # zeroes it, and each round once its pair tests have read it.
+            g = row_g
+            c = col_g
+            while g < num_ranks:
+                if used[c] < slots[c] and sent[g] + xt[g, c] <= wt[g] and (
+                        recv[c] + xt[g, c] <= wt[c]):
+                    cuda.atomic.or_(fits, (g, c >> 5), uint32(1 << (c & 31)))
+                g, c = _next_item(g, c, drow_g, dcol_g, num_ranks)
             cuda.syncthreads()
             g = tid  # whole warps (lanes past the ranks add 0)
             while g < ranks32:
@@ -511,6 +522,15 @@ def kernel(max_ranks: int, upto: int = FULL, stamps: bool = False, threads: int 
                     order[p] = g
                 g += nt
             cuda.syncthreads()
+            if STAMPS and tid == 0:
+                stamps[base + 0] = clock64()
+            if UPTO == 1:  # a profiling variant: the round ends here
+                continue
+            # Which (hot position i, faster position p > i) pairs could move (lite.can_move), in
+            # bit words over ranks: bit c of reach[i], c holds or can receive one of the experts
+            # with tokens on h = order[i] (its held bits, or the fits of one of its home
+            # holders), for every position while the hot ranks are counted; then bit p of
+            # elig[i] for the hot positions.
             total = ints[_TOTAL]
             t_top = times[order[0]]
             g = tid
@@ -519,28 +539,9 @@ def kernel(max_ranks: int, upto: int = FULL, stamps: bool = False, threads: int 
                                             > (16 - hot) * num_ranks * t_top + hot * total)
                 lanes_add(ints, _NHOT, 1 if is_hot else 0)
                 g += nt
-            cuda.syncthreads()
-            if STAMPS and tid == 0:
-                stamps[base + 0] = clock64()
-            if UPTO == 1:  # a profiling variant: the round ends here
-                continue
-            num_hot = ints[_NHOT]
-            # Which (hot position i, faster position p > i) pairs could move (lite.can_move), in
-            # bit words over ranks: bit c of fits[g], a copy from g to c fits (c has a free slot;
-            # g's sent and c's received window hold it: lite.copy_source's test); bit c of
-            # reach[i], c holds or can receive one of the experts with tokens on h = order[i]
-            # (its held bits, or the fits of one of its home holders); then bit p of elig[i].
-            g = row_g
-            c = col_g
-            while g < num_ranks:
-                if used[c] < slots[c] and sent[g] + xt[g, c] <= wt[g] and (
-                        recv[c] + xt[g, c] <= wt[c]):
-                    cuda.atomic.or_(fits, (g, c >> 5), uint32(1 << (c & 31)))
-                g, c = _next_item(g, c, drow_g, dcol_g, num_ranks)
-            cuda.syncthreads()
-            i = row_x  # an item per (hot position, expert the hot rank holds)
+            i = row_x  # an item per (position, expert its rank holds)
             j = col_x
-            while i < num_hot:
+            while i < num_ranks:
                 h = order[i]
                 if j < nhome[h] + used[h]:
                     e = rank_home[h, j] if j < nhome[h] else rep_on[h, j - nhome[h]]
@@ -553,6 +554,12 @@ def kernel(max_ranks: int, upto: int = FULL, stamps: bool = False, threads: int 
                                 cuda.atomic.or_(reach, (i, w), uint32(bits))
                 i, j = _next_item(i, j, drow_x, dcol_x, span)
             cuda.syncthreads()
+            num_hot = ints[_NHOT]
+            g = tid  # fits has been read: zero it for the next round
+            while g < num_ranks:
+                for w in range(nw):
+                    fits[g, w] = 0
+                g += nt
             i = row_g
             p = col_g
             while i < num_hot:
