@@ -42,6 +42,7 @@ STEPS_BY_MARKS = {
 # lite.py's device functions (first line of each) and the step that calls them (the pair
 # moves' functions count to "pair moves" in a kernel with marks 0-6).
 LITE_FUNCTIONS = {"pool_source": "pool entries", "eval_move": "amounts",
+                  "move_base": "amounts", "eval_amount": "amounts",
                   "copy_source": "copy_source", "add_replica": "admission",
                   "can_move": "pair tests", "grid_point": "amounts",
                   "block_value": "pool entries"}

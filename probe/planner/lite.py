@@ -190,34 +190,51 @@ def pool_source(q, h, c, num_ranks, TT):
 
 
 @_jit
-def eval_move(x, npool, pool_s, cum, pre_h, pre_c, e, h, c, cnt, comp, tin, tout, A, B, TT):
-    """f(x) of rule 4: max(t_h, t_c) after x tokens of e move from h to c, taken from the front
-    of the pool (pool_s: sources; cum[k], pre_h[k], pre_c[k]: the tokens, token-times to h and
-    token-times to c of the entries before k)."""
+def move_base(npool, pool_s, cum, e, h, c, cnt, comp, tin, tout, A):
+    """What rule 4's f(x) of one pair's move takes whatever the amount x (`eval_amount`): the
+    two ranks' compute (c's with e's fixed cost when c has none of e's tokens yet), h's count
+    of e, their traffic in and out, the cap of c's own tokens taken (the pool's first entry when
+    c gives any, else 0) and where h's own tokens start (the last entry when h gives any, else
+    past the pool's end)."""
+    own_c_cap = cum[1] if pool_s[0] == c else 0
+    own_h_from = cum[npool - 1] if pool_s[npool - 1] == h else cum[npool]
+    comp_c = comp[c] + (A if cnt[c, e] == 0 else 0)
+    return (comp[h], cnt[h, e], comp_c, tin[h], tout[h], tin[c], tout[c], own_c_cap, own_h_from)
+
+
+@_jit
+def eval_amount(x, npool, pool_s, cum, pre_h, pre_c, h, c, A, B, TT, base):
+    """f(x) of rule 4 from the pair's `move_base`: max(t_h, t_c), the two ranks' times after x
+    tokens move from h to c, taken from the front of the pool (pool_s: sources; cum[k],
+    pre_h[k], pre_c[k]: the tokens, token-times to h and token-times to c of the entries
+    before k)."""
+    comp_h0, n_he, comp_c0, tin_h, tout_h, tin_c, tout_c, own_c_cap, own_h_from = base
     k = pool_entry(x, npool, cum)
     r = x - cum[k]
     s = pool_s[k]
     to_h = pre_h[k] + r * TT[s, h]
     to_c = pre_c[k] + r * TT[s, c]
-    own_c = 0  # c's own tokens taken (the pool's first entry when c gives any)
-    if pool_s[0] == c:
-        own_c = x if x < cum[1] else cum[1]
-    own_h = 0  # h's own tokens taken (the last entry when h gives any)
-    if pool_s[npool - 1] == h:
-        own_h = x - cum[npool - 1] if x > cum[npool - 1] else 0
-    comp_h = comp[h] - B * x
-    if cnt[h, e] == x:
+    own_c = x if x < own_c_cap else own_c_cap  # c's own tokens taken
+    own_h = x - own_h_from if x > own_h_from else 0  # h's own tokens taken
+    comp_h = comp_h0 - B * x
+    if n_he == x:
         comp_h -= A
-    comp_c = comp[c] + B * x
-    if cnt[c, e] == 0:
-        comp_c += A
-    in_h = tin[h] - to_h
-    out_h = tout[h] + own_h * TT[h, c]
-    in_c = tin[c] + to_c
-    out_c = tout[c] - own_c * TT[c, h]
+    comp_c = comp_c0 + B * x
+    in_h = tin_h - to_h
+    out_h = tout_h + own_h * TT[h, c]
+    in_c = tin_c + to_c
+    out_c = tout_c - own_c * TT[c, h]
     t_h = comp_h + 2 * (in_h if in_h > out_h else out_h)
     t_c = comp_c + 2 * (in_c if in_c > out_c else out_c)
     return t_h if t_h > t_c else t_c
+
+
+@_jit
+def eval_move(x, npool, pool_s, cum, pre_h, pre_c, e, h, c, cnt, comp, tin, tout, A, B, TT):
+    """f(x) of rule 4: max(t_h, t_c) after x tokens of e move from h to c (`eval_amount` of the
+    pair's `move_base`)."""
+    base = move_base(npool, pool_s, cum, e, h, c, cnt, comp, tin, tout, A)
+    return eval_amount(x, npool, pool_s, cum, pre_h, pre_c, h, c, A, B, TT, base)
 
 
 @_jit
@@ -536,8 +553,8 @@ def lite_arrays(load, home, slots, wt, A, B, TT, XT, hcount, hlist, hpos, nhome,
 
 
 # The helpers in the order they call each other (a later one calls earlier ones).
-HELPERS = (pool_source, eval_move, grid_point, block_value, copy_source, add_replica,
-           pick_expert, can_move)
+HELPERS = (pool_source, move_base, eval_amount, eval_move, grid_point, block_value, copy_source,
+           add_replica, pick_expert, can_move)
 
 
 def plain(fn, names: dict | None = None):

@@ -123,7 +123,8 @@ _HELPERS: dict = {"_static_share": device(_static_share, inline=True),
 for _fn in (*lite.HELPERS, lite.window_ticks):
     _py = getattr(_fn, "py_func", _fn)  # the helpers are Numba dispatchers
     _HELPERS[_py.__name__] = _device_twin(_py, _HELPERS)
-_eval_move = _HELPERS["eval_move"]
+_move_base = _HELPERS["move_base"]
+_eval_amount = _HELPERS["eval_amount"]
 _grid_point = _HELPERS["grid_point"]
 _block_value = _HELPERS["block_value"]
 _copy_source = _HELPERS["copy_source"]
@@ -697,14 +698,17 @@ def kernel(max_ranks: int, upto: int = FULL, stamps: bool = False, threads: int 
                 lo = 1
                 hi = n_a
                 best = _NONE
+                move = (0, 0, 0, 0, 0, 0, 0, 0, 0)
+                if searching:  # what f(x) takes whatever x, once per pair
+                    move = _move_base(n, pool_s[i], cum[i], e, h, c, cnt, comp, tin, tout, A)
                 while warp_any(searching):
                     v = _NONE
                     if searching:
                         j = lane
                         while j < GRID:
                             x = _grid_point(j, lo, hi)
-                            f = _eval_move(x, n, pool_s[i], cum[i], pre_h[i], pre_c[i], e, h, c,
-                                           cnt, comp, tin, tout, A, B, tt)
+                            f = _eval_amount(x, n, pool_s[i], cum[i], pre_h[i], pre_c[i], h, c,
+                                             A, B, tt, move)
                             k = (f << KEY_TOKEN_BITS) + x
                             if k < v:
                                 v = k
@@ -811,7 +815,7 @@ def kernel(max_ranks: int, upto: int = FULL, stamps: bool = False, threads: int 
                     h = pair_h[i]
                     c = pair_c[i]
                     x = pair_x[i]
-                    # The traffic into h and c from the prefix sums, as _eval_move counts it.
+                    # The traffic into h and c from the prefix sums, as _eval_amount counts it.
                     lo = _pool_entry(x, pair_len[i], cum[i])
                     r = x - cum[i, lo]
                     s = pool_s[i, lo]
