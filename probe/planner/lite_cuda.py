@@ -484,7 +484,7 @@ def kernel(max_ranks: int, upto: int = FULL, stamps: bool = False, threads: int 
             if UPTO == 0:  # a profiling variant: the start alone
                 break
             rounds += 1
-            base = 2 + 7 * (rounds - 1)  # this round's clock stamps (STAMPS)
+            sbase = 2 + 7 * (rounds - 1)  # this round's clock stamps (STAMPS)
             # Rank times, their sum, and each rank's position (slowest first).
             if tid == 0:
                 ints[_TOTAL] = 0
@@ -524,7 +524,7 @@ def kernel(max_ranks: int, upto: int = FULL, stamps: bool = False, threads: int 
                 g += nt
             cuda.syncthreads()
             if STAMPS and tid == 0:
-                stamps[base + 0] = clock64()
+                stamps[sbase + 0] = clock64()
             if UPTO == 1:  # a profiling variant: the round ends here
                 continue
             # Which (hot position i, faster position p > i) pairs could move (lite.can_move), in
@@ -572,7 +572,7 @@ def kernel(max_ranks: int, upto: int = FULL, stamps: bool = False, threads: int 
                 i, p = _next_item(i, p, drow_g, dcol_g, num_ranks)
             cuda.syncthreads()
             if STAMPS and tid == 0:
-                stamps[base + 1] = clock64()
+                stamps[sbase + 1] = clock64()
             if UPTO == 2:  # a profiling variant: the round ends here
                 continue
             if tid == 0:  # the CPU kernel's matching: hot ranks in order, fastest untaken first
@@ -603,7 +603,7 @@ def kernel(max_ranks: int, upto: int = FULL, stamps: bool = False, threads: int 
                 ints[_NPAIRS] = n_pairs
             cuda.syncthreads()
             if STAMPS and tid == 0:
-                stamps[base + 2] = clock64()
+                stamps[sbase + 2] = clock64()
             if UPTO == 3:  # a profiling variant: the round ends here
                 continue
             n_pairs = ints[_NPAIRS]
@@ -734,7 +734,7 @@ def kernel(max_ranks: int, upto: int = FULL, stamps: bool = False, threads: int 
                             pair_x[i] = best & (KEY_MAX_TOKENS - 1)
             cuda.syncthreads()
             if STAMPS and tid == 0:
-                stamps[base + 3] = clock64()
+                stamps[sbase + 3] = clock64()
             if UPTO == 4:  # a profiling variant: the round ends here
                 continue
             # Thread 0 admits the moves in pair order.
@@ -771,7 +771,7 @@ def kernel(max_ranks: int, upto: int = FULL, stamps: bool = False, threads: int 
                 ints[_NNEW] = n_new
             cuda.syncthreads()
             if STAMPS and tid == 0:
-                stamps[base + 4] = clock64()
+                stamps[sbase + 4] = clock64()
             if UPTO == 5:  # a profiling variant: the round ends here
                 continue
             n_new = ints[_NNEW]
@@ -786,7 +786,7 @@ def kernel(max_ranks: int, upto: int = FULL, stamps: bool = False, threads: int 
                 q, s = _next_item(q, s, drow_g, dcol_g, num_ranks)
             cuda.syncthreads()
             if STAMPS and tid == 0:
-                stamps[base + 5] = clock64()
+                stamps[sbase + 5] = clock64()
             if UPTO == 6:  # a profiling variant: the round ends here
                 continue
             # Apply the takes: a thread per (pair, pool entry); integer atomics.
@@ -835,7 +835,7 @@ def kernel(max_ranks: int, upto: int = FULL, stamps: bool = False, threads: int 
                 i += nt
             cuda.syncthreads()
             if STAMPS and tid == 0:
-                stamps[base + 6] = clock64()
+                stamps[sbase + 6] = clock64()
             applied = ints[_APPLIED]
             moves += applied
             cuda.syncthreads()
