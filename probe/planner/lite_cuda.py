@@ -35,14 +35,14 @@ load. Then the planner, one block per layer (T threads; barriers between the ste
   the new blocks' static split; a thread per (pair, pool entry) applies the takes.
 kernel(stamps=True) stamps each step with the SM's cycle counter (`step_cycles`).
 
-Measured on an H100 (results/h100/run8, experiments.planner.gpu_lite; one layer, graph replay,
-default rules, best block size): 102.5 us at ep=8 / 128 experts and 1.41 ms at ep=64 / 256;
-12.7 us and 271 us per layer in an 8-layer launch. The kernel of run 7 took 122.5 us and
-1.91 ms on the same card, the first version 272 us and 2.6 ms, the greedy's kernel 370 / 724 us.
-Nsight Compute (run 8, experiments/planner/lite_ncu.sh): at ep=8 about 14,000 warp
-instructions per warp, issued one after another (17.5 cycles apart, half of the wait at
-barriers), so the 10 / 50 us targets (10x / 28x off) need far fewer dependent steps per round,
-not faster ones: one warp per pair with its state in registers, and fewer rounds.
+Measured on an H100 (results/h100/run10, experiments.planner.gpu_lite; one layer, graph replay,
+default rules, best block size, e183ca1): 87.8 us at ep=8 / 128 experts and 785 us at ep=64 /
+256 (1,024 threads); 11.5 us and 184 us per layer in an 8-layer launch. On the same card the
+previous kernel (bb47e48, run 8's) took 102.0 us and 1,417 us, the greedy's kernel 370 / 724 us
+(run 6). Clock stamps (run 10): at ep=8 a round costs about 31,600 cycles, a quarter each in
+the pair tests and the pair moves, a fifth in the rank order; at ep=64 about 98,000, the
+pair moves 31%, the rank order 22%, thread 0's matching and admission 23% together. The 10 /
+50 us targets are missed by 8.8x / 15.7x.
 
 Entry points: `CudaLite(home, slots, cost, rules, num_layers=L)` validates once and keeps
 device buffers; its `plan(load, window)` launches on the caller's stream (torch's current stream
