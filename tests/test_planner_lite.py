@@ -346,15 +346,16 @@ def test_step_cycles_sums_each_step_over_the_rounds():
         def copy_to_host(self):
             return self.a
 
-    rounds = 2
-    stamps = np.zeros((2, 2 + 7 * 3), np.int64)
-    stamps[0, :2 + 7 * rounds] = [100, 150] + [150 + 10 * (k + 1) for k in range(7)] + [
-        220 + 5 * (k + 1) for k in range(7)]
+    rounds, steps = 2, len(lite_cuda.STAMP_STEPS)
+    stamps = np.zeros((2, 2 + steps * 3), np.int64)
+    stamps[0, :2 + steps * rounds] = [100, 150] + [150 + 10 * (k + 1) for k in range(steps)] + [
+        150 + 10 * steps + 5 * (k + 1) for k in range(steps)]
     stamps[1, :2] = [7, 9]
     runner = types.SimpleNamespace(stamps=True, num_layers=2, _scratch=(Host(stamps),),
                                    out=types.SimpleNamespace(rounds=Host([rounds, 0])))
     first, second = lite_cuda.step_cycles(runner)
-    assert first["start"] == 50 and first["rounds"] == 2 and first["total"] == 255 - 100
+    last = 150 + 15 * steps
+    assert first["start"] == 50 and first["rounds"] == 2 and first["total"] == last - 100
     assert all(first[name] == 15 for name in lite_cuda.STAMP_STEPS)
     assert second == {"start": 2, "rounds": 0, **dict.fromkeys(lite_cuda.STAMP_STEPS, 0),
                       "total": 2}

@@ -318,11 +318,10 @@ def kernel(max_ranks: int, upto: int = FULL, stamps: bool = False, threads: int 
     end after step `upto` (0: the start alone; 1 rank order, 2 pair tests, 3 matching, 4 pair
     moves, 5 admission, 6 new blocks): it applies no move, so every round repeats the first
     round's work, and its plans mean nothing. stamps=True (GPU only) makes a kernel whose thread
-    0 writes the SM's cycle counter into the scratch `stamps` [L, 2 + 7 R] after every step:
-    the launch, the start, then each round's rank order, pair tests, matching, pair moves,
-    admission, new blocks and apply (`step_cycles`). Past 256 threads per block the kernel is
-    compiled with at most 65,536 / threads registers a thread (else such a block could not
-    launch)."""
+    0 writes the SM's cycle counter into the scratch `stamps` [L, 2 + 9 R] after every step:
+    the launch, the start, then each round's STAMP_STEPS (`step_cycles`). Past 256 threads
+    per block the kernel is compiled with at most 65,536 / threads registers a thread (else
+    such a block could not launch)."""
     regs = None if threads <= 256 or SIMULATOR else 65536 // threads
     key = (max_ranks, upto, stamps, regs)
     if key in _KERNELS:
@@ -484,7 +483,7 @@ def kernel(max_ranks: int, upto: int = FULL, stamps: bool = False, threads: int 
             if UPTO == 0:  # a profiling variant: the start alone
                 break
             rounds += 1
-            sbase = 2 + 7 * (rounds - 1)  # this round's clock stamps (STAMPS)
+            sbase = 2 + _NSTAMPS * (rounds - 1)  # this round's clock stamps (STAMPS)
             # Rank times, their sum, and each rank's position (slowest first).
             if tid == 0:
                 ints[_TOTAL] = 0
@@ -512,6 +511,8 @@ def kernel(max_ranks: int, upto: int = FULL, stamps: bool = False, threads: int 
                     cuda.atomic.or_(fits, (g, c >> 5), uint32(1 << (c & 31)))
                 g, c = _next_item(g, c, drow_g, dcol_g, num_ranks)
             cuda.syncthreads()
+            if STAMPS and tid == 0:
+                stamps[sbase + 0] = clock64()
             g = tid  # whole warps (lanes past the ranks add 0)
             while g < ranks32:
                 lanes_add(ints, _TOTAL, times[g] if g < num_ranks else 0)
@@ -524,7 +525,7 @@ def kernel(max_ranks: int, upto: int = FULL, stamps: bool = False, threads: int 
                 g += nt
             cuda.syncthreads()
             if STAMPS and tid == 0:
-                stamps[sbase + 0] = clock64()
+                stamps[sbase + 1] = clock64()
             if UPTO == 1:  # a profiling variant: the round ends here
                 continue
             # Which (hot position i, faster position p > i) pairs could move (lite.can_move), in
@@ -555,6 +556,8 @@ def kernel(max_ranks: int, upto: int = FULL, stamps: bool = False, threads: int 
                                 cuda.atomic.or_(reach, (i, w), uint32(bits))
                 i, j = _next_item(i, j, drow_x, dcol_x, span)
             cuda.syncthreads()
+            if STAMPS and tid == 0:
+                stamps[sbase + 2] = clock64()
             num_hot = ints[_NHOT]
             g = tid  # fits has been read: zero it for the next round
             while g < num_ranks:
@@ -572,7 +575,7 @@ def kernel(max_ranks: int, upto: int = FULL, stamps: bool = False, threads: int 
                 i, p = _next_item(i, p, drow_g, dcol_g, num_ranks)
             cuda.syncthreads()
             if STAMPS and tid == 0:
-                stamps[sbase + 1] = clock64()
+                stamps[sbase + 3] = clock64()
             if UPTO == 2:  # a profiling variant: the round ends here
                 continue
             if tid == 0:  # the CPU kernel's matching: hot ranks in order, fastest untaken first
@@ -603,7 +606,7 @@ def kernel(max_ranks: int, upto: int = FULL, stamps: bool = False, threads: int 
                 ints[_NPAIRS] = n_pairs
             cuda.syncthreads()
             if STAMPS and tid == 0:
-                stamps[sbase + 2] = clock64()
+                stamps[sbase + 4] = clock64()
             if UPTO == 3:  # a profiling variant: the round ends here
                 continue
             n_pairs = ints[_NPAIRS]
@@ -734,7 +737,7 @@ def kernel(max_ranks: int, upto: int = FULL, stamps: bool = False, threads: int 
                             pair_x[i] = best & (KEY_MAX_TOKENS - 1)
             cuda.syncthreads()
             if STAMPS and tid == 0:
-                stamps[sbase + 3] = clock64()
+                stamps[sbase + 5] = clock64()
             if UPTO == 4:  # a profiling variant: the round ends here
                 continue
             # Thread 0 admits the moves in pair order.
@@ -771,7 +774,7 @@ def kernel(max_ranks: int, upto: int = FULL, stamps: bool = False, threads: int 
                 ints[_NNEW] = n_new
             cuda.syncthreads()
             if STAMPS and tid == 0:
-                stamps[sbase + 4] = clock64()
+                stamps[sbase + 6] = clock64()
             if UPTO == 5:  # a profiling variant: the round ends here
                 continue
             n_new = ints[_NNEW]
@@ -786,7 +789,7 @@ def kernel(max_ranks: int, upto: int = FULL, stamps: bool = False, threads: int 
                 q, s = _next_item(q, s, drow_g, dcol_g, num_ranks)
             cuda.syncthreads()
             if STAMPS and tid == 0:
-                stamps[sbase + 5] = clock64()
+                stamps[sbase + 7] = clock64()
             if UPTO == 6:  # a profiling variant: the round ends here
                 continue
             # Apply the takes: a thread per (pair, pool entry); integer atomics.
@@ -835,7 +838,7 @@ def kernel(max_ranks: int, upto: int = FULL, stamps: bool = False, threads: int 
                 i += nt
             cuda.syncthreads()
             if STAMPS and tid == 0:
-                stamps[sbase + 6] = clock64()
+                stamps[sbase + 8] = clock64()
             applied = ints[_APPLIED]
             moves += applied
             cuda.syncthreads()
@@ -925,7 +928,7 @@ def host_arrays(home: np.ndarray, slots: np.ndarray, cost: CostModel,
                ((L, pairs, G), i64), ((L, pairs, G), i64),  # pool_s, pool_n
                ((L, pairs, G + 1), i64), ((L, pairs, G + 1), i64),
                ((L, pairs, G + 1), i64),  # cum, pre_h, pre_c
-               ((L, 2 + 7 * rules.max_rounds), i64))  # stamps
+               ((L, 2 + _NSTAMPS * rules.max_rounds), i64))  # stamps
     reps, blocks = max(max_reps, 1), max(max_blocks, 1)
     outputs = (((L, reps, 3), i64), ((L,), i64), ((L, blocks), i64), ((L, blocks, G, G), i64),
                ((L,), i64), ((L,), i64), ((L,), i64), ((L,), i64), ((L,), i64))
@@ -999,8 +1002,12 @@ def lite_cuda_arrays(load, home, slots, window, cost: CostModel,
     return layers
 
 
-STAMP_STEPS = ("rank order", "pair tests", "matching", "pair moves", "admission", "new blocks",
-               "apply")
+# A round's stamped steps: the rank order in two (the times and the copies' fits, then the
+# positions), the pair tests in two (the hot count and reach words, then the eligible pairs),
+# then the matching, the pair moves, the admission, the new blocks and the apply.
+STAMP_STEPS = ("times and fits", "positions", "hot and reach", "eligible pairs", "matching",
+               "pair moves", "admission", "new blocks", "apply")
+_NSTAMPS = len(STAMP_STEPS)
 
 
 def step_cycles(runner: CudaLite) -> list[dict]:
@@ -1014,9 +1021,10 @@ def step_cycles(runner: CudaLite) -> list[dict]:
     layers = []
     for layer in range(runner.num_layers):
         row, n = stamps[layer], int(rounds[layer])
-        steps = row[2:2 + 7 * n].reshape(n, 7) if n else np.zeros((0, 7), np.int64)
+        steps = (row[2:2 + _NSTAMPS * n].reshape(n, _NSTAMPS) if n
+                 else np.zeros((0, _NSTAMPS), np.int64))
         ends = np.concatenate([[row[1]], steps.reshape(-1)])  # every step's end, in order
-        took = np.diff(ends).reshape(n, 7) if n else steps
+        took = np.diff(ends).reshape(n, _NSTAMPS) if n else steps
         cycles = {"start": int(row[1] - row[0]), "rounds": n}
         cycles.update({name: int(took[:, k].sum()) for k, name in enumerate(STAMP_STEPS)})
         cycles["total"] = int(ends[-1] - row[0])
