@@ -136,25 +136,31 @@ def sequential_args(load, home, slots, window, cost, rules, junk: int = 0) -> tu
     outputs = [np.full(shape, junk, dtype) for shape, dtype in host.outputs]
     load = np.ascontiguousarray(load, np.int64)
     home = np.asarray(home, bool)
-    return ((load, home, np.ascontiguousarray(window, np.float64), *host.consts, *scratch,
-             *outputs), lite_cuda.start_args(load, home, host.consts, scratch, outputs))
+    window = np.ascontiguousarray(window, np.float64)
+    return (lite_cuda.launch_args(load, home, window, host.consts, scratch, outputs),
+            lite_cuda.start_args(load, home, host.consts, scratch, outputs))
 
 
 _RUNS: dict = {}
 
 
-def run_sequential(launch: tuple, num_layers: int) -> tuple:
-    """A launch's three kernels (zero, split, then the planner's), run sequentially on the
-    arrays of `sequential_args`; returns the planner's arguments (outputs filled in)."""
+def run_sequential(launch: tuple, num_layers: int, inline: bool | None = None) -> tuple:
+    """A launch run sequentially on the arrays of `sequential_args`: the planner's kernel
+    alone when it starts inline (inline None: as CudaLite chooses for the shape), else the
+    two start kernels first; returns the planner's arguments (outputs filled in)."""
     args, (zero, split) = launch
-    gm = lite_cuda.kernel_ranks(args[1].shape[1])
+    ranks, experts = args[1].shape[1:]
+    if inline is None:
+        inline = lite_cuda.starts_inline(ranks, experts)
+    gm = lite_cuda.kernel_ranks(ranks)
     for key, fn in (("zero", lite_cuda._zero_kernel), ("split", lite_cuda._split_kernel),
-                    (gm, lite_cuda.kernel(gm))):
+                    ((gm, inline), lite_cuda.kernel(gm, inline_start=inline))):
         if key not in _RUNS:
             _RUNS[key] = sequential(fn)
-    _RUNS["zero"](*zero, num_layers=num_layers)
-    _RUNS["split"](*split, num_layers=num_layers)
-    _RUNS[gm](*args, num_layers=num_layers)
+    if not inline:
+        _RUNS["zero"](*zero, num_layers=num_layers)
+        _RUNS["split"](*split, num_layers=num_layers)
+    _RUNS[(gm, inline)](*args, num_layers=num_layers)
     return args
 
 
@@ -166,15 +172,17 @@ def sequential_layers(args: tuple, num_layers: int) -> list:
 
 def test_sequential_kernel_equals_cpu_kernel_on_1000_layers():
     """The CUDA kernel's source, one thread per block, on 1,000 random layers in launches of
-    1-8 (junk in the buffers beforehand): each layer's plan, rounds, moves and makespan equal
-    the CPU kernel's."""
+    1-8 (junk in the buffers beforehand; the start inside the planner's block or in the start
+    kernels, at random): each layer's plan, rounds, moves and makespan equal the CPU
+    kernel's."""
     rng = np.random.default_rng(7)
     layers = moved = 0
     while layers < 1000:
         num_layers = int(rng.integers(1, 9))
         load, home, slots, window, cost, rules = random_batch(rng, num_layers)
         args = run_sequential(sequential_args(load, home, slots, window, cost, rules,
-                                              junk=int(rng.choice([0, 1, 3]))), num_layers)
+                                              junk=int(rng.choice([0, 1, 3]))), num_layers,
+                              inline=bool(rng.integers(2)))  # both ways to start
         for i, got in enumerate(sequential_layers(args, num_layers)):
             ref = cpu_layer(load[i], home[i], slots, window[i], cost, rules)
             assert same(ref, got), (layers, i)
@@ -231,9 +239,10 @@ def test_kernel_compiles_for_sm90_with_32_bit_bit_scans():
     and the kernel never end on an H100, which neither the simulator nor the sequential run
     can show); off the simulator its warps combine values with shuffles."""
     code = SM90_SETUP + """
-args = (np.zeros((L, G, E), np.int64), home, np.zeros((L, G)), *host.consts, *scratch,
-        *outputs)
-ptx = ptx_of(kernel(32).py_func, args)
+from probe.planner.lite_cuda import launch_args
+args = launch_args(np.zeros((L, G, E), np.int64), home, np.zeros((L, G)), host.consts, scratch,
+                   outputs)
+ptx = ptx_of(kernel(32, inline_start=True).py_func, args)
 print(json.dumps(sorted(set(re.findall(r"clz[.]b[0-9]+|shfl[.]sync[.]bfly[.]b32", ptx)))))
 """
     assert compile_for_sm90(code) == ["clz.b32", "shfl.sync.bfly.b32"]

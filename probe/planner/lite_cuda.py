@@ -91,9 +91,10 @@ from probe.planner.numba_cuda import (
 )
 from probe.planner.scalar import pool_entry
 
-__all__ = ["MAX_RANKS", "STAMP_STEPS", "START_THREADS", "THREADS", "CudaLite", "CudaLitePlan",
-           "host_arrays", "kernel", "kernel_ranks", "launch_start", "lite_cuda_arrays",
-           "start_args", "step_cycles"]
+__all__ = ["INLINE_START_ITEMS", "MAX_RANKS", "STAMP_STEPS", "START_THREADS", "THREADS",
+           "CudaLite", "CudaLitePlan", "blk_rows", "host_arrays", "kernel", "kernel_ranks",
+           "launch_args", "launch_start", "lite_cuda_arrays", "start_args", "starts_inline",
+           "step_cycles"]
 
 # Most ranks a layer may have (the shared rank arrays are at most this long).
 MAX_RANKS = 256
@@ -203,22 +204,13 @@ class CudaLitePlan(NamedTuple):
 START_THREADS = 256
 
 
-@cuda.jit(**LINEINFO)
-def _zero_kernel(cnt, held_bits, sums, start_status,
-                 blk_rows):  # pragma: no cover - device code
-    """The start's first kernel: zero what the second one accumulates into (cnt [G, E], the
-    held bits [E, W], the sums [3, G], the start status) and the plan's expert blocks
-    (blk_rows: blk_assign as [L, B S, G]; a new block's static split then writes its holders'
-    columns alone), spread over the layer's blocks."""
-    layer = cuda.blockIdx.x
-    cnt = cnt[layer]
-    held_bits = held_bits[layer]
-    sums = sums[layer]
-    blk_rows = blk_rows[layer]
+@cuda.jit(device=True, inline=True, **LINEINFO)
+def _zero_items(k, stride, layer, cnt, held_bits, sums, start_status,
+                blk_rows):  # pragma: no cover - device code
+    """Items k, k + stride, ... of zeroing one layer's start (its slices of cnt [G, E], the held
+    bits [E, W], the sums [3, G], blk_rows [B S, G]; and start_status[layer])."""
     num_ranks, num_experts = cnt.shape
     nw = held_bits.shape[1]
-    k = cuda.blockIdx.y * cuda.blockDim.x + cuda.threadIdx.x
-    stride = cuda.gridDim.y * cuda.blockDim.x
     g, e, dg, de = _first_item(k, stride, num_experts)
     while g < num_ranks:
         cnt[g, e] = 0
@@ -239,30 +231,15 @@ def _zero_kernel(cnt, held_bits, sums, start_status,
         r, g = _next_item(r, g, dr, dg, num_ranks)
 
 
-@cuda.jit(**LINEINFO)
-def _split_kernel(load, home, hcount, hlist, hpos, tt, a_tick, b_tick, cnt, held, held_bits,
-                  blk_of, sums, start_status):  # pragma: no cover - device code
-    """The start's second kernel: a thread per (source s, expert e) of the layer (its blocks
-    over the items) adds the static split's tokens of (s, e) into cnt[g, e] of each holder g
-    and into the sums: compute (B per token, and A where the count leaves 0), traffic into g
-    and out of s (64-bit atomics in global memory); sets held [G, E] and its bits, clears
-    blk_of, and flags a negative load (start status 1)."""
-    layer = cuda.blockIdx.x
-    load = load[layer]
-    home = home[layer]
-    hcount = hcount[layer]
-    hlist = hlist[layer]
-    hpos = hpos[layer]
-    cnt = cnt[layer]
-    held = held[layer]
-    held_bits = held_bits[layer]
-    blk_of = blk_of[layer]
-    sums = sums[layer]
+@cuda.jit(device=True, inline=True, **LINEINFO)
+def _split_items(k, stride, layer, load, home, hcount, hlist, hpos, tt, A, B, cnt, held,
+                 held_bits, blk_of, sums, start_status):  # pragma: no cover - device code
+    """Items k, k + stride, ... of one layer's (source s, expert e) pairs (its slices): the
+    static split's tokens of (s, e) added into cnt[g, e] of each holder g and into the sums:
+    compute (B per token, and A where the count leaves 0), traffic into g and out of s (64-bit
+    atomics in global memory); held [G, E] and its bits set, blk_of cleared, a negative load
+    flagged (start_status[layer] 1)."""
     num_ranks, num_experts = home.shape
-    A = a_tick  # noqa: N806 (the cost model's letters)
-    B = b_tick  # noqa: N806
-    k = cuda.blockIdx.y * cuda.blockDim.x + cuda.threadIdx.x
-    stride = cuda.gridDim.y * cuda.blockDim.x
     s, e, ds, de = _first_item(k, stride, num_experts)
     while s < num_ranks:
         if load[s, e] < 0:
@@ -283,15 +260,59 @@ def _split_kernel(load, home, hcount, hlist, hpos, tt, a_tick, b_tick, cnt, held
         s, e = _next_item(s, e, ds, de, num_experts)
 
 
+@cuda.jit(**LINEINFO)
+def _zero_kernel(cnt, held_bits, sums, start_status,
+                 blk_rows):  # pragma: no cover - device code
+    """The start's first kernel: zero what the second one accumulates into (cnt [L, G, E], the
+    held bits [L, E, W], the sums [L, 3, G], the start status [L]) and the plan's expert blocks
+    (blk_rows: blk_assign as [L, B S, G]; a new block's static split then writes its holders'
+    columns alone), a layer's items spread over its blocks (grid [L, blocks])."""
+    layer = cuda.blockIdx.x
+    _zero_items(cuda.blockIdx.y * cuda.blockDim.x + cuda.threadIdx.x,
+                cuda.gridDim.y * cuda.blockDim.x, layer, cnt[layer], held_bits[layer],
+                sums[layer], start_status, blk_rows[layer])
+
+
+@cuda.jit(**LINEINFO)
+def _split_kernel(load, home, hcount, hlist, hpos, tt, a_tick, b_tick, cnt, held, held_bits,
+                  blk_of, sums, start_status):  # pragma: no cover - device code
+    """The start's second kernel: a thread per (source, expert) item of a layer
+    (`_split_items`), a layer's items spread over its blocks (grid [L, blocks])."""
+    layer = cuda.blockIdx.x
+    _split_items(cuda.blockIdx.y * cuda.blockDim.x + cuda.threadIdx.x,
+                 cuda.gridDim.y * cuda.blockDim.x, layer, load[layer], home[layer],
+                 hcount[layer], hlist[layer], hpos[layer], tt, a_tick, b_tick, cnt[layer],
+                 held[layer], held_bits[layer], blk_of[layer], sums[layer], start_status)
+
+
+# Layers of at most this many (source, expert) items start inside the planner's block (one
+# launch; the start kernels' own launches cost about a round at ep=8, results/h100/run10).
+INLINE_START_ITEMS = 2048
+
+
+def starts_inline(num_ranks: int, num_experts: int) -> bool:
+    """Whether a launch for layers of this shape zeroes and splits inside the planner's block
+    (`kernel(inline_start=True)`) rather than in the two start kernels first."""
+    return num_ranks * num_experts <= INLINE_START_ITEMS
+
+
+def blk_rows(outputs: tuple):
+    """The plan's expert blocks blk_assign [L, B, S, G] as rows [L, B S, G] (a view)."""
+    num_layers, blocks, sources, ranks = outputs[3].shape
+    return outputs[3].reshape(num_layers, blocks * sources, ranks)
+
+
+def launch_args(load, home, window, consts: tuple, scratch: tuple, outputs: tuple) -> tuple:
+    """`kernel`'s arguments for a launch."""
+    return (load, home, window, *consts, *scratch, blk_rows(outputs), *outputs)
+
+
 def start_args(load, home, consts: tuple, scratch: tuple, outputs: tuple) -> tuple:
     """The arguments of the two start kernels (`_zero_kernel`, `_split_kernel`) of a launch
     whose `kernel` takes (load, home, window, *consts, *scratch, *outputs)."""
     cnt, held, blk_of, _, held_bits, _, _, sums, start_status = scratch[:9]
     _, a, b, tt, _, hcount, hlist, hpos = consts[:8]
-    blk_assign = outputs[3]
-    num_layers, blocks, sources, ranks = blk_assign.shape
-    return ((cnt, held_bits, sums, start_status,
-             blk_assign.reshape(num_layers, blocks * sources, ranks)),
+    return ((cnt, held_bits, sums, start_status, blk_rows(outputs)),
             (load, home, hcount, hlist, hpos, tt, a, b, cnt, held, held_bits, blk_of, sums,
              start_status))
 
@@ -312,7 +333,8 @@ def launch_start(load, home, consts: tuple, scratch: tuple, outputs: tuple, num_
 _KERNELS: dict = {}
 
 
-def kernel(max_ranks: int, upto: int = FULL, stamps: bool = False, threads: int = THREADS):
+def kernel(max_ranks: int, upto: int = FULL, stamps: bool = False, threads: int = THREADS,
+           inline_start: bool = False):
     """The kernel for layers of at most `max_ranks` ranks (a multiple of 32, made once).
     upto < FULL makes a profiling variant (experiments.planner.gpu_lite --profile) whose rounds
     end after step `upto` (0: the start alone; 1 rank order, 2 pair tests, 3 matching, 4 pair
@@ -321,13 +343,16 @@ def kernel(max_ranks: int, upto: int = FULL, stamps: bool = False, threads: int 
     0 writes the SM's cycle counter into the scratch `stamps` [L, 2 + 9 R] after every step:
     the launch, the start, then each round's STAMP_STEPS (`step_cycles`). Past 256 threads
     per block the kernel is compiled with at most 65,536 / threads registers a thread (else
-    such a block could not launch)."""
+    such a block could not launch). inline_start=True makes a kernel that zeroes and splits its
+    layer itself (the start kernels' items, `_zero_items` and `_split_items`, over its block)
+    instead of reading what `launch_start`'s kernels left (`starts_inline`)."""
     regs = None if threads <= 256 or SIMULATOR else 65536 // threads
-    key = (max_ranks, upto, stamps, regs)
+    key = (max_ranks, upto, stamps, regs, inline_start)
     if key in _KERNELS:
         return _KERNELS[key]
     UPTO = upto  # noqa: N806 (a compile-time constant)
     STAMPS = stamps  # noqa: N806
+    INLINE = inline_start  # noqa: N806
     GM = max_ranks  # noqa: N806 (compile-time sizes of the shared arrays)
     PM = GM // 2  # noqa: N806
     WM = GM // 32  # noqa: N806
@@ -341,9 +366,8 @@ def kernel(max_ranks: int, upto: int = FULL, stamps: bool = False, threads: int 
     def _lite_kernel(load, home, window, slots, a_tick, b_tick, tt, xt, hcount, hlist, hpos,
                      nhome, rank_home, max_rounds, eps_ppm, hot, max_reps, max_blocks,
                      cnt, held, blk_of, rep_on, held_bits, fits, reach, sums, start_status,
-                     pool_s, pool_n, cum,
-                     pre_h, pre_c, stamps, rep, n_rep_out, blk_expert, blk_assign, n_blk_out,
-                     rounds_out, moves_out, makespan_out,
+                     pool_s, pool_n, cum, pre_h, pre_c, stamps, blk_rows, rep, n_rep_out,
+                     blk_expert, blk_assign, n_blk_out, rounds_out, moves_out, makespan_out,
                      status_out):  # pragma: no cover - device code
         layer = cuda.blockIdx.x
         tid = cuda.threadIdx.x
@@ -366,6 +390,12 @@ def kernel(max_ranks: int, upto: int = FULL, stamps: bool = False, threads: int 
         stamps = stamps[layer]
         if STAMPS and tid == 0:
             stamps[0] = clock64()
+        if INLINE:  # the start kernels' work, over this block
+            _zero_items(tid, nt, layer, cnt, held_bits, sums, start_status, blk_rows[layer])
+            cuda.syncthreads()
+            _split_items(tid, nt, layer, load, home, hcount, hlist, hpos, tt, a_tick, b_tick,
+                         cnt, held, held_bits, blk_of, sums, start_status)
+            cuda.syncthreads()
         pool_s = pool_s[layer]
         pool_n = pool_n[layer]
         cum = cum[layer]
@@ -972,11 +1002,13 @@ class CudaLite(LayerPlanner):
         return the output buffers (device arrays; torch CUDA tensors for torch inputs), without
         synchronising. load int64 [L, S, E], window float64 [L, G] (seconds)."""
         load_d, window_d, stream = self.launch_inputs(load, window, stream)
-        launch_start(load_d, self._home, self._consts, self._scratch, self.out, self.num_layers,
-                     stream)
-        kernel(self.max_ranks, self.upto, self.stamps, self.threads)[
+        inline = starts_inline(*self.shape)
+        if not inline:
+            launch_start(load_d, self._home, self._consts, self._scratch, self.out,
+                         self.num_layers, stream)
+        kernel(self.max_ranks, self.upto, self.stamps, self.threads, inline)[
             self.num_layers, self.threads, stream](
-            load_d, self._home, window_d, *self._consts, *self._scratch, *self.out)
+            *launch_args(load_d, self._home, window_d, self._consts, self._scratch, self.out))
         return self.torch_out() if is_torch(load) else self.out
 
 
