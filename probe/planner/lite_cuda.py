@@ -432,7 +432,6 @@ def kernel(max_ranks: int, upto: int = FULL, stamps: bool = False, threads: int 
         used = cuda.shared.array(GM, int64)
         sent = cuda.shared.array(GM, int64)
         recv = cuda.shared.array(GM, int64)
-        taken = cuda.shared.array(GM, int64)
         elig = cuda.shared.array((GM, WM), uint32)
         fits_s = cuda.shared.array((BS, BW), uint32)
         reach_s = cuda.shared.array((BS, BW), uint32)
@@ -525,7 +524,6 @@ def kernel(max_ranks: int, upto: int = FULL, stamps: bool = False, threads: int 
             while g < num_ranks:
                 it = tin[g] if tin[g] > tout[g] else tout[g]
                 times[g] = comp[g] + 2 * it
-                taken[g] = 0
                 for w in range(nw):
                     elig[g, w] = 0
                     reach[g, w] = 0
@@ -609,29 +607,24 @@ def kernel(max_ranks: int, upto: int = FULL, stamps: bool = False, threads: int 
             if UPTO == 2:  # a profiling variant: the round ends here
                 continue
             if tid == 0:  # the CPU kernel's matching: hot ranks in order, fastest untaken first
+                taken = cuda.local.array(WM, uint32)  # bit p: position p is in a pair
+                for w in range(nw):
+                    taken[w] = 0
                 n_pairs = 0
                 for i in range(num_hot):
-                    h = order[i]
-                    if taken[i] != 0:
+                    if (taken[i >> 5] >> (i & 31)) & 1:
                         continue
-                    taken[i] = 1
-                    found = False
-                    for w in range(WM - 1, -1, -1):
-                        bits = elig[i, w]
-                        while bits != 0 and not found:
+                    taken[i >> 5] = uint32(taken[i >> 5] | uint32(1 << (i & 31)))
+                    for w in range(nw - 1, -1, -1):
+                        # uint32 ^ uint32 and & type as uint64 in Numba: cast back, or clz
+                        # would count 64 bits and `top` go negative.
+                        bits = uint32(elig[i, w] & uint32(taken[w] ^ uint32(0xFFFFFFFF)))
+                        if bits != 0:  # the fastest untaken candidate: the highest bit left
                             top = 31 - cuda.clz(bits)
-                            p = w * 32 + top
-                            if taken[p] == 0:
-                                taken[p] = 1
-                                pair_h[n_pairs] = h
-                                pair_c[n_pairs] = order[p]
-                                n_pairs += 1
-                                found = True
-                            else:
-                                # uint32 ^ uint32 types as uint64 in Numba: cast back,
-                                # or clz would count 64 bits and `top` go negative.
-                                bits = uint32(bits ^ uint32(1 << top))
-                        if found:
+                            taken[w] = uint32(taken[w] | uint32(1 << top))
+                            pair_h[n_pairs] = order[i]
+                            pair_c[n_pairs] = order[w * 32 + top]
+                            n_pairs += 1
                             break
                 ints[_NPAIRS] = n_pairs
             cuda.syncthreads()
