@@ -17,19 +17,22 @@ A launch is three kernels on one stream. The start, over every layer's (source, 
 (a grid of layers x blocks): one zeroes what the other accumulates; the other adds each item's
 static-split tokens into the holders' counts and the ranks' compute and traffic with native
 64-bit atomics in global memory, sets the held experts and their bits, and flags a negative
-load. Then the planner, one block per layer (T threads; barriers between the steps):
+load. Then the planner, one block per layer (T threads; barriers between the steps). Layers of
+at most INLINE_START_ITEMS items (ep=8 / 128 experts) take one launch: the planner's block
+does the start kernels' items itself first (`starts_inline`).
 - start: the windows in ticks and the checks (status 1 negative load, 2 bad window, 3 times or
   tokens past the kernel's integer keys); the rank arrays from the start's sums;
-- each round: the rank times and their sum (a thread per rank); each rank's position, slowest
-  first (a thread per rank counts the ranks ahead of it); which (hot rank, faster rank) pairs
-  could move (lite.can_move) in bit words: the ranks a copy from each source rank fits, then
-  per hot rank the ranks that hold or can receive one of its experts (an item per (hot rank,
-  word)), then per hot position the faster positions that could gain; thread 0 matches them in
-  the CPU kernel's order, reading one word per step (the fastest untaken candidate is the
-  highest set bit); then a warp per pair makes the pair's move with the pair's state in
-  registers and no block barrier: its expert (a lane per expert h holds, maximum of (tokens,
-  -expert)), its pool (a lane per source, each entry's place and prefix sums from the lanes'
-  prefix sums), the amount's grid steps (a lane per grid point evaluates f(x), the warp's
+- each round: the rank times and their sum (a thread per rank), with the ranks a copy from each
+  source rank fits, in bit words; each rank's position, slowest first (a thread per rank
+  counts the ranks ahead of it); which (hot rank, faster rank) pairs could move
+  (lite.can_move), in bit words: per position the ranks that hold or can receive one of its
+  rank's experts (an item per (position, expert), while the hot ranks are counted), then per
+  hot position the faster positions that could gain; thread 0 matches them in the CPU
+  kernel's order, one word operation per step (the fastest untaken candidate is the highest
+  eligible bit not yet taken); then a warp per pair makes the pair's move with the pair's
+  state in registers and no block barrier: its expert (a lane per expert h holds, maximum of
+  (tokens, -expert)), its pool (a lane per source, each entry's place and prefix sums from the
+  lanes' prefix sums), the amount's grid steps (a lane per grid point evaluates f(x), the warp's
   minimum of (f, x), every lane narrows the range alike) and the gain test; thread 0 admits
   the moves in pair order (copy sources, replica rows, new expert blocks); the threads write
   the new blocks' static split; a thread per (pair, pool entry) applies the takes.
