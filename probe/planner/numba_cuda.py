@@ -12,6 +12,11 @@ once and can flip a tie), `dmax` and `dmin` (Python's max / min for two values, 
 because the builtins do not compile for every numba.cuda version), and `device`, which compiles
 a rule of probe.planner.scalar (a scalar rule of a CPU kernel) as a device function, so that
 the rule's source serves both targets.
+
+And the warp-level helpers the planners' kernels share: the collectives (`warp_min`, `warp_max`,
+`warp_sum`, `warp_scan`, `warp_last`, `warp_any`), `warp_sync`, the combine-then-one-atomic
+updates (`lanes_add`, `lanes_min`, `lanes_max`), and `clock64`, the SM's cycle counter, for a
+kernel that times its own steps.
 """
 
 from __future__ import annotations
@@ -30,9 +35,8 @@ from numba import cuda  # noqa: E402
 from probe.planner import scalar  # noqa: E402
 
 __all__ = ["LINEINFO", "SIMULATOR", "WARP_SHUFFLES", "add_at", "clock64", "cuda", "device", "dmax",
-           "dmin",
-           "lanes_add", "lanes_max", "lanes_min", "mul", "warp_any", "warp_last", "warp_max",
-           "warp_min", "warp_scan", "warp_sum", "warp_sync"]
+           "dmin", "lanes_add", "lanes_max", "lanes_min", "mul", "warp_any", "warp_last",
+           "warp_max", "warp_min", "warp_scan", "warp_sum", "warp_sync"]
 
 SIMULATOR = bool(config.ENABLE_CUDASIM)
 # On a GPU the 32 lanes of a warp combine their values with shuffles (`warp_min`, `warp_max`,
