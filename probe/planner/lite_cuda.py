@@ -6,8 +6,9 @@ layers at once (inputs stacked [L, ...]) without host synchronisation, on the ca
 so it can be captured in a CUDA graph. Integer sums do not depend on the order of their terms,
 so every sum here is spread over the block's threads, and every choice is a maximum or minimum
 over a packed key; a warp combines its lanes' values with shuffles and then makes one atomic
-update (numba_cuda.lanes_add / lanes_min / lanes_max: a 64-bit atomic on shared memory is a
-compare-and-swap loop on sm_90; Numba's CUDA simulator, without shuffles, keeps the atomics).
+update, or none where the warp alone needs the result (numba_cuda.lanes_add / lanes_max,
+warp_min / warp_max: a 64-bit atomic on shared memory is a compare-and-swap loop on sm_90;
+Numba's CUDA simulator, without shuffles, keeps atomics).
 The scalar rules (a candidate's copy source and expert, a grid point, an amount's f(x), a
 token's static split) are lite.py's own functions compiled a second time as device functions.
 Loops are while loops stepping their indices (Numba's strided range loops, like every `k // G`,
@@ -45,7 +46,8 @@ previous kernel (bb47e48, run 8's) took 102.0 us and 1,417 us, the greedy's kern
 (run 6). Clock stamps (run 10): at ep=8 a round costs about 31,600 cycles, a quarter each in
 the pair tests and the pair moves, a fifth in the rank order; at ep=64 about 98,000, the
 pair moves 31%, the rank order 22%, thread 0's matching and admission 23% together. The 10 /
-50 us targets are missed by 8.8x / 15.7x.
+50 us targets are missed by 8.8x / 15.7x. The inline start of small layers, the word-wise
+matching and the finer stamps (nine a round) came after that revision: not timed yet.
 
 Entry points: `CudaLite(home, slots, cost, rules, num_layers=L)` validates once and keeps
 device buffers; its `plan(load, window)` launches on the caller's stream (torch's current stream
