@@ -5,7 +5,8 @@ work, and with one thread the first gaining candidate is the first one tried. `s
 rebuilds the kernel and every device function it reaches (its own module's, and the device
 twins of scalar rules that `numba_cuda.device` made) as Python functions whose `cuda` is a
 stand-in (thread 0 of a block of 1, lane 0 of its warp; shared and local arrays are numpy
-arrays; atomics are plain updates; numba_cuda's warp collectives return the lane's own value)
+arrays; atomics are plain updates; numba_cuda's warp collectives return the lane's own value
+and its warp_sync does nothing)
 and whose `mul` is the plain product. The tests compare such runs with the CPU kernels;
 experiments.planner.kernel_stats counts the work of a run (`wrap`).
 """

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The lite planner's kernel at this checkout against a base revision's, on one card in one
 # device call: experiments.planner.gpu_lite --quick up to 64 ranks at both (plans against the
-# CPU kernel, one layer's graph-replayed latency at 32-512 threads, the 8-layer launch), the
+# CPU kernel, one layer's graph-replayed latency at 32-1024 threads, the 8-layer launch), the
 # checkout's first with --stamps (the full kernel's cycles per step; PROFILE=--profile adds
 # the profiling variants).
 # The base tree is a `git archive` of the base revision's probe/ and experiments/ made on the
