@@ -411,9 +411,9 @@ def kernel(max_ranks: int, upto: int = FULL, stamps: bool = False, threads: int 
         blk_assign = blk_assign[layer]
         num_ranks, num_experts = home.shape
         ranks32 = (num_ranks + 31) // 32 * 32  # the ranks in whole warps
-        # Loops over [rows, G] and [rows, G + 1] items step a (row, column) pair from item tid
-        # by nt items (a 64-bit division per item, and Numba's strided range loops, cost
-        # about a hundred instructions each: the loops are while loops without divisions).
+        # Loops over [rows, width] items step a (row, column) pair from item tid by nt items
+        # (a 64-bit division per item, and Numba's strided range loops, cost about a hundred
+        # instructions each: the loops are while loops without divisions).
         row_g, col_g, drow_g, dcol_g = _first_item(tid, nt, num_ranks)
         nw = (num_ranks + 31) >> 5  # bit words over the ranks
         # Items (hot position, one of the experts its rank holds): home lists and replica rows.
@@ -466,11 +466,7 @@ def kernel(max_ranks: int, upto: int = FULL, stamps: bool = False, threads: int 
                 ints[k] = 0
         g = tid
         while g < num_ranks:
-            w = _window_ticks(window[layer, g])
-            wt[g] = w
-            comp[g] = 0
-            tin[g] = 0
-            tout[g] = 0
+            wt[g] = _window_ticks(window[layer, g])
             used[g] = 0
             sent[g] = 0
             recv[g] = 0

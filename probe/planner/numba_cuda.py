@@ -15,7 +15,7 @@ the rule's source serves both targets.
 
 And the warp-level helpers the planners' kernels share: the collectives (`warp_min`, `warp_max`,
 `warp_sum`, `warp_scan`, `warp_last`, `warp_any`), `warp_sync`, the combine-then-one-atomic
-updates (`lanes_add`, `lanes_min`, `lanes_max`), and `clock64`, the SM's cycle counter, for a
+updates (`lanes_add`, `lanes_max`), and `clock64`, the SM's cycle counter, for a
 kernel that times its own steps.
 """
 
@@ -35,14 +35,14 @@ from numba import cuda  # noqa: E402
 from probe.planner import scalar  # noqa: E402
 
 __all__ = ["LINEINFO", "SIMULATOR", "WARP_SHUFFLES", "add_at", "clock64", "cuda", "device", "dmax",
-           "dmin", "lanes_add", "lanes_max", "lanes_min", "mul", "warp_any", "warp_last",
+           "dmin", "lanes_add", "lanes_max", "mul", "warp_any", "warp_last",
            "warp_max", "warp_min", "warp_scan", "warp_sum", "warp_sync"]
 
 SIMULATOR = bool(config.ENABLE_CUDASIM)
 # On a GPU the 32 lanes of a warp combine their values with shuffles (`warp_min`, `warp_max`,
 # `warp_sum`, the prefix sum `warp_scan`, `warp_last`): a few instructions, no barrier, no
 # atomic (a 64-bit atomic on shared memory is a compare-and-swap loop that the lanes of a warp
-# take one at a time). Numba's CUDA simulator has no shuffles, so `lanes_add` / `lanes_min` /
+# take one at a time). Numba's CUDA simulator has no shuffles, so `lanes_add` and
 # `lanes_max` take their atomic path there instead, with the same results, and a kernel that
 # calls the warp collectives itself does so only `if WARP_SHUFFLES:`. A kernel that calls them
 # gives each warp 32 consecutive items of a loop, so it needs a multiple of 32 threads per
@@ -184,17 +184,6 @@ def lanes_add(arr, idx, v):  # pragma: no cover - device code
             cuda.atomic.add(arr, idx, v)
     else:
         cuda.atomic.add(arr, idx, v)
-
-
-@cuda.jit(device=True, inline=True, **LINEINFO)
-def lanes_min(arr, idx, v):  # pragma: no cover - device code
-    """arr[idx] = min(arr[idx], the minimum of v over the warp's lanes)."""
-    if WARP_SHUFFLES:
-        v = warp_min(v)
-        if cuda.laneid == 0:
-            cuda.atomic.min(arr, idx, v)
-    else:
-        cuda.atomic.min(arr, idx, v)
 
 
 @cuda.jit(device=True, inline=True, **LINEINFO)
