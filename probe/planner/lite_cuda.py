@@ -97,7 +97,7 @@ from probe.planner.numba_cuda import (
 from probe.planner.scalar import pool_entry
 
 __all__ = ["INLINE_START_ITEMS", "MAX_RANKS", "STAMP_STEPS", "START_THREADS", "THREADS",
-           "CudaLite", "CudaLitePlan", "blk_rows", "host_arrays", "kernel", "kernel_ranks",
+           "CudaLite", "CudaLitePlan", "blocks_as_rows", "host_arrays", "kernel", "kernel_ranks",
            "launch_args", "launch_start", "lite_cuda_arrays", "start_args", "starts_inline",
            "step_cycles"]
 
@@ -301,7 +301,7 @@ def starts_inline(num_ranks: int, num_experts: int) -> bool:
     return num_ranks * num_experts <= INLINE_START_ITEMS
 
 
-def blk_rows(outputs: tuple):
+def blocks_as_rows(outputs: tuple):
     """The plan's expert blocks blk_assign [L, B, S, G] as rows [L, B S, G] (a view)."""
     num_layers, blocks, sources, ranks = outputs[3].shape
     return outputs[3].reshape(num_layers, blocks * sources, ranks)
@@ -309,7 +309,7 @@ def blk_rows(outputs: tuple):
 
 def launch_args(load, home, window, consts: tuple, scratch: tuple, outputs: tuple) -> tuple:
     """`kernel`'s arguments for a launch."""
-    return (load, home, window, *consts, *scratch, blk_rows(outputs), *outputs)
+    return (load, home, window, *consts, *scratch, blocks_as_rows(outputs), *outputs)
 
 
 def start_args(load, home, consts: tuple, scratch: tuple, outputs: tuple) -> tuple:
@@ -317,7 +317,7 @@ def start_args(load, home, consts: tuple, scratch: tuple, outputs: tuple) -> tup
     whose `kernel` takes (load, home, window, *consts, *scratch, *outputs)."""
     cnt, held, blk_of, _, held_bits, _, _, sums, start_status = scratch[:9]
     _, a, b, tt, _, hcount, hlist, hpos = consts[:8]
-    return ((cnt, held_bits, sums, start_status, blk_rows(outputs)),
+    return ((cnt, held_bits, sums, start_status, blocks_as_rows(outputs)),
             (load, home, hcount, hlist, hpos, tt, a, b, cnt, held, held_bits, blk_of, sums,
              start_status))
 
