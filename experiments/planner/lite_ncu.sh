@@ -3,8 +3,9 @@
 # experiments.planner.gpu_lite --quick (plans against the CPU kernel, one layer's latency), then
 # Nsight Compute with source counters (warp-state sampling per SASS instruction, mapped to the
 # source lines of probe/planner/lite*.py) on the kernel's one-layer launches at ep=8 and ep=64
-# (experiments.planner.gpu_profile --lite; the kernel compiled with line information,
-# PROBE_CUDA_LINEINFO=1). On an H200 it first runs the H200 steps of experiments/device_session.sh
+# (experiments.planner.gpu_profile --lite --separate-start; the kernel compiled with line
+# information, PROBE_CUDA_LINEINFO=1, which NVVM refuses for the kernel that starts a small
+# layer in its own block: every layer starts in the start kernels here). On an H200 it first runs the H200 steps of experiments/device_session.sh
 # (H200_STEPS, default "quant_layer moe_layer").
 # Usage (on the GPU machine, from the repository root):
 #   OUT=dir PROBE_GIT_COMMIT=<rev> bash experiments/planner/lite_ncu.sh
@@ -28,7 +29,7 @@ timeout "${NCU_LIMIT:-200}" ncu --clock-control none --import-source yes \
     --section SourceCounters --section WarpStateStats --section LaunchStats \
     --section SpeedOfLight --section InstructionStats \
     -k regex:'_lite_kernel' -c 2 -o "$OUT/lite" -f \
-    python3 -m experiments.planner.gpu_profile --lite --launches 1 --repeats 0 > "$OUT/ncu_run.txt" 2>&1
+    python3 -m experiments.planner.gpu_profile --lite --separate-start --launches 1 --repeats 0 > "$OUT/ncu_run.txt" 2>&1
 echo "== ncu exit $?" | tee -a "$LOG"
 if [ ! -s "$OUT/lite.ncu-rep" ]; then  # NVVM has refused the kernel with line information
   echo "== no report with line information: again without it (no source counters)" | tee -a "$LOG"

@@ -967,7 +967,8 @@ class CudaLite(LayerPlanner):
 
     def __init__(self, home: np.ndarray, slots: np.ndarray | int, cost: CostModel,
                  rules: LiteRules | None = None, *, num_layers: int = 1,
-                 threads: int = THREADS, upto: int = FULL, stamps: bool = False) -> None:
+                 threads: int = THREADS, upto: int = FULL, stamps: bool = False,
+                 inline_start: bool | None = None) -> None:
         if threads == 1:  # the kernel's warp collectives need whole warps
             raise ValueError("lite_cuda needs a multiple of 32 threads per block, got 1")
         super().__init__(home, slots, cost, num_layers=num_layers, threads=threads,
@@ -977,6 +978,8 @@ class CudaLite(LayerPlanner):
         if stamps and SIMULATOR:
             raise ValueError("lite_cuda's clock stamps need a GPU (the simulator has no clock)")
         self.stamps = stamps  # the kernel that stamps its steps (`step_cycles`)
+        # Whether the planner's block starts its layer itself (None: `starts_inline`'s choice).
+        self.inline_start = inline_start
         self.max_ranks = kernel_ranks(self.shape[0])
         host = host_arrays(self._home.copy_to_host(), self.slots, cost, self.rules)
         self.max_reps, self.max_blocks = host.max_reps, host.max_blocks
@@ -996,7 +999,7 @@ class CudaLite(LayerPlanner):
         return the output buffers (device arrays; torch CUDA tensors for torch inputs), without
         synchronising. load int64 [L, S, E], window float64 [L, G] (seconds)."""
         load_d, window_d, stream = self.launch_inputs(load, window, stream)
-        inline = starts_inline(*self.shape)
+        inline = starts_inline(*self.shape) if self.inline_start is None else self.inline_start
         if not inline:
             launch_start(load_d, self._home, self._consts, self._scratch, self.out,
                          self.num_layers, stream)
