@@ -88,9 +88,12 @@ from probe.planner.numba_cuda import (
     lanes_add,
     lanes_max,
     warp_any,
+    warp_bits,
+    warp_count,
     warp_last,
     warp_max,
     warp_min,
+    warp_or,
     warp_scan,
     warp_sync,
 )
@@ -173,6 +176,53 @@ def _warp_best(v, scratch, w, lane, largest):  # pragma: no cover - device code
         cuda.atomic.max(scratch, w, v)
     else:
         cuda.atomic.min(scratch, w, v)
+    cuda.syncthreads()
+    return scratch[w]
+
+
+@cuda.jit(device=True, inline=True, **LINEINFO)
+def _warp_bits(bits, scratch, w, lane):  # pragma: no cover - device code
+    """The OR of bits over the lanes of warp w, for every lane, where each lane's bits are at
+    most its own bit (1 << lane; a lane of a one-lane warp sets any): one ballot on a GPU; in
+    the simulator through scratch[w] between block barriers (every thread calls it as often)."""
+    if WARP_SHUFFLES:
+        return warp_bits(bits)
+    cuda.syncthreads()
+    if lane == 0:
+        scratch[w] = 0
+    cuda.syncthreads()
+    cuda.atomic.or_(scratch, w, int64(bits))
+    cuda.syncthreads()
+    return uint32(scratch[w])
+
+
+@cuda.jit(device=True, inline=True, **LINEINFO)
+def _warp_or(bits, scratch, w, lane):  # pragma: no cover - device code
+    """The OR of any 32-bit words over the lanes of warp w, for every lane: shuffles on a
+    GPU; in the simulator through scratch[w] between block barriers."""
+    if WARP_SHUFFLES:
+        return warp_or(bits)
+    cuda.syncthreads()
+    if lane == 0:
+        scratch[w] = 0
+    cuda.syncthreads()
+    cuda.atomic.or_(scratch, w, int64(bits))
+    cuda.syncthreads()
+    return uint32(scratch[w])
+
+
+@cuda.jit(device=True, inline=True, **LINEINFO)
+def _warp_count(flag, scratch, w, lane):  # pragma: no cover - device code
+    """How many lanes of warp w have flag set, for every lane: a ballot and a population
+    count on a GPU; in the simulator through scratch[w] between block barriers."""
+    if WARP_SHUFFLES:
+        return warp_count(flag)
+    cuda.syncthreads()
+    if lane == 0:
+        scratch[w] = 0
+    cuda.syncthreads()
+    if flag:
+        cuda.atomic.add(scratch, w, 1)
     cuda.syncthreads()
     return scratch[w]
 
@@ -470,8 +520,6 @@ def kernel(max_ranks: int, upto: int = FULL, stamps: bool = False, threads: int 
             used[g] = 0
             sent[g] = 0
             recv[g] = 0
-            for w in range(nw):
-                fits[g, w] = 0
             g += nt
         cuda.syncthreads()
         # The static split's counts, held experts and sums came from the start kernels.
@@ -525,33 +573,50 @@ def kernel(max_ranks: int, upto: int = FULL, stamps: bool = False, threads: int 
             while g < num_ranks:
                 it = tin[g] if tin[g] > tout[g] else tout[g]
                 times[g] = comp[g] + 2 * it
-                for w in range(nw):
-                    elig[g, w] = 0
-                    reach[g, w] = 0
                 g += nt
             # Bit c of fits[g]: a copy from g to c fits (c has a free slot; g's sent and c's
-            # received window hold it: lite.copy_source's test). fits is zero here: the start
-            # zeroes it, and each round once its pair tests have read it.
-            g = row_g
-            c = col_g
-            while g < num_ranks:
-                if used[c] < slots[c] and sent[g] + xt[g, c] <= wt[g] and (
-                        recv[c] + xt[g, c] <= wt[c]):
-                    cuda.atomic.or_(fits, (g, c >> 5), uint32(1 << (c & 31)))
-                g, c = _next_item(g, c, drow_g, dcol_g, num_ranks)
+            # received window hold it: lite.copy_source's test). A warp per (rank g, word w), a
+            # lane per rank c of the word; the warp's ballot is the word.
+            g, w, dg, dw = _first_item(warp, nwarps, nw)
+            base = 0
+            while base < num_ranks * nw:  # the same trip count in every warp (simulator)
+                bits = uint32(0)
+                if g < num_ranks:
+                    j = lane
+                    while j < 32:
+                        c = (w << 5) + j
+                        if c < num_ranks and used[c] < slots[c] and (
+                                sent[g] + xt[g, c] <= wt[g]) and recv[c] + xt[g, c] <= wt[c]:
+                            bits = uint32(bits | uint32(1 << j))
+                        j += width
+                bits = _warp_bits(bits, wbest, warp, lane)
+                if g < num_ranks and lane == 0:
+                    fits[g, w] = bits
+                g, w = _next_item(g, w, dg, dw, nw)
+                base += nwarps
             cuda.syncthreads()
             if STAMPS and tid == 0:
                 stamps[sbase + 0] = clock64()
             g = tid  # whole warps (lanes past the ranks add 0)
             while g < ranks32:
                 lanes_add(ints, _TOTAL, times[g] if g < num_ranks else 0)
-                if g < num_ranks:
-                    p = 0
-                    for q in range(num_ranks):
-                        if times[q] > times[g] or (times[q] == times[g] and q < g):
-                            p += 1
-                    order[p] = g
                 g += nt
+            # Each rank's position: a warp per rank g counts the ranks ahead of it (slower, or
+            # as slow with a lower index), a ballot per 32 of them.
+            g = warp
+            base = 0
+            while base < num_ranks:  # the same trip count in every warp (simulator)
+                t_g = times[g] if g < num_ranks else 0
+                p = 0
+                q = lane
+                while q - lane < num_ranks:
+                    p += _warp_count(g < num_ranks and q < num_ranks and (
+                        times[q] > t_g or (times[q] == t_g and q < g)), wbest, warp, lane)
+                    q += width
+                if g < num_ranks and lane == 0:
+                    order[p] = g
+                g += nwarps
+                base += nwarps
             cuda.syncthreads()
             if STAMPS and tid == 0:
                 stamps[sbase + 1] = clock64()
@@ -560,8 +625,9 @@ def kernel(max_ranks: int, upto: int = FULL, stamps: bool = False, threads: int 
             # Which (hot position i, faster position p > i) pairs could move (lite.can_move), in
             # bit words over ranks: bit c of reach[i], c holds or can receive one of the experts
             # with tokens on h = order[i] (its held bits, or the fits of one of its home
-            # holders), for every position while the hot ranks are counted; then bit p of
-            # elig[i] for the hot positions.
+            # holders), for every position while the hot ranks are counted (a warp per
+            # position, a lane per expert h holds, the warp's OR per word); then bit p of
+            # elig[i] for the hot positions (a warp per (position, word), a lane per p).
             total = ints[_TOTAL]
             t_top = times[order[0]]
             g = tid
@@ -570,38 +636,49 @@ def kernel(max_ranks: int, upto: int = FULL, stamps: bool = False, threads: int 
                                             > (16 - hot) * num_ranks * t_top + hot * total)
                 lanes_add(ints, _NHOT, 1 if is_hot else 0)
                 g += nt
-            i = row_x  # an item per (position, expert its rank holds)
-            j = col_x
-            while i < num_ranks:
-                h = order[i]
-                if j < nhome[h] + used[h]:
-                    e = rank_home[h, j] if j < nhome[h] else rep_on[h, j - nhome[h]]
-                    if cnt[h, e] > 0:
-                        for w in range(nw):
-                            bits = held_bits[e, w]
+            i = warp
+            base = 0
+            while base < num_ranks:  # the same trip count in every warp (simulator)
+                h = order[i] if i < num_ranks else 0
+                n_h = nhome[h] + used[h] if i < num_ranks else 0
+                for w in range(nw):
+                    bits = uint32(0)
+                    j = lane
+                    while j < n_h:
+                        e = rank_home[h, j] if j < nhome[h] else rep_on[h, j - nhome[h]]
+                        if cnt[h, e] > 0:
+                            bits = uint32(bits | held_bits[e, w])
                             for k in range(hcount[e]):
                                 bits = uint32(bits | fits[hlist[e, k], w])
-                            if bits != 0:
-                                cuda.atomic.or_(reach, (i, w), uint32(bits))
-                i, j = _next_item(i, j, drow_x, dcol_x, span)
+                        j += width
+                    bits = _warp_or(bits, wbest, warp, lane)
+                    if i < num_ranks and lane == 0:
+                        reach[i, w] = bits
+                i += nwarps
+                base += nwarps
             cuda.syncthreads()
             if STAMPS and tid == 0:
                 stamps[sbase + 2] = clock64()
             num_hot = ints[_NHOT]
-            g = tid  # fits has been read: zero it for the next round
-            while g < num_ranks:
-                for w in range(nw):
-                    fits[g, w] = 0
-                g += nt
-            i = row_g
-            p = col_g
-            while i < num_hot:
-                if p > i:
-                    h = order[i]
-                    c = order[p]
-                    if times[c] + A + B < times[h] and (reach[i, c >> 5] >> (c & 31)) & 1:
-                        cuda.atomic.or_(elig, (i, p >> 5), uint32(1 << (p & 31)))
-                i, p = _next_item(i, p, drow_g, dcol_g, num_ranks)
+            i, w, di, dw = _first_item(warp, nwarps, nw)
+            base = 0
+            while base < num_hot * nw:  # the same trip count in every warp (simulator)
+                bits = uint32(0)
+                if i < num_hot:
+                    t_h = times[order[i]]
+                    j = lane
+                    while j < 32:
+                        p = (w << 5) + j
+                        if p > i and p < num_ranks:
+                            c = order[p]
+                            if times[c] + A + B < t_h and (reach[i, c >> 5] >> (c & 31)) & 1:
+                                bits = uint32(bits | uint32(1 << j))
+                        j += width
+                bits = _warp_bits(bits, wbest, warp, lane)
+                if i < num_hot and lane == 0:
+                    elig[i, w] = bits
+                i, w = _next_item(i, w, di, dw, nw)
+                base += nwarps
             cuda.syncthreads()
             if STAMPS and tid == 0:
                 stamps[sbase + 3] = clock64()

@@ -29,14 +29,14 @@ if not hasattr(numpy, "row_stack"):  # pragma: no cover - depends on the install
 import os  # noqa: E402
 import types  # noqa: E402
 
-from numba import config, float64  # noqa: E402
+from numba import config, float64, uint32  # noqa: E402
 from numba import cuda  # noqa: E402
 
 from probe.planner import scalar  # noqa: E402
 
 __all__ = ["LINEINFO", "SIMULATOR", "WARP_SHUFFLES", "add_at", "clock64", "cuda", "device", "dmax",
-           "dmin", "lanes_add", "lanes_max", "mul", "warp_any", "warp_last",
-           "warp_max", "warp_min", "warp_scan", "warp_sum", "warp_sync"]
+           "dmin", "lanes_add", "lanes_max", "mul", "warp_any", "warp_bits", "warp_count",
+           "warp_last", "warp_max", "warp_min", "warp_or", "warp_scan", "warp_sum", "warp_sync"]
 
 SIMULATOR = bool(config.ENABLE_CUDASIM)
 # On a GPU the 32 lanes of a warp combine their values with shuffles (`warp_min`, `warp_max`,
@@ -132,6 +132,28 @@ def warp_sum(v):  # pragma: no cover - device code (GPU only)
     for off in (16, 8, 4, 2, 1):
         v += cuda.shfl_xor_sync(_LANES, v, off)
     return v
+
+
+@cuda.jit(device=True, inline=True, **LINEINFO)
+def warp_or(v):  # pragma: no cover - device code (GPU only)
+    """The bitwise OR of the 32-bit words v over the warp's 32 lanes (every lane gets it)."""
+    v = uint32(v)
+    for off in (16, 8, 4, 2, 1):
+        v = uint32(v | uint32(cuda.shfl_xor_sync(_LANES, v, off)))
+    return v
+
+
+@cuda.jit(device=True, inline=True, **LINEINFO)
+def warp_bits(bits):  # pragma: no cover - device code (GPU only)
+    """The OR of the lanes' words where each lane's word has at most its own bit (1 << lane)
+    set: one ballot (every lane gets it)."""
+    return uint32(cuda.ballot_sync(_LANES, bits != 0))
+
+
+@cuda.jit(device=True, inline=True, **LINEINFO)
+def warp_count(flag):  # pragma: no cover - device code (GPU only)
+    """How many of the warp's lanes have flag set (every lane gets it)."""
+    return cuda.popc(cuda.ballot_sync(_LANES, flag))
 
 
 @cuda.jit(device=True, inline=True, **LINEINFO)
