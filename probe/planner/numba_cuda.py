@@ -29,7 +29,7 @@ if not hasattr(numpy, "row_stack"):  # pragma: no cover - depends on the install
 import os  # noqa: E402
 import types  # noqa: E402
 
-from numba import config, float64, uint32  # noqa: E402
+from numba import config, float64, int32, uint32  # noqa: E402
 from numba import cuda  # noqa: E402
 
 from probe.planner import scalar  # noqa: E402
@@ -137,10 +137,10 @@ def warp_sum(v):  # pragma: no cover - device code (GPU only)
 @cuda.jit(device=True, inline=True, **LINEINFO)
 def warp_or(v):  # pragma: no cover - device code (GPU only)
     """The bitwise OR of the 32-bit words v over the warp's 32 lanes (every lane gets it)."""
-    v = uint32(v)
+    x = int32(v)  # shuffles take 32-bit signed integers, not unsigned ones
     for off in (16, 8, 4, 2, 1):
-        v = uint32(v | uint32(cuda.shfl_xor_sync(_LANES, v, off)))
-    return v
+        x = int32(x | int32(cuda.shfl_xor_sync(_LANES, x, off)))
+    return uint32(x)
 
 
 @cuda.jit(device=True, inline=True, **LINEINFO)
