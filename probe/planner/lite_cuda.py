@@ -93,7 +93,6 @@ from probe.planner.numba_cuda import (
     warp_last,
     warp_max,
     warp_min,
-    warp_or,
     warp_scan,
     warp_sync,
 )
@@ -187,21 +186,6 @@ def _warp_bits(bits, scratch, w, lane):  # pragma: no cover - device code
     the simulator through scratch[w] between block barriers (every thread calls it as often)."""
     if WARP_SHUFFLES:
         return warp_bits(bits)
-    cuda.syncthreads()
-    if lane == 0:
-        scratch[w] = 0
-    cuda.syncthreads()
-    cuda.atomic.or_(scratch, w, int64(bits))
-    cuda.syncthreads()
-    return uint32(scratch[w])
-
-
-@cuda.jit(device=True, inline=True, **LINEINFO)
-def _warp_or(bits, scratch, w, lane):  # pragma: no cover - device code
-    """The OR of any 32-bit words over the lanes of warp w, for every lane: shuffles on a
-    GPU; in the simulator through scratch[w] between block barriers."""
-    if WARP_SHUFFLES:
-        return warp_or(bits)
     cuda.syncthreads()
     if lane == 0:
         scratch[w] = 0
@@ -573,6 +557,8 @@ def kernel(max_ranks: int, upto: int = FULL, stamps: bool = False, threads: int 
             while g < num_ranks:
                 it = tin[g] if tin[g] > tout[g] else tout[g]
                 times[g] = comp[g] + 2 * it
+                for w in range(nw):
+                    reach[g, w] = 0
                 g += nt
             # Bit c of fits[g]: a copy from g to c fits (c has a free slot; g's sent and c's
             # received window hold it: lite.copy_source's test). A warp per (rank g, word w), a
@@ -625,9 +611,9 @@ def kernel(max_ranks: int, upto: int = FULL, stamps: bool = False, threads: int 
             # Which (hot position i, faster position p > i) pairs could move (lite.can_move), in
             # bit words over ranks: bit c of reach[i], c holds or can receive one of the experts
             # with tokens on h = order[i] (its held bits, or the fits of one of its home
-            # holders), for every position while the hot ranks are counted (a warp per
-            # position, a lane per expert h holds, the warp's OR per word); then bit p of
-            # elig[i] for the hot positions (a warp per (position, word), a lane per p).
+            # holders), for every position while the hot ranks are counted (an item per
+            # (position, expert), OR-ed atomically: a warp's items cover few positions); then
+            # bit p of elig[i] for the hot positions (a warp per (position, word), a lane per p).
             total = ints[_TOTAL]
             t_top = times[order[0]]
             g = tid
@@ -636,26 +622,20 @@ def kernel(max_ranks: int, upto: int = FULL, stamps: bool = False, threads: int 
                                             > (16 - hot) * num_ranks * t_top + hot * total)
                 lanes_add(ints, _NHOT, 1 if is_hot else 0)
                 g += nt
-            i = warp
-            base = 0
-            while base < num_ranks:  # the same trip count in every warp (simulator)
-                h = order[i] if i < num_ranks else 0
-                n_h = nhome[h] + used[h] if i < num_ranks else 0
-                for w in range(nw):
-                    bits = uint32(0)
-                    j = lane
-                    while j < n_h:
-                        e = rank_home[h, j] if j < nhome[h] else rep_on[h, j - nhome[h]]
-                        if cnt[h, e] > 0:
-                            bits = uint32(bits | held_bits[e, w])
+            i = row_x  # an item per (position, expert its rank holds)
+            j = col_x
+            while i < num_ranks:
+                h = order[i]
+                if j < nhome[h] + used[h]:
+                    e = rank_home[h, j] if j < nhome[h] else rep_on[h, j - nhome[h]]
+                    if cnt[h, e] > 0:
+                        for w in range(nw):
+                            bits = held_bits[e, w]
                             for k in range(hcount[e]):
                                 bits = uint32(bits | fits[hlist[e, k], w])
-                        j += width
-                    bits = _warp_or(bits, wbest, warp, lane)
-                    if i < num_ranks and lane == 0:
-                        reach[i, w] = bits
-                i += nwarps
-                base += nwarps
+                            if bits != 0:
+                                cuda.atomic.or_(reach, (i, w), uint32(bits))
+                i, j = _next_item(i, j, drow_x, dcol_x, span)
             cuda.syncthreads()
             if STAMPS and tid == 0:
                 stamps[sbase + 2] = clock64()
@@ -716,8 +696,10 @@ def kernel(max_ranks: int, upto: int = FULL, stamps: bool = False, threads: int 
             # totals, the grid's range and best), and the lanes combine their values with
             # shuffles. Every warp runs the same number of pair slots (the simulator's
             # warp_sync and warp_any are block barriers).
-            for slot in range((n_pairs + nwarps - 1) // nwarps):
-                i = slot * nwarps + warp
+            first = 0  # the pair slots: every warp runs as many (no division)
+            while first < n_pairs:
+                i = first + warp
+                first += nwarps
                 live = i < n_pairs
                 h = pair_h[i] if live else 0
                 c = pair_c[i] if live else 0

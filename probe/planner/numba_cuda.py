@@ -29,14 +29,14 @@ if not hasattr(numpy, "row_stack"):  # pragma: no cover - depends on the install
 import os  # noqa: E402
 import types  # noqa: E402
 
-from numba import config, float64, int32, uint32  # noqa: E402
+from numba import config, float64, uint32  # noqa: E402
 from numba import cuda  # noqa: E402
 
 from probe.planner import scalar  # noqa: E402
 
 __all__ = ["LINEINFO", "SIMULATOR", "WARP_SHUFFLES", "add_at", "clock64", "cuda", "device", "dmax",
            "dmin", "lanes_add", "lanes_max", "mul", "warp_any", "warp_bits", "warp_count",
-           "warp_last", "warp_max", "warp_min", "warp_or", "warp_scan", "warp_sum", "warp_sync"]
+           "warp_last", "warp_max", "warp_min", "warp_scan", "warp_sum", "warp_sync"]
 
 SIMULATOR = bool(config.ENABLE_CUDASIM)
 # On a GPU the 32 lanes of a warp combine their values with shuffles (`warp_min`, `warp_max`,
@@ -132,15 +132,6 @@ def warp_sum(v):  # pragma: no cover - device code (GPU only)
     for off in (16, 8, 4, 2, 1):
         v += cuda.shfl_xor_sync(_LANES, v, off)
     return v
-
-
-@cuda.jit(device=True, inline=True, **LINEINFO)
-def warp_or(v):  # pragma: no cover - device code (GPU only)
-    """The bitwise OR of the 32-bit words v over the warp's 32 lanes (every lane gets it)."""
-    x = int32(v)  # shuffles take 32-bit signed integers, not unsigned ones
-    for off in (16, 8, 4, 2, 1):
-        x = int32(x | int32(cuda.shfl_xor_sync(_LANES, x, off)))
-    return uint32(x)
 
 
 @cuda.jit(device=True, inline=True, **LINEINFO)
