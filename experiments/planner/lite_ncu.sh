@@ -2,11 +2,13 @@
 # Where the lite planner's kernel spends a layer's time, line by line, in one device call:
 # experiments.planner.gpu_lite --quick (plans against the CPU kernel, one layer's latency), then
 # Nsight Compute with source counters (warp-state sampling per SASS instruction, mapped to the
-# source lines of probe/planner/lite*.py) on the kernel's one-layer launches at ep=8 and ep=64
-# (experiments.planner.gpu_profile --lite --separate-start; the kernel compiled with line
-# information, PROBE_CUDA_LINEINFO=1, which NVVM refuses for the kernel that starts a small
-# layer in its own block: every layer starts in the start kernels here). On an H200 it first runs the H200 steps of experiments/device_session.sh
-# (H200_STEPS, default "quant_layer moe_layer").
+# source lines of probe/planner/lite*.py where the kernel compiles with line information,
+# PROBE_CUDA_LINEINFO=1) on the kernel's one-layer launches at ep=8 and ep=64
+# (experiments.planner.gpu_profile --lite --separate-start). NVVM has refused line information
+# for the ep=8 kernel (with either start): the run is then repeated without it (LINEINFO=0
+# skips the attempt), per SASS instruction only. Saves the details, the raw metrics (the
+# warp-state stall reasons) and the source pages. On an H200 it first runs the H200 steps of
+# experiments/device_session.sh (H200_STEPS, default "quant_layer moe_layer").
 # Usage (on the GPU machine, from the repository root):
 #   OUT=dir PROBE_GIT_COMMIT=<rev> bash experiments/planner/lite_ncu.sh
 set -uo pipefail
@@ -24,23 +26,28 @@ if [ "${SKIP_TIMING:-0}" != 1 ]; then
       --time-limit $(( ${LITE_LIMIT:-200} - 15 )) --out "$OUT/gpu_lite" 2>&1 | tail -n 30 | tee -a "$LOG"
   echo "== gpu_lite exit ${PIPESTATUS[0]}" | tee -a "$LOG"
 fi
-export PROBE_CUDA_LINEINFO=1
-timeout "${NCU_LIMIT:-200}" ncu --clock-control none --import-source yes \
-    --section SourceCounters --section WarpStateStats --section LaunchStats \
-    --section SpeedOfLight --section InstructionStats \
-    -k regex:'_lite_kernel' -c 2 -o "$OUT/lite" -f \
-    python3 -m experiments.planner.gpu_profile --lite --separate-start --launches 1 --repeats 0 > "$OUT/ncu_run.txt" 2>&1
-echo "== ncu exit $?" | tee -a "$LOG"
+if [ "${LINEINFO:-1}" = 1 ]; then
+  export PROBE_CUDA_LINEINFO=1
+  timeout "${NCU_LIMIT:-200}" ncu --clock-control none --import-source yes \
+      --section SourceCounters --section WarpStateStats --section LaunchStats \
+      --section SpeedOfLight --section InstructionStats \
+      -k regex:'_lite_kernel' -c 2 -o "$OUT/lite" -f \
+      python3 -m experiments.planner.gpu_profile --lite --separate-start --launches 1 --repeats 0 > "$OUT/ncu_run.txt" 2>&1
+  echo "== ncu exit $?" | tee -a "$LOG"
+fi
 if [ ! -s "$OUT/lite.ncu-rep" ]; then  # NVVM has refused the kernel with line information
-  echo "== no report with line information: again without it (no source counters)" | tee -a "$LOG"
-  mv "$OUT/ncu_run.txt" "$OUT/ncu_run_lineinfo.txt"
+  # (or LINEINFO=0): the source counters per SASS instruction, without source lines
+  echo "== no report with line information: again without it" | tee -a "$LOG"
+  [ -f "$OUT/ncu_run.txt" ] && mv "$OUT/ncu_run.txt" "$OUT/ncu_run_lineinfo.txt"
   PROBE_CUDA_LINEINFO=0 timeout "${NCU_LIMIT:-200}" ncu --clock-control none \
-      --section WarpStateStats --section LaunchStats --section SpeedOfLight \
-      --section InstructionStats --section MemoryWorkloadAnalysis_Tables \
+      --section SourceCounters --section WarpStateStats --section LaunchStats \
+      --section SpeedOfLight --section InstructionStats \
       -k regex:'_lite_kernel' -c 2 -o "$OUT/lite" -f \
       python3 -m experiments.planner.gpu_profile --lite --launches 1 --repeats 0 > "$OUT/ncu_run.txt" 2>&1
   echo "== ncu exit $?" | tee -a "$LOG"
 fi
+# Every metric collected (the warp-state stall reasons among them), then the pages.
+ncu -i "$OUT/lite.ncu-rep" --page raw --csv 2>&1 | gzip > "$OUT/ncu_raw.csv.gz"
 ncu -i "$OUT/lite.ncu-rep" --page details > "$OUT/ncu_details.txt" 2>&1
 # The source page per SASS instruction, and CUDA lines with their SASS (compressed: ~10 MB raw)
 for src in sass cuda,sass; do

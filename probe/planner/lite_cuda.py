@@ -459,6 +459,8 @@ def kernel(max_ranks: int, upto: int = FULL, stamps: bool = False, threads: int 
         lane = tid & 31 if nt >= 32 else 0
         warp = tid >> 5 if nt >= 32 else 0
         nwarps = nt >> 5 if nt >= 32 else 1
+        # Loops over [rows, words] items, a warp per item (the bit words of fits and elig).
+        row_w, col_w, drow_w, dcol_w = _first_item(warp, nwarps, nw)
         A = a_tick  # noqa: N806 (the cost model's letters)
         B = b_tick  # noqa: N806
 
@@ -563,7 +565,7 @@ def kernel(max_ranks: int, upto: int = FULL, stamps: bool = False, threads: int 
             # Bit c of fits[g]: a copy from g to c fits (c has a free slot; g's sent and c's
             # received window hold it: lite.copy_source's test). A warp per (rank g, word w), a
             # lane per rank c of the word; the warp's ballot is the word.
-            g, w, dg, dw = _first_item(warp, nwarps, nw)
+            g, w = row_w, col_w
             base = 0
             while base < num_ranks * nw:  # the same trip count in every warp (simulator)
                 bits = uint32(0)
@@ -578,7 +580,7 @@ def kernel(max_ranks: int, upto: int = FULL, stamps: bool = False, threads: int 
                 bits = _warp_bits(bits, wbest, warp, lane)
                 if g < num_ranks and lane == 0:
                     fits[g, w] = bits
-                g, w = _next_item(g, w, dg, dw, nw)
+                g, w = _next_item(g, w, drow_w, dcol_w, nw)
                 base += nwarps
             cuda.syncthreads()
             if STAMPS and tid == 0:
@@ -640,7 +642,7 @@ def kernel(max_ranks: int, upto: int = FULL, stamps: bool = False, threads: int 
             if STAMPS and tid == 0:
                 stamps[sbase + 2] = clock64()
             num_hot = ints[_NHOT]
-            i, w, di, dw = _first_item(warp, nwarps, nw)
+            i, w = row_w, col_w
             base = 0
             while base < num_hot * nw:  # the same trip count in every warp (simulator)
                 bits = uint32(0)
@@ -657,7 +659,7 @@ def kernel(max_ranks: int, upto: int = FULL, stamps: bool = False, threads: int 
                 bits = _warp_bits(bits, wbest, warp, lane)
                 if i < num_hot and lane == 0:
                     elig[i, w] = bits
-                i, w = _next_item(i, w, di, dw, nw)
+                i, w = _next_item(i, w, drow_w, dcol_w, nw)
                 base += nwarps
             cuda.syncthreads()
             if STAMPS and tid == 0:

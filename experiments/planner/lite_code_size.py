@@ -1,0 +1,141 @@
+"""The lite planner kernel's machine code size for an H100 / H200 (sm_90), step by step, no GPU.
+
+    python -m experiments.planner.lite_code_size --out results/lite_code_size
+
+Compiles probe.planner.lite_cuda's kernel to PTX with Numba (NVVM; the GPU is stood in for,
+as the sm_90 tests do) and assembles it with `ptxas -arch=sm_90 -O3`, at ep=8 / 128 experts
+(the start inside the planner's block, as such layers run) and at ep=64 / 256 (separate
+start kernels); prints and saves the .text bytes of each, their registers, and per step the
+bytes that the profiling variants (`kernel(upto=k)`: rounds that end after step k, later
+steps compiled out) add one after the other. A round of the kernel runs most of its code once
+or twice per warp, so its size is about the instructions a round issues. Needs NVVM, ptxas
+and readelf (a CUDA toolkit), not a GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+STEPS = ("start and outputs", "rank order", "pair tests", "matching", "pair moves",
+         "admission", "new blocks", "apply")
+CONFIGS = (("ep=8, E=128", 8, 128, True), ("ep=64, E=256", 64, 256, False))
+
+
+def _stand_in_gpu() -> None:
+    """Numba asks the current device for its compute capability while compiling device
+    functions: answer sm_90 without a GPU."""
+    import numba.cuda.dispatcher as dispatcher
+
+    class H200:
+        compute_capability = (9, 0)
+
+    dispatcher.get_current_device = lambda: H200()
+
+
+def text_bytes(cubin: Path) -> int:
+    """The bytes of the kernel's .text section in a cubin (readelf)."""
+    sections = subprocess.run(["readelf", "-S", "-W", str(cubin)], capture_output=True,
+                              text=True, check=True).stdout
+    sizes = [int(line.split()[line.split().index("PROGBITS") + 3], 16)
+             for line in sections.splitlines() if ".text." in line and "PROGBITS" in line]
+    if len(sizes) != 1:
+        raise RuntimeError(f"{cubin}: expected one .text section, found {len(sizes)}")
+    return sizes[0]
+
+
+def assemble(ptx: str, work: Path, name: str) -> dict:
+    """ptxas -O3 for sm_90: the .text bytes and the registers a thread."""
+    src, cubin = work / f"{name}.ptx", work / f"{name}.cubin"
+    src.write_text(ptx)
+    done = subprocess.run(["ptxas", "-arch=sm_90", "-O3", "-v", str(src), "-o", str(cubin)],
+                          capture_output=True, text=True, check=True)
+    regs = re.search(r"Used (\d+) registers", done.stderr)
+    return {"bytes": text_bytes(cubin), "registers": int(regs.group(1)) if regs else None}
+
+
+def config_sizes(ranks: int, experts: int, inline: bool, work: Path) -> dict:
+    import numba
+
+    from probe.planner.cost import CostModel
+    from probe.planner.lite import LiteRules
+    from probe.planner.lite_cuda import FULL, host_arrays, kernel, kernel_ranks, launch_args
+    from probe.planner.numba_cuda import cuda
+
+    home = np.zeros((1, ranks, experts), bool)
+    home[0, np.arange(experts) % ranks, np.arange(experts)] = True
+    cost = CostModel.uniform(ranks, alpha=1e-5, beta=1e-8, token_time=1e-8,
+                             transfer_time=1e-4)
+    host = host_arrays(home, np.full(ranks, 3), cost, LiteRules())
+    scratch = [np.zeros(s, d) for s, d in host.scratch]
+    outputs = [np.zeros(s, d) for s, d in host.outputs]
+    args = launch_args(np.zeros((1, ranks, experts), np.int64), home, np.zeros((1, ranks)),
+                       host.consts, scratch, outputs)
+    types = tuple(numba.typeof(a) for a in args)
+    variants = []
+    for upto in range(FULL + 1):
+        fn = kernel(kernel_ranks(ranks), upto=upto, inline_start=inline).py_func
+        ptx = cuda.compile_ptx(fn, types, cc=(9, 0))[0]
+        variants.append(assemble(ptx, work, f"g{ranks}_u{upto}"))
+    sizes = [v["bytes"] for v in variants]
+    added = [sizes[0]] + [b - a for a, b in zip(sizes[:-1], sizes[1:], strict=True)]
+    return {"bytes": sizes[-1], "registers": variants[-1]["registers"],
+            "steps": dict(zip(STEPS, added, strict=True))}
+
+
+def markdown(report: dict) -> str:
+    names = list(report["configs"])
+    lines = ["# The lite kernel's machine code for sm_90, step by step", "",
+             f"Made by `{report['command']}` ({report['utc']}, revision {report['revision']}; "
+             "no GPU: NVVM and ptxas -O3). Bytes of the kernel's .text (16 bytes an "
+             "instruction); per step the bytes its profiling variant adds.", "",
+             "| step | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
+    for step in STEPS:
+        lines.append(f"| {step} | " + " | ".join(
+            f"{report['configs'][n]['steps'][step]:,}" for n in names) + " |")
+    lines.append("| **total** | " + " | ".join(
+        f"**{report['configs'][n]['bytes']:,}**" for n in names) + " |")
+    lines.append("| registers a thread | " + " | ".join(
+        str(report["configs"][n]["registers"]) for n in names) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", default=None, help="folder for lite_code_size.{json,md}")
+    args = parser.parse_args(argv)
+    if os.environ.get("NUMBA_ENABLE_CUDASIM") == "1":
+        parser.error("run without NUMBA_ENABLE_CUDASIM: the simulator compiles no PTX")
+    _stand_in_gpu()
+    import datetime
+
+    revision = os.environ.get("PROBE_GIT_COMMIT") or subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+        cwd=Path(__file__).resolve().parents[2]).stdout.strip()
+    report = {"command": "python -m experiments.planner.lite_code_size" +
+              (f" --out {args.out}" if args.out else ""), "revision": revision,
+              "utc": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+              "configs": {}}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, ranks, experts, inline in CONFIGS:
+            report["configs"][name] = config_sizes(ranks, experts, inline, Path(tmp))
+    text = markdown(report)
+    print(text)
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "lite_code_size.json").write_text(json.dumps(report, indent=1) + "\n")
+        (out / "lite_code_size.md").write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
