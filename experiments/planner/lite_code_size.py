@@ -95,8 +95,8 @@ def markdown(report: dict) -> str:
     names = list(report["configs"])
     lines = ["# The lite kernel's machine code for sm_90, step by step", "",
              f"Made by `{report['command']}` ({report['utc']}, revision {report['revision']}; "
-             "no GPU: NVVM and ptxas -O3). Bytes of the kernel's .text (16 bytes an "
-             "instruction); per step the bytes its profiling variant adds.", "",
+             f"no GPU: Numba's NVVM and ptxas -O3, {report['ptxas']}). Bytes of the kernel's "
+             ".text (16 bytes an instruction); per step the bytes its profiling variant adds.", "",
              "| step | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
     for step in STEPS:
         lines.append(f"| {step} | " + " | ".join(
@@ -117,12 +117,15 @@ def main(argv: list[str] | None = None) -> int:
     _stand_in_gpu()
     import datetime
 
-    revision = os.environ.get("PROBE_GIT_COMMIT") or subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-        cwd=Path(__file__).resolve().parents[2]).stdout.strip()
+    from experiments.manifest import Manifest
+
+    run = Manifest.start("experiments.planner.lite_code_size", argv, out=args.out)
+    revision = (run.git.get("revision") or "?")[:7]
     report = {"command": "python -m experiments.planner.lite_code_size" +
               (f" --out {args.out}" if args.out else ""), "revision": revision,
               "utc": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+              "ptxas": subprocess.run(["ptxas", "--version"], capture_output=True,
+                                      text=True).stdout.strip().splitlines()[-1],
               "configs": {}}
     with tempfile.TemporaryDirectory() as tmp:
         for name, ranks, experts, inline in CONFIGS:
@@ -132,8 +135,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
-        (out / "lite_code_size.json").write_text(json.dumps(report, indent=1) + "\n")
-        (out / "lite_code_size.md").write_text(text)
+        files = [out / "lite_code_size.json", out / "lite_code_size.md"]
+        files[0].write_text(json.dumps(report, indent=1) + "\n")
+        files[1].write_text(text)
+        run.write(out, files, name="lite_code_size.manifest.json")
     return 0
 
 
