@@ -24,11 +24,12 @@ does the start kernels' items itself first (`starts_inline`).
 - start: the windows in ticks and the checks (status 1 negative load, 2 bad window, 3 times or
   tokens past the kernel's integer keys); the rank arrays from the start's sums;
 - each round: the rank times and their sum (a thread per rank), with the ranks a copy from each
-  source rank fits, in bit words; each rank's position, slowest first (a thread per rank
-  counts the ranks ahead of it); which (hot rank, faster rank) pairs could move
-  (lite.can_move), in bit words: per position the ranks that hold or can receive one of its
-  rank's experts (an item per (position, expert), while the hot ranks are counted), then per
-  hot position the faster positions that could gain; thread 0 matches them in the CPU
+  source rank fits, in bit words (a warp per (rank, word), one ballot a word); each rank's
+  position, slowest first (a warp per rank counts the ranks ahead of it, a ballot per 32);
+  which (hot rank, faster rank) pairs could move (lite.can_move), in bit words: per position
+  the ranks that hold or can receive one of its rank's experts (an item per (position,
+  expert), while the hot ranks are counted), then per hot position the faster positions that
+  could gain (a warp per (position, word), one ballot); thread 0 matches them in the CPU
   kernel's order, one word operation per step (the fastest untaken candidate is the highest
   eligible bit not yet taken); then a warp per pair makes the pair's move with the pair's
   state in registers and no block barrier: its expert (a lane per expert h holds, maximum of
@@ -39,15 +40,13 @@ does the start kernels' items itself first (`starts_inline`).
   the new blocks' static split; a thread per (pair, pool entry) applies the takes.
 kernel(stamps=True) stamps each step with the SM's cycle counter (`step_cycles`).
 
-Measured on an H100 (results/h100/run10, experiments.planner.gpu_lite; one layer, graph replay,
-default rules, best block size, e183ca1): 87.8 us at ep=8 / 128 experts and 785 us at ep=64 /
-256 (1,024 threads); 11.5 us and 184 us per layer in an 8-layer launch. On the same card the
-previous kernel (bb47e48, run 8's) took 102.0 us and 1,417 us, the greedy's kernel 370 / 724 us
-(run 6). Clock stamps (run 10): at ep=8 a round costs about 31,600 cycles, a quarter each in
-the pair tests and the pair moves, a fifth in the rank order; at ep=64 about 98,000, the
-pair moves 31%, the rank order 22%, thread 0's matching and admission 23% together. The 10 /
-50 us targets are missed by 8.8x / 15.7x. The inline start of small layers, the word-wise
-matching and the finer stamps (nine a round) came after that revision: not timed yet.
+Measured on an H100 (results/h100/run11, experiments.planner.gpu_lite; one layer, graph replay,
+default rules, best block size, 32fa7aa): 77.9 us at ep=8 / 128 experts (256 threads) and 688
+us at ep=64 / 256 (512 threads); 11.3 us and 181 us per layer in an 8-layer launch. On the same
+card run 10's kernel (e183ca1) took 85.8 and 791 us. The 10 / 50 us targets are missed by 7.8x
+/ 13.8x. The kernel is a chain of dependent instructions on few warps (Nsight Compute: 10-13
+cycles between a warp's issues, about 40% of them waiting at a barrier), mostly 64-bit
+index arithmetic; a round's machine code is about 100 KB (experiments.planner.lite_code_size).
 
 Entry points: `CudaLite(home, slots, cost, rules, num_layers=L)` validates once and keeps
 device buffers; its `plan(load, window)` launches on the caller's stream (torch's current stream
