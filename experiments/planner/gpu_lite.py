@@ -10,7 +10,9 @@ ep=16, 32 and 64 / 256 experts and ep=256 / 256 (deepseek-v3, nodes of 8 H200s).
    (lite.lite_arrays) on every layer, entry for entry;
 2. one layer's latency (a runtime plans the next layer only): median CUDA-event time of the
    launch replayed as a CUDA graph (the kernel alone) and eager (the Python launch included),
-   at 32-1024 threads per block; and the L-layer launch's time per layer, graph-replayed;
+   at 32-1024 threads per block (--threads); and the L-layer launch's time per layer,
+   graph-replayed, at 128 threads and at the best one-layer block size (--layers L, default
+   8: what a layer costs when a step's layers are planned in one launch, not a layer ahead);
 3. the plan's IR (max / mean rank time, eq. 8 in seconds, from the CPU kernel's plan) against
    the static plan's, and the smallest rank's window (what planning can hide behind).
 Then random small layers (experiments.planner.gpu_harness.random_layers, 1,000 by default) in
@@ -95,11 +97,12 @@ def ir_of(load, home, slots, window, cost, result) -> tuple[float, float]:
     return out[0], out[1]
 
 
-def config_row(name, model, hardware, ranks, experts, *, sim: bool, quick: bool) -> dict:
+def config_row(name, model, hardware, ranks, experts, *, sim: bool, quick: bool,
+               layers: int = LAYERS, threads_list: tuple = THREADS) -> dict:
     from probe.planner.lite import LiteRules
     from probe.planner.lite_cuda import CudaLite
 
-    layers = 2 if sim else LAYERS
+    layers = 2 if sim else layers
     load, home, slots, window, cost = harness.decode_layers(model, hardware, ranks, experts,
                                                             layers)
     rules = LiteRules()
@@ -123,7 +126,7 @@ def config_row(name, model, hardware, ranks, experts, *, sim: bool, quick: bool)
     repeats, budget = (50, 3.0) if quick else (300, 8.0)
     one_load, one_window = inputs(False, load[:1], window[:1])
     per_threads = {}
-    for threads in THREADS:
+    for threads in threads_list:
         one = CudaLite(home[0], slots, cost, rules, num_layers=1, threads=threads)
         try:  # a block size the kernel's registers do not allow is refused at launch
             check = gpu_layers(one.plan(one_load, one_window), 1)[0]
@@ -134,7 +137,7 @@ def config_row(name, model, hardware, ranks, experts, *, sim: bool, quick: bool)
         graph = harness.timed(lambda one=one: one.plan(one_load, one_window), graph=True,
                               repeats=repeats, budget_s=budget)
         per_threads[threads] = {"graph": graph, "same_plan": same(check, ref[0])}
-    default = per_threads[128]
+    default = per_threads.get(128, {"graph": {}})
     row["one_layer_graph_us"] = default["graph"].get("median_us")
     row["graph_replay_us"] = row["one_layer_graph_us"]  # what the target is judged on
     runner_one = CudaLite(home[0], slots, cost, rules)
@@ -156,6 +159,15 @@ def config_row(name, model, hardware, ranks, experts, *, sim: bool, quick: bool)
     row["best_one_layer_us"] = min(best) if best else None
     row["best_threads"] = (min((v["graph"]["median_us"], k) for k, v in per_threads.items()
                                if "median_us" in v["graph"])[1] if best else None)
+    if row["best_threads"] not in (None, 128):  # the L-layer launch at the best block size too
+        runner_best = CudaLite(home, slots, cost, rules, num_layers=layers,
+                               threads=row["best_threads"])
+        launch = harness.timed(lambda: runner_best.plan(load_d, window_d), graph=True,
+                               repeats=repeats, budget_s=budget)
+        row["per_layer_in_launch_best_us"] = (launch["median_us"] / layers
+                                              if "median_us" in launch else None)
+    else:
+        row["per_layer_in_launch_best_us"] = row["per_layer_in_launch_us"]
     return row
 
 
@@ -299,17 +311,25 @@ def stamp_lines(r: dict) -> list[str]:
     return lines
 
 
+def launch_layers(report: dict) -> str:
+    """The multi-layer launch's layer count(s) of a report's rows."""
+    counts = sorted({r["layers"] for r in report["rows"]})
+    return ", ".join(map(str, counts)) or str(LAYERS)
+
+
 def markdown(report: dict) -> str:
     lines = [f"# The lite planner on the GPU ({report['device']})", "",
              f"Made by `{report['command']}` ({report['utc']}). One layer's plan, median "
              "CUDA-event time of the launch replayed as a CUDA graph (128 threads per block; "
-             "best: the fastest of 32-1024), eager (the Python launch included) and per layer "
-             f"in a {LAYERS}-layer launch; IR from the plans (the static plan's beside it); "
-             "window: the smallest rank's, median over the layers.", "",
+             "best: the fastest of the block sizes tried), eager (the Python launch included) "
+             f"and per layer in an L-layer launch (L = {launch_layers(report)}; graph-replayed, "
+             "at 128 threads and at the best one-layer block size: when a step's layers are "
+             "planned together, not a layer ahead); IR from the plans (the static plan's "
+             "beside it); window: the smallest rank's, median over the layers.", "",
              "| config | graph, 1 layer (us) | best threads (us) | eager (us) | "
-             "per layer in launch (us) | target (us) | IR | IR max | IR static | window (us) | "
-             "rounds | replicas | plans == CPU |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+             "per layer in launch (us) | per layer in launch, best threads (us) | target (us) | "
+             "IR | IR max | IR static | window (us) | rounds | replicas | plans == CPU |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
 
     def f(v, d=1):
         return "-" if v is None else f"{v:.{d}f}"
@@ -319,6 +339,7 @@ def markdown(report: dict) -> str:
             f"| {r['config']} | {f(r.get('one_layer_graph_us'))} | "
             f"{f(r.get('best_one_layer_us'))} ({r.get('best_threads', '-')}) | "
             f"{f(r.get('one_layer_eager_us'))} | {f(r.get('per_layer_in_launch_us'))} | "
+            f"{f(r.get('per_layer_in_launch_best_us'))} | "
             f"{f(GOALS_US.get(r['config']), 0)} | {f(r['ir'], 3)} | {f(r['ir_max'], 3)} | "
             f"{f(r['ir_static'], 3)} | {f(r['window_us'], 0)} | {f(r['rounds'], 0)} | "
             f"{f(r['replicas'], 0)} | {'yes' if all(c['ok'] for c in r['checks']) else 'NO'} |")
@@ -363,6 +384,12 @@ def main(argv: list[str] | None = None) -> int:
                                  "ep=64 (a GPU; without --profile, no profiling variants)")
         parser.add_argument("--max-ranks", type=int, default=None,
                             help="only the configs with at most this many ranks")
+        parser.add_argument("--ranks", type=int, nargs="+", default=None,
+                            help="only the configs with these rank counts")
+        parser.add_argument("--layers", type=int, default=LAYERS,
+                            help="layers in the multi-layer launch (a block each)")
+        parser.add_argument("--threads", type=int, nargs="+", default=list(THREADS),
+                            help="block sizes of the one-layer sweep (multiples of 32)")
 
     args = harness.parse_args(__doc__, "gpu_lite", argv, "seconds for the whole run", options)
     variants = args.profile or args.profile_only
@@ -376,10 +403,13 @@ def main(argv: list[str] | None = None) -> int:
                 report.data["profile"].append(profile_row(*config, quick=args.quick, sim=sim,
                                                           variants=variants))
     configs = [c for c in (SIM_CONFIGS if sim else CONFIGS)
-               if args.max_ranks is None or c[3] <= args.max_ranks]
+               if (args.max_ranks is None or c[3] <= args.max_ranks)
+               and (args.ranks is None or c[3] in args.ranks)]
     for config in configs if not args.profile_only else ():
         with report.stage(config[0]):
-            report.data["rows"].append(config_row(*config, sim=sim, quick=args.quick))
+            report.data["rows"].append(config_row(*config, sim=sim, quick=args.quick,
+                                                  layers=args.layers,
+                                                  threads_list=tuple(args.threads)))
     if not args.profile_only:
         with report.stage("random layers"):
             report.data["random"] = random_check(20 if sim else RANDOM_LAYERS, sim=sim)
