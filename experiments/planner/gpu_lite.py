@@ -7,7 +7,8 @@ Synthetic decode layers (experiments.planner.gpu_harness.decode_layers: 768 toke
 top-8, 3 slots per rank, window "auto") at ep=8 / 128 experts (qwen3-235b-a22b, one H200 node),
 ep=16, 32 and 64 / 256 experts and ep=256 / 256 (deepseek-v3, nodes of 8 H200s). Per config:
 1. the L-layer launch's plans (probe.planner.lite_cuda.CudaLite) equal the CPU kernel's
-   (lite.lite_arrays) on every layer, entry for entry;
+   (lite.lite_arrays) on every layer, entry for entry, with either start (inside the planner's
+   block, or the start kernels first);
 2. one layer's latency (a runtime plans the next layer only): median CUDA-event time of the
    launch replayed as a CUDA graph (the kernel alone) and eager (the Python launch included),
    at 32-1024 threads per block (--threads); and the L-layer launch's time per layer,
@@ -100,7 +101,7 @@ def ir_of(load, home, slots, window, cost, result) -> tuple[float, float]:
 def config_row(name, model, hardware, ranks, experts, *, sim: bool, quick: bool,
                layers: int = LAYERS, threads_list: tuple = THREADS) -> dict:
     from probe.planner.lite import LiteRules
-    from probe.planner.lite_cuda import CudaLite
+    from probe.planner.lite_cuda import CudaLite, starts_inline
 
     layers = 2 if sim else layers
     load, home, slots, window, cost = harness.decode_layers(model, hardware, ranks, experts,
@@ -111,10 +112,20 @@ def config_row(name, model, hardware, ranks, experts, *, sim: bool, quick: bool,
     got = gpu_layers(runner.plan(load_d, window_d), layers)
     ref = [cpu_layer(load[i], home[i], slots, window[i], cost, rules) for i in range(layers)]
     ok = [same(r, g) for r, g in zip(ref, got, strict=True)]
+    # The same launch with the start the shape does not choose (start kernels, or inline).
+    other = not starts_inline(ranks, experts)
+    runner_other = CudaLite(home, slots, cost, rules, num_layers=layers,
+                            threads=32 if sim else 128, inline_start=other)
+    got_other = gpu_layers(runner_other.plan(load_d, window_d), layers)
+    ok_other = [same(r, g) for r, g in zip(ref, got_other, strict=True)]
     irs = [ir_of(load[i], home[i], slots, window[i], cost, ref[i]) for i in range(layers)]
     row = {"config": name, "model": model, "hardware": hardware, "layers": layers,
            "checks": [{"check": f"{layers}-layer launch == CPU kernel", "ok": all(ok),
-                       "differing_layers": [i for i, k in enumerate(ok) if not k]}],
+                       "differing_layers": [i for i, k in enumerate(ok) if not k]},
+                      {"check": f"{layers}-layer launch == CPU kernel, "
+                                f"{'inline' if other else 'separate'} start",
+                       "ok": all(ok_other),
+                       "differing_layers": [i for i, k in enumerate(ok_other) if not k]}],
            "ir": float(np.median([x[0] for x in irs])), "ir_max": float(max(x[0] for x in irs)),
            "ir_static": float(np.median([x[1] for x in irs])),
            "window_us": float(np.median(window.min(axis=1)) * 1e6),
