@@ -40,14 +40,14 @@ __all__ = ["LINEINFO", "SIMULATOR", "WARP_SHUFFLES", "add_at", "clock64", "cuda"
 
 SIMULATOR = bool(config.ENABLE_CUDASIM)
 # On a GPU the 32 lanes of a warp combine their values with shuffles (`warp_min`, `warp_max`,
-# `warp_sum`, the prefix sum `warp_scan`, `warp_last`): a few instructions, no barrier, no
-# atomic (a 64-bit atomic on shared memory is a compare-and-swap loop that the lanes of a warp
-# take one at a time). Numba's CUDA simulator has no shuffles, so `lanes_add` and
-# `lanes_max` take their atomic path there instead, with the same results, and a kernel that
-# calls the warp collectives itself does so only `if WARP_SHUFFLES:`. A kernel that calls them
-# gives each warp 32 consecutive items of a loop, so it needs a multiple of 32 threads per
-# block. experiments.planner.cuda_sequential runs them as a warp of one lane (the warp
-# collectives return the lane's own value).
+# `warp_sum`, the prefix sum `warp_scan`, `warp_last`) or a ballot (`warp_bits`, `warp_count`):
+# a few instructions, no barrier, no atomic (a 64-bit atomic on shared memory is a
+# compare-and-swap loop that the lanes of a warp take one at a time). Numba's CUDA simulator has
+# no shuffles or ballots, so `lanes_add` and `lanes_max` take their atomic path there instead,
+# with the same results, and a kernel that calls the warp collectives itself does so only
+# `if WARP_SHUFFLES:`. A kernel that calls them gives each warp 32 consecutive items of a loop,
+# so it needs a multiple of 32 threads per block. experiments.planner.cuda_sequential runs them
+# as a warp of one lane (the warp collectives return the lane's own value).
 WARP_SHUFFLES = not SIMULATOR
 _LANES = 0xFFFFFFFF
 # PROBE_CUDA_LINEINFO=1 (read at import) compiles the kernels that ask for it, and the device
