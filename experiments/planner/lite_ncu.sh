@@ -4,9 +4,10 @@
 # Nsight Compute with source counters (warp-state sampling per SASS instruction, mapped to the
 # source lines of probe/planner/lite*.py where the kernel compiles with line information,
 # PROBE_CUDA_LINEINFO=1) on the kernel's one-layer launches at ep=8 and ep=64
-# (experiments.planner.gpu_profile --lite --separate-start). NVVM has refused line information
-# for the ep=8 kernel (with either start): the run is then repeated without it (LINEINFO=0
-# skips the attempt), per SASS instruction only. Saves the details, the raw metrics (the
+# (experiments.planner.gpu_profile --lite --separate-start). NVVM refused line information
+# for a branch between two loads in the pair moves' pool layout; compiled with line
+# information the kernel reads both and selects (lite_cuda's LINES). Should NVVM refuse it
+# again, the run is repeated without it (LINEINFO=0 skips the attempt), per SASS instruction. Saves the details, the raw metrics (the
 # warp-state stall reasons) and the source pages. On an H200 it first runs the H200 steps of
 # experiments/device_session.sh (H200_STEPS, default "quant_layer moe_layer").
 # Usage (on the GPU machine, from the repository root):

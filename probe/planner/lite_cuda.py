@@ -391,6 +391,7 @@ def kernel(max_ranks: int, upto: int = FULL, stamps: bool = False, threads: int 
     UPTO = upto  # noqa: N806 (a compile-time constant)
     STAMPS = stamps  # noqa: N806
     INLINE = inline_start  # noqa: N806
+    LINES = bool(LINEINFO)  # noqa: N806 (compiled with line information for a profiler)
     GM = max_ranks  # noqa: N806 (compile-time sizes of the shared arrays)
     PM = GM // 2  # noqa: N806
     WM = GM // 32  # noqa: N806
@@ -734,7 +735,13 @@ def kernel(max_ranks: int, upto: int = FULL, stamps: bool = False, threads: int 
                             s = 0
                             if q <= num_ranks:
                                 s = _pool_source(q, h, c, num_ranks, tt)
-                                if s >= 0:
+                                if s >= 0 and LINES:  # read both and select: NVVM
+                                    # refuses the branch between the two loads with line
+                                    # information ("Symbol name with unsupported characters")
+                                    a_blk = blk_assign[b if b >= 0 else 0, s, h]
+                                    a_split = _share(load, home, hpos, hcount, s, e, h)
+                                    a = a_blk if b >= 0 else a_split
+                                elif s >= 0:
                                     a = _block_value(blk_assign, b, s, e, h, load, home, hpos,
                                                      hcount)
                             v_h = a * tt[s, h] if a > 0 else 0
