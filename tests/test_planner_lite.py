@@ -248,6 +248,25 @@ print(json.dumps(sorted(set(re.findall(r"clz[.]b[0-9]+|shfl[.]sync[.]bfly[.]b32"
     assert compile_for_sm90(code) == ["clz.b32", "shfl.sync.bfly.b32"]
 
 
+def test_kernel_compiles_with_line_information(monkeypatch):
+    """With PROBE_CUDA_LINEINFO=1 (what Nsight Compute's per-line counters need) the kernel,
+    starting inside its block or not, compiles for sm_90 and carries source lines (NVVM once
+    refused it: a branch between two loads in the pool layout)."""
+    monkeypatch.setenv("PROBE_CUDA_LINEINFO", "1")
+    code = SM90_SETUP + """
+from probe.planner.lite_cuda import launch_args
+from probe.planner.numba_cuda import LINEINFO
+args = launch_args(np.zeros((L, G, E), np.int64), home, np.zeros((L, G)), host.consts, scratch,
+                   outputs)
+types = tuple(numba.typeof(a) for a in args)
+lines = [len(re.findall(r"[.]loc\\s", cuda.compile_ptx(kernel(32, inline_start=inline).py_func,
+                                                       types, cc=(9, 0), lineinfo=True)[0]))
+         for inline in (True, False)]
+print(json.dumps([LINEINFO.get("lineinfo", False), min(lines) > 100]))
+"""
+    assert compile_for_sm90(code) == [True, True]
+
+
 def test_runner_rejects_shapes_it_cannot_plan():
     cost = CostModel.uniform(300, alpha=1e-5, beta=1e-8, token_time=1e-8, transfer_time=1e-4)
     home = np.zeros((300, 300), bool)
