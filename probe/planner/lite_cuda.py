@@ -159,55 +159,58 @@ def _next_item(row, col, drow, dcol, width):  # pragma: no cover - device code
     return row + drow, col
 
 
+# How the simulator's warps combine their lanes' values (`_lanes_in_scratch`).
+_COMBINE_MAX, _COMBINE_MIN, _COMBINE_OR, _COMBINE_ADD = range(4)
+
+
+@cuda.jit(device=True, inline=True, **LINEINFO)
+def _lanes_in_scratch(v, scratch, w, lane, op):  # pragma: no cover - device code (simulator)
+    """The simulator's warp collective (it has no shuffles or ballots): v of warp w's lanes
+    combined by op (_COMBINE_*) through scratch[w] between block barriers, for every lane; so
+    every thread of the block must call it as often. Lane 0 starts scratch[w] at its own v for
+    a maximum or a minimum, at 0 for an OR or a sum."""
+    cuda.syncthreads()
+    if lane == 0:
+        scratch[w] = v if op <= _COMBINE_MIN else 0  # a maximum or a minimum
+    cuda.syncthreads()
+    if op == _COMBINE_MAX:
+        cuda.atomic.max(scratch, w, v)
+    elif op == _COMBINE_MIN:
+        cuda.atomic.min(scratch, w, v)
+    elif op == _COMBINE_OR:
+        cuda.atomic.or_(scratch, w, v)
+    else:
+        cuda.atomic.add(scratch, w, v)
+    cuda.syncthreads()
+    return scratch[w]
+
+
 @cuda.jit(device=True, inline=True, **LINEINFO)
 def _warp_best(v, scratch, w, lane, largest):  # pragma: no cover - device code
     """The maximum (largest) or the minimum of v over the lanes of warp w, for every lane:
-    shuffles on a GPU; in the simulator (no shuffles) through scratch[w] between block
-    barriers, so there every thread of the block must call it as often."""
+    shuffles on a GPU; in the simulator `_lanes_in_scratch`."""
     if WARP_SHUFFLES:
         return warp_max(v) if largest else warp_min(v)
-    cuda.syncthreads()
-    if lane == 0:
-        scratch[w] = v
-    cuda.syncthreads()
-    if largest:
-        cuda.atomic.max(scratch, w, v)
-    else:
-        cuda.atomic.min(scratch, w, v)
-    cuda.syncthreads()
-    return scratch[w]
+    return _lanes_in_scratch(v, scratch, w, lane, _COMBINE_MAX if largest else _COMBINE_MIN)
 
 
 @cuda.jit(device=True, inline=True, **LINEINFO)
 def _warp_bits(bits, scratch, w, lane):  # pragma: no cover - device code
     """The OR of bits over the lanes of warp w, for every lane, where each lane's bits are at
     most its own bit (1 << lane; a lane of a one-lane warp sets any): one ballot on a GPU; in
-    the simulator through scratch[w] between block barriers (every thread calls it as often)."""
+    the simulator `_lanes_in_scratch`."""
     if WARP_SHUFFLES:
         return warp_bits(bits)
-    cuda.syncthreads()
-    if lane == 0:
-        scratch[w] = 0
-    cuda.syncthreads()
-    cuda.atomic.or_(scratch, w, int64(bits))
-    cuda.syncthreads()
-    return uint32(scratch[w])
+    return uint32(_lanes_in_scratch(int64(bits), scratch, w, lane, _COMBINE_OR))
 
 
 @cuda.jit(device=True, inline=True, **LINEINFO)
 def _warp_count(flag, scratch, w, lane):  # pragma: no cover - device code
     """How many lanes of warp w have flag set, for every lane: a ballot and a population
-    count on a GPU; in the simulator through scratch[w] between block barriers."""
+    count on a GPU; in the simulator `_lanes_in_scratch`."""
     if WARP_SHUFFLES:
         return warp_count(flag)
-    cuda.syncthreads()
-    if lane == 0:
-        scratch[w] = 0
-    cuda.syncthreads()
-    if flag:
-        cuda.atomic.add(scratch, w, 1)
-    cuda.syncthreads()
-    return scratch[w]
+    return _lanes_in_scratch(int64(1 if flag else 0), scratch, w, lane, _COMBINE_ADD)
 
 
 @cuda.jit(device=True, inline=True, **LINEINFO)
