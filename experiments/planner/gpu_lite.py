@@ -158,25 +158,26 @@ def config_row(name, model, hardware, ranks, experts, *, sim: bool, quick: bool,
     row["threads"] = {str(k): {"graph_us": v["graph"].get("median_us"),
                                "error": v["graph"].get("error"), "same_plan": v["same_plan"]}
                       for k, v in per_threads.items()}
-    row["checks"].append({"check": "one-layer plans == CPU kernel at 32-1024 threads",
+    row["checks"].append({"check": "one-layer plans == CPU kernel at "
+                                   f"{'/'.join(map(str, threads_list))} threads",
                           "ok": all(v["same_plan"] for v in per_threads.values()
                                     if v["same_plan"] is not None),
                           "differing_layers": []})
-    all_layers = harness.timed(lambda: runner.plan(load_d, window_d), graph=True,
-                               repeats=repeats, budget_s=budget)
-    row["per_layer_in_launch_us"] = (all_layers["median_us"] / layers
-                                     if "median_us" in all_layers else None)
+
+    def per_layer_us(launcher) -> float | None:
+        """The L-layer launch's graph-replayed median time divided by its layers."""
+        timed = harness.timed(lambda: launcher.plan(load_d, window_d), graph=True,
+                              repeats=repeats, budget_s=budget)
+        return timed["median_us"] / layers if "median_us" in timed else None
+
+    row["per_layer_in_launch_us"] = per_layer_us(runner)
     best = [v["graph"]["median_us"] for v in per_threads.values() if "median_us" in v["graph"]]
     row["best_one_layer_us"] = min(best) if best else None
     row["best_threads"] = (min((v["graph"]["median_us"], k) for k, v in per_threads.items()
                                if "median_us" in v["graph"])[1] if best else None)
     if row["best_threads"] not in (None, 128):  # the L-layer launch at the best block size too
-        runner_best = CudaLite(home, slots, cost, rules, num_layers=layers,
-                               threads=row["best_threads"])
-        launch = harness.timed(lambda: runner_best.plan(load_d, window_d), graph=True,
-                               repeats=repeats, budget_s=budget)
-        row["per_layer_in_launch_best_us"] = (launch["median_us"] / layers
-                                              if "median_us" in launch else None)
+        row["per_layer_in_launch_best_us"] = per_layer_us(CudaLite(
+            home, slots, cost, rules, num_layers=layers, threads=row["best_threads"]))
     else:
         row["per_layer_in_launch_best_us"] = row["per_layer_in_launch_us"]
     return row
