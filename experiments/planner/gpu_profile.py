@@ -34,14 +34,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="timed launches per kernel after the others (0: none)")
     parser.add_argument("--lite", action="store_true",
                         help="the lite planner's kernel alone, at ep=8 and ep=64")
-    parser.add_argument("--separate-start", action="store_true",
-                        help="with --lite: every layer starts in the start kernels, small ones "
-                        "too (NVVM refuses the inline start's kernel with line information)")
     args = parser.parse_args(argv)
 
     import torch
 
-    runs = lite_runs(torch, args.separate_start) if args.lite else planner_runs(torch, args.tokens)
+    runs = lite_runs(torch) if args.lite else planner_runs(torch, args.tokens)
     medians = {}
     for name, (fn, inputs) in runs.items():
         for _ in range(args.launches):
@@ -56,9 +53,8 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def lite_runs(torch, separate_start: bool = False) -> dict:
-    """The lite kernel's one-layer launches (default rules, 128 threads; 256 at ep=64);
-    separate_start: small layers too start in the start kernels, not in the planner's block."""
+def lite_runs(torch) -> dict:
+    """The lite kernel's one-layer launches (default rules, 128 threads; 256 at ep=64)."""
     from experiments.planner.gpu_harness import decode_layers
     from probe.planner.lite import LiteRules
     from probe.planner.lite_cuda import CudaLite
@@ -68,8 +64,7 @@ def lite_runs(torch, separate_start: bool = False) -> dict:
                                           ("lite ep=64", 64, 256, 256)):
         load, home, slots, window, cost = decode_layers("qwen3-235b-a22b", "h200x8", ranks,
                                                         experts, 1)
-        planner = CudaLite(home[0], slots, cost, LiteRules(), threads=threads,
-                           inline_start=False if separate_start else None)
+        planner = CudaLite(home[0], slots, cost, LiteRules(), threads=threads)
         runs[name] = (planner.plan, (torch.as_tensor(load, device="cuda"),
                                      torch.as_tensor(window, device="cuda")))
     return runs

@@ -4,12 +4,12 @@
 # Nsight Compute with source counters (warp-state sampling per SASS instruction, mapped to the
 # source lines of probe/planner/lite*.py where the kernel compiles with line information,
 # PROBE_CUDA_LINEINFO=1) on the kernel's one-layer launches at ep=8 and ep=64
-# (experiments.planner.gpu_profile --lite --separate-start). NVVM refused line information
-# for a branch between two loads in the pair moves' pool layout; compiled with line
-# information the kernel reads both and selects (lite_cuda's LINES). Should NVVM refuse it
-# again, the run is repeated without it (LINEINFO=0 skips the attempt), per SASS instruction. Saves the details, the raw metrics (the
-# warp-state stall reasons) and the source pages. On an H200 it first runs the H200 steps of
-# experiments/device_session.sh (H200_STEPS, default "quant_layer moe_layer").
+# (experiments.planner.gpu_profile --lite). NVVM refused line information for a branch between
+# two loads in the pair moves' pool layout; compiled with line information the kernel reads
+# both and selects (lite_cuda's LINES). Should NVVM refuse it again, the run is repeated
+# without it (LINEINFO=0 skips the attempt), per SASS instruction. Saves the details, the raw
+# metrics (the warp-state stall reasons) and the source pages. On an H200 it first runs the
+# H200 steps of experiments/device_session.sh (H200_STEPS, default "quant_layer moe_layer").
 # Usage (on the GPU machine, from the repository root):
 #   OUT=dir PROBE_GIT_COMMIT=<rev> bash experiments/planner/lite_ncu.sh
 set -uo pipefail
@@ -27,25 +27,20 @@ if [ "${SKIP_TIMING:-0}" != 1 ]; then
       --time-limit $(( ${LITE_LIMIT:-200} - 15 )) --out "$OUT/gpu_lite" 2>&1 | tail -n 30 | tee -a "$LOG"
   echo "== gpu_lite exit ${PIPESTATUS[0]}" | tee -a "$LOG"
 fi
-if [ "${LINEINFO:-1}" = 1 ]; then
-  export PROBE_CUDA_LINEINFO=1
-  timeout "${NCU_LIMIT:-200}" ncu --clock-control none --import-source yes \
-      --section SourceCounters --section WarpStateStats --section LaunchStats \
-      --section SpeedOfLight --section InstructionStats \
-      -k regex:'_lite_kernel' -c 2 -o "$OUT/lite" -f \
-      python3 -m experiments.planner.gpu_profile --lite --separate-start --launches 1 --repeats 0 > "$OUT/ncu_run.txt" 2>&1
-  echo "== ncu exit $?" | tee -a "$LOG"
-fi
-if [ ! -s "$OUT/lite.ncu-rep" ]; then  # NVVM has refused the kernel with line information
-  # (or LINEINFO=0): the source counters per SASS instruction, without source lines
-  echo "== no report with line information: again without it" | tee -a "$LOG"
-  [ -f "$OUT/ncu_run.txt" ] && mv "$OUT/ncu_run.txt" "$OUT/ncu_run_lineinfo.txt"
-  PROBE_CUDA_LINEINFO=0 timeout "${NCU_LIMIT:-200}" ncu --clock-control none \
+profile() {  # $1: 1 with line information, 0 without
+  PROBE_CUDA_LINEINFO=$1 timeout "${NCU_LIMIT:-200}" ncu --clock-control none --import-source yes \
       --section SourceCounters --section WarpStateStats --section LaunchStats \
       --section SpeedOfLight --section InstructionStats \
       -k regex:'_lite_kernel' -c 2 -o "$OUT/lite" -f \
       python3 -m experiments.planner.gpu_profile --lite --launches 1 --repeats 0 > "$OUT/ncu_run.txt" 2>&1
   echo "== ncu exit $?" | tee -a "$LOG"
+}
+[ "${LINEINFO:-1}" = 1 ] && profile 1
+if [ ! -s "$OUT/lite.ncu-rep" ]; then  # NVVM has refused the kernel with line information
+  # (or LINEINFO=0): the source counters per SASS instruction, without source lines
+  echo "== no report with line information: again without it" | tee -a "$LOG"
+  [ -f "$OUT/ncu_run.txt" ] && mv "$OUT/ncu_run.txt" "$OUT/ncu_run_lineinfo.txt"
+  profile 0
 fi
 # Every metric collected (the warp-state stall reasons among them), then the pages.
 ncu -i "$OUT/lite.ncu-rep" --page raw --csv 2>&1 | gzip > "$OUT/ncu_raw.csv.gz"
