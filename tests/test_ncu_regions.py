@@ -21,8 +21,8 @@ def test_lines_count_to_their_step(tmp_path):
     source = _head_lines("probe/planner/lite_cuda.py")
     mark = {int(m.group(1)): n for n, line in enumerate(source, 1)
             if (m := re.search(r"if UPTO == (\d+):", line))}
-    eval_move = next(n for n, line in enumerate(_head_lines("probe/planner/lite.py"), 1)
-                     if line.startswith("def eval_move("))
+    eval_amount = next(n for n, line in enumerate(_head_lines("probe/planner/lite.py"), 1)
+                       if line.startswith("def eval_amount("))
     header = ["Line No", "Source", "Address", "Source", "Warp Stall Sampling (All Samples)",
               "Instructions Executed", "stall_barrier", "stall_long_sb"]
     rows = [["Kernel"], ["File Path", "/x/probe/planner/lite_cuda.py"],
@@ -32,14 +32,14 @@ def test_lines_count_to_their_step(tmp_path):
             ["", "", "0x0", "IMAD.WIDE R1, R2", "9", "7", "9", "9"],  # SASS rows are not lines
             ["", "", "0x10", "@P0 LDS.64 R4, [R5]", "0", "3", "0", "0"],
             ["File Path", "/x/probe/planner/lite.py"], header,
-            [str(eval_move + 1), "eval_move line", "-", "-", "60", "50", "0", "60"],
+            [str(eval_amount + 1), "eval_amount line", "-", "-", "60", "50", "0", "60"],
             ["", "", "0x0", "IMAD.WIDE R1, R2", "9", "7", "9", "9"]]  # 0x0 again: counted once
     path = tmp_path / "page.csv.gz"
     with gzip.open(path, "wt", newline="") as handle:
         csv.writer(handle).writerows(rows)
     (steps,) = summarise(path, "HEAD")
     assert steps.pop("opcodes") == {"IMAD": 7, "LDS": 3}
-    # the pair moves' lines and lite.py's eval_move (one of their functions) count together
+    # the pair moves' lines and lite.py's eval_amount (one of their functions) count together
     assert steps["start"]["samples"] == 10 and steps["pair moves"]["samples"] == 90
     assert steps["pair moves"]["instructions"] == 100
     assert steps["pair moves"]["stall_barrier"] == 30

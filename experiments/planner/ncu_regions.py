@@ -40,7 +40,8 @@ STEPS_BY_MARKS = {
     7: ("rank order", "pair tests", "matching", "pair moves", "admission", "new blocks"),
 }
 # lite.py's device functions (first line of each) and the step that calls them (the pair
-# moves' functions count to "pair moves" in a kernel with marks 0-6).
+# moves' functions count to "pair moves" in a kernel with marks 0-6; eval_move, f(x) in one
+# function, is in revisions before move_base and eval_amount took its place).
 LITE_FUNCTIONS = {"pool_source": "pool entries", "eval_move": "amounts",
                   "move_base": "amounts", "eval_amount": "amounts",
                   "copy_source": "copy_source", "add_replica": "admission",

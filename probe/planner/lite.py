@@ -230,14 +230,6 @@ def eval_amount(x, npool, pool_s, cum, pre_h, pre_c, h, c, A, B, TT, base):
 
 
 @_jit
-def eval_move(x, npool, pool_s, cum, pre_h, pre_c, e, h, c, cnt, comp, tin, tout, A, B, TT):
-    """f(x) of rule 4: max(t_h, t_c) after x tokens of e move from h to c (`eval_amount` of the
-    pair's `move_base`)."""
-    base = move_base(npool, pool_s, cum, e, h, c, cnt, comp, tin, tout, A)
-    return eval_amount(x, npool, pool_s, cum, pre_h, pre_c, h, c, A, B, TT, base)
-
-
-@_jit
 def copy_source(e, c, used, slots, sent, recv, wt, XT, hcount, hlist):
     """The home holder of e that copies it to rank c (-1 if none can): c needs a free slot; of
     e's home holders whose sent window and c's received window fit the copy, the one with the
@@ -474,12 +466,12 @@ def lite_arrays(load, home, slots, wt, A, B, TT, XT, hcount, hlist, hpos, nhome,
             hi = cum[n]
             best_f = 0
             best_x = 0
+            move = move_base(n, pool_s[i], cum, e, h, c, cnt, comp, tin, tout, A)  # once a pair
             while True:
                 best_f = -1
                 for j in range(GRID):
                     x = grid_point(j, lo, hi)
-                    f = eval_move(x, n, pool_s[i], cum, pre_h, pre_c, e, h, c, cnt, comp, tin,
-                                  tout, A, B, TT)
+                    f = eval_amount(x, n, pool_s[i], cum, pre_h, pre_c, h, c, A, B, TT, move)
                     if best_f < 0 or f < best_f or (f == best_f and x < best_x):
                         best_f = f
                         best_x = x
@@ -553,7 +545,7 @@ def lite_arrays(load, home, slots, wt, A, B, TT, XT, hcount, hlist, hpos, nhome,
 
 
 # The helpers in the order they call each other (a later one calls earlier ones).
-HELPERS = (pool_source, move_base, eval_amount, eval_move, grid_point, block_value, copy_source,
+HELPERS = (pool_source, move_base, eval_amount, grid_point, block_value, copy_source,
            add_replica, pick_expert, can_move)
 
 
