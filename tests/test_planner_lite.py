@@ -144,23 +144,28 @@ def sequential_args(load, home, slots, window, cost, rules, junk: int = 0) -> tu
 _RUNS: dict = {}
 
 
-def run_sequential(launch: tuple, num_layers: int, inline: bool | None = None) -> tuple:
+def run_sequential(launch: tuple, num_layers: int, inline: bool | None = None,
+                   shared: bool = True) -> tuple:
     """A launch run sequentially on the arrays of `sequential_args`: the planner's kernel
-    alone when it starts inline (inline None: as CudaLite chooses for the shape), else the
-    two start kernels first; returns the planner's arguments (outputs filled in)."""
+    alone when it starts inline (inline None: as CudaLite chooses for the shape), with the
+    layer's counts in shared memory where they fit (shared, as CudaLite does) or in the global
+    scratch, else the two start kernels first; returns the planner's arguments (outputs
+    filled in)."""
     args, (zero, split) = launch
     ranks, experts = args[1].shape[1:]
     if inline is None:
         inline = lite_cuda.starts_inline(ranks, experts)
     gm = lite_cuda.kernel_ranks(ranks)
+    state = lite_cuda.shared_state(ranks, experts) if inline and shared else None
+    planner = (gm, inline, state)
     for key, fn in (("zero", lite_cuda._zero_kernel), ("split", lite_cuda._split_kernel),
-                    ((gm, inline), lite_cuda.kernel(gm, inline_start=inline))):
+                    (planner, lite_cuda.kernel(gm, inline_start=inline, state=state))):
         if key not in _RUNS:
             _RUNS[key] = sequential(fn)
     if not inline:
         _RUNS["zero"](*zero, num_layers=num_layers)
         _RUNS["split"](*split, num_layers=num_layers)
-    _RUNS[(gm, inline)](*args, num_layers=num_layers)
+    _RUNS[planner](*args, num_layers=num_layers)
     return args
 
 
@@ -172,9 +177,9 @@ def sequential_layers(args: tuple, num_layers: int) -> list:
 
 def test_sequential_kernel_equals_cpu_kernel_on_1000_layers():
     """The CUDA kernel's source, one thread per block, on 1,000 random layers in launches of
-    1-8 (junk in the buffers beforehand; the start inside the planner's block or in the start
-    kernels, at random): each layer's plan, rounds, moves and makespan equal the CPU
-    kernel's."""
+    1-8 (junk in the buffers beforehand; at random the start inside the planner's block, with
+    the counts in shared memory or in the global scratch, or in the start kernels): each
+    layer's plan, rounds, moves and makespan equal the CPU kernel's."""
     rng = np.random.default_rng(7)
     layers = moved = 0
     while layers < 1000:
@@ -182,7 +187,8 @@ def test_sequential_kernel_equals_cpu_kernel_on_1000_layers():
         load, home, slots, window, cost, rules = random_batch(rng, num_layers)
         args = run_sequential(sequential_args(load, home, slots, window, cost, rules,
                                               junk=int(rng.choice([0, 1, 3]))), num_layers,
-                              inline=bool(rng.integers(2)))  # both ways to start
+                              inline=bool(rng.integers(2)),  # both ways to start
+                              shared=bool(rng.integers(2)))
         for i, got in enumerate(sequential_layers(args, num_layers)):
             ref = cpu_layer(load[i], home[i], slots, window[i], cost, rules)
             assert same(ref, got), (layers, i)
@@ -265,6 +271,35 @@ lines = [len(re.findall(r"[.]loc\\s", cuda.compile_ptx(kernel(32, inline_start=i
 print(json.dumps([LINEINFO.get("lineinfo", False), min(lines) > 100]))
 """
     assert compile_for_sm90(code) == [True, True]
+
+
+def test_shared_state_fits_the_static_shared_memory():
+    """A layer that starts inside its block keeps its counts and held experts in shared arrays
+    of one shape per power of two of ranks (few kernels to compile), where they fit; the
+    largest such kernel (32 ranks, whose pools are in shared memory too) compiles for sm_90
+    within the 48 KB of static shared memory a block may have."""
+    assert lite_cuda.shared_state(8, 128) == (8, 256)
+    assert lite_cuda.shared_state(3, 32) == (4, 512) == lite_cuda.shared_state(4, 500)
+    assert lite_cuda.starts_inline(3, 640) and lite_cuda.shared_state(3, 640) is None
+    assert lite_cuda.shared_state(64, 256) is None  # the start kernels write the counts
+    with pytest.raises(ValueError, match="inline_start"):
+        lite_cuda.kernel(32, state=(8, 256))
+    code = """
+from probe.planner.cost import CostModel
+from probe.planner.lite import LiteRules
+from probe.planner.lite_cuda import host_arrays, kernel, launch_args, shared_state
+G, E = 32, 64
+home = np.zeros((1, G, E), bool)
+home[0, np.arange(E) % G, np.arange(E)] = True
+cost = CostModel.uniform(G, alpha=1e-5, beta=1e-8, token_time=1e-8, transfer_time=1e-4)
+host = host_arrays(home, np.full(G, 2), cost, LiteRules())
+args = launch_args(np.zeros((1, G, E), np.int64), home, np.zeros((1, G)), host.consts,
+                   [np.zeros(s, d) for s, d in host.scratch],
+                   [np.zeros(s, d) for s, d in host.outputs])
+ptx = ptx_of(kernel(32, inline_start=True, state=shared_state(G, E)).py_func, args)
+print(json.dumps(sum(int(n) for n in re.findall(r"[.]shared [^;]*\\[(\\d+)\\];", ptx))))
+"""
+    assert 18 * 1024 < compile_for_sm90(code) <= 48 * 1024
 
 
 def test_runner_rejects_shapes_it_cannot_plan():

@@ -20,7 +20,9 @@ static-split tokens into the holders' counts and the ranks' compute and traffic 
 64-bit atomics in global memory, sets the held experts and their bits, and flags a negative
 load. Then the planner, one block per layer (T threads; barriers between the steps). Layers of
 at most INLINE_START_ITEMS items (ep=8 / 128 experts) take one launch: the planner's block
-does the start kernels' items itself first (`starts_inline`).
+does the start kernels' items itself first (`starts_inline`), and keeps the layer's counts,
+held experts and rank sums in shared memory rather than the global scratch where they fit
+(`shared_state`: shared atomics in the start, shared loads after).
 - start: the windows in ticks and the checks (status 1 negative load, 2 bad window, 3 times or
   tokens past the kernel's integer keys); the rank arrays from the start's sums;
 - each round: the rank times and their sum (a thread per rank), with the ranks a copy from each
@@ -61,7 +63,7 @@ import types
 from typing import NamedTuple
 
 import numpy as np
-from numba import int64, uint32
+from numba import int64, uint8, uint32
 
 from probe.planner import lite
 from probe.planner.cost import CostModel
@@ -97,10 +99,10 @@ from probe.planner.numba_cuda import (
 )
 from probe.planner.scalar import pool_entry
 
-__all__ = ["INLINE_START_ITEMS", "MAX_RANKS", "STAMP_STEPS", "START_THREADS", "THREADS",
-           "CudaLite", "CudaLitePlan", "blocks_as_rows", "host_arrays", "kernel", "kernel_ranks",
-           "launch_args", "launch_start", "lite_cuda_arrays", "start_args", "starts_inline",
-           "step_cycles"]
+__all__ = ["INLINE_START_ITEMS", "MAX_RANKS", "SHARED_STATE_ITEMS", "STAMP_STEPS",
+           "START_THREADS", "THREADS", "CudaLite", "CudaLitePlan", "blocks_as_rows",
+           "host_arrays", "kernel", "kernel_ranks", "launch_args", "launch_start",
+           "lite_cuda_arrays", "shared_state", "start_args", "starts_inline", "step_cycles"]
 
 # Most ranks a layer may have (the shared rank arrays are at most this long).
 MAX_RANKS = 256
@@ -246,11 +248,11 @@ START_THREADS = 256
 
 
 @cuda.jit(device=True, inline=True, **LINEINFO)
-def _zero_items(k, stride, layer, cnt, held_bits, sums, start_status,
+def _zero_items(k, stride, layer, num_ranks, num_experts, cnt, held_bits, sums, start_status,
                 blk_rows):  # pragma: no cover - device code
     """Items k, k + stride, ... of zeroing one layer's start (its slices of cnt [G, E], the held
-    bits [E, W], the sums [3, G], blk_rows [B S, G]; and start_status[layer])."""
-    num_ranks, num_experts = cnt.shape
+    bits [E, W], the sums [3, G], blk_rows [B S, G]; and start_status[layer]). cnt and sums
+    may be larger (shared arrays of a compile-time shape): [G, E] and [3, G] are zeroed."""
     nw = held_bits.shape[1]
     g, e, dg, de = _first_item(k, stride, num_experts)
     while g < num_ranks:
@@ -310,7 +312,8 @@ def _zero_kernel(cnt, held_bits, sums, start_status,
     columns alone), a layer's items spread over its blocks (grid [L, blocks])."""
     layer = cuda.blockIdx.x
     _zero_items(cuda.blockIdx.y * cuda.blockDim.x + cuda.threadIdx.x,
-                cuda.gridDim.y * cuda.blockDim.x, layer, cnt[layer], held_bits[layer],
+                cuda.gridDim.y * cuda.blockDim.x, layer, cnt.shape[1], cnt.shape[2],
+                cnt[layer], held_bits[layer],
                 sums[layer], start_status, blk_rows[layer])
 
 
@@ -329,6 +332,23 @@ def _split_kernel(load, home, hcount, hlist, hpos, tt, a_tick, b_tick, cnt, held
 # Layers of at most this many (source, expert) items start inside the planner's block (one
 # launch; the start kernels' own launches cost about a round at ep=8, results/h100/run10).
 INLINE_START_ITEMS = 2048
+
+
+# A layer that starts inside the block keeps its counts and held experts in shared arrays of
+# [RP, SHARED_STATE_ITEMS / RP] (RP: G rounded up to a power of two; 18 KB of shared memory)
+# where its experts fit, and its sums in [3, RP].
+SHARED_STATE_ITEMS = 2048
+
+
+def shared_state(num_ranks: int, num_experts: int) -> tuple[int, int] | None:
+    """The compile-time shape [RP, EP] of the shared arrays that hold a layer's counts and held
+    experts when it starts inside the planner's block (`kernel(state=...)`), or None where
+    they stay in the global scratch (too many experts, or the start kernels write them). One
+    shape per power of two of ranks, so few kernels are compiled."""
+    rows = 1 << (num_ranks - 1).bit_length()
+    if not starts_inline(num_ranks, num_experts) or rows * num_experts > SHARED_STATE_ITEMS:
+        return None
+    return rows, SHARED_STATE_ITEMS // rows
 
 
 def starts_inline(num_ranks: int, num_experts: int) -> bool:
@@ -375,7 +395,7 @@ _KERNELS: dict = {}
 
 
 def kernel(max_ranks: int, upto: int = FULL, stamps: bool = False, threads: int = THREADS,
-           inline_start: bool = False):
+           inline_start: bool = False, state: tuple[int, int] | None = None):
     """The kernel for layers of at most `max_ranks` ranks (a multiple of 32, made once).
     upto < FULL makes a profiling variant (experiments.planner.gpu_lite --profile) whose rounds
     end after step `upto` (0: the start alone; 1 rank order, 2 pair tests, 3 matching, 4 pair
@@ -386,9 +406,13 @@ def kernel(max_ranks: int, upto: int = FULL, stamps: bool = False, threads: int 
     per block the kernel is compiled with at most 65,536 / threads registers a thread (else
     such a block could not launch). inline_start=True makes a kernel that zeroes and splits its
     layer itself (the start kernels' items, `_zero_items` and `_split_items`, over its block)
-    instead of reading what `launch_start`'s kernels left (`starts_inline`)."""
+    instead of reading what `launch_start`'s kernels left (`starts_inline`); with it, state
+    (RP, EP) keeps the layer's counts and held experts in shared arrays of that shape (its
+    layers have at most RP ranks and EP experts; `shared_state`) instead of the global scratch."""
+    if state is not None and not inline_start:
+        raise ValueError("state needs inline_start: the start kernels write the global scratch")
     regs = None if threads <= 256 or SIMULATOR else 65536 // threads
-    key = (max_ranks, upto, stamps, regs, inline_start)
+    key = (max_ranks, upto, stamps, regs, inline_start, state)
     if key in _KERNELS:
         return _KERNELS[key]
     UPTO = upto  # noqa: N806 (a compile-time constant)
@@ -396,6 +420,8 @@ def kernel(max_ranks: int, upto: int = FULL, stamps: bool = False, threads: int 
     INLINE = inline_start  # noqa: N806
     LINES = bool(LINEINFO)  # noqa: N806 (compiled with line information for a profiler)
     GM = max_ranks  # noqa: N806 (compile-time sizes of the shared arrays)
+    STATE = state is not None  # noqa: N806
+    RP, EP = state if STATE else (1, 1)  # noqa: N806
     PM = GM // 2  # noqa: N806
     WM = GM // 32  # noqa: N806
     # Up to 32 ranks the pools live in shared memory (17 KB); beyond, in the global scratch.
@@ -432,8 +458,16 @@ def kernel(max_ranks: int, upto: int = FULL, stamps: bool = False, threads: int 
         stamps = stamps[layer]
         if STAMPS and tid == 0:
             stamps[0] = clock64()
+        cnt_sh = cuda.shared.array((RP, EP), int64)
+        held_sh = cuda.shared.array((RP, EP), uint8)
+        sums_sh = cuda.shared.array((3, RP), int64)
+        if STATE:  # the counts, held experts and sums in shared memory
+            cnt = cnt_sh
+            held = held_sh
+            sums = sums_sh
         if INLINE:  # the start kernels' work, over this block
-            _zero_items(tid, nt, layer, cnt, held_bits, sums, start_status, blk_rows[layer])
+            _zero_items(tid, nt, layer, home.shape[0], home.shape[1], cnt, held_bits, sums,
+                        start_status, blk_rows[layer])
             cuda.syncthreads()
             _split_items(tid, nt, layer, load, home, hcount, hlist, hpos, tt, a_tick, b_tick,
                          cnt, held, held_bits, blk_of, sums, start_status)
@@ -1073,7 +1107,8 @@ class CudaLite(LayerPlanner):
         if not inline:
             launch_start(load_d, self._home, self._consts, self._scratch, self.out,
                          self.num_layers, stream)
-        kernel(self.max_ranks, self.upto, self.stamps, self.threads, inline)[
+        kernel(self.max_ranks, self.upto, self.stamps, self.threads, inline,
+               shared_state(*self.shape) if inline else None)[
             self.num_layers, self.threads, stream](
             *launch_args(load_d, self._home, window_d, self._consts, self._scratch, self.out))
         return self.torch_out() if is_torch(load) else self.out
