@@ -276,11 +276,12 @@ print(json.dumps([LINEINFO.get("lineinfo", False), min(lines) > 100]))
 def test_shared_state_fits_the_static_shared_memory():
     """A layer that starts inside its block keeps its counts and held experts in shared arrays
     of one shape per power of two of ranks (few kernels to compile), where they fit; the
-    largest such kernel (32 ranks, whose pools are in shared memory too) compiles for sm_90
-    within the 48 KB of static shared memory a block may have."""
-    assert lite_cuda.shared_state(8, 128) == (8, 256)
-    assert lite_cuda.shared_state(3, 32) == (4, 512) == lite_cuda.shared_state(4, 500)
-    assert lite_cuda.starts_inline(3, 640) and lite_cuda.shared_state(3, 640) is None
+    largest such kernel (8 ranks and 256 experts: at most 32 ranks, so the pools are in shared
+    memory too) compiles for sm_90 within the 48 KB of static shared memory a block may
+    have."""
+    assert lite_cuda.shared_state(8, 128) == (8, 256) == lite_cuda.shared_state(5, 256)
+    assert lite_cuda.shared_state(3, 32) == (4, 256) and lite_cuda.shared_state(32, 64) == (32, 64)
+    assert lite_cuda.starts_inline(4, 300) and lite_cuda.shared_state(4, 300) is None
     assert lite_cuda.shared_state(64, 256) is None  # the start kernels write the counts
     with pytest.raises(ValueError, match="inline_start"):
         lite_cuda.kernel(32, state=(8, 256))
@@ -288,7 +289,7 @@ def test_shared_state_fits_the_static_shared_memory():
 from probe.planner.cost import CostModel
 from probe.planner.lite import LiteRules
 from probe.planner.lite_cuda import host_arrays, kernel, launch_args, shared_state
-G, E = 32, 64
+G, E = 8, 256
 home = np.zeros((1, G, E), bool)
 home[0, np.arange(E) % G, np.arange(E)] = True
 cost = CostModel.uniform(G, alpha=1e-5, beta=1e-8, token_time=1e-8, transfer_time=1e-4)
@@ -296,10 +297,11 @@ host = host_arrays(home, np.full(G, 2), cost, LiteRules())
 args = launch_args(np.zeros((1, G, E), np.int64), home, np.zeros((1, G)), host.consts,
                    [np.zeros(s, d) for s, d in host.scratch],
                    [np.zeros(s, d) for s, d in host.outputs])
+assert shared_state(G, E) == (8, 256)
 ptx = ptx_of(kernel(32, inline_start=True, state=shared_state(G, E)).py_func, args)
 print(json.dumps(sum(int(n) for n in re.findall(r"[.]shared [^;]*\\[(\\d+)\\];", ptx))))
 """
-    assert 18 * 1024 < compile_for_sm90(code) <= 48 * 1024
+    assert 21 * 1024 < compile_for_sm90(code) <= 48 * 1024
 
 
 def test_runner_rejects_shapes_it_cannot_plan():

@@ -21,8 +21,9 @@ static-split tokens into the holders' counts and the ranks' compute and traffic 
 load. Then the planner, one block per layer (T threads; barriers between the steps). Layers of
 at most INLINE_START_ITEMS items (ep=8 / 128 experts) take one launch: the planner's block
 does the start kernels' items itself first (`starts_inline`), and keeps the layer's counts,
-held experts and rank sums in shared memory rather than the global scratch where they fit
-(`shared_state`: shared atomics in the start, shared loads after).
+held experts, rank sums and expert blocks in shared memory rather than the global scratch
+where they fit (`shared_state`: shared atomics in the start, shared loads after, and thread
+0's admission without a global load).
 - start: the windows in ticks and the checks (status 1 negative load, 2 bad window, 3 times or
   tokens past the kernel's integer keys); the rank arrays from the start's sums;
 - each round: the rank times and their sum (a thread per rank), with the ranks a copy from each
@@ -335,9 +336,11 @@ INLINE_START_ITEMS = 2048
 
 
 # A layer that starts inside the block keeps its counts and held experts in shared arrays of
-# [RP, SHARED_STATE_ITEMS / RP] (RP: G rounded up to a power of two; 18 KB of shared memory)
-# where its experts fit, and its sums in [3, RP].
+# [RP, EP] (RP: G rounded up to a power of two, EP = min(SHARED_STATE_ITEMS / RP,
+# SHARED_STATE_EXPERTS)) where its experts fit, its sums in [3, RP], its held bits in [EP, W]
+# and its experts' blocks in [EP]: at most 21 KB of shared memory.
 SHARED_STATE_ITEMS = 2048
+SHARED_STATE_EXPERTS = 256
 
 
 def shared_state(num_ranks: int, num_experts: int) -> tuple[int, int] | None:
@@ -346,9 +349,10 @@ def shared_state(num_ranks: int, num_experts: int) -> tuple[int, int] | None:
     they stay in the global scratch (too many experts, or the start kernels write them). One
     shape per power of two of ranks, so few kernels are compiled."""
     rows = 1 << (num_ranks - 1).bit_length()
-    if not starts_inline(num_ranks, num_experts) or rows * num_experts > SHARED_STATE_ITEMS:
+    cols = min(SHARED_STATE_ITEMS // rows, SHARED_STATE_EXPERTS)
+    if not starts_inline(num_ranks, num_experts) or num_experts > cols:
         return None
-    return rows, SHARED_STATE_ITEMS // rows
+    return rows, cols
 
 
 def starts_inline(num_ranks: int, num_experts: int) -> bool:
@@ -422,6 +426,7 @@ def kernel(max_ranks: int, upto: int = FULL, stamps: bool = False, threads: int 
     GM = max_ranks  # noqa: N806 (compile-time sizes of the shared arrays)
     STATE = state is not None  # noqa: N806
     RP, EP = state if STATE else (1, 1)  # noqa: N806
+    WP = (RP + 31) // 32  # noqa: N806
     PM = GM // 2  # noqa: N806
     WM = GM // 32  # noqa: N806
     # Up to 32 ranks the pools live in shared memory (17 KB); beyond, in the global scratch.
@@ -461,10 +466,14 @@ def kernel(max_ranks: int, upto: int = FULL, stamps: bool = False, threads: int 
         cnt_sh = cuda.shared.array((RP, EP), int64)
         held_sh = cuda.shared.array((RP, EP), uint8)
         sums_sh = cuda.shared.array((3, RP), int64)
-        if STATE:  # the counts, held experts and sums in shared memory
+        held_bits_sh = cuda.shared.array((EP, WP), uint32)
+        blk_of_sh = cuda.shared.array(EP, int64)
+        if STATE:  # the counts, held experts, sums and blocks in shared memory
             cnt = cnt_sh
             held = held_sh
             sums = sums_sh
+            held_bits = held_bits_sh
+            blk_of = blk_of_sh
         if INLINE:  # the start kernels' work, over this block
             _zero_items(tid, nt, layer, home.shape[0], home.shape[1], cnt, held_bits, sums,
                         start_status, blk_rows[layer])
