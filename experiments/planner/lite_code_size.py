@@ -4,8 +4,8 @@
 
 Compiles probe.planner.lite_cuda's kernel to PTX with Numba (NVVM; the GPU is stood in for,
 as the sm_90 tests do) and assembles it with `ptxas -arch=sm_90 -O3`, at ep=8 / 128 experts
-(the start inside the planner's block, as such layers run) and at ep=64 / 256 (separate
-start kernels); prints and saves the .text bytes of each, their registers, and per step the
+(the start inside the planner's block and the layer's state in shared memory, as such
+layers run) and at ep=64 / 256 (separate start kernels); prints and saves the .text bytes of each, their registers, and per step the
 bytes that the profiling variants (`kernel(upto=k)`: rounds that end after step k, later
 steps compiled out) add one after the other. A round of the kernel runs most of its code once
 or twice per warp, so its size is about the instructions a round issues. Needs NVVM, ptxas
@@ -67,7 +67,8 @@ def config_sizes(ranks: int, experts: int, inline: bool, work: Path) -> dict:
 
     from probe.planner.cost import CostModel
     from probe.planner.lite import LiteRules
-    from probe.planner.lite_cuda import FULL, host_arrays, kernel, kernel_ranks, launch_args
+    from probe.planner.lite_cuda import (FULL, host_arrays, kernel, kernel_ranks, launch_args,
+                                         shared_state)
     from probe.planner.numba_cuda import cuda
 
     home = np.zeros((1, ranks, experts), bool)
@@ -82,7 +83,8 @@ def config_sizes(ranks: int, experts: int, inline: bool, work: Path) -> dict:
     types = tuple(numba.typeof(a) for a in args)
     variants = []
     for upto in range(FULL + 1):
-        fn = kernel(kernel_ranks(ranks), upto=upto, inline_start=inline).py_func
+        fn = kernel(kernel_ranks(ranks), upto=upto, inline_start=inline,
+                    state=shared_state(ranks, experts) if inline else None).py_func
         ptx = cuda.compile_ptx(fn, types, cc=(9, 0))[0]
         variants.append(assemble(ptx, work, f"g{ranks}_u{upto}"))
     sizes = [v["bytes"] for v in variants]
