@@ -21,9 +21,9 @@ static-split tokens into the holders' counts and the ranks' compute and traffic 
 load. Then the planner, one block per layer (T threads; barriers between the steps). Layers of
 at most INLINE_START_ITEMS items (ep=8 / 128 experts) take one launch: the planner's block
 does the start kernels' items itself first (`starts_inline`), and keeps the layer's counts,
-held experts, rank sums and expert blocks in shared memory rather than the global scratch
-where they fit (`shared_state`: shared atomics in the start, shared loads after, and thread
-0's admission without a global load).
+held experts, held bits and expert blocks in shared memory rather than the global scratch
+where they fit (`shared_state`: the start's count updates in shared memory, shared loads
+after, and thread 0's admission without a global load).
 - start: the windows in ticks and the checks (status 1 negative load, 2 bad window, 3 times or
   tokens past the kernel's integer keys); the rank arrays from the start's sums;
 - each round: the rank times and their sum (a thread per rank), with the ranks a copy from each
@@ -252,8 +252,9 @@ START_THREADS = 256
 def _zero_items(k, stride, layer, num_ranks, num_experts, cnt, held_bits, sums, start_status,
                 blk_rows):  # pragma: no cover - device code
     """Items k, k + stride, ... of zeroing one layer's start (its slices of cnt [G, E], the held
-    bits [E, W], the sums [3, G], blk_rows [B S, G]; and start_status[layer]). cnt and sums
-    may be larger (shared arrays of a compile-time shape): [G, E] and [3, G] are zeroed."""
+    bits [E, W], the sums [3, G], blk_rows [B S, G]; and start_status[layer]). cnt and
+    held_bits may be larger (shared arrays of a compile-time shape): their [G, E] and [E, W]
+    are zeroed."""
     nw = held_bits.shape[1]
     g, e, dg, de = _first_item(k, stride, num_experts)
     while g < num_ranks:
@@ -337,8 +338,8 @@ INLINE_START_ITEMS = 2048
 
 # A layer that starts inside the block keeps its counts and held experts in shared arrays of
 # [RP, EP] (RP: G rounded up to a power of two, EP = min(SHARED_STATE_ITEMS / RP,
-# SHARED_STATE_EXPERTS)) where its experts fit, its sums in [3, RP], its held bits in [EP, W]
-# and its experts' blocks in [EP]: at most 21 KB of shared memory.
+# SHARED_STATE_EXPERTS)) where its experts fit, its held bits in [EP, W] and its experts'
+# blocks in [EP]: at most 21 KB of shared memory.
 SHARED_STATE_ITEMS = 2048
 SHARED_STATE_EXPERTS = 256
 
@@ -465,13 +466,13 @@ def kernel(max_ranks: int, upto: int = FULL, stamps: bool = False, threads: int 
             stamps[0] = clock64()
         cnt_sh = cuda.shared.array((RP, EP), int64)
         held_sh = cuda.shared.array((RP, EP), uint8)
-        sums_sh = cuda.shared.array((3, RP), int64)
         held_bits_sh = cuda.shared.array((EP, WP), uint32)
         blk_of_sh = cuda.shared.array(EP, int64)
-        if STATE:  # the counts, held experts, sums and blocks in shared memory
+        if STATE:  # the counts, held experts, held bits and blocks in shared memory (the
+            # rank sums stay global: every item adds into them, and a 64-bit atomic add on
+            # shared memory is a compare-and-swap loop that contending lanes repeat)
             cnt = cnt_sh
             held = held_sh
-            sums = sums_sh
             held_bits = held_bits_sh
             blk_of = blk_of_sh
         if INLINE:  # the start kernels' work, over this block
