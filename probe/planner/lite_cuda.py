@@ -600,7 +600,6 @@ def kernel(max_ranks: int, upto: int = FULL, stamps: bool = False, threads: int 
                 ints[_TOTAL] = 0
                 ints[_NHOT] = 0
                 ints[_NPAIRS] = 0
-                ints[_APPLIED] = 0
                 ints[_NNEW] = 0
             g = tid
             while g < num_ranks:
@@ -883,6 +882,7 @@ def kernel(max_ranks: int, upto: int = FULL, stamps: bool = False, threads: int 
                 n_rep = ints[_NREP]
                 n_blk = ints[_NBLK]
                 n_new = 0
+                admitted = 0
                 for i in range(n_pairs):
                     e = pair_e[i]
                     if e < 0:
@@ -907,7 +907,9 @@ def kernel(max_ranks: int, upto: int = FULL, stamps: bool = False, threads: int 
                         held_bits[e, c >> 5] |= uint32(1 << (c & 31))
                         n_rep = _add_replica(c, e, src, n_rep, rep, held, rep_on, used, sent,
                                              recv, xt)
+                    admitted += 1
                 ints[_NREP] = n_rep
+                ints[_APPLIED] = admitted  # the moves the apply step makes
                 ints[_NBLK] = n_blk
                 ints[_NNEW] = n_new
             cuda.syncthreads()
@@ -972,7 +974,6 @@ def kernel(max_ranks: int, upto: int = FULL, stamps: bool = False, threads: int 
                     cuda.atomic.add(comp, c, d_c)
                     cnt[h, e] -= x
                     cnt[c, e] += x
-                    cuda.atomic.add(ints, _APPLIED, 1)
                 i += nt
             cuda.syncthreads()
             if STAMPS and tid == 0:
