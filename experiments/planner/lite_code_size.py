@@ -2,14 +2,14 @@
 
     python -m experiments.planner.lite_code_size --out results/lite_code_size
 
-Compiles probe.planner.lite_cuda's kernel to PTX with Numba (NVVM; the GPU is stood in for,
-as the sm_90 tests do) and assembles it with `ptxas -arch=sm_90 -O3`, at ep=8 / 128 experts
-(the start inside the planner's block and the layer's state in shared memory, as such
-layers run) and at ep=64 / 256 (separate start kernels); prints and saves the .text bytes of each, their registers, and per step the
-bytes that the profiling variants (`kernel(upto=k)`: rounds that end after step k, later
-steps compiled out) add one after the other. A round of the kernel runs most of its code once
-or twice per warp, so its size is about the instructions a round issues. Needs NVVM, ptxas
-and readelf (a CUDA toolkit), not a GPU.
+Compiles probe.planner.lite_cuda's kernel to PTX with Numba (NVVM; the GPU is stood in for, as
+the sm_90 tests do) and assembles it with `ptxas -arch=sm_90 -O3`, at ep=8 / 128 experts (the
+start inside the planner's block and the layer's state in shared memory, as such layers run)
+and at ep=64 / 256 (separate start kernels); prints and saves the .text bytes of each, their
+registers, and per step the bytes that the profiling variants (`kernel(upto=k)`: rounds that
+end after step k, later steps compiled out) add one after the other. A round of the kernel runs
+most of its code once or twice per warp, so its size is about the instructions a round issues.
+Needs NVVM, ptxas and readelf (a CUDA toolkit), not a GPU.
 """
 
 from __future__ import annotations
