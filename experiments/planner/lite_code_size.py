@@ -10,6 +10,11 @@ registers, and per step the bytes that the profiling variants (`kernel(upto=k)`:
 end after step k, later steps compiled out) add one after the other. A round of the kernel runs
 most of its code once or twice per warp, so its size is about the instructions a round issues.
 Needs NVVM, ptxas and readelf (a CUDA toolkit), not a GPU.
+
+`--lines N` also lists the N source lines with the most machine instructions in each full
+kernel (compiled with line information; an inlined function's instructions count at its call
+site), from nvdisasm's SASS: `pip install nvidia-cuda-nvdisasm` provides it, or name one with
+`--nvdisasm PATH`.
 """
 
 from __future__ import annotations
@@ -18,9 +23,11 @@ import argparse
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -62,7 +69,63 @@ def assemble(ptx: str, work: Path, name: str) -> dict:
     return {"bytes": text_bytes(cubin), "registers": int(regs.group(1)) if regs else None}
 
 
-def config_sizes(ranks: int, experts: int, inline: bool, work: Path) -> dict:
+_SASS_LINE = re.compile(r'//## File "([^"]+)", line (\d+)')
+_SASS_INSTRUCTION = re.compile(r"\s*/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)")
+
+
+def sass_lines(sass: str) -> dict[tuple[str, int], Counter]:
+    """Machine instructions per source line of `nvdisasm -g` output: {(file name, line):
+    Counter of opcodes (the mnemonic before its first dot)}. Instructions before the first
+    line marker are left out."""
+    per_line: dict[tuple[str, int], Counter] = {}
+    where = None
+    for text in sass.splitlines():
+        marker = _SASS_LINE.search(text)
+        if marker:
+            where = (Path(marker.group(1)).name, int(marker.group(2)))
+            continue
+        op = _SASS_INSTRUCTION.match(text)
+        if op and where is not None:
+            per_line.setdefault(where, Counter())[op.group(1)] += 1
+    return per_line
+
+
+def find_nvdisasm(path: str | None) -> str:
+    """nvdisasm: `path`, else on PATH, else the one the nvidia-cuda-nvdisasm wheel installs."""
+    if path:
+        return path
+    found = shutil.which("nvdisasm")
+    if found:
+        return found
+    for entry in sys.path:
+        for wheel in sorted(Path(entry).glob("nvidia/cu*/bin/nvdisasm")) if entry else ():
+            return str(wheel)
+    raise SystemExit("--lines needs nvdisasm: pip install nvidia-cuda-nvdisasm, or --nvdisasm")
+
+
+def top_lines(ptx: str, work: Path, name: str, nvdisasm: str, count: int) -> list[dict]:
+    """The `count` source lines of the kernel with the most machine instructions."""
+    src, cubin = work / f"{name}.ptx", work / f"{name}.cubin"
+    src.write_text(ptx)
+    subprocess.run(["ptxas", "-arch=sm_90", "-O3", "-lineinfo", str(src), "-o", str(cubin)],
+                   capture_output=True, text=True, check=True)
+    sass = subprocess.run([nvdisasm, "-c", "-g", str(cubin)], capture_output=True, text=True,
+                          check=True).stdout
+    per_line = sass_lines(sass)
+    ranked = sorted(per_line.items(), key=lambda item: (-sum(item[1].values()), item[0]))
+    root = Path(__file__).resolve().parents[2] / "probe" / "planner"
+    rows = []
+    for (file, line), ops in ranked[:count]:
+        source = root / file
+        text = (source.read_text().splitlines()[line - 1].strip()
+                if source.is_file() else "")
+        rows.append({"file": file, "line": line, "instructions": sum(ops.values()),
+                     "top_ops": dict(ops.most_common(3)), "source": text})
+    return rows
+
+
+def config_sizes(ranks: int, experts: int, inline: bool, work: Path, lines: int = 0,
+                 nvdisasm: str = "") -> dict:
     import numba
 
     from probe.planner.cost import CostModel
@@ -89,8 +152,12 @@ def config_sizes(ranks: int, experts: int, inline: bool, work: Path) -> dict:
         variants.append(assemble(ptx, work, f"g{ranks}_u{upto}"))
     sizes = [v["bytes"] for v in variants]
     added = [sizes[0]] + [b - a for a, b in zip(sizes[:-1], sizes[1:], strict=True)]
-    return {"bytes": sizes[-1], "registers": variants[-1]["registers"],
-            "steps": dict(zip(STEPS, added, strict=True))}
+    report = {"bytes": sizes[-1], "registers": variants[-1]["registers"],
+              "steps": dict(zip(STEPS, added, strict=True))}
+    if lines:
+        ptx = cuda.compile_ptx(fn, types, cc=(9, 0), lineinfo=True)[0]
+        report["lines"] = top_lines(ptx, work, f"g{ranks}_lines", nvdisasm, lines)
+    return report
 
 
 def markdown(report: dict) -> str:
@@ -107,15 +174,31 @@ def markdown(report: dict) -> str:
         f"**{report['configs'][n]['bytes']:,}**" for n in names) + " |")
     lines.append("| registers a thread | " + " | ".join(
         str(report["configs"][n]["registers"]) for n in names) + " |")
+    for name in names:
+        rows = report["configs"][name].get("lines")
+        if not rows:
+            continue
+        lines += ["", f"## {name}: the source lines with the most instructions", "",
+                  "Compiled with line information; an inlined function counts at its call site.",
+                  "", "| instructions | line | most frequent | source |", "|---:|---|---|---|"]
+        for row in rows:
+            ops = ", ".join(f"{op} {n}" for op, n in row["top_ops"].items())
+            source = row["source"].replace("|", "\\|")
+            lines.append(f"| {row['instructions']} | {row['file']}:{row['line']} | {ops} | "
+                         f"`{source}` |")
     return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default=None, help="folder for lite_code_size.{json,md}")
+    parser.add_argument("--lines", type=int, default=0, metavar="N",
+                        help="also list the N source lines with the most instructions")
+    parser.add_argument("--nvdisasm", default=None, help="nvdisasm for --lines")
     args = parser.parse_args(argv)
     if os.environ.get("NUMBA_ENABLE_CUDASIM") == "1":
         parser.error("run without NUMBA_ENABLE_CUDASIM: the simulator compiles no PTX")
+    nvdisasm = find_nvdisasm(args.nvdisasm) if args.lines else ""
     _stand_in_gpu()
     import datetime
 
@@ -124,14 +207,16 @@ def main(argv: list[str] | None = None) -> int:
     run = Manifest.start("experiments.planner.lite_code_size", argv, out=args.out)
     revision = (run.git.get("revision") or "?")[:7]
     report = {"command": "python -m experiments.planner.lite_code_size" +
-              (f" --out {args.out}" if args.out else ""), "revision": revision,
+              (f" --out {args.out}" if args.out else "") +
+              (f" --lines {args.lines}" if args.lines else ""), "revision": revision,
               "utc": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
               "ptxas": subprocess.run(["ptxas", "--version"], capture_output=True,
                                       text=True).stdout.strip().splitlines()[-1],
               "configs": {}}
     with tempfile.TemporaryDirectory() as tmp:
         for name, ranks, experts, inline in CONFIGS:
-            report["configs"][name] = config_sizes(ranks, experts, inline, Path(tmp))
+            report["configs"][name] = config_sizes(ranks, experts, inline, Path(tmp),
+                                                   args.lines, nvdisasm)
     text = markdown(report)
     print(text)
     if args.out:
