@@ -237,11 +237,14 @@ def copy_source(e, c, used, slots, sent, recv, wt, XT, hcount, hlist):
     if used[c] >= slots[c]:
         return -1
     best = -1
+    best_x = 0  # XT[best, c]
+    room_c = wt[c] - recv[c]  # what c's received window still holds (integer ticks)
     for j in range(hcount[e]):
         g = hlist[e, j]
-        fits = sent[g] + XT[g, c] <= wt[g] and recv[c] + XT[g, c] <= wt[c]
-        if fits and (best < 0 or XT[g, c] < XT[best, c]):
+        x = XT[g, c]
+        if sent[g] + x <= wt[g] and x <= room_c and (best < 0 or x < best_x):
             best = g
+            best_x = x
     return best
 
 
