@@ -46,10 +46,12 @@ kernel(stamps=True) stamps each step with the SM's cycle counter (`step_cycles`)
 Measured on an H100 (results/h100/run11, experiments.planner.gpu_lite; one layer, graph replay,
 default rules, best block size, 32fa7aa): 77.9 us at ep=8 / 128 experts (256 threads) and 688
 us at ep=64 / 256 (512 threads); 11.3 us and 181 us per layer in an 8-layer launch. On the same
-card run 10's kernel (e183ca1) took 85.8 and 791 us. The 10 / 50 us targets are missed by 7.8x
-/ 13.8x. The kernel is a chain of dependent instructions on few warps (Nsight Compute: 10-13
-cycles between a warp's issues, about 40% of them waiting at a barrier), mostly 64-bit
-index arithmetic; a round's machine code is about 100 KB (experiments.planner.lite_code_size).
+card run 10's kernel (e183ca1) took 85.8 and 791 us. With the small layers' state in shared
+memory, on an H200 (results/h200/run4): 74.6 us at ep=8 against 78.7 for 8451a7a on the same
+card. The 10 / 50 us targets are missed by 7.5x / 13.7x. The kernel is a chain of dependent
+instructions on few warps (Nsight Compute: 10-13 cycles between a warp's issues, about 40% of
+them waiting at a barrier), mostly 64-bit index arithmetic; a round's machine code is about 100
+KB (experiments.planner.lite_code_size).
 
 Entry points: `CudaLite(home, slots, cost, rules, num_layers=L)` validates once and keeps
 device buffers; its `plan(load, window)` launches on the caller's stream (torch's current stream
