@@ -414,8 +414,9 @@ def kernel(max_ranks: int, upto: int = FULL, stamps: bool = False, threads: int 
     such a block could not launch). inline_start=True makes a kernel that zeroes and splits its
     layer itself (the start kernels' items, `_zero_items` and `_split_items`, over its block)
     instead of reading what `launch_start`'s kernels left (`starts_inline`); with it, state
-    (RP, EP) keeps the layer's counts and held experts in shared arrays of that shape (its
-    layers have at most RP ranks and EP experts; `shared_state`) instead of the global scratch."""
+    (RP, EP) keeps the layer's counts and held experts in shared arrays of that shape, its held
+    bits in [EP, W] and its experts' blocks in [EP] (its layers have at most RP ranks and EP
+    experts; `shared_state`) instead of the global scratch."""
     if state is not None and not inline_start:
         raise ValueError("state needs inline_start: the start kernels write the global scratch")
     regs = None if threads <= 256 or SIMULATOR else 65536 // threads
