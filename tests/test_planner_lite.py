@@ -223,13 +223,14 @@ def test_simulator_runs_the_kernel_with_many_threads(tmp_path):
     assert report["profile"][0]["ended"]["statuses"] == [0] * 8
 
 
-# The kernels' arguments for an sm_90 compile: one ep=8 layer of 16 experts.
-SM90_SETUP = """
+# The kernels' arguments for an sm_90 compile: one layer of G ranks and E experts (SM90_SETUP:
+# ep=8, 16 experts).
+SM90_SETUP_OF = """
 import re
 from probe.planner.cost import CostModel
 from probe.planner.lite import LiteRules
 from probe.planner.lite_cuda import host_arrays, kernel, start_args, _zero_kernel, _split_kernel
-G, E, L = 8, 16, 1
+G, E, L = {ranks}, {experts}, 1
 home = np.zeros((L, G, E), bool)
 home[0, np.arange(E) % G, np.arange(E)] = True
 cost = CostModel.uniform(G, alpha=1e-5, beta=1e-8, token_time=1e-8, transfer_time=1e-4)
@@ -237,6 +238,7 @@ host = host_arrays(home, np.full(G, 2), cost, LiteRules())
 scratch = [np.zeros(s, d) for s, d in host.scratch]
 outputs = [np.zeros(s, d) for s, d in host.outputs]
 """
+SM90_SETUP = SM90_SETUP_OF.format(ranks=8, experts=16)
 
 
 def test_kernel_compiles_for_sm90_with_32_bit_bit_scans():
@@ -285,18 +287,10 @@ def test_shared_state_fits_the_static_shared_memory():
     assert lite_cuda.shared_state(64, 256) is None  # the start kernels write the counts
     with pytest.raises(ValueError, match="inline_start"):
         lite_cuda.kernel(32, state=(8, 256))
-    code = """
-from probe.planner.cost import CostModel
-from probe.planner.lite import LiteRules
-from probe.planner.lite_cuda import host_arrays, kernel, launch_args, shared_state
-G, E = 8, 256
-home = np.zeros((1, G, E), bool)
-home[0, np.arange(E) % G, np.arange(E)] = True
-cost = CostModel.uniform(G, alpha=1e-5, beta=1e-8, token_time=1e-8, transfer_time=1e-4)
-host = host_arrays(home, np.full(G, 2), cost, LiteRules())
-args = launch_args(np.zeros((1, G, E), np.int64), home, np.zeros((1, G)), host.consts,
-                   [np.zeros(s, d) for s, d in host.scratch],
-                   [np.zeros(s, d) for s, d in host.outputs])
+    code = SM90_SETUP_OF.format(ranks=8, experts=256) + """
+from probe.planner.lite_cuda import launch_args, shared_state
+args = launch_args(np.zeros((L, G, E), np.int64), home, np.zeros((L, G)), host.consts, scratch,
+                   outputs)
 assert shared_state(G, E) == (8, 256)
 ptx = ptx_of(kernel(32, inline_start=True, state=shared_state(G, E)).py_func, args)
 print(json.dumps(sum(int(n) for n in re.findall(r"[.]shared [^;]*\\[(\\d+)\\];", ptx))))
