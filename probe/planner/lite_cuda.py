@@ -1096,8 +1096,10 @@ class CudaLite(LayerPlanner):
         if stamps and SIMULATOR:
             raise ValueError("lite_cuda's clock stamps need a GPU (the simulator has no clock)")
         self.stamps = stamps  # the kernel that stamps its steps (`step_cycles`)
-        # Whether the planner's block starts its layer itself (None: `starts_inline`'s choice).
-        self.inline_start = inline_start
+        # Whether the planner's block starts its layer itself (None: `starts_inline`'s choice),
+        # and where it then keeps the layer's state (`shared_state`): decided once, not per plan.
+        self._inline = starts_inline(*self.shape) if inline_start is None else inline_start
+        self._state = shared_state(*self.shape) if self._inline else None
         self.max_ranks = kernel_ranks(self.shape[0])
         host = host_arrays(self._home.copy_to_host(), self.slots, cost, self.rules)
         self.max_reps, self.max_blocks = host.max_reps, host.max_blocks
@@ -1117,12 +1119,10 @@ class CudaLite(LayerPlanner):
         return the output buffers (device arrays; torch CUDA tensors for torch inputs), without
         synchronising. load int64 [L, S, E], window float64 [L, G] (seconds)."""
         load_d, window_d, stream = self.launch_inputs(load, window, stream)
-        inline = starts_inline(*self.shape) if self.inline_start is None else self.inline_start
-        if not inline:
+        if not self._inline:
             launch_start(load_d, self._home, self._consts, self._scratch, self.out,
                          self.num_layers, stream)
-        kernel(self.max_ranks, self.upto, self.stamps, self.threads, inline,
-               shared_state(*self.shape) if inline else None)[
+        kernel(self.max_ranks, self.upto, self.stamps, self.threads, self._inline, self._state)[
             self.num_layers, self.threads, stream](
             *launch_args(load_d, self._home, window_d, self._consts, self._scratch, self.out))
         return self.torch_out() if is_torch(load) else self.out
