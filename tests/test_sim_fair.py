@@ -506,6 +506,24 @@ def test_pick_by_time_prefers_the_fastest_of_several():
         pick_by_time(times, ["x", "a"], prefer=())
 
 
+def test_pick_by_time_keeps_the_serving_fallback_within_the_margin():
+    # two fallbacks 0.5% apart are not told apart: a layer keeps the one serving it
+    times = {"a": np.array([[1.0, 1.0, 1.0], [1.0, 1.0, 1.0]]),
+             "b": np.array([[0.995, 0.97, 0.9], [0.995, 0.97, 1.099]]),
+             "x": np.array([[1.2, 1.2, 1.2], [1.2, 1.2, 1.2]])}
+    names = ["x", "a", "b"]
+    assert pick_by_time(times, names, prefer=("a", "b"), margin=0.01) == ["b", "b", "b"]
+    # serving a: b's 0.5% keeps a, its 3% moves the layer to b, and layer 2's 0.05% below a
+    # (one fast row, one slow) stays with a
+    assert pick_by_time(times, names, prefer=("a", "b"), margin=0.01,
+                        current=["a", "a", "a"]) == ["a", "b", "a"]
+    # a layer served by a non-fallback takes the faster fallback as before
+    assert pick_by_time(times, names, prefer=("a", "b"), margin=0.01,
+                        current=["x", "x", "x"]) == ["b", "b", "b"]
+    with pytest.raises(ValueError, match="layers"):
+        pick_by_time(times, names, prefer=("a", "b"), current=["a"])
+
+
 def test_step_switch_drops_a_split_that_stopped_paying():
     # A split enters only for STEP_MARGIN over the faster idle fallback (EPLB's even split or
     # static), and leaves for it as soon as it is no faster (its exposure is in its time):

@@ -57,24 +57,27 @@ layer type). Every policy has k extra expert slots per rank:
                     planner, assignment, exposed transfer, stall). First pick: the `window`
                     history steps before the measured ones (history_times, their predictions
                     from the error model with another seed); re-picked at each re-plan from
-                    the measured steps of the window before it (causal). A layer leaves
-                    the faster of eplb_async and static on the window (IDLE_FALLBACKS, the
-                    fallbacks that run nothing) only for a candidate at least STEP_MARGIN
-                    (1%) faster there (the switching hysteresis below applied to the
-                    baselines too). Only b = 0 and b = k: a policy that may
-                    switch to a candidate keeps that candidate's layout resident, and EPLB-k
-                    (the fallbacks') with any EPLB-b, 0 < b < k, would exceed the k slots per
-                    rank every policy has (with nested layouts, `nested`, EPLB-b for
-                    0 < b < k is a subset of EPLB-k, and auto_plus also picks the splits
-                    b = 1 .. k - 1, p = k - b: nested_copies, restore_charges). Charged on
-                    top of the served candidate (all auto policies, see "The auto
-                    policies' own work" below).
+                    the measured steps of the window before it (causal; at least the
+                    max(1, window // 4) latest scored steps). A layer leaves the faster of
+                    eplb_async and static on the window (IDLE_FALLBACKS, the fallbacks that
+                    run nothing) only for a candidate at least STEP_MARGIN (1%) faster there
+                    (the switching hysteresis below applied to the baselines too), and at a
+                    re-pick a layer one of them serves moves to the other only if that one
+                    is at least STEP_MARGIN faster (two baselines whose times differ by less
+                    are not told apart by a few scored steps). Only b = 0 and b = k: a
+                    policy that may switch to a candidate keeps that candidate's layout
+                    resident, and EPLB-k (the fallbacks') with any EPLB-b, 0 < b < k, would
+                    exceed the k slots per rank every policy has (with nested layouts,
+                    `nested`, EPLB-b for 0 < b < k is a subset of EPLB-k, and auto_plus also
+                    picks the splits b = 1 .. k - 1, p = k - b: nested_copies,
+                    restore_charges). Charged on top of the served candidate (all auto
+                    policies, see "The auto policies' own work" below).
     probe_on_eplb_auto  the PROBE-on-EPLB of the targets: probe_on_eplb_auto_replan's picks at
                     the start and at each re-plan; before every other measured step a layer
                     switches to the candidate with the lowest mean time over the last
                     max(1, window // 4) measured steps if that is at least STEP_MARGIN (1%)
-                    below its current candidate's there (reacts to a shift within a few steps
-                    instead of at the next re-plan); a layer on a candidate that runs
+                    below its current candidate's there (reacts to a shift within a few
+                    steps instead of at the next re-plan); a layer on a candidate that runs
                     something returns to the faster idle fallback as soon as that is no
                     slower there (step_switch: the hysteresis guards the baseline, not a
                     pick whose gain, its exposure included, is gone).
@@ -173,13 +176,13 @@ and the picks made from the scorings from it on. Shift response: from the step a
 scoring starts until its pick, each layer an idle fallback serves (its layout planned on the
 traffic before the change) takes the adaptive candidate (per-step slots, p >= 1, planned every
 step: fit, plan, step-ahead, the paper's PROBE) fastest on the scored steps the latest pick
-used (before any, on the history window) if that candidate's time there is below the
-fallback's at the changed step (measured: it served that step; an adaptive candidate follows
-the traffic, the fallback's layout does not, so the one's time before the change stands for
-its time after it), and the triggered scoring's pick then keeps or leaves it like any other
-(step_switch); nothing more runs for it, the candidate's own predictor and planner are charged
-as whenever it serves. The thresholds come from the history window
-alone and each decision from the step just run and the scored step, so it uses no later
+used (before any, on the history window) if that candidate's time there is at least
+STEP_MARGIN below the fallback's at the changed step (measured: it served that step; an
+adaptive candidate follows the traffic, the fallback's layout does not, so the one's time
+before the change stands for its time after it), and the triggered scoring's pick then keeps
+or leaves it like any other (step_switch); nothing more runs for it, the candidate's own
+predictor and planner are charged as whenever it serves. The thresholds come from the history
+window alone and each decision from the step just run and the scored step, so it uses no later
 step. The picker scores every candidate with the background exposure the charge gives it
 (pick_exposure: a step-ahead split's own plan beyond the scoring's share and a fallback's
 background predictions share the step's spare time with the scoring), so pick and charge
@@ -255,8 +258,9 @@ def policy_names(slots: int) -> list[str]:
 # load (probe_on_eplb_wf) and static EP.
 FALLBACKS = ("eplb_async", "probe_on_eplb_wf", "static")
 # The fallbacks that run nothing (the baselines' own policies): the picker leaves the faster
-# of them only for a candidate at least STEP_MARGIN faster, and a layer on any other
-# candidate returns to it as soon as that candidate is no faster (step_switch).
+# of them only for a candidate at least STEP_MARGIN faster, moves from one to the other only
+# for as much, and a layer on any other candidate returns to the faster as soon as that
+# candidate is no faster (step_switch).
 IDLE_FALLBACKS = ("eplb_async", "static")
 # probe_on_eplb_auto's hysteresis: between re-plans a layer switches candidate only for
 # one at least 1% faster over the last steps (declared, checked on seed-1 traces only).
@@ -534,12 +538,15 @@ def side_layer_time(metrics: dict, stall: np.ndarray, model_layers: int,
 
 def pick_by_time(times: dict[str, np.ndarray], candidates: list[str], *,
                  prefer: str | tuple[str, ...] | None = None,
-                 margin: float = 0.0) -> list[str]:
+                 margin: float = 0.0, current: list[str] | None = None) -> list[str]:
     """Per layer the candidate with the lowest mean time (float64 [H, L] each) over the rows
     given; ties go to the earlier candidate. With `prefer` (one of the candidates, or a tuple
     of them: per layer the one of these with the lowest mean time, ties to the earlier), a
     layer takes another candidate only if its mean time is at least `margin` (a fraction)
-    below prefer's."""
+    below prefer's. With `current` (the candidate serving each layer), a layer served by one
+    of the preferred keeps it as its preferred one unless another preferred is at least
+    `margin` faster (the hysteresis between the preferred themselves: two fallbacks whose
+    times differ by less are not told apart by a few noisy rows)."""
     preferred = (prefer,) if isinstance(prefer, str) else tuple(prefer or ())
     if prefer is not None and not preferred:
         raise ValueError("prefer must name at least one candidate")
@@ -558,12 +565,19 @@ def pick_by_time(times: dict[str, np.ndarray], candidates: list[str], *,
                 best, best_t = name, t
         return best, best_t
 
+    if current is not None and len(current) != num_layers:
+        raise ValueError(f"current names {len(current)} layers, the times {num_layers}")
     out = []
     for layer in range(num_layers):
         best, best_t = lowest(candidates, layer)
         if preferred:
             home, home_t = lowest(preferred, layer)
-            if best not in preferred and not best_t < (1.0 - margin) * home_t:
+            now = current[layer] if current is not None else None
+            if now in preferred and now != home:
+                now_t = float(times[now][:, layer].mean())
+                if not home_t < (1.0 - margin) * now_t:
+                    home, home_t = now, now_t
+            if best in preferred or not best_t < (1.0 - margin) * home_t:
                 best = home
         out.append(best)
     return out
@@ -1473,9 +1487,11 @@ def simulate_fair(load: np.ndarray, costs: FairCosts, *, slots: int, prior: int,
             return sum(metrics[q]["compute"][n, layer] - metrics[q]["compute_mean"][n, layer]
                        for layer, q in enumerate(serving))
 
-        def window_pick(n: int, ready: list[int]) -> list[str] | None:
-            rows = [r for r in ready if r >= n - window] or ready[-1:]
-            return pick(shadow(rows, n), candidates=names) if rows else None
+        def window_pick(n: int, ready: list[int], current: list[str]) -> list[str] | None:
+            rows = [r for r in ready if r >= n - window]
+            if len(rows) < pick_window:  # never fewer rows than a per-step switch reads
+                rows = ready[-pick_window:]
+            return pick(shadow(rows, n), candidates=names, current=current) if rows else None
 
         epochs = [(0, first_pick())]
         served: list[list[str]] = []  # the names serving each step
@@ -1512,17 +1528,18 @@ def simulate_fair(load: np.ndarray, costs: FairCosts, *, slots: int, prior: int,
                 resp, before = responders(n, ready)
                 now = {q: shadow_of(q, [n - 1], n)[0] for q in set(current)
                        if q in IDLE_FALLBACKS}
-                current = [resp[layer] if q in now and before[layer] < now[q][layer] else q
+                current = [resp[layer] if q in now
+                           and before[layer] < (1.0 - STEP_MARGIN) * now[q][layer] else q
                            for layer, q in enumerate(current)]
             if n > 0 and target.endswith("_replan"):
                 if n % interval == 0:  # at each re-plan, from the scorings done by then
-                    epochs.append((n, window_pick(n, ready) or current))
+                    epochs.append((n, window_pick(n, ready, current) or current))
             elif n > 0:
                 new = current
                 if finished:
                     replanned = (n // interval) * interval
                     if replanned > 0 and replanned > last_done:
-                        new = window_pick(n, ready) or current
+                        new = window_pick(n, ready, current) or current
                     elif ready:
                         new = step_switch(shadow(ready[-pick_window:], n), current, names,
                                           margin=STEP_MARGIN)
