@@ -8,7 +8,9 @@ top-8, 3 slots per rank, window "auto") at ep=8 / 128 experts (qwen3-235b-a22b, 
 ep=16, 32 and 64 / 256 experts and ep=256 / 256 (deepseek-v3, nodes of 8 H200s). Per config:
 1. the L-layer launch's plans (probe.planner.lite_cuda.CudaLite) equal the CPU kernel's
    (lite.lite_arrays) on every layer, entry for entry, with either start (inside the planner's
-   block, or the start kernels first);
+   block, or the start kernels first); CudaLite plans a shape that fits the small-layer kernel
+   (probe.planner.lite_small: ep=8 / 128 experts) with it, and the generic kernel is then
+   checked and timed beside it on the same layer, at 128 and 256 threads;
 2. one layer's latency (a runtime plans the next layer only): median CUDA-event time of the
    launch replayed as a CUDA graph (the kernel alone) and eager (the Python launch included),
    at 32-1024 threads per block (--threads); and the L-layer launch's time per layer,
@@ -17,7 +19,8 @@ ep=16, 32 and 64 / 256 experts and ep=256 / 256 (deepseek-v3, nodes of 8 H200s).
 3. the plan's IR (max / mean rank time, eq. 8 in seconds, from the CPU kernel's plan) against
    the static plan's, and the smallest rank's window (what planning can hide behind).
 Then random small layers (experiments.planner.gpu_harness.random_layers, 1,000 by default) in
-launches of 20, each equal to the CPU kernel. Targets: at most 10 us
+launches of 20 (every other launch on the generic kernel), each equal to the CPU kernel.
+Targets: at most 10 us
 per layer at ep=8 / 128 experts and 50 us at ep=64 / 256, plans identical to the CPU kernel.
 --profile first times where a round's time goes (the kernel's profiling variants, whose rounds
 end after each step in turn) at ep=8 and ep=64; --profile-only runs that alone.
@@ -110,6 +113,7 @@ def config_row(name, model, hardware, ranks, experts, *, sim: bool, quick: bool,
     runner = CudaLite(home, slots, cost, rules, num_layers=layers, threads=32 if sim else 128)
     load_d, window_d = inputs(sim, load, window)
     got = gpu_layers(runner.plan(load_d, window_d), layers)
+    kernel_name = "small" if runner.small else "generic"
     ref = [cpu_layer(load[i], home[i], slots, window[i], cost, rules) for i in range(layers)]
     ok = [same(r, g) for r, g in zip(ref, got, strict=True)]
     # The same launch with the start the shape does not choose (start kernels, or inline).
@@ -120,6 +124,7 @@ def config_row(name, model, hardware, ranks, experts, *, sim: bool, quick: bool,
     ok_other = [same(r, g) for r, g in zip(ref, got_other, strict=True)]
     irs = [ir_of(load[i], home[i], slots, window[i], cost, ref[i]) for i in range(layers)]
     row = {"config": name, "model": model, "hardware": hardware, "layers": layers,
+           "kernel": kernel_name,
            "checks": [{"check": f"{layers}-layer launch == CPU kernel", "ok": all(ok),
                        "differing_layers": [i for i, k in enumerate(ok) if not k]},
                       {"check": f"{layers}-layer launch == CPU kernel, "
@@ -147,7 +152,22 @@ def config_row(name, model, hardware, ranks, experts, *, sim: bool, quick: bool,
             continue
         graph = harness.timed(lambda one=one: one.plan(one_load, one_window), graph=True,
                               repeats=repeats, budget_s=budget)
-        per_threads[threads] = {"graph": graph, "same_plan": same(check, ref[0])}
+        per_threads[threads] = {"graph": graph, "same_plan": same(check, ref[0]),
+                                "kernel": "small" if one.small else "generic"}
+    if runner.small:  # the generic kernel on the same layer, in the same run
+        generic = {}
+        for threads in (128, 256):
+            one = CudaLite(home[0], slots, cost, rules, num_layers=1, threads=threads,
+                           small=False)
+            check = gpu_layers(one.plan(one_load, one_window), 1)[0]
+            graph = harness.timed(lambda one=one: one.plan(one_load, one_window), graph=True,
+                                  repeats=repeats, budget_s=budget)
+            generic[str(threads)] = {"graph_us": graph.get("median_us"),
+                                     "same_plan": same(check, ref[0])}
+        row["generic_threads"] = generic
+        row["checks"].append({"check": "one-layer plans of the generic kernel == CPU kernel",
+                              "ok": all(v["same_plan"] for v in generic.values()),
+                              "differing_layers": []})
     default = per_threads.get(128, {"graph": {}})
     row["one_layer_graph_us"] = default["graph"].get("median_us")
     row["graph_replay_us"] = row["one_layer_graph_us"]  # what the target is judged on
@@ -156,7 +176,8 @@ def config_row(name, model, hardware, ranks, experts, *, sim: bool, quick: bool,
                           repeats=repeats, budget_s=budget)
     row["one_layer_eager_us"] = eager.get("median_us")
     row["threads"] = {str(k): {"graph_us": v["graph"].get("median_us"),
-                               "error": v["graph"].get("error"), "same_plan": v["same_plan"]}
+                               "error": v["graph"].get("error"), "same_plan": v["same_plan"],
+                               "kernel": v.get("kernel")}
                       for k, v in per_threads.items()}
     row["checks"].append({"check": "one-layer plans == CPU kernel at "
                                    f"{'/'.join(map(str, threads_list))} threads",
@@ -207,18 +228,23 @@ def random_check(count: int, *, sim: bool) -> dict:
 
     rng = np.random.default_rng(11)
     done = differ = 0
+    by_kernel = {"small": 0, "generic": 0}
     while done < count:
         layers = min(RANDOM_PER_LAUNCH, count - done)
         load, home, slots, window, cost, rules = random_batch(rng, layers)
+        # Every shape here fits the small-layer kernel: every other launch takes the generic one.
         runner = CudaLite(home, slots, cost, rules, num_layers=layers,
-                          threads=int(rng.choice([32, 64, 128])))
+                          threads=int(rng.choice([32, 64, 128])),
+                          small=None if rng.integers(2) else False)
+        by_kernel["small" if runner.small else "generic"] += layers
         load_d, window_d = inputs(sim, load, window)
         got = gpu_layers(runner.plan(load_d, window_d), layers)
         for i in range(layers):
             ref = cpu_layer(load[i], home[i], slots, window[i], cost, rules)
             differ += not same(ref, got[i])
         done += layers
-    return {"layers": done, "differing_layers": differ, "ok": differ == 0}
+    return {"layers": done, "differing_layers": differ, "ok": differ == 0,
+            "layers_by_kernel": by_kernel}
 
 
 PROFILE_CONFIGS = (CONFIGS[0], CONFIGS[3])
@@ -338,20 +364,24 @@ def markdown(report: dict) -> str:
              "at 128 threads and at the best one-layer block size: when a step's layers are "
              "planned together, not a layer ahead); IR from the plans (the static plan's "
              "beside it); window: the smallest rank's, median over the layers.", "",
-             "| config | graph, 1 layer (us) | best threads (us) | eager (us) | "
-             "per layer in launch (us) | per layer in launch, best threads (us) | target (us) | "
+             "| config | kernel | graph, 1 layer (us) | best threads (us) | eager (us) | "
+             "per layer in launch (us) | per layer in launch, best threads (us) | "
+             "generic kernel, 128 / 256 threads (us) | target (us) | "
              "IR | IR max | IR static | window (us) | rounds | replicas | plans == CPU |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
 
     def f(v, d=1):
         return "-" if v is None else f"{v:.{d}f}"
 
     for r in report["rows"]:
+        generic = r.get("generic_threads")
+        generic_us = ("-" if not generic else
+                      " / ".join(f(generic[t]["graph_us"]) for t in ("128", "256")))
         lines.append(
-            f"| {r['config']} | {f(r.get('one_layer_graph_us'))} | "
+            f"| {r['config']} | {r.get('kernel', '-')} | {f(r.get('one_layer_graph_us'))} | "
             f"{f(r.get('best_one_layer_us'))} ({r.get('best_threads', '-')}) | "
             f"{f(r.get('one_layer_eager_us'))} | {f(r.get('per_layer_in_launch_us'))} | "
-            f"{f(r.get('per_layer_in_launch_best_us'))} | "
+            f"{f(r.get('per_layer_in_launch_best_us'))} | {generic_us} | "
             f"{f(GOALS_US.get(r['config']), 0)} | {f(r['ir'], 3)} | {f(r['ir_max'], 3)} | "
             f"{f(r['ir_static'], 3)} | {f(r['window_us'], 0)} | {f(r['rounds'], 0)} | "
             f"{f(r['replicas'], 0)} | {'yes' if all(c['ok'] for c in r['checks']) else 'NO'} |")
@@ -379,8 +409,11 @@ def markdown(report: dict) -> str:
         lines += stamp_lines(r)
     if report["random"] is not None:
         rnd = report["random"]
-        lines += ["", f"Random layers: {rnd['layers']}, differing from the CPU kernel: "
-                      f"{rnd['differing_layers']}."]
+        split = rnd.get("layers_by_kernel")
+        lines += ["", f"Random layers: {rnd['layers']}"
+                      + (f" ({split['small']} on the small-layer kernel, {split['generic']} on "
+                         "the generic one)" if split else "")
+                      + f", differing from the CPU kernel: {rnd['differing_layers']}."]
     return "\n".join(lines + harness.markdown_tail(report)) + "\n"
 
 
@@ -395,9 +428,9 @@ def main(argv: list[str] | None = None) -> int:
                             help="first the full kernel's clock stamps per step at ep=8 and "
                                  "ep=64 (a GPU; without --profile, no profiling variants)")
         parser.add_argument("--max-ranks", type=int, default=None,
-                            help="only the configs with at most this many ranks")
+                            help="only the configs (and profiles) with at most this many ranks")
         parser.add_argument("--ranks", type=int, nargs="+", default=None,
-                            help="only the configs with these rank counts")
+                            help="only the configs (and profiles) with these rank counts")
         parser.add_argument("--layers", type=int, default=LAYERS,
                             help="layers in the multi-layer launch (a block each)")
         parser.add_argument("--threads", type=int, nargs="+", default=list(THREADS),
@@ -409,14 +442,16 @@ def main(argv: list[str] | None = None) -> int:
     sim = args.device == "cpu"
     report = harness.Report("gpu_lite", args, argv, {"random": None, "profile": []}, markdown,
                             lambda row: GOALS_US.get(row["config"], np.inf))
+    def wanted(config) -> bool:  # --max-ranks and --ranks
+        return ((args.max_ranks is None or config[3] <= args.max_ranks)
+                and (args.ranks is None or config[3] in args.ranks))
+
     if args.profile:
-        for config in (SIM_CONFIGS if sim else PROFILE_CONFIGS):
+        for config in filter(wanted, SIM_CONFIGS if sim else PROFILE_CONFIGS):
             with report.stage(f"profile {config[0]}"):
                 report.data["profile"].append(profile_row(*config, quick=args.quick, sim=sim,
                                                           variants=variants))
-    configs = [c for c in (SIM_CONFIGS if sim else CONFIGS)
-               if (args.max_ranks is None or c[3] <= args.max_ranks)
-               and (args.ranks is None or c[3] in args.ranks)]
+    configs = list(filter(wanted, SIM_CONFIGS if sim else CONFIGS))
     for config in configs if not args.profile_only else ():
         with report.stage(config[0]):
             report.data["rows"].append(config_row(*config, sim=sim, quick=args.quick,

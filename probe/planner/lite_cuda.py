@@ -1086,7 +1086,7 @@ class CudaLite(LayerPlanner):
     def __init__(self, home: np.ndarray, slots: np.ndarray | int, cost: CostModel,
                  rules: LiteRules | None = None, *, num_layers: int = 1,
                  threads: int = THREADS, upto: int = FULL, stamps: bool = False,
-                 inline_start: bool | None = None) -> None:
+                 inline_start: bool | None = None, small: bool | None = None) -> None:
         if threads == 1:  # the kernel's warp collectives need whole warps
             raise ValueError("lite_cuda needs a multiple of 32 threads per block, got 1")
         super().__init__(home, slots, cost, num_layers=num_layers, threads=threads,
@@ -1101,6 +1101,17 @@ class CudaLite(LayerPlanner):
         self._inline = starts_inline(*self.shape) if inline_start is None else inline_start
         self._state = shared_state(*self.shape) if self._inline else None
         self.max_ranks = kernel_ranks(self.shape[0])
+        # Whether layers of this shape take the small-layer kernel (probe.planner.lite_small;
+        # None: wherever it fits, for the full planner, not a profiling variant).
+        from probe.planner.lite_small import small_fits
+
+        fits = upto == FULL and small_fits(*self.shape, int(np.max(self.slots, initial=0)),
+                                           threads)
+        if small and not fits:
+            raise ValueError(f"lite_cuda: the small-layer kernel does not plan layers of "
+                             f"{self.shape[0]} ranks and {self.shape[1]} experts with "
+                             f"{threads} threads (lite_small.small_fits)")
+        self.small = fits if small is None else bool(small)
         host = host_arrays(self._home.copy_to_host(), self.slots, cost, self.rules)
         self.max_reps, self.max_blocks = host.max_reps, host.max_blocks
         dev = cuda.to_device
@@ -1119,12 +1130,18 @@ class CudaLite(LayerPlanner):
         return the output buffers (device arrays; torch CUDA tensors for torch inputs), without
         synchronising. load int64 [L, S, E], window float64 [L, G] (seconds)."""
         load_d, window_d, stream = self.launch_inputs(load, window, stream)
+        args = launch_args(load_d, self._home, window_d, self._consts, self._scratch, self.out)
+        if self.small:
+            from probe.planner.lite_small import small_kernel, small_shape
+
+            small_kernel(*small_shape(*self.shape), self.stamps)[
+                self.num_layers, self.threads, stream](*args)
+            return self.torch_out() if is_torch(load) else self.out
         if not self._inline:
             launch_start(load_d, self._home, self._consts, self._scratch, self.out,
                          self.num_layers, stream)
         kernel(self.max_ranks, self.upto, self.stamps, self.threads, self._inline, self._state)[
-            self.num_layers, self.threads, stream](
-            *launch_args(load_d, self._home, window_d, self._consts, self._scratch, self.out))
+            self.num_layers, self.threads, stream](*args)
         return self.torch_out() if is_torch(load) else self.out
 
 

@@ -1,0 +1,690 @@
+"""The lite planner's CUDA kernel for small layers: the layer's state in shared memory, the
+rank-level steps in every warp at once, few block barriers.
+
+probe.planner.lite_cuda's kernel serves every shape up to 256 ranks: its steps spread items
+over the block and meet at a barrier after each (nine a round), its counts and rank sums go
+through 64-bit atomics, and thread 0 matches the pairs and admits the moves reading the
+global scratch. At ep=8 / 128 experts most of its 74.6 us (an H200, results/h200/run4) is
+warps waiting at those barriers for a chain of dependent loads on one warp. This kernel makes
+the same plan (the rules of probe.planner.lite, entry for entry as `lite.lite_arrays`) for
+layers of at most SMALL_RANKS ranks whose whole state fits the block's shared memory
+(`small_fits`):
+- the start copies the layer's load, home positions and lists, the cost matrices in ticks and
+  the windows into shared memory, and counts the static split without atomics: a thread per
+  (rank, expert) count, a thread per (source, rank) flow, a thread per rank sum (three
+  barriers);
+- each round, every warp computes the rank times, their sum, the ranks' order and the copy
+  fits (a lane per rank, a loop over the ranks: no collective) and makes the pair matching
+  itself (rule 1, the hot ranks in order: a lane per expert of the hot rank ORs its holders'
+  fit words into the reach word, a warp OR, then the fastest untaken eligible rank by a warp
+  maximum): every warp gets the same pairs, so no barrier is needed before the moves;
+- a warp per pair makes its move (rules 2-4 as lite_cuda's pair step, on shared arrays);
+  thread 0 admits the moves in pair order, the threads write the new blocks' static split and
+  apply the takes (integer atomics where pairs share a source): three barriers.
+A round is thus four block barriers (lite_cuda: nine and the atomics of its counting steps).
+
+`small_kernel(RP, EP)` is the kernel for layers of at most RP ranks (a power of two) and EP
+experts; it takes `lite_cuda.launch_args` (and ignores the global scratch but for the clock
+stamps) and writes the same outputs. `lite_cuda.CudaLite` launches it where `small_fits`
+holds (`small=None`), and tests compare it with the CPU kernel as they do lite_cuda's.
+"""
+
+from __future__ import annotations
+
+from numba import int8, int16, int64, uint8
+
+from probe.planner.lite import GRID, KEY_MAX_TIME, KEY_MAX_TOKENS, KEY_TOKEN_BITS
+from probe.planner.lite_cuda import (
+    _COMBINE_ADD,
+    _COMBINE_OR,
+    _EXPERT_BITS,
+    _NONE,
+    _copy_source,
+    _eval_amount,
+    _grid_point,
+    _key_expert,
+    _lanes_in_scratch,
+    _move_base,
+    _pool_entry,
+    _pool_source,
+    _warp_best,
+    _window_ticks,
+)
+from probe.planner.numba_cuda import (
+    LINEINFO,
+    WARP_SHUFFLES,
+    clock64,
+    cuda,
+    warp_any,
+    warp_last,
+    warp_or,
+    warp_scan,
+    warp_sum,
+    warp_sync,
+)
+
+__all__ = ["MAX_THREADS", "SHARED_BYTES", "SLOT_CAP", "SMALL_RANKS", "small_fits",
+           "small_kernel", "small_shape"]
+
+# Most ranks of a small layer, replicas a rank may take, threads a block may have (the
+# per-warp arrays have room for MAX_THREADS / 32 warps), and the shared memory the layer's
+# arrays may take (Numba's static shared memory is at most 48 KB a block).
+SMALL_RANKS = 16
+SLOT_CAP = 8
+MAX_THREADS = 256
+SHARED_BYTES = 46 * 1024
+_NWM = MAX_THREADS // 32
+# Slots of the block's shared integer scalars.
+(_STATUS, _BIG, _APPLIED, _NREP, _NBLK, _NNEW, _MAKESPAN) = range(7)
+_NINTS = 7
+
+
+def small_shape(num_ranks: int, num_experts: int) -> tuple[int, int]:
+    """(RP, EP): the compile-time shape of a small kernel for layers of this size (RP the
+    ranks rounded up to a power of two, EP the experts rounded up to a multiple of 32), so that
+    few kernels are compiled."""
+    return 1 << max(num_ranks - 1, 0).bit_length(), -(-num_experts // 32) * 32
+
+
+def _shared_bytes(rp: int, ep: int) -> int:
+    """The shared memory of small_kernel(rp, ep), bytes."""
+    pm = max(rp // 2, 1)
+    return (2 * 8 * rp * ep  # load and counts
+            + 2 * rp * ep  # home positions, held
+            + 2 * rp * ep  # home lists of the ranks
+            + 8 * ep + ep * rp + ep + 8 * ep  # held bits, holders, their count, blocks
+            + 3 * 8 * rp * rp  # token and transfer times, the start's flows
+            + 8 * rp * SLOT_CAP  # replicas on each rank
+            + 9 * 8 * rp  # rank arrays
+            + 3 * 8 * _NWM * rp  # per-warp times, order, fits
+            + 6 * 8 * pm + 5 * 8 * pm * (rp + 1)  # pairs and pools
+            + 8 * 32 + 8 * _NINTS)
+
+
+def small_fits(num_ranks: int, num_experts: int, max_slots: int, threads: int) -> bool:
+    """Whether small_kernel plans layers of this shape with this slot budget and block size."""
+    rp, ep = small_shape(num_ranks, num_experts)
+    return (num_ranks <= SMALL_RANKS and max_slots <= SLOT_CAP and threads <= MAX_THREADS
+            and threads % 32 == 0 and _shared_bytes(rp, ep) <= SHARED_BYTES)
+
+
+@cuda.jit(device=True, inline=True, **LINEINFO)
+def _share(load_s, hpos_s, hcount_s, s, e, g):  # pragma: no cover - device code
+    """greedy._static_share on the shared arrays: tokens of (s, e) on rank g in the static
+    split (hpos_s[s, e] >= 0 is home[s, e])."""
+    n = load_s[s, e]
+    if hpos_s[s, e] >= 0:
+        return n if g == s else 0
+    h = int64(hcount_s[e])
+    if h == 1:
+        return n if hpos_s[g, e] == 0 else 0
+    pos = int64(hpos_s[g, e])
+    if pos < 0:
+        return 0
+    q = n // h
+    r = n - q * h
+    return q + (1 if (pos + s) % h < r else 0)
+
+
+@cuda.jit(device=True, inline=True, **LINEINFO)
+def _warp_bits_or(v, scratch, w, lane):  # pragma: no cover - device code
+    """The OR of int64 v over the lanes of warp w, for every lane (`_lanes_in_scratch` in the
+    simulator)."""
+    if WARP_SHUFFLES:
+        return warp_or(v)
+    return _lanes_in_scratch(v, scratch, w, lane, _COMBINE_OR)
+
+
+@cuda.jit(device=True, inline=True, **LINEINFO)
+def _warp_total(v, scratch, w, lane):  # pragma: no cover - device code
+    """The sum of int64 v over the lanes of warp w, for every lane."""
+    if WARP_SHUFFLES:
+        return warp_sum(v)
+    return _lanes_in_scratch(v, scratch, w, lane, _COMBINE_ADD)
+
+
+_KERNELS: dict = {}
+
+
+def small_kernel(rp: int, ep: int, stamps: bool = False):
+    """The small-layer kernel for layers of at most rp ranks (a power of two) and ep experts
+    (made once per shape). stamps=True (GPU only) writes the SM's cycle counter after the start
+    and after each step of a round into the scratch `stamps` as lite_cuda.kernel does, in its
+    STAMP_STEPS slots: 'times and fits' the rank times, 'positions' the order and the copy
+    fits, 'hot and reach' and 'eligible pairs' nothing (the matching does them), then the
+    matching, the pair moves, the admission, the new blocks and the apply."""
+    key = (rp, ep, stamps)
+    if key in _KERNELS:
+        return _KERNELS[key]
+    RP, EP = rp, ep  # noqa: N806 (compile-time sizes of the shared arrays)
+    PM = max(RP // 2, 1)  # noqa: N806
+    RP1 = RP + 1  # noqa: N806 (a shared array's size is a constant, not an expression)
+    NWM = _NWM  # noqa: N806
+    SC = SLOT_CAP  # noqa: N806
+    STAMPS = stamps  # noqa: N806
+    NST = 9  # noqa: N806 (lite_cuda's stamps a round)
+
+    @cuda.jit(**LINEINFO)
+    def _small_kernel(load, home, window, slots, a_tick, b_tick, tt, xt, hcount, hlist, hpos,
+                      nhome, rank_home, max_rounds, eps_ppm, hot, max_reps, max_blocks,
+                      cnt_g, held_g, blk_of_g, rep_on_g, held_bits_g, fits_g, reach_g, sums_g,
+                      start_status, pool_s_g, pool_n_g, cum_g, pre_h_g, pre_c_g, stamps,
+                      blk_rows, rep, n_rep_out, blk_expert, blk_assign, n_blk_out, rounds_out,
+                      moves_out, makespan_out, status_out):  # pragma: no cover - device code
+        layer = cuda.blockIdx.x
+        tid = cuda.threadIdx.x
+        nt = cuda.blockDim.x
+        stamps = stamps[layer]
+        if STAMPS and tid == 0:
+            stamps[0] = clock64()
+        load = load[layer]
+        hcount = hcount[layer]
+        hlist = hlist[layer]
+        hpos = hpos[layer]
+        nhome = nhome[layer]
+        rank_home = rank_home[layer]
+        rep = rep[layer]
+        blk_expert = blk_expert[layer]
+        blk_assign = blk_assign[layer]
+        num_ranks, num_experts = home.shape[1], home.shape[2]
+        width = 32 if nt >= 32 else 1
+        lane = tid & 31 if nt >= 32 else 0
+        warp = tid >> 5 if nt >= 32 else 0
+        nwarps = nt >> 5 if nt >= 32 else 1
+        A = a_tick  # noqa: N806 (the cost model's letters)
+        B = b_tick  # noqa: N806
+
+        # One allocation per line: the simulator tells shared arrays apart by their line.
+        load_s = cuda.shared.array((RP, EP), int64)
+        cnt = cuda.shared.array((RP, EP), int64)
+        hpos_s = cuda.shared.array((RP, EP), int8)
+        held = cuda.shared.array((RP, EP), uint8)
+        home_s = cuda.shared.array((RP, EP), int16)  # each rank's home experts
+        hbits = cuda.shared.array(EP, int64)  # bit g: g holds the expert
+        hlist_s = cuda.shared.array((EP, RP), int8)
+        hcount_s = cuda.shared.array(EP, int8)
+        blk_of = cuda.shared.array(EP, int64)
+        tt_s = cuda.shared.array((RP, RP), int64)
+        xt_s = cuda.shared.array((RP, RP), int64)
+        flow = cuda.shared.array((RP, RP), int64)  # the start's tokens s -> g
+        rep_on = cuda.shared.array((RP, SC), int64)
+        comp = cuda.shared.array(RP, int64)
+        tin = cuda.shared.array(RP, int64)
+        tout = cuda.shared.array(RP, int64)
+        wt = cuda.shared.array(RP, int64)
+        used = cuda.shared.array(RP, int64)
+        sent = cuda.shared.array(RP, int64)
+        recv = cuda.shared.array(RP, int64)
+        slots_s = cuda.shared.array(RP, int64)
+        nhome_s = cuda.shared.array(RP, int64)
+        times_w = cuda.shared.array((NWM, RP), int64)  # each warp's own copy
+        order_w = cuda.shared.array((NWM, RP), int64)
+        fits_w = cuda.shared.array((NWM, RP), int64)
+        pair_h = cuda.shared.array(PM, int64)
+        pair_c = cuda.shared.array(PM, int64)
+        pair_e = cuda.shared.array(PM, int64)
+        pair_x = cuda.shared.array(PM, int64)
+        pair_len = cuda.shared.array(PM, int64)
+        new_blk = cuda.shared.array(PM, int64)
+        pool_s = cuda.shared.array((PM, RP1), int64)
+        pool_n = cuda.shared.array((PM, RP1), int64)
+        cum = cuda.shared.array((PM, RP1), int64)
+        pre_h = cuda.shared.array((PM, RP1), int64)
+        pre_c = cuda.shared.array((PM, RP1), int64)
+        wbest = cuda.shared.array(32, int64)  # the simulator's warp collectives
+        ints = cuda.shared.array(_NINTS, int64)
+
+        # The start, 1: the layer's inputs into shared memory, the checks.
+        if tid == 0:
+            for k in range(_NINTS):
+                ints[k] = 0
+        g = tid
+        while g < num_ranks:
+            w = _window_ticks(window[layer, g])
+            wt[g] = w
+            if w < 0:
+                cuda.atomic.max(ints, _STATUS, 2)
+            used[g] = 0
+            sent[g] = 0
+            recv[g] = 0
+            slots_s[g] = slots[g]
+            nhome_s[g] = nhome[g]
+            for j in range(nhome[g]):
+                home_s[g, j] = rank_home[g, j]
+            for c in range(num_ranks):
+                tt_s[g, c] = tt[g, c]
+                xt_s[g, c] = xt[g, c]
+            g += nt
+        e = tid
+        while e < num_experts:
+            total = 0
+            negative = False
+            for s in range(num_ranks):
+                v = load[s, e]
+                negative = negative or v < 0
+                total += v
+                load_s[s, e] = v
+                hpos_s[s, e] = hpos[s, e]
+                held[s, e] = 1 if hpos[s, e] >= 0 else 0
+            if negative:
+                cuda.atomic.max(ints, _STATUS, 1)
+            if total >= KEY_MAX_TOKENS:
+                ints[_BIG] = 1
+            bits = int64(0)
+            for j in range(hcount[e]):
+                g = hlist[e, j]
+                hlist_s[e, j] = g
+                bits |= int64(1) << g
+            hcount_s[e] = hcount[e]
+            hbits[e] = bits
+            blk_of[e] = -1
+            e += nt
+        cuda.syncthreads()
+        status = ints[_STATUS]
+        if status == 0 and ints[_BIG] != 0:
+            status = 3
+        # The start, 2: the static split's counts [G, E] and flows [S, G].
+        if status == 0:
+            k = tid
+            while k < num_ranks * num_experts:
+                g = k // num_experts
+                e = k - g * num_experts
+                n = 0
+                if hpos_s[g, e] >= 0:
+                    for s in range(num_ranks):
+                        n += _share(load_s, hpos_s, hcount_s, s, e, g)
+                cnt[g, e] = n
+                k += nt
+            k = tid
+            while k < num_ranks * num_ranks:
+                s = k // num_ranks
+                g = k - s * num_ranks
+                n = 0
+                for j in range(nhome_s[g]):
+                    n += _share(load_s, hpos_s, hcount_s, s, int64(home_s[g, j]), g)
+                flow[s, g] = n
+                k += nt
+        cuda.syncthreads()
+        # The start, 3: the rank sums.
+        if status == 0:
+            g = tid
+            while g < num_ranks:
+                c_sum = 0
+                for j in range(nhome_s[g]):
+                    n = cnt[g, int64(home_s[g, j])]
+                    if n > 0:
+                        c_sum += A + B * n
+                into = 0
+                out = 0
+                for s in range(num_ranks):
+                    into += flow[s, g] * tt_s[s, g]
+                    out += flow[g, s] * tt_s[g, s]
+                comp[g] = c_sum
+                tin[g] = into
+                tout[g] = out
+                if c_sum + 2 * (into if into > out else out) >= KEY_MAX_TIME:
+                    cuda.atomic.max(ints, _STATUS, 3)
+                g += nt
+        cuda.syncthreads()
+        if status == 0:
+            status = ints[_STATUS]
+        if STAMPS and tid == 0:
+            stamps[1] = clock64()
+
+        rounds = 0
+        moves = 0
+        while status == 0 and rounds < max_rounds:
+            rounds += 1
+            sbase = 2 + NST * (rounds - 1)
+            # Every warp: the rank times and their sum (a lane per rank).
+            part = 0
+            g = lane
+            while g < num_ranks:
+                it = tin[g] if tin[g] > tout[g] else tout[g]
+                t = comp[g] + 2 * it
+                times_w[warp, g] = t
+                part += t
+                g += width
+            total = _warp_total(part, wbest, warp, lane)
+            warp_sync()
+            if STAMPS and tid == 0:
+                stamps[sbase + 0] = clock64()
+            # Every warp: each rank's position (slowest first, ties to the lowest rank) and the
+            # ranks a copy from it fits (bit c: c has a free slot, the sent and received
+            # windows hold the copy; lite.copy_source's test).
+            g = lane
+            while g < num_ranks:
+                t_g = times_w[warp, g]
+                p = 0
+                for q in range(num_ranks):
+                    t_q = times_w[warp, q]
+                    if t_q > t_g or (t_q == t_g and q < g):
+                        p += 1
+                order_w[warp, p] = g
+                bits = int64(0)
+                sent_g = sent[g]
+                wt_g = wt[g]
+                for c in range(num_ranks):
+                    x = xt_s[g, c]
+                    if used[c] < slots_s[c] and sent_g + x <= wt_g and recv[c] + x <= wt[c]:
+                        bits |= int64(1) << c
+                fits_w[warp, g] = bits
+                g += width
+            warp_sync()
+            if STAMPS and tid == 0:
+                stamps[sbase + 1] = clock64()
+                stamps[sbase + 2] = stamps[sbase + 1]
+                stamps[sbase + 3] = stamps[sbase + 1]
+            # Rule 1 in every warp: the hot ranks in order, each the fastest untaken rank that
+            # could gain and holds or can receive one of its experts (the reach word).
+            t_top = times_w[warp, order_w[warp, 0]]
+            taken = int64(0)
+            n_pairs = 0
+            i = 0
+            while i < num_ranks:
+                h = order_w[warp, i]
+                t_h = times_w[warp, h]
+                if 16 * num_ranks * t_h <= (16 - hot) * num_ranks * t_top + hot * total:
+                    break
+                if (taken >> h) & 1 == 0:
+                    taken |= int64(1) << h
+                    reach = int64(0)
+                    nh = nhome_s[h]
+                    j = lane
+                    while j < nh + used[h]:
+                        e = int64(home_s[h, j]) if j < nh else rep_on[h, j - nh]
+                        if cnt[h, e] > 0:
+                            bits = hbits[e]
+                            for k in range(hcount_s[e]):
+                                bits |= fits_w[warp, hlist_s[e, k]]
+                            reach |= bits
+                        j += width
+                    reach = _warp_bits_or(reach, wbest, warp, lane)
+                    best = -1
+                    q = lane
+                    while q < num_ranks:
+                        if q > i:
+                            c = order_w[warp, q]
+                            if ((taken >> c) & 1 == 0 and times_w[warp, c] + A + B < t_h
+                                    and (reach >> c) & 1):
+                                best = q
+                        q += width
+                    best = _warp_best(best, wbest, warp, lane, True)
+                    if best >= 0:
+                        c = order_w[warp, best]
+                        taken |= int64(1) << c
+                        if lane == 0 and warp == 0:
+                            pair_h[n_pairs] = h
+                            pair_c[n_pairs] = c
+                        n_pairs += 1
+                i += 1
+            cuda.syncthreads()  # the pairs (written by warp 0) for every warp
+            if STAMPS and tid == 0:
+                stamps[sbase + 4] = clock64()
+            # Rules 2-4, a warp per pair (lite_cuda's pair step on the shared arrays).
+            first = 0
+            while first < n_pairs:
+                i = first + warp
+                first += nwarps
+                live = i < n_pairs
+                h = pair_h[i] if live else 0
+                c = pair_c[i] if live else 0
+                key = -1
+                if live:
+                    nh = nhome_s[h]
+                    j = lane
+                    while j < nh + used[h]:
+                        e = int64(home_s[h, j]) if j < nh else rep_on[h, j - nh]
+                        n = cnt[h, e]
+                        if n > 0 and (held[c, e] != 0 or _copy_source(
+                                e, c, used, slots_s, sent, recv, wt, xt_s, hcount_s,
+                                hlist_s) >= 0):
+                            k = (n << _EXPERT_BITS) + ((1 << _EXPERT_BITS) - 1 - e)
+                            if k > key:
+                                key = k
+                        j += width
+                key = _warp_best(key, wbest, warp, lane, True)
+                e = _key_expert(key) if key >= 0 else 0
+                n = 0
+                n_a = 0
+                if key >= 0:
+                    b = blk_of[e]
+                    if WARP_SHUFFLES:
+                        n_h = 0
+                        n_c = 0
+                        base = 0
+                        while base <= num_ranks:
+                            q = base + lane
+                            a = 0
+                            s = 0
+                            if q <= num_ranks:
+                                s = _pool_source(q, h, c, num_ranks, tt_s)
+                                if s >= 0:
+                                    a = (blk_assign[b, s, h] if b >= 0
+                                         else _share(load_s, hpos_s, hcount_s, s, e, h))
+                            v_h = a * tt_s[s, h] if a > 0 else 0
+                            v_c = a * tt_s[s, c] if a > 0 else 0
+                            at = warp_scan(1 if a > 0 else 0)
+                            sum_a = warp_scan(a)
+                            sum_h = warp_scan(v_h)
+                            sum_c = warp_scan(v_c)
+                            if a > 0:
+                                pool_s[i, n + at - 1] = s
+                                pool_n[i, n + at - 1] = a
+                                cum[i, n + at] = n_a + sum_a
+                                pre_h[i, n + at] = n_h + sum_h
+                                pre_c[i, n + at] = n_c + sum_c
+                            n += warp_last(at)
+                            n_a += warp_last(sum_a)
+                            n_h += warp_last(sum_h)
+                            n_c += warp_last(sum_c)
+                            base += width
+                        if lane == 0:
+                            cum[i, 0] = 0
+                            pre_h[i, 0] = 0
+                            pre_c[i, 0] = 0
+                    else:  # (the simulator) every lane lays the pool out, lane 0 writes it
+                        for q in range(num_ranks + 1):
+                            s = _pool_source(q, h, c, num_ranks, tt_s)
+                            a = 0
+                            if s >= 0:
+                                a = (blk_assign[b, s, h] if b >= 0
+                                     else _share(load_s, hpos_s, hcount_s, s, e, h))
+                            if a > 0:
+                                if lane == 0:
+                                    if n == 0:
+                                        cum[i, 0] = 0
+                                        pre_h[i, 0] = 0
+                                        pre_c[i, 0] = 0
+                                    pool_s[i, n] = s
+                                    pool_n[i, n] = a
+                                    cum[i, n + 1] = cum[i, n] + a
+                                    pre_h[i, n + 1] = pre_h[i, n] + a * tt_s[s, h]
+                                    pre_c[i, n + 1] = pre_c[i, n] + a * tt_s[s, c]
+                                n += 1
+                                n_a += a
+                warp_sync()
+                searching = key >= 0 and n > 0
+                lo = 1
+                hi = n_a
+                best = _NONE
+                move = (0, 0, 0, 0, 0, 0, 0, 0, 0)
+                if searching:
+                    move = _move_base(n, pool_s[i], cum[i], e, h, c, cnt, comp, tin, tout, A)
+                while warp_any(searching):
+                    v = _NONE
+                    if searching:
+                        j = lane
+                        while j < GRID:
+                            x = _grid_point(j, lo, hi)
+                            f = _eval_amount(x, n, pool_s[i], cum[i], pre_h[i], pre_c[i], h, c,
+                                             A, B, tt_s, move)
+                            k = (f << KEY_TOKEN_BITS) + x
+                            if k < v:
+                                v = k
+                            j += width
+                    v = _warp_best(v, wbest, warp, lane, False)
+                    if searching:
+                        best = v
+                        if hi - lo < GRID:
+                            searching = False
+                        else:
+                            best_x = v & (KEY_MAX_TOKENS - 1)
+                            step = (hi - lo) // (GRID - 1) + 1
+                            lo = best_x - step if best_x - step > lo else lo
+                            hi = best_x + step if best_x + step < hi else hi
+                if live and lane == 0:
+                    pair_len[i] = n
+                    pair_e[i] = -1
+                    if key >= 0 and n > 0:
+                        best_f = best >> KEY_TOKEN_BITS
+                        t_h = comp[h] + 2 * (tin[h] if tin[h] > tout[h] else tout[h])
+                        if (t_h - best_f) * 1000000 > eps_ppm * t_h:
+                            pair_e[i] = e
+                            pair_x[i] = best & (KEY_MAX_TOKENS - 1)
+            cuda.syncthreads()
+            if STAMPS and tid == 0:
+                stamps[sbase + 5] = clock64()
+            # Thread 0 admits the moves in pair order (rule 5's copies, rows and blocks).
+            if tid == 0:
+                n_rep = ints[_NREP]
+                n_blk = ints[_NBLK]
+                n_new = 0
+                admitted = 0
+                for i in range(n_pairs):
+                    e = pair_e[i]
+                    if e < 0:
+                        continue
+                    c = pair_c[i]
+                    src = -1
+                    if held[c, e] == 0:
+                        src = _copy_source(e, c, used, slots_s, sent, recv, wt, xt_s, hcount_s,
+                                           hlist_s)
+                        if src < 0 or n_rep >= max_reps:
+                            pair_e[i] = -1
+                            continue
+                    if blk_of[e] < 0:
+                        if n_blk >= max_blocks:
+                            pair_e[i] = -1
+                            continue
+                        blk_of[e] = n_blk
+                        blk_expert[n_blk] = e
+                        new_blk[n_new] = n_blk
+                        n_new += 1
+                        n_blk += 1
+                    if src >= 0:
+                        hbits[e] |= int64(1) << c
+                        rep[n_rep, 0] = c
+                        rep[n_rep, 1] = e
+                        rep[n_rep, 2] = src
+                        held[c, e] = 1
+                        rep_on[c, used[c]] = e
+                        used[c] += 1
+                        sent[src] += xt_s[src, c]
+                        recv[c] += xt_s[src, c]
+                        n_rep += 1
+                    admitted += 1
+                ints[_NREP] = n_rep
+                ints[_APPLIED] = admitted
+                ints[_NBLK] = n_blk
+                ints[_NNEW] = n_new
+            cuda.syncthreads()
+            if STAMPS and tid == 0:
+                stamps[sbase + 6] = clock64()
+            # The new blocks' static split, a thread per (block, source, rank) entry.
+            n_new = ints[_NNEW]
+            k = tid
+            while k < n_new * num_ranks * num_ranks:
+                q = k // (num_ranks * num_ranks)
+                r = k - q * num_ranks * num_ranks
+                s = r // num_ranks
+                g = r - s * num_ranks
+                b = new_blk[q]
+                blk_assign[b, s, g] = _share(load_s, hpos_s, hcount_s, s, blk_expert[b], g)
+                k += nt
+            cuda.syncthreads()
+            if STAMPS and tid == 0:
+                stamps[sbase + 7] = clock64()
+            # Apply the takes: a thread per (pair, pool entry); then a thread per pair.
+            k = tid
+            while k < n_pairs * (num_ranks + 1):
+                i = k // (num_ranks + 1)
+                q = k - i * (num_ranks + 1)
+                e = pair_e[i]
+                if e >= 0 and q < pair_len[i]:
+                    take = pair_x[i] - cum[i, q]
+                    if take > pool_n[i, q]:
+                        take = pool_n[i, q]
+                    if take > 0:
+                        h = pair_h[i]
+                        c = pair_c[i]
+                        s = pool_s[i, q]
+                        b = blk_of[e]
+                        blk_assign[b, s, h] -= take
+                        blk_assign[b, s, c] += take
+                        cuda.atomic.add(tout, s, take * (tt_s[s, c] - tt_s[s, h]))
+                k += nt
+            i = tid
+            while i < n_pairs:
+                e = pair_e[i]
+                if e >= 0:
+                    h = pair_h[i]
+                    c = pair_c[i]
+                    x = pair_x[i]
+                    lo = _pool_entry(x, pair_len[i], cum[i])
+                    r = x - cum[i, lo]
+                    s = pool_s[i, lo]
+                    cuda.atomic.add(tin, h, -(pre_h[i, lo] + r * tt_s[s, h]))
+                    cuda.atomic.add(tin, c, pre_c[i, lo] + r * tt_s[s, c])
+                    d_h = -B * x
+                    if cnt[h, e] == x:
+                        d_h -= A
+                    d_c = B * x
+                    if cnt[c, e] == 0:
+                        d_c += A
+                    cuda.atomic.add(comp, h, d_h)
+                    cuda.atomic.add(comp, c, d_c)
+                    cnt[h, e] -= x
+                    cnt[c, e] += x
+                i += nt
+            cuda.syncthreads()
+            if STAMPS and tid == 0:
+                stamps[sbase + 8] = clock64()
+            applied = ints[_APPLIED]
+            moves += applied
+            if applied == 0:
+                break
+
+        # The outputs.
+        n_rep = ints[_NREP]
+        n_blk = ints[_NBLK]
+        if tid == 0:
+            span = 0
+            if status == 0:
+                for g in range(num_ranks):
+                    t = comp[g] + 2 * (tin[g] if tin[g] > tout[g] else tout[g])
+                    if t > span:
+                        span = t
+            n_rep_out[layer] = n_rep
+            n_blk_out[layer] = n_blk
+            rounds_out[layer] = rounds if status == 0 else 0
+            moves_out[layer] = moves
+            makespan_out[layer] = span
+            status_out[layer] = status
+        k = n_rep * 3 + tid
+        while k < rep.shape[0] * 3:
+            rep[k // 3, k % 3] = -1
+            k += nt
+        k = n_blk + tid
+        while k < blk_expert.shape[0]:
+            blk_expert[k] = -1
+            k += nt
+        k = n_blk * num_ranks * num_ranks + tid  # the blocks past the plan's, zero
+        while k < blk_assign.shape[0] * num_ranks * num_ranks:
+            q = k // (num_ranks * num_ranks)
+            r = k - q * num_ranks * num_ranks
+            blk_assign[q, r // num_ranks, r - (r // num_ranks) * num_ranks] = 0
+            k += nt
+
+    _KERNELS[key] = _small_kernel
+    return _small_kernel
