@@ -87,7 +87,7 @@ def _no_op():
 
 # Device functions that combine a warp's lanes, run here as a warp of one lane.
 _WARP_COLLECTIVES = ("warp_any", "warp_bits", "warp_count", "warp_last", "warp_min", "warp_max",
-                     "warp_or", "warp_scan", "warp_sum")
+                     "warp_scan", "warp_sum")
 
 
 def sequential(kernel, wrap=None):

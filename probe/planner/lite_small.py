@@ -31,23 +31,25 @@ holds (`small=None`), and tests compare it with the CPU kernel as they do lite_c
 
 from __future__ import annotations
 
-from numba import int8, int16, int64, uint8
+from numba import int8, int16, int64, uint8, uint32
 
 from probe.planner.lite import GRID, KEY_MAX_TIME, KEY_MAX_TOKENS, KEY_TOKEN_BITS
 from probe.planner.lite_cuda import (
     _COMBINE_ADD,
-    _COMBINE_OR,
     _EXPERT_BITS,
     _NONE,
     _copy_source,
     _eval_amount,
+    _first_item,
     _grid_point,
     _key_expert,
     _lanes_in_scratch,
     _move_base,
+    _next_item,
     _pool_entry,
     _pool_source,
     _warp_best,
+    _warp_bits,
     _window_ticks,
 )
 from probe.planner.numba_cuda import (
@@ -57,7 +59,6 @@ from probe.planner.numba_cuda import (
     cuda,
     warp_any,
     warp_last,
-    warp_or,
     warp_scan,
     warp_sum,
     warp_sync,
@@ -96,7 +97,7 @@ def _shared_bytes(rp: int, ep: int) -> int:
             + 3 * 8 * rp * rp  # token and transfer times, the start's flows
             + 8 * rp * SLOT_CAP  # replicas on each rank
             + 9 * 8 * rp  # rank arrays
-            + 3 * 8 * _NWM * rp  # per-warp times, order, fits
+            + 4 * 8 * _NWM * rp  # per-warp times, order, fits, reach
             + 6 * 8 * pm + 5 * 8 * pm * (rp + 1)  # pairs and pools
             + 8 * 32 + 8 * _NINTS)
 
@@ -127,15 +128,6 @@ def _share(load_s, hpos_s, hcount_s, s, e, g):  # pragma: no cover - device code
 
 
 @cuda.jit(device=True, inline=True, **LINEINFO)
-def _warp_bits_or(v, scratch, w, lane):  # pragma: no cover - device code
-    """The OR of int64 v over the lanes of warp w, for every lane (`_lanes_in_scratch` in the
-    simulator)."""
-    if WARP_SHUFFLES:
-        return warp_or(v)
-    return _lanes_in_scratch(v, scratch, w, lane, _COMBINE_OR)
-
-
-@cuda.jit(device=True, inline=True, **LINEINFO)
 def _warp_total(v, scratch, w, lane):  # pragma: no cover - device code
     """The sum of int64 v over the lanes of warp w, for every lane."""
     if WARP_SHUFFLES:
@@ -151,8 +143,9 @@ def small_kernel(rp: int, ep: int, stamps: bool = False):
     (made once per shape). stamps=True (GPU only) writes the SM's cycle counter after the start
     and after each step of a round into the scratch `stamps` as lite_cuda.kernel does, in its
     STAMP_STEPS slots: 'times and fits' the rank times, 'positions' the order and the copy
-    fits, 'hot and reach' and 'eligible pairs' nothing (the matching does them), then the
-    matching, the pair moves, the admission, the new blocks and the apply."""
+    fits, 'hot and reach' the hot ranks' reach words, 'eligible pairs' nothing (the matching
+    tests them), then the matching, the pair moves, the admission, the new blocks and the
+    apply."""
     key = (rp, ep, stamps)
     if key in _KERNELS:
         return _KERNELS[key]
@@ -220,6 +213,7 @@ def small_kernel(rp: int, ep: int, stamps: bool = False):
         times_w = cuda.shared.array((NWM, RP), int64)  # each warp's own copy
         order_w = cuda.shared.array((NWM, RP), int64)
         fits_w = cuda.shared.array((NWM, RP), int64)
+        reach_w = cuda.shared.array((NWM, RP), int64)
         pair_h = cuda.shared.array(PM, int64)
         pair_c = cuda.shared.array(PM, int64)
         pair_e = cuda.shared.array(PM, int64)
@@ -249,23 +243,31 @@ def small_kernel(rp: int, ep: int, stamps: bool = False):
             recv[g] = 0
             slots_s[g] = slots[g]
             nhome_s[g] = nhome[g]
-            for j in range(nhome[g]):
-                home_s[g, j] = rank_home[g, j]
-            for c in range(num_ranks):
-                tt_s[g, c] = tt[g, c]
-                xt_s[g, c] = xt[g, c]
             g += nt
+        # Loops over ranks run to the constant RP (unrolled: their loads go out together).
+        width_h = rank_home.shape[1]
+        g, j, dg, dj = _first_item(tid, nt, width_h)
+        while g < num_ranks:
+            home_s[g, j] = rank_home[g, j]  # (-1 past the rank's list: never read)
+            g, j = _next_item(g, j, dg, dj, width_h)
+        s, g, ds, dg = _first_item(tid, nt, num_ranks)
+        while s < num_ranks:
+            tt_s[s, g] = tt[s, g]
+            xt_s[s, g] = xt[s, g]
+            s, g = _next_item(s, g, ds, dg, num_ranks)
         e = tid
         while e < num_experts:
             total = 0
             negative = False
-            for s in range(num_ranks):
-                v = load[s, e]
-                negative = negative or v < 0
-                total += v
-                load_s[s, e] = v
-                hpos_s[s, e] = hpos[s, e]
-                held[s, e] = 1 if hpos[s, e] >= 0 else 0
+            for s in range(RP):
+                if s < num_ranks:
+                    v = load[s, e]
+                    p = hpos[s, e]
+                    negative = negative or v < 0
+                    total += v
+                    load_s[s, e] = v
+                    hpos_s[s, e] = p
+                    held[s, e] = 1 if p >= 0 else 0
             if negative:
                 cuda.atomic.max(ints, _STATUS, 1)
             if total >= KEY_MAX_TOKENS:
@@ -285,25 +287,22 @@ def small_kernel(rp: int, ep: int, stamps: bool = False):
             status = 3
         # The start, 2: the static split's counts [G, E] and flows [S, G].
         if status == 0:
-            k = tid
-            while k < num_ranks * num_experts:
-                g = k // num_experts
-                e = k - g * num_experts
+            g, e, dg, de = _first_item(tid, nt, num_experts)
+            while g < num_ranks:
                 n = 0
                 if hpos_s[g, e] >= 0:
-                    for s in range(num_ranks):
-                        n += _share(load_s, hpos_s, hcount_s, s, e, g)
+                    for s in range(RP):
+                        if s < num_ranks:
+                            n += _share(load_s, hpos_s, hcount_s, s, e, g)
                 cnt[g, e] = n
-                k += nt
-            k = tid
-            while k < num_ranks * num_ranks:
-                s = k // num_ranks
-                g = k - s * num_ranks
+                g, e = _next_item(g, e, dg, de, num_experts)
+            s, g, ds, dg = _first_item(tid, nt, num_ranks)
+            while s < num_ranks:
                 n = 0
                 for j in range(nhome_s[g]):
                     n += _share(load_s, hpos_s, hcount_s, s, int64(home_s[g, j]), g)
                 flow[s, g] = n
-                k += nt
+                s, g = _next_item(s, g, ds, dg, num_ranks)
         cuda.syncthreads()
         # The start, 3: the rank sums.
         if status == 0:
@@ -316,9 +315,10 @@ def small_kernel(rp: int, ep: int, stamps: bool = False):
                         c_sum += A + B * n
                 into = 0
                 out = 0
-                for s in range(num_ranks):
-                    into += flow[s, g] * tt_s[s, g]
-                    out += flow[g, s] * tt_s[g, s]
+                for s in range(RP):
+                    if s < num_ranks:
+                        into += flow[s, g] * tt_s[s, g]
+                        out += flow[g, s] * tt_s[g, s]
                 comp[g] = c_sum
                 tin[g] = into
                 tout[g] = out
@@ -356,28 +356,51 @@ def small_kernel(rp: int, ep: int, stamps: bool = False):
             while g < num_ranks:
                 t_g = times_w[warp, g]
                 p = 0
-                for q in range(num_ranks):
-                    t_q = times_w[warp, q]
-                    if t_q > t_g or (t_q == t_g and q < g):
-                        p += 1
+                for q in range(RP):
+                    if q < num_ranks:
+                        t_q = times_w[warp, q]
+                        if t_q > t_g or (t_q == t_g and q < g):
+                            p += 1
                 order_w[warp, p] = g
                 bits = int64(0)
                 sent_g = sent[g]
                 wt_g = wt[g]
-                for c in range(num_ranks):
-                    x = xt_s[g, c]
-                    if used[c] < slots_s[c] and sent_g + x <= wt_g and recv[c] + x <= wt[c]:
-                        bits |= int64(1) << c
+                for c in range(RP):
+                    if c < num_ranks:
+                        x = xt_s[g, c]
+                        if (used[c] < slots_s[c] and sent_g + x <= wt_g
+                                and recv[c] + x <= wt[c]):
+                            bits |= int64(1) << c
                 fits_w[warp, g] = bits
+                reach_w[warp, g] = 0
                 g += width
             warp_sync()
             if STAMPS and tid == 0:
                 stamps[sbase + 1] = clock64()
-                stamps[sbase + 2] = stamps[sbase + 1]
-                stamps[sbase + 3] = stamps[sbase + 1]
-            # Rule 1 in every warp: the hot ranks in order, each the fastest untaken rank that
-            # could gain and holds or can receive one of its experts (the reach word).
+            # Rule 1 in every warp. First the reach word of every hot rank h (bit c: c holds
+            # or can receive one of the experts with tokens on h), a lane per expert of h
+            # OR-ing its holders' fit words in atomically; then the hot ranks in order, each
+            # taking the fastest untaken rank that could gain and that its word reaches (a
+            # lane per position, one ballot: the highest bit).
             t_top = times_w[warp, order_w[warp, 0]]
+            for h in range(RP):
+                if h < num_ranks and (16 * num_ranks * times_w[warp, h]
+                                      > (16 - hot) * num_ranks * t_top + hot * total):
+                    nh = nhome_s[h]
+                    j = lane
+                    while j < nh + used[h]:
+                        e = int64(home_s[h, j]) if j < nh else rep_on[h, j - nh]
+                        if cnt[h, e] > 0:
+                            bits = hbits[e]
+                            for k in range(hcount_s[e]):
+                                bits |= fits_w[warp, hlist_s[e, k]]
+                            if bits != 0:
+                                cuda.atomic.or_(reach_w, (warp, h), bits)
+                        j += width
+            warp_sync()
+            if STAMPS and tid == 0:
+                stamps[sbase + 2] = clock64()
+                stamps[sbase + 3] = stamps[sbase + 2]
             taken = int64(0)
             n_pairs = 0
             i = 0
@@ -388,30 +411,19 @@ def small_kernel(rp: int, ep: int, stamps: bool = False):
                     break
                 if (taken >> h) & 1 == 0:
                     taken |= int64(1) << h
-                    reach = int64(0)
-                    nh = nhome_s[h]
-                    j = lane
-                    while j < nh + used[h]:
-                        e = int64(home_s[h, j]) if j < nh else rep_on[h, j - nh]
-                        if cnt[h, e] > 0:
-                            bits = hbits[e]
-                            for k in range(hcount_s[e]):
-                                bits |= fits_w[warp, hlist_s[e, k]]
-                            reach |= bits
-                        j += width
-                    reach = _warp_bits_or(reach, wbest, warp, lane)
-                    best = -1
+                    reach = reach_w[warp, h]
+                    bits = uint32(0)
                     q = lane
                     while q < num_ranks:
                         if q > i:
                             c = order_w[warp, q]
                             if ((taken >> c) & 1 == 0 and times_w[warp, c] + A + B < t_h
                                     and (reach >> c) & 1):
-                                best = q
+                                bits = uint32(bits | uint32(1 << q))
                         q += width
-                    best = _warp_best(best, wbest, warp, lane, True)
-                    if best >= 0:
-                        c = order_w[warp, best]
+                    bits = _warp_bits(bits, wbest, warp, lane)
+                    if bits != 0:  # the fastest candidate: the highest position
+                        c = order_w[warp, 31 - cuda.clz(bits)]
                         taken |= int64(1) << c
                         if lane == 0 and warp == 0:
                             pair_h[n_pairs] = h

@@ -14,9 +14,9 @@ a rule of probe.planner.scalar (a scalar rule of a CPU kernel) as a device funct
 the rule's source serves both targets.
 
 And the warp-level helpers the planners' kernels share: the collectives (`warp_min`, `warp_max`,
-`warp_sum`, `warp_or`, `warp_scan`, `warp_last`, `warp_any`), `warp_sync`, the
-combine-then-one-atomic updates (`lanes_add`, `lanes_max`), and `clock64`, the SM's cycle
-counter, for a kernel that times its own steps.
+`warp_sum`, `warp_scan`, `warp_last`, `warp_any`), `warp_sync`, the combine-then-one-atomic
+updates (`lanes_add`, `lanes_max`), and `clock64`, the SM's cycle counter, for a
+kernel that times its own steps.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from probe.planner import scalar  # noqa: E402
 
 __all__ = ["LINEINFO", "SIMULATOR", "WARP_SHUFFLES", "add_at", "clock64", "cuda", "device", "dmax",
            "dmin", "lanes_add", "lanes_max", "mul", "warp_any", "warp_bits", "warp_count",
-           "warp_last", "warp_max", "warp_min", "warp_or", "warp_scan", "warp_sum", "warp_sync"]
+           "warp_last", "warp_max", "warp_min", "warp_scan", "warp_sum", "warp_sync"]
 
 SIMULATOR = bool(config.ENABLE_CUDASIM)
 # On a GPU the 32 lanes of a warp combine their values with shuffles (`warp_min`, `warp_max`,
@@ -131,14 +131,6 @@ def warp_sum(v):  # pragma: no cover - device code (GPU only)
     """The sum of v over the warp's 32 lanes (every lane gets it)."""
     for off in (16, 8, 4, 2, 1):
         v += cuda.shfl_xor_sync(_LANES, v, off)
-    return v
-
-
-@cuda.jit(device=True, inline=True, **LINEINFO)
-def warp_or(v):  # pragma: no cover - device code (GPU only)
-    """The OR of v over the warp's 32 lanes (every lane gets it)."""
-    for off in (16, 8, 4, 2, 1):
-        v |= cuda.shfl_xor_sync(_LANES, v, off)
     return v
 
 
