@@ -433,6 +433,9 @@ def main(argv: list[str] | None = None) -> int:
                             help="only the configs (and profiles) with these rank counts")
         parser.add_argument("--layers", type=int, default=LAYERS,
                             help="layers in the multi-layer launch (a block each)")
+        parser.add_argument("--random", type=int, default=None,
+                            help=f"random layers checked against the CPU kernel (default "
+                                 f"{RANDOM_LAYERS}, 20 in the simulator; 0: none)")
         parser.add_argument("--threads", type=int, nargs="+", default=list(THREADS),
                             help="block sizes of the one-layer sweep (multiples of 32)")
 
@@ -457,9 +460,10 @@ def main(argv: list[str] | None = None) -> int:
             report.data["rows"].append(config_row(*config, sim=sim, quick=args.quick,
                                                   layers=args.layers,
                                                   threads_list=tuple(args.threads)))
-    if not args.profile_only:
+    count = args.random if args.random is not None else 20 if sim else RANDOM_LAYERS
+    if not args.profile_only and count > 0:
         with report.stage("random layers"):
-            report.data["random"] = random_check(20 if sim else RANDOM_LAYERS, sim=sim)
+            report.data["random"] = random_check(count, sim=sim)
 
     def summary(rep: dict) -> str:
         return "\n".join(harness.summary_tail(rep))
