@@ -317,6 +317,12 @@ def stamp_profile(model, hardware, ranks, experts) -> dict:
         out["threads"][str(threads)] = {
             "rounds": float(np.median([c["rounds"] for c in layers])),
             "cycles": {k: float(np.median([c[k] for c in layers])) for k in out["steps"]}}
+        if runner.small:  # the small-layer kernel also stamps its start's parts
+            from probe.planner.lite_small import start_cycles
+
+            parts = start_cycles(runner)
+            out["threads"][str(threads)]["start_parts"] = {
+                k: float(np.median([p[k] for p in parts])) for k in parts[0]}
     return out
 
 
@@ -346,6 +352,10 @@ def stamp_lines(r: dict) -> list[str]:
                 cyc = v["cycles"][step]
                 cells += [f"{cyc:.0f}", f"{cyc / mhz:.1f}" if mhz else "-"]
         lines.append(f"| {step} | " + " | ".join(cells) + " |")
+    for t, v in stamps["threads"].items():
+        if "start_parts" in v:
+            lines.append(f"\nThe start's parts at {t} threads (cycles): " + ", ".join(
+                f"{k} {c:.0f}" for k, c in v["start_parts"].items()) + ".")
     return lines
 
 

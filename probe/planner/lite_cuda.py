@@ -1070,7 +1070,8 @@ def host_arrays(home: np.ndarray, slots: np.ndarray, cost: CostModel,
                ((L, pairs, G), i64), ((L, pairs, G), i64),  # pool_s, pool_n
                ((L, pairs, G + 1), i64), ((L, pairs, G + 1), i64),
                ((L, pairs, G + 1), i64),  # cum, pre_h, pre_c
-               ((L, 2 + _NSTAMPS * rules.max_rounds), i64))  # stamps
+               ((L, 2 + _NSTAMPS * rules.max_rounds + 3), i64))  # stamps (the last three:
+               # lite_small's start parts)
     reps, blocks = max(max_reps, 1), max(max_blocks, 1)
     outputs = (((L, reps, 3), i64), ((L,), i64), ((L, blocks), i64), ((L, blocks, G, G), i64),
                ((L,), i64), ((L,), i64), ((L,), i64), ((L,), i64), ((L,), i64))

@@ -65,7 +65,7 @@ from probe.planner.numba_cuda import (
 )
 
 __all__ = ["MAX_THREADS", "SHARED_BYTES", "SLOT_CAP", "SMALL_RANKS", "small_fits",
-           "small_kernel", "small_shape"]
+           "small_kernel", "small_shape", "start_cycles"]
 
 # Most ranks of a small layer, replicas a rank may take, threads a block may have (the
 # per-warp arrays have room for MAX_THREADS / 32 warps), and the shared memory the layer's
@@ -97,7 +97,7 @@ def _shared_bytes(rp: int, ep: int) -> int:
             + 3 * 8 * rp * rp  # token and transfer times, the start's flows
             + 8 * rp * SLOT_CAP  # replicas on each rank
             + 9 * 8 * rp  # rank arrays
-            + 4 * 8 * _NWM * rp  # per-warp times, order, fits, reach
+            + 3 * 8 * _NWM * rp + 4 * _NWM * rp  # per-warp times, order, fits, reach
             + 6 * 8 * pm + 5 * 8 * pm * (rp + 1)  # pairs and pools
             + 8 * 32 + 8 * _NINTS)
 
@@ -213,7 +213,7 @@ def small_kernel(rp: int, ep: int, stamps: bool = False):
         times_w = cuda.shared.array((NWM, RP), int64)  # each warp's own copy
         order_w = cuda.shared.array((NWM, RP), int64)
         fits_w = cuda.shared.array((NWM, RP), int64)
-        reach_w = cuda.shared.array((NWM, RP), int64)
+        reach_w = cuda.shared.array((NWM, RP), uint32)  # 32-bit: a native shared atomic OR
         pair_h = cuda.shared.array(PM, int64)
         pair_c = cuda.shared.array(PM, int64)
         pair_e = cuda.shared.array(PM, int64)
@@ -282,6 +282,8 @@ def small_kernel(rp: int, ep: int, stamps: bool = False):
             blk_of[e] = -1
             e += nt
         cuda.syncthreads()
+        if STAMPS and tid == 0:
+            stamps[stamps.shape[0] - 3] = clock64()
         status = ints[_STATUS]
         if status == 0 and ints[_BIG] != 0:
             status = 3
@@ -304,6 +306,8 @@ def small_kernel(rp: int, ep: int, stamps: bool = False):
                 flow[s, g] = n
                 s, g = _next_item(s, g, ds, dg, num_ranks)
         cuda.syncthreads()
+        if STAMPS and tid == 0:
+            stamps[stamps.shape[0] - 2] = clock64()
         # The start, 3: the rank sums.
         if status == 0:
             g = tid
@@ -372,7 +376,7 @@ def small_kernel(rp: int, ep: int, stamps: bool = False):
                                 and recv[c] + x <= wt[c]):
                             bits |= int64(1) << c
                 fits_w[warp, g] = bits
-                reach_w[warp, g] = 0
+                reach_w[warp, g] = uint32(0)
                 g += width
             warp_sync()
             if STAMPS and tid == 0:
@@ -395,7 +399,7 @@ def small_kernel(rp: int, ep: int, stamps: bool = False):
                             for k in range(hcount_s[e]):
                                 bits |= fits_w[warp, hlist_s[e, k]]
                             if bits != 0:
-                                cuda.atomic.or_(reach_w, (warp, h), bits)
+                                cuda.atomic.or_(reach_w, (warp, h), uint32(bits))
                         j += width
             warp_sync()
             if STAMPS and tid == 0:
@@ -411,7 +415,7 @@ def small_kernel(rp: int, ep: int, stamps: bool = False):
                     break
                 if (taken >> h) & 1 == 0:
                     taken |= int64(1) << h
-                    reach = reach_w[warp, h]
+                    reach = int64(reach_w[warp, h])
                     bits = uint32(0)
                     q = lane
                     while q < num_ranks:
@@ -700,3 +704,14 @@ def small_kernel(rp: int, ep: int, stamps: bool = False):
 
     _KERNELS[key] = _small_kernel
     return _small_kernel
+
+
+def start_cycles(runner) -> list[dict]:
+    """The start's three parts (inputs into shared memory and checks; counts and flows; rank
+    sums), cycles per layer, of the last launch of a CudaLite on the small-layer kernel made
+    with stamps=True (the kernel stamps them in the last three slots of its stamps row)."""
+    if not (runner.stamps and runner.small):
+        raise ValueError("start_cycles needs a CudaLite on the small-layer kernel, stamps=True")
+    stamps = runner._scratch[-1].copy_to_host()
+    return [{"inputs": int(row[-3] - row[0]), "counts": int(row[-2] - row[-3]),
+             "sums": int(row[1] - row[-2])} for row in stamps]
