@@ -40,12 +40,10 @@ from probe.planner.lite_cuda import (
     _NONE,
     _copy_source,
     _eval_amount,
-    _first_item,
     _grid_point,
     _key_expert,
     _lanes_in_scratch,
     _move_base,
-    _next_item,
     _pool_entry,
     _pool_source,
     _warp_best,
@@ -245,16 +243,24 @@ def small_kernel(rp: int, ep: int, stamps: bool = False):
             nhome_s[g] = nhome[g]
             g += nt
         # Loops over ranks run to the constant RP (unrolled: their loads go out together).
+        # Item loops index [RP, ...] shapes: their divisions are by constants (a 64-bit
+        # division by a variable is a long subroutine on the GPU).
         width_h = rank_home.shape[1]
-        g, j, dg, dj = _first_item(tid, nt, width_h)
-        while g < num_ranks:
-            home_s[g, j] = rank_home[g, j]  # (-1 past the rank's list: never read)
-            g, j = _next_item(g, j, dg, dj, width_h)
-        s, g, ds, dg = _first_item(tid, nt, num_ranks)
-        while s < num_ranks:
-            tt_s[s, g] = tt[s, g]
-            xt_s[s, g] = xt[s, g]
-            s, g = _next_item(s, g, ds, dg, num_ranks)
+        k = tid
+        while k < RP * EP:
+            g = k // EP
+            j = k - g * EP
+            if g < num_ranks and j < width_h:
+                home_s[g, j] = rank_home[g, j]  # (-1 past the rank's list: never read)
+            k += nt
+        k = tid
+        while k < RP * RP:
+            s = k // RP
+            g = k - s * RP
+            if s < num_ranks and g < num_ranks:
+                tt_s[s, g] = tt[s, g]
+                xt_s[s, g] = xt[s, g]
+            k += nt
         e = tid
         while e < num_experts:
             total = 0
@@ -289,22 +295,28 @@ def small_kernel(rp: int, ep: int, stamps: bool = False):
             status = 3
         # The start, 2: the static split's counts [G, E] and flows [S, G].
         if status == 0:
-            g, e, dg, de = _first_item(tid, nt, num_experts)
-            while g < num_ranks:
-                n = 0
-                if hpos_s[g, e] >= 0:
-                    for s in range(RP):
-                        if s < num_ranks:
-                            n += _share(load_s, hpos_s, hcount_s, s, e, g)
-                cnt[g, e] = n
-                g, e = _next_item(g, e, dg, de, num_experts)
-            s, g, ds, dg = _first_item(tid, nt, num_ranks)
-            while s < num_ranks:
-                n = 0
-                for j in range(nhome_s[g]):
-                    n += _share(load_s, hpos_s, hcount_s, s, int64(home_s[g, j]), g)
-                flow[s, g] = n
-                s, g = _next_item(s, g, ds, dg, num_ranks)
+            k = tid
+            while k < RP * EP:
+                g = k // EP
+                e = k - g * EP
+                if g < num_ranks and e < num_experts:
+                    n = 0
+                    if hpos_s[g, e] >= 0:
+                        for s in range(RP):
+                            if s < num_ranks:
+                                n += _share(load_s, hpos_s, hcount_s, s, e, g)
+                    cnt[g, e] = n
+                k += nt
+            k = tid
+            while k < RP * RP:
+                s = k // RP
+                g = k - s * RP
+                if s < num_ranks and g < num_ranks:
+                    n = 0
+                    for j in range(nhome_s[g]):
+                        n += _share(load_s, hpos_s, hcount_s, s, int64(home_s[g, j]), g)
+                    flow[s, g] = n
+                k += nt
         cuda.syncthreads()
         if STAMPS and tid == 0:
             stamps[stamps.shape[0] - 2] = clock64()
@@ -610,22 +622,23 @@ def small_kernel(rp: int, ep: int, stamps: bool = False):
             # The new blocks' static split, a thread per (block, source, rank) entry.
             n_new = ints[_NNEW]
             k = tid
-            while k < n_new * num_ranks * num_ranks:
-                q = k // (num_ranks * num_ranks)
-                r = k - q * num_ranks * num_ranks
-                s = r // num_ranks
-                g = r - s * num_ranks
-                b = new_blk[q]
-                blk_assign[b, s, g] = _share(load_s, hpos_s, hcount_s, s, blk_expert[b], g)
+            while k < n_new * RP * RP:
+                q = k // (RP * RP)
+                r = k - q * (RP * RP)
+                s = r // RP
+                g = r - s * RP
+                if s < num_ranks and g < num_ranks:
+                    b = new_blk[q]
+                    blk_assign[b, s, g] = _share(load_s, hpos_s, hcount_s, s, blk_expert[b], g)
                 k += nt
             cuda.syncthreads()
             if STAMPS and tid == 0:
                 stamps[sbase + 7] = clock64()
             # Apply the takes: a thread per (pair, pool entry); then a thread per pair.
             k = tid
-            while k < n_pairs * (num_ranks + 1):
-                i = k // (num_ranks + 1)
-                q = k - i * (num_ranks + 1)
+            while k < n_pairs * RP1:
+                i = k // RP1
+                q = k - i * RP1
                 e = pair_e[i]
                 if e >= 0 and q < pair_len[i]:
                     take = pair_x[i] - cum[i, q]
@@ -695,11 +708,14 @@ def small_kernel(rp: int, ep: int, stamps: bool = False):
         while k < blk_expert.shape[0]:
             blk_expert[k] = -1
             k += nt
-        k = n_blk * num_ranks * num_ranks + tid  # the blocks past the plan's, zero
-        while k < blk_assign.shape[0] * num_ranks * num_ranks:
-            q = k // (num_ranks * num_ranks)
-            r = k - q * num_ranks * num_ranks
-            blk_assign[q, r // num_ranks, r - (r // num_ranks) * num_ranks] = 0
+        k = n_blk * RP * RP + tid  # the blocks past the plan's, zero
+        while k < blk_assign.shape[0] * RP * RP:
+            q = k // (RP * RP)
+            r = k - q * (RP * RP)
+            s = r // RP
+            g = r - s * RP
+            if s < num_ranks and g < num_ranks:
+                blk_assign[q, s, g] = 0
             k += nt
 
     _KERNELS[key] = _small_kernel
