@@ -43,14 +43,15 @@ def run_small(load, home, slots, window, cost, rules, junk: int = 0) -> tuple:
 
 
 def test_sequential_small_kernel_equals_cpu_kernel_on_1000_layers():
-    """1,000 random layers (2-16 ranks, up to 64 experts, 0-3 slots, random rules and costs),
+    """1,000 random layers (2-8 ranks, up to 32 experts, 0-3 slots, random rules and costs),
     junk in the buffers beforehand: each layer's plan, rounds, moves and makespan equal the CPU
     kernel's, and the rows and blocks past the plan are -1 and zero."""
     rng = np.random.default_rng(21)
     layers = moved = 0
     while layers < 1000:
         num_layers = int(rng.integers(1, 5))
-        load, home, slots, window, cost, rules = random_batch(rng, num_layers)
+        load, home, slots, window, cost, rules = random_batch(rng, num_layers,
+                                                               ranks=(2, 3, 4, 8))
         assert lite_small.small_fits(*home.shape[1:], int(slots.max(initial=0)), 128)
         got_layers, launch = run_small(load, home, slots, window, cost, rules,
                                        junk=int(rng.choice([0, 1, 3])))
@@ -89,13 +90,15 @@ def test_small_kernel_on_decode_layers_and_bad_layers():
 
 
 def test_small_fits_decides_where_the_kernel_runs():
-    """ep=8 / 128 experts with up to 8 slots fits; 16 ranks with 128 experts, more than 16
-    ranks, more than 8 slots, more than 256 threads or a block of a partial warp do not (the
-    generic kernel plans those)."""
+    """ep=8 / 128 experts with up to 7 slots a rank fits (its plans use at most 64 expert
+    blocks: one per slot and one per rank); 16 ranks, more blocks, more than 256 threads or a
+    block of a partial warp do not (the generic kernel plans those)."""
     assert lite_small.small_shape(8, 128) == (8, 128)
     assert lite_small.small_shape(5, 100) == (8, 128)
-    assert lite_small.small_fits(8, 128, 3, 128) and lite_small.small_fits(16, 64, 8, 256)
-    assert not lite_small.small_fits(16, 128, 3, 128)  # its shared arrays are too large
+    assert lite_small.small_fits(8, 128, 3, 128) and lite_small.small_fits(8, 128, 7, 256)
+    assert lite_small.small_fits(4, 32, np.array([0, 3, 1, 2]), 64)
+    assert not lite_small.small_fits(8, 128, 8, 128)  # 72 blocks
+    assert not lite_small.small_fits(16, 64, 3, 128)  # its shared arrays are too large
     assert not lite_small.small_fits(32, 32, 3, 128)
     assert not lite_small.small_fits(8, 128, 9, 128)
     assert not lite_small.small_fits(8, 128, 3, 512)

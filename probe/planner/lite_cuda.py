@@ -1106,8 +1106,7 @@ class CudaLite(LayerPlanner):
         # None: wherever it fits, for the full planner, not a profiling variant).
         from probe.planner.lite_small import small_fits
 
-        fits = upto == FULL and small_fits(*self.shape, int(np.max(self.slots, initial=0)),
-                                           threads)
+        fits = upto == FULL and small_fits(*self.shape, self.slots, threads)
         if small and not fits:
             raise ValueError(f"lite_cuda: the small-layer kernel does not plan layers of "
                              f"{self.shape[0]} ranks and {self.shape[1]} experts with "

@@ -31,9 +31,10 @@ holds (`small=None`), and tests compare it with the CPU kernel as they do lite_c
 
 from __future__ import annotations
 
-from numba import int8, int16, int64, uint8, uint32
+import numpy as np
+from numba import int8, int16, int32, int64, uint8, uint32
 
-from probe.planner.lite import GRID, KEY_MAX_TIME, KEY_MAX_TOKENS, KEY_TOKEN_BITS
+from probe.planner.lite import GRID, KEY_MAX_TIME, KEY_MAX_TOKENS, KEY_TOKEN_BITS, plan_limits
 from probe.planner.lite_cuda import (
     _COMBINE_ADD,
     _EXPERT_BITS,
@@ -62,7 +63,7 @@ from probe.planner.numba_cuda import (
     warp_sync,
 )
 
-__all__ = ["MAX_THREADS", "SHARED_BYTES", "SLOT_CAP", "SMALL_RANKS", "small_fits",
+__all__ = ["MAX_THREADS", "SHARED_BYTES", "SLOT_CAP", "SMALL_RANKS", "block_cap", "small_fits",
            "small_kernel", "small_shape", "start_cycles"]
 
 # Most ranks of a small layer, replicas a rank may take, threads a block may have (the
@@ -85,10 +86,16 @@ def small_shape(num_ranks: int, num_experts: int) -> tuple[int, int]:
     return 1 << max(num_ranks - 1, 0).bit_length(), -(-num_experts // 32) * 32
 
 
+def block_cap(rp: int, ep: int) -> int:
+    """Expert blocks the small kernel keeps in shared memory (its plans may use no more)."""
+    return min(ep, 4096 // (rp * rp))
+
+
 def _shared_bytes(rp: int, ep: int) -> int:
     """The shared memory of small_kernel(rp, ep), bytes."""
     pm = max(rp // 2, 1)
-    return (2 * 8 * rp * ep  # load and counts
+    return (2 * 4 * rp * ep  # load and counts
+            + 4 * block_cap(rp, ep) * rp * rp  # the plan's expert blocks
             + 2 * rp * ep  # home positions, held
             + 2 * rp * ep  # home lists of the ranks
             + 8 * ep + ep * rp + ep + 8 * ep  # held bits, holders, their count, blocks
@@ -100,10 +107,14 @@ def _shared_bytes(rp: int, ep: int) -> int:
             + 8 * 32 + 8 * _NINTS)
 
 
-def small_fits(num_ranks: int, num_experts: int, max_slots: int, threads: int) -> bool:
-    """Whether small_kernel plans layers of this shape with this slot budget and block size."""
+def small_fits(num_ranks: int, num_experts: int, slots, threads: int) -> bool:
+    """Whether small_kernel plans layers of this shape with this slot budget (per rank: an int
+    or an int array [G]) and block size."""
     rp, ep = small_shape(num_ranks, num_experts)
-    return (num_ranks <= SMALL_RANKS and max_slots <= SLOT_CAP and threads <= MAX_THREADS
+    slots = np.broadcast_to(np.asarray(slots, np.int64), (num_ranks,))
+    _, max_blocks = plan_limits(slots, num_experts, num_ranks)
+    return (num_ranks <= SMALL_RANKS and int(slots.max(initial=0)) <= SLOT_CAP
+            and max_blocks <= block_cap(rp, ep) and threads <= MAX_THREADS
             and threads % 32 == 0 and _shared_bytes(rp, ep) <= SHARED_BYTES)
 
 
@@ -111,7 +122,7 @@ def small_fits(num_ranks: int, num_experts: int, max_slots: int, threads: int) -
 def _share(load_s, hpos_s, hcount_s, s, e, g):  # pragma: no cover - device code
     """greedy._static_share on the shared arrays: tokens of (s, e) on rank g in the static
     split (hpos_s[s, e] >= 0 is home[s, e])."""
-    n = load_s[s, e]
+    n = int64(load_s[s, e])
     if hpos_s[s, e] >= 0:
         return n if g == s else 0
     h = int64(hcount_s[e])
@@ -150,6 +161,7 @@ def small_kernel(rp: int, ep: int, stamps: bool = False):
     RP, EP = rp, ep  # noqa: N806 (compile-time sizes of the shared arrays)
     PM = max(RP // 2, 1)  # noqa: N806
     RP1 = RP + 1  # noqa: N806 (a shared array's size is a constant, not an expression)
+    BM = block_cap(RP, EP)  # noqa: N806
     NWM = _NWM  # noqa: N806
     SC = SLOT_CAP  # noqa: N806
     STAMPS = stamps  # noqa: N806
@@ -186,8 +198,11 @@ def small_kernel(rp: int, ep: int, stamps: bool = False):
         B = b_tick  # noqa: N806
 
         # One allocation per line: the simulator tells shared arrays apart by their line.
-        load_s = cuda.shared.array((RP, EP), int64)
-        cnt = cuda.shared.array((RP, EP), int64)
+        # Token counts in 32 bits: an expert's tokens stay below KEY_MAX_TOKENS (2**24) in a
+        # layer that is planned (status 3 otherwise).
+        load_s = cuda.shared.array((RP, EP), int32)
+        cnt = cuda.shared.array((RP, EP), int32)
+        blk_s = cuda.shared.array((BM, RP, RP), int32)  # the plan's expert blocks
         hpos_s = cuda.shared.array((RP, EP), int8)
         held = cuda.shared.array((RP, EP), uint8)
         home_s = cuda.shared.array((RP, EP), int16)  # each rank's home experts
@@ -271,7 +286,7 @@ def small_kernel(rp: int, ep: int, stamps: bool = False):
                     p = hpos[s, e]
                     negative = negative or v < 0
                     total += v
-                    load_s[s, e] = v
+                    load_s[s, e] = v if 0 <= v < KEY_MAX_TOKENS else 0  # (else: rejected)
                     hpos_s[s, e] = p
                     held[s, e] = 1 if p >= 0 else 0
             if negative:
@@ -326,7 +341,7 @@ def small_kernel(rp: int, ep: int, stamps: bool = False):
             while g < num_ranks:
                 c_sum = 0
                 for j in range(nhome_s[g]):
-                    n = cnt[g, int64(home_s[g, j])]
+                    n = int64(cnt[g, int64(home_s[g, j])])
                     if n > 0:
                         c_sum += A + B * n
                 into = 0
@@ -463,7 +478,7 @@ def small_kernel(rp: int, ep: int, stamps: bool = False):
                     j = lane
                     while j < nh + used[h]:
                         e = int64(home_s[h, j]) if j < nh else rep_on[h, j - nh]
-                        n = cnt[h, e]
+                        n = int64(cnt[h, e])
                         if n > 0 and (held[c, e] != 0 or _copy_source(
                                 e, c, used, slots_s, sent, recv, wt, xt_s, hcount_s,
                                 hlist_s) >= 0):
@@ -488,7 +503,7 @@ def small_kernel(rp: int, ep: int, stamps: bool = False):
                             if q <= num_ranks:
                                 s = _pool_source(q, h, c, num_ranks, tt_s)
                                 if s >= 0:
-                                    a = (blk_assign[b, s, h] if b >= 0
+                                    a = (int64(blk_s[b, s, h]) if b >= 0
                                          else _share(load_s, hpos_s, hcount_s, s, e, h))
                             v_h = a * tt_s[s, h] if a > 0 else 0
                             v_c = a * tt_s[s, c] if a > 0 else 0
@@ -516,7 +531,7 @@ def small_kernel(rp: int, ep: int, stamps: bool = False):
                             s = _pool_source(q, h, c, num_ranks, tt_s)
                             a = 0
                             if s >= 0:
-                                a = (blk_assign[b, s, h] if b >= 0
+                                a = (int64(blk_s[b, s, h]) if b >= 0
                                      else _share(load_s, hpos_s, hcount_s, s, e, h))
                             if a > 0:
                                 if lane == 0:
@@ -629,7 +644,7 @@ def small_kernel(rp: int, ep: int, stamps: bool = False):
                 g = r - s * RP
                 if s < num_ranks and g < num_ranks:
                     b = new_blk[q]
-                    blk_assign[b, s, g] = _share(load_s, hpos_s, hcount_s, s, blk_expert[b], g)
+                    blk_s[b, s, g] = _share(load_s, hpos_s, hcount_s, s, blk_expert[b], g)
                 k += nt
             cuda.syncthreads()
             if STAMPS and tid == 0:
@@ -649,8 +664,8 @@ def small_kernel(rp: int, ep: int, stamps: bool = False):
                         c = pair_c[i]
                         s = pool_s[i, q]
                         b = blk_of[e]
-                        blk_assign[b, s, h] -= take
-                        blk_assign[b, s, c] += take
+                        blk_s[b, s, h] -= take
+                        blk_s[b, s, c] += take
                         cuda.atomic.add(tout, s, take * (tt_s[s, c] - tt_s[s, h]))
                 k += nt
             i = tid
@@ -708,14 +723,14 @@ def small_kernel(rp: int, ep: int, stamps: bool = False):
         while k < blk_expert.shape[0]:
             blk_expert[k] = -1
             k += nt
-        k = n_blk * RP * RP + tid  # the blocks past the plan's, zero
+        k = tid  # the plan's blocks out of shared memory, zero past them
         while k < blk_assign.shape[0] * RP * RP:
             q = k // (RP * RP)
             r = k - q * (RP * RP)
             s = r // RP
             g = r - s * RP
             if s < num_ranks and g < num_ranks:
-                blk_assign[q, s, g] = 0
+                blk_assign[q, s, g] = int64(blk_s[q, s, g]) if q < n_blk else 0
             k += nt
 
     _KERNELS[key] = _small_kernel
