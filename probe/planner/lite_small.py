@@ -19,9 +19,9 @@ layers of at most SMALL_RANKS ranks whose whole state fits the block's shared me
   fit words into the reach word, a warp OR, then the fastest untaken eligible rank by a warp
   maximum): every warp gets the same pairs, so no barrier is needed before the moves;
 - a warp per pair makes its move (rules 2-4 as lite_cuda's pair step, on shared arrays);
-  thread 0 admits the moves in pair order, the threads write the new blocks' static split and
-  apply the takes (integer atomics where pairs share a source): three barriers.
-A round is thus four block barriers (lite_cuda: nine and the atomics of its counting steps).
+- warp 0 applies the moves pair by pair in order (rule 5): lane 0 admits a move, the lanes
+  write a new block's static split and take the pool's entries, lane 0 updates the two ranks.
+A round is thus three block barriers (lite_cuda: nine, and the atomics of its counting steps).
 
 `small_kernel(RP, EP)` is the kernel for layers of at most RP ranks (a power of two) and EP
 experts; it takes `lite_cuda.launch_args` (and ignores the global scratch but for the clock
@@ -75,7 +75,7 @@ MAX_THREADS = 256
 SHARED_BYTES = 46 * 1024
 _NWM = MAX_THREADS // 32
 # Slots of the block's shared integer scalars.
-(_STATUS, _BIG, _APPLIED, _NREP, _NBLK, _NNEW, _MAKESPAN) = range(7)
+(_STATUS, _BIG, _APPLIED, _NREP, _NBLK, _NNEW, _MAKESPAN) = range(7)  # _NNEW: a new block
 _NINTS = 7
 
 
@@ -103,7 +103,7 @@ def _shared_bytes(rp: int, ep: int) -> int:
             + 8 * rp * SLOT_CAP  # replicas on each rank
             + 9 * 8 * rp  # rank arrays
             + 3 * 8 * _NWM * rp + 4 * _NWM * rp  # per-warp times, order, fits, reach
-            + 6 * 8 * pm + 5 * 8 * pm * (rp + 1)  # pairs and pools
+            + 5 * 8 * pm + 5 * 8 * pm * (rp + 1)  # pairs and pools
             + 8 * 32 + 8 * _NINTS)
 
 
@@ -153,8 +153,8 @@ def small_kernel(rp: int, ep: int, stamps: bool = False):
     and after each step of a round into the scratch `stamps` as lite_cuda.kernel does, in its
     STAMP_STEPS slots: 'times and fits' the rank times, 'positions' the order and the copy
     fits, 'hot and reach' the hot ranks' reach words, 'eligible pairs' nothing (the matching
-    tests them), then the matching, the pair moves, the admission, the new blocks and the
-    apply."""
+    tests them), then the matching, the pair moves, and in 'admission' the whole of rule 5
+    ('new blocks' and 'apply' nothing: warp 0 does them pair by pair)."""
     key = (rp, ep, stamps)
     if key in _KERNELS:
         return _KERNELS[key]
@@ -232,7 +232,6 @@ def small_kernel(rp: int, ep: int, stamps: bool = False):
         pair_e = cuda.shared.array(PM, int64)
         pair_x = cuda.shared.array(PM, int64)
         pair_len = cuda.shared.array(PM, int64)
-        new_blk = cuda.shared.array(PM, int64)
         pool_s = cuda.shared.array((PM, RP1), int64)
         pool_n = cuda.shared.array((PM, RP1), int64)
         cum = cuda.shared.array((PM, RP1), int64)
@@ -588,34 +587,35 @@ def small_kernel(rp: int, ep: int, stamps: bool = False):
             cuda.syncthreads()
             if STAMPS and tid == 0:
                 stamps[sbase + 5] = clock64()
-            # Thread 0 admits the moves in pair order (rule 5's copies, rows and blocks).
+            # Rule 5 on warp 0, pair by pair in the CPU kernel's order: lane 0 admits the move
+            # (the copy's source against the copies admitted before it, the replica row, a new
+            # block); the lanes write a new block's static split, then take the pool's entries
+            # (a lane per entry: the pair's sources differ, so plain updates); lane 0 updates
+            # the two ranks' traffic in, compute and counts. Every warp runs the loop (the
+            # simulator's warp_sync is a block barrier).
             if tid == 0:
-                n_rep = ints[_NREP]
-                n_blk = ints[_NBLK]
-                n_new = 0
-                admitted = 0
-                for i in range(n_pairs):
+                ints[_APPLIED] = 0
+            for i in range(n_pairs):
+                if tid == 0:
                     e = pair_e[i]
-                    if e < 0:
-                        continue
                     c = pair_c[i]
+                    ok = e >= 0
                     src = -1
-                    if held[c, e] == 0:
+                    if ok and held[c, e] == 0:
                         src = _copy_source(e, c, used, slots_s, sent, recv, wt, xt_s, hcount_s,
                                            hlist_s)
-                        if src < 0 or n_rep >= max_reps:
-                            pair_e[i] = -1
-                            continue
-                    if blk_of[e] < 0:
-                        if n_blk >= max_blocks:
-                            pair_e[i] = -1
-                            continue
-                        blk_of[e] = n_blk
-                        blk_expert[n_blk] = e
-                        new_blk[n_new] = n_blk
-                        n_new += 1
-                        n_blk += 1
-                    if src >= 0:
+                        ok = src >= 0 and ints[_NREP] < max_reps
+                    fresh = -1
+                    if ok and blk_of[e] < 0:
+                        if ints[_NBLK] >= max_blocks:
+                            ok = False
+                        else:
+                            fresh = ints[_NBLK]
+                            blk_of[e] = fresh
+                            blk_expert[fresh] = e
+                            ints[_NBLK] = fresh + 1
+                    if ok and src >= 0:
+                        n_rep = ints[_NREP]
                         hbits[e] |= int64(1) << c
                         rep[n_rep, 0] = c
                         rep[n_rep, 1] = e
@@ -625,75 +625,61 @@ def small_kernel(rp: int, ep: int, stamps: bool = False):
                         used[c] += 1
                         sent[src] += xt_s[src, c]
                         recv[c] += xt_s[src, c]
-                        n_rep += 1
-                    admitted += 1
-                ints[_NREP] = n_rep
-                ints[_APPLIED] = admitted
-                ints[_NBLK] = n_blk
-                ints[_NNEW] = n_new
-            cuda.syncthreads()
-            if STAMPS and tid == 0:
-                stamps[sbase + 6] = clock64()
-            # The new blocks' static split, a thread per (block, source, rank) entry.
-            n_new = ints[_NNEW]
-            k = tid
-            while k < n_new * RP * RP:
-                q = k // (RP * RP)
-                r = k - q * (RP * RP)
-                s = r // RP
-                g = r - s * RP
-                if s < num_ranks and g < num_ranks:
-                    b = new_blk[q]
-                    blk_s[b, s, g] = _share(load_s, hpos_s, hcount_s, s, blk_expert[b], g)
-                k += nt
-            cuda.syncthreads()
-            if STAMPS and tid == 0:
-                stamps[sbase + 7] = clock64()
-            # Apply the takes: a thread per (pair, pool entry); then a thread per pair.
-            k = tid
-            while k < n_pairs * RP1:
-                i = k // RP1
-                q = k - i * RP1
+                        ints[_NREP] = n_rep + 1
+                    ints[_NNEW] = fresh
+                    if ok:
+                        ints[_APPLIED] += 1
+                    else:
+                        pair_e[i] = -1
+                warp_sync()
+                fresh = ints[_NNEW]
+                if warp == 0 and fresh >= 0:
+                    e = blk_expert[fresh]
+                    k = lane
+                    while k < RP * RP:
+                        s = k // RP
+                        g = k - s * RP
+                        if s < num_ranks and g < num_ranks:
+                            blk_s[fresh, s, g] = _share(load_s, hpos_s, hcount_s, s, e, g)
+                        k += width
+                warp_sync()
                 e = pair_e[i]
-                if e >= 0 and q < pair_len[i]:
-                    take = pair_x[i] - cum[i, q]
-                    if take > pool_n[i, q]:
-                        take = pool_n[i, q]
-                    if take > 0:
-                        h = pair_h[i]
-                        c = pair_c[i]
-                        s = pool_s[i, q]
-                        b = blk_of[e]
-                        blk_s[b, s, h] -= take
-                        blk_s[b, s, c] += take
-                        cuda.atomic.add(tout, s, take * (tt_s[s, c] - tt_s[s, h]))
-                k += nt
-            i = tid
-            while i < n_pairs:
-                e = pair_e[i]
-                if e >= 0:
+                if warp == 0 and e >= 0:
                     h = pair_h[i]
                     c = pair_c[i]
                     x = pair_x[i]
-                    lo = _pool_entry(x, pair_len[i], cum[i])
-                    r = x - cum[i, lo]
-                    s = pool_s[i, lo]
-                    cuda.atomic.add(tin, h, -(pre_h[i, lo] + r * tt_s[s, h]))
-                    cuda.atomic.add(tin, c, pre_c[i, lo] + r * tt_s[s, c])
-                    d_h = -B * x
-                    if cnt[h, e] == x:
-                        d_h -= A
-                    d_c = B * x
-                    if cnt[c, e] == 0:
-                        d_c += A
-                    cuda.atomic.add(comp, h, d_h)
-                    cuda.atomic.add(comp, c, d_c)
-                    cnt[h, e] -= x
-                    cnt[c, e] += x
-                i += nt
+                    b = blk_of[e]
+                    q = lane
+                    while q < pair_len[i]:
+                        take = x - cum[i, q]
+                        if take > pool_n[i, q]:
+                            take = pool_n[i, q]
+                        if take > 0:
+                            s = pool_s[i, q]
+                            blk_s[b, s, h] -= take
+                            blk_s[b, s, c] += take
+                            tout[s] += take * (tt_s[s, c] - tt_s[s, h])
+                        q += width
+                    if lane == 0:
+                        lo = _pool_entry(x, pair_len[i], cum[i])
+                        r = x - cum[i, lo]
+                        s = pool_s[i, lo]
+                        tin[h] -= pre_h[i, lo] + r * tt_s[s, h]
+                        tin[c] += pre_c[i, lo] + r * tt_s[s, c]
+                        comp[h] -= B * x
+                        if cnt[h, e] == x:
+                            comp[h] -= A
+                        if cnt[c, e] == 0:
+                            comp[c] += A
+                        comp[c] += B * x
+                        cnt[h, e] -= x
+                        cnt[c, e] += x
+                warp_sync()
             cuda.syncthreads()
             if STAMPS and tid == 0:
-                stamps[sbase + 8] = clock64()
+                stamps[sbase + 6] = clock64()
+                stamps[sbase + 7] = stamps[sbase + 6]
+                stamps[sbase + 8] = stamps[sbase + 6]
             applied = ints[_APPLIED]
             moves += applied
             if applied == 0:
