@@ -416,7 +416,8 @@ def test_step_cycles_sums_each_step_over_the_rounds():
     last = 150 + 15 * steps
     assert first["start"] == 50 and first["rounds"] == 2 and first["total"] == last - 100
     assert all(first[name] == 15 for name in lite_cuda.STAMP_STEPS)
+    assert first["per_round"] == [10 * steps, 5 * steps]
     assert second == {"start": 2, "rounds": 0, **dict.fromkeys(lite_cuda.STAMP_STEPS, 0),
-                      "total": 2}
+                      "total": 2, "per_round": []}
     with pytest.raises(ValueError, match="stamps=True"):
         lite_cuda.step_cycles(types.SimpleNamespace(stamps=False))

@@ -316,7 +316,11 @@ def stamp_profile(model, hardware, ranks, experts) -> dict:
             continue
         out["threads"][str(threads)] = {
             "rounds": float(np.median([c["rounds"] for c in layers])),
-            "cycles": {k: float(np.median([c[k] for c in layers])) for k in out["steps"]}}
+            "cycles": {k: float(np.median([c[k] for c in layers])) for k in out["steps"]},
+            # the first round against the later ones (its code not yet in the SM's caches)
+            "per_round": [float(np.median([c["per_round"][r] for c in layers
+                                           if len(c["per_round"]) > r]))
+                          for r in range(max(len(c["per_round"]) for c in layers))]}
         if runner.small:  # the small-layer kernel also stamps its start's parts
             from probe.planner.lite_small import start_cycles
 
@@ -353,6 +357,9 @@ def stamp_lines(r: dict) -> list[str]:
                 cells += [f"{cyc:.0f}", f"{cyc / mhz:.1f}" if mhz else "-"]
         lines.append(f"| {step} | " + " | ".join(cells) + " |")
     for t, v in stamps["threads"].items():
+        if v.get("per_round"):
+            lines.append(f"\nEach round's cycles at {t} threads: "
+                         + ", ".join(f"{c:.0f}" for c in v["per_round"]) + ".")
         if "start_parts" in v:
             lines.append(f"\nThe start's parts at {t} threads (cycles): " + ", ".join(
                 f"{k} {c:.0f}" for k, c in v["start_parts"].items()) + ".")

@@ -1178,7 +1178,8 @@ _NSTAMPS = len(STAMP_STEPS)
 def step_cycles(runner: CudaLite) -> list[dict]:
     """Each layer's cycles per step of the last launch of a runner made with stamps=True:
     {"start": cycles, "rounds": n, step: cycles summed over the rounds for each of
-    STAMP_STEPS, "total": cycles from the launch to the last round's end}."""
+    STAMP_STEPS, "total": cycles from the launch to the last round's end, "per_round": each
+    round's cycles}."""
     if not runner.stamps:
         raise ValueError("step_cycles needs a CudaLite made with stamps=True")
     stamps = runner._scratch[-1].copy_to_host()
@@ -1193,5 +1194,6 @@ def step_cycles(runner: CudaLite) -> list[dict]:
         cycles = {"start": int(row[1] - row[0]), "rounds": n}
         cycles.update({name: int(took[:, k].sum()) for k, name in enumerate(STAMP_STEPS)})
         cycles["total"] = int(ends[-1] - row[0])
+        cycles["per_round"] = [int(v) for v in took.sum(axis=1)]
         layers.append(cycles)
     return layers
