@@ -128,12 +128,16 @@ def _share(load_s, hpos_s, hcount_s, s, e, g):  # pragma: no cover - device code
     h = int64(hcount_s[e])
     if h == 1:
         return n if hpos_s[g, e] == 0 else 0
-    pos = int64(hpos_s[g, e])
+    pos = int32(hpos_s[g, e])
     if pos < 0:
         return 0
-    q = n // h
-    r = n - q * h
-    return q + (1 if (pos + s) % h < r else 0)
+    # 32-bit divisions (n < 2**24 tokens in a planned layer, h <= 16 holders): a 64-bit
+    # division by a variable is a long subroutine on the GPU.
+    n32 = int32(n)
+    h32 = int32(h)
+    q = n32 // h32
+    r = n32 - q * h32
+    return int64(q) + (1 if (pos + int32(s)) % h32 < r else 0)
 
 
 @cuda.jit(device=True, inline=True, **LINEINFO)
