@@ -10,7 +10,8 @@ update, or none where the warp alone needs the result (numba_cuda.lanes_add / la
 warp_min / warp_max: a 64-bit atomic on shared memory is a compare-and-swap loop on sm_90;
 Numba's CUDA simulator, without shuffles, keeps atomics).
 The scalar rules (a candidate's copy source and expert, a grid point, an amount's f(x), a
-token's static split) are lite.py's own functions compiled a second time as device functions.
+token's static split) are lite.py's own functions compiled a second time as device functions
+(probe.planner.lite_device, with the warp collectives both kernels share).
 Loops are while loops stepping their indices (Numba's strided range loops, like every `k // G`,
 cost a 64-bit division). The block needs a multiple of 32 threads.
 
@@ -62,7 +63,6 @@ before numba.cuda is first imported) both run in Numba's CUDA simulator.
 
 from __future__ import annotations
 
-import types
 from typing import NamedTuple
 
 import numpy as np
@@ -71,7 +71,6 @@ from numba import int64, uint8, uint32
 from probe.planner import lite
 from probe.planner.cost import CostModel
 from probe.planner.cuda_common import LayerPlanner, is_torch
-from probe.planner.greedy import _static_share
 from probe.planner.lite import (
     GRID,
     KEY_MAX_TIME,
@@ -88,19 +87,34 @@ from probe.planner.numba_cuda import (
     WARP_SHUFFLES,
     clock64,
     cuda,
-    device,
     lanes_add,
     lanes_max,
     warp_any,
-    warp_bits,
-    warp_count,
     warp_last,
-    warp_max,
-    warp_min,
     warp_scan,
     warp_sync,
 )
-from probe.planner.scalar import pool_entry
+from probe.planner.lite_device import (
+    _EXPERT_BITS,
+    _NONE,
+    _add_replica,
+    _block_value,
+    _copy_source,
+    _eval_amount,
+    _first_item,
+    _grid_point,
+    _key_expert,
+    _move_base,
+    _next_item,
+    _pool_entry,
+    _pool_source,
+    _share,
+    _warp_best,
+    _warp_bits,
+    _warp_count,
+    _window_ticks,
+)
+from probe.planner.lite_small import small_fits, small_kernel, small_shape
 
 __all__ = ["INLINE_START_ITEMS", "MAX_RANKS", "SHARED_STATE_ITEMS", "STAMP_STEPS",
            "START_THREADS", "THREADS", "CudaLite", "CudaLitePlan", "blocks_as_rows",
@@ -111,10 +125,6 @@ __all__ = ["INLINE_START_ITEMS", "MAX_RANKS", "SHARED_STATE_ITEMS", "STAMP_STEPS
 MAX_RANKS = 256
 # Threads per block unless the caller picks another multiple of 32.
 THREADS = 128
-# A warp's 32 lanes are one pair's grid points in the amount's grid steps.
-assert GRID == 32
-_NONE = (1 << 62) + ((1 << 62) - 1)  # larger than every packed (f, x) key
-_EXPERT_BITS = 16  # packed (tokens, -expert) keys: experts < 2**16
 # Slots of the block's shared integer scalars.
 (_STATUS, _TOTAL, _NPAIRS, _NHOT, _APPLIED, _NREP, _NBLK, _NNEW, _MAKESPAN) = range(9)
 _NINTS = 9
@@ -122,107 +132,6 @@ _NINTS = 9
 FULL = 7
 
 
-def _device_twin(fn, helpers: dict):
-    """fn of lite.py compiled as a device function, its global names in helpers rebound."""
-    names = dict(fn.__globals__)
-    names.update(helpers)
-    twin = types.FunctionType(fn.__code__, names, fn.__name__)
-    return cuda.jit(device=True, **LINEINFO)(twin)
-
-
-_HELPERS: dict = {"_static_share": device(_static_share, inline=True),
-                  "pool_entry": device(pool_entry)}
-for _fn in (*lite.HELPERS, lite.window_ticks):
-    _py = getattr(_fn, "py_func", _fn)  # the helpers are Numba dispatchers
-    _HELPERS[_py.__name__] = _device_twin(_py, _HELPERS)
-_move_base = _HELPERS["move_base"]
-_eval_amount = _HELPERS["eval_amount"]
-_grid_point = _HELPERS["grid_point"]
-_block_value = _HELPERS["block_value"]
-_copy_source = _HELPERS["copy_source"]
-_window_ticks = _HELPERS["window_ticks"]
-_pool_entry = _HELPERS["pool_entry"]
-_pool_source = _HELPERS["pool_source"]
-_add_replica = _HELPERS["add_replica"]
-
-
-@cuda.jit(device=True, inline=True, **LINEINFO)
-def _first_item(tid, nt, width):  # pragma: no cover - device code
-    """(row, column) of item tid of a loop over [rows, width] items, and the (rows, columns)
-    that nt items add: the loop steps with `_next_item`, without a division per item."""
-    row = tid // width
-    step = nt // width
-    return row, tid - row * width, step, nt - step * width
-
-
-@cuda.jit(device=True, inline=True, **LINEINFO)
-def _next_item(row, col, drow, dcol, width):  # pragma: no cover - device code
-    """(row, column) of the item drow * width + dcol items after (row, col), dcol < width."""
-    col += dcol
-    if col >= width:
-        return row + drow + 1, col - width
-    return row + drow, col
-
-
-# How the simulator's warps combine their lanes' values (`_lanes_in_scratch`).
-_COMBINE_MAX, _COMBINE_MIN, _COMBINE_OR, _COMBINE_ADD = range(4)
-
-
-@cuda.jit(device=True, inline=True, **LINEINFO)
-def _lanes_in_scratch(v, scratch, w, lane, op):  # pragma: no cover - device code (simulator)
-    """The simulator's warp collective (it has no shuffles or ballots): v of warp w's lanes
-    combined by op (_COMBINE_*) through scratch[w] between block barriers, for every lane; so
-    every thread of the block must call it as often. Lane 0 starts scratch[w] at its own v for
-    a maximum or a minimum, at 0 for an OR or a sum."""
-    cuda.syncthreads()
-    if lane == 0:
-        scratch[w] = v if op <= _COMBINE_MIN else 0  # a maximum or a minimum
-    cuda.syncthreads()
-    if op == _COMBINE_MAX:
-        cuda.atomic.max(scratch, w, v)
-    elif op == _COMBINE_MIN:
-        cuda.atomic.min(scratch, w, v)
-    elif op == _COMBINE_OR:
-        cuda.atomic.or_(scratch, w, v)
-    else:
-        cuda.atomic.add(scratch, w, v)
-    cuda.syncthreads()
-    return scratch[w]
-
-
-@cuda.jit(device=True, inline=True, **LINEINFO)
-def _warp_best(v, scratch, w, lane, largest):  # pragma: no cover - device code
-    """The maximum (largest) or the minimum of v over the lanes of warp w, for every lane:
-    shuffles on a GPU; in the simulator `_lanes_in_scratch`."""
-    if WARP_SHUFFLES:
-        return warp_max(v) if largest else warp_min(v)
-    return _lanes_in_scratch(v, scratch, w, lane, _COMBINE_MAX if largest else _COMBINE_MIN)
-
-
-@cuda.jit(device=True, inline=True, **LINEINFO)
-def _warp_bits(bits, scratch, w, lane):  # pragma: no cover - device code
-    """The OR of bits over the lanes of warp w, for every lane, where each lane's bits are at
-    most its own bit (1 << lane; a lane of a one-lane warp sets any): one ballot on a GPU; in
-    the simulator `_lanes_in_scratch`."""
-    if WARP_SHUFFLES:
-        return warp_bits(bits)
-    return uint32(_lanes_in_scratch(int64(bits), scratch, w, lane, _COMBINE_OR))
-
-
-@cuda.jit(device=True, inline=True, **LINEINFO)
-def _warp_count(flag, scratch, w, lane):  # pragma: no cover - device code
-    """How many lanes of warp w have flag set, for every lane: a ballot and a population
-    count on a GPU; in the simulator `_lanes_in_scratch`."""
-    if WARP_SHUFFLES:
-        return warp_count(flag)
-    return _lanes_in_scratch(int64(1 if flag else 0), scratch, w, lane, _COMBINE_ADD)
-
-
-@cuda.jit(device=True, inline=True, **LINEINFO)
-def _key_expert(key):  # pragma: no cover - device code
-    """The expert of a packed (tokens, -expert) key."""
-    return ((1 << _EXPERT_BITS) - 1) - (key & ((1 << _EXPERT_BITS) - 1))
-_share = _HELPERS["_static_share"]
 
 
 class CudaLitePlan(NamedTuple):
@@ -1104,8 +1013,6 @@ class CudaLite(LayerPlanner):
         self.max_ranks = kernel_ranks(self.shape[0])
         # Whether layers of this shape take the small-layer kernel (probe.planner.lite_small;
         # None: wherever it fits, for the full planner, not a profiling variant).
-        from probe.planner.lite_small import small_fits
-
         fits = upto == FULL and small_fits(*self.shape, self.slots, threads)
         if small and not fits:
             raise ValueError(f"lite_cuda: the small-layer kernel does not plan layers of "
@@ -1132,8 +1039,6 @@ class CudaLite(LayerPlanner):
         load_d, window_d, stream = self.launch_inputs(load, window, stream)
         args = launch_args(load_d, self._home, window_d, self._consts, self._scratch, self.out)
         if self.small:
-            from probe.planner.lite_small import small_kernel, small_shape
-
             small_kernel(*small_shape(*self.shape), self.stamps)[
                 self.num_layers, self.threads, stream](*args)
             return self.torch_out() if is_torch(load) else self.out

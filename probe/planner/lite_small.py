@@ -35,7 +35,7 @@ import numpy as np
 from numba import int8, int16, int32, int64, uint8, uint32
 
 from probe.planner.lite import GRID, KEY_MAX_TIME, KEY_MAX_TOKENS, KEY_TOKEN_BITS, plan_limits
-from probe.planner.lite_cuda import (
+from probe.planner.lite_device import (
     _COMBINE_ADD,
     _EXPERT_BITS,
     _NONE,

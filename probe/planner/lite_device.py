@@ -1,0 +1,138 @@
+"""The lite planner's device-side helpers, shared by its two CUDA kernels.
+
+probe.planner.lite_cuda (the generic kernel, one block per layer of up to 256 ranks) and
+probe.planner.lite_small (layers whose whole state fits shared memory) both call these:
+lite.py's scalar rules compiled a second time as device functions (`_device_twin`: the same
+source serves the CPU kernel and the GPU), the warp collectives with the simulator's fallback
+(`_lanes_in_scratch`: Numba's CUDA simulator has no shuffles or ballots), and the packed keys'
+constants. Nothing here launches a kernel.
+"""
+
+from __future__ import annotations
+
+import types
+
+from numba import int64, uint32
+
+from probe.planner import lite
+from probe.planner.greedy import _static_share
+from probe.planner.lite import GRID
+from probe.planner.numba_cuda import (
+    LINEINFO,
+    WARP_SHUFFLES,
+    cuda,
+    device,
+    warp_bits,
+    warp_count,
+    warp_max,
+    warp_min,
+)
+from probe.planner.scalar import pool_entry
+
+# A warp's 32 lanes are one pair's grid points in the amount's grid steps.
+assert GRID == 32
+_NONE = (1 << 62) + ((1 << 62) - 1)  # larger than every packed (f, x) key
+_EXPERT_BITS = 16  # packed (tokens, -expert) keys: experts < 2**16
+
+
+def _device_twin(fn, helpers: dict):
+    """fn of lite.py compiled as a device function, its global names in helpers rebound."""
+    names = dict(fn.__globals__)
+    names.update(helpers)
+    twin = types.FunctionType(fn.__code__, names, fn.__name__)
+    return cuda.jit(device=True, **LINEINFO)(twin)
+
+
+_HELPERS: dict = {"_static_share": device(_static_share, inline=True),
+                  "pool_entry": device(pool_entry)}
+for _fn in (*lite.HELPERS, lite.window_ticks):
+    _py = getattr(_fn, "py_func", _fn)  # the helpers are Numba dispatchers
+    _HELPERS[_py.__name__] = _device_twin(_py, _HELPERS)
+_move_base = _HELPERS["move_base"]
+_eval_amount = _HELPERS["eval_amount"]
+_grid_point = _HELPERS["grid_point"]
+_block_value = _HELPERS["block_value"]
+_copy_source = _HELPERS["copy_source"]
+_window_ticks = _HELPERS["window_ticks"]
+_pool_entry = _HELPERS["pool_entry"]
+_pool_source = _HELPERS["pool_source"]
+_add_replica = _HELPERS["add_replica"]
+
+
+@cuda.jit(device=True, inline=True, **LINEINFO)
+def _first_item(tid, nt, width):  # pragma: no cover - device code
+    """(row, column) of item tid of a loop over [rows, width] items, and the (rows, columns)
+    that nt items add: the loop steps with `_next_item`, without a division per item."""
+    row = tid // width
+    step = nt // width
+    return row, tid - row * width, step, nt - step * width
+
+
+@cuda.jit(device=True, inline=True, **LINEINFO)
+def _next_item(row, col, drow, dcol, width):  # pragma: no cover - device code
+    """(row, column) of the item drow * width + dcol items after (row, col), dcol < width."""
+    col += dcol
+    if col >= width:
+        return row + drow + 1, col - width
+    return row + drow, col
+
+
+# How the simulator's warps combine their lanes' values (`_lanes_in_scratch`).
+_COMBINE_MAX, _COMBINE_MIN, _COMBINE_OR, _COMBINE_ADD = range(4)
+
+
+@cuda.jit(device=True, inline=True, **LINEINFO)
+def _lanes_in_scratch(v, scratch, w, lane, op):  # pragma: no cover - device code (simulator)
+    """The simulator's warp collective (it has no shuffles or ballots): v of warp w's lanes
+    combined by op (_COMBINE_*) through scratch[w] between block barriers, for every lane; so
+    every thread of the block must call it as often. Lane 0 starts scratch[w] at its own v for
+    a maximum or a minimum, at 0 for an OR or a sum."""
+    cuda.syncthreads()
+    if lane == 0:
+        scratch[w] = v if op <= _COMBINE_MIN else 0  # a maximum or a minimum
+    cuda.syncthreads()
+    if op == _COMBINE_MAX:
+        cuda.atomic.max(scratch, w, v)
+    elif op == _COMBINE_MIN:
+        cuda.atomic.min(scratch, w, v)
+    elif op == _COMBINE_OR:
+        cuda.atomic.or_(scratch, w, v)
+    else:
+        cuda.atomic.add(scratch, w, v)
+    cuda.syncthreads()
+    return scratch[w]
+
+
+@cuda.jit(device=True, inline=True, **LINEINFO)
+def _warp_best(v, scratch, w, lane, largest):  # pragma: no cover - device code
+    """The maximum (largest) or the minimum of v over the lanes of warp w, for every lane:
+    shuffles on a GPU; in the simulator `_lanes_in_scratch`."""
+    if WARP_SHUFFLES:
+        return warp_max(v) if largest else warp_min(v)
+    return _lanes_in_scratch(v, scratch, w, lane, _COMBINE_MAX if largest else _COMBINE_MIN)
+
+
+@cuda.jit(device=True, inline=True, **LINEINFO)
+def _warp_bits(bits, scratch, w, lane):  # pragma: no cover - device code
+    """The OR of bits over the lanes of warp w, for every lane, where each lane's bits are at
+    most its own bit (1 << lane; a lane of a one-lane warp sets any): one ballot on a GPU; in
+    the simulator `_lanes_in_scratch`."""
+    if WARP_SHUFFLES:
+        return warp_bits(bits)
+    return uint32(_lanes_in_scratch(int64(bits), scratch, w, lane, _COMBINE_OR))
+
+
+@cuda.jit(device=True, inline=True, **LINEINFO)
+def _warp_count(flag, scratch, w, lane):  # pragma: no cover - device code
+    """How many lanes of warp w have flag set, for every lane: a ballot and a population
+    count on a GPU; in the simulator `_lanes_in_scratch`."""
+    if WARP_SHUFFLES:
+        return warp_count(flag)
+    return _lanes_in_scratch(int64(1 if flag else 0), scratch, w, lane, _COMBINE_ADD)
+
+
+@cuda.jit(device=True, inline=True, **LINEINFO)
+def _key_expert(key):  # pragma: no cover - device code
+    """The expert of a packed (tokens, -expert) key."""
+    return ((1 << _EXPERT_BITS) - 1) - (key & ((1 << _EXPERT_BITS) - 1))
+_share = _HELPERS["_static_share"]
