@@ -72,7 +72,6 @@ from probe.planner import lite
 from probe.planner.cost import CostModel
 from probe.planner.cuda_common import LayerPlanner, is_torch
 from probe.planner.lite import (
-    GRID,
     KEY_MAX_TIME,
     KEY_MAX_TOKENS,
     KEY_TOKEN_BITS,
@@ -89,22 +88,18 @@ from probe.planner.numba_cuda import (
     cuda,
     lanes_add,
     lanes_max,
-    warp_any,
     warp_last,
     warp_scan,
     warp_sync,
 )
 from probe.planner.lite_device import (
+    _best_amount,
     _EXPERT_BITS,
-    _NONE,
     _add_replica,
     _block_value,
     _copy_source,
-    _eval_amount,
     _first_item,
-    _grid_point,
     _key_expert,
-    _move_base,
     _next_item,
     _pool_entry,
     _pool_source,
@@ -745,36 +740,10 @@ def kernel(max_ranks: int, upto: int = FULL, stamps: bool = False, threads: int 
                                 n_a += a
                 warp_sync()
                 # Rule 4: the amount's grid steps, a lane per grid point, the warp's minimum
-                # of (f, x); every lane narrows the range alike.
-                searching = key >= 0 and n > 0
-                lo = 1
-                hi = n_a
-                best = _NONE
-                move = (0, 0, 0, 0, 0, 0, 0, 0, 0)
-                if searching:  # what f(x) takes whatever x, once per pair
-                    move = _move_base(n, pool_s[i], cum[i], e, h, c, cnt, comp, tin, tout, A)
-                while warp_any(searching):
-                    v = _NONE
-                    if searching:
-                        j = lane
-                        while j < GRID:
-                            x = _grid_point(j, lo, hi)
-                            f = _eval_amount(x, n, pool_s[i], cum[i], pre_h[i], pre_c[i], h, c,
-                                             A, B, tt, move)
-                            k = (f << KEY_TOKEN_BITS) + x
-                            if k < v:
-                                v = k
-                            j += width
-                    v = _warp_best(v, wbest, warp, lane, False)
-                    if searching:
-                        best = v
-                        if hi - lo < GRID:
-                            searching = False
-                        else:
-                            best_x = v & (KEY_MAX_TOKENS - 1)
-                            step = (hi - lo) // (GRID - 1) + 1
-                            lo = best_x - step if best_x - step > lo else lo
-                            hi = best_x + step if best_x + step < hi else hi
+                # of (f, x); every lane narrows the range alike (lite_device._best_amount).
+                best = _best_amount(key >= 0 and n > 0, n, n_a, pool_s[i], cum[i], pre_h[i],
+                                    pre_c[i], e, h, c, cnt, comp, tin, tout, A, B, tt, wbest,
+                                    warp, lane, width)
                 # The gain test.
                 if live and lane == 0:
                     pair_len[i] = n

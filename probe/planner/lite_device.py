@@ -16,12 +16,13 @@ from numba import int64, uint32
 
 from probe.planner import lite
 from probe.planner.greedy import _static_share
-from probe.planner.lite import GRID
+from probe.planner.lite import GRID, KEY_MAX_TOKENS, KEY_TOKEN_BITS
 from probe.planner.numba_cuda import (
     LINEINFO,
     WARP_SHUFFLES,
     cuda,
     device,
+    warp_any,
     warp_bits,
     warp_count,
     warp_max,
@@ -136,3 +137,41 @@ def _key_expert(key):  # pragma: no cover - device code
     """The expert of a packed (tokens, -expert) key."""
     return ((1 << _EXPERT_BITS) - 1) - (key & ((1 << _EXPERT_BITS) - 1))
 _share = _HELPERS["_static_share"]
+
+
+@cuda.jit(device=True, inline=True, **LINEINFO)
+def _best_amount(searching, n, n_a, pool_s, cum, pre_h, pre_c, e, h, c, cnt, comp, tin, tout,
+                 A, B, tt, scratch, warp, lane, width):  # pragma: no cover - device code
+    """Rule 4 on one warp: the amount's grid steps over a pair's pool of n entries and n_a
+    tokens (a lane per grid point evaluates f(x), the warp's minimum of the packed (f, x),
+    every lane narrows the range alike); returns the packed best (f << KEY_TOKEN_BITS) + x, or
+    _NONE where the warp is not searching. Every warp of the block calls it (the simulator's
+    warp_any and warp minimum are block barriers)."""
+    lo = 1
+    hi = n_a
+    best = _NONE
+    move = (0, 0, 0, 0, 0, 0, 0, 0, 0)
+    if searching:  # what f(x) takes whatever x, once per pair
+        move = _move_base(n, pool_s, cum, e, h, c, cnt, comp, tin, tout, A)
+    while warp_any(searching):
+        v = _NONE
+        if searching:
+            j = lane
+            while j < GRID:
+                x = _grid_point(j, lo, hi)
+                f = _eval_amount(x, n, pool_s, cum, pre_h, pre_c, h, c, A, B, tt, move)
+                k = (f << KEY_TOKEN_BITS) + x
+                if k < v:
+                    v = k
+                j += width
+        v = _warp_best(v, scratch, warp, lane, False)
+        if searching:
+            best = v
+            if hi - lo < GRID:
+                searching = False
+            else:
+                best_x = v & (KEY_MAX_TOKENS - 1)
+                step = (hi - lo) // (GRID - 1) + 1
+                lo = best_x - step if best_x - step > lo else lo
+                hi = best_x + step if best_x + step < hi else hi
+    return best

@@ -40,17 +40,15 @@ from __future__ import annotations
 import numpy as np
 from numba import int8, int16, int32, int64, uint8, uint32
 
-from probe.planner.lite import GRID, KEY_MAX_TIME, KEY_MAX_TOKENS, KEY_TOKEN_BITS, plan_limits
+from probe.planner.lite import KEY_MAX_TIME, KEY_MAX_TOKENS, KEY_TOKEN_BITS, plan_limits
 from probe.planner.lite_device import (
+    _add_replica,
+    _best_amount,
     _COMBINE_ADD,
     _EXPERT_BITS,
-    _NONE,
     _copy_source,
-    _eval_amount,
-    _grid_point,
     _key_expert,
     _lanes_in_scratch,
-    _move_base,
     _pool_entry,
     _pool_source,
     _warp_best,
@@ -62,7 +60,6 @@ from probe.planner.numba_cuda import (
     WARP_SHUFFLES,
     clock64,
     cuda,
-    warp_any,
     warp_last,
     warp_scan,
     warp_sum,
@@ -556,35 +553,9 @@ def small_kernel(rp: int, ep: int, stamps: bool = False):
                                 n += 1
                                 n_a += a
                 warp_sync()
-                searching = key >= 0 and n > 0
-                lo = 1
-                hi = n_a
-                best = _NONE
-                move = (0, 0, 0, 0, 0, 0, 0, 0, 0)
-                if searching:
-                    move = _move_base(n, pool_s[i], cum[i], e, h, c, cnt, comp, tin, tout, A)
-                while warp_any(searching):
-                    v = _NONE
-                    if searching:
-                        j = lane
-                        while j < GRID:
-                            x = _grid_point(j, lo, hi)
-                            f = _eval_amount(x, n, pool_s[i], cum[i], pre_h[i], pre_c[i], h, c,
-                                             A, B, tt_s, move)
-                            k = (f << KEY_TOKEN_BITS) + x
-                            if k < v:
-                                v = k
-                            j += width
-                    v = _warp_best(v, wbest, warp, lane, False)
-                    if searching:
-                        best = v
-                        if hi - lo < GRID:
-                            searching = False
-                        else:
-                            best_x = v & (KEY_MAX_TOKENS - 1)
-                            step = (hi - lo) // (GRID - 1) + 1
-                            lo = best_x - step if best_x - step > lo else lo
-                            hi = best_x + step if best_x + step < hi else hi
+                best = _best_amount(key >= 0 and n > 0, n, n_a, pool_s[i], cum[i], pre_h[i],
+                                    pre_c[i], e, h, c, cnt, comp, tin, tout, A, B, tt_s, wbest,
+                                    warp, lane, width)
                 if live and lane == 0:
                     pair_len[i] = n
                     pair_e[i] = -1
@@ -625,17 +596,9 @@ def small_kernel(rp: int, ep: int, stamps: bool = False):
                             blk_expert[fresh] = e
                             ints[_NBLK] = fresh + 1
                     if ok and src >= 0:
-                        n_rep = ints[_NREP]
                         hbits[e] |= int64(1) << c
-                        rep[n_rep, 0] = c
-                        rep[n_rep, 1] = e
-                        rep[n_rep, 2] = src
-                        held[c, e] = 1
-                        rep_on[c, used[c]] = e
-                        used[c] += 1
-                        sent[src] += xt_s[src, c]
-                        recv[c] += xt_s[src, c]
-                        ints[_NREP] = n_rep + 1
+                        ints[_NREP] = _add_replica(c, e, src, ints[_NREP], rep, held, rep_on,
+                                                   used, sent, recv, xt_s)
                     ints[_NNEW] = fresh
                     if ok:
                         ints[_APPLIED] += 1
