@@ -74,7 +74,6 @@ from probe.planner.cuda_common import LayerPlanner, is_torch
 from probe.planner.lite import (
     KEY_MAX_TIME,
     KEY_MAX_TOKENS,
-    KEY_TOKEN_BITS,
     LiteRules,
     cost_ticks,
     home_lists,
@@ -83,28 +82,20 @@ from probe.planner.lite import (
 from probe.planner.numba_cuda import (
     LINEINFO,
     SIMULATOR,
-    WARP_SHUFFLES,
     clock64,
     cuda,
     lanes_add,
     lanes_max,
-    warp_last,
-    warp_scan,
-    warp_sync,
 )
 from probe.planner.lite_device import (
-    _best_amount,
+    _pair_move,
     _EXPERT_BITS,
     _add_replica,
-    _block_value,
     _copy_source,
     _first_item,
-    _key_expert,
     _next_item,
     _pool_entry,
-    _pool_source,
     _share,
-    _warp_best,
     _warp_bits,
     _warp_count,
     _window_ticks,
@@ -330,7 +321,6 @@ def kernel(max_ranks: int, upto: int = FULL, stamps: bool = False, threads: int 
     UPTO = upto  # noqa: N806 (a compile-time constant)
     STAMPS = stamps  # noqa: N806
     INLINE = inline_start  # noqa: N806
-    LINES = bool(LINEINFO)  # noqa: N806 (compiled with line information for a profiler)
     GM = max_ranks  # noqa: N806 (compile-time sizes of the shared arrays)
     STATE = state is not None  # noqa: N806
     RP, EP = state if STATE else (1, 1)  # noqa: N806
@@ -658,101 +648,13 @@ def kernel(max_ranks: int, upto: int = FULL, stamps: bool = False, threads: int 
                 live = i < n_pairs
                 h = pair_h[i] if live else 0
                 c = pair_c[i] if live else 0
-                # Rule 2: a lane per expert h holds; the most tokens on h, ties to the lowest.
-                key = -1
-                if live:
-                    j = lane
-                    while j < nhome[h] + used[h]:
-                        e = rank_home[h, j] if j < nhome[h] else rep_on[h, j - nhome[h]]
-                        if cnt[h, e] > 0 and (held[c, e] != 0 or _copy_source(
-                                e, c, used, slots, sent, recv, wt, xt, hcount, hlist) >= 0):
-                            k = (cnt[h, e] << _EXPERT_BITS) + ((1 << _EXPERT_BITS) - 1 - e)
-                            if k > key:
-                                key = k
-                        j += width
-                key = _warp_best(key, wbest, warp, lane, True)
-                e = _key_expert(key) if key >= 0 else 0
-                # Rule 3: the pool (c's tokens, the other sources in rank order, h's), a lane
-                # per source, each entry's place and prefix sums from the lanes' prefix sums.
-                n = 0
-                n_a = 0
-                if key >= 0:
-                    b = blk_of[e]
-                    if WARP_SHUFFLES:
-                        n_h = 0
-                        n_c = 0
-                        base = 0
-                        while base <= num_ranks:
-                            q = base + lane
-                            a = 0
-                            s = 0
-                            if q <= num_ranks:
-                                s = _pool_source(q, h, c, num_ranks, tt)
-                                if s >= 0 and LINES:  # read both and select: NVVM
-                                    # refuses the branch between the two loads with line
-                                    # information ("Symbol name with unsupported characters")
-                                    a_blk = blk_assign[b if b >= 0 else 0, s, h]
-                                    a_split = _share(load, home, hpos, hcount, s, e, h)
-                                    a = a_blk if b >= 0 else a_split
-                                elif s >= 0:
-                                    a = _block_value(blk_assign, b, s, e, h, load, home, hpos,
-                                                     hcount)
-                            v_h = a * tt[s, h] if a > 0 else 0
-                            v_c = a * tt[s, c] if a > 0 else 0
-                            at = warp_scan(1 if a > 0 else 0)
-                            sum_a = warp_scan(a)
-                            sum_h = warp_scan(v_h)
-                            sum_c = warp_scan(v_c)
-                            if a > 0:
-                                pool_s[i, n + at - 1] = s
-                                pool_n[i, n + at - 1] = a
-                                cum[i, n + at] = n_a + sum_a
-                                pre_h[i, n + at] = n_h + sum_h
-                                pre_c[i, n + at] = n_c + sum_c
-                            n += warp_last(at)
-                            n_a += warp_last(sum_a)
-                            n_h += warp_last(sum_h)
-                            n_c += warp_last(sum_c)
-                            base += width
-                        if lane == 0:
-                            cum[i, 0] = 0
-                            pre_h[i, 0] = 0
-                            pre_c[i, 0] = 0
-                    else:  # (the simulator) every lane lays the pool out, lane 0 writes it
-                        for q in range(num_ranks + 1):
-                            s = _pool_source(q, h, c, num_ranks, tt)
-                            a = 0
-                            if s >= 0:
-                                a = _block_value(blk_assign, b, s, e, h, load, home, hpos,
-                                                 hcount)
-                            if a > 0:
-                                if lane == 0:
-                                    if n == 0:
-                                        cum[i, 0] = 0
-                                        pre_h[i, 0] = 0
-                                        pre_c[i, 0] = 0
-                                    pool_s[i, n] = s
-                                    pool_n[i, n] = a
-                                    cum[i, n + 1] = cum[i, n] + a
-                                    pre_h[i, n + 1] = pre_h[i, n] + a * tt[s, h]
-                                    pre_c[i, n + 1] = pre_c[i, n] + a * tt[s, c]
-                                n += 1
-                                n_a += a
-                warp_sync()
-                # Rule 4: the amount's grid steps, a lane per grid point, the warp's minimum
-                # of (f, x); every lane narrows the range alike (lite_device._best_amount).
-                best = _best_amount(key >= 0 and n > 0, n, n_a, pool_s[i], cum[i], pre_h[i],
-                                    pre_c[i], e, h, c, cnt, comp, tin, tout, A, B, tt, wbest,
-                                    warp, lane, width)
-                # The gain test.
-                if live and lane == 0:
-                    pair_len[i] = n
-                    pair_e[i] = -1
-                    if key >= 0 and n > 0:
-                        best_f = best >> KEY_TOKEN_BITS
-                        if (times[h] - best_f) * 1000000 > eps_ppm * times[h]:
-                            pair_e[i] = e
-                            pair_x[i] = best & (KEY_MAX_TOKENS - 1)
+                # Rules 2-4 and the gain test (lite_device._pair_move: a lane per expert h
+                # holds, the pool laid out from the lanes' prefix sums, a lane per grid point).
+                _pair_move(i, live, h, c, times[h], nhome[h], rank_home, rep_on, used, cnt,
+                           held, blk_of, slots, sent, recv, wt, xt, hcount, hlist, num_ranks, tt,
+                           blk_assign, load, home, hpos, comp, tin, tout, A, B, eps_ppm, pool_s,
+                           pool_n, cum, pre_h, pre_c, pair_len, pair_e, pair_x, wbest, warp,
+                           lane, width)
             cuda.syncthreads()
             if STAMPS and tid == 0:
                 stamps[sbase + 5] = clock64()

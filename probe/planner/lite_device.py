@@ -25,10 +25,16 @@ from probe.planner.numba_cuda import (
     warp_any,
     warp_bits,
     warp_count,
+    warp_last,
     warp_max,
     warp_min,
+    warp_scan,
+    warp_sync,
 )
 from probe.planner.scalar import pool_entry
+
+# Compiled with line information for a profiler (a branch between two loads then breaks NVVM).
+LINES = bool(LINEINFO)
 
 # A warp's 32 lanes are one pair's grid points in the amount's grid steps.
 assert GRID == 32
@@ -175,3 +181,118 @@ def _best_amount(searching, n, n_a, pool_s, cum, pre_h, pre_c, e, h, c, cnt, com
                 lo = best_x - step if best_x - step > lo else lo
                 hi = best_x + step if best_x + step < hi else hi
     return best
+
+
+@cuda.jit(device=True, inline=True, **LINEINFO)
+def _lay_pool(b, e, h, c, num_ranks, tt, blk, load, home, hpos, hcount, pool_s, pool_n, cum,
+              pre_h, pre_c, lane, width):  # pragma: no cover - device code
+    """Rule 3 on one warp: the pool of a pair's move of expert e from h to c (c's tokens, the
+    other sources in rank order, h's), each entry's source, tokens and prefix sums (tokens,
+    token-times to h, to c) written into the pair's rows; returns (entries, tokens). On a GPU a
+    lane per source, each entry's place from the lanes' prefix sums; in the simulator (no
+    shuffles) every lane lays the pool out and lane 0 writes it. b: e's block in blk, or -1
+    (the static split of load)."""
+    n = 0
+    n_a = 0
+    if WARP_SHUFFLES:
+        n_h = 0
+        n_c = 0
+        base = 0
+        while base <= num_ranks:
+            q = base + lane
+            a = 0
+            s = 0
+            if q <= num_ranks:
+                s = _pool_source(q, h, c, num_ranks, tt)
+                if s >= 0 and LINES:  # read both and select: NVVM refuses the branch
+                    # between the two loads with line information ("Symbol name with
+                    # unsupported characters")
+                    a_blk = blk[b if b >= 0 else 0, s, h]
+                    a_split = _share(load, home, hpos, hcount, s, e, h)
+                    a = int64(a_blk if b >= 0 else a_split)
+                elif s >= 0:
+                    a = int64(_block_value(blk, b, s, e, h, load, home, hpos, hcount))
+            v_h = a * tt[s, h] if a > 0 else 0
+            v_c = a * tt[s, c] if a > 0 else 0
+            at = warp_scan(1 if a > 0 else 0)
+            sum_a = warp_scan(a)
+            sum_h = warp_scan(v_h)
+            sum_c = warp_scan(v_c)
+            if a > 0:
+                pool_s[n + at - 1] = s
+                pool_n[n + at - 1] = a
+                cum[n + at] = n_a + sum_a
+                pre_h[n + at] = n_h + sum_h
+                pre_c[n + at] = n_c + sum_c
+            n += warp_last(at)
+            n_a += warp_last(sum_a)
+            n_h += warp_last(sum_h)
+            n_c += warp_last(sum_c)
+            base += width
+        if lane == 0:
+            cum[0] = 0
+            pre_h[0] = 0
+            pre_c[0] = 0
+    else:
+        for q in range(num_ranks + 1):
+            s = _pool_source(q, h, c, num_ranks, tt)
+            a = 0
+            if s >= 0:
+                a = int64(_block_value(blk, b, s, e, h, load, home, hpos, hcount))
+            if a > 0:
+                if lane == 0:
+                    if n == 0:
+                        cum[0] = 0
+                        pre_h[0] = 0
+                        pre_c[0] = 0
+                    pool_s[n] = s
+                    pool_n[n] = a
+                    cum[n + 1] = cum[n] + a
+                    pre_h[n + 1] = pre_h[n] + a * tt[s, h]
+                    pre_c[n + 1] = pre_c[n] + a * tt[s, c]
+                n += 1
+                n_a += a
+    return n, n_a
+
+
+@cuda.jit(device=True, inline=True, **LINEINFO)
+def _pair_move(i, live, h, c, t_h, nhome_h, rank_home, rep_on, used, cnt, held, blk_of, slots,
+               sent, recv, wt, xt, hcount, hlist, num_ranks, tt, blk, load, home, hpos, comp,
+               tin, tout, A, B, eps_ppm, pool_s, pool_n, cum, pre_h, pre_c, pair_len, pair_e,
+               pair_x, scratch, warp, lane, width):  # pragma: no cover - device code
+    """Rules 2-4 of pair i (hot rank h, time t_h, and cold rank c) on one warp, with no block
+    barrier: its expert (a lane per expert h holds, the warp's maximum of (tokens, -expert)),
+    its pool (`_lay_pool`), its amount (`_best_amount`) and the gain test; lane 0 writes
+    pair_len[i], and pair_e[i] (-1: no move), pair_x[i]. A warp whose pair slot is past the
+    pairs (live False) runs along: every warp makes as many calls (the simulator's collectives
+    are block barriers)."""
+    key = -1
+    if live:
+        j = lane
+        while j < nhome_h + used[h]:
+            e = int64(rank_home[h, j]) if j < nhome_h else rep_on[h, j - nhome_h]
+            n = int64(cnt[h, e])
+            if n > 0 and (held[c, e] != 0 or _copy_source(e, c, used, slots, sent, recv, wt,
+                                                          xt, hcount, hlist) >= 0):
+                k = (n << _EXPERT_BITS) + ((1 << _EXPERT_BITS) - 1 - e)
+                if k > key:
+                    key = k
+            j += width
+    key = _warp_best(key, scratch, warp, lane, True)
+    e = _key_expert(key) if key >= 0 else 0
+    n = 0
+    n_a = 0
+    if key >= 0:
+        n, n_a = _lay_pool(blk_of[e], e, h, c, num_ranks, tt, blk, load, home, hpos, hcount,
+                           pool_s[i], pool_n[i], cum[i], pre_h[i], pre_c[i], lane, width)
+    warp_sync()
+    best = _best_amount(key >= 0 and n > 0, n, n_a, pool_s[i], cum[i], pre_h[i], pre_c[i], e,
+                        h, c, cnt, comp, tin, tout, A, B, tt, scratch, warp, lane, width)
+    if live and lane == 0:
+        pair_len[i] = n
+        pair_e[i] = -1
+        if key >= 0 and n > 0:
+            best_f = best >> KEY_TOKEN_BITS
+            if (t_h - best_f) * 1000000 > eps_ppm * t_h:
+                pair_e[i] = e
+                pair_x[i] = best & (KEY_MAX_TOKENS - 1)

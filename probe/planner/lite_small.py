@@ -40,18 +40,15 @@ from __future__ import annotations
 import numpy as np
 from numba import int8, int16, int32, int64, uint8, uint32
 
-from probe.planner.lite import KEY_MAX_TIME, KEY_MAX_TOKENS, KEY_TOKEN_BITS, plan_limits
+from probe.planner.lite import KEY_MAX_TIME, KEY_MAX_TOKENS, plan_limits
 from probe.planner.lite_device import (
+    _pair_move,
+    _share,
     _add_replica,
-    _best_amount,
     _COMBINE_ADD,
-    _EXPERT_BITS,
     _copy_source,
-    _key_expert,
     _lanes_in_scratch,
     _pool_entry,
-    _pool_source,
-    _warp_best,
     _warp_bits,
     _window_ticks,
 )
@@ -60,8 +57,6 @@ from probe.planner.numba_cuda import (
     WARP_SHUFFLES,
     clock64,
     cuda,
-    warp_last,
-    warp_scan,
     warp_sum,
     warp_sync,
 )
@@ -99,7 +94,7 @@ def _shared_bytes(rp: int, ep: int) -> int:
     pm = max(rp // 2, 1)
     return (2 * 4 * rp * ep  # load and counts
             + 4 * block_cap(rp, ep) * rp * rp  # the plan's expert blocks
-            + 2 * rp * ep  # home positions, held
+            + 3 * rp * ep  # home positions, held, home
             + 2 * rp * ep  # home lists of the ranks
             + 8 * ep + ep * rp + ep + 8 * ep  # held bits, holders, their count, blocks
             + 3 * 8 * rp * rp  # token and transfer times, the start's flows
@@ -119,28 +114,6 @@ def small_fits(num_ranks: int, num_experts: int, slots, threads: int) -> bool:
     return (num_ranks <= SMALL_RANKS and int(slots.max(initial=0)) <= SLOT_CAP
             and max_blocks <= block_cap(rp, ep) and threads <= MAX_THREADS
             and threads % 32 == 0 and _shared_bytes(rp, ep) <= SHARED_BYTES)
-
-
-@cuda.jit(device=True, inline=True, **LINEINFO)
-def _share(load_s, hpos_s, hcount_s, s, e, g):  # pragma: no cover - device code
-    """greedy._static_share on the shared arrays: tokens of (s, e) on rank g in the static
-    split (hpos_s[s, e] >= 0 is home[s, e])."""
-    n = int64(load_s[s, e])
-    if hpos_s[s, e] >= 0:
-        return n if g == s else 0
-    h = int64(hcount_s[e])
-    if h == 1:
-        return n if hpos_s[g, e] == 0 else 0
-    pos = int32(hpos_s[g, e])
-    if pos < 0:
-        return 0
-    # 32-bit divisions (n < 2**24 tokens in a planned layer, h <= 16 holders): a 64-bit
-    # division by a variable is a long subroutine on the GPU.
-    n32 = int32(n)
-    h32 = int32(h)
-    q = n32 // h32
-    r = n32 - q * h32
-    return int64(q) + (1 if (pos + int32(s)) % h32 < r else 0)
 
 
 @cuda.jit(device=True, inline=True, **LINEINFO)
@@ -212,6 +185,7 @@ def small_kernel(rp: int, ep: int, stamps: bool = False):
         blk_s = cuda.shared.array((BM, RP, RP), int32)  # the plan's expert blocks
         hpos_s = cuda.shared.array((RP, EP), int8)
         held = cuda.shared.array((RP, EP), uint8)
+        home_b = cuda.shared.array((RP, EP), uint8)  # the layer's home placement
         home_s = cuda.shared.array((RP, EP), int16)  # each rank's home experts
         hbits = cuda.shared.array(EP, int64)  # bit g: g holds the expert
         hlist_s = cuda.shared.array((EP, RP), int8)
@@ -295,6 +269,7 @@ def small_kernel(rp: int, ep: int, stamps: bool = False):
                     load_s[s, e] = v if 0 <= v < KEY_MAX_TOKENS else 0  # (else: rejected)
                     hpos_s[s, e] = p
                     held[s, e] = 1 if p >= 0 else 0
+                    home_b[s, e] = 1 if p >= 0 else 0
             if negative:
                 cuda.atomic.max(ints, _STATUS, 1)
             if total >= KEY_MAX_TOKENS:
@@ -325,7 +300,7 @@ def small_kernel(rp: int, ep: int, stamps: bool = False):
                     if hpos_s[g, e] >= 0:
                         for s in range(RP):
                             if s < num_ranks:
-                                n += _share(load_s, hpos_s, hcount_s, s, e, g)
+                                n += int64(_share(load_s, home_b, hpos_s, hcount_s, s, e, g))
                     cnt[g, e] = n
                 k += nt
             k = tid
@@ -335,7 +310,8 @@ def small_kernel(rp: int, ep: int, stamps: bool = False):
                 if s < num_ranks and g < num_ranks:
                     n = 0
                     for j in range(nhome_s[g]):
-                        n += _share(load_s, hpos_s, hcount_s, s, int64(home_s[g, j]), g)
+                        n += int64(_share(load_s, home_b, hpos_s, hcount_s, s,
+                                          int64(home_s[g, j]), g))
                     flow[s, g] = n
                 k += nt
         cuda.syncthreads()
@@ -478,93 +454,12 @@ def small_kernel(rp: int, ep: int, stamps: bool = False):
                 live = i < n_pairs
                 h = pair_h[i] if live else 0
                 c = pair_c[i] if live else 0
-                key = -1
-                if live:
-                    nh = nhome_s[h]
-                    j = lane
-                    while j < nh + used[h]:
-                        e = int64(home_s[h, j]) if j < nh else rep_on[h, j - nh]
-                        n = int64(cnt[h, e])
-                        if n > 0 and (held[c, e] != 0 or _copy_source(
-                                e, c, used, slots_s, sent, recv, wt, xt_s, hcount_s,
-                                hlist_s) >= 0):
-                            k = (n << _EXPERT_BITS) + ((1 << _EXPERT_BITS) - 1 - e)
-                            if k > key:
-                                key = k
-                        j += width
-                key = _warp_best(key, wbest, warp, lane, True)
-                e = _key_expert(key) if key >= 0 else 0
-                n = 0
-                n_a = 0
-                if key >= 0:
-                    b = blk_of[e]
-                    if WARP_SHUFFLES:
-                        n_h = 0
-                        n_c = 0
-                        base = 0
-                        while base <= num_ranks:
-                            q = base + lane
-                            a = 0
-                            s = 0
-                            if q <= num_ranks:
-                                s = _pool_source(q, h, c, num_ranks, tt_s)
-                                if s >= 0:
-                                    a = (int64(blk_s[b, s, h]) if b >= 0
-                                         else _share(load_s, hpos_s, hcount_s, s, e, h))
-                            v_h = a * tt_s[s, h] if a > 0 else 0
-                            v_c = a * tt_s[s, c] if a > 0 else 0
-                            at = warp_scan(1 if a > 0 else 0)
-                            sum_a = warp_scan(a)
-                            sum_h = warp_scan(v_h)
-                            sum_c = warp_scan(v_c)
-                            if a > 0:
-                                pool_s[i, n + at - 1] = s
-                                pool_n[i, n + at - 1] = a
-                                cum[i, n + at] = n_a + sum_a
-                                pre_h[i, n + at] = n_h + sum_h
-                                pre_c[i, n + at] = n_c + sum_c
-                            n += warp_last(at)
-                            n_a += warp_last(sum_a)
-                            n_h += warp_last(sum_h)
-                            n_c += warp_last(sum_c)
-                            base += width
-                        if lane == 0:
-                            cum[i, 0] = 0
-                            pre_h[i, 0] = 0
-                            pre_c[i, 0] = 0
-                    else:  # (the simulator) every lane lays the pool out, lane 0 writes it
-                        for q in range(num_ranks + 1):
-                            s = _pool_source(q, h, c, num_ranks, tt_s)
-                            a = 0
-                            if s >= 0:
-                                a = (int64(blk_s[b, s, h]) if b >= 0
-                                     else _share(load_s, hpos_s, hcount_s, s, e, h))
-                            if a > 0:
-                                if lane == 0:
-                                    if n == 0:
-                                        cum[i, 0] = 0
-                                        pre_h[i, 0] = 0
-                                        pre_c[i, 0] = 0
-                                    pool_s[i, n] = s
-                                    pool_n[i, n] = a
-                                    cum[i, n + 1] = cum[i, n] + a
-                                    pre_h[i, n + 1] = pre_h[i, n] + a * tt_s[s, h]
-                                    pre_c[i, n + 1] = pre_c[i, n] + a * tt_s[s, c]
-                                n += 1
-                                n_a += a
-                warp_sync()
-                best = _best_amount(key >= 0 and n > 0, n, n_a, pool_s[i], cum[i], pre_h[i],
-                                    pre_c[i], e, h, c, cnt, comp, tin, tout, A, B, tt_s, wbest,
-                                    warp, lane, width)
-                if live and lane == 0:
-                    pair_len[i] = n
-                    pair_e[i] = -1
-                    if key >= 0 and n > 0:
-                        best_f = best >> KEY_TOKEN_BITS
-                        t_h = comp[h] + 2 * (tin[h] if tin[h] > tout[h] else tout[h])
-                        if (t_h - best_f) * 1000000 > eps_ppm * t_h:
-                            pair_e[i] = e
-                            pair_x[i] = best & (KEY_MAX_TOKENS - 1)
+                t_h = comp[h] + 2 * (tin[h] if tin[h] > tout[h] else tout[h])
+                _pair_move(i, live, h, c, t_h, nhome_s[h], home_s, rep_on, used, cnt, held,
+                           blk_of, slots_s, sent, recv, wt, xt_s, hcount_s, hlist_s, num_ranks,
+                           tt_s, blk_s, load_s, home_b, hpos_s, comp, tin, tout, A, B, eps_ppm,
+                           pool_s, pool_n, cum, pre_h, pre_c, pair_len, pair_e, pair_x, wbest,
+                           warp, lane, width)
             cuda.syncthreads()
             if STAMPS and tid == 0:
                 stamps[sbase + 5] = clock64()
@@ -613,7 +508,8 @@ def small_kernel(rp: int, ep: int, stamps: bool = False):
                         s = k // RP
                         g = k - s * RP
                         if s < num_ranks and g < num_ranks:
-                            blk_s[fresh, s, g] = _share(load_s, hpos_s, hcount_s, s, e, g)
+                            blk_s[fresh, s, g] = _share(load_s, home_b, hpos_s, hcount_s, s,
+                                                        e, g)
                         k += width
                 warp_sync()
                 e = pair_e[i]
