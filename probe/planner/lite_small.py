@@ -18,7 +18,7 @@ layers of at most SMALL_RANKS ranks whose whole state fits the block's shared me
   itself (rule 1, the hot ranks in order: a lane per expert of the hot rank ORs its holders'
   fit words into the reach word, a warp OR, then the fastest untaken eligible rank by a warp
   maximum): every warp gets the same pairs, so no barrier is needed before the moves;
-- a warp per pair makes its move (rules 2-4 as lite_cuda's pair step, on shared arrays);
+- a warp per pair makes its move (rules 2-4: lite_device._pair_move, which lite_cuda calls too);
 - warp 0 applies the moves pair by pair in order (rule 5): lane 0 admits a move, the lanes
   write a new block's static split and take the pool's entries, lane 0 updates the two ranks.
 A round is thus three block barriers (lite_cuda: nine, and the atomics of its counting steps).
@@ -26,7 +26,8 @@ A round is thus three block barriers (lite_cuda: nine, and the atomics of its co
 Measured on an H100 (results/h100/run12, one layer at ep=8 / 128 experts, graph replay, each
 against the generic kernel on the same layer in the same call): 73.0 us at 128 threads against
 84.8 (1.16x) and 71.9 against 74.6 at each one's best block size for the first version; 76.2 /
-73.9 us (1.11x / 1.01x) for this one. The clock stamps put each round at about 22,000 cycles
+73.9 us (1.11x / 1.01x) for 52106d6 (since then the pair step moved into lite_device, shared
+with lite_cuda; not timed again). The clock stamps put each round at about 22,000 cycles
 (the first no slower than the others) and the start at 28,000: still 7x off the 10 us target.
 
 `small_kernel(RP, EP)` is the kernel for layers of at most RP ranks (a power of two) and EP
