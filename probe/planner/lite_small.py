@@ -4,8 +4,9 @@ rank-level steps in every warp at once, few block barriers.
 probe.planner.lite_cuda's kernel serves every shape up to 256 ranks: its steps spread items
 over the block and meet at a barrier after each (nine a round), its counts and rank sums go
 through 64-bit atomics, and thread 0 matches the pairs and admits the moves reading the
-global scratch. At ep=8 / 128 experts most of its 74.6 us (an H200, results/h200/run4) is
-warps waiting at those barriers for a chain of dependent loads on one warp. This kernel makes
+global scratch. At ep=8 / 128 experts (74.6 us on an H200, results/h200/run4) Nsight Compute
+put about half of its warps' waiting at those barriers, behind a chain of dependent loads on
+one warp. This kernel makes
 the same plan (the rules of probe.planner.lite, entry for entry as `lite.lite_arrays`) for
 layers of at most SMALL_RANKS ranks whose whole state fits the block's shared memory
 (`small_fits`):
@@ -15,9 +16,10 @@ layers of at most SMALL_RANKS ranks whose whole state fits the block's shared me
   barriers);
 - each round, every warp computes the rank times, their sum, the ranks' order and the copy
   fits (a lane per rank, a loop over the ranks: no collective) and makes the pair matching
-  itself (rule 1, the hot ranks in order: a lane per expert of the hot rank ORs its holders'
-  fit words into the reach word, a warp OR, then the fastest untaken eligible rank by a warp
-  maximum): every warp gets the same pairs, so no barrier is needed before the moves;
+  itself (rule 1: first each hot rank's reach word, a lane per expert it holds OR-ing its
+  holders' fit words in with a 32-bit shared atomic; then the hot ranks in order, each taking
+  the fastest untaken eligible rank by one ballot): every warp gets the same pairs, and warp 0
+  writes them down for the moves (one barrier);
 - a warp per pair makes its move (rules 2-4: lite_device._pair_move, which lite_cuda calls too);
 - warp 0 applies the moves pair by pair in order (rule 5): lane 0 admits a move, the lanes
   write a new block's static split and take the pool's entries, lane 0 updates the two ranks.
@@ -43,13 +45,13 @@ from numba import int8, int16, int32, int64, uint8, uint32
 
 from probe.planner.lite import KEY_MAX_TIME, KEY_MAX_TOKENS, plan_limits
 from probe.planner.lite_device import (
-    _pair_move,
-    _share,
-    _add_replica,
     _COMBINE_ADD,
+    _add_replica,
     _copy_source,
     _lanes_in_scratch,
+    _pair_move,
     _pool_entry,
+    _share,
     _warp_bits,
     _window_ticks,
 )
