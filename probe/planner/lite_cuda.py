@@ -862,7 +862,10 @@ class CudaLite(LayerPlanner):
     """The lite planner on the GPU for one placement, slot budget and cost model (home bool
     [G, E] or [L, G, E], slots int or int [G]; rules: LiteRules; threads per block: a multiple
     of 32). Validates all of it once and keeps the cost model in ticks, the home
-    lists, the scratch and the output buffers on the device; `plan(load, window)` launches."""
+    lists, the scratch and the output buffers on the device; `plan(load, window)` launches.
+    small: plan with probe.planner.lite_small's kernel (None: wherever `small_fits` holds, for
+    the full planner; True where it does not: ValueError; False: this module's kernel);
+    `self.small` says which one a launch runs."""
 
     def __init__(self, home: np.ndarray, slots: np.ndarray | int, cost: CostModel,
                  rules: LiteRules | None = None, *, num_layers: int = 1,
