@@ -108,35 +108,42 @@ def test_small_fits_decides_where_the_kernel_runs():
 def test_simulator_runs_the_small_kernel_with_several_warps():
     """Numba's CUDA simulator (a subprocess: it must be on before numba.cuda is imported),
     64 and 128 threads a block through lite_cuda.CudaLite, which picks the small kernel: random
-    layers equal the CPU kernel."""
+    layers equal the CPU kernel, also with 2 ranks (one pair slot, more warps than slots)."""
     code = """
 import json
 import numpy as np
 from experiments.planner.gpu_lite import cpu_layer, random_batch, same
 from probe.planner.lite_cuda import CudaLite, CudaLitePlan
 from probe.planner.numba_cuda import cuda
-rng = np.random.default_rng(5)
 done = differ = small = 0
-for threads in (64, 128, 64):
-    load, home, slots, window, cost, rules = random_batch(rng, 2, ranks=(4, 8))
-    runner = CudaLite(home, slots, cost, rules, num_layers=2, threads=threads)
+
+def check(batch, threads):
+    global done, differ, small
+    load, home, slots, window, cost, rules = batch
+    runner = CudaLite(home, slots, cost, rules, num_layers=len(load), threads=threads)
     small += runner.small
     out = CudaLitePlan(*(a.copy_to_host() for a in runner.plan(cuda.to_device(load),
                                                                 cuda.to_device(window))))
-    for i in range(2):
+    for i in range(len(load)):
         n_rep, n_blk = int(out.num_replicas[i]), int(out.num_blocks[i])
         got = (int(out.status[i]), out.replicas[i, :n_rep], out.blk_expert[i, :n_blk],
                out.blk_assign[i, :n_blk], int(out.rounds[i]), int(out.moves[i]),
                int(out.makespan[i]))
         differ += not same(cpu_layer(load[i], home[i], slots, window[i], cost, rules), got)
         done += 1
+
+rng = np.random.default_rng(5)
+for threads in (64, 128, 64):
+    check(random_batch(rng, 2, ranks=(4, 8)), threads)
+# 2 ranks, 2 experts: one pair slot, fewer than the block's two warps (a layer moves)
+check(random_batch(np.random.default_rng(11), 4), 64)
 print(json.dumps([done, differ, small]))
 """
     env = {**os.environ, "PYTHONPATH": str(ROOT), "NUMBA_ENABLE_CUDASIM": "1"}
     ran = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True,
                          text=True, timeout=900)
     assert ran.returncode == 0, ran.stderr[-3000:]
-    assert json.loads(ran.stdout.strip().splitlines()[-1]) == [6, 0, 3]
+    assert json.loads(ran.stdout.strip().splitlines()[-1]) == [10, 0, 4]
 
 
 def test_small_kernel_compiles_for_sm90_within_the_shared_memory():

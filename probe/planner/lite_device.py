@@ -280,14 +280,19 @@ def _pair_move(i, live, h, c, t_h, nhome_h, rank_home, rep_on, used, cnt, held, 
             j += width
     key = _warp_best(key, scratch, warp, lane, True)
     e = _key_expert(key) if key >= 0 else 0
+    # The pair's pool rows; a warp past the pairs reads row 0 and writes nothing (its slot
+    # may be past the rows: more warps than pair slots).
+    row = i if live else 0
     n = 0
     n_a = 0
     if key >= 0:
         n, n_a = _lay_pool(blk_of[e], e, h, c, num_ranks, tt, blk, load, home, hpos, hcount,
-                           pool_s[i], pool_n[i], cum[i], pre_h[i], pre_c[i], lane, width)
+                           pool_s[row], pool_n[row], cum[row], pre_h[row], pre_c[row], lane,
+                           width)
     warp_sync()
-    best = _best_amount(key >= 0 and n > 0, n, n_a, pool_s[i], cum[i], pre_h[i], pre_c[i], e,
-                        h, c, cnt, comp, tin, tout, A, B, tt, scratch, warp, lane, width)
+    best = _best_amount(key >= 0 and n > 0, n, n_a, pool_s[row], cum[row], pre_h[row],
+                        pre_c[row], e, h, c, cnt, comp, tin, tout, A, B, tt, scratch, warp, lane,
+                        width)
     if live and lane == 0:
         pair_len[i] = n
         pair_e[i] = -1
