@@ -141,29 +141,26 @@ def config_row(name, model, hardware, ranks, experts, *, sim: bool, quick: bool,
         return row
     repeats, budget = (50, 3.0) if quick else (300, 8.0)
     one_load, one_window = inputs(False, load[:1], window[:1])
-    per_threads = {}
-    for threads in threads_list:
-        one = CudaLite(home[0], slots, cost, rules, num_layers=1, threads=threads)
+    def one_layer(threads: int, small: bool | None = None) -> dict:
+        """One layer's plan checked against the CPU kernel and its launch timed, graph-replayed,
+        at this block size (small: which kernel, as CudaLite takes it)."""
+        one = CudaLite(home[0], slots, cost, rules, num_layers=1, threads=threads, small=small)
         try:  # a block size the kernel's registers do not allow is refused at launch
             check = gpu_layers(one.plan(one_load, one_window), 1)[0]
         except Exception as exc:  # recorded, the run goes on
-            per_threads[threads] = {"graph": {"error": f"{type(exc).__name__}: {exc}"[:200]},
-                                    "same_plan": None}
-            continue
-        graph = harness.timed(lambda one=one: one.plan(one_load, one_window), graph=True,
+            return {"graph": {"error": f"{type(exc).__name__}: {exc}"[:200]}, "same_plan": None}
+        graph = harness.timed(lambda: one.plan(one_load, one_window), graph=True,
                               repeats=repeats, budget_s=budget)
-        per_threads[threads] = {"graph": graph, "same_plan": same(check, ref[0]),
-                                "kernel": "small" if one.small else "generic"}
+        return {"graph": graph, "same_plan": same(check, ref[0]),
+                "kernel": "small" if one.small else "generic"}
+
+    per_threads = {threads: one_layer(threads) for threads in threads_list}
     if runner.small:  # the generic kernel on the same layer, in the same run
         generic = {}
         for threads in (128, 256):
-            one = CudaLite(home[0], slots, cost, rules, num_layers=1, threads=threads,
-                           small=False)
-            check = gpu_layers(one.plan(one_load, one_window), 1)[0]
-            graph = harness.timed(lambda one=one: one.plan(one_load, one_window), graph=True,
-                                  repeats=repeats, budget_s=budget)
-            generic[str(threads)] = {"graph_us": graph.get("median_us"),
-                                     "same_plan": same(check, ref[0])}
+            timed = one_layer(threads, small=False)
+            generic[str(threads)] = {"graph_us": timed["graph"].get("median_us"),
+                                     "same_plan": timed["same_plan"]}
         row["generic_threads"] = generic
         row["checks"].append({"check": "one-layer plans of the generic kernel == CPU kernel",
                               "ok": all(v["same_plan"] for v in generic.values()),
@@ -317,7 +314,7 @@ def stamp_profile(model, hardware, ranks, experts) -> dict:
         out["threads"][str(threads)] = {
             "rounds": float(np.median([c["rounds"] for c in layers])),
             "cycles": {k: float(np.median([c[k] for c in layers])) for k in out["steps"]},
-            # the first round against the later ones (its code not yet in the SM's caches)
+            # each round's cycles, to set the first round beside the later ones
             "per_round": [float(np.median([c["per_round"][r] for c in layers
                                            if len(c["per_round"]) > r]))
                           for r in range(max(len(c["per_round"]) for c in layers))]}

@@ -76,8 +76,8 @@ MAX_THREADS = 256
 SHARED_BYTES = 46 * 1024
 _NWM = MAX_THREADS // 32
 # Slots of the block's shared integer scalars.
-(_STATUS, _BIG, _APPLIED, _NREP, _NBLK, _NNEW, _MAKESPAN) = range(7)  # _NNEW: a new block
-_NINTS = 7
+(_STATUS, _BIG, _APPLIED, _NREP, _NBLK, _NNEW) = range(6)  # _NNEW: a new block
+_NINTS = 6
 
 
 def small_shape(num_ranks: int, num_experts: int) -> tuple[int, int]:
@@ -399,9 +399,9 @@ def small_kernel(rp: int, ep: int, stamps: bool = False):
             # taking the fastest untaken rank that could gain and that its word reaches (a
             # lane per position, one ballot: the highest bit).
             t_top = times_w[warp, order_w[warp, 0]]
+            hot_bar = (16 - hot) * num_ranks * t_top + hot * total  # hot: 16 G t above it
             for h in range(RP):
-                if h < num_ranks and (16 * num_ranks * times_w[warp, h]
-                                      > (16 - hot) * num_ranks * t_top + hot * total):
+                if h < num_ranks and 16 * num_ranks * times_w[warp, h] > hot_bar:
                     nh = nhome_s[h]
                     j = lane
                     while j < nh + used[h]:
@@ -423,7 +423,7 @@ def small_kernel(rp: int, ep: int, stamps: bool = False):
             while i < num_ranks:
                 h = order_w[warp, i]
                 t_h = times_w[warp, h]
-                if 16 * num_ranks * t_h <= (16 - hot) * num_ranks * t_top + hot * total:
+                if 16 * num_ranks * t_h <= hot_bar:
                     break
                 if (taken >> h) & 1 == 0:
                     taken |= int64(1) << h
