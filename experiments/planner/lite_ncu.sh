@@ -9,7 +9,9 @@
 # both and selects (lite_cuda's LINES). Should NVVM refuse it again, the run is repeated
 # without it (LINEINFO=0 skips the attempt), per SASS instruction. Saves the details, the raw
 # metrics (the warp-state stall reasons) and the source pages. On an H200 it first runs the
-# H200 steps of experiments/device_session.sh (H200_STEPS, default "quant_layer moe_layer").
+# H200 steps of experiments/device_session.sh (H200_STEPS, default "quant_layer moe_layer";
+# SKIP_H200=1 skips them). At ep=8 CudaLite takes the small-layer kernel (lite_small), so the
+# two launches profiled are that kernel at ep=8 and the generic one at ep=64.
 # Usage (on the GPU machine, from the repository root):
 #   OUT=dir PROBE_GIT_COMMIT=<rev> bash experiments/planner/lite_ncu.sh
 set -uo pipefail
@@ -19,7 +21,7 @@ mkdir -p "$OUT"
 export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 LOG="$OUT/log.txt"
 { date -u; nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,driver_version --format=csv,noheader; ncu --version | tail -1; } 2>&1 | tee "$LOG"
-if nvidia-smi --query-gpu=name --format=csv,noheader | grep -q H200; then
+if [ "${SKIP_H200:-0}" != 1 ] && nvidia-smi --query-gpu=name --format=csv,noheader | grep -q H200; then
   OUT="$OUT/h200" STEPS="${H200_STEPS:-quant_layer moe_layer}" bash experiments/device_session.sh 2>&1 | tail -n 20 | tee -a "$LOG"
 fi
 if [ "${SKIP_TIMING:-0}" != 1 ]; then
@@ -31,7 +33,7 @@ profile() {  # $1: 1 with line information, 0 without
   PROBE_CUDA_LINEINFO=$1 timeout "${NCU_LIMIT:-200}" ncu --clock-control none --import-source yes \
       --section SourceCounters --section WarpStateStats --section LaunchStats \
       --section SpeedOfLight --section InstructionStats \
-      -k regex:'_lite_kernel' -c 2 -o "$OUT/lite" -f \
+      -k regex:'_lite_kernel|_small_kernel' -c 2 -o "$OUT/lite" -f \
       python3 -m experiments.planner.gpu_profile --lite --launches 1 --repeats 0 > "$OUT/ncu_run.txt" 2>&1
   echo "== ncu exit $?" | tee -a "$LOG"
 }
