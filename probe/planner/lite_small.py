@@ -224,49 +224,70 @@ def small_kernel(rp: int, ep: int, stamps: bool = False):
         wbest = cuda.shared.array(32, int64)  # the simulator's warp collectives
         ints = cuda.shared.array(_NINTS, int64)
 
-        # The start, 1: the layer's inputs into shared memory, the checks.
+        # The start, 1: the layer's inputs into shared memory, the checks. Each thread reads
+        # every global value of an item before it stores any: Numba's arrays are generic
+        # pointers, so a load written after a store to shared memory may not pass it, and each
+        # store waits for its value (one memory latency per load written between stores).
         if tid == 0:
             for k in range(_NINTS):
                 ints[k] = 0
         g = tid
         while g < num_ranks:
-            w = _window_ticks(window[layer, g])
+            w_in = window[layer, g]
+            slots_g = slots[g]
+            nhome_g = nhome[g]
+            w = _window_ticks(w_in)
             wt[g] = w
             if w < 0:
                 cuda.atomic.max(ints, _STATUS, 2)
             used[g] = 0
             sent[g] = 0
             recv[g] = 0
-            slots_s[g] = slots[g]
-            nhome_s[g] = nhome[g]
+            slots_s[g] = slots_g
+            nhome_s[g] = nhome_g
             g += nt
         # Loops over ranks run to the constant RP (unrolled: their loads go out together).
         # Item loops index [RP, ...] shapes: their divisions are by constants (a 64-bit
         # division by a variable is a long subroutine on the GPU).
         width_h = rank_home.shape[1]
-        k = tid
-        while k < RP * EP:
-            g = k // EP
-            j = k - g * EP
-            if g < num_ranks and j < width_h:
-                home_s[g, j] = rank_home[g, j]  # (-1 past the rank's list: never read)
-            k += nt
+        vals = cuda.local.array(RP, int64)  # an item's global values, read first
+        poss = cuda.local.array(RP, int64)
+        lst = cuda.local.array(RP, int64)
+        j = tid
+        while j < width_h:  # a column of the home lists, every rank
+            for g in range(RP):
+                if g < num_ranks:
+                    vals[g] = rank_home[g, j]
+            for g in range(RP):
+                if g < num_ranks:
+                    home_s[g, j] = vals[g]  # (-1 past the rank's list: never read)
+            j += nt
         k = tid
         while k < RP * RP:
             s = k // RP
             g = k - s * RP
             if s < num_ranks and g < num_ranks:
-                tt_s[s, g] = tt[s, g]
-                xt_s[s, g] = xt[s, g]
+                t_sg = tt[s, g]
+                x_sg = xt[s, g]
+                tt_s[s, g] = t_sg
+                xt_s[s, g] = x_sg
             k += nt
+        width_l = hlist.shape[1]
         e = tid
         while e < num_experts:
+            n_e = hcount[e]
+            for s in range(RP):
+                if s < num_ranks:
+                    vals[s] = load[s, e]
+                    poss[s] = hpos[s, e]
+                if s < width_l:
+                    lst[s] = hlist[e, s]  # (-1 past the expert's holders)
             total = 0
             negative = False
             for s in range(RP):
                 if s < num_ranks:
-                    v = load[s, e]
-                    p = hpos[s, e]
+                    v = vals[s]
+                    p = poss[s]
                     negative = negative or v < 0
                     total += v
                     load_s[s, e] = v if 0 <= v < KEY_MAX_TOKENS else 0  # (else: rejected)
@@ -278,11 +299,12 @@ def small_kernel(rp: int, ep: int, stamps: bool = False):
             if total >= KEY_MAX_TOKENS:
                 ints[_BIG] = 1
             bits = int64(0)
-            for j in range(hcount[e]):
-                g = hlist[e, j]
-                hlist_s[e, j] = g
-                bits |= int64(1) << g
-            hcount_s[e] = hcount[e]
+            for j in range(RP):
+                if j < n_e:
+                    g = lst[j]
+                    hlist_s[e, j] = g
+                    bits |= int64(1) << g
+            hcount_s[e] = n_e
             hbits[e] = bits
             blk_of[e] = -1
             e += nt
