@@ -15,16 +15,18 @@ layers of at most SMALL_RANKS ranks whose whole state fits the block's shared me
   (rank, expert) count, a thread per (source, rank) flow, a thread per rank sum (three
   barriers);
 - each round, every warp computes the rank times, their sum, the ranks' order and the copy
-  fits (a lane per rank, a loop over the ranks: no collective) and makes the pair matching
-  itself (rule 1: first each hot rank's reach word, a lane per expert it holds OR-ing its
-  holders' fit words in with a 32-bit shared atomic; then the hot ranks in order, each taking
-  the fastest untaken eligible rank by one ballot): every warp gets the same pairs, and warp 0
-  writes them down for the moves (one barrier);
+  fits (a lane per rank, a loop over the ranks: no collective); the warps split the hot ranks
+  by position and make each one's reach word (a lane per expert it holds OR-ing its holders'
+  fit words in with a 32-bit shared atomic; one barrier); then every warp makes the pair
+  matching itself (the hot ranks in order, each taking the fastest untaken eligible rank by
+  one ballot): every warp gets the same pairs, and warp 0 writes them down for the moves (one
+  barrier);
 - a warp per pair makes its move (rules 2-4: lite_device._pair_move, which lite_cuda calls too);
-- warp 0 applies the moves pair by pair in order (rule 5): lane 0 admits a move, the lanes
-  write a new block's static split and take the pool's entries, lane 0 updates the two ranks.
-A round is thus three block barriers (lite_cuda: nine, and the atomics of its counting steps).
-
+- rule 5: thread 0 admits the moves pair by pair in order (what it reads, no move's applying
+  changes); the block writes the new blocks' static splits; a warp per pair takes its pool's
+  entries and updates its two ranks, each source's change of outgoing traffic in the pair's
+  row; a thread per source adds the rows up (four barriers).
+A round is thus seven block barriers (lite_cuda: nine, and the atomics of its counting steps).
 Measured on an H100 (results/h100/run12, one layer at ep=8 / 128 experts, graph replay, each
 against the generic kernel on the same layer in the same call): 73.0 us at 128 threads against
 84.8 (1.16x) and 71.9 against 74.6 at each one's best block size for the first version; 76.2 /
@@ -76,8 +78,8 @@ MAX_THREADS = 256
 SHARED_BYTES = 46 * 1024
 _NWM = MAX_THREADS // 32
 # Slots of the block's shared integer scalars.
-(_STATUS, _BIG, _APPLIED, _NREP, _NBLK, _NNEW) = range(6)  # _NNEW: a new block
-_NINTS = 6
+(_STATUS, _BIG, _APPLIED, _NREP, _NBLK) = range(5)
+_NINTS = 5
 
 
 def small_shape(num_ranks: int, num_experts: int) -> tuple[int, int]:
@@ -104,7 +106,8 @@ def _shared_bytes(rp: int, ep: int) -> int:
             + 8 * rp * SLOT_CAP  # replicas on each rank
             + 9 * 8 * rp  # rank arrays
             + 3 * 8 * _NWM * rp + 4 * _NWM * rp  # per-warp times, order, fits, reach
-            + 5 * 8 * pm + 5 * 8 * pm * (rp + 1)  # pairs and pools
+            + 6 * 8 * pm + 5 * 8 * pm * (rp + 1)  # pairs and pools
+            + 8 * pm * rp  # the pairs' changes of traffic out
             + 8 * 32 + 8 * _NINTS)
 
 
@@ -136,8 +139,8 @@ def small_kernel(rp: int, ep: int, stamps: bool = False):
     and after each step of a round into the scratch `stamps` as lite_cuda.kernel does, in its
     STAMP_STEPS slots: 'times and fits' the rank times, 'positions' the order and the copy
     fits, 'hot and reach' the hot ranks' reach words, 'eligible pairs' nothing (the matching
-    tests them), then the matching, the pair moves, and in 'admission' the whole of rule 5
-    ('new blocks' and 'apply' nothing: warp 0 does them pair by pair)."""
+    tests them), then the matching, the pair moves, the admission, the new blocks, and in
+    'apply' the takes and the sum of the traffic rows."""
     key = (rp, ep, stamps)
     if key in _KERNELS:
         return _KERNELS[key]
@@ -216,6 +219,8 @@ def small_kernel(rp: int, ep: int, stamps: bool = False):
         pair_e = cuda.shared.array(PM, int64)
         pair_x = cuda.shared.array(PM, int64)
         pair_len = cuda.shared.array(PM, int64)
+        pair_new = cuda.shared.array(PM, int64)  # the block a pair's admission made, or -1
+        out_d = cuda.shared.array((PM, RP), int64)  # a pair's change of sources' traffic out
         pool_s = cuda.shared.array((PM, RP1), int64)
         pool_n = cuda.shared.array((PM, RP1), int64)
         cum = cuda.shared.array((PM, RP1), int64)
@@ -415,33 +420,40 @@ def small_kernel(rp: int, ep: int, stamps: bool = False):
             warp_sync()
             if STAMPS and tid == 0:
                 stamps[sbase + 1] = clock64()
-            # Rule 1 in every warp. First the reach word of every hot rank h (bit c: c holds
-            # or can receive one of the experts with tokens on h), a lane per expert of h
-            # OR-ing its holders' fit words in atomically; then the hot ranks in order, each
-            # taking the fastest untaken rank that could gain and that its word reaches (a
-            # lane per position, one ballot: the highest bit).
+            # Rule 1. First the reach word of every hot rank h (bit c: c holds or can receive
+            # one of the experts with tokens on h): the hot ranks split over the warps by
+            # position (warp w the positions w, w + nwarps, ...; the hot ranks come first), a
+            # lane per expert of h OR-ing its holders' fit words into the owner's row; then
+            # (one barrier) in every warp the hot ranks in order, each taking the fastest
+            # untaken rank that could gain and that its word reaches (a lane per position,
+            # one ballot: the highest bit).
             t_top = times_w[warp, order_w[warp, 0]]
             hot_bar = (16 - hot) * num_ranks * t_top + hot * total  # hot: 16 G t above it
-            for h in range(RP):
-                if h < num_ranks and 16 * num_ranks * times_w[warp, h] > hot_bar:
-                    nh = nhome_s[h]
-                    j = lane
-                    while j < nh + used[h]:
-                        e = int64(home_s[h, j]) if j < nh else rep_on[h, j - nh]
-                        if cnt[h, e] > 0:
-                            bits = hbits[e]
-                            for k in range(hcount_s[e]):
-                                bits |= fits_w[warp, hlist_s[e, k]]
-                            if bits != 0:
-                                cuda.atomic.or_(reach_w, (warp, h), uint32(bits))
-                        j += width
-            warp_sync()
+            p = warp
+            while p < num_ranks:
+                h = order_w[warp, p]
+                if 16 * num_ranks * times_w[warp, h] <= hot_bar:
+                    break
+                nh = nhome_s[h]
+                j = lane
+                while j < nh + used[h]:
+                    e = int64(home_s[h, j]) if j < nh else rep_on[h, j - nh]
+                    if cnt[h, e] > 0:
+                        bits = hbits[e]
+                        for k in range(hcount_s[e]):
+                            bits |= fits_w[warp, hlist_s[e, k]]
+                        if bits != 0:
+                            cuda.atomic.or_(reach_w, (warp, h), uint32(bits))
+                    j += width
+                p += nwarps
+            cuda.syncthreads()  # every hot rank's word, for every warp
             if STAMPS and tid == 0:
                 stamps[sbase + 2] = clock64()
                 stamps[sbase + 3] = stamps[sbase + 2]
             taken = int64(0)
             n_pairs = 0
             i = 0
+            own = 0  # the warp that made position i's reach word: i % nwarps
             while i < num_ranks:
                 h = order_w[warp, i]
                 t_h = times_w[warp, h]
@@ -449,7 +461,7 @@ def small_kernel(rp: int, ep: int, stamps: bool = False):
                     break
                 if (taken >> h) & 1 == 0:
                     taken |= int64(1) << h
-                    reach = int64(reach_w[warp, h])
+                    reach = int64(reach_w[own, h])
                     bits = uint32(0)
                     q = lane
                     while q < num_ranks:
@@ -468,6 +480,7 @@ def small_kernel(rp: int, ep: int, stamps: bool = False):
                             pair_c[n_pairs] = c
                         n_pairs += 1
                 i += 1
+                own = own + 1 if own + 1 < nwarps else 0
             cuda.syncthreads()  # the pairs (written by warp 0) for every warp
             if STAMPS and tid == 0:
                 stamps[sbase + 4] = clock64()
@@ -488,16 +501,19 @@ def small_kernel(rp: int, ep: int, stamps: bool = False):
             cuda.syncthreads()
             if STAMPS and tid == 0:
                 stamps[sbase + 5] = clock64()
-            # Rule 5 on warp 0, pair by pair in the CPU kernel's order: lane 0 admits the move
-            # (the copy's source against the copies admitted before it, the replica row, a new
-            # block); the lanes write a new block's static split, then take the pool's entries
-            # (a lane per entry: the pair's sources differ, so plain updates); lane 0 updates
-            # the two ranks' traffic in, compute and counts. Every warp runs the loop (the
-            # simulator's warp_sync is a block barrier).
+            # Rule 5. Thread 0 admits the moves pair by pair in the CPU kernel's order (the
+            # copy's source against the copies admitted before it, the replica row, a new
+            # block); admitting reads nothing that applying a move changes, so the moves are
+            # applied after every admission. Then (a barrier) the block writes the new blocks'
+            # static splits and clears the pairs' traffic rows; then (a barrier) a warp per
+            # pair takes its pool's entries (a lane per entry: the pool's sources differ) and
+            # lane 0 updates the pair's two ranks (the pairs' ranks, hence their columns of a
+            # block, differ), each source's change of outgoing traffic going into the pair's
+            # row; then (a barrier) a thread per source adds the rows up. The sums are of
+            # integers: their order does not change them.
             if tid == 0:
-                ints[_APPLIED] = 0
-            for i in range(n_pairs):
-                if tid == 0:
+                applied = 0
+                for i in range(n_pairs):
                     e = pair_e[i]
                     c = pair_c[i]
                     ok = e >= 0
@@ -519,26 +535,37 @@ def small_kernel(rp: int, ep: int, stamps: bool = False):
                         hbits[e] |= int64(1) << c
                         ints[_NREP] = _add_replica(c, e, src, ints[_NREP], rep, held, rep_on,
                                                    used, sent, recv, xt_s)
-                    ints[_NNEW] = fresh
+                    pair_new[i] = fresh
                     if ok:
-                        ints[_APPLIED] += 1
+                        applied += 1
                     else:
                         pair_e[i] = -1
-                warp_sync()
-                fresh = ints[_NNEW]
-                if warp == 0 and fresh >= 0:
-                    e = blk_expert[fresh]
-                    k = lane
-                    while k < RP * RP:
-                        s = k // RP
-                        g = k - s * RP
-                        if s < num_ranks and g < num_ranks:
-                            blk_s[fresh, s, g] = _share(load_s, home_b, hpos_s, hcount_s, s,
-                                                        e, g)
-                        k += width
-                warp_sync()
-                e = pair_e[i]
-                if warp == 0 and e >= 0:
+                ints[_APPLIED] = applied
+            cuda.syncthreads()
+            if STAMPS and tid == 0:
+                stamps[sbase + 6] = clock64()
+            k = tid
+            while k < n_pairs * (RP * RP):
+                i = k // (RP * RP)
+                r = k - i * (RP * RP)
+                s = r // RP
+                g = r - s * RP
+                if g == 0:
+                    out_d[i, s] = 0
+                fresh = pair_new[i]
+                if fresh >= 0 and s < num_ranks and g < num_ranks:
+                    blk_s[fresh, s, g] = _share(load_s, home_b, hpos_s, hcount_s, s, pair_e[i],
+                                                g)
+                k += nt
+            cuda.syncthreads()
+            if STAMPS and tid == 0:
+                stamps[sbase + 7] = clock64()
+            first = 0
+            while first < n_pairs:
+                i = first + warp
+                first += nwarps
+                e = pair_e[i] if i < n_pairs else -1
+                if e >= 0:
                     h = pair_h[i]
                     c = pair_c[i]
                     x = pair_x[i]
@@ -552,7 +579,7 @@ def small_kernel(rp: int, ep: int, stamps: bool = False):
                             s = pool_s[i, q]
                             blk_s[b, s, h] -= take
                             blk_s[b, s, c] += take
-                            tout[s] += take * (tt_s[s, c] - tt_s[s, h])
+                            out_d[i, s] = take * (tt_s[s, c] - tt_s[s, h])
                         q += width
                     if lane == 0:
                         lo = _pool_entry(x, pair_len[i], cum[i])
@@ -568,12 +595,17 @@ def small_kernel(rp: int, ep: int, stamps: bool = False):
                         comp[c] += B * x
                         cnt[h, e] -= x
                         cnt[c, e] += x
-                warp_sync()
+            cuda.syncthreads()
+            s = tid
+            while s < num_ranks:
+                d = 0
+                for i in range(n_pairs):
+                    d += out_d[i, s]
+                tout[s] += d
+                s += nt
             cuda.syncthreads()
             if STAMPS and tid == 0:
-                stamps[sbase + 6] = clock64()
-                stamps[sbase + 7] = stamps[sbase + 6]
-                stamps[sbase + 8] = stamps[sbase + 6]
+                stamps[sbase + 8] = clock64()
             applied = ints[_APPLIED]
             moves += applied
             if applied == 0:
