@@ -102,6 +102,7 @@ def _shared_bytes(rp: int, ep: int) -> int:
             + 3 * rp * ep  # home positions, held, home
             + 2 * rp * ep  # home lists of the ranks
             + 8 * ep + ep * rp + ep + 8 * ep  # held bits, holders, their count, blocks
+            + 8 * ep  # the experts' tokens
             + 3 * 8 * rp * rp  # token and transfer times, the start's flows
             + 8 * rp * SLOT_CAP  # replicas on each rank
             + 9 * 8 * rp  # rank arrays
@@ -196,6 +197,7 @@ def small_kernel(rp: int, ep: int, stamps: bool = False):
         hbits = cuda.shared.array(EP, int64)  # bit g: g holds the expert
         hlist_s = cuda.shared.array((EP, RP), int8)
         hcount_s = cuda.shared.array(EP, int8)
+        tot_s = cuda.shared.array(EP, int64)  # an expert's tokens
         blk_of = cuda.shared.array(EP, int64)
         tt_s = cuda.shared.array((RP, RP), int64)
         xt_s = cuda.shared.array((RP, RP), int64)
@@ -310,6 +312,7 @@ def small_kernel(rp: int, ep: int, stamps: bool = False):
                     hlist_s[e, j] = g
                     bits |= int64(1) << g
             hcount_s[e] = n_e
+            tot_s[e] = total  # (the counts' when the layer is planned: no negative, not big)
             hbits[e] = bits
             blk_of[e] = -1
             e += nt
@@ -328,9 +331,13 @@ def small_kernel(rp: int, ep: int, stamps: bool = False):
                 if g < num_ranks and e < num_experts:
                     n = 0
                     if hpos_s[g, e] >= 0:
-                        for s in range(RP):
-                            if s < num_ranks:
-                                n += int64(_share(load_s, home_b, hpos_s, hcount_s, s, e, g))
+                        if hcount_s[e] == 1:  # the one holder gets every token
+                            n = tot_s[e]
+                        else:
+                            for s in range(RP):
+                                if s < num_ranks:
+                                    n += int64(_share(load_s, home_b, hpos_s, hcount_s, s, e,
+                                                      g))
                     cnt[g, e] = n
                 k += nt
             k = tid
@@ -340,8 +347,11 @@ def small_kernel(rp: int, ep: int, stamps: bool = False):
                 if s < num_ranks and g < num_ranks:
                     n = 0
                     for j in range(nhome_s[g]):
-                        n += int64(_share(load_s, home_b, hpos_s, hcount_s, s,
-                                          int64(home_s[g, j]), g))
+                        e = int64(home_s[g, j])
+                        if hcount_s[e] == 1:  # g, its one holder, gets s's tokens
+                            n += int64(load_s[s, e])
+                        else:
+                            n += int64(_share(load_s, home_b, hpos_s, hcount_s, s, e, g))
                     flow[s, g] = n
                 k += nt
         cuda.syncthreads()
