@@ -650,11 +650,11 @@ def kernel(max_ranks: int, upto: int = FULL, stamps: bool = False, threads: int 
                 c = pair_c[i] if live else 0
                 # Rules 2-4 and the gain test (lite_device._pair_move: a lane per expert h
                 # holds, the pool laid out from the lanes' prefix sums, a lane per grid point).
-                _pair_move(i, live, h, c, times[h], nhome[h], rank_home, rep_on, used, cnt,
-                           held, blk_of, slots, sent, recv, wt, xt, hcount, hlist, num_ranks, tt,
-                           blk_assign, load, home, hpos, comp, tin, tout, A, B, eps_ppm, pool_s,
-                           pool_n, cum, pre_h, pre_c, pair_len, pair_e, pair_x, wbest, warp,
-                           lane, width)
+                _pair_move(i, live, h, c, times[h], nhome[h], rank_home, rep_on, cnt, held,
+                           blk_of, (used, slots, sent, recv, wt, xt, hcount, hlist), num_ranks,
+                           tt, blk_assign, load, home, hpos, (comp, tin, tout), A, B, eps_ppm,
+                           (pool_s, pool_n, cum, pre_h, pre_c), (pair_len, pair_e, pair_x),
+                           wbest, warp, lane, width)
             cuda.syncthreads()
             if STAMPS and tid == 0:
                 stamps[sbase + 5] = clock64()

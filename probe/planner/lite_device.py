@@ -36,6 +36,11 @@ from probe.planner.scalar import pool_entry
 # Compiled with line information for a profiler (a branch between two loads then breaks NVVM).
 LINES = bool(LINEINFO)
 
+# The most arguments a call of an inlined device function may pass: CPython (3.11 and later)
+# compiles a call of more than 30 arguments as a call with *args, and numba-cuda's inlining of
+# `inline=True` device functions (at the Numba IR level) refuses such a call ("Calling a
+# closure with *args is unsupported"; tests/test_lite_small.py checks every call here).
+MAX_CALL_ARGS = 28
 # A warp's 32 lanes are one pair's grid points in the amount's grid steps.
 assert GRID == 32
 _NONE = (1 << 62) + ((1 << 62) - 1)  # larger than every packed (f, x) key
@@ -256,16 +261,22 @@ def _lay_pool(b, e, h, c, num_ranks, tt, blk, load, home, hpos, hcount, pool_s, 
 
 
 @cuda.jit(device=True, inline=True, **LINEINFO)
-def _pair_move(i, live, h, c, t_h, nhome_h, rank_home, rep_on, used, cnt, held, blk_of, slots,
-               sent, recv, wt, xt, hcount, hlist, num_ranks, tt, blk, load, home, hpos, comp,
-               tin, tout, A, B, eps_ppm, pool_s, pool_n, cum, pre_h, pre_c, pair_len, pair_e,
-               pair_x, scratch, warp, lane, width):  # pragma: no cover - device code
+def _pair_move(i, live, h, c, t_h, nhome_h, rank_home, rep_on, cnt, held, blk_of, fit,
+               num_ranks, tt, blk, load, home, hpos, times, A, B, eps_ppm, pool, out, scratch,
+               warp, lane, width):  # pragma: no cover - device code
     """Rules 2-4 of pair i (hot rank h, time t_h, and cold rank c) on one warp, with no block
     barrier: its expert (a lane per expert h holds, the warp's maximum of (tokens, -expert)),
     its pool (`_lay_pool`), its amount (`_best_amount`) and the gain test; lane 0 writes
     pair_len[i], and pair_e[i] (-1: no move), pair_x[i]. A warp whose pair slot is past the
     pairs (live False) runs along: every warp makes as many calls (the simulator's collectives
-    are block barriers)."""
+    are block barriers). The arrays come in tuples (fit: copy_source's (used, slots, sent,
+    recv, wt, xt, hcount, hlist); times: (comp, tin, tout); pool: the pairs' rows (pool_s,
+    pool_n, cum, pre_h, pre_c); out: (pair_len, pair_e, pair_x)) so that a call passes at
+    most MAX_CALL_ARGS arguments."""
+    used, slots, sent, recv, wt, xt, hcount, hlist = fit
+    comp, tin, tout = times
+    pool_s, pool_n, cum, pre_h, pre_c = pool
+    pair_len, pair_e, pair_x = out
     key = -1
     if live:
         j = lane

@@ -503,11 +503,11 @@ def small_kernel(rp: int, ep: int, stamps: bool = False):
                 h = pair_h[i] if live else 0
                 c = pair_c[i] if live else 0
                 t_h = comp[h] + 2 * (tin[h] if tin[h] > tout[h] else tout[h])
-                _pair_move(i, live, h, c, t_h, nhome_s[h], home_s, rep_on, used, cnt, held,
-                           blk_of, slots_s, sent, recv, wt, xt_s, hcount_s, hlist_s, num_ranks,
-                           tt_s, blk_s, load_s, home_b, hpos_s, comp, tin, tout, A, B, eps_ppm,
-                           pool_s, pool_n, cum, pre_h, pre_c, pair_len, pair_e, pair_x, wbest,
-                           warp, lane, width)
+                _pair_move(i, live, h, c, t_h, nhome_s[h], home_s, rep_on, cnt, held, blk_of,
+                           (used, slots_s, sent, recv, wt, xt_s, hcount_s, hlist_s), num_ranks,
+                           tt_s, blk_s, load_s, home_b, hpos_s, (comp, tin, tout), A, B, eps_ppm,
+                           (pool_s, pool_n, cum, pre_h, pre_c), (pair_len, pair_e, pair_x),
+                           wbest, warp, lane, width)
             cuda.syncthreads()
             if STAMPS and tid == 0:
                 stamps[sbase + 5] = clock64()
