@@ -27,12 +27,11 @@ layers of at most SMALL_RANKS ranks whose whole state fits the block's shared me
   entries and updates its two ranks, each source's change of outgoing traffic in the pair's
   row; a thread per source adds the rows up (four barriers).
 A round is thus seven block barriers (lite_cuda: nine, and the atomics of its counting steps).
-Measured on an H100 (results/h100/run12, one layer at ep=8 / 128 experts, graph replay, each
-against the generic kernel on the same layer in the same call): 73.0 us at 128 threads against
-84.8 (1.16x) and 71.9 against 74.6 at each one's best block size for the first version; 76.2 /
-73.9 us (1.11x / 1.01x) for 52106d6 (since then the pair step moved into lite_device, shared
-with lite_cuda; not timed again). The clock stamps put each round at about 22,000 cycles
-(the first no slower than the others) and the start at 28,000: still 7x off the 10 us target.
+Measured on an H100 (results/h100/run13, one layer at ep=8 / 128 experts, graph replay, all in
+one call): 51.1 / 49.3 us at 128 / 256 threads, against 62.6 / 59.9 for the revision run 12 last
+timed (52106d6: every warp made every reach word, warp 0 applied rule 5 pair by pair, the start
+stored before it loaded) and 73.6 / 61.8 for the generic kernel; clock stamps: each round about
+18,000 cycles (22,000 before), the start 20,300 (28,200). Still 4.9x off the 10 us target.
 
 `small_kernel(RP, EP)` is the kernel for layers of at most RP ranks (a power of two) and EP
 experts; it takes `lite_cuda.launch_args` (and ignores the global scratch but for the clock
