@@ -106,6 +106,7 @@ def _shared_bytes(rp: int, ep: int) -> int:
             + 8 * rp * SLOT_CAP  # replicas on each rank
             + 9 * 8 * rp  # rank arrays
             + 3 * 8 * _NWM * rp + 4 * _NWM * rp  # per-warp times, order, fits, reach
+            + 4 * _NWM * max(rp * rp // 32, 1)  # per-warp eligible pairs
             + 6 * 8 * pm + 5 * 8 * pm * (rp + 1)  # pairs and pools
             + 8 * pm * rp  # the pairs' changes of traffic out
             + 8 * 32 + 8 * _NINTS)
@@ -147,6 +148,7 @@ def small_kernel(rp: int, ep: int, stamps: bool = False):
     RP, EP = rp, ep  # noqa: N806 (compile-time sizes of the shared arrays)
     PM = max(RP // 2, 1)  # noqa: N806
     RP1 = RP + 1  # noqa: N806 (a shared array's size is a constant, not an expression)
+    EW = max(RP * RP // 32, 1)  # noqa: N806 (words of a warp's eligible-pair bits)
     BM = block_cap(RP, EP)  # noqa: N806
     NWM = _NWM  # noqa: N806
     SC = SLOT_CAP  # noqa: N806
@@ -215,6 +217,7 @@ def small_kernel(rp: int, ep: int, stamps: bool = False):
         order_w = cuda.shared.array((NWM, RP), int64)
         fits_w = cuda.shared.array((NWM, RP), int64)
         reach_w = cuda.shared.array((NWM, RP), uint32)  # 32-bit: a native shared atomic OR
+        elig_w = cuda.shared.array((NWM, EW), uint32)  # the matching's eligible pairs
         pair_h = cuda.shared.array(PM, int64)
         pair_c = cuda.shared.array(PM, int64)
         pair_e = cuda.shared.array(PM, int64)
@@ -458,38 +461,56 @@ def small_kernel(rp: int, ep: int, stamps: bool = False):
             cuda.syncthreads()  # every hot rank's word, for every warp
             if STAMPS and tid == 0:
                 stamps[sbase + 2] = clock64()
-                stamps[sbase + 3] = stamps[sbase + 2]
-            taken = int64(0)
+            # The matching: first every (hot position i, position q) pair's eligibility in
+            # bit i * RP + q of the warp's words (q faster than i, its rank could gain and i's
+            # reach word holds it), a lane per pair and one ballot per 32 pairs; then the hot
+            # positions in order, each taking the fastest eligible position not yet taken
+            # (bit operations on the words, the same in every lane).
+            n_hot = 0  # the hot ranks: the first positions
+            q = lane
+            while q < num_ranks:
+                if 16 * num_ranks * times_w[warp, order_w[warp, q]] > hot_bar:
+                    n_hot += 1
+                q += width
+            n_hot = _warp_total(n_hot, wbest, warp, lane)
+            n_items = n_hot * RP
+            base = 0
+            while base < n_items:  # the same trip count in every warp (simulator)
+                bits = uint32(0)
+                k = base + lane
+                while k < base + 32:  # one item a lane (a one-lane warp: all 32)
+                    i = k // RP
+                    q = k - i * RP
+                    if k < n_items and q > i and q < num_ranks:
+                        h = order_w[warp, i]
+                        c = order_w[warp, q]
+                        own = int32(i) % int32(nwarps)  # the warp that made i's reach word
+                        if (times_w[warp, c] + A + B < times_w[warp, h]
+                                and (reach_w[own, h] >> c) & 1):
+                            bits = uint32(bits | uint32(1 << (k - base)))
+                    k += width
+                bits = _warp_bits(bits, wbest, warp, lane)
+                if lane == 0:
+                    elig_w[warp, base >> 5] = bits
+                base += 32
+            warp_sync()
+            if STAMPS and tid == 0:
+                stamps[sbase + 3] = clock64()
+            taken = uint32(0)  # bit p: position p is in a pair
+            row_mask = uint32((1 << RP) - 1)
             n_pairs = 0
-            i = 0
-            own = 0  # the warp that made position i's reach word: i % nwarps
-            while i < num_ranks:
-                h = order_w[warp, i]
-                t_h = times_w[warp, h]
-                if 16 * num_ranks * t_h <= hot_bar:
-                    break
-                if (taken >> h) & 1 == 0:
-                    taken |= int64(1) << h
-                    reach = int64(reach_w[own, h])
-                    bits = uint32(0)
-                    q = lane
-                    while q < num_ranks:
-                        if q > i:
-                            c = order_w[warp, q]
-                            if ((taken >> c) & 1 == 0 and times_w[warp, c] + A + B < t_h
-                                    and (reach >> c) & 1):
-                                bits = uint32(bits | uint32(1 << q))
-                        q += width
-                    bits = _warp_bits(bits, wbest, warp, lane)
-                    if bits != 0:  # the fastest candidate: the highest position
-                        c = order_w[warp, 31 - cuda.clz(bits)]
-                        taken |= int64(1) << c
+            for i in range(n_hot):
+                if (taken >> i) & 1 == 0:
+                    taken = uint32(taken | uint32(1 << i))
+                    k = i * RP  # (RP divides 32: a row lies in one word)
+                    free = uint32((elig_w[warp, k >> 5] >> (k & 31)) & row_mask) & ~taken
+                    if free != 0:  # the fastest candidate: the highest position
+                        q = 31 - cuda.clz(uint32(free))
+                        taken = uint32(taken | uint32(1 << q))
                         if lane == 0 and warp == 0:
-                            pair_h[n_pairs] = h
-                            pair_c[n_pairs] = c
+                            pair_h[n_pairs] = order_w[warp, i]
+                            pair_c[n_pairs] = order_w[warp, q]
                         n_pairs += 1
-                i += 1
-                own = own + 1 if own + 1 < nwarps else 0
             cuda.syncthreads()  # the pairs (written by warp 0) for every warp
             if STAMPS and tid == 0:
                 stamps[sbase + 4] = clock64()
