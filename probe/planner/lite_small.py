@@ -18,9 +18,10 @@ layers of at most SMALL_RANKS ranks whose whole state fits the block's shared me
   fits (a lane per rank, a loop over the ranks: no collective); the warps split the hot ranks
   by position and make each one's reach word (a lane per expert it holds OR-ing its holders'
   fit words in with a 32-bit shared atomic; one barrier); then every warp makes the pair
-  matching itself (the hot ranks in order, each taking the fastest untaken eligible rank by
-  one ballot): every warp gets the same pairs, and warp 0 writes them down for the moves (one
-  barrier);
+  matching itself: each (hot position, faster position) pair's eligibility as a bit, a lane
+  per pair and a ballot per 32 pairs, then the hot positions in order, each taking the fastest
+  eligible position not yet taken by bit operations on those words: every warp gets the same
+  pairs, and warp 0 writes them down for the moves (one barrier);
 - a warp per pair makes its move (rules 2-4: lite_device._pair_move, which lite_cuda calls too);
 - rule 5: thread 0 admits the moves pair by pair in order (what it reads, no move's applying
   changes); the block writes the new blocks' static splits; a warp per pair takes its pool's
@@ -32,6 +33,9 @@ one call): 51.1 / 49.3 us at 128 / 256 threads, against 62.6 / 59.9 for the revi
 timed (52106d6: every warp made every reach word, warp 0 applied rule 5 pair by pair, the start
 stored before it loaded) and 73.6 / 61.8 for the generic kernel; clock stamps: each round about
 18,000 cycles (22,000 before), the start 20,300 (28,200). Still 4.9x off the 10 us target.
+The matching as described above (eligibility words first) came after run 13 and is not timed
+(the matching took 12,100 cycles over the rounds there, each hot rank a loop of loads and a
+ballot with the taken test inside).
 
 `small_kernel(RP, EP)` is the kernel for layers of at most RP ranks (a power of two) and EP
 experts; it takes `lite_cuda.launch_args` (and ignores the global scratch but for the clock
