@@ -143,9 +143,9 @@ def small_kernel(rp: int, ep: int, stamps: bool = False):
     (made once per shape). stamps=True (GPU only) writes the SM's cycle counter after the start
     and after each step of a round into the scratch `stamps` as lite_cuda.kernel does, in its
     STAMP_STEPS slots: 'times and fits' the rank times, 'positions' the order and the copy
-    fits, 'hot and reach' the hot ranks' reach words, 'eligible pairs' nothing (the matching
-    tests them), then the matching, the pair moves, the admission, the new blocks, and in
-    'apply' the takes and the sum of the traffic rows."""
+    fits, 'hot and reach' the hot ranks' reach words, 'eligible pairs' the matching's
+    eligibility words, then the matching, the pair moves, the admission, the new blocks, and
+    in 'apply' the takes and the sum of the traffic rows."""
     key = (rp, ep, stamps)
     if key in _KERNELS:
         return _KERNELS[key]
@@ -440,9 +440,7 @@ def small_kernel(rp: int, ep: int, stamps: bool = False):
             # one of the experts with tokens on h): the hot ranks split over the warps by
             # position (warp w the positions w, w + nwarps, ...; the hot ranks come first), a
             # lane per expert of h OR-ing its holders' fit words into the owner's row; then
-            # (one barrier) in every warp the hot ranks in order, each taking the fastest
-            # untaken rank that could gain and that its word reaches (a lane per position,
-            # one ballot: the highest bit).
+            # (one barrier) the matching in every warp (below).
             t_top = times_w[warp, order_w[warp, 0]]
             hot_bar = (16 - hot) * num_ranks * t_top + hot * total  # hot: 16 G t above it
             p = warp
