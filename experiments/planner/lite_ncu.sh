@@ -10,10 +10,10 @@
 # without it (LINEINFO=0 skips the attempt), per SASS instruction. With numba-cuda 0.30.4's
 # NVVM the generic kernel at ep=64 compiled with line information fails in ptxas ("Unknown
 # symbol '$L__BB0_155'": a loop exit's label left out of the PTX) after the ep=8 launch was
-# profiled, so that report holds the small-layer kernel alone; LINEINFO=0 profiles both. Saves the details, the raw
-# metrics (the warp-state stall reasons) and the source pages. On an H200 it first runs the
-# H200 steps of experiments/device_session.sh (H200_STEPS, default "quant_layer moe_layer";
-# SKIP_H200=1 skips them). At ep=8 CudaLite takes the small-layer kernel (lite_small), so the
+# profiled, so that report holds the small-layer kernel alone; LINEINFO=0 profiles both.
+# Saves the details, the raw metrics (the warp-state stall reasons) and the source pages. On
+# an H200 it first runs the H200 steps of experiments/device_session.sh (H200_STEPS, default
+# "quant_layer moe_layer"; SKIP_H200=1 skips them). At ep=8 CudaLite takes the small-layer kernel (lite_small), so the
 # two launches profiled are that kernel at ep=8 and the generic one at ep=64.
 # Usage (on the GPU machine, from the repository root):
 #   OUT=dir PROBE_GIT_COMMIT=<rev> bash experiments/planner/lite_ncu.sh

@@ -39,7 +39,7 @@ LINES = bool(LINEINFO)
 # The most arguments a call of an inlined device function may pass: CPython (3.11 and later)
 # compiles a call of more than 30 arguments as a call with *args, and numba-cuda's inlining of
 # `inline=True` device functions (at the Numba IR level) refuses such a call ("Calling a
-# closure with *args is unsupported"; tests/test_lite_small.py checks every call here).
+# closure with *args is unsupported"; tests/test_cuda_inline_calls.py checks every call).
 MAX_CALL_ARGS = 28
 # A warp's 32 lanes are one pair's grid points in the amount's grid steps.
 assert GRID == 32
