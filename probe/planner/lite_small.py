@@ -443,11 +443,16 @@ def small_kernel(rp: int, ep: int, stamps: bool = False):
             # (one barrier) the matching in every warp (below).
             t_top = times_w[warp, order_w[warp, 0]]
             hot_bar = (16 - hot) * num_ranks * t_top + hot * total  # hot: 16 G t above it
+            n_hot = 0  # the hot ranks: the first positions
+            q = lane
+            while q < num_ranks:
+                if 16 * num_ranks * times_w[warp, order_w[warp, q]] > hot_bar:
+                    n_hot += 1
+                q += width
+            n_hot = _warp_total(n_hot, wbest, warp, lane)
             p = warp
-            while p < num_ranks:
+            while p < n_hot:
                 h = order_w[warp, p]
-                if 16 * num_ranks * times_w[warp, h] <= hot_bar:
-                    break
                 nh = nhome_s[h]
                 j = lane
                 while j < nh + used[h]:
@@ -468,13 +473,6 @@ def small_kernel(rp: int, ep: int, stamps: bool = False):
             # reach word holds it), a lane per pair and one ballot per 32 pairs; then the hot
             # positions in order, each taking the fastest eligible position not yet taken
             # (bit operations on the words, the same in every lane).
-            n_hot = 0  # the hot ranks: the first positions
-            q = lane
-            while q < num_ranks:
-                if 16 * num_ranks * times_w[warp, order_w[warp, q]] > hot_bar:
-                    n_hot += 1
-                q += width
-            n_hot = _warp_total(n_hot, wbest, warp, lane)
             n_items = n_hot * RP
             base = 0
             while base < n_items:  # the same trip count in every warp (simulator)
