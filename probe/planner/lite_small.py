@@ -158,6 +158,7 @@ def small_kernel(rp: int, ep: int, stamps: bool = False):
     SC = SLOT_CAP  # noqa: N806
     STAMPS = stamps  # noqa: N806
     NST = 9  # noqa: N806 (lite_cuda's stamps a round)
+    HC = 8  # noqa: N806 (home experts a thread reads at once; EP is a multiple)
 
     @cuda.jit(**LINEINFO)
     def _small_kernel(load, home, window, slots, a_tick, b_tick, tt, xt, hcount, hlist, hpos,
@@ -244,11 +245,11 @@ def small_kernel(rp: int, ep: int, stamps: bool = False):
         if tid == 0:
             for k in range(_NINTS):
                 ints[k] = 0
-        g = tid
-        while g < num_ranks:
-            w_in = window[layer, g]
-            slots_g = slots[g]
-            nhome_g = nhome[g]
+        g = tid  # (the ranks past the layer: zero, no slot)
+        while g < RP:
+            w_in = window[layer, g] if g < num_ranks else 0.0
+            slots_g = slots[g] if g < num_ranks else 0
+            nhome_g = nhome[g] if g < num_ranks else 0
             w = _window_ticks(w_in)
             wt[g] = w
             if w < 0:
@@ -264,6 +265,9 @@ def small_kernel(rp: int, ep: int, stamps: bool = False):
         # division by a variable is a long subroutine on the GPU).
         width_h = rank_home.shape[1]
         vals = cuda.local.array(RP, int64)  # an item's global values, read first
+        ex = cuda.local.array(HC, int64)  # a batch of a rank's home experts
+        hc = cuda.local.array(HC, int64)
+        ld = cuda.local.array(HC, int64)
         poss = cuda.local.array(RP, int64)
         lst = cuda.local.array(RP, int64)
         j = tid
@@ -279,11 +283,11 @@ def small_kernel(rp: int, ep: int, stamps: bool = False):
         while k < RP * RP:
             s = k // RP
             g = k - s * RP
-            if s < num_ranks and g < num_ranks:
-                t_sg = tt[s, g]
-                x_sg = xt[s, g]
-                tt_s[s, g] = t_sg
-                xt_s[s, g] = x_sg
+            inside = s < num_ranks and g < num_ranks
+            t_sg = tt[s, g] if inside else 0
+            x_sg = xt[s, g] if inside else 0
+            tt_s[s, g] = t_sg  # (zero past the layer's ranks)
+            xt_s[s, g] = x_sg
             k += nt
         width_l = hlist.shape[1]
         e = tid
@@ -318,9 +322,25 @@ def small_kernel(rp: int, ep: int, stamps: bool = False):
                     hlist_s[e, j] = g
                     bits |= int64(1) << g
             hcount_s[e] = n_e
-            tot_s[e] = total  # (the counts' when the layer is planned: no negative, not big)
+            tot_s[e] = total
             hbits[e] = bits
             blk_of[e] = -1
+            # The static split's counts of e (from the values in registers; an expert of
+            # several holders through _share on the column this thread just wrote). A layer
+            # with a negative or too large load is not planned: its counts stay zero.
+            planned = not negative and total < KEY_MAX_TOKENS
+            for g in range(RP):
+                if g < num_ranks:
+                    n = 0
+                    if planned and poss[g] >= 0:
+                        if n_e == 1:  # the one holder gets every token
+                            n = total
+                        else:
+                            for s in range(RP):
+                                if s < num_ranks:
+                                    n += int64(_share(load_s, home_b, hpos_s, hcount_s, s, e,
+                                                      g))
+                    cnt[g, e] = n
             e += nt
         cuda.syncthreads()
         if STAMPS and tid == 0:
@@ -328,36 +348,30 @@ def small_kernel(rp: int, ep: int, stamps: bool = False):
         status = ints[_STATUS]
         if status == 0 and ints[_BIG] != 0:
             status = 3
-        # The start, 2: the static split's counts [G, E] and flows [S, G].
+        # The start, 2: the static split's flows [S, G], HC home experts of g at a time (their
+        # list entries, then their holder counts and loads, each batch of loads at once).
         if status == 0:
-            k = tid
-            while k < RP * EP:
-                g = k // EP
-                e = k - g * EP
-                if g < num_ranks and e < num_experts:
-                    n = 0
-                    if hpos_s[g, e] >= 0:
-                        if hcount_s[e] == 1:  # the one holder gets every token
-                            n = tot_s[e]
-                        else:
-                            for s in range(RP):
-                                if s < num_ranks:
-                                    n += int64(_share(load_s, home_b, hpos_s, hcount_s, s, e,
-                                                      g))
-                    cnt[g, e] = n
-                k += nt
             k = tid
             while k < RP * RP:
                 s = k // RP
                 g = k - s * RP
                 if s < num_ranks and g < num_ranks:
                     n = 0
-                    for j in range(nhome_s[g]):
-                        e = int64(home_s[g, j])
-                        if hcount_s[e] == 1:  # g, its one holder, gets s's tokens
-                            n += int64(load_s[s, e])
-                        else:
-                            n += int64(_share(load_s, home_b, hpos_s, hcount_s, s, e, g))
+                    nh = nhome_s[g]
+                    for j0 in range(0, nh, HC):  # (EP, a multiple of HC, bounds j0 + HC)
+                        for jj in range(HC):
+                            v = int64(home_s[g, j0 + jj])
+                            ex[jj] = v if j0 + jj < nh else 0
+                        for jj in range(HC):
+                            hc[jj] = hcount_s[ex[jj]]
+                            ld[jj] = load_s[s, ex[jj]]
+                        for jj in range(HC):
+                            if j0 + jj < nh:
+                                if hc[jj] == 1:  # g, its one holder, gets s's tokens
+                                    n += ld[jj]
+                                else:
+                                    n += int64(_share(load_s, home_b, hpos_s, hcount_s, s,
+                                                      ex[jj], g))
                     flow[s, g] = n
                 k += nt
         cuda.syncthreads()
@@ -368,10 +382,15 @@ def small_kernel(rp: int, ep: int, stamps: bool = False):
             g = tid
             while g < num_ranks:
                 c_sum = 0
-                for j in range(nhome_s[g]):
-                    n = int64(cnt[g, int64(home_s[g, j])])
-                    if n > 0:
-                        c_sum += A + B * n
+                nh = nhome_s[g]
+                for j0 in range(0, nh, HC):  # HC home experts at a time, as the flows
+                    for jj in range(HC):
+                        v = int64(home_s[g, j0 + jj])
+                        ex[jj] = v if j0 + jj < nh else 0
+                    for jj in range(HC):
+                        n = int64(cnt[g, ex[jj]])
+                        if j0 + jj < nh and n > 0:
+                            c_sum += A + B * n
                 into = 0
                 out = 0
                 for s in range(RP):
@@ -411,25 +430,24 @@ def small_kernel(rp: int, ep: int, stamps: bool = False):
             # Every warp: each rank's position (slowest first, ties to the lowest rank) and the
             # ranks a copy from it fits (bit c: c has a free slot, the sent and received
             # windows hold the copy; lite.copy_source's test).
+            # No branch on a loaded value in these loops (bitwise tests, the ranks past the
+            # layer masked: a padding rank has no slot), so all their loads go out together.
             g = lane
             while g < num_ranks:
                 t_g = times_w[warp, g]
                 p = 0
                 for q in range(RP):
-                    if q < num_ranks:
-                        t_q = times_w[warp, q]
-                        if t_q > t_g or (t_q == t_g and q < g):
-                            p += 1
+                    t_q = times_w[warp, q]
+                    p += int64((q < num_ranks) & ((t_q > t_g) | ((t_q == t_g) & (q < g))))
                 order_w[warp, p] = g
                 bits = int64(0)
                 sent_g = sent[g]
                 wt_g = wt[g]
                 for c in range(RP):
-                    if c < num_ranks:
-                        x = xt_s[g, c]
-                        if (used[c] < slots_s[c] and sent_g + x <= wt_g
-                                and recv[c] + x <= wt[c]):
-                            bits |= int64(1) << c
+                    x = xt_s[g, c]
+                    fit = ((used[c] < slots_s[c]) & (sent_g + x <= wt_g)
+                           & (recv[c] + x <= wt[c]))
+                    bits |= int64(fit) << c
                 fits_w[warp, g] = bits
                 reach_w[warp, g] = uint32(0)
                 g += width
@@ -665,14 +683,19 @@ def small_kernel(rp: int, ep: int, stamps: bool = False):
         while k < blk_expert.shape[0]:
             blk_expert[k] = -1
             k += nt
-        k = tid  # the plan's blocks out of shared memory, zero past them
-        while k < blk_assign.shape[0] * RP * RP:
-            q = k // (RP * RP)
-            r = k - q * (RP * RP)
-            s = r // RP
-            g = r - s * RP
-            if s < num_ranks and g < num_ranks:
-                blk_assign[q, s, g] = int64(blk_s[q, s, g]) if q < n_blk else 0
+        k = tid  # the plan's blocks out of shared memory, zero past them: a thread per row
+        while k < blk_assign.shape[0] * RP:
+            q = k // RP
+            s = k - q * RP
+            if s < num_ranks:
+                if q < n_blk:
+                    for g in range(RP):
+                        if g < num_ranks:
+                            blk_assign[q, s, g] = int64(blk_s[q, s, g])
+                else:
+                    for g in range(RP):
+                        if g < num_ranks:
+                            blk_assign[q, s, g] = 0
             k += nt
 
     _KERNELS[key] = _small_kernel
