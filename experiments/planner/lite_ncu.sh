@@ -15,6 +15,8 @@
 # an H200 it first runs the H200 steps of experiments/device_session.sh (H200_STEPS, default
 # "quant_layer moe_layer"; SKIP_H200=1 skips them). At ep=8 CudaLite takes the small-layer kernel (lite_small), so the
 # two launches profiled are that kernel at ep=8 and the generic one at ep=64.
+# SAMPLING sets Nsight's warp-sampling interval (0: every 32 cycles, the densest; default
+# auto, which took 62 samples of the ep=8 launch); LAUNCHES=1 profiles the ep=8 launch alone.
 # Usage (on the GPU machine, from the repository root):
 #   OUT=dir PROBE_GIT_COMMIT=<rev> bash experiments/planner/lite_ncu.sh
 set -uo pipefail
@@ -36,7 +38,8 @@ profile() {  # $1: 1 with line information, 0 without
   PROBE_CUDA_LINEINFO=$1 timeout "${NCU_LIMIT:-200}" ncu --clock-control none --import-source yes \
       --section SourceCounters --section WarpStateStats --section LaunchStats \
       --section SpeedOfLight --section InstructionStats \
-      -k regex:'_lite_kernel|_small_kernel' -c 2 -o "$OUT/lite" -f \
+      --warp-sampling-interval "${SAMPLING:-auto}" \
+      -k regex:'_lite_kernel|_small_kernel' -c "${LAUNCHES:-2}" -o "$OUT/lite" -f \
       python3 -m experiments.planner.gpu_profile --lite --launches 1 --repeats 0 > "$OUT/ncu_run.txt" 2>&1
   echo "== ncu exit $?" | tee -a "$LOG"
 }
