@@ -329,17 +329,16 @@ def small_kernel(rp: int, ep: int, stamps: bool = False):
             # several holders through _share on the column this thread just wrote). A layer
             # with a negative or too large load is not planned: its counts stay zero.
             planned = not negative and total < KEY_MAX_TOKENS
+            one = planned and n_e == 1  # the one holder gets every token
             for g in range(RP):
                 if g < num_ranks:
+                    cnt[g, e] = total if one and poss[g] >= 0 else 0
+            if planned and n_e > 1:  # (loops not unrolled: one copy of _share in the code)
+                for g in range(num_ranks):
                     n = 0
-                    if planned and poss[g] >= 0:
-                        if n_e == 1:  # the one holder gets every token
-                            n = total
-                        else:
-                            for s in range(RP):
-                                if s < num_ranks:
-                                    n += int64(_share(load_s, home_b, hpos_s, hcount_s, s, e,
-                                                      g))
+                    if hpos_s[g, e] >= 0:
+                        for s in range(num_ranks):
+                            n += int64(_share(load_s, home_b, hpos_s, hcount_s, s, e, g))
                     cnt[g, e] = n
             e += nt
         cuda.syncthreads()
@@ -358,6 +357,7 @@ def small_kernel(rp: int, ep: int, stamps: bool = False):
                 if s < num_ranks and g < num_ranks:
                     n = 0
                     nh = nhome_s[g]
+                    several = False
                     for j0 in range(0, nh, HC):  # (EP, a multiple of HC, bounds j0 + HC)
                         for jj in range(HC):
                             v = int64(home_s[g, j0 + jj])
@@ -365,13 +365,15 @@ def small_kernel(rp: int, ep: int, stamps: bool = False):
                         for jj in range(HC):
                             hc[jj] = hcount_s[ex[jj]]
                             ld[jj] = load_s[s, ex[jj]]
-                        for jj in range(HC):
-                            if j0 + jj < nh:
-                                if hc[jj] == 1:  # g, its one holder, gets s's tokens
-                                    n += ld[jj]
-                                else:
-                                    n += int64(_share(load_s, home_b, hpos_s, hcount_s, s,
-                                                      ex[jj], g))
+                        for jj in range(HC):  # g, the one holder, gets s's tokens
+                            one = j0 + jj < nh and hc[jj] == 1
+                            several = several or (j0 + jj < nh and hc[jj] != 1)
+                            n += int64(ld[jj]) if one else 0
+                    if several:  # experts of several holders (one copy of _share in the code)
+                        for j in range(nh):
+                            e = int64(home_s[g, j])
+                            if hcount_s[e] != 1:
+                                n += int64(_share(load_s, home_b, hpos_s, hcount_s, s, e, g))
                     flow[s, g] = n
                 k += nt
         cuda.syncthreads()
@@ -675,9 +677,11 @@ def small_kernel(rp: int, ep: int, stamps: bool = False):
             moves_out[layer] = moves
             makespan_out[layer] = span
             status_out[layer] = status
-        k = n_rep * 3 + tid
-        while k < rep.shape[0] * 3:
-            rep[k // 3, k % 3] = -1
+        k = n_rep + tid
+        while k < rep.shape[0]:
+            rep[k, 0] = -1
+            rep[k, 1] = -1
+            rep[k, 2] = -1
             k += nt
         k = n_blk + tid
         while k < blk_expert.shape[0]:
