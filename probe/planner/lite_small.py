@@ -12,10 +12,12 @@ layers of at most SMALL_RANKS ranks whose whole state fits the block's shared me
 (`small_fits`):
 - the start copies the layer's load, home positions and lists, the cost matrices in ticks and
   the windows into shared memory, and counts the static split without atomics: a thread per
-  (rank, expert) count, a thread per (source, rank) flow, a thread per rank sum (three
+  expert copies it and makes its counts from the values in registers, a thread per (source,
+  rank) flow and a thread per rank sum read the rank's home experts 8 at a time (three
   barriers);
 - each round, every warp computes the rank times, their sum, the ranks' order and the copy
-  fits (a lane per rank, a loop over the ranks: no collective); the warps split the hot ranks
+  fits (a lane per rank, a loop over the ranks with no branch on a loaded value: no
+  collective); the warps split the hot ranks
   by position and make each one's reach word (a lane per expert it holds OR-ing its holders'
   fit words in with a 32-bit shared atomic; one barrier); then every warp makes the pair
   matching itself: each (hot position, faster position) pair's eligibility as a bit, a lane
@@ -28,14 +30,16 @@ layers of at most SMALL_RANKS ranks whose whole state fits the block's shared me
   entries and updates its two ranks, each source's change of outgoing traffic in the pair's
   row; a thread per source adds the rows up (four barriers).
 A round is thus seven block barriers (lite_cuda: nine, and the atomics of its counting steps).
-Measured on an H100 (results/h100/run13, one layer at ep=8 / 128 experts, graph replay, all in
-one call): 51.1 / 49.3 us at 128 / 256 threads, against 62.6 / 59.9 for the revision run 12 last
-timed (52106d6: every warp made every reach word, warp 0 applied rule 5 pair by pair, the start
-stored before it loaded) and 73.6 / 61.8 for the generic kernel; clock stamps: each round about
-18,000 cycles (22,000 before), the start 20,300 (28,200). Still 4.9x off the 10 us target.
-The matching as described above (eligibility words first) came after run 13 and is not timed
-(the matching took 12,100 cycles over the rounds there, each hot rank a loop of loads and a
-ballot with the taken test inside).
+Measured on H100s (one layer at ep=8 / 128 experts, graph replay, each revision beside the
+previous one in one call): results/h100/run13, 51.1 / 49.3 us at 128 / 256 threads against 62.6
+/ 59.9 for 52106d6 (every warp made every reach word, warp 0 applied rule 5 pair by pair, the
+start stored before it loaded); run 14, the matching on eligibility words, 1.07x; run 15, the
+loads of the positions and copy fits in one batch and a smaller kernel, 50.8 us against 56.3
+on the same layer (1.11x), still 5.1x off the 10 us target. Nsight Compute (run 15) puts
+instruction fetch first among the working warps' stalls (35%): the kernel's SASS is about
+9,200 instructions (147 KB), and the code that runs once (the start, the write-back) or once a
+round waits on its fetch, so unrolled copies of rarely taken code cost time (run 15's 60f4c42, 12,264 instructions, was no
+faster than the revision before it).
 
 `small_kernel(RP, EP)` is the kernel for layers of at most RP ranks (a power of two) and EP
 experts; it takes `lite_cuda.launch_args` (and ignores the global scratch but for the clock
