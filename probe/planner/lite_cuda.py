@@ -91,7 +91,7 @@ from probe.planner.lite_device import (
     _pair_move,
     _EXPERT_BITS,
     _add_replica,
-    _copy_source,
+    admit_source,
     _first_item,
     _next_item,
     _pool_entry,
@@ -429,6 +429,8 @@ def kernel(max_ranks: int, upto: int = FULL, stamps: bool = False, threads: int 
         pair_x = cuda.shared.array(PM, int64)
         wbest = cuda.shared.array(32, int64)  # the simulator's warp minima and maxima
         pair_len = cuda.shared.array(PM, int64)
+        pair_src = cuda.shared.array(PM, int64)  # the copy source at the pair move (-2: none)
+        pair_sent = cuda.shared.array(PM, int64)  # that source's sent window then
         new_blk = cuda.shared.array(PM, int64)
         ints = cuda.shared.array(_NINTS, int64)
         # One allocation per line: the simulator tells shared arrays apart by their line.
@@ -653,14 +655,16 @@ def kernel(max_ranks: int, upto: int = FULL, stamps: bool = False, threads: int 
                 _pair_move(i, live, h, c, times[h], nhome[h], rank_home, rep_on, cnt, held,
                            blk_of, (used, slots, sent, recv, wt, xt, hcount, hlist), num_ranks,
                            tt, blk_assign, load, home, hpos, (comp, tin, tout), A, B, eps_ppm,
-                           (pool_s, pool_n, cum, pre_h, pre_c), (pair_len, pair_e, pair_x),
-                           wbest, warp, lane, width)
+                           (pool_s, pool_n, cum, pre_h, pre_c),
+                           (pair_len, pair_e, pair_x, pair_src, pair_sent), wbest, warp, lane,
+                           width)
             cuda.syncthreads()
             if STAMPS and tid == 0:
                 stamps[sbase + 5] = clock64()
             if UPTO == 4:  # a profiling variant: the round ends here
                 continue
-            # Thread 0 admits the moves in pair order.
+            # Thread 0 admits the moves in pair order (the copy sources came with the pair
+            # moves: lite_device.admit_source).
             if tid == 0:
                 n_rep = ints[_NREP]
                 n_blk = ints[_NBLK]
@@ -671,12 +675,11 @@ def kernel(max_ranks: int, upto: int = FULL, stamps: bool = False, threads: int 
                     if e < 0:
                         continue
                     c = pair_c[i]
-                    src = -1
-                    if held[c, e] == 0:
-                        src = _copy_source(e, c, used, slots, sent, recv, wt, xt, hcount, hlist)
-                        if src < 0 or n_rep >= max_reps:
-                            pair_e[i] = -1
-                            continue
+                    src = admit_source(i, e, c, pair_src, pair_sent,
+                                       (used, slots, sent, recv, wt, xt, hcount, hlist))
+                    if src != -2 and (src < 0 or n_rep >= max_reps):  # a copy, refused
+                        pair_e[i] = -1
+                        continue
                     if blk_of[e] < 0:
                         if n_blk >= max_blocks:
                             pair_e[i] = -1

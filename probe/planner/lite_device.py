@@ -267,29 +267,39 @@ def _pair_move(i, live, h, c, t_h, nhome_h, rank_home, rep_on, cnt, held, blk_of
     """Rules 2-4 of pair i (hot rank h, time t_h, and cold rank c) on one warp, with no block
     barrier: its expert (a lane per expert h holds, the warp's maximum of (tokens, -expert)),
     its pool (`_lay_pool`), its amount (`_best_amount`) and the gain test; lane 0 writes
-    pair_len[i], and pair_e[i] (-1: no move), pair_x[i]. A warp whose pair slot is past the
+    pair_len[i], and pair_e[i] (-1: no move), pair_x[i]; the lane that chose the expert writes
+    pair_src[i], the home holder that would copy it to c as things stand (-2: c holds it), and
+    pair_sent[i], that holder's sent window then, so that rule 5 looks for a source again only
+    where a copy admitted before this pair's was sent from it (`admit_source`). A warp whose
+    pair slot is past the
     pairs (live False) runs along: every warp makes as many calls (the simulator's collectives
     are block barriers). The arrays come in tuples (fit: copy_source's (used, slots, sent,
     recv, wt, xt, hcount, hlist); times: (comp, tin, tout); pool: the pairs' rows (pool_s,
-    pool_n, cum, pre_h, pre_c); out: (pair_len, pair_e, pair_x)) so that a call passes at
-    most MAX_CALL_ARGS arguments."""
+    pool_n, cum, pre_h, pre_c); out: (pair_len, pair_e, pair_x, pair_src, pair_sent)) so that
+    a call passes at most MAX_CALL_ARGS arguments."""
     used, slots, sent, recv, wt, xt, hcount, hlist = fit
     comp, tin, tout = times
     pool_s, pool_n, cum, pre_h, pre_c = pool
-    pair_len, pair_e, pair_x = out
-    key = -1
+    pair_len, pair_e, pair_x, pair_src, pair_sent = out
+    own = -1  # this lane's best candidate's key, and its copy source (-2: c holds it)
+    own_src = -2
     if live:
         j = lane
         while j < nhome_h + used[h]:
             e = int64(rank_home[h, j]) if j < nhome_h else rep_on[h, j - nhome_h]
             n = int64(cnt[h, e])
-            if n > 0 and (held[c, e] != 0 or _copy_source(e, c, used, slots, sent, recv, wt,
-                                                          xt, hcount, hlist) >= 0):
+            if n > 0:
+                src = -2 if held[c, e] != 0 else _copy_source(e, c, used, slots, sent, recv,
+                                                               wt, xt, hcount, hlist)
                 k = (n << _EXPERT_BITS) + ((1 << _EXPERT_BITS) - 1 - e)
-                if k > key:
-                    key = k
+                if src != -1 and k > own:
+                    own = k
+                    own_src = src
             j += width
-    key = _warp_best(key, scratch, warp, lane, True)
+    key = _warp_best(own, scratch, warp, lane, True)
+    if live and key >= 0 and own == key:  # the lane of the pair's expert (keys differ)
+        pair_src[i] = own_src
+        pair_sent[i] = sent[own_src] if own_src >= 0 else 0
     e = _key_expert(key) if key >= 0 else 0
     # The pair's pool rows; a warp past the pairs reads row 0 and writes nothing (its slot
     # may be past the rows: more warps than pair slots).
@@ -312,3 +322,20 @@ def _pair_move(i, live, h, c, t_h, nhome_h, rank_home, rep_on, cnt, held, blk_of
             if (t_h - best_f) * 1000000 > eps_ppm * t_h:
                 pair_e[i] = e
                 pair_x[i] = best & (KEY_MAX_TOKENS - 1)
+
+
+@cuda.jit(device=True, inline=True, **LINEINFO)
+def admit_source(i, e, c, pair_src, pair_sent, fit):  # pragma: no cover - device code
+    """Rule 5's copy source of pair i's expert e to its cold rank c (-2: c holds e, no copy;
+    -1: none can copy it), from what the pair move found (`_pair_move`'s pair_src, pair_sent):
+    a pair's c and its slot and received window are its own (the pairs' ranks differ) and a
+    sent window only fills up, so that source is still copy_source's answer unless its sent
+    window changed since (a copy admitted before this pair's in the round was sent from it);
+    then it is looked for again. fit: copy_source's (used, slots, sent, recv, wt, xt, hcount,
+    hlist)."""
+    used, slots, sent, recv, wt, xt, hcount, hlist = fit
+    src = pair_src[i]
+    if src >= 0 and sent[src] != pair_sent[i]:
+        src = _copy_source(e, c, used, slots, sent, recv, wt, xt, hcount, hlist)
+    return src
+

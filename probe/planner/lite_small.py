@@ -15,9 +15,9 @@ layers of at most SMALL_RANKS ranks whose whole state fits the block's shared me
   expert copies it and makes its counts from the values in registers, a thread per (source,
   rank) flow and a thread per rank sum read the rank's home experts 8 at a time (three
   barriers);
-- each round, every warp computes the rank times, their sum, the ranks' order and the copy
-  fits (a lane per rank, a loop over the ranks with no branch on a loaded value: no
-  collective); the warps split the hot ranks
+- each round, every warp computes the rank times, their sum, the ranks' order, the hot
+  ranks' count and the copy fits (a lane per rank, a loop over the ranks with no branch on a
+  loaded value: no collective but the count's sum); the warps split the hot ranks
   by position and make each one's reach word (a lane per expert it holds OR-ing its holders'
   fit words in with a 32-bit shared atomic; one barrier); then every warp makes the pair
   matching itself: each (hot position, faster position) pair's eligibility as a bit, a lane
@@ -26,7 +26,8 @@ layers of at most SMALL_RANKS ranks whose whole state fits the block's shared me
   pairs, and warp 0 writes them down for the moves (one barrier);
 - a warp per pair makes its move (rules 2-4: lite_device._pair_move, which lite_cuda calls too);
 - rule 5: thread 0 admits the moves pair by pair in order (what it reads, no move's applying
-  changes); the block writes the new blocks' static splits; a warp per pair takes its pool's
+  changes; each copy's source the one the pair move found, looked for again only where a copy
+  admitted before it was sent from there: lite_device.admit_source); the block writes the new blocks' static splits; a warp per pair takes its pool's
   entries and updates its two ranks, each source's change of outgoing traffic in the pair's
   row; a thread per source adds the rows up (four barriers).
 A round is thus seven block barriers (lite_cuda: nine, and the atomics of its counting steps).
@@ -37,9 +38,9 @@ start stored before it loaded); run 14, the matching on eligibility words, 1.07x
 loads of the positions and copy fits in one batch and a smaller kernel, 50.8 us against 56.3
 on the same layer (1.11x), still 5.1x off the 10 us target. Nsight Compute (run 15) puts
 instruction fetch first among the working warps' stalls (35%): the kernel's SASS is about
-9,200 instructions (147 KB), and the code that runs once (the start, the write-back) or once a
-round waits on its fetch, so unrolled copies of rarely taken code cost time (run 15's 60f4c42, 12,264 instructions, was no
-faster than the revision before it).
+9,200 instructions (147 KB), and the code that runs once (the start, the write-back) or once
+a round waits on its fetch, so unrolled copies of rarely taken code cost time (run 15's
+60f4c42, 12,264 instructions, was no faster than the revision before it).
 
 `small_kernel(RP, EP)` is the kernel for layers of at most RP ranks (a power of two) and EP
 experts; it takes `lite_cuda.launch_args` (and ignores the global scratch but for the clock
@@ -56,13 +57,13 @@ from probe.planner.lite import KEY_MAX_TIME, KEY_MAX_TOKENS, plan_limits
 from probe.planner.lite_device import (
     _COMBINE_ADD,
     _add_replica,
-    _copy_source,
     _lanes_in_scratch,
     _pair_move,
     _pool_entry,
     _share,
     _warp_bits,
     _window_ticks,
+    admit_source,
 )
 from probe.planner.numba_cuda import (
     LINEINFO,
@@ -115,7 +116,7 @@ def _shared_bytes(rp: int, ep: int) -> int:
             + 9 * 8 * rp  # rank arrays
             + 3 * 8 * _NWM * rp + 4 * _NWM * rp  # per-warp times, order, fits, reach
             + 4 * _NWM * max(rp * rp // 32, 1)  # per-warp eligible pairs
-            + 6 * 8 * pm + 5 * 8 * pm * (rp + 1)  # pairs and pools
+            + 8 * 8 * pm + 5 * 8 * pm * (rp + 1)  # pairs and pools
             + 8 * pm * rp  # the pairs' changes of traffic out
             + 8 * 32 + 8 * _NINTS)
 
@@ -233,6 +234,8 @@ def small_kernel(rp: int, ep: int, stamps: bool = False):
         pair_x = cuda.shared.array(PM, int64)
         pair_len = cuda.shared.array(PM, int64)
         pair_new = cuda.shared.array(PM, int64)  # the block a pair's admission made, or -1
+        pair_src = cuda.shared.array(PM, int64)  # its copy source at the pair move (-2: none)
+        pair_sent = cuda.shared.array(PM, int64)  # that source's sent window then
         out_d = cuda.shared.array((PM, RP), int64)  # a pair's change of sources' traffic out
         pool_s = cuda.shared.array((PM, RP1), int64)
         pool_n = cuda.shared.array((PM, RP1), int64)
@@ -438,14 +441,22 @@ def small_kernel(rp: int, ep: int, stamps: bool = False):
             # windows hold the copy; lite.copy_source's test).
             # No branch on a loaded value in these loops (bitwise tests, the ranks past the
             # layer masked: a padding rank has no slot), so all their loads go out together.
+            # The same loop counts the hot ranks (16 G t above the bar, from the top time and
+            # the sum; they take the first positions).
+            n_hot = 0
             g = lane
             while g < num_ranks:
                 t_g = times_w[warp, g]
                 p = 0
+                t_top = 0  # (times are not negative)
                 for q in range(RP):
                     t_q = times_w[warp, q]
-                    p += int64((q < num_ranks) & ((t_q > t_g) | ((t_q == t_g) & (q < g))))
+                    inside = q < num_ranks
+                    p += int64(inside & ((t_q > t_g) | ((t_q == t_g) & (q < g))))
+                    t_top = t_q if inside & (t_q > t_top) else t_top
                 order_w[warp, p] = g
+                hot_bar = (16 - hot) * num_ranks * t_top + hot * total
+                n_hot += int64(16 * num_ranks * t_g > hot_bar)
                 bits = int64(0)
                 sent_g = sent[g]
                 wt_g = wt[g]
@@ -465,14 +476,6 @@ def small_kernel(rp: int, ep: int, stamps: bool = False):
             # position (warp w the positions w, w + nwarps, ...; the hot ranks come first), a
             # lane per expert of h OR-ing its holders' fit words into the owner's row; then
             # (one barrier) the matching in every warp (below).
-            t_top = times_w[warp, order_w[warp, 0]]
-            hot_bar = (16 - hot) * num_ranks * t_top + hot * total  # hot: 16 G t above it
-            n_hot = 0  # the hot ranks: the first positions
-            q = lane
-            while q < num_ranks:
-                if 16 * num_ranks * times_w[warp, order_w[warp, q]] > hot_bar:
-                    n_hot += 1
-                q += width
             n_hot = _warp_total(n_hot, wbest, warp, lane)
             p = warp
             while p < n_hot:
@@ -550,7 +553,8 @@ def small_kernel(rp: int, ep: int, stamps: bool = False):
                 _pair_move(i, live, h, c, t_h, nhome_s[h], home_s, rep_on, cnt, held, blk_of,
                            (used, slots_s, sent, recv, wt, xt_s, hcount_s, hlist_s), num_ranks,
                            tt_s, blk_s, load_s, home_b, hpos_s, (comp, tin, tout), A, B, eps_ppm,
-                           (pool_s, pool_n, cum, pre_h, pre_c), (pair_len, pair_e, pair_x),
+                           (pool_s, pool_n, cum, pre_h, pre_c),
+                           (pair_len, pair_e, pair_x, pair_src, pair_sent),
                            wbest, warp, lane, width)
             cuda.syncthreads()
             if STAMPS and tid == 0:
@@ -566,34 +570,40 @@ def small_kernel(rp: int, ep: int, stamps: bool = False):
             # row; then (a barrier) a thread per source adds the rows up. The sums are of
             # integers: their order does not change them.
             if tid == 0:
+                # The copy sources came with the pair moves (admit_source).
                 applied = 0
+                n_rep = ints[_NREP]
+                n_blk = ints[_NBLK]
                 for i in range(n_pairs):
                     e = pair_e[i]
                     c = pair_c[i]
                     ok = e >= 0
                     src = -1
-                    if ok and held[c, e] == 0:
-                        src = _copy_source(e, c, used, slots_s, sent, recv, wt, xt_s, hcount_s,
-                                           hlist_s)
-                        ok = src >= 0 and ints[_NREP] < max_reps
+                    if ok:
+                        src = admit_source(i, e, c, pair_src, pair_sent, (
+                            used, slots_s, sent, recv, wt, xt_s, hcount_s, hlist_s))
+                        if src != -2:  # c does not hold e: it needs a copy
+                            ok = src >= 0 and n_rep < max_reps
                     fresh = -1
                     if ok and blk_of[e] < 0:
-                        if ints[_NBLK] >= max_blocks:
+                        if n_blk >= max_blocks:
                             ok = False
                         else:
-                            fresh = ints[_NBLK]
+                            fresh = n_blk
                             blk_of[e] = fresh
                             blk_expert[fresh] = e
-                            ints[_NBLK] = fresh + 1
+                            n_blk += 1
                     if ok and src >= 0:
                         hbits[e] |= int64(1) << c
-                        ints[_NREP] = _add_replica(c, e, src, ints[_NREP], rep, held, rep_on,
-                                                   used, sent, recv, xt_s)
+                        n_rep = _add_replica(c, e, src, n_rep, rep, held, rep_on, used, sent,
+                                             recv, xt_s)
                     pair_new[i] = fresh
                     if ok:
                         applied += 1
                     else:
                         pair_e[i] = -1
+                ints[_NREP] = n_rep
+                ints[_NBLK] = n_blk
                 ints[_APPLIED] = applied
             cuda.syncthreads()
             if STAMPS and tid == 0:
