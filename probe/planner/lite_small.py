@@ -27,9 +27,10 @@ layers of at most SMALL_RANKS ranks whose whole state fits the block's shared me
 - a warp per pair makes its move (rules 2-4: lite_device._pair_move, which lite_cuda calls too);
 - rule 5: thread 0 admits the moves pair by pair in order (what it reads, no move's applying
   changes; each copy's source the one the pair move found, looked for again only where a copy
-  admitted before it was sent from there: lite_device.admit_source); the block writes the new blocks' static splits; a warp per pair takes its pool's
-  entries and updates its two ranks, each source's change of outgoing traffic in the pair's
-  row; a thread per source adds the rows up (four barriers).
+  admitted before it was sent from there: lite_device.admit_source); the block writes the
+  new blocks' static splits; a warp per pair takes its pool's entries and updates its two
+  ranks, each source's change of outgoing traffic in the pair's row; a thread per source adds
+  the rows up (four barriers).
 A round is thus seven block barriers (lite_cuda: nine, and the atomics of its counting steps).
 Measured on H100s (one layer at ep=8 / 128 experts, graph replay, each revision beside the
 previous one in one call): results/h100/run13, 51.1 / 49.3 us at 128 / 256 threads against 62.6
@@ -264,6 +265,9 @@ def small_kernel(rp: int, ep: int, stamps: bool = False):
             used[g] = 0
             sent[g] = 0
             recv[g] = 0
+            comp[g] = 0  # (the start's sums set the layer's ranks)
+            tin[g] = 0
+            tout[g] = 0
             slots_s[g] = slots_g
             nhome_s[g] = nhome_g
             g += nt
@@ -678,42 +682,40 @@ def small_kernel(rp: int, ep: int, stamps: bool = False):
         # The outputs.
         n_rep = ints[_NREP]
         n_blk = ints[_NBLK]
+        # Little code here: it runs once, and its time is mostly the fetch of its
+        # instructions (results/h100/run15).
         if tid == 0:
             span = 0
-            if status == 0:
-                for g in range(num_ranks):
-                    t = comp[g] + 2 * (tin[g] if tin[g] > tout[g] else tout[g])
-                    if t > span:
-                        span = t
+            for g in range(RP):  # (zero past the layer's ranks)
+                t = comp[g] + 2 * (tin[g] if tin[g] > tout[g] else tout[g])
+                span = t if t > span else span
+            span = span if status == 0 else 0
             n_rep_out[layer] = n_rep
             n_blk_out[layer] = n_blk
             rounds_out[layer] = rounds if status == 0 else 0
             moves_out[layer] = moves
             makespan_out[layer] = span
             status_out[layer] = status
-        k = n_rep + tid
-        while k < rep.shape[0]:
-            rep[k, 0] = -1
-            rep[k, 1] = -1
-            rep[k, 2] = -1
-            k += nt
-        k = n_blk + tid
-        while k < blk_expert.shape[0]:
-            blk_expert[k] = -1
+        k = tid  # the rows past the plan's replicas and blocks: -1
+        while k < rep.shape[0] or k < blk_expert.shape[0]:
+            if n_rep <= k < rep.shape[0]:
+                rep[k, 0] = -1
+                rep[k, 1] = -1
+                rep[k, 2] = -1
+            if n_blk <= k < blk_expert.shape[0]:
+                blk_expert[k] = -1
             k += nt
         k = tid  # the plan's blocks out of shared memory, zero past them: a thread per row
         while k < blk_assign.shape[0] * RP:
             q = k // RP
             s = k - q * RP
+            live = q < n_blk
+            b = q if live else 0
             if s < num_ranks:
-                if q < n_blk:
-                    for g in range(RP):
-                        if g < num_ranks:
-                            blk_assign[q, s, g] = int64(blk_s[q, s, g])
-                else:
-                    for g in range(RP):
-                        if g < num_ranks:
-                            blk_assign[q, s, g] = 0
+                for g in range(RP):
+                    v = int64(blk_s[b, s, g])
+                    if g < num_ranks:
+                        blk_assign[q, s, g] = v if live else 0
             k += nt
 
     _KERNELS[key] = _small_kernel
