@@ -91,7 +91,7 @@ from probe.planner.lite_device import (
     _pair_move,
     _EXPERT_BITS,
     _add_replica,
-    admit_source,
+    _admit_source,
     _first_item,
     _next_item,
     _pool_entry,
@@ -664,7 +664,7 @@ def kernel(max_ranks: int, upto: int = FULL, stamps: bool = False, threads: int 
             if UPTO == 4:  # a profiling variant: the round ends here
                 continue
             # Thread 0 admits the moves in pair order (the copy sources came with the pair
-            # moves: lite_device.admit_source).
+            # moves: lite_device._admit_source).
             if tid == 0:
                 n_rep = ints[_NREP]
                 n_blk = ints[_NBLK]
@@ -675,7 +675,7 @@ def kernel(max_ranks: int, upto: int = FULL, stamps: bool = False, threads: int 
                     if e < 0:
                         continue
                     c = pair_c[i]
-                    src = admit_source(i, e, c, pair_src, pair_sent,
+                    src = _admit_source(i, e, c, pair_src, pair_sent,
                                        (used, slots, sent, recv, wt, xt, hcount, hlist))
                     if src != -2 and (src < 0 or n_rep >= max_reps):  # a copy, refused
                         pair_e[i] = -1

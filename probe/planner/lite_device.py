@@ -270,13 +270,12 @@ def _pair_move(i, live, h, c, t_h, nhome_h, rank_home, rep_on, cnt, held, blk_of
     pair_len[i], and pair_e[i] (-1: no move), pair_x[i]; the lane that chose the expert writes
     pair_src[i], the home holder that would copy it to c as things stand (-2: c holds it), and
     pair_sent[i], that holder's sent window then, so that rule 5 looks for a source again only
-    where a copy admitted before this pair's was sent from it (`admit_source`). A warp whose
-    pair slot is past the
-    pairs (live False) runs along: every warp makes as many calls (the simulator's collectives
-    are block barriers). The arrays come in tuples (fit: copy_source's (used, slots, sent,
-    recv, wt, xt, hcount, hlist); times: (comp, tin, tout); pool: the pairs' rows (pool_s,
-    pool_n, cum, pre_h, pre_c); out: (pair_len, pair_e, pair_x, pair_src, pair_sent)) so that
-    a call passes at most MAX_CALL_ARGS arguments."""
+    where a copy admitted before this pair's was sent from it (`_admit_source`). A warp whose
+    pair slot is past the pairs (live False) runs along: every warp makes as many calls (the
+    simulator's collectives are block barriers). The arrays come in tuples (fit: copy_source's
+    (used, slots, sent, recv, wt, xt, hcount, hlist); times: (comp, tin, tout); pool: the
+    pairs' rows (pool_s, pool_n, cum, pre_h, pre_c); out: (pair_len, pair_e, pair_x, pair_src,
+    pair_sent)) so that a call passes at most MAX_CALL_ARGS arguments."""
     used, slots, sent, recv, wt, xt, hcount, hlist = fit
     comp, tin, tout = times
     pool_s, pool_n, cum, pre_h, pre_c = pool
@@ -325,7 +324,7 @@ def _pair_move(i, live, h, c, t_h, nhome_h, rank_home, rep_on, cnt, held, blk_of
 
 
 @cuda.jit(device=True, inline=True, **LINEINFO)
-def admit_source(i, e, c, pair_src, pair_sent, fit):  # pragma: no cover - device code
+def _admit_source(i, e, c, pair_src, pair_sent, fit):  # pragma: no cover - device code
     """Rule 5's copy source of pair i's expert e to its cold rank c (-2: c holds e, no copy;
     -1: none can copy it), from what the pair move found (`_pair_move`'s pair_src, pair_sent):
     a pair's c and its slot and received window are its own (the pairs' ranks differ) and a

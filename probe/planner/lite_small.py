@@ -27,7 +27,7 @@ layers of at most SMALL_RANKS ranks whose whole state fits the block's shared me
 - a warp per pair makes its move (rules 2-4: lite_device._pair_move, which lite_cuda calls too);
 - rule 5: thread 0 admits the moves pair by pair in order (what it reads, no move's applying
   changes; each copy's source the one the pair move found, looked for again only where a copy
-  admitted before it was sent from there: lite_device.admit_source); the block writes the
+  admitted before it was sent from there: lite_device._admit_source); the block writes the
   new blocks' static splits; a warp per pair takes its pool's entries and updates its two
   ranks, each source's change of outgoing traffic in the pair's row; a thread per source adds
   the rows up (four barriers).
@@ -58,13 +58,13 @@ from probe.planner.lite import KEY_MAX_TIME, KEY_MAX_TOKENS, plan_limits
 from probe.planner.lite_device import (
     _COMBINE_ADD,
     _add_replica,
+    _admit_source,
     _lanes_in_scratch,
     _pair_move,
     _pool_entry,
     _share,
     _warp_bits,
     _window_ticks,
-    admit_source,
 )
 from probe.planner.numba_cuda import (
     LINEINFO,
@@ -574,7 +574,7 @@ def small_kernel(rp: int, ep: int, stamps: bool = False):
             # row; then (a barrier) a thread per source adds the rows up. The sums are of
             # integers: their order does not change them.
             if tid == 0:
-                # The copy sources came with the pair moves (admit_source).
+                # The copy sources came with the pair moves (_admit_source).
                 applied = 0
                 n_rep = ints[_NREP]
                 n_blk = ints[_NBLK]
@@ -584,7 +584,7 @@ def small_kernel(rp: int, ep: int, stamps: bool = False):
                     ok = e >= 0
                     src = -1
                     if ok:
-                        src = admit_source(i, e, c, pair_src, pair_sent, (
+                        src = _admit_source(i, e, c, pair_src, pair_sent, (
                             used, slots_s, sent, recv, wt, xt_s, hcount_s, hlist_s))
                         if src != -2:  # c does not hold e: it needs a copy
                             ok = src >= 0 and n_rep < max_reps
