@@ -14,7 +14,14 @@ Needs NVVM, ptxas and readelf (a CUDA toolkit), not a GPU.
 `--lines N` also lists the N source lines with the most machine instructions in each full
 kernel (compiled with line information; an inlined function's instructions count at its call
 site), from nvdisasm's SASS: `pip install nvidia-cuda-nvdisasm` provides it, or name one with
-`--nvdisasm PATH`.
+`--nvdisasm PATH`. With it the small-layer kernel (probe.planner.lite_small, which CudaLite
+runs at ep=8 / 128 experts) is measured too: its bytes, registers and instructions per part
+of its source (the start, the round's rank steps and matching, the pair moves, rule 5, the
+write-back; the device functions that Numba inlines at the IR level, lite_device's pair move
+among them, and the shuffles' out-of-line fallbacks count at the kernel's def line). Its code
+runs once (the start, the write-back) or once a round, and in run 15 (results/h100/run15) the
+working warps waited on instruction fetch more than on anything else, so its size is a
+figure to watch.
 """
 
 from __future__ import annotations
@@ -160,6 +167,66 @@ def config_sizes(ranks: int, experts: int, inline: bool, work: Path, lines: int 
     return report
 
 
+# The small kernel's parts: (name, a line of probe/planner/lite_small.py that starts it).
+SMALL_PARTS = (("start", "# The start, 1"), ("round: rank steps, reach, matching", "rounds = 0"),
+               ("pair moves (the call)", "# Rules 2-4, a warp per pair"),
+               ("rule 5", "# Rule 5."), ("write-back", "# The outputs."))
+
+
+def small_sizes(work: Path, nvdisasm: str, lines: int) -> dict:
+    """The small-layer kernel at ep=8 / 128 experts: .text bytes, registers, instructions per
+    part (SMALL_PARTS; 'inlined at the def line' and 'lite.py, scalar.py helpers' apart) and
+    the `lines` source lines with the most instructions."""
+    import numba
+
+    from probe.planner.cost import CostModel
+    from probe.planner.lite import LiteRules
+    from probe.planner.lite_cuda import host_arrays, launch_args
+    from probe.planner.lite_small import small_kernel, small_shape
+    from probe.planner.numba_cuda import cuda
+
+    ranks, experts = 8, 128
+    home = np.zeros((1, ranks, experts), bool)
+    home[0, np.arange(experts) % ranks, np.arange(experts)] = True
+    cost = CostModel.uniform(ranks, alpha=1e-5, beta=1e-8, token_time=1e-8,
+                             transfer_time=1e-4)
+    host = host_arrays(home, np.full(ranks, 3), cost, LiteRules())
+    args = launch_args(np.zeros((1, ranks, experts), np.int64), home, np.zeros((1, ranks)),
+                       host.consts, [np.zeros(s, d) for s, d in host.scratch],
+                       [np.zeros(s, d) for s, d in host.outputs])
+    types = tuple(numba.typeof(a) for a in args)
+    fn = small_kernel(*small_shape(ranks, experts)).py_func
+    report = assemble(cuda.compile_ptx(fn, types, cc=(9, 0))[0], work, "small")
+    ptx = cuda.compile_ptx(fn, types, cc=(9, 0), lineinfo=True)[0]
+    src, cubin = work / "small_lines.ptx", work / "small_lines.cubin"
+    src.write_text(ptx)
+    subprocess.run(["ptxas", "-arch=sm_90", "-O3", "-lineinfo", str(src), "-o", str(cubin)],
+                   capture_output=True, text=True, check=True)
+    per_line = sass_lines(subprocess.run([nvdisasm, "-c", "-g", str(cubin)],
+                                         capture_output=True, text=True, check=True).stdout)
+    source = (Path(__file__).resolve().parents[2] / "probe" / "planner" /
+              "lite_small.py").read_text().splitlines()
+    starts = [(name, next(i for i, text in enumerate(source, 1) if marker in text))
+              for name, marker in SMALL_PARTS]
+    def_line = next(i for i, text in enumerate(source, 1) if "def _small_kernel(" in text)
+    parts = {name: 0 for name, _ in SMALL_PARTS}
+    parts["inlined at the def line"] = parts["lite.py, scalar.py helpers"] = 0
+    for (file, line), ops in per_line.items():
+        n = sum(ops.values())
+        if file != "lite_small.py":
+            parts["lite.py, scalar.py helpers"] += n
+        elif line == def_line:
+            parts["inlined at the def line"] += n
+        else:
+            before = [name for name, first in starts if first <= line]
+            parts[before[-1] if before else "start"] += n
+    report["instructions"] = sum(parts.values())
+    report["parts"] = parts
+    if lines:
+        report["lines"] = top_lines(ptx, work, "small_top", nvdisasm, lines)
+    return report
+
+
 def markdown(report: dict) -> str:
     names = list(report["configs"])
     lines = ["# The lite kernel's machine code for sm_90, step by step", "",
@@ -174,11 +241,21 @@ def markdown(report: dict) -> str:
         f"**{report['configs'][n]['bytes']:,}**" for n in names) + " |")
     lines.append("| registers a thread | " + " | ".join(
         str(report["configs"][n]["registers"]) for n in names) + " |")
-    for name in names:
-        rows = report["configs"][name].get("lines")
+    small = report.get("small")
+    if small:
+        lines += ["", "## The small-layer kernel (probe.planner.lite_small), ep=8 / 128 experts",
+                  "", f"{small['bytes']:,} bytes of .text, {small['registers']} registers a "
+                  f"thread; {small['instructions']:,} instructions with line information, per "
+                  "part of its source (a part from its first line to the next part's):", "",
+                  "| part | instructions |", "|---|---:|"]
+        lines += [f"| {part} | {n:,} |" for part, n in small["parts"].items()]
+    for name in [*names, "small"] if small else names:
+        config = small if name == "small" else report["configs"][name]
+        rows = config.get("lines")
         if not rows:
             continue
-        lines += ["", f"## {name}: the source lines with the most instructions", "",
+        title = "the small-layer kernel" if name == "small" else name
+        lines += ["", f"## {title}: the source lines with the most instructions", "",
                   "Compiled with line information; an inlined function counts at its call site.",
                   "", "| instructions | line | most frequent | source |", "|---:|---|---|---|"]
         for row in rows:
@@ -217,6 +294,8 @@ def main(argv: list[str] | None = None) -> int:
         for name, ranks, experts, inline in CONFIGS:
             report["configs"][name] = config_sizes(ranks, experts, inline, Path(tmp),
                                                    args.lines, nvdisasm)
+        if args.lines:
+            report["small"] = small_sizes(Path(tmp), nvdisasm, args.lines)
     text = markdown(report)
     print(text)
     if args.out:
