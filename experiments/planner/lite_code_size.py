@@ -173,6 +173,32 @@ SMALL_PARTS = (("start", "# The start, 1"), ("round: rank steps, reach, matching
                ("rule 5", "# Rule 5."), ("write-back", "# The outputs."))
 
 
+def small_parts(per_line: dict[tuple[str, int], Counter], source: list[str]) -> dict[str, int]:
+    """Instructions per part of the small kernel (SMALL_PARTS, each from the line holding its
+    marker to the next part's; lines before the first part count as the start), from
+    `sass_lines` and lite_small.py's lines; its def line's and other files' apart."""
+    def first(marker: str) -> int:
+        found = [i for i, text in enumerate(source, 1) if marker in text]
+        if not found:
+            raise ValueError(f"lite_small.py has no line holding {marker!r}")
+        return found[0]
+
+    starts = [(name, first(marker)) for name, marker in SMALL_PARTS]
+    def_line = first("def _small_kernel(")
+    parts = {name: 0 for name, _ in SMALL_PARTS}
+    parts["inlined at the def line"] = parts["lite.py, scalar.py helpers"] = 0
+    for (file, line), ops in per_line.items():
+        n = sum(ops.values())
+        if file != "lite_small.py":
+            parts["lite.py, scalar.py helpers"] += n
+        elif line == def_line:
+            parts["inlined at the def line"] += n
+        else:
+            before = [name for name, start in starts if start <= line]
+            parts[before[-1] if before else "start"] += n
+    return parts
+
+
 def small_sizes(work: Path, nvdisasm: str, lines: int) -> dict:
     """The small-layer kernel at ep=8 / 128 experts: .text bytes, registers, instructions per
     part (SMALL_PARTS; 'inlined at the def line' and 'lite.py, scalar.py helpers' apart) and
@@ -206,22 +232,8 @@ def small_sizes(work: Path, nvdisasm: str, lines: int) -> dict:
                                          capture_output=True, text=True, check=True).stdout)
     source = (Path(__file__).resolve().parents[2] / "probe" / "planner" /
               "lite_small.py").read_text().splitlines()
-    starts = [(name, next(i for i, text in enumerate(source, 1) if marker in text))
-              for name, marker in SMALL_PARTS]
-    def_line = next(i for i, text in enumerate(source, 1) if "def _small_kernel(" in text)
-    parts = {name: 0 for name, _ in SMALL_PARTS}
-    parts["inlined at the def line"] = parts["lite.py, scalar.py helpers"] = 0
-    for (file, line), ops in per_line.items():
-        n = sum(ops.values())
-        if file != "lite_small.py":
-            parts["lite.py, scalar.py helpers"] += n
-        elif line == def_line:
-            parts["inlined at the def line"] += n
-        else:
-            before = [name for name, first in starts if first <= line]
-            parts[before[-1] if before else "start"] += n
-    report["instructions"] = sum(parts.values())
-    report["parts"] = parts
+    report["parts"] = small_parts(per_line, source)
+    report["instructions"] = sum(report["parts"].values())
     if lines:
         report["lines"] = top_lines(ptx, work, "small_top", nvdisasm, lines)
     return report
