@@ -509,7 +509,9 @@ def kernel(max_ranks: int, upto: int = FULL, stamps: bool = False, threads: int 
                 g += nt
             # Bit c of fits[g]: a copy from g to c fits (c has a free slot; g's sent and c's
             # received window hold it: lite.copy_source's test). A warp per (rank g, word w), a
-            # lane per rank c of the word; the warp's ballot is the word.
+            # lane per rank c of the word; the warp's ballot is the word. The test is bitwise
+            # (a lane past the ranks reads rank 0's entries and is masked), so its loads go out
+            # together rather than each behind a branch on the one before.
             g, w = row_w, col_w
             base = 0
             while base < num_ranks * nw:  # the same trip count in every warp (simulator)
@@ -518,8 +520,12 @@ def kernel(max_ranks: int, upto: int = FULL, stamps: bool = False, threads: int 
                     j = lane
                     while j < 32:
                         c = (w << 5) + j
-                        if c < num_ranks and used[c] < slots[c] and (
-                                sent[g] + xt[g, c] <= wt[g]) and recv[c] + xt[g, c] <= wt[c]:
+                        inside = c < num_ranks
+                        c = c if inside else 0
+                        x = xt[g, c]
+                        fit = inside & (used[c] < slots[c]) & (sent[g] + x <= wt[g]) & (
+                            recv[c] + x <= wt[c])
+                        if fit:
                             bits = uint32(bits | uint32(1 << j))
                         j += width
                 bits = _warp_bits(bits, wbest, warp, lane)
