@@ -114,7 +114,6 @@ def _shared_bytes(rp: int, ep: int) -> int:
             + 3 * rp * ep  # home positions, held, home
             + 2 * rp * ep  # home lists of the ranks
             + 8 * ep + ep * rp + ep + 8 * ep  # held bits, holders, their count, blocks
-            + 8 * ep  # the experts' tokens
             + 3 * 8 * rp * rp  # token and transfer times, the start's flows
             + 8 * rp * SLOT_CAP  # replicas on each rank
             + 9 * 8 * rp  # rank arrays
@@ -212,7 +211,6 @@ def small_kernel(rp: int, ep: int, stamps: bool = False):
         hbits = cuda.shared.array(EP, int64)  # bit g: g holds the expert
         hlist_s = cuda.shared.array((EP, RP), int8)
         hcount_s = cuda.shared.array(EP, int8)
-        tot_s = cuda.shared.array(EP, int64)  # an expert's tokens
         blk_of = cuda.shared.array(EP, int64)
         tt_s = cuda.shared.array((RP, RP), int64)
         xt_s = cuda.shared.array((RP, RP), int64)
@@ -336,7 +334,6 @@ def small_kernel(rp: int, ep: int, stamps: bool = False):
                     hlist_s[e, j] = g
                     bits |= int64(1) << g
             hcount_s[e] = n_e
-            tot_s[e] = total
             hbits[e] = bits
             blk_of[e] = -1
             # The static split's counts of e (from the values in registers; an expert of
