@@ -110,15 +110,18 @@ def find_nvdisasm(path: str | None) -> str:
     raise SystemExit("--lines needs nvdisasm: pip install nvidia-cuda-nvdisasm, or --nvdisasm")
 
 
-def top_lines(ptx: str, work: Path, name: str, nvdisasm: str, count: int) -> list[dict]:
-    """The `count` source lines of the kernel with the most machine instructions."""
+def line_sass(ptx: str, work: Path, name: str, nvdisasm: str) -> dict[tuple[str, int], Counter]:
+    """`sass_lines` of the kernel's PTX (compiled with line information) assembled for sm_90."""
     src, cubin = work / f"{name}.ptx", work / f"{name}.cubin"
     src.write_text(ptx)
     subprocess.run(["ptxas", "-arch=sm_90", "-O3", "-lineinfo", str(src), "-o", str(cubin)],
                    capture_output=True, text=True, check=True)
-    sass = subprocess.run([nvdisasm, "-c", "-g", str(cubin)], capture_output=True, text=True,
-                          check=True).stdout
-    per_line = sass_lines(sass)
+    return sass_lines(subprocess.run([nvdisasm, "-c", "-g", str(cubin)], capture_output=True,
+                                     text=True, check=True).stdout)
+
+
+def top_lines(per_line: dict[tuple[str, int], Counter], count: int) -> list[dict]:
+    """The `count` source lines of `line_sass`'s split with the most machine instructions."""
     ranked = sorted(per_line.items(), key=lambda item: (-sum(item[1].values()), item[0]))
     root = Path(__file__).resolve().parents[2] / "probe" / "planner"
     rows = []
@@ -131,26 +134,32 @@ def top_lines(ptx: str, work: Path, name: str, nvdisasm: str, count: int) -> lis
     return rows
 
 
-def config_sizes(ranks: int, experts: int, inline: bool, work: Path, lines: int = 0,
-                 nvdisasm: str = "") -> dict:
+def launch_types(ranks: int, experts: int) -> tuple:
+    """Numba types of a one-layer launch's arguments (`lite_cuda.launch_args`) for a sharded
+    layer of this shape with 3 slots a rank."""
     import numba
 
     from probe.planner.cost import CostModel
     from probe.planner.lite import LiteRules
-    from probe.planner.lite_cuda import (FULL, host_arrays, kernel, kernel_ranks, launch_args,
-                                         shared_state)
-    from probe.planner.numba_cuda import cuda
+    from probe.planner.lite_cuda import host_arrays, launch_args
 
     home = np.zeros((1, ranks, experts), bool)
     home[0, np.arange(experts) % ranks, np.arange(experts)] = True
     cost = CostModel.uniform(ranks, alpha=1e-5, beta=1e-8, token_time=1e-8,
                              transfer_time=1e-4)
     host = host_arrays(home, np.full(ranks, 3), cost, LiteRules())
-    scratch = [np.zeros(s, d) for s, d in host.scratch]
-    outputs = [np.zeros(s, d) for s, d in host.outputs]
     args = launch_args(np.zeros((1, ranks, experts), np.int64), home, np.zeros((1, ranks)),
-                       host.consts, scratch, outputs)
-    types = tuple(numba.typeof(a) for a in args)
+                       host.consts, [np.zeros(s, d) for s, d in host.scratch],
+                       [np.zeros(s, d) for s, d in host.outputs])
+    return tuple(numba.typeof(a) for a in args)
+
+
+def config_sizes(ranks: int, experts: int, inline: bool, work: Path, lines: int = 0,
+                 nvdisasm: str = "") -> dict:
+    from probe.planner.lite_cuda import FULL, kernel, kernel_ranks, shared_state
+    from probe.planner.numba_cuda import cuda
+
+    types = launch_types(ranks, experts)
     variants = []
     for upto in range(FULL + 1):
         fn = kernel(kernel_ranks(ranks), upto=upto, inline_start=inline,
@@ -163,7 +172,7 @@ def config_sizes(ranks: int, experts: int, inline: bool, work: Path, lines: int 
               "steps": dict(zip(STEPS, added, strict=True))}
     if lines:
         ptx = cuda.compile_ptx(fn, types, cc=(9, 0), lineinfo=True)[0]
-        report["lines"] = top_lines(ptx, work, f"g{ranks}_lines", nvdisasm, lines)
+        report["lines"] = top_lines(line_sass(ptx, work, f"g{ranks}_lines", nvdisasm), lines)
     return report
 
 
@@ -203,39 +212,21 @@ def small_sizes(work: Path, nvdisasm: str, lines: int) -> dict:
     """The small-layer kernel at ep=8 / 128 experts: .text bytes, registers, instructions per
     part (SMALL_PARTS; 'inlined at the def line' and 'lite.py, scalar.py helpers' apart) and
     the `lines` source lines with the most instructions."""
-    import numba
-
-    from probe.planner.cost import CostModel
-    from probe.planner.lite import LiteRules
-    from probe.planner.lite_cuda import host_arrays, launch_args
     from probe.planner.lite_small import small_kernel, small_shape
     from probe.planner.numba_cuda import cuda
 
     ranks, experts = 8, 128
-    home = np.zeros((1, ranks, experts), bool)
-    home[0, np.arange(experts) % ranks, np.arange(experts)] = True
-    cost = CostModel.uniform(ranks, alpha=1e-5, beta=1e-8, token_time=1e-8,
-                             transfer_time=1e-4)
-    host = host_arrays(home, np.full(ranks, 3), cost, LiteRules())
-    args = launch_args(np.zeros((1, ranks, experts), np.int64), home, np.zeros((1, ranks)),
-                       host.consts, [np.zeros(s, d) for s, d in host.scratch],
-                       [np.zeros(s, d) for s, d in host.outputs])
-    types = tuple(numba.typeof(a) for a in args)
+    types = launch_types(ranks, experts)
     fn = small_kernel(*small_shape(ranks, experts)).py_func
     report = assemble(cuda.compile_ptx(fn, types, cc=(9, 0))[0], work, "small")
-    ptx = cuda.compile_ptx(fn, types, cc=(9, 0), lineinfo=True)[0]
-    src, cubin = work / "small_lines.ptx", work / "small_lines.cubin"
-    src.write_text(ptx)
-    subprocess.run(["ptxas", "-arch=sm_90", "-O3", "-lineinfo", str(src), "-o", str(cubin)],
-                   capture_output=True, text=True, check=True)
-    per_line = sass_lines(subprocess.run([nvdisasm, "-c", "-g", str(cubin)],
-                                         capture_output=True, text=True, check=True).stdout)
+    per_line = line_sass(cuda.compile_ptx(fn, types, cc=(9, 0), lineinfo=True)[0], work,
+                         "small_lines", nvdisasm)
     source = (Path(__file__).resolve().parents[2] / "probe" / "planner" /
               "lite_small.py").read_text().splitlines()
     report["parts"] = small_parts(per_line, source)
     report["instructions"] = sum(report["parts"].values())
     if lines:
-        report["lines"] = top_lines(ptx, work, "small_top", nvdisasm, lines)
+        report["lines"] = top_lines(per_line, lines)
     return report
 
 
