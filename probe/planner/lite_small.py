@@ -41,10 +41,10 @@ on the same layer (1.11x), still 5.1x off the 10 us target. Nsight Compute (run 
 instruction fetch first among the working warps' stalls (35%): the kernel's SASS is about
 9,200 instructions (147 KB), and the code that runs once (the start, the write-back) or once
 a round waits on its fetch, so unrolled copies of rarely taken code cost time (run 15's
-60f4c42, 12,264 instructions, was no faster than the revision before it). Not timed yet: the
+60f4c42, 12,264 instructions, was no faster than the revision before it). Run 16 timed the
 copy sources found in the pair moves (rule 5's admission without a copy_source per pair), the
-hot ranks counted in the positions loop and the smaller write-back came after run 15 (8,296
-SASS instructions).
+hot ranks counted in the positions loop and the smaller write-back (8,296 SASS instructions):
+50.0 us against 49.9 for 7bc313d, no gain at ep=8.
 
 `small_kernel(RP, EP)` is the kernel for layers of at most RP ranks (a power of two) and EP
 experts; it takes `lite_cuda.launch_args` (and ignores the global scratch but for the clock
