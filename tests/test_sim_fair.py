@@ -1651,3 +1651,20 @@ def test_run_parses_nested():
 
     assert parse_args([]).nested is True
     assert parse_args(["--no-nested"]).nested is False
+
+
+def test_probe_on_eplb_plans_against_the_window_it_is_charged(costs):
+    # PROBE-on-EPLB plans its replicas against hiding_window, the window its transfer is
+    # charged against (attention + static compute on the sharded home); planned on the true
+    # load (the perfect predictor) no plan of it exposes transfer. DeepSeek-V3 across nodes,
+    # where a replica crosses RDMA and one copy can outlast a rank's window.
+    ds = FairCosts.for_model("deepseek-v3", 32)
+    trace = generate("shift", num_steps=8, tokens_per_step=32 * 256, num_layers=1,
+                     num_experts=256, top_k=8, num_ranks=32, seed=3, shift_step=5)
+    load = trace.load_counts().astype(np.int64)
+    res = simulate_fair(load, ds, slots=2, prior=3, window=3, interval=3, seed=1,
+                        predictor="perfect", check=True)
+    for q in ("probe_on_eplb_fit_b0p2", "probe_on_eplb_fit_b1p1", "probe_on_eplb_plan_b1p1",
+              "probe_on_eplb_b1p1"):
+        assert res.metrics[q]["replicas"].sum() > 0, q
+        np.testing.assert_array_equal(res.metrics[q]["transfer"], 0.0, err_msg=q)

@@ -35,6 +35,9 @@ layer type). Every policy has k extra expert slots per rank:
                     eplb_async) plus p per-step replicas planned by the greedy (paper's rules)
                     from the prediction; dispatch-time token assignment on the TRUE load over
                     the copies present by water-filling (measured wall time charged in series).
+                    Its replicas are planned against the window their transfer is charged
+                    against (hiding_window: attention + static expert compute on the sharded
+                    home, on the load planned on), in this family and the three below.
                     b = 0 .. k: at b = k, p = 0 the greedy places no replica and only moves
                     tokens between EPLB-k's copies (in this family and the three below; with
                     their own split, the plan and step-ahead ones replace EPLB's even split
@@ -610,6 +613,19 @@ def step_switch(times: dict[str, np.ndarray], current: list[str], candidates: li
     return out
 
 
+def hiding_window(costs: FairCosts, load: np.ndarray, home: np.ndarray,
+                  attention: float) -> np.ndarray:
+    """float [G]: the seconds each rank hides replica transfers behind, as the simulation
+    charges a plan's transfer (`real_window`): attention plus the rank's expert compute under
+    static EP on `load` (the measured table). PROBE-on-EPLB plans against this window on its
+    prediction (or the step-ahead load), so a plan never counts on hiding time that its charge
+    does not grant; the paper's PROBE keeps the paper's window (`default_window`).
+
+    load: int [S, E]; home: bool [G, E] the sharded home."""
+    static = static_assignment(load, home).sum(axis=0).T
+    return attention + costs.compute_per_rank(static, home.astype(np.int64))
+
+
 def rule_split(slots: int) -> tuple[int, int]:
     """(b, p): the b/p split fixed before a run: p = max(1, k // 2) per-step slots."""
     p = max(1, slots // 2)
@@ -625,6 +641,7 @@ def history_split(history: np.ndarray, layouts: dict, costs: FairCosts, slots: i
     history: int [H, L, S, E] loads before the measured steps; layouts: b -> copies
     int [L, G, E]."""
     out = []
+    home = sharded_home(history.shape[3], history.shape[2])
     for layer in range(history.shape[1]):
         best, best_t = rule_split(slots), math.inf
         for b in range(slots):
@@ -635,7 +652,7 @@ def history_split(history: np.ndarray, layouts: dict, costs: FairCosts, slots: i
             for load in history[:, layer]:
                 load = load.astype(np.int64)
                 cost = costs.fitted_cost(load.sum(axis=0).max())
-                win = default_window(load, base, cost) + attention
+                win = hiding_window(costs, load, home, attention)
                 result = solve(BalanceProblem(load, base, p, win, cost), "greedy", check=False,
                                **paper_options())
                 holds = copies + _plan(result).replicas
@@ -720,7 +737,7 @@ def history_times(history: np.ndarray, previous: np.ndarray | None, layouts: dic
                 name = f"probe_on_eplb_fit_b{b}p{slots - b}"
                 copies = layouts[b][layer]
                 base = copies > 0
-                win = default_window(pred, base, fit_cost) + attention
+                win = hiding_window(costs, pred, home, attention)
                 result = solve(BalanceProblem(pred, base, slots - b, win, fit_cost), "greedy",
                                check=False, **paper_options())
                 plan0 = _plan(result)
@@ -746,7 +763,7 @@ def history_times(history: np.ndarray, previous: np.ndarray | None, layouts: dic
                 # probe_on_eplb_ahead: planned a step ahead on the step before's load
                 prev64 = np.asarray(prev, np.int64)
                 ahead_cost = costs.fitted_cost(prev64.sum(axis=0).max())
-                win = default_window(prev64, base, ahead_cost) + attention
+                win = hiding_window(costs, prev64, home, attention)
                 plan0 = _plan(solve(BalanceProblem(prev64, base, slots - b, win, ahead_cost),
                                     "greedy", check=False, **paper_options()))
                 plan = apply_plan(plan0, true, base)
@@ -1283,7 +1300,7 @@ def simulate_fair(load: np.ndarray, costs: FairCosts, *, slots: int, prior: int,
                 policy = f"probe_on_eplb_b{b}p{p}"
                 copies = active[b][layer]
                 base = copies > 0
-                win = default_window(pred, base, planner_cost) + attention
+                win = hiding_window(costs, pred, home, attention)
                 result = solve(BalanceProblem(pred, base, p, win, planner_cost), "greedy",
                                check=False, **options)
                 replicas = _plan(result).replicas
@@ -1306,7 +1323,7 @@ def simulate_fair(load: np.ndarray, costs: FairCosts, *, slots: int, prior: int,
                 policy = f"probe_on_eplb_fit_b{b}p{p}"
                 copies = active[b][layer]
                 base = copies > 0
-                win = default_window(pred, base, fit_cost) + attention
+                win = hiding_window(costs, pred, home, attention)
                 result = solve(BalanceProblem(pred, base, p, win, fit_cost), "greedy",
                                check=False, **options)
                 replicas = _plan(result).replicas
@@ -1348,7 +1365,7 @@ def simulate_fair(load: np.ndarray, costs: FairCosts, *, slots: int, prior: int,
                 policy = f"probe_on_eplb_ahead_b{b}p{p}"
                 copies = active[b][layer]
                 base = copies > 0
-                win = default_window(prev64, base, ahead_cost) + attention
+                win = hiding_window(costs, prev64, home, attention)
                 result = solve(BalanceProblem(prev64, base, p, win, ahead_cost), "greedy",
                                check=False, **options)
                 holds = copies + _plan(result).replicas
