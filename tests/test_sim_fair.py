@@ -39,6 +39,7 @@ from probe.sim.fair import (
     restore_charges,
     scored_steps,
     scoring_work,
+    side_layer_time,
     simulate_fair,
     split_by_fractions,
     step_switch,
@@ -1668,3 +1669,45 @@ def test_probe_on_eplb_plans_against_the_window_it_is_charged(costs):
               "probe_on_eplb_b1p1"):
         assert res.metrics[q]["replicas"].sum() > 0, q
         np.testing.assert_array_equal(res.metrics[q]["transfer"], 0.0, err_msg=q)
+
+
+def test_guard_serves_the_adaptive_candidate_at_the_shift_and_is_charged():
+    # DeepSeek-V3 at ep = 32, a shift at measured step 2 (trace step 5): EPLB-2's layout
+    # (with the greedy's split, no per-step slot) serves before it; the guard sees its
+    # predicted time jump on the shift step's prediction and serves the adaptive candidate
+    # there, before any scoring saw the shift.
+    ds = FairCosts.for_model("deepseek-v3", 32)
+    trace = generate("shift", num_steps=8, tokens_per_step=32 * 256, num_layers=1,
+                     num_experts=256, top_k=8, num_ranks=32, seed=0, shift_step=5)
+    load = trace.load_counts().astype(np.int64)
+    kwargs = {"slots": 2, "prior": 3, "window": 3, "interval": 3, "seed": 1, "check": False,
+              "rescore": True, "nested": True, "solve_time": {"lp": 1e-4, "waterfill": 2e-5}}
+    off = simulate_fair(load, ds, **kwargs)
+    on = simulate_fair(load, ds, guard=True, **kwargs)
+    target = "probe_on_eplb_auto_plus"
+    info = on.meta["auto_scoring"][target]
+    assert off.meta["auto_scoring"][target]["guard_watched"] == 0
+    assert info["guard_fired"] >= 1 and info["guard_watched"] > info["guard_fired"]
+    shift = 5 - 3
+    def at_shift(res):
+        return [c["layers"] for c in res.meta["auto_plus_choices"]
+                if c["from_step"] <= shift][-1][0]
+
+    assert at_shift(off) == "plan_b2p0"  # no per-step slot serves the shift step without it
+    assert at_shift(on) != "plan_b2p0"
+    side_off, side_on = (side_layer_time(r.metrics[target], r.stall[target],
+                                         ds.model.num_layers, r.attention) for r in (off, on))
+    assert side_on[shift, 0] < 0.9 * side_off[shift, 0]
+    # before the shift the same candidate serves, and from the second step (the guard runs
+    # where its predictor and scoring fitted the dispatch at the step before) they are
+    # charged beyond the dispatch: max(0, predictor + scoring - dispatch), here hidden
+    m_on, m_off = on.metrics[target], off.metrics[target]
+    np.testing.assert_array_equal(m_on["plan_host"][0], m_off["plan_host"][0])
+    for n in range(1, shift):
+        np.testing.assert_array_equal(m_on["moe"][n], m_off["moe"][n])
+        expect = np.maximum(0.0, m_on["pred"][n] + 2e-5 - m_on["dispatch"][n])
+        np.testing.assert_allclose(m_on["side"][n] - m_off["side"][n], expect, atol=1e-15)
+        np.testing.assert_allclose(m_on["plan_host"][n] - m_off["plan_host"][n], 2e-5)
+    # the baselines and the other policies do not move
+    for q in ("eplb_async", "probe_on_eplb_fit_b1p1", "oracle"):
+        np.testing.assert_array_equal(on.metrics[q]["moe"], off.metrics[q]["moe"])

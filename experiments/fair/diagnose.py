@@ -108,7 +108,7 @@ def diagnose(case: str, args) -> None:
     res = simulate_fair(load, costs, slots=k, prior=prior, window=prior, interval=prior,
                         predictor=args.predictor, seed=args.seed, phase=phase,
                         score_every=args.score_every, rescore=args.rescore, nested=args.nested,
-                        respond=args.shift_response)
+                        respond=args.shift_response, guard=args.guard)
     cand = auto_candidates(k, plus=True, nested=args.nested)  # auto_plus's candidates
     us = 1e6
     print(f"\n## {case} (prior {prior}, measured {load.shape[0] - prior}, layers "

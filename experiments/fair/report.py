@@ -330,6 +330,15 @@ def _scoring_interval(results: list[dict], settings: dict) -> str:
                      "serves takes the adaptive candidate (per-step slots) fastest on the "
                      "latest scored steps wherever that was faster there than the fallback "
                      "is at the changed step")
+        if settings.get("guard", False):
+            text += ("; with --guard (the default), before each layer's dispatch the "
+                     "candidate without per-step slots that an auto_plus layer serves is "
+                     "scored on the step's prediction where that fitted the dispatch at the "
+                     "step before, and at 25% (GUARD_GROWTH) above its predicted time at the "
+                     "latest step it served calmly the layer takes that adaptive candidate "
+                     "for the step where it was faster on the latest scored steps (the "
+                     "predictor and one scoring charged on the side stream, or in series in "
+                     "host mode)")
     text += ("; the picker scores each candidate with the background exposure the charge "
              "gives it (a step-ahead split's own plan and a fallback's background prediction "
              "share the step's spare time with the scoring), averaged over every step since "

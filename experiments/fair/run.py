@@ -146,6 +146,14 @@ def parse_args(argv=None) -> argparse.Namespace:
                          "scored steps, where that was faster there than the fallback at the "
                          "step that changed (default on; --no-shift-response: the fallbacks "
                          "serve until the pick)")
+    ap.add_argument("--guard", action=argparse.BooleanOptionalAction, default=True,
+                    help="the predicted-load guard of probe_on_eplb_auto_plus: a layer served "
+                         "by a candidate without per-step slots takes the adaptive candidate "
+                         "(as the shift response picks it) for a step whose prediction gives "
+                         "the served one a time at least 25%% above its predicted time at the "
+                         "latest step it served calmly; it runs where its predictor and one "
+                         "scoring fitted the dispatch at the step before, and is charged on the "
+                         "side stream there (default on; --no-guard: off)")
     ap.add_argument("--nested", action=argparse.BooleanOptionalAction, default=True,
                     help="EPLB-b layouts of b < k are EPLB-k's with k - b redundant copies "
                          "per rank dropped (probe.sim.fair.nested_copies), so the auto_plus "
@@ -357,7 +365,7 @@ def run_config(model: str, workload: str, batch: int, slots_list, args,
                             interval=prior, predictor=predictor, seed=args.seed,
                             phase=phase, score_every=args.score_every,
                             rescore=args.rescore, nested=args.nested,
-                            respond=args.shift_response)
+                            respond=args.shift_response, guard=args.guard)
         rows = {}
         for policy in res.policies:
             rows[policy] = {"host": res.summary(policy, "host"),
@@ -583,7 +591,8 @@ def main(argv=None) -> int:
                          "prior": args.multinode_prior, "layers": args.multinode_layers},
                      "predictor": args.predictor, "seed": args.seed, "slots": list(slots_list),
                      "score_every": args.score_every, "rescore": args.rescore,
-                     "shift_response": args.shift_response, "nested": args.nested,
+                     "shift_response": args.shift_response, "guard": args.guard,
+                     "nested": args.nested,
                      "planner_us": dict(args.planner_us or []) or None,
                      "assign_us": dict(args.assign_us or []) or None,
                      "eplb_window": args.prior, "eplb_interval": args.prior},

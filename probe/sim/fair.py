@@ -100,7 +100,28 @@ layer type). Every policy has k extra expert slots per rank:
                     re-plans, per-step switches with STEP_MARGIN) over a larger candidate set:
                     auto_candidates(k, plus=True) adds probe_on_eplb_plan and
                     probe_on_eplb_ahead splits b 0 p k and b k p 0 (EPLB-k's layout, which
-                    the fallbacks hold, with the greedy's token split).
+                    the fallbacks hold, with the greedy's token split). With the
+                    predicted-load guard (guard=True; experiments.fair.run's default), a layer
+                    served by a candidate without per-step slots (a fallback, or a split
+                    b = k, p = 0: its layout does not follow the traffic) is watched at every
+                    step where the guard's work fitted the dispatch of the step before: before
+                    the layer's dispatch the candidate is scored on the step's prediction (as
+                    auto_pred scores it), and where that time is at least GUARD_GROWTH (25%)
+                    above its predicted time at the latest step the guard let it serve (for
+                    a candidate newly picked, its time on the prediction of the latest scored
+                    step, which that scoring had),
+                    the layer takes for this step the adaptive candidate the shift response
+                    would pick (the fastest with per-step slots on the latest scored steps)
+                    if that one's time there is below the fallback's predicted time; the
+                    picks go on as if the fallback had served. Charged at every watched
+                    layer and step: the predictor and one scoring (one water-filling kernel
+                    time, the run's median) on the side stream, max(0, pred + scoring -
+                    dispatch) (the layer's background prediction is then not charged again);
+                    where it swapped, the candidate pays its own predictor and planner as
+                    whenever it serves, plus the scoring; host mode: both in series. A step
+                    where the guard swapped counts as a change of the traffic for the
+                    event-triggered rescoring (below), whose "worth it" test then reads the
+                    swapped candidates' measured times.
     probe_on_eplb_auto_pred  probe_on_eplb_auto_plus's pick, overridden per step and layer on
                     the step's PREDICTED load (never the true one): every auto_plus candidate
                     is scored as side_layer_time scores the truth, its split applied to the
@@ -268,6 +289,11 @@ IDLE_FALLBACKS = ("eplb_async", "static")
 # probe_on_eplb_auto's hysteresis: between re-plans a layer switches candidate only for
 # one at least 1% faster over the last steps (declared, checked on seed-1 traces only).
 STEP_MARGIN = 0.01
+# The predicted-load guard (simulate_fair's `guard`): a layer served by a candidate without
+# per-step slots takes its adaptive candidate for a step whose prediction gives the served one
+# a time at least GUARD_GROWTH above its predicted time at the latest step the guard let it
+# serve (a shift; set before any run, not fitted to the study's results).
+GUARD_GROWTH = 0.25
 
 
 def auto_candidates(slots: int, plus: bool = False, nested: bool = False) -> list[str]:
@@ -1002,7 +1028,8 @@ def simulate_fair(load: np.ndarray, costs: FairCosts, *, slots: int, prior: int,
                   interval: int, predictor="topk:0.9", seed: int = 0, check: bool = True,
                   solve_time: dict | None = None, phase: str = "decode",
                   score_every: int | str = 1, rescore: bool = False,
-                  nested: bool = False, respond: bool = True) -> FairResult:
+                  nested: bool = False, respond: bool = True,
+                  guard: bool = False) -> FairResult:
     """Replay `load` int [N_all, L, S, E] (first `prior` steps: history only) at `slots` extra
     slots per rank under every policy of `policy_names(slots)` (module docstring).
 
@@ -1033,8 +1060,10 @@ def simulate_fair(load: np.ndarray, costs: FairCosts, *, slots: int, prior: int,
     charged as exposed transfer (restore_charges). Default off here (the tests pin the
     earlier behaviour); experiments.fair.run turns it on. respond: with `rescore`, the shift
     response (module docstring) from each triggered scoring's first step until its pick
-    (False: the fallbacks serve on until then). meta["oracle_single"]: the oracle held to one
-    candidate for the whole run (oracle_single).
+    (False: the fallbacks serve on until then). guard: the predicted-load guard of
+    probe_on_eplb_auto_plus (module docstring; default off here, experiments.fair.run turns it
+    on). meta["oracle_single"]: the oracle held to one candidate for the whole run
+    (oracle_single).
     """
     load = np.asarray(load)
     if load.ndim != 4:
@@ -1049,7 +1078,8 @@ def simulate_fair(load: np.ndarray, costs: FairCosts, *, slots: int, prior: int,
     if score_every != "auto" and (isinstance(score_every, bool) or not isinstance(
             score_every, (int, np.integer)) or score_every < 1):
         raise ValueError(f"score_every must be an int >= 1 or 'auto', got {score_every!r}")
-    for name, flag in (("rescore", rescore), ("nested", nested), ("respond", respond)):
+    for name, flag in (("rescore", rescore), ("nested", nested), ("respond", respond),
+                       ("guard", guard)):
         if not isinstance(flag, bool):
             raise TypeError(f"{name} must be a bool, got {flag!r}")
     if window > prior:
@@ -1440,7 +1470,7 @@ def simulate_fair(load: np.ndarray, costs: FairCosts, *, slots: int, prior: int,
     summed = load.sum(axis=2)  # [N_all, L, E] the routing counts the runtime has per step
     schedule = {}
 
-    def run_schedule(target: str, triggers: bool) -> dict:
+    def run_schedule(target: str, triggers: bool, guards: bool) -> dict:
         key = _pool_key(target)
         names = candidates_of[key]
         k = every[key]
@@ -1512,6 +1542,9 @@ def simulate_fair(load: np.ndarray, costs: FairCosts, *, slots: int, prior: int,
 
         epochs = [(0, first_pick())]
         served: list[list[str]] = []  # the names serving each step
+        watched = np.zeros((num_steps, num_layers), dtype=bool)  # the guard ran there
+        fired = np.zeros((num_steps, num_layers), dtype=bool)  # and swapped the candidate
+        calm: list[tuple[str, float]] = [("", 0.0)] * num_layers  # (served, predicted s)
         done: list[int] = []  # the scored steps whose scoring is done, in order
         fresh = 0  # picks use the scored steps from the latest triggered one on
         triggered: list[int] = []
@@ -1563,7 +1596,41 @@ def simulate_fair(load: np.ndarray, costs: FairCosts, *, slots: int, prior: int,
                 epochs.append((n, new))
             if finished:
                 last_done = n
-            served.append(epochs[-1][1])
+            serving = epochs[-1][1]
+            if guards and adaptive:
+                # the predicted-load guard: before the layer's dispatch, the time of the
+                # candidate serving it (one without per-step slots) on the step's prediction
+                # against its time on the prediction of the latest step the guard let it
+                # serve (`calm`); at GUARD_GROWTH above, the layer takes its adaptive
+                # candidate for this step (the responder, as the shift response picks it) if
+                # that one's time on the scored steps is below the served one's predicted
+                # time; the picks go on as if the served one had served
+                # it runs where it was free at the step before (its predictor and scoring
+                # within the dispatch of the layer then served: measured, known by now)
+                watched[n] = [q not in adaptive and n > 0 and pred_cost[n - 1, layer]
+                              + wf_median <= metrics[served[n - 1][layer]]["dispatch"][
+                                  n - 1, layer] for layer, q in enumerate(serving)]
+                if watched[n].any():
+                    resp, before = responders(n, ready)
+                    swap = list(serving)
+                    for layer, q in enumerate(serving):
+                        if not watched[n, layer]:
+                            continue
+                        now_pred = pred_scores[n][layer][q]
+                        ref_q, ref_t = calm[layer]
+                        if ref_q != q and ready:
+                            # newly picked: its time on the prediction of the latest scored
+                            # step, which the scoring had (the traffic the pick was made on)
+                            ref_q, ref_t = q, pred_scores[ready[-1]][layer][q]
+                        if (ref_q == q and now_pred > (1.0 + GUARD_GROWTH) * ref_t
+                                and before[layer] < attention + now_pred):
+                            swap[layer] = resp[layer]
+                            fired[n, layer] = True
+                            calm[layer] = (ref_q, ref_t)
+                        else:
+                            calm[layer] = (q, now_pred)
+                    serving = swap
+            served.append(serving)
             # after the step's dispatch, from what the runtime has (its routing counts, the
             # served layers' measured MoE time): did the traffic change since the latest
             # scored step before it (an every-k scoring that starts at this step takes k
@@ -1576,7 +1643,8 @@ def simulate_fair(load: np.ndarray, costs: FairCosts, *, slots: int, prior: int,
                 then_t = sum(metrics[q]["moe"][ref, layer]
                              for layer, q in enumerate(served[ref]))
                 changed = (traffic_distance(summed[prior + n], summed[prior + ref])
-                           > threshold[0] or now_t > (1.0 + threshold[1]) * then_t)
+                           > threshold[0] or now_t > (1.0 + threshold[1]) * then_t
+                           or fired[n].any())  # the guard saw a change too
                 # worth it: the first scoring that would see this step's traffic without a
                 # trigger is done at `later`, a triggered one over m steps at n + 1 + m; the
                 # served layers' growth since the scored step (seconds per step, all model
@@ -1589,17 +1657,23 @@ def simulate_fair(load: np.ndarray, costs: FairCosts, *, slots: int, prior: int,
                     # growth, but no more than their compute excess's growth (largest rank
                     # over the mean rank: the all-to-all and the mean rank's compute are
                     # the traffic's own, no re-pick removes them)
+                    # (where the guard swapped a layer, the candidate it served)
                     grown = min(now_t - then_t, excess(n, served[n])
                                 - excess(ref, served[ref])) * layer_scale
                     fire = trigger_length(grown, later - n - 1, work_side,
                                           ahead_windows[n + 1], k, model.num_layers)
+        if fired.any():  # the steps served, one epoch a step where the guard swapped
+            epochs = [(n, names) for n, names in enumerate(served)
+                      if n == 0 or names != served[n - 1]]
         return {"epochs": epochs, "share": share, "scored_of": scored_of,
-                "triggered": triggered, "lengths": lengths, "threshold": threshold}
+                "triggered": triggered, "lengths": lengths, "threshold": threshold,
+                "watched": watched, "fired": fired}
 
     for target in ("probe_on_eplb_auto_replan", "probe_on_eplb_auto",
                    "probe_on_eplb_auto_plus"):
         schedule[target] = run_schedule(
-            target, rescore and not target.endswith("_replan"))
+            target, rescore and not target.endswith("_replan"),
+            guard and target == "probe_on_eplb_auto_plus")
         if target.endswith("_replan"):
             replan_epochs["probe_on_eplb_auto"] = schedule[target]["epochs"]
         else:
@@ -1689,7 +1763,9 @@ def simulate_fair(load: np.ndarray, costs: FairCosts, *, slots: int, prior: int,
             ("probe_on_eplb_fit_", "probe_on_eplb_plan_")) for q in row] for row in served])
         # (b) the background predictions of the running scoring's step, per layer, at the
         # scoring's share
-        bg_pred = np.where(predicts, 0.0, pred_cost).mean(axis=1)[scored_of]  # [N]
+        # (the layers the guard watched predict in the foreground, (c) below)
+        watched = schedule[target].get("watched", np.zeros(served.shape, dtype=bool))
+        bg_pred = np.where(predicts | watched, 0.0, pred_cost).mean(axis=1)[scored_of]  # [N]
         bg_side, bg_host = (np.array([
             background_exposure(work, x, w, model.num_layers, pred_s=p, own_s=f * plan)
             for w, x, p, f in zip(ahead_windows, share, bg_pred, own, strict=True)])[:, None]
@@ -1698,6 +1774,16 @@ def simulate_fair(load: np.ndarray, costs: FairCosts, *, slots: int, prior: int,
         m["side"][:] = np.where(ahead_cells, 0.0, m["side"]) + bg_side
         m["plan_host"][:] = np.where(ahead_cells, 0.0, m["plan_host"]) + bg_host
         m["pred"][:] = np.where(predicts, pred_cost, 0.0)  # in series (host mode)
+        # (c) the predicted-load guard (auto_plus with `guard`): where it ran, the predictor
+        # and one scoring of the fallback on the prediction (one water-filling kernel time,
+        # the run's median) on the side stream during the dispatch; where it swapped, the
+        # served candidate pays its own predictor and planner, and the scoring comes first
+        fired = schedule[target].get("fired", np.zeros(served.shape, dtype=bool))
+        calm = watched & ~fired
+        m["side"][:] += np.where(calm, np.maximum(0.0, pred_cost + wf_median - m["dispatch"]),
+                                 np.where(fired, wf_median, 0.0))
+        m["plan_host"][:] += np.where(watched, wf_median, 0.0)  # host mode: in series
+        m["pred"][:] += np.where(calm, pred_cost, 0.0)
         scoring[target] = {"plans": plans, "ahead_plans": ahead, "scores": scores,
                            "work_side_s": work_side, "work_host_s": work_host,
                            "background_predictor_s": float((bg_pred * share).mean()),
@@ -1705,7 +1791,9 @@ def simulate_fair(load: np.ndarray, costs: FairCosts, *, slots: int, prior: int,
                            "triggered_steps": [int(x) for x in schedule[target]["triggered"]],
                            "triggered_lengths": [int(x) for x in schedule[target]["lengths"]],
                            "trigger_distance": float(schedule[target]["threshold"][0]),
-                           "trigger_time": float(schedule[target]["threshold"][1])}
+                           "trigger_time": float(schedule[target]["threshold"][1]),
+                           "guard_watched": int(watched.sum()),
+                           "guard_fired": int(fired.sum())}
     # probe_on_eplb_auto_pred: per step and layer the candidate picked on the prediction,
     # plus the pick's own work in place of the candidate's predictor + planner: every step,
     # even while an EPLB fallback serves, the predictor, then on the host (one round trip:
