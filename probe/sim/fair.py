@@ -109,11 +109,12 @@ layer type). Every policy has k extra expert slots per rank:
                     auto_pred scores it), and where that time is at least GUARD_GROWTH (25%)
                     above its predicted time at the latest step the guard let it serve (for
                     a candidate newly picked, its time on the prediction of the latest scored
-                    step, which that scoring had),
-                    the layer takes for this step the adaptive candidate the shift response
-                    would pick (the fastest with per-step slots on the latest scored steps)
-                    if that one's time there is below the fallback's predicted time; the
-                    picks go on as if the fallback had served. Charged at every watched
+                    step, which that scoring had: one scoring more per re-picked layer, in the
+                    background, not charged apart), the layer takes for this step the
+                    adaptive candidate the shift response would pick (the fastest with
+                    per-step slots on the latest scored steps) if that one's time there is
+                    below the served one's predicted time; the picks go on as if the served
+                    one had served. Charged at every watched
                     layer and step: the predictor and one scoring (one water-filling kernel
                     time, the run's median) on the side stream, max(0, pred + scoring -
                     dispatch) (the layer's background prediction is then not charged again);
