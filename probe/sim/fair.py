@@ -117,7 +117,9 @@ layer type). Every policy has k extra expert slots per rank:
                     one had served. Charged at every watched
                     layer and step: the predictor and one scoring (one water-filling kernel
                     time, the run's median) on the side stream, max(0, pred + scoring -
-                    dispatch) (the layer's background prediction is then not charged again);
+                    dispatch) (the layer's background prediction is then not charged again;
+                    where the served split makes the prediction itself, a plan split b = k,
+                    its predictor is charged twice: conservative);
                     where it swapped, the candidate pays its own predictor and planner as
                     whenever it serves, plus the scoring; host mode: both in series. A step
                     where the guard swapped counts as a change of the traffic for the
