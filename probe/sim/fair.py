@@ -672,16 +672,16 @@ def history_split(history: np.ndarray, layouts: dict, costs: FairCosts, slots: i
     out = []
     home = sharded_home(history.shape[3], history.shape[2])
     for layer in range(history.shape[1]):
+        loads = history[:, layer].astype(np.int64)
+        windows = [hiding_window(costs, load, home, attention) for load in loads]
         best, best_t = rule_split(slots), math.inf
         for b in range(slots):
             p = slots - b
             copies = layouts[b][layer]
             base = copies > 0
             total = 0.0
-            for load in history[:, layer]:
-                load = load.astype(np.int64)
+            for load, win in zip(loads, windows, strict=True):
                 cost = costs.fitted_cost(load.sum(axis=0).max())
-                win = hiding_window(costs, load, home, attention)
                 result = solve(BalanceProblem(load, base, p, win, cost), "greedy", check=False,
                                **paper_options())
                 holds = copies + _plan(result).replicas
@@ -762,11 +762,15 @@ def history_times(history: np.ndarray, previous: np.ndarray | None, layouts: dic
                                                  0.0).max())
                 + max(0.0, pred_s + planner_side - scored["dispatch"]))
             fit_cost = costs.fitted_cost(pred.sum(axis=0).max())
+            pred_window = hiding_window(costs, pred, home, attention)
+            prev64 = np.asarray(prev, np.int64)
+            ahead_cost = costs.fitted_cost(prev64.sum(axis=0).max())
+            prev_window = hiding_window(costs, prev64, home, attention)
             for b in fit_bs:
                 name = f"probe_on_eplb_fit_b{b}p{slots - b}"
                 copies = layouts[b][layer]
                 base = copies > 0
-                win = hiding_window(costs, pred, home, attention)
+                win = pred_window
                 result = solve(BalanceProblem(pred, base, slots - b, win, fit_cost), "greedy",
                                check=False, **paper_options())
                 plan0 = _plan(result)
@@ -790,9 +794,7 @@ def history_times(history: np.ndarray, previous: np.ndarray | None, layouts: dic
                     scored["moe"] + transfer + max(0.0, pred_s + planner_side
                                                    - scored["dispatch"]))
                 # probe_on_eplb_ahead: planned a step ahead on the step before's load
-                prev64 = np.asarray(prev, np.int64)
-                ahead_cost = costs.fitted_cost(prev64.sum(axis=0).max())
-                win = hiding_window(costs, prev64, home, attention)
+                win = prev_window
                 plan0 = _plan(solve(BalanceProblem(prev64, base, slots - b, win, ahead_cost),
                                     "greedy", check=False, **paper_options()))
                 plan = apply_plan(plan0, true, base)
@@ -1261,8 +1263,8 @@ def simulate_fair(load: np.ndarray, costs: FairCosts, *, slots: int, prior: int,
             # split applied to the predicted load, its transfer against the window the
             # prediction implies, its own overheads) as side_layer_time scores the truth;
             # no stall term: auto_pred pays every candidate layout's re-plan stall anyway
-            pred_window = attention + costs.compute_per_rank(
-                static_assignment(pred, home).sum(axis=0).T, home_int)
+            pred_window = hiding_window(costs, pred, home, attention)  # what PROBE-on-EPLB
+            # plans against too
             on_pred: dict[str, float] = {}
 
             def score_pred(policy, assignment, copies, *, problem=None, plan=None,
@@ -1333,7 +1335,7 @@ def simulate_fair(load: np.ndarray, costs: FairCosts, *, slots: int, prior: int,
                 policy = f"probe_on_eplb_b{b}p{p}"
                 copies = active[b][layer]
                 base = copies > 0
-                win = hiding_window(costs, pred, home, attention)
+                win = pred_window
                 result = solve(BalanceProblem(pred, base, p, win, planner_cost), "greedy",
                                check=False, **options)
                 replicas = _plan(result).replicas
@@ -1356,7 +1358,7 @@ def simulate_fair(load: np.ndarray, costs: FairCosts, *, slots: int, prior: int,
                 policy = f"probe_on_eplb_fit_b{b}p{p}"
                 copies = active[b][layer]
                 base = copies > 0
-                win = hiding_window(costs, pred, home, attention)
+                win = pred_window
                 result = solve(BalanceProblem(pred, base, p, win, fit_cost), "greedy",
                                check=False, **options)
                 replicas = _plan(result).replicas
@@ -1394,11 +1396,12 @@ def simulate_fair(load: np.ndarray, costs: FairCosts, *, slots: int, prior: int,
             prev64 = np.asarray(previous, np.int64)
             ahead_cost = costs.fitted_cost(prev64.sum(axis=0).max())
             ahead_window = step_hide if n > 0 else model.num_layers * attention
+            prev_window = hiding_window(costs, prev64, home, attention)
             for b, p in combos:
                 policy = f"probe_on_eplb_ahead_b{b}p{p}"
                 copies = active[b][layer]
                 base = copies > 0
-                win = hiding_window(costs, prev64, home, attention)
+                win = prev_window
                 result = solve(BalanceProblem(prev64, base, p, win, ahead_cost), "greedy",
                                check=False, **options)
                 holds = copies + _plan(result).replicas
@@ -1767,7 +1770,7 @@ def simulate_fair(load: np.ndarray, costs: FairCosts, *, slots: int, prior: int,
         # (b) the background predictions of the running scoring's step, per layer, at the
         # scoring's share
         # (the layers the guard watched predict in the foreground, (c) below)
-        watched = schedule[target].get("watched", np.zeros(served.shape, dtype=bool))
+        watched = schedule[target]["watched"]
         bg_pred = np.where(predicts | watched, 0.0, pred_cost).mean(axis=1)[scored_of]  # [N]
         bg_side, bg_host = (np.array([
             background_exposure(work, x, w, model.num_layers, pred_s=p, own_s=f * plan)
@@ -1781,12 +1784,12 @@ def simulate_fair(load: np.ndarray, costs: FairCosts, *, slots: int, prior: int,
         # and one scoring of the fallback on the prediction (one water-filling kernel time,
         # the run's median) on the side stream during the dispatch; where it swapped, the
         # served candidate pays its own predictor and planner, and the scoring comes first
-        fired = schedule[target].get("fired", np.zeros(served.shape, dtype=bool))
-        calm = watched & ~fired
-        m["side"][:] += np.where(calm, np.maximum(0.0, pred_cost + wf_median - m["dispatch"]),
+        fired = schedule[target]["fired"]
+        kept = watched & ~fired  # the guard ran and the served candidate stayed
+        m["side"][:] += np.where(kept, np.maximum(0.0, pred_cost + wf_median - m["dispatch"]),
                                  np.where(fired, wf_median, 0.0))
         m["plan_host"][:] += np.where(watched, wf_median, 0.0)  # host mode: in series
-        m["pred"][:] += np.where(calm, pred_cost, 0.0)
+        m["pred"][:] += np.where(kept, pred_cost, 0.0)
         scoring[target] = {"plans": plans, "ahead_plans": ahead, "scores": scores,
                            "work_side_s": work_side, "work_host_s": work_host,
                            "background_predictor_s": float((bg_pred * share).mean()),
