@@ -36,13 +36,13 @@ from probe.sim.fair import (
     lp_split,
     policy_names,
     rescore_thresholds,
-    restore_charges,
     scored_steps,
     scoring_work,
     side_layer_time,
     simulate_fair,
     split_by_fractions,
     step_switch,
+    switch_charges,
     traffic_distance,
     trigger_length,
     waterfill_split,
@@ -568,7 +568,8 @@ def test_auto_plus_leaves_a_split_whose_exposure_exceeds_its_saving(costs, monke
     # 0.5% of EPLB's layer time more than the split saves against EPLB, the faster idle
     # fallback, where no other candidate is 1% faster) and the others none. At the first
     # scoring done the layer leaves the split for EPLB (a flat 1% hysteresis kept it), and
-    # never takes it again (it would need 1% over EPLB).
+    # never takes it again (it would need 1% over EPLB). Nested layouts: the split's EPLB-0 is
+    # a subset of EPLB-1, so leaving it fetches one copy per rank, hidden in the window.
     import probe.sim.fair as fair
 
     ahead = "probe_on_eplb_ahead_b0p1"
@@ -589,7 +590,7 @@ def test_auto_plus_leaves_a_split_whose_exposure_exceeds_its_saving(costs, monke
     monkeypatch.setattr(fair, "pick_exposure", lambda q, *a, **kw: (
         charge["s"] if q.startswith("probe_on_eplb_ahead_") else 0.0))
     kwargs = {"slots": 1, "prior": 4, "window": 4, "interval": 50, "seed": 1, "check": False,
-              "predictor": "perfect", "solve_time": {"waterfill": 0.0, "lp": 0.0}}
+              "nested": True, "predictor": "perfect", "solve_time": {"waterfill": 0.0, "lp": 0.0}}
     layers = costs.model.num_layers
     res = simulate_fair(same, fast, **kwargs)
     times = {q: fair.side_layer_time(res.metrics[q], res.stall[q], layers, res.attention)
@@ -961,14 +962,16 @@ def test_auto_pays_the_predictor_as_probe_does_while_probe_serves(costs):
     # A fast planner and a perfect predictor on a shift: after the shift the fit split serves
     # (it consumes the prediction: the predictor and planner charged as the fit candidate's,
     # beyond the dispatch; host mode in series), before it EPLB (the prediction only in the
-    # background, none exposed on the side stream or in series).
+    # background, none exposed on the side stream or in series). Nested layouts: EPLB-0 is a
+    # subset of EPLB-2, so the switches between them fetch little (with DeepSeek's own EPLB-0
+    # they would fetch most of a rank's experts, and the picker stays where it is).
     fast = dataclasses.replace(costs, planner_gpu_s=1e-7, planner_kernel_s=1e-7,
                                host_round_trip_s=1e-7)
     trace = generate("shift", num_steps=9, tokens_per_step=8 * 256, num_layers=2,
                      num_experts=128, top_k=4, num_ranks=8, seed=3, shift_step=6)
     res = simulate_fair(trace.load_counts().astype(np.int64), fast, slots=2, prior=4,
                         window=4, interval=3, seed=1, check=False, predictor="perfect",
-                        solve_time={"waterfill": 0.0, "lp": 0.0})
+                        solve_time={"waterfill": 0.0, "lp": 0.0}, nested=True)
     fit = res.metrics["probe_on_eplb_fit_b0p2"]
     layers = costs.model.num_layers
     windows = _windows(res, costs)
@@ -1276,7 +1279,10 @@ def test_the_shift_response_moves_fallback_layers_to_an_adaptive_candidate(shift
     # layers EPLB serves take it from step 4, a step before the triggered pick, and step 4 is
     # faster; up to step 3 the runs are the same. With the default planner (exposed at 256
     # tokens per rank) every adaptive candidate was slower before the shift than EPLB is
-    # after it: no layer responds and the runs are the same throughout.
+    # after it: no layer responds and the runs are the same throughout. A link fast enough
+    # that switching a layer between EPLB-2, EPLB-0 and the sharded home fetches within the
+    # window (the response weighs that fetch, there and back: the test below).
+    costs = dataclasses.replace(costs, link_bandwidth=1e15)
     fast = dataclasses.replace(costs, planner_gpu_s=1e-6)
     adaptive = {"b0p2", "paper", "plan_b0p2", "ahead_b0p2"}
     for model_costs, responds in ((fast, True), (costs, False)):
@@ -1300,6 +1306,24 @@ def test_the_shift_response_moves_fallback_layers_to_an_adaptive_candidate(shift
                 np.testing.assert_array_equal(side[True], side[False])
     with pytest.raises(TypeError, match="respond"):
         simulate_fair(shifted, costs, rescore=True, **dict(_RESCORE, respond=1))
+
+
+def test_the_shift_response_weighs_the_fetch_there_and_back(shifted, costs):
+    # As test_the_shift_response_moves_fallback_layers_to_an_adaptive_candidate with the fast
+    # planner, but on the real link (450 GB/s): moving a layer from EPLB-2 to EPLB-0 or the
+    # sharded home fetches most of a rank's 16 experts (50 MB each, 0.1 ms apiece) and the
+    # return as much, far beyond what the one-step response saves, so no layer responds and
+    # the runs are the same; the swap it would have made is not charged anywhere.
+    fast = dataclasses.replace(costs, planner_gpu_s=1e-6)
+    runs = {r: simulate_fair(shifted, fast, rescore=True, **dict(_RESCORE, respond=r))
+            for r in (False, True)}
+    for policy, key in (("probe_on_eplb_auto", "auto_choices"),
+                        ("probe_on_eplb_auto_plus", "auto_plus_choices")):
+        served = {r: np.array([e["layers"] for e in res.meta[key]]) for r, res in runs.items()}
+        assert (served[True][:5] == "eplb").all()
+        np.testing.assert_array_equal(served[True], served[False])
+        np.testing.assert_array_equal(runs[True].layer_time(policy, "side"),
+                                      runs[False].layer_time(policy, "side"))
 
 
 def test_trigger_length_spreads_a_scoring_rather_than_expose_it():
@@ -1553,15 +1577,34 @@ def test_nested_copies_of_eplb_are_subsets_with_b_slots(costs):
         np.testing.assert_array_equal(sub.sum(axis=2), 128 // 8 + b)
 
 
-def test_restore_charges_fetch_the_dropped_copies_again():
+def test_switch_charges_fetch_what_the_new_layout_holds_and_the_old_did_not():
+    # two layers, 2 ranks, 4 experts; EPLB-2 holds two redundant copies per rank, EPLB-1
+    # (nested) one, EPLB-0 one copy of each expert on other ranks than the sharded home
+    full = np.array([[[1, 1, 1, 1], [1, 1, 1, 1]]] * 2)
+    one = np.array([[[1, 1, 1, 0], [0, 1, 1, 1]]] * 2)
+    zero = np.array([[[0, 0, 1, 1], [1, 1, 0, 0]]] * 2)
+    home = np.array([[1, 1, 0, 0], [0, 0, 1, 1]])
+    layouts = {2: full, 1: one, 0: zero}
+
+    def base(name, n):
+        if name in ("static", "probe_paper"):
+            return np.broadcast_to(home, (2, 2, 4))
+        return layouts[{"eplb_async": 2, "probe_on_eplb_wf": 2}.get(
+            name, int(name.rpartition("_b")[2].split("p")[0]) if "_b" in name else 0)]
+
     served = [["eplb_async", "static"], ["probe_on_eplb_plan_b1p1", "static"],
-              ["eplb_async", "probe_on_eplb_ahead_b0p2"], ["probe_on_eplb_fit_b0p2", "eplb_async"]]
-    windows = np.full((4, 2), 1e-3)
-    exposed, moved = restore_charges(served, 2, windows, 9e5, 1e9, 3.0)
-    # step 2, layer 0: b 1 -> 2, one copy (0.9 ms) behind a 1 ms window: hidden; step 3,
-    # layer 1: b 0 -> 2, two copies (1.8 ms): 0.8 ms exposed
-    np.testing.assert_allclose(exposed, [[0, 0], [0, 0], [0, 0], [0, 0.8e-3]], atol=1e-15)
-    np.testing.assert_allclose(moved, [0, 0, 9e5 * 3, 2 * 9e5 * 3])
+              ["eplb_async", "probe_on_eplb_ahead_b0p2"], ["probe_on_eplb_fit_b0p2", "eplb_async"],
+              ["probe_on_eplb_wf", "probe_paper"]]
+    windows = np.full((5, 2), 1e-3)
+    exposed, moved = switch_charges(served, base, windows, 9e5, 1e9, 3.0)
+    # step 1, layer 0: EPLB-2 -> EPLB-1 drops copies, free. Step 2, layer 0: EPLB-1 -> EPLB-2,
+    # one copy per rank (0.9 ms) behind a 1 ms window: hidden; layer 1: home -> EPLB-0, two
+    # experts per rank (1.8 ms): 0.8 ms exposed. Step 3, layer 0: EPLB-2 -> EPLB-0 drops;
+    # layer 1: EPLB-0 -> EPLB-2, two per rank: 0.8 ms exposed. Step 4, layer 0: EPLB-0 ->
+    # EPLB-2 (wf): 0.8 ms; layer 1: EPLB-2 -> home holds nothing new: free
+    np.testing.assert_allclose(exposed, [[0, 0], [0, 0], [0, 0.8e-3], [0, 0.8e-3],
+                                         [0.8e-3, 0]], atol=1e-15)
+    np.testing.assert_allclose(moved, [0, 0, (2 + 4) * 9e5 * 3, 4 * 9e5 * 3, 4 * 9e5 * 3])
 
 
 def test_scoring_work_counts_one_plan_per_split():
@@ -1629,10 +1672,14 @@ def nested_result(load, costs):
 def test_nested_layouts_keep_the_memory_and_the_oracle_bound(nested_result, result, load,
                                                              costs):
     res = nested_result
-    assert res.meta["nested"] is True and res.meta["nested_held"] == {0: 0, 1: 1, 2: 2}
-    # b = 0 stays DeepSeek's EPLB-0
-    np.testing.assert_array_equal(res.metrics["probe_on_eplb_plan_b0p2"]["moe"],
-                                  result.metrics["probe_on_eplb_plan_b0p2"]["moe"])
+    # b = 0 is nested too: EPLB-2 with both redundant copies per rank dropped where it can
+    # (some rank keeps one: dropping it would leave an expert unheld), not DeepSeek's EPLB-0
+    assert res.meta["nested"] is True and res.meta["nested_held"] == {0: 1, 1: 1, 2: 2}
+    w, layers = costs.expert_bytes, costs.model.num_layers
+    assert res.memory["probe_on_eplb_plan_b0p2"] == 1 * layers * w + 2 * 2 * w
+    assert result.memory["probe_on_eplb_plan_b0p2"] == 2 * 2 * w
+    assert np.any(res.metrics["probe_on_eplb_plan_b0p2"]["moe"]
+                  != result.metrics["probe_on_eplb_plan_b0p2"]["moe"])
     for policy in ("probe_on_eplb_auto_plus", "probe_on_eplb_auto_pred"):
         assert res.memory[policy] == result.memory[policy]  # EPLB-k's + 2 x k per-step
     assert res.memory["probe_on_eplb_plan_b1p1"] == result.memory["probe_on_eplb_plan_b1p1"]

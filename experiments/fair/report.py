@@ -464,13 +464,29 @@ def write_report(results: list[dict], analysis: dict, manifest: dict, path: Path
            "redundant copies per rank dropped (the copy leaving its expert the lowest load "
            "per copy; probe.sim.fair.nested_copies), a subset of EPLB-k, so the picker also "
            "takes the plan and ahead splits b = 1 .. k - 1, p = k - b (per-step replicas in "
-           "the freed slots) at EPLB-k's memory; a layer switched back to more resident copies "
-           "fetches the dropped ones again behind that layer's window, what exceeds it "
-           "charged as exposed transfer (restore_charges); the standalone probe_on_eplb "
-           "b/p policies use the same nested layouts. "
+           "the freed slots) at EPLB-k's memory"
+           + (" (b = 0 too)" if s.get("switch_charges") else "")
+           + ("; the standalone probe_on_eplb b/p policies use the same nested layouts. "
+              if s.get("switch_charges") else
+              "; a layer switched back to more resident copies fetches the dropped ones "
+              "again behind that layer's window, what exceeds it charged as exposed "
+              "transfer (restore_charges); the standalone probe_on_eplb b/p policies use "
+              "the same nested layouts. ")
            if s.get("nested") else
+           "Only b = 0 and b = k: DeepSeek's EPLB-b of 0 < b < k holds other copies than "
+           "EPLB-k's. " if s.get("switch_charges") else
            "Only b = 0 and b = k: it keeps every candidate's layout resident, and EPLB-k "
            "with any EPLB-b, 0 < b < k, would exceed the k slots per rank (equal memory). ")
+        + ("A rank holds, per layer, only the layout of the candidate serving it (the "
+           "sharded home of static and the paper's PROBE, EPLB-0 or a nested EPLB-b, "
+           "EPLB-k); a layer switched to a layout holding copies the serving one's does not "
+           "fetches them behind that layer's window, what exceeds it charged as exposed "
+           "transfer and counted as moved bytes, and every pick weighs that exposure "
+           "before it switches (probe.sim.fair.switch_charges, switch_exposure). "
+           if s.get("switch_charges") else
+           "Switching a layer between the sharded home, EPLB-0 and EPLB-k is free in this "
+           "run (a rank serving all three in different steps holds all three: not at equal "
+           "memory; charged since a later revision). ")
         + "Its memory is EPLB-k's plus the "
         "double-buffered p = k per-step slots, its stall the largest of all candidates' at "
         "every step. On top of the candidate that serves it pays its own work: in the "

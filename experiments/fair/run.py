@@ -592,7 +592,7 @@ def main(argv=None) -> int:
                      "predictor": args.predictor, "seed": args.seed, "slots": list(slots_list),
                      "score_every": args.score_every, "rescore": args.rescore,
                      "shift_response": args.shift_response, "guard": args.guard,
-                     "nested": args.nested,
+                     "nested": args.nested, "switch_charges": True,
                      "planner_us": dict(args.planner_us or []) or None,
                      "assign_us": dict(args.assign_us or []) or None,
                      "eplb_window": args.prior, "eplb_interval": args.prior},

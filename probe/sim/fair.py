@@ -67,14 +67,22 @@ layer type). Every policy has k extra expert slots per rank:
                     (the switching hysteresis below applied to the baselines too), and at a
                     re-pick a layer one of them serves moves to the other only if that one
                     is at least STEP_MARGIN faster (two baselines whose times differ by less
-                    are not told apart by a few scored steps). Only b = 0 and b = k: a
-                    policy that may switch to a candidate keeps that candidate's layout
-                    resident, and EPLB-k (the fallbacks') with any EPLB-b, 0 < b < k, would
-                    exceed the k slots per rank every policy has (with nested layouts,
-                    `nested`, EPLB-b for 0 < b < k is a subset of EPLB-k, and auto_plus also
-                    picks the splits b = 1 .. k - 1, p = k - b: nested_copies,
-                    restore_charges). Charged on top of the served candidate (all auto
-                    policies, see "The auto policies' own work" below).
+                    are not told apart by a few scored steps). Only b = 0 and b = k:
+                    DeepSeek's own EPLB-b layouts of 0 < b < k hold other copies than
+                    EPLB-k's (with nested layouts, `nested`, every EPLB-b of b < k is a
+                    subset of EPLB-k, and auto_plus also picks the splits b = 1 .. k - 1,
+                    p = k - b: nested_copies). Equal memory: a rank holds, per layer, the
+                    layout of the candidate serving it and no other; a layer switched to a
+                    candidate whose layout holds copies the serving one's does not (the
+                    sharded home of static and the paper's PROBE, EPLB-0, a nested EPLB-b,
+                    EPLB-k) fetches them behind that layer's window, what exceeds it charged
+                    as exposed transfer and the bytes counted as moved (switch_charges); every
+                    pick, per-step switch and swap counts that exposure against the candidate
+                    it would switch to (switch_exposure: spread over the max(1, window // 4)
+                    steps a pick is taken to serve; a one-step swap of the shift response or
+                    the guard pays the fetch there and back within the steps it serves).
+                    Charged on top of the served candidate (all auto policies, see "The auto
+                    policies' own work" below).
     probe_on_eplb_auto  the PROBE-on-EPLB of the targets: probe_on_eplb_auto_replan's picks at
                     the start and at each re-plan; before every other measured step a layer
                     switches to the candidate with the lowest mean time over the last
@@ -253,11 +261,12 @@ from probe.sim.predict import make_predictor, replay_predictor
 from probe.sim.rounding import split_by_fractions
 
 __all__ = ["FALLBACKS", "IDLE_FALLBACKS", "FairResult", "auto_candidates",
-           "background_exposure", "eplb_copies", "fitting_score_every", "history_split",
+           "background_exposure", "eplb_copies", "fetched_copies", "fitting_score_every",
+           "history_split",
            "history_times", "lp_split", "nested_copies", "pick_by_time", "pick_exposure",
-           "policy_names", "rescore_thresholds", "restore_charges", "rule_split",
-           "scored_steps", "side_layer_time", "simulate_fair", "split_by_fractions",
-           "step_switch", "traffic_distance", "trigger_length", "waterfill_split"]
+           "policy_names", "rescore_thresholds", "rule_split", "scored_steps",
+           "side_layer_time", "simulate_fair", "split_by_fractions", "step_switch",
+           "switch_charges", "traffic_distance", "trigger_length", "waterfill_split"]
 
 
 def paper_options() -> dict:
@@ -301,7 +310,8 @@ GUARD_GROWTH = 0.25
 
 def auto_candidates(slots: int, plus: bool = False, nested: bool = False) -> list[str]:
     """The policies probe_on_eplb_auto(_replan) pick from per layer: the fit split b = 0
-    (p = k per-step slots on EPLB-0), the paper's PROBE, then FALLBACKS; with `plus`
+    (p = k per-step slots on EPLB-0, with `nested` EPLB-k's subset), the paper's PROBE (on
+    the sharded home), then FALLBACKS; with `plus`
     (probe_on_eplb_auto_plus) also the probe_on_eplb_plan and probe_on_eplb_ahead splits
     b = 0 and b = k (p = 0: EPLB-k's layout, which the fallbacks hold, with the greedy's own
     token split on the prediction or the step before's load instead of EPLB's even split),
@@ -309,14 +319,14 @@ def auto_candidates(slots: int, plus: bool = False, nested: bool = False) -> lis
     b = 1 .. k - 1, p = k - b too (fewest resident copies first; a fit split shares its
     plan with the plan split of its b, p: one more score each, no more plans).
 
-    Without `nested` only b = 0 and b = k (the fallbacks' EPLB-k layout): a policy that may
-    switch to a candidate any step keeps that candidate's resident layout current, and
-    DeepSeek's own layouts of b = 1 .. k - 1 beside EPLB-k would hold more than the k slots
-    per rank every policy has (equal memory, module docstring). With `nested` (simulate_fair's
-    nested layouts) every EPLB-b, 0 < b < k, is EPLB-k with k - b redundant copies per rank
-    dropped (nested_copies), a subset of what EPLB-k holds, and p = k - b per-step slots are
-    no more than the k that b = 0 already double-buffers, so every split fits the same
-    memory."""
+    Without `nested` only b = 0 and b = k (the fallbacks' EPLB-k layout): DeepSeek's own
+    layouts of b = 1 .. k - 1 hold other copies than EPLB-k's, and a rank holds one layout
+    per layer (equal memory, module docstring), so every switch between them would fetch
+    copies. With `nested` (simulate_fair's nested layouts) every EPLB-b, b < k, is EPLB-k
+    with k - b redundant copies per rank dropped (nested_copies), a subset of what EPLB-k
+    holds, and p = k - b per-step slots are no more than the k that b = 0 already
+    double-buffers, so every split fits the same memory and a switch fetches at most the
+    dropped copies back (switch_charges)."""
     if isinstance(slots, bool) or not isinstance(slots, (int, np.integer)) or slots < 1:
         raise ValueError(f"slots must be an int >= 1, got {slots!r}")
     extra = ([f"probe_on_eplb_{f}b0p{slots}" for f in ("plan_", "ahead_")] if plus else [])
@@ -371,25 +381,38 @@ def nested_copies(copies: np.ndarray, weight: np.ndarray, drop: int) -> np.ndarr
     return out
 
 
-def restore_charges(served: list, slots: int, windows: np.ndarray, expert_bytes: float,
-                    link_bandwidth: float, layer_scale: float) -> tuple[np.ndarray, np.ndarray]:
-    """What an auto policy over nested layouts pays to switch a layer back to a candidate
-    with more resident redundant copies: the step where a layer's served candidate holds
-    b_new > b_old of EPLB-k's redundant copies per rank, the b_new - b_old dropped ones are
-    fetched again (over the link, behind that layer's window: attention + the layer's
-    compute, `windows` float [N, L] seconds). Dropping copies is free; a candidate's own
-    per-step replicas are its own transfer. served: names [N][L]; returns (exposed seconds
-    float [N, L], bytes per rank float [N] over all model layers)."""
+def fetched_copies(new: np.ndarray, old: np.ndarray) -> np.ndarray:
+    """int64 [G]: the copies each rank fetches to hold the layout `new` (int [G, E] copies of
+    one layer) where it held `old`: those `new` holds beyond `old` (dropping is free)."""
+    return np.maximum(np.asarray(new, np.int64) - np.asarray(old, np.int64), 0).sum(axis=1)
+
+
+def switch_charges(served, base, windows: np.ndarray, expert_bytes: float,
+                   link_bandwidth: float, layer_scale: float) -> tuple[np.ndarray, np.ndarray]:
+    """What an auto policy pays to move a layer from one candidate's resident layout to
+    another's: each rank holds, per layer, only the layout of the candidate serving it (the
+    sharded home for static and the paper's PROBE, DeepSeek's EPLB-0 or a nested subset of
+    EPLB-k for b < k, EPLB-k itself for the fallbacks), so at a step where the serving
+    candidate's layout holds copies the previous one's did not, the rank fetches them (over
+    the link, behind that layer's window: attention + the layer's compute, `windows` float
+    [N, L] seconds), the rank fetching the most setting the time. Dropping copies is free; a
+    candidate's own per-step replicas are its own transfer; both layouts are read at the
+    step of the switch (the EPLB layouts as their re-plans left them then: those moves are
+    the re-plans' own, charged as such). served: names [N][L]; base(name, n): int [L, G, E]
+    the copies that candidate's layout holds at step n. Returns (exposed seconds float
+    [N, L], bytes fetched float [N], all ranks, over all model layers)."""
     num_steps = len(served)
     exposed = np.zeros((num_steps, len(served[0]) if num_steps else 0))
     moved = np.zeros(num_steps)
     for n in range(1, num_steps):
         for layer, (now, before) in enumerate(zip(served[n], served[n - 1], strict=True)):
-            grow = _split_of(now, slots)[0] - _split_of(before, slots)[0]
-            if grow > 0:
-                seconds = grow * expert_bytes / link_bandwidth
+            if now == before:
+                continue
+            grow = fetched_copies(base(now, n)[layer], base(before, n)[layer])
+            if grow.any():
+                seconds = float(grow.max()) * expert_bytes / link_bandwidth
                 exposed[n, layer] = max(0.0, seconds - float(windows[n, layer]))
-                moved[n] += grow * expert_bytes * layer_scale
+                moved[n] += float(grow.sum()) * expert_bytes * layer_scale
     return exposed, moved
 
 
@@ -1055,14 +1078,14 @@ def simulate_fair(load: np.ndarray, costs: FairCosts, *, slots: int, prior: int,
     candidate pool the smallest interval at which it is exposed at no step, even with every
     layer's prediction made in it (fitting_score_every); meta["auto_scoring"] gives the
     interval used. The default here stays 1 (the API's earlier behaviour, which the tests
-    pin); experiments.fair.run defaults to "auto". nested: every EPLB-b layout of 0 < b < k
+    pin); experiments.fair.run defaults to "auto". nested: every EPLB-b layout of b < k
     is EPLB-k's with k - b redundant copies per rank dropped (nested_copies, from the same
     window's weights) instead of DeepSeek's own layout for b slots, so that it is a subset
     of EPLB-k and probe_on_eplb_auto_plus may pick the b = 1 .. k - 1, p = k - b splits too
-    (auto_candidates) at EPLB-k's memory (b = 0 stays DeepSeek's EPLB-0: dropping every
-    redundant copy of EPLB-k is often impossible without a rank holding only single
-    copies); a layer switched back to more resident copies fetches the dropped ones again,
-    charged as exposed transfer (restore_charges). Default off here (the tests pin the
+    (auto_candidates) at EPLB-k's memory (at b = 0 a rank that cannot drop every redundant
+    copy without leaving an expert unheld keeps the rest); a layer switched to a layout
+    holding more fetches the difference, charged as exposed transfer (switch_charges, with
+    or without `nested`). Default off here (the tests pin the
     earlier behaviour); experiments.fair.run turns it on. respond: with `rescore`, the shift
     response (module docstring) from each triggered scoring's first step until its pick
     (False: the fallbacks serve on until then). guard: the predicted-load guard of
@@ -1132,7 +1155,7 @@ def simulate_fair(load: np.ndarray, costs: FairCosts, *, slots: int, prior: int,
     def layout(weight: np.ndarray, b: int, full: np.ndarray) -> np.ndarray:
         if b == slots:
             return full
-        return (nested_copies(full, weight, slots - b) if nested and b > 0
+        return (nested_copies(full, weight, slots - b) if nested
                 else eplb_copies(weight, b, num_ranks))
 
     active = {b: layout(weight_at(prior), b, stw) for b in residents}
@@ -1186,6 +1209,14 @@ def simulate_fair(load: np.ndarray, costs: FairCosts, *, slots: int, prior: int,
     oracle_labels = [[""] * num_layers for _ in range(num_steps)]  # the oracle's winners
     oracle_tally: dict[str, np.ndarray] = {}  # every oracle candidate's MoE seconds [N, L]
 
+    layouts_at: list[dict[int, np.ndarray]] = []  # per measured step: b -> copies [L, G, E]
+    home_layers = np.broadcast_to(home_int, (num_layers, *home_int.shape))
+
+    def base_of(name: str, n: int) -> np.ndarray:  # a candidate's resident layout at step n
+        if name in ("static", "probe_paper"):
+            return home_layers
+        return layouts_at[n][_split_of(name, slots)[0]]
+
     def moved_per_rank(old: np.ndarray, new: np.ndarray) -> np.ndarray:  # bytes [G]
         return (np.maximum(new - old, 0).sum(axis=(0, 2)) * layer_scale * expert_bytes)
 
@@ -1212,6 +1243,7 @@ def simulate_fair(load: np.ndarray, costs: FairCosts, *, slots: int, prior: int,
         for b in residents:
             if pending[b] is not None and n >= pending[b][1]:
                 active[b], pending[b] = pending[b][0], None
+        layouts_at.append(dict(active))  # each EPLB-b layout serving at step n
         hide = 0.0
         for layer in range(num_layers):
             true = load[step, layer].astype(np.int64)  # [S, E]
@@ -1476,6 +1508,16 @@ def simulate_fair(load: np.ndarray, costs: FairCosts, *, slots: int, prior: int,
     summed = load.sum(axis=2)  # [N_all, L, E] the routing counts the runtime has per step
     schedule = {}
 
+    def switch_exposure(old: str, new: str, n: int, layer: int) -> float:
+        # seconds exposed moving a layer from candidate old's layout to new's before step n
+        # (as switch_charges charges it), on the layouts of step n and the window of the
+        # step before (known when the picker decides)
+        if old == new or n == 0:
+            return 0.0
+        grow = fetched_copies(base_of(new, n)[layer], base_of(old, n)[layer]).max()
+        return max(0.0, float(grow) * expert_bytes / costs.link_bandwidth
+                   - float(layer_windows[n - 1, layer]))
+
     def run_schedule(target: str, triggers: bool, guards: bool) -> dict:
         key = _pool_key(target)
         names = candidates_of[key]
@@ -1522,16 +1564,31 @@ def simulate_fair(load: np.ndarray, costs: FairCosts, *, slots: int, prior: int,
         def first_pick() -> list[str]:  # before the first measured step, from the history
             return pick({q: first_time(q) for q in names}, candidates=names)
 
+        def with_switch(times: dict, current: list[str], n: int, horizon: int,
+                        back: bool = False) -> dict:
+            # the times [rows, L] with, per layer, the exposure of fetching what a
+            # candidate's layout holds beyond the serving one's (switch_exposure), spread
+            # over the `horizon` steps the switch is expected to serve (and with `back`,
+            # the fetch of returning to the serving one after them)
+            pen = {q: np.array([switch_exposure(cur, q, n, layer)
+                                + (switch_exposure(q, cur, n, layer) if back else 0.0)
+                                for layer, cur in enumerate(current)]) / horizon
+                   for q in times}
+            return {q: t + pen[q][None, :] for q, t in times.items()}
+
         # the candidates that follow a change of the traffic by themselves: per-step slots
         # (p >= 1), planned every step on the prediction or the step before's load
         adaptive = [q for q in names if q not in FALLBACKS and _split_of(q, slots)[1] >= 1]
 
-        def responders(n: int, ready: list[int]) -> tuple[list[str], np.ndarray]:
+        def responders(n: int, ready: list[int], current: list[str],
+                       horizon: int) -> tuple[list[str], np.ndarray]:
             # per layer the adaptive candidate fastest on the scored steps done (the
             # latest pick's rows), or before any on the history window (as first_pick),
-            # and its mean time there [L]
-            times = {q: shadow_of(q, ready[-pick_window:], n) if ready else first_time(q)
-                     for q in adaptive}
+            # and its mean time there [L], the fetches of switching to it from the serving
+            # candidate and back spread over the `horizon` steps it is to serve
+            times = with_switch({q: shadow_of(q, ready[-pick_window:], n) if ready
+                                 else first_time(q) for q in adaptive},
+                                current, n, horizon, back=True)
             picks = pick_by_time(times, adaptive)
             return picks, np.array([times[q][:, layer].mean()
                                     for layer, q in enumerate(picks)])
@@ -1544,7 +1601,8 @@ def simulate_fair(load: np.ndarray, costs: FairCosts, *, slots: int, prior: int,
             rows = [r for r in ready if r >= n - window]
             if len(rows) < pick_window:  # never fewer rows than a per-step switch reads
                 rows = ready[-pick_window:]
-            return pick(shadow(rows, n), candidates=names, current=current) if rows else None
+            return (pick(with_switch(shadow(rows, n), current, n, pick_window),
+                         candidates=names, current=current) if rows else None)
 
         epochs = [(0, first_pick())]
         served: list[list[str]] = []  # the names serving each step
@@ -1581,7 +1639,7 @@ def simulate_fair(load: np.ndarray, costs: FairCosts, *, slots: int, prior: int,
                 # layer one serves takes its adaptive candidate until then if that was
                 # faster before the change than the fallback was at the changed step (the
                 # candidate follows the traffic, the fallback's layout does not)
-                resp, before = responders(n, ready)
+                resp, before = responders(n, ready, current, length)
                 now = {q: shadow_of(q, [n - 1], n)[0] for q in set(current)
                        if q in IDLE_FALLBACKS}
                 current = [resp[layer] if q in now
@@ -1597,8 +1655,9 @@ def simulate_fair(load: np.ndarray, costs: FairCosts, *, slots: int, prior: int,
                     if replanned > 0 and replanned > last_done:
                         new = window_pick(n, ready, current) or current
                     elif ready:
-                        new = step_switch(shadow(ready[-pick_window:], n), current, names,
-                                          margin=STEP_MARGIN)
+                        new = step_switch(with_switch(shadow(ready[-pick_window:], n),
+                                                      current, n, pick_window),
+                                          current, names, margin=STEP_MARGIN)
                 epochs.append((n, new))
             if finished:
                 last_done = n
@@ -1617,7 +1676,7 @@ def simulate_fair(load: np.ndarray, costs: FairCosts, *, slots: int, prior: int,
                               + wf_median <= metrics[served[n - 1][layer]]["dispatch"][
                                   n - 1, layer] for layer, q in enumerate(serving)]
                 if watched[n].any():
-                    resp, before = responders(n, ready)
+                    resp, before = responders(n, ready, serving, 1)
                     swap = list(serving)
                     for layer, q in enumerate(serving):
                         if not watched[n, layer]:
@@ -1819,14 +1878,16 @@ def simulate_fair(load: np.ndarray, costs: FairCosts, *, slots: int, prior: int,
         # up to date: each re-plan's stall is the largest of all candidates'
         stall[target][n] = max(stall[q][n] for q in candidates_of["probe_on_eplb_auto_plus"])
         moved[target][n] = np.mean([moved[q][n] for q in names])
-    if nested:  # a layer switched back to more of EPLB-k's copies fetches the dropped ones
-        servings = {t: _served(e, num_steps, num_layers) for t, e in picked}
-        servings[target] = pred_picks
-        for name, served in servings.items():
-            exposed, restored = restore_charges(served, slots, layer_windows, expert_bytes,
-                                                costs.link_bandwidth, layer_scale)
-            metrics[name]["transfer"] += exposed
-            moved[name] += restored
+    # a layer switched to a candidate whose layout holds copies the previous one's did not
+    # (the sharded home, EPLB-0, a nested EPLB-b, EPLB-k) fetches them: the ranks hold one
+    # layout per layer, never the union of the candidates'
+    servings = {t: _served(e, num_steps, num_layers) for t, e in picked}
+    servings[target] = pred_picks
+    for name, served in servings.items():
+        exposed, fetched = switch_charges(served, base_of, layer_windows, expert_bytes,
+                                          costs.link_bandwidth, layer_scale)
+        metrics[name]["transfer"] += exposed
+        moved[name] += fetched
     plans, ahead, scores = scoring_work(candidates_of["probe_on_eplb_auto_plus"])
     score_s = scores * wf_median
     # auto_plus's scoring, spread (or triggered) as there
