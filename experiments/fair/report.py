@@ -470,7 +470,7 @@ def write_report(results: list[dict], analysis: dict, manifest: dict, path: Path
               if s.get("switch_charges") else
               "; a layer switched back to more resident copies fetches the dropped ones "
               "again behind that layer's window, what exceeds it charged as exposed "
-              "transfer (restore_charges); the standalone probe_on_eplb b/p policies use "
+              "transfer; the standalone probe_on_eplb b/p policies use "
               "the same nested layouts. ")
            if s.get("nested") else
            "Only b = 0 and b = k: DeepSeek's EPLB-b of 0 < b < k holds other copies than "

@@ -992,7 +992,8 @@ class FairResult:
         seconds, LP or water-filling, in series), replicas (count), dispatch (the dispatch
         all-to-all).
     stall[policy]: float64 [N] stop-the-world seconds at each step; moved[policy]: float64 [N]
-    bytes moved (all model layers) by re-plans or per-step replicas. oracle_picks[n][layer]:
+    bytes moved (all model layers) by re-plans, per-step replicas or an auto policy's layout
+    switches (switch_charges). oracle_picks[n][layer]:
     the oracle's winner at each measured step and layer: a policy's name, or
     "true_<layout>_<split>" for a greedy planned on the true load (layout "home": sharded +
     k per-step slots, "bBpP": EPLB-b + p; split "wf": water-filled, "greedy": the greedy's own).
@@ -1787,8 +1788,8 @@ def simulate_fair(load: np.ndarray, costs: FairCosts, *, slots: int, prior: int,
             for layer, q in enumerate(names):
                 for name in _METRICS:
                     metrics[target][name][rows, layer] = metrics[q][name][rows, layer]
-            # it may serve any candidate at any step, so it keeps every candidate's layout
-            # current: each re-plan's stall is the largest of all candidates'
+            # it may serve any candidate at any step: each re-plan's stall is charged as the
+            # largest of all candidates' (conservative: a rank holds only the serving layout)
             stall[target][rows] = np.max([stall[q][rows] for q in pool], axis=0)
             moved[target][rows] = np.mean([moved[q][rows] for q in names], axis=0)
     # The auto policies' own work, charged beside the served candidate's (probe_on_eplb_auto
@@ -1874,8 +1875,8 @@ def simulate_fair(load: np.ndarray, costs: FairCosts, *, slots: int, prior: int,
         for layer, q in enumerate(names):
             for name in _METRICS:
                 metrics[target][name][n, layer] = metrics[q][name][n, layer]
-        # it may serve any candidate at any step, so it keeps every candidate's EPLB layout
-        # up to date: each re-plan's stall is the largest of all candidates'
+        # it may serve any candidate at any step: each re-plan's stall is charged as the
+        # largest of all candidates' (conservative: a rank holds only the serving layout)
         stall[target][n] = max(stall[q][n] for q in candidates_of["probe_on_eplb_auto_plus"])
         moved[target][n] = np.mean([moved[q][n] for q in names])
     # a layer switched to a candidate whose layout holds copies the previous one's did not
@@ -1919,8 +1920,9 @@ def simulate_fair(load: np.ndarray, costs: FairCosts, *, slots: int, prior: int,
     memory["probe_on_eplb_wf"] = memory["eplb_async"]
     memory["probe_on_eplb_auto_moe"] = (np.mean([b for b, _ in auto_split]) * layers_w
                                         + 2.0 * max(p for _, p in auto_split) * expert_bytes)
-    # auto: every layout it may switch to stays resident (EPLB-k of the fallbacks; b = 0 holds
-    # no redundant slot), and the per-step slots of its candidates, double-buffered
+    # auto: the largest layout it may serve (EPLB-k of the fallbacks; one layout per layer is
+    # resident, switches fetch: switch_charges) and the per-step slots of its candidates,
+    # double-buffered
     pred_epochs = list(enumerate(pred_picks))
     for target in ("probe_on_eplb_auto_replan", "probe_on_eplb_auto", "probe_on_eplb_auto_plus",
                    "probe_on_eplb_auto_pred"):
