@@ -261,12 +261,12 @@ from probe.sim.predict import make_predictor, replay_predictor
 from probe.sim.rounding import split_by_fractions
 
 __all__ = ["FALLBACKS", "IDLE_FALLBACKS", "FairResult", "auto_candidates",
-           "background_exposure", "eplb_copies", "fetched_copies", "fitting_score_every",
-           "history_split",
+           "background_exposure", "eplb_copies", "fitting_score_every", "history_split",
            "history_times", "lp_split", "nested_copies", "pick_by_time", "pick_exposure",
            "policy_names", "rescore_thresholds", "rule_split", "scored_steps",
            "side_layer_time", "simulate_fair", "split_by_fractions", "step_switch",
-           "switch_charges", "traffic_distance", "trigger_length", "waterfill_split"]
+           "switch_charges", "switch_fetch", "traffic_distance", "trigger_length",
+           "waterfill_split"]
 
 
 def paper_options() -> dict:
@@ -381,10 +381,16 @@ def nested_copies(copies: np.ndarray, weight: np.ndarray, drop: int) -> np.ndarr
     return out
 
 
-def fetched_copies(new: np.ndarray, old: np.ndarray) -> np.ndarray:
-    """int64 [G]: the copies each rank fetches to hold the layout `new` (int [G, E] copies of
-    one layer) where it held `old`: those `new` holds beyond `old` (dropping is free)."""
-    return np.maximum(np.asarray(new, np.int64) - np.asarray(old, np.int64), 0).sum(axis=1)
+def switch_fetch(new: np.ndarray, old: np.ndarray, window: float, expert_bytes: float,
+                 link_bandwidth: float) -> tuple[float, np.ndarray]:
+    """(exposed seconds, copies fetched per rank int64 [G]) of a rank moving one layer from
+    the layout `old` to `new` (int [G, E] copies each): it fetches the copies `new` holds
+    beyond `old` (dropping is free) over the link, the rank fetching the most setting the
+    time, behind `window` seconds. The one formula that switch_charges charges and the auto
+    pickers weigh (switch_exposure)."""
+    grow = np.maximum(np.asarray(new, np.int64) - np.asarray(old, np.int64), 0).sum(axis=1)
+    seconds = float(grow.max()) * expert_bytes / link_bandwidth
+    return max(0.0, seconds - float(window)), grow
 
 
 def switch_charges(served, base, windows: np.ndarray, expert_bytes: float,
@@ -408,11 +414,10 @@ def switch_charges(served, base, windows: np.ndarray, expert_bytes: float,
         for layer, (now, before) in enumerate(zip(served[n], served[n - 1], strict=True)):
             if now == before:
                 continue
-            grow = fetched_copies(base(now, n)[layer], base(before, n)[layer])
-            if grow.any():
-                seconds = float(grow.max()) * expert_bytes / link_bandwidth
-                exposed[n, layer] = max(0.0, seconds - float(windows[n, layer]))
-                moved[n] += float(grow.sum()) * expert_bytes * layer_scale
+            exposed[n, layer], grow = switch_fetch(base(now, n)[layer], base(before, n)[layer],
+                                                   windows[n, layer], expert_bytes,
+                                                   link_bandwidth)
+            moved[n] += float(grow.sum()) * expert_bytes * layer_scale
     return exposed, moved
 
 
@@ -1515,9 +1520,8 @@ def simulate_fair(load: np.ndarray, costs: FairCosts, *, slots: int, prior: int,
         # step before (known when the picker decides)
         if old == new or n == 0:
             return 0.0
-        grow = fetched_copies(base_of(new, n)[layer], base_of(old, n)[layer]).max()
-        return max(0.0, float(grow) * expert_bytes / costs.link_bandwidth
-                   - float(layer_windows[n - 1, layer]))
+        return switch_fetch(base_of(new, n)[layer], base_of(old, n)[layer],
+                            layer_windows[n - 1, layer], expert_bytes, costs.link_bandwidth)[0]
 
     def run_schedule(target: str, triggers: bool, guards: bool) -> dict:
         key = _pool_key(target)
