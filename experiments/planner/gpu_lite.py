@@ -13,7 +13,9 @@ ep=16, 32 and 64 / 256 experts and ep=256 / 256 (deepseek-v3, nodes of 8 H200s).
    checked and timed beside it on the same layer, at 128 and 256 threads;
 2. one layer's latency (a runtime plans the next layer only): median CUDA-event time of the
    launch replayed as a CUDA graph (the kernel alone) and eager (the Python launch included),
-   at 32-1024 threads per block (--threads); and the L-layer launch's time per layer,
+   at 32-1024 threads per block (--threads), chained at the best one (20 launches in one
+   graph, per launch: what a plan holds its stream for, without the single replay's floor,
+   experiments.planner.gpu_floor); and the L-layer launch's time per layer,
    graph-replayed, at 128 threads and at the best one-layer block size (--layers L, default
    8: what a layer costs when a step's layers are planned in one launch, not a layer ahead);
 3. the plan's IR (max / mean rank time, eq. 8 in seconds, from the CPU kernel's plan) against
@@ -193,6 +195,17 @@ def config_row(name, model, hardware, ranks, experts, *, sim: bool, quick: bool,
     row["best_one_layer_us"] = min(best) if best else None
     row["best_threads"] = (min((v["graph"]["median_us"], k) for k, v in per_threads.items()
                                if "median_us" in v["graph"])[1] if best else None)
+    # One layer chained on a stream (CHAIN launches in one graph, per launch): the time a
+    # plan holds its stream among other work, without the single replay's 10-18 us floor
+    # (results/h100/run17), at the best block size.
+    if row["best_threads"] is not None:
+        from experiments.planner.gpu_floor import CHAIN, chained
+
+        one = CudaLite(home[0], slots, cost, rules, num_layers=1, threads=row["best_threads"])
+        timed = harness.timed(chained(lambda: one.plan(one_load, one_window), CHAIN),
+                              graph=True, repeats=repeats, budget_s=budget)
+        row["one_layer_chained_us"] = (timed["median_us"] / CHAIN if "median_us" in timed
+                                       else None)
     if row["best_threads"] not in (None, 128):  # the L-layer launch at the best block size too
         row["per_layer_in_launch_best_us"] = per_layer_us(CudaLite(
             home, slots, cost, rules, num_layers=layers, threads=row["best_threads"]))
@@ -373,16 +386,21 @@ def markdown(report: dict) -> str:
     lines = [f"# The lite planner on the GPU ({report['device']})", "",
              f"Made by `{report['command']}` ({report['utc']}). One layer's plan, median "
              "CUDA-event time of the launch replayed as a CUDA graph (128 threads per block; "
-             "best: the fastest of the block sizes tried), eager (the Python launch included) "
+             "best: the fastest of the block sizes tried), chained (at the best block size, "
+             "20 launches captured one after another in one graph, per launch: what a plan "
+             "holds a stream for, without the single replay's floor), eager (the Python "
+             "launch included) "
              f"and per layer in an L-layer launch (L = {launch_layers(report)}; graph-replayed, "
              "at 128 threads and at the best one-layer block size: when a step's layers are "
              "planned together, not a layer ahead); IR from the plans (the static plan's "
              "beside it); window: the smallest rank's, median over the layers.", "",
-             "| config | kernel | graph, 1 layer (us) | best threads (us) | eager (us) | "
+             "| config | kernel | graph, 1 layer (us) | best threads (us) | chained (us) | "
+             "eager (us) | "
              "per layer in launch (us) | per layer in launch, best threads (us) | "
              "generic kernel, 128 / 256 threads (us) | target (us) | "
              "IR | IR max | IR static | window (us) | rounds | replicas | plans == CPU |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+             "---|"]
 
     def f(v, d=1):
         return "-" if v is None else f"{v:.{d}f}"
@@ -394,7 +412,8 @@ def markdown(report: dict) -> str:
         lines.append(
             f"| {r['config']} | {r.get('kernel', '-')} | {f(r.get('one_layer_graph_us'))} | "
             f"{f(r.get('best_one_layer_us'))} ({r.get('best_threads', '-')}) | "
-            f"{f(r.get('one_layer_eager_us'))} | {f(r.get('per_layer_in_launch_us'))} | "
+            f"{f(r.get('one_layer_chained_us'))} | {f(r.get('one_layer_eager_us'))} | "
+            f"{f(r.get('per_layer_in_launch_us'))} | "
             f"{f(r.get('per_layer_in_launch_best_us'))} | {generic_us} | "
             f"{f(GOALS_US.get(r['config']), 0)} | {f(r['ir'], 3)} | {f(r['ir_max'], 3)} | "
             f"{f(r['ir_static'], 3)} | {f(r['window_us'], 0)} | {f(r['rounds'], 0)} | "
