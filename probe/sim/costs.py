@@ -58,7 +58,7 @@ their sources; `FairCosts.constants_table()` prints them for reports):
   (inputs in, plan out) is taken as 1.5x the kernel (host mode).
   Side-stream mode (`FairCosts.side_planner_seconds`) charges the latency of planning ONE
   layer, the faster of two real paths: the host path above plus a host round trip
-  (`host_round_trip_s`, ASSUMED 20 us), or the numba.cuda greedy MEASURED on one H200
+  (`host_round_trip_s`, MEASURED 16 us on an H100), or the numba.cuda greedy MEASURED on one H200
   (results/h200/gpu_greedy: CUDA-graph replay of a 32-layer launch, 3 slots per rank, 23.4 us
   per layer at ep = 8 / 128 experts, 231.9 us at ep = 64 / 256; `planner_gpu_time(G, E)`
   interpolates linearly in G x E, holds the first point below it and extends the line above
@@ -139,11 +139,14 @@ CONSTANTS: dict[str, dict] = {
                                "planner_gpu_s (side-stream mode default; a one-layer launch "
                                "took 350-570 us "
                                "at ep=8, not charged)"},
-    "host_round_trip_s": {"value": 20e-6, "unit": "s",
-                          "source": "ASSUMED: a small device-to-host copy with its stream "
-                                    "synchronisation plus a host-to-device copy, about 10 us "
-                                    "each (not measured here); paid by a host planner or host "
-                                    "assignment fed from and feeding the GPU (side mode)"},
+    "host_round_trip_s": {"value": 16e-6, "unit": "s",
+                          "source": "MEASURED on one H100 (results/round_trip, "
+                                    "experiments.planner.round_trip): a layer's load copied to "
+                                    "pinned host memory, the host waiting for it, a plan copied "
+                                    "back and a kernel reading it, above the two kernels alone: "
+                                    "15.1-16.1 us (medians, two runs, 8-128 KB); paid by a host "
+                                    "planner or host assignment fed from and feeding the GPU "
+                                    "(side mode)"},
     "planner_gpu_launch_layers": {"value": 32, "unit": "layers",
                                   "source": "results/h200/gpu_greedy: layers per measured "
                                             "launch; one block per layer, blocks run side by "
