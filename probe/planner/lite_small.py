@@ -44,7 +44,10 @@ a round waits on its fetch, so unrolled copies of rarely taken code cost time (r
 60f4c42, 12,264 instructions, was no faster than the revision before it). Run 16 timed the
 copy sources found in the pair moves (rule 5's admission without a copy_source per pair), the
 hot ranks counted in the positions loop and the smaller write-back (8,296 SASS instructions):
-50.0 us against 49.9 for 7bc313d, no gain at ep=8.
+50.0 us against 49.9 for 7bc313d, no gain at ep=8. Run 17 timed it chained on a stream (20
+launches in one graph, per launch; the single replay above has a floor of 10-18 us even for
+an empty kernel): 38.7 us, 3.9x off the target; the start and first round 15.6 us, each later
+round 6-10 us.
 
 `small_kernel(RP, EP)` is the kernel for layers of at most RP ranks (a power of two) and EP
 experts; it takes `lite_cuda.launch_args` (and ignores the global scratch but for the clock
