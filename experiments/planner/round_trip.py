@@ -24,6 +24,8 @@ from __future__ import annotations
 import sys
 import time
 
+from experiments.planner import gpu_harness as harness
+
 SIZES = (("ep=8, E=128", 8, 128, 8 << 10), ("ep=64, E=256", 64, 256, 64 << 10))
 REPEATS = 300
 
@@ -62,14 +64,7 @@ def measure(ranks: int, experts: int, plan_bytes: int, repeats: int) -> dict:
         for _ in range(20):  # warm-up
             fn()
         torch.cuda.synchronize()
-        samples = []
-        for _ in range(repeats):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            samples.append(start.elapsed_time(end) * 1e3)
+        samples = harness.event_us(fn, repeats, budget_s=60.0)
         out[f"{name}_us"] = float(np.median(samples))
         out[f"{name}_p90_us"] = float(np.percentile(samples, 90))
     out["host_round_trip_us"] = out["round_trip_us"] - out["gpu_us"]
@@ -93,19 +88,15 @@ def markdown(report: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    import argparse
     import json
     from pathlib import Path
 
     from experiments.manifest import Manifest
 
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--device", choices=("cuda",), default="cuda")
-    ap.add_argument("--out", default="results/round_trip")
-    args = ap.parse_args(argv)
+    args = harness.parse_args(__doc__, "round_trip", argv, "unused")
     import torch
 
-    if not torch.cuda.is_available():
+    if args.device != "cuda" or not torch.cuda.is_available():
         raise SystemExit("round_trip needs a GPU")
     run = Manifest.start("experiments.planner.round_trip", argv)
     rows = []
