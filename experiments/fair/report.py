@@ -525,12 +525,12 @@ def write_report(results: list[dict], analysis: dict, manifest: dict, path: Path
         "on NVLink; attention to earlier chunks' KV in prefill; in the host mode the host "
         "round trip of the dispatch-time water-filling (its Numba kernel time is charged). The "
         "side mode charges, per layer, the faster real way to plan or assign ONE layer: the "
-        "host path plus a 16 us host round trip (measured on an H100), or the GPU "
-        "kernel's one-layer "
-        "latency (measured for the assignment: 350-570 us at ep = 8; estimated for the greedy "
-        "as its whole 32-layer launch); the GPU kernels' per-layer times in a multi-layer "
-        "launch (16-37 us, 23 us at ep = 8) are throughput, not the latency a runtime that "
-        "plans layer by layer would see, and are not charged (constants below).",
+        "host path plus a 16 us host round trip (measured on an H100, the host doing "
+        "nothing else), or the GPU kernel's one-layer latency (measured for the assignment: "
+        "350-570 us at ep = 8; estimated for the greedy as its whole 32-layer launch); the "
+        "GPU kernels' per-layer times in a multi-layer launch (16-37 us, 23 us at ep = 8) "
+        "are throughput, not the latency a runtime that plans layer by layer would see, and "
+        "are not charged (constants below).",
         "* The oracle is the best of every policy's plan and of greedy plans on the true load "
         "(a heuristic upper reference, zero cost), not a proven optimum.",
         "",

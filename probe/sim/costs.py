@@ -144,9 +144,10 @@ CONSTANTS: dict[str, dict] = {
                                     "experiments.planner.round_trip): a layer's load copied to "
                                     "pinned host memory, the host waiting for it, a plan copied "
                                     "back and a kernel reading it, above the two kernels alone: "
-                                    "15.1-16.1 us (medians, two runs, 8-128 KB); paid by a host "
-                                    "planner or host assignment fed from and feeding the GPU "
-                                    "(side mode)"},
+                                    "15.1-16.1 us (medians, two runs, 8-128 KB), the host doing "
+                                    "nothing else meanwhile (a lower bound for a host that also "
+                                    "launches the step's work); paid by a host planner or host "
+                                    "assignment fed from and feeding the GPU (side mode)"},
     "planner_gpu_launch_layers": {"value": 32, "unit": "layers",
                                   "source": "results/h200/gpu_greedy: layers per measured "
                                             "launch; one block per layer, blocks run side by "
