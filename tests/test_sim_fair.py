@@ -1037,6 +1037,34 @@ def test_planner_time_at_the_measured_shape():
         planner_kernel_time(0, 256)
 
 
+def test_host_plans_cost_the_measured_lean_path():
+    """A host plan costs the kernel times the lean path's measured ratio at the shape
+    (results/lean_speed.json, lean without the bound over the kernel, three decimals); other
+    shapes the largest measured ratio."""
+    from pathlib import Path
+
+    from probe.sim.costs import CONSTANTS, planner_host_factor_at
+
+    rows = json.loads((Path(__file__).resolve().parents[1] / "results" /
+                       "lean_speed.json").read_text())["rows"]
+    measured = {}
+    for row in rows:
+        ep, experts = row["config"].split(", ")[:2]
+        measured[(int(ep[3:]), int(experts[2:]))] = row["lean_nb_over_kernel"]
+    assert set(measured) == {(8, 128), (32, 256), (64, 256)}
+    for (g, e), ratio in measured.items():
+        assert planner_host_factor_at(g, e) == pytest.approx(ratio, abs=5e-4)
+    assert planner_host_factor_at(16, 128) == max(planner_host_factor_at(*k) for k in measured)
+    assert CONSTANTS["planner_host_factor"]["value"] == planner_host_factor_at(8, 128)
+    for model, ep in (("gpt-oss-120b", 8), ("deepseek-v3", 32), ("deepseek-v3", 64)):
+        c = FairCosts.for_model(model, ep)
+        assert c.planner_host_factor == planner_host_factor_at(ep, c.model.num_experts)
+    assert FairCosts.for_model("gpt-oss-120b", 8, planner_host_factor=1.5).planner_host_factor \
+        == 1.5
+    with pytest.raises(ValueError, match="num_experts"):
+        planner_host_factor_at(8, 0)
+
+
 def test_scored_steps_are_every_kth_done_k_steps_later():
     assert scored_steps(7, 3).tolist() == [0, 3]
     assert scored_steps(6, 3).tolist() == [0, 3]  # step 3's scoring is done by step 6
@@ -1231,9 +1259,10 @@ def test_a_shift_triggers_a_charged_rescoring_on_the_step_after(shifted, costs):
     # auto's fits one step: it runs whole at step 4. auto_plus's is spread over the two steps
     # that hide it (trigger_length: one step later is worth less than the exposure), charged
     # half at steps 4 and 5; each every-8 schedule restarts when the triggered one is done.
-    # (Those figures take a 20 us host round trip: pinned here, so that auto_plus's scoring
-    # still overflows the window whatever the measured constant is.)
-    costs = dataclasses.replace(costs, host_round_trip_s=20e-6)
+    # (Those figures take a 20 us host round trip and host plans at 1.5x the kernel: pinned
+    # here, so that auto_plus's scoring still overflows the window whatever the measured
+    # constants are.)
+    costs = dataclasses.replace(costs, host_round_trip_s=20e-6, planner_host_factor=1.5)
     runs = {r: simulate_fair(shifted, costs, rescore=r, **_RESCORE) for r in (False, True)}
     layers = costs.model.num_layers
     windows = _windows(runs[True], costs)
@@ -1359,7 +1388,8 @@ def test_a_growth_no_re_pick_can_win_back_triggers_no_dear_rescoring(costs):
     # window (no extra exposure): it rescores at step 4; auto_plus's (9 water-fillings at
     # 0.0745 ms and 5 plans) would be exposed ~5 ms more at step 4, which the MoE growth over
     # the 11 steps it saves would have paid (~10 ms) and the excess growth does not (~2 ms):
-    # none.
+    # none. (Host plans pinned at 1.5x the kernel, the figure these numbers take.)
+    costs = dataclasses.replace(costs, planner_host_factor=1.5)
     x = generate("decode", num_steps=14, tokens_per_step=8 * 256, num_layers=2,
                  num_experts=128, top_k=4, num_ranks=8, seed=4).load_counts().astype(np.int64)
     x[7:] = np.rint(x[7:] * 1.5).astype(np.int64)

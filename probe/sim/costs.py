@@ -54,8 +54,13 @@ their sources; `FairCosts.constants_table()` prints them for reports):
   rank, qwen3-235b-a22b 23.9 / 28.1 / 60.2 us; interpolated linearly in T.
 * Planner: the greedy kernel, 19.7 us per layer at ep = 8 (results/planner_speed.md, CPU, one
   core), 113.3 / 270.1 us at ep = 32 / 64 with 256 experts (results/scale.json, the same
-  kernel; `planner_kernel_time(G, E)`, other shapes the ep = 8 figure); the lean host path
-  (inputs in, plan out) is taken as 1.5x the kernel (host mode).
+  kernel; `planner_kernel_time(G, E)`, other shapes the ep = 8 figure). A host plan costs the
+  runtime's lean host path without the gap bound (`LeanGreedy(bound=False)`, what
+  probe.runtime.device_plan runs: inputs in, plan out), MEASURED against the kernel in one run
+  (results/lean_speed.md, the dev box): 0.77x the kernel at ep = 8 / 128 experts, 0.94x at
+  ep = 32 and 64 / 256 (the kernel's own call passes its ~20 arrays through Numba's
+  dispatcher, the lean path makes one compiled call; `planner_host_factor_at(G, E)`, other
+  shapes the largest measured factor), in series in host mode.
   Side-stream mode (`FairCosts.side_planner_seconds`) charges the latency of planning ONE
   layer, the faster of two real paths: the host path above plus a host round trip
   (`host_round_trip_s`, MEASURED 16 us on an H100), or the numba.cuda greedy MEASURED on one H200
@@ -91,7 +96,7 @@ from probe.sim.calibration import calibrated_hardware, load_calibration
 from probe.specs import ModelSpec, model_preset
 
 __all__ = ["CONSTANTS", "ExpertTimeTable", "FairCosts", "assign_gpu_time", "planner_gpu_time",
-           "planner_kernel_time", "predictor_seconds"]
+           "planner_host_factor_at", "planner_kernel_time", "predictor_seconds"]
 
 # Every constant the fair comparison charges, with its source.
 CONSTANTS: dict[str, dict] = {
@@ -121,10 +126,16 @@ CONSTANTS: dict[str, dict] = {
                                          "(CPU, one core, 3 slots, the harness that gives "
                                          "19.9 us at ep=8, E=128); planner_kernel_s at these "
                                          "shapes (FairCosts.for_model)"},
-    "planner_host_factor": {"value": 1.5, "unit": "x",
-                            "source": "lean host path ~1.5x the kernel (results/planner_speed"
-                                      ".md: greedy_plan and solve() wrappers cost more; a lean "
-                                      "path is assumed at 1.5x)"},
+    "planner_host_factor": {"value": 0.769, "unit": "x",
+                            "source": "MEASURED (results/lean_speed.md, dev box): the lean host "
+                                      "path without the bound (LeanGreedy(bound=False), the "
+                                      "runtime's host planner) over the greedy kernel's call, "
+                                      "one run, ep=8, E=128"},
+    "planner_host_factor_scale": {"value": "0.943x (ep=32, E=256), 0.942x (ep=64, E=256)",
+                                  "unit": "x",
+                                  "source": "MEASURED in the same run (results/lean_speed.md); "
+                                            "planner_host_factor at these shapes "
+                                            "(FairCosts.for_model)"},
     "planner_gpu_s": {"value": "23.4 us (ep=8, E=128), 231.9 us (ep=64, E=256)",
                       "unit": "s per layer",
                       "source": "results/h200/gpu_greedy: numba.cuda greedy on one H200, "
@@ -175,6 +186,8 @@ _PREDICTOR_US = {
 _PLANNER_GPU_US = {(8, 128): 23.4025, (64, 256): 231.894}
 # results/scale.json, "greedy k_max=16" kernel_us: (G, E) -> us of one layer's host kernel.
 _PLANNER_KERNEL_US = {(32, 256): 113.3, (64, 256): 270.1}
+# results/lean_speed.json rows[*].lean_nb_over_kernel: (G, E) -> lean path / kernel.
+_PLANNER_HOST_FACTOR = {(8, 128): 0.769, (32, 256): 0.943, (64, 256): 0.942}
 # results/h200/run2/gpu_assign/gpu_assign.json speed[*].device_graph_us: (G, E, extra slots) -> us.
 _ASSIGN_GPU_US = {(8, 128, 1): 16.3147, (8, 128, 3): 36.6573,
                   (64, 256, 1): 249.3427, (64, 256, 3): 506.6153}
@@ -218,6 +231,15 @@ def planner_kernel_time(num_ranks: int, num_experts: int) -> float:
     if (num_ranks, num_experts) in _PLANNER_KERNEL_US:
         return 1e-6 * _PLANNER_KERNEL_US[(num_ranks, num_experts)]
     return CONSTANTS["planner_kernel_s"]["value"]
+
+
+def planner_host_factor_at(num_ranks: int, num_experts: int) -> float:
+    """The lean host path's time over the greedy kernel's at G ranks and E experts: measured
+    at ep = 8 / 128 experts and ep = 32, 64 / 256 (CONSTANTS["planner_host_factor"] and
+    ["planner_host_factor_scale"]), other shapes the largest measured factor."""
+    _check_ints(("num_ranks", num_ranks, 1), ("num_experts", num_experts, 1))
+    return _PLANNER_HOST_FACTOR.get((num_ranks, num_experts),
+                                    max(_PLANNER_HOST_FACTOR.values()))
 
 
 def assign_gpu_time(num_ranks: int, num_experts: int, slots: int, *,
@@ -376,6 +398,8 @@ class FairCosts:
         model = model_preset(name) if routing is None else routing
         overrides.setdefault("planner_kernel_s", planner_kernel_time(num_ranks,
                                                                      model.num_experts))
+        overrides.setdefault("planner_host_factor", planner_host_factor_at(num_ranks,
+                                                                           model.num_experts))
         data = load_calibration(calibration)
         entry = data["models"].get(name)
         if not entry or "attention" not in entry:
