@@ -7,8 +7,11 @@ For each model preset (D, E, K), batch size T (tokens per rank) and residual wid
   KINDS.md (788 TFLOP/s bf16, 4.3 TB/s copy);
 - measured time of the whole predict_load (logits -> top-k -> [S, E] counts): on CUDA, replays of
   a captured CUDA graph timed with CUDA events (median over repeats; input buffers rotated so that
-  repeated runs do not hit L2 with the same data), plus eager launches for reference; on CPU,
-  wall-clock medians;
+  repeated runs do not hit L2 with the same data), plus eager launches for reference; on CUDA
+  also "chained": `--chain` calls captured one after another in ONE graph (over the rotated
+  inputs), one replay between two events divided by the calls: the time the predictor holds a
+  stream inside a step's graph, without a graph launch of its own per call (the separate
+  replays above each pay one); on CPU, wall-clock medians;
 - the dispatch time of that batch under the planner's cost model (probe.planner.CostModel):
   T K (G-1)/G token-expert pairs leave the rank (uniform routing, no deduplication), each
   costing token_time = D * bytes / link bandwidth; the predictor runs on the compute units
@@ -110,8 +113,9 @@ def event_times_us(step, repeats: int, iters: int) -> list[float]:
     return times
 
 
-def time_cuda(fn, inputs, tokens_k: int, repeats: int, iters: int) -> dict:
-    """CUDA-graph replay and eager times (us) of fn(h) -> [S, E] load over rotated inputs."""
+def time_cuda(fn, inputs, tokens_k: int, repeats: int, iters: int, chain: int = 0) -> dict:
+    """CUDA-graph replay and eager times (us) of fn(h) -> [S, E] load over rotated inputs; with
+    chain > 0 also "chained_us": `chain` calls captured in one graph, per call."""
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     outs = []
@@ -138,8 +142,19 @@ def time_cuda(fn, inputs, tokens_k: int, repeats: int, iters: int) -> dict:
     graph_med, graph_min = statistics.median(graph_times), min(graph_times)
     eager_med = statistics.median(event_times_us(lambda i: fn(inputs[i % len(inputs)]),
                                                  repeats, iters))
-    return {"graph_us": graph_med, "graph_min_us": graph_min, "eager_us": eager_med,
-            "load": ref}
+    out = {"graph_us": graph_med, "graph_min_us": graph_min, "eager_us": eager_med,
+           "load": ref}
+    if chain > 0:
+        whole = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(whole):
+            last = [fn(inputs[i % len(inputs)]) for i in range(chain)]
+        whole.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(last[0], ref), "chained replay differs from eager"
+        # one replay per sample: the chain is the unit, `chain` calls long
+        times = event_times_us(lambda i: whole.replay(), repeats, max(1, iters // chain))
+        out["chained_us"] = statistics.median(times) / chain
+    return out
 
 
 def time_cpu(pred, inputs, src, num_ranks, repeats: int) -> dict:
@@ -165,6 +180,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--iters", type=int, default=50)
     ap.add_argument("--buffers", type=int, default=4, help="rotated input sets")
+    ap.add_argument("--chain", type=int, default=20,
+                    help="calls captured in one graph for the chained time (0: none)")
     ap.add_argument("--variants", default="plain,fused,triton,triton_cublas",
                     help="on CUDA: plain, fused, triton, triton_cublas, compiled "
                     "(comma-separated; the CPU run times plain only)")
@@ -221,7 +238,7 @@ def _one(args, pred, spec, hardware, hidden, tokens, gen, device, dtype, elem, r
         for vname, fn in variants(pred, src, args.num_ranks, names,
                                   args.triton_block).items():
             try:
-                t = time_cuda(fn, inputs, tokens * top_k, repeats, args.iters)
+                t = time_cuda(fn, inputs, tokens * top_k, repeats, args.iters, args.chain)
             except Exception as err:  # e.g. no compiler: keep the other variants
                 print(f"FAILED variant {vname} {name} H={hidden} T={tokens}: {err!r}")
                 continue
@@ -252,6 +269,9 @@ def _one(args, pred, spec, hardware, hidden, tokens, gen, device, dtype, elem, r
 GRAPH_COLS = (("graph_us", "plain"), ("fused_graph_us", "fused"),
               ("triton_graph_us", "triton"), ("triton_cublas_graph_us", "triton_cublas"),
               ("compiled_graph_us", "compiled"))
+# Chained (`--chain` calls in one graph, per call) where the run timed them.
+CHAINED_COLS = (("chained_us", "plain"), ("fused_chained_us", "fused"),
+                ("triton_chained_us", "triton"), ("triton_cublas_chained_us", "triton_cublas"))
 
 
 def markdown(rows: list[dict]) -> str:
@@ -265,6 +285,13 @@ def markdown(rows: list[dict]) -> str:
         lines.append(f"| {r['model']} | {r['D']} | {r['E']} | {r['K']} | {r['H']} | {r['T']} | "
                      f"{r['flops'] / 1e9:.2f} | {r['floor_us']:.1f} | {graph} | "
                      f"{r['dispatch_us']:.1f} | {r['fraction_of_dispatch']:.2f} |")
+    if any(k in r for r in rows for k, _ in CHAINED_COLS):
+        lines += ["", "Chained (calls captured one after another in one graph, per call):", "",
+                  "| model | H | T | " + " | ".join(f"{label} us" for _, label in CHAINED_COLS)
+                  + " |", "|---" * (3 + len(CHAINED_COLS)) + "|"]
+        for r in rows:
+            chained = " | ".join(f"{r.get(k, nan):.1f}" for k, _ in CHAINED_COLS)
+            lines.append(f"| {r['model']} | {r['H']} | {r['T']} | {chained} |")
     return "\n".join(lines)
 
 
