@@ -357,6 +357,37 @@ def test_bad_arguments(load, costs):
         simulate_fair(load[0], costs, slots=1, prior=2, window=2, interval=3)
 
 
+def test_t4_shortfall_names_the_closest_policy_and_its_terms():
+    """A shift case that misses T4 gets PROBE's closest approach to the oracle's best
+    throughput: the policy and slots, how far below, its MoE time above the oracle's at those
+    slots and each overhead; and EPLB + LP's closest."""
+    from experiments.fair.report import _t4_shortfall
+
+    def pol(thr, moe=0.0, side=0.0, solve=0.0, transfer=0.0, stall=0.0):
+        v = {"throughput_tok_s": thr, "moe_us": moe, "side_exposed_us": side,
+             "solve_us": solve, "transfer_us": transfer, "stall_ms_per_step": stall}
+        return {"side": v, "host": v}
+
+    slots = {1: {"meta": {"model_layers": 10},
+                 "policies": {"oracle": pol(100.0, moe=500.0), "eplb_lp": pol(40.0),
+                              "probe_on_eplb_auto_plus": pol(80.0, moe=600.0),
+                              "probe_paper": pol(85.0, moe=550.0, side=3.0, solve=4.0,
+                                                 transfer=5.0, stall=0.02)}},
+             2: {"meta": {"model_layers": 10},
+                 "policies": {"oracle": pol(120.0, moe=450.0), "eplb_lp": pol(50.0),
+                              "probe_on_eplb_auto_plus": pol(90.0, moe=520.0),
+                              "probe_paper": pol(70.0)}}}
+    text = _t4_shortfall({"slots": slots}, "side")
+    assert "probe_on_eplb_auto_plus at 2 slots, 25.0% below" in text
+    assert "(at 2 slots;" in text and "sits 70.0 us per layer above" in text
+    assert "Closest EPLB + LP: 58.3% below, at 2 slots." in text
+    slots[1]["policies"]["probe_paper"]["side"]["throughput_tok_s"] = 95.0
+    text = _t4_shortfall({"slots": slots}, "side")
+    assert "probe_paper at 1 slots, 20.8% below" in text and "sits 50.0 us" in text
+    assert ("3.0 us of exposed predictor + planner, 4.0 of assignment, 5.0 of replica "
+            "transfer and 2.0 of re-plan stall") in text
+
+
 def test_quick_run_writes_report_and_manifest(tmp_path):
     from experiments.fair.run import main
 
