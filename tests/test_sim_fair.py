@@ -360,32 +360,43 @@ def test_bad_arguments(load, costs):
 def test_t4_shortfall_names_the_closest_policy_and_its_terms():
     """A shift case that misses T4 gets PROBE's closest approach to the oracle's best
     throughput: the policy and slots, how far below, its MoE time above the oracle's at those
-    slots and each overhead; and EPLB + LP's closest."""
+    slots and each overhead of the mode (side: the exposed side stream; host: predictor +
+    planner in series); and EPLB + LP's closest."""
     from experiments.fair.report import _t4_shortfall
 
-    def pol(thr, moe=0.0, side=0.0, solve=0.0, transfer=0.0, stall=0.0):
+    def pol(thr, moe=0.0, side=0.0, solve=0.0, transfer=0.0, stall=0.0, pred=0.0, plan=0.0):
         v = {"throughput_tok_s": thr, "moe_us": moe, "side_exposed_us": side,
-             "solve_us": solve, "transfer_us": transfer, "stall_ms_per_step": stall}
-        return {"side": v, "host": v}
+             "solve_us": solve, "transfer_us": transfer, "stall_ms_per_step": stall,
+             "predictor_us": pred, "planner_us": plan}
+        return {"side": dict(v), "host": dict(v)}
 
-    slots = {1: {"meta": {"model_layers": 10},
+    slots = {1: {"meta": {"model_layers": 10}, "attention_us": 300.0,
                  "policies": {"oracle": pol(100.0, moe=500.0), "eplb_lp": pol(40.0),
+                              "eplb_async": pol(60.0, moe=700.0),
                               "probe_on_eplb_auto_plus": pol(80.0, moe=600.0),
                               "probe_paper": pol(85.0, moe=550.0, side=3.0, solve=4.0,
-                                                 transfer=5.0, stall=0.02)}},
-             2: {"meta": {"model_layers": 10},
+                                                 transfer=5.0, stall=0.02, pred=18.0,
+                                                 plan=15.0)}},
+             2: {"meta": {"model_layers": 10}, "attention_us": 300.0,
                  "policies": {"oracle": pol(120.0, moe=450.0), "eplb_lp": pol(50.0),
+                              "eplb_async": pol(65.0, moe=650.0),
                               "probe_on_eplb_auto_plus": pol(90.0, moe=520.0),
                               "probe_paper": pol(70.0)}}}
-    text = _t4_shortfall({"slots": slots}, "side")
+    finding = {"per_slots": {1: {"best_baseline": "eplb_async"},
+                             2: {"best_baseline": "eplb_async"}}}
+    text = _t4_shortfall({"slots": slots}, finding, "side")
     assert "probe_on_eplb_auto_plus at 2 slots, 25.0% below" in text
     assert "(at 2 slots;" in text and "sits 70.0 us per layer above" in text
+    assert "MoE 520.0 us vs best baseline 650.0" in text
     assert "Closest EPLB + LP: 58.3% below, at 2 slots." in text
-    slots[1]["policies"]["probe_paper"]["side"]["throughput_tok_s"] = 95.0
-    text = _t4_shortfall({"slots": slots}, "side")
+    for mode in ("side", "host"):
+        slots[1]["policies"]["probe_paper"][mode]["throughput_tok_s"] = 95.0
+    text = _t4_shortfall({"slots": slots}, finding, "side")
     assert "probe_paper at 1 slots, 20.8% below" in text and "sits 50.0 us" in text
-    assert ("3.0 us of exposed predictor + planner, 4.0 of assignment, 5.0 of replica "
-            "transfer and 2.0 of re-plan stall") in text
+    assert ("exposed predictor + planner 3.0 us, water-filling 4.0 us, transfer 5.0 us, "
+            "attention 300 us per layer, re-plan stall 2.0 us.") in text
+    text = _t4_shortfall({"slots": slots}, finding, "host")
+    assert "exposed predictor + planner 33.0 us, water-filling 4.0 us" in text
 
 
 def test_quick_run_writes_report_and_manifest(tmp_path):

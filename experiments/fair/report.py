@@ -286,10 +286,10 @@ def _t2_rows(results: list[dict], analysis: dict, sensitivity: dict | None) -> l
     return rows
 
 
-def _t4_shortfall(result: dict, mode: str) -> str:
+def _t4_shortfall(result: dict, finding: dict, mode: str) -> str:
     """Why a shift case misses T4: PROBE's closest approach to the oracle's best throughput
     (its fastest policy and slot count in `mode`), that policy's MoE time above the oracle's at
-    the same slots and its overheads (us per layer), the oracle's best slot count, and EPLB +
+    the same slots, its terms as `_breakdown` gives them plus its re-plan stall, and EPLB +
     LP's closest approach."""
     slots = result["slots"]
     oracle_k = max(slots, key=lambda k: slots[k]["policies"]["oracle"]["host"]["throughput_tok_s"])
@@ -299,19 +299,18 @@ def _t4_shortfall(result: dict, mode: str) -> str:
              if q.startswith(("probe_paper", "probe_on_eplb"))]
     thr, k, q = max(probe)
     entry = slots[k]
-    layers = entry["meta"]["model_layers"]
     pol = entry["policies"][q][mode]
-    stall = 1e3 * pol["stall_ms_per_step"] / layers
+    stall = 1e3 * pol["stall_ms_per_step"] / entry["meta"]["model_layers"]
     moe_gap = pol["moe_us"] - entry["policies"]["oracle"]["host"]["moe_us"]
     lp = max((entry["policies"]["eplb_lp"]["host"]["throughput_tok_s"], kk)
              for kk, entry in slots.items())
+    baseline = finding["per_slots"][int(k)]["best_baseline"]
     return (f"Closest PROBE: {q} at {k} slots, {100 * (1 - thr / best):.1f}% below the oracle's "
             f"best throughput (at {oracle_k} slots; within 2% needed): at {k} slots its MoE time "
             f"sits {moe_gap:.1f} us per layer above the oracle's (the plan against the oracle's "
-            f"plans on the true load, free) and it pays {pol['side_exposed_us']:.1f} us of "
-            f"exposed predictor + planner, {pol['solve_us']:.1f} of assignment, "
-            f"{pol['transfer_us']:.1f} of replica transfer and {stall:.1f} of re-plan stall. "
-            f"Closest EPLB + LP: {100 * (1 - lp[0] / best):.1f}% below, at {lp[1]} slots.")
+            f"plans on the true load, free); {_breakdown(entry, q, baseline, mode)}, re-plan "
+            f"stall {stall:.1f} us. Closest EPLB + LP: {100 * (1 - lp[0] / best):.1f}% below, "
+            f"at {lp[1]} slots.")
 
 
 def _revision(git: dict) -> str:
@@ -652,23 +651,20 @@ def write_report(results: list[dict], analysis: dict, manifest: dict, path: Path
             lines.append(f"* {TARGET_TEXT[name]}: {met} ({t['cases']} cases, "
                          f"{len(t['missed'])} missed).")
             for tag, k, value, _ in t["missed"][:8]:
+                model, workload, batch = tag.split(" ")
+                r = by_key[(model, workload, int(batch[2:]))]
+                f = next(x for x in analysis["findings"]
+                         if (x["model"], x["workload"], x["batch_per_rank"])
+                         == (model, workload, int(batch[2:])))
                 if name.startswith("T4"):
                     def gb(x):
                         return "not within 2% at <= 4 slots" if x is None else f"{x:.2f} GB"
 
-                    model, workload, batch = tag.split(" ")
                     lines.append(f"  - {tag}: PROBE (best of its policies) "
                                  f"{gb(value['probe_gb'])}, EPLB + LP {gb(value['eplb_lp_gb'])} "
-                                 "per rank. "
-                                 + _t4_shortfall(by_key[(model, workload, int(batch[2:]))],
-                                                 mode))
+                                 "per rank. " + _t4_shortfall(r, f, mode))
                     continue
-                model, workload, batch = tag.split(" ")
-                r = by_key[(model, workload, int(batch[2:]))]
                 entry = r["slots"][k] if k in r["slots"] else r["slots"][str(k)]
-                f = next(x for x in analysis["findings"]
-                         if (x["model"], x["workload"], x["batch_per_rank"])
-                         == (model, workload, int(batch[2:])))
                 v = f["per_slots"][int(k)]
                 lines.append(f"  - {tag}, k={k}: {value:.3f}; "
                              + _breakdown(entry, v["rule_combo"], v["best_baseline"], mode))
