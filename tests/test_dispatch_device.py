@@ -5,7 +5,8 @@ split's CPU kernels on zero-copy views), so these gloo runs exercise it: its pla
 host planner's on the same gathered loads and windows; its split equals `assign_tokens`; and
 the logits with it equal the single-process model's at 2 and 4 ranks under greedy (history and
 router-prior predictors), random (replicas waited for) and late-replica plans, in both dispatch
-paths, with no host sync inside any MoE layer of a fixed-capacity step.
+paths, with no host sync inside any MoE layer of a fixed-capacity step; with method "lite" the
+device path plans with the lite planner (its CPU kernel here, `CudaLite` on a GPU).
 """
 
 from __future__ import annotations
@@ -26,19 +27,22 @@ from probe.placement import sharded_home
 from probe.planner.assign import assign_tokens
 from probe.planner.problem import BalanceProblem
 from probe.runtime.balancer import Balancer, solve_plan
-from probe.runtime.device_plan import (DISPATCH_MOVES, DeviceGreedy, DeviceSplit, host_view,
-                                       plan_rows, rows_to_plan)
+from probe.runtime.device_plan import (DEVICE_PLANNERS, DISPATCH_MOVES, DeviceLite,
+                                       DeviceSplit, device_planner, host_view, plan_rows,
+                                       rows_to_plan)
 from probe.runtime.dispatch import DispatchOptions
 from probe.runtime.pipeline import EPRunner, PipelineOptions
 
 
 # -- pure pieces ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("method", ["greedy", "lite"])
 @pytest.mark.parametrize("num_ranks", [2, 4, 8])
-def test_device_greedy_on_cpu_tensors_plans_what_the_host_planner_plans(num_ranks):
+def test_device_planner_on_cpu_tensors_plans_what_the_host_planner_plans(num_ranks, method):
     num_experts, slots = 16, 2
     home = sharded_home(num_experts, num_ranks)
     cost = _cost(num_ranks)
-    planner = DeviceGreedy(home, slots, cost, torch.device("cpu"))
+    planner = device_planner(method, home, slots, cost, torch.device("cpu"))
+    assert type(planner) is DEVICE_PLANNERS[method]
     rng = np.random.default_rng(num_ranks)
     replicas_seen = 0
     for _ in range(20):
@@ -48,7 +52,7 @@ def test_device_greedy_on_cpu_tensors_plans_what_the_host_planner_plans(num_rank
         rows = planner.plan(torch.as_tensor(load), torch.as_tensor(window))
         assert rows.shape == (planner.num_rows, 3) and rows.dtype == torch.int64
         replicas, sources = rows_to_plan(rows.numpy(), num_ranks, num_experts)
-        want = solve_plan(BalanceProblem.from_load(load, cost, slots, window, home))
+        want = solve_plan(BalanceProblem.from_load(load, cost, slots, window, home), method)
         assert np.array_equal(replicas, want.replicas)
         assert np.array_equal(sources, want.sources)
         assert (rows.numpy()[int(replicas.sum()):] == -1).all()  # padding rows
@@ -97,6 +101,17 @@ def test_plan_on_is_validated():
     with pytest.raises(ValueError, match="plan_on='device' plans the 'probe' policy"):
         EPRunner(model, ctx, PipelineOptions(plan_on="device", policy="eplb",
                                              resident_slots=1))
+    with pytest.raises(ValueError, match="plan_on='device' plans with method"):
+        EPRunner(model, ctx, PipelineOptions(plan_on="device", method="cpsat"))
+
+
+def test_device_lite_rejects_a_negative_count_by_name():
+    home = sharded_home(8, 2)
+    planner = DeviceLite(home, 1, _cost(2), torch.device("cpu"))
+    load = torch.ones(2, 8, dtype=torch.int64)
+    load[1, 3] = -1
+    with pytest.raises(ValueError, match="negative token count"):
+        planner.plan(load, torch.full((2,), 1e-4, dtype=torch.float64))
 
 
 # -- gloo runs ----------------------------------------------------------------------------------
@@ -119,10 +134,11 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
                        wait_for_replicas=True),
         "late": dict(plan_override=lambda layer, step: plans[(layer, step)],
                      hold_back=lambda layer, step: hold_all[(layer, step)]),
+        "lite": dict(greedy, method="lite"),  # the lite planner's device path
     }
     for mode in ("exact", "fixed"):
         for name, kw in scenarios.items():
-            if mode == "exact" and name in ("random", "late"):
+            if mode == "exact" and name in ("random", "late", "lite"):
                 continue  # one pass of the exact path per predictor is enough here
             runner = EPRunner(model, ctx, PipelineOptions(
                 num_slots=SLOTS, plan_on="device", record_steps=True,
@@ -135,29 +151,32 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
             out[f"{mode}_{name}_no_sync_layers"] = runner.no_sync_layers
             runner.close()
 
-    # the device path's plans equal the host planner's on the same loads and windows
-    balancer = Balancer(ctx, num_experts=NUM_EXPERTS, top_k=2,
-                        home=sharded_home(NUM_EXPERTS, world), cost=_cost(world),
-                        num_slots=SLOTS)
-    balancer.enable_device_plans(torch.device("cpu"))
-    skew = np.random.default_rng(10 + rank)
-    balancer.history = {k: skew.integers(0, 4, NUM_EXPERTS) * (1 + 20 * (np.arange(
-        NUM_EXPERTS) == k)) for k in range(3)}  # one hot expert per layer
-    balancer.history_dev = {k: torch.as_tensor(v) for k, v in balancer.history.items()}
+    # the device path's plans equal the host planner's on the same loads and windows, for
+    # either planner method
     windows = np.array([1.0, 0.5 + rank, 2.0]) * 1e-5  # [L], different on every rank
     all_windows = torch.as_tensor(np.stack([np.array([1.0, 0.5 + g, 2.0]) * 1e-5
                                             for g in range(world)]).T.copy())  # [L, G]
-    out["same_plans"], out["device_replicas"] = [], 0
-    for k in range(2):
-        _, layer_plan = balancer.decide(k, 0, torch.zeros(0, 32, dtype=DTYPE),
-                                        np.zeros(NUM_EXPERTS, bool), windows[k + 1],
-                                        has_next=True)
-        pending = balancer.plan_device(k + 1, 0, torch.zeros(0, 32, dtype=DTYPE),
-                                       all_windows[k + 1])
-        replicas, sources = pending.resolve()
-        out["same_plans"].append(same_plan(layer_plan.plan, type(layer_plan.plan)(
-            replicas, sources, layer_plan.plan.assignment)))
-        out["device_replicas"] += pending.num_replicas
+    out["same_plans"], out["device_replicas"] = [], {}
+    for method in ("greedy", "lite"):
+        balancer = Balancer(ctx, num_experts=NUM_EXPERTS, top_k=2,
+                            home=sharded_home(NUM_EXPERTS, world), cost=_cost(world),
+                            num_slots=SLOTS, method=method)
+        balancer.enable_device_plans(torch.device("cpu"))
+        skew = np.random.default_rng(10 + rank)
+        balancer.history = {k: skew.integers(0, 4, NUM_EXPERTS) * (1 + 20 * (np.arange(
+            NUM_EXPERTS) == k)) for k in range(3)}  # one hot expert per layer
+        balancer.history_dev = {k: torch.as_tensor(v) for k, v in balancer.history.items()}
+        out["device_replicas"][method] = 0
+        for k in range(2):
+            _, layer_plan = balancer.decide(k, 0, torch.zeros(0, 32, dtype=DTYPE),
+                                            np.zeros(NUM_EXPERTS, bool), windows[k + 1],
+                                            has_next=True)
+            pending = balancer.plan_device(k + 1, 0, torch.zeros(0, 32, dtype=DTYPE),
+                                           all_windows[k + 1])
+            replicas, sources = pending.resolve()
+            out["same_plans"].append(same_plan(layer_plan.plan, type(layer_plan.plan)(
+                replicas, sources, layer_plan.plan.assignment)))
+            out["device_replicas"][method] += pending.num_replicas
     torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
     dist.barrier()
     ctx.watchdog.stop()
@@ -173,7 +192,7 @@ def test_device_plans_match_single_process_without_host_sync(world, tmp_path):
     for rank, out in enumerate(outs):
         logit_keys = [k for k in out if k[-1].isdigit() and "_stats" not in k
                       and "_syncs" not in k]
-        assert len(logit_keys) == 3 + 3 + 2 + 2 + 3 + 3
+        assert len(logit_keys) == 3 + 3 + 2 + 2 + 3 + 3 + 3
         for key in logit_keys:
             diff = _max_diff(out[key], _reference_logits(model, rank, int(key[-1])))
             assert diff <= EP_TOL, f"rank {rank} {key}: max abs diff {diff}"
@@ -183,9 +202,11 @@ def test_device_plans_match_single_process_without_host_sync(world, tmp_path):
         print(f"world {world} rank {rank} syncs per MoE layer, device plans: exact history "
               f"{out['exact_history_syncs1']}, fixed history {out['fixed_history_syncs1']}, "
               f"fixed prior {out['fixed_prior_syncs1']}")
-        assert all(out[f"fixed_{n}_no_sync_layers"] for n in ("history", "prior", "random"))
+        assert all(out[f"fixed_{n}_no_sync_layers"]
+                   for n in ("history", "prior", "random", "lite"))
         assert not out["exact_history_no_sync_layers"]
-        assert out["same_plans"] == [True, True] and out["device_replicas"] > 0
+        assert out["same_plans"] == [True] * 4, out["same_plans"]
+        assert min(out["device_replicas"].values()) > 0, out["device_replicas"]
     stats = outs[0]
     for mode in ("exact", "fixed"):
         for name in ("history", "prior"):
@@ -200,6 +221,11 @@ def test_device_plans_match_single_process_without_host_sync(world, tmp_path):
         got = stats[f"{mode}_history_stats0"]["routing_counts"]
         assert got is not None and got.shape == (3, world, NUM_EXPERTS) and got.sum() > 0
     assert sum(sum(stats[f"fixed_random_stats{s}"]["replicas_used"]) for s in range(2)) > 0
+    # the lite planner's device path plans replicas that are used, and nothing falls back
+    lite = [stats[f"fixed_lite_stats{s}"] for s in range(3)]
+    assert sum(sum(st["replicas_planned"]) for st in lite) > 0
+    assert sum(sum(st["replicas_used"]) for st in lite) > 0
+    assert sum(sum(st["fallback_pairs"]) for st in lite) == 0
     late = stats["fixed_late_stats0"]
     assert sum(late["replicas_arrived"]) == 0 and sum(late["replicas_planned"]) > 0
 
@@ -212,6 +238,10 @@ def test_cli_rejects_plan_on_device_for_host_policies(capsys):
         runtime_main(["--random-config", "gpt-oss-like", "--plan-on", "device",
                       "--policy", "eplb"])
     assert "--plan-on device plans --policy probe's replicas" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        runtime_main(["--random-config", "gpt-oss-like", "--plan-on", "device",
+                      "--method", "cpsat"])
+    assert "--plan-on device plans with --method greedy" in capsys.readouterr().err
 
 
 @pytest.mark.slow

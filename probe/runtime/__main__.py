@@ -112,7 +112,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="steps of observed load an EPLB re-plan averages")
     p.add_argument("--predictor", default="history",
                    help="history | router | path of a saved PredictorSet")
-    p.add_argument("--method", default="greedy", help="planner method (probe.planner.solve)")
+    p.add_argument("--method", default="greedy",
+                   help="planner method (probe.planner.solve); with --plan-on device: greedy "
+                        "or lite (the lite planner's GPU kernel, faster a layer)")
     p.add_argument("--hardware", default="h200x8", help="HardwareSpec preset for the planner")
     p.add_argument("--timeout", type=float, default=120.0, help="seconds per collective")
     p.add_argument("--profile", help="write a torch.profiler table of one prefill and one "
@@ -136,8 +138,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plan-on", choices=["host", "device"], default="host",
                    help="--policy probe: where each next MoE layer is predicted and planned: "
                         "host (the host planner; default) | device (predicted loads stay "
-                        "tensors, the greedy runs on the GPU on a side stream, or its CPU twin "
-                        "on CPU, and each layer's TRUE counts are split over the copies present "
+                        "tensors, the --method planner runs on the GPU on a side stream, or "
+                        "its CPU twin on CPU, and each layer's TRUE counts are split over the "
+                        "copies present "
                         "by the assignment kernel; with --dispatch fixed no host read per MoE "
                         "layer for either predictor); docs/runtime.md 'Planning on the device'")
     p.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None,
@@ -580,6 +583,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.plan_on == "device" and args.balance and args.policy not in ("probe", "static"):
         build_parser().error(f"--plan-on device plans --policy probe's replicas; --policy "
                              f"{args.policy} plans on the host")
+    if args.plan_on == "device" and args.balance and args.policy == "probe":
+        from probe.runtime.device_plan import DEVICE_PLANNERS
+
+        if args.method not in DEVICE_PLANNERS:
+            build_parser().error(f"--plan-on device plans with --method "
+                                 f"{' | '.join(sorted(DEVICE_PLANNERS))}, got {args.method}")
     try:
         run(args)
     except DeviceUnavailable as exc:

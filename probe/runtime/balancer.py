@@ -33,7 +33,8 @@ import torch
 import torch.distributed as dist
 
 from probe.planner import BalanceProblem, CostModel, Plan, evaluate_plan
-from probe.runtime.device_plan import DeviceGreedy, PendingPlan, plan_rows
+from probe.runtime.device_plan import (DeviceGreedy, DeviceLite, PendingPlan,
+                                       device_planner, plan_rows)
 from probe.runtime.dist import DistContext, guarded
 
 __all__ = ["Balancer", "GroupReport", "LayerPlan", "LoadPredictor", "RankReport",
@@ -187,7 +188,7 @@ class Balancer:
         self._this_step: dict[int, np.ndarray] = {}
         self._this_step_dev: dict[int, torch.Tensor] = {}  # the same, kept on the device
         self.history_dev: dict[int, torch.Tensor] = {}  # `history` on the device (device path)
-        self.device_planner: DeviceGreedy | None = None  # set by enable_device_plans
+        self.device_planner: DeviceGreedy | DeviceLite | None = None  # enable_device_plans
         self.side_stream: torch.cuda.Stream | None = None
         self.plan_group = ctx.group
 
@@ -286,11 +287,13 @@ class Balancer:
     # -- the device path (probe.runtime.device_plan) -------------------------------------------
     def enable_device_plans(self, device: torch.device,
                             plan_group: dist.ProcessGroup | None = None) -> None:
-        """Plan on the device (`plan_device`): the greedy on `device` and, on CUDA, a side
+        """Plan on the device (`plan_device`): the planner of `method` on `device` (the
+        greedy, or the lite planner: `device_plan.DEVICE_PLANNERS`) and, on CUDA, a side
         stream for predicting and planning; the predicted loads are gathered on `plan_group`
         (default `ctx.group`; on NCCL a group of its own keeps that gather from queueing
         behind the dispatch's all-to-alls on one communicator)."""
-        self.device_planner = DeviceGreedy(self.home, self.num_slots, self.cost, device)
+        self.device_planner = device_planner(self.method, self.home, self.num_slots,
+                                             self.cost, device)
         self.side_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         if plan_group is not None:
             self.plan_group = plan_group
@@ -326,7 +329,7 @@ class Balancer:
         """Predict and plan MoE layer `layer` from h [T, D] (the router input of the layer
         before) with device tensors: on CUDA on the side stream, ordered after everything
         the current stream has queued (the router); one all_gather of the predicted loads
-        [E] -> [S, E] on the plan group; the greedy on them and window float64 [G] (the
+        [E] -> [S, E] on the plan group; the device planner on them and window float64 [G] (the
         gathered windows of `layer`). Returns the `PendingPlan` (the rows reach the host by a
         non-blocking copy; nothing here waits for the device). Plans are on the sharded
         home; `plan_override` (tests) replaces prediction and planning."""

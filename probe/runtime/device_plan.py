@@ -9,7 +9,8 @@ and splits with device tensors; at MoE layer l of a step, on every rank:
                    that arrived) -> this rank's quota [E, G] (`DeviceSplit`); dispatch.
     side stream    after the router: layer l+1's predicted load [E] from h_l (the predictor's
                    top-k, or the history), ONE all_gather on the plan group -> [S, E]; the
-                   greedy plans l+1 (`DeviceGreedy`) -> replica rows [R_max, 3]; a
+                   planner plans l+1 (`DeviceGreedy`, or `DeviceLite` with method "lite")
+                   -> replica rows [R_max, 3]; a
                    non-blocking copy of the rows to pinned host memory; an event (`PendingPlan`).
     issuer thread  (layer l+1's transfer, `probe.runtime.transfer`): waits for that event, reads
                    the rows and posts the replica transfer.
@@ -21,11 +22,14 @@ from the same gathered loads and windows (the windows, one float per layer and r
 gathered once at the step's start), and splits with the same deterministic kernel on the same
 gathered counts, so all ranks agree without a further collective.
 
-On CUDA the planner is `probe.planner.greedy_cuda.CudaGreedy` and the split
-`probe.planner.assign_cuda.DeviceAssigner`, both launched on torch's current stream with the
-tensors taken through `__cuda_array_interface__` (no copy, no synchronisation). On CPU tensors
-(host memory; the gloo tests) the same code path runs their CPU twins, `probe.planner.lean.
-LeanGreedy` and `probe.planner.assign.assign_tokens`, on zero-copy numpy views of the tensors
+On CUDA the planner is `probe.planner.greedy_cuda.CudaGreedy` (method "greedy", the default) or
+`probe.planner.lite_cuda.CudaLite` (method "lite": the same kind of plan by the lite planner's
+rules, about 8x faster a layer at ep=8) and the split `probe.planner.assign_cuda.DeviceAssigner`,
+all launched on torch's current stream with the tensors taken through
+`__cuda_array_interface__` (no copy, no synchronisation). On CPU tensors (host memory; the gloo
+tests) the same code path runs their CPU twins, `probe.planner.lean.LeanGreedy` (or
+`probe.planner.lite.lite_arrays`) and `probe.planner.assign.assign_tokens`, on zero-copy numpy
+views of the tensors
 (`host_view`), with the same data layout: replica rows (rank, expert, source) padded with -1
 to R_max rows, the quota int64 [E, G]. Both pairs give identical integers (their own tests
 require it), so the CPU path is the GPU path's obviously-correct twin.
@@ -45,8 +49,9 @@ from probe.planner import CostModel
 from probe.planner.greedy import UNLIMITED_MOVES
 from probe.planner.greedy_rules import GreedyRules
 
-__all__ = ["DISPATCH_MOVES", "DeviceGreedy", "DeviceSplit", "PendingPlan", "host_view",
-           "plan_rows", "rows_to_plan"]
+__all__ = ["DEVICE_PLANNERS", "DISPATCH_MOVES", "DeviceGreedy", "DeviceLite", "DevicePlanner",
+           "DeviceSplit", "PendingPlan", "device_planner", "host_view", "plan_rows",
+           "rows_to_plan"]
 
 # The dispatch-time split runs without the assignment's exchange step (`moves=0`, on the GPU and
 # in its host twin alike): it sits between the router and the dispatch, and on an H100 one
@@ -99,19 +104,86 @@ def rows_to_plan(rows: np.ndarray, num_ranks: int, num_experts: int
     return replicas, sources
 
 
-class DeviceGreedy:
+class DevicePlanner:
+    """What the device planners share: `plan(load, window)` on the device of the inputs, and on
+    CUDA the launch either made eagerly from Python at every call or replayed from a CUDA graph
+    (`graph=True`): the launch is captured once (`capture`, or the first `plan`) with static
+    input buffers, and each plan copies its inputs into them and replays the graph, so the host
+    pays a graph launch instead of Numba's argument handling (gpu_lite's "eager" column: about
+    400 us a plan at ep=8 against 46 us on the GPU, H100 run 18). The graph's plans are the
+    eager launch's (the same kernel on the same values).
+
+    Subclasses set num_ranks, num_experts, num_rows and `_cuda` (None on the CPU) and define
+    `_launch(load, window)` (CUDA: the kernel's replica rows [R_max, 3], its own buffer) and
+    `_host_rows(load, window)` (CPU: numpy rows [n, 3] of the CPU twin)."""
+
+    num_ranks: int
+    num_experts: int
+    num_rows: int
+    device: torch.device
+    graph: bool = False
+    _cuda = None
+    _graph = None
+
+    def plan(self, load: torch.Tensor, window: torch.Tensor) -> torch.Tensor:
+        """Replica rows int64 [R_max, 3] (rank, expert, source; -1 rows past the plan's) of
+        load int64 [S, E] and window float64 [G] seconds, on their device; on CUDA launched on
+        the current stream, not synchronised (the rows are a fresh tensor, so the next call
+        does not overwrite them)."""
+        if self._cuda is None:
+            rep = self._host_rows(host_view(load.to(torch.int64)),
+                                  host_view(window.to(torch.float64)))
+            rows = np.full((self.num_rows, 3), -1, dtype=np.int64)
+            rows[:len(rep)] = rep
+            return torch.from_numpy(rows)
+        if not self.graph:
+            return self._launch(load.contiguous(), window.contiguous()).clone()
+        if self._graph is None:
+            self.capture()
+        self._load_in.copy_(load)
+        self._window_in.copy_(window)
+        self._graph.replay()
+        return self._rows_out.clone()
+
+    def capture(self) -> None:
+        """Capture the launch into a CUDA graph (graph=True on CUDA; once): a warm-up launch
+        and the capture on a side stream, on zero inputs (the graph does not depend on the
+        values). It synchronises the device once: call it before the steps run."""
+        if self._cuda is None or not self.graph or self._graph is not None:
+            return
+        from probe.planner.numba_cuda import cuda
+
+        shape = (self.num_ranks, self.num_experts)
+        self._load_in = torch.zeros(shape, dtype=torch.int64, device=self.device)
+        self._window_in = torch.zeros(self.num_ranks, dtype=torch.float64, device=self.device)
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            self._launch(self._load_in, self._window_in)  # compiles; allocates nothing later
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        # defer_cleanup: numba frees no earlier allocation while the stream captures.
+        with cuda.defer_cleanup(), torch.cuda.graph(graph, stream=side):
+            self._rows_out = self._launch(self._load_in, self._window_in)
+        torch.cuda.synchronize(self.device)
+        self._graph = graph
+
+
+class DeviceGreedy(DevicePlanner):
     """The greedy planner (GreedyRules() defaults, the runtime's "greedy") for one placement,
     slot budget and cost model, on the device of its inputs.
 
     home: bool [G, E]; num_slots: R per rank; cost: the CostModel; device: where the plans'
-    inputs live ("cuda": `CudaGreedy`, one layer per launch; "cpu": `LeanGreedy`).
+    inputs live ("cuda": `CudaGreedy`, one layer per launch; "cpu": `LeanGreedy`); graph: on
+    CUDA, replay the launch from a CUDA graph (`DevicePlanner`).
     """
 
     def __init__(self, home: np.ndarray, num_slots: int, cost: CostModel,
-                 device: torch.device) -> None:
+                 device: torch.device, *, graph: bool = False) -> None:
         self.home = np.asarray(home, dtype=bool)
         self.num_ranks, self.num_experts = self.home.shape
         self.device = torch.device(device)
+        self.graph = bool(graph)
         self.num_rows = rows_capacity(self.num_ranks, self.num_experts, int(num_slots))
         if self.device.type == "cuda":
             from probe.planner.greedy_cuda import CudaGreedy
@@ -126,21 +198,90 @@ class DeviceGreedy:
             from probe.planner.lean import LeanGreedy
 
             self._lean = LeanGreedy(self.home, int(num_slots), cost, bound=False)
-            self._cuda = None
 
-    def plan(self, load: torch.Tensor, window: torch.Tensor) -> torch.Tensor:
-        """Replica rows int64 [R_max, 3] (rank, expert, source; -1 rows past the plan's) of
-        load int64 [S, E] and window float64 [G] seconds, on their device; on CUDA launched on
-        the current stream, not synchronised (the rows are a fresh tensor, so the next call
-        does not overwrite them)."""
-        if self._cuda is not None:
-            out = self._cuda.plan(load.contiguous()[None], window.contiguous()[None])
-            return out.replicas[0].clone()
-        out = self._lean.plan(host_view(load.to(torch.int64)),
-                              host_view(window.to(torch.float64)))
-        rows = np.full((self.num_rows, 3), -1, dtype=np.int64)
-        rows[:len(out.replicas)] = out.replicas
-        return torch.from_numpy(rows)
+    def _launch(self, load: torch.Tensor, window: torch.Tensor) -> torch.Tensor:
+        return self._cuda.plan(load[None], window[None]).replicas[0]
+
+    def _host_rows(self, load: np.ndarray, window: np.ndarray) -> np.ndarray:
+        return self._lean.plan(load, window).replicas
+
+
+def lite_threads(num_ranks: int) -> int:
+    """CudaLite's threads per block for a layer of num_ranks ranks: the fastest of the block
+    sizes gpu_lite timed on an H100 (results/h100/run18: 128 at ep=8, where the small-layer
+    kernel plans; 512 at ep=64, 625 against 1,208 us at 128)."""
+    return 128 if num_ranks <= 16 else 512
+
+
+class DeviceLite(DevicePlanner):
+    """The lite planner (`LiteRules()` defaults, the runtime's method "lite") for one placement,
+    slot budget and cost model, on the device of its inputs: the same replica rows as
+    `DeviceGreedy`, made by the rules of probe.planner.lite.
+
+    home: bool [G, E]; num_slots: R per rank; cost: the CostModel; device: "cuda" (`CudaLite`,
+    one layer per launch, the small-layer kernel where it fits) or "cpu" (`lite.lite_arrays`,
+    the CPU kernel the GPU kernels' tests compare with, entry for entry); graph: on CUDA,
+    replay the launch from a CUDA graph (`DevicePlanner`). On an H100 one layer took 38-46 us
+    at ep=8 / 128 experts chained on a stream, against about 370 us for the greedy's kernel
+    (docs/planner.md, "The lite planner"). A layer the kernel rejects (a negative count, a
+    window below 0: `lite.STATUS_ERRORS`) gets no replica on CUDA and a ValueError on the CPU.
+    """
+
+    def __init__(self, home: np.ndarray, num_slots: int, cost: CostModel,
+                 device: torch.device, *, graph: bool = False) -> None:
+        from probe.planner import lite
+        from probe.planner.problem import BalanceProblem
+
+        # Validate home, slots and cost once, as a BalanceProblem does (zero load).
+        shape = BalanceProblem(np.zeros(np.shape(home), np.int64), home, int(num_slots), 0.0,
+                               cost)
+        self.home = shape.home
+        self.num_ranks, self.num_experts = self.home.shape
+        self.device = torch.device(device)
+        self.graph = bool(graph)
+        self.rules = lite.LiteRules()
+        # The CPU kernel's arguments but load (0) and windows (3), in its exact dtypes.
+        self._args = lite.kernel_args(shape, self.rules)
+        self.num_rows = max(int(self._args[-2]), 1)  # every slot: lite.plan_limits
+        if self.device.type == "cuda":
+            from probe.planner.lite_cuda import CudaLite
+
+            self._cuda = CudaLite(self.home, int(num_slots), cost, self.rules, num_layers=1,
+                                  threads=lite_threads(self.num_ranks))
+            got = self._cuda.out.replicas.shape[1]
+            if got != self.num_rows:
+                raise RuntimeError(f"CudaLite allocates {got} replica rows, expected "
+                                   f"{self.num_rows}")
+
+    def _launch(self, load: torch.Tensor, window: torch.Tensor) -> torch.Tensor:
+        return self._cuda.plan(load[None], window[None]).replicas[0]
+
+    def _host_rows(self, load: np.ndarray, window: np.ndarray) -> np.ndarray:
+        from probe.planner import lite
+
+        args = list(self._args)
+        args[0] = np.ascontiguousarray(load)
+        args[3] = np.array([lite.window_ticks(float(w)) for w in window], np.int64)
+        status, rep = lite.lite_arrays(*args)[:2]
+        if status:
+            raise ValueError(f"lite planner: {lite.STATUS_ERRORS[int(status)]}")
+        return rep
+
+
+# The device planners by the runtime's planner method (`PipelineOptions.method`; a method's
+# plain-Python twin plans what the method plans, so it takes the same device planner).
+DEVICE_PLANNERS = {"greedy": DeviceGreedy, "greedy_ref": DeviceGreedy, "lite": DeviceLite,
+                   "lite_ref": DeviceLite}
+
+
+def device_planner(method: str, home: np.ndarray, num_slots: int, cost: CostModel,
+                   device: torch.device, *, graph: bool = False) -> DevicePlanner:
+    """The device planner of planner method `method` (a key of DEVICE_PLANNERS); graph: on
+    CUDA, replay its launch from a CUDA graph."""
+    if method not in DEVICE_PLANNERS:
+        raise ValueError(f"plan_on='device' plans with method {sorted(DEVICE_PLANNERS)}, got "
+                         f"{method!r}")
+    return DEVICE_PLANNERS[method](home, num_slots, cost, device, graph=graph)
 
 
 class DeviceSplit:

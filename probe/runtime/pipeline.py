@@ -124,8 +124,9 @@ class PipelineOptions:
         policies "static" and "probe" with the history predictor also take no host sync
         per MoE layer: PROBE's plans of the step are made at `begin_step` (`no_sync_layers`).
     plan_on: "host" (default: the host planner, as above) or "device" (policy "probe" only):
-        predict, gather and plan each next layer with device tensors (on CUDA the GPU greedy
-        on a side stream; on CPU its Numba twin on the same tensors) and split each layer's
+        predict, gather and plan each next layer with device tensors (on CUDA the GPU kernel
+        of `method`, "greedy" or "lite" (or their twins' names), on a side stream; on CPU its
+        Numba twin on the same tensors) and split each layer's
         TRUE counts over the copies present with the assignment kernel
         (`probe.runtime.device_plan`). With "fixed" dispatch that is no host read per MoE
         layer for either predictor.
