@@ -1,5 +1,6 @@
-"""The runtime's device planners on one GPU: what a plan costs the host and the GPU, launched
-eagerly or replayed from a CUDA graph, and that every way plans what the CPU twin plans.
+"""The runtime's device planners and split on one GPU: what a call costs the host and the GPU,
+launched eagerly or replayed from a CUDA graph, and that every way computes what the CPU twin
+does.
 
     python3 -m experiments.runtime.device_planner_speed --out results/device_planner_speed
 
@@ -15,8 +16,10 @@ launch captured once and replayed, `DevicePlanner(graph=True)`):
   waiting after each (the host's launch and the GPU's work, the GPU idle before);
 - chained: CHAIN plans issued back to back between two events, the host waiting at the end
   only, per plan (what a plan holds the side stream for when the host keeps ahead);
-- plans: every layer's replicas and sources equal the CPU twin's (the same class on CPU
+- == CPU: every layer's replicas and sources equal the CPU twin's (the same class on CPU
   tensors), under both launches.
+Then the same for the dispatch-time split (DeviceSplit, water-filling without the exchange
+step) of the layers' true counts over home + the lite plans' replicas (rank 0's quota).
 A GPU only (CUDA graphs and events).
 """
 
@@ -42,18 +45,17 @@ def median_us(samples) -> float:
     return float(np.median(samples) * 1e6)
 
 
-def measure(planner, loads, windows, repeats: int) -> dict:
-    """Host, one-plan and chained microseconds of planner.plan over the layers' inputs."""
+def measure(call, count: int, repeats: int) -> dict:
+    """Host, one-call and chained microseconds of call(i) over inputs i = 0 .. count - 1."""
     import torch
 
     host, one, chain = [], [], []
     for r in range(repeats):
-        load, window = loads[r % len(loads)], windows[r % len(windows)]
         torch.cuda.synchronize()
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         t0 = time.perf_counter()
-        planner.plan(load, window)
+        call(r % count)
         host.append(time.perf_counter() - t0)
         end.record()
         end.synchronize()
@@ -63,77 +65,119 @@ def measure(planner, loads, windows, repeats: int) -> dict:
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         for k in range(CHAIN):
-            planner.plan(loads[k % len(loads)], windows[k % len(windows)])
+            call(k % count)
         end.record()
         end.synchronize()
         chain.append(start.elapsed_time(end) * 1e-3 / CHAIN)
-    return {"host_us": median_us(host), "one_plan_us": median_us(one),
+    return {"host_us": median_us(host), "one_call_us": median_us(one),
             "chained_us": median_us(chain)}
+
+
+def timed_row(row: dict, make, check, call, count: int, repeats: int) -> dict:
+    """Fill row: make() builds the object (its capture or compile timed as setup), check(obj)
+    -> bool, then the timings of call(obj, i); an exception is recorded in the row."""
+    import torch
+
+    try:
+        t0 = time.perf_counter()
+        obj = make()
+        torch.cuda.synchronize()
+        row["setup_s"] = round(time.perf_counter() - t0, 2)
+        row["equal_cpu"] = bool(check(obj))
+        row.update(measure(lambda i: call(obj, i), count, repeats))
+    except Exception as exc:  # recorded, and the run goes on
+        row["error"] = f"{type(exc).__name__}: {exc}"[:500]
+    print(json.dumps(row), flush=True)
+    return row
 
 
 def config_rows(config, repeats: int) -> list[dict]:
     import torch
 
     from experiments.planner.gpu_harness import decode_layers
-    from probe.runtime.device_plan import device_planner, rows_to_plan
+    from probe.runtime.device_plan import DeviceSplit, device_planner, rows_to_plan
 
     name, model, hardware, ranks, experts = config
     load, home, slots, window, cost = decode_layers(model, hardware, ranks, experts, LAYERS)
     num_slots = int(slots[0])
+    cpu = torch.device("cpu")
     loads = [torch.as_tensor(x, device="cuda") for x in load]
     windows = [torch.as_tensor(w, device="cuda") for w in window]
     rows = []
+    copies = None
     for method in METHODS:
-        twin = device_planner(method, home[0], num_slots, cost, torch.device("cpu"))
+        twin = device_planner(method, home[0], num_slots, cost, cpu)
         want = [rows_to_plan(twin.plan(torch.as_tensor(x), torch.as_tensor(w)).numpy(),
                              ranks, experts) for x, w in zip(load, window, strict=True)]
+        if method == "lite":  # the split's copies: home + the lite plans' replicas
+            copies = [home[0].astype(np.int64) + rep.astype(np.int64) for rep, _ in want]
+
+        def check(planner, want=want):
+            got = [rows_to_plan(planner.plan(x, w).cpu().numpy(), ranks, experts)
+                   for x, w in zip(loads, windows, strict=True)]
+            return all(np.array_equal(g[0], r) and np.array_equal(g[1], s)
+                       for g, (r, s) in zip(got, want, strict=True))
+
+        def make(method=method, graph=False):
+            planner = device_planner(method, home[0], num_slots, cost, torch.device("cuda"),
+                                     graph=graph)
+            planner.capture()  # graph: the capture (eager: nothing)
+            planner.plan(loads[0], windows[0])  # eager: the kernel's compile
+            return planner
+
         for launch in LAUNCHES:
-            row = {"config": name, "method": method, "launch": launch}
-            try:
-                planner = device_planner(method, home[0], num_slots, cost,
-                                         torch.device("cuda"), graph=launch == "graph")
-                t0 = time.perf_counter()
-                planner.capture()  # graph: the capture (eager: nothing)
-                planner.plan(loads[0], windows[0])  # eager: the kernel's compile
-                torch.cuda.synchronize()
-                row["setup_s"] = round(time.perf_counter() - t0, 2)
-                same = []
-                for x, w, (rep, src) in zip(loads, windows, want, strict=True):
-                    got = rows_to_plan(planner.plan(x, w).cpu().numpy(), ranks, experts)
-                    same.append(bool(np.array_equal(got[0], rep) and np.array_equal(got[1], src)))
-                row["plans_equal_cpu"] = all(same)
-                row["replicas"] = int(np.median([rep.sum() for rep, _ in want]))
-                row.update(measure(planner, loads, windows, repeats))
-            except Exception as exc:  # recorded, and the run goes on
-                row["error"] = f"{type(exc).__name__}: {exc}"[:500]
-            print(json.dumps(row), flush=True)
-            rows.append(row)
+            row = {"config": name, "what": f"plan ({method})", "launch": launch,
+                   "replicas": int(np.median([rep.sum() for rep, _ in want]))}
+            rows.append(timed_row(row, lambda m=make, g=launch == "graph": m(graph=g), check,
+                                  lambda p, i: p.plan(loads[i], windows[i]), LAYERS, repeats))
+    # the dispatch-time split on the true counts over the lite plans' copies (rank 0's quota)
+    split_cpu = DeviceSplit(cost, experts, 0, cpu)
+    want = [split_cpu.quota(torch.as_tensor(x), torch.as_tensor(c)).numpy()
+            for x, c in zip(load, copies, strict=True)]
+    copies_d = [torch.as_tensor(c, device="cuda") for c in copies]
+
+    def check_split(split):
+        return all(np.array_equal(split.quota(x, c).cpu().numpy(), q)
+                   for x, c, q in zip(loads, copies_d, want, strict=True))
+
+    def make_split(graph):
+        split = DeviceSplit(cost, experts, 0, torch.device("cuda"), graph=graph)
+        split.capture()
+        split.quota(loads[0], copies_d[0])
+        return split
+
+    for launch in LAUNCHES:
+        row = {"config": name, "what": "split (water-filling)", "launch": launch,
+               "replicas": int(np.median([c.sum() - home[0].sum() for c in copies]))}
+        rows.append(timed_row(row, lambda g=launch == "graph": make_split(g), check_split,
+                              lambda sp, i: sp.quota(loads[i], copies_d[i]), LAYERS, repeats))
     return rows
 
 
 def markdown(report: dict) -> str:
-    lines = [f"# The runtime's device planners, eager and graph-replayed ({report['gpu']})", "",
+    lines = [f"# The runtime's device planners and split, eager and graph-replayed "
+             f"({report['gpu']})", "",
              f"Made by `{report['command']}` ({report['utc']}). Decode layers ({LAYERS} per "
-             "config, 3 slots per rank); medians. 'host': the plan() call's wall time on the "
-             "host, the GPU not waited for; 'one plan': CUDA events around one call, the host "
-             f"waiting after each; 'chained': {CHAIN} calls back to back between two events, "
-             "per call; 'plans == CPU': every layer's replicas and sources equal the CPU "
-             "twin's.", "",
-             "| config | planner | launch | host (us) | one plan (us) | chained (us) | "
-             "replicas | plans == CPU | setup (s) |",
+             "config, 3 slots per rank; the split's copies: home + the lite plans' replicas); "
+             "medians. 'host': the call's wall time on the host, the GPU not waited for; "
+             "'one call': CUDA events around one call, the host waiting after each; "
+             f"'chained': {CHAIN} calls back to back between two events, per call; "
+             "'== CPU': every layer's result (replicas and sources; rank 0's quota) equals "
+             "the CPU twin's; 'setup': the build and the capture or first launch.", "",
+             "| config | what | launch | host (us) | one call (us) | chained (us) | "
+             "replicas | == CPU | setup (s) |",
              "|---|---|---|---:|---:|---:|---:|---|---:|"]
 
     def f(v):
         return "-" if v is None else f"{v:.1f}"
 
     for r in report["rows"]:
-        same = {True: "yes", False: "NO", None: "-"}[r.get("plans_equal_cpu")]
-        lines.append(f"| {r['config']} | {r['method']} | {r['launch']} | {f(r.get('host_us'))} "
-                     f"| {f(r.get('one_plan_us'))} | {f(r.get('chained_us'))} | "
+        same = {True: "yes", False: "NO", None: "-"}[r.get("equal_cpu")]
+        lines.append(f"| {r['config']} | {r['what']} | {r['launch']} | {f(r.get('host_us'))} "
+                     f"| {f(r.get('one_call_us'))} | {f(r.get('chained_us'))} | "
                      f"{r.get('replicas', '-')} | {same} | {r.get('setup_s', '-')} |")
-    errors = [r for r in report["rows"] if r.get("error")]
-    lines += [f"\nError ({r['config']}, {r['method']}, {r['launch']}): `{r['error']}`"
-              for r in errors]
+    lines += [f"\nError ({r['config']}, {r['what']}, {r['launch']}): `{r['error']}`"
+              for r in report["rows"] if r.get("error")]
     return "\n".join(lines) + "\n"
 
 
@@ -157,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
                                    *sys.argv[1:]]),
               "utc": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "chain": CHAIN,
               "layers": LAYERS, "rows": rows}
-    report["ok"] = all(r.get("plans_equal_cpu") is True and not r.get("error") for r in rows)
+    report["ok"] = all(r.get("equal_cpu") is True and not r.get("error") for r in rows)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     files = [out / "device_planner_speed.json", out / "device_planner_speed.md"]

@@ -50,8 +50,8 @@ from probe.planner.greedy import UNLIMITED_MOVES
 from probe.planner.greedy_rules import GreedyRules
 
 __all__ = ["DEVICE_PLANNERS", "DISPATCH_MOVES", "DeviceGreedy", "DeviceLite", "DevicePlanner",
-           "DeviceSplit", "PendingPlan", "device_planner", "host_view", "plan_rows",
-           "rows_to_plan"]
+           "DeviceSplit", "PendingPlan", "Replay", "device_planner", "host_view",
+           "plan_rows", "rows_to_plan"]
 
 # The dispatch-time split runs without the assignment's exchange step (`moves=0`, on the GPU and
 # in its host twin alike): it sits between the router and the dispatch, and on an H100 one
@@ -104,14 +104,44 @@ def rows_to_plan(rows: np.ndarray, num_ranks: int, num_experts: int
     return replicas, sources
 
 
+class Replay:
+    """A CUDA launch captured once into a CUDA graph and replayed: `fn(*inputs)` on static
+    input buffers of the given (shape, dtype) pairs, zero at the capture (the graph does not
+    depend on their values); each call copies its arguments into them, replays the graph on
+    the current stream and returns fn's output (its own buffer, rewritten by the next call).
+    The capture (a warm-up launch and the capture on a side stream) synchronises the device
+    once: make it before the steps run."""
+
+    def __init__(self, fn, inputs: list[tuple[tuple[int, ...], torch.dtype]],
+                 device: torch.device) -> None:
+        from probe.planner.numba_cuda import cuda
+
+        self.inputs = [torch.zeros(shape, dtype=dtype, device=device) for shape, dtype in inputs]
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            fn(*self.inputs)  # compiles; nothing is allocated at a replay
+        torch.cuda.current_stream(device).wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        # defer_cleanup: numba frees no earlier allocation while the stream captures.
+        with cuda.defer_cleanup(), torch.cuda.graph(self.graph, stream=side):
+            self.output = fn(*self.inputs)
+        torch.cuda.synchronize(device)
+
+    def __call__(self, *args: torch.Tensor) -> torch.Tensor:
+        for buf, arg in zip(self.inputs, args, strict=True):
+            buf.copy_(arg)
+        self.graph.replay()
+        return self.output
+
+
 class DevicePlanner:
     """What the device planners share: `plan(load, window)` on the device of the inputs, and on
     CUDA the launch either made eagerly from Python at every call or replayed from a CUDA graph
-    (`graph=True`): the launch is captured once (`capture`, or the first `plan`) with static
-    input buffers, and each plan copies its inputs into them and replays the graph, so the host
-    pays a graph launch instead of Numba's argument handling (gpu_lite's "eager" column: about
-    400 us a plan at ep=8 against 46 us on the GPU, H100 run 18). The graph's plans are the
-    eager launch's (the same kernel on the same values).
+    (`graph=True`, `Replay`: captured at `capture` or the first plan), so that the host pays a
+    graph launch instead of Numba's argument handling (gpu_lite's "eager" column: about 400 us
+    a plan at ep=8 against 46 us on the GPU, H100 run 18). The graph's plans are the eager
+    launch's (the same kernel on the same values).
 
     Subclasses set num_ranks, num_experts, num_rows and `_cuda` (None on the CPU) and define
     `_launch(load, window)` (CUDA: the kernel's replica rows [R_max, 3], its own buffer) and
@@ -123,7 +153,7 @@ class DevicePlanner:
     device: torch.device
     graph: bool = False
     _cuda = None
-    _graph = None
+    _replay: Replay | None = None
 
     def plan(self, load: torch.Tensor, window: torch.Tensor) -> torch.Tensor:
         """Replica rows int64 [R_max, 3] (rank, expert, source; -1 rows past the plan's) of
@@ -138,35 +168,15 @@ class DevicePlanner:
             return torch.from_numpy(rows)
         if not self.graph:
             return self._launch(load.contiguous(), window.contiguous()).clone()
-        if self._graph is None:
-            self.capture()
-        self._load_in.copy_(load)
-        self._window_in.copy_(window)
-        self._graph.replay()
-        return self._rows_out.clone()
+        self.capture()
+        return self._replay(load, window).clone()
 
     def capture(self) -> None:
-        """Capture the launch into a CUDA graph (graph=True on CUDA; once): a warm-up launch
-        and the capture on a side stream, on zero inputs (the graph does not depend on the
-        values). It synchronises the device once: call it before the steps run."""
-        if self._cuda is None or not self.graph or self._graph is not None:
+        """Capture the launch into a CUDA graph (graph=True on CUDA; once; see `Replay`)."""
+        if self._cuda is None or not self.graph or self._replay is not None:
             return
-        from probe.planner.numba_cuda import cuda
-
-        shape = (self.num_ranks, self.num_experts)
-        self._load_in = torch.zeros(shape, dtype=torch.int64, device=self.device)
-        self._window_in = torch.zeros(self.num_ranks, dtype=torch.float64, device=self.device)
-        side = torch.cuda.Stream(self.device)
-        side.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(side):
-            self._launch(self._load_in, self._window_in)  # compiles; allocates nothing later
-        torch.cuda.current_stream(self.device).wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        # defer_cleanup: numba frees no earlier allocation while the stream captures.
-        with cuda.defer_cleanup(), torch.cuda.graph(graph, stream=side):
-            self._rows_out = self._launch(self._load_in, self._window_in)
-        torch.cuda.synchronize(self.device)
-        self._graph = graph
+        self._replay = Replay(self._launch, [((self.num_ranks, self.num_experts), torch.int64),
+                                             ((self.num_ranks,), torch.float64)], self.device)
 
 
 class DeviceGreedy(DevicePlanner):
@@ -288,20 +298,38 @@ class DeviceSplit:
     """The dispatch-time split of the TRUE counts over the copies present (water-filling, the
     `assign_tokens` default), on the device of its inputs.
 
-    cost: the CostModel; num_experts: E; rank: this rank (its quota row is returned);
-    device: "cuda" (`DeviceAssigner`, one layer per launch) or "cpu" (`assign_tokens`).
+    cost: the CostModel (G ranks: its token_time is [G, G]); num_experts: E; rank: this rank
+    (its quota row is returned); device: "cuda" (`DeviceAssigner`, one layer per launch) or
+    "cpu" (`assign_tokens`); graph: on CUDA, replay the launch from a CUDA graph (`Replay`,
+    captured at `capture` or the first split).
     """
 
     def __init__(self, cost: CostModel, num_experts: int, rank: int,
-                 device: torch.device) -> None:
+                 device: torch.device, *, graph: bool = False) -> None:
         self.cost = cost
         self.rank = int(rank)
         self.device = torch.device(device)
+        self.num_ranks = int(np.shape(cost.token_time)[0])
+        self.num_experts = int(num_experts)
+        self.graph = bool(graph)
         self._assigner = None
+        self._replay: Replay | None = None
         if self.device.type == "cuda":
             from probe.planner.assign_cuda import DeviceAssigner
 
             self._assigner = DeviceAssigner(cost, int(num_experts), 1, moves=DISPATCH_MOVES)
+
+    def _launch(self, counts: torch.Tensor, copies: torch.Tensor) -> torch.Tensor:
+        out, _objective, _status = self._assigner(counts[None], copies[None])
+        return out[0, self.rank]
+
+    def capture(self) -> None:
+        """Capture the split's launch into a CUDA graph (graph=True on CUDA; once)."""
+        if self._assigner is None or not self.graph or self._replay is not None:
+            return
+        shape = (self.num_ranks, self.num_experts)
+        self._replay = Replay(self._launch, [(shape, torch.int64), (shape, torch.int64)],
+                              self.device)
 
     def quota(self, counts: torch.Tensor, copies: torch.Tensor) -> torch.Tensor:
         """int64 [E, G]: this rank's pairs of each expert to run on each rank, from counts
@@ -309,9 +337,10 @@ class DeviceSplit:
         their device (on CUDA: the assigner's buffer, valid until its next call, which comes
         after this layer's dispatch in stream order)."""
         if self._assigner is not None:
-            out, _objective, _status = self._assigner(counts.contiguous()[None],
-                                                      copies.contiguous()[None])
-            return out[0, self.rank]
+            if not self.graph:
+                return self._launch(counts.contiguous(), copies.contiguous())
+            self.capture()
+            return self._replay(counts, copies)
         from probe.planner.assign import assign_tokens
 
         out = assign_tokens(host_view(counts), host_view(copies), self.cost,
