@@ -43,6 +43,8 @@ def test_device_planner_on_cpu_tensors_plans_what_the_host_planner_plans(num_ran
     cost = _cost(num_ranks)
     planner = device_planner(method, home, slots, cost, torch.device("cpu"))
     assert type(planner) is DEVICE_PLANNERS[method]
+    graphed = device_planner(method, home, slots, cost, torch.device("cpu"), graph=True)
+    graphed.capture()  # nothing to capture on the CPU: the CPU twin plans
     rng = np.random.default_rng(num_ranks)
     replicas_seen = 0
     for _ in range(20):
@@ -51,6 +53,7 @@ def test_device_planner_on_cpu_tensors_plans_what_the_host_planner_plans(num_ran
         window = rng.uniform(0.0, 2e-4, num_ranks)  # [G]
         rows = planner.plan(torch.as_tensor(load), torch.as_tensor(window))
         assert rows.shape == (planner.num_rows, 3) and rows.dtype == torch.int64
+        assert torch.equal(graphed.plan(torch.as_tensor(load), torch.as_tensor(window)), rows)
         replicas, sources = rows_to_plan(rows.numpy(), num_ranks, num_experts)
         want = solve_plan(BalanceProblem.from_load(load, cost, slots, window, home), method)
         assert np.array_equal(replicas, want.replicas)
