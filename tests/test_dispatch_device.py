@@ -180,6 +180,15 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
             out["same_plans"].append(same_plan(layer_plan.plan, type(layer_plan.plan)(
                 replicas, sources, layer_plan.plan.assignment)))
             out["device_replicas"][method] += pending.num_replicas
+        # the step's plans in one launch (history predictor) equal the layer-by-layer ones
+        ahead = balancer.plan_ahead_device(0, all_windows)
+        out.setdefault("ahead_layers", []).append(sorted(ahead))
+        for layer, pending in ahead.items():
+            one = balancer.plan_device(layer, 0, torch.zeros(0, 32, dtype=DTYPE),
+                                       all_windows[layer])
+            out.setdefault("ahead_same", []).append(all(
+                np.array_equal(a, b) for a, b in zip(pending.resolve(), one.resolve(),
+                                                      strict=True)))
     torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
     dist.barrier()
     ctx.watchdog.stop()
@@ -210,6 +219,7 @@ def test_device_plans_match_single_process_without_host_sync(world, tmp_path):
         assert not out["exact_history_no_sync_layers"]
         assert out["same_plans"] == [True] * 4, out["same_plans"]
         assert min(out["device_replicas"].values()) > 0, out["device_replicas"]
+        assert out["ahead_layers"] == [[1, 2], [1, 2]] and out["ahead_same"] == [True] * 4
     stats = outs[0]
     for mode in ("exact", "fixed"):
         for name in ("history", "prior"):

@@ -18,8 +18,10 @@ launch captured once and replayed, `DevicePlanner(graph=True)`):
   only, per plan (what a plan holds the side stream for when the host keeps ahead);
 - == CPU: every layer's replicas and sources equal the CPU twin's (the same class on CPU
   tensors), under both launches.
-Then the same for the dispatch-time split (DeviceSplit, water-filling without the exchange
-step) of the layers' true counts over home + the lite plans' replicas (rank 0's quota).
+Then a step's plans in one launch (`plan_layers`, what the history predictor's step-ahead
+plans take: the model's layers, 94 for qwen3-235b-a22b, 58 for deepseek-v3), and the
+dispatch-time split (DeviceSplit, water-filling without the exchange step) of the layers'
+true counts over home + the lite plans' replicas (rank 0's quota).
 A GPU only (CUDA graphs and events).
 """
 
@@ -91,11 +93,20 @@ def timed_row(row: dict, make, check, call, count: int, repeats: int) -> dict:
     return row
 
 
+def same_rows(got, want, ranks: int, experts: int) -> bool:
+    """Whether two row arrays [R, 3] hold the same replicas and sources."""
+    from probe.runtime.device_plan import rows_to_plan
+
+    a, b = rows_to_plan(got, ranks, experts), rows_to_plan(want, ranks, experts)
+    return bool(np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1]))
+
+
 def config_rows(config, repeats: int) -> list[dict]:
     import torch
 
     from experiments.planner.gpu_harness import decode_layers
     from probe.runtime.device_plan import DeviceSplit, device_planner, rows_to_plan
+    from probe.specs import model_preset
 
     name, model, hardware, ranks, experts = config
     load, home, slots, window, cost = decode_layers(model, hardware, ranks, experts, LAYERS)
@@ -115,8 +126,8 @@ def config_rows(config, repeats: int) -> list[dict]:
         def check(planner, want=want):
             got = [rows_to_plan(planner.plan(x, w).cpu().numpy(), ranks, experts)
                    for x, w in zip(loads, windows, strict=True)]
-            return all(np.array_equal(g[0], r) and np.array_equal(g[1], s)
-                       for g, (r, s) in zip(got, want, strict=True))
+            return all(np.array_equal(g[0], r) and np.array_equal(g[1], src)
+                       for g, (r, src) in zip(got, want, strict=True))
 
         def make(method=method, graph=False):
             planner = device_planner(method, home[0], num_slots, cost, torch.device("cuda"),
@@ -130,6 +141,32 @@ def config_rows(config, repeats: int) -> list[dict]:
                    "replicas": int(np.median([rep.sum() for rep, _ in want]))}
             rows.append(timed_row(row, lambda m=make, g=launch == "graph": m(graph=g), check,
                                   lambda p, i: p.plan(loads[i], windows[i]), LAYERS, repeats))
+    # a step's plans in one launch (plan_layers: the history predictor's step-ahead plans)
+    step_layers = model_preset(model).num_layers
+    sload, _, _, swindow, _ = decode_layers(model, hardware, ranks, experts, step_layers)
+    sload_d = torch.as_tensor(sload, device="cuda")
+    swindow_d = torch.as_tensor(swindow, device="cuda")
+    for method in METHODS:
+        twin = device_planner(method, home[0], num_slots, cost, cpu)
+        swant = twin.plan_layers(torch.as_tensor(sload), torch.as_tensor(swindow)).numpy()
+
+        def check_layers(planner, swant=swant):
+            got = planner.plan_layers(sload_d, swindow_d).cpu().numpy()
+            return all(same_rows(g, w, ranks, experts) for g, w in zip(got, swant, strict=True))
+
+        def make_layers(method=method, graph=False):
+            planner = device_planner(method, home[0], num_slots, cost, torch.device("cuda"),
+                                     graph=graph)
+            planner.plan_layers(sload_d, swindow_d)  # compile (graph: capture)
+            return planner
+
+        for launch in LAUNCHES:
+            row = {"config": name, "what": f"plan_layers ({method}), {step_layers} layers",
+                   "launch": launch, "layers": step_layers,
+                   "replicas": int(np.median((swant[:, :, 0] >= 0).sum(axis=1)))}
+            rows.append(timed_row(row, lambda m=make_layers, g=launch == "graph": m(graph=g),
+                                  check_layers,
+                                  lambda p, i: p.plan_layers(sload_d, swindow_d), 1, repeats))
     # the dispatch-time split on the true counts over the lite plans' copies (rank 0's quota)
     split_cpu = DeviceSplit(cost, experts, 0, cpu)
     want = [split_cpu.quota(torch.as_tensor(x), torch.as_tensor(c)).numpy()

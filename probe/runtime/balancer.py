@@ -365,6 +365,64 @@ class Balancer:
         return PendingPlan(layer, step, rows, ready, num_ranks, self.num_experts, hold,
                            plan_s=t2 - t1, predict_s=t1 - t0)
 
+    def plan_ahead_device(self, step: int, windows: torch.Tensor) -> dict[int, PendingPlan]:
+        """The device path's plans of MoE layers 1 .. L-1 of this step, made at its start from
+        the history (the previous step's true counts, kept on the device) and the gathered
+        windows float64 [L, G]: on CUDA on the side stream, ONE all_gather of this rank's
+        [L-1, E] history on the plan group -> [S, L-1, E], ONE launch of the device planner
+        for the L-1 layers (`plan_layers`), ONE non-blocking copy of the rows to pinned host
+        memory and one event that every layer's `PendingPlan` waits for. These are the plans
+        `plan_device` makes layer by layer with the history predictor (the same inputs), with
+        one gather, launch and copy a step instead of one a layer (the host time of the
+        launch is counted on layer 1). `plan_override` and `hold_back` apply per layer as
+        there. A `LoadPredictor` needs this step's hidden states: use `plan_device`."""
+        if self.predictor is not None:
+            raise ValueError("plan_ahead_device plans from the history; a LoadPredictor needs "
+                             "this step's hidden states (plan_device, layer by layer)")
+        if self.device_planner is None:
+            raise RuntimeError("plan_ahead_device needs enable_device_plans(device) first")
+        num_ranks, num_experts = self.ctx.world_size, self.num_experts
+        layers = range(1, int(windows.shape[0]))
+        if not layers:
+            return {}
+        device = windows.device
+        stream = self.side_stream
+        if stream is not None:
+            stream.wait_stream(torch.cuda.current_stream(stream.device))
+        with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+            t0 = time.perf_counter()
+            zeros = torch.zeros(num_experts, dtype=torch.int64, device=device)
+            hist = torch.stack([self.history_dev.get(k, zeros).to(device=device,
+                                                                  dtype=torch.int64)
+                                for k in layers])  # [L-1, E]
+            load = self.gather_device(hist.reshape(-1), f"plan all_gather (step {step})",
+                                      self.plan_group)  # [S, (L-1) E]
+            load = load.reshape(num_ranks, len(layers), num_experts).permute(1, 0, 2)
+            rows = self.device_planner.plan_layers(load.contiguous(),
+                                                   windows[1:].contiguous())  # [L-1, R, 3]
+            ready = None
+            if stream is not None:
+                host = torch.empty(rows.shape, dtype=rows.dtype, pin_memory=True)
+                host.copy_(rows, non_blocking=True)
+                ready = torch.cuda.Event()
+                ready.record(stream)
+                rows = host
+            plan_s = time.perf_counter() - t0
+        plans = {}
+        for i, layer in enumerate(layers):
+            hold = tuple((int(g), int(e)) for g, e in (
+                self.hold_back(layer, step) if self.hold_back is not None else ()))
+            forced = self.plan_override(layer, step) if self.plan_override is not None else None
+            if forced is not None:
+                forced_rows = torch.from_numpy(plan_rows(forced.replicas, forced.sources,
+                                                         self.device_planner.num_rows))
+                plans[layer] = PendingPlan(layer, step, forced_rows, None, num_ranks,
+                                           num_experts, hold)
+            else:
+                plans[layer] = PendingPlan(layer, step, rows[i], ready, num_ranks, num_experts,
+                                           hold, plan_s=plan_s if i == 0 else 0.0)
+        return plans
+
     # -- plan ---------------------------------------------------------------------------------
     def problem(self, load: np.ndarray, window: np.ndarray,
                 base: np.ndarray | None = None) -> BalanceProblem:

@@ -154,6 +154,19 @@ class DevicePlanner:
     graph: bool = False
     _cuda = None
     _replay: Replay | None = None
+    _multi: dict
+
+    def _set_cuda(self) -> None:
+        """On CUDA, the one-layer planner and its row count checked; the L-layer launches
+        (`plan_layers`) are made when first asked for."""
+        self._multi = {}
+        if self.device.type != "cuda":
+            return
+        self._cuda = self._new_cuda(1)
+        got = self._cuda.out.replicas.shape[1]
+        if got != self.num_rows:
+            raise RuntimeError(f"{type(self._cuda).__name__} allocates {got} replica rows, "
+                               f"expected {self.num_rows}")
 
     def plan(self, load: torch.Tensor, window: torch.Tensor) -> torch.Tensor:
         """Replica rows int64 [R_max, 3] (rank, expert, source; -1 rows past the plan's) of
@@ -178,6 +191,34 @@ class DevicePlanner:
         self._replay = Replay(self._launch, [((self.num_ranks, self.num_experts), torch.int64),
                                              ((self.num_ranks,), torch.float64)], self.device)
 
+    def plan_layers(self, load: torch.Tensor, window: torch.Tensor) -> torch.Tensor:
+        """`plan` of L layers at once: rows int64 [L, R_max, 3] of load int64 [L, S, E] and
+        window float64 [L, G]; on CUDA ONE launch of the kernel with a block per layer (the
+        blocks run side by side), eager or replayed from a graph of its own per L as `plan`,
+        not synchronised; on the CPU the CPU twin layer by layer (the same rows as `plan`)."""
+        num_layers = int(load.shape[0])
+        if self._cuda is None:
+            return torch.stack([self.plan(load[k], window[k]) for k in range(num_layers)])
+        multi = self._multi.get(num_layers)
+        if multi is None:
+            kernel = self._new_cuda(num_layers)
+
+            def launch(x, w, kernel=kernel):
+                return kernel.plan(x, w).replicas
+
+            multi = launch
+            if self.graph:
+                multi = Replay(launch, [((num_layers, self.num_ranks, self.num_experts),
+                                         torch.int64),
+                                        ((num_layers, self.num_ranks), torch.float64)],
+                               self.device)
+            self._multi[num_layers] = multi
+        return multi(load.contiguous(), window.contiguous()).clone()
+
+    def _new_cuda(self, num_layers: int):
+        """The CUDA planner (CudaGreedy or CudaLite) for num_layers layers a launch."""
+        raise NotImplementedError
+
 
 class DeviceGreedy(DevicePlanner):
     """The greedy planner (GreedyRules() defaults, the runtime's "greedy") for one placement,
@@ -195,19 +236,18 @@ class DeviceGreedy(DevicePlanner):
         self.device = torch.device(device)
         self.graph = bool(graph)
         self.num_rows = rows_capacity(self.num_ranks, self.num_experts, int(num_slots))
-        if self.device.type == "cuda":
-            from probe.planner.greedy_cuda import CudaGreedy
-
-            self._cuda = CudaGreedy(self.home, int(num_slots), cost, num_layers=1)
-            got = self._cuda.out.replicas.shape[1]
-            if got != self.num_rows:
-                raise RuntimeError(f"CudaGreedy allocates {got} replica rows, expected "
-                                   f"{self.num_rows}")
-            self._lean = None
-        else:
+        self.num_slots, self.cost = int(num_slots), cost
+        self._lean = None
+        if self.device.type != "cuda":
             from probe.planner.lean import LeanGreedy
 
             self._lean = LeanGreedy(self.home, int(num_slots), cost, bound=False)
+        self._set_cuda()
+
+    def _new_cuda(self, num_layers: int):
+        from probe.planner.greedy_cuda import CudaGreedy
+
+        return CudaGreedy(self.home, self.num_slots, self.cost, num_layers=num_layers)
 
     def _launch(self, load: torch.Tensor, window: torch.Tensor) -> torch.Tensor:
         return self._cuda.plan(load[None], window[None]).replicas[0]
@@ -253,15 +293,14 @@ class DeviceLite(DevicePlanner):
         # The CPU kernel's arguments but load (0) and windows (3), in its exact dtypes.
         self._args = lite.kernel_args(shape, self.rules)
         self.num_rows = max(int(self._args[-2]), 1)  # every slot: lite.plan_limits
-        if self.device.type == "cuda":
-            from probe.planner.lite_cuda import CudaLite
+        self.num_slots, self.cost = int(num_slots), cost
+        self._set_cuda()
 
-            self._cuda = CudaLite(self.home, int(num_slots), cost, self.rules, num_layers=1,
-                                  threads=lite_threads(self.num_ranks))
-            got = self._cuda.out.replicas.shape[1]
-            if got != self.num_rows:
-                raise RuntimeError(f"CudaLite allocates {got} replica rows, expected "
-                                   f"{self.num_rows}")
+    def _new_cuda(self, num_layers: int):
+        from probe.planner.lite_cuda import CudaLite
+
+        return CudaLite(self.home, self.num_slots, self.cost, self.rules,
+                        num_layers=num_layers, threads=lite_threads(self.num_ranks))
 
     def _launch(self, load: torch.Tensor, window: torch.Tensor) -> torch.Tensor:
         return self._cuda.plan(load[None], window[None]).replicas[0]

@@ -423,6 +423,7 @@ class EPRunner:
         self.splitter: DeviceSplit | None = None
         self._windows_dev: torch.Tensor | None = None  # float64 [L, G], gathered per step
         self._pending: list[PendingPlan] = []  # this step's device plans
+        self._ahead_dev: dict[int, PendingPlan] = {}  # the history's plans of the step
         if self.device_plans:
             plan_group = None
             if ctx.backend == "nccl" and ctx.world_size > 1:  # collective: every rank builds
@@ -483,7 +484,9 @@ class EPRunner:
         With fixed-capacity dispatch: this step's capacity C (`dispatch.capacity`, else from
         the group's largest `num_tokens`, agreed by one all_gather) and, when
         `no_sync_layers` and PROBE plans on the host, the plans of every MoE layer of the step.
-        Planning on the device: every rank's windows of the step (one all_gather)."""
+        Planning on the device: every rank's windows of the step (one all_gather) and, with
+        the history predictor, the plans of MoE layers 1 .. L-1 launched on the side stream
+        (`Balancer.plan_ahead_device`: one gather and one launch for the step)."""
         self._replan = (0.0, 0.0)
         if self.dispatch.fixed:
             self._begin_fixed(num_tokens)
@@ -502,6 +505,8 @@ class EPRunner:
                                     f"window all_gather (step {self.step})")["window"]
             self._windows_dev = to_device(np.ascontiguousarray(got.T), self.device,
                                           torch.float64)
+            if self.predictors is None:  # the history: the step's plans in one launch
+                self._ahead_dev = self.balancer.plan_ahead_device(self.step, self._windows_dev)
         elif self.no_sync_layers and self.plans_replicas:
             windows = np.array([self._window(k) for k in range(len(self.blocks))])  # [L]
             self._ahead = self.balancer.plan_ahead(self.step, windows, len(self.blocks))
@@ -614,7 +619,9 @@ class EPRunner:
         rec.split_s = time.perf_counter() - t0
         next_transfer = None
         if layer + 1 < len(self.blocks):
-            pending = bal.plan_device(layer + 1, self.step, h, self._windows_dev[layer + 1])
+            pending = self._ahead_dev.pop(layer + 1, None)  # planned at the step's start
+            if pending is None:
+                pending = bal.plan_device(layer + 1, self.step, h, self._windows_dev[layer + 1])
             self._pending.append(pending)
             next_transfer = self.executor.prefetch(pending)
         if not self.dispatch.fixed:  # the exact path takes host arrays
