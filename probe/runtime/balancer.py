@@ -286,14 +286,16 @@ class Balancer:
 
     # -- the device path (probe.runtime.device_plan) -------------------------------------------
     def enable_device_plans(self, device: torch.device,
-                            plan_group: dist.ProcessGroup | None = None) -> None:
+                            plan_group: dist.ProcessGroup | None = None, *,
+                            graph: bool = False) -> None:
         """Plan on the device (`plan_device`): the planner of `method` on `device` (the
         greedy, or the lite planner: `device_plan.DEVICE_PLANNERS`) and, on CUDA, a side
         stream for predicting and planning; the predicted loads are gathered on `plan_group`
         (default `ctx.group`; on NCCL a group of its own keeps that gather from queueing
-        behind the dispatch's all-to-alls on one communicator)."""
+        behind the dispatch's all-to-alls on one communicator); graph: on CUDA, replay the
+        planner's launches from CUDA graphs (`device_plan.Replay`)."""
         self.device_planner = device_planner(self.method, self.home, self.num_slots,
-                                             self.cost, device)
+                                             self.cost, device, graph=graph)
         self.side_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         if plan_group is not None:
             self.plan_group = plan_group

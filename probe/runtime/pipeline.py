@@ -428,8 +428,13 @@ class EPRunner:
             plan_group = None
             if ctx.backend == "nccl" and ctx.world_size > 1:  # collective: every rank builds
                 plan_group = dist.new_group(ranks=list(range(ctx.world_size)))
-            self.balancer.enable_device_plans(self.device, plan_group)
-            self.splitter = DeviceSplit(self.cost, self.num_experts, ctx.rank, self.device)
+            # On CUDA the planner's and the split's launches replay from CUDA graphs
+            # captured at the warm-up (device_plan.Replay: a graph launch a layer on the host
+            # instead of Numba's argument handling).
+            graph = self.device.type == "cuda"
+            self.balancer.enable_device_plans(self.device, plan_group, graph=graph)
+            self.splitter = DeviceSplit(self.cost, self.num_experts, ctx.rank, self.device,
+                                        graph=graph)
             self._home_dev = torch.as_tensor(self.home.astype(np.int64)).to(self.device)
         if self.plans_replicas or self.resident is not None:
             self.warm_up_planner()
@@ -450,9 +455,14 @@ class EPRunner:
         load[:, 1:] = 1
         window = np.full(num_ranks, self.opts.default_window_s)  # [G]
         t0 = time.perf_counter()
-        if self.device_plans:  # the device kernels' one-time compile, on the real device
+        if self.device_plans:  # the device kernels' one-time compile (and graph capture)
             load_d = torch.as_tensor(load).to(self.device)
-            self.balancer.device_planner.plan(load_d, torch.as_tensor(window).to(self.device))
+            window_d = torch.as_tensor(window).to(self.device)
+            planner = self.balancer.device_planner
+            planner.plan(load_d, window_d)
+            if self.predictors is None and len(self.blocks) > 1:  # the step's launch
+                steps = len(self.blocks) - 1
+                planner.plan_layers(load_d.expand(steps, -1, -1), window_d.expand(steps, -1))
             self.splitter.quota(load_d, self._home_dev)
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
