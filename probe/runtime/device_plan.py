@@ -225,8 +225,8 @@ class DeviceGreedy(DevicePlanner):
     slot budget and cost model, on the device of its inputs.
 
     home: bool [G, E]; num_slots: R per rank; cost: the CostModel; device: where the plans'
-    inputs live ("cuda": `CudaGreedy`, one layer per launch; "cpu": `LeanGreedy`); graph: on
-    CUDA, replay the launch from a CUDA graph (`DevicePlanner`).
+    inputs live ("cuda": `CudaGreedy`, one layer per launch, or L with `plan_layers`; "cpu":
+    `LeanGreedy`); graph: on CUDA, replay the launch from a CUDA graph (`DevicePlanner`).
     """
 
     def __init__(self, home: np.ndarray, num_slots: int, cost: CostModel,
@@ -269,12 +269,13 @@ class DeviceLite(DevicePlanner):
     `DeviceGreedy`, made by the rules of probe.planner.lite.
 
     home: bool [G, E]; num_slots: R per rank; cost: the CostModel; device: "cuda" (`CudaLite`,
-    one layer per launch, the small-layer kernel where it fits) or "cpu" (`lite.lite_arrays`,
-    the CPU kernel the GPU kernels' tests compare with, entry for entry); graph: on CUDA,
-    replay the launch from a CUDA graph (`DevicePlanner`). On an H100 one layer took 38-46 us
-    at ep=8 / 128 experts chained on a stream, against about 370 us for the greedy's kernel
-    (docs/planner.md, "The lite planner"). A layer the kernel rejects (a negative count, a
-    window below 0: `lite.STATUS_ERRORS`) gets no replica on CUDA and a ValueError on the CPU.
+    one layer per launch, or L with `plan_layers`; the small-layer kernel where it fits) or
+    "cpu" (`lite.lite_arrays`, the CPU kernel the GPU kernels' tests compare with, entry for
+    entry); graph: on CUDA, replay the launch from a CUDA graph (`DevicePlanner`). On an H100
+    one layer took 38-46 us at ep=8 / 128 experts chained on a stream, against about 370 us
+    for the greedy's kernel (docs/planner.md, "The lite planner"). A layer the kernel rejects
+    (a negative count, a window below 0: `lite.STATUS_ERRORS`) gets no replica on CUDA and a
+    ValueError on the CPU.
     """
 
     def __init__(self, home: np.ndarray, num_slots: int, cost: CostModel,
