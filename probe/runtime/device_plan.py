@@ -24,7 +24,8 @@ gathered counts, so all ranks agree without a further collective.
 
 On CUDA the planner is `probe.planner.greedy_cuda.CudaGreedy` (method "greedy", the default) or
 `probe.planner.lite_cuda.CudaLite` (method "lite": the same kind of plan by the lite planner's
-rules, about 8x faster a layer at ep=8) and the split `probe.planner.assign_cuda.DeviceAssigner`,
+rules; one ep=8 layer replayed from a graph took 49.5 us on an H100 against 370 us for the
+greedy's kernel, docs/planner.md) and the split `probe.planner.assign_cuda.DeviceAssigner`,
 all launched on torch's current stream with the tensors taken through
 `__cuda_array_interface__` (no copy, no synchronisation). On CPU tensors (host memory; the gloo
 tests) the same code path runs their CPU twins, `probe.planner.lean.LeanGreedy` (or
