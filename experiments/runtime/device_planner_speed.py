@@ -230,21 +230,22 @@ def main(argv: list[str] | None = None) -> int:
     if not torch.cuda.is_available():
         raise SystemExit("device_planner_speed needs a GPU (CUDA graphs and events)")
     run = Manifest.start("experiments.runtime.device_planner_speed", argv)
-    rows = []
-    for config in CONFIGS:
-        rows += config_rows(config, args.repeats)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    files = [out / "device_planner_speed.json", out / "device_planner_speed.md"]
     report = {"gpu": torch.cuda.get_device_name(),
               "command": " ".join(["python3 -m experiments.runtime.device_planner_speed",
                                    *sys.argv[1:]]),
               "utc": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "chain": CHAIN,
-              "layers": LAYERS, "rows": rows}
-    report["ok"] = all(r.get("equal_cpu") is True and not r.get("error") for r in rows)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    files = [out / "device_planner_speed.json", out / "device_planner_speed.md"]
-    files[0].write_text(json.dumps(report, indent=1))
-    files[1].write_text(markdown(report))
-    run.write(out, files, name="device_planner_speed.manifest.json")
+              "layers": LAYERS, "rows": [], "finished": False}
+    for config in CONFIGS:  # the files rewritten after each config: a run cut short keeps it
+        report["rows"] += config_rows(config, args.repeats)
+        report["ok"] = all(r.get("equal_cpu") is True and not r.get("error")
+                           for r in report["rows"])
+        report["finished"] = config is CONFIGS[-1]
+        files[0].write_text(json.dumps(report, indent=1))
+        files[1].write_text(markdown(report))
+        run.write(out, files, name="device_planner_speed.manifest.json")
     print(markdown(report))
     return 0 if report["ok"] else 1
 
