@@ -146,6 +146,19 @@ class LayerPlan:
         return self.plan.assignment[rank]
 
 
+def _rows_to_host(rows: torch.Tensor, stream) -> tuple[torch.Tensor, object]:
+    """(rows on the host, the CUDA event after their copy) of plan rows made on `stream`: a
+    non-blocking copy into pinned memory and an event recorded after it on CUDA (the caller
+    is inside `torch.cuda.stream(stream)`); on the CPU (stream None) the rows and no event."""
+    if stream is None:
+        return rows, None
+    host = torch.empty(rows.shape, dtype=rows.dtype, pin_memory=True)
+    host.copy_(rows, non_blocking=True)
+    ready = torch.cuda.Event()
+    ready.record(stream)
+    return host, ready
+
+
 class Balancer:
     """Predict, gather and plan, one MoE layer ahead.
 
@@ -355,14 +368,8 @@ class Balancer:
             t1 = time.perf_counter()
             load = self.gather_device(pred, f"plan all_gather (MoE layer {layer - 1})",
                                       self.plan_group)  # [S, E]
-            rows = self.device_planner.plan(load, window)  # [R_max, 3]
-            ready = None
-            if stream is not None:
-                host = torch.empty(rows.shape, dtype=rows.dtype, pin_memory=True)
-                host.copy_(rows, non_blocking=True)
-                ready = torch.cuda.Event()
-                ready.record(stream)
-                rows = host
+            rows, ready = _rows_to_host(self.device_planner.plan(load, window),
+                                        stream)  # [R_max, 3]
             t2 = time.perf_counter()
         return PendingPlan(layer, step, rows, ready, num_ranks, self.num_experts, hold,
                            plan_s=t2 - t1, predict_s=t1 - t0)
@@ -400,15 +407,8 @@ class Balancer:
             load = self.gather_device(hist.reshape(-1), f"plan all_gather (step {step})",
                                       self.plan_group)  # [S, (L-1) E]
             load = load.reshape(num_ranks, len(layers), num_experts).permute(1, 0, 2)
-            rows = self.device_planner.plan_layers(load.contiguous(),
-                                                   windows[1:].contiguous())  # [L-1, R, 3]
-            ready = None
-            if stream is not None:
-                host = torch.empty(rows.shape, dtype=rows.dtype, pin_memory=True)
-                host.copy_(rows, non_blocking=True)
-                ready = torch.cuda.Event()
-                ready.record(stream)
-                rows = host
+            rows, ready = _rows_to_host(self.device_planner.plan_layers(
+                load.contiguous(), windows[1:].contiguous()), stream)  # [L-1, R, 3]
             plan_s = time.perf_counter() - t0
         plans = {}
         for i, layer in enumerate(layers):
