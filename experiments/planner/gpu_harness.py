@@ -156,20 +156,11 @@ def timed(fn, *, graph: bool, repeats: int, budget_s: float) -> dict:
 
 def capture(graph, launch) -> None:
     """Capture launch() into the torch.cuda.CUDAGraph `graph` on a side stream, after one
-    warm-up launch there; raises what the capture raises."""
-    import torch
+    warm-up launch there (probe.planner.numba_cuda.capture_graph); raises what the capture
+    raises."""
+    from probe.planner.numba_cuda import capture_graph
 
-    from probe.planner.numba_cuda import cuda
-
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        launch()  # warm-up on the side stream
-    torch.cuda.current_stream().wait_stream(side)
-    # defer_cleanup: numba frees no earlier allocation (cuMemFree) while the stream captures.
-    with cuda.defer_cleanup(), torch.cuda.graph(graph, stream=side):
-        launch()
-    torch.cuda.synchronize()
+    capture_graph(graph, launch)
 
 
 def gpu_name() -> str:

@@ -53,10 +53,10 @@ RANDOM_PER_LAUNCH = 20
 
 def cpu_layer(load, home, slots, window, cost, rules):
     """lite.lite_arrays' result for one layer."""
-    from probe.planner.lite import cost_ticks, home_lists, lite_arrays, plan_limits, window_ticks
+    from probe.planner.lite import cost_ticks, home_lists, lite_arrays, plan_limits, windows_ticks
 
     a, b, tt, xt = cost_ticks(cost.alpha, cost.beta, cost.token_time, cost.transfer_time)
-    wt = np.array([window_ticks(float(w)) for w in window], np.int64)
+    wt = windows_ticks(window)
     reps, blocks = plan_limits(slots, home.shape[1], home.shape[0])
     return lite_arrays(np.ascontiguousarray(load, np.int64), np.ascontiguousarray(home),
                        np.ascontiguousarray(slots, np.int64), wt, a, b, tt, xt,

@@ -67,7 +67,8 @@ from probe.planner.problem import BalanceProblem, Plan, SolveResult
 from probe.planner.scalar import pool_entry
 
 __all__ = ["GRID", "KEY_MAX_TIME", "KEY_MAX_TOKENS", "TICK", "LiteRules", "lite_arrays",
-           "lite_core", "lite_plan", "problem_ticks", "solve_lite", "window_ticks"]
+           "lite_core", "lite_plan", "problem_ticks", "solve_lite", "window_ticks",
+           "windows_ticks"]
 
 # Seconds per tick of the integer times (10 ps: an alpha of 12.4 us is 1,240,000 ticks, a token
 # time of 12.8 ns 1,280; rounding moves a cost by at most 5 ps).
@@ -137,6 +138,11 @@ def window_ticks(w):
         return _WINDOW_CAP
     return int(math.floor(q))
 
+
+
+def windows_ticks(window) -> np.ndarray:
+    """int64 [G]: each rank's window in seconds as `window_ticks` (the CPU kernel's `wt`)."""
+    return np.array([window_ticks(float(w)) for w in window], np.int64)
 
 def problem_ticks(problem: BalanceProblem) -> tuple:
     """(A, B, TT, XT) of the problem's cost model in ticks: int, int, int64 [G, G] twice."""
@@ -582,7 +588,7 @@ def kernel_args(problem: BalanceProblem, rules: LiteRules | None) -> tuple:
     """`lite_core`'s arguments for `problem` under `rules` (None: LiteRules())."""
     rules = _rules(rules)
     a, b, tt, xt = problem_ticks(problem)
-    wt = np.array([window_ticks(float(w)) for w in problem.window], np.int64)
+    wt = windows_ticks(problem.window)
     max_reps, max_blocks = plan_limits(problem.slots, problem.num_experts, problem.num_ranks)
     return (np.ascontiguousarray(problem.load, np.int64), np.ascontiguousarray(problem.home),
             np.ascontiguousarray(problem.slots, np.int64), wt, a, b, tt, xt,

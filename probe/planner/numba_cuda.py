@@ -13,6 +13,8 @@ because the builtins do not compile for every numba.cuda version), and `device`,
 a rule of probe.planner.scalar (a scalar rule of a CPU kernel) as a device function, so that
 the rule's source serves both targets.
 
+`capture_graph` captures launches of these kernels from torch tensors into a torch CUDA graph.
+
 And the warp-level helpers the planners' kernels share: the collectives (`warp_min`, `warp_max`,
 `warp_sum`, `warp_scan`, `warp_last`, `warp_any`), `warp_sync`, the combine-then-one-atomic
 updates (`lanes_add`, `lanes_max`), and `clock64`, the SM's cycle counter, for a
@@ -34,9 +36,10 @@ from numba import cuda  # noqa: E402
 
 from probe.planner import scalar  # noqa: E402
 
-__all__ = ["LINEINFO", "SIMULATOR", "WARP_SHUFFLES", "add_at", "clock64", "cuda", "device", "dmax",
-           "dmin", "lanes_add", "lanes_max", "mul", "warp_any", "warp_bits", "warp_count",
-           "warp_last", "warp_max", "warp_min", "warp_scan", "warp_sum", "warp_sync"]
+__all__ = ["LINEINFO", "SIMULATOR", "WARP_SHUFFLES", "add_at", "capture_graph", "clock64", "cuda",
+           "device", "dmax", "dmin", "lanes_add", "lanes_max", "mul", "warp_any", "warp_bits",
+           "warp_count", "warp_last", "warp_max", "warp_min", "warp_scan", "warp_sum",
+           "warp_sync"]
 
 SIMULATOR = bool(config.ENABLE_CUDASIM)
 # On a GPU the 32 lanes of a warp combine their values with shuffles (`warp_min`, `warp_max`,
@@ -245,3 +248,22 @@ def device(cpu_rule, *, inline: bool = False):
         twin.__module__ = fn.__module__
         _TWINS[key] = cuda.jit(device=True, inline=inline, **LINEINFO)(twin)
     return _TWINS[key]
+
+
+def capture_graph(graph, launch, device=None):
+    """Capture launch() into the torch.cuda.CUDAGraph `graph` and return what that captured
+    call returned: a warm-up launch on a side stream first (a kernel's compile and its lazily
+    allocated buffers happen there, outside the capture), then the capture on the same side
+    stream, with numba's frees deferred (no cuMemFree while the stream captures); the device
+    is synchronised at the end. `device`: the CUDA device (default: the current one)."""
+    import torch
+
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        launch()
+    torch.cuda.current_stream(device).wait_stream(side)
+    with cuda.defer_cleanup(), torch.cuda.graph(graph, stream=side):
+        out = launch()
+    torch.cuda.synchronize(device)
+    return out

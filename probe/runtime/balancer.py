@@ -33,8 +33,7 @@ import torch
 import torch.distributed as dist
 
 from probe.planner import BalanceProblem, CostModel, Plan, evaluate_plan
-from probe.runtime.device_plan import (DeviceGreedy, DeviceLite, PendingPlan,
-                                       device_planner, plan_rows)
+from probe.runtime.device_plan import DevicePlanner, PendingPlan, device_planner, plan_rows
 from probe.runtime.dist import DistContext, guarded
 
 __all__ = ["Balancer", "GroupReport", "LayerPlan", "LoadPredictor", "RankReport",
@@ -201,7 +200,7 @@ class Balancer:
         self._this_step: dict[int, np.ndarray] = {}
         self._this_step_dev: dict[int, torch.Tensor] = {}  # the same, kept on the device
         self.history_dev: dict[int, torch.Tensor] = {}  # `history` on the device (device path)
-        self.device_planner: DeviceGreedy | DeviceLite | None = None  # enable_device_plans
+        self.device_planner: DevicePlanner | None = None  # set by enable_device_plans
         self.side_stream: torch.cuda.Stream | None = None
         self.plan_group = ctx.group
 
@@ -336,33 +335,57 @@ class Balancer:
             logits = self.predictor(next_layer, h.to(self.dtype))  # [T, E]
             ids = torch.topk(logits, self.top_k, dim=-1).indices.reshape(-1)  # [T K]
             return counts.scatter_add_(0, ids, torch.ones_like(ids))
-        hist = self.history_dev.get(next_layer)
-        return counts if hist is None else hist.to(device=h.device, dtype=torch.int64)
+        return self._history_device(next_layer, h.device)
+
+    def _history_device(self, layer: int, device: torch.device) -> torch.Tensor:
+        """int64 [E] on `device`: this rank's true counts of `layer` last step (zeros before
+        the first step ends)."""
+        hist = self.history_dev.get(layer)
+        if hist is None:
+            return torch.zeros(self.num_experts, dtype=torch.int64, device=device)
+        return hist.to(device=device, dtype=torch.int64)
+
+    def _forced_or_held(self, layer: int, step: int) -> tuple[tuple, PendingPlan | None]:
+        """(the replicas `hold_back` makes late at (layer, step), the `PendingPlan` of the plan
+        `plan_override` forces there or None): the tests' hooks of the device path."""
+        hold = tuple((int(g), int(e)) for g, e in (
+            self.hold_back(layer, step) if self.hold_back is not None else ()))
+        forced = self.plan_override(layer, step) if self.plan_override is not None else None
+        if forced is None:
+            return hold, None
+        rows = torch.from_numpy(plan_rows(forced.replicas, forced.sources,
+                                          self.device_planner.num_rows))
+        return hold, PendingPlan(layer, step, rows, None, self.ctx.world_size,
+                                 self.num_experts, hold)
+
+    def _side_stream(self):
+        """The context the device path's planning runs in: on CUDA the side stream, ordered
+        after everything the current stream has queued; on the CPU nothing."""
+        stream = self.side_stream
+        if stream is None:
+            return contextlib.nullcontext()
+        stream.wait_stream(torch.cuda.current_stream(stream.device))
+        return torch.cuda.stream(stream)
 
     def plan_device(self, layer: int, step: int, h: torch.Tensor,
                     window: torch.Tensor) -> PendingPlan:
         """Predict and plan MoE layer `layer` from h [T, D] (the router input of the layer
         before) with device tensors: on CUDA on the side stream, ordered after everything
         the current stream has queued (the router); one all_gather of the predicted loads
-        [E] -> [S, E] on the plan group; the device planner on them and window float64 [G] (the
-        gathered windows of `layer`). Returns the `PendingPlan` (the rows reach the host by a
+        [E] -> [S, E] on the plan group; the device planner on them and window float64 [G]
+        (the gathered windows of `layer`). Returns the `PendingPlan` (the rows reach the host by a
         non-blocking copy; nothing here waits for the device). Plans are on the sharded
         home; `plan_override` (tests) replaces prediction and planning."""
         if self.device_planner is None:
             raise RuntimeError("plan_device needs enable_device_plans(device) first")
         num_ranks = self.ctx.world_size
-        hold = tuple((int(g), int(e)) for g, e in (
-            self.hold_back(layer, step) if self.hold_back is not None else ()))
-        forced = self.plan_override(layer, step) if self.plan_override is not None else None
+        hold, forced = self._forced_or_held(layer, step)
         if forced is not None:
-            rows = torch.from_numpy(plan_rows(forced.replicas, forced.sources,
-                                              self.device_planner.num_rows))
-            return PendingPlan(layer, step, rows, None, num_ranks, self.num_experts, hold)
+            return forced
         stream = self.side_stream
         if stream is not None:
-            stream.wait_stream(torch.cuda.current_stream(stream.device))
             h.record_stream(stream)  # read there: not freed before the side stream is done
-        with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+        with self._side_stream():
             t0 = time.perf_counter()
             pred = self.predict_device(layer, h)  # [E]
             t1 = time.perf_counter()
@@ -394,35 +417,22 @@ class Balancer:
         layers = range(1, int(windows.shape[0]))
         if not layers:
             return {}
-        device = windows.device
-        stream = self.side_stream
-        if stream is not None:
-            stream.wait_stream(torch.cuda.current_stream(stream.device))
-        with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+        with self._side_stream():
             t0 = time.perf_counter()
-            zeros = torch.zeros(num_experts, dtype=torch.int64, device=device)
-            hist = torch.stack([self.history_dev.get(k, zeros).to(device=device,
-                                                                  dtype=torch.int64)
+            hist = torch.stack([self._history_device(k, windows.device)
                                 for k in layers])  # [L-1, E]
             load = self.gather_device(hist.reshape(-1), f"plan all_gather (step {step})",
                                       self.plan_group)  # [S, (L-1) E]
             load = load.reshape(num_ranks, len(layers), num_experts).permute(1, 0, 2)
             rows, ready = _rows_to_host(self.device_planner.plan_layers(
-                load.contiguous(), windows[1:].contiguous()), stream)  # [L-1, R, 3]
+                load.contiguous(), windows[1:].contiguous()), self.side_stream)  # [L-1, R, 3]
             plan_s = time.perf_counter() - t0
         plans = {}
         for i, layer in enumerate(layers):
-            hold = tuple((int(g), int(e)) for g, e in (
-                self.hold_back(layer, step) if self.hold_back is not None else ()))
-            forced = self.plan_override(layer, step) if self.plan_override is not None else None
-            if forced is not None:
-                forced_rows = torch.from_numpy(plan_rows(forced.replicas, forced.sources,
-                                                         self.device_planner.num_rows))
-                plans[layer] = PendingPlan(layer, step, forced_rows, None, num_ranks,
-                                           num_experts, hold)
-            else:
-                plans[layer] = PendingPlan(layer, step, rows[i], ready, num_ranks, num_experts,
-                                           hold, plan_s=plan_s if i == 0 else 0.0)
+            hold, forced = self._forced_or_held(layer, step)
+            plans[layer] = forced if forced is not None else PendingPlan(
+                layer, step, rows[i], ready, num_ranks, num_experts, hold,
+                plan_s=plan_s if i == 0 else 0.0)
         return plans
 
     # -- plan ---------------------------------------------------------------------------------

@@ -115,19 +115,11 @@ class Replay:
 
     def __init__(self, fn, inputs: list[tuple[tuple[int, ...], torch.dtype]],
                  device: torch.device) -> None:
-        from probe.planner.numba_cuda import cuda
+        from probe.planner.numba_cuda import capture_graph
 
         self.inputs = [torch.zeros(shape, dtype=dtype, device=device) for shape, dtype in inputs]
-        side = torch.cuda.Stream(device)
-        side.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(side):
-            fn(*self.inputs)  # compiles; nothing is allocated at a replay
-        torch.cuda.current_stream(device).wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
-        # defer_cleanup: numba frees no earlier allocation while the stream captures.
-        with cuda.defer_cleanup(), torch.cuda.graph(self.graph, stream=side):
-            self.output = fn(*self.inputs)
-        torch.cuda.synchronize(device)
+        self.output = capture_graph(self.graph, lambda: fn(*self.inputs), device)
 
     def __call__(self, *args: torch.Tensor) -> torch.Tensor:
         for buf, arg in zip(self.inputs, args, strict=True):
@@ -144,8 +136,8 @@ class DevicePlanner:
     a plan at ep=8 against 46 us on the GPU, H100 run 18). The graph's plans are the eager
     launch's (the same kernel on the same values).
 
-    Subclasses set num_ranks, num_experts, num_rows and `_cuda` (None on the CPU) and define
-    `_launch(load, window)` (CUDA: the kernel's replica rows [R_max, 3], its own buffer) and
+    Subclasses set num_ranks, num_experts, num_rows and call `_set_cuda` (which makes `_cuda`
+    on CUDA), and define `_new_cuda(num_layers)` (the CUDA planner) and
     `_host_rows(load, window)` (CPU: numpy rows [n, 3] of the CPU twin)."""
 
     num_ranks: int
@@ -220,6 +212,10 @@ class DevicePlanner:
         """The CUDA planner (CudaGreedy or CudaLite) for num_layers layers a launch."""
         raise NotImplementedError
 
+    def _launch(self, load: torch.Tensor, window: torch.Tensor) -> torch.Tensor:
+        """One layer's launch on CUDA: the kernel's replica rows [R_max, 3] (its buffer)."""
+        return self._cuda.plan(load[None], window[None]).replicas[0]
+
 
 class DeviceGreedy(DevicePlanner):
     """The greedy planner (GreedyRules() defaults, the runtime's "greedy") for one placement,
@@ -249,9 +245,6 @@ class DeviceGreedy(DevicePlanner):
         from probe.planner.greedy_cuda import CudaGreedy
 
         return CudaGreedy(self.home, self.num_slots, self.cost, num_layers=num_layers)
-
-    def _launch(self, load: torch.Tensor, window: torch.Tensor) -> torch.Tensor:
-        return self._cuda.plan(load[None], window[None]).replicas[0]
 
     def _host_rows(self, load: np.ndarray, window: np.ndarray) -> np.ndarray:
         return self._lean.plan(load, window).replicas
@@ -304,15 +297,12 @@ class DeviceLite(DevicePlanner):
         return CudaLite(self.home, self.num_slots, self.cost, self.rules,
                         num_layers=num_layers, threads=lite_threads(self.num_ranks))
 
-    def _launch(self, load: torch.Tensor, window: torch.Tensor) -> torch.Tensor:
-        return self._cuda.plan(load[None], window[None]).replicas[0]
-
     def _host_rows(self, load: np.ndarray, window: np.ndarray) -> np.ndarray:
         from probe.planner import lite
 
         args = list(self._args)
         args[0] = np.ascontiguousarray(load)
-        args[3] = np.array([lite.window_ticks(float(w)) for w in window], np.int64)
+        args[3] = lite.windows_ticks(window)
         status, rep = lite.lite_arrays(*args)[:2]
         if status:
             raise ValueError(f"lite planner: {lite.STATUS_ERRORS[int(status)]}")

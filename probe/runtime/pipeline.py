@@ -456,15 +456,16 @@ class EPRunner:
         window = np.full(num_ranks, self.opts.default_window_s)  # [G]
         t0 = time.perf_counter()
         if self.device_plans:  # the device kernels' one-time compile (and graph capture)
+            on_cuda = self.device.type == "cuda"
             load_d = torch.as_tensor(load).to(self.device)
             window_d = torch.as_tensor(window).to(self.device)
             planner = self.balancer.device_planner
             planner.plan(load_d, window_d)
-            if self.predictors is None and len(self.blocks) > 1:  # the step's launch
-                steps = len(self.blocks) - 1
+            if on_cuda and self.predictors is None and len(self.blocks) > 1:
+                steps = len(self.blocks) - 1  # the history's launch of a step's layers
                 planner.plan_layers(load_d.expand(steps, -1, -1), window_d.expand(steps, -1))
             self.splitter.quota(load_d, self._home_dev)
-            if self.device.type == "cuda":
+            if on_cuda:
                 torch.cuda.synchronize(self.device)
         elif self.plans_replicas:
             self._solve(self.balancer.problem(load, window))
