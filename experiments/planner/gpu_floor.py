@@ -16,7 +16,8 @@ Rows: a torch op on a one-element tensor and an empty Numba kernel (one array ar
 the planner kernel's own argument tuple: the same parameter buffer), the floors; then the lite
 kernel (probe.planner.lite_cuda.CudaLite: the small-layer kernel at ep=8, the generic one at
 ep=64) with its rounds capped at 1, 2 and 4 and with the default rules, each plan checked
-against the CPU kernel's. A GPU only (the simulator has no graphs).
+against the CPU kernel's; at ep=64 also 4, 6 and 8 rounds with every rank above the mean
+hot (hot_sixteenths 16). A GPU only (the simulator has no graphs).
 """
 
 from __future__ import annotations
@@ -28,6 +29,9 @@ from experiments.planner import gpu_harness as harness
 CONFIGS = (("ep=8, E=128", "qwen3-235b-a22b", "h200x8", 8, 128, 128),
            ("ep=64, E=256", "deepseek-v3", "h200x8-n8", 64, 256, 512))
 ROUND_CAPS = (1, 2, 4, None)
+# At ep=64 also the rules with every rank above the mean hot (hot_sixteenths 16): more pairs a
+# round, and fewer rounds for a given IR on these layers (experiments.planner.lite_rounds).
+HOT_ALL = ((4, 16), (6, 16), (8, 16))
 CHAIN = 20
 
 
@@ -90,13 +94,17 @@ def config_rows(config, repeats: int, budget_s: float) -> list[dict]:
     timed(f"empty Numba kernel, the planner kernel's {len(args)} arguments",
           lambda: wide[1, threads, stream()](*args), arguments=len(args))
 
-    for cap in ROUND_CAPS:
-        rules = LiteRules() if cap is None else LiteRules(max_rounds=cap)
+    variants = [LiteRules() if cap is None else LiteRules(max_rounds=cap) for cap in ROUND_CAPS]
+    if ranks > 16:
+        variants += [LiteRules(max_rounds=r, hot_sixteenths=h) for r, h in HOT_ALL]
+    for rules in variants:
         lite = CudaLite(home, slots, cost, rules, num_layers=1, threads=threads)
         got = gpu_layers(lite.plan(load_d, window_d), 1)[0]
         ref = cpu_layer(load[0], home[0], slots, window[0], cost, rules)
         kernel = "small" if lite.small else "generic"
         label = f"lite, {kernel} kernel, max_rounds {rules.max_rounds}"
+        if rules.hot_sixteenths != LiteRules().hot_sixteenths:
+            label += f", hot_sixteenths {rules.hot_sixteenths}"
         timed(label, lambda lite=lite: lite.plan(load_d, window_d), rounds=int(ref[4]),
               moves=int(ref[5]), same_plan=same(ref, got), threads=threads)
     return out
