@@ -28,8 +28,8 @@ from probe.planner.assign import assign_tokens
 from probe.planner.problem import BalanceProblem
 from probe.runtime.balancer import Balancer, solve_plan
 from probe.runtime.device_plan import (DEVICE_PLANNERS, DISPATCH_MOVES, DeviceLite,
-                                       DeviceSplit, device_planner, host_view, plan_rows,
-                                       rows_to_plan)
+                                       DeviceSplit, device_planner, host_view, plan_quota,
+                                       plan_rows, rows_to_plan)
 from probe.runtime.dispatch import DispatchOptions
 from probe.runtime.pipeline import EPRunner, PipelineOptions
 
@@ -61,6 +61,56 @@ def test_device_planner_on_cpu_tensors_plans_what_the_host_planner_plans(num_ran
         assert (rows.numpy()[int(replicas.sum()):] == -1).all()  # padding rows
         replicas_seen += int(replicas.sum())
     assert replicas_seen > 0
+
+
+@pytest.mark.parametrize("method", ["greedy", "lite"])
+@pytest.mark.parametrize("num_ranks", [2, 4])
+def test_device_planner_split_is_the_host_plans_assignment_row(num_ranks, method):
+    """With split_rank, each plan also gives that rank's row of the plan's token split: the
+    host planner's Plan.assignment[rank], one layer at a time and in the L-layer call."""
+    num_experts, slots = 16, 2
+    home = sharded_home(num_experts, num_ranks)
+    cost = _cost(num_ranks)
+    rng = np.random.default_rng(30 + num_ranks)
+    loads = [rng.integers(0, 30, (num_ranks, num_experts)) * (
+        1 + 40 * (np.arange(num_experts) == rng.integers(num_experts))) for _ in range(6)]
+    windows = [rng.uniform(0.0, 2e-4, num_ranks) for _ in loads]
+    wants = [solve_plan(BalanceProblem.from_load(x, cost, slots, w, home), method)
+             for x, w in zip(loads, windows, strict=True)]
+    assert sum(int(p.replicas.sum()) for p in wants) > 0
+    for rank in range(num_ranks):
+        planner = device_planner(method, home, slots, cost, torch.device("cpu"),
+                                 split_rank=rank)
+        plain = device_planner(method, home, slots, cost, torch.device("cpu"))
+        assert plain.plan_split(torch.as_tensor(loads[0]), torch.as_tensor(windows[0]))[1] is None
+        for load, window, want in zip(loads, windows, wants, strict=True):
+            rows, quota = planner.plan_split(torch.as_tensor(load), torch.as_tensor(window))
+            assert torch.equal(rows, plain.plan(torch.as_tensor(load), torch.as_tensor(window)))
+            assert quota.dtype == torch.int64 and quota.shape == (num_experts, num_ranks)
+            assert np.array_equal(quota.numpy(), want.assignment[rank])
+        rows, quotas = planner.plan_layers_split(torch.as_tensor(np.stack(loads)),
+                                                 torch.as_tensor(np.stack(windows)))
+        assert rows.shape == (len(loads), planner.num_rows, 3)
+        assert np.array_equal(quotas.numpy(), np.stack([w.assignment[rank] for w in wants]))
+
+
+def test_plan_quota_and_split_rank_are_checked():
+    load = torch.tensor([[[3, 0, 5], [1, 2, 0]]])  # [L=1, S=2, E=3]
+    owner = torch.tensor([0, 1, 1])
+    blk_expert = torch.tensor([[2, -1]])  # expert 2 moved; the second block is padding
+    blk_assign = torch.zeros((1, 2, 2, 2), dtype=torch.int64)
+    blk_assign[0, 0] = torch.tensor([[2, 3], [0, 0]])  # rank 0's 5 pairs: 2 on 0, 3 on 1
+    quota = plan_quota(load, owner, blk_expert, blk_assign, 0)[0]
+    assert quota.tolist() == [[3, 0], [0, 0], [2, 3]]
+    assert plan_quota(load, owner, blk_expert, blk_assign, 1)[0].tolist() == [[1, 0], [0, 2],
+                                                                              [0, 0]]
+    home = sharded_home(8, 2)
+    with pytest.raises(ValueError, match="split_rank must be a rank"):
+        device_planner("greedy", home, 1, _cost(2), torch.device("cpu"), split_rank=2)
+    both = home.copy()
+    both[:, 3] = True
+    with pytest.raises(ValueError, match="one home per expert; expert 3 has 2"):
+        device_planner("lite", both, 1, _cost(2), torch.device("cpu"), split_rank=0)
 
 
 def test_device_split_on_cpu_tensors_is_assign_tokens():
@@ -106,6 +156,8 @@ def test_plan_on_is_validated():
                                              resident_slots=1))
     with pytest.raises(ValueError, match="plan_on='device' plans with method"):
         EPRunner(model, ctx, PipelineOptions(plan_on="device", method="cpsat"))
+    with pytest.raises(ValueError, match="device_split must be one of"):
+        EPRunner(model, ctx, PipelineOptions(plan_on="device", device_split="lp"))
 
 
 def test_device_lite_rejects_a_negative_count_by_name():
@@ -138,15 +190,19 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
         "late": dict(plan_override=lambda layer, step: plans[(layer, step)],
                      hold_back=lambda layer, step: hold_all[(layer, step)]),
         "lite": dict(greedy, method="lite"),  # the lite planner's device path
+        # the plan's own split at dispatch (device_split "plan"), planned and forced plans
+        "plansplit": dict(greedy, device_split="plan"),
+        "randomsplit": dict(plan_override=lambda layer, step: plans[(layer, step)],
+                            wait_for_replicas=True, device_split="plan"),
     }
     for mode in ("exact", "fixed"):
         for name, kw in scenarios.items():
-            if mode == "exact" and name in ("random", "late", "lite"):
+            if mode == "exact" and name in ("random", "late", "lite", "randomsplit"):
                 continue  # one pass of the exact path per predictor is enough here
             runner = EPRunner(model, ctx, PipelineOptions(
                 num_slots=SLOTS, plan_on="device", record_steps=True,
                 dispatch=DispatchOptions(mode, FIXED.capacity_factor), **kw), cost=_cost(world))
-            for step in range(2 if name in ("random", "late") else 3):
+            for step in range(2 if name in ("random", "late", "randomsplit") else 3):
                 logits, st, syncs = _forward_counted(runner, model, rank, step)
                 out[f"{mode}_{name}{step}"] = logits
                 out[f"{mode}_{name}_stats{step}"] = st.as_dict()
@@ -159,12 +215,12 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
     windows = np.array([1.0, 0.5 + rank, 2.0]) * 1e-5  # [L], different on every rank
     all_windows = torch.as_tensor(np.stack([np.array([1.0, 0.5 + g, 2.0]) * 1e-5
                                             for g in range(world)]).T.copy())  # [L, G]
-    out["same_plans"], out["device_replicas"] = [], {}
+    out["same_plans"], out["device_replicas"], out["same_quota"] = [], {}, []
     for method in ("greedy", "lite"):
         balancer = Balancer(ctx, num_experts=NUM_EXPERTS, top_k=2,
                             home=sharded_home(NUM_EXPERTS, world), cost=_cost(world),
                             num_slots=SLOTS, method=method)
-        balancer.enable_device_plans(torch.device("cpu"))
+        balancer.enable_device_plans(torch.device("cpu"), split="plan")
         skew = np.random.default_rng(10 + rank)
         balancer.history = {k: skew.integers(0, 4, NUM_EXPERTS) * (1 + 20 * (np.arange(
             NUM_EXPERTS) == k)) for k in range(3)}  # one hot expert per layer
@@ -179,6 +235,9 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
             replicas, sources = pending.resolve()
             out["same_plans"].append(same_plan(layer_plan.plan, type(layer_plan.plan)(
                 replicas, sources, layer_plan.plan.assignment)))
+            # the split's quota is the host plan's row of this rank
+            out["same_quota"].append(np.array_equal(pending.quota.numpy(),
+                                                    layer_plan.quota(rank)))
             out["device_replicas"][method] += pending.num_replicas
         # the step's plans in one launch (history predictor) equal the layer-by-layer ones
         ahead = balancer.plan_ahead_device(0, all_windows)
@@ -204,7 +263,7 @@ def test_device_plans_match_single_process_without_host_sync(world, tmp_path):
     for rank, out in enumerate(outs):
         logit_keys = [k for k in out if k[-1].isdigit() and "_stats" not in k
                       and "_syncs" not in k]
-        assert len(logit_keys) == 3 + 3 + 2 + 2 + 3 + 3 + 3
+        assert len(logit_keys) == 3 + 3 + 2 + 2 + 3 + 3 + 3 + 3 + 3 + 2
         for key in logit_keys:
             diff = _max_diff(out[key], _reference_logits(model, rank, int(key[-1])))
             assert diff <= EP_TOL, f"rank {rank} {key}: max abs diff {diff}"
@@ -215,9 +274,10 @@ def test_device_plans_match_single_process_without_host_sync(world, tmp_path):
               f"{out['exact_history_syncs1']}, fixed history {out['fixed_history_syncs1']}, "
               f"fixed prior {out['fixed_prior_syncs1']}")
         assert all(out[f"fixed_{n}_no_sync_layers"]
-                   for n in ("history", "prior", "random", "lite"))
+                   for n in ("history", "prior", "random", "lite", "plansplit", "randomsplit"))
         assert not out["exact_history_no_sync_layers"]
         assert out["same_plans"] == [True] * 4, out["same_plans"]
+        assert out["same_quota"] == [True] * 4, out["same_quota"]
         assert min(out["device_replicas"].values()) > 0, out["device_replicas"]
         assert out["ahead_layers"] == [[1, 2], [1, 2]] and out["ahead_same"] == [True] * 4
     stats = outs[0]
@@ -239,6 +299,12 @@ def test_device_plans_match_single_process_without_host_sync(world, tmp_path):
     assert sum(sum(st["replicas_planned"]) for st in lite) > 0
     assert sum(sum(st["replicas_used"]) for st in lite) > 0
     assert sum(sum(st["fallback_pairs"]) for st in lite) == 0
+    # the plan's own split: the planned replicas run pairs, and with every replica waited for
+    # nothing falls back (the exact and the fixed dispatch alike)
+    for key, steps in (("exact_plansplit", 3), ("fixed_plansplit", 3), ("fixed_randomsplit", 2)):
+        got = [stats[f"{key}_stats{s}"] for s in range(steps)]
+        assert sum(sum(st["replicas_used"]) for st in got) > 0, key
+        assert sum(sum(st["fallback_pairs"]) for st in got) == 0, key
     late = stats["fixed_late_stats0"]
     assert sum(late["replicas_arrived"]) == 0 and sum(late["replicas_planned"]) > 0
 

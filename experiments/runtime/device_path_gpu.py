@@ -6,8 +6,10 @@ no host sync inside a MoE layer, and the logits equal the model's without the ru
 A tiny random Qwen3-MoE model (3 MoE layers, 8 experts, top-2, fp64) on CUDA, wrapped by an
 `EPRunner` with one rank (DistContext without a process group: every gather is the rank's own
 row), `plan_on="device"`, fixed-capacity dispatch, policy "probe", for each planner method
-("greedy", "lite") and predictor ("history": the step's plans in one launch at its start;
-"router": the router prior, layer by layer): 4 steps of skewed batches. With one rank there is
+("greedy", "lite"), predictor ("history": the step's plans in one launch at its start;
+"router": the router prior, layer by layer) and dispatch-time split ("waterfill": the true
+counts split by the assignment kernel; "plan": the plan's own split, made with the plan on the
+side stream): 4 steps of skewed batches. With one rank there is
 nothing to move (every expert is home), so this checks the path itself on a GPU: the device
 planners' and the split's CUDA graphs captured at the warm-up and replayed, the side stream,
 the pinned copies and the event the issuer thread polls, and torch's sync debug mode ("error")
@@ -36,7 +38,7 @@ def batch(step: int):
     return ids, lens
 
 
-def run_case(method: str, predictor: str, device_name: str) -> dict:
+def run_case(method: str, predictor: str, split: str, device_name: str) -> dict:
     import torch
 
     from probe.predictor import router_prior
@@ -62,7 +64,7 @@ def run_case(method: str, predictor: str, device_name: str) -> dict:
     t0 = time.perf_counter()
     runner = EPRunner(model, ctx, PipelineOptions(
         num_slots=2, plan_on="device", method=method, predictor=pred, default_window_s=1.0,
-        dispatch=DispatchOptions("fixed", 2.0)))
+        dispatch=DispatchOptions("fixed", 2.0), device_split=split))
     setup_s = time.perf_counter() - t0
     diffs, errors = [], []
     for ids, lens in batches:
@@ -87,9 +89,10 @@ def run_case(method: str, predictor: str, device_name: str) -> dict:
         diffs.append(got)
     max_diff = max(float((g - w).abs().max()) for g, w in zip(diffs, want, strict=True))
     planner = runner.balancer.device_planner
-    row = {"method": method, "predictor": predictor, "steps": STEPS,
+    row = {"method": method, "predictor": predictor, "split": split, "steps": STEPS,
            "planner": type(planner).__name__, "planner_graph": bool(planner.graph),
-           "split_graph": bool(runner.splitter.graph), "setup_s": round(setup_s, 2),
+           "split_graph": bool(runner.splitter.graph) if runner.splitter else None,
+           "setup_s": round(setup_s, 2),
            "max_abs_logit_diff": max_diff, "sync_errors": errors,
            "ok": max_diff <= 1e-10 and not errors}
     runner.close()
@@ -112,13 +115,14 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for method in ("greedy", "lite"):
         for predictor in ("history", "router"):
-            try:
-                row = run_case(method, predictor, args.device)
-            except Exception as exc:  # recorded, and the run goes on
-                row = {"method": method, "predictor": predictor, "ok": False,
-                       "error": f"{type(exc).__name__}: {exc}"[:500]}
-            print(json.dumps(row), flush=True)
-            rows.append(row)
+            for split in ("waterfill", "plan"):
+                try:
+                    row = run_case(method, predictor, split, args.device)
+                except Exception as exc:  # recorded, and the run goes on
+                    row = {"method": method, "predictor": predictor, "split": split,
+                           "ok": False, "error": f"{type(exc).__name__}: {exc}"[:500]}
+                print(json.dumps(row), flush=True)
+                rows.append(row)
     gpu = torch.cuda.get_device_name() if args.device == "cuda" else "CPU"
     report = {"gpu": gpu, "utc": time.strftime("%Y-%m-%d %H:%M UTC",
                                                                          time.gmtime()),

@@ -18,10 +18,12 @@ launch captured once and replayed, `DevicePlanner(graph=True)`):
   only, per plan (what a plan holds the side stream for when the host keeps ahead);
 - == CPU: every layer's replicas and sources equal the CPU twin's (the same class on CPU
   tensors), under both launches.
-Then a step's plans in one launch (`plan_layers`, what the history predictor's step-ahead
-plans take: the model's layers, 94 for qwen3-235b-a22b, 58 for deepseek-v3), and the
-dispatch-time split (DeviceSplit, water-filling without the exchange step) of the layers'
-true counts over home + the lite plans' replicas (rank 0's quota).
+Each planner also with rank 0's row of the plan's token split made in the same launch or
+graph (`split_rank=0`, `plan_split`: the dispatch's quota under device_split "plan"), checked
+against the CPU twin's. Then a step's plans in one launch (`plan_layers`, what the history
+predictor's step-ahead plans take: the model's layers, 94 for qwen3-235b-a22b, 58 for
+deepseek-v3), and the dispatch-time split (DeviceSplit, water-filling without the exchange
+step) of the layers' true counts over home + the lite plans' replicas (rank 0's quota).
 A GPU only (CUDA graphs and events).
 """
 
@@ -141,6 +143,30 @@ def config_rows(config, repeats: int) -> list[dict]:
                    "replicas": int(np.median([rep.sum() for rep, _ in want]))}
             rows.append(timed_row(row, lambda m=make, g=launch == "graph": m(graph=g), check,
                                   lambda p, i: p.plan(loads[i], windows[i]), LAYERS, repeats))
+        # the plan with rank 0's row of its token split, in the same launch or graph (the
+        # dispatch's quota under device_split "plan")
+        split_twin = device_planner(method, home[0], num_slots, cost, cpu, split_rank=0)
+        qwant = [split_twin.plan_split(torch.as_tensor(x), torch.as_tensor(w))[1].numpy()
+                 for x, w in zip(load, window, strict=True)]
+
+        def check_quota(planner, qwant=qwant, check=check):
+            return check(planner) and all(
+                np.array_equal(planner.plan_split(x, w)[1].cpu().numpy(), q)
+                for x, w, q in zip(loads, windows, qwant, strict=True))
+
+        def make_quota(method=method, graph=False):
+            planner = device_planner(method, home[0], num_slots, cost, torch.device("cuda"),
+                                     graph=graph, split_rank=0)
+            planner.capture()
+            planner.plan_split(loads[0], windows[0])
+            return planner
+
+        for launch in LAUNCHES:
+            row = {"config": name, "what": f"plan + rank 0's quota ({method})",
+                   "launch": launch, "replicas": int(np.median([rep.sum() for rep, _ in want]))}
+            rows.append(timed_row(row, lambda m=make_quota, g=launch == "graph": m(graph=g),
+                                  check_quota, lambda p, i: p.plan_split(loads[i], windows[i]),
+                                  LAYERS, repeats))
     # a step's plans in one launch (plan_layers: the history predictor's step-ahead plans)
     step_layers = model_preset(model).num_layers
     sload, _, _, swindow, _ = decode_layers(model, hardware, ranks, experts, step_layers)

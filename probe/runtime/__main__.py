@@ -143,6 +143,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "copies present "
                         "by the assignment kernel; with --dispatch fixed no host read per MoE "
                         "layer for either predictor); docs/runtime.md 'Planning on the device'")
+    p.add_argument("--device-split", choices=["waterfill", "plan"], default="waterfill",
+                   help="--plan-on device: each layer's dispatch-time split: waterfill (the "
+                        "TRUE counts over the copies present, solved between the router and "
+                        "the dispatch; default) | plan (the plan's own split, made with the "
+                        "plan on the side stream and scaled to the true counts, as the host "
+                        "path runs PROBE's plans: nothing solved at dispatch)")
     p.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None,
                    help="decode through the static KV cache and per-batch-size CUDA graphs "
                         "(one rank: on by default for CUDA, off on CPU, where it runs the same "
@@ -333,7 +339,7 @@ def run(args) -> dict | None:
         predictor=predictor, method=args.method, hardware=args.hardware, policy=slots.policy,
         resident_slots=slots.resident, replan_interval=args.replan_interval,
         replan_window=args.replan_window, record_steps=bool(args.step_log),
-        dispatch=dispatch, plan_on=args.plan_on))
+        dispatch=dispatch, plan_on=args.plan_on, device_split=args.device_split))
     if args.step_log and runner is None:
         raise SystemExit("probe.runtime: --step-log needs the expert-parallel runner "
                          "(more than one rank, or --no-cuda-graphs)")
@@ -381,7 +387,9 @@ def run(args) -> dict | None:
                                  "capacity": runner.capacity if runner else None,
                                  "no_sync_layers": runner.no_sync_layers if runner else False,
                                  "plan_on": ("device" if runner and runner.device_plans
-                                             else "host")},
+                                             else "host"),
+                                 "device_split": (args.device_split if runner
+                                                  and runner.device_plans else None)},
                     "generated_tokens": sum(len(r.tokens) for r in results.values()),
                     "tokens": {rid: r.tokens for rid, r in results.items()}})
     if device.type == "cuda":

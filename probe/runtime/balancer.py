@@ -33,7 +33,8 @@ import torch
 import torch.distributed as dist
 
 from probe.planner import BalanceProblem, CostModel, Plan, evaluate_plan
-from probe.runtime.device_plan import DevicePlanner, PendingPlan, device_planner, plan_rows
+from probe.runtime.device_plan import (DEVICE_SPLITS, DevicePlanner, PendingPlan, device_planner,
+                                       plan_rows)
 from probe.runtime.dist import DistContext, guarded
 
 __all__ = ["Balancer", "GroupReport", "LayerPlan", "LoadPredictor", "RankReport",
@@ -202,6 +203,7 @@ class Balancer:
         self.history_dev: dict[int, torch.Tensor] = {}  # `history` on the device (device path)
         self.device_planner: DevicePlanner | None = None  # set by enable_device_plans
         self.side_stream: torch.cuda.Stream | None = None
+        self.device_split = "waterfill"  # set by enable_device_plans
         self.plan_group = ctx.group
 
     # -- predict ------------------------------------------------------------------------------
@@ -299,15 +301,21 @@ class Balancer:
     # -- the device path (probe.runtime.device_plan) -------------------------------------------
     def enable_device_plans(self, device: torch.device,
                             plan_group: dist.ProcessGroup | None = None, *,
-                            graph: bool = False) -> None:
+                            graph: bool = False, split: str = "waterfill") -> None:
         """Plan on the device (`plan_device`): the planner of `method` on `device` (the
         greedy, or the lite planner: `device_plan.DEVICE_PLANNERS`) and, on CUDA, a side
         stream for predicting and planning; the predicted loads are gathered on `plan_group`
         (default `ctx.group`; on NCCL a group of its own keeps that gather from queueing
         behind the dispatch's all-to-alls on one communicator); graph: on CUDA, replay the
-        planner's launches from CUDA graphs (`device_plan.Replay`)."""
-        self.device_planner = device_planner(self.method, self.home, self.num_slots,
-                                             self.cost, device, graph=graph)
+        planner's launches from CUDA graphs (`device_plan.Replay`); split: the dispatch-time
+        split (`device_plan.DEVICE_SPLITS`; "plan": every `PendingPlan` carries this rank's
+        quota of the plan's split)."""
+        if split not in DEVICE_SPLITS:
+            raise ValueError(f"device split must be one of {DEVICE_SPLITS}, got {split!r}")
+        self.device_split = split
+        self.device_planner = device_planner(
+            self.method, self.home, self.num_slots, self.cost, device, graph=graph,
+            split_rank=self.ctx.rank if split == "plan" else None)
         self.side_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         if plan_group is not None:
             self.plan_group = plan_group
@@ -355,8 +363,12 @@ class Balancer:
             return hold, None
         rows = torch.from_numpy(plan_rows(forced.replicas, forced.sources,
                                           self.device_planner.num_rows))
+        quota = None
+        if self.device_split == "plan":
+            quota = torch.as_tensor(np.ascontiguousarray(forced.assignment[self.ctx.rank]),
+                                    dtype=torch.int64, device=self.device_planner.device)
         return hold, PendingPlan(layer, step, rows, None, self.ctx.world_size,
-                                 self.num_experts, hold)
+                                 self.num_experts, hold, quota=quota)
 
     def _side_stream(self):
         """The context the device path's planning runs in: on CUDA the side stream, ordered
@@ -391,11 +403,11 @@ class Balancer:
             t1 = time.perf_counter()
             load = self.gather_device(pred, f"plan all_gather (MoE layer {layer - 1})",
                                       self.plan_group)  # [S, E]
-            rows, ready = _rows_to_host(self.device_planner.plan(load, window),
-                                        stream)  # [R_max, 3]
+            rows, quota = self.device_planner.plan_split(load, window)  # [R_max, 3]
+            rows, ready = _rows_to_host(rows, stream)
             t2 = time.perf_counter()
         return PendingPlan(layer, step, rows, ready, num_ranks, self.num_experts, hold,
-                           plan_s=t2 - t1, predict_s=t1 - t0)
+                           quota=quota, plan_s=t2 - t1, predict_s=t1 - t0)
 
     def plan_ahead_device(self, step: int, windows: torch.Tensor) -> dict[int, PendingPlan]:
         """The device path's plans of MoE layers 1 .. L-1 of this step, made at its start from
@@ -424,15 +436,16 @@ class Balancer:
             load = self.gather_device(hist.reshape(-1), f"plan all_gather (step {step})",
                                       self.plan_group)  # [S, (L-1) E]
             load = load.reshape(num_ranks, len(layers), num_experts).permute(1, 0, 2)
-            rows, ready = _rows_to_host(self.device_planner.plan_layers(
-                load.contiguous(), windows[1:].contiguous()), self.side_stream)  # [L-1, R, 3]
+            rows, quotas = self.device_planner.plan_layers_split(
+                load.contiguous(), windows[1:].contiguous())  # [L-1, R, 3], [L-1, E, G]
+            rows, ready = _rows_to_host(rows, self.side_stream)
             plan_s = time.perf_counter() - t0
         plans = {}
         for i, layer in enumerate(layers):
             hold, forced = self._forced_or_held(layer, step)
             plans[layer] = forced if forced is not None else PendingPlan(
                 layer, step, rows[i], ready, num_ranks, num_experts, hold,
-                plan_s=plan_s if i == 0 else 0.0)
+                quota=None if quotas is None else quotas[i], plan_s=plan_s if i == 0 else 0.0)
         return plans
 
     # -- plan ---------------------------------------------------------------------------------

@@ -50,15 +50,22 @@ from probe.planner import CostModel
 from probe.planner.greedy import UNLIMITED_MOVES
 from probe.planner.greedy_rules import GreedyRules
 
-__all__ = ["DEVICE_PLANNERS", "DISPATCH_MOVES", "DeviceGreedy", "DeviceLite", "DevicePlanner",
-           "DeviceSplit", "PendingPlan", "Replay", "device_planner", "host_view",
-           "plan_rows", "rows_to_plan"]
+__all__ = ["DEVICE_PLANNERS", "DEVICE_SPLITS", "DISPATCH_MOVES", "DeviceGreedy", "DeviceLite",
+           "DevicePlanner", "DeviceSplit", "PendingPlan", "Replay", "device_planner",
+           "host_view", "plan_quota", "plan_rows", "rows_to_plan"]
 
 # The dispatch-time split runs without the assignment's exchange step (`moves=0`, on the GPU and
 # in its host twin alike): it sits between the router and the dispatch, and on an H100 one
 # layer's assignment as a replayed graph took 2,286 us with the exchange (20 moves) and 346 us
 # without it (results/h100, run 5).
 DISPATCH_MOVES = 0
+
+# The device path's dispatch-time split (`PipelineOptions.device_split`): "waterfill", the TRUE
+# counts split over the copies present (`DeviceSplit`), or "plan", the plan's own token split
+# (this rank's row, `plan_quota`, made with the plan on the side stream and scaled to the true
+# counts by the dispatch, as the host path's PROBE policy runs its plans): no solve between
+# the router and the dispatch.
+DEVICE_SPLITS = ("waterfill", "plan")
 
 
 def host_view(t: torch.Tensor) -> np.ndarray:
@@ -128,31 +135,72 @@ class Replay:
         return self.output
 
 
+def plan_quota(load: torch.Tensor, owner: torch.Tensor, blk_expert: torch.Tensor,
+               blk_assign: torch.Tensor, rank: int) -> torch.Tensor:
+    """Rank `rank`'s row of L plans' token split: int64 [L, E, G], where the rank's pairs of
+    each expert should run, from the planners' compact output on any device, with no host
+    read: load int64 [L, S, E] (what was planned), owner int64 [E] (each expert's one home),
+    blk_expert int64 [L, B] (the experts whose tokens moved, -1 past the plan's) and
+    blk_assign int64 [L, B, S, G] (their [S, G] blocks). An expert that did not move keeps the
+    static split: all of its pairs at its home; a moved one, its block's row `rank`. The
+    plan's `Plan.assignment[rank]` (a host plan's `LayerPlan.quota`), entry for entry."""
+    num_layers, _, num_experts = load.shape
+    num_ranks = blk_assign.shape[-1]
+    quota = torch.zeros((num_layers, num_experts + 1, num_ranks), dtype=torch.int64,
+                        device=load.device)  # row E: the padding blocks' sink
+    quota[:, :num_experts].scatter_(2, owner.expand(num_layers, num_experts)[..., None],
+                                    load[:, rank, :, None].to(torch.int64))
+    where = torch.where(blk_expert >= 0, blk_expert, num_experts)  # [L, B]
+    quota.scatter_(1, where[..., None].expand(-1, -1, num_ranks),
+                   blk_assign[:, :, rank, :].to(torch.int64))
+    return quota[:, :num_experts]
+
+
 class DevicePlanner:
     """What the device planners share: `plan(load, window)` on the device of the inputs, and on
     CUDA the launch either made eagerly from Python at every call or replayed from a CUDA graph
     (`graph=True`, `Replay`: captured at `capture` or the first plan), so that the host pays a
     graph launch instead of Numba's argument handling (gpu_lite's "eager" column: about 400 us
     a plan at ep=8 against 46 us on the GPU, H100 run 18). The graph's plans are the eager
-    launch's (the same kernel on the same values).
+    launch's (the same kernel on the same values). With `split_rank` set (a rank), every plan
+    also gives that rank's row of the plan's token split (`plan_split`, `plan_quota`, made in
+    the same launch or graph), the dispatch's quota under `PipelineOptions.device_split`
+    "plan".
 
-    Subclasses set num_ranks, num_experts, num_rows and call `_set_cuda` (which makes `_cuda`
-    on CUDA), and define `_new_cuda(num_layers)` (the CUDA planner) and
-    `_host_rows(load, window)` (CPU: numpy rows [n, 3] of the CPU twin)."""
+    Subclasses set num_ranks, num_experts, num_rows, home, split_rank and call `_set_cuda`
+    (which makes `_cuda` on CUDA), and define `_new_cuda(num_layers)` (the CUDA planner) and
+    `_host_plan(load, window)` (CPU: the CPU twin's numpy replica rows [n, 3], blk_expert [B]
+    and blk_assign [B, S, G])."""
 
     num_ranks: int
     num_experts: int
     num_rows: int
+    home: np.ndarray
     device: torch.device
     graph: bool = False
+    split_rank: int | None = None
     _cuda = None
     _replay: Replay | None = None
     _multi: dict
+    _owner: torch.Tensor | None = None
 
-    def _set_cuda(self) -> None:
-        """On CUDA, the one-layer planner and its row count checked; the L-layer launches
-        (`plan_layers`) are made when first asked for."""
+    def _set_cuda(self, split_rank: int | None) -> None:
+        """The split's rank and owners checked; on CUDA, the one-layer planner and its row
+        count checked; the L-layer launches (`plan_layers`) are made when first asked for."""
         self._multi = {}
+        if split_rank is not None:
+            if isinstance(split_rank, bool) or not isinstance(split_rank, (int, np.integer)) \
+                    or not 0 <= split_rank < self.num_ranks:
+                raise ValueError(f"split_rank must be a rank in [0, {self.num_ranks}), got "
+                                 f"{split_rank!r}")
+            holders = self.home.sum(axis=0)
+            if (holders != 1).any():
+                e = int(np.flatnonzero(holders != 1)[0])
+                raise ValueError(f"the plan's split needs one home per expert; expert {e} has "
+                                 f"{int(holders[e])}")
+            self.split_rank = int(split_rank)
+            self._owner = torch.as_tensor(self.home.argmax(axis=0).astype(np.int64),
+                                          device=self.device)
         if self.device.type != "cuda":
             return
         self._cuda = self._new_cuda(1)
@@ -166,16 +214,29 @@ class DevicePlanner:
         load int64 [S, E] and window float64 [G] seconds, on their device; on CUDA launched on
         the current stream, not synchronised (the rows are a fresh tensor, so the next call
         does not overwrite them)."""
+        return self.plan_split(load, window)[0]
+
+    def plan_split(self, load: torch.Tensor, window: torch.Tensor
+                   ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(`plan`'s rows, `split_rank`'s quota int64 [E, G] of the plan's split or None when
+        split_rank is None), fresh tensors on the inputs' device."""
         if self._cuda is None:
-            rep = self._host_rows(host_view(load.to(torch.int64)),
-                                  host_view(window.to(torch.float64)))
+            load = load.to(torch.int64)
+            rep, blk_e, blk_a = self._host_plan(host_view(load),
+                                                host_view(window.to(torch.float64)))
             rows = np.full((self.num_rows, 3), -1, dtype=np.int64)
             rows[:len(rep)] = rep
-            return torch.from_numpy(rows)
+            quota = None
+            if self.split_rank is not None:
+                quota = plan_quota(load[None], self._owner, torch.as_tensor(blk_e)[None],
+                                   torch.as_tensor(blk_a)[None], self.split_rank)[0]
+            return torch.from_numpy(rows), quota
         if not self.graph:
-            return self._launch(load.contiguous(), window.contiguous()).clone()
-        self.capture()
-        return self._replay(load, window).clone()
+            out = self._launch(load.contiguous(), window.contiguous())
+        else:
+            self.capture()
+            out = self._replay(load, window)
+        return out[0].clone(), None if out[1] is None else out[1].clone()
 
     def capture(self) -> None:
         """Capture the launch into a CUDA graph (graph=True on CUDA; once; see `Replay`)."""
@@ -189,15 +250,23 @@ class DevicePlanner:
         window float64 [L, G]; on CUDA ONE launch of the kernel with a block per layer (the
         blocks run side by side), eager or replayed from a graph of its own per L as `plan`,
         not synchronised; on the CPU the CPU twin layer by layer (the same rows as `plan`)."""
+        return self.plan_layers_split(load, window)[0]
+
+    def plan_layers_split(self, load: torch.Tensor, window: torch.Tensor
+                          ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(`plan_layers`' rows, the quotas int64 [L, E, G] of `split_rank` or None), as
+        `plan_split` layer by layer."""
         num_layers = int(load.shape[0])
         if self._cuda is None:
-            return torch.stack([self.plan(load[k], window[k]) for k in range(num_layers)])
+            got = [self.plan_split(load[k], window[k]) for k in range(num_layers)]
+            rows = torch.stack([r for r, _ in got])
+            return rows, None if self.split_rank is None else torch.stack([q for _, q in got])
         multi = self._multi.get(num_layers)
         if multi is None:
             kernel = self._new_cuda(num_layers)
 
             def launch(x, w, kernel=kernel):
-                return kernel.plan(x, w).replicas
+                return self._outputs(kernel.plan(x, w), x)
 
             multi = launch
             if self.graph:
@@ -206,15 +275,26 @@ class DevicePlanner:
                                         ((num_layers, self.num_ranks), torch.float64)],
                                self.device)
             self._multi[num_layers] = multi
-        return multi(load.contiguous(), window.contiguous()).clone()
+        rows, quota = multi(load.contiguous(), window.contiguous())
+        return rows.clone(), None if quota is None else quota.clone()
 
     def _new_cuda(self, num_layers: int):
         """The CUDA planner (CudaGreedy or CudaLite) for num_layers layers a launch."""
         raise NotImplementedError
 
-    def _launch(self, load: torch.Tensor, window: torch.Tensor) -> torch.Tensor:
-        """One layer's launch on CUDA: the kernel's replica rows [R_max, 3] (its buffer)."""
-        return self._cuda.plan(load[None], window[None]).replicas[0]
+    def _outputs(self, out, load: torch.Tensor) -> tuple:
+        """(rows [L, R_max, 3], quotas [L, E, G] or None) of a CUDA planner's output `out` for
+        load [L, S, E] (its buffers, and the quotas computed on the current stream)."""
+        if self.split_rank is None:
+            return out.replicas, None
+        return out.replicas, plan_quota(load, self._owner, out.blk_expert, out.blk_assign,
+                                        self.split_rank)
+
+    def _launch(self, load: torch.Tensor, window: torch.Tensor) -> tuple:
+        """One layer's launch on CUDA: (the kernel's replica rows [R_max, 3], the quota [E, G]
+        or None)."""
+        rows, quota = self._outputs(self._cuda.plan(load[None], window[None]), load[None])
+        return rows[0], None if quota is None else quota[0]
 
 
 class DeviceGreedy(DevicePlanner):
@@ -227,7 +307,8 @@ class DeviceGreedy(DevicePlanner):
     """
 
     def __init__(self, home: np.ndarray, num_slots: int, cost: CostModel,
-                 device: torch.device, *, graph: bool = False) -> None:
+                 device: torch.device, *, graph: bool = False,
+                 split_rank: int | None = None) -> None:
         self.home = np.asarray(home, dtype=bool)
         self.num_ranks, self.num_experts = self.home.shape
         self.device = torch.device(device)
@@ -239,15 +320,16 @@ class DeviceGreedy(DevicePlanner):
             from probe.planner.lean import LeanGreedy
 
             self._lean = LeanGreedy(self.home, int(num_slots), cost, bound=False)
-        self._set_cuda()
+        self._set_cuda(split_rank)
 
     def _new_cuda(self, num_layers: int):
         from probe.planner.greedy_cuda import CudaGreedy
 
         return CudaGreedy(self.home, self.num_slots, self.cost, num_layers=num_layers)
 
-    def _host_rows(self, load: np.ndarray, window: np.ndarray) -> np.ndarray:
-        return self._lean.plan(load, window).replicas
+    def _host_plan(self, load: np.ndarray, window: np.ndarray) -> tuple:
+        got = self._lean.plan(load, window)
+        return got.replicas, got.blk_expert, got.blk_assign
 
 
 def lite_threads(num_ranks: int) -> int:
@@ -273,7 +355,8 @@ class DeviceLite(DevicePlanner):
     """
 
     def __init__(self, home: np.ndarray, num_slots: int, cost: CostModel,
-                 device: torch.device, *, graph: bool = False) -> None:
+                 device: torch.device, *, graph: bool = False,
+                 split_rank: int | None = None) -> None:
         from probe.planner import lite
         from probe.planner.problem import BalanceProblem
 
@@ -289,7 +372,7 @@ class DeviceLite(DevicePlanner):
         self._args = lite.kernel_args(shape, self.rules)
         self.num_rows = max(int(self._args[-2]), 1)  # every slot: lite.plan_limits
         self.num_slots, self.cost = int(num_slots), cost
-        self._set_cuda()
+        self._set_cuda(split_rank)
 
     def _new_cuda(self, num_layers: int):
         from probe.planner.lite_cuda import CudaLite
@@ -297,16 +380,16 @@ class DeviceLite(DevicePlanner):
         return CudaLite(self.home, self.num_slots, self.cost, self.rules,
                         num_layers=num_layers, threads=lite_threads(self.num_ranks))
 
-    def _host_rows(self, load: np.ndarray, window: np.ndarray) -> np.ndarray:
+    def _host_plan(self, load: np.ndarray, window: np.ndarray) -> tuple:
         from probe.planner import lite
 
         args = list(self._args)
         args[0] = np.ascontiguousarray(load)
         args[3] = lite.windows_ticks(window)
-        status, rep = lite.lite_arrays(*args)[:2]
+        status, rep, blk_expert, blk_assign = lite.lite_arrays(*args)[:4]
         if status:
             raise ValueError(f"lite planner: {lite.STATUS_ERRORS[int(status)]}")
-        return rep
+        return rep, blk_expert, blk_assign
 
 
 # The device planners by the runtime's planner method (`PipelineOptions.method`; a method's
@@ -316,13 +399,16 @@ DEVICE_PLANNERS = {"greedy": DeviceGreedy, "greedy_ref": DeviceGreedy, "lite": D
 
 
 def device_planner(method: str, home: np.ndarray, num_slots: int, cost: CostModel,
-                   device: torch.device, *, graph: bool = False) -> DevicePlanner:
+                   device: torch.device, *, graph: bool = False,
+                   split_rank: int | None = None) -> DevicePlanner:
     """The device planner of planner method `method` (a key of DEVICE_PLANNERS); graph: on
-    CUDA, replay its launch from a CUDA graph."""
+    CUDA, replay its launch from a CUDA graph; split_rank: also give that rank's quota of
+    each plan's token split (`DevicePlanner.plan_split`)."""
     if method not in DEVICE_PLANNERS:
         raise ValueError(f"plan_on='device' plans with method {sorted(DEVICE_PLANNERS)}, got "
                          f"{method!r}")
-    return DEVICE_PLANNERS[method](home, num_slots, cost, device, graph=graph)
+    return DEVICE_PLANNERS[method](home, num_slots, cost, device, graph=graph,
+                                   split_rank=split_rank)
 
 
 class DeviceSplit:
@@ -386,7 +472,9 @@ class PendingPlan:
     layer, step: the MoE layer and step it is for. rows: int64 [R_max, 3] on the host (CPU
     memory; on CUDA pinned, written by a non-blocking copy that `ready` follows). ready: the
     CUDA event after that copy (None on CPU: the rows are written already). num_ranks,
-    num_experts: G, E. hold_back: (g, e) replicas made late on purpose (tests).
+    num_experts: G, E. hold_back: (g, e) replicas made late on purpose (tests). quota: this
+    rank's row of the plan's split, int64 [E, G] on the device (device_split "plan"; made
+    before `ready` on the side stream: the dispatch's stream waits for `ready`), or None.
     plan_s / predict_s: host seconds spent planning / predicting it (on CUDA: launching).
     `resolve()` returns (replicas bool [G, E], sources int64 [G, E]) once the rows are in,
     blocking the calling thread (the transfer's issuer thread, or `end_step`) until then.
@@ -399,6 +487,7 @@ class PendingPlan:
     num_ranks: int
     num_experts: int
     hold_back: tuple[tuple[int, int], ...] = ()
+    quota: torch.Tensor | None = None
     plan_s: float = 0.0
     predict_s: float = 0.0
     planned_exposed_s: float = 0.0
@@ -412,6 +501,15 @@ class PendingPlan:
             self._resolved = rows_to_plan(host_view(self.rows), self.num_ranks,
                                           self.num_experts)
         return self._resolved
+
+    def split(self) -> torch.Tensor | None:
+        """`quota`, ready for the current stream: on CUDA that stream waits on the device for
+        `ready` (after the quota was made on the side stream; no host wait)."""
+        if self.quota is not None and self.ready is not None:
+            stream = torch.cuda.current_stream(self.quota.device)
+            stream.wait_event(self.ready)
+            self.quota.record_stream(stream)
+        return self.quota
 
     @property
     def num_replicas(self) -> int:

@@ -52,7 +52,7 @@ from probe.placement import imbalance_ratio, sharded_home
 from probe.planner import BalanceProblem, CostModel, Plan
 from probe.runtime.balancer import (Balancer, LayerPlan, LoadPredictor, all_gather_fields,
                                     solve_plan)
-from probe.runtime.device_plan import DeviceSplit, PendingPlan
+from probe.runtime.device_plan import DEVICE_SPLITS, DeviceSplit, PendingPlan
 from probe.runtime.dispatch import CapacityOverflow, DispatchOptions, capacity_for, to_device
 from probe.runtime.dist import DistContext
 from probe.runtime.ep import EPMoELayer, LayerExperts, PhaseHooks
@@ -130,6 +130,11 @@ class PipelineOptions:
         TRUE counts over the copies present with the assignment kernel
         (`probe.runtime.device_plan`). With "fixed" dispatch that is no host read per MoE
         layer for either predictor.
+    device_split: the device path's dispatch-time split (`device_plan.DEVICE_SPLITS`):
+        "waterfill" (default; the TRUE counts over the copies present, a solve between the
+        router and the dispatch) or "plan" (the plan's own split, this rank's row made with
+        the plan on the side stream and scaled by the dispatch to the true counts, as the
+        host path runs PROBE's plans: nothing solved at dispatch).
     """
 
     balance: bool = True
@@ -151,6 +156,7 @@ class PipelineOptions:
     record_steps: bool = False
     dispatch: DispatchOptions = DispatchOptions()
     plan_on: str = "host"
+    device_split: str = "waterfill"
 
 
 @dataclass
@@ -415,6 +421,9 @@ class EPRunner:
         self._ahead: dict[int, LayerPlan] = {}
         if self.opts.plan_on not in PLAN_ON:
             raise ValueError(f"plan_on must be one of {PLAN_ON}, got {self.opts.plan_on!r}")
+        if self.opts.device_split not in DEVICE_SPLITS:
+            raise ValueError(f"device_split must be one of {DEVICE_SPLITS}, got "
+                             f"{self.opts.device_split!r}")
         if self.opts.plan_on == "device" and self.policy not in ("probe", "static"):
             raise ValueError(f"plan_on='device' plans the 'probe' policy's replicas; policy "
                              f"{self.policy!r} plans on the host (plan_on='host')")
@@ -424,6 +433,7 @@ class EPRunner:
         self._windows_dev: torch.Tensor | None = None  # float64 [L, G], gathered per step
         self._pending: list[PendingPlan] = []  # this step's device plans
         self._ahead_dev: dict[int, PendingPlan] = {}  # the history's plans of the step
+        self._split_dev: dict[int, PendingPlan] = {}  # layer -> its plan (device_split "plan")
         if self.device_plans:
             plan_group = None
             if ctx.backend == "nccl" and ctx.world_size > 1:  # collective: every rank builds
@@ -432,9 +442,11 @@ class EPRunner:
             # captured at the warm-up (device_plan.Replay: a graph launch a layer on the host
             # instead of Numba's argument handling).
             graph = self.device.type == "cuda"
-            self.balancer.enable_device_plans(self.device, plan_group, graph=graph)
-            self.splitter = DeviceSplit(self.cost, self.num_experts, ctx.rank, self.device,
-                                        graph=graph)
+            self.balancer.enable_device_plans(self.device, plan_group, graph=graph,
+                                              split=self.opts.device_split)
+            if self.opts.device_split == "waterfill":
+                self.splitter = DeviceSplit(self.cost, self.num_experts, ctx.rank,
+                                            self.device, graph=graph)
             self._home_dev = torch.as_tensor(self.home.astype(np.int64)).to(self.device)
         if self.plans_replicas or self.resident is not None:
             self.warm_up_planner()
@@ -464,7 +476,8 @@ class EPRunner:
             if on_cuda and self.predictors is None and len(self.blocks) > 1:
                 steps = len(self.blocks) - 1  # the history's launch of a step's layers
                 planner.plan_layers(load_d.expand(steps, -1, -1), window_d.expand(steps, -1))
-            self.splitter.quota(load_d, self._home_dev)
+            if self.splitter is not None:
+                self.splitter.quota(load_d, self._home_dev)
             if on_cuda:
                 torch.cuda.synchronize(self.device)
         elif self.plans_replicas:
@@ -510,6 +523,7 @@ class EPRunner:
         self.prev_clock, self.clock = self.clock, _Clock(self.device)
         self.records = [_LayerRecord() for _ in self.blocks]
         self._pending = []
+        self._split_dev = {}
         if self.device_plans:  # every rank's windows, once a step: float64 [L, G]
             windows = np.array([self._window(k) for k in range(len(self.blocks))])  # [L]
             got = all_gather_fields(self.ctx, {"window": windows},
@@ -625,8 +639,12 @@ class EPRunner:
         got = bal.gather_device(local, f"counts all_gather (MoE layer {layer})")  # [G, 2E]
         arrived = got[:, num_experts:] > 0  # [G, E]
         t0 = time.perf_counter()
-        quota = self.splitter.quota(got[:, :num_experts].contiguous(),
-                                    self._home_dev + arrived.to(torch.int64))  # [E, G]
+        if self.splitter is not None:
+            quota = self.splitter.quota(got[:, :num_experts].contiguous(),
+                                        self._home_dev + arrived.to(torch.int64))  # [E, G]
+        else:  # device_split "plan": the plan's own split (None: no plan, all home)
+            planned = self._split_dev.pop(layer, None)
+            quota = planned.split() if planned is not None else None
         rec.split_s = time.perf_counter() - t0
         next_transfer = None
         if layer + 1 < len(self.blocks):
@@ -634,9 +652,12 @@ class EPRunner:
             if pending is None:
                 pending = bal.plan_device(layer + 1, self.step, h, self._windows_dev[layer + 1])
             self._pending.append(pending)
+            if pending.quota is not None:
+                self._split_dev[layer + 1] = pending
             next_transfer = self.executor.prefetch(pending)
         if not self.dispatch.fixed:  # the exact path takes host arrays
-            quota, arrived = quota.cpu().numpy(), arrived.cpu().numpy()
+            arrived = arrived.cpu().numpy()
+            quota = quota.cpu().numpy() if quota is not None else None
         return arrived, arrived_here, next_transfer, quota
 
     def _route(self, layer: int, h: torch.Tensor, topk_ids: torch.Tensor, rec: _LayerRecord):
