@@ -6,7 +6,9 @@ host planner's on the same gathered loads and windows; its split equals `assign_
 the logits with it equal the single-process model's at 2 and 4 ranks under greedy (history and
 router-prior predictors), random (replicas waited for) and late-replica plans, in both dispatch
 paths, with no host sync inside any MoE layer of a fixed-capacity step; with method "lite" the
-device path plans with the lite planner (its CPU kernel here, `CudaLite` on a GPU).
+device path plans with the lite planner (its CPU kernel here, `CudaLite` on a GPU). The
+dispatch splits with the plan's own split (the default; its quota equals the host plan's row)
+or with the water-filling on the true counts (`device_split="waterfill"`).
 """
 
 from __future__ import annotations
@@ -190,19 +192,20 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
         "late": dict(plan_override=lambda layer, step: plans[(layer, step)],
                      hold_back=lambda layer, step: hold_all[(layer, step)]),
         "lite": dict(greedy, method="lite"),  # the lite planner's device path
-        # the plan's own split at dispatch (device_split "plan"), planned and forced plans
-        "plansplit": dict(greedy, device_split="plan"),
-        "randomsplit": dict(plan_override=lambda layer, step: plans[(layer, step)],
-                            wait_for_replicas=True, device_split="plan"),
+        # the water-filling on the true counts at dispatch (the default is the plan's own
+        # split), planned and forced plans
+        "wf": dict(greedy, device_split="waterfill"),
+        "randomwf": dict(plan_override=lambda layer, step: plans[(layer, step)],
+                         wait_for_replicas=True, device_split="waterfill"),
     }
     for mode in ("exact", "fixed"):
         for name, kw in scenarios.items():
-            if mode == "exact" and name in ("random", "late", "lite", "randomsplit"):
+            if mode == "exact" and name in ("random", "late", "lite", "randomwf"):
                 continue  # one pass of the exact path per predictor is enough here
             runner = EPRunner(model, ctx, PipelineOptions(
                 num_slots=SLOTS, plan_on="device", record_steps=True,
                 dispatch=DispatchOptions(mode, FIXED.capacity_factor), **kw), cost=_cost(world))
-            for step in range(2 if name in ("random", "late", "randomsplit") else 3):
+            for step in range(2 if name in ("random", "late", "randomwf") else 3):
                 logits, st, syncs = _forward_counted(runner, model, rank, step)
                 out[f"{mode}_{name}{step}"] = logits
                 out[f"{mode}_{name}_stats{step}"] = st.as_dict()
@@ -220,7 +223,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
         balancer = Balancer(ctx, num_experts=NUM_EXPERTS, top_k=2,
                             home=sharded_home(NUM_EXPERTS, world), cost=_cost(world),
                             num_slots=SLOTS, method=method)
-        balancer.enable_device_plans(torch.device("cpu"), split="plan")
+        balancer.enable_device_plans(torch.device("cpu"))  # the plan's split: the default
         skew = np.random.default_rng(10 + rank)
         balancer.history = {k: skew.integers(0, 4, NUM_EXPERTS) * (1 + 20 * (np.arange(
             NUM_EXPERTS) == k)) for k in range(3)}  # one hot expert per layer
@@ -274,7 +277,7 @@ def test_device_plans_match_single_process_without_host_sync(world, tmp_path):
               f"{out['exact_history_syncs1']}, fixed history {out['fixed_history_syncs1']}, "
               f"fixed prior {out['fixed_prior_syncs1']}")
         assert all(out[f"fixed_{n}_no_sync_layers"]
-                   for n in ("history", "prior", "random", "lite", "plansplit", "randomsplit"))
+                   for n in ("history", "prior", "random", "lite", "wf", "randomwf"))
         assert not out["exact_history_no_sync_layers"]
         assert out["same_plans"] == [True] * 4, out["same_plans"]
         assert out["same_quota"] == [True] * 4, out["same_quota"]
@@ -287,7 +290,7 @@ def test_device_plans_match_single_process_without_host_sync(world, tmp_path):
                           for s in range(3))
             used = sum(sum(stats[f"{mode}_{name}_stats{s}"]["replicas_used"]) for s in range(3))
             assert planned > 0 and used > 0, (mode, name, planned, used)
-            # the split is made on the true counts over the copies present: nothing falls back
+            # every replica waited for: nothing falls back
             assert sum(sum(stats[f"{mode}_{name}_stats{s}"]["fallback_pairs"])
                        for s in range(3)) == 0
         # the step log records the true counts, read back once at the step's end
@@ -299,9 +302,9 @@ def test_device_plans_match_single_process_without_host_sync(world, tmp_path):
     assert sum(sum(st["replicas_planned"]) for st in lite) > 0
     assert sum(sum(st["replicas_used"]) for st in lite) > 0
     assert sum(sum(st["fallback_pairs"]) for st in lite) == 0
-    # the plan's own split: the planned replicas run pairs, and with every replica waited for
-    # nothing falls back (the exact and the fixed dispatch alike)
-    for key, steps in (("exact_plansplit", 3), ("fixed_plansplit", 3), ("fixed_randomsplit", 2)):
+    # the water-filling split: the planned replicas run pairs, and with every replica waited
+    # for nothing falls back (the exact and the fixed dispatch alike)
+    for key, steps in (("exact_wf", 3), ("fixed_wf", 3), ("fixed_randomwf", 2)):
         got = [stats[f"{key}_stats{s}"] for s in range(steps)]
         assert sum(sum(st["replicas_used"]) for st in got) > 0, key
         assert sum(sum(st["fallback_pairs"]) for st in got) == 0, key

@@ -143,12 +143,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "copies present "
                         "by the assignment kernel; with --dispatch fixed no host read per MoE "
                         "layer for either predictor); docs/runtime.md 'Planning on the device'")
-    p.add_argument("--device-split", choices=["waterfill", "plan"], default="waterfill",
-                   help="--plan-on device: each layer's dispatch-time split: waterfill (the "
-                        "TRUE counts over the copies present, solved between the router and "
-                        "the dispatch; default) | plan (the plan's own split, made with the "
-                        "plan on the side stream and scaled to the true counts, as the host "
-                        "path runs PROBE's plans: nothing solved at dispatch)")
+    p.add_argument("--device-split", choices=["plan", "waterfill"], default="plan",
+                   help="--plan-on device: each layer's dispatch-time split: plan (the plan's "
+                        "own split, made with the plan on the side stream and scaled to the "
+                        "true counts, as the host path runs PROBE's plans: nothing solved at "
+                        "dispatch; default) | waterfill (the TRUE counts over the copies "
+                        "present, solved between the router and the dispatch)")
     p.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None,
                    help="decode through the static KV cache and per-batch-size CUDA graphs "
                         "(one rank: on by default for CUDA, off on CPU, where it runs the same "

@@ -203,7 +203,7 @@ class Balancer:
         self.history_dev: dict[int, torch.Tensor] = {}  # `history` on the device (device path)
         self.device_planner: DevicePlanner | None = None  # set by enable_device_plans
         self.side_stream: torch.cuda.Stream | None = None
-        self.device_split = "waterfill"  # set by enable_device_plans
+        self.device_split = "plan"  # set by enable_device_plans
         self.plan_group = ctx.group
 
     # -- predict ------------------------------------------------------------------------------
@@ -301,7 +301,7 @@ class Balancer:
     # -- the device path (probe.runtime.device_plan) -------------------------------------------
     def enable_device_plans(self, device: torch.device,
                             plan_group: dist.ProcessGroup | None = None, *,
-                            graph: bool = False, split: str = "waterfill") -> None:
+                            graph: bool = False, split: str = "plan") -> None:
         """Plan on the device (`plan_device`): the planner of `method` on `device` (the
         greedy, or the lite planner: `device_plan.DEVICE_PLANNERS`) and, on CUDA, a side
         stream for predicting and planning; the predicted loads are gathered on `plan_group`

@@ -5,13 +5,16 @@ and splits with device tensors; at MoE layer l of a step, on every rank:
 
     main stream    router(h_l) -> this rank's TRUE counts [E] of l (scatter_add);
                    ONE all_gather of [counts_l | arrived_l] int64 [2E] -> [G, 2E];
-                   the split of l's TRUE counts over the copies present (home + the replicas
-                   that arrived) -> this rank's quota [E, G] (`DeviceSplit`); dispatch.
+                   this rank's quota [E, G]: the plan of l's own split (device_split "plan",
+                   the default: made with the plan, the stream waits for its event on the
+                   device) or the split of l's TRUE counts over the copies present (home +
+                   the replicas that arrived; "waterfill", `DeviceSplit`); dispatch.
     side stream    after the router: layer l+1's predicted load [E] from h_l (the predictor's
                    top-k, or the history), ONE all_gather on the plan group -> [S, E]; the
                    planner plans l+1 (`DeviceGreedy`, or `DeviceLite` with method "lite")
-                   -> replica rows [R_max, 3]; a
-                   non-blocking copy of the rows to pinned host memory; an event (`PendingPlan`).
+                   -> replica rows [R_max, 3] (and with the plan's split this rank's quota of
+                   it, `plan_quota`); a non-blocking copy of the rows to pinned host memory;
+                   an event (`PendingPlan`).
     issuer thread  (layer l+1's transfer, `probe.runtime.transfer`): waits for that event, reads
                    the rows and posts the replica transfer.
 
@@ -60,12 +63,14 @@ __all__ = ["DEVICE_PLANNERS", "DEVICE_SPLITS", "DISPATCH_MOVES", "DeviceGreedy",
 # without it (results/h100, run 5).
 DISPATCH_MOVES = 0
 
-# The device path's dispatch-time split (`PipelineOptions.device_split`): "waterfill", the TRUE
-# counts split over the copies present (`DeviceSplit`), or "plan", the plan's own token split
-# (this rank's row, `plan_quota`, made with the plan on the side stream and scaled to the true
-# counts by the dispatch, as the host path's PROBE policy runs its plans): no solve between
-# the router and the dispatch.
-DEVICE_SPLITS = ("waterfill", "plan")
+# The device path's dispatch-time split (`PipelineOptions.device_split`): "plan" (the default),
+# the plan's own token split (this rank's row, `plan_quota`, made with the plan on the side
+# stream and scaled to the true counts by the dispatch, as the host path's PROBE policy runs
+# its plans: no solve between the router and the dispatch), or "waterfill", the TRUE counts
+# split over the copies present (`DeviceSplit`; one ep=8 layer took 346 us on an H100 as a
+# replayed graph, results/h100 run 5, for a median IR 1% lower on plans made a step ahead,
+# results/split_choice).
+DEVICE_SPLITS = ("plan", "waterfill")
 
 
 def host_view(t: torch.Tensor) -> np.ndarray:

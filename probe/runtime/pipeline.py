@@ -126,15 +126,14 @@ class PipelineOptions:
     plan_on: "host" (default: the host planner, as above) or "device" (policy "probe" only):
         predict, gather and plan each next layer with device tensors (on CUDA the GPU kernel
         of `method`, "greedy" or "lite" (or their twins' names), on a side stream; on CPU its
-        Numba twin on the same tensors) and split each layer's
-        TRUE counts over the copies present with the assignment kernel
+        Numba twin on the same tensors) and split each layer's pairs as `device_split` says
         (`probe.runtime.device_plan`). With "fixed" dispatch that is no host read per MoE
         layer for either predictor.
     device_split: the device path's dispatch-time split (`device_plan.DEVICE_SPLITS`):
-        "waterfill" (default; the TRUE counts over the copies present, a solve between the
-        router and the dispatch) or "plan" (the plan's own split, this rank's row made with
-        the plan on the side stream and scaled by the dispatch to the true counts, as the
-        host path runs PROBE's plans: nothing solved at dispatch).
+        "plan" (default: the plan's own split, this rank's row made with the plan on the side
+        stream and scaled by the dispatch to the true counts, as the host path runs PROBE's
+        plans: nothing solved at dispatch) or "waterfill" (the TRUE counts over the copies
+        present, a solve between the router and the dispatch).
     """
 
     balance: bool = True
@@ -156,7 +155,7 @@ class PipelineOptions:
     record_steps: bool = False
     dispatch: DispatchOptions = DispatchOptions()
     plan_on: str = "host"
-    device_split: str = "waterfill"
+    device_split: str = "plan"
 
 
 @dataclass
