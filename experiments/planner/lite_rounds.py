@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
@@ -138,20 +137,24 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for config in CONFIGS:
         rows += study(config, args.layers)
+    write_report(run, Path(args.out), "lite_rounds", {"layers": args.layers, "rows": rows},
+                 markdown)
+    return 0
+
+
+def write_report(run: Manifest, out: Path, stem: str, fields: dict, markdown) -> None:
+    """OUT/STEM.json (the command, the time, the machine and `fields`), OUT/STEM.md
+    (markdown(report)) and the manifest, and print the markdown."""
     import platform
 
-    report = {"command": "python -m experiments.planner.lite_rounds "
-                         + " ".join(argv if argv is not None else sys.argv[1:]),
-              "utc": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-              "machine": f"{platform.platform()}, {platform.python_version()}",
-              "layers": args.layers, "rows": rows}
-    out = Path(args.out)
+    report = {"command": run.command, "utc": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+              "machine": f"{platform.platform()}, Python {platform.python_version()}",
+              **fields}
     out.mkdir(parents=True, exist_ok=True)
-    (out / "lite_rounds.json").write_text(json.dumps(report, indent=1) + "\n")
-    (out / "lite_rounds.md").write_text(markdown(report))
-    run.write(out, [out / "lite_rounds.json", out / "lite_rounds.md"])
+    (out / f"{stem}.json").write_text(json.dumps(report, indent=1) + "\n")
+    (out / f"{stem}.md").write_text(markdown(report))
+    run.write(out, [out / f"{stem}.json", out / f"{stem}.md"])
     print(markdown(report))
-    return 0
 
 
 if __name__ == "__main__":

@@ -22,14 +22,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
 
 from experiments.manifest import Manifest
+from experiments.planner.lite_rounds import ir, write_report
 
 CONFIGS = (("ep=8, E=128", "qwen3-235b-a22b", "h200x8", 8, 128),
            ("ep=64, E=256", "deepseek-v3", "h200x8-n8", 64, 256))
@@ -37,14 +35,6 @@ WORKLOADS = ("decode", "shift")
 METHODS = ("greedy", "lite")
 STEPS = 5
 LAYERS = 4
-
-
-def ir(problem, assignment) -> float:
-    from probe.planner.check import rank_times
-
-    comp, comm = rank_times(problem, assignment)
-    times = comp + comm
-    return float(times.max() / times.mean())
 
 
 def plan_split(plan, home, counts) -> np.ndarray:
@@ -131,17 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     for config in CONFIGS:
         for workload in WORKLOADS:
             rows += study(config, workload)
-    report = {"command": "python -m experiments.runtime.split_choice "
-                         + " ".join(argv if argv is not None else sys.argv[1:]),
-              "utc": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-              "machine": f"{platform.platform()}, Python {platform.python_version()}",
-              "rows": rows}
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "split_choice.json").write_text(json.dumps(report, indent=1) + "\n")
-    (out / "split_choice.md").write_text(markdown(report))
-    run.write(out, [out / "split_choice.json", out / "split_choice.md"])
-    print(markdown(report))
+    write_report(run, Path(args.out), "split_choice", {"rows": rows}, markdown)
     return 0
 
 
