@@ -95,6 +95,20 @@ def timed_row(row: dict, make, check, call, count: int, repeats: int) -> dict:
     return row
 
 
+def step_slack(model: str, hardware: str, window: np.ndarray) -> dict:
+    """What a step's plans launched at the step's start have before they are needed, on the
+    cost model: layer 1's replicas are posted at layer 0's router, after its attention
+    (attention_us, the cost model's attention time that decode_layers' windows include);
+    each later layer adds about one balanced layer (layer_us: the median over the layers of
+    the ranks' mean "auto" window, static expert compute + attention)."""
+    from probe.planner.layers import attention_time
+    from probe.specs import hardware_preset, model_preset
+
+    attention = attention_time(model_preset(model), hardware_preset(hardware))
+    return {"attention_us": float(attention * 1e6),
+            "layer_us": float(np.median(np.asarray(window).mean(axis=1)) * 1e6)}
+
+
 def same_rows(got, want, ranks: int, experts: int) -> bool:
     """Whether two row arrays [R, 3] hold the same replicas and sources."""
     from probe.runtime.device_plan import rows_to_plan
@@ -170,6 +184,7 @@ def config_rows(config, repeats: int) -> list[dict]:
     # a step's plans in one launch (plan_layers: the history predictor's step-ahead plans)
     step_layers = model_preset(model).num_layers
     sload, _, _, swindow, _ = decode_layers(model, hardware, ranks, experts, step_layers)
+    slack = step_slack(model, hardware, swindow)
     sload_d = torch.as_tensor(sload, device="cuda")
     swindow_d = torch.as_tensor(swindow, device="cuda")
     for method in METHODS:
@@ -188,7 +203,7 @@ def config_rows(config, repeats: int) -> list[dict]:
 
         for launch in LAUNCHES:
             row = {"config": name, "what": f"plan_layers ({method}), {step_layers} layers",
-                   "launch": launch, "layers": step_layers,
+                   "launch": launch, "layers": step_layers, **slack,
                    "replicas": int(np.median((swant[:, :, 0] >= 0).sum(axis=1)))}
             rows.append(timed_row(row, lambda m=make_layers, g=launch == "graph": m(graph=g),
                                   check_layers,
@@ -239,6 +254,12 @@ def markdown(report: dict) -> str:
         lines.append(f"| {r['config']} | {r['what']} | {r['launch']} | {f(r.get('host_us'))} "
                      f"| {f(r.get('one_call_us'))} | {f(r.get('chained_us'))} | "
                      f"{r.get('replicas', '-')} | {same} | {r.get('setup_s', '-')} |")
+    lines += ["", "A step's launch (`plan_layers`) made at the step's start is needed first at "
+              "layer 0's router (layer 1's transfer), after about one attention, then about "
+              "one balanced layer later for each further layer (cost model):", ""]
+    lines += [f"- {r['config']}, {r['what']}, {r['launch']}: attention {r['attention_us']:.0f} "
+              f"us, a layer {r['layer_us']:.0f} us"
+              for r in report["rows"] if "attention_us" in r]
     lines += [f"\nError ({r['config']}, {r['what']}, {r['launch']}): `{r['error']}`"
               for r in report["rows"] if r.get("error")]
     return "\n".join(lines) + "\n"
