@@ -623,8 +623,9 @@ class EPRunner:
                       rec: _LayerRecord):
         """The balancing of one MoE layer on the device (`plan_on="device"`,
         `probe.runtime.device_plan`): ONE all_gather of every rank's true counts and arrived
-        bits of this layer, the split of the true counts over the copies present, and the next
-        layer's prediction and plan launched on the side stream. No host read with fixed
+        bits of this layer, this rank's quota (the layer's plan's own split, or the split of
+        the true counts over the copies present: `device_split`), and the next layer's
+        prediction and plan launched on the side stream. No host read with fixed
         dispatch; the exact path reads the quota and arrived bits back (it reads counts
         anyway). Returns (arrived bool [G, E], this rank's arrived bool [E] on the host, the
         next layer's transfer, this rank's quota int64 [E, G])."""
