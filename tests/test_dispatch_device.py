@@ -187,15 +187,15 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
     scenarios = {
         "history": dict(greedy),
         "prior": dict(greedy, predictor=prior),
-        "random": dict(plan_override=lambda layer, step: plans[(layer, step)],
+        "random": dict(plan_override=lambda layer, step: plans.get((layer, step)),
                        wait_for_replicas=True),
-        "late": dict(plan_override=lambda layer, step: plans[(layer, step)],
-                     hold_back=lambda layer, step: hold_all[(layer, step)]),
+        "late": dict(plan_override=lambda layer, step: plans.get((layer, step)),
+                     hold_back=lambda layer, step: hold_all.get((layer, step), [])),
         "lite": dict(greedy, method="lite"),  # the lite planner's device path
         # the water-filling on the true counts at dispatch (the default is the plan's own
         # split), planned and forced plans
         "wf": dict(greedy, device_split="waterfill"),
-        "randomwf": dict(plan_override=lambda layer, step: plans[(layer, step)],
+        "randomwf": dict(plan_override=lambda layer, step: plans.get((layer, step)),
                          wait_for_replicas=True, device_split="waterfill"),
     }
     for mode in ("exact", "fixed"):
@@ -211,6 +211,15 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
                 out[f"{mode}_{name}_stats{step}"] = st.as_dict()
                 out[f"{mode}_{name}_syncs{step}"] = syncs
             out[f"{mode}_{name}_no_sync_layers"] = runner.no_sync_layers
+            if name == "history":
+                # the next step's plans were launched at the last MoE layer, from this step's
+                # counts: the plans (rows and quotas) begin_step would make with the history
+                early = runner._next_ahead_dev
+                again = runner.balancer.plan_ahead_device(runner.step, runner._windows_dev)
+                out[f"{mode}_early_same"] = sorted(early) == sorted(again) == [1, 2] and all(
+                    all(np.array_equal(a, b) for a, b in zip(
+                        early[k].resolve(), again[k].resolve(), strict=True))
+                    and torch.equal(early[k].quota, again[k].quota) for k in early)
             runner.close()
 
     # the device path's plans equal the host planner's on the same loads and windows, for
@@ -283,6 +292,7 @@ def test_device_plans_match_single_process_without_host_sync(world, tmp_path):
         assert out["same_quota"] == [True] * 4, out["same_quota"]
         assert min(out["device_replicas"].values()) > 0, out["device_replicas"]
         assert out["ahead_layers"] == [[1, 2], [1, 2]] and out["ahead_same"] == [True] * 4
+        assert out["exact_early_same"] and out["fixed_early_same"]
     stats = outs[0]
     for mode in ("exact", "fixed"):
         for name in ("history", "prior"):

@@ -409,9 +409,10 @@ class Balancer:
         return PendingPlan(layer, step, rows, ready, num_ranks, self.num_experts, hold,
                            quota=quota, plan_s=t2 - t1, predict_s=t1 - t0)
 
-    def plan_ahead_device(self, step: int, windows: torch.Tensor) -> dict[int, PendingPlan]:
-        """The device path's plans of MoE layers 1 .. L-1 of this step, made at its start from
-        the history (the previous step's true counts, kept on the device) and the gathered
+    def plan_ahead_device(self, step: int, windows: torch.Tensor, *,
+                          from_this_step: bool = False) -> dict[int, PendingPlan]:
+        """The device path's plans of MoE layers 1 .. L-1 of step `step` from the history (the
+        previous step's true counts, kept on the device) and the gathered
         windows float64 [L, G]: on CUDA on the side stream, ONE all_gather of this rank's
         [L-1, E] history on the plan group -> [S, L-1, E], ONE launch of the device planner
         for the L-1 layers (`plan_layers`), ONE non-blocking copy of the rows to pinned host
@@ -419,7 +420,10 @@ class Balancer:
         `plan_device` makes layer by layer with the history predictor (the same inputs), with
         one gather, launch and copy a step instead of one a layer (the host time of the
         launch is counted on layer 1). `plan_override` and `hold_back` apply per layer as
-        there. A `LoadPredictor` needs this step's hidden states: use `plan_device`."""
+        there. A `LoadPredictor` needs this step's hidden states: use `plan_device`.
+        from_this_step: plan from the counts observed so far this step (each layer's, else its
+        history): what the history will be at the next step, so that the next step's plans
+        can be launched at this step's last MoE layer (`step` is then the next step's)."""
         if self.predictor is not None:
             raise ValueError("plan_ahead_device plans from the history; a LoadPredictor needs "
                              "this step's hidden states (plan_device, layer by layer)")
@@ -431,7 +435,9 @@ class Balancer:
             return {}
         with self._side_stream():
             t0 = time.perf_counter()
-            hist = torch.stack([self._history_device(k, windows.device)
+            hist = torch.stack([self._this_step_dev[k].to(windows.device, torch.int64)
+                                if from_this_step and k in self._this_step_dev
+                                else self._history_device(k, windows.device)
                                 for k in layers])  # [L-1, E]
             load = self.gather_device(hist.reshape(-1), f"plan all_gather (step {step})",
                                       self.plan_group)  # [S, (L-1) E]

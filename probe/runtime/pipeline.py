@@ -433,6 +433,7 @@ class EPRunner:
         self._pending: list[PendingPlan] = []  # this step's device plans
         self._ahead_dev: dict[int, PendingPlan] = {}  # the history's plans of the step
         self._split_dev: dict[int, PendingPlan] = {}  # layer -> its plan (device_split "plan")
+        self._next_ahead_dev: dict[int, PendingPlan] = {}  # the next step's, made early
         if self.device_plans:
             plan_group = None
             if ctx.backend == "nccl" and ctx.world_size > 1:  # collective: every rank builds
@@ -530,7 +531,10 @@ class EPRunner:
             self._windows_dev = to_device(np.ascontiguousarray(got.T), self.device,
                                           torch.float64)
             if self.predictors is None:  # the history: the step's plans in one launch
-                self._ahead_dev = self.balancer.plan_ahead_device(self.step, self._windows_dev)
+                early, self._next_ahead_dev = self._next_ahead_dev, {}
+                # launched at the last step's last MoE layer; the first step's here
+                self._ahead_dev = early or self.balancer.plan_ahead_device(self.step,
+                                                                           self._windows_dev)
         elif self.no_sync_layers and self.plans_replicas:
             windows = np.array([self._window(k) for k in range(len(self.blocks))])  # [L]
             self._ahead = self.balancer.plan_ahead(self.step, windows, len(self.blocks))
@@ -646,9 +650,15 @@ class EPRunner:
             planned = self._split_dev.pop(layer, None)
             quota = planned.split() if planned is not None else None
         rec.split_s = time.perf_counter() - t0
+        if self.predictors is None and layer > 0 and layer == len(self.blocks) - 1:
+            # The next step's plans (history predictor): every count they read is observed
+            # now, so they are launched here, behind this layer, the step's end and the next
+            # step's first attention, rather than at the next step's start.
+            self._next_ahead_dev = bal.plan_ahead_device(self.step + 1, self._windows_dev,
+                                                         from_this_step=True)
         next_transfer = None
         if layer + 1 < len(self.blocks):
-            pending = self._ahead_dev.pop(layer + 1, None)  # planned at the step's start
+            pending = self._ahead_dev.pop(layer + 1, None)  # the history's, made before
             if pending is None:
                 pending = bal.plan_device(layer + 1, self.step, h, self._windows_dev[layer + 1])
             self._pending.append(pending)
