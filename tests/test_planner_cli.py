@@ -118,6 +118,21 @@ def test_cli_all_layers(app, trace_file, extra):
     assert result.output.count("feasible") == 3
 
 
+def test_cli_lite_rules(app, trace_file):
+    """--rounds and --hot-sixteenths reach the lite planner: capped at one round it stops
+    after the round that moved (16 rounds: a second round finds no move)."""
+    out = {}
+    for rounds in (1, 16):
+        result = CliRunner().invoke(app, ["plan", str(trace_file), "--method", "lite",
+                                          "--rounds", str(rounds), "--hot-sixteenths", "16",
+                                          "--layer", "0", "--window", "0.01"],
+                                    env={"COLUMNS": "200"})
+        assert result.exit_code == 0, result.output
+        out[rounds] = result.output
+    assert "feasible: 1 rounds, 1 moves" in out[1]
+    assert "feasible: 2 rounds, 1 moves" in out[16]
+
+
 def test_cli_one_layer_shows_replicas_and_metrics(app, trace_file):
     result = CliRunner().invoke(app, ["plan", str(trace_file), "--layer", "1", "--method",
                                       "static", "--window", "0.001"], env={"COLUMNS": "200"})
@@ -155,6 +170,8 @@ def test_cli_missing_file(app, tmp_path):
     (["--step", "-4"], "--step", "step -4 out of range"),
     (["--slots", "-1"], "--slots", "Invalid value for '--slots'"),
     (["--k-max", "-3"], "--k-max", "Invalid value for '--k-max'"),
+    (["--rounds", "0"], "--rounds", "Invalid value for '--rounds'"),
+    (["--hot-sixteenths", "17"], "--hot-sixteenths", "Invalid value for '--hot-sixteenths'"),
     (["--time-limit", "0"], "--time-limit", "must be > 0, got 0.0"),
     (["--time-limit", "-1"], "--time-limit", "must be > 0, got -1.0"),
     (["--time-limit", "nan"], "--time-limit", "must be > 0, got nan"),

@@ -18,6 +18,7 @@ from probe.placement import sharded_home
 from probe.planner.check import evaluate_plan
 from probe.planner.cost import CostModel
 from probe.planner.greedy_rules import GreedyRules
+from probe.planner.lite import LiteRules
 from probe.planner.layers import attention_time, plan_step
 from probe.planner.problem import BalanceProblem, Plan, SolveResult
 from probe.planner.solve import METHODS
@@ -92,6 +93,11 @@ def plan_cmd(
                              "(about twice the time)")] = False,
     time_limit: Annotated[float | None, typer.Option(help="seconds per layer solve, > 0")]
     = None,
+    rounds: Annotated[int, typer.Option(min=1, help="lite: most rounds of moves")] = 16,
+    hot_sixteenths: Annotated[int, typer.Option(
+        min=1, max=16, help="lite: a rank is hot above mean + (1 - H/16) (max - mean); 16: "
+                            "every rank above the mean (fewer rounds at ep=64 / 256 experts, "
+                            "results/lite_rounds)")] = 12,
 ) -> None:
     """Plan one step of TRACE with METHOD and print the replicas, moved tokens and metrics."""
     from probe.traces.trace import RoutingTrace
@@ -127,6 +133,8 @@ def plan_cmd(
     if method in ("greedy", "greedy_ref"):
         options["rules"] = (GreedyRules.paper(k_max=k_max) if paper
                             else GreedyRules(k_max=k_max, also_paper=also_paper))
+    elif method in ("lite", "lite_ref"):
+        options["rules"] = LiteRules(max_rounds=rounds, hot_sixteenths=hot_sixteenths)
     planned: list[BalanceProblem] = []  # the problems solved ("eplb": DeepSeek's layout)
     results = plan_step(routing, step, cost=cost, home=home, slots=slots, window=win,
                         method=method, attention_s=attention_s, time_limit=time_limit,
