@@ -139,10 +139,10 @@ def window_ticks(w):
     return int(math.floor(q))
 
 
-
 def windows_ticks(window) -> np.ndarray:
     """int64 [G]: each rank's window in seconds as `window_ticks` (the CPU kernel's `wt`)."""
     return np.array([window_ticks(float(w)) for w in window], np.int64)
+
 
 def problem_ticks(problem: BalanceProblem) -> tuple:
     """(A, B, TT, XT) of the problem's cost model in ticks: int, int, int64 [G, G] twice."""

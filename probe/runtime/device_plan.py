@@ -4,7 +4,8 @@ With `PipelineOptions.plan_on = "device"` (`--plan-on device`) the PROBE policy 
 and splits with device tensors; at MoE layer l of a step, on every rank:
 
     main stream    router(h_l) -> this rank's TRUE counts [E] of l (scatter_add);
-                   ONE all_gather of [counts_l | arrived_l] int64 [2E] -> [G, 2E];
+                   ONE all_gather of [counts_l | arrived_l] int64 [2E] -> [G, 2E] (the
+                   arrived bits alone, [E], with the plan's split);
                    this rank's quota [E, G]: the plan of l's own split (device_split "plan",
                    the default: made with the plan, the stream waits for its event on the
                    device) or the split of l's TRUE counts over the copies present (home +

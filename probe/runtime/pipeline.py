@@ -635,13 +635,13 @@ class EPRunner:
         next layer's transfer, this rank's quota int64 [E, G])."""
         bal, num_experts = self.balancer, self.num_experts
         bal.observe_device(layer, topk_ids)
-        counts = bal._this_step_dev[layer]  # [E]
         arrived_here, rec.exposed_s = self.executor.arrived(layer)  # [E], host
         rec.arrived = int(arrived_here.sum())
-        local = torch.cat((counts, to_device(arrived_here.astype(np.int64), self.device,
-                                             torch.int64)))  # [2E]
-        got = bal.gather_device(local, f"counts all_gather (MoE layer {layer})")  # [G, 2E]
-        arrived = got[:, num_experts:] > 0  # [G, E]
+        local = to_device(arrived_here.astype(np.int64), self.device, torch.int64)  # [E]
+        if self.splitter is not None:  # the true counts ride along for the water-filling
+            local = torch.cat((bal._this_step_dev[layer], local))  # [2E]
+        got = bal.gather_device(local, f"counts all_gather (MoE layer {layer})")  # [G, 2E | E]
+        arrived = got[:, -num_experts:] > 0  # [G, E]
         t0 = time.perf_counter()
         if self.splitter is not None:
             quota = self.splitter.quota(got[:, :num_experts].contiguous(),
